@@ -1,0 +1,594 @@
+"""What admins do to users and profiles: the rules of :mod:`provisioner.model` applied
+to the store, each action in one transaction.
+
+Secrets enter here and leave only as hashes; a generated secret is returned
+once to the caller, which shows it once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, delete, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from . import credentials
+from .config import Config
+from .errors import (
+    AuthenticationError,
+    ConflictError,
+    ForbiddenError,
+    InvalidInput,
+    NotFoundError,
+    Problem,
+    StoreUnavailable,
+)
+from .model import (
+    FIRST_ADMIN_ID,
+    IMMUTABLE_FIELDS,
+    Profile,
+    User,
+    account_state,
+    check_profile_fields,
+    is_locked,
+    sniff_avatar,
+    validate_fields,
+)
+from .store import queries as q
+from .store.schema import users
+
+__all__ = ["Accounts", "Created", "Policy", "utcnow"]
+
+Clock = Callable[[], datetime]
+
+#: Voice and preference fields that map one-to-one onto ``users`` columns.
+_PLAIN_COLUMNS = (
+    "full_name",
+    "email",
+    "description",
+    "extension",
+    "transport",
+    "nat",
+    "codecs",
+    "context",
+    "call_group",
+    "pickup_group",
+    "video",
+    "log_level",
+    "messenger_sound",
+    "toast_position",
+)
+_REQUIRED_ON_ADD = ("username", "full_name", "email")
+_ADD_RETRIES = 20
+
+
+def utcnow() -> datetime:
+    """Naive UTC now: the store keeps naive UTC timestamps on every backend."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The rules that come from configuration."""
+
+    password_policy: bool = True
+    max_failed_logins: int = 5
+    lock_minutes: int = 30
+    ext_first: int = 1000
+    ext_last: int = 9999
+    realm: str = "asterisk"
+
+    @classmethod
+    def from_config(cls, config: Config) -> Policy:
+        return cls(
+            password_policy=config.security.password_policy,
+            max_failed_logins=config.security.max_failed_logins,
+            lock_minutes=config.security.lock_minutes,
+            ext_first=config.extensions.first,
+            ext_last=config.extensions.last,
+            realm=config.sip.realm,
+        )
+
+
+@dataclass(frozen=True)
+class Created:
+    """A new user and, when provisioner generated it, the SIP secret to show once."""
+
+    user: User
+    sip_secret: str | None
+
+
+class Accounts:
+    """User and profile administration over one store."""
+
+    def __init__(self, engine: Engine, policy: Policy, clock: Clock = utcnow) -> None:
+        self.engine = engine
+        self.policy = policy
+        self.clock = clock
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """One transaction; database outages become :class:`StoreUnavailable`."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except OperationalError as exc:
+            raise StoreUnavailable(f"user store unavailable: {exc.orig}") from None
+
+    # -- profiles -------------------------------------------------------------
+
+    def add_profile(self, name: str, description: str = "") -> Profile:
+        name, description = check_profile_fields(name, description)
+        with self.transaction() as conn:
+            if q.profile_by_name(conn, name) is not None:
+                raise ConflictError.one("name", f"profile {name!r} already exists")
+            return q.insert_profile(conn, name, description, self.clock())
+
+    def list_profiles(self) -> list[Profile]:
+        with self.transaction() as conn:
+            return q.select_profiles(conn)
+
+    # -- reading users --------------------------------------------------------
+
+    def get_user(self, username: str) -> User:
+        """The user, live or deleted, found case-insensitively."""
+        with self.transaction() as conn:
+            found = q.load_users(conn, usernames=[username], deleted=None)
+        if not found:
+            raise NotFoundError("user", username)
+        return found[0]
+
+    def list_users(
+        self,
+        *,
+        deleted: bool | None = False,
+        role: str | None = None,
+        profile: str | None = None,
+        state: str | None = None,
+    ) -> list[User]:
+        with self.transaction() as conn:
+            found = q.load_users(conn, deleted=deleted)
+        now = self.clock()
+        return [
+            u
+            for u in found
+            if (role is None or u.role == role)
+            and (profile is None or u.profile == profile)
+            and (state is None or self.state(u, now) == state)
+        ]
+
+    def state(self, user: User, now: datetime | None = None) -> str:
+        return account_state(user, now or self.clock(), self.policy.lock_minutes)
+
+    # -- adding and editing -----------------------------------------------------
+
+    def add_user(self, values: Mapping[str, Any]) -> Created:
+        """Create a user; the extension is the lowest free one of the range unless given.
+
+        Two concurrent adds never share an extension: the unique constraint
+        rejects the slower one, which retries with a fresh allocation.
+        """
+        for _ in range(_ADD_RETRIES):
+            try:
+                with self.transaction() as conn:
+                    allocator = q.ExtensionAllocator(
+                        conn, self.policy.ext_first, self.policy.ext_last
+                    )
+                    user_id, secret = self.add_in(conn, values, allocator, self.clock())
+                    user = q.load_users(conn, ids=[user_id])[0]
+                return Created(user, secret)
+            except IntegrityError:
+                if values.get("extension"):
+                    raise ConflictError.one("extension", "is already used by another user") from None
+                continue  # another writer took our extension first; allocate again
+        raise StoreUnavailable("could not allocate an extension after repeated conflicts")
+
+    def add_in(
+        self,
+        conn: Connection,
+        values: Mapping[str, Any],
+        allocator: q.ExtensionAllocator,
+        now: datetime,
+        *,
+        line: int | None = None,
+    ) -> tuple[int, str | None]:
+        """Insert one user on ``conn`` (the caller's transaction); return its id and the
+        generated SIP secret, if one was generated."""
+        values = dict(values)
+        values.setdefault("role", "user")
+        problems = [
+            Problem(name, "is required", line)
+            for name in _REQUIRED_ON_ADD
+            if values.get(name) in (None, "")
+        ]
+        present = {k: v for k, v in values.items() if v is not None}
+        clean = self._validate(present, problems, line)
+        self._check_profile(conn, clean, clean.get("role", "user"), problems, line)
+        if problems:
+            raise InvalidInput(problems)
+        if q.username_taken(conn, clean["username"]):
+            raise ConflictError(
+                [
+                    Problem(
+                        "username",
+                        "is already taken (ignoring case; a deleted user keeps its name "
+                        "until purged)",
+                        line,
+                    )
+                ]
+            )
+        if not self._store_has_users(conn) and clean["role"] != "admin":
+            raise InvalidInput([Problem("role", "the first user must be an admin", line)])
+        extension = clean.get("extension")
+        if extension:
+            self._check_extension_free(conn, extension, None, line)
+            allocator.reserve(extension)
+        else:
+            extension = allocator.allocate()
+            if extension is None:
+                raise ConflictError(
+                    [
+                        Problem(
+                            "extension",
+                            f"no free extension left in {allocator.first}-{allocator.last}",
+                            line,
+                        )
+                    ]
+                )
+        generated = None
+        secret = clean.get("sip_secret")
+        if not secret:
+            secret = generated = credentials.generate_sip_secret()
+        digests = credentials.sip_digests(clean["username"], self.policy.realm, secret)
+        row: dict[str, Any] = {
+            name: clean[name] for name in _PLAIN_COLUMNS if name in clean
+        }
+        row.update(
+            role=clean["role"],
+            username=clean["username"],
+            username_key=clean["username"].lower(),
+            profile_id=clean.get("profile_id"),
+            extension=extension,
+            sip_realm=digests.realm,
+            sip_md5=digests.md5,
+            sip_sha256=digests.sha256,
+            created_at=now,
+            updated_at=now,
+        )
+        row.setdefault("description", "")
+        if clean.get("password"):
+            row["password_hash"] = credentials.hash_password(clean["password"])
+            row["last_password_reset_at"] = now
+        if clean.get("avatar") is not None:
+            row["avatar"] = clean["avatar"]
+            row["avatar_type"] = sniff_avatar(clean["avatar"])
+        user_id = q.insert_user(conn, row)
+        q.replace_attributes(conn, user_id, clean.get("attributes", {}))
+        return user_id, generated
+
+    def edit_user(self, username: str, values: Mapping[str, Any]) -> User:
+        """Change any field but role and username; a deleted user must be restored first."""
+        with self.transaction() as conn:
+            row = q.fetch_user_row(conn, username)
+            self.edit_in(conn, row, values, self.clock())
+            return q.load_users(conn, ids=[row.id], deleted=None)[0]
+
+    def edit_in(
+        self,
+        conn: Connection,
+        row: Any,
+        values: Mapping[str, Any],
+        now: datetime,
+        *,
+        line: int | None = None,
+    ) -> bool:
+        """Apply ``values`` to the user ``row`` on the caller's transaction; True if it changed."""
+        problems = []
+        for name in IMMUTABLE_FIELDS:
+            if name in values and values[name] is not None and values[name] != row[name]:
+                if name == "username" and str(values[name]).lower() == row.username_key:
+                    continue
+                problems.append(Problem(name, "cannot be changed after creation", line))
+        if problems:
+            raise ForbiddenError(problems)
+        if row.deleted_at is not None:
+            raise ForbiddenError(
+                [Problem("username", "is in deleted members; restore it before editing", line)]
+            )
+        present = {
+            k: v for k, v in values.items() if v is not None and k not in IMMUTABLE_FIELDS
+        }
+        clean = self._validate(present, problems, line)
+        if "profile" in present:
+            self._check_profile(conn, clean, row.role, problems, line)
+        if problems:
+            raise InvalidInput(problems)
+        update_row: dict[str, Any] = {
+            name: clean[name] for name in _PLAIN_COLUMNS if name in clean
+        }
+        if "profile" in present:
+            update_row["profile_id"] = clean.get("profile_id")
+        if "extension" in clean and clean["extension"] != row.extension:
+            self._check_extension_free(conn, clean["extension"], row.id, line)
+        if clean.get("password"):
+            update_row["password_hash"] = credentials.hash_password(clean["password"])
+            update_row["last_password_reset_at"] = now
+        if clean.get("sip_secret"):
+            digests = credentials.sip_digests(row.username, self.policy.realm, clean["sip_secret"])
+            update_row.update(
+                sip_realm=digests.realm, sip_md5=digests.md5, sip_sha256=digests.sha256
+            )
+        if "avatar" in clean:
+            update_row["avatar"] = clean["avatar"]
+            update_row["avatar_type"] = sniff_avatar(clean["avatar"])
+        changed = {k: v for k, v in update_row.items() if row._mapping.get(k) != v}
+        attrs_changed = False
+        if "attributes" in clean:
+            current = q.load_users(conn, ids=[row.id], deleted=None)[0].attributes
+            if dict(current) != clean["attributes"]:
+                q.replace_attributes(conn, row.id, clean["attributes"])
+                attrs_changed = True
+        if changed or attrs_changed:
+            changed["updated_at"] = now
+            q.update_user(conn, row.id, changed)
+        return bool(changed or attrs_changed)
+
+    def _validate(
+        self, values: Mapping[str, Any], problems: list[Problem], line: int | None
+    ) -> dict[str, Any]:
+        try:
+            return validate_fields(
+                values, password_policy=self.policy.password_policy, line=line
+            )
+        except InvalidInput as exc:
+            problems.extend(exc.problems)
+            bad = {p.field for p in exc.problems}
+            good = {k: v for k, v in values.items() if k not in bad}
+            return validate_fields(good, password_policy=self.policy.password_policy, line=line)
+
+    @staticmethod
+    def _check_profile(
+        conn: Connection,
+        clean: dict[str, Any],
+        role: str,
+        problems: list[Problem],
+        line: int | None,
+    ) -> None:
+        name = clean.pop("profile", None)
+        if not name:
+            if role == "user":
+                problems.append(Problem("profile", "is required for role user", line))
+            clean["profile_id"] = None
+            return
+        profile = q.profile_by_name(conn, name)
+        if profile is None:
+            problems.append(Problem("profile", f"must name an existing profile ({name!r} does not exist)", line))
+        else:
+            clean["profile_id"] = profile.id
+
+    @staticmethod
+    def _check_extension_free(
+        conn: Connection, extension: str, user_id: int | None, line: int | None
+    ) -> None:
+        owner = q.extension_owner(conn, extension)
+        if owner is not None:
+            row = q.fetch_user_row(conn, owner)
+            if row.id != user_id:
+                raise ConflictError(
+                    [Problem("extension", f"{extension} is already used by user {owner}", line)]
+                )
+
+    @staticmethod
+    def _store_has_users(conn: Connection) -> bool:
+        return conn.execute(users.select().limit(1)).first() is not None
+
+    # -- state: the bulk actions ----------------------------------------------
+
+    def _bulk(
+        self, usernames: Sequence[str], change: Callable[[Connection, Any, datetime], None]
+    ) -> list[str]:
+        """Apply ``change`` to every named user in one transaction, or to none."""
+        if not usernames:
+            raise InvalidInput.one("username", "name at least one user")
+        with self.transaction() as conn:
+            rows = []
+            missing = []
+            for name in usernames:
+                try:
+                    rows.append(q.fetch_user_row(conn, name))
+                except NotFoundError:
+                    missing.append(name)
+            if missing:
+                raise NotFoundError("user", ", ".join(missing))
+            now = self.clock()
+            for row in rows:
+                change(conn, row, now)
+        return [r.username for r in rows]
+
+    @staticmethod
+    def _protect_first_admin(row: Any, action: str) -> None:
+        if row.id == FIRST_ADMIN_ID:
+            raise ForbiddenError.one(
+                "username", f"{row.username} is the first admin (id 1) and can never be {action}"
+            )
+
+    @staticmethod
+    def _not_deleted(row: Any) -> None:
+        if row.deleted_at is not None:
+            raise ForbiddenError.one(
+                "username", f"{row.username} is in deleted members; restore it first"
+            )
+
+    def disable(self, usernames: Sequence[str]) -> list[str]:
+        def change(conn: Connection, row: Any, now: datetime) -> None:
+            self._protect_first_admin(row, "disabled")
+            self._not_deleted(row)
+            if not row.disabled:
+                q.update_user(conn, row.id, {"disabled": True, "updated_at": now})
+
+        return self._bulk(usernames, change)
+
+    def enable(self, usernames: Sequence[str]) -> list[str]:
+        def change(conn: Connection, row: Any, now: datetime) -> None:
+            self._not_deleted(row)
+            if row.disabled:
+                q.update_user(conn, row.id, {"disabled": False, "updated_at": now})
+
+        return self._bulk(usernames, change)
+
+    def unlock(self, usernames: Sequence[str]) -> list[str]:
+        def change(conn: Connection, row: Any, now: datetime) -> None:
+            if row.locked_at is not None or row.failed_logins:
+                q.update_user(
+                    conn, row.id, {"locked_at": None, "failed_logins": 0, "updated_at": now}
+                )
+
+        return self._bulk(usernames, change)
+
+    def delete(self, usernames: Sequence[str]) -> list[str]:
+        """Soft delete: the user moves to deleted members, its username and extension reserved."""
+
+        def change(conn: Connection, row: Any, now: datetime) -> None:
+            self._protect_first_admin(row, "deleted")
+            if row.deleted_at is None:
+                q.update_user(conn, row.id, {"deleted_at": now, "updated_at": now})
+
+        return self._bulk(usernames, change)
+
+    def restore(self, usernames: Sequence[str]) -> list[str]:
+        def change(conn: Connection, row: Any, now: datetime) -> None:
+            if row.deleted_at is not None:
+                q.update_user(conn, row.id, {"deleted_at": None, "updated_at": now})
+
+        return self._bulk(usernames, change)
+
+    def purge(self, usernames: Sequence[str]) -> list[str]:
+        """Remove deleted users for good, freeing their username and extension."""
+
+        def change(conn: Connection, row: Any, now: datetime) -> None:
+            self._protect_first_admin(row, "purged")
+            if row.deleted_at is None:
+                raise ForbiddenError.one(
+                    "username", f"{row.username} is not deleted; only deleted users can be purged"
+                )
+            conn.execute(delete(users).where(users.c.id == row.id))
+
+        return self._bulk(usernames, change)
+
+    # -- secrets ----------------------------------------------------------------
+
+    def set_password(self, username: str, password: str) -> None:
+        clean = validate_fields(
+            {"password": password}, password_policy=self.policy.password_policy
+        )
+        with self.transaction() as conn:
+            row = q.fetch_user_row(conn, username)
+            now = self.clock()
+            q.update_user(
+                conn,
+                row.id,
+                {
+                    "password_hash": credentials.hash_password(clean["password"]),
+                    "last_password_reset_at": now,
+                    "updated_at": now,
+                },
+            )
+
+    def rotate_sip_secret(self, username: str, secret: str | None = None) -> str:
+        """Replace the SIP secret (generated unless given); return it to show once."""
+        if secret is not None:
+            secret = validate_fields({"sip_secret": secret})["sip_secret"]
+        secret = secret or credentials.generate_sip_secret()
+        with self.transaction() as conn:
+            row = q.fetch_user_row(conn, username)
+            digests = credentials.sip_digests(row.username, self.policy.realm, secret)
+            q.update_user(
+                conn,
+                row.id,
+                {
+                    "sip_realm": digests.realm,
+                    "sip_md5": digests.md5,
+                    "sip_sha256": digests.sha256,
+                    "updated_at": self.clock(),
+                },
+            )
+        return secret
+
+    def generate_apikey(self, username: str) -> str:
+        """A new API key (replacing any old one: at most one per user); return it to show once."""
+        key = credentials.generate_apikey()
+        with self.transaction() as conn:
+            row = q.fetch_user_row(conn, username)
+            self._not_deleted(row)
+            now = self.clock()
+            q.update_user(
+                conn,
+                row.id,
+                {"apikey_hash": credentials.hash_apikey(key), "apikey_created_at": now, "updated_at": now},
+            )
+        return key
+
+    def remove_apikey(self, username: str) -> None:
+        with self.transaction() as conn:
+            row = q.fetch_user_row(conn, username)
+            q.update_user(
+                conn, row.id, {"apikey_hash": None, "apikey_created_at": None, "updated_at": self.clock()}
+            )
+
+    # -- login ------------------------------------------------------------------
+
+    def login(self, username: str, password: str) -> User:
+        """Verify a login the way the platform does: count failures, lock at the limit,
+        unlock by itself after ``lock_minutes``.  Raises :class:`AuthenticationError`."""
+        now = self.clock()
+        refused: str | None = None
+        with self.transaction() as conn:
+            try:
+                row = q.fetch_user_row(conn, username)
+            except NotFoundError:
+                raise AuthenticationError("invalid username or password") from None
+            if row.deleted_at is not None:
+                raise AuthenticationError("invalid username or password")
+            if row.disabled:
+                raise AuthenticationError("account is disabled; contact an administrator")
+            if is_locked(row.locked_at, now, self.policy.lock_minutes):
+                raise AuthenticationError(
+                    "account is locked after too many failed logins; contact an administrator"
+                )
+            if row.locked_at is not None:  # the lock has expired: start afresh
+                q.update_user(conn, row.id, {"locked_at": None, "failed_logins": 0})
+            if credentials.verify_password(row.password_hash, password):
+                q.update_user(conn, row.id, {"failed_logins": 0})
+                return q.load_users(conn, ids=[row.id])[0]
+            failures = self._count_failure(conn, row.id, now)
+            refused = "invalid username or password"
+            if failures >= self.policy.max_failed_logins:
+                refused = (
+                    "account is locked after too many failed logins; contact an administrator"
+                )
+        raise AuthenticationError(refused)
+
+    def _count_failure(self, conn: Connection, user_id: int, now: datetime) -> int:
+        # Atomic increment: concurrent failed logins all count.
+        conn.execute(
+            update(users)
+            .where(users.c.id == user_id)
+            .values(failed_logins=users.c.failed_logins + 1)
+        )
+        failures = int(
+            conn.execute(
+                users.select().with_only_columns(users.c.failed_logins).where(users.c.id == user_id)
+            ).scalar_one()
+        )
+        if failures >= self.policy.max_failed_logins:
+            conn.execute(
+                update(users)
+                .where(users.c.id == user_id, users.c.locked_at.is_(None))
+                .values(locked_at=now)
+            )
+        return failures
+

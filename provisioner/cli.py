@@ -1,0 +1,573 @@
+"""The ``provisioner`` command line.
+
+The only place that turns :class:`~provisioner.errors.ProvisionerError` into a
+message on stderr and an exit code.  Commands parse options, call into
+:mod:`provisioner.accounts` and friends, and print.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import click
+
+from . import csvio
+from .accounts import Accounts, Policy
+from .config import Config, load_config
+from .errors import InvalidInput, Problem, ProvisionerError
+from .logs import configure as configure_logs
+from .logs import get_logger
+from .model import CODECS, LOG_LEVELS, NATS, ROLES, TOAST_POSITIONS, TRANSPORTS, VIDEOS, User
+from .store.engine import open_engine
+
+__all__ = ["main"]
+
+log = get_logger(__name__)
+
+
+class App:
+    """What every command needs, built once from the config (the one ``from_config`` place)."""
+
+    def __init__(self, config_path: str | None, sets: Sequence[str], verbose: bool) -> None:
+        self._config_path = config_path
+        self._sets = sets
+        self._verbose = verbose
+        self._config: Config | None = None
+        self._accounts: Accounts | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config(self._config_path, overrides=_parse_sets(self._sets))
+            configure_logs(
+                self._config.log.level if self._verbose else "warning", self._config.log.format
+            )
+        return self._config
+
+    @property
+    def accounts(self) -> Accounts:
+        if self._accounts is None:
+            cfg = self.config
+            engine = open_engine(cfg.store.url, busy_timeout=cfg.store.busy_timeout)
+            self._accounts = Accounts(engine, Policy.from_config(cfg))
+        return self._accounts
+
+
+def _parse_sets(sets: Sequence[str]) -> dict[str, Any]:
+    """``--set store.url=...`` flags as a nested dict of overrides."""
+    tree: dict[str, Any] = {}
+    problems = []
+    for item in sets:
+        key, sep, value = item.partition("=")
+        parts = [p for p in key.strip().split(".") if p]
+        if not sep or not parts:
+            problems.append(Problem("--set", f"{item!r} must look like section.key=value"))
+            continue
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = json.loads(value) if value[:1] in "[{" else value
+    if problems:
+        raise InvalidInput(problems)
+    return tree
+
+
+pass_app = click.make_pass_decorator(App)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="TOML config file (else $PROVISIONER_CONFIG, else /etc/provisioner/provisioner.toml).",
+)
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Override one config key (beats the file and the environment).",
+)
+@click.option("--store-url", help="Shorthand for --set store.url=URL.")
+@click.option("-v", "--verbose", is_flag=True, help="Log events to stderr at the configured level.")
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    config_path: str | None,
+    sets: tuple[str, ...],
+    store_url: str | None,
+    verbose: bool,
+) -> None:
+    """Turn contact-center users into live Asterisk PJSIP endpoints."""
+    all_sets = [*sets, *([f"store.url={store_url}"] if store_url else [])]
+    ctx.obj = App(config_path, all_sets, verbose)
+
+
+# -- output helpers -------------------------------------------------------------
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(type(value).__name__)
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, default=_json_default, indent=2, sort_keys=False))
+
+
+def user_view(app: App, user: User) -> dict[str, Any]:
+    """A user for display: no hashes, no digests, no avatar bytes."""
+    data = asdict(user)
+    for secret in ("sip_md5", "sip_sha256"):
+        data.pop(secret)
+    data["voice"]["codecs"] = ",".join(user.voice.codecs)
+    data["attributes"] = dict(user.attributes)
+    data["state"] = app.accounts.state(user)
+    return data
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    for row in [header, *rows]:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+# -- db ---------------------------------------------------------------------------
+
+
+@cli.group()
+def db() -> None:
+    """The user store's schema."""
+
+
+@db.command("upgrade")
+@pass_app
+def db_upgrade(app: App) -> None:
+    """Create the schema, or migrate it to the newest version."""
+    from .store.migrate import upgrade
+
+    before, after = upgrade(app.accounts.engine)
+    log.info("db.upgraded", before=before, after=after)
+    click.echo(f"store at revision {after}" + ("" if before == after else f" (was {before})"))
+
+
+@db.command("ddl")
+@click.option(
+    "--dialect", type=click.Choice(["sqlite", "postgresql", "mysql"]), required=True
+)
+def db_ddl(dialect: str) -> None:
+    """Print the store's DDL for one database (what sql/store/ holds)."""
+    from .store.ddl import store_ddl
+
+    click.echo(store_ddl(dialect), nl=False)
+
+
+# -- profiles -----------------------------------------------------------------------
+
+
+@cli.group()
+def profile() -> None:
+    """User profiles."""
+
+
+@profile.command("add")
+@click.argument("name")
+@click.option("--description", default="")
+@pass_app
+def profile_add(app: App, name: str, description: str) -> None:
+    """Add a user profile."""
+    p = app.accounts.add_profile(name, description)
+    log.info("profile.added", profile=p.name)
+    click.echo(f"added profile {p.name}")
+
+
+@profile.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def profile_list(app: App, as_json: bool) -> None:
+    """List user profiles."""
+    found = app.accounts.list_profiles()
+    if as_json:
+        _echo_json([asdict(p) for p in found])
+    else:
+        _table([[p.name, p.description] for p in found], ["NAME", "DESCRIPTION"])
+
+
+# -- users ----------------------------------------------------------------------------
+
+
+def _user_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The options ``user add`` and ``user edit`` share."""
+    options = [
+        click.option("--full-name"),
+        click.option("--email"),
+        click.option("--profile"),
+        click.option(
+            "--password",
+            help="Login password ('-' reads it from stdin). Prefer 'user passwd': "
+            "a password on the command line is visible to other local users.",
+        ),
+        click.option("--extension"),
+        click.option("--sip-secret", help="SIP secret ('-' reads it from stdin); else generated."),
+        click.option("--transport", type=click.Choice(TRANSPORTS, case_sensitive=False)),
+        click.option("--nat", type=click.Choice(NATS, case_sensitive=False)),
+        click.option("--codecs", help="Ordered comma list of " + ", ".join(CODECS) + "."),
+        click.option("--context"),
+        click.option("--call-group"),
+        click.option("--pickup-group"),
+        click.option("--video", type=click.Choice(VIDEOS, case_sensitive=False)),
+        click.option("--description"),
+        click.option("--log-level", type=click.Choice([*LOG_LEVELS, "off"])),
+        click.option("--messenger-sound", type=click.Choice(["on", "off"])),
+        click.option("--toast-position", type=click.Choice(TOAST_POSITIONS)),
+        click.option("--avatar", type=click.Path(dir_okay=False, exists=True, path_type=Path)),
+        click.option(
+            "--attr",
+            "attrs",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Custom attribute; repeatable. On edit, KEY= removes it.",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _read_avatar(path: Path) -> bytes:
+    from .model import AVATAR_MAX_BYTES
+
+    with path.open("rb") as fh:
+        data = fh.read(AVATAR_MAX_BYTES + 1)
+    return data
+
+
+def _stdin_secret(value: str | None) -> str | None:
+    if value == "-":
+        return sys.stdin.readline().rstrip("\r\n")
+    return value
+
+
+def _parse_attrs(attrs: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in attrs:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidInput.one("attr", f"{item!r} must look like KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _field_values(opts: dict[str, Any]) -> dict[str, Any]:
+    values = {k: v for k, v in opts.items() if v is not None and k not in ("attrs", "avatar")}
+    for secret in ("password", "sip_secret"):
+        if secret in values:
+            values[secret] = _stdin_secret(values[secret])
+    if opts.get("avatar") is not None:
+        values["avatar"] = _read_avatar(opts["avatar"])
+    return values
+
+
+@cli.group()
+def user() -> None:
+    """Users: add, edit, list, and their state."""
+
+
+@user.command("add")
+@click.argument("username")
+@click.option("--role", type=click.Choice(ROLES), default="user", show_default=True)
+@_user_options
+@pass_app
+def user_add(app: App, username: str, role: str, **opts: Any) -> None:
+    """Add a user; the extension is the lowest free one of the range unless given."""
+    values = _field_values(opts)
+    values.update(username=username, role=role)
+    if opts["attrs"]:
+        values["attributes"] = {k: v for k, v in _parse_attrs(opts["attrs"]).items() if v != ""}
+    created = app.accounts.add_user(values)
+    log.info("user.added", username=created.user.username, extension=created.user.extension)
+    click.echo(f"added {created.user.username} (id {created.user.id}, extension {created.user.extension})")
+    if created.sip_secret:
+        click.echo(f"SIP secret (shown once): {created.sip_secret}")
+
+
+@user.command("edit")
+@click.argument("username")
+@_user_options
+@pass_app
+def user_edit(app: App, username: str, **opts: Any) -> None:
+    """Change any field but role and username."""
+    values = _field_values(opts)
+    if opts["attrs"]:
+        attrs = dict(app.accounts.get_user(username).attributes)
+        for key, value in _parse_attrs(opts["attrs"]).items():
+            if value == "":
+                attrs.pop(key, None)
+            else:
+                attrs[key] = value
+        values["attributes"] = attrs
+    if not values:
+        raise InvalidInput.one("options", "name at least one field to change")
+    changed = app.accounts.edit_user(username, values)
+    log.info("user.edited", username=changed.username, fields=sorted(values))
+    click.echo(f"updated {changed.username}")
+
+
+@user.command("show")
+@click.argument("username")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def user_show(app: App, username: str, as_json: bool) -> None:
+    """Show one user (never a secret)."""
+    data = user_view(app, app.accounts.get_user(username))
+    if as_json:
+        _echo_json(data)
+        return
+    voice = data.pop("voice")
+    attrs = data.pop("attributes")
+    for key, value in [*data.items(), *voice.items()]:
+        click.echo(f"{key:24} {'' if value is None else value}")
+    for key, value in attrs.items():
+        click.echo(f"{'attr:' + key:24} {value}")
+
+
+@user.command("list")
+@click.option("--deleted", is_flag=True, help="List deleted members instead.")
+@click.option("--role", type=click.Choice(ROLES))
+@click.option("--profile")
+@click.option("--state", type=click.Choice(["active", "disabled", "locked"]))
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def user_list(
+    app: App,
+    deleted: bool,
+    role: str | None,
+    profile: str | None,
+    state: str | None,
+    as_json: bool,
+) -> None:
+    """List users."""
+    found = app.accounts.list_users(deleted=deleted, role=role, profile=profile, state=state)
+    if as_json:
+        _echo_json([user_view(app, u) for u in found])
+        return
+    rows = [
+        [str(u.id), u.username, u.role, u.profile or "", u.extension, app.accounts.state(u), u.full_name]
+        for u in found
+    ]
+    _table(rows, ["ID", "USERNAME", "ROLE", "PROFILE", "EXTENSION", "STATE", "FULL NAME"])
+
+
+def _bulk_command(name: str, doc: str) -> None:
+    @user.command(name, help=doc)
+    @click.argument("usernames", nargs=-1, required=True)
+    @pass_app
+    def command(app: App, usernames: tuple[str, ...]) -> None:
+        done = getattr(app.accounts, name)(list(usernames))
+        log.info(f"user.{name}", usernames=done)
+        click.echo(f"{name}: " + ", ".join(done))
+
+
+_bulk_command("disable", "Disable users (reversible); all or none.")
+_bulk_command("enable", "Enable disabled users; all or none.")
+_bulk_command("unlock", "Unlock users locked after failed logins; all or none.")
+_bulk_command("delete", "Move users to deleted members (restorable); all or none.")
+_bulk_command("restore", "Bring deleted members back; all or none.")
+_bulk_command("purge", "Remove deleted members for good; all or none.")
+
+
+def _read_new_password() -> str:
+    if sys.stdin.isatty():
+        return str(click.prompt("New password", hide_input=True, confirmation_prompt=True))
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+@user.command("passwd")
+@click.argument("username")
+@pass_app
+def user_passwd(app: App, username: str) -> None:
+    """Set a user's login password (prompted, or one line on stdin)."""
+    app.accounts.set_password(username, _read_new_password())
+    log.info("user.password_set", username=username)
+    click.echo(f"password set for {username}")
+
+
+@user.command("sip-secret")
+@click.argument("username")
+@click.option("--rotate", is_flag=True, required=True, help="Replace the SIP secret.")
+@click.option("--secret", help="Use this secret ('-' reads stdin) instead of generating one.")
+@pass_app
+def user_sip_secret(app: App, username: str, rotate: bool, secret: str | None) -> None:
+    """Rotate a user's SIP secret; the new one is shown once."""
+    given = _stdin_secret(secret)
+    new = app.accounts.rotate_sip_secret(username, given)
+    log.info("user.sip_secret_rotated", username=username)
+    click.echo(f"SIP secret rotated for {username}")
+    if given is None:
+        click.echo(f"SIP secret (shown once): {new}")
+
+
+@user.command("apikey")
+@click.argument("username")
+@click.argument("action", type=click.Choice(["generate", "remove"]))
+@pass_app
+def user_apikey(app: App, username: str, action: str) -> None:
+    """Generate (shown once; replaces any old key) or remove a user's API key."""
+    if action == "generate":
+        key = app.accounts.generate_apikey(username)
+        log.info("user.apikey_generated", username=username)
+        click.echo(f"API key (shown once): {key}")
+    else:
+        app.accounts.remove_apikey(username)
+        log.info("user.apikey_removed", username=username)
+        click.echo(f"API key removed for {username}")
+
+
+@user.command("export")
+@click.option("--csv", "csv_path", required=True, type=click.Path(dir_okay=False), help="'-' for stdout.")
+@click.argument("usernames", nargs=-1)
+@pass_app
+def user_export(app: App, csv_path: str, usernames: tuple[str, ...]) -> None:
+    """Export users (all live ones, or those named) to CSV; no secrets."""
+    if usernames:
+        found = [app.accounts.get_user(u) for u in usernames]
+    else:
+        found = app.accounts.list_users()
+    with _open_out(csv_path) as out:
+        count = csvio.export_users(found, out)
+    if csv_path != "-":
+        click.echo(f"exported {count} users to {csv_path}")
+
+
+@contextmanager
+def _open_out(path: str) -> Iterator[TextIO]:
+    if path == "-":
+        yield sys.stdout
+        return
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        yield fh
+
+
+@user.command("import")
+@click.option("--csv", "csv_path", required=True, type=click.Path(dir_okay=False), help="'-' for stdin.")
+@click.option("--dry-run", is_flag=True, help="Check every row, change nothing.")
+@pass_app
+def user_import(app: App, csv_path: str, dry_run: bool) -> None:
+    """Add or update users from CSV: every row valid, or nothing changes."""
+    if csv_path == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            text = Path(csv_path).read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidInput.one("--csv", f"cannot read {csv_path!r}: {exc}") from None
+    total = max(text.count("\n") - 1, 0)
+    if sys.stderr.isatty() and total > 100:
+        with click.progressbar(length=total, label="importing", file=sys.stderr) as bar:
+            last = [0]
+
+            def step(done: int) -> None:
+                bar.update(done - last[0])
+                last[0] = done
+
+            result = csvio.import_users(app.accounts, text, dry_run=dry_run, progress=step)
+    else:
+        result = csvio.import_users(app.accounts, text, dry_run=dry_run)
+    log.info(
+        "user.imported",
+        added=len(result.added),
+        updated=len(result.updated),
+        unchanged=len(result.unchanged),
+        dry_run=dry_run,
+    )
+    prefix = "would add" if dry_run else "added"
+    click.echo(
+        f"{prefix} {len(result.added)}, "
+        f"{'would update' if dry_run else 'updated'} {len(result.updated)}, "
+        f"unchanged {len(result.unchanged)}"
+    )
+    for name, secret in result.generated_secrets.items():
+        click.echo(f"SIP secret for {name} (shown once): {secret}")
+
+
+# -- auth -------------------------------------------------------------------------------
+
+
+@cli.group()
+def auth() -> None:
+    """The platform's login check."""
+
+
+@auth.command("login")
+@click.argument("username")
+@pass_app
+def auth_login(app: App, username: str) -> None:
+    """Verify a password (prompt, or one line on stdin); lock after too many failures."""
+    if sys.stdin.isatty():
+        password = str(click.prompt("Password", hide_input=True))
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    found = app.accounts.login(username, password)
+    log.info("auth.login", username=found.username)
+    click.echo(f"welcome, {found.full_name}")
+
+
+# -- quickstart ---------------------------------------------------------------------------
+
+
+@cli.command()
+@pass_app
+def quickstart(app: App) -> None:
+    """Create the store with a few sample users if it is empty, then list them."""
+    from .samples import seed
+    from .store.migrate import upgrade
+
+    upgrade(app.accounts.engine)
+    for line in seed(app.accounts):
+        click.echo(line)
+    click.echo(f"store: {app.config.store.url}")
+    ctx = click.get_current_context()
+    ctx.invoke(user_list, deleted=False, role=None, profile=None, state=None, as_json=False)
+
+
+# -- entry point ----------------------------------------------------------------------------
+
+
+def _report(exc: ProvisionerError) -> int:
+    if isinstance(exc, InvalidInput):
+        click.echo(f"error: {exc.headline}", err=True)
+        for p in exc.problems:
+            click.echo(f"  {p}", err=True)
+    else:
+        click.echo(f"error: {exc.message}", err=True)
+    return exc.exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return (and, as a console script, exit with) its exit code."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
+    except ProvisionerError as exc:
+        return _report(exc)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 1
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())

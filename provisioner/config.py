@@ -1,0 +1,233 @@
+"""Typed settings: embedded defaults < one TOML file < environment < command-line flags.
+
+The file is ``--config``, else ``$PROVISIONER_CONFIG``, else
+``/etc/provisioner/provisioner.toml`` when it exists, else none (defaults only).
+Every key can be overridden from the environment as ``PROVISIONER_<SECTION>__<KEY>``
+(``PROVISIONER_STORE__URL``).  All problems (unknown keys, wrong types, broken
+rules) are collected and raised together as one :class:`~provisioner.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from .errors import ConfigError, Problem
+
+__all__ = ["DEFAULT_CONFIG_PATH", "ENV_PREFIX", "Config", "load_config"]
+
+DEFAULT_CONFIG_PATH = Path("/etc/provisioner/provisioner.toml")
+ENV_PREFIX = "PROVISIONER_"
+ENV_CONFIG = "PROVISIONER_CONFIG"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_url(value: str) -> str:
+    try:
+        make_url(value)
+    except ArgumentError as exc:
+        raise ValueError(f"must be a SQLAlchemy database URL ({exc})") from None
+    return value
+
+
+class StoreSettings(_Section):
+    """Where the user store lives."""
+
+    url: str = "sqlite:///var/provisioner.db"
+    #: Seconds a SQLite writer waits for another writer's lock before failing.
+    busy_timeout: float = Field(default=10.0, gt=0)
+
+    _url = field_validator("url")(_check_url)
+
+
+class SecuritySettings(_Section):
+    """The security suite: password policy and login lockout."""
+
+    password_policy: bool = True
+    max_failed_logins: int = Field(default=5, ge=1, le=1000)
+    #: Minutes after which a locked account unlocks by itself; 0 means only an admin unlocks.
+    lock_minutes: int = Field(default=30, ge=0)
+
+
+class ExtensionSettings(_Section):
+    """The range new extensions are allocated from (lowest free number first)."""
+
+    first: int = Field(default=1000, ge=0)
+    last: int = Field(default=9999, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ExtensionSettings:
+        if self.last < self.first:
+            raise ValueError("extensions.last must be at least extensions.first")
+        return self
+
+
+class SipSettings(_Section):
+    """SIP identity: the digest realm the stored secrets are hashed with."""
+
+    realm: str = Field(default="asterisk", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class TargetSettings(_Section):
+    """Where and how users are rendered as PJSIP objects."""
+
+    kind: Literal["config", "realtime"] = "config"
+    path: str = "var/pjsip_users.conf"
+    #: Realtime database; empty means the user store itself.
+    url: str = ""
+    #: A directory whose templates override the shipped ones, file by file.
+    templates: str = ""
+    auth_type: Literal["userpass", "md5"] = "userpass"
+    max_contacts: int = Field(default=1, ge=1, le=100)
+    webrtc_max_contacts: int = Field(default=5, ge=1, le=100)
+    qualify_frequency: int = Field(default=60, ge=0, le=86400)
+    video_codecs: tuple[Literal["vp8", "vp9", "h264", "h263", "h263p"], ...] = ("vp8", "h264")
+    transports: dict[Literal["udp", "tcp", "tls", "ws", "wss"], str] = Field(
+        default_factory=lambda: {
+            "udp": "transport-udp",
+            "tcp": "transport-tcp",
+            "tls": "transport-tls",
+            "ws": "transport-ws",
+            "wss": "transport-wss",
+        }
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url_or_empty(cls, value: str) -> str:
+        return _check_url(value) if value else value
+
+    @field_validator("transports")
+    @classmethod
+    def _transport_names(cls, value: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for proto, name in value.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+                raise ValueError(
+                    f"transport name for {proto} must be 1-64 letters, digits, '_', '.' or '-'"
+                )
+        return value
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    #: ``auto``: console style on a terminal, JSON otherwise.
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Config(_Section):
+    """The whole configuration, validated at once."""
+
+    store: StoreSettings = StoreSettings()
+    security: SecuritySettings = SecuritySettings()
+    extensions: ExtensionSettings = ExtensionSettings()
+    sip: SipSettings = SipSettings()
+    target: TargetSettings = TargetSettings()
+    log: LogSettings = LogSettings()
+    #: The file the settings came from, if any (not a TOML key).
+    source: str | None = Field(default=None, exclude=True)
+
+
+def _resolve_path(path: str | Path | None, env: Mapping[str, str]) -> Path | None:
+    if path:
+        return Path(path)
+    if env.get(ENV_CONFIG):
+        return Path(env[ENV_CONFIG])
+    if DEFAULT_CONFIG_PATH.exists():
+        return DEFAULT_CONFIG_PATH
+    return None
+
+
+def _env_value(raw: str) -> Any:
+    """Env values are strings; JSON-looking ones (lists, tables) are decoded."""
+    if raw[:1] in "[{":
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            return raw
+    return raw
+
+
+def _set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        node = tree.get(key)
+        if not isinstance(node, dict):
+            node = {}
+            tree[key] = node
+        tree = node
+    tree[keys[-1]] = value
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG:
+            continue
+        keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__") if k]
+        if keys:
+            _set_path(tree, keys, _env_value(raw))
+    return tree
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _problems(exc: ValidationError) -> list[Problem]:
+    problems = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "(config)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "is not a known setting"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        problems.append(Problem(key, msg))
+    return problems
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the :class:`Config` from defaults, the TOML file, the environment and ``overrides``
+    (nested dicts from command-line flags), or raise :class:`ConfigError` listing every problem."""
+    env = os.environ if env is None else env
+    file = _resolve_path(path, env)
+    data: dict[str, Any] = {}
+    if file is not None:
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError([Problem("config", f"file {str(file)!r} does not exist")]) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError([Problem("config", f"cannot read {str(file)!r}: {exc}")]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([Problem("config", f"{str(file)!r} is not valid TOML: {exc}")]) from None
+    data = _merge(data, _env_overrides(env))
+    data = _merge(data, overrides or {})
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_problems(exc)) from None
+    return config.model_copy(update={"source": str(file) if file else None})

@@ -1,0 +1,288 @@
+"""Users to and from CSV: the admins' export, bulk edit and re-import.
+
+An export never holds a secret.  An import is all-or-nothing: every row is
+validated against the rules and the store inside one transaction, every bad row
+is reported with its line number, field and rule, and if any row is bad the
+transaction is rolled back, so nothing changes.
+
+Columns: the fixed ones in :data:`COLUMNS`, then one ``attr:KEY`` column per
+custom attribute (an empty cell means the user has no such attribute).  An
+import also accepts ``password`` and ``sip_secret`` columns (empty: keep the
+current one, or generate a SIP secret for a new user).
+
+Cells that a spreadsheet would run as a formula (starting with ``= + - @``,
+tab or CR) are exported with a leading ``'``, which the import removes again.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from .accounts import Accounts
+from .errors import InvalidInput, NotFoundError, Problem, ProvisionerError
+from .model import FIRST_ADMIN_ID, User, check_flag
+from .store import queries as q
+
+__all__ = ["COLUMNS", "ImportResult", "export_users", "import_users"]
+
+COLUMNS = (
+    "username",
+    "role",
+    "profile",
+    "full_name",
+    "email",
+    "description",
+    "extension",
+    "transport",
+    "nat",
+    "codecs",
+    "context",
+    "call_group",
+    "pickup_group",
+    "video",
+    "disabled",
+    "log_level",
+    "messenger_sound",
+    "toast_position",
+)
+SECRET_COLUMNS = ("password", "sip_secret")
+ATTR_PREFIX = "attr:"
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _defuse(cell: str) -> str:
+    return "'" + cell if cell.startswith(_FORMULA_START) else cell
+
+
+def _refuse(cell: str) -> str:
+    if cell.startswith("'") and cell[1:].startswith(_FORMULA_START):
+        return cell[1:]
+    return cell
+
+
+def _cells(user: User) -> dict[str, str]:
+    v = user.voice
+    return {
+        "username": user.username,
+        "role": user.role,
+        "profile": user.profile or "",
+        "full_name": user.full_name,
+        "email": user.email,
+        "description": user.description,
+        "extension": user.extension,
+        "transport": v.transport,
+        "nat": v.nat,
+        "codecs": ",".join(v.codecs),
+        "context": v.context,
+        "call_group": v.call_group,
+        "pickup_group": v.pickup_group,
+        "video": v.video,
+        "disabled": "yes" if user.disabled else "no",
+        "log_level": user.log_level or "",
+        "messenger_sound": "on" if user.messenger_sound else "off",
+        "toast_position": user.toast_position,
+    }
+
+
+def export_users(users: Sequence[User], out: TextIO) -> int:
+    """Write ``users`` as CSV to ``out``; return the number of rows."""
+    attr_keys = sorted({k for u in users for k in u.attributes})
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([*COLUMNS, *(ATTR_PREFIX + k for k in attr_keys)])
+    for user in users:
+        cells = _cells(user)
+        row = [cells[c] for c in COLUMNS] + [user.attributes.get(k, "") for k in attr_keys]
+        writer.writerow([_defuse(c) for c in row])
+    return len(users)
+
+
+@dataclass
+class ImportResult:
+    """What an import did (or, with ``dry_run``, would do)."""
+
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    #: SIP secrets generated for new users: shown once, then gone.
+    generated_secrets: dict[str, str] = field(default_factory=dict, repr=False)
+    dry_run: bool = False
+
+
+class _DryRun(Exception):
+    """Raised inside the import transaction to roll a valid dry run back."""
+
+
+def _read(source: TextIO) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    reader = csv.reader(source)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise InvalidInput([Problem("header", "the file is empty", 1)]) from None
+    except csv.Error as exc:
+        raise InvalidInput([Problem("csv", str(exc), 1)]) from None
+    header = [h.strip() for h in header]
+    problems = []
+    known = set(COLUMNS) | set(SECRET_COLUMNS)
+    for name in header:
+        if name not in known and not name.startswith(ATTR_PREFIX):
+            problems.append(Problem(name or "(empty)", "is not a known column", 1))
+    if len(set(header)) != len(header):
+        problems.append(Problem("header", "has a repeated column", 1))
+    if "username" not in header:
+        problems.append(Problem("username", "column is required", 1))
+    if problems:
+        raise InvalidInput(problems)
+    rows = []
+    try:
+        for cells in reader:
+            line = reader.line_num
+            if not any(c.strip() for c in cells):
+                continue
+            if len(cells) != len(header):
+                problems.append(
+                    Problem("row", f"has {len(cells)} cells, the header has {len(header)}", line)
+                )
+                continue
+            rows.append((line, {h: _refuse(c) for h, c in zip(header, cells, strict=True)}))
+    except csv.Error as exc:
+        problems.append(Problem("csv", str(exc), reader.line_num))
+    if problems:
+        raise InvalidInput(problems)
+    return header, rows
+
+
+def _values(header: Sequence[str], cells: dict[str, str]) -> dict[str, Any]:
+    """A row's cells as user field values; empty secret cells mean "keep"."""
+    values: dict[str, Any] = {}
+    attrs: dict[str, str] = {}
+    has_attrs = False
+    for name in header:
+        cell = cells[name]
+        if name.startswith(ATTR_PREFIX):
+            has_attrs = True
+            if cell != "":
+                attrs[name[len(ATTR_PREFIX) :]] = cell
+        elif name in SECRET_COLUMNS:
+            if cell != "":
+                values[name] = cell
+        elif name == "disabled":
+            values[name] = cell
+        elif name == "extension" and cell == "":
+            continue  # new user: allocate; existing user: keep
+        else:
+            values[name] = cell
+    if has_attrs:
+        values["attributes"] = attrs
+    return values
+
+
+def import_users(
+    accounts: Accounts,
+    source: TextIO | str,
+    *,
+    dry_run: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> ImportResult:
+    """Add or update (by username) every user in the CSV, all in one transaction.
+
+    Raises :class:`InvalidInput` listing every bad row's line, field and rule;
+    then nothing has changed.  With ``dry_run`` everything is checked and rolled back.
+    """
+    if isinstance(source, str):
+        source = io.StringIO(source)
+    header, rows = _read(source)
+    result = ImportResult(dry_run=dry_run)
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
+    try:
+        with accounts.transaction() as conn:
+            allocator = q.ExtensionAllocator(
+                conn, accounts.policy.ext_first, accounts.policy.ext_last
+            )
+            now = accounts.clock()
+            for done, (line, cells) in enumerate(rows, 1):
+                key = cells.get("username", "").lower()
+                if key in seen:
+                    problems.append(
+                        Problem("username", f"repeats line {seen[key]}", line)
+                    )
+                    continue
+                seen[key] = line
+                try:
+                    _apply_row(accounts, conn, header, cells, line, allocator, now, result)
+                except ProvisionerError as exc:
+                    problems.extend(_as_problems(exc, line))
+                if progress is not None:
+                    progress(done)
+            if problems:
+                raise InvalidInput(problems)
+            if dry_run:
+                raise _DryRun
+    except _DryRun:
+        pass
+    if dry_run:
+        result.generated_secrets.clear()
+    return result
+
+
+def _apply_row(
+    accounts: Accounts,
+    conn: Any,
+    header: Sequence[str],
+    cells: dict[str, str],
+    line: int,
+    allocator: q.ExtensionAllocator,
+    now: Any,
+    result: ImportResult,
+) -> None:
+    values = _values(header, cells)
+    disabled = values.pop("disabled", None)
+    username = values.get("username", "")
+    try:
+        row = q.fetch_user_row(conn, username) if username else None
+    except NotFoundError:
+        row = None
+    if row is None:
+        user_id, secret = accounts.add_in(conn, values, allocator, now, line=line)
+        if secret:
+            result.generated_secrets[username] = secret
+        result.added.append(username)
+        if disabled not in (None, ""):
+            _set_disabled(accounts, conn, user_id, disabled, line, now)
+        return
+    if "extension" in values and values["extension"] != row.extension:
+        allocator.reserve(values["extension"])
+    changed = accounts.edit_in(conn, row, values, now, line=line)
+    if disabled not in (None, ""):
+        changed = _set_disabled(accounts, conn, row.id, disabled, line, now, row) or changed
+    (result.updated if changed else result.unchanged).append(row.username)
+
+
+def _set_disabled(
+    accounts: Accounts,
+    conn: Any,
+    user_id: int,
+    cell: str,
+    line: int,
+    now: Any,
+    row: Any = None,
+) -> bool:
+    flag, rule = check_flag(cell)
+    if rule is not None:
+        raise InvalidInput([Problem("disabled", rule, line)])
+    if row is not None and bool(row.disabled) == flag:
+        return False
+    if flag and user_id == FIRST_ADMIN_ID:
+        raise InvalidInput([Problem("disabled", "the first admin (id 1) can never be disabled", line)])
+    q.update_user(conn, user_id, {"disabled": flag, "updated_at": now})
+    return True
+
+
+def _as_problems(exc: ProvisionerError, line: int) -> Iterable[Problem]:
+    if isinstance(exc, InvalidInput):
+        return [Problem(p.field, p.rule, line) for p in exc.problems]
+    return [Problem("row", exc.message, line)]

@@ -1,0 +1,106 @@
+"""The error hierarchy.
+
+Every error carries what went wrong as data (the field and the rule it broke),
+so callers can report it, test it, or turn it into JSON.  Library code raises
+these; only :mod:`provisioner.cli` turns them into messages and exit codes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "AuthenticationError",
+    "ConfigError",
+    "ConflictError",
+    "ForbiddenError",
+    "InvalidInput",
+    "NotFoundError",
+    "Problem",
+    "ProvisionerError",
+    "StoreUnavailable",
+]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One broken rule: the field (or config key) and the rule it broke.
+
+    ``line`` is set when the problem comes from a numbered input line (a CSV row).
+    """
+
+    field: str
+    rule: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"line {self.line}: " if self.line is not None else ""
+        return f"{where}{self.field}: {self.rule}"
+
+
+class ProvisionerError(Exception):
+    """Base of every error provisioner raises on purpose."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(ProvisionerError):
+    """Input that breaks one or more rules; all of them are reported at once."""
+
+    exit_code = 2
+    headline = "invalid input"
+
+    def __init__(self, problems: list[Problem] | tuple[Problem, ...]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("; ".join(str(p) for p in self.problems))
+
+    @classmethod
+    def one(cls, field: str, rule: str) -> InvalidInput:
+        return cls([Problem(field, rule)])
+
+
+class ConfigError(InvalidInput):
+    """The configuration breaks one or more rules (``field`` is the config key)."""
+
+    headline = "invalid configuration"
+
+
+class ConflictError(InvalidInput):
+    """The input is valid alone but clashes with what the store holds (a taken name)."""
+
+    exit_code = 4
+    headline = "conflict with the store"
+
+
+class ForbiddenError(InvalidInput):
+    """The action is never allowed on this record (the first admin, a live user's purge)."""
+
+    exit_code = 5
+    headline = "not allowed"
+
+
+class NotFoundError(ProvisionerError):
+    """A named record does not exist."""
+
+    exit_code = 3
+
+    def __init__(self, kind: str, name: str) -> None:
+        self.kind = kind
+        self.name = name
+        super().__init__(f"{kind} {name!r} not found")
+
+
+class AuthenticationError(ProvisionerError):
+    """A login was refused (wrong password, locked, disabled or deleted account)."""
+
+    exit_code = 6
+
+
+class StoreUnavailable(ProvisionerError):
+    """The user store cannot be reached or used."""
+
+    exit_code = 7

@@ -1,0 +1,193 @@
+"""Queries over the user store, all through SQLAlchemy Core, each on a caller's connection.
+
+The caller owns the transaction, so a bulk action or a CSV import is one
+transaction however many rows it touches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Row, delete, func, insert, select, update
+
+from ..errors import NotFoundError
+from ..model import Profile, User, Voice
+from .schema import profiles, user_attributes, users
+
+__all__ = [
+    "ExtensionAllocator",
+    "fetch_user_row",
+    "insert_profile",
+    "insert_user",
+    "load_users",
+    "profile_by_name",
+    "replace_attributes",
+    "select_profiles",
+    "update_user",
+]
+
+# Columns that never leave the store layer as part of a User.
+_SECRET_COLUMNS = ("password_hash", "apikey_hash", "avatar")
+
+
+def profile_by_name(conn: Connection, name: str) -> Profile | None:
+    row = conn.execute(select(profiles).where(profiles.c.name == name)).first()
+    return None if row is None else Profile(row.id, row.name, row.description)
+
+
+def select_profiles(conn: Connection) -> list[Profile]:
+    rows = conn.execute(select(profiles).order_by(profiles.c.name))
+    return [Profile(r.id, r.name, r.description) for r in rows]
+
+
+def insert_profile(conn: Connection, name: str, description: str, now: datetime) -> Profile:
+    result = conn.execute(
+        insert(profiles).values(
+            name=name, description=description, created_at=now, updated_at=now
+        )
+    )
+    return Profile(result.inserted_primary_key[0], name, description)
+
+
+def fetch_user_row(conn: Connection, username: str) -> Row[Any]:
+    """The user's full row (hashes included), found case-insensitively, or NotFoundError."""
+    row = conn.execute(select(users).where(users.c.username_key == username.lower())).first()
+    if row is None:
+        raise NotFoundError("user", username)
+    return row
+
+
+def _user_from_row(row: Any, profile_names: Mapping[int, str], attrs: Mapping[str, str]) -> User:
+    return User(
+        id=row.id,
+        role=row.role,
+        username=row.username,
+        full_name=row.full_name,
+        email=row.email,
+        extension=row.extension,
+        voice=Voice(
+            transport=row.transport,
+            nat=row.nat,
+            codecs=tuple(row.codecs.split(",")) if row.codecs else (),
+            context=row.context,
+            call_group=row.call_group,
+            pickup_group=row.pickup_group,
+            video=row.video,
+        ),
+        profile=profile_names.get(row.profile_id) if row.profile_id is not None else None,
+        description=row.description,
+        sip_realm=row.sip_realm,
+        sip_md5=row.sip_md5,
+        sip_sha256=row.sip_sha256,
+        disabled=bool(row.disabled),
+        failed_logins=row.failed_logins,
+        locked_at=row.locked_at,
+        deleted_at=row.deleted_at,
+        log_level=row.log_level,
+        messenger_sound=bool(row.messenger_sound),
+        toast_position=row.toast_position,
+        avatar_type=row.avatar_type,
+        has_apikey=bool(row.has_apikey),
+        attributes=dict(attrs),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        last_password_reset_at=row.last_password_reset_at,
+    )
+
+
+def load_users(
+    conn: Connection,
+    *,
+    usernames: Sequence[str] | None = None,
+    ids: Sequence[int] | None = None,
+    deleted: bool | None = False,
+) -> list[User]:
+    """Users as :class:`User` values, ordered by id.
+
+    ``deleted``: False for live users only, True for deleted only, None for both.
+    """
+    cols = [c for c in users.c if c.name not in _SECRET_COLUMNS]
+    has_key = users.c.apikey_hash.is_not(None).label("has_apikey")
+    query = select(*cols, has_key).order_by(users.c.id)
+    if usernames is not None:
+        query = query.where(users.c.username_key.in_([u.lower() for u in usernames]))
+    if ids is not None:
+        query = query.where(users.c.id.in_(list(ids)))
+    if deleted is True:
+        query = query.where(users.c.deleted_at.is_not(None))
+    elif deleted is False:
+        query = query.where(users.c.deleted_at.is_(None))
+    rows = conn.execute(query).all()
+    names = {p.id: p.name for p in select_profiles(conn)}
+    attrs: dict[int, dict[str, str]] = {}
+    wanted = {r.id for r in rows}
+    attr_query = select(user_attributes).order_by(user_attributes.c.user_id, user_attributes.c.key)
+    if usernames is not None or ids is not None:
+        attr_query = attr_query.where(user_attributes.c.user_id.in_(wanted))
+    for a in conn.execute(attr_query):
+        if a.user_id in wanted:
+            attrs.setdefault(a.user_id, {})[a.key] = a.value
+    return [_user_from_row(r, names, attrs.get(r.id, {})) for r in rows]
+
+
+def insert_user(conn: Connection, values: Mapping[str, Any]) -> int:
+    result = conn.execute(insert(users).values(**values))
+    return int(result.inserted_primary_key[0])
+
+
+def update_user(conn: Connection, user_id: int, values: Mapping[str, Any]) -> None:
+    conn.execute(update(users).where(users.c.id == user_id).values(**values))
+
+
+def replace_attributes(conn: Connection, user_id: int, attributes: Mapping[str, str]) -> None:
+    conn.execute(delete(user_attributes).where(user_attributes.c.user_id == user_id))
+    if attributes:
+        conn.execute(
+            insert(user_attributes),
+            [{"user_id": user_id, "key": k, "value": v} for k, v in attributes.items()],
+        )
+
+
+def username_taken(conn: Connection, username: str) -> bool:
+    query = select(func.count()).select_from(users).where(users.c.username_key == username.lower())
+    return bool(conn.execute(query).scalar_one())
+
+
+def extension_owner(conn: Connection, extension: str) -> str | None:
+    query = select(users.c.username).where(users.c.extension == extension)
+    return conn.execute(query).scalar_one_or_none()
+
+
+class ExtensionAllocator:
+    """Hands out the lowest free extensions of ``[first, last]`` within one transaction.
+
+    Loads the taken extensions once, so a bulk import allocates in O(1) per
+    user.  A concurrent writer can still take the same number first; the unique
+    constraint catches that and the caller retries with a fresh allocator.
+    """
+
+    def __init__(self, conn: Connection, first: int, last: int) -> None:
+        self.first = first
+        self.last = last
+        taken = conn.execute(select(users.c.extension)).scalars()
+        self._taken = {int(e) for e in taken if e.isdigit()}
+        self._next = first
+
+    def reserve(self, extension: str) -> None:
+        """Mark an explicitly given extension as used."""
+        if extension.isdigit():
+            self._taken.add(int(extension))
+
+    def allocate(self) -> str | None:
+        """The lowest free number, or None when the range is full."""
+        n = self._next
+        while n <= self.last and n in self._taken:
+            n += 1
+        if n > self.last:
+            return None
+        self._taken.add(n)
+        self._next = n + 1
+        return str(n)
+

@@ -1,0 +1,76 @@
+-- provisioner user store schema for sqlite.
+-- Generated from provisioner/store/schema.py by `provisioner db ddl`; do not edit.
+
+CREATE TABLE profiles (
+	id INTEGER NOT NULL, 
+	name VARCHAR(64) NOT NULL, 
+	description VARCHAR(1024) NOT NULL, 
+	created_at DATETIME NOT NULL, 
+	updated_at DATETIME NOT NULL, 
+	CONSTRAINT pk_profiles PRIMARY KEY (id), 
+	CONSTRAINT uq_profiles_name UNIQUE (name)
+);
+
+CREATE TABLE users (
+	id INTEGER NOT NULL, 
+	role VARCHAR(8) NOT NULL, 
+	profile_id INTEGER, 
+	username VARCHAR(64) NOT NULL, 
+	username_key VARCHAR(64) NOT NULL, 
+	full_name VARCHAR(128) NOT NULL, 
+	email VARCHAR(254) NOT NULL, 
+	description VARCHAR(1024) NOT NULL, 
+	password_hash VARCHAR(255), 
+	last_password_reset_at DATETIME, 
+	extension VARCHAR(20) NOT NULL, 
+	sip_realm VARCHAR(64) NOT NULL, 
+	sip_md5 VARCHAR(32) NOT NULL, 
+	sip_sha256 VARCHAR(64) NOT NULL, 
+	transport VARCHAR(8) NOT NULL, 
+	nat VARCHAR(16) NOT NULL, 
+	codecs VARCHAR(64) NOT NULL, 
+	context VARCHAR(79) NOT NULL, 
+	call_group VARCHAR(255) NOT NULL, 
+	pickup_group VARCHAR(255) NOT NULL, 
+	video VARCHAR(8) NOT NULL, 
+	disabled BOOLEAN NOT NULL, 
+	failed_logins INTEGER NOT NULL, 
+	locked_at DATETIME, 
+	deleted_at DATETIME, 
+	log_level VARCHAR(8), 
+	messenger_sound BOOLEAN NOT NULL, 
+	toast_position VARCHAR(16) NOT NULL, 
+	avatar BLOB, 
+	avatar_type VARCHAR(32), 
+	apikey_hash VARCHAR(64), 
+	apikey_created_at DATETIME, 
+	created_at DATETIME NOT NULL, 
+	updated_at DATETIME NOT NULL, 
+	CONSTRAINT pk_users PRIMARY KEY (id), 
+	CONSTRAINT ck_users_role CHECK (role IN ('admin', 'user')), 
+	CONSTRAINT ck_users_transport CHECK (transport IN ('udp', 'tcp', 'tls', 'ws', 'wss')), 
+	CONSTRAINT ck_users_nat CHECK (nat IN ('yes', 'no', 'force_rport', 'comedia', 'never', 'route')), 
+	CONSTRAINT ck_users_video CHECK (video IN ('yes', 'no', 'always')), 
+	CONSTRAINT ck_users_log_level CHECK (log_level IS NULL OR log_level IN ('error', 'warning', 'info', 'debug')), 
+	CONSTRAINT ck_users_toast_position CHECK (toast_position IN ('top-right', 'top-left', 'top-center', 'bottom-right', 'bottom-left', 'bottom-center')), 
+	CONSTRAINT ck_users_user_has_profile CHECK (role = 'admin' OR profile_id IS NOT NULL), 
+	CONSTRAINT fk_users_profile_id_profiles FOREIGN KEY(profile_id) REFERENCES profiles (id) ON DELETE RESTRICT, 
+	CONSTRAINT uq_users_username_key UNIQUE (username_key), 
+	CONSTRAINT uq_users_extension UNIQUE (extension), 
+	CONSTRAINT uq_users_apikey_hash UNIQUE (apikey_hash)
+);
+
+CREATE TABLE user_attributes (
+	user_id INTEGER NOT NULL, 
+	"key" VARCHAR(64) NOT NULL, 
+	value VARCHAR(255) NOT NULL, 
+	CONSTRAINT pk_user_attributes PRIMARY KEY (user_id, "key"), 
+	CONSTRAINT fk_user_attributes_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE CASCADE
+);
+
+CREATE TABLE alembic_version (
+	version_num VARCHAR(32) NOT NULL, 
+	PRIMARY KEY (version_num)
+);
+
+INSERT INTO alembic_version (version_num) VALUES ('0001');
