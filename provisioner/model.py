@@ -63,11 +63,12 @@ FIRST_ADMIN_ID = 1
 DEFAULT_CONTEXT = "from-sip"
 DEFAULT_CODECS = ("ulaw", "alaw")
 
-_USERNAME = re.compile(r"[A-Za-z0-9._]{1,64}")
+# 40: the auth username column (ps_auths.username) is VARCHAR(40).
+_USERNAME = re.compile(r"[A-Za-z0-9._]{1,40}")
 _EXTENSION = re.compile(r"[0-9]{1,20}")
 # Asterisk context names: no spaces, brackets, commas, semicolons or pipes
-# (dialplan separators); AST_MAX_CONTEXT is 80 including the NUL.
-_CONTEXT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,78}")
+# (dialplan separators); 40 is ps_endpoints.context's width.
+_CONTEXT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,39}")
 _GROUP_ITEM = re.compile(r"([0-9]{1,2})(?:-([0-9]{1,2}))?")
 _PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")
 _ATTR_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")
@@ -183,10 +184,13 @@ def check_codecs(value: Any) -> tuple[Any, str | None]:
 
 def check_group(value: Any) -> tuple[Any, str | None]:
     """Asterisk group syntax: numbers 0-63, comma lists and ascending ranges; empty is none."""
-    rule = "must be numbers 0-63 as a comma list with ranges, such as 1,3-5 (or empty)"
+    rule = (
+        "must be numbers 0-63 as a comma list with ranges, such as 1,3-5 "
+        "(at most 40 characters, or empty)"
+    )
     if value is None or value == "":
         return "", None
-    if not isinstance(value, str):
+    if not isinstance(value, str) or len(value) > 40:  # ps_endpoints.call_group is VARCHAR(40)
         return None, rule
     for item in value.split(","):
         m = _GROUP_ITEM.fullmatch(item)
@@ -276,7 +280,7 @@ _CHECKS: dict[str, Checker] = {
     "profile": _text(64, required=False),
     "full_name": _text(128, required=True, forbidden=_NAME_FORBIDDEN),
     "username": _pattern(
-        _USERNAME, "must be 1-64 characters, only letters, digits, '.' and '_'"
+        _USERNAME, "must be 1-40 characters, only letters, digits, '.' and '_'"
     ),
     "email": check_email,
     "description": _text(1024, required=False),
@@ -290,7 +294,7 @@ _CHECKS: dict[str, Checker] = {
     "codecs": check_codecs,
     "context": _pattern(
         _CONTEXT,
-        "must be 1-79 letters, digits, '_', '.', '+' or '-' (an Asterisk context name), "
+        "must be 1-40 letters, digits, '_', '.', '+' or '-' (an Asterisk context name), "
         "not starting with '.', '+' or '-'",
     ),
     "call_group": check_group,

@@ -1,0 +1,307 @@
+"""The pure mapping from a user to its Asterisk PJSIP objects.
+
+No database, file or socket: ``render_user(user, settings)`` returns the
+endpoint, auth and AOR options as ordered ``(option, value)`` pairs that both
+writers (config file and realtime rows) consume.  Every option is written
+explicitly, so the outcome never depends on Asterisk's defaults.  The table is
+documented in README.md ("The PJSIP mapping").
+
+Every value is validated again here, whatever the store holds (another
+application may have written it by hand): nothing can add a line, a section,
+an option, a comment or an include to a config file, or a header to an AMI
+action.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .errors import InvalidInput, Problem
+from .model import CODECS, NATS, TRANSPORTS, VIDEOS, User, check_group
+
+if TYPE_CHECKING:
+    from .config import Config
+
+__all__ = [
+    "NAT_OPTIONS",
+    "Options",
+    "RenderSettings",
+    "Skipped",
+    "UserObjects",
+    "auth_id",
+    "check_value",
+    "render_all",
+    "render_user",
+]
+
+Options = tuple[tuple[str, str], ...]
+
+#: NAT setting -> (force_rport, rewrite_contact, rtp_symmetric, direct_media).
+NAT_OPTIONS: Mapping[str, tuple[str, str, str, str]] = {
+    "yes": ("yes", "yes", "yes", "no"),
+    "force_rport": ("yes", "yes", "no", "no"),
+    "comedia": ("no", "no", "yes", "no"),
+    "route": ("no", "yes", "yes", "no"),
+    "no": ("no", "no", "no", "yes"),
+    "never": ("no", "no", "no", "yes"),
+}
+
+#: ps_endpoints.callerid is VARCHAR(40): longer names are shortened in the caller ID only.
+CALLERID_MAX = 40
+_ID = re.compile(r"[0-9]{1,20}")
+_NAME_TOKEN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_HEX = {"md5": re.compile(r"[0-9a-f]{32}"), "sha256": re.compile(r"[0-9a-f]{64}")}
+_USERNAME = re.compile(r"[A-Za-z0-9._]{1,40}")
+_CONTEXT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,39}")
+# Anything that could end a value, start a comment, an include, a section or
+# an escape in Asterisk's config syntax, or a header in an AMI action.
+_UNSAFE = set(";[]\\\"<>#")
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """The configuration the mapping depends on."""
+
+    realm: str = "asterisk"
+    auth_type: str = "userpass"
+    transports: Mapping[str, str] | None = None
+    max_contacts: int = 1
+    webrtc_max_contacts: int = 5
+    qualify_frequency: int = 60
+    video_codecs: tuple[str, ...] = ("vp8", "h264")
+
+    def transport_name(self, protocol: str) -> str:
+        table = self.transports or {p: f"transport-{p}" for p in TRANSPORTS}
+        return table[protocol]
+
+    @classmethod
+    def from_config(cls, config: Config) -> RenderSettings:
+        t = config.target
+        return cls(
+            realm=config.sip.realm,
+            auth_type=t.auth_type,
+            transports=dict(t.transports),
+            max_contacts=t.max_contacts,
+            webrtc_max_contacts=t.webrtc_max_contacts,
+            qualify_frequency=t.qualify_frequency,
+            video_codecs=tuple(t.video_codecs),
+        )
+
+
+@dataclass(frozen=True)
+class UserObjects:
+    """One user's three PJSIP objects; ids are the config sections / realtime row ids."""
+
+    username: str
+    endpoint_id: str
+    endpoint: Options
+    auth_id: str
+    auth: Options
+    aor_id: str
+    aor: Options
+
+    def sections(self) -> tuple[tuple[str, str, Options], ...]:
+        """``(section id, type, options)`` in file order: endpoint, auth, aor."""
+        return (
+            (self.endpoint_id, "endpoint", self.endpoint),
+            (self.auth_id, "auth", self.auth),
+            (self.aor_id, "aor", self.aor),
+        )
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A user that could not be rendered, and why (never a secret)."""
+
+    username: str
+    problems: tuple[Problem, ...]
+
+    def __str__(self) -> str:
+        return f"{self.username}: " + "; ".join(f"{p.field}: {p.rule}" for p in self.problems)
+
+
+def auth_id(extension: str) -> str:
+    return f"{extension}-auth"
+
+
+def check_value(field: str, value: str) -> Problem | None:
+    """The last line of defence: a value that could restructure the output is refused."""
+    if any(unicodedata.category(ch).startswith("C") for ch in value):
+        return Problem(field, "must not contain control characters (newline, NUL, ...)")
+    if set(value) & _UNSAFE:
+        return Problem(field, "must not contain any of " + " ".join(sorted(_UNSAFE)))
+    if value != value.strip():
+        return Problem(field, "must not start or end with spaces")
+    return None
+
+
+def _callerid(full_name: str, extension: str) -> str:
+    room = CALLERID_MAX - len(extension) - len('"" <>')
+    name = full_name[: max(room, 0)].rstrip()
+    return f'"{name}" <{extension}>'
+
+
+def _checks(user: User, settings: RenderSettings) -> list[Problem]:
+    v = user.voice
+    problems: list[Problem] = []
+
+    def need(ok: bool, field: str, rule: str) -> None:
+        if not ok:
+            problems.append(Problem(field, rule))
+
+    need(bool(_ID.fullmatch(user.extension)), "extension", "must be 1-20 digits")
+    need(bool(_USERNAME.fullmatch(user.username)), "username", "must be 1-40 letters, digits, '.' or '_'")
+    need(v.transport in TRANSPORTS, "transport", "must be one of " + ", ".join(TRANSPORTS))
+    need(v.nat in NATS, "nat", "must be one of " + ", ".join(NATS))
+    need(v.video in VIDEOS, "video", "must be one of " + ", ".join(VIDEOS))
+    need(
+        bool(v.codecs) and all(c in CODECS for c in v.codecs) and len(set(v.codecs)) == len(v.codecs),
+        "codecs",
+        "must be a non-empty list of distinct codecs from " + ", ".join(CODECS),
+    )
+    need(bool(_CONTEXT.fullmatch(v.context)), "context", "must be an Asterisk context name of 1-40 characters")
+    for name in ("call_group", "pickup_group"):
+        need(check_group(getattr(v, name))[1] is None, name, "must be numbers 0-63, such as 1,3-5")
+    if not user.full_name.strip():
+        problems.append(Problem("full_name", "must not be empty"))
+    elif (p := check_value("full_name", user.full_name)) is not None:
+        problems.append(p)
+    need(
+        user.sip_realm == settings.realm,
+        "sip_secret",
+        f"was hashed for realm {user.sip_realm!r} but the configured realm is "
+        f"{settings.realm!r}; rotate the SIP secret",
+    )
+    need(bool(_HEX["md5"].fullmatch(user.sip_md5)), "sip_secret", "has no valid MD5 digest; rotate it")
+    need(
+        bool(_HEX["sha256"].fullmatch(user.sip_sha256)),
+        "sip_secret",
+        "has no valid SHA-256 digest; rotate it",
+    )
+    if v.transport in TRANSPORTS:
+        need(
+            bool(_NAME_TOKEN.fullmatch(settings.transport_name(v.transport))),
+            "transport",
+            "the configured transport name must be letters, digits, '_', '.' or '-'",
+        )
+    return problems
+
+
+def _auth_options(user: User, settings: RenderSettings) -> Options:
+    if settings.auth_type == "md5":
+        return (
+            ("auth_type", "md5"),
+            ("username", user.username),
+            ("realm", settings.realm),
+            ("md5_cred", user.sip_md5),
+        )
+    return (
+        ("auth_type", "userpass"),
+        ("username", user.username),
+        ("realm", settings.realm),
+        ("password_digest", f"SHA-256:{user.sip_sha256},MD5:{user.sip_md5}"),
+        ("supported_algorithms_uas", "SHA-256,MD5"),
+        ("supported_algorithms_uac", "SHA-256,MD5"),
+    )
+
+
+def render_user(user: User, settings: RenderSettings) -> UserObjects:
+    """Map one user to its endpoint, auth and AOR, or raise :class:`InvalidInput`
+    naming every field that cannot be rendered safely."""
+    problems = _checks(user, settings)
+    if problems:
+        raise InvalidInput(problems)
+    v = user.voice
+    ext = user.extension
+    webrtc = v.transport in ("ws", "wss")
+    codecs = list(v.codecs)
+    if v.video != "no":
+        codecs += [c for c in settings.video_codecs if c not in codecs]
+    force_rport, rewrite_contact, rtp_symmetric, direct_media = NAT_OPTIONS[v.nat]
+    endpoint: Options = (
+        ("transport", settings.transport_name(v.transport)),
+        ("aors", ext),
+        ("auth", auth_id(ext)),
+        ("context", v.context),
+        ("disallow", "all"),
+        ("allow", ",".join(codecs)),
+        ("callerid", _callerid(user.full_name, ext)),
+        ("call_group", v.call_group),
+        ("pickup_group", v.pickup_group),
+        ("direct_media", direct_media),
+        ("force_rport", force_rport),
+        ("rewrite_contact", rewrite_contact),
+        ("rtp_symmetric", rtp_symmetric),
+        ("webrtc", "yes" if webrtc else "no"),
+    )
+    aor: Options = (
+        ("max_contacts", str(settings.webrtc_max_contacts if webrtc else settings.max_contacts)),
+        ("remove_existing", "yes"),
+        ("qualify_frequency", str(settings.qualify_frequency)),
+    )
+    rendered = UserObjects(
+        username=user.username,
+        endpoint_id=ext,
+        endpoint=endpoint,
+        auth_id=auth_id(ext),
+        auth=_auth_options(user, settings),
+        aor_id=ext,
+        aor=aor,
+    )
+    _final_check(rendered)
+    return rendered
+
+
+def _final_check(objects: UserObjects) -> None:
+    """Belt and braces: every id and value of the output is checked once more."""
+    problems = []
+    for section, _kind, options in objects.sections():
+        if (p := check_value("extension", section)) is not None:
+            problems.append(p)
+        for option, value in options:
+            # The callerid quotes and angle brackets are ours, around a checked name.
+            checked = value[1 : value.rfind('"')] if option == "callerid" else value
+            if (p := check_value(option, checked)) is not None:
+                problems.append(p)
+    if problems:
+        raise InvalidInput(problems)
+
+
+def is_provisioned(user: User) -> bool:
+    """Disabled and deleted users have no PJSIP objects; a login lock keeps the phone working."""
+    return not user.disabled and user.deleted_at is None
+
+
+def render_all(
+    users: Iterable[User], settings: RenderSettings
+) -> tuple[list[UserObjects], list[Skipped]]:
+    """Render every provisioned user, in extension order; report (not raise) the ones that fail.
+
+    Two users claiming one extension (possible only when another writer bypassed
+    the store's constraint) are both skipped rather than one silently winning.
+    """
+    good: dict[str, UserObjects] = {}
+    skipped: list[Skipped] = []
+    clashes: set[str] = set()
+    for user in users:
+        if not is_provisioned(user):
+            continue
+        try:
+            objects = render_user(user, settings)
+        except InvalidInput as exc:
+            skipped.append(Skipped(user.username, exc.problems))
+            continue
+        if objects.endpoint_id in good or objects.endpoint_id in clashes:
+            clashes.add(objects.endpoint_id)
+            other = good.pop(objects.endpoint_id, None)
+            rule = f"extension {objects.endpoint_id} is claimed by more than one user"
+            for name in filter(None, (other.username if other else None, objects.username)):
+                skipped.append(Skipped(name, (Problem("extension", rule),)))
+            continue
+        good[objects.endpoint_id] = objects
+    ordered = sorted(good.values(), key=lambda o: (len(o.endpoint_id), o.endpoint_id))
+    return ordered, skipped
