@@ -183,7 +183,9 @@ class Accounts:
                 return Created(user, secret)
             except IntegrityError:
                 if values.get("extension"):
-                    raise ConflictError.one("extension", "is already used by another user") from None
+                    raise ConflictError.one(
+                        "extension", "is already used by another user"
+                    ) from None
                 continue  # another writer took our extension first; allocate again
         raise StoreUnavailable("could not allocate an extension after repeated conflicts")
 
@@ -244,9 +246,7 @@ class Accounts:
         if not secret:
             secret = generated = credentials.generate_sip_secret()
         digests = credentials.sip_digests(clean["username"], self.policy.realm, secret)
-        row: dict[str, Any] = {
-            name: clean[name] for name in _PLAIN_COLUMNS if name in clean
-        }
+        row: dict[str, Any] = {name: clean[name] for name in _PLAIN_COLUMNS if name in clean}
         row.update(
             role=clean["role"],
             username=clean["username"],
@@ -299,17 +299,13 @@ class Accounts:
             raise ForbiddenError(
                 [Problem("username", "is in deleted members; restore it before editing", line)]
             )
-        present = {
-            k: v for k, v in values.items() if v is not None and k not in IMMUTABLE_FIELDS
-        }
+        present = {k: v for k, v in values.items() if v is not None and k not in IMMUTABLE_FIELDS}
         clean = self._validate(present, problems, line)
         if "profile" in present:
             self._check_profile(conn, clean, row.role, problems, line)
         if problems:
             raise InvalidInput(problems)
-        update_row: dict[str, Any] = {
-            name: clean[name] for name in _PLAIN_COLUMNS if name in clean
-        }
+        update_row: dict[str, Any] = {name: clean[name] for name in _PLAIN_COLUMNS if name in clean}
         if "profile" in present:
             update_row["profile_id"] = clean.get("profile_id")
         if "extension" in clean and clean["extension"] != row.extension:
@@ -341,9 +337,7 @@ class Accounts:
         self, values: Mapping[str, Any], problems: list[Problem], line: int | None
     ) -> dict[str, Any]:
         try:
-            return validate_fields(
-                values, password_policy=self.policy.password_policy, line=line
-            )
+            return validate_fields(values, password_policy=self.policy.password_policy, line=line)
         except InvalidInput as exc:
             problems.extend(exc.problems)
             bad = {p.field for p in exc.problems}
@@ -366,7 +360,9 @@ class Accounts:
             return
         profile = q.profile_by_name(conn, name)
         if profile is None:
-            problems.append(Problem("profile", f"must name an existing profile ({name!r} does not exist)", line))
+            problems.append(
+                Problem("profile", f"must name an existing profile ({name!r} does not exist)", line)
+            )
         else:
             clean["profile_id"] = profile.id
 
@@ -482,9 +478,7 @@ class Accounts:
     # -- secrets ----------------------------------------------------------------
 
     def set_password(self, username: str, password: str) -> None:
-        clean = validate_fields(
-            {"password": password}, password_policy=self.policy.password_policy
-        )
+        clean = validate_fields({"password": password}, password_policy=self.policy.password_policy)
         with self.transaction() as conn:
             row = q.fetch_user_row(conn, username)
             now = self.clock()
@@ -528,7 +522,11 @@ class Accounts:
             q.update_user(
                 conn,
                 row.id,
-                {"apikey_hash": credentials.hash_apikey(key), "apikey_created_at": now, "updated_at": now},
+                {
+                    "apikey_hash": credentials.hash_apikey(key),
+                    "apikey_created_at": now,
+                    "updated_at": now,
+                },
             )
         return key
 
@@ -536,7 +534,9 @@ class Accounts:
         with self.transaction() as conn:
             row = q.fetch_user_row(conn, username)
             q.update_user(
-                conn, row.id, {"apikey_hash": None, "apikey_created_at": None, "updated_at": self.clock()}
+                conn,
+                row.id,
+                {"apikey_hash": None, "apikey_created_at": None, "updated_at": self.clock()},
             )
 
     # -- login ------------------------------------------------------------------
@@ -567,9 +567,7 @@ class Accounts:
             failures = self._count_failure(conn, row.id, now)
             refused = "invalid username or password"
             if failures >= self.policy.max_failed_logins:
-                refused = (
-                    "account is locked after too many failed logins; contact an administrator"
-                )
+                refused = "account is locked after too many failed logins; contact an administrator"
         raise AuthenticationError(refused)
 
     def _count_failure(self, conn: Connection, user_id: int, now: datetime) -> int:
@@ -591,4 +589,3 @@ class Accounts:
                 .values(locked_at=now)
             )
         return failures
-

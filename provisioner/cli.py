@@ -161,9 +161,7 @@ def db_upgrade(app: App) -> None:
 
 
 @db.command("ddl")
-@click.option(
-    "--dialect", type=click.Choice(["sqlite", "postgresql", "mysql"]), required=True
-)
+@click.option("--dialect", type=click.Choice(["sqlite", "postgresql", "mysql"]), required=True)
 def db_ddl(dialect: str) -> None:
     """Print the store's DDL for one database (what sql/store/ holds)."""
     from .store.ddl import store_ddl
@@ -287,7 +285,7 @@ def user() -> None:
 @click.option("--role", type=click.Choice(ROLES), default="user", show_default=True)
 @_user_options
 @pass_app
-def user_add(app: App, username: str, role: str, **opts: Any) -> None:
+def user_add(app: App, /, username: str, role: str, **opts: Any) -> None:
     """Add a user; the extension is the lowest free one of the range unless given."""
     values = _field_values(opts)
     values.update(username=username, role=role)
@@ -295,7 +293,9 @@ def user_add(app: App, username: str, role: str, **opts: Any) -> None:
         values["attributes"] = {k: v for k, v in _parse_attrs(opts["attrs"]).items() if v != ""}
     created = app.accounts.add_user(values)
     log.info("user.added", username=created.user.username, extension=created.user.extension)
-    click.echo(f"added {created.user.username} (id {created.user.id}, extension {created.user.extension})")
+    click.echo(
+        f"added {created.user.username} (id {created.user.id}, extension {created.user.extension})"
+    )
     if created.sip_secret:
         click.echo(f"SIP secret (shown once): {created.sip_secret}")
 
@@ -304,7 +304,7 @@ def user_add(app: App, username: str, role: str, **opts: Any) -> None:
 @click.argument("username")
 @_user_options
 @pass_app
-def user_edit(app: App, username: str, **opts: Any) -> None:
+def user_edit(app: App, /, username: str, **opts: Any) -> None:
     """Change any field but role and username."""
     values = _field_values(opts)
     if opts["attrs"]:
@@ -361,7 +361,15 @@ def user_list(
         _echo_json([user_view(app, u) for u in found])
         return
     rows = [
-        [str(u.id), u.username, u.role, u.profile or "", u.extension, app.accounts.state(u), u.full_name]
+        [
+            str(u.id),
+            u.username,
+            u.role,
+            u.profile or "",
+            u.extension,
+            app.accounts.state(u),
+            u.full_name,
+        ]
         for u in found
     ]
     _table(rows, ["ID", "USERNAME", "ROLE", "PROFILE", "EXTENSION", "STATE", "FULL NAME"])
@@ -433,7 +441,9 @@ def user_apikey(app: App, username: str, action: str) -> None:
 
 
 @user.command("export")
-@click.option("--csv", "csv_path", required=True, type=click.Path(dir_okay=False), help="'-' for stdout.")
+@click.option(
+    "--csv", "csv_path", required=True, type=click.Path(dir_okay=False), help="'-' for stdout."
+)
 @click.argument("usernames", nargs=-1)
 @pass_app
 def user_export(app: App, csv_path: str, usernames: tuple[str, ...]) -> None:
@@ -458,7 +468,9 @@ def _open_out(path: str) -> Iterator[TextIO]:
 
 
 @user.command("import")
-@click.option("--csv", "csv_path", required=True, type=click.Path(dir_okay=False), help="'-' for stdin.")
+@click.option(
+    "--csv", "csv_path", required=True, type=click.Path(dir_okay=False), help="'-' for stdin."
+)
 @click.option("--dry-run", is_flag=True, help="Check every row, change nothing.")
 @pass_app
 def user_import(app: App, csv_path: str, dry_run: bool) -> None:

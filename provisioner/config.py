@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -93,7 +94,7 @@ class TargetSettings(_Section):
     webrtc_max_contacts: int = Field(default=5, ge=1, le=100)
     qualify_frequency: int = Field(default=60, ge=0, le=86400)
     video_codecs: tuple[Literal["vp8", "vp9", "h264", "h263", "h263p"], ...] = ("vp8", "h264")
-    transports: dict[Literal["udp", "tcp", "tls", "ws", "wss"], str] = Field(
+    transports: dict[str, str] = Field(
         default_factory=lambda: {
             "udp": "transport-udp",
             "tcp": "transport-tcp",
@@ -111,9 +112,10 @@ class TargetSettings(_Section):
     @field_validator("transports")
     @classmethod
     def _transport_names(cls, value: dict[str, str]) -> dict[str, str]:
-        import re
-
+        value = {**cls.model_fields["transports"].get_default(call_default_factory=True), **value}
         for proto, name in value.items():
+            if proto not in ("udp", "tcp", "tls", "ws", "wss"):
+                raise ValueError(f"{proto!r} is not a transport (udp, tcp, tls, ws, wss)")
             if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
                 raise ValueError(
                     f"transport name for {proto} must be 1-64 letters, digits, '_', '.' or '-'"
@@ -223,7 +225,9 @@ def load_config(
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError([Problem("config", f"cannot read {str(file)!r}: {exc}")]) from None
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([Problem("config", f"{str(file)!r} is not valid TOML: {exc}")]) from None
+            raise ConfigError(
+                [Problem("config", f"{str(file)!r} is not valid TOML: {exc}")]
+            ) from None
     data = _merge(data, _env_overrides(env))
     data = _merge(data, overrides or {})
     try:

@@ -207,9 +207,7 @@ def import_users(
             for done, (line, cells) in enumerate(rows, 1):
                 key = cells.get("username", "").lower()
                 if key in seen:
-                    problems.append(
-                        Problem("username", f"repeats line {seen[key]}", line)
-                    )
+                    problems.append(Problem("username", f"repeats line {seen[key]}", line))
                     continue
                 seen[key] = line
                 try:
@@ -277,7 +275,9 @@ def _set_disabled(
     if row is not None and bool(row.disabled) == flag:
         return False
     if flag and user_id == FIRST_ADMIN_ID:
-        raise InvalidInput([Problem("disabled", "the first admin (id 1) can never be disabled", line)])
+        raise InvalidInput(
+            [Problem("disabled", "the first admin (id 1) can never be disabled", line)]
+        )
     q.update_user(conn, user_id, {"disabled": flag, "updated_at": now})
     return True
 

@@ -57,7 +57,7 @@ TOAST_POSITIONS = (
     "bottom-center",
 )
 AVATAR_MAX_BYTES = 8 * 1024 * 1024
-PASSWORD_SPECIALS = "~!@#$%^&-_=+[{]}"
+PASSWORD_SPECIALS = "~!@#$%^&-_=+[{]}"  # noqa: S105 (a character class, not a password)
 FIRST_ADMIN_ID = 1
 
 DEFAULT_CONTEXT = "from-sip"
@@ -165,8 +165,9 @@ def check_email(value: Any) -> tuple[Any, str | None]:
 
 def check_codecs(value: Any) -> tuple[Any, str | None]:
     """An ordered, non-empty list of distinct codecs; accepts ``"a,b"`` or a sequence."""
-    rule = "must be an ordered, non-empty, comma-separated list of distinct codecs from " + ", ".join(
-        CODECS
+    rule = (
+        "must be an ordered, non-empty, comma-separated list of distinct codecs from "
+        + ", ".join(CODECS)
     )
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not items:
@@ -279,15 +280,11 @@ _CHECKS: dict[str, Checker] = {
     "role": _choice(ROLES),
     "profile": _text(64, required=False),
     "full_name": _text(128, required=True, forbidden=_NAME_FORBIDDEN),
-    "username": _pattern(
-        _USERNAME, "must be 1-40 characters, only letters, digits, '.' and '_'"
-    ),
+    "username": _pattern(_USERNAME, "must be 1-40 characters, only letters, digits, '.' and '_'"),
     "email": check_email,
     "description": _text(1024, required=False),
     "extension": _pattern(_EXTENSION, "must be 1-20 digits"),
-    "sip_secret": _pattern(
-        _SIP_SECRET, "must be 8-128 printable ASCII characters without spaces"
-    ),
+    "sip_secret": _pattern(_SIP_SECRET, "must be 8-128 printable ASCII characters without spaces"),
     "password": check_password_basic,
     "transport": _choice(TRANSPORTS),
     "nat": _choice(NATS),

@@ -59,7 +59,7 @@ _USERNAME = re.compile(r"[A-Za-z0-9._]{1,40}")
 _CONTEXT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,39}")
 # Anything that could end a value, start a comment, an include, a section or
 # an escape in Asterisk's config syntax, or a header in an AMI action.
-_UNSAFE = set(";[]\\\"<>#")
+_UNSAFE = set(';[]\\"<>#')
 
 
 @dataclass(frozen=True)
@@ -154,16 +154,26 @@ def _checks(user: User, settings: RenderSettings) -> list[Problem]:
             problems.append(Problem(field, rule))
 
     need(bool(_ID.fullmatch(user.extension)), "extension", "must be 1-20 digits")
-    need(bool(_USERNAME.fullmatch(user.username)), "username", "must be 1-40 letters, digits, '.' or '_'")
+    need(
+        bool(_USERNAME.fullmatch(user.username)),
+        "username",
+        "must be 1-40 letters, digits, '.' or '_'",
+    )
     need(v.transport in TRANSPORTS, "transport", "must be one of " + ", ".join(TRANSPORTS))
     need(v.nat in NATS, "nat", "must be one of " + ", ".join(NATS))
     need(v.video in VIDEOS, "video", "must be one of " + ", ".join(VIDEOS))
     need(
-        bool(v.codecs) and all(c in CODECS for c in v.codecs) and len(set(v.codecs)) == len(v.codecs),
+        bool(v.codecs)
+        and all(c in CODECS for c in v.codecs)
+        and len(set(v.codecs)) == len(v.codecs),
         "codecs",
         "must be a non-empty list of distinct codecs from " + ", ".join(CODECS),
     )
-    need(bool(_CONTEXT.fullmatch(v.context)), "context", "must be an Asterisk context name of 1-40 characters")
+    need(
+        bool(_CONTEXT.fullmatch(v.context)),
+        "context",
+        "must be an Asterisk context name of 1-40 characters",
+    )
     for name in ("call_group", "pickup_group"):
         need(check_group(getattr(v, name))[1] is None, name, "must be numbers 0-63, such as 1,3-5")
     if not user.full_name.strip():
@@ -176,7 +186,11 @@ def _checks(user: User, settings: RenderSettings) -> list[Problem]:
         f"was hashed for realm {user.sip_realm!r} but the configured realm is "
         f"{settings.realm!r}; rotate the SIP secret",
     )
-    need(bool(_HEX["md5"].fullmatch(user.sip_md5)), "sip_secret", "has no valid MD5 digest; rotate it")
+    need(
+        bool(_HEX["md5"].fullmatch(user.sip_md5)),
+        "sip_secret",
+        "has no valid MD5 digest; rotate it",
+    )
     need(
         bool(_HEX["sha256"].fullmatch(user.sip_sha256)),
         "sip_secret",

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from .accounts import Accounts
 
 __all__ = ["seed"]
 
-_SAMPLES = [
-    {"username": "admin", "role": "admin", "full_name": "First Admin", "email": "admin@example.com"},
+_SAMPLES: list[dict[str, Any]] = [
+    {
+        "username": "admin",
+        "role": "admin",
+        "full_name": "First Admin",
+        "email": "admin@example.com",
+    },
     {
         "username": "alice",
         "full_name": "Alice Agent",

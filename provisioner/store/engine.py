@@ -33,9 +33,7 @@ def open_engine(url: str, *, busy_timeout: float = 10.0) -> Engine:
     path = _sqlite_file(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(
-            url, connect_args={"timeout": busy_timeout, "isolation_level": None}
-        )
+        engine = create_engine(url, connect_args={"timeout": busy_timeout, "isolation_level": None})
         _sqlite_events(engine, busy_timeout)
         return engine
     kwargs: dict[str, Any] = {"pool_pre_ping": True}

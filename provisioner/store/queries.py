@@ -44,11 +44,11 @@ def select_profiles(conn: Connection) -> list[Profile]:
 
 def insert_profile(conn: Connection, name: str, description: str, now: datetime) -> Profile:
     result = conn.execute(
-        insert(profiles).values(
-            name=name, description=description, created_at=now, updated_at=now
-        )
+        insert(profiles).values(name=name, description=description, created_at=now, updated_at=now)
     )
-    return Profile(result.inserted_primary_key[0], name, description)
+    pk = result.inserted_primary_key
+    assert pk is not None
+    return Profile(int(pk[0]), name, description)
 
 
 def fetch_user_row(conn: Connection, username: str) -> Row[Any]:
@@ -133,8 +133,9 @@ def load_users(
 
 
 def insert_user(conn: Connection, values: Mapping[str, Any]) -> int:
-    result = conn.execute(insert(users).values(**values))
-    return int(result.inserted_primary_key[0])
+    pk = conn.execute(insert(users).values(**values)).inserted_primary_key
+    assert pk is not None
+    return int(pk[0])
 
 
 def update_user(conn: Connection, user_id: int, values: Mapping[str, Any]) -> None:
@@ -190,4 +191,3 @@ class ExtensionAllocator:
         self._taken.add(n)
         self._next = n + 1
         return str(n)
-

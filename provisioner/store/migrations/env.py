@@ -1,4 +1,4 @@
-"""Alembic environment: always driven from :mod:`provisioner.store.migrate` with a live connection."""
+"""Alembic environment, driven by :mod:`provisioner.store.migrate` on a live connection."""
 
 from __future__ import annotations
 
