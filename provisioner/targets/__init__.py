@@ -1,0 +1,52 @@
+"""Writers that put rendered PJSIP objects where Asterisk reads them.
+
+Both targets take the full desired set (``Sequence[UserObjects]`` from
+:func:`provisioner.pjsip.render_all`) and change only what differs, atomically.
+``plan`` computes the change and a human-readable diff without writing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..pjsip import UserObjects
+
+__all__ = ["Change", "Target"]
+
+
+@dataclass(frozen=True)
+class Change:
+    """What an apply did (or a plan would do), counted per user (endpoint id).
+
+    ``updated`` holds endpoint ids any of whose three objects changed;
+    ``changed_objects`` names each changed object as ``(kind, id)`` with kind
+    ``endpoint``, ``auth`` or ``aor`` (what a cache expiry needs).
+    """
+
+    added: tuple[str, ...] = ()
+    updated: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    unchanged: int = 0
+    changed_objects: tuple[tuple[str, str], ...] = ()
+    #: A unified diff (config file) or a per-row diff (realtime); filled by ``plan``.
+    diff: str = field(default="", repr=False)
+    #: True when bytes or rows were actually written.
+    wrote: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.updated or self.removed)
+
+
+class Target(Protocol):
+    """A place PJSIP objects are written to."""
+
+    def plan(self, objects: Sequence[UserObjects]) -> Change:
+        """What :meth:`apply` would change, with a diff; writes nothing."""
+        ...
+
+    def apply(self, objects: Sequence[UserObjects]) -> Change:
+        """Make the target hold exactly ``objects`` (among what provisioner owns)."""
+        ...
