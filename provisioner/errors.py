@@ -15,6 +15,7 @@ __all__ = [
     "ConflictError",
     "ForbiddenError",
     "InvalidInput",
+    "MassRemovalRefused",
     "NotFoundError",
     "Problem",
     "ProvisionerError",
@@ -104,3 +105,19 @@ class StoreUnavailable(ProvisionerError):
     """The user store cannot be reached or used."""
 
     exit_code = 7
+
+
+class MassRemovalRefused(ProvisionerError):
+    """A sync would remove more than the configured fraction of the provisioned users."""
+
+    exit_code = 8
+
+    def __init__(self, removing: int, existing: int, max_fraction: float) -> None:
+        self.removing = removing
+        self.existing = existing
+        self.max_fraction = max_fraction
+        super().__init__(
+            f"refusing to remove {removing} of {existing} provisioned users "
+            f"(more than {max_fraction:.0%}); if the store really lost them on purpose, "
+            "run 'provisioner sync --once --allow-mass-removal'"
+        )

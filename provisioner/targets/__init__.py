@@ -7,7 +7,7 @@ Both targets take the full desired set (``Sequence[UserObjects]`` from
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -43,10 +43,21 @@ class Change:
 class Target(Protocol):
     """A place PJSIP objects are written to."""
 
-    def plan(self, objects: Sequence[UserObjects]) -> Change:
+    def plan(self, objects: Sequence[UserObjects], *, keep: Collection[str] = ()) -> Change:
         """What :meth:`apply` would change, with a diff; writes nothing."""
         ...
 
-    def apply(self, objects: Sequence[UserObjects]) -> Change:
-        """Make the target hold exactly ``objects`` (among what provisioner owns)."""
+    def apply(
+        self,
+        objects: Sequence[UserObjects],
+        *,
+        keep: Collection[str] = (),
+        guard: Callable[[Change], None] | None = None,
+    ) -> Change:
+        """Make the target hold exactly ``objects`` (among what provisioner owns).
+
+        ``keep`` names endpoint ids whose current objects stay as they are (users
+        that could not be rendered this time).  ``guard`` sees the computed
+        change before anything is written and may raise to abort it.
+        """
         ...
