@@ -142,6 +142,10 @@ class Config(_Section):
     source: str | None = Field(default=None, exclude=True)
 
 
+#: Fields of :class:`Config` that are not settings a file, env or flag may set.
+_NOT_SETTINGS = ("source",)
+
+
 def _resolve_path(path: str | Path | None, env: Mapping[str, str]) -> Path | None:
     if path:
         return Path(path)
@@ -230,8 +234,13 @@ def load_config(
             ) from None
     data = _merge(data, _env_overrides(env))
     data = _merge(data, overrides or {})
+    # ``source`` is a field for bookkeeping only: as input it is an unknown key.
+    problems = [Problem(key, "is not a known setting") for key in _NOT_SETTINGS if key in data]
+    data = {k: v for k, v in data.items() if k not in _NOT_SETTINGS}
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_problems(exc)) from None
+        raise ConfigError(problems + _problems(exc)) from None
+    if problems:
+        raise ConfigError(problems)
     return config.model_copy(update={"source": str(file) if file else None})

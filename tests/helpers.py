@@ -1,0 +1,83 @@
+"""Helpers for the user-store and CLI tests: running the CLI in-process, reading rows back."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from click.testing import CliRunner
+from sqlalchemy import Engine, select
+
+from provisioner.cli import main
+from provisioner.store.schema import users
+
+# Passwords that meet the security suite's policy (argon2 hashing is slow: reuse them).
+GOOD_PASSWORD = "Correct-Horse7"
+OTHER_PASSWORD = "Battery#Staple9"
+
+
+@dataclass
+class Result:
+    """What one in-process CLI run printed and returned."""
+
+    code: int
+    out: str
+    err: str
+
+
+@dataclass
+class Cli:
+    """The ``provisioner`` command line bound to one store, with every run's output kept."""
+
+    url: str
+    config: Path
+    env: dict[str, str | None] = field(default_factory=dict)
+    transcript: list[str] = field(default_factory=list)
+
+    def __call__(self, *args: str, input: str | None = None, verbose: bool = True) -> Result:
+        argv = ["--config", str(self.config), "--store-url", self.url]
+        if verbose:
+            argv.append("-v")
+        clean_env: dict[str, str | None] = {
+            k: None for k in os.environ if k.startswith("PROVISIONER_")
+        }
+        clean_env.update(self.env)
+        with CliRunner().isolation(input=input, env=clean_env) as (out, err, _mixed):
+            code = main([*argv, *args])
+            stdout = out.getvalue().decode()
+            stderr = err.getvalue().decode()
+        self.transcript += [stdout, stderr]
+        return Result(code, stdout, stderr)
+
+    def ok(self, *args: str, input: str | None = None) -> str:
+        """Run and require exit code 0; return stdout."""
+        result = self(*args, input=input)
+        assert result.code == 0, (args, result)
+        return result.out
+
+
+def make_cli(url: str, tmp_path: Path, config_text: str = "") -> Cli:
+    config = tmp_path / "provisioner.toml"
+    config.write_text(config_text, encoding="utf-8")
+    return Cli(url, config)
+
+
+def user_row(engine: Engine, username: str) -> Any:
+    """The user's raw row as the database holds it (hashes included)."""
+    with engine.connect() as conn:
+        return conn.execute(select(users).where(users.c.username_key == username.lower())).one()
+
+
+def secret_after(text: str, marker: str = "(shown once): ") -> str:
+    """The secret printed after ``marker`` on its line."""
+    for line in text.splitlines():
+        if marker in line:
+            return line.split(marker, 1)[1].strip()
+    raise AssertionError(f"no {marker!r} in {text!r}")
+
+
+def problem_fields(exc: Any) -> Sequence[tuple[str, int | None]]:
+    return [(p.field, p.line) for p in exc.problems]

@@ -1,0 +1,161 @@
+"""Config loading: defaults < one TOML file < environment < flags, every problem at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from provisioner import config as config_module
+from provisioner.config import Config, load_config
+from provisioner.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def _no_system_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # The machine's /etc/provisioner/provisioner.toml must not leak into these tests.
+    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
+
+
+def _write(tmp_path: Path, text: str, name: str = "p.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_without_any_file() -> None:
+    """With no file, no environment and no flags the embedded defaults apply."""
+    cfg = load_config(env={})
+    assert cfg == Config()
+    assert cfg.source is None
+    assert cfg.store.url == "sqlite:///var/provisioner.db"
+    assert cfg.security.password_policy is True
+    assert cfg.security.max_failed_logins == 5
+    assert (cfg.extensions.first, cfg.extensions.last) == (1000, 9999)
+
+
+def test_file_then_env_then_flags_win_in_order(tmp_path: Path) -> None:
+    """A key set in the file is beaten by the environment, which is beaten by a flag."""
+    path = _write(
+        tmp_path,
+        '[store]\nurl = "sqlite:///file.db"\n'
+        "[extensions]\nfirst = 500\nlast = 599\n"
+        "[security]\nmax_failed_logins = 7\n",
+    )
+    env = {"PROVISIONER_STORE__URL": "sqlite:///env.db", "PROVISIONER_EXTENSIONS__FIRST": "520"}
+    cfg = load_config(path, env=env, overrides={"extensions": {"first": "530"}})
+    assert cfg.store.url == "sqlite:///env.db"  # env beats file
+    assert cfg.extensions.first == 530  # flag beats env and file
+    assert cfg.extensions.last == 599  # file beats default
+    assert cfg.security.max_failed_logins == 7
+    assert cfg.source == str(path)
+
+
+def test_config_path_from_environment(tmp_path: Path) -> None:
+    """Without --config the file named by PROVISIONER_CONFIG is read."""
+    path = _write(tmp_path, "[sip]\nrealm = 'pbx.example.com'\n")
+    cfg = load_config(env={"PROVISIONER_CONFIG": str(path)})
+    assert cfg.sip.realm == "pbx.example.com"
+    assert cfg.source == str(path)
+
+
+def test_explicit_path_beats_environment_path(tmp_path: Path) -> None:
+    """--config wins over PROVISIONER_CONFIG."""
+    a = _write(tmp_path, "[sip]\nrealm = 'a'\n", "a.toml")
+    b = _write(tmp_path, "[sip]\nrealm = 'b'\n", "b.toml")
+    assert load_config(a, env={"PROVISIONER_CONFIG": str(b)}).sip.realm == "a"
+
+
+def test_default_system_path_is_used_when_present(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With neither --config nor PROVISIONER_CONFIG the system file is read when it exists."""
+    system = _write(tmp_path, "[log]\nlevel = 'debug'\n", "system.toml")
+    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATH", system)
+    cfg = load_config(env={})
+    assert cfg.log.level == "debug"
+    assert cfg.source == str(system)
+
+
+def test_env_values_are_typed_and_json_tables_decoded() -> None:
+    """Env strings become booleans, numbers and tables as each key needs."""
+    env = {
+        "PROVISIONER_SECURITY__PASSWORD_POLICY": "false",
+        "PROVISIONER_SECURITY__LOCK_MINUTES": "0",
+        "PROVISIONER_TARGET__TRANSPORTS": '{"udp": "my-udp"}',
+    }
+    cfg = load_config(env=env)
+    assert cfg.security.password_policy is False
+    assert cfg.security.lock_minutes == 0
+    assert cfg.target.transports["udp"] == "my-udp"
+    assert cfg.target.transports["tls"] == "transport-tls"
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    """Unknown keys, wrong types and broken rules from file, env and flags come in one error."""
+    path = _write(
+        tmp_path,
+        "colour = 'blue'\n"
+        "[store]\nurl = 'not a url'\nbusy_timeout = -1\n"
+        "[security]\nmax_failed_logins = 'many'\n"
+        "[extensions]\nfirst = -5\n",
+    )
+    env = {"PROVISIONER_SIP__REALM": "bad realm!", "PROVISIONER_STORE__POOL": "3"}
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env=env, overrides={"log": {"level": "loud"}})
+    found = {p.field: p.rule for p in info.value.problems}
+    assert set(found) == {
+        "colour",
+        "store.url",
+        "store.busy_timeout",
+        "store.pool",
+        "security.max_failed_logins",
+        "extensions.first",
+        "sip.realm",
+        "log.level",
+    }
+    assert found["colour"] == "is not a known setting"
+    assert found["store.pool"] == "is not a known setting"
+    assert "SQLAlchemy database URL" in found["store.url"]
+    assert "greater than 0" in found["store.busy_timeout"]
+    assert "integer" in found["security.max_failed_logins"]
+    assert "'debug', 'info', 'warning' or 'error'" in found["log.level"]
+    assert info.value.exit_code == 2
+
+
+def test_extension_range_must_be_ordered() -> None:
+    """extensions.last below extensions.first is reported with both keys named."""
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={"extensions": {"first": 200, "last": 100}})
+    (problem,) = info.value.problems
+    assert problem.field == "extensions"
+    assert "extensions.last must be at least extensions.first" in problem.rule
+
+
+def test_missing_file_is_reported(tmp_path: Path) -> None:
+    """A named config file that does not exist is a clear config error."""
+    with pytest.raises(ConfigError, match=r"config: file .* does not exist"):
+        load_config(tmp_path / "nope.toml", env={})
+
+
+def test_invalid_toml_is_reported(tmp_path: Path) -> None:
+    """A file that is not TOML is a clear config error naming the file."""
+    path = _write(tmp_path, "[store\nurl=")
+    with pytest.raises(ConfigError, match=r"is not valid TOML"):
+        load_config(path, env={})
+
+
+def test_source_is_not_a_settable_key(tmp_path: Path) -> None:
+    """``source`` is bookkeeping, not a TOML key: setting it is reported as unknown."""
+    path = _write(tmp_path, "source = '/elsewhere'\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert [(p.field, p.rule) for p in info.value.problems] == [
+        ("source", "is not a known setting")
+    ]
+
+
+def test_bad_transport_name_is_reported() -> None:
+    """A target transport table naming an unknown protocol is refused with the rule."""
+    with pytest.raises(ConfigError, match=r"'sctp' is not a transport"):
+        load_config(env={}, overrides={"target": {"transports": {"sctp": "t"}}})
