@@ -34,6 +34,9 @@ class Change:
     diff: str = field(default="", repr=False)
     #: True when bytes or rows were actually written.
     wrote: bool = False
+    #: Endpoint ids left alone because an object of theirs belongs to someone else
+    #: (a realtime row provisioner did not create); reported, never overwritten.
+    conflicts: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:

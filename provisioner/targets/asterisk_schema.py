@@ -103,8 +103,9 @@ ENUM_LABELS: dict[str, tuple[str, ...]] = {
 def _enum(name: str) -> Enum:
     """A fresh column type for Asterisk enum ``name`` (native where the database has enums)."""
     # validate_strings stays off: a bad value must fail in the database, inside the
-    # transaction, exactly as it would for any other writer.
-    return Enum(*ENUM_LABELS[name], name=name, create_constraint=True, metadata=metadata)
+    # transaction, exactly as it would for any other writer.  The type is not bound to
+    # the metadata, so a PostgreSQL type is created only with a table that needs it.
+    return Enum(*ENUM_LABELS[name], name=name, create_constraint=True)
 
 
 def _id_constraints(table: str) -> tuple[UniqueConstraint, Index]:
