@@ -14,6 +14,7 @@ Portability notes:
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     CheckConstraint,
     Column,
@@ -24,12 +25,22 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    func,
 )
 from sqlalchemy.dialects import mysql
 
 from ..model import LOG_LEVELS, NATS, ROLES, TOAST_POSITIONS, TRANSPORTS, VIDEOS
 
-__all__ = ["metadata", "profiles", "user_attributes", "users"]
+__all__ = [
+    "changes",
+    "daemon_state",
+    "metadata",
+    "profiles",
+    "registration_summary",
+    "registrations",
+    "user_attributes",
+    "users",
+]
 
 metadata = MetaData(
     naming_convention={
@@ -125,4 +136,61 @@ user_attributes = Table(
     ),
     Column("key", String(64), primary_key=True),
     Column("value", String(255), nullable=False, default=""),
+)
+
+
+# -- the change feed: filled by triggers (store/changefeed.py), read by the daemon --
+
+changes = Table(
+    "changes",
+    metadata,
+    # BigInteger on servers; SQLite needs INTEGER PRIMARY KEY for its rowid alias.
+    Column(
+        "id",
+        BigInteger().with_variant(Integer(), "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    Column("entity", String(16), nullable=False),  # "user" or "profile"
+    Column("entity_id", Integer, nullable=False),
+    Column("op", String(1), nullable=False),  # I, U or D
+    Column("changed_at", DateTime, nullable=False, server_default=func.current_timestamp()),
+)
+
+#: Small durable key/value state of the daemon (the change cursor).
+daemon_state = Table(
+    "daemon_state",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", String(255), nullable=False),
+)
+
+# -- registration state, read back from Asterisk over AMI ------------------------
+
+registrations = Table(
+    "registrations",
+    metadata,
+    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("server", String(64), primary_key=True),
+    # AMI's ObjectName "<aor>;@<hash>": unique per contact, and what DBDel needs.
+    Column("contact_id", String(255), primary_key=True),
+    Column("uri", String(512), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("user_agent", String(255), nullable=False, default=""),
+    Column("source", String(128), nullable=False, default=""),
+    Column("rtt_usec", BigInteger, nullable=True),
+    Column("expires_at", Timestamp, nullable=True),
+    Column("changed_at", Timestamp, nullable=False),
+)
+
+registration_summary = Table(
+    "registration_summary",
+    metadata,
+    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("server", String(64), primary_key=True),
+    Column("state", String(16), nullable=False),  # online, offline, unreachable
+    Column("device_state", String(32), nullable=False, default=""),
+    # Why Asterisk does not hold the endpoint as rendered (empty when it does).
+    Column("problem", String(255), nullable=False, default=""),
+    Column("changed_at", Timestamp, nullable=False),
 )

@@ -1,6 +1,21 @@
 -- provisioner user store schema for mysql.
 -- Generated from provisioner/store/schema.py by `provisioner db ddl`; do not edit.
 
+CREATE TABLE changes (
+	id BIGINT NOT NULL AUTO_INCREMENT, 
+	entity VARCHAR(16) NOT NULL, 
+	entity_id INTEGER NOT NULL, 
+	op VARCHAR(1) NOT NULL, 
+	changed_at DATETIME NOT NULL DEFAULT CURRENT_TIMESTAMP, 
+	CONSTRAINT pk_changes PRIMARY KEY (id)
+);
+
+CREATE TABLE daemon_state (
+	`key` VARCHAR(64) NOT NULL, 
+	value VARCHAR(255) NOT NULL, 
+	CONSTRAINT pk_daemon_state PRIMARY KEY (`key`)
+);
+
 CREATE TABLE profiles (
 	id INTEGER NOT NULL AUTO_INCREMENT, 
 	name VARCHAR(64) NOT NULL, 
@@ -60,6 +75,32 @@ CREATE TABLE users (
 	CONSTRAINT uq_users_apikey_hash UNIQUE (apikey_hash)
 );
 
+CREATE TABLE registration_summary (
+	user_id INTEGER NOT NULL, 
+	server VARCHAR(64) NOT NULL, 
+	state VARCHAR(16) NOT NULL, 
+	device_state VARCHAR(32) NOT NULL, 
+	problem VARCHAR(255) NOT NULL, 
+	changed_at DATETIME(6) NOT NULL, 
+	CONSTRAINT pk_registration_summary PRIMARY KEY (user_id, server), 
+	CONSTRAINT fk_registration_summary_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE CASCADE
+);
+
+CREATE TABLE registrations (
+	user_id INTEGER NOT NULL, 
+	server VARCHAR(64) NOT NULL, 
+	contact_id VARCHAR(255) NOT NULL, 
+	uri VARCHAR(512) NOT NULL, 
+	status VARCHAR(32) NOT NULL, 
+	user_agent VARCHAR(255) NOT NULL, 
+	source VARCHAR(128) NOT NULL, 
+	rtt_usec BIGINT, 
+	expires_at DATETIME(6), 
+	changed_at DATETIME(6) NOT NULL, 
+	CONSTRAINT pk_registrations PRIMARY KEY (user_id, server, contact_id), 
+	CONSTRAINT fk_registrations_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE CASCADE
+);
+
 CREATE TABLE user_attributes (
 	user_id INTEGER NOT NULL, 
 	`key` VARCHAR(64) NOT NULL, 
@@ -68,9 +109,29 @@ CREATE TABLE user_attributes (
 	CONSTRAINT fk_user_attributes_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE CASCADE
 );
 
+-- The change feed: every change to a user reaches the daemon.
+
+CREATE TRIGGER trg_users_insert AFTER INSERT ON users FOR EACH ROW INSERT INTO changes (entity, entity_id, op) VALUES ('user', NEW.id, 'I');
+
+CREATE TRIGGER trg_users_update AFTER UPDATE ON users FOR EACH ROW INSERT INTO changes (entity, entity_id, op) VALUES ('user', NEW.id, 'U');
+
+CREATE TRIGGER trg_users_delete AFTER DELETE ON users FOR EACH ROW INSERT INTO changes (entity, entity_id, op) VALUES ('user', OLD.id, 'D');
+
+CREATE TRIGGER trg_user_attributes_insert AFTER INSERT ON user_attributes FOR EACH ROW INSERT INTO changes (entity, entity_id, op) VALUES ('user', NEW.user_id, 'I');
+
+CREATE TRIGGER trg_user_attributes_update AFTER UPDATE ON user_attributes FOR EACH ROW INSERT INTO changes (entity, entity_id, op) VALUES ('user', NEW.user_id, 'U');
+
+CREATE TRIGGER trg_user_attributes_delete AFTER DELETE ON user_attributes FOR EACH ROW INSERT INTO changes (entity, entity_id, op) VALUES ('user', OLD.user_id, 'D');
+
+CREATE TRIGGER trg_profiles_insert AFTER INSERT ON profiles FOR EACH ROW INSERT INTO changes (entity, entity_id, op) VALUES ('profile', NEW.id, 'I');
+
+CREATE TRIGGER trg_profiles_update AFTER UPDATE ON profiles FOR EACH ROW INSERT INTO changes (entity, entity_id, op) VALUES ('profile', NEW.id, 'U');
+
+CREATE TRIGGER trg_profiles_delete AFTER DELETE ON profiles FOR EACH ROW INSERT INTO changes (entity, entity_id, op) VALUES ('profile', OLD.id, 'D');
+
 CREATE TABLE alembic_version (
 	version_num VARCHAR(32) NOT NULL, 
 	PRIMARY KEY (version_num)
 );
 
-INSERT INTO alembic_version (version_num) VALUES ('0001');
+INSERT INTO alembic_version (version_num) VALUES ('0002');

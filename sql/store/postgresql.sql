@@ -1,6 +1,21 @@
 -- provisioner user store schema for postgresql.
 -- Generated from provisioner/store/schema.py by `provisioner db ddl`; do not edit.
 
+CREATE TABLE changes (
+	id BIGSERIAL NOT NULL, 
+	entity VARCHAR(16) NOT NULL, 
+	entity_id INTEGER NOT NULL, 
+	op VARCHAR(1) NOT NULL, 
+	changed_at TIMESTAMP WITHOUT TIME ZONE DEFAULT CURRENT_TIMESTAMP NOT NULL, 
+	CONSTRAINT pk_changes PRIMARY KEY (id)
+);
+
+CREATE TABLE daemon_state (
+	key VARCHAR(64) NOT NULL, 
+	value VARCHAR(255) NOT NULL, 
+	CONSTRAINT pk_daemon_state PRIMARY KEY (key)
+);
+
 CREATE TABLE profiles (
 	id SERIAL NOT NULL, 
 	name VARCHAR(64) NOT NULL, 
@@ -60,6 +75,32 @@ CREATE TABLE users (
 	CONSTRAINT uq_users_apikey_hash UNIQUE (apikey_hash)
 );
 
+CREATE TABLE registration_summary (
+	user_id INTEGER NOT NULL, 
+	server VARCHAR(64) NOT NULL, 
+	state VARCHAR(16) NOT NULL, 
+	device_state VARCHAR(32) NOT NULL, 
+	problem VARCHAR(255) NOT NULL, 
+	changed_at TIMESTAMP WITHOUT TIME ZONE NOT NULL, 
+	CONSTRAINT pk_registration_summary PRIMARY KEY (user_id, server), 
+	CONSTRAINT fk_registration_summary_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE CASCADE
+);
+
+CREATE TABLE registrations (
+	user_id INTEGER NOT NULL, 
+	server VARCHAR(64) NOT NULL, 
+	contact_id VARCHAR(255) NOT NULL, 
+	uri VARCHAR(512) NOT NULL, 
+	status VARCHAR(32) NOT NULL, 
+	user_agent VARCHAR(255) NOT NULL, 
+	source VARCHAR(128) NOT NULL, 
+	rtt_usec BIGINT, 
+	expires_at TIMESTAMP WITHOUT TIME ZONE, 
+	changed_at TIMESTAMP WITHOUT TIME ZONE NOT NULL, 
+	CONSTRAINT pk_registrations PRIMARY KEY (user_id, server, contact_id), 
+	CONSTRAINT fk_registrations_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE CASCADE
+);
+
 CREATE TABLE user_attributes (
 	user_id INTEGER NOT NULL, 
 	key VARCHAR(64) NOT NULL, 
@@ -68,9 +109,36 @@ CREATE TABLE user_attributes (
 	CONSTRAINT fk_user_attributes_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE CASCADE
 );
 
+-- The change feed: every change to a user reaches the daemon.
+
+CREATE OR REPLACE FUNCTION provisioner_note_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    eid integer;
+    opc char(1);
+BEGIN
+    opc := CASE TG_OP WHEN 'INSERT' THEN 'I' WHEN 'UPDATE' THEN 'U' ELSE 'D' END;
+    -- The id column's name is a trigger argument; jsonb reads it from any table's row.
+    IF TG_OP = 'DELETE' THEN
+        eid := (to_jsonb(OLD) ->> TG_ARGV[1])::integer;
+    ELSE
+        eid := (to_jsonb(NEW) ->> TG_ARGV[1])::integer;
+    END IF;
+    INSERT INTO changes (entity, entity_id, op) VALUES (TG_ARGV[0], eid, opc);
+    PERFORM pg_notify('provisioner_changes', TG_ARGV[0] || ':' || eid);
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER trg_users_change AFTER INSERT OR UPDATE OR DELETE ON users FOR EACH ROW EXECUTE FUNCTION provisioner_note_change('user', 'id');
+
+CREATE TRIGGER trg_user_attributes_change AFTER INSERT OR UPDATE OR DELETE ON user_attributes FOR EACH ROW EXECUTE FUNCTION provisioner_note_change('user', 'user_id');
+
+CREATE TRIGGER trg_profiles_change AFTER INSERT OR UPDATE OR DELETE ON profiles FOR EACH ROW EXECUTE FUNCTION provisioner_note_change('profile', 'id');
+
 CREATE TABLE alembic_version (
 	version_num VARCHAR(32) NOT NULL, 
 	PRIMARY KEY (version_num)
 );
 
-INSERT INTO alembic_version (version_num) VALUES ('0001');
+INSERT INTO alembic_version (version_num) VALUES ('0002');

@@ -1,0 +1,205 @@
+"""The change feed: database triggers note every change to a user, and the daemon follows.
+
+Every insert, update and delete of a user, of its attributes or of a profile
+appends a row to ``changes``, whoever made it: the CLI, another application or
+a DBA in a SQL shell.  On PostgreSQL the trigger also sends
+``NOTIFY provisioner_changes`` so the daemon wakes at once.
+
+The daemon keeps a durable cursor (``daemon_state``).  Ids come from a
+sequence, and on PostgreSQL and MariaDB a transaction that took a lower id can
+commit after one that took a higher id; :class:`CursorTracker` therefore only
+moves the cursor over an id gap once the gap has stayed open for a grace
+period (a rolled-back transaction leaves a gap forever).  Re-reading a change
+after a restart is harmless: applying an unchanged user writes nothing.
+
+The trigger DDL below is constant text (no input is ever formatted into it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy import Connection, delete, select
+from sqlalchemy.dialects import mysql, postgresql
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+
+from .schema import changes, daemon_state
+
+__all__ = [
+    "NOTIFY_CHANNEL",
+    "ChangeRow",
+    "CursorTracker",
+    "load_cursor",
+    "read_changes",
+    "save_cursor",
+    "trigger_ddl",
+]
+
+NOTIFY_CHANNEL = "provisioner_changes"
+CURSOR_KEY = "change_cursor"
+
+# (table, entity, id column) for every table whose rows render into PJSIP objects.
+_WATCHED = (
+    ("users", "user", "id"),
+    ("user_attributes", "user", "user_id"),
+    ("profiles", "profile", "id"),
+)
+_OPS = (("INSERT", "I"), ("UPDATE", "U"), ("DELETE", "D"))
+
+
+def _sqlite_triggers() -> list[str]:
+    out = []
+    for table, entity, col in _WATCHED:
+        for event, op in _OPS:
+            row = "OLD" if event == "DELETE" else "NEW"
+            out.append(
+                f"CREATE TRIGGER trg_{table}_{event.lower()} AFTER {event} ON {table} "
+                "FOR EACH ROW BEGIN INSERT INTO changes (entity, entity_id, op) "
+                f"VALUES ('{entity}', {row}.{col}, '{op}'); END"
+            )
+    return out
+
+
+def _mysql_triggers() -> list[str]:
+    # One statement per trigger body: no DELIMITER games needed.
+    out = []
+    for table, entity, col in _WATCHED:
+        for event, op in _OPS:
+            row = "OLD" if event == "DELETE" else "NEW"
+            out.append(
+                f"CREATE TRIGGER trg_{table}_{event.lower()} AFTER {event} ON {table} "
+                f"FOR EACH ROW INSERT INTO changes (entity, entity_id, op) "
+                f"VALUES ('{entity}', {row}.{col}, '{op}')"
+            )
+    return out
+
+
+_PG_FUNCTION = f"""CREATE OR REPLACE FUNCTION provisioner_note_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    eid integer;
+    opc char(1);
+BEGIN
+    opc := CASE TG_OP WHEN 'INSERT' THEN 'I' WHEN 'UPDATE' THEN 'U' ELSE 'D' END;
+    -- The id column's name is a trigger argument; jsonb reads it from any table's row.
+    IF TG_OP = 'DELETE' THEN
+        eid := (to_jsonb(OLD) ->> TG_ARGV[1])::integer;
+    ELSE
+        eid := (to_jsonb(NEW) ->> TG_ARGV[1])::integer;
+    END IF;
+    INSERT INTO changes (entity, entity_id, op) VALUES (TG_ARGV[0], eid, opc);
+    PERFORM pg_notify('{NOTIFY_CHANNEL}', TG_ARGV[0] || ':' || eid);
+    RETURN NULL;
+END
+$$"""
+
+
+def _pg_triggers() -> list[str]:
+    out = [_PG_FUNCTION]
+    for table, entity, col in _WATCHED:
+        out.append(
+            f"CREATE TRIGGER trg_{table}_change AFTER INSERT OR UPDATE OR DELETE ON {table} "
+            f"FOR EACH ROW EXECUTE FUNCTION provisioner_note_change('{entity}', '{col}')"
+        )
+    return out
+
+
+def trigger_ddl(dialect: str) -> list[str]:
+    """The statements that install the change triggers on ``dialect``."""
+    if dialect == sqlite_dialect.dialect.name:
+        return _sqlite_triggers()
+    if dialect == postgresql.dialect.name:
+        return _pg_triggers()
+    if dialect in (mysql.dialect.name, "mariadb"):
+        return _mysql_triggers()
+    raise ValueError(f"no change triggers for {dialect}")
+
+
+def drop_trigger_ddl(dialect: str) -> list[str]:
+    """The statements that remove what :func:`trigger_ddl` installs."""
+    if dialect == postgresql.dialect.name:
+        out = [f"DROP TRIGGER IF EXISTS trg_{t}_change ON {t}" for t, _, _ in _WATCHED]
+        return [*out, "DROP FUNCTION IF EXISTS provisioner_note_change()"]
+    return [
+        f"DROP TRIGGER IF EXISTS trg_{t}_{event.lower()}"
+        for t, _, _ in _WATCHED
+        for event, _ in _OPS
+    ]
+
+
+@dataclass(frozen=True)
+class ChangeRow:
+    id: int
+    entity: str
+    entity_id: int
+    op: str
+
+
+def read_changes(conn: Connection, after: int, limit: int = 10_000) -> list[ChangeRow]:
+    """Changes with an id above ``after``, oldest first."""
+    rows = conn.execute(
+        select(changes.c.id, changes.c.entity, changes.c.entity_id, changes.c.op)
+        .where(changes.c.id > after)
+        .order_by(changes.c.id)
+        .limit(limit)
+    )
+    return [ChangeRow(r.id, r.entity, r.entity_id, r.op) for r in rows]
+
+
+def load_cursor(conn: Connection) -> int:
+    """The durable cursor: every change up to it has been applied (0 at first start)."""
+    value = conn.execute(
+        select(daemon_state.c.value).where(daemon_state.c.key == CURSOR_KEY)
+    ).scalar_one_or_none()
+    return int(value) if value is not None else 0
+
+
+def save_cursor(conn: Connection, cursor: int) -> None:
+    """Persist the cursor (delete + insert: portable upsert inside the caller's transaction)."""
+    conn.execute(delete(daemon_state).where(daemon_state.c.key == CURSOR_KEY))
+    conn.execute(daemon_state.insert().values(key=CURSOR_KEY, value=str(cursor)))
+
+
+def prune_changes(conn: Connection, upto: int) -> int:
+    """Delete changes at or below ``upto`` (already applied); return how many."""
+    return conn.execute(delete(changes).where(changes.c.id <= upto)).rowcount or 0
+
+
+@dataclass
+class CursorTracker:
+    """Which change ids have been applied, and how far the durable cursor may move.
+
+    ``cursor``: every id at or below it is applied or abandoned.  Ids above it
+    that were applied wait in ``seen``; a gap below a seen id is skipped once it
+    has been open for ``grace`` seconds (its transaction rolled back, or is so
+    late that the periodic full reconcile will catch it).
+    """
+
+    cursor: int
+    grace: float = 30.0
+    seen: set[int] = field(default_factory=set)
+    blocked_since: float | None = None
+
+    def fresh(self, rows: Sequence[ChangeRow]) -> list[ChangeRow]:
+        """The rows not applied yet."""
+        return [r for r in rows if r.id > self.cursor and r.id not in self.seen]
+
+    def mark(self, ids: Sequence[int], now: float) -> int:
+        """Record ``ids`` as applied; return the new cursor."""
+        self.seen.update(i for i in ids if i > self.cursor)
+        while self.seen:
+            nxt = self.cursor + 1
+            if nxt in self.seen:
+                self.seen.discard(nxt)
+                self.cursor = nxt
+                self.blocked_since = None
+                continue
+            if self.blocked_since is None:
+                self.blocked_since = now
+            if now - self.blocked_since < self.grace:
+                break
+            # The gap stayed open for the whole grace period: abandon it.
+            self.cursor = min(self.seen) - 1
+            self.blocked_since = None
+        return self.cursor
