@@ -17,13 +17,28 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from .errors import ConfigError, Problem
 
-__all__ = ["DEFAULT_CONFIG_PATH", "ENV_PREFIX", "Config", "load_config"]
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "ENV_PREFIX",
+    "AmiSettings",
+    "AsteriskServer",
+    "Config",
+    "load_config",
+]
 
 DEFAULT_CONFIG_PATH = Path("/etc/provisioner/provisioner.toml")
 ENV_PREFIX = "PROVISIONER_"
@@ -129,6 +144,87 @@ class LogSettings(_Section):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+#: AMI header values must not carry control characters (they would inject headers).
+_AMI_VALUE = r"^[^\x00-\x1f\x7f]{1,200}$"
+
+
+class AsteriskServer(_Section):
+    """One Asterisk reached over AMI (TOML ``[[asterisk]]``).
+
+    Exactly one of ``secret`` and ``secret_file`` is given; the file is read once,
+    here, at start-up (one line, trailing newline dropped) and the secret is only
+    ever held as a :class:`~pydantic.SecretStr`, so no repr or log shows it.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    host: str = Field(pattern=r"^[A-Za-z0-9_.:\[\]-]{1,253}$")
+    port: int = Field(default=5038, ge=1, le=65535)
+    username: str = Field(pattern=_AMI_VALUE)
+    secret: SecretStr | None = None
+    secret_file: Path | None = None
+    #: Seconds allowed to connect, read the banner and log in.
+    timeout: float = Field(default=5.0, gt=0, le=300)
+    #: Event classes asked for at login; Asterisk grants at most the user's ``read``.
+    events: str = Field(default="system,call,security", pattern=r"^[a-z,]{1,200}$")
+    #: Names (``name=`` in sorcery.conf) of the sorcery memory caches in front of
+    #: the realtime tables; a changed object is expired from each.  Empty: no cache.
+    sorcery_caches: tuple[str, ...] = ()
+
+    @field_validator("sorcery_caches")
+    @classmethod
+    def _cache_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+                raise ValueError(f"cache name {name!r} must be 1-64 letters, digits, '_.-'")
+        return value
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> AsteriskServer:
+        if (self.secret is None) == (self.secret_file is None):
+            raise ValueError("give exactly one of secret and secret_file")
+        if self.secret_file is not None:
+            try:
+                text = self.secret_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                # The error names the file, never its content.
+                raise ValueError(
+                    f"cannot read secret_file {str(self.secret_file)!r}: {type(exc).__name__}"
+                ) from None
+            object.__setattr__(self, "secret", SecretStr(text.rstrip("\r\n")))
+        assert self.secret is not None
+        if not re.fullmatch(_AMI_VALUE, self.secret.get_secret_value()):
+            raise ValueError("the secret must be 1-200 characters without control characters")
+        return self
+
+
+class AmiSettings(_Section):
+    """Timing and size knobs of the AMI layer (TOML ``[ami]``), all in seconds or bytes."""
+
+    #: Reconnect delay: ``min(backoff_cap, backoff_base * 2**attempt)``, with jitter.
+    backoff_base: float = Field(default=0.5, gt=0)
+    backoff_cap: float = Field(default=30.0, gt=0)
+    #: Delay after ``Authentication failed``: much longer, a wrong secret stays wrong.
+    login_failure_backoff: float = Field(default=120.0, gt=0)
+    #: A ``Ping`` every so often; no answer within ``ping_timeout`` drops the connection.
+    ping_interval: float = Field(default=10.0, gt=0)
+    ping_timeout: float = Field(default=5.0, gt=0)
+    #: Default time an action may take before its caller gets an error.
+    action_timeout: float = Field(default=10.0, gt=0)
+    #: A res_pjsip reload took 95 s with 50,000 endpoints in the lab.
+    reload_timeout: float = Field(default=600.0, gt=0)
+    #: ``A reload is in progress``: retried this many times, ``reload_retry_delay`` doubling.
+    reload_retries: int = Field(default=5, ge=0, le=100)
+    reload_retry_delay: float = Field(default=2.0, gt=0)
+    #: Gap between two reloads: ``max(reload_min_gap, reload_gap_factor * last reload's time)``.
+    reload_min_gap: float = Field(default=5.0, ge=0)
+    reload_gap_factor: float = Field(default=2.0, ge=0)
+    #: A peer line or message larger than this drops the connection.
+    max_line_bytes: int = Field(default=65536, ge=1024)
+    max_message_bytes: int = Field(default=1 << 20, ge=1024)
+    #: Events of one list action (``PJSIPShowContacts``) kept at most.
+    max_list_events: int = Field(default=1_000_000, ge=1)
+
+
 class Config(_Section):
     """The whole configuration, validated at once."""
 
@@ -138,8 +234,19 @@ class Config(_Section):
     sip: SipSettings = SipSettings()
     target: TargetSettings = TargetSettings()
     log: LogSettings = LogSettings()
+    ami: AmiSettings = AmiSettings()
+    #: TOML ``[[asterisk]]``: every Asterisk to keep in step.
+    asterisk: tuple[AsteriskServer, ...] = ()
     #: The file the settings came from, if any (not a TOML key).
     source: str | None = Field(default=None, exclude=True)
+
+    @field_validator("asterisk")
+    @classmethod
+    def _unique_servers(cls, value: tuple[AsteriskServer, ...]) -> tuple[AsteriskServer, ...]:
+        names = [server.name for server in value]
+        if len(set(names)) != len(names):
+            raise ValueError("every [[asterisk]] needs its own name")
+        return value
 
 
 #: Fields of :class:`Config` that are not settings a file, env or flag may set.
