@@ -1,0 +1,67 @@
+"""systemd's notify protocol (``Type=notify``, ``WatchdogSec``) without a dependency.
+
+``NOTIFY_SOCKET`` names a datagram socket (a path, or ``@name`` in the abstract
+namespace); each message is ``KEY=VALUE`` lines.  Outside systemd every call is
+a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+
+__all__ = ["Notifier", "watchdog_interval"]
+
+
+class Notifier:
+    """Sends READY / WATCHDOG / STOPPING / STATUS to systemd when it listens."""
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        env = os.environ if env is None else env
+        address = env.get("NOTIFY_SOCKET", "")
+        self._address = "\0" + address[1:] if address.startswith("@") else address
+        self._sock: socket.socket | None = None
+        if self._address:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    @property
+    def enabled(self) -> bool:
+        return self._sock is not None
+
+    def send(self, **fields: str | int) -> None:
+        """Send one message; a lost message is not an error (systemd may be restarting)."""
+        if self._sock is None:
+            return
+        payload = "\n".join(f"{k.upper()}={v}" for k, v in fields.items()).encode()
+        try:
+            self._sock.sendto(payload, self._address)
+        except OSError:
+            pass  # systemd will notice a missed watchdog; nothing to do here
+
+    def ready(self, status: str = "") -> None:
+        self.send(ready=1, **({"status": status} if status else {}))
+
+    def watchdog(self) -> None:
+        self.send(watchdog=1)
+
+    def stopping(self) -> None:
+        self.send(stopping=1)
+
+    def status(self, text: str) -> None:
+        self.send(status=text)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def watchdog_interval(env: Mapping[str, str] | None = None) -> float | None:
+    """Half of ``WATCHDOG_USEC`` in seconds when the watchdog is on for this process, else None."""
+    env = os.environ if env is None else env
+    usec = env.get("WATCHDOG_USEC")
+    pid = env.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2_000_000
