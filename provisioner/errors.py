@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "AsteriskSyntaxError",
     "AuthenticationError",
     "ConfigError",
     "ConflictError",
@@ -19,7 +20,9 @@ __all__ = [
     "NotFoundError",
     "Problem",
     "ProvisionerError",
+    "RenderCheckFailed",
     "StoreUnavailable",
+    "TargetWriteFailed",
 ]
 
 
@@ -121,3 +124,31 @@ class MassRemovalRefused(ProvisionerError):
             f"(more than {max_fraction:.0%}); if the store really lost them on purpose, "
             "run 'provisioner sync --once --allow-mass-removal'"
         )
+
+
+class AsteriskSyntaxError(ProvisionerError):
+    """Text that Asterisk would refuse to load as a whole (its config parser gives up).
+
+    ``line`` is the 1-based line number; ``rule`` says what is wrong without quoting
+    any option value (values may be secrets).
+    """
+
+    def __init__(self, line: int, rule: str) -> None:
+        self.line = line
+        self.rule = rule
+        super().__init__(f"line {line}: {rule}")
+
+
+class RenderCheckFailed(ProvisionerError):
+    """The rendered config file does not parse back to exactly the intended objects.
+
+    Nothing was written.  The message names sections and options, never values.
+    """
+
+    exit_code = 8
+
+
+class TargetWriteFailed(ProvisionerError):
+    """The target could not be read or written (permissions, disk full, ...)."""
+
+    exit_code = 9
