@@ -225,6 +225,29 @@ class AmiSettings(_Section):
     max_list_events: int = Field(default=1_000_000, ge=1)
 
 
+class DaemonSettings(_Section):
+    """The long-running service (TOML ``[daemon]``); times in seconds."""
+
+    #: A burst of edits is applied once no new one came for ``quiet`` seconds,
+    #: or ``max_wait`` after its first edit at the latest.
+    quiet: float = Field(default=0.05, ge=0, le=10)
+    max_wait: float = Field(default=0.5, gt=0, le=60)
+    #: A full reconcile every so often heals any drift (0: never).
+    reconcile_interval: float = Field(default=300.0, ge=0)
+    #: MariaDB/MySQL have no notifications: the change table is polled this often.
+    poll_interval: float = Field(default=1.0, gt=0, le=60)
+    #: How long a hole in the change ids may stay open before it counts as rolled back.
+    cursor_grace: float = Field(default=30.0, gt=0)
+    #: SIGTERM: time to finish the apply in progress before tasks are cancelled.
+    shutdown_timeout: float = Field(default=10.0, gt=0, le=600)
+    #: A sync removing more than this fraction of the provisioned users is refused.
+    max_removal_fraction: float = Field(default=0.5, gt=0, le=1)
+    #: Where the health record is written (``provisioner check`` reads it).
+    state_dir: str = "var"
+    #: Prometheus metrics on 127.0.0.1:<port>; 0 disables them.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+
+
 class Config(_Section):
     """The whole configuration, validated at once."""
 
@@ -235,6 +258,7 @@ class Config(_Section):
     target: TargetSettings = TargetSettings()
     log: LogSettings = LogSettings()
     ami: AmiSettings = AmiSettings()
+    daemon: DaemonSettings = DaemonSettings()
     #: TOML ``[[asterisk]]``: every Asterisk to keep in step.
     asterisk: tuple[AsteriskServer, ...] = ()
     #: The file the settings came from, if any (not a TOML key).

@@ -1,0 +1,147 @@
+"""Keeps the target equal to the store: full reconciles and single-user increments.
+
+Synchronous (database and file I/O); the daemon runs it in a worker thread so
+the event loop keeps reading AMI promptly.  It remembers the rendered objects
+of every user, so an edit of one user re-renders one user: the realtime target
+then writes only that user's rows, and the config-file target re-assembles the
+file from memory (and writes it only if its bytes change).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine
+
+from .errors import InvalidInput
+from .logs import get_logger
+from .pjsip import RenderSettings, Skipped, UserObjects, is_provisioned, render_user
+from .store import queries as q
+from .sync import check_removals
+from .targets import Change, Target
+
+__all__ = ["Applied", "Applier"]
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Applied:
+    """One apply: what changed, who was skipped, how long it took."""
+
+    change: Change
+    skipped: tuple[Skipped, ...] = ()
+    took_ms: float = 0.0
+    full: bool = False
+
+
+@dataclass
+class Applier:
+    """Renders users and applies them to ``target``; holds the last rendered set in memory."""
+
+    engine: Engine
+    target: Target
+    settings: RenderSettings
+    max_removal_fraction: float = 0.5
+    #: user id -> the objects last applied for that user.
+    objects: dict[int, UserObjects] = field(default_factory=dict)
+    #: user id -> endpoint id kept as it was because the user could not be rendered.
+    kept: dict[int, str] = field(default_factory=dict)
+
+    def full(self, *, allow_mass_removal: bool = False) -> Applied:
+        """Render every live user and make the target hold exactly that."""
+        started = time.perf_counter()
+        with self.engine.connect() as conn:
+            users = q.load_users(conn, deleted=False)
+        objects: dict[int, UserObjects] = {}
+        kept: dict[int, str] = {}
+        skipped: list[Skipped] = []
+        for user in users:
+            if not is_provisioned(user):
+                continue
+            try:
+                objects[user.id] = render_user(user, self.settings)
+            except InvalidInput as exc:
+                skipped.append(Skipped(user.username, exc.problems))
+                if user.extension.isdigit():
+                    kept[user.id] = user.extension
+        change = self._apply_all(objects, kept, allow_mass_removal=allow_mass_removal)
+        self.objects, self.kept = objects, kept
+        return self._done(change, skipped, started, full=True)
+
+    def users_changed(self, user_ids: Iterable[int]) -> Applied:
+        """Re-render the given users (live, disabled, deleted or purged); apply the difference."""
+        started = time.perf_counter()
+        ids = sorted(set(user_ids))
+        with self.engine.connect() as conn:
+            found = {u.id: u for u in q.load_users(conn, ids=ids, deleted=None)}
+        objects = dict(self.objects)
+        kept = dict(self.kept)
+        skipped: list[Skipped] = []
+        for uid in ids:
+            user = found.get(uid)
+            objects.pop(uid, None)
+            kept.pop(uid, None)
+            if user is None or not is_provisioned(user):
+                continue  # purged, deleted or disabled: its objects go
+            try:
+                objects[uid] = render_user(user, self.settings)
+            except InvalidInput as exc:
+                skipped.append(Skipped(user.username, exc.problems))
+                previous = self.objects.get(uid)
+                if previous is not None:  # the last good objects stay
+                    objects[uid] = previous
+                elif uid in self.kept:
+                    kept[uid] = self.kept[uid]
+        change = self._apply_some(ids, objects, kept)
+        self.objects, self.kept = objects, kept
+        return self._done(change, skipped, started, full=False)
+
+    def _apply_all(
+        self, objects: dict[int, UserObjects], kept: dict[int, str], *, allow_mass_removal: bool
+    ) -> Change:
+        def guard(change: Change) -> None:
+            if not allow_mass_removal:
+                existing = change.unchanged + len(change.updated) + len(change.removed)
+                check_removals(change, existing, self.max_removal_fraction)
+
+        return self.target.apply(_ordered(objects.values()), keep=kept.values(), guard=guard)
+
+    def _apply_some(
+        self, ids: Collection[int], objects: dict[int, UserObjects], kept: dict[int, str]
+    ) -> Change:
+        partial = getattr(self.target, "apply_partial", None)
+        if partial is None:
+            # A config file is one whole: rewrite it from memory (only if bytes change).
+            return self.target.apply(_ordered(objects.values()), keep=kept.values())
+        upserts = [objects[i] for i in ids if i in objects]
+        gone = {self.objects[i].endpoint_id for i in ids if i in self.objects}
+        gone -= {o.endpoint_id for o in upserts}
+        gone -= set(kept.values())
+        change: Change = partial(upserts, sorted(gone))
+        return change
+
+    @staticmethod
+    def _done(change: Change, skipped: list[Skipped], started: float, *, full: bool) -> Applied:
+        took = (time.perf_counter() - started) * 1000
+        for s in skipped:
+            log.warning("sync.skipped", username=s.username, problems=[str(p) for p in s.problems])
+        log.info(
+            "sync.applied",
+            full=full,
+            added=len(change.added),
+            updated=len(change.updated),
+            removed=len(change.removed),
+            unchanged=change.unchanged,
+            skipped=len(skipped),
+            wrote=change.wrote,
+            took_ms=round(took, 1),
+        )
+        return Applied(change, tuple(skipped), took, full)
+
+
+def _ordered(objects: Iterable[UserObjects]) -> list[UserObjects]:
+    """Stable output order: by extension, numerically."""
+    return sorted(objects, key=lambda o: (len(o.endpoint_id), o.endpoint_id))

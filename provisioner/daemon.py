@@ -1,0 +1,368 @@
+"""The long-running service: ``startup()``, ``main_loop()``, ``shutdown()``.
+
+- startup: open the store, one full reconcile, start the wake-up sources and
+  the Asterisk connections, tell systemd READY;
+- main loop: wait for a wake-up (or the periodic reconcile), let a burst settle
+  (quiescence window), apply the changes the change feed lists, tell Asterisk;
+- shutdown: stop the sources, let the apply in progress finish within
+  ``shutdown_timeout``, then cancel what is left.
+
+Signal handlers only set flags (SIGTERM/SIGINT: exit; SIGHUP: reload the
+configuration and templates).  Database and file work runs in a worker thread
+so the event loop keeps reading AMI promptly (Asterisk drops slow readers).
+A store outage is logged and retried; it never stops the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+
+from .applier import Applied, Applier
+from .config import Config, load_config
+from .errors import ProvisionerError, StoreUnavailable
+from .health import Health, write_health
+from .logs import get_logger
+from .pjsip import RenderSettings
+from .sdnotify import Notifier, watchdog_interval
+from .store.changefeed import CursorTracker, load_cursor, read_changes, save_cursor
+from .store.engine import open_engine
+from .targets import Change, Target
+from .watch import coalesce, poll_wakeups, postgres_wakeups, sqlite_wakeups, template_wakeups
+
+__all__ = ["Daemon", "Pbx", "build_target"]
+
+log = get_logger(__name__)
+
+WakeSource = Callable[[asyncio.Event, asyncio.Event], Awaitable[None]]
+
+
+class Pbx(Protocol):
+    """What the daemon needs from the Asterisk side (see :mod:`provisioner.ami`)."""
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Keep the connections up until ``stop`` is set."""
+        ...
+
+    def applied(self, change: Change, *, target_kind: str) -> None:
+        """Schedule what ``change`` needs (reload, cache expiry, contact removal); never blocks."""
+        ...
+
+
+def build_target(config: Config, store_engine: Engine) -> Target:
+    """The configured target (the one place targets are built from config)."""
+    if config.target.kind == "realtime":
+        from .targets.realtime import RealtimeTarget
+
+        engine = (
+            open_engine(config.target.url, busy_timeout=config.store.busy_timeout)
+            if config.target.url
+            else store_engine
+        )
+        target = RealtimeTarget(engine)
+        target.create_tables()
+        return target
+    from .targets.configfile import ConfigFileTarget
+
+    return ConfigFileTarget.from_config(config)
+
+
+def template_dirs(config: Config) -> list[Path]:
+    shipped = Path(__file__).resolve().parents[1] / "templates" / "pjsip"
+    dirs = [shipped]
+    if config.target.templates:
+        dirs.insert(0, Path(config.target.templates))
+    return dirs
+
+
+def wake_sources(config: Config) -> list[WakeSource]:
+    """How this store announces changes, plus a slow poll as a safety net."""
+    url = make_url(config.store.url)
+    backend = url.get_backend_name()
+    poll = config.daemon.poll_interval
+    sources: list[WakeSource] = []
+    if backend == "sqlite" and url.database and url.database != ":memory:":
+        path = Path(url.database)
+        sources.append(lambda wake, stop: sqlite_wakeups(path, wake, stop))
+        poll = max(poll, 5.0)
+    elif backend == "postgresql":
+        sources.append(lambda wake, stop: postgres_wakeups(config.store.url, wake, stop))
+        poll = max(poll, 5.0)
+    sources.append(lambda wake, stop: poll_wakeups(poll, wake, stop))
+    return sources
+
+
+@dataclass
+class Daemon:
+    """The service; built by :meth:`from_config`, run by :meth:`serve`."""
+
+    config: Config
+    engine: Engine
+    applier: Applier
+    wake_sources: list[WakeSource]
+    pbx: Pbx | None = None
+    notifier: Notifier = field(default_factory=Notifier)
+    config_path: str | None = None
+
+    should_exit: bool = False
+    reload_requested: bool = False
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    templates_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    health: Health = field(default_factory=Health)
+    tracker: CursorTracker = field(default_factory=lambda: CursorTracker(cursor=0))
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _next_reconcile: float = 0.0
+    _last_exc: BaseException | None = None
+
+    @classmethod
+    def from_config(cls, config: Config, *, config_path: str | None = None) -> Daemon:
+        engine = open_engine(config.store.url, busy_timeout=config.store.busy_timeout)
+        applier = Applier(
+            engine,
+            build_target(config, engine),
+            RenderSettings.from_config(config),
+            max_removal_fraction=config.daemon.max_removal_fraction,
+        )
+        pbx = None
+        if config.asterisk:
+            from .ami.pbx import AmiPbx
+
+            pbx = AmiPbx.from_config(config, engine)
+        return cls(
+            config,
+            engine,
+            applier,
+            wake_sources(config),
+            pbx=pbx,
+            config_path=config_path,
+        )
+
+    # -- signals: flags only -----------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.handle_exit)
+        loop.add_signal_handler(signal.SIGINT, self.handle_exit)
+        loop.add_signal_handler(signal.SIGHUP, self.handle_reload)
+
+    def handle_exit(self) -> None:
+        self.should_exit = True
+        self.stop.set()
+        self.wake.set()
+
+    def handle_reload(self) -> None:
+        self.reload_requested = True
+        self.wake.set()
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def serve(self, *, burst: bool = False) -> Applied | None:
+        """Run until a signal (or, with ``burst``, apply pending changes once and return)."""
+        self.install_signal_handlers()
+        try:
+            first = await self.startup(burst=burst)
+            if not burst:
+                await self.main_loop()
+            return first
+        finally:
+            await self.shutdown()
+
+    async def startup(self, *, burst: bool = False) -> Applied | None:
+        """Open the store, reconcile everything once, start sources and AMI; READY."""
+        self.health = Health()
+        first = await self._reconcile_until_done()
+        if burst:
+            return first
+        for source in self.wake_sources:
+            self._spawn(source(self.wake, self.stop))
+        self._spawn(template_wakeups(template_dirs(self.config), self.templates_changed, self.stop))
+        if self.pbx is not None:
+            self._spawn(self.pbx.run(self.stop))
+            if first is not None:
+                self.pbx.applied(first.change, target_kind=self.config.target.kind)
+        if (interval := watchdog_interval()) is not None:
+            self._spawn(self._watchdog(interval))
+        self.health.ready = True
+        self._write_health()
+        self.notifier.ready(status="provisioning")
+        log.info("daemon.ready", target=self.config.target.kind)
+        return first
+
+    async def main_loop(self) -> None:
+        interval = self.config.daemon.reconcile_interval
+        self._next_reconcile = time.monotonic() + interval if interval else float("inf")
+        while not self.should_exit:
+            await self._wait_for_work()
+            if self.should_exit:
+                break
+            await coalesce(
+                self.wake, quiet=self.config.daemon.quiet, max_wait=self.config.daemon.max_wait
+            )
+            if self.reload_requested:
+                self.reload_requested = False
+                await self._reload_config()
+            if self.templates_changed.is_set() or time.monotonic() >= self._next_reconcile:
+                self.templates_changed.clear()
+                self._next_reconcile = time.monotonic() + interval if interval else float("inf")
+                await self._run(self._full)
+            else:
+                await self._run(self._incremental)
+
+    async def shutdown(self) -> None:
+        """Stop sources and AMI, wait up to ``shutdown_timeout``, then cancel the rest."""
+        self.notifier.stopping()
+        self.stop.set()
+        if self._tasks:
+            done, pending = await asyncio.wait(
+                self._tasks, timeout=self.config.daemon.shutdown_timeout
+            )
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            for task in done:
+                if not task.cancelled() and (exc := task.exception()) is not None:
+                    log.error("daemon.task_failed", error=repr(exc))
+        self._tasks.clear()
+        self.engine.dispose()
+        log.info("daemon.stopped")
+
+    # -- work -------------------------------------------------------------------------
+
+    async def _wait_for_work(self) -> None:
+        timeout = max(0.0, self._next_reconcile - time.monotonic())
+        wake = asyncio.ensure_future(self.wake.wait())
+        tmpl = asyncio.ensure_future(self.templates_changed.wait())
+        try:
+            await asyncio.wait(
+                {wake, tmpl}, timeout=min(timeout, 3600.0), return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            wake.cancel()
+            tmpl.cancel()
+
+    async def _reconcile_until_done(self) -> Applied | None:
+        """The first full reconcile, retried with backoff while the store is down."""
+        delay = 0.5
+        while not self.should_exit:
+            result = await self._run(self._full)
+            if self.health.last_sync_ok:
+                return result
+            if not isinstance(self._last_exc, _RETRYABLE):
+                # e.g. a refused mass removal or a broken template: no retry will help;
+                # keep running (health says why) and wait for an edit, a SIGHUP or an operator.
+                return None
+            await _sleep_or(self.stop, delay)
+            delay = min(delay * 2, 30.0)
+        return None
+
+    async def _run(self, work: Callable[[], Applied | None]) -> Applied | None:
+        """Run one apply in a worker thread; record the outcome, tell Asterisk."""
+        try:
+            result = await asyncio.to_thread(work)
+        except (DBAPIError, ProvisionerError, OSError) as exc:
+            self._last_exc = exc
+            self.health.last_sync_ok = False
+            self.health.last_error = _describe(exc)
+            self.health.last_sync_at = time.time()
+            log.error("sync.failed", error=self.health.last_error)
+            self._write_health()
+            return None
+        self._last_exc = None
+        self.health.last_sync_ok = True
+        self.health.last_error = ""
+        self.health.last_sync_at = time.time()
+        self.health.cursor = self.tracker.cursor
+        if result is not None:
+            self.health.provisioned = len(self.applier.objects)
+            self.health.skipped = len(result.skipped)
+            if self.pbx is not None and self.health.ready and not result.change.empty:
+                self.pbx.applied(result.change, target_kind=self.config.target.kind)
+        self._write_health()
+        return result
+
+    def _full(self) -> Applied:
+        with self.engine.connect() as conn:
+            cursor = load_cursor(conn)
+            pending = read_changes(conn, cursor, limit=1_000_000)
+        if cursor > self.tracker.cursor:
+            self.tracker = CursorTracker(cursor=cursor, grace=self.config.daemon.cursor_grace)
+        result = self.applier.full()
+        self._advance([r.id for r in self.tracker.fresh(pending)])
+        return result
+
+    def _incremental(self) -> Applied | None:
+        with self.engine.connect() as conn:
+            rows = self.tracker.fresh(read_changes(conn, self.tracker.cursor))
+        if not rows:
+            self._advance([])
+            return None
+        if any(r.entity != "user" for r in rows):
+            result = self.applier.full()  # a profile changed: rare, re-render everyone
+        else:
+            result = self.applier.users_changed({r.entity_id for r in rows})
+        self._advance([r.id for r in rows])
+        return result
+
+    def _advance(self, ids: list[int]) -> None:
+        before = self.tracker.cursor
+        after = self.tracker.mark(ids, time.monotonic())
+        if after != before:
+            with self.engine.begin() as conn:
+                save_cursor(conn, after)
+
+    async def _reload_config(self) -> None:
+        """SIGHUP: re-read the configuration; a bad one is logged and the old one kept."""
+        try:
+            config = load_config(self.config_path)
+        except ProvisionerError as exc:
+            log.error("config.reload_failed", error=_describe(exc))
+            return
+        self.config = config
+        self.applier.settings = RenderSettings.from_config(config)
+        self.applier.max_removal_fraction = config.daemon.max_removal_fraction
+        self.templates_changed.set()
+        log.info("config.reloaded", source=config.source)
+
+    async def _watchdog(self, interval: float) -> None:
+        # Fed from the event loop itself: a blocked loop starves the watchdog.
+        while not self.stop.is_set():
+            self.notifier.watchdog()
+            await _sleep_or(self.stop, interval)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        self._tasks.append(asyncio.ensure_future(coro))
+
+    def _write_health(self) -> None:
+        try:
+            write_health(Path(self.config.daemon.state_dir), self.health)
+        except OSError as exc:
+            log.warning("health.write_failed", error=str(exc))
+
+
+#: Failures of the first reconcile worth retrying: the store or the disk may come back.
+_RETRYABLE = (DBAPIError, StoreUnavailable, OSError)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ProvisionerError):
+        return exc.message
+    if isinstance(exc, DBAPIError):
+        first_line = (str(exc.orig).splitlines() or [""])[0]
+        return f"store unavailable: {type(exc.orig).__name__}: {first_line}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def _sleep_or(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)

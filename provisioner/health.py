@@ -1,0 +1,70 @@
+"""The daemon's health record: a small JSON file that ``provisioner check`` turns into an exit code.
+
+Written atomically (temp file, ``os.replace``) after each apply and each AMI
+state change, so a reader never sees half a record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Health", "read_health", "write_health"]
+
+FILE_NAME = "health.json"
+
+
+@dataclass
+class Health:
+    """What the daemon last did, and how its connections are."""
+
+    pid: int = field(default_factory=os.getpid)
+    started_at: float = field(default_factory=time.time)
+    updated_at: float = 0.0
+    ready: bool = False
+    last_sync_at: float | None = None
+    last_sync_ok: bool | None = None
+    last_error: str = ""
+    provisioned: int = 0
+    skipped: int = 0
+    cursor: int = 0
+    #: server name -> {"connected": bool, "last_error": str, "reconnects": int}
+    asterisk: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def problems(self, now: float, max_age: float) -> list[str]:
+        """Why this record is unhealthy (empty when healthy)."""
+        out = []
+        if not self.ready:
+            out.append("not ready (the first reconcile has not finished)")
+        if self.last_sync_ok is False:
+            out.append(f"last sync failed: {self.last_error}")
+        if now - self.updated_at > max_age:
+            out.append(f"record is {now - self.updated_at:.0f} s old (daemon stuck or stopped?)")
+        return out
+
+
+def write_health(state_dir: Path, health: Health) -> None:
+    health.updated_at = time.time()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".health.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(asdict(health), fh)
+        os.replace(tmp, state_dir / FILE_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_health(state_dir: Path) -> Health | None:
+    """The last record, or None when the daemon never wrote one."""
+    try:
+        data = json.loads((state_dir / FILE_NAME).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    return Health(**data)
