@@ -1,0 +1,348 @@
+"""The config-file target: every user's endpoint, auth and AOR in one ``pjsip_users.conf``.
+
+The file is rendered from Jinja2 templates (``templates/pjsip/``, each piece
+overridable from the ``target.templates`` directory), parsed back with
+:mod:`provisioner.asterisk_conf` and written only if it holds exactly the
+intended sections and options and no directive.  The write is atomic (temporary
+file, fsync, ``os.replace``, fsync of the directory) and keeps the previous
+file as ``<name>.bak``.  Unchanged bytes are not written at all, so the file's
+mtime only moves when Asterisk has something new to reload.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import jinja2
+
+from ..asterisk_conf import Parsed, Section, parse
+from ..errors import (
+    AsteriskSyntaxError,
+    ConfigError,
+    Problem,
+    RenderCheckFailed,
+    TargetWriteFailed,
+)
+from ..pjsip import Options, UserObjects
+from . import Change
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+__all__ = ["FILE_MODE", "MAIN_TEMPLATE", "SHIPPED_TEMPLATES", "ConfigFileTarget", "check_rendered"]
+
+#: The shipped templates, at the top of the source tree.
+SHIPPED_TEMPLATES = Path(__file__).resolve().parents[2] / "templates" / "pjsip"
+MAIN_TEMPLATE = "pjsip_users.conf.j2"
+#: Asterisk (group) reads the file; digests make it unfit for everyone to read.
+FILE_MODE = 0o640
+#: Auth options whose values are credentials: never shown in diffs or messages.
+SECRET_OPTIONS = frozenset({"md5_cred", "password_digest", "password"})
+
+#: One intended section: (name, type, options after ``type``).
+_Intended = tuple[str, str, Options]
+
+
+def _intended(objects: Sequence[UserObjects]) -> list[_Intended]:
+    return [section for user in objects for section in user.sections()]
+
+
+def _describe(index: int, section: _Intended | Section) -> str:
+    """A section's position and name for a message (never an option value)."""
+    name = section[0] if isinstance(section, tuple) else section.name
+    return f"section {index + 1} [{name}]"
+
+
+def _section_problem(index: int, want: _Intended, got: Section) -> str | None:
+    name, kind, options = want
+    if got.name != name:
+        return f"{_describe(index, want)} came out as [{got.name}]"
+    if got.template or got.inherits:
+        return f"{_describe(index, want)} came out as a template or with inheritance"
+    expected = (("type", kind), *options)
+    if got.options == expected:
+        return None
+    got_names = [n for n, _ in got.options]
+    want_names = [n for n, _ in expected]
+    if got_names != want_names:
+        return (
+            f"{_describe(index, want)} has options {', '.join(got_names)} "
+            f"instead of {', '.join(want_names)}"
+        )
+    wrong = [n for (n, v), (_, w) in zip(got.options, expected, strict=True) if v != w]
+    # Only names: the values of an auth section are credentials.
+    return f"{_describe(index, want)} has wrong values for {', '.join(wrong)}"
+
+
+def _parse_problems(parsed: Parsed, intended: list[_Intended]) -> list[str]:
+    problems = [f"line {d.line} holds a #{d.name} directive" for d in parsed.directives]
+    problems += [f"line {n.line}: {n.message}" for n in parsed.notices]
+    got = parsed.sections
+    for index, (want, section) in enumerate(zip(intended, got, strict=False)):
+        if (problem := _section_problem(index, want, section)) is not None:
+            problems.append(problem)
+    if len(got) != len(intended):
+        problems.append(f"{len(got)} sections came out instead of {len(intended)}")
+    return problems
+
+
+def check_rendered(data: bytes, objects: Sequence[UserObjects]) -> None:
+    """Raise :class:`RenderCheckFailed` unless ``data``, read as Asterisk reads it, holds
+    exactly the sections of ``objects`` (names, types, options and values, in order) and
+    no directive, template, inheritance or ignored line."""
+    try:
+        parsed = parse(data)
+    except AsteriskSyntaxError as exc:
+        raise RenderCheckFailed(f"the rendered file would not load: {exc.message}") from None
+    problems = _parse_problems(parsed, _intended(objects))
+    if problems:
+        raise RenderCheckFailed(
+            "the rendered file does not hold exactly the intended objects: " + "; ".join(problems)
+        )
+
+
+@dataclass(frozen=True)
+class _Current:
+    """The file as it is now: its bytes (None when absent) and the objects it holds."""
+
+    data: bytes | None
+    objects: dict[tuple[str, str], Options]
+    endpoints: tuple[str, ...]
+
+    @classmethod
+    def read(cls, path: Path) -> _Current:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return cls(None, {}, ())
+        except OSError as exc:
+            raise TargetWriteFailed(f"cannot read {str(path)!r}: {exc.strerror}") from None
+        return cls.of(data)
+
+    @classmethod
+    def of(cls, data: bytes) -> _Current:
+        try:
+            sections = parse(data).visible()
+        except AsteriskSyntaxError:
+            # A broken file is simply replaced; everything in the new one counts as added.
+            sections = ()
+        objects: dict[tuple[str, str], Options] = {}
+        endpoints: list[str] = []
+        for section in sections:
+            options = section.options
+            if not options or options[0][0] != "type":
+                continue
+            kind = options[0][1]
+            objects[(kind, section.name)] = options[1:]
+            if kind == "endpoint":
+                endpoints.append(section.name)
+        return cls(data, objects, tuple(dict.fromkeys(endpoints)))
+
+
+def _compare(current: _Current, objects: Sequence[UserObjects]) -> Change:
+    added: list[str] = []
+    updated: list[str] = []
+    changed: list[tuple[str, str]] = []
+    unchanged = 0
+    for user in objects:
+        kinds = [(kind, name, options) for name, kind, options in user.sections()]
+        differing = [(k, n) for k, n, o in kinds if current.objects.get((k, n)) != o]
+        if ("endpoint", user.endpoint_id) not in current.objects:
+            added.append(user.endpoint_id)
+        elif differing:
+            updated.append(user.endpoint_id)
+        else:
+            unchanged += 1
+        changed += differing
+    wanted = {user.endpoint_id for user in objects}
+    wanted_objects = {(k, n) for user in objects for n, k, _ in user.sections()}
+    removed = [e for e in current.endpoints if e not in wanted]
+    changed += [key for key in current.objects if key not in wanted_objects]
+    return Change(
+        added=tuple(added),
+        updated=tuple(updated),
+        removed=tuple(removed),
+        unchanged=unchanged,
+        changed_objects=tuple(dict.fromkeys(changed)),
+    )
+
+
+_SECTION_LINE = re.compile(r"\s*\[([^\]]*)\]")
+_OPTION_LINE = re.compile(r"(\s*([A-Za-z0-9_]+)\s*=>?\s*)(.*)")
+
+
+def _lines(text: str) -> list[str]:
+    """Lines split at LF only, as Asterisk splits them (not at CR, VT, U+2028, ...)."""
+    parts = text.split("\n")
+    return [part + "\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+
+
+def _redacted(lines: list[str], others: dict[tuple[str, str], str]) -> list[str]:
+    """``lines`` with credential values replaced; ``<changed>`` marks one that differs from
+    the same option of the same section in ``others``."""
+    out: list[str] = []
+    section = ""
+    for line in lines:
+        if m := _SECTION_LINE.match(line):
+            section = m.group(1)
+        m = _OPTION_LINE.match(line.rstrip("\n"))
+        if m and m.group(2) in SECRET_OPTIONS:
+            value = m.group(3)
+            mark = "" if others.get((section, m.group(2))) == value else " <changed>"
+            line = f"{m.group(1)}<redacted>{mark}" + ("\n" if line.endswith("\n") else "")
+        out.append(line)
+    return out
+
+
+def _secrets(lines: list[str]) -> dict[tuple[str, str], str]:
+    found: dict[tuple[str, str], str] = {}
+    section = ""
+    for line in lines:
+        if m := _SECTION_LINE.match(line):
+            section = m.group(1)
+        m = _OPTION_LINE.match(line.rstrip("\n"))
+        if m and m.group(2) in SECRET_OPTIONS:
+            found[(section, m.group(2))] = m.group(3)
+    return found
+
+
+def _diff(path: Path, old: bytes | None, new: str) -> str:
+    """A unified diff of the file, with credentials redacted."""
+    old_lines = _lines(old.decode("utf-8", "replace")) if old is not None else []
+    new_lines = _lines(new)
+    old_shown = _redacted(old_lines, {})
+    new_shown = _redacted(new_lines, _secrets(old_lines))
+    # An unchanged secret is shown the same on both sides, so it drops out of the diff.
+    old_shown = [line.replace(" <changed>", "") for line in old_shown]
+    return "".join(
+        difflib.unified_diff(
+            old_shown,
+            new_shown,
+            fromfile=str(path) if old is not None else "/dev/null",
+            tofile=str(path),
+        )
+    )
+
+
+@contextlib.contextmanager
+def _temporary(directory: Path, name: str) -> Iterator[Path]:
+    """A new empty file in ``directory``; removed on exit unless it was renamed away."""
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(temp)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with path.open("wb") as handle:
+        os.fchmod(handle.fileno(), FILE_MODE)
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _keep_backup(path: Path, backup: Path) -> None:
+    """Make ``backup`` the current ``path`` (a hard link, else a copy), replacing it atomically."""
+    with _temporary(path.parent, backup.name) as temp:
+        temp.unlink()
+        try:
+            os.link(path, temp)
+        except OSError:
+            # No hard links here (some network or FUSE file systems): copy instead.
+            shutil.copy2(path, temp)
+        os.replace(temp, backup)
+
+
+def _replace_file(path: Path, data: bytes, *, backup: bool) -> None:
+    """Atomically make ``path`` hold ``data``, keeping the old file as ``<name>.bak``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _temporary(path.parent, path.name) as temp:
+        _write_synced(temp, data)
+        if backup:
+            _keep_backup(path, path.with_name(path.name + ".bak"))
+        os.replace(temp, path)
+    _fsync_directory(path.parent)
+
+
+class ConfigFileTarget:
+    """Writes all users' PJSIP objects to one config file (see the module docstring)."""
+
+    def __init__(self, path: Path, templates_dir: Path | None = None) -> None:
+        self.path = Path(path)
+        self.templates_dir = templates_dir
+        if templates_dir is not None and not templates_dir.is_dir():
+            raise ConfigError(
+                [Problem("target.templates", f"{str(templates_dir)!r} is not a directory")]
+            )
+        searched = [str(templates_dir)] if templates_dir is not None else []
+        self._env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader([*searched, str(SHIPPED_TEMPLATES)]),
+            undefined=jinja2.StrictUndefined,
+            # A config file, not HTML: escaping would corrupt it; check_rendered guards it.
+            autoescape=False,  # noqa: S701
+            keep_trailing_newline=True,
+        )
+
+    @classmethod
+    def from_config(cls, config: Config) -> ConfigFileTarget:
+        """The target configured by ``target.path`` and ``target.templates`` (empty: none)."""
+        templates = config.target.templates
+        return cls(Path(config.target.path), Path(templates) if templates else None)
+
+    def render_text(self, objects: Sequence[UserObjects]) -> str:
+        """The file's text for ``objects``, in their order; pure (templates aside)."""
+        try:
+            template = self._env.get_template(MAIN_TEMPLATE)
+            return template.render(users=list(objects))
+        except jinja2.TemplateSyntaxError as exc:
+            where = f"{exc.name or exc.filename or '?'} line {exc.lineno}"
+            raise RenderCheckFailed(f"template {where}: {exc.message}") from None
+        except jinja2.TemplateNotFound as exc:
+            raise RenderCheckFailed(f"template {exc.name!r} not found") from None
+        except jinja2.TemplateError as exc:
+            # Not the message: it could quote a value.
+            raise RenderCheckFailed(f"templates failed to render ({type(exc).__name__})") from None
+
+    def plan(self, objects: Sequence[UserObjects]) -> Change:
+        """What :meth:`apply` would change, with a unified diff (credentials redacted);
+        writes nothing."""
+        text = self.render_text(objects)
+        current = _Current.read(self.path)
+        change = _compare(current, objects)
+        return replace(change, diff=_diff(self.path, current.data, text))
+
+    def apply(self, objects: Sequence[UserObjects]) -> Change:
+        """Render, check and atomically write the file; nothing is written when the bytes
+        are unchanged or the check fails (:class:`RenderCheckFailed`)."""
+        text = self.render_text(objects)
+        data = text.encode("utf-8")
+        check_rendered(data, objects)
+        current = _Current.read(self.path)
+        change = replace(_compare(current, objects), diff=_diff(self.path, current.data, text))
+        if current.data == data:
+            return change
+        try:
+            _replace_file(self.path, data, backup=current.data is not None)
+        except OSError as exc:
+            raise TargetWriteFailed(f"cannot write {str(self.path)!r}: {exc.strerror}") from None
+        return replace(change, wrote=True)
