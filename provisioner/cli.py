@@ -21,11 +21,12 @@ import click
 from . import csvio
 from .accounts import Accounts, Policy
 from .config import Config, load_config
-from .errors import InvalidInput, Problem, ProvisionerError
+from .errors import InvalidInput, NotFoundError, Problem, ProvisionerError
 from .logs import configure as configure_logs
 from .logs import get_logger
 from .model import CODECS, LOG_LEVELS, NATS, ROLES, TOAST_POSITIONS, TRANSPORTS, VIDEOS, User
 from .store.engine import open_engine
+from .sync import SyncReport
 
 __all__ = ["main"]
 
@@ -36,7 +37,7 @@ class App:
     """What every command needs, built once from the config (the one ``from_config`` place)."""
 
     def __init__(self, config_path: str | None, sets: Sequence[str], verbose: bool) -> None:
-        self._config_path = config_path
+        self.config_path = config_path
         self._sets = sets
         self._verbose = verbose
         self._config: Config | None = None
@@ -45,7 +46,7 @@ class App:
     @property
     def config(self) -> Config:
         if self._config is None:
-            self._config = load_config(self._config_path, overrides=_parse_sets(self._sets))
+            self._config = load_config(self.config_path, overrides=_parse_sets(self._sets))
             configure_logs(
                 self._config.log.level if self._verbose else "warning", self._config.log.format
             )
@@ -533,13 +534,124 @@ def auth_login(app: App, username: str) -> None:
     click.echo(f"welcome, {found.full_name}")
 
 
+# -- rendering and syncing ------------------------------------------------------------------
+
+
+def _print_report(report: SyncReport) -> None:
+    change = report.change
+    verb = "would be " if report.dry_run else ""
+    click.echo(
+        f"{verb}added {len(change.added)}, {verb}updated {len(change.updated)}, "
+        f"{verb}removed {len(change.removed)}, unchanged {change.unchanged}, "
+        f"skipped {len(report.skipped)} ({report.took_ms:.0f} ms)"
+    )
+    for conflict in getattr(change, "conflicts", ()):
+        click.echo(
+            f"conflict: {conflict} exists in the target but was not made by provisioner", err=True
+        )
+    for skipped in report.skipped:
+        click.echo(f"skipped {skipped}", err=True)
+
+
+def _reconcile(
+    app: App, *, kind: str | None, dry_run: bool, allow_mass_removal: bool
+) -> SyncReport:
+    from .daemon import build_target
+    from .pjsip import RenderSettings
+    from .sync import reconcile
+
+    config = app.config
+    if kind is not None and kind != config.target.kind:
+        config = config.model_copy(
+            update={"target": config.target.model_copy(update={"kind": kind})}
+        )
+    engine = app.accounts.engine
+    target = build_target(config, engine)
+    return reconcile(
+        engine,
+        target,
+        RenderSettings.from_config(config),
+        dry_run=dry_run,
+        max_removal_fraction=config.daemon.max_removal_fraction,
+        allow_mass_removal=allow_mass_removal,
+    )
+
+
+@cli.command()
+@click.option(
+    "--target", "kind", type=click.Choice(["config", "realtime"]), help="Override target.kind."
+)
+@click.option("--dry-run", is_flag=True, help="Print the diff and the counts; write nothing.")
+@click.option("--allow-mass-removal", is_flag=True, help="Apply even if most users would go.")
+@pass_app
+def render(app: App, kind: str | None, dry_run: bool, allow_mass_removal: bool) -> None:
+    """Render every live user into the target (a config file or realtime rows)."""
+    report = _reconcile(app, kind=kind, dry_run=dry_run, allow_mass_removal=allow_mass_removal)
+    if dry_run and report.change.diff:
+        click.echo(report.change.diff, nl=not report.change.diff.endswith("\n"))
+    _print_report(report)
+
+
+@cli.command()
+@click.option("--once", is_flag=True, required=True, help="One full reconcile, then exit.")
+@click.option("--dry-run", is_flag=True, help="Print the counts; write nothing.")
+@click.option("--allow-mass-removal", is_flag=True, help="Apply even if most users would go.")
+@pass_app
+def sync(app: App, once: bool, dry_run: bool, allow_mass_removal: bool) -> None:
+    """Reconcile the store into the configured target once; print the counts."""
+    report = _reconcile(app, kind=None, dry_run=dry_run, allow_mass_removal=allow_mass_removal)
+    _print_report(report)
+
+
+@cli.command()
+@click.option(
+    "--burst", is_flag=True, help="Apply pending changes once (and tell Asterisk), then exit."
+)
+@pass_app
+def run(app: App, burst: bool) -> None:
+    """The long-running service: watch the store, apply, tell Asterisk, read registrations."""
+    import asyncio
+
+    from .daemon import Daemon
+
+    config = app.config
+    configure_logs(config.log.level, config.log.format)
+    daemon = Daemon.from_config(config, config_path=app.config_path)
+    asyncio.run(daemon.serve(burst=burst))
+
+
+@cli.command()
+@click.argument("usernames", nargs=-1)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def status(app: App, usernames: tuple[str, ...], as_json: bool) -> None:
+    """Registration state read back from Asterisk: who is online, with what phone."""
+    from .store.registrations import status_rows
+
+    with app.accounts.transaction() as conn:
+        rows = status_rows(conn, list(usernames) or None)
+    if usernames and len(rows) < len(usernames):
+        found = {r["username"].lower() for r in rows}
+        missing = [u for u in usernames if u.lower() not in found]
+        raise NotFoundError("user", ", ".join(missing))
+    if as_json:
+        _echo_json(rows)
+        return
+    table = []
+    for r in rows:
+        contacts = ", ".join(c["uri"] for c in r["contacts"])
+        last = r["last_change"].isoformat(timespec="seconds") if r["last_change"] else ""
+        table.append([r["extension"], r["username"], r["state"], contacts, r["user_agent"], last])
+    _table(table, ["EXTENSION", "USERNAME", "STATE", "CONTACTS", "USER AGENT", "LAST CHANGE"])
+
+
 # -- quickstart ---------------------------------------------------------------------------
 
 
 @cli.command()
 @pass_app
 def quickstart(app: App) -> None:
-    """Create the store with a few sample users if it is empty, then list them."""
+    """Create the store (with sample users if it has none), list them, render them once."""
     from .samples import seed
     from .store.migrate import upgrade
 
@@ -549,6 +661,9 @@ def quickstart(app: App) -> None:
     click.echo(f"store: {app.config.store.url}")
     ctx = click.get_current_context()
     ctx.invoke(user_list, deleted=False, role=None, profile=None, state=None, as_json=False)
+    report = _reconcile(app, kind=None, dry_run=False, allow_mass_removal=False)
+    where = app.config.target.path if app.config.target.kind == "config" else "realtime rows"
+    click.echo(f"rendered {report.provisioned} users into {where}")
 
 
 # -- entry point ----------------------------------------------------------------------------
