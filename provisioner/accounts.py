@@ -289,9 +289,10 @@ class Accounts:
         """Apply ``values`` to the user ``row`` on the caller's transaction; True if it changed."""
         problems = []
         for name in IMMUTABLE_FIELDS:
-            if name in values and values[name] is not None and values[name] != row[name]:
-                if name == "username" and str(values[name]).lower() == row.username_key:
-                    continue
+            given = values.get(name)
+            # Both compare case-insensitively: usernames are unique ignoring case,
+            # and the role rule itself accepts "ADMIN" as "admin".
+            if given is not None and str(given).lower() != str(row._mapping[name]).lower():
                 problems.append(Problem(name, "cannot be changed after creation", line))
         if problems:
             raise ForbiddenError(problems)

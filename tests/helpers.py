@@ -8,9 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+from argon2 import PasswordHasher
 from click.testing import CliRunner
 from sqlalchemy import Engine, select
 
+from provisioner import credentials
 from provisioner.cli import main
 from provisioner.store.schema import users
 
@@ -81,3 +84,10 @@ def secret_after(text: str, marker: str = "(shown once): ") -> str:
 
 def problem_fields(exc: Any) -> Sequence[tuple[str, int | None]]:
     return [(p.field, p.line) for p in exc.problems]
+
+
+def cheap_argon2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real argon2id, with small cost parameters so tests that log in many times stay fast."""
+    monkeypatch.setattr(
+        credentials, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    )

@@ -1,4 +1,4 @@
-"""The pure user rules of provisioner.model: every good value passes, every bad one names its rule."""
+"""The pure rules of provisioner.model: good values pass, bad ones name their rule."""
 
 from __future__ import annotations
 
@@ -209,7 +209,8 @@ def test_password_policy_accepts_strong_passwords(password: str) -> None:
 def test_password_policy_refuses_weak_passwords(password: str) -> None:
     """A password missing length, a lower, an upper, a digit or a listed special is refused."""
     rule = check_password_policy(password)
-    assert rule is not None and "at least 8 characters" in rule
+    assert rule is not None
+    assert "at least 8 characters" in rule
     with pytest.raises(InvalidInput, match=r"password: must be at least 8 characters"):
         validate_fields({"password": password}, password_policy=True)
     # With the security suite off, any non-empty password is accepted.
@@ -306,14 +307,17 @@ def test_generated_secrets_are_random_and_well_formed() -> None:
     for s in secrets:
         assert validate_fields({"sip_secret": s}) == {"sip_secret": s}
     key = credentials.generate_apikey()
-    assert key.startswith("pk_") and len(key) > 40
-    assert credentials.hash_apikey(key) != key and len(credentials.hash_apikey(key)) == 64
+    assert key.startswith("pk_")
+    assert len(key) > 40
+    assert credentials.hash_apikey(key) != key
+    assert len(credentials.hash_apikey(key)) == 64
 
 
 def test_password_hash_is_argon2_and_verifies() -> None:
     """A login password is stored as an argon2 hash that verifies only the right password."""
     h = credentials.hash_password("Correct-Horse7")
-    assert h.startswith("$argon2id$") and "Correct-Horse7" not in h
+    assert h.startswith("$argon2id$")
+    assert "Correct-Horse7" not in h
     assert credentials.verify_password(h, "Correct-Horse7")
     assert not credentials.verify_password(h, "wrong")
     assert not credentials.verify_password(None, "anything")

@@ -1,0 +1,495 @@
+"""The user store on SQLite, PostgreSQL and MariaDB: every rule, re-read from the database."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from provisioner import credentials
+from provisioner.accounts import Accounts, Policy
+from provisioner.errors import (
+    AuthenticationError,
+    ConflictError,
+    ForbiddenError,
+    InvalidInput,
+    NotFoundError,
+)
+from provisioner.store.schema import user_attributes
+
+from .conftest import FakeClock
+from .helpers import GOOD_PASSWORD, OTHER_PASSWORD, cheap_argon2, user_row
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
+
+
+@pytest.fixture(autouse=True)
+def _fast_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
+    cheap_argon2(monkeypatch)
+
+
+def _agent(username: str = "alice", **extra: Any) -> dict[str, Any]:
+    return {
+        "username": username,
+        "full_name": f"{username.title()} Agent",
+        "email": f"{username.lower()}@example.com",
+        "profile": "agents",
+        **extra,
+    }
+
+
+def test_add_user_defaults_and_stored_digests(accounts: Accounts, clock: FakeClock) -> None:
+    """A new user gets the lowest free extension, the Voice defaults, and only SIP digests."""
+    created = accounts.add_user(_agent())
+    assert created.sip_secret is not None
+    user = accounts.get_user("alice")
+    assert user.extension == "101"  # root holds 100
+    assert user.role == "user"
+    assert user.profile == "agents"
+    assert (user.voice.transport, user.voice.nat, user.voice.codecs) == (
+        "udp",
+        "no",
+        ("ulaw", "alaw"),
+    )
+    assert (user.voice.context, user.voice.video) == ("from-sip", "no")
+    assert (user.log_level, user.messenger_sound, user.toast_position) == (None, True, "top-right")
+    assert user.created_at == user.updated_at == clock.now
+    assert not user.disabled
+    assert user.deleted_at is None
+    assert not user.has_apikey
+
+    row = user_row(accounts.engine, "alice")
+    ha1 = f"alice:asterisk:{created.sip_secret}".encode()
+    assert row.sip_md5 == hashlib.md5(ha1).hexdigest()
+    assert row.sip_sha256 == hashlib.sha256(ha1).hexdigest()
+    assert created.sip_secret not in repr(tuple(row))
+    assert row.password_hash is None
+
+
+def test_given_extension_and_secret_and_voice(accounts: Accounts) -> None:
+    """A given extension, SIP secret and Voice settings are stored as given; no secret is shown."""
+    created = accounts.add_user(
+        _agent(
+            extension="4242",
+            sip_secret="Given-Secret-1",
+            transport="wss",
+            nat="force_rport",
+            codecs="opus,g722",
+            context="internal",
+            call_group="1,3-5",
+            pickup_group="2",
+            video="always",
+            description="night shift",
+            attributes={"team": "blue"},
+        )
+    )
+    assert created.sip_secret is None
+    user = accounts.get_user("ALICE")
+    assert user.extension == "4242"
+    assert user.voice.codecs == ("opus", "g722")
+    assert (user.voice.transport, user.voice.nat, user.voice.video) == (
+        "wss",
+        "force_rport",
+        "always",
+    )
+    assert (user.voice.call_group, user.voice.pickup_group) == ("1,3-5", "2")
+    assert user.voice.context == "internal"
+    assert user.description == "night shift"
+    assert user.attributes == {"team": "blue"}
+    row = user_row(accounts.engine, "alice")
+    assert row.sip_md5 == hashlib.md5(b"alice:asterisk:Given-Secret-1").hexdigest()
+
+
+def test_lowest_free_extension_fills_gaps(accounts: Accounts) -> None:
+    """Extensions are allocated lowest free first, reusing a purged user's number."""
+    for name in ("a1", "a2", "a3"):
+        accounts.add_user(_agent(name))
+    assert [accounts.get_user(n).extension for n in ("a1", "a2", "a3")] == ["101", "102", "103"]
+    accounts.add_user(_agent("given", extension="104"))
+    accounts.delete(["a2"])
+    assert accounts.add_user(_agent("a4")).user.extension == "105"  # deleted a2 keeps 102
+    accounts.purge(["a2"])
+    assert accounts.add_user(_agent("a5")).user.extension == "102"
+
+
+def test_extension_range_exhausted(accounts: Accounts, clock: FakeClock, policy: Policy) -> None:
+    """When every number of the range is taken the add fails naming the extension and range."""
+    small = Accounts(accounts.engine, replace(policy, ext_first=100, ext_last=101), clock)
+    small.add_user(_agent("a1"))
+    with pytest.raises(ConflictError) as info:
+        small.add_user(_agent("a2"))
+    assert info.value.problems[0].field == "extension"
+    assert "no free extension left in 100-101" in info.value.problems[0].rule
+    with pytest.raises(NotFoundError):
+        accounts.get_user("a2")
+
+
+def test_username_unique_case_insensitively_and_reserved_until_purge(accounts: Accounts) -> None:
+    """A username taken in any case, even by a deleted user, is refused until purged."""
+    accounts.add_user(_agent("Alice"))
+    with pytest.raises(ConflictError, match=r"username: is already taken \(ignoring case"):
+        accounts.add_user(_agent("aLiCe"))
+    accounts.delete(["alice"])
+    with pytest.raises(ConflictError, match=r"username: is already taken"):
+        accounts.add_user(_agent("ALICE"))
+    accounts.purge(["alice"])
+    assert accounts.add_user(_agent("ALICE")).user.username == "ALICE"
+
+
+def test_extension_unique_and_reserved_by_deleted_user(accounts: Accounts) -> None:
+    """A given extension already used, even by a deleted user, is refused with the owner named."""
+    accounts.add_user(_agent("alice", extension="500"))
+    accounts.delete(["alice"])
+    with pytest.raises(ConflictError) as info:
+        accounts.add_user(_agent("bob", extension="500"))
+    assert info.value.problems[0].field == "extension"
+    assert "500 is already used by user alice" in info.value.problems[0].rule
+    with pytest.raises(NotFoundError):
+        accounts.get_user("bob")
+
+
+def test_profile_required_for_user_and_must_exist(accounts: Accounts) -> None:
+    """Role user needs an existing profile; an admin needs none."""
+    with pytest.raises(InvalidInput, match=r"profile: is required for role user"):
+        accounts.add_user(_agent(profile=None))
+    with pytest.raises(InvalidInput, match=r"profile: must name an existing profile \('ghosts'"):
+        accounts.add_user(_agent(profile="ghosts"))
+    admin = accounts.add_user({**_agent("boss", profile=None), "role": "admin"}).user
+    assert admin.role == "admin"
+    assert admin.profile is None
+    assert [u.username for u in accounts.list_users()] == ["root", "boss"]
+
+
+def test_all_problems_of_an_add_are_reported(accounts: Accounts) -> None:
+    """An add with several bad fields reports each field and rule, and stores nothing."""
+    with pytest.raises(InvalidInput) as info:
+        accounts.add_user(
+            {
+                "username": "bad name",
+                "email": "nope",
+                "codecs": "mp3",
+                "profile": "ghosts",
+                "password": "weak",
+            }
+        )
+    fields = [p.field for p in info.value.problems]
+    assert set(fields) == {"full_name", "username", "email", "codecs", "profile", "password"}
+    assert [u.username for u in accounts.list_users(deleted=None)] == ["root"]
+
+
+def test_first_user_must_be_admin(engine: Engine, policy: Policy, clock: FakeClock) -> None:
+    """In an empty store the first user must be an admin, and becomes id 1."""
+    acc = Accounts(engine, policy, clock)
+    acc.add_profile("agents")
+    with pytest.raises(InvalidInput, match=r"role: the first user must be an admin"):
+        acc.add_user(_agent())
+    root = acc.add_user({**_agent("root", profile=None), "role": "admin"}).user
+    assert root.id == 1
+
+
+def test_first_admin_is_protected(accounts: Accounts) -> None:
+    """The first admin (id 1) can never be disabled, deleted, purged or demoted."""
+    for action in (accounts.disable, accounts.delete, accounts.purge):
+        with pytest.raises(ForbiddenError, match=r"first admin \(id 1\)"):
+            action(["root"])
+    with pytest.raises(ForbiddenError, match=r"role: cannot be changed"):
+        accounts.edit_user("root", {"role": "user", "profile": "agents"})
+    root = accounts.get_user("root")
+    assert (root.role, root.disabled, root.deleted_at) == ("admin", False, None)
+
+
+def test_password_stored_as_argon2_with_policy(accounts: Accounts, clock: FakeClock) -> None:
+    """A good password is stored only as argon2 with its reset time; a weak one is refused."""
+    with pytest.raises(InvalidInput, match=r"password: must be at least 8 characters"):
+        accounts.add_user(_agent(password="password"))
+    accounts.add_user(_agent(password=GOOD_PASSWORD))
+    row = user_row(accounts.engine, "alice")
+    assert row.password_hash.startswith("$argon2id$")
+    assert GOOD_PASSWORD not in row.password_hash
+    assert credentials.verify_password(row.password_hash, GOOD_PASSWORD)
+    assert row.last_password_reset_at == clock.now
+
+    clock.advance(minutes=5)
+    with pytest.raises(InvalidInput, match=r"password: must be at least 8"):
+        accounts.set_password("alice", "short")
+    accounts.set_password("alice", OTHER_PASSWORD)
+    row = user_row(accounts.engine, "alice")
+    assert credentials.verify_password(row.password_hash, OTHER_PASSWORD)
+    assert row.last_password_reset_at == clock.now
+
+
+def test_policy_off_accepts_any_password(
+    accounts: Accounts, policy: Policy, clock: FakeClock
+) -> None:
+    """With the security suite off a simple password is accepted."""
+    lax = Accounts(accounts.engine, replace(policy, password_policy=False), clock)
+    lax.add_user(_agent(password="simple"))
+    assert credentials.verify_password(user_row(accounts.engine, "alice").password_hash, "simple")
+
+
+def test_edit_changes_fields_and_updated_at(accounts: Accounts, clock: FakeClock) -> None:
+    """An edit stores the new values, bumps updated_at only, and re-reads them from the store."""
+    accounts.add_user(_agent(attributes={"team": "blue", "floor": "2"}))
+    created_at = clock.now
+    clock.advance(minutes=10)
+    accounts.edit_user(
+        "alice",
+        {
+            "full_name": "Alice Smith",
+            "email": "alice.smith@example.com",
+            "codecs": "g722",
+            "nat": "comedia",
+            "log_level": "debug",
+            "messenger_sound": "off",
+            "toast_position": "bottom-center",
+            "attributes": {"team": "red"},
+            "avatar": PNG,
+        },
+    )
+    user = accounts.get_user("alice")
+    assert (user.full_name, user.email) == ("Alice Smith", "alice.smith@example.com")
+    assert user.voice.codecs == ("g722",)
+    assert user.voice.nat == "comedia"
+    assert (user.log_level, user.messenger_sound, user.toast_position) == (
+        "debug",
+        False,
+        "bottom-center",
+    )
+    assert user.attributes == {"team": "red"}
+    assert user.avatar_type == "image/png"
+    assert user_row(accounts.engine, "alice").avatar == PNG
+    assert user.created_at == created_at
+    assert user.updated_at == clock.now
+
+    edited_at = clock.now
+    clock.advance(minutes=1)
+    accounts.edit_user("alice", {"full_name": "Alice Smith"})  # no change: no new timestamp
+    assert accounts.get_user("alice").updated_at == edited_at
+
+
+def test_edit_refuses_immutable_fields_and_bad_values(accounts: Accounts) -> None:
+    """Role and username cannot change (case aside); bad values name their rule."""
+    accounts.add_user(_agent())
+    with pytest.raises(ForbiddenError, match=r"username: cannot be changed after creation"):
+        accounts.edit_user("alice", {"username": "alicia"})
+    with pytest.raises(ForbiddenError, match=r"role: cannot be changed after creation"):
+        accounts.edit_user("alice", {"role": "admin"})
+    accounts.edit_user("alice", {"username": "ALICE", "description": "same name"})
+    with pytest.raises(InvalidInput) as info:
+        accounts.edit_user("alice", {"email": "x", "transport": "pigeon", "profile": ""})
+    assert {p.field for p in info.value.problems} == {"email", "transport", "profile"}
+    user = accounts.get_user("alice")
+    assert (user.username, user.role, user.description) == ("alice", "user", "same name")
+    assert user.voice.transport == "udp"
+
+
+def test_edit_extension_conflict_and_deleted_user(accounts: Accounts) -> None:
+    """An edit to a taken extension is refused; a deleted user must be restored before editing."""
+    accounts.add_user(_agent("alice"))
+    accounts.add_user(_agent("bob"))
+    with pytest.raises(ConflictError, match=r"extension: 101 is already used by user alice"):
+        accounts.edit_user("bob", {"extension": "101"})
+    accounts.edit_user("bob", {"extension": "777"})
+    assert accounts.get_user("bob").extension == "777"
+    accounts.delete(["bob"])
+    with pytest.raises(ForbiddenError, match=r"restore it before editing"):
+        accounts.edit_user("bob", {"full_name": "Bob B"})
+    accounts.restore(["bob"])
+    accounts.edit_user("bob", {"full_name": "Bob B"})
+    assert accounts.get_user("bob").full_name == "Bob B"
+
+
+def test_disable_enable_delete_restore_and_list_filters(
+    accounts: Accounts, clock: FakeClock
+) -> None:
+    """State changes are reversible and list filters by role, profile, state and deleted."""
+    accounts.add_profile("supervisors")
+    for name in ("alice", "bob", "carol"):
+        accounts.add_user(_agent(name))
+    accounts.add_user(_agent("sue", profile="supervisors"))
+    clock.advance(minutes=1)
+    assert accounts.disable(["alice", "bob"]) == ["alice", "bob"]
+    accounts.delete(["carol"])
+
+    def names(**kw: Any) -> list[str]:
+        return [u.username for u in accounts.list_users(**kw)]
+
+    assert names() == ["root", "alice", "bob", "sue"]
+    assert names(deleted=True) == ["carol"]
+    assert names(state="disabled") == ["alice", "bob"]
+    assert names(state="active") == ["root", "sue"]
+    assert names(role="admin") == ["root"]
+    assert names(profile="supervisors") == ["sue"]
+    assert accounts.get_user("carol").deleted_at == clock.now
+    assert accounts.state(accounts.get_user("carol")) == "deleted"
+
+    accounts.enable(["alice"])
+    accounts.restore(["carol"])
+    assert names(state="disabled") == ["bob"]
+    assert accounts.get_user("carol").deleted_at is None
+    assert accounts.get_user("alice").updated_at == clock.now
+
+
+def test_bulk_actions_are_all_or_nothing(accounts: Accounts) -> None:
+    """A bulk action naming a missing user or the first admin changes no one."""
+    accounts.add_user(_agent("alice"))
+    with pytest.raises(NotFoundError, match=r"user 'ghost' not found"):
+        accounts.disable(["alice", "ghost"])
+    with pytest.raises(ForbiddenError):
+        accounts.delete(["alice", "root"])
+    alice = accounts.get_user("alice")
+    assert not alice.disabled
+    assert alice.deleted_at is None
+    with pytest.raises(InvalidInput, match=r"name at least one user"):
+        accounts.enable([])
+
+
+def test_purge_only_deleted_and_removes_attributes(accounts: Accounts) -> None:
+    """Only deleted users can be purged; purging removes the user and its attributes for good."""
+    alice = accounts.add_user(_agent(attributes={"team": "blue"})).user
+    with pytest.raises(ForbiddenError, match=r"only deleted users can be purged"):
+        accounts.purge(["alice"])
+    accounts.delete(["alice"])
+    assert accounts.purge(["alice"]) == ["alice"]
+    with pytest.raises(NotFoundError):
+        accounts.get_user("alice")
+    with accounts.engine.connect() as conn:
+        left = conn.execute(
+            select(func.count())
+            .select_from(user_attributes)
+            .where(user_attributes.c.user_id == alice.id)
+        ).scalar_one()
+    assert left == 0
+
+
+def test_lockout_after_failures_and_auto_unlock(accounts: Accounts, clock: FakeClock) -> None:
+    """Max failed logins lock the account, even to the right password, until lock_minutes pass."""
+    accounts.add_user(_agent(password=GOOD_PASSWORD))
+    for _ in range(2):
+        with pytest.raises(AuthenticationError, match=r"invalid username or password"):
+            accounts.login("alice", "wrong")
+    assert accounts.get_user("alice").failed_logins == 2
+    with pytest.raises(AuthenticationError, match=r"locked .* contact an administrator"):
+        accounts.login("alice", "wrong")
+    user = accounts.get_user("alice")
+    assert user.locked_at == clock.now
+    assert accounts.state(user) == "locked"
+    assert [u.username for u in accounts.list_users(state="locked")] == ["alice"]
+
+    clock.advance(minutes=14, seconds=59)
+    with pytest.raises(AuthenticationError, match=r"contact an administrator"):
+        accounts.login("alice", GOOD_PASSWORD)
+    clock.advance(seconds=1)
+    assert accounts.state(accounts.get_user("alice")) == "active"
+    assert accounts.login("alice", GOOD_PASSWORD).username == "alice"
+    user = accounts.get_user("alice")
+    assert user.failed_logins == 0
+    assert user.locked_at is None
+
+
+def test_admin_unlock_and_lock_without_expiry(
+    accounts: Accounts, clock: FakeClock, policy: Policy
+) -> None:
+    """With lock_minutes 0 a lock never expires; an admin unlock lets the user in at once."""
+    strict = Accounts(accounts.engine, replace(policy, lock_minutes=0), clock)
+    strict.add_user(_agent(password=GOOD_PASSWORD))
+    for _ in range(3):
+        with pytest.raises(AuthenticationError):
+            strict.login("alice", "wrong")
+    clock.advance(minutes=60 * 24 * 365)
+    with pytest.raises(AuthenticationError, match=r"contact an administrator"):
+        strict.login("alice", GOOD_PASSWORD)
+    strict.unlock(["alice"])
+    user = strict.get_user("alice")
+    assert user.locked_at is None
+    assert user.failed_logins == 0
+    assert strict.login("alice", GOOD_PASSWORD).username == "alice"
+
+
+def test_success_resets_failures_and_refusals(accounts: Accounts) -> None:
+    """A good login clears earlier failures; unknown, disabled and deleted users are refused."""
+    accounts.add_user(_agent(password=GOOD_PASSWORD))
+    with pytest.raises(AuthenticationError):
+        accounts.login("alice", "wrong")
+    accounts.login("ALICE", GOOD_PASSWORD)
+    assert accounts.get_user("alice").failed_logins == 0
+    with pytest.raises(AuthenticationError, match=r"invalid username or password"):
+        accounts.login("ghost", GOOD_PASSWORD)
+    with pytest.raises(AuthenticationError, match=r"invalid username or password"):
+        accounts.login("root", "")  # no password set
+    accounts.disable(["alice"])
+    with pytest.raises(AuthenticationError, match=r"disabled; contact an administrator"):
+        accounts.login("alice", GOOD_PASSWORD)
+    accounts.enable(["alice"])
+    accounts.delete(["alice"])
+    with pytest.raises(AuthenticationError, match=r"invalid username or password"):
+        accounts.login("alice", GOOD_PASSWORD)
+
+
+def test_sip_secret_rotation(accounts: Accounts, clock: FakeClock) -> None:
+    """Rotating replaces the stored digests with those of the new secret, generated or given."""
+    first = accounts.add_user(_agent()).sip_secret
+    before = user_row(accounts.engine, "alice")
+    clock.advance(minutes=1)
+    new = accounts.rotate_sip_secret("alice")
+    assert new != first
+    after = user_row(accounts.engine, "alice")
+    assert after.sip_md5 == hashlib.md5(f"alice:asterisk:{new}".encode()).hexdigest()
+    assert after.sip_md5 != before.sip_md5
+    assert after.updated_at == clock.now
+    assert accounts.rotate_sip_secret("alice", "Chosen-Secret-9") == "Chosen-Secret-9"
+    row = user_row(accounts.engine, "alice")
+    assert row.sip_sha256 == hashlib.sha256(b"alice:asterisk:Chosen-Secret-9").hexdigest()
+    with pytest.raises(InvalidInput, match=r"sip_secret: must be 8-128 printable ASCII"):
+        accounts.rotate_sip_secret("alice", "a b")
+
+
+def test_apikey_generate_replace_remove(accounts: Accounts) -> None:
+    """An API key is stored hashed, a new one replaces the old, and remove clears it."""
+    accounts.add_user(_agent())
+    key = accounts.generate_apikey("alice")
+    row = user_row(accounts.engine, "alice")
+    assert row.apikey_hash == hashlib.sha256(key.encode()).hexdigest()
+    assert key not in repr(tuple(row))
+    assert accounts.get_user("alice").has_apikey
+    second = accounts.generate_apikey("alice")
+    assert second != key
+    assert user_row(accounts.engine, "alice").apikey_hash == credentials.hash_apikey(second)
+    accounts.remove_apikey("alice")
+    row = user_row(accounts.engine, "alice")
+    assert row.apikey_hash is None
+    assert row.apikey_created_at is None
+    assert not accounts.get_user("alice").has_apikey
+    accounts.delete(["alice"])
+    with pytest.raises(ForbiddenError, match=r"restore it first"):
+        accounts.generate_apikey("alice")
+
+
+def test_avatar_checked_by_content(accounts: Accounts) -> None:
+    """A text file is refused as avatar whatever its name; a GIF is stored with its type."""
+    with pytest.raises(InvalidInput, match=r"avatar: must be a PNG, JPG, GIF or SVG"):
+        accounts.add_user(_agent(avatar=b"just text, named avatar.png"))
+    accounts.add_user(_agent(avatar=b"GIF87a" + b"\x00" * 10))
+    assert accounts.get_user("alice").avatar_type == "image/gif"
+
+
+def test_profiles_unique_and_listed(accounts: Accounts) -> None:
+    """Profile names are unique; profiles list by name with their descriptions."""
+    accounts.add_profile("billing", "Billing desk")
+    with pytest.raises(ConflictError, match=r"name: profile 'agents' already exists"):
+        accounts.add_profile("agents")
+    assert [(p.name, p.description) for p in accounts.list_profiles()] == [
+        ("agents", "Contact-center agents"),
+        ("billing", "Billing desk"),
+    ]
+
+
+def test_unknown_user_is_not_found(accounts: Accounts) -> None:
+    """Acting on a user that does not exist names it in a not-found error."""
+    with pytest.raises(NotFoundError, match=r"user 'ghost' not found"):
+        accounts.edit_user("ghost", {"full_name": "G"})
+    with pytest.raises(NotFoundError):
+        accounts.rotate_sip_secret("ghost")
