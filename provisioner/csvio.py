@@ -55,11 +55,13 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def _defuse(cell: str) -> str:
-    return "'" + cell if cell.startswith(_FORMULA_START) else cell
+    # A cell that already looks defused ("'=x": quotes, then a formula start) gets one
+    # more quote too, so that the import's single strip gives back exactly "'=x".
+    return "'" + cell if cell.lstrip("'").startswith(_FORMULA_START) else cell
 
 
 def _refuse(cell: str) -> str:
-    if cell.startswith("'") and cell[1:].startswith(_FORMULA_START):
+    if cell.startswith("'") and cell.lstrip("'").startswith(_FORMULA_START):
         return cell[1:]
     return cell
 

@@ -1,0 +1,255 @@
+"""CSV export and import: no secrets out, a faithful round trip, and all-or-nothing imports."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+
+from provisioner import credentials
+from provisioner.accounts import Accounts, Policy
+from provisioner.csvio import COLUMNS, _read, export_users, import_users
+from provisioner.errors import InvalidInput
+from provisioner.model import User
+
+from .conftest import FakeClock
+from .dbs import temp_database
+from .helpers import GOOD_PASSWORD, cheap_argon2, user_row
+
+
+@pytest.fixture(autouse=True)
+def _fast_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
+    cheap_argon2(monkeypatch)
+
+
+def _export(accounts: Accounts, *, deleted: bool | None = False) -> str:
+    out = io.StringIO()
+    export_users(accounts.list_users(deleted=deleted), out)
+    return out.getvalue()
+
+
+def _rows(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def _comparable(user: User) -> dict[str, Any]:
+    """What a round trip must keep: everything but ids, timestamps and secrets."""
+    return {
+        "username": user.username,
+        "role": user.role,
+        "profile": user.profile,
+        "full_name": user.full_name,
+        "email": user.email,
+        "description": user.description,
+        "extension": user.extension,
+        "voice": user.voice,
+        "disabled": user.disabled,
+        "log_level": user.log_level,
+        "messenger_sound": user.messenger_sound,
+        "toast_position": user.toast_position,
+        "attributes": dict(user.attributes),
+    }
+
+
+def _populate(accounts: Accounts) -> None:
+    accounts.add_profile("tier 2", "Second line")
+    accounts.add_user(
+        {
+            "username": "alice",
+            "full_name": "=SUM(A1:A9)",  # a spreadsheet formula, kept as text
+            "email": "alice@example.com",
+            "profile": "agents",
+            "description": '\'=HYPERLINK("x") starts with a quote',
+            "transport": "wss",
+            "nat": "force_rport",
+            "codecs": "opus,ulaw",
+            "context": "internal",
+            "call_group": "1,3-5",
+            "pickup_group": "2",
+            "video": "always",
+            "log_level": "debug",
+            "messenger_sound": "off",
+            "toast_position": "bottom-left",
+            "attributes": {"phone": "+1 555 0100", "note": 'say "hi", then @mention'},
+            "password": GOOD_PASSWORD,
+        }
+    )
+    accounts.add_user(
+        {
+            "username": "Bob.B",
+            "full_name": "Bøb Ñandú",
+            "email": "bob@example.com",
+            "profile": "tier 2",
+            "description": "-minus, comma",
+            "extension": "4000",
+            "attributes": {"floor": "3"},
+        }
+    )
+    accounts.add_user(
+        {
+            "username": "carol",
+            "full_name": "Carol",
+            "email": "carol@example.com",
+            "profile": "agents",
+        }
+    )
+    accounts.disable(["carol"])
+
+
+def test_export_holds_no_secrets(accounts: Accounts) -> None:
+    """An export lists every live user's fields but no password, SIP secret, digest or API key."""
+    _populate(accounts)
+    key = accounts.generate_apikey("alice")
+    text = _export(accounts)
+    rows = _rows(text)
+    assert [r["username"] for r in rows] == ["root", "alice", "Bob.B", "carol"]
+    assert list(rows[0])[: len(COLUMNS)] == list(COLUMNS)
+    row = user_row(accounts.engine, "alice")
+    for secret in (GOOD_PASSWORD, key, row.password_hash, row.sip_md5, row.sip_sha256):
+        assert secret not in text
+    assert "password" not in rows[0]
+    assert "sip_secret" not in rows[0]
+    assert rows[1]["attr:phone"] == "'+1 555 0100"  # defused for spreadsheets
+    assert rows[1]["full_name"] == "'=SUM(A1:A9)"
+    assert rows[3]["disabled"] == "yes"
+
+
+def test_reimport_of_an_export_changes_nothing(accounts: Accounts, clock: FakeClock) -> None:
+    """Importing an unedited export reports every user unchanged and leaves the store as it was."""
+    _populate(accounts)
+    before = [_comparable(u) for u in accounts.list_users()]
+    stamps = [u.updated_at for u in accounts.list_users()]
+    clock.advance(minutes=5)
+    result = import_users(accounts, _export(accounts))
+    assert result.added == []
+    assert result.updated == []
+    assert result.unchanged == ["root", "alice", "Bob.B", "carol"]
+    assert [_comparable(u) for u in accounts.list_users()] == before
+    assert [u.updated_at for u in accounts.list_users()] == stamps
+
+
+def test_round_trip_into_a_fresh_store(
+    accounts: Accounts, backend: str, tmp_path: Path, policy: Policy, clock: FakeClock
+) -> None:
+    """An export imported into an empty store of the same backend recreates the same users."""
+    from provisioner.store.engine import open_engine
+    from provisioner.store.migrate import upgrade
+
+    _populate(accounts)
+    text = _export(accounts)
+    with temp_database(backend, tmp_path / "other") as url:
+        engine: Engine = open_engine(url)
+        try:
+            upgrade(engine)
+            other = Accounts(engine, policy, clock)
+            other.add_profile("agents")
+            other.add_profile("tier 2")
+            result = import_users(other, text)
+            assert result.added == ["root", "alice", "Bob.B", "carol"]
+            assert set(result.generated_secrets) == set(result.added)
+            assert [_comparable(u) for u in other.list_users()] == [
+                _comparable(u) for u in accounts.list_users()
+            ]
+            assert other.get_user("root").id == 1
+        finally:
+            engine.dispose()
+
+
+def test_import_is_all_or_nothing_and_reports_every_bad_row(accounts: Accounts) -> None:
+    """One bad row means nothing is applied; each bad row is reported by line, field and rule."""
+    accounts.add_user(
+        {"username": "alice", "full_name": "Alice", "email": "a@example.com", "profile": "agents"}
+    )
+    text = (
+        "username,full_name,email,profile,extension,codecs,disabled\n"
+        "dave,Dave,dave@example.com,agents,,ulaw,no\n"  # line 2: fine
+        "alice,Alice Changed,a@example.com,agents,,ulaw,no\n"  # line 3: fine (an update)
+        "bad name,Eve,not-an-email,agents,,mp3,no\n"  # line 4: three problems
+        "frank,Frank,frank@example.com,ghosts,12x,ulaw,maybe\n"  # line 5: three problems
+        "root,Root,root@example.com,,,ulaw,yes\n"  # line 6: first admin disabled
+        "DAVE,Dave Again,dave@example.com,agents,,ulaw,no\n"  # line 7: repeats line 2
+        "gina,Gina,gina@example.com,agents,102,ulaw,no\n"  # line 8: dave took 102
+    )
+    with pytest.raises(InvalidInput) as info:
+        import_users(accounts, text)
+    found = sorted((p.line, p.field) for p in info.value.problems)
+    assert found == [
+        (4, "codecs"),
+        (4, "email"),
+        (4, "username"),
+        (5, "extension"),
+        (5, "profile"),
+        (6, "disabled"),
+        (7, "username"),
+        (8, "extension"),
+    ]
+    message = str(info.value)
+    assert "line 4: email: must be a valid email address" in message
+    assert "line 6: disabled: the first admin (id 1) can never be disabled" in message
+    assert "line 7: username: repeats line 2" in message
+    assert "line 8: extension: 102 is already used by user dave" in message
+    # Nothing applied: dave absent, alice unchanged, root enabled.
+    assert [u.username for u in accounts.list_users(deleted=None)] == ["root", "alice"]
+    assert accounts.get_user("alice").full_name == "Alice"
+    assert not accounts.get_user("root").disabled
+
+
+def test_dry_run_checks_and_changes_nothing(accounts: Accounts) -> None:
+    """A valid dry run reports what it would do, applies nothing, and shows no secret."""
+    text = "username,full_name,email,profile\ndave,Dave,dave@example.com,agents\n"
+    result = import_users(accounts, text, dry_run=True)
+    assert result.dry_run
+    assert result.added == ["dave"]
+    assert result.generated_secrets == {}
+    assert [u.username for u in accounts.list_users()] == ["root"]
+
+
+def test_import_adds_updates_and_sets_secrets(accounts: Accounts) -> None:
+    """New rows are added with allocated extensions, old ones updated, secret columns hashed."""
+    accounts.add_user(
+        {"username": "alice", "full_name": "Alice", "email": "a@example.com", "profile": "agents"}
+    )
+    text = (
+        "username,full_name,email,profile,password,sip_secret,attr:team,disabled\n"
+        f"ALICE,Alice A,a@example.com,agents,{GOOD_PASSWORD},,blue,yes\n"
+        "bob,Bob,bob@example.com,agents,,Bob-Secret-1,,\n"
+    )
+    result = import_users(accounts, text)
+    assert result.updated == ["alice"]
+    assert result.added == ["bob"]
+    assert result.generated_secrets == {}  # bob's secret was given
+    alice = accounts.get_user("alice")
+    assert alice.full_name == "Alice A"
+    assert alice.attributes == {"team": "blue"}
+    assert alice.disabled
+    assert credentials.verify_password(
+        user_row(accounts.engine, "alice").password_hash, GOOD_PASSWORD
+    )
+    bob = accounts.get_user("bob")
+    assert bob.extension == "102"
+    assert bob.attributes == {}
+    assert (
+        user_row(accounts.engine, "bob").sip_md5
+        == credentials.sip_digests("bob", "asterisk", "Bob-Secret-1").md5
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", [(1, "header")]),
+        ("full_name,email\nA,a@example.com\n", [(1, "username")]),
+        ("username,colour\nalice,red\n", [(1, "colour")]),
+        ("username,username\na,b\n", [(1, "header")]),
+        ("username,full_name\nalice\n", [(2, "row")]),
+    ],
+)
+def test_malformed_files_are_refused(text: str, expected: list[tuple[int, str]]) -> None:
+    """An empty file, unknown or repeated columns, no username column or a short row is refused."""
+    with pytest.raises(InvalidInput) as info:
+        _read(io.StringIO(text))
+    assert [(p.line, p.field) for p in info.value.problems] == expected
