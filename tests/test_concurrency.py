@@ -1,0 +1,86 @@
+"""Extension allocation under concurrent adds from separate processes, on every backend."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from provisioner.accounts import Accounts
+
+ADDS_PER_PROCESS = 8
+
+
+def _adder(
+    url: str, config: str, prefix: str, barrier: Any, log_path: str
+) -> None:  # pragma: no cover - runs in a child process
+    """Child process: wait for the other one, then add users through the CLI's main()."""
+    for name in [k for k in os.environ if k.startswith("PROVISIONER_")]:
+        del os.environ[name]
+    from provisioner.cli import main
+
+    failures = 0
+    with open(log_path, "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
+        sys.stderr = log
+        barrier.wait(timeout=30)
+        for i in range(ADDS_PER_PROCESS):
+            code = main(
+                [
+                    "--config",
+                    config,
+                    "--store-url",
+                    url,
+                    "--set",
+                    "extensions.first=100",
+                    "--set",
+                    "extensions.last=199",
+                    "user",
+                    "add",
+                    f"{prefix}{i}",
+                    "--full-name",
+                    f"User {prefix}{i}",
+                    "--email",
+                    f"{prefix}{i}@example.com",
+                    "--profile",
+                    "agents",
+                ]
+            )
+            print(f"exit {code}", flush=True)
+            failures += code != 0
+    os._exit(1 if failures else 0)
+
+
+def test_concurrent_adds_never_share_an_extension(
+    accounts: Accounts, db_url: str, tmp_path: Path
+) -> None:
+    """Two processes adding users at once all succeed with distinct, lowest-free extensions."""
+    config = tmp_path / "empty.toml"
+    config.write_text("", encoding="utf-8")
+    accounts.engine.dispose()  # no pooled connection crosses the fork
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(2)
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    procs = [
+        ctx.Process(target=_adder, args=(db_url, str(config), prefix, barrier, str(log)))
+        for prefix, log in zip(("a", "b"), logs, strict=True)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    outputs = [log.read_text(encoding="utf-8") for log in logs]
+    assert [p.exitcode for p in procs] == [0, 0], outputs
+
+    users = [u for u in accounts.list_users() if u.username != "root"]
+    assert len(users) == 2 * ADDS_PER_PROCESS
+    extensions = [u.extension for u in users]
+    assert len(set(extensions)) == len(extensions)
+    assert sorted(int(e) for e in extensions) == list(range(101, 101 + 2 * ADDS_PER_PROCESS))
+    # Each process saw its own adds succeed with the extension the store now holds.
+    for output in outputs:
+        assert output.count("exit 0") == ADDS_PER_PROCESS
+    for u in users:
+        assert f"added {u.username} (id {u.id}, extension {u.extension})" in "".join(outputs)
