@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import heapq
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,7 +33,7 @@ from ..errors import (
     RenderCheckFailed,
     TargetWriteFailed,
 )
-from ..pjsip import Options, UserObjects
+from ..pjsip import Options, UserObjects, auth_id
 from . import Change
 
 if TYPE_CHECKING:
@@ -323,22 +324,41 @@ class ConfigFileTarget:
             # Not the message: it could quote a value.
             raise RenderCheckFailed(f"templates failed to render ({type(exc).__name__})") from None
 
-    def plan(self, objects: Sequence[UserObjects]) -> Change:
-        """What :meth:`apply` would change, with a unified diff (credentials redacted);
-        writes nothing."""
-        text = self.render_text(objects)
+    def _desired(
+        self, objects: Sequence[UserObjects], keep: Collection[str]
+    ) -> tuple[_Current, list[UserObjects], str]:
+        """The current file, the objects the new file must hold (``objects`` plus the kept
+        users' current objects) and its text."""
         current = _Current.read(self.path)
-        change = _compare(current, objects)
-        return replace(change, diff=_diff(self.path, current.data, text))
+        desired = _with_kept(objects, _kept_objects(current, keep, objects))
+        return current, desired, self.render_text(desired)
 
-    def apply(self, objects: Sequence[UserObjects]) -> Change:
-        """Render, check and atomically write the file; nothing is written when the bytes
-        are unchanged or the check fails (:class:`RenderCheckFailed`)."""
-        text = self.render_text(objects)
+    def plan(self, objects: Sequence[UserObjects], *, keep: Collection[str] = ()) -> Change:
+        """What :meth:`apply` would change, with a unified diff (credentials redacted);
+        writes nothing.  ``keep``: endpoint ids whose current objects stay as they are."""
+        current, desired, text = self._desired(objects, keep)
+        return replace(_compare(current, desired), diff=_diff(self.path, current.data, text))
+
+    def apply(
+        self,
+        objects: Sequence[UserObjects],
+        *,
+        keep: Collection[str] = (),
+        guard: Callable[[Change], None] | None = None,
+    ) -> Change:
+        """Render, check and atomically write the file holding ``objects`` and the current
+        objects of the ``keep`` endpoint ids.
+
+        ``guard`` sees the change first and may raise to abort.  Nothing is written when
+        the bytes are unchanged, the guard raises or the check fails
+        (:class:`RenderCheckFailed`).
+        """
+        current, desired, text = self._desired(objects, keep)
         data = text.encode("utf-8")
-        check_rendered(data, objects)
-        current = _Current.read(self.path)
-        change = replace(_compare(current, objects), diff=_diff(self.path, current.data, text))
+        check_rendered(data, desired)
+        change = replace(_compare(current, desired), diff=_diff(self.path, current.data, text))
+        if guard is not None:
+            guard(change)
         if current.data == data:
             return change
         try:
@@ -346,3 +366,50 @@ class ConfigFileTarget:
         except OSError as exc:
             raise TargetWriteFailed(f"cannot write {str(self.path)!r}: {exc.strerror}") from None
         return replace(change, wrote=True)
+
+
+def _kept_objects(
+    current: _Current, keep: Collection[str], objects: Sequence[UserObjects]
+) -> list[UserObjects]:
+    """The current objects of each kept endpoint id that is not rendered anew.
+
+    A kept user is found by its endpoint section and the ``auth`` and ``aors`` it
+    names; one whose three objects are not all in the file has nothing to keep.
+    """
+    rendered = {user.endpoint_id for user in objects}
+    kept: list[UserObjects] = []
+    for endpoint_id in dict.fromkeys(keep):
+        endpoint = current.objects.get(("endpoint", endpoint_id))
+        if endpoint_id in rendered or endpoint is None:
+            continue
+        named = dict(endpoint)
+        auth_name = named.get("auth", auth_id(endpoint_id))
+        aor_name = named.get("aors", endpoint_id)
+        auth = current.objects.get(("auth", auth_name))
+        aor = current.objects.get(("aor", aor_name))
+        if auth is None or aor is None:
+            continue
+        kept.append(
+            UserObjects(
+                username=dict(auth).get("username", ""),
+                endpoint_id=endpoint_id,
+                endpoint=endpoint,
+                auth_id=auth_name,
+                auth=auth,
+                aor_id=aor_name,
+                aor=aor,
+            )
+        )
+    return kept
+
+
+def _order(user: UserObjects) -> tuple[int, str]:
+    """render_all's order: by extension length, then extension."""
+    return (len(user.endpoint_id), user.endpoint_id)
+
+
+def _with_kept(objects: Sequence[UserObjects], kept: list[UserObjects]) -> list[UserObjects]:
+    """``objects`` in their order, with the kept users merged in where render_all puts them."""
+    if not kept:
+        return list(objects)
+    return list(heapq.merge(objects, sorted(kept, key=_order), key=_order))
