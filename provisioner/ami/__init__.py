@@ -1,0 +1,51 @@
+"""The AMI layer: one background connection per Asterisk, reloads, PJSIP queries.
+
+Typical daemon use, per ``[[asterisk]]`` server::
+
+    client = AmiClient(server, config.ami)
+    reloads = ReloadCoordinator(client)
+    ops = PjsipOps(client)
+    client.on_event("ContactStatus", on_status)   # quick, non-blocking callbacks
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(client.run(stop))
+        tg.create_task(reloads.run(stop))
+    # elsewhere: reloads.request(); await ops.expire_everywhere("1001")
+
+Setting ``stop`` (an :class:`asyncio.Event`) ends both coroutines cleanly.
+"""
+
+from __future__ import annotations
+
+from .actions import AmiAction, AmiMessage, build_action
+from .client import AmiClient, AmiHealth, AmiReply, EventCallback
+from .errors import (
+    AmiActionFailed,
+    AmiConnectionLost,
+    AmiError,
+    AmiLoginFailed,
+    AmiNotConnected,
+    AmiProtocolError,
+    AmiTimeout,
+)
+from .reload import EndpointDetail, PjsipOps, ReloadCoordinator, ReloadOutcome
+
+__all__ = [
+    "AmiAction",
+    "AmiActionFailed",
+    "AmiClient",
+    "AmiConnectionLost",
+    "AmiError",
+    "AmiHealth",
+    "AmiLoginFailed",
+    "AmiMessage",
+    "AmiNotConnected",
+    "AmiProtocolError",
+    "AmiReply",
+    "AmiTimeout",
+    "EndpointDetail",
+    "EventCallback",
+    "PjsipOps",
+    "ReloadCoordinator",
+    "ReloadOutcome",
+    "build_action",
+]

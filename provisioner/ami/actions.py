@@ -1,0 +1,289 @@
+"""AMI wire format, pure: building actions and parsing what Asterisk sends.
+
+Building.  An action is ``Action: <name>``, ``ActionID: <id>``, then the caller's
+headers in the caller's order, each line ending in CRLF and a blank line ending
+the action.  Asterisk ends a line at a bare LF as well as at CRLF, so a value
+holding CR, LF (or any control character) would add headers or a whole second
+action: every name and value is checked and :class:`~provisioner.errors.InvalidInput`
+names the offending header.  Asterisk discards lines over 1024 bytes, so such a
+line is refused here instead of being silently lost there.
+
+Parsing.  :class:`FrameDecoder` turns the byte stream into :class:`AmiMessage`
+values: lines end at LF (a CR before it is dropped), a blank line ends a message,
+empty messages (Asterisk sends an extra blank line after some errors) are
+skipped.  A line or a message larger than the configured bound raises
+:class:`FrameTooLarge` so the caller drops the connection: memory stays bounded
+whatever the peer sends.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from ..errors import InvalidInput, Problem
+
+__all__ = [
+    "BANNER_PREFIX",
+    "MAX_ACTION_LINE_BYTES",
+    "ActionIdGenerator",
+    "AmiAction",
+    "AmiMessage",
+    "FrameDecoder",
+    "FrameTooLarge",
+    "build_action",
+    "parse_message_lines",
+]
+
+#: Asterisk's manager reads a line into a 1025-byte buffer: a line (with its CRLF)
+#: longer than 1024 bytes is discarded by Asterisk.
+MAX_ACTION_LINE_BYTES = 1024
+BANNER_PREFIX = "Asterisk Call Manager/"
+
+_HEADER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+#: C0 controls, DEL and C1 controls: none may appear in a value (CR/LF/NUL are among them).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_RESERVED = frozenset({"action", "actionid"})
+#: Header names whose values never reach a log.
+_SECRET_HEADERS = frozenset({"secret", "key"})
+
+
+class FrameTooLarge(Exception):
+    """The peer sent a line or message larger than the bound: drop the connection."""
+
+
+@dataclass(frozen=True)
+class AmiAction:
+    """A validated action, ready for the wire."""
+
+    name: str
+    action_id: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def lines(self) -> list[str]:
+        """The lines in wire order, without line ends."""
+        head = [f"Action: {self.name}", f"ActionID: {self.action_id}"]
+        return head + [f"{key}: {value}" for key, value in self.headers]
+
+    def encode(self) -> bytes:
+        """The bytes to write: every line CRLF-terminated, then the blank line."""
+        return ("\r\n".join(self.lines()) + "\r\n\r\n").encode("utf-8")
+
+    def loggable(self) -> dict[str, str]:
+        """The headers for a log line, with ``Secret`` and similar values masked."""
+        out = {"Action": self.name, "ActionID": self.action_id}
+        for key, value in self.headers:
+            out[key] = "[redacted]" if key.lower() in _SECRET_HEADERS else value
+        return out
+
+
+def _check_name(field_name: str, name: str) -> Problem | None:
+    if not _HEADER_NAME.fullmatch(name):
+        return Problem(field_name, "must be 1-64 letters, digits, '_' or '-' (no ':' or spaces)")
+    return None
+
+
+def _check_value(key: str, value: str) -> Problem | None:
+    if not isinstance(value, str):
+        return Problem(key, "must be text")
+    if _CONTROL.search(value):
+        # The whole point: a CR or LF would start a new header or a new action.
+        return Problem(key, "must not contain CR, LF, NUL or other control characters")
+    try:
+        encoded = value.encode("utf-8")
+    except UnicodeEncodeError:
+        return Problem(key, "must be valid Unicode text (no lone surrogates)")
+    if len(key.encode()) + 2 + len(encoded) + 2 > MAX_ACTION_LINE_BYTES:
+        return Problem(key, f"line longer than Asterisk's {MAX_ACTION_LINE_BYTES}-byte limit")
+    return None
+
+
+def build_action(
+    name: str,
+    headers: Mapping[str, str] | Iterable[tuple[str, str]] = (),
+    *,
+    action_id: str,
+) -> AmiAction:
+    """Validate ``name``, ``action_id`` and every header, and return the action.
+
+    ``headers`` keep their order; repeating a name is allowed (AMI uses that for
+    ``Variable``).  ``Action`` and ``ActionID`` may not be given as headers.
+    Raises :class:`InvalidInput` listing every offending header.
+    """
+    pairs = list(headers.items()) if isinstance(headers, Mapping) else list(headers)
+    problems = [p for p in (_check_name("Action", name),) if p]
+    problems += [p for p in (_check_value("ActionID", action_id),) if p]
+    if not action_id:
+        problems.append(Problem("ActionID", "must not be empty"))
+    for key, value in pairs:
+        if not isinstance(key, str) or _check_name(key, key) is not None:
+            problems.append(Problem(repr(key), "is not a valid header name"))
+            continue
+        if key.lower() in _RESERVED:
+            problems.append(Problem(key, "is set by the client, not by the caller"))
+            continue
+        if (problem := _check_value(key, value)) is not None:
+            problems.append(problem)
+    if problems:
+        raise InvalidInput(problems)
+    return AmiAction(name=name, action_id=action_id, headers=tuple(pairs))
+
+
+class ActionIdGenerator:
+    """Unique ActionIDs: ``<prefix>-<random hex>-<counter>``.
+
+    The random part differs per generator (per process and connection object), so a
+    late answer to an action of an earlier session can never match a new one.
+    """
+
+    def __init__(self, prefix: str = "prov") -> None:
+        if not _HEADER_NAME.fullmatch(prefix):
+            raise InvalidInput.one("prefix", "must be letters, digits, '_' or '-'")
+        self._stem = f"{prefix}-{os.urandom(4).hex()}"
+        self._counter = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self._stem}-{next(self._counter)}"
+
+
+@dataclass(frozen=True)
+class AmiMessage:
+    """One message from Asterisk: a response or an event, headers in wire order.
+
+    Lookups are case-insensitive and return the first header of that name.
+    """
+
+    headers: tuple[tuple[str, str], ...]
+    _index: dict[str, str] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        index: dict[str, str] = {}
+        for key, value in self.headers:
+            index.setdefault(key.lower(), value)
+        object.__setattr__(self, "_index", index)
+
+    def get(self, key: str, default: str = "") -> str:
+        """The first value of header ``key`` (any case), else ``default``."""
+        return self._index.get(key.lower(), default)
+
+    def get_all(self, key: str) -> list[str]:
+        """Every value of header ``key`` (any case), in wire order."""
+        low = key.lower()
+        return [value for name, value in self.headers if name.lower() == low]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key.lower() in self._index
+
+    def as_dict(self) -> dict[str, str]:
+        """A plain dict, keys as Asterisk spelled them; the first of repeated keys wins."""
+        out: dict[str, str] = {}
+        for key, value in self.headers:
+            out.setdefault(key, value)
+        return out
+
+    @property
+    def event(self) -> str:
+        return self.get("Event")
+
+    @property
+    def response(self) -> str:
+        return self.get("Response")
+
+    @property
+    def action_id(self) -> str:
+        return self.get("ActionID")
+
+    @property
+    def message(self) -> str:
+        return self.get("Message")
+
+    @property
+    def is_event(self) -> bool:
+        return "Event" in self
+
+    @property
+    def is_response(self) -> bool:
+        return "Response" in self
+
+
+def parse_message_lines(lines: Sequence[str]) -> AmiMessage | None:
+    """Turn the lines of one message into an :class:`AmiMessage`; ``None`` when empty.
+
+    ``Key: Value`` splits at the first colon; blanks after it are skipped as
+    Asterisk does.  A line without a colon (legacy command output) is kept as
+    an ``Output`` header so nothing is silently lost.
+    """
+    headers: list[tuple[str, str]] = []
+    for line in lines:
+        if not line:
+            continue
+        key, sep, value = line.partition(":")
+        if sep and key and " " not in key:
+            headers.append((key, value.lstrip(" ")))
+        else:
+            headers.append(("Output", line))
+    return AmiMessage(tuple(headers)) if headers else None
+
+
+class FrameDecoder:
+    """Incremental, bounded decoder of the AMI byte stream.
+
+    Feed it bytes as they arrive; it yields complete messages.  The first line
+    must be the banner (``Asterisk Call Manager/...``), kept in :attr:`banner`.
+    """
+
+    def __init__(self, *, max_line_bytes: int = 65536, max_message_bytes: int = 1 << 20) -> None:
+        self.max_line_bytes = max_line_bytes
+        self.max_message_bytes = max_message_bytes
+        self.banner: str | None = None
+        #: The most bytes ever held while waiting for a line end (for health/tests).
+        self.high_water = 0
+        self._buffer = bytearray()
+        self._lines: list[str] = []
+        self._message_bytes = 0
+
+    def feed(self, data: bytes) -> list[AmiMessage]:
+        """Add ``data`` and return every message it completes, in order.
+
+        Raises :class:`FrameTooLarge` as soon as a line or a message passes its bound,
+        and ``ValueError`` when the first line is not an AMI banner.
+        """
+        self._buffer += data
+        out: list[AmiMessage] = []
+        start = 0
+        buf = self._buffer
+        while True:
+            end = buf.find(b"\n", start)
+            if end < 0:
+                break
+            raw = bytes(buf[start:end])
+            start = end + 1
+            if len(raw) > self.max_line_bytes:
+                raise FrameTooLarge(f"line of {len(raw)} bytes (limit {self.max_line_bytes})")
+            message = self._take_line(raw.removesuffix(b"\r").decode("utf-8", "replace"))
+            if message is not None:
+                out.append(message)
+        del buf[:start]
+        self.high_water = max(self.high_water, len(buf))
+        if len(buf) > self.max_line_bytes:
+            raise FrameTooLarge(f"line over {self.max_line_bytes} bytes without a line end")
+        return out
+
+    def _take_line(self, line: str) -> AmiMessage | None:
+        if self.banner is None:
+            if not line.startswith(BANNER_PREFIX):
+                raise ValueError(f"not an AMI peer (first line {line[:40]!r})")
+            self.banner = line
+            return None
+        if line:
+            self._message_bytes += len(line) + 2
+            if self._message_bytes > self.max_message_bytes:
+                raise FrameTooLarge(f"message over {self.max_message_bytes} bytes")
+            self._lines.append(line)
+            return None
+        lines, self._lines, self._message_bytes = self._lines, [], 0
+        # An empty message (the extra blank line after some errors) yields nothing.
+        return parse_message_lines(lines)

@@ -1,0 +1,481 @@
+"""One AMI connection to one Asterisk, kept up in the background.
+
+:meth:`AmiClient.run` is the whole life of the client: connect, read the banner,
+log in, then read every message promptly (Asterisk drops slow readers), ping
+every ``ping_interval`` and reconnect after any loss with capped exponential
+backoff and jitter, until the ``stop`` event is set.  A refused login waits
+``login_failure_backoff`` (a wrong secret does not fix itself), never a tight loop.
+
+Actions (:meth:`AmiClient.send_action`) are validated, sent once, and answered
+with an :class:`AmiReply` or an :class:`~provisioner.ami.errors.AmiError`: on a
+timeout or a lost connection the caller gets the error and the action is never
+sent again by this layer.  Events without a waiting action go to the callbacks
+registered with :meth:`AmiClient.on_event`, called in the reading task: they must
+be quick and must not block (hand work to your own bounded queue).
+
+Why not panoramisk's ``Manager``/``AMIProtocol``: their reconnect loop retries at
+a fixed delay (a tight loop after a refused login), re-sends actions that were
+pending when the connection dropped, never times a ping out (a half-open
+connection stays "connected"), keeps an unbounded buffer while waiting for a
+blank line, sorts headers and does not check values for CR/LF.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from ..config import AmiSettings, AsteriskServer
+from ..logs import get_logger
+from ._aio import sleep_unless, wait_first
+from .actions import (
+    ActionIdGenerator,
+    AmiAction,
+    AmiMessage,
+    FrameDecoder,
+    FrameTooLarge,
+    build_action,
+)
+from .errors import (
+    AmiConnectionLost,
+    AmiError,
+    AmiLoginFailed,
+    AmiNotConnected,
+    AmiProtocolError,
+    AmiTimeout,
+)
+
+__all__ = ["AmiClient", "AmiHealth", "AmiReply", "EventCallback"]
+
+log = get_logger(__name__)
+
+#: A callback gets every event whose name it was registered for.
+EventCallback = Callable[[AmiMessage], None]
+
+_READ_CHUNK = 65536
+
+
+@dataclass(frozen=True)
+class AmiReply:
+    """Asterisk's answer: the response and, for list actions, the events of the list.
+
+    ``complete`` is the closing event (``ContactListComplete``) when there was a list.
+    """
+
+    response: AmiMessage
+    events: tuple[AmiMessage, ...] = ()
+    complete: AmiMessage | None = None
+
+    @property
+    def ok(self) -> bool:
+        """``Response: Success`` (or ``Goodbye`` to a ``Logoff``)."""
+        return self.response.response.lower() in ("success", "goodbye")
+
+    @property
+    def message(self) -> str:
+        return self.response.message
+
+
+@dataclass(frozen=True)
+class AmiHealth:
+    """A snapshot of one client's connection, for the daemon's health record."""
+
+    server: str
+    connected: bool
+    last_error: str | None
+    #: Logged-in sessions after the first one.
+    reconnects: int
+    sessions: int
+    login_failures: int
+    #: Wall-clock time (epoch seconds) the current session logged in, if connected.
+    connected_since: float | None
+    events_received: int
+    pending_actions: int
+    #: The most bytes ever buffered waiting for a line end (bounded by max_line_bytes).
+    max_buffered_bytes: int
+
+
+@dataclass
+class _Pending:
+    action: AmiAction
+    future: asyncio.Future[AmiReply]
+    response: AmiMessage | None = None
+    events: list[AmiMessage] | None = None
+
+
+@dataclass
+class _Session:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    decoder: FrameDecoder
+    pending: dict[str, _Pending] = field(default_factory=dict)
+    #: Messages read with the login answer, handled before anything else.
+    backlog: list[AmiMessage] = field(default_factory=list)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    reason: str = ""
+
+    def close(self, reason: str) -> None:
+        """Close once: record why, abort the socket (a half-open peer may never ack a FIN)."""
+        if self.closed.is_set():
+            return
+        self.reason = reason
+        self.closed.set()
+        self.writer.transport.abort()
+
+
+class AmiClient:
+    """The AMI client for one Asterisk (one ``[[asterisk]]`` entry)."""
+
+    def __init__(
+        self,
+        server: AsteriskServer,
+        settings: AmiSettings | None = None,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.server = server
+        self.settings = settings or AmiSettings()
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._ids = ActionIdGenerator("prov")
+        self._callbacks: dict[str, list[EventCallback]] = defaultdict(list)
+        self._session: _Session | None = None
+        self._connected = asyncio.Event()
+        self._last_error: str | None = None
+        self._sessions = 0
+        self._login_failures = 0
+        self._connected_since: float | None = None
+        self._events = 0
+        self._high_water = 0
+
+    # -- public API ---------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.server.name
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def connected_event(self) -> asyncio.Event:
+        """Set while logged in (read-only for callers: never set or clear it)."""
+        return self._connected
+
+    def on_event(self, name: str, callback: EventCallback) -> None:
+        """Call ``callback(event)`` for every event named ``name`` (any case; ``*``: all)."""
+        self._callbacks[name.lower()].append(callback)
+
+    def health(self) -> AmiHealth:
+        """The connection state now."""
+        session = self._session
+        return AmiHealth(
+            server=self.name,
+            connected=self.connected,
+            last_error=self._last_error,
+            reconnects=max(0, self._sessions - 1),
+            sessions=self._sessions,
+            login_failures=self._login_failures,
+            connected_since=self._connected_since if self.connected else None,
+            events_received=self._events,
+            pending_actions=len(session.pending) if session else 0,
+            max_buffered_bytes=max(self._high_water, session.decoder.high_water if session else 0),
+        )
+
+    async def send_action(
+        self,
+        name: str,
+        headers: Mapping[str, str] | Iterable[tuple[str, str]] = (),
+        *,
+        timeout: float | None = None,
+    ) -> AmiReply:
+        """Send one action and return Asterisk's answer (``Response: Error`` included).
+
+        Raises :class:`~provisioner.errors.InvalidInput` for a header that could
+        inject (validated before anything else), :class:`AmiNotConnected` when
+        not logged in, :class:`AmiTimeout` after ``timeout`` (default
+        ``action_timeout``) and :class:`AmiConnectionLost` when the connection
+        drops first.  The action is never re-sent.
+        """
+        action = build_action(name, headers, action_id=self._ids())
+        session = self._session
+        if session is None or session.closed.is_set() or not self.connected:
+            raise AmiNotConnected(self.name, f"{name} not sent: not connected")
+        return await self._request(session, action, timeout or self.settings.action_timeout)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Keep a logged-in connection until ``stop`` is set, then close it and return."""
+        attempt = 0
+        while not stop.is_set():
+            delay, attempt = await self._one_connection(stop, attempt)
+            if await sleep_unless(stop, delay):
+                break
+        self._connected.clear()
+
+    # -- connection life ----------------------------------------------------------
+
+    def _backoff(self, attempt: int) -> float:
+        """Capped exponential backoff with jitter (50-100 % of the step)."""
+        growth = 2.0 ** min(attempt, 30)
+        step = min(self.settings.backoff_cap, self.settings.backoff_base * growth)
+        return step * (0.5 + self._rng.random() / 2)
+
+    async def _one_connection(self, stop: asyncio.Event, attempt: int) -> tuple[float, int]:
+        """Connect, serve until lost or stopped; return (delay before the next try, attempt)."""
+        try:
+            session = await self._open()
+        except AmiLoginFailed as exc:
+            self._login_failures += 1
+            self._last_error = exc.reason
+            delay = self.settings.login_failure_backoff * (0.9 + self._rng.random() / 5)
+            log.error(
+                "ami.login_failed",
+                server=self.name,
+                username=self.server.username,
+                retry_in_s=round(delay, 3),
+            )
+            return delay, attempt + 1
+        except (OSError, TimeoutError, AmiError, ValueError) as exc:
+            self._last_error = _describe(exc)
+            delay = self._backoff(attempt)
+            log.warning(
+                "ami.connect_failed",
+                server=self.name,
+                error=self._last_error,
+                retry_in_s=round(delay, 3),
+            )
+            return delay, attempt + 1
+        started = time.monotonic()
+        await self._serve(session, stop)
+        # Only a session that lived a while resets the backoff: a peer that accepts
+        # the login and drops us at once must not be hammered.
+        stable = time.monotonic() - started >= self.settings.backoff_cap
+        next_attempt = 0 if stable else attempt + 1
+        return (0.0 if stop.is_set() else self._backoff(0 if stable else attempt)), next_attempt
+
+    async def _open(self) -> _Session:
+        """Connect, read the banner and log in within the server's ``timeout``."""
+        server = self.server
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(server.timeout):
+                reader, writer = await asyncio.open_connection(server.host, server.port)
+                session = _Session(reader, writer, self._decoder())
+                await self._login(session)
+                return session
+        except BaseException:
+            if writer is not None:
+                writer.transport.abort()
+            raise
+
+    def _decoder(self) -> FrameDecoder:
+        return FrameDecoder(
+            max_line_bytes=self.settings.max_line_bytes,
+            max_message_bytes=self.settings.max_message_bytes,
+        )
+
+    async def _login(self, session: _Session) -> None:
+        """Send ``Login`` and read until its answer; early events are dispatched."""
+        secret = self.server.secret.get_secret_value() if self.server.secret else ""
+        action = build_action(
+            "Login",
+            [
+                ("Username", self.server.username),
+                ("Secret", secret),
+                ("Events", self.server.events),
+            ],
+            action_id=self._ids(),
+        )
+        session.writer.write(action.encode())
+        await session.writer.drain()
+        while True:
+            data = await session.reader.read(_READ_CHUNK)
+            if not data:
+                raise AmiConnectionLost(self.name, "closed during login")
+            messages = self._feed(session, data)
+            for index, message in enumerate(messages):
+                if message.is_response and message.action_id == action.action_id:
+                    if message.response.lower() != "success":
+                        raise AmiLoginFailed(self.name, message.message or "login refused")
+                    # FullyBooted often shares the read with the answer: keep it.
+                    session.backlog = messages[index + 1 :]
+                    return
+                if message.is_event:
+                    self._dispatch(message)
+
+    async def _serve(self, session: _Session, stop: asyncio.Event) -> None:
+        """Run the reader and the pinger until the session closes or ``stop`` is set."""
+        self._session = session
+        self._sessions += 1
+        self._connected_since = time.time()
+        self._connected.set()
+        log.info(
+            "ami.connected",
+            server=self.name,
+            host=self.server.host,
+            port=self.server.port,
+            banner=session.decoder.banner,
+            reconnects=max(0, self._sessions - 1),
+        )
+        reader = asyncio.create_task(self._read_loop(session))
+        pinger = asyncio.create_task(self._ping_loop(session))
+        await wait_first(stop, session.closed)
+        self._connected.clear()
+        session.close("client stopped" if stop.is_set() else "closed")
+        await asyncio.gather(reader, pinger)
+        self._high_water = max(self._high_water, session.decoder.high_water)
+        self._fail_pending(session)
+        if not stop.is_set():
+            self._last_error = session.reason
+        log.info("ami.disconnected", server=self.name, reason=session.reason)
+
+    def _fail_pending(self, session: _Session) -> None:
+        for pending in session.pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(
+                    AmiConnectionLost(
+                        self.name, f"{pending.action.name} unanswered: {session.reason}"
+                    )
+                )
+        session.pending.clear()
+
+    async def _read_loop(self, session: _Session) -> None:
+        """Read promptly and handle every message; ends when the session closes."""
+        try:
+            for message in session.backlog:
+                self._handle(session, message)
+            session.backlog = []
+            while not session.closed.is_set():
+                data = await session.reader.read(_READ_CHUNK)
+                if not data:
+                    session.close("connection closed by Asterisk")
+                    return
+                for message in self._feed(session, data):
+                    self._handle(session, message)
+        except AmiProtocolError as exc:
+            log.error("ami.protocol_error", server=self.name, error=exc.reason)
+            session.close(exc.reason)
+        except (OSError, ValueError) as exc:
+            session.close(_describe(exc))
+
+    def _feed(self, session: _Session, data: bytes) -> list[AmiMessage]:
+        try:
+            return session.decoder.feed(data)
+        except FrameTooLarge as exc:
+            raise AmiProtocolError(self.name, f"protocol violation: {exc}") from None
+
+    async def _ping_loop(self, session: _Session) -> None:
+        """``Ping`` every ``ping_interval``; no answer in ``ping_timeout`` closes the session."""
+        while not await wait_first(session.closed, timeout=self.settings.ping_interval):
+            ping = build_action("Ping", (), action_id=self._ids())
+            try:
+                await self._request(session, ping, self.settings.ping_timeout)
+            except AmiTimeout:
+                log.warning(
+                    "ami.ping_timeout", server=self.name, timeout_s=self.settings.ping_timeout
+                )
+                session.close(f"no answer to Ping in {self.settings.ping_timeout}s")
+                return
+            except AmiError:
+                return
+
+    # -- actions and messages -----------------------------------------------------
+
+    async def _request(self, session: _Session, action: AmiAction, timeout: float) -> AmiReply:
+        future: asyncio.Future[AmiReply] = asyncio.get_running_loop().create_future()
+        session.pending[action.action_id] = _Pending(action, future)
+        try:
+            async with asyncio.timeout(timeout):
+                session.writer.write(action.encode())
+                await session.writer.drain()
+                return await future
+        except TimeoutError:
+            log.warning(
+                "ami.action_timeout",
+                server=self.name,
+                action=action.name,
+                action_id=action.action_id,
+                timeout_s=timeout,
+            )
+            raise AmiTimeout(self.name, f"{action.name}: no answer in {timeout}s") from None
+        except (OSError, RuntimeError) as exc:
+            session.close(_describe(exc))
+            raise AmiConnectionLost(self.name, f"{action.name}: {_describe(exc)}") from None
+        finally:
+            session.pending.pop(action.action_id, None)
+
+    def _handle(self, session: _Session, message: AmiMessage) -> None:
+        pending = session.pending.get(message.action_id) if message.action_id else None
+        if pending is not None and self._answer(pending, message):
+            return
+        if message.is_event:
+            self._events += 1
+            if message.event.lower() == "shutdown":
+                log.warning(
+                    "ami.shutdown",
+                    server=self.name,
+                    shutdown=message.get("Shutdown"),
+                    restart=message.get("Restart"),
+                )
+                self._dispatch(message)
+                session.close("Asterisk shut down")
+                return
+            self._dispatch(message)
+        elif message.is_response:
+            # An answer to an action that already timed out: dropped, never matched anew.
+            log.debug("ami.late_response", server=self.name, action_id=message.action_id)
+
+    def _answer(self, pending: _Pending, message: AmiMessage) -> bool:
+        """Give ``message`` to the waiting action; ``False`` if it is not part of its answer."""
+        if pending.future.done():
+            return True
+        if message.is_response and pending.response is None:
+            pending.response = message
+            if message.get("EventList").lower() == "start":
+                pending.events = []
+            else:
+                pending.future.set_result(AmiReply(message))
+            return True
+        if not (message.is_event and pending.events is not None):
+            return False
+        if message.get("EventList").lower() == "complete":
+            assert pending.response is not None
+            pending.future.set_result(
+                AmiReply(pending.response, tuple(pending.events), complete=message)
+            )
+        elif len(pending.events) >= self.settings.max_list_events:
+            pending.future.set_exception(
+                AmiProtocolError(
+                    self.name,
+                    f"{pending.action.name}: list over {self.settings.max_list_events} events",
+                )
+            )
+        else:
+            pending.events.append(message)
+        return True
+
+    def _dispatch(self, event: AmiMessage) -> None:
+        name = event.event.lower()
+        for callback in (*self._callbacks.get(name, ()), *self._callbacks.get("*", ())):
+            try:
+                callback(event)
+            except Exception as exc:  # a broken callback must not stop the reader
+                log.exception(
+                    "ami.callback_failed",
+                    server=self.name,
+                    ami_event=event.event,
+                    error=_describe(exc),
+                )
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, AmiError):
+        return exc.reason
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,541 @@
+"""A fake Asterisk AMI peer that replays the real transcripts in /work/shared/asterisk/ami.
+
+:class:`Transcripts` parses the recorded exchanges (``>>`` lines are what the lab
+client sent, the rest is Asterisk's text, in several file layouts) into a map
+from each recorded action to the exact bytes Asterisk answered, events included.
+:class:`FakeAsterisk` is an asyncio TCP server on 127.0.0.1 that speaks AMI the
+way Asterisk does (banner, CRLF, a bare LF also ends a line, lines over 1024
+bytes discarded, one session's actions handled one after another) and answers by
+replaying those bytes with the ActionID substituted.  It records every action it
+received, as Asterisk would have parsed it, and has scriptable faults.
+
+A few answers have no transcript and are built from facts stated in the shared
+README (marked ``README:`` below): ``DBDel``, a successful
+``SorceryMemoryCacheExpireObject`` and ``A reload is in progress``.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import os
+import re
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from provisioner.config import AmiSettings, AsteriskServer
+
+__all__ = [
+    "Exchange",
+    "FakeAsterisk",
+    "ReceivedAction",
+    "Transcripts",
+    "eventually",
+    "fast_settings",
+    "load_transcripts",
+    "run",
+    "running",
+    "server_for",
+]
+
+AMI_DIR = Path(os.environ.get("AMI_TRANSCRIPTS", "/work/shared/asterisk/ami"))
+BANNER = b"Asterisk Call Manager/11.0.0\r\n"
+_HEADER = re.compile(r"^[A-Za-z0-9_-]+: ?")
+_REPLY_START = ("Response:", "Event:")
+_ACTION_ID_LINE = re.compile(rb"^ActionID: [^\r\n]*(\r?\n)", re.MULTILINE)
+
+
+T = TypeVar("T")
+
+
+class Runner(Protocol):
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+
+@dataclass
+class Exchange:
+    """One recorded action and the bytes Asterisk answered (recorded ActionID inside)."""
+
+    source: str
+    action: tuple[tuple[str, str], ...]
+    reply: bytes = b""
+
+    @property
+    def name(self) -> str:
+        return next((v for k, v in self.action if k.lower() == "action"), "")
+
+    @property
+    def params(self) -> dict[str, str]:
+        """The headers that identify the request (no Action, no ActionID)."""
+        return {k.lower(): v for k, v in self.action if k.lower() not in ("action", "actionid")}
+
+
+@dataclass
+class Transcripts:
+    """Every recorded exchange, plus answers and events recorded without an action."""
+
+    exchanges: list[Exchange] = field(default_factory=list)
+    orphans: list[bytes] = field(default_factory=list)
+
+    def messages(self) -> Iterable[bytes]:
+        """Every recorded message from Asterisk, one by one (CRLF, ending in a blank line)."""
+        for block in [e.reply for e in self.exchanges] + self.orphans:
+            for part in re.split(rb"\r?\n\r\n", block):
+                if part.strip():
+                    yield part.strip(b"\r\n") + b"\r\n\r\n"
+
+    def find_message(self, *needles: str) -> bytes:
+        """The first recorded message containing every one of ``needles``."""
+        for message in self.messages():
+            text = message.decode("utf-8", "replace")
+            if all(n in text for n in needles):
+                return message
+        raise LookupError(f"no recorded message with {needles}")
+
+    def candidates(self, name: str) -> list[Exchange]:
+        return [e for e in self.exchanges if e.name.lower() == name.lower() and e.reply]
+
+
+def _as_crlf_messages(lines: list[str]) -> bytes:
+    """LF-normalised transcript lines -> Asterisk's bytes: CRLF lines, a blank line each."""
+    out, current = [], []
+    for line in [*lines, ""]:
+        if line:
+            current.append(line)
+        elif current:
+            out.append("\r\n".join(current) + "\r\n\r\n")
+            current = []
+    return "".join(out).encode()
+
+
+def _action_headers(text: str) -> list[tuple[str, str]]:
+    """Headers of one ``>>`` line (a header, a literal ``\\r\\n`` run, or ``Name {dict}``)."""
+    text = text[2:].removeprefix(" ")
+    if "\\r\\n" in text:
+        return [h for part in text.split("\\r\\n") for h in _action_headers(">> " + part)]
+    dict_form = re.fullmatch(r"Action: (\w+) (\{.*\})", text)
+    if dict_form:
+        extra = ast.literal_eval(dict_form.group(2))
+        return [("Action", dict_form.group(1)), *((str(k), str(v)) for k, v in extra.items())]
+    key, sep, value = text.partition(":")
+    return [(key, value.removeprefix(" "))] if sep and key else []
+
+
+class _FileParser:
+    """State machine over one transcript file (see the module docstring)."""
+
+    def __init__(self, source: str, data: bytes, out: Transcripts) -> None:
+        self.source, self.out = source, out
+        self.crlf = b"\r\n" in data
+        self.lines = re.split(rb"(?<=\n)", data)
+        self.action: Exchange | None = None
+        self.in_action = False
+        self.reply_raw: list[bytes] = []
+
+    def flush_reply(self) -> None:
+        if not self.reply_raw:
+            return
+        if self.crlf:
+            reply = b"".join(self.reply_raw)  # exact bytes, odd bare LFs included
+        else:
+            text = [r.decode().rstrip("\r\n") for r in self.reply_raw]
+            reply = _as_crlf_messages(text)
+        self.reply_raw = []
+        if self.action is not None and not self.action.reply:
+            self.action.reply = reply
+        else:
+            self.out.orphans.append(reply)
+
+    def boundary(self) -> None:
+        self.flush_reply()
+        self.in_action = False
+        self.action = None
+
+    def parse(self) -> None:
+        for raw in self.lines:
+            text = raw.decode("utf-8", "replace").rstrip("\r\n")
+            self.line(raw, text)
+        self.boundary()
+
+    def line(self, raw: bytes, text: str) -> None:
+        if text.startswith("<< "):
+            text = text[3:]
+            raw = raw[3:]
+            if text.startswith("["):
+                return self.boundary()
+        if text.startswith(">>") and not text.startswith(">>>"):  # ">>>": pjsua output
+            if not self.in_action:
+                self.flush_reply()
+                self.action = Exchange(self.source, ())
+                self.out.exchanges.append(self.action)
+                self.in_action = True
+            assert self.action is not None
+            self.action.action += tuple(_action_headers(text))
+            return None
+        if text.startswith(("#", "===", "--", "[")) or text.startswith("Asterisk Call Manager/"):
+            if text.startswith("Asterisk Call Manager/"):
+                return None
+            return self.boundary()
+        if self.in_action:
+            if _HEADER.match(text) and not text.startswith(_REPLY_START):
+                assert self.action is not None
+                self.action.action += tuple(_action_headers(">> " + text))
+                return None
+            self.in_action = False
+        if not self.reply_raw and not text.startswith(_REPLY_START):
+            return None  # text between exchanges: headings, the blank after an action
+        self.reply_raw.append(raw)
+        return None
+
+
+def load_transcripts(directory: Path = AMI_DIR) -> Transcripts:
+    """Parse every ``*.txt`` transcript in ``directory``."""
+    out = Transcripts()
+    for path in sorted(directory.glob("*.txt")):
+        _FileParser(path.name, path.read_bytes(), out).parse()
+    return out
+
+
+# -- the fake peer ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReceivedAction:
+    """An action as the peer parsed it off the socket (what Asterisk would act on)."""
+
+    headers: tuple[tuple[str, str], ...]
+    connection: int
+
+    @property
+    def name(self) -> str:
+        return self.get("Action")
+
+    def get(self, key: str) -> str:
+        return next((v for k, v in self.headers if k.lower() == key.lower()), "")
+
+
+def _substitute_id(reply: bytes, action_id: str) -> bytes:
+    if not action_id:
+        return _ACTION_ID_LINE.sub(b"", reply)
+    if not _ACTION_ID_LINE.search(reply):
+        # Recorded without an ActionID: Asterisk puts it second in every message.
+        reply = re.sub(rb"(?m)^((?:Response|Event): [^\r\n]*\r?\n)", rb"\1ActionID: x\r\n", reply)
+    return _ACTION_ID_LINE.sub(lambda m: b"ActionID: " + action_id.encode() + m.group(1), reply)
+
+
+def _synth(*headers: tuple[str, str]) -> bytes:
+    return ("".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n").encode()
+
+
+class FakeAsterisk:
+    """The fake AMI peer; ``await start()``, use ``port``, ``await stop()``."""
+
+    def __init__(
+        self,
+        *,
+        username: str = "provisioner",
+        secret: str = "lab-secret",
+        transcripts: Transcripts | None = None,
+    ) -> None:
+        self.library = transcripts or load_transcripts()
+        self.username, self.secret = username, secret
+        self.port = 0
+        # Faults and knobs.
+        self.login_delay = 0.0  # Asterisk waits 1 s before refusing a login
+        self.reload_busy = 0  # answer "A reload is in progress" this many times
+        self.reload_delay = 0.0  # seconds a successful reload takes
+        self.drop_on: set[str] = set()  # close the connection on receiving these actions
+        self.silent = False  # read and record, never answer (a half-open peer)
+        self.prefer: dict[str, str] = {}  # action name -> text its replayed answer must hold
+        # State replayed against.
+        self.astdb: set[str] = self._recorded_contact_keys()
+        self.caches = {"ep_cache"}  # sorcery_memory_cache.txt
+        # What happened.
+        self.received: list[ReceivedAction] = []
+        self.connections = 0
+        self.logins_ok = 0
+        self.logins_failed = 0
+        self.discarded_long_lines = 0
+        self._writers: dict[int, asyncio.StreamWriter] = {}
+        self._server: asyncio.Server | None = None
+
+    # -- life -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._session, "127.0.0.1", self.port, reuse_address=True
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Close the listening socket and every connection."""
+        if self._server is not None:
+            self._server.close()
+            self.drop_all()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def restart(self, downtime: float = 0.0) -> None:
+        await self.stop()
+        await asyncio.sleep(downtime)
+        await self.start()
+
+    def drop_all(self) -> None:
+        for writer in list(self._writers.values()):
+            writer.transport.abort()
+        self._writers.clear()
+
+    def actions(self, name: str) -> list[ReceivedAction]:
+        return [a for a in self.received if a.name.lower() == name.lower()]
+
+    # -- faults sent on every open connection ----------------------------------------
+
+    async def send_burst(self, count: int, chunk: int = 500) -> None:
+        """Send ``count`` ContactStatus events (the recorded one, endpoint numbered)."""
+        template = self.library.find_message("Event: ContactStatus\r\n", "NonQualified")
+        for writer in list(self._writers.values()):
+            for start in range(0, count, chunk):
+                batch = b"".join(
+                    template.replace(b"1001", str(100000 + i).encode())
+                    for i in range(start, min(count, start + chunk))
+                )
+                writer.write(batch)
+                await writer.drain()
+
+    async def send_oversized_line(self, size: int, chunk: int = 1 << 16) -> None:
+        """Start an event whose one line is ``size`` bytes long (until the client hangs up)."""
+        for writer in list(self._writers.values()):
+            try:
+                writer.write(b"Event: Junk\r\nData: ")
+                for _ in range(0, size, chunk):
+                    writer.write(b"x" * chunk)
+                    await writer.drain()
+                writer.write(b"\r\n\r\n")
+            except (ConnectionError, RuntimeError):
+                continue
+
+    async def send_shutdown(self) -> None:
+        """Replay ``Event: Shutdown`` (shutdown_event.txt) and close, as Asterisk does."""
+        event = self.library.find_message("Event: Shutdown")
+        for writer in list(self._writers.values()):
+            writer.write(event)
+            await writer.drain()
+        self.drop_all()
+
+    # -- one session ----------------------------------------------------------------
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        conn = self.connections
+        self._writers[conn] = writer
+        writer.write(BANNER)
+        logged_in = False
+        try:
+            async for headers in self._actions(reader):
+                action = ReceivedAction(headers, conn)
+                self.received.append(action)
+                if self.silent:
+                    continue
+                if action.name.lower() in {n.lower() for n in self.drop_on}:
+                    return
+                if action.name.lower() == "login":
+                    logged_in = await self._login(action, writer)
+                    if not logged_in:
+                        return
+                    continue
+                if not logged_in:
+                    writer.write(self._error(action, "Permission denied"))
+                    continue
+                writer.write(await self._answer(action))
+                await writer.drain()
+        except (ConnectionError, RuntimeError):
+            pass
+        finally:
+            self._writers.pop(conn, None)
+            writer.transport.abort()
+
+    async def _actions(
+        self, reader: asyncio.StreamReader
+    ) -> AsyncIterator[tuple[tuple[str, str], ...]]:
+        """Parse actions as Asterisk's manager does: CRLF or bare LF ends a line; a line
+        reaching 1024 bytes without an end is discarded; a blank line ends an action."""
+        buf = b""
+        headers: list[tuple[str, str]] = []
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                return
+            buf += data
+            while True:
+                end = buf.find(b"\n")
+                if end < 0:
+                    if len(buf) >= 1024:
+                        self.discarded_long_lines += 1
+                        buf = b""
+                    break
+                line, buf = buf[:end], buf[end + 1 :]
+                if len(line) >= 1024:
+                    self.discarded_long_lines += 1
+                    continue
+                text = line.removesuffix(b"\r").decode("utf-8", "replace")
+                if text:
+                    key, _, value = text.partition(":")
+                    headers.append((key.strip(), value.lstrip(" \t")))
+                elif headers:
+                    yield tuple(headers)
+                    headers = []
+
+    async def _login(self, action: ReceivedAction, writer: asyncio.StreamWriter) -> bool:
+        if action.get("Username") == self.username and action.get("Secret") == self.secret:
+            self.logins_ok += 1
+            recorded = self.library.find_message("Response: Success", "Authentication accepted")
+            booted = self.library.find_message("Event: FullyBooted")
+            writer.write(_substitute_id(recorded, action.get("ActionID")) + booted)
+            await writer.drain()
+            return True
+        self.logins_failed += 1
+        await asyncio.sleep(self.login_delay)
+        refused = self.library.find_message("Response: Error", "Authentication failed")
+        writer.write(_substitute_id(refused, action.get("ActionID")))
+        await writer.drain()
+        return False
+
+    def _error(self, action: ReceivedAction, message: str) -> bytes:
+        return _substitute_id(
+            _synth(("Response", "Error"), ("ActionID", "x"), ("Message", message)),
+            action.get("ActionID"),
+        )
+
+    async def _answer(self, action: ReceivedAction) -> bytes:
+        name = action.name.lower()
+        if name == "reload" and action.get("Module") == "res_pjsip.so":
+            if self.reload_busy > 0:
+                self.reload_busy -= 1
+                # README: "Busy: Message: A reload is in progress".
+                return self._error(action, "A reload is in progress")
+            await asyncio.sleep(self.reload_delay)
+        if name == "dbdel":
+            # README: DBDel Family registrar Key contact/<aor>;@<hash> -> Key deleted successfully.
+            key = action.get("Key")
+            if action.get("Family") == "registrar" and key in self.astdb:
+                self.astdb.discard(key)
+                return _substitute_id(
+                    _synth(
+                        ("Response", "Success"),
+                        ("ActionID", "x"),
+                        ("Message", "Key deleted successfully"),
+                    ),
+                    action.get("ActionID"),
+                )
+            return self._error(action, "Database entry not found")
+        if name == "sorcerymemorycacheexpireobject" and action.get("Cache") in self.caches:
+            # README: -> Success / "The provided object was expired from the cache".
+            return _substitute_id(
+                _synth(
+                    ("Response", "Success"),
+                    ("ActionID", "x"),
+                    ("Message", "The provided object was expired from the cache"),
+                ),
+                action.get("ActionID"),
+            )
+        return self._replay(action)
+
+    def _replay(self, action: ReceivedAction) -> bytes:
+        """The recorded answer to the closest recorded action, ActionID substituted."""
+        params = {
+            k.lower(): v for k, v in action.headers if k.lower() not in ("action", "actionid")
+        }
+        candidates = self.library.candidates(action.name)
+        wanted = self.prefer.get(action.name.lower()) or self.prefer.get(action.name)
+        if wanted:
+            candidates = [e for e in candidates if wanted.encode() in e.reply] or candidates
+        exact = [e for e in candidates if e.params == params]
+        if exact:
+            reply = exact[0].reply
+        elif candidates:
+            # Not recorded with these values: Asterisk's error for an unknown one,
+            # with the recorded value replaced by the asked one.
+            chosen = next((e for e in candidates if b"Response: Error" in e.reply), candidates[0])
+            reply = chosen.reply
+            for key, old in chosen.params.items():
+                new = params.get(key)
+                if new is not None and len(old) >= 3:
+                    reply = reply.replace(old.encode(), new.encode())
+        else:
+            unknown = self.library.candidates("NoSuchAction")[0]
+            reply = unknown.reply.replace(b"NoSuchAction", action.name.encode())
+        return _substitute_id(reply, action.get("ActionID"))
+
+    def _recorded_contact_keys(self) -> set[str]:
+        keys = set()
+        for message in self.library.messages():
+            match = re.search(rb"\r\nObjectName: ([^\r\n]*;@[0-9a-f]+)\r\n", message)
+            if match and b"Event: ContactList" in message:
+                keys.add("contact/" + match.group(1).decode())
+        return keys
+
+
+# -- test helpers --------------------------------------------------------------------
+
+
+def fast_settings(**overrides: float) -> AmiSettings:
+    """AMI timings small enough for tests (milliseconds, not seconds)."""
+    values: dict[str, float] = {
+        "backoff_base": 0.02,
+        "backoff_cap": 0.2,
+        "login_failure_backoff": 0.5,
+        "ping_interval": 5.0,
+        "ping_timeout": 1.0,
+        "action_timeout": 2.0,
+        "reload_timeout": 5.0,
+        "reload_retries": 3,
+        "reload_retry_delay": 0.02,
+        "reload_min_gap": 0.0,
+        "reload_gap_factor": 0.0,
+    }
+    values.update(overrides)
+    return AmiSettings.model_validate(values)
+
+
+def server_for(peer: FakeAsterisk, *, secret: str | None = None, **extra: object) -> AsteriskServer:
+    """An ``[[asterisk]]`` entry pointing at ``peer``."""
+    return AsteriskServer.model_validate(
+        {
+            "name": "lab",
+            "host": "127.0.0.1",
+            "port": peer.port,
+            "username": peer.username,
+            "secret": secret if secret is not None else peer.secret,
+            "timeout": 2.0,
+            **extra,
+        }
+    )
+
+
+@asynccontextmanager
+async def running(*runners: Runner) -> AsyncIterator[asyncio.Event]:
+    """Run each ``runner.run(stop)`` in the background; on exit set ``stop`` and join them."""
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(r.run(stop)) for r in runners]
+    try:
+        yield stop
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=5)
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until ``predicate()`` is true, failing the test after ``timeout``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.005)
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 20.0) -> T:
+    """Run one test scenario on a fresh event loop, bounded in time."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))

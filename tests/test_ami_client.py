@@ -1,0 +1,251 @@
+"""AmiClient over a real TCP socket against the transcript-replaying fake Asterisk."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from structlog.testing import capture_logs
+
+from provisioner.ami import AmiClient, AmiConnectionLost, AmiMessage, AmiNotConnected, AmiTimeout
+
+from .amipeer import FakeAsterisk, eventually, fast_settings, run, running, server_for
+
+
+async def _peer() -> FakeAsterisk:
+    peer = FakeAsterisk()
+    await peer.start()
+    return peer
+
+
+def test_login_success_and_ping() -> None:
+    """A client logs in with the right secret, gets FullyBooted and answers to Ping."""
+
+    async def scenario() -> None:
+        peer = await _peer()
+        client = AmiClient(server_for(peer), fast_settings())
+        booted: list[AmiMessage] = []
+        client.on_event("FullyBooted", booted.append)
+        with capture_logs() as logs:
+            async with running(client):
+                await eventually(lambda: client.connected and bool(booted))
+                reply = await client.send_action("Ping")
+                assert reply.ok
+                assert reply.response.get("Ping") == "Pong"
+        login = peer.actions("Login")[0]
+        assert login.get("Username") == "provisioner"
+        assert login.get("Secret") == "lab-secret"
+        assert [e["event"] for e in logs].count("ami.connected") == 1
+        assert "lab-secret" not in repr(logs)
+        assert client.health().sessions == 1
+        assert not client.connected
+        await peer.stop()
+
+    run(scenario())
+
+
+def test_login_failure_backs_off() -> None:
+    """A refused login is logged as ami.login_failed and retried only after the long backoff."""
+
+    async def scenario() -> None:
+        peer = await _peer()
+        client = AmiClient(
+            server_for(peer, secret="wrong"), fast_settings(login_failure_backoff=0.6)
+        )
+        with capture_logs() as logs:
+            async with running(client):
+                await eventually(lambda: peer.logins_failed == 1)
+                await asyncio.sleep(0.4)  # many base backoffs (20 ms), far less than 0.6 s
+                assert peer.logins_failed == 1
+                await eventually(lambda: peer.logins_failed == 2, timeout=2)
+        failed = [e for e in logs if e["event"] == "ami.login_failed"]
+        assert len(failed) >= 2
+        assert all(e["retry_in_s"] >= 0.5 for e in failed)
+        assert "wrong" not in repr(logs)
+        health = client.health()
+        assert not health.connected
+        assert health.login_failures >= 2
+        assert health.last_error == "Authentication failed"
+        await peer.stop()
+
+    run(scenario())
+
+
+def test_not_connected_action_errors_at_once() -> None:
+    """An action while no connection is up fails at once and nothing is queued."""
+
+    async def scenario() -> None:
+        peer = await _peer()
+        await peer.stop()
+        client = AmiClient(server_for(peer), fast_settings())
+        async with running(client):
+            with pytest.raises(AmiNotConnected):
+                await client.send_action("Ping")
+            await eventually(lambda: client.health().last_error is not None)
+        assert not peer.received
+
+    run(scenario())
+
+
+def test_drop_mid_action_errors_and_is_never_resent() -> None:
+    """A connection dropped while an action waits fails that action; it is not sent again."""
+
+    async def scenario() -> None:
+        peer = await _peer()
+        peer.drop_on = {"PJSIPShowContacts"}
+        client = AmiClient(server_for(peer), fast_settings())
+        async with running(client):
+            await eventually(lambda: client.connected)
+            with pytest.raises(AmiConnectionLost):
+                await client.send_action("PJSIPShowContacts")
+            peer.drop_on = set()
+            await eventually(lambda: client.health().sessions == 2)
+            await client.send_action("Ping")
+        assert len(peer.actions("PJSIPShowContacts")) == 1
+        assert len(peer.actions("Login")) == 2
+
+    run(scenario())
+
+
+def test_reconnects_after_peer_restart() -> None:
+    """After Asterisk restarts the client reconnects by itself and actions work again."""
+
+    async def scenario() -> None:
+        peer = await _peer()
+        client = AmiClient(server_for(peer), fast_settings())
+        async with running(client):
+            await eventually(lambda: client.connected)
+            await peer.restart(downtime=0.1)
+            await eventually(lambda: client.health().sessions == 2)
+            assert (await client.send_action("Ping")).ok
+            assert client.health().reconnects == 1
+        await peer.stop()
+
+    run(scenario())
+
+
+def test_ping_detects_a_silent_peer() -> None:
+    """A peer that stops answering (half-open) is detected by the ping and reconnected."""
+
+    async def scenario() -> None:
+        peer = await _peer()
+        client = AmiClient(server_for(peer), fast_settings(ping_interval=0.05, ping_timeout=0.1))
+        with capture_logs() as logs:
+            async with running(client):
+                await eventually(lambda: client.connected)
+                peer.silent = True
+                await eventually(lambda: not client.connected, timeout=2)
+                assert "Ping" in (client.health().last_error or "")
+                peer.silent = False
+                await eventually(lambda: client.connected, timeout=2)
+        assert any(e["event"] == "ami.ping_timeout" for e in logs)
+        await peer.stop()
+
+    run(scenario())
+
+
+def test_action_timeout_is_an_error_and_not_resent() -> None:
+    """An unanswered action times out for its caller and is sent exactly once."""
+
+    async def scenario() -> None:
+        peer = await _peer()
+        client = AmiClient(server_for(peer), fast_settings(action_timeout=0.1))
+        async with running(client):
+            await eventually(lambda: client.connected)
+            peer.silent = True
+            with pytest.raises(AmiTimeout):
+                await client.send_action("PJSIPShowEndpoint", {"Endpoint": "1001"})
+            peer.silent = False
+            await asyncio.sleep(0.05)
+        assert len(peer.actions("PJSIPShowEndpoint")) == 1
+        await peer.stop()
+
+    run(scenario())
+
+
+def test_event_burst_is_consumed_with_bounded_memory() -> None:
+    """50,000 ContactStatus events reach the callback; the read buffer stays bounded."""
+
+    async def scenario() -> None:
+        peer = await _peer()
+        settings = fast_settings()
+        client = AmiClient(server_for(peer), settings)
+        seen = 0
+
+        def count(_event: AmiMessage) -> None:
+            nonlocal seen
+            seen += 1
+
+        client.on_event("ContactStatus", count)
+        async with running(client):
+            await eventually(lambda: client.connected)
+            await peer.send_burst(50_000)
+            await eventually(lambda: seen == 50_000, timeout=15)
+            assert client.connected
+            assert client.health().sessions == 1
+            assert client.health().max_buffered_bytes <= settings.max_line_bytes
+        await peer.stop()
+
+    run(scenario(), timeout=25)
+
+
+def test_oversized_line_drops_the_connection_and_reconnects() -> None:
+    """A 10 MB line is refused after max_line_bytes: the client hangs up and reconnects."""
+
+    async def scenario() -> None:
+        peer = await _peer()
+        settings = fast_settings()
+        client = AmiClient(server_for(peer), settings)
+        with capture_logs() as logs:
+            async with running(client):
+                await eventually(lambda: client.connected)
+                await peer.send_oversized_line(10 * 1024 * 1024)
+                await eventually(lambda: client.health().sessions == 2, timeout=5)
+                assert (await client.send_action("Ping")).ok
+        assert any(e["event"] == "ami.protocol_error" for e in logs)
+        assert client.health().max_buffered_bytes <= settings.max_line_bytes + 65536
+        await peer.stop()
+
+    run(scenario())
+
+
+def test_shutdown_event_is_dispatched_and_handled() -> None:
+    """Event: Shutdown (replayed from the transcript) reaches callbacks and ends the session."""
+
+    async def scenario() -> None:
+        peer = await _peer()
+        client = AmiClient(server_for(peer), fast_settings())
+        shutdowns: list[AmiMessage] = []
+        client.on_event("Shutdown", shutdowns.append)
+        async with running(client):
+            await eventually(lambda: client.connected)
+            await peer.send_shutdown()
+            await eventually(lambda: client.health().sessions == 2)
+        assert shutdowns[0].get("Shutdown") == "Cleanly"
+        await peer.stop()
+
+    run(scenario())
+
+
+def test_broken_callback_does_not_stop_the_reader() -> None:
+    """A callback that raises is logged; the next events are still delivered."""
+
+    async def scenario() -> None:
+        peer = await _peer()
+        client = AmiClient(server_for(peer), fast_settings())
+        seen: list[str] = []
+
+        def broken(_event: AmiMessage) -> None:
+            raise RuntimeError("boom")
+
+        client.on_event("ContactStatus", broken)
+        client.on_event("*", lambda e: seen.append(e.event))
+        with capture_logs() as logs:
+            async with running(client):
+                await eventually(lambda: client.connected)
+                await peer.send_burst(3)
+                await eventually(lambda: seen.count("ContactStatus") == 3)
+        assert sum(e["event"] == "ami.callback_failed" for e in logs) == 3
+        await peer.stop()
+
+    run(scenario())
