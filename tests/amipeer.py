@@ -452,6 +452,8 @@ class FakeAsterisk:
         wanted = self.prefer.get(action.name.lower()) or self.prefer.get(action.name)
         if wanted:
             candidates = [e for e in candidates if wanted.encode() in e.reply] or candidates
+        if action.name.lower() == "pjsipshowcontacts":
+            candidates = self._contacts_in_astdb(candidates)
         exact = [e for e in candidates if e.params == params]
         if exact:
             reply = exact[0].reply
@@ -468,6 +470,17 @@ class FakeAsterisk:
             unknown = self.library.candidates("NoSuchAction")[0]
             reply = unknown.reply.replace(b"NoSuchAction", action.name.encode())
         return _substitute_id(reply, action.get("ActionID"))
+
+    def _contacts_in_astdb(self, candidates: list[Exchange]) -> list[Exchange]:
+        """A recorded contact list whose contacts are all still in astdb, else the
+        recorded ``No Contacts found`` when astdb holds none."""
+        if not self.astdb:
+            return [e for e in candidates if b"No Contacts found" in e.reply] or candidates
+        for exchange in candidates:
+            names = re.findall(rb"ObjectName: ([^\r\n]*;@[0-9a-f]+)", exchange.reply)
+            if names and all("contact/" + n.decode() in self.astdb for n in names):
+                return [exchange]
+        return candidates
 
     def _recorded_contact_keys(self) -> set[str]:
         keys = set()

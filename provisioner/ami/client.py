@@ -369,8 +369,16 @@ class AmiClient:
             raise AmiProtocolError(self.name, f"protocol violation: {exc}") from None
 
     async def _ping_loop(self, session: _Session) -> None:
-        """``Ping`` every ``ping_interval``; no answer in ``ping_timeout`` closes the session."""
+        """``Ping`` every ``ping_interval``; no answer in ``ping_timeout`` closes the session.
+
+        No ping is sent while another action is outstanding (see below).
+        """
         while not await wait_first(session.closed, timeout=self.settings.ping_interval):
+            if any(p.action.name != "Ping" for p in session.pending.values()):
+                # Asterisk runs one session's actions one after another: a Ping queued
+                # behind a 95-s reload would "time out" on a healthy connection.  The
+                # outstanding action's own timeout bounds the wait instead.
+                continue
             ping = build_action("Ping", (), action_id=self._ids())
             try:
                 await self._request(session, ping, self.settings.ping_timeout)

@@ -1,0 +1,281 @@
+"""Registration state per endpoint, from AMI events and ``PJSIPShowContacts``: pure.
+
+Inputs are plain mappings with Asterisk's exact header names (an
+:class:`~provisioner.ami.actions.AmiMessage` ``as_dict()`` or a dict from a test):
+
+- ``ContactStatus``: ``URI``, ``ContactStatus`` (``NonQualified`` on register,
+  ``Reachable``/``Unreachable`` with qualify, ``Removed`` on un-register), ``AOR``,
+  ``EndpointName``, ``RoundtripUsec``, ``Timestamp``;
+- ``PeerStatus``: ``ChannelType: PJSIP``, ``Peer: PJSIP/<endpoint>``, ``PeerStatus``;
+- ``DeviceStateChange``: ``Device: PJSIP/<endpoint>``, ``State`` (``INVALID``: no
+  such device, as after deleting an endpoint and reloading);
+- ``SuccessfulAuth`` with ``Service: PJSIP``: ``AccountID`` (the endpoint),
+  ``RemoteAddress`` (``IPV4/UDP/<ip>/<port>``): the only sign of a REGISTER from an
+  endpoint Asterisk does not track yet (added since the last reload);
+- ``ContactList`` items of ``PJSIPShowContacts``: ``ObjectName`` (``<aor>;@<hash>``),
+  ``Endpoint``, ``Uri``, ``UserAgent``, ``ViaAddr``, ``ViaPort``, ``ExpirationTime``,
+  ``Status``, ``RoundtripUsec``.
+
+The three state events arrive in a varying order; each updates only its own part
+of the record, so any order gives the same result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Literal
+
+__all__ = [
+    "ContactState",
+    "EndpointRegistration",
+    "Summary",
+    "apply_event",
+    "apply_events",
+    "contact_from_list_item",
+    "contact_from_status_detail",
+    "endpoint_of",
+    "snapshot_from_contact_list",
+    "summarize",
+]
+
+Summary = Literal["online", "offline", "unreachable", "unknown"]
+
+#: Contact statuses that mean the phone is there (NonQualified: registered, not qualified).
+_UP = frozenset({"Reachable", "NonQualified", "Unknown"})
+_PJSIP_PREFIX = "PJSIP/"
+
+
+@dataclass(frozen=True)
+class ContactState:
+    """One registered contact of an endpoint."""
+
+    aor: str
+    uri: str
+    status: str
+    #: Round-trip time in microseconds; ``None`` when not measured (``N/A``, unqualified).
+    rtt_usec: int | None = None
+    user_agent: str | None = None
+    #: ``ip:port`` the REGISTER came from (``ViaAddr:ViaPort``).
+    source: str | None = None
+    #: Epoch seconds the registration expires, when known (``ExpirationTime``).
+    expires_at: int | None = None
+    #: ``<aor>;@<hash>``: the astdb key suffix needed to delete the contact.
+    object_name: str | None = None
+
+
+@dataclass(frozen=True)
+class EndpointRegistration:
+    """What is known about one endpoint's registration."""
+
+    endpoint: str
+    contacts: tuple[ContactState, ...] = ()
+    peer_status: str | None = None
+    device_state: str | None = None
+    #: ``False`` once Asterisk said ``INVALID``: no such device (deleted and reloaded).
+    exists: bool = True
+    #: ``True`` once a status event came: Asterisk tracks this endpoint.
+    tracked: bool = False
+    last_auth_at: float | None = None
+    last_auth_from: str | None = None
+    #: Asterisk's ``Timestamp`` of the last event that changed this record.
+    last_change: float | None = None
+
+    @property
+    def summary(self) -> Summary:
+        return summarize(self)
+
+
+def summarize(reg: EndpointRegistration) -> Summary:
+    """``online``, ``unreachable`` (contacts, none answering), ``offline`` or ``unknown``.
+
+    ``unknown``: nothing but authentications seen (an endpoint Asterisk does not
+    track yet); ask ``PJSIPShowContacts`` to know.
+    """
+    if not reg.exists:
+        return "offline"
+    if any(c.status in _UP for c in reg.contacts):
+        return "online"
+    if reg.contacts:
+        return "unreachable"
+    if reg.peer_status == "Reachable":
+        return "online"
+    if reg.peer_status is not None or reg.device_state is not None:
+        return "offline"
+    return "unknown"
+
+
+def _int_or_none(value: str | None) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except ValueError:
+        return None  # "N/A"
+
+
+def _float_or_none(value: str | None) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def _pjsip_name(value: str) -> str | None:
+    """``PJSIP/1001`` -> ``1001``; anything else is not ours."""
+    if value.startswith(_PJSIP_PREFIX) and len(value) > len(_PJSIP_PREFIX):
+        return value[len(_PJSIP_PREFIX) :]
+    return None
+
+
+def _address(remote: str) -> str | None:
+    """``IPV4/UDP/127.0.0.1/5070`` -> ``127.0.0.1:5070`` (IPv6 gets brackets)."""
+    parts = remote.split("/")
+    if len(parts) != 4:
+        return None
+    family, _proto, host, port = parts
+    return f"[{host}]:{port}" if family.upper() == "IPV6" else f"{host}:{port}"
+
+
+def endpoint_of(event: Mapping[str, str]) -> str | None:
+    """The endpoint an event is about, or ``None`` when the event is not one of ours."""
+    kind = event.get("Event", "")
+    if kind == "ContactStatus":
+        return event.get("EndpointName") or None
+    if kind == "PeerStatus":
+        if event.get("ChannelType", "PJSIP") != "PJSIP":
+            return None
+        return _pjsip_name(event.get("Peer", ""))
+    if kind == "DeviceStateChange":
+        return _pjsip_name(event.get("Device", ""))
+    if kind == "SuccessfulAuth":
+        return (event.get("AccountID") or None) if event.get("Service") == "PJSIP" else None
+    if kind == "ContactList":
+        return event.get("Endpoint") or None
+    return None
+
+
+def _with_contact(reg: EndpointRegistration, contact: ContactState) -> EndpointRegistration:
+    """Put ``contact`` in place of the one with the same AOR and URI (or add it)."""
+    others = tuple(c for c in reg.contacts if (c.aor, c.uri) != (contact.aor, contact.uri))
+    if contact.status == "Removed":
+        return replace(reg, contacts=others)
+    old = next((c for c in reg.contacts if (c.aor, c.uri) == (contact.aor, contact.uri)), None)
+    if old is not None:
+        # A status event carries no user agent or expiry: keep what the snapshot said.
+        contact = replace(
+            contact,
+            user_agent=contact.user_agent or old.user_agent,
+            source=contact.source or old.source,
+            expires_at=contact.expires_at or old.expires_at,
+            object_name=contact.object_name or old.object_name,
+        )
+    return replace(reg, contacts=(*others, contact))
+
+
+def _contact_from_status(event: Mapping[str, str]) -> ContactState:
+    status = event.get("ContactStatus", "")
+    rtt = _int_or_none(event.get("RoundtripUsec"))
+    return ContactState(
+        aor=event.get("AOR", ""),
+        uri=event.get("URI", ""),
+        status=status,
+        rtt_usec=rtt if status in ("Reachable", "Unreachable") else None,
+    )
+
+
+def apply_event(
+    current: EndpointRegistration | None, event: Mapping[str, str]
+) -> EndpointRegistration | None:
+    """The endpoint's record after ``event``; ``current`` unchanged if the event is not ours."""
+    endpoint = endpoint_of(event)
+    if endpoint is None:
+        return current
+    reg = current if current is not None else EndpointRegistration(endpoint)
+    stamp = _float_or_none(event.get("Timestamp"))
+    # The latest time seen, whatever order the events came in.
+    latest = max(filter(None, (stamp, reg.last_change)), default=None)
+    kind = event.get("Event", "")
+    if kind == "ContactStatus":
+        reg = replace(_with_contact(reg, _contact_from_status(event)), exists=True, tracked=True)
+    elif kind == "PeerStatus":
+        peer = event.get("PeerStatus") or None
+        reg = replace(reg, peer_status=peer, tracked=True, exists=reg.exists or peer == "Reachable")
+    elif kind == "DeviceStateChange":
+        state = event.get("State") or None
+        # INVALID: Asterisk has no such device any more; its contacts are not "online".
+        gone = state == "INVALID"
+        reg = replace(
+            reg,
+            device_state=state,
+            exists=not gone,
+            tracked=True,
+            contacts=() if gone else reg.contacts,
+        )
+    elif kind == "SuccessfulAuth":
+        reg = replace(
+            reg,
+            last_auth_at=stamp or reg.last_auth_at,
+            last_auth_from=_address(event.get("RemoteAddress", "")),
+        )
+    elif kind == "ContactList":
+        reg = _with_contact(reg, contact_from_list_item(event))
+    return replace(reg, last_change=latest)
+
+
+def apply_events(
+    book: Mapping[str, EndpointRegistration], events: Iterable[Mapping[str, str]]
+) -> dict[str, EndpointRegistration]:
+    """Fold ``events`` into a copy of ``book`` (endpoint -> record)."""
+    out = dict(book)
+    for event in events:
+        endpoint = endpoint_of(event)
+        if endpoint is None:
+            continue
+        updated = apply_event(out.get(endpoint), event)
+        if updated is not None:
+            out[endpoint] = updated
+    return out
+
+
+def contact_from_list_item(item: Mapping[str, str]) -> ContactState:
+    """A ``ContactList`` event of ``PJSIPShowContacts`` as a :class:`ContactState`."""
+    object_name = item.get("ObjectName", "")
+    aor = object_name.split(";@", 1)[0] if ";@" in object_name else item.get("AOR", "")
+    via, port = item.get("ViaAddr", ""), item.get("ViaPort", "")
+    return ContactState(
+        aor=aor,
+        uri=item.get("Uri", ""),
+        status=item.get("Status", ""),
+        rtt_usec=_int_or_none(item.get("RoundtripUsec")),
+        user_agent=item.get("UserAgent") or None,
+        source=f"{via}:{port}" if via and port else (via or None),
+        expires_at=_int_or_none(item.get("ExpirationTime")),
+        object_name=object_name or None,
+    )
+
+
+def snapshot_from_contact_list(
+    items: Iterable[Mapping[str, str]],
+) -> dict[str, EndpointRegistration]:
+    """Endpoint -> record from a whole ``PJSIPShowContacts`` answer (the truth right now)."""
+    out: dict[str, EndpointRegistration] = {}
+    for item in items:
+        endpoint = endpoint_of({**item, "Event": "ContactList"})
+        if endpoint is None:
+            continue
+        reg = out.get(endpoint) or EndpointRegistration(endpoint)
+        out[endpoint] = _with_contact(reg, contact_from_list_item(item))
+    return out
+
+
+def contact_from_status_detail(item: Mapping[str, str]) -> ContactState:
+    """A ``ContactStatusDetail`` event (of ``PJSIPShowEndpoint``) as a :class:`ContactState`."""
+    return ContactState(
+        aor=item.get("AOR", ""),
+        uri=item.get("URI", ""),
+        status=item.get("Status", ""),
+        rtt_usec=_int_or_none(item.get("RoundtripUsec")),
+        user_agent=item.get("UserAgent") or None,
+        source=item.get("ViaAddress") or None,
+        expires_at=_int_or_none(item.get("RegExpire")),
+        object_name=item.get("ID") or None,
+    )

@@ -1,0 +1,346 @@
+"""Reloading res_pjsip without hurting Asterisk, and the other PJSIP actions.
+
+A ``res_pjsip.so`` reload is the expensive, rare event (95 s with 50,000
+endpoints in the lab), so :class:`ReloadCoordinator` makes sure that, per server:
+
+- requests merge: any number of :meth:`~ReloadCoordinator.request` calls while a
+  reload waits or runs become one pending reload (a reload already running may
+  have read the configuration before the change, so it never counts for requests
+  made while it ran);
+- at most one ``Action: Reload`` / ``Module: res_pjsip.so`` is in flight;
+- ``A reload is in progress`` (someone else's reload) is retried at most
+  ``reload_retries`` times, the delay doubling from ``reload_retry_delay``;
+- between two reloads there is a gap of
+  ``max(reload_min_gap, reload_gap_factor * last reload's duration)``, so a slow
+  Asterisk gets proportionally more rest;
+- a server that is down keeps its pending reload until it is back; a reload cut
+  by a lost connection stays pending too (a reload is idempotent, and Asterisk may
+  have restarted), while a timed-out one does not (it started after the requests,
+  so when Asterisk finishes it, it includes them);
+- every outcome is logged as ``ami.reload`` (server, module, result, took_ms).
+
+:class:`PjsipOps` holds the other actions the provisioner needs: expiring an
+object from a sorcery memory cache, asking whether an endpoint is live,
+listing contacts and deleting a stale contact from astdb.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from ..config import AmiSettings
+from ..errors import InvalidInput
+from ..logs import get_logger
+from ._aio import sleep_unless, wait_first
+from .client import AmiClient, AmiReply
+from .errors import AmiActionFailed, AmiConnectionLost, AmiNotConnected, AmiTimeout
+from .registration import ContactState, contact_from_list_item, contact_from_status_detail
+
+__all__ = [
+    "EndpointDetail",
+    "ExpireResult",
+    "PjsipOps",
+    "ReloadCoordinator",
+    "ReloadOutcome",
+    "ReloadResult",
+]
+
+log = get_logger(__name__)
+
+ReloadResult = Literal["ok", "busy", "error", "timeout", "disconnected", "stopped"]
+ExpireResult = Literal["expired", "not_cached", "no_such_cache"]
+
+_IN_PROGRESS = "a reload is in progress"
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    """What became of one reload (shared by every request merged into it)."""
+
+    server: str
+    module: str
+    result: ReloadResult
+    took_ms: int
+    attempts: int
+    #: How many requests this reload served.
+    requests: int
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.result == "ok"
+
+
+class ReloadCoordinator:
+    """Merges reload requests for one server and runs them one at a time, spaced out."""
+
+    def __init__(
+        self,
+        client: AmiClient,
+        settings: AmiSettings | None = None,
+        *,
+        module: str = "res_pjsip.so",
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.client = client
+        self.settings = settings or client.settings
+        self.module = module
+        self._clock = clock
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._waiters: list[asyncio.Future[ReloadOutcome]] = []
+        self._wake = asyncio.Event()
+        self._next_allowed = 0.0
+        self.in_flight = False
+        #: ``Action: Reload`` messages sent (retries included).
+        self.actions_sent = 0
+        self.last_outcome: ReloadOutcome | None = None
+
+    @property
+    def pending(self) -> int:
+        """Requests waiting for a reload that has not started yet."""
+        return len(self._waiters)
+
+    def request(self) -> asyncio.Future[ReloadOutcome]:
+        """Ask for a reload; the future gets the outcome of the reload that serves it.
+
+        Never raises and never blocks; awaiting the future is optional.
+        """
+        future: asyncio.Future[ReloadOutcome] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        self._wake.set()
+        return future
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve requests until ``stop`` is set; pending requests then get ``stopped``."""
+        while not stop.is_set():
+            await wait_first(stop, self._wake)
+            if stop.is_set():
+                break
+            if not await self._ready(stop):
+                continue
+            batch, self._waiters = self._waiters, []
+            self._wake.clear()
+            outcome = await self._reload(stop, len(batch))
+            if outcome.result == "disconnected":
+                # Kept for when the server is back (see the module docstring).
+                self._waiters = batch + self._waiters
+                self._wake.set()
+                continue
+            self._resolve(batch, outcome)
+        self._resolve(self._waiters, self._stopped())
+        self._waiters = []
+
+    async def _ready(self, stop: asyncio.Event) -> bool:
+        """Wait for a connection and for the gap after the last reload."""
+        await wait_first(stop, self.client.connected_event)
+        wait = self._next_allowed - self._clock()
+        if wait > 0 and await sleep_unless(stop, wait):
+            return False
+        return not stop.is_set() and self.client.connected
+
+    def _resolve(self, batch: list[asyncio.Future[ReloadOutcome]], outcome: ReloadOutcome) -> None:
+        for future in batch:
+            if not future.done():
+                future.set_result(outcome)
+
+    def _stopped(self) -> ReloadOutcome:
+        return ReloadOutcome(self.client.name, self.module, "stopped", 0, 0, len(self._waiters))
+
+    async def _reload(self, stop: asyncio.Event, requests: int) -> ReloadOutcome:
+        """Send the reload, retrying only ``A reload is in progress``, and log the outcome."""
+        self.in_flight = True
+        attempts, delay = 0, self.settings.reload_retry_delay
+        try:
+            while True:
+                attempts += 1
+                result, message, took = await self._send_once()
+                if result == "busy" and attempts <= self.settings.reload_retries:
+                    self._log(result="in_progress", took=took, attempts=attempts, requests=requests)
+                    if await sleep_unless(stop, delay * (0.8 + self._rng.random() * 0.4)):
+                        result, message = "stopped", "stopped while waiting to retry"
+                    else:
+                        delay *= 2
+                        continue
+                break
+        finally:
+            self.in_flight = False
+        gap = max(self.settings.reload_min_gap, self.settings.reload_gap_factor * took)
+        self._next_allowed = self._clock() + gap
+        outcome = ReloadOutcome(
+            self.client.name, self.module, result, round(took * 1000), attempts, requests, message
+        )
+        self.last_outcome = outcome
+        self._log(result=result, took=took, attempts=attempts, requests=requests, message=message)
+        return outcome
+
+    async def _send_once(self) -> tuple[ReloadResult, str, float]:
+        started = self._clock()
+        self.actions_sent += 1
+        result: ReloadResult
+        try:
+            reply = await self.client.send_action(
+                "Reload", [("Module", self.module)], timeout=self.settings.reload_timeout
+            )
+        except (AmiNotConnected, AmiConnectionLost) as exc:
+            result, message = "disconnected", exc.reason
+        except AmiTimeout as exc:
+            result, message = "timeout", exc.reason
+        else:
+            message = reply.message
+            if reply.ok:
+                result = "ok"
+            elif _IN_PROGRESS in message.lower():
+                result = "busy"
+            else:
+                result = "error"
+        return result, message, self._clock() - started
+
+    def _log(
+        self, *, result: str, took: float, attempts: int, requests: int, message: str = ""
+    ) -> None:
+        level = log.info if result in ("ok", "in_progress") else log.warning
+        level(
+            "ami.reload",
+            server=self.client.name,
+            module=self.module,
+            result=result,
+            took_ms=round(took * 1000),
+            attempts=attempts,
+            requests=requests,
+            message=message,
+        )
+
+
+@dataclass(frozen=True)
+class EndpointDetail:
+    """An endpoint as Asterisk holds it right now (``PJSIPShowEndpoint``)."""
+
+    endpoint: str
+    device_state: str
+    aors: tuple[str, ...]
+    auths: tuple[str, ...]
+    contacts: tuple[ContactState, ...]
+    #: ``(ObjectType, ObjectName)`` of every object listed (endpoint, auth, aor, transport).
+    objects: tuple[tuple[str, str], ...]
+
+
+_HASH = re.compile(r"[A-Za-z0-9]{1,128}")
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(part for part in (p.strip() for p in value.split(",")) if part)
+
+
+class PjsipOps:
+    """One-shot PJSIP actions on one server; errors other than the expected ones raise."""
+
+    def __init__(self, client: AmiClient, caches: Sequence[str] | None = None) -> None:
+        self.client = client
+        self.caches = tuple(client.server.sorcery_caches if caches is None else caches)
+        #: ``The provided cache does not exist`` answers seen (a sorcery.conf mismatch).
+        self.missing_cache_warnings = 0
+
+    async def expire(self, cache: str, object_id: str) -> ExpireResult:
+        """``SorceryMemoryCacheExpireObject``: make Asterisk re-read ``object_id``.
+
+        A cache Asterisk does not have is logged (``ami.cache_missing``) and counted,
+        not raised: the object is then read from the database anyway.
+        """
+        reply = await self.client.send_action(
+            "SorceryMemoryCacheExpireObject", [("Cache", cache), ("Object", object_id)]
+        )
+        if reply.ok:
+            return "expired"
+        text = reply.message.lower()
+        if "cache does not exist" in text:
+            self.missing_cache_warnings += 1
+            log.warning(
+                "ami.cache_missing",
+                server=self.client.name,
+                cache=cache,
+                count=self.missing_cache_warnings,
+            )
+            return "no_such_cache"
+        if "could not be expired" in text:
+            return "not_cached"
+        raise AmiActionFailed(self.client.name, "SorceryMemoryCacheExpireObject", reply.message)
+
+    async def expire_everywhere(self, object_id: str) -> dict[str, ExpireResult]:
+        """Expire ``object_id`` from every configured cache, one action each."""
+        return {cache: await self.expire(cache, object_id) for cache in self.caches}
+
+    async def show_endpoint(self, endpoint_id: str) -> EndpointDetail | None:
+        """The endpoint as Asterisk has it, or ``None`` when Asterisk does not know it.
+
+        After a reload this is how to tell that an endpoint is live: a reload
+        reports success even when it dropped an object it could not parse.
+        """
+        reply = await self.client.send_action("PJSIPShowEndpoint", [("Endpoint", endpoint_id)])
+        if not reply.ok:
+            if "unable to retrieve endpoint" in reply.message.lower():
+                return None
+            raise AmiActionFailed(self.client.name, "PJSIPShowEndpoint", reply.message)
+        return _endpoint_detail(endpoint_id, reply)
+
+    async def show_contacts(self) -> list[ContactState]:
+        """Every registered contact (``PJSIPShowContacts``); ``No Contacts found`` is ``[]``."""
+        reply = await self.client.send_action("PJSIPShowContacts")
+        if not reply.ok:
+            if "no contacts found" in reply.message.lower():
+                return []
+            raise AmiActionFailed(self.client.name, "PJSIPShowContacts", reply.message)
+        return [
+            contact_from_list_item(event.as_dict())
+            for event in reply.events
+            if event.event == "ContactList"
+        ]
+
+    async def remove_contact(self, aor: str, contact_hash: str) -> bool:
+        """Delete the contact ``<aor>;@<hash>`` from astdb (``DBDel``, Family ``registrar``).
+
+        ``True``: deleted; ``False``: no such key.  A prefix would match nothing
+        (astdb trees split on ``/``), so the full key is required.
+        """
+        if not aor or "/" in aor:
+            raise InvalidInput.one("aor", "must be a non-empty AOR name without '/'")
+        if not _HASH.fullmatch(contact_hash):
+            raise InvalidInput.one("hash", "must be the contact's hash (letters and digits)")
+        reply = await self.client.send_action(
+            "DBDel", [("Family", "registrar"), ("Key", f"contact/{aor};@{contact_hash}")]
+        )
+        if reply.ok:
+            return True
+        if "not found" in reply.message.lower():
+            return False
+        raise AmiActionFailed(self.client.name, "DBDel", reply.message)
+
+    async def remove_contact_object(self, object_name: str) -> bool:
+        """:meth:`remove_contact` by the ``ObjectName`` (``<aor>;@<hash>``) of a contact."""
+        aor, sep, contact_hash = object_name.partition(";@")
+        if not sep:
+            raise InvalidInput.one("object_name", "must look like '<aor>;@<hash>'")
+        return await self.remove_contact(aor, contact_hash)
+
+
+def _endpoint_detail(endpoint_id: str, reply: AmiReply) -> EndpointDetail:
+    device_state = ""
+    aors: tuple[str, ...] = ()
+    auths: tuple[str, ...] = ()
+    contacts: list[ContactState] = []
+    objects: list[tuple[str, str]] = []
+    for event in reply.events:
+        if event.get("ObjectType"):
+            objects.append((event.get("ObjectType"), event.get("ObjectName")))
+        if event.event == "EndpointDetail":
+            device_state = event.get("DeviceState")
+            aors, auths = _split(event.get("Aors")), _split(event.get("Auth"))
+        elif event.event == "ContactStatusDetail":
+            contacts.append(contact_from_status_detail(event.as_dict()))
+    return EndpointDetail(endpoint_id, device_state, aors, auths, tuple(contacts), tuple(objects))

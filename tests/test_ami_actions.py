@@ -1,0 +1,244 @@
+"""Pure AMI wire format: building and validating actions, bounded parsing of replies."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from panoramisk.message import Message
+
+from provisioner.ami import AmiClient
+from provisioner.ami.actions import (
+    MAX_ACTION_LINE_BYTES,
+    ActionIdGenerator,
+    FrameDecoder,
+    FrameTooLarge,
+    build_action,
+)
+from provisioner.errors import InvalidInput
+
+from .amipeer import FakeAsterisk, Transcripts, fast_settings, load_transcripts, server_for
+
+T = TypeVar("T")
+BANNER = b"Asterisk Call Manager/11.0.0\r\n"
+NASTY = [
+    "\r",
+    "\n",
+    "\r\n",
+    "\x00",
+    "\x1b",
+    "\x7f",
+    "\x85",
+    "\u2028",
+    ":",
+    " ",
+    "Action: Originate",
+]
+values = st.lists(st.one_of(st.text(max_size=20), st.sampled_from(NASTY)), max_size=6).map("".join)
+
+
+def test_action_keeps_header_order_and_crlf() -> None:
+    """An action is Action, ActionID, then the headers in the caller's order, CRLF-ended."""
+    action = build_action("Reload", [("Module", "res_pjsip.so"), ("B", "2")], action_id="id-1")
+    assert action.encode() == (
+        b"Action: Reload\r\nActionID: id-1\r\nModule: res_pjsip.so\r\nB: 2\r\n\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "bad", ["a\rb", "a\nb", "a\r\nAction: Originate", "nul\x00", "tab\t", "\x85"]
+)
+def test_control_characters_are_refused_naming_the_header(bad: str) -> None:
+    """CR, LF, NUL and any other control character in a value raise InvalidInput for that header."""
+    with pytest.raises(InvalidInput) as caught:
+        build_action("DBDel", [("Family", "registrar"), ("Key", bad)], action_id="1")
+    assert [p.field for p in caught.value.problems] == ["Key"]
+
+
+def test_bad_names_reserved_headers_and_long_lines_are_refused() -> None:
+    """Header names with ':' or spaces, Action/ActionID as headers and >1024-byte lines fail."""
+    with pytest.raises(InvalidInput):
+        build_action("Ping", [("Bad: Name", "x")], action_id="1")
+    with pytest.raises(InvalidInput):
+        build_action("Ping", [("ActionID", "x")], action_id="1")
+    with pytest.raises(InvalidInput):
+        build_action("Ping\r\nAction: Originate", [], action_id="1")
+    fits = "x" * (MAX_ACTION_LINE_BYTES - len("Key: ") - 2)
+    build_action("DBDel", [("Key", fits)], action_id="1")
+    with pytest.raises(InvalidInput):
+        build_action("DBDel", [("Key", fits + "x")], action_id="1")
+
+
+def test_secrets_are_masked_for_logs() -> None:
+    """loggable() never shows the Secret value."""
+    action = build_action("Login", [("Username", "u"), ("Secret", "s3cret")], action_id="1")
+    assert "s3cret" not in repr(action.loggable())
+
+
+def test_action_ids_are_unique() -> None:
+    """Two generators never produce the same ActionID."""
+    first, second = ActionIdGenerator(), ActionIdGenerator()
+    ids = {first() for _ in range(100)} | {second() for _ in range(100)}
+    assert len(ids) == 200
+
+
+@given(key=st.sampled_from(["Key", "Variable", "X-Y", "Bad Name", "A:B", ""]), value=values)
+def test_built_actions_are_exactly_one_action_on_the_wire(key: str, value: str) -> None:
+    """Any value either raises or yields exactly one action with exactly its headers."""
+    try:
+        action = build_action("DBDel", [(key, value)], action_id="id-1")
+    except InvalidInput:
+        return
+    # Asterisk ends lines at LF (with or without CR) and actions at a blank line.
+    wire = action.encode().decode().replace("\r\n", "\n")
+    actions = [a for a in wire.split("\n\n") if a]
+    assert len(actions) == 1
+    assert actions[0].split("\n") == ["Action: DBDel", "ActionID: id-1", f"{key}: {value}"]
+
+
+@functools.cache
+def _transcripts() -> Transcripts:
+    return load_transcripts()
+
+
+def _recorded(*needles: str) -> bytes:
+    return _transcripts().find_message(*needles)
+
+
+def test_extra_blank_line_after_errors_is_skipped() -> None:
+    """Asterisk's 'Message: ...\\n\\r\\n\\r\\n' (responses_and_errors.txt) is one message."""
+    data = _transcripts().candidates("SorceryMemoryCacheExpireObject")[0].reply
+    assert b"exist\n\r\n\r\n" in data
+    decoder = FrameDecoder()
+    messages = decoder.feed(BANNER + data + _recorded("Ping: Pong"))
+    assert [m.message or m.get("Ping") for m in messages] == [
+        "The provided cache does not exist",
+        "Pong",
+    ]
+
+
+@given(cuts=st.lists(st.integers(min_value=0, max_value=6000), max_size=8))
+def test_chunking_does_not_change_the_messages(cuts: list[int]) -> None:
+    """However the stream is split into reads, the same messages come out."""
+    data = BANNER + _transcripts().candidates("PJSIPShowEndpoint")[0].reply
+    whole = FrameDecoder().feed(data)
+    decoder = FrameDecoder()
+    pieces, last = [], 0
+    for cut in sorted(c % (len(data) + 1) for c in cuts):
+        pieces.append(data[last:cut])
+        last = cut
+    pieces.append(data[last:])
+    assert [m for piece in pieces for m in decoder.feed(piece)] == whole
+
+
+def test_parser_agrees_with_panoramisk_on_recorded_messages() -> None:
+    """On every recorded reply our headers equal panoramisk's Message.from_line parse."""
+    for raw in _transcripts().messages():
+        ours = FrameDecoder().feed(BANNER + raw)
+        if not ours or ours[0].get("Response") in ("Follows", "Fail"):
+            continue
+        theirs = Message.from_line(raw.decode().strip())
+        if theirs is None:
+            continue
+        assert ours[0].event == theirs.event
+        for key, value in ours[0].headers:
+            if len(ours[0].get_all(key)) == 1 and value:
+                # panoramisk keeps what follows ": " verbatim; Asterisk's values match.
+                assert theirs[key].strip() == value.strip()
+
+
+def test_oversized_line_raises_with_bounded_buffer() -> None:
+    """A 10 MB line raises FrameTooLarge once past the bound; the buffer never grows past it."""
+    decoder = FrameDecoder(max_line_bytes=65536)
+    decoder.feed(BANNER + b"Event: Junk\r\nData: ")
+    chunk = b"x" * 65536
+    fed = 0
+
+    def feed_ten_megabytes() -> None:
+        nonlocal fed
+        for _ in range(160):
+            fed += 1
+            decoder.feed(chunk)
+
+    with pytest.raises(FrameTooLarge):
+        feed_ten_megabytes()
+    assert fed <= 2
+    assert decoder.high_water <= 2 * 65536
+
+
+def test_oversized_message_raises() -> None:
+    """A message whose lines add up past max_message_bytes raises FrameTooLarge."""
+    decoder = FrameDecoder(max_line_bytes=2048, max_message_bytes=4096)
+    line = b"Output: " + b"y" * 1000 + b"\r\n"
+    with pytest.raises(FrameTooLarge):
+        decoder.feed(BANNER + b"Event: X\r\n" + line * 5)
+
+
+def test_non_ami_peer_is_refused() -> None:
+    """A first line that is not the AMI banner is refused."""
+    with pytest.raises(ValueError, match="not an AMI peer"):
+        FrameDecoder().feed(b"HTTP/1.1 400 Bad Request\r\n")
+
+
+class _Wire:
+    """A fake Asterisk and a logged-in client on a background event loop thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.peer = FakeAsterisk()
+        self.call(self.peer.start())
+        self.client = AmiClient(server_for(self.peer), fast_settings())
+        self.stop = asyncio.Event()
+        self.runner = asyncio.run_coroutine_threadsafe(self.client.run(self.stop), self.loop)
+        self.call(self._connected())
+
+    async def _connected(self) -> None:
+        await asyncio.wait_for(self.client.connected_event.wait(), 5)
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.runner.result(timeout=5)
+        self.call(self.peer.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def wire() -> Iterator[_Wire]:
+    wire = _Wire()
+    yield wire
+    wire.close()
+
+
+@settings(max_examples=150, deadline=None)
+@given(name=st.sampled_from(["UserEvent", "DBDel", "Ping"]), key=st.text(max_size=8), value=values)
+def test_no_value_adds_a_header_or_action_on_the_wire(
+    wire: _Wire, name: str, key: str, value: str
+) -> None:
+    """Over TCP, the peer sees exactly the one action with exactly the headers sent, or none."""
+    before = len(wire.peer.received)
+    try:
+        wire.call(wire.client.send_action(name, [(key, value)]))
+        sent = True
+    except InvalidInput:
+        sent = False
+    wire.call(wire.client.send_action("Ping"))  # a round trip: everything before it arrived
+    received = wire.peer.received[before:]
+    assert [a.name for a in received] == ([name, "Ping"] if sent else ["Ping"])
+    assert wire.peer.discarded_long_lines == 0
+    if sent:
+        headers = received[0].headers
+        assert [k for k, _ in headers] == ["Action", "ActionID", key]
+        # Asterisk skips blanks after the colon; nothing else may differ.
+        assert headers[2][1] == value.lstrip(" ")

@@ -1,0 +1,242 @@
+"""ReloadCoordinator and PjsipOps over TCP against the transcript-replaying fake Asterisk."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from structlog.testing import capture_logs
+
+from provisioner.ami import AmiClient, PjsipOps, ReloadCoordinator
+from provisioner.errors import InvalidInput
+
+from .amipeer import FakeAsterisk, eventually, fast_settings, run, running, server_for
+
+
+async def _setup(**settings: float) -> tuple[FakeAsterisk, AmiClient, ReloadCoordinator]:
+    peer = FakeAsterisk()
+    await peer.start()
+    client = AmiClient(server_for(peer, sorcery_caches=["ep_cache"]), fast_settings(**settings))
+    return peer, client, ReloadCoordinator(client)
+
+
+def test_reload_success_is_logged() -> None:
+    """One request sends one Reload of res_pjsip.so and logs ami.reload with result ok."""
+
+    async def scenario() -> None:
+        peer, client, reloads = await _setup()
+        with capture_logs() as logs:
+            async with running(client, reloads):
+                outcome = await reloads.request()
+        assert outcome.ok
+        assert outcome.attempts == 1
+        sent = peer.actions("Reload")
+        assert [a.get("Module") for a in sent] == ["res_pjsip.so"]
+        logged = [e for e in logs if e["event"] == "ami.reload"]
+        assert logged[-1]["result"] == "ok"
+        assert {"server", "module", "took_ms"} <= logged[-1].keys()
+        await peer.stop()
+
+    run(scenario())
+
+
+def test_reload_in_progress_is_retried_a_bounded_number_of_times() -> None:
+    """'A reload is in progress' is retried with backoff, then given up after reload_retries."""
+
+    async def scenario() -> None:
+        peer, client, reloads = await _setup(reload_retries=3)
+        peer.reload_busy = 2
+        async with running(client, reloads):
+            first = await reloads.request()
+            peer.reload_busy = 10
+            second = await reloads.request()
+        assert first.ok
+        assert first.attempts == 3
+        assert second.result == "busy"
+        assert second.attempts == 4
+        assert len(peer.actions("Reload")) == 3 + 4
+        await peer.stop()
+
+    run(scenario())
+
+
+def test_requests_during_a_reload_merge_into_one() -> None:
+    """Ten requests while a reload runs give at most two reloads, never two at once."""
+
+    async def scenario() -> None:
+        peer, client, reloads = await _setup()
+        peer.reload_delay = 0.2
+        async with running(client, reloads):
+            await eventually(lambda: client.connected)
+            first = reloads.request()
+            await eventually(lambda: reloads.in_flight)
+            later = [reloads.request() for _ in range(10)]
+            outcomes = await asyncio.gather(first, *later)
+        assert all(o.ok for o in outcomes)
+        assert len(peer.actions("Reload")) == 2
+        assert outcomes[-1].requests == 10
+        await peer.stop()
+
+    run(scenario())
+
+
+def test_gap_grows_with_the_last_reload_duration() -> None:
+    """The next reload waits max(min_gap, factor * last duration) after the previous one."""
+
+    async def scenario() -> None:
+        peer, client, reloads = await _setup(reload_min_gap=0.05, reload_gap_factor=3.0)
+        peer.reload_delay = 0.1
+        loop = asyncio.get_running_loop()
+        async with running(client, reloads):
+            await reloads.request()
+            ended = loop.time()
+            await reloads.request()
+            assert loop.time() - ended >= 0.3 + 0.1
+        await peer.stop()
+
+    run(scenario())
+
+
+def test_pending_reload_waits_for_a_down_server() -> None:
+    """A reload requested while the server is down is sent once it comes back."""
+
+    async def scenario() -> None:
+        peer, client, reloads = await _setup()
+        await peer.stop()
+        async with running(client, reloads):
+            future = reloads.request()
+            reloads.request()
+            await asyncio.sleep(0.1)
+            assert not future.done()
+            await peer.start()
+            outcome = await future
+        assert outcome.ok
+        assert outcome.requests == 2
+        assert len(peer.actions("Reload")) == 1
+        await peer.stop()
+
+    run(scenario())
+
+
+def test_reload_cut_by_a_disconnect_stays_pending() -> None:
+    """A reload whose connection drops is redone after the reconnect, not lost."""
+
+    async def scenario() -> None:
+        peer, client, reloads = await _setup()
+        peer.drop_on = {"Reload"}
+        async with running(client, reloads):
+            future = reloads.request()
+            await eventually(lambda: len(peer.actions("Reload")) == 1)
+            peer.drop_on = set()
+            outcome = await future
+        assert outcome.ok
+        assert len(peer.actions("Reload")) == 2
+        await peer.stop()
+
+    run(scenario())
+
+
+def test_stop_resolves_pending_requests() -> None:
+    """Stopping the coordinator answers waiting requests with 'stopped'."""
+
+    async def scenario() -> None:
+        peer, client, reloads = await _setup()
+        await peer.stop()
+        async with running(client, reloads):
+            future = reloads.request()
+        assert (await future).result == "stopped"
+
+    run(scenario())
+
+
+def test_expire_and_missing_cache() -> None:
+    """Expiring from a known cache succeeds; an unknown cache is a counted warning."""
+
+    async def scenario() -> None:
+        peer, client, _ = await _setup()
+        ops = PjsipOps(client)
+        async with running(client):
+            await eventually(lambda: client.connected)
+            assert await ops.expire_everywhere("1001") == {"ep_cache": "expired"}
+            with capture_logs() as logs:
+                assert await ops.expire("no_such_cache", "1001") == "no_such_cache"
+        assert ops.missing_cache_warnings == 1
+        assert logs[0]["event"] == "ami.cache_missing"
+        sent = peer.actions("SorceryMemoryCacheExpireObject")
+        assert [(a.get("Cache"), a.get("Object")) for a in sent] == [
+            ("ep_cache", "1001"),
+            ("no_such_cache", "1001"),
+        ]
+        await peer.stop()
+
+    run(scenario())
+
+
+def test_show_endpoint_live_and_unknown() -> None:
+    """PJSIPShowEndpoint collects the event list; an unknown endpoint is not live (None)."""
+
+    async def scenario() -> None:
+        peer, client, _ = await _setup()
+        ops = PjsipOps(client)
+        async with running(client):
+            await eventually(lambda: client.connected)
+            detail = await ops.show_endpoint("1001")
+            missing = await ops.show_endpoint("5555")
+        assert detail is not None
+        assert detail.aors == ("1001",)
+        assert detail.auths == ("1001",)
+        assert detail.device_state == "Not in use"
+        assert ("transport", "transport-udp") in detail.objects
+        assert detail.contacts[0].uri == "sip:1001@127.0.0.1:5070;ob"
+        assert detail.contacts[0].object_name == "1001;@4647304968688045788916f1ea15a2ae"
+        assert missing is None
+        await peer.stop()
+
+    run(scenario())
+
+
+def test_show_contacts_list_and_empty() -> None:
+    """PJSIPShowContacts gives the ContactList items; 'No Contacts found' is an empty list."""
+
+    async def scenario() -> None:
+        peer, client, _ = await _setup()
+        ops = PjsipOps(client)
+        async with running(client):
+            await eventually(lambda: client.connected)
+            contacts = await ops.show_contacts()
+            peer.astdb.clear()
+            empty = await ops.show_contacts()
+        assert [(c.aor, c.status, c.source) for c in contacts] == [
+            ("1001", "NonQualified", "127.0.0.1:5070")
+        ]
+        assert contacts[0].expires_at == 1795564605
+        assert contacts[0].user_agent is not None
+        assert empty == []
+        await peer.stop()
+
+    run(scenario())
+
+
+def test_remove_contact_uses_dbdel_with_the_full_key() -> None:
+    """A stale contact is removed with DBDel registrar contact/<aor>;@<hash>, once."""
+
+    async def scenario() -> None:
+        peer, client, _ = await _setup()
+        ops = PjsipOps(client)
+        async with running(client):
+            await eventually(lambda: client.connected)
+            contacts = await ops.show_contacts()
+            name = contacts[0].object_name
+            assert name is not None
+            assert await ops.remove_contact_object(name) is True
+            assert await ops.remove_contact_object(name) is False
+            assert name not in [c.object_name for c in await ops.show_contacts()]
+            with pytest.raises(InvalidInput):
+                await ops.remove_contact("1001", "abc\r\nAction: Originate")
+        sent = peer.actions("DBDel")
+        assert [(a.get("Family"), a.get("Key")) for a in sent] == [
+            ("registrar", "contact/1001;@4647304968688045788916f1ea15a2ae")
+        ] * 2
+        await peer.stop()
+
+    run(scenario())
