@@ -1,0 +1,241 @@
+"""Benchmark of the realtime target (a script, not a test).
+
+    .venv/bin/python -m bench.bench_realtime --users 1000 10000 100000 --backend sqlite postgresql
+
+For each backend and size, in a throwaway database (created and dropped here, as the tests
+do), it measures:
+
+* ``sync``: a full :meth:`RealtimeTarget.apply` into empty tables (rows + ownership records);
+* ``raw``: the same rows inserted by the driver's own ``cursor.executemany`` in one
+  transaction into fresh tables (no ownership records, no comparison): the floor;
+* ``core``: the same rows through SQLAlchemy Core ``executemany`` in one transaction;
+* ``ratio``: sync / raw;
+* ``unchanged``: a second full apply with nothing changed (must write nothing);
+* ``drift``: a full apply after one row was edited by hand (it must put it back);
+* ``partial``: one changed user through :meth:`RealtimeTarget.apply_partial`;
+* peak RSS of the process so far (``ru_maxrss``).
+
+Rendering (``pjsip.render_all``) is timed separately and not part of ``sync``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, Table, select
+
+from provisioner.model import User, Voice
+from provisioner.pjsip import RenderSettings, UserObjects, render_all
+from provisioner.store.engine import open_engine
+from provisioner.targets.asterisk_schema import ps_aors, ps_auths, ps_endpoints
+from provisioner.targets.realtime import RealtimeTarget
+from tests.dbs import temp_database
+
+__all__ = ["main", "make_users"]
+
+T = TypeVar("T")
+_TABLES = (ps_endpoints, ps_auths, ps_aors)
+
+
+def make_users(count: int, realm: str = "asterisk") -> list[User]:
+    """``count`` valid users with varied voice settings, extensions from 100000."""
+    users = []
+    transports = ("udp", "udp", "udp", "tcp", "wss")
+    for i in range(count):
+        name = f"user{i}"
+        secret = f"{name}:{realm}:secret{i}".encode()
+        users.append(
+            User(
+                id=i + 1,
+                role="user",
+                username=name,
+                full_name=f"Agent Number {i}",
+                email=f"{name}@example.com",
+                extension=str(100000 + i),
+                voice=Voice(transport=transports[i % 5], nat="yes" if i % 3 else "no"),
+                sip_realm=realm,
+                sip_md5=hashlib.md5(secret).hexdigest(),  # noqa: S324 (SIP digest, by design)
+                sip_sha256=hashlib.sha256(secret).hexdigest(),
+            )
+        )
+    return users
+
+
+def _timed(fn: Callable[[], T]) -> tuple[T, float]:
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextmanager
+def _database(backend: str, scratch: Path) -> Iterator[Engine]:
+    with temp_database(backend, scratch) as url:
+        engine = open_engine(url)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
+
+
+def _read_rows(engine: Engine) -> dict[Table, list[dict[str, Any]]]:
+    """Every row of the three tables as written by the target, only non-NULL-able columns."""
+    out: dict[Table, list[dict[str, Any]]] = {}
+    with engine.connect() as conn:
+        for table in _TABLES:
+            rows = [dict(r._mapping) for r in conn.execute(select(table))]
+            used = [c for c in table.c if any(r[c.name] is not None for r in rows[:100])]
+            out[table] = [{c.name: r[c.name] for c in used} for r in rows]
+    return out
+
+
+def _raw_insert(engine: Engine, rows: dict[Table, list[dict[str, Any]]]) -> float:
+    """The driver's ``executemany`` of ``rows`` in one transaction (SQL compiled by Core)."""
+    RealtimeTarget(engine).create_tables()
+    prepared = []
+    for table, dicts in rows.items():
+        if not dicts:
+            continue
+        columns = list(dicts[0])
+        compiled = table.insert().compile(dialect=engine.dialect, column_keys=columns)
+        # Outside the timing: parameters in the driver's own style (positional for sqlite3,
+        # named with escaped names for psycopg and pymysql).
+        escaped = compiled.escaped_bind_names or {}
+        params: list[Any] = []
+        for d in dicts:
+            bound = compiled.construct_params(d)
+            if compiled.positional:
+                params.append(tuple(bound[k] for k in compiled.positiontup or []))
+            else:
+                params.append({escaped.get(k, k): v for k, v in bound.items()})
+        prepared.append((str(compiled), params))
+    raw = engine.raw_connection()
+    try:
+        start = time.perf_counter()
+        cur = raw.cursor()
+        if engine.dialect.name == "sqlite":
+            cur.execute("BEGIN IMMEDIATE")
+        for sql, params in prepared:
+            cur.executemany(sql, params)
+        raw.commit()
+        took = time.perf_counter() - start
+        cur.close()
+    finally:
+        raw.close()
+    return took
+
+
+def _core_insert(engine: Engine, rows: dict[Table, list[dict[str, Any]]]) -> float:
+    """SQLAlchemy Core ``executemany`` of ``rows`` in one transaction."""
+    RealtimeTarget(engine).create_tables()
+    start = time.perf_counter()
+    with engine.begin() as conn:
+        for table, dicts in rows.items():
+            if dicts:
+                conn.execute(table.insert(), dicts)
+    return time.perf_counter() - start
+
+
+def _hand_edit(engine: Engine, endpoint_id: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            ps_endpoints.update()
+            .where(ps_endpoints.c.id == endpoint_id)
+            .values(context="edited-by-hand")
+        )
+
+
+def run_one(backend: str, count: int, scratch: Path) -> dict[str, float]:
+    """All measurements for one backend and size."""
+    settings = RenderSettings()
+    users = make_users(count)
+    (objects, skipped), render_s = _timed(lambda: render_all(users, settings))
+    assert not skipped, skipped[:3]
+    figures: dict[str, float] = {"users": count, "render_s": render_s}
+    with _database(backend, scratch) as engine:
+        target = RealtimeTarget(engine)
+        target.create_tables()
+        change, figures["sync_s"] = _timed(lambda: target.apply(objects))
+        assert len(change.added) == count, change
+        again, figures["unchanged_s"] = _timed(lambda: target.apply(objects))
+        assert again.empty and not again.wrote, again
+        victim = objects[count // 2]
+        _hand_edit(engine, victim.endpoint_id)
+        healed, figures["drift_s"] = _timed(lambda: target.apply(objects))
+        assert healed.updated == (victim.endpoint_id,), healed
+        one = _changed(victim)
+        part, figures["partial_s"] = _timed(lambda: target.apply_partial([one], []))
+        assert part.updated == (victim.endpoint_id,), part
+        rows = _read_rows(engine)
+    with _database(backend, scratch) as engine:
+        figures["raw_s"] = _raw_insert(engine, rows)
+    with _database(backend, scratch) as engine:
+        figures["core_s"] = _core_insert(engine, rows)
+    figures["ratio"] = figures["sync_s"] / figures["raw_s"]
+    figures["rows_per_s"] = 3 * count / figures["sync_s"]
+    figures["peak_rss_mb"] = _peak_rss_mb()
+    return figures
+
+
+def _changed(obj: UserObjects) -> UserObjects:
+    """``obj`` with its AOR's max_contacts changed."""
+    aor = tuple((k, "7" if k == "max_contacts" else v) for k, v in obj.aor)
+    return replace(obj, aor=aor)
+
+
+_COLUMNS = (
+    ("users", "{:>7.0f}"),
+    ("sync_s", "{:>8.3f}"),
+    ("rows_per_s", "{:>9.0f}"),
+    ("raw_s", "{:>7.3f}"),
+    ("core_s", "{:>7.3f}"),
+    ("ratio", "{:>6.2f}"),
+    ("unchanged_s", "{:>11.3f}"),
+    ("drift_s", "{:>8.3f}"),
+    ("partial_s", "{:>9.4f}"),
+    ("render_s", "{:>8.3f}"),
+    ("peak_rss_mb", "{:>11.0f}"),
+)
+
+
+def _print_header(backend: str) -> None:
+    print(f"\n== {backend}")
+    print(" ".join(f"{name:>{len(fmt.format(0))}}" for name, fmt in _COLUMNS))
+
+
+def _print_row(figures: dict[str, float]) -> None:
+    print(" ".join(fmt.format(figures[name]) for name, fmt in _COLUMNS), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark for every requested size and backend; print one table per backend."""
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_realtime")
+    parser.add_argument("--users", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument(
+        "--backend", nargs="+", default=["sqlite"], choices=["sqlite", "postgresql", "mariadb"]
+    )
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench_realtime_") as tmp:
+        for backend in args.backend:
+            _print_header(backend)
+            for count in args.users:
+                _print_row(run_one(backend, count, Path(tmp)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

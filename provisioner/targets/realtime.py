@@ -1,0 +1,594 @@
+"""The realtime target: users as rows of Asterisk's ``ps_endpoints``, ``ps_auths`` and ``ps_aors``.
+
+Each option of :class:`~provisioner.pjsip.UserObjects` is written to the column of the same
+name; the object id goes in ``id``.  An apply reads what is there, compares desired and
+existing rows as plain tuples, and in one transaction inserts, updates and deletes only the
+rows that differ.
+
+Ownership: provisioner records every row it creates in ``provisioner_objects`` (same
+database).  Only recorded rows are ever updated or deleted.  A user whose endpoint, auth or
+AOR id is taken by a row provisioner did not create (a trunk, a hand-made endpoint) is
+skipped and reported in :attr:`Change.conflicts`; the foreign row is left exactly as it is.
+
+Drift: every apply compares the full contents of the managed columns (those the mapping
+writes, plus the SQLite defaults), not a stored hash, so a managed column edited by hand is
+put back by the next full apply.  Columns provisioner never writes are left as they are.
+
+SQLite (res_config_sqlite3) turns NULL into ``''`` in multi-row fetches and many options
+reject ``''``, so on SQLite the columns Asterisk needs are filled with Asterisk's defaults
+where the mapping gives no value (:data:`SQLITE_DEFAULTS`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Float,
+    Integer,
+    String,
+    Table,
+    and_,
+    bindparam,
+    not_,
+    select,
+    type_coerce,
+)
+from sqlalchemy.sql.expression import Executable
+
+from ..errors import InvalidInput
+from ..pjsip import Options, UserObjects, auth_id
+from ..store.engine import open_engine
+from . import Change
+from .asterisk_schema import OWNED_KINDS, metadata, provisioner_objects
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+__all__ = ["MAPPED_COLUMNS", "REDACTED_COLUMNS", "SQLITE_DEFAULTS", "RealtimeTarget"]
+
+Value = str | int | float | None
+Row = tuple[Value, ...]
+
+#: Columns the PJSIP mapping writes, per kind: always compared and written, so an option
+#: the mapping stops giving (``md5_cred`` after switching to ``userpass``) is cleared.
+MAPPED_COLUMNS: Mapping[str, tuple[str, ...]] = {
+    "endpoint": (
+        "transport",
+        "aors",
+        "auth",
+        "context",
+        "disallow",
+        "allow",
+        "callerid",
+        "call_group",
+        "pickup_group",
+        "direct_media",
+        "force_rport",
+        "rewrite_contact",
+        "rtp_symmetric",
+        "webrtc",
+    ),
+    "auth": (
+        "auth_type",
+        "username",
+        "realm",
+        "md5_cred",
+        "password_digest",
+        "supported_algorithms_uas",
+        "supported_algorithms_uac",
+    ),
+    "aor": ("max_contacts", "remove_existing", "qualify_frequency"),
+}
+
+#: Asterisk's defaults for the columns res_config_sqlite3 cannot leave NULL (shared README,
+#: "SQLite driver: NULL columns break list queries"); used on SQLite where the mapping is silent.
+SQLITE_DEFAULTS: Mapping[str, Mapping[str, Value]] = {
+    "endpoint": {
+        "allow": "ulaw,alaw",
+        "connected_line_method": "invite",
+        "direct_media_method": "invite",
+        "direct_media_glare_mitigation": "none",
+        "dtmf_mode": "rfc4733",
+        "timers_min_se": 90,
+        "timers": "yes",
+        "timers_sess_expires": 1800,
+        "callerid_privacy": "allowed_not_screened",
+        "100rel": "yes",
+        "media_encryption": "no",
+        "device_state_busy_at": 0,
+        "t38_udptl_ec": "none",
+        "t38_udptl_maxdatagram": 0,
+        "tos_audio": "0",
+        "tos_video": "0",
+        "sub_min_expiry": 0,
+        "dtls_verify": "no",
+        "dtls_rekey": "0",
+        "redirect_method": "user",
+        "cos_audio": 0,
+        "cos_video": 0,
+        "rtp_keepalive": 0,
+        "rtp_timeout": 0,
+        "rtp_timeout_hold": 0,
+        "fax_detect_timeout": 0,
+        "max_audio_streams": 1,
+        "max_video_streams": 1,
+        "incoming_call_offer_pref": "local",
+        "outgoing_call_offer_pref": "remote_merge",
+        "security_negotiation": "no",
+        "rtp_port_start": 0,
+        "rtp_port_end": 0,
+        # Not required for list queries, but NULL makes Asterisk warn on every call.
+        "sdp_owner": "-",
+        "sdp_session": "Asterisk",
+    },
+    "auth": {"auth_type": "userpass", "nonce_lifetime": 32},
+    "aor": {
+        "default_expiration": 3600,
+        "max_contacts": 0,
+        "minimum_expiration": 60,
+        "qualify_frequency": 0,
+        "maximum_expiration": 7200,
+        "qualify_timeout": 3.0,
+    },
+}
+
+#: Secrets: a diff shows ``[redacted]`` instead of their values.
+REDACTED_COLUMNS = frozenset(
+    {"password_digest", "md5_cred", "password", "oauth_secret", "refresh_token"}
+)
+
+#: Ids per ``IN (...)``: well under every driver's bound-parameter limit.
+CHUNK = 500
+
+_KINDS = ("endpoint", "auth", "aor")
+_AUTH_SUFFIX = auth_id("")
+
+
+def _chunks(items: Sequence[str], size: int = CHUNK) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _converter(table: Table, column: str) -> Callable[[Any], Value]:
+    """How an option's text becomes the value the database returns for ``column``."""
+    kind = table.c[column].type
+    if isinstance(kind, Integer):
+        return int
+    if isinstance(kind, Float):
+        return float
+    return str
+
+
+def _user_key(kind: str, object_id: str) -> str:
+    """The endpoint id an object belongs to (auth ids are ``<endpoint>-auth``)."""
+    if kind == "auth" and object_id.endswith(_AUTH_SUFFIX):
+        return object_id[: -len(_AUTH_SUFFIX)]
+    return object_id
+
+
+_first = itemgetter(0)
+_second = itemgetter(1)
+
+
+def _ordered(ids: Iterable[str]) -> list[str]:
+    """Extension order: by length, then text (``99`` before ``100``)."""
+    return sorted(ids, key=lambda i: (len(i), i))
+
+
+_PARTS: dict[str, Callable[[UserObjects], tuple[str, Options]]] = {
+    "endpoint": lambda o: (o.endpoint_id, o.endpoint),
+    "auth": lambda o: (o.auth_id, o.auth),
+    "aor": lambda o: (o.aor_id, o.aor),
+}
+
+
+class _Shape:
+    """One table's managed columns for one apply, and how options become comparable rows.
+
+    ``variable`` columns (what the mapping writes, in the options' own order) are read and
+    compared as tuples ``(id, *values)``; ``constant`` columns (SQLite fill-ins the mapping
+    never sets) are the same for every row, so the database itself finds rows that differ.
+    """
+
+    def __init__(
+        self, kind: str, fill: Mapping[str, Value], signatures: Iterable[tuple[str, ...]]
+    ) -> None:
+        self.kind = kind
+        self.table = OWNED_KINDS[kind]
+        order: dict[str, None] = {}
+        for names in signatures:
+            order.update(dict.fromkeys(names))
+        order.update(dict.fromkeys(c for c in MAPPED_COLUMNS[kind]))
+        unknown = [c for c in order if c not in self.table.c or c == "id"]
+        if unknown:
+            raise InvalidInput.one(
+                kind, f"{', '.join(unknown)} is not a column of {self.table.name}"
+            )
+        self.variable: tuple[str, ...] = tuple(order)
+        self._convert = {c: _converter(self.table, c) for c in (*order, *fill)}
+        self._fill = {c: self._convert[c](v) for c, v in fill.items()}
+        self.constant: dict[str, Value] = {c: v for c, v in self._fill.items() if c not in order}
+        self.columns: tuple[str, ...] = (*self.variable, *self.constant)
+        self._builders: dict[tuple[str, ...], Callable[[str, Options], Row]] = {}
+
+    def rows(self, items: Iterable[tuple[str, Options]]) -> dict[str, Row]:
+        """``{id: (id, *variable values)}``; unset columns get Asterisk's default or NULL."""
+        builders = self._builders
+        out: dict[str, Row] = {}
+        for object_id, options in items:
+            names = tuple(map(_first, options))
+            build = builders.get(names)
+            if build is None:
+                build = builders[names] = self._builder(names)
+            out[object_id] = build(object_id, options)
+        return out
+
+    def full(self, row: Row) -> Row:
+        """Every managed column's value (``columns`` order), without the id."""
+        return (*row[1:], *self.constant.values())
+
+    def _builder(self, names: tuple[str, ...]) -> Callable[[str, Options], Row]:
+        if len(set(names)) != len(names):
+            raise InvalidInput.one(self.kind, f"an option is given twice: {', '.join(names)}")
+        rest = [c for c in self.variable if c not in names]
+        tail = tuple(self._fill.get(c) for c in rest)
+        converts = [
+            (i, self._convert[n]) for i, n in enumerate(names) if self._convert[n] is not str
+        ]
+        if names == self.variable[: len(names)] and not converts:
+            # The common case: options already in column order, all text.
+            def fast(object_id: str, options: Options) -> Row:
+                return (object_id, *map(_second, options), *tail)
+
+            return fast
+        source = {name: i for i, name in enumerate((*names, *rest))}
+        pick = itemgetter(*(source[c] for c in self.variable))
+        kind = self.kind
+
+        def general(object_id: str, options: Options) -> Row:
+            values: list[Value] = list(map(_second, options))
+            for i, convert in converts:
+                try:
+                    values[i] = convert(values[i])
+                except (TypeError, ValueError):
+                    raise InvalidInput.one(f"{kind}.{names[i]}", "must be a number") from None
+            return (object_id, *pick((*values, *tail)))
+
+        return general
+
+
+@dataclass
+class _KindPlan:
+    """One table's difference, before anything is written."""
+
+    shape: _Shape
+    inserts: list[Row] = field(default_factory=list)
+    #: Ids of inserted rows that are already recorded as provisioner's (deleted by hand).
+    reowned: set[str] = field(default_factory=set)
+    #: New rows; the old ones are read only when a diff is wanted.
+    updates: list[Row] = field(default_factory=list)
+    deletes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Plan:
+    kinds: dict[str, _KindPlan]
+    #: ``(kind, object id, endpoint id)`` of desired objects whose id is someone else's row.
+    conflicts: list[tuple[str, str, str]]
+    change: Change
+
+
+@dataclass
+class _Seen:
+    """What the database holds for one kind (all of it, or the ids in scope)."""
+
+    rows: list[Row]
+    ids: set[str]
+    owned: set[str]
+    #: Owned rows whose constant columns differ from Asterisk's defaults.
+    off_constant: set[str]
+
+
+class RealtimeTarget:
+    """Writes users' PJSIP objects as Asterisk realtime rows, touching only provisioner's rows."""
+
+    def __init__(self, engine: Engine, *, sqlite_defaults: bool | None = None) -> None:
+        """``sqlite_defaults`` (default: on for a SQLite engine) fills the columns
+        res_config_sqlite3 needs with Asterisk's defaults."""
+        self.engine = engine
+        if sqlite_defaults is None:
+            sqlite_defaults = engine.dialect.name == "sqlite"
+        self.sqlite_defaults = sqlite_defaults
+
+    @classmethod
+    def from_config(cls, config: Config) -> RealtimeTarget:
+        """The target on ``target.url``, or on the user store's database when that is empty."""
+        url = config.target.url or config.store.url
+        return cls(open_engine(url, busy_timeout=config.store.busy_timeout))
+
+    def create_tables(self) -> None:
+        """Create the three PJSIP tables and the ownership table where missing; never drops."""
+        metadata.create_all(self.engine, checkfirst=True)
+
+    def plan(self, objects: Sequence[UserObjects], *, keep: Collection[str] = ()) -> Change:
+        """What :meth:`apply` would change, with a per-row diff; writes nothing."""
+        with self.engine.connect() as conn:
+            computed = self._compute(conn, objects, keep, None)
+            diff = "".join(line + "\n" for line in _diff_lines(conn, computed))
+            conn.rollback()
+        return replace(computed.change, diff=diff)
+
+    def apply(
+        self,
+        objects: Sequence[UserObjects],
+        *,
+        keep: Collection[str] = (),
+        guard: Callable[[Change], None] | None = None,
+    ) -> Change:
+        """Make provisioner's rows hold exactly ``objects``, in one transaction.
+
+        Rows of endpoint ids in ``keep`` stay as they are; ``guard`` sees the change
+        before anything is written and may raise to abort (nothing is written then).
+        """
+        return self._run(objects, keep, None, guard)
+
+    def apply_partial(self, upserts: Sequence[UserObjects], removed_ids: Sequence[str]) -> Change:
+        """Write ``upserts`` and remove the objects of endpoint ids ``removed_ids``, reading
+        and touching no other row (the daemon's one-user path).  An id in both is upserted."""
+        scope: dict[str, set[str]] = {kind: set() for kind in _KINDS}
+        for obj in upserts:
+            for kind, part in _PARTS.items():
+                scope[kind].add(part(obj)[0])
+        for ext in removed_ids:
+            scope["endpoint"].add(ext)
+            scope["auth"].add(auth_id(ext))
+            scope["aor"].add(ext)
+        return self._run(upserts, (), scope, None)
+
+    def _run(
+        self,
+        objects: Sequence[UserObjects],
+        keep: Collection[str],
+        scope: Mapping[str, set[str]] | None,
+        guard: Callable[[Change], None] | None,
+    ) -> Change:
+        with self.engine.begin() as conn:
+            computed = self._compute(conn, objects, keep, scope)
+            if guard is not None:
+                guard(computed.change)
+            wrote = _write(conn, computed)
+        return replace(computed.change, wrote=True) if wrote else computed.change
+
+    # -- reading and comparing -------------------------------------------------
+
+    def _shapes(self, objects: Sequence[UserObjects]) -> dict[str, _Shape]:
+        shapes = {}
+        for kind, part in _PARTS.items():
+            # Options come in the mapping's order, nearly always the same: a set of the
+            # distinct name tuples is cheap even for 100k users.
+            signatures = dict.fromkeys(tuple(map(_first, part(o)[1])) for o in objects)
+            fill = SQLITE_DEFAULTS[kind] if self.sqlite_defaults else {}
+            shapes[kind] = _Shape(kind, fill, signatures)
+        return shapes
+
+    def _compute(
+        self,
+        conn: Connection,
+        objects: Sequence[UserObjects],
+        keep: Collection[str],
+        scope: Mapping[str, set[str]] | None,
+    ) -> _Plan:
+        shapes = self._shapes(objects)
+        desired: dict[str, dict[str, Row]] = {}
+        seen: dict[str, _Seen] = {}
+        for kind, shape in shapes.items():
+            part = _PARTS[kind]
+            desired[kind] = shape.rows(map(part, objects))
+            seen[kind] = _read(conn, shape, None if scope is None else scope[kind])
+        conflicts = [
+            (kind, oid, _user_key(kind, oid))
+            for kind in _KINDS
+            for oid in _ordered((desired[kind].keys() & seen[kind].ids) - seen[kind].owned)
+        ]
+        hold = set(keep) | {key for _, _, key in conflicts}
+        kinds = {kind: _compare(shapes[kind], desired[kind], seen[kind], hold) for kind in _KINDS}
+        change = _summarise(objects, kinds, {key for _, _, key in conflicts})
+        return _Plan(kinds, conflicts, change)
+
+
+def _read(conn: Connection, shape: _Shape, ids: set[str] | None) -> _Seen:
+    """The rows (variable columns), ids and ownership of one kind: all, or those of ``ids``."""
+    table = shape.table
+    po = provisioner_objects
+    # Enum columns read as plain text: no per-value result processing.
+    columns = [type_coerce(table.c[c], String) for c in shape.variable]
+    rows_stmt = select(table.c.id, *columns)
+    owned_stmt = select(po.c.id).where(po.c.kind == shape.kind)
+    off_stmt = select(table.c.id).where(
+        not_(and_(*(table.c[c].is_not_distinct_from(v) for c, v in shape.constant.items())))
+    )
+    seen = _Seen(rows=[], ids=set(), owned=set(), off_constant=set())
+    for chunk in [None] if ids is None else list(_chunks(_ordered(ids))):
+        if chunk is not None and not chunk:
+            continue
+        rows_where = [] if chunk is None else [table.c.id.in_(chunk)]
+        owned_where = [] if chunk is None else [po.c.id.in_(chunk)]
+        # Plain tuples: they hash and compare in C, unlike result rows.
+        seen.rows += map(tuple, conn.execute(rows_stmt.where(*rows_where)).all())
+        seen.owned.update(conn.execute(owned_stmt.where(*owned_where)).scalars().all())
+        if shape.constant:
+            seen.off_constant.update(conn.execute(off_stmt.where(*rows_where)).scalars().all())
+    seen.ids = {str(row[0]) for row in seen.rows}
+    return seen
+
+
+def _compare(shape: _Shape, desired: Mapping[str, Row], seen: _Seen, hold: set[str]) -> _KindPlan:
+    """Sort one kind into inserts, updates and deletes of provisioner's rows.
+
+    Whole rows are compared as tuples in sets (C speed); only the few that differ are
+    looked at one by one.  Objects of endpoint ids in ``hold`` are left as they are.
+    """
+    plan = _KindPlan(shape)
+    kind = shape.kind
+    current = set(seen.rows)
+    differ = {str(row[0]): row for row in desired.values() if row not in current}
+    for oid in seen.off_constant & seen.owned & desired.keys():
+        differ.setdefault(oid, desired[oid])
+    for oid in _ordered(differ):
+        if _user_key(kind, oid) in hold:
+            continue
+        row = differ[oid]
+        if oid not in seen.ids:
+            plan.inserts.append(row)
+            if oid in seen.owned:
+                plan.reowned.add(oid)
+        elif oid in seen.owned:
+            plan.updates.append(row)
+    plan.deletes = _ordered(
+        oid for oid in seen.owned - desired.keys() if _user_key(kind, oid) not in hold
+    )
+    return plan
+
+
+def _summarise(
+    objects: Sequence[UserObjects], kinds: Mapping[str, _KindPlan], blocked: set[str]
+) -> Change:
+    """Per-user counts: added (none of its objects existed), updated, removed, unchanged."""
+    touched: dict[str, list[tuple[str, str]]] = {}
+    fresh: set[tuple[str, str]] = set()
+    for kind, plan in kinds.items():
+        for row in plan.inserts:
+            oid = str(row[0])
+            touched.setdefault(_user_key(kind, oid), []).append((kind, oid))
+            if oid not in plan.reowned:
+                fresh.add((kind, oid))
+        for oid in (*(str(row[0]) for row in plan.updates), *plan.deletes):
+            touched.setdefault(_user_key(kind, oid), []).append((kind, oid))
+    added: list[str] = []
+    updated: list[str] = []
+    unchanged = 0
+    for obj in objects:
+        key = obj.endpoint_id
+        if key in blocked:
+            continue
+        if key not in touched:
+            unchanged += 1
+        elif all((kind, part(obj)[0]) in fresh for kind, part in _PARTS.items()):
+            added.append(key)
+        else:
+            updated.append(key)
+    wanted = {obj.endpoint_id for obj in objects}
+    changed = [(kind, str(row[0])) for kind, plan in kinds.items() for row in plan.inserts]
+    changed += [(kind, str(row[0])) for kind, plan in kinds.items() for row in plan.updates]
+    changed += [(kind, oid) for kind, plan in kinds.items() for oid in plan.deletes]
+    return Change(
+        added=tuple(added),
+        updated=tuple(updated),
+        removed=tuple(_ordered(k for k in touched if k not in wanted)),
+        unchanged=unchanged,
+        changed_objects=tuple(changed),
+        conflicts=tuple(_ordered(blocked)),
+    )
+
+
+# -- writing -------------------------------------------------------------------------
+
+
+def _write(conn: Connection, plan: _Plan) -> bool:
+    """Deletes, then updates, then inserts (rows and ownership records), all on ``conn``."""
+    po = provisioner_objects
+    wrote = False
+    for kind, kp in plan.kinds.items():
+        table = kp.shape.table
+        for chunk in _chunks(kp.deletes):
+            conn.execute(table.delete().where(table.c.id.in_(chunk)))
+            conn.execute(po.delete().where(po.c.kind == kind, po.c.id.in_(chunk)))
+        wrote |= bool(kp.deletes)
+    for kp in plan.kinds.values():
+        if kp.updates:
+            stmt, keys = _statement(kp.shape, update=True)
+            conn.execute(
+                stmt, [dict(zip(keys, _bound(kp.shape, r), strict=True)) for r in kp.updates]
+            )
+            wrote = True
+    for kind, kp in plan.kinds.items():
+        if kp.inserts:
+            stmt, keys = _statement(kp.shape, update=False)
+            conn.execute(
+                stmt, [dict(zip(keys, _bound(kp.shape, r), strict=True)) for r in kp.inserts]
+            )
+            records = [{"kind": kind, "id": r[0]} for r in kp.inserts if r[0] not in kp.reowned]
+            if records:
+                conn.execute(po.insert(), records)
+            wrote = True
+    return wrote
+
+
+def _bound(shape: _Shape, row: Row) -> Row:
+    return (row[0], *shape.full(row))
+
+
+def _statement(shape: _Shape, *, update: bool) -> tuple[Executable, tuple[str, ...]]:
+    """An executemany INSERT or UPDATE of every managed column, and its parameter names."""
+    table = shape.table
+    # Parameter names of our own: columns such as "100rel" are not valid parameter names
+    # for every driver.
+    keys = tuple(f"v{i}" for i in range(len(shape.columns)))
+    values: dict[Any, Any] = {
+        table.c[c]: bindparam(k) for c, k in zip(shape.columns, keys, strict=True)
+    }
+    if update:
+        stmt: Executable = table.update().where(table.c.id == bindparam("oid")).values(values)
+    else:
+        stmt = table.insert().values({table.c.id: bindparam("oid"), **values})
+    return stmt, ("oid", *keys)
+
+
+# -- the diff text -------------------------------------------------------------------
+
+
+def _shown(column: str, value: Value) -> str:
+    if value is not None and column in REDACTED_COLUMNS:
+        return "[redacted]"
+    return "NULL" if value is None else str(value)
+
+
+def _old_rows(conn: Connection, shape: _Shape, ids: Sequence[str]) -> dict[str, Row]:
+    """The current values of every managed column of rows ``ids`` (only a diff needs them)."""
+    table = shape.table
+    stmt = select(table.c.id, *(type_coerce(table.c[c], String) for c in shape.columns))
+    found: dict[str, Row] = {}
+    for chunk in _chunks(ids):
+        for row in conn.execute(stmt.where(table.c.id.in_(chunk))):
+            found[row[0]] = tuple(row[1:])
+    return found
+
+
+def _diff_lines(conn: Connection, plan: _Plan) -> Iterator[str]:
+    """``!`` per foreign row blocking a user, ``-`` per deleted row, ``~`` per changed
+    column, ``+`` per non-NULL column of a new row; secrets shown as ``[redacted]``."""
+    for kind, oid, key in plan.conflicts:
+        name = OWNED_KINDS[kind].name
+        yield f"! {name} {oid} exists and is not provisioner's: user {key} skipped"
+    for kp in plan.kinds.values():
+        shape = kp.shape
+        name = shape.table.name
+        for oid in kp.deletes:
+            yield f"- {name} {oid}"
+        old = _old_rows(conn, shape, [str(r[0]) for r in kp.updates])
+        for row in kp.updates:
+            oid = str(row[0])
+            for column, before, after in zip(shape.columns, old[oid], shape.full(row), strict=True):
+                if before != after:
+                    shown = f"{_shown(column, before)} -> {_shown(column, after)}"
+                    yield f"~ {name} {oid} {column}: {shown}"
+        for row in kp.inserts:
+            for column, value in zip(shape.columns, shape.full(row), strict=True):
+                if value is not None:
+                    yield f"+ {name} {row[0]} {column}={_shown(column, value)}"
