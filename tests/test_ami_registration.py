@@ -1,0 +1,160 @@
+"""Registration records from the real events of registration_events.txt and show_actions.txt."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+from provisioner.ami.actions import parse_message_lines
+from provisioner.ami.registration import (
+    EndpointRegistration,
+    apply_event,
+    apply_events,
+    endpoint_of,
+    snapshot_from_contact_list,
+)
+
+from .amipeer import AMI_DIR
+
+STATE_EVENTS = ("PeerStatus", "ContactStatus", "DeviceStateChange")
+
+
+def _captures() -> dict[int, list[dict[str, str]]]:
+    """Capture number -> its AMI events, in recorded order (markers and notes dropped)."""
+    text = (AMI_DIR / "registration_events.txt").read_text()
+    out: dict[int, list[dict[str, str]]] = {}
+    for chunk in re.split(r"^# capture: ", text, flags=re.MULTILINE)[1:]:
+        number = int(chunk.split(":", 1)[0])
+        events = []
+        for block in chunk.split("\n\n"):
+            lines = [line for line in block.splitlines() if not line.startswith("#")]
+            message = parse_message_lines(lines)
+            if message is not None and message.is_event:
+                events.append(message.as_dict())
+        out[number] = events
+    return out
+
+
+def _halves(events: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Split at the AMI login of the second (un-register) connection."""
+    ami_logins = [
+        i for i, e in enumerate(events) if e["Event"] == "SuccessfulAuth" and e["Service"] == "AMI"
+    ]
+    return events[: ami_logins[1]], events[ami_logins[1] :]
+
+
+def test_realtime_endpoint_registers_and_unregisters() -> None:
+    """Capture 1: 1001 is online with its contact after register, offline after un-register."""
+    register, unregister = _halves(_captures()[1])
+    after_register = apply_events({}, register)["1001"]
+    assert after_register.summary == "online"
+    assert after_register.peer_status == "Reachable"
+    assert after_register.device_state == "NOT_INUSE"
+    (contact,) = after_register.contacts
+    assert (contact.aor, contact.uri, contact.status) == (
+        "1001",
+        "sip:1001@127.0.0.1:5070;ob",
+        "NonQualified",
+    )
+    assert contact.rtt_usec is None
+    assert after_register.last_auth_from == "127.0.0.1:5070"
+    assert after_register.last_change == 1795564305.936677
+    final = apply_events({"1001": after_register}, unregister)["1001"]
+    assert final.summary == "offline"
+    assert final.contacts == ()
+    assert final.device_state == "UNAVAILABLE"
+
+
+def test_untracked_endpoint_only_shows_authentications() -> None:
+    """Capture 4: a realtime endpoint added without reload yields only SuccessfulAuth: unknown."""
+    book = apply_events({}, _captures()[4])
+    reg = book["1002"]
+    assert not reg.tracked
+    assert reg.summary == "unknown"
+    assert reg.last_auth_from == "127.0.0.1:5074"
+    assert "provisioner" not in book  # the AMI login's own SuccessfulAuth is not an endpoint
+
+
+def test_register_without_contact_status_is_online() -> None:
+    """Capture 5: PeerStatus Reachable and NOT_INUSE without ContactStatus still mean online."""
+    register, unregister = _halves(_captures()[5])
+    reg = apply_events({}, register)["1002"]
+    assert reg.summary == "online"
+    assert reg.contacts == ()
+    assert apply_events({"1002": reg}, unregister)["1002"].summary == "offline"
+
+
+def test_qualified_contact_reports_rtt() -> None:
+    """Capture 8: NonQualified then Reachable with RoundtripUsec 556."""
+    register, _ = _halves(_captures()[8])
+    (contact,) = apply_events({}, register)["2003"].contacts
+    assert contact.status == "Reachable"
+    assert contact.rtt_usec == 556
+
+
+def test_order_of_the_three_events_does_not_matter() -> None:
+    """Every order of PeerStatus, ContactStatus and DeviceStateChange gives the same record."""
+    for number, events in _captures().items():
+        for half in _halves(events):
+            state = [e for e in half if e["Event"] in STATE_EVENTS]
+            if not state:
+                continue
+            endpoint = endpoint_of(state[0])
+            assert endpoint is not None
+            contact_order = [e for e in state if e["Event"] == "ContactStatus"]
+            results = set()
+            for order in itertools.permutations(state):
+                # Two ContactStatus of one contact (NonQualified, then Reachable) keep
+                # their order; only the interleaving of the three kinds varies.
+                if [e for e in order if e["Event"] == "ContactStatus"] != contact_order:
+                    continue
+                reg = apply_events({}, order)[endpoint]
+                results.add((reg.summary, reg.contacts, reg.peer_status, reg.device_state))
+            assert len(results) == 1, f"capture {number}"
+
+
+def test_invalid_device_state_means_no_such_device() -> None:
+    """DeviceStateChange INVALID (deleted endpoint, reload) makes the endpoint offline and gone."""
+    register, _ = _halves(_captures()[1])
+    reg = apply_events({}, register)["1001"]
+    gone = apply_event(
+        reg, {"Event": "DeviceStateChange", "Device": "PJSIP/1001", "State": "INVALID"}
+    )
+    assert isinstance(gone, EndpointRegistration)
+    assert not gone.exists
+    assert gone.summary == "offline"
+    assert gone.contacts == ()
+
+
+def test_other_channel_types_and_unrelated_events_are_ignored() -> None:
+    """Events for non-PJSIP devices or of other kinds leave the book unchanged."""
+    events = [
+        {"Event": "DeviceStateChange", "Device": "SIP/1001", "State": "INUSE"},
+        {
+            "Event": "PeerStatus",
+            "ChannelType": "IAX2",
+            "Peer": "IAX2/1001",
+            "PeerStatus": "Reachable",
+        },
+        {"Event": "FullyBooted", "Status": "Fully Booted"},
+    ]
+    assert apply_events({}, events) == {}
+
+
+def test_contact_list_snapshot_from_show_actions() -> None:
+    """ContactList items of PJSIPShowContacts become records with UA, source, expiry, key."""
+    text = (AMI_DIR / "show_actions.txt").read_text()
+    items = []
+    for block in text.split("\n\n"):
+        message = parse_message_lines(block.splitlines())
+        if message is not None and message.event == "ContactList":
+            items.append(message.as_dict())
+    book = snapshot_from_contact_list(items)
+    assert set(book) == {"1001", "2001"}
+    (contact,) = book["2001"].contacts
+    assert contact.source == "127.0.0.1:5072"
+    assert contact.user_agent == "PJSUA/v2.17 Linux-6.18.44 x86_64 glibc-2.36"
+    assert contact.object_name is not None
+    assert contact.object_name.startswith("2001;@")
+    assert contact.expires_at is not None
+    assert book["2001"].summary == "online"
