@@ -73,8 +73,17 @@ def _parse_sets(sets: Sequence[str]) -> dict[str, Any]:
             continue
         node = tree
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = json.loads(value) if value[:1] in "[{" else value
+            child = node.get(part)
+            if not isinstance(child, dict):  # "--set a=1 --set a.b=2": the table wins
+                child = node[part] = {}
+            node = child
+        if not value.startswith(("[", "{")):
+            node[parts[-1]] = value
+            continue
+        try:
+            node[parts[-1]] = json.loads(value)
+        except json.JSONDecodeError as exc:
+            problems.append(Problem("--set", f"{item!r}: the value is not valid JSON ({exc})"))
     if problems:
         raise InvalidInput(problems)
     return tree
