@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from . import credentials
 from .config import Config
@@ -116,8 +116,14 @@ class Accounts:
         try:
             with self.engine.begin() as conn:
                 yield conn
-        except OperationalError as exc:
-            raise StoreUnavailable(f"user store unavailable: {exc.orig}") from None
+        except (OperationalError, ProgrammingError) as exc:
+            detail = (str(exc.orig) or type(exc.orig).__name__).splitlines()[0]
+            hint = ""
+            # A store never upgraded: "no such table" (SQLite), "relation ... does not
+            # exist" (PostgreSQL), "Table ... doesn't exist" (MariaDB).
+            if isinstance(exc, ProgrammingError) or "no such table" in detail:
+                hint = " (is the schema missing or old? run `provisioner db upgrade`)"
+            raise StoreUnavailable(f"user store unavailable: {detail}{hint}") from None
 
     # -- profiles -------------------------------------------------------------
 

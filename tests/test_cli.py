@@ -1,0 +1,385 @@
+"""The admin CLI, run in-process: outcomes re-read from the store, clear errors, no leaks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from provisioner import cli as cli_module
+from provisioner import credentials
+from provisioner.accounts import Accounts, Policy
+from provisioner.store.engine import open_engine
+
+from .conftest import FakeClock
+from .dbs import temp_database
+from .helpers import (
+    GOOD_PASSWORD,
+    OTHER_PASSWORD,
+    Cli,
+    Result,
+    cheap_argon2,
+    make_cli,
+    secret_after,
+    user_row,
+)
+
+CONFIG = """
+[security]
+password_policy = true
+max_failed_logins = 3
+lock_minutes = 15
+
+[extensions]
+first = 100
+last = 199
+"""
+
+
+@pytest.fixture(autouse=True)
+def _fast_hashes_and_clock(monkeypatch: pytest.MonkeyPatch, clock: FakeClock) -> None:
+    cheap_argon2(monkeypatch)
+
+    # The CLI builds its Accounts itself; give it the test's clock.
+    def accounts(engine: Engine, policy: Policy) -> Accounts:
+        return Accounts(engine, policy, clock)
+
+    monkeypatch.setattr(cli_module, "Accounts", accounts)
+
+
+def _seed(cli: Cli) -> None:
+    cli.ok("db", "upgrade")
+    cli.ok("profile", "add", "agents", "--description", "Contact-center agents")
+    cli.ok(
+        "user", "add", "root", "--role", "admin", "--full-name", "Root", "--email", "r@example.com"
+    )
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Iterator[Cli]:
+    """The CLI on a fresh SQLite store holding the first admin and profile ``agents``."""
+    with temp_database("sqlite", tmp_path) as url:
+        c = make_cli(url, tmp_path, CONFIG)
+        _seed(c)
+        yield c
+
+
+@pytest.fixture
+def store(cli: Cli) -> Iterator[Engine]:
+    engine = open_engine(cli.url)
+    yield engine
+    engine.dispose()
+
+
+def _add(cli: Cli, name: str, *extra: str) -> str:
+    out = cli.ok(
+        "user", "add", name, "--full-name", f"{name.title()} A", "--email", f"{name}@example.com",
+        "--profile", "agents", *extra,
+    )  # fmt: skip
+    return out
+
+
+def test_workflow_on_every_backend(backend: str, tmp_path: Path) -> None:
+    """The main admin commands work end to end on SQLite, PostgreSQL and MariaDB."""
+    with temp_database(backend, tmp_path) as url:
+        cli = make_cli(url, tmp_path, CONFIG)
+        assert "store at revision" in cli.ok("db", "upgrade")
+        _seed(cli)
+        out = _add(
+            cli, "alice", "--codecs", "opus,ulaw", "--attr", "team=blue", "--call-group", "1,3-5"
+        )
+        assert "added alice (id 2, extension 101)" in out
+        secret = secret_after(out)
+        engine = open_engine(url)
+        try:
+            row = user_row(engine, "alice")
+            assert row.sip_md5 == hashlib.md5(f"alice:asterisk:{secret}".encode()).hexdigest()
+            assert (row.codecs, row.call_group) == ("opus,ulaw", "1,3-5")
+
+            cli.ok("user", "edit", "alice", "--nat", "comedia", "--attr", "team=", "--attr", "x=1")
+            shown = json.loads(cli.ok("user", "show", "alice", "--json"))
+            assert shown["voice"]["nat"] == "comedia"
+            assert shown["attributes"] == {"x": "1"}
+            assert shown["state"] == "active"
+
+            cli.ok("user", "disable", "alice")
+            listed = json.loads(cli.ok("user", "list", "--state", "disabled", "--json"))
+            assert [u["username"] for u in listed] == ["alice"]
+            cli.ok("user", "enable", "alice")
+            cli.ok("user", "delete", "alice")
+            assert user_row(engine, "alice").deleted_at is not None
+            deleted = json.loads(cli.ok("user", "list", "--deleted", "--json"))
+            assert [u["username"] for u in deleted] == ["alice"]
+            cli.ok("user", "restore", "alice")
+            assert user_row(engine, "alice").deleted_at is None
+
+            csv_file = tmp_path / "users.csv"
+            cli.ok("user", "export", "--csv", str(csv_file))
+            assert "added 0, updated 0, unchanged 2" in cli.ok(
+                "user", "import", "--csv", str(csv_file)
+            )
+
+            cli.ok("user", "delete", "alice")
+            assert "purge: alice" in cli.ok("user", "purge", "alice")
+            assert cli("user", "show", "alice").code == 3
+        finally:
+            engine.dispose()
+
+
+def test_add_reports_every_bad_field(cli: Cli) -> None:
+    """A bad add exits 2 and lists each bad field with its rule on stderr; nothing is stored."""
+    result = cli(
+        "user", "add", "bad name", "--full-name", " x", "--email", "nope", "--profile", "ghosts",
+        "--codecs", "mp3", "--context", "a b", "--call-group", "99", "--extension", "12a",
+    )  # fmt: skip
+    assert result.code == 2
+    assert result.err.startswith("error: invalid input\n")
+    for field, rule in [
+        ("username", "only letters, digits, '.' and '_'"),
+        ("full_name", "must not start or end with spaces"),
+        ("email", "must be a valid email address"),
+        ("codecs", "distinct codecs from ulaw, alaw, gsm, g722, g729, opus"),
+        ("context", "an Asterisk context name"),
+        ("call_group", "numbers 0-63"),
+        ("extension", "must be 1-20 digits"),
+        ("profile", "must name an existing profile"),
+    ]:
+        assert f"  {field}: " in result.err, field
+        assert rule in result.err, field
+    assert "Traceback" not in result.err
+    assert json.loads(cli.ok("user", "list", "--json"))[0]["username"] == "root"
+    assert len(json.loads(cli.ok("user", "list", "--json"))) == 1
+
+
+def test_choice_options_and_missing_required_are_clear(cli: Cli) -> None:
+    """An unknown transport or a missing --full-name is refused with a clear message and exit 2."""
+    result = _run_add_bad(cli, "--transport", "sctp")
+    assert result.code == 2
+    assert "Invalid value for '--transport'" in result.err
+    missing = cli("user", "add", "zed", "--email", "z@example.com", "--profile", "agents")
+    assert missing.code == 2
+    assert "full_name: is required" in missing.err
+
+
+def _run_add_bad(cli: Cli, *extra: str) -> Result:
+    return cli(
+        "user", "add", "zed", "--full-name", "Zed", "--email", "z@example.com",
+        "--profile", "agents", *extra,
+    )  # fmt: skip
+
+
+def test_error_exit_codes_name_the_problem(cli: Cli) -> None:
+    """Not found, conflict and forbidden each exit non-zero with a message naming the rule."""
+    _add(cli, "alice")
+    cases = [
+        (("user", "show", "ghost"), 3, "user 'ghost' not found"),
+        (("user", "disable", "alice", "ghost"), 3, "user 'ghost' not found"),
+        (("user", "add", "ALICE", "--full-name", "A", "--email", "a@example.com",
+          "--profile", "agents"), 4, "username: is already taken"),
+        (("user", "edit", "alice", "--extension", "100"), 4,
+         "extension: 100 is already used by user root"),
+        (("user", "disable", "root"), 5, "first admin (id 1) and can never be disabled"),
+        (("user", "delete", "root"), 5, "first admin (id 1) and can never be deleted"),
+        (("user", "purge", "alice"), 5, "only deleted users can be purged"),
+        (("profile", "add", "agents"), 4, "profile 'agents' already exists"),
+        (("user", "edit", "alice"), 2, "options: name at least one field to change"),
+    ]  # fmt: skip
+    for args, code, message in cases:
+        result = cli(*args)
+        assert (result.code, message in result.err) == (code, True), (args, result)
+        assert "Traceback" not in result.err
+    assert not json.loads(cli.ok("user", "show", "alice", "--json"))["disabled"]
+
+
+def test_passwords_from_stdin_policy_and_login_lockout(
+    cli: Cli, store: Engine, clock: FakeClock
+) -> None:
+    """Passwords come from stdin; logins lock at the limit and unlock by time or by an admin."""
+    cli.ok(
+        "user", "add", "alice", "--full-name", "Alice", "--email", "a@example.com",
+        "--profile", "agents", "--password", "-", input=GOOD_PASSWORD + "\n",
+    )  # fmt: skip
+    assert credentials.verify_password(user_row(store, "alice").password_hash, GOOD_PASSWORD)
+    weak = cli("user", "passwd", "alice", input="weakpass\n")
+    assert weak.code == 2
+    assert "password: must be at least 8 characters with a lowercase letter" in weak.err
+
+    assert "welcome, Alice" in cli.ok("auth", "login", "alice", input=GOOD_PASSWORD + "\n")
+    for _ in range(3):
+        result = cli("auth", "login", "alice", input="wrong\n")
+        assert result.code == 6
+    assert "account is locked after too many failed logins; contact an administrator" in result.err
+    locked = json.loads(cli.ok("user", "list", "--state", "locked", "--json"))
+    assert [u["username"] for u in locked] == ["alice"]
+    still = cli("auth", "login", "alice", input=GOOD_PASSWORD + "\n")
+    assert still.code == 6
+    assert "contact an administrator" in still.err
+
+    clock.advance(minutes=15)
+    assert "welcome" in cli.ok("auth", "login", "alice", input=GOOD_PASSWORD + "\n")
+
+    for _ in range(3):
+        cli("auth", "login", "alice", input="wrong\n")
+    assert user_row(store, "alice").locked_at is not None
+    cli.ok("user", "unlock", "alice")
+    assert user_row(store, "alice").locked_at is None
+    cli.ok("user", "passwd", "alice", input=OTHER_PASSWORD + "\n")
+    assert "welcome" in cli.ok("auth", "login", "alice", input=OTHER_PASSWORD + "\n")
+    assert user_row(store, "alice").last_password_reset_at == clock.now
+
+
+def test_list_filters_and_table(cli: Cli) -> None:
+    """user list filters by role, profile and state and prints one row per user."""
+    cli.ok("profile", "add", "supervisors")
+    _add(cli, "alice")
+    _add(cli, "bob")
+    cli.ok("user", "add", "sue", "--full-name", "Sue", "--email", "s@example.com",
+           "--profile", "supervisors")  # fmt: skip
+    cli.ok("user", "disable", "bob")
+    table = cli.ok("user", "list").splitlines()
+    assert table[0].split()[:6] == ["ID", "USERNAME", "ROLE", "PROFILE", "EXTENSION", "STATE"]
+    assert [line.split()[1] for line in table[1:]] == ["root", "alice", "bob", "sue"]
+    assert "disabled" in table[3]
+
+    def names(*args: str) -> list[str]:
+        return [u["username"] for u in json.loads(cli.ok("user", "list", "--json", *args))]
+
+    assert names("--role", "admin") == ["root"]
+    assert names("--profile", "supervisors") == ["sue"]
+    assert names("--state", "active") == ["root", "alice", "sue"]
+    profiles = json.loads(cli.ok("profile", "list", "--json"))
+    assert [p["name"] for p in profiles] == ["agents", "supervisors"]
+
+
+def test_import_reports_bad_rows_and_applies_nothing(cli: Cli, tmp_path: Path) -> None:
+    """A CSV with bad rows exits 2 naming line, field and rule, adding no one; so does --dry-run."""
+    bad = tmp_path / "bad.csv"
+    bad.write_text(
+        "username,full_name,email,profile\n"
+        "dave,Dave,dave@example.com,agents\n"
+        "eve,Eve,not-an-email,agents\n"
+        "frank,,frank@example.com,ghosts\n",
+        encoding="utf-8",
+    )
+    result = cli("user", "import", "--csv", str(bad))
+    assert result.code == 2
+    assert "line 3: email: must be a valid email address" in result.err
+    assert "line 4: full_name: " in result.err
+    assert "line 4: profile: must name an existing profile" in result.err
+    assert [u["username"] for u in json.loads(cli.ok("user", "list", "--json"))] == ["root"]
+
+    good = tmp_path / "good.csv"
+    good.write_text("username,full_name,email,profile\ndave,Dave,dave@example.com,agents\n")
+    out = cli.ok("user", "import", "--csv", str(good), "--dry-run")
+    assert "would add 1" in out
+    assert "shown once" not in out
+    assert [u["username"] for u in json.loads(cli.ok("user", "list", "--json"))] == ["root"]
+    out = cli.ok("user", "import", "--csv", str(good))
+    assert "added 1" in out
+    secret = secret_after(out)
+    assert cli.ok("user", "show", "dave").count("extension") == 1
+    assert secret not in cli.ok("user", "show", "dave")
+
+
+def test_avatar_checked_by_content(cli: Cli, tmp_path: Path, store: Engine) -> None:
+    """--avatar stores a real image and refuses a text file named .png."""
+    fake = tmp_path / "avatar.png"
+    fake.write_bytes(b"I am not an image")
+    result = _run_add_bad(cli, "--avatar", str(fake))
+    assert result.code == 2
+    assert "avatar: must be a PNG, JPG, GIF or SVG image (checked by content)" in result.err
+    real = tmp_path / "photo.bin"
+    real.write_bytes(b"GIF89a" + b"\x00" * 20)
+    _add(cli, "alice", "--avatar", str(real))
+    assert user_row(store, "alice").avatar_type == "image/gif"
+
+
+def test_config_precedence_and_problems(cli: Cli, tmp_path: Path) -> None:
+    """Flags beat the environment, which beats the file; a bad config lists every problem."""
+    cli.env["PROVISIONER_EXTENSIONS__FIRST"] = "150"
+    assert "extension 150" in _add(cli, "alice")
+    assert "extension 170" in cli.ok(
+        "--set", "extensions.first=170", "user", "add", "bob", "--full-name", "Bob",
+        "--email", "b@example.com", "--profile", "agents",
+    )  # fmt: skip
+    cli.env.clear()
+
+    cli.config.write_text("[security]\nmax_failed_logins = 0\nshoe_size = 9\n", encoding="utf-8")
+    cli.env["PROVISIONER_SIP__REALM"] = "bad realm"
+    result = cli("user", "list")
+    assert result.code == 2
+    assert result.err.startswith("error: invalid configuration\n")
+    assert "security.max_failed_logins: Input should be greater than or equal to 1" in result.err
+    assert "security.shoe_size: is not a known setting" in result.err
+    assert "sip.realm: " in result.err
+
+
+def test_malformed_set_flag_is_a_clear_error(cli: Cli) -> None:
+    """A --set that is not section.key=value, or holds broken JSON, is reported, not a traceback."""
+    for flag in ("nokey", "target.transports={broken", "=x"):
+        result = cli("--set", flag, "user", "list")
+        assert result.code == 2, (flag, result)
+        assert "--set: " in result.err
+        assert "Traceback" not in result.err
+    empty = cli("--set", "store.busy_timeout=", "user", "list")  # empty: a string, not JSON
+    assert empty.code == 2
+    assert "store.busy_timeout: Input should be a valid number" in empty.err
+
+
+def test_unmigrated_store_is_a_clear_error(db_url: str, tmp_path: Path) -> None:
+    """Using a store that was never upgraded says so and how to fix it, on every backend."""
+    cli = make_cli(db_url, tmp_path, CONFIG)
+    result = cli("user", "list")
+    assert result.code == 7
+    assert "provisioner db upgrade" in result.err
+    assert "Traceback" not in result.err
+
+
+def test_no_secret_leaks_into_output_or_logs(cli: Cli, store: Engine, tmp_path: Path) -> None:
+    """In verbose runs passwords and given secrets never appear; generated ones appear once."""
+    shown_once: list[str] = []
+    never: list[str] = [GOOD_PASSWORD, OTHER_PASSWORD, "Given-Sip-Secret-1", "Given-Sip-Secret-2"]
+
+    out = cli.ok(
+        "user", "add", "alice", "--full-name", "Alice", "--email", "a@example.com",
+        "--profile", "agents", "--password", "-", input=GOOD_PASSWORD + "\n",
+    )  # fmt: skip
+    shown_once.append(secret_after(out))
+    _add(cli, "bob", "--sip-secret", "Given-Sip-Secret-1")
+    cli.ok("user", "passwd", "bob", input=OTHER_PASSWORD + "\n")
+    cli.ok("user", "edit", "bob", "--sip-secret", "-", input="Given-Sip-Secret-2\n")
+    shown_once.append(secret_after(cli.ok("user", "sip-secret", "alice", "--rotate")))
+    cli.ok("user", "sip-secret", "alice", "--rotate", "--secret", "-", input="Given-Sip-Secret-3\n")
+    never.append("Given-Sip-Secret-3")
+    key = secret_after(cli.ok("user", "apikey", "alice", "generate"))
+    shown_once.append(key)
+    cli.ok("auth", "login", "alice", input=GOOD_PASSWORD + "\n")
+    cli("auth", "login", "bob", input="Wrong-Guess-42\n")
+    never.append("Wrong-Guess-42")
+    cli.ok("user", "show", "alice")
+    cli.ok("user", "show", "bob", "--json")
+    cli.ok("user", "list", "--json")
+    csv_file = tmp_path / "out.csv"
+    cli.ok("user", "export", "--csv", str(csv_file))
+    import_file = tmp_path / "in.csv"
+    import_file.write_text(
+        f"username,full_name,email,profile,password\ncarol,Carol,c@example.com,agents,{GOOD_PASSWORD}\n"
+    )
+    shown_once.append(secret_after(cli.ok("user", "import", "--csv", str(import_file))))
+    cli.ok("user", "apikey", "alice", "remove")
+
+    transcript = "\n".join(cli.transcript) + csv_file.read_text(encoding="utf-8")
+    assert '"event": "user.added"' in transcript or "user.added" in transcript  # logs captured
+    for secret in never:
+        assert secret not in transcript, secret
+    for secret in shown_once:
+        assert transcript.count(secret) == 1, secret
+    for name in ("alice", "bob", "carol"):
+        row = user_row(store, name)
+        for stored in (row.password_hash, row.sip_md5, row.sip_sha256, row.apikey_hash):
+            assert stored is None or stored not in transcript
+    assert credentials.hash_apikey(key) not in transcript
