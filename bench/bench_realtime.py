@@ -93,7 +93,7 @@ def _database(backend: str, scratch: Path) -> Iterator[Engine]:
 
 
 def _read_rows(engine: Engine) -> dict[Table, list[dict[str, Any]]]:
-    """Every row of the three tables as written by the target, only non-NULL-able columns."""
+    """Every row of the three tables as the target wrote them (the columns it filled)."""
     out: dict[Table, list[dict[str, Any]]] = {}
     with engine.connect() as conn:
         for table in _TABLES:
@@ -114,7 +114,7 @@ def _raw_insert(engine: Engine, rows: dict[Table, list[dict[str, Any]]]) -> floa
         compiled = table.insert().compile(dialect=engine.dialect, column_keys=columns)
         # Outside the timing: parameters in the driver's own style (positional for sqlite3,
         # named with escaped names for psycopg and pymysql).
-        escaped = compiled.escaped_bind_names or {}
+        escaped: dict[str, str] = dict(compiled.escaped_bind_names or {})
         params: list[Any] = []
         for d in dicts:
             bound = compiled.construct_params(d)
@@ -172,7 +172,8 @@ def run_one(backend: str, count: int, scratch: Path) -> dict[str, float]:
         change, figures["sync_s"] = _timed(lambda: target.apply(objects))
         assert len(change.added) == count, change
         again, figures["unchanged_s"] = _timed(lambda: target.apply(objects))
-        assert again.empty and not again.wrote, again
+        assert again.empty, again
+        assert not again.wrote, again
         victim = objects[count // 2]
         _hand_edit(engine, victim.endpoint_id)
         healed, figures["drift_s"] = _timed(lambda: target.apply(objects))

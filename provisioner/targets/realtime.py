@@ -37,6 +37,7 @@ from sqlalchemy import (
     bindparam,
     not_,
     select,
+    true,
     type_coerce,
 )
 from sqlalchemy.sql.expression import Executable
@@ -410,9 +411,9 @@ def _read(conn: Connection, shape: _Shape, ids: set[str] | None) -> _Seen:
     columns = [type_coerce(table.c[c], String) for c in shape.variable]
     rows_stmt = select(table.c.id, *columns)
     owned_stmt = select(po.c.id).where(po.c.kind == shape.kind)
-    off_stmt = select(table.c.id).where(
-        not_(and_(*(table.c[c].is_not_distinct_from(v) for c, v in shape.constant.items())))
-    )
+    # Rows whose constant columns differ from the defaults (none when there are none).
+    constants = [table.c[c].is_not_distinct_from(v) for c, v in shape.constant.items()]
+    off_stmt = select(table.c.id).where(not_(and_(true(), *constants)))
     seen = _Seen(rows=[], ids=set(), owned=set(), off_constant=set())
     for chunk in [None] if ids is None else list(_chunks(_ordered(ids))):
         if chunk is not None and not chunk:

@@ -1,0 +1,382 @@
+"""The realtime target on real SQLite, PostgreSQL and MariaDB databases."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, inspect, select
+from sqlalchemy.exc import DBAPIError
+
+from provisioner.model import User, Voice
+from provisioner.pjsip import RenderSettings, UserObjects, render_all
+from provisioner.store.engine import open_engine
+from provisioner.targets import Change
+from provisioner.targets.asterisk_schema import (
+    DIALECTS,
+    asterisk_ddl,
+    metadata,
+    provisioner_objects,
+    ps_aors,
+    ps_auths,
+    ps_endpoints,
+)
+from provisioner.targets.realtime import RealtimeTarget
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_SCHEMA = (
+    Path(__file__).resolve().parents[2] / "shared" / "asterisk" / "schema" / "ps_tables.sqlite3.sql"
+)
+SETTINGS = RenderSettings()
+KINDS = (("endpoint", ""), ("auth", "-auth"), ("aor", ""))
+
+
+def make_user(ext: str, **voice: Any) -> User:
+    """A valid user with extension ``ext``, its digests computed for the default realm."""
+    name = f"user{ext}"
+    secret = f"{name}:asterisk:secret-{ext}".encode()
+    return User(
+        id=int(ext),
+        role="user",
+        username=name,
+        full_name=f"User {ext}",
+        email=f"{name}@example.com",
+        extension=ext,
+        voice=Voice(**voice),
+        sip_md5=hashlib.md5(secret).hexdigest(),
+        sip_sha256=hashlib.sha256(secret).hexdigest(),
+    )
+
+
+def render(*users: User, settings: RenderSettings = SETTINGS) -> list[UserObjects]:
+    objects, skipped = render_all(users, settings)
+    assert not skipped
+    return objects
+
+
+@pytest.fixture
+def rt_engine(db_url: str) -> Iterator[Engine]:
+    """An engine on an empty database holding the realtime tables."""
+    engine = open_engine(db_url)
+    RealtimeTarget(engine).create_tables()
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def target(rt_engine: Engine) -> RealtimeTarget:
+    return RealtimeTarget(rt_engine)
+
+
+def snapshot(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the four tables, sorted, for before/after comparisons."""
+    out = {}
+    with engine.connect() as conn:
+        for table in (ps_endpoints, ps_auths, ps_aors, provisioner_objects):
+            rows = [tuple(r) for r in conn.execute(select(table))]
+            out[table.name] = sorted(rows, key=repr)
+    return out
+
+
+def row_of(engine: Engine, table: Any, object_id: str) -> dict[str, Any] | None:
+    with engine.connect() as conn:
+        found = conn.execute(select(table).where(table.c.id == object_id)).first()
+    return None if found is None else dict(found._mapping)
+
+
+# -- schema ----------------------------------------------------------------------------
+
+
+def _reflect(conn: Any, name: str) -> list[tuple[str, str, int | None, bool]]:
+    cols = inspect(conn).get_columns(name)
+    return [
+        (c["name"], type(c["type"]).__name__, getattr(c["type"], "length", None), c["nullable"])
+        for c in cols
+    ]
+
+
+def _checks(conn: Any, name: str) -> dict[str, set[str]]:
+    """Column -> allowed labels, from the table's CHECK constraints."""
+    out: dict[str, set[str]] = {}
+    for check in inspect(conn).get_check_constraints(name):
+        text = check["sqltext"]
+        column = text.split(" IN ")[0].split(" OR ")[-1].strip().strip('"')
+        labels = text[text.rindex("(") + 1 : text.rindex(")")]
+        out[column] = {label.strip().strip("'") for label in labels.split(",")}
+    return out
+
+
+def test_tables_match_asterisk_sqlite_schema() -> None:
+    """Our three tables have Asterisk's column names, order, types, lengths, nullability and
+    enum labels, as in the shared ps_tables.sqlite3.sql."""
+    if not SHARED_SCHEMA.parent.is_dir():
+        pytest.skip("the shared Asterisk schema directory is absent")
+    theirs = create_engine("sqlite://")
+    with theirs.connect() as conn:
+        raw = conn.connection.dbapi_connection
+        assert isinstance(raw, sqlite3.Connection)
+        raw.executescript(SHARED_SCHEMA.read_text())
+    ours = create_engine("sqlite://")
+    metadata.create_all(ours)
+    with theirs.connect() as a, ours.connect() as b:
+        for table in (ps_endpoints, ps_auths, ps_aors):
+            assert _reflect(b, table.name) == _reflect(a, table.name), table.name
+            assert _checks(b, table.name) == _checks(a, table.name), table.name
+            unique = {
+                tuple(u["column_names"]) for u in inspect(b).get_unique_constraints(table.name)
+            }
+            assert ("id",) in unique
+
+
+@pytest.mark.parametrize("dialect", sorted(DIALECTS))
+def test_sql_files_match_tables(dialect: str) -> None:
+    """sql/asterisk/<dialect>.sql is exactly what asterisk_ddl() generates from the Tables."""
+    path = ROOT / "sql" / "asterisk" / f"{dialect}.sql"
+    assert path.read_text() == asterisk_ddl(dialect), f"regenerate {path}"
+
+
+def test_create_tables_is_idempotent(rt_engine: Engine) -> None:
+    """create_tables on existing tables changes nothing and keeps their rows."""
+    target = RealtimeTarget(rt_engine)
+    target.apply(render(make_user("1001")))
+    before = snapshot(rt_engine)
+    target.create_tables()
+    assert snapshot(rt_engine) == before
+
+
+# -- apply -----------------------------------------------------------------------------
+
+
+def test_rows_written_exactly(target: RealtimeTarget, rt_engine: Engine, backend: str) -> None:
+    """Each option lands in its column, ids in ``id``, ownership is recorded, and SQLite rows
+    carry Asterisk's defaults while other databases leave unmapped columns NULL."""
+    objects = render(make_user("1001"), make_user("1002", transport="wss", video="yes"))
+    change = target.apply(objects)
+    assert change.added == ("1001", "1002")
+    assert change.wrote
+    for obj in objects:
+        for table, oid, options in (
+            (ps_endpoints, obj.endpoint_id, obj.endpoint),
+            (ps_auths, obj.auth_id, obj.auth),
+            (ps_aors, obj.aor_id, obj.aor),
+        ):
+            row = row_of(rt_engine, table, oid)
+            assert row is not None
+            for column, value in options:
+                assert str(row[column]) == value, (table.name, column)
+    endpoint = row_of(rt_engine, ps_endpoints, "1001")
+    aor = row_of(rt_engine, ps_aors, "1001")
+    auth = row_of(rt_engine, ps_auths, "1001-auth")
+    assert endpoint is not None
+    assert aor is not None
+    assert auth is not None
+    assert aor["max_contacts"] == 1
+    if backend == "sqlite":
+        assert endpoint["dtmf_mode"] == "rfc4733"
+        assert endpoint["100rel"] == "yes"
+        assert endpoint["timers_sess_expires"] == 1800
+        assert aor["default_expiration"] == 3600
+        assert aor["qualify_timeout"] == 3.0
+        assert auth["nonce_lifetime"] == 32
+    else:
+        assert endpoint["dtmf_mode"] is None
+        assert aor["default_expiration"] is None
+        assert auth["nonce_lifetime"] is None
+    assert auth["md5_cred"] is None
+    owned = snapshot(rt_engine)["provisioner_objects"]
+    expected = [(kind, f"{ext}{suffix}") for ext in ("1001", "1002") for kind, suffix in KINDS]
+    assert sorted(owned) == sorted(expected)
+
+
+def test_unchanged_apply_writes_nothing(target: RealtimeTarget, rt_engine: Engine) -> None:
+    """A second apply of the same objects changes no row and reports everything unchanged."""
+    objects = render(make_user("1001"), make_user("1002"))
+    target.apply(objects)
+    before = snapshot(rt_engine)
+    change = target.apply(objects)
+    assert change == Change(unchanged=2)
+    assert not change.wrote
+    assert snapshot(rt_engine) == before
+
+
+def test_update_changes_only_differing_rows(target: RealtimeTarget, rt_engine: Engine) -> None:
+    """Changing one user's context updates only that endpoint row."""
+    target.apply(render(make_user("1001"), make_user("1002")))
+    before = snapshot(rt_engine)
+    change = target.apply(render(make_user("1001", context="sales"), make_user("1002")))
+    assert change.updated == ("1001",)
+    assert change.changed_objects == (("endpoint", "1001"),)
+    assert change.unchanged == 1
+    after = snapshot(rt_engine)
+    assert after["ps_auths"] == before["ps_auths"]
+    assert after["ps_aors"] == before["ps_aors"]
+    row = row_of(rt_engine, ps_endpoints, "1001")
+    assert row is not None
+    assert row["context"] == "sales"
+
+
+def test_switching_auth_type_clears_unused_column(
+    target: RealtimeTarget, rt_engine: Engine
+) -> None:
+    """A credential column the new mapping no longer gives is set back to NULL."""
+    target.apply(render(make_user("1001"), settings=RenderSettings(auth_type="md5")))
+    target.apply(render(make_user("1001")))
+    auth = row_of(rt_engine, ps_auths, "1001-auth")
+    assert auth is not None
+    assert auth["md5_cred"] is None
+    assert auth["auth_type"] == "userpass"
+
+
+def test_removed_user_rows_deleted(target: RealtimeTarget, rt_engine: Engine) -> None:
+    """A user missing from the desired set loses its three rows and ownership records."""
+    target.apply(render(make_user("1001"), make_user("1002")))
+    change = target.apply(render(make_user("1002")))
+    assert change.removed == ("1001",)
+    assert row_of(rt_engine, ps_endpoints, "1001") is None
+    assert row_of(rt_engine, ps_auths, "1001-auth") is None
+    assert row_of(rt_engine, ps_aors, "1001") is None
+    assert ("endpoint", "1001") not in snapshot(rt_engine)["provisioner_objects"]
+
+
+def test_hand_edit_is_healed(target: RealtimeTarget, rt_engine: Engine) -> None:
+    """A managed column edited by hand, or a row deleted by hand, is put back by a full apply."""
+    objects = render(make_user("1001"))
+    target.apply(objects)
+    with rt_engine.begin() as conn:
+        conn.execute(ps_endpoints.update().values(context="tampered"))
+        conn.execute(ps_aors.delete())
+    change = target.apply(objects)
+    assert change.updated == ("1001",)
+    assert set(change.changed_objects) == {("endpoint", "1001"), ("aor", "1001")}
+    row = row_of(rt_engine, ps_endpoints, "1001")
+    assert row is not None
+    assert row["context"] == "from-sip"
+    assert row_of(rt_engine, ps_aors, "1001") is not None
+    assert target.apply(objects).wrote is False
+
+
+def test_sqlite_default_edited_by_hand_is_healed(
+    target: RealtimeTarget, rt_engine: Engine, backend: str
+) -> None:
+    """On SQLite a filled-in default changed by hand is restored too."""
+    if backend != "sqlite":
+        pytest.skip("defaults are filled in on SQLite only")
+    objects = render(make_user("1001"))
+    target.apply(objects)
+    with rt_engine.begin() as conn:
+        conn.execute(ps_endpoints.update().values(dtmf_mode="inband"))
+    assert target.apply(objects).updated == ("1001",)
+    row = row_of(rt_engine, ps_endpoints, "1001")
+    assert row is not None
+    assert row["dtmf_mode"] == "rfc4733"
+
+
+def _insert_foreign(engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(ps_endpoints.insert().values(id="trunk-out", context="trunk", aors="trunk"))
+        conn.execute(ps_endpoints.insert().values(id="1002", context="by-hand"))
+        conn.execute(ps_aors.insert().values(id="trunk", max_contacts=3))
+
+
+def test_foreign_rows_never_touched(target: RealtimeTarget, rt_engine: Engine) -> None:
+    """Rows provisioner did not create stay as they are, even when a user's extension
+    collides with one: that user is skipped and reported."""
+    _insert_foreign(rt_engine)
+    foreign = snapshot(rt_engine)
+    change = target.apply(render(make_user("1001"), make_user("1002")))
+    assert change.added == ("1001",)
+    assert change.conflicts == ("1002",)
+    assert row_of(rt_engine, ps_auths, "1002-auth") is None
+    assert row_of(rt_engine, ps_aors, "1002") is None
+    after = snapshot(rt_engine)
+    for row in foreign["ps_endpoints"] + foreign["ps_aors"]:
+        assert row in after["ps_endpoints"] + after["ps_aors"]
+    plan = target.plan(render(make_user("1001"), make_user("1002")))
+    assert "! ps_endpoints 1002 exists and is not provisioner's" in plan.diff
+    target.apply([])
+    final = snapshot(rt_engine)
+    assert final["ps_endpoints"] == foreign["ps_endpoints"]
+    assert final["ps_aors"] == foreign["ps_aors"]
+    assert final["provisioner_objects"] == []
+
+
+def test_failure_mid_apply_changes_nothing(target: RealtimeTarget, rt_engine: Engine) -> None:
+    """A row the database refuses (a value outside an enum) rolls back the whole apply:
+    the deletes and updates before it are undone too."""
+    target.apply(render(make_user("1001"), make_user("1002")))
+    before = snapshot(rt_engine)
+    good = render(make_user("1002", context="other"))
+    bad = render(make_user("1003"))[0]
+    bad = replace(
+        bad, endpoint=tuple((k, "maybe" if k == "direct_media" else v) for k, v in bad.endpoint)
+    )
+    with pytest.raises(DBAPIError):
+        target.apply([*good, bad])
+    assert snapshot(rt_engine) == before
+
+
+def test_guard_can_abort(target: RealtimeTarget, rt_engine: Engine) -> None:
+    """The guard sees the computed change before any write; raising aborts the apply."""
+    target.apply(render(make_user("1001")))
+    before = snapshot(rt_engine)
+    seen: list[Change] = []
+
+    def guard(change: Change) -> None:
+        seen.append(change)
+        raise RuntimeError("refused")
+
+    with pytest.raises(RuntimeError):
+        target.apply([], guard=guard)
+    assert seen[0].removed == ("1001",)
+    assert snapshot(rt_engine) == before
+
+
+def test_keep_leaves_rows(target: RealtimeTarget, rt_engine: Engine) -> None:
+    """Objects of a kept endpoint id are neither updated nor removed."""
+    target.apply(render(make_user("1001"), make_user("1002")))
+    change = target.apply(render(make_user("1002")), keep=["1001"])
+    assert change.empty
+    assert row_of(rt_engine, ps_endpoints, "1001") is not None
+
+
+def test_plan_writes_nothing(target: RealtimeTarget, rt_engine: Engine) -> None:
+    """plan reports the change with a per-row diff, secrets redacted, and writes nothing."""
+    before = snapshot(rt_engine)
+    plan = target.plan(render(make_user("1001")))
+    assert plan.added == ("1001",)
+    assert not plan.wrote
+    assert snapshot(rt_engine) == before
+    lines = plan.diff.splitlines()
+    assert "+ ps_endpoints 1001 allow=ulaw,alaw" in lines
+    assert "+ ps_auths 1001-auth password_digest=[redacted]" in lines
+    assert "SHA-256:" not in plan.diff
+
+    target.apply(render(make_user("1001"), make_user("1002")))
+    wider = RenderSettings(max_contacts=5)
+    plan = target.plan(render(make_user("1002"), settings=wider))
+    lines = plan.diff.splitlines()
+    assert "~ ps_aors 1002 max_contacts: 1 -> 5" in lines
+    assert "- ps_auths 1001-auth" in lines
+    assert plan.removed == ("1001",)
+
+
+def test_apply_partial_touches_only_given_ids(target: RealtimeTarget, rt_engine: Engine) -> None:
+    """apply_partial upserts and removes only the named users; others stay, even if stale."""
+    target.apply(render(make_user("1001"), make_user("1002"), make_user("1003")))
+    with rt_engine.begin() as conn:  # drift on 1003 must survive a partial apply
+        conn.execute(ps_endpoints.update().where(ps_endpoints.c.id == "1003").values(context="x"))
+    change = target.apply_partial(render(make_user("1001", context="sales")), ["1002"])
+    assert change.updated == ("1001",)
+    assert change.removed == ("1002",)
+    assert row_of(rt_engine, ps_endpoints, "1002") is None
+    row = row_of(rt_engine, ps_endpoints, "1003")
+    assert row is not None
+    assert row["context"] == "x"
+    added = target.apply_partial(render(make_user("1004")), [])
+    assert added.added == ("1004",)
+    assert target.apply_partial(render(make_user("1004")), []).wrote is False
