@@ -113,10 +113,13 @@ def test_reconnects_after_peer_restart() -> None:
     async def scenario() -> None:
         peer = await _peer()
         client = AmiClient(server_for(peer), fast_settings())
+        logins: list[bool] = []
+        client.on_connected(lambda: logins.append(client.connected))
         async with running(client):
             await eventually(lambda: client.connected)
             await peer.restart(downtime=0.1)
             await eventually(lambda: client.health().sessions == 2)
+            assert logins == [True, True]
             assert (await client.send_action("Ping")).ok
             assert client.health().reconnects == 1
         await peer.stop()

@@ -142,6 +142,7 @@ class AmiClient:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._ids = ActionIdGenerator("prov")
         self._callbacks: dict[str, list[EventCallback]] = defaultdict(list)
+        self._on_connected: list[Callable[[], None]] = []
         self._session: _Session | None = None
         self._connected = asyncio.Event()
         self._last_error: str | None = None
@@ -169,6 +170,14 @@ class AmiClient:
     def on_event(self, name: str, callback: EventCallback) -> None:
         """Call ``callback(event)`` for every event named ``name`` (any case; ``*``: all)."""
         self._callbacks[name.lower()].append(callback)
+
+    def on_connected(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` after every login, before any event of that session.
+
+        Events are lost while disconnected: use this to take a fresh snapshot
+        (``PJSIPShowContacts``) from a task of your own.
+        """
+        self._on_connected.append(callback)
 
     def health(self) -> AmiHealth:
         """The connection state now."""
@@ -321,6 +330,11 @@ class AmiClient:
             banner=session.decoder.banner,
             reconnects=max(0, self._sessions - 1),
         )
+        for callback in self._on_connected:
+            try:
+                callback()
+            except Exception as exc:  # a broken hook must not stop the session
+                log.exception("ami.callback_failed", server=self.name, error=_describe(exc))
         reader = asyncio.create_task(self._read_loop(session))
         pinger = asyncio.create_task(self._ping_loop(session))
         await wait_first(stop, session.closed)
