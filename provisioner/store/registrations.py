@@ -8,22 +8,23 @@ events for endpoints that are no user (trunks) are ignored.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, insert, or_, select, tuple_
+from sqlalchemy import Connection, delete, insert, select, update
 
 from .schema import registration_summary, registrations, users
 
 __all__ = [
     "ContactRecord",
     "SummaryRecord",
-    "apply_batch",
     "replace_server_snapshot",
+    "set_problems",
     "status_rows",
     "summarize",
+    "write_endpoints",
 ]
 
 _CHUNK = 500
@@ -31,7 +32,7 @@ _CHUNK = 500
 
 @dataclass(frozen=True)
 class ContactRecord:
-    """One contact of an endpoint on one server; ``status`` ``Removed`` deletes it."""
+    """One contact of an endpoint on one server."""
 
     server: str
     endpoint: str
@@ -47,10 +48,8 @@ class ContactRecord:
 
 @dataclass(frozen=True)
 class SummaryRecord:
-    """An endpoint's state on one server: online, offline or unreachable, and its device state.
-
-    ``None`` fields keep what the store holds (an event carries only part of the picture).
-    """
+    """An endpoint's state on one server: online, offline or unreachable, its device
+    state, and why Asterisk does not hold it as rendered (``problem``)."""
 
     server: str
     endpoint: str
@@ -87,89 +86,69 @@ def _contact_row(uid: int, c: ContactRecord, now: datetime) -> dict[str, Any]:
     }
 
 
-def apply_batch(
+def write_endpoints(
     conn: Connection,
-    contacts: Sequence[ContactRecord],
-    summaries: Sequence[SummaryRecord],
+    server: str,
+    states: Mapping[str, tuple[Sequence[ContactRecord], SummaryRecord]],
     now: datetime,
 ) -> int:
-    """Write a batch of contact and summary changes on the caller's transaction.
+    """Replace, for ``server``, the contacts and summary of each endpoint in ``states``.
 
-    The last record for a key wins.  Returns how many records matched a user.
+    One call is one batch on the caller's transaction; returns how many endpoints
+    matched a user.
     """
-    ids = _user_ids(conn, [c.endpoint for c in contacts] + [s.endpoint for s in summaries])
-    last_contact = {
-        (ids[c.endpoint], c.server, c.contact_id[:255]): c for c in contacts if c.endpoint in ids
+    ids = _user_ids(conn, states)
+    matched = [(ep, ids[ep]) for ep in states if ep in ids]
+    uids = [uid for _, uid in matched]
+    for i in range(0, len(uids), _CHUNK):
+        chunk = uids[i : i + _CHUNK]
+        for table in (registrations, registration_summary):
+            conn.execute(delete(table).where(table.c.server == server, table.c.user_id.in_(chunk)))
+    contact_rows: dict[tuple[int, str], dict[str, Any]] = {}
+    summary_rows = []
+    for ep, uid in matched:
+        contacts, summary = states[ep]
+        for c in contacts:
+            row = _contact_row(uid, c, now)
+            contact_rows[(uid, row["contact_id"])] = row
+        summary_rows.append(_summary_row(uid, summary, now))
+    if contact_rows:
+        conn.execute(insert(registrations), list(contact_rows.values()))
+    if summary_rows:
+        conn.execute(insert(registration_summary), summary_rows)
+    return len(matched)
+
+
+def _summary_row(uid: int, s: SummaryRecord, now: datetime) -> dict[str, Any]:
+    return {
+        "user_id": uid,
+        "server": s.server,
+        "state": (s.state or "offline")[:16],
+        "device_state": (s.device_state or "")[:32],
+        "problem": (s.problem or "")[:255],
+        "changed_at": s.changed_at or now,
     }
-    _delete_keys(conn, list(last_contact))
-    rows = [
-        _contact_row(key[0], c, now)
-        for key, c in last_contact.items()
-        if c.status not in ("Removed", "removed")
-    ]
-    if rows:
-        conn.execute(insert(registrations), rows)
-    merged = _merge_summaries(conn, ids, summaries, now)
-    if merged:
-        keys = list(merged)
-        for i in range(0, len(keys), _CHUNK):
-            chunk = keys[i : i + _CHUNK]
-            conn.execute(
-                delete(registration_summary).where(
-                    or_(
-                        *(
-                            and_(
-                                registration_summary.c.user_id == u,
-                                registration_summary.c.server == s,
-                            )
-                            for u, s in chunk
-                        )
-                    )
-                )
-            )
-        conn.execute(insert(registration_summary), list(merged.values()))
-    return len(last_contact) + len(merged)
 
 
-def _delete_keys(conn: Connection, keys: list[tuple[int, str, str]]) -> None:
-    cols = tuple_(registrations.c.user_id, registrations.c.server, registrations.c.contact_id)
-    for i in range(0, len(keys), _CHUNK):
-        chunk = keys[i : i + _CHUNK]
-        conn.execute(delete(registrations).where(cols.in_(chunk)))
-
-
-def _merge_summaries(
-    conn: Connection, ids: dict[str, int], summaries: Sequence[SummaryRecord], now: datetime
-) -> dict[tuple[int, str], dict[str, Any]]:
-    wanted = {(ids[s.endpoint], s.server) for s in summaries if s.endpoint in ids}
-    current: dict[tuple[int, str], dict[str, Any]] = {}
-    keys = sorted(wanted)
-    for i in range(0, len(keys), _CHUNK):
-        chunk = keys[i : i + _CHUNK]
-        cols = tuple_(registration_summary.c.user_id, registration_summary.c.server)
-        for r in conn.execute(select(registration_summary).where(cols.in_(chunk))):
-            current[(r.user_id, r.server)] = dict(r._mapping)
-    for s in summaries:
-        if s.endpoint not in ids:
+def set_problems(conn: Connection, server: str, problems: Mapping[str, str], now: datetime) -> int:
+    """Record, next to each user, why Asterisk does not hold its endpoint as rendered
+    (an empty string clears it).  Returns how many endpoints matched a user."""
+    ids = _user_ids(conn, problems)
+    for ep, problem in problems.items():
+        uid = ids.get(ep)
+        if uid is None:
             continue
-        key = (ids[s.endpoint], s.server)
-        row = current.get(key) or {
-            "user_id": key[0],
-            "server": s.server,
-            "state": "offline",
-            "device_state": "",
-            "problem": "",
-            "changed_at": now,
-        }
-        if s.state is not None:
-            row["state"] = s.state[:16]
-        if s.device_state is not None:
-            row["device_state"] = s.device_state[:32]
-        if s.problem is not None:
-            row["problem"] = s.problem[:255]
-        row["changed_at"] = s.changed_at or now
-        current[key] = row
-    return {k: v for k, v in current.items() if k in wanted}
+        updated = conn.execute(
+            update(registration_summary)
+            .where(registration_summary.c.user_id == uid, registration_summary.c.server == server)
+            .values(problem=problem[:255])
+        ).rowcount
+        if not updated:
+            conn.execute(
+                insert(registration_summary),
+                [_summary_row(uid, SummaryRecord(server, ep, problem=problem), now)],
+            )
+    return sum(1 for ep in problems if ep in ids)
 
 
 def replace_server_snapshot(

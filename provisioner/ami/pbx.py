@@ -1,0 +1,371 @@
+"""The daemon's Asterisk side: what an applied change needs, and registration state back.
+
+Per ``[[asterisk]]`` server, one :class:`Link` keeps an :class:`AmiClient`, its
+:class:`ReloadCoordinator` and :class:`PjsipOps`, and a registration book
+(endpoint -> :class:`EndpointRegistration`) folded from events.
+
+- After an apply (:meth:`AmiPbx.applied`, never blocking): a config-file write
+  asks for one merged ``res_pjsip.so`` reload; a realtime change expires the
+  changed objects from the configured sorcery memory caches and asks for a
+  reload only when endpoints were added or removed (Asterisk reports status
+  only for endpoints it loaded at its last reload).  Removed endpoints' contacts
+  are deleted from astdb (Asterisk keeps them otherwise).  Then each added or
+  updated endpoint is looked up (``PJSIPShowEndpoint``): one Asterisk rejected
+  is logged (``pjsip.not_live``), counted and written next to the user.
+- Registration events mark endpoints dirty; a flusher writes dirty endpoints in
+  one transaction every ``FLUSH_INTERVAL``, so a storm of thousands of events
+  costs a few transactions.  Each (re)connect takes a full ``PJSIPShowContacts``
+  snapshot; a ``SuccessfulAuth`` of an endpoint Asterisk does not track yet
+  triggers a (rate-limited) snapshot too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+
+from ..config import Config
+from ..errors import ProvisionerError
+from ..logs import get_logger
+from ..store.registrations import (
+    ContactRecord,
+    SummaryRecord,
+    replace_server_snapshot,
+    set_problems,
+    write_endpoints,
+)
+from ..targets import Change
+from .actions import AmiMessage
+from .client import AmiClient
+from .registration import (
+    ContactState,
+    EndpointRegistration,
+    apply_event,
+    endpoint_of,
+)
+from .reload import PjsipOps, ReloadCoordinator
+
+__all__ = ["AmiPbx", "Link"]
+
+log = get_logger(__name__)
+
+FLUSH_INTERVAL = 0.2
+SNAPSHOT_MIN_GAP = 2.0
+#: Endpoints verified with PJSIPShowEndpoint after one apply, at most (the rest next time).
+VERIFY_LIMIT = 200
+_EVENTS = ("ContactStatus", "PeerStatus", "DeviceStateChange", "SuccessfulAuth")
+
+
+def _utc(epoch: float | int | None) -> datetime | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).replace(tzinfo=None)
+
+
+def _contact_record(server: str, endpoint: str, c: ContactState) -> ContactRecord:
+    return ContactRecord(
+        server=server,
+        endpoint=endpoint,
+        contact_id=c.object_name or f"{c.aor};{c.uri}",
+        uri=c.uri,
+        status=c.status,
+        user_agent=c.user_agent or "",
+        source=c.source or "",
+        rtt_usec=c.rtt_usec,
+        expires_at=_utc(c.expires_at),
+    )
+
+
+def records(server: str, reg: EndpointRegistration) -> tuple[list[ContactRecord], SummaryRecord]:
+    """An endpoint's registration as the store's records (pure)."""
+    contacts = [_contact_record(server, reg.endpoint, c) for c in reg.contacts]
+    summary = SummaryRecord(
+        server=server,
+        endpoint=reg.endpoint,
+        state="offline" if reg.summary == "unknown" else reg.summary,
+        device_state=reg.device_state or "",
+        changed_at=_utc(reg.last_change),
+    )
+    return contacts, summary
+
+
+@dataclass
+class Link:
+    """One Asterisk server: its connection, reloads, queries and registration book."""
+
+    name: str
+    client: AmiClient
+    reloads: ReloadCoordinator
+    ops: PjsipOps
+    caches: tuple[str, ...] = ()
+    book: dict[str, EndpointRegistration] = field(default_factory=dict)
+    dirty: set[str] = field(default_factory=set)
+    snapshot_wanted: asyncio.Event = field(default_factory=asyncio.Event)
+    last_snapshot: float = 0.0
+    changes: asyncio.Queue[Change] = field(default_factory=asyncio.Queue)
+    not_live: int = 0
+    events: int = 0
+
+
+@dataclass
+class AmiPbx:
+    """Every configured Asterisk, driven from the daemon."""
+
+    links: list[Link]
+    engine: Engine
+    target_kind: str = "config"
+
+    @classmethod
+    def from_config(cls, config: Config, engine: Engine) -> AmiPbx:
+        links = []
+        for server in config.asterisk:
+            client = AmiClient(server, config.ami)
+            links.append(
+                Link(
+                    server.name,
+                    client,
+                    ReloadCoordinator(client, config.ami),
+                    PjsipOps(client),
+                    tuple(server.sorcery_caches),
+                )
+            )
+        return cls(links, engine, config.target.kind)
+
+    # -- the daemon's interface ---------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Keep every link up, ingest its events and apply its changes until ``stop``."""
+        async with asyncio.TaskGroup() as tg:
+            for link in self.links:
+                self._subscribe(link)
+                tg.create_task(link.client.run(stop))
+                tg.create_task(link.reloads.run(stop))
+                tg.create_task(self._flusher(link, stop))
+                tg.create_task(self._snapshots(link, stop))
+                tg.create_task(self._changes(link, stop))
+
+    def applied(self, change: Change, *, target_kind: str) -> None:
+        self.target_kind = target_kind
+        for link in self.links:
+            link.changes.put_nowait(change)
+
+    def health(self) -> dict[str, dict[str, object]]:
+        out: dict[str, dict[str, object]] = {}
+        for link in self.links:
+            h = link.client.health()
+            out[link.name] = {
+                "connected": h.connected,
+                "last_error": h.last_error or "",
+                "reconnects": h.sessions,
+                "not_live": link.not_live,
+                "events": link.events,
+            }
+        return out
+
+    # -- events in ------------------------------------------------------------------
+
+    def _subscribe(self, link: Link) -> None:
+        def on_event(msg: AmiMessage) -> None:
+            self._on_event(link, msg)
+
+        for name in _EVENTS:
+            link.client.on_event(name, on_event)
+        link.client.on_connected(link.snapshot_wanted.set)
+
+    def _on_event(self, link: Link, msg: AmiMessage) -> None:
+        """Fold one event into the book; quick and non-blocking (it runs in the reader)."""
+        event = msg.as_dict()
+        endpoint = endpoint_of(event)
+        if endpoint is None:
+            return
+        link.events += 1
+        before = link.book.get(endpoint)
+        after = apply_event(before, event)
+        if after is None:
+            return
+        link.book[endpoint] = after
+        link.dirty.add(endpoint)
+        if event.get("Event") == "SuccessfulAuth" and not after.tracked:
+            # Asterisk sends no status events for endpoints added since its last
+            # reload; their contacts are only visible by asking.
+            link.snapshot_wanted.set()
+
+    async def _flusher(self, link: Link, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await _sleep_or(stop, FLUSH_INTERVAL)
+            if link.dirty:
+                dirty, link.dirty = link.dirty, set()
+                states = {ep: records(link.name, link.book[ep]) for ep in dirty if ep in link.book}
+                await self._store(write_endpoints, link.name, states)
+
+    async def _snapshots(self, link: Link, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            waiter = asyncio.ensure_future(link.snapshot_wanted.wait())
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            stopper.cancel()
+            if stop.is_set():
+                return
+            gap = SNAPSHOT_MIN_GAP - (time.monotonic() - link.last_snapshot)
+            if gap > 0:
+                await _sleep_or(stop, gap)
+            link.snapshot_wanted.clear()
+            link.last_snapshot = time.monotonic()
+            await self._take_snapshot(link)
+
+    async def _take_snapshot(self, link: Link) -> None:
+        try:
+            contacts = await link.ops.show_contacts()
+        except ProvisionerError as exc:
+            log.warning("registration.snapshot_failed", server=link.name, error=str(exc))
+            return
+        snapshot = snapshot_from_contact_list_states(contacts)
+        # Keep what events told about device and peer state; contacts come from the snapshot.
+        for endpoint, reg in link.book.items():
+            if endpoint not in snapshot:
+                snapshot[endpoint] = EndpointRegistration(
+                    endpoint,
+                    peer_status=reg.peer_status,
+                    device_state=reg.device_state,
+                    exists=reg.exists,
+                    tracked=reg.tracked,
+                    last_change=reg.last_change,
+                )
+            else:
+                snapshot[endpoint] = _merge(snapshot[endpoint], reg)
+        link.book = snapshot
+        link.dirty.clear()
+        records_now = [rec for reg in snapshot.values() for rec in records(link.name, reg)[0]]
+        await self._store(replace_server_snapshot, link.name, records_now)
+        await self._store(
+            write_endpoints, link.name, {ep: records(link.name, r) for ep, r in snapshot.items()}
+        )
+        log.info("registration.snapshot", server=link.name, contacts=len(records_now))
+
+    # -- changes out -------------------------------------------------------------------
+
+    async def _changes(self, link: Link, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            getter = asyncio.ensure_future(link.changes.get())
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if not getter.done():
+                getter.cancel()
+                return
+            batch = [getter.result()]
+            while not link.changes.empty():
+                batch.append(link.changes.get_nowait())
+            try:
+                await self._handle(link, batch)
+            except ProvisionerError as exc:
+                log.warning("ami.apply_failed", server=link.name, error=str(exc))
+
+    async def _handle(self, link: Link, batch: list[Change]) -> None:
+        added = _union(c.added for c in batch)
+        updated = _union(c.updated for c in batch)
+        removed = _union(c.removed for c in batch)
+        wrote = any(c.wrote for c in batch)
+        reload = None
+        if self.target_kind == "config":
+            if wrote:
+                reload = link.reloads.request()
+        else:
+            for change in batch:
+                for _kind, object_id in change.changed_objects:
+                    if link.caches:
+                        await link.ops.expire_everywhere(object_id)
+            if added or removed:
+                reload = link.reloads.request()
+        if removed:
+            await self._remove_contacts(link, removed)
+        if reload is not None:
+            await reload
+        await self._verify(link, sorted(added | updated))
+
+    async def _remove_contacts(self, link: Link, removed: set[str]) -> None:
+        """Asterisk keeps a deleted endpoint's registrations: delete them from astdb."""
+        contacts = await link.ops.show_contacts()
+        for c in contacts:
+            if c.aor in removed and c.object_name:
+                deleted = await link.ops.remove_contact_object(c.object_name)
+                log.info("registration.removed", server=link.name, aor=c.aor, deleted=deleted)
+
+    async def _verify(self, link: Link, endpoints: list[str]) -> None:
+        problems: dict[str, str] = {}
+        for endpoint in endpoints[:VERIFY_LIMIT]:
+            detail = await link.ops.show_endpoint(endpoint)
+            if detail is None:
+                problem = "Asterisk does not hold this endpoint (rejected? see Asterisk's log)"
+            elif not detail.aors or not detail.auths:
+                problem = "Asterisk holds the endpoint without its AOR or auth (rejected object?)"
+            else:
+                problem = ""
+            if problem:
+                link.not_live += 1
+                log.warning("pjsip.not_live", server=link.name, endpoint=endpoint, problem=problem)
+            problems[endpoint] = problem
+        if problems:
+            await self._store(set_problems, link.name, problems)
+
+    # -- store writes, off the event loop ------------------------------------------------
+
+    async def _store(
+        self, fn: Callable[[Connection, str, Any, datetime], object], server: str, data: object
+    ) -> None:
+        def work() -> None:
+            now = datetime.now(UTC).replace(tzinfo=None)
+            with self.engine.begin() as conn:
+                fn(conn, server, data, now)
+
+        try:
+            await asyncio.to_thread(work)
+        except DBAPIError as exc:
+            log.warning("registration.store_failed", server=server, error=type(exc.orig).__name__)
+
+
+def snapshot_from_contact_list_states(
+    contacts: Iterable[ContactState],
+) -> dict[str, EndpointRegistration]:
+    """Group snapshot contacts by endpoint (the AOR id is the endpoint id here)."""
+    out: dict[str, EndpointRegistration] = {}
+    for c in contacts:
+        reg = out.get(c.aor) or EndpointRegistration(c.aor, tracked=False)
+        out[c.aor] = EndpointRegistration(
+            reg.endpoint, contacts=(*reg.contacts, c), tracked=reg.tracked
+        )
+    return out
+
+
+def _merge(snap: EndpointRegistration, known: EndpointRegistration) -> EndpointRegistration:
+    return EndpointRegistration(
+        snap.endpoint,
+        contacts=snap.contacts,
+        peer_status=known.peer_status,
+        device_state=known.device_state,
+        exists=known.exists,
+        tracked=known.tracked,
+        last_change=known.last_change,
+    )
+
+
+def _union(groups: Iterable[Iterable[str]]) -> set[str]:
+    out: set[str] = set()
+    for g in groups:
+        out.update(g)
+    return out
+
+
+async def _sleep_or(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except TimeoutError:
+        return
