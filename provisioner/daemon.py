@@ -16,7 +16,6 @@ A store outage is logged and retried; it never stops the daemon.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +27,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
+from .aio import sleep_unless, wait_first
 from .applier import Applied, Applier
 from .config import Config, load_config
 from .errors import ProvisionerError, StoreUnavailable
@@ -241,15 +241,7 @@ class Daemon:
 
     async def _wait_for_work(self) -> None:
         timeout = max(0.0, self._next_reconcile - time.monotonic())
-        wake = asyncio.ensure_future(self.wake.wait())
-        tmpl = asyncio.ensure_future(self.templates_changed.wait())
-        try:
-            await asyncio.wait(
-                {wake, tmpl}, timeout=min(timeout, 3600.0), return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            wake.cancel()
-            tmpl.cancel()
+        await wait_first(self.wake, self.templates_changed, timeout=min(timeout, 3600.0))
 
     async def _reconcile_until_done(self) -> Applied | None:
         """The first full reconcile, retried with backoff while the store is down."""
@@ -262,7 +254,7 @@ class Daemon:
                 # e.g. a refused mass removal or a broken template: no retry will help;
                 # keep running (health says why) and wait for an edit, a SIGHUP or an operator.
                 return None
-            await _sleep_or(self.stop, delay)
+            await sleep_unless(self.stop, delay)
             delay = min(delay * 2, 30.0)
         return None
 
@@ -338,7 +330,7 @@ class Daemon:
         # Fed from the event loop itself: a blocked loop starves the watchdog.
         while not self.stop.is_set():
             self.notifier.watchdog()
-            await _sleep_or(self.stop, interval)
+            await sleep_unless(self.stop, interval)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         self._tasks.append(asyncio.ensure_future(coro))
@@ -361,8 +353,3 @@ def _describe(exc: BaseException) -> str:
         first_line = (str(exc.orig).splitlines() or [""])[0]
         return f"store unavailable: {type(exc.orig).__name__}: {first_line}"
     return f"{type(exc).__name__}: {exc}"
-
-
-async def _sleep_or(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)

@@ -7,6 +7,7 @@ a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Mapping
@@ -34,10 +35,10 @@ class Notifier:
         if self._sock is None:
             return
         payload = "\n".join(f"{k.upper()}={v}" for k, v in fields.items()).encode()
-        try:
+        # A lost datagram is not an error: systemd may be restarting, and a
+        # missed watchdog ping is exactly what it is there to notice.
+        with contextlib.suppress(OSError):
             self._sock.sendto(payload, self._address)
-        except OSError:
-            pass  # systemd will notice a missed watchdog; nothing to do here
 
     def ready(self, status: str = "") -> None:
         self.send(ready=1, **({"status": status} if status else {}))

@@ -21,6 +21,7 @@ from pathlib import Path
 import psycopg
 from sqlalchemy.engine import make_url
 
+from .aio import sleep_unless
 from .logs import get_logger
 from .store.changefeed import NOTIFY_CHANNEL
 
@@ -62,9 +63,7 @@ async def sqlite_wakeups(db_path: Path, wake: asyncio.Event, stop: asyncio.Event
         wake.set()
 
 
-async def template_wakeups(
-    dirs: Iterable[Path], wake: asyncio.Event, stop: asyncio.Event
-) -> None:
+async def template_wakeups(dirs: Iterable[Path], wake: asyncio.Event, stop: asyncio.Event) -> None:
     """Set ``wake`` whenever a template file in ``dirs`` changes."""
     from watchfiles import awatch
 
@@ -79,11 +78,8 @@ async def template_wakeups(
 
 async def poll_wakeups(interval: float, wake: asyncio.Event, stop: asyncio.Event) -> None:
     """Set ``wake`` every ``interval`` seconds (MariaDB/MySQL have no notifications)."""
-    while not stop.is_set():
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=interval)
-        except TimeoutError:
-            wake.set()
+    while not await sleep_unless(stop, interval):
+        wake.set()
 
 
 async def postgres_wakeups(
@@ -110,7 +106,7 @@ async def postgres_wakeups(
                 await _relay_notifies(conn, wake, stop)
         except (psycopg.Error, OSError) as exc:
             log.warning("store.listen_failed", error=str(exc), retry_in_s=round(delay, 2))
-            await _sleep_or_stop(stop, delay)
+            await sleep_unless(stop, delay)
             delay = min(backoff_cap, delay * 2) * random.uniform(0.8, 1.2)  # noqa: S311
 
 
@@ -122,13 +118,6 @@ async def _relay_notifies(
         async for _note in conn.notifies(timeout=1.0):
             wake.set()
         await conn.execute("SELECT 1")  # notices a dead server between notifications
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except TimeoutError:
-        pass
 
 
 async def coalesce(

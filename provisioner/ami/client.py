@@ -29,9 +29,9 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from ..aio import sleep_unless, wait_first
 from ..config import AmiSettings, AsteriskServer
 from ..logs import get_logger
-from ._aio import sleep_unless, wait_first
 from .actions import (
     ActionIdGenerator,
     AmiAction,

@@ -31,6 +31,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
+from ..aio import sleep_unless, wait_first
 from ..config import Config
 from ..errors import ProvisionerError
 from ..logs import get_logger
@@ -199,7 +200,7 @@ class AmiPbx:
 
     async def _flusher(self, link: Link, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            await _sleep_or(stop, FLUSH_INTERVAL)
+            await sleep_unless(stop, FLUSH_INTERVAL)
             if link.dirty:
                 dirty, link.dirty = link.dirty, set()
                 states = {ep: records(link.name, link.book[ep]) for ep in dirty if ep in link.book}
@@ -207,16 +208,12 @@ class AmiPbx:
 
     async def _snapshots(self, link: Link, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            waiter = asyncio.ensure_future(link.snapshot_wanted.wait())
-            stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            stopper.cancel()
+            await wait_first(link.snapshot_wanted, stop)
             if stop.is_set():
                 return
             gap = SNAPSHOT_MIN_GAP - (time.monotonic() - link.last_snapshot)
             if gap > 0:
-                await _sleep_or(stop, gap)
+                await sleep_unless(stop, gap)
             link.snapshot_wanted.clear()
             link.last_snapshot = time.monotonic()
             await self._take_snapshot(link)
@@ -362,10 +359,3 @@ def _union(groups: Iterable[Iterable[str]]) -> set[str]:
     for g in groups:
         out.update(g)
     return out
-
-
-async def _sleep_or(stop: asyncio.Event, seconds: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except TimeoutError:
-        return

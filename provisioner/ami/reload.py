@@ -34,10 +34,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from ..aio import sleep_unless, wait_first
 from ..config import AmiSettings
 from ..errors import InvalidInput
 from ..logs import get_logger
-from ._aio import sleep_unless, wait_first
 from .client import AmiClient, AmiReply
 from .errors import AmiActionFailed, AmiConnectionLost, AmiNotConnected, AmiTimeout
 from .registration import ContactState, contact_from_list_item, contact_from_status_detail

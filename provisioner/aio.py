@@ -1,4 +1,4 @@
-"""Small asyncio helpers shared by the AMI layer: waiting on events with a deadline."""
+"""Small asyncio helpers: waiting on events with a deadline, without scattered cancels."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ async def wait_first(*events: asyncio.Event, timeout: float | None = None) -> bo
         done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         return bool(done)
     finally:
-        # The only cancels in the AMI layer: these tasks do nothing but wait on an event.
+        # The only cancels outside shutdown: these tasks do nothing but wait on an event.
         for waiter in waiters:
             waiter.cancel()
 
