@@ -654,6 +654,19 @@ def status(app: App, usernames: tuple[str, ...], as_json: bool) -> None:
     _table(table, ["EXTENSION", "USERNAME", "STATE", "CONTACTS", "USER AGENT", "LAST CHANGE"])
 
 
+@cli.command()
+@pass_app
+def check(app: App) -> None:
+    """Check the config, the store, the target and each AMI login; exit 1 if any fails."""
+    from .checks import run_checks
+
+    results = run_checks(app.config)
+    for name, ok, detail in results:
+        click.echo(f"{'ok  ' if ok else 'FAIL'}  {name}: {detail}")
+    if not all(ok for _, ok, _ in results):
+        raise click.exceptions.Exit(1)
+
+
 # -- quickstart ---------------------------------------------------------------------------
 
 

@@ -1,0 +1,106 @@
+"""``provisioner check``: can this configuration work?  One line per check, no side effects.
+
+Each check returns ``(name, ok, detail)``; the CLI prints them and exits 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from sqlalchemy import func, inspect, select
+from sqlalchemy.exc import DBAPIError
+
+from .aio import wait_first
+from .config import AsteriskServer, Config
+from .health import read_health
+from .store.engine import open_engine
+from .store.migrate import current_revision, head_revision
+from .store.schema import users
+
+__all__ = ["Check", "run_checks"]
+
+Check = tuple[str, bool, str]
+
+
+def _store(config: Config) -> Check:
+    engine = open_engine(config.store.url, busy_timeout=config.store.busy_timeout)
+    try:
+        revision = current_revision(engine)
+        if revision != head_revision():
+            return (
+                "store",
+                False,
+                f"schema at {revision}, expected {head_revision()}: run 'provisioner db upgrade'",
+            )
+        with engine.connect() as conn:
+            count = conn.execute(select(func.count()).select_from(users)).scalar_one()
+        return ("store", True, f"{engine.url.render_as_string(hide_password=True)}: {count} users")
+    except DBAPIError as exc:
+        return ("store", False, f"cannot open: {type(exc.orig).__name__}: {exc.orig}")
+    finally:
+        engine.dispose()
+
+
+def _target(config: Config) -> Check:
+    t = config.target
+    if t.kind == "config":
+        directory = Path(t.path).resolve().parent
+        if not directory.is_dir():
+            return ("target", False, f"directory {directory} does not exist")
+        if not os.access(directory, os.W_OK):
+            return ("target", False, f"directory {directory} is not writable")
+        return ("target", True, f"config file {t.path} (directory writable)")
+    engine = open_engine(t.url or config.store.url, busy_timeout=config.store.busy_timeout)
+    try:
+        with engine.connect() as conn:
+            names = set(inspect(conn).get_table_names())
+        missing = {"ps_endpoints", "ps_auths", "ps_aors"} - names
+        if missing:
+            return ("target", False, f"realtime tables missing: {', '.join(sorted(missing))}")
+        return ("target", True, "realtime tables present")
+    except DBAPIError as exc:
+        return ("target", False, f"cannot open realtime database: {type(exc.orig).__name__}")
+    finally:
+        engine.dispose()
+
+
+async def _login(server: AsteriskServer, config: Config) -> Check:
+    from .ami import AmiClient
+
+    client = AmiClient(server, config.ami)
+    stop = asyncio.Event()
+    runner = asyncio.ensure_future(client.run(stop))
+    try:
+        ok = await wait_first(client.connected_event, timeout=server.timeout + 1.0)
+        detail = (
+            f"{server.host}:{server.port} login ok"
+            if ok
+            else f"{server.host}:{server.port}: {client.health().last_error or 'no answer'}"
+        )
+        return (f"asterisk {server.name}", ok, detail)
+    finally:
+        stop.set()
+        await runner
+
+
+def _health(config: Config) -> Iterator[Check]:
+    health = read_health(Path(config.daemon.state_dir))
+    if health is None:
+        return
+    problems = health.problems(time.time(), max_age=max(60.0, 3 * config.daemon.max_wait))
+    yield ("daemon", not problems, "; ".join(problems) or f"pid {health.pid}, healthy")
+
+
+def run_checks(config: Config) -> list[Check]:
+    """Every check, in order: config, store, target, each Asterisk login, the daemon's health."""
+    checks: list[Check] = [("config", True, config.source or "embedded defaults")]
+    checks.append(_store(config))
+    checks.append(_target(config))
+    for server in config.asterisk:
+        checks.append(asyncio.run(_login(server, config)))
+    checks.extend(_health(config))
+    return checks
