@@ -17,9 +17,9 @@ from pathlib import Path
 from sqlalchemy import create_engine, text
 
 PG_ADMIN = os.environ.get(
-    "PROVISIONER_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    "TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-MY_ADMIN = os.environ.get("PROVISIONER_TEST_MARIADB", "mysql+pymysql://root@127.0.0.1:3306/")
+MY_ADMIN = os.environ.get("TEST_MARIADB_ADMIN_URL", "mysql+pymysql://root@127.0.0.1:3306/")
 
 BACKENDS = ("sqlite", "postgresql", "mariadb")
 
