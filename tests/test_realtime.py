@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, inspect, select
 from sqlalchemy.exc import DBAPIError
 
+from provisioner.config import Config, StoreSettings, TargetSettings
 from provisioner.model import User, Voice
 from provisioner.pjsip import RenderSettings, UserObjects, render_all
 from provisioner.store.engine import open_engine
@@ -380,3 +381,18 @@ def test_apply_partial_touches_only_given_ids(target: RealtimeTarget, rt_engine:
     added = target.apply_partial(render(make_user("1004")), [])
     assert added.added == ("1004",)
     assert target.apply_partial(render(make_user("1004")), []).wrote is False
+
+
+def test_from_config_defaults_to_the_store_database(tmp_path: Path) -> None:
+    """from_config uses target.url, or the user store's URL when target.url is empty."""
+    store_url = f"sqlite:///{tmp_path / 'store.db'}"
+    other_url = f"sqlite:///{tmp_path / 'realtime.db'}"
+    same = RealtimeTarget.from_config(Config(store=StoreSettings(url=store_url)))
+    other = RealtimeTarget.from_config(
+        Config(store=StoreSettings(url=store_url), target=TargetSettings(url=other_url))
+    )
+    assert str(same.engine.url) == store_url
+    assert str(other.engine.url) == other_url
+    assert same.sqlite_defaults
+    same.engine.dispose()
+    other.engine.dispose()
