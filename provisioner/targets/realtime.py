@@ -519,11 +519,20 @@ def _write(conn: Connection, plan: _Plan) -> bool:
         if kp.inserts:
             stmt, keys = _statement(kp.shape, update=False)
             _executemany(conn, stmt, keys, [_bound(kp.shape, r) for r in kp.inserts])
-            records = [(kind, r[0]) for r in kp.inserts if r[0] not in kp.reowned]
-            record = po.insert().values(kind=bindparam("kind"), id=bindparam("oid"))
-            _executemany(conn, record, ("kind", "oid"), records)
+            _record(conn, kind, [str(r[0]) for r in kp.inserts if r[0] not in kp.reowned])
             wrote = True
     return wrote
+
+
+def _record(conn: Connection, kind: str, ids: Sequence[str]) -> None:
+    """Record ``ids`` as provisioner's.
+
+    Through ``Connection.execute``: on PostgreSQL SQLAlchemy batches these two short
+    columns into multi-row INSERTs, where psycopg's executemany would send one statement
+    per row and double the statements of a first sync.
+    """
+    if ids:
+        conn.execute(provisioner_objects.insert(), [{"kind": kind, "id": oid} for oid in ids])
 
 
 def _bound(shape: _Shape, row: Row) -> Row:
