@@ -52,6 +52,9 @@ NAT_OPTIONS: Mapping[str, tuple[str, str, str, str]] = {
 
 #: ps_endpoints.callerid is VARCHAR(40): longer names are shortened in the caller ID only.
 CALLERID_MAX = 40
+#: The longest value written (ps_auths.realm is VARCHAR(255)); far below the
+#: 8191-byte line Asterisk's config loader skips, even at 4 bytes a character.
+VALUE_MAX = 255
 _ID = re.compile(r"[0-9]{1,20}")
 _NAME_TOKEN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HEX = {"md5": re.compile(r"[0-9a-f]{32}"), "sha256": re.compile(r"[0-9a-f]{64}")}
@@ -281,6 +284,9 @@ def _final_check(objects: UserObjects) -> None:
             checked = value[1 : value.rfind('"')] if option == "callerid" else value
             if (p := check_value(option, checked)) is not None:
                 problems.append(p)
+            elif len(value) > VALUE_MAX:
+                # Asterisk skips a config line of 8191+ bytes whole, dropping the object.
+                problems.append(Problem(option, f"must be at most {VALUE_MAX} characters"))
     if problems:
         raise InvalidInput(problems)
 
