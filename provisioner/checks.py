@@ -91,7 +91,7 @@ def _health(config: Config) -> Iterator[Check]:
     health = read_health(Path(config.daemon.state_dir))
     if health is None:
         return
-    problems = health.problems(time.time(), max_age=max(60.0, 3 * config.daemon.max_wait))
+    problems = health.problems(time.time(), max_age=60.0)
     yield ("daemon", not problems, "; ".join(problems) or f"pid {health.pid}, healthy")
 
 

@@ -44,6 +44,9 @@ __all__ = ["Daemon", "Pbx", "build_target"]
 
 log = get_logger(__name__)
 
+#: Seconds between two health-record writes while idle (``provisioner check`` allows 4x).
+HEARTBEAT_INTERVAL = 15.0
+
 WakeSource = Callable[[asyncio.Event, asyncio.Event], Awaitable[None]]
 
 
@@ -56,6 +59,10 @@ class Pbx(Protocol):
 
     def applied(self, change: Change, *, target_kind: str) -> None:
         """Schedule what ``change`` needs (reload, cache expiry, contact removal); never blocks."""
+        ...
+
+    def health(self) -> dict[str, dict[str, object]]:
+        """Per server: connected, last error, reconnects, endpoints found not live."""
         ...
 
 
@@ -193,6 +200,7 @@ class Daemon:
                 self.pbx.applied(first.change, target_kind=self.config.target.kind)
         if (interval := watchdog_interval()) is not None:
             self._spawn(self._watchdog(interval))
+        self._spawn(self._heartbeat())
         self.health.ready = True
         self._write_health()
         self.notifier.ready(status="provisioning")
@@ -332,10 +340,17 @@ class Daemon:
             self.notifier.watchdog()
             await sleep_unless(self.stop, interval)
 
+    async def _heartbeat(self) -> None:
+        # Keeps the health record fresh while idle, with the AMI connections' state.
+        while not await sleep_unless(self.stop, HEARTBEAT_INTERVAL):
+            self._write_health()
+
     def _spawn(self, coro: Awaitable[None]) -> None:
         self._tasks.append(asyncio.ensure_future(coro))
 
     def _write_health(self) -> None:
+        if self.pbx is not None:
+            self.health.asterisk = self.pbx.health()
         try:
             write_health(Path(self.config.daemon.state_dir), self.health)
         except OSError as exc:

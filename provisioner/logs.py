@@ -56,4 +56,4 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
 
 
 def get_logger(name: str) -> Any:
-    return structlog.get_logger(module=name)
+    return structlog.get_logger(source=name)

@@ -305,6 +305,18 @@ class FakeAsterisk:
                 writer.write(batch)
                 await writer.drain()
 
+    async def send_recorded(
+        self, *needles: str, replace: tuple[tuple[bytes, bytes], ...] = ()
+    ) -> None:
+        """Send, on every open connection, the recorded message holding all ``needles``,
+        with ``replace`` byte substitutions (e.g. another endpoint's number)."""
+        message = self.library.find_message(*needles)
+        for old, new in replace:
+            message = message.replace(old, new)
+        for writer in list(self._writers.values()):
+            writer.write(message)
+            await writer.drain()
+
     async def send_oversized_line(self, size: int, chunk: int = 1 << 16) -> None:
         """Start an event whose one line is ``size`` bytes long (until the client hangs up)."""
         for writer in list(self._writers.values()):

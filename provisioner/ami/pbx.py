@@ -113,6 +113,8 @@ class Link:
     changes: asyncio.Queue[Change] = field(default_factory=asyncio.Queue)
     not_live: int = 0
     events: int = 0
+    #: endpoint -> summary last logged, so ``registration.changed`` fires on changes only.
+    reported: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -204,6 +206,11 @@ class AmiPbx:
             if link.dirty:
                 dirty, link.dirty = link.dirty, set()
                 states = {ep: records(link.name, link.book[ep]) for ep in dirty if ep in link.book}
+                for ep in sorted(states):
+                    state = states[ep][1].state
+                    if link.reported.get(ep) != state:
+                        link.reported[ep] = state or ""
+                        log.info("registration.changed", server=link.name, endpoint=ep, state=state)
                 await self._store(write_endpoints, link.name, states)
 
     async def _snapshots(self, link: Link, stop: asyncio.Event) -> None:

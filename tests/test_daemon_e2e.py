@@ -1,0 +1,274 @@
+"""End to end: the daemon as a real subprocess, the store, the file and a fake Asterisk."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from .amipeer import FakeAsterisk
+
+PROVISIONER = str(Path(sys.executable).with_name("provisioner"))
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROVISIONER_")}
+    env["PROVISIONER_LOG__FORMAT"] = "json"
+    return env
+
+
+def _write_config(tmp: Path, ami_port: int | None) -> Path:
+    lines = [
+        "[store]",
+        f'url = "sqlite:///{tmp / "store.db"}"',
+        "[security]",
+        "password_policy = false",
+        "[target]",
+        f'path = "{tmp / "pjsip_users.conf"}"',
+        "[daemon]",
+        f'state_dir = "{tmp / "state"}"',
+        "quiet = 0.02",
+        "max_wait = 0.2",
+        "shutdown_timeout = 5",
+        "[ami]",
+        "reload_min_gap = 0",
+        "reload_gap_factor = 0",
+        "backoff_base = 0.05",
+        "backoff_cap = 0.2",
+    ]
+    if ami_port is not None:
+        lines += [
+            "[[asterisk]]",
+            'name = "pbx1"',
+            'host = "127.0.0.1"',
+            f"port = {ami_port}",
+            'username = "provisioner"',
+            'secret = "lab-secret"',
+        ]
+    path = tmp / "provisioner.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def _cli(config: Path, *args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        PROVISIONER,
+        "--config",
+        str(config),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=_env(),
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, (args, out.decode(), err.decode())
+    return out.decode()
+
+
+async def _until(check: Callable[[], Awaitable[bool] | bool], timeout: float) -> float:
+    """Poll ``check`` until true; return the seconds it took, or fail at ``timeout``."""
+    start = time.monotonic()
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"not true within {timeout} s")
+        await asyncio.sleep(0.02)
+
+
+async def _start_daemon(config: Path, log: Path) -> asyncio.subprocess.Process:
+    fh = log.open("ab")
+    proc = await asyncio.create_subprocess_exec(
+        PROVISIONER, "--config", str(config), "run", stdout=fh, stderr=fh, env=_env()
+    )
+    fh.close()
+    health = config.parent / "state" / "health.json"
+
+    def ready() -> bool:
+        try:
+            return (
+                bool(json.loads(health.read_text())["ready"])
+                and json.loads(health.read_text())["pid"] == proc.pid
+            )
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            return False
+
+    await _until(ready, 20)
+    return proc
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return await asyncio.wait_for(proc.wait(), timeout=15)
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
+async def _seed(config: Path) -> None:
+    await _cli(config, "db", "upgrade")
+    await _cli(config, "profile", "add", "agents")
+    await _cli(
+        config,
+        "user",
+        "add",
+        "root",
+        "--role",
+        "admin",
+        "--full-name",
+        "Root",
+        "--email",
+        "root@example.com",
+    )
+
+
+def test_edit_to_live_reload_registration_and_disable(tmp_path: Path) -> None:
+    """A user add is live in the file with a reload within 1 s; ContactStatus makes it online,
+    then offline; a disable removes its section, reloads and deletes its registration."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        await peer.start()
+        config = _write_config(tmp_path, peer.port)
+        conf = tmp_path / "pjsip_users.conf"
+        await _seed(config)
+        daemon = await _start_daemon(config, tmp_path / "daemon.log")
+        try:
+            await _until(lambda: peer.logins_ok >= 1, 10)
+            reloads_before = len(peer.actions("Reload"))
+            await _cli(
+                config,
+                "user",
+                "add",
+                "alice",
+                "--full-name",
+                "Alice",
+                "--email",
+                "a@example.com",
+                "--profile",
+                "agents",
+            )
+            took = await _until(
+                lambda: "[1001]" in _text(conf) and len(peer.actions("Reload")) > reloads_before,
+                5,
+            )
+            assert took < 1.0, f"edit to live took {took:.3f} s"
+            assert peer.actions("Reload")[-1].get("Module") == "res_pjsip.so"
+
+            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
+
+            async def state() -> str:
+                out = json.loads(await _cli(config, "status", "alice", "--json"))
+                return str(out[0]["state"])
+
+            async def online() -> bool:
+                return await state() == "online"
+
+            await _until(online, 5)
+            status = json.loads(await _cli(config, "status", "alice", "--json"))[0]
+            assert status["contacts"][0]["uri"] == "sip:1001@127.0.0.1:5070;ob"
+
+            await peer.send_recorded("Event: ContactStatus\r\n", "ContactStatus: Removed")
+
+            async def offline() -> bool:
+                return await state() == "offline"
+
+            await _until(offline, 5)
+
+            reloads_before = len(peer.actions("Reload"))
+            await _cli(config, "user", "disable", "alice")
+            await _until(
+                lambda: (
+                    "[1001]" not in _text(conf) and len(peer.actions("Reload")) > reloads_before
+                ),
+                5,
+            )
+            await _until(
+                lambda: any(
+                    a.get("Key").startswith("contact/1001;@") for a in peer.actions("DBDel")
+                ),
+                5,
+            )
+            assert await _stop(daemon) == 0
+        finally:
+            if daemon.returncode is None:
+                daemon.kill()
+                await daemon.wait()
+            await peer.stop()
+        log = (tmp_path / "daemon.log").read_text()
+        assert "Traceback" not in log
+        assert "lab-secret" not in log
+
+    asyncio.run(scenario())
+
+
+def test_kill_9_at_random_moments_converges(tmp_path: Path) -> None:
+    """SIGKILL during a stream of edits, then a restart: the file ends equal to a fresh render."""
+
+    async def scenario() -> None:
+        config = _write_config(tmp_path, None)
+        conf = tmp_path / "pjsip_users.conf"
+        await _seed(config)
+        rng = random.Random(7)
+        daemon = await _start_daemon(config, tmp_path / "daemon.log")
+        for i in range(12):
+            await _cli(
+                config,
+                "user",
+                "add",
+                f"u{i}",
+                "--full-name",
+                f"U {i}",
+                "--email",
+                f"u{i}@example.com",
+                "--profile",
+                "agents",
+            )
+            if rng.random() < 0.4:
+                await _cli(config, "user", "edit", f"u{i}", "--nat", "yes")
+            if i % 4 == 3:
+                await asyncio.sleep(rng.uniform(0, 0.1))
+                daemon.kill()
+                await daemon.wait()
+                daemon = await _start_daemon(config, tmp_path / "daemon.log")
+        await _cli(config, "user", "disable", "u3")
+        await _until(lambda: "[1004]" not in _text(conf) and "[1012]" in _text(conf), 5)
+        assert await _stop(daemon) == 0
+        dry = await _cli(config, "render", "--dry-run")
+        assert "would be added 0, would be updated 0, would be removed 0" in dry
+        assert not (tmp_path / (conf.name + ".tmp")).exists()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP])
+def test_sighup_reloads_config(tmp_path: Path, sig: signal.Signals) -> None:
+    """SIGHUP re-reads the configuration: a changed transport name is re-rendered for everyone."""
+
+    async def scenario() -> None:
+        config = _write_config(tmp_path, None)
+        conf = tmp_path / "pjsip_users.conf"
+        await _seed(config)
+        daemon = await _start_daemon(config, tmp_path / "daemon.log")
+        await _until(lambda: "transport=transport-udp" in _text(conf), 5)
+        config.write_text(config.read_text() + '\n[target.transports]\nudp = "udp-main"\n')
+        daemon.send_signal(sig)
+        await _until(lambda: "transport=udp-main" in _text(conf), 5)
+        assert await _stop(daemon) == 0
+
+    asyncio.run(scenario())
