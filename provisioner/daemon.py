@@ -38,6 +38,7 @@ from .sdnotify import Notifier, watchdog_interval
 from .store.changefeed import CursorTracker, load_cursor, read_changes, save_cursor
 from .store.engine import open_engine
 from .targets import Change, Target
+from .targets.configfile import SHIPPED_TEMPLATES
 from .watch import coalesce, poll_wakeups, postgres_wakeups, sqlite_wakeups, template_wakeups
 
 __all__ = ["Daemon", "Pbx", "build_target"]
@@ -85,8 +86,7 @@ def build_target(config: Config, store_engine: Engine) -> Target:
 
 
 def template_dirs(config: Config) -> list[Path]:
-    shipped = Path(__file__).resolve().parents[1] / "templates" / "pjsip"
-    dirs = [shipped]
+    dirs = [SHIPPED_TEMPLATES]
     if config.target.templates:
         dirs.insert(0, Path(config.target.templates))
     return dirs

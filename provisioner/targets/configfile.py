@@ -17,6 +17,7 @@ import heapq
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -41,8 +42,19 @@ if TYPE_CHECKING:
 
 __all__ = ["FILE_MODE", "MAIN_TEMPLATE", "SHIPPED_TEMPLATES", "ConfigFileTarget", "check_rendered"]
 
-#: The shipped templates, at the top of the source tree.
-SHIPPED_TEMPLATES = Path(__file__).resolve().parents[2] / "templates" / "pjsip"
+
+
+def _shipped_templates() -> Path:
+    """``templates/pjsip`` at the top of a source tree or checkout (editable install),
+    else where a wheel installs it (``<prefix>/share/provisioner/templates/pjsip``)."""
+    source = Path(__file__).resolve().parents[2] / "templates" / "pjsip"
+    if source.is_dir():
+        return source
+    return Path(sys.prefix) / "share" / "provisioner" / "templates" / "pjsip"
+
+
+#: The shipped templates.
+SHIPPED_TEMPLATES = _shipped_templates()
 MAIN_TEMPLATE = "pjsip_users.conf.j2"
 #: Asterisk (group) reads the file; digests make it unfit for everyone to read.
 FILE_MODE = 0o640
