@@ -35,7 +35,13 @@ from .health import Health, write_health
 from .logs import get_logger
 from .pjsip import RenderSettings
 from .sdnotify import Notifier, watchdog_interval
-from .store.changefeed import CursorTracker, load_cursor, read_changes, save_cursor
+from .store.changefeed import (
+    CursorTracker,
+    load_cursor,
+    prune_changes,
+    read_changes,
+    save_cursor,
+)
 from .store.engine import open_engine
 from .targets import Change, Target
 from .targets.configfile import SHIPPED_TEMPLATES
@@ -299,6 +305,12 @@ class Daemon:
             self.tracker = CursorTracker(cursor=cursor, grace=self.config.daemon.cursor_grace)
         result = self.applier.full()
         self._advance([r.id for r in self.tracker.fresh(pending)])
+        # Applied changes are history: drop them at each full reconcile so the
+        # change table stays small (the cursor, not the rows, is what resumes).
+        with self.engine.begin() as conn:
+            pruned = prune_changes(conn, self.tracker.cursor)
+        if pruned:
+            log.info("changes.pruned", upto=self.tracker.cursor, rows=pruned)
         return result
 
     def _incremental(self) -> Applied | None:

@@ -14,6 +14,7 @@ from provisioner.store.changefeed import (
     ChangeRow,
     CursorTracker,
     load_cursor,
+    prune_changes,
     read_changes,
     save_cursor,
 )
@@ -91,3 +92,14 @@ def test_tracker_late_commit_is_not_missed() -> None:
     late = [ChangeRow(11, "user", 1, "U"), ChangeRow(12, "user", 2, "U")]
     assert [r.id for r in t.fresh(late)] == [11]
     assert t.mark([11], now=1.0) == 12
+
+
+def test_prune_drops_only_applied_changes(accounts: Accounts, engine: Engine) -> None:
+    """Pruning up to the cursor deletes those changes and keeps every later one."""
+    with engine.connect() as conn:
+        ids = [c.id for c in read_changes(conn, 0)]
+    middle = ids[len(ids) // 2]
+    with engine.begin() as conn:
+        assert prune_changes(conn, middle) == len([i for i in ids if i <= middle])
+    with engine.connect() as conn:
+        assert [c.id for c in read_changes(conn, 0)] == [i for i in ids if i > middle]
