@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
@@ -33,6 +33,7 @@ from .config import Config, load_config
 from .errors import ProvisionerError, StoreUnavailable
 from .health import Health, write_health
 from .logs import get_logger
+from .metrics import Metrics
 from .pjsip import RenderSettings
 from .sdnotify import Notifier, watchdog_interval
 from .store.changefeed import (
@@ -68,8 +69,9 @@ class Pbx(Protocol):
         """Schedule what ``change`` needs (reload, cache expiry, contact removal); never blocks."""
         ...
 
-    def health(self) -> dict[str, dict[str, object]]:
-        """Per server: connected, last error, reconnects, endpoints found not live."""
+    def health(self) -> dict[str, dict[str, Any]]:
+        """Per server: connected, last_error, reconnects, not_live, events, reloads
+        (result -> count) and online (endpoints with a usable contact)."""
         ...
 
 
@@ -137,6 +139,9 @@ class Daemon:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _next_reconcile: float = 0.0
     _last_exc: BaseException | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+    #: Counter values last exported per (server, name), to export only the increase.
+    _exported: dict[tuple[str, str], int] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: Config, *, config_path: str | None = None) -> Daemon:
@@ -194,6 +199,8 @@ class Daemon:
     async def startup(self, *, burst: bool = False) -> Applied | None:
         """Open the store, reconcile everything once, start sources and AMI; READY."""
         self.health = Health()
+        if self.config.daemon.metrics_port:
+            self.metrics.serve(self.config.daemon.metrics_port)
         first = await self._reconcile_until_done()
         if burst:
             return first
@@ -274,9 +281,11 @@ class Daemon:
 
     async def _run(self, work: Callable[[], Applied | None]) -> Applied | None:
         """Run one apply in a worker thread; record the outcome, tell Asterisk."""
+        kind = "full" if work == self._full else "incremental"
         try:
             result = await asyncio.to_thread(work)
         except (DBAPIError, ProvisionerError, OSError) as exc:
+            self.metrics.syncs.labels(kind=kind, result="failed").inc()
             self._last_exc = exc
             self.health.last_sync_ok = False
             self.health.last_error = _describe(exc)
@@ -290,6 +299,7 @@ class Daemon:
         self.health.last_sync_at = time.time()
         self.health.cursor = self.tracker.cursor
         if result is not None:
+            self._count(kind, result.change)
             self.health.provisioned = len(self.applier.objects)
             self.health.skipped = len(result.skipped)
             if self.pbx is not None and self.health.ready and not result.change.empty:
@@ -360,9 +370,35 @@ class Daemon:
     def _spawn(self, coro: Awaitable[None]) -> None:
         self._tasks.append(asyncio.ensure_future(coro))
 
+    def _count(self, kind: str, change: Change) -> None:
+        m = self.metrics
+        m.syncs.labels(kind=kind, result="ok").inc()
+        m.objects.labels(op="added").inc(len(change.added))
+        m.objects.labels(op="updated").inc(len(change.updated))
+        m.objects.labels(op="removed").inc(len(change.removed))
+        m.provisioned.set(len(self.applier.objects))
+
+    def _export_ami(self, servers: dict[str, dict[str, Any]]) -> None:
+        """Turn the AMI links' running totals into Prometheus counters and gauges."""
+        m = self.metrics
+        for name, h in servers.items():
+            m.reconnects.labels(server=name).set(h["reconnects"])
+            m.online.labels(server=name).set(h["online"])
+            totals = {"events": h["events"], **{f"reload:{k}": v for k, v in h["reloads"].items()}}
+            for key, total in totals.items():
+                delta = total - self._exported.get((name, key), 0)
+                self._exported[(name, key)] = total
+                if delta <= 0:
+                    continue
+                if key == "events":
+                    m.events.labels(server=name).inc(delta)
+                else:
+                    m.reloads.labels(server=name, result=key.split(":", 1)[1]).inc(delta)
+
     def _write_health(self) -> None:
         if self.pbx is not None:
             self.health.asterisk = self.pbx.health()
+            self._export_ami(self.health.asterisk)
         try:
             write_health(Path(self.config.daemon.state_dir), self.health)
         except OSError as exc:

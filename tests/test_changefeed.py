@@ -96,10 +96,25 @@ def test_tracker_late_commit_is_not_missed() -> None:
 
 def test_prune_drops_only_applied_changes(accounts: Accounts, engine: Engine) -> None:
     """Pruning up to the cursor deletes those changes and keeps every later one."""
+    accounts.edit_user("root", {"description": "one"})
+    accounts.edit_user("root", {"description": "two"})
     with engine.connect() as conn:
         ids = [c.id for c in read_changes(conn, 0)]
-    middle = ids[len(ids) // 2]
+    middle = ids[-3]
     with engine.begin() as conn:
         assert prune_changes(conn, middle) == len([i for i in ids if i <= middle])
     with engine.connect() as conn:
         assert [c.id for c in read_changes(conn, 0)] == [i for i in ids if i > middle]
+
+
+def test_prune_keeps_the_newest_change_so_ids_never_go_back(
+    accounts: Accounts, engine: Engine
+) -> None:
+    """Pruning everything keeps the newest row, so the next change gets a higher id."""
+    with engine.connect() as conn:
+        newest = max(c.id for c in read_changes(conn, 0))
+    with engine.begin() as conn:
+        prune_changes(conn, newest)
+    accounts.edit_user("root", {"description": "again"})
+    with engine.connect() as conn:
+        assert [c.id for c in read_changes(conn, 0)][-1] > newest

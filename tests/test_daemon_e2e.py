@@ -272,3 +272,31 @@ def test_sighup_reloads_config(tmp_path: Path, sig: signal.Signals) -> None:
         assert await _stop(daemon) == 0
 
     asyncio.run(scenario())
+
+
+def test_metrics_endpoint_counts_syncs(tmp_path: Path) -> None:
+    """With daemon.metrics_port set, /metrics on localhost counts syncs and provisioned users."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def scenario() -> str:
+        config = _write_config(tmp_path, None)
+        config.write_text(
+            config.read_text().replace("[daemon]", f"[daemon]\nmetrics_port = {port}")
+        )
+        await _seed(config)
+        daemon = await _start_daemon(config, tmp_path / "daemon.log")
+        try:
+            url = f"http://127.0.0.1:{port}/metrics"
+            body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())
+            return body.decode()
+        finally:
+            assert await _stop(daemon) == 0
+
+    text = asyncio.run(scenario())
+    assert 'provisioner_syncs_total{kind="full",result="ok"} 1.0' in text
+    assert "provisioner_users_provisioned 1.0" in text

@@ -113,6 +113,8 @@ class Link:
     changes: asyncio.Queue[Change] = field(default_factory=asyncio.Queue)
     not_live: int = 0
     events: int = 0
+    #: reload result (ok, busy, error, ...) -> how many.
+    reload_results: dict[str, int] = field(default_factory=dict)
     #: endpoint -> summary last logged, so ``registration.changed`` fires on changes only.
     reported: dict[str, str] = field(default_factory=dict)
 
@@ -159,8 +161,8 @@ class AmiPbx:
         for link in self.links:
             link.changes.put_nowait(change)
 
-    def health(self) -> dict[str, dict[str, object]]:
-        out: dict[str, dict[str, object]] = {}
+    def health(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
         for link in self.links:
             h = link.client.health()
             out[link.name] = {
@@ -169,6 +171,8 @@ class AmiPbx:
                 "reconnects": h.sessions,
                 "not_live": link.not_live,
                 "events": link.events,
+                "reloads": dict(link.reload_results),
+                "online": sum(1 for reg in link.book.values() if reg.summary == "online"),
             }
         return out
 
@@ -292,7 +296,8 @@ class AmiPbx:
         if removed:
             await self._remove_contacts(link, removed)
         if reload is not None:
-            await reload
+            outcome = await reload
+            link.reload_results[outcome.result] = link.reload_results.get(outcome.result, 0) + 1
         await self._verify(link, sorted(added | updated))
 
     async def _remove_contacts(self, link: Link, removed: set[str]) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import Connection, delete, select
+from sqlalchemy import Connection, delete, func, select
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
@@ -162,7 +162,16 @@ def save_cursor(conn: Connection, cursor: int) -> None:
 
 
 def prune_changes(conn: Connection, upto: int) -> int:
-    """Delete changes at or below ``upto`` (already applied); return how many."""
+    """Delete applied changes at or below ``upto``, always keeping the newest row; return how many.
+
+    The newest row stays because SQLite (without AUTOINCREMENT) hands out
+    ``max(id) + 1`` next: an emptied table would reuse ids below the cursor, and
+    those changes would be skipped.
+    """
+    newest = conn.execute(select(func.max(changes.c.id))).scalar_one_or_none()
+    if newest is None:
+        return 0
+    upto = min(upto, newest - 1)
     return conn.execute(delete(changes).where(changes.c.id <= upto)).rowcount or 0
 
 

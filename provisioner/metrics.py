@@ -1,0 +1,67 @@
+"""Prometheus metrics, served on 127.0.0.1 when ``daemon.metrics_port`` is set.
+
+One registry per daemon (not the global one), so tests and several daemons in
+one process never collide.  The names follow Prometheus conventions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+__all__ = ["Metrics"]
+
+
+def _registry() -> CollectorRegistry:
+    return CollectorRegistry(auto_describe=True)
+
+
+@dataclass
+class Metrics:
+    """The daemon's counters and gauges."""
+
+    registry: CollectorRegistry = field(default_factory=_registry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.syncs = Counter(
+            "provisioner_syncs",
+            "Applies of the store into the target",
+            ["kind", "result"],
+            registry=r,
+        )
+        self.objects = Counter(
+            "provisioner_users_applied",
+            "Users added, updated or removed in the target",
+            ["op"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "provisioner_reloads",
+            "res_pjsip.so reloads by outcome",
+            ["server", "result"],
+            registry=r,
+        )
+        self.reconnects = Gauge(
+            "provisioner_ami_reconnects",
+            "AMI sessions after the first, per server",
+            ["server"],
+            registry=r,
+        )
+        self.events = Counter(
+            "provisioner_registration_events",
+            "Registration events ingested",
+            ["server"],
+            registry=r,
+        )
+        self.provisioned = Gauge(
+            "provisioner_users_provisioned", "Users with PJSIP objects", registry=r
+        )
+        self.online = Gauge(
+            "provisioner_contacts_online", "Endpoints with a usable contact", ["server"], registry=r
+        )
+
+    def serve(self, port: int) -> None:
+        """Serve ``/metrics`` on 127.0.0.1:``port`` from a daemon thread."""
+        start_http_server(port, addr="127.0.0.1", registry=self.registry)
