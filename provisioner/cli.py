@@ -667,6 +667,52 @@ def check(app: App) -> None:
         raise click.exceptions.Exit(1)
 
 
+# -- import -----------------------------------------------------------------------------
+
+
+@cli.group("import")
+def import_group() -> None:
+    """Create users from another system's configuration."""
+
+
+@import_group.command("pjsip")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--profile", required=True, help="Existing profile for every imported user.")
+@click.option(
+    "--email-domain", required=True, help="Emails become USERNAME@DOMAIN (the site's domain)."
+)
+@click.option(
+    "--generate-secrets",
+    is_flag=True,
+    help="Users whose secret cannot be carried over get a new one (shown once).",
+)
+@click.option("--dry-run", is_flag=True, help="Check everything, change nothing.")
+@pass_app
+def import_pjsip(
+    app: App, file: str, profile: str, email_domain: str, generate_secrets: bool, dry_run: bool
+) -> None:
+    """Create users from a hand-written pjsip.conf: all or nothing; print what was not mapped."""
+    from . import importer
+    from .pjsip import RenderSettings
+
+    plan = importer.plan_import(
+        importer.read_file(file),
+        RenderSettings.from_config(app.config),
+        generate_secrets=generate_secrets,
+    )
+    result = importer.apply_plan(
+        app.accounts, plan, profile=profile, email_domain=email_domain, dry_run=dry_run
+    )
+    log.info(
+        "user.imported_pjsip",
+        added=len(result.added),
+        unmapped=len(plan.unmapped),
+        dry_run=dry_run,
+    )
+    for line in importer.report_lines(plan, result):
+        click.echo(line)
+
+
 # -- quickstart ---------------------------------------------------------------------------
 
 
@@ -704,7 +750,8 @@ def _report(exc: ProvisionerError) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return (and, as a console script, exit with) its exit code."""
     try:
-        cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
+        # Without standalone mode click returns (not raises) a command's Exit code.
+        code = cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
     except ProvisionerError as exc:
         return _report(exc)
     except click.exceptions.Abort:
@@ -715,7 +762,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def entry() -> None:

@@ -1,0 +1,736 @@
+"""Users from a hand-written ``pjsip.conf``: ``provisioner import pjsip FILE``.
+
+Two halves:
+
+* :func:`plan_import` is pure: from a parsed file (:func:`provisioner.asterisk_conf.parse`,
+  which resolves templates and inheritance) it maps every user endpoint (an
+  ``endpoint`` with its ``auth`` and ``aor`` sections, or a ``type=wizard``
+  section that accepts registrations and auth) to user field values, and lists
+  every section it could not map with the reason.  Per user it also keeps notes
+  on what changes in the move (dropped codecs, ignored options, an inexact NAT
+  combination).
+* :func:`apply_plan` creates the mapped users through :class:`~provisioner.accounts.Accounts`
+  in one transaction: every user is checked against the rules and the store,
+  and if any one fails nothing is created (like the CSV import).  A dry run
+  checks everything the same way and rolls back.
+
+Secrets: an auth's plaintext ``password`` becomes the user's SIP secret (hashed
+for our realm; never printed).  Digests cannot be turned back into a secret: a
+``password_digest`` holding both SHA-256 and MD5 made for our realm (and, by
+construction, the username) is carried over as it is; anything else (an MD5-only
+``md5_cred`` or digest, another realm) "needs a new SIP secret".  So does a
+password that breaks our SIP secret rule.  Such users are reported as not
+mapped, or with ``generate_secrets`` imported with a generated secret shown
+once (their phones must be given it).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .accounts import Accounts
+from .asterisk_conf import Parsed, Section, parse
+from .errors import AsteriskSyntaxError, InvalidInput, Problem, ProvisionerError
+from .model import CODECS, NATS, TRANSPORTS, check_email, check_group, validate_fields
+from .pjsip import NAT_OPTIONS, RenderSettings
+from .store import queries as q
+
+__all__ = [
+    "ImportPlan",
+    "ImportResult",
+    "MappedUser",
+    "Unmapped",
+    "apply_plan",
+    "plan_import",
+    "read_file",
+    "report_lines",
+]
+
+#: Video codecs Asterisk knows; any of them in ``allow`` means video ``yes``.
+VIDEO_CODECS = ("vp8", "vp9", "h264", "h265", "h263", "h263p", "h261", "mpeg4")
+#: Asterisk's defaults for the NAT-related endpoint options (as in NAT_OPTIONS order).
+_NAT_KEYS = ("force_rport", "rewrite_contact", "rtp_symmetric", "direct_media")
+_NAT_DEFAULTS = ("yes", "no", "no", "yes")
+#: Asterisk's default endpoint context.
+_DEFAULT_CONTEXT = "default"
+_DEFAULT_REALM = "asterisk"
+#: Section types that are never a user, and why.
+_NOT_USERS: Mapping[str, str] = {
+    "transport": "stays in Asterisk's own configuration",
+    "registration": "an outbound registration (a trunk)",
+    "identify": "matches a trunk by address",
+    "global": "global settings",
+    "system": "system settings",
+    "acl": "an ACL",
+    "domain_alias": "a domain alias",
+    "contact": "a static contact",
+    "outbound-publish": "an outbound publication",
+    "inbound-publication": "an inbound publication",
+    "resource_list": "a resource list",
+    "phoneprov": "phone provisioning",
+}
+#: Options we render ourselves or read; any other is reported as ignored.
+_ENDPOINT_READ = frozenset(
+    {"type", "transport", "aors", "auth", "context", "disallow", "allow", "callerid"}
+    | {"call_group", "pickup_group", "webrtc", *_NAT_KEYS}
+)
+_AUTH_READ = frozenset(
+    {"type", "auth_type", "username", "password", "md5_cred", "password_digest", "realm"}
+    | {"supported_algorithms_uas", "supported_algorithms_uac"}
+)
+_AOR_READ = frozenset({"type", "max_contacts", "remove_existing", "qualify_frequency"})
+_WIZARD_READ = frozenset(
+    {"type", "transport", "accepts_auth", "accepts_registrations", "sends_auth"}
+    | {"sends_registrations", "remote_hosts"}
+)
+_HEX = {"md5": re.compile(r"[0-9a-fA-F]{32}"), "sha-256": re.compile(r"[0-9a-fA-F]{64}")}
+_CALLERID = re.compile(
+    r'\s*(?:"(?P<quoted>[^"]*)"|(?P<bare>[^<"]*?))\s*(?:<(?P<number>[^>]*)>)?\s*'
+)
+
+
+@dataclass(frozen=True)
+class Unmapped:
+    """A section that was not turned into a user, and why (never a secret)."""
+
+    section: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"[{self.section}] {self.reason}"
+
+
+@dataclass(frozen=True)
+class MappedUser:
+    """One user endpoint as user field values (role, profile and email come at apply time).
+
+    ``sip_secret`` is the plaintext carried over; ``digests`` (md5, sha256) are
+    carried over instead when only digests for our realm exist; with neither,
+    a secret is generated.
+    """
+
+    section: str
+    line: int
+    values: Mapping[str, str]
+    notes: tuple[str, ...] = ()
+    sip_secret: str | None = field(default=None, repr=False)
+    digests: tuple[str, str] | None = field(default=None, repr=False)
+
+    @property
+    def username(self) -> str:
+        return self.values["username"]
+
+    @property
+    def extension(self) -> str:
+        return self.values["extension"]
+
+
+@dataclass(frozen=True)
+class ImportPlan:
+    """What :func:`plan_import` found: users to create, sections left out, parser notices."""
+
+    users: tuple[MappedUser, ...]
+    unmapped: tuple[Unmapped, ...]
+    notices: tuple[str, ...] = ()
+
+
+@dataclass
+class ImportResult:
+    """What :func:`apply_plan` did (or, with ``dry_run``, would do)."""
+
+    added: list[MappedUser] = field(default_factory=list)
+    #: SIP secrets generated for users whose secret could not be carried over: shown once.
+    generated_secrets: dict[str, str] = field(default_factory=dict, repr=False)
+    dry_run: bool = False
+
+
+class _Refuse(Exception):
+    """A user endpoint that cannot be mapped; the message is the reason."""
+
+
+class _DryRun(Exception):
+    """Raised inside the import transaction to roll a valid dry run back."""
+
+
+# -- reading ----------------------------------------------------------------------------
+
+
+def read_file(path: str | Path) -> Parsed:
+    """Read and parse ``path``; an unreadable or unloadable file is an :class:`InvalidInput`
+    naming ``FILE``.  Files with ``#include``/``#tryinclude``/``#exec`` are refused: the
+    users and templates they pull in would be missing, so nothing is imported."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidInput.one(
+            "FILE", f"cannot read {str(path)!r}: {exc.strerror or exc}"
+        ) from None
+    try:
+        parsed = parse(data)
+    except AsteriskSyntaxError as exc:
+        raise InvalidInput(
+            [Problem("FILE", f"Asterisk would refuse the whole file: {exc.rule}", exc.line)]
+        ) from None
+    directives = [d for d in parsed.directives if d.known]
+    if directives:
+        raise InvalidInput(
+            [
+                Problem(
+                    "FILE",
+                    f"#{d.name} {d.argument or ''} is not followed; merge that content into "
+                    "this file (or import it separately) first",
+                    d.line,
+                )
+                for d in directives
+            ]
+        )
+    return parsed
+
+
+# -- the pure mapping ----------------------------------------------------------------------
+
+
+def _options(section: Section) -> dict[str, str]:
+    """Options by lower-cased name; the last setting wins, as when Asterisk applies them."""
+    return {name.lower(): value for name, value in section.options}
+
+
+def _is_true(value: str | None) -> bool:
+    """Asterisk's ``ast_true``."""
+    return (value or "").strip().lower() in ("yes", "true", "y", "t", "1", "on")
+
+
+@dataclass
+class _Index:
+    """The file's sections by (type, name), the first of each; later ones are repeats."""
+
+    parsed: Parsed
+    by_key: dict[tuple[str, str], Section] = field(default_factory=dict)
+    used: set[tuple[str, str]] = field(default_factory=set)
+    owner: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def get(self, kind: str, name: str) -> Section | None:
+        return self.by_key.get((kind, name))
+
+    def realm(self) -> str:
+        for (kind, _name), section in self.by_key.items():
+            if kind == "global":
+                return _options(section).get("default_realm") or _DEFAULT_REALM
+        return _DEFAULT_REALM
+
+
+def _type(section: Section) -> str:
+    return _options(section).get("type", "").lower()
+
+
+def _split(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+@dataclass
+class _Source:
+    """One user endpoint's options, whether from endpoint/auth/aor sections or a wizard."""
+
+    section: Section
+    endpoint: dict[str, str]
+    codec_ops: list[tuple[str, str]]
+    auth: dict[str, str]
+    auth_name: str
+    aor_names: list[str]
+    aors: list[dict[str, str]]
+    notes: list[str] = field(default_factory=list)
+
+
+def _ignored(kind: str, options: Iterable[str], read: frozenset[str]) -> str | None:
+    extra = sorted(set(options) - read)
+    return f"ignored {kind} options: {', '.join(extra)}" if extra else None
+
+
+def _endpoint_source(section: Section, index: _Index) -> _Source:
+    opts = _options(section)
+    if opts.get("outbound_auth"):
+        raise _Refuse("sends auth (outbound_auth=): a trunk, not a user")
+    auths = _split(opts.get("auth", ""))
+    if not auths:
+        raise _Refuse("has no inbound auth (auth=): not a registering user")
+    if len(auths) > 1:
+        raise _Refuse("has more than one auth; a user has exactly one")
+    auth_section = index.get("auth", auths[0])
+    if auth_section is None:
+        raise _Refuse(f"its auth [{auths[0]}] is not defined in this file")
+    aor_names = _split(opts.get("aors", ""))
+    if not aor_names:
+        raise _Refuse("has no aors=: a phone could not register")
+    aors = []
+    for name in aor_names:
+        aor = index.get("aor", name)
+        if aor is None:
+            raise _Refuse(f"its aor [{name}] is not defined in this file")
+        aors.append(_options(aor))
+    source = _Source(
+        section=section,
+        endpoint=opts,
+        codec_ops=[
+            (n.lower(), v) for n, v in section.options if n.lower() in ("allow", "disallow")
+        ],
+        auth=_options(auth_section),
+        auth_name=auths[0],
+        aor_names=aor_names,
+        aors=aors,
+    )
+    for note in (
+        _ignored("endpoint", opts, _ENDPOINT_READ),
+        _ignored("auth", source.auth, _AUTH_READ),
+        *(_ignored("aor", aor, _AOR_READ | {"contact"}) for aor in aors),
+    ):
+        if note:
+            source.notes.append(note)
+    _check_static_contacts(source.aors)
+    return source
+
+
+def _check_static_contacts(aors: Iterable[Mapping[str, str]]) -> None:
+    if any(aor.get("contact") for aor in aors):
+        raise _Refuse("its aor has a static contact (contact=): a trunk or a fixed device")
+
+
+def _wizard_source(section: Section) -> _Source:
+    opts = _options(section)
+    if _is_true(opts.get("sends_auth")) or _is_true(opts.get("sends_registrations")):
+        raise _Refuse("sends auth or registrations: a trunk, not a user")
+    if opts.get("remote_hosts"):
+        raise _Refuse("has remote_hosts: a trunk or a fixed device")
+    if not _is_true(opts.get("accepts_auth")):
+        raise _Refuse("does not accept auth (accepts_auth=yes): not a registering user")
+    if not _is_true(opts.get("accepts_registrations")):
+        raise _Refuse("does not accept registrations (accepts_registrations=yes)")
+    parts: dict[str, dict[str, str]] = {"endpoint": {}, "inbound_auth": {}, "aor": {}}
+    codec_ops = []
+    other: list[str] = []
+    for name, value in section.options:
+        prefix, slash, option = name.lower().partition("/")
+        if not slash:
+            if prefix not in _WIZARD_READ:
+                other.append(prefix)
+            continue
+        if prefix not in parts:
+            other.append(name.lower())
+            continue
+        parts[prefix][option] = value
+        if prefix == "endpoint" and option in ("allow", "disallow"):
+            codec_ops.append((option, value))
+    endpoint = parts["endpoint"]
+    if "transport" in opts:
+        endpoint.setdefault("transport", opts["transport"])
+    auth = parts["inbound_auth"]
+    # The wizard names the auth after itself and, without a username, uses its id.
+    auth.setdefault("username", section.name)
+    source = _Source(section, endpoint, codec_ops, auth, "", [], [parts["aor"]])
+    for note in (
+        _ignored("wizard", other, frozenset()),
+        _ignored("endpoint", endpoint, _ENDPOINT_READ),
+        _ignored("inbound_auth", auth, _AUTH_READ),
+        _ignored("aor", parts["aor"], _AOR_READ | {"contact"}),
+    ):
+        if note:
+            source.notes.append(note)
+    _check_static_contacts(source.aors)
+    return source
+
+
+def _rule(name: str, value: str) -> str | None:
+    """The model's rule ``value`` breaks as field ``name``, or None."""
+    try:
+        validate_fields({name: value})
+    except InvalidInput as exc:
+        return exc.problems[0].rule
+    return None
+
+
+def _full_name(source: _Source, username: str, extension: str) -> str:
+    callerid = source.endpoint.get("callerid", "")
+    m = _CALLERID.fullmatch(callerid)
+    name = ""
+    number = ""
+    if m:
+        name = (m.group("quoted") if m.group("quoted") is not None else m.group("bare")) or ""
+        number = (m.group("number") or "").strip()
+        name = name.strip()
+        if m.group("number") is None and name.isdigit():
+            name, number = "", name  # a bare number, as Asterisk reads it
+    if number and number != extension:
+        source.notes.append(f"callerid number {number} becomes the extension {extension}")
+    if not name:
+        return username
+    if (rule := _rule("full_name", name)) is not None:
+        source.notes.append(f"callerid name {name!r} {rule}; the username is the full name")
+        return username
+    return name
+
+
+def _codecs(source: _Source, settings: RenderSettings) -> tuple[str, str]:
+    """``(codecs, video)``: our audio codecs in the source's order, video if any video codec."""
+    if not source.codec_ops:
+        source.notes.append(
+            "no allow= (Asterisk would offer no codec); the default ulaw,alaw is used"
+        )
+        return "ulaw,alaw", "no"
+    offered: list[str] = []
+    for op, value in source.codec_ops:
+        for item in _split(value):
+            allow = op == "allow"
+            if item.startswith("!"):
+                allow, item = not allow, item[1:]
+            name = item.split(":", 1)[0].strip().lower()
+            if name == "all":
+                if allow:
+                    offered = [*CODECS, *VIDEO_CODECS]
+                    source.notes.append("allow=all becomes our audio codecs and video")
+                else:
+                    offered = []
+            elif allow and name not in offered:
+                offered.append(name)
+            elif not allow and name in offered:
+                offered.remove(name)
+    audio = [c for c in offered if c in CODECS]
+    video = [c for c in offered if c in VIDEO_CODECS]
+    dropped = [c for c in offered if c not in CODECS and c not in VIDEO_CODECS]
+    if dropped:
+        source.notes.append(f"codecs dropped (not supported here): {', '.join(dropped)}")
+    if not audio:
+        raise _Refuse("offers no audio codec supported here (" + ", ".join(CODECS) + ")")
+    if video and set(video) != set(settings.video_codecs):
+        source.notes.append(
+            f"video codecs {','.join(video)} become [target] video_codecs "
+            f"{','.join(settings.video_codecs)}"
+        )
+    return ",".join(audio), "yes" if video else "no"
+
+
+def _transport(source: _Source, index: _Index, settings: RenderSettings) -> str:
+    name = source.endpoint.get("transport", "")
+    webrtc = _is_true(source.endpoint.get("webrtc"))
+    if not name:
+        protocol = "wss" if webrtc else "udp"
+    else:
+        # Reversed: when two protocols share a name, the first one listed wins.
+        table = {settings.transport_name(p): p for p in reversed(TRANSPORTS)}
+        found = table.get(name)
+        if found is None:
+            defined = index.get("transport", name)
+            proto = _options(defined).get("protocol", "udp").lower() if defined else None
+            if proto not in TRANSPORTS:
+                raise _Refuse(
+                    f"transport {name!r} is neither in [target.transports] nor a transport of "
+                    "this file with protocol udp, tcp, tls, ws or wss"
+                )
+            assert proto is not None
+            found = proto
+            source.notes.append(
+                f"transport {name!r} (protocol {proto}) becomes "
+                f"{settings.transport_name(proto)!r} from [target.transports]"
+            )
+        protocol = found
+    if webrtc and protocol not in ("ws", "wss"):
+        source.notes.append(f"webrtc=yes dropped: WebRTC is enabled only on ws/wss, not {protocol}")
+    if not webrtc and protocol in ("ws", "wss"):
+        source.notes.append(f"webrtc enabled: every {protocol} user gets WebRTC")
+    return protocol
+
+
+def _nat(source: _Source) -> str:
+    given = tuple(
+        "yes" if _is_true(source.endpoint.get(k, d)) else "no"
+        for k, d in zip(_NAT_KEYS, _NAT_DEFAULTS, strict=True)
+    )
+
+    def distance(nat: str) -> int:
+        return sum(a != b for a, b in zip(NAT_OPTIONS[nat], given, strict=True))
+
+    best = min(NATS, key=distance)  # ties: the first in NATS ("no" before "never")
+    if distance(best):
+        shown = ", ".join(f"{k}={v}" for k, v in zip(_NAT_KEYS, given, strict=True))
+        differ = [k for k, a, b in zip(_NAT_KEYS, NAT_OPTIONS[best], given, strict=True) if a != b]
+        source.notes.append(
+            f"NAT options ({shown}) match no NAT setting; imported as the closest, "
+            f"nat={best} (differs in {', '.join(differ)})"
+        )
+    return best
+
+
+def _secret(
+    source: _Source, index: _Index, settings: RenderSettings, generate: bool
+) -> tuple[str | None, tuple[str, str] | None]:
+    """``(plaintext secret, carried digests)``; both None means "generate one"."""
+    auth = source.auth
+    auth_type = auth.get("auth_type", "userpass").lower()
+    if auth_type not in ("userpass", "digest", "md5"):
+        raise _Refuse(f"auth_type {auth_type} cannot be migrated")
+    password = auth.get("password", "") if auth_type != "md5" else ""
+    need: str
+    if password:
+        if _rule("sip_secret", password) is None:
+            return password, None
+        need = "its password breaks the SIP secret rule (8-128 printable ASCII, no spaces)"
+    else:
+        digests = _digests(auth, auth_type)
+        realm = auth.get("realm") or index.realm()
+        if not digests:
+            need = "its auth has no password"
+        elif "sha-256" not in digests or "md5" not in digests:
+            need = "its auth has only an MD5 digest (we keep SHA-256 and MD5)"
+        elif realm != settings.realm:
+            need = f"its digests were made for realm {realm!r}, ours is {settings.realm!r}"
+        else:
+            return None, (digests["md5"].lower(), digests["sha-256"].lower())
+    if not generate:
+        raise _Refuse(f"needs a new SIP secret: {need}; or import with --generate-secrets")
+    source.notes.append(f"a new SIP secret is generated: {need}")
+    return None, None
+
+
+def _digests(auth: Mapping[str, str], auth_type: str) -> dict[str, str]:
+    if auth_type == "md5":
+        md5 = auth.get("md5_cred", "")
+        return {"md5": md5} if _HEX["md5"].fullmatch(md5) else {}
+    found = {}
+    for item in _split(auth.get("password_digest", "")):
+        algorithm, _, digest = item.partition(":")
+        pattern = _HEX.get(algorithm.strip().lower())
+        if pattern is not None and pattern.fullmatch(digest.strip()):
+            found[algorithm.strip().lower()] = digest.strip()
+    return found
+
+
+def _map_source(
+    source: _Source, index: _Index, settings: RenderSettings, generate: bool
+) -> MappedUser:
+    section = source.section
+    extension = section.name
+    if (rule := _rule("extension", extension)) is not None:
+        raise _Refuse(f"its id is not an extension: {rule}")
+    username = source.auth.get("username", "")
+    if not username:
+        raise _Refuse(f"its auth [{source.auth_name}] has no username")
+    if (rule := _rule("username", username)) is not None:
+        raise _Refuse(f"username {username!r} {rule}")
+    values = {
+        "username": username,
+        "extension": extension,
+        "full_name": _full_name(source, username, extension),
+        "context": source.endpoint.get("context") or _DEFAULT_CONTEXT,
+        "transport": _transport(source, index, settings),
+        "nat": _nat(source),
+    }
+    values["codecs"], values["video"] = _codecs(source, settings)
+    if (rule := _rule("context", values["context"])) is not None:
+        raise _Refuse(f"context {values['context']!r} {rule}")
+    for name in ("call_group", "pickup_group"):
+        group, rule = check_group(source.endpoint.get(name, ""))
+        if rule is not None:
+            raise _Refuse(f"{name} {rule}")
+        values[name] = group
+    secret, digests = _secret(source, index, settings, generate)
+    return MappedUser(
+        section=section.name,
+        line=section.line,
+        values=values,
+        notes=tuple(source.notes),
+        sip_secret=secret,
+        digests=digests,
+    )
+
+
+def _build_index(parsed: Parsed, unmapped: list[Unmapped]) -> _Index:
+    index = _Index(parsed)
+    for section in parsed.visible():
+        key = (_type(section), section.name)
+        if not key[0]:
+            unmapped.append(Unmapped(section.name, section.line, "has no type="))
+        elif key in index.by_key:
+            first = index.by_key[key]
+            unmapped.append(
+                Unmapped(
+                    section.name,
+                    section.line,
+                    f"repeats the {key[0]} of line {first.line}; only that one is read",
+                )
+            )
+        else:
+            index.by_key[key] = section
+    for (kind, name), section in index.by_key.items():
+        opts = _options(section)
+        if kind in ("endpoint", "registration"):
+            for ref in _split(opts.get("auth", "")) + _split(opts.get("outbound_auth", "")):
+                index.owner.setdefault(("auth", ref), name)
+            for ref in _split(opts.get("aors", "")):
+                index.owner.setdefault(("aor", ref), name)
+    return index
+
+
+def _claim(
+    mapped: MappedUser, seen: dict[str, MappedUser], seen_users: dict[str, MappedUser]
+) -> None:
+    if (other := seen.get(mapped.extension)) is not None:
+        raise _Refuse(f"extension {mapped.extension} is also [{other.section}] (line {other.line})")
+    if (other := seen_users.get(mapped.username.lower())) is not None:
+        raise _Refuse(f"username {mapped.username!r} is also [{other.section}] (line {other.line})")
+    seen[mapped.extension] = mapped
+    seen_users[mapped.username.lower()] = mapped
+
+
+def plan_import(
+    parsed: Parsed, settings: RenderSettings, *, generate_secrets: bool = False
+) -> ImportPlan:
+    """Map every user endpoint of ``parsed`` to user values; list every other section.
+
+    Pure.  ``settings`` gives the transport names (reverse lookup), the realm
+    digests must match to be carried over, and the video codecs.
+    """
+    unmapped: list[Unmapped] = []
+    index = _build_index(parsed, unmapped)
+    users: list[MappedUser] = []
+    seen: dict[str, MappedUser] = {}
+    seen_users: dict[str, MappedUser] = {}
+    for (kind, name), section in index.by_key.items():
+        if kind not in ("endpoint", "wizard"):
+            continue
+        try:
+            source = (
+                _endpoint_source(section, index) if kind == "endpoint" else _wizard_source(section)
+            )
+            mapped = _map_source(source, index, settings, generate_secrets)
+            _claim(mapped, seen, seen_users)
+        except _Refuse as exc:
+            unmapped.append(Unmapped(name, section.line, f"{kind}: {exc}"))
+            continue
+        users.append(mapped)
+        index.used.add(("auth", source.auth_name))
+        index.used.update(("aor", ref) for ref in source.aor_names)
+    for (kind, name), section in index.by_key.items():
+        if kind in ("endpoint", "wizard") or (kind, name) in index.used:
+            continue
+        unmapped.append(Unmapped(name, section.line, _reason(kind, name, index)))
+    unmapped.sort(key=lambda u: u.line)
+    notices = tuple(f"line {n.line}: {n.message}" if n.line else n.message for n in parsed.notices)
+    return ImportPlan(tuple(users), tuple(unmapped), notices)
+
+
+def _reason(kind: str, name: str, index: _Index) -> str:
+    if kind in _NOT_USERS:
+        return f"{kind}: {_NOT_USERS[kind]}"
+    if kind in ("auth", "aor"):
+        owner = index.owner.get((kind, name))
+        if owner is not None:
+            return f"{kind}: belongs to [{owner}], which is not mapped"
+        return f"{kind}: not used by any endpoint"
+    return f"{kind}: not a user object"
+
+
+# -- applying ------------------------------------------------------------------------------
+
+
+def apply_plan(
+    accounts: Accounts,
+    plan: ImportPlan,
+    *,
+    profile: str,
+    email_domain: str,
+    dry_run: bool = False,
+) -> ImportResult:
+    """Create every planned user (role ``user``, ``profile``, email ``<username>@<email_domain>``)
+    in one transaction.
+
+    Raises :class:`InvalidInput` (or a subclass) listing every user that breaks
+    a rule or clashes with the store, with its section's line; then nothing has
+    changed.  With ``dry_run`` everything is checked and rolled back.
+    """
+    result = ImportResult(dry_run=dry_run)
+    problems: list[Problem] = []
+    _, rule = check_email(f"user@{email_domain}")
+    if rule is not None:
+        problems.append(Problem("--email-domain", f"{email_domain!r} {rule}"))
+    try:
+        with accounts.transaction() as conn:
+            if q.profile_by_name(conn, profile) is None:
+                problems.append(
+                    Problem("--profile", f"must name an existing profile ({profile!r} does not)")
+                )
+            if problems:
+                raise InvalidInput(problems)
+            allocator = q.ExtensionAllocator(
+                conn, accounts.policy.ext_first, accounts.policy.ext_last
+            )
+            now = accounts.clock()
+            for user in plan.users:
+                try:
+                    _add(accounts, conn, user, profile, email_domain, allocator, now, result)
+                except ProvisionerError as exc:
+                    problems.extend(_as_problems(exc, user))
+            if problems:
+                raise InvalidInput(problems)
+            if dry_run:
+                raise _DryRun
+    except _DryRun:
+        result.generated_secrets.clear()
+    return result
+
+
+def _add(
+    accounts: Accounts,
+    conn: Any,
+    user: MappedUser,
+    profile: str,
+    email_domain: str,
+    allocator: q.ExtensionAllocator,
+    now: Any,
+    result: ImportResult,
+) -> None:
+    values: dict[str, Any] = {
+        **user.values,
+        "role": "user",
+        "profile": profile,
+        "email": f"{user.username}@{email_domain}",
+    }
+    if user.sip_secret:
+        values["sip_secret"] = user.sip_secret
+    user_id, generated = accounts.add_in(conn, values, allocator, now, line=user.line)
+    if user.digests is not None:
+        md5, sha256 = user.digests
+        q.update_user(
+            conn,
+            user_id,
+            {"sip_realm": accounts.policy.realm, "sip_md5": md5, "sip_sha256": sha256},
+        )
+    elif generated:
+        result.generated_secrets[user.username] = generated
+    result.added.append(user)
+
+
+def _as_problems(exc: ProvisionerError, user: MappedUser) -> list[Problem]:
+    where = f"[{user.section}] "
+    if isinstance(exc, InvalidInput):
+        return [Problem(where + p.field, p.rule, user.line) for p in exc.problems]
+    return [Problem(where.strip(), exc.message, user.line)]
+
+
+def report_lines(plan: ImportPlan, result: ImportResult) -> list[str]:
+    """What the command prints: one line per user (with its notes), per unmapped section,
+    per parser notice, per generated secret (shown once), and a summary.  Never a
+    carried-over secret."""
+    verb = "would add" if result.dry_run else "added"
+    lines = []
+    for user in result.added:
+        lines.append(f"{verb} {user.username} (extension {user.extension})")
+        lines.extend(f"  note: {note}" for note in user.notes)
+    lines.extend(f"not mapped: {u}" for u in plan.unmapped)
+    lines.extend(f"notice: {n}" for n in plan.notices)
+    for name, secret in result.generated_secrets.items():
+        lines.append(f"SIP secret for {name} (shown once): {secret}")
+    lines.append(f"{verb} {len(result.added)} users; {len(plan.unmapped)} sections not mapped")
+    return lines

@@ -1,0 +1,460 @@
+"""`provisioner import pjsip`: a hand-written pjsip.conf becomes users, all or nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from provisioner import credentials
+from provisioner.accounts import Accounts
+from provisioner.asterisk_conf import parse
+from provisioner.errors import InvalidInput
+from provisioner.importer import (
+    VIDEO_CODECS,
+    ImportPlan,
+    apply_plan,
+    plan_import,
+    read_file,
+    report_lines,
+)
+from provisioner.model import CODECS, TRANSPORTS
+from provisioner.pjsip import RenderSettings, render_user
+
+from .dbs import temp_database
+from .helpers import make_cli, user_row
+
+SETTINGS = RenderSettings()
+NAT_KEYS = ("force_rport", "rewrite_contact", "rtp_symmetric", "direct_media")
+GRACE = credentials.sip_digests("grace", "asterisk", "Grace-Secret-1007")
+FRANK_MD5 = credentials.sip_digests("frank", "asterisk", "Frank-Secret-1006").md5
+PASSWORDS = {
+    "alice": "Alice-Secret-1001",
+    "bob": "Bob-Secret-1002",
+    "carol.c": "Carol-Secret-1003",
+    "dave_d": "Dave-Secret-1004",
+}
+
+# What a site's administrator wrote by hand over the years.
+PJSIP_CONF = f"""\
+; pjsip.conf of the old PBX
+[global]
+type=global
+user_agent=OldPBX
+
+[transport-udp]
+type=transport
+protocol=udp
+bind=0.0.0.0:5060
+
+[transport-tcp-lan]
+type=transport
+protocol=tcp
+bind=10.0.0.1:5060
+
+[transport-wss]
+type=transport
+protocol=wss
+bind=0.0.0.0:8089
+
+;-- the carrier, with a registration --;
+[carrier]
+type=registration
+outbound_auth=carrier-auth
+server_uri=sip:sip.carrier.example
+client_uri=sip:4930123@sip.carrier.example
+
+[carrier-auth]
+type=auth
+auth_type=userpass
+username=4930123
+password=CarrierPass99
+
+[carrier]
+type=aor
+contact=sip:sip.carrier.example
+
+[carrier]
+type=endpoint
+transport=transport-udp
+context=from-carrier
+disallow=all
+allow=alaw
+outbound_auth=carrier-auth
+aors=carrier
+
+[carrier-identify]
+type=identify
+endpoint=carrier
+match=sip.carrier.example
+
+; office phones share a template
+[office-phone](!)
+type=endpoint
+transport=transport-udp
+context=internal
+disallow=all
+allow=g722,ulaw,alaw
+direct_media=no
+force_rport=yes
+rewrite_contact=yes
+rtp_symmetric=yes
+call_group=1
+pickup_group=1
+
+[1001](office-phone)
+auth=1001-auth
+aors=1001
+callerid="Alice Archer" <1001>
+dtmf_mode=rfc4733
+
+[1001-auth]
+type=auth
+auth_type=userpass
+username=alice
+password={PASSWORDS["alice"]}
+
+[1001]
+type=aor
+max_contacts=1
+remove_existing=yes
+
+[1002]
+type=endpoint
+transport=transport-tcp-lan
+context=sales
+disallow=all
+allow=opus,speex,ulaw,vp8,h264
+call_group=2-3
+pickup_group=2,3
+direct_media=no
+force_rport=yes
+rewrite_contact=yes
+rtp_symmetric=no
+auth=1002
+aors=1002
+callerid=Bob Baker <1002>
+
+[1002]
+type=auth
+username=bob
+password={PASSWORDS["bob"]}
+
+[1002]
+type=aor
+max_contacts=2
+
+[1003]
+type=endpoint
+transport=transport-wss
+webrtc=yes
+context=internal
+disallow=all
+allow=opus,ulaw
+force_rport=no
+rewrite_contact=yes
+rtp_symmetric=yes
+direct_media=no
+auth=1003-auth
+aors=1003
+
+[1003-auth]
+type=auth
+username=carol.c
+password={PASSWORDS["carol.c"]}
+
+[1003]
+type=aor
+max_contacts=5
+
+; a wizard user
+[1004]
+type=wizard
+accepts_auth=yes
+accepts_registrations=yes
+transport=transport-udp
+inbound_auth/username=dave_d
+inbound_auth/password={PASSWORDS["dave_d"]}
+endpoint/context=internal
+endpoint/allow=!all,alaw,ulaw
+endpoint/callerid="Dave Dunn" <1004>
+endpoint/force_rport=no
+endpoint/rewrite_contact=no
+endpoint/rtp_symmetric=no
+endpoint/direct_media=yes
+aor/max_contacts=1
+
+; a username our rules refuse
+[1005](office-phone)
+auth=1005-auth
+aors=1005
+
+[1005-auth]
+type=auth
+username=eve-smith
+password=Eve-Secret-1005
+
+[1005]
+type=aor
+
+; only an MD5 credential
+[1006](office-phone)
+auth=1006-auth
+aors=1006
+
+[1006-auth]
+type=auth
+auth_type=md5
+username=frank
+md5_cred={FRANK_MD5}
+
+[1006]
+type=aor
+
+; digests made for our realm, as provisioner itself renders them
+[1007](office-phone)
+auth=1007-auth
+aors=1007
+callerid="Grace Green" <1007>
+
+[1007-auth]
+type=auth
+auth_type=userpass
+username=grace
+realm=asterisk
+password_digest=SHA-256:{GRACE.sha256},MD5:{GRACE.md5}
+supported_algorithms_uas=SHA-256,MD5
+
+[1007]
+type=aor
+"""
+
+IMPORTED = ["alice", "bob", "carol.c", "dave_d", "grace"]
+
+
+def _plan(text: str = PJSIP_CONF, **kwargs: bool) -> ImportPlan:
+    return plan_import(parse(text), SETTINGS, **kwargs)
+
+
+def _import(accounts: Accounts, text: str = PJSIP_CONF, **kwargs: bool) -> list[str]:
+    plan = _plan(text)
+    result = apply_plan(accounts, plan, profile="agents", email_domain="pbx.example.com", **kwargs)
+    return report_lines(plan, result)
+
+
+def _unmapped(plan: ImportPlan) -> dict[tuple[str, int], str]:
+    return {(u.section, u.line): u.reason for u in plan.unmapped}
+
+
+def _source_endpoint(ext: str) -> dict[str, str]:
+    """The effective endpoint options the source gives extension ``ext`` (templates applied)."""
+    for section in parse(PJSIP_CONF).visible():
+        opts = dict(section.options)
+        if section.name == ext and opts["type"] == "endpoint":
+            return opts
+        if section.name == ext and opts["type"] == "wizard":
+            endpoint = {
+                k[len("endpoint/") :]: v for k, v in opts.items() if k.startswith("endpoint/")
+            }
+            return {"transport": opts["transport"], **endpoint}
+    raise AssertionError(ext)
+
+
+def _protocol(transport: str) -> str:
+    """The protocol of a transport section of the source."""
+    for section in parse(PJSIP_CONF).visible():
+        if section.name == transport and dict(section.options)["type"] == "transport":
+            return dict(section.options)["protocol"]
+    raise AssertionError(transport)
+
+
+def test_plan_maps_users_and_lists_every_other_section() -> None:
+    """Endpoints (templated or not) and wizards become users; everything else has a reason."""
+    plan = _plan()
+    assert [u.username for u in plan.users] == IMPORTED
+    by_name = {u.username: u for u in plan.users}
+    assert dict(by_name["alice"].values) == {
+        "username": "alice",
+        "extension": "1001",
+        "full_name": "Alice Archer",
+        "context": "internal",
+        "transport": "udp",
+        "nat": "yes",
+        "codecs": "g722,ulaw,alaw",
+        "video": "no",
+        "call_group": "1",
+        "pickup_group": "1",
+    }
+    bob = by_name["bob"]
+    assert bob.values["transport"] == "tcp"
+    assert bob.values["nat"] == "force_rport"
+    assert (bob.values["codecs"], bob.values["video"]) == ("opus,ulaw", "yes")
+    assert bob.values["full_name"] == "Bob Baker"
+    assert "codecs dropped (not supported here): speex" in bob.notes
+    assert any("transport 'transport-tcp-lan' (protocol tcp)" in n for n in bob.notes)
+    assert (by_name["carol.c"].values["transport"], by_name["carol.c"].values["nat"]) == (
+        "wss",
+        "route",
+    )
+    assert by_name["carol.c"].values["full_name"] == "carol.c"
+    dave = by_name["dave_d"]
+    assert (dave.extension, dave.values["nat"], dave.values["codecs"]) == (
+        "1004",
+        "no",
+        "alaw,ulaw",
+    )
+    assert by_name["alice"].notes == ("ignored endpoint options: dtmf_mode",)
+    assert by_name["grace"].sip_secret is None
+    assert by_name["grace"].digests == (GRACE.md5, GRACE.sha256)
+    reasons = [str(u) for u in plan.unmapped]
+    assert reasons[:4] == [
+        "[global] global: global settings",
+        "[transport-udp] transport: stays in Asterisk's own configuration",
+        "[transport-tcp-lan] transport: stays in Asterisk's own configuration",
+        "[transport-wss] transport: stays in Asterisk's own configuration",
+    ]
+    assert "[carrier] endpoint: sends auth (outbound_auth=): a trunk, not a user" in reasons
+    assert "[carrier-auth] auth: belongs to [carrier], which is not mapped" in reasons
+    assert "[carrier-identify] identify: matches a trunk by address" in reasons
+    assert any(r.startswith("[1005] endpoint: username 'eve-smith' must be") for r in reasons)
+    assert "[1005-auth] auth: belongs to [1005], which is not mapped" in reasons
+    assert any(
+        r.startswith("[1006] endpoint: needs a new SIP secret: its auth has only an MD5 digest")
+        for r in reasons
+    )
+    assert len(plan.unmapped) == 15
+    # No secret in any reason, note or repr.
+    dump = repr(plan) + "".join(reasons)
+    assert not any(p in dump for p in [*PASSWORDS.values(), GRACE.md5, GRACE.sha256, FRANK_MD5])
+
+
+def test_unmatched_nat_and_missing_codecs_are_reported_not_guessed_silently() -> None:
+    """Asterisk's NAT defaults match no NAT row exactly: the closest is kept and reported."""
+    plan = _plan(
+        "[7]\ntype=endpoint\nauth=7\naors=7\n[7]\ntype=auth\nusername=u7\npassword=Secret-777\n"
+        "[7]\ntype=aor\n"
+    )
+    (user,) = plan.users
+    assert (user.values["nat"], user.values["context"], user.values["codecs"]) == (
+        "no",
+        "default",
+        "ulaw,alaw",
+    )
+    assert any("differs in force_rport" in n for n in user.notes)
+    assert any(n.startswith("no allow=") for n in user.notes)
+
+
+def test_generate_secrets_imports_what_cannot_be_carried_over() -> None:
+    """With generate_secrets, the MD5-only user is mapped (with a note) and gets no secret."""
+    plan = _plan(generate_secrets=True)
+    frank = next(u for u in plan.users if u.username == "frank")
+    assert frank.sip_secret is None
+    assert frank.digests is None
+    assert any("a new SIP secret is generated" in n for n in frank.notes)
+    assert "eve-smith" not in [u.username for u in plan.users]
+
+
+def test_import_round_trips_through_render_on_every_backend(accounts: Accounts) -> None:
+    """Imported users are stored with their secret's digests and render to equivalent endpoints."""
+    lines = _import(accounts)
+    assert lines[:2] == [
+        "added alice (extension 1001)",
+        "  note: ignored endpoint options: dtmf_mode",
+    ]
+    assert lines[-1] == "added 5 users; 15 sections not mapped"
+    for user in IMPORTED:
+        stored = user_row(accounts.engine, user)
+        expected = (
+            GRACE if user == "grace" else credentials.sip_digests(user, "asterisk", PASSWORDS[user])
+        )
+        assert (stored.sip_md5, stored.sip_sha256, stored.sip_realm) == (
+            expected.md5,
+            expected.sha256,
+            "asterisk",
+        )
+        kept = accounts.get_user(user)
+        assert (kept.role, kept.profile, kept.email) == (
+            "user",
+            "agents",
+            f"{user}@pbx.example.com",
+        )
+    by_name = {SETTINGS.transport_name(p): p for p in TRANSPORTS}
+    for ext in ("1001", "1002", "1003", "1004", "1007"):
+        want = _source_endpoint(ext)
+        imported = next(u for u in accounts.list_users() if u.extension == ext)
+        got = dict(render_user(imported, SETTINGS).endpoint)
+        for option in ("context", "call_group", "pickup_group", *NAT_KEYS):
+            assert got[option] == want.get(option, ""), (ext, option)
+        assert by_name[got["transport"]] == _protocol(want["transport"]), ext
+        known = [c for c in want["allow"].split(",") if c in CODECS or c in VIDEO_CODECS]
+        assert got["allow"].split(",") == known, ext
+
+
+def test_dry_run_and_conflicts_change_nothing(accounts: Accounts) -> None:
+    """A dry run adds nobody; one clash with the store means nobody is added."""
+    lines = _import(accounts, dry_run=True)
+    assert "would add bob (extension 1002)" in lines
+    assert lines[-1] == "would add 5 users; 15 sections not mapped"
+    assert [u.username for u in accounts.list_users()] == ["root"]
+    accounts.add_user(
+        {
+            "username": "BOB",
+            "full_name": "Another Bob",
+            "email": "bob@example.com",
+            "profile": "agents",
+            "extension": "1003",
+        }
+    )
+    with pytest.raises(InvalidInput) as caught:
+        _import(accounts)
+    rules = [str(p) for p in caught.value.problems]
+    assert any(r.startswith("line ") and "[1002] username: is already taken" in r for r in rules)
+    assert any("[1003] extension: 1003 is already used by user BOB" in r for r in rules)
+    assert sorted(u.username for u in accounts.list_users()) == ["BOB", "root"]
+
+
+def test_bad_files_import_nothing(tmp_path: Path) -> None:
+    """Unreadable files, includes and files Asterisk would refuse are errors naming FILE."""
+    missing = tmp_path / "missing.conf"
+    with pytest.raises(InvalidInput) as caught:
+        read_file(missing)
+    assert caught.value.problems[0].field == "FILE"
+    included = tmp_path / "inc.conf"
+    included.write_text(PJSIP_CONF + "#include pjsip_more.conf\n", encoding="utf-8")
+    with pytest.raises(InvalidInput) as caught:
+        read_file(included)
+    (problem,) = caught.value.problems
+    assert (problem.field, "#include pjsip_more.conf" in problem.rule) == ("FILE", True)
+    broken = tmp_path / "broken.conf"
+    broken.write_text("[1001\ntype=endpoint\n", encoding="utf-8")
+    with pytest.raises(InvalidInput) as caught:
+        read_file(broken)
+    assert caught.value.problems[0].field == "FILE"
+
+
+def test_cli_import_pjsip(tmp_path: Path) -> None:
+    """The command prints each user and unmapped section, never a secret, and exits 0."""
+    conf = tmp_path / "pjsip.conf"
+    conf.write_text(PJSIP_CONF, encoding="utf-8")
+    with temp_database("sqlite", tmp_path) as url:
+        cli = make_cli(url, tmp_path, "[security]\npassword_policy = false\n")
+        cli.ok("db", "upgrade")
+        cli.ok("profile", "add", "agents")
+        cli.ok(
+            "user", "add", "root", "--role", "admin", "--full-name", "Root", "--email", "r@x.org"
+        )
+        base = ["import", "pjsip", str(conf), "--email-domain", "pbx.example.com"]
+        bad = cli(*base, "--profile", "nobody")
+        assert bad.code == 2
+        assert "--profile: must name an existing profile" in bad.err
+        dry = cli.ok(*base, "--profile", "agents", "--dry-run")
+        assert "would add alice (extension 1001)" in dry
+        assert "not mapped: [carrier-identify] identify: matches a trunk by address" in dry
+        assert "alice" not in cli.ok("user", "list")
+        out = cli.ok(*base, "--profile", "agents", "--generate-secrets")
+        assert "added frank (extension 1006)" in out
+        assert "SIP secret for frank (shown once): " in out
+        assert "added 6 users; 12 sections not mapped" in out
+        assert "alice" in cli.ok("user", "list")
+        transcript = "".join(cli.transcript)
+        assert not any(p in transcript for p in [*PASSWORDS.values(), GRACE.md5, FRANK_MD5])
