@@ -300,3 +300,60 @@ def test_metrics_endpoint_counts_syncs(tmp_path: Path) -> None:
     text = asyncio.run(scenario())
     assert 'provisioner_syncs_total{kind="full",result="ok"} 1.0' in text
     assert "provisioner_users_provisioned 1.0" in text
+
+
+def test_postgresql_outage_is_survived(tmp_path: Path) -> None:
+    """The store's PostgreSQL drops every connection and refuses new ones for a while:
+    the daemon keeps running and applies the next edit once the database is back."""
+    from sqlalchemy import create_engine, text
+
+    from .dbs import PG_ADMIN, temp_database
+
+    async def scenario(url: str) -> None:
+        config = _write_config(tmp_path, None)
+        config.write_text(
+            config.read_text().replace(
+                f'url = "sqlite:///{tmp_path / "store.db"}"', f'url = "{url}"'
+            )
+        )
+        conf = tmp_path / "pjsip_users.conf"
+        await _seed(config)
+        daemon = await _start_daemon(config, tmp_path / "daemon.log")
+        name = url.rsplit("/", 1)[1]
+        admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+                conn.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"
+                    ),
+                    {"d": name},
+                )
+            await asyncio.sleep(2.0)
+            assert daemon.returncode is None
+            with admin.connect() as conn:
+                conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+            await _cli(
+                config,
+                "user",
+                "add",
+                "bob",
+                "--full-name",
+                "Bob",
+                "--email",
+                "b@example.com",
+                "--profile",
+                "agents",
+            )
+            await _until(lambda: "[1001]" in _text(conf), 15)
+            assert await _stop(daemon) == 0
+        finally:
+            if daemon.returncode is None:
+                daemon.kill()
+                await daemon.wait()
+            admin.dispose()
+        assert "Traceback" not in (tmp_path / "daemon.log").read_text()
+
+    with temp_database("postgresql", tmp_path) as url:
+        asyncio.run(scenario(url))
