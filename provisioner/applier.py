@@ -49,6 +49,8 @@ class Applier:
     objects: dict[int, UserObjects] = field(default_factory=dict)
     #: user id -> endpoint id kept as it was because the user could not be rendered.
     kept: dict[int, str] = field(default_factory=dict)
+    #: True once a full apply succeeded: only then does memory mirror the target.
+    synced: bool = False
 
     def full(self, *, allow_mass_removal: bool = False) -> Applied:
         """Render every live user and make the target hold exactly that."""
@@ -68,11 +70,19 @@ class Applier:
                 if user.extension.isdigit():
                     kept[user.id] = user.extension
         change = self._apply_all(objects, kept, allow_mass_removal=allow_mass_removal)
-        self.objects, self.kept = objects, kept
+        self.objects, self.kept, self.synced = objects, kept, True
         return self._done(change, skipped, started, full=True)
 
     def users_changed(self, user_ids: Iterable[int]) -> Applied:
-        """Re-render the given users (live, disabled, deleted or purged); apply the difference."""
+        """Re-render the given users (live, disabled, deleted or purged); apply the difference.
+
+        Before a first successful full apply memory does not mirror the target, and a burst
+        removing more than ``max_removal_fraction`` of what memory holds may be a lost store:
+        both are handled by :meth:`full` instead, whose guard compares with the target itself
+        (an increment alone would write a file holding only the users just edited).
+        """
+        if not self.synced:
+            return self.full()
         started = time.perf_counter()
         ids = sorted(set(user_ids))
         with self.engine.connect() as conn:
@@ -95,6 +105,11 @@ class Applier:
                     objects[uid] = previous
                 elif uid in self.kept:
                     kept[uid] = self.kept[uid]
+        held = len(self.objects) + len(self.kept)
+        had = self.objects.keys() | self.kept.keys()
+        removing = sum(1 for i in ids if i in had and i not in objects and i not in kept)
+        if held and removing > self.max_removal_fraction * held:
+            return self.full()
         change = self._apply_some(ids, objects, kept)
         self.objects, self.kept = objects, kept
         return self._done(change, skipped, started, full=False)

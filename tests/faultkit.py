@@ -1,0 +1,237 @@
+"""Helpers for the fault and hostile-input tests: stores, configs, CLI and daemon subprocesses.
+
+Everything here runs real things: a real SQLite store, the ``provisioner``
+console script as a subprocess, the daemon as a subprocess with its log kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from argon2 import PasswordHasher
+from click.testing import CliRunner
+from sqlalchemy import Engine, delete, select, text
+
+from provisioner import credentials
+from provisioner.accounts import Accounts, Policy
+from provisioner.asterisk_conf import parse
+from provisioner.cli import main
+from provisioner.store.engine import open_engine
+from provisioner.store.migrate import upgrade
+from provisioner.store.schema import users
+
+PROVISIONER = str(Path(sys.executable).with_name("provisioner"))
+PYTHON = sys.executable
+
+
+def env(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess: no PROVISIONER_ leaking in, JSON logs."""
+    out = {k: v for k, v in os.environ.items() if not k.startswith("PROVISIONER_")}
+    out.pop("NOTIFY_SOCKET", None)
+    out.pop("WATCHDOG_USEC", None)
+    out.pop("WATCHDOG_PID", None)
+    out["PROVISIONER_LOG__FORMAT"] = "json"
+    out.update(extra)
+    return out
+
+
+def write_config(
+    tmp: Path,
+    *,
+    store_url: str | None = None,
+    kind: str = "config",
+    extra: Iterable[str] = (),
+    name: str = "provisioner.toml",
+) -> Path:
+    """A config file for a store in ``tmp`` (SQLite unless ``store_url``) and a target there."""
+    url = store_url or f"sqlite:///{tmp / 'store.db'}"
+    lines = [
+        "[store]",
+        f'url = "{url}"',
+        "busy_timeout = 2",
+        "[security]",
+        "password_policy = false",
+        "[target]",
+        f'kind = "{kind}"',
+        f'path = "{tmp / "pjsip_users.conf"}"',
+        "[daemon]",
+        f'state_dir = "{tmp / "state"}"',
+        "quiet = 0.02",
+        "max_wait = 0.2",
+        "shutdown_timeout = 5",
+        *extra,
+    ]
+    path = tmp / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def store_url(tmp: Path) -> str:
+    return f"sqlite:///{tmp / 'store.db'}"
+
+
+def cheap_hasher() -> None:
+    """Small argon2 costs for this process (tests that create many users)."""
+    credentials._hasher = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+
+
+def seed_store(url: str, count: int, *, prefix: str = "u") -> Engine:
+    """A migrated store with root (admin), profile ``agents`` and ``count`` agents."""
+    engine = open_engine(url)
+    upgrade(engine)
+    acc = Accounts(engine, Policy(password_policy=False))
+    acc.add_profile("agents", "Contact-center agents")
+    acc.add_user(
+        {"username": "root", "role": "admin", "full_name": "Root", "email": "root@example.com"}
+    )
+    for i in range(count):
+        acc.add_user(
+            {
+                "username": f"{prefix}{i}",
+                "full_name": f"Agent {i}",
+                "email": f"{prefix}{i}@example.com",
+                "profile": "agents",
+            }
+        )
+    return engine
+
+
+def delete_users_sql(engine: Engine, keep: int | None = None) -> int:
+    """Plain SQL, as a careless DBA would: delete every user (or all but ``keep`` of them)."""
+    with engine.begin() as conn:
+        ids = list(conn.execute(select(users.c.id).order_by(users.c.id)).scalars())
+        doomed = ids if keep is None else ids[keep:]
+        conn.execute(text("DELETE FROM user_attributes"))
+        conn.execute(delete(users).where(users.c.id.in_(doomed)))
+    return len(doomed)
+
+
+@dataclass
+class Ran:
+    code: int
+    out: str
+    err: str
+
+
+def cli(config: Path, *args: str, input: str | None = None, check: bool = True) -> Ran:
+    """Run the CLI in-process (``main``) on ``config``; with ``check`` require exit code 0."""
+    clean: dict[str, str | None] = {k: None for k in os.environ if k.startswith("PROVISIONER_")}
+    with CliRunner().isolation(input=input, env=clean) as (out, err, _mixed):
+        code = main(["--config", str(config), *args])
+        ran = Ran(code, out.getvalue().decode(), err.getvalue().decode())
+    if check:
+        assert ran.code == 0, (args, ran)
+    return ran
+
+
+def cli_process(config: Path, *args: str, input: str | None = None, check: bool = True) -> Ran:
+    """Run the ``provisioner`` console script as a subprocess."""
+    proc = subprocess.run(
+        [PROVISIONER, "--config", str(config), *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=60,
+    )
+    ran = Ran(proc.returncode, proc.stdout, proc.stderr)
+    if check:
+        assert ran.code == 0, (args, ran)
+    return ran
+
+
+def sections(path: Path) -> list[tuple[str, tuple[tuple[str, str], ...]]]:
+    """The file's sections as Asterisk would load them: ``(name, options)`` in order."""
+    return [(s.name, s.options) for s in parse(path.read_bytes()).visible()]
+
+
+def endpoints(path: Path) -> list[str]:
+    """The endpoint ids the file holds (none when it is absent)."""
+    if not path.exists():
+        return []
+    return [n for n, o in sections(path) if o and o[0] == ("type", "endpoint")]
+
+
+def until(check: Callable[[], bool], timeout: float, what: str = "condition") -> float:
+    """Poll ``check`` until true; return the seconds it took, or fail at ``timeout``."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what} not true within {timeout} s")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+@dataclass
+class Daemon:
+    """``provisioner run`` as a subprocess, its stdout and stderr appended to ``log``."""
+
+    config: Path
+    log: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def health_path(self) -> Path:
+        return self.config.parent / "state" / "health.json"
+
+    def start(self, *, wait_ready: bool = True, timeout: float = 20.0) -> Daemon:
+        with self.log.open("ab") as fh:
+            self.proc = subprocess.Popen(
+                [PROVISIONER, "--config", str(self.config), "run"],
+                stdout=fh,
+                stderr=fh,
+                env=env(**self.extra_env),
+            )
+        if wait_ready:
+            until(self.ready, timeout, "daemon ready")
+        return self
+
+    def health(self) -> dict[str, Any] | None:
+        try:
+            data: dict[str, Any] = json.loads(self.health_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        assert self.proc is not None
+        return data if data.get("pid") == self.proc.pid else None
+
+    def ready(self) -> bool:
+        h = self.health()
+        return bool(h and h["ready"])
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def events(self) -> list[dict[str, Any]]:
+        """The JSON log lines written so far (other lines are skipped)."""
+        out = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return out
+
+    def logged(self, event: str) -> list[dict[str, Any]]:
+        return [e for e in self.events() if e.get("event") == event]
