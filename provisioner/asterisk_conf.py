@@ -142,14 +142,13 @@ class _State:
 # lengths, "below 33" and "signed char" tests are exactly Asterisk's byte tests.
 
 
+#: Asterisk's blanks: every byte below 33.
+_BLANKS = "".join(map(chr, range(33)))
+
+
 def _strip(text: str) -> str:
     """Strip Asterisk's blanks (bytes below 33) from both ends."""
-    start, end = 0, len(text)
-    while start < end and text[start] < "!":
-        start += 1
-    while end > start and text[end - 1] < "!":
-        end -= 1
-    return text[start:end]
+    return text.strip(_BLANKS)
 
 
 def _fold(text: str) -> bytes:
@@ -159,6 +158,8 @@ def _fold(text: str) -> bytes:
 
 def _decoded(text: str) -> str:
     """Latin-1 work text back to real text (bytes that are not UTF-8 become escapes)."""
+    if text.isascii():
+        return text
     return text.encode("latin-1").decode("utf-8", "surrogateescape")
 
 
@@ -181,6 +182,17 @@ def _too_long(text: bytes) -> bool:
 
 def _lines(raw: bytes) -> Iterator[tuple[int, bytes | None]]:
     """``(line number, bytes)`` per physical line; ``None`` for a skipped over-long line."""
+    if b"\0" not in raw:
+        split = raw.split(b"\n")
+        if max(map(len, split)) < LINE_MAX_BYTES:
+            # No NUL and no over-long line: each line is simply the text up to its LF
+            # (the LF itself, a blank, is left out).
+            if split[-1] == b"":
+                split.pop()
+            if split and split[0].startswith(_BOM):
+                split[0] = split[0][len(_BOM) :]
+            yield from enumerate(split, 1)
+            return
     pos, lineno = 0, 0
     while pos < len(raw):
         lineno += 1
@@ -218,6 +230,15 @@ def _uncomment(line: str, depth: int, lineno: int) -> tuple[str | None, int]:
     a C string edited in place: a comment start ends the kept text with a NUL,
     and text after a block comment's end is moved up to join it.
     """
+    semicolon = line.find(";")
+    if semicolon < 0:
+        return (line if depth == 0 else None), depth
+    if (
+        depth == 0
+        and line[semicolon - 1 : semicolon] not in ("\\", "-")
+        and line[semicolon + 1 : semicolon + 3] != "--"
+    ):
+        return line[:semicolon], depth  # a plain comment to the end of the line
     buf = [*line, _TERMINATOR]
     start: int | None = 0 if depth == 0 else None
     pos = 0
