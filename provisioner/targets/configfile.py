@@ -116,11 +116,22 @@ def check_rendered(data: bytes, objects: Sequence[UserObjects]) -> None:
         parsed = parse(data)
     except AsteriskSyntaxError as exc:
         raise RenderCheckFailed(f"the rendered file would not load: {exc.message}") from None
-    problems = _parse_problems(parsed, _intended(objects))
+    _raise_problems(_parse_problems(parsed, _intended(objects)))
+
+
+def _raise_problems(problems: list[str]) -> None:
     if problems:
         raise RenderCheckFailed(
             "the rendered file does not hold exactly the intended objects: " + "; ".join(problems)
         )
+
+
+@dataclass(frozen=True)
+class _Verified:
+    """Bytes that passed :func:`check_rendered` for these intended sections."""
+
+    data: bytes
+    intended: list[_Intended]
 
 
 @dataclass(frozen=True)
@@ -132,14 +143,29 @@ class _Current:
     endpoints: tuple[str, ...]
 
     @classmethod
-    def read(cls, path: Path) -> _Current:
+    def read(cls, path: Path, known: _Verified | None = None) -> _Current:
+        """The file at ``path``; not parsed again when it holds the ``known`` bytes."""
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             return cls(None, {}, ())
         except OSError as exc:
             raise TargetWriteFailed(f"cannot read {str(path)!r}: {exc.strerror}") from None
+        if known is not None and known.data == data:
+            return cls.verified(data, known.intended)
         return cls.of(data)
+
+    @classmethod
+    def verified(cls, data: bytes, intended: list[_Intended]) -> _Current:
+        """The file ``data``, known (by :func:`check_rendered`) to hold exactly ``intended``:
+        what :meth:`of` would find, without parsing it again."""
+        objects: dict[tuple[str, str], Options] = {}
+        endpoints: list[str] = []
+        for name, kind, options in intended:
+            objects[(kind, name)] = options
+            if kind == "endpoint":
+                endpoints.append(name)
+        return cls(data, objects, tuple(dict.fromkeys(endpoints)))
 
     @classmethod
     def of(cls, data: bytes) -> _Current:
@@ -199,11 +225,10 @@ def _lines(text: str) -> list[str]:
     return [part + "\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
 
 
-def _redacted(lines: list[str], others: dict[tuple[str, str], str]) -> list[str]:
-    """``lines`` with credential values replaced; ``<changed>`` marks one that differs from
-    the same option of the same section in ``others``."""
+def _redacted(lines: list[str], others: dict[tuple[str, str], str], section: str = "") -> list[str]:
+    """``lines`` (the first in ``section``) with credential values replaced; ``<changed>``
+    marks one that differs from the same option of the same section in ``others``."""
     out: list[str] = []
-    section = ""
     for line in lines:
         if m := _SECTION_LINE.match(line):
             section = m.group(1)
@@ -228,22 +253,111 @@ def _secrets(lines: list[str]) -> dict[tuple[str, str], str]:
     return found
 
 
+#: Lines of context around each hunk (difflib's default).
+_CONTEXT = 3
+_Opcode = tuple[str, int, int, int, int]
+
+
+def _common_ends(a: list[str], b: list[str]) -> tuple[int, int]:
+    """How many leading lines ``a`` and ``b`` share, then how many trailing lines of the
+    rest (difflib, on such files, matches the earliest run first: the shared start)."""
+    limit = min(len(a), len(b))
+    head = 0
+    while head < limit and a[head] == b[head]:
+        head += 1
+    tail = 0
+    while tail < limit - head and a[-1 - tail] == b[-1 - tail]:
+        tail += 1
+    return head, tail
+
+
+def _opcodes(a: list[str], b: list[str]) -> list[_Opcode]:
+    """difflib's opcodes for ``a`` -> ``b``, with the shared first and last lines matched
+    without difflib (it is slow on large files) and difflib run on the rest only."""
+    head, tail = _common_ends(a, b)
+    middle = difflib.SequenceMatcher(None, a[head : len(a) - tail], b[head : len(b) - tail])
+    codes: list[_Opcode] = [("equal", 0, head, 0, head)] if head else []
+    for tag, i1, i2, j1, j2 in middle.get_opcodes():
+        codes.append((tag, i1 + head, i2 + head, j1 + head, j2 + head))
+    if tail:
+        codes.append(("equal", len(a) - tail, len(a), len(b) - tail, len(b)))
+    merged: list[_Opcode] = []
+    for code in codes:
+        if merged and code[0] == "equal" == merged[-1][0]:
+            code = ("equal", merged[-1][1], code[2], merged[-1][3], code[4])
+            merged.pop()
+        merged.append(code)
+    return merged or [("equal", 0, 0, 0, 0)]
+
+
+def _grouped(codes: list[_Opcode], n: int = _CONTEXT) -> Iterator[list[_Opcode]]:
+    """``SequenceMatcher.get_grouped_opcodes`` over ``codes``."""
+    if codes[0][0] == "equal":
+        tag, i1, i2, j1, j2 = codes[0]
+        codes[0] = tag, max(i1, i2 - n), i2, max(j1, j2 - n), j2
+    if codes[-1][0] == "equal":
+        tag, i1, i2, j1, j2 = codes[-1]
+        codes[-1] = tag, i1, min(i2, i1 + n), j1, min(j2, j1 + n)
+    group: list[_Opcode] = []
+    for tag, i1, i2, j1, j2 in codes:
+        if tag == "equal" and i2 - i1 > n + n:
+            group.append((tag, i1, min(i2, i1 + n), j1, min(j2, j1 + n)))
+            yield group
+            group = []
+            i1, j1 = max(i1, i2 - n), max(j1, j2 - n)
+        group.append((tag, i1, i2, j1, j2))
+    if group and not (len(group) == 1 and group[0][0] == "equal"):
+        yield group
+
+
+def _range(start: int, stop: int) -> str:
+    """difflib's unified range: ``start,length`` (1-based), ``start`` alone for one line."""
+    length = stop - start
+    if length == 1:
+        return str(start + 1)
+    return f"{start + 1 if length else start},{length}"
+
+
 def _diff(path: Path, old: bytes | None, new: str) -> str:
-    """A unified diff of the file, with credentials redacted."""
-    old_lines = _lines(old.decode("utf-8", "replace")) if old is not None else []
-    new_lines = _lines(new)
-    old_shown = _redacted(old_lines, {})
-    new_shown = _redacted(new_lines, _secrets(old_lines))
+    """A unified diff of the file, with credentials redacted: the text
+    ``difflib.unified_diff`` gives, computed without running difflib over the lines
+    both versions share at their start and end (one changed user in a large file
+    costs little)."""
+    if old is not None and old == new.encode("utf-8"):
+        return ""
+    a = _lines(old.decode("utf-8", "replace")) if old is not None else []
+    b = _lines(new)
+    groups = list(_grouped(_opcodes(a, b)))
+    if not groups:
+        return ""
+    # Only the lines shown are redacted; a changed secret is found against all old ones.
+    lo = min(g[0][1] for g in groups), min(g[0][3] for g in groups)
+    hi = max(g[-1][2] for g in groups), max(g[-1][4] for g in groups)
+    old_shown = _redacted(a[lo[0] : hi[0]], {}, _section_at(a, lo[0]))
+    new_shown = _redacted(b[lo[1] : hi[1]], _secrets(a), _section_at(b, lo[1]))
     # An unchanged secret is shown the same on both sides, so it drops out of the diff.
     old_shown = [line.replace(" <changed>", "") for line in old_shown]
-    return "".join(
-        difflib.unified_diff(
-            old_shown,
-            new_shown,
-            fromfile=str(path) if old is not None else "/dev/null",
-            tofile=str(path),
-        )
-    )
+    out = [f"--- {path if old is not None else '/dev/null'}\n", f"+++ {path}\n"]
+    for group in groups:
+        first, last = group[0], group[-1]
+        out.append(f"@@ -{_range(first[1], last[2])} +{_range(first[3], last[4])} @@\n")
+        for tag, i1, i2, j1, j2 in group:
+            if tag == "equal":
+                out += [" " + line for line in old_shown[i1 - lo[0] : i2 - lo[0]]]
+                continue
+            if tag in ("replace", "delete"):
+                out += ["-" + line for line in old_shown[i1 - lo[0] : i2 - lo[0]]]
+            if tag in ("replace", "insert"):
+                out += ["+" + line for line in new_shown[j1 - lo[1] : j2 - lo[1]]]
+    return "".join(out)
+
+
+def _section_at(lines: list[str], index: int) -> str:
+    """The section that ``lines[index]`` belongs to (the last header before it)."""
+    for line in reversed(lines[:index]):
+        if m := _SECTION_LINE.match(line):
+            return m.group(1)
+    return ""
 
 
 @contextlib.contextmanager
@@ -307,6 +421,8 @@ class ConfigFileTarget:
             raise ConfigError(
                 [Problem("target.templates", f"{str(templates_dir)!r} is not a directory")]
             )
+        #: The last bytes that passed the parse-back check, and what they hold.
+        self._verified: _Verified | None = None
         searched = [str(templates_dir)] if templates_dir is not None else []
         self._env = jinja2.Environment(
             loader=jinja2.FileSystemLoader([*searched, str(SHIPPED_TEMPLATES)]),
@@ -341,7 +457,7 @@ class ConfigFileTarget:
     ) -> tuple[_Current, list[UserObjects], str]:
         """The current file, the objects the new file must hold (``objects`` plus the kept
         users' current objects) and its text."""
-        current = _Current.read(self.path)
+        current = _Current.read(self.path, self._verified)
         desired = _with_kept(objects, _kept_objects(current, keep, objects))
         return current, desired, self.render_text(desired)
 
@@ -367,7 +483,12 @@ class ConfigFileTarget:
         """
         current, desired, text = self._desired(objects, keep)
         data = text.encode("utf-8")
-        check_rendered(data, desired)
+        intended = _intended(desired)
+        known = self._verified
+        if known is None or known.data != data or known.intended != intended:
+            # Checked once per distinct (bytes, objects): a re-apply of the same file skips it.
+            check_rendered(data, desired)
+            self._verified = _Verified(data, intended)
         change = replace(_compare(current, desired), diff=_diff(self.path, current.data, text))
         if guard is not None:
             guard(change)
