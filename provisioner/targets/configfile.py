@@ -275,10 +275,13 @@ def _opcodes(a: list[str], b: list[str]) -> list[_Opcode]:
     """difflib's opcodes for ``a`` -> ``b``, with the shared first and last lines matched
     without difflib (it is slow on large files) and difflib run on the rest only."""
     head, tail = _common_ends(a, b)
-    middle = difflib.SequenceMatcher(None, a[head : len(a) - tail], b[head : len(b) - tail])
+    a_mid, b_mid = a[head : len(a) - tail], b[head : len(b) - tail]
     codes: list[_Opcode] = [("equal", 0, head, 0, head)] if head else []
-    for tag, i1, i2, j1, j2 in middle.get_opcodes():
-        codes.append((tag, i1 + head, i2 + head, j1 + head, j2 + head))
+    if a_mid and b_mid:
+        for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a_mid, b_mid).get_opcodes():
+            codes.append((tag, i1 + head, i2 + head, j1 + head, j2 + head))
+    elif a_mid or b_mid:  # difflib's answer, without indexing the other side
+        codes.append(("delete" if a_mid else "insert", head, len(a) - tail, head, len(b) - tail))
     if tail:
         codes.append(("equal", len(a) - tail, len(a), len(b) - tail, len(b)))
     merged: list[_Opcode] = []
