@@ -1,0 +1,150 @@
+"""Benchmark of the config-file target (a script, not a test).
+
+    .venv/bin/python -m bench.bench_configfile --users 1000 10000 100000
+
+For each size, in a throwaway directory (and a throwaway SQLite store), it measures:
+
+* ``sync``: :meth:`ConfigFileTarget.apply` of ``pjsip.render_all``'s output into an absent
+  file (shipped templates, parse-back check, diff, atomic write with fsync);
+* ``raw``: the baseline: one plain Jinja2 template (one loop, no include or macro)
+  rendering the same objects, plus one plain ``write_bytes`` of the text;
+* ``ratio``: sync / raw (target: at most 1.5);
+* ``tmpl``: the shipped templates' render alone (:meth:`ConfigFileTarget.render_text`),
+  to show how much of ``sync`` is templating;
+* ``unchanged``: a second apply of the same objects (must write nothing; target < 1 s at
+  100k); ``unch_cold``: the same from a new target object (as after a daemon restart);
+* ``store_full``: :meth:`Applier.full` over a real SQLite store holding the same users
+  (loading, rendering, applying into a second file);
+* ``one_user``: one user's ``context`` changed in that store by SQL, then
+  :meth:`Applier.users_changed` for it (the daemon's path for one edit);
+* peak RSS of the process so far (``ru_maxrss``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import jinja2
+from sqlalchemy import update
+
+from provisioner.applier import Applier
+from provisioner.pjsip import RenderSettings, UserObjects, render_all
+from provisioner.store.engine import open_engine
+from provisioner.store.schema import users as users_table
+from provisioner.targets.configfile import ConfigFileTarget
+
+from .common import Column, make_users, peak_rss_mb, print_header, print_row, seed_store, timed
+
+__all__ = ["PLAIN_TEMPLATE", "main", "run_one"]
+
+#: The baseline: the same file layout from one plain template.
+PLAIN_TEMPLATE = """\
+; pjsip_users.conf - generated
+{% for u in users %}
+[{{ u.endpoint_id }}]
+type=endpoint
+{% for k, v in u.endpoint %}{{ k }}={{ v }}
+{% endfor %}
+[{{ u.auth_id }}]
+type=auth
+{% for k, v in u.auth %}{{ k }}={{ v }}
+{% endfor %}
+[{{ u.aor_id }}]
+type=aor
+{% for k, v in u.aor %}{{ k }}={{ v }}
+{% endfor %}{% endfor %}"""
+
+
+def _raw(objects: list[UserObjects], path: Path) -> float:
+    """Seconds for one plain template render of ``objects`` and one plain file write."""
+    template = jinja2.Environment(autoescape=False).from_string(PLAIN_TEMPLATE)  # noqa: S701
+    _, took = timed(lambda: path.write_bytes(template.render(users=objects).encode()))
+    return took
+
+
+def _store_figures(count: int, tmp: Path, settings: RenderSettings) -> dict[str, float]:
+    """``store_full`` and ``one_user`` through the Applier over a real SQLite store."""
+    engine = open_engine(f"sqlite:///{tmp / 'store.db'}")
+    try:
+        seed_store(engine, count)
+        applier = Applier(engine, ConfigFileTarget(tmp / "store_pjsip.conf"), settings)
+        full, store_full = timed(applier.full)
+        assert len(full.change.added) == count, full.change
+        victim = count // 2 + 1
+        with engine.begin() as conn:
+            conn.execute(
+                update(users_table).where(users_table.c.id == victim).values(context="bench-ctx")
+            )
+        one, one_user = timed(lambda: applier.users_changed([victim]))
+        assert one.change.updated == (str(100000 + victim - 1),), one.change
+        assert one.change.wrote
+        assert "context=bench-ctx" in (tmp / "store_pjsip.conf").read_text()
+    finally:
+        engine.dispose()
+    return {"store_full_s": store_full, "one_user_s": one_user}
+
+
+def run_one(count: int, scratch: Path) -> dict[str, float]:
+    """All measurements for one size."""
+    settings = RenderSettings()
+    (objects, skipped), render_s = timed(lambda: render_all(make_users(count), settings))
+    assert not skipped, skipped[:3]
+    figures: dict[str, float] = {"users": count, "render_s": render_s}
+    with tempfile.TemporaryDirectory(dir=scratch) as name:
+        tmp = Path(name)
+        target = ConfigFileTarget(tmp / "pjsip_users.conf")
+        change, figures["sync_s"] = timed(lambda: target.apply(objects))
+        assert change.wrote, change
+        assert len(change.added) == count, change
+        figures["raw_s"] = _raw(objects, tmp / "raw.conf")
+        figures["ratio"] = figures["sync_s"] / figures["raw_s"]
+        _, figures["tmpl_s"] = timed(lambda: target.render_text(objects))
+        mtime = target.path.stat().st_mtime_ns
+        again, figures["unchanged_s"] = timed(lambda: target.apply(objects))
+        assert again.empty, again
+        assert not again.wrote, again
+        cold = ConfigFileTarget(target.path)
+        again, figures["unch_cold_s"] = timed(lambda: cold.apply(objects))
+        assert again.empty, again
+        assert not again.wrote, again
+        assert target.path.stat().st_mtime_ns == mtime
+        figures["mbytes"] = target.path.stat().st_size / 1e6
+        figures.update(_store_figures(count, tmp, settings))
+    figures["peak_rss_mb"] = peak_rss_mb()
+    return figures
+
+
+COLUMNS: tuple[Column, ...] = (
+    ("users", "{:>7.0f}"),
+    ("mbytes", "{:>6.1f}"),
+    ("sync_s", "{:>7.3f}"),
+    ("raw_s", "{:>6.3f}"),
+    ("ratio", "{:>5.2f}"),
+    ("tmpl_s", "{:>6.3f}"),
+    ("unchanged_s", "{:>7.3f}"),
+    ("unch_cold_s", "{:>7.3f}"),
+    ("store_full_s", "{:>7.3f}"),
+    ("one_user_s", "{:>7.3f}"),
+    ("render_s", "{:>7.3f}"),
+    ("peak_rss_mb", "{:>7.0f}"),
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run every requested size; print one table, one row per size as it completes."""
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_configfile")
+    parser.add_argument("--users", type=int, nargs="+", default=[1000, 10000])
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench_configfile_") as tmp:
+        print_header("config file, seconds (ratio = sync / raw; target <= 1.5)", COLUMNS)
+        for count in args.users:
+            print_row(COLUMNS, run_one(count, Path(tmp)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Helpers shared by the benchmark scripts (scripts, not tests).
+
+Generated users (:func:`make_users`, from ``bench_realtime``), a user store seeded
+with them in one transaction, timing, peak RSS and table printing.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, insert
+
+from provisioner.model import User
+from provisioner.store.migrate import upgrade
+from provisioner.store.queries import insert_profile
+from provisioner.store.schema import users as users_table
+from tests.dbs import temp_database
+
+from .bench_realtime import make_users
+
+__all__ = [
+    "Column",
+    "make_users",
+    "peak_rss_mb",
+    "percentile",
+    "print_header",
+    "print_row",
+    "seed_store",
+    "temp_database",
+    "timed",
+]
+
+T = TypeVar("T")
+#: (figure name, format of one value); the header is the name, right-aligned.
+Column = tuple[str, str]
+
+
+def timed(fn: Callable[[], T]) -> tuple[T, float]:
+    """``fn()`` and the wall-clock seconds it took."""
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    """The ``pct`` percentile (0-100) of ``values``, interpolated; NaN when empty."""
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return cuts[min(98, max(0, round(pct) - 1))]
+
+
+def _width(name: str, fmt: str) -> int:
+    return max(len(name), len(fmt.format(0)))
+
+
+def print_header(title: str, columns: Sequence[Column]) -> None:
+    """Print ``== title`` and the column names, right-aligned to their values' width."""
+    print(f"\n== {title}")
+    print(" ".join(f"{name:>{_width(name, fmt)}}" for name, fmt in columns), flush=True)
+
+
+def print_row(columns: Sequence[Column], row: dict[str, Any]) -> None:
+    """Print one row under :func:`print_header`'s columns (``-`` for a missing figure)."""
+    cells = []
+    for name, fmt in columns:
+        value = row.get(name)
+        cells.append(f"{'-' if value is None else fmt.format(value):>{_width(name, fmt)}}")
+    print(" ".join(cells), flush=True)
+
+
+def user_rows(people: Sequence[User], profile_id: int, now: datetime) -> list[dict[str, Any]]:
+    """``people`` as rows of the store's ``users`` table (role user, profile ``profile_id``)."""
+    return [
+        {
+            "id": u.id,
+            "role": "user",
+            "profile_id": profile_id,
+            "username": u.username,
+            "username_key": u.username.lower(),
+            "full_name": u.full_name,
+            "email": u.email,
+            "extension": u.extension,
+            "sip_realm": u.sip_realm,
+            "sip_md5": u.sip_md5,
+            "sip_sha256": u.sip_sha256,
+            "transport": u.voice.transport,
+            "nat": u.voice.nat,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for u in people
+    ]
+
+
+def seed_store(engine: Engine, count: int) -> list[User]:
+    """Migrate the store at ``engine`` and insert ``count`` generated users (ids 1..count,
+    extensions from 100000, profile ``agents``) in one transaction; return them."""
+    upgrade(engine)
+    people = make_users(count)
+    now = datetime(2026, 1, 1)
+    with engine.begin() as conn:
+        profile = insert_profile(conn, "agents", "bench", now)
+        rows = user_rows(people, profile.id, now)
+        for i in range(0, len(rows), 5000):
+            conn.execute(insert(users_table), rows[i : i + 5000])
+    return people
