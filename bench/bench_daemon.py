@@ -1,0 +1,516 @@
+"""Benchmark of the running daemon, edit to live (a script, not a test).
+
+    .venv/bin/python -m bench.bench_daemon --users 1000 10000 --target sqlite postgresql config
+
+For each target (``sqlite``: realtime rows in the SQLite store, ``postgresql``: realtime
+rows in a PostgreSQL store, ``config``: ``pjsip_users.conf`` from a SQLite store) and size,
+it seeds a throwaway store with generated users, starts the real daemon
+(``provisioner run`` subprocess, temporary TOML config) against a fake Asterisk
+(``tests/amipeer.py``) running in this process's event loop, and measures:
+
+* ``edits``: that many edits, one at a time (plain SQL ``UPDATE users SET context``, one
+  transaction each), each timed from its commit to (``apply``) the row or file holding
+  it and (``ami``) the AMI action the peer received for it: ``Reload`` for the config
+  file, ``SorceryMemoryCacheExpireObject`` of the endpoint for realtime
+  (``sorcery_caches = ["ep_cache"]``); p50 / p99 in milliseconds;
+* ``base``: the baseline "regenerate everything and reload on each edit", with the
+  daemon stopped: per edit, load every user, ``render_all``, the target's full
+  ``apply``, and an AMI ``Reload`` answered by the peer (median ms); ``ratio`` =
+  base / ami p50 (target >= 100 at 100k);
+* ``burst``: that many edits of distinct users as fast as one connection commits them
+  (``burst_s``: how long that took), then how many ``Reload`` actions the peer got
+  until everything was applied plus 2 s (target <= 3), and the cache expiries;
+* ``reg``: the peer sends one ``ContactStatus`` event per user (``send_burst``); the
+  rate (events/s) until the store's ``registrations`` table holds them all (target
+  >= 50,000/s; the daemon flushes every 0.2 s, so a burst shorter than that is
+  bounded by it);
+* startup (daemon start to ready), the daemon's peak RSS (``VmHWM``) and this
+  process's (``ru_maxrss``).
+
+``--reload-min-gap`` (default 0, as in the end-to-end tests) sets ``[ami]
+reload_min_gap``; ``reload_gap_factor`` is 0 so a one-at-a-time edit is never held
+back by the previous reload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, event, func, select, update
+
+from provisioner.config import load_config
+from provisioner.daemon import build_target
+from provisioner.pjsip import RenderSettings, render_all
+from provisioner.store import queries as q
+from provisioner.store.engine import open_engine
+from provisioner.store.schema import registrations
+from provisioner.store.schema import users as users_table
+from provisioner.targets import Target
+from provisioner.targets.asterisk_schema import ps_endpoints
+from tests.amipeer import FakeAsterisk, ReceivedAction
+
+from .common import (
+    Column,
+    peak_rss_mb,
+    percentile,
+    print_header,
+    print_row,
+    seed_store,
+    temp_database,
+)
+
+__all__ = ["main", "run_one"]
+
+PROVISIONER = str(Path(sys.executable).with_name("provisioner"))
+TARGETS = ("sqlite", "postgresql", "config")
+SERVER = "pbx1"
+EXPIRE = "SorceryMemoryCacheExpireObject"
+
+
+class TimedActions(list[ReceivedAction]):
+    """The peer's list of received actions, with the time each one arrived."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+
+    def append(self, item: ReceivedAction) -> None:
+        self.times.append(time.perf_counter())
+        super().append(item)
+
+
+@dataclass
+class Setup:
+    """One run's pieces: where the store is, the config, the peer."""
+
+    target: str
+    count: int
+    tmp: Path
+    store_url: str
+    engine: Engine
+    peer: FakeAsterisk
+    actions: TimedActions
+    config: Path
+
+    @property
+    def conf_file(self) -> Path:
+        return self.tmp / "pjsip_users.conf"
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROVISIONER_")}
+    env["PROVISIONER_LOG__FORMAT"] = "json"
+    return env
+
+
+def _write_config(s: Setup, reload_min_gap: float) -> None:
+    realtime = s.target != "config"
+    lines = [
+        "[store]",
+        f'url = "{s.store_url}"',
+        "[security]",
+        "password_policy = false",
+        "[target]",
+        f'kind = "{"realtime" if realtime else "config"}"',
+        f'path = "{s.conf_file}"',
+        "[daemon]",
+        f'state_dir = "{s.tmp / "state"}"',
+        "reconcile_interval = 0",
+        "shutdown_timeout = 30",
+        "[ami]",
+        f"reload_min_gap = {reload_min_gap}",
+        "reload_gap_factor = 0",
+        "backoff_base = 0.05",
+        "backoff_cap = 0.2",
+        "[[asterisk]]",
+        f'name = "{SERVER}"',
+        'host = "127.0.0.1"',
+        f"port = {s.peer.port}",
+        f'username = "{s.peer.username}"',
+        f'secret = "{s.peer.secret}"',
+    ]
+    if realtime:
+        lines.append('sorcery_caches = ["ep_cache"]')
+    s.config.write_text("\n".join(lines) + "\n")
+
+
+async def _until(check: Callable[[], bool], timeout: float, what: str, step: float) -> float:
+    """Poll ``check`` every ``step`` s; the perf_counter time it first held."""
+    deadline = time.perf_counter() + timeout
+    while not check():
+        if time.perf_counter() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        await asyncio.sleep(step)
+    return time.perf_counter()
+
+
+async def _start_daemon(s: Setup) -> tuple[asyncio.subprocess.Process, float]:
+    """Start ``provisioner run``; return it and the seconds until its health says ready."""
+    log = (s.tmp / "daemon.log").open("ab")
+    started = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        PROVISIONER, "--config", str(s.config), "run", stdout=log, stderr=log, env=_env()
+    )
+    log.close()
+    health = s.tmp / "state" / "health.json"
+
+    def ready() -> bool:
+        if proc.returncode is not None:
+            raise AssertionError(f"daemon exited {proc.returncode}; see {s.tmp / 'daemon.log'}")
+        try:
+            record = json.loads(health.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+        return bool(record.get("ready")) and record.get("pid") == proc.pid
+
+    done = await _until(ready, 1800, "daemon ready", 0.05)
+    return proc, done - started
+
+
+def _daemon_rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except FileNotFoundError:
+        return None
+    return None
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=60)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def _quiet(actions: TimedActions, seconds: float, timeout: float) -> None:
+    """Wait until the peer has received nothing new for ``seconds``."""
+    deadline = time.perf_counter() + timeout
+    seen = -1
+    while len(actions) != seen and time.perf_counter() < deadline:
+        seen = len(actions)
+        await asyncio.sleep(seconds)
+
+
+def _extension(uid: int) -> str:
+    return str(100000 + uid - 1)
+
+
+def _set_context(engine: Engine, uid: int, context: str) -> float:
+    """One committed ``UPDATE users SET context``; the time of the commit's return."""
+    with engine.begin() as conn:
+        conn.execute(update(users_table).where(users_table.c.id == uid).values(context=context))
+    return time.perf_counter()
+
+
+def _applied_check(s: Setup, uid: int, context: str) -> Callable[[], bool]:
+    """True once the target holds ``context`` for user ``uid``."""
+    if s.target == "config":
+        state = {"mtime": -1}
+        needle = f"context={context}\n"
+
+        def in_file() -> bool:
+            try:
+                mtime = s.conf_file.stat().st_mtime_ns
+            except FileNotFoundError:
+                return False
+            if mtime == state["mtime"]:
+                return False
+            state["mtime"] = mtime
+            return needle in s.conf_file.read_text()
+
+        return in_file
+    query = select(ps_endpoints.c.context).where(ps_endpoints.c.id == _extension(uid))
+
+    def in_rows() -> bool:
+        with s.engine.connect() as conn:
+            return conn.execute(query).scalar_one_or_none() == context
+
+    return in_rows
+
+
+def _action_after(actions: TimedActions, start: int, name: str, obj: str | None) -> float | None:
+    for i in range(start, len(actions)):
+        a = actions[i]
+        if a.name == name and (obj is None or a.get("Object") == obj):
+            return actions.times[i]
+    return None
+
+
+async def _edits(s: Setup, edits: int) -> tuple[list[float], list[float]]:
+    """Edit-to-applied and edit-to-AMI latencies (seconds) of ``edits`` single edits."""
+    apply_lat: list[float] = []
+    ami_lat: list[float] = []
+    for k in range(edits):
+        uid = 1 + (k * 7919) % s.count
+        context = f"edit{k}"
+        start = len(s.actions)
+        committed = _set_context(s.engine, uid, context)
+        applied = await _until(_applied_check(s, uid, context), 120, f"edit {k}", 0.001)
+        name, obj = ("Reload", None) if s.target == "config" else (EXPIRE, _extension(uid))
+        await _until(
+            lambda: _action_after(s.actions, start, name, obj) is not None,  # noqa: B023
+            120,
+            f"AMI for edit {k}",
+            0.001,
+        )
+        seen = _action_after(s.actions, start, name, obj)
+        assert seen is not None
+        apply_lat.append(applied - committed)
+        ami_lat.append(seen - committed)
+    return apply_lat, ami_lat
+
+
+def _count_applied(s: Setup, context: str) -> Callable[[], int]:
+    if s.target == "config":
+        needle = f"context={context}\n"
+        return lambda: s.conf_file.read_text().count(needle) if s.conf_file.exists() else 0
+    query = select(func.count()).select_from(ps_endpoints).where(ps_endpoints.c.context == context)
+
+    def rows() -> int:
+        with s.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    return rows
+
+
+async def _burst(s: Setup, n: int) -> dict[str, float]:
+    """``n`` edits of distinct users committed back to back; reloads and expiries seen."""
+    await _quiet(s.actions, 0.5, 60)
+    start = len(s.actions)
+    began = time.perf_counter()
+    for k in range(n):
+        _set_context(s.engine, 1 + k, "burst")
+    issued = time.perf_counter() - began
+    count = _count_applied(s, "burst")
+    done = await _until(lambda: count() >= n, 600, "burst applied", 0.02)
+    await asyncio.sleep(2.0)
+    names = [a.name for a in s.actions[start:]]
+    return {
+        "burst": n,
+        "burst_s": issued,
+        "burst_apply_s": done - began,
+        "reloads": names.count("Reload"),
+        "expires": names.count(EXPIRE),
+    }
+
+
+async def _registrations(s: Setup) -> dict[str, float]:
+    """ContactStatus for every user from the peer; events/s until the store has them all."""
+    await _quiet(s.actions, 0.5, 60)
+    query = select(func.count()).select_from(registrations).where(registrations.c.server == SERVER)
+
+    def stored() -> int:
+        with s.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    before = stored()
+    began = time.perf_counter()
+    await s.peer.send_burst(s.count)
+    done = await _until(lambda: stored() >= before + s.count, 600, "registrations", 0.005)
+    took = done - began
+    return {"reg_events": s.count, "reg_s": took, "reg_rate": s.count / took}
+
+
+async def _ami_reloader(
+    port: int, username: str, secret: str
+) -> tuple[Callable[[], Awaitable[None]], asyncio.StreamWriter]:
+    """A bare AMI session: a coroutine function that sends one res_pjsip reload and waits
+    for its answer (as a front end that reloads on every edit does), and its writer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await reader.readline()  # banner
+    counter = iter(range(1, 1 << 30))
+
+    async def send(headers: list[tuple[str, str]]) -> None:
+        action_id = f"bench-{next(counter)}"
+        text = "".join(f"{k}: {v}\r\n" for k, v in [*headers, ("ActionID", action_id)])
+        writer.write((text + "\r\n").encode())
+        await writer.drain()
+        while True:  # messages until the answer to this action
+            message = b""
+            while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                message += line
+            if not line:
+                raise ConnectionError("AMI peer closed the connection")
+            if f"ActionID: {action_id}".encode() in message and b"Response:" in message:
+                return
+
+    await send([("Action", "Login"), ("Username", username), ("Secret", secret)])
+
+    async def reload() -> None:
+        await send([("Action", "Reload"), ("Module", "res_pjsip.so")])
+
+    return reload, writer
+
+
+async def _baseline(s: Setup, edits: int) -> float:
+    """Median seconds of: edit, load all users, render all, full apply, AMI Reload."""
+    config = load_config(str(s.config))
+    target = build_target(config, s.engine)
+    settings = RenderSettings.from_config(config)
+    reload, writer = await _ami_reloader(s.peer.port, s.peer.username, s.peer.secret)
+    took: list[float] = []
+    try:
+        await _regenerate_and_reload(s, target, settings, reload, edits, took)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return statistics.median(took)
+
+
+async def _regenerate_and_reload(
+    s: Setup,
+    target: Target,
+    settings: RenderSettings,
+    reload: Callable[[], Awaitable[None]],
+    edits: int,
+    took: list[float],
+) -> None:
+    for k in range(edits):
+        committed = _set_context(s.engine, 1 + (k * 104729) % s.count, f"base{k}")
+
+        def regenerate() -> None:
+            with s.engine.connect() as conn:
+                people = q.load_users(conn, deleted=False)
+            objects, _skipped = render_all(people, settings)
+            target.apply(objects)
+
+        await asyncio.to_thread(regenerate)
+        await reload()
+        took.append(time.perf_counter() - committed)
+
+
+def _editor_engine(url: str) -> Engine:
+    """The bench's own connection to the store (the "other application" making edits).
+
+    On SQLite it commits with ``synchronous=NORMAL`` (WAL: no fsync per commit), so a
+    burst of single-edit transactions fits in about a second on a slow disk.
+    """
+    engine = open_engine(url)
+    if engine.dialect.name == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _normal_sync(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+    return engine
+
+
+@contextmanager
+def _store(target: str, tmp: Path) -> Iterator[str]:
+    backend = "postgresql" if target == "postgresql" else "sqlite"
+    with temp_database(backend, tmp) as url:
+        yield url
+
+
+async def _run(
+    target: str, count: int, tmp: Path, url: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    peer = FakeAsterisk()
+    actions = TimedActions()
+    peer.received = actions
+    await peer.start()
+    engine = _editor_engine(url)
+    s = Setup(target, count, tmp, url, engine, peer, actions, tmp / "provisioner.toml")
+    figures: dict[str, Any] = {"users": count}
+    try:
+        seed_store(engine, count)
+        _write_config(s, args.reload_min_gap)
+        daemon, figures["startup_s"] = await _start_daemon(s)
+        try:
+            await _until(lambda: peer.logins_ok >= 1, 60, "AMI login", 0.01)
+            await _quiet(actions, 1.0, 1800)
+            apply_lat, ami_lat = await _edits(s, args.edits)
+            figures["edits"] = args.edits
+            figures["apply_p50_ms"] = percentile(apply_lat, 50) * 1000
+            figures["apply_p99_ms"] = percentile(apply_lat, 99) * 1000
+            figures["ami_p50_ms"] = percentile(ami_lat, 50) * 1000
+            figures["ami_p99_ms"] = percentile(ami_lat, 99) * 1000
+            figures.update(await _burst(s, min(args.burst, count)))
+            figures.update(await _registrations(s))
+            figures["daemon_rss_mb"] = _daemon_rss_mb(daemon.pid)
+        finally:
+            await _stop(daemon)
+        if args.baseline_edits:
+            base = await _baseline(s, args.baseline_edits)
+            figures["base_ms"] = base * 1000
+            figures["ratio"] = base * 1000 / figures["ami_p50_ms"]
+        log = (tmp / "daemon.log").read_text()
+        assert "Traceback" not in log, f"the daemon logged a traceback: {tmp / 'daemon.log'}"
+    finally:
+        engine.dispose()
+        await asyncio.sleep(0.2)  # let the peer's sessions see their clients hang up
+        await peer.stop()
+    figures["peak_rss_mb"] = peak_rss_mb()
+    return figures
+
+
+def run_one(target: str, count: int, scratch: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """All measurements for one target and size (a fresh store, daemon and peer)."""
+    with tempfile.TemporaryDirectory(dir=scratch) as name, _store(target, Path(name)) as url:
+        return asyncio.run(_run(target, count, Path(name), url, args))
+
+
+COLUMNS: tuple[Column, ...] = (
+    ("users", "{:>6.0f}"),
+    ("startup_s", "{:>6.1f}"),
+    ("edits", "{:>4.0f}"),
+    ("apply_p50_ms", "{:>6.1f}"),
+    ("apply_p99_ms", "{:>6.1f}"),
+    ("ami_p50_ms", "{:>6.1f}"),
+    ("ami_p99_ms", "{:>6.1f}"),
+    ("base_ms", "{:>8.1f}"),
+    ("ratio", "{:>6.1f}"),
+    ("burst", "{:>5.0f}"),
+    ("burst_s", "{:>5.2f}"),
+    ("burst_apply_s", "{:>5.2f}"),
+    ("reloads", "{:>3.0f}"),
+    ("expires", "{:>5.0f}"),
+    ("reg_events", "{:>6.0f}"),
+    ("reg_s", "{:>5.2f}"),
+    ("reg_rate", "{:>7.0f}"),
+    ("daemon_rss_mb", "{:>5.0f}"),
+    ("peak_rss_mb", "{:>5.0f}"),
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run every requested target and size; print one table per target."""
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_daemon")
+    parser.add_argument("--users", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--target", nargs="+", default=list(TARGETS), choices=TARGETS)
+    parser.add_argument("--edits", type=int, default=200)
+    parser.add_argument("--baseline-edits", type=int, default=10)
+    parser.add_argument("--burst", type=int, default=1000)
+    parser.add_argument("--reload-min-gap", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench_daemon_") as tmp:
+        for target in args.target:
+            kind = "config file" if target == "config" else f"realtime on {target}"
+            print_header(f"daemon, {kind} (latencies in ms from commit)", COLUMNS)
+            for count in args.users:
+                print_row(COLUMNS, run_one(target, count, Path(tmp), args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
