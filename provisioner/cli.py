@@ -485,13 +485,12 @@ def _open_out(path: str) -> Iterator[TextIO]:
 @pass_app
 def user_import(app: App, csv_path: str, dry_run: bool) -> None:
     """Add or update users from CSV: every row valid, or nothing changes."""
-    if csv_path == "-":
-        text = sys.stdin.read()
-    else:
-        try:
-            text = Path(csv_path).read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InvalidInput.one("--csv", f"cannot read {csv_path!r}: {exc}") from None
+    try:
+        # stdin as bytes too: its text layer is strict under a UTF-8 locale (a traceback).
+        raw = sys.stdin.buffer.read() if csv_path == "-" else Path(csv_path).read_bytes()
+        text = raw.decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput.one("--csv", f"cannot read {csv_path!r}: {exc}") from None
     total = max(text.count("\n") - 1, 0)
     if sys.stderr.isatty() and total > 100:
         with click.progressbar(length=total, label="importing", file=sys.stderr) as bar:

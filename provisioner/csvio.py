@@ -140,8 +140,10 @@ def _read(source: TextIO) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
         raise InvalidInput(problems)
     rows = []
     try:
+        # A row is named by the line it starts on (a quoted cell may hold line breaks).
+        start = reader.line_num + 1
         for cells in reader:
-            line = reader.line_num
+            line, start = start, reader.line_num + 1
             if not any(c.strip() for c in cells):
                 continue
             if len(cells) != len(header):

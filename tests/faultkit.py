@@ -122,7 +122,7 @@ class Ran:
     err: str
 
 
-def cli(config: Path, *args: str, input: str | None = None, check: bool = True) -> Ran:
+def cli(config: Path, *args: str, input: str | bytes | None = None, check: bool = True) -> Ran:
     """Run the CLI in-process (``main``) on ``config``; with ``check`` require exit code 0."""
     clean: dict[str, str | None] = {k: None for k in os.environ if k.startswith("PROVISIONER_")}
     with CliRunner().isolation(input=input, env=clean) as (out, err, _mixed):
