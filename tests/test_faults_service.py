@@ -1,0 +1,149 @@
+"""Service hygiene: the unit's sandbox, systemd's notify protocol, SIGTERM under load.
+
+The daemon runs as a subprocess with a fake ``NOTIFY_SOCKET`` (a datagram socket this test
+binds): READY=1 comes only after the first reconcile, WATCHDOG=1 repeats at half of
+``WATCHDOG_USEC``, STOPPING=1 comes on SIGTERM.  Under a stream of edits SIGTERM drains
+and the daemon exits 0 within ``daemon.shutdown_timeout``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from provisioner.accounts import Accounts, Policy
+
+from .faultkit import Daemon, cli, endpoints, seed_store, store_url, until, write_config
+
+UNIT = Path(__file__).resolve().parents[1] / "systemd" / "provisioner.service"
+
+
+def test_unit_exposure_is_at_most_2() -> None:
+    """systemd-analyze rates the shipped unit's exposure at 2.0 or better."""
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed")
+    ran = subprocess.run(
+        [tool, "security", "--offline=yes", str(UNIT)], capture_output=True, text=True
+    )
+    found = re.search(r"Overall exposure level for \S+: ([0-9.]+)", ran.stdout)
+    assert found, ran.stdout[-500:] + ran.stderr
+    assert float(found.group(1)) <= 2.0
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's; keeps each message with its arrival time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.05)
+        self.messages: list[tuple[float, dict[str, str]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if line)
+            self.messages.append((time.monotonic(), fields))
+
+    def times(self, key: str) -> list[float]:
+        return [t for t, m in list(self.messages) if key in m]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+def test_ready_watchdog_and_stopping(tmp_path: Path) -> None:
+    """READY=1 arrives once the first reconcile wrote the file, WATCHDOG=1 repeats every
+    ~0.25 s (WATCHDOG_USEC=500000), STOPPING=1 on SIGTERM, then exit 0."""
+    seed_store(store_url(tmp_path), 30).dispose()
+    config = write_config(tmp_path)
+    conf = tmp_path / "pjsip_users.conf"
+    notify = NotifySocket(tmp_path / "notify")
+    daemon = Daemon(
+        config,
+        tmp_path / "daemon.log",
+        extra_env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "500000"},
+    )
+    try:
+        daemon.start(wait_ready=False)
+        until(lambda: bool(notify.times("READY")), 20, "READY=1")
+        # The reconcile came first: the file already holds everyone when READY is sent.
+        assert len(endpoints(conf)) == 31
+        ready_at = notify.times("READY")[0]
+        time.sleep(1.6)
+        pings = [t for t in notify.times("WATCHDOG") if t >= ready_at - 0.5]
+        assert len(pings) >= 5, pings
+        gaps = [b - a for a, b in itertools.pairwise(pings)]
+        assert max(gaps) < 0.5, gaps
+        assert daemon.stop() == 0
+        until(lambda: bool(notify.times("STOPPING")), 2, "STOPPING=1")
+        assert len(notify.times("READY")) == 1
+    finally:
+        daemon.kill()
+        notify.close()
+
+
+def test_sigterm_under_a_stream_of_edits_drains_in_time(tmp_path: Path) -> None:
+    """SIGTERM while edits keep coming: exit 0 within shutdown_timeout, no traceback, and a
+    restart converges the file to the store."""
+    engine = seed_store(store_url(tmp_path), 20)
+    config = write_config(tmp_path)  # shutdown_timeout = 5
+    conf = tmp_path / "pjsip_users.conf"
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    acc = Accounts(engine, Policy(password_policy=False))
+    stop = threading.Event()
+    edits = [0]
+
+    def writer() -> None:
+        nat = ("yes", "no")
+        while not stop.is_set():
+            acc.edit_user(f"u{edits[0] % 20}", {"nat": nat[edits[0] % 2]})
+            edits[0] += 1
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        time.sleep(1.5)
+        assert daemon.proc is not None
+        started = time.monotonic()
+        code = daemon.stop(timeout=10)
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join()
+        daemon.kill()
+    assert code == 0
+    assert took < 5.0, f"shutdown took {took:.2f} s"
+    assert edits[0] > 50
+    log = (tmp_path / "daemon.log").read_text()
+    assert "Traceback" not in log
+    assert daemon.logged("daemon.stopped")
+
+    again = Daemon(config, tmp_path / "daemon.log").start()
+    try:
+        until(lambda: len(endpoints(conf)) == 21, 10, "converged")
+        assert again.stop() == 0
+    finally:
+        again.kill()
+        engine.dispose()
+
+    assert "would be updated 0" in cli(config, "render", "--dry-run").out
