@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import click
+from sqlalchemy.exc import DBAPIError
 
 from . import csvio
 from .accounts import Accounts, Policy
 from .config import Config, load_config
-from .errors import InvalidInput, NotFoundError, Problem, ProvisionerError
+from .errors import InvalidInput, NotFoundError, Problem, ProvisionerError, StoreUnavailable
 from .logs import configure as configure_logs
 from .logs import get_logger
 from .model import CODECS, LOG_LEVELS, NATS, ROLES, TOAST_POSITIONS, TRANSPORTS, VIDEOS, User
@@ -761,6 +762,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
+    except DBAPIError as exc:
+        # Never str(exc) or a traceback: they quote the statement's parameters (digests).
+        first_line = (str(exc.orig).splitlines() or [""])[0]
+        click.echo(f"error: database error: {type(exc.orig).__name__}: {first_line}", err=True)
+        return StoreUnavailable.exit_code
     return code if isinstance(code, int) else 0
 
 
