@@ -131,7 +131,7 @@ class Soak:
 
 def _hold_lock(db: Path, seconds: float) -> subprocess.Popen[bytes]:
     code = (
-        "import sqlite3,sys,time;c=sqlite3.connect(sys.argv[1],isolation_level=None);"
+        "import sqlite3,sys,time;c=sqlite3.connect(sys.argv[1],timeout=30,isolation_level=None);"
         "c.execute('BEGIN EXCLUSIVE');time.sleep(float(sys.argv[2]));c.execute('COMMIT')"
     )
     return subprocess.Popen([PYTHON, "-c", code, str(db), str(seconds)])
