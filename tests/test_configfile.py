@@ -20,7 +20,7 @@ from provisioner.errors import ConfigError, InvalidInput, RenderCheckFailed
 from provisioner.model import User, Voice
 from provisioner.pjsip import RenderSettings, UserObjects, render_user
 from provisioner.targets import Change, Target
-from provisioner.targets.configfile import ConfigFileTarget, check_rendered
+from provisioner.targets.configfile import ConfigFileTarget, canonical_chunk, check_rendered
 
 GOLDEN = Path(__file__).parent / "golden"
 SECRET = "s3cret-Passw0rd"
@@ -575,3 +575,75 @@ def test_tricky_allowed_names_render_exactly(full_name: str, base: User) -> None
     assert objects is not None
     event("rendered")
     check_rendered(ConfigFileTarget(Path("u.conf")).render_text([objects]).encode(), [objects])
+
+
+# --- speed: fast parse-back check, template reloads, apply without a diff -------------------
+
+HEADER = (SHIPPED := ConfigFileTarget(Path("u.conf"))).render_text([])
+
+
+def test_shipped_templates_render_the_canonical_chunks() -> None:
+    """The shipped templates' text is the header followed by every user's canonical chunk."""
+    for auth_type in ("userpass", "md5"):
+        objects = rendered(auth_type)
+        chunks = [canonical_chunk(u) for u in objects]
+        assert None not in chunks
+        assert SHIPPED.render_text(objects) == HEADER + "".join(c or "" for c in chunks)
+
+
+hostile_id = st.one_of(st.sampled_from(["1001", "1001-auth", "a.b@c+d"]), hostile_text)
+hostile_options = st.lists(st.tuples(hostile_text, hostile_text), max_size=4).map(tuple)
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ids=st.tuples(hostile_id, hostile_id, hostile_id),
+    options=st.tuples(hostile_options, hostile_options, hostile_options),
+)
+@example(ids=("1001", "1001-auth", "1001"), options=((("a", ">x"),), (), ()))
+@example(ids=("1001", "1001-auth", "1001"), options=((("a+", "x"),), (("b", " x"),), ()))
+def test_the_fast_path_accepts_only_what_the_parser_accepts(
+    ids: tuple[str, str, str], options: tuple[Any, Any, Any]
+) -> None:
+    """Any objects whose canonical chunk exists parse back exactly from header + chunk."""
+    user = UserObjects("u", ids[0], options[0], ids[1], options[1], ids[2], options[2])
+    chunk = canonical_chunk(user)
+    if chunk is None:
+        event("left to the parser")
+        return
+    event("fast path")
+    check_rendered((HEADER + chunk).encode("utf-8"), [user])
+
+
+def test_a_header_hiding_the_users_is_caught(tmp_path: Path) -> None:
+    """A header opening a block comment hides the canonical users: the full check refuses it."""
+    target = ConfigFileTarget(
+        tmp_path / "out.conf", write_override(tmp_path / "t", "header.j2", "; hi\n;--\n")
+    )
+    with pytest.raises(RenderCheckFailed):
+        target.apply(rendered())
+    assert not target.path.exists()
+
+
+def test_a_changed_template_is_used_by_the_same_target(tmp_path: Path) -> None:
+    """Editing an override between applies changes the next file, with no new target object."""
+    overrides = write_override(tmp_path / "t", "header.j2", "; one\n")
+    target = ConfigFileTarget(tmp_path / "out.conf", overrides)
+    target.apply(rendered())
+    assert target.path.read_text(encoding="utf-8").startswith("; one\n")
+    (overrides / "header.j2").write_text("; two, longer\n", encoding="utf-8")
+    assert target.apply(rendered()).wrote
+    assert target.path.read_text(encoding="utf-8").startswith("; two, longer\n")
+    (overrides / "header.j2").unlink()
+    target.reload_templates()
+    assert target.apply(rendered()).wrote
+    assert target.path.read_text(encoding="utf-8").startswith(HEADER)
+
+
+def test_apply_computes_no_diff_but_plan_does(target: ConfigFileTarget) -> None:
+    """apply leaves Change.diff empty (plan fills it); the written file is still exact."""
+    change = target.apply(rendered())
+    assert change.wrote
+    assert change.diff == ""
+    check_rendered(target.path.read_bytes(), rendered())
+    assert target.plan(rendered("md5")).diff.startswith(f"--- {target.path}")

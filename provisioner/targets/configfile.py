@@ -3,7 +3,12 @@
 The file is rendered from Jinja2 templates (``templates/pjsip/``, each piece
 overridable from the ``target.templates`` directory), parsed back with
 :mod:`provisioner.asterisk_conf` and written only if it holds exactly the
-intended sections and options and no directive.  The write is atomic (temporary
+intended sections and options and no directive.  The parse-back check has a
+sound fast path: a text that is a directive-free, section-free header followed
+by exactly the canonical ``[id]`` / ``type=`` / ``key=value`` lines of every
+user, each id, option name and value made only of characters Asterisk's loader
+takes literally, is what the parser would accept; anything else (an override
+changing the layout, an odd value) is parsed in full.  The write is atomic (temporary
 file, fsync, ``os.replace``, fsync of the directory) and keeps the previous
 file as ``<name>.bak``.  Unchanged bytes are not written at all, so the file's
 mtime only moves when Asterisk has something new to reload.
@@ -22,7 +27,7 @@ import tempfile
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import jinja2
 
@@ -40,8 +45,14 @@ from . import Change
 if TYPE_CHECKING:
     from ..config import Config
 
-__all__ = ["FILE_MODE", "MAIN_TEMPLATE", "SHIPPED_TEMPLATES", "ConfigFileTarget", "check_rendered"]
-
+__all__ = [
+    "FILE_MODE",
+    "MAIN_TEMPLATE",
+    "SHIPPED_TEMPLATES",
+    "ConfigFileTarget",
+    "canonical_chunk",
+    "check_rendered",
+]
 
 
 def _shipped_templates() -> Path:
@@ -119,6 +130,48 @@ def check_rendered(data: bytes, objects: Sequence[UserObjects]) -> None:
     _raise_problems(_parse_problems(parsed, _intended(objects)))
 
 
+#: What the fast path accepts without parsing: characters Asterisk's loader takes
+#: literally in a section name, an option name and a value (no comment, escape,
+#: section, directive, object or append mark, no blank at either end, no control).
+_PLAIN_ID = re.compile(r"[A-Za-z0-9._@+-]{1,79}")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_]{1,100}")
+_PLAIN_VALUE = re.compile(
+    r"(?:[^\x00-\x20\x7f-\x9f\ud800-\udfff;\\>]"
+    r"(?:[^\x00-\x1f\x7f-\x9f\ud800-\udfff;\\]{0,998}[^\x00-\x20\x7f-\x9f\ud800-\udfff;\\])?)?"
+)
+
+
+def canonical_chunk(user: UserObjects) -> str | None:
+    """The shipped templates' text for one user (each section: a blank line, ``[id]``,
+    ``type=<type>``, ``key=value`` per option), or None when some id, name or value holds
+    a character the fast path leaves to the parser.
+
+    Lines of this text, after a header that leaves no block comment open, parse to
+    exactly ``user.sections()``: nothing in them is a comment, escape, directive,
+    template, inheritance, ``+=`` or ``=>`` mark, blank to strip or over-long line.
+    """
+    out: list[str] = []
+    for name, kind, options in user.sections():
+        if not (_PLAIN_ID.fullmatch(name) and _PLAIN_NAME.fullmatch(kind)):
+            return None
+        out.append(f"\n[{name}]\ntype={kind}\n")
+        for key, value in options:
+            if not (_PLAIN_NAME.fullmatch(key) and _PLAIN_VALUE.fullmatch(value)):
+                return None
+            out.append(f"{key}={value}\n")
+    return "".join(out)
+
+
+def _plain_header(header: str) -> bool:
+    """True when ``header`` parses to nothing at all: no section, directive or notice
+    (so no block comment is left open and no later line is hidden)."""
+    try:
+        parsed = parse(header.encode("utf-8"))
+    except AsteriskSyntaxError:
+        return False
+    return not (parsed.sections or parsed.directives or parsed.notices)
+
+
 def _raise_problems(problems: list[str]) -> None:
     if problems:
         raise RenderCheckFailed(
@@ -143,16 +196,17 @@ class _Current:
     endpoints: tuple[str, ...]
 
     @classmethod
-    def read(cls, path: Path, known: _Verified | None = None) -> _Current:
-        """The file at ``path``; not parsed again when it holds the ``known`` bytes."""
+    def read(cls, path: Path, *known: _Verified | None) -> _Current:
+        """The file at ``path``; not parsed again when it holds one of the ``known`` bytes."""
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             return cls(None, {}, ())
         except OSError as exc:
             raise TargetWriteFailed(f"cannot read {str(path)!r}: {exc.strerror}") from None
-        if known is not None and known.data == data:
-            return cls.verified(data, known.intended)
+        for verified in known:
+            if verified is not None and verified.data == data:
+                return cls.verified(data, verified.intended)
         return cls.of(data)
 
     @classmethod
@@ -426,14 +480,50 @@ class ConfigFileTarget:
             )
         #: The last bytes that passed the parse-back check, and what they hold.
         self._verified: _Verified | None = None
-        searched = [str(templates_dir)] if templates_dir is not None else []
-        self._env = jinja2.Environment(
-            loader=jinja2.FileSystemLoader([*searched, str(SHIPPED_TEMPLATES)]),
+        #: canonical_chunk of the users last checked (only those: it never grows stale).
+        self._chunks: dict[UserObjects, str | None] = {}
+        self._searched = [
+            *([templates_dir] if templates_dir is not None else []),
+            SHIPPED_TEMPLATES,
+        ]
+        self._stamp = self._template_stamp()
+        self._env = self._environment()
+
+    def _environment(self) -> jinja2.Environment:
+        return jinja2.Environment(
+            loader=jinja2.FileSystemLoader([str(d) for d in self._searched]),
             undefined=jinja2.StrictUndefined,
             # A config file, not HTML: escaping would corrupt it; check_rendered guards it.
             autoescape=False,  # noqa: S701
             keep_trailing_newline=True,
+            # Not a stat per get_template: _fresh_environment looks once per render.
+            auto_reload=False,
         )
+
+    def _template_stamp(self) -> tuple[tuple[str, int, int], ...]:
+        """Name, mtime and size of every file in the template directories."""
+        stamp: list[tuple[str, int, int]] = []
+        for directory in self._searched:
+            with contextlib.suppress(OSError), os.scandir(directory) as entries:
+                for entry in entries:
+                    with contextlib.suppress(OSError):
+                        info = entry.stat()
+                        stamp.append((entry.path, info.st_mtime_ns, info.st_size))
+        return tuple(sorted(stamp))
+
+    def reload_templates(self) -> None:
+        """Read the templates afresh at the next render (also done by itself whenever a
+        file in the template directories is added, removed or modified)."""
+        self._stamp = self._template_stamp()
+        self._env = self._environment()
+
+    def _fresh_environment(self) -> jinja2.Environment:
+        """The Environment, rebuilt first when the template files changed since the last look."""
+        stamp = self._template_stamp()
+        if stamp != self._stamp:
+            self._stamp = stamp
+            self._env = self._environment()
+        return self._env
 
     @classmethod
     def from_config(cls, config: Config) -> ConfigFileTarget:
@@ -444,7 +534,7 @@ class ConfigFileTarget:
     def render_text(self, objects: Sequence[UserObjects]) -> str:
         """The file's text for ``objects``, in their order; pure (templates aside)."""
         try:
-            template = self._env.get_template(MAIN_TEMPLATE)
+            template = self._fresh_environment().get_template(MAIN_TEMPLATE)
             return template.render(users=list(objects))
         except jinja2.TemplateSyntaxError as exc:
             where = f"{exc.name or exc.filename or '?'} line {exc.lineno}"
@@ -457,18 +547,46 @@ class ConfigFileTarget:
 
     def _desired(
         self, objects: Sequence[UserObjects], keep: Collection[str]
-    ) -> tuple[_Current, list[UserObjects], str]:
-        """The current file, the objects the new file must hold (``objects`` plus the kept
-        users' current objects) and its text."""
+    ) -> tuple[_Current | None, list[UserObjects], str]:
+        """The current file (None: not needed to find the kept users, not read yet), the
+        objects the new file must hold (``objects`` plus the kept users' current objects)
+        and its text."""
+        if not keep:
+            return None, list(objects), self.render_text(objects)
         current = _Current.read(self.path, self._verified)
         desired = _with_kept(objects, _kept_objects(current, keep, objects))
         return current, desired, self.render_text(desired)
 
-    def plan(self, objects: Sequence[UserObjects], *, keep: Collection[str] = ()) -> Change:
+    def plan(
+        self, objects: Sequence[UserObjects], *, keep: Collection[str] = (), verify: bool = False
+    ) -> Change:
         """What :meth:`apply` would change, with a unified diff (credentials redacted);
         writes nothing.  ``keep``: endpoint ids whose current objects stay as they are."""
         current, desired, text = self._desired(objects, keep)
+        if current is None:
+            current = _Current.read(self.path, self._verified)
         return replace(_compare(current, desired), diff=_diff(self.path, current.data, text))
+
+    def _check(self, data: bytes, text: str, desired: list[UserObjects]) -> None:
+        """:func:`check_rendered`, skipped for the bytes last verified for the same objects
+        and taken by the fast path (see the module docstring) where it applies."""
+        intended = _intended(desired)
+        known = self._verified
+        if known is not None and known.data == data and known.intended == intended:
+            return
+        if not self._canonical(text, desired):
+            check_rendered(data, desired)
+        self._verified = _Verified(data, intended)
+
+    def _canonical(self, text: str, desired: list[UserObjects]) -> bool:
+        """True when ``text`` is a plain header followed by every user's canonical chunk."""
+        cache = self._chunks
+        chunks = [cache[u] if u in cache else canonical_chunk(u) for u in desired]
+        self._chunks = dict(zip(desired, chunks, strict=True))
+        if None in chunks:
+            return False
+        tail = "".join(cast(list[str], chunks))
+        return text.endswith(tail) and _plain_header(text[: len(text) - len(tail)])
 
     def apply(
         self,
@@ -476,23 +594,24 @@ class ConfigFileTarget:
         *,
         keep: Collection[str] = (),
         guard: Callable[[Change], None] | None = None,
+        verify: bool = False,
     ) -> Change:
         """Render, check and atomically write the file holding ``objects`` and the current
         objects of the ``keep`` endpoint ids.
 
         ``guard`` sees the change first and may raise to abort.  Nothing is written when
         the bytes are unchanged, the guard raises or the check fails
-        (:class:`RenderCheckFailed`).
+        (:class:`RenderCheckFailed`).  The change has no diff (only :meth:`plan` makes one).
         """
+        previous = self._verified
         current, desired, text = self._desired(objects, keep)
         data = text.encode("utf-8")
-        intended = _intended(desired)
-        known = self._verified
-        if known is None or known.data != data or known.intended != intended:
-            # Checked once per distinct (bytes, objects): a re-apply of the same file skips it.
-            check_rendered(data, desired)
-            self._verified = _Verified(data, intended)
-        change = replace(_compare(current, desired), diff=_diff(self.path, current.data, text))
+        self._check(data, text, desired)
+        if current is None:
+            # Read after the check: a file holding the bytes verified now or at the last
+            # apply (the usual case: the file as we wrote it) is not parsed.
+            current = _Current.read(self.path, self._verified, previous)
+        change = _compare(current, desired)
         if guard is not None:
             guard(change)
         if current.data == data:
