@@ -5,13 +5,19 @@
 For each backend and size, in a throwaway database (created and dropped here, as the tests
 do), it measures:
 
-* ``sync``: a full :meth:`RealtimeTarget.apply` into empty tables (rows + ownership records);
+* ``sync``: a full :meth:`RealtimeTarget.apply` into empty tables (rows + ownership records;
+  COPY on PostgreSQL);
 * ``raw``: the same rows inserted by the driver's own ``cursor.executemany`` in one
   transaction into fresh tables (no ownership records, no comparison): the floor;
 * ``core``: the same rows through SQLAlchemy Core ``executemany`` in one transaction;
 * ``ratio``: sync / raw;
-* ``unchanged``: a second full apply with nothing changed (must write nothing);
-* ``drift``: a full apply after one row was edited by hand (it must put it back);
+* ``unchanged``: a second full apply with nothing changed (must write nothing): it reads
+  only the ownership records' digests;
+* ``unch_cold``: the same by a new target object (no digests cached from the last apply:
+  every user's digest is computed);
+* ``verify``: the same with ``verify=True`` (every managed column read and compared);
+* ``drift``: a verifying full apply after one row was edited by hand (it must put it back;
+  a plain apply must not even notice);
 * ``partial``: one changed user through :meth:`RealtimeTarget.apply_partial`;
 * peak RSS of the process so far (``ru_maxrss``).
 
@@ -174,9 +180,16 @@ def run_one(backend: str, count: int, scratch: Path) -> dict[str, float]:
         again, figures["unchanged_s"] = _timed(lambda: target.apply(objects))
         assert again.empty, again
         assert not again.wrote, again
+        cold, figures["unch_cold_s"] = _timed(lambda: RealtimeTarget(engine).apply(objects))
+        assert cold.empty, cold
+        assert not cold.wrote, cold
+        checked, figures["verify_s"] = _timed(lambda: target.apply(objects, verify=True))
+        assert checked.empty, checked
+        assert not checked.wrote, checked
         victim = objects[count // 2]
         _hand_edit(engine, victim.endpoint_id)
-        healed, figures["drift_s"] = _timed(lambda: target.apply(objects))
+        assert target.apply(objects).empty
+        healed, figures["drift_s"] = _timed(lambda: target.apply(objects, verify=True))
         assert healed.updated == (victim.endpoint_id,), healed
         one = _changed(victim)
         part, figures["partial_s"] = _timed(lambda: target.apply_partial([one], []))
@@ -206,6 +219,8 @@ _COLUMNS = (
     ("core_s", "{:>7.3f}"),
     ("ratio", "{:>6.2f}"),
     ("unchanged_s", "{:>11.3f}"),
+    ("unch_cold_s", "{:>11.3f}"),
+    ("verify_s", "{:>8.3f}"),
     ("drift_s", "{:>8.3f}"),
     ("partial_s", "{:>9.4f}"),
     ("render_s", "{:>8.3f}"),

@@ -52,8 +52,10 @@ class Applier:
     #: True once a full apply succeeded: only then does memory mirror the target.
     synced: bool = False
 
-    def full(self, *, allow_mass_removal: bool = False) -> Applied:
-        """Render every live user and make the target hold exactly that."""
+    def full(self, *, allow_mass_removal: bool = False, verify: bool = True) -> Applied:
+        """Render every live user and make the target hold exactly that; ``verify`` (the
+        default: startup, periodic and template reconciles) also undoes hand edits of the
+        target, see :meth:`provisioner.targets.Target.apply`."""
         started = time.perf_counter()
         with self.engine.connect() as conn:
             users = q.load_users(conn, deleted=False)
@@ -69,7 +71,9 @@ class Applier:
                 skipped.append(Skipped(user.username, exc.problems))
                 if user.extension.isdigit():
                     kept[user.id] = user.extension
-        change = self._apply_all(objects, kept, allow_mass_removal=allow_mass_removal)
+        change = self._apply_all(
+            objects, kept, allow_mass_removal=allow_mass_removal, verify=verify
+        )
         self.objects, self.kept, self.synced = objects, kept, True
         return self._done(change, skipped, started, full=True)
 
@@ -115,14 +119,21 @@ class Applier:
         return self._done(change, skipped, started, full=False)
 
     def _apply_all(
-        self, objects: dict[int, UserObjects], kept: dict[int, str], *, allow_mass_removal: bool
+        self,
+        objects: dict[int, UserObjects],
+        kept: dict[int, str],
+        *,
+        allow_mass_removal: bool,
+        verify: bool,
     ) -> Change:
         def guard(change: Change) -> None:
             if not allow_mass_removal:
                 existing = change.unchanged + len(change.updated) + len(change.removed)
                 check_removals(change, existing, self.max_removal_fraction)
 
-        return self.target.apply(_ordered(objects.values()), keep=kept.values(), guard=guard)
+        return self.target.apply(
+            _ordered(objects.values()), keep=kept.values(), guard=guard, verify=verify
+        )
 
     def _apply_some(
         self, ids: Collection[int], objects: dict[int, UserObjects], kept: dict[int, str]

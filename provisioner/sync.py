@@ -71,8 +71,10 @@ def reconcile(
     dry_run: bool = False,
     max_removal_fraction: float = 0.5,
     allow_mass_removal: bool = False,
+    verify: bool = True,
 ) -> SyncReport:
-    """Render every live user and make ``target`` hold exactly that, changing only what differs."""
+    """Render every live user and make ``target`` hold exactly that, changing only what differs;
+    ``verify`` (the default, as ``provisioner sync --once``) also undoes hand edits."""
     started = time.perf_counter()
     with engine.connect() as conn:
         users = q.load_users(conn, deleted=False)
@@ -86,10 +88,10 @@ def reconcile(
             check_removals(change, existing, max_removal_fraction)
 
     if dry_run:
-        change = target.plan(objects, keep=keep)
+        change = target.plan(objects, keep=keep, verify=verify)
         guard(change)
     else:
-        change = target.apply(objects, keep=keep, guard=guard)
+        change = target.apply(objects, keep=keep, guard=guard, verify=verify)
     took = (time.perf_counter() - started) * 1000
     log.info(
         "sync.applied" if not dry_run else "sync.planned",

@@ -5,12 +5,24 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, inspect, select
+from sqlalchemy import (
+    Column,
+    Engine,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    create_engine,
+    event,
+    inspect,
+    select,
+)
 from sqlalchemy.exc import DBAPIError
 
 from provisioner.config import Config, StoreSettings, TargetSettings
@@ -88,6 +100,33 @@ def row_of(engine: Engine, table: Any, object_id: str) -> dict[str, Any] | None:
     with engine.connect() as conn:
         found = conn.execute(select(table).where(table.c.id == object_id)).first()
     return None if found is None else dict(found._mapping)
+
+
+@contextmanager
+def statements(engine: Engine) -> Iterator[list[str]]:
+    """Every SQL statement ``engine`` sends to the database inside the block."""
+    sent: list[str] = []
+
+    def record(*args: Any) -> None:
+        sent.append(str(args[2]))  # (conn, cursor, statement, parameters, context, many)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield sent
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def assert_read_only_ownership(sent: list[str]) -> None:
+    """Only SELECTs of the ownership table (and transaction control) were sent: none
+    on Asterisk's three tables."""
+    queries = [s for s in sent if not s.lstrip().upper().startswith(("BEGIN", "COMMIT"))]
+    assert queries
+    for statement in queries:
+        assert statement.lstrip().upper().startswith("SELECT"), statement
+        assert "provisioner_objects" in statement, statement
+        for name in ("ps_endpoints", "ps_auths", "ps_aors"):
+            assert name not in statement, statement
 
 
 # -- schema ----------------------------------------------------------------------------
@@ -191,7 +230,9 @@ def test_rows_written_exactly(target: RealtimeTarget, rt_engine: Engine, backend
     assert auth["md5_cred"] is None
     owned = snapshot(rt_engine)["provisioner_objects"]
     expected = [(kind, f"{ext}{suffix}") for ext in ("1001", "1002") for kind, suffix in KINDS]
-    assert sorted(owned) == sorted(expected)
+    assert sorted(row[:2] for row in owned) == sorted(expected)
+    assert sorted(len(str(row[2])) for row in owned if row[0] == "endpoint") == [32, 32]
+    assert [row[2] for row in owned if row[0] != "endpoint"] == [None] * 4
 
 
 def test_unchanged_apply_writes_nothing(target: RealtimeTarget, rt_engine: Engine) -> None:
@@ -202,6 +243,19 @@ def test_unchanged_apply_writes_nothing(target: RealtimeTarget, rt_engine: Engin
     change = target.apply(objects)
     assert change == Change(unchanged=2)
     assert not change.wrote
+    assert snapshot(rt_engine) == before
+
+
+def test_unchanged_apply_reads_only_digests(target: RealtimeTarget, rt_engine: Engine) -> None:
+    """An unchanged plain apply sends only SELECTs of the ownership records: no row of
+    Asterisk's tables is read and nothing is written."""
+    objects = render(*(make_user(str(1000 + i)) for i in range(20)))
+    target.apply(objects)
+    before = snapshot(rt_engine)
+    with statements(rt_engine) as sent:
+        change = target.apply(objects)
+    assert change == Change(unchanged=20)
+    assert_read_only_ownership(sent)
     assert snapshot(rt_engine) == before
 
 
@@ -244,34 +298,121 @@ def test_removed_user_rows_deleted(target: RealtimeTarget, rt_engine: Engine) ->
     assert ("endpoint", "1001") not in snapshot(rt_engine)["provisioner_objects"]
 
 
-def test_hand_edit_is_healed(target: RealtimeTarget, rt_engine: Engine) -> None:
-    """A managed column edited by hand, or a row deleted by hand, is put back by a full apply."""
-    objects = render(make_user("1001"))
-    target.apply(objects)
-    with rt_engine.begin() as conn:
+def _tamper(engine: Engine) -> None:
+    """Edit every endpoint's context and delete every AOR, by hand."""
+    with engine.begin() as conn:
         conn.execute(ps_endpoints.update().values(context="tampered"))
         conn.execute(ps_aors.delete())
-    change = target.apply(objects)
+
+
+def _assert_healed(change: Change, engine: Engine) -> None:
     assert change.updated == ("1001",)
     assert set(change.changed_objects) == {("endpoint", "1001"), ("aor", "1001")}
-    row = row_of(rt_engine, ps_endpoints, "1001")
+    row = row_of(engine, ps_endpoints, "1001")
     assert row is not None
     assert row["context"] == "from-sip"
-    assert row_of(rt_engine, ps_aors, "1001") is not None
+    assert row_of(engine, ps_aors, "1001") is not None
+
+
+def test_hand_edit_is_healed_by_verify(target: RealtimeTarget, rt_engine: Engine) -> None:
+    """A managed column edited by hand, or a row deleted by hand, is not noticed by a plain
+    apply (the recorded digests still match) but is put back by a verifying apply."""
+    objects = render(make_user("1001"))
+    target.apply(objects)
+    _tamper(rt_engine)
+    tampered = snapshot(rt_engine)
+    fast = target.apply(objects)
+    assert fast == Change(unchanged=1)
+    assert snapshot(rt_engine) == tampered
+    assert target.plan(objects).diff == ""
+    assert (
+        "~ ps_endpoints 1001 context: tampered -> from-sip"
+        in target.plan(objects, verify=True).diff.splitlines()
+    )
+    _assert_healed(target.apply(objects, verify=True), rt_engine)
+    assert target.apply(objects, verify=True).wrote is False
     assert target.apply(objects).wrote is False
+
+
+def _digests(engine: Engine) -> list[str | None]:
+    """The digests recorded on the endpoints' ownership records."""
+    po = provisioner_objects
+    with engine.connect() as conn:
+        return list(conn.execute(select(po.c.digest).where(po.c.kind == "endpoint")).scalars())
+
+
+def test_null_digest_falls_back_to_full_compare(target: RealtimeTarget, rt_engine: Engine) -> None:
+    """Rows whose recorded digest is NULL are compared column by column by a plain apply:
+    drift is put back, rows already right are not written, and the digests are recorded."""
+    objects = render(make_user("1001"), make_user("1002"))
+    target.apply(objects)
+    with rt_engine.begin() as conn:
+        conn.execute(provisioner_objects.update().values(digest=None))
+    _tamper(rt_engine)
+    before = snapshot(rt_engine)
+    with statements(rt_engine) as sent:
+        change = target.apply(objects)
+    assert change.updated == ("1001", "1002")
+    assert set(change.changed_objects) == {
+        ("endpoint", "1001"),
+        ("endpoint", "1002"),
+        ("aor", "1001"),
+        ("aor", "1002"),
+    }
+    assert not any("UPDATE ps_auths" in s or "INSERT INTO ps_auths" in s for s in sent)
+    assert snapshot(rt_engine)["ps_auths"] == before["ps_auths"]
+    assert None not in _digests(rt_engine)
+    with statements(rt_engine) as sent:
+        assert target.apply(objects) == Change(unchanged=2)
+    assert_read_only_ownership(sent)
+
+
+def _old_ownership_table() -> Table:
+    """``provisioner_objects`` as provisioner created it before the digest column."""
+    return Table(
+        "provisioner_objects",
+        MetaData(),
+        Column("kind", String(16), nullable=False),
+        Column("id", String(255), nullable=False),
+        PrimaryKeyConstraint("kind", "id", name="provisioner_objects_pkey"),
+    )
+
+
+def test_ownership_table_without_digest_column(db_url: str) -> None:
+    """An ownership table made without ``digest`` still works (every row compared, drift put
+    back by a plain apply); create_tables then adds the column and digests get recorded."""
+    engine = open_engine(db_url)
+    metadata.create_all(engine, tables=[ps_endpoints, ps_auths, ps_aors])
+    _old_ownership_table().create(engine)
+    target = RealtimeTarget(engine)
+    objects = render(make_user("1001"))
+    assert target.apply(objects).added == ("1001",)
+    _tamper(engine)
+    _assert_healed(target.apply(objects), engine)
+    target.create_tables()
+    target.create_tables()
+    columns = [c["name"] for c in inspect(engine).get_columns("provisioner_objects")]
+    assert columns == ["kind", "id", "digest"]
+    assert _digests(engine) == [None]
+    assert target.apply(objects) == Change(unchanged=1)
+    assert None not in _digests(engine)
+    with statements(engine) as sent:
+        assert target.apply(objects) == Change(unchanged=1)
+    assert_read_only_ownership(sent)
+    engine.dispose()
 
 
 def test_sqlite_default_edited_by_hand_is_healed(
     target: RealtimeTarget, rt_engine: Engine, backend: str
 ) -> None:
-    """On SQLite a filled-in default changed by hand is restored too."""
+    """On SQLite a filled-in default changed by hand is restored by a verifying apply too."""
     if backend != "sqlite":
         pytest.skip("defaults are filled in on SQLite only")
     objects = render(make_user("1001"))
     target.apply(objects)
     with rt_engine.begin() as conn:
         conn.execute(ps_endpoints.update().values(dtmf_mode="inband"))
-    assert target.apply(objects).updated == ("1001",)
+    assert target.apply(objects, verify=True).updated == ("1001",)
     row = row_of(rt_engine, ps_endpoints, "1001")
     assert row is not None
     assert row["dtmf_mode"] == "rfc4733"

@@ -46,7 +46,9 @@ class Change:
 class Target(Protocol):
     """A place PJSIP objects are written to."""
 
-    def plan(self, objects: Sequence[UserObjects], *, keep: Collection[str] = ()) -> Change:
+    def plan(
+        self, objects: Sequence[UserObjects], *, keep: Collection[str] = (), verify: bool = False
+    ) -> Change:
         """What :meth:`apply` would change, with a diff; writes nothing."""
         ...
 
@@ -56,11 +58,14 @@ class Target(Protocol):
         *,
         keep: Collection[str] = (),
         guard: Callable[[Change], None] | None = None,
+        verify: bool = False,
     ) -> Change:
         """Make the target hold exactly ``objects`` (among what provisioner owns).
 
         ``keep`` names endpoint ids whose current objects stay as they are (users
         that could not be rendered this time).  ``guard`` sees the computed
-        change before anything is written and may raise to abort it.
+        change before anything is written and may raise to abort it.  ``verify``
+        also finds and undoes hand edits a target's fast path would not see
+        (realtime rows; the config file is always compared whole).
         """
         ...

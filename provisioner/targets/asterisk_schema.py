@@ -19,9 +19,11 @@ Enumerated columns use :class:`sqlalchemy.Enum` with the type names Asterisk's o
   the shipped SQLite schema's rule written so SQLite checks it fast; res_config_sqlite3
   reads them as text.
 
-The ownership table ``provisioner_objects`` (``kind``, ``id``) lives in the same database and
-records which rows provisioner created: rows without an entry (trunks, hand-made endpoints)
-are never touched.
+The ownership table ``provisioner_objects`` (``kind``, ``id``, ``digest``) lives in the same
+database and records which rows provisioner created: rows without an entry (trunks, hand-made
+endpoints) are never touched.  ``digest``, on endpoint records, is a hash of the user's three
+objects as last written (see :mod:`provisioner.targets.realtime`); NULL means unknown.
+Tables created before it existed get it from :func:`add_missing_columns`.
 """
 
 from __future__ import annotations
@@ -39,16 +41,19 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    inspect,
     or_,
+    text,
 )
 from sqlalchemy.dialects import mysql, postgresql, sqlite
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 __all__ = [
     "DIALECTS",
     "ENUM_LABELS",
     "OWNED_KINDS",
+    "add_missing_columns",
     "asterisk_ddl",
     "metadata",
     "provisioner_objects",
@@ -343,8 +348,28 @@ provisioner_objects = Table(
     metadata,
     Column("kind", String(16), nullable=False),
     Column("id", String(255), nullable=False),
+    Column("digest", String(32)),
     PrimaryKeyConstraint("kind", "id", name="provisioner_objects_pkey"),
 )
+
+
+def add_missing_columns(conn: Connection) -> list[str]:
+    """Add to an existing ``provisioner_objects`` the (nullable) columns it lacks, as made
+    by an older provisioner; return their names.  Asterisk's own tables are never altered."""
+    table = provisioner_objects
+    present = {c["name"] for c in inspect(conn).get_columns(table.name)}
+    quote = conn.dialect.identifier_preparer
+    added = []
+    for column in table.c:
+        if column.name in present:
+            continue
+        # Our own constant names and types, quoted by the dialect: no input is formatted in.
+        kind = column.type.compile(dialect=conn.dialect)
+        name = quote.format_column(column)
+        conn.execute(text(f"ALTER TABLE {quote.format_table(table)} ADD COLUMN {name} {kind}"))
+        added.append(column.name)
+    return added
+
 
 DIALECTS: dict[str, Dialect] = {
     "sqlite": sqlite.dialect(),

@@ -36,6 +36,7 @@ CREATE TYPE pjsip_auth_type_values_v2 AS ENUM ('md5', 'userpass', 'google_oauth'
 CREATE TABLE provisioner_objects (
 	kind VARCHAR(16) NOT NULL, 
 	id VARCHAR(255) NOT NULL, 
+	digest VARCHAR(32), 
 	CONSTRAINT provisioner_objects_pkey PRIMARY KEY (kind, id)
 );
 

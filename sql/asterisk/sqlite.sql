@@ -4,6 +4,7 @@
 CREATE TABLE provisioner_objects (
 	kind VARCHAR(16) NOT NULL, 
 	id VARCHAR(255) NOT NULL, 
+	digest VARCHAR(32), 
 	CONSTRAINT provisioner_objects_pkey PRIMARY KEY (kind, id)
 );
 
