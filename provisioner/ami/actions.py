@@ -46,6 +46,8 @@ BANNER_PREFIX = "Asterisk Call Manager/"
 _HEADER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 #: C0 controls, DEL and C1 controls: none may appear in a value (CR/LF/NUL are among them).
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: ``Key: Value``: the key up to the first colon, without blanks; blanks after the colon skipped.
+_HEADER_LINE = re.compile(r"^([^:\n ]+):[ ]*(.*)$", re.MULTILINE)
 _RESERVED = frozenset({"action", "actionid"})
 #: Header names whose values never reach a log.
 _SECRET_HEADERS = frozenset({"secret", "key"})
@@ -157,17 +159,38 @@ class AmiMessage:
     """
 
     headers: tuple[tuple[str, str], ...]
-    _index: dict[str, str] = field(init=False, repr=False, compare=False, hash=False)
+    #: Key as spelled -> first value; ``None`` when a name repeats (in any case).
+    _exact: dict[str, str] | None = field(init=False, repr=False, compare=False, hash=False)
+    _lower: dict[str, str] | None = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        index: dict[str, str] = {}
-        for key, value in self.headers:
-            index.setdefault(key.lower(), value)
-        object.__setattr__(self, "_index", index)
+        exact = dict(reversed(self.headers))
+        object.__setattr__(self, "_exact", exact if len(exact) == len(self.headers) else None)
+        object.__setattr__(self, "_lower", None)
+
+    @classmethod
+    def trusted(cls, headers: tuple[tuple[str, str], ...]) -> AmiMessage:
+        """The message of ``headers`` (already pairs of text), built without type checks."""
+        message = object.__new__(cls)
+        object.__setattr__(message, "headers", headers)
+        message.__post_init__()
+        return message
+
+    def _index(self) -> dict[str, str]:
+        """Lower-cased name -> first value, built on first need."""
+        lower = self._lower
+        if lower is None:
+            lower = {k.lower(): v for k, v in reversed(self.headers)}
+            object.__setattr__(self, "_lower", lower)
+        return lower
 
     def get(self, key: str, default: str = "") -> str:
         """The first value of header ``key`` (any case), else ``default``."""
-        return self._index.get(key.lower(), default)
+        exact = self._exact
+        if exact is not None and key in exact:
+            # No name repeats, so the one spelled exactly so is the first of that name.
+            return exact[key]
+        return self._index().get(key.lower(), default)
 
     def get_all(self, key: str) -> list[str]:
         """Every value of header ``key`` (any case), in wire order."""
@@ -175,14 +198,15 @@ class AmiMessage:
         return [value for name, value in self.headers if name.lower() == low]
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and key.lower() in self._index
+        if not isinstance(key, str):
+            return False
+        exact = self._exact
+        return (exact is not None and key in exact) or key.lower() in self._index()
 
     def as_dict(self) -> dict[str, str]:
         """A plain dict, keys as Asterisk spelled them; the first of repeated keys wins."""
-        out: dict[str, str] = {}
-        for key, value in self.headers:
-            out.setdefault(key, value)
-        return out
+        exact = self._exact
+        return dict(exact) if exact is not None else dict(reversed(self.headers))
 
     @property
     def event(self) -> str:
@@ -228,6 +252,20 @@ def parse_message_lines(lines: Sequence[str]) -> AmiMessage | None:
     return AmiMessage(tuple(headers)) if headers else None
 
 
+def _message_of(text: str) -> AmiMessage:
+    """:func:`parse_message_lines` of ``text``: LF-separated lines, none of them empty.
+
+    One regular expression pass takes the usual ``Key: Value`` lines; when some
+    line is not one (no colon, a blank in the key), every line is parsed one by one.
+    """
+    pairs: list[tuple[str, str]] = _HEADER_LINE.findall(text)
+    if len(pairs) != text.count("\n") + 1:
+        message = parse_message_lines(text.split("\n"))
+        assert message is not None  # the text holds at least one non-empty line
+        return message
+    return AmiMessage.trusted(tuple(pairs))
+
+
 class FrameDecoder:
     """Incremental, bounded decoder of the AMI byte stream.
 
@@ -242,7 +280,8 @@ class FrameDecoder:
         #: The most bytes ever held while waiting for a line end (for health/tests).
         self.high_water = 0
         self._buffer = bytearray()
-        self._lines: list[str] = []
+        #: The lines (LF-joined blocks, no empty line) of the message not yet ended.
+        self._pending: list[str] = []
         self._message_bytes = 0
 
     def feed(self, data: bytes) -> list[AmiMessage]:
@@ -250,40 +289,56 @@ class FrameDecoder:
 
         Raises :class:`FrameTooLarge` as soon as a line or a message passes its bound,
         and ``ValueError`` when the first line is not an AMI banner.
+
+        Every complete line in the buffer is handled in bulk: one ``decode`` and
+        a split on blank lines, so the per-message cost is a few string splits.
         """
-        self._buffer += data
-        out: list[AmiMessage] = []
-        start = 0
         buf = self._buffer
-        while True:
-            end = buf.find(b"\n", start)
-            if end < 0:
-                break
-            raw = bytes(buf[start:end])
-            start = end + 1
-            if len(raw) > self.max_line_bytes:
-                raise FrameTooLarge(f"line of {len(raw)} bytes (limit {self.max_line_bytes})")
-            message = self._take_line(raw.removesuffix(b"\r").decode("utf-8", "replace"))
-            if message is not None:
-                out.append(message)
-        del buf[:start]
+        buf += data
+        out: list[AmiMessage] = []
+        last = buf.rfind(b"\n")
+        if last >= 0:
+            chunk = bytes(buf[: last + 1])
+            del buf[: last + 1]
+            # No line can be longer than the whole chunk: scan only when one may be.
+            if len(chunk) > self.max_line_bytes:
+                longest = max(map(len, chunk.split(b"\n")))
+                if longest > self.max_line_bytes:
+                    raise FrameTooLarge(f"line of {longest} bytes (limit {self.max_line_bytes})")
+            self._take_text(chunk.decode("utf-8", "replace"), out)
         self.high_water = max(self.high_water, len(buf))
         if len(buf) > self.max_line_bytes:
             raise FrameTooLarge(f"line over {self.max_line_bytes} bytes without a line end")
         return out
 
-    def _take_line(self, line: str) -> AmiMessage | None:
+    def _take_text(self, text: str, out: list[AmiMessage]) -> None:
+        """Handle ``text``: whole lines, each ending at LF (a CR before it dropped).
+
+        The text is split on blank lines; the previous call also ended at a line
+        end, so a leading LF puts back the line end that joins them.
+        """
         if self.banner is None:
+            line, _, text = text.partition("\n")
+            line = line.removesuffix("\r")
             if not line.startswith(BANNER_PREFIX):
                 raise ValueError(f"not an AMI peer (first line {line[:40]!r})")
             self.banner = line
-            return None
-        if line:
-            self._message_bytes += len(line) + 2
+        # One CR before each LF is dropped (as Asterisk does), then blank lines split.
+        blocks = ("\n" + text.replace("\r\n", "\n")).split("\n\n")
+        for block in blocks[:-1]:
+            self._add_block(block)
+            whole = "\n".join(self._pending) if len(self._pending) > 1 else "".join(self._pending)
+            self._pending, self._message_bytes = [], 0
+            # An empty message (the extra blank line after some errors) yields nothing.
+            if whole:
+                out.append(_message_of(whole))
+        self._add_block(blocks[-1])
+
+    def _add_block(self, block: str) -> None:
+        """Add the lines of ``block`` to the pending message, checking its bound."""
+        block = block.strip("\n")
+        if block:
+            self._message_bytes += len(block) + 2 * (block.count("\n") + 1)
             if self._message_bytes > self.max_message_bytes:
                 raise FrameTooLarge(f"message over {self.max_message_bytes} bytes")
-            self._lines.append(line)
-            return None
-        lines, self._lines, self._message_bytes = self._lines, [], 0
-        # An empty message (the extra blank line after some errors) yields nothing.
-        return parse_message_lines(lines)
+            self._pending.append(block)
