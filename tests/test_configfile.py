@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
@@ -20,7 +21,13 @@ from provisioner.errors import ConfigError, InvalidInput, RenderCheckFailed
 from provisioner.model import User, Voice
 from provisioner.pjsip import RenderSettings, UserObjects, render_user
 from provisioner.targets import Change, Target
-from provisioner.targets.configfile import ConfigFileTarget, canonical_chunk, check_rendered
+from provisioner.targets.configfile import (
+    MAIN_TEMPLATE,
+    SHIPPED_TEMPLATES,
+    ConfigFileTarget,
+    canonical_chunk,
+    check_rendered,
+)
 
 GOLDEN = Path(__file__).parent / "golden"
 SECRET = "s3cret-Passw0rd"
@@ -589,6 +596,11 @@ def test_shipped_templates_render_the_canonical_chunks() -> None:
         chunks = [canonical_chunk(u) for u in objects]
         assert None not in chunks
         assert SHIPPED.render_text(objects) == HEADER + "".join(c or "" for c in chunks)
+        # What Jinja makes of the shipped templates, without the target's direct path.
+        env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(str(SHIPPED_TEMPLATES)), keep_trailing_newline=True
+        )
+        assert env.get_template(MAIN_TEMPLATE).render(users=objects) == SHIPPED.render_text(objects)
 
 
 hostile_id = st.one_of(st.sampled_from(["1001", "1001-auth", "a.b@c+d"]), hostile_text)

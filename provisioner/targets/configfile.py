@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import heapq
 import os
 import re
@@ -160,6 +161,30 @@ def canonical_chunk(user: UserObjects) -> str | None:
                 return None
             out.append(f"{key}={value}\n")
     return "".join(out)
+
+
+#: The templates laying out the users; while none is overridden or edited,
+#: :meth:`ConfigFileTarget.render_text` writes their output directly.
+_LAYOUT_TEMPLATES = {
+    MAIN_TEMPLATE: "3e2ad2bb84bb747dfaa676e6983f95caec347208b7ceb7f2c83eae10bc14f0fc",
+    "user.j2": "2d077af1fb7e2637c2b64afa544a27914421283a8fd88f85170efabff745e28f",
+    "section.j2": "2bb7ac5b9e52ee9c782cc1a798c1bc82ff68c2b40d8bf6c7b0a83ddaaabd17ac",
+}
+
+
+def _is_shipped(searched: list[Path], name: str) -> bool:
+    """True when the loader finds ``name`` in the shipped directory, with the known content."""
+    for directory in searched:
+        path = directory / name
+        if path.exists():
+            if directory != SHIPPED_TEMPLATES:
+                return False
+            try:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            except OSError:
+                return False
+            return digest == _LAYOUT_TEMPLATES[name]
+    return False
 
 
 def _plain_header(header: str) -> bool:
@@ -487,7 +512,12 @@ class ConfigFileTarget:
             SHIPPED_TEMPLATES,
         ]
         self._stamp = self._template_stamp()
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        """A new Environment; direct rendering only while the layout templates are ours."""
         self._env = self._environment()
+        self._direct = all(_is_shipped(self._searched, name) for name in _LAYOUT_TEMPLATES)
 
     def _environment(self) -> jinja2.Environment:
         return jinja2.Environment(
@@ -515,14 +545,14 @@ class ConfigFileTarget:
         """Read the templates afresh at the next render (also done by itself whenever a
         file in the template directories is added, removed or modified)."""
         self._stamp = self._template_stamp()
-        self._env = self._environment()
+        self._rebuild()
 
     def _fresh_environment(self) -> jinja2.Environment:
         """The Environment, rebuilt first when the template files changed since the last look."""
         stamp = self._template_stamp()
         if stamp != self._stamp:
             self._stamp = stamp
-            self._env = self._environment()
+            self._rebuild()
         return self._env
 
     @classmethod
@@ -534,8 +564,15 @@ class ConfigFileTarget:
     def render_text(self, objects: Sequence[UserObjects]) -> str:
         """The file's text for ``objects``, in their order; pure (templates aside)."""
         try:
-            template = self._fresh_environment().get_template(MAIN_TEMPLATE)
-            return template.render(users=list(objects))
+            env = self._fresh_environment()
+            users = list(objects)
+            chunks = self._chunks_of(users) if self._direct else [None]
+            if None in chunks:
+                return env.get_template(MAIN_TEMPLATE).render(users=users)
+            # The shipped layout, unchanged, renders exactly the canonical chunks (tested):
+            # only the header goes through Jinja, and each user's text is cached.
+            header = env.get_template("header.j2").render(users=users)
+            return header + "".join(cast(list[str], chunks))
         except jinja2.TemplateSyntaxError as exc:
             where = f"{exc.name or exc.filename or '?'} line {exc.lineno}"
             raise RenderCheckFailed(f"template {where}: {exc.message}") from None
@@ -578,11 +615,16 @@ class ConfigFileTarget:
             check_rendered(data, desired)
         self._verified = _Verified(data, intended)
 
+    def _chunks_of(self, users: list[UserObjects]) -> list[str | None]:
+        """:func:`canonical_chunk` of each user, cached for the users of the last call."""
+        cache = self._chunks
+        chunks = [cache[u] if u in cache else canonical_chunk(u) for u in users]
+        self._chunks = dict(zip(users, chunks, strict=True))
+        return chunks
+
     def _canonical(self, text: str, desired: list[UserObjects]) -> bool:
         """True when ``text`` is a plain header followed by every user's canonical chunk."""
-        cache = self._chunks
-        chunks = [cache[u] if u in cache else canonical_chunk(u) for u in desired]
-        self._chunks = dict(zip(desired, chunks, strict=True))
+        chunks = self._chunks_of(desired)
         if None in chunks:
             return False
         tail = "".join(cast(list[str], chunks))
