@@ -61,6 +61,8 @@ FLUSH_INTERVAL = 0.2
 SNAPSHOT_MIN_GAP = 2.0
 #: Endpoints verified with PJSIPShowEndpoint after one apply, at most (the rest next time).
 VERIFY_LIMIT = 200
+#: ``registration.changed`` lines per flush, at most (the rest are counted).
+LOG_CHANGES_LIMIT = 50
 _EVENTS = ("ContactStatus", "PeerStatus", "DeviceStateChange", "SuccessfulAuth")
 
 
@@ -210,11 +212,7 @@ class AmiPbx:
             if link.dirty:
                 dirty, link.dirty = link.dirty, set()
                 states = {ep: records(link.name, link.book[ep]) for ep in dirty if ep in link.book}
-                for ep in sorted(states):
-                    state = states[ep][1].state
-                    if link.reported.get(ep) != state:
-                        link.reported[ep] = state or ""
-                        log.info("registration.changed", server=link.name, endpoint=ep, state=state)
+                _log_changes(link, states)
                 await self._store(write_endpoints, link.name, states)
 
     async def _snapshots(self, link: Link, stop: asyncio.Event) -> None:
@@ -364,6 +362,23 @@ def _merge(snap: EndpointRegistration, known: EndpointRegistration) -> EndpointR
         tracked=known.tracked,
         last_change=known.last_change,
     )
+
+
+def _log_changes(link: Link, states: dict[str, tuple[Any, SummaryRecord]]) -> None:
+    """``registration.changed`` per endpoint whose summary changed, at most
+    ``LOG_CHANGES_LIMIT`` per flush; the rest are counted in one
+    ``registration.changed_more`` line, so a storm cannot flood the log."""
+    logged = 0
+    for ep in sorted(states):
+        state = states[ep][1].state or ""
+        if link.reported.get(ep) == state:
+            continue
+        link.reported[ep] = state
+        logged += 1
+        if logged <= LOG_CHANGES_LIMIT:
+            log.info("registration.changed", server=link.name, endpoint=ep, state=state)
+    if logged > LOG_CHANGES_LIMIT:
+        log.info("registration.changed_more", server=link.name, count=logged - LOG_CHANGES_LIMIT)
 
 
 def _union(groups: Iterable[Iterable[str]]) -> set[str]:

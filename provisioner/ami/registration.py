@@ -155,10 +155,21 @@ def endpoint_of(event: Mapping[str, str]) -> str | None:
 
 def _with_contact(reg: EndpointRegistration, contact: ContactState) -> EndpointRegistration:
     """Put ``contact`` in place of the one with the same AOR and URI (or add it)."""
-    others = tuple(c for c in reg.contacts if (c.aor, c.uri) != (contact.aor, contact.uri))
+    return replace(reg, contacts=_contacts_with(reg.contacts, contact))
+
+
+def _contacts_with(
+    contacts: tuple[ContactState, ...], contact: ContactState
+) -> tuple[ContactState, ...]:
+    """``contacts`` with ``contact`` in place of the one with the same AOR and URI (or
+    added); without it when its status is ``Removed``."""
+    if not contacts:
+        return () if contact.status == "Removed" else (contact,)
+    key = (contact.aor, contact.uri)
+    others = tuple(c for c in contacts if (c.aor, c.uri) != key)
     if contact.status == "Removed":
-        return replace(reg, contacts=others)
-    old = next((c for c in reg.contacts if (c.aor, c.uri) == (contact.aor, contact.uri)), None)
+        return others
+    old = next((c for c in contacts if (c.aor, c.uri) == key), None)
     if old is not None:
         # A status event carries no user agent or expiry: keep what the snapshot said.
         contact = replace(
@@ -168,18 +179,14 @@ def _with_contact(reg: EndpointRegistration, contact: ContactState) -> EndpointR
             expires_at=contact.expires_at or old.expires_at,
             object_name=contact.object_name or old.object_name,
         )
-    return replace(reg, contacts=(*others, contact))
+    return (*others, contact)
 
 
 def _contact_from_status(event: Mapping[str, str]) -> ContactState:
     status = event.get("ContactStatus", "")
-    rtt = _int_or_none(event.get("RoundtripUsec"))
-    return ContactState(
-        aor=event.get("AOR", ""),
-        uri=event.get("URI", ""),
-        status=status,
-        rtt_usec=rtt if status in ("Reachable", "Unreachable") else None,
-    )
+    measured = status in ("Reachable", "Unreachable")
+    rtt = _int_or_none(event.get("RoundtripUsec")) if measured else None
+    return ContactState(event.get("AOR", ""), event.get("URI", ""), status, rtt)
 
 
 def apply_event(
@@ -192,11 +199,23 @@ def apply_event(
     reg = current if current is not None else EndpointRegistration(endpoint)
     stamp = _float_or_none(event.get("Timestamp"))
     # The latest time seen, whatever order the events came in.
-    latest = max(filter(None, (stamp, reg.last_change)), default=None)
+    last = reg.last_change
+    latest = max(stamp, last) if stamp and last else (stamp or last or None)
     kind = event.get("Event", "")
     if kind == "ContactStatus":
-        reg = replace(_with_contact(reg, _contact_from_status(event)), exists=True, tracked=True)
-    elif kind == "PeerStatus":
+        # The storm's event: one record built, no chain of ``replace`` calls.
+        return EndpointRegistration(
+            reg.endpoint,
+            _contacts_with(reg.contacts, _contact_from_status(event)),
+            reg.peer_status,
+            reg.device_state,
+            True,
+            True,
+            reg.last_auth_at,
+            reg.last_auth_from,
+            latest,
+        )
+    if kind == "PeerStatus":
         peer = event.get("PeerStatus") or None
         reg = replace(reg, peer_status=peer, tracked=True, exists=reg.exists or peer == "Reachable")
     elif kind == "DeviceStateChange":
