@@ -71,19 +71,48 @@ def _user_ids(conn: Connection, endpoints: Iterable[str]) -> dict[str, int]:
     return out
 
 
-def _contact_row(uid: int, c: ContactRecord, now: datetime) -> dict[str, Any]:
-    return {
-        "user_id": uid,
-        "server": c.server,
-        "contact_id": c.contact_id[:255],
-        "uri": c.uri[:512],
-        "status": c.status[:32],
-        "user_agent": c.user_agent[:255],
-        "source": c.source[:128],
-        "rtt_usec": c.rtt_usec,
-        "expires_at": c.expires_at,
-        "changed_at": c.changed_at or now,
-    }
+#: Column order of the rows :func:`_contact_values` and :func:`_summary_values` build.
+_CONTACT_COLUMNS = (
+    "user_id",
+    "server",
+    "contact_id",
+    "uri",
+    "status",
+    "user_agent",
+    "source",
+    "rtt_usec",
+    "expires_at",
+    "changed_at",
+)
+_SUMMARY_COLUMNS = ("user_id", "server", "state", "device_state", "problem", "changed_at")
+
+
+def _contact_values(uid: int, c: ContactRecord, now: datetime) -> list[Any]:
+    """The ``registrations`` row of ``c``, values in :data:`_CONTACT_COLUMNS` order."""
+    return [
+        uid,
+        c.server,
+        c.contact_id[:255],
+        c.uri[:512],
+        c.status[:32],
+        c.user_agent[:255],
+        c.source[:128],
+        c.rtt_usec,
+        c.expires_at,
+        c.changed_at or now,
+    ]
+
+
+def _summary_values(uid: int, s: SummaryRecord, now: datetime) -> list[Any]:
+    """The ``registration_summary`` row of ``s``, values in :data:`_SUMMARY_COLUMNS` order."""
+    return [
+        uid,
+        s.server,
+        (s.state or "offline")[:16],
+        (s.device_state or "")[:32],
+        (s.problem or "")[:255],
+        s.changed_at or now,
+    ]
 
 
 def write_endpoints(
@@ -104,47 +133,44 @@ def write_endpoints(
         chunk = uids[i : i + _CHUNK]
         for table in (registrations, registration_summary):
             conn.execute(delete(table).where(table.c.server == server, table.c.user_id.in_(chunk)))
-    contact_rows: dict[tuple[int, str], dict[str, Any]] = {}
+    contact_rows: dict[tuple[int, str], list[Any]] = {}
     summary_rows = []
     for ep, uid in matched:
         contacts, summary = states[ep]
         for c in contacts:
-            row = _contact_row(uid, c, now)
-            contact_rows[(uid, row["contact_id"])] = row
-        summary_rows.append(_summary_row(uid, summary, now))
-    _insert_many(conn, registrations, list(contact_rows.values()))
-    _insert_many(conn, registration_summary, summary_rows)
+            row = _contact_values(uid, c, now)
+            contact_rows[(uid, row[2])] = row
+        summary_rows.append(_summary_values(uid, summary, now))
+    _insert_many(conn, registrations, _CONTACT_COLUMNS, list(contact_rows.values()))
+    _insert_many(conn, registration_summary, _SUMMARY_COLUMNS, summary_rows)
     return len(matched)
 
 
-def _insert_many(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Insert ``rows`` (all with the keys of the first) by the driver's ``executemany``.
+def _insert_many(
+    conn: Connection, table: Table, names: Sequence[str], rows: list[list[Any]]
+) -> None:
+    """Insert ``rows`` (values in ``names`` order) by the driver's ``executemany``.
 
     Core compiles the statement for the connection's dialect and each column type's
-    bind processor (e.g. SQLite's datetime text) converts the values; only the
-    per-row parameter bookkeeping of ``Connection.execute`` is skipped, which cost
-    more than the inserts themselves in a storm.
+    bind processor (e.g. SQLite's datetime text) converts the values in place; only
+    the per-row parameter bookkeeping of ``Connection.execute`` is skipped, which
+    cost more than the inserts themselves in a storm.
     """
     if not rows:
         return
-    names = list(rows[0])
-    compiled = insert(table).compile(dialect=conn.dialect, column_keys=names)
-    process = {
-        name: proc for name in names if (proc := _bind_processor(table, name, conn)) is not None
-    }
-    values = [[row[name] for name in names] for row in rows]
+    compiled = insert(table).compile(dialect=conn.dialect, column_keys=list(names))
     for at, name in enumerate(names):
-        if (proc := process.get(name)) is not None:
-            for v in values:
+        if (proc := _bind_processor(table, name, conn)) is not None:
+            for v in rows:
                 v[at] = proc(v[at])
-    escaped: dict[str, str] = dict(compiled.escaped_bind_names or {})
     params: list[Any]
     if compiled.positional:
         order = [names.index(k) for k in compiled.positiontup or ()]
-        params = [tuple(v[i] for i in order) for v in values]
+        params = [tuple(v[i] for i in order) for v in rows]
     else:
+        escaped: dict[str, str] = dict(compiled.escaped_bind_names or {})
         keys = [escaped.get(k, k) for k in names]
-        params = [dict(zip(keys, v, strict=True)) for v in values]
+        params = [dict(zip(keys, v, strict=True)) for v in rows]
     conn.exec_driver_sql(str(compiled), params)
 
 
@@ -154,14 +180,7 @@ def _bind_processor(table: Table, name: str, conn: Connection) -> Any:
 
 
 def _summary_row(uid: int, s: SummaryRecord, now: datetime) -> dict[str, Any]:
-    return {
-        "user_id": uid,
-        "server": s.server,
-        "state": (s.state or "offline")[:16],
-        "device_state": (s.device_state or "")[:32],
-        "problem": (s.problem or "")[:255],
-        "changed_at": s.changed_at or now,
-    }
+    return dict(zip(_SUMMARY_COLUMNS, _summary_values(uid, s, now), strict=True))
 
 
 def set_problems(conn: Connection, server: str, problems: Mapping[str, str], now: datetime) -> int:
@@ -192,12 +211,11 @@ def replace_server_snapshot(
     conn.execute(delete(registrations).where(registrations.c.server == server))
     ids = _user_ids(conn, [c.endpoint for c in contacts])
     rows = {
-        (ids[c.endpoint], c.contact_id[:255]): _contact_row(ids[c.endpoint], c, now)
+        (ids[c.endpoint], c.contact_id[:255]): _contact_values(ids[c.endpoint], c, now)
         for c in contacts
         if c.endpoint in ids
     }
-    if rows:
-        conn.execute(insert(registrations), list(rows.values()))
+    _insert_many(conn, registrations, _CONTACT_COLUMNS, list(rows.values()))
     return len(rows)
 
 
