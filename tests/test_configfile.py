@@ -603,8 +603,16 @@ def test_shipped_templates_render_the_canonical_chunks() -> None:
         assert env.get_template(MAIN_TEMPLATE).render(users=objects) == SHIPPED.render_text(objects)
 
 
-hostile_id = st.one_of(st.sampled_from(["1001", "1001-auth", "a.b@c+d"]), hostile_text)
-hostile_options = st.lists(st.tuples(hostile_text, hostile_text), max_size=4).map(tuple)
+#: Mostly near-plain text (so the fast path is taken often), with the odd characters mixed in.
+near_plain = st.text(
+    alphabet=st.sampled_from([*"ax1é☎.-+=" * 8, *">;[]#\\\n\t\r \x00\x85"]), max_size=5
+)
+plain_ids = st.sampled_from(["1001", "1001-auth", "a.b@c+d"])
+hostile_id = st.one_of(plain_ids, plain_ids, plain_ids, near_plain, hostile_text)
+plain_names = st.sampled_from(["allow", "a_1", "type"])
+hostile_name = st.one_of(plain_names, plain_names, plain_names, near_plain, hostile_text)
+hostile_value = st.one_of(near_plain, near_plain, near_plain, hostile_text)
+hostile_options = st.lists(st.tuples(hostile_name, hostile_value), max_size=3).map(tuple)
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow])
@@ -614,6 +622,8 @@ hostile_options = st.lists(st.tuples(hostile_text, hostile_text), max_size=4).ma
 )
 @example(ids=("1001", "1001-auth", "1001"), options=((("a", ">x"),), (), ()))
 @example(ids=("1001", "1001-auth", "1001"), options=((("a+", "x"),), (("b", " x"),), ()))
+@example(ids=("1001", "1001-auth", "1001"), options=((("a", "x\nb=y"),), (("c=d", "e"),), ()))
+@example(ids=("1001\n[x]", "1001]=a", "1001"), options=((), (("b", "x;y"),), (("c", "é "),)))
 def test_the_fast_path_accepts_only_what_the_parser_accepts(
     ids: tuple[str, str, str], options: tuple[Any, Any, Any]
 ) -> None:
@@ -659,3 +669,54 @@ def test_apply_computes_no_diff_but_plan_does(target: ConfigFileTarget) -> None:
     assert change.diff == ""
     check_rendered(target.path.read_bytes(), rendered())
     assert target.plan(rendered("md5")).diff.startswith(f"--- {target.path}")
+
+
+@pytest.mark.parametrize(
+    ("endpoint_id", "option"),
+    [
+        ("1001", ("a", "x\nb=y")),
+        ("1001", ("c=d", "e")),
+        ("1001", ("a+", "x")),
+        ("1001", ("a", ">x")),
+        ("1001", ("a", " x")),
+        ("1001", ("a", "x;y")),
+        ("1001", ("a", "x\\")),
+        ("1001]", ("a", "x")),
+        ("1001\n[x]", ("a", "x")),
+        ("1" * 80, ("a", "x")),
+    ],
+)
+def test_the_fast_path_leaves_odd_text_to_the_parser(
+    endpoint_id: str, option: tuple[str, str]
+) -> None:
+    """An id, name or value that Asterisk would not take literally has no canonical chunk."""
+    user = UserObjects("u", endpoint_id, (option,), "1001-auth", (), "1001", ())
+    assert canonical_chunk(user) is None
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(
+    base=st.sampled_from(REPRESENTATIVE),
+    where=st.integers(0, 300),
+    part=st.sampled_from(["id", "name", "value"]),
+    piece=st.one_of(near_plain, near_plain, hostile_text),
+)
+def test_one_odd_piece_is_caught_by_the_fast_path_or_the_parser(
+    base: User, where: int, part: str, piece: str
+) -> None:
+    """A real user with one id, option name or value replaced parses back exactly whenever
+    the fast path takes it."""
+    sections = [list(s) for s in render_user(base, RenderSettings()).sections()]
+    section = sections[where % 3]
+    options = [list(o) for o in section[2]]
+    if part == "id":
+        section[0] = piece
+    else:
+        options[where // 3 % len(options)][0 if part == "name" else 1] = piece
+    section[2] = tuple((k, v) for k, v in options)
+    (e, _, eo), (a, _, ao), (r, _, ro) = sections
+    user = UserObjects("u", e, eo, a, ao, r, ro)  # type: ignore[arg-type]
+    chunk = canonical_chunk(user)
+    event("left to the parser" if chunk is None else "fast path")
+    if chunk is not None:
+        check_rendered((HEADER + chunk).encode("utf-8"), [user])

@@ -134,12 +134,26 @@ def check_rendered(data: bytes, objects: Sequence[UserObjects]) -> None:
 #: What the fast path accepts without parsing: characters Asterisk's loader takes
 #: literally in a section name, an option name and a value (no comment, escape,
 #: section, directive, object or append mark, no blank at either end, no control).
-_PLAIN_ID = re.compile(r"[A-Za-z0-9._@+-]{1,79}")
+_PLAIN_ID = r"[A-Za-z0-9._@+-]{1,79}"
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_]{1,100}")
-_PLAIN_VALUE = re.compile(
+_PLAIN_VALUE = (
     r"(?:[^\x00-\x20\x7f-\x9f\ud800-\udfff;\\>]"
     r"(?:[^\x00-\x1f\x7f-\x9f\ud800-\udfff;\\]{0,998}[^\x00-\x20\x7f-\x9f\ud800-\udfff;\\])?)?"
 )
+#: Lines that are empty, ``[plain id]`` or ``plain name=plain value``.
+_PLAIN_LINES = re.compile(rf"(?:(?:\[{_PLAIN_ID}\]|{_PLAIN_NAME.pattern}={_PLAIN_VALUE})?\n)*")
+#: Option names and types already found plain (a few dozen in practice; bounded).
+_plain_names: set[str] = set()
+
+
+def _plain_name(name: str) -> bool:
+    if name in _plain_names:
+        return True
+    if not _PLAIN_NAME.fullmatch(name):
+        return False
+    if len(_plain_names) < 1000:
+        _plain_names.add(name)
+    return True
 
 
 def canonical_chunk(user: UserObjects) -> str | None:
@@ -150,17 +164,22 @@ def canonical_chunk(user: UserObjects) -> str | None:
     Lines of this text, after a header that leaves no block comment open, parse to
     exactly ``user.sections()``: nothing in them is a comment, escape, directive,
     template, inheritance, ``+=`` or ``=>`` mark, blank to strip or over-long line.
+    (Checked as a whole: as many LFs as lines means no id, name or value holds one, so
+    each line is one id or one ``name=value``; plain names hold no ``=`` or ``[``, so
+    each line's match covers exactly that id, or that name and that value.)
     """
-    out: list[str] = []
+    parts: list[str] = []
+    lines = 0
     for name, kind, options in user.sections():
-        if not (_PLAIN_ID.fullmatch(name) and _PLAIN_NAME.fullmatch(kind)):
+        if not (_plain_name(kind) and all(_plain_name(key) for key, _ in options)):
             return None
-        out.append(f"\n[{name}]\ntype={kind}\n")
-        for key, value in options:
-            if not (_PLAIN_NAME.fullmatch(key) and _PLAIN_VALUE.fullmatch(value)):
-                return None
-            out.append(f"{key}={value}\n")
-    return "".join(out)
+        parts.append(f"\n[{name}]\ntype={kind}\n")
+        parts += [f"{key}={value}\n" for key, value in options]
+        lines += 3 + len(options)
+    text = "".join(parts)
+    if text.count("\n") != lines or not _PLAIN_LINES.fullmatch(text):
+        return None
+    return text
 
 
 #: The templates laying out the users; while none is overridden or edited,
