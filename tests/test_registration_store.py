@@ -10,6 +10,8 @@ from bench.common import seed_store
 from provisioner.store.registrations import (
     ContactRecord,
     SummaryRecord,
+    replace_server_snapshot,
+    set_problems,
     status_rows,
     write_endpoints,
 )
@@ -48,3 +50,19 @@ def test_write_endpoints_replaces_rows_and_round_trips_values(engine: Engine) ->
     ]
     assert people["100000"]["state"] == "online"
     assert people["100002"]["state"] == "offline"
+
+
+def test_snapshot_replaces_every_contact_and_problems_are_kept(engine: Engine) -> None:
+    """A snapshot leaves exactly its contacts for the server; a problem lands in the summary."""
+    seed_store(engine, 3)
+    with engine.begin() as conn:
+        write_endpoints(conn, "pbx1", {"100002": _state("100002", "Reachable")}, NOW)
+        snapshot = [_state(ep, "NonQualified")[0][0] for ep in ("100000", "100001", "trunk")]
+        assert replace_server_snapshot(conn, "pbx1", snapshot, NOW) == 2
+        assert set_problems(conn, "pbx1", {"100000": "rejected", "100002": ""}, NOW) == 2
+    with engine.connect() as conn:
+        rows = conn.execute(select(registrations.c.user_id, registrations.c.changed_at)).all()
+        sums = conn.execute(select(registration_summary.c.user_id, registration_summary.c.problem))
+        problems = sorted(tuple(r) for r in sums)
+    assert sorted(tuple(r) for r in rows) == [(1, SEEN), (2, SEEN)]
+    assert problems == [(1, "rejected"), (3, "")]

@@ -8,12 +8,24 @@ events for endpoints that are no user (trunks) are ignored.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Connection, Table, delete, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Table,
+    any_,
+    bindparam,
+    delete,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.exc import DBAPIError
 
 from .schema import registration_summary, registrations, users
 
@@ -28,6 +40,7 @@ __all__ = [
 ]
 
 _CHUNK = 500
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -62,13 +75,32 @@ class SummaryRecord:
 def _user_ids(conn: Connection, endpoints: Iterable[str]) -> dict[str, int]:
     wanted = sorted(set(endpoints))
     out: dict[str, int] = {}
-    for i in range(0, len(wanted), _CHUNK):
-        chunk = wanted[i : i + _CHUNK]
+    for chunk in _chunks(conn, wanted):
         rows = conn.execute(
-            select(users.c.extension, users.c.id).where(users.c.extension.in_(chunk))
+            select(users.c.extension, users.c.id).where(_member(conn, users.c.extension, chunk))
         )
         out.update({r.extension: r.id for r in rows})
     return out
+
+
+def _chunks(conn: Connection, values: Sequence[_T]) -> Iterator[Sequence[_T]]:
+    """``values`` in pieces small enough for an IN list; all at once on PostgreSQL,
+    where :func:`_member` binds them as one array."""
+    if conn.dialect.name == "postgresql":
+        if values:
+            yield values
+        return
+    for i in range(0, len(values), _CHUNK):
+        yield values[i : i + _CHUNK]
+
+
+def _member(conn: Connection, column: Any, values: Sequence[Any]) -> ColumnElement[bool]:
+    """``column IN values``; on PostgreSQL ``column = ANY(:array)``: one parameter,
+    so the statement is neither re-rendered nor re-parsed for each batch size."""
+    if conn.dialect.name == "postgresql":
+        array = bindparam("members", list(values), type_=ARRAY(column.type))
+        return cast(ColumnElement[bool], column == any_(array))
+    return cast(ColumnElement[bool], column.in_(values))
 
 
 #: Column order of the rows :func:`_contact_values` and :func:`_summary_values` build.
@@ -129,10 +161,10 @@ def write_endpoints(
     ids = _user_ids(conn, states)
     matched = [(ep, ids[ep]) for ep in states if ep in ids]
     uids = [uid for _, uid in matched]
-    for i in range(0, len(uids), _CHUNK):
-        chunk = uids[i : i + _CHUNK]
+    for chunk in _chunks(conn, uids):
         for table in (registrations, registration_summary):
-            conn.execute(delete(table).where(table.c.server == server, table.c.user_id.in_(chunk)))
+            member = _member(conn, table.c.user_id, chunk)
+            conn.execute(delete(table).where(table.c.server == server, member))
     contact_rows: dict[tuple[int, str], list[Any]] = {}
     summary_rows = []
     for ep, uid in matched:
@@ -158,6 +190,9 @@ def _insert_many(
     """
     if not rows:
         return
+    if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
+        _copy(conn, table, names, rows)
+        return
     compiled = insert(table).compile(dialect=conn.dialect, column_keys=list(names))
     for at, name in enumerate(names):
         if (proc := _bind_processor(table, name, conn)) is not None:
@@ -172,6 +207,26 @@ def _insert_many(
         keys = [escaped.get(k, k) for k in names]
         params = [dict(zip(keys, v, strict=True)) for v in rows]
     conn.exec_driver_sql(str(compiled), params)
+
+
+def _copy(conn: Connection, table: Table, names: Sequence[str], rows: list[list[Any]]) -> None:
+    """PostgreSQL ``COPY table (names) FROM STDIN`` of ``rows`` through psycopg, on
+    ``conn``'s own connection and inside its transaction: one statement, rows streamed.
+
+    The statement names only the Table's own (quoted) identifiers; driver errors come
+    out as SQLAlchemy's :class:`~sqlalchemy.exc.DBAPIError`, as from ``Connection.execute``.
+    """
+    quote = conn.dialect.identifier_preparer
+    columns = ", ".join(quote.format_column(table.c[c]) for c in names)
+    sql = f"COPY {quote.format_table(table)} ({columns}) FROM STDIN"
+    driver: Any = conn.connection.driver_connection
+    error: type[Exception] = conn.dialect.loaded_dbapi.Error
+    try:
+        with driver.cursor() as cursor, cursor.copy(sql) as copy:
+            for row in rows:
+                copy.write_row(row)
+    except error as exc:
+        raise DBAPIError.instance(sql, None, exc, error) from exc
 
 
 def _bind_processor(table: Table, name: str, conn: Connection) -> Any:
