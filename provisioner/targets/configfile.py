@@ -245,6 +245,18 @@ class _Verified:
 
     data: bytes
     intended: list[_Intended]
+    #: No two intended sections share a (type, name): each user's three objects are its own.
+    distinct: bool = False
+
+
+def _read(path: Path) -> bytes | None:
+    """The bytes of the file at ``path``; None when it does not exist."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise TargetWriteFailed(f"cannot read {str(path)!r}: {exc.strerror}") from None
 
 
 @dataclass(frozen=True)
@@ -258,12 +270,13 @@ class _Current:
     @classmethod
     def read(cls, path: Path, *known: _Verified | None) -> _Current:
         """The file at ``path``; not parsed again when it holds one of the ``known`` bytes."""
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+        return cls.of_bytes(_read(path), *known)
+
+    @classmethod
+    def of_bytes(cls, data: bytes | None, *known: _Verified | None) -> _Current:
+        """The file holding ``data`` (None: absent); not parsed when it is ``known``."""
+        if data is None:
             return cls(None, {}, ())
-        except OSError as exc:
-            raise TargetWriteFailed(f"cannot read {str(path)!r}: {exc.strerror}") from None
         for verified in known:
             if verified is not None and verified.data == data:
                 return cls.verified(data, verified.intended)
@@ -639,16 +652,19 @@ class ConfigFileTarget:
             current = _Current.read(self.path, self._verified)
         return replace(_compare(current, desired), diff=_diff(self.path, current.data, text))
 
-    def _check(self, data: bytes, text: str, desired: list[UserObjects]) -> None:
+    def _check(self, data: bytes, text: str, desired: list[UserObjects]) -> _Verified:
         """:func:`check_rendered`, skipped for the bytes last verified for the same objects
-        and taken by the fast path (see the module docstring) where it applies."""
+        and taken by the fast path (see the module docstring) where it applies.  Returns
+        what was verified."""
         intended = _intended(desired)
         known = self._verified
         if known is not None and known.data == data and known.intended == intended:
-            return
+            return known
         if not self._canonical(text, desired):
             check_rendered(data, desired)
-        self._verified = _Verified(data, intended)
+        distinct = len({(kind, name) for name, kind, _ in intended}) == len(intended)
+        self._verified = _Verified(data, intended, distinct)
+        return self._verified
 
     def _chunks_of(self, users: list[UserObjects]) -> list[str | None]:
         """:func:`canonical_chunk` of each user, cached for the users of the last call."""
@@ -683,17 +699,20 @@ class ConfigFileTarget:
         previous = self._verified
         current, desired, text = self._desired(objects, keep)
         data = text.encode("utf-8")
-        self._check(data, text, desired)
+        verified = self._check(data, text, desired)
         if current is None:
             # Read after the check: a file holding the bytes verified now or at the last
             # apply (the usual case: the file as we wrote it) is not parsed.
-            current = _Current.read(self.path, self._verified, previous)
-        if current.data == data and len(current.objects) == 3 * len(desired):
-            # The file holds the verified bytes, three distinct objects per user: nothing
-            # is added, updated or removed (what _compare finds, without the comparing).
-            change = Change(unchanged=len(desired))
-        else:
-            change = _compare(current, desired)
+            old = _read(self.path)
+            if old == data and verified.distinct:
+                # The file holds the verified bytes, three distinct objects per user:
+                # nothing is added, updated or removed (what _compare finds, quicker).
+                change = Change(unchanged=len(desired))
+                if guard is not None:
+                    guard(change)
+                return change
+            current = _Current.of_bytes(old, verified, previous)
+        change = _compare(current, desired)
         if guard is not None:
             guard(change)
         if current.data == data:
