@@ -5,7 +5,8 @@
 For each size, in a throwaway directory (and a throwaway SQLite store), it measures:
 
 * ``sync``: :meth:`ConfigFileTarget.apply` of ``pjsip.render_all``'s output into an absent
-  file (shipped templates, parse-back check, diff, atomic write with fsync);
+  file (shipped templates, parse-back check, atomic write with fsync; no diff: only
+  ``plan`` makes one);
 * ``raw``: the baseline: one plain Jinja2 template (one loop, no include or macro)
   rendering the same objects, plus one plain ``write_bytes`` of the text;
 * ``ratio``: sync / raw (target: at most 1.5);
