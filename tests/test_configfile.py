@@ -720,3 +720,21 @@ def test_one_odd_piece_is_caught_by_the_fast_path_or_the_parser(
     event("left to the parser" if chunk is None else "fast path")
     if chunk is not None:
         check_rendered((HEADER + chunk).encode("utf-8"), [user])
+
+
+def test_stale_temporary_files_of_a_killed_writer_are_removed(tmp_path: Path) -> None:
+    """A temp file left by a killed writer is removed when a target starts; a fresh one is kept."""
+    import os
+
+    from provisioner.targets.configfile import STALE_TEMP_SECONDS, ConfigFileTarget
+
+    target_path = tmp_path / "pjsip_users.conf"
+    stale = tmp_path / ".pjsip_users.conf.abc123.tmp"
+    fresh = tmp_path / ".pjsip_users.conf.def456.tmp"
+    stale.write_text("half")
+    fresh.write_text("live")
+    old = stale.stat().st_mtime - STALE_TEMP_SECONDS - 10
+    os.utime(stale, (old, old))
+    ConfigFileTarget(target_path)
+    assert not stale.exists()
+    assert fresh.exists()

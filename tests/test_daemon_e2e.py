@@ -226,7 +226,7 @@ def test_kill_9_at_random_moments_converges(tmp_path: Path) -> None:
         await _seed(config)
         rng = random.Random(7)
         daemon = await _start_daemon(config, tmp_path / "daemon.log")
-        for i in range(12):
+        for i in range(8):
             await _cli(
                 config,
                 "user",
@@ -247,7 +247,7 @@ def test_kill_9_at_random_moments_converges(tmp_path: Path) -> None:
                 await daemon.wait()
                 daemon = await _start_daemon(config, tmp_path / "daemon.log")
         await _cli(config, "user", "disable", "u3")
-        await _until(lambda: "[1004]" not in _text(conf) and "[1012]" in _text(conf), 5)
+        await _until(lambda: "[1004]" not in _text(conf) and "[1008]" in _text(conf), 5)
         assert await _stop(daemon) == 0
         dry = await _cli(config, "render", "--dry-run")
         assert "would be added 0, would be updated 0, would be removed 0" in dry

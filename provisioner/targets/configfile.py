@@ -25,6 +25,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -502,6 +503,28 @@ def _temporary(directory: Path, name: str) -> Iterator[Path]:
             os.unlink(temp)
 
 
+#: A temporary file older than this was left by a writer that died (SIGKILL, power loss).
+STALE_TEMP_SECONDS = 300.0
+
+
+def _remove_stale_temporaries(path: Path, now: float | None = None) -> list[Path]:
+    """Delete temporary files of ``path`` that a killed writer left behind; return them.
+
+    Only files named like :func:`_temporary` makes them and older than
+    :data:`STALE_TEMP_SECONDS`, so a concurrent writer's live file is never touched.
+    """
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    if not path.parent.is_dir():
+        return removed
+    for candidate in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            if now - candidate.stat().st_mtime > STALE_TEMP_SECONDS:
+                candidate.unlink()
+                removed.append(candidate)
+    return removed
+
+
 def _write_synced(path: Path, data: bytes) -> None:
     with path.open("wb") as handle:
         os.fchmod(handle.fileno(), FILE_MODE)
@@ -561,6 +584,7 @@ class ConfigFileTarget:
         ]
         self._stamp = self._template_stamp()
         self._rebuild()
+        _remove_stale_temporaries(self.path)
 
     def _rebuild(self) -> None:
         """A new Environment; direct rendering only while the layout templates are ours."""
