@@ -1,4 +1,4 @@
-"""A fake Asterisk AMI peer that replays the real transcripts in /work/shared/asterisk/ami.
+"""A fake Asterisk AMI peer that replays the real transcripts in ../shared/asterisk/ami.
 
 :class:`Transcripts` parses the recorded exchanges (``>>`` lines are what the lab
 client sent, the rest is Asterisk's text, in several file layouts) into a map
@@ -41,7 +41,12 @@ __all__ = [
     "server_for",
 ]
 
-AMI_DIR = Path(os.environ.get("AMI_TRANSCRIPTS", "/work/shared/asterisk/ami"))
+# shared/ lies beside the project root (in a checkout and in CI's fresh clone).
+AMI_DIR = Path(
+    os.environ.get(
+        "AMI_TRANSCRIPTS", Path(__file__).resolve().parents[2] / "shared" / "asterisk" / "ami"
+    )
+)
 BANNER = b"Asterisk Call Manager/11.0.0\r\n"
 _HEADER = re.compile(r"^[A-Za-z0-9_-]+: ?")
 _REPLY_START = ("Response:", "Event:")
