@@ -25,8 +25,8 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.exc import DBAPIError
 
+from .bulk import copy_rows, executemany
 from .schema import registration_summary, registrations, users
 
 __all__ = [
@@ -191,42 +191,13 @@ def _insert_many(
     if not rows:
         return
     if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
-        _copy(conn, table, names, rows)
+        copy_rows(conn, table, names, rows)
         return
-    compiled = insert(table).compile(dialect=conn.dialect, column_keys=list(names))
     for at, name in enumerate(names):
         if (proc := _bind_processor(table, name, conn)) is not None:
             for v in rows:
                 v[at] = proc(v[at])
-    params: list[Any]
-    if compiled.positional:
-        order = [names.index(k) for k in compiled.positiontup or ()]
-        params = [tuple(v[i] for i in order) for v in rows]
-    else:
-        escaped: dict[str, str] = dict(compiled.escaped_bind_names or {})
-        keys = [escaped.get(k, k) for k in names]
-        params = [dict(zip(keys, v, strict=True)) for v in rows]
-    conn.exec_driver_sql(str(compiled), params)
-
-
-def _copy(conn: Connection, table: Table, names: Sequence[str], rows: list[list[Any]]) -> None:
-    """PostgreSQL ``COPY table (names) FROM STDIN`` of ``rows`` through psycopg, on
-    ``conn``'s own connection and inside its transaction: one statement, rows streamed.
-
-    The statement names only the Table's own (quoted) identifiers; driver errors come
-    out as SQLAlchemy's :class:`~sqlalchemy.exc.DBAPIError`, as from ``Connection.execute``.
-    """
-    quote = conn.dialect.identifier_preparer
-    columns = ", ".join(quote.format_column(table.c[c]) for c in names)
-    sql = f"COPY {quote.format_table(table)} ({columns}) FROM STDIN"
-    driver: Any = conn.connection.driver_connection
-    error: type[Exception] = conn.dialect.loaded_dbapi.Error
-    try:
-        with driver.cursor() as cursor, cursor.copy(sql) as copy:
-            for row in rows:
-                copy.write_row(row)
-    except error as exc:
-        raise DBAPIError.instance(sql, None, exc, error) from exc
+    executemany(conn, insert(table), names, rows, column_keys=names)
 
 
 def _bind_processor(table: Table, name: str, conn: Connection) -> Any:

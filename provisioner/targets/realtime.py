@@ -57,11 +57,11 @@ from sqlalchemy import (
     true,
     type_coerce,
 )
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.dml import UpdateBase
 
 from ..errors import InvalidInput
 from ..pjsip import Options, UserObjects, auth_id
+from ..store.bulk import copy_rows, executemany
 from ..store.engine import open_engine
 from . import Change
 from .asterisk_schema import OWNED_KINDS, add_missing_columns, metadata, provisioner_objects
@@ -678,7 +678,7 @@ def _write(conn: Connection, plan: _Plan) -> bool:
     for kp in plan.kinds.values():
         if kp.updates:
             stmt, keys = _statement(kp.shape, update=True)
-            _executemany(conn, stmt, keys, [_bound(kp.shape, r) for r in kp.updates])
+            executemany(conn, stmt, keys, [_bound(kp.shape, r) for r in kp.updates])
             wrote = True
     digests = plan.digests
     recorded: set[str] = set()
@@ -708,7 +708,7 @@ def _record(
     po = provisioner_objects
     if conn.dialect.name == "postgresql":
         names = ("kind", "id", "digest") if with_digest else ("kind", "id")
-        _copy(
+        copy_rows(
             conn, po, names, [(kind, *pair) if with_digest else (kind, pair[0]) for pair in pairs]
         )
     elif with_digest:
@@ -727,39 +727,17 @@ def _set_digests(conn: Connection, pairs: Sequence[tuple[str, str]]) -> None:
         .where(po.c.kind == bindparam("k"), po.c.id == bindparam("oid"))
         .values({po.c.digest: bindparam("d")})
     )
-    _executemany(conn, stmt, ("k", "oid", "d"), [("endpoint", oid, d) for oid, d in pairs])
+    executemany(conn, stmt, ("k", "oid", "d"), [("endpoint", oid, d) for oid, d in pairs])
 
 
 def _insert(conn: Connection, shape: _Shape, rows: Sequence[Row]) -> None:
     """Insert ``rows`` (every managed column): COPY on PostgreSQL, executemany elsewhere."""
     bound = [_bound(shape, r) for r in rows]
     if conn.dialect.name == "postgresql":
-        _copy(conn, shape.table, ("id", *shape.columns), bound)
+        copy_rows(conn, shape.table, ("id", *shape.columns), bound)
     else:
         stmt, keys = _statement(shape, update=False)
-        _executemany(conn, stmt, keys, bound)
-
-
-def _copy(conn: Connection, table: Table, columns: Sequence[str], rows: Sequence[Row]) -> None:
-    """PostgreSQL ``COPY table (columns) FROM STDIN`` of ``rows``, through psycopg on
-    ``conn``'s own connection and inside its transaction.
-
-    About three times faster than the pipelined executemany: one statement, rows streamed
-    in text format (enum columns parse their labels as in an INSERT).  The statement names
-    only the Table's own (quoted) identifiers.  Driver errors come out as SQLAlchemy's
-    :class:`~sqlalchemy.exc.DBAPIError`, as from ``Connection.execute``.
-    """
-    quote = conn.dialect.identifier_preparer
-    names = ", ".join(quote.format_column(table.c[c]) for c in columns)
-    sql = f"COPY {quote.format_table(table)} ({names}) FROM STDIN"
-    driver: Any = conn.connection.driver_connection
-    error: type[Exception] = conn.dialect.loaded_dbapi.Error
-    try:
-        with driver.cursor() as cursor, cursor.copy(sql) as copy:
-            for row in rows:
-                copy.write_row(row)
-    except error as exc:
-        raise DBAPIError.instance(sql, None, exc, error) from exc
+        executemany(conn, stmt, keys, bound)
 
 
 def _bound(shape: _Shape, row: Row) -> Row:
@@ -780,30 +758,6 @@ def _statement(shape: _Shape, *, update: bool) -> tuple[UpdateBase, tuple[str, .
     else:
         stmt = table.insert().values({table.c.id: bindparam("oid"), **values})
     return stmt, ("oid", *keys)
-
-
-def _executemany(
-    conn: Connection, stmt: UpdateBase, names: tuple[str, ...], rows: Sequence[Row]
-) -> None:
-    """The driver's ``executemany`` of Core statement ``stmt`` over ``rows`` (values in
-    ``names`` order), on ``conn`` and inside its transaction.
-
-    The SQL is compiled by Core for the connection's dialect; only the per-row parameter
-    processing of ``Connection.execute`` is skipped: it cost as much as the inserts
-    themselves at 100k rows, and every value is already what the driver takes (text,
-    int, float or None).
-    """
-    if not rows:
-        return
-    compiled = stmt.compile(dialect=conn.dialect)
-    escaped: dict[str, str] = dict(compiled.escaped_bind_names or {})
-    if compiled.positional:
-        pick = itemgetter(*(names.index(k) for k in compiled.positiontup or ()))
-        params: list[Any] = [tuple(pick(row)) for row in rows]
-    else:
-        keys = tuple(escaped.get(k, k) for k in names)
-        params = [dict(zip(keys, row, strict=True)) for row in rows]
-    conn.exec_driver_sql(str(compiled), params)
 
 
 # -- the diff text -------------------------------------------------------------------
