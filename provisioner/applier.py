@@ -10,21 +10,26 @@ file from memory (and writes it only if its bytes change).
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 
-from .errors import InvalidInput
+from .errors import InvalidInput, MassRemovalRefused
 from .logs import get_logger
 from .pjsip import RenderSettings, Skipped, UserObjects, is_provisioned, render_user
 from .store import queries as q
-from .sync import check_removals
 from .targets import Change, Target
 
-__all__ = ["Applied", "Applier"]
+__all__ = ["Applied", "Applier", "check_removals"]
 
 log = get_logger(__name__)
+
+
+def check_removals(change: Change, existing: int, max_fraction: float) -> None:
+    """Refuse a change that removes more than ``max_fraction`` of ``existing`` users."""
+    if existing and len(change.removed) > max_fraction * existing:
+        raise MassRemovalRefused(len(change.removed), existing, max_fraction)
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,8 @@ class Applied:
     skipped: tuple[Skipped, ...] = ()
     took_ms: float = 0.0
     full: bool = False
+    #: Users rendered into the target (skipped ones not counted).
+    provisioned: int = 0
 
 
 @dataclass
@@ -52,11 +59,10 @@ class Applier:
     #: True once a full apply succeeded: only then does memory mirror the target.
     synced: bool = False
 
-    def full(self, *, allow_mass_removal: bool = False, verify: bool = True) -> Applied:
-        """Render every live user and make the target hold exactly that; ``verify`` (the
-        default: startup, periodic and template reconciles) also undoes hand edits of the
-        target, see :meth:`provisioner.targets.Target.apply`."""
-        started = time.perf_counter()
+    def desired(self) -> tuple[dict[int, UserObjects], dict[int, str], list[Skipped]]:
+        """Render every live user: the objects by user id, the endpoint ids kept as they
+        are (users that could not be rendered: one bad edit never takes a phone away),
+        and the skipped users."""
         with self.engine.connect() as conn:
             users = q.load_users(conn, deleted=False)
         objects: dict[int, UserObjects] = {}
@@ -71,11 +77,32 @@ class Applier:
                 skipped.append(Skipped(user.username, exc.problems))
                 if user.extension.isdigit():
                     kept[user.id] = user.extension
-        change = self._apply_all(
-            objects, kept, allow_mass_removal=allow_mass_removal, verify=verify
+        return objects, kept, skipped
+
+    def full(self, *, allow_mass_removal: bool = False, verify: bool = True) -> Applied:
+        """Render every live user and make the target hold exactly that; ``verify`` (the
+        default: startup, periodic and template reconciles) also undoes hand edits of the
+        target, see :meth:`provisioner.targets.Target.apply`."""
+        started = time.perf_counter()
+        objects, kept, skipped = self.desired()
+        change = self.target.apply(
+            _ordered(objects.values()),
+            keep=kept.values(),
+            guard=self._guard(allow_mass_removal),
+            verify=verify,
         )
         self.objects, self.kept, self.synced = objects, kept, True
-        return self._done(change, skipped, started, full=True)
+        return self._done(change, skipped, started, full=True, provisioned=len(objects))
+
+    def plan(self, *, allow_mass_removal: bool = False, verify: bool = True) -> Applied:
+        """What :meth:`full` would change, with its diff; writes nothing (the same guard)."""
+        started = time.perf_counter()
+        objects, kept, skipped = self.desired()
+        change = self.target.plan(_ordered(objects.values()), keep=kept.values(), verify=verify)
+        self._guard(allow_mass_removal)(change)
+        return self._done(
+            change, skipped, started, full=True, provisioned=len(objects), event="sync.planned"
+        )
 
     def users_changed(self, user_ids: Iterable[int]) -> Applied:
         """Re-render the given users (live, disabled, deleted or purged); apply the difference.
@@ -116,24 +143,17 @@ class Applier:
             return self.full()
         change = self._apply_some(ids, objects, kept)
         self.objects, self.kept = objects, kept
-        return self._done(change, skipped, started, full=False)
+        return self._done(change, skipped, started, full=False, provisioned=len(objects))
 
-    def _apply_all(
-        self,
-        objects: dict[int, UserObjects],
-        kept: dict[int, str],
-        *,
-        allow_mass_removal: bool,
-        verify: bool,
-    ) -> Change:
+    def _guard(self, allow_mass_removal: bool) -> Callable[[Change], None]:
+        """Refuses a change removing more than ``max_removal_fraction`` of the users."""
+
         def guard(change: Change) -> None:
             if not allow_mass_removal:
                 existing = change.unchanged + len(change.updated) + len(change.removed)
                 check_removals(change, existing, self.max_removal_fraction)
 
-        return self.target.apply(
-            _ordered(objects.values()), keep=kept.values(), guard=guard, verify=verify
-        )
+        return guard
 
     def _apply_some(
         self, ids: Collection[int], objects: dict[int, UserObjects], kept: dict[int, str]
@@ -150,12 +170,20 @@ class Applier:
         return change
 
     @staticmethod
-    def _done(change: Change, skipped: list[Skipped], started: float, *, full: bool) -> Applied:
+    def _done(
+        change: Change,
+        skipped: list[Skipped],
+        started: float,
+        *,
+        full: bool,
+        provisioned: int = 0,
+        event: str = "sync.applied",
+    ) -> Applied:
         took = (time.perf_counter() - started) * 1000
         for s in skipped:
             log.warning("sync.skipped", username=s.username, problems=[str(p) for p in s.problems])
         log.info(
-            "sync.applied",
+            event,
             full=full,
             added=len(change.added),
             updated=len(change.updated),
@@ -165,7 +193,7 @@ class Applier:
             wrote=change.wrote,
             took_ms=round(took, 1),
         )
-        return Applied(change, tuple(skipped), took, full)
+        return Applied(change, tuple(skipped), took, full, provisioned)
 
 
 def _ordered(objects: Iterable[UserObjects]) -> list[UserObjects]:
