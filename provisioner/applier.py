@@ -10,8 +10,9 @@ file from memory (and writes it only if its bytes change).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from sqlalchemy import Engine
 
@@ -24,6 +25,8 @@ from .targets import Change, Target
 __all__ = ["Applied", "Applier", "check_removals"]
 
 log = get_logger(__name__)
+
+T = TypeVar("T")
 
 
 def check_removals(change: Change, existing: int, max_fraction: float) -> None:
@@ -118,32 +121,37 @@ class Applier:
         ids = sorted(set(user_ids))
         with self.engine.connect() as conn:
             found = {u.id: u for u in q.load_users(conn, ids=ids, deleted=None)}
-        objects = dict(self.objects)
-        kept = dict(self.kept)
+        # Only these users' entries are computed (None: nothing for that user); memory is
+        # updated in place once the target took them, so one edit costs O(1), not O(users).
+        objects: dict[int, UserObjects | None] = {}
+        kept: dict[int, str | None] = {}
         skipped: list[Skipped] = []
         for uid in ids:
             user = found.get(uid)
-            objects.pop(uid, None)
-            kept.pop(uid, None)
+            objects[uid] = kept[uid] = None
             if user is None or not is_provisioned(user):
                 continue  # purged, deleted or disabled: its objects go
             try:
                 objects[uid] = render_user(user, self.settings)
             except InvalidInput as exc:
                 skipped.append(Skipped(user.username, exc.problems))
-                previous = self.objects.get(uid)
-                if previous is not None:  # the last good objects stay
-                    objects[uid] = previous
-                elif uid in self.kept:
-                    kept[uid] = self.kept[uid]
+                if uid in self.objects:  # the last good objects stay
+                    objects[uid] = self.objects[uid]
+                else:
+                    kept[uid] = self.kept.get(uid)
         held = len(self.objects) + len(self.kept)
-        had = self.objects.keys() | self.kept.keys()
-        removing = sum(1 for i in ids if i in had and i not in objects and i not in kept)
+        removing = sum(
+            1
+            for i in ids
+            if (i in self.objects or i in self.kept) and objects[i] is None and kept[i] is None
+        )
         if held and removing > self.max_removal_fraction * held:
             return self.full()
         change = self._apply_some(ids, objects, kept)
-        self.objects, self.kept = objects, kept
-        return self._done(change, skipped, started, full=False, provisioned=len(objects))
+        for uid in ids:
+            _put(self.objects, uid, objects[uid])
+            _put(self.kept, uid, kept[uid])
+        return self._done(change, skipped, started, full=False, provisioned=len(self.objects))
 
     def _guard(self, allow_mass_removal: bool) -> Callable[[Change], None]:
         """Refuses a change removing more than ``max_removal_fraction`` of the users."""
@@ -156,16 +164,23 @@ class Applier:
         return guard
 
     def _apply_some(
-        self, ids: Collection[int], objects: dict[int, UserObjects], kept: dict[int, str]
+        self,
+        ids: Collection[int],
+        objects: Mapping[int, UserObjects | None],
+        kept: Mapping[int, str | None],
     ) -> Change:
+        """Apply the new entries of ``ids`` (memory not yet updated) to the target."""
         partial = getattr(self.target, "apply_partial", None)
         if partial is None:
             # A config file is one whole: rewrite it from memory (only if bytes change).
-            return self.target.apply(_ordered(objects.values()), keep=kept.values())
-        upserts = [objects[i] for i in ids if i in objects]
+            whole = _merged(self.objects, objects)
+            return self.target.apply(
+                _ordered(whole.values()), keep=_merged(self.kept, kept).values()
+            )
+        upserts = [o for i in ids if (o := objects[i]) is not None]
         gone = {self.objects[i].endpoint_id for i in ids if i in self.objects}
         gone -= {o.endpoint_id for o in upserts}
-        gone -= set(kept.values())
+        gone -= set(_merged(self.kept, kept).values())
         change: Change = partial(upserts, sorted(gone))
         return change
 
@@ -194,6 +209,21 @@ class Applier:
             took_ms=round(took, 1),
         )
         return Applied(change, tuple(skipped), took, full, provisioned)
+
+
+def _merged(base: Mapping[int, T], updates: Mapping[int, T | None]) -> dict[int, T]:
+    """``base`` with ``updates`` applied (None removes the entry); ``base`` is not changed."""
+    out = dict(base)
+    for key, value in updates.items():
+        _put(out, key, value)
+    return out
+
+
+def _put(into: dict[int, T], key: int, value: T | None) -> None:
+    if value is None:
+        into.pop(key, None)
+    else:
+        into[key] = value
 
 
 def _ordered(objects: Iterable[UserObjects]) -> list[UserObjects]:
