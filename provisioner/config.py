@@ -228,10 +228,13 @@ class AmiSettings(_Section):
 class DaemonSettings(_Section):
     """The long-running service (TOML ``[daemon]``); times in seconds."""
 
-    #: A burst of edits is applied once no new one came for ``quiet`` seconds,
-    #: or ``max_wait`` after its first edit at the latest.
+    #: An edit arriving while the daemon is idle is applied at once.  Edits that arrive
+    #: while an apply runs make a burst: it is applied once no new edit came for
+    #: ``quiet`` seconds, or ``max_wait`` after the apply ended at the latest.
     quiet: float = Field(default=0.05, ge=0, le=10)
     max_wait: float = Field(default=0.5, gt=0, le=60)
+    #: SQLite: how often the newest change id is read (a few microseconds each time).
+    sqlite_poll: float = Field(default=0.005, gt=0, le=5)
     #: A full reconcile every so often heals any drift (0: never).
     reconcile_interval: float = Field(default=300.0, ge=0)
     #: MariaDB/MySQL have no notifications: the change table is polled this often.

@@ -2,8 +2,10 @@
 
 - startup: open the store, one full reconcile, start the wake-up sources and
   the Asterisk connections, tell systemd READY;
-- main loop: wait for a wake-up (or the periodic reconcile), let a burst settle
-  (quiescence window), apply the changes the change feed lists, tell Asterisk;
+- main loop: wait for a wake-up (or the periodic reconcile), apply the changes the
+  change feed lists, tell Asterisk.  An edit after a calm period is applied at once;
+  edits that arrive while an apply runs are a burst, let settle first (quiescence
+  window) so it costs a few applies and reloads, not one per edit;
 - shutdown: stop the sources, let the apply in progress finish within
   ``shutdown_timeout``, then cancel what is left.
 
@@ -54,6 +56,9 @@ log = get_logger(__name__)
 
 #: Seconds between two health-record writes while idle (``provisioner check`` allows 4x).
 HEARTBEAT_INTERVAL = 15.0
+#: Seconds a successful apply's health write waits: the record is not on the edit's
+#: way to Asterisk, and a stream of edits writes it a few times a second, not per edit.
+HEALTH_DELAY = 0.05
 
 WakeSource = Callable[[asyncio.Event, asyncio.Event], Awaitable[None]]
 
@@ -108,7 +113,8 @@ def wake_sources(config: Config) -> list[WakeSource]:
     sources: list[WakeSource] = []
     if backend == "sqlite" and url.database and url.database != ":memory:":
         path = Path(url.database)
-        sources.append(lambda wake, stop: sqlite_wakeups(path, wake, stop))
+        every = config.daemon.sqlite_poll
+        sources.append(lambda wake, stop: sqlite_wakeups(path, wake, stop, interval=every))
         poll = max(poll, 5.0)
     elif backend == "postgresql":
         sources.append(lambda wake, stop: postgres_wakeups(config.store.url, wake, stop))
@@ -138,6 +144,8 @@ class Daemon:
     tracker: CursorTracker = field(default_factory=lambda: CursorTracker(cursor=0))
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _next_reconcile: float = 0.0
+    #: The pending deferred health write (see :meth:`_write_health_soon`).
+    _health_due: asyncio.TimerHandle | None = None
     _last_exc: BaseException | None = None
     metrics: Metrics = field(default_factory=Metrics)
     #: Counter values last exported per (server, name), to export only the increase.
@@ -223,13 +231,18 @@ class Daemon:
     async def main_loop(self) -> None:
         interval = self.config.daemon.reconcile_interval
         self._next_reconcile = time.monotonic() + interval if interval else float("inf")
+        burst = False
         while not self.should_exit:
             await self._wait_for_work()
             if self.should_exit:
                 break
-            await coalesce(
-                self.wake, quiet=self.config.daemon.quiet, max_wait=self.config.daemon.max_wait
-            )
+            if burst:
+                # Edits kept coming while the last apply ran: one apply for the lot.
+                await coalesce(
+                    self.wake, quiet=self.config.daemon.quiet, max_wait=self.config.daemon.max_wait
+                )
+            else:
+                self.wake.clear()  # the first edit after a calm period: no waiting
             if self.reload_requested:
                 self.reload_requested = False
                 await self._reload_config()
@@ -239,11 +252,15 @@ class Daemon:
                 await self._run(self._full)
             else:
                 await self._run(self._incremental)
+            burst = self.wake.is_set()
 
     async def shutdown(self) -> None:
         """Stop sources and AMI, wait up to ``shutdown_timeout``, then cancel the rest."""
         self.notifier.stopping()
         self.stop.set()
+        if self._health_due is not None:  # e.g. ``run --burst``: its one apply is recorded
+            self._health_due.cancel()
+            self._write_due_health()
         if self._tasks:
             done, pending = await asyncio.wait(
                 self._tasks, timeout=self.config.daemon.shutdown_timeout
@@ -304,7 +321,7 @@ class Daemon:
             self.health.skipped = len(result.skipped)
             if self.pbx is not None and self.health.ready and not result.change.empty:
                 self.pbx.applied(result.change, target_kind=self.config.target.kind)
-        self._write_health()
+        self._write_health_soon()  # after the AMI task had its turn: it is what goes live
         return result
 
     def _full(self) -> Applied:
@@ -330,7 +347,9 @@ class Daemon:
             self._advance([])
             return None
         if any(r.entity != "user" for r in rows):
-            result = self.applier.full()  # a profile changed: rare, re-render everyone
+            # A profile changed: rare, re-render everyone.  Not verifying: hand edits of
+            # the target are the periodic reconcile's business, not an edit's.
+            result = self.applier.full(verify=False)
         else:
             result = self.applier.users_changed({r.entity_id for r in rows})
         self._advance([r.id for r in rows])
@@ -394,6 +413,16 @@ class Daemon:
                     m.events.labels(server=name).inc(delta)
                 else:
                     m.reloads.labels(server=name, result=key.split(":", 1)[1]).inc(delta)
+
+    def _write_health_soon(self) -> None:
+        """Write the health record shortly (at most one write per ``HEALTH_DELAY``)."""
+        if self._health_due is None:
+            loop = asyncio.get_running_loop()
+            self._health_due = loop.call_later(HEALTH_DELAY, self._write_due_health)
+
+    def _write_due_health(self) -> None:
+        self._health_due = None
+        self._write_health()
 
     def _write_health(self) -> None:
         if self.pbx is not None:

@@ -5,7 +5,7 @@ until ``stop`` is set; none of them reads the change itself (the change feed
 does), so a spurious wake-up costs one cheap query and a missed one is healed
 by the next wake-up or the periodic reconcile.
 
-- SQLite: :mod:`watchfiles` on the database file and its WAL;
+- SQLite: a few-millisecond poll of the newest change id (see :func:`sqlite_wakeups`);
 - PostgreSQL: ``LISTEN provisioner_changes`` (the triggers ``NOTIFY``);
 - MariaDB/MySQL: a timer (the change table is polled).
 - Templates: :mod:`watchfiles` on the template directories.
@@ -15,21 +15,25 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 import psycopg
+from sqlalchemy import func, select
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import make_url
 
 from .aio import sleep_unless
 from .logs import get_logger
 from .store.changefeed import NOTIFY_CHANNEL
+from .store.schema import changes
 
 __all__ = [
     "coalesce",
+    "newest_change_sql",
     "poll_wakeups",
     "postgres_wakeups",
-    "sqlite_filter",
     "sqlite_wakeups",
     "template_wakeups",
 ]
@@ -37,30 +41,59 @@ __all__ = [
 log = get_logger(__name__)
 
 
-def sqlite_filter(db_path: Path) -> Callable[[object, str], bool]:
-    """A watchfiles filter that passes the database file, its WAL and journal only."""
-    names = {db_path.name, db_path.name + "-wal", db_path.name + "-journal"}
-
-    def accept(_change: object, path: str) -> bool:
-        return Path(path).name in names
-
-    return accept
+def newest_change_sql() -> str:
+    """``SELECT max(id) FROM changes`` as SQLite text, compiled once from Core."""
+    return str(select(func.max(changes.c.id)).compile(dialect=sqlite_dialect.dialect()))
 
 
-async def sqlite_wakeups(db_path: Path, wake: asyncio.Event, stop: asyncio.Event) -> None:
-    """Set ``wake`` whenever the SQLite database or its WAL is written."""
-    from watchfiles import awatch
+async def sqlite_wakeups(
+    db_path: Path, wake: asyncio.Event, stop: asyncio.Event, *, interval: float = 0.005
+) -> None:
+    """Set ``wake`` whenever the newest change id of the SQLite store moves; also once at start.
 
-    db_path = db_path.resolve()
-    async for _changes in awatch(
-        db_path.parent,
-        watch_filter=sqlite_filter(db_path),
-        stop_event=stop,
-        debounce=20,
-        step=10,
-        recursive=False,
-    ):
-        wake.set()
+    Every ``interval`` seconds it reads ``max(changes.id)`` on its own connection: a few
+    microseconds (an index seek; in WAL mode a reader never waits on a writer, and with
+    ``timeout=0`` it never waits at all), so it runs on the event loop.  Unlike a file
+    watch it wakes only for the change feed (not for the daemon's own writes to the same
+    file: target rows, cursor, registrations), and at once (no debounce).  A lock held
+    for a moment is retried at the next tick; any other failure (store gone, not
+    migrated) every second with a fresh connection.  The file is never created.
+    """
+    query = newest_change_sql()
+    uri = db_path.resolve().as_uri() + "?mode=rw"
+    conn: sqlite3.Connection | None = None
+    last: object = _UNREAD
+    failing = False
+    try:
+        while not stop.is_set():
+            try:
+                if conn is None:
+                    conn = sqlite3.connect(uri, uri=True, timeout=0, isolation_level=None)
+                newest = conn.execute(query).fetchone()[0]
+            except sqlite3.Error as exc:
+                if getattr(exc, "sqlite_errorname", "") in _BUSY:
+                    await asyncio.sleep(interval)  # a writer holds a lock for a moment
+                    continue
+                if not failing:
+                    log.warning("store.poll_failed", error=str(exc))
+                failing = True
+                if conn is not None:
+                    conn.close()
+                    conn = None
+            else:
+                failing = False
+                if newest != last:
+                    last = newest
+                    wake.set()
+            await asyncio.sleep(max(interval, 1.0) if failing else interval)
+    finally:
+        if conn is not None:
+            conn.close()
+
+
+_BUSY = ("SQLITE_BUSY", "SQLITE_LOCKED")
+#: The poll's "nothing read yet": differs from every id and from None (an empty feed).
+_UNREAD = object()
 
 
 async def template_wakeups(dirs: Iterable[Path], wake: asyncio.Event, stop: asyncio.Event) -> None:
