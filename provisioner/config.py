@@ -233,7 +233,8 @@ class DaemonSettings(_Section):
     #: ``quiet`` seconds, or ``max_wait`` after the apply ended at the latest.
     quiet: float = Field(default=0.05, ge=0, le=10)
     max_wait: float = Field(default=0.5, gt=0, le=60)
-    #: SQLite: how often the newest change id is read (a few microseconds each time).
+    #: SQLite where inotify is missing (not Linux): how often the newest change id is
+    #: read (Linux sleeps until the database files are written).
     sqlite_poll: float = Field(default=0.005, gt=0, le=5)
     #: A full reconcile every so often heals any drift (0: never).
     reconcile_interval: float = Field(default=300.0, ge=0)

@@ -5,7 +5,8 @@ until ``stop`` is set; none of them reads the change itself (the change feed
 does), so a spurious wake-up costs one cheap query and a missed one is healed
 by the next wake-up or the periodic reconcile.
 
-- SQLite: a few-millisecond poll of the newest change id (see :func:`sqlite_wakeups`);
+- SQLite: inotify on the database files, then a read of the newest change id
+  (see :func:`sqlite_wakeups`);
 - PostgreSQL: ``LISTEN provisioner_changes`` (the triggers ``NOTIFY``);
 - MariaDB/MySQL: a timer (the change table is polled).
 - Templates: :mod:`watchfiles` on the template directories.
@@ -14,8 +15,11 @@ by the next wake-up or the periodic reconcile.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import os
 import random
 import sqlite3
+import struct
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
@@ -30,6 +34,8 @@ from .store.changefeed import NOTIFY_CHANNEL
 from .store.schema import changes
 
 __all__ = [
+    "DirectoryWatch",
+    "NewestChange",
     "coalesce",
     "newest_change_sql",
     "poll_wakeups",
@@ -46,54 +52,206 @@ def newest_change_sql() -> str:
     return str(select(func.max(changes.c.id)).compile(dialect=sqlite_dialect.dialect()))
 
 
+class NewestChange:
+    """Reads ``max(changes.id)`` of a SQLite store on its own connection.
+
+    A few microseconds of CPU (an index seek; in WAL mode a reader never waits on a
+    writer, and with ``timeout=0`` it never waits at all), so it runs on the event loop.
+    The file is never created (``mode=rw``).
+    """
+
+    def __init__(self, db_path: Path) -> None:
+        self.uri = db_path.resolve().as_uri() + "?mode=rw"
+        self.query = newest_change_sql()
+        self.conn: sqlite3.Connection | None = None
+        self.last: object = _UNREAD
+        self.failing = False
+
+    def check(self, wake: asyncio.Event) -> bool:
+        """Set ``wake`` if the newest id moved since the last read (the first read counts);
+        ``False`` when the store cannot be read (logged once per outage)."""
+        try:
+            if self.conn is None:
+                self.conn = sqlite3.connect(self.uri, uri=True, timeout=0, isolation_level=None)
+            newest = self.conn.execute(self.query).fetchone()[0]
+        except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorname", "") in _BUSY:
+                return True  # a writer holds a lock for a moment: read again next time
+            if not self.failing:
+                log.warning("store.poll_failed", error=str(exc))
+            self.failing = True
+            self.close()
+            return False
+        self.failing = False
+        if newest != self.last:
+            self.last = newest
+            wake.set()
+        return True
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+_BUSY = ("SQLITE_BUSY", "SQLITE_LOCKED")
+#: "Nothing read yet": differs from every id and from None (an empty feed).
+_UNREAD = object()
+
+# Linux inotify(7): the events that mean "this file was written or replaced".
+_IN_MODIFY = 0x2
+_IN_MOVED_TO = 0x80
+_IN_CREATE = 0x100
+_IN_Q_OVERFLOW = 0x4000
+_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of name
+
+
+class DirectoryWatch:
+    """inotify(7) on one directory: tells whether any of ``names`` was written.
+
+    Linux only (through libc's ``inotify_init1`` and ``inotify_add_watch``); raises
+    :class:`OSError` where it is not available, so the caller can poll instead.
+    """
+
+    def __init__(self, directory: Path, names: Iterable[str]) -> None:
+        self.names = {os.fsencode(n) for n in names}
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            init, add = libc.inotify_init1, libc.inotify_add_watch
+        except (OSError, AttributeError) as exc:
+            raise OSError(f"inotify is not available: {exc}") from None
+        add.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32)
+        self.fd = int(init(os.O_NONBLOCK | os.O_CLOEXEC))
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        if add(self.fd, os.fsencode(directory), _IN_MODIFY | _IN_CREATE | _IN_MOVED_TO) < 0:
+            err = ctypes.get_errno()
+            os.close(self.fd)
+            raise OSError(err, f"inotify_add_watch failed on {str(directory)!r}")
+
+    def written(self) -> bool:
+        """Drain the pending events; ``True`` if one names a watched file (or some were lost)."""
+        data = b""
+        while True:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except BlockingIOError:
+                break
+            data += chunk
+            if len(chunk) < 65536:
+                break
+        hit, offset = False, 0
+        while offset + _EVENT.size <= len(data):
+            _wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
+            name = data[offset + _EVENT.size : offset + _EVENT.size + length].rstrip(b"\0")
+            offset += _EVENT.size + length
+            hit = hit or bool(mask & _IN_Q_OVERFLOW) or name in self.names
+        return hit
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+#: After a write to the store's files, the feed is read at once, then after 1, 2, 4 ...
+#: ms (at most every 50 ms) until 1 s passed without a write: a commit becomes visible a
+#: moment after its last write to the WAL (after the fsync, with ``synchronous=FULL``).
+_FIRST_STEP = 0.001
+_MAX_STEP = 0.05
+_LINGER = 1.0
+
+
 async def sqlite_wakeups(
     db_path: Path, wake: asyncio.Event, stop: asyncio.Event, *, interval: float = 0.005
 ) -> None:
     """Set ``wake`` whenever the newest change id of the SQLite store moves; also once at start.
 
-    Every ``interval`` seconds it reads ``max(changes.id)`` on its own connection: a few
-    microseconds (an index seek; in WAL mode a reader never waits on a writer, and with
-    ``timeout=0`` it never waits at all), so it runs on the event loop.  Unlike a file
-    watch it wakes only for the change feed (not for the daemon's own writes to the same
-    file: target rows, cursor, registrations), and at once (no debounce).  A lock held
-    for a moment is retried at the next tick; any other failure (store gone, not
-    migrated) every second with a fresh connection.  The file is never created.
+    It wakes only for the change feed (not for the daemon's own writes to the same file:
+    target rows, cursor, registrations) and without a debounce.  On Linux it sleeps until
+    inotify reports a write to the database, its WAL or its journal, then reads the
+    newest id a few times (see ``_LINGER``): no CPU while idle, a millisecond or two from
+    a commit to ``wake``.  Elsewhere it reads the newest id every ``interval`` seconds.
+    A store that cannot be read (gone, not migrated) is retried every second.
     """
-    query = newest_change_sql()
-    uri = db_path.resolve().as_uri() + "?mode=rw"
-    conn: sqlite3.Connection | None = None
-    last: object = _UNREAD
-    failing = False
+    feed = NewestChange(db_path)
+    names = [db_path.name, db_path.name + "-wal", db_path.name + "-journal"]
     try:
-        while not stop.is_set():
-            try:
-                if conn is None:
-                    conn = sqlite3.connect(uri, uri=True, timeout=0, isolation_level=None)
-                newest = conn.execute(query).fetchone()[0]
-            except sqlite3.Error as exc:
-                if getattr(exc, "sqlite_errorname", "") in _BUSY:
-                    await asyncio.sleep(interval)  # a writer holds a lock for a moment
-                    continue
-                if not failing:
-                    log.warning("store.poll_failed", error=str(exc))
-                failing = True
-                if conn is not None:
-                    conn.close()
-                    conn = None
-            else:
-                failing = False
-                if newest != last:
-                    last = newest
-                    wake.set()
-            await asyncio.sleep(max(interval, 1.0) if failing else interval)
+        try:
+            files = DirectoryWatch(db_path.resolve().parent, names)
+        except OSError as exc:
+            log.info("store.watch_unavailable", error=str(exc), poll_s=interval)
+            await _poll_feed(feed, wake, stop, interval)
+            return
+        try:
+            await _watch_feed(feed, files, wake, stop)
+        finally:
+            files.close()
     finally:
-        if conn is not None:
-            conn.close()
+        feed.close()
 
 
-_BUSY = ("SQLITE_BUSY", "SQLITE_LOCKED")
-#: The poll's "nothing read yet": differs from every id and from None (an empty feed).
-_UNREAD = object()
+async def _poll_feed(
+    feed: NewestChange, wake: asyncio.Event, stop: asyncio.Event, interval: float
+) -> None:
+    while not stop.is_set():
+        await asyncio.sleep(interval if feed.check(wake) else max(interval, 1.0))
+
+
+async def _watch_feed(
+    feed: NewestChange, files: DirectoryWatch, wake: asyncio.Event, stop: asyncio.Event
+) -> None:
+    follower = _Follower(asyncio.get_running_loop(), feed, files, wake)
+    follower.loop.add_reader(files.fd, follower.on_readable)
+    follower.check()  # the start counts as a write: the feed is read at once
+    try:
+        await stop.wait()
+    finally:
+        follower.loop.remove_reader(files.fd)
+        follower.cancel()
+
+
+class _Follower:
+    """Callbacks on the event loop: a write to the store's files reads the feed at once and
+    then at growing steps (``_FIRST_STEP`` doubling to ``_MAX_STEP``) until ``_LINGER``
+    passes without a write; then no timer runs until the next write."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        feed: NewestChange,
+        files: DirectoryWatch,
+        wake: asyncio.Event,
+    ) -> None:
+        self.loop, self.feed, self.files, self.wake = loop, feed, files, wake
+        self.last_write = loop.time()
+        self.step = _FIRST_STEP
+        self.timer: asyncio.TimerHandle | None = None
+
+    def on_readable(self) -> None:
+        if self.files.written():
+            self.last_write = self.loop.time()
+            self.step = _FIRST_STEP
+            self.check()
+
+    def tick(self) -> None:
+        self.timer = None
+        self.step = min(self.step * 2, _MAX_STEP)
+        self.check()
+
+    def check(self) -> None:
+        """Read the feed now; schedule the next read (none once the files are quiet)."""
+        self.cancel()
+        if not self.feed.check(self.wake):
+            delay = 1.0  # the store cannot be read: retry every second, writes or not
+        elif self.loop.time() - self.last_write >= _LINGER:
+            return
+        else:
+            delay = self.step
+        self.timer = self.loop.call_later(delay, self.tick)
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 async def template_wakeups(dirs: Iterable[Path], wake: asyncio.Event, stop: asyncio.Event) -> None:
