@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, event, func, select, update
+from sqlalchemy import Engine, create_engine, event, func, select, update
 
 from provisioner.config import load_config
 from provisioner.daemon import build_target
@@ -101,6 +101,8 @@ class Setup:
     tmp: Path
     store_url: str
     engine: Engine
+    #: Plain reads of the target and the store (see :func:`_reader_engine`).
+    reader: Engine
     peer: FakeAsterisk
     actions: TimedActions
     config: Path
@@ -240,7 +242,7 @@ def _applied_check(s: Setup, uid: int, context: str) -> Callable[[], bool]:
     query = select(ps_endpoints.c.context).where(ps_endpoints.c.id == _extension(uid))
 
     def in_rows() -> bool:
-        with s.engine.connect() as conn:
+        with s.reader.connect() as conn:
             return conn.execute(query).scalar_one_or_none() == context
 
     return in_rows
@@ -285,7 +287,7 @@ def _count_applied(s: Setup, context: str) -> Callable[[], int]:
     query = select(func.count()).select_from(ps_endpoints).where(ps_endpoints.c.context == context)
 
     def rows() -> int:
-        with s.engine.connect() as conn:
+        with s.reader.connect() as conn:
             return int(conn.execute(query).scalar_one())
 
     return rows
@@ -318,7 +320,7 @@ async def _registrations(s: Setup) -> dict[str, float]:
     query = select(func.count()).select_from(registrations).where(registrations.c.server == SERVER)
 
     def stored() -> int:
-        with s.engine.connect() as conn:
+        with s.reader.connect() as conn:
             return int(conn.execute(query).scalar_one())
 
     before = stored()
@@ -415,6 +417,17 @@ def _editor_engine(url: str) -> Engine:
     return engine
 
 
+def _reader_engine(url: str) -> Engine:
+    """The bench's connection for watching the target and the store, as Asterisk reads them.
+
+    Plain SQLAlchemy, not :func:`open_engine`: on SQLite that one begins every
+    transaction with ``BEGIN IMMEDIATE`` (the write lock), so a check made while the
+    daemon writes would wait in SQLite's busy handler (sleeps of 1, 2, 5, 10 ms ...)
+    and hold the daemon's next write back: both would be counted as the daemon's latency.
+    """
+    return create_engine(url)
+
+
 @contextmanager
 def _store(target: str, tmp: Path) -> Iterator[str]:
     backend = "postgresql" if target == "postgresql" else "sqlite"
@@ -430,7 +443,8 @@ async def _run(
     peer.received = actions
     await peer.start()
     engine = _editor_engine(url)
-    s = Setup(target, count, tmp, url, engine, peer, actions, tmp / "provisioner.toml")
+    reader = _reader_engine(url)
+    s = Setup(target, count, tmp, url, engine, reader, peer, actions, tmp / "provisioner.toml")
     figures: dict[str, Any] = {"users": count}
     try:
         seed_store(engine, count)
@@ -458,6 +472,7 @@ async def _run(
         assert "Traceback" not in log, f"the daemon logged a traceback: {tmp / 'daemon.log'}"
     finally:
         engine.dispose()
+        reader.dispose()
         await asyncio.sleep(0.2)  # let the peer's sessions see their clients hang up
         await peer.stop()
     figures["peak_rss_mb"] = peak_rss_mb()
