@@ -357,3 +357,41 @@ def test_postgresql_outage_is_survived(tmp_path: Path) -> None:
 
     with temp_database("postgresql", tmp_path) as url:
         asyncio.run(scenario(url))
+
+
+def test_an_edit_after_a_calm_period_does_not_wait_for_the_quiet_window(tmp_path: Path) -> None:
+    """With a 10 s quiescence window, a single edit on an idle daemon is still applied at
+    once: only edits arriving while an apply runs are held back to coalesce."""
+
+    async def scenario() -> None:
+        config = _write_config(tmp_path, None)
+        config.write_text(
+            config.read_text()
+            .replace("quiet = 0.02", "quiet = 10")
+            .replace("max_wait = 0.2", "max_wait = 20")
+        )
+        conf = tmp_path / "pjsip_users.conf"
+        await _seed(config)
+        daemon = await _start_daemon(config, tmp_path / "daemon.log")
+        try:
+            await _until(lambda: "[1000]" in _text(conf), 5)
+            await _cli(
+                config,
+                "user",
+                "add",
+                "carol",
+                "--full-name",
+                "Carol",
+                "--email",
+                "c@example.com",
+                "--profile",
+                "agents",
+            )
+            await _until(lambda: "[1001]" in _text(conf), 5)
+            assert await _stop(daemon) == 0
+        finally:
+            if daemon.returncode is None:
+                daemon.kill()
+                await daemon.wait()
+
+    asyncio.run(scenario())
