@@ -144,6 +144,8 @@ class Daemon:
     tracker: CursorTracker = field(default_factory=lambda: CursorTracker(cursor=0))
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _next_reconcile: float = 0.0
+    #: Change ids applied by the last incremental apply whose cursor is not saved yet.
+    _unsaved: list[int] | None = None
     #: The pending deferred health write (see :meth:`_write_health_soon`).
     _health_due: asyncio.TimerHandle | None = None
     _last_exc: BaseException | None = None
@@ -297,10 +299,16 @@ class Daemon:
         return None
 
     async def _run(self, work: Callable[[], Applied | None]) -> Applied | None:
-        """Run one apply in a worker thread; record the outcome, tell Asterisk."""
+        """Run one apply in a worker thread; record the outcome, tell Asterisk, then save
+        the cursor of an incremental apply (bookkeeping, not on the way to Asterisk:
+        a crash before the save only re-applies those changes, which writes nothing)."""
         kind = "full" if work == self._full else "incremental"
         try:
             result = await asyncio.to_thread(work)
+            self._succeeded(kind, result)
+            if self._unsaved is not None:
+                ids, self._unsaved = self._unsaved, None
+                await asyncio.to_thread(self._advance, ids)
         except (DBAPIError, ProvisionerError, OSError) as exc:
             self.metrics.syncs.labels(kind=kind, result="failed").inc()
             self._last_exc = exc
@@ -310,19 +318,22 @@ class Daemon:
             log.error("sync.failed", error=self.health.last_error)
             self._write_health()
             return None
+        self.health.cursor = self.tracker.cursor
+        self._write_health_soon()  # after the AMI task had its turn: it is what goes live
+        return result
+
+    def _succeeded(self, kind: str, result: Applied | None) -> None:
+        """Record a successful apply and hand its change to the AMI side."""
         self._last_exc = None
         self.health.last_sync_ok = True
         self.health.last_error = ""
         self.health.last_sync_at = time.time()
-        self.health.cursor = self.tracker.cursor
         if result is not None:
             self._count(kind, result.change)
             self.health.provisioned = len(self.applier.objects)
             self.health.skipped = len(result.skipped)
             if self.pbx is not None and self.health.ready and not result.change.empty:
                 self.pbx.applied(result.change, target_kind=self.config.target.kind)
-        self._write_health_soon()  # after the AMI task had its turn: it is what goes live
-        return result
 
     def _full(self) -> Applied:
         with self.engine.connect() as conn:
@@ -352,7 +363,7 @@ class Daemon:
             result = self.applier.full(verify=False)
         else:
             result = self.applier.users_changed({r.entity_id for r in rows})
-        self._advance([r.id for r in rows])
+        self._unsaved = [r.id for r in rows]  # saved by _run once Asterisk was told
         return result
 
     def _advance(self, ids: list[int]) -> None:
