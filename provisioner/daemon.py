@@ -18,6 +18,7 @@ A store outage is logged and retried; it never stops the daemon.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -349,6 +350,7 @@ class Daemon:
             pruned = prune_changes(conn, self.tracker.cursor)
         if pruned:
             log.info("changes.pruned", upto=self.tracker.cursor, rows=pruned)
+        _settle_heap()
         return result
 
     def _incremental(self) -> Applied | None:
@@ -443,6 +445,21 @@ class Daemon:
             write_health(Path(self.config.daemon.state_dir), self.health)
         except OSError as exc:
             log.warning("health.write_failed", error=str(exc))
+
+
+def _settle_heap() -> None:
+    """Collect garbage once, then exempt every surviving object from future collections.
+
+    After a full reconcile the heap holds every user's rendered objects (millions of
+    objects at 100,000 users).  Left to itself, the garbage collector would now and then
+    walk them all in a full collection (~0.1 s at 10,000 users, more at 100,000), in the
+    middle of some edit's apply.  Frozen, they are still freed by reference counting when
+    the next full reconcile replaces them; ``unfreeze`` first puts the previous set back
+    under collection, so garbage cycles among them live one reconcile interval at most.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 #: Failures of the first reconcile worth retrying: the store or the disk may come back.
