@@ -61,7 +61,15 @@ HEARTBEAT_INTERVAL = 15.0
 #: way to Asterisk, and a stream of edits writes it a few times a second, not per edit.
 HEALTH_DELAY = 0.05
 
-WakeSource = Callable[[asyncio.Event, asyncio.Event], Awaitable[None]]
+
+@dataclass(frozen=True)
+class WakeSource:
+    """A coroutine function ``run(event, stop)`` that sets ``event`` when there may be work."""
+
+    run: Callable[[asyncio.Event, asyncio.Event], Awaitable[None]]
+    #: A timer (the safety-net poll), not a notice of a change: its wake-ups never make
+    #: the next edit wait for a burst to settle.
+    timer: bool = False
 
 
 class Pbx(Protocol):
@@ -115,12 +123,16 @@ def wake_sources(config: Config) -> list[WakeSource]:
     if backend == "sqlite" and url.database and url.database != ":memory:":
         path = Path(url.database)
         every = config.daemon.sqlite_poll
-        sources.append(lambda wake, stop: sqlite_wakeups(path, wake, stop, interval=every))
+        sources.append(
+            WakeSource(lambda wake, stop: sqlite_wakeups(path, wake, stop, interval=every))
+        )
         poll = max(poll, 5.0)
     elif backend == "postgresql":
-        sources.append(lambda wake, stop: postgres_wakeups(config.store.url, wake, stop))
+        sources.append(
+            WakeSource(lambda wake, stop: postgres_wakeups(config.store.url, wake, stop))
+        )
         poll = max(poll, 5.0)
-    sources.append(lambda wake, stop: poll_wakeups(poll, wake, stop))
+    sources.append(WakeSource(lambda wake, stop: poll_wakeups(poll, wake, stop), timer=True))
     return sources
 
 
@@ -138,7 +150,9 @@ class Daemon:
 
     should_exit: bool = False
     reload_requested: bool = False
+    #: Set by a change notification (or a signal); ``tick`` by the safety-net timer.
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    tick: asyncio.Event = field(default_factory=asyncio.Event)
     templates_changed: asyncio.Event = field(default_factory=asyncio.Event)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     health: Health = field(default_factory=Health)
@@ -216,7 +230,7 @@ class Daemon:
         if burst:
             return first
         for source in self.wake_sources:
-            self._spawn(source(self.wake, self.stop))
+            self._spawn(source.run(self.tick if source.timer else self.wake, self.stop))
         self._spawn(template_wakeups(template_dirs(self.config), self.templates_changed, self.stop))
         if self.pbx is not None:
             self._spawn(self.pbx.run(self.stop))
@@ -246,6 +260,7 @@ class Daemon:
                 )
             else:
                 self.wake.clear()  # the first edit after a calm period: no waiting
+            self.tick.clear()
             if self.reload_requested:
                 self.reload_requested = False
                 await self._reload_config()
@@ -282,7 +297,7 @@ class Daemon:
 
     async def _wait_for_work(self) -> None:
         timeout = max(0.0, self._next_reconcile - time.monotonic())
-        await wait_first(self.wake, self.templates_changed, timeout=min(timeout, 3600.0))
+        await wait_first(self.wake, self.tick, self.templates_changed, timeout=min(timeout, 3600.0))
 
     async def _reconcile_until_done(self) -> Applied | None:
         """The first full reconcile, retried with backoff while the store is down."""
