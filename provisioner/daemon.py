@@ -159,6 +159,8 @@ class Daemon:
     tracker: CursorTracker = field(default_factory=lambda: CursorTracker(cursor=0))
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _next_reconcile: float = 0.0
+    #: A change was notified while the last apply ran (before Asterisk was told): a burst.
+    _woken_while_applying: bool = False
     #: Change ids applied by the last incremental apply whose cursor is not saved yet.
     _unsaved: list[int] | None = None
     #: The pending deferred health write (see :meth:`_write_health_soon`).
@@ -270,7 +272,7 @@ class Daemon:
                 await self._run(self._full)
             else:
                 await self._run(self._incremental)
-            burst = self.wake.is_set()
+            burst = self._woken_while_applying
 
     async def shutdown(self) -> None:
         """Stop sources and AMI, wait up to ``shutdown_timeout``, then cancel the rest."""
@@ -321,11 +323,13 @@ class Daemon:
         kind = "full" if work == self._full else "incremental"
         try:
             result = await asyncio.to_thread(work)
+            self._woken_while_applying = self.wake.is_set()
             self._succeeded(kind, result)
             if self._unsaved is not None:
                 ids, self._unsaved = self._unsaved, None
                 await asyncio.to_thread(self._advance, ids)
         except (DBAPIError, ProvisionerError, OSError) as exc:
+            self._woken_while_applying = self.wake.is_set()
             self.metrics.syncs.labels(kind=kind, result="failed").inc()
             self._last_exc = exc
             self.health.last_sync_ok = False
