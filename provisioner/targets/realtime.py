@@ -702,7 +702,8 @@ def _record(
 ) -> None:
     """Record the ids of ``pairs`` (id, digest) as provisioner's, with their digests
     (NULL without ``with_digest``): COPY on PostgreSQL, where psycopg's executemany would
-    send one statement per record; ``Connection.execute`` elsewhere."""
+    send one statement per record; the driver's own executemany elsewhere (through
+    ``Connection.execute`` SQLAlchemy's per-row bookkeeping cost as much as the insert)."""
     if not pairs:
         return
     po = provisioner_objects
@@ -712,9 +713,21 @@ def _record(
             conn, po, names, [(kind, *pair) if with_digest else (kind, pair[0]) for pair in pairs]
         )
     elif with_digest:
-        conn.execute(po.insert(), [{"kind": kind, "id": o, "digest": d} for o, d in pairs])
+        executemany(
+            conn,
+            po.insert(),
+            ("kind", "id", "digest"),
+            [(kind, *p) for p in pairs],
+            column_keys=("kind", "id", "digest"),
+        )
     else:
-        conn.execute(po.insert(), [{"kind": kind, "id": oid} for oid, _ in pairs])
+        executemany(
+            conn,
+            po.insert(),
+            ("kind", "id"),
+            [(kind, p[0]) for p in pairs],
+            column_keys=("kind", "id"),
+        )
 
 
 def _set_digests(conn: Connection, pairs: Sequence[tuple[str, str]]) -> None:
