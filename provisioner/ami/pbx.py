@@ -37,9 +37,12 @@ from ..errors import ProvisionerError
 from ..logs import get_logger
 from ..store.registrations import (
     ContactRecord,
+    ContactRow,
     SummaryRecord,
+    SummaryRow,
     replace_server_snapshot,
     set_problems,
+    write_endpoint_rows,
     write_endpoints,
 )
 from ..targets import Change
@@ -50,6 +53,7 @@ from .registration import (
     EndpointRegistration,
     apply_event,
     endpoint_of,
+    summarize,
 )
 from .reload import PjsipOps, ReloadCoordinator
 
@@ -97,6 +101,32 @@ def records(server: str, reg: EndpointRegistration) -> tuple[list[ContactRecord]
         changed_at=_utc(reg.last_change),
     )
     return contacts, summary
+
+
+def rows(reg: EndpointRegistration) -> tuple[list[ContactRow], SummaryRow]:
+    """:func:`records` as the store's plain tuples (the flusher's path, pure): the same
+    values, without building a record object per contact and endpoint."""
+    contacts: list[ContactRow] = [
+        (
+            c.object_name or f"{c.aor};{c.uri}",
+            c.uri,
+            c.status,
+            c.user_agent or "",
+            c.source or "",
+            c.rtt_usec,
+            _utc(c.expires_at) if c.expires_at is not None else None,
+            None,
+        )
+        for c in reg.contacts
+    ]
+    state = summarize(reg)
+    changed = _utc(reg.last_change) if reg.last_change is not None else None
+    return contacts, (
+        "offline" if state == "unknown" else state,
+        reg.device_state or "",
+        "",
+        changed,
+    )
 
 
 @dataclass
@@ -211,9 +241,10 @@ class AmiPbx:
             await sleep_unless(stop, FLUSH_INTERVAL)
             if link.dirty:
                 dirty, link.dirty = link.dirty, set()
-                states = {ep: records(link.name, link.book[ep]) for ep in dirty if ep in link.book}
+                book = link.book
+                states = {ep: rows(book[ep]) for ep in dirty if ep in book}
                 _log_changes(link, states)
-                await self._store(write_endpoints, link.name, states)
+                await self._store(write_endpoint_rows, link.name, states)
 
     async def _snapshots(self, link: Link, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -364,13 +395,13 @@ def _merge(snap: EndpointRegistration, known: EndpointRegistration) -> EndpointR
     )
 
 
-def _log_changes(link: Link, states: dict[str, tuple[Any, SummaryRecord]]) -> None:
+def _log_changes(link: Link, states: dict[str, tuple[Any, SummaryRow]]) -> None:
     """``registration.changed`` per endpoint whose summary changed, at most
     ``LOG_CHANGES_LIMIT`` per flush; the rest are counted in one
     ``registration.changed_more`` line, so a storm cannot flood the log."""
     logged = 0
     for ep in sorted(states):
-        state = states[ep][1].state or ""
+        state = states[ep][1][0] or ""
         if link.reported.get(ep) == state:
             continue
         link.reported[ep] = state

@@ -8,6 +8,7 @@ events for endpoints that are no user (trunks) are ignored.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +21,7 @@ from sqlalchemy import (
     any_,
     bindparam,
     delete,
+    func,
     insert,
     select,
     update,
@@ -31,11 +33,14 @@ from .schema import registration_summary, registrations, users
 
 __all__ = [
     "ContactRecord",
+    "ContactRow",
     "SummaryRecord",
+    "SummaryRow",
     "replace_server_snapshot",
     "set_problems",
     "status_rows",
     "summarize",
+    "write_endpoint_rows",
     "write_endpoints",
 ]
 
@@ -84,9 +89,9 @@ def _user_ids(conn: Connection, endpoints: Iterable[str]) -> dict[str, int]:
 
 
 def _chunks(conn: Connection, values: Sequence[_T]) -> Iterator[Sequence[_T]]:
-    """``values`` in pieces small enough for an IN list; all at once on PostgreSQL,
-    where :func:`_member` binds them as one array."""
-    if conn.dialect.name == "postgresql":
+    """``values`` in pieces small enough for an IN list; all at once on PostgreSQL and
+    SQLite, where :func:`_member` binds them as one array (one JSON text on SQLite)."""
+    if conn.dialect.name in _ONE_PARAMETER:
         if values:
             yield values
         return
@@ -94,12 +99,21 @@ def _chunks(conn: Connection, values: Sequence[_T]) -> Iterator[Sequence[_T]]:
         yield values[i : i + _CHUNK]
 
 
+#: Dialects where :func:`_member` binds any number of values as one parameter.
+_ONE_PARAMETER = frozenset({"postgresql", "sqlite"})
+
+
 def _member(conn: Connection, column: Any, values: Sequence[Any]) -> ColumnElement[bool]:
-    """``column IN values``; on PostgreSQL ``column = ANY(:array)``: one parameter,
-    so the statement is neither re-rendered nor re-parsed for each batch size."""
+    """``column IN values`` with the values as one parameter where the dialect allows,
+    so the statement is neither re-rendered nor re-parsed for each batch size and a
+    storm's batch is one statement, not one per 500 values: ``= ANY(:array)`` on
+    PostgreSQL, ``IN (SELECT value FROM json_each(:json))`` on SQLite."""
     if conn.dialect.name == "postgresql":
         array = bindparam("members", list(values), type_=ARRAY(column.type))
         return cast(ColumnElement[bool], column == any_(array))
+    if conn.dialect.name == "sqlite":
+        each = func.json_each(bindparam("members", json.dumps(list(values)))).table_valued("value")
+        return cast(ColumnElement[bool], column.in_(select(each.c.value)))
     return cast(ColumnElement[bool], column.in_(values))
 
 
@@ -147,6 +161,14 @@ def _summary_values(uid: int, s: SummaryRecord, now: datetime) -> list[Any]:
     ]
 
 
+#: A contact without its user and server: ``contact_id``, ``uri``, ``status``,
+#: ``user_agent``, ``source``, ``rtt_usec``, ``expires_at``, ``changed_at`` (``None``: now).
+ContactRow = tuple[str, str, str, str, str, int | None, datetime | None, datetime | None]
+#: A summary without its user and server: ``state`` (``None``: offline),
+#: ``device_state``, ``problem``, ``changed_at`` (``None``: now).
+SummaryRow = tuple[str | None, str, str, datetime | None]
+
+
 def write_endpoints(
     conn: Connection,
     server: str,
@@ -156,10 +178,43 @@ def write_endpoints(
     """Replace, for ``server``, the contacts and summary of each endpoint in ``states``.
 
     One call is one batch on the caller's transaction; returns how many endpoints
-    matched a user.
+    matched a user.  The records' own ``server`` is not used: ``server`` is.
     """
-    ids = _user_ids(conn, states)
-    matched = [(ep, ids[ep]) for ep in states if ep in ids]
+    rows = {
+        ep: (
+            [
+                (
+                    c.contact_id,
+                    c.uri,
+                    c.status,
+                    c.user_agent,
+                    c.source,
+                    c.rtt_usec,
+                    c.expires_at,
+                    c.changed_at,
+                )
+                for c in contacts
+            ],
+            (s.state, s.device_state or "", s.problem or "", s.changed_at),
+        )
+        for ep, (contacts, s) in states.items()
+    }
+    return write_endpoint_rows(conn, server, rows, now)
+
+
+def write_endpoint_rows(
+    conn: Connection,
+    server: str,
+    rows: Mapping[str, tuple[Sequence[ContactRow], SummaryRow]],
+    now: datetime,
+) -> int:
+    """:func:`write_endpoints` of plain tuples (the flusher's path: no record objects).
+
+    Each endpoint's contacts and summary for ``server`` are replaced by ``rows[ep]``;
+    endpoints that are no user are skipped.  Returns how many matched a user.
+    """
+    ids = _user_ids(conn, rows)
+    matched = [(ep, ids[ep]) for ep in rows if ep in ids]
     uids = [uid for _, uid in matched]
     for chunk in _chunks(conn, uids):
         for table in (registrations, registration_summary):
@@ -168,11 +223,31 @@ def write_endpoints(
     contact_rows: dict[tuple[int, str], list[Any]] = {}
     summary_rows = []
     for ep, uid in matched:
-        contacts, summary = states[ep]
-        for c in contacts:
-            row = _contact_values(uid, c, now)
-            contact_rows[(uid, row[2])] = row
-        summary_rows.append(_summary_values(uid, summary, now))
+        contacts, (state, device_state, problem, changed_at) = rows[ep]
+        for cid, uri, status, agent, source, rtt, expires_at, c_changed in contacts:
+            key = cid[:255]
+            contact_rows[(uid, key)] = [
+                uid,
+                server,
+                key,
+                uri[:512],
+                status[:32],
+                agent[:255],
+                source[:128],
+                rtt,
+                expires_at,
+                c_changed or now,
+            ]
+        summary_rows.append(
+            [
+                uid,
+                server,
+                (state or "offline")[:16],
+                device_state[:32],
+                problem[:255],
+                changed_at or now,
+            ]
+        )
     _insert_many(conn, registrations, _CONTACT_COLUMNS, list(contact_rows.values()))
     _insert_many(conn, registration_summary, _SUMMARY_COLUMNS, summary_rows)
     return len(matched)
@@ -195,8 +270,16 @@ def _insert_many(
         return
     for at, name in enumerate(names):
         if (proc := _bind_processor(table, name, conn)) is not None:
+            # A storm's rows share few distinct values per column (the flush's "now",
+            # an event's timestamp): each is converted once (SQLite's datetime text
+            # cost ~1 us a value).
+            done: dict[Any, Any] = {}
             for v in rows:
-                v[at] = proc(v[at])
+                value = v[at]
+                try:
+                    v[at] = done[value]
+                except KeyError:
+                    v[at] = done[value] = proc(value)
     executemany(conn, insert(table), names, rows, column_keys=names)
 
 
