@@ -62,6 +62,9 @@ __all__ = ["AmiPbx", "Link"]
 log = get_logger(__name__)
 
 FLUSH_INTERVAL = 0.2
+#: Dirty endpoints that start a flush at once, not at the next interval: a storm is
+#: written in batches of about this size while the next batch is being read.
+FLUSH_BATCH = 5000
 SNAPSHOT_MIN_GAP = 2.0
 #: Endpoints verified with PJSIPShowEndpoint after one apply, at most (the rest next time).
 VERIFY_LIMIT = 200
@@ -149,6 +152,8 @@ class Link:
     reload_results: dict[str, int] = field(default_factory=dict)
     #: endpoint -> summary last logged, so ``registration.changed`` fires on changes only.
     reported: dict[str, str] = field(default_factory=dict)
+    #: Set when ``FLUSH_BATCH`` endpoints are dirty: the flusher writes without waiting.
+    flush_now: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -230,15 +235,27 @@ class AmiPbx:
         if after is None:
             return
         link.book[endpoint] = after
-        link.dirty.add(endpoint)
+        dirty = link.dirty
+        dirty.add(endpoint)
+        if len(dirty) >= FLUSH_BATCH:
+            link.flush_now.set()
         if event.get("Event") == "SuccessfulAuth" and not after.tracked:
             # Asterisk sends no status events for endpoints added since its last
             # reload; their contacts are only visible by asking.
             link.snapshot_wanted.set()
 
     async def _flusher(self, link: Link, stop: asyncio.Event) -> None:
+        """Write the dirty endpoints every ``FLUSH_INTERVAL`` (counted from the last
+        write's start, so a slow write is not followed by a full interval's wait), or at
+        once when ``FLUSH_BATCH`` of them are dirty.  The latest state of each endpoint
+        is written once, however many events changed it since the last write."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         while not stop.is_set():
-            await sleep_unless(stop, FLUSH_INTERVAL)
+            wait = FLUSH_INTERVAL - (loop.time() - started)
+            await wait_first(stop, link.flush_now, timeout=max(0.0, wait))
+            link.flush_now.clear()
+            started = loop.time()
             if link.dirty:
                 dirty, link.dirty = link.dirty, set()
                 book = link.book
