@@ -6,6 +6,7 @@ import itertools
 import re
 
 from provisioner.ami.actions import parse_message_lines
+from provisioner.ami.pbx import records, rows
 from provisioner.ami.registration import (
     EndpointRegistration,
     apply_event,
@@ -158,3 +159,67 @@ def test_contact_list_snapshot_from_show_actions() -> None:
     assert contact.object_name.startswith("2001;@")
     assert contact.expires_at is not None
     assert book["2001"].summary == "online"
+
+
+def test_first_contact_status_equals_the_general_path() -> None:
+    """A first ContactStatus of an endpoint gives the record the general fold gives."""
+    for events in _captures().values():
+        for event in events:
+            if event["Event"] != "ContactStatus":
+                continue
+            endpoint = endpoint_of(event)
+            assert endpoint is not None
+            general = apply_event(EndpointRegistration(endpoint), event)
+            assert apply_event(None, event) == general
+
+
+def test_status_event_keeps_what_the_snapshot_said() -> None:
+    """A ContactStatus of a snapshot's contact keeps its user agent, source, expiry and key."""
+    text = (AMI_DIR / "show_actions.txt").read_text()
+    items = []
+    for block in text.split("\n\n"):
+        message = parse_message_lines(block.splitlines())
+        if message is not None and message.event == "ContactList":
+            items.append(message.as_dict())
+    before = snapshot_from_contact_list(items)["1001"]
+    (old,) = before.contacts
+    event = {
+        "Event": "ContactStatus",
+        "URI": old.uri,
+        "ContactStatus": "Reachable",
+        "AOR": old.aor,
+        "EndpointName": "1001",
+        "RoundtripUsec": "812",
+    }
+    after = apply_event(before, event)
+    assert after is not None
+    (new,) = after.contacts
+    assert (new.status, new.rtt_usec) == ("Reachable", 812)
+    assert (new.user_agent, new.source, new.expires_at, new.object_name) == (
+        old.user_agent,
+        old.source,
+        old.expires_at,
+        old.object_name,
+    )
+
+
+def test_flusher_rows_equal_the_records() -> None:
+    """pbx.rows gives the values pbx.records gives, for every endpoint of the captures."""
+    for events in _captures().values():
+        for reg in apply_events({}, events).values():
+            contacts, summary = records("lab", reg)
+            contact_rows, summary_row = rows(reg)
+            assert contact_rows == [
+                (
+                    c.contact_id,
+                    c.uri,
+                    c.status,
+                    c.user_agent,
+                    c.source,
+                    c.rtt_usec,
+                    c.expires_at,
+                    c.changed_at,
+                )
+                for c in contacts
+            ]
+            assert summary_row == (summary.state, summary.device_state, "", summary.changed_at)

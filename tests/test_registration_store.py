@@ -1,21 +1,28 @@
-"""Registration state in the store: ``write_endpoints`` on every backend."""
+"""Registration state in the store: ``write_endpoints`` and the flusher, on every backend."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 
 from sqlalchemy import Engine, select
 
 from bench.common import seed_store
+from provisioner.ami.client import AmiClient
+from provisioner.ami.pbx import AmiPbx, Link
+from provisioner.ami.reload import PjsipOps, ReloadCoordinator
 from provisioner.store.registrations import (
     ContactRecord,
     SummaryRecord,
     replace_server_snapshot,
     set_problems,
     status_rows,
+    write_endpoint_rows,
     write_endpoints,
 )
 from provisioner.store.schema import registration_summary, registrations
+
+from .amipeer import FakeAsterisk, eventually, fast_settings, run, running, server_for
 
 NOW = datetime(2026, 5, 1, 12, 0, 0, 123456)
 SEEN = datetime(2026, 5, 1, 11, 59, 58, 654321)
@@ -66,3 +73,82 @@ def test_snapshot_replaces_every_contact_and_problems_are_kept(engine: Engine) -
         problems = sorted(tuple(r) for r in sums)
     assert sorted(tuple(r) for r in rows) == [(1, SEEN), (2, SEEN)]
     assert problems == [(1, "rejected"), (3, "")]
+
+
+def test_write_endpoint_rows_matches_write_endpoints(engine: Engine) -> None:
+    """The flusher's tuple path stores exactly what the record path stores."""
+    seed_store(engine, 2)
+    contact, summary = _state("100000", "Reachable")
+    with engine.begin() as conn:
+        write_endpoints(conn, "pbx1", {"100000": (contact, summary)}, NOW)
+        c = contact[0]
+        row = (
+            c.contact_id,
+            c.uri,
+            c.status,
+            c.user_agent,
+            c.source,
+            c.rtt_usec,
+            c.expires_at,
+            None,
+        )
+        matched = write_endpoint_rows(
+            conn,
+            "pbx1",
+            {
+                "100001": ([row], ("online", "NOT_INUSE", "", SEEN)),
+                "trunk": ([], (None, "", "", None)),
+            },
+            NOW,
+        )
+        assert matched == 1
+    with engine.connect() as conn:
+        rows = conn.execute(select(registrations).order_by(registrations.c.user_id)).all()
+        sums = conn.execute(
+            select(registration_summary).order_by(registration_summary.c.user_id)
+        ).all()
+    assert [tuple(r)[2:] for r in rows] == [
+        (c.contact_id, c.uri, "Reachable", "Phone/1", "", 1234, SEEN, SEEN),
+        (c.contact_id, c.uri, "Reachable", "Phone/1", "", 1234, SEEN, NOW),
+    ]
+    assert [tuple(s)[1:] for s in sums] == [
+        ("pbx1", "online", "NOT_INUSE", "", SEEN),
+        ("pbx1", "online", "NOT_INUSE", "", SEEN),
+    ]
+
+
+def test_events_of_one_contact_in_one_flush_window_leave_the_latest_state(
+    engine: Engine,
+) -> None:
+    """A register then un-register of one contact sent back to back (one flush window, the
+    dirty set keeps the endpoint once) leave the store with the un-register's state."""
+    seed_store(engine, 2)
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        await peer.start()
+        client = AmiClient(server_for(peer), fast_settings())
+        link = Link("lab", client, ReloadCoordinator(client, fast_settings()), PjsipOps(client))
+        pbx = AmiPbx([link], engine, "realtime")
+        try:
+            async with running(pbx):
+                await eventually(lambda: link.last_snapshot > 0 and client.connected)
+                await asyncio.sleep(0.3)  # the connect snapshot written
+                to_user = ((b"1001", b"100000"),)
+                await peer.send_recorded(
+                    "Event: ContactStatus\r\n", "NonQualified", replace=to_user
+                )
+                await peer.send_recorded("Event: ContactStatus\r\n", "Removed", replace=to_user)
+                await eventually(lambda: link.events == 2)
+                await eventually(lambda: not link.dirty, timeout=2.0)
+                await asyncio.sleep(0.1)  # the write itself, in its thread
+        finally:
+            await peer.stop()
+
+    run(scenario())
+    with engine.connect() as conn:
+        contacts = conn.execute(select(registrations.c.user_id)).all()
+        sums = conn.execute(select(registration_summary.c.user_id, registration_summary.c.state))
+        states = sorted(tuple(s) for s in sums)
+    assert contacts == []
+    assert (1, "offline") in states

@@ -172,12 +172,15 @@ def _contacts_with(
     old = next((c for c in contacts if (c.aor, c.uri) == key), None)
     if old is not None:
         # A status event carries no user agent or expiry: keep what the snapshot said.
-        contact = replace(
-            contact,
-            user_agent=contact.user_agent or old.user_agent,
-            source=contact.source or old.source,
-            expires_at=contact.expires_at or old.expires_at,
-            object_name=contact.object_name or old.object_name,
+        contact = ContactState(
+            contact.aor,
+            contact.uri,
+            contact.status,
+            contact.rtt_usec,
+            contact.user_agent or old.user_agent,
+            contact.source or old.source,
+            contact.expires_at or old.expires_at,
+            contact.object_name or old.object_name,
         )
     return (*others, contact)
 
@@ -196,12 +199,19 @@ def apply_event(
     endpoint = endpoint_of(event)
     if endpoint is None:
         return current
-    reg = current if current is not None else EndpointRegistration(endpoint)
     stamp = _float_or_none(event.get("Timestamp"))
+    kind = event.get("Event", "")
+    if current is None and kind == "ContactStatus":
+        # The storm's usual case: a first event for the endpoint, one record built.
+        contact = _contact_from_status(event)
+        contacts = () if contact.status == "Removed" else (contact,)
+        return EndpointRegistration(
+            endpoint, contacts, None, None, True, True, None, None, stamp or None
+        )
+    reg = current if current is not None else EndpointRegistration(endpoint)
     # The latest time seen, whatever order the events came in.
     last = reg.last_change
     latest = max(stamp, last) if stamp and last else (stamp or last or None)
-    kind = event.get("Event", "")
     if kind == "ContactStatus":
         # The storm's event: one record built, no chain of ``replace`` calls.
         return EndpointRegistration(

@@ -81,10 +81,8 @@ def _user_ids(conn: Connection, endpoints: Iterable[str]) -> dict[str, int]:
     wanted = sorted(set(endpoints))
     out: dict[str, int] = {}
     for chunk in _chunks(conn, wanted):
-        rows = conn.execute(
-            select(users.c.extension, users.c.id).where(_member(conn, users.c.extension, chunk))
-        )
-        out.update({r.extension: r.id for r in rows})
+        query = select(users.c.extension, users.c.id).where(_member(conn, users.c.extension, chunk))
+        out.update(conn.execute(query).all())
     return out
 
 
