@@ -26,10 +26,13 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass, replace
+from bisect import bisect_left
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from itertools import chain, islice, repeat
+from operator import attrgetter
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import jinja2
 
@@ -136,18 +139,27 @@ def check_rendered(data: bytes, objects: Sequence[UserObjects]) -> None:
 #: literally in a section name, an option name and a value (no comment, escape,
 #: section, directive, object or append mark, no blank at either end, no control).
 _PLAIN_ID = re.compile(r"[A-Za-z0-9._@+-]{1,79}")
+#: Ids joined by LF, each plain (an id holds no LF, so the split is unambiguous).
+_PLAIN_IDS = re.compile(r"[A-Za-z0-9._@+-]{1,79}(?:\n[A-Za-z0-9._@+-]{1,79})*")
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_]{1,100}")
 #: Controls but LF, C1 controls, surrogates, comment and escape marks: never in plain text.
 _ODD_CHAR = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\ud800-\udfff;\\]")
 #: The ASCII bytes _ODD_CHAR lets through.
 _PLAIN_ASCII = bytes(b for b in range(128) if not _ODD_CHAR.match(chr(b)))
 #: A value starting with a blank or '>' or ending with a blank (in a plain line the first
-#: '=' ends the name); also refused (harmlessly) inside a value.
-_ODD_EDGES = ("= ", "=>", " \n")
+#: '=' ends the name): "= ", "=>" or " \n" anywhere (also refused, harmlessly, inside a
+#: value).  Each pattern starts with one literal character, rare in such files, that the
+#: regex engine finds by a quick scan: one pass each, where ``in`` took ~3x as long.
+_ODD_EDGES = (re.compile(r" (?:(?=\n)|(?<== ))"), re.compile(r">(?<==>)"))
 #: Below this many characters no line can reach Asterisk's 8191-byte limit (4 bytes each).
 _SHORT = 2000
 #: Option names and types already found plain (a few dozen in practice; bounded).
 _plain_names: set[str] = set()
+#: The three sections' ids and options of a user, read in C.
+_IDS = attrgetter("endpoint_id", "auth_id", "aor_id")
+_OPTIONS = attrgetter("endpoint", "auth", "aor")
+_PAIR = "=".join
+_LINES = "\n".join
 
 
 def _plain_name(name: str) -> bool:
@@ -160,6 +172,78 @@ def _plain_name(name: str) -> bool:
     return True
 
 
+def _chunk_text(user: UserObjects) -> str:
+    """The shipped templates' text for one user (each section: a blank line, ``[id]``,
+    ``type=<type>``, ``key=value`` per option), unchecked."""
+    endpoint, auth, aor = user.endpoint, user.auth, user.aor
+    if endpoint and auth and aor:
+        # One f-string, each option line made in C: the usual case, by far the quickest.
+        return (
+            f"\n[{user.endpoint_id}]\ntype=endpoint\n{_LINES(map(_PAIR, endpoint))}\n"
+            f"\n[{user.auth_id}]\ntype=auth\n{_LINES(map(_PAIR, auth))}\n"
+            f"\n[{user.aor_id}]\ntype=aor\n{_LINES(map(_PAIR, aor))}\n"
+        )
+    return "".join(
+        f"\n[{name}]\ntype={kind}\n" + "".join(f"{key}={value}\n" for key, value in options)
+        for name, kind, options in user.sections()
+    )
+
+
+def _all_plain(users: Sequence[UserObjects], texts: Sequence[str]) -> bool:
+    """True when every ``texts[i]`` (:func:`_chunk_text` of ``users[i]``) is canonical:
+    after a header that leaves no block comment open, its lines parse to exactly
+    ``users[i].sections()``.
+
+    Each property is checked on all texts at once, in C, and holds for the whole batch
+    exactly when it holds for each text (every text starts with LF and ends with LF, so no
+    odd pair of characters spans two): every id plain; every option name plain (its first
+    ``=`` ends the name; types are the three fixed words); as many LFs as lines, so no id,
+    name or value holds one and each line is one ``[id]`` or one ``name=value``; no odd
+    character anywhere; no value starting with a blank or ``>`` or ending with a blank;
+    no line long enough to reach Asterisk's limit.
+    """
+    if not users:
+        return True
+    ids = _LINES(chain.from_iterable(map(_IDS, users)))
+    if not _PLAIN_IDS.fullmatch(ids):
+        return False
+    options = list(chain.from_iterable(map(_OPTIONS, users)))
+    try:
+        # dict() reads the names in C, and refuses anything but (name, value) pairs.
+        names = dict(chain.from_iterable(options))
+    except (TypeError, ValueError):
+        return False
+    if not _plain_names.issuperset(names) and not all(map(_plain_name, names)):
+        return False
+    text = "".join(texts)
+    if text.count("\n") != 9 * len(users) + sum(map(len, options)):
+        return False
+    if any(edge.search(text) for edge in _ODD_EDGES):
+        return False
+    if text.isascii():
+        if text.encode("ascii").translate(None, _PLAIN_ASCII):
+            return False  # bytes.translate deleting every plain byte: fast, in C
+    elif _ODD_CHAR.search(text):
+        return False
+    return max(map(len, texts)) < _SHORT or all(
+        max(map(len, t.split("\n"))) * 4 < LINE_MAX_BYTES for t in texts if len(t) >= _SHORT
+    )
+
+
+def _canonical_chunks(users: Sequence[UserObjects]) -> list[str]:
+    """:func:`canonical_chunk` of each user, ``""`` for one that has none; checked in one
+    batch (see :func:`_all_plain`), user by user only when the batch holds an odd one."""
+    try:
+        texts = list(map(_chunk_text, users))
+    except TypeError:  # a value that is not a str: leave it to Jinja and the parser
+        return [canonical_chunk(user) or "" for user in users]
+    if _all_plain(users, texts):
+        return texts
+    if len(users) == 1:
+        return [""]
+    return [t if _all_plain((u,), (t,)) else "" for u, t in zip(users, texts, strict=True)]
+
+
 def canonical_chunk(user: UserObjects) -> str | None:
     """The shipped templates' text for one user (each section: a blank line, ``[id]``,
     ``type=<type>``, ``key=value`` per option), or None when some id, name or value holds
@@ -167,36 +251,14 @@ def canonical_chunk(user: UserObjects) -> str | None:
 
     Lines of this text, after a header that leaves no block comment open, parse to
     exactly ``user.sections()``: nothing in them is a comment, escape, directive,
-    template, inheritance, ``+=`` or ``=>`` mark, blank to strip or over-long line.
-    Checked on the whole text: as many LFs as lines means no id, name or value holds
-    one, so each line is one ``[id]`` (a plain id) or one ``name=value`` (a plain name,
-    so its first ``=`` ends the name); then no odd character anywhere and no value
-    starting with a blank or ``>`` or ending with a blank.
+    template, inheritance, ``+=`` or ``=>`` mark, blank to strip or over-long line
+    (see :func:`_all_plain`).
     """
-    parts: list[str] = []
-    lines = 0
-    for name, kind, options in user.sections():
-        if not (_PLAIN_ID.fullmatch(name) and _plain_name(kind)):
-            return None
-        # dict(options) iterates the names in C; a new name is looked at one by one.
-        if not _plain_names.issuperset(dict(options)) and not all(
-            _plain_name(key) for key, _ in options
-        ):
-            return None
-        parts.append(f"\n[{name}]\ntype={kind}\n")
-        parts += [f"{key}={value}\n" for key, value in options]
-        lines += 3 + len(options)
-    text = "".join(parts)
-    if text.count("\n") != lines or any(e in text for e in _ODD_EDGES):
+    try:
+        text = _chunk_text(user)
+    except TypeError:
         return None
-    if text.isascii():
-        if text.encode("ascii").translate(None, _PLAIN_ASCII):
-            return None  # bytes.translate deleting every plain byte: fast, in C
-    elif _ODD_CHAR.search(text):
-        return None
-    if len(text) >= _SHORT and max(map(len, text.split("\n"))) * 4 >= LINE_MAX_BYTES:
-        return None
-    return text
+    return text if _all_plain((user,), (text,)) else None
 
 
 #: The templates laying out the users; while none is overridden or edited,
@@ -240,14 +302,58 @@ def _raise_problems(problems: list[str]) -> None:
         )
 
 
-@dataclass(frozen=True)
-class _Verified:
-    """Bytes that passed :func:`check_rendered` for these intended sections."""
+_EID = attrgetter("endpoint_id")
+_AUTH_ID = attrgetter("auth_id")
+_AOR_ID = attrgetter("aor_id")
+
+
+def _eid_key(endpoint_id: str) -> tuple[int, str]:
+    """render_all's order of endpoint ids: by length, then as text."""
+    return (len(endpoint_id), endpoint_id)
+
+
+def _before(a: str, b: str) -> bool:
+    return len(a) < len(b) or (len(a) == len(b) and a < b)
+
+
+@dataclass
+class _State:
+    """Bytes that passed the parse-back check, and the users they hold, in order."""
 
     data: bytes
-    intended: list[_Intended]
-    #: No two intended sections share a (type, name): each user's three objects are its own.
-    distinct: bool = False
+    users: list[UserObjects]
+    #: Each user's canonical chunk (``""`` for none).
+    chunks: list[str]
+    #: The header when ``data`` is exactly it followed by all the chunks, each canonical,
+    #: and it parses to nothing (what :meth:`ConfigFileTarget.apply_partial` edits); else None.
+    header: str | None = None
+    _distinct: bool | None = field(default=None, repr=False)
+    _ordered: list[str] | None = field(default=None, repr=False)
+    _ordered_known: bool = field(default=False, repr=False)
+
+    @property
+    def distinct(self) -> bool:
+        """No two sections share a (type, name): each user's three objects are its own."""
+        if self._distinct is None:
+            count = len(self.users)
+            self._distinct = all(
+                len(set(map(get, self.users))) == count for get in (_EID, _AUTH_ID, _AOR_ID)
+            )
+        return self._distinct
+
+    def ordered_ids(self) -> list[str] | None:
+        """The endpoint ids when they are distinct and in render_all's order, and every user
+        names its auth ``<id>-auth`` and its AOR ``<id>`` (so its objects are its own and a
+        user is found by bisection); else None.  Found once per state."""
+        if not self._ordered_known:
+            ids = list(map(_EID, self.users))
+            fits = (
+                all(map(_before, ids, islice(ids, 1, None)))
+                and list(map(_AOR_ID, self.users)) == ids
+                and list(map(_AUTH_ID, self.users)) == list(map(auth_id, ids))
+            )
+            self._ordered, self._ordered_known = (ids if fits else None), True
+        return self._ordered
 
 
 def _read(path: Path) -> bytes | None:
@@ -269,27 +375,27 @@ class _Current:
     endpoints: tuple[str, ...]
 
     @classmethod
-    def read(cls, path: Path, *known: _Verified | None) -> _Current:
+    def read(cls, path: Path, *known: _State | None) -> _Current:
         """The file at ``path``; not parsed again when it holds one of the ``known`` bytes."""
         return cls.of_bytes(_read(path), *known)
 
     @classmethod
-    def of_bytes(cls, data: bytes | None, *known: _Verified | None) -> _Current:
+    def of_bytes(cls, data: bytes | None, *known: _State | None) -> _Current:
         """The file holding ``data`` (None: absent); not parsed when it is ``known``."""
         if data is None:
             return cls(None, {}, ())
         for verified in known:
             if verified is not None and verified.data == data:
-                return cls.verified(data, verified.intended)
+                return cls.verified(data, verified.users)
         return cls.of(data)
 
     @classmethod
-    def verified(cls, data: bytes, intended: list[_Intended]) -> _Current:
-        """The file ``data``, known (by :func:`check_rendered`) to hold exactly ``intended``:
+    def verified(cls, data: bytes, users: list[UserObjects]) -> _Current:
+        """The file ``data``, known (by the parse-back check) to hold exactly ``users``:
         what :meth:`of` would find, without parsing it again."""
         objects: dict[tuple[str, str], Options] = {}
         endpoints: list[str] = []
-        for name, kind, options in intended:
+        for name, kind, options in _intended(users):
             objects[(kind, name)] = options
             if kind == "endpoint":
                 endpoints.append(name)
@@ -340,6 +446,23 @@ def _compare(current: _Current, objects: Sequence[UserObjects]) -> Change:
         removed=tuple(removed),
         unchanged=unchanged,
         changed_objects=tuple(dict.fromkeys(changed)),
+    )
+
+
+def _all_added(state: _State) -> Change:
+    """What :func:`_compare` finds for a file holding nothing: every user added."""
+    users = state.users
+    keys = chain.from_iterable(
+        zip(
+            zip(repeat("endpoint"), map(_EID, users)),
+            zip(repeat("auth"), map(_AUTH_ID, users)),
+            zip(repeat("aor"), map(_AOR_ID, users)),
+            strict=True,
+        )
+    )
+    return Change(
+        added=tuple(map(_EID, users)),
+        changed_objects=tuple(keys) if state.distinct else tuple(dict.fromkeys(keys)),
     )
 
 
@@ -575,9 +698,14 @@ class ConfigFileTarget:
                 [Problem("target.templates", f"{str(templates_dir)!r} is not a directory")]
             )
         #: The last bytes that passed the parse-back check, and what they hold.
-        self._verified: _Verified | None = None
-        #: canonical_chunk of the users last checked (only those: it never grows stale).
-        self._chunks: dict[UserObjects, str | None] = {}
+        self._verified: _State | None = None
+        #: What the file holds as this object last wrote or found it (apply_partial's base).
+        self._state: _State | None = None
+        #: Endpoint id -> (user, canonical chunk) of the users last verified, built when
+        #: first needed after each check (so it holds only those: it never grows stale).
+        self._cache: dict[str, tuple[UserObjects, str]] | None = None
+        #: The last header checked by _plain_header, and the answer.
+        self._header_seen: tuple[str, bool] = ("", False)
         self._searched = [
             *([templates_dir] if templates_dir is not None else []),
             SHIPPED_TEMPLATES,
@@ -633,18 +761,11 @@ class ConfigFileTarget:
         templates = config.target.templates
         return cls(Path(config.target.path), Path(templates) if templates else None)
 
-    def render_text(self, objects: Sequence[UserObjects]) -> str:
-        """The file's text for ``objects``, in their order; pure (templates aside)."""
+    @contextlib.contextmanager
+    def _templating(self) -> Iterator[jinja2.Environment]:
+        """The fresh Environment; a template error becomes :class:`RenderCheckFailed`."""
         try:
-            env = self._fresh_environment()
-            users = list(objects)
-            chunks = self._chunks_of(users) if self._direct else [None]
-            if None in chunks:
-                return env.get_template(MAIN_TEMPLATE).render(users=users)
-            # The shipped layout, unchanged, renders exactly the canonical chunks (tested):
-            # only the header goes through Jinja, and each user's text is cached.
-            header = env.get_template("header.j2").render(users=users)
-            return header + "".join(cast(list[str], chunks))
+            yield self._fresh_environment()
         except jinja2.TemplateSyntaxError as exc:
             where = f"{exc.name or exc.filename or '?'} line {exc.lineno}"
             raise RenderCheckFailed(f"template {where}: {exc.message}") from None
@@ -654,56 +775,104 @@ class ConfigFileTarget:
             # Not the message: it could quote a value.
             raise RenderCheckFailed(f"templates failed to render ({type(exc).__name__})") from None
 
+    def render_text(self, objects: Sequence[UserObjects]) -> str:
+        """The file's text for ``objects``, in their order; pure (templates aside)."""
+        return self._render(list(objects))[0]
+
+    def _render(self, users: list[UserObjects]) -> tuple[str, list[str], str | None]:
+        """The file's text for ``users``, each user's canonical chunk (``""`` for none),
+        and the header when the text is exactly that header followed by every chunk."""
+        with self._templating() as env:
+            chunks = self._chunks_of(users)
+            if self._direct and "" not in chunks:
+                # The shipped layout, unchanged, renders exactly the canonical chunks (tested):
+                # only the header goes through Jinja, and each user's text is cached.
+                header = env.get_template("header.j2").render(users=users)
+                return header + "".join(chunks), chunks, header
+            text = env.get_template(MAIN_TEMPLATE).render(users=users)
+        if "" not in chunks:
+            # An override may still have laid the users out exactly as the shipped one.
+            tail = "".join(chunks)
+            if text.endswith(tail):
+                return text, chunks, text[: len(text) - len(tail)]
+        return text, chunks, None
+
+    def _chunks_of(self, users: Sequence[UserObjects]) -> list[str]:
+        """:func:`canonical_chunk` of each user (``""`` for none); a user equal to one of
+        the last verified file is taken from there, the others are made in one batch."""
+        cache = self._cache
+        if cache is None:
+            known = self._verified
+            pairs = zip(known.users, known.chunks, strict=True) if known is not None else ()
+            cache = self._cache = {user.endpoint_id: (user, chunk) for user, chunk in pairs}
+        if not cache:
+            return _canonical_chunks(users)  # the first build: nothing to look up
+        chunks: list[str] = []
+        missing: list[int] = []
+        for user in users:
+            hit = cache.get(user.endpoint_id)
+            if hit is not None and (hit[0] is user or hit[0] == user):
+                chunks.append(hit[1])
+            else:
+                missing.append(len(chunks))
+                chunks.append("")
+        if missing:
+            made = _canonical_chunks([users[i] for i in missing])
+            for i, chunk in zip(missing, made, strict=True):
+                chunks[i] = chunk
+        return chunks
+
+    def _plain_header(self, header: str) -> bool:
+        """:func:`_plain_header`, remembered for the last header asked about."""
+        seen, plain = self._header_seen
+        if seen != header or not seen:
+            plain = _plain_header(header)
+            self._header_seen = (header, plain)
+        return plain
+
     def _desired(
         self, objects: Sequence[UserObjects], keep: Collection[str]
-    ) -> tuple[_Current | None, list[UserObjects], str]:
-        """The current file (None: not needed to find the kept users, not read yet), the
-        objects the new file must hold (``objects`` plus the kept users' current objects)
-        and its text."""
+    ) -> tuple[_Current | None, list[UserObjects]]:
+        """The current file (None: not needed to find the kept users, not read yet) and the
+        objects the new file must hold (``objects`` plus the kept users' current objects)."""
         if not keep:
-            return None, list(objects), self.render_text(objects)
-        current = _Current.read(self.path, self._verified)
-        desired = _with_kept(objects, _kept_objects(current, keep, objects))
-        return current, desired, self.render_text(desired)
+            return None, list(objects)
+        current = _Current.read(self.path, self._state, self._verified)
+        return current, _with_kept(objects, _kept_objects(current, keep, objects))
 
     def plan(
         self, objects: Sequence[UserObjects], *, keep: Collection[str] = (), verify: bool = False
     ) -> Change:
         """What :meth:`apply` would change, with a unified diff (credentials redacted);
         writes nothing.  ``keep``: endpoint ids whose current objects stay as they are."""
-        current, desired, text = self._desired(objects, keep)
+        current, desired = self._desired(objects, keep)
+        text = self._render(desired)[0]
         if current is None:
-            current = _Current.read(self.path, self._verified)
+            current = _Current.read(self.path, self._state, self._verified)
         return replace(_compare(current, desired), diff=_diff(self.path, current.data, text))
 
-    def _check(self, data: bytes, text: str, desired: list[UserObjects]) -> _Verified:
-        """:func:`check_rendered`, skipped for the bytes last verified for the same objects
-        and taken by the fast path (see the module docstring) where it applies.  Returns
-        what was verified."""
-        intended = _intended(desired)
+    def _verify(self, users: list[UserObjects]) -> _State:
+        """The file for ``users``, rendered and parse-checked: :func:`check_rendered`, or
+        only the canonical chunks' checks when the text is a plain header followed by every
+        user's canonical chunk (see the module docstring).  The bytes last verified for
+        the same users, under the same templates, are neither rendered nor checked again."""
         known = self._verified
-        if known is not None and known.data == data and known.intended == intended:
+        if known is not None and known.header is not None and known.users == users:
+            with self._templating() as env:
+                if self._direct and env.get_template("header.j2").render(users=users) == (
+                    known.header
+                ):
+                    return known
+        text, chunks, header = self._render(users)
+        data = text.encode("utf-8")
+        if known is not None and known.data == data and known.users == users:
             return known
-        if not self._canonical(text, desired):
-            check_rendered(data, desired)
-        distinct = len({(kind, name) for name, kind, _ in intended}) == len(intended)
-        self._verified = _Verified(data, intended, distinct)
+        if header is None or not self._plain_header(header):
+            check_rendered(data, users)
+            header = None
+        self._verified = _State(data, users, chunks, header)
+        self._cache = None
         return self._verified
-
-    def _chunks_of(self, users: list[UserObjects]) -> list[str | None]:
-        """:func:`canonical_chunk` of each user, cached for the users of the last call."""
-        cache = self._chunks
-        chunks = [cache[u] if u in cache else canonical_chunk(u) for u in users]
-        self._chunks = dict(zip(users, chunks, strict=True))
-        return chunks
-
-    def _canonical(self, text: str, desired: list[UserObjects]) -> bool:
-        """True when ``text`` is a plain header followed by every user's canonical chunk."""
-        chunks = self._chunks_of(desired)
-        if None in chunks:
-            return False
-        tail = "".join(cast(list[str], chunks))
-        return text.endswith(tail) and _plain_header(text[: len(text) - len(tail)])
 
     def apply(
         self,
@@ -720,32 +889,93 @@ class ConfigFileTarget:
         the bytes are unchanged, the guard raises or the check fails
         (:class:`RenderCheckFailed`).  The change has no diff (only :meth:`plan` makes one).
         """
-        previous = self._verified
-        current, desired, text = self._desired(objects, keep)
-        data = text.encode("utf-8")
-        verified = self._check(data, text, desired)
+        current, desired = self._desired(objects, keep)
+        state = self._verify(desired)
+        data = state.data
         if current is None:
             # Read after the check: a file holding the bytes verified now or at the last
             # apply (the usual case: the file as we wrote it) is not parsed.
             old = _read(self.path)
-            if old == data and verified.distinct:
+            if old == data and state.distinct:
                 # The file holds the verified bytes, three distinct objects per user:
                 # nothing is added, updated or removed (what _compare finds, quicker).
                 change = Change(unchanged=len(desired))
                 if guard is not None:
                     guard(change)
+                self._state = state
                 return change
-            current = _Current.of_bytes(old, verified, previous)
-        change = _compare(current, desired)
+            if old is None:
+                change = _all_added(state)
+            else:
+                change = _compare(_Current.of_bytes(old, state, self._state), desired)
+        else:
+            old = current.data
+            change = _compare(current, desired)
         if guard is not None:
             guard(change)
-        if current.data == data:
-            return change
+        if old != data:
+            self._write(data, backup=old is not None)
+            change = replace(change, wrote=True)
+        self._state = state
+        return change
+
+    def _write(self, data: bytes, *, backup: bool) -> None:
         try:
-            _replace_file(self.path, data, backup=current.data is not None)
+            _replace_file(self.path, data, backup=backup)
         except OSError as exc:
             raise TargetWriteFailed(f"cannot write {str(self.path)!r}: {exc.strerror}") from None
-        return replace(change, wrote=True)
+
+    def apply_partial(self, upserts: Sequence[UserObjects], removed_ids: Sequence[str]) -> Change:
+        """Write ``upserts`` (new or changed users, each put where render_all's order puts
+        it) and remove the users of endpoint ids ``removed_ids``, every other user staying
+        as this target last applied it (the daemon's one-edit path; an id in both is
+        upserted).  Before any apply, the others are what the current file holds.
+
+        Only these users are rendered and checked: their canonical chunks replace theirs
+        in the last verified text (see :func:`_all_plain` for why chunks cannot merge).
+        Whenever that does not apply (an override of the layout, a user with no canonical
+        chunk, ids not named and ordered as render_all does), the edited list of users
+        goes through :meth:`apply`.  The change counts and names these users only.
+        """
+        state = self._state
+        if state is None:
+            return self.apply(_edited(self._file_users(), upserts, removed_ids))
+        self._fresh_environment()  # an edited template is no longer the shipped one
+        ids = state.ordered_ids() if self._direct and state.header is not None else None
+        edit = _Edit.of(state, ids, upserts, removed_ids) if ids is not None else None
+        if edit is None:
+            return self.apply(_edited(state.users, upserts, removed_ids))
+        change = edit.change()
+        if change.empty:
+            # The same bytes: equal objects (perhaps new ones) for these users.
+            self._verified = self._state = replace(state, users=edit.users)
+            self._cache = None
+            return change
+        with self._templating() as env:
+            header = env.get_template("header.j2").render(users=edit.users)
+        if header != state.header and not self._plain_header(header):
+            return self.apply(edit.users)
+        data = (header + "".join(edit.chunks)).encode("utf-8")
+        new = _State(
+            data,
+            edit.users,
+            edit.chunks,
+            header,
+            _distinct=True,
+            _ordered=edit.ids,
+            _ordered_known=True,
+        )
+        if data != state.data:
+            self._write(data, backup=self.path.exists())
+            change = replace(change, wrote=True)
+        self._verified = self._state = new
+        self._cache = None
+        return change
+
+    def _file_users(self) -> list[UserObjects]:
+        """Every user the current file holds (three objects found for an endpoint)."""
+        current = _Current.read(self.path, self._verified)
+        return _kept_objects(current, current.endpoints, ())
 
 
 def _kept_objects(
@@ -793,3 +1023,97 @@ def _with_kept(objects: Sequence[UserObjects], kept: list[UserObjects]) -> list[
     if not kept:
         return list(objects)
     return list(heapq.merge(objects, sorted(kept, key=_order), key=_order))
+
+
+def _edited(
+    users: Sequence[UserObjects], upserts: Sequence[UserObjects], removed_ids: Iterable[str]
+) -> list[UserObjects]:
+    """``users`` without the endpoint ids ``removed_ids`` and those of ``upserts``, with
+    ``upserts`` (the last of each endpoint id) merged in where render_all puts them."""
+    latest = {user.endpoint_id: user for user in upserts}
+    gone = set(removed_ids) | latest.keys()
+    return _with_kept([u for u in users if u.endpoint_id not in gone], list(latest.values()))
+
+
+@dataclass
+class _Edit:
+    """A state's users, chunks and endpoint ids after some users were put or removed, and
+    what changed (as :func:`_compare` counts it: each object is its own user's)."""
+
+    users: list[UserObjects]
+    chunks: list[str]
+    ids: list[str]
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    changed: list[tuple[str, str]] = field(default_factory=list)
+
+    @classmethod
+    def of(
+        cls,
+        state: _State,
+        ids: list[str],
+        upserts: Sequence[UserObjects],
+        removed_ids: Iterable[str],
+    ) -> _Edit | None:
+        """``state`` (its endpoint ids ``ids``, see :meth:`_State.ordered_ids`) edited; None
+        when some upsert is not named as render_all names it or has no canonical chunk."""
+        latest = {user.endpoint_id: user for user in upserts}
+        put = list(latest.values())
+        chunks = _canonical_chunks(put)
+        for user, chunk in zip(put, chunks, strict=True):
+            if not chunk or user.auth_id != auth_id(user.endpoint_id):
+                return None
+            if user.aor_id != user.endpoint_id:
+                return None
+        edit = cls(list(state.users), list(state.chunks), list(ids))
+        for endpoint_id in dict.fromkeys(removed_ids):
+            if endpoint_id not in latest:
+                edit.remove(endpoint_id)
+        for user, chunk in zip(put, chunks, strict=True):
+            edit.put(user, chunk)
+        return edit
+
+    def _find(self, endpoint_id: str) -> tuple[int, bool]:
+        """Where ``endpoint_id`` is or would go, and whether it is there."""
+        at = bisect_left(self.ids, _eid_key(endpoint_id), key=_eid_key)
+        return at, at < len(self.ids) and self.ids[at] == endpoint_id
+
+    def remove(self, endpoint_id: str) -> None:
+        at, found = self._find(endpoint_id)
+        if found:
+            gone = self.users[at]
+            del self.users[at], self.chunks[at], self.ids[at]
+            self.removed.append(endpoint_id)
+            self.changed += [(kind, name) for name, kind, _ in gone.sections()]
+
+    def put(self, user: UserObjects, chunk: str) -> None:
+        at, found = self._find(user.endpoint_id)
+        if not found:
+            self.users.insert(at, user)
+            self.chunks.insert(at, chunk)
+            self.ids.insert(at, user.endpoint_id)
+            self.added.append(user.endpoint_id)
+            self.changed += [(kind, name) for name, kind, _ in user.sections()]
+            return
+        was = self.users[at].sections()
+        differing = [
+            (kind, name)
+            for (name, kind, options), (_, _, before) in zip(user.sections(), was, strict=True)
+            if options != before
+        ]
+        if differing:
+            self.updated.append(user.endpoint_id)
+            self.changed += differing
+        self.users[at] = user
+        self.chunks[at] = chunk
+
+    def change(self) -> Change:
+        """The change; every user not added or updated counts as unchanged."""
+        return Change(
+            added=tuple(self.added),
+            updated=tuple(self.updated),
+            removed=tuple(self.removed),
+            unchanged=len(self.users) - len(self.added) - len(self.updated),
+            changed_objects=tuple(dict.fromkeys(self.changed)),
+        )
