@@ -738,3 +738,112 @@ def test_stale_temporary_files_of_a_killed_writer_are_removed(tmp_path: Path) ->
     ConfigFileTarget(target_path)
     assert not stale.exists()
     assert fresh.exists()
+
+
+# --- apply_partial: the applier's one-edit path ------------------------------------------
+
+#: Edits as (users to put, endpoint ids to remove), from the representative users.
+_EXTRA = make_user("1010", "frank", "Frank Fox", nat="no")
+_CHANGED = make_user("1002", "bob.b", "Bob Brown", transport="udp", context="sales")
+
+
+def _full_file(tmp_path: Path, objects: list[UserObjects], name: str) -> bytes:
+    """What a fresh target's apply writes for ``objects``."""
+    fresh = ConfigFileTarget(tmp_path / name)
+    fresh.apply(objects)
+    return fresh.path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("put", "remove", "added", "updated", "removed"),
+    [
+        ([_CHANGED], [], (), ("1002",), ()),
+        ([_EXTRA], [], ("1010",), (), ()),
+        ([], ["1003"], (), (), ("1003",)),
+        ([_EXTRA, _CHANGED], ["1001", "1005"], ("1010",), ("1002",), ("1001", "1005")),
+        ([_CHANGED], ["1002"], (), ("1002",), ()),  # an id in both is upserted
+        ([], ["9999"], (), (), ()),
+    ],
+)
+def test_apply_partial_writes_what_a_full_apply_writes(
+    tmp_path: Path,
+    put: list[User],
+    remove: list[str],
+    added: tuple[str, ...],
+    updated: tuple[str, ...],
+    removed: tuple[str, ...],
+) -> None:
+    """A partial edit leaves exactly the bytes a full apply of the edited list writes, and
+    names only the edited users."""
+    target = ConfigFileTarget(tmp_path / "out.conf")
+    target.apply(rendered())
+    upserts = rendered(users=put) if put else []
+    change = target.apply_partial(upserts, remove)
+    edited = {u.endpoint_id: u for u in rendered() if u.endpoint_id not in remove}
+    edited.update({u.endpoint_id: u for u in upserts})
+    expected = sorted(edited.values(), key=lambda u: (len(u.endpoint_id), u.endpoint_id))
+    assert target.path.read_bytes() == _full_file(tmp_path, expected, "full.conf")
+    assert (change.added, change.updated, change.removed) == (added, updated, removed)
+    assert change.wrote == bool(added or updated or removed)
+    check_rendered(target.path.read_bytes(), expected)
+    # The next full apply of the same list finds nothing to do.
+    assert target.apply(expected).empty
+
+
+def test_apply_partial_of_unchanged_users_writes_nothing(target: ConfigFileTarget) -> None:
+    """Putting users as they are changes no byte and does not touch the file."""
+    target.apply(rendered())
+    mtime = target.path.stat().st_mtime_ns
+    change = target.apply_partial(rendered()[:2], [])
+    assert change.empty
+    assert not change.wrote
+    assert change.unchanged == len(REPRESENTATIVE)
+    assert target.path.stat().st_mtime_ns == mtime
+
+
+def test_apply_partial_before_any_apply_keeps_the_file_users(tmp_path: Path) -> None:
+    """A new target object edits the users the current file holds."""
+    ConfigFileTarget(tmp_path / "out.conf").apply(rendered())
+    target = ConfigFileTarget(tmp_path / "out.conf")
+    change = target.apply_partial(rendered(users=[_EXTRA]), ["1001"])
+    assert (change.added, change.removed) == (("1010",), ("1001",))
+    expected = sorted(
+        [*rendered()[1:], *rendered(users=[_EXTRA])],
+        key=lambda u: (len(u.endpoint_id), u.endpoint_id),
+    )
+    check_rendered(target.path.read_bytes(), expected)
+
+
+def test_apply_partial_with_an_odd_user_is_parsed_in_full(target: ConfigFileTarget) -> None:
+    """A user with no canonical chunk goes through the full check; a hostile one is refused
+    and the file left as it was."""
+    target.apply(rendered())
+    before = target.path.read_bytes()
+    # "= " inside a value is left to the parser by the fast path, which reads it exactly.
+    odd = replace(rendered()[0], endpoint=(("context", "a = b"),))
+    assert canonical_chunk(odd) is None
+    hostile = replace(rendered()[0], endpoint=(("context", "x\n[evil]\ntype=aor"),))
+    with pytest.raises(RenderCheckFailed):
+        target.apply_partial([hostile], [])
+    assert target.path.read_bytes() == before
+    change = target.apply_partial([odd], [])
+    assert change.updated == ("1001",)
+    check_rendered(target.path.read_bytes(), [odd, *rendered()[1:]])
+
+
+def test_apply_partial_under_an_override_renders_through_the_templates(tmp_path: Path) -> None:
+    """With an overridden layout the edited list is rendered by the templates."""
+    overrides = write_override(
+        tmp_path / "t",
+        "section.j2",
+        "{% macro section(id, type, options) %}\n[{{ id }}]\ntype => {{ type }}\n"
+        "{% for key, value in options -%}\n{{ key }} => {{ value }}\n{% endfor -%}\n"
+        "{% endmacro %}",
+    )
+    target = ConfigFileTarget(tmp_path / "out.conf", overrides)
+    target.apply(rendered())
+    change = target.apply_partial(rendered(users=[_CHANGED]), [])
+    assert change.updated == ("1002",)
+    text = target.path.read_text(encoding="utf-8")
+    assert "context => sales" in text
+    assert "type => endpoint" in text
