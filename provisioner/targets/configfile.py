@@ -29,7 +29,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from itertools import chain, islice, repeat
+from itertools import chain, cycle, islice
 from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -189,10 +189,10 @@ def _chunk_text(user: UserObjects) -> str:
     )
 
 
-def _all_plain(users: Sequence[UserObjects], texts: Sequence[str]) -> bool:
-    """True when every ``texts[i]`` (:func:`_chunk_text` of ``users[i]``) is canonical:
-    after a header that leaves no block comment open, its lines parse to exactly
-    ``users[i].sections()``.
+def _plain_join(users: Sequence[UserObjects], texts: Sequence[str]) -> str | None:
+    """The texts joined when every ``texts[i]`` (:func:`_chunk_text` of ``users[i]``) is
+    canonical (after a header that leaves no block comment open, its lines parse to exactly
+    ``users[i].sections()``), else None.
 
     Each property is checked on all texts at once, in C, and holds for the whole batch
     exactly when it holds for each text (every text starts with LF and ends with LF, so no
@@ -203,45 +203,54 @@ def _all_plain(users: Sequence[UserObjects], texts: Sequence[str]) -> bool:
     no line long enough to reach Asterisk's limit.
     """
     if not users:
-        return True
+        return ""
     ids = _LINES(chain.from_iterable(map(_IDS, users)))
     if not _PLAIN_IDS.fullmatch(ids):
-        return False
+        return None
     options = list(chain.from_iterable(map(_OPTIONS, users)))
     try:
         # dict() reads the names in C, and refuses anything but (name, value) pairs.
         names = dict(chain.from_iterable(options))
     except (TypeError, ValueError):
-        return False
+        return None
     if not _plain_names.issuperset(names) and not all(map(_plain_name, names)):
-        return False
+        return None
     text = "".join(texts)
     if text.count("\n") != 9 * len(users) + sum(map(len, options)):
-        return False
+        return None
     if any(edge.search(text) for edge in _ODD_EDGES):
-        return False
+        return None
     if text.isascii():
         if text.encode("ascii").translate(None, _PLAIN_ASCII):
-            return False  # bytes.translate deleting every plain byte: fast, in C
+            return None  # bytes.translate deleting every plain byte: fast, in C
     elif _ODD_CHAR.search(text):
-        return False
-    return max(map(len, texts)) < _SHORT or all(
-        max(map(len, t.split("\n"))) * 4 < LINE_MAX_BYTES for t in texts if len(t) >= _SHORT
-    )
+        return None
+    if max(map(len, texts)) >= _SHORT and any(
+        max(map(len, t.split("\n"))) * 4 >= LINE_MAX_BYTES for t in texts if len(t) >= _SHORT
+    ):
+        return None
+    return text
 
 
-def _canonical_chunks(users: Sequence[UserObjects]) -> list[str]:
-    """:func:`canonical_chunk` of each user, ``""`` for one that has none; checked in one
-    batch (see :func:`_all_plain`), user by user only when the batch holds an odd one."""
+def _all_plain(users: Sequence[UserObjects], texts: Sequence[str]) -> bool:
+    """True when :func:`_plain_join` finds every text canonical."""
+    return _plain_join(users, texts) is not None
+
+
+def _canonical_chunks(users: Sequence[UserObjects]) -> tuple[list[str], str | None]:
+    """:func:`canonical_chunk` of each user, ``""`` for one that has none, and their
+    concatenation when none is ``""``; checked in one batch (see :func:`_plain_join`),
+    user by user only when the batch holds an odd one."""
     try:
         texts = list(map(_chunk_text, users))
     except TypeError:  # a value that is not a str: leave it to Jinja and the parser
-        return [canonical_chunk(user) or "" for user in users]
-    if _all_plain(users, texts):
-        return texts
+        return [canonical_chunk(user) or "" for user in users], None
+    joined = _plain_join(users, texts)
+    if joined is not None:
+        return texts, joined
     if len(users) == 1:
-        return [""]
-    return [t if _all_plain((u,), (t,)) else "" for u, t in zip(users, texts, strict=True)]
+        return [""], None
+    return [t if _all_plain((u,), (t,)) else "" for u, t in zip(users, texts, strict=True)], None
 
 
 def canonical_chunk(user: UserObjects) -> str | None:
@@ -335,10 +344,18 @@ class _State:
     def distinct(self) -> bool:
         """No two sections share a (type, name): each user's three objects are its own."""
         if self._distinct is None:
-            count = len(self.users)
-            self._distinct = all(
-                len(set(map(get, self.users))) == count for get in (_EID, _AUTH_ID, _AOR_ID)
-            )
+            users = self.users
+            ids = list(map(_EID, users))
+            if len(set(ids)) != len(ids):
+                self._distinct = False
+            elif list(map(_AOR_ID, users)) == ids and list(map(_AUTH_ID, users)) == [
+                f"{i}-auth" for i in ids
+            ]:
+                self._distinct = True  # named as render_all names them
+            else:
+                self._distinct = all(
+                    len(set(map(get, users))) == len(ids) for get in (_AUTH_ID, _AOR_ID)
+                )
         return self._distinct
 
     def ordered_ids(self) -> list[str] | None:
@@ -452,14 +469,8 @@ def _compare(current: _Current, objects: Sequence[UserObjects]) -> Change:
 def _all_added(state: _State) -> Change:
     """What :func:`_compare` finds for a file holding nothing: every user added."""
     users = state.users
-    keys = chain.from_iterable(
-        zip(
-            zip(repeat("endpoint"), map(_EID, users)),
-            zip(repeat("auth"), map(_AUTH_ID, users)),
-            zip(repeat("aor"), map(_AOR_ID, users)),
-            strict=True,
-        )
-    )
+    # (kind, id) of every section, in file order, made in C.
+    keys = zip(cycle(("endpoint", "auth", "aor")), chain.from_iterable(map(_IDS, users)))
     return Change(
         added=tuple(map(_EID, users)),
         changed_objects=tuple(keys) if state.distinct else tuple(dict.fromkeys(keys)),
@@ -783,12 +794,13 @@ class ConfigFileTarget:
         """The file's text for ``users``, each user's canonical chunk (``""`` for none),
         and the header when the text is exactly that header followed by every chunk."""
         with self._templating() as env:
-            chunks = self._chunks_of(users)
+            chunks, joined = self._chunks_of(users)
             if self._direct and "" not in chunks:
                 # The shipped layout, unchanged, renders exactly the canonical chunks (tested):
                 # only the header goes through Jinja, and each user's text is cached.
                 header = env.get_template("header.j2").render(users=users)
-                return header + "".join(chunks), chunks, header
+                body = "".join(chunks) if joined is None else joined
+                return header + body, chunks, header
             text = env.get_template(MAIN_TEMPLATE).render(users=users)
         if "" not in chunks:
             # An override may still have laid the users out exactly as the shipped one.
@@ -797,16 +809,17 @@ class ConfigFileTarget:
                 return text, chunks, text[: len(text) - len(tail)]
         return text, chunks, None
 
-    def _chunks_of(self, users: Sequence[UserObjects]) -> list[str]:
-        """:func:`canonical_chunk` of each user (``""`` for none); a user equal to one of
-        the last verified file is taken from there, the others are made in one batch."""
+    def _chunks_of(self, users: Sequence[UserObjects]) -> tuple[list[str], str | None]:
+        """:func:`canonical_chunk` of each user (``""`` for none), and their concatenation
+        when all were made now, none ``""``.  A user equal to one of the last verified file
+        is taken from there; the others are made in one batch."""
         cache = self._cache
         if cache is None:
             known = self._verified
             pairs = zip(known.users, known.chunks, strict=True) if known is not None else ()
             cache = self._cache = {user.endpoint_id: (user, chunk) for user, chunk in pairs}
         if not cache:
-            return _canonical_chunks(users)  # the first build: nothing to look up
+            return _canonical_chunks(users)
         chunks: list[str] = []
         missing: list[int] = []
         for user in users:
@@ -816,11 +829,13 @@ class ConfigFileTarget:
             else:
                 missing.append(len(chunks))
                 chunks.append("")
+        if len(missing) == len(chunks):
+            return _canonical_chunks(users)
         if missing:
-            made = _canonical_chunks([users[i] for i in missing])
+            made, _ = _canonical_chunks([users[i] for i in missing])
             for i, chunk in zip(missing, made, strict=True):
                 chunks[i] = chunk
-        return chunks
+        return chunks, None
 
     def _plain_header(self, header: str) -> bool:
         """:func:`_plain_header`, remembered for the last header asked about."""
@@ -1060,7 +1075,7 @@ class _Edit:
         when some upsert is not named as render_all names it or has no canonical chunk."""
         latest = {user.endpoint_id: user for user in upserts}
         put = list(latest.values())
-        chunks = _canonical_chunks(put)
+        chunks, _ = _canonical_chunks(put)
         for user, chunk in zip(put, chunks, strict=True):
             if not chunk or user.auth_id != auth_id(user.endpoint_id):
                 return None
