@@ -765,8 +765,10 @@ def _full_file(tmp_path: Path, objects: list[UserObjects], name: str) -> bytes:
         ([], ["9999"], (), (), ()),
     ],
 )
+@pytest.mark.parametrize("ascii_only", [False, True])  # True: the one-edit splice
 def test_apply_partial_writes_what_a_full_apply_writes(
     tmp_path: Path,
+    ascii_only: bool,
     put: list[User],
     remove: list[str],
     added: tuple[str, ...],
@@ -775,11 +777,12 @@ def test_apply_partial_writes_what_a_full_apply_writes(
 ) -> None:
     """A partial edit leaves exactly the bytes a full apply of the edited list writes, and
     names only the edited users."""
+    base = rendered(users=REPRESENTATIVE[:5] if ascii_only else REPRESENTATIVE)
     target = ConfigFileTarget(tmp_path / "out.conf")
-    target.apply(rendered())
+    target.apply(base)
     upserts = rendered(users=put) if put else []
     change = target.apply_partial(upserts, remove)
-    edited = {u.endpoint_id: u for u in rendered() if u.endpoint_id not in remove}
+    edited = {u.endpoint_id: u for u in base if u.endpoint_id not in remove}
     edited.update({u.endpoint_id: u for u in upserts})
     expected = sorted(edited.values(), key=lambda u: (len(u.endpoint_id), u.endpoint_id))
     assert target.path.read_bytes() == _full_file(tmp_path, expected, "full.conf")

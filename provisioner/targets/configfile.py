@@ -336,6 +336,8 @@ class _State:
     #: The header when ``data`` is exactly it followed by all the chunks, each canonical,
     #: and it parses to nothing (what :meth:`ConfigFileTarget.apply_partial` edits); else None.
     header: str | None = None
+    #: Characters of the text ``data`` encodes (as many as bytes: it is all ASCII); -1: unknown.
+    chars: int = -1
     _distinct: bool | None = field(default=None, repr=False)
     _ordered: list[str] | None = field(default=None, repr=False)
     _ordered_known: bool = field(default=False, repr=False)
@@ -885,7 +887,7 @@ class ConfigFileTarget:
         if header is None or not self._plain_header(header):
             check_rendered(data, users)
             header = None
-        self._verified = _State(data, users, chunks, header)
+        self._verified = _State(data, users, chunks, header, len(text))
         self._cache = None
         return self._verified
 
@@ -970,12 +972,13 @@ class ConfigFileTarget:
             header = env.get_template("header.j2").render(users=edit.users)
         if header != state.header and not self._plain_header(header):
             return self.apply(edit.users)
-        data = (header + "".join(edit.chunks)).encode("utf-8")
+        data, chars = _edited_data(state, edit, header)
         new = _State(
             data,
             edit.users,
             edit.chunks,
             header,
+            chars,
             _distinct=True,
             _ordered=edit.ids,
             _ordered_known=True,
@@ -1040,6 +1043,21 @@ def _with_kept(objects: Sequence[UserObjects], kept: list[UserObjects]) -> list[
     return list(heapq.merge(objects, sorted(kept, key=_order), key=_order))
 
 
+def _edited_data(state: _State, edit: _Edit, header: str) -> tuple[bytes, int]:
+    """The bytes (and characters) of ``header`` and the edited chunks.  One user put or
+    removed in an all-ASCII file with the same header: the old bytes with that user's chunk
+    replaced (one copy, instead of joining and encoding every chunk again)."""
+    if len(edit.ops) == 1 and header == state.header and len(state.data) == state.chars:
+        at, old, new = edit.ops[0]
+        if new.isascii():
+            start = len(header) + sum(map(len, islice(state.chunks, at)))
+            view = memoryview(state.data)
+            data = b"".join((view[:start], new.encode("ascii"), view[start + len(old) :]))
+            return data, state.chars - len(old) + len(new)
+    text = header + "".join(edit.chunks)
+    return text.encode("utf-8"), len(text)
+
+
 def _edited(
     users: Sequence[UserObjects], upserts: Sequence[UserObjects], removed_ids: Iterable[str]
 ) -> list[UserObjects]:
@@ -1062,6 +1080,8 @@ class _Edit:
     updated: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     changed: list[tuple[str, str]] = field(default_factory=list)
+    #: Each chunk replaced, as (index at the time, old chunk, new chunk); ``""`` for none.
+    ops: list[tuple[int, str, str]] = field(default_factory=list)
 
     @classmethod
     def of(
@@ -1098,12 +1118,14 @@ class _Edit:
         at, found = self._find(endpoint_id)
         if found:
             gone = self.users[at]
+            self.ops.append((at, self.chunks[at], ""))
             del self.users[at], self.chunks[at], self.ids[at]
             self.removed.append(endpoint_id)
             self.changed += [(kind, name) for name, kind, _ in gone.sections()]
 
     def put(self, user: UserObjects, chunk: str) -> None:
         at, found = self._find(user.endpoint_id)
+        self.ops.append((at, self.chunks[at] if found else "", chunk))
         if not found:
             self.users.insert(at, user)
             self.chunks.insert(at, chunk)
