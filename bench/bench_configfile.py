@@ -17,7 +17,11 @@ For each size, in a throwaway directory (and a throwaway SQLite store), it measu
 * ``store_full``: :meth:`Applier.full` over a real SQLite store holding the same users
   (loading, rendering, applying into a second file);
 * ``one_user``: one user's ``context`` changed in that store by SQL, then
-  :meth:`Applier.users_changed` for it (the daemon's path for one edit);
+  :meth:`Applier.users_changed` for it (the daemon's path for one edit: the target's
+  ``apply_partial``);
+* ``write_s``: the floor of any change to one file this size: the atomic replace alone
+  (temporary file written and fsynced, ``.bak`` link, rename, directory fsync) of bytes
+  already in memory, over an existing file;
 * peak RSS of the process so far (``ru_maxrss``).
 """
 
@@ -37,7 +41,7 @@ from provisioner.logs import configure
 from provisioner.pjsip import RenderSettings, UserObjects, render_all
 from provisioner.store.engine import open_engine
 from provisioner.store.schema import users as users_table
-from provisioner.targets.configfile import ConfigFileTarget
+from provisioner.targets.configfile import ConfigFileTarget, _replace_file
 
 from .common import Column, make_users, peak_rss_mb, print_header, print_row, seed_store, timed
 
@@ -115,6 +119,9 @@ def run_one(count: int, scratch: Path) -> dict[str, float]:
         assert not again.wrote, again
         assert target.path.stat().st_mtime_ns == mtime
         figures["mbytes"] = target.path.stat().st_size / 1e6
+        data = target.path.read_bytes()
+        _replace_file(tmp / "floor.conf", data, backup=False)
+        _, figures["write_s"] = timed(lambda: _replace_file(tmp / "floor.conf", data, backup=True))
         figures.update(_store_figures(count, tmp, settings))
     figures["peak_rss_mb"] = peak_rss_mb()
     return figures
@@ -131,6 +138,7 @@ COLUMNS: tuple[Column, ...] = (
     ("unch_cold_s", "{:>7.3f}"),
     ("store_full_s", "{:>7.3f}"),
     ("one_user_s", "{:>7.3f}"),
+    ("write_s", "{:>7.3f}"),
     ("render_s", "{:>7.3f}"),
     ("peak_rss_mb", "{:>7.0f}"),
 )

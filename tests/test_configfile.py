@@ -850,3 +850,21 @@ def test_apply_partial_under_an_override_renders_through_the_templates(tmp_path:
     text = target.path.read_text(encoding="utf-8")
     assert "context => sales" in text
     assert "type => endpoint" in text
+
+
+def test_apply_partial_of_a_file_not_in_render_order_goes_through_apply(
+    target: ConfigFileTarget,
+) -> None:
+    """Users applied out of render_all's order cannot be found by bisection: the edited list
+    is applied whole, and the file holds exactly the edited users."""
+    target.apply(rendered()[::-1])
+    change = target.apply_partial(rendered(users=[_CHANGED, _EXTRA]), ["1001"])
+    assert (change.added, change.updated, change.removed) == (("1010",), ("1002",), ("1001",))
+    sections = parse(target.path.read_bytes()).sections
+    want = {
+        (s[0], s[1]): s[2]
+        for u in rendered(users=[*REPRESENTATIVE[1:], _EXTRA])
+        for s in u.sections()
+    }
+    want.update({(s[0], s[1]): s[2] for s in rendered(users=[_CHANGED])[0].sections()})
+    assert {(s.name, s.options[0][1]): s.options[1:] for s in sections} == want

@@ -321,8 +321,9 @@ def _eid_key(endpoint_id: str) -> tuple[int, str]:
     return (len(endpoint_id), endpoint_id)
 
 
-def _before(a: str, b: str) -> bool:
-    return len(a) < len(b) or (len(a) == len(b) and a < b)
+#: What :func:`provisioner.pjsip.auth_id` appends to an endpoint id (were it ever more than
+#: a suffix, :meth:`_State.named_ids` would find no state named so: slower, still right).
+_AUTH_SUFFIX = auth_id("")
 
 
 @dataclass
@@ -339,38 +340,46 @@ class _State:
     #: Characters of the text ``data`` encodes (as many as bytes: it is all ASCII); -1: unknown.
     chars: int = -1
     _distinct: bool | None = field(default=None, repr=False)
+    _named: list[str] | None = field(default=None, repr=False)
+    _named_known: bool = field(default=False, repr=False)
     _ordered: list[str] | None = field(default=None, repr=False)
     _ordered_known: bool = field(default=False, repr=False)
+
+    def named_ids(self) -> list[str] | None:
+        """The endpoint ids when they are distinct, hold no LF, and every user names its
+        AOR ``<id>`` and its auth ``<id>-auth`` as render_all does (so each user's objects
+        are its own); else None.  Found once per state, in C."""
+        if not self._named_known:
+            users = self.users
+            ids = list(map(_EID, users))
+            auths = _LINES(map(_AUTH_ID, users))
+            fits = not ids or (
+                # No id holds a LF, so equal joins mean equal ids, one by one.
+                _LINES(ids).count("\n") == len(ids) - 1 == auths.count("\n")
+                and len(set(ids)) == len(ids)
+                and list(map(_AOR_ID, users)) == ids
+                and auths == f"{_AUTH_SUFFIX}\n".join(ids) + _AUTH_SUFFIX
+            )
+            self._named, self._named_known = (ids if fits else None), True
+        return self._named
 
     @property
     def distinct(self) -> bool:
         """No two sections share a (type, name): each user's three objects are its own."""
         if self._distinct is None:
-            users = self.users
-            ids = list(map(_EID, users))
-            if len(set(ids)) != len(ids):
-                self._distinct = False
-            elif list(map(_AOR_ID, users)) == ids and list(map(_AUTH_ID, users)) == [
-                f"{i}-auth" for i in ids
-            ]:
-                self._distinct = True  # named as render_all names them
-            else:
-                self._distinct = all(
-                    len(set(map(get, users))) == len(ids) for get in (_AUTH_ID, _AOR_ID)
-                )
+            self._distinct = self.named_ids() is not None or all(
+                len(set(map(get, self.users))) == len(self.users)
+                for get in (_EID, _AUTH_ID, _AOR_ID)
+            )
         return self._distinct
 
     def ordered_ids(self) -> list[str] | None:
-        """The endpoint ids when they are distinct and in render_all's order, and every user
-        names its auth ``<id>-auth`` and its AOR ``<id>`` (so its objects are its own and a
-        user is found by bisection); else None.  Found once per state."""
+        """:meth:`named_ids` when they are also in render_all's order (by length, then as
+        text: so a user is found by bisection); else None."""
         if not self._ordered_known:
-            ids = list(map(_EID, self.users))
-            fits = (
-                all(map(_before, ids, islice(ids, 1, None)))
-                and list(map(_AOR_ID, self.users)) == ids
-                and list(map(_AUTH_ID, self.users)) == list(map(auth_id, ids))
-            )
+            ids = self.named_ids()
+            # A stable sort by length of the sorted ids is render_all's order.
+            fits = ids is not None and sorted(sorted(ids), key=len) == ids
             self._ordered, self._ordered_known = (ids if fits else None), True
         return self._ordered
 
@@ -980,6 +989,8 @@ class ConfigFileTarget:
             header,
             chars,
             _distinct=True,
+            _named=edit.ids,
+            _named_known=True,
             _ordered=edit.ids,
             _ordered_known=True,
         )
