@@ -868,3 +868,14 @@ def test_apply_partial_of_a_file_not_in_render_order_goes_through_apply(
     }
     want.update({(s[0], s[1]): s[2] for s in rendered(users=[_CHANGED])[0].sections()})
     assert {(s.name, s.options[0][1]): s.options[1:] for s in sections} == want
+
+
+def test_apply_partial_before_any_apply_refuses_a_broken_file(tmp_path: Path) -> None:
+    """With no apply yet, a current file that does not load is not taken as empty: the
+    edit is refused and the file left as it is."""
+    path = tmp_path / "out.conf"
+    path.write_bytes(b"[1001]\ntype=endpoint\n[broken\n")
+    target = ConfigFileTarget(path)
+    with pytest.raises(RenderCheckFailed, match="apply every user"):
+        target.apply_partial(rendered(users=[_EXTRA]), [])
+    assert path.read_bytes() == b"[1001]\ntype=endpoint\n[broken\n"

@@ -1002,8 +1002,20 @@ class ConfigFileTarget:
         return change
 
     def _file_users(self) -> list[UserObjects]:
-        """Every user the current file holds (three objects found for an endpoint)."""
-        current = _Current.read(self.path, self._verified)
+        """Every user the current file holds (three objects found for an endpoint).
+
+        A file Asterisk could not load is refused, not read as empty: an edit of a few
+        users must never write a file without all the others."""
+        data = _read(self.path)
+        if data is not None:
+            try:
+                parse(data)
+            except AsteriskSyntaxError as exc:
+                raise RenderCheckFailed(
+                    f"cannot edit {str(self.path)!r} user by user: it does not load "
+                    f"({exc.message}); apply every user instead"
+                ) from None
+        current = _Current.of_bytes(data, self._verified)
         return _kept_objects(current, current.endpoints, ())
 
 
