@@ -8,15 +8,71 @@ skipped, which cost as much as the inserts themselves at 100k rows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import Connection, Table
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.dml import UpdateBase
 
-__all__ = ["copy_rows", "executemany"]
+__all__ = ["Prepared", "copy_rows", "executemany", "prepare", "run_many", "sqlite_cache"]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A Core statement compiled once for one dialect, and how a row of values (in the
+    caller's ``names`` order) becomes the driver's parameters; reusable on any connection
+    of that dialect."""
+
+    sql: str
+    #: Positional drivers (sqlite3): the indexes of the row's values, in statement order.
+    order: tuple[int, ...] | None
+    #: Named drivers (psycopg, pymysql): the parameter name of each value, in row order.
+    bound: tuple[str, ...]
+
+    def params(self, rows: Sequence[Sequence[Any]]) -> list[Any]:
+        """The driver's parameters for ``rows``."""
+        order = self.order
+        if order is None:
+            bound = self.bound
+            return [dict(zip(bound, row, strict=True)) for row in rows]
+        if len(order) == 1:
+            first = order[0]
+            return [(row[first],) for row in rows]
+        if order == tuple(range(len(order))) and all(len(row) == len(order) for row in rows):
+            # Already in statement order: the rows themselves (tuples or lists).
+            return list(rows)
+        pick = itemgetter(*order)
+        return [tuple(pick(row)) for row in rows]
+
+
+def prepare(
+    dialect: Dialect,
+    stmt: UpdateBase,
+    names: Sequence[str],
+    *,
+    column_keys: Sequence[str] | None = None,
+) -> Prepared:
+    """Compile ``stmt`` for ``dialect``; rows will give values in ``names`` order.
+    ``column_keys`` limits a bare ``insert(table)`` to those columns."""
+    keys = list(column_keys) if column_keys is not None else None
+    compiled = stmt.compile(dialect=dialect, column_keys=keys)
+    if compiled.positional:
+        order = tuple(list(names).index(k) for k in compiled.positiontup or ())
+        return Prepared(str(compiled), order, ())
+    escaped: dict[str, str] = dict(compiled.escaped_bind_names or {})
+    return Prepared(str(compiled), None, tuple(escaped.get(k, k) for k in names))
+
+
+def run_many(conn: Connection, prepared: Prepared, rows: Sequence[Sequence[Any]]) -> None:
+    """The driver's ``executemany`` of a prepared statement over ``rows`` (values in its
+    ``names`` order, already what the driver takes), on ``conn`` and in its transaction."""
+    if rows:
+        conn.exec_driver_sql(prepared.sql, prepared.params(rows))
 
 
 def executemany(
@@ -34,21 +90,33 @@ def executemany(
     """
     if not rows:
         return
-    keys = list(column_keys) if column_keys is not None else None
-    compiled = stmt.compile(dialect=conn.dialect, column_keys=keys)
-    params: list[Any]
-    if compiled.positional:
-        order = [list(names).index(k) for k in compiled.positiontup or ()]
-        if len(order) == 1:
-            params = [(row[order[0]],) for row in rows]
-        else:
-            pick = itemgetter(*order)
-            params = [tuple(pick(row)) for row in rows]
-    else:
-        escaped: dict[str, str] = dict(compiled.escaped_bind_names or {})
-        bound = tuple(escaped.get(k, k) for k in names)
-        params = [dict(zip(bound, row, strict=True)) for row in rows]
-    conn.exec_driver_sql(str(compiled), params)
+    run_many(conn, prepare(conn.dialect, stmt, names, column_keys=column_keys), rows)
+
+
+@contextmanager
+def sqlite_cache(conn: Connection, kib: int) -> Iterator[None]:
+    """On SQLite, a page cache of at least ``kib`` KiB for ``conn``'s connection inside
+    the block, then the size it had; nothing elsewhere.
+
+    A bulk write larger than the cache (2 MiB by default) spills modified pages to the
+    WAL in the middle of the transaction and reads them back; a cache that holds the
+    whole write avoids that.  Durability is unchanged: the commit still writes and
+    syncs the WAL as before.
+    """
+    if conn.dialect.name != "sqlite":
+        yield
+        return
+    before = int(conn.exec_driver_sql("PRAGMA cache_size").scalar_one())
+    # Negative sizes are KiB, positive ones pages; compare in KiB (pages taken as 4 KiB).
+    if (-before if before < 0 else 4 * before) >= kib:
+        yield
+        return
+    # Integers of our own: no input is formatted into these statements.
+    conn.exec_driver_sql(f"PRAGMA cache_size=-{int(kib)}")
+    try:
+        yield
+    finally:
+        conn.exec_driver_sql(f"PRAGMA cache_size={before}")
 
 
 def copy_rows(
