@@ -8,10 +8,19 @@ sound fast path: a text that is a directive-free, section-free header followed
 by exactly the canonical ``[id]`` / ``type=`` / ``key=value`` lines of every
 user, each id, option name and value made only of characters Asterisk's loader
 takes literally, is what the parser would accept; anything else (an override
-changing the layout, an odd value) is parsed in full.  The write is atomic (temporary
-file, fsync, ``os.replace``, fsync of the directory) and keeps the previous
-file as ``<name>.bak``.  Unchanged bytes are not written at all, so the file's
-mtime only moves when Asterisk has something new to reload.
+changing the layout, an odd value) is parsed in full.  Under the shipped layout
+each user's text (its canonical chunk) is made once, checked with all the others
+in one batch, and kept for the next apply of an equal user.  The write is atomic
+(temporary file, fsync, ``os.replace``, fsync of the directory) and keeps the
+previous file as ``<name>.bak``.  Unchanged bytes are not written at all, so the
+file's mtime only moves when Asterisk has something new to reload.
+
+:meth:`ConfigFileTarget.apply_partial` is the daemon's one-edit path (the applier
+uses it when a target has it): only the edited users are rendered and checked,
+their chunks replace theirs in the last text this object verified (each chunk
+starts with its section header and ends with a LF, so chunks cannot merge), and
+the file is still rewritten whole and atomically.  At 100k users that write of
+~62 MB (write and fsync: 45-190 ms on the lab disk) is the floor of any edit.
 """
 
 from __future__ import annotations
