@@ -879,3 +879,54 @@ def test_apply_partial_before_any_apply_refuses_a_broken_file(tmp_path: Path) ->
     with pytest.raises(RenderCheckFailed, match="apply every user"):
         target.apply_partial(rendered(users=[_EXTRA]), [])
     assert path.read_bytes() == b"[1001]\ntype=endpoint\n[broken\n"
+
+
+def test_the_applier_one_edit_path_writes_what_a_full_apply_writes(tmp_path: Path) -> None:
+    """Through Applier.users_changed (apply_partial), edits, additions, extension changes,
+    disables and deletes leave the bytes a fresh full apply writes."""
+    from provisioner.accounts import Accounts, Policy
+    from provisioner.applier import Applier
+
+    from .faultkit import cheap_hasher, seed_store, store_url
+
+    cheap_hasher()
+    engine = seed_store(store_url(tmp_path), 6)
+    try:
+        accounts = Accounts(engine, Policy(password_policy=False))
+        edited = ConfigFileTarget(tmp_path / "edited.conf")
+        applier = Applier(engine, edited, RenderSettings())
+        applier.full()
+
+        def ids(*names: str) -> list[int]:
+            return [accounts.get_user(n).id for n in names]
+
+        def same_as_full() -> None:
+            full = ConfigFileTarget(tmp_path / "full.conf")
+            Applier(engine, full, RenderSettings()).full()
+            assert edited.path.read_bytes() == full.path.read_bytes()
+
+        accounts.edit_user("u1", {"nat": "yes", "context": "sales"})
+        assert applier.users_changed(ids("u1")).change.updated
+        same_as_full()
+        accounts.add_user(
+            {
+                "username": "new",
+                "full_name": "New One",
+                "email": "n@example.com",
+                "profile": "agents",
+            }
+        )
+        assert applier.users_changed(ids("new")).change.added
+        same_as_full()
+        accounts.edit_user("u2", {"extension": "99"})
+        change = applier.users_changed(ids("u2")).change
+        assert change.added == ("99",)
+        assert len(change.removed) == 1
+        same_as_full()
+        gone = ids("u3", "u4")
+        accounts.disable(["u3"])
+        accounts.delete(["u4"])
+        assert len(applier.users_changed(gone).change.removed) == 2
+        same_as_full()
+    finally:
+        engine.dispose()
