@@ -431,9 +431,13 @@ class AmiClient:
             session.pending.pop(action.action_id, None)
 
     def _handle(self, session: _Session, message: AmiMessage) -> None:
-        pending = session.pending.get(message.action_id) if message.action_id else None
-        if pending is not None and self._answer(pending, message):
-            return
+        # Look for the ActionID only while some action waits: most events have none, and
+        # looking up a missing header builds the message's case-insensitive index.
+        if session.pending:
+            action_id = message.action_id
+            pending = session.pending.get(action_id) if action_id else None
+            if pending is not None and self._answer(pending, message):
+                return
         if message.is_event:
             self._events += 1
             if message.event.lower() == "shutdown":
@@ -482,7 +486,10 @@ class AmiClient:
 
     def _dispatch(self, event: AmiMessage) -> None:
         name = event.event.lower()
-        for callback in (*self._callbacks.get(name, ()), *self._callbacks.get("*", ())):
+        callbacks = self._callbacks
+        wildcard = callbacks.get("*")
+        targets = callbacks.get(name, ())
+        for callback in (*targets, *wildcard) if wildcard else tuple(targets):
             try:
                 callback(event)
             except Exception as exc:  # a broken callback must not stop the reader

@@ -22,6 +22,7 @@ Per ``[[asterisk]]`` server, one :class:`Link` keeps an :class:`AmiClient`, its
 from __future__ import annotations
 
 import asyncio
+import heapq
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ from .client import AmiClient
 from .registration import (
     ContactState,
     EndpointRegistration,
+    apply_contact_status,
     apply_event,
     endpoint_of,
     summarize,
@@ -117,18 +119,18 @@ def rows(reg: EndpointRegistration) -> tuple[list[ContactRow], SummaryRow]:
             c.user_agent or "",
             c.source or "",
             c.rtt_usec,
-            _utc(c.expires_at) if c.expires_at is not None else None,
+            None if c.expires_at is None else _utc(c.expires_at),
             None,
         )
         for c in reg.contacts
     ]
     state = summarize(reg)
-    changed = _utc(reg.last_change) if reg.last_change is not None else None
+    changed = reg.last_change
     return contacts, (
         "offline" if state == "unknown" else state,
         reg.device_state or "",
         "",
-        changed,
+        None if changed is None else _utc(changed),
     )
 
 
@@ -226,15 +228,28 @@ class AmiPbx:
     def _on_event(self, link: Link, msg: AmiMessage) -> None:
         """Fold one event into the book; quick and non-blocking (it runs in the reader)."""
         event = msg.as_dict()
-        endpoint = endpoint_of(event)
-        if endpoint is None:
+        book = link.book
+        if event.get("Event") == "ContactStatus":
+            # The storm's event, folded without the general path's dispatch on the kind.
+            endpoint = event.get("EndpointName")
+            if not endpoint:
+                return
+            link.events += 1
+            book[endpoint] = apply_contact_status(book.get(endpoint), endpoint, event)
+            dirty = link.dirty
+            dirty.add(endpoint)
+            if len(dirty) >= FLUSH_BATCH:
+                link.flush_now.set()
             return
+        found = endpoint_of(event)
+        if found is None:
+            return
+        endpoint = found
         link.events += 1
-        before = link.book.get(endpoint)
-        after = apply_event(before, event)
+        after = apply_event(book.get(endpoint), event)
         if after is None:
             return
-        link.book[endpoint] = after
+        book[endpoint] = after
         dirty = link.dirty
         dirty.add(endpoint)
         if len(dirty) >= FLUSH_BATCH:
@@ -414,19 +429,24 @@ def _merge(snap: EndpointRegistration, known: EndpointRegistration) -> EndpointR
 
 def _log_changes(link: Link, states: dict[str, tuple[Any, SummaryRow]]) -> None:
     """``registration.changed`` per endpoint whose summary changed, at most
-    ``LOG_CHANGES_LIMIT`` per flush; the rest are counted in one
-    ``registration.changed_more`` line, so a storm cannot flood the log."""
-    logged = 0
-    for ep in sorted(states):
-        state = states[ep][1][0] or ""
-        if link.reported.get(ep) == state:
-            continue
-        link.reported[ep] = state
-        logged += 1
-        if logged <= LOG_CHANGES_LIMIT:
-            log.info("registration.changed", server=link.name, endpoint=ep, state=state)
-    if logged > LOG_CHANGES_LIMIT:
-        log.info("registration.changed_more", server=link.name, count=logged - LOG_CHANGES_LIMIT)
+    ``LOG_CHANGES_LIMIT`` per flush (the first in endpoint order); the rest are counted
+    in one ``registration.changed_more`` line, so a storm cannot flood the log."""
+    reported = link.reported
+    changed: list[str] = []
+    for ep, (_contacts, summary) in states.items():
+        state = summary[0] or ""
+        if reported.get(ep) != state:
+            reported[ep] = state
+            changed.append(ep)
+    # Only the logged ones need sorting: a storm's flush changes thousands.
+    for ep in heapq.nsmallest(LOG_CHANGES_LIMIT, changed):
+        log.info("registration.changed", server=link.name, endpoint=ep, state=reported[ep])
+    if len(changed) > LOG_CHANGES_LIMIT:
+        log.info(
+            "registration.changed_more",
+            server=link.name,
+            count=len(changed) - LOG_CHANGES_LIMIT,
+        )
 
 
 def _union(groups: Iterable[Iterable[str]]) -> set[str]:
