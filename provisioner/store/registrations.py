@@ -15,18 +15,26 @@ from datetime import datetime
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
     Connection,
+    DateTime,
+    String,
     Table,
     any_,
     bindparam,
+    column,
     delete,
     func,
     insert,
     select,
+    true,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import cast as sql_cast
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from .bulk import copy_rows, executemany
 from .schema import registration_summary, registrations, users
@@ -211,6 +219,10 @@ def write_endpoint_rows(
     Each endpoint's contacts and summary for ``server`` are replaced by ``rows[ep]``;
     endpoints that are no user are skipped.  Returns how many matched a user.
     """
+    if not rows:
+        return 0
+    if conn.dialect.name in _ONE_PARAMETER:
+        return _write_rows_as_json(conn, server, rows, now)
     ids = _user_ids(conn, rows)
     matched = [(ep, ids[ep]) for ep in rows if ep in ids]
     uids = [uid for _, uid in matched]
@@ -251,6 +263,145 @@ def write_endpoint_rows(
     return len(matched)
 
 
+def _write_rows_as_json(
+    conn: Connection,
+    server: str,
+    rows: Mapping[str, tuple[Sequence[ContactRow], SummaryRow]],
+    now: datetime,
+) -> int:
+    """:func:`write_endpoint_rows` on SQLite and PostgreSQL: three statements, whatever
+    the batch size, each taking the whole batch as one JSON parameter.
+
+    The database matches endpoints to users itself (a join on ``users.extension``), so no
+    user id comes back to Python and no row is built per user here; the summary is an
+    upsert (``ON CONFLICT DO UPDATE``), the contacts of the batch's users are deleted and
+    inserted anew.  Values are cut to their column's size as the general path cuts them.
+    """
+    text = _time_text(conn)
+    stamp = text(now)
+    contacts: dict[tuple[str, str], list[Any]] = {}
+    summaries: list[list[Any]] = []
+    for ep, (ep_contacts, (state, device_state, problem, changed_at)) in rows.items():
+        for cid, uri, status, agent, source, rtt, expires_at, c_changed in ep_contacts:
+            key = cid[:255]
+            contacts[(ep, key)] = [
+                ep,
+                key,
+                uri[:512],
+                status[:32],
+                agent[:255],
+                source[:128],
+                rtt,
+                None if expires_at is None else text(expires_at),
+                stamp if c_changed is None else text(c_changed),
+            ]
+        summaries.append(
+            [
+                ep,
+                (state or "offline")[:16],
+                device_state[:32],
+                problem[:255],
+                stamp if changed_at is None else text(changed_at),
+            ]
+        )
+    dialect = conn.dialect.name
+    statements = _JSON_STATEMENTS.get(dialect)
+    if statements is None:
+        statements = _JSON_STATEMENTS[dialect] = _json_statements(dialect)
+    upsert, clear, add = statements
+    matched = conn.execute(upsert, {"server": server, "rows": _json_param(conn, summaries)})
+    conn.execute(clear, {"server": server, "rows": _json_param(conn, [[ep] for ep in rows])})
+    if contacts:
+        values = list(contacts.values())
+        conn.execute(add, {"server": server, "rows": _json_param(conn, values)})
+    return int(matched.rowcount)
+
+
+#: dialect name -> (summary upsert, contacts delete, contacts insert), built once.
+_JSON_STATEMENTS: dict[str, tuple[Any, Any, Any]] = {}
+
+
+def _json_param(conn: Connection, values: list[list[Any]]) -> Any:
+    """``values`` as the statements' ``rows`` parameter: JSON text for SQLite's
+    ``json_each``; the list itself on PostgreSQL (the JSON type serialises it)."""
+    return json.dumps(values) if conn.dialect.name == "sqlite" else values
+
+
+def _json_rows(dialect: str, types: Sequence[Any]) -> tuple[Any, list[ColumnElement[Any]]]:
+    """The rows of the ``rows`` JSON parameter (an array of arrays) as a FROM item and one
+    column per position, typed by ``types`` (``None``: text)."""
+    if dialect == "sqlite":
+        each = func.json_each(bindparam("rows", type_=String)).table_valued("value").alias("j")
+        return each, [func.json_extract(each.c.value, f"$[{i}]") for i in range(len(types))]
+    # jsonb: each element is parsed once; ``->>`` on json text parses it again per column.
+    elements = func.jsonb_array_elements(bindparam("rows", type_=JSONB))
+    each = elements.table_valued(column("value", JSONB)).alias("j")
+    out: list[ColumnElement[Any]] = []
+    for i, type_ in enumerate(types):
+        item = each.c.value[i].astext
+        out.append(item if type_ is None else sql_cast(item, type_))
+    return each, out
+
+
+def _json_statements(dialect: str) -> tuple[Any, Any, Any]:
+    """The three statements of :func:`_write_rows_as_json` for ``dialect``."""
+    insert_of = sqlite_insert if dialect == "sqlite" else pg_insert
+    server = bindparam("server", type_=String)
+    # Summaries: [endpoint, state, device_state, problem, changed_at].
+    each, (ep, state, device, problem, changed) = _json_rows(
+        dialect, (None, None, None, None, DateTime())
+    )
+    source = (
+        select(users.c.id, server, state, device, problem, changed)
+        .select_from(each.join(users, users.c.extension == ep))
+        # SQLite reads "ON CONFLICT" after a join's ON as part of it without a WHERE.
+        .where(true())
+    )
+    upsert = insert_of(registration_summary).from_select(_SUMMARY_COLUMNS, source)
+    upsert = upsert.on_conflict_do_update(
+        index_elements=[registration_summary.c.user_id, registration_summary.c.server],
+        set_={name: upsert.excluded[name] for name in _SUMMARY_COLUMNS[2:]},
+    )
+    # Contacts of the batch's users: deleted, then the batch's inserted.
+    each, (ep,) = _json_rows(dialect, (None,))
+    batch_users = select(users.c.id).select_from(each.join(users, users.c.extension == ep))
+    if dialect == "postgresql":
+        # ``= ANY(ARRAY(subquery))``: the ids are computed once (an InitPlan).  With ``IN
+        # (subquery)`` a stale row estimate chose a nested loop that parsed the whole JSON
+        # again for every contact row: minutes for a 50k batch.
+        member = registrations.c.user_id == any_(func.array(batch_users.scalar_subquery()))
+    else:
+        member = registrations.c.user_id.in_(batch_users)
+    clear = delete(registrations).where(registrations.c.server == server, member)
+    each, (ep, *values) = _json_rows(
+        dialect, (None, None, None, None, None, None, BigInteger(), DateTime(), DateTime())
+    )
+    source = select(users.c.id, server, *values).select_from(
+        each.join(users, users.c.extension == ep)
+    )
+    add = insert(registrations).from_select(_CONTACT_COLUMNS, source)
+    # The matched count is the upsert's rowcount, read before the cursor is closed.
+    return upsert.execution_options(preserve_rowcount=True), clear, add
+
+
+def _time_text(conn: Connection) -> Any:
+    """How a naive datetime becomes the text the database takes for a timestamp: the
+    ISO form with microseconds, as SQLite's own bind processor writes it (checked once
+    per call against that processor, which is used instead should they ever differ)."""
+    if conn.dialect.name == "sqlite":
+        proc = _bind_processor(registrations, "changed_at", conn)
+        if proc is not None and proc(_SAMPLE_TIME) != _SAMPLE_TIME.isoformat(" ", "microseconds"):
+            return proc
+    return _iso_text
+
+
+_SAMPLE_TIME = datetime(2026, 1, 2, 3, 4, 5, 60)
+
+
+def _iso_text(value: datetime) -> str:
+    return value.isoformat(" ", "microseconds")
+
+
 def _insert_many(
     conn: Connection, table: Table, names: Sequence[str], rows: list[list[Any]]
 ) -> None:
@@ -278,7 +429,7 @@ def _insert_many(
                     v[at] = done[value]
                 except KeyError:
                     v[at] = done[value] = proc(value)
-    executemany(conn, insert(table), names, rows, column_keys=names)
+    executemany(conn, insert(table), names, [tuple(v) for v in rows], column_keys=names)
 
 
 def _bind_processor(table: Table, name: str, conn: Connection) -> Any:
