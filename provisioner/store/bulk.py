@@ -8,8 +8,7 @@ skipped, which cost as much as the inserts themselves at 100k rows.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
@@ -19,7 +18,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.dml import UpdateBase
 
-__all__ = ["Prepared", "copy_rows", "executemany", "prepare", "run_many", "sqlite_cache"]
+__all__ = ["Prepared", "copy_rows", "executemany", "prepare", "run_many"]
 
 
 @dataclass(frozen=True)
@@ -91,32 +90,6 @@ def executemany(
     if not rows:
         return
     run_many(conn, prepare(conn.dialect, stmt, names, column_keys=column_keys), rows)
-
-
-@contextmanager
-def sqlite_cache(conn: Connection, kib: int) -> Iterator[None]:
-    """On SQLite, a page cache of at least ``kib`` KiB for ``conn``'s connection inside
-    the block, then the size it had; nothing elsewhere.
-
-    A bulk write larger than the cache (2 MiB by default) spills modified pages to the
-    WAL in the middle of the transaction and reads them back; a cache that holds the
-    whole write avoids that.  Durability is unchanged: the commit still writes and
-    syncs the WAL as before.
-    """
-    if conn.dialect.name != "sqlite":
-        yield
-        return
-    before = int(conn.exec_driver_sql("PRAGMA cache_size").scalar_one())
-    # Negative sizes are KiB, positive ones pages; compare in KiB (pages taken as 4 KiB).
-    if (-before if before < 0 else 4 * before) >= kib:
-        yield
-        return
-    # Integers of our own: no input is formatted into these statements.
-    conn.exec_driver_sql(f"PRAGMA cache_size=-{int(kib)}")
-    try:
-        yield
-    finally:
-        conn.exec_driver_sql(f"PRAGMA cache_size={before}")
 
 
 def copy_rows(

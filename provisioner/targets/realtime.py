@@ -58,12 +58,13 @@ from sqlalchemy import (
     select,
     type_coerce,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import ColumnElement, Select
 from sqlalchemy.sql.dml import UpdateBase
 
 from ..errors import InvalidInput
 from ..pjsip import Options, UserObjects, auth_id
-from ..store.bulk import copy_rows, executemany
+from ..store.bulk import Prepared, copy_rows, prepare, run_many
 from ..store.engine import open_engine
 from . import Change
 from .asterisk_schema import OWNED_KINDS, add_missing_columns, metadata, provisioner_objects
@@ -257,6 +258,13 @@ class _Shape:
     def full(self, row: Row) -> Row:
         """Every managed column's value (``columns`` order), without the id."""
         return (*row[1:], *self.constant.values())
+
+    def bound(self, rows: Iterable[Row]) -> list[Row]:
+        """``(id, *every managed column's value)`` of ``rows``, as written."""
+        constant = tuple(self.constant.values())
+        if not constant:
+            return list(rows)
+        return [row + constant for row in rows]
 
     def _builder(self, names: tuple[str, ...]) -> Callable[[str, Options], Row]:
         if len(set(names)) != len(names):
@@ -753,57 +761,75 @@ def _write(conn: Connection, plan: _Plan) -> bool:
         wrote |= bool(kp.deletes)
     for kp in plan.kinds.values():
         if kp.updates:
-            stmt, keys = _statement(kp.shape, update=True)
-            executemany(conn, stmt, keys, [_bound(kp.shape, r) for r in kp.updates])
+            prepared = _prepared(conn.dialect, kp.shape, update=True)
+            executemany(conn, prepared, kp.shape.bound(kp.updates))
             wrote = True
     digests = plan.digests
     recorded: set[str] = set()
     for kind, kp in plan.kinds.items():
         if kp.inserts:
             _insert(conn, kp.shape, kp.inserts)
-            new = [str(r[0]) for r in kp.inserts if r[0] not in kp.reowned]
+            reowned = kp.reowned
+            new = [str(r[0]) for r in kp.inserts if not reowned or r[0] not in reowned]
             if kind == "endpoint" and digests is not None:
-                _record(conn, kind, [(oid, digests.get(oid)) for oid in new], with_digest=True)
+                _record(conn, kind, new, digests)
                 recorded.update(new)
             else:
-                _record(conn, kind, [(oid, None) for oid in new], with_digest=False)
+                _record(conn, kind, new, None)
             wrote = True
     if digests:
         _set_digests(conn, [(e, d) for e, d in digests.items() if e not in recorded])
     return wrote
 
 
+def executemany(conn: Connection, prepared: Prepared, rows: Sequence[Sequence[Any]]) -> None:
+    """The driver's executemany of a prepared statement over ``rows`` (every row write
+    but COPY goes through here: the crash tests stop the process just after it)."""
+    run_many(conn, prepared, rows)
+
+
+#: Compiled statements by (dialect class, paramstyle, what): compiling an UPDATE of ~50
+#: columns costs more than running it for one user.
+_PREPARED: dict[tuple[Any, ...], Prepared] = {}
+
+
+def _prepared_once(
+    dialect: Dialect, key: tuple[Any, ...], build: Callable[[], tuple[UpdateBase, Sequence[str]]]
+) -> Prepared:
+    full_key = (type(dialect), dialect.paramstyle, *key)
+    found = _PREPARED.get(full_key)
+    if found is None:
+        stmt, names = build()
+        found = _PREPARED[full_key] = prepare(dialect, stmt, names)
+    return found
+
+
 def _record(
-    conn: Connection, kind: str, pairs: Sequence[tuple[str, str | None]], *, with_digest: bool
+    conn: Connection, kind: str, ids: Sequence[str], digests: Mapping[str, str] | None
 ) -> None:
-    """Record the ids of ``pairs`` (id, digest) as provisioner's, with their digests
-    (NULL without ``with_digest``): COPY on PostgreSQL, where psycopg's executemany would
-    send one statement per record; the driver's own executemany elsewhere (through
-    ``Connection.execute`` SQLAlchemy's per-row bookkeeping cost as much as the insert)."""
-    if not pairs:
+    """Record ``ids`` as provisioner's, with their ``digests`` (NULL without them): COPY on
+    PostgreSQL, where psycopg's executemany would send one statement per record; the
+    driver's own executemany elsewhere (through ``Connection.execute`` SQLAlchemy's per-row
+    bookkeeping cost as much as the insert)."""
+    if not ids:
         return
     po = provisioner_objects
-    if conn.dialect.name == "postgresql":
-        names = ("kind", "id", "digest") if with_digest else ("kind", "id")
-        copy_rows(
-            conn, po, names, [(kind, *pair) if with_digest else (kind, pair[0]) for pair in pairs]
-        )
-    elif with_digest:
-        executemany(
-            conn,
-            po.insert(),
-            ("kind", "id", "digest"),
-            [(kind, *p) for p in pairs],
-            column_keys=("kind", "id", "digest"),
-        )
+    names = ("kind", "id", "digest") if digests is not None else ("kind", "id")
+    if digests is not None:
+        get = digests.get
+        rows: list[tuple[str, ...] | tuple[str, str, str | None]] = [
+            (kind, oid, get(oid)) for oid in ids
+        ]
     else:
-        executemany(
-            conn,
-            po.insert(),
-            ("kind", "id"),
-            [(kind, p[0]) for p in pairs],
-            column_keys=("kind", "id"),
-        )
+        rows = [(kind, oid) for oid in ids]
+    if conn.dialect.name == "postgresql":
+        copy_rows(conn, po, names, rows)
+        return
+
+    def build() -> tuple[UpdateBase, Sequence[str]]:
+        return po.insert().values({po.c[n]: bindparam(n) for n in names}), names
+
+    executemany(conn, _prepared_once(conn.dialect, ("record", names), build), rows)
 
 
 def _set_digests(conn: Connection, pairs: Sequence[tuple[str, str]]) -> None:
@@ -811,26 +837,33 @@ def _set_digests(conn: Connection, pairs: Sequence[tuple[str, str]]) -> None:
     if not pairs:
         return
     po = provisioner_objects
-    stmt = (
-        po.update()
-        .where(po.c.kind == bindparam("k"), po.c.id == bindparam("oid"))
-        .values({po.c.digest: bindparam("d")})
-    )
-    executemany(conn, stmt, ("k", "oid", "d"), [("endpoint", oid, d) for oid, d in pairs])
+
+    def build() -> tuple[UpdateBase, Sequence[str]]:
+        stmt = (
+            po.update()
+            .where(po.c.kind == bindparam("k"), po.c.id == bindparam("oid"))
+            .values({po.c.digest: bindparam("d")})
+        )
+        return stmt, ("k", "oid", "d")
+
+    rows = [("endpoint", oid, d) for oid, d in pairs]
+    executemany(conn, _prepared_once(conn.dialect, ("digests",), build), rows)
 
 
 def _insert(conn: Connection, shape: _Shape, rows: Sequence[Row]) -> None:
     """Insert ``rows`` (every managed column): COPY on PostgreSQL, executemany elsewhere."""
-    bound = [_bound(shape, r) for r in rows]
+    bound = shape.bound(rows)
     if conn.dialect.name == "postgresql":
         copy_rows(conn, shape.table, ("id", *shape.columns), bound)
     else:
-        stmt, keys = _statement(shape, update=False)
-        executemany(conn, stmt, keys, bound)
+        executemany(conn, _prepared(conn.dialect, shape, update=False), bound)
 
 
-def _bound(shape: _Shape, row: Row) -> Row:
-    return (row[0], *shape.full(row))
+def _prepared(dialect: Dialect, shape: _Shape, *, update: bool) -> Prepared:
+    """The compiled INSERT or UPDATE of every managed column of ``shape``; rows are
+    ``(id, *values in columns order)``."""
+    key = ("update" if update else "insert", shape.kind, shape.columns)
+    return _prepared_once(dialect, key, lambda: _statement(shape, update=update))
 
 
 def _statement(shape: _Shape, *, update: bool) -> tuple[UpdateBase, tuple[str, ...]]:
