@@ -39,8 +39,8 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from dataclasses import dataclass, field, replace
 from functools import cache
 from hashlib import md5
-from itertools import chain
-from operator import itemgetter
+from itertools import chain, repeat
+from operator import attrgetter, itemgetter
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
@@ -207,10 +207,11 @@ def _ordered(ids: Iterable[str]) -> list[str]:
     return sorted(sorted(ids), key=len)
 
 
+#: (object id, options) of one kind of a user's objects (C getters: called per user).
 _PARTS: dict[str, Callable[[UserObjects], tuple[str, Options]]] = {
-    "endpoint": lambda o: (o.endpoint_id, o.endpoint),
-    "auth": lambda o: (o.auth_id, o.auth),
-    "aor": lambda o: (o.aor_id, o.aor),
+    "endpoint": attrgetter("endpoint_id", "endpoint"),
+    "auth": attrgetter("auth_id", "auth"),
+    "aor": attrgetter("aor_id", "aor"),
 }
 
 
@@ -243,15 +244,23 @@ class _Shape:
         self.columns: tuple[str, ...] = (*self.variable, *self.constant)
         self._builders: dict[tuple[str, ...], Callable[[str, Options], Row]] = {}
 
-    def rows(self, items: Iterable[tuple[str, Options]]) -> dict[str, Row]:
-        """``{id: (id, *variable values)}``; unset columns get Asterisk's default or NULL."""
+    def rows(
+        self, items: Iterable[tuple[str, Options]], signatures: Iterable[tuple[str, ...]]
+    ) -> dict[str, Row]:
+        """``{id: (id, *variable values)}`` of ``items`` (id, options), whose option names
+        are ``signatures`` (one per item); unset columns get Asterisk's default or NULL."""
         builders = self._builders
         out: dict[str, Row] = {}
-        for object_id, options in items:
-            names = tuple(map(_first, options))
-            build = builders.get(names)
-            if build is None:
-                build = builders[names] = self._builder(names)
+        last: tuple[str, ...] | None = None
+        build: Callable[[str, Options], Row] | None = None
+        for (object_id, options), names in zip(items, signatures, strict=True):
+            # Nearly every user has the previous one's option names (the same strings:
+            # compared by identity), so the builder is rarely looked up.
+            if names != last or build is None:
+                build = builders.get(names)
+                if build is None:
+                    build = builders[names] = self._builder(names)
+                last = names
             out[object_id] = build(object_id, options)
         return out
 
@@ -443,12 +452,15 @@ class RealtimeTarget:
         compared = objects
         if scope is not None:
             compared = [obj for obj in objects if obj.endpoint_id in scope["endpoint"]]
-        shapes = self._shapes(compared)
+        shapes: dict[str, _Shape] = {}
         desired: dict[str, dict[str, Row]] = {}
         seen: dict[str, _Seen] = {}
         ids = {kind: None if scope is None else _ordered(scope[kind]) for kind in _KINDS}
-        for kind, shape in shapes.items():
-            desired[kind] = shape.rows(map(_PARTS[kind], compared))
+        for kind in _KINDS:
+            items = list(map(_PARTS[kind], compared))
+            signatures = [tuple(map(_first, options)) for _, options in items]
+            shape = shapes[kind] = self._shape(kind, signatures)
+            desired[kind] = shape.rows(items, signatures)
             seen[kind] = _read(conn, shape, ids[kind])
         owned = _owned_kinds(conn, ids, has_digest)
         conflicts = [
@@ -478,30 +490,27 @@ class RealtimeTarget:
             self._digest_base = md5(prefix, usedforsecurity=False)
         cache = self._digest_cache
         base = self._digest_base
-        misses = 0
         found: dict[str, str] = {}
+        kept: dict[str, tuple[UserObjects, str]] = {}
+        misses = 0
         for obj in objects:
             key = obj.endpoint_id
             hit = cache.get(key)
             # The same object (the applier keeps them) or an equal one: no hashing.
-            if hit is not None and (hit[0] is obj or hit[0] == obj):
-                found[key] = hit[1]
-            else:
-                found[key] = _digest(base, obj)
+            if hit is None or (hit[0] is not obj and hit[0] != obj):
+                hit = (obj, _digest(base, obj))
                 misses += 1
-        if remember and (misses or len(cache) != len(found)):
-            self._digest_cache = {obj.endpoint_id: (obj, found[obj.endpoint_id]) for obj in objects}
+            found[key] = hit[1]
+            kept[key] = hit
+        if remember and (misses or len(cache) != len(kept)):
+            self._digest_cache = kept
         return found
 
-    def _shapes(self, objects: Sequence[UserObjects]) -> dict[str, _Shape]:
-        shapes = {}
-        for kind, part in _PARTS.items():
-            # Options come in the mapping's order, nearly always the same: a set of the
-            # distinct name tuples is cheap even for 100k users.
-            signatures = dict.fromkeys(tuple(map(_first, part(o)[1])) for o in objects)
-            fill = SQLITE_DEFAULTS[kind] if self.sqlite_defaults else {}
-            shapes[kind] = _Shape(kind, fill, signatures)
-        return shapes
+    def _shape(self, kind: str, signatures: Iterable[tuple[str, ...]]) -> _Shape:
+        """The shape of ``kind`` for objects with option names ``signatures``."""
+        fill = SQLITE_DEFAULTS[kind] if self.sqlite_defaults else {}
+        # Options come in the mapping's order, nearly always the same: few distinct ones.
+        return _Shape(kind, fill, dict.fromkeys(signatures))
 
 
 def _scope(upserts: Sequence[UserObjects], removed_ids: Iterable[str]) -> dict[str, set[str]]:
@@ -684,13 +693,22 @@ def _compare(
     """
     plan = _KindPlan(shape)
     kind = shape.kind
-    current = set(seen.rows)
-    differ = {str(row[0]): row for row in desired.values() if row not in current}
+    if seen.rows:
+        current = set(seen.rows)
+        differ = {str(row[0]): row for row in desired.values() if row not in current}
+    else:
+        # Empty tables (a first sync): every row differs, no row needs hashing.
+        differ = dict(desired)
     for oid in seen.off_constant & set(owned) & desired.keys():
         differ.setdefault(oid, desired[oid])
-    for oid in _ordered(differ):
-        if _user_key(kind, oid) in hold:
-            continue
+    order = _ordered(differ)
+    if hold:
+        order = [oid for oid in order if _user_key(kind, oid) not in hold]
+    if not seen.ids and not owned:
+        # Nothing there and nothing recorded: all inserts, none reowned.
+        plan.inserts = [differ[oid] for oid in order]
+        return plan
+    for oid in order:
         row = differ[oid]
         if oid not in seen.ids:
             plan.inserts.append(row)
@@ -711,25 +729,29 @@ def _summarise(
     touched: set[str] = set()
     fresh: dict[str, set[str]] = {}
     changed: list[tuple[str, str]] = []
-    for kind, plan in kinds.items():
+    # Kind order (endpoint, auth, aor), then inserted, updated, deleted within a kind.
+    for kind in sorted(kinds, key=_KINDS.index):
+        plan = kinds[kind]
         inserted = [str(row[0]) for row in plan.inserts]
         updated_ids = [str(row[0]) for row in plan.updates]
-        fresh[kind] = set(inserted) - plan.reowned
+        fresh[kind] = set(inserted)
+        if plan.reowned:
+            fresh[kind] -= plan.reowned
         for oids in (inserted, updated_ids, plan.deletes):
-            touched.update(oids if kind != "auth" else (_user_key(kind, i) for i in oids))
-            changed += [(kind, oid) for oid in oids]
+            touched.update(oids if kind != "auth" else [_user_key(kind, i) for i in oids])
+            changed.extend(zip(repeat(kind), oids))
     added: list[str] = []
     updated: list[str] = []
     unchanged = 0
+    endpoints, auths, aors = fresh["endpoint"], fresh["auth"], fresh["aor"]
     for obj in objects:
         key = obj.endpoint_id
-        if key in blocked:
-            continue
         if key not in touched:
-            unchanged += 1
-        elif (
-            key in fresh["endpoint"] and obj.auth_id in fresh["auth"] and obj.aor_id in fresh["aor"]
-        ):
+            if not blocked or key not in blocked:
+                unchanged += 1
+        elif blocked and key in blocked:
+            continue
+        elif key in endpoints and obj.auth_id in auths and obj.aor_id in aors:
             added.append(key)
         else:
             updated.append(key)
@@ -739,7 +761,7 @@ def _summarise(
         updated=tuple(updated),
         removed=tuple(_ordered(touched - wanted)),
         unchanged=unchanged,
-        changed_objects=tuple(sorted(changed, key=lambda c: _KINDS.index(c[0]))),
+        changed_objects=tuple(changed),
         conflicts=tuple(_ordered(blocked)),
     )
 
