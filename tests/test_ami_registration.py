@@ -209,7 +209,7 @@ def test_flusher_rows_equal_the_records() -> None:
         for reg in apply_events({}, events).values():
             contacts, summary = records("lab", reg)
             contact_rows, summary_row = rows(reg)
-            assert contact_rows == [
+            assert list(contact_rows) == [
                 (
                     c.contact_id,
                     c.uri,

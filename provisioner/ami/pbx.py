@@ -108,10 +108,12 @@ def records(server: str, reg: EndpointRegistration) -> tuple[list[ContactRecord]
     return contacts, summary
 
 
-def rows(reg: EndpointRegistration) -> tuple[list[ContactRow], SummaryRow]:
+def rows(reg: EndpointRegistration) -> tuple[tuple[ContactRow, ...], SummaryRow]:
     """:func:`records` as the store's plain tuples (the flusher's path, pure): the same
-    values, without building a record object per contact and endpoint."""
-    contacts: list[ContactRow] = [
+    values, without building a record object per contact and endpoint.  Tuples only (no
+    list): the garbage collector drops them from its lists after one pass, so a storm's
+    batch does not bring on full collections."""
+    contacts: tuple[ContactRow, ...] = tuple(
         (
             c.object_name or f"{c.aor};{c.uri}",
             c.uri,
@@ -123,7 +125,7 @@ def rows(reg: EndpointRegistration) -> tuple[list[ContactRow], SummaryRow]:
             None,
         )
         for c in reg.contacts
-    ]
+    )
     state = summarize(reg)
     changed = reg.last_change
     return contacts, (

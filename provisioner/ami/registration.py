@@ -23,8 +23,7 @@ of the record, so any order gives the same result.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, NamedTuple
 
 __all__ = [
     "ContactState",
@@ -47,11 +46,10 @@ _UP = frozenset({"Reachable", "NonQualified", "Unknown"})
 _PJSIP_PREFIX = "PJSIP/"
 
 
-# Plain (not frozen) slotted dataclasses: a frozen one's ``__init__`` sets each field
-# through ``object.__setattr__``, ~4x the cost, and a storm builds two records per event.
-# The fold never changes a record once built: it builds new ones (values, hashable).
-@dataclass(slots=True, unsafe_hash=True)
-class ContactState:
+# Records are named tuples: immutable values as frozen dataclasses were, built ~3x
+# faster (a frozen dataclass's ``__init__`` sets each field through
+# ``object.__setattr__``), and a storm builds two records per event.
+class ContactState(NamedTuple):
     """One registered contact of an endpoint."""
 
     aor: str
@@ -68,8 +66,7 @@ class ContactState:
     object_name: str | None = None
 
 
-@dataclass(slots=True, unsafe_hash=True)
-class EndpointRegistration:
+class EndpointRegistration(NamedTuple):
     """What is known about one endpoint's registration."""
 
     endpoint: str
@@ -160,7 +157,7 @@ def endpoint_of(event: Mapping[str, str]) -> str | None:
 
 def _with_contact(reg: EndpointRegistration, contact: ContactState) -> EndpointRegistration:
     """Put ``contact`` in place of the one with the same AOR and URI (or add it)."""
-    return replace(reg, contacts=_contacts_with(reg.contacts, contact))
+    return reg._replace(contacts=_contacts_with(reg.contacts, contact))
 
 
 def _contacts_with(
@@ -243,27 +240,25 @@ def apply_event(
     latest = max(stamp, last) if stamp and last else (stamp or last or None)
     if kind == "PeerStatus":
         peer = event.get("PeerStatus") or None
-        reg = replace(reg, peer_status=peer, tracked=True, exists=reg.exists or peer == "Reachable")
+        reg = reg._replace(peer_status=peer, tracked=True, exists=reg.exists or peer == "Reachable")
     elif kind == "DeviceStateChange":
         state = event.get("State") or None
         # INVALID: Asterisk has no such device any more; its contacts are not "online".
         gone = state == "INVALID"
-        reg = replace(
-            reg,
+        reg = reg._replace(
             device_state=state,
             exists=not gone,
             tracked=True,
             contacts=() if gone else reg.contacts,
         )
     elif kind == "SuccessfulAuth":
-        reg = replace(
-            reg,
+        reg = reg._replace(
             last_auth_at=stamp or reg.last_auth_at,
             last_auth_from=_address(event.get("RemoteAddress", "")),
         )
     elif kind == "ContactList":
         reg = _with_contact(reg, contact_from_list_item(event))
-    return replace(reg, last_change=latest)
+    return reg._replace(last_change=latest)
 
 
 def apply_events(

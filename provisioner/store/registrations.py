@@ -279,12 +279,14 @@ def _write_rows_as_json(
     """
     text = _time_text(conn)
     stamp = text(now)
-    contacts: dict[tuple[str, str], list[Any]] = {}
-    summaries: list[list[Any]] = []
+    # Tuples, not lists: the collector stops tracking them after one pass (a batch of
+    # lists alive through the flush was promoted and brought on full collections).
+    contacts: dict[tuple[str, str], tuple[Any, ...]] = {}
+    summaries: list[tuple[Any, ...]] = []
     for ep, (ep_contacts, (state, device_state, problem, changed_at)) in rows.items():
         for cid, uri, status, agent, source, rtt, expires_at, c_changed in ep_contacts:
             key = cid[:255]
-            contacts[(ep, key)] = [
+            contacts[(ep, key)] = (
                 ep,
                 key,
                 uri[:512],
@@ -294,15 +296,15 @@ def _write_rows_as_json(
                 rtt,
                 None if expires_at is None else text(expires_at),
                 stamp if c_changed is None else text(c_changed),
-            ]
+            )
         summaries.append(
-            [
+            (
                 ep,
                 (state or "offline")[:16],
                 device_state[:32],
                 problem[:255],
                 stamp if changed_at is None else text(changed_at),
-            ]
+            )
         )
     dialect = conn.dialect.name
     statements = _JSON_STATEMENTS.get(dialect)
@@ -310,7 +312,7 @@ def _write_rows_as_json(
         statements = _JSON_STATEMENTS[dialect] = _json_statements(dialect)
     upsert, clear, add = statements
     matched = conn.execute(upsert, {"server": server, "rows": _json_param(conn, summaries)})
-    conn.execute(clear, {"server": server, "rows": _json_param(conn, [[ep] for ep in rows])})
+    conn.execute(clear, {"server": server, "rows": _json_param(conn, [(ep,) for ep in rows])})
     if contacts:
         values = list(contacts.values())
         conn.execute(add, {"server": server, "rows": _json_param(conn, values)})
@@ -321,7 +323,7 @@ def _write_rows_as_json(
 _JSON_STATEMENTS: dict[str, tuple[Any, Any, Any]] = {}
 
 
-def _json_param(conn: Connection, values: list[list[Any]]) -> Any:
+def _json_param(conn: Connection, values: list[tuple[Any, ...]]) -> Any:
     """``values`` as the statements' ``rows`` parameter: JSON text for SQLite's
     ``json_each``; the list itself on PostgreSQL (the JSON type serialises it)."""
     return json.dumps(values) if conn.dialect.name == "sqlite" else values
