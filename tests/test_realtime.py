@@ -20,6 +20,7 @@ from sqlalchemy import (
     Table,
     create_engine,
     event,
+    func,
     inspect,
     select,
 )
@@ -244,6 +245,31 @@ def test_unchanged_apply_writes_nothing(target: RealtimeTarget, rt_engine: Engin
     assert change == Change(unchanged=2)
     assert not change.wrote
     assert snapshot(rt_engine) == before
+
+
+def test_ownership_records_of_a_bulk_sync(target: RealtimeTarget, rt_engine: Engine) -> None:
+    """A sync of several users records every row's kind and id as text (digit-only ids
+    too) and one digest per endpoint record, none on auth and AOR records."""
+    objects = render(*(make_user(str(1000 + i)) for i in range(5)))
+    target.apply(objects)
+    po = provisioner_objects
+    with rt_engine.connect() as conn:
+        records = conn.execute(select(po.c.kind, po.c.id, po.c.digest)).all()
+    by_kind: dict[str, dict[Any, Any]] = {}
+    for kind, oid, digest in records:
+        assert isinstance(oid, str)
+        by_kind.setdefault(kind, {})[oid] = digest
+    extensions = [str(1000 + i) for i in range(5)]
+    assert set(by_kind["aor"]) == set(by_kind["endpoint"]) == set(extensions)
+    assert set(by_kind["auth"]) == {f"{e}-auth" for e in extensions}
+    assert set(by_kind["auth"].values()) == set(by_kind["aor"].values()) == {None}
+    digests = list(by_kind["endpoint"].values())
+    assert all(isinstance(d, str) and len(d) == 32 for d in digests)
+    assert len(set(digests)) == 5
+    if rt_engine.dialect.name == "sqlite":
+        with rt_engine.connect() as conn:
+            types = conn.execute(select(func.typeof(po.c.id)).distinct()).scalars().all()
+        assert types == ["text"]
 
 
 def test_unchanged_apply_reads_only_digests(target: RealtimeTarget, rt_engine: Engine) -> None:
