@@ -55,11 +55,15 @@ def prepare(
     names: Sequence[str],
     *,
     column_keys: Sequence[str] | None = None,
+    literals: bool = False,
 ) -> Prepared:
     """Compile ``stmt`` for ``dialect``; rows will give values in ``names`` order.
-    ``column_keys`` limits a bare ``insert(table)`` to those columns."""
+    ``column_keys`` limits a bare ``insert(table)`` to those columns.  With ``literals``
+    the statement's ``literal(..., literal_execute=True)`` values are rendered into it by
+    SQLAlchemy's literal processors (every bind parameter then needs a value, unused)."""
     keys = list(column_keys) if column_keys is not None else None
-    compiled = stmt.compile(dialect=dialect, column_keys=keys)
+    kwargs = {"render_postcompile": True} if literals else {}
+    compiled = stmt.compile(dialect=dialect, column_keys=keys, compile_kwargs=kwargs)
     if compiled.positional:
         order = tuple(list(names).index(k) for k in compiled.positiontup or ())
         return Prepared(str(compiled), order, ())

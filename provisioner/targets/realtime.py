@@ -55,6 +55,7 @@ from sqlalchemy import (
     bindparam,
     func,
     inspect,
+    literal,
     null,
     or_,
     select,
@@ -818,13 +819,17 @@ _PREPARED: dict[tuple[Any, ...], Prepared] = {}
 
 
 def _prepared_once(
-    dialect: Dialect, key: tuple[Any, ...], build: Callable[[], tuple[UpdateBase, Sequence[str]]]
+    dialect: Dialect,
+    key: tuple[Any, ...],
+    build: Callable[[], tuple[UpdateBase, Sequence[str]]],
+    *,
+    literals: bool = False,
 ) -> Prepared:
     full_key = (type(dialect), dialect.paramstyle, *key)
     found = _PREPARED.get(full_key)
     if found is None:
         stmt, names = build()
-        found = _PREPARED[full_key] = prepare(dialect, stmt, names)
+        found = _PREPARED[full_key] = prepare(dialect, stmt, names, literals=literals)
     return found
 
 
@@ -899,11 +904,34 @@ def _set_digests(conn: Connection, pairs: Sequence[tuple[str, str]]) -> None:
 
 def _insert(conn: Connection, shape: _Shape, rows: Sequence[Row]) -> None:
     """Insert ``rows`` (every managed column): COPY on PostgreSQL, executemany elsewhere."""
-    bound = shape.bound(rows)
-    if conn.dialect.name == "postgresql":
-        copy_rows(conn, shape.table, ("id", *shape.columns), bound)
+    name = conn.dialect.name
+    if name == "postgresql":
+        copy_rows(conn, shape.table, ("id", *shape.columns), shape.bound(rows))
+    elif name == "sqlite" and shape.constant:
+        executemany(conn, _prepared_inline(conn.dialect, shape), rows)
     else:
-        executemany(conn, _prepared(conn.dialect, shape, update=False), bound)
+        executemany(conn, _prepared(conn.dialect, shape, update=False), shape.bound(rows))
+
+
+def _prepared_inline(dialect: Dialect, shape: _Shape) -> Prepared:
+    """SQLite's INSERT of every managed column with the constant columns (Asterisk's
+    defaults: our own values, rendered by SQLAlchemy's literal processors) written into
+    the statement: rows are ``(id, *variable values)`` and an endpoint row binds 15
+    values instead of 49."""
+    key = ("insert-inline", shape.kind, shape.variable, tuple(shape.constant.items()))
+
+    def build() -> tuple[UpdateBase, Sequence[str]]:
+        table = shape.table
+        keys = tuple(f"v{i}" for i in range(len(shape.variable)))
+        # Bind parameters with a (unused) value: rendering the literals needs them all.
+        values: dict[Any, Any] = {table.c.id: bindparam("oid", None, required=False)}
+        for column, name in zip(shape.variable, keys, strict=True):
+            values[table.c[column]] = bindparam(name, None, required=False)
+        for column, value in shape.constant.items():
+            values[table.c[column]] = literal(value, table.c[column].type, literal_execute=True)
+        return table.insert().values(values), ("oid", *keys)
+
+    return _prepared_once(dialect, key, build, literals=True)
 
 
 def _prepared(dialect: Dialect, shape: _Shape, *, update: bool) -> Prepared:
