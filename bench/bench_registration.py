@@ -9,24 +9,36 @@ has the peer send N recorded ``ContactStatus`` events (``send_burst``, one per u
 reports ``rate``: events/s from the first byte sent until the store's ``registrations``
 table holds all N contacts (target >= 50,000/s; the flusher runs every 0.2 s, so a small
 burst is bounded by that).
+
+``--stages`` also times each stage of the path alone on the same N events, in
+microseconds per event (CPU time of this process, the least noisy figure on a shared
+machine, garbage collector off; ``wall`` adds the database server's time): ``decode`` (bytes to AMI
+messages), ``fold`` (client dispatch and the per-endpoint book), ``rows`` (the
+flusher's row tuples) and ``store`` (one ``write_endpoint_rows`` transaction of all N
+endpoints, first write and rewrite).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, func, select
 
+from provisioner.ami.actions import AmiMessage, FrameDecoder
 from provisioner.ami.client import AmiClient
-from provisioner.ami.pbx import AmiPbx, Link
+from provisioner.ami.pbx import AmiPbx, Link, rows
 from provisioner.ami.reload import PjsipOps, ReloadCoordinator
 from provisioner.store.engine import open_engine
+from provisioner.store.registrations import write_endpoint_rows
 from provisioner.store.schema import registrations
 from tests.amipeer import FakeAsterisk, fast_settings, running, server_for
 
@@ -122,6 +134,94 @@ def run_one(backend: str, count: int, scratch: Path) -> dict[str, Any]:
     return {"backend": backend, "events": count, "seconds": took, "rate": count / took}
 
 
+STAGE_COLUMNS: list[Column] = [
+    ("backend", "{:>10}"),
+    ("events", "{:>7d}"),
+    ("stage", "{:>14}"),
+    ("cpu_us", "{:>7.2f}"),
+    ("wall_us", "{:>7.2f}"),
+]
+
+
+def _timed_stage(fn: Callable[[], Any]) -> tuple[Any, float, float]:
+    """``fn()``, its CPU seconds (this process) and wall seconds, with the cyclic garbage
+    collector off: a stage alone holds all N events' objects at once, so collections
+    land at random and swamp the difference between runs (the socket-to-store rate
+    includes them)."""
+    gc.collect()
+    gc.disable()
+    try:
+        cpu, wall = time.process_time(), time.perf_counter()
+        result = fn()
+        return result, time.process_time() - cpu, time.perf_counter() - wall
+    finally:
+        gc.enable()
+
+
+def _burst_bytes(count: int) -> bytes:
+    """What ``send_burst(count)`` sends: the recorded ContactStatus, endpoint numbered."""
+    template = FakeAsterisk().library.find_message("Event: ContactStatus\r\n", "NonQualified")
+    return b"".join(template.replace(b"1001", str(100000 + i).encode()) for i in range(count))
+
+
+def _decode(data: bytes) -> list[AmiMessage]:
+    """``data`` through the client's decoder, in reads of the client's size."""
+    decoder = FrameDecoder(max_line_bytes=1 << 16, max_message_bytes=1 << 20)
+    decoder.feed(b"Asterisk Call Manager/11.0.0\r\n")
+    out: list[AmiMessage] = []
+    for at in range(0, len(data), 65536):
+        out += decoder.feed(data[at : at + 65536])
+    return out
+
+
+def stages(backend: str, count: int, scratch: Path) -> list[dict[str, Any]]:
+    """Per-event CPU and wall microseconds of each stage alone (see the module doc)."""
+    data = _burst_bytes(count)
+    messages, cpu, wall = _timed_stage(lambda: _decode(data))
+    out = [("decode", cpu, wall)]
+    settings = fast_settings()
+    peer = FakeAsterisk()
+    peer.port = 5038  # never connected: the client only needs a valid server entry
+    client = AmiClient(server_for(peer), settings)
+    link = Link("lab", client, ReloadCoordinator(client, settings), PjsipOps(client))
+    AmiPbx([link], create_engine("sqlite://"), "realtime")._subscribe(link)
+    # The reader's per-message call, on a session without a socket or pending actions.
+    session: Any = SimpleNamespace(pending={})
+    handle = client._handle
+    _, cpu, wall = _timed_stage(lambda: [handle(session, m) for m in messages])
+    out.append(("fold", cpu, wall))
+    book = link.book
+    states, cpu, wall = _timed_stage(lambda: {ep: rows(book[ep]) for ep in link.dirty})
+    out.append(("rows", cpu, wall))
+    with (
+        tempfile.TemporaryDirectory(dir=scratch) as name,
+        temp_database(backend, Path(name)) as url,
+    ):
+        engine = open_engine(url)
+        try:
+            seed_store(engine, count)
+            for label in ("store (first)", "store (again)"):
+
+                def write() -> None:
+                    with engine.begin() as conn:
+                        write_endpoint_rows(conn, "lab", states, datetime.now())
+
+                _, cpu, wall = _timed_stage(write)
+                out.append((label, cpu, wall))
+        finally:
+            engine.dispose()
+    return [
+        {
+            "backend": backend,
+            "events": count,
+            "stage": label,
+            "cpu_us": cpu / count * 1e6,
+            "wall_us": wall / count * 1e6,
+        }
+        for label, cpu, wall in out
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, nargs="+", default=[10000, 50000])
@@ -129,11 +229,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--backend", nargs="+", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"]
     )
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--stages", action="store_true", help="also time each stage alone")
     args = parser.parse_args(argv)
     print_header("registration ingestion (ContactStatus events, socket to store)", COLUMNS)
     for backend in args.backend:
         for count in args.events:
             print_row(COLUMNS, run_one(backend, count, args.scratch))
+    if args.stages:
+        print_header("each stage alone, microseconds per event", STAGE_COLUMNS)
+        for backend in args.backend:
+            for count in args.events:
+                for row in stages(backend, count, args.scratch):
+                    print_row(STAGE_COLUMNS, row)
     return 0
 
 

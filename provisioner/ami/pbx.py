@@ -114,17 +114,19 @@ def rows(reg: EndpointRegistration) -> tuple[tuple[ContactRow, ...], SummaryRow]
     list): the garbage collector drops them from its lists after one pass, so a storm's
     batch does not bring on full collections."""
     contacts: tuple[ContactRow, ...] = tuple(
-        (
-            c.object_name or f"{c.aor};{c.uri}",
-            c.uri,
-            c.status,
-            c.user_agent or "",
-            c.source or "",
-            c.rtt_usec,
-            None if c.expires_at is None else _utc(c.expires_at),
-            None,
-        )
-        for c in reg.contacts
+        [
+            (
+                c.object_name or f"{c.aor};{c.uri}",
+                c.uri,
+                c.status,
+                c.user_agent or "",
+                c.source or "",
+                c.rtt_usec,
+                None if c.expires_at is None else _utc(c.expires_at),
+                None,
+            )
+            for c in reg.contacts
+        ]
     )
     state = summarize(reg)
     changed = reg.last_change

@@ -283,7 +283,8 @@ def _write_rows_as_json(
     # lists alive through the flush was promoted and brought on full collections).
     contacts: dict[tuple[str, str], tuple[Any, ...]] = {}
     summaries: list[tuple[Any, ...]] = []
-    for ep, (ep_contacts, (state, device_state, problem, changed_at)) in rows.items():
+    for ep in sorted(rows):
+        ep_contacts, (state, device_state, problem, changed_at) = rows[ep]
         for cid, uri, status, agent, source, rtt, expires_at, c_changed in ep_contacts:
             key = cid[:255]
             contacts[(ep, key)] = (
