@@ -354,9 +354,10 @@ class RealtimeTarget:
         self.sqlite_defaults = sqlite_defaults
         #: Whether ``provisioner_objects.digest`` exists; looked up on first use.
         self._has_digest: bool | None = None
-        #: Endpoint id -> (objects, digest) of the last full apply (a digest is a pure
-        #: function of the objects): the same or equal objects are not hashed again.
-        self._digest_cache: dict[str, tuple[UserObjects, str]] = {}
+        #: Endpoint id -> objects, and endpoint id -> digest, of the last full apply (a
+        #: digest is a pure function of the objects): the same or equal objects are not
+        #: hashed again.
+        self._digest_cache: tuple[dict[str, UserObjects], dict[str, str]] = ({}, {})
         self._cache_prefix = b""
         #: MD5 state after the prefix: each digest copies it instead of hashing ~1 KB again.
         self._digest_base = md5(usedforsecurity=False)
@@ -489,24 +490,26 @@ class RealtimeTarget:
         """``{endpoint id: digest}``; with ``remember`` the cache then holds just these."""
         prefix = _digest_prefix(self.sqlite_defaults)
         if prefix != self._cache_prefix:
-            self._digest_cache, self._cache_prefix = {}, prefix
+            self._digest_cache, self._cache_prefix = ({}, {}), prefix
             self._digest_base = md5(prefix, usedforsecurity=False)
-        cache = self._digest_cache
+        objs, digests = self._digest_cache
         base = self._digest_base
         found: dict[str, str] = {}
-        kept: dict[str, tuple[UserObjects, str]] = {}
+        kept: dict[str, UserObjects] = {}
         misses = 0
         for obj in objects:
             key = obj.endpoint_id
-            hit = cache.get(key)
+            old = objs.get(key)
             # The same object (the applier keeps them) or an equal one: no hashing.
-            if hit is None or (hit[0] is not obj and hit[0] != obj):
-                hit = (obj, _digest(base, obj))
+            if old is not None and (old is obj or old == obj):
+                found[key] = digests[key]
+            else:
+                found[key] = _digest(base, obj)
                 misses += 1
-            found[key] = hit[1]
-            kept[key] = hit
-        if remember and (misses or len(cache) != len(kept)):
-            self._digest_cache = kept
+            kept[key] = obj
+        if remember and (misses or len(objs) != len(kept)):
+            # Two flat dicts, no tuple per user: fewer objects for the cyclic GC to track.
+            self._digest_cache = (kept, found)
         return found
 
     def _shape(self, kind: str, signatures: Iterable[tuple[str, ...]]) -> _Shape:
