@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 from structlog.testing import capture_logs
@@ -252,3 +253,30 @@ def test_broken_callback_does_not_stop_the_reader() -> None:
         await peer.stop()
 
     run(scenario())
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_collector_is_paused_only_while_a_read_is_handled(enabled: bool) -> None:
+    """Callbacks run with the cyclic collector paused; after the read it is as it was."""
+
+    async def scenario() -> None:
+        peer = await _peer()
+        client = AmiClient(server_for(peer), fast_settings())
+        during: list[bool] = []
+        client.on_event("ContactStatus", lambda _e: during.append(gc.isenabled()))
+        async with running(client):
+            await eventually(lambda: client.connected)
+            await peer.send_burst(3)
+            await eventually(lambda: len(during) == 3)
+            assert gc.isenabled() is enabled
+        assert during == [False, False, False]
+        await peer.stop()
+
+    was = gc.isenabled()
+    if not enabled:
+        gc.disable()
+    try:
+        run(scenario())
+    finally:
+        if was:
+            gc.enable()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime
 
+import pytest
 from sqlalchemy import Engine, select
 
 from bench.common import seed_store
+from provisioner.ami import pbx as pbx_module
 from provisioner.ami.client import AmiClient
 from provisioner.ami.pbx import AmiPbx, Link
 from provisioner.ami.reload import PjsipOps, ReloadCoordinator
@@ -152,3 +154,89 @@ def test_events_of_one_contact_in_one_flush_window_leave_the_latest_state(
         states = sorted(tuple(s) for s in sums)
     assert contacts == []
     assert (1, "offline") in states
+
+
+def test_a_rewrite_replaces_contacts_updates_the_summary_and_cuts_long_values(
+    engine: Engine,
+) -> None:
+    """A second write of an endpoint leaves only its new contacts and one updated summary
+    (problem included), values cut to their column's size, the same on every backend."""
+    seed_store(engine, 2)
+    first = {
+        "100000": (
+            [
+                (
+                    "100000;@a",
+                    "sip:a@10.0.0.1",
+                    "Reachable",
+                    "Phone/1",
+                    "10.0.0.1:5060",
+                    9,
+                    SEEN,
+                    None,
+                ),
+                ("100000;@b", "sip:b@10.0.0.2", "Unreachable", "", "", None, None, SEEN),
+            ],
+            ("online", "NOT_INUSE", "", SEEN),
+        ),
+        "100001": ([], ("offline", "", "", None)),
+    }
+    long_uri = "sip:" + "x" * 600
+    again = {
+        "100000": (
+            [
+                ("100000;@c", long_uri, "NonQualified", "P" * 300, "", None, None, None),
+                ("100000;@c", long_uri, "Reachable", "P" * 300, "", 77, None, None),
+            ],
+            ("unreachable", "UNAVAILABLE", "rejected", None),
+        ),
+    }
+    with engine.begin() as conn:
+        assert write_endpoint_rows(conn, "pbx1", first, NOW) == 2
+    with engine.begin() as conn:
+        assert write_endpoint_rows(conn, "pbx1", again, NOW) == 1
+    with engine.connect() as conn:
+        rows = conn.execute(select(registrations)).all()
+        sums = conn.execute(
+            select(registration_summary).order_by(registration_summary.c.user_id)
+        ).all()
+    # The later of two rows of one contact wins; the old contacts are gone.
+    assert [tuple(r) for r in rows] == [
+        (1, "pbx1", "100000;@c", long_uri[:512], "Reachable", "P" * 255, "", 77, None, NOW)
+    ]
+    assert [tuple(s) for s in sums] == [
+        (1, "pbx1", "unreachable", "UNAVAILABLE", "rejected", NOW),
+        (2, "pbx1", "offline", "", "", NOW),
+    ]
+
+
+def test_a_large_batch_is_written_before_the_flush_interval(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once FLUSH_BATCH endpoints are dirty the flusher writes at once, not at the next
+    interval (here 60 s, far past the test's end)."""
+    seed_store(engine, 5)
+    monkeypatch.setattr(pbx_module, "FLUSH_BATCH", 3)
+    monkeypatch.setattr(pbx_module, "FLUSH_INTERVAL", 60.0)
+
+    async def scenario() -> int:
+        peer = FakeAsterisk()
+        await peer.start()
+        client = AmiClient(server_for(peer), fast_settings())
+        link = Link("lab", client, ReloadCoordinator(client, fast_settings()), PjsipOps(client))
+        pbx = AmiPbx([link], engine, "realtime")
+        try:
+            async with running(pbx):
+                await eventually(lambda: link.last_snapshot > 0 and client.connected)
+                await asyncio.sleep(0.3)  # the connect snapshot written
+                await peer.send_burst(5)
+                await eventually(lambda: link.events == 5)
+                await eventually(lambda: len(link.dirty) < 3, timeout=3.0)
+                await asyncio.sleep(0.2)  # the write itself, in its thread
+                with engine.connect() as conn:
+                    query = select(registrations.c.user_id).where(registrations.c.server == "lab")
+                    return len(conn.execute(query).all())
+        finally:
+            await peer.stop()
+
+    assert run(scenario()) >= 3
