@@ -359,6 +359,8 @@ class RealtimeTarget:
         #: hashed again.
         self._digest_cache: tuple[dict[str, UserObjects], dict[str, str]] = ({}, {})
         self._cache_prefix = b""
+        #: Shapes by (kind, defaults on, distinct option names), with their row builders.
+        self._shape_cache: dict[tuple[str, bool, tuple[tuple[str, ...], ...]], _Shape] = {}
         #: MD5 state after the prefix: each digest copies it instead of hashing ~1 KB again.
         self._digest_base = md5(usedforsecurity=False)
 
@@ -514,9 +516,17 @@ class RealtimeTarget:
 
     def _shape(self, kind: str, signatures: Iterable[tuple[str, ...]]) -> _Shape:
         """The shape of ``kind`` for objects with option names ``signatures``."""
-        fill = SQLITE_DEFAULTS[kind] if self.sqlite_defaults else {}
         # Options come in the mapping's order, nearly always the same: few distinct ones.
-        return _Shape(kind, fill, dict.fromkeys(signatures))
+        distinct = tuple(dict.fromkeys(signatures))
+        key = (kind, self.sqlite_defaults, distinct)
+        shape = self._shape_cache.get(key)
+        if shape is None:
+            fill = SQLITE_DEFAULTS[kind] if self.sqlite_defaults else {}
+            if len(self._shape_cache) >= 64:
+                self._shape_cache.clear()
+            # Kept: a one-user apply reuses the shape and its row builders.
+            shape = self._shape_cache[key] = _Shape(kind, fill, distinct)
+        return shape
 
 
 def _scope(upserts: Sequence[UserObjects], removed_ids: Iterable[str]) -> dict[str, set[str]]:
