@@ -265,22 +265,36 @@ class AmiPbx:
 
     async def _flusher(self, link: Link, stop: asyncio.Event) -> None:
         """Write the dirty endpoints every ``FLUSH_INTERVAL`` (counted from the last
-        write's start, so a slow write is not followed by a full interval's wait), or at
+        batch's start, so a slow write is not followed by a full interval's wait), or at
         once when ``FLUSH_BATCH`` of them are dirty.  The latest state of each endpoint
-        is written once, however many events changed it since the last write."""
+        is written once, however many events changed it since the last write.
+
+        The next batch's rows are built while the previous batch is being written (the
+        database works meanwhile); batches are still written one after another, in the
+        order they were taken, so a later state of an endpoint is never overwritten by
+        an earlier one."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        while not stop.is_set():
-            wait = FLUSH_INTERVAL - (loop.time() - started)
-            await wait_first(stop, link.flush_now, timeout=max(0.0, wait))
-            link.flush_now.clear()
-            started = loop.time()
-            if link.dirty:
-                dirty, link.dirty = link.dirty, set()
-                book = link.book
-                states = {ep: rows(book[ep]) for ep in dirty if ep in book}
-                _log_changes(link, states)
-                await self._store(write_endpoint_rows, link.name, states)
+        writing: asyncio.Task[None] | None = None
+        try:
+            while not stop.is_set():
+                wait = FLUSH_INTERVAL - (loop.time() - started)
+                await wait_first(stop, link.flush_now, timeout=max(0.0, wait))
+                link.flush_now.clear()
+                started = loop.time()
+                if link.dirty:
+                    dirty, link.dirty = link.dirty, set()
+                    book = link.book
+                    states = {ep: rows(book[ep]) for ep in dirty if ep in book}
+                    _log_changes(link, states)
+                    if writing is not None:
+                        await writing
+                    writing = asyncio.create_task(
+                        self._store(write_endpoint_rows, link.name, states)
+                    )
+        finally:
+            if writing is not None:
+                await writing
 
     async def _snapshots(self, link: Link, stop: asyncio.Event) -> None:
         while not stop.is_set():
