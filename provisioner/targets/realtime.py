@@ -217,6 +217,11 @@ _PARTS: dict[str, Callable[[UserObjects], tuple[str, Options]]] = {
     "aor": attrgetter("aor_id", "aor"),
 }
 
+#: The object id and the options of one kind, apart (no pair built per user).
+_IDS_AND_OPTIONS: dict[
+    str, tuple[Callable[[UserObjects], str], Callable[[UserObjects], Options]]
+] = {kind: (attrgetter(f"{kind}_id"), attrgetter(kind)) for kind in ("endpoint", "auth", "aor")}
+
 
 class _Shape:
     """One table's managed columns for one apply, and how options become comparable rows.
@@ -248,15 +253,19 @@ class _Shape:
         self._builders: dict[tuple[str, ...], Callable[[str, Options], Row]] = {}
 
     def rows(
-        self, items: Iterable[tuple[str, Options]], signatures: Iterable[tuple[str, ...]]
+        self,
+        object_ids: Iterable[str],
+        options: Iterable[Options],
+        signatures: Iterable[tuple[str, ...]],
     ) -> dict[str, Row]:
-        """``{id: (id, *variable values)}`` of ``items`` (id, options), whose option names
-        are ``signatures`` (one per item); unset columns get Asterisk's default or NULL."""
+        """``{id: (id, *variable values)}`` of the objects ``object_ids`` with ``options``
+        whose names are ``signatures`` (one each); unset columns get Asterisk's default
+        or NULL."""
         builders = self._builders
         out: dict[str, Row] = {}
         last: tuple[str, ...] | None = None
         build: Callable[[str, Options], Row] | None = None
-        for (object_id, options), names in zip(items, signatures, strict=True):
+        for object_id, values, names in zip(object_ids, options, signatures, strict=True):
             # Nearly every user has the previous one's option names (the same strings:
             # compared by identity), so the builder is rarely looked up.
             if names != last or build is None:
@@ -264,7 +273,7 @@ class _Shape:
                 if build is None:
                     build = builders[names] = self._builder(names)
                 last = names
-            out[object_id] = build(object_id, options)
+            out[object_id] = build(object_id, values)
         return out
 
     def full(self, row: Row) -> Row:
@@ -463,10 +472,11 @@ class RealtimeTarget:
         seen: dict[str, _Seen] = {}
         ids = {kind: None if scope is None else _ordered(scope[kind]) for kind in _KINDS}
         for kind in _KINDS:
-            items = list(map(_PARTS[kind], compared))
-            signatures = [tuple(map(_first, options)) for _, options in items]
+            id_of, options_of = _IDS_AND_OPTIONS[kind]
+            options = list(map(options_of, compared))
+            signatures = [tuple(map(_first, values)) for values in options]
             shape = shapes[kind] = self._shape(kind, signatures)
-            desired[kind] = shape.rows(items, signatures)
+            desired[kind] = shape.rows(map(id_of, compared), options, signatures)
             seen[kind] = _read(conn, shape, ids[kind])
         owned = _owned_kinds(conn, ids, has_digest)
         conflicts = [
