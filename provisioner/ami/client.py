@@ -460,17 +460,18 @@ class AmiClient:
                 return
         if message.is_event:
             self._events += 1
-            if message.event.lower() == "shutdown":
+            name = message.event.lower()
+            if name == "shutdown":
                 log.warning(
                     "ami.shutdown",
                     server=self.name,
                     shutdown=message.get("Shutdown"),
                     restart=message.get("Restart"),
                 )
-                self._dispatch(message)
+                self._dispatch(message, name)
                 session.close("Asterisk shut down")
                 return
-            self._dispatch(message)
+            self._dispatch(message, name)
         elif message.is_response:
             # An answer to an action that already timed out: dropped, never matched anew.
             log.debug("ami.late_response", server=self.name, action_id=message.action_id)
@@ -504,8 +505,10 @@ class AmiClient:
             pending.events.append(message)
         return True
 
-    def _dispatch(self, event: AmiMessage) -> None:
-        name = event.event.lower()
+    def _dispatch(self, event: AmiMessage, name: str | None = None) -> None:
+        """Call the callbacks of ``event``'s name (``name``: it, lower-cased, when known)."""
+        if name is None:
+            name = event.event.lower()
         callbacks = self._callbacks
         wildcard = callbacks.get("*")
         targets = callbacks.get(name, ())
