@@ -42,8 +42,11 @@ class Prepared:
         if len(order) == 1:
             first = order[0]
             return [(row[first],) for row in rows]
-        if order == tuple(range(len(order))) and all(len(row) == len(order) for row in rows):
-            # Already in statement order: the rows themselves (tuples or lists).
+        width = len(order)
+        if order == tuple(range(width)) and all(
+            type(row) is tuple and len(row) == width for row in rows
+        ):
+            # Tuples already in statement order: the rows themselves, no copy of each.
             return list(rows)
         pick = itemgetter(*order)
         return [tuple(pick(row)) for row in rows]

@@ -18,8 +18,8 @@ short tuples and writes nothing.  Only users whose digest differs, is unknown (N
 records made before the column existed) or is missing (new users), and users provisioner
 no longer wants, have their rows read and compared column by column, as a verifying apply
 does (when they are more than half, whole tables are read instead).  The digests of the
-last full apply are kept in memory by object value, so the next apply of equal objects
-does not hash them again.
+last full apply are kept in memory with the objects they were computed from, by endpoint
+id, so the next apply of the same (or equal) objects does not hash them again.
 
 Drift: a managed column edited by hand, or a row deleted by hand, leaves the recorded
 digest as it was, so a plain apply does not notice it.  ``apply(..., verify=True)``
