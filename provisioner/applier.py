@@ -3,14 +3,13 @@
 Synchronous (database and file I/O); the daemon runs it in a worker thread so
 the event loop keeps reading AMI promptly.  It remembers the rendered objects
 of every user, so an edit of one user re-renders one user: the realtime target
-then writes only that user's rows, and the config-file target re-assembles the
-file from memory (and writes it only if its bytes change).
+then writes only that user's rows, and the config-file target re-renders only that
+user's text and writes the file only if its bytes change (``Target.apply_partial``).
 """
 
 from __future__ import annotations
 
 import time
-from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -62,8 +61,6 @@ class Applier:
     kept: dict[int, str] = field(default_factory=dict)
     #: True once a full apply succeeded: only then does memory mirror the target.
     synced: bool = False
-    #: ``objects`` in output order, for targets rewritten whole (see :class:`_InOrder`).
-    _in_order: _InOrder | None = None
 
     def desired(self) -> tuple[dict[int, UserObjects], dict[int, str], list[Skipped]]:
         """Render every live user: the objects by user id, the endpoint ids kept as they
@@ -98,7 +95,6 @@ class Applier:
             verify=verify,
         )
         self.objects, self.kept, self.synced = objects, kept, True
-        self._in_order = None  # built on the first whole-file edit
         return self._done(change, skipped, started, full=True, provisioned=len(objects))
 
     def plan(self, *, allow_mass_removal: bool = False, verify: bool = True) -> Applied:
@@ -151,9 +147,7 @@ class Applier:
         )
         if held and removing > self.max_removal_fraction * held:
             return self.full()
-        change, in_order = self._apply_some(ids, objects, kept)
-        if in_order is not None:
-            self._in_order = in_order
+        change = self._apply_some(ids, objects, kept)
         for uid in ids:
             _put(self.objects, uid, objects[uid])
             _put(self.kept, uid, kept[uid])
@@ -174,27 +168,13 @@ class Applier:
         ids: Collection[int],
         objects: Mapping[int, UserObjects | None],
         kept: Mapping[int, str | None],
-    ) -> tuple[Change, _InOrder | None]:
-        """Apply the new entries of ``ids`` (memory not yet updated) to the target; also the
-        new output order when the target was rewritten whole."""
-        partial = getattr(self.target, "apply_partial", None)
-        if partial is None:
-            # A config file is one whole: rewrite it from memory (only if bytes change).
-            old = [o for i in ids if (o := self.objects.get(i)) is not None and o is not objects[i]]
-            new = [o for i in ids if (o := objects[i]) is not None and o is not self.objects.get(i)]
-            if self._in_order is None:
-                self._in_order = _InOrder.of(self.objects.values())
-            in_order = self._in_order.replaced(old, new)
-            if in_order is None:  # cannot happen while memory is consistent: sort anew
-                in_order = _InOrder.of(_merged(self.objects, objects).values())
-            keep = _merged(self.kept, kept).values()
-            return self.target.apply(in_order.items, keep=keep), in_order
+    ) -> Change:
+        """Apply the new entries of ``ids`` (memory not yet updated) to the target."""
         upserts = [o for i in ids if (o := objects[i]) is not None]
         gone = {self.objects[i].endpoint_id for i in ids if i in self.objects}
         gone -= {o.endpoint_id for o in upserts}
         gone -= set(_merged(self.kept, kept).values())
-        change: Change = partial(upserts, sorted(gone))
-        return change, None
+        return self.target.apply_partial(upserts, sorted(gone))
 
     @staticmethod
     def _done(
@@ -238,51 +218,6 @@ def _put(into: dict[int, T], key: int, value: T | None) -> None:
         into[key] = value
 
 
-def _order_key(obj: UserObjects) -> tuple[int, str]:
-    return (len(obj.endpoint_id), obj.endpoint_id)
-
-
 def _ordered(objects: Iterable[UserObjects]) -> list[UserObjects]:
     """Stable output order: by extension, numerically."""
-    return sorted(objects, key=_order_key)
-
-
-@dataclass(frozen=True)
-class _InOrder:
-    """Every user's objects in output order, with their sort keys alongside.
-
-    An edit moves a few entries by bisection (copying two lists of pointers: well under
-    a millisecond at 100,000 users) instead of sorting every user again (~50 ms).
-    """
-
-    keys: list[tuple[int, str]]
-    items: list[UserObjects]
-
-    @classmethod
-    def of(cls, objects: Iterable[UserObjects]) -> _InOrder:
-        items = _ordered(objects)
-        return cls([_order_key(o) for o in items], items)
-
-    def replaced(self, old: Iterable[UserObjects], new: Iterable[UserObjects]) -> _InOrder | None:
-        """A copy without the ``old`` objects (found by identity) and with the ``new`` ones;
-        None if an ``old`` one is missing."""
-        keys, items = list(self.keys), list(self.items)
-        for obj in old:
-            key = _order_key(obj)
-            at = next(
-                (
-                    i
-                    for i in range(bisect_left(keys, key), bisect_right(keys, key))
-                    if items[i] is obj
-                ),
-                None,
-            )
-            if at is None:
-                return None
-            del keys[at], items[at]
-        for obj in new:
-            key = _order_key(obj)
-            at = bisect_right(keys, key)
-            keys.insert(at, key)
-            items.insert(at, obj)
-        return _InOrder(keys, items)
+    return sorted(objects, key=lambda o: (len(o.endpoint_id), o.endpoint_id))

@@ -69,3 +69,9 @@ class Target(Protocol):
         (realtime rows; the config file is always compared whole).
         """
         ...
+
+    def apply_partial(self, upserts: Sequence[UserObjects], removed_ids: Sequence[str]) -> Change:
+        """Write ``upserts`` and remove the objects of endpoint ids ``removed_ids``, every
+        other user's objects staying as they are (the daemon's one-edit path; an id in
+        both is upserted).  The change names these users only."""
+        ...

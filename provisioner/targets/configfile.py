@@ -15,8 +15,8 @@ in one batch, and kept for the next apply of an equal user.  The write is atomic
 previous file as ``<name>.bak``.  Unchanged bytes are not written at all, so the
 file's mtime only moves when Asterisk has something new to reload.
 
-:meth:`ConfigFileTarget.apply_partial` is the daemon's one-edit path (the applier
-uses it when a target has it): only the edited users are rendered and checked,
+:meth:`ConfigFileTarget.apply_partial` is the daemon's one-edit path
+(``Target.apply_partial``): only the edited users are rendered and checked,
 their chunks replace theirs in the last text this object verified (each chunk
 starts with its section header and ends with a LF, so chunks cannot merge), and
 the file is still rewritten whole and atomically.  At 100k users that write of
