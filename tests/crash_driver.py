@@ -60,7 +60,7 @@ def _install(step: str, target_path: str) -> None:
 
         _after(configfile.os, "replace", replaced_target)
     elif step == "rows_written":
-        _after(realtime, "executemany")
+        _after(realtime, "run_many")  # every row write but COPY and JSON inserts
     elif step == "before_commit":
         _after(realtime, "_write")
     elif step not in ("applied", "none"):

@@ -810,7 +810,7 @@ def _write(conn: Connection, plan: _Plan) -> bool:
     for kp in plan.kinds.values():
         if kp.updates:
             prepared = _prepared(conn.dialect, kp.shape, update=True)
-            executemany(conn, prepared, kp.shape.bound(kp.updates))
+            run_many(conn, prepared, kp.shape.bound(kp.updates))
             wrote = True
     digests = plan.digests
     recorded: set[str] = set()
@@ -828,12 +828,6 @@ def _write(conn: Connection, plan: _Plan) -> bool:
     if digests:
         _set_digests(conn, [(e, d) for e, d in digests.items() if e not in recorded])
     return wrote
-
-
-def executemany(conn: Connection, prepared: Prepared, rows: Sequence[Sequence[Any]]) -> None:
-    """The driver's executemany of a prepared statement over ``rows`` (every row write
-    but COPY goes through here: the crash tests stop the process just after it)."""
-    run_many(conn, prepared, rows)
 
 
 #: Compiled statements by (dialect class, paramstyle, what): compiling an UPDATE of ~50
@@ -884,7 +878,7 @@ def _record(
     def build() -> tuple[UpdateBase, Sequence[str]]:
         return po.insert().values({po.c[n]: bindparam(n) for n in names}), names
 
-    executemany(conn, _prepared_once(conn.dialect, ("record", names), build), rows)
+    run_many(conn, _prepared_once(conn.dialect, ("record", names), build), rows)
 
 
 def _record_sqlite(
@@ -922,7 +916,7 @@ def _set_digests(conn: Connection, pairs: Sequence[tuple[str, str]]) -> None:
         return stmt, ("k", "oid", "d")
 
     rows = [("endpoint", oid, d) for oid, d in pairs]
-    executemany(conn, _prepared_once(conn.dialect, ("digests",), build), rows)
+    run_many(conn, _prepared_once(conn.dialect, ("digests",), build), rows)
 
 
 def _insert(conn: Connection, shape: _Shape, rows: Sequence[Row]) -> None:
@@ -931,9 +925,9 @@ def _insert(conn: Connection, shape: _Shape, rows: Sequence[Row]) -> None:
     if name == "postgresql":
         copy_rows(conn, shape.table, ("id", *shape.columns), shape.bound(rows))
     elif name == "sqlite" and shape.constant:
-        executemany(conn, _prepared_inline(conn.dialect, shape), rows)
+        run_many(conn, _prepared_inline(conn.dialect, shape), rows)
     else:
-        executemany(conn, _prepared(conn.dialect, shape, update=False), shape.bound(rows))
+        run_many(conn, _prepared(conn.dialect, shape, update=False), shape.bound(rows))
 
 
 def _prepared_inline(dialect: Dialect, shape: _Shape) -> Prepared:
