@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import datetime
 
 import pytest
 from sqlalchemy import Engine, select
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from bench.common import seed_store
 from provisioner.ami import pbx as pbx_module
@@ -16,6 +20,8 @@ from provisioner.ami.reload import PjsipOps, ReloadCoordinator
 from provisioner.store.registrations import (
     ContactRecord,
     SummaryRecord,
+    _time_text,
+    contact_row,
     replace_server_snapshot,
     set_problems,
     status_rows,
@@ -28,6 +34,23 @@ from .amipeer import FakeAsterisk, eventually, fast_settings, run, running, serv
 
 NOW = datetime(2026, 5, 1, 12, 0, 0, 123456)
 SEEN = datetime(2026, 5, 1, 11, 59, 58, 654321)
+
+
+@asynccontextmanager
+async def _lab_pbx(engine: Engine) -> AsyncIterator[tuple[FakeAsterisk, Link]]:
+    """A running AmiPbx with one link, "lab", to a fake Asterisk over a real socket, once
+    its connect snapshot is written."""
+    peer = FakeAsterisk()
+    await peer.start()
+    client = AmiClient(server_for(peer), fast_settings())
+    link = Link("lab", client, ReloadCoordinator(client, fast_settings()), PjsipOps(client))
+    try:
+        async with running(AmiPbx([link], engine, "realtime")):
+            await eventually(lambda: link.last_snapshot > 0 and client.connected)
+            await asyncio.sleep(0.3)  # the connect snapshot written
+            yield peer, link
+    finally:
+        await peer.stop()
 
 
 def _state(ep: str, status: str) -> tuple[list[ContactRecord], SummaryRecord]:
@@ -84,16 +107,7 @@ def test_write_endpoint_rows_matches_write_endpoints(engine: Engine) -> None:
     with engine.begin() as conn:
         write_endpoints(conn, "pbx1", {"100000": (contact, summary)}, NOW)
         c = contact[0]
-        row = (
-            c.contact_id,
-            c.uri,
-            c.status,
-            c.user_agent,
-            c.source,
-            c.rtt_usec,
-            c.expires_at,
-            None,
-        )
+        row = contact_row(replace(c, changed_at=None))
         matched = write_endpoint_rows(
             conn,
             "pbx1",
@@ -127,25 +141,13 @@ def test_events_of_one_contact_in_one_flush_window_leave_the_latest_state(
     seed_store(engine, 2)
 
     async def scenario() -> None:
-        peer = FakeAsterisk()
-        await peer.start()
-        client = AmiClient(server_for(peer), fast_settings())
-        link = Link("lab", client, ReloadCoordinator(client, fast_settings()), PjsipOps(client))
-        pbx = AmiPbx([link], engine, "realtime")
-        try:
-            async with running(pbx):
-                await eventually(lambda: link.last_snapshot > 0 and client.connected)
-                await asyncio.sleep(0.3)  # the connect snapshot written
-                to_user = ((b"1001", b"100000"),)
-                await peer.send_recorded(
-                    "Event: ContactStatus\r\n", "NonQualified", replace=to_user
-                )
-                await peer.send_recorded("Event: ContactStatus\r\n", "Removed", replace=to_user)
-                await eventually(lambda: link.events == 2)
-                await eventually(lambda: not link.dirty, timeout=2.0)
-                await asyncio.sleep(0.1)  # the write itself, in its thread
-        finally:
-            await peer.stop()
+        async with _lab_pbx(engine) as (peer, link):
+            to_user = ((b"1001", b"100000"),)
+            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified", replace=to_user)
+            await peer.send_recorded("Event: ContactStatus\r\n", "Removed", replace=to_user)
+            await eventually(lambda: link.events == 2)
+            await eventually(lambda: not link.dirty, timeout=2.0)
+            await asyncio.sleep(0.1)  # the write itself, in its thread
 
     run(scenario())
     with engine.connect() as conn:
@@ -220,23 +222,24 @@ def test_a_large_batch_is_written_before_the_flush_interval(
     monkeypatch.setattr(pbx_module, "FLUSH_INTERVAL", 60.0)
 
     async def scenario() -> int:
-        peer = FakeAsterisk()
-        await peer.start()
-        client = AmiClient(server_for(peer), fast_settings())
-        link = Link("lab", client, ReloadCoordinator(client, fast_settings()), PjsipOps(client))
-        pbx = AmiPbx([link], engine, "realtime")
-        try:
-            async with running(pbx):
-                await eventually(lambda: link.last_snapshot > 0 and client.connected)
-                await asyncio.sleep(0.3)  # the connect snapshot written
-                await peer.send_burst(5)
-                await eventually(lambda: link.events == 5)
-                await eventually(lambda: len(link.dirty) < 3, timeout=3.0)
-                await asyncio.sleep(0.2)  # the write itself, in its thread
-                with engine.connect() as conn:
-                    query = select(registrations.c.user_id).where(registrations.c.server == "lab")
-                    return len(conn.execute(query).all())
-        finally:
-            await peer.stop()
+        async with _lab_pbx(engine) as (peer, link):
+            await peer.send_burst(5)
+            await eventually(lambda: link.events == 5)
+            await eventually(lambda: len(link.dirty) < 3, timeout=3.0)
+            await asyncio.sleep(0.2)  # the write itself, in its thread
+            with engine.connect() as conn:
+                query = select(registrations.c.user_id).where(registrations.c.server == "lab")
+                return len(conn.execute(query).all())
 
     assert run(scenario()) >= 3
+
+
+def test_timestamp_text_is_what_sqlites_bind_processor_writes() -> None:
+    """The JSON path writes each timestamp as the text SQLAlchemy's SQLite DateTime
+    processor would (so both paths store equal values), microseconds or none."""
+    dialect = sqlite_dialect.dialect()
+    column_type = registrations.c.changed_at.type.dialect_impl(dialect)
+    proc = column_type.bind_processor(dialect)
+    assert proc is not None
+    for value in (NOW, SEEN, datetime(2026, 1, 2, 3, 4, 5), datetime(2026, 1, 2, 3, 4, 5, 60)):
+        assert _time_text(value) == proc(value)

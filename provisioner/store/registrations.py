@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
@@ -44,10 +45,12 @@ __all__ = [
     "ContactRow",
     "SummaryRecord",
     "SummaryRow",
+    "contact_row",
     "replace_server_snapshot",
     "set_problems",
     "status_rows",
     "summarize",
+    "summary_row",
     "write_endpoint_rows",
     "write_endpoints",
 ]
@@ -141,30 +144,14 @@ _SUMMARY_COLUMNS = ("user_id", "server", "state", "device_state", "problem", "ch
 
 def _contact_values(uid: int, c: ContactRecord, now: datetime) -> list[Any]:
     """The ``registrations`` row of ``c``, values in :data:`_CONTACT_COLUMNS` order."""
-    return [
-        uid,
-        c.server,
-        c.contact_id[:255],
-        c.uri[:512],
-        c.status[:32],
-        c.user_agent[:255],
-        c.source[:128],
-        c.rtt_usec,
-        c.expires_at,
-        c.changed_at or now,
-    ]
+    fitted = _fitted_contact(contact_row(c))
+    return [uid, c.server, *fitted[:7], fitted[7] or now]
 
 
 def _summary_values(uid: int, s: SummaryRecord, now: datetime) -> list[Any]:
     """The ``registration_summary`` row of ``s``, values in :data:`_SUMMARY_COLUMNS` order."""
-    return [
-        uid,
-        s.server,
-        (s.state or "offline")[:16],
-        (s.device_state or "")[:32],
-        (s.problem or "")[:255],
-        s.changed_at or now,
-    ]
+    state, device_state, problem, changed_at = _fitted_summary(summary_row(s))
+    return [uid, s.server, state, device_state, problem, changed_at or now]
 
 
 #: A contact without its user and server: ``contact_id``, ``uri``, ``status``,
@@ -173,6 +160,46 @@ ContactRow = tuple[str, str, str, str, str, int | None, datetime | None, datetim
 #: A summary without its user and server: ``state`` (``None``: offline),
 #: ``device_state``, ``problem``, ``changed_at`` (``None``: now).
 SummaryRow = tuple[str | None, str, str, datetime | None]
+
+
+def contact_row(c: ContactRecord) -> ContactRow:
+    """``c`` as the store's plain tuple (without its server and endpoint)."""
+    return (
+        c.contact_id,
+        c.uri,
+        c.status,
+        c.user_agent,
+        c.source,
+        c.rtt_usec,
+        c.expires_at,
+        c.changed_at,
+    )
+
+
+def summary_row(s: SummaryRecord) -> SummaryRow:
+    """``s`` as the store's plain tuple (without its server and endpoint)."""
+    return (s.state, s.device_state or "", s.problem or "", s.changed_at)
+
+
+def _fitted_contact(row: ContactRow) -> ContactRow:
+    """``row`` with each text cut to its column's size."""
+    cid, uri, status, agent, source, rtt, expires_at, changed_at = row
+    return (
+        cid[:255],
+        uri[:512],
+        status[:32],
+        agent[:255],
+        source[:128],
+        rtt,
+        expires_at,
+        changed_at,
+    )
+
+
+def _fitted_summary(row: SummaryRow) -> tuple[str, str, str, datetime | None]:
+    """``row`` with the state defaulted (offline) and each text cut to its column's size."""
+    state, device_state, problem, changed_at = row
+    return ((state or "offline")[:16], device_state[:32], problem[:255], changed_at)
 
 
 def write_endpoints(
@@ -187,22 +214,7 @@ def write_endpoints(
     matched a user.  The records' own ``server`` is not used: ``server`` is.
     """
     rows = {
-        ep: (
-            [
-                (
-                    c.contact_id,
-                    c.uri,
-                    c.status,
-                    c.user_agent,
-                    c.source,
-                    c.rtt_usec,
-                    c.expires_at,
-                    c.changed_at,
-                )
-                for c in contacts
-            ],
-            (s.state, s.device_state or "", s.problem or "", s.changed_at),
-        )
+        ep: ([contact_row(c) for c in contacts], summary_row(s))
         for ep, (contacts, s) in states.items()
     }
     return write_endpoint_rows(conn, server, rows, now)
@@ -233,31 +245,12 @@ def write_endpoint_rows(
     contact_rows: dict[tuple[int, str], list[Any]] = {}
     summary_rows = []
     for ep, uid in matched:
-        contacts, (state, device_state, problem, changed_at) = rows[ep]
-        for cid, uri, status, agent, source, rtt, expires_at, c_changed in contacts:
-            key = cid[:255]
-            contact_rows[(uid, key)] = [
-                uid,
-                server,
-                key,
-                uri[:512],
-                status[:32],
-                agent[:255],
-                source[:128],
-                rtt,
-                expires_at,
-                c_changed or now,
-            ]
-        summary_rows.append(
-            [
-                uid,
-                server,
-                (state or "offline")[:16],
-                device_state[:32],
-                problem[:255],
-                changed_at or now,
-            ]
-        )
+        contacts, summary = rows[ep]
+        for contact in contacts:
+            fitted = _fitted_contact(contact)
+            contact_rows[(uid, fitted[0])] = [uid, server, *fitted[:7], fitted[7] or now]
+        state, device_state, problem, changed_at = _fitted_summary(summary)
+        summary_rows.append([uid, server, state, device_state, problem, changed_at or now])
     _insert_many(conn, registrations, _CONTACT_COLUMNS, list(contact_rows.values()))
     _insert_many(conn, registration_summary, _SUMMARY_COLUMNS, summary_rows)
     return len(matched)
@@ -277,51 +270,39 @@ def _write_rows_as_json(
     upsert (``ON CONFLICT DO UPDATE``), the contacts of the batch's users are deleted and
     inserted anew.  Values are cut to their column's size as the general path cuts them.
     """
-    text = _time_text(conn)
-    stamp = text(now)
+    stamp = _time_text(now)
     # Tuples, not lists: the collector stops tracking them after one pass (a batch of
     # lists alive through the flush was promoted and brought on full collections).
     contacts: dict[tuple[str, str], tuple[Any, ...]] = {}
     summaries: list[tuple[Any, ...]] = []
     for ep in sorted(rows):
-        ep_contacts, (state, device_state, problem, changed_at) = rows[ep]
-        for cid, uri, status, agent, source, rtt, expires_at, c_changed in ep_contacts:
-            key = cid[:255]
-            contacts[(ep, key)] = (
+        ep_contacts, summary = rows[ep]
+        for contact in ep_contacts:
+            fitted = _fitted_contact(contact)
+            expires_at, c_changed = fitted[6], fitted[7]
+            contacts[(ep, fitted[0])] = (
                 ep,
-                key,
-                uri[:512],
-                status[:32],
-                agent[:255],
-                source[:128],
-                rtt,
-                None if expires_at is None else text(expires_at),
-                stamp if c_changed is None else text(c_changed),
+                *fitted[:6],
+                None if expires_at is None else _time_text(expires_at),
+                stamp if c_changed is None else _time_text(c_changed),
             )
+        state, device_state, problem, changed_at = _fitted_summary(summary)
         summaries.append(
             (
                 ep,
-                (state or "offline")[:16],
-                device_state[:32],
-                problem[:255],
-                stamp if changed_at is None else text(changed_at),
+                state,
+                device_state,
+                problem,
+                stamp if changed_at is None else _time_text(changed_at),
             )
         )
-    dialect = conn.dialect.name
-    statements = _JSON_STATEMENTS.get(dialect)
-    if statements is None:
-        statements = _JSON_STATEMENTS[dialect] = _json_statements(dialect)
-    upsert, clear, add = statements
+    upsert, clear, add = _json_statements(conn.dialect.name)
     matched = conn.execute(upsert, {"server": server, "rows": _json_param(conn, summaries)})
     conn.execute(clear, {"server": server, "rows": _json_param(conn, [(ep,) for ep in rows])})
     if contacts:
         values = list(contacts.values())
         conn.execute(add, {"server": server, "rows": _json_param(conn, values)})
     return int(matched.rowcount)
-
-
-#: dialect name -> (summary upsert, contacts delete, contacts insert), built once.
-_JSON_STATEMENTS: dict[str, tuple[Any, Any, Any]] = {}
 
 
 def _json_param(conn: Connection, values: list[tuple[Any, ...]]) -> Any:
@@ -346,8 +327,9 @@ def _json_rows(dialect: str, types: Sequence[Any]) -> tuple[Any, list[ColumnElem
     return each, out
 
 
+@cache
 def _json_statements(dialect: str) -> tuple[Any, Any, Any]:
-    """The three statements of :func:`_write_rows_as_json` for ``dialect``."""
+    """The three statements of :func:`_write_rows_as_json` for ``dialect`` (built once)."""
     insert_of = sqlite_insert if dialect == "sqlite" else pg_insert
     server = bindparam("server", type_=String)
     # Summaries: [endpoint, state, device_state, problem, changed_at].
@@ -387,21 +369,9 @@ def _json_statements(dialect: str) -> tuple[Any, Any, Any]:
     return upsert.execution_options(preserve_rowcount=True), clear, add
 
 
-def _time_text(conn: Connection) -> Any:
-    """How a naive datetime becomes the text the database takes for a timestamp: the
-    ISO form with microseconds, as SQLite's own bind processor writes it (checked once
-    per call against that processor, which is used instead should they ever differ)."""
-    if conn.dialect.name == "sqlite":
-        proc = _bind_processor(registrations, "changed_at", conn)
-        if proc is not None and proc(_SAMPLE_TIME) != _SAMPLE_TIME.isoformat(" ", "microseconds"):
-            return proc
-    return _iso_text
-
-
-_SAMPLE_TIME = datetime(2026, 1, 2, 3, 4, 5, 60)
-
-
-def _iso_text(value: datetime) -> str:
+def _time_text(value: datetime) -> str:
+    """A naive datetime as the text the databases take for a timestamp: the ISO form with
+    microseconds, as SQLite's own bind processor writes it (a test checks they agree)."""
     return value.isoformat(" ", "microseconds")
 
 
