@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -217,7 +218,7 @@ def _partial_median(target: RealtimeTarget, objects: Sequence[UserObjects]) -> f
     took = []
     for obj in objects[step::step][:21]:
         one = _changed(obj)
-        part, seconds = _timed(lambda one=one: target.apply_partial([one], []))
+        part, seconds = _timed(partial(target.apply_partial, [one], []))
         assert part.updated == (obj.endpoint_id,), part
         took.append(seconds)
     return statistics.median(took)
