@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from datetime import UTC, datetime
 
 from provisioner.ami.actions import parse_message_lines
 from provisioner.ami.pbx import records, rows
@@ -34,6 +35,17 @@ def _captures() -> dict[int, list[dict[str, str]]]:
                 events.append(message.as_dict())
         out[number] = events
     return out
+
+
+def _contact_list_items() -> list[dict[str, str]]:
+    """The ContactList items of the recorded PJSIPShowContacts answer."""
+    text = (AMI_DIR / "show_actions.txt").read_text()
+    items = []
+    for block in text.split("\n\n"):
+        message = parse_message_lines(block.splitlines())
+        if message is not None and message.event == "ContactList":
+            items.append(message.as_dict())
+    return items
 
 
 def _halves(events: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
@@ -144,13 +156,7 @@ def test_other_channel_types_and_unrelated_events_are_ignored() -> None:
 
 def test_contact_list_snapshot_from_show_actions() -> None:
     """ContactList items of PJSIPShowContacts become records with UA, source, expiry, key."""
-    text = (AMI_DIR / "show_actions.txt").read_text()
-    items = []
-    for block in text.split("\n\n"):
-        message = parse_message_lines(block.splitlines())
-        if message is not None and message.event == "ContactList":
-            items.append(message.as_dict())
-    book = snapshot_from_contact_list(items)
+    book = snapshot_from_contact_list(_contact_list_items())
     assert set(book) == {"1001", "2001"}
     (contact,) = book["2001"].contacts
     assert contact.source == "127.0.0.1:5072"
@@ -175,13 +181,7 @@ def test_first_contact_status_equals_the_general_path() -> None:
 
 def test_status_event_keeps_what_the_snapshot_said() -> None:
     """A ContactStatus of a snapshot's contact keeps its user agent, source, expiry and key."""
-    text = (AMI_DIR / "show_actions.txt").read_text()
-    items = []
-    for block in text.split("\n\n"):
-        message = parse_message_lines(block.splitlines())
-        if message is not None and message.event == "ContactList":
-            items.append(message.as_dict())
-    before = snapshot_from_contact_list(items)["1001"]
+    before = snapshot_from_contact_list(_contact_list_items())["1001"]
     (old,) = before.contacts
     event = {
         "Event": "ContactStatus",
@@ -203,23 +203,49 @@ def test_status_event_keeps_what_the_snapshot_said() -> None:
     )
 
 
-def test_flusher_rows_equal_the_records() -> None:
-    """pbx.rows gives the values pbx.records gives, for every endpoint of the captures."""
-    for events in _captures().values():
-        for reg in apply_events({}, events).values():
-            contacts, summary = records("lab", reg)
-            contact_rows, summary_row = rows(reg)
-            assert list(contact_rows) == [
-                (
-                    c.contact_id,
-                    c.uri,
-                    c.status,
-                    c.user_agent,
-                    c.source,
-                    c.rtt_usec,
-                    c.expires_at,
-                    c.changed_at,
-                )
-                for c in contacts
-            ]
-            assert summary_row == (summary.state, summary.device_state, "", summary.changed_at)
+def test_store_rows_carry_what_the_snapshot_said() -> None:
+    """pbx.rows gives a contact's key, URI, status, user agent, source, RTT and expiry (naive
+    UTC) and the endpoint's summary; pbx.records are those rows with server and endpoint."""
+    reg = snapshot_from_contact_list(_contact_list_items())["2001"]
+    (contact,) = reg.contacts
+    assert contact.expires_at is not None
+    contact_rows, summary = rows(reg)
+    assert contact_rows == (
+        (
+            contact.object_name,
+            contact.uri,
+            contact.status,
+            "PJSUA/v2.17 Linux-6.18.44 x86_64 glibc-2.36",
+            "127.0.0.1:5072",
+            contact.rtt_usec,
+            datetime.fromtimestamp(contact.expires_at, UTC).replace(tzinfo=None),
+            None,
+        ),
+    )
+    assert summary[:3] == ("online", reg.device_state or "", "")
+    contacts, summary_record = records("lab", reg)
+    assert [("lab", "2001", *row) for row in contact_rows] == [
+        (
+            c.server,
+            c.endpoint,
+            c.contact_id,
+            c.uri,
+            c.status,
+            c.user_agent,
+            c.source,
+            c.rtt_usec,
+            c.expires_at,
+            c.changed_at,
+        )
+        for c in contacts
+    ]
+    assert (summary_record.server, summary_record.endpoint, summary_record.state) == (
+        "lab",
+        "2001",
+        "online",
+    )
+
+
+def test_an_endpoint_known_by_nothing_is_stored_offline() -> None:
+    """An endpoint whose state is unknown is stored as offline, with no contact."""
+    assert rows(EndpointRegistration("100000")) == ((), ("offline", "", "", None))

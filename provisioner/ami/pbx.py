@@ -81,38 +81,21 @@ def _utc(epoch: float | int | None) -> datetime | None:
     return datetime.fromtimestamp(epoch, UTC).replace(tzinfo=None)
 
 
-def _contact_record(server: str, endpoint: str, c: ContactState) -> ContactRecord:
-    return ContactRecord(
-        server=server,
-        endpoint=endpoint,
-        contact_id=c.object_name or f"{c.aor};{c.uri}",
-        uri=c.uri,
-        status=c.status,
-        user_agent=c.user_agent or "",
-        source=c.source or "",
-        rtt_usec=c.rtt_usec,
-        expires_at=_utc(c.expires_at),
-    )
-
-
 def records(server: str, reg: EndpointRegistration) -> tuple[list[ContactRecord], SummaryRecord]:
-    """An endpoint's registration as the store's records (pure)."""
-    contacts = [_contact_record(server, reg.endpoint, c) for c in reg.contacts]
-    summary = SummaryRecord(
-        server=server,
-        endpoint=reg.endpoint,
-        state="offline" if reg.summary == "unknown" else reg.summary,
-        device_state=reg.device_state or "",
-        changed_at=_utc(reg.last_change),
+    """An endpoint's registration as the store's records (pure): :func:`rows` with the
+    server and endpoint named."""
+    contacts, (state, device_state, problem, changed_at) = rows(reg)
+    return (
+        [ContactRecord(server, reg.endpoint, *contact) for contact in contacts],
+        SummaryRecord(server, reg.endpoint, state, device_state, problem, changed_at),
     )
-    return contacts, summary
 
 
 def rows(reg: EndpointRegistration) -> tuple[tuple[ContactRow, ...], SummaryRow]:
-    """:func:`records` as the store's plain tuples (the flusher's path, pure): the same
-    values, without building a record object per contact and endpoint.  Tuples only (no
-    list): the garbage collector drops them from its lists after one pass, so a storm's
-    batch does not bring on full collections."""
+    """An endpoint's registration as the store's plain tuples (pure; the flusher's path:
+    no record object per contact and endpoint).  Tuples only (no list): the garbage
+    collector drops them from its lists after one pass, so a storm's batch does not
+    bring on full collections."""
     contacts: tuple[ContactRow, ...] = tuple(
         [
             (
@@ -233,35 +216,31 @@ class AmiPbx:
         """Fold one event into the book; quick and non-blocking (it runs in the reader)."""
         event = msg.as_dict()
         book = link.book
+        endpoint: str | None
         if event.get("Event") == "ContactStatus":
             # The storm's event, folded without the general path's dispatch on the kind.
-            endpoint = event.get("EndpointName")
-            if not endpoint:
+            endpoint = event.get("EndpointName") or None
+            if endpoint is None:
                 return
             link.events += 1
-            book[endpoint] = apply_contact_status(book.get(endpoint), endpoint, event)
-            dirty = link.dirty
-            dirty.add(endpoint)
-            if len(dirty) >= FLUSH_BATCH:
-                link.flush_now.set()
-            return
-        found = endpoint_of(event)
-        if found is None:
-            return
-        endpoint = found
-        link.events += 1
-        after = apply_event(book.get(endpoint), event)
-        if after is None:
-            return
+            after = apply_contact_status(book.get(endpoint), endpoint, event)
+        else:
+            endpoint = endpoint_of(event)
+            if endpoint is None:
+                return
+            link.events += 1
+            folded = apply_event(book.get(endpoint), event)
+            if folded is None:
+                return
+            after = folded
+            if event.get("Event") == "SuccessfulAuth" and not after.tracked:
+                # Asterisk sends no status events for endpoints added since its last
+                # reload; their contacts are only visible by asking.
+                link.snapshot_wanted.set()
         book[endpoint] = after
-        dirty = link.dirty
-        dirty.add(endpoint)
-        if len(dirty) >= FLUSH_BATCH:
+        link.dirty.add(endpoint)
+        if len(link.dirty) >= FLUSH_BATCH:
             link.flush_now.set()
-        if event.get("Event") == "SuccessfulAuth" and not after.tracked:
-            # Asterisk sends no status events for endpoints added since its last
-            # reload; their contacts are only visible by asking.
-            link.snapshot_wanted.set()
 
     async def _flusher(self, link: Link, stop: asyncio.Event) -> None:
         """Write the dirty endpoints every ``FLUSH_INTERVAL`` (counted from the last

@@ -200,27 +200,23 @@ def apply_contact_status(
     """:func:`apply_event` of a ``ContactStatus`` event about ``endpoint`` (its non-empty
     ``EndpointName``): the storm's event, so one contact and one record are built, with no
     chain of ``replace`` calls and no second look at the event's kind."""
-    contact = _contact_from_status(event)
-    stamp = _float_or_none(event.get("Timestamp"))
-    if current is None:
-        # The storm's usual case: a first event for the endpoint.
-        contacts = () if contact.status == "Removed" else (contact,)
-        return EndpointRegistration(
-            endpoint, contacts, None, None, True, True, None, None, stamp or None
-        )
-    # The latest time seen, whatever order the events came in.
-    last = current.last_change
+    reg = current if current is not None else EndpointRegistration(endpoint)
     return EndpointRegistration(
-        current.endpoint,
-        _contacts_with(current.contacts, contact),
-        current.peer_status,
-        current.device_state,
+        reg.endpoint,
+        _contacts_with(reg.contacts, _contact_from_status(event)),
+        reg.peer_status,
+        reg.device_state,
         True,
         True,
-        current.last_auth_at,
-        current.last_auth_from,
-        max(stamp, last) if stamp and last else (stamp or last or None),
+        reg.last_auth_at,
+        reg.last_auth_from,
+        _latest(_float_or_none(event.get("Timestamp")), reg.last_change),
     )
+
+
+def _latest(stamp: float | None, last: float | None) -> float | None:
+    """The later of two event times (either may be unknown), whatever order events came in."""
+    return max(stamp, last) if stamp and last else (stamp or last or None)
 
 
 def apply_event(
@@ -235,9 +231,7 @@ def apply_event(
         return apply_contact_status(current, endpoint, event)
     stamp = _float_or_none(event.get("Timestamp"))
     reg = current if current is not None else EndpointRegistration(endpoint)
-    # The latest time seen, whatever order the events came in.
-    last = reg.last_change
-    latest = max(stamp, last) if stamp and last else (stamp or last or None)
+    latest = _latest(stamp, reg.last_change)
     if kind == "PeerStatus":
         peer = event.get("PeerStatus") or None
         reg = reg._replace(peer_status=peer, tracked=True, exists=reg.exists or peer == "Reachable")
