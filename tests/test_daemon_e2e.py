@@ -25,7 +25,9 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _write_config(tmp: Path, ami_port: int | None) -> Path:
+def _write_config(
+    tmp: Path, ami_port: int | None, *, quiet: float = 0.02, max_wait: float = 0.2
+) -> Path:
     lines = [
         "[store]",
         f'url = "sqlite:///{tmp / "store.db"}"',
@@ -35,8 +37,8 @@ def _write_config(tmp: Path, ami_port: int | None) -> Path:
         f'path = "{tmp / "pjsip_users.conf"}"',
         "[daemon]",
         f'state_dir = "{tmp / "state"}"',
-        "quiet = 0.02",
-        "max_wait = 0.2",
+        f"quiet = {quiet}",
+        f"max_wait = {max_wait}",
         "shutdown_timeout = 5",
         "[ami]",
         "reload_min_gap = 0",
@@ -120,6 +122,22 @@ def _text(path: Path) -> str:
         return ""
 
 
+async def _add_agent(config: Path, username: str, full_name: str) -> None:
+    """``provisioner user add`` of a user of profile "agents" (as a separate process)."""
+    await _cli(
+        config,
+        "user",
+        "add",
+        username,
+        "--full-name",
+        full_name,
+        "--email",
+        f"{username}@example.com",
+        "--profile",
+        "agents",
+    )
+
+
 async def _seed(config: Path) -> None:
     await _cli(config, "db", "upgrade")
     await _cli(config, "profile", "add", "agents")
@@ -151,18 +169,7 @@ def test_edit_to_live_reload_registration_and_disable(tmp_path: Path) -> None:
         try:
             await _until(lambda: peer.logins_ok >= 1, 10)
             reloads_before = len(peer.actions("Reload"))
-            await _cli(
-                config,
-                "user",
-                "add",
-                "alice",
-                "--full-name",
-                "Alice",
-                "--email",
-                "a@example.com",
-                "--profile",
-                "agents",
-            )
+            await _add_agent(config, "alice", "Alice")
             took = await _until(
                 lambda: "[1001]" in _text(conf) and len(peer.actions("Reload")) > reloads_before,
                 5,
@@ -227,18 +234,7 @@ def test_kill_9_at_random_moments_converges(tmp_path: Path) -> None:
         rng = random.Random(7)
         daemon = await _start_daemon(config, tmp_path / "daemon.log")
         for i in range(8):
-            await _cli(
-                config,
-                "user",
-                "add",
-                f"u{i}",
-                "--full-name",
-                f"U {i}",
-                "--email",
-                f"u{i}@example.com",
-                "--profile",
-                "agents",
-            )
+            await _add_agent(config, f"u{i}", f"U {i}")
             if rng.random() < 0.4:
                 await _cli(config, "user", "edit", f"u{i}", "--nat", "yes")
             if i % 4 == 3:
@@ -334,18 +330,7 @@ def test_postgresql_outage_is_survived(tmp_path: Path) -> None:
             assert daemon.returncode is None
             with admin.connect() as conn:
                 conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
-            await _cli(
-                config,
-                "user",
-                "add",
-                "bob",
-                "--full-name",
-                "Bob",
-                "--email",
-                "b@example.com",
-                "--profile",
-                "agents",
-            )
+            await _add_agent(config, "bob", "Bob")
             await _until(lambda: "[1001]" in _text(conf), 15)
             assert await _stop(daemon) == 0
         finally:
@@ -364,29 +349,13 @@ def test_an_edit_after_a_calm_period_does_not_wait_for_the_quiet_window(tmp_path
     once: only edits arriving while an apply runs are held back to coalesce."""
 
     async def scenario() -> None:
-        config = _write_config(tmp_path, None)
-        config.write_text(
-            config.read_text()
-            .replace("quiet = 0.02", "quiet = 10")
-            .replace("max_wait = 0.2", "max_wait = 20")
-        )
+        config = _write_config(tmp_path, None, quiet=10, max_wait=20)
         conf = tmp_path / "pjsip_users.conf"
         await _seed(config)
         daemon = await _start_daemon(config, tmp_path / "daemon.log")
         try:
             await _until(lambda: "[1000]" in _text(conf), 5)
-            await _cli(
-                config,
-                "user",
-                "add",
-                "carol",
-                "--full-name",
-                "Carol",
-                "--email",
-                "c@example.com",
-                "--profile",
-                "agents",
-            )
+            await _add_agent(config, "carol", "Carol")
             await _until(lambda: "[1001]" in _text(conf), 5)
             assert await _stop(daemon) == 0
         finally:
