@@ -111,6 +111,12 @@ class DirectoryWatch:
 
     Linux only (through libc's ``inotify_init1`` and ``inotify_add_watch``); raises
     :class:`OSError` where it is not available, so the caller can poll instead.
+
+    Not :mod:`watchfiles` (which still watches the templates): its Rust loop wakes every
+    ``step`` ms whether or not anything changed, and reports a change only after a
+    ``step`` without another.  Measured on a WAL commit (2-core VM): ``step=1`` 2.0 ms
+    commit-to-event and 2.2 % of a core while idle, ``step=5`` 8 ms and 1.1 %; this fd on
+    the event loop: ~0.2 ms and no CPU while idle.
     """
 
     def __init__(self, directory: Path, names: Iterable[str]) -> None:
