@@ -760,9 +760,7 @@ def _summarise(
         plan = kinds[kind]
         inserted = [str(row[0]) for row in plan.inserts]
         updated_ids = [str(row[0]) for row in plan.updates]
-        fresh[kind] = set(inserted)
-        if plan.reowned:
-            fresh[kind] -= plan.reowned
+        fresh[kind] = set(inserted) - plan.reowned
         for oids in (inserted, updated_ids, plan.deletes):
             touched.update(oids if kind != "auth" else [_user_key(kind, i) for i in oids])
             changed.extend(zip(repeat(kind), oids))
@@ -772,11 +770,10 @@ def _summarise(
     endpoints, auths, aors = fresh["endpoint"], fresh["auth"], fresh["aor"]
     for obj in objects:
         key = obj.endpoint_id
-        if key not in touched:
-            if not blocked or key not in blocked:
-                unchanged += 1
-        elif blocked and key in blocked:
+        if key in blocked:
             continue
+        if key not in touched:
+            unchanged += 1
         elif key in endpoints and obj.auth_id in auths and obj.aor_id in aors:
             added.append(key)
         else:
@@ -817,8 +814,7 @@ def _write(conn: Connection, plan: _Plan) -> bool:
     for kind, kp in plan.kinds.items():
         if kp.inserts:
             _insert(conn, kp.shape, kp.inserts)
-            reowned = kp.reowned
-            new = [str(r[0]) for r in kp.inserts if not reowned or r[0] not in reowned]
+            new = [str(r[0]) for r in kp.inserts if r[0] not in kp.reowned]
             if kind == "endpoint" and digests is not None:
                 _record(conn, kind, new, digests)
                 recorded.update(new)
