@@ -339,13 +339,15 @@ class AmiClient:
         reader = asyncio.create_task(self._read_loop(session))
         pinger = asyncio.create_task(self._ping_loop(session))
         await wait_first(stop, session.closed)
-        self._connected.clear()
         session.close("client stopped" if stop.is_set() else "closed")
+        # The reason is recorded before ``connected`` drops, so that anyone who sees
+        # the client disconnected (health, --check, a waiting test) also sees why.
+        if not stop.is_set():
+            self._last_error = session.reason
+        self._connected.clear()
         await asyncio.gather(reader, pinger)
         self._high_water = max(self._high_water, session.decoder.high_water)
         self._fail_pending(session)
-        if not stop.is_set():
-            self._last_error = session.reason
         log.info("ami.disconnected", server=self.name, reason=session.reason)
 
     def _fail_pending(self, session: _Session) -> None:
