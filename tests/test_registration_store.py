@@ -85,11 +85,12 @@ def test_write_endpoints_replaces_rows_and_round_trips_values(engine: Engine) ->
 
 
 def test_snapshot_replaces_every_contact_and_problems_are_kept(engine: Engine) -> None:
-    """A snapshot leaves exactly its contacts for the server; a problem lands in the summary."""
+    """A snapshot leaves exactly its contacts and summaries for the server; a problem lands
+    in the summary."""
     seed_store(engine, 3)
     with engine.begin() as conn:
         write_endpoints(conn, "pbx1", {"100002": _state("100002", "Reachable")}, NOW)
-        snapshot = [_state(ep, "NonQualified")[0][0] for ep in ("100000", "100001", "trunk")]
+        snapshot = {ep: _state(ep, "NonQualified") for ep in ("100000", "100001", "trunk")}
         assert replace_server_snapshot(conn, "pbx1", snapshot, NOW) == 2
         assert set_problems(conn, "pbx1", {"100000": "rejected", "100002": ""}, NOW) == 2
     with engine.connect() as conn:
@@ -97,7 +98,25 @@ def test_snapshot_replaces_every_contact_and_problems_are_kept(engine: Engine) -
         sums = conn.execute(select(registration_summary.c.user_id, registration_summary.c.problem))
         problems = sorted(tuple(r) for r in sums)
     assert sorted(tuple(r) for r in rows) == [(1, SEEN), (2, SEEN)]
-    assert problems == [(1, "rejected"), (3, "")]
+    assert problems == [(1, "rejected"), (2, ""), (3, "")]
+
+
+def test_an_event_write_keeps_the_problem_the_verifier_recorded(engine: Engine) -> None:
+    """Writing an endpoint's contacts and summary leaves its recorded problem in place."""
+    seed_store(engine, 2)
+    with engine.begin() as conn:
+        write_endpoints(conn, "pbx1", {"100000": _state("100000", "Reachable")}, NOW)
+        set_problems(conn, "pbx1", {"100000": "rejected"}, NOW)
+    states = {ep: _state(ep, "Unreachable") for ep in ("100000", "100001")}
+    with engine.begin() as conn:
+        assert write_endpoints(conn, "pbx1", states, NOW) == 2
+    with engine.connect() as conn:
+        sums = conn.execute(
+            select(registration_summary.c.user_id, registration_summary.c.problem)
+        ).all()
+        statuses = conn.execute(select(registrations.c.status)).scalars().all()
+    assert sorted(tuple(s) for s in sums) == [(1, "rejected"), (2, "")]
+    assert statuses == ["Unreachable", "Unreachable"]
 
 
 def test_write_endpoint_rows_matches_write_endpoints(engine: Engine) -> None:

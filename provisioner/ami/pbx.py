@@ -44,7 +44,6 @@ from ..store.registrations import (
     replace_server_snapshot,
     set_problems,
     write_endpoint_rows,
-    write_endpoints,
 )
 from ..targets import Change
 from .actions import AmiMessage
@@ -309,12 +308,10 @@ class AmiPbx:
                 snapshot[endpoint] = _merge(snapshot[endpoint], reg)
         link.book = snapshot
         link.dirty.clear()
-        records_now = [rec for reg in snapshot.values() for rec in records(link.name, reg)[0]]
-        await self._store(replace_server_snapshot, link.name, records_now)
-        await self._store(
-            write_endpoints, link.name, {ep: records(link.name, r) for ep, r in snapshot.items()}
-        )
-        log.info("registration.snapshot", server=link.name, contacts=len(records_now))
+        states = {ep: records(link.name, reg) for ep, reg in snapshot.items()}
+        await self._store(replace_server_snapshot, link.name, states)
+        contacts_now = sum(len(contacts) for contacts, _ in states.values())
+        log.info("registration.snapshot", server=link.name, contacts=contacts_now)
 
     # -- changes out -------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from sqlalchemy import (
     Table,
     any_,
     bindparam,
+    case,
     column,
     delete,
     func,
@@ -211,7 +212,9 @@ def write_endpoints(
     """Replace, for ``server``, the contacts and summary of each endpoint in ``states``.
 
     One call is one batch on the caller's transaction; returns how many endpoints
-    matched a user.  The records' own ``server`` is not used: ``server`` is.
+    matched a user.  The records' own ``server`` is not used: ``server`` is.  An empty
+    ``problem`` means "not known" (events never say whether Asterisk holds the endpoint
+    as rendered): the problem already recorded by :func:`set_problems` then stays.
     """
     rows = {
         ep: ([contact_row(c) for c in contacts], summary_row(s))
@@ -238,7 +241,9 @@ def write_endpoint_rows(
     ids = _user_ids(conn, rows)
     matched = [(ep, ids[ep]) for ep in rows if ep in ids]
     uids = [uid for _, uid in matched]
+    kept: dict[int, str] = {}
     for chunk in _chunks(conn, uids):
+        kept.update(_problems(conn, server, chunk))
         for table in (registrations, registration_summary):
             member = _member(conn, table.c.user_id, chunk)
             conn.execute(delete(table).where(table.c.server == server, member))
@@ -250,10 +255,20 @@ def write_endpoint_rows(
             fitted = _fitted_contact(contact)
             contact_rows[(uid, fitted[0])] = [uid, server, *fitted[:7], fitted[7] or now]
         state, device_state, problem, changed_at = _fitted_summary(summary)
+        problem = problem or kept.get(uid, "")
         summary_rows.append([uid, server, state, device_state, problem, changed_at or now])
     _insert_many(conn, registrations, _CONTACT_COLUMNS, list(contact_rows.values()))
     _insert_many(conn, registration_summary, _SUMMARY_COLUMNS, summary_rows)
     return len(matched)
+
+
+def _problems(conn: Connection, server: str, uids: Sequence[int]) -> dict[int, str]:
+    """The recorded problems (non-empty) of users ``uids`` on ``server``."""
+    summary = registration_summary.c
+    query = select(summary.user_id, summary.problem).where(
+        summary.server == server, _member(conn, summary.user_id, uids), summary.problem != ""
+    )
+    return {uid: problem for uid, problem in conn.execute(query).tuples()}
 
 
 def _write_rows_as_json(
@@ -345,7 +360,15 @@ def _json_statements(dialect: str) -> tuple[Any, Any, Any]:
     upsert = insert_of(registration_summary).from_select(_SUMMARY_COLUMNS, source)
     upsert = upsert.on_conflict_do_update(
         index_elements=[registration_summary.c.user_id, registration_summary.c.server],
-        set_={name: upsert.excluded[name] for name in _SUMMARY_COLUMNS[2:]},
+        set_={
+            **{name: upsert.excluded[name] for name in ("state", "device_state", "changed_at")},
+            # An empty problem is "not known" (events never know it): the one recorded
+            # by set_problems stays.
+            "problem": case(
+                (upsert.excluded.problem == "", registration_summary.c.problem),
+                else_=upsert.excluded.problem,
+            ),
+        },
     )
     # Contacts of the batch's users: deleted, then the batch's inserted.
     each, (ep,) = _json_rows(dialect, (None,))
@@ -436,18 +459,17 @@ def set_problems(conn: Connection, server: str, problems: Mapping[str, str], now
 
 
 def replace_server_snapshot(
-    conn: Connection, server: str, contacts: Sequence[ContactRecord], now: datetime
+    conn: Connection,
+    server: str,
+    states: Mapping[str, tuple[Sequence[ContactRecord], SummaryRecord]],
+    now: datetime,
 ) -> int:
-    """Make the store's contacts for ``server`` exactly ``contacts`` (a fresh AMI snapshot)."""
+    """Make the store's registration state for ``server`` exactly ``states`` (a fresh AMI
+    snapshot): every other contact of the server is deleted, then :func:`write_endpoints`.
+    One call is one batch on the caller's transaction, so a reader never sees the
+    server's contacts gone and not yet written back."""
     conn.execute(delete(registrations).where(registrations.c.server == server))
-    ids = _user_ids(conn, [c.endpoint for c in contacts])
-    rows = {
-        (ids[c.endpoint], c.contact_id[:255]): _contact_values(ids[c.endpoint], c, now)
-        for c in contacts
-        if c.endpoint in ids
-    }
-    _insert_many(conn, registrations, _CONTACT_COLUMNS, list(rows.values()))
-    return len(rows)
+    return write_endpoints(conn, server, states, now)
 
 
 def summarize(contact_statuses: Sequence[str], server_states: Sequence[str]) -> str:
