@@ -7,7 +7,7 @@ import re
 from datetime import UTC, datetime
 
 from provisioner.ami.actions import parse_message_lines
-from provisioner.ami.pbx import records, rows
+from provisioner.ami.pbx import rows
 from provisioner.ami.registration import (
     EndpointRegistration,
     apply_event,
@@ -15,6 +15,7 @@ from provisioner.ami.registration import (
     endpoint_of,
     snapshot_from_contact_list,
 )
+from provisioner.store.registrations import time_text
 
 from .amipeer import AMI_DIR
 
@@ -204,12 +205,13 @@ def test_status_event_keeps_what_the_snapshot_said() -> None:
 
 
 def test_store_rows_carry_what_the_snapshot_said() -> None:
-    """pbx.rows gives a contact's key, URI, status, user agent, source, RTT and expiry (naive
-    UTC) and the endpoint's summary; pbx.records are those rows with server and endpoint."""
+    """pbx.rows gives a contact's key, URI, status, user agent, source, RTT and expiry (the
+    store's UTC text) and the endpoint's summary."""
     reg = snapshot_from_contact_list(_contact_list_items())["2001"]
     (contact,) = reg.contacts
     assert contact.expires_at is not None
     contact_rows, summary = rows(reg)
+    expires = datetime.fromtimestamp(contact.expires_at, UTC).replace(tzinfo=None)
     assert contact_rows == (
         (
             contact.object_name,
@@ -218,32 +220,11 @@ def test_store_rows_carry_what_the_snapshot_said() -> None:
             "PJSUA/v2.17 Linux-6.18.44 x86_64 glibc-2.36",
             "127.0.0.1:5072",
             contact.rtt_usec,
-            datetime.fromtimestamp(contact.expires_at, UTC).replace(tzinfo=None),
+            time_text(expires),
             None,
         ),
     )
     assert summary[:3] == ("online", reg.device_state or "", "")
-    contacts, summary_record = records("lab", reg)
-    assert [("lab", "2001", *row) for row in contact_rows] == [
-        (
-            c.server,
-            c.endpoint,
-            c.contact_id,
-            c.uri,
-            c.status,
-            c.user_agent,
-            c.source,
-            c.rtt_usec,
-            c.expires_at,
-            c.changed_at,
-        )
-        for c in contacts
-    ]
-    assert (summary_record.server, summary_record.endpoint, summary_record.state) == (
-        "lab",
-        "2001",
-        "online",
-    )
 
 
 def test_an_endpoint_known_by_nothing_is_stored_offline() -> None:

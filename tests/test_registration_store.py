@@ -6,9 +6,11 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import Engine, select
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
@@ -20,11 +22,13 @@ from provisioner.ami.reload import PjsipOps, ReloadCoordinator
 from provisioner.store.registrations import (
     ContactRecord,
     SummaryRecord,
-    _time_text,
     contact_row,
+    epoch_text,
     replace_server_snapshot,
     set_problems,
     status_rows,
+    summary_row,
+    time_text,
     write_endpoint_rows,
     write_endpoints,
 )
@@ -34,6 +38,8 @@ from .amipeer import FakeAsterisk, eventually, fast_settings, run, running, serv
 
 NOW = datetime(2026, 5, 1, 12, 0, 0, 123456)
 SEEN = datetime(2026, 5, 1, 11, 59, 58, 654321)
+#: SEEN as the plain rows carry times: the store's timestamp text.
+SEEN_TEXT = "2026-05-01 11:59:58.654321"
 
 
 @asynccontextmanager
@@ -90,7 +96,11 @@ def test_snapshot_replaces_every_contact_and_problems_are_kept(engine: Engine) -
     seed_store(engine, 3)
     with engine.begin() as conn:
         write_endpoints(conn, "pbx1", {"100002": _state("100002", "Reachable")}, NOW)
-        snapshot = {ep: _state(ep, "NonQualified") for ep in ("100000", "100001", "trunk")}
+        snapshot = {
+            ep: ([contact_row(c) for c in contacts], summary_row(summary))
+            for ep in ("100000", "100001", "trunk")
+            for contacts, summary in [_state(ep, "NonQualified")]
+        }
         assert replace_server_snapshot(conn, "pbx1", snapshot, NOW) == 2
         assert set_problems(conn, "pbx1", {"100000": "rejected", "100002": ""}, NOW) == 2
     with engine.connect() as conn:
@@ -131,7 +141,7 @@ def test_write_endpoint_rows_matches_write_endpoints(engine: Engine) -> None:
             conn,
             "pbx1",
             {
-                "100001": ([row], ("online", "NOT_INUSE", "", SEEN)),
+                "100001": ([row], ("online", "NOT_INUSE", "", SEEN_TEXT)),
                 "trunk": ([], (None, "", "", None)),
             },
             NOW,
@@ -193,12 +203,12 @@ def test_a_rewrite_replaces_contacts_updates_the_summary_and_cuts_long_values(
                     "Phone/1",
                     "10.0.0.1:5060",
                     9,
-                    SEEN,
+                    SEEN_TEXT,
                     None,
                 ),
-                ("100000;@b", "sip:b@10.0.0.2", "Unreachable", "", "", None, None, SEEN),
+                ("100000;@b", "sip:b@10.0.0.2", "Unreachable", "", "", None, None, SEEN_TEXT),
             ],
-            ("online", "NOT_INUSE", "", SEEN),
+            ("online", "NOT_INUSE", "", SEEN_TEXT),
         ),
         "100001": ([], ("offline", "", "", None)),
     }
@@ -231,14 +241,14 @@ def test_a_rewrite_replaces_contacts_updates_the_summary_and_cuts_long_values(
     ]
 
 
-def test_a_large_batch_is_written_before_the_flush_interval(
+def test_a_large_batch_is_written_before_the_flush_delay(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Once FLUSH_BATCH endpoints are dirty the flusher writes at once, not at the next
-    interval (here 60 s, far past the test's end)."""
+    """Once FLUSH_BATCH endpoints are dirty the flusher writes at once, not after the
+    delay (here 60 s, far past the test's end)."""
     seed_store(engine, 5)
     monkeypatch.setattr(pbx_module, "FLUSH_BATCH", 3)
-    monkeypatch.setattr(pbx_module, "FLUSH_INTERVAL", 60.0)
+    monkeypatch.setattr(pbx_module, "FLUSH_DELAY", 60.0)
 
     async def scenario() -> int:
         async with _lab_pbx(engine) as (peer, link):
@@ -261,4 +271,19 @@ def test_timestamp_text_is_what_sqlites_bind_processor_writes() -> None:
     proc = column_type.bind_processor(dialect)
     assert proc is not None
     for value in (NOW, SEEN, datetime(2026, 1, 2, 3, 4, 5), datetime(2026, 1, 2, 3, 4, 5, 60)):
-        assert _time_text(value) == proc(value)
+        assert time_text(value) == proc(value)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    st.one_of(
+        st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False),
+        st.integers(min_value=0, max_value=4_102_444_800).map(lambda s: s + 0.9999995),
+        st.integers(min_value=0, max_value=4_102_444_800).map(lambda s: s + 0.0000005),
+    )
+)
+def test_epoch_text_is_the_datetime_routes_text(epoch: float) -> None:
+    """An AMI epoch becomes the same text as through datetime.fromtimestamp, rounding
+    included (half to even at the microsecond, carried into the next second)."""
+    expected = time_text(datetime.fromtimestamp(epoch, UTC).replace(tzinfo=None))
+    assert epoch_text(epoch) == expected

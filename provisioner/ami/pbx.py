@@ -12,11 +12,13 @@ Per ``[[asterisk]]`` server, one :class:`Link` keeps an :class:`AmiClient`, its
   are deleted from astdb (Asterisk keeps them otherwise).  Then each added or
   updated endpoint is looked up (``PJSIPShowEndpoint``): one Asterisk rejected
   is logged (``pjsip.not_live``), counted and written next to the user.
-- Registration events mark endpoints dirty; a flusher writes dirty endpoints in
-  one transaction every ``FLUSH_INTERVAL``, so a storm of thousands of events
-  costs a few transactions.  Each (re)connect takes a full ``PJSIPShowContacts``
-  snapshot; a ``SuccessfulAuth`` of an endpoint Asterisk does not track yet
-  triggers a (rate-limited) snapshot too.
+- Registration events mark endpoints dirty; a flusher writes them in one
+  transaction ``FLUSH_DELAY`` after the first (the other events of the same
+  registration come within milliseconds), and whatever became dirty during a write
+  in the next one as soon as it ends, so a storm of thousands of events costs a few
+  transactions and its last events wait for one write, not for a timer.  Each
+  (re)connect takes a full ``PJSIPShowContacts`` snapshot; a ``SuccessfulAuth`` of
+  an endpoint Asterisk does not track yet triggers a (rate-limited) snapshot too.
 """
 
 from __future__ import annotations
@@ -37,10 +39,9 @@ from ..config import Config
 from ..errors import ProvisionerError
 from ..logs import get_logger
 from ..store.registrations import (
-    ContactRecord,
     ContactRow,
-    SummaryRecord,
     SummaryRow,
+    epoch_text,
     replace_server_snapshot,
     set_problems,
     write_endpoint_rows,
@@ -62,9 +63,12 @@ __all__ = ["AmiPbx", "Link"]
 
 log = get_logger(__name__)
 
-FLUSH_INTERVAL = 0.2
-#: Dirty endpoints that start a flush at once, not at the next interval: a storm is
-#: written in batches of about this size while the next batch is being read.
+#: Seconds the first dirty endpoint waits for more before a write starts: one
+#: registration's ContactStatus, PeerStatus and DeviceStateChange come within a few
+#: milliseconds of each other and are written together.
+FLUSH_DELAY = 0.02
+#: Dirty endpoints that end the waiting at once: during a long write the next batch
+#: (at most about this size) is built meanwhile, keeping batches and memory bounded.
 FLUSH_BATCH = 5000
 SNAPSHOT_MIN_GAP = 2.0
 #: Endpoints verified with PJSIPShowEndpoint after one apply, at most (the rest next time).
@@ -72,22 +76,6 @@ VERIFY_LIMIT = 200
 #: ``registration.changed`` lines per flush, at most (the rest are counted).
 LOG_CHANGES_LIMIT = 50
 _EVENTS = ("ContactStatus", "PeerStatus", "DeviceStateChange", "SuccessfulAuth")
-
-
-def _utc(epoch: float | int | None) -> datetime | None:
-    if epoch is None:
-        return None
-    return datetime.fromtimestamp(epoch, UTC).replace(tzinfo=None)
-
-
-def records(server: str, reg: EndpointRegistration) -> tuple[list[ContactRecord], SummaryRecord]:
-    """An endpoint's registration as the store's records (pure): :func:`rows` with the
-    server and endpoint named."""
-    contacts, (state, device_state, problem, changed_at) = rows(reg)
-    return (
-        [ContactRecord(server, reg.endpoint, *contact) for contact in contacts],
-        SummaryRecord(server, reg.endpoint, state, device_state, problem, changed_at),
-    )
 
 
 def rows(reg: EndpointRegistration) -> tuple[tuple[ContactRow, ...], SummaryRow]:
@@ -104,7 +92,7 @@ def rows(reg: EndpointRegistration) -> tuple[tuple[ContactRow, ...], SummaryRow]
                 c.user_agent or "",
                 c.source or "",
                 c.rtt_usec,
-                None if c.expires_at is None else _utc(c.expires_at),
+                None if c.expires_at is None else epoch_text(c.expires_at),
                 None,
             )
             for c in reg.contacts
@@ -116,7 +104,7 @@ def rows(reg: EndpointRegistration) -> tuple[tuple[ContactRow, ...], SummaryRow]
         "offline" if state == "unknown" else state,
         reg.device_state or "",
         "",
-        None if changed is None else _utc(changed),
+        None if changed is None else epoch_text(changed),
     )
 
 
@@ -142,6 +130,13 @@ class Link:
     reported: dict[str, str] = field(default_factory=dict)
     #: Set when ``FLUSH_BATCH`` endpoints are dirty: the flusher writes without waiting.
     flush_now: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Set when some endpoint is dirty (cleared when the flusher takes them).
+    dirtied: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Set while no registration write is in flight.
+    store_idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.store_idle.set()
 
 
 @dataclass
@@ -237,39 +232,42 @@ class AmiPbx:
                 # reload; their contacts are only visible by asking.
                 link.snapshot_wanted.set()
         book[endpoint] = after
-        link.dirty.add(endpoint)
-        if len(link.dirty) >= FLUSH_BATCH:
+        dirty = link.dirty
+        if not dirty:
+            link.dirtied.set()
+        dirty.add(endpoint)
+        if len(dirty) >= FLUSH_BATCH:
             link.flush_now.set()
 
     async def _flusher(self, link: Link, stop: asyncio.Event) -> None:
-        """Write the dirty endpoints every ``FLUSH_INTERVAL`` (counted from the last
-        batch's start, so a slow write is not followed by a full interval's wait), or at
-        once when ``FLUSH_BATCH`` of them are dirty.  The latest state of each endpoint
-        is written once, however many events changed it since the last write.
+        """Write the dirty endpoints, group-commit style: ``FLUSH_DELAY`` after the first
+        one, or once the write in flight ends, whichever is later; at once when
+        ``FLUSH_BATCH`` of them are dirty.  The latest state of each endpoint is written
+        once, however many events changed it since the last write.
 
-        The next batch's rows are built while the previous batch is being written (the
+        A batch's rows are built while the previous batch is being written (the
         database works meanwhile); batches are still written one after another, in the
         order they were taken, so a later state of an endpoint is never overwritten by
         an earlier one."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
         writing: asyncio.Task[None] | None = None
         try:
             while not stop.is_set():
-                wait = FLUSH_INTERVAL - (loop.time() - started)
-                await wait_first(stop, link.flush_now, timeout=max(0.0, wait))
+                await wait_first(stop, link.dirtied)
+                await wait_first(stop, link.flush_now, timeout=FLUSH_DELAY)
+                await wait_first(stop, link.flush_now, link.store_idle)
+                if stop.is_set():
+                    break
                 link.flush_now.clear()
-                started = loop.time()
-                if link.dirty:
-                    dirty, link.dirty = link.dirty, set()
-                    book = link.book
-                    states = {ep: rows(book[ep]) for ep in dirty if ep in book}
-                    _log_changes(link, states)
-                    if writing is not None:
-                        await writing
-                    writing = asyncio.create_task(
-                        self._store(write_endpoint_rows, link.name, states)
-                    )
+                link.dirtied.clear()
+                dirty, link.dirty = link.dirty, set()
+                book = link.book
+                states = {ep: rows(book[ep]) for ep in dirty if ep in book}
+                _log_changes(link, states)
+                if writing is not None:
+                    await writing
+                link.store_idle.clear()
+                writing = asyncio.create_task(self._store(write_endpoint_rows, link.name, states))
+                writing.add_done_callback(lambda _: link.store_idle.set())
         finally:
             if writing is not None:
                 await writing
@@ -308,7 +306,7 @@ class AmiPbx:
                 snapshot[endpoint] = _merge(snapshot[endpoint], reg)
         link.book = snapshot
         link.dirty.clear()
-        states = {ep: records(link.name, reg) for ep, reg in snapshot.items()}
+        states = {ep: rows(reg) for ep, reg in snapshot.items()}
         await self._store(replace_server_snapshot, link.name, states)
         contacts_now = sum(len(contacts) for contacts, _ in states.values())
         log.info("registration.snapshot", server=link.name, contacts=contacts_now)
