@@ -164,17 +164,27 @@ class AmiMessage:
     _lower: dict[str, str] | None = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        exact = dict(reversed(self.headers))
+        # Where no name repeats, the last-wins dict is the first-wins one.
+        exact = dict(self.headers)
         object.__setattr__(self, "_exact", exact if len(exact) == len(self.headers) else None)
         object.__setattr__(self, "_lower", None)
 
     @classmethod
     def trusted(cls, headers: tuple[tuple[str, str], ...]) -> AmiMessage:
-        """The message of ``headers`` (already pairs of text), built without type checks."""
+        """The message of ``headers`` (already pairs of text), built without type checks
+        (the decoder's path: a storm builds tens of thousands a second)."""
         message = object.__new__(cls)
-        object.__setattr__(message, "headers", headers)
-        message.__post_init__()
+        exact = dict(headers)
+        setattr_ = object.__setattr__
+        setattr_(message, "headers", headers)
+        setattr_(message, "_exact", exact if len(exact) == len(headers) else None)
+        setattr_(message, "_lower", None)
         return message
+
+    def view(self) -> Mapping[str, str]:
+        """:meth:`as_dict` without the copy, for a caller that only reads it."""
+        exact = self._exact
+        return exact if exact is not None else dict(reversed(self.headers))
 
     def _index(self) -> dict[str, str]:
         """Lower-cased name -> first value, built on first need."""

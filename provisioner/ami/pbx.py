@@ -208,7 +208,7 @@ class AmiPbx:
 
     def _on_event(self, link: Link, msg: AmiMessage) -> None:
         """Fold one event into the book; quick and non-blocking (it runs in the reader)."""
-        event = msg.as_dict()
+        event = msg.view()
         book = link.book
         endpoint: str | None
         if event.get("Event") == "ContactStatus":

@@ -167,11 +167,17 @@ def _contacts_with(
     added); without it when its status is ``Removed``."""
     if not contacts:
         return () if contact.status == "Removed" else (contact,)
-    key = (contact.aor, contact.uri)
-    others = tuple(c for c in contacts if (c.aor, c.uri) != key)
+    # One pass (this runs per event): the other contacts, and the one replaced.
+    aor, uri = contact.aor, contact.uri
+    others: list[ContactState] = []
+    old = None
+    for c in contacts:
+        if c.uri == uri and c.aor == aor:
+            old = c
+        else:
+            others.append(c)
     if contact.status == "Removed":
-        return others
-    old = next((c for c in contacts if (c.aor, c.uri) == key), None)
+        return tuple(others)
     if old is not None:
         # A status event carries no user agent or expiry: keep what the snapshot said.
         contact = ContactState(
