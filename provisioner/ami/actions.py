@@ -335,10 +335,17 @@ class FrameDecoder:
             self.banner = line
         # One CR before each LF is dropped (as Asterisk does), then blank lines split.
         blocks = ("\n" + text.replace("\r\n", "\n")).split("\n\n")
+        limit = self.max_message_bytes
         for block in blocks[:-1]:
-            self._add_block(block)
-            whole = "\n".join(self._pending) if len(self._pending) > 1 else "".join(self._pending)
-            self._pending, self._message_bytes = [], 0
+            if self._pending:
+                self._add_block(block)
+                whole = "\n".join(self._pending)
+                self._pending, self._message_bytes = [], 0
+            else:
+                # The usual case, a message whole in this text: no pending list to fill.
+                whole = block.strip("\n")
+                if len(whole) + 2 * (whole.count("\n") + 1) > limit:
+                    raise FrameTooLarge(f"message over {limit} bytes")
             # An empty message (the extra blank line after some errors) yields nothing.
             if whole:
                 out.append(_message_of(whole))
