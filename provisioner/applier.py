@@ -20,6 +20,7 @@ from .errors import InvalidInput, MassRemovalRefused
 from .logs import get_logger
 from .pjsip import RenderSettings, Skipped, UserObjects, is_provisioned, render_user
 from .store import queries as q
+from .store.engine import reading
 from .targets import Change, Target
 
 __all__ = ["Applied", "Applier", "check_removals"]
@@ -66,7 +67,7 @@ class Applier:
         """Render every live user: the objects by user id, the endpoint ids kept as they
         are (users that could not be rendered: one bad edit never takes a phone away),
         and the skipped users."""
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             users = q.load_users(conn, deleted=False)
         objects: dict[int, UserObjects] = {}
         kept: dict[int, str] = {}
@@ -119,7 +120,7 @@ class Applier:
             return self.full()
         started = time.perf_counter()
         ids = sorted(set(user_ids))
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             found = {u.id: u for u in q.load_users(conn, ids=ids, deleted=None)}
         # Only these users' entries are computed (None: nothing for that user); memory is
         # updated in place once the target took them, so one edit costs O(1), not O(users).

@@ -46,7 +46,7 @@ from .store.changefeed import (
     read_changes,
     save_cursor,
 )
-from .store.engine import open_engine
+from .store.engine import open_engine, reading
 from .targets import Change, Target
 from .targets.configfile import SHIPPED_TEMPLATES
 from .watch import coalesce, poll_wakeups, postgres_wakeups, sqlite_wakeups, template_wakeups
@@ -356,7 +356,7 @@ class Daemon:
                 self.pbx.applied(result.change, target_kind=self.config.target.kind)
 
     def _full(self) -> Applied:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             cursor = load_cursor(conn)
             pending = read_changes(conn, cursor, limit=1_000_000)
         if cursor > self.tracker.cursor:
@@ -373,7 +373,7 @@ class Daemon:
         return result
 
     def _incremental(self) -> Applied | None:
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             rows = self.tracker.fresh(read_changes(conn, self.tracker.cursor))
         if not rows:
             self._advance([])

@@ -9,7 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import func, select, update
+
+from bench.common import seed_store
 from provisioner.accounts import Accounts
+from provisioner.store.engine import open_engine, reading
+from provisioner.store.schema import users
 
 ADDS_PER_PROCESS = 8
 
@@ -84,3 +89,21 @@ def test_concurrent_adds_never_share_an_extension(
         assert output.count("exit 0") == ADDS_PER_PROCESS
     for u in users:
         assert f"added {u.username} (id {u.id}, extension {u.extension})" in "".join(outputs)
+
+
+def test_an_open_read_never_makes_a_sqlite_writer_wait(tmp_path: Path) -> None:
+    """A transaction opened by ``reading`` takes no lock: a writer commits at once, and the
+    reader keeps its snapshot until it ends."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'store.db'}", busy_timeout=0.05)
+    people = seed_store(engine, 1)
+    try:
+        with reading(engine) as reader:
+            before = reader.execute(select(func.count()).select_from(users)).scalar_one()
+            with engine.begin() as writer:  # a lock held by the reader: "database is locked"
+                writer.execute(update(users).values(full_name="Renamed"))
+            during = reader.execute(select(users.c.full_name)).scalar_one()
+        with reading(engine) as reader:
+            after = reader.execute(select(users.c.full_name)).scalar_one()
+    finally:
+        engine.dispose()
+    assert (before, during, after) == (1, people[0].full_name, "Renamed")

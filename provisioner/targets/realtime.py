@@ -68,7 +68,7 @@ from sqlalchemy.sql.dml import UpdateBase
 from ..errors import InvalidInput
 from ..pjsip import Options, UserObjects, auth_id
 from ..store.bulk import Prepared, copy_rows, prepare, run_many
-from ..store.engine import open_engine
+from ..store.engine import open_engine, reading
 from . import Change
 from .asterisk_schema import OWNED_KINDS, add_missing_columns, metadata, provisioner_objects
 
@@ -393,7 +393,7 @@ class RealtimeTarget:
     ) -> Change:
         """What :meth:`apply` (with the same ``verify``) would change, with a per-row diff;
         writes nothing."""
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             computed = self._compute(conn, objects, keep, None, verify=verify)
             diff = "".join(line + "\n" for line in _diff_lines(conn, computed))
             conn.rollback()
