@@ -40,10 +40,13 @@ from ..errors import ProvisionerError
 from ..logs import get_logger
 from ..store.registrations import (
     ContactRow,
+    RowBatch,
     SummaryRow,
+    batches_supported,
     epoch_text,
     replace_server_snapshot,
     set_problems,
+    write_batch,
     write_endpoint_rows,
 )
 from ..targets import Change
@@ -263,11 +266,16 @@ class AmiPbx:
                 book = link.book
                 states = {ep: rows(book[ep]) for ep in dirty if ep in book}
                 _log_changes(link, states)
+                write = self._flush_work(link.name, states)
                 if writing is not None:
                     await writing
                 link.store_idle.clear()
-                writing = asyncio.create_task(self._store(write_endpoint_rows, link.name, states))
+                writing = asyncio.create_task(self._store(link.name, write))
                 writing.add_done_callback(lambda _: link.store_idle.set())
+                # Let the write start (hand its transaction to the thread) before this
+                # loop builds the next batch: in a storm the waits above return without
+                # yielding, and the database sat idle for the whole next build.
+                await asyncio.sleep(0)
         finally:
             if writing is not None:
                 await writing
@@ -307,7 +315,10 @@ class AmiPbx:
         link.book = snapshot
         link.dirty.clear()
         states = {ep: rows(reg) for ep, reg in snapshot.items()}
-        await self._store(replace_server_snapshot, link.name, states)
+        now = _now()
+        await self._store(
+            link.name, lambda conn: replace_server_snapshot(conn, link.name, states, now)
+        )
         contacts_now = sum(len(contacts) for contacts, _ in states.values())
         log.info("registration.snapshot", server=link.name, contacts=contacts_now)
 
@@ -376,22 +387,40 @@ class AmiPbx:
                 log.warning("pjsip.not_live", server=link.name, endpoint=endpoint, problem=problem)
             problems[endpoint] = problem
         if problems:
-            await self._store(set_problems, link.name, problems)
+            now = _now()
+            await self._store(link.name, lambda conn: set_problems(conn, link.name, problems, now))
 
     # -- store writes, off the event loop ------------------------------------------------
 
-    async def _store(
-        self, fn: Callable[[Connection, str, Any, datetime], object], server: str, data: object
-    ) -> None:
+    def _flush_work(
+        self, server: str, states: dict[str, tuple[tuple[ContactRow, ...], SummaryRow]]
+    ) -> Callable[[Connection], object]:
+        """The flusher's write of ``states``.  Where the store takes JSON batches the
+        batch is built here, on the event loop, while the previous write may still run:
+        the write's thread then only waits on the database."""
+        now = _now()
+        if batches_supported(self.engine.dialect.name):
+            batch = RowBatch.of(states, now)
+            return lambda conn: write_batch(conn, server, batch)
+        return lambda conn: write_endpoint_rows(conn, server, states, now)
+
+    async def _store(self, server: str, write: Callable[[Connection], object]) -> None:
+        """Run ``write`` in one transaction, in a thread; a database error is logged (the
+        next snapshot or flush writes the state again)."""
+
         def work() -> None:
-            now = datetime.now(UTC).replace(tzinfo=None)
             with self.engine.begin() as conn:
-                fn(conn, server, data, now)
+                write(conn)
 
         try:
             await asyncio.to_thread(work)
         except DBAPIError as exc:
             log.warning("registration.store_failed", server=server, error=type(exc.orig).__name__)
+
+
+def _now() -> datetime:
+    """Now, as the store's naive UTC."""
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def snapshot_from_contact_list_states(

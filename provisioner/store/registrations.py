@@ -45,14 +45,19 @@ from .schema import registration_summary, registrations, users
 __all__ = [
     "ContactRecord",
     "ContactRow",
+    "RowBatch",
     "SummaryRecord",
     "SummaryRow",
+    "batches_supported",
     "contact_row",
+    "epoch_text",
     "replace_server_snapshot",
     "set_problems",
     "status_rows",
     "summarize",
     "summary_row",
+    "time_text",
+    "write_batch",
     "write_endpoint_rows",
     "write_endpoints",
 ]
@@ -258,7 +263,7 @@ def write_endpoint_rows(
     if not rows:
         return 0
     if conn.dialect.name in _ONE_PARAMETER:
-        return _write_rows_as_json(conn, server, rows, now)
+        return write_batch(conn, server, RowBatch.of(rows, now))
     ids = _user_ids(conn, rows)
     matched = [(ep, ids[ep]) for ep in rows if ep in ids]
     uids = [uid for _, uid in matched]
@@ -293,45 +298,69 @@ def _problems(conn: Connection, server: str, uids: Sequence[int]) -> dict[int, s
     return {uid: problem for uid, problem in conn.execute(query)}
 
 
-def _write_rows_as_json(
-    conn: Connection,
-    server: str,
-    rows: Mapping[str, tuple[Sequence[ContactRow], SummaryRow]],
-    now: datetime,
-) -> int:
-    """:func:`write_endpoint_rows` on SQLite and PostgreSQL: three statements, whatever
-    the batch size, each taking the whole batch as one JSON parameter.
+@dataclass(frozen=True)
+class RowBatch:
+    """Rows of endpoints ready for :func:`write_batch`: each table's as JSON text.
+
+    Built apart from the write (pure, no connection) so that the registration flusher
+    can build the next batch while the database is still writing the previous one.
+    """
+
+    #: ``[[endpoint, state, device_state, problem, changed_at], ...]``.
+    summaries: str
+    #: ``[[endpoint], ...]``: whose contacts are replaced.
+    members: str
+    #: ``[[endpoint, contact_id, uri, status, user_agent, source, rtt, expires, changed],
+    #: ...]``; ``None`` when the batch holds no contact.
+    contacts: str | None
+
+    @classmethod
+    def of(
+        cls, rows: Mapping[str, tuple[Sequence[ContactRow], SummaryRow]], now: datetime
+    ) -> RowBatch:
+        """``rows`` (as :func:`write_endpoint_rows` takes them) with values cut to their
+        column's size as the general path cuts them, and ``now`` for missing times."""
+        stamp = time_text(now)
+        # Tuples, not lists: the collector stops tracking them after one pass (a batch of
+        # lists alive through the flush was promoted and brought on full collections).
+        contacts: dict[tuple[str, str], tuple[Any, ...]] = {}
+        summaries: list[tuple[Any, ...]] = []
+        for ep in sorted(rows):
+            ep_contacts, summary = rows[ep]
+            for contact in ep_contacts:
+                fitted = _fitted_contact(contact)
+                # The later of two rows of one contact wins.
+                contacts[(ep, fitted[0])] = (ep, *fitted[:7], fitted[7] or stamp)
+            state, device_state, problem, changed_at = _fitted_summary(summary)
+            summaries.append((ep, state, device_state, problem, changed_at or stamp))
+        return cls(
+            json.dumps(summaries),
+            json.dumps([(ep,) for ep in rows]),
+            json.dumps(list(contacts.values())) if contacts else None,
+        )
+
+
+def batches_supported(dialect: str) -> bool:
+    """Whether :func:`write_batch` serves ``dialect`` (SQLite and PostgreSQL: JSON set
+    functions); others take :func:`write_endpoint_rows`."""
+    return dialect in _ONE_PARAMETER
+
+
+def write_batch(conn: Connection, server: str, batch: RowBatch) -> int:
+    """:func:`write_endpoint_rows` of a prepared batch, on SQLite and PostgreSQL: three
+    statements, whatever the batch size, each taking its table's rows as one JSON text.
 
     The database matches endpoints to users itself (a join on ``users.extension``), so no
-    user id comes back to Python and no row is built per user here; the summary is an
-    upsert (``ON CONFLICT DO UPDATE``), the contacts of the batch's users are deleted and
-    inserted anew.  Values are cut to their column's size as the general path cuts them.
+    user id comes back to Python; the summary is an upsert (``ON CONFLICT DO UPDATE``),
+    the contacts of the batch's users are deleted and inserted anew.  Returns how many
+    endpoints matched a user.
     """
-    stamp = time_text(now)
-    # Tuples, not lists: the collector stops tracking them after one pass (a batch of
-    # lists alive through the flush was promoted and brought on full collections).
-    contacts: dict[tuple[str, str], tuple[Any, ...]] = {}
-    summaries: list[tuple[Any, ...]] = []
-    for ep in sorted(rows):
-        ep_contacts, summary = rows[ep]
-        for contact in ep_contacts:
-            fitted = _fitted_contact(contact)
-            contacts[(ep, fitted[0])] = (ep, *fitted[:7], fitted[7] or stamp)
-        state, device_state, problem, changed_at = _fitted_summary(summary)
-        summaries.append((ep, state, device_state, problem, changed_at or stamp))
     upsert, clear, add = _json_statements(conn.dialect.name)
-    matched = conn.execute(upsert, {"server": server, "rows": _json_param(conn, summaries)})
-    conn.execute(clear, {"server": server, "rows": _json_param(conn, [(ep,) for ep in rows])})
-    if contacts:
-        values = list(contacts.values())
-        conn.execute(add, {"server": server, "rows": _json_param(conn, values)})
+    matched = conn.execute(upsert, {"server": server, "rows": batch.summaries})
+    conn.execute(clear, {"server": server, "rows": batch.members})
+    if batch.contacts is not None:
+        conn.execute(add, {"server": server, "rows": batch.contacts})
     return int(matched.rowcount)
-
-
-def _json_param(conn: Connection, values: list[tuple[Any, ...]]) -> Any:
-    """``values`` as the statements' ``rows`` parameter: JSON text for SQLite's
-    ``json_each``; the list itself on PostgreSQL (the JSON type serialises it)."""
-    return json.dumps(values) if conn.dialect.name == "sqlite" else values
 
 
 def _json_rows(dialect: str, types: Sequence[Any]) -> tuple[Any, list[ColumnElement[Any]]]:
@@ -341,7 +370,8 @@ def _json_rows(dialect: str, types: Sequence[Any]) -> tuple[Any, list[ColumnElem
         each = func.json_each(bindparam("rows", type_=String)).table_valued("value").alias("j")
         return each, [func.json_extract(each.c.value, f"$[{i}]") for i in range(len(types))]
     # jsonb: each element is parsed once; ``->>`` on json text parses it again per column.
-    elements = func.jsonb_array_elements(bindparam("rows", type_=JSONB))
+    # The parameter is JSON text (RowBatch), cast by the server.
+    elements = func.jsonb_array_elements(sql_cast(bindparam("rows", type_=String), JSONB))
     each = elements.table_valued(column("value", JSONB)).alias("j")
     out: list[ColumnElement[Any]] = []
     for i, type_ in enumerate(types):
@@ -352,7 +382,7 @@ def _json_rows(dialect: str, types: Sequence[Any]) -> tuple[Any, list[ColumnElem
 
 @cache
 def _json_statements(dialect: str) -> tuple[Any, Any, Any]:
-    """The three statements of :func:`_write_rows_as_json` for ``dialect`` (built once)."""
+    """The three statements of :func:`write_batch` for ``dialect`` (built once)."""
     insert_of = sqlite_insert if dialect == "sqlite" else pg_insert
     server = bindparam("server", type_=String)
     # Summaries: [endpoint, state, device_state, problem, changed_at].
