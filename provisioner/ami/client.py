@@ -372,6 +372,10 @@ class AmiClient:
                     session.close("connection closed by Asterisk")
                     return
                 self._take(session, data)
+                # ``read`` returns without yielding while its buffer holds data: in a
+                # storm this loop would keep the event loop for many reads in a row, and
+                # the registration flusher and pending actions would wait on it.
+                await asyncio.sleep(0)
         except AmiProtocolError as exc:
             log.error("ami.protocol_error", server=self.name, error=exc.reason)
             session.close(exc.reason)
