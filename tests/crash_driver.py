@@ -56,9 +56,11 @@ def _install(step: str, target_path: str) -> None:
     elif step == "renamed":
 
         def replaced_target(src: Any, dst: Any, **_: Any) -> bool:
-            return os.fspath(dst) == target_path
+            return bool(os.fspath(dst) == target_path)
 
-        _after(configfile.os, "replace", replaced_target)
+        # The module's ``os`` is the os module itself: hooking os.replace there hooks it
+        # for the configfile target's renames.
+        _after(os, "replace", replaced_target)
     elif step == "rows_written":
         _after(realtime, "run_many")  # every row write but COPY and JSON inserts
     elif step == "before_commit":

@@ -288,7 +288,9 @@ def test_metrics_endpoint_counts_syncs(tmp_path: Path) -> None:
         daemon = await _start_daemon(config, tmp_path / "daemon.log")
         try:
             url = f"http://127.0.0.1:{port}/metrics"
-            body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())
+            body: bytes = await asyncio.to_thread(
+                lambda: urllib.request.urlopen(url, timeout=5).read()
+            )
             return body.decode()
         finally:
             assert await _stop(daemon) == 0

@@ -57,7 +57,7 @@ def _apply_file(url: str, backend: str) -> None:
         finally:
             engine.dispose()
         return
-    from pymysql.constants import CLIENT
+    from pymysql.constants import CLIENT  # type: ignore[import-untyped]
 
     engine = create_engine(url, connect_args={"client_flag": CLIENT.MULTI_STATEMENTS})
     try:
