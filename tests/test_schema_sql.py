@@ -57,7 +57,7 @@ def _apply_file(url: str, backend: str) -> None:
         finally:
             engine.dispose()
         return
-    from pymysql.constants import CLIENT  # type: ignore[import-untyped]
+    from pymysql.constants import CLIENT
 
     engine = create_engine(url, connect_args={"client_flag": CLIENT.MULTI_STATEMENTS})
     try:
