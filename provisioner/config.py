@@ -104,6 +104,9 @@ class TargetSettings(_Section):
     url: str = ""
     #: A directory whose templates override the shipped ones, file by file.
     templates: str = ""
+    #: Config file only: 0 writes every user into ``path``; N (1-4096) writes them into N
+    #: shard files under ``<path stem>.d/``, which ``path`` includes (one edit rewrites one).
+    shards: int = Field(default=0, ge=0, le=4096)
     auth_type: Literal["userpass", "md5"] = "userpass"
     max_contacts: int = Field(default=1, ge=1, le=100)
     webrtc_max_contacts: int = Field(default=5, ge=1, le=100)

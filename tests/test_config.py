@@ -159,3 +159,19 @@ def test_bad_transport_name_is_reported() -> None:
     """A target transport table naming an unknown protocol is refused with the rule."""
     with pytest.raises(ConfigError, match=r"'sctp' is not a transport"):
         load_config(env={}, overrides={"target": {"transports": {"sctp": "t"}}})
+
+
+def test_target_shards_is_validated_and_overridable() -> None:
+    """target.shards defaults to 0 (one file), takes 1-4096 from the environment, and a
+    value out of range is refused naming the field."""
+    assert load_config(env={}).target.shards == 0
+    assert load_config(env={"PROVISIONER_TARGET__SHARDS": "256"}).target.shards == 256
+    assert load_config(env={}, overrides={"target": {"shards": "4096"}}).target.shards == 4096
+    for bad in ("4097", "-1", "many"):
+        with pytest.raises(ConfigError) as info:
+            load_config(env={"PROVISIONER_TARGET__SHARDS": bad})
+        ((field, rule),) = [(p.field, p.rule) for p in info.value.problems]
+        assert field == "target.shards"
+        assert rule, bad
+    with pytest.raises(ConfigError, match="less than or equal to 4096"):
+        load_config(env={}, overrides={"target": {"shards": 4097}})
