@@ -21,6 +21,8 @@ do), it measures:
 * ``partial_1st``: one changed user through :meth:`RealtimeTarget.apply_partial`, the first
   after the full applies (statements compiled on first use);
 * ``partial``: the median of 21 more such one-user changes (other users);
+* ``all_changed``: a full apply in which every user changed (what a profile or template
+  edit causes): every AOR row updated;
 * peak RSS of the process so far (``ru_maxrss``).
 
 Rendering (``pjsip.render_all``) is timed separately and not part of ``sync``.
@@ -200,6 +202,10 @@ def run_one(backend: str, count: int, scratch: Path) -> dict[str, float]:
         assert part.updated == (victim.endpoint_id,), part
         others = [obj for obj in objects if obj.endpoint_id != victim.endpoint_id]
         figures["partial_s"] = _partial_median(target, others)
+        everyone = [_changed(obj, "9") for obj in objects]
+        moved, figures["all_changed_s"] = _timed(lambda: target.apply(everyone))
+        assert len(moved.updated) == count, len(moved.updated)
+        assert target.apply(objects).updated, "back to the rows the raw baseline reads"
         rows = _read_rows(engine)
     with _database(backend, scratch) as engine:
         figures["raw_s"] = _raw_insert(engine, rows)
@@ -224,9 +230,9 @@ def _partial_median(target: RealtimeTarget, objects: Sequence[UserObjects]) -> f
     return statistics.median(took)
 
 
-def _changed(obj: UserObjects) -> UserObjects:
-    """``obj`` with its AOR's max_contacts changed."""
-    aor = tuple((k, "7" if k == "max_contacts" else v) for k, v in obj.aor)
+def _changed(obj: UserObjects, max_contacts: str = "7") -> UserObjects:
+    """``obj`` with its AOR's max_contacts changed (to ``max_contacts``)."""
+    aor = tuple((k, max_contacts if k == "max_contacts" else v) for k, v in obj.aor)
     return replace(obj, aor=aor)
 
 
@@ -243,6 +249,7 @@ _COLUMNS = (
     ("drift_s", "{:>8.3f}"),
     ("partial_1st_s", "{:>13.4f}"),
     ("partial_s", "{:>9.4f}"),
+    ("all_changed_s", "{:>13.3f}"),
     ("render_s", "{:>8.3f}"),
     ("peak_rss_mb", "{:>11.0f}"),
 )

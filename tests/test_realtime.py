@@ -301,6 +301,26 @@ def test_update_changes_only_differing_rows(target: RealtimeTarget, rt_engine: E
     assert row["context"] == "sales"
 
 
+def test_updating_every_user_adds_no_row_and_records_new_digests(
+    target: RealtimeTarget, rt_engine: Engine
+) -> None:
+    """An apply that changes every user (MariaDB: upserts in multi-row statements) updates
+    each row in place: the same ids in every table, new values, new digests."""
+    names = [str(n) for n in range(1001, 1041)]
+    target.apply(render(*(make_user(n) for n in names)))
+    before = snapshot(rt_engine)
+    old_digests = _digests(rt_engine)
+    change = target.apply(render(*(make_user(n, context="sales") for n in names)))
+    assert change.updated == tuple(names)
+    after = snapshot(rt_engine)
+    for table in ("ps_endpoints", "ps_auths", "ps_aors", "provisioner_objects"):
+        assert len(after[table]) == len(before[table]), table
+    rows = [row_of(rt_engine, ps_endpoints, n) for n in names]
+    assert {row["context"] if row else None for row in rows} == {"sales"}
+    assert set(_digests(rt_engine)).isdisjoint(old_digests)
+    assert target.apply(render(*(make_user(n, context="sales") for n in names))).empty
+
+
 def test_switching_auth_type_clears_unused_column(
     target: RealtimeTarget, rt_engine: Engine
 ) -> None:

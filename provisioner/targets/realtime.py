@@ -61,6 +61,7 @@ from sqlalchemy import (
     select,
     type_coerce,
 )
+from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import ColumnElement, Select
 from sqlalchemy.sql.dml import UpdateBase
@@ -838,7 +839,8 @@ def _prepared_once(
     *,
     literals: bool = False,
 ) -> Prepared:
-    full_key = (type(dialect), dialect.paramstyle, *key)
+    # The server version too: MySQL 8 and MariaDB spell ON DUPLICATE KEY UPDATE apart.
+    full_key = (type(dialect), dialect.paramstyle, dialect.server_version_info, *key)
     found = _PREPARED.get(full_key)
     if found is None:
         stmt, names = build()
@@ -902,13 +904,27 @@ def _set_digests(conn: Connection, pairs: Sequence[tuple[str, str]]) -> None:
     if not pairs:
         return
     po = provisioner_objects
+    name = conn.dialect.name
 
     def build() -> tuple[UpdateBase, Sequence[str]]:
-        stmt = (
-            po.update()
-            .where(po.c.kind == bindparam("k"), po.c.id == bindparam("oid"))
-            .values({po.c.digest: bindparam("d")})
-        )
+        stmt: UpdateBase
+        if name in ("mysql", "mariadb"):
+            # Multi-row statements instead of one UPDATE per record (see _statement): the
+            # records were read in this transaction, so none is created here but by a
+            # hand-deletion of that very record in the meantime.
+            row: dict[Any, Any] = {
+                po.c.kind: bindparam("k"),
+                po.c.id: bindparam("oid"),
+                po.c.digest: bindparam("d"),
+            }
+            upsert = mysql_insert(po).values(row)
+            stmt = upsert.on_duplicate_key_update({po.c.digest: upsert.inserted.digest})
+        else:
+            stmt = (
+                po.update()
+                .where(po.c.kind == bindparam("k"), po.c.id == bindparam("oid"))
+                .values({po.c.digest: bindparam("d")})
+            )
         return stmt, ("k", "oid", "d")
 
     rows = [("endpoint", oid, d) for oid, d in pairs]
@@ -951,11 +967,18 @@ def _prepared(dialect: Dialect, shape: _Shape, *, update: bool) -> Prepared:
     """The compiled INSERT or UPDATE of every managed column of ``shape``; rows are
     ``(id, *values in columns order)``."""
     key = ("update" if update else "insert", shape.kind, shape.columns)
-    return _prepared_once(dialect, key, lambda: _statement(shape, update=update))
+    name = dialect.name
+    return _prepared_once(dialect, key, lambda: _statement(shape, update=update, dialect=name))
 
 
-def _statement(shape: _Shape, *, update: bool) -> tuple[UpdateBase, tuple[str, ...]]:
-    """An INSERT or UPDATE of every managed column, and its parameter names in row order."""
+def _statement(shape: _Shape, *, update: bool, dialect: str) -> tuple[UpdateBase, tuple[str, ...]]:
+    """An INSERT or UPDATE of every managed column, and its parameter names in row order.
+
+    On MariaDB/MySQL the update is ``INSERT ... ON DUPLICATE KEY UPDATE`` of rows known to
+    exist: pymysql sends an ``executemany`` of an INSERT as a few multi-row statements,
+    of an UPDATE as one statement per row (10,000 changed users took 3 s, 0.3 ms each).
+    A row deleted by hand meanwhile is put back rather than silently not updated.
+    """
     table = shape.table
     # Parameter names of our own: columns such as "100rel" are not valid parameter names
     # for every driver.
@@ -963,10 +986,15 @@ def _statement(shape: _Shape, *, update: bool) -> tuple[UpdateBase, tuple[str, .
     values: dict[Any, Any] = {
         table.c[c]: bindparam(k) for c, k in zip(shape.columns, keys, strict=True)
     }
-    if update:
-        stmt: UpdateBase = table.update().where(table.c.id == bindparam("oid")).values(values)
+    row = {table.c.id: bindparam("oid"), **values}
+    if update and dialect in ("mysql", "mariadb"):
+        upsert = mysql_insert(table).values(row)
+        changes = {c: upsert.inserted[c] for c in shape.columns}
+        stmt: UpdateBase = upsert.on_duplicate_key_update(changes)
+    elif update:
+        stmt = table.update().where(table.c.id == bindparam("oid")).values(values)
     else:
-        stmt = table.insert().values({table.c.id: bindparam("oid"), **values})
+        stmt = table.insert().values(row)
     return stmt, ("oid", *keys)
 
 
