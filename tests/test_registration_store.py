@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -19,6 +21,7 @@ from provisioner.ami import pbx as pbx_module
 from provisioner.ami.client import AmiClient
 from provisioner.ami.pbx import AmiPbx, Link
 from provisioner.ami.reload import PjsipOps, ReloadCoordinator
+from provisioner.store.engine import open_engine, reading
 from provisioner.store.registrations import (
     ContactRecord,
     SummaryRecord,
@@ -261,6 +264,40 @@ def test_a_large_batch_is_written_before_the_flush_delay(
                 return len(conn.execute(query).all())
 
     assert run(scenario()) >= 3
+
+
+def test_a_write_the_database_refused_is_retried_without_a_new_event(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the store refuses writes (here: another writer holds SQLite's lock) the
+    flusher backs off; once it accepts them the latest state is written, no new event
+    needed, and the failure count in health goes back to 0."""
+    monkeypatch.setattr(pbx_module, "STORE_RETRY_BASE", 0.05)
+    path = tmp_path / "store.db"
+    engine = open_engine(f"sqlite:///{path}", busy_timeout=0.05)
+    seed_store(engine, 3)
+    blocker = sqlite3.connect(path, isolation_level=None)
+
+    def stored() -> int:
+        with reading(engine) as conn:
+            return len(conn.execute(select(registrations.c.user_id)).all())
+
+    async def scenario() -> tuple[int, int]:
+        async with _lab_pbx(engine) as (peer, link):
+            blocker.execute("BEGIN EXCLUSIVE")
+            await peer.send_burst(3)
+            await eventually(lambda: link.store_failures >= 2, timeout=5.0)
+            refused = stored()
+            blocker.execute("ROLLBACK")
+            await eventually(lambda: stored() == 3 and link.store_failures == 0, timeout=5.0)
+            return refused, link.events
+
+    try:
+        refused, events = run(scenario())
+    finally:
+        blocker.close()
+        engine.dispose()
+    assert (refused, events) == (0, 3)
 
 
 def test_timestamp_text_is_what_sqlites_bind_processor_writes() -> None:

@@ -70,6 +70,10 @@ log = get_logger(__name__)
 #: registration's ContactStatus, PeerStatus and DeviceStateChange come within a few
 #: milliseconds of each other and are written together.
 FLUSH_DELAY = 0.02
+#: Seconds before the first retry of a failed registration write, doubling up to the
+#: second: the database may be restarting; the book keeps the latest state meanwhile.
+STORE_RETRY_BASE = 0.5
+STORE_RETRY_MAX = 30.0
 #: Dirty endpoints that end the waiting at once: during a long write the next batch
 #: (at most about this size) is built meanwhile, keeping batches and memory bounded.
 FLUSH_BATCH = 5000
@@ -137,6 +141,8 @@ class Link:
     dirtied: asyncio.Event = field(default_factory=asyncio.Event)
     #: Set while no registration write is in flight.
     store_idle: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Registration writes that failed in a row (0 once one succeeds).
+    store_failures: int = 0
 
     def __post_init__(self) -> None:
         self.store_idle.set()
@@ -196,6 +202,7 @@ class AmiPbx:
                 "events": link.events,
                 "reloads": dict(link.reload_results),
                 "online": sum(1 for reg in link.book.values() if reg.summary == "online"),
+                "store_failures": link.store_failures,
             }
         return out
 
@@ -270,7 +277,7 @@ class AmiPbx:
                 if writing is not None:
                     await writing
                 link.store_idle.clear()
-                writing = asyncio.create_task(self._store(link.name, write))
+                writing = asyncio.create_task(self._flush(link, write, set(states), stop))
                 writing.add_done_callback(lambda _: link.store_idle.set())
                 # Let the write start (hand its transaction to the thread) before this
                 # loop builds the next batch: in a storm the waits above return without
@@ -279,6 +286,35 @@ class AmiPbx:
         finally:
             if writing is not None:
                 await writing
+
+    async def _flush(
+        self,
+        link: Link,
+        write: Callable[[Connection], object],
+        endpoints: set[str],
+        stop: asyncio.Event,
+    ) -> None:
+        """One flusher write.  When it fails the endpoints are marked dirty again (the book
+        holds their latest state) and the flusher pauses, longer after each failure in a
+        row: a database outage delays the registration state, it does not lose it."""
+        if await self._store(link.name, write):
+            link.store_failures = 0
+            return
+        if not link.dirty:
+            link.dirtied.set()
+        link.dirty.update(endpoints)
+        await self._store_backoff(link, stop)
+
+    async def _store_backoff(self, link: Link, stop: asyncio.Event) -> None:
+        link.store_failures += 1
+        delay = min(STORE_RETRY_MAX, STORE_RETRY_BASE * 2 ** (link.store_failures - 1))
+        log.warning(
+            "registration.store_retry",
+            server=link.name,
+            failures=link.store_failures,
+            retry_in_s=delay,
+        )
+        await sleep_unless(stop, delay)
 
     async def _snapshots(self, link: Link, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -290,14 +326,21 @@ class AmiPbx:
                 await sleep_unless(stop, gap)
             link.snapshot_wanted.clear()
             link.last_snapshot = time.monotonic()
-            await self._take_snapshot(link)
+            if not await self._take_snapshot(link):
+                # Not stored: ask Asterisk again once the database had a pause (the
+                # snapshot also removes contacts the events never said were gone).
+                await self._store_backoff(link, stop)
+                link.snapshot_wanted.set()
 
-    async def _take_snapshot(self, link: Link) -> None:
+    async def _take_snapshot(self, link: Link) -> bool:
+        """Ask Asterisk for every contact and make the store hold exactly them; ``False``
+        when the store could not be written (an AMI failure is not retried here: the
+        next connect takes a snapshot)."""
         try:
             contacts = await link.ops.show_contacts()
         except ProvisionerError as exc:
             log.warning("registration.snapshot_failed", server=link.name, error=str(exc))
-            return
+            return True
         snapshot = snapshot_from_contact_list_states(contacts)
         # Keep what events told about device and peer state; contacts come from the snapshot.
         for endpoint, reg in link.book.items():
@@ -316,11 +359,14 @@ class AmiPbx:
         link.dirty.clear()
         states = {ep: rows(reg) for ep, reg in snapshot.items()}
         now = _now()
-        await self._store(
+        stored = await self._store(
             link.name, lambda conn: replace_server_snapshot(conn, link.name, states, now)
         )
-        contacts_now = sum(len(contacts) for contacts, _ in states.values())
-        log.info("registration.snapshot", server=link.name, contacts=contacts_now)
+        if stored:
+            link.store_failures = 0
+            contacts_now = sum(len(contacts) for contacts, _ in states.values())
+            log.info("registration.snapshot", server=link.name, contacts=contacts_now)
+        return stored
 
     # -- changes out -------------------------------------------------------------------
 
@@ -404,9 +450,9 @@ class AmiPbx:
             return lambda conn: write_batch(conn, server, batch)
         return lambda conn: write_endpoint_rows(conn, server, states, now)
 
-    async def _store(self, server: str, write: Callable[[Connection], object]) -> None:
-        """Run ``write`` in one transaction, in a thread; a database error is logged (the
-        next snapshot or flush writes the state again)."""
+    async def _store(self, server: str, write: Callable[[Connection], object]) -> bool:
+        """Run ``write`` in one transaction, in a thread; ``False`` (and a log line) when
+        the database refused it."""
 
         def work() -> None:
             with self.engine.begin() as conn:
@@ -416,6 +462,8 @@ class AmiPbx:
             await asyncio.to_thread(work)
         except DBAPIError as exc:
             log.warning("registration.store_failed", server=server, error=type(exc.orig).__name__)
+            return False
+        return True
 
 
 def _now() -> datetime:
