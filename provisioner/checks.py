@@ -53,7 +53,20 @@ def _target(config: Config) -> Check:
             return ("target", False, f"directory {directory} does not exist")
         if not os.access(directory, os.W_OK):
             return ("target", False, f"directory {directory} is not writable")
-        return ("target", True, f"config file {t.path} (directory writable)")
+        if not t.shards:
+            return ("target", True, f"config file {t.path} (directory writable)")
+        from .targets.configfile import shard_directory
+
+        shards = shard_directory(Path(t.path))
+        # Absent, it is made beside the main file (checked above) at the first apply.
+        if shards.exists() and not (shards.is_dir() and os.access(shards, os.W_OK)):
+            return ("target", False, f"shard directory {shards} is not a writable directory")
+        return (
+            "target",
+            True,
+            f"config file {t.path} including {t.shards} shard files in {shards} "
+            "(directories writable)",
+        )
     engine = open_engine(t.url or config.store.url, busy_timeout=config.store.busy_timeout)
     try:
         with engine.connect() as conn:

@@ -25,8 +25,11 @@ from provisioner.targets.configfile import (
     MAIN_TEMPLATE,
     SHIPPED_TEMPLATES,
     ConfigFileTarget,
+    ShardedConfigFileTarget,
     canonical_chunk,
+    check_main,
     check_rendered,
+    shard_of,
 )
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -116,6 +119,33 @@ def check_golden(name: str, text: str) -> None:
 @pytest.fixture
 def target(tmp_path: Path) -> ConfigFileTarget:
     return ConfigFileTarget(tmp_path / "asterisk" / "pjsip_users.conf")
+
+
+def make_target(
+    path: Path, shards: int, templates: Path | None = None
+) -> ConfigFileTarget | ShardedConfigFileTarget:
+    """The one-file target (``shards`` 0) or the sharded one writing ``path``."""
+    if shards:
+        return ShardedConfigFileTarget(path, templates, shards=shards)
+    return ConfigFileTarget(path, templates)
+
+
+def written(root: Path) -> dict[Path, bytes]:
+    """Every file under ``root`` (temporary files included) and its bytes."""
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def check_written(
+    target: ConfigFileTarget | ShardedConfigFileTarget, objects: list[UserObjects]
+) -> None:
+    """The target's files parse back to exactly ``objects`` (each shard file its own)."""
+    if isinstance(target, ConfigFileTarget):
+        check_rendered(target.path.read_bytes(), objects)
+        return
+    check_main(target.path.read_bytes(), target.files)
+    for index, shard in enumerate(target.files):
+        mine = [u for u in objects if shard_of(u.endpoint_id, target.shards) == index]
+        check_rendered(shard.read_bytes(), mine)
 
 
 def write_override(directory: Path, name: str, text: str) -> Path:
@@ -327,16 +357,20 @@ def test_override_may_change_layout_but_not_content(tmp_path: Path) -> None:
         "{% for k, v in options|reverse %}{{ k }}={{ v }}\n{% endfor %}{% endmacro %}",
     ],
 )
-def test_bad_template_fails_and_keeps_the_old_file(tmp_path: Path, section: str) -> None:
-    """A template whose output differs from the objects raises RenderCheckFailed; no write."""
+@pytest.mark.parametrize("shards", [0, 4])
+def test_bad_template_fails_and_keeps_the_old_file(
+    tmp_path: Path, section: str, shards: int
+) -> None:
+    """A template whose output differs from the objects raises RenderCheckFailed; no file
+    (nor temporary file) is written, whether one file or shard files."""
     path = tmp_path / "out.conf"
-    ConfigFileTarget(path).apply(rendered())
-    old = path.read_bytes()
-    target = ConfigFileTarget(path, write_override(tmp_path / "t", "section.j2", section))
+    make_target(path, shards).apply(rendered())
+    overrides = write_override(tmp_path / "t", "section.j2", section)
+    before = written(tmp_path)
+    target = make_target(path, shards, overrides)
     with pytest.raises(RenderCheckFailed) as info:
         target.apply(rendered())
-    assert path.read_bytes() == old
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.conf", "t"]
+    assert written(tmp_path) == before
     for user in REPRESENTATIVE:
         assert user.sip_md5 not in str(info.value)
         assert user.sip_sha256 not in str(info.value)
@@ -817,21 +851,23 @@ def test_apply_partial_before_any_apply_keeps_the_file_users(tmp_path: Path) -> 
     check_rendered(target.path.read_bytes(), expected)
 
 
-def test_apply_partial_with_an_odd_user_is_parsed_in_full(target: ConfigFileTarget) -> None:
+@pytest.mark.parametrize("shards", [0, 4])
+def test_apply_partial_with_an_odd_user_is_parsed_in_full(tmp_path: Path, shards: int) -> None:
     """A user with no canonical chunk goes through the full check; a hostile one is refused
-    and the file left as it was."""
+    and every file left as it was (one file, or shard files and their main file)."""
+    target = make_target(tmp_path / "asterisk" / "pjsip_users.conf", shards)
     target.apply(rendered())
-    before = target.path.read_bytes()
+    before = written(tmp_path)
     # "= " inside a value is left to the parser by the fast path, which reads it exactly.
     odd = replace(rendered()[0], endpoint=(("context", "a = b"),))
     assert canonical_chunk(odd) is None
     hostile = replace(rendered()[0], endpoint=(("context", "x\n[evil]\ntype=aor"),))
     with pytest.raises(RenderCheckFailed):
         target.apply_partial([hostile], [])
-    assert target.path.read_bytes() == before
+    assert written(tmp_path) == before
     change = target.apply_partial([odd], [])
     assert change.updated == ("1001",)
-    check_rendered(target.path.read_bytes(), [odd, *rendered()[1:]])
+    check_written(target, [odd, *rendered()[1:]])
 
 
 def test_apply_partial_under_an_override_renders_through_the_templates(tmp_path: Path) -> None:

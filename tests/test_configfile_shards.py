@@ -1,0 +1,588 @@
+"""The config-file target's sharded layout (``target.shards`` >= 1): real files, read back."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from provisioner.asterisk_conf import parse
+from provisioner.config import load_config
+from provisioner.errors import ConfigError, RenderCheckFailed
+from provisioner.pjsip import RenderSettings, UserObjects, render_user
+from provisioner.targets import Change
+from provisioner.targets.configfile import (
+    SHIPPED_TEMPLATES,
+    STALE_TEMP_SECONDS,
+    ConfigFileTarget,
+    ShardedConfigFileTarget,
+    check_main,
+    check_rendered,
+    shard_directory,
+    shard_name,
+    shard_of,
+)
+
+from .test_configfile import REPRESENTATIVE, check_golden, make_user, rendered, write_override
+
+
+def _order(user: UserObjects) -> tuple[int, str]:
+    return (len(user.endpoint_id), user.endpoint_id)
+
+
+def many(count: int, first: int = 3000) -> list[UserObjects]:
+    """``count`` plain users (extensions from ``first``) and the representative ones, in
+    render_all's order."""
+    plain = [make_user(str(first + i), f"u{first + i}", f"User {i}") for i in range(count)]
+    return sorted(rendered(users=[*REPRESENTATIVE, *plain]), key=_order)
+
+
+def in_shard(users: Sequence[UserObjects], index: int, count: int) -> list[UserObjects]:
+    return [u for u in users if shard_of(u.endpoint_id, count) == index]
+
+
+def snapshot(root: Path) -> dict[Path, tuple[int, int, bytes]]:
+    """Every file under ``root``: inode, mtime and bytes."""
+    out: dict[Path, tuple[int, int, bytes]] = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            info = path.stat()
+            out[path] = (info.st_ino, info.st_mtime_ns, path.read_bytes())
+    return out
+
+
+def changed_files(
+    before: dict[Path, tuple[int, int, bytes]], after: dict[Path, tuple[int, int, bytes]]
+) -> set[Path]:
+    return {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
+
+
+def check_shards(target: ShardedConfigFileTarget, users: Sequence[UserObjects]) -> None:
+    """Each shard file parses back to exactly its users; the main file includes them all."""
+    check_main(target.path.read_bytes(), target.files)
+    for index, path in enumerate(target.files):
+        check_rendered(path.read_bytes(), in_shard(users, index, target.shards))
+
+
+#: (event, path, writing) of the file operations audited while recording; None: not recording.
+_audited: list[tuple[str, str, bool]] | None = None
+_hooked = False
+_WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+def _audit(event: str, args: tuple[Any, ...]) -> None:
+    """Record file opens, renames, links and removals (the interpreter's audit events)."""
+    if _audited is None or event not in ("open", "os.rename", "os.link", "os.remove"):
+        return
+    path = args[1] if event in ("os.rename", "os.link") else args[0]
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        return  # an open of a file descriptor
+    writing = True
+    if event == "open":
+        mode, flags = args[1], args[2]
+        writing = bool(set(mode or "") & set("wax+")) or bool((flags or 0) & _WRITING)
+    _audited.append((event, os.fsdecode(path), writing))
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[tuple[str, str, bool]]]:
+    """The file operations this process makes inside the block (audit hooks cannot be
+    removed: one is added once and records only meanwhile)."""
+    global _audited, _hooked
+    if not _hooked:
+        sys.addaudithook(_audit)
+        _hooked = True
+    seen: list[tuple[str, str, bool]] = []
+    _audited = seen
+    try:
+        yield seen
+    finally:
+        _audited = None
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "asterisk" / "pjsip_users.conf"
+
+
+# --- layout ------------------------------------------------------------------------------
+
+
+def test_golden_main_file() -> None:
+    """The main file is the shipped header, a blank line and one #include per shard file,
+    by its absolute path, in shard order."""
+    target = ShardedConfigFileTarget(Path("/etc/asterisk/provisioner/pjsip_users.conf"), shards=4)
+    texts = target.render_files(rendered())
+    main = texts[target.path]
+    check_golden("pjsip_users_main_4.conf", main)
+    assert list(texts) == [target.path, *target.files]
+    check_main(main.encode(), target.files)
+
+
+def test_main_file_includes_every_shard_by_absolute_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative target.path still gives absolute includes (Asterisk resolves a relative
+    #include against its own config directory), of <stem>.d/NNNN-of-NNNN.conf, in order."""
+    monkeypatch.chdir(tmp_path)
+    target = ShardedConfigFileTarget(Path("var/pjsip_users.conf"), shards=16)
+    target.apply(many(40))
+    directives = parse((tmp_path / "var" / "pjsip_users.conf").read_bytes()).directives
+    assert [(d.name, d.argument) for d in directives] == [
+        ("include", str(tmp_path / "var" / "pjsip_users.d" / f"{i:04d}-of-0016.conf"))
+        for i in range(16)
+    ]
+    assert target.directory == shard_directory(Path("var/pjsip_users.conf"))
+    assert target.directory.is_absolute()
+    assert all(Path(d.argument or "").is_file() for d in directives)
+
+
+def test_shard_of_is_crc32_and_takes_any_id() -> None:
+    """A user's shard is CRC-32 of its endpoint id modulo the count (the same in every
+    process); an id that is not even valid UTF-8 still has one."""
+    assert shard_of("1001", 256) == zlib.crc32(b"1001") % 256
+    assert shard_name(7, 256) == "0007-of-0256.conf"
+    assert 0 <= shard_of("\ud800\n[x]", 4) < 4
+
+
+def test_shards_hold_exactly_what_the_single_file_holds(path: Path) -> None:
+    """Together the shard files hold exactly the single file's sections, each once; each
+    shard is the single layout's text (header and sections) for its own users."""
+    users = many(300)
+    single = ConfigFileTarget(path.with_name("single.conf"))
+    single.apply(users)
+    target = ShardedConfigFileTarget(path, shards=7)
+    change = target.apply(users)
+    assert change.added == tuple(u.endpoint_id for u in users)
+    assert change.wrote
+    want = [(s.name, s.options) for s in parse(single.path.read_bytes()).sections]
+    got = [(s.name, s.options) for f in target.files for s in parse(f.read_bytes()).sections]
+    assert len(got) == len(want) == 3 * len(users)
+    assert sorted(got) == sorted(want)
+    header = single.render_text([])
+    for index, shard in enumerate(target.files):
+        group = in_shard(users, index, 7)
+        assert group, "each shard holds someone"
+        assert shard.read_text(encoding="utf-8") == single.render_text(group)
+        assert shard.read_text(encoding="utf-8").startswith(header)
+        assert shard.stat().st_mode & 0o777 == 0o640
+    check_shards(target, users)
+
+
+def test_a_second_apply_writes_nothing(path: Path) -> None:
+    """Unchanged users change no file: every inode and mtime stays; nothing is reported."""
+    users = many(50)
+    ShardedConfigFileTarget(path, shards=4).apply(users)
+    before = snapshot(path.parent)
+    for target in (ShardedConfigFileTarget(path, shards=4),) * 2:  # cold, then warm
+        change = target.apply(users)
+        assert change.empty
+        assert not change.wrote
+        assert change.unchanged == len(users)
+    assert snapshot(path.parent) == before
+
+
+def test_a_full_apply_writes_only_the_changed_shards(path: Path) -> None:
+    """A full apply with one user changed rewrites that user's shard file only."""
+    users = many(50)
+    target = ShardedConfigFileTarget(path, shards=4)
+    target.apply(users)
+    before = snapshot(path.parent)
+    victim = users[10]
+    moved = [
+        replace(u, endpoint=(*u.endpoint[:-1], ("webrtc", "yes"))) if u is victim else u
+        for u in users
+    ]
+    change = target.apply(moved)
+    assert (change.updated, change.unchanged, change.wrote) == (
+        (victim.endpoint_id,),
+        len(users) - 1,
+        True,
+    )
+    shard = target.files[shard_of(victim.endpoint_id, 4)]
+    assert changed_files(before, snapshot(path.parent)) == {
+        shard,
+        shard.with_name(shard.name + ".bak"),
+    }
+
+
+# --- one edit ----------------------------------------------------------------------------
+
+
+def test_one_user_edit_rewrites_exactly_its_shard(path: Path) -> None:
+    """apply_partial of one user writes that user's shard file (old bytes kept as .bak) and
+    opens, renames or links no other file: neither the other shards nor the main file."""
+    users = many(200)
+    target = ShardedConfigFileTarget(path, shards=8)
+    target.apply(users)
+    victim = next(u for u in REPRESENTATIVE if u.extension == "1003")
+    edited = render_user(
+        replace(victim, voice=replace(victim.voice, context="sales")), RenderSettings()
+    )
+    shard = target.files[shard_of("1003", 8)]
+    before = snapshot(path.parent)
+    with recording() as touched:
+        change = target.apply_partial([edited], [])
+    after = snapshot(path.parent)
+    assert (change.updated, change.added, change.removed) == (("1003",), (), ())
+    assert change.unchanged == len(users) - 1
+    assert change.wrote
+    assert changed_files(before, after) == {shard, shard.with_name(shard.name + ".bak")}
+    assert after[shard.with_name(shard.name + ".bak")][2] == before[shard][2]
+    assert touched, "the audit hook saw the write"
+    for _event, name, _writing in touched:
+        where = Path(name)
+        assert where == shard.parent or where.name.lstrip(".").startswith(shard.name), touched
+    expected = sorted([edited, *(u for u in users if u.endpoint_id != "1003")], key=_order)
+    check_shards(target, expected)
+    assert ShardedConfigFileTarget(path, shards=8).apply(expected).empty
+
+
+def test_an_edit_across_two_shards_writes_those_two(path: Path) -> None:
+    """Removing a user from one shard and adding one to another rewrites those two files
+    only, and a new target object (after a restart) edits from the files as they are."""
+    users = many(60)
+    removed = users[3]
+    added = render_user(make_user("99999", "newbie", "New Bie"), RenderSettings())
+    assert shard_of(removed.endpoint_id, 8) != shard_of("99999", 8)
+    ShardedConfigFileTarget(path, shards=8).apply(users)
+    before = snapshot(path.parent)
+    target = ShardedConfigFileTarget(path, shards=8)  # knows nothing yet
+    with recording() as touched:
+        change = target.apply_partial([added], [removed.endpoint_id])
+    assert (change.added, change.removed) == (("99999",), (removed.endpoint_id,))
+    files = {target.files[shard_of(e, 8)] for e in ("99999", removed.endpoint_id)}
+    assert changed_files(before, snapshot(path.parent)) == files | {
+        f.with_name(f.name + ".bak") for f in files
+    }
+    assert {Path(p) for e, p, w in touched if e == "os.rename"} == files | {
+        f.with_name(f.name + ".bak") for f in files
+    }
+    expected = sorted([added, *(u for u in users if u is not removed)], key=_order)
+    check_shards(target, expected)
+
+
+def test_an_unchanged_edit_writes_nothing(path: Path) -> None:
+    """Putting users as they are writes no file."""
+    users = many(20)
+    target = ShardedConfigFileTarget(path, shards=4)
+    target.apply(users)
+    before = snapshot(path.parent)
+    change = target.apply_partial(users[:3], [])
+    assert change.empty
+    assert not change.wrote
+    assert change.unchanged == len(users)
+    assert snapshot(path.parent) == before
+
+
+# --- changing the layout -----------------------------------------------------------------
+
+
+def test_changing_the_shard_count_switches_to_a_whole_new_set(path: Path) -> None:
+    """From 4 to 8 shards: the 8 files are written first, then the main file switched, then
+    the 4 old files (and their .bak) deleted; every user is in exactly one file."""
+    users = many(100)
+    ShardedConfigFileTarget(path, shards=4).apply(users)
+    old = set(ShardedConfigFileTarget(path, shards=4).files)
+    target = ShardedConfigFileTarget(path, shards=8)
+    with recording() as touched:
+        change = target.apply(users)
+    assert (change.added, change.updated, change.removed) == ((), (), ())
+    assert change.unchanged == len(users)
+    assert change.wrote
+    assert sorted(target.directory.iterdir()) == list(target.files)
+    assert set(path.parent.iterdir()) == {
+        target.directory,
+        path,
+        path.with_name(path.name + ".bak"),
+    }
+    sections = [s.name for f in target.files for s in parse(f.read_bytes()).sections]
+    assert sorted(sections) == sorted(
+        s for u in users for s in (u.endpoint_id, u.auth_id, u.aor_id)
+    )
+    check_shards(target, users)
+    # The order: every new shard in place, then the main file, then the old set removed.
+    renamed = [Path(p) for e, p, _ in touched if e == "os.rename"]
+    main_at = renamed.index(path)
+    assert set(target.files) <= set(renamed[:main_at])
+    removed = [i for i, (e, p, _) in enumerate(touched) if e == "os.remove" and Path(p) in old]
+    assert len(removed) == 4
+    assert min(removed) > [i for i, (e, p, _) in enumerate(touched) if e == "os.rename"][main_at]
+
+
+def test_from_one_file_to_shards_and_back(path: Path) -> None:
+    """Switching a single file to shards and back counts every user unchanged (the change is
+    counted against what Asterisk loads now) and leaves no shard file behind."""
+    users = many(30)
+    ConfigFileTarget(path).apply(users)
+    single = path.read_bytes()
+    change = ShardedConfigFileTarget(path, shards=4).apply(users)
+    assert (change.unchanged, change.empty, change.wrote) == (len(users), True, True)
+    assert path.with_name(path.name + ".bak").read_bytes() == single
+    back = ConfigFileTarget(path)
+    edited = sorted([*users[1:], *rendered(users=[make_user("777", "seven", "Seven")])], key=_order)
+    change = back.apply(edited)
+    assert (change.added, change.removed) == (("777",), (users[0].endpoint_id,))
+    assert change.unchanged == len(users) - 1
+    assert not shard_directory(path).exists()
+    assert (
+        path.read_bytes() == ConfigFileTarget(path.with_name("x.conf")).render_text(edited).encode()
+    )
+
+
+def test_one_file_target_edits_the_users_a_sharded_main_file_holds(path: Path) -> None:
+    """Before any apply, a one-file target's edit starts from the users of the shard files
+    the current main file includes, not from an empty file."""
+    users = many(20)
+    ShardedConfigFileTarget(path, shards=4).apply(users)
+    newcomer = rendered(users=[make_user("778", "eight", "Eight")])
+    change = ConfigFileTarget(path).apply_partial(newcomer, [])
+    assert change.added == ("778",)
+    check_rendered(path.read_bytes(), sorted([*users, *newcomer], key=_order))
+    assert not shard_directory(path).exists()
+
+
+def test_a_switch_cut_short_is_finished_by_the_next_apply(path: Path) -> None:
+    """A crash during a switch (some new shard files written with other content, a stale
+    temporary file, the main file still on the old set) is repaired by the next full
+    apply: the change is counted against the old set, and only the new set remains."""
+    users = many(40)
+    ShardedConfigFileTarget(path, shards=4).apply(users)
+    directory = shard_directory(path)
+    (directory / shard_name(0, 8)).write_text("[junk]\ntype=aor\n")
+    stale = directory / f".{shard_name(1, 8)}.abc123.tmp"
+    stale.write_text("half")
+    aged = stale.stat().st_mtime - STALE_TEMP_SECONDS - 10
+    os.utime(stale, (aged, aged))
+    target = ShardedConfigFileTarget(path, shards=8)
+    assert not stale.exists()
+    change = target.apply(users[1:])
+    assert (change.added, change.updated, change.removed) == ((), (), (users[0].endpoint_id,))
+    assert ("aor", "junk") not in change.changed_objects
+    assert {p.name for p in directory.iterdir()} == {f.name for f in target.files} | {
+        shard_name(0, 8) + ".bak"
+    }
+    check_shards(target, users[1:])
+
+
+def test_an_edit_before_the_switch_applies_everyone(path: Path) -> None:
+    """An edit through a target whose count the main file does not include yet is a full
+    apply of the current users, edited: the switch happens and nobody is lost."""
+    users = many(30)
+    ShardedConfigFileTarget(path, shards=4).apply(users)
+    target = ShardedConfigFileTarget(path, shards=2)
+    change = target.apply_partial([], [users[0].endpoint_id])
+    assert change.removed == (users[0].endpoint_id,)
+    check_shards(target, users[1:])
+    assert sorted(target.directory.iterdir()) == list(target.files)
+
+
+# --- what a full apply keeps, guards and plans -------------------------------------------
+
+
+def test_kept_users_stay_in_their_shards(path: Path) -> None:
+    """Endpoint ids in ``keep`` keep their current objects, with the same count and across a
+    change of count."""
+    users = many(30)
+    kept = [users[2].endpoint_id, users[7].endpoint_id]
+    without = [u for u in users if u.endpoint_id not in kept]
+    target = ShardedConfigFileTarget(path, shards=4)
+    target.apply(users)
+    change = target.apply(without, keep=kept)
+    assert (change.removed, change.wrote, change.unchanged) == ((), False, len(users))
+    change = ShardedConfigFileTarget(path, shards=3).apply(without, keep=kept)
+    assert (change.removed, change.unchanged) == ((), len(users))
+    check_shards(ShardedConfigFileTarget(path, shards=3), users)
+
+
+def test_guard_sees_every_shard_and_can_abort(path: Path) -> None:
+    """The guard sees the change of all shard files together; raising writes nothing."""
+    users = many(30)
+    target = ShardedConfigFileTarget(path, shards=4)
+    target.apply(users)
+    before = snapshot(path.parent)
+    seen: list[Change] = []
+
+    def guard(change: Change) -> None:
+        seen.append(change)
+        raise RuntimeError("too many removals")
+
+    with pytest.raises(RuntimeError):
+        target.apply(users[:2], guard=guard)
+    (change,) = seen
+    assert change.removed == tuple(u.endpoint_id for u in users[2:])
+    assert snapshot(path.parent) == before
+    with pytest.raises(RuntimeError):
+        ShardedConfigFileTarget(path, shards=5).apply(users[:2], guard=guard)
+    assert seen[1].removed == change.removed
+    assert snapshot(path.parent) == before
+
+
+def test_plan_shows_only_the_files_that_would_change(path: Path) -> None:
+    """plan's diff names the one shard a change touches (not the main file), and on a new
+    count the main file and every new shard; credentials redacted; nothing written."""
+    users = many(30)
+    target = ShardedConfigFileTarget(path, shards=4)
+    target.apply(users)
+    before = snapshot(path.parent)
+    victim = REPRESENTATIVE[1]
+    rotated = render_user(replace(victim, sip_md5="0" * 32, sip_sha256="1" * 64), RenderSettings())
+    plan = target.plan(
+        sorted([rotated, *(u for u in users if u.endpoint_id != "1002")], key=_order)
+    )
+    assert plan.updated == ("1002",)
+    shard = target.files[shard_of("1002", 4)]
+    assert [line for line in plan.diff.splitlines() if line.startswith("+++")] == [f"+++ {shard}"]
+    assert "+password_digest=<redacted> <changed>" in plan.diff
+    assert "0" * 32 not in plan.diff
+    switch = ShardedConfigFileTarget(path, shards=2).plan(users)
+    assert switch.empty
+    heads = [line for line in switch.diff.splitlines() if line.startswith("+++")]
+    assert heads[0] == f"+++ {path}"
+    assert len(heads) == 3
+    assert snapshot(path.parent) == before
+
+
+# --- checks ------------------------------------------------------------------------------
+
+#: The shipped section macro, with an injected section after the auth of 1003 only.
+BAD_FOR_1003 = (
+    (SHIPPED_TEMPLATES / "section.j2")
+    .read_text()
+    .replace(
+        "{% endfor -%}\n", "{% endfor -%}\n{% if id == '1003-auth' %}[evil]\nx=1\n{% endif -%}\n"
+    )
+)
+
+
+def test_a_shard_failing_its_check_is_not_written(path: Path, tmp_path: Path) -> None:
+    """A template that breaks one user's shard fails that shard's check: a full apply
+    raises naming the shard and writes no file (as one file: a failed check writes
+    nothing); edits of users in other shards still apply; an edit of that user does not."""
+    users = many(30)
+    ShardedConfigFileTarget(path, shards=4).apply(users)
+    bad = shard_name(shard_of("1003", 4), 4)
+    other = next(u for u in users if shard_of(u.endpoint_id, 4) != shard_of("1003", 4))
+    moved = render_user(
+        make_user(other.endpoint_id, other.username, "Moved Name"), RenderSettings()
+    )
+    edited = sorted([moved, *(u for u in users if u is not other)], key=_order)
+    before = snapshot(path.parent)
+    overrides = write_override(tmp_path / "tpl", "section.j2", BAD_FOR_1003)
+    target = ShardedConfigFileTarget(path, overrides, shards=4)
+    with pytest.raises(RenderCheckFailed, match=rf"^{bad}: .*sections came out") as info:
+        target.apply(edited)
+    assert "came out as [evil]" in str(info.value)
+    assert snapshot(path.parent) == before
+    change = target.apply_partial([moved], [])
+    assert change.updated == (other.endpoint_id,)
+    shard = target.files[shard_of(other.endpoint_id, 4)]
+    assert changed_files(before, snapshot(path.parent)) == {
+        shard,
+        shard.with_name(shard.name + ".bak"),
+    }
+    after_edit = snapshot(path.parent)
+    one = render_user(make_user("1003", "carol", "Carol Renamed"), RenderSettings())
+    with pytest.raises(RenderCheckFailed, match=bad):
+        target.apply_partial([one], [])
+    assert snapshot(path.parent) == after_edit
+
+
+def test_a_path_asterisk_cannot_include_is_refused(tmp_path: Path) -> None:
+    """A shard directory whose path an #include would not keep literally (a comment mark,
+    a quote, a glob character) is a config error naming target.path."""
+    for name in ("a;b", 'a"b', "a*b", "a[1]"):
+        with pytest.raises(ConfigError) as info:
+            ShardedConfigFileTarget(tmp_path / name / "pjsip_users.conf", shards=2)
+        assert info.value.problems[0].field == "target.path"
+    with pytest.raises(ConfigError) as info:
+        ShardedConfigFileTarget(tmp_path / "x.conf", shards=0)
+    assert info.value.problems[0].field == "target.shards"
+
+
+def test_from_config_builds_the_sharded_target(tmp_path: Path) -> None:
+    """target.shards >= 1 gives the sharded target; 0 the single file."""
+    main = tmp_path / "p.conf"
+    sharded = ConfigFileTarget.from_config(
+        load_config(env={}, overrides={"target": {"path": str(main), "shards": 64}})
+    )
+    assert isinstance(sharded, ShardedConfigFileTarget)
+    assert (sharded.shards, sharded.path, sharded.directory) == (64, main, tmp_path / "p.d")
+    single = ConfigFileTarget.from_config(
+        load_config(env={}, overrides={"target": {"path": str(main)}})
+    )
+    assert type(single) is ConfigFileTarget
+
+
+# --- through the applier and the command line ---------------------------------------------
+
+
+def test_the_applier_one_edit_path_writes_what_a_full_apply_writes(tmp_path: Path) -> None:
+    """Through Applier.users_changed, edits, additions, extension changes, disables and
+    deletes leave the shard files a fresh full apply writes."""
+    from provisioner.accounts import Accounts, Policy
+    from provisioner.applier import Applier
+
+    from .faultkit import cheap_hasher, seed_store, store_url
+
+    cheap_hasher()
+    engine = seed_store(store_url(tmp_path), 12)
+    try:
+        accounts = Accounts(engine, Policy(password_policy=False))
+        edited = ShardedConfigFileTarget(tmp_path / "a" / "pjsip_users.conf", shards=4)
+        applier = Applier(engine, edited, RenderSettings())
+        applier.full()
+
+        def ids(*names: str) -> list[int]:
+            return [accounts.get_user(n).id for n in names]
+
+        def same_as_full() -> None:
+            full = ShardedConfigFileTarget(tmp_path / "b" / "pjsip_users.conf", shards=4)
+            Applier(engine, full, RenderSettings()).full()
+            for mine, theirs in zip(edited.files, full.files, strict=True):
+                assert mine.read_bytes() == theirs.read_bytes()
+
+        accounts.edit_user("u1", {"nat": "yes", "context": "sales"})
+        assert applier.users_changed(ids("u1")).change.updated
+        same_as_full()
+        accounts.edit_user("u2", {"extension": "99"})
+        change = applier.users_changed(ids("u2")).change
+        assert change.added == ("99",)
+        assert len(change.removed) == 1
+        same_as_full()
+        gone = ids("u3", "u4")
+        accounts.disable(["u3"])
+        accounts.delete(["u4"])
+        assert len(applier.users_changed(gone).change.removed) == 2
+        same_as_full()
+    finally:
+        engine.dispose()
+
+
+def test_render_dry_run_and_check_in_sharded_mode(tmp_path: Path) -> None:
+    """'render --dry-run' prints the main file's and the shards' diffs and writes nothing;
+    'render' writes them; 'check' names the shard directory."""
+    from .faultkit import cheap_hasher, cli, seed_store, store_url, write_config
+
+    cheap_hasher()
+    seed_store(store_url(tmp_path), 5).dispose()
+    config = write_config(tmp_path)
+    shards = ("--set", "target.shards=4")
+    dry = cli(config, *shards, "render", "--dry-run").out
+    main = tmp_path / "pjsip_users.conf"
+    assert f"+++ {main}" in dry
+    assert f'+#include "{tmp_path / "pjsip_users.d" / "0000-of-0004.conf"}"' in dry
+    assert "would be added 6" in dry  # the five agents and root
+    assert not main.exists()
+    assert "added 6" in cli(config, *shards, "render").out
+    assert len(list((tmp_path / "pjsip_users.d").iterdir())) == 4
+    assert "would be added 0" in cli(config, *shards, "render", "--dry-run").out
+    checked = cli(config, *shards, "check", check=False).out
+    assert f"including 4 shard files in {tmp_path / 'pjsip_users.d'}" in checked
