@@ -1,8 +1,10 @@
 """Benchmark of the config-file target (a script, not a test).
 
-    .venv/bin/python -m bench.bench_configfile --users 1000 10000 100000
+    .venv/bin/python -m bench.bench_configfile --users 1000 10000 100000 [--shards 1024]
 
-For each size, in a throwaway directory (and a throwaway SQLite store), it measures:
+For each size, in a throwaway directory (and a throwaway SQLite store), it measures
+(with ``--shards N``, N >= 1, the same figures for the sharded layout, ``target.shards``:
+a main file including N shard files; the sizes and writes are then of all files):
 
 * ``sync``: :meth:`ConfigFileTarget.apply` of ``pjsip.render_all``'s output into an absent
   file (shipped templates, parse-back check, atomic write with fsync; no diff: only
@@ -18,19 +20,24 @@ For each size, in a throwaway directory (and a throwaway SQLite store), it measu
   (loading, rendering, applying into a second file);
 * ``one_user``: one user's ``context`` changed in that store by SQL, then
   :meth:`Applier.users_changed` for it (the daemon's path for one edit: the target's
-  ``apply_partial``);
-* ``write_s``: the floor of any change to one file this size: the atomic replace alone
-  (temporary file written and fsynced, ``.bak`` link, rename, directory fsync) of bytes
-  already in memory, over an existing file;
+  ``apply_partial``), after the heap is settled as the daemon settles it after a full
+  reconcile (collected once, then frozen); ``one_med``: the median of that for
+  :data:`MORE_EDITS` more users, one after the other;
+* ``write_s``: the floor of any change to one file this size (sharded: the largest
+  shard file): the atomic replace alone (temporary file written and fsynced, ``.bak``
+  link, rename, directory fsync) of bytes already in memory, over an existing file;
 * peak RSS of the process so far (``ru_maxrss``).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import statistics
 import sys
 import tempfile
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import jinja2
@@ -41,11 +48,19 @@ from provisioner.logs import configure
 from provisioner.pjsip import RenderSettings, UserObjects, render_all
 from provisioner.store.engine import open_engine
 from provisioner.store.schema import users as users_table
-from provisioner.targets.configfile import ConfigFileTarget, _replace_file
+from provisioner.targets.configfile import (
+    ConfigFileTarget,
+    ShardedConfigFileTarget,
+    _replace_file,
+    shard_of,
+)
 
 from .common import Column, make_users, peak_rss_mb, print_header, print_row, seed_store, timed
 
-__all__ = ["PLAIN_TEMPLATE", "main", "run_one"]
+__all__ = ["MORE_EDITS", "PLAIN_TEMPLATE", "main", "run_one"]
+
+#: Edits of other users after the first, for ``one_med``.
+MORE_EDITS = 9
 
 #: The baseline: the same file layout from one plain template.
 PLAIN_TEMPLATE = """\
@@ -72,57 +87,103 @@ def _raw(objects: list[UserObjects], path: Path) -> float:
     return took
 
 
-def _store_figures(count: int, tmp: Path, settings: RenderSettings) -> dict[str, float]:
-    """``store_full`` and ``one_user`` through the Applier over a real SQLite store."""
+def _target(path: Path, shards: int) -> ConfigFileTarget | ShardedConfigFileTarget:
+    """The one-file target (``shards`` 0) or the sharded one, writing ``path``."""
+    return ShardedConfigFileTarget(path, shards=shards) if shards else ConfigFileTarget(path)
+
+
+def _files(target: ConfigFileTarget | ShardedConfigFileTarget) -> list[Path]:
+    """Every file the target writes: the file, or the main file and each shard file."""
+    if isinstance(target, ShardedConfigFileTarget):
+        return [target.path, *target.files]
+    return [target.path]
+
+
+def _holding(target: ConfigFileTarget | ShardedConfigFileTarget, endpoint_id: str) -> Path:
+    """The file that holds the user of ``endpoint_id``."""
+    if isinstance(target, ShardedConfigFileTarget):
+        return target.files[shard_of(endpoint_id, target.shards)]
+    return target.path
+
+
+def _settle_heap() -> None:
+    """What the daemon does after each full reconcile (see provisioner.daemon)."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
+def _store_figures(
+    count: int, tmp: Path, settings: RenderSettings, shards: int
+) -> dict[str, float]:
+    """``store_full``, ``one_user`` and ``one_med`` through the Applier over a real SQLite
+    store."""
     engine = open_engine(f"sqlite:///{tmp / 'store.db'}")
     try:
         seed_store(engine, count)
-        applier = Applier(engine, ConfigFileTarget(tmp / "store_pjsip.conf"), settings)
+        target = _target(tmp / "store_pjsip.conf", shards)
+        applier = Applier(engine, target, settings)
         full, store_full = timed(applier.full)
         assert len(full.change.added) == count, full.change
-        victim = count // 2 + 1
-        with engine.begin() as conn:
-            conn.execute(
-                update(users_table).where(users_table.c.id == victim).values(context="bench-ctx")
-            )
-        one, one_user = timed(lambda: applier.users_changed([victim]))
-        assert one.change.updated == (str(100000 + victim - 1),), one.change
-        assert one.change.wrote
-        assert "context=bench-ctx" in (tmp / "store_pjsip.conf").read_text()
+        _settle_heap()
+        took: list[float] = []
+        for victim in range(count // 2 + 1, count // 2 + 2 + MORE_EDITS):
+            with engine.begin() as conn:
+                conn.execute(
+                    update(users_table)
+                    .where(users_table.c.id == victim)
+                    .values(context=f"bench-ctx-{victim}")
+                )
+            one, seconds = timed(partial(applier.users_changed, [victim]))
+            endpoint_id = str(100000 + victim - 1)
+            assert one.change.updated == (endpoint_id,), one.change
+            assert one.change.wrote
+            held = _holding(target, endpoint_id).read_text()
+            assert f"context=bench-ctx-{victim}\n" in held
+            took.append(seconds)
     finally:
+        gc.unfreeze()
         engine.dispose()
-    return {"store_full_s": store_full, "one_user_s": one_user}
+    return {
+        "store_full_s": store_full,
+        "one_user_s": took[0],
+        "one_med_s": statistics.median(took[1:]),
+    }
 
 
-def run_one(count: int, scratch: Path) -> dict[str, float]:
-    """All measurements for one size."""
+def run_one(count: int, scratch: Path, shards: int = 0) -> dict[str, float]:
+    """All measurements for one size (``shards``: 0 for one file, else that many shards)."""
     settings = RenderSettings()
     (objects, skipped), render_s = timed(lambda: render_all(make_users(count), settings))
     assert not skipped, skipped[:3]
     figures: dict[str, float] = {"users": count, "render_s": render_s}
     with tempfile.TemporaryDirectory(dir=scratch) as name:
         tmp = Path(name)
-        target = ConfigFileTarget(tmp / "pjsip_users.conf")
+        target = _target(tmp / "pjsip_users.conf", shards)
         change, figures["sync_s"] = timed(lambda: target.apply(objects))
         assert change.wrote, change
         assert len(change.added) == count, change
         figures["raw_s"] = _raw(objects, tmp / "raw.conf")
         figures["ratio"] = figures["sync_s"] / figures["raw_s"]
-        _, figures["tmpl_s"] = timed(lambda: target.render_text(objects))
-        mtime = target.path.stat().st_mtime_ns
+        if isinstance(target, ShardedConfigFileTarget):
+            _, figures["tmpl_s"] = timed(lambda: target.render_files(objects))
+        else:
+            _, figures["tmpl_s"] = timed(lambda: target.render_text(objects))
+        files = _files(target)
+        mtimes = [path.stat().st_mtime_ns for path in files]
         again, figures["unchanged_s"] = timed(lambda: target.apply(objects))
         assert again.empty, again
         assert not again.wrote, again
-        cold = ConfigFileTarget(target.path)
+        cold = _target(target.path, shards)
         again, figures["unch_cold_s"] = timed(lambda: cold.apply(objects))
         assert again.empty, again
         assert not again.wrote, again
-        assert target.path.stat().st_mtime_ns == mtime
-        figures["mbytes"] = target.path.stat().st_size / 1e6
-        data = target.path.read_bytes()
+        assert [path.stat().st_mtime_ns for path in files] == mtimes
+        figures["mbytes"] = sum(path.stat().st_size for path in files) / 1e6
+        data = max((path.read_bytes() for path in files), key=len)
         _replace_file(tmp / "floor.conf", data, backup=False)
         _, figures["write_s"] = timed(lambda: _replace_file(tmp / "floor.conf", data, backup=True))
-        figures.update(_store_figures(count, tmp, settings))
+        figures.update(_store_figures(count, tmp, settings, shards))
     figures["peak_rss_mb"] = peak_rss_mb()
     return figures
 
@@ -138,6 +199,7 @@ COLUMNS: tuple[Column, ...] = (
     ("unch_cold_s", "{:>7.3f}"),
     ("store_full_s", "{:>7.3f}"),
     ("one_user_s", "{:>7.3f}"),
+    ("one_med_s", "{:>7.4f}"),
     ("write_s", "{:>7.3f}"),
     ("render_s", "{:>7.3f}"),
     ("peak_rss_mb", "{:>7.0f}"),
@@ -148,12 +210,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run every requested size; print one table, one row per size as it completes."""
     parser = argparse.ArgumentParser(prog="python -m bench.bench_configfile")
     parser.add_argument("--users", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument(
+        "--shards", type=int, default=0, help="target.shards: 0 one file (default), else N"
+    )
     args = parser.parse_args(argv)
     configure(level="warning")  # no sync.applied line per apply amid the table
+    layout = f"{args.shards} shard files" if args.shards else "one file"
     with tempfile.TemporaryDirectory(prefix="bench_configfile_") as tmp:
-        print_header("config file, seconds (ratio = sync / raw; target <= 1.5)", COLUMNS)
+        print_header(
+            f"config file ({layout}), seconds (ratio = sync / raw; target <= 1.5)", COLUMNS
+        )
         for count in args.users:
-            print_row(COLUMNS, run_one(count, Path(tmp)))
+            print_row(COLUMNS, run_one(count, Path(tmp), args.shards))
     return 0
 
 

@@ -1061,8 +1061,11 @@ class ConfigFileTarget:
             guard(pending.change)
         return self._commit(pending, full=True)
 
-    def _prepare(self, objects: Sequence[UserObjects], keep: Collection[str]) -> _Pending:
-        """:meth:`apply` up to the write: the file rendered and checked, the change counted."""
+    def _prepare(
+        self, objects: Sequence[UserObjects], keep: Collection[str], *, count: bool = True
+    ) -> _Pending:
+        """:meth:`apply` up to the write: the file rendered and checked, the change counted
+        (not ``count``: left empty, for a caller that counts it against other files)."""
         current, desired = self._desired(objects, keep)
         state = self._verify(desired)
         data = state.data
@@ -1070,6 +1073,8 @@ class ConfigFileTarget:
             # Read after the check: a file holding the bytes verified now or at the last
             # apply (the usual case: the file as we wrote it) is not parsed.
             old = _read(self.path)
+            if not count:
+                return _Pending(Change(), state, write=old != data, backup=old is not None)
             if old == data and state.distinct:
                 # The file holds the verified bytes, three distinct objects per user:
                 # nothing is added, updated or removed (what _compare finds, quicker).
@@ -1492,12 +1497,9 @@ def _summed(changes: Iterable[Change]) -> Change:
 
 def _everyone_added(users: Sequence[UserObjects]) -> Change:
     """What :func:`_compare` finds against nothing at all: every user added."""
-    return Change(
-        added=tuple(map(_EID, users)),
-        changed_objects=tuple(
-            dict.fromkeys((kind, name) for user in users for name, kind, _ in user.sections())
-        ),
-    )
+    # (kind, id) of every section, in order, made in C (as _all_added does).
+    keys = zip(cycle(("endpoint", "auth", "aor")), chain.from_iterable(map(_IDS, users)))
+    return Change(added=tuple(map(_EID, users)), changed_objects=tuple(dict.fromkeys(keys)))
 
 
 @contextlib.contextmanager
@@ -1625,12 +1627,12 @@ class ShardedConfigFileTarget:
         return _Current.union(data, included, strict=strict)
 
     def _prepared(
-        self, index: int, users: list[UserObjects], keep: Collection[str]
+        self, index: int, users: list[UserObjects], keep: Collection[str], *, count: bool = True
     ) -> tuple[ConfigFileTarget, _Pending]:
         """Shard ``index``'s target and its apply of ``users``, worked out, not written."""
         target = self._file(index)
         with _naming(target.path):
-            return target, target._prepare(users, keep)
+            return target, target._prepare(users, keep, count=count)
 
     def _prepare(self, objects: Sequence[UserObjects], keep: Collection[str]) -> _Layout:
         """Every shard file rendered and checked, the change counted; nothing written.  A
@@ -1648,7 +1650,8 @@ class ShardedConfigFileTarget:
         # counted against what the current main file gives Asterisk.
         current = self._current(old_main)
         desired = _with_kept(objects, _kept_objects(current, keep, objects))
-        files = [self._prepared(i, group, ()) for i, group in enumerate(self._groups(desired))]
+        groups = enumerate(self._groups(desired))
+        files = [self._prepared(i, group, (), count=False) for i, group in groups]
         change = _everyone_added(desired) if old_main is None else _compare(current, desired)
         return _Layout(change, files, main, old_main)
 
