@@ -48,12 +48,9 @@ from provisioner.logs import configure
 from provisioner.pjsip import RenderSettings, UserObjects, render_all
 from provisioner.store.engine import open_engine
 from provisioner.store.schema import users as users_table
-from provisioner.targets.configfile import (
-    ConfigFileTarget,
-    ShardedConfigFileTarget,
-    _replace_file,
-    shard_of,
-)
+from provisioner.targets.configfile import ConfigFileTarget, _replace_file
+from provisioner.targets.sharded import ShardedConfigFileTarget
+from provisioner.targets.shards import shard_of
 
 from .common import Column, make_users, peak_rss_mb, print_header, print_row, seed_store, timed
 

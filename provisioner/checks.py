@@ -55,7 +55,7 @@ def _target(config: Config) -> Check:
             return ("target", False, f"directory {directory} is not writable")
         if not t.shards:
             return ("target", True, f"config file {t.path} (directory writable)")
-        from .targets.configfile import shard_directory
+        from .targets.shards import shard_directory
 
         shards = shard_directory(Path(t.path))
         # Absent, it is made beside the main file (checked above) at the first apply.

@@ -102,9 +102,9 @@ def build_target(config: Config, store_engine: Engine) -> Target:
         target = RealtimeTarget(engine)
         target.create_tables()
         return target
-    from .targets.configfile import ConfigFileTarget
+    from .targets.sharded import config_file_target
 
-    return ConfigFileTarget.from_config(config)
+    return config_file_target(config)
 
 
 def template_dirs(config: Config) -> list[Path]:

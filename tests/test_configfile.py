@@ -25,12 +25,11 @@ from provisioner.targets.configfile import (
     MAIN_TEMPLATE,
     SHIPPED_TEMPLATES,
     ConfigFileTarget,
-    ShardedConfigFileTarget,
     canonical_chunk,
-    check_main,
     check_rendered,
-    shard_of,
 )
+from provisioner.targets.sharded import ShardedConfigFileTarget
+from provisioner.targets.shards import check_main, shard_of
 
 GOLDEN = Path(__file__).parent / "golden"
 SECRET = "s3cret-Passw0rd"

@@ -22,13 +22,10 @@ from provisioner.targets.configfile import (
     SHIPPED_TEMPLATES,
     STALE_TEMP_SECONDS,
     ConfigFileTarget,
-    ShardedConfigFileTarget,
-    check_main,
     check_rendered,
-    shard_directory,
-    shard_name,
-    shard_of,
 )
+from provisioner.targets.sharded import ShardedConfigFileTarget, config_file_target
+from provisioner.targets.shards import check_main, shard_directory, shard_name, shard_of
 
 from .test_configfile import REPRESENTATIVE, check_golden, make_user, rendered, write_override
 
@@ -510,14 +507,12 @@ def test_a_path_asterisk_cannot_include_is_refused(tmp_path: Path) -> None:
 def test_from_config_builds_the_sharded_target(tmp_path: Path) -> None:
     """target.shards >= 1 gives the sharded target; 0 the single file."""
     main = tmp_path / "p.conf"
-    sharded = ConfigFileTarget.from_config(
+    sharded = config_file_target(
         load_config(env={}, overrides={"target": {"path": str(main), "shards": 64}})
     )
     assert isinstance(sharded, ShardedConfigFileTarget)
     assert (sharded.shards, sharded.path, sharded.directory) == (64, main, tmp_path / "p.d")
-    single = ConfigFileTarget.from_config(
-        load_config(env={}, overrides={"target": {"path": str(main)}})
-    )
+    single = config_file_target(load_config(env={}, overrides={"target": {"path": str(main)}}))
     assert type(single) is ConfigFileTarget
 
 

@@ -22,10 +22,10 @@ starts with its section header and ends with a LF, so chunks cannot merge), and
 the file is still rewritten whole and atomically.  At 100k users that write of
 ~62 MB (write and fsync: 45-190 ms on the lab disk) is the floor of any edit.
 
-:class:`ShardedConfigFileTarget` (``target.shards`` >= 1) lifts that floor: each user
-lives in one of N shard files, each written by a :class:`ConfigFileTarget` of its own
-(same header, same text, same check, same atomic write), and the file at ``path``
-only includes them (``#include``), so one edit rewrites one small shard file.
+:class:`~provisioner.targets.sharded.ShardedConfigFileTarget` (``target.shards`` >= 1)
+lifts that floor: each user lives in one of N shard files, each written by a
+:class:`ConfigFileTarget` of its own, and the file at ``path`` only includes them.  This
+target takes over from a sharded layout (and removes its files) when shards go to 0.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ import shutil
 import sys
 import tempfile
 import time
-import zlib
 from bisect import bisect_left
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -62,6 +61,7 @@ from ..errors import (
 from ..logs import get_logger
 from ..pjsip import Options, UserObjects, auth_id
 from . import Change
+from .shards import own_includes, retire_shards, shard_directory
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -69,16 +69,10 @@ if TYPE_CHECKING:
 __all__ = [
     "FILE_MODE",
     "MAIN_TEMPLATE",
-    "MAX_SHARDS",
     "SHIPPED_TEMPLATES",
     "ConfigFileTarget",
-    "ShardedConfigFileTarget",
     "canonical_chunk",
-    "check_main",
     "check_rendered",
-    "shard_directory",
-    "shard_name",
-    "shard_of",
 ]
 
 log = get_logger(__name__)
@@ -916,13 +910,11 @@ class ConfigFileTarget:
         return self._templates.fresh()
 
     @classmethod
-    def from_config(cls, config: Config) -> ConfigFileTarget | ShardedConfigFileTarget:
-        """The target configured by ``target.path``, ``target.templates`` (empty: none) and
-        ``target.shards`` (0: this one file; else a :class:`ShardedConfigFileTarget`)."""
+    def from_config(cls, config: Config) -> ConfigFileTarget:
+        """The one-file target of ``target.path`` and ``target.templates`` (empty: none);
+        :func:`~provisioner.targets.sharded.config_file_target` picks the layout."""
         settings = config.target
         templates = Path(settings.templates) if settings.templates else None
-        if settings.shards:
-            return ShardedConfigFileTarget(Path(settings.path), templates, shards=settings.shards)
         return cls(Path(settings.path), templates)
 
     def _templating(self) -> contextlib.AbstractContextManager[jinja2.Environment]:
@@ -994,7 +986,7 @@ class ConfigFileTarget:
         current = _Current.of_bytes(data, *known)
         if self._shards_dir is None or data is None or current.objects:
             return current
-        included = _own_includes(self._shards_dir, data)
+        included = own_includes(self._shards_dir, data)
         return current if included is None else _Current.union(data, included, strict=strict)
 
     def _desired(
@@ -1105,7 +1097,7 @@ class ConfigFileTarget:
             self._cache = None
         self._state = pending.state
         if self._shards_dir is not None and (pending.write or full):
-            _retire_shards(self._shards_dir, None)
+            retire_shards(self._shards_dir, None)
         return change
 
     def _write(self, data: bytes, *, backup: bool) -> None:
@@ -1348,418 +1340,3 @@ class _Edit:
             unchanged=len(self.users) - len(self.added) - len(self.updated),
             changed_objects=tuple(dict.fromkeys(self.changed)),
         )
-
-
-# --- the sharded layout ------------------------------------------------------------------
-
-#: The most shard files a target may have (``target.shards``).
-MAX_SHARDS = 4096
-#: A shard file's name: its index and the shard count, so that two counts never share a
-#: name and a new count writes a whole new set beside the old one.
-_SHARD_NAME = re.compile(r"([0-9]{4})-of-([0-9]{4})\.conf")
-#: The temporaries of any shard file (see :func:`_temporary`).
-_SHARD_TEMPORARIES = ".[0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9].conf.*.tmp"
-#: What a shard directory's absolute path may hold: characters an ``#include`` argument
-#: keeps literally (no comment, quote or escape mark, and none of the glob characters
-#: Asterisk expands in an include: ``* ? [ ] { } ~``).
-_INCLUDABLE = re.compile(r"/[A-Za-z0-9/._+@,:= -]*")
-
-
-def shard_name(index: int, count: int) -> str:
-    """The file name of shard ``index`` of ``count``, e.g. ``0007-of-0256.conf``."""
-    return f"{index:04d}-of-{count:04d}.conf"
-
-
-def shard_of(endpoint_id: str, count: int) -> int:
-    """The shard of ``count`` that holds the user of ``endpoint_id``: CRC-32 of the id's
-    UTF-8 bytes, so every process agrees (``hash()`` of a str differs between processes)."""
-    return zlib.crc32(endpoint_id.encode("utf-8", "surrogatepass")) % count
-
-
-def shard_directory(path: Path) -> Path:
-    """Where a sharded layout of the main file ``path`` keeps its shard files: ``<stem>.d``
-    beside it, as an absolute path without resolving symlinks (the path Asterisk is told,
-    as the operator named it: Asterisk resolves a relative ``#include`` against its own
-    config directory, not against the including file's)."""
-    absolute = Path(os.path.abspath(path))
-    return absolute.with_name(absolute.stem + ".d")
-
-
-def _main_text(header: str, files: Sequence[Path]) -> str:
-    """A sharded layout's main file: ``header``, a blank line, one ``#include`` per file."""
-    if header and not header.endswith("\n"):
-        header += "\n"
-    return header + "\n" + "".join(f'#include "{path}"\n' for path in files)
-
-
-def check_main(data: bytes, files: Sequence[Path]) -> None:
-    """Raise :class:`RenderCheckFailed` unless ``data``, read as Asterisk reads it, is one
-    ``#include`` of each of ``files``, in order, and nothing else: no section, no other
-    directive, no line Asterisk would skip."""
-    try:
-        parsed = parse(data)
-    except AsteriskSyntaxError as exc:
-        raise RenderCheckFailed(f"the main file would not load: {exc.message}") from None
-    problems = [f"line {s.line} holds a section [{s.name}]" for s in parsed.sections]
-    problems += [f"line {n.line}: {n.message}" for n in parsed.notices]
-    got = [(d.name, d.argument) for d in parsed.directives]
-    if got != [("include", str(path)) for path in files]:
-        problems.append(
-            f"it has {len(got)} directives instead of one #include of each of the "
-            f"{len(files)} shard files, in order"
-        )
-    if problems:
-        raise RenderCheckFailed(
-            "the main file does not include exactly the shard files: " + "; ".join(problems)
-        )
-
-
-def _own_includes(directory: Path, data: bytes) -> list[Path] | None:
-    """The files the main file ``data`` includes when it is what a sharded layout writes
-    (nothing but ``#include`` lines of shard files in ``directory``); else None."""
-    try:
-        parsed = parse(data)
-    except AsteriskSyntaxError:
-        return None
-    if parsed.sections or parsed.notices or not parsed.directives:
-        return None
-    files: list[Path] = []
-    for directive in parsed.directives:
-        path = Path(directive.argument or "")
-        if directive.name != "include" or path.parent != directory:
-            return None
-        if not _SHARD_NAME.fullmatch(path.name):
-            return None
-        files.append(path)
-    return files
-
-
-def _retire_shards(directory: Path, count: int | None) -> list[Path]:
-    """Delete the shard files in ``directory`` (with their ``.bak``) of every shard count
-    but ``count`` (None: all of them, then the directory if that leaves it empty); return
-    them.  Only ever called once the main file includes none of them.
-
-    Leftovers are harmless (Asterisk reads only what the main file includes), so a file
-    that cannot be deleted is logged, not raised: the apply that switched the main file
-    still reports its change, and the next full apply tries again."""
-    try:
-        with os.scandir(directory) as entries:
-            names = [entry.name for entry in entries]
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
-        log.warning("target.cleanup_failed", path=str(directory), error=exc.strerror)
-        return []
-    removed: list[Path] = []
-    for name in names:
-        found = _SHARD_NAME.fullmatch(name.removesuffix(".bak"))
-        if found is None or int(found.group(2)) == count:
-            continue
-        path = directory / name
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            log.warning("target.cleanup_failed", path=str(path), error=exc.strerror)
-            continue
-        removed.append(path)
-    if count is None:
-        with contextlib.suppress(OSError):  # not empty: it holds files that are not ours
-            directory.rmdir()
-    return removed
-
-
-def _summed(changes: Iterable[Change]) -> Change:
-    """The changes of several files as one: endpoint ids in render_all's order."""
-    added: list[str] = []
-    updated: list[str] = []
-    removed: list[str] = []
-    objects: list[tuple[str, str]] = []
-    unchanged = 0
-    wrote = False
-    for change in changes:
-        added += change.added
-        updated += change.updated
-        removed += change.removed
-        objects += change.changed_objects
-        unchanged += change.unchanged
-        wrote = wrote or change.wrote
-    return Change(
-        added=tuple(sorted(added, key=_eid_key)),
-        updated=tuple(sorted(updated, key=_eid_key)),
-        removed=tuple(sorted(removed, key=_eid_key)),
-        unchanged=unchanged,
-        changed_objects=tuple(dict.fromkeys(objects)),
-        wrote=wrote,
-    )
-
-
-def _everyone_added(users: Sequence[UserObjects]) -> Change:
-    """What :func:`_compare` finds against nothing at all: every user added."""
-    # (kind, id) of every section, in order, made in C (as _all_added does).
-    keys = zip(cycle(("endpoint", "auth", "aor")), chain.from_iterable(map(_IDS, users)))
-    return Change(added=tuple(map(_EID, users)), changed_objects=tuple(dict.fromkeys(keys)))
-
-
-@contextlib.contextmanager
-def _naming(path: Path) -> Iterator[None]:
-    """A :class:`RenderCheckFailed` raised within names the shard file ``path``."""
-    try:
-        yield
-    except RenderCheckFailed as exc:
-        raise RenderCheckFailed(f"{path.name}: {exc}") from None
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """A full apply of a sharded target, worked out and checked, nothing written yet."""
-
-    change: Change
-    #: Each shard file's own apply, in shard order.
-    files: list[tuple[ConfigFileTarget, _Pending]]
-    #: The main file's bytes, and its current ones (None: absent).
-    main: bytes
-    old_main: bytes | None
-
-
-class ShardedConfigFileTarget:
-    """The config-file target in ``shards`` files (``target.shards`` >= 1).
-
-    The user of endpoint id E lives in shard file ``shard_of(E, shards)`` under
-    :func:`shard_directory`; each shard file is exactly what :class:`ConfigFileTarget`
-    writes for its users (the same header, the same sections in the same order, the same
-    parse-back check, atomic write and ``.bak``), so the shard files together hold what
-    the single file would.  The main file at ``path`` holds the header and one
-    ``#include`` of each shard file by its absolute path, in order.
-
-    One edit re-renders, checks and rewrites only the shard files of the users it
-    touches: at 100k users and 1,024 shards a ~60 kB file instead of ~62 MB.
-
-    Crash safety: an apply that changes several shards is not atomic across them, but
-    each user lives in exactly one shard and each shard file is replaced atomically, so
-    every user is either wholly old or wholly new.  A new shard count writes the whole
-    new set first, then switches the main file atomically, then deletes the old set, so
-    Asterisk never reads a mix that loses or duplicates a user.  A full apply (the
-    daemon's start-up reconcile) repairs whatever a crash left: it rewrites every shard
-    that differs, finishes a switch, and removes the files of other counts and stale
-    temporaries.
-    """
-
-    def __init__(self, path: Path, templates_dir: Path | None = None, *, shards: int) -> None:
-        if not 1 <= shards <= MAX_SHARDS:
-            raise ConfigError([Problem("target.shards", f"must be 1-{MAX_SHARDS} when sharded")])
-        self.path = Path(path)
-        self.templates_dir = templates_dir
-        self.shards = shards
-        self.directory = shard_directory(self.path)
-        #: The shard files, in shard order: what the main file includes.
-        self.files = tuple(self.directory / shard_name(i, shards) for i in range(shards))
-        if self.directory == Path(os.path.abspath(self.path)) or not _INCLUDABLE.fullmatch(
-            str(self.directory)
-        ):
-            raise ConfigError(
-                [
-                    Problem(
-                        "target.path",
-                        f"the shard directory {str(self.directory)!r} cannot be #included by "
-                        "Asterisk: use letters, digits and / . _ + @ , : = - or space",
-                    )
-                ]
-            )
-        self._templates = _Templates(templates_dir)
-        #: Shard index -> the target writing that file, made when first needed.
-        self._targets: dict[int, ConfigFileTarget] = {}
-        #: The main file's bytes once this object found or wrote it including this set.
-        self._main: bytes | None = None
-        _remove_stale_temporaries(self.path)
-        _remove_stale_in(self.directory, _SHARD_TEMPORARIES)
-
-    def reload_templates(self) -> None:
-        """Read the templates afresh at the next render (also done by itself whenever a
-        file in the template directories is added, removed or modified)."""
-        self._templates.reload()
-
-    def _file(self, index: int) -> ConfigFileTarget:
-        target = self._targets.get(index)
-        if target is None:
-            target = ConfigFileTarget(
-                self.files[index], self.templates_dir, shared_templates=self._templates
-            )
-            self._targets[index] = target
-        return target
-
-    def _groups(self, users: Iterable[UserObjects]) -> list[list[UserObjects]]:
-        """``users`` by shard, each list in their order."""
-        count = self.shards
-        groups: list[list[UserObjects]] = [[] for _ in range(count)]
-        for user in users:
-            groups[shard_of(user.endpoint_id, count)].append(user)
-        return groups
-
-    def _kept_by_shard(self, keep: Collection[str]) -> list[list[str]]:
-        count = self.shards
-        groups: list[list[str]] = [[] for _ in range(count)]
-        for endpoint_id in keep:
-            groups[shard_of(endpoint_id, count)].append(endpoint_id)
-        return groups
-
-    def _main_data(self) -> bytes:
-        """The main file's bytes, checked (:func:`check_main`).  Its header is rendered for
-        no user, so the file changes only with the templates or the shard count."""
-        with self._templates.templating() as env:
-            header = env.get_template("header.j2").render(users=[])
-        data = _main_text(header, self.files).encode("utf-8")
-        check_main(data, self.files)
-        return data
-
-    def _current(self, data: bytes | None, *, strict: bool = False) -> _Current:
-        """What the main file holding ``data`` gives Asterisk: the objects of the shard files
-        it includes (of any count), or, when it is not a sharded main file (the single-file
-        layout), its own.  ``strict``: as for :meth:`ConfigFileTarget._current`."""
-        if data is None:
-            return _Current(None, {}, ())
-        included = _own_includes(self.directory, data)
-        if included is None:
-            if strict:
-                _refuse_broken(self.path, data)
-            return _Current.of(data)
-        return _Current.union(data, included, strict=strict)
-
-    def _prepared(
-        self, index: int, users: list[UserObjects], keep: Collection[str], *, count: bool = True
-    ) -> tuple[ConfigFileTarget, _Pending]:
-        """Shard ``index``'s target and its apply of ``users``, worked out, not written."""
-        target = self._file(index)
-        with _naming(target.path):
-            return target, target._prepare(users, keep, count=count)
-
-    def _prepare(self, objects: Sequence[UserObjects], keep: Collection[str]) -> _Layout:
-        """Every shard file rendered and checked, the change counted; nothing written.  A
-        shard that fails its check raises, so nothing at all is written (as for one file)."""
-        main = self._main_data()
-        old_main = _read(self.path)
-        if old_main == main:
-            # Asterisk reads this set: each shard is compared with its own file.
-            keeps = self._kept_by_shard(keep)
-            files = [
-                self._prepared(i, group, keeps[i]) for i, group in enumerate(self._groups(objects))
-            ]
-            return _Layout(_summed(p.change for _, p in files), files, main, old_main)
-        # A first apply, a new shard count, or the single-file layout before: the change is
-        # counted against what the current main file gives Asterisk.
-        current = self._current(old_main)
-        desired = _with_kept(objects, _kept_objects(current, keep, objects))
-        groups = enumerate(self._groups(desired))
-        files = [self._prepared(i, group, (), count=False) for i, group in groups]
-        change = _everyone_added(desired) if old_main is None else _compare(current, desired)
-        return _Layout(change, files, main, old_main)
-
-    def _commit(self, layout: _Layout) -> Change:
-        wrote = False
-        for target, pending in layout.files:
-            wrote = target._commit(pending).wrote or wrote
-        if layout.main != layout.old_main:
-            # Every shard file of this set is on disk, fsynced: only now does the main file
-            # name them, in one atomic replace (whose directory fsync also makes the shard
-            # directory's entry durable: it sits beside the main file).
-            _write_file(self.path, layout.main, backup=layout.old_main is not None)
-            wrote = True
-        self._main = layout.main
-        # The main file names only this set now: other counts' files (the set before a
-        # switch, or one a crash cut short) can go.
-        _retire_shards(self.directory, self.shards)
-        return replace(layout.change, wrote=wrote)
-
-    def plan(
-        self, objects: Sequence[UserObjects], *, keep: Collection[str] = (), verify: bool = False
-    ) -> Change:
-        """What :meth:`apply` would change, with the unified diffs of the main file (when it
-        would change) and of each shard file that would change; writes nothing."""
-        with self._templates.hold():
-            main = self._main_data()
-            old_main = _read(self.path)
-            if old_main == main:
-                keeps = self._kept_by_shard(keep)
-                changes = [
-                    self._file(i).plan(group, keep=keeps[i])
-                    for i, group in enumerate(self._groups(objects))
-                ]
-                return replace(_summed(changes), diff="".join(c.diff for c in changes))
-            current = self._current(old_main)
-            desired = _with_kept(objects, _kept_objects(current, keep, objects))
-            diffs = [_diff(self.path, old_main, main.decode("utf-8"))]
-            diffs += [self._file(i).plan(g).diff for i, g in enumerate(self._groups(desired))]
-            return replace(_compare(current, desired), diff="".join(diffs))
-
-    def apply(
-        self,
-        objects: Sequence[UserObjects],
-        *,
-        keep: Collection[str] = (),
-        guard: Callable[[Change], None] | None = None,
-        verify: bool = False,
-    ) -> Change:
-        """Make the shard files hold ``objects`` and the current objects of the ``keep``
-        endpoint ids, and the main file include them (see the class docstring).
-
-        Every shard file is rendered and checked before any is written: one that fails
-        raises :class:`RenderCheckFailed` naming it, and nothing is written.  ``guard``
-        sees the change of all files together and may raise to abort.  Only the files
-        whose bytes differ are written; ``Change.wrote`` says whether any was."""
-        with self._templates.hold():
-            layout = self._prepare(objects, keep)
-        if guard is not None:
-            guard(layout.change)
-        return self._commit(layout)
-
-    def apply_partial(self, upserts: Sequence[UserObjects], removed_ids: Sequence[str]) -> Change:
-        """:meth:`ConfigFileTarget.apply_partial` on the shard files of these users only:
-        the other shard files are not read, checked or written, nor is the main file (once
-        this object knows it includes this set).  Every touched shard is checked before
-        any is written.  A main file that does not include this set (another shard count
-        or layout) makes this a full :meth:`apply` of the edited current users."""
-        with self._templates.hold():
-            if not self._includes_this_set():
-                return self.apply(_edited(self._file_users(), upserts, removed_ids))
-            count = self.shards
-            edits: dict[int, tuple[list[UserObjects], list[str]]] = {}
-            for user in upserts:
-                edits.setdefault(shard_of(user.endpoint_id, count), ([], []))[0].append(user)
-            for endpoint_id in removed_ids:
-                edits.setdefault(shard_of(endpoint_id, count), ([], []))[1].append(endpoint_id)
-            files: list[tuple[ConfigFileTarget, _Pending]] = []
-            for index in sorted(edits):
-                target = self._file(index)
-                with _naming(target.path):
-                    files.append((target, target._prepare_partial(*edits[index])))
-        change = _summed(target._commit(pending) for target, pending in files)
-        # As for one file, every user not added or updated counts as unchanged.
-        others = sum(
-            len(t._state.users)
-            for i, t in self._targets.items()
-            if i not in edits and t._state is not None
-        )
-        return replace(change, unchanged=change.unchanged + others)
-
-    def _includes_this_set(self) -> bool:
-        """True when the main file includes exactly this set (read once, then known)."""
-        if self._main is None:
-            main = self._main_data()
-            if _read(self.path) != main:
-                return False
-            self._main = main
-        return True
-
-    def _file_users(self) -> list[UserObjects]:
-        """Every user the current main file gives Asterisk (see ConfigFileTarget's)."""
-        current = self._current(_read(self.path), strict=True)
-        return _kept_objects(current, current.endpoints, ())
-
-    def render_files(self, objects: Sequence[UserObjects]) -> dict[Path, str]:
-        """Each file's text for ``objects``: the main file, then every shard file."""
-        with self._templates.hold():
-            texts = {self.path: self._main_data().decode("utf-8")}
-            for i, group in enumerate(self._groups(objects)):
-                texts[self.files[i]] = self._file(i).render_text(group)
-        return texts

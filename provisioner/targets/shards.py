@@ -1,0 +1,152 @@
+"""The sharded layout's files, pure where it can be: shard names, which shard holds a
+user, where the shard files live, the main file that includes them, and the removal of
+a shard set no main file includes any more.
+
+The sharded target itself is :class:`~provisioner.targets.sharded.ShardedConfigFileTarget`;
+the single-file target uses these too, to take over from a sharded layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..asterisk_conf import parse
+from ..errors import AsteriskSyntaxError, RenderCheckFailed
+from ..logs import get_logger
+
+__all__ = [
+    "INCLUDABLE",
+    "MAX_SHARDS",
+    "SHARD_TEMPORARIES",
+    "check_main",
+    "main_text",
+    "own_includes",
+    "retire_shards",
+    "shard_directory",
+    "shard_name",
+    "shard_of",
+]
+
+log = get_logger(__name__)
+
+#: The most shard files a target may have (``target.shards``).
+MAX_SHARDS = 4096
+#: A shard file's name: its index and the shard count, so that two counts never share a
+#: name and a new count writes a whole new set beside the old one.
+_SHARD_NAME = re.compile(r"([0-9]{4})-of-([0-9]{4})\.conf")
+#: The temporaries of any shard file (``configfile._temporary`` names them so).
+SHARD_TEMPORARIES = ".[0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9].conf.*.tmp"
+#: What a shard directory's absolute path may hold: characters an ``#include`` argument
+#: keeps literally (no comment, quote or escape mark, and none of the glob characters
+#: Asterisk expands in an include: ``* ? [ ] { } ~``).
+INCLUDABLE = re.compile(r"/[A-Za-z0-9/._+@,:= -]*")
+
+
+def shard_name(index: int, count: int) -> str:
+    """The file name of shard ``index`` of ``count``, e.g. ``0007-of-0256.conf``."""
+    return f"{index:04d}-of-{count:04d}.conf"
+
+
+def shard_of(endpoint_id: str, count: int) -> int:
+    """The shard of ``count`` that holds the user of ``endpoint_id``: CRC-32 of the id's
+    UTF-8 bytes, so every process agrees (``hash()`` of a str differs between processes)."""
+    return zlib.crc32(endpoint_id.encode("utf-8", "surrogatepass")) % count
+
+
+def shard_directory(path: Path) -> Path:
+    """Where a sharded layout of the main file ``path`` keeps its shard files: ``<stem>.d``
+    beside it, as an absolute path without resolving symlinks (the path Asterisk is told,
+    as the operator named it: Asterisk resolves a relative ``#include`` against its own
+    config directory, not against the including file's)."""
+    absolute = Path(os.path.abspath(path))
+    return absolute.with_name(absolute.stem + ".d")
+
+
+def main_text(header: str, files: Sequence[Path]) -> str:
+    """A sharded layout's main file: ``header``, a blank line, one ``#include`` per file."""
+    if header and not header.endswith("\n"):
+        header += "\n"
+    return header + "\n" + "".join(f'#include "{path}"\n' for path in files)
+
+
+def check_main(data: bytes, files: Sequence[Path]) -> None:
+    """Raise :class:`RenderCheckFailed` unless ``data``, read as Asterisk reads it, is one
+    ``#include`` of each of ``files``, in order, and nothing else: no section, no other
+    directive, no line Asterisk would skip."""
+    try:
+        parsed = parse(data)
+    except AsteriskSyntaxError as exc:
+        raise RenderCheckFailed(f"the main file would not load: {exc.message}") from None
+    problems = [f"line {s.line} holds a section [{s.name}]" for s in parsed.sections]
+    problems += [f"line {n.line}: {n.message}" for n in parsed.notices]
+    got = [(d.name, d.argument) for d in parsed.directives]
+    if got != [("include", str(path)) for path in files]:
+        problems.append(
+            f"it has {len(got)} directives instead of one #include of each of the "
+            f"{len(files)} shard files, in order"
+        )
+    if problems:
+        raise RenderCheckFailed(
+            "the main file does not include exactly the shard files: " + "; ".join(problems)
+        )
+
+
+def own_includes(directory: Path, data: bytes) -> list[Path] | None:
+    """The files the main file ``data`` includes when it is what a sharded layout writes
+    (nothing but ``#include`` lines of shard files in ``directory``); else None."""
+    try:
+        parsed = parse(data)
+    except AsteriskSyntaxError:
+        return None
+    if parsed.sections or parsed.notices or not parsed.directives:
+        return None
+    files: list[Path] = []
+    for directive in parsed.directives:
+        path = Path(directive.argument or "")
+        if directive.name != "include" or path.parent != directory:
+            return None
+        if not _SHARD_NAME.fullmatch(path.name):
+            return None
+        files.append(path)
+    return files
+
+
+def retire_shards(directory: Path, count: int | None) -> list[Path]:
+    """Delete the shard files in ``directory`` (with their ``.bak``) of every shard count
+    but ``count`` (None: all of them, then the directory if that leaves it empty); return
+    them.  Only ever called once the main file includes none of them.
+
+    Leftovers are harmless (Asterisk reads only what the main file includes), so a file
+    that cannot be deleted is logged, not raised: the apply that switched the main file
+    still reports its change, and the next full apply tries again."""
+    try:
+        with os.scandir(directory) as entries:
+            names = [entry.name for entry in entries]
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        log.warning("target.cleanup_failed", path=str(directory), error=exc.strerror)
+        return []
+    removed: list[Path] = []
+    for name in names:
+        found = _SHARD_NAME.fullmatch(name.removesuffix(".bak"))
+        if found is None or int(found.group(2)) == count:
+            continue
+        path = directory / name
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("target.cleanup_failed", path=str(path), error=exc.strerror)
+            continue
+        removed.append(path)
+    if count is None:
+        with contextlib.suppress(OSError):  # not empty: it holds files that are not ours
+            directory.rmdir()
+    return removed
