@@ -401,6 +401,16 @@ class Daemon:
         except ProvisionerError as exc:
             log.error("config.reload_failed", error=_describe(exc))
             return
+        if config.target != self.config.target:
+            # Another path, layout (shards) or kind: a target built anew, which the full
+            # apply below fills; memory no longer mirrors what is there until it has.
+            try:
+                self.applier.target = build_target(config, self.engine)
+            except (ProvisionerError, OSError, DBAPIError) as exc:
+                log.error("config.reload_failed", error=_describe(exc))
+                return
+            self.applier.synced = False
+            log.info("config.target_changed", kind=config.target.kind, path=config.target.path)
         self.config = config
         self.applier.settings = RenderSettings.from_config(config)
         self.applier.max_removal_fraction = config.daemon.max_removal_fraction

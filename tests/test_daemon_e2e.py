@@ -270,6 +270,27 @@ def test_sighup_reloads_config(tmp_path: Path, sig: signal.Signals) -> None:
     asyncio.run(scenario())
 
 
+def test_sighup_applies_a_new_layout(tmp_path: Path) -> None:
+    """A SIGHUP that sets target.shards builds the sharded target anew: the main file then
+    includes the shard files, which hold every user."""
+
+    async def scenario() -> None:
+        config = _write_config(tmp_path, None)
+        conf = tmp_path / "pjsip_users.conf"
+        await _seed(config)
+        daemon = await _start_daemon(config, tmp_path / "daemon.log")
+        await _until(lambda: "transport=transport-udp" in _text(conf), 5)
+        users = _text(conf).count("type=endpoint")
+        config.write_text(config.read_text().replace("[target]\n", "[target]\nshards = 4\n"))
+        daemon.send_signal(signal.SIGHUP)
+        await _until(lambda: _text(conf).count("#include") == 4, 5)
+        shards = sorted((tmp_path / "pjsip_users.d").glob("*-of-0004.conf"))
+        assert sum(shard.read_text().count("type=endpoint") for shard in shards) == users
+        assert await _stop(daemon) == 0
+
+    asyncio.run(scenario())
+
+
 def test_metrics_endpoint_counts_syncs(tmp_path: Path) -> None:
     """With daemon.metrics_port set, /metrics on localhost counts syncs and provisioned users."""
     import socket
