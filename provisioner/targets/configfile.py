@@ -734,15 +734,20 @@ def _keep_backup(path: Path, backup: Path) -> None:
         os.replace(temp, backup)
 
 
-def _replace_file(path: Path, data: bytes, *, backup: bool) -> None:
-    """Atomically make ``path`` hold ``data``, keeping the old file as ``<name>.bak``."""
+def _replace_file(path: Path, data: bytes, *, backup: bool, sync_directory: bool = True) -> None:
+    """Atomically make ``path`` hold ``data``, keeping the old file as ``<name>.bak``.
+
+    Without ``sync_directory`` the rename is not yet durable: the caller fsyncs the
+    directory once for many files (the sharded layout's full apply), before anything
+    that names them."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with _temporary(path.parent, path.name) as temp:
         _write_synced(temp, data)
         if backup:
             _keep_backup(path, path.with_name(path.name + ".bak"))
         os.replace(temp, path)
-    _fsync_directory(path.parent)
+    if sync_directory:
+        _fsync_directory(path.parent)
 
 
 class _Templates:
@@ -1080,16 +1085,20 @@ class ConfigFileTarget:
             change = _compare(current, desired)
         return _Pending(change, state, write=old != data, backup=old is not None)
 
-    def _commit(self, pending: _Pending, *, full: bool = False) -> Change:
+    def _commit(
+        self, pending: _Pending, *, full: bool = False, sync_directory: bool = True
+    ) -> Change:
         """Write what :meth:`_prepare` or :meth:`_prepare_partial` worked out (atomically,
         only when the bytes differ); the file then holds ``pending.state``.
+        ``sync_directory``: as for :func:`_replace_file`.
 
         After a write or a ``full`` apply, a main file's target deletes the shard files a
         sharded layout of it left (the file now includes none of them; a full apply also
         finishes a switch back that a crash cut short)."""
         change = pending.change
         if pending.write:
-            self._write(pending.state.data, backup=pending.backup)
+            data = pending.state.data
+            _write_file(self.path, data, backup=pending.backup, sync_directory=sync_directory)
             change = replace(change, wrote=True)
         if self._verified is not pending.state:
             # An edit's state, checked chunk by chunk rather than by _verify.
@@ -1099,9 +1108,6 @@ class ConfigFileTarget:
         if self._shards_dir is not None and (pending.write or full):
             retire_shards(self._shards_dir, None)
         return change
-
-    def _write(self, data: bytes, *, backup: bool) -> None:
-        _write_file(self.path, data, backup=backup)
 
     def apply_partial(self, upserts: Sequence[UserObjects], removed_ids: Sequence[str]) -> Change:
         """Write ``upserts`` (new or changed users, each put where render_all's order puts
@@ -1174,10 +1180,10 @@ def _refuse_broken(path: Path, data: bytes | None) -> None:
             ) from None
 
 
-def _write_file(path: Path, data: bytes, *, backup: bool) -> None:
+def _write_file(path: Path, data: bytes, *, backup: bool, sync_directory: bool = True) -> None:
     """:func:`_replace_file`, an OS error raised as :class:`TargetWriteFailed`."""
     try:
-        _replace_file(path, data, backup=backup)
+        _replace_file(path, data, backup=backup, sync_directory=sync_directory)
     except OSError as exc:
         raise TargetWriteFailed(f"cannot write {str(path)!r}: {exc.strerror}") from None
 
