@@ -17,6 +17,9 @@ from typing import Any
 __all__ = ["Health", "read_health", "write_health"]
 
 FILE_NAME = "health.json"
+#: Registration writes refused in a row (about 3.5 s of retries) that make the daemon
+#: unhealthy: one refusal is a blip (a lock, a restart), three are an outage.
+STORE_FAILURES_UNHEALTHY = 3
 
 
 @dataclass
@@ -33,7 +36,8 @@ class Health:
     provisioned: int = 0
     skipped: int = 0
     cursor: int = 0
-    #: server name -> {"connected": bool, "last_error": str, "reconnects": int}
+    #: server name -> {"connected": bool, "last_error": str, "reconnects": int,
+    #: "store_failures": int (registration writes refused in a row), ...}
     asterisk: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def problems(self, now: float, max_age: float) -> list[str]:
@@ -45,6 +49,13 @@ class Health:
             out.append(f"last sync failed: {self.last_error}")
         if now - self.updated_at > max_age:
             out.append(f"record is {now - self.updated_at:.0f} s old (daemon stuck or stopped?)")
+        for server, state in sorted(self.asterisk.items()):
+            failures = int(state.get("store_failures", 0))
+            if failures >= STORE_FAILURES_UNHEALTHY:
+                out.append(
+                    f"{server}: the store refused the last {failures} registration writes"
+                    " (phones' state is kept and retried)"
+                )
         return out
 
 

@@ -1,0 +1,37 @@
+"""The daemon's health record and what ``provisioner check`` reads from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from provisioner.health import Health, read_health, write_health
+
+
+def _healthy(**asterisk: dict[str, object]) -> Health:
+    return Health(ready=True, last_sync_ok=True, asterisk=dict(asterisk))
+
+
+def test_a_fresh_ready_record_has_no_problem(tmp_path: Path) -> None:
+    """A ready daemon whose last sync worked, written just now and read back, is healthy."""
+    write_health(tmp_path, _healthy(pbx1={"connected": True, "store_failures": 0}))
+    health = read_health(tmp_path)
+    assert health is not None
+    assert health.problems(health.updated_at, max_age=60.0) == []
+
+
+def test_registration_writes_refused_in_a_row_make_it_unhealthy() -> None:
+    """Three registration writes refused in a row are an outage, named with its server;
+    fewer are a blip."""
+    blip = _healthy(pbx1={"store_failures": 2})
+    outage = _healthy(pbx1={"store_failures": 0}, pbx2={"store_failures": 5})
+    assert blip.problems(blip.updated_at, max_age=60.0) == []
+    (problem,) = outage.problems(outage.updated_at, max_age=60.0)
+    assert problem.startswith("pbx2: the store refused the last 5 registration writes")
+
+
+def test_an_old_record_means_a_stuck_or_stopped_daemon() -> None:
+    """A record not rewritten for longer than max_age says so."""
+    health = _healthy()
+    assert health.problems(health.updated_at + 120, max_age=60.0) == [
+        "record is 120 s old (daemon stuck or stopped?)"
+    ]
