@@ -154,6 +154,8 @@ class Daemon:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     tick: asyncio.Event = field(default_factory=asyncio.Event)
     templates_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Ends the template watcher of the current directories (see _watch_templates).
+    _templates_watch: asyncio.Event = field(default_factory=asyncio.Event)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     health: Health = field(default_factory=Health)
     tracker: CursorTracker = field(default_factory=lambda: CursorTracker(cursor=0))
@@ -233,7 +235,7 @@ class Daemon:
             return first
         for source in self.wake_sources:
             self._spawn(source.run(self.tick if source.timer else self.wake, self.stop))
-        self._spawn(template_wakeups(template_dirs(self.config), self.templates_changed, self.stop))
+        self._spawn(self._watch_templates(template_dirs(self.config)))
         if self.pbx is not None:
             self._spawn(self.pbx.run(self.stop))
             if first is not None:
@@ -401,6 +403,11 @@ class Daemon:
         except ProvisionerError as exc:
             log.error("config.reload_failed", error=_describe(exc))
             return
+        if template_dirs(config) != template_dirs(self.config):
+            # Watch the new override directory (and no longer the old one).
+            self._templates_watch.set()
+            self._templates_watch = asyncio.Event()
+            self._spawn(self._watch_templates(template_dirs(config)))
         if config.target != self.config.target:
             # Another path, layout (shards) or kind: a target built anew, which the full
             # apply below fills; memory no longer mirrors what is there until it has.
@@ -416,6 +423,15 @@ class Daemon:
         self.applier.max_removal_fraction = config.daemon.max_removal_fraction
         self.templates_changed.set()
         log.info("config.reloaded", source=config.source)
+
+    async def _watch_templates(self, dirs: list[Path]) -> None:
+        """Set ``templates_changed`` on any change in ``dirs``, until the daemon stops or a
+        SIGHUP names other directories (which starts another watcher)."""
+        done = self._templates_watch
+        watcher = asyncio.ensure_future(template_wakeups(dirs, self.templates_changed, done))
+        await wait_first(self.stop, done)
+        done.set()
+        await watcher
 
     async def _watchdog(self, interval: float) -> None:
         # Fed from the event loop itself: a blocked loop starves the watchdog.

@@ -291,6 +291,31 @@ def test_sighup_applies_a_new_layout(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_sighup_watches_a_new_template_directory(tmp_path: Path) -> None:
+    """After a SIGHUP names a template override directory, the file is rendered with it at
+    once, and an edit of a template there is rendered too (the new directory is watched)."""
+    override = tmp_path / "override"
+    override.mkdir()
+    header = override / "header.j2"
+    header.write_text("; site header v1\n")
+
+    async def scenario() -> None:
+        config = _write_config(tmp_path, None)
+        conf = tmp_path / "pjsip_users.conf"
+        await _seed(config)
+        daemon = await _start_daemon(config, tmp_path / "daemon.log")
+        await _until(lambda: "transport=transport-udp" in _text(conf), 5)
+        setting = f'[target]\ntemplates = "{override}"\n'
+        config.write_text(config.read_text().replace("[target]\n", setting))
+        daemon.send_signal(signal.SIGHUP)
+        await _until(lambda: _text(conf).startswith("; site header v1"), 5)
+        header.write_text("; site header v2\n")
+        await _until(lambda: _text(conf).startswith("; site header v2"), 5)
+        assert await _stop(daemon) == 0
+
+    asyncio.run(scenario())
+
+
 def test_metrics_endpoint_counts_syncs(tmp_path: Path) -> None:
     """With daemon.metrics_port set, /metrics on localhost counts syncs and provisioned users."""
     import socket
