@@ -9,7 +9,8 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -252,20 +253,35 @@ def test_kill_9_at_random_moments_converges(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+@asynccontextmanager
+async def _running_on_file(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[Path, Path, asyncio.subprocess.Process]]:
+    """A seeded daemon on the config-file target, once the file is rendered: (its config
+    file, the rendered file, the process); stopped at the end, which must exit 0."""
+    config = _write_config(tmp_path, None)
+    conf = tmp_path / "pjsip_users.conf"
+    await _seed(config)
+    daemon = await _start_daemon(config, tmp_path / "daemon.log")
+    try:
+        await _until(lambda: "transport=transport-udp" in _text(conf), 5)
+        yield config, conf, daemon
+    except BaseException:
+        daemon.kill()  # a failed test leaves no daemon behind
+        await daemon.wait()
+        raise
+    assert await _stop(daemon) == 0
+
+
 @pytest.mark.parametrize("sig", [signal.SIGHUP])
 def test_sighup_reloads_config(tmp_path: Path, sig: signal.Signals) -> None:
     """SIGHUP re-reads the configuration: a changed transport name is re-rendered for everyone."""
 
     async def scenario() -> None:
-        config = _write_config(tmp_path, None)
-        conf = tmp_path / "pjsip_users.conf"
-        await _seed(config)
-        daemon = await _start_daemon(config, tmp_path / "daemon.log")
-        await _until(lambda: "transport=transport-udp" in _text(conf), 5)
-        config.write_text(config.read_text() + '\n[target.transports]\nudp = "udp-main"\n')
-        daemon.send_signal(sig)
-        await _until(lambda: "transport=udp-main" in _text(conf), 5)
-        assert await _stop(daemon) == 0
+        async with _running_on_file(tmp_path) as (config, conf, daemon):
+            config.write_text(config.read_text() + '\n[target.transports]\nudp = "udp-main"\n')
+            daemon.send_signal(sig)
+            await _until(lambda: "transport=udp-main" in _text(conf), 5)
 
     asyncio.run(scenario())
 
@@ -275,18 +291,13 @@ def test_sighup_applies_a_new_layout(tmp_path: Path) -> None:
     includes the shard files, which hold every user."""
 
     async def scenario() -> None:
-        config = _write_config(tmp_path, None)
-        conf = tmp_path / "pjsip_users.conf"
-        await _seed(config)
-        daemon = await _start_daemon(config, tmp_path / "daemon.log")
-        await _until(lambda: "transport=transport-udp" in _text(conf), 5)
-        users = _text(conf).count("type=endpoint")
-        config.write_text(config.read_text().replace("[target]\n", "[target]\nshards = 4\n"))
-        daemon.send_signal(signal.SIGHUP)
-        await _until(lambda: _text(conf).count("#include") == 4, 5)
-        shards = sorted((tmp_path / "pjsip_users.d").glob("*-of-0004.conf"))
-        assert sum(shard.read_text().count("type=endpoint") for shard in shards) == users
-        assert await _stop(daemon) == 0
+        async with _running_on_file(tmp_path) as (config, conf, daemon):
+            users = _text(conf).count("type=endpoint")
+            config.write_text(config.read_text().replace("[target]\n", "[target]\nshards = 4\n"))
+            daemon.send_signal(signal.SIGHUP)
+            await _until(lambda: _text(conf).count("#include") == 4, 5)
+            shards = sorted((tmp_path / "pjsip_users.d").glob("*-of-0004.conf"))
+            assert sum(shard.read_text().count("type=endpoint") for shard in shards) == users
 
     asyncio.run(scenario())
 
@@ -300,18 +311,13 @@ def test_sighup_watches_a_new_template_directory(tmp_path: Path) -> None:
     header.write_text("; site header v1\n")
 
     async def scenario() -> None:
-        config = _write_config(tmp_path, None)
-        conf = tmp_path / "pjsip_users.conf"
-        await _seed(config)
-        daemon = await _start_daemon(config, tmp_path / "daemon.log")
-        await _until(lambda: "transport=transport-udp" in _text(conf), 5)
-        setting = f'[target]\ntemplates = "{override}"\n'
-        config.write_text(config.read_text().replace("[target]\n", setting))
-        daemon.send_signal(signal.SIGHUP)
-        await _until(lambda: _text(conf).startswith("; site header v1"), 5)
-        header.write_text("; site header v2\n")
-        await _until(lambda: _text(conf).startswith("; site header v2"), 5)
-        assert await _stop(daemon) == 0
+        async with _running_on_file(tmp_path) as (config, conf, daemon):
+            setting = f'[target]\ntemplates = "{override}"\n'
+            config.write_text(config.read_text().replace("[target]\n", setting))
+            daemon.send_signal(signal.SIGHUP)
+            await _until(lambda: _text(conf).startswith("; site header v1"), 5)
+            header.write_text("; site header v2\n")
+            await _until(lambda: _text(conf).startswith("; site header v2"), 5)
 
     asyncio.run(scenario())
 
