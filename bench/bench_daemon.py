@@ -22,10 +22,12 @@ it seeds a throwaway store with generated users, starts the real daemon
   until everything was applied plus 2 s (target <= 3), and the cache expiries;
 * ``reg``: the peer sends one ``ContactStatus`` event per user (``send_burst``); the
   rate (events/s) until the store's ``registrations`` table holds them all (target
-  >= 50,000/s; the daemon flushes every 0.2 s, so a burst shorter than that is
-  bounded by it);
+  >= 50,000/s);
 * startup (daemon start to ready), the daemon's peak RSS (``VmHWM``) and this
   process's (``ru_maxrss``).
+
+``--shards N`` runs the config-file target in N shard files (``target.shards``); an
+edit is then timed until its user's shard file holds it.
 
 ``--reload-min-gap`` (default 0, as in the end-to-end tests) sets ``[ami]
 reload_min_gap``; ``reload_gap_factor`` is 0 so a one-at-a-time edit is never held
@@ -60,6 +62,7 @@ from provisioner.store.schema import registrations
 from provisioner.store.schema import users as users_table
 from provisioner.targets import Target
 from provisioner.targets.asterisk_schema import ps_endpoints
+from provisioner.targets.shards import shard_directory, shard_name, shard_of
 from tests.amipeer import FakeAsterisk, ReceivedAction
 
 from .common import (
@@ -106,10 +109,19 @@ class Setup:
     peer: FakeAsterisk
     actions: TimedActions
     config: Path
+    #: ``target.shards`` of the config-file target (0: one file).
+    shards: int = 0
 
     @property
     def conf_file(self) -> Path:
         return self.tmp / "pjsip_users.conf"
+
+    def file_of(self, uid: int) -> Path:
+        """The file that holds user ``uid``'s sections: the one file, or its shard file."""
+        if not self.shards:
+            return self.conf_file
+        index = shard_of(_extension(uid), self.shards)
+        return shard_directory(self.conf_file) / shard_name(index, self.shards)
 
 
 def _env() -> dict[str, str]:
@@ -128,6 +140,7 @@ def _write_config(s: Setup, reload_min_gap: float) -> None:
         "[target]",
         f'kind = "{"realtime" if realtime else "config"}"',
         f'path = "{s.conf_file}"',
+        f"shards = {0 if realtime else s.shards}",
         "[daemon]",
         f'state_dir = "{s.tmp / "state"}"',
         "reconcile_interval = 0",
@@ -227,16 +240,17 @@ def _applied_check(s: Setup, uid: int, context: str) -> Callable[[], bool]:
     if s.target == "config":
         state = {"mtime": -1}
         needle = f"context={context}\n"
+        path = s.file_of(uid)
 
         def in_file() -> bool:
             try:
-                mtime = s.conf_file.stat().st_mtime_ns
+                mtime = path.stat().st_mtime_ns
             except FileNotFoundError:
                 return False
             if mtime == state["mtime"]:
                 return False
             state["mtime"] = mtime
-            return needle in s.conf_file.read_text()
+            return needle in path.read_text()
 
         return in_file
     query = select(ps_endpoints.c.context).where(ps_endpoints.c.id == _extension(uid))
@@ -283,7 +297,15 @@ async def _edits(s: Setup, edits: int) -> tuple[list[float], list[float]]:
 def _count_applied(s: Setup, context: str) -> Callable[[], int]:
     if s.target == "config":
         needle = f"context={context}\n"
-        return lambda: s.conf_file.read_text().count(needle) if s.conf_file.exists() else 0
+        if not s.shards:
+            return lambda: s.conf_file.read_text().count(needle) if s.conf_file.exists() else 0
+        directory = shard_directory(s.conf_file)
+
+        def in_shards() -> int:
+            files = directory.glob(f"*-of-{s.shards:04d}.conf")
+            return sum(path.read_text().count(needle) for path in files)
+
+        return in_shards
     query = select(func.count()).select_from(ps_endpoints).where(ps_endpoints.c.context == context)
 
     def rows() -> int:
@@ -444,7 +466,8 @@ async def _run(
     await peer.start()
     engine = _editor_engine(url)
     reader = _reader_engine(url)
-    s = Setup(target, count, tmp, url, engine, reader, peer, actions, tmp / "provisioner.toml")
+    config = tmp / "provisioner.toml"
+    s = Setup(target, count, tmp, url, engine, reader, peer, actions, config, args.shards)
     figures: dict[str, Any] = {"users": count}
     try:
         seed_store(engine, count)
@@ -517,10 +540,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--baseline-edits", type=int, default=10)
     parser.add_argument("--burst", type=int, default=1000)
     parser.add_argument("--reload-min-gap", type=float, default=0.0)
+    parser.add_argument(
+        "--shards", type=int, default=0, help="target.shards of the config-file target"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_daemon_") as tmp:
         for target in args.target:
             kind = "config file" if target == "config" else f"realtime on {target}"
+            if target == "config" and args.shards:
+                kind += f" in {args.shards} shard files"
             print_header(f"daemon, {kind} (latencies in ms from commit)", COLUMNS)
             for count in args.users:
                 print_row(COLUMNS, run_one(target, count, Path(tmp), args))
