@@ -916,29 +916,37 @@ def test_apply_partial_before_any_apply_refuses_a_broken_file(tmp_path: Path) ->
     assert path.read_bytes() == b"[1001]\ntype=endpoint\n[broken\n"
 
 
-def test_the_applier_one_edit_path_writes_what_a_full_apply_writes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shards", [0, 4])
+def test_the_applier_one_edit_path_writes_what_a_full_apply_writes(
+    tmp_path: Path, shards: int
+) -> None:
     """Through Applier.users_changed (apply_partial), edits, additions, extension changes,
-    disables and deletes leave the bytes a fresh full apply writes."""
+    disables and deletes leave the bytes a fresh full apply writes, in one file or in
+    every shard file."""
     from provisioner.accounts import Accounts, Policy
     from provisioner.applier import Applier
 
     from .faultkit import cheap_hasher, seed_store, store_url
 
     cheap_hasher()
-    engine = seed_store(store_url(tmp_path), 6)
+    engine = seed_store(store_url(tmp_path), 12)
     try:
         accounts = Accounts(engine, Policy(password_policy=False))
-        edited = ConfigFileTarget(tmp_path / "edited.conf")
+        edited = make_target(tmp_path / "a" / "pjsip_users.conf", shards)
         applier = Applier(engine, edited, RenderSettings())
         applier.full()
 
         def ids(*names: str) -> list[int]:
             return [accounts.get_user(n).id for n in names]
 
+        def files(target: ConfigFileTarget | ShardedConfigFileTarget) -> list[bytes]:
+            paths = target.files if isinstance(target, ShardedConfigFileTarget) else [target.path]
+            return [path.read_bytes() for path in paths]
+
         def same_as_full() -> None:
-            full = ConfigFileTarget(tmp_path / "full.conf")
+            full = make_target(tmp_path / "b" / "pjsip_users.conf", shards)
             Applier(engine, full, RenderSettings()).full()
-            assert edited.path.read_bytes() == full.path.read_bytes()
+            assert files(edited) == files(full)
 
         accounts.edit_user("u1", {"nat": "yes", "context": "sales"})
         assert applier.users_changed(ids("u1")).change.updated

@@ -519,48 +519,6 @@ def test_from_config_builds_the_sharded_target(tmp_path: Path) -> None:
 # --- through the applier and the command line ---------------------------------------------
 
 
-def test_the_applier_one_edit_path_writes_what_a_full_apply_writes(tmp_path: Path) -> None:
-    """Through Applier.users_changed, edits, additions, extension changes, disables and
-    deletes leave the shard files a fresh full apply writes."""
-    from provisioner.accounts import Accounts, Policy
-    from provisioner.applier import Applier
-
-    from .faultkit import cheap_hasher, seed_store, store_url
-
-    cheap_hasher()
-    engine = seed_store(store_url(tmp_path), 12)
-    try:
-        accounts = Accounts(engine, Policy(password_policy=False))
-        edited = ShardedConfigFileTarget(tmp_path / "a" / "pjsip_users.conf", shards=4)
-        applier = Applier(engine, edited, RenderSettings())
-        applier.full()
-
-        def ids(*names: str) -> list[int]:
-            return [accounts.get_user(n).id for n in names]
-
-        def same_as_full() -> None:
-            full = ShardedConfigFileTarget(tmp_path / "b" / "pjsip_users.conf", shards=4)
-            Applier(engine, full, RenderSettings()).full()
-            for mine, theirs in zip(edited.files, full.files, strict=True):
-                assert mine.read_bytes() == theirs.read_bytes()
-
-        accounts.edit_user("u1", {"nat": "yes", "context": "sales"})
-        assert applier.users_changed(ids("u1")).change.updated
-        same_as_full()
-        accounts.edit_user("u2", {"extension": "99"})
-        change = applier.users_changed(ids("u2")).change
-        assert change.added == ("99",)
-        assert len(change.removed) == 1
-        same_as_full()
-        gone = ids("u3", "u4")
-        accounts.disable(["u3"])
-        accounts.delete(["u4"])
-        assert len(applier.users_changed(gone).change.removed) == 2
-        same_as_full()
-    finally:
-        engine.dispose()
-
-
 def test_render_dry_run_and_check_in_sharded_mode(tmp_path: Path) -> None:
     """'render --dry-run' prints the main file's and the shards' diffs and writes nothing;
     'render' writes them; 'check' names the shard directory."""
