@@ -1,4 +1,4 @@
-"""Registration state in the store: ``write_endpoints`` and the flusher, on every backend."""
+"""Registration state in the store: ``write_endpoint_rows`` and the flusher, on every backend."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,17 +22,14 @@ from provisioner.ami.pbx import AmiPbx, Link
 from provisioner.ami.reload import PjsipOps, ReloadCoordinator
 from provisioner.store.engine import open_engine, reading
 from provisioner.store.registrations import (
-    ContactRecord,
-    SummaryRecord,
-    contact_row,
+    ContactRow,
+    SummaryRow,
     epoch_text,
     replace_server_snapshot,
     set_problems,
     status_rows,
-    summary_row,
     time_text,
     write_endpoint_rows,
-    write_endpoints,
 )
 from provisioner.store.schema import registration_summary, registrations
 
@@ -62,21 +58,21 @@ async def _lab_pbx(engine: Engine) -> AsyncIterator[tuple[FakeAsterisk, Link]]:
         await peer.stop()
 
 
-def _state(ep: str, status: str) -> tuple[list[ContactRecord], SummaryRecord]:
-    contact = ContactRecord(
-        "pbx1", ep, f"{ep};@abc", f"sip:{ep}@10.0.0.1:5060", status, "Phone/1", "", 1234, SEEN, SEEN
-    )
-    return [contact], SummaryRecord("pbx1", ep, "online", "NOT_INUSE", changed_at=SEEN)
+def _state(ep: str, status: str) -> tuple[list[ContactRow], SummaryRow]:
+    """One contact of ``ep`` seen at SEEN, and an online summary, as the flusher's rows."""
+    uri = f"sip:{ep}@10.0.0.1:5060"
+    contact = (f"{ep};@abc", uri, status, "Phone/1", "", 1234, SEEN_TEXT, SEEN_TEXT)
+    return [contact], ("online", "NOT_INUSE", "", SEEN_TEXT)
 
 
-def test_write_endpoints_replaces_rows_and_round_trips_values(engine: Engine) -> None:
+def test_a_write_replaces_rows_and_round_trips_values(engine: Engine) -> None:
     """Contacts and summaries of known endpoints are replaced; values and times read back."""
     seed_store(engine, 3)
     with engine.begin() as conn:
-        assert write_endpoints(conn, "pbx1", {"100000": _state("100000", "Unknown")}, NOW) == 1
+        assert write_endpoint_rows(conn, "pbx1", {"100000": _state("100000", "Unknown")}, NOW) == 1
     states = {ep: _state(ep, "NonQualified") for ep in ("100000", "100001", "trunk")}
     with engine.begin() as conn:
-        assert write_endpoints(conn, "pbx1", states, NOW) == 2
+        assert write_endpoint_rows(conn, "pbx1", states, NOW) == 2
     with engine.connect() as conn:
         rows = conn.execute(select(registrations).order_by(registrations.c.user_id)).all()
         sums = conn.execute(select(registration_summary)).all()
@@ -98,12 +94,8 @@ def test_snapshot_replaces_every_contact_and_problems_are_kept(engine: Engine) -
     in the summary."""
     seed_store(engine, 3)
     with engine.begin() as conn:
-        write_endpoints(conn, "pbx1", {"100002": _state("100002", "Reachable")}, NOW)
-        snapshot = {
-            ep: ([contact_row(c) for c in contacts], summary_row(summary))
-            for ep in ("100000", "100001", "trunk")
-            for contacts, summary in [_state(ep, "NonQualified")]
-        }
+        write_endpoint_rows(conn, "pbx1", {"100002": _state("100002", "Reachable")}, NOW)
+        snapshot = {ep: _state(ep, "NonQualified") for ep in ("100000", "100001", "trunk")}
         assert replace_server_snapshot(conn, "pbx1", snapshot, NOW) == 2
         assert set_problems(conn, "pbx1", {"100000": "rejected", "100002": ""}, NOW) == 2
     with engine.connect() as conn:
@@ -118,11 +110,11 @@ def test_an_event_write_keeps_the_problem_the_verifier_recorded(engine: Engine) 
     """Writing an endpoint's contacts and summary leaves its recorded problem in place."""
     seed_store(engine, 2)
     with engine.begin() as conn:
-        write_endpoints(conn, "pbx1", {"100000": _state("100000", "Reachable")}, NOW)
+        write_endpoint_rows(conn, "pbx1", {"100000": _state("100000", "Reachable")}, NOW)
         set_problems(conn, "pbx1", {"100000": "rejected"}, NOW)
     states = {ep: _state(ep, "Unreachable") for ep in ("100000", "100001")}
     with engine.begin() as conn:
-        assert write_endpoints(conn, "pbx1", states, NOW) == 2
+        assert write_endpoint_rows(conn, "pbx1", states, NOW) == 2
     with engine.connect() as conn:
         sums = conn.execute(
             select(registration_summary.c.user_id, registration_summary.c.problem)
@@ -132,19 +124,21 @@ def test_an_event_write_keeps_the_problem_the_verifier_recorded(engine: Engine) 
     assert statuses == ["Unreachable", "Unreachable"]
 
 
-def test_write_endpoint_rows_matches_write_endpoints(engine: Engine) -> None:
-    """The flusher's tuple path stores exactly what the record path stores."""
+def test_rows_without_times_take_the_writes_time_and_trunks_are_skipped(
+    engine: Engine,
+) -> None:
+    """A contact or summary without a time is stored with the write's; an endpoint that
+    is no user (a trunk) writes nothing and is not counted."""
     seed_store(engine, 2)
-    contact, summary = _state("100000", "Reachable")
+    (contact,), summary = _state("100000", "Reachable")
+    untimed = (*contact[:7], None)
     with engine.begin() as conn:
-        write_endpoints(conn, "pbx1", {"100000": (contact, summary)}, NOW)
-        c = contact[0]
-        row = contact_row(replace(c, changed_at=None))
+        write_endpoint_rows(conn, "pbx1", {"100000": ([contact], summary)}, NOW)
         matched = write_endpoint_rows(
             conn,
             "pbx1",
             {
-                "100001": ([row], ("online", "NOT_INUSE", "", SEEN_TEXT)),
+                "100001": ([untimed], ("online", "NOT_INUSE", "", None)),
                 "trunk": ([], (None, "", "", None)),
             },
             NOW,
@@ -155,13 +149,14 @@ def test_write_endpoint_rows_matches_write_endpoints(engine: Engine) -> None:
         sums = conn.execute(
             select(registration_summary).order_by(registration_summary.c.user_id)
         ).all()
+    cid, uri = contact[0], contact[1]
     assert [tuple(r)[2:] for r in rows] == [
-        (c.contact_id, c.uri, "Reachable", "Phone/1", "", 1234, SEEN, SEEN),
-        (c.contact_id, c.uri, "Reachable", "Phone/1", "", 1234, SEEN, NOW),
+        (cid, uri, "Reachable", "Phone/1", "", 1234, SEEN, SEEN),
+        (cid, uri, "Reachable", "Phone/1", "", 1234, SEEN, NOW),
     ]
     assert [tuple(s)[1:] for s in sums] == [
         ("pbx1", "online", "NOT_INUSE", "", SEEN),
-        ("pbx1", "online", "NOT_INUSE", "", SEEN),
+        ("pbx1", "online", "NOT_INUSE", "", NOW),
     ]
 
 

@@ -43,56 +43,22 @@ from .bulk import executemany
 from .schema import registration_summary, registrations, users
 
 __all__ = [
-    "ContactRecord",
     "ContactRow",
     "RowBatch",
-    "SummaryRecord",
     "SummaryRow",
     "batches_supported",
-    "contact_row",
     "epoch_text",
     "replace_server_snapshot",
     "set_problems",
     "status_rows",
     "summarize",
-    "summary_row",
     "time_text",
     "write_batch",
     "write_endpoint_rows",
-    "write_endpoints",
 ]
 
 _CHUNK = 500
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True)
-class ContactRecord:
-    """One contact of an endpoint on one server."""
-
-    server: str
-    endpoint: str
-    contact_id: str
-    uri: str
-    status: str
-    user_agent: str = ""
-    source: str = ""
-    rtt_usec: int | None = None
-    expires_at: datetime | None = None
-    changed_at: datetime | None = None
-
-
-@dataclass(frozen=True)
-class SummaryRecord:
-    """An endpoint's state on one server: online, offline or unreachable, its device
-    state, and why Asterisk does not hold it as rendered (``problem``)."""
-
-    server: str
-    endpoint: str
-    state: str | None = None
-    device_state: str | None = None
-    problem: str | None = None
-    changed_at: datetime | None = None
 
 
 def _user_ids(conn: Connection, endpoints: Iterable[str]) -> dict[str, int]:
@@ -185,29 +151,6 @@ def epoch_text(epoch: float) -> str:
     return f"{_second_text(second)}.{micro:06d}"
 
 
-def _optional_text(value: datetime | None) -> str | None:
-    return None if value is None else time_text(value)
-
-
-def contact_row(c: ContactRecord) -> ContactRow:
-    """``c`` as the store's plain tuple (without its server and endpoint)."""
-    return (
-        c.contact_id,
-        c.uri,
-        c.status,
-        c.user_agent,
-        c.source,
-        c.rtt_usec,
-        _optional_text(c.expires_at),
-        _optional_text(c.changed_at),
-    )
-
-
-def summary_row(s: SummaryRecord) -> SummaryRow:
-    """``s`` as the store's plain tuple (without its server and endpoint)."""
-    return (s.state, s.device_state or "", s.problem or "", _optional_text(s.changed_at))
-
-
 def _fitted_contact(row: ContactRow) -> ContactRow:
     """``row`` with each text cut to its column's size."""
     cid, uri, status, agent, source, rtt, expires_at, changed_at = row
@@ -229,36 +172,18 @@ def _fitted_summary(row: SummaryRow) -> tuple[str, str, str, str | None]:
     return ((state or "offline")[:16], device_state[:32], problem[:255], changed_at)
 
 
-def write_endpoints(
-    conn: Connection,
-    server: str,
-    states: Mapping[str, tuple[Sequence[ContactRecord], SummaryRecord]],
-    now: datetime,
-) -> int:
-    """Replace, for ``server``, the contacts and summary of each endpoint in ``states``.
-
-    One call is one batch on the caller's transaction; returns how many endpoints
-    matched a user.  The records' own ``server`` is not used: ``server`` is.  An empty
-    ``problem`` means "not known" (events never say whether Asterisk holds the endpoint
-    as rendered): the problem already recorded by :func:`set_problems` then stays.
-    """
-    rows = {
-        ep: ([contact_row(c) for c in contacts], summary_row(s))
-        for ep, (contacts, s) in states.items()
-    }
-    return write_endpoint_rows(conn, server, rows, now)
-
-
 def write_endpoint_rows(
     conn: Connection,
     server: str,
     rows: Mapping[str, tuple[Sequence[ContactRow], SummaryRow]],
     now: datetime,
 ) -> int:
-    """:func:`write_endpoints` of plain tuples (the flusher's path: no record objects).
+    """Replace, for ``server``, the contacts and summary of each endpoint in ``rows``.
 
-    Each endpoint's contacts and summary for ``server`` are replaced by ``rows[ep]``;
-    endpoints that are no user are skipped.  Returns how many matched a user.
+    One call is one batch on the caller's transaction; endpoints that are no user are
+    skipped; returns how many matched a user.  An empty ``problem`` means "not known"
+    (events never say whether Asterisk holds the endpoint as rendered): the problem
+    already recorded by :func:`set_problems` then stays.
     """
     if not rows:
         return 0
