@@ -272,6 +272,8 @@ class AmiPbx:
                 dirty, link.dirty = link.dirty, set()
                 book = link.book
                 states = {ep: rows(book[ep]) for ep in dirty if ep in book}
+                if not states:
+                    continue  # a snapshot took them meanwhile: nothing to write
                 _log_changes(link, states)
                 write = self._flush_work(link.name, states)
                 if writing is not None:
