@@ -507,14 +507,14 @@ def _compare(current: _Current, objects: Sequence[UserObjects]) -> Change:
     )
 
 
-def _all_added(state: _State) -> Change:
-    """What :func:`_compare` finds for a file holding nothing: every user added."""
-    users = state.users
+def _all_added(users: Sequence[UserObjects], *, distinct: bool = False) -> Change:
+    """What :func:`_compare` finds against nothing at all: every user added (``distinct``:
+    no two sections share an id, so none needs dropping from ``changed_objects``)."""
     # (kind, id) of every section, in file order, made in C.
     keys = zip(cycle(("endpoint", "auth", "aor")), chain.from_iterable(map(_IDS, users)))
     return Change(
         added=tuple(map(_EID, users)),
-        changed_objects=tuple(keys) if state.distinct else tuple(dict.fromkeys(keys)),
+        changed_objects=tuple(keys) if distinct else tuple(dict.fromkeys(keys)),
     )
 
 
@@ -1077,7 +1077,7 @@ class ConfigFileTarget:
                 # nothing is added, updated or removed (what _compare finds, quicker).
                 return _Pending(Change(unchanged=len(desired)), state, write=False, backup=True)
             if old is None:
-                change = _all_added(state)
+                change = _all_added(state.users, distinct=state.distinct)
             else:
                 change = _compare(self._current(old, state, self._state), desired)
         else:

@@ -211,13 +211,6 @@ def _ordered(ids: Iterable[str]) -> list[str]:
     return sorted(sorted(ids), key=len)
 
 
-#: (object id, options) of one kind of a user's objects (C getters: called per user).
-_PARTS: dict[str, Callable[[UserObjects], tuple[str, Options]]] = {
-    "endpoint": attrgetter("endpoint_id", "endpoint"),
-    "auth": attrgetter("auth_id", "auth"),
-    "aor": attrgetter("aor_id", "aor"),
-}
-
 #: The object id and the options of one kind, apart (no pair built per user).
 _IDS_AND_OPTIONS: dict[
     str, tuple[Callable[[UserObjects], str], Callable[[UserObjects], Options]]
@@ -544,8 +537,8 @@ def _scope(upserts: Sequence[UserObjects], removed_ids: Iterable[str]) -> dict[s
     """The object ids, per kind, of users ``upserts`` and of endpoint ids ``removed_ids``."""
     scope: dict[str, set[str]] = {kind: set() for kind in _KINDS}
     for obj in upserts:
-        for kind, part in _PARTS.items():
-            scope[kind].add(part(obj)[0])
+        for kind, (id_of, _options_of) in _IDS_AND_OPTIONS.items():
+            scope[kind].add(id_of(obj))
     for ext in removed_ids:
         scope["endpoint"].add(ext)
         scope["auth"].add(auth_id(ext))

@@ -15,7 +15,6 @@ import contextlib
 import os
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from itertools import chain, cycle
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,9 +23,8 @@ from ..logs import get_logger
 from ..pjsip import UserObjects
 from . import Change
 from .configfile import (
-    _EID,
-    _IDS,
     ConfigFileTarget,
+    _all_added,
     _compare,
     _Current,
     _diff,
@@ -97,13 +95,6 @@ def _summed(changes: Iterable[Change]) -> Change:
         changed_objects=tuple(dict.fromkeys(objects)),
         wrote=wrote,
     )
-
-
-def _everyone_added(users: Sequence[UserObjects]) -> Change:
-    """What :func:`_compare` finds against nothing at all: every user added."""
-    # (kind, id) of every section, in order, made in C (as _all_added does).
-    keys = zip(cycle(("endpoint", "auth", "aor")), chain.from_iterable(map(_IDS, users)))
-    return Change(added=tuple(map(_EID, users)), changed_objects=tuple(dict.fromkeys(keys)))
 
 
 def _sync_directory(directory: Path) -> None:
@@ -265,17 +256,11 @@ class ShardedConfigFileTarget:
         desired = _with_kept(objects, _kept_objects(current, keep, objects))
         groups = enumerate(self._groups(desired))
         files = [self._prepared(i, group, (), count=False) for i, group in groups]
-        change = _everyone_added(desired) if old_main is None else _compare(current, desired)
+        change = _all_added(desired) if old_main is None else _compare(current, desired)
         return _Layout(change, files, main, old_main)
 
     def _commit(self, layout: _Layout) -> Change:
-        wrote = False
-        for target, pending in layout.files:
-            # One directory fsync for the whole set below, not one per file (1,024 of
-            # them cost ~0.25 s): nothing names these renames before it.
-            wrote = target._commit(pending, sync_directory=False).wrote or wrote
-        if wrote:
-            _sync_directory(self.directory)
+        wrote = any(change.wrote for change in self._commit_files(layout.files))
         if layout.main != layout.old_main:
             # Every shard file of this set is on disk, fsynced: only now does the main file
             # name them, in one atomic replace (whose directory fsync also makes the shard
@@ -287,6 +272,14 @@ class ShardedConfigFileTarget:
         # switch, or one a crash cut short) can go.
         retire_shards(self.directory, self.shards)
         return replace(layout.change, wrote=wrote)
+
+    def _commit_files(self, files: list[tuple[ConfigFileTarget, _Pending]]) -> list[Change]:
+        """Write the shard files' pending applies, then fsync the shard directory once
+        (not once per file: 1,024 of them cost ~0.25 s) before anything names them."""
+        changes = [target._commit(pending, sync_directory=False) for target, pending in files]
+        if any(change.wrote for change in changes):
+            _sync_directory(self.directory)
+        return changes
 
     def plan(
         self, objects: Sequence[UserObjects], *, keep: Collection[str] = (), verify: bool = False
@@ -350,8 +343,10 @@ class ShardedConfigFileTarget:
                 target = self._file(index)
                 with _naming(target.path):
                     files.append((target, target._prepare_partial(*edits[index])))
-        change = _summed(target._commit(pending) for target, pending in files)
-        # As for one file, every user not added or updated counts as unchanged.
+        change = _summed(self._commit_files(files))
+        # As for one file, every user not added or updated counts as unchanged: those of
+        # the shard files this object has read (all of them after a full apply, as in
+        # the daemon; a fresh object reads only the shards it edits).
         others = sum(
             len(t._state.users)
             for i, t in self._targets.items()
