@@ -107,6 +107,13 @@ def build_target(config: Config, store_engine: Engine) -> Target:
     return config_file_target(config)
 
 
+def _placement(config: Config) -> tuple[str, str, str, str, int]:
+    """What :func:`build_target` builds the target from (the rest of ``[target]`` is
+    render settings, which reach the applier without a new target)."""
+    t = config.target
+    return (t.kind, t.path, t.url, t.templates, t.shards)
+
+
 def template_dirs(config: Config) -> list[Path]:
     dirs = [SHIPPED_TEMPLATES]
     if config.target.templates:
@@ -403,21 +410,28 @@ class Daemon:
         except ProvisionerError as exc:
             log.error("config.reload_failed", error=_describe(exc))
             return
-        if template_dirs(config) != template_dirs(self.config):
-            # Watch the new override directory (and no longer the old one).
-            self._templates_watch.set()
-            self._templates_watch = asyncio.Event()
-            self._spawn(self._watch_templates(template_dirs(config)))
-        if config.target != self.config.target:
-            # Another path, layout (shards) or kind: a target built anew, which the full
-            # apply below fills; memory no longer mirrors what is there until it has.
+        if _placement(config) != _placement(self.config):
+            # Another kind, path, database, template directory or layout (shards): a target
+            # built anew (off the loop: it may open a database), which the full apply below
+            # fills; memory no longer mirrors what is there until it has.  Render settings
+            # alone (transports, codecs…) keep the target and its caches.
             try:
-                self.applier.target = build_target(config, self.engine)
+                target = await asyncio.to_thread(build_target, config, self.engine)
             except (ProvisionerError, OSError, DBAPIError) as exc:
                 log.error("config.reload_failed", error=_describe(exc))
                 return
+            old, self.applier.target = self.applier.target, target
             self.applier.synced = False
+            old_engine = getattr(old, "engine", None)
+            if isinstance(old_engine, Engine) and old_engine is not self.engine:
+                old_engine.dispose()  # a realtime database of its own (target.url)
             log.info("config.target_changed", kind=config.target.kind, path=config.target.path)
+        dirs = template_dirs(config)
+        if dirs != template_dirs(self.config):
+            # Watch the new override directory (and no longer the old one).
+            self._templates_watch.set()
+            self._templates_watch = asyncio.Event()
+            self._spawn(self._watch_templates(dirs))
         self.config = config
         self.applier.settings = RenderSettings.from_config(config)
         self.applier.max_removal_fraction = config.daemon.max_removal_fraction
