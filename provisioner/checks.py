@@ -55,8 +55,10 @@ def _target(config: Config) -> Check:
             return ("target", False, f"directory {directory} is not writable")
         if not t.shards:
             return ("target", True, f"config file {t.path} (directory writable)")
-        from .targets.shards import shard_directory
+        from .targets.shards import shard_directory, shard_directory_problem
 
+        if (problem := shard_directory_problem(Path(t.path))) is not None:
+            return ("target", False, f"{problem.field}: {problem.rule}")
         shards = shard_directory(Path(t.path))
         # Absent, it is made beside the main file (checked above) at the first apply.
         if shards.exists() and not (shards.is_dir() and os.access(shards, os.W_OK)):

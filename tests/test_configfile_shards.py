@@ -539,3 +539,18 @@ def test_render_dry_run_and_check_in_sharded_mode(tmp_path: Path) -> None:
     assert "would be added 0" in cli(config, *shards, "render", "--dry-run").out
     checked = cli(config, *shards, "check", check=False).out
     assert f"including 4 shard files in {tmp_path / 'pjsip_users.d'}" in checked
+
+
+def test_check_refuses_a_path_asterisk_cannot_include(tmp_path: Path) -> None:
+    """'check' fails the target line for a sharded main file whose shard directory an
+    #include would not keep literally, naming target.path, as the daemon would refuse it."""
+    from .faultkit import cli, write_config
+
+    odd = tmp_path / "a*b"
+    odd.mkdir()
+    config = write_config(tmp_path)
+    main = ("--set", f"target.path={odd / 'pjsip_users.conf'}", "--set", "target.shards=4")
+    checked = cli(config, *main, "check", check=False)
+    assert checked.code == 1
+    (line,) = [line for line in checked.out.splitlines() if "target" in line and "#include" in line]
+    assert "target.path" in line

@@ -12,7 +12,6 @@ config.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,7 +41,6 @@ from .configfile import (
     _write_file,
 )
 from .shards import (
-    INCLUDABLE,
     MAX_SHARDS,
     SHARD_TEMPORARIES,
     check_main,
@@ -50,6 +48,7 @@ from .shards import (
     own_includes,
     retire_shards,
     shard_directory,
+    shard_directory_problem,
     shard_name,
     shard_of,
 )
@@ -159,18 +158,8 @@ class ShardedConfigFileTarget:
         self.directory = shard_directory(self.path)
         #: The shard files, in shard order: what the main file includes.
         self.files = tuple(self.directory / shard_name(i, shards) for i in range(shards))
-        if self.directory == Path(os.path.abspath(self.path)) or not INCLUDABLE.fullmatch(
-            str(self.directory)
-        ):
-            raise ConfigError(
-                [
-                    Problem(
-                        "target.path",
-                        f"the shard directory {str(self.directory)!r} cannot be #included by "
-                        "Asterisk: use letters, digits and / . _ + @ , : = - or space",
-                    )
-                ]
-            )
+        if (problem := shard_directory_problem(self.path)) is not None:
+            raise ConfigError([problem])
         self._templates = _Templates(templates_dir)
         #: Shard index -> the target writing that file, made when first needed.
         self._targets: dict[int, ConfigFileTarget] = {}

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..asterisk_conf import parse
-from ..errors import AsteriskSyntaxError, RenderCheckFailed
+from ..errors import AsteriskSyntaxError, Problem, RenderCheckFailed
 from ..logs import get_logger
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "own_includes",
     "retire_shards",
     "shard_directory",
+    "shard_directory_problem",
     "shard_name",
     "shard_of",
 ]
@@ -56,6 +57,19 @@ def shard_of(endpoint_id: str, count: int) -> int:
     """The shard of ``count`` that holds the user of ``endpoint_id``: CRC-32 of the id's
     UTF-8 bytes, so every process agrees (``hash()`` of a str differs between processes)."""
     return zlib.crc32(endpoint_id.encode("utf-8", "surrogatepass")) % count
+
+
+def shard_directory_problem(path: Path) -> Problem | None:
+    """Why the main file ``path`` cannot have a sharded layout (its shard directory cannot
+    be named in an ``#include``), or None; pure: the constructor and ``check`` ask it."""
+    directory = shard_directory(path)
+    if directory != Path(os.path.abspath(path)) and INCLUDABLE.fullmatch(str(directory)):
+        return None
+    return Problem(
+        "target.path",
+        f"the shard directory {str(directory)!r} cannot be #included by "
+        "Asterisk: use letters, digits and / . _ + @ , : = - or space",
+    )
 
 
 def shard_directory(path: Path) -> Path:
