@@ -20,6 +20,7 @@ from provisioner.ami import pbx as pbx_module
 from provisioner.ami.client import AmiClient
 from provisioner.ami.pbx import AmiPbx, Link
 from provisioner.ami.reload import PjsipOps, ReloadCoordinator
+from provisioner.health import Health
 from provisioner.store.engine import open_engine, reading
 from provisioner.store.registrations import (
     ContactRow,
@@ -42,18 +43,19 @@ SEEN_TEXT = "2026-05-01 11:59:58.654321"
 
 
 @asynccontextmanager
-async def _lab_pbx(engine: Engine) -> AsyncIterator[tuple[FakeAsterisk, Link]]:
+async def _lab_pbx(engine: Engine) -> AsyncIterator[tuple[FakeAsterisk, Link, AmiPbx]]:
     """A running AmiPbx with one link, "lab", to a fake Asterisk over a real socket, once
-    its connect snapshot is written."""
+    its connect snapshot is written: (the peer, the link, the AmiPbx)."""
     peer = FakeAsterisk()
     await peer.start()
     client = AmiClient(server_for(peer), fast_settings())
     link = Link("lab", client, ReloadCoordinator(client, fast_settings()), PjsipOps(client))
+    pbx = AmiPbx([link], engine, "realtime")
     try:
-        async with running(AmiPbx([link], engine, "realtime")):
+        async with running(pbx):
             await eventually(lambda: link.last_snapshot > 0 and client.connected)
             await asyncio.sleep(0.3)  # the connect snapshot written
-            yield peer, link
+            yield peer, link, pbx
     finally:
         await peer.stop()
 
@@ -168,7 +170,7 @@ def test_events_of_one_contact_in_one_flush_window_leave_the_latest_state(
     seed_store(engine, 2)
 
     async def scenario() -> None:
-        async with _lab_pbx(engine) as (peer, link):
+        async with _lab_pbx(engine) as (peer, link, _pbx):
             to_user = ((b"1001", b"100000"),)
             await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified", replace=to_user)
             await peer.send_recorded("Event: ContactStatus\r\n", "Removed", replace=to_user)
@@ -249,7 +251,7 @@ def test_a_large_batch_is_written_before_the_flush_delay(
     monkeypatch.setattr(pbx_module, "FLUSH_DELAY", 60.0)
 
     async def scenario() -> int:
-        async with _lab_pbx(engine) as (peer, link):
+        async with _lab_pbx(engine) as (peer, link, _pbx):
             await peer.send_burst(5)
             await eventually(lambda: link.events == 5)
             await eventually(lambda: len(link.dirty) < 3, timeout=3.0)
@@ -266,7 +268,8 @@ def test_a_write_the_database_refused_is_retried_without_a_new_event(
 ) -> None:
     """While the store refuses writes (here: another writer holds SQLite's lock) the
     flusher backs off; once it accepts them the latest state is written, no new event
-    needed, and the failure count in health goes back to 0."""
+    needed; meanwhile the health record is unhealthy, naming the server, and healthy
+    again after."""
     monkeypatch.setattr(pbx_module, "STORE_RETRY_BASE", 0.05)
     path = tmp_path / "store.db"
     engine = open_engine(f"sqlite:///{path}", busy_timeout=0.05)
@@ -277,22 +280,30 @@ def test_a_write_the_database_refused_is_retried_without_a_new_event(
         with reading(engine) as conn:
             return len(conn.execute(select(registrations.c.user_id)).all())
 
-    async def scenario() -> tuple[int, int]:
-        async with _lab_pbx(engine) as (peer, link):
+    def unhealthy(pbx: AmiPbx) -> list[str]:
+        """What ``provisioner check`` would say of the daemon's health record now."""
+        health = Health(ready=True, last_sync_ok=True, asterisk=pbx.health())
+        return health.problems(health.updated_at, max_age=60.0)
+
+    async def scenario() -> tuple[int, int, list[str], list[str]]:
+        async with _lab_pbx(engine) as (peer, link, pbx):
             blocker.execute("BEGIN EXCLUSIVE")
             await peer.send_burst(3)
-            await eventually(lambda: link.store_failures >= 2, timeout=5.0)
-            refused = stored()
+            await eventually(lambda: link.store_failures >= 3, timeout=5.0)
+            refused, during = stored(), unhealthy(pbx)
             blocker.execute("ROLLBACK")
             await eventually(lambda: stored() == 3 and link.store_failures == 0, timeout=5.0)
-            return refused, link.events
+            return refused, link.events, during, unhealthy(pbx)
 
     try:
-        refused, events = run(scenario())
+        refused, events, during, after = run(scenario())
     finally:
         blocker.close()
         engine.dispose()
     assert (refused, events) == (0, 3)
+    (problem,) = during
+    assert problem.startswith("lab: the store refused the last")
+    assert after == []
 
 
 def test_timestamp_text_is_what_sqlites_bind_processor_writes() -> None:
