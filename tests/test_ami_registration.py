@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from provisioner.ami.actions import parse_message_lines
 from provisioner.ami.pbx import rows
 from provisioner.ami.registration import (
+    ContactState,
     EndpointRegistration,
     apply_event,
     apply_events,
@@ -168,16 +169,30 @@ def test_contact_list_snapshot_from_show_actions() -> None:
     assert book["2001"].summary == "online"
 
 
-def test_first_contact_status_equals_the_general_path() -> None:
-    """A first ContactStatus of an endpoint gives the record the general fold gives."""
+def test_a_first_contact_status_gives_one_contact_and_the_events_time() -> None:
+    """A first recorded ContactStatus of an endpoint gives a tracked, existing record with
+    exactly that contact (status, and RTT only when measured) and the event's Timestamp."""
+    seen = 0
     for events in _captures().values():
         for event in events:
-            if event["Event"] != "ContactStatus":
+            if event["Event"] != "ContactStatus" or event["ContactStatus"] == "Removed":
                 continue
             endpoint = endpoint_of(event)
-            assert endpoint is not None
-            general = apply_event(EndpointRegistration(endpoint), event)
-            assert apply_event(None, event) == general
+            assert endpoint == event["EndpointName"]
+            reg = apply_event(None, event)
+            assert reg is not None
+            measured = event["ContactStatus"] in ("Reachable", "Unreachable")
+            rtt = int(event["RoundtripUsec"]) if measured else None
+            contact = ContactState(event["AOR"], event["URI"], event["ContactStatus"], rtt)
+            assert (reg.endpoint, reg.contacts, reg.exists, reg.tracked) == (
+                endpoint,
+                (contact,),
+                True,
+                True,
+            )
+            assert reg.last_change == float(event["Timestamp"])
+            seen += 1
+    assert seen >= 2
 
 
 def test_status_event_keeps_what_the_snapshot_said() -> None:
