@@ -38,7 +38,7 @@ from provisioner.ami.actions import AmiMessage, FrameDecoder
 from provisioner.ami.client import AmiClient
 from provisioner.ami.pbx import AmiPbx, Link, rows
 from provisioner.ami.reload import PjsipOps, ReloadCoordinator
-from provisioner.store.engine import open_engine
+from provisioner.store.engine import open_engine, reading
 from provisioner.store.registrations import write_endpoint_rows
 from provisioner.store.schema import registrations
 from tests.amipeer import FakeAsterisk, fast_settings, running, server_for
@@ -75,11 +75,12 @@ def _wait_stored(engine: Engine, server: str, last_user: int, total: int, timeou
     Runs in one thread for the whole burst, on one connection (each poll its own short
     transaction, so SQLite's WAL snapshot moves on): a poll every 5 ms through
     ``asyncio.to_thread``, each with a pool checkout, took 8 % of the event loop's
-    thread, which is the daemon's.  The
-    count is taken only once the burst's last user is there (its batch was taken after
-    every earlier event was folded, and batches commit one after another)."""
+    thread, which is the daemon's.  The connection only reads (``reading``: on SQLite no
+    write lock, so a poll never makes the flusher wait).  The count is taken only once
+    the burst's last user is there (its batch was taken after every earlier event was
+    folded, and batches commit one after another)."""
     deadline = time.perf_counter() + timeout
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         while True:
             if _has_user(conn, server, last_user) and _stored(conn, server) >= total:
                 return time.perf_counter()
@@ -89,8 +90,8 @@ def _wait_stored(engine: Engine, server: str, last_user: int, total: int, timeou
             time.sleep(0.002)
 
 
-async def _measure(engine: Engine, count: int, watcher: Engine) -> float:
-    """Seconds from the burst's first byte until ``watcher`` counts every contact stored."""
+async def _measure(engine: Engine, count: int) -> float:
+    """Seconds from the burst's first byte until every contact is counted stored."""
     peer = FakeAsterisk()
     await peer.start()
     settings = fast_settings(action_timeout=30.0)
@@ -105,15 +106,15 @@ async def _measure(engine: Engine, count: int, watcher: Engine) -> float:
                     raise TimeoutError("no AMI session")
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.5)  # the connect snapshot written
-            with watcher.connect() as conn:
+            with reading(engine) as conn:
                 before = _stored(conn, "lab")
-            # As the daemon does after its full reconcile (daemon._freeze_heap): what
+            # As the daemon does after its full reconcile (daemon._settle_heap): what
             # lives on is exempt from collections; the storm's own objects are not.
             gc.collect()
             gc.freeze()
             began = time.perf_counter()
             await peer.send_burst(count)
-            done = await asyncio.to_thread(_wait_stored, watcher, "lab", count, before + count, 600)
+            done = await asyncio.to_thread(_wait_stored, engine, "lab", count, before + count, 600)
     finally:
         gc.unfreeze()
         await peer.stop()
@@ -127,15 +128,10 @@ def run_one(backend: str, count: int, scratch: Path) -> dict[str, Any]:
         temp_database(backend, Path(name)) as url,
     ):
         engine = open_engine(url)
-        # The count is polled through a plain engine: open_engine's SQLite transactions
-        # begin IMMEDIATE (the write lock), so each poll made the daemon's write wait in
-        # SQLite's busy handler and the bench measured its own interference.
-        watcher = create_engine(url)
         try:
             seed_store(engine, count)
-            took = asyncio.run(_measure(engine, count, watcher))
+            took = asyncio.run(_measure(engine, count))
         finally:
-            watcher.dispose()
             engine.dispose()
     return {"backend": backend, "events": count, "seconds": took, "rate": count / took}
 
