@@ -92,8 +92,8 @@ def test_a_write_replaces_rows_and_round_trips_values(engine: Engine) -> None:
 
 
 def test_snapshot_replaces_every_contact_and_problems_are_kept(engine: Engine) -> None:
-    """A snapshot leaves exactly its contacts and summaries for the server; a problem lands
-    in the summary."""
+    """A snapshot leaves exactly its contacts and summaries for the server (another
+    endpoint's summary goes offline); a problem lands in the summary."""
     seed_store(engine, 3)
     with engine.begin() as conn:
         write_endpoint_rows(conn, "pbx1", {"100002": _state("100002", "Reachable")}, NOW)
@@ -102,10 +102,11 @@ def test_snapshot_replaces_every_contact_and_problems_are_kept(engine: Engine) -
         assert set_problems(conn, "pbx1", {"100000": "rejected", "100002": ""}, NOW) == 2
     with engine.connect() as conn:
         rows = conn.execute(select(registrations.c.user_id, registrations.c.changed_at)).all()
-        sums = conn.execute(select(registration_summary.c.user_id, registration_summary.c.problem))
-        problems = sorted(tuple(r) for r in sums)
+        summary = registration_summary.c
+        sums = conn.execute(select(summary.user_id, summary.state, summary.problem))
+        states = sorted(tuple(r) for r in sums)
     assert sorted(tuple(r) for r in rows) == [(1, SEEN), (2, SEEN)]
-    assert problems == [(1, "rejected"), (2, ""), (3, "")]
+    assert states == [(1, "online", "rejected"), (2, "online", ""), (3, "offline", "")]
 
 
 def test_an_event_write_keeps_the_problem_the_verifier_recorded(engine: Engine) -> None:

@@ -400,11 +400,18 @@ def replace_server_snapshot(
     now: datetime,
 ) -> int:
     """Make the store's registration state for ``server`` exactly ``rows`` (a fresh AMI
-    snapshot): every other contact of the server is deleted, then
-    :func:`write_endpoint_rows`.
-    One call is one batch on the caller's transaction, so a reader never sees the
-    server's contacts gone and not yet written back."""
+    snapshot): every other contact of the server is deleted and every other summary set
+    offline (a phone Asterisk no longer knows is not "online" from before its restart;
+    its recorded problem stays), then :func:`write_endpoint_rows`.  One call is one
+    batch on the caller's transaction, so a reader never sees the server's state gone
+    and not yet written back."""
     conn.execute(delete(registrations).where(registrations.c.server == server))
+    summary = registration_summary.c
+    conn.execute(
+        update(registration_summary)
+        .where(summary.server == server, summary.state != "offline")
+        .values(state="offline", changed_at=now)
+    )
     return write_endpoint_rows(conn, server, rows, now)
 
 
