@@ -68,7 +68,7 @@ from sqlalchemy.sql.dml import UpdateBase
 
 from ..errors import InvalidInput
 from ..pjsip import Options, UserObjects, auth_id
-from ..store.bulk import Prepared, copy_rows, prepare, run_many
+from ..store.bulk import Prepared, copy_rows, has_json_table, json_table_insert, prepare, run_many
 from ..store.engine import open_engine, reading
 from . import Change
 from .asterisk_schema import OWNED_KINDS, add_missing_columns, metadata, provisioner_objects
@@ -800,8 +800,7 @@ def _write(conn: Connection, plan: _Plan) -> bool:
         wrote |= bool(kp.deletes)
     for kp in plan.kinds.values():
         if kp.updates:
-            prepared = _prepared(conn.dialect, kp.shape, update=True)
-            run_many(conn, prepared, kp.shape.bound(kp.updates))
+            _update(conn, kp.shape, kp.updates)
             wrote = True
     digests = plan.digests
     recorded: set[str] = set()
@@ -845,9 +844,10 @@ def _record(
     conn: Connection, kind: str, ids: Sequence[str], digests: Mapping[str, str] | None
 ) -> None:
     """Record ``ids`` as provisioner's, with their ``digests`` (NULL without them): COPY on
-    PostgreSQL, where psycopg's executemany would send one statement per record; the
-    driver's own executemany elsewhere (through ``Connection.execute`` SQLAlchemy's per-row
-    bookkeeping cost as much as the insert)."""
+    PostgreSQL, where psycopg's executemany would send one statement per record; JSON on
+    SQLite and MariaDB/MySQL (:func:`_record_sqlite`, ``JSON_TABLE``); the driver's own
+    executemany elsewhere (through ``Connection.execute`` SQLAlchemy's per-row bookkeeping
+    cost as much as the insert)."""
     if not ids:
         return
     po = provisioner_objects
@@ -864,6 +864,9 @@ def _record(
         rows = [(kind, oid) for oid in ids]
     if conn.dialect.name == "postgresql":
         copy_rows(conn, po, names, rows)
+        return
+    if has_json_table(conn.dialect):
+        json_table_insert(conn, po, names, rows)
         return
 
     def build() -> tuple[UpdateBase, Sequence[str]]:
@@ -921,18 +924,35 @@ def _set_digests(conn: Connection, pairs: Sequence[tuple[str, str]]) -> None:
         return stmt, ("k", "oid", "d")
 
     rows = [("endpoint", oid, d) for oid, d in pairs]
+    if has_json_table(conn.dialect):
+        json_table_insert(conn, po, ("kind", "id", "digest"), rows, update=("digest",))
+        return
     run_many(conn, _prepared_once(conn.dialect, ("digests",), build), rows)
 
 
 def _insert(conn: Connection, shape: _Shape, rows: Sequence[Row]) -> None:
-    """Insert ``rows`` (every managed column): COPY on PostgreSQL, executemany elsewhere."""
+    """Insert ``rows`` (every managed column): COPY on PostgreSQL, ``JSON_TABLE`` on
+    MariaDB/MySQL that have it, executemany elsewhere."""
     name = conn.dialect.name
     if name == "postgresql":
         copy_rows(conn, shape.table, ("id", *shape.columns), shape.bound(rows))
+    elif has_json_table(conn.dialect):
+        json_table_insert(conn, shape.table, ("id", *shape.columns), shape.bound(rows))
     elif name == "sqlite" and shape.constant:
         run_many(conn, _prepared_inline(conn.dialect, shape), rows)
     else:
         run_many(conn, _prepared(conn.dialect, shape, update=False), shape.bound(rows))
+
+
+def _update(conn: Connection, shape: _Shape, rows: Sequence[Row]) -> None:
+    """Update every managed column of ``rows`` (known to exist): ``JSON_TABLE`` with ``ON
+    DUPLICATE KEY UPDATE`` on MariaDB/MySQL that have it (see :func:`_statement`),
+    executemany elsewhere."""
+    if has_json_table(conn.dialect):
+        columns = ("id", *shape.columns)
+        json_table_insert(conn, shape.table, columns, shape.bound(rows), update=shape.columns)
+    else:
+        run_many(conn, _prepared(conn.dialect, shape, update=True), shape.bound(rows))
 
 
 def _prepared_inline(dialect: Dialect, shape: _Shape) -> Prepared:
