@@ -19,6 +19,7 @@ from sqlalchemy import Connection, Table, bindparam, literal_column, select, tex
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql import ColumnElement
 from sqlalchemy.sql.dml import UpdateBase
 
 __all__ = [
@@ -202,7 +203,8 @@ def _json_table_sql(
     source = text(f"JSON_TABLE({document}, '$[*]' COLUMNS ({spec})) AS j").bindparams(
         bindparam("rows")
     )
-    pick = select(*(literal_column(f"j.{n}") for n in names)).select_from(source)
+    picked: list[ColumnElement[Any]] = [literal_column(f"j.{n}") for n in names]
+    pick = select(*picked).select_from(source)
     stmt = mysql_insert(table).from_select(list(columns), pick)
     if update:
         stmt = stmt.on_duplicate_key_update({table.c[c]: stmt.inserted[c] for c in update})
