@@ -695,6 +695,26 @@ def test_a_changed_template_is_used_by_the_same_target(tmp_path: Path) -> None:
     assert target.path.read_text(encoding="utf-8").startswith(HEADER)
 
 
+def test_targets_share_compiled_templates_until_a_file_changes(tmp_path: Path) -> None:
+    """A new target over the same, unchanged template files renders with the templates
+    another compiled; an edit (even one keeping size and mtime, after reload_templates)
+    is read afresh."""
+    overrides = write_override(tmp_path / "t", "header.j2", "; one\n")
+    first = ConfigFileTarget(tmp_path / "a.conf", overrides)
+    second = ConfigFileTarget(tmp_path / "b.conf", overrides)
+    assert first._fresh_environment() is second._fresh_environment()
+    header = overrides / "header.j2"
+    stat = header.stat()
+    header.write_text("; two\n", encoding="utf-8")
+    os.utime(header, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second.reload_templates()
+    assert second.apply(rendered()).wrote
+    assert second.path.read_text(encoding="utf-8").startswith("; two\n")
+    assert ConfigFileTarget(tmp_path / "c.conf", overrides)._fresh_environment() is (
+        second._fresh_environment()
+    )
+
+
 def test_apply_computes_no_diff_but_plan_does(target: ConfigFileTarget) -> None:
     """apply leaves Change.diff empty (plan fills it); the written file is still exact."""
     change = target.apply(rendered())

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field, replace
 from itertools import chain, cycle, islice
 from operator import attrgetter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 
@@ -750,6 +750,24 @@ def _replace_file(path: Path, data: bytes, *, backup: bool, sync_directory: bool
         _fsync_directory(path.parent)
 
 
+def _environment(searched: Sequence[Path]) -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader([str(d) for d in searched]),
+        undefined=jinja2.StrictUndefined,
+        # A config file, not HTML: escaping would corrupt it; check_rendered guards it.
+        autoescape=False,  # noqa: S701
+        keep_trailing_newline=True,
+        # Not a stat per get_template: _Templates.fresh() looks once per render.
+        auto_reload=False,
+    )
+
+
+#: Environments (and whether the layout is the shipped one) by (directories searched,
+#: their files' names, mtimes and sizes); the last few used, across targets.
+_ENVIRONMENTS: dict[tuple[Any, ...], tuple[jinja2.Environment, bool]] = {}
+_ENVIRONMENTS_KEPT = 8
+
+
 class _Templates:
     """The Jinja2 environment over the template directories (the override directory, then
     the shipped one), rebuilt whenever a file in them is added, removed or modified.
@@ -776,20 +794,19 @@ class _Templates:
         self._rebuild()
 
     def _rebuild(self) -> None:
-        """A new Environment; direct rendering only while the layout templates are ours."""
-        self.env = self._environment()
-        self.direct = all(_is_shipped(self.searched, name) for name in _LAYOUT_TEMPLATES)
-
-    def _environment(self) -> jinja2.Environment:
-        return jinja2.Environment(
-            loader=jinja2.FileSystemLoader([str(d) for d in self.searched]),
-            undefined=jinja2.StrictUndefined,
-            # A config file, not HTML: escaping would corrupt it; check_rendered guards it.
-            autoescape=False,  # noqa: S701
-            keep_trailing_newline=True,
-            # Not a stat per get_template: fresh() looks once per render.
-            auto_reload=False,
-        )
+        """The Environment for the template files as they are now (shared with every other
+        target that searches the same directories holding the same files: compiling the
+        templates costs as much as rendering a thousand users); direct rendering only while
+        the layout templates are ours."""
+        key = (tuple(self.searched), self._stamp)
+        found = _ENVIRONMENTS.pop(key, None)
+        if found is None:
+            env = _environment(self.searched)
+            found = (env, all(_is_shipped(self.searched, name) for name in _LAYOUT_TEMPLATES))
+        _ENVIRONMENTS[key] = found  # the most recently used last
+        while len(_ENVIRONMENTS) > _ENVIRONMENTS_KEPT:
+            del _ENVIRONMENTS[next(iter(_ENVIRONMENTS))]
+        self.env, self.direct = found
 
     def _template_stamp(self) -> tuple[tuple[str, int, int], ...]:
         """Name, mtime and size of every file in the template directories."""
@@ -803,8 +820,10 @@ class _Templates:
         return tuple(sorted(stamp))
 
     def reload(self) -> None:
-        """Read the templates afresh at the next render."""
+        """Read the templates afresh at the next render (never from the shared cache: a
+        file can be replaced keeping its mtime and size)."""
         self._stamp = self._template_stamp()
+        _ENVIRONMENTS.pop((tuple(self.searched), self._stamp), None)
         self._rebuild()
 
     def fresh(self) -> jinja2.Environment:
