@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -186,6 +187,42 @@ def test_events_of_one_contact_in_one_flush_window_leave_the_latest_state(
         states = sorted(tuple(s) for s in sums)
     assert contacts == []
     assert (1, "offline") in states
+
+
+def test_a_snapshot_lands_after_the_batch_written_before_it(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot taken while an earlier batch is still being written is stored after it:
+    the store ends with what the snapshot said (here: the event's contact is gone), not
+    with the older batch that finished last."""
+    seed_store(engine, 2)
+    monkeypatch.setattr(pbx_module, "SNAPSHOT_MIN_GAP", 0.0)
+
+    async def scenario() -> list[int]:
+        async with _lab_pbx(engine) as (peer, link, pbx):
+            real_store = pbx._store
+            delayed: list[bool] = []
+
+            async def slow_first_store(server: str, write: Any) -> bool:
+                if not delayed:  # the event's batch: a slow database
+                    delayed.append(True)
+                    await asyncio.sleep(0.4)
+                return await real_store(server, write)
+
+            monkeypatch.setattr(pbx, "_store", slow_first_store)
+            to_user = ((b"1001", b"100000"),)
+            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified", replace=to_user)
+            await eventually(lambda: bool(delayed))
+            link.snapshot_wanted.set()  # Asterisk, asked now, holds no contact of 100000
+            snapshots = link.last_snapshot
+            await eventually(lambda: link.last_snapshot > snapshots)
+            await eventually(lambda: link.store_idle.is_set() and not link.dirty, timeout=3.0)
+            await asyncio.sleep(0.6)
+            with engine.connect() as conn:
+                query = select(registrations.c.user_id).where(registrations.c.server == "lab")
+                return [row[0] for row in conn.execute(query)]
+
+    assert 1 not in run(scenario())
 
 
 def test_a_rewrite_replaces_contacts_updates_the_summary_and_cuts_long_values(

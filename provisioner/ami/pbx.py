@@ -143,6 +143,9 @@ class Link:
     store_idle: asyncio.Event = field(default_factory=asyncio.Event)
     #: Registration writes that failed in a row (0 once one succeeds).
     store_failures: int = 0
+    #: A snapshot's write, waiting for the flusher (which writes it in turn), and what
+    #: learns whether it was stored.
+    snapshot_job: tuple[Callable[[Connection], object], asyncio.Future[bool]] | None = None
 
     def __post_init__(self) -> None:
         self.store_idle.set()
@@ -263,12 +266,22 @@ class AmiPbx:
         try:
             while not stop.is_set():
                 await wait_first(stop, link.dirtied)
-                await wait_first(stop, link.flush_now, timeout=FLUSH_DELAY)
+                if link.snapshot_job is None:
+                    await wait_first(stop, link.flush_now, timeout=FLUSH_DELAY)
                 await wait_first(stop, link.flush_now, link.store_idle)
                 if stop.is_set():
                     break
                 link.flush_now.clear()
                 link.dirtied.clear()
+                job, link.snapshot_job = link.snapshot_job, None
+                if job is not None:
+                    # After the batches taken before it, before those taken after it.
+                    if writing is not None:
+                        await writing
+                    link.store_idle.clear()
+                    writing = asyncio.create_task(self._write_snapshot(link, *job))
+                    writing.add_done_callback(lambda _: link.store_idle.set())
+                    await asyncio.sleep(0)
                 dirty, link.dirty = link.dirty, set()
                 book = link.book
                 states = {ep: rows(book[ep]) for ep in dirty if ep in book}
@@ -288,6 +301,16 @@ class AmiPbx:
         finally:
             if writing is not None:
                 await writing
+            job, link.snapshot_job = link.snapshot_job, None
+            if job is not None and not job[1].done():
+                job[1].set_result(False)  # stopped before writing it
+
+    async def _write_snapshot(
+        self, link: Link, write: Callable[[Connection], object], done: asyncio.Future[bool]
+    ) -> None:
+        stored = await self._store(link.name, write)
+        if not done.done():
+            done.set_result(stored)
 
     async def _flush(
         self,
@@ -328,16 +351,16 @@ class AmiPbx:
                 await sleep_unless(stop, gap)
             link.snapshot_wanted.clear()
             link.last_snapshot = time.monotonic()
-            if not await self._take_snapshot(link):
+            if not await self._take_snapshot(link, stop) and not stop.is_set():
                 # Not stored: ask Asterisk again once the database had a pause (the
                 # snapshot also removes contacts the events never said were gone).
                 await self._store_backoff(link, stop)
                 link.snapshot_wanted.set()
 
-    async def _take_snapshot(self, link: Link) -> bool:
+    async def _take_snapshot(self, link: Link, stop: asyncio.Event) -> bool:
         """Ask Asterisk for every contact and make the store hold exactly them; ``False``
-        when the store could not be written (an AMI failure is not retried here: the
-        next connect takes a snapshot)."""
+        when the store could not be written, or ``stop`` came first (an AMI failure is not
+        retried here: the next connect takes a snapshot)."""
         try:
             contacts = await link.ops.show_contacts()
         except ProvisionerError as exc:
@@ -361,9 +384,18 @@ class AmiPbx:
         link.dirty.clear()
         states = {ep: rows(reg) for ep, reg in snapshot.items()}
         now = _now()
-        stored = await self._store(
-            link.name, lambda conn: replace_server_snapshot(conn, link.name, states, now)
+        # Written by the flusher, in turn: a batch taken before this snapshot, still being
+        # written, must not land after it (nor one taken after it land before).
+        if stop.is_set():
+            return False  # the flusher has stopped: nothing would write it
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        link.snapshot_job = (
+            lambda conn: replace_server_snapshot(conn, link.name, states, now),
+            done,
         )
+        link.dirtied.set()
+        link.flush_now.set()
+        stored = await done
         if stored:
             link.store_failures = 0
             contacts_now = sum(len(contacts) for contacts, _ in states.values())
