@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 
 from .errors import InvalidInput, MassRemovalRefused
 from .logs import get_logger
-from .pjsip import RenderSettings, Skipped, UserObjects, is_provisioned, render_user
+from .pjsip import RenderSettings, Skipped, UserObjects, endpoint_order, is_provisioned, render_user
 from .store import queries as q
 from .store.engine import reading
 from .targets import Change, Target
@@ -220,5 +220,5 @@ def _put(into: dict[int, T], key: int, value: T | None) -> None:
 
 
 def _ordered(objects: Iterable[UserObjects]) -> list[UserObjects]:
-    """Stable output order: by extension, numerically."""
-    return sorted(objects, key=lambda o: (len(o.endpoint_id), o.endpoint_id))
+    """render_all's order (:func:`~provisioner.pjsip.endpoint_order`)."""
+    return sorted(objects, key=lambda o: endpoint_order(o.endpoint_id))

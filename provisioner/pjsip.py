@@ -34,6 +34,7 @@ __all__ = [
     "UserObjects",
     "auth_id",
     "check_value",
+    "endpoint_order",
     "render_all",
     "render_user",
 ]
@@ -323,5 +324,11 @@ def render_all(
                 skipped.append(Skipped(name, (Problem("extension", rule),)))
             continue
         good[objects.endpoint_id] = objects
-    ordered = sorted(good.values(), key=lambda o: (len(o.endpoint_id), o.endpoint_id))
+    ordered = sorted(good.values(), key=lambda o: endpoint_order(o.endpoint_id))
     return ordered, skipped
+
+
+def endpoint_order(endpoint_id: str) -> tuple[int, str]:
+    """The sort key of :func:`render_all`'s order: by length, then as text (so numeric
+    extensions of any length come out in numeric order)."""
+    return (len(endpoint_id), endpoint_id)

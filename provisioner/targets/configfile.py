@@ -59,7 +59,7 @@ from ..errors import (
     TargetWriteFailed,
 )
 from ..logs import get_logger
-from ..pjsip import Options, UserObjects, auth_id
+from ..pjsip import Options, UserObjects, auth_id, endpoint_order
 from . import Change
 from .shards import own_includes, retire_shards, shard_directory
 
@@ -334,9 +334,8 @@ _AUTH_ID = attrgetter("auth_id")
 _AOR_ID = attrgetter("aor_id")
 
 
-def _eid_key(endpoint_id: str) -> tuple[int, str]:
-    """render_all's order of endpoint ids: by length, then as text."""
-    return (len(endpoint_id), endpoint_id)
+#: render_all's order of endpoint ids.
+_eid_key = endpoint_order
 
 
 #: What :func:`provisioner.pjsip.auth_id` appends to an endpoint id (were it ever more than
@@ -421,14 +420,17 @@ class _Current:
     endpoints: tuple[str, ...]
 
     @classmethod
-    def of_bytes(cls, data: bytes | None, *known: _State | None) -> _Current:
-        """The file holding ``data`` (None: absent); not parsed when it is ``known``."""
+    def of_bytes(
+        cls, data: bytes | None, *known: _State | None, refuse: Path | None = None
+    ) -> _Current:
+        """The file holding ``data`` (None: absent); not parsed when it is ``known``.
+        ``refuse``: as for :meth:`of`."""
         if data is None:
             return cls(None, {}, ())
         for verified in known:
             if verified is not None and verified.data == data:
                 return cls.verified(data, verified.users)
-        return cls.of(data)
+        return cls.of(data, refuse=refuse)
 
     @classmethod
     def union(cls, data: bytes, files: Sequence[Path], *, strict: bool = False) -> _Current:
@@ -439,10 +441,7 @@ class _Current:
         objects: dict[tuple[str, str], Options] = {}
         endpoints: list[str] = []
         for path in files:
-            part = _read(path)
-            if strict:
-                _refuse_broken(path, part)
-            current = cls.of_bytes(part)
+            current = cls.of_bytes(_read(path), refuse=path if strict else None)
             objects.update(current.objects)
             endpoints += current.endpoints
         return cls(data, objects, tuple(sorted(dict.fromkeys(endpoints), key=_eid_key)))
@@ -460,11 +459,15 @@ class _Current:
         return cls(data, objects, tuple(dict.fromkeys(endpoints)))
 
     @classmethod
-    def of(cls, data: bytes) -> _Current:
+    def of(cls, data: bytes, *, refuse: Path | None = None) -> _Current:
+        """What ``data`` holds.  A file Asterisk could not load holds nothing (it is simply
+        replaced; everything in the new one counts as added), or, with ``refuse`` (its
+        path), raises :class:`RenderCheckFailed`."""
         try:
             sections = parse(data).visible()
-        except AsteriskSyntaxError:
-            # A broken file is simply replaced; everything in the new one counts as added.
+        except AsteriskSyntaxError as exc:
+            if refuse is not None:
+                raise _broken(refuse, exc) from None
             sections = ()
         objects: dict[tuple[str, str], Options] = {}
         endpoints: list[str] = []
@@ -1005,9 +1008,7 @@ class ConfigFileTarget:
         the ``known`` bytes).  A main file that a sharded layout left (nothing but includes
         of its shard files) gives its shard files' objects.  ``strict``: a file Asterisk
         could not load raises :class:`RenderCheckFailed` instead of holding nothing."""
-        if strict:
-            _refuse_broken(self.path, data)
-        current = _Current.of_bytes(data, *known)
+        current = _Current.of_bytes(data, *known, refuse=self.path if strict else None)
         if self._shards_dir is None or data is None or current.objects:
             return current
         included = own_includes(self._shards_dir, data)
@@ -1186,17 +1187,12 @@ class ConfigFileTarget:
         return _kept_objects(current, current.endpoints, ())
 
 
-def _refuse_broken(path: Path, data: bytes | None) -> None:
-    """Raise :class:`RenderCheckFailed` when ``data`` (the file at ``path``; None: absent)
-    is a file Asterisk could not load."""
-    if data is not None:
-        try:
-            parse(data)
-        except AsteriskSyntaxError as exc:
-            raise RenderCheckFailed(
-                f"cannot edit {str(path)!r} user by user: it does not load "
-                f"({exc.message}); apply every user instead"
-            ) from None
+def _broken(path: Path, exc: AsteriskSyntaxError) -> RenderCheckFailed:
+    """Why the file at ``path``, which Asterisk could not load, cannot be edited."""
+    return RenderCheckFailed(
+        f"cannot edit {str(path)!r} user by user: it does not load "
+        f"({exc.message}); apply every user instead"
+    )
 
 
 def _write_file(path: Path, data: bytes, *, backup: bool, sync_directory: bool = True) -> None:
@@ -1243,8 +1239,8 @@ def _kept_objects(
 
 
 def _order(user: UserObjects) -> tuple[int, str]:
-    """render_all's order: by extension length, then extension."""
-    return (len(user.endpoint_id), user.endpoint_id)
+    """render_all's order of users (see :func:`_eid_key`)."""
+    return _eid_key(user.endpoint_id)
 
 
 def _with_kept(objects: Sequence[UserObjects], kept: list[UserObjects]) -> list[UserObjects]:

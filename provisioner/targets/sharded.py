@@ -33,7 +33,6 @@ from .configfile import (
     _kept_objects,
     _Pending,
     _read,
-    _refuse_broken,
     _remove_stale_in,
     _remove_stale_temporaries,
     _Templates,
@@ -214,9 +213,7 @@ class ShardedConfigFileTarget:
             return _Current(None, {}, ())
         included = own_includes(self.directory, data)
         if included is None:
-            if strict:
-                _refuse_broken(self.path, data)
-            return _Current.of(data)
+            return _Current.of(data, refuse=self.path if strict else None)
         return _Current.union(data, included, strict=strict)
 
     def _prepared(
