@@ -54,6 +54,7 @@ from provisioner.targets.sharded import ShardedConfigFileTarget
 from provisioner.targets.shards import shard_of
 
 from .common import Column, make_users, peak_rss_mb, print_header, print_row, seed_store, timed
+from .machine import describe
 
 __all__ = ["MORE_EDITS", "PLAIN_TEMPLATE", "main", "run_one"]
 
@@ -232,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="full syncs and raw baselines to take the median of (default 3)",
     )
     args = parser.parse_args(argv)
+    print(describe(), flush=True)
     configure(level="warning")  # no sync.applied line per apply amid the table
     layout = f"{args.shards} shard files" if args.shards else "one file"
     with tempfile.TemporaryDirectory(prefix="bench_configfile_") as tmp:

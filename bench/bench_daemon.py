@@ -74,6 +74,7 @@ from .common import (
     seed_store,
     temp_database,
 )
+from .machine import describe
 
 __all__ = ["main", "run_one"]
 
@@ -544,6 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--shards", type=int, default=0, help="target.shards of the config-file target"
     )
     args = parser.parse_args(argv)
+    print(describe(), flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_daemon_") as tmp:
         for target in args.target:
             kind = "config file" if target == "config" else f"realtime on {target}"

@@ -54,6 +54,8 @@ from provisioner.targets.asterisk_schema import ps_aors, ps_auths, ps_endpoints
 from provisioner.targets.realtime import RealtimeTarget
 from tests.dbs import temp_database
 
+from .machine import describe
+
 __all__ = ["main", "make_users"]
 
 T = TypeVar("T")
@@ -296,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="full syncs and raw baselines to take the median of (default 3)",
     )
     args = parser.parse_args(argv)
+    print(describe(), flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_realtime_") as tmp:
         for backend in args.backend:
             _print_header(backend)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -38,12 +39,14 @@ from provisioner.ami.actions import AmiMessage, FrameDecoder
 from provisioner.ami.client import AmiClient
 from provisioner.ami.pbx import AmiPbx, Link, rows
 from provisioner.ami.reload import PjsipOps, ReloadCoordinator
+from provisioner.logs import configure
 from provisioner.store.engine import open_engine, reading
 from provisioner.store.registrations import write_endpoint_rows
 from provisioner.store.schema import registrations
 from tests.amipeer import FakeAsterisk, fast_settings, running, server_for
 
 from .common import Column, print_header, print_row, seed_store, temp_database
+from .machine import describe
 
 __all__ = ["main", "run_one"]
 
@@ -233,6 +236,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--stages", action="store_true", help="also time each stage alone")
     args = parser.parse_args(argv)
+    print(describe(), flush=True)
+    # As the daemon logs (info, JSON), into nothing: its lines cost what they cost there,
+    # without burying the table.
+    devnull = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (open until exit)
+    configure(level="info", fmt="json", stream=devnull)
     print_header("registration ingestion (ContactStatus events, socket to store)", COLUMNS)
     for backend in args.backend:
         for count in args.events:
