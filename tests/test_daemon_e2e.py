@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from provisioner.targets.shards import shard_name, shard_of
+
 from .amipeer import FakeAsterisk
 
 PROVISIONER = str(Path(sys.executable).with_name("provisioner"))
@@ -288,7 +290,13 @@ def test_sighup_reloads_config(tmp_path: Path, sig: signal.Signals) -> None:
 
 def test_sighup_applies_a_new_layout(tmp_path: Path) -> None:
     """A SIGHUP that sets target.shards builds the sharded target anew: the main file then
-    includes the shard files, which hold every user."""
+    includes the shard files, which hold every user; a user added afterwards lands in
+    the shard file its extension belongs to."""
+    directory = tmp_path / "pjsip_users.d"
+    shards = [directory / shard_name(index, 4) for index in range(4)]
+
+    def holding(text: str) -> list[Path]:
+        return [shard for shard in shards if text in _text(shard)]
 
     async def scenario() -> None:
         async with _running_on_file(tmp_path) as (config, conf, daemon):
@@ -296,8 +304,12 @@ def test_sighup_applies_a_new_layout(tmp_path: Path) -> None:
             config.write_text(config.read_text().replace("[target]\n", "[target]\nshards = 4\n"))
             daemon.send_signal(signal.SIGHUP)
             await _until(lambda: _text(conf).count("#include") == 4, 5)
-            shards = sorted((tmp_path / "pjsip_users.d").glob("*-of-0004.conf"))
-            assert sum(shard.read_text().count("type=endpoint") for shard in shards) == users
+            assert sum(_text(shard).count("type=endpoint") for shard in shards) == users
+            await _add_agent(config, "shardy", "Shard Y")
+            await _until(lambda: bool(holding('"Shard Y" <')), 5)
+            (shard,) = holding('"Shard Y" <')
+            extension = _text(shard).split('callerid="Shard Y" <', 1)[1].split(">", 1)[0]
+            assert shard.name == shard_name(shard_of(extension, 4), 4)
 
     asyncio.run(scenario())
 
