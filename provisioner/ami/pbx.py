@@ -150,6 +150,16 @@ class Link:
     def __post_init__(self) -> None:
         self.store_idle.set()
 
+    def mark_dirty(self, endpoints: Iterable[str]) -> None:
+        """Have the flusher write the latest state of ``endpoints``: the first dirty one
+        wakes it, ``FLUSH_BATCH`` of them have it write without waiting."""
+        dirty = self.dirty
+        if not dirty:
+            self.dirtied.set()
+        dirty.update(endpoints)
+        if len(dirty) >= FLUSH_BATCH:
+            self.flush_now.set()
+
 
 @dataclass
 class AmiPbx:
@@ -245,12 +255,7 @@ class AmiPbx:
                 # reload; their contacts are only visible by asking.
                 link.snapshot_wanted.set()
         book[endpoint] = after
-        dirty = link.dirty
-        if not dirty:
-            link.dirtied.set()
-        dirty.add(endpoint)
-        if len(dirty) >= FLUSH_BATCH:
-            link.flush_now.set()
+        link.mark_dirty((endpoint,))
 
     async def _flusher(self, link: Link, stop: asyncio.Event) -> None:
         """Write the dirty endpoints, group-commit style: ``FLUSH_DELAY`` after the first
@@ -325,9 +330,7 @@ class AmiPbx:
         if await self._store(link.name, write):
             link.store_failures = 0
             return
-        if not link.dirty:
-            link.dirtied.set()
-        link.dirty.update(endpoints)
+        link.mark_dirty(endpoints)
         await self._store_backoff(link, stop)
 
     async def _store_backoff(self, link: Link, stop: asyncio.Event) -> None:
