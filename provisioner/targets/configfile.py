@@ -464,14 +464,19 @@ class _Current:
         replaced; everything in the new one counts as added), or, with ``refuse`` (its
         path), raises :class:`RenderCheckFailed`."""
         try:
-            sections = parse(data).visible()
+            parsed = parse(data)
         except AsteriskSyntaxError as exc:
             if refuse is not None:
                 raise _broken(refuse, exc) from None
-            sections = ()
+            return cls(data, {}, ())
+        return cls.of_parsed(data, parsed)
+
+    @classmethod
+    def of_parsed(cls, data: bytes, parsed: Parsed) -> _Current:
+        """What ``data``, already parsed to ``parsed``, holds."""
         objects: dict[tuple[str, str], Options] = {}
         endpoints: list[str] = []
-        for section in sections:
+        for section in parsed.visible():
             options = section.options
             if not options or options[0][0] != "type":
                 continue
@@ -1141,7 +1146,9 @@ class ConfigFileTarget:
         chunk, ids not named and ordered as render_all does), the edited list of users
         goes through :meth:`apply`.  The change counts and names these users only.
         """
-        return self._commit(self._prepare_partial(upserts, removed_ids))
+        with self._templates.hold():  # the template files looked at once, not per render
+            pending = self._prepare_partial(upserts, removed_ids)
+        return self._commit(pending)
 
     def _prepare_partial(
         self, upserts: Sequence[UserObjects], removed_ids: Sequence[str]

@@ -14,16 +14,19 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from operator import attrgetter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
-from ..errors import ConfigError, Problem, RenderCheckFailed, TargetWriteFailed
+from ..asterisk_conf import parse
+from ..errors import AsteriskSyntaxError, ConfigError, Problem, RenderCheckFailed, TargetWriteFailed
 from ..logs import get_logger
 from ..pjsip import UserObjects
 from . import Change
 from .configfile import (
     ConfigFileTarget,
     _all_added,
+    _broken,
     _compare,
     _Current,
     _diff,
@@ -43,8 +46,8 @@ from .shards import (
     MAX_SHARDS,
     SHARD_TEMPORARIES,
     check_main,
+    includes_of,
     main_text,
-    own_includes,
     retire_shards,
     shard_directory,
     shard_directory_problem,
@@ -58,6 +61,9 @@ if TYPE_CHECKING:
 __all__ = ["ShardedConfigFileTarget", "config_file_target"]
 
 log = get_logger(__name__)
+
+_T = TypeVar("_T")
+_EID = attrgetter("endpoint_id")
 
 
 def config_file_target(config: Config) -> ConfigFileTarget | ShardedConfigFileTarget:
@@ -172,6 +178,10 @@ class ShardedConfigFileTarget:
         file in the template directories is added, removed or modified)."""
         self._templates.reload()
 
+    def file_of(self, endpoint_id: str) -> Path:
+        """The shard file that holds the user of ``endpoint_id``."""
+        return self.files[shard_of(endpoint_id, self.shards)]
+
     def _file(self, index: int) -> ConfigFileTarget:
         target = self._targets.get(index)
         if target is None:
@@ -183,17 +193,17 @@ class ShardedConfigFileTarget:
 
     def _groups(self, users: Iterable[UserObjects]) -> list[list[UserObjects]]:
         """``users`` by shard, each list in their order."""
-        count = self.shards
-        groups: list[list[UserObjects]] = [[] for _ in range(count)]
-        for user in users:
-            groups[shard_of(user.endpoint_id, count)].append(user)
-        return groups
+        return self._by_shard(users, _EID)
 
     def _kept_by_shard(self, keep: Collection[str]) -> list[list[str]]:
+        """The endpoint ids ``keep`` by shard."""
+        return self._by_shard(keep, str)
+
+    def _by_shard(self, items: Iterable[_T], endpoint_of: Callable[[_T], str]) -> list[list[_T]]:
         count = self.shards
-        groups: list[list[str]] = [[] for _ in range(count)]
-        for endpoint_id in keep:
-            groups[shard_of(endpoint_id, count)].append(endpoint_id)
+        groups: list[list[_T]] = [[] for _ in range(count)]
+        for item in items:
+            groups[shard_of(endpoint_of(item), count)].append(item)
         return groups
 
     def _main_data(self) -> bytes:
@@ -211,9 +221,15 @@ class ShardedConfigFileTarget:
         layout), its own.  ``strict``: as for :meth:`ConfigFileTarget._current`."""
         if data is None:
             return _Current(None, {}, ())
-        included = own_includes(self.directory, data)
+        try:
+            parsed = parse(data)  # once: for its includes, else for its own objects
+        except AsteriskSyntaxError as exc:
+            if strict:
+                raise _broken(self.path, exc) from None
+            return _Current(data, {}, ())  # replaced whole, as one file would be
+        included = includes_of(self.directory, parsed)
         if included is None:
-            return _Current.of(data, refuse=self.path if strict else None)
+            return _Current.of_parsed(data, parsed)
         return _Current.union(data, included, strict=strict)
 
     def _prepared(

@@ -15,7 +15,7 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..asterisk_conf import parse
+from ..asterisk_conf import Parsed, parse
 from ..errors import AsteriskSyntaxError, Problem, RenderCheckFailed
 from ..logs import get_logger
 
@@ -24,6 +24,7 @@ __all__ = [
     "MAX_SHARDS",
     "SHARD_TEMPORARIES",
     "check_main",
+    "includes_of",
     "main_text",
     "own_includes",
     "retire_shards",
@@ -117,6 +118,11 @@ def own_includes(directory: Path, data: bytes) -> list[Path] | None:
         parsed = parse(data)
     except AsteriskSyntaxError:
         return None
+    return includes_of(directory, parsed)
+
+
+def includes_of(directory: Path, parsed: Parsed) -> list[Path] | None:
+    """:func:`own_includes` of a main file already parsed to ``parsed``."""
     if parsed.sections or parsed.notices or not parsed.directives:
         return None
     files: list[Path] = []
