@@ -51,7 +51,6 @@ from provisioner.store.engine import open_engine
 from provisioner.store.schema import users as users_table
 from provisioner.targets.configfile import ConfigFileTarget, _replace_file
 from provisioner.targets.sharded import ShardedConfigFileTarget
-from provisioner.targets.shards import shard_of
 
 from .common import Column, make_users, peak_rss_mb, print_header, print_row, seed_store, timed
 from .machine import describe
@@ -101,7 +100,7 @@ def _files(target: ConfigFileTarget | ShardedConfigFileTarget) -> list[Path]:
 def _holding(target: ConfigFileTarget | ShardedConfigFileTarget, endpoint_id: str) -> Path:
     """The file that holds the user of ``endpoint_id``."""
     if isinstance(target, ShardedConfigFileTarget):
-        return target.files[shard_of(endpoint_id, target.shards)]
+        return target.file_of(endpoint_id)
     return target.path
 
 

@@ -301,10 +301,10 @@ def _count_applied(s: Setup, context: str) -> Callable[[], int]:
         if not s.shards:
             return lambda: s.conf_file.read_text().count(needle) if s.conf_file.exists() else 0
         directory = shard_directory(s.conf_file)
+        files = [directory / shard_name(index, s.shards) for index in range(s.shards)]
 
         def in_shards() -> int:
-            files = directory.glob(f"*-of-{s.shards:04d}.conf")
-            return sum(path.read_text().count(needle) for path in files)
+            return sum(path.read_text().count(needle) for path in files if path.exists())
 
         return in_shards
     query = select(func.count()).select_from(ps_endpoints).where(ps_endpoints.c.context == context)

@@ -203,7 +203,7 @@ def test_a_full_apply_writes_only_the_changed_shards(path: Path) -> None:
         len(users) - 1,
         True,
     )
-    shard = target.files[shard_of(victim.endpoint_id, 4)]
+    shard = target.file_of(victim.endpoint_id)
     assert changed_files(before, snapshot(path.parent)) == {
         shard,
         shard.with_name(shard.name + ".bak"),
@@ -223,7 +223,7 @@ def test_one_user_edit_rewrites_exactly_its_shard(path: Path) -> None:
     edited = render_user(
         replace(victim, voice=replace(victim.voice, context="sales")), RenderSettings()
     )
-    shard = target.files[shard_of("1003", 8)]
+    shard = target.file_of("1003")
     before = snapshot(path.parent)
     with recording() as touched:
         change = target.apply_partial([edited], [])
@@ -255,7 +255,7 @@ def test_an_edit_across_two_shards_writes_those_two(path: Path) -> None:
     with recording() as touched:
         change = target.apply_partial([added], [removed.endpoint_id])
     assert (change.added, change.removed) == (("99999",), (removed.endpoint_id,))
-    files = {target.files[shard_of(e, 8)] for e in ("99999", removed.endpoint_id)}
+    files = {target.file_of(e) for e in ("99999", removed.endpoint_id)}
     assert changed_files(before, snapshot(path.parent)) == files | {
         f.with_name(f.name + ".bak") for f in files
     }
@@ -435,7 +435,7 @@ def test_plan_shows_only_the_files_that_would_change(path: Path) -> None:
         sorted([rotated, *(u for u in users if u.endpoint_id != "1002")], key=_order)
     )
     assert plan.updated == ("1002",)
-    shard = target.files[shard_of("1002", 4)]
+    shard = target.file_of("1002")
     assert [line for line in plan.diff.splitlines() if line.startswith("+++")] == [f"+++ {shard}"]
     assert "+password_digest=<redacted> <changed>" in plan.diff
     assert "0" * 32 not in plan.diff
@@ -480,7 +480,7 @@ def test_a_shard_failing_its_check_is_not_written(path: Path, tmp_path: Path) ->
     assert snapshot(path.parent) == before
     change = target.apply_partial([moved], [])
     assert change.updated == (other.endpoint_id,)
-    shard = target.files[shard_of(other.endpoint_id, 4)]
+    shard = target.file_of(other.endpoint_id)
     assert changed_files(before, snapshot(path.parent)) == {
         shard,
         shard.with_name(shard.name + ".bak"),
