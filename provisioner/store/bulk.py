@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Table, bindparam, literal_column, select, text
 from sqlalchemy.dialects.mysql import insert as mysql_insert
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import CursorResult, Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ColumnElement
 from sqlalchemy.sql.dml import UpdateBase
@@ -26,6 +26,7 @@ __all__ = [
     "JSON_TABLE_CHUNK",
     "Prepared",
     "copy_rows",
+    "driver_rows",
     "executemany",
     "has_json_table",
     "json_table_insert",
@@ -114,6 +115,19 @@ def executemany(
     if not rows:
         return
     run_many(conn, prepare(conn.dialect, stmt, names, column_keys=column_keys), rows)
+
+
+def driver_rows(result: CursorResult[Any]) -> list[tuple[Any, ...]]:
+    """Every row of ``result`` as the driver's own tuples, the result then closed.
+
+    SQLAlchemy's Row objects cost more than the fetch itself: a third of an unchanged sync
+    of 100k users went into the ``(id, digest)`` rows.  Only for columns whose type has
+    no result processor on the dialect (plain strings, integers): values are the driver's.
+    """
+    try:
+        return list(result.cursor.fetchall())
+    finally:
+        result.close()
 
 
 def copy_rows(

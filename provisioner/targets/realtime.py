@@ -68,7 +68,15 @@ from sqlalchemy.sql.dml import UpdateBase
 
 from ..errors import InvalidInput
 from ..pjsip import Options, UserObjects, auth_id
-from ..store.bulk import Prepared, copy_rows, has_json_table, json_table_insert, prepare, run_many
+from ..store.bulk import (
+    Prepared,
+    copy_rows,
+    driver_rows,
+    has_json_table,
+    json_table_insert,
+    prepare,
+    run_many,
+)
 from ..store.engine import open_engine, reading
 from . import Change
 from .asterisk_schema import OWNED_KINDS, add_missing_columns, metadata, provisioner_objects
@@ -611,7 +619,7 @@ def _owned(
             continue
         where = [po.c.kind == kind] + ([] if chunk is None else [po.c.id.in_(chunk)])
         if with_digest:
-            found.update(conn.execute(select(po.c.id, po.c.digest).where(*where)).all())
+            found.update(driver_rows(conn.execute(select(po.c.id, po.c.digest).where(*where))))
         else:
             found.update(dict.fromkeys(conn.execute(select(po.c.id).where(*where)).scalars()))
     return found
