@@ -266,7 +266,8 @@ class AmiPbx:
         A batch's rows are built while the previous batch is being written (the
         database works meanwhile); batches are still written one after another, in the
         order they were taken, so a later state of an endpoint is never overwritten by
-        an earlier one."""
+        an earlier one.  A snapshot's write (``link.snapshot_job``) takes its turn the
+        same way, at once, without the delay."""
         writing: asyncio.Task[None] | None = None
         try:
             while not stop.is_set():
