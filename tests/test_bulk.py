@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from sqlalchemy import Column, Engine, Float, Integer, MetaData, String, Table, select
 from sqlalchemy.exc import DBAPIError
 
+from provisioner.store import bulk
 from provisioner.store.bulk import has_json_table, json_table_insert
 from provisioner.store.engine import open_engine
 from tests.dbs import temp_database
@@ -59,6 +61,28 @@ def test_values_arrive_exactly(engine: Engine) -> None:
     ]
     with engine.begin() as conn:
         json_table_insert(conn, things, ("id", "name", "count", "weight"), rows, chunk=4)
+    assert rows_of(engine) == sorted(rows)
+
+
+def test_documents_over_the_byte_limit_are_split(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows whose document would pass the byte limit go in several statements, each within
+    it, and all arrive."""
+    sent: list[int] = []
+    real = bulk._payloads
+
+    def recorded(rows: Any, limit: int) -> Any:
+        for payload in real(rows, limit):
+            sent.append(len(payload))
+            yield payload
+
+    monkeypatch.setattr(bulk, "_payloads", recorded)
+    rows = [(f"k{i}", "x" * 150, i, None) for i in range(40)]
+    with engine.begin() as conn:
+        json_table_insert(conn, things, ("id", "name", "count", "weight"), rows, limit=1000)
+    assert len(sent) > 1
+    assert max(sent) <= 1000
     assert rows_of(engine) == sorted(rows)
 
 

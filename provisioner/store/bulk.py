@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
@@ -23,6 +23,7 @@ from sqlalchemy.sql import ColumnElement
 from sqlalchemy.sql.dml import UpdateBase
 
 __all__ = [
+    "JSON_TABLE_BYTES",
     "JSON_TABLE_CHUNK",
     "Prepared",
     "copy_rows",
@@ -34,9 +35,12 @@ __all__ = [
     "run_many",
 ]
 
-#: Rows per ``INSERT ... SELECT FROM JSON_TABLE``: about 1 MB of JSON for endpoint rows,
-#: far below MariaDB's default ``max_allowed_packet`` (16 MB).
+#: Rows per ``INSERT ... SELECT FROM JSON_TABLE``, at most.
 JSON_TABLE_CHUNK = 2000
+#: Bytes of one such statement's document, at most: pymysql's own cap on the statements
+#: of an ``executemany`` (``max_stmt_length``), so a server that takes the driver's
+#: statements (``max_allowed_packet``) takes these too.
+JSON_TABLE_BYTES = 1024000
 
 
 @dataclass(frozen=True)
@@ -169,10 +173,12 @@ def json_table_insert(
     *,
     update: Sequence[str] = (),
     chunk: int = JSON_TABLE_CHUNK,
+    limit: int = JSON_TABLE_BYTES,
 ) -> None:
     """MariaDB/MySQL ``INSERT INTO table (columns) SELECT ... FROM JSON_TABLE(:rows ...)``
     of ``rows`` (values in ``columns`` order: str, int, float or None), on ``conn`` and in
-    its transaction; a statement per ``chunk`` rows.
+    its transaction; a statement per ``chunk`` rows, or fewer where their document would
+    pass ``limit`` bytes.
 
     Why: pymysql escapes and formats every value of an ``executemany`` in Python, which is
     most of a bulk insert's cost; here each chunk is one JSON string (made by ``json`` in C)
@@ -194,9 +200,21 @@ def json_table_insert(
         found = _JSON_TABLE_SQL[key] = _json_table_sql(dialect, table, *key[3:])
     sql, positional = found
     for start in range(0, len(rows), chunk):
-        text_ = json.dumps(rows[start : start + chunk], separators=(",", ":"))
-        payload = base64.b64encode(text_.encode()).decode("ascii")
-        conn.exec_driver_sql(sql, (payload,) if positional else {"rows": payload})
+        for payload in _payloads(rows[start : start + chunk], limit):
+            conn.exec_driver_sql(sql, (payload,) if positional else {"rows": payload})
+
+
+def _payloads(rows: Sequence[Sequence[Any]], limit: int) -> Iterator[str]:
+    """``rows`` as base64 JSON documents of at most ``limit`` bytes each (halved until
+    they fit; a single row too large is sent alone, for the server to refuse)."""
+    text_ = json.dumps(rows, separators=(",", ":"))
+    payload = base64.b64encode(text_.encode()).decode("ascii")
+    if len(payload) <= limit or len(rows) == 1:
+        yield payload
+        return
+    half = len(rows) // 2
+    yield from _payloads(rows[:half], limit)
+    yield from _payloads(rows[half:], limit)
 
 
 #: Compiled JSON_TABLE inserts (and whether the parameter is positional), by (dialect
