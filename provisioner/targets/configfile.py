@@ -39,6 +39,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -774,6 +775,7 @@ def _environment(searched: Sequence[Path]) -> jinja2.Environment:
 #: their files' names, mtimes and sizes); the last few used, across targets.
 _ENVIRONMENTS: dict[tuple[Any, ...], tuple[jinja2.Environment, bool]] = {}
 _ENVIRONMENTS_KEPT = 8
+_ENVIRONMENTS_LOCK = threading.Lock()
 
 
 class _Templates:
@@ -807,13 +809,15 @@ class _Templates:
         templates costs as much as rendering a thousand users); direct rendering only while
         the layout templates are ours."""
         key = (tuple(self.searched), self._stamp)
-        found = _ENVIRONMENTS.pop(key, None)
-        if found is None:
-            env = _environment(self.searched)
-            found = (env, all(_is_shipped(self.searched, name) for name in _LAYOUT_TEMPLATES))
-        _ENVIRONMENTS[key] = found  # the most recently used last
-        while len(_ENVIRONMENTS) > _ENVIRONMENTS_KEPT:
-            del _ENVIRONMENTS[next(iter(_ENVIRONMENTS))]
+        with _ENVIRONMENTS_LOCK:  # targets may be built and used in several threads
+            found = _ENVIRONMENTS.pop(key, None)
+            if found is None:
+                env = _environment(self.searched)
+                shipped = all(_is_shipped(self.searched, name) for name in _LAYOUT_TEMPLATES)
+                found = (env, shipped)
+            _ENVIRONMENTS[key] = found  # the most recently used last
+            while len(_ENVIRONMENTS) > _ENVIRONMENTS_KEPT:
+                del _ENVIRONMENTS[next(iter(_ENVIRONMENTS))]
         self.env, self.direct = found
 
     def _template_stamp(self) -> tuple[tuple[str, int, int], ...]:
@@ -831,7 +835,8 @@ class _Templates:
         """Read the templates afresh at the next render (never from the shared cache: a
         file can be replaced keeping its mtime and size)."""
         self._stamp = self._template_stamp()
-        _ENVIRONMENTS.pop((tuple(self.searched), self._stamp), None)
+        with _ENVIRONMENTS_LOCK:
+            _ENVIRONMENTS.pop((tuple(self.searched), self._stamp), None)
         self._rebuild()
 
     def fresh(self) -> jinja2.Environment:
