@@ -388,7 +388,7 @@ class RealtimeTarget:
         with self.engine.begin() as conn:
             metadata.create_all(conn, checkfirst=True)
             add_missing_columns(conn)
-        self._has_digest = None
+        self._has_digest = True  # there now: no need to look at the columns again
 
     def plan(
         self, objects: Sequence[UserObjects], *, keep: Collection[str] = (), verify: bool = False
