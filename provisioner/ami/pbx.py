@@ -26,9 +26,10 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Connection, Engine
@@ -40,14 +41,11 @@ from ..errors import ProvisionerError
 from ..logs import get_logger
 from ..store.registrations import (
     ContactRow,
-    RowBatch,
     SummaryRow,
-    batches_supported,
+    endpoint_writer,
     epoch_text,
     replace_server_snapshot,
     set_problems,
-    write_batch,
-    write_endpoint_rows,
 )
 from ..targets import Change
 from .actions import AmiMessage
@@ -282,28 +280,17 @@ class AmiPbx:
                 job, link.snapshot_job = link.snapshot_job, None
                 if job is not None:
                     # After the batches taken before it, before those taken after it.
-                    if writing is not None:
-                        await writing
-                    link.store_idle.clear()
-                    writing = asyncio.create_task(self._write_snapshot(link, *job))
-                    writing.add_done_callback(lambda _: link.store_idle.set())
-                    await asyncio.sleep(0)
+                    snapshot = partial(self._write_snapshot, link, *job)
+                    writing = await _in_turn(link, writing, snapshot)
                 dirty, link.dirty = link.dirty, set()
                 book = link.book
                 states = {ep: rows(book[ep]) for ep in dirty if ep in book}
                 if not states:
                     continue  # a snapshot took them meanwhile: nothing to write
                 _log_changes(link, states)
-                write = self._flush_work(link.name, states)
-                if writing is not None:
-                    await writing
-                link.store_idle.clear()
-                writing = asyncio.create_task(self._flush(link, write, set(states), stop))
-                writing.add_done_callback(lambda _: link.store_idle.set())
-                # Let the write start (hand its transaction to the thread) before this
-                # loop builds the next batch: in a storm the waits above return without
-                # yielding, and the database sat idle for the whole next build.
-                await asyncio.sleep(0)
+                write = endpoint_writer(self.engine.dialect.name, link.name, states, _now())
+                batch = partial(self._flush, link, write, set(states), stop)
+                writing = await _in_turn(link, writing, batch)
         finally:
             if writing is not None:
                 await writing
@@ -476,18 +463,6 @@ class AmiPbx:
 
     # -- store writes, off the event loop ------------------------------------------------
 
-    def _flush_work(
-        self, server: str, states: dict[str, tuple[tuple[ContactRow, ...], SummaryRow]]
-    ) -> Callable[[Connection], object]:
-        """The flusher's write of ``states``.  Where the store takes JSON batches the
-        batch is built here, on the event loop, while the previous write may still run:
-        the write's thread then only waits on the database."""
-        now = _now()
-        if batches_supported(self.engine.dialect.name):
-            batch = RowBatch.of(states, now)
-            return lambda conn: write_batch(conn, server, batch)
-        return lambda conn: write_endpoint_rows(conn, server, states, now)
-
     async def _store(self, server: str, write: Callable[[Connection], object]) -> bool:
         """Run ``write`` in one transaction, in a thread; ``False`` (and a log line) when
         the database refused it."""
@@ -502,6 +477,25 @@ class AmiPbx:
             log.warning("registration.store_failed", server=server, error=type(exc.orig).__name__)
             return False
         return True
+
+
+async def _in_turn(
+    link: Link,
+    previous: asyncio.Task[None] | None,
+    write: Callable[[], Coroutine[Any, Any, None]],
+) -> asyncio.Task[None]:
+    """Start ``write()`` once the ``previous`` write has ended; ``store_idle`` is clear
+    until it ends.  Returns its task, already started."""
+    if previous is not None:
+        await previous
+    link.store_idle.clear()
+    task = asyncio.create_task(write())
+    task.add_done_callback(lambda _: link.store_idle.set())
+    # Let the write start (hand its transaction to the thread) before the flusher builds
+    # the next batch: in a storm its waits return without yielding, and the database sat
+    # idle for the whole next build.
+    await asyncio.sleep(0)
+    return task
 
 
 def _now() -> datetime:

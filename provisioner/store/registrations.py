@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache, lru_cache
@@ -46,7 +46,7 @@ __all__ = [
     "ContactRow",
     "RowBatch",
     "SummaryRow",
-    "batches_supported",
+    "endpoint_writer",
     "epoch_text",
     "replace_server_snapshot",
     "set_problems",
@@ -187,8 +187,33 @@ def write_endpoint_rows(
     """
     if not rows:
         return 0
-    if conn.dialect.name in _ONE_PARAMETER:
-        return write_batch(conn, server, RowBatch.of(rows, now))
+    return endpoint_writer(conn.dialect.name, server, rows, now)(conn)
+
+
+def endpoint_writer(
+    dialect: str,
+    server: str,
+    rows: Mapping[str, tuple[Sequence[ContactRow], SummaryRow]],
+    now: datetime,
+) -> Callable[[Connection], int]:
+    """:func:`write_endpoint_rows` of ``rows`` as a function of the connection to write
+    with.  Where the store takes JSON batches (SQLite, PostgreSQL: :func:`write_batch`) the
+    batch is built now, so a caller on the event loop builds it while an earlier write
+    still runs in its thread, which then only waits on the database."""
+    if dialect in _ONE_PARAMETER:
+        batch = RowBatch.of(rows, now)
+        return lambda conn: write_batch(conn, server, batch)
+    return lambda conn: _write_rows_general(conn, server, rows, now)
+
+
+def _write_rows_general(
+    conn: Connection,
+    server: str,
+    rows: Mapping[str, tuple[Sequence[ContactRow], SummaryRow]],
+    now: datetime,
+) -> int:
+    """:func:`write_endpoint_rows` on MariaDB/MySQL: user ids looked up, the endpoints'
+    rows deleted and inserted again (the problems recorded kept)."""
     ids = _user_ids(conn, rows)
     matched = [(ep, ids[ep]) for ep in rows if ep in ids]
     uids = [uid for _, uid in matched]
@@ -263,12 +288,6 @@ class RowBatch:
             json.dumps([(ep,) for ep in rows]),
             json.dumps(list(contacts.values())) if contacts else None,
         )
-
-
-def batches_supported(dialect: str) -> bool:
-    """Whether :func:`write_batch` serves ``dialect`` (SQLite and PostgreSQL: JSON set
-    functions); others take :func:`write_endpoint_rows`."""
-    return dialect in _ONE_PARAMETER
 
 
 def write_batch(conn: Connection, server: str, batch: RowBatch) -> int:
