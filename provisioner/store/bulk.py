@@ -195,13 +195,12 @@ def json_table_insert(
         return
     dialect = conn.dialect
     key = (type(dialect), dialect.paramstyle, table, tuple(columns), tuple(update))
-    found = _JSON_TABLE_SQL.get(key)
-    if found is None:
-        found = _JSON_TABLE_SQL[key] = _json_table_sql(dialect, table, *key[3:])
-    sql, positional = found
+    prepared = _JSON_TABLE_SQL.get(key)
+    if prepared is None:
+        prepared = _JSON_TABLE_SQL[key] = _json_table_sql(dialect, table, *key[3:])
     for start in range(0, len(rows), chunk):
         for payload in _payloads(rows[start : start + chunk], limit):
-            conn.exec_driver_sql(sql, (payload,) if positional else {"rows": payload})
+            conn.exec_driver_sql(prepared.sql, prepared.params([(payload,)])[0])
 
 
 def _payloads(rows: Sequence[Sequence[Any]], limit: int) -> Iterator[str]:
@@ -217,14 +216,14 @@ def _payloads(rows: Sequence[Sequence[Any]], limit: int) -> Iterator[str]:
     yield from _payloads(rows[half:], limit)
 
 
-#: Compiled JSON_TABLE inserts (and whether the parameter is positional), by (dialect
-#: class, paramstyle, table, columns, updated columns).
-_JSON_TABLE_SQL: dict[tuple[Any, ...], tuple[str, bool]] = {}
+#: Compiled JSON_TABLE inserts, by (dialect class, paramstyle, table, columns, updated
+#: columns).
+_JSON_TABLE_SQL: dict[tuple[Any, ...], Prepared] = {}
 
 
 def _json_table_sql(
     dialect: Dialect, table: Table, columns: tuple[str, ...], update: tuple[str, ...]
-) -> tuple[str, bool]:
+) -> Prepared:
     # Only our own names reach the JSON_TABLE clause (c0, c1, ...: JSON paths by position);
     # the insert's column list is the Table's own, quoted by SQLAlchemy.
     names = [f"c{i}" for i in range(len(columns))]
@@ -240,5 +239,4 @@ def _json_table_sql(
     stmt = mysql_insert(table).from_select(list(columns), pick)
     if update:
         stmt = stmt.on_duplicate_key_update({table.c[c]: stmt.inserted[c] for c in update})
-    compiled = stmt.compile(dialect=dialect)
-    return str(compiled), bool(compiled.positional)
+    return prepare(dialect, stmt, ("rows",))
