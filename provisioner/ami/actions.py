@@ -276,6 +276,12 @@ def _message_of(text: str) -> AmiMessage:
     return AmiMessage.trusted(tuple(pairs))
 
 
+def _wire_size(block: str) -> int:
+    """Bytes ``block`` (lines joined by LF, as decoded) took on the wire, each line ending
+    in CR LF: what a message's bound counts."""
+    return len(block) + 2 * (block.count("\n") + 1)
+
+
 class FrameDecoder:
     """Incremental, bounded decoder of the AMI byte stream.
 
@@ -344,7 +350,7 @@ class FrameDecoder:
             else:
                 # The usual case, a message whole in this text: no pending list to fill.
                 whole = block.strip("\n")
-                if len(whole) + 2 * (whole.count("\n") + 1) > limit:
+                if _wire_size(whole) > limit:
                     raise FrameTooLarge(f"message over {limit} bytes")
             # An empty message (the extra blank line after some errors) yields nothing.
             if whole:
@@ -355,7 +361,7 @@ class FrameDecoder:
         """Add the lines of ``block`` to the pending message, checking its bound."""
         block = block.strip("\n")
         if block:
-            self._message_bytes += len(block) + 2 * (block.count("\n") + 1)
+            self._message_bytes += _wire_size(block)
             if self._message_bytes > self.max_message_bytes:
                 raise FrameTooLarge(f"message over {self.max_message_bytes} bytes")
             self._pending.append(block)
