@@ -702,7 +702,7 @@ def test_targets_share_compiled_templates_until_a_file_changes(tmp_path: Path) -
     overrides = write_override(tmp_path / "t", "header.j2", "; one\n")
     first = ConfigFileTarget(tmp_path / "a.conf", overrides)
     second = ConfigFileTarget(tmp_path / "b.conf", overrides)
-    assert first._fresh_environment() is second._fresh_environment()
+    assert first._templates.fresh() is second._templates.fresh()
     header = overrides / "header.j2"
     stat = header.stat()
     header.write_text("; two\n", encoding="utf-8")
@@ -710,8 +710,8 @@ def test_targets_share_compiled_templates_until_a_file_changes(tmp_path: Path) -
     second.reload_templates()
     assert second.apply(rendered()).wrote
     assert second.path.read_text(encoding="utf-8").startswith("; two\n")
-    assert ConfigFileTarget(tmp_path / "c.conf", overrides)._fresh_environment() is (
-        second._fresh_environment()
+    assert ConfigFileTarget(tmp_path / "c.conf", overrides)._templates.fresh() is (
+        second._templates.fresh()
     )
 
 

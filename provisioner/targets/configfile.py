@@ -942,10 +942,6 @@ class ConfigFileTarget:
         file in the template directories is added, removed or modified)."""
         self._templates.reload()
 
-    def _fresh_environment(self) -> jinja2.Environment:
-        """The Environment, rebuilt first when the template files changed since the last look."""
-        return self._templates.fresh()
-
     @classmethod
     def from_config(cls, config: Config) -> ConfigFileTarget:
         """The one-file target of ``target.path`` and ``target.templates`` (empty: none);
@@ -954,10 +950,6 @@ class ConfigFileTarget:
         templates = Path(settings.templates) if settings.templates else None
         return cls(Path(settings.path), templates)
 
-    def _templating(self) -> contextlib.AbstractContextManager[jinja2.Environment]:
-        """The fresh Environment; a template error becomes :class:`RenderCheckFailed`."""
-        return self._templates.templating()
-
     def render_text(self, objects: Sequence[UserObjects]) -> str:
         """The file's text for ``objects``, in their order; pure (templates aside)."""
         return self._render(list(objects))[0]
@@ -965,7 +957,7 @@ class ConfigFileTarget:
     def _render(self, users: list[UserObjects]) -> tuple[str, list[str], str | None]:
         """The file's text for ``users``, each user's canonical chunk (``""`` for none),
         and the header when the text is exactly that header followed by every chunk."""
-        with self._templating() as env:
+        with self._templates.templating() as env:
             chunks, joined = self._chunks_of(users)
             if self._direct and "" not in chunks:
                 # The shipped layout, unchanged, renders exactly the canonical chunks (tested):
@@ -1009,10 +1001,6 @@ class ConfigFileTarget:
                 chunks[i] = chunk
         return chunks, None
 
-    def _plain_header(self, header: str) -> bool:
-        """:func:`_plain_header`, remembered for the last header asked about."""
-        return self._templates.plain_header(header)
-
     def _current(self, data: bytes | None, *known: _State | None, strict: bool = False) -> _Current:
         """The objects a file holding ``data`` gives Asterisk (not parsed when it is one of
         the ``known`` bytes).  A main file that a sharded layout left (nothing but includes
@@ -1052,7 +1040,7 @@ class ConfigFileTarget:
         the same users, under the same templates, are neither rendered nor checked again."""
         known = self._verified
         if known is not None and known.header is not None and known.users == users:
-            with self._templating() as env:
+            with self._templates.templating() as env:
                 if self._direct and env.get_template("header.j2").render(users=users) == (
                     known.header
                 ):
@@ -1061,7 +1049,7 @@ class ConfigFileTarget:
         data = text.encode("utf-8")
         if known is not None and known.data == data and known.users == users:
             return known
-        if header is None or not self._plain_header(header):
+        if header is None or not self._templates.plain_header(header):
             check_rendered(data, users)
             header = None
         self._verified = _State(data, users, chunks, header, len(text))
@@ -1162,7 +1150,7 @@ class ConfigFileTarget:
         state = self._state
         if state is None:
             return self._prepare(_edited(self._file_users(), upserts, removed_ids), ())
-        self._fresh_environment()  # an edited template is no longer the shipped one
+        self._templates.fresh()  # an edited template is no longer the shipped one
         ids = state.ordered_ids() if self._direct and state.header is not None else None
         edit = _Edit.of(state, ids, upserts, removed_ids) if ids is not None else None
         if edit is None:
@@ -1171,9 +1159,9 @@ class ConfigFileTarget:
         if change.empty:
             # The same bytes: equal objects (perhaps new ones) for these users.
             return _Pending(change, replace(state, users=edit.users), write=False, backup=True)
-        with self._templating() as env:
+        with self._templates.templating() as env:
             header = env.get_template("header.j2").render(users=edit.users)
-        if header != state.header and not self._plain_header(header):
+        if header != state.header and not self._templates.plain_header(header):
             return self._prepare(edit.users, ())
         data, chars = _edited_data(state, edit, header)
         new = _State(
