@@ -62,7 +62,7 @@ from ..errors import (
 from ..logs import get_logger
 from ..pjsip import Options, UserObjects, auth_id, endpoint_order
 from . import Change
-from .shards import own_includes, retire_shards, shard_directory
+from .shards import includes_of, retire_shards, shard_directory
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -421,17 +421,34 @@ class _Current:
     endpoints: tuple[str, ...]
 
     @classmethod
-    def of_bytes(
-        cls, data: bytes | None, *known: _State | None, refuse: Path | None = None
+    def of_main(
+        cls,
+        path: Path,
+        data: bytes | None,
+        shards_dir: Path | None,
+        *known: _State | None,
+        strict: bool = False,
     ) -> _Current:
-        """The file holding ``data`` (None: absent); not parsed when it is ``known``.
-        ``refuse``: as for :meth:`of`."""
+        """What the file at ``path``, holding ``data``, gives Asterisk, parsed once (not at
+        all when it is one of the ``known`` bytes): its own objects, or, when it is a main
+        file of a sharded layout in ``shards_dir`` (nothing but includes of shard files
+        there), its shard files' objects.  ``strict``: a file Asterisk could not load raises
+        :class:`RenderCheckFailed` instead of holding nothing."""
         if data is None:
             return cls(None, {}, ())
         for verified in known:
             if verified is not None and verified.data == data:
                 return cls.verified(data, verified.users)
-        return cls.of(data, refuse=refuse)
+        try:
+            parsed = parse(data)
+        except AsteriskSyntaxError as exc:
+            if strict:
+                raise _broken(path, exc) from None
+            return cls(data, {}, ())  # replaced whole: everything in the new one is added
+        included = None if shards_dir is None else includes_of(shards_dir, parsed)
+        if included is None:
+            return cls.of_parsed(data, parsed)
+        return cls.union(data, included, strict=strict)
 
     @classmethod
     def union(cls, data: bytes, files: Sequence[Path], *, strict: bool = False) -> _Current:
@@ -442,7 +459,7 @@ class _Current:
         objects: dict[tuple[str, str], Options] = {}
         endpoints: list[str] = []
         for path in files:
-            current = cls.of_bytes(_read(path), refuse=path if strict else None)
+            current = cls.of_main(path, _read(path), None, strict=strict)
             objects.update(current.objects)
             endpoints += current.endpoints
         return cls(data, objects, tuple(sorted(dict.fromkeys(endpoints), key=_eid_key)))
@@ -458,19 +475,6 @@ class _Current:
             if kind == "endpoint":
                 endpoints.append(name)
         return cls(data, objects, tuple(dict.fromkeys(endpoints)))
-
-    @classmethod
-    def of(cls, data: bytes, *, refuse: Path | None = None) -> _Current:
-        """What ``data`` holds.  A file Asterisk could not load holds nothing (it is simply
-        replaced; everything in the new one counts as added), or, with ``refuse`` (its
-        path), raises :class:`RenderCheckFailed`."""
-        try:
-            parsed = parse(data)
-        except AsteriskSyntaxError as exc:
-            if refuse is not None:
-                raise _broken(refuse, exc) from None
-            return cls(data, {}, ())
-        return cls.of_parsed(data, parsed)
 
     @classmethod
     def of_parsed(cls, data: bytes, parsed: Parsed) -> _Current:
@@ -1006,11 +1010,7 @@ class ConfigFileTarget:
         the ``known`` bytes).  A main file that a sharded layout left (nothing but includes
         of its shard files) gives its shard files' objects.  ``strict``: a file Asterisk
         could not load raises :class:`RenderCheckFailed` instead of holding nothing."""
-        current = _Current.of_bytes(data, *known, refuse=self.path if strict else None)
-        if self._shards_dir is None or data is None or current.objects:
-            return current
-        included = own_includes(self._shards_dir, data)
-        return current if included is None else _Current.union(data, included, strict=strict)
+        return _Current.of_main(self.path, data, self._shards_dir, *known, strict=strict)
 
     def _desired(
         self, objects: Sequence[UserObjects], keep: Collection[str]

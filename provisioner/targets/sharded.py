@@ -18,15 +18,13 @@ from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from ..asterisk_conf import parse
-from ..errors import AsteriskSyntaxError, ConfigError, Problem, RenderCheckFailed, TargetWriteFailed
+from ..errors import ConfigError, Problem, RenderCheckFailed, TargetWriteFailed
 from ..logs import get_logger
 from ..pjsip import UserObjects
 from . import Change
 from .configfile import (
     ConfigFileTarget,
     _all_added,
-    _broken,
     _compare,
     _Current,
     _diff,
@@ -46,7 +44,6 @@ from .shards import (
     MAX_SHARDS,
     SHARD_TEMPORARIES,
     check_main,
-    includes_of,
     main_text,
     retire_shards,
     shard_directory,
@@ -219,18 +216,7 @@ class ShardedConfigFileTarget:
         """What the main file holding ``data`` gives Asterisk: the objects of the shard files
         it includes (of any count), or, when it is not a sharded main file (the single-file
         layout), its own.  ``strict``: as for :meth:`ConfigFileTarget._current`."""
-        if data is None:
-            return _Current(None, {}, ())
-        try:
-            parsed = parse(data)  # once: for its includes, else for its own objects
-        except AsteriskSyntaxError as exc:
-            if strict:
-                raise _broken(self.path, exc) from None
-            return _Current(data, {}, ())  # replaced whole, as one file would be
-        included = includes_of(self.directory, parsed)
-        if included is None:
-            return _Current.of_parsed(data, parsed)
-        return _Current.union(data, included, strict=strict)
+        return _Current.of_main(self.path, data, self.directory, strict=strict)
 
     def _prepared(
         self, index: int, users: list[UserObjects], keep: Collection[str], *, count: bool = True

@@ -26,7 +26,6 @@ __all__ = [
     "check_main",
     "includes_of",
     "main_text",
-    "own_includes",
     "retire_shards",
     "shard_directory",
     "shard_directory_problem",
@@ -111,18 +110,9 @@ def check_main(data: bytes, files: Sequence[Path]) -> None:
         )
 
 
-def own_includes(directory: Path, data: bytes) -> list[Path] | None:
-    """The files the main file ``data`` includes when it is what a sharded layout writes
-    (nothing but ``#include`` lines of shard files in ``directory``); else None."""
-    try:
-        parsed = parse(data)
-    except AsteriskSyntaxError:
-        return None
-    return includes_of(directory, parsed)
-
-
 def includes_of(directory: Path, parsed: Parsed) -> list[Path] | None:
-    """:func:`own_includes` of a main file already parsed to ``parsed``."""
+    """The files the main file ``parsed`` includes when it is what a sharded layout writes
+    (nothing but ``#include`` lines of shard files in ``directory``); else None."""
     if parsed.sections or parsed.notices or not parsed.directives:
         return None
     files: list[Path] = []
