@@ -35,6 +35,7 @@ def test_bench_registration_runs(capsys: pytest.CaptureFixture[str]) -> None:
     """bench_registration prints a rate and the stages."""
     assert bench_registration.main(["--events", "200", "--backend", "sqlite", "--stages"]) == 0
     out = capsys.readouterr().out
+    assert "\n    sqlite     200 " in out  # the rate row
     assert "store (again)" in out
 
 
@@ -42,4 +43,6 @@ def test_bench_daemon_runs(capsys: pytest.CaptureFixture[str]) -> None:
     """bench_daemon runs a real daemon on the SQLite realtime target."""
     argv = ["--users", "30", "--target", "sqlite", "--edits", "5", "--baseline-edits", "1"]
     assert bench_daemon.main([*argv, "--burst", "20"]) == 0
-    assert "realtime on sqlite" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "realtime on sqlite" in out
+    assert "\n    30 " in out  # the figures row, its assertions held

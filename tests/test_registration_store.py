@@ -198,7 +198,7 @@ def test_a_snapshot_lands_after_the_batch_written_before_it(
     seed_store(engine, 2)
     monkeypatch.setattr(pbx_module, "SNAPSHOT_MIN_GAP", 0.0)
 
-    async def scenario() -> list[int]:
+    async def scenario() -> tuple[list[int], str]:
         async with _lab_pbx(engine) as (peer, link, pbx):
             real_store = pbx._store
             delayed: list[bool] = []
@@ -218,11 +218,15 @@ def test_a_snapshot_lands_after_the_batch_written_before_it(
             await eventually(lambda: link.last_snapshot > snapshots)
             await eventually(lambda: link.store_idle.is_set() and not link.dirty, timeout=3.0)
             await asyncio.sleep(0.6)
+            summary = registration_summary.c
             with engine.connect() as conn:
                 query = select(registrations.c.user_id).where(registrations.c.server == "lab")
-                return [row[0] for row in conn.execute(query)]
+                state = select(summary.state).where(summary.server == "lab", summary.user_id == 1)
+                return [row[0] for row in conn.execute(query)], conn.execute(state).scalar_one()
 
-    assert 1 not in run(scenario())
+    contacts, state = run(scenario())
+    assert 1 not in contacts
+    assert state == "offline"
 
 
 def test_a_rewrite_replaces_contacts_updates_the_summary_and_cuts_long_values(
