@@ -258,8 +258,8 @@ def test_a_rewrite_replaces_contacts_updates_the_summary_and_cuts_long_values(
     again = {
         "100000": (
             [
-                ("100000;@c", long_uri, "NonQualified", "P" * 300, "", None, None, None),
-                ("100000;@c", long_uri, "Reachable", "P" * 300, "", 77, None, None),
+                ("100000;@c", long_uri, "NonQualified", "Pé" * 150, "", None, None, None),
+                ("100000;@c", long_uri, "Reachable", "Pé" * 150, "", 77, None, None),
             ],
             ("unreachable", "UNAVAILABLE", "rejected", None),
         ),
@@ -275,7 +275,7 @@ def test_a_rewrite_replaces_contacts_updates_the_summary_and_cuts_long_values(
         ).all()
     # The later of two rows of one contact wins; the old contacts are gone.
     assert [tuple(r) for r in rows] == [
-        (1, "pbx1", "100000;@c", long_uri[:512], "Reachable", "P" * 255, "", 77, None, NOW)
+        (1, "pbx1", "100000;@c", long_uri[:512], "Reachable", ("Pé" * 150)[:255], "", 77, None, NOW)
     ]
     assert [tuple(s) for s in sums] == [
         (1, "pbx1", "unreachable", "UNAVAILABLE", "rejected", NOW),

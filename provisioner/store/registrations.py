@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 from functools import cache, lru_cache
 from typing import Any, TypeVar, cast
 
+import orjson
 from sqlalchemy import (
-    BigInteger,
     ColumnElement,
     Connection,
     DateTime,
@@ -254,40 +254,49 @@ class RowBatch:
 
     Built apart from the write (pure, no connection) so that the registration flusher
     can build the next batch while the database is still writing the previous one.
+    The rows go as they are: the statements cut each text to its column's size and put
+    in the defaults (offline, the batch's time) in the database, which on SQLite works
+    beside the event loop (the GIL released) and on PostgreSQL in its own process.
     """
 
-    #: ``[[endpoint, state, device_state, problem, changed_at], ...]``.
+    #: ``[[endpoint, state, device_state, problem, changed_at], ...]``, endpoints sorted.
     summaries: str
-    #: ``[[endpoint], ...]``: whose contacts are replaced.
-    members: str
     #: ``[[endpoint, contact_id, uri, status, user_agent, source, rtt, expires, changed],
     #: ...]``; ``None`` when the batch holds no contact.
     contacts: str | None
+    #: :func:`time_text` of the batch's ``now``: a row's missing ``changed_at``.
+    stamp: str
 
     @classmethod
     def of(
         cls, rows: Mapping[str, tuple[Sequence[ContactRow], SummaryRow]], now: datetime
     ) -> RowBatch:
-        """``rows`` (as :func:`write_endpoint_rows` takes them) with values cut to their
-        column's size as the general path cuts them, and ``now`` for missing times."""
-        stamp = time_text(now)
+        """``rows`` (as :func:`write_endpoint_rows` takes them); ``now`` for missing times.
+
+        Of two rows of one contact of an endpoint the later wins, as in the general path
+        (a contact id is the table's key, and one statement inserts them all)."""
         # Tuples, not lists: the collector stops tracking them after one pass (a batch of
         # lists alive through the flush was promoted and brought on full collections).
-        contacts: dict[tuple[str, str], tuple[Any, ...]] = {}
         summaries: list[tuple[Any, ...]] = []
+        contacts: list[tuple[Any, ...]] = []
         for ep in sorted(rows):
             ep_contacts, summary = rows[ep]
-            for contact in ep_contacts:
-                fitted = _fitted_contact(contact)
-                # The later of two rows of one contact wins.
-                contacts[(ep, fitted[0])] = (ep, *fitted[:7], fitted[7] or stamp)
-            state, device_state, problem, changed_at = _fitted_summary(summary)
-            summaries.append((ep, state, device_state, problem, changed_at or stamp))
+            summaries.append((ep, *summary))
+            if len(ep_contacts) == 1:  # the storm's case: nothing to merge
+                contacts.append((ep, *ep_contacts[0]))
+            elif ep_contacts:
+                contacts += [(ep, *c) for c in {c[0][:255]: c for c in ep_contacts}.values()]
         return cls(
-            json.dumps(summaries),
-            json.dumps([(ep,) for ep in rows]),
-            json.dumps(list(contacts.values())) if contacts else None,
+            _json_text(summaries),
+            _json_text(contacts) if contacts else None,
+            time_text(now),
         )
+
+
+def _json_text(rows: list[tuple[Any, ...]]) -> str:
+    """``rows`` as JSON text (orjson: a third of ``json.dumps``'s time, on the storm's path;
+    the text the standard library would write, less its blanks)."""
+    return orjson.dumps(rows).decode()
 
 
 def write_batch(conn: Connection, server: str, batch: RowBatch) -> int:
@@ -300,28 +309,50 @@ def write_batch(conn: Connection, server: str, batch: RowBatch) -> int:
     endpoints matched a user.
     """
     upsert, clear, add = _json_statements(conn.dialect.name)
-    matched = conn.execute(upsert, {"server": server, "rows": batch.summaries})
-    conn.execute(clear, {"server": server, "rows": batch.members})
+    params = {"server": server, "rows": batch.summaries, "stamp": batch.stamp}
+    matched = conn.execute(upsert, params)
+    conn.execute(clear, params)
     if batch.contacts is not None:
-        conn.execute(add, {"server": server, "rows": batch.contacts})
+        conn.execute(add, {**params, "rows": batch.contacts})
     return int(matched.rowcount)
 
 
-def _json_rows(dialect: str, types: Sequence[Any]) -> tuple[Any, list[ColumnElement[Any]]]:
+def _json_rows(dialect: str, columns: Sequence[Any]) -> tuple[Any, list[ColumnElement[Any]]]:
     """The rows of the ``rows`` JSON parameter (an array of arrays) as a FROM item and one
-    column per position, typed by ``types`` (``None``: text)."""
+    expression per position, for ``columns`` (``None``: the endpoint): text cut to its
+    column's size (in characters, as Python's slices cut it in the general path), other
+    values cast to their column's type."""
     if dialect == "sqlite":
         each = func.json_each(bindparam("rows", type_=String)).table_valued("value").alias("j")
-        return each, [func.json_extract(each.c.value, f"$[{i}]") for i in range(len(types))]
-    # jsonb: each element is parsed once; ``->>`` on json text parses it again per column.
-    # The parameter is JSON text (RowBatch), cast by the server.
-    elements = func.jsonb_array_elements(sql_cast(bindparam("rows", type_=String), JSONB))
-    each = elements.table_valued(column("value", JSONB)).alias("j")
-    out: list[ColumnElement[Any]] = []
-    for i, type_ in enumerate(types):
-        item = each.c.value[i].astext
-        out.append(item if type_ is None else sql_cast(item, type_))
-    return each, out
+        items = [func.json_extract(each.c.value, f"$[{i}]") for i in range(len(columns))]
+    else:
+        # jsonb: each element is parsed once; ``->>`` on json text parses it again per
+        # column.  The parameter is JSON text (RowBatch), cast by the server.
+        elements = func.jsonb_array_elements(sql_cast(bindparam("rows", type_=String), JSONB))
+        each = elements.table_valued(column("value", JSONB)).alias("j")
+        items = [each.c.value[i].astext for i in range(len(columns))]
+    return each, [_fitted(dialect, item, col) for item, col in zip(items, columns, strict=True)]
+
+
+def _fitted(dialect: str, item: ColumnElement[Any], col: Any) -> ColumnElement[Any]:
+    """``item`` as a value of column ``col``: cut to its length when text, else cast
+    (``NULL`` for an empty text)."""
+    if col is None:
+        return item
+    if isinstance(col.type, String):
+        if col.type.length is None:
+            return item
+        cut = (
+            func.substr(item, 1, col.type.length)
+            if dialect == "sqlite"
+            else func.left(item, col.type.length)
+        )
+        return cast(ColumnElement[Any], cut)
+    # An empty text is no value (as the general path's ``changed_at or stamp``).
+    value = func.nullif(item, "")
+    if dialect == "sqlite":
+        return value  # SQLite stores what json_extract gives (times as text, integers)
+    return sql_cast(value, col.type)
 
 
 @cache
@@ -329,12 +360,22 @@ def _json_statements(dialect: str) -> tuple[Any, Any, Any]:
     """The three statements of :func:`write_batch` for ``dialect`` (built once)."""
     insert_of = sqlite_insert if dialect == "sqlite" else pg_insert
     server = bindparam("server", type_=String)
+    stamp = bindparam("stamp", type_=String)
+    summary = registration_summary.c
     # Summaries: [endpoint, state, device_state, problem, changed_at].
     each, (ep, state, device, problem, changed) = _json_rows(
-        dialect, (None, None, None, None, DateTime())
+        dialect, (None, summary.state, summary.device_state, summary.problem, summary.changed_at)
     )
     source = (
-        select(users.c.id, server, state, device, problem, changed)
+        select(
+            users.c.id,
+            server,
+            # As the general path's ``state or "offline"`` and ``changed_at or stamp``.
+            func.coalesce(func.nullif(state, ""), "offline"),
+            device,
+            problem,
+            func.coalesce(changed, _stamp_of(dialect, stamp)),
+        )
         .select_from(each.join(users, users.c.extension == ep))
         # SQLite reads "ON CONFLICT" after a join's ON as part of it without a WHERE.
         .where(true())
@@ -352,10 +393,10 @@ def _json_statements(dialect: str) -> tuple[Any, Any, Any]:
             ),
         },
     )
-    # Contacts of the batch's users: deleted, then the batch's inserted.  (An upsert of
-    # the batch's contacts with a delete of the others measured no faster on either
-    # database: PostgreSQL's NOT IN subplan and conflict checks cost what the foreign-key
-    # checks of the inserts cost.)
+    # Contacts of the batch's users (the summaries' endpoints): deleted, then the batch's
+    # inserted.  (An upsert of the batch's contacts with a delete of the others measured
+    # no faster on either database: PostgreSQL's NOT IN subplan and conflict checks cost
+    # what the foreign-key checks of the inserts cost.)
     each, (ep,) = _json_rows(dialect, (None,))
     batch_users = select(users.c.id).select_from(each.join(users, users.c.extension == ep))
     if dialect == "postgresql":
@@ -366,15 +407,25 @@ def _json_statements(dialect: str) -> tuple[Any, Any, Any]:
     else:
         member = registrations.c.user_id.in_(batch_users)
     clear = delete(registrations).where(registrations.c.server == server, member)
-    each, (ep, *values) = _json_rows(
-        dialect, (None, None, None, None, None, None, BigInteger(), DateTime(), DateTime())
+    contact = registrations.c
+    each, (ep, *values, changed) = _json_rows(
+        dialect,
+        (None, *(contact[name] for name in _CONTACT_COLUMNS[2:])),
     )
-    source = select(users.c.id, server, *values).select_from(
-        each.join(users, users.c.extension == ep)
-    )
+    source = select(
+        users.c.id,
+        server,
+        *values,
+        func.coalesce(changed, _stamp_of(dialect, stamp)),
+    ).select_from(each.join(users, users.c.extension == ep))
     add = insert(registrations).from_select(_CONTACT_COLUMNS, source)
     # The matched count is the upsert's rowcount, read before the cursor is closed.
     return upsert.execution_options(preserve_rowcount=True), clear, add
+
+
+def _stamp_of(dialect: str, stamp: Any) -> ColumnElement[Any]:
+    """The batch's time parameter as a value of a timestamp column."""
+    return stamp if dialect == "sqlite" else sql_cast(stamp, DateTime())
 
 
 def _insert_many(
