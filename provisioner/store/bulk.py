@@ -9,12 +9,12 @@ skipped, which cost as much as the inserts themselves at 100k rows.
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
+import orjson
 from sqlalchemy import Connection, Table, bindparam, literal_column, select, text
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.engine import CursorResult, Dialect
@@ -31,6 +31,7 @@ __all__ = [
     "executemany",
     "has_json_table",
     "json_table_insert",
+    "json_text",
     "prepare",
     "run_many",
 ]
@@ -165,6 +166,14 @@ def has_json_table(dialect: Dialect) -> bool:
     return version >= minimum
 
 
+def json_text(rows: Sequence[Any]) -> str:
+    """``rows`` (str, int, float, None, or lists or tuples of them) as compact JSON text, for a
+    statement that unpacks them in the database (``json_each``, ``jsonb_array_elements``,
+    ``JSON_TABLE``).  orjson makes it in a third of ``json.dumps``'s time: on the paths of
+    a full sync and of a registration storm, that was a tenth of the event loop's work."""
+    return orjson.dumps(rows).decode()
+
+
 def json_table_insert(
     conn: Connection,
     table: Table,
@@ -181,7 +190,7 @@ def json_table_insert(
     pass ``limit`` bytes.
 
     Why: pymysql escapes and formats every value of an ``executemany`` in Python, which is
-    most of a bulk insert's cost; here each chunk is one JSON string (made by ``json`` in C)
+    most of a bulk insert's cost; here each chunk is one JSON string (made by orjson)
     that the server unpacks.  It travels base64-encoded: pymysql's escaping (``str.translate``)
     runs in C only while no character needs escaping, and JSON is full of ``"``.
 
@@ -206,8 +215,7 @@ def json_table_insert(
 def _payloads(rows: Sequence[Sequence[Any]], limit: int) -> Iterator[str]:
     """``rows`` as base64 JSON documents of at most ``limit`` bytes each (halved until
     they fit; a single row too large is sent alone, for the server to refuse)."""
-    text_ = json.dumps(rows, separators=(",", ":"))
-    payload = base64.b64encode(text_.encode()).decode("ascii")
+    payload = base64.b64encode(orjson.dumps(rows)).decode("ascii")
     if len(payload) <= limit or len(rows) == 1:
         yield payload
         return

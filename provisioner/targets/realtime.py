@@ -35,7 +35,6 @@ where the mapping gives no value (:data:`SQLITE_DEFAULTS`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cache
@@ -74,6 +73,7 @@ from ..store.bulk import (
     driver_rows,
     has_json_table,
     json_table_insert,
+    json_text,
     prepare,
     run_many,
 )
@@ -894,12 +894,12 @@ def _record_sqlite(
     kind_value = bindparam("kind", type_=String)
     if digests is None:
         stmt = po.insert().from_select(["kind", "id"], select(kind_value, each.c.value))
-        rows = json.dumps(ids)
+        rows = json_text(ids)
     else:
         pair = [func.json_extract(each.c.value, path) for path in ("$[0]", "$[1]")]
         stmt = po.insert().from_select(["kind", "id", "digest"], select(kind_value, *pair))
         get = digests.get
-        rows = json.dumps([(oid, get(oid)) for oid in ids])
+        rows = json_text([(oid, get(oid)) for oid in ids])
     conn.execute(stmt, {"kind": kind, "rows": rows})
 
 
