@@ -11,8 +11,12 @@ a main file including N shard files; the sizes and writes are then of all files)
   ``plan`` makes one);
 * ``raw``: the baseline: one plain Jinja2 template (one loop, no include or macro)
   rendering the same objects, plus one plain ``write_bytes`` of the text;
-* ``ratio``: sync / raw (target: at most 1.5), each the median of ``--repeat`` runs (default
-  3), alternated, each by a new target into a new file;
+* ``ratio``: sync / raw (target: at most 1.5), each the median of ``runs`` runs,
+  alternated, each by a new target into a new file: at least ``--repeat`` (default 3),
+  more for small sizes, up to about half a second in all (see ``bench.measure``); the
+  process has made one small sync first (its imports and template compilations are
+  not the first size's);
+* ``first``: the first sync of the size, by the target the figures below reuse;
 * ``tmpl``: the shipped templates' render alone (:meth:`ConfigFileTarget.render_text`),
   to show how much of ``sync`` is templating;
 * ``unchanged``: a second apply of the same objects (must write nothing; target < 1 s at
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import shutil
 import statistics
 import sys
 import tempfile
@@ -54,6 +59,7 @@ from provisioner.targets.sharded import ShardedConfigFileTarget
 
 from .common import Column, make_users, peak_rss_mb, print_header, print_row, seed_store, timed
 from .machine import describe
+from .measure import alternated_medians
 
 __all__ = ["MORE_EDITS", "PLAIN_TEMPLATE", "main", "run_one"]
 
@@ -79,9 +85,11 @@ type=aor
 
 
 def _raw(objects: list[UserObjects], path: Path) -> float:
-    """Seconds for one plain template render of ``objects`` and one plain file write."""
+    """Seconds for one plain template render of ``objects`` and one plain file write (the
+    file removed afterwards)."""
     template = jinja2.Environment(autoescape=False).from_string(PLAIN_TEMPLATE)  # noqa: S701
     _, took = timed(lambda: path.write_bytes(template.render(users=objects).encode()))
+    path.unlink()
     return took
 
 
@@ -150,17 +158,31 @@ def _store_figures(
 
 
 def _fresh_sync(objects: list[UserObjects], directory: Path, shards: int) -> float:
-    """Seconds of a full sync of ``objects`` by a new target into an empty ``directory``."""
+    """Seconds of a full sync of ``objects`` by a new target into an empty ``directory``
+    (removed afterwards, so that many runs at 100k users do not fill the disk)."""
     directory.mkdir()
-    change, took = timed(lambda: _target(directory / "pjsip_users.conf", shards).apply(objects))
-    assert len(change.added) == len(objects), change
+    try:
+        target = _target(directory / "pjsip_users.conf", shards)
+        change, took = timed(lambda: target.apply(objects))
+        assert len(change.added) == len(objects), change
+    finally:
+        shutil.rmtree(directory)
     return took
+
+
+def _warm_up(scratch: Path, shards: int) -> None:
+    """One small sync and baseline, so that the first size measured does not carry this
+    process's one-time costs (imports, the first template compilations)."""
+    objects, _ = render_all(make_users(50), RenderSettings())
+    with tempfile.TemporaryDirectory(dir=scratch) as name:
+        _fresh_sync(objects, Path(name) / "warm", shards)
+        _raw(objects, Path(name) / "warm_raw.conf")
 
 
 def run_one(count: int, scratch: Path, shards: int = 0, repeat: int = 1) -> dict[str, float]:
     """All measurements for one size (``shards``: 0 for one file, else that many shards);
-    ``sync_s`` and ``raw_s`` are medians of ``repeat`` runs each, alternated, each by a new
-    target into a new file."""
+    ``sync_s`` and ``raw_s`` are medians of alternated runs (at least ``repeat``), each by a
+    new target into a new file."""
     settings = RenderSettings()
     (objects, skipped), render_s = timed(lambda: render_all(make_users(count), settings))
     assert not skipped, skipped[:3]
@@ -171,11 +193,13 @@ def run_one(count: int, scratch: Path, shards: int = 0, repeat: int = 1) -> dict
         change, sync_s = timed(lambda: target.apply(objects))
         assert change.wrote, change
         assert len(change.added) == count, change
-        syncs, raws = [sync_s], [_raw(objects, tmp / "raw0.conf")]
-        for i in range(1, repeat):
-            syncs.append(_fresh_sync(objects, tmp / f"again{i}", shards))
-            raws.append(_raw(objects, tmp / f"raw{i}.conf"))
-        figures["sync_s"], figures["raw_s"] = statistics.median(syncs), statistics.median(raws)
+        figures["first_s"] = sync_s
+        medians = alternated_medians(
+            partial(_fresh_sync, objects, tmp / "again", shards),
+            partial(_raw, objects, tmp / "raw.conf"),
+            repeat,
+        )
+        figures["sync_s"], figures["raw_s"], figures["runs"] = medians
         figures["ratio"] = figures["sync_s"] / figures["raw_s"]
         if isinstance(target, ShardedConfigFileTarget):
             _, figures["tmpl_s"] = timed(lambda: target.render_files(objects))
@@ -206,6 +230,8 @@ COLUMNS: tuple[Column, ...] = (
     ("sync_s", "{:>7.3f}"),
     ("raw_s", "{:>6.3f}"),
     ("ratio", "{:>5.2f}"),
+    ("runs", "{:>4.0f}"),
+    ("first_s", "{:>7.3f}"),
     ("tmpl_s", "{:>6.3f}"),
     ("unchanged_s", "{:>7.3f}"),
     ("unch_cold_s", "{:>7.3f}"),
@@ -239,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_header(
             f"config file ({layout}), seconds (ratio = sync / raw; target <= 1.5)", COLUMNS
         )
+        _warm_up(Path(tmp), args.shards)
         for count in args.users:
             print_row(COLUMNS, run_one(count, Path(tmp), args.shards, args.repeat))
     return 0

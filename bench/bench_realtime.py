@@ -9,12 +9,14 @@ do), it measures:
   ownership records; COPY on PostgreSQL, JSON_TABLE on MariaDB);
 * ``raw``: the same rows inserted by the driver's own ``cursor.executemany`` in one
   transaction into empty tables (no ownership records, no comparison): the floor;
-* ``ratio``: sync / raw, each the median of ``--repeat`` runs (default 3), alternated, each
-  into empty tables of one database (one run of each swings by up to 30% on a busy 2-core
-  machine).  One database and engine, so SQLAlchemy's statement cache is warm, as in the
-  daemon after its first sync and as the raw baseline's statements, compiled outside its
-  timing; and the process has made one small sync first (its imports and first
-  compilations are not the first size's);
+* ``ratio``: sync / raw, each the median of ``runs`` runs, alternated, each into empty
+  tables of one database: at least ``--repeat`` (default 3), more for small sizes, up to
+  about half a second in all (one run of each swings by up to 30% on a busy 2-core
+  machine, and a median of three runs of a few milliseconds is mostly noise).  One
+  database and engine, so SQLAlchemy's statement cache is warm, as in the daemon after
+  its first sync and as the raw baseline's statements, compiled outside its timing; and
+  the process has made one small sync first (its imports and first compilations are not
+  the first size's);
 * ``cold``: the first full sync of a new engine into a new database (statements compiled
   in it): what a daemon's first reconcile costs;
 * ``core``: the same rows through SQLAlchemy Core ``executemany`` in one transaction;
@@ -62,6 +64,7 @@ from provisioner.targets.realtime import RealtimeTarget
 from tests.dbs import temp_database
 
 from .machine import describe
+from .measure import alternated_medians
 
 __all__ = ["main", "make_users"]
 
@@ -219,9 +222,8 @@ def run_one(backend: str, count: int, scratch: Path, repeat: int = 1) -> dict[st
         assert target.apply(objects).updated, "back to the rows the raw baseline reads"
         rows = _read_rows(engine)
     figures["cold_s"] = figures["sync_s"]
-    figures["sync_s"], figures["raw_s"] = _sync_and_raw_medians(
-        backend, scratch, objects, rows, repeat
-    )
+    medians = _sync_and_raw_medians(backend, scratch, objects, rows, repeat)
+    figures["sync_s"], figures["raw_s"], figures["runs"] = medians
     with _database(backend, scratch) as engine:
         figures["core_s"] = _core_insert(engine, rows)
     figures["ratio"] = figures["sync_s"] / figures["raw_s"]
@@ -236,25 +238,29 @@ def _sync_and_raw_medians(
     objects: Sequence[UserObjects],
     rows: dict[Table, list[dict[str, Any]]],
     repeat: int,
-) -> tuple[float, float]:
-    """Medians of ``repeat`` full syncs of ``objects`` (each by a new target) and as many
-    raw inserts of ``rows``, alternated, each into empty tables of one database.
+) -> tuple[float, float, int]:
+    """Medians of full syncs of ``objects`` (each by a new target) and of raw inserts of
+    ``rows``, alternated, each into empty tables of one database, and how many of each
+    (:func:`~bench.measure.alternated_medians`).
 
     One database and engine for all: the engine's statement cache is then warm, as in
     the daemon after its first sync, and as the raw baseline's statements, compiled
     outside its timing.  (``cold_s`` is the first sync of a new engine.)"""
-    syncs, raws = [], []
     with _database(backend, scratch) as engine:
-        for _ in range(repeat):
+
+        def sync() -> float:
             _empty(engine)
             fresh = RealtimeTarget(engine)
             fresh.create_tables()
             change, took = _timed(partial(fresh.apply, objects))
             assert len(change.added) == len(objects), change
-            syncs.append(took)
+            return took
+
+        def raw() -> float:
             _empty(engine)
-            raws.append(_raw_insert(engine, rows))
-    return statistics.median(syncs), statistics.median(raws)
+            return _raw_insert(engine, rows)
+
+        return alternated_medians(sync, raw, repeat)
 
 
 def _empty(engine: Engine) -> None:
@@ -299,6 +305,7 @@ _COLUMNS = (
     ("raw_s", "{:>7.3f}"),
     ("core_s", "{:>7.3f}"),
     ("ratio", "{:>6.2f}"),
+    ("runs", "{:>4.0f}"),
     ("cold_s", "{:>7.3f}"),
     ("unchanged_s", "{:>11.3f}"),
     ("unch_cold_s", "{:>11.3f}"),
