@@ -194,15 +194,18 @@ def endpoint_writer(
     server: str,
     rows: Mapping[str, tuple[Sequence[ContactRow], SummaryRow]],
     now: datetime,
+    *,
+    cleared: bool = False,
 ) -> Callable[[Connection], int]:
     """:func:`write_endpoint_rows` of ``rows`` as a function of the connection to write
     with.  Where the store takes JSON batches (SQLite, PostgreSQL: :func:`write_batch`) the
     batch is built now, so a caller on the event loop builds it while an earlier write
-    still runs in its thread, which then only waits on the database."""
+    still runs in its thread, which then only waits on the database.  ``cleared``: the
+    server holds no contact any more (a snapshot deleted them): none is deleted again."""
     if dialect in _ONE_PARAMETER:
         batch = RowBatch.of(rows, now)
-        return lambda conn: write_batch(conn, server, batch)
-    return lambda conn: _write_rows_general(conn, server, rows, now)
+        return lambda conn: write_batch(conn, server, batch, cleared=cleared)
+    return lambda conn: _write_rows_general(conn, server, rows, now, cleared=cleared)
 
 
 def _write_rows_general(
@@ -210,6 +213,8 @@ def _write_rows_general(
     server: str,
     rows: Mapping[str, tuple[Sequence[ContactRow], SummaryRow]],
     now: datetime,
+    *,
+    cleared: bool = False,
 ) -> int:
     """:func:`write_endpoint_rows` on MariaDB/MySQL: user ids looked up, the endpoints'
     rows deleted and inserted again (the problems recorded kept)."""
@@ -219,7 +224,7 @@ def _write_rows_general(
     kept: dict[int, str] = {}
     for chunk in _chunks(conn, uids):
         kept.update(_problems(conn, server, chunk))
-        for table in (registrations, registration_summary):
+        for table in (registration_summary,) if cleared else (registrations, registration_summary):
             member = _member(conn, table.c.user_id, chunk)
             conn.execute(delete(table).where(table.c.server == server, member))
     stamp = time_text(now)
@@ -292,19 +297,20 @@ class RowBatch:
         )
 
 
-def write_batch(conn: Connection, server: str, batch: RowBatch) -> int:
+def write_batch(conn: Connection, server: str, batch: RowBatch, *, cleared: bool = False) -> int:
     """:func:`write_endpoint_rows` of a prepared batch, on SQLite and PostgreSQL: three
     statements, whatever the batch size, each taking its table's rows as one JSON text.
 
     The database matches endpoints to users itself (a join on ``users.extension``), so no
     user id comes back to Python; the summary is an upsert (``ON CONFLICT DO UPDATE``),
-    the contacts of the batch's users are deleted and inserted anew.  Returns how many
-    endpoints matched a user.
+    the contacts of the batch's users are deleted (unless ``cleared``: the server holds
+    none) and inserted anew.  Returns how many endpoints matched a user.
     """
     upsert, clear, add = _json_statements(conn.dialect.name)
     params = {"server": server, "rows": batch.summaries, "stamp": batch.stamp}
     matched = conn.execute(upsert, params)
-    conn.execute(clear, params)
+    if not cleared:
+        conn.execute(clear, params)
     if batch.contacts is not None:
         conn.execute(add, {**params, "rows": batch.contacts})
     return int(matched.rowcount)
@@ -465,7 +471,8 @@ def replace_server_snapshot(
     """Make the store's registration state for ``server`` exactly ``rows`` (a fresh AMI
     snapshot): every other contact of the server is deleted and every other summary set
     offline (a phone Asterisk no longer knows is not "online" from before its restart;
-    its recorded problem stays), then :func:`write_endpoint_rows`.  One call is one
+    its recorded problem stays), then ``rows`` are written as by
+    :func:`write_endpoint_rows` (no contact deleted twice).  One call is one
     batch on the caller's transaction, so a reader never sees the server's state gone
     and not yet written back."""
     conn.execute(delete(registrations).where(registrations.c.server == server))
@@ -475,7 +482,9 @@ def replace_server_snapshot(
         .where(summary.server == server, summary.state != "offline")
         .values(state="offline", changed_at=now)
     )
-    return write_endpoint_rows(conn, server, rows, now)
+    if not rows:
+        return 0
+    return endpoint_writer(conn.dialect.name, server, rows, now, cleared=True)(conn)
 
 
 def summarize(contact_statuses: Sequence[str], server_states: Sequence[str]) -> str:
