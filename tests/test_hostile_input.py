@@ -232,6 +232,21 @@ def test_ami_header_names_are_checked(key: str) -> None:
     check_ami(key, "x")
 
 
+@given(hostile, hostile)
+@_ci(300)
+def test_ami_messages_decoded_hold_no_nul(name: str, value: str) -> None:
+    """Whatever bytes a peer sends, no decoded header name or value holds a NUL or a lone
+    surrogate (no database could store it: a NUL fails a whole PostgreSQL batch)."""
+    wire = f"Event: ContactStatus\r\n{name}: {value}\r\n\r\n".encode("utf-8", "surrogatepass")
+    decoder = FrameDecoder()
+    messages = decoder.feed(f"{BANNER_PREFIX}9.0.0\r\n".encode() + wire)
+    for message in messages:
+        for key, text in message.headers:
+            for part in (key, text):
+                assert "\0" not in part
+                part.encode("utf-8")  # raises on a lone surrogate
+
+
 def _sweep_value(rng: random.Random) -> str:
     parts = []
     for _ in range(rng.randint(0, 6)):

@@ -189,6 +189,31 @@ def test_events_of_one_contact_in_one_flush_window_leave_the_latest_state(
     assert (1, "offline") in states
 
 
+def test_a_nul_in_an_event_neither_blocks_the_batch_nor_reaches_the_store(engine: Engine) -> None:
+    """A ContactStatus whose URI holds a NUL (which no PostgreSQL text can hold) is stored
+    with U+FFFD in its place, in the same batch as another phone's, on every backend."""
+    seed_store(engine, 2)
+
+    async def scenario() -> None:
+        async with _lab_pbx(engine) as (peer, link, _pbx):
+            hostile = ((b"1001", b"100000"), (b";ob", b";o\0b"))
+            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified", replace=hostile)
+            other = ((b"1001", b"100001"),)
+            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified", replace=other)
+            await eventually(lambda: link.events >= 2)
+            await eventually(lambda: link.store_idle.is_set() and not link.dirty, timeout=3.0)
+            await asyncio.sleep(0.1)
+            assert link.store_failures == 0
+
+    run(scenario())
+    with engine.connect() as conn:
+        uris = conn.execute(select(registrations.c.user_id, registrations.c.uri)).all()
+    assert sorted(tuple(u) for u in uris) == [
+        (1, "sip:100000@127.0.0.1:5070;o\ufffdb"),
+        (2, "sip:100001@127.0.0.1:5070;ob"),
+    ]
+
+
 def test_a_snapshot_lands_after_the_batch_written_before_it(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

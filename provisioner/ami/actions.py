@@ -307,7 +307,8 @@ class FrameDecoder:
         and ``ValueError`` when the first line is not an AMI banner.
 
         Every complete line in the buffer is handled in bulk: one ``decode`` and
-        a split on blank lines, so the per-message cost is a few string splits.
+        a split on blank lines, so the per-message cost is a few string splits.  Bytes
+        that are not UTF-8, and NUL, arrive as U+FFFD.
         """
         buf = self._buffer
         buf += data
@@ -321,7 +322,13 @@ class FrameDecoder:
                 longest = max(map(len, chunk.split(b"\n")))
                 if longest > self.max_line_bytes:
                     raise FrameTooLarge(f"line of {longest} bytes (limit {self.max_line_bytes})")
-            self._take_text(chunk.decode("utf-8", "replace"), out)
+            text = chunk.decode("utf-8", "replace")
+            if "\0" in text:
+                # No database stores a NUL in text (PostgreSQL refuses the whole batch):
+                # it becomes U+FFFD, as undecodable bytes do, so a phone that sends one
+                # cannot hold back every other registration's write.
+                text = text.replace("\0", "\ufffd")
+            self._take_text(text, out)
         self.high_water = max(self.high_water, len(buf))
         if len(buf) > self.max_line_bytes:
             raise FrameTooLarge(f"line over {self.max_line_bytes} bytes without a line end")
