@@ -62,7 +62,7 @@ from provisioner.store.schema import registrations
 from provisioner.store.schema import users as users_table
 from provisioner.targets import Target
 from provisioner.targets.asterisk_schema import ps_endpoints
-from provisioner.targets.shards import shard_directory, shard_name, shard_of
+from provisioner.targets.shards import shard_files, shard_of
 from tests.amipeer import FakeAsterisk, ReceivedAction
 
 from .common import (
@@ -121,8 +121,7 @@ class Setup:
         """The file that holds user ``uid``'s sections: the one file, or its shard file."""
         if not self.shards:
             return self.conf_file
-        index = shard_of(_extension(uid), self.shards)
-        return shard_directory(self.conf_file) / shard_name(index, self.shards)
+        return shard_files(self.conf_file, self.shards)[shard_of(_extension(uid), self.shards)]
 
 
 def _env() -> dict[str, str]:
@@ -300,8 +299,7 @@ def _count_applied(s: Setup, context: str) -> Callable[[], int]:
         needle = f"context={context}\n"
         if not s.shards:
             return lambda: s.conf_file.read_text().count(needle) if s.conf_file.exists() else 0
-        directory = shard_directory(s.conf_file)
-        files = [directory / shard_name(index, s.shards) for index in range(s.shards)]
+        files = shard_files(s.conf_file, s.shards)
 
         def in_shards() -> int:
             return sum(path.read_text().count(needle) for path in files if path.exists())

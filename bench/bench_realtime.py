@@ -186,7 +186,8 @@ def _hand_edit(engine: Engine, endpoint_id: str) -> None:
 
 def run_one(backend: str, count: int, scratch: Path, repeat: int = 1) -> dict[str, float]:
     """All measurements for one backend and size; ``sync_s`` and ``raw_s`` are medians of
-    ``repeat`` runs each, alternated, each into a new database."""
+    alternated runs (at least ``repeat``, see :func:`_sync_and_raw_medians`); ``cold_s`` is
+    the first sync, by the target the other figures reuse, of a new engine."""
     settings = RenderSettings()
     users = make_users(count)
     (objects, skipped), render_s = _timed(lambda: render_all(users, settings))

@@ -150,15 +150,31 @@ def epoch_text(epoch: float) -> str:
     return f"{_second_text(second)}.{micro:06d}"
 
 
+def _length(table: Table, name: str) -> int:
+    """The size of text column ``name`` of ``table``: the schema is the one source of the
+    sizes values are cut to, here and in the JSON batch's statements (:func:`_fitted`)."""
+    type_ = table.c[name].type
+    assert isinstance(type_, String) and type_.length is not None, name
+    return type_.length
+
+
+_ID_LEN, _URI_LEN, _STATUS_LEN, _AGENT_LEN, _SOURCE_LEN = (
+    _length(registrations, name) for name in ("contact_id", "uri", "status", "user_agent", "source")
+)
+_STATE_LEN, _DEVICE_LEN, _PROBLEM_LEN = (
+    _length(registration_summary, name) for name in ("state", "device_state", "problem")
+)
+
+
 def _fitted_contact(row: ContactRow) -> ContactRow:
     """``row`` with each text cut to its column's size."""
     cid, uri, status, agent, source, rtt, expires_at, changed_at = row
     return (
-        cid[:255],
-        uri[:512],
-        status[:32],
-        agent[:255],
-        source[:128],
+        cid[:_ID_LEN],
+        uri[:_URI_LEN],
+        status[:_STATUS_LEN],
+        agent[:_AGENT_LEN],
+        source[:_SOURCE_LEN],
         rtt,
         expires_at,
         changed_at,
@@ -168,7 +184,8 @@ def _fitted_contact(row: ContactRow) -> ContactRow:
 def _fitted_summary(row: SummaryRow) -> tuple[str, str, str, str | None]:
     """``row`` with the state defaulted (offline) and each text cut to its column's size."""
     state, device_state, problem, changed_at = row
-    return ((state or "offline")[:16], device_state[:32], problem[:255], changed_at)
+    state = (state or "offline")[:_STATE_LEN]
+    return (state, device_state[:_DEVICE_LEN], problem[:_PROBLEM_LEN], changed_at)
 
 
 def write_endpoint_rows(
@@ -289,7 +306,9 @@ class RowBatch:
             if len(ep_contacts) == 1:  # the storm's case: nothing to merge
                 contacts.append((ep, *ep_contacts[0]))
             elif ep_contacts:
-                contacts += [(ep, *c) for c in {c[0][:255]: c for c in ep_contacts}.values()]
+                # Keyed as the table keys them: by the id as the statement cuts it.
+                by_id = {c[0][:_ID_LEN]: c for c in ep_contacts}
+                contacts += [(ep, *c) for c in by_id.values()]
         return cls(
             json_text(summaries),
             json_text(contacts) if contacts else None,
@@ -452,12 +471,13 @@ def set_problems(conn: Connection, server: str, problems: Mapping[str, str], now
         updated = conn.execute(
             update(registration_summary)
             .where(registration_summary.c.user_id == uid, registration_summary.c.server == server)
-            .values(problem=problem[:255])
+            .values(problem=problem[:_PROBLEM_LEN])
         ).rowcount
         if not updated:
             new = {"user_id": uid, "server": server, "state": "offline", "device_state": ""}
             conn.execute(
-                insert(registration_summary), [{**new, "problem": problem[:255], "changed_at": now}]
+                insert(registration_summary),
+                [{**new, "problem": problem[:_PROBLEM_LEN], "changed_at": now}],
             )
     return sum(1 for ep in problems if ep in ids)
 

@@ -335,10 +335,6 @@ _AUTH_ID = attrgetter("auth_id")
 _AOR_ID = attrgetter("aor_id")
 
 
-#: render_all's order of endpoint ids.
-_eid_key = endpoint_order
-
-
 #: What :func:`provisioner.pjsip.auth_id` appends to an endpoint id (were it ever more than
 #: a suffix, :meth:`_State.named_ids` would find no state named so: slower, still right).
 _AUTH_SUFFIX = auth_id("")
@@ -462,7 +458,7 @@ class _Current:
             current = cls.of_main(path, _read(path), None, strict=strict)
             objects.update(current.objects)
             endpoints += current.endpoints
-        return cls(data, objects, tuple(sorted(dict.fromkeys(endpoints), key=_eid_key)))
+        return cls(data, objects, tuple(sorted(dict.fromkeys(endpoints), key=endpoint_order)))
 
     @classmethod
     def verified(cls, data: bytes, users: list[UserObjects]) -> _Current:
@@ -1239,8 +1235,8 @@ def _kept_objects(
 
 
 def _order(user: UserObjects) -> tuple[int, str]:
-    """render_all's order of users (see :func:`_eid_key`)."""
-    return _eid_key(user.endpoint_id)
+    """render_all's order of users (:func:`~provisioner.pjsip.endpoint_order`)."""
+    return endpoint_order(user.endpoint_id)
 
 
 def _with_kept(objects: Sequence[UserObjects], kept: list[UserObjects]) -> list[UserObjects]:
@@ -1318,7 +1314,7 @@ class _Edit:
 
     def _find(self, endpoint_id: str) -> tuple[int, bool]:
         """Where ``endpoint_id`` is or would go, and whether it is there."""
-        at = bisect_left(self.ids, _eid_key(endpoint_id), key=_eid_key)
+        at = bisect_left(self.ids, endpoint_order(endpoint_id), key=endpoint_order)
         return at, at < len(self.ids) and self.ids[at] == endpoint_id
 
     def remove(self, endpoint_id: str) -> None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import ConfigError, Problem, RenderCheckFailed, TargetWriteFailed
 from ..logs import get_logger
-from ..pjsip import UserObjects
+from ..pjsip import UserObjects, endpoint_order
 from . import Change
 from .configfile import (
     ConfigFileTarget,
@@ -29,7 +29,6 @@ from .configfile import (
     _Current,
     _diff,
     _edited,
-    _eid_key,
     _fsync_directory,
     _kept_objects,
     _Pending,
@@ -48,7 +47,7 @@ from .shards import (
     retire_shards,
     shard_directory,
     shard_directory_problem,
-    shard_name,
+    shard_files,
     shard_of,
 )
 
@@ -89,9 +88,9 @@ def _summed(changes: Iterable[Change]) -> Change:
         unchanged += change.unchanged
         wrote = wrote or change.wrote
     return Change(
-        added=tuple(sorted(added, key=_eid_key)),
-        updated=tuple(sorted(updated, key=_eid_key)),
-        removed=tuple(sorted(removed, key=_eid_key)),
+        added=tuple(sorted(added, key=endpoint_order)),
+        updated=tuple(sorted(updated, key=endpoint_order)),
+        removed=tuple(sorted(removed, key=endpoint_order)),
         unchanged=unchanged,
         changed_objects=tuple(dict.fromkeys(objects)),
         wrote=wrote,
@@ -159,7 +158,7 @@ class ShardedConfigFileTarget:
         self.shards = shards
         self.directory = shard_directory(self.path)
         #: The shard files, in shard order: what the main file includes.
-        self.files = tuple(self.directory / shard_name(i, shards) for i in range(shards))
+        self.files = shard_files(self.path, shards)
         if (problem := shard_directory_problem(self.path)) is not None:
             raise ConfigError([problem])
         self._templates = _Templates(templates_dir)

@@ -29,6 +29,7 @@ __all__ = [
     "retire_shards",
     "shard_directory",
     "shard_directory_problem",
+    "shard_files",
     "shard_name",
     "shard_of",
 ]
@@ -51,6 +52,13 @@ INCLUDABLE = re.compile(r"/[A-Za-z0-9/._+@,:= -]*")
 def shard_name(index: int, count: int) -> str:
     """The file name of shard ``index`` of ``count``, e.g. ``0007-of-0256.conf``."""
     return f"{index:04d}-of-{count:04d}.conf"
+
+
+def shard_files(path: Path, count: int) -> tuple[Path, ...]:
+    """The ``count`` shard files of the main file ``path``, in shard order: what its main
+    file includes."""
+    directory = shard_directory(path)
+    return tuple(directory / shard_name(i, count) for i in range(count))
 
 
 def shard_of(endpoint_id: str, count: int) -> int:
