@@ -154,7 +154,8 @@ def _length(table: Table, name: str) -> int:
     """The size of text column ``name`` of ``table``: the schema is the one source of the
     sizes values are cut to, here and in the JSON batch's statements (:func:`_fitted`)."""
     type_ = table.c[name].type
-    assert isinstance(type_, String) and type_.length is not None, name
+    assert isinstance(type_, String), name
+    assert type_.length is not None, name
     return type_.length
 
 
