@@ -13,9 +13,10 @@ a main file including N shard files; the sizes and writes are then of all files)
   rendering the same objects, plus one plain ``write_bytes`` of the text;
 * ``ratio``: sync / raw (target: at most 1.5), each the median of ``runs`` runs,
   alternated, each by a new target into a new file: at least ``--repeat`` (default 3),
-  more for small sizes, up to about half a second in all (see ``bench.measure``); the
+  more for small sizes, up to about two seconds in all (see ``bench.measure``); the
   process has made one small sync first (its imports and template compilations are
-  not the first size's);
+  not the first size's); ``ratio_q1`` and ``ratio_q3``: the quartiles of the per-pair
+  ratios (each sync over the raw run beside it), how far one comparison strays;
 * ``first``: the first sync of the size, by the target the figures below reuse;
 * ``tmpl``: the shipped templates' render alone (:meth:`ConfigFileTarget.render_text`),
   to show how much of ``sync`` is templating;
@@ -59,7 +60,7 @@ from provisioner.targets.sharded import ShardedConfigFileTarget
 
 from .common import Column, make_users, peak_rss_mb, print_header, print_row, seed_store, timed
 from .machine import describe
-from .measure import alternated_medians
+from .measure import alternated_medians, ratio_figures
 
 __all__ = ["MORE_EDITS", "PLAIN_TEMPLATE", "main", "run_one"]
 
@@ -194,13 +195,12 @@ def run_one(count: int, scratch: Path, shards: int = 0, repeat: int = 1) -> dict
         assert change.wrote, change
         assert len(change.added) == count, change
         figures["first_s"] = sync_s
-        medians = alternated_medians(
+        compared = alternated_medians(
             partial(_fresh_sync, objects, tmp / "again", shards),
             partial(_raw, objects, tmp / "raw.conf"),
             repeat,
         )
-        figures["sync_s"], figures["raw_s"], figures["runs"] = medians
-        figures["ratio"] = figures["sync_s"] / figures["raw_s"]
+        figures.update(ratio_figures(compared, "sync_s", "raw_s"))
         if isinstance(target, ShardedConfigFileTarget):
             _, figures["tmpl_s"] = timed(lambda: target.render_files(objects))
         else:
@@ -230,6 +230,8 @@ COLUMNS: tuple[Column, ...] = (
     ("sync_s", "{:>7.3f}"),
     ("raw_s", "{:>6.3f}"),
     ("ratio", "{:>5.2f}"),
+    ("ratio_q1", "{:>8.2f}"),
+    ("ratio_q3", "{:>8.2f}"),
     ("runs", "{:>4.0f}"),
     ("first_s", "{:>7.3f}"),
     ("tmpl_s", "{:>6.3f}"),

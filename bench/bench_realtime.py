@@ -11,12 +11,13 @@ do), it measures:
   transaction into empty tables (no ownership records, no comparison): the floor;
 * ``ratio``: sync / raw, each the median of ``runs`` runs, alternated, each into empty
   tables of one database: at least ``--repeat`` (default 3), more for small sizes, up to
-  about half a second in all (one run of each swings by up to 30% on a busy 2-core
+  about two seconds in all (one run of each swings by up to 30% on a busy 2-core
   machine, and a median of three runs of a few milliseconds is mostly noise).  One
   database and engine, so SQLAlchemy's statement cache is warm, as in the daemon after
   its first sync and as the raw baseline's statements, compiled outside its timing; and
   the process has made one small sync first (its imports and first compilations are not
-  the first size's);
+  the first size's); ``ratio_q1`` and ``ratio_q3``: the quartiles of the per-pair
+  ratios (each sync over the raw run beside it), how far one comparison strays;
 * ``cold``: the first full sync of a new engine into a new database (statements compiled
   in it): what a daemon's first reconcile costs;
 * ``core``: the same rows through SQLAlchemy Core ``executemany`` in one transaction;
@@ -64,7 +65,7 @@ from provisioner.targets.realtime import RealtimeTarget
 from tests.dbs import temp_database
 
 from .machine import describe
-from .measure import alternated_medians
+from .measure import Compared, alternated_medians, ratio_figures
 
 __all__ = ["main", "make_users"]
 
@@ -223,11 +224,10 @@ def run_one(backend: str, count: int, scratch: Path, repeat: int = 1) -> dict[st
         assert target.apply(objects).updated, "back to the rows the raw baseline reads"
         rows = _read_rows(engine)
     figures["cold_s"] = figures["sync_s"]
-    medians = _sync_and_raw_medians(backend, scratch, objects, rows, repeat)
-    figures["sync_s"], figures["raw_s"], figures["runs"] = medians
+    compared = _sync_and_raw_medians(backend, scratch, objects, rows, repeat)
+    figures.update(ratio_figures(compared, "sync_s", "raw_s"))
     with _database(backend, scratch) as engine:
         figures["core_s"] = _core_insert(engine, rows)
-    figures["ratio"] = figures["sync_s"] / figures["raw_s"]
     figures["rows_per_s"] = 3 * count / figures["sync_s"]
     figures["peak_rss_mb"] = _peak_rss_mb()
     return figures
@@ -239,7 +239,7 @@ def _sync_and_raw_medians(
     objects: Sequence[UserObjects],
     rows: dict[Table, list[dict[str, Any]]],
     repeat: int,
-) -> tuple[float, float, int]:
+) -> Compared:
     """Medians of full syncs of ``objects`` (each by a new target) and of raw inserts of
     ``rows``, alternated, each into empty tables of one database, and how many of each
     (:func:`~bench.measure.alternated_medians`).
@@ -306,6 +306,8 @@ _COLUMNS = (
     ("raw_s", "{:>7.3f}"),
     ("core_s", "{:>7.3f}"),
     ("ratio", "{:>6.2f}"),
+    ("ratio_q1", "{:>8.2f}"),
+    ("ratio_q3", "{:>8.2f}"),
     ("runs", "{:>4.0f}"),
     ("cold_s", "{:>7.3f}"),
     ("unchanged_s", "{:>11.3f}"),
