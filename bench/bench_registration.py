@@ -7,9 +7,11 @@ For each backend and size N it seeds a throwaway store with N users (extensions 
 Asterisk (``tests/amipeer.py``) over a real socket, waits for the connect snapshot, then
 has the peer send N recorded ``ContactStatus`` events (``send_burst``, one per user) and
 reports ``rate``: events/s from the first byte sent until the store's ``registrations``
-table holds all N contacts (target >= 50,000/s).  The peer runs in this process, so its
-sending counts against the rate; the daemon bench (``bench_daemon``) measures the same
-with the daemon in a process of its own.
+table holds all N contacts (target >= 50,000/s); ``restart_rate``: the same burst again
+after the peer's state is reset as on a reconnect to a restarted Asterisk (every
+summary in the store, set offline; no contact), the storm met in production.  The
+peer runs in this process, so its sending counts against the rate; the daemon bench
+(``bench_daemon``) measures the same with the daemon in a process of its own.
 
 ``--stages`` also times each stage of the path alone on the same N events, in
 microseconds per event (CPU time of this process, the least noisy figure on a shared
@@ -41,7 +43,7 @@ from provisioner.ami.pbx import AmiPbx, Link, rows
 from provisioner.ami.reload import PjsipOps, ReloadCoordinator
 from provisioner.logs import configure
 from provisioner.store.engine import open_engine, reading
-from provisioner.store.registrations import write_endpoint_rows
+from provisioner.store.registrations import replace_server_snapshot, write_endpoint_rows
 from provisioner.store.schema import registrations
 from tests.amipeer import FakeAsterisk, fast_settings, running, server_for
 
@@ -55,6 +57,8 @@ COLUMNS: list[Column] = [
     ("events", "{:>7d}"),
     ("seconds", "{:>7.2f}"),
     ("rate", "{:>8.0f}"),
+    ("restart_s", "{:>9.2f}"),
+    ("restart_rate", "{:>12.0f}"),
 ]
 
 
@@ -93,8 +97,10 @@ def _wait_stored(engine: Engine, server: str, last_user: int, total: int, timeou
             time.sleep(0.002)
 
 
-async def _measure(engine: Engine, count: int) -> float:
-    """Seconds from the burst's first byte until every contact is counted stored."""
+async def _measure(engine: Engine, count: int) -> tuple[float, float]:
+    """Seconds of a burst into a store with no registration state (the first), and of
+    the same burst after a reconnect to a restarted Asterisk (every summary there, set
+    offline, every contact gone): the storm the daemon meets in production."""
     peer = FakeAsterisk()
     await peer.start()
     settings = fast_settings(action_timeout=30.0)
@@ -109,18 +115,31 @@ async def _measure(engine: Engine, count: int) -> float:
                     raise TimeoutError("no AMI session")
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.5)  # the connect snapshot written
-            with reading(engine) as conn:
-                before = _stored(conn, "lab")
-            # As the daemon does after its full reconcile (daemon._settle_heap): what
-            # lives on is exempt from collections; the storm's own objects are not.
-            gc.collect()
-            gc.freeze()
-            began = time.perf_counter()
-            await peer.send_burst(count)
-            done = await asyncio.to_thread(_wait_stored, engine, "lab", count, before + count, 600)
+            first = await _burst(engine, peer, count)
+            # Asterisk restarted: the reconnect's snapshot holds no contact.
+            with engine.begin() as conn:
+                replace_server_snapshot(conn, "lab", {}, datetime.now())
+            again = await _burst(engine, peer, count)
+    finally:
+        await peer.stop()
+    return first, again
+
+
+async def _burst(engine: Engine, peer: FakeAsterisk, count: int) -> float:
+    """Seconds from the first byte of a burst of ``count`` events (one per user) until
+    every contact is counted stored."""
+    with reading(engine) as conn:
+        before = _stored(conn, "lab")
+    # As the daemon does after its full reconcile (daemon._settle_heap): what lives on is
+    # exempt from collections; the storm's own objects are not.
+    gc.collect()
+    gc.freeze()
+    try:
+        began = time.perf_counter()
+        await peer.send_burst(count)
+        done = await asyncio.to_thread(_wait_stored, engine, "lab", count, before + count, 600)
     finally:
         gc.unfreeze()
-        await peer.stop()
     return done - began
 
 
@@ -133,10 +152,17 @@ def run_one(backend: str, count: int, scratch: Path) -> dict[str, Any]:
         engine = open_engine(url)
         try:
             seed_store(engine, count)
-            took = asyncio.run(_measure(engine, count))
+            took, again = asyncio.run(_measure(engine, count))
         finally:
             engine.dispose()
-    return {"backend": backend, "events": count, "seconds": took, "rate": count / took}
+    return {
+        "backend": backend,
+        "events": count,
+        "seconds": took,
+        "rate": count / took,
+        "restart_s": again,
+        "restart_rate": count / again,
+    }
 
 
 STAGE_COLUMNS: list[Column] = [

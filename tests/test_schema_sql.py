@@ -14,7 +14,7 @@ from sqlalchemy.engine import make_url
 from provisioner.store.ddl import store_ddl
 from provisioner.store.engine import open_engine
 from provisioner.store.migrate import current_revision, head_revision, upgrade
-from provisioner.store.schema import metadata
+from provisioner.store.schema import SUMMARY_FILLFACTOR, metadata
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql" / "store"
 FILE_FOR = {"sqlite": "sqlite", "postgresql": "postgresql", "mariadb": "mysql"}
@@ -107,5 +107,32 @@ def test_migrations_and_file_agree_on_each_migration_step(db_url: str) -> None:
         upgrade(engine)
         assert current_revision(engine) == head_revision()
         assert _differences(engine) == []
+    finally:
+        engine.dispose()
+
+
+def _fillfactor(engine: Engine, table: str) -> str | None:
+    """The fill factor PostgreSQL stores for ``table`` (None: the default, 100)."""
+    query = text("SELECT reloptions FROM pg_class WHERE relname = :t AND relkind = 'r'")
+    with engine.connect() as conn:
+        options = conn.execute(query, {"t": table}).scalar_one() or []
+    return next((o.split("=", 1)[1] for o in options if o.startswith("fillfactor=")), None)
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("source", ["migrations", "file"])
+def test_summary_table_is_half_filled_on_postgresql(db_url: str, source: str) -> None:
+    """On PostgreSQL both the migrations and the DDL file leave half of each page of the
+    registration summary (rewritten by every registration event) free for in-place updates."""
+    if source == "file":
+        _apply_file(db_url, "postgresql")
+    engine = open_engine(db_url)
+    try:
+        if source == "migrations":
+            upgrade(engine, "0002")
+            assert _fillfactor(engine, "registration_summary") is None
+            upgrade(engine)
+        assert _fillfactor(engine, "registration_summary") == str(SUMMARY_FILLFACTOR)
+        assert _fillfactor(engine, "registrations") is None
     finally:
         engine.dispose()

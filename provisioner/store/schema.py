@@ -32,6 +32,7 @@ from sqlalchemy.dialects import mysql
 from ..model import LOG_LEVELS, NATS, ROLES, TOAST_POSITIONS, TRANSPORTS, VIDEOS
 
 __all__ = [
+    "SUMMARY_FILLFACTOR",
     "changes",
     "daemon_state",
     "metadata",
@@ -183,6 +184,10 @@ registrations = Table(
     Column("changed_at", Timestamp, nullable=False),
 )
 
+#: PostgreSQL's fill factor of ``registration_summary`` (percent of a page filled by
+#: inserts), set by migration 0003.
+SUMMARY_FILLFACTOR = 50
+
 registration_summary = Table(
     "registration_summary",
     metadata,
@@ -193,4 +198,10 @@ registration_summary = Table(
     # Why Asterisk does not hold the endpoint as rendered (empty when it does).
     Column("problem", String(255), nullable=False, default=""),
     Column("changed_at", Timestamp, nullable=False),
+    # Every registration event rewrites its user's row.  Half of each PostgreSQL page is
+    # left free so the new version fits beside the old (a HOT update: no index entry,
+    # no new page, no index bloat from a daemon running for months).  Measured: a third
+    # less server time per upsert; in storms after an Asterisk restart, 23-27k events/s
+    # against 16-25k (README, Benchmarks).
+    postgresql_with={"fillfactor": SUMMARY_FILLFACTOR},
 )

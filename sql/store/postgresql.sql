@@ -84,7 +84,8 @@ CREATE TABLE registration_summary (
 	changed_at TIMESTAMP WITHOUT TIME ZONE NOT NULL, 
 	CONSTRAINT pk_registration_summary PRIMARY KEY (user_id, server), 
 	CONSTRAINT fk_registration_summary_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE CASCADE
-);
+)
+ WITH (fillfactor = 50);
 
 CREATE TABLE registrations (
 	user_id INTEGER NOT NULL, 
@@ -141,4 +142,4 @@ CREATE TABLE alembic_version (
 	PRIMARY KEY (version_num)
 );
 
-INSERT INTO alembic_version (version_num) VALUES ('0002');
+INSERT INTO alembic_version (version_num) VALUES ('0003');
