@@ -55,7 +55,8 @@ from provisioner.logs import configure
 from provisioner.pjsip import RenderSettings, UserObjects, render_all
 from provisioner.store.engine import open_engine
 from provisioner.store.schema import users as users_table
-from provisioner.targets.configfile import ConfigFileTarget, _replace_file
+from provisioner.targets.configfile import ConfigFileTarget
+from provisioner.targets.files import atomic_write
 from provisioner.targets.sharded import ShardedConfigFileTarget
 
 from .common import Column, make_users, peak_rss_mb, print_header, print_row, seed_store, timed
@@ -217,8 +218,8 @@ def run_one(count: int, scratch: Path, shards: int = 0, repeat: int = 1) -> dict
         assert [path.stat().st_mtime_ns for path in files] == mtimes
         figures["mbytes"] = sum(path.stat().st_size for path in files) / 1e6
         data = max((path.read_bytes() for path in files), key=len)
-        _replace_file(tmp / "floor.conf", data, backup=False)
-        _, figures["write_s"] = timed(lambda: _replace_file(tmp / "floor.conf", data, backup=True))
+        atomic_write(tmp / "floor.conf", data, backup=False)
+        _, figures["write_s"] = timed(lambda: atomic_write(tmp / "floor.conf", data, backup=True))
         figures.update(_store_figures(count, tmp, settings, shards))
     figures["peak_rss_mb"] = peak_rss_mb()
     return figures

@@ -27,7 +27,7 @@ from provisioner.daemon import build_target
 from provisioner.pjsip import RenderSettings
 from provisioner.store.engine import open_engine
 from provisioner.sync import reconcile
-from provisioner.targets import configfile, realtime
+from provisioner.targets import files, realtime
 
 
 def _die() -> None:
@@ -50,16 +50,16 @@ def _after(module: Any, name: str, when: Callable[..., bool] = lambda *a, **k: T
 
 def _install(step: str, target_path: str) -> None:
     if step == "temp_written":
-        _after(configfile, "_write_synced")
+        _after(files, "write_synced")
     elif step == "backup_made":
-        _after(configfile, "_keep_backup")
+        _after(files, "keep_backup")
     elif step == "renamed":
 
         def replaced_target(src: Any, dst: Any, **_: Any) -> bool:
             return bool(os.fspath(dst) == target_path)
 
-        # The module's ``os`` is the os module itself: hooking os.replace there hooks it
-        # for the configfile target's renames.
+        # provisioner.targets.files' ``os`` is the os module itself: hooking os.replace
+        # there hooks it for the targets' renames.
         _after(os, "replace", replaced_target)
     elif step == "rows_written":
         _after(realtime, "run_many")  # every row write but COPY and JSON inserts

@@ -779,7 +779,8 @@ def test_stale_temporary_files_of_a_killed_writer_are_removed(tmp_path: Path) ->
     """A temp file left by a killed writer is removed when a target starts; a fresh one is kept."""
     import os
 
-    from provisioner.targets.configfile import STALE_TEMP_SECONDS, ConfigFileTarget
+    from provisioner.targets.configfile import ConfigFileTarget
+    from provisioner.targets.files import STALE_TEMP_SECONDS
 
     target_path = tmp_path / "pjsip_users.conf"
     stale = tmp_path / ".pjsip_users.conf.abc123.tmp"

@@ -20,10 +20,10 @@ from provisioner.pjsip import RenderSettings, UserObjects, render_user
 from provisioner.targets import Change
 from provisioner.targets.configfile import (
     SHIPPED_TEMPLATES,
-    STALE_TEMP_SECONDS,
     ConfigFileTarget,
     check_rendered,
 )
+from provisioner.targets.files import STALE_TEMP_SECONDS
 from provisioner.targets.sharded import ShardedConfigFileTarget, config_file_target
 from provisioner.targets.shards import check_main, shard_directory, shard_name, shard_of
 

@@ -11,7 +11,7 @@ takes literally, is what the parser would accept; anything else (an override
 changing the layout, an odd value) is parsed in full.  Under the shipped layout
 each user's text (its canonical chunk) is made once, checked with all the others
 in one batch, and kept for the next apply of an equal user.  The write is atomic
-(temporary file, fsync, ``os.replace``, fsync of the directory) and keeps the
+(:mod:`.files`: temporary file, fsync, ``os.replace``, fsync of the directory) and keeps the
 previous file as ``<name>.bak``.  Unchanged bytes are not written at all, so the
 file's mtime only moves when Asterisk has something new to reload.
 
@@ -31,16 +31,12 @@ target takes over from a sharded layout (and removes its files) when shards go t
 from __future__ import annotations
 
 import contextlib
-import difflib
 import hashlib
 import heapq
 import os
 import re
-import shutil
 import sys
-import tempfile
 import threading
-import time
 from bisect import bisect_left
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -57,12 +53,13 @@ from ..errors import (
     ConfigError,
     Problem,
     RenderCheckFailed,
-    TargetWriteFailed,
 )
 from ..logs import get_logger
 from ..pjsip import Options, UserObjects, auth_id, endpoint_order
 from . import Change
+from .files import FILE_MODE, read_file, remove_stale_temporaries, write_file
 from .shards import includes_of, retire_shards, shard_directory
+from .textdiff import unified_diff
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -91,11 +88,6 @@ def _shipped_templates() -> Path:
 #: The shipped templates.
 SHIPPED_TEMPLATES = _shipped_templates()
 MAIN_TEMPLATE = "pjsip_users.conf.j2"
-#: Asterisk (group) reads the file; digests make it unfit for everyone to read.
-FILE_MODE = 0o640
-#: Auth options whose values are credentials: never shown in diffs or messages.
-SECRET_OPTIONS = frozenset({"md5_cred", "password_digest", "password"})
-
 #: One intended section: (name, type, options after ``type``).
 _Intended = tuple[str, str, Options]
 
@@ -398,16 +390,6 @@ class _State:
         return self._ordered
 
 
-def _read(path: Path) -> bytes | None:
-    """The bytes of the file at ``path``; None when it does not exist."""
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise TargetWriteFailed(f"cannot read {str(path)!r}: {exc.strerror}") from None
-
-
 @dataclass(frozen=True)
 class _Current:
     """The file as it is now: its bytes (None when absent) and the objects it holds."""
@@ -455,7 +437,7 @@ class _Current:
         objects: dict[tuple[str, str], Options] = {}
         endpoints: list[str] = []
         for path in files:
-            current = cls.of_main(path, _read(path), None, strict=strict)
+            current = cls.of_main(path, read_file(path), None, strict=strict)
             objects.update(current.objects)
             endpoints += current.endpoints
         return cls(data, objects, tuple(sorted(dict.fromkeys(endpoints), key=endpoint_order)))
@@ -525,238 +507,6 @@ def _all_added(users: Sequence[UserObjects], *, distinct: bool = False) -> Chang
         added=tuple(map(_EID, users)),
         changed_objects=tuple(keys) if distinct else tuple(dict.fromkeys(keys)),
     )
-
-
-_SECTION_LINE = re.compile(r"\s*\[([^\]]*)\]")
-_OPTION_LINE = re.compile(r"(\s*([A-Za-z0-9_]+)\s*=>?\s*)(.*)")
-
-
-def _lines(text: str) -> list[str]:
-    """Lines split at LF only, as Asterisk splits them (not at CR, VT, U+2028, ...)."""
-    parts = text.split("\n")
-    return [part + "\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
-
-
-def _redacted(lines: list[str], others: dict[tuple[str, str], str], section: str = "") -> list[str]:
-    """``lines`` (the first in ``section``) with credential values replaced; ``<changed>``
-    marks one that differs from the same option of the same section in ``others``."""
-    out: list[str] = []
-    for line in lines:
-        if m := _SECTION_LINE.match(line):
-            section = m.group(1)
-        m = _OPTION_LINE.match(line.rstrip("\n"))
-        if m and m.group(2) in SECRET_OPTIONS:
-            value = m.group(3)
-            mark = "" if others.get((section, m.group(2))) == value else " <changed>"
-            line = f"{m.group(1)}<redacted>{mark}" + ("\n" if line.endswith("\n") else "")
-        out.append(line)
-    return out
-
-
-def _secrets(lines: list[str]) -> dict[tuple[str, str], str]:
-    found: dict[tuple[str, str], str] = {}
-    section = ""
-    for line in lines:
-        if m := _SECTION_LINE.match(line):
-            section = m.group(1)
-        m = _OPTION_LINE.match(line.rstrip("\n"))
-        if m and m.group(2) in SECRET_OPTIONS:
-            found[(section, m.group(2))] = m.group(3)
-    return found
-
-
-#: Lines of context around each hunk (difflib's default).
-_CONTEXT = 3
-_Opcode = tuple[str, int, int, int, int]
-
-
-def _common_ends(a: list[str], b: list[str]) -> tuple[int, int]:
-    """How many leading lines ``a`` and ``b`` share, then how many trailing lines of the
-    rest (difflib, on such files, matches the earliest run first: the shared start)."""
-    limit = min(len(a), len(b))
-    head = 0
-    while head < limit and a[head] == b[head]:
-        head += 1
-    tail = 0
-    while tail < limit - head and a[-1 - tail] == b[-1 - tail]:
-        tail += 1
-    return head, tail
-
-
-def _opcodes(a: list[str], b: list[str]) -> list[_Opcode]:
-    """difflib's opcodes for ``a`` -> ``b``, with the shared first and last lines matched
-    without difflib (it is slow on large files) and difflib run on the rest only."""
-    head, tail = _common_ends(a, b)
-    a_mid, b_mid = a[head : len(a) - tail], b[head : len(b) - tail]
-    codes: list[_Opcode] = [("equal", 0, head, 0, head)] if head else []
-    if a_mid and b_mid:
-        for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a_mid, b_mid).get_opcodes():
-            codes.append((tag, i1 + head, i2 + head, j1 + head, j2 + head))
-    elif a_mid or b_mid:  # difflib's answer, without indexing the other side
-        codes.append(("delete" if a_mid else "insert", head, len(a) - tail, head, len(b) - tail))
-    if tail:
-        codes.append(("equal", len(a) - tail, len(a), len(b) - tail, len(b)))
-    merged: list[_Opcode] = []
-    for code in codes:
-        if merged and code[0] == "equal" == merged[-1][0]:
-            code = ("equal", merged[-1][1], code[2], merged[-1][3], code[4])
-            merged.pop()
-        merged.append(code)
-    return merged or [("equal", 0, 0, 0, 0)]
-
-
-def _grouped(codes: list[_Opcode], n: int = _CONTEXT) -> Iterator[list[_Opcode]]:
-    """``SequenceMatcher.get_grouped_opcodes`` over ``codes``."""
-    if codes[0][0] == "equal":
-        tag, i1, i2, j1, j2 = codes[0]
-        codes[0] = tag, max(i1, i2 - n), i2, max(j1, j2 - n), j2
-    if codes[-1][0] == "equal":
-        tag, i1, i2, j1, j2 = codes[-1]
-        codes[-1] = tag, i1, min(i2, i1 + n), j1, min(j2, j1 + n)
-    group: list[_Opcode] = []
-    for tag, i1, i2, j1, j2 in codes:
-        if tag == "equal" and i2 - i1 > n + n:
-            group.append((tag, i1, min(i2, i1 + n), j1, min(j2, j1 + n)))
-            yield group
-            group = []
-            i1, j1 = max(i1, i2 - n), max(j1, j2 - n)
-        group.append((tag, i1, i2, j1, j2))
-    if group and not (len(group) == 1 and group[0][0] == "equal"):
-        yield group
-
-
-def _range(start: int, stop: int) -> str:
-    """difflib's unified range: ``start,length`` (1-based), ``start`` alone for one line."""
-    length = stop - start
-    if length == 1:
-        return str(start + 1)
-    return f"{start + 1 if length else start},{length}"
-
-
-def _diff(path: Path, old: bytes | None, new: str) -> str:
-    """A unified diff of the file, with credentials redacted: the text
-    ``difflib.unified_diff`` gives, computed without running difflib over the lines
-    both versions share at their start and end (one changed user in a large file
-    costs little)."""
-    if old is not None and old == new.encode("utf-8"):
-        return ""
-    a = _lines(old.decode("utf-8", "replace")) if old is not None else []
-    b = _lines(new)
-    groups = list(_grouped(_opcodes(a, b)))
-    if not groups:
-        return ""
-    # Only the lines shown are redacted; a changed secret is found against all old ones.
-    lo = min(g[0][1] for g in groups), min(g[0][3] for g in groups)
-    hi = max(g[-1][2] for g in groups), max(g[-1][4] for g in groups)
-    old_shown = _redacted(a[lo[0] : hi[0]], {}, _section_at(a, lo[0]))
-    new_shown = _redacted(b[lo[1] : hi[1]], _secrets(a), _section_at(b, lo[1]))
-    # An unchanged secret is shown the same on both sides, so it drops out of the diff.
-    old_shown = [line.replace(" <changed>", "") for line in old_shown]
-    out = [f"--- {path if old is not None else '/dev/null'}\n", f"+++ {path}\n"]
-    for group in groups:
-        first, last = group[0], group[-1]
-        out.append(f"@@ -{_range(first[1], last[2])} +{_range(first[3], last[4])} @@\n")
-        for tag, i1, i2, j1, j2 in group:
-            if tag == "equal":
-                out += [" " + line for line in old_shown[i1 - lo[0] : i2 - lo[0]]]
-                continue
-            if tag in ("replace", "delete"):
-                out += ["-" + line for line in old_shown[i1 - lo[0] : i2 - lo[0]]]
-            if tag in ("replace", "insert"):
-                out += ["+" + line for line in new_shown[j1 - lo[1] : j2 - lo[1]]]
-    return "".join(out)
-
-
-def _section_at(lines: list[str], index: int) -> str:
-    """The section that ``lines[index]`` belongs to (the last header before it)."""
-    for line in reversed(lines[:index]):
-        if m := _SECTION_LINE.match(line):
-            return m.group(1)
-    return ""
-
-
-@contextlib.contextmanager
-def _temporary(directory: Path, name: str) -> Iterator[Path]:
-    """A new empty file in ``directory``; removed on exit unless it was renamed away."""
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(temp)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-
-
-#: A temporary file older than this was left by a writer that died (SIGKILL, power loss).
-STALE_TEMP_SECONDS = 300.0
-
-
-def _remove_stale_temporaries(path: Path, now: float | None = None) -> list[Path]:
-    """Delete temporary files of ``path`` that a killed writer left behind; return them.
-
-    Only files named like :func:`_temporary` makes them and older than
-    :data:`STALE_TEMP_SECONDS`, so a concurrent writer's live file is never touched.
-    """
-    return _remove_stale_in(path.parent, f".{path.name}.*.tmp", now)
-
-
-def _remove_stale_in(directory: Path, pattern: str, now: float | None = None) -> list[Path]:
-    """Delete the files of ``directory`` named ``pattern`` (a glob of :func:`_temporary`'s
-    names) older than :data:`STALE_TEMP_SECONDS`; return them."""
-    now = time.time() if now is None else now
-    removed: list[Path] = []
-    if not directory.is_dir():
-        return removed
-    for candidate in directory.glob(pattern):
-        with contextlib.suppress(FileNotFoundError):
-            if now - candidate.stat().st_mtime > STALE_TEMP_SECONDS:
-                candidate.unlink()
-                removed.append(candidate)
-    return removed
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with path.open("wb") as handle:
-        os.fchmod(handle.fileno(), FILE_MODE)
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _keep_backup(path: Path, backup: Path) -> None:
-    """Make ``backup`` the current ``path`` (a hard link, else a copy), replacing it atomically."""
-    with _temporary(path.parent, backup.name) as temp:
-        temp.unlink()
-        try:
-            os.link(path, temp)
-        except OSError:
-            # No hard links here (some network or FUSE file systems): copy instead.
-            shutil.copy2(path, temp)
-        os.replace(temp, backup)
-
-
-def _replace_file(path: Path, data: bytes, *, backup: bool, sync_directory: bool = True) -> None:
-    """Atomically make ``path`` hold ``data``, keeping the old file as ``<name>.bak``.
-
-    Without ``sync_directory`` the rename is not yet durable: the caller fsyncs the
-    directory once for many files (the sharded layout's full apply), before anything
-    that names them."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _temporary(path.parent, path.name) as temp:
-        _write_synced(temp, data)
-        if backup:
-            _keep_backup(path, path.with_name(path.name + ".bak"))
-        os.replace(temp, path)
-    if sync_directory:
-        _fsync_directory(path.parent)
 
 
 def _environment(searched: Sequence[Path]) -> jinja2.Environment:
@@ -930,7 +680,7 @@ class ConfigFileTarget:
         #: first needed after each check (so it holds only those: it never grows stale).
         self._cache: dict[str, tuple[UserObjects, str]] | None = None
         if shared_templates is None:
-            _remove_stale_temporaries(self.path)
+            remove_stale_temporaries(self.path)
 
     @property
     def _direct(self) -> bool:
@@ -1015,7 +765,7 @@ class ConfigFileTarget:
         objects the new file must hold (``objects`` plus the kept users' current objects)."""
         if not keep:
             return None, list(objects)
-        current = self._current(_read(self.path), self._state, self._verified)
+        current = self._current(read_file(self.path), self._state, self._verified)
         return current, _with_kept(objects, _kept_objects(current, keep, objects))
 
     def plan(
@@ -1026,8 +776,8 @@ class ConfigFileTarget:
         current, desired = self._desired(objects, keep)
         text = self._render(desired)[0]
         if current is None:
-            current = self._current(_read(self.path), self._state, self._verified)
-        return replace(_compare(current, desired), diff=_diff(self.path, current.data, text))
+            current = self._current(read_file(self.path), self._state, self._verified)
+        return replace(_compare(current, desired), diff=unified_diff(self.path, current.data, text))
 
     def _verify(self, users: list[UserObjects]) -> _State:
         """The file for ``users``, rendered and parse-checked: :func:`check_rendered`, or
@@ -1083,7 +833,7 @@ class ConfigFileTarget:
         if current is None:
             # Read after the check: a file holding the bytes verified now or at the last
             # apply (the usual case: the file as we wrote it) is not parsed.
-            old = _read(self.path)
+            old = read_file(self.path)
             if not count:
                 return _Pending(Change(), state, write=old != data, backup=old is not None)
             if old == data and state.distinct:
@@ -1104,7 +854,7 @@ class ConfigFileTarget:
     ) -> Change:
         """Write what :meth:`_prepare` or :meth:`_prepare_partial` worked out (atomically,
         only when the bytes differ); the file then holds ``pending.state``.
-        ``sync_directory``: as for :func:`_replace_file`.
+        ``sync_directory``: as for :func:`atomic_write`.
 
         After a write or a ``full`` apply, a main file's target deletes the shard files a
         sharded layout of it left (the file now includes none of them; a full apply also
@@ -1112,7 +862,7 @@ class ConfigFileTarget:
         change = pending.change
         if pending.write:
             data = pending.state.data
-            _write_file(self.path, data, backup=pending.backup, sync_directory=sync_directory)
+            write_file(self.path, data, backup=pending.backup, sync_directory=sync_directory)
             change = replace(change, wrote=True)
         if self._verified is not pending.state:
             # An edit's state, checked chunk by chunk rather than by _verify.
@@ -1179,7 +929,7 @@ class ConfigFileTarget:
 
         A file Asterisk could not load is refused, not read as empty: an edit of a few
         users must never write a file without all the others."""
-        current = self._current(_read(self.path), self._verified, strict=True)
+        current = self._current(read_file(self.path), self._verified, strict=True)
         return _kept_objects(current, current.endpoints, ())
 
 
@@ -1189,14 +939,6 @@ def _broken(path: Path, exc: AsteriskSyntaxError) -> RenderCheckFailed:
         f"cannot edit {str(path)!r} user by user: it does not load "
         f"({exc.message}); apply every user instead"
     )
-
-
-def _write_file(path: Path, data: bytes, *, backup: bool, sync_directory: bool = True) -> None:
-    """:func:`_replace_file`, an OS error raised as :class:`TargetWriteFailed`."""
-    try:
-        _replace_file(path, data, backup=backup, sync_directory=sync_directory)
-    except OSError as exc:
-        raise TargetWriteFailed(f"cannot write {str(path)!r}: {exc.strerror}") from None
 
 
 def _kept_objects(

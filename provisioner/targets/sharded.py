@@ -27,17 +27,18 @@ from .configfile import (
     _all_added,
     _compare,
     _Current,
-    _diff,
     _edited,
-    _fsync_directory,
     _kept_objects,
     _Pending,
-    _read,
-    _remove_stale_in,
-    _remove_stale_temporaries,
     _Templates,
     _with_kept,
-    _write_file,
+)
+from .files import (
+    fsync_directory,
+    read_file,
+    remove_stale_in,
+    remove_stale_temporaries,
+    write_file,
 )
 from .shards import (
     MAX_SHARDS,
@@ -50,6 +51,7 @@ from .shards import (
     shard_files,
     shard_of,
 )
+from .textdiff import unified_diff
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -101,7 +103,7 @@ def _sync_directory(directory: Path) -> None:
     """fsync ``directory`` (its entries' renames made durable), an OS error raised as
     :class:`TargetWriteFailed`."""
     try:
-        _fsync_directory(directory)
+        fsync_directory(directory)
     except OSError as exc:
         raise TargetWriteFailed(f"cannot sync {str(directory)!r}: {exc.strerror}") from None
 
@@ -166,8 +168,8 @@ class ShardedConfigFileTarget:
         self._targets: dict[int, ConfigFileTarget] = {}
         #: The main file's bytes once this object found or wrote it including this set.
         self._main: bytes | None = None
-        _remove_stale_temporaries(self.path)
-        _remove_stale_in(self.directory, SHARD_TEMPORARIES)
+        remove_stale_temporaries(self.path)
+        remove_stale_in(self.directory, SHARD_TEMPORARIES)
 
     def reload_templates(self) -> None:
         """Read the templates afresh at the next render (also done by itself whenever a
@@ -229,7 +231,7 @@ class ShardedConfigFileTarget:
         """Every shard file rendered and checked, the change counted; nothing written.  A
         shard that fails its check raises, so nothing at all is written (as for one file)."""
         main = self._main_data()
-        old_main = _read(self.path)
+        old_main = read_file(self.path)
         if old_main == main:
             # Asterisk reads this set: each shard is compared with its own file.
             keeps = self._kept_by_shard(keep)
@@ -252,7 +254,7 @@ class ShardedConfigFileTarget:
             # Every shard file of this set is on disk, fsynced: only now does the main file
             # name them, in one atomic replace (whose directory fsync also makes the shard
             # directory's entry durable: it sits beside the main file).
-            _write_file(self.path, layout.main, backup=layout.old_main is not None)
+            write_file(self.path, layout.main, backup=layout.old_main is not None)
             wrote = True
         self._main = layout.main
         # The main file names only this set now: other counts' files (the set before a
@@ -275,7 +277,7 @@ class ShardedConfigFileTarget:
         would change) and of each shard file that would change; writes nothing."""
         with self._templates.hold():
             main = self._main_data()
-            old_main = _read(self.path)
+            old_main = read_file(self.path)
             if old_main == main:
                 keeps = self._kept_by_shard(keep)
                 changes = [
@@ -285,7 +287,7 @@ class ShardedConfigFileTarget:
                 return replace(_summed(changes), diff="".join(c.diff for c in changes))
             current = self._current(old_main)
             desired = _with_kept(objects, _kept_objects(current, keep, objects))
-            diffs = [_diff(self.path, old_main, main.decode("utf-8"))]
+            diffs = [unified_diff(self.path, old_main, main.decode("utf-8"))]
             diffs += [self._file(i).plan(g).diff for i, g in enumerate(self._groups(desired))]
             return replace(_compare(current, desired), diff="".join(diffs))
 
@@ -345,14 +347,14 @@ class ShardedConfigFileTarget:
         """True when the main file includes exactly this set (read once, then known)."""
         if self._main is None:
             main = self._main_data()
-            if _read(self.path) != main:
+            if read_file(self.path) != main:
                 return False
             self._main = main
         return True
 
     def _file_users(self) -> list[UserObjects]:
         """Every user the current main file gives Asterisk (see ConfigFileTarget's)."""
-        current = self._current(_read(self.path), strict=True)
+        current = self._current(read_file(self.path), strict=True)
         return _kept_objects(current, current.endpoints, ())
 
     def render_files(self, objects: Sequence[UserObjects]) -> dict[Path, str]:

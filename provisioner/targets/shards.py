@@ -41,7 +41,7 @@ MAX_SHARDS = 4096
 #: A shard file's name: its index and the shard count, so that two counts never share a
 #: name and a new count writes a whole new set beside the old one.
 _SHARD_NAME = re.compile(r"([0-9]{4})-of-([0-9]{4})\.conf")
-#: The temporaries of any shard file (``configfile._temporary`` names them so).
+#: The temporaries of any shard file (``files.temporary`` names them so).
 SHARD_TEMPORARIES = ".[0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9].conf.*.tmp"
 #: What a shard directory's absolute path may hold: characters an ``#include`` argument
 #: keeps literally (no comment, quote or escape mark, and none of the glob characters

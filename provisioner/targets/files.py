@@ -1,0 +1,143 @@
+"""Atomic file replacement, as the config-file targets write: a temporary file in the
+same directory, written and fsynced, then renamed over the old file, then the directory
+fsynced, so a reader (Asterisk) sees the old bytes or the new, never a mix, and a
+power loss leaves one of them.  The previous file can be kept as ``<name>.bak``.
+
+Temporaries are named ``.<name>.<random>.tmp``; a writer killed between creating and
+renaming one leaves it behind, and :func:`remove_stale_temporaries` deletes those old
+enough to be no live writer's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import TargetWriteFailed
+
+__all__ = [
+    "FILE_MODE",
+    "STALE_TEMP_SECONDS",
+    "atomic_write",
+    "fsync_directory",
+    "keep_backup",
+    "read_file",
+    "remove_stale_in",
+    "remove_stale_temporaries",
+    "temporary",
+    "write_file",
+    "write_synced",
+]
+
+#: Asterisk (group) reads the file; digests make it unfit for everyone to read.
+FILE_MODE = 0o640
+
+
+@contextlib.contextmanager
+def temporary(directory: Path, name: str) -> Iterator[Path]:
+    """A new empty file in ``directory``; removed on exit unless it was renamed away."""
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(temp)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+
+
+#: A temporary file older than this was left by a writer that died (SIGKILL, power loss).
+STALE_TEMP_SECONDS = 300.0
+
+
+def remove_stale_temporaries(path: Path, now: float | None = None) -> list[Path]:
+    """Delete temporary files of ``path`` that a killed writer left behind; return them.
+
+    Only files named like :func:`temporary` makes them and older than
+    :data:`STALE_TEMP_SECONDS`, so a concurrent writer's live file is never touched.
+    """
+    return remove_stale_in(path.parent, f".{path.name}.*.tmp", now)
+
+
+def remove_stale_in(directory: Path, pattern: str, now: float | None = None) -> list[Path]:
+    """Delete the files of ``directory`` named ``pattern`` (a glob of :func:`temporary`'s
+    names) older than :data:`STALE_TEMP_SECONDS`; return them."""
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    for candidate in directory.glob(pattern):
+        with contextlib.suppress(FileNotFoundError):
+            if now - candidate.stat().st_mtime > STALE_TEMP_SECONDS:
+                candidate.unlink()
+                removed.append(candidate)
+    return removed
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (mode :data:`FILE_MODE`) and fsync it: on disk before
+    any rename makes it the file Asterisk reads."""
+    with path.open("wb") as handle:
+        os.fchmod(handle.fileno(), FILE_MODE)
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def fsync_directory(directory: Path) -> None:
+    """fsync ``directory``: the renames into it survive a power loss."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def keep_backup(path: Path, backup: Path) -> None:
+    """Make ``backup`` the current ``path`` (a hard link, else a copy), replacing it atomically."""
+    with temporary(path.parent, backup.name) as temp:
+        temp.unlink()
+        try:
+            os.link(path, temp)
+        except OSError:
+            # No hard links here (some network or FUSE file systems): copy instead.
+            shutil.copy2(path, temp)
+        os.replace(temp, backup)
+
+
+def atomic_write(path: Path, data: bytes, *, backup: bool, sync_directory: bool = True) -> None:
+    """Atomically make ``path`` hold ``data``, keeping the old file as ``<name>.bak``.
+
+    Without ``sync_directory`` the rename is not yet durable: the caller fsyncs the
+    directory once for many files (the sharded layout's full apply), before anything
+    that names them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with temporary(path.parent, path.name) as temp:
+        write_synced(temp, data)
+        if backup:
+            keep_backup(path, path.with_name(path.name + ".bak"))
+        os.replace(temp, path)
+    if sync_directory:
+        fsync_directory(path.parent)
+
+
+def write_file(path: Path, data: bytes, *, backup: bool, sync_directory: bool = True) -> None:
+    """:func:`atomic_write`, an OS error raised as :class:`TargetWriteFailed`."""
+    try:
+        atomic_write(path, data, backup=backup, sync_directory=sync_directory)
+    except OSError as exc:
+        raise TargetWriteFailed(f"cannot write {str(path)!r}: {exc.strerror}") from None
+
+
+def read_file(path: Path) -> bytes | None:
+    """The bytes of the file at ``path``; None when it does not exist."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise TargetWriteFailed(f"cannot read {str(path)!r}: {exc.strerror}") from None

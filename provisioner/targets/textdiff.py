@@ -1,0 +1,168 @@
+"""A unified diff of a PJSIP config file with its credentials redacted.
+
+``render --dry-run`` and the config-file targets' ``plan`` show what a write would
+change; digests must never reach a terminal or a log, so each credential option's value
+is shown as ``<redacted>``, marked ``<changed>`` where it differs from the old file.  The
+diff is the text ``difflib.unified_diff`` gives, but computed without running difflib
+over the lines both versions share at their start and end: one changed user in a 62 MB
+file costs little.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["SECRET_OPTIONS", "split_lines", "unified_diff"]
+
+#: Auth options whose values are credentials: never shown in diffs or messages.
+SECRET_OPTIONS = frozenset({"md5_cred", "password_digest", "password"})
+
+_SECTION_LINE = re.compile(r"\s*\[([^\]]*)\]")
+_OPTION_LINE = re.compile(r"(\s*([A-Za-z0-9_]+)\s*=>?\s*)(.*)")
+
+
+def split_lines(text: str) -> list[str]:
+    """Lines split at LF only, as Asterisk splits them (not at CR, VT, U+2028, ...)."""
+    parts = text.split("\n")
+    return [part + "\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+
+
+def _redacted(lines: list[str], others: dict[tuple[str, str], str], section: str = "") -> list[str]:
+    """``lines`` (the first in ``section``) with credential values replaced; ``<changed>``
+    marks one that differs from the same option of the same section in ``others``."""
+    out: list[str] = []
+    for line in lines:
+        if m := _SECTION_LINE.match(line):
+            section = m.group(1)
+        m = _OPTION_LINE.match(line.rstrip("\n"))
+        if m and m.group(2) in SECRET_OPTIONS:
+            value = m.group(3)
+            mark = "" if others.get((section, m.group(2))) == value else " <changed>"
+            line = f"{m.group(1)}<redacted>{mark}" + ("\n" if line.endswith("\n") else "")
+        out.append(line)
+    return out
+
+
+def _secrets(lines: list[str]) -> dict[tuple[str, str], str]:
+    found: dict[tuple[str, str], str] = {}
+    section = ""
+    for line in lines:
+        if m := _SECTION_LINE.match(line):
+            section = m.group(1)
+        m = _OPTION_LINE.match(line.rstrip("\n"))
+        if m and m.group(2) in SECRET_OPTIONS:
+            found[(section, m.group(2))] = m.group(3)
+    return found
+
+
+#: Lines of context around each hunk (difflib's default).
+_CONTEXT = 3
+_Opcode = tuple[str, int, int, int, int]
+
+
+def _common_ends(a: list[str], b: list[str]) -> tuple[int, int]:
+    """How many leading lines ``a`` and ``b`` share, then how many trailing lines of the
+    rest (difflib, on such files, matches the earliest run first: the shared start)."""
+    limit = min(len(a), len(b))
+    head = 0
+    while head < limit and a[head] == b[head]:
+        head += 1
+    tail = 0
+    while tail < limit - head and a[-1 - tail] == b[-1 - tail]:
+        tail += 1
+    return head, tail
+
+
+def _opcodes(a: list[str], b: list[str]) -> list[_Opcode]:
+    """difflib's opcodes for ``a`` -> ``b``, with the shared first and last lines matched
+    without difflib (it is slow on large files) and difflib run on the rest only."""
+    head, tail = _common_ends(a, b)
+    a_mid, b_mid = a[head : len(a) - tail], b[head : len(b) - tail]
+    codes: list[_Opcode] = [("equal", 0, head, 0, head)] if head else []
+    if a_mid and b_mid:
+        for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a_mid, b_mid).get_opcodes():
+            codes.append((tag, i1 + head, i2 + head, j1 + head, j2 + head))
+    elif a_mid or b_mid:  # difflib's answer, without indexing the other side
+        codes.append(("delete" if a_mid else "insert", head, len(a) - tail, head, len(b) - tail))
+    if tail:
+        codes.append(("equal", len(a) - tail, len(a), len(b) - tail, len(b)))
+    merged: list[_Opcode] = []
+    for code in codes:
+        if merged and code[0] == "equal" == merged[-1][0]:
+            code = ("equal", merged[-1][1], code[2], merged[-1][3], code[4])
+            merged.pop()
+        merged.append(code)
+    return merged or [("equal", 0, 0, 0, 0)]
+
+
+def _grouped(codes: list[_Opcode], n: int = _CONTEXT) -> Iterator[list[_Opcode]]:
+    """``SequenceMatcher.get_grouped_opcodes`` over ``codes``."""
+    if codes[0][0] == "equal":
+        tag, i1, i2, j1, j2 = codes[0]
+        codes[0] = tag, max(i1, i2 - n), i2, max(j1, j2 - n), j2
+    if codes[-1][0] == "equal":
+        tag, i1, i2, j1, j2 = codes[-1]
+        codes[-1] = tag, i1, min(i2, i1 + n), j1, min(j2, j1 + n)
+    group: list[_Opcode] = []
+    for tag, i1, i2, j1, j2 in codes:
+        if tag == "equal" and i2 - i1 > n + n:
+            group.append((tag, i1, min(i2, i1 + n), j1, min(j2, j1 + n)))
+            yield group
+            group = []
+            i1, j1 = max(i1, i2 - n), max(j1, j2 - n)
+        group.append((tag, i1, i2, j1, j2))
+    if group and not (len(group) == 1 and group[0][0] == "equal"):
+        yield group
+
+
+def _range(start: int, stop: int) -> str:
+    """difflib's unified range: ``start,length`` (1-based), ``start`` alone for one line."""
+    length = stop - start
+    if length == 1:
+        return str(start + 1)
+    return f"{start + 1 if length else start},{length}"
+
+
+def unified_diff(path: Path, old: bytes | None, new: str) -> str:
+    """A unified diff of the file, with credentials redacted: the text
+    ``difflib.unified_diff`` gives, computed without running difflib over the lines
+    both versions share at their start and end (one changed user in a large file
+    costs little)."""
+    if old is not None and old == new.encode("utf-8"):
+        return ""
+    a = split_lines(old.decode("utf-8", "replace")) if old is not None else []
+    b = split_lines(new)
+    groups = list(_grouped(_opcodes(a, b)))
+    if not groups:
+        return ""
+    # Only the lines shown are redacted; a changed secret is found against all old ones.
+    lo = min(g[0][1] for g in groups), min(g[0][3] for g in groups)
+    hi = max(g[-1][2] for g in groups), max(g[-1][4] for g in groups)
+    old_shown = _redacted(a[lo[0] : hi[0]], {}, _section_at(a, lo[0]))
+    new_shown = _redacted(b[lo[1] : hi[1]], _secrets(a), _section_at(b, lo[1]))
+    # An unchanged secret is shown the same on both sides, so it drops out of the diff.
+    old_shown = [line.replace(" <changed>", "") for line in old_shown]
+    out = [f"--- {path if old is not None else '/dev/null'}\n", f"+++ {path}\n"]
+    for group in groups:
+        first, last = group[0], group[-1]
+        out.append(f"@@ -{_range(first[1], last[2])} +{_range(first[3], last[4])} @@\n")
+        for tag, i1, i2, j1, j2 in group:
+            if tag == "equal":
+                out += [" " + line for line in old_shown[i1 - lo[0] : i2 - lo[0]]]
+                continue
+            if tag in ("replace", "delete"):
+                out += ["-" + line for line in old_shown[i1 - lo[0] : i2 - lo[0]]]
+            if tag in ("replace", "insert"):
+                out += ["+" + line for line in new_shown[j1 - lo[1] : j2 - lo[1]]]
+    return "".join(out)
+
+
+def _section_at(lines: list[str], index: int) -> str:
+    """The section that ``lines[index]`` belongs to (the last header before it)."""
+    for line in reversed(lines[:index]):
+        if m := _SECTION_LINE.match(line):
+            return m.group(1)
+    return ""
