@@ -148,6 +148,31 @@ def test_ping_detects_a_silent_peer() -> None:
     run(scenario())
 
 
+def test_a_ping_answer_behind_a_stream_of_events_keeps_the_session() -> None:
+    """A Ping answered only after many ping timeouts, while events keep arriving (its
+    answer queued behind a storm), leaves the session up; the answer is awaited."""
+
+    async def scenario() -> None:
+        peer = await _peer()
+        peer.ping_delay = 0.6
+        client = AmiClient(server_for(peer), fast_settings(ping_interval=0.05, ping_timeout=0.1))
+        with capture_logs() as logs:
+            async with running(client):
+                await eventually(lambda: client.connected)
+                pinged = len(peer.actions("Ping"))
+                deadline = asyncio.get_running_loop().time() + 1.5
+                while asyncio.get_running_loop().time() < deadline:
+                    await peer.send_burst(20)
+                    await asyncio.sleep(0.03)
+                health = client.health()
+                assert len(peer.actions("Ping")) > pinged  # pings went on, answered late
+        assert (health.connected, health.sessions) == (True, 1)
+        assert not [e for e in logs if e["event"] == "ami.ping_timeout"]
+        await peer.stop()
+
+    run(scenario())
+
+
 def test_action_timeout_is_an_error_and_not_resent() -> None:
     """An unanswered action times out for its caller and is sent exactly once."""
 

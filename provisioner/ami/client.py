@@ -118,6 +118,8 @@ class _Session:
     backlog: list[AmiMessage] = field(default_factory=list)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     reason: str = ""
+    #: Reads from the socket so far: the ping's sign that the connection is alive.
+    reads: int = 0
 
     def close(self, reason: str) -> None:
         """Close once: record why, abort the socket (a half-open peer may never ack a FIN)."""
@@ -371,6 +373,7 @@ class AmiClient:
                 if not data:
                     session.close("connection closed by Asterisk")
                     return
+                session.reads += 1
                 self._take(session, data)
                 # ``read`` returns without yielding while its buffer holds data: in a
                 # storm this loop would keep the event loop for many reads in a row, and
@@ -409,7 +412,8 @@ class AmiClient:
             raise AmiProtocolError(self.name, f"protocol violation: {exc}") from None
 
     async def _ping_loop(self, session: _Session) -> None:
-        """``Ping`` every ``ping_interval``; no answer in ``ping_timeout`` closes the session.
+        """``Ping`` every ``ping_interval``; ``ping_timeout`` without its answer and
+        without a single read closes the session (a half-open connection).
 
         No ping is sent while another action is outstanding (see below).
         """
@@ -419,17 +423,44 @@ class AmiClient:
                 # behind a 95-s reload would "time out" on a healthy connection.  The
                 # outstanding action's own timeout bounds the wait instead.
                 continue
-            ping = build_action("Ping", (), action_id=self._ids())
-            try:
-                await self._request(session, ping, self.settings.ping_timeout)
-            except AmiTimeout:
-                log.warning(
-                    "ami.ping_timeout", server=self.name, timeout_s=self.settings.ping_timeout
+            if not await self._pinged(session):
+                return
+
+    async def _pinged(self, session: _Session) -> bool:
+        """Send a ``Ping`` and wait for its answer; False when the session is closed.
+
+        The answer comes after every event Asterisk sent before it: in a storm of
+        re-registrations it can sit behind seconds of events still to be read, on a
+        connection that is plainly alive.  So the wait goes on while reads keep coming,
+        and only ``ping_timeout`` with no read at all (nothing from Asterisk, not even
+        an event) closes the session.
+        """
+        timeout = self.settings.ping_timeout
+        ping = build_action("Ping", (), action_id=self._ids())
+        answer: asyncio.Future[AmiReply] = asyncio.get_running_loop().create_future()
+        session.pending[ping.action_id] = _Pending(ping, answer)
+        closing = asyncio.ensure_future(session.closed.wait())
+        try:
+            session.writer.write(ping.encode())
+            await session.writer.drain()
+            while True:
+                reads = session.reads
+                done, _ = await asyncio.wait(
+                    (answer, closing), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
-                session.close(f"no answer to Ping in {self.settings.ping_timeout}s")
-                return
-            except AmiError:
-                return
+                if done:
+                    return not session.closed.is_set()
+                if session.reads == reads:
+                    break
+        except (OSError, RuntimeError) as exc:
+            session.close(_describe(exc))
+            return False
+        finally:
+            session.pending.pop(ping.action_id, None)
+            closing.cancel()  # it only waits on the event
+        log.warning("ami.ping_timeout", server=self.name, timeout_s=timeout)
+        session.close(f"no answer to Ping in {timeout}s")
+        return False
 
     # -- actions and messages -----------------------------------------------------
 
