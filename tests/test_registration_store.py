@@ -330,6 +330,55 @@ def test_a_large_batch_is_written_before_the_flush_delay(
     assert run(scenario()) >= 3
 
 
+def test_a_postgresql_batch_is_split_into_sorted_disjoint_parts() -> None:
+    """A large PostgreSQL batch is cut into runs of sorted endpoints that hold each
+    endpoint once; a small batch, or one for another database, stays whole."""
+    states = {str(100000 + i): i for i in reversed(range(2001))}
+    parts = pbx_module.split_batch(states, "postgresql", parts=2)
+    assert [len(p) for p in parts] == [1001, 1000]
+    assert list(parts[0]) == sorted(parts[0])
+    assert max(parts[0]) < min(parts[1])
+    assert {ep: v for p in parts for ep, v in p.items()} == states
+    small = dict(list(states.items())[: pbx_module.PARALLEL_MIN - 1])
+    assert pbx_module.split_batch(small, "postgresql") == [small]
+    for dialect in ("sqlite", "mariadb", "mysql"):
+        assert pbx_module.split_batch(states, dialect) == [states]
+
+
+def test_a_batch_written_in_parts_at_once_stores_every_endpoint(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With batches split (on PostgreSQL, each part in a transaction of its own, all at
+    once) a burst still leaves exactly one contact and one summary per endpoint."""
+    count = 60
+    seed_store(engine, count)
+    monkeypatch.setattr(pbx_module, "PARALLEL_MIN", 4)
+    splits: list[int] = []
+    split = pbx_module.split_batch
+
+    def counted(states: dict[str, Any], dialect: str) -> list[dict[str, Any]]:
+        parts = split(states, dialect)
+        splits.append(len(parts))
+        return parts
+
+    monkeypatch.setattr(pbx_module, "split_batch", counted)
+
+    def stored() -> tuple[int, int]:
+        with reading(engine) as conn:
+            contacts = conn.execute(select(registrations.c.user_id)).all()
+            summaries = conn.execute(select(registration_summary.c.user_id)).all()
+        return len({r.user_id for r in contacts if r.user_id}), len(summaries)
+
+    async def scenario() -> tuple[int, int]:
+        async with _lab_pbx(engine) as (peer, link, _pbx):
+            await peer.send_burst(count, chunk=7)
+            await eventually(lambda: stored() == (count, count) and not link.dirty)
+            return link.store_failures, link.events
+
+    assert run(scenario()) == (0, count)
+    assert max(splits) == (2 if engine.dialect.name == "postgresql" else 1)
+
+
 def test_a_write_the_database_refused_is_retried_without_a_new_event(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

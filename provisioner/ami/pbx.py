@@ -16,7 +16,8 @@ Per ``[[asterisk]]`` server, one :class:`Link` keeps an :class:`AmiClient`, its
   transaction ``FLUSH_DELAY`` after the first (the other events of the same
   registration come within milliseconds), and whatever became dirty during a write
   in the next one as soon as it ends, so a storm of thousands of events costs a few
-  transactions and its last events wait for one write, not for a timer.  Each
+  transactions and its last events wait for one write, not for a timer (on
+  PostgreSQL a large batch goes as two transactions at once: :func:`split_batch`).  Each
   (re)connect takes a full ``PJSIPShowContacts`` snapshot; a ``SuccessfulAuth`` of
   an endpoint Asterisk does not track yet triggers a (rate-limited) snapshot too.
 """
@@ -26,11 +27,11 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
@@ -60,9 +61,10 @@ from .registration import (
 )
 from .reload import PjsipOps, ReloadCoordinator
 
-__all__ = ["AmiPbx", "Link"]
+__all__ = ["AmiPbx", "Link", "split_batch"]
 
 log = get_logger(__name__)
+_T = TypeVar("_T")
 
 #: Seconds the first dirty endpoint waits for more before a write starts: one
 #: registration's ContactStatus, PeerStatus and DeviceStateChange come within a few
@@ -75,6 +77,10 @@ STORE_RETRY_MAX = 30.0
 #: Dirty endpoints that end the waiting at once: during a long write the next batch
 #: (at most about this size) is built meanwhile, keeping batches and memory bounded.
 FLUSH_BATCH = 5000
+#: A flusher batch of at least this many endpoints is written in ``PARALLEL_WRITES``
+#: transactions at once, on PostgreSQL (:func:`split_batch`).
+PARALLEL_MIN = 1000
+PARALLEL_WRITES = 2
 SNAPSHOT_MIN_GAP = 2.0
 #: Endpoints verified with PJSIPShowEndpoint after one apply, at most (the rest next time).
 VERIFY_LIMIT = 200
@@ -288,8 +294,12 @@ class AmiPbx:
                 if not states:
                     continue  # a snapshot took them meanwhile: nothing to write
                 _log_changes(link, states)
-                write = endpoint_writer(self.engine.dialect.name, link.name, states, _now())
-                batch = partial(self._flush, link, write, set(states), stop)
+                now, dialect = _now(), self.engine.dialect.name
+                writes = [
+                    (endpoint_writer(dialect, link.name, part, now), set(part))
+                    for part in split_batch(states, dialect)
+                ]
+                batch = partial(self._flush, link, writes, stop)
                 writing = await _in_turn(link, writing, batch)
         finally:
             if writing is not None:
@@ -308,17 +318,21 @@ class AmiPbx:
     async def _flush(
         self,
         link: Link,
-        write: Callable[[Connection], object],
-        endpoints: set[str],
+        writes: Sequence[tuple[Callable[[Connection], object], set[str]]],
         stop: asyncio.Event,
     ) -> None:
-        """One flusher write.  When it fails the endpoints are marked dirty again (the book
-        holds their latest state) and the flusher pauses, longer after each failure in a
-        row: a database outage delays the registration state, it does not lose it."""
-        if await self._store(link.name, write):
+        """One flusher write: each of ``writes`` (a part of the batch and its endpoints)
+        in a transaction of its own, all at once (:func:`split_batch`).  When one fails its
+        endpoints are marked dirty again (the book holds their latest state) and the
+        flusher pauses, longer after each failure in a row: a database outage delays the
+        registration state, it does not lose it."""
+        stored = await asyncio.gather(*(self._store(link.name, write) for write, _ in writes))
+        if all(stored):
             link.store_failures = 0
             return
-        link.mark_dirty(endpoints)
+        for (_, endpoints), ok in zip(writes, stored, strict=True):
+            if not ok:
+                link.mark_dirty(endpoints)
         await self._store_backoff(link, stop)
 
     async def _store_backoff(self, link: Link, stop: asyncio.Event) -> None:
@@ -496,6 +510,24 @@ async def _in_turn(
     # idle for the whole next build.
     await asyncio.sleep(0)
     return task
+
+
+def split_batch(
+    states: dict[str, _T], dialect: str, *, parts: int = PARALLEL_WRITES
+) -> list[dict[str, _T]]:
+    """``states`` (a flusher batch) in the parts written at once, each in a transaction
+    of its own: on PostgreSQL, a batch of at least ``PARALLEL_MIN`` endpoints in
+    ``parts`` runs of sorted endpoints (each a range of the indexes' pages), else whole.
+
+    A storm's writes are bound by the database server, whose backend runs one
+    transaction on one core: two at once measured about 1.6 times as fast (the parts'
+    users are disjoint, so they never wait on each other's row locks).  SQLite has one
+    writer at a time; MariaDB goes by the general path, not measured so."""
+    if dialect != "postgresql" or len(states) < PARALLEL_MIN or parts < 2:
+        return [states]
+    ordered = sorted(states)
+    size = -(-len(ordered) // parts)
+    return [{ep: states[ep] for ep in ordered[i : i + size]} for i in range(0, len(ordered), size)]
 
 
 def _now() -> datetime:
