@@ -522,7 +522,8 @@ def split_batch(
     A storm's writes are bound by the database server, whose backend runs one
     transaction on one core: two at once measured about 1.6 times as fast (the parts'
     users are disjoint, so they never wait on each other's row locks).  SQLite has one
-    writer at a time; MariaDB goes by the general path, not measured so."""
+    writer at a time; on MariaDB two such writes at once deadlocked (InnoDB locks the
+    gaps around the rows its deletes and inserts touch, not only the rows)."""
     if dialect != "postgresql" or len(states) < PARALLEL_MIN or parts < 2:
         return [states]
     ordered = sorted(states)
