@@ -154,16 +154,16 @@ def test_a_ping_answer_behind_a_stream_of_events_keeps_the_session() -> None:
 
     async def scenario() -> None:
         peer = await _peer()
-        peer.ping_delay = 0.6
-        client = AmiClient(server_for(peer), fast_settings(ping_interval=0.05, ping_timeout=0.1))
+        peer.ping_delay = 1.0
+        client = AmiClient(server_for(peer), fast_settings(ping_interval=0.05, ping_timeout=0.25))
         with capture_logs() as logs:
             async with running(client):
                 await eventually(lambda: client.connected)
                 pinged = len(peer.actions("Ping"))
-                deadline = asyncio.get_running_loop().time() + 1.5
+                deadline = asyncio.get_running_loop().time() + 2.0
                 while asyncio.get_running_loop().time() < deadline:
                     await peer.send_burst(20)
-                    await asyncio.sleep(0.03)
+                    await asyncio.sleep(0.02)
                 health = client.health()
                 assert len(peer.actions("Ping")) > pinged  # pings went on, answered late
         assert (health.connected, health.sessions) == (True, 1)

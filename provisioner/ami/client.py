@@ -451,6 +451,10 @@ class AmiClient:
                 if done:
                     return not session.closed.is_set()
                 if session.reads == reads:
+                    # After a stall of the event loop the timeout and a read can be ready
+                    # at once: the reader's turn first.
+                    await asyncio.sleep(0)
+                if session.reads == reads:
                     break
         except (OSError, RuntimeError) as exc:
             session.close(_describe(exc))
