@@ -34,6 +34,7 @@ from provisioner.store.registrations import (
     write_endpoint_rows,
 )
 from provisioner.store.schema import registration_summary, registrations
+from provisioner.targets import Change
 
 from .amipeer import FakeAsterisk, eventually, fast_settings, run, running, server_for
 
@@ -377,6 +378,46 @@ def test_a_batch_written_in_parts_at_once_stores_every_endpoint(
 
     assert run(scenario()) == (0, count)
     assert max(splits) == (2 if engine.dialect.name == "postgresql" else 1)
+
+
+def test_an_endpoint_asterisk_does_not_hold_after_an_apply_is_recorded_next_to_its_user(
+    engine: Engine,
+) -> None:
+    """After an apply, an added endpoint that PJSIPShowEndpoint does not find gets its
+    problem written (in the flusher's turn) next to its user, for this server."""
+    seed_store(engine, 2)
+
+    def problems() -> dict[int, str]:
+        with reading(engine) as conn:
+            query = select(registration_summary.c.user_id, registration_summary.c.problem)
+            return {r.user_id: r.problem for r in conn.execute(query)}
+
+    async def scenario() -> dict[int, str]:
+        async with _lab_pbx(engine) as (peer, link, pbx):
+            pbx.applied(Change(added=("100001",), wrote=True), target_kind="realtime")
+            await eventually(lambda: bool(peer.actions("PJSIPShowEndpoint")))
+            await eventually(lambda: 2 in problems() and link.store_idle.is_set())
+            return problems()
+
+    recorded = run(scenario())
+    assert list(recorded) == [2]
+    assert "does not hold this endpoint" in recorded[2]
+
+
+def test_a_write_asked_of_a_stopped_flusher_is_answered_not_stored_at_once(
+    engine: Engine,
+) -> None:
+    """Once the flusher has ended (the daemon stopping) a write handed to it is answered
+    "not stored" at once, not left waiting for a flusher that will never run again."""
+
+    async def scenario() -> tuple[bool, int]:
+        async with _lab_pbx(engine) as (_peer, link, _pbx):
+            pass
+        assert link.flusher_ended
+        stored = await asyncio.wait_for(AmiPbx._in_flusher_turn(link, lambda conn: 0), 1.0)
+        return stored, len(link.jobs)
+
+    assert run(scenario()) == (False, 0)
 
 
 def test_a_write_the_database_refused_is_retried_without_a_new_event(

@@ -147,9 +147,13 @@ class Link:
     store_idle: asyncio.Event = field(default_factory=asyncio.Event)
     #: Registration writes that failed in a row (0 once one succeeds).
     store_failures: int = 0
-    #: A snapshot's write, waiting for the flusher (which writes it in turn), and what
-    #: learns whether it was stored.
-    snapshot_job: tuple[Callable[[Connection], object], asyncio.Future[bool]] | None = None
+    #: Writes other than batches (a snapshot, the post-apply problems), waiting for the
+    #: flusher, which writes them in turn, each with what learns whether it was stored.
+    jobs: list[tuple[Callable[[Connection], object], asyncio.Future[bool]]] = field(
+        default_factory=list
+    )
+    #: Set once the flusher has ended: nothing would write a job any more.
+    flusher_ended: bool = False
 
     def __post_init__(self) -> None:
         self.store_idle.set()
@@ -270,24 +274,24 @@ class AmiPbx:
         A batch's rows are built while the previous batch is being written (the
         database works meanwhile); batches are still written one after another, in the
         order they were taken, so a later state of an endpoint is never overwritten by
-        an earlier one.  A snapshot's write (``link.snapshot_job``) takes its turn the
-        same way, at once, without the delay."""
+        an earlier one.  Other writes (``link.jobs``: a snapshot, the post-apply
+        problems) take their turn the same way, at once, without the delay, so no two
+        writes of one server's registration state ever run at once."""
         writing: asyncio.Task[None] | None = None
         try:
             while not stop.is_set():
                 await wait_first(stop, link.dirtied)
-                if link.snapshot_job is None:
+                if not link.jobs:
                     await wait_first(stop, link.flush_now, timeout=FLUSH_DELAY)
                 await wait_first(stop, link.flush_now, link.store_idle)
                 if stop.is_set():
                     break
                 link.flush_now.clear()
                 link.dirtied.clear()
-                job, link.snapshot_job = link.snapshot_job, None
-                if job is not None:
+                jobs, link.jobs = link.jobs, []
+                for job in jobs:
                     # After the batches taken before it, before those taken after it.
-                    snapshot = partial(self._write_snapshot, link, *job)
-                    writing = await _in_turn(link, writing, snapshot)
+                    writing = await _in_turn(link, writing, partial(self._write_job, link, *job))
                 dirty, link.dirty = link.dirty, set()
                 book = link.book
                 states = {ep: rows(book[ep]) for ep in dirty if ep in book}
@@ -304,16 +308,32 @@ class AmiPbx:
         finally:
             if writing is not None:
                 await writing
-            job, link.snapshot_job = link.snapshot_job, None
-            if job is not None and not job[1].done():
-                job[1].set_result(False)  # stopped before writing it
+            link.flusher_ended = True
+            jobs, link.jobs = link.jobs, []
+            for _, done in jobs:
+                if not done.done():
+                    done.set_result(False)  # stopped before writing it
 
-    async def _write_snapshot(
+    async def _write_job(
         self, link: Link, write: Callable[[Connection], object], done: asyncio.Future[bool]
     ) -> None:
         stored = await self._store(link.name, write)
         if not done.done():
             done.set_result(stored)
+
+    @staticmethod
+    def _in_flusher_turn(link: Link, write: Callable[[Connection], object]) -> asyncio.Future[bool]:
+        """Have the flusher run ``write`` in its turn (after the batches taken before it,
+        before those taken after it); what learns whether it was stored (``False`` at
+        once when the flusher has ended: the daemon is stopping)."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if link.flusher_ended:
+            done.set_result(False)
+            return done
+        link.jobs.append((write, done))
+        link.dirtied.set()
+        link.flush_now.set()
+        return done
 
     async def _flush(
         self,
@@ -392,15 +412,10 @@ class AmiPbx:
         # Written by the flusher, in turn: a batch taken before this snapshot, still being
         # written, must not land after it (nor one taken after it land before).
         if stop.is_set():
-            return False  # the flusher has stopped: nothing would write it
-        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        link.snapshot_job = (
-            lambda conn: replace_server_snapshot(conn, link.name, states, now),
-            done,
+            return False  # the flusher is stopping: nothing may write it
+        stored = await self._in_flusher_turn(
+            link, lambda conn: replace_server_snapshot(conn, link.name, states, now)
         )
-        link.dirtied.set()
-        link.flush_now.set()
-        stored = await done
         if stored:
             link.store_failures = 0
             contacts_now = sum(len(contacts) for contacts, _ in states.values())
@@ -473,7 +488,12 @@ class AmiPbx:
             problems[endpoint] = problem
         if problems:
             now = _now()
-            await self._store(link.name, lambda conn: set_problems(conn, link.name, problems, now))
+            # In the flusher's turn: never beside a batch of the same server (on MariaDB
+            # two writes at once can deadlock).  Not awaited: the next change's reload
+            # or expiry must not wait behind a registration write (a refused one is
+            # logged by _store).
+            write = partial(set_problems, server=link.name, problems=problems, now=now)
+            self._in_flusher_turn(link, write)
 
     # -- store writes, off the event loop ------------------------------------------------
 
