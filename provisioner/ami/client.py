@@ -26,6 +26,7 @@ import asyncio
 import gc
 import random
 import time
+from asyncio import FIRST_COMPLETED
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -423,59 +424,39 @@ class AmiClient:
                 # behind a 95-s reload would "time out" on a healthy connection.  The
                 # outstanding action's own timeout bounds the wait instead.
                 continue
-            if not await self._pinged(session):
-                return
-
-    async def _pinged(self, session: _Session) -> bool:
-        """Send a ``Ping`` and wait for its answer; False when the session is closed.
-
-        The answer comes after every event Asterisk sent before it: in a storm of
-        re-registrations it can sit behind seconds of events still to be read, on a
-        connection that is plainly alive.  So the wait goes on while reads keep coming,
-        and only ``ping_timeout`` with no read at all (nothing from Asterisk, not even
-        an event) closes the session.
-        """
-        timeout = self.settings.ping_timeout
-        ping = build_action("Ping", (), action_id=self._ids())
-        answer: asyncio.Future[AmiReply] = asyncio.get_running_loop().create_future()
-        session.pending[ping.action_id] = _Pending(ping, answer)
-        closing = asyncio.ensure_future(session.closed.wait())
-        try:
-            session.writer.write(ping.encode())
-            await session.writer.drain()
-            while True:
-                reads = session.reads
-                done, _ = await asyncio.wait(
-                    (answer, closing), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            ping = build_action("Ping", (), action_id=self._ids())
+            try:
+                await self._request(session, ping, self.settings.ping_timeout, patient=True)
+            except AmiTimeout:
+                log.warning(
+                    "ami.ping_timeout", server=self.name, timeout_s=self.settings.ping_timeout
                 )
-                if done:
-                    return not session.closed.is_set()
-                if session.reads == reads:
-                    # After a stall of the event loop the timeout and a read can be ready
-                    # at once: the reader's turn first.
-                    await asyncio.sleep(0)
-                if session.reads == reads:
-                    break
-        except (OSError, RuntimeError) as exc:
-            session.close(_describe(exc))
-            return False
-        finally:
-            session.pending.pop(ping.action_id, None)
-            closing.cancel()  # it only waits on the event
-        log.warning("ami.ping_timeout", server=self.name, timeout_s=timeout)
-        session.close(f"no answer to Ping in {timeout}s")
-        return False
+                session.close(f"no answer to Ping in {self.settings.ping_timeout}s")
+                return
+            except AmiError:
+                return
 
     # -- actions and messages -----------------------------------------------------
 
-    async def _request(self, session: _Session, action: AmiAction, timeout: float) -> AmiReply:
+    async def _request(
+        self, session: _Session, action: AmiAction, timeout: float, *, patient: bool = False
+    ) -> AmiReply:
+        """Send ``action`` and return its answer, waiting at most ``timeout``.
+
+        ``patient`` (the ping): the wait goes on while reads keep coming, and only
+        ``timeout`` without a single read times out.  Asterisk answers after every event
+        it sent before the action: in a storm of re-registrations the answer can sit
+        behind seconds of events still to be read, on a connection that is plainly alive.
+        """
         future: asyncio.Future[AmiReply] = asyncio.get_running_loop().create_future()
         session.pending[action.action_id] = _Pending(action, future)
         try:
             async with asyncio.timeout(timeout):
                 session.writer.write(action.encode())
                 await session.writer.drain()
-                return await future
+                if not patient:
+                    return await future
+            return await self._answer_while_reading(session, action, future, timeout)
         except TimeoutError:
             log.warning(
                 "ami.action_timeout",
@@ -490,6 +471,34 @@ class AmiClient:
             raise AmiConnectionLost(self.name, f"{action.name}: {_describe(exc)}") from None
         finally:
             session.pending.pop(action.action_id, None)
+
+    async def _answer_while_reading(
+        self,
+        session: _Session,
+        action: AmiAction,
+        answer: asyncio.Future[AmiReply],
+        timeout: float,
+    ) -> AmiReply:
+        """``answer``'s result, waited for as long as each ``timeout`` sees a read;
+        ``TimeoutError`` after one without; :class:`AmiConnectionLost` once the session
+        closes (its pending answers are failed only after the pinger has ended)."""
+        closing = asyncio.ensure_future(session.closed.wait())
+        try:
+            while True:
+                reads = session.reads
+                await asyncio.wait((answer, closing), timeout=timeout, return_when=FIRST_COMPLETED)
+                if answer.done():
+                    return answer.result()
+                if session.closed.is_set():
+                    raise AmiConnectionLost(self.name, f"{action.name}: {session.reason}")
+                if session.reads == reads:
+                    # After a stall of the event loop the timeout and a read can be ready
+                    # at once: the reader's turn first.
+                    await asyncio.sleep(0)
+                if session.reads == reads:
+                    raise TimeoutError
+        finally:
+            closing.cancel()  # it only waits on the event
 
     def _handle(self, session: _Session, message: AmiMessage) -> None:
         # Look for the ActionID only while some action waits: most events have none, and
