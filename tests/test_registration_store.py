@@ -414,7 +414,7 @@ def test_a_write_asked_of_a_stopped_flusher_is_answered_not_stored_at_once(
         async with _lab_pbx(engine) as (_peer, link, _pbx):
             pass
         assert link.flusher_ended
-        stored = await asyncio.wait_for(AmiPbx._in_flusher_turn(link, lambda conn: 0), 1.0)
+        stored = await asyncio.wait_for(link.in_flusher_turn(lambda conn: 0), 1.0)
         return stored, len(link.jobs)
 
     assert run(scenario()) == (False, 0)

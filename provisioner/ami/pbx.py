@@ -158,6 +158,19 @@ class Link:
     def __post_init__(self) -> None:
         self.store_idle.set()
 
+    def in_flusher_turn(self, write: Callable[[Connection], object]) -> asyncio.Future[bool]:
+        """Have the flusher run ``write`` in its turn (after the batches taken before it,
+        before those taken after it); what learns whether it was stored (``False`` at
+        once when the flusher has ended: the daemon is stopping)."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if self.flusher_ended:
+            done.set_result(False)
+            return done
+        self.jobs.append((write, done))
+        self.dirtied.set()
+        self.flush_now.set()
+        return done
+
     def mark_dirty(self, endpoints: Iterable[str]) -> None:
         """Have the flusher write the latest state of ``endpoints``: the first dirty one
         wakes it, ``FLUSH_BATCH`` of them have it write without waiting."""
@@ -321,20 +334,6 @@ class AmiPbx:
         if not done.done():
             done.set_result(stored)
 
-    @staticmethod
-    def _in_flusher_turn(link: Link, write: Callable[[Connection], object]) -> asyncio.Future[bool]:
-        """Have the flusher run ``write`` in its turn (after the batches taken before it,
-        before those taken after it); what learns whether it was stored (``False`` at
-        once when the flusher has ended: the daemon is stopping)."""
-        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        if link.flusher_ended:
-            done.set_result(False)
-            return done
-        link.jobs.append((write, done))
-        link.dirtied.set()
-        link.flush_now.set()
-        return done
-
     async def _flush(
         self,
         link: Link,
@@ -376,16 +375,16 @@ class AmiPbx:
                 await sleep_unless(stop, gap)
             link.snapshot_wanted.clear()
             link.last_snapshot = time.monotonic()
-            if not await self._take_snapshot(link, stop) and not stop.is_set():
+            if not await self._take_snapshot(link) and not stop.is_set():
                 # Not stored: ask Asterisk again once the database had a pause (the
                 # snapshot also removes contacts the events never said were gone).
                 await self._store_backoff(link, stop)
                 link.snapshot_wanted.set()
 
-    async def _take_snapshot(self, link: Link, stop: asyncio.Event) -> bool:
+    async def _take_snapshot(self, link: Link) -> bool:
         """Ask Asterisk for every contact and make the store hold exactly them; ``False``
-        when the store could not be written, or ``stop`` came first (an AMI failure is not
-        retried here: the next connect takes a snapshot)."""
+        when the store could not be written, or the flusher stopped first (an AMI failure
+        is not retried here: the next connect takes a snapshot)."""
         try:
             contacts = await link.ops.show_contacts()
         except ProvisionerError as exc:
@@ -411,10 +410,8 @@ class AmiPbx:
         now = _now()
         # Written by the flusher, in turn: a batch taken before this snapshot, still being
         # written, must not land after it (nor one taken after it land before).
-        if stop.is_set():
-            return False  # the flusher is stopping: nothing may write it
-        stored = await self._in_flusher_turn(
-            link, lambda conn: replace_server_snapshot(conn, link.name, states, now)
+        stored = await link.in_flusher_turn(
+            lambda conn: replace_server_snapshot(conn, link.name, states, now)
         )
         if stored:
             link.store_failures = 0
@@ -493,7 +490,7 @@ class AmiPbx:
             # or expiry must not wait behind a registration write (a refused one is
             # logged by _store).
             write = partial(set_problems, server=link.name, problems=problems, now=now)
-            self._in_flusher_turn(link, write)
+            link.in_flusher_turn(write)
 
     # -- store writes, off the event loop ------------------------------------------------
 
@@ -542,9 +539,9 @@ def split_batch(
     A storm's writes are bound by the database server, whose backend runs one
     transaction on one core: two at once wrote a 50k batch about 1.5 times as fast, a
     storm socket to store about 1.2 times (the parts' users are disjoint, so neither
-    waits on the other's row locks; PostgreSQL locks rows, not the gaps between).  SQLite has one
-    writer at a time; on MariaDB two such writes at once deadlocked (InnoDB locks the
-    gaps around the rows its deletes and inserts touch, not only the rows)."""
+    waits on the other's row locks; PostgreSQL locks rows, not the gaps between).
+    SQLite has one writer at a time; on MariaDB two such writes at once deadlocked
+    (InnoDB locks the gaps around the rows its deletes and inserts touch)."""
     if dialect != "postgresql" or len(states) < PARALLEL_MIN or parts < 2:
         return [states]
     ordered = sorted(states)
