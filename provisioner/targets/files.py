@@ -29,6 +29,7 @@ __all__ = [
     "read_file",
     "remove_stale_in",
     "remove_stale_temporaries",
+    "sync_directory",
     "temporary",
     "write_file",
     "write_synced",
@@ -131,6 +132,14 @@ def write_file(path: Path, data: bytes, *, backup: bool, sync_directory: bool = 
         atomic_write(path, data, backup=backup, sync_directory=sync_directory)
     except OSError as exc:
         raise TargetWriteFailed(f"cannot write {str(path)!r}: {exc.strerror}") from None
+
+
+def sync_directory(directory: Path) -> None:
+    """:func:`fsync_directory`, an OS error raised as :class:`TargetWriteFailed`."""
+    try:
+        fsync_directory(directory)
+    except OSError as exc:
+        raise TargetWriteFailed(f"cannot sync {str(directory)!r}: {exc.strerror}") from None
 
 
 def read_file(path: Path) -> bytes | None:

@@ -18,7 +18,7 @@ from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from ..errors import ConfigError, Problem, RenderCheckFailed, TargetWriteFailed
+from ..errors import ConfigError, Problem, RenderCheckFailed
 from ..logs import get_logger
 from ..pjsip import UserObjects, endpoint_order
 from . import Change
@@ -34,10 +34,10 @@ from .configfile import (
     _with_kept,
 )
 from .files import (
-    fsync_directory,
     read_file,
     remove_stale_in,
     remove_stale_temporaries,
+    sync_directory,
     write_file,
 )
 from .shards import (
@@ -97,15 +97,6 @@ def _summed(changes: Iterable[Change]) -> Change:
         changed_objects=tuple(dict.fromkeys(objects)),
         wrote=wrote,
     )
-
-
-def _sync_directory(directory: Path) -> None:
-    """fsync ``directory`` (its entries' renames made durable), an OS error raised as
-    :class:`TargetWriteFailed`."""
-    try:
-        fsync_directory(directory)
-    except OSError as exc:
-        raise TargetWriteFailed(f"cannot sync {str(directory)!r}: {exc.strerror}") from None
 
 
 @contextlib.contextmanager
@@ -267,7 +258,7 @@ class ShardedConfigFileTarget:
         (not once per file: 1,024 of them cost ~0.25 s) before anything names them."""
         changes = [target._commit(pending, sync_directory=False) for target, pending in files]
         if any(change.wrote for change in changes):
-            _sync_directory(self.directory)
+            sync_directory(self.directory)
         return changes
 
     def plan(
