@@ -48,7 +48,7 @@ from .store.changefeed import (
 )
 from .store.engine import open_engine, reading
 from .targets import Change, Target
-from .targets.configfile import SHIPPED_TEMPLATES
+from .targets.templating import SHIPPED_TEMPLATES
 from .watch import coalesce, poll_wakeups, postgres_wakeups, sqlite_wakeups, template_wakeups
 
 __all__ = ["Daemon", "Pbx", "build_target"]

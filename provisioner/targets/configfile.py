@@ -26,39 +26,42 @@ the file is still rewritten whole and atomically.  At 100k users that write of
 lifts that floor: each user lives in one of N shard files, each written by a
 :class:`ConfigFileTarget` of its own, and the file at ``path`` only includes them.  This
 target takes over from a sharded layout (and removes its files) when shards go to 0.
+
+What both layouts share lives beside this module: :mod:`.templating` (the Jinja2
+environment), :mod:`.holdings` (what a file holds, and the change to it), :mod:`.files`
+(atomic writes) and :mod:`.textdiff` (redacted diffs).  A shard file's target is driven
+through :meth:`ConfigFileTarget.prepare` and :meth:`ConfigFileTarget.commit`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import heapq
-import os
 import re
-import sys
-import threading
 from bisect import bisect_left
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from itertools import chain, cycle, islice
+from itertools import chain, islice
 from operator import attrgetter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import jinja2
+from typing import TYPE_CHECKING
 
 from ..asterisk_conf import LINE_MAX_BYTES, Parsed, Section, parse
-from ..errors import (
-    AsteriskSyntaxError,
-    ConfigError,
-    Problem,
-    RenderCheckFailed,
-)
+from ..errors import AsteriskSyntaxError, RenderCheckFailed
 from ..logs import get_logger
-from ..pjsip import Options, UserObjects, auth_id, endpoint_order
+from ..pjsip import UserObjects, auth_id, endpoint_order
 from . import Change
 from .files import FILE_MODE, read_file, remove_stale_temporaries, write_file
-from .shards import includes_of, retire_shards, shard_directory
+from .holdings import (
+    Current,
+    Intended,
+    all_added,
+    compare,
+    edited,
+    intended,
+    kept_objects,
+    with_kept,
+)
+from .shards import retire_shards, shard_directory
+from .templating import MAIN_TEMPLATE, SHIPPED_TEMPLATES, Templates
 from .textdiff import unified_diff
 
 if TYPE_CHECKING:
@@ -69,6 +72,7 @@ __all__ = [
     "MAIN_TEMPLATE",
     "SHIPPED_TEMPLATES",
     "ConfigFileTarget",
+    "PendingWrite",
     "canonical_chunk",
     "check_rendered",
 ]
@@ -76,33 +80,13 @@ __all__ = [
 log = get_logger(__name__)
 
 
-def _shipped_templates() -> Path:
-    """``templates/pjsip`` at the top of a source tree or checkout (editable install),
-    else where a wheel installs it (``<prefix>/share/provisioner/templates/pjsip``)."""
-    source = Path(__file__).resolve().parents[2] / "templates" / "pjsip"
-    if source.is_dir():
-        return source
-    return Path(sys.prefix) / "share" / "provisioner" / "templates" / "pjsip"
-
-
-#: The shipped templates.
-SHIPPED_TEMPLATES = _shipped_templates()
-MAIN_TEMPLATE = "pjsip_users.conf.j2"
-#: One intended section: (name, type, options after ``type``).
-_Intended = tuple[str, str, Options]
-
-
-def _intended(objects: Sequence[UserObjects]) -> list[_Intended]:
-    return [section for user in objects for section in user.sections()]
-
-
-def _describe(index: int, section: _Intended | Section) -> str:
+def _describe(index: int, section: Intended | Section) -> str:
     """A section's position and name for a message (never an option value)."""
     name = section[0] if isinstance(section, tuple) else section.name
     return f"section {index + 1} [{name}]"
 
 
-def _section_problem(index: int, want: _Intended, got: Section) -> str | None:
+def _section_problem(index: int, want: Intended, got: Section) -> str | None:
     name, kind, options = want
     if got.name != name:
         return f"{_describe(index, want)} came out as [{got.name}]"
@@ -123,7 +107,7 @@ def _section_problem(index: int, want: _Intended, got: Section) -> str | None:
     return f"{_describe(index, want)} has wrong values for {', '.join(wrong)}"
 
 
-def _parse_problems(parsed: Parsed, intended: list[_Intended]) -> list[str]:
+def _parse_problems(parsed: Parsed, intended: list[Intended]) -> list[str]:
     problems = [f"line {d.line} holds a #{d.name} directive" for d in parsed.directives]
     problems += [f"line {n.line}: {n.message}" for n in parsed.notices]
     got = parsed.sections
@@ -143,7 +127,7 @@ def check_rendered(data: bytes, objects: Sequence[UserObjects]) -> None:
         parsed = parse(data)
     except AsteriskSyntaxError as exc:
         raise RenderCheckFailed(f"the rendered file would not load: {exc.message}") from None
-    _raise_problems(_parse_problems(parsed, _intended(objects)))
+    _raise_problems(_parse_problems(parsed, intended(objects)))
 
 
 #: What the fast path accepts without parsing: characters Asterisk's loader takes
@@ -281,40 +265,6 @@ def canonical_chunk(user: UserObjects) -> str | None:
     return text if _all_plain((user,), (text,)) else None
 
 
-#: The templates laying out the users; while none is overridden or edited,
-#: :meth:`ConfigFileTarget.render_text` writes their output directly.
-_LAYOUT_TEMPLATES = {
-    MAIN_TEMPLATE: "3e2ad2bb84bb747dfaa676e6983f95caec347208b7ceb7f2c83eae10bc14f0fc",
-    "user.j2": "2d077af1fb7e2637c2b64afa544a27914421283a8fd88f85170efabff745e28f",
-    "section.j2": "2bb7ac5b9e52ee9c782cc1a798c1bc82ff68c2b40d8bf6c7b0a83ddaaabd17ac",
-}
-
-
-def _is_shipped(searched: list[Path], name: str) -> bool:
-    """True when the loader finds ``name`` in the shipped directory, with the known content."""
-    for directory in searched:
-        path = directory / name
-        if path.exists():
-            if directory != SHIPPED_TEMPLATES:
-                return False
-            try:
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            except OSError:
-                return False
-            return digest == _LAYOUT_TEMPLATES[name]
-    return False
-
-
-def _plain_header(header: str) -> bool:
-    """True when ``header`` parses to nothing at all: no section, directive or notice
-    (so no block comment is left open and no later line is hidden)."""
-    try:
-        parsed = parse(header.encode("utf-8"))
-    except AsteriskSyntaxError:
-        return False
-    return not (parsed.sections or parsed.directives or parsed.notices)
-
-
 def _raise_problems(problems: list[str]) -> None:
     if problems:
         raise RenderCheckFailed(
@@ -391,256 +341,9 @@ class _State:
 
 
 @dataclass(frozen=True)
-class _Current:
-    """The file as it is now: its bytes (None when absent) and the objects it holds."""
-
-    data: bytes | None
-    objects: dict[tuple[str, str], Options]
-    endpoints: tuple[str, ...]
-
-    @classmethod
-    def of_main(
-        cls,
-        path: Path,
-        data: bytes | None,
-        shards_dir: Path | None,
-        *known: _State | None,
-        strict: bool = False,
-    ) -> _Current:
-        """What the file at ``path``, holding ``data``, gives Asterisk, parsed once (not at
-        all when it is one of the ``known`` bytes): its own objects, or, when it is a main
-        file of a sharded layout in ``shards_dir`` (nothing but includes of shard files
-        there), its shard files' objects.  ``strict``: a file Asterisk could not load raises
-        :class:`RenderCheckFailed` instead of holding nothing."""
-        if data is None:
-            return cls(None, {}, ())
-        for verified in known:
-            if verified is not None and verified.data == data:
-                return cls.verified(data, verified.users)
-        try:
-            parsed = parse(data)
-        except AsteriskSyntaxError as exc:
-            if strict:
-                raise _broken(path, exc) from None
-            return cls(data, {}, ())  # replaced whole: everything in the new one is added
-        included = None if shards_dir is None else includes_of(shards_dir, parsed)
-        if included is None:
-            return cls.of_parsed(data, parsed)
-        return cls.union(data, included, strict=strict)
-
-    @classmethod
-    def union(cls, data: bytes, files: Sequence[Path], *, strict: bool = False) -> _Current:
-        """What a main file holding ``data`` and including ``files`` gives Asterisk: the
-        files' objects together (a missing file holds none), the endpoints in render_all's
-        order (as one file holds them).  ``strict``: a file Asterisk could not load raises
-        :class:`RenderCheckFailed` instead of holding nothing."""
-        objects: dict[tuple[str, str], Options] = {}
-        endpoints: list[str] = []
-        for path in files:
-            current = cls.of_main(path, read_file(path), None, strict=strict)
-            objects.update(current.objects)
-            endpoints += current.endpoints
-        return cls(data, objects, tuple(sorted(dict.fromkeys(endpoints), key=endpoint_order)))
-
-    @classmethod
-    def verified(cls, data: bytes, users: list[UserObjects]) -> _Current:
-        """The file ``data``, known (by the parse-back check) to hold exactly ``users``:
-        what :meth:`of` would find, without parsing it again."""
-        objects: dict[tuple[str, str], Options] = {}
-        endpoints: list[str] = []
-        for name, kind, options in _intended(users):
-            objects[(kind, name)] = options
-            if kind == "endpoint":
-                endpoints.append(name)
-        return cls(data, objects, tuple(dict.fromkeys(endpoints)))
-
-    @classmethod
-    def of_parsed(cls, data: bytes, parsed: Parsed) -> _Current:
-        """What ``data``, already parsed to ``parsed``, holds."""
-        objects: dict[tuple[str, str], Options] = {}
-        endpoints: list[str] = []
-        for section in parsed.visible():
-            options = section.options
-            if not options or options[0][0] != "type":
-                continue
-            kind = options[0][1]
-            objects[(kind, section.name)] = options[1:]
-            if kind == "endpoint":
-                endpoints.append(section.name)
-        return cls(data, objects, tuple(dict.fromkeys(endpoints)))
-
-
-def _compare(current: _Current, objects: Sequence[UserObjects]) -> Change:
-    added: list[str] = []
-    updated: list[str] = []
-    changed: list[tuple[str, str]] = []
-    unchanged = 0
-    for user in objects:
-        kinds = [(kind, name, options) for name, kind, options in user.sections()]
-        differing = [(k, n) for k, n, o in kinds if current.objects.get((k, n)) != o]
-        if ("endpoint", user.endpoint_id) not in current.objects:
-            added.append(user.endpoint_id)
-        elif differing:
-            updated.append(user.endpoint_id)
-        else:
-            unchanged += 1
-        changed += differing
-    wanted = {user.endpoint_id for user in objects}
-    wanted_objects = {(k, n) for user in objects for n, k, _ in user.sections()}
-    removed = [e for e in current.endpoints if e not in wanted]
-    changed += [key for key in current.objects if key not in wanted_objects]
-    return Change(
-        added=tuple(added),
-        updated=tuple(updated),
-        removed=tuple(removed),
-        unchanged=unchanged,
-        changed_objects=tuple(dict.fromkeys(changed)),
-    )
-
-
-def _all_added(users: Sequence[UserObjects], *, distinct: bool = False) -> Change:
-    """What :func:`_compare` finds against nothing at all: every user added (``distinct``:
-    no two sections share an id, so none needs dropping from ``changed_objects``)."""
-    # (kind, id) of every section, in file order, made in C.
-    keys = zip(cycle(("endpoint", "auth", "aor")), chain.from_iterable(map(_IDS, users)))
-    return Change(
-        added=tuple(map(_EID, users)),
-        changed_objects=tuple(keys) if distinct else tuple(dict.fromkeys(keys)),
-    )
-
-
-def _environment(searched: Sequence[Path]) -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader([str(d) for d in searched]),
-        undefined=jinja2.StrictUndefined,
-        # A config file, not HTML: escaping would corrupt it; check_rendered guards it.
-        autoescape=False,  # noqa: S701
-        keep_trailing_newline=True,
-        # Not a stat per get_template: _Templates.fresh() looks once per render.
-        auto_reload=False,
-    )
-
-
-#: Environments (and whether the layout is the shipped one) by (directories searched,
-#: their files' names, mtimes and sizes); the last few used, across targets.
-_ENVIRONMENTS: dict[tuple[Any, ...], tuple[jinja2.Environment, bool]] = {}
-_ENVIRONMENTS_KEPT = 8
-_ENVIRONMENTS_LOCK = threading.Lock()
-
-
-class _Templates:
-    """The Jinja2 environment over the template directories (the override directory, then
-    the shipped one), rebuilt whenever a file in them is added, removed or modified.
-
-    A sharded target's files share one: one apply renders every file with one version of
-    the templates, and the files are looked at once per apply (:meth:`hold`), not per file.
-    """
-
-    def __init__(self, templates_dir: Path | None) -> None:
-        if templates_dir is not None and not templates_dir.is_dir():
-            raise ConfigError(
-                [Problem("target.templates", f"{str(templates_dir)!r} is not a directory")]
-            )
-        self.searched = [
-            *([templates_dir] if templates_dir is not None else []),
-            SHIPPED_TEMPLATES,
-        ]
-        #: The last header checked by plain_header, and the answer.
-        self._header_seen: tuple[str, bool] = ("", False)
-        #: Inside hold(), and whether the files were looked at since it began.
-        self._holding = False
-        self._looked = False
-        self._stamp = self._template_stamp()
-        self._rebuild()
-
-    def _rebuild(self) -> None:
-        """The Environment for the template files as they are now (shared with every other
-        target that searches the same directories holding the same files: compiling the
-        templates costs as much as rendering a thousand users); direct rendering only while
-        the layout templates are ours."""
-        key = (tuple(self.searched), self._stamp)
-        with _ENVIRONMENTS_LOCK:  # targets may be built and used in several threads
-            found = _ENVIRONMENTS.pop(key, None)
-            if found is None:
-                env = _environment(self.searched)
-                shipped = all(_is_shipped(self.searched, name) for name in _LAYOUT_TEMPLATES)
-                found = (env, shipped)
-            _ENVIRONMENTS[key] = found  # the most recently used last
-            while len(_ENVIRONMENTS) > _ENVIRONMENTS_KEPT:
-                del _ENVIRONMENTS[next(iter(_ENVIRONMENTS))]
-        self.env, self.direct = found
-
-    def _template_stamp(self) -> tuple[tuple[str, int, int], ...]:
-        """Name, mtime and size of every file in the template directories."""
-        stamp: list[tuple[str, int, int]] = []
-        for directory in self.searched:
-            with contextlib.suppress(OSError), os.scandir(directory) as entries:
-                for entry in entries:
-                    with contextlib.suppress(OSError):
-                        info = entry.stat()
-                        stamp.append((entry.path, info.st_mtime_ns, info.st_size))
-        return tuple(sorted(stamp))
-
-    def reload(self) -> None:
-        """Read the templates afresh at the next render (never from the shared cache: a
-        file can be replaced keeping its mtime and size)."""
-        self._stamp = self._template_stamp()
-        with _ENVIRONMENTS_LOCK:
-            _ENVIRONMENTS.pop((tuple(self.searched), self._stamp), None)
-        self._rebuild()
-
-    def fresh(self) -> jinja2.Environment:
-        """The Environment, rebuilt first when the template files changed since the last
-        look (inside :meth:`hold`, only the first call looks)."""
-        if self._holding:
-            if self._looked:
-                return self.env
-            self._looked = True
-        stamp = self._template_stamp()
-        if stamp != self._stamp:
-            self._stamp = stamp
-            self._rebuild()
-        return self.env
-
-    @contextlib.contextmanager
-    def hold(self) -> Iterator[None]:
-        """Within the block, look at the template files at the first render only."""
-        if self._holding:
-            yield
-            return
-        self._holding, self._looked = True, False
-        try:
-            yield
-        finally:
-            self._holding = False
-
-    @contextlib.contextmanager
-    def templating(self) -> Iterator[jinja2.Environment]:
-        """The fresh Environment; a template error becomes :class:`RenderCheckFailed`."""
-        try:
-            yield self.fresh()
-        except jinja2.TemplateSyntaxError as exc:
-            where = f"{exc.name or exc.filename or '?'} line {exc.lineno}"
-            raise RenderCheckFailed(f"template {where}: {exc.message}") from None
-        except jinja2.TemplateNotFound as exc:
-            raise RenderCheckFailed(f"template {exc.name!r} not found") from None
-        except jinja2.TemplateError as exc:
-            # Not the message: it could quote a value.
-            raise RenderCheckFailed(f"templates failed to render ({type(exc).__name__})") from None
-
-    def plain_header(self, header: str) -> bool:
-        """:func:`_plain_header`, remembered for the last header asked about."""
-        seen, plain = self._header_seen
-        if seen != header or not seen:
-            plain = _plain_header(header)
-            self._header_seen = (header, plain)
-        return plain
-
-
-@dataclass(frozen=True)
-class _Pending:
+class PendingWrite:
     """An apply of one file, worked out and checked, nothing written yet: what
-    :meth:`ConfigFileTarget._commit` writes and reports."""
+    :meth:`ConfigFileTarget.commit` writes and reports."""
 
     change: Change
     #: What the file holds once committed.
@@ -663,11 +366,11 @@ class ConfigFileTarget:
         path: Path,
         templates_dir: Path | None = None,
         *,
-        shared_templates: _Templates | None = None,
+        shared_templates: Templates | None = None,
     ) -> None:
         self.path = Path(path)
         self.templates_dir = templates_dir
-        self._templates = shared_templates or _Templates(templates_dir)
+        self._templates = shared_templates or Templates(templates_dir)
         #: Where a sharded layout of this path keeps its files (None for a shard file): a
         #: main file that such a layout left is read through its includes, and those files
         #: are deleted once this target's file no longer includes them.
@@ -681,6 +384,12 @@ class ConfigFileTarget:
         self._cache: dict[str, tuple[UserObjects, str]] | None = None
         if shared_templates is None:
             remove_stale_temporaries(self.path)
+
+    @property
+    def known_users(self) -> int:
+        """How many users the file holds as this object last wrote or found it (0 before
+        it has: a sharded target counts the unchanged users of the files it did not edit)."""
+        return 0 if self._state is None else len(self._state.users)
 
     @property
     def _direct(self) -> bool:
@@ -751,22 +460,22 @@ class ConfigFileTarget:
                 chunks[i] = chunk
         return chunks, None
 
-    def _current(self, data: bytes | None, *known: _State | None, strict: bool = False) -> _Current:
+    def _current(self, data: bytes | None, *known: _State | None, strict: bool = False) -> Current:
         """The objects a file holding ``data`` gives Asterisk (not parsed when it is one of
         the ``known`` bytes).  A main file that a sharded layout left (nothing but includes
         of its shard files) gives its shard files' objects.  ``strict``: a file Asterisk
         could not load raises :class:`RenderCheckFailed` instead of holding nothing."""
-        return _Current.of_main(self.path, data, self._shards_dir, *known, strict=strict)
+        return Current.of_main(self.path, data, self._shards_dir, *known, strict=strict)
 
     def _desired(
         self, objects: Sequence[UserObjects], keep: Collection[str]
-    ) -> tuple[_Current | None, list[UserObjects]]:
+    ) -> tuple[Current | None, list[UserObjects]]:
         """The current file (None: not needed to find the kept users, not read yet) and the
         objects the new file must hold (``objects`` plus the kept users' current objects)."""
         if not keep:
             return None, list(objects)
         current = self._current(read_file(self.path), self._state, self._verified)
-        return current, _with_kept(objects, _kept_objects(current, keep, objects))
+        return current, with_kept(objects, kept_objects(current, keep, objects))
 
     def plan(
         self, objects: Sequence[UserObjects], *, keep: Collection[str] = (), verify: bool = False
@@ -777,7 +486,7 @@ class ConfigFileTarget:
         text = self._render(desired)[0]
         if current is None:
             current = self._current(read_file(self.path), self._state, self._verified)
-        return replace(_compare(current, desired), diff=unified_diff(self.path, current.data, text))
+        return replace(compare(current, desired), diff=unified_diff(self.path, current.data, text))
 
     def _verify(self, users: list[UserObjects]) -> _State:
         """The file for ``users``, rendered and parse-checked: :func:`check_rendered`, or
@@ -817,14 +526,14 @@ class ConfigFileTarget:
         the bytes are unchanged, the guard raises or the check fails
         (:class:`RenderCheckFailed`).  The change has no diff (only :meth:`plan` makes one).
         """
-        pending = self._prepare(objects, keep)
+        pending = self.prepare(objects, keep)
         if guard is not None:
             guard(pending.change)
-        return self._commit(pending, full=True)
+        return self.commit(pending, full=True)
 
-    def _prepare(
+    def prepare(
         self, objects: Sequence[UserObjects], keep: Collection[str], *, count: bool = True
-    ) -> _Pending:
+    ) -> PendingWrite:
         """:meth:`apply` up to the write: the file rendered and checked, the change counted
         (not ``count``: left empty, for a caller that counts it against other files)."""
         current, desired = self._desired(objects, keep)
@@ -835,24 +544,24 @@ class ConfigFileTarget:
             # apply (the usual case: the file as we wrote it) is not parsed.
             old = read_file(self.path)
             if not count:
-                return _Pending(Change(), state, write=old != data, backup=old is not None)
+                return PendingWrite(Change(), state, write=old != data, backup=old is not None)
             if old == data and state.distinct:
                 # The file holds the verified bytes, three distinct objects per user:
-                # nothing is added, updated or removed (what _compare finds, quicker).
-                return _Pending(Change(unchanged=len(desired)), state, write=False, backup=True)
+                # nothing is added, updated or removed (what compare finds, quicker).
+                return PendingWrite(Change(unchanged=len(desired)), state, write=False, backup=True)
             if old is None:
-                change = _all_added(state.users, distinct=state.distinct)
+                change = all_added(state.users, distinct=state.distinct)
             else:
-                change = _compare(self._current(old, state, self._state), desired)
+                change = compare(self._current(old, state, self._state), desired)
         else:
             old = current.data
-            change = _compare(current, desired)
-        return _Pending(change, state, write=old != data, backup=old is not None)
+            change = compare(current, desired)
+        return PendingWrite(change, state, write=old != data, backup=old is not None)
 
-    def _commit(
-        self, pending: _Pending, *, full: bool = False, sync_directory: bool = True
+    def commit(
+        self, pending: PendingWrite, *, full: bool = False, sync_directory: bool = True
     ) -> Change:
-        """Write what :meth:`_prepare` or :meth:`_prepare_partial` worked out (atomically,
+        """Write what :meth:`prepare` or :meth:`prepare_partial` worked out (atomically,
         only when the bytes differ); the file then holds ``pending.state``.
         ``sync_directory``: as for :func:`atomic_write`.
 
@@ -886,29 +595,29 @@ class ConfigFileTarget:
         goes through :meth:`apply`.  The change counts and names these users only.
         """
         with self._templates.hold():  # the template files looked at once, not per render
-            pending = self._prepare_partial(upserts, removed_ids)
-        return self._commit(pending)
+            pending = self.prepare_partial(upserts, removed_ids)
+        return self.commit(pending)
 
-    def _prepare_partial(
+    def prepare_partial(
         self, upserts: Sequence[UserObjects], removed_ids: Sequence[str]
-    ) -> _Pending:
+    ) -> PendingWrite:
         """:meth:`apply_partial` up to the write."""
         state = self._state
         if state is None:
-            return self._prepare(_edited(self._file_users(), upserts, removed_ids), ())
+            return self.prepare(edited(self._file_users(), upserts, removed_ids), ())
         self._templates.fresh()  # an edited template is no longer the shipped one
         ids = state.ordered_ids() if self._direct and state.header is not None else None
         edit = _Edit.of(state, ids, upserts, removed_ids) if ids is not None else None
         if edit is None:
-            return self._prepare(_edited(state.users, upserts, removed_ids), ())
+            return self.prepare(edited(state.users, upserts, removed_ids), ())
         change = edit.change()
         if change.empty:
             # The same bytes: equal objects (perhaps new ones) for these users.
-            return _Pending(change, replace(state, users=edit.users), write=False, backup=True)
+            return PendingWrite(change, replace(state, users=edit.users), write=False, backup=True)
         with self._templates.templating() as env:
             header = env.get_template("header.j2").render(users=edit.users)
         if header != state.header and not self._templates.plain_header(header):
-            return self._prepare(edit.users, ())
+            return self.prepare(edit.users, ())
         data, chars = _edited_data(state, edit, header)
         new = _State(
             data,
@@ -922,7 +631,7 @@ class ConfigFileTarget:
             _ordered=edit.ids,
             _ordered_known=True,
         )
-        return _Pending(change, new, write=data != state.data, backup=self.path.exists())
+        return PendingWrite(change, new, write=data != state.data, backup=self.path.exists())
 
     def _file_users(self) -> list[UserObjects]:
         """Every user the current file holds (three objects found for an endpoint).
@@ -930,62 +639,7 @@ class ConfigFileTarget:
         A file Asterisk could not load is refused, not read as empty: an edit of a few
         users must never write a file without all the others."""
         current = self._current(read_file(self.path), self._verified, strict=True)
-        return _kept_objects(current, current.endpoints, ())
-
-
-def _broken(path: Path, exc: AsteriskSyntaxError) -> RenderCheckFailed:
-    """Why the file at ``path``, which Asterisk could not load, cannot be edited."""
-    return RenderCheckFailed(
-        f"cannot edit {str(path)!r} user by user: it does not load "
-        f"({exc.message}); apply every user instead"
-    )
-
-
-def _kept_objects(
-    current: _Current, keep: Collection[str], objects: Sequence[UserObjects]
-) -> list[UserObjects]:
-    """The current objects of each kept endpoint id that is not rendered anew.
-
-    A kept user is found by its endpoint section and the ``auth`` and ``aors`` it
-    names; one whose three objects are not all in the file has nothing to keep.
-    """
-    rendered = {user.endpoint_id for user in objects}
-    kept: list[UserObjects] = []
-    for endpoint_id in dict.fromkeys(keep):
-        endpoint = current.objects.get(("endpoint", endpoint_id))
-        if endpoint_id in rendered or endpoint is None:
-            continue
-        named = dict(endpoint)
-        auth_name = named.get("auth", auth_id(endpoint_id))
-        aor_name = named.get("aors", endpoint_id)
-        auth = current.objects.get(("auth", auth_name))
-        aor = current.objects.get(("aor", aor_name))
-        if auth is None or aor is None:
-            continue
-        kept.append(
-            UserObjects(
-                username=dict(auth).get("username", ""),
-                endpoint_id=endpoint_id,
-                endpoint=endpoint,
-                auth_id=auth_name,
-                auth=auth,
-                aor_id=aor_name,
-                aor=aor,
-            )
-        )
-    return kept
-
-
-def _order(user: UserObjects) -> tuple[int, str]:
-    """render_all's order of users (:func:`~provisioner.pjsip.endpoint_order`)."""
-    return endpoint_order(user.endpoint_id)
-
-
-def _with_kept(objects: Sequence[UserObjects], kept: list[UserObjects]) -> list[UserObjects]:
-    """``objects`` in their order, with the kept users merged in where render_all puts them."""
-    if not kept:
-        return list(objects)
-    return list(heapq.merge(objects, sorted(kept, key=_order), key=_order))
+        return kept_objects(current, current.endpoints, ())
 
 
 def _edited_data(state: _State, edit: _Edit, header: str) -> tuple[bytes, int]:
@@ -1003,20 +657,10 @@ def _edited_data(state: _State, edit: _Edit, header: str) -> tuple[bytes, int]:
     return text.encode("utf-8"), len(text)
 
 
-def _edited(
-    users: Sequence[UserObjects], upserts: Sequence[UserObjects], removed_ids: Iterable[str]
-) -> list[UserObjects]:
-    """``users`` without the endpoint ids ``removed_ids`` and those of ``upserts``, with
-    ``upserts`` (the last of each endpoint id) merged in where render_all puts them."""
-    latest = {user.endpoint_id: user for user in upserts}
-    gone = set(removed_ids) | latest.keys()
-    return _with_kept([u for u in users if u.endpoint_id not in gone], list(latest.values()))
-
-
 @dataclass
 class _Edit:
     """A state's users, chunks and endpoint ids after some users were put or removed, and
-    what changed (as :func:`_compare` counts it: each object is its own user's)."""
+    what changed (as :func:`~.holdings.compare` counts it: each object is its own user's)."""
 
     users: list[UserObjects]
     chunks: list[str]

@@ -22,17 +22,7 @@ from ..errors import ConfigError, Problem, RenderCheckFailed
 from ..logs import get_logger
 from ..pjsip import UserObjects, endpoint_order
 from . import Change
-from .configfile import (
-    ConfigFileTarget,
-    _all_added,
-    _compare,
-    _Current,
-    _edited,
-    _kept_objects,
-    _Pending,
-    _Templates,
-    _with_kept,
-)
+from .configfile import ConfigFileTarget, PendingWrite
 from .files import (
     read_file,
     remove_stale_in,
@@ -40,6 +30,7 @@ from .files import (
     sync_directory,
     write_file,
 )
+from .holdings import Current, all_added, compare, edited, kept_objects, with_kept
 from .shards import (
     MAX_SHARDS,
     SHARD_TEMPORARIES,
@@ -51,6 +42,7 @@ from .shards import (
     shard_files,
     shard_of,
 )
+from .templating import Templates
 from .textdiff import unified_diff
 
 if TYPE_CHECKING:
@@ -114,7 +106,7 @@ class _Layout:
 
     change: Change
     #: Each shard file's own apply, in shard order.
-    files: list[tuple[ConfigFileTarget, _Pending]]
+    files: list[tuple[ConfigFileTarget, PendingWrite]]
     #: The main file's bytes, and its current ones (None: absent).
     main: bytes
     old_main: bytes | None
@@ -154,7 +146,7 @@ class ShardedConfigFileTarget:
         self.files = shard_files(self.path, shards)
         if (problem := shard_directory_problem(self.path)) is not None:
             raise ConfigError([problem])
-        self._templates = _Templates(templates_dir)
+        self._templates = Templates(templates_dir)
         #: Shard index -> the target writing that file, made when first needed.
         self._targets: dict[int, ConfigFileTarget] = {}
         #: The main file's bytes once this object found or wrote it including this set.
@@ -204,19 +196,19 @@ class ShardedConfigFileTarget:
         check_main(data, self.files)
         return data
 
-    def _current(self, data: bytes | None, *, strict: bool = False) -> _Current:
+    def _current(self, data: bytes | None, *, strict: bool = False) -> Current:
         """What the main file holding ``data`` gives Asterisk: the objects of the shard files
         it includes (of any count), or, when it is not a sharded main file (the single-file
         layout), its own.  ``strict``: as for :meth:`ConfigFileTarget._current`."""
-        return _Current.of_main(self.path, data, self.directory, strict=strict)
+        return Current.of_main(self.path, data, self.directory, strict=strict)
 
     def _prepared(
         self, index: int, users: list[UserObjects], keep: Collection[str], *, count: bool = True
-    ) -> tuple[ConfigFileTarget, _Pending]:
+    ) -> tuple[ConfigFileTarget, PendingWrite]:
         """Shard ``index``'s target and its apply of ``users``, worked out, not written."""
         target = self._file(index)
         with _naming(target.path):
-            return target, target._prepare(users, keep, count=count)
+            return target, target.prepare(users, keep, count=count)
 
     def _prepare(self, objects: Sequence[UserObjects], keep: Collection[str]) -> _Layout:
         """Every shard file rendered and checked, the change counted; nothing written.  A
@@ -233,10 +225,10 @@ class ShardedConfigFileTarget:
         # A first apply, a new shard count, or the single-file layout before: the change is
         # counted against what the current main file gives Asterisk.
         current = self._current(old_main)
-        desired = _with_kept(objects, _kept_objects(current, keep, objects))
+        desired = with_kept(objects, kept_objects(current, keep, objects))
         groups = enumerate(self._groups(desired))
         files = [self._prepared(i, group, (), count=False) for i, group in groups]
-        change = _all_added(desired) if old_main is None else _compare(current, desired)
+        change = all_added(desired) if old_main is None else compare(current, desired)
         return _Layout(change, files, main, old_main)
 
     def _commit(self, layout: _Layout) -> Change:
@@ -253,10 +245,10 @@ class ShardedConfigFileTarget:
         retire_shards(self.directory, self.shards)
         return replace(layout.change, wrote=wrote)
 
-    def _commit_files(self, files: list[tuple[ConfigFileTarget, _Pending]]) -> list[Change]:
+    def _commit_files(self, files: list[tuple[ConfigFileTarget, PendingWrite]]) -> list[Change]:
         """Write the shard files' pending applies, then fsync the shard directory once
         (not once per file: 1,024 of them cost ~0.25 s) before anything names them."""
-        changes = [target._commit(pending, sync_directory=False) for target, pending in files]
+        changes = [target.commit(pending, sync_directory=False) for target, pending in files]
         if any(change.wrote for change in changes):
             sync_directory(self.directory)
         return changes
@@ -277,10 +269,10 @@ class ShardedConfigFileTarget:
                 ]
                 return replace(_summed(changes), diff="".join(c.diff for c in changes))
             current = self._current(old_main)
-            desired = _with_kept(objects, _kept_objects(current, keep, objects))
+            desired = with_kept(objects, kept_objects(current, keep, objects))
             diffs = [unified_diff(self.path, old_main, main.decode("utf-8"))]
             diffs += [self._file(i).plan(g).diff for i, g in enumerate(self._groups(desired))]
-            return replace(_compare(current, desired), diff="".join(diffs))
+            return replace(compare(current, desired), diff="".join(diffs))
 
     def apply(
         self,
@@ -311,27 +303,23 @@ class ShardedConfigFileTarget:
         or layout) makes this a full :meth:`apply` of the edited current users."""
         with self._templates.hold():
             if not self._includes_this_set():
-                return self.apply(_edited(self._file_users(), upserts, removed_ids))
+                return self.apply(edited(self._file_users(), upserts, removed_ids))
             count = self.shards
             edits: dict[int, tuple[list[UserObjects], list[str]]] = {}
             for user in upserts:
                 edits.setdefault(shard_of(user.endpoint_id, count), ([], []))[0].append(user)
             for endpoint_id in removed_ids:
                 edits.setdefault(shard_of(endpoint_id, count), ([], []))[1].append(endpoint_id)
-            files: list[tuple[ConfigFileTarget, _Pending]] = []
+            files: list[tuple[ConfigFileTarget, PendingWrite]] = []
             for index in sorted(edits):
                 target = self._file(index)
                 with _naming(target.path):
-                    files.append((target, target._prepare_partial(*edits[index])))
+                    files.append((target, target.prepare_partial(*edits[index])))
         change = _summed(self._commit_files(files))
         # As for one file, every user not added or updated counts as unchanged: those of
         # the shard files this object has read (all of them after a full apply, as in
         # the daemon; a fresh object reads only the shards it edits).
-        others = sum(
-            len(t._state.users)
-            for i, t in self._targets.items()
-            if i not in edits and t._state is not None
-        )
+        others = sum(t.known_users for i, t in self._targets.items() if i not in edits)
         return replace(change, unchanged=change.unchanged + others)
 
     def _includes_this_set(self) -> bool:
@@ -346,7 +334,7 @@ class ShardedConfigFileTarget:
     def _file_users(self) -> list[UserObjects]:
         """Every user the current main file gives Asterisk (see ConfigFileTarget's)."""
         current = self._current(read_file(self.path), strict=True)
-        return _kept_objects(current, current.endpoints, ())
+        return kept_objects(current, current.endpoints, ())
 
     def render_files(self, objects: Sequence[UserObjects]) -> dict[Path, str]:
         """Each file's text for ``objects``: the main file, then every shard file."""

@@ -1,0 +1,244 @@
+"""What a PJSIP config file holds, as objects, and how a new set of users differs from it.
+
+Shared by the one-file target (:mod:`.configfile`) and the sharded one (:mod:`.sharded`):
+:class:`Current` reads a file (or a sharded main file through its includes) into its
+``(type, name) -> options``; :func:`compare` counts what an apply of some users would add,
+update and remove; :func:`kept_objects` and :func:`with_kept` keep the users that could
+not be rendered as the file holds them; :func:`edited` is a user-by-user edit of a list.
+Pure but for :meth:`Current.of_main` and :meth:`Current.union`, which read files.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+from itertools import chain, cycle
+from operator import attrgetter
+from pathlib import Path
+from typing import Protocol
+
+from ..asterisk_conf import Parsed, parse
+from ..errors import AsteriskSyntaxError, RenderCheckFailed
+from ..pjsip import Options, UserObjects, auth_id, endpoint_order
+from . import Change
+from .files import read_file
+from .shards import includes_of
+
+__all__ = [
+    "Current",
+    "Intended",
+    "Verified",
+    "all_added",
+    "broken",
+    "compare",
+    "edited",
+    "intended",
+    "kept_objects",
+    "with_kept",
+]
+
+_EID = attrgetter("endpoint_id")
+_IDS = attrgetter("endpoint_id", "auth_id", "aor_id")
+
+
+class Verified(Protocol):
+    """Bytes known (by the parse-back check) to hold exactly ``users``."""
+
+    @property
+    def data(self) -> bytes: ...
+
+    @property
+    def users(self) -> list[UserObjects]: ...
+
+
+#: One intended section: (name, type, options after ``type``).
+Intended = tuple[str, str, Options]
+
+
+def intended(objects: Sequence[UserObjects]) -> list[Intended]:
+    return [section for user in objects for section in user.sections()]
+
+
+@dataclass(frozen=True)
+class Current:
+    """The file as it is now: its bytes (None when absent) and the objects it holds."""
+
+    data: bytes | None
+    objects: dict[tuple[str, str], Options]
+    endpoints: tuple[str, ...]
+
+    @classmethod
+    def of_main(
+        cls,
+        path: Path,
+        data: bytes | None,
+        shards_dir: Path | None,
+        *known: Verified | None,
+        strict: bool = False,
+    ) -> Current:
+        """What the file at ``path``, holding ``data``, gives Asterisk, parsed once (not at
+        all when it is one of the ``known`` bytes): its own objects, or, when it is a main
+        file of a sharded layout in ``shards_dir`` (nothing but includes of shard files
+        there), its shard files' objects.  ``strict``: a file Asterisk could not load raises
+        :class:`RenderCheckFailed` instead of holding nothing."""
+        if data is None:
+            return cls(None, {}, ())
+        for verified in known:
+            if verified is not None and verified.data == data:
+                return cls.verified(data, verified.users)
+        try:
+            parsed = parse(data)
+        except AsteriskSyntaxError as exc:
+            if strict:
+                raise broken(path, exc) from None
+            return cls(data, {}, ())  # replaced whole: everything in the new one is added
+        included = None if shards_dir is None else includes_of(shards_dir, parsed)
+        if included is None:
+            return cls.of_parsed(data, parsed)
+        return cls.union(data, included, strict=strict)
+
+    @classmethod
+    def union(cls, data: bytes, files: Sequence[Path], *, strict: bool = False) -> Current:
+        """What a main file holding ``data`` and including ``files`` gives Asterisk: the
+        files' objects together (a missing file holds none), the endpoints in render_all's
+        order (as one file holds them).  ``strict``: a file Asterisk could not load raises
+        :class:`RenderCheckFailed` instead of holding nothing."""
+        objects: dict[tuple[str, str], Options] = {}
+        endpoints: list[str] = []
+        for path in files:
+            current = cls.of_main(path, read_file(path), None, strict=strict)
+            objects.update(current.objects)
+            endpoints += current.endpoints
+        return cls(data, objects, tuple(sorted(dict.fromkeys(endpoints), key=endpoint_order)))
+
+    @classmethod
+    def verified(cls, data: bytes, users: list[UserObjects]) -> Current:
+        """The file ``data``, known (by the parse-back check) to hold exactly ``users``:
+        what :meth:`of` would find, without parsing it again."""
+        objects: dict[tuple[str, str], Options] = {}
+        endpoints: list[str] = []
+        for name, kind, options in intended(users):
+            objects[(kind, name)] = options
+            if kind == "endpoint":
+                endpoints.append(name)
+        return cls(data, objects, tuple(dict.fromkeys(endpoints)))
+
+    @classmethod
+    def of_parsed(cls, data: bytes, parsed: Parsed) -> Current:
+        """What ``data``, already parsed to ``parsed``, holds."""
+        objects: dict[tuple[str, str], Options] = {}
+        endpoints: list[str] = []
+        for section in parsed.visible():
+            options = section.options
+            if not options or options[0][0] != "type":
+                continue
+            kind = options[0][1]
+            objects[(kind, section.name)] = options[1:]
+            if kind == "endpoint":
+                endpoints.append(section.name)
+        return cls(data, objects, tuple(dict.fromkeys(endpoints)))
+
+
+def compare(current: Current, objects: Sequence[UserObjects]) -> Change:
+    added: list[str] = []
+    updated: list[str] = []
+    changed: list[tuple[str, str]] = []
+    unchanged = 0
+    for user in objects:
+        kinds = [(kind, name, options) for name, kind, options in user.sections()]
+        differing = [(k, n) for k, n, o in kinds if current.objects.get((k, n)) != o]
+        if ("endpoint", user.endpoint_id) not in current.objects:
+            added.append(user.endpoint_id)
+        elif differing:
+            updated.append(user.endpoint_id)
+        else:
+            unchanged += 1
+        changed += differing
+    wanted = {user.endpoint_id for user in objects}
+    wanted_objects = {(k, n) for user in objects for n, k, _ in user.sections()}
+    removed = [e for e in current.endpoints if e not in wanted]
+    changed += [key for key in current.objects if key not in wanted_objects]
+    return Change(
+        added=tuple(added),
+        updated=tuple(updated),
+        removed=tuple(removed),
+        unchanged=unchanged,
+        changed_objects=tuple(dict.fromkeys(changed)),
+    )
+
+
+def all_added(users: Sequence[UserObjects], *, distinct: bool = False) -> Change:
+    """What :func:`compare` finds against nothing at all: every user added (``distinct``:
+    no two sections share an id, so none needs dropping from ``changed_objects``)."""
+    # (kind, id) of every section, in file order, made in C.
+    keys = zip(cycle(("endpoint", "auth", "aor")), chain.from_iterable(map(_IDS, users)))
+    return Change(
+        added=tuple(map(_EID, users)),
+        changed_objects=tuple(keys) if distinct else tuple(dict.fromkeys(keys)),
+    )
+
+
+def broken(path: Path, exc: AsteriskSyntaxError) -> RenderCheckFailed:
+    """Why the file at ``path``, which Asterisk could not load, cannot be edited."""
+    return RenderCheckFailed(
+        f"cannot edit {str(path)!r} user by user: it does not load "
+        f"({exc.message}); apply every user instead"
+    )
+
+
+def kept_objects(
+    current: Current, keep: Collection[str], objects: Sequence[UserObjects]
+) -> list[UserObjects]:
+    """The current objects of each kept endpoint id that is not rendered anew.
+
+    A kept user is found by its endpoint section and the ``auth`` and ``aors`` it
+    names; one whose three objects are not all in the file has nothing to keep.
+    """
+    rendered = {user.endpoint_id for user in objects}
+    kept: list[UserObjects] = []
+    for endpoint_id in dict.fromkeys(keep):
+        endpoint = current.objects.get(("endpoint", endpoint_id))
+        if endpoint_id in rendered or endpoint is None:
+            continue
+        named = dict(endpoint)
+        auth_name = named.get("auth", auth_id(endpoint_id))
+        aor_name = named.get("aors", endpoint_id)
+        auth = current.objects.get(("auth", auth_name))
+        aor = current.objects.get(("aor", aor_name))
+        if auth is None or aor is None:
+            continue
+        kept.append(
+            UserObjects(
+                username=dict(auth).get("username", ""),
+                endpoint_id=endpoint_id,
+                endpoint=endpoint,
+                auth_id=auth_name,
+                auth=auth,
+                aor_id=aor_name,
+                aor=aor,
+            )
+        )
+    return kept
+
+
+def _order(user: UserObjects) -> tuple[int, str]:
+    """render_all's order of users (:func:`~provisioner.pjsip.endpoint_order`)."""
+    return endpoint_order(user.endpoint_id)
+
+
+def with_kept(objects: Sequence[UserObjects], kept: list[UserObjects]) -> list[UserObjects]:
+    """``objects`` in their order, with the kept users merged in where render_all puts them."""
+    if not kept:
+        return list(objects)
+    return list(heapq.merge(objects, sorted(kept, key=_order), key=_order))
+
+
+def edited(
+    users: Sequence[UserObjects], upserts: Sequence[UserObjects], removed_ids: Iterable[str]
+) -> list[UserObjects]:
+    """``users`` without the endpoint ids ``removed_ids`` and those of ``upserts``, with
+    ``upserts`` (the last of each endpoint id) merged in where render_all puts them."""
+    latest = {user.endpoint_id: user for user in upserts}
+    gone = set(removed_ids) | latest.keys()
+    return with_kept([u for u in users if u.endpoint_id not in gone], list(latest.values()))

@@ -1,0 +1,202 @@
+"""The Jinja2 templates a config file is rendered from: the shipped ones in
+``templates/pjsip/``, each overridable from the ``target.templates`` directory.
+
+:class:`Templates` is the environment over both directories, rebuilt when a template file
+is added, removed or modified, and shared between targets searching the same files;
+``direct`` says whether the layout templates are still the shipped ones (so the
+config-file target may write each user's canonical text without Jinja).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from ..asterisk_conf import parse
+from ..errors import AsteriskSyntaxError, ConfigError, Problem, RenderCheckFailed
+
+__all__ = ["MAIN_TEMPLATE", "SHIPPED_TEMPLATES", "Templates", "plain_header"]
+
+
+def _shipped_templates() -> Path:
+    """``templates/pjsip`` at the top of a source tree or checkout (editable install),
+    else where a wheel installs it (``<prefix>/share/provisioner/templates/pjsip``)."""
+    source = Path(__file__).resolve().parents[2] / "templates" / "pjsip"
+    if source.is_dir():
+        return source
+    return Path(sys.prefix) / "share" / "provisioner" / "templates" / "pjsip"
+
+
+#: The shipped templates.
+SHIPPED_TEMPLATES = _shipped_templates()
+MAIN_TEMPLATE = "pjsip_users.conf.j2"
+
+
+#: The templates laying out the users; while none is overridden or edited,
+#: :meth:`ConfigFileTarget.render_text` writes their output directly.
+_LAYOUT_TEMPLATES = {
+    MAIN_TEMPLATE: "3e2ad2bb84bb747dfaa676e6983f95caec347208b7ceb7f2c83eae10bc14f0fc",
+    "user.j2": "2d077af1fb7e2637c2b64afa544a27914421283a8fd88f85170efabff745e28f",
+    "section.j2": "2bb7ac5b9e52ee9c782cc1a798c1bc82ff68c2b40d8bf6c7b0a83ddaaabd17ac",
+}
+
+
+def _is_shipped(searched: list[Path], name: str) -> bool:
+    """True when the loader finds ``name`` in the shipped directory, with the known content."""
+    for directory in searched:
+        path = directory / name
+        if path.exists():
+            if directory != SHIPPED_TEMPLATES:
+                return False
+            try:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            except OSError:
+                return False
+            return digest == _LAYOUT_TEMPLATES[name]
+    return False
+
+
+def plain_header(header: str) -> bool:
+    """True when ``header`` parses to nothing at all: no section, directive or notice
+    (so no block comment is left open and no later line is hidden)."""
+    try:
+        parsed = parse(header.encode("utf-8"))
+    except AsteriskSyntaxError:
+        return False
+    return not (parsed.sections or parsed.directives or parsed.notices)
+
+
+def _environment(searched: Sequence[Path]) -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader([str(d) for d in searched]),
+        undefined=jinja2.StrictUndefined,
+        # A config file, not HTML: escaping would corrupt it; check_rendered guards it.
+        autoescape=False,  # noqa: S701
+        keep_trailing_newline=True,
+        # Not a stat per get_template: Templates.fresh() looks once per render.
+        auto_reload=False,
+    )
+
+
+#: Environments (and whether the layout is the shipped one) by (directories searched,
+#: their files' names, mtimes and sizes); the last few used, across targets.
+_ENVIRONMENTS: dict[tuple[Any, ...], tuple[jinja2.Environment, bool]] = {}
+_ENVIRONMENTS_KEPT = 8
+_ENVIRONMENTS_LOCK = threading.Lock()
+
+
+class Templates:
+    """The Jinja2 environment over the template directories (the override directory, then
+    the shipped one), rebuilt whenever a file in them is added, removed or modified.
+
+    A sharded target's files share one: one apply renders every file with one version of
+    the templates, and the files are looked at once per apply (:meth:`hold`), not per file.
+    """
+
+    def __init__(self, templates_dir: Path | None) -> None:
+        if templates_dir is not None and not templates_dir.is_dir():
+            raise ConfigError(
+                [Problem("target.templates", f"{str(templates_dir)!r} is not a directory")]
+            )
+        self.searched = [
+            *([templates_dir] if templates_dir is not None else []),
+            SHIPPED_TEMPLATES,
+        ]
+        #: The last header checked by plain_header, and the answer.
+        self._header_seen: tuple[str, bool] = ("", False)
+        #: Inside hold(), and whether the files were looked at since it began.
+        self._holding = False
+        self._looked = False
+        self._stamp = self._template_stamp()
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        """The Environment for the template files as they are now (shared with every other
+        target that searches the same directories holding the same files: compiling the
+        templates costs as much as rendering a thousand users); direct rendering only while
+        the layout templates are ours."""
+        key = (tuple(self.searched), self._stamp)
+        with _ENVIRONMENTS_LOCK:  # targets may be built and used in several threads
+            found = _ENVIRONMENTS.pop(key, None)
+            if found is None:
+                env = _environment(self.searched)
+                shipped = all(_is_shipped(self.searched, name) for name in _LAYOUT_TEMPLATES)
+                found = (env, shipped)
+            _ENVIRONMENTS[key] = found  # the most recently used last
+            while len(_ENVIRONMENTS) > _ENVIRONMENTS_KEPT:
+                del _ENVIRONMENTS[next(iter(_ENVIRONMENTS))]
+        self.env, self.direct = found
+
+    def _template_stamp(self) -> tuple[tuple[str, int, int], ...]:
+        """Name, mtime and size of every file in the template directories."""
+        stamp: list[tuple[str, int, int]] = []
+        for directory in self.searched:
+            with contextlib.suppress(OSError), os.scandir(directory) as entries:
+                for entry in entries:
+                    with contextlib.suppress(OSError):
+                        info = entry.stat()
+                        stamp.append((entry.path, info.st_mtime_ns, info.st_size))
+        return tuple(sorted(stamp))
+
+    def reload(self) -> None:
+        """Read the templates afresh at the next render (never from the shared cache: a
+        file can be replaced keeping its mtime and size)."""
+        self._stamp = self._template_stamp()
+        with _ENVIRONMENTS_LOCK:
+            _ENVIRONMENTS.pop((tuple(self.searched), self._stamp), None)
+        self._rebuild()
+
+    def fresh(self) -> jinja2.Environment:
+        """The Environment, rebuilt first when the template files changed since the last
+        look (inside :meth:`hold`, only the first call looks)."""
+        if self._holding:
+            if self._looked:
+                return self.env
+            self._looked = True
+        stamp = self._template_stamp()
+        if stamp != self._stamp:
+            self._stamp = stamp
+            self._rebuild()
+        return self.env
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Within the block, look at the template files at the first render only."""
+        if self._holding:
+            yield
+            return
+        self._holding, self._looked = True, False
+        try:
+            yield
+        finally:
+            self._holding = False
+
+    @contextlib.contextmanager
+    def templating(self) -> Iterator[jinja2.Environment]:
+        """The fresh Environment; a template error becomes :class:`RenderCheckFailed`."""
+        try:
+            yield self.fresh()
+        except jinja2.TemplateSyntaxError as exc:
+            where = f"{exc.name or exc.filename or '?'} line {exc.lineno}"
+            raise RenderCheckFailed(f"template {where}: {exc.message}") from None
+        except jinja2.TemplateNotFound as exc:
+            raise RenderCheckFailed(f"template {exc.name!r} not found") from None
+        except jinja2.TemplateError as exc:
+            # Not the message: it could quote a value.
+            raise RenderCheckFailed(f"templates failed to render ({type(exc).__name__})") from None
+
+    def plain_header(self, header: str) -> bool:
+        """:func:`plain_header`, remembered for the last header asked about."""
+        seen, plain = self._header_seen
+        if seen != header or not seen:
+            plain = plain_header(header)
+            self._header_seen = (header, plain)
+        return plain
