@@ -11,7 +11,9 @@ Per ``[[asterisk]]`` server, one :class:`Link` keeps an :class:`AmiClient`, its
   only for endpoints it loaded at its last reload).  Removed endpoints' contacts
   are deleted from astdb (Asterisk keeps them otherwise).  Then each added or
   updated endpoint is looked up (``PJSIPShowEndpoint``): one Asterisk rejected
-  is logged (``pjsip.not_live``), counted and written next to the user.
+  is logged (``pjsip.not_live``), counted and written next to the user.  Expiries and
+  contact removals that AMI could not deliver stay owed (:class:`Owed`) and are sent
+  at the next connect, apply or ``OWED_RETRY``.
 - Registration events mark endpoints dirty; a flusher writes them in one
   transaction ``FLUSH_DELAY`` after the first (the other events of the same
   registration come within milliseconds), and whatever became dirty during a write
@@ -27,7 +29,9 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from asyncio import FIRST_COMPLETED
+from collections.abc import Callable, Collection, Coroutine, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -51,6 +55,7 @@ from ..store.registrations import (
 from ..targets import Change
 from .actions import AmiMessage
 from .client import AmiClient
+from .errors import AmiActionFailed, AmiError
 from .registration import (
     ContactState,
     EndpointRegistration,
@@ -82,6 +87,8 @@ FLUSH_BATCH = 5000
 PARALLEL_MIN = 1000
 PARALLEL_WRITES = 2
 SNAPSHOT_MIN_GAP = 2.0
+#: Seconds between tries to send what is owed to a connected server (:class:`Owed`).
+OWED_RETRY = 5.0
 #: Endpoints verified with PJSIPShowEndpoint after one apply, at most (the rest next time).
 VERIFY_LIMIT = 200
 #: ``registration.changed`` lines per flush, at most (the rest are counted).
@@ -120,6 +127,32 @@ def rows(reg: EndpointRegistration) -> tuple[tuple[ContactRow, ...], SummaryRow]
 
 
 @dataclass
+class Owed:
+    """What an applied change still needs sent to one server: the ids of objects to
+    expire from its sorcery memory caches and the endpoints whose contacts to delete
+    from its astdb, each in the order owed.  An action that failed for the connection's
+    sake (not connected, timed out, lost) leaves its item owed, sent again at the next
+    connect or apply, or after ``OWED_RETRY`` seconds: each is idempotent (an object
+    expired twice, a contact already gone), so a failure never loses one."""
+
+    expiries: dict[str, None] = field(default_factory=dict)
+    removals: dict[str, None] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.expiries or self.removals)
+
+    def add(self, change: Change, *, expire: bool) -> None:
+        """Owe what ``change`` needs (``expire``: its changed objects' expiries).  An
+        endpoint added or updated after its removal was owed keeps its contacts: they
+        are its phone's again."""
+        if expire:
+            self.expiries.update(dict.fromkeys(oid for _kind, oid in change.changed_objects))
+        self.removals.update(dict.fromkeys(change.removed))
+        for endpoint in (*change.added, *change.updated):
+            self.removals.pop(endpoint, None)
+
+
+@dataclass
 class Link:
     """One Asterisk server: its connection, reloads, queries and registration book."""
 
@@ -154,6 +187,8 @@ class Link:
     )
     #: Set once the flusher has ended: nothing would write a job any more.
     flusher_ended: bool = False
+    #: Cache expiries and contact removals not yet sent (see :class:`Owed`).
+    owed: Owed = field(default_factory=Owed)
 
     def __post_init__(self) -> None:
         self.store_idle.set()
@@ -249,6 +284,8 @@ class AmiPbx:
         for name in _EVENTS:
             link.client.on_event(name, on_event)
         link.client.on_connected(link.snapshot_wanted.set)
+        # An empty change: the change loop wakes and sends what is owed to the server.
+        link.client.on_connected(lambda: link.changes.put_nowait(Change()))
 
     def _on_event(self, link: Link, msg: AmiMessage) -> None:
         """Fold one event into the book; quick and non-blocking (it runs in the reader)."""
@@ -425,12 +462,18 @@ class AmiPbx:
         while not stop.is_set():
             getter = asyncio.ensure_future(link.changes.get())
             stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            # While something is owed, wake after OWED_RETRY even with no new change.
+            retry = OWED_RETRY if link.owed and link.client.connected else None
+            await asyncio.wait({getter, stopper}, timeout=retry, return_when=FIRST_COMPLETED)
             stopper.cancel()
-            if not getter.done():
+            if stop.is_set():
                 getter.cancel()
                 return
-            batch = [getter.result()]
+            if not getter.done():
+                getter.cancel()
+                batch: list[Change] = []
+            else:
+                batch = [getter.result()]
             while not link.changes.empty():
                 batch.append(link.changes.get_nowait())
             try:
@@ -439,29 +482,53 @@ class AmiPbx:
                 log.warning("ami.apply_failed", server=link.name, error=str(exc))
 
     async def _handle(self, link: Link, batch: list[Change]) -> None:
+        """What the changes of ``batch`` (applied in this order) need from this server.
+
+        Cache expiries (realtime) and contact removals are owed, then sent; whatever an
+        AMI failure left unsent stays owed (:class:`Owed`) and never holds back the
+        reload, which is asked for either way: the coordinator keeps it for a server
+        that is down.  Then the added and updated endpoints are verified."""
         added = _union(c.added for c in batch)
         updated = _union(c.updated for c in batch)
         removed = _union(c.removed for c in batch)
-        wrote = any(c.wrote for c in batch)
+        realtime = self.target_kind != "config"
+        for change in batch:
+            link.owed.add(change, expire=realtime and bool(link.caches))
+        await self._pay(link)
         reload = None
-        if self.target_kind == "config":
-            if wrote:
-                reload = link.reloads.request()
-        else:
-            for change in batch:
-                for _kind, object_id in change.changed_objects:
-                    if link.caches:
-                        await link.ops.expire_everywhere(object_id)
-            if added or removed:
-                reload = link.reloads.request()
-        if removed:
-            await self._remove_contacts(link, removed)
+        if (not realtime and any(c.wrote for c in batch)) or (realtime and (added or removed)):
+            reload = link.reloads.request()
         if reload is not None:
             outcome = await reload
             link.reload_results[outcome.result] = link.reload_results.get(outcome.result, 0) + 1
         await self._verify(link, sorted(added | updated))
 
-    async def _remove_contacts(self, link: Link, removed: set[str]) -> None:
+    async def _pay(self, link: Link) -> None:
+        """Send what is owed to this server, oldest first, until an action fails for the
+        connection's sake (the rest would fail alike): that one and the rest stay owed.
+        One Asterisk refuses (``Response: Error``) is logged and dropped: sent again, it
+        would be refused again."""
+        owed = link.owed
+        try:
+            while owed.expiries:
+                object_id = next(iter(owed.expiries))
+                with _refusal_logged(link, "expire", object_id):
+                    await link.ops.expire_everywhere(object_id)
+                del owed.expiries[object_id]
+            if owed.removals:
+                with _refusal_logged(link, "remove_contacts", ",".join(owed.removals)):
+                    await self._remove_contacts(link, owed.removals.keys())
+                owed.removals.clear()
+        except AmiError as exc:
+            log.warning(
+                "ami.owed",
+                server=link.name,
+                expiries=len(owed.expiries),
+                removals=len(owed.removals),
+                error=str(exc),
+            )
+
+    async def _remove_contacts(self, link: Link, removed: Collection[str]) -> None:
         """Asterisk keeps a deleted endpoint's registrations: delete them from astdb."""
         contacts = await link.ops.show_contacts()
         for c in contacts:
@@ -472,7 +539,17 @@ class AmiPbx:
     async def _verify(self, link: Link, endpoints: list[str]) -> None:
         problems: dict[str, str] = {}
         for endpoint in endpoints[:VERIFY_LIMIT]:
-            detail = await link.ops.show_endpoint(endpoint)
+            try:
+                detail = await link.ops.show_endpoint(endpoint)
+            except AmiError as exc:
+                # A check only: what was verified is recorded, the rest at the next apply.
+                log.warning(
+                    "pjsip.verify_failed",
+                    server=link.name,
+                    unverified=min(len(endpoints), VERIFY_LIMIT) - len(problems),
+                    error=str(exc),
+                )
+                break
             if detail is None:
                 problem = "Asterisk does not hold this endpoint (rejected? see Asterisk's log)"
             elif not detail.aors or not detail.auths:
@@ -527,6 +604,18 @@ async def _in_turn(
     # idle for the whole next build.
     await asyncio.sleep(0)
     return task
+
+
+@contextmanager
+def _refusal_logged(link: Link, what: str, item: str) -> Iterator[None]:
+    """Within the block, an action Asterisk refused (:class:`AmiActionFailed`) is logged
+    (``ami.owed_refused``) and swallowed: the owed item it was for is done with."""
+    try:
+        yield
+    except AmiActionFailed as exc:
+        log.warning(
+            "ami.owed_refused", server=link.name, what=what, item=item, error=exc.asterisk_message
+        )
 
 
 def split_batch(
