@@ -252,8 +252,9 @@ class FakeAsterisk:
         self.login_delay = 0.0  # Asterisk waits 1 s before refusing a login
         self.reload_busy = 0  # answer "A reload is in progress" this many times
         self.reload_delay = 0.0  # seconds a successful reload takes
-        # Seconds a Ping's answer waits: as behind a storm of events sent before it.
-        self.ping_delay = 0.0
+        # Action name (lower case) -> seconds its answer waits: as behind a storm of
+        # events sent before it.
+        self.delays: dict[str, float] = {}
         self.drop_on: set[str] = set()  # close the connection on receiving these actions
         self.silent = False  # read and record, never answer (a half-open peer)
         self.prefer: dict[str, str] = {}  # action name -> text its replayed answer must hold
@@ -436,8 +437,7 @@ class FakeAsterisk:
                 # README: "Busy: Message: A reload is in progress".
                 return self._error(action, "A reload is in progress")
             await asyncio.sleep(self.reload_delay)
-        if name == "ping":
-            await asyncio.sleep(self.ping_delay)
+        await asyncio.sleep(self.delays.get(name, 0.0))
         if name == "dbdel":
             # README: DBDel Family registrar Key contact/<aor>;@<hash> -> Key deleted successfully.
             key = action.get("Key")

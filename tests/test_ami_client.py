@@ -9,6 +9,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from provisioner.ami import AmiClient, AmiConnectionLost, AmiMessage, AmiNotConnected, AmiTimeout
+from provisioner.ami.client import PATIENCE
 
 from .amipeer import FakeAsterisk, eventually, fast_settings, run, running, server_for
 
@@ -154,7 +155,7 @@ def test_a_ping_answer_behind_a_stream_of_events_keeps_the_session() -> None:
 
     async def scenario() -> None:
         peer = await _peer()
-        peer.ping_delay = 1.0
+        peer.delays["ping"] = 1.0
         client = AmiClient(server_for(peer), fast_settings(ping_interval=0.05, ping_timeout=0.25))
         with capture_logs() as logs:
             async with running(client):
@@ -171,6 +172,41 @@ def test_a_ping_answer_behind_a_stream_of_events_keeps_the_session() -> None:
         await peer.stop()
 
     run(scenario())
+
+
+async def _asked_during_a_stream(delay: float) -> tuple[bool, int]:
+    """Ask for an endpoint (a patient query) whose answer takes ``delay`` seconds while
+    events stream in: (answered, connections), with a 0.1 s action timeout."""
+    peer = await _peer()
+    peer.delays["pjsipshowendpoint"] = delay
+    client = AmiClient(server_for(peer), fast_settings(action_timeout=0.1))
+    async with running(client):
+        await eventually(lambda: client.connected)
+        asking = asyncio.ensure_future(
+            client.send_action("PJSIPShowEndpoint", {"Endpoint": "1001"}, patient=True)
+        )
+        while not asking.done():
+            await peer.send_burst(20)
+            await asyncio.sleep(0.02)
+        answered = asking.exception() is None
+        if not answered:
+            assert isinstance(asking.exception(), AmiTimeout)
+        connections = peer.connections
+    await peer.stop()
+    return answered, connections
+
+
+def test_a_patient_query_is_answered_behind_a_stream_of_events() -> None:
+    """A query whose answer comes several action timeouts late, while events keep
+    arriving, is answered on the same session."""
+    assert run(_asked_during_a_stream(0.5)) == (True, 1)
+
+
+def test_a_patient_query_still_times_out_after_patience_timeouts() -> None:
+    """However long events keep coming, a patient query gives up after PATIENCE of its
+    timeouts (0.6 s here), and the session stays."""
+    assert PATIENCE * 0.1 < 1.5
+    assert run(_asked_during_a_stream(1.5)) == (False, 1)
 
 
 def test_action_timeout_is_an_error_and_not_resent() -> None:

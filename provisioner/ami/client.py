@@ -59,6 +59,10 @@ log = get_logger(__name__)
 EventCallback = Callable[[AmiMessage], None]
 
 _READ_CHUNK = 65536
+#: A patient action (:meth:`AmiClient.send_action`) waits at most this many of its
+#: timeouts in all, however long reads keep coming: a storm of 100k re-registrations
+#: is read in well under a minute, the default (10 s timeouts) it gets.
+PATIENCE = 6
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,7 @@ class AmiClient:
         headers: Mapping[str, str] | Iterable[tuple[str, str]] = (),
         *,
         timeout: float | None = None,
+        patient: bool = False,
     ) -> AmiReply:
         """Send one action and return Asterisk's answer (``Response: Error`` included).
 
@@ -213,12 +218,19 @@ class AmiClient:
         not logged in, :class:`AmiTimeout` after ``timeout`` (default
         ``action_timeout``) and :class:`AmiConnectionLost` when the connection
         drops first.  The action is never re-sent.
+
+        ``patient`` (a query or an idempotent action, whose answer may sit behind a
+        storm of events): the wait goes on while reads keep coming, up to ``PATIENCE``
+        timeouts in all; ``timeout`` without a single read still times out.
         """
         action = build_action(name, headers, action_id=self._ids())
         session = self._session
         if session is None or session.closed.is_set() or not self.connected:
             raise AmiNotConnected(self.name, f"{name} not sent: not connected")
-        return await self._request(session, action, timeout or self.settings.action_timeout)
+        timeout = timeout or self.settings.action_timeout
+        if patient:
+            return await self._request(session, action, timeout, patient=True, limit=PATIENCE)
+        return await self._request(session, action, timeout)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep a logged-in connection until ``stop`` is set, then close it and return."""
@@ -439,14 +451,21 @@ class AmiClient:
     # -- actions and messages -----------------------------------------------------
 
     async def _request(
-        self, session: _Session, action: AmiAction, timeout: float, *, patient: bool = False
+        self,
+        session: _Session,
+        action: AmiAction,
+        timeout: float,
+        *,
+        patient: bool = False,
+        limit: float | None = None,
     ) -> AmiReply:
         """Send ``action`` and return its answer, waiting at most ``timeout``.
 
-        ``patient`` (the ping): the wait goes on while reads keep coming, and only
-        ``timeout`` without a single read times out.  Asterisk answers after every event
-        it sent before the action: in a storm of re-registrations the answer can sit
-        behind seconds of events still to be read, on a connection that is plainly alive.
+        ``patient`` (the ping, queries): the wait goes on while reads keep coming, and
+        only ``timeout`` without a single read times out, or ``limit`` timeouts in all
+        (None: no such bound).  Asterisk answers after every event it sent before the
+        action: in a storm of re-registrations the answer can sit behind seconds of
+        events still to be read, on a connection that is plainly alive.
         """
         future: asyncio.Future[AmiReply] = asyncio.get_running_loop().create_future()
         session.pending[action.action_id] = _Pending(action, future)
@@ -456,7 +475,8 @@ class AmiClient:
                 await session.writer.drain()
                 if not patient:
                     return await future
-            return await self._answer_while_reading(session, action, future, timeout)
+            deadline = None if limit is None else time.monotonic() + limit * timeout
+            return await self._answer_while_reading(session, action, future, timeout, deadline)
         except TimeoutError:
             log.warning(
                 "ami.action_timeout",
@@ -478,15 +498,20 @@ class AmiClient:
         action: AmiAction,
         answer: asyncio.Future[AmiReply],
         timeout: float,
+        deadline: float | None,
     ) -> AmiReply:
-        """``answer``'s result, waited for as long as each ``timeout`` sees a read;
-        ``TimeoutError`` after one without; :class:`AmiConnectionLost` once the session
-        closes (its pending answers are failed only after the pinger has ended)."""
+        """``answer``'s result, waited for as long as each ``timeout`` sees a read and
+        ``deadline`` (monotonic; None: none) has not passed; ``TimeoutError`` after
+        either; :class:`AmiConnectionLost` once the session closes (its pending answers
+        are failed only after the pinger has ended)."""
         closing = asyncio.ensure_future(session.closed.wait())
         try:
             while True:
                 reads = session.reads
-                await asyncio.wait((answer, closing), timeout=timeout, return_when=FIRST_COMPLETED)
+                wait = timeout if deadline is None else min(timeout, deadline - time.monotonic())
+                if wait <= 0:
+                    raise TimeoutError
+                await asyncio.wait((answer, closing), timeout=wait, return_when=FIRST_COMPLETED)
                 if answer.done():
                     return answer.result()
                 if session.closed.is_set():

@@ -254,7 +254,9 @@ class PjsipOps:
         not raised: the object is then read from the database anyway.
         """
         reply = await self.client.send_action(
-            "SorceryMemoryCacheExpireObject", [("Cache", cache), ("Object", object_id)]
+            "SorceryMemoryCacheExpireObject",
+            [("Cache", cache), ("Object", object_id)],
+            patient=True,
         )
         if reply.ok:
             return "expired"
@@ -282,7 +284,9 @@ class PjsipOps:
         After a reload this is how to tell that an endpoint is live: a reload
         reports success even when it dropped an object it could not parse.
         """
-        reply = await self.client.send_action("PJSIPShowEndpoint", [("Endpoint", endpoint_id)])
+        reply = await self.client.send_action(
+            "PJSIPShowEndpoint", [("Endpoint", endpoint_id)], patient=True
+        )
         if not reply.ok:
             if "unable to retrieve endpoint" in reply.message.lower():
                 return None
@@ -291,7 +295,7 @@ class PjsipOps:
 
     async def show_contacts(self) -> list[ContactState]:
         """Every registered contact (``PJSIPShowContacts``); ``No Contacts found`` is ``[]``."""
-        reply = await self.client.send_action("PJSIPShowContacts")
+        reply = await self.client.send_action("PJSIPShowContacts", patient=True)
         if not reply.ok:
             if "no contacts found" in reply.message.lower():
                 return []
@@ -313,7 +317,9 @@ class PjsipOps:
         if not _HASH.fullmatch(contact_hash):
             raise InvalidInput.one("hash", "must be the contact's hash (letters and digits)")
         reply = await self.client.send_action(
-            "DBDel", [("Family", "registrar"), ("Key", f"contact/{aor};@{contact_hash}")]
+            "DBDel",
+            [("Family", "registrar"), ("Key", f"contact/{aor};@{contact_hash}")],
+            patient=True,
         )
         if reply.ok:
             return True
