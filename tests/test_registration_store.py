@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, select, update
 from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.exc import DBAPIError
 
 from bench.common import seed_store
 from provisioner.ami import pbx as pbx_module
@@ -22,7 +26,7 @@ from provisioner.ami.client import AmiClient
 from provisioner.ami.pbx import AmiPbx, Link
 from provisioner.ami.reload import PjsipOps, ReloadCoordinator
 from provisioner.health import Health
-from provisioner.store.engine import open_engine, reading
+from provisioner.store.engine import is_conflict, open_engine, reading, transaction
 from provisioner.store.registrations import (
     ContactRow,
     SummaryRow,
@@ -33,7 +37,7 @@ from provisioner.store.registrations import (
     time_text,
     write_endpoint_rows,
 )
-from provisioner.store.schema import registration_summary, registrations
+from provisioner.store.schema import registration_summary, registrations, users
 from provisioner.targets import Change
 
 from .amipeer import FakeAsterisk, eventually, fast_settings, run, running, server_for
@@ -490,3 +494,65 @@ def test_epoch_text_is_the_datetime_routes_text(epoch: float) -> None:
     included (half to even at the microsecond, carried into the next second)."""
     expected = time_text(datetime.fromtimestamp(epoch, UTC).replace(tzinfo=None))
     assert epoch_text(epoch) == expected
+
+
+def test_a_transaction_ended_as_a_deadlock_victim_is_run_again(engine: Engine) -> None:
+    """Two writers that lock two rows in opposite orders deadlock; the database ends one
+    (MariaDB at once, PostgreSQL after its deadlock_timeout), which ``transaction`` runs
+    again: both commit, and the victim's work is done once, whole."""
+    if engine.dialect.name == "sqlite":
+        pytest.skip("SQLite's writers queue on one lock (BEGIN IMMEDIATE): none deadlocks")
+    seed_store(engine, 2)
+    with reading(engine) as conn:
+        first, second = sorted(conn.execute(select(users.c.id)).scalars())
+    locked = {first: threading.Event(), second: threading.Event()}
+    runs: list[int] = []
+
+    def write(conn: Connection, mine: int, theirs: int) -> None:
+        runs.append(mine)
+        conn.execute(update(users).where(users.c.id == mine).values(full_name=f"by {mine}"))
+        if runs.count(mine) == 1:  # the first run of each meets the other's lock
+            locked[mine].set()
+            assert locked[theirs].wait(10)
+        conn.execute(update(users).where(users.c.id == theirs).values(full_name=f"by {mine}"))
+
+    with ThreadPoolExecutor(2) as pool:
+        done = [
+            pool.submit(transaction, engine, partial(write, mine=a, theirs=b))
+            for a, b in ((first, second), (second, first))
+        ]
+        for future in done:
+            future.result()
+    assert sorted(runs) in ([first, first, second], [first, second, second])
+    with reading(engine) as conn:
+        names = set(conn.execute(select(users.c.full_name).where(users.c.id.in_(locked))).scalars())
+    # The victim ran last and alone: its name is on both rows.
+    assert len(names) == 1
+
+
+class _Orig(Exception):
+    """A driver's exception, with what psycopg and pymysql put on theirs."""
+
+    def __init__(self, *args: object, sqlstate: str | None = None) -> None:
+        super().__init__(*args)
+        self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize(
+    ("orig", "conflict"),
+    [
+        (_Orig("deadlock detected", sqlstate="40P01"), True),
+        (_Orig("could not serialize access", sqlstate="40001"), True),
+        (_Orig("duplicate key", sqlstate="23505"), False),
+        (_Orig(1213, "Deadlock found when trying to get lock"), True),
+        (_Orig(1205, "Lock wait timeout exceeded"), True),
+        (_Orig(1062, "Duplicate entry"), False),
+        (_Orig("database is locked"), False),
+    ],
+)
+def test_only_deadlocks_and_serialization_failures_are_conflicts(
+    orig: Exception, conflict: bool
+) -> None:
+    """A deadlock victim, a serialization failure or a lock wait timeout (PostgreSQL's
+    SQLSTATE, MariaDB's error number) is a conflict worth running again; nothing else is."""
+    assert is_conflict(DBAPIError("INSERT ...", None, orig)) is conflict

@@ -44,6 +44,7 @@ from ..aio import sleep_unless, wait_first
 from ..config import Config
 from ..errors import ProvisionerError
 from ..logs import get_logger
+from ..store.engine import transaction
 from ..store.registrations import (
     ContactRow,
     SummaryRow,
@@ -572,15 +573,12 @@ class AmiPbx:
     # -- store writes, off the event loop ------------------------------------------------
 
     async def _store(self, server: str, write: Callable[[Connection], object]) -> bool:
-        """Run ``write`` in one transaction, in a thread; ``False`` (and a log line) when
-        the database refused it."""
-
-        def work() -> None:
-            with self.engine.begin() as conn:
-                write(conn)
+        """Run ``write`` in one transaction, in a thread (run again when it lost a
+        deadlock: :func:`~provisioner.store.engine.transaction`); ``False`` (and a log
+        line) when the database refused it."""
 
         try:
-            await asyncio.to_thread(work)
+            await asyncio.to_thread(transaction, self.engine, write)
         except DBAPIError as exc:
             log.warning("registration.store_failed", server=server, error=type(exc.orig).__name__)
             return False

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import random
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
-__all__ = ["open_engine", "reading"]
+from ..logs import get_logger
+
+__all__ = ["CONFLICT_ATTEMPTS", "is_conflict", "open_engine", "reading", "transaction"]
+
+log = get_logger(__name__)
+_T = TypeVar("_T")
+
+#: Times :func:`transaction` runs a write that a database ended as a deadlock's victim.
+CONFLICT_ATTEMPTS = 4
+#: PostgreSQL's SQLSTATEs for a deadlock victim and a serialization failure.
+_PG_CONFLICTS = frozenset({"40P01", "40001"})
+#: MariaDB/MySQL's error numbers for a deadlock victim (ER_LOCK_DEADLOCK) and a lock wait
+#: timeout (ER_LOCK_WAIT_TIMEOUT).
+_MYSQL_CONFLICTS = frozenset({1213, 1205})
 
 #: Execution option that makes a SQLite connection's transactions plain (deferred)
 #: ``BEGIN``s: see :func:`reading`.
@@ -70,3 +87,35 @@ def reading(engine: Engine) -> Connection:
     databases are unaffected.
     """
     return engine.connect().execution_options(**{_READ_ONLY: True})
+
+
+def is_conflict(exc: DBAPIError) -> bool:
+    """True when the database ended the transaction because it met another one (a
+    deadlock, a serialization failure, a lock wait timed out): nothing it did remains,
+    and running it again is the documented answer.  Pure: it reads the driver's code."""
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) in _PG_CONFLICTS:  # psycopg
+        return True
+    args: tuple[Any, ...] = getattr(orig, "args", ())
+    return bool(args) and args[0] in _MYSQL_CONFLICTS  # pymysql: (errno, message)
+
+
+def transaction(
+    engine: Engine, write: Callable[[Connection], _T], *, attempts: int = CONFLICT_ATTEMPTS
+) -> _T:
+    """``write(conn)`` in one transaction, committed; run again (at most ``attempts``
+    times in all, after a short random pause that grows) when the database ends it as
+    the victim of a conflict with another writer (:func:`is_conflict`): on MariaDB two
+    registration writes of different servers over the same users deadlock now and then.
+    Any other error, or the last conflict, is raised."""
+    for attempt in range(1, attempts + 1):
+        try:
+            with engine.begin() as conn:
+                return write(conn)
+        except DBAPIError as exc:
+            if attempt == attempts or not is_conflict(exc):
+                raise
+            log.info("store.conflict_retry", attempt=attempt, error=type(exc.orig).__name__)
+            # Apart again, at random: the two writers must not meet the same way twice.
+            time.sleep(random.uniform(0.0, 0.005 * 2**attempt))  # noqa: S311 (not crypto)
+    raise AssertionError("unreachable")  # the loop returns or raises
