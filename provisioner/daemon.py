@@ -475,6 +475,7 @@ class Daemon:
         for name, h in servers.items():
             m.reconnects.labels(server=name).set(h["reconnects"])
             m.online.labels(server=name).set(h["online"])
+            m.owed.labels(server=name).set(h["owed"])
             totals = {"events": h["events"], **{f"reload:{k}": v for k, v in h["reloads"].items()}}
             for key, total in totals.items():
                 delta = total - self._exported.get((name, key), 0)

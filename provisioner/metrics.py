@@ -55,6 +55,12 @@ class Metrics:
             ["server"],
             registry=r,
         )
+        self.owed = Gauge(
+            "provisioner_ami_owed_actions",
+            "Cache expiries and contact removals waiting to be sent, per server",
+            ["server"],
+            registry=r,
+        )
         self.provisioned = Gauge(
             "provisioner_users_provisioned", "Users with PJSIP objects", registry=r
         )

@@ -273,6 +273,8 @@ class AmiPbx:
                 "reloads": dict(link.reload_results),
                 "online": sum(1 for reg in link.book.values() if reg.summary == "online"),
                 "store_failures": link.store_failures,
+                # Cache expiries and contact removals waiting for the server (Owed).
+                "owed": len(link.owed.expiries) + len(link.owed.removals),
             }
         return out
 
