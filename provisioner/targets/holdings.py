@@ -57,6 +57,7 @@ Intended = tuple[str, str, Options]
 
 
 def intended(objects: Sequence[UserObjects]) -> list[Intended]:
+    """Every section of ``objects``, in file order: each user's endpoint, auth, AOR."""
     return [section for user in objects for section in user.sections()]
 
 
@@ -141,6 +142,9 @@ class Current:
 
 
 def compare(current: Current, objects: Sequence[UserObjects]) -> Change:
+    """What making the file hold exactly ``objects`` changes against ``current``: users
+    added (no endpoint there), updated (some object differs) and removed (an endpoint
+    there and not wanted), the unchanged count, and every (type, name) that differs."""
     added: list[str] = []
     updated: list[str] = []
     changed: list[tuple[str, str]] = []
