@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import zlib
@@ -15,16 +16,21 @@ import pytest
 
 from provisioner.asterisk_conf import parse
 from provisioner.config import load_config
-from provisioner.errors import ConfigError, RenderCheckFailed
+from provisioner.errors import ConfigError, RenderCheckFailed, TargetWriteFailed
 from provisioner.pjsip import RenderSettings, UserObjects, render_user
 from provisioner.targets import Change
+from provisioner.targets import files as files_module
 from provisioner.targets.configfile import (
     SHIPPED_TEMPLATES,
     ConfigFileTarget,
     check_rendered,
 )
 from provisioner.targets.files import STALE_TEMP_SECONDS
-from provisioner.targets.sharded import ShardedConfigFileTarget, config_file_target
+from provisioner.targets.sharded import (
+    PARALLEL_FILES,
+    ShardedConfigFileTarget,
+    config_file_target,
+)
 from provisioner.targets.shards import check_main, shard_directory, shard_name, shard_of
 
 from .test_configfile import REPRESENTATIVE, check_golden, make_user, rendered, write_override
@@ -554,3 +560,41 @@ def test_check_refuses_a_path_asterisk_cannot_include(tmp_path: Path) -> None:
     assert checked.code == 1
     (line,) = [line for line in checked.out.splitlines() if "target" in line and "#include" in line]
     assert "target.path" in line
+
+
+def test_a_full_apply_of_many_shards_writes_them_at_once_each_whole(path: Path) -> None:
+    """A full apply changing at least PARALLEL_FILES shard files writes them from several
+    threads; each file holds exactly its users and the main file includes them all."""
+    shards = 4 * PARALLEL_FILES
+    users = many(600)
+    target = ShardedConfigFileTarget(path, shards=shards)
+    assert target.apply(users).wrote
+    check_shards(target, users)
+    assert ShardedConfigFileTarget(path, shards=shards).apply(users).empty
+
+
+def test_a_shard_file_that_cannot_be_written_fails_the_apply_before_the_main_file(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When one shard file of a parallel full apply cannot be written (here: the disk is
+    full for it), the apply raises TargetWriteFailed naming it, every other shard file is
+    whole, and the main file is not written: Asterisk still reads nothing new."""
+    shards = 4 * PARALLEL_FILES
+    users = many(600)
+    target = ShardedConfigFileTarget(path, shards=shards)
+    blocked = target.files[5]
+    write_synced = files_module.write_synced
+
+    def full_for_one(temp: Path, data: bytes) -> None:
+        if temp.name.startswith(f".{blocked.name}."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write_synced(temp, data)
+
+    monkeypatch.setattr(files_module, "write_synced", full_for_one)
+    with pytest.raises(TargetWriteFailed, match=blocked.name):
+        target.apply(users)
+    assert not path.exists()
+    assert not blocked.exists()
+    for index, shard in enumerate(target.files):
+        if index != 5:
+            check_rendered(shard.read_bytes(), in_shard(users, index, shards))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from operator import attrgetter
 from pathlib import Path
@@ -53,6 +54,10 @@ __all__ = ["ShardedConfigFileTarget", "config_file_target"]
 log = get_logger(__name__)
 
 _T = TypeVar("_T")
+#: Shard files written at once by a full apply (see ``_commit_files``), when at least
+#: ``PARALLEL_FILES`` of them change.
+WRITERS = 8
+PARALLEL_FILES = 16
 _EID = attrgetter("endpoint_id")
 
 
@@ -247,8 +252,21 @@ class ShardedConfigFileTarget:
 
     def _commit_files(self, files: list[tuple[ConfigFileTarget, PendingWrite]]) -> list[Change]:
         """Write the shard files' pending applies, then fsync the shard directory once
-        (not once per file: 1,024 of them cost ~0.25 s) before anything names them."""
-        changes = [target.commit(pending, sync_directory=False) for target, pending in files]
+        (not once per file: 1,024 of them cost ~0.25 s) before anything names them.
+
+        Many files are written by ``WRITERS`` threads at once: each write waits on its
+        fsync, and the disk serves several at once (1,024 files of 60 kB: 0.2-0.36 s
+        against 0.43-0.63 s one after another).  Each file is its own target's, so the
+        threads share nothing; the first failure is raised once every write has ended,
+        and the main file, written after, then names nothing new."""
+        writing = [(t, p) for t, p in files if p.write]
+        if len(writing) < PARALLEL_FILES:
+            changes = [target.commit(pending, sync_directory=False) for target, pending in files]
+        else:
+            with ThreadPoolExecutor(WRITERS, thread_name_prefix="shard-write") as pool:
+                running = [pool.submit(t.commit, p, sync_directory=False) for t, p in files]
+                wait(running)
+            changes = [future.result() for future in running]
         if any(change.wrote for change in changes):
             sync_directory(self.directory)
         return changes
