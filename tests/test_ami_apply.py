@@ -11,8 +11,9 @@ import pytest
 from sqlalchemy import Engine
 
 from bench.common import seed_store
+from provisioner.ami.changes import Owed
 from provisioner.ami.client import AmiClient
-from provisioner.ami.pbx import AmiPbx, Link, Owed
+from provisioner.ami.pbx import AmiPbx, Link
 from provisioner.ami.reload import PjsipOps, ReloadCoordinator
 from provisioner.store.engine import open_engine
 from provisioner.store.migrate import upgrade

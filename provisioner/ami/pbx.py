@@ -1,19 +1,13 @@
 """The daemon's Asterisk side: what an applied change needs, and registration state back.
 
 Per ``[[asterisk]]`` server, one :class:`Link` keeps an :class:`AmiClient`, its
-:class:`ReloadCoordinator` and :class:`PjsipOps`, and a registration book
-(endpoint -> :class:`EndpointRegistration`) folded from events.
+:class:`ReloadCoordinator` and :class:`PjsipOps`, what is owed to it, and a registration
+book (endpoint -> :class:`EndpointRegistration`) folded from events.  :class:`AmiPbx`
+runs, per link, the client, the reloads, the change loop, the snapshots and the flusher.
 
-- After an apply (:meth:`AmiPbx.applied`, never blocking): a config-file write
-  asks for one merged ``res_pjsip.so`` reload; a realtime change expires the
-  changed objects from the configured sorcery memory caches and asks for a
-  reload only when endpoints were added or removed (Asterisk reports status
-  only for endpoints it loaded at its last reload).  Removed endpoints' contacts
-  are deleted from astdb (Asterisk keeps them otherwise).  Then each added or
-  updated endpoint is looked up (``PJSIPShowEndpoint``): one Asterisk rejected
-  is logged (``pjsip.not_live``), counted and written next to the user.  Expiries and
-  contact removals that AMI could not deliver stay owed (:class:`Owed`) and are sent
-  at the next connect, apply or ``OWED_RETRY``.
+- After an apply (:meth:`AmiPbx.applied`, never blocking) the change loop hands the
+  changes to :func:`~provisioner.ami.changes.apply_changes`: reloads, cache expiries,
+  contact removals and the check that each endpoint is live (see that module).
 - Registration events mark endpoints dirty; a flusher writes them in one
   transaction ``FLUSH_DELAY`` after the first (the other events of the same
   registration come within milliseconds), and whatever became dirty during a write
@@ -30,8 +24,7 @@ import asyncio
 import heapq
 import time
 from asyncio import FIRST_COMPLETED
-from collections.abc import Callable, Collection, Coroutine, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -51,12 +44,11 @@ from ..store.registrations import (
     endpoint_writer,
     epoch_text,
     replace_server_snapshot,
-    set_problems,
 )
 from ..targets import Change
 from .actions import AmiMessage
+from .changes import OWED_RETRY, Owed, apply_changes
 from .client import AmiClient
-from .errors import AmiActionFailed, AmiError
 from .registration import (
     ContactState,
     EndpointRegistration,
@@ -88,10 +80,6 @@ FLUSH_BATCH = 5000
 PARALLEL_MIN = 1000
 PARALLEL_WRITES = 2
 SNAPSHOT_MIN_GAP = 2.0
-#: Seconds between tries to send what is owed to a connected server (:class:`Owed`).
-OWED_RETRY = 5.0
-#: Endpoints verified with PJSIPShowEndpoint after one apply, at most (the rest next time).
-VERIFY_LIMIT = 200
 #: ``registration.changed`` lines per flush, at most (the rest are counted).
 LOG_CHANGES_LIMIT = 50
 _EVENTS = ("ContactStatus", "PeerStatus", "DeviceStateChange", "SuccessfulAuth")
@@ -125,32 +113,6 @@ def rows(reg: EndpointRegistration) -> tuple[tuple[ContactRow, ...], SummaryRow]
         "",
         None if changed is None else epoch_text(changed),
     )
-
-
-@dataclass
-class Owed:
-    """What an applied change still needs sent to one server: the ids of objects to
-    expire from its sorcery memory caches and the endpoints whose contacts to delete
-    from its astdb, each in the order owed.  An action that failed for the connection's
-    sake (not connected, timed out, lost) leaves its item owed, sent again at the next
-    connect or apply, or after ``OWED_RETRY`` seconds: each is idempotent (an object
-    expired twice, a contact already gone), so a failure never loses one."""
-
-    expiries: dict[str, None] = field(default_factory=dict)
-    removals: dict[str, None] = field(default_factory=dict)
-
-    def __bool__(self) -> bool:
-        return bool(self.expiries or self.removals)
-
-    def add(self, change: Change, *, expire: bool) -> None:
-        """Owe what ``change`` needs (``expire``: its changed objects' expiries).  An
-        endpoint added or updated after its removal was owed keeps its contacts: they
-        are its phone's again."""
-        if expire:
-            self.expiries.update(dict.fromkeys(oid for _kind, oid in change.changed_objects))
-        self.removals.update(dict.fromkeys(change.removed))
-        for endpoint in (*change.added, *change.updated):
-            self.removals.pop(endpoint, None)
 
 
 @dataclass
@@ -480,97 +442,9 @@ class AmiPbx:
             while not link.changes.empty():
                 batch.append(link.changes.get_nowait())
             try:
-                await self._handle(link, batch)
+                await apply_changes(link, batch, realtime=self.target_kind != "config")
             except ProvisionerError as exc:
                 log.warning("ami.apply_failed", server=link.name, error=str(exc))
-
-    async def _handle(self, link: Link, batch: list[Change]) -> None:
-        """What the changes of ``batch`` (applied in this order) need from this server.
-
-        Cache expiries (realtime) and contact removals are owed, then sent; whatever an
-        AMI failure left unsent stays owed (:class:`Owed`) and never holds back the
-        reload, which is asked for either way: the coordinator keeps it for a server
-        that is down.  Then the added and updated endpoints are verified."""
-        added = _union(c.added for c in batch)
-        updated = _union(c.updated for c in batch)
-        removed = _union(c.removed for c in batch)
-        realtime = self.target_kind != "config"
-        for change in batch:
-            link.owed.add(change, expire=realtime and bool(link.caches))
-        await self._pay(link)
-        reload = None
-        if (not realtime and any(c.wrote for c in batch)) or (realtime and (added or removed)):
-            reload = link.reloads.request()
-        if reload is not None:
-            outcome = await reload
-            link.reload_results[outcome.result] = link.reload_results.get(outcome.result, 0) + 1
-        await self._verify(link, sorted(added | updated))
-
-    async def _pay(self, link: Link) -> None:
-        """Send what is owed to this server, oldest first, until an action fails for the
-        connection's sake (the rest would fail alike): that one and the rest stay owed.
-        One Asterisk refuses (``Response: Error``) is logged and dropped: sent again, it
-        would be refused again."""
-        owed = link.owed
-        try:
-            while owed.expiries:
-                object_id = next(iter(owed.expiries))
-                with _refusal_logged(link, "expire", object_id):
-                    await link.ops.expire_everywhere(object_id)
-                del owed.expiries[object_id]
-            if owed.removals:
-                with _refusal_logged(link, "remove_contacts", ",".join(owed.removals)):
-                    await self._remove_contacts(link, owed.removals.keys())
-                owed.removals.clear()
-        except AmiError as exc:
-            log.warning(
-                "ami.owed",
-                server=link.name,
-                expiries=len(owed.expiries),
-                removals=len(owed.removals),
-                error=str(exc),
-            )
-
-    async def _remove_contacts(self, link: Link, removed: Collection[str]) -> None:
-        """Asterisk keeps a deleted endpoint's registrations: delete them from astdb."""
-        contacts = await link.ops.show_contacts()
-        for c in contacts:
-            if c.aor in removed and c.object_name:
-                deleted = await link.ops.remove_contact_object(c.object_name)
-                log.info("registration.removed", server=link.name, aor=c.aor, deleted=deleted)
-
-    async def _verify(self, link: Link, endpoints: list[str]) -> None:
-        problems: dict[str, str] = {}
-        for endpoint in endpoints[:VERIFY_LIMIT]:
-            try:
-                detail = await link.ops.show_endpoint(endpoint)
-            except AmiError as exc:
-                # A check only: what was verified is recorded, the rest at the next apply.
-                log.warning(
-                    "pjsip.verify_failed",
-                    server=link.name,
-                    unverified=min(len(endpoints), VERIFY_LIMIT) - len(problems),
-                    error=str(exc),
-                )
-                break
-            if detail is None:
-                problem = "Asterisk does not hold this endpoint (rejected? see Asterisk's log)"
-            elif not detail.aors or not detail.auths:
-                problem = "Asterisk holds the endpoint without its AOR or auth (rejected object?)"
-            else:
-                problem = ""
-            if problem:
-                link.not_live += 1
-                log.warning("pjsip.not_live", server=link.name, endpoint=endpoint, problem=problem)
-            problems[endpoint] = problem
-        if problems:
-            now = _now()
-            # In the flusher's turn: never beside a batch of the same server (on MariaDB
-            # two writes at once can deadlock).  Not awaited: the next change's reload
-            # or expiry must not wait behind a registration write (a refused one is
-            # logged by _store).
-            write = partial(set_problems, server=link.name, problems=problems, now=now)
-            link.in_flusher_turn(write)
 
     # -- store writes, off the event loop ------------------------------------------------
 
@@ -604,18 +478,6 @@ async def _in_turn(
     # idle for the whole next build.
     await asyncio.sleep(0)
     return task
-
-
-@contextmanager
-def _refusal_logged(link: Link, what: str, item: str) -> Iterator[None]:
-    """Within the block, an action Asterisk refused (:class:`AmiActionFailed`) is logged
-    (``ami.owed_refused``) and swallowed: the owed item it was for is done with."""
-    try:
-        yield
-    except AmiActionFailed as exc:
-        log.warning(
-            "ami.owed_refused", server=link.name, what=what, item=item, error=exc.asterisk_message
-        )
 
 
 def split_batch(
@@ -688,10 +550,3 @@ def _log_changes(link: Link, states: dict[str, tuple[Any, SummaryRow]]) -> None:
             server=link.name,
             count=len(changed) - LOG_CHANGES_LIMIT,
         )
-
-
-def _union(groups: Iterable[Iterable[str]]) -> set[str]:
-    out: set[str] = set()
-    for g in groups:
-        out.update(g)
-    return out

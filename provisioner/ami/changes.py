@@ -1,0 +1,187 @@
+"""What an applied change needs from one Asterisk server, and what is owed to it.
+
+After each apply (:meth:`~provisioner.ami.pbx.AmiPbx.applied`) the daemon's change loop
+hands the changes to :func:`apply_changes`, per server:
+
+- a config-file write asks for one merged ``res_pjsip.so`` reload; a realtime change
+  expires the changed objects from the configured sorcery memory caches and asks for a
+  reload only when endpoints were added or removed (Asterisk reports status only for
+  endpoints it loaded at its last reload);
+- removed endpoints' contacts are deleted from astdb (Asterisk keeps them otherwise);
+- each added or updated endpoint is looked up (``PJSIPShowEndpoint``): one Asterisk
+  rejected is logged (``pjsip.not_live``), counted and written next to the user.
+
+Expiries and contact removals are *owed* (:class:`Owed`) until sent: one AMI could not
+deliver is sent at the next connect, apply or ``OWED_RETRY``, so an outage loses none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING
+
+from ..accounts import utcnow
+from ..logs import get_logger
+from ..store.registrations import set_problems
+from ..targets import Change
+from .errors import AmiActionFailed, AmiError
+
+if TYPE_CHECKING:
+    from .pbx import Link
+
+__all__ = [
+    "OWED_RETRY",
+    "VERIFY_LIMIT",
+    "Owed",
+    "apply_changes",
+    "pay",
+    "remove_contacts",
+    "verify",
+]
+
+log = get_logger(__name__)
+
+#: Seconds between tries to send what is owed to a connected server (:class:`Owed`).
+OWED_RETRY = 5.0
+#: Endpoints verified with PJSIPShowEndpoint after one apply, at most (the rest next time).
+VERIFY_LIMIT = 200
+
+
+@dataclass
+class Owed:
+    """What an applied change still needs sent to one server: the ids of objects to
+    expire from its sorcery memory caches and the endpoints whose contacts to delete
+    from its astdb, each in the order owed.  An action that failed for the connection's
+    sake (not connected, timed out, lost) leaves its item owed, sent again at the next
+    connect or apply, or after ``OWED_RETRY`` seconds: each is idempotent (an object
+    expired twice, a contact already gone), so a failure never loses one."""
+
+    expiries: dict[str, None] = field(default_factory=dict)
+    removals: dict[str, None] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.expiries or self.removals)
+
+    def add(self, change: Change, *, expire: bool) -> None:
+        """Owe what ``change`` needs (``expire``: its changed objects' expiries).  An
+        endpoint added or updated after its removal was owed keeps its contacts: they
+        are its phone's again."""
+        if expire:
+            self.expiries.update(dict.fromkeys(oid for _kind, oid in change.changed_objects))
+        self.removals.update(dict.fromkeys(change.removed))
+        for endpoint in (*change.added, *change.updated):
+            self.removals.pop(endpoint, None)
+
+
+async def apply_changes(link: Link, batch: Sequence[Change], *, realtime: bool) -> None:
+    """What the changes of ``batch`` (applied in this order) need from ``link``'s
+    server (``realtime``: the target is the realtime one, else a config file).
+
+    Cache expiries (realtime) and contact removals are owed, then sent; whatever an
+    AMI failure left unsent stays owed (:class:`Owed`) and never holds back the
+    reload, which is asked for either way: the coordinator keeps it for a server
+    that is down.  Then the added and updated endpoints are verified."""
+    added = _union(c.added for c in batch)
+    updated = _union(c.updated for c in batch)
+    removed = _union(c.removed for c in batch)
+    for change in batch:
+        link.owed.add(change, expire=realtime and bool(link.caches))
+    await pay(link)
+    reload = None
+    if (not realtime and any(c.wrote for c in batch)) or (realtime and (added or removed)):
+        reload = link.reloads.request()
+    if reload is not None:
+        outcome = await reload
+        link.reload_results[outcome.result] = link.reload_results.get(outcome.result, 0) + 1
+    await verify(link, sorted(added | updated))
+
+
+async def pay(link: Link) -> None:
+    """Send what is owed to this server, oldest first, until an action fails for the
+    connection's sake (the rest would fail alike): that one and the rest stay owed.
+    One Asterisk refuses (``Response: Error``) is logged and dropped: sent again, it
+    would be refused again."""
+    owed = link.owed
+    try:
+        while owed.expiries:
+            object_id = next(iter(owed.expiries))
+            with _refusal_logged(link, "expire", object_id):
+                await link.ops.expire_everywhere(object_id)
+            del owed.expiries[object_id]
+        if owed.removals:
+            with _refusal_logged(link, "remove_contacts", ",".join(owed.removals)):
+                await remove_contacts(link, owed.removals.keys())
+            owed.removals.clear()
+    except AmiError as exc:
+        log.warning(
+            "ami.owed",
+            server=link.name,
+            expiries=len(owed.expiries),
+            removals=len(owed.removals),
+            error=str(exc),
+        )
+
+
+async def remove_contacts(link: Link, removed: Collection[str]) -> None:
+    """Asterisk keeps a deleted endpoint's registrations: delete them from astdb."""
+    contacts = await link.ops.show_contacts()
+    for c in contacts:
+        if c.aor in removed and c.object_name:
+            deleted = await link.ops.remove_contact_object(c.object_name)
+            log.info("registration.removed", server=link.name, aor=c.aor, deleted=deleted)
+
+
+async def verify(link: Link, endpoints: list[str]) -> None:
+    problems: dict[str, str] = {}
+    for endpoint in endpoints[:VERIFY_LIMIT]:
+        try:
+            detail = await link.ops.show_endpoint(endpoint)
+        except AmiError as exc:
+            # A check only: what was verified is recorded, the rest at the next apply.
+            log.warning(
+                "pjsip.verify_failed",
+                server=link.name,
+                unverified=min(len(endpoints), VERIFY_LIMIT) - len(problems),
+                error=str(exc),
+            )
+            break
+        if detail is None:
+            problem = "Asterisk does not hold this endpoint (rejected? see Asterisk's log)"
+        elif not detail.aors or not detail.auths:
+            problem = "Asterisk holds the endpoint without its AOR or auth (rejected object?)"
+        else:
+            problem = ""
+        if problem:
+            link.not_live += 1
+            log.warning("pjsip.not_live", server=link.name, endpoint=endpoint, problem=problem)
+        problems[endpoint] = problem
+    if problems:
+        now = utcnow()
+        # In the flusher's turn: never beside a batch of the same server (on MariaDB
+        # two writes at once can deadlock).  Not awaited: the next change's reload
+        # or expiry must not wait behind a registration write (a refused one is
+        # logged by the flusher).
+        write = partial(set_problems, server=link.name, problems=problems, now=now)
+        link.in_flusher_turn(write)
+
+
+@contextmanager
+def _refusal_logged(link: Link, what: str, item: str) -> Iterator[None]:
+    """Within the block, an action Asterisk refused (:class:`AmiActionFailed`) is logged
+    (``ami.owed_refused``) and swallowed: the owed item it was for is done with."""
+    try:
+        yield
+    except AmiActionFailed as exc:
+        log.warning(
+            "ami.owed_refused", server=link.name, what=what, item=item, error=exc.asterisk_message
+        )
+
+
+def _union(groups: Iterable[Iterable[str]]) -> set[str]:
+    out: set[str] = set()
+    for g in groups:
+        out.update(g)
+    return out
