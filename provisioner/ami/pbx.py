@@ -26,13 +26,13 @@ import time
 from asyncio import FIRST_COMPLETED
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
+from ..accounts import utcnow
 from ..aio import sleep_unless, wait_first
 from ..config import Config
 from ..errors import ProvisionerError
@@ -313,7 +313,7 @@ class AmiPbx:
                 if not states:
                     continue  # a snapshot took them meanwhile: nothing to write
                 _log_changes(link, states)
-                now, dialect = _now(), self.engine.dialect.name
+                now, dialect = utcnow(), self.engine.dialect.name
                 writes = [
                     (endpoint_writer(dialect, link.name, part, now), set(part))
                     for part in split_batch(states, dialect)
@@ -409,7 +409,7 @@ class AmiPbx:
         link.book = snapshot
         link.dirty.clear()
         states = {ep: rows(reg) for ep, reg in snapshot.items()}
-        now = _now()
+        now = utcnow()
         # Written by the flusher, in turn: a batch taken before this snapshot, still being
         # written, must not land after it (nor one taken after it land before).
         stored = await link.in_flusher_turn(
@@ -498,11 +498,6 @@ def split_batch(
     ordered = sorted(states)
     size = -(-len(ordered) // parts)
     return [{ep: states[ep] for ep in ordered[i : i + size]} for i in range(0, len(ordered), size)]
-
-
-def _now() -> datetime:
-    """Now, as the store's naive UTC."""
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def snapshot_from_contact_list_states(
