@@ -1,6 +1,6 @@
 """Benchmark of registration-event ingestion, socket to store (a script, not a test).
 
-    .venv/bin/python -m bench.bench_registration --events 10000 50000 --backend sqlite postgresql
+    .venv/bin/python -m bench.bench_registration --events 10000 50000 --backend sqlite postgresql [mariadb]
 
 For each backend and size N it seeds a throwaway store with N users (extensions from
 100000), runs an :class:`~provisioner.ami.pbx.AmiPbx` in this process against a fake
@@ -263,7 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, nargs="+", default=[10000, 50000])
     parser.add_argument(
-        "--backend", nargs="+", default=["sqlite", "postgresql"], choices=["sqlite", "postgresql"]
+        "--backend",
+        nargs="+",
+        default=["sqlite", "postgresql"],
+        choices=["sqlite", "postgresql", "mariadb"],
     )
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--stages", action="store_true", help="also time each stage alone")

@@ -38,7 +38,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from .bulk import executemany, json_text
+from .bulk import executemany, has_json_table, json_table_insert, json_text
 from .schema import registration_summary, registrations, users
 
 __all__ = [
@@ -450,14 +450,20 @@ def _stamp_of(dialect: str, stamp: Any) -> ColumnElement[Any]:
 def _insert_many(
     conn: Connection, table: Table, names: Sequence[str], rows: list[tuple[Any, ...]]
 ) -> None:
-    """Insert ``rows`` (values in ``names`` order) by the driver's ``executemany``.
+    """Insert ``rows`` (values in ``names`` order): as JSON_TABLE documents where the
+    server has it (:func:`~provisioner.store.bulk.json_table_insert`), else by the
+    driver's ``executemany``.
 
     The general path's dialects (MariaDB, MySQL) convert none of these columns' values
-    (times are already the store's text), so the rows go to the driver as they are;
-    only the per-row parameter bookkeeping of ``Connection.execute`` is skipped, which
-    cost more than the inserts themselves in a storm.
+    (times are already the store's text), so the rows go as they are.  pymysql escapes
+    and formats every value of an ``executemany`` in Python: 20 µs an event of a 50k
+    storm's batch, against 1.5 µs for the documents (the server then does the work).
     """
-    if rows:
+    if not rows:
+        return
+    if has_json_table(conn.dialect):
+        json_table_insert(conn, table, names, rows)
+    else:
         executemany(conn, insert(table), names, rows, column_keys=names)
 
 
