@@ -1,15 +1,16 @@
 """Benchmark of registration-event ingestion, socket to store (a script, not a test).
 
-    .venv/bin/python -m bench.bench_registration --events 10000 50000 --backend sqlite postgresql [mariadb]
+    .venv/bin/python -m bench.bench_registration --events 10000 50000 --backend sqlite postgresql
 
-For each backend and size N it seeds a throwaway store with N users (extensions from
-100000), runs an :class:`~provisioner.ami.pbx.AmiPbx` in this process against a fake
-Asterisk (``tests/amipeer.py``) over a real socket, waits for the connect snapshot, then
-has the peer send N recorded ``ContactStatus`` events (``send_burst``, one per user) and
-reports ``rate``: events/s from the first byte sent until the store's ``registrations``
-table holds all N contacts (target >= 50,000/s); ``restart_rate``: the same burst again
-after the peer's state is reset as on a reconnect to a restarted Asterisk (every
-summary in the store, set offline; no contact), the storm met in production.  The
+For each backend (``mariadb`` too, on request) and size N it seeds a throwaway store
+with N users (extensions from 100000), runs an :class:`~provisioner.ami.pbx.AmiPbx` in
+this process against a fake Asterisk (``tests/amipeer.py``) over a real socket, waits
+for the connect snapshot, then has the peer send N recorded ``ContactStatus`` events
+(``send_burst``, one per user) and reports ``rate``: events/s from the first byte sent
+until the store's ``registrations`` table holds all N contacts (target >= 50,000/s);
+``restart_rate``: the same burst again after the peer's state is reset as on a
+reconnect to a restarted Asterisk (every summary in the store, set offline; no
+contact), the storm met in production.  The
 peer runs in this process, so its sending counts against the rate; the daemon bench
 (``bench_daemon``) measures the same with the daemon in a process of its own.
 
