@@ -110,6 +110,11 @@ def _refused(daemon: Daemon) -> bool:
     return any("refusing to remove" in e.get("error", "") for e in daemon.logged("sync.failed"))
 
 
+def _sync_failed_in_health(daemon: Daemon) -> bool:
+    health = daemon.health()
+    return health is not None and health["last_sync_ok"] is False
+
+
 def test_daemon_refuses_truncation_keeps_running_and_reports(tmp_path: Path) -> None:
     """The daemon refuses an emptied store (change feed burst), keeps running, logs
     sync.failed with the reason, its health says so and 'provisioner check' fails;
@@ -123,6 +128,9 @@ def test_daemon_refuses_truncation_keeps_running_and_reports(tmp_path: Path) -> 
         before = conf.read_bytes()
         delete_users_sql(engine)
         until(lambda: _refused(daemon), 10, "sync.failed logged")
+        # The health record is written shortly after the log line (at most one write per
+        # HEALTH_DELAY), not with it.
+        until(lambda: _sync_failed_in_health(daemon), 10, "health records the failure")
         health = daemon.health()
         assert health is not None
         assert health["last_sync_ok"] is False
