@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import sys
+import threading
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -562,13 +563,24 @@ def test_check_refuses_a_path_asterisk_cannot_include(tmp_path: Path) -> None:
     assert "target.path" in line
 
 
-def test_a_full_apply_of_many_shards_writes_them_at_once_each_whole(path: Path) -> None:
+def test_a_full_apply_of_many_shards_writes_them_at_once_each_whole(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A full apply changing at least PARALLEL_FILES shard files writes them from several
     threads; each file holds exactly its users and the main file includes them all."""
     shards = 4 * PARALLEL_FILES
     users = many(600)
     target = ShardedConfigFileTarget(path, shards=shards)
+    write_synced = files_module.write_synced
+    writers: set[str] = set()
+
+    def recorded(temp: Path, data: bytes) -> None:
+        writers.add(threading.current_thread().name)
+        write_synced(temp, data)
+
+    monkeypatch.setattr(files_module, "write_synced", recorded)
     assert target.apply(users).wrote
+    assert len({name for name in writers if name.startswith("shard-write")}) > 1
     check_shards(target, users)
     assert ShardedConfigFileTarget(path, shards=shards).apply(users).empty
 

@@ -17,7 +17,7 @@ deliver is sent at the next connect, apply or ``OWED_RETRY``, so an outage loses
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -84,17 +84,14 @@ async def apply_changes(link: Link, batch: Sequence[Change], *, realtime: bool) 
     AMI failure left unsent stays owed (:class:`Owed`) and never holds back the
     reload, which is asked for either way: the coordinator keeps it for a server
     that is down.  Then the added and updated endpoints are verified."""
-    added = _union(c.added for c in batch)
-    updated = _union(c.updated for c in batch)
-    removed = _union(c.removed for c in batch)
+    added = set[str]().union(*(c.added for c in batch))
+    updated = set[str]().union(*(c.updated for c in batch))
+    removed = set[str]().union(*(c.removed for c in batch))
     for change in batch:
         link.owed.add(change, expire=realtime and bool(link.caches))
     await pay(link)
-    reload = None
     if (not realtime and any(c.wrote for c in batch)) or (realtime and (added or removed)):
-        reload = link.reloads.request()
-    if reload is not None:
-        outcome = await reload
+        outcome = await link.reloads.request()
         link.reload_results[outcome.result] = link.reload_results.get(outcome.result, 0) + 1
     await verify(link, sorted(added | updated))
 
@@ -178,10 +175,3 @@ def _refusal_logged(link: Link, what: str, item: str) -> Iterator[None]:
         log.warning(
             "ami.owed_refused", server=link.name, what=what, item=item, error=exc.asterisk_message
         )
-
-
-def _union(groups: Iterable[Iterable[str]]) -> set[str]:
-    out: set[str] = set()
-    for g in groups:
-        out.update(g)
-    return out

@@ -228,9 +228,7 @@ class AmiClient:
         if session is None or session.closed.is_set() or not self.connected:
             raise AmiNotConnected(self.name, f"{name} not sent: not connected")
         timeout = timeout or self.settings.action_timeout
-        if patient:
-            return await self._request(session, action, timeout, patient=True, limit=PATIENCE)
-        return await self._request(session, action, timeout)
+        return await self._request(session, action, timeout, patient=patient, limit=PATIENCE)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep a logged-in connection until ``stop`` is set, then close it and return."""
@@ -463,9 +461,10 @@ class AmiClient:
 
         ``patient`` (the ping, queries): the wait goes on while reads keep coming, and
         only ``timeout`` without a single read times out, or ``limit`` timeouts in all
-        (None: no such bound).  Asterisk answers after every event it sent before the
-        action: in a storm of re-registrations the answer can sit behind seconds of
-        events still to be read, on a connection that is plainly alive.
+        (None: no such bound; unused without ``patient``).  Asterisk answers after every
+        event it sent before the action: in a storm of re-registrations the answer can
+        sit behind seconds of events still to be read, on a connection that is plainly
+        alive.
         """
         future: asyncio.Future[AmiReply] = asyncio.get_running_loop().create_future()
         session.pending[action.action_id] = _Pending(action, future)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from operator import attrgetter
 from pathlib import Path
@@ -259,13 +259,12 @@ class ShardedConfigFileTarget:
         against 0.43-0.63 s one after another).  Each file is its own target's, so the
         threads share nothing; the first failure is raised once every write has ended,
         and the main file, written after, then names nothing new."""
-        writing = [(t, p) for t, p in files if p.write]
-        if len(writing) < PARALLEL_FILES:
+        if sum(pending.write for _, pending in files) < PARALLEL_FILES:
             changes = [target.commit(pending, sync_directory=False) for target, pending in files]
         else:
+            # Leaving the block waits for every write.
             with ThreadPoolExecutor(WRITERS, thread_name_prefix="shard-write") as pool:
                 running = [pool.submit(t.commit, p, sync_directory=False) for t, p in files]
-                wait(running)
             changes = [future.result() for future in running]
         if any(change.wrote for change in changes):
             sync_directory(self.directory)
