@@ -20,7 +20,7 @@ from provisioner.config import load_config
 from provisioner.errors import ConfigError, InvalidInput, RenderCheckFailed
 from provisioner.model import User, Voice
 from provisioner.pjsip import RenderSettings, UserObjects, render_user
-from provisioner.targets import Change, Target
+from provisioner.targets import Change, Target, pieces
 from provisioner.targets.configfile import (
     MAIN_TEMPLATE,
     SHIPPED_TEMPLATES,
@@ -845,6 +845,26 @@ def test_apply_partial_writes_what_a_full_apply_writes(
     check_rendered(target.path.read_bytes(), expected)
     # The next full apply of the same list finds nothing to do.
     assert target.apply(expected).empty
+
+
+def test_successive_edits_splice_into_the_file_a_full_apply_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One edit after another (each spliced into the last bytes, their pieces joined now
+    and then) leaves the bytes a full apply writes, and a full apply then writes nothing."""
+    monkeypatch.setattr(pieces, "MAX_PARTS", 5)
+    base = rendered(users=REPRESENTATIVE[:5])
+    target = ConfigFileTarget(tmp_path / "out.conf")
+    target.apply(base)
+    current = {u.endpoint_id: u for u in base}
+    for i in range(12):
+        user = base[i % len(base)]
+        edit = replace(user, endpoint=(*user.endpoint[:-1], ("context", f"ctx{i}")))
+        assert target.apply_partial([edit], []).wrote
+        current[edit.endpoint_id] = edit
+        expected = sorted(current.values(), key=lambda u: (len(u.endpoint_id), u.endpoint_id))
+        assert target.path.read_bytes() == _full_file(tmp_path, expected, f"full{i}.conf")
+    assert not target.apply(expected).wrote
 
 
 def test_apply_partial_of_unchanged_users_writes_nothing(target: ConfigFileTarget) -> None:

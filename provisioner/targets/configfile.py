@@ -19,8 +19,10 @@ file's mtime only moves when Asterisk has something new to reload.
 (``Target.apply_partial``): only the edited users are rendered and checked,
 their chunks replace theirs in the last text this object verified (each chunk
 starts with its section header and ends with a LF, so chunks cannot merge), and
-the file is still rewritten whole and atomically.  At 100k users that write of
-~62 MB (write and fsync: 45-190 ms on the lab disk) is the floor of any edit.
+the file is still rewritten whole and atomically.  One user's chunk is spliced into
+the last bytes as :class:`~.pieces.Pieces` (views around the new chunk): no copy of
+the others is made before the write.  At 100k users that write of ~62 MB (write and
+fsync: 45-190 ms on the lab disk) is the floor of any edit.
 
 :class:`~provisioner.targets.sharded.ShardedConfigFileTarget` (``target.shards`` >= 1)
 lifts that floor: each user lives in one of N shard files, each written by a
@@ -60,6 +62,7 @@ from .holdings import (
     kept_objects,
     with_kept,
 )
+from .pieces import Pieces
 from .shards import retire_shards, shard_directory
 from .templating import MAIN_TEMPLATE, SHIPPED_TEMPLATES, Templates
 from .textdiff import unified_diff
@@ -286,7 +289,8 @@ _AUTH_SUFFIX = auth_id("")
 class _State:
     """Bytes that passed the parse-back check, and the users they hold, in order."""
 
-    data: bytes
+    #: The bytes: pieces after an edit spliced a user's chunk in (see :mod:`.pieces`).
+    body: bytes | Pieces
     users: list[UserObjects]
     #: Each user's canonical chunk (``""`` for none).
     chunks: list[str]
@@ -300,6 +304,13 @@ class _State:
     _named_known: bool = field(default=False, repr=False)
     _ordered: list[str] | None = field(default=None, repr=False)
     _ordered_known: bool = field(default=False, repr=False)
+
+    @property
+    def data(self) -> bytes:
+        """The bytes in one buffer (pieces are joined once, the first time this is read:
+        comparisons with a file's bytes are for full applies, not for an edit)."""
+        body = self.body
+        return body.tobytes() if isinstance(body, Pieces) else body
 
     def named_ids(self) -> list[str] | None:
         """The endpoint ids when they are distinct, hold no LF, and every user names its
@@ -570,8 +581,8 @@ class ConfigFileTarget:
         finishes a switch back that a crash cut short)."""
         change = pending.change
         if pending.write:
-            data = pending.state.data
-            write_file(self.path, data, backup=pending.backup, sync_directory=sync_directory)
+            body = pending.state.body
+            write_file(self.path, body, backup=pending.backup, sync_directory=sync_directory)
             change = replace(change, wrote=True)
         if self._verified is not pending.state:
             # An edit's state, checked chunk by chunk rather than by _verify.
@@ -618,9 +629,9 @@ class ConfigFileTarget:
             header = env.get_template("header.j2").render(users=edit.users)
         if header != state.header and not self._templates.plain_header(header):
             return self.prepare(edit.users, ())
-        data, chars = _edited_data(state, edit, header)
+        body, chars, differs = _edited_body(state, edit, header)
         new = _State(
-            data,
+            body,
             edit.users,
             edit.chunks,
             header,
@@ -631,7 +642,7 @@ class ConfigFileTarget:
             _ordered=edit.ids,
             _ordered_known=True,
         )
-        return PendingWrite(change, new, write=data != state.data, backup=self.path.exists())
+        return PendingWrite(change, new, write=differs, backup=self.path.exists())
 
     def _file_users(self) -> list[UserObjects]:
         """Every user the current file holds (three objects found for an endpoint).
@@ -642,19 +653,20 @@ class ConfigFileTarget:
         return kept_objects(current, current.endpoints, ())
 
 
-def _edited_data(state: _State, edit: _Edit, header: str) -> tuple[bytes, int]:
-    """The bytes (and characters) of ``header`` and the edited chunks.  One user put or
-    removed in an all-ASCII file with the same header: the old bytes with that user's chunk
-    replaced (one copy, instead of joining and encoding every chunk again)."""
-    if len(edit.ops) == 1 and header == state.header and len(state.data) == state.chars:
+def _edited_body(state: _State, edit: _Edit, header: str) -> tuple[bytes | Pieces, int, bool]:
+    """The bytes (and characters) of ``header`` and the edited chunks, and whether they
+    differ from ``state``'s.  One user put or removed in an all-ASCII file with the same
+    header: ``state``'s bytes with that user's chunk spliced in (no copy of the others,
+    see :mod:`.pieces`), differing exactly when the chunk does."""
+    if len(edit.ops) == 1 and header == state.header and len(state.body) == state.chars:
         at, old, new = edit.ops[0]
         if new.isascii():
             start = len(header) + sum(map(len, islice(state.chunks, at)))
-            view = memoryview(state.data)
-            data = b"".join((view[:start], new.encode("ascii"), view[start + len(old) :]))
-            return data, state.chars - len(old) + len(new)
+            body = Pieces.of(state.body).splice(start, start + len(old), new.encode("ascii"))
+            return body, state.chars - len(old) + len(new), old != new
     text = header + "".join(edit.chunks)
-    return text.encode("utf-8"), len(text)
+    data = text.encode("utf-8")
+    return data, len(text), data != state.data
 
 
 @dataclass

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import TargetWriteFailed
+from .pieces import Pieces
 
 __all__ = [
     "FILE_MODE",
@@ -79,12 +80,15 @@ def remove_stale_in(directory: Path, pattern: str, now: float | None = None) -> 
     return removed
 
 
-def write_synced(path: Path, data: bytes) -> None:
+def write_synced(path: Path, data: bytes | Pieces) -> None:
     """Write ``data`` to ``path`` (mode :data:`FILE_MODE`) and fsync it: on disk before
     any rename makes it the file Asterisk reads."""
     with path.open("wb") as handle:
         os.fchmod(handle.fileno(), FILE_MODE)
-        handle.write(data)
+        if isinstance(data, Pieces):
+            data.write_to(handle)
+        else:
+            handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -110,7 +114,9 @@ def keep_backup(path: Path, backup: Path) -> None:
         os.replace(temp, backup)
 
 
-def atomic_write(path: Path, data: bytes, *, backup: bool, sync_directory: bool = True) -> None:
+def atomic_write(
+    path: Path, data: bytes | Pieces, *, backup: bool, sync_directory: bool = True
+) -> None:
     """Atomically make ``path`` hold ``data``, keeping the old file as ``<name>.bak``.
 
     Without ``sync_directory`` the rename is not yet durable: the caller fsyncs the
@@ -126,7 +132,9 @@ def atomic_write(path: Path, data: bytes, *, backup: bool, sync_directory: bool 
         fsync_directory(path.parent)
 
 
-def write_file(path: Path, data: bytes, *, backup: bool, sync_directory: bool = True) -> None:
+def write_file(
+    path: Path, data: bytes | Pieces, *, backup: bool, sync_directory: bool = True
+) -> None:
     """:func:`atomic_write`, an OS error raised as :class:`TargetWriteFailed`."""
     try:
         atomic_write(path, data, backup=backup, sync_directory=sync_directory)
