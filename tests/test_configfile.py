@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +23,7 @@ from provisioner.errors import ConfigError, InvalidInput, RenderCheckFailed
 from provisioner.model import User, Voice
 from provisioner.pjsip import RenderSettings, UserObjects, render_user
 from provisioner.targets import Change, Target, pieces
+from provisioner.targets import files as files_module
 from provisioner.targets.configfile import (
     MAIN_TEMPLATE,
     SHIPPED_TEMPLATES,
@@ -792,6 +795,36 @@ def test_stale_temporary_files_of_a_killed_writer_are_removed(tmp_path: Path) ->
     ConfigFileTarget(target_path)
     assert not stale.exists()
     assert fresh.exists()
+
+
+def test_a_large_former_backup_is_freed_in_the_background(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past DISCARD_LATER_BYTES the backup before last is renamed aside and unlinked by
+    another thread once the new file is in place; the file and its backup are as always."""
+    monkeypatch.setattr(files_module, "DISCARD_LATER_BYTES", 1)
+    unlinked: list[tuple[str, str]] = []
+    real_unlink = os.unlink
+
+    def recording_unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        unlinked.append((os.path.basename(path), threading.current_thread().name))
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", recording_unlink)
+    target = ConfigFileTarget(tmp_path / "out.conf")
+    versions = [rendered()[:n] for n in (3, 4, 5)]
+    for objects in versions:
+        target.apply(objects)
+    deadline = time.monotonic() + 10
+    while any(p.name.endswith(".tmp") for p in tmp_path.iterdir()):
+        assert time.monotonic() < deadline, sorted(tmp_path.iterdir())
+        time.sleep(0.01)
+    assert target.path.read_bytes() == _full_file(tmp_path / "a", versions[2], "a.conf")
+    backup = tmp_path / "out.conf.bak"
+    assert backup.read_bytes() == _full_file(tmp_path / "b", versions[1], "b.conf")
+    in_background = [name for name, thread in unlinked if thread.startswith("discard")]
+    assert len(in_background) == 1
+    assert in_background[0].startswith(".out.conf.bak.")
 
 
 # --- apply_partial: the applier's one-edit path ------------------------------------------

@@ -6,6 +6,11 @@ power loss leaves one of them.  The previous file can be kept as ``<name>.bak``.
 Temporaries are named ``.<name>.<random>.tmp``; a writer killed between creating and
 renaming one leaves it behind, and :func:`remove_stale_temporaries` deletes those old
 enough to be no live writer's.
+
+A large former backup is not freed on the way to Asterisk: unlinking a file frees its
+blocks within the call (about 30 ms for the 62 MB file of 100k users, ext4 on the lab
+VM), so it is renamed to a temporary name and unlinked by a background thread once the
+new file is in place (:func:`discard_later`).
 """
 
 from __future__ import annotations
@@ -14,17 +19,22 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import TargetWriteFailed
+from ..logs import get_logger
 from .pieces import Pieces
 
 __all__ = [
+    "DISCARD_LATER_BYTES",
     "FILE_MODE",
     "STALE_TEMP_SECONDS",
     "atomic_write",
+    "discard_later",
     "fsync_directory",
     "keep_backup",
     "read_file",
@@ -36,8 +46,14 @@ __all__ = [
     "write_synced",
 ]
 
+log = get_logger(__name__)
+
 #: Asterisk (group) reads the file; digests make it unfit for everyone to read.
 FILE_MODE = 0o640
+
+#: A former backup at least this large is freed by :func:`discard_later`; a smaller one
+#: is replaced in place (freeing it costs next to nothing).
+DISCARD_LATER_BYTES = 4 << 20
 
 
 @contextlib.contextmanager
@@ -102,16 +118,62 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def keep_backup(path: Path, backup: Path) -> None:
-    """Make ``backup`` the current ``path`` (a hard link, else a copy), replacing it atomically."""
-    with temporary(path.parent, backup.name) as temp:
-        temp.unlink()
-        try:
-            os.link(path, temp)
-        except OSError:
-            # No hard links here (some network or FUSE file systems): copy instead.
-            shutil.copy2(path, temp)
-        os.replace(temp, backup)
+def keep_backup(path: Path, backup: Path) -> Path | None:
+    """Make ``backup`` the current ``path`` (a hard link, else a copy), replacing it
+    atomically.  A former backup of :data:`DISCARD_LATER_BYTES` or more is first renamed
+    to a temporary name instead of being freed here (for a moment there is no backup):
+    returned, for :func:`discard_later`."""
+    former = _set_aside(backup)
+    try:
+        with temporary(path.parent, backup.name) as temp:
+            temp.unlink()
+            try:
+                os.link(path, temp)
+            except OSError:
+                # No hard links here (some network or FUSE file systems): copy instead.
+                shutil.copy2(path, temp)
+            os.replace(temp, backup)
+    except BaseException:
+        if former is not None:
+            discard_later(former)
+        raise
+    return former
+
+
+def _set_aside(backup: Path) -> Path | None:
+    """Rename a large ``backup`` to a new temporary name (a rename over an empty file frees
+    nothing); None when there is no backup or it is small."""
+    try:
+        if backup.stat().st_size < DISCARD_LATER_BYTES:
+            return None
+    except FileNotFoundError:
+        return None
+    fd, name = tempfile.mkstemp(dir=backup.parent, prefix=f".{backup.name}.", suffix=".tmp")
+    os.close(fd)
+    os.replace(backup, name)
+    return Path(name)
+
+
+_discarder: ThreadPoolExecutor | None = None
+_discarder_lock = threading.Lock()
+
+
+def discard_later(path: Path) -> None:
+    """Unlink ``path`` in a background thread (one for the process, made when first
+    needed; the interpreter waits for it at exit).  A failure is logged
+    (``file.discard_failed``); the name is a temporary's, so a later start removes it."""
+    global _discarder
+    with _discarder_lock:
+        if _discarder is None:
+            _discarder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="discard")
+    _discarder.submit(_discard, path)
+
+
+def _discard(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("file.discard_failed", path=str(path), error=exc.strerror)
 
 
 def atomic_write(
@@ -121,15 +183,20 @@ def atomic_write(
 
     Without ``sync_directory`` the rename is not yet durable: the caller fsyncs the
     directory once for many files (the sharded layout's full apply), before anything
-    that names them."""
+    that names them.  A large former backup is freed afterwards, in the background."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with temporary(path.parent, path.name) as temp:
-        write_synced(temp, data)
-        if backup:
-            keep_backup(path, path.with_name(path.name + ".bak"))
-        os.replace(temp, path)
-    if sync_directory:
-        fsync_directory(path.parent)
+    former: Path | None = None
+    try:
+        with temporary(path.parent, path.name) as temp:
+            write_synced(temp, data)
+            if backup:
+                former = keep_backup(path, path.with_name(path.name + ".bak"))
+            os.replace(temp, path)
+        if sync_directory:
+            fsync_directory(path.parent)
+    finally:
+        if former is not None:
+            discard_later(former)
 
 
 def write_file(

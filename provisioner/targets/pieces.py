@@ -65,6 +65,8 @@ class Pieces:
         """The bytes, joined once and kept."""
         if self._joined is None:
             self._joined = b"".join(self._parts)
+            # From now on one buffer: the old buffers the views held are let go.
+            self._parts, self._ends = (self._joined,), (len(self._joined),)
         return self._joined
 
     def write_to(self, handle: BinaryIO) -> None:
