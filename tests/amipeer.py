@@ -452,6 +452,18 @@ class FakeAsterisk:
                     action.get("ActionID"),
                 )
             return self._error(action, "Database entry not found")
+        if name == "sorcerymemorycacheexpire":
+            # Not in the transcripts; Asterisk's AMI documentation: empties the cache.
+            if action.get("Cache") not in self.caches:
+                return self._error(action, "The provided cache does not exist")
+            return _substitute_id(
+                _synth(
+                    ("Response", "Success"),
+                    ("ActionID", "x"),
+                    ("Message", "All objects were expired from the cache"),
+                ),
+                action.get("ActionID"),
+            )
         if name == "sorcerymemorycacheexpireobject" and action.get("Cache") in self.caches:
             # README: -> Success / "The provided object was expired from the cache".
             return _substitute_id(

@@ -4,14 +4,16 @@ to the fake Asterisk."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine
+from structlog.testing import capture_logs
 
 from bench.common import seed_store
-from provisioner.ami.changes import Owed
+from provisioner.ami.changes import EXPIRE_ALL_OVER, Owed
 from provisioner.ami.client import AmiClient
 from provisioner.ami.pbx import AmiPbx, Link
 from provisioner.ami.reload import PjsipOps, ReloadCoordinator
@@ -125,3 +127,71 @@ def test_expiries_are_owed_only_where_caches_are_expired() -> None:
     owed.add(UPDATED, expire=True)
     owed.add(ADDED, expire=True)
     assert list(owed.expiries) == IDS
+
+
+def _many(count: int) -> Change:
+    """An update of ``count`` endpoints (a profile edit): one changed object each."""
+    ids = tuple(str(200000 + i) for i in range(count))
+    return Change(updated=ids, changed_objects=tuple(("endpoint", i) for i in ids), wrote=True)
+
+
+@pytest.mark.parametrize(("objects", "whole"), [(EXPIRE_ALL_OVER, 0), (EXPIRE_ALL_OVER + 1, 1)])
+def test_many_changed_objects_empty_each_cache_with_one_action(
+    store: Engine, objects: int, whole: int
+) -> None:
+    """Up to EXPIRE_ALL_OVER objects are expired one by one; more, owed while Asterisk was
+    down, empty each cache with one action once it is back (and no object is expired)."""
+
+    async def scenario() -> tuple[list[str], int, bool]:
+        peer = FakeAsterisk()
+        await peer.start()
+        await peer.stop()
+        link = _link(peer)
+        pbx = AmiPbx([link], store, "realtime")
+        try:
+            async with running(pbx):
+                pbx.applied(_many(objects), target_kind="realtime")
+                await eventually(lambda: bool(link.owed.expiries))
+                await peer.start()
+                await eventually(lambda: link.client.connected and not link.owed, timeout=30)
+                emptied = [a.get("Cache") for a in peer.actions("SorceryMemoryCacheExpire")]
+                return emptied, len(_expired(peer)), bool(link.owed)
+        finally:
+            await peer.stop()
+
+    emptied, one_by_one, owed = run(scenario())
+    assert emptied == [CACHE] * whole
+    assert one_by_one == (0 if whole else objects)
+    assert not owed
+
+
+def test_a_missing_cache_is_logged_when_emptied_and_nothing_stays_owed(store: Engine) -> None:
+    """Emptying a cache Asterisk does not have logs ami.cache_missing and owes nothing
+    more (the objects are read from the database anyway); the other cache is emptied."""
+
+    async def scenario() -> tuple[list[str], bool, list[MutableMapping[str, Any]]]:
+        peer = FakeAsterisk()
+        await peer.start()
+        client = AmiClient(server_for(peer), fast_settings())
+        caches = ("no_such_cache", CACHE)
+        ops = PjsipOps(client, caches)
+        link = Link("lab", client, ReloadCoordinator(client, fast_settings()), ops, caches)
+        pbx = AmiPbx([link], store, "realtime")
+        try:
+            with capture_logs() as logs:
+                async with running(pbx):
+                    await eventually(lambda: link.client.connected)
+                    pbx.applied(_many(EXPIRE_ALL_OVER + 1), target_kind="realtime")
+                    await eventually(lambda: len(peer.actions("SorceryMemoryCacheExpire")) == 2)
+                    await eventually(lambda: not link.owed)
+            emptied = [a.get("Cache") for a in peer.actions("SorceryMemoryCacheExpire")]
+            return emptied, bool(link.owed), logs
+        finally:
+            await peer.stop()
+
+    emptied, owed, logs = run(scenario())
+    assert emptied == ["no_such_cache", CACHE]
+    assert not owed
+    missing = [e for e in logs if e["event"] == "ami.cache_missing"]
+    assert [e["cache"] for e in missing] == ["no_such_cache"]
+    assert any(e["event"] == "ami.caches_expired" for e in logs)

@@ -13,6 +13,8 @@ hands the changes to :func:`apply_changes`, per server:
 
 Expiries and contact removals are *owed* (:class:`Owed`) until sent: one AMI could not
 deliver is sent at the next connect, apply or ``OWED_RETRY``, so an outage loses none.
+More than ``EXPIRE_ALL_OVER`` objects owed at once (a profile edit, a bulk edit, a long
+outage) empty each cache whole instead, one action per cache.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from .pbx import Link
 
 __all__ = [
+    "EXPIRE_ALL_OVER",
     "OWED_RETRY",
     "VERIFY_LIMIT",
     "Owed",
@@ -48,6 +51,12 @@ log = get_logger(__name__)
 OWED_RETRY = 5.0
 #: Endpoints verified with PJSIPShowEndpoint after one apply, at most (the rest next time).
 VERIFY_LIMIT = 200
+#: More objects than this owed to one server: each of its caches is emptied whole
+#: (``SorceryMemoryCacheExpire``, one action per cache) instead of one action per object
+#: and cache.  A profile edit at 100k users changes 100k endpoints: sent one by one, that
+#: many round trips would hold every later edit back for minutes, where an emptied
+#: cache costs Asterisk one database read per object as it next needs it.
+EXPIRE_ALL_OVER = 1000
 
 
 @dataclass
@@ -103,6 +112,8 @@ async def pay(link: Link) -> None:
     would be refused again."""
     owed = link.owed
     try:
+        if len(owed.expiries) > EXPIRE_ALL_OVER:
+            await _expire_all(link)
         while owed.expiries:
             object_id = next(iter(owed.expiries))
             with _refusal_logged(link, "expire", object_id):
@@ -120,6 +131,19 @@ async def pay(link: Link) -> None:
             removals=len(owed.removals),
             error=str(exc),
         )
+
+
+async def _expire_all(link: Link) -> None:
+    """Empty each of the server's caches, then owe no expiry (emptied caches hold none of
+    the objects).  A connection failure leaves them all owed: emptying again is harmless."""
+    owed = link.owed
+    for cache in link.caches:
+        with _refusal_logged(link, "expire_all", cache):
+            await link.ops.expire_all(cache)
+    log.info(
+        "ami.caches_expired", server=link.name, caches=list(link.caches), objects=len(owed.expiries)
+    )
+    owed.expiries.clear()
 
 
 async def remove_contacts(link: Link, removed: Collection[str]) -> None:

@@ -258,10 +258,24 @@ class PjsipOps:
             [("Cache", cache), ("Object", object_id)],
             patient=True,
         )
+        if not reply.ok and "could not be expired" in reply.message.lower():
+            return "not_cached"
+        return self._expired(reply, "SorceryMemoryCacheExpireObject", cache)
+
+    async def expire_all(self, cache: str) -> ExpireResult:
+        """``SorceryMemoryCacheExpire``: empty ``cache`` (Asterisk reads each object from
+        the database again when it next needs it): one action for any number of changed
+        objects.  A missing cache is logged and counted as by :meth:`expire`."""
+        reply = await self.client.send_action(
+            "SorceryMemoryCacheExpire", [("Cache", cache)], patient=True
+        )
+        return self._expired(reply, "SorceryMemoryCacheExpire", cache)
+
+    def _expired(self, reply: AmiReply, action: str, cache: str) -> ExpireResult:
+        """An expiry's answer: done, a missing cache (logged), or :class:`AmiActionFailed`."""
         if reply.ok:
             return "expired"
-        text = reply.message.lower()
-        if "cache does not exist" in text:
+        if "cache does not exist" in reply.message.lower():
             self.missing_cache_warnings += 1
             log.warning(
                 "ami.cache_missing",
@@ -270,9 +284,7 @@ class PjsipOps:
                 count=self.missing_cache_warnings,
             )
             return "no_such_cache"
-        if "could not be expired" in text:
-            return "not_cached"
-        raise AmiActionFailed(self.client.name, "SorceryMemoryCacheExpireObject", reply.message)
+        raise AmiActionFailed(self.client.name, action, reply.message)
 
     async def expire_everywhere(self, object_id: str) -> dict[str, ExpireResult]:
         """Expire ``object_id`` from every configured cache, one action each."""
