@@ -259,7 +259,8 @@ class FakeAsterisk:
         self.silent = False  # read and record, never answer (a half-open peer)
         self.prefer: dict[str, str] = {}  # action name -> text its replayed answer must hold
         # State replayed against.
-        self.astdb: set[str] = self._recorded_contact_keys()
+        self._keys_by_uri = self._recorded_keys_by_uri()
+        self.astdb: set[str] = set(self._keys_by_uri.values())
         self.caches = {"ep_cache"}  # sorcery_memory_cache.txt
         # What happened.
         self.received: list[ReceivedAction] = []
@@ -321,6 +322,7 @@ class FakeAsterisk:
         message = self.library.find_message(*needles)
         for old, new in replace:
             message = message.replace(old, new)
+        self._track_registration(message)
         for writer in list(self._writers.values()):
             writer.write(message)
             await writer.drain()
@@ -515,13 +517,29 @@ class FakeAsterisk:
                 return [exchange]
         return candidates
 
-    def _recorded_contact_keys(self) -> set[str]:
-        keys = set()
+    def _recorded_keys_by_uri(self) -> dict[bytes, str]:
+        """Each recorded contact's astdb key by its URI (ContactList events hold both)."""
+        keys = {}
         for message in self.library.messages():
             match = re.search(rb"\r\nObjectName: ([^\r\n]*;@[0-9a-f]+)\r\n", message)
-            if match and b"Event: ContactList" in message:
-                keys.add("contact/" + match.group(1).decode())
+            uri = re.search(rb"\r\nUri: ([^\r\n]*)\r\n", message)
+            if match and uri and b"Event: ContactList" in message:
+                keys[uri.group(1)] = "contact/" + match.group(1).decode()
         return keys
+
+    def _track_registration(self, message: bytes) -> None:
+        """Keep astdb as Asterisk does when it sends a ``ContactStatus``: a removed
+        contact's key goes, a registered one's comes back (keys as recorded)."""
+        if not message.startswith(b"Event: ContactStatus\r\n"):
+            return
+        uri = re.search(rb"\r\nURI: ([^\r\n]*)\r\n", message)
+        key = self._keys_by_uri.get(uri.group(1)) if uri else None
+        if key is None:
+            return
+        if b"\r\nContactStatus: Removed\r\n" in message:
+            self.astdb.discard(key)
+        else:
+            self.astdb.add(key)
 
 
 # -- test helpers --------------------------------------------------------------------

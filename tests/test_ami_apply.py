@@ -4,7 +4,7 @@ to the fake Asterisk."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -195,3 +195,110 @@ def test_a_missing_cache_is_logged_when_emptied_and_nothing_stays_owed(store: En
     missing = [e for e in logs if e["event"] == "ami.cache_missing"]
     assert [e["cache"] for e in missing] == ["no_such_cache"]
     assert any(e["event"] == "ami.caches_expired" for e in logs)
+
+
+#: The recorded phone's contact (show_actions.txt): its astdb key is the MD5 of its URI.
+CONTACT_KEY = "contact/1001;@4647304968688045788916f1ea15a2ae"
+REMOVED = Change(removed=("1001",), changed_objects=(("endpoint", "1001"),), wrote=True)
+
+
+async def _removal(
+    store: Engine,
+    prepare: Callable[[FakeAsterisk, Link], Awaitable[None]],
+    *,
+    registered: bool = True,
+) -> tuple[list[str], int, bool]:
+    """Connect to a fake Asterisk (its phone ``registered`` or not), run ``prepare``,
+    apply the removal of endpoint 1001: the DBDel keys sent, the PJSIPShowContacts asked
+    for after ``prepare``, and whether the book still holds a contact of 1001."""
+    peer = FakeAsterisk()
+    if not registered:
+        peer.astdb.discard(CONTACT_KEY)
+    await peer.start()
+    link = _link(peer)
+    pbx = AmiPbx([link], store, "realtime")
+    try:
+        async with running(pbx):
+            await eventually(link.book_complete)
+            await prepare(peer, link)
+            listed = len(peer.actions("PJSIPShowContacts"))
+            pbx.applied(REMOVED, target_kind="realtime")
+            await eventually(lambda: bool(peer.actions("DBDel")) and not link.owed)
+            keys = [a.get("Key") for a in peer.actions("DBDel")]
+            reg = link.book.get("1001")
+            return keys, len(peer.actions("PJSIPShowContacts")) - listed, bool(reg and reg.contacts)
+    finally:
+        await peer.stop()
+
+
+async def _nothing(peer: FakeAsterisk, link: Link) -> None:
+    return None
+
+
+def test_a_contact_the_snapshot_named_is_deleted_without_listing_every_contact(
+    store: Engine,
+) -> None:
+    """With the book complete, a removed endpoint's contact (named by the connect's
+    snapshot) is deleted by that name; no second PJSIPShowContacts; the book forgets it."""
+    keys, listed, held = run(_removal(store, _nothing))
+    assert keys == [CONTACT_KEY]
+    assert listed == 0
+    assert not held
+
+
+async def _registered_by_event(peer: FakeAsterisk, link: Link) -> None:
+    """The phone registers after the snapshot: the book knows its contact from the
+    ContactStatus event only (an AOR and a URI, no name)."""
+    await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
+    await eventually(lambda: bool(link.book.get("1001") and link.book["1001"].contacts))
+    assert link.book["1001"].contacts[0].object_name is None
+
+
+def test_a_contact_known_from_an_event_is_deleted_by_its_derived_name(store: Engine) -> None:
+    """A contact the book knows from a status event is deleted by <aor>;@<MD5 of URI>,
+    the name Asterisk gave it, without listing every contact."""
+
+    async def prepare(peer: FakeAsterisk, link: Link) -> None:
+        await _registered_by_event(peer, link)
+        assert CONTACT_KEY in peer.astdb
+
+    keys, listed, held = run(_removal(store, prepare, registered=False))
+    assert keys == [CONTACT_KEY]
+    assert listed == 0
+    assert not held
+
+
+def test_a_derived_name_astdb_does_not_hold_has_every_contact_listed(store: Engine) -> None:
+    """When the derived name is not in astdb (the derivation may not hold everywhere),
+    every contact is listed, and the removed endpoint's deleted by their names."""
+
+    async def prepare(peer: FakeAsterisk, link: Link) -> None:
+        await _registered_by_event(peer, link)
+        # The book's contact now has no name; give it a URI whose MD5 names nothing.
+        reg = link.book["1001"]
+        odd = reg.contacts[0]._replace(uri=reg.contacts[0].uri + ";x=1")
+        link.book["1001"] = reg._replace(contacts=(odd,))
+
+    keys, listed, held = run(_removal(store, prepare, registered=False))
+    assert keys[-1] == CONTACT_KEY
+    assert CONTACT_KEY not in keys[:-1]
+    assert listed == 1
+    assert not held
+
+
+def test_while_a_snapshot_is_wanted_every_contact_is_listed(store: Engine) -> None:
+    """A SuccessfulAuth of an endpoint Asterisk does not track wants a snapshot (its
+    contacts are only seen by asking): until that is in, a removal lists every contact."""
+
+    async def prepare(peer: FakeAsterisk, link: Link) -> None:
+        await peer.send_recorded(
+            "Event: SuccessfulAuth\r\n",
+            "Service: PJSIP",
+            replace=((b"AccountID: 1001", b"AccountID: 3001"),),
+        )
+        await eventually(lambda: not link.book_complete())
+
+    keys, listed, held = run(_removal(store, prepare))
+    assert keys == [CONTACT_KEY]
+    assert listed >= 1
+    assert not held

@@ -160,7 +160,8 @@ async def _seed(config: Path) -> None:
 
 def test_edit_to_live_reload_registration_and_disable(tmp_path: Path) -> None:
     """A user add is live in the file with a reload within 1 s; ContactStatus makes it online,
-    then offline; a disable removes its section, reloads and deletes its registration."""
+    then offline, then online again; a disable removes its section, reloads, deletes its
+    registration from Asterisk and shows it offline."""
 
     async def scenario() -> None:
         peer = FakeAsterisk()
@@ -199,6 +200,8 @@ def test_edit_to_live_reload_registration_and_disable(tmp_path: Path) -> None:
                 return await state() == "offline"
 
             await _until(offline, 5)
+            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
+            await _until(online, 5)
 
             reloads_before = len(peer.actions("Reload"))
             await _cli(config, "user", "disable", "alice")
@@ -214,6 +217,9 @@ def test_edit_to_live_reload_registration_and_disable(tmp_path: Path) -> None:
                 ),
                 5,
             )
+            # The registration is gone from Asterisk ...
+            assert not [k for k in peer.astdb if k.startswith("contact/1001;@")]
+            await _until(offline, 5)  # ... and the store says so
             assert await _stop(daemon) == 0
         finally:
             if daemon.returncode is None:

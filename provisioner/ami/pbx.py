@@ -54,6 +54,7 @@ from .registration import (
     EndpointRegistration,
     apply_contact_status,
     apply_event,
+    contact_object_name,
     endpoint_of,
     summarize,
 )
@@ -152,9 +153,36 @@ class Link:
     flusher_ended: bool = False
     #: Cache expiries and contact removals not yet sent (see :class:`Owed`).
     owed: Owed = field(default_factory=Owed)
+    #: The client session whose snapshot last filled the book (-1: none yet).
+    snapshot_session: int = -1
+    #: True while a snapshot is asked for and not yet in the book.
+    snapshot_running: bool = False
 
     def __post_init__(self) -> None:
         self.store_idle.set()
+
+    def book_complete(self) -> bool:
+        """Whether the book holds every contact Asterisk has: a snapshot of this session
+        filled it, and none is wanted or under way since.  Events keep it whole after
+        that, but for an endpoint Asterisk does not track (added since its last reload):
+        its ``SuccessfulAuth`` wants a snapshot, and until that is in, this is False."""
+        return (
+            self.client.connected
+            and self.snapshot_session == self.client.health().sessions
+            and not self.snapshot_running
+            and not self.snapshot_wanted.is_set()
+        )
+
+    def forget_contact(self, endpoint: str, object_name: str) -> None:
+        """Drop the contact ``object_name`` (deleted from astdb) from ``endpoint``'s record
+        and have the store written: Asterisk sends no event for such a deletion."""
+        reg = self.book.get(endpoint)
+        if reg is None:
+            return
+        kept = tuple(c for c in reg.contacts if contact_object_name(c)[0] != object_name)
+        if len(kept) != len(reg.contacts):
+            self.book[endpoint] = reg._replace(contacts=kept)
+            self.mark_dirty((endpoint,))
 
     def in_flusher_turn(self, write: Callable[[Connection], object]) -> asyncio.Future[bool]:
         """Have the flusher run ``write`` in its turn (after the batches taken before it,
@@ -377,7 +405,12 @@ class AmiPbx:
                 await sleep_unless(stop, gap)
             link.snapshot_wanted.clear()
             link.last_snapshot = time.monotonic()
-            if not await self._take_snapshot(link) and not stop.is_set():
+            link.snapshot_running = True
+            try:
+                stored = await self._take_snapshot(link)
+            finally:
+                link.snapshot_running = False
+            if not stored and not stop.is_set():
                 # Not stored: ask Asterisk again once the database had a pause (the
                 # snapshot also removes contacts the events never said were gone).
                 await self._store_backoff(link, stop)
@@ -387,6 +420,7 @@ class AmiPbx:
         """Ask Asterisk for every contact and make the store hold exactly them; ``False``
         when the store could not be written, or the flusher stopped first (an AMI failure
         is not retried here: the next connect takes a snapshot)."""
+        session = link.client.health().sessions
         try:
             contacts = await link.ops.show_contacts()
         except ProvisionerError as exc:
@@ -407,6 +441,7 @@ class AmiPbx:
             else:
                 snapshot[endpoint] = _merge(snapshot[endpoint], reg)
         link.book = snapshot
+        link.snapshot_session = session
         link.dirty.clear()
         states = {ep: rows(reg) for ep, reg in snapshot.items()}
         now = utcnow()

@@ -22,6 +22,7 @@ of the record, so any order gives the same result.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Literal, NamedTuple
 
@@ -34,6 +35,7 @@ __all__ = [
     "apply_events",
     "contact_from_list_item",
     "contact_from_status_detail",
+    "contact_object_name",
     "endpoint_of",
     "snapshot_from_contact_list",
     "summarize",
@@ -291,6 +293,21 @@ def contact_from_list_item(item: Mapping[str, str]) -> ContactState:
         expires_at=_int_or_none(item.get("ExpirationTime")),
         object_name=object_name or None,
     )
+
+
+def contact_object_name(contact: ContactState) -> tuple[str, bool]:
+    """The contact's AMI ``ObjectName`` (``<aor>;@<hash>``, its astdb key after
+    ``contact/``) and whether it was derived rather than told.
+
+    A snapshot (``ContactList``, ``ContactStatusDetail``) tells it; a ``ContactStatus``
+    event tells only the AOR and URI, and the hash is then the MD5 of the URI as
+    Asterisk 22 makes it (the recorded ``ContactList`` in ``../shared/asterisk``:
+    ``1001;@4647304968688045788916f1ea15a2ae`` for ``sip:1001@127.0.0.1:5070;ob``).
+    A caller deleting by a derived name checks that it was found."""
+    if contact.object_name:
+        return contact.object_name, False
+    digest = hashlib.md5(contact.uri.encode(), usedforsecurity=False).hexdigest()
+    return f"{contact.aor};@{digest}", True
 
 
 def snapshot_from_contact_list(
