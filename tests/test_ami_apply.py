@@ -4,6 +4,7 @@ to the fake Asterisk."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,10 @@ from sqlalchemy import Engine
 from structlog.testing import capture_logs
 
 from bench.common import seed_store
+from provisioner.ami import pbx as pbx_module
 from provisioner.ami.changes import EXPIRE_ALL_OVER, Owed
 from provisioner.ami.client import AmiClient
-from provisioner.ami.pbx import AmiPbx, Link
+from provisioner.ami.pbx import SNAPSHOT_GAP_FACTOR, SNAPSHOT_MIN_GAP, AmiPbx, Link, snapshot_gap
 from provisioner.ami.reload import PjsipOps, ReloadCoordinator
 from provisioner.store.engine import open_engine
 from provisioner.store.migrate import upgrade
@@ -302,3 +304,45 @@ def test_while_a_snapshot_is_wanted_every_contact_is_listed(store: Engine) -> No
     assert keys == [CONTACT_KEY]
     assert listed >= 1
     assert not held
+
+
+def test_snapshots_are_spaced_by_their_duration() -> None:
+    """The gap between snapshots is the minimum, or the factor times the last one's
+    duration when that is longer."""
+    assert snapshot_gap(0.0) == SNAPSHOT_MIN_GAP
+    assert snapshot_gap(1.5) == max(SNAPSHOT_MIN_GAP, SNAPSHOT_GAP_FACTOR * 1.5)
+
+
+def test_a_slow_snapshot_holds_the_next_one_back(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a snapshot that took 0.3 s, one wanted by a SuccessfulAuth of an untracked
+    endpoint waits until factor x 0.3 s after the first began, then is taken."""
+    monkeypatch.setattr(pbx_module, "SNAPSHOT_MIN_GAP", 0.05)
+    monkeypatch.setattr(pbx_module, "SNAPSHOT_GAP_FACTOR", 5.0)
+
+    async def scenario() -> tuple[float, int, int]:
+        peer = FakeAsterisk()
+        peer.delays["pjsipshowcontacts"] = 0.3
+        await peer.start()
+        link = _link(peer)
+        pbx = AmiPbx([link], store, "realtime")
+        try:
+            async with running(pbx):
+                await eventually(link.book_complete)
+                await peer.send_recorded(
+                    "Event: SuccessfulAuth\r\n",
+                    "Service: PJSIP",
+                    replace=((b"AccountID: 1001", b"AccountID: 3001"),),
+                )
+                await asyncio.sleep(0.5)
+                held_back = len(peer.actions("PJSIPShowContacts"))
+                await eventually(lambda: len(peer.actions("PJSIPShowContacts")) == 2)
+                return link.snapshot_took, held_back, len(peer.actions("PJSIPShowContacts"))
+        finally:
+            await peer.stop()
+
+    took, held_back, taken = run(scenario())
+    assert took >= 0.3
+    assert held_back == 1
+    assert taken == 2

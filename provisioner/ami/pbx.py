@@ -60,7 +60,7 @@ from .registration import (
 )
 from .reload import PjsipOps, ReloadCoordinator
 
-__all__ = ["AmiPbx", "Link", "split_batch"]
+__all__ = ["AmiPbx", "Link", "snapshot_gap", "split_batch"]
 
 log = get_logger(__name__)
 _T = TypeVar("_T")
@@ -81,6 +81,11 @@ FLUSH_BATCH = 5000
 PARALLEL_MIN = 1000
 PARALLEL_WRITES = 2
 SNAPSHOT_MIN_GAP = 2.0
+#: Snapshots are at least this many times their last one's duration apart: at 100k
+#: registered phones ``PJSIPShowContacts`` is 100k events (seconds of Asterisk's time
+#: and of this connection's), and phones of endpoints Asterisk does not track, each
+#: registration of which wants a snapshot, must not keep Asterisk listing contacts.
+SNAPSHOT_GAP_FACTOR = 10.0
 #: ``registration.changed`` lines per flush, at most (the rest are counted).
 LOG_CHANGES_LIMIT = 50
 _EVENTS = ("ContactStatus", "PeerStatus", "DeviceStateChange", "SuccessfulAuth")
@@ -157,6 +162,8 @@ class Link:
     snapshot_session: int = -1
     #: True while a snapshot is asked for and not yet in the book.
     snapshot_running: bool = False
+    #: Seconds the last snapshot's ``PJSIPShowContacts`` took.
+    snapshot_took: float = 0.0
 
     def __post_init__(self) -> None:
         self.store_idle.set()
@@ -400,7 +407,7 @@ class AmiPbx:
             await wait_first(link.snapshot_wanted, stop)
             if stop.is_set():
                 return
-            gap = SNAPSHOT_MIN_GAP - (time.monotonic() - link.last_snapshot)
+            gap = snapshot_gap(link.snapshot_took) - (time.monotonic() - link.last_snapshot)
             if gap > 0:
                 await sleep_unless(stop, gap)
             link.snapshot_wanted.clear()
@@ -421,11 +428,14 @@ class AmiPbx:
         when the store could not be written, or the flusher stopped first (an AMI failure
         is not retried here: the next connect takes a snapshot)."""
         session = link.client.health().sessions
+        started = time.monotonic()
         try:
             contacts = await link.ops.show_contacts()
         except ProvisionerError as exc:
             log.warning("registration.snapshot_failed", server=link.name, error=str(exc))
             return True
+        finally:
+            link.snapshot_took = time.monotonic() - started
         snapshot = snapshot_from_contact_list_states(contacts)
         # Keep what events told about device and peer state; contacts come from the snapshot.
         for endpoint, reg in link.book.items():
@@ -453,7 +463,12 @@ class AmiPbx:
         if stored:
             link.store_failures = 0
             contacts_now = sum(len(contacts) for contacts, _ in states.values())
-            log.info("registration.snapshot", server=link.name, contacts=contacts_now)
+            log.info(
+                "registration.snapshot",
+                server=link.name,
+                contacts=contacts_now,
+                took_ms=round(link.snapshot_took * 1000, 1),
+            )
         return stored
 
     # -- changes out -------------------------------------------------------------------
@@ -513,6 +528,12 @@ async def _in_turn(
     # idle for the whole next build.
     await asyncio.sleep(0)
     return task
+
+
+def snapshot_gap(last_took: float) -> float:
+    """Seconds from one snapshot's start to the next: ``SNAPSHOT_MIN_GAP``, or
+    ``SNAPSHOT_GAP_FACTOR`` times the last one's duration when that is longer."""
+    return max(SNAPSHOT_MIN_GAP, SNAPSHOT_GAP_FACTOR * last_took)
 
 
 def split_batch(
