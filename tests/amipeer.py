@@ -222,6 +222,14 @@ class ReceivedAction:
         return next((v for k, v in self.headers if k.lower() == key.lower()), "")
 
 
+def _without_events(reply: bytes) -> bytes:
+    """``reply`` without its events that answer no action (``Event: Reload`` after a
+    reload): a session logged in with ``Events: off`` gets none.  List events carry the
+    action's ActionID and stay."""
+    messages = [m for m in re.split(rb"(?<=\r\n\r\n)", reply) if m]
+    return b"".join(m for m in messages if not m.startswith(b"Event:") or b"\r\nActionID:" in m)
+
+
 def _substitute_id(reply: bytes, action_id: str) -> bytes:
     if not action_id:
         return _ACTION_ID_LINE.sub(b"", reply)
@@ -269,6 +277,8 @@ class FakeAsterisk:
         self.logins_failed = 0
         self.discarded_long_lines = 0
         self._writers: dict[int, asyncio.StreamWriter] = {}
+        #: Connections that logged in with ``Events: off``: Asterisk sends them no event.
+        self._no_events: set[int] = set()
         self._server: asyncio.Server | None = None
 
     # -- life -----------------------------------------------------------------------
@@ -297,6 +307,10 @@ class FakeAsterisk:
             writer.transport.abort()
         self._writers.clear()
 
+    def _event_writers(self) -> list[asyncio.StreamWriter]:
+        """The open connections that take events."""
+        return [w for conn, w in self._writers.items() if conn not in self._no_events]
+
     def actions(self, name: str) -> list[ReceivedAction]:
         return [a for a in self.received if a.name.lower() == name.lower()]
 
@@ -305,7 +319,7 @@ class FakeAsterisk:
     async def send_burst(self, count: int, chunk: int = 500) -> None:
         """Send ``count`` ContactStatus events (the recorded one, endpoint numbered)."""
         template = self.library.find_message("Event: ContactStatus\r\n", "NonQualified")
-        for writer in list(self._writers.values()):
+        for writer in self._event_writers():
             for start in range(0, count, chunk):
                 batch = b"".join(
                     template.replace(b"1001", str(100000 + i).encode())
@@ -323,13 +337,13 @@ class FakeAsterisk:
         for old, new in replace:
             message = message.replace(old, new)
         self._track_registration(message)
-        for writer in list(self._writers.values()):
+        for writer in self._event_writers():
             writer.write(message)
             await writer.drain()
 
     async def send_oversized_line(self, size: int, chunk: int = 1 << 16) -> None:
         """Start an event whose one line is ``size`` bytes long (until the client hangs up)."""
-        for writer in list(self._writers.values()):
+        for writer in self._event_writers():
             try:
                 writer.write(b"Event: Junk\r\nData: ")
                 for _ in range(0, size, chunk):
@@ -342,7 +356,7 @@ class FakeAsterisk:
     async def send_shutdown(self) -> None:
         """Replay ``Event: Shutdown`` (shutdown_event.txt) and close, as Asterisk does."""
         event = self.library.find_message("Event: Shutdown")
-        for writer in list(self._writers.values()):
+        for writer in self._event_writers():
             writer.write(event)
             await writer.drain()
         self.drop_all()
@@ -367,16 +381,22 @@ class FakeAsterisk:
                     logged_in = await self._login(action, writer)
                     if not logged_in:
                         return
+                    if action.get("Events").lower() == "off":
+                        self._no_events.add(conn)
                     continue
                 if not logged_in:
                     writer.write(self._error(action, "Permission denied"))
                     continue
-                writer.write(await self._answer(action))
+                answer = await self._answer(action)
+                if conn in self._no_events:
+                    answer = _without_events(answer)
+                writer.write(answer)
                 await writer.drain()
         except (ConnectionError, RuntimeError):
             pass
         finally:
             self._writers.pop(conn, None)
+            self._no_events.discard(conn)
             writer.transport.abort()
 
     async def _actions(
@@ -414,7 +434,9 @@ class FakeAsterisk:
         if action.get("Username") == self.username and action.get("Secret") == self.secret:
             self.logins_ok += 1
             recorded = self.library.find_message("Response: Success", "Authentication accepted")
-            booted = self.library.find_message("Event: FullyBooted")
+            # No event at all for a session that logged in with Events: off.
+            quiet = action.get("Events").lower() == "off"
+            booted = b"" if quiet else self.library.find_message("Event: FullyBooted")
             writer.write(_substitute_id(recorded, action.get("ActionID")) + booted)
             await writer.drain()
             return True

@@ -5,6 +5,7 @@ to the fake Asterisk."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,13 @@ from provisioner.ami.changes import EXPIRE_ALL_OVER, Owed
 from provisioner.ami.client import AmiClient
 from provisioner.ami.pbx import SNAPSHOT_GAP_FACTOR, SNAPSHOT_MIN_GAP, AmiPbx, Link, snapshot_gap
 from provisioner.ami.reload import PjsipOps, ReloadCoordinator
+from provisioner.config import load_config
 from provisioner.store.engine import open_engine
 from provisioner.store.migrate import upgrade
 from provisioner.targets import Change
 
 from .amipeer import FakeAsterisk, eventually, fast_settings, run, running, server_for
+from .faultkit import write_config
 
 CACHE = "ep_cache"  # the cache the fake Asterisk has (sorcery_memory_cache.txt)
 OBJECTS = (("endpoint", "100001"), ("auth", "100001-auth"), ("aor", "100001"))
@@ -346,3 +349,95 @@ def test_a_slow_snapshot_holds_the_next_one_back(
     assert took >= 0.3
     assert held_back == 1
     assert taken == 2
+
+
+def _pbx_from_config(tmp_path: Path, peer: FakeAsterisk, store: Engine) -> AmiPbx:
+    """The daemon's AmiPbx for a realtime target and one server: the fake Asterisk."""
+    ami = fast_settings()
+    config = load_config(
+        str(
+            write_config(
+                tmp_path,
+                kind="realtime",
+                extra=[
+                    "[ami]",
+                    *(f"{key} = {value}" for key, value in ami.model_dump().items()),
+                    "[[asterisk]]",
+                    'name = "lab"',
+                    'host = "127.0.0.1"',
+                    f"port = {peer.port}",
+                    f'username = "{peer.username}"',
+                    f'secret = "{peer.secret}"',
+                    f'sorcery_caches = ["{CACHE}"]',
+                ],
+            )
+        )
+    )
+    return AmiPbx.from_config(config, store)
+
+
+def test_reloads_go_on_a_session_of_their_own_without_events(tmp_path: Path, store: Engine) -> None:
+    """Each server gets two sessions: the main one (events, expiries, queries) and one
+    logged in with Events: off that sends the reloads; events reach the main one only."""
+
+    async def scenario() -> tuple[list[str], set[int], int, int, bool]:
+        peer = FakeAsterisk()
+        await peer.start()
+        pbx = _pbx_from_config(tmp_path, peer, store)
+        link = pbx.links[0]
+        try:
+            async with running(pbx):
+                await eventually(lambda: link.client.connected and link.reloads.client.connected)
+                await eventually(link.book_complete)
+                pbx.applied(ADDED, target_kind="realtime")
+                await eventually(lambda: bool(peer.actions("Reload")) and not link.owed)
+                await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
+                await eventually(lambda: bool(link.book.get("1001")))
+                logins = peer.actions("Login")
+                quiet = {a.connection for a in logins if a.get("Events") == "off"}
+                reload_conn = peer.actions("Reload")[0].connection
+                expire_conn = peer.actions("SorceryMemoryCacheExpireObject")[0].connection
+                events_on_reload_session = link.reloads.client.health().events_received
+                return (
+                    [a.get("Events") for a in logins],
+                    quiet,
+                    reload_conn,
+                    expire_conn,
+                    events_on_reload_session == 0,
+                )
+        finally:
+            await peer.stop()
+
+    events, quiet, reload_conn, expire_conn, no_events = run(scenario())
+    assert sorted(events) == sorted(["system,call,security", "off"])
+    assert quiet == {reload_conn}
+    assert expire_conn != reload_conn
+    assert no_events
+
+
+def test_a_realtime_edit_is_live_while_a_slow_reload_runs(tmp_path: Path, store: Engine) -> None:
+    """An added endpoint's reload (slow: 3 s here, 95 s at 50k endpoints) holds back
+    neither the next edit's cache expiry nor its answer."""
+
+    async def scenario() -> tuple[float, int]:
+        peer = FakeAsterisk()
+        peer.reload_delay = 3.0
+        await peer.start()
+        pbx = _pbx_from_config(tmp_path, peer, store)
+        link = pbx.links[0]
+        try:
+            async with running(pbx):
+                await eventually(lambda: link.client.connected and link.reloads.client.connected)
+                pbx.applied(ADDED, target_kind="realtime")
+                await eventually(lambda: bool(peer.actions("Reload")))
+                edited = Change(updated=("100000",), changed_objects=(("endpoint", "100000"),))
+                started = time.monotonic()
+                pbx.applied(edited, target_kind="realtime")
+                await eventually(lambda: "100000" in _expired(peer) and not link.owed)
+                return time.monotonic() - started, sum(link.reload_results.values())
+        finally:
+            await peer.stop()
+
+    took, reloads_done = run(scenario())
+    assert took < 1.5, f"the edit waited {took:.2f} s for the reload"
+    assert reloads_done == 0  # the reload was still running

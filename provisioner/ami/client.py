@@ -30,6 +30,7 @@ from asyncio import FIRST_COMPLETED
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..aio import sleep_unless, wait_first
 from ..config import AmiSettings, AsteriskServer
@@ -144,8 +145,11 @@ class AmiClient:
         settings: AmiSettings | None = None,
         *,
         rng: random.Random | None = None,
+        role: str = "main",
     ) -> None:
         self.server = server
+        #: ``main`` (events, queries, expiries) or ``reload`` (a session of its own).
+        self.role = role
         self.settings = settings or AmiSettings()
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._ids = ActionIdGenerator("prov")
@@ -159,6 +163,12 @@ class AmiClient:
         self._connected_since: float | None = None
         self._events = 0
         self._high_water = 0
+
+    @property
+    def _log(self) -> Any:
+        """The module's logger bound to this client's server and session role (bound at
+        each use: a logging set-up made later, as by SIGHUP, applies to it too)."""
+        return log.bind(server=self.name, session=self.role)
 
     # -- public API ---------------------------------------------------------------
 
@@ -255,9 +265,8 @@ class AmiClient:
             self._login_failures += 1
             self._last_error = exc.reason
             delay = self.settings.login_failure_backoff * (0.9 + self._rng.random() / 5)
-            log.error(
+            self._log.error(
                 "ami.login_failed",
-                server=self.name,
                 username=self.server.username,
                 retry_in_s=round(delay, 3),
             )
@@ -265,9 +274,8 @@ class AmiClient:
         except (OSError, TimeoutError, AmiError, ValueError) as exc:
             self._last_error = _describe(exc)
             delay = self._backoff(attempt)
-            log.warning(
+            self._log.warning(
                 "ami.connect_failed",
-                server=self.name,
                 error=self._last_error,
                 retry_in_s=round(delay, 3),
             )
@@ -336,9 +344,8 @@ class AmiClient:
         self._sessions += 1
         self._connected_since = time.time()
         self._connected.set()
-        log.info(
+        self._log.info(
             "ami.connected",
-            server=self.name,
             host=self.server.host,
             port=self.server.port,
             banner=session.decoder.banner,
@@ -348,7 +355,7 @@ class AmiClient:
             try:
                 callback()
             except Exception as exc:  # a broken hook must not stop the session
-                log.exception("ami.callback_failed", server=self.name, error=_describe(exc))
+                self._log.exception("ami.callback_failed", error=_describe(exc))
         reader = asyncio.create_task(self._read_loop(session))
         pinger = asyncio.create_task(self._ping_loop(session))
         await wait_first(stop, session.closed)
@@ -361,7 +368,7 @@ class AmiClient:
         await asyncio.gather(reader, pinger)
         self._high_water = max(self._high_water, session.decoder.high_water)
         self._fail_pending(session)
-        log.info("ami.disconnected", server=self.name, reason=session.reason)
+        self._log.info("ami.disconnected", reason=session.reason)
 
     def _fail_pending(self, session: _Session) -> None:
         for pending in session.pending.values():
@@ -391,7 +398,7 @@ class AmiClient:
                 # the registration flusher and pending actions would wait on it.
                 await asyncio.sleep(0)
         except AmiProtocolError as exc:
-            log.error("ami.protocol_error", server=self.name, error=exc.reason)
+            self._log.error("ami.protocol_error", error=exc.reason)
             session.close(exc.reason)
         except (OSError, ValueError) as exc:
             session.close(_describe(exc))
@@ -438,9 +445,7 @@ class AmiClient:
             try:
                 await self._request(session, ping, self.settings.ping_timeout, patient=True)
             except AmiTimeout:
-                log.warning(
-                    "ami.ping_timeout", server=self.name, timeout_s=self.settings.ping_timeout
-                )
+                self._log.warning("ami.ping_timeout", timeout_s=self.settings.ping_timeout)
                 session.close(f"no answer to Ping in {self.settings.ping_timeout}s")
                 return
             except AmiError:
@@ -477,9 +482,8 @@ class AmiClient:
             deadline = None if limit is None else time.monotonic() + limit * timeout
             return await self._answer_while_reading(session, action, future, timeout, deadline)
         except TimeoutError:
-            log.warning(
+            self._log.warning(
                 "ami.action_timeout",
-                server=self.name,
                 action=action.name,
                 action_id=action.action_id,
                 timeout_s=timeout,
@@ -536,9 +540,8 @@ class AmiClient:
             self._events += 1
             name = message.event.lower()
             if name == "shutdown":
-                log.warning(
+                self._log.warning(
                     "ami.shutdown",
-                    server=self.name,
                     shutdown=message.get("Shutdown"),
                     restart=message.get("Restart"),
                 )
@@ -548,7 +551,7 @@ class AmiClient:
             self._dispatch(message, name)
         elif message.is_response:
             # An answer to an action that already timed out: dropped, never matched anew.
-            log.debug("ami.late_response", server=self.name, action_id=message.action_id)
+            self._log.debug("ami.late_response", action_id=message.action_id)
 
     def _answer(self, pending: _Pending, message: AmiMessage) -> bool:
         """Give ``message`` to the waiting action; ``False`` if it is not part of its answer."""
@@ -590,9 +593,8 @@ class AmiClient:
             try:
                 callback(event)
             except Exception as exc:  # a broken callback must not stop the reader
-                log.exception(
+                self._log.exception(
                     "ami.callback_failed",
-                    server=self.name,
                     ami_event=event.event,
                     error=_describe(exc),
                 )

@@ -228,14 +228,14 @@ class AmiPbx:
         links = []
         for server in config.asterisk:
             client = AmiClient(server, config.ami)
+            # Reloads go on a session of their own, without events: Asterisk runs one
+            # session's actions one after another, and a reload answers only when done
+            # (95 s at 50k endpoints), so on the main session every expiry, query and
+            # event would wait behind it.
+            quiet = server.model_copy(update={"events": "off"})
+            reloads = ReloadCoordinator(AmiClient(quiet, config.ami, role="reload"), config.ami)
             links.append(
-                Link(
-                    server.name,
-                    client,
-                    ReloadCoordinator(client, config.ami),
-                    PjsipOps(client),
-                    tuple(server.sorcery_caches),
-                )
+                Link(server.name, client, reloads, PjsipOps(client), tuple(server.sorcery_caches))
             )
         return cls(links, engine, config.target.kind)
 
@@ -247,6 +247,8 @@ class AmiPbx:
             for link in self.links:
                 self._subscribe(link)
                 tg.create_task(link.client.run(stop))
+                if link.reloads.client is not link.client:
+                    tg.create_task(link.reloads.client.run(stop))
                 tg.create_task(link.reloads.run(stop))
                 tg.create_task(self._flusher(link, stop))
                 tg.create_task(self._snapshots(link, stop))
@@ -263,6 +265,8 @@ class AmiPbx:
             h = link.client.health()
             out[link.name] = {
                 "connected": h.connected,
+                # The reload session (the main one when reloads share it).
+                "reload_connected": link.reloads.client.connected,
                 "last_error": h.last_error or "",
                 "reconnects": h.sessions,
                 "not_live": link.not_live,
