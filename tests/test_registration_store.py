@@ -26,6 +26,7 @@ from provisioner.ami.client import AmiClient
 from provisioner.ami.pbx import AmiPbx, Link
 from provisioner.ami.reload import PjsipOps, ReloadCoordinator
 from provisioner.health import Health
+from provisioner.store import registrations as registrations_module
 from provisioner.store.engine import is_conflict, open_engine, reading, transaction
 from provisioner.store.registrations import (
     ContactRow,
@@ -556,3 +557,61 @@ def test_only_deadlocks_and_serialization_failures_are_conflicts(
     """A deadlock victim, a serialization failure or a lock wait timeout (PostgreSQL's
     SQLSTATE, MariaDB's error number) is a conflict worth running again; nothing else is."""
     assert is_conflict(DBAPIError("INSERT ...", None, orig)) is conflict
+
+
+def _tables(engine: Engine) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    with engine.connect() as conn:
+        contacts = conn.execute(
+            select(registrations).order_by(registrations.c.user_id, registrations.c.contact_id)
+        ).all()
+        sums = conn.execute(
+            select(registration_summary).order_by(registration_summary.c.user_id)
+        ).all()
+    return [tuple(r) for r in contacts], [tuple(s) for s in sums]
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+def test_mariadb_writes_as_json_table_documents_what_the_id_lookups_wrote(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On MariaDB a batch goes as JSON_TABLE documents (in parts when large); a server
+    without JSON_TABLE has user ids looked up instead: both count the same matches and
+    leave the same rows (a recorded problem kept, long values cut, a trunk skipped)."""
+    seed_store(engine, 3)
+    long_uri = "sip:" + "x" * 600
+    batches: list[dict[str, tuple[list[ContactRow], SummaryRow]]] = [
+        {ep: _state(ep, "Reachable") for ep in ("100000", "100001", "100002", "trunk")},
+        {
+            "100000": (
+                [("100000;@c", long_uri, "NonQualified", "Pé" * 150, "", None, None, None)],
+                ("unreachable", "UNAVAILABLE", "", None),
+            ),
+            "100001": ([], (None, "", "", None)),
+        },
+    ]
+
+    def write_all() -> tuple[list[int], tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]]:
+        with engine.begin() as conn:
+            conn.execute(registrations.delete())
+            conn.execute(registration_summary.delete())
+            set_problems(conn, "pbx1", {"100000": "rejected"}, NOW)
+        matched = []
+        for batch in batches:
+            with engine.begin() as conn:
+                matched.append(write_endpoint_rows(conn, "pbx1", batch, NOW))
+        return matched, _tables(engine)
+
+    as_documents = write_all()
+    monkeypatch.setattr(registrations_module, "JSON_TABLE_CHUNK", 1)
+    in_parts = write_all()
+    monkeypatch.setattr(registrations_module, "has_json_table", lambda dialect: False)
+    looked_up = write_all()
+    assert as_documents == in_parts == looked_up
+    assert as_documents[0] == [3, 2]
+    contacts, sums = as_documents[1]
+    assert [c[3] for c in contacts if c[0] == 1] == [long_uri[:512]]
+    assert [(s[0], s[2], s[4]) for s in sums] == [
+        (1, "unreachable", "rejected"),
+        (2, "offline", ""),
+        (3, "online", ""),
+    ]

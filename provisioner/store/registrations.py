@@ -8,6 +8,7 @@ events for endpoints that are no user (trunks) are ignored.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -20,8 +21,10 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     DateTime,
+    Select,
     String,
     Table,
+    TextClause,
     any_,
     bindparam,
     case,
@@ -29,16 +32,26 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    literal_column,
     select,
+    text,
     true,
     update,
 )
 from sqlalchemy import cast as sql_cast
+from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from .bulk import executemany, has_json_table, json_table_insert, json_text
+from .bulk import (
+    JSON_TABLE_BYTES,
+    JSON_TABLE_CHUNK,
+    executemany,
+    has_json_table,
+    json_table_insert,
+    json_text,
+)
 from .schema import registration_summary, registrations, users
 
 __all__ = [
@@ -237,8 +250,11 @@ def _write_rows_general(
     *,
     cleared: bool = False,
 ) -> int:
-    """:func:`write_endpoint_rows` on MariaDB/MySQL: user ids looked up, the endpoints'
-    rows deleted and inserted again (the problems recorded kept)."""
+    """:func:`write_endpoint_rows` on MariaDB/MySQL: as JSON_TABLE documents where the
+    server has them (:func:`_write_rows_json_table`); else user ids looked up, the
+    endpoints' rows deleted and inserted again (the problems recorded kept)."""
+    if has_json_table(conn.dialect):
+        return _write_rows_json_table(conn, server, rows, now, cleared=cleared)
     ids = _user_ids(conn, rows)
     matched = [(ep, ids[ep]) for ep in rows if ep in ids]
     uids = [uid for _, uid in matched]
@@ -262,6 +278,153 @@ def _write_rows_general(
     _insert_many(conn, registrations, _CONTACT_COLUMNS, list(contact_rows.values()))
     _insert_many(conn, registration_summary, _SUMMARY_COLUMNS, summary_rows)
     return len(matched)
+
+
+def _write_rows_json_table(
+    conn: Connection,
+    server: str,
+    rows: Mapping[str, tuple[Sequence[ContactRow], SummaryRow]],
+    now: datetime,
+    *,
+    cleared: bool = False,
+) -> int:
+    """:func:`write_endpoint_rows` on MariaDB 10.6+ and MySQL 8.0.4+: what
+    :func:`write_batch` does on SQLite and PostgreSQL, with ``JSON_TABLE`` documents.
+
+    Per part of the batch (documents of at most ``JSON_TABLE_BYTES``), four statements:
+    the matched endpoints counted, the summaries upserted (``ON DUPLICATE KEY UPDATE``,
+    the recorded problem kept), the part's users' contacts deleted (a multi-table
+    ``DELETE``: an ``IN (subquery)`` there runs once per row on MariaDB) and its
+    contacts inserted.  The database matches endpoints to users; the event loop's
+    thread only makes the documents.  Measured on a 50k batch (MariaDB 10.11, 2-core
+    VM): the client's CPU went from 22-23 to 5.5-6 µs an event and the write's wall time
+    from 57-66 to 33-46 µs, against user ids looked up and IN lists of them
+    (``bench_registration --backend mariadb``: 11-12k events/s to 21k, same hour)."""
+    count, upsert, clear, add = _json_table_statements()
+    matched = 0
+    for batch in _json_table_parts(rows, now):
+        params = {"server": server, "stamp": batch.stamp, "rows": _base64(batch.summaries)}
+        matched += int(conn.execute(count, params).scalar_one())
+        conn.execute(upsert, params)
+        if not cleared:
+            conn.execute(clear, params)
+        if batch.contacts is not None:
+            conn.execute(add, {**params, "rows": _base64(batch.contacts)})
+    return matched
+
+
+def _base64(document: str) -> str:
+    """A JSON document as it travels to MariaDB/MySQL (see
+    :func:`~provisioner.store.bulk.json_table_insert` for why base64)."""
+    return base64.b64encode(document.encode()).decode("ascii")
+
+
+def _json_table_parts(
+    rows: Mapping[str, tuple[Sequence[ContactRow], SummaryRow]], now: datetime
+) -> Iterator[RowBatch]:
+    """``rows`` as batches of at most ``JSON_TABLE_CHUNK`` endpoints whose documents
+    stay under ``JSON_TABLE_BYTES`` (halved until they do; one endpoint goes alone)."""
+    endpoints = sorted(rows)
+    for start in range(0, len(endpoints), JSON_TABLE_CHUNK):
+        yield from _fitting(rows, endpoints[start : start + JSON_TABLE_CHUNK], now)
+
+
+def _fitting(
+    rows: Mapping[str, tuple[Sequence[ContactRow], SummaryRow]],
+    endpoints: Sequence[str],
+    now: datetime,
+) -> Iterator[RowBatch]:
+    batch = RowBatch.of({ep: rows[ep] for ep in endpoints}, now)
+    size = max(len(batch.summaries), len(batch.contacts or "")) * 4 // 3
+    if size <= JSON_TABLE_BYTES or len(endpoints) == 1:
+        yield batch
+        return
+    half = len(endpoints) // 2
+    yield from _fitting(rows, endpoints[:half], now)
+    yield from _fitting(rows, endpoints[half:], now)
+
+
+def _json_table_rows(columns: Sequence[Any]) -> tuple[TextClause, list[ColumnElement[Any]]]:
+    """The ``rows`` parameter (a base64 JSON array of arrays) as a ``JSON_TABLE`` FROM item
+    ``j`` and one expression per position, for ``columns`` (``None``: the endpoint), as
+    :func:`_json_rows` makes them for SQLite and PostgreSQL: text cut to its column's
+    size, an empty text NULL otherwise (MariaDB converts text to the column's type)."""
+    # LONGTEXT: a JSON_TABLE column narrower than a value truncates it without an error;
+    # the cut is the statement's own (LEFT, in characters, as Python's slices cut).
+    spec = ", ".join(f"c{i} LONGTEXT PATH '$[{i}]'" for i in range(len(columns)))
+    document = "CONVERT(FROM_BASE64(:rows) USING utf8mb4)"
+    source = text(f"JSON_TABLE({document}, '$[*]' COLUMNS ({spec})) AS j").bindparams(
+        bindparam("rows", type_=String)
+    )
+    items: list[ColumnElement[Any]] = []
+    for i, col in enumerate(columns):
+        item: ColumnElement[Any] = literal_column(f"j.c{i}")
+        if col is not None:
+            if isinstance(col.type, String) and col.type.length is not None:
+                item = func.left(item, col.type.length)
+            elif not isinstance(col.type, String):
+                item = func.nullif(item, "")
+        items.append(item)
+    return source, items
+
+
+def _joined(source: TextClause, endpoint: ColumnElement[Any], *columns: Any) -> Select[Any]:
+    """``SELECT STRAIGHT_JOIN columns FROM <document> AS j, users WHERE users.extension =
+    <endpoint>``: the document first, each of its rows finding its user by the unique
+    index (left to itself, the optimizer may scan users once per row of a document it
+    estimates at 40 rows)."""
+    return (
+        select(*columns)
+        .select_from(source, users)
+        .where(users.c.extension == endpoint)
+        .prefix_with("STRAIGHT_JOIN", dialect="mysql")
+        .prefix_with("STRAIGHT_JOIN", dialect="mariadb")
+    )
+
+
+@cache
+def _json_table_statements() -> tuple[Any, Any, Any, Any]:
+    """The four statements of :func:`_write_rows_json_table` (built once)."""
+    server = bindparam("server", type_=String)
+    stamp = bindparam("stamp", type_=String)
+    summary = registration_summary.c
+    source, (ep, state, device, problem, changed) = _json_table_rows(
+        (None, summary.state, summary.device_state, summary.problem, summary.changed_at)
+    )
+    count = _joined(source, ep, func.count())
+    picked = _joined(
+        source,
+        ep,
+        users.c.id,
+        server,
+        # As the general path's ``state or "offline"`` and ``changed_at or stamp``.
+        func.coalesce(func.nullif(state, ""), "offline"),
+        device,
+        problem,
+        func.coalesce(changed, stamp),
+    )
+    upsert = mysql_insert(registration_summary).from_select(_SUMMARY_COLUMNS, picked)
+    upsert = upsert.on_duplicate_key_update(
+        state=upsert.inserted.state,
+        device_state=upsert.inserted.device_state,
+        changed_at=upsert.inserted.changed_at,
+        # An empty problem is "not known": the one recorded by set_problems stays.
+        problem=case(
+            (upsert.inserted.problem == "", registration_summary.c.problem),
+            else_=upsert.inserted.problem,
+        ),
+    )
+    batch_users = _joined(source, ep, users.c.id.label("id")).subquery("b")
+    clear = delete(registrations).where(
+        registrations.c.server == server, registrations.c.user_id == batch_users.c.id
+    )
+    contact = registrations.c
+    source, (ep, *values, changed) = _json_table_rows(
+        (None, *(contact[name] for name in _CONTACT_COLUMNS[2:]))
+    )
+    added = _joined(source, ep, users.c.id, server, *values, func.coalesce(changed, stamp))
+    add = insert(registrations).from_select(_CONTACT_COLUMNS, added)
+    return count, upsert, clear, add
 
 
 def _problems(conn: Connection, server: str, uids: Sequence[int]) -> dict[int, str]:
