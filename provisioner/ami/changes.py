@@ -95,7 +95,9 @@ async def apply_changes(link: Link, batch: Sequence[Change], *, realtime: bool) 
     Cache expiries (realtime) and contact removals are owed, then sent; whatever an
     AMI failure left unsent stays owed (:class:`Owed`) and never holds back the
     reload, which is asked for either way: the coordinator keeps it for a server
-    that is down.  Then the added and updated endpoints are verified."""
+    that is down.  Then the added and updated endpoints are verified: a config
+    file's after its reload (its objects change only with it), realtime rows at once
+    (nothing waits for their reload)."""
     added = set[str]().union(*(c.added for c in batch))
     updated = set[str]().union(*(c.updated for c in batch))
     removed = set[str]().union(*(c.removed for c in batch))
