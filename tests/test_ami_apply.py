@@ -443,3 +443,39 @@ def test_a_realtime_edit_is_live_while_a_slow_reload_runs(tmp_path: Path, store:
     took, reloads_done = run(scenario())
     assert took < 1.5, f"the edit waited {took:.2f} s for the reload"
     assert reloads_done == 0  # the reload was still running
+
+
+def test_a_reload_session_lost_mid_reload_leaves_the_main_session_up(
+    tmp_path: Path, store: Engine
+) -> None:
+    """A reload whose session drops is sent again once that session is back; the main
+    session (events, expiries) stays up throughout and is never reconnected."""
+
+    async def scenario() -> tuple[int, int, int, dict[str, int]]:
+        peer = FakeAsterisk()
+        await peer.start()
+        pbx = _pbx_from_config(tmp_path, peer, store)
+        link = pbx.links[0]
+        try:
+            async with running(pbx):
+                await eventually(lambda: link.client.connected and link.reloads.client.connected)
+                peer.drop_on = {"Reload"}
+                pbx.applied(ADDED, target_kind="realtime")
+                await eventually(lambda: bool(peer.actions("Reload")))
+                await eventually(lambda: not link.reloads.client.connected)
+                peer.drop_on = set()
+                await eventually(lambda: sum(link.reload_results.values()) == 1, timeout=10)
+                return (
+                    link.client.health().sessions,
+                    link.reloads.client.health().sessions,
+                    len(peer.actions("Reload")),
+                    dict(link.reload_results),
+                )
+        finally:
+            await peer.stop()
+
+    main_sessions, reload_sessions, reloads, results = run(scenario())
+    assert main_sessions == 1
+    assert reload_sessions == 2
+    assert reloads == 2
+    assert results == {"ok": 1}
