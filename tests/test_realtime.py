@@ -344,6 +344,44 @@ def test_removed_user_rows_deleted(target: RealtimeTarget, rt_engine: Engine) ->
     assert ("endpoint", "1001") not in snapshot(rt_engine)["provisioner_objects"]
 
 
+#: Asterisk's ps_contacts, as much of it as the test needs (a site keeping contacts in
+#: the realtime database: ``contact = realtime,ps_contacts``).
+_CONTACTS = Table(
+    "ps_contacts",
+    MetaData(),
+    Column("id", String(255), primary_key=True),
+    Column("uri", String(511)),
+    Column("endpoint", String(255)),
+)
+
+
+def test_a_removed_aor_s_realtime_contacts_are_deleted(
+    target: RealtimeTarget, rt_engine: Engine
+) -> None:
+    """Where contacts live in ps_contacts, removing a user deletes its AOR's contacts in
+    the same apply, and no other (not a longer id with the same start, not a trunk's)."""
+    _CONTACTS.create(rt_engine)
+    ids = ["1001;@aaa", "1001;@bbb", "10011;@ccc", "1002;@ddd", "trunk;@eee"]
+    with rt_engine.begin() as conn:
+        conn.execute(_CONTACTS.insert(), [{"id": i, "uri": "sip:x", "endpoint": "e"} for i in ids])
+    target.apply(render(make_user("1001"), make_user("1002"), make_user("10011")))
+    change = target.apply(render(make_user("1002"), make_user("10011")))
+    assert change.removed == ("1001",)
+    with rt_engine.connect() as conn:
+        left = sorted(conn.execute(select(_CONTACTS.c.id)).scalars())
+    assert left == ["10011;@ccc", "1002;@ddd", "trunk;@eee"]
+
+
+def test_without_a_ps_contacts_table_a_removal_needs_none(
+    target: RealtimeTarget, rt_engine: Engine
+) -> None:
+    """Contacts in astdb (the default): the realtime database has no ps_contacts, and a
+    removal goes through all the same."""
+    target.apply(render(make_user("1001"), make_user("1002")))
+    assert target.apply(render(make_user("1002"))).removed == ("1001",)
+    assert not inspect(rt_engine).has_table("ps_contacts")
+
+
 def _tamper(engine: Engine) -> None:
     """Edit every endpoint's context and delete every AOR, by hand."""
     with engine.begin() as conn:

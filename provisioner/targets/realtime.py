@@ -31,6 +31,11 @@ provisioner never writes are left as they are.
 SQLite (res_config_sqlite3) turns NULL into ``''`` in multi-row fetches and many options
 reject ``''``, so on SQLite the columns Asterisk needs are filled with Asterisk's defaults
 where the mapping gives no value (:data:`SQLITE_DEFAULTS`).
+
+Registrations: a site that keeps contacts in this database (``contact =
+realtime,ps_contacts`` in sorcery.conf) instead of astdb has a removed AOR's
+``ps_contacts`` rows (ids ``<aor>;@<hash>``) deleted in the same transaction, as
+Asterisk keeps a deleted endpoint's registrations; astdb contacts are deleted over AMI.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    delete,
     func,
     inspect,
     literal,
@@ -60,12 +66,15 @@ from sqlalchemy import (
     select,
     type_coerce,
 )
+from sqlalchemy import column as sql_column
+from sqlalchemy import table as sql_table
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import ColumnElement, Select
 from sqlalchemy.sql.dml import UpdateBase
 
 from ..errors import InvalidInput
+from ..logs import get_logger
 from ..pjsip import Options, UserObjects, auth_id
 from ..store.bulk import (
     Prepared,
@@ -87,6 +96,8 @@ if TYPE_CHECKING:
     from ..config import Config
 
 __all__ = ["MAPPED_COLUMNS", "REDACTED_COLUMNS", "SQLITE_DEFAULTS", "RealtimeTarget"]
+
+log = get_logger(__name__)
 
 Value = str | int | float | None
 Row = tuple[Value, ...]
@@ -806,6 +817,8 @@ def _write(conn: Connection, plan: _Plan) -> bool:
             conn.execute(table.delete().where(table.c.id.in_(chunk)))
             conn.execute(po.delete().where(po.c.kind == kind, po.c.id.in_(chunk)))
         wrote |= bool(kp.deletes)
+        if kind == "aor" and kp.deletes:
+            _remove_contacts(conn, kp.deletes)
     for kp in plan.kinds.values():
         if kp.updates:
             _update(conn, kp.shape, kp.updates)
@@ -825,6 +838,26 @@ def _write(conn: Connection, plan: _Plan) -> bool:
     if digests:
         _set_digests(conn, [(e, d) for e, d in digests.items() if e not in recorded])
     return wrote
+
+
+#: Asterisk's table of contacts, where a site keeps them in the realtime database.
+_PS_CONTACTS = sql_table("ps_contacts", sql_column("id", String))
+
+
+def _remove_contacts(conn: Connection, aors: Sequence[str]) -> None:
+    """Delete the ``ps_contacts`` rows of the removed ``aors`` when this database has that
+    table: Asterisk keeps a deleted endpoint's registrations (../shared/asterisk: "with
+    contacts in a PostgreSQL realtime table, delete the ps_contacts rows")."""
+    if not inspect(conn).has_table(_PS_CONTACTS.name):
+        return
+    ids = _PS_CONTACTS.c.id
+    removed = 0
+    for chunk in _chunks(aors):
+        # A LIKE per AOR, its own % and _ escaped: "1001;@..." and never "10011;@...".
+        wanted = or_(*(ids.startswith(f"{aor};@", autoescape=True) for aor in chunk))
+        removed += conn.execute(delete(_PS_CONTACTS).where(wanted)).rowcount
+    if removed:
+        log.info("realtime.contacts_removed", aors=len(aors), rows=removed)
 
 
 #: Compiled statements by (dialect class, paramstyle, what): compiling an UPDATE of ~50
