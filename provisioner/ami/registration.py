@@ -300,10 +300,12 @@ def contact_object_name(contact: ContactState) -> tuple[str, bool]:
     ``contact/``) and whether it was derived rather than told.
 
     A snapshot (``ContactList``, ``ContactStatusDetail``) tells it; a ``ContactStatus``
-    event tells only the AOR and URI, and the hash is then the MD5 of the URI as
-    Asterisk 22 makes it (the recorded ``ContactList`` in ``../shared/asterisk``:
-    ``1001;@4647304968688045788916f1ea15a2ae`` for ``sip:1001@127.0.0.1:5070;ob``).
-    A caller deleting by a derived name checks that it was found."""
+    event tells only the AOR and URI, and the name is then made as res_pjsip makes it
+    when it creates the contact: the AOR's id, ``;@``, the MD5 of the URI it stores (the
+    one its events report).  The recorded ``ContactList`` in ``../shared/asterisk``
+    agrees: ``1001;@4647304968688045788916f1ea15a2ae`` for
+    ``sip:1001@127.0.0.1:5070;ob``.  A caller deleting by a derived name still checks
+    that it was found."""
     if contact.object_name:
         return contact.object_name, False
     digest = hashlib.md5(contact.uri.encode(), usedforsecurity=False).hexdigest()
