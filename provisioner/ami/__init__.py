@@ -1,17 +1,21 @@
-"""The AMI layer: one background connection per Asterisk, reloads, PJSIP queries.
+"""The AMI layer: background connections per Asterisk, reloads, PJSIP queries.
 
-Typical daemon use, per ``[[asterisk]]`` server::
+Typical daemon use, per ``[[asterisk]]`` server (as :class:`~.pbx.AmiPbx` does it)::
 
     client = AmiClient(server, config.ami)
-    reloads = ReloadCoordinator(client)
+    # Reloads on a session of their own: Asterisk answers one only when it is done,
+    # and runs a session's actions one after another.
+    quiet = AmiClient(server.model_copy(update={"events": "off"}), config.ami, role="reload")
+    reloads = ReloadCoordinator(quiet, config.ami)
     ops = PjsipOps(client)
     client.on_event("ContactStatus", on_status)   # quick, non-blocking callbacks
     async with asyncio.TaskGroup() as tg:
         tg.create_task(client.run(stop))
+        tg.create_task(quiet.run(stop))
         tg.create_task(reloads.run(stop))
     # elsewhere: reloads.request(); await ops.expire_everywhere("1001")
 
-Setting ``stop`` (an :class:`asyncio.Event`) ends both coroutines cleanly.
+Setting ``stop`` (an :class:`asyncio.Event`) ends the coroutines cleanly.
 """
 
 from __future__ import annotations
