@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import func, inspect, select
 from sqlalchemy.exc import DBAPIError
@@ -20,6 +21,9 @@ from .health import read_health
 from .store.engine import open_engine
 from .store.migrate import current_revision, head_revision
 from .store.schema import users
+
+if TYPE_CHECKING:
+    from .ami import AmiClient
 
 __all__ = ["Check", "run_checks"]
 
@@ -84,22 +88,48 @@ def _target(config: Config) -> Check:
 
 
 async def _login(server: AsteriskServer, config: Config) -> Check:
-    from .ami import AmiClient
+    from .ami import AmiClient, AmiError
 
     client = AmiClient(server, config.ami)
     stop = asyncio.Event()
     runner = asyncio.ensure_future(client.run(stop))
     try:
         ok = await wait_first(client.connected_event, timeout=server.timeout + 1.0)
-        detail = (
-            f"{server.host}:{server.port} login ok"
-            if ok
-            else f"{server.host}:{server.port}: {client.health().last_error or 'no answer'}"
-        )
-        return (f"asterisk {server.name}", ok, detail)
+        where = f"{server.host}:{server.port}"
+        if not ok:
+            return (
+                f"asterisk {server.name}",
+                False,
+                f"{where}: {client.health().last_error or 'no answer'}",
+            )
+        if config.target.kind == "realtime" and server.sorcery_caches:
+            try:
+                missing = await _missing_caches(client, server.sorcery_caches)
+            except AmiError as exc:
+                return (f"asterisk {server.name}", False, f"{where} login ok; caches: {exc}")
+            if missing:
+                detail = f"{where} login ok, but no sorcery memory cache named {', '.join(missing)}"
+                return (f"asterisk {server.name}", False, detail + " (see sorcery.conf)")
+            return (f"asterisk {server.name}", True, f"{where} login ok, caches found")
+        return (f"asterisk {server.name}", True, f"{where} login ok")
     finally:
         stop.set()
         await runner
+
+
+#: The object a cache is asked to expire to learn whether the cache exists: no object has
+#: this id, so nothing is expired (Asterisk answers that it could not be).
+_PROBE_OBJECT = "provisioner-check-probe"
+
+
+async def _missing_caches(client: AmiClient, caches: Sequence[str]) -> list[str]:
+    """The configured caches Asterisk says it does not have: with a wrong name every
+    realtime edit would stay invisible behind the real cache until the object's lifetime
+    ends."""
+    from .ami import PjsipOps
+
+    ops = PjsipOps(client, caches)
+    return [cache for cache in caches if await ops.expire(cache, _PROBE_OBJECT) == "no_such_cache"]
 
 
 def _health(config: Config) -> Iterator[Check]:

@@ -5,8 +5,10 @@ to the fake Asterisk."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from provisioner.ami.changes import EXPIRE_ALL_OVER, Owed
 from provisioner.ami.client import AmiClient
 from provisioner.ami.pbx import SNAPSHOT_GAP_FACTOR, SNAPSHOT_MIN_GAP, AmiPbx, Link, snapshot_gap
 from provisioner.ami.reload import PjsipOps, ReloadCoordinator
+from provisioner.checks import run_checks
 from provisioner.config import load_config
 from provisioner.store.engine import open_engine
 from provisioner.store.migrate import upgrade
@@ -479,3 +482,50 @@ def test_a_reload_session_lost_mid_reload_leaves_the_main_session_up(
     assert reload_sessions == 2
     assert reloads == 2
     assert results == {"ok": 1}
+
+
+@contextmanager
+def _peer_in_a_thread() -> Iterator[FakeAsterisk]:
+    """A fake Asterisk on an event loop of its own thread (for code that runs its own)."""
+    fake = FakeAsterisk()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(fake.start(), loop).result(10)
+    try:
+        yield fake
+    finally:
+        asyncio.run_coroutine_threadsafe(fake.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+
+
+@pytest.mark.parametrize(("caches", "ok"), [([CACHE], True), ([CACHE, "no_such_cache"], False)])
+def test_check_names_a_sorcery_cache_asterisk_does_not_have(
+    tmp_path: Path, store: Engine, caches: list[str], ok: bool
+) -> None:
+    """`provisioner check` with a realtime target asks each configured cache to expire an
+    object no one has: a cache Asterisk does not have fails the check, by name."""
+    with _peer_in_a_thread() as peer:
+        config = load_config(
+            str(
+                write_config(
+                    tmp_path,
+                    kind="realtime",
+                    extra=[
+                        "[[asterisk]]",
+                        'name = "lab"',
+                        'host = "127.0.0.1"',
+                        f"port = {peer.port}",
+                        f'username = "{peer.username}"',
+                        f'secret = "{peer.secret}"',
+                        f"sorcery_caches = {caches!r}".replace("'", '"'),
+                    ],
+                )
+            )
+        )
+        checks = {name: (passed, detail) for name, passed, detail in run_checks(config)}
+    passed, detail = checks["asterisk lab"]
+    assert passed is ok, detail
+    assert ("no_such_cache" in detail) is not ok
