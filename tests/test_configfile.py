@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -898,6 +899,52 @@ def test_successive_edits_splice_into_the_file_a_full_apply_writes(
         expected = sorted(current.values(), key=lambda u: (len(u.endpoint_id), u.endpoint_id))
         assert target.path.read_bytes() == _full_file(tmp_path, expected, f"full{i}.conf")
     assert not target.apply(expected).wrote
+
+
+#: An edit of the one-edit path: put user ``index`` (of the representative ones but the
+#: last) with context ``ctx<n>``, or remove it (``n`` None).
+_EDITS = st.lists(
+    st.tuples(st.integers(0, len(REPRESENTATIVE) - 2), st.none() | st.integers(0, 9)),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(edits=_EDITS, max_parts=st.integers(3, 12), ascii_only=st.booleans())
+def test_any_run_of_edits_leaves_what_a_full_apply_writes(
+    tmp_path: Path, edits: list[tuple[int, int | None]], max_parts: int, ascii_only: bool
+) -> None:
+    """Whatever run of puts and removals the one-edit path takes (its bytes spliced as
+    pieces, joined now and then, in an all-ASCII file; joined anew in one with the last
+    user's non-ASCII name), the file is after each exactly what a full apply of the same
+    users writes, and it parses to them."""
+    saved = pieces.MAX_PARTS
+    pieces.MAX_PARTS = max_parts
+    try:
+        base = rendered(users=REPRESENTATIVE[:-1] if ascii_only else REPRESENTATIVE)
+        directory = Path(tempfile.mkdtemp(dir=tmp_path))
+        target = ConfigFileTarget(directory / "out.conf")
+        target.apply(base)
+        current = {u.endpoint_id: u for u in base}
+        for step, (index, context) in enumerate(edits):
+            user = base[index]
+            if context is None:
+                target.apply_partial([], [user.endpoint_id])
+                current.pop(user.endpoint_id, None)
+            else:
+                options = (*user.endpoint[:-1], ("context", f"ctx{context}"))
+                edited = replace(user, endpoint=options)
+                target.apply_partial([edited], [])
+                current[edited.endpoint_id] = edited
+            expected = sorted(current.values(), key=lambda u: (len(u.endpoint_id), u.endpoint_id))
+            data = target.path.read_bytes()
+            assert data == _full_file(directory, expected, f"full{step}.conf")
+            check_rendered(data, expected)
+    finally:
+        pieces.MAX_PARTS = saved
 
 
 def test_apply_partial_of_unchanged_users_writes_nothing(target: ConfigFileTarget) -> None:
