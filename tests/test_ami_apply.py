@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from structlog.testing import capture_logs
 
 from bench.common import seed_store
+from provisioner.ami import changes as changes_module
 from provisioner.ami import pbx as pbx_module
 from provisioner.ami.changes import EXPIRE_ALL_OVER, Owed
 from provisioner.ami.client import AmiClient
@@ -26,6 +27,7 @@ from provisioner.checks import run_checks
 from provisioner.config import load_config
 from provisioner.store.engine import open_engine
 from provisioner.store.migrate import upgrade
+from provisioner.store.schema import registration_summary
 from provisioner.targets import Change
 
 from .amipeer import FakeAsterisk, eventually, fast_settings, run, running, server_for
@@ -529,3 +531,43 @@ def test_check_names_a_sorcery_cache_asterisk_does_not_have(
     passed, detail = checks["asterisk lab"]
     assert passed is ok, detail
     assert ("no_such_cache" in detail) is not ok
+
+
+def test_a_large_apply_is_verified_against_one_endpoint_listing(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past VERIFY_LIMIT endpoints one PJSIPShowEndpoints listing checks them all (no
+    lookup one by one): the endpoint Asterisk does not list is counted, logged and
+    recorded next to its user; the listed ones are live."""
+    monkeypatch.setattr(changes_module, "VERIFY_LIMIT", 2)
+
+    async def scenario() -> tuple[int, int, int, list[str]]:
+        peer = FakeAsterisk()
+        await peer.start()
+        link = _link(peer)
+        pbx = AmiPbx([link], store, "realtime")
+        try:
+            with capture_logs() as logs:
+                async with running(pbx):
+                    await eventually(lambda: link.client.connected)
+                    # 1001 and 2001 are in the recorded listing; 100000 is not.
+                    ids = ("1001", "2001", "100000")
+                    pbx.applied(Change(updated=ids), target_kind="realtime")
+                    await eventually(lambda: link.not_live > 0)
+                    await eventually(lambda: link.store_idle.is_set() and not link.jobs)
+            not_live = [e["endpoint"] for e in logs if e["event"] == "pjsip.not_live"]
+            return (
+                len(peer.actions("PJSIPShowEndpoints")),
+                len(peer.actions("PJSIPShowEndpoint")),
+                link.not_live,
+                not_live,
+            )
+        finally:
+            await peer.stop()
+
+    listings, lookups, count, logged = run(scenario())
+    assert (listings, lookups, count, logged) == (1, 0, 1, ["100000"])
+    with store.connect() as conn:
+        query = select(registration_summary.c.user_id, registration_summary.c.problem)
+        problems = {uid: problem for uid, problem in conn.execute(query)}
+    assert "does not hold" in problems[1]

@@ -615,3 +615,31 @@ def test_mariadb_writes_as_json_table_documents_what_the_id_lookups_wrote(
         (2, "offline", ""),
         (3, "online", ""),
     ]
+
+
+def test_a_large_check_clears_recorded_problems_in_bulk(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past CLEAR_IN_BULK endpoints, empty problems clear the recorded ones (and add no
+    summary row where none was), the others are recorded; the matches are counted."""
+    monkeypatch.setattr(registrations_module, "CLEAR_IN_BULK", 1)
+    seed_store(engine, 4)
+    with engine.begin() as conn:
+        set_problems(conn, "pbx1", {"100000": "bad", "100001": "worse"}, NOW)
+        set_problems(conn, "pbx2", {"100000": "elsewhere"}, NOW)
+    live = {"100000": "", "100001": "", "100002": "", "100003": "rejected", "trunk": ""}
+    with engine.begin() as conn:
+        assert set_problems(conn, "pbx1", live, NOW) == 4
+    with engine.connect() as conn:
+        query = select(
+            registration_summary.c.user_id,
+            registration_summary.c.server,
+            registration_summary.c.problem,
+        ).order_by(registration_summary.c.server, registration_summary.c.user_id)
+        rows = [tuple(r) for r in conn.execute(query)]
+    assert rows == [
+        (1, "pbx1", ""),
+        (2, "pbx1", ""),
+        (4, "pbx1", "rejected"),
+        (1, "pbx2", "elsewhere"),
+    ]

@@ -8,8 +8,9 @@ hands the changes to :func:`apply_changes`, per server:
   reload only when endpoints were added or removed (Asterisk reports status only for
   endpoints it loaded at its last reload);
 - removed endpoints' contacts are deleted from astdb (Asterisk keeps them otherwise);
-- each added or updated endpoint is looked up (``PJSIPShowEndpoint``): one Asterisk
-  rejected is logged (``pjsip.not_live``), counted and written next to the user.
+- each added or updated endpoint is looked up (``PJSIPShowEndpoint``; past
+  ``VERIFY_LIMIT`` of them, one ``PJSIPShowEndpoints`` listing checks them all): one
+  Asterisk rejected is logged (``pjsip.not_live``), counted and written next to the user.
 
 Expiries and contact removals are *owed* (:class:`Owed`) until sent: one AMI could not
 deliver is sent at the next connect, apply or ``OWED_RETRY``, so an outage loses none.
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EXPIRE_ALL_OVER",
+    "NOT_LIVE_LOG_LIMIT",
     "OWED_RETRY",
     "VERIFY_LIMIT",
     "Owed",
@@ -52,8 +54,11 @@ log = get_logger(__name__)
 
 #: Seconds between tries to send what is owed to a connected server (:class:`Owed`).
 OWED_RETRY = 5.0
-#: Endpoints verified with PJSIPShowEndpoint after one apply, at most (the rest next time).
+#: Endpoints of one apply looked up one by one (PJSIPShowEndpoint), at most; more are
+#: checked against one PJSIPShowEndpoints listing.
 VERIFY_LIMIT = 200
+#: ``pjsip.not_live`` lines per apply, at most (the rest are counted in one line).
+NOT_LIVE_LOG_LIMIT = 50
 #: More objects than this owed to one server: each of its caches is emptied whole
 #: (``SorceryMemoryCacheExpire``, one action per cache) instead of one action per object
 #: and cache.  A profile edit at 100k users changes 100k endpoints: sent one by one, that
@@ -204,8 +209,43 @@ async def _remove_one(link: Link, aor: str, object_name: str) -> bool:
 
 
 async def verify(link: Link, endpoints: list[str]) -> None:
+    """Ask Asterisk whether each of ``endpoints`` is live as rendered; log and count each
+    that is not (``pjsip.not_live``) and record every answer next to its user.
+
+    Up to ``VERIFY_LIMIT`` endpoints are looked up one by one (``PJSIPShowEndpoint``);
+    more (a bulk edit, a first start) are checked against one ``PJSIPShowEndpoints``
+    listing, so every endpoint of a large apply is verified in one action.  An AMI
+    failure leaves the rest unverified (``pjsip.verify_failed``): a check, not a write."""
+    if len(endpoints) > VERIFY_LIMIT:
+        problems = await _verify_listed(link, endpoints)
+    else:
+        problems = await _verify_each(link, endpoints)
+    if not problems:
+        return
+    not_live = [(ep, problem) for ep, problem in problems.items() if problem]
+    link.not_live += len(not_live)
+    for endpoint, problem in not_live[:NOT_LIVE_LOG_LIMIT]:
+        log.warning("pjsip.not_live", server=link.name, endpoint=endpoint, problem=problem)
+    if len(not_live) > NOT_LIVE_LOG_LIMIT:
+        log.warning(
+            "pjsip.not_live_more", server=link.name, more=len(not_live) - NOT_LIVE_LOG_LIMIT
+        )
+    now = utcnow()
+    # In the flusher's turn: never beside a batch of the same server (on MariaDB two
+    # writes at once can deadlock).  Not awaited: the next change's reload or expiry
+    # must not wait behind a registration write (a refused one is logged by the flusher).
+    write = partial(set_problems, server=link.name, problems=problems, now=now)
+    link.in_flusher_turn(write)
+
+
+_NOT_HELD = "Asterisk does not hold this endpoint (rejected? see Asterisk's log)"
+_INCOMPLETE = "Asterisk holds the endpoint without its AOR or auth (rejected object?)"
+
+
+async def _verify_each(link: Link, endpoints: list[str]) -> dict[str, str]:
+    """Endpoint -> problem (``""``: live), one ``PJSIPShowEndpoint`` each."""
     problems: dict[str, str] = {}
-    for endpoint in endpoints[:VERIFY_LIMIT]:
+    for endpoint in endpoints:
         try:
             detail = await link.ops.show_endpoint(endpoint)
         except AmiError as exc:
@@ -213,28 +253,38 @@ async def verify(link: Link, endpoints: list[str]) -> None:
             log.warning(
                 "pjsip.verify_failed",
                 server=link.name,
-                unverified=min(len(endpoints), VERIFY_LIMIT) - len(problems),
+                unverified=len(endpoints) - len(problems),
                 error=str(exc),
             )
             break
         if detail is None:
-            problem = "Asterisk does not hold this endpoint (rejected? see Asterisk's log)"
+            problems[endpoint] = _NOT_HELD
         elif not detail.aors or not detail.auths:
-            problem = "Asterisk holds the endpoint without its AOR or auth (rejected object?)"
+            problems[endpoint] = _INCOMPLETE
         else:
-            problem = ""
-        if problem:
-            link.not_live += 1
-            log.warning("pjsip.not_live", server=link.name, endpoint=endpoint, problem=problem)
-        problems[endpoint] = problem
-    if problems:
-        now = utcnow()
-        # In the flusher's turn: never beside a batch of the same server (on MariaDB
-        # two writes at once can deadlock).  Not awaited: the next change's reload
-        # or expiry must not wait behind a registration write (a refused one is
-        # logged by the flusher).
-        write = partial(set_problems, server=link.name, problems=problems, now=now)
-        link.in_flusher_turn(write)
+            problems[endpoint] = ""
+    return problems
+
+
+async def _verify_listed(link: Link, endpoints: list[str]) -> dict[str, str]:
+    """Endpoint -> problem (``""``: live), from one ``PJSIPShowEndpoints`` listing."""
+    try:
+        listed = await link.ops.show_endpoints()
+    except AmiError as exc:
+        log.warning(
+            "pjsip.verify_failed", server=link.name, unverified=len(endpoints), error=str(exc)
+        )
+        return {}
+    problems: dict[str, str] = {}
+    for endpoint in endpoints:
+        found = listed.get(endpoint)
+        if found is None:
+            problems[endpoint] = _NOT_HELD
+        elif not found[0] or not found[1]:
+            problems[endpoint] = _INCOMPLETE
+        else:
+            problems[endpoint] = ""
+    return problems
 
 
 @contextmanager

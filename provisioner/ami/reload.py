@@ -305,6 +305,21 @@ class PjsipOps:
             raise AmiActionFailed(self.client.name, "PJSIPShowEndpoint", reply.message)
         return _endpoint_detail(endpoint_id, reply)
 
+    async def show_endpoints(self) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+        """Every endpoint Asterisk lists (``PJSIPShowEndpoints``), by id: its AORs and
+        auths.  One action for any number of endpoints (how a large apply is verified);
+        ``No endpoints found`` is ``{}``."""
+        reply = await self.client.send_action("PJSIPShowEndpoints", patient=True)
+        if not reply.ok:
+            if "no endpoints found" in reply.message.lower():
+                return {}
+            raise AmiActionFailed(self.client.name, "PJSIPShowEndpoints", reply.message)
+        return {
+            event.get("ObjectName"): (_split(event.get("Aor")), _split(event.get("Auths")))
+            for event in reply.events
+            if event.event == "EndpointList"
+        }
+
     async def show_contacts(self) -> list[ContactState]:
         """Every registered contact (``PJSIPShowContacts``); ``No Contacts found`` is ``[]``."""
         reply = await self.client.send_action("PJSIPShowContacts", patient=True)

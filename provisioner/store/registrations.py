@@ -633,10 +633,23 @@ def _insert_many(
         executemany(conn, insert(table), names, rows, column_keys=names)
 
 
+#: More endpoints than this in one :func:`set_problems`: their empty problems clear
+#: recorded ones with set-based UPDATEs (a large apply's check, every endpoint live).
+CLEAR_IN_BULK = 500
+
+
 def set_problems(conn: Connection, server: str, problems: Mapping[str, str], now: datetime) -> int:
     """Record, next to each user, why Asterisk does not hold its endpoint as rendered
-    (an empty string clears it).  Returns how many endpoints matched a user."""
+    (an empty string clears it).  Returns how many endpoints matched a user.
+
+    Past ``CLEAR_IN_BULK`` endpoints the empty problems only clear those recorded, in a
+    few statements (a user with no summary row gets none: there was nothing to clear),
+    and only the others are written one by one."""
     ids = _user_ids(conn, problems)
+    if len(problems) > CLEAR_IN_BULK:
+        cleared = [uid for ep, problem in problems.items() if not problem and (uid := ids.get(ep))]
+        _clear_problems(conn, server, cleared)
+        problems = {ep: problem for ep, problem in problems.items() if problem}
     for ep, problem in problems.items():
         uid = ids.get(ep)
         if uid is None:
@@ -652,7 +665,22 @@ def set_problems(conn: Connection, server: str, problems: Mapping[str, str], now
                 insert(registration_summary),
                 [{**new, "problem": problem[:_PROBLEM_LEN], "changed_at": now}],
             )
-    return sum(1 for ep in problems if ep in ids)
+    return len(ids)
+
+
+def _clear_problems(conn: Connection, server: str, uids: Sequence[int]) -> None:
+    """Empty the recorded problems of users ``uids`` on ``server``."""
+    summary = registration_summary.c
+    for chunk in _chunks(conn, uids):
+        conn.execute(
+            update(registration_summary)
+            .where(
+                summary.server == server,
+                summary.problem != "",
+                _member(conn, summary.user_id, chunk),
+            )
+            .values(problem="")
+        )
 
 
 def replace_server_snapshot(
