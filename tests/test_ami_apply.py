@@ -13,13 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, create_engine, select
 from structlog.testing import capture_logs
 
 from bench.common import seed_store
 from provisioner.ami import changes as changes_module
 from provisioner.ami import pbx as pbx_module
-from provisioner.ami.changes import EXPIRE_ALL_OVER, Owed
+from provisioner.ami.changes import (
+    EXPIRE_ALL_OVER,
+    OWED_RETRY,
+    VERIFY_BACKOFF_MAX,
+    Owed,
+    verify_backoff,
+    verify_some,
+)
 from provisioner.ami.client import AmiClient
 from provisioner.ami.pbx import SNAPSHOT_GAP_FACTOR, SNAPSHOT_MIN_GAP, AmiPbx, Link, snapshot_gap
 from provisioner.ami.reload import PjsipOps, ReloadCoordinator
@@ -536,10 +543,10 @@ def test_check_names_a_sorcery_cache_asterisk_does_not_have(
 def test_a_large_apply_is_verified_against_one_endpoint_listing(
     store: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Past VERIFY_LIMIT endpoints one PJSIPShowEndpoints listing checks them all (no
-    lookup one by one): the endpoint Asterisk does not list is counted, logged and
+    """Past LISTING_OVER waiting endpoints one PJSIPShowEndpoints listing checks them all
+    (no lookup one by one): the endpoint Asterisk does not list is counted, logged and
     recorded next to its user; the listed ones are live."""
-    monkeypatch.setattr(changes_module, "VERIFY_LIMIT", 2)
+    monkeypatch.setattr(changes_module, "LISTING_OVER", 2)
 
     async def scenario() -> tuple[int, int, int, list[str]]:
         peer = FakeAsterisk()
@@ -571,3 +578,59 @@ def test_a_large_apply_is_verified_against_one_endpoint_listing(
         query = select(registration_summary.c.user_id, registration_summary.c.problem)
         problems = {uid: problem for uid, problem in conn.execute(query)}
     assert "does not hold" in problems[1]
+
+
+def test_a_bulk_edit_is_verified_in_rounds_between_edits(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More endpoints than VERIFY_LIMIT are looked up a round at a time, the change loop
+    coming back for the rest: every one is asked about once, and none stays waiting."""
+    monkeypatch.setattr(changes_module, "VERIFY_LIMIT", 2)
+    ids = tuple(str(300000 + i) for i in range(7))
+
+    async def scenario() -> tuple[list[str], int]:
+        peer = FakeAsterisk()
+        await peer.start()
+        link = _link(peer)
+        pbx = AmiPbx([link], store, "realtime")
+        try:
+            async with running(pbx):
+                await eventually(lambda: link.client.connected)
+                pbx.applied(Change(updated=ids), target_kind="realtime")
+                await eventually(lambda: len(peer.actions("PJSIPShowEndpoint")) == len(ids))
+                await eventually(lambda: not link.unverified)
+                asked = [a.get("Endpoint") for a in peer.actions("PJSIPShowEndpoint")]
+                return asked, len(peer.actions("PJSIPShowEndpoints"))
+        finally:
+            await peer.stop()
+
+    asked, listings = run(scenario())
+    assert asked == list(ids)
+    assert listings == 0
+
+
+def test_a_failing_check_waits_longer_each_round_and_keeps_its_endpoints() -> None:
+    """A round that fails keeps the unanswered endpoints waiting and pushes the next
+    round back: 5 s, then doubling up to 5 minutes."""
+    assert [verify_backoff(n) for n in (1, 2, 3)] == [OWED_RETRY, 2 * OWED_RETRY, 4 * OWED_RETRY]
+    assert verify_backoff(50) == VERIFY_BACKOFF_MAX
+
+    async def scenario() -> tuple[int, bool, float]:
+        peer = FakeAsterisk()
+        await peer.start()
+        peer.drop_on = {"PJSIPShowEndpoint"}
+        link = _link(peer)
+        try:
+            async with running(AmiPbx([link], create_engine("sqlite://"), "realtime")):
+                await eventually(lambda: link.client.connected)
+                link.unverified.update(dict.fromkeys(["1001", "2001"]))
+                await verify_some(link)
+                waited = link.verify_after - time.monotonic()
+                return link.verify_failures, list(link.unverified) == ["1001", "2001"], waited
+        finally:
+            await peer.stop()
+
+    failures, kept, waited = run(scenario())
+    assert failures == 1
+    assert kept
+    assert OWED_RETRY - 1 < waited <= OWED_RETRY

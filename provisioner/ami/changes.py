@@ -8,8 +8,9 @@ hands the changes to :func:`apply_changes`, per server:
   reload only when endpoints were added or removed (Asterisk reports status only for
   endpoints it loaded at its last reload);
 - removed endpoints' contacts are deleted from astdb (Asterisk keeps them otherwise);
-- each added or updated endpoint is looked up (``PJSIPShowEndpoint``; past
-  ``VERIFY_LIMIT`` of them, one ``PJSIPShowEndpoints`` listing checks them all): one
+- each added or updated endpoint is verified (:func:`verify_some`: looked up with
+  ``PJSIPShowEndpoint``, up to ``VERIFY_LIMIT`` a round between edits, or checked
+  against one ``PJSIPShowEndpoints`` listing when more than ``LISTING_OVER`` wait): one
   Asterisk rejected is logged (``pjsip.not_live``), counted and written next to the user.
 
 Expiries and contact removals are *owed* (:class:`Owed`) until sent: one AMI could not
@@ -21,10 +22,12 @@ outage) empty each cache whole instead, one action per cache.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import islice
 from typing import TYPE_CHECKING
 
 from ..accounts import utcnow
@@ -40,23 +43,34 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EXPIRE_ALL_OVER",
+    "LISTING_OVER",
     "NOT_LIVE_LOG_LIMIT",
     "OWED_RETRY",
     "VERIFY_LIMIT",
+    "VERIFY_PAUSE",
     "Owed",
     "apply_changes",
     "pay",
     "remove_contacts",
     "verify",
+    "verify_backoff",
+    "verify_some",
 ]
 
 log = get_logger(__name__)
 
 #: Seconds between tries to send what is owed to a connected server (:class:`Owed`).
 OWED_RETRY = 5.0
-#: Endpoints of one apply looked up one by one (PJSIPShowEndpoint), at most; more are
-#: checked against one PJSIPShowEndpoints listing.
+#: Endpoints looked up one by one (PJSIPShowEndpoint) in one round of the change loop,
+#: at most; the rest wait for the next round, between edits.
 VERIFY_LIMIT = 200
+#: More unverified endpoints than this are checked against one PJSIPShowEndpoints
+#: listing (every endpoint Asterisk has: at 100k, 100k events, cheaper than 100k lookups).
+LISTING_OVER = 5000
+#: Seconds between two rounds of verification while endpoints wait for one.
+VERIFY_PAUSE = 0.1
+#: Seconds between rounds at the most while they keep failing (see :func:`verify_backoff`).
+VERIFY_BACKOFF_MAX = 300.0
 #: ``pjsip.not_live`` lines per apply, at most (the rest are counted in one line).
 NOT_LIVE_LOG_LIMIT = 50
 #: More objects than this owed to one server: each of its caches is emptied whole
@@ -117,7 +131,11 @@ async def apply_changes(link: Link, batch: Sequence[Change], *, realtime: bool) 
         # the status of added endpoints, and the next edit must not wait for it (95 s
         # at 50k endpoints, realtime slower still).
         link.reloads.request().add_done_callback(partial(_reload_done, link))
-    await verify(link, sorted(added | updated))
+    unverified = link.unverified
+    unverified.update(dict.fromkeys(sorted(added | updated)))
+    for endpoint in removed - added - updated:
+        unverified.pop(endpoint, None)
+    await verify_some(link)
 
 
 def _count_reload(link: Link, outcome: ReloadOutcome) -> None:
@@ -208,18 +226,48 @@ async def _remove_one(link: Link, aor: str, object_name: str) -> bool:
     return deleted
 
 
-async def verify(link: Link, endpoints: list[str]) -> None:
-    """Ask Asterisk whether each of ``endpoints`` is live as rendered; log and count each
-    that is not (``pjsip.not_live``) and record every answer next to its user.
-
-    Up to ``VERIFY_LIMIT`` endpoints are looked up one by one (``PJSIPShowEndpoint``);
-    more (a bulk edit, a first start) are checked against one ``PJSIPShowEndpoints``
-    listing, so every endpoint of a large apply is verified in one action.  An AMI
-    failure leaves the rest unverified (``pjsip.verify_failed``): a check, not a write."""
-    if len(endpoints) > VERIFY_LIMIT:
-        problems = await _verify_listed(link, endpoints)
+async def verify_some(link: Link) -> None:
+    """Verify endpoints of ``link.unverified``, oldest first: all of them against one
+    ``PJSIPShowEndpoints`` listing when they are more than ``LISTING_OVER`` (a first
+    start, a bulk import), else up to ``VERIFY_LIMIT`` looked up one by one, so a bulk
+    edit's check never holds the next edit's expiries back by more than one such
+    round (the change loop comes back for the rest between edits)."""
+    backlog = link.unverified
+    if not backlog or time.monotonic() < link.verify_after:
+        return
+    if len(backlog) > LISTING_OVER:
+        await verify(link, list(backlog), listing=True)
     else:
-        problems = await _verify_each(link, endpoints)
+        await verify(link, list(islice(backlog, VERIFY_LIMIT)))
+
+
+async def verify(link: Link, endpoints: list[str], *, listing: bool = False) -> None:
+    """Ask Asterisk whether each of ``endpoints`` is live as rendered (``listing``: from
+    one ``PJSIPShowEndpoints``, else one ``PJSIPShowEndpoint`` each); log and count each
+    that is not (``pjsip.not_live``), record every answer next to its user and take
+    the answered ones off ``link.unverified``.  An AMI failure leaves the rest
+    unverified (``pjsip.verify_failed``), for a later round: a check, not a write."""
+    problems: dict[str, str] = {}
+    try:
+        await (_verify_listed if listing else _verify_each)(link, endpoints, problems)
+    except AmiError as exc:
+        # A check only: what was answered is recorded; the rest waits for a later round,
+        # after a pause that grows while rounds keep failing (a refusal does not fix
+        # itself, and must not be asked again ten times a second).
+        link.verify_failures += 1
+        pause = verify_backoff(link.verify_failures)
+        link.verify_after = time.monotonic() + pause
+        log.warning(
+            "pjsip.verify_failed",
+            server=link.name,
+            unverified=len(link.unverified) - len(problems),
+            retry_in_s=pause,
+            error=str(exc),
+        )
+    else:
+        link.verify_failures = 0
+    for endpoint in problems:
+        link.unverified.pop(endpoint, None)
     if not problems:
         return
     not_live = [(ep, problem) for ep, problem in problems.items() if problem]
@@ -242,40 +290,23 @@ _NOT_HELD = "Asterisk does not hold this endpoint (rejected? see Asterisk's log)
 _INCOMPLETE = "Asterisk holds the endpoint without its AOR or auth (rejected object?)"
 
 
-async def _verify_each(link: Link, endpoints: list[str]) -> dict[str, str]:
-    """Endpoint -> problem (``""``: live), one ``PJSIPShowEndpoint`` each."""
-    problems: dict[str, str] = {}
+async def _verify_each(link: Link, endpoints: list[str], problems: dict[str, str]) -> None:
+    """Put each endpoint's problem (``""``: live) in ``problems``, one
+    ``PJSIPShowEndpoint`` each; an AMI failure raises, the answers so far kept."""
     for endpoint in endpoints:
-        try:
-            detail = await link.ops.show_endpoint(endpoint)
-        except AmiError as exc:
-            # A check only: what was verified is recorded, the rest at the next apply.
-            log.warning(
-                "pjsip.verify_failed",
-                server=link.name,
-                unverified=len(endpoints) - len(problems),
-                error=str(exc),
-            )
-            break
+        detail = await link.ops.show_endpoint(endpoint)
         if detail is None:
             problems[endpoint] = _NOT_HELD
         elif not detail.aors or not detail.auths:
             problems[endpoint] = _INCOMPLETE
         else:
             problems[endpoint] = ""
-    return problems
 
 
-async def _verify_listed(link: Link, endpoints: list[str]) -> dict[str, str]:
-    """Endpoint -> problem (``""``: live), from one ``PJSIPShowEndpoints`` listing."""
-    try:
-        listed = await link.ops.show_endpoints()
-    except AmiError as exc:
-        log.warning(
-            "pjsip.verify_failed", server=link.name, unverified=len(endpoints), error=str(exc)
-        )
-        return {}
-    problems: dict[str, str] = {}
+async def _verify_listed(link: Link, endpoints: list[str], problems: dict[str, str]) -> None:
+    """Put each endpoint's problem (``""``: live) in ``problems``, from one
+    ``PJSIPShowEndpoints`` listing; an AMI failure raises."""
+    listed = await link.ops.show_endpoints()
     for endpoint in endpoints:
         found = listed.get(endpoint)
         if found is None:
@@ -284,7 +315,11 @@ async def _verify_listed(link: Link, endpoints: list[str]) -> dict[str, str]:
             problems[endpoint] = _INCOMPLETE
         else:
             problems[endpoint] = ""
-    return problems
+
+
+def verify_backoff(failures: int) -> float:
+    """Seconds before verifying again after ``failures`` failed rounds in a row."""
+    return float(min(VERIFY_BACKOFF_MAX, OWED_RETRY * 2 ** max(0, failures - 1)))
 
 
 @contextmanager

@@ -47,7 +47,7 @@ from ..store.registrations import (
 )
 from ..targets import Change
 from .actions import AmiMessage
-from .changes import OWED_RETRY, Owed, apply_changes
+from .changes import OWED_RETRY, VERIFY_PAUSE, Owed, apply_changes
 from .client import AmiClient
 from .registration import (
     ContactState,
@@ -164,6 +164,11 @@ class Link:
     snapshot_running: bool = False
     #: Seconds the last snapshot's ``PJSIPShowContacts`` took.
     snapshot_took: float = 0.0
+    #: Endpoints applied but not yet verified (see :func:`~.changes.verify_some`).
+    unverified: dict[str, None] = field(default_factory=dict)
+    #: Verification rounds failed in a row, and the monotonic time of the next round.
+    verify_failures: int = 0
+    verify_after: float = 0.0
 
     def __post_init__(self) -> None:
         self.store_idle.set()
@@ -276,6 +281,8 @@ class AmiPbx:
                 "store_failures": link.store_failures,
                 # Cache expiries and contact removals waiting for the server (Owed).
                 "owed": len(link.owed.expiries) + len(link.owed.removals),
+                # Endpoints applied, not yet asked about.
+                "unverified": len(link.unverified),
             }
         return out
 
@@ -481,8 +488,9 @@ class AmiPbx:
         while not stop.is_set():
             getter = asyncio.ensure_future(link.changes.get())
             stopper = asyncio.ensure_future(stop.wait())
-            # While something is owed, wake after OWED_RETRY even with no new change.
-            retry = OWED_RETRY if link.owed and link.client.connected else None
+            # While something is owed, wake after OWED_RETRY even with no new change;
+            # while endpoints wait to be verified, after VERIFY_PAUSE.
+            retry = _retry(link)
             await asyncio.wait({getter, stopper}, timeout=retry, return_when=FIRST_COMPLETED)
             stopper.cancel()
             if stop.is_set():
@@ -513,6 +521,20 @@ class AmiPbx:
             log.warning("registration.store_failed", server=server, error=type(exc.orig).__name__)
             return False
         return True
+
+
+def _retry(link: Link) -> float | None:
+    """Seconds the change loop waits for a change before it comes back anyway: after
+    ``OWED_RETRY`` while something is owed, after ``VERIFY_PAUSE`` (or the failures'
+    pause) while endpoints wait to be verified; None: only a change wakes it."""
+    if not link.client.connected:
+        return None
+    waits = []
+    if link.owed:
+        waits.append(OWED_RETRY)
+    if link.unverified:
+        waits.append(max(VERIFY_PAUSE, link.verify_after - time.monotonic()))
+    return min(waits, default=None)
 
 
 async def _in_turn(
