@@ -620,8 +620,9 @@ def test_mariadb_writes_as_json_table_documents_what_the_id_lookups_wrote(
 def test_a_large_check_clears_recorded_problems_in_bulk(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Past CLEAR_IN_BULK endpoints, empty problems clear the recorded ones (and add no
-    summary row where none was), the others are recorded; the matches are counted."""
+    """Past CLEAR_IN_BULK endpoints the problems are written set-based: empty ones clear
+    the recorded ones (and add no summary row where none was), the others are set (cut
+    to the column) or inserted with a row, on that server only; the matches are counted."""
     monkeypatch.setattr(registrations_module, "CLEAR_IN_BULK", 1)
     seed_store(engine, 4)
     with engine.begin() as conn:
@@ -641,5 +642,16 @@ def test_a_large_check_clears_recorded_problems_in_bulk(
         (1, "pbx1", ""),
         (2, "pbx1", ""),
         (4, "pbx1", "rejected"),
+        (1, "pbx2", "elsewhere"),
+    ]
+    again = {"100000": "x" * 300, "100001": "gone", "100003": ""}
+    with engine.begin() as conn:
+        assert set_problems(conn, "pbx1", again, NOW) == 3
+    with engine.connect() as conn:
+        rows = [tuple(r) for r in conn.execute(query)]
+    assert rows == [
+        (1, "pbx1", "x" * 255),
+        (2, "pbx1", "gone"),
+        (4, "pbx1", ""),
         (1, "pbx2", "elsewhere"),
     ]

@@ -633,8 +633,8 @@ def _insert_many(
         executemany(conn, insert(table), names, rows, column_keys=names)
 
 
-#: More endpoints than this in one :func:`set_problems`: their empty problems clear
-#: recorded ones with set-based UPDATEs (a large apply's check, every endpoint live).
+#: More endpoints than this in one :func:`set_problems`: written in a few set-based
+#: statements (a large apply's check: every endpoint live, or many rejected at once).
 CLEAR_IN_BULK = 500
 
 
@@ -642,14 +642,14 @@ def set_problems(conn: Connection, server: str, problems: Mapping[str, str], now
     """Record, next to each user, why Asterisk does not hold its endpoint as rendered
     (an empty string clears it).  Returns how many endpoints matched a user.
 
-    Past ``CLEAR_IN_BULK`` endpoints the empty problems only clear those recorded, in a
-    few statements (a user with no summary row gets none: there was nothing to clear),
-    and only the others are written one by one."""
+    Past ``CLEAR_IN_BULK`` endpoints the write is set-based (:func:`_set_in_bulk`): a
+    check of 100k endpoints is a few statements, not 100k, on the registration
+    writer's turn."""
     ids = _user_ids(conn, problems)
     if len(problems) > CLEAR_IN_BULK:
-        cleared = [uid for ep, problem in problems.items() if not problem and (uid := ids.get(ep))]
-        _clear_problems(conn, server, cleared)
-        problems = {ep: problem for ep, problem in problems.items() if problem}
+        by_user = {ids[ep]: problem for ep, problem in problems.items() if ep in ids}
+        _set_in_bulk(conn, server, by_user, now)
+        return len(ids)
     for ep, problem in problems.items():
         uid = ids.get(ep)
         if uid is None:
@@ -666,6 +666,47 @@ def set_problems(conn: Connection, server: str, problems: Mapping[str, str], now
                 [{**new, "problem": problem[:_PROBLEM_LEN], "changed_at": now}],
             )
     return len(ids)
+
+
+def _set_in_bulk(conn: Connection, server: str, by_user: Mapping[int, str], now: datetime) -> None:
+    """:func:`set_problems` of many users: the recorded problems of the live ones
+    cleared, each other problem set with one UPDATE per distinct text (they are few:
+    the verifier's own), and a summary row inserted for a user with a problem and none
+    (a user with no row and no problem gets none: there is nothing to say)."""
+    summary = registration_summary.c
+    uids = sorted(by_user)
+    held: set[int] = set()
+    for chunk in _chunks(conn, uids):
+        query = select(summary.user_id).where(
+            summary.server == server, _member(conn, summary.user_id, chunk)
+        )
+        held.update(conn.execute(query).scalars())
+    _clear_problems(conn, server, [uid for uid in uids if not by_user[uid] and uid in held])
+    by_text: dict[str, list[int]] = {}
+    for uid in uids:
+        if by_user[uid] and uid in held:
+            by_text.setdefault(by_user[uid][:_PROBLEM_LEN], []).append(uid)
+    for problem, group in by_text.items():
+        for chunk in _chunks(conn, group):
+            conn.execute(
+                update(registration_summary)
+                .where(summary.server == server, _member(conn, summary.user_id, chunk))
+                .values(problem=problem)
+            )
+    new = [
+        {
+            "user_id": uid,
+            "server": server,
+            "state": "offline",
+            "device_state": "",
+            "problem": by_user[uid][:_PROBLEM_LEN],
+            "changed_at": now,
+        }
+        for uid in uids
+        if by_user[uid] and uid not in held
+    ]
+    if new:
+        conn.execute(insert(registration_summary), new)
 
 
 def _clear_problems(conn: Connection, server: str, uids: Sequence[int]) -> None:
