@@ -95,10 +95,10 @@ async def _login(server: AsteriskServer, config: Config) -> Check:
     runner = asyncio.ensure_future(client.run(stop))
     try:
         ok = await wait_first(client.connected_event, timeout=server.timeout + 1.0)
-        where = f"{server.host}:{server.port}"
+        name, where = f"asterisk {server.name}", f"{server.host}:{server.port}"
         if not ok:
             return (
-                f"asterisk {server.name}",
+                name,
                 False,
                 f"{where}: {client.health().last_error or 'no answer'}",
             )
@@ -106,12 +106,12 @@ async def _login(server: AsteriskServer, config: Config) -> Check:
             try:
                 missing = await _missing_caches(client, server.sorcery_caches)
             except AmiError as exc:
-                return (f"asterisk {server.name}", False, f"{where} login ok; caches: {exc}")
+                return (name, False, f"{where} login ok; caches: {exc}")
             if missing:
                 detail = f"{where} login ok, but no sorcery memory cache named {', '.join(missing)}"
-                return (f"asterisk {server.name}", False, detail + " (see sorcery.conf)")
-            return (f"asterisk {server.name}", True, f"{where} login ok, caches found")
-        return (f"asterisk {server.name}", True, f"{where} login ok")
+                return (name, False, detail + " (see sorcery.conf)")
+            return (name, True, f"{where} login ok, caches found")
+        return (name, True, f"{where} login ok")
     finally:
         stop.set()
         await runner

@@ -20,8 +20,9 @@ import ast
 import asyncio
 import os
 import re
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
-from contextlib import asynccontextmanager
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -625,3 +626,20 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
 def run(coro: Coroutine[Any, Any, T], timeout: float = 20.0) -> T:
     """Run one test scenario on a fresh event loop, bounded in time."""
     return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+@contextmanager
+def in_a_thread(fake: FakeAsterisk) -> Iterator[FakeAsterisk]:
+    """``fake`` serving on an event loop of its own thread (for code that runs its own
+    loop, such as a CLI command or ``asyncio.run``), stopped on the way out."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(fake.start(), loop).result(10)
+    try:
+        yield fake
+    finally:
+        asyncio.run_coroutine_threadsafe(fake.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()

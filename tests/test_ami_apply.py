@@ -5,10 +5,9 @@ to the fake Asterisk."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +30,21 @@ from provisioner.ami.client import AmiClient
 from provisioner.ami.pbx import SNAPSHOT_GAP_FACTOR, SNAPSHOT_MIN_GAP, AmiPbx, Link, snapshot_gap
 from provisioner.ami.reload import PjsipOps, ReloadCoordinator
 from provisioner.checks import run_checks
-from provisioner.config import load_config
+from provisioner.config import Config, load_config
 from provisioner.store.engine import open_engine
 from provisioner.store.migrate import upgrade
 from provisioner.store.schema import registration_summary
 from provisioner.targets import Change
 
-from .amipeer import FakeAsterisk, eventually, fast_settings, run, running, server_for
+from .amipeer import (
+    FakeAsterisk,
+    eventually,
+    fast_settings,
+    in_a_thread,
+    run,
+    running,
+    server_for,
+)
 from .faultkit import write_config
 
 CACHE = "ep_cache"  # the cache the fake Asterisk has (sorcery_memory_cache.txt)
@@ -66,6 +73,19 @@ def _link(peer: FakeAsterisk) -> Link:
 
 def _expired(peer: FakeAsterisk) -> list[str]:
     return [a.get("Object") for a in peer.actions("SorceryMemoryCacheExpireObject")]
+
+
+@asynccontextmanager
+async def _serving(peer: FakeAsterisk, pbx: AmiPbx) -> AsyncIterator[Link]:
+    """``pbx`` running against the started ``peer``, its first link connected (both
+    sessions, where reloads have their own); the peer stopped on the way out."""
+    link = pbx.links[0]
+    try:
+        async with running(pbx):
+            await eventually(lambda: link.client.connected and link.reloads.client.connected)
+            yield link
+    finally:
+        await peer.stop()
 
 
 def test_a_user_added_while_asterisk_is_down_is_expired_and_reloaded_once_it_is_back(
@@ -232,20 +252,16 @@ async def _removal(
     if not registered:
         peer.astdb.discard(CONTACT_KEY)
     await peer.start()
-    link = _link(peer)
-    pbx = AmiPbx([link], store, "realtime")
-    try:
-        async with running(pbx):
-            await eventually(link.book_complete)
-            await prepare(peer, link)
-            listed = len(peer.actions("PJSIPShowContacts"))
-            pbx.applied(REMOVED, target_kind="realtime")
-            await eventually(lambda: bool(peer.actions("DBDel")) and not link.owed)
-            keys = [a.get("Key") for a in peer.actions("DBDel")]
-            reg = link.book.get("1001")
-            return keys, len(peer.actions("PJSIPShowContacts")) - listed, bool(reg and reg.contacts)
-    finally:
-        await peer.stop()
+    pbx = AmiPbx([_link(peer)], store, "realtime")
+    async with _serving(peer, pbx) as link:
+        await eventually(link.book_complete)
+        await prepare(peer, link)
+        listed = len(peer.actions("PJSIPShowContacts"))
+        pbx.applied(REMOVED, target_kind="realtime")
+        await eventually(lambda: bool(peer.actions("DBDel")) and not link.owed)
+        keys = [a.get("Key") for a in peer.actions("DBDel")]
+        reg = link.book.get("1001")
+        return keys, len(peer.actions("PJSIPShowContacts")) - listed, bool(reg and reg.contacts)
 
 
 async def _nothing(peer: FakeAsterisk, link: Link) -> None:
@@ -346,18 +362,13 @@ def test_a_slow_snapshot_holds_the_next_one_back(
         peer = FakeAsterisk()
         peer.delays["pjsipshowcontacts"] = 0.3
         await peer.start()
-        link = _link(peer)
-        pbx = AmiPbx([link], store, "realtime")
-        try:
-            async with running(pbx):
-                await eventually(link.book_complete)
-                await _untracked_auth(peer)
-                await asyncio.sleep(0.5)
-                held_back = len(peer.actions("PJSIPShowContacts"))
-                await eventually(lambda: len(peer.actions("PJSIPShowContacts")) == 2)
-                return link.snapshot_took, held_back, len(peer.actions("PJSIPShowContacts"))
-        finally:
-            await peer.stop()
+        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+            await eventually(link.book_complete)
+            await _untracked_auth(peer)
+            await asyncio.sleep(0.5)
+            held_back = len(peer.actions("PJSIPShowContacts"))
+            await eventually(lambda: len(peer.actions("PJSIPShowContacts")) == 2)
+            return link.snapshot_took, held_back, len(peer.actions("PJSIPShowContacts"))
 
     took, held_back, taken = run(scenario())
     assert took >= 0.3
@@ -365,29 +376,34 @@ def test_a_slow_snapshot_holds_the_next_one_back(
     assert taken == 2
 
 
+def _asterisk_toml(peer: FakeAsterisk, caches: list[str]) -> list[str]:
+    """The ``[[asterisk]]`` entry of a config file for ``peer`` and these caches."""
+    names = ", ".join(f'"{cache}"' for cache in caches)
+    return [
+        "[[asterisk]]",
+        'name = "lab"',
+        'host = "127.0.0.1"',
+        f"port = {peer.port}",
+        f'username = "{peer.username}"',
+        f'secret = "{peer.secret}"',
+        f"sorcery_caches = [{names}]",
+    ]
+
+
+def _realtime_config(tmp_path: Path, peer: FakeAsterisk, caches: list[str]) -> Config:
+    """A realtime target's config with one server, the fake Asterisk (AMI timings fast)."""
+    ami = fast_settings()
+    extra = [
+        "[ami]",
+        *(f"{key} = {value}" for key, value in ami.model_dump().items()),
+        *_asterisk_toml(peer, caches),
+    ]
+    return load_config(str(write_config(tmp_path, kind="realtime", extra=extra)))
+
+
 def _pbx_from_config(tmp_path: Path, peer: FakeAsterisk, store: Engine) -> AmiPbx:
     """The daemon's AmiPbx for a realtime target and one server: the fake Asterisk."""
-    ami = fast_settings()
-    config = load_config(
-        str(
-            write_config(
-                tmp_path,
-                kind="realtime",
-                extra=[
-                    "[ami]",
-                    *(f"{key} = {value}" for key, value in ami.model_dump().items()),
-                    "[[asterisk]]",
-                    'name = "lab"',
-                    'host = "127.0.0.1"',
-                    f"port = {peer.port}",
-                    f'username = "{peer.username}"',
-                    f'secret = "{peer.secret}"',
-                    f'sorcery_caches = ["{CACHE}"]',
-                ],
-            )
-        )
-    )
-    return AmiPbx.from_config(config, store)
+    return AmiPbx.from_config(_realtime_config(tmp_path, peer, [CACHE]), store)
 
 
 def test_reloads_go_on_a_session_of_their_own_without_events(tmp_path: Path, store: Engine) -> None:
@@ -398,29 +414,24 @@ def test_reloads_go_on_a_session_of_their_own_without_events(tmp_path: Path, sto
         peer = FakeAsterisk()
         await peer.start()
         pbx = _pbx_from_config(tmp_path, peer, store)
-        link = pbx.links[0]
-        try:
-            async with running(pbx):
-                await eventually(lambda: link.client.connected and link.reloads.client.connected)
-                await eventually(link.book_complete)
-                pbx.applied(ADDED, target_kind="realtime")
-                await eventually(lambda: bool(peer.actions("Reload")) and not link.owed)
-                await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
-                await eventually(lambda: bool(link.book.get("1001")))
-                logins = peer.actions("Login")
-                quiet = {a.connection for a in logins if a.get("Events") == "off"}
-                reload_conn = peer.actions("Reload")[0].connection
-                expire_conn = peer.actions("SorceryMemoryCacheExpireObject")[0].connection
-                events_on_reload_session = link.reloads.client.health().events_received
-                return (
-                    [a.get("Events") for a in logins],
-                    quiet,
-                    reload_conn,
-                    expire_conn,
-                    events_on_reload_session == 0,
-                )
-        finally:
-            await peer.stop()
+        async with _serving(peer, pbx) as link:
+            await eventually(link.book_complete)
+            pbx.applied(ADDED, target_kind="realtime")
+            await eventually(lambda: bool(peer.actions("Reload")) and not link.owed)
+            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
+            await eventually(lambda: bool(link.book.get("1001")))
+            logins = peer.actions("Login")
+            quiet = {a.connection for a in logins if a.get("Events") == "off"}
+            reload_conn = peer.actions("Reload")[0].connection
+            expire_conn = peer.actions("SorceryMemoryCacheExpireObject")[0].connection
+            events_on_reload_session = link.reloads.client.health().events_received
+            return (
+                [a.get("Events") for a in logins],
+                quiet,
+                reload_conn,
+                expire_conn,
+                events_on_reload_session == 0,
+            )
 
     events, quiet, reload_conn, expire_conn, no_events = run(scenario())
     assert sorted(events) == sorted(["system,call,security", "off"])
@@ -438,19 +449,14 @@ def test_a_realtime_edit_is_live_while_a_slow_reload_runs(tmp_path: Path, store:
         peer.reload_delay = 3.0
         await peer.start()
         pbx = _pbx_from_config(tmp_path, peer, store)
-        link = pbx.links[0]
-        try:
-            async with running(pbx):
-                await eventually(lambda: link.client.connected and link.reloads.client.connected)
-                pbx.applied(ADDED, target_kind="realtime")
-                await eventually(lambda: bool(peer.actions("Reload")))
-                edited = Change(updated=("100000",), changed_objects=(("endpoint", "100000"),))
-                started = time.monotonic()
-                pbx.applied(edited, target_kind="realtime")
-                await eventually(lambda: "100000" in _expired(peer) and not link.owed)
-                return time.monotonic() - started, sum(link.reload_results.values())
-        finally:
-            await peer.stop()
+        async with _serving(peer, pbx) as link:
+            pbx.applied(ADDED, target_kind="realtime")
+            await eventually(lambda: bool(peer.actions("Reload")))
+            edited = Change(updated=("100000",), changed_objects=(("endpoint", "100000"),))
+            started = time.monotonic()
+            pbx.applied(edited, target_kind="realtime")
+            await eventually(lambda: "100000" in _expired(peer) and not link.owed)
+            return time.monotonic() - started, sum(link.reload_results.values())
 
     took, reloads_done = run(scenario())
     assert took < 1.5, f"the edit waited {took:.2f} s for the reload"
@@ -467,24 +473,19 @@ def test_a_reload_session_lost_mid_reload_leaves_the_main_session_up(
         peer = FakeAsterisk()
         await peer.start()
         pbx = _pbx_from_config(tmp_path, peer, store)
-        link = pbx.links[0]
-        try:
-            async with running(pbx):
-                await eventually(lambda: link.client.connected and link.reloads.client.connected)
-                peer.drop_on = {"Reload"}
-                pbx.applied(ADDED, target_kind="realtime")
-                await eventually(lambda: bool(peer.actions("Reload")))
-                await eventually(lambda: not link.reloads.client.connected)
-                peer.drop_on = set()
-                await eventually(lambda: sum(link.reload_results.values()) == 1, timeout=10)
-                return (
-                    link.client.health().sessions,
-                    link.reloads.client.health().sessions,
-                    len(peer.actions("Reload")),
-                    dict(link.reload_results),
-                )
-        finally:
-            await peer.stop()
+        async with _serving(peer, pbx) as link:
+            peer.drop_on = {"Reload"}
+            pbx.applied(ADDED, target_kind="realtime")
+            await eventually(lambda: bool(peer.actions("Reload")))
+            await eventually(lambda: not link.reloads.client.connected)
+            peer.drop_on = set()
+            await eventually(lambda: sum(link.reload_results.values()) == 1, timeout=10)
+            return (
+                link.client.health().sessions,
+                link.reloads.client.health().sessions,
+                len(peer.actions("Reload")),
+                dict(link.reload_results),
+            )
 
     main_sessions, reload_sessions, reloads, results = run(scenario())
     assert main_sessions == 1
@@ -493,47 +494,14 @@ def test_a_reload_session_lost_mid_reload_leaves_the_main_session_up(
     assert results == {"ok": 1}
 
 
-@contextmanager
-def _peer_in_a_thread() -> Iterator[FakeAsterisk]:
-    """A fake Asterisk on an event loop of its own thread (for code that runs its own)."""
-    fake = FakeAsterisk()
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(fake.start(), loop).result(10)
-    try:
-        yield fake
-    finally:
-        asyncio.run_coroutine_threadsafe(fake.stop(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.close()
-
-
 @pytest.mark.parametrize(("caches", "ok"), [([CACHE], True), ([CACHE, "no_such_cache"], False)])
 def test_check_names_a_sorcery_cache_asterisk_does_not_have(
     tmp_path: Path, store: Engine, caches: list[str], ok: bool
 ) -> None:
     """`provisioner check` with a realtime target asks each configured cache to expire an
     object no one has: a cache Asterisk does not have fails the check, by name."""
-    with _peer_in_a_thread() as peer:
-        config = load_config(
-            str(
-                write_config(
-                    tmp_path,
-                    kind="realtime",
-                    extra=[
-                        "[[asterisk]]",
-                        'name = "lab"',
-                        'host = "127.0.0.1"',
-                        f"port = {peer.port}",
-                        f'username = "{peer.username}"',
-                        f'secret = "{peer.secret}"',
-                        f"sorcery_caches = {caches!r}".replace("'", '"'),
-                    ],
-                )
-            )
-        )
+    with in_a_thread(FakeAsterisk()) as peer:
+        config = _realtime_config(tmp_path, peer, caches)
         checks = {name: (passed, detail) for name, passed, detail in run_checks(config)}
     passed, detail = checks["asterisk lab"]
     assert passed is ok, detail
@@ -591,18 +559,13 @@ def test_a_bulk_edit_is_verified_in_rounds_between_edits(
     async def scenario() -> tuple[list[str], int]:
         peer = FakeAsterisk()
         await peer.start()
-        link = _link(peer)
-        pbx = AmiPbx([link], store, "realtime")
-        try:
-            async with running(pbx):
-                await eventually(lambda: link.client.connected)
-                pbx.applied(Change(updated=ids), target_kind="realtime")
-                await eventually(lambda: len(peer.actions("PJSIPShowEndpoint")) == len(ids))
-                await eventually(lambda: not link.unverified)
-                asked = [a.get("Endpoint") for a in peer.actions("PJSIPShowEndpoint")]
-                return asked, len(peer.actions("PJSIPShowEndpoints"))
-        finally:
-            await peer.stop()
+        pbx = AmiPbx([_link(peer)], store, "realtime")
+        async with _serving(peer, pbx) as link:
+            pbx.applied(Change(updated=ids), target_kind="realtime")
+            await eventually(lambda: len(peer.actions("PJSIPShowEndpoint")) == len(ids))
+            await eventually(lambda: not link.unverified)
+            asked = [a.get("Endpoint") for a in peer.actions("PJSIPShowEndpoint")]
+            return asked, len(peer.actions("PJSIPShowEndpoints"))
 
     asked, listings = run(scenario())
     assert asked == list(ids)

@@ -9,9 +9,7 @@ key, SHA-256/MD5 digests, password and API-key hashes, the AMI secret).
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from provisioner import credentials
 from provisioner.store.engine import open_engine
 from provisioner.store.schema import users
 
-from .amipeer import FakeAsterisk
+from .amipeer import FakeAsterisk, in_a_thread
 from .faultkit import PROVISIONER, Daemon, Ran, cheap_hasher, cli, env, until, write_config
 from .helpers import secret_after
 
@@ -34,16 +32,8 @@ GIVEN_SIP = ["Given-Sip-Secret-A", "Given-Sip-Secret-B", "Csv-Sip-Secret-C"]
 @pytest.fixture
 def peer() -> Iterator[FakeAsterisk]:
     """A fake Asterisk on its own event loop thread, expecting AMI_SECRET."""
-    fake = FakeAsterisk(secret=AMI_SECRET)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(fake.start(), loop).result(10)
-    yield fake
-    asyncio.run_coroutine_threadsafe(fake.stop(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join()
-    loop.close()
+    with in_a_thread(FakeAsterisk(secret=AMI_SECRET)) as fake:
+        yield fake
 
 
 def _config(tmp: Path, port: int, kind: str = "config") -> Path:

@@ -295,12 +295,7 @@ async def _verify_each(link: Link, endpoints: list[str], problems: dict[str, str
     ``PJSIPShowEndpoint`` each; an AMI failure raises, the answers so far kept."""
     for endpoint in endpoints:
         detail = await link.ops.show_endpoint(endpoint)
-        if detail is None:
-            problems[endpoint] = _NOT_HELD
-        elif not detail.aors or not detail.auths:
-            problems[endpoint] = _INCOMPLETE
-        else:
-            problems[endpoint] = ""
+        problems[endpoint] = _problem(None if detail is None else (detail.aors, detail.auths))
 
 
 async def _verify_listed(link: Link, endpoints: list[str], problems: dict[str, str]) -> None:
@@ -308,13 +303,16 @@ async def _verify_listed(link: Link, endpoints: list[str], problems: dict[str, s
     ``PJSIPShowEndpoints`` listing; an AMI failure raises."""
     listed = await link.ops.show_endpoints()
     for endpoint in endpoints:
-        found = listed.get(endpoint)
-        if found is None:
-            problems[endpoint] = _NOT_HELD
-        elif not found[0] or not found[1]:
-            problems[endpoint] = _INCOMPLETE
-        else:
-            problems[endpoint] = ""
+        problems[endpoint] = _problem(listed.get(endpoint))
+
+
+def _problem(held: tuple[tuple[str, ...], tuple[str, ...]] | None) -> str:
+    """Why an endpoint Asterisk holds with these AORs and auths (None: not at all) is not
+    live as rendered; ``""`` when it is."""
+    if held is None:
+        return _NOT_HELD
+    aors, auths = held
+    return "" if aors and auths else _INCOMPLETE
 
 
 def verify_backoff(failures: int) -> float:

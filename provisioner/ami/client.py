@@ -177,6 +177,11 @@ class AmiClient:
         return self.server.name
 
     @property
+    def sessions(self) -> int:
+        """Sessions logged in so far (the current one included): a new one each reconnect."""
+        return self._sessions
+
+    @property
     def connected(self) -> bool:
         return self._connected.is_set()
 

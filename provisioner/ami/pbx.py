@@ -180,7 +180,7 @@ class Link:
         its ``SuccessfulAuth`` wants a snapshot, and until that is in, this is False."""
         return (
             self.client.connected
-            and self.snapshot_session == self.client.health().sessions
+            and self.snapshot_session == self.client.sessions
             and not self.snapshot_running
             and not self.snapshot_wanted.is_set()
         )
@@ -438,7 +438,7 @@ class AmiPbx:
         """Ask Asterisk for every contact and make the store hold exactly them; ``False``
         when the store could not be written, or the flusher stopped first (an AMI failure
         is not retried here: the next connect takes a snapshot)."""
-        session = link.client.health().sessions
+        session = link.client.sessions
         started = time.monotonic()
         try:
             contacts = await link.ops.show_contacts()

@@ -15,7 +15,16 @@ from operator import itemgetter
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Table, bindparam, literal_column, select, text
+from sqlalchemy import (
+    Connection,
+    String,
+    Table,
+    TextClause,
+    bindparam,
+    literal_column,
+    select,
+    text,
+)
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.engine import CursorResult, Dialect
 from sqlalchemy.exc import DBAPIError
@@ -31,6 +40,8 @@ __all__ = [
     "executemany",
     "has_json_table",
     "json_table_insert",
+    "json_table_payload",
+    "json_table_source",
     "json_text",
     "prepare",
     "run_many",
@@ -212,10 +223,32 @@ def json_table_insert(
             conn.exec_driver_sql(prepared.sql, prepared.params([(payload,)])[0])
 
 
+def json_table_payload(document: str | bytes) -> str:
+    """A JSON document as it travels to a ``JSON_TABLE`` statement: base64 (see
+    :func:`json_table_insert` for why)."""
+    raw = document.encode() if isinstance(document, str) else document
+    return base64.b64encode(raw).decode("ascii")
+
+
+def json_table_source(width: int) -> tuple[TextClause, list[ColumnElement[Any]]]:
+    """The ``rows`` parameter (a :func:`json_table_payload` of an array of arrays) as a
+    ``JSON_TABLE`` FROM item ``j``, and its columns ``j.c0`` ... ``j.c<width-1>`` (the
+    values at each position, as text)."""
+    # Only our own names reach the JSON_TABLE clause (c0, c1, ...: JSON paths by position).
+    # LONGTEXT: a JSON_TABLE column narrower than a value truncates it without an error,
+    # even in strict mode; the table's own column must be the one that refuses it.
+    spec = ", ".join(f"c{i} LONGTEXT PATH '$[{i}]'" for i in range(width))
+    document = "CONVERT(FROM_BASE64(:rows) USING utf8mb4)"
+    source = text(f"JSON_TABLE({document}, '$[*]' COLUMNS ({spec})) AS j").bindparams(
+        bindparam("rows", type_=String)
+    )
+    return source, [literal_column(f"j.c{i}") for i in range(width)]
+
+
 def _payloads(rows: Sequence[Sequence[Any]], limit: int) -> Iterator[str]:
     """``rows`` as base64 JSON documents of at most ``limit`` bytes each (halved until
     they fit; a single row too large is sent alone, for the server to refuse)."""
-    payload = base64.b64encode(orjson.dumps(rows)).decode("ascii")
+    payload = json_table_payload(orjson.dumps(rows))
     if len(payload) <= limit or len(rows) == 1:
         yield payload
         return
@@ -232,17 +265,8 @@ _JSON_TABLE_SQL: dict[tuple[Any, ...], Prepared] = {}
 def _json_table_sql(
     dialect: Dialect, table: Table, columns: tuple[str, ...], update: tuple[str, ...]
 ) -> Prepared:
-    # Only our own names reach the JSON_TABLE clause (c0, c1, ...: JSON paths by position);
-    # the insert's column list is the Table's own, quoted by SQLAlchemy.
-    names = [f"c{i}" for i in range(len(columns))]
-    # LONGTEXT: a JSON_TABLE column narrower than a value truncates it without an error,
-    # even in strict mode; the table's own column must be the one that refuses it.
-    spec = ", ".join(f"{n} LONGTEXT PATH '$[{i}]'" for i, n in enumerate(names))
-    document = "CONVERT(FROM_BASE64(:rows) USING utf8mb4)"
-    source = text(f"JSON_TABLE({document}, '$[*]' COLUMNS ({spec})) AS j").bindparams(
-        bindparam("rows")
-    )
-    picked: list[ColumnElement[Any]] = [literal_column(f"j.{n}") for n in names]
+    # The insert's column list is the Table's own, quoted by SQLAlchemy.
+    source, picked = json_table_source(len(columns))
     pick = select(*picked).select_from(source)
     stmt = mysql_insert(table).from_select(list(columns), pick)
     if update:

@@ -8,7 +8,6 @@ events for endpoints that are no user (trunks) are ignored.
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -32,9 +31,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
-    literal_column,
     select,
-    text,
     true,
     update,
 )
@@ -50,6 +47,8 @@ from .bulk import (
     executemany,
     has_json_table,
     json_table_insert,
+    json_table_payload,
+    json_table_source,
     json_text,
 )
 from .schema import registration_summary, registrations, users
@@ -303,20 +302,18 @@ def _write_rows_json_table(
     count, upsert, clear, add = _json_table_statements()
     matched = 0
     for batch in _json_table_parts(rows, now):
-        params = {"server": server, "stamp": batch.stamp, "rows": _base64(batch.summaries)}
+        params = {
+            "server": server,
+            "stamp": batch.stamp,
+            "rows": json_table_payload(batch.summaries),
+        }
         matched += int(conn.execute(count, params).scalar_one())
         conn.execute(upsert, params)
         if not cleared:
             conn.execute(clear, params)
         if batch.contacts is not None:
-            conn.execute(add, {**params, "rows": _base64(batch.contacts)})
+            conn.execute(add, {**params, "rows": json_table_payload(batch.contacts)})
     return matched
-
-
-def _base64(document: str) -> str:
-    """A JSON document as it travels to MariaDB/MySQL (see
-    :func:`~provisioner.store.bulk.json_table_insert` for why base64)."""
-    return base64.b64encode(document.encode()).decode("ascii")
 
 
 def _json_table_parts(
@@ -345,27 +342,12 @@ def _fitting(
 
 
 def _json_table_rows(columns: Sequence[Any]) -> tuple[TextClause, list[ColumnElement[Any]]]:
-    """The ``rows`` parameter (a base64 JSON array of arrays) as a ``JSON_TABLE`` FROM item
-    ``j`` and one expression per position, for ``columns`` (``None``: the endpoint), as
-    :func:`_json_rows` makes them for SQLite and PostgreSQL: text cut to its column's
-    size, an empty text NULL otherwise (MariaDB converts text to the column's type)."""
-    # LONGTEXT: a JSON_TABLE column narrower than a value truncates it without an error;
-    # the cut is the statement's own (LEFT, in characters, as Python's slices cut).
-    spec = ", ".join(f"c{i} LONGTEXT PATH '$[{i}]'" for i in range(len(columns)))
-    document = "CONVERT(FROM_BASE64(:rows) USING utf8mb4)"
-    source = text(f"JSON_TABLE({document}, '$[*]' COLUMNS ({spec})) AS j").bindparams(
-        bindparam("rows", type_=String)
-    )
-    items: list[ColumnElement[Any]] = []
-    for i, col in enumerate(columns):
-        item: ColumnElement[Any] = literal_column(f"j.c{i}")
-        if col is not None:
-            if isinstance(col.type, String) and col.type.length is not None:
-                item = func.left(item, col.type.length)
-            elif not isinstance(col.type, String):
-                item = func.nullif(item, "")
-        items.append(item)
-    return source, items
+    """The ``rows`` parameter (a :func:`~.bulk.json_table_payload` of an array of arrays)
+    as a ``JSON_TABLE`` FROM item ``j`` and one expression per position, for ``columns``
+    (``None``: the endpoint), fitted as :func:`_json_rows` fits them for SQLite and
+    PostgreSQL (:func:`_fitted`: text cut by LEFT, in characters as Python's slices cut)."""
+    source, raw = json_table_source(len(columns))
+    return source, [_fitted("mariadb", item, col) for item, col in zip(raw, columns, strict=True)]
 
 
 def _joined(source: TextClause, endpoint: ColumnElement[Any], *columns: Any) -> Select[Any]:
@@ -535,9 +517,15 @@ def _fitted(dialect: str, item: ColumnElement[Any], col: Any) -> ColumnElement[A
         return cast(ColumnElement[Any], cut)
     # An empty text is no value (as the general path's ``changed_at or stamp``).
     value = func.nullif(item, "")
-    if dialect == "sqlite":
-        return value  # SQLite stores what json_extract gives (times as text, integers)
+    if dialect in _STORES_TEXT:
+        return value
     return sql_cast(value, col.type)
+
+
+#: Dialects whose inserts take a value as text and convert it to the column's type:
+#: SQLite stores what json_extract gives (times as text, integers), MariaDB and MySQL
+#: convert as for a quoted literal (a CAST to DATETIME would drop the microseconds).
+_STORES_TEXT = frozenset({"sqlite", "mariadb", "mysql"})
 
 
 @cache

@@ -101,10 +101,7 @@ def write_synced(path: Path, data: bytes | Pieces) -> None:
     any rename makes it the file Asterisk reads."""
     with path.open("wb") as handle:
         os.fchmod(handle.fileno(), FILE_MODE)
-        if isinstance(data, Pieces):
-            data.write_to(handle)
-        else:
-            handle.write(data)
+        Pieces.of(data).write_to(handle)
         handle.flush()
         os.fsync(handle.fileno())
 
