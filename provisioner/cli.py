@@ -39,7 +39,8 @@ class App:
 
     def __init__(self, config_path: str | None, sets: Sequence[str], verbose: bool) -> None:
         self.config_path = config_path
-        self._sets = sets
+        #: ``--set`` flags (with the shorthands), kept for the daemon's SIGHUP.
+        self.sets = sets
         self._verbose = verbose
         self._config: Config | None = None
         self._accounts: Accounts | None = None
@@ -47,7 +48,7 @@ class App:
     @property
     def config(self) -> Config:
         if self._config is None:
-            self._config = load_config(self.config_path, overrides=_parse_sets(self._sets))
+            self._config = load_config(self.config_path, overrides=_parse_sets(self.sets))
             configure_logs(
                 self._config.log.level if self._verbose else "warning", self._config.log.format
             )
@@ -625,7 +626,9 @@ def run(app: App, burst: bool) -> None:
 
     config = app.config
     configure_logs(config.log.level, config.log.format)
-    daemon = Daemon.from_config(config, config_path=app.config_path)
+    daemon = Daemon.from_config(
+        config, config_path=app.config_path, overrides=_parse_sets(app.sets)
+    )
     asyncio.run(daemon.serve(burst=burst))
 
 

@@ -21,7 +21,7 @@ import asyncio
 import gc
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,6 +35,7 @@ from .applier import Applied, Applier
 from .config import Config, load_config
 from .errors import ProvisionerError, StoreUnavailable
 from .health import Health, write_health
+from .logs import configure as configure_logs
 from .logs import get_logger
 from .metrics import Metrics
 from .pjsip import RenderSettings
@@ -114,6 +115,15 @@ def _placement(config: Config) -> tuple[str, str, str, str, int]:
     return (t.kind, t.path, t.url, t.templates, t.shards)
 
 
+#: Sections a SIGHUP cannot apply: the store's engine and the AMI sessions are built once.
+RESTART_SECTIONS = ("store", "ami", "asterisk")
+
+
+def _needs_restart(new: Config, old: Config) -> list[str]:
+    """The sections of :data:`RESTART_SECTIONS` that differ between ``new`` and ``old``."""
+    return [name for name in RESTART_SECTIONS if getattr(new, name) != getattr(old, name)]
+
+
 def template_dirs(config: Config) -> list[Path]:
     dirs = [SHIPPED_TEMPLATES]
     if config.target.templates:
@@ -154,6 +164,8 @@ class Daemon:
     pbx: Pbx | None = None
     notifier: Notifier = field(default_factory=Notifier)
     config_path: str | None = None
+    #: The command line's settings (``--set``, ``--store-url``), applied again on SIGHUP.
+    config_overrides: Mapping[str, Any] = field(default_factory=dict)
 
     should_exit: bool = False
     reload_requested: bool = False
@@ -180,7 +192,13 @@ class Daemon:
     _exported: dict[tuple[str, str], int] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, config: Config, *, config_path: str | None = None) -> Daemon:
+    def from_config(
+        cls,
+        config: Config,
+        *,
+        config_path: str | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Daemon:
         engine = open_engine(config.store.url, busy_timeout=config.store.busy_timeout)
         applier = Applier(
             engine,
@@ -200,6 +218,8 @@ class Daemon:
             wake_sources(config),
             pbx=pbx,
             config_path=config_path,
+            config_overrides=dict(overrides or {}),
+            tracker=CursorTracker(cursor=0, grace=config.daemon.cursor_grace),
         )
 
     # -- signals: flags only -----------------------------------------------------
@@ -406,10 +426,15 @@ class Daemon:
     async def _reload_config(self) -> None:
         """SIGHUP: re-read the configuration; a bad one is logged and the old one kept."""
         try:
-            config = load_config(self.config_path)
+            config = load_config(self.config_path, overrides=self.config_overrides)
         except ProvisionerError as exc:
             log.error("config.reload_failed", error=_describe(exc))
             return
+        fixed = _needs_restart(config, self.config)
+        if fixed:
+            # The AMI sessions and the store's engine live as long as the process: say so
+            # rather than run on with settings that are not the file's.
+            log.warning("config.restart_needed", settings=fixed)
         if _placement(config) != _placement(self.config):
             # Another kind, path, database, template directory or layout (shards): a target
             # built anew (off the loop: it may open a database), which the full apply below
@@ -432,7 +457,10 @@ class Daemon:
             self._templates_watch.set()
             self._templates_watch = asyncio.Event()
             self._spawn(self._watch_templates(dirs))
+        if config.log != self.config.log:
+            configure_logs(config.log.level, config.log.format)
         self.config = config
+        self.tracker.grace = config.daemon.cursor_grace
         self.applier.settings = RenderSettings.from_config(config)
         self.applier.max_removal_fraction = config.daemon.max_removal_fraction
         self.templates_changed.set()

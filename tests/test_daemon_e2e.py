@@ -92,10 +92,10 @@ async def _until(check: Callable[[], Awaitable[bool] | bool], timeout: float) ->
         await asyncio.sleep(0.02)
 
 
-async def _start_daemon(config: Path, log: Path) -> asyncio.subprocess.Process:
+async def _start_daemon(config: Path, log: Path, *flags: str) -> asyncio.subprocess.Process:
     fh = log.open("ab")
     proc = await asyncio.create_subprocess_exec(
-        PROVISIONER, "--config", str(config), "run", stdout=fh, stderr=fh, env=_env()
+        PROVISIONER, "--config", str(config), *flags, "run", stdout=fh, stderr=fh, env=_env()
     )
     fh.close()
     health = config.parent / "state" / "health.json"
@@ -290,6 +290,30 @@ def test_sighup_reloads_config(tmp_path: Path, sig: signal.Signals) -> None:
             config.write_text(config.read_text() + '\n[target.transports]\nudp = "udp-main"\n')
             daemon.send_signal(sig)
             await _until(lambda: "transport=udp-main" in _text(conf), 5)
+
+    asyncio.run(scenario())
+
+
+def test_sighup_keeps_command_line_settings(tmp_path: Path) -> None:
+    """A SIGHUP re-reads the file under the same --set flags: a transport name given on the
+    command line stays in the file while another file setting takes effect."""
+
+    async def scenario() -> None:
+        config = _write_config(tmp_path, None)
+        conf = tmp_path / "pjsip_users.conf"
+        log = tmp_path / "daemon.log"
+        await _seed(config)
+        daemon = await _start_daemon(config, log, "--set", "target.transports.udp=udp-flag")
+        try:
+            await _until(lambda: "transport=udp-flag" in _text(conf), 5)
+            config.write_text(config.read_text() + '\n[target.transports]\ntcp = "tcp-file"\n')
+            daemon.send_signal(signal.SIGHUP)
+            await _until(lambda: "config.reloaded" in _text(log), 5)
+            await asyncio.sleep(0.3)  # the full apply that follows a reload
+            assert "transport=udp-flag" in _text(conf)
+            assert "transport=transport-udp" not in _text(conf)
+        finally:
+            assert await _stop(daemon) == 0
 
     asyncio.run(scenario())
 

@@ -1,0 +1,51 @@
+"""How the daemon takes its settings: at start-up, and again on SIGHUP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from provisioner.config import load_config
+from provisioner.daemon import Daemon, _needs_restart
+
+
+def test_cursor_grace_comes_from_the_config(tmp_path: Path) -> None:
+    """The change-feed tracker waits daemon.cursor_grace over a gap from the first run on."""
+    config = load_config(
+        None,
+        env={},
+        overrides={
+            "store": {"url": f"sqlite:///{tmp_path / 'store.db'}"},
+            "target": {"path": str(tmp_path / "pjsip_users.conf")},
+            "daemon": {"cursor_grace": 600},
+        },
+    )
+    daemon = Daemon.from_config(config, overrides={"daemon": {"cursor_grace": 600}})
+    try:
+        assert daemon.tracker.grace == 600
+        assert daemon.config_overrides == {"daemon": {"cursor_grace": 600}}
+    finally:
+        daemon.engine.dispose()
+
+
+def test_restart_needed_names_the_sections_a_sighup_cannot_apply(tmp_path: Path) -> None:
+    """A new store, [ami] or [[asterisk]] is reported as needing a restart; other
+    sections are not."""
+    base = {
+        "store": {"url": f"sqlite:///{tmp_path / 'store.db'}"},
+        "target": {"path": str(tmp_path / "pjsip_users.conf")},
+    }
+    old = load_config(None, env={}, overrides=base)
+    elsewhere = load_config(
+        None, env={}, overrides={**base, "target": {**base["target"], "shards": 2}}
+    )
+    moved = load_config(
+        None,
+        env={},
+        overrides={
+            **base,
+            "store": {"url": f"sqlite:///{tmp_path / 'other.db'}"},
+            "ami": {"ping_interval": 7},
+        },
+    )
+    assert _needs_restart(elsewhere, old) == []
+    assert _needs_restart(moved, old) == ["store", "ami"]
