@@ -597,3 +597,34 @@ def test_a_failing_check_waits_longer_each_round_and_keeps_its_endpoints() -> No
     assert failures == 1
     assert kept
     assert OWED_RETRY - 1 < waited <= OWED_RETRY
+
+
+def test_file_edits_made_while_a_reload_waits_merge_into_it(store: Engine) -> None:
+    """Config-file edits applied while a reload waits for its gap are served by that
+    reload (their bytes are on disk before it is sent), not by one reload each after it;
+    the edited endpoint is verified once it has been reloaded."""
+
+    async def scenario() -> tuple[int, list[str]]:
+        peer = FakeAsterisk()
+        await peer.start()
+        client = AmiClient(server_for(peer), fast_settings(reload_min_gap=1.0))
+        coordinator = ReloadCoordinator(client, fast_settings(reload_min_gap=1.0))
+        link = Link("lab", client, coordinator, PjsipOps(client, ()), ())
+        pbx = AmiPbx([link], store, "config")
+        async with _serving(peer, pbx):
+            pbx.applied(UPDATED, target_kind="config")  # reloaded at once
+            await eventually(lambda: len(peer.actions("Reload")) == 1)
+            for _ in range(3):  # each one waits for the 1 s gap
+                pbx.applied(UPDATED, target_kind="config")
+                await asyncio.sleep(0.1)
+            await eventually(lambda: len(peer.actions("Reload")) == 2)
+            await eventually(
+                lambda: not link.unverified and bool(peer.actions("PJSIPShowEndpoint"))
+            )
+            await asyncio.sleep(1.5)  # a third reload would have come by now
+            shown = [a.get("Endpoint") for a in peer.actions("PJSIPShowEndpoint")]
+            return len(peer.actions("Reload")), shown
+
+    reloads, shown = run(scenario())
+    assert reloads == 2
+    assert "100001" in shown

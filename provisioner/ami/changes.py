@@ -124,18 +124,44 @@ async def apply_changes(link: Link, batch: Sequence[Change], *, realtime: bool) 
         link.owed.add(change, expire=realtime and bool(link.caches))
     await pay(link)
     if not realtime and any(c.wrote for c in batch):
-        # A config file's objects change only with the reload: they are verified after it.
-        _count_reload(link, await link.reloads.request())
-    elif realtime and (added or removed):
-        # The rows are live already (expired above); the reload only has Asterisk report
-        # the status of added endpoints, and the next edit must not wait for it (95 s
-        # at 50k endpoints, realtime slower still).
-        link.reloads.request().add_done_callback(partial(_reload_done, link))
-    unverified = link.unverified
-    unverified.update(dict.fromkeys(sorted(added | updated)))
-    for endpoint in removed - added - updated:
-        unverified.pop(endpoint, None)
+        # A config file's objects change only with the reload: they are verified after
+        # it.  Not awaited: edits applied while this reload waits (for its gap, for a
+        # server that is down) merge into it, as their bytes are on disk before it is
+        # sent, instead of each costing one more reload afterwards.
+        reloaded = partial(_file_reloaded, link, added | updated, removed - added - updated)
+        link.reloads.request().add_done_callback(reloaded)
+    else:
+        if realtime and (added or removed):
+            # The rows are live already (expired above); the reload only has Asterisk
+            # report the status of added endpoints, and the next edit must not wait for
+            # it (95 s at 50k endpoints, realtime slower still).
+            link.reloads.request().add_done_callback(partial(_reload_done, link))
+        _owe_verification(link, added | updated, removed - added - updated)
     await verify_some(link)
+
+
+def _owe_verification(link: Link, changed: set[str], gone: set[str]) -> None:
+    """Have ``changed`` endpoints verified (in order); ``gone`` ones no longer."""
+    unverified = link.unverified
+    unverified.update(dict.fromkeys(sorted(changed)))
+    for endpoint in gone:
+        unverified.pop(endpoint, None)
+
+
+def _file_reloaded(
+    link: Link, changed: set[str], gone: set[str], future: asyncio.Future[ReloadOutcome]
+) -> None:
+    """A config file's reload ended: count it, and have its endpoints verified by the
+    change loop (woken by an empty change), unless the daemon is stopping."""
+    if future.cancelled():
+        return
+    outcome = future.result()
+    _count_reload(link, outcome)
+    if outcome.result == "stopped":
+        return
+    _owe_verification(link, changed, gone)
+    if changed:
+        link.changes.put_nowait(Change())
 
 
 def _count_reload(link: Link, outcome: ReloadOutcome) -> None:
