@@ -460,3 +460,38 @@ def test_an_edit_after_a_calm_period_does_not_wait_for_the_quiet_window(tmp_path
                 await daemon.wait()
 
     asyncio.run(scenario())
+
+
+def test_a_reload_owed_when_the_daemon_stopped_is_sent_after_its_restart(tmp_path: Path) -> None:
+    """An edit written while Asterisk is down owes it a reload; a SIGTERM before Asterisk
+    is back does not lose it: the next run sends it once Asterisk answers, although its
+    reconcile finds the file already written."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        await peer.start()
+        config = _write_config(tmp_path, peer.port)
+        conf = tmp_path / "pjsip_users.conf"
+        log = tmp_path / "daemon.log"
+        await _seed(config)
+        daemon = await _start_daemon(config, log)
+        try:
+            await _add_agent(config, "alice", "Alice")
+            await _until(lambda: "[1001]" in _text(conf) and bool(peer.actions("Reload")), 5)
+            await peer.stop()
+            before = _text(conf)
+            await _cli(config, "user", "edit", "alice", "--nat", "yes")
+            await _until(lambda: _text(conf) != before, 5)
+            await asyncio.sleep(0.3)  # the reload noted owed in the store
+            assert await _stop(daemon) == 0
+            sent = len(peer.actions("Reload"))
+            daemon = await _start_daemon(config, log)
+            await peer.start()
+            await _until(lambda: len(peer.actions("Reload")) > sent, 10)
+            assert "ami.reload_resumed" in _text(log)
+        finally:
+            if daemon.returncode is None:
+                assert await _stop(daemon) == 0
+            await peer.stop()
+
+    asyncio.run(scenario())

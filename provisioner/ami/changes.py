@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 from ..accounts import utcnow
 from ..logs import get_logger
 from ..store.registrations import set_problems
+from ..store.state import drop_state, put_state
 from ..targets import Change
 from .errors import AmiActionFailed, AmiError
 from .registration import contact_object_name
@@ -51,7 +52,9 @@ __all__ = [
     "Owed",
     "apply_changes",
     "pay",
+    "reload_owed_key",
     "remove_contacts",
+    "request_reload",
     "verify",
     "verify_backoff",
     "verify_some",
@@ -129,15 +132,42 @@ async def apply_changes(link: Link, batch: Sequence[Change], *, realtime: bool) 
         # server that is down) merge into it, as their bytes are on disk before it is
         # sent, instead of each costing one more reload afterwards.
         reloaded = partial(_file_reloaded, link, added | updated, removed - added - updated)
-        link.reloads.request().add_done_callback(reloaded)
+        request_reload(link).add_done_callback(reloaded)
     else:
         if realtime and (added or removed):
             # The rows are live already (expired above); the reload only has Asterisk
             # report the status of added endpoints, and the next edit must not wait for
             # it (95 s at 50k endpoints, realtime slower still).
-            link.reloads.request().add_done_callback(partial(_reload_done, link))
+            request_reload(link).add_done_callback(partial(_reload_done, link))
         _owe_verification(link, added | updated, removed - added - updated)
     await verify_some(link)
+
+
+def reload_owed_key(server: str) -> str:
+    """The ``daemon_state`` key noting that ``server`` is owed a reload."""
+    return "reload_owed:" + server
+
+
+def request_reload(link: Link) -> asyncio.Future[ReloadOutcome]:
+    """Ask for a reload of ``link``'s server, noted in the store until one has ended
+    well: a reload a SIGTERM or a crash cut off (one waiting for its gap, or for a server
+    that is down) is asked for again at the next start, whose full reconcile finds the
+    file or rows already written and so would owe Asterisk nothing."""
+    future = link.reloads.request()
+    if not link.reload_noted:
+        link.reload_noted = True
+        link.in_flusher_turn(partial(put_state, key=reload_owed_key(link.name), value="1"))
+    future.add_done_callback(partial(_reload_settled, link))
+    return future
+
+
+def _reload_settled(link: Link, future: asyncio.Future[ReloadOutcome]) -> None:
+    """Forget the noted reload once one ended well and no other waits."""
+    if future.cancelled() or not future.result().ok:
+        return
+    if link.reload_noted and not link.reloads.pending:
+        link.reload_noted = False
+        link.in_flusher_turn(partial(drop_state, key=reload_owed_key(link.name)))
 
 
 def _owe_verification(link: Link, changed: set[str], gone: set[str]) -> None:

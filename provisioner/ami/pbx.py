@@ -37,7 +37,7 @@ from ..aio import sleep_unless, wait_first
 from ..config import Config
 from ..errors import ProvisionerError
 from ..logs import get_logger
-from ..store.engine import transaction
+from ..store.engine import reading, transaction
 from ..store.registrations import (
     ContactRow,
     SummaryRow,
@@ -45,9 +45,17 @@ from ..store.registrations import (
     epoch_text,
     replace_server_snapshot,
 )
+from ..store.state import load_state
 from ..targets import Change
 from .actions import AmiMessage
-from .changes import OWED_RETRY, VERIFY_PAUSE, Owed, apply_changes
+from .changes import (
+    OWED_RETRY,
+    VERIFY_PAUSE,
+    Owed,
+    apply_changes,
+    reload_owed_key,
+    request_reload,
+)
 from .client import AmiClient
 from .registration import (
     ContactState,
@@ -166,6 +174,8 @@ class Link:
     snapshot_took: float = 0.0
     #: Endpoints applied but not yet verified (see :func:`~.changes.verify_some`).
     unverified: dict[str, None] = field(default_factory=dict)
+    #: A reload is noted owed in the store (see :func:`~.changes.request_reload`).
+    reload_noted: bool = False
     #: Verification rounds failed in a row, and the monotonic time of the next round.
     verify_failures: int = 0
     verify_after: float = 0.0
@@ -258,6 +268,7 @@ class AmiPbx:
                 tg.create_task(self._flusher(link, stop))
                 tg.create_task(self._snapshots(link, stop))
                 tg.create_task(self._changes(link, stop))
+                tg.create_task(self._resume_reload(link))
 
     def applied(self, change: Change, *, target_kind: str) -> None:
         self.target_kind = target_kind
@@ -484,6 +495,18 @@ class AmiPbx:
 
     # -- changes out -------------------------------------------------------------------
 
+    async def _resume_reload(self, link: Link) -> None:
+        """Ask again for a reload the last run noted owed and never saw end well."""
+        key = reload_owed_key(link.name)
+        try:
+            owed = await asyncio.to_thread(_read_state, self.engine, key)
+        except DBAPIError as exc:
+            log.warning("ami.reload_owed_unknown", server=link.name, error=str(exc.orig))
+            return
+        if owed is not None:
+            log.info("ami.reload_resumed", server=link.name)
+            request_reload(link)
+
     async def _changes(self, link: Link, stop: asyncio.Event) -> None:
         while not stop.is_set():
             getter = asyncio.ensure_future(link.changes.get())
@@ -521,6 +544,11 @@ class AmiPbx:
             log.warning("registration.store_failed", server=server, error=type(exc.orig).__name__)
             return False
         return True
+
+
+def _read_state(engine: Engine, key: str) -> str | None:
+    with reading(engine) as conn:
+        return load_state(conn, key)
 
 
 def _retry(link: Link) -> float | None:
