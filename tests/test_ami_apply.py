@@ -376,6 +376,98 @@ def test_a_slow_snapshot_holds_the_next_one_back(
     assert taken == 2
 
 
+_REGISTER = (
+    ("Event: PeerStatus", "Reachable"),
+    ("Event: ContactStatus\r\n", "NonQualified"),
+    ("Event: DeviceStateChange", "NOT_INUSE"),
+)
+_UNREGISTER = (
+    ("Event: PeerStatus", "Unreachable"),
+    ("Event: ContactStatus\r\n", "Removed"),
+    ("Event: DeviceStateChange", "UNAVAILABLE"),
+)
+
+
+def test_a_phone_gone_while_disconnected_is_offline_after_the_reconnect_snapshot(
+    store: Engine,
+) -> None:
+    """An endpoint the reconnect's snapshot lists no contact for is offline, though the
+    last session's events left it Reachable (its un-registration was lost)."""
+
+    async def scenario() -> tuple[str, str, str | None]:
+        peer = FakeAsterisk()
+        await peer.start()
+        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+            await eventually(link.book_complete)
+            for needles in _REGISTER:
+                await peer.send_recorded(*needles)
+            await eventually(lambda: link.book["1001"].peer_status == "Reachable")
+            before = link.book["1001"].summary
+            await peer.stop()
+            peer.astdb.clear()  # the phone un-registered while the connection was down
+            await peer.start()
+            await eventually(lambda: link.client.sessions == 2 and link.book_complete())
+            reg = link.book["1001"]
+            return before, reg.summary, reg.peer_status
+
+    before, after, peer_status = run(scenario())
+    assert before == "online"
+    assert after == "offline"
+    assert peer_status is None
+
+
+class _TailPeer(FakeAsterisk):
+    """A fake Asterisk that sends ``tail`` (events it queued while listing) right after
+    its next PJSIPShowContacts answer, in the same write, as Asterisk does."""
+
+    tail = b""
+
+    async def _answer(self, action: Any) -> bytes:
+        answer = await super()._answer(action)
+        if action.name.lower() == "pjsipshowcontacts" and self.tail:
+            answer, self.tail = answer + self.tail, b""
+        return answer
+
+
+def test_events_right_after_the_contact_list_are_not_lost_to_the_snapshot(
+    store: Engine,
+) -> None:
+    """An un-registration whose events come in the same read as the snapshot's list end
+    is folded over the snapshot: the endpoint ends offline, without the listed contact."""
+
+    async def scenario() -> tuple[str, int, str | None]:
+        peer = _TailPeer()
+        peer.tail = b"".join(peer.library.find_message(*needles) for needles in _UNREGISTER)
+        await peer.start()
+        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+            await eventually(lambda: link.book_complete() and link.events >= 3)
+            reg = link.book["1001"]
+            return reg.summary, len(reg.contacts), reg.peer_status
+
+    summary, contacts, peer_status = run(scenario())
+    assert summary == "offline"
+    assert contacts == 0
+    assert peer_status == "Unreachable"
+
+
+def test_health_counts_reconnects_as_sessions_after_the_first(store: Engine) -> None:
+    """One session, never lost, is no reconnect; a second session after a restart is one."""
+
+    async def scenario() -> tuple[int, int]:
+        peer = FakeAsterisk()
+        await peer.start()
+        pbx = AmiPbx([_link(peer)], store, "realtime")
+        async with _serving(peer, pbx) as link:
+            await eventually(link.book_complete)
+            first = pbx.health()["lab"]["reconnects"]
+            await peer.stop()
+            await peer.start()
+            await eventually(lambda: link.client.sessions == 2 and link.client.connected)
+            return first, pbx.health()["lab"]["reconnects"]
+
+    assert run(scenario()) == (0, 1)
+
+
 def _asterisk_toml(peer: FakeAsterisk, caches: list[str]) -> list[str]:
     """The ``[[asterisk]]`` entry of a config file for ``peer`` and these caches."""
     names = ", ".join(f'"{cache}"' for cache in caches)

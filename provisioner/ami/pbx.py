@@ -24,7 +24,7 @@ import asyncio
 import heapq
 import time
 from asyncio import FIRST_COMPLETED
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
@@ -170,6 +170,10 @@ class Link:
     snapshot_session: int = -1
     #: True while a snapshot is asked for and not yet in the book.
     snapshot_running: bool = False
+    #: While ``PJSIPShowContacts`` runs, the events folded since it was sent, in order:
+    #: Asterisk sends the events queued while it listed after the list's end, and they
+    #: are folded again over the snapshot, which is older than they are.
+    snapshot_events: list[Mapping[str, str]] | None = None
     #: Seconds the last snapshot's ``PJSIPShowContacts`` took.
     snapshot_took: float = 0.0
     #: Endpoints applied but not yet verified (see :func:`~.changes.verify_some`).
@@ -284,7 +288,7 @@ class AmiPbx:
                 # The reload session (the main one when reloads share it).
                 "reload_connected": link.reloads.client.connected,
                 "last_error": h.last_error or "",
-                "reconnects": h.sessions,
+                "reconnects": h.reconnects,
                 "not_live": link.not_live,
                 "events": link.events,
                 "reloads": dict(link.reload_results),
@@ -336,6 +340,8 @@ class AmiPbx:
                 link.snapshot_wanted.set()
         book[endpoint] = after
         link.mark_dirty((endpoint,))
+        if link.snapshot_events is not None:
+            link.snapshot_events.append(event)
 
     async def _flusher(self, link: Link, stop: asyncio.Event) -> None:
         """Write the dirty endpoints, group-commit style: ``FLUSH_DELAY`` after the first
@@ -451,6 +457,7 @@ class AmiPbx:
         is not retried here: the next connect takes a snapshot)."""
         session = link.client.sessions
         started = time.monotonic()
+        link.snapshot_events = []
         try:
             contacts = await link.ops.show_contacts()
         except ProvisionerError as exc:
@@ -458,13 +465,16 @@ class AmiPbx:
             return True
         finally:
             link.snapshot_took = time.monotonic() - started
+            events, link.snapshot_events = link.snapshot_events, None
         snapshot = snapshot_from_contact_list_states(contacts)
         # Keep what events told about device and peer state; contacts come from the snapshot.
         for endpoint, reg in link.book.items():
             if endpoint not in snapshot:
+                # Not listed: no contact registered, so a ``Reachable`` peer state is stale
+                # (the un-registration's events may have been lost with the connection).
                 snapshot[endpoint] = EndpointRegistration(
                     endpoint,
-                    peer_status=reg.peer_status,
+                    peer_status=None if reg.peer_status == "Reachable" else reg.peer_status,
                     device_state=reg.device_state,
                     exists=reg.exists,
                     tracked=reg.tracked,
@@ -472,6 +482,16 @@ class AmiPbx:
                 )
             else:
                 snapshot[endpoint] = _merge(snapshot[endpoint], reg)
+        # The events folded since the action was sent, again, in order, over the snapshot:
+        # those Asterisk sent after the list are newer than it (and, often in the same
+        # read as the list's end, were folded before this resumed); those before it
+        # changed nothing the list does not already show.
+        for event in events or ():
+            about = endpoint_of(event)
+            if about is not None:
+                folded = apply_event(snapshot.get(about), event)
+                if folded is not None:
+                    snapshot[about] = folded
         link.book = snapshot
         link.snapshot_session = session
         link.dirty.clear()
