@@ -10,6 +10,7 @@ user's text and writes the file only if its bytes change (``Target.apply_partial
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -62,6 +63,12 @@ class Applier:
     kept: dict[int, str] = field(default_factory=dict)
     #: True once a full apply succeeded: only then does memory mirror the target.
     synced: bool = False
+    #: endpoint id -> how many users' entries in ``objects`` or ``kept`` hold it (more
+    #: than one only briefly, while an extension moved in the store is not yet re-rendered).
+    holders: Counter[str] = field(default_factory=Counter, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._reindex()
 
     def desired(self) -> tuple[dict[int, UserObjects], dict[int, str], list[Skipped]]:
         """Render every live user: the objects by user id, the endpoint ids kept as they
@@ -96,6 +103,7 @@ class Applier:
             verify=verify,
         )
         self.objects, self.kept, self.synced = objects, kept, True
+        self._reindex()
         return self._done(change, skipped, started, full=True, provisioned=len(objects))
 
     def plan(self, *, allow_mass_removal: bool = False, verify: bool = True) -> Applied:
@@ -136,10 +144,13 @@ class Applier:
                 objects[uid] = render_user(user, self.settings)
             except InvalidInput as exc:
                 skipped.append(Skipped(user.username, exc.problems))
-                if uid in self.objects:  # the last good objects stay
-                    objects[uid] = self.objects[uid]
-                else:
-                    kept[uid] = self.kept.get(uid)
+                # full()'s rule: what the user holds stays only while it still has that
+                # extension (moved, its old endpoint goes: the extension may be reused).
+                last = self.objects.get(uid)
+                if last is not None and last.endpoint_id == user.extension:
+                    objects[uid] = last  # the last good objects stay
+                elif user.extension.isdigit():
+                    kept[uid] = user.extension
         held = len(self.objects) + len(self.kept)
         removing = sum(
             1
@@ -150,8 +161,10 @@ class Applier:
             return self.full()
         change = self._apply_some(ids, objects, kept)
         for uid in ids:
+            self._index(uid, add=False)
             _put(self.objects, uid, objects[uid])
             _put(self.kept, uid, kept[uid])
+            self._index(uid, add=True)
         return self._done(change, skipped, started, full=False, provisioned=len(self.objects))
 
     def _guard(self, allow_mass_removal: bool) -> Callable[[Change], None]:
@@ -170,12 +183,44 @@ class Applier:
         objects: Mapping[int, UserObjects | None],
         kept: Mapping[int, str | None],
     ) -> Change:
-        """Apply the new entries of ``ids`` (memory not yet updated) to the target."""
+        """Apply the new entries of ``ids`` (memory not yet updated) to the target.
+
+        An endpoint these users held (rendered or kept) goes unless it is still wanted or
+        another user in memory holds it (an extension moved to a user not yet re-rendered
+        here: its endpoint id is that user's now).
+        """
         upserts = [o for i in ids if (o := objects[i]) is not None]
-        gone = {self.objects[i].endpoint_id for i in ids if i in self.objects}
-        gone -= {o.endpoint_id for o in upserts}
-        gone -= set(_merged(self.kept, kept).values())
-        return self.target.apply_partial(upserts, sorted(gone))
+        held = {self.objects[i].endpoint_id for i in ids if i in self.objects}
+        held |= {self.kept[i] for i in ids if i in self.kept}
+        wanted = {o.endpoint_id for o in upserts}
+        wanted |= {k for i in ids if (k := kept[i]) is not None}
+        by_these = Counter(e for i in ids for e in self._held(i))
+        gone = [e for e in sorted(held - wanted) if self.holders[e] <= by_these[e]]
+        return self.target.apply_partial(upserts, gone)
+
+    def _held(self, uid: int) -> set[str]:
+        """The endpoint ids memory holds for ``uid`` (rendered or kept)."""
+        held = set()
+        if (o := self.objects.get(uid)) is not None:
+            held.add(o.endpoint_id)
+        if (k := self.kept.get(uid)) is not None:
+            held.add(k)
+        return held
+
+    def _index(self, uid: int, *, add: bool) -> None:
+        """Count ``uid``'s held endpoint ids in :attr:`holders`, or take them out."""
+        for endpoint_id in self._held(uid):
+            if add:
+                self.holders[endpoint_id] += 1
+            elif self.holders[endpoint_id] > 1:
+                self.holders[endpoint_id] -= 1
+            else:
+                self.holders.pop(endpoint_id, None)
+
+    def _reindex(self) -> None:
+        self.holders = Counter()
+        for uid in self.objects.keys() | self.kept.keys():
+            self._index(uid, add=True)
 
     @staticmethod
     def _done(
@@ -202,14 +247,6 @@ class Applier:
             took_ms=round(took, 1),
         )
         return Applied(change, tuple(skipped), took, full, provisioned)
-
-
-def _merged(base: Mapping[int, T], updates: Mapping[int, T | None]) -> dict[int, T]:
-    """``base`` with ``updates`` applied (None removes the entry); ``base`` is not changed."""
-    out = dict(base)
-    for key, value in updates.items():
-        _put(out, key, value)
-    return out
 
 
 def _put(into: dict[int, T], key: int, value: T | None) -> None:

@@ -134,9 +134,10 @@ class TargetSettings(_Section):
         for proto, name in value.items():
             if proto not in ("udp", "tcp", "tls", "ws", "wss"):
                 raise ValueError(f"{proto!r} is not a transport (udp, tcp, tls, ws, wss)")
-            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            # ps_endpoints.transport is VARCHAR(40) (TRANSPORT_NAME_MAX in pjsip.py).
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", name):
                 raise ValueError(
-                    f"transport name for {proto} must be 1-64 letters, digits, '_', '.' or '-'"
+                    f"transport name for {proto} must be 1-40 letters, digits, '_', '.' or '-'"
                 )
         return value
 

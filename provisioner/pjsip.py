@@ -57,7 +57,9 @@ CALLERID_MAX = 40
 #: 8191-byte line Asterisk's config loader skips, even at 4 bytes a character.
 VALUE_MAX = 255
 _ID = re.compile(r"[0-9]{1,20}")
-_NAME_TOKEN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: ps_endpoints.transport is VARCHAR(40): a longer name would fail every realtime apply.
+TRANSPORT_NAME_MAX = 40
+_TRANSPORT_NAME = re.compile(rf"[A-Za-z0-9._-]{{1,{TRANSPORT_NAME_MAX}}}")
 _HEX = {"md5": re.compile(r"[0-9a-f]{32}"), "sha256": re.compile(r"[0-9a-f]{64}")}
 _USERNAME = re.compile(r"[A-Za-z0-9._]{1,40}")
 _CONTEXT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,39}")
@@ -202,9 +204,10 @@ def _checks(user: User, settings: RenderSettings) -> list[Problem]:
     )
     if v.transport in TRANSPORTS:
         need(
-            bool(_NAME_TOKEN.fullmatch(settings.transport_name(v.transport))),
+            bool(_TRANSPORT_NAME.fullmatch(settings.transport_name(v.transport))),
             "transport",
-            "the configured transport name must be letters, digits, '_', '.' or '-'",
+            f"the configured transport name must be 1-{TRANSPORT_NAME_MAX} letters, digits, "
+            "'_', '.' or '-'",
         )
     return problems
 

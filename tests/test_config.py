@@ -161,6 +161,45 @@ def test_bad_transport_name_is_reported() -> None:
         load_config(env={}, overrides={"target": {"transports": {"sctp": "t"}}})
 
 
+def test_transport_names_fit_the_realtime_column() -> None:
+    """A transport name longer than ps_endpoints.transport (40 characters) is refused naming
+    the field and the rule, and one user with it is skipped at render, not every user."""
+    from provisioner.errors import InvalidInput
+    from provisioner.model import User, Voice
+    from provisioner.pjsip import RenderSettings, render_user
+
+    ok = "t" * 40
+    assert (
+        load_config(env={}, overrides={"target": {"transports": {"tcp": ok}}}).target.transports[
+            "tcp"
+        ]
+        == ok
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={"target": {"transports": {"tcp": ok + "x"}}})
+    [problem] = info.value.problems
+    assert problem.field == "target.transports"
+    assert "transport name for tcp must be 1-40 letters" in problem.rule
+    user = User(
+        id=1,
+        role="user",
+        username="u1",
+        full_name="U 1",
+        email="u1@example.com",
+        extension="1001",
+        voice=Voice(transport="tcp"),
+        sip_md5="0" * 32,
+        sip_sha256="0" * 64,
+    )
+    settings = RenderSettings(transports={"tcp": ok})
+    assert dict(render_user(user, settings).endpoint)["transport"] == ok
+    with pytest.raises(InvalidInput) as refused:
+        render_user(user, RenderSettings(transports={"tcp": ok + "x"}))
+    assert [(p.field, p.rule) for p in refused.value.problems] == [
+        ("transport", "the configured transport name must be 1-40 letters, digits, '_', '.' or '-'")
+    ]
+
+
 def test_target_shards_is_validated_and_overridable() -> None:
     """target.shards defaults to 0 (one file), takes 1-4096 from the environment, and a
     value out of range is refused naming the field."""

@@ -1094,3 +1094,93 @@ def test_the_applier_one_edit_path_writes_what_a_full_apply_writes(
         same_as_full()
     finally:
         engine.dispose()
+
+
+def _applier_store(tmp_path: Path, count: int) -> tuple[Any, Any, Any, ConfigFileTarget]:
+    """A seeded store, its Accounts, and an Applier over a config file fully applied once."""
+    from provisioner.accounts import Accounts, Policy
+    from provisioner.applier import Applier
+
+    from .faultkit import cheap_hasher, seed_store, store_url
+
+    cheap_hasher()
+    engine = seed_store(store_url(tmp_path), count)
+    target = ConfigFileTarget(tmp_path / "a" / "pjsip_users.conf")
+    applier = Applier(engine, target, RenderSettings())
+    applier.full()
+    return engine, Accounts(engine, Policy(password_policy=False)), applier, target
+
+
+def _sql(engine: Any, statement: str, **params: str) -> None:
+    """Another application writing the store directly (values the rules would refuse)."""
+    from sqlalchemy import text
+
+    with engine.begin() as conn:
+        conn.execute(text(statement), params)
+
+
+def _same_as_a_fresh_full_apply(engine: Any, target: ConfigFileTarget, tmp_path: Path) -> None:
+    from provisioner.applier import Applier
+
+    fresh = ConfigFileTarget(tmp_path / "fresh" / "pjsip_users.conf")
+    Applier(engine, fresh, RenderSettings()).full()
+    assert target.path.read_bytes() == fresh.path.read_bytes()
+
+
+def test_the_one_edit_path_removes_a_user_kept_at_the_last_full_apply(tmp_path: Path) -> None:
+    """A user kept by a full apply (it could not be rendered) loses its old endpoint on its
+    next edit when it is disabled, or fixed and moved to another extension."""
+    engine, accounts, applier, target = _applier_store(tmp_path, 4)
+    try:
+        u1, u2 = accounts.get_user("u1"), accounts.get_user("u2")
+        _sql(engine, "UPDATE users SET full_name = 'Bad;Name' WHERE username IN ('u1', 'u2')")
+        assert len(applier.full().skipped) == 2
+        assert f"[{u1.extension}]" in target.path.read_text()
+        assert f"[{u2.extension}]" in target.path.read_text()
+
+        accounts.disable(["u1"])
+        assert applier.users_changed([u1.id]).change.removed == (u1.extension,)
+        assert f"[{u1.extension}]" not in target.path.read_text()
+        assert f"[{u2.extension}]" in target.path.read_text()  # still kept
+
+        accounts.edit_user("u2", {"full_name": "Fixed", "extension": "1050"})
+        change = applier.users_changed([u2.id]).change
+        assert (change.added, change.removed) == (("1050",), (u2.extension,))
+        _same_as_a_fresh_full_apply(engine, target, tmp_path)
+    finally:
+        engine.dispose()
+
+
+def test_the_one_edit_path_never_removes_an_endpoint_another_user_holds(tmp_path: Path) -> None:
+    """A user that cannot be rendered keeps its last objects only while it keeps their
+    extension (as a full apply does), and no edit removes an endpoint id another user holds."""
+    engine, accounts, applier, target = _applier_store(tmp_path, 4)
+    try:
+        u0, u1, u2 = (accounts.get_user(n) for n in ("u0", "u1", "u2"))
+        # Moved and broken in one statement: its old endpoint goes, as in a full apply.
+        _sql(
+            engine,
+            "UPDATE users SET extension = '1905', full_name = 'Bad;Name' WHERE username = 'u1'",
+        )
+        applied = applier.users_changed([u1.id])
+        assert [s.username for s in applied.skipped] == ["u1"]
+        assert applied.change.removed == (u1.extension,)
+        _same_as_a_fresh_full_apply(engine, target, tmp_path)
+        # The freed extension goes to u2; u1, fixed, then must not take it away again.
+        accounts.edit_user("u2", {"extension": u1.extension})
+        applier.users_changed([u2.id])
+        accounts.edit_user("u1", {"full_name": "Good Name"})
+        change = applier.users_changed([u1.id]).change
+        assert (change.added, change.removed) == (("1905",), ())
+        _same_as_a_fresh_full_apply(engine, target, tmp_path)
+        # Extensions moved in the store, the new holder re-rendered first: the old holder's
+        # edit leaves the endpoint id alone, since it is the new holder's now.
+        _sql(engine, "UPDATE users SET extension = '1906' WHERE username = 'u0'")
+        _sql(engine, "UPDATE users SET extension = :e WHERE username = 'u3'", e=u0.extension)
+        u3 = accounts.get_user("u3")
+        applier.users_changed([u3.id])
+        assert applier.users_changed([u0.id]).change.removed == ()
+        assert f"[{u0.extension}]" in target.path.read_text()
+        _same_as_a_fresh_full_apply(engine, target, tmp_path)
+    finally:
+        engine.dispose()
