@@ -28,7 +28,6 @@ from .errors import (
     StoreUnavailable,
 )
 from .model import (
-    FIRST_ADMIN_ID,
     IMMUTABLE_FIELDS,
     Profile,
     User,
@@ -413,10 +412,10 @@ class Accounts:
         return [r.username for r in rows]
 
     @staticmethod
-    def _protect_first_admin(row: Any, action: str) -> None:
-        if row.id == FIRST_ADMIN_ID:
+    def _protect_first_admin(conn: Connection, row: Any, action: str) -> None:
+        if row.id == q.first_admin_id(conn):
             raise ForbiddenError.one(
-                "username", f"{row.username} is the first admin (id 1) and can never be {action}"
+                "username", f"{row.username} is the first admin and can never be {action}"
             )
 
     @staticmethod
@@ -428,7 +427,7 @@ class Accounts:
 
     def disable(self, usernames: Sequence[str]) -> list[str]:
         def change(conn: Connection, row: Any, now: datetime) -> None:
-            self._protect_first_admin(row, "disabled")
+            self._protect_first_admin(conn, row, "disabled")
             self._not_deleted(row)
             if not row.disabled:
                 q.update_user(conn, row.id, {"disabled": True, "updated_at": now})
@@ -456,7 +455,7 @@ class Accounts:
         """Soft delete: the user moves to deleted members, its username and extension reserved."""
 
         def change(conn: Connection, row: Any, now: datetime) -> None:
-            self._protect_first_admin(row, "deleted")
+            self._protect_first_admin(conn, row, "deleted")
             if row.deleted_at is None:
                 q.update_user(conn, row.id, {"deleted_at": now, "updated_at": now})
 
@@ -473,7 +472,7 @@ class Accounts:
         """Remove deleted users for good, freeing their username and extension."""
 
         def change(conn: Connection, row: Any, now: datetime) -> None:
-            self._protect_first_admin(row, "purged")
+            self._protect_first_admin(conn, row, "purged")
             if row.deleted_at is None:
                 raise ForbiddenError.one(
                     "username", f"{row.username} is not deleted; only deleted users can be purged"

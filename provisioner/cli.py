@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError
 
 from . import csvio
 from .accounts import Accounts, Policy
-from .config import Config, load_config
+from .config import Config, display_url, load_config
 from .errors import InvalidInput, NotFoundError, Problem, ProvisionerError, StoreUnavailable
 from .logs import configure as configure_logs
 from .logs import get_logger
@@ -642,10 +642,14 @@ def status(app: App, usernames: tuple[str, ...], as_json: bool) -> None:
 
     with app.accounts.transaction() as conn:
         rows = status_rows(conn, list(usernames) or None)
-    if usernames and len(rows) < len(usernames):
-        found = {r["username"].lower() for r in rows}
-        missing = [u for u in usernames if u.lower() not in found]
-        raise NotFoundError("user", ", ".join(missing))
+    # Names match case-insensitively, so ``alice ALICE`` is one user, found once.
+    found = {r["username"].lower() for r in rows}
+    missing: dict[str, str] = {}
+    for name in usernames:
+        if name.lower() not in found:
+            missing.setdefault(name.lower(), name)
+    if missing:
+        raise NotFoundError("user", ", ".join(missing.values()))
     if as_json:
         _echo_json(rows)
         return
@@ -729,7 +733,7 @@ def quickstart(app: App) -> None:
     upgrade(app.accounts.engine)
     for line in seed(app.accounts):
         click.echo(line)
-    click.echo(f"store: {app.config.store.url}")
+    click.echo(f"store: {display_url(app.config.store.url)}")
     ctx = click.get_current_context()
     ctx.invoke(user_list, deleted=False, role=None, profile=None, state=None, as_json=False)
     report = _reconcile(app, kind=None, dry_run=False, allow_mass_removal=False)

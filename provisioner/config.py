@@ -13,7 +13,7 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,7 +57,20 @@ def _check_url(value: str) -> str:
     return value
 
 
-class StoreSettings(_Section):
+def display_url(url: str) -> str:
+    """A database URL fit to print or log: its password, if any, shown as ``***``."""
+    return make_url(url).render_as_string(hide_password=True) if url else url
+
+
+class _UrlSection(_Section):
+    """A section holding a database ``url``, whose password its repr never shows."""
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():
+            yield name, display_url(value) if name == "url" else value
+
+
+class StoreSettings(_UrlSection):
     """Where the user store lives."""
 
     url: str = "sqlite:///var/provisioner.db"
@@ -95,7 +108,7 @@ class SipSettings(_Section):
     realm: str = Field(default="asterisk", pattern=r"^[A-Za-z0-9._-]{1,64}$")
 
 
-class TargetSettings(_Section):
+class TargetSettings(_UrlSection):
     """Where and how users are rendered as PJSIP objects."""
 
     kind: Literal["config", "realtime"] = "config"

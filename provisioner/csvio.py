@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 from .accounts import Accounts
 from .errors import InvalidInput, NotFoundError, Problem, ProvisionerError
-from .model import FIRST_ADMIN_ID, User, check_flag
+from .model import User, check_flag
 from .store import queries as q
 
 __all__ = ["COLUMNS", "ImportResult", "export_users", "import_users"]
@@ -151,7 +151,16 @@ def _read(source: TextIO) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
                     Problem("row", f"has {len(cells)} cells, the header has {len(header)}", line)
                 )
                 continue
-            rows.append((line, {h: _refuse(c) for h, c in zip(header, cells, strict=True)}))
+            # Secrets are never exported, so never quoted: a leading ' is part of the secret.
+            rows.append(
+                (
+                    line,
+                    {
+                        h: c if h in SECRET_COLUMNS else _refuse(c)
+                        for h, c in zip(header, cells, strict=True)
+                    },
+                )
+            )
     except csv.Error as exc:
         problems.append(Problem("csv", str(exc), reader.line_num))
     if problems:
@@ -278,10 +287,8 @@ def _set_disabled(
         raise InvalidInput([Problem("disabled", rule, line)])
     if row is not None and bool(row.disabled) == flag:
         return False
-    if flag and user_id == FIRST_ADMIN_ID:
-        raise InvalidInput(
-            [Problem("disabled", "the first admin (id 1) can never be disabled", line)]
-        )
+    if flag and user_id == q.first_admin_id(conn):
+        raise InvalidInput([Problem("disabled", "the first admin can never be disabled", line)])
     q.update_user(conn, user_id, {"disabled": flag, "updated_at": now})
     return True
 

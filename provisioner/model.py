@@ -58,7 +58,6 @@ TOAST_POSITIONS = (
 )
 AVATAR_MAX_BYTES = 8 * 1024 * 1024
 PASSWORD_SPECIALS = "~!@#$%^&-_=+[{]}"  # noqa: S105 (a character class, not a password)
-FIRST_ADMIN_ID = 1
 
 DEFAULT_CONTEXT = "from-sip"
 DEFAULT_CODECS = ("ulaw", "alaw")

@@ -11,6 +11,7 @@ from sqlalchemy import Engine, func, select
 
 from provisioner import credentials
 from provisioner.accounts import Accounts, Policy
+from provisioner.csvio import import_users
 from provisioner.errors import (
     AuthenticationError,
     ConflictError,
@@ -190,10 +191,31 @@ def test_first_user_must_be_admin(engine: Engine, policy: Policy, clock: FakeClo
     assert root.id == 1
 
 
+def test_first_admin_is_the_lowest_id(
+    engine: Engine, backend: str, policy: Policy, clock: FakeClock
+) -> None:
+    """The lowest id is the protected first admin, even when a rolled-back insert used id 1."""
+    acc = Accounts(engine, policy, clock)
+    text = "username,role,full_name,email,disabled\nroot,admin,Root,root@example.com,no\n"
+    import_users(acc, text, dry_run=True)  # rolled back; PostgreSQL and MariaDB keep the ids used
+    import_users(acc, text)
+    root = acc.get_user("root")
+    if backend != "sqlite":
+        assert root.id > 1
+    acc.add_user({**_agent("boss", profile=None), "role": "admin"})
+    for action in (acc.disable, acc.delete, acc.purge):
+        with pytest.raises(ForbiddenError, match=r"root is the first admin and can never be"):
+            action(["root"])
+    with pytest.raises(InvalidInput, match=r"disabled: the first admin can never be disabled"):
+        import_users(acc, text.replace(",no", ",yes"))
+    assert acc.disable(["boss"]) == ["boss"]
+    assert not acc.get_user("root").disabled
+
+
 def test_first_admin_is_protected(accounts: Accounts) -> None:
-    """The first admin (id 1) can never be disabled, deleted, purged or demoted."""
+    """The first admin can never be disabled, deleted, purged or demoted."""
     for action in (accounts.disable, accounts.delete, accounts.purge):
-        with pytest.raises(ForbiddenError, match=r"first admin \(id 1\)"):
+        with pytest.raises(ForbiddenError, match=r"first admin and can never be"):
             action(["root"])
     with pytest.raises(ForbiddenError, match=r"role: cannot be changed"):
         accounts.edit_user("root", {"role": "user", "profile": "agents"})

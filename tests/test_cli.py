@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
 
 from provisioner import cli as cli_module
 from provisioner import credentials
@@ -182,8 +183,8 @@ def test_error_exit_codes_name_the_problem(cli: Cli) -> None:
           "--profile", "agents"), 4, "username: is already taken"),
         (("user", "edit", "alice", "--extension", "100"), 4,
          "extension: 100 is already used by user root"),
-        (("user", "disable", "root"), 5, "first admin (id 1) and can never be disabled"),
-        (("user", "delete", "root"), 5, "first admin (id 1) and can never be deleted"),
+        (("user", "disable", "root"), 5, "first admin and can never be disabled"),
+        (("user", "delete", "root"), 5, "first admin and can never be deleted"),
         (("user", "purge", "alice"), 5, "only deleted users can be purged"),
         (("profile", "add", "agents"), 4, "profile 'agents' already exists"),
         (("user", "edit", "alice"), 2, "options: name at least one field to change"),
@@ -383,3 +384,24 @@ def test_no_secret_leaks_into_output_or_logs(cli: Cli, store: Engine, tmp_path: 
         for stored in (row.password_hash, row.sip_md5, row.sip_sha256, row.apikey_hash):
             assert stored is None or stored not in transcript
     assert credentials.hash_apikey(key) not in transcript
+
+
+def test_status_names_one_user_in_any_case_once(cli: Cli) -> None:
+    """``status`` given one user's name in two cases reports that user instead of a missing one."""
+    _add(cli, "alice")
+    rows = json.loads(cli.ok("status", "alice", "ALICE", "--json"))
+    assert [r["username"] for r in rows] == ["alice"]
+    result = cli("status", "alice", "ALICE", "nobody", "NOBODY")
+    assert result.code == 3
+    assert "user 'nobody' not found" in result.err.replace('"', "'")
+
+
+def test_quickstart_hides_the_store_password(tmp_path: Path) -> None:
+    """``quickstart`` prints the store URL with its password hidden."""
+    with temp_database("postgresql", tmp_path) as url:
+        secret_url = make_url(url).set(password="s3cret-pw").render_as_string(hide_password=False)
+        config = CONFIG + f'\n[target]\npath = "{tmp_path / "pjsip_users.conf"}"\n'
+        result = make_cli(secret_url, tmp_path, config)("quickstart")
+        assert result.code == 0, result
+        assert "s3cret-pw" not in result.out + result.err
+        assert "store: postgresql+psycopg://postgres:***@127.0.0.1:5432/" in result.out

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from provisioner import config as config_module
-from provisioner.config import Config, load_config
+from provisioner.config import Config, StoreSettings, TargetSettings, load_config
 from provisioner.errors import ConfigError
 
 
@@ -214,3 +214,15 @@ def test_target_shards_is_validated_and_overridable() -> None:
         assert rule, bad
     with pytest.raises(ConfigError, match="less than or equal to 4096"):
         load_config(env={}, overrides={"target": {"shards": 4097}})
+
+
+def test_repr_hides_database_passwords() -> None:
+    """The store and target URLs' passwords never show in a Config's repr or str."""
+    config = Config(
+        store=StoreSettings(url="postgresql+psycopg://u:s3cret-a@db/users"),
+        target=TargetSettings(url="mysql+pymysql://u:s3cret-b@db/asterisk"),
+    )
+    for shown in (repr(config), str(config), repr(config.store), repr(config.target)):
+        assert "s3cret" not in shown
+    assert "postgresql+psycopg://u:***@db/users" in repr(config)
+    assert config.store.url == "postgresql+psycopg://u:s3cret-a@db/users"

@@ -189,7 +189,7 @@ def test_import_is_all_or_nothing_and_reports_every_bad_row(accounts: Accounts) 
     ]
     message = str(info.value)
     assert "line 4: email: must be a valid email address" in message
-    assert "line 6: disabled: the first admin (id 1) can never be disabled" in message
+    assert "line 6: disabled: the first admin can never be disabled" in message
     assert "line 7: username: repeats line 2" in message
     assert "line 8: extension: 102 is already used by user dave" in message
     # Nothing applied: dave absent, alice unchanged, root enabled.
@@ -236,6 +236,20 @@ def test_import_adds_updates_and_sets_secrets(accounts: Accounts) -> None:
         user_row(accounts.engine, "bob").sip_md5
         == credentials.sip_digests("bob", "asterisk", "Bob-Secret-1").md5
     )
+
+
+def test_secret_cells_keep_a_leading_quote(accounts: Accounts) -> None:
+    """A secret cell keeps its leading quote: secrets are never exported, so never quoted."""
+    secret, password = "'-Secret123", "'=" + GOOD_PASSWORD
+    text = (
+        "username,full_name,email,profile,password,sip_secret\n"
+        f"bob,Bob,bob@example.com,agents,{password},{secret}\n"
+    )
+    import_users(accounts, text)
+    row = user_row(accounts.engine, "bob")
+    assert row.sip_md5 == credentials.sip_digests("bob", "asterisk", secret).md5
+    assert credentials.verify_password(row.password_hash, password)
+    assert accounts.get_user("bob").full_name == "Bob"
 
 
 @pytest.mark.parametrize(

@@ -151,6 +151,14 @@ def replace_attributes(conn: Connection, user_id: int, attributes: Mapping[str, 
         )
 
 
+def first_admin_id(conn: Connection) -> int | None:
+    """The first admin's id: the lowest in the store (ids need not start at 1), or None if empty.
+
+    The first user must be an admin and can never be purged, so this stays the same user.
+    """
+    return conn.execute(select(func.min(users.c.id))).scalar_one_or_none()
+
+
 def username_taken(conn: Connection, username: str) -> bool:
     query = select(func.count()).select_from(users).where(users.c.username_key == username.lower())
     return bool(conn.execute(query).scalar_one())
