@@ -720,3 +720,43 @@ def test_file_edits_made_while_a_reload_waits_merge_into_it(store: Engine) -> No
     reloads, shown = run(scenario())
     assert reloads == 2
     assert "100001" in shown
+
+
+def test_a_file_removal_deletes_the_contacts_after_the_reload(store: Engine) -> None:
+    """Config-file target: a removed endpoint's contacts are deleted only once the reload
+    that drops the endpoint has ended (before it, the phone could register again)."""
+
+    async def scenario() -> list[str]:
+        peer = FakeAsterisk()
+        peer.reload_delay = 0.3
+        await peer.start()
+        pbx = AmiPbx([_link(peer)], store, "config")
+        async with _serving(peer, pbx) as link:
+            await eventually(link.book_complete)
+            pbx.applied(REMOVED, target_kind="config")
+            await eventually(lambda: bool(peer.actions("DBDel")) and not link.owed)
+            return [a.name for a in peer.received if a.name in ("DBDel", "Reload")]
+
+    assert run(scenario()) == ["Reload", "DBDel"]
+
+
+def test_a_file_endpoint_removed_then_added_again_keeps_its_contacts(store: Engine) -> None:
+    """Config-file target: an endpoint removed and added back before their reload ends
+    keeps its phone's contacts."""
+
+    async def scenario() -> list[str]:
+        peer = FakeAsterisk()
+        peer.reload_delay = 0.3
+        await peer.start()
+        pbx = AmiPbx([_link(peer)], store, "config")
+        async with _serving(peer, pbx) as link:
+            await eventually(link.book_complete)
+            pbx.applied(REMOVED, target_kind="config")
+            pbx.applied(Change(added=("1001",), wrote=True), target_kind="config")
+            await eventually(
+                lambda: len(peer.actions("Reload")) >= 1 and not link.reloads.in_flight
+            )
+            await asyncio.sleep(0.5)
+            return [a.name for a in peer.received if a.name in ("DBDel", "Reload")]
+
+    assert "DBDel" not in run(scenario())

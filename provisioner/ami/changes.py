@@ -99,15 +99,22 @@ class Owed:
     def __bool__(self) -> bool:
         return bool(self.expiries or self.removals)
 
-    def add(self, change: Change, *, expire: bool) -> None:
-        """Owe what ``change`` needs (``expire``: its changed objects' expiries).  An
+    def add(self, change: Change, *, expire: bool, remove: bool = True) -> None:
+        """Owe what ``change`` needs (``expire``: its changed objects' expiries;
+        ``remove``: its removed endpoints' contacts, else owed later by the caller).  An
         endpoint added or updated after its removal was owed keeps its contacts: they
         are its phone's again."""
         if expire:
             self.expiries.update(dict.fromkeys(oid for _kind, oid in change.changed_objects))
-        self.removals.update(dict.fromkeys(change.removed))
-        for endpoint in (*change.added, *change.updated):
-            self.removals.pop(endpoint, None)
+        if remove:
+            self.removals.update(dict.fromkeys(change.removed))
+        self.keep(change.added, change.updated)
+
+    def keep(self, *endpoints: Sequence[str] | set[str]) -> None:
+        """Owe no contact removal for ``endpoints`` (added or updated again)."""
+        for group in endpoints:
+            for endpoint in group:
+                self.removals.pop(endpoint, None)
 
 
 async def apply_changes(link: Link, batch: Sequence[Change], *, realtime: bool) -> None:
@@ -123,10 +130,14 @@ async def apply_changes(link: Link, batch: Sequence[Change], *, realtime: bool) 
     added = set[str]().union(*(c.added for c in batch))
     updated = set[str]().union(*(c.updated for c in batch))
     removed = set[str]().union(*(c.removed for c in batch))
+    reloads_file = not realtime and any(c.wrote for c in batch)
     for change in batch:
-        link.owed.add(change, expire=realtime and bool(link.caches))
+        # A config file's removed endpoint lives in Asterisk until the reload: a contact
+        # deleted before it could be registered again meanwhile, and would then outlive
+        # the endpoint (README of ../shared/asterisk).  Its contacts go after the reload.
+        link.owed.add(change, expire=realtime and bool(link.caches), remove=not reloads_file)
     await pay(link)
-    if not realtime and any(c.wrote for c in batch):
+    if reloads_file:
         # A config file's objects change only with the reload: they are verified after
         # it.  Not awaited: edits applied while this reload waits (for its gap, for a
         # server that is down) merge into it, as their bytes are on disk before it is
@@ -181,16 +192,20 @@ def _owe_verification(link: Link, changed: set[str], gone: set[str]) -> None:
 def _file_reloaded(
     link: Link, changed: set[str], gone: set[str], future: asyncio.Future[ReloadOutcome]
 ) -> None:
-    """A config file's reload ended: count it, and have its endpoints verified by the
-    change loop (woken by an empty change), unless the daemon is stopping."""
+    """A config file's reload ended: count it, owe the removed endpoints' contact
+    removals, and have the changed endpoints verified, by the change loop (woken by an
+    empty change), unless the daemon is stopping.  Reloads end in request order, so an
+    endpoint removed then added again keeps its contacts."""
     if future.cancelled():
         return
     outcome = future.result()
     _count_reload(link, outcome)
     if outcome.result == "stopped":
         return
+    link.owed.removals.update(dict.fromkeys(sorted(gone)))
+    link.owed.keep(changed)
     _owe_verification(link, changed, gone)
-    if changed:
+    if changed or gone:
         link.changes.put_nowait(Change())
 
 
