@@ -45,6 +45,7 @@ from .store.changefeed import (
     load_cursor,
     prune_changes,
     read_changes,
+    read_unapplied,
     save_cursor,
 )
 from .store.engine import open_engine, reading
@@ -403,7 +404,7 @@ class Daemon:
 
     def _incremental(self) -> Applied | None:
         with reading(self.engine) as conn:
-            rows = self.tracker.fresh(read_changes(conn, self.tracker.cursor))
+            rows = read_unapplied(conn, self.tracker)
         if not rows:
             self._advance([])
             return None

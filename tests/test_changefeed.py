@@ -6,19 +6,21 @@ import select as pyselect
 
 import psycopg
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, func, select, text
 
 from provisioner.accounts import Accounts
 from provisioner.store.changefeed import (
     NOTIFY_CHANNEL,
     ChangeRow,
     CursorTracker,
+    _gaps,
     load_cursor,
     prune_changes,
     read_changes,
+    read_unapplied,
     save_cursor,
 )
-from provisioner.store.schema import user_attributes
+from provisioner.store.schema import changes, user_attributes
 
 
 def _changes(engine: Engine, after: int = 0) -> list[tuple[str, int, str]]:
@@ -118,3 +120,47 @@ def test_prune_keeps_the_newest_change_so_ids_never_go_back(
     accounts.edit_user("root", {"description": "again"})
     with engine.connect() as conn:
         assert [c.id for c in read_changes(conn, 0)][-1] > newest
+
+
+def _add_changes(engine: Engine, ids: list[int]) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            changes.insert(), [{"id": i, "entity": "user", "entity_id": i, "op": "U"} for i in ids]
+        )
+
+
+def test_applied_ids_above_a_gap_do_not_hide_new_changes(engine: Engine) -> None:
+    """A gap with a full read of applied ids above it hides neither a new change nor its own."""
+    with engine.connect() as conn:
+        base = conn.execute(select(func.max(changes.c.id))).scalar_one_or_none() or 0
+    # base + 1 is an open transaction's id; base + 2 .. base + 11 committed meanwhile.
+    _add_changes(engine, list(range(base + 2, base + 12)))
+    t = CursorTracker(cursor=base, grace=30.0)
+    with engine.connect() as conn:
+        rows = read_unapplied(conn, t, limit=5)
+    assert [r.id for r in rows] == list(range(base + 2, base + 7))
+    t.mark([r.id for r in rows], now=0.0)
+    with engine.connect() as conn:
+        rows = read_unapplied(conn, t, limit=5)
+    assert [r.id for r in rows] == list(range(base + 7, base + 12))
+    t.mark([r.id for r in rows], now=0.5)
+    assert t.cursor == base
+
+    _add_changes(engine, [base + 12])  # a new edit, well inside the grace period
+    with engine.connect() as conn:
+        rows = read_unapplied(conn, t, limit=5)
+    assert [r.id for r in rows] == [base + 12]
+    t.mark([r.id for r in rows], now=1.0)
+
+    _add_changes(engine, [base + 1])  # the open transaction commits at last
+    with engine.connect() as conn:
+        rows = read_unapplied(conn, t, limit=5)
+    assert [r.id for r in rows] == [base + 1]
+    assert t.mark([r.id for r in rows], now=2.0) == base + 12
+
+
+def test_read_unapplied_rereads_every_gap_between_applied_ids() -> None:
+    """Each run of missing ids between the cursor and the highest applied id is a gap to re-read."""
+    assert _gaps(10, set()) == []
+    assert _gaps(10, {11, 12}) == []
+    assert _gaps(10, {12, 13, 17, 18, 20}) == [(11, 11), (14, 16), (19, 19)]

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import Connection, delete, func, select
+from sqlalchemy import Connection, delete, func, or_, select
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
@@ -32,6 +32,7 @@ __all__ = [
     "CursorTracker",
     "load_cursor",
     "read_changes",
+    "read_unapplied",
     "save_cursor",
     "trigger_ddl",
 ]
@@ -145,6 +146,50 @@ def read_changes(conn: Connection, after: int, limit: int = 10_000) -> list[Chan
         .limit(limit)
     )
     return [ChangeRow(r.id, r.entity, r.entity_id, r.op) for r in rows]
+
+
+# Gap intervals per query: keeps the OR chain well under SQLite's expression depth limit.
+_GAPS_PER_QUERY = 200
+
+
+def _gaps(cursor: int, seen: set[int]) -> list[tuple[int, int]]:
+    """The id ranges (inclusive) above ``cursor`` and below the highest seen id not applied yet."""
+    out = []
+    low = cursor
+    for i in sorted(seen):
+        if i > low + 1:
+            out.append((low + 1, i - 1))
+        low = max(low, i)
+    return out
+
+
+def read_unapplied(
+    conn: Connection, tracker: CursorTracker, limit: int = 10_000
+) -> list[ChangeRow]:
+    """The changes ``tracker`` has not applied yet, oldest first.
+
+    New changes are read from above the highest applied id, so applied ids
+    waiting above a gap never crowd them out of ``limit``; the gaps themselves
+    (few: open transactions and rollbacks) are re-read apart, at most ``limit``
+    rows of them too.
+    """
+    top = max(tracker.seen, default=tracker.cursor)
+    cols = (changes.c.id, changes.c.entity, changes.c.entity_id, changes.c.op)
+    found: list[ChangeRow] = []
+    gaps = _gaps(tracker.cursor, tracker.seen)
+    for start in range(0, len(gaps), _GAPS_PER_QUERY):
+        if len(found) >= limit:
+            break
+        chunk = gaps[start : start + _GAPS_PER_QUERY]
+        rows = conn.execute(
+            select(*cols)
+            .where(or_(*(changes.c.id.between(lo, hi) for lo, hi in chunk)))
+            .order_by(changes.c.id)
+            .limit(limit - len(found))
+        )
+        found.extend(ChangeRow(r.id, r.entity, r.entity_id, r.op) for r in rows)
+    found.extend(read_changes(conn, top, limit))
+    return tracker.fresh(found)
 
 
 def load_cursor(conn: Connection) -> int:
