@@ -576,7 +576,7 @@ def _reconcile(
             update={"target": config.target.model_copy(update={"kind": kind})}
         )
     engine = app.accounts.engine
-    target = build_target(config, engine)
+    target = build_target(config, engine, create_tables=not dry_run)
     return reconcile(
         engine,
         target,

@@ -80,20 +80,26 @@ class StoreSettings(_UrlSection):
     _url = field_validator("url")(_check_url)
 
 
+#: Ten years: a longer lock overflows the date arithmetic (``0`` already means "until unlocked").
+MAX_LOCK_MINUTES = 10 * 366 * 24 * 60
+#: The largest extension: an extension is 1 to 20 digits.
+MAX_EXTENSION = 10**20 - 1
+
+
 class SecuritySettings(_Section):
     """The security suite: password policy and login lockout."""
 
     password_policy: bool = True
     max_failed_logins: int = Field(default=5, ge=1, le=1000)
     #: Minutes after which a locked account unlocks by itself; 0 means only an admin unlocks.
-    lock_minutes: int = Field(default=30, ge=0)
+    lock_minutes: int = Field(default=30, ge=0, le=MAX_LOCK_MINUTES)
 
 
 class ExtensionSettings(_Section):
     """The range new extensions are allocated from (lowest free number first)."""
 
-    first: int = Field(default=1000, ge=0)
-    last: int = Field(default=9999, ge=0)
+    first: int = Field(default=1000, ge=0, le=MAX_EXTENSION)
+    last: int = Field(default=9999, ge=0, le=MAX_EXTENSION)
 
     @model_validator(mode="after")
     def _ordered(self) -> ExtensionSettings:

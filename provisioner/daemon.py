@@ -91,8 +91,10 @@ class Pbx(Protocol):
         ...
 
 
-def build_target(config: Config, store_engine: Engine) -> Target:
-    """The configured target (the one place targets are built from config)."""
+def build_target(config: Config, store_engine: Engine, *, create_tables: bool = True) -> Target:
+    """The configured target (the one place targets are built from config); without
+    ``create_tables`` a realtime target's tables are neither created nor altered (a dry
+    run writes nothing: its plan takes missing tables as empty)."""
     if config.target.kind == "realtime":
         from .targets.realtime import RealtimeTarget
 
@@ -102,7 +104,8 @@ def build_target(config: Config, store_engine: Engine) -> Target:
             else store_engine
         )
         target = RealtimeTarget(engine)
-        target.create_tables()
+        if create_tables:
+            target.create_tables()
         return target
     from .targets.sharded import config_file_target
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, create_engine, inspect
 from sqlalchemy.engine import make_url
 
 from provisioner import cli as cli_module
@@ -405,3 +405,23 @@ def test_quickstart_hides_the_store_password(tmp_path: Path) -> None:
         assert result.code == 0, result
         assert "s3cret-pw" not in result.out + result.err
         assert "store: postgresql+psycopg://postgres:***@127.0.0.1:5432/" in result.out
+
+
+def test_realtime_dry_run_creates_no_table(cli: Cli, db_url: str) -> None:
+    """``render --target realtime --dry-run`` against a database without the tables plans
+    every user as added and creates nothing; the real render then creates the tables."""
+    _add(cli, "alice")
+    cli.config.write_text(CONFIG + f'\n[target]\nurl = "{db_url}"\n', encoding="utf-8")
+    target = create_engine(db_url)
+    try:
+        out = cli.ok("render", "--target", "realtime", "--dry-run")
+        assert "+ ps_endpoints" in out
+        assert "would be added 2" in out
+        assert inspect(target).get_table_names() == []
+        cli.ok("render", "--target", "realtime")
+        assert {"ps_endpoints", "ps_auths", "ps_aors", "provisioner_objects"} <= set(
+            inspect(target).get_table_names()
+        )
+        assert "would be added 0" in cli.ok("render", "--target", "realtime", "--dry-run")
+    finally:
+        target.dispose()

@@ -226,3 +226,37 @@ def test_repr_hides_database_passwords() -> None:
         assert "s3cret" not in shown
     assert "postgresql+psycopg://u:***@db/users" in repr(config)
     assert config.store.url == "postgresql+psycopg://u:s3cret-a@db/users"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("security", "lock_minutes", 10_000_000_000),
+        ("security", "lock_minutes", config_module.MAX_LOCK_MINUTES + 1),
+        ("extensions", "last", 10**20),
+        ("extensions", "first", 10**20),
+    ],
+)
+def test_out_of_range_numbers_name_their_key(section: str, key: str, value: int) -> None:
+    """A lock over ten years or an extension bound over 20 digits is an error naming the key."""
+    overrides = {section: {key: value}}
+    if (section, key) == ("extensions", "first"):
+        overrides[section]["last"] = 10**20 - 1
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides=overrides)
+    fields = [problem.field for problem in info.value.problems]
+    assert f"{section}.{key}" in fields
+    assert "less than or equal to" in str(info.value)
+
+
+def test_largest_allowed_numbers_load() -> None:
+    """Ten years of lock and a 20-digit last extension are accepted."""
+    cfg = load_config(
+        env={},
+        overrides={
+            "security": {"lock_minutes": config_module.MAX_LOCK_MINUTES},
+            "extensions": {"last": 10**20 - 1},
+        },
+    )
+    assert cfg.security.lock_minutes == config_module.MAX_LOCK_MINUTES
+    assert cfg.extensions.last == 10**20 - 1

@@ -393,6 +393,27 @@ def test_template_errors_are_render_check_failures(tmp_path: Path) -> None:
         undefined.render_text(rendered())
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        "; {{ ''.__class__.__mro__ }}\n",
+        "; {{ cycler.__init__.__globals__.os.environ }}\n",
+        "; {{ users.append(1) }}\n",
+        "; {% set seen = {} %}{{ seen.update(a=1) }}\n",
+    ],
+)
+def test_override_templates_are_sandboxed(tmp_path: Path, header: str) -> None:
+    """An override reaching Python internals or calling a mutating method fails to render."""
+    target = ConfigFileTarget(
+        tmp_path / "a.conf", write_override(tmp_path / "t", "header.j2", header)
+    )
+    with pytest.raises(
+        RenderCheckFailed, match=r"templates failed to render \((Undefined|Security)Error\)"
+    ):
+        target.render_text(rendered())
+    assert not (tmp_path / "a.conf").exists()
+
+
 def test_missing_override_directory_is_a_config_error(tmp_path: Path) -> None:
     """A target.templates directory that does not exist is reported as a config problem."""
     with pytest.raises(ConfigError) as info:

@@ -405,9 +405,10 @@ class RealtimeTarget:
         self, objects: Sequence[UserObjects], *, keep: Collection[str] = (), verify: bool = False
     ) -> Change:
         """What :meth:`apply` (with the same ``verify``) would change, with a per-row diff;
-        writes nothing."""
+        writes nothing (a table not created yet is taken as empty)."""
         with reading(self.engine) as conn:
-            computed = self._compute(conn, objects, keep, None, verify=verify)
+            missing = _missing_tables(conn)
+            computed = self._compute(conn, objects, keep, None, verify=verify, missing=missing)
             diff = "".join(line + "\n" for line in _diff_lines(conn, computed))
             conn.rollback()
         return replace(computed.change, diff=diff)
@@ -472,8 +473,11 @@ class RealtimeTarget:
         scope: Mapping[str, set[str]] | None,
         *,
         verify: bool,
+        missing: Collection[str] = (),
     ) -> _Plan:
-        has_digest = self._digest_column(conn)
+        """``missing``: names of tables not created yet, read as empty (only a plan)."""
+        unowned = provisioner_objects.name in missing
+        has_digest = not unowned and self._digest_column(conn)
         digests = self._digests(objects, remember=scope is None)
         if scope is None and not verify and has_digest:
             scope = _stale_scope(conn, objects, digests)
@@ -490,8 +494,14 @@ class RealtimeTarget:
             signatures = [tuple(map(_first, values)) for values in options]
             shape = shapes[kind] = self._shape(kind, signatures)
             desired[kind] = shape.rows(map(id_of, compared), options, signatures)
-            seen[kind] = _read(conn, shape, ids[kind])
-        owned = _owned_kinds(conn, ids, has_digest)
+            if shape.table.name in missing:
+                seen[kind] = _Seen(rows=[], ids=set(), off_constant=set())
+            else:
+                seen[kind] = _read(conn, shape, ids[kind])
+        if unowned:
+            owned: dict[str, dict[str, str | None]] = {kind: {} for kind in _KINDS}
+        else:
+            owned = _owned_kinds(conn, ids, has_digest)
         conflicts = [
             (kind, oid, _user_key(kind, oid))
             for kind in _KINDS
@@ -550,6 +560,13 @@ class RealtimeTarget:
             # Kept: a one-user apply reuses the shape and its row builders.
             shape = self._shape_cache[key] = _Shape(kind, fill, distinct)
         return shape
+
+
+def _missing_tables(conn: Connection) -> set[str]:
+    """The names of the PJSIP and ownership tables not in the database yet."""
+    tables = [*(OWNED_KINDS[kind] for kind in _KINDS), provisioner_objects]
+    found = inspect(conn)
+    return {table.name for table in tables if not found.has_table(table.name)}
 
 
 def _scope(upserts: Sequence[UserObjects], removed_ids: Iterable[str]) -> dict[str, set[str]]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.sandbox
 
 from ..asterisk_conf import parse
 from ..errors import AsteriskSyntaxError, ConfigError, Problem, RenderCheckFailed
@@ -75,11 +76,13 @@ def plain_header(header: str) -> bool:
 
 
 def _environment(searched: Sequence[Path]) -> jinja2.Environment:
-    return jinja2.Environment(
+    """A sandbox: an override template reaches no Python internals (``__class__``,
+    ``__globals__``) and calls no mutating method (a :class:`jinja2.TemplateError`)."""
+    return jinja2.sandbox.ImmutableSandboxedEnvironment(
         loader=jinja2.FileSystemLoader([str(d) for d in searched]),
         undefined=jinja2.StrictUndefined,
         # A config file, not HTML: escaping would corrupt it; check_rendered guards it.
-        autoescape=False,  # noqa: S701
+        autoescape=False,
         keep_trailing_newline=True,
         # Not a stat per get_template: Templates.fresh() looks once per render.
         auto_reload=False,
