@@ -487,6 +487,7 @@ class Accounts:
         clean = validate_fields({"password": password}, password_policy=self.policy.password_policy)
         with self.transaction() as conn:
             row = q.fetch_user_row(conn, username)
+            self._not_deleted(row)
             now = self.clock()
             q.update_user(
                 conn,
@@ -505,6 +506,7 @@ class Accounts:
         secret = secret or credentials.generate_sip_secret()
         with self.transaction() as conn:
             row = q.fetch_user_row(conn, username)
+            self._not_deleted(row)
             digests = credentials.sip_digests(row.username, self.policy.realm, secret)
             q.update_user(
                 conn,

@@ -321,6 +321,20 @@ def test_edit_extension_conflict_and_deleted_user(accounts: Accounts) -> None:
     assert accounts.get_user("bob").full_name == "Bob B"
 
 
+def test_a_deleted_user_gets_no_new_password_or_sip_secret(accounts: Accounts) -> None:
+    """Setting a password or rotating the SIP secret of a deleted user is refused (restore
+    it first), as an edit is; after a restore both work."""
+    accounts.add_user(_agent("bob"))
+    accounts.delete(["bob"])
+    with pytest.raises(ForbiddenError, match=r"bob is in deleted members; restore it first"):
+        accounts.set_password("bob", OTHER_PASSWORD)
+    with pytest.raises(ForbiddenError, match=r"restore it first"):
+        accounts.rotate_sip_secret("bob")
+    accounts.restore(["bob"])
+    accounts.set_password("bob", OTHER_PASSWORD)
+    assert accounts.rotate_sip_secret("bob", "Chosen-Secret-9") == "Chosen-Secret-9"
+
+
 def test_disable_enable_delete_restore_and_list_filters(
     accounts: Accounts, clock: FakeClock
 ) -> None:
