@@ -22,7 +22,14 @@ from sqlalchemy.exc import DBAPIError
 from . import csvio
 from .accounts import Accounts, Policy
 from .config import Config, display_url, load_config
-from .errors import InvalidInput, NotFoundError, Problem, ProvisionerError, StoreUnavailable
+from .errors import (
+    ForbiddenError,
+    InvalidInput,
+    NotFoundError,
+    Problem,
+    ProvisionerError,
+    StoreUnavailable,
+)
 from .logs import configure as configure_logs
 from .logs import get_logger
 from .model import CODECS, LOG_LEVELS, NATS, ROLES, TOAST_POSITIONS, TRANSPORTS, VIDEOS, User
@@ -462,6 +469,15 @@ def user_export(app: App, csv_path: str, usernames: tuple[str, ...]) -> None:
     """Export users (all live ones, or those named) to CSV; no secrets."""
     if usernames:
         found = [app.accounts.get_user(u) for u in usernames]
+        deleted = [u.username for u in found if u.deleted_at is not None]
+        if deleted:
+            # An export re-imports as is; a deleted member's row would be refused.
+            raise ForbiddenError(
+                [
+                    Problem("username", f"{name} is in deleted members; restore it first")
+                    for name in deleted
+                ]
+            )
     else:
         found = app.accounts.list_users()
     with _open_out(csv_path) as out:

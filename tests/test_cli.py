@@ -131,6 +131,21 @@ def test_workflow_on_every_backend(backend: str, tmp_path: Path) -> None:
             engine.dispose()
 
 
+def test_export_refuses_a_named_deleted_user(cli: Cli, tmp_path: Path) -> None:
+    """Exporting a deleted member by name exits 5 naming it (the file would not
+    re-import); once restored it exports."""
+    _add(cli, "alice")
+    cli.ok("user", "delete", "alice")
+    out = tmp_path / "alice.csv"
+    refused = cli("user", "export", "--csv", str(out), "alice")
+    assert refused.code == 5
+    assert "alice is in deleted members; restore it first" in refused.err
+    assert not out.exists()
+    cli.ok("user", "restore", "alice")
+    cli.ok("user", "export", "--csv", str(out), "alice")
+    assert "alice" in out.read_text(encoding="utf-8")
+
+
 def test_add_reports_every_bad_field(cli: Cli) -> None:
     """A bad add exits 2 and lists each bad field with its rule on stderr; nothing is stored."""
     result = cli(
