@@ -190,12 +190,10 @@ class Applier:
         here: its endpoint id is that user's now).
         """
         upserts = [o for i in ids if (o := objects[i]) is not None]
-        held = {self.objects[i].endpoint_id for i in ids if i in self.objects}
-        held |= {self.kept[i] for i in ids if i in self.kept}
         wanted = {o.endpoint_id for o in upserts}
         wanted |= {k for i in ids if (k := kept[i]) is not None}
         by_these = Counter(e for i in ids for e in self._held(i))
-        gone = [e for e in sorted(held - wanted) if self.holders[e] <= by_these[e]]
+        gone = [e for e in sorted(by_these.keys() - wanted) if self.holders[e] <= by_these[e]]
         return self.target.apply_partial(upserts, gone)
 
     def _held(self, uid: int) -> set[str]:

@@ -30,6 +30,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from .errors import ConfigError, Problem
+from .model import TRANSPORT_NAME, TRANSPORT_NAME_RULE, TRANSPORTS
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -151,13 +152,10 @@ class TargetSettings(_UrlSection):
     def _transport_names(cls, value: dict[str, str]) -> dict[str, str]:
         value = {**cls.model_fields["transports"].get_default(call_default_factory=True), **value}
         for proto, name in value.items():
-            if proto not in ("udp", "tcp", "tls", "ws", "wss"):
+            if proto not in TRANSPORTS:
                 raise ValueError(f"{proto!r} is not a transport (udp, tcp, tls, ws, wss)")
-            # ps_endpoints.transport is VARCHAR(40) (TRANSPORT_NAME_MAX in pjsip.py).
-            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", name):
-                raise ValueError(
-                    f"transport name for {proto} must be 1-40 letters, digits, '_', '.' or '-'"
-                )
+            if not TRANSPORT_NAME.fullmatch(name):
+                raise ValueError(f"transport name for {proto} must be {TRANSPORT_NAME_RULE}")
         return value
 
 

@@ -44,6 +44,11 @@ __all__ = [
 
 ROLES = ("admin", "user")
 TRANSPORTS = ("udp", "tcp", "tls", "ws", "wss")
+#: The name of a transport object in Asterisk (config ``target.transports``):
+#: ``ps_endpoints.transport`` is VARCHAR(40), so a longer name would fail every realtime apply.
+TRANSPORT_NAME_MAX = 40
+TRANSPORT_NAME = re.compile(rf"[A-Za-z0-9._-]{{1,{TRANSPORT_NAME_MAX}}}")
+TRANSPORT_NAME_RULE = f"1-{TRANSPORT_NAME_MAX} letters, digits, '_', '.' or '-'"
 NATS = ("yes", "no", "force_rport", "comedia", "never", "route")
 CODECS = ("ulaw", "alaw", "gsm", "g722", "g729", "opus")
 VIDEOS = ("yes", "no", "always")

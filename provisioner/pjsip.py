@@ -21,7 +21,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import InvalidInput, Problem
-from .model import CODECS, NATS, TRANSPORTS, VIDEOS, User, check_group
+from .model import (
+    CODECS,
+    NATS,
+    TRANSPORT_NAME,
+    TRANSPORT_NAME_RULE,
+    TRANSPORTS,
+    VIDEOS,
+    User,
+    check_group,
+)
 
 if TYPE_CHECKING:
     from .config import Config
@@ -57,9 +66,6 @@ CALLERID_MAX = 40
 #: 8191-byte line Asterisk's config loader skips, even at 4 bytes a character.
 VALUE_MAX = 255
 _ID = re.compile(r"[0-9]{1,20}")
-#: ps_endpoints.transport is VARCHAR(40): a longer name would fail every realtime apply.
-TRANSPORT_NAME_MAX = 40
-_TRANSPORT_NAME = re.compile(rf"[A-Za-z0-9._-]{{1,{TRANSPORT_NAME_MAX}}}")
 _HEX = {"md5": re.compile(r"[0-9a-f]{32}"), "sha256": re.compile(r"[0-9a-f]{64}")}
 _USERNAME = re.compile(r"[A-Za-z0-9._]{1,40}")
 _CONTEXT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,39}")
@@ -204,10 +210,9 @@ def _checks(user: User, settings: RenderSettings) -> list[Problem]:
     )
     if v.transport in TRANSPORTS:
         need(
-            bool(_TRANSPORT_NAME.fullmatch(settings.transport_name(v.transport))),
+            bool(TRANSPORT_NAME.fullmatch(settings.transport_name(v.transport))),
             "transport",
-            f"the configured transport name must be 1-{TRANSPORT_NAME_MAX} letters, digits, "
-            "'_', '.' or '-'",
+            f"the configured transport name must be {TRANSPORT_NAME_RULE}",
         )
     return problems
 

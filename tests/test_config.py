@@ -8,7 +8,10 @@ import pytest
 
 from provisioner import config as config_module
 from provisioner.config import Config, StoreSettings, TargetSettings, load_config
-from provisioner.errors import ConfigError
+from provisioner.errors import ConfigError, InvalidInput
+from provisioner.pjsip import RenderSettings, render_user
+
+from .test_configfile import make_user
 
 
 @pytest.fixture(autouse=True)
@@ -162,12 +165,8 @@ def test_bad_transport_name_is_reported() -> None:
 
 
 def test_transport_names_fit_the_realtime_column() -> None:
-    """A transport name longer than ps_endpoints.transport (40 characters) is refused naming
-    the field and the rule, and one user with it is skipped at render, not every user."""
-    from provisioner.errors import InvalidInput
-    from provisioner.model import User, Voice
-    from provisioner.pjsip import RenderSettings, render_user
-
+    """A transport name longer than ps_endpoints.transport (40 characters) is refused by the
+    config naming the field and the rule, and by the render check of a user it would name."""
     ok = "t" * 40
     assert (
         load_config(env={}, overrides={"target": {"transports": {"tcp": ok}}}).target.transports[
@@ -180,17 +179,7 @@ def test_transport_names_fit_the_realtime_column() -> None:
     [problem] = info.value.problems
     assert problem.field == "target.transports"
     assert "transport name for tcp must be 1-40 letters" in problem.rule
-    user = User(
-        id=1,
-        role="user",
-        username="u1",
-        full_name="U 1",
-        email="u1@example.com",
-        extension="1001",
-        voice=Voice(transport="tcp"),
-        sip_md5="0" * 32,
-        sip_sha256="0" * 64,
-    )
+    user = make_user("1001", "u1", "U 1", transport="tcp")
     settings = RenderSettings(transports={"tcp": ok})
     assert dict(render_user(user, settings).endpoint)["transport"] == ok
     with pytest.raises(InvalidInput) as refused:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -108,13 +108,12 @@ class Owed:
             self.expiries.update(dict.fromkeys(oid for _kind, oid in change.changed_objects))
         if remove:
             self.removals.update(dict.fromkeys(change.removed))
-        self.keep(change.added, change.updated)
+        self.keep((*change.added, *change.updated))
 
-    def keep(self, *endpoints: Sequence[str] | set[str]) -> None:
+    def keep(self, endpoints: Iterable[str]) -> None:
         """Owe no contact removal for ``endpoints`` (added or updated again)."""
-        for group in endpoints:
-            for endpoint in group:
-                self.removals.pop(endpoint, None)
+        for endpoint in endpoints:
+            self.removals.pop(endpoint, None)
 
 
 async def apply_changes(link: Link, batch: Sequence[Change], *, realtime: bool) -> None:

@@ -20,11 +20,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import Connection, delete, func, or_, select
+from sqlalchemy import ColumnElement, Connection, delete, func, or_, select
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
-from .schema import changes, daemon_state
+from .schema import changes
+from .state import load_state, put_state
 
 __all__ = [
     "NOTIFY_CHANNEL",
@@ -139,9 +140,14 @@ class ChangeRow:
 
 def read_changes(conn: Connection, after: int, limit: int = 10_000) -> list[ChangeRow]:
     """Changes with an id above ``after``, oldest first."""
+    return _read(conn, changes.c.id > after, limit)
+
+
+def _read(conn: Connection, where: ColumnElement[bool], limit: int) -> list[ChangeRow]:
+    """At most ``limit`` changes matching ``where``, oldest first."""
     rows = conn.execute(
         select(changes.c.id, changes.c.entity, changes.c.entity_id, changes.c.op)
-        .where(changes.c.id > after)
+        .where(where)
         .order_by(changes.c.id)
         .limit(limit)
     )
@@ -174,36 +180,27 @@ def read_unapplied(
     rows of them too.
     """
     top = max(tracker.seen, default=tracker.cursor)
-    cols = (changes.c.id, changes.c.entity, changes.c.entity_id, changes.c.op)
     found: list[ChangeRow] = []
     gaps = _gaps(tracker.cursor, tracker.seen)
     for start in range(0, len(gaps), _GAPS_PER_QUERY):
         if len(found) >= limit:
             break
         chunk = gaps[start : start + _GAPS_PER_QUERY]
-        rows = conn.execute(
-            select(*cols)
-            .where(or_(*(changes.c.id.between(lo, hi) for lo, hi in chunk)))
-            .order_by(changes.c.id)
-            .limit(limit - len(found))
-        )
-        found.extend(ChangeRow(r.id, r.entity, r.entity_id, r.op) for r in rows)
-    found.extend(read_changes(conn, top, limit))
+        in_gaps = or_(*(changes.c.id.between(lo, hi) for lo, hi in chunk))
+        found += _read(conn, in_gaps, limit - len(found))
+    found += read_changes(conn, top, limit)
     return tracker.fresh(found)
 
 
 def load_cursor(conn: Connection) -> int:
     """The durable cursor: every change up to it has been applied (0 at first start)."""
-    value = conn.execute(
-        select(daemon_state.c.value).where(daemon_state.c.key == CURSOR_KEY)
-    ).scalar_one_or_none()
+    value = load_state(conn, CURSOR_KEY)
     return int(value) if value is not None else 0
 
 
 def save_cursor(conn: Connection, cursor: int) -> None:
-    """Persist the cursor (delete + insert: portable upsert inside the caller's transaction)."""
-    conn.execute(delete(daemon_state).where(daemon_state.c.key == CURSOR_KEY))
-    conn.execute(daemon_state.insert().values(key=CURSOR_KEY, value=str(cursor)))
+    """Persist the cursor, in the caller's transaction."""
+    put_state(conn, CURSOR_KEY, str(cursor))
 
 
 def prune_changes(conn: Connection, upto: int) -> int:
