@@ -27,7 +27,14 @@ from provisioner.ami.changes import (
     verify_some,
 )
 from provisioner.ami.client import AmiClient
-from provisioner.ami.pbx import SNAPSHOT_GAP_FACTOR, SNAPSHOT_MIN_GAP, AmiPbx, Link, snapshot_gap
+from provisioner.ami.pbx import (
+    SNAPSHOT_GAP_FACTOR,
+    SNAPSHOT_MIN_GAP,
+    AmiPbx,
+    Link,
+    snapshot_gap,
+    take_due,
+)
 from provisioner.ami.reload import PjsipOps, ReloadCoordinator
 from provisioner.checks import run_checks
 from provisioner.config import Config, load_config
@@ -353,10 +360,13 @@ def test_snapshots_are_spaced_by_their_duration() -> None:
 def test_a_slow_snapshot_holds_the_next_one_back(
     store: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """After a snapshot that took 0.3 s, one wanted by a SuccessfulAuth of an untracked
-    endpoint waits until factor x 0.3 s after the first began, then is taken."""
+    """After a snapshot that took 0.3 s, one wanted by SuccessfulAuths of more untracked
+    endpoints than are looked up one by one waits until factor x 0.3 s after the first
+    began, then is taken."""
     monkeypatch.setattr(pbx_module, "SNAPSHOT_MIN_GAP", 0.05)
     monkeypatch.setattr(pbx_module, "SNAPSHOT_GAP_FACTOR", 10.0)  # 3 s: a wide margin
+    monkeypatch.setattr(pbx_module, "CONFIRM_WINDOW", 0.05)
+    monkeypatch.setattr(pbx_module, "LOOKUP_LIMIT", 0)
 
     async def scenario() -> tuple[float, int, int]:
         peer = FakeAsterisk()
@@ -374,6 +384,80 @@ def test_a_slow_snapshot_holds_the_next_one_back(
     assert took >= 0.3
     assert held_back == 1
     assert taken == 2
+
+
+def test_due_endpoints_are_taken_oldest_first_up_to_now() -> None:
+    """take_due removes and returns the endpoints whose deadline has passed, in order,
+    and leaves the later ones."""
+    unconfirmed = {"a": 1.0, "b": 2.0, "c": 3.0}
+    assert take_due(unconfirmed, 2.0) == ["a", "b"]
+    assert unconfirmed == {"c": 3.0}
+    assert take_due(unconfirmed, 2.5) == []
+
+
+async def _first_auth_since_start(
+    peer: FakeAsterisk, link: Link, *followers: tuple[str, str]
+) -> None:
+    """Phone 1001, listed by the start's snapshot, authenticates (SuccessfulAuth), then
+    its recorded ``followers`` events come; the lookups' window passes."""
+    await eventually(link.book_complete)
+    await peer.send_recorded("Event: SuccessfulAuth\r\n", "Service: PJSIP")
+    for first, *rest in followers:
+        await peer.send_recorded(first, *rest)
+    await asyncio.sleep(pbx_module.CONFIRM_WINDOW * 3)
+
+
+def test_status_events_after_an_auth_want_no_lookup_and_no_snapshot(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SuccessfulAuth followed by its registration's status events (a tracked
+    endpoint) asks Asterisk nothing more: neither a lookup nor a second snapshot."""
+    monkeypatch.setattr(pbx_module, "CONFIRM_WINDOW", 0.1)
+
+    async def scenario() -> tuple[int, int, bool]:
+        peer = FakeAsterisk()
+        await peer.start()
+        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+            await _first_auth_since_start(peer, link, *_REGISTER)
+            return (
+                len(peer.actions("PJSIPShowContacts")),
+                len(peer.actions("PJSIPShowEndpoint")),
+                link.book_complete(),
+            )
+
+    snapshots, lookups, complete = run(scenario())
+    assert (snapshots, lookups) == (1, 0)
+    assert complete
+
+
+def test_an_auth_no_status_event_follows_has_its_endpoint_looked_up(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SuccessfulAuth of an endpoint Asterisk does not track (no status event follows)
+    has that endpoint's contacts looked up with PJSIPShowEndpoint, not every contact
+    listed, and the book holds them, named as astdb names them."""
+    monkeypatch.setattr(pbx_module, "CONFIRM_WINDOW", 0.1)
+
+    async def scenario() -> tuple[int, list[str], tuple[str | None, ...], bool]:
+        peer = FakeAsterisk()
+        await peer.start()
+        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+            await _first_auth_since_start(peer, link)
+            await eventually(lambda: bool(peer.actions("PJSIPShowEndpoint")))
+            await eventually(link.book_complete)
+            reg = link.book["1001"]
+            return (
+                len(peer.actions("PJSIPShowContacts")),
+                [a.get("Endpoint") for a in peer.actions("PJSIPShowEndpoint")],
+                tuple(c.object_name for c in reg.contacts),
+                reg.tracked,
+            )
+
+    snapshots, looked_up, names, tracked = run(scenario())
+    assert snapshots == 1
+    assert looked_up == ["1001"]
+    assert names == (CONTACT_KEY.removeprefix("contact/"),)
+    assert not tracked
 
 
 _REGISTER = (

@@ -14,8 +14,10 @@ runs, per link, the client, the reloads, the change loop, the snapshots and the 
   in the next one as soon as it ends, so a storm of thousands of events costs a few
   transactions and its last events wait for one write, not for a timer (on
   PostgreSQL a large batch goes as two transactions at once: :func:`split_batch`).  Each
-  (re)connect takes a full ``PJSIPShowContacts`` snapshot; a ``SuccessfulAuth`` of
-  an endpoint Asterisk does not track yet triggers a (rate-limited) snapshot too.
+  (re)connect takes a full ``PJSIPShowContacts`` snapshot.  A ``SuccessfulAuth`` of
+  an endpoint that no status event follows within ``CONFIRM_WINDOW`` (Asterisk does not
+  track it yet: added since its last reload) has that endpoint's contacts looked up
+  (``PJSIPShowEndpoint``); many at once want one (rate-limited) snapshot instead.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ from .registration import (
 )
 from .reload import PjsipOps, ReloadCoordinator
 
-__all__ = ["AmiPbx", "Link", "snapshot_gap", "split_batch"]
+__all__ = ["AmiPbx", "Link", "snapshot_gap", "split_batch", "take_due"]
 
 log = get_logger(__name__)
 _T = TypeVar("_T")
@@ -96,6 +98,15 @@ SNAPSHOT_MIN_GAP = 2.0
 SNAPSHOT_GAP_FACTOR = 10.0
 #: ``registration.changed`` lines per flush, at most (the rest are counted).
 LOG_CHANGES_LIMIT = 50
+#: Seconds a ``SuccessfulAuth`` waits for a status event of its endpoint before that
+#: endpoint is taken for one Asterisk does not track.  A REGISTER's ``SuccessfulAuth``
+#: always comes before its status events, which trail the SIP exchange by up to 0.6 s
+#: (README of ../shared/asterisk): deciding at once had every first registration since
+#: the start (and every one of an Asterisk restart's storm) want a full snapshot.
+CONFIRM_WINDOW = 1.0
+#: Untracked endpoints looked up one by one (``PJSIPShowEndpoint``) at most at once;
+#: more want one ``PJSIPShowContacts`` snapshot instead.
+LOOKUP_LIMIT = 20
 _EVENTS = ("ContactStatus", "PeerStatus", "DeviceStateChange", "SuccessfulAuth")
 
 
@@ -180,6 +191,11 @@ class Link:
     unverified: dict[str, None] = field(default_factory=dict)
     #: A reload is noted owed in the store (see :func:`~.changes.request_reload`).
     reload_noted: bool = False
+    #: Endpoints whose ``SuccessfulAuth`` no status event followed yet -> the monotonic
+    #: time after which it is taken for untracked (:data:`CONFIRM_WINDOW`), in that order.
+    unconfirmed: dict[str, float] = field(default_factory=dict)
+    #: Set when an endpoint becomes unconfirmed.
+    unconfirmed_added: asyncio.Event = field(default_factory=asyncio.Event)
     #: Verification rounds failed in a row, and the monotonic time of the next round.
     verify_failures: int = 0
     verify_after: float = 0.0
@@ -191,12 +207,13 @@ class Link:
         """Whether the book holds every contact Asterisk has: a snapshot of this session
         filled it, and none is wanted or under way since.  Events keep it whole after
         that, but for an endpoint Asterisk does not track (added since its last reload):
-        its ``SuccessfulAuth`` wants a snapshot, and until that is in, this is False."""
+        after its ``SuccessfulAuth``, until its contacts are looked up, this is False."""
         return (
             self.client.connected
             and self.snapshot_session == self.client.sessions
             and not self.snapshot_running
             and not self.snapshot_wanted.is_set()
+            and not self.unconfirmed
         )
 
     def forget_contact(self, endpoint: str, object_name: str) -> None:
@@ -271,6 +288,7 @@ class AmiPbx:
                 tg.create_task(link.reloads.run(stop))
                 tg.create_task(self._flusher(link, stop))
                 tg.create_task(self._snapshots(link, stop))
+                tg.create_task(self._lookups(link, stop))
                 tg.create_task(self._changes(link, stop))
                 tg.create_task(self._resume_reload(link))
 
@@ -325,6 +343,8 @@ class AmiPbx:
                 return
             link.events += 1
             after = apply_contact_status(book.get(endpoint), endpoint, event)
+            if link.unconfirmed:
+                link.unconfirmed.pop(endpoint, None)
         else:
             endpoint = endpoint_of(event)
             if endpoint is None:
@@ -334,10 +354,13 @@ class AmiPbx:
             if folded is None:
                 return
             after = folded
-            if event.get("Event") == "SuccessfulAuth" and not after.tracked:
+            if after.tracked:
+                link.unconfirmed.pop(endpoint, None)
+            elif event.get("Event") == "SuccessfulAuth" and endpoint not in link.unconfirmed:
                 # Asterisk sends no status events for endpoints added since its last
-                # reload; their contacts are only visible by asking.
-                link.snapshot_wanted.set()
+                # reload; their contacts are only visible by asking, if none follows.
+                link.unconfirmed[endpoint] = time.monotonic() + CONFIRM_WINDOW
+                link.unconfirmed_added.set()
         book[endpoint] = after
         link.mark_dirty((endpoint,))
         if link.snapshot_events is not None:
@@ -450,6 +473,50 @@ class AmiPbx:
                 # snapshot also removes contacts the events never said were gone).
                 await self._store_backoff(link, stop)
                 link.snapshot_wanted.set()
+
+    async def _lookups(self, link: Link, stop: asyncio.Event) -> None:
+        """Look up the contacts of each endpoint whose ``SuccessfulAuth`` no status event
+        followed within ``CONFIRM_WINDOW``, oldest first."""
+        while not stop.is_set():
+            await wait_first(link.unconfirmed_added, stop)
+            link.unconfirmed_added.clear()
+            while link.unconfirmed and not stop.is_set():
+                first = next(iter(link.unconfirmed.values()))
+                if await sleep_unless(stop, first - time.monotonic()):
+                    return
+                await self._look_up(link, take_due(link.unconfirmed, time.monotonic()))
+
+    async def _look_up(self, link: Link, endpoints: list[str]) -> None:
+        """Put the contacts Asterisk has for ``endpoints`` (untracked: no event tells them)
+        in the book, one ``PJSIPShowEndpoint`` each; more than ``LOOKUP_LIMIT`` of them, or
+        a failed lookup, want a snapshot instead (it lists every contact at once)."""
+        if len(endpoints) > LOOKUP_LIMIT or not link.client.connected:
+            link.snapshot_wanted.set()
+            return
+        for endpoint in endpoints:
+            try:
+                detail = await link.ops.show_endpoint(endpoint)
+            except ProvisionerError as exc:
+                log.warning(
+                    "registration.lookup_failed",
+                    server=link.name,
+                    endpoint=endpoint,
+                    error=str(exc),
+                )
+                link.snapshot_wanted.set()
+                return
+            reg = link.book.get(endpoint) or EndpointRegistration(endpoint)
+            if reg.tracked:
+                continue  # a status event came meanwhile: the events tell its contacts
+            contacts = detail.contacts if detail is not None else ()
+            link.book[endpoint] = reg._replace(contacts=contacts)
+            link.mark_dirty((endpoint,))
+            log.debug(
+                "registration.looked_up",
+                server=link.name,
+                endpoint=endpoint,
+                contacts=len(contacts),
+            )
 
     async def _take_snapshot(self, link: Link) -> bool:
         """Ask Asterisk for every contact and make the store hold exactly them; ``False``
@@ -628,6 +695,19 @@ def split_batch(
     ordered = sorted(states)
     size = -(-len(ordered) // parts)
     return [{ep: states[ep] for ep in ordered[i : i + size]} for i in range(0, len(ordered), size)]
+
+
+def take_due(unconfirmed: dict[str, float], now: float) -> list[str]:
+    """Remove from ``unconfirmed`` (endpoint -> deadline, deadlines in insertion order)
+    the endpoints whose deadline is not after ``now``, and return them in that order."""
+    due = []
+    for endpoint, deadline in unconfirmed.items():
+        if deadline > now:
+            break
+        due.append(endpoint)
+    for endpoint in due:
+        del unconfirmed[endpoint]
+    return due
 
 
 def snapshot_from_contact_list_states(
