@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+import structlog
 from sqlalchemy import Engine
 
 from provisioner.accounts import Accounts, Policy
@@ -27,6 +28,15 @@ class FakeClock:
 
     def advance(self, **kwargs: float) -> None:
         self.now += timedelta(**kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _structlog_defaults() -> Iterator[None]:
+    """Each test ends by restoring structlog's defaults: one that configured logging (a
+    CLI command run in-process at level warning) must not filter out the events a later
+    test captures."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture(params=BACKENDS)
