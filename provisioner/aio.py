@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-__all__ = ["sleep_unless", "wait_first"]
+__all__ = ["sleep_unless", "wait_first", "wait_task_or_event"]
 
 
 async def wait_first(*events: asyncio.Event, timeout: float | None = None) -> bool:
@@ -24,3 +25,15 @@ async def wait_first(*events: asyncio.Event, timeout: float | None = None) -> bo
 async def sleep_unless(stop: asyncio.Event, seconds: float) -> bool:
     """Sleep ``seconds`` unless ``stop`` is set first; ``True`` when stopped."""
     return await wait_first(stop, timeout=max(0.0, seconds))
+
+
+async def wait_task_or_event(task: asyncio.Future[Any], event: asyncio.Event) -> None:
+    """Wait until ``task`` is done or ``event`` is set, whichever comes first; ``task``
+    is left running."""
+    if task.done() or event.is_set():
+        return
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait((task, waiter), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()

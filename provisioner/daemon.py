@@ -30,7 +30,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from .aio import sleep_unless, wait_first
+from .aio import sleep_unless, wait_first, wait_task_or_event
 from .applier import Applied, Applier
 from .config import Config, load_config
 from .errors import ProvisionerError, StoreUnavailable
@@ -51,6 +51,7 @@ from .store.changefeed import (
 from .store.engine import open_engine, reading
 from .targets import Change, Target
 from .targets.templating import SHIPPED_TEMPLATES
+from .threads import in_worker
 from .watch import coalesce, poll_wakeups, postgres_wakeups, sqlite_wakeups, template_wakeups
 
 __all__ = ["Daemon", "Pbx", "build_target"]
@@ -246,15 +247,25 @@ class Daemon:
     # -- lifecycle ------------------------------------------------------------------
 
     async def serve(self, *, burst: bool = False) -> Applied | None:
-        """Run until a signal (or, with ``burst``, apply pending changes once and return)."""
+        """Run until a signal (or, with ``burst``, apply pending changes once and return).
+
+        The work runs as a task: a signal starts the shutdown at once, and the apply in
+        progress gets ``shutdown_timeout`` like every other task, then is cancelled, so
+        an apply stuck on the store (a lock never granted, a server gone silent) cannot
+        keep the daemon from exiting."""
         self.install_signal_handlers()
+        work = asyncio.create_task(self._serve(burst))
         try:
-            first = await self.startup(burst=burst)
-            if not burst:
-                await self.main_loop()
-            return first
+            await wait_task_or_event(work, self.stop)
         finally:
-            await self.shutdown()
+            await self.shutdown(work)
+        return None if work.cancelled() else work.result()
+
+    async def _serve(self, burst: bool) -> Applied | None:
+        first = await self.startup(burst=burst)
+        if not burst:
+            await self.main_loop()
+        return first
 
     async def startup(self, *, burst: bool = False) -> Applied | None:
         """Open the store, reconcile everything once, start sources and AMI; READY."""
@@ -307,21 +318,30 @@ class Daemon:
                 await self._run(self._incremental)
             burst = self._woken_while_applying
 
-    async def shutdown(self) -> None:
-        """Stop sources and AMI, wait up to ``shutdown_timeout``, then cancel the rest."""
+    async def shutdown(self, work: asyncio.Task[Applied | None] | None = None) -> None:
+        """Stop sources and AMI, wait up to ``shutdown_timeout`` for them and for ``work``
+        (the startup and main loop, whose errors are the caller's), then cancel the rest
+        (``daemon.shutdown_timeout`` names how many)."""
         self.notifier.stopping()
         self.stop.set()
         if self._health_due is not None:  # e.g. ``run --burst``: its one apply is recorded
             self._health_due.cancel()
             self._write_due_health()
-        if self._tasks:
-            done, pending = await asyncio.wait(
-                self._tasks, timeout=self.config.daemon.shutdown_timeout
-            )
+        waited: list[asyncio.Task[Any]] = [*self._tasks, *([work] if work is not None else [])]
+        if waited:
+            done, pending = await asyncio.wait(waited, timeout=self.config.daemon.shutdown_timeout)
+            if pending:
+                log.warning(
+                    "daemon.shutdown_timeout",
+                    timeout_s=self.config.daemon.shutdown_timeout,
+                    cancelled=len(pending),
+                )
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             for task in done:
+                if task is work:
+                    continue
                 if not task.cancelled() and (exc := task.exception()) is not None:
                     log.error("daemon.task_failed", error=repr(exc))
         self._tasks.clear()
@@ -355,12 +375,12 @@ class Daemon:
         a crash before the save only re-applies those changes, which writes nothing)."""
         kind = "full" if work == self._full else "incremental"
         try:
-            result = await asyncio.to_thread(work)
+            result = await in_worker(work)
             self._woken_while_applying = self.wake.is_set()
             self._succeeded(kind, result)
             if self._unsaved is not None:
                 ids, self._unsaved = self._unsaved, None
-                await asyncio.to_thread(self._advance, ids)
+                await in_worker(self._advance, ids)
         except (DBAPIError, ProvisionerError, OSError) as exc:
             self._woken_while_applying = self.wake.is_set()
             self.metrics.syncs.labels(kind=kind, result="failed").inc()
@@ -445,7 +465,7 @@ class Daemon:
             # fills; memory no longer mirrors what is there until it has.  Render settings
             # alone (transports, codecs…) keep the target and its caches.
             try:
-                target = await asyncio.to_thread(build_target, config, self.engine)
+                target = await in_worker(build_target, config, self.engine)
             except (ProvisionerError, OSError, DBAPIError) as exc:
                 log.error("config.reload_failed", error=_describe(exc))
                 return

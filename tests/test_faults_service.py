@@ -147,3 +147,40 @@ def test_sigterm_under_a_stream_of_edits_drains_in_time(tmp_path: Path) -> None:
         engine.dispose()
 
     assert "would be updated 0" in cli(config, "render", "--dry-run").out
+
+
+def test_sigterm_while_an_apply_waits_on_a_store_lock_exits_in_time(tmp_path: Path) -> None:
+    """SIGTERM while the apply in progress waits on a PostgreSQL lock nobody releases:
+    the daemon exits within shutdown_timeout (the stuck call is left behind), logging
+    daemon.shutdown_timeout."""
+    from sqlalchemy import text
+
+    from .dbs import temp_database
+
+    with temp_database("postgresql", tmp_path) as url:
+        engine = seed_store(url, 2)
+        config = write_config(tmp_path, store_url=url, extra=["shutdown_timeout = 1"])
+        config.write_text(config.read_text().replace("shutdown_timeout = 5\n", ""))
+        daemon = Daemon(config, tmp_path / "daemon.log").start()
+        locker = engine.connect()
+        try:
+            # The cursor is saved after each apply: with daemon_state locked, the next
+            # apply writes the file, then waits on the lock for ever.
+            locker.execute(text("LOCK TABLE daemon_state IN ACCESS EXCLUSIVE MODE"))
+            Accounts(engine, Policy(password_policy=False)).edit_user("u0", {"nat": "yes"})
+            conf = tmp_path / "pjsip_users.conf"
+            until(lambda: "rtp_symmetric=yes" in conf.read_text(), 10, "the edit applied")
+            time.sleep(0.3)
+            assert daemon.alive
+            started = time.monotonic()
+            code = daemon.stop(timeout=20)
+            took = time.monotonic() - started
+        finally:
+            daemon.kill()
+            locker.rollback()
+            locker.close()
+            engine.dispose()
+    assert code == 0
+    assert took < 4.0, f"shutdown took {took:.2f} s"
+    assert daemon.logged("daemon.shutdown_timeout")
+    assert daemon.logged("daemon.stopped")

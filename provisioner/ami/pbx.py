@@ -49,6 +49,7 @@ from ..store.registrations import (
 )
 from ..store.state import load_state
 from ..targets import Change
+from ..threads import in_worker
 from .actions import AmiMessage
 from .changes import (
     OWED_RETRY,
@@ -586,7 +587,7 @@ class AmiPbx:
         """Ask again for a reload the last run noted owed and never saw end well."""
         key = reload_owed_key(link.name)
         try:
-            owed = await asyncio.to_thread(_read_state, self.engine, key)
+            owed = await in_worker(_read_state, self.engine, key)
         except DBAPIError as exc:
             log.warning("ami.reload_owed_unknown", server=link.name, error=str(exc.orig))
             return
@@ -626,7 +627,7 @@ class AmiPbx:
         line) when the database refused it."""
 
         try:
-            await asyncio.to_thread(transaction, self.engine, write)
+            await in_worker(transaction, self.engine, write)
         except DBAPIError as exc:
             log.warning("registration.store_failed", server=server, error=type(exc.orig).__name__)
             return False
