@@ -9,6 +9,7 @@ import pytest
 from provisioner import config as config_module
 from provisioner.config import Config, StoreSettings, TargetSettings, load_config
 from provisioner.errors import ConfigError, InvalidInput
+from provisioner.model import TRANSPORT_NAME_RULE
 from provisioner.pjsip import RenderSettings, render_user
 
 from .test_configfile import make_user
@@ -131,8 +132,18 @@ def test_extension_range_must_be_ordered() -> None:
     with pytest.raises(ConfigError) as info:
         load_config(env={}, overrides={"extensions": {"first": 200, "last": 100}})
     (problem,) = info.value.problems
-    assert problem.field == "extensions"
-    assert "extensions.last must be at least extensions.first" in problem.rule
+    assert problem.field == "extensions.last"
+    assert problem.rule == "must be at least extensions.first (200)"
+
+
+def test_extension_order_is_reported_beside_other_extension_errors() -> None:
+    """An unordered extension range is reported even when another extensions key fails."""
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={"extensions": {"first": 200, "last": 100, "step": 1}})
+    assert [(p.field, p.rule) for p in info.value.problems] == [
+        ("extensions.step", "is not a known setting"),
+        ("extensions.last", "must be at least extensions.first (200)"),
+    ]
 
 
 def test_missing_file_is_reported(tmp_path: Path) -> None:
@@ -162,6 +173,16 @@ def test_bad_transport_name_is_reported() -> None:
     """A target transport table naming an unknown protocol is refused with the rule."""
     with pytest.raises(ConfigError, match=r"'sctp' is not a transport"):
         load_config(env={}, overrides={"target": {"transports": {"sctp": "t"}}})
+
+
+def test_every_bad_transport_is_reported() -> None:
+    """Each bad entry of the transport table is reported, not just the first."""
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={"target": {"transports": {"sctp": "t", "udp": "a b"}}})
+    assert [(p.field, p.rule) for p in info.value.problems] == [
+        ("target.transports", "transport name for udp must be " + TRANSPORT_NAME_RULE),
+        ("target.transports", "'sctp' is not a transport (udp, tcp, tls, ws, wss)"),
+    ]
 
 
 def test_transport_names_fit_the_realtime_column() -> None:
