@@ -4,9 +4,9 @@ The file is ``--config``, else ``$PROVISIONER_CONFIG``, else
 ``/etc/provisioner/provisioner.toml`` when it exists, else none (defaults only).
 Every key can be overridden from the environment as ``PROVISIONER_<SECTION>__<KEY>``
 (``PROVISIONER_STORE__URL``).  All problems (unknown keys, wrong types, broken
-rules) are collected and raised together as one :class:`~provisioner.errors.ConfigError`:
-a rule that spans several fields is checked even when another field fails, so one run
-shows everything to fix.
+rules, unreadable ``--set`` flags) are collected and raised together as one
+:class:`~provisioner.errors.ConfigError`: a rule that spans several fields is checked
+even when another field fails, so one run shows everything to fix.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ __all__ = [
     "AsteriskServer",
     "Config",
     "load_config",
+    "parse_sets",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/provisioner/provisioner.toml")
@@ -505,37 +506,74 @@ def _problems(exc: ValidationError) -> list[Problem]:
     return problems
 
 
-def load_config(
-    path: str | Path | None = None,
-    *,
-    env: Mapping[str, str] | None = None,
-    overrides: Mapping[str, Any] | None = None,
-) -> Config:
-    """Build the :class:`Config` from defaults, the TOML file, the environment and ``overrides``
-    (nested dicts from command-line flags), or raise :class:`ConfigError` listing every problem."""
-    env = os.environ if env is None else env
-    file = _resolve_path(path, env)
-    data: dict[str, Any] = {}
-    if file is not None:
+def parse_sets(sets: Sequence[str]) -> tuple[dict[str, Any], list[Problem]]:
+    """``--set section.key=value`` flags as nested overrides, and the flags that cannot be read
+    (not ``key=value``, or a ``[``/``{`` value that is not JSON); other values stay strings.
+    A later flag wins; ``a=1`` then ``a.b=2`` makes ``a`` a table."""
+    tree: dict[str, Any] = {}
+    problems = []
+    for item in sets:
+        key, sep, value = item.partition("=")
+        parts = [p for p in key.strip().split(".") if p]
+        if not sep or not parts:
+            problems.append(Problem("--set", f"{item!r} must look like section.key=value"))
+            continue
+        if not value.startswith(("[", "{")):
+            _set_path(tree, parts, value)
+            continue
         try:
-            data = tomllib.loads(file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError([Problem("config", f"file {str(file)!r} does not exist")]) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError([Problem("config", f"cannot read {str(file)!r}: {exc}")]) from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(
-                [Problem("config", f"{str(file)!r} is not valid TOML: {exc}")]
-            ) from None
-    data = _merge(data, _env_overrides(env))
-    data = _merge(data, overrides or {})
+            _set_path(tree, parts, json.loads(value))
+        except json.JSONDecodeError as exc:
+            problems.append(Problem("--set", f"{item!r}: the value is not valid JSON ({exc})"))
+    return tree, problems
+
+
+def _read_file(file: Path | None) -> tuple[dict[str, Any], Problem | None]:
+    """The TOML file's tables (none without a file), or the problem that stops its reading."""
+    if file is None:
+        return {}, None
+    try:
+        return tomllib.loads(file.read_text(encoding="utf-8")), None
+    except FileNotFoundError:
+        return {}, Problem("config", f"file {str(file)!r} does not exist")
+    except (OSError, UnicodeDecodeError) as exc:
+        return {}, Problem("config", f"cannot read {str(file)!r}: {exc}")
+    except tomllib.TOMLDecodeError as exc:
+        return {}, Problem("config", f"{str(file)!r} is not valid TOML: {exc}")
+
+
+def _validate(data: dict[str, Any]) -> tuple[Config | None, list[Problem]]:
+    """``data`` as a :class:`Config`, or None and every problem it has."""
     # ``source`` is a field for bookkeeping only: as input it is an unknown key.
     problems = [Problem(key, "is not a known setting") for key in _NOT_SETTINGS if key in data]
     data = {k: v for k, v in data.items() if k not in _NOT_SETTINGS}
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(problems + _problems(exc)) from None
-    if problems:
-        raise ConfigError(problems)
+        return None, problems + _problems(exc)
+    return (None if problems else config), problems
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    sets: Sequence[str] = (),
+) -> Config:
+    """Build the :class:`Config` from defaults, the TOML file, the environment, ``overrides``
+    (nested dicts from command-line flags) and ``sets`` (raw ``--set`` flags), or raise
+    :class:`ConfigError` listing every problem of them all (when the file cannot be read or
+    parsed: that problem and the unreadable ``--set`` flags)."""
+    env = os.environ if env is None else env
+    file = _resolve_path(path, env)
+    flags, problems = parse_sets(sets)
+    data, file_problem = _read_file(file)
+    if file_problem is not None:
+        raise ConfigError([*problems, file_problem])
+    for layer in (_env_overrides(env), overrides or {}, flags):
+        data = _merge(data, layer)
+    config, invalid = _validate(data)
+    if problems or config is None:
+        raise ConfigError(problems + invalid)
     return config.model_copy(update={"source": str(file) if file else None})
