@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError
 
 from . import csvio
 from .accounts import Accounts, Policy
-from .config import Config, display_url, load_config
+from .config import Config, display_url, load_config, parse_sets
 from .errors import (
     ForbiddenError,
     InvalidInput,
@@ -55,7 +55,7 @@ class App:
     @property
     def config(self) -> Config:
         if self._config is None:
-            self._config = load_config(self.config_path, overrides=_parse_sets(self.sets))
+            self._config = load_config(self.config_path, sets=self.sets)
             configure_logs(
                 self._config.log.level if self._verbose else "warning", self._config.log.format
             )
@@ -68,34 +68,6 @@ class App:
             engine = open_engine(cfg.store.url, busy_timeout=cfg.store.busy_timeout)
             self._accounts = Accounts(engine, Policy.from_config(cfg))
         return self._accounts
-
-
-def _parse_sets(sets: Sequence[str]) -> dict[str, Any]:
-    """``--set store.url=...`` flags as a nested dict of overrides."""
-    tree: dict[str, Any] = {}
-    problems = []
-    for item in sets:
-        key, sep, value = item.partition("=")
-        parts = [p for p in key.strip().split(".") if p]
-        if not sep or not parts:
-            problems.append(Problem("--set", f"{item!r} must look like section.key=value"))
-            continue
-        node = tree
-        for part in parts[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):  # "--set a=1 --set a.b=2": the table wins
-                child = node[part] = {}
-            node = child
-        if not value.startswith(("[", "{")):
-            node[parts[-1]] = value
-            continue
-        try:
-            node[parts[-1]] = json.loads(value)
-        except json.JSONDecodeError as exc:
-            problems.append(Problem("--set", f"{item!r}: the value is not valid JSON ({exc})"))
-    if problems:
-        raise InvalidInput(problems)
-    return tree
 
 
 pass_app = click.make_pass_decorator(App)
@@ -642,9 +614,9 @@ def run(app: App, burst: bool) -> None:
 
     config = app.config
     configure_logs(config.log.level, config.log.format)
-    daemon = Daemon.from_config(
-        config, config_path=app.config_path, overrides=_parse_sets(app.sets)
-    )
+    # The flags were read without a problem to build ``config``: the daemon keeps them.
+    flags, _ = parse_sets(app.sets)
+    daemon = Daemon.from_config(config, config_path=app.config_path, overrides=flags)
     asyncio.run(daemon.serve(burst=burst))
 
 

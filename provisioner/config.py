@@ -4,28 +4,34 @@ The file is ``--config``, else ``$PROVISIONER_CONFIG``, else
 ``/etc/provisioner/provisioner.toml`` when it exists, else none (defaults only).
 Every key can be overridden from the environment as ``PROVISIONER_<SECTION>__<KEY>``
 (``PROVISIONER_STORE__URL``).  All problems (unknown keys, wrong types, broken
-rules) are collected and raised together as one :class:`~provisioner.errors.ConfigError`.
+rules, unreadable ``--set`` flags) are collected and raised together as one
+:class:`~provisioner.errors.ConfigError`: a rule that spans several fields is checked
+even when another field fails, so one run shows everything to fix.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     SecretStr,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails, InitErrorDetails
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -39,6 +45,7 @@ __all__ = [
     "AsteriskServer",
     "Config",
     "load_config",
+    "parse_sets",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/provisioner/provisioner.toml")
@@ -48,6 +55,79 @@ ENV_CONFIG = "PROVISIONER_CONFIG"
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+#: A broken rule found by a validator: where, relative to the model or field it checks
+#: (``()`` for that model or field itself), and the rule.
+_Issue = tuple[tuple[str | int, ...], str]
+
+
+def _init_details(err: ErrorDetails) -> InitErrorDetails:
+    """A reported error as the input that re-creates it."""
+    details = InitErrorDetails(type=err["type"], loc=err["loc"], input=err["input"])
+    if "ctx" in err:
+        details["ctx"] = err["ctx"]
+    return details
+
+
+def _error(issues: Sequence[_Issue], exc: ValidationError | None = None) -> ValidationError:
+    """One validation error listing ``exc``'s errors (if any), then ``issues``.
+
+    The issues carry no input value: a rule about a secret never holds the secret.
+    """
+    details = [_init_details(err) for err in exc.errors()] if exc is not None else []
+    details += [
+        InitErrorDetails(type="value_error", loc=loc, input=None, ctx={"error": ValueError(rule)})
+        for loc, rule in issues
+    ]
+    return ValidationError.from_exception_data(exc.title if exc else "Config", details)
+
+
+def _validated(data: Any, handler: ModelWrapValidatorHandler[_M], issues: list[_Issue]) -> _M:
+    """``handler(data)``; if it fails or ``issues`` is not empty, one error listing both."""
+    try:
+        model = handler(data)
+    except ValidationError as exc:
+        if not issues:
+            raise
+        raise _error(issues, exc) from None
+    if issues:
+        raise _error(issues)
+    return model
+
+
+@functools.cache
+def _field_adapter(model: type[BaseModel], name: str) -> TypeAdapter[Any]:
+    """Validates one field of ``model`` alone: its type and constraints (not its validators)."""
+    info = model.model_fields[name]
+    field_type: Any = (
+        Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+    )
+    return TypeAdapter(field_type)
+
+
+def _valid_inputs(model: type[BaseModel], data: Any, names: Sequence[str]) -> dict[str, Any] | None:
+    """The fields ``names`` of the raw input ``data`` of ``model``, each validated alone (an
+    absent one takes its default), for a rule that spans them to check even when other
+    fields fail; None if one of them fails or is required and absent (its own error says
+    so), or ``data`` is not a table."""
+    if not isinstance(data, Mapping):
+        return None
+    values: dict[str, Any] = {}
+    for name in names:
+        info = model.model_fields[name]
+        if name in data:
+            try:
+                values[name] = _field_adapter(model, name).validate_python(data[name])
+            except ValidationError:
+                return None
+        elif info.is_required():
+            return None
+        else:
+            values[name] = info.get_default(call_default_factory=True)
+    return values
 
 
 def _check_url(value: str) -> str:
@@ -102,11 +182,17 @@ class ExtensionSettings(_Section):
     first: int = Field(default=1000, ge=0, le=MAX_EXTENSION)
     last: int = Field(default=9999, ge=0, le=MAX_EXTENSION)
 
-    @model_validator(mode="after")
-    def _ordered(self) -> ExtensionSettings:
-        if self.last < self.first:
-            raise ValueError("extensions.last must be at least extensions.first")
-        return self
+    @model_validator(mode="wrap")
+    @classmethod
+    def _ordered(
+        cls, data: Any, handler: ModelWrapValidatorHandler[ExtensionSettings]
+    ) -> ExtensionSettings:
+        """``last`` is at least ``first``: checked even when another key fails."""
+        bounds = _valid_inputs(cls, data, ("first", "last"))
+        issues: list[_Issue] = []
+        if bounds is not None and bounds["last"] < bounds["first"]:
+            issues.append((("last",), f"must be at least extensions.first ({bounds['first']})"))
+        return _validated(data, handler, issues)
 
 
 class SipSettings(_Section):
@@ -150,13 +236,24 @@ class TargetSettings(_UrlSection):
     @field_validator("transports")
     @classmethod
     def _transport_names(cls, value: dict[str, str]) -> dict[str, str]:
+        """The shipped names, overridden by ``value``; every unknown protocol and bad name
+        is reported."""
         value = {**cls.model_fields["transports"].get_default(call_default_factory=True), **value}
-        for proto, name in value.items():
-            if proto not in TRANSPORTS:
-                raise ValueError(f"{proto!r} is not a transport (udp, tcp, tls, ws, wss)")
-            if not TRANSPORT_NAME.fullmatch(name):
-                raise ValueError(f"transport name for {proto} must be {TRANSPORT_NAME_RULE}")
+        issues = [
+            ((), rule) for proto, name in value.items() if (rule := _transport_rule(proto, name))
+        ]
+        if issues:
+            raise _error(issues)
         return value
+
+
+def _transport_rule(proto: str, name: str) -> str | None:
+    """The rule the transport table entry ``proto = name`` breaks, if any."""
+    if proto not in TRANSPORTS:
+        return f"{proto!r} is not a transport (udp, tcp, tls, ws, wss)"
+    if not TRANSPORT_NAME.fullmatch(name):
+        return f"transport name for {proto} must be {TRANSPORT_NAME_RULE}"
+    return None
 
 
 class LogSettings(_Section):
@@ -167,6 +264,27 @@ class LogSettings(_Section):
 
 #: AMI header values must not carry control characters (they would inject headers).
 _AMI_VALUE = r"^[^\x00-\x1f\x7f]{1,200}$"
+
+
+def _read_secret(
+    secret: SecretStr | None, secret_file: Path | None
+) -> tuple[SecretStr | None, list[_Issue]]:
+    """The AMI secret given inline or read from ``secret_file`` (one line, trailing newline
+    dropped), or the rules broken; no rule quotes the secret or the file's content."""
+    if (secret is None) == (secret_file is None):
+        return None, [(("secret",), "give exactly one of secret and secret_file")]
+    where = "secret"
+    if secret_file is not None:
+        where = "secret_file"
+        try:
+            text = secret_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            return None, [((where,), f"cannot read {str(secret_file)!r}: {type(exc).__name__}")]
+        secret = SecretStr(text.rstrip("\r\n"))
+    assert secret is not None
+    if not re.fullmatch(_AMI_VALUE, secret.get_secret_value()):
+        return None, [((where,), "the secret must be 1-200 characters without control characters")]
+    return secret, []
 
 
 class AsteriskServer(_Section):
@@ -194,28 +312,28 @@ class AsteriskServer(_Section):
     @field_validator("sorcery_caches")
     @classmethod
     def _cache_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for name in value:
-            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
-                raise ValueError(f"cache name {name!r} must be 1-64 letters, digits, '_.-'")
+        """Every cache name is 1-64 letters, digits, '_.-'; each bad one is reported."""
+        bad = [name for name in value if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name)]
+        if bad:
+            raise _error(
+                [((), f"cache name {n!r} must be 1-64 letters, digits, '_.-'") for n in bad]
+            )
         return value
 
-    @model_validator(mode="after")
-    def _one_secret(self) -> AsteriskServer:
-        if (self.secret is None) == (self.secret_file is None):
-            raise ValueError("give exactly one of secret and secret_file")
-        if self.secret_file is not None:
-            try:
-                text = self.secret_file.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                # The error names the file, never its content.
-                raise ValueError(
-                    f"cannot read secret_file {str(self.secret_file)!r}: {type(exc).__name__}"
-                ) from None
-            object.__setattr__(self, "secret", SecretStr(text.rstrip("\r\n")))
-        assert self.secret is not None
-        if not re.fullmatch(_AMI_VALUE, self.secret.get_secret_value()):
-            raise ValueError("the secret must be 1-200 characters without control characters")
-        return self
+    @model_validator(mode="wrap")
+    @classmethod
+    def _one_secret(
+        cls, data: Any, handler: ModelWrapValidatorHandler[AsteriskServer]
+    ) -> AsteriskServer:
+        """Exactly one of ``secret`` and ``secret_file``, read and checked even when other
+        fields fail, so one error lists every problem of the entry."""
+        given = _valid_inputs(cls, data, ("secret", "secret_file"))
+        if given is None:  # not a table, or a secret field's own error says what is wrong
+            return handler(data)
+        secret, issues = _read_secret(given["secret"], given["secret_file"])
+        if secret is not None:
+            data = {**data, "secret": secret}
+        return _validated(data, handler, issues)
 
 
 class AmiSettings(_Section):
@@ -289,13 +407,35 @@ class Config(_Section):
     #: The file the settings came from, if any (not a TOML key).
     source: str | None = Field(default=None, exclude=True)
 
-    @field_validator("asterisk")
+    @model_validator(mode="wrap")
     @classmethod
-    def _unique_servers(cls, value: tuple[AsteriskServer, ...]) -> tuple[AsteriskServer, ...]:
-        names = [server.name for server in value]
-        if len(set(names)) != len(names):
-            raise ValueError("every [[asterisk]] needs its own name")
-        return value
+    def _unique_servers(cls, data: Any, handler: ModelWrapValidatorHandler[Config]) -> Config:
+        """Every ``[[asterisk]]`` has its own name: checked even when an entry fails."""
+        entries = data.get("asterisk") if isinstance(data, Mapping) else None
+        return _validated(data, handler, _name_clashes(entries))
+
+
+def _entry_name(entry: object) -> object:
+    """The name an ``[[asterisk]]`` entry (raw table or validated) gives, if any."""
+    if isinstance(entry, AsteriskServer):
+        return entry.name
+    return entry.get("name") if isinstance(entry, Mapping) else None
+
+
+def _name_clashes(entries: object) -> list[_Issue]:
+    """Each ``[[asterisk]]`` entry whose name an earlier entry already took."""
+    if not isinstance(entries, list | tuple):
+        return []
+    first: dict[str, int] = {}
+    issues: list[_Issue] = []
+    for index, name in enumerate(map(_entry_name, entries)):
+        if not isinstance(name, str):
+            continue
+        if name in first:
+            rule = f"every [[asterisk]] needs its own name: asterisk.{first[name]} is {name!r} too"
+            issues.append((("asterisk", index, "name"), rule))
+        first.setdefault(name, index)
+    return issues
 
 
 #: Fields of :class:`Config` that are not settings a file, env or flag may set.
@@ -366,37 +506,74 @@ def _problems(exc: ValidationError) -> list[Problem]:
     return problems
 
 
-def load_config(
-    path: str | Path | None = None,
-    *,
-    env: Mapping[str, str] | None = None,
-    overrides: Mapping[str, Any] | None = None,
-) -> Config:
-    """Build the :class:`Config` from defaults, the TOML file, the environment and ``overrides``
-    (nested dicts from command-line flags), or raise :class:`ConfigError` listing every problem."""
-    env = os.environ if env is None else env
-    file = _resolve_path(path, env)
-    data: dict[str, Any] = {}
-    if file is not None:
+def parse_sets(sets: Sequence[str]) -> tuple[dict[str, Any], list[Problem]]:
+    """``--set section.key=value`` flags as nested overrides, and the flags that cannot be read
+    (not ``key=value``, or a ``[``/``{`` value that is not JSON); other values stay strings.
+    A later flag wins; ``a=1`` then ``a.b=2`` makes ``a`` a table."""
+    tree: dict[str, Any] = {}
+    problems = []
+    for item in sets:
+        key, sep, value = item.partition("=")
+        parts = [p for p in key.strip().split(".") if p]
+        if not sep or not parts:
+            problems.append(Problem("--set", f"{item!r} must look like section.key=value"))
+            continue
+        if not value.startswith(("[", "{")):
+            _set_path(tree, parts, value)
+            continue
         try:
-            data = tomllib.loads(file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError([Problem("config", f"file {str(file)!r} does not exist")]) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError([Problem("config", f"cannot read {str(file)!r}: {exc}")]) from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(
-                [Problem("config", f"{str(file)!r} is not valid TOML: {exc}")]
-            ) from None
-    data = _merge(data, _env_overrides(env))
-    data = _merge(data, overrides or {})
+            _set_path(tree, parts, json.loads(value))
+        except json.JSONDecodeError as exc:
+            problems.append(Problem("--set", f"{item!r}: the value is not valid JSON ({exc})"))
+    return tree, problems
+
+
+def _read_file(file: Path | None) -> tuple[dict[str, Any], Problem | None]:
+    """The TOML file's tables (none without a file), or the problem that stops its reading."""
+    if file is None:
+        return {}, None
+    try:
+        return tomllib.loads(file.read_text(encoding="utf-8")), None
+    except FileNotFoundError:
+        return {}, Problem("config", f"file {str(file)!r} does not exist")
+    except (OSError, UnicodeDecodeError) as exc:
+        return {}, Problem("config", f"cannot read {str(file)!r}: {exc}")
+    except tomllib.TOMLDecodeError as exc:
+        return {}, Problem("config", f"{str(file)!r} is not valid TOML: {exc}")
+
+
+def _validate(data: dict[str, Any]) -> tuple[Config | None, list[Problem]]:
+    """``data`` as a :class:`Config`, or None and every problem it has."""
     # ``source`` is a field for bookkeeping only: as input it is an unknown key.
     problems = [Problem(key, "is not a known setting") for key in _NOT_SETTINGS if key in data]
     data = {k: v for k, v in data.items() if k not in _NOT_SETTINGS}
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(problems + _problems(exc)) from None
-    if problems:
-        raise ConfigError(problems)
+        return None, problems + _problems(exc)
+    return (None if problems else config), problems
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    sets: Sequence[str] = (),
+) -> Config:
+    """Build the :class:`Config` from defaults, the TOML file, the environment, ``overrides``
+    (nested dicts from command-line flags) and ``sets`` (raw ``--set`` flags), or raise
+    :class:`ConfigError` listing every problem of them all (when the file cannot be read or
+    parsed: that problem and the unreadable ``--set`` flags)."""
+    env = os.environ if env is None else env
+    file = _resolve_path(path, env)
+    flags, problems = parse_sets(sets)
+    data, file_problem = _read_file(file)
+    if file_problem is not None:
+        raise ConfigError([*problems, file_problem])
+    for layer in (_env_overrides(env), overrides or {}, flags):
+        data = _merge(data, layer)
+    config, invalid = _validate(data)
+    if problems or config is None:
+        raise ConfigError(problems + invalid)
     return config.model_copy(update={"source": str(file) if file else None})

@@ -9,8 +9,10 @@ import pytest
 from provisioner import config as config_module
 from provisioner.config import Config, StoreSettings, TargetSettings, load_config
 from provisioner.errors import ConfigError, InvalidInput
+from provisioner.model import TRANSPORT_NAME_RULE
 from provisioner.pjsip import RenderSettings, render_user
 
+from .helpers import make_cli
 from .test_configfile import make_user
 
 
@@ -126,13 +128,65 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     assert info.value.exit_code == 2
 
 
+def test_set_flag_problems_come_with_every_other_problem(tmp_path: Path) -> None:
+    """Unreadable --set flags are listed in one error with the file's, env's and flags' problems."""
+    path = _write(tmp_path, "colour = 'blue'\n[store]\nbusy_timeout = -1\n")
+    env = {"PROVISIONER_SIP__REALM": "bad realm!"}
+    sets = ["nokey", "target.transports={broken", "=x", "log.level=loud", "store.pool=3"]
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env=env, sets=sets)
+    fields = [p.field for p in info.value.problems]
+    assert fields == [
+        "--set",
+        "--set",
+        "--set",
+        "store.busy_timeout",
+        "store.pool",
+        "sip.realm",
+        "log.level",
+        "colour",
+    ]
+    rules = [p.rule for p in info.value.problems]
+    assert rules[0] == "'nokey' must look like section.key=value"
+    assert rules[1].startswith("'target.transports={broken': the value is not valid JSON")
+
+
+def test_set_flags_are_applied_over_overrides() -> None:
+    """A --set flag beats the same key in the environment and in ``overrides``."""
+    cfg = load_config(
+        env={"PROVISIONER_EXTENSIONS__FIRST": "510"},
+        overrides={"extensions": {"first": 520}},
+        sets=["extensions.first=530", 'target.transports={"udp": "u"}'],
+    )
+    assert cfg.extensions.first == 530
+    assert cfg.target.transports["udp"] == "u"
+
+
+def test_set_flag_problems_come_with_a_file_problem(tmp_path: Path) -> None:
+    """A file that is not TOML is reported together with the unreadable --set flags."""
+    path = _write(tmp_path, "[store\nurl=")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={}, sets=["nokey"])
+    assert [p.field for p in info.value.problems] == ["--set", "config"]
+
+
 def test_extension_range_must_be_ordered() -> None:
     """extensions.last below extensions.first is reported with both keys named."""
     with pytest.raises(ConfigError) as info:
         load_config(env={}, overrides={"extensions": {"first": 200, "last": 100}})
     (problem,) = info.value.problems
-    assert problem.field == "extensions"
-    assert "extensions.last must be at least extensions.first" in problem.rule
+    assert problem.field == "extensions.last"
+    assert problem.rule == "must be at least extensions.first (200)"
+
+
+def test_extension_order_is_reported_beside_other_extension_errors() -> None:
+    """An unordered extension range is reported even when another extensions key fails."""
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={"extensions": {"first": 200, "last": 100, "step": 1}})
+    assert [(p.field, p.rule) for p in info.value.problems] == [
+        ("extensions.step", "is not a known setting"),
+        ("extensions.last", "must be at least extensions.first (200)"),
+    ]
 
 
 def test_missing_file_is_reported(tmp_path: Path) -> None:
@@ -162,6 +216,16 @@ def test_bad_transport_name_is_reported() -> None:
     """A target transport table naming an unknown protocol is refused with the rule."""
     with pytest.raises(ConfigError, match=r"'sctp' is not a transport"):
         load_config(env={}, overrides={"target": {"transports": {"sctp": "t"}}})
+
+
+def test_every_bad_transport_is_reported() -> None:
+    """Each bad entry of the transport table is reported, not just the first."""
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={"target": {"transports": {"sctp": "t", "udp": "a b"}}})
+    assert [(p.field, p.rule) for p in info.value.problems] == [
+        ("target.transports", "transport name for udp must be " + TRANSPORT_NAME_RULE),
+        ("target.transports", "'sctp' is not a transport (udp, tcp, tls, ws, wss)"),
+    ]
 
 
 def test_transport_names_fit_the_realtime_column() -> None:
@@ -249,3 +313,37 @@ def test_largest_allowed_numbers_load() -> None:
     )
     assert cfg.security.lock_minutes == config_module.MAX_LOCK_MINUTES
     assert cfg.extensions.last == 10**20 - 1
+
+
+CLI_BAD_CONFIG = """\
+colour = "blue"
+[extensions]
+first = 200
+last = 100
+step = 1
+[[asterisk]]
+name = "bad name!"
+host = "pbx1"
+username = "prov"
+"""
+
+
+def test_cli_lists_every_problem_of_file_env_and_flags_at_once(tmp_path: Path) -> None:
+    """``provisioner check`` prints every config problem (flags, file, env, each [[asterisk]]
+    field and its secret) in one error and exits 2."""
+    cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path, CLI_BAD_CONFIG)
+    cli.env["PROVISIONER_SIP__REALM"] = "bad realm!"
+    result = cli("--set", "nokey", "--set", "log.level=loud", "check")
+    assert result.code == 2
+    assert result.out == ""
+    assert result.err.splitlines() == [
+        "error: invalid configuration",
+        "  --set: 'nokey' must look like section.key=value",
+        "  extensions.step: is not a known setting",
+        "  extensions.last: must be at least extensions.first (200)",
+        "  sip.realm: String should match pattern '^[A-Za-z0-9._-]{1,64}$'",
+        "  log.level: Input should be 'debug', 'info', 'warning' or 'error'",
+        "  asterisk.0.name: String should match pattern '^[A-Za-z0-9_.-]{1,64}$'",
+        "  asterisk.0.secret: give exactly one of secret and secret_file",
+        "  colour: is not a known setting",
+    ]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+
+from structlog.testing import capture_logs
 
 from provisioner.config import load_config
 from provisioner.daemon import Daemon, _needs_restart
@@ -49,3 +52,27 @@ def test_restart_needed_names_the_sections_a_sighup_cannot_apply(tmp_path: Path)
     )
     assert _needs_restart(elsewhere, old) == []
     assert _needs_restart(moved, old) == ["store", "ami"]
+
+
+def test_a_bad_config_on_sighup_logs_every_problem_at_once(tmp_path: Path) -> None:
+    """A SIGHUP re-read of a file with several problems logs them all in one record and keeps
+    the old config."""
+    path = tmp_path / "provisioner.toml"
+    path.write_text(
+        f"[store]\nurl = 'sqlite:///{tmp_path / 'store.db'}'\n"
+        f"[target]\npath = '{tmp_path / 'pjsip_users.conf'}'\n",
+        encoding="utf-8",
+    )
+    config = load_config(path, env={})
+    daemon = Daemon.from_config(config, config_path=str(path))
+    try:
+        with path.open("a", encoding="utf-8") as file:
+            file.write("[[asterisk]]\nname = 'bad name!'\nhost = 'h'\nusername = 'u'\n")
+        with capture_logs() as logs:
+            asyncio.run(daemon._reload_config())
+        (failed,) = [entry for entry in logs if entry["event"] == "config.reload_failed"]
+        assert "asterisk.0.name: " in failed["error"]
+        assert "asterisk.0.secret: give exactly one of secret and secret_file" in failed["error"]
+        assert daemon.config is config
+    finally:
+        daemon.engine.dispose()
