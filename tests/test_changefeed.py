@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import select as pyselect
+from pathlib import Path
 
 import psycopg
 import pytest
 from sqlalchemy import Engine, func, select, text
 
 from provisioner.accounts import Accounts
+from provisioner.applier import Applied, Applier
+from provisioner.config import load_config
+from provisioner.daemon import Daemon
 from provisioner.store.changefeed import (
     NOTIFY_CHANNEL,
     ChangeRow,
@@ -21,6 +25,7 @@ from provisioner.store.changefeed import (
     save_cursor,
 )
 from provisioner.store.schema import changes, user_attributes
+from provisioner.targets.configfile import ConfigFileTarget
 
 
 def _changes(engine: Engine, after: int = 0) -> list[tuple[str, int, str]]:
@@ -164,3 +169,151 @@ def test_read_unapplied_rereads_every_gap_between_applied_ids() -> None:
     assert _gaps(10, set()) == []
     assert _gaps(10, {11, 12}) == []
     assert _gaps(10, {12, 13, 17, 18, 20}) == [(11, 11), (14, 16), (19, 19)]
+
+
+# -- a changed key: the old id is noted too ----------------------------------------------
+
+
+def _add(accounts: Accounts, username: str) -> int:
+    """Add a user of profile ``agents``; return its id."""
+    created = accounts.add_user(
+        {
+            "username": username,
+            "full_name": username.title(),
+            "email": f"{username}@example.com",
+            "profile": "agents",
+        }
+    )
+    return created.user.id
+
+
+def _newest(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(select(func.max(changes.c.id))).scalar_one_or_none() or 0
+
+
+def _sql(engine: Engine, statement: str, **params: object) -> None:
+    """A DBA's statement in a SQL shell."""
+    with engine.begin() as conn:
+        conn.execute(text(statement), params)
+
+
+def test_a_changed_user_id_notes_the_old_and_the_new_id(accounts: Accounts, engine: Engine) -> None:
+    """An update that changes a user's id notes both the old and the new id."""
+    uid = _add(accounts, "alice")
+    start = _newest(engine)
+    _sql(engine, "UPDATE users SET id = 999 WHERE id = :i", i=uid)
+    assert sorted(_changes(engine, start)) == [("user", uid, "U"), ("user", 999, "U")]
+
+
+def test_an_attribute_moved_to_another_user_notes_both_users(
+    accounts: Accounts, engine: Engine
+) -> None:
+    """An update that moves an attribute to another user notes both users' ids."""
+    alice, bob = _add(accounts, "alice"), _add(accounts, "bob")
+    with engine.begin() as conn:
+        conn.execute(user_attributes.insert().values(user_id=alice, key="agent", value="x"))
+    start = _newest(engine)
+    _sql(engine, "UPDATE user_attributes SET user_id = :b WHERE user_id = :a", a=alice, b=bob)
+    assert sorted(_changes(engine, start)) == [("user", alice, "U"), ("user", bob, "U")]
+
+
+def test_a_changed_profile_id_notes_the_old_and_the_new_id(
+    accounts: Accounts, engine: Engine
+) -> None:
+    """An update that changes a profile's id notes both the old and the new id."""
+    pid = accounts.add_profile("spare").id
+    start = _newest(engine)
+    _sql(engine, "UPDATE profiles SET id = 999 WHERE id = :i", i=pid)
+    assert sorted(_changes(engine, start)) == [("profile", pid, "U"), ("profile", 999, "U")]
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_postgresql_notifies_the_old_and_the_new_id(
+    engine: Engine, accounts: Accounts, db_url: str
+) -> None:
+    """On PostgreSQL a changed user id sends NOTIFY for the old and the new id."""
+    uid = _add(accounts, "alice")
+    dsn = db_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        _sql(engine, "UPDATE users SET id = 999 WHERE id = :i", i=uid)
+        pyselect.select([listener.fileno()], [], [], 5)
+        got = [n.payload for n in listener.notifies(timeout=1, stop_after=2)]
+    assert sorted(got) == sorted([f"user:{uid}", "user:999"])
+
+
+def _daemon(engine: Engine, db_url: str, tmp_path: Path) -> Daemon:
+    """A daemon over the store, writing a config file, fully applied and caught up with the feed."""
+    config = load_config(
+        env={},
+        overrides={"store": {"url": db_url}, "target": {"path": str(tmp_path / "pjsip.conf")}},
+    )
+    daemon = Daemon.from_config(config)
+    daemon.applier.full()
+    daemon.tracker = CursorTracker(cursor=_newest(engine))
+    return daemon
+
+
+def _sections(path: Path) -> set[str]:
+    """The section names of a config file."""
+    text = path.read_text(encoding="utf-8")
+    return {line[1:].split("]", 1)[0] for line in text.splitlines() if line.startswith("[")}
+
+
+def _apply_changes(daemon: Daemon) -> Applied:
+    """Apply the unread changes as the daemon does on a wake-up between full reconciles
+    (incrementally), then move its cursor past them."""
+    applied = daemon._incremental()
+    assert applied is not None
+    daemon._advance(daemon._unsaved or [])
+    daemon._unsaved = None
+    return applied
+
+
+def _same_as_a_full_apply(daemon: Daemon, tmp_path: Path) -> None:
+    """The daemon's config file holds exactly what a full apply of the store writes."""
+    fresh = ConfigFileTarget(tmp_path / "fresh.conf")
+    Applier(daemon.engine, fresh, daemon.applier.settings).full()
+    assert Path(daemon.config.target.path).read_bytes() == fresh.path.read_bytes()
+
+
+def test_the_incremental_apply_moves_a_user_whose_id_and_extension_changed(
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """A user whose id and extension change in one statement loses its old PJSIP objects and
+    gets the new ones through the daemon's incremental apply."""
+    uids = [_add(accounts, name) for name in ("alice", "bob", "carol")]
+    old = accounts.get_user("alice")
+    daemon = _daemon(engine, db_url, tmp_path)
+    conf = Path(daemon.config.target.path)
+    try:
+        assert old.extension in _sections(conf)
+        _sql(engine, "UPDATE users SET id = 999, extension = '150' WHERE id = :i", i=uids[0])
+        assert not _apply_changes(daemon).full
+        assert old.extension not in _sections(conf)
+        assert "150" in _sections(conf)
+        _same_as_a_full_apply(daemon, tmp_path)
+    finally:
+        daemon.engine.dispose()
+
+
+def test_the_incremental_apply_forgets_the_old_id_of_a_renumbered_user(
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """After a user's id changes, deleting that user removes its PJSIP objects through the
+    daemon's incremental apply."""
+    uids = [_add(accounts, name) for name in ("alice", "bob", "carol")]
+    old = accounts.get_user("alice")
+    daemon = _daemon(engine, db_url, tmp_path)
+    conf = Path(daemon.config.target.path)
+    try:
+        _sql(engine, "UPDATE users SET id = 999 WHERE id = :i", i=uids[0])
+        _apply_changes(daemon)
+        assert old.extension in _sections(conf)
+        _sql(engine, "DELETE FROM users WHERE id = 999")
+        assert not _apply_changes(daemon).full
+        assert old.extension not in _sections(conf)
+        _same_as_a_full_apply(daemon, tmp_path)
+    finally:
+        daemon.engine.dispose()

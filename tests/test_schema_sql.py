@@ -11,9 +11,11 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
+from provisioner.accounts import Accounts, Policy
+from provisioner.store.changefeed import read_changes
 from provisioner.store.ddl import store_ddl
 from provisioner.store.engine import open_engine
-from provisioner.store.migrate import current_revision, head_revision, upgrade
+from provisioner.store.migrate import current_revision, downgrade, head_revision, upgrade
 from provisioner.store.schema import SUMMARY_FILLFACTOR, metadata
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql" / "store"
@@ -134,5 +136,43 @@ def test_summary_table_is_half_filled_on_postgresql(db_url: str, source: str) ->
             upgrade(engine)
         assert _fillfactor(engine, "registration_summary") == str(SUMMARY_FILLFACTOR)
         assert _fillfactor(engine, "registrations") is None
+    finally:
+        engine.dispose()
+
+
+def _renumbered(engine: Engine, old: int, new: int) -> list[int]:
+    """Change a user's id from ``old`` to ``new`` in plain SQL; the user ids the feed noted."""
+    with engine.connect() as conn:
+        start = max((c.id for c in read_changes(conn, 0)), default=0)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE users SET id = :n WHERE id = :o"), {"n": new, "o": old})
+    with engine.connect() as conn:
+        return sorted(c.entity_id for c in read_changes(conn, start) if c.entity == "user")
+
+
+def test_0004_makes_a_store_at_0003_note_the_old_id_of_a_changed_key(db_url: str) -> None:
+    """Upgrading a populated store from 0003 makes a changed user id note the old id as well,
+    and downgrading back to 0003 (or to nothing, then up again) works."""
+    engine = open_engine(db_url)
+    try:
+        upgrade(engine, "0003")
+        accounts = Accounts(engine, Policy(password_policy=False))
+        values = {"role": "admin", "full_name": "A", "email": "a@example.com"}
+        uid = accounts.add_user({**values, "username": "alice"}).user.id
+        assert _renumbered(engine, uid, 500) == [500]
+
+        assert upgrade(engine) == ("0003", head_revision())
+        assert _differences(engine) == []
+        assert _renumbered(engine, 500, 501) == [500, 501]
+        assert accounts.get_user("alice").id == 501
+
+        assert downgrade(engine, "0003") == (head_revision(), "0003")
+        assert _renumbered(engine, 501, 502) == [502]
+
+        downgrade(engine, "base")
+        assert current_revision(engine) is None
+        upgrade(engine)
+        uid = accounts.add_user({**values, "username": "alice"}).user.id
+        assert _renumbered(engine, uid, 600) == [uid, 600]
     finally:
         engine.dispose()

@@ -5,6 +5,10 @@ appends a row to ``changes``, whoever made it: the CLI, another application or
 a DBA in a SQL shell.  On PostgreSQL the trigger also sends
 ``NOTIFY provisioner_changes`` so the daemon wakes at once.
 
+An update that changes a row's key (``UPDATE users SET id = 99 WHERE id = 5``, an
+attribute moved to another user, a profile renumbered) notes the old id as well as
+the new one, so the daemon also re-renders what the old id held (migration 0004).
+
 The daemon keeps a durable cursor (``daemon_state``).  Ids come from a
 sequence, and on PostgreSQL and MariaDB a transaction that took a lower id can
 commit after one that took a higher id; :class:`CursorTracker` therefore only
@@ -31,7 +35,10 @@ __all__ = [
     "NOTIFY_CHANNEL",
     "ChangeRow",
     "CursorTracker",
+    "drop_old_key_ddl",
+    "drop_trigger_ddl",
     "load_cursor",
+    "old_key_ddl",
     "read_changes",
     "read_unapplied",
     "save_cursor",
@@ -77,7 +84,33 @@ def _mysql_triggers() -> list[str]:
     return out
 
 
-_PG_FUNCTION = f"""CREATE OR REPLACE FUNCTION provisioner_note_change() RETURNS trigger
+def _sqlite_key_triggers() -> list[str]:
+    """A trigger per table noting the old id of a row whose key an update changed."""
+    return [
+        f"CREATE TRIGGER trg_{table}_key_change AFTER UPDATE OF {col} ON {table} "
+        f"FOR EACH ROW WHEN OLD.{col} <> NEW.{col} BEGIN "
+        "INSERT INTO changes (entity, entity_id, op) "
+        f"VALUES ('{entity}', OLD.{col}, 'U'); END"
+        for table, entity, col in _WATCHED
+    ]
+
+
+def _mysql_key_triggers() -> list[str]:
+    """A trigger per table noting the old id of a row whose key an update changed.
+
+    A trigger of its own (MariaDB and MySQL run several per event), so adding it never
+    leaves a moment without an update trigger: their DDL is not transactional.
+    """
+    return [
+        f"CREATE TRIGGER trg_{table}_key_change AFTER UPDATE ON {table} "
+        "FOR EACH ROW INSERT INTO changes (entity, entity_id, op) "
+        f"SELECT '{entity}', OLD.{col}, 'U' FROM DUAL WHERE OLD.{col} <> NEW.{col}"
+        for table, entity, col in _WATCHED
+    ]
+
+
+# The function as migration 0002 installed it: an update notes only the new id.
+_PG_FUNCTION_0002 = f"""CREATE OR REPLACE FUNCTION provisioner_note_change() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     eid integer;
@@ -96,9 +129,38 @@ BEGIN
 END
 $$"""
 
+# Since migration 0004: an update that changes the key notes the old id first.
+_PG_FUNCTION = f"""CREATE OR REPLACE FUNCTION provisioner_note_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    eid integer;
+    old_eid integer;
+    opc char(1);
+BEGIN
+    opc := CASE TG_OP WHEN 'INSERT' THEN 'I' WHEN 'UPDATE' THEN 'U' ELSE 'D' END;
+    -- The id column's name is a trigger argument; jsonb reads it from any table's row.
+    IF TG_OP = 'DELETE' THEN
+        eid := (to_jsonb(OLD) ->> TG_ARGV[1])::integer;
+    ELSE
+        eid := (to_jsonb(NEW) ->> TG_ARGV[1])::integer;
+    END IF;
+    IF TG_OP = 'UPDATE' THEN
+        -- A changed key: what the old id held must be re-rendered too.
+        old_eid := (to_jsonb(OLD) ->> TG_ARGV[1])::integer;
+        IF old_eid <> eid THEN
+            INSERT INTO changes (entity, entity_id, op) VALUES (TG_ARGV[0], old_eid, opc);
+            PERFORM pg_notify('{NOTIFY_CHANNEL}', TG_ARGV[0] || ':' || old_eid);
+        END IF;
+    END IF;
+    INSERT INTO changes (entity, entity_id, op) VALUES (TG_ARGV[0], eid, opc);
+    PERFORM pg_notify('{NOTIFY_CHANNEL}', TG_ARGV[0] || ':' || eid);
+    RETURN NULL;
+END
+$$"""
 
-def _pg_triggers() -> list[str]:
-    out = [_PG_FUNCTION]
+
+def _pg_triggers(function: str) -> list[str]:
+    out = [function]
     for table, entity, col in _WATCHED:
         out.append(
             f"CREATE TRIGGER trg_{table}_change AFTER INSERT OR UPDATE OR DELETE ON {table} "
@@ -107,27 +169,56 @@ def _pg_triggers() -> list[str]:
     return out
 
 
-def trigger_ddl(dialect: str) -> list[str]:
-    """The statements that install the change triggers on ``dialect``."""
-    if dialect == sqlite_dialect.dialect.name:
-        return _sqlite_triggers()
-    if dialect == postgresql.dialect.name:
-        return _pg_triggers()
-    if dialect in (mysql.dialect.name, "mariadb"):
-        return _mysql_triggers()
+def _is_mysql(dialect: str) -> bool:
+    """True for MariaDB and MySQL (one trigger text serves both)."""
+    return dialect in (mysql.dialect.name, "mariadb")
+
+
+def _known(dialect: str) -> str:
+    """``dialect``, or ValueError when it has no change triggers."""
+    if dialect in (sqlite_dialect.dialect.name, postgresql.dialect.name) or _is_mysql(dialect):
+        return dialect
     raise ValueError(f"no change triggers for {dialect}")
 
 
+def trigger_ddl(dialect: str, *, old_keys: bool = True) -> list[str]:
+    """The statements that install the change triggers on ``dialect``.
+
+    ``old_keys=False``: the triggers as migration 0002 installed them, which note only
+    the new id of an update that changes a row's key (migration 0004 adds the old id).
+    """
+    if _known(dialect) == postgresql.dialect.name:
+        return _pg_triggers(_PG_FUNCTION if old_keys else _PG_FUNCTION_0002)
+    if _is_mysql(dialect):
+        return _mysql_triggers() + (_mysql_key_triggers() if old_keys else [])
+    return _sqlite_triggers() + (_sqlite_key_triggers() if old_keys else [])
+
+
+def old_key_ddl(dialect: str) -> list[str]:
+    """The statements that make 0002's triggers also note the old id of an update that
+    changes a row's key (migration 0004)."""
+    if _known(dialect) == postgresql.dialect.name:
+        return [_PG_FUNCTION]
+    return _mysql_key_triggers() if _is_mysql(dialect) else _sqlite_key_triggers()
+
+
+def drop_old_key_ddl(dialect: str) -> list[str]:
+    """The statements that undo :func:`old_key_ddl`, leaving 0002's triggers."""
+    if _known(dialect) == postgresql.dialect.name:
+        return [_PG_FUNCTION_0002]
+    return [f"DROP TRIGGER IF EXISTS trg_{t}_key_change" for t, _, _ in _WATCHED]
+
+
 def drop_trigger_ddl(dialect: str) -> list[str]:
-    """The statements that remove what :func:`trigger_ddl` installs."""
-    if dialect == postgresql.dialect.name:
+    """The statements that remove what :func:`trigger_ddl` installs (either generation)."""
+    if _known(dialect) == postgresql.dialect.name:
         out = [f"DROP TRIGGER IF EXISTS trg_{t}_change ON {t}" for t, _, _ in _WATCHED]
         return [*out, "DROP FUNCTION IF EXISTS provisioner_note_change()"]
     return [
         f"DROP TRIGGER IF EXISTS trg_{t}_{event.lower()}"
         for t, _, _ in _WATCHED
         for event, _ in _OPS
-    ]
+    ] + drop_old_key_ddl(dialect)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
-__all__ = ["current_revision", "head_revision", "upgrade"]
+__all__ = ["current_revision", "downgrade", "head_revision", "upgrade"]
 
 _HERE = Path(__file__).parent / "migrations"
 
@@ -42,3 +42,13 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
     return before, head_revision() if revision == "head" else revision
+
+
+def downgrade(engine: Engine, revision: str) -> tuple[str | None, str]:
+    """Migrate the schema back to ``revision``; return (before, after)."""
+    before = current_revision(engine)
+    cfg = _alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, revision)
+    return before, revision

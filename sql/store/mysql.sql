@@ -129,9 +129,15 @@ CREATE TRIGGER trg_profiles_update AFTER UPDATE ON profiles FOR EACH ROW INSERT 
 
 CREATE TRIGGER trg_profiles_delete AFTER DELETE ON profiles FOR EACH ROW INSERT INTO changes (entity, entity_id, op) VALUES ('profile', OLD.id, 'D');
 
+CREATE TRIGGER trg_users_key_change AFTER UPDATE ON users FOR EACH ROW INSERT INTO changes (entity, entity_id, op) SELECT 'user', OLD.id, 'U' FROM DUAL WHERE OLD.id <> NEW.id;
+
+CREATE TRIGGER trg_user_attributes_key_change AFTER UPDATE ON user_attributes FOR EACH ROW INSERT INTO changes (entity, entity_id, op) SELECT 'user', OLD.user_id, 'U' FROM DUAL WHERE OLD.user_id <> NEW.user_id;
+
+CREATE TRIGGER trg_profiles_key_change AFTER UPDATE ON profiles FOR EACH ROW INSERT INTO changes (entity, entity_id, op) SELECT 'profile', OLD.id, 'U' FROM DUAL WHERE OLD.id <> NEW.id;
+
 CREATE TABLE alembic_version (
 	version_num VARCHAR(32) NOT NULL, 
 	PRIMARY KEY (version_num)
 );
 
-INSERT INTO alembic_version (version_num) VALUES ('0003');
+INSERT INTO alembic_version (version_num) VALUES ('0004');

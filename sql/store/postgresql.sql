@@ -116,6 +116,7 @@ CREATE OR REPLACE FUNCTION provisioner_note_change() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     eid integer;
+    old_eid integer;
     opc char(1);
 BEGIN
     opc := CASE TG_OP WHEN 'INSERT' THEN 'I' WHEN 'UPDATE' THEN 'U' ELSE 'D' END;
@@ -124,6 +125,14 @@ BEGIN
         eid := (to_jsonb(OLD) ->> TG_ARGV[1])::integer;
     ELSE
         eid := (to_jsonb(NEW) ->> TG_ARGV[1])::integer;
+    END IF;
+    IF TG_OP = 'UPDATE' THEN
+        -- A changed key: what the old id held must be re-rendered too.
+        old_eid := (to_jsonb(OLD) ->> TG_ARGV[1])::integer;
+        IF old_eid <> eid THEN
+            INSERT INTO changes (entity, entity_id, op) VALUES (TG_ARGV[0], old_eid, opc);
+            PERFORM pg_notify('provisioner_changes', TG_ARGV[0] || ':' || old_eid);
+        END IF;
     END IF;
     INSERT INTO changes (entity, entity_id, op) VALUES (TG_ARGV[0], eid, opc);
     PERFORM pg_notify('provisioner_changes', TG_ARGV[0] || ':' || eid);
@@ -142,4 +151,4 @@ CREATE TABLE alembic_version (
 	PRIMARY KEY (version_num)
 );
 
-INSERT INTO alembic_version (version_num) VALUES ('0003');
+INSERT INTO alembic_version (version_num) VALUES ('0004');

@@ -129,9 +129,15 @@ CREATE TRIGGER trg_profiles_update AFTER UPDATE ON profiles FOR EACH ROW BEGIN I
 
 CREATE TRIGGER trg_profiles_delete AFTER DELETE ON profiles FOR EACH ROW BEGIN INSERT INTO changes (entity, entity_id, op) VALUES ('profile', OLD.id, 'D'); END;
 
+CREATE TRIGGER trg_users_key_change AFTER UPDATE OF id ON users FOR EACH ROW WHEN OLD.id <> NEW.id BEGIN INSERT INTO changes (entity, entity_id, op) VALUES ('user', OLD.id, 'U'); END;
+
+CREATE TRIGGER trg_user_attributes_key_change AFTER UPDATE OF user_id ON user_attributes FOR EACH ROW WHEN OLD.user_id <> NEW.user_id BEGIN INSERT INTO changes (entity, entity_id, op) VALUES ('user', OLD.user_id, 'U'); END;
+
+CREATE TRIGGER trg_profiles_key_change AFTER UPDATE OF id ON profiles FOR EACH ROW WHEN OLD.id <> NEW.id BEGIN INSERT INTO changes (entity, entity_id, op) VALUES ('profile', OLD.id, 'U'); END;
+
 CREATE TABLE alembic_version (
 	version_num VARCHAR(32) NOT NULL, 
 	PRIMARY KEY (version_num)
 );
 
-INSERT INTO alembic_version (version_num) VALUES ('0003');
+INSERT INTO alembic_version (version_num) VALUES ('0004');

@@ -59,7 +59,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('user_id', 'server', 'contact_id', name=op.f('pk_registrations'))
     )
     # ### end Alembic commands ###
-    for statement in trigger_ddl(op.get_bind().dialect.name):
+    for statement in trigger_ddl(op.get_bind().dialect.name, old_keys=False):
         op.execute(statement)
 
 
