@@ -28,6 +28,7 @@ __all__ = [
     "insert_user",
     "load_users",
     "profile_by_name",
+    "profile_name_taken",
     "replace_attributes",
     "select_profiles",
     "update_user",
@@ -54,6 +55,14 @@ def profile_by_name(conn: Connection, name: str) -> Profile | None:
     found = conn.execute(select(profiles).where(profiles.c.name == name))
     rows = _exact(found, "name", {name})
     return None if not rows else Profile(rows[0].id, rows[0].name, rows[0].description)
+
+
+def profile_name_taken(conn: Connection, name: str) -> str | None:
+    """The name of a profile the database holds equal to ``name`` (in its collation: on
+    MariaDB/MySQL usually ignoring case), which its unique key would not let ``name``
+    join; None when there is none."""
+    row = conn.execute(select(profiles.c.name).where(profiles.c.name == name)).first()
+    return None if row is None else str(row.name)
 
 
 def select_profiles(conn: Connection) -> list[Profile]:
