@@ -129,8 +129,13 @@ class Accounts:
     def add_profile(self, name: str, description: str = "") -> Profile:
         name, description = check_profile_fields(name, description)
         with self.transaction() as conn:
-            if q.profile_by_name(conn, name) is not None:
+            taken = q.profile_name_taken(conn, name)
+            if taken == name:
                 raise ConflictError.one("name", f"profile {name!r} already exists")
+            if taken is not None:
+                raise ConflictError.one(
+                    "name", f"profile {taken!r} exists and the database does not tell it apart"
+                )
             return q.insert_profile(conn, name, description, self.clock())
 
     def list_profiles(self) -> list[Profile]:

@@ -233,6 +233,8 @@ class Applier:
         took = (time.perf_counter() - started) * 1000
         for s in skipped:
             log.warning("sync.skipped", username=s.username, problems=[str(p) for p in s.problems])
+        for s in change.clashes:
+            log.warning("sync.conflict", username=s.username, problems=[str(p) for p in s.problems])
         log.info(
             event,
             full=full,

@@ -543,10 +543,8 @@ def _print_report(report: SyncReport) -> None:
         f"{verb}removed {len(change.removed)}, unchanged {change.unchanged}, "
         f"skipped {len(report.skipped)} ({report.took_ms:.0f} ms)"
     )
-    for conflict in getattr(change, "conflicts", ()):
-        click.echo(
-            f"conflict: {conflict} exists in the target but was not made by provisioner", err=True
-        )
+    for clash in change.clashes:
+        click.echo(f"conflict: {clash}; user skipped", err=True)
     for skipped in report.skipped:
         click.echo(f"skipped {skipped}", err=True)
 

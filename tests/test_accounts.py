@@ -7,7 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, text
 
 from provisioner import credentials
 from provisioner.accounts import Accounts, Policy
@@ -19,6 +19,9 @@ from provisioner.errors import (
     InvalidInput,
     NotFoundError,
 )
+from provisioner.store import queries as q
+from provisioner.store.engine import open_engine
+from provisioner.store.migrate import upgrade
 from provisioner.store.schema import user_attributes
 
 from .conftest import FakeClock
@@ -526,3 +529,60 @@ def test_unknown_user_is_not_found(accounts: Accounts) -> None:
         accounts.edit_user("ghost", {"full_name": "G"})
     with pytest.raises(NotFoundError):
         accounts.rotate_sip_secret("ghost")
+
+
+@pytest.mark.parametrize("name", ["alice ", "ALICE   "])
+def test_username_with_trailing_spaces_names_no_user(accounts: Accounts, name: str) -> None:
+    """A username with trailing spaces names no user on any database (MariaDB's PAD SPACE
+    collation included) for reading, editing, state changes, secrets and login."""
+    accounts.add_user(_agent(password=GOOD_PASSWORD))
+    with pytest.raises(NotFoundError):
+        accounts.get_user(name)
+    with pytest.raises(NotFoundError):
+        accounts.edit_user(name, {"full_name": "Someone Else"})
+    with pytest.raises(NotFoundError):
+        accounts.delete([name])
+    with pytest.raises(NotFoundError):
+        accounts.set_password(name, OTHER_PASSWORD)
+    with pytest.raises(NotFoundError):
+        accounts.generate_apikey(name)
+    with pytest.raises(AuthenticationError):
+        accounts.login(name, GOOD_PASSWORD)
+    alice = accounts.get_user("ALICE")
+    assert (alice.full_name, alice.deleted_at, alice.has_apikey) == ("Alice Agent", None, False)
+    assert accounts.login("alice", GOOD_PASSWORD).username == "alice"
+
+
+def test_extension_with_trailing_space_has_no_owner(accounts: Accounts) -> None:
+    """An extension with a trailing space is owned by no user on any database."""
+    accounts.add_user(_agent(extension="150"))
+    with accounts.transaction() as conn:
+        assert (q.extension_owner(conn, "150"), q.extension_owner(conn, "150 ")) == ("alice", None)
+
+
+#: MariaDB's own default collation (case-insensitive, PAD SPACE) for the tables made next.
+CASE_INSENSITIVE = "ALTER DATABASE CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci"
+
+
+def test_profile_name_the_database_cannot_tell_apart_is_a_conflict(
+    db_url: str, backend: str, policy: Policy, clock: FakeClock
+) -> None:
+    """A profile name the store's collation holds equal to an existing one (MariaDB's default
+    ignores case) is a conflict naming that profile; elsewhere it is a profile of its own."""
+    engine = open_engine(db_url)
+    try:
+        if backend == "mariadb":
+            with engine.begin() as conn:
+                conn.execute(text(CASE_INSENSITIVE))
+        upgrade(engine)
+        accounts = Accounts(engine, policy, clock)
+        accounts.add_profile("agents")
+        if backend == "mariadb":
+            with pytest.raises(ConflictError, match="profile 'agents' exists and the database"):
+                accounts.add_profile("Agents")
+        else:
+            accounts.add_profile("Agents")
+        with accounts.transaction() as conn:
+            assert q.profile_by_name(conn, "AGENTS") is None
+    finally:
+        engine.dispose()

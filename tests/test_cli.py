@@ -411,6 +411,22 @@ def test_status_names_one_user_in_any_case_once(cli: Cli) -> None:
     assert "user 'nobody' not found" in result.err.replace('"', "'")
 
 
+def test_username_with_trailing_spaces_is_not_found_on_every_backend(
+    backend: str, tmp_path: Path
+) -> None:
+    """``user show``, ``user delete`` and ``status`` of a username with trailing spaces find
+    no user on SQLite, PostgreSQL and MariaDB alike."""
+    with temp_database(backend, tmp_path) as url:
+        cli = make_cli(url, tmp_path, CONFIG)
+        _seed(cli)
+        _add(cli, "alice")
+        for command in ("show", "delete"):
+            result = cli("user", command, "alice   ")
+            assert (result.code, "user 'alice   ' not found" in result.err) == (3, True)
+        assert cli("status", "alice ").code == 3
+        assert json.loads(cli.ok("user", "show", "ALICE", "--json"))["deleted_at"] is None
+
+
 def test_quickstart_hides_the_store_password(tmp_path: Path) -> None:
     """``quickstart`` prints the store URL with its password hidden."""
     with temp_database("postgresql", tmp_path) as url:

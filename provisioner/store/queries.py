@@ -2,11 +2,16 @@
 
 The caller owns the transaction, so a bulk action or a CSV import is one
 transaction however many rows it touches.
+
+Lookups by a name answer alike on every database: a row the query returns is kept only
+when its key is exactly the one asked for.  MariaDB/MySQL compare text in the column's
+collation, which ignores trailing spaces (PAD SPACE) and usually case, so ``WHERE
+username_key = 'alice   '`` finds ``alice`` there and nothing on SQLite or PostgreSQL.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -23,18 +28,41 @@ __all__ = [
     "insert_user",
     "load_users",
     "profile_by_name",
+    "profile_name_taken",
     "replace_attributes",
     "select_profiles",
     "update_user",
+    "username_key",
 ]
 
 # Columns that never leave the store layer as part of a User.
 _SECRET_COLUMNS = ("password_hash", "apikey_hash", "avatar")
 
 
+def username_key(username: str) -> str:
+    """What usernames are unique by (``users.username_key``): the username lowercased."""
+    return username.lower()
+
+
+def _exact(rows: Iterable[Any], column: str, keys: Collection[str]) -> list[Any]:
+    """The ``rows`` whose ``column`` is exactly one of ``keys`` (not merely equal in the
+    database's collation)."""
+    return [row for row in rows if row._mapping[column] in keys]
+
+
 def profile_by_name(conn: Connection, name: str) -> Profile | None:
-    row = conn.execute(select(profiles).where(profiles.c.name == name)).first()
-    return None if row is None else Profile(row.id, row.name, row.description)
+    """The profile named exactly ``name``, or None."""
+    found = conn.execute(select(profiles).where(profiles.c.name == name))
+    rows = _exact(found, "name", {name})
+    return None if not rows else Profile(rows[0].id, rows[0].name, rows[0].description)
+
+
+def profile_name_taken(conn: Connection, name: str) -> str | None:
+    """The name of a profile the database holds equal to ``name`` (in its collation: on
+    MariaDB/MySQL usually ignoring case), which its unique key would not let ``name``
+    join; None when there is none."""
+    row = conn.execute(select(profiles.c.name).where(profiles.c.name == name)).first()
+    return None if row is None else str(row.name)
 
 
 def select_profiles(conn: Connection) -> list[Profile]:
@@ -52,11 +80,14 @@ def insert_profile(conn: Connection, name: str, description: str, now: datetime)
 
 
 def fetch_user_row(conn: Connection, username: str) -> Row[Any]:
-    """The user's full row (hashes included), found case-insensitively, or NotFoundError."""
-    row = conn.execute(select(users).where(users.c.username_key == username.lower())).first()
-    if row is None:
+    """The user's full row (hashes included), its username ``username`` but for case, or
+    NotFoundError (``'alice '`` names no user, on every database)."""
+    key = username_key(username)
+    found = conn.execute(select(users).where(users.c.username_key == key))
+    rows: list[Row[Any]] = _exact(found, "username_key", {key})
+    if not rows:
         raise NotFoundError("user", username)
-    return row
+    return rows[0]
 
 
 def _user_from_row(row: Any, profile_names: Mapping[int, str], attrs: Mapping[str, str]) -> User:
@@ -106,13 +137,15 @@ def load_users(
 ) -> list[User]:
     """Users as :class:`User` values, ordered by id.
 
-    ``deleted``: False for live users only, True for deleted only, None for both.
+    ``deleted``: False for live users only, True for deleted only, None for both;
+    ``usernames`` are matched as :func:`fetch_user_row` does.
     """
     cols = [c for c in users.c if c.name not in _SECRET_COLUMNS]
     has_key = users.c.apikey_hash.is_not(None).label("has_apikey")
     query = select(*cols, has_key).order_by(users.c.id)
-    if usernames is not None:
-        query = query.where(users.c.username_key.in_([u.lower() for u in usernames]))
+    keys = None if usernames is None else {username_key(u) for u in usernames}
+    if keys is not None:
+        query = query.where(users.c.username_key.in_(sorted(keys)))
     if ids is not None:
         query = query.where(users.c.id.in_(list(ids)))
     if deleted is True:
@@ -120,6 +153,8 @@ def load_users(
     elif deleted is False:
         query = query.where(users.c.deleted_at.is_(None))
     rows = conn.execute(query).all()
+    if keys is not None:
+        rows = _exact(rows, "username_key", keys)
     names = {p.id: p.name for p in select_profiles(conn)}
     attrs: dict[int, dict[str, str]] = {}
     wanted = {r.id for r in rows}
@@ -165,8 +200,10 @@ def username_taken(conn: Connection, username: str) -> bool:
 
 
 def extension_owner(conn: Connection, extension: str) -> str | None:
-    query = select(users.c.username).where(users.c.extension == extension)
-    return conn.execute(query).scalar_one_or_none()
+    """The username of the user whose extension is exactly ``extension``, or None."""
+    query = select(users.c.username, users.c.extension).where(users.c.extension == extension)
+    rows = _exact(conn.execute(query), "extension", {extension})
+    return None if not rows else str(rows[0].username)
 
 
 class ExtensionAllocator:

@@ -51,6 +51,7 @@ from .bulk import (
     json_table_source,
     json_text,
 )
+from .queries import username_key
 from .schema import registration_summary, registrations, users
 
 __all__ = [
@@ -748,12 +749,16 @@ def summarize(contact_statuses: Sequence[str], server_states: Sequence[str]) -> 
 
 def status_rows(conn: Connection, usernames: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Per live user: extension, username, summary per server and contacts, for ``status``."""
-    query = select(users.c.id, users.c.extension, users.c.username).where(
+    query = select(users.c.id, users.c.extension, users.c.username, users.c.username_key).where(
         users.c.deleted_at.is_(None)
     )
-    if usernames:
-        query = query.where(users.c.username_key.in_([u.lower() for u in usernames]))
+    keys = {username_key(u) for u in usernames or ()}
+    if keys:
+        query = query.where(users.c.username_key.in_(sorted(keys)))
     people = conn.execute(query.order_by(users.c.extension)).all()
+    if keys:
+        # Exact keys, not the database's collation: "alice " names no one on any database.
+        people = [p for p in people if p.username_key in keys]
     ids = [p.id for p in people]
     summaries: dict[int, list[dict[str, Any]]] = {}
     contacts: dict[int, list[dict[str, Any]]] = {}

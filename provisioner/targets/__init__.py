@@ -11,7 +11,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..pjsip import UserObjects
+from ..pjsip import Skipped, UserObjects
 
 __all__ = ["Change", "Target"]
 
@@ -37,6 +37,9 @@ class Change:
     #: Endpoint ids left alone because an object of theirs belongs to someone else
     #: (a realtime row provisioner did not create); reported, never overwritten.
     conflicts: tuple[str, ...] = ()
+    #: The same users by username, each with the foreign rows that block it (field
+    #: ``extension``, the rule naming the table and the row's id).
+    clashes: tuple[Skipped, ...] = ()
 
     @property
     def empty(self) -> bool:

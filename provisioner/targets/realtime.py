@@ -7,7 +7,13 @@ ones and, in one transaction, inserts, updates and deletes only those.
 Ownership: provisioner records every row it creates in ``provisioner_objects`` (same
 database).  Only recorded rows are ever updated or deleted.  A user whose endpoint, auth or
 AOR id is taken by a row provisioner did not create (a trunk, a hand-made endpoint) is
-skipped and reported in :attr:`Change.conflicts`; the foreign row is left exactly as it is.
+skipped and reported in :attr:`Change.conflicts` and :attr:`Change.clashes`; the foreign row
+is left exactly as it is.  "Taken" is as the database compares ids: MariaDB/MySQL's usual
+collations (``utf8mb4_general_ci``, ``utf8mb4_bin``, ...) ignore trailing spaces and most
+ignore case, so a hand-made ``1001-AUTH`` or ``1001 `` takes ``1001-auth`` or ``1001``
+(its unique key would refuse our row).  There, the ids of rows to be inserted are looked up
+in the table itself when rows neither ours nor wanted were read (a chunked ``IN``, never a
+query per row); PostgreSQL and SQLite compare ids byte for byte, as Python does.
 
 Digests: each endpoint's ownership record also holds ``digest``, an MD5 of the user's three
 objects as last written (everything that determines the managed values of its three rows;
@@ -41,6 +47,7 @@ Asterisk keeps a deleted endpoint's registrations; astdb contacts are deleted ov
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from functools import cache
 from hashlib import md5
@@ -73,9 +80,9 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import ColumnElement, Select
 from sqlalchemy.sql.dml import UpdateBase
 
-from ..errors import InvalidInput
+from ..errors import InvalidInput, Problem
 from ..logs import get_logger
-from ..pjsip import Options, UserObjects, auth_id
+from ..pjsip import Options, Skipped, UserObjects, auth_id
 from ..store.bulk import (
     Prepared,
     copy_rows,
@@ -192,6 +199,9 @@ REDACTED_COLUMNS = frozenset(
 
 #: Ids per ``IN (...)``: well under every driver's bound-parameter limit.
 CHUNK = 500
+#: Ids per ``IN (...)`` looking for rows the database holds equal to ids to be inserted
+#: (MariaDB/MySQL only, whose driver sends parameters inline: no parameter limit).
+PROBE_CHUNK = 5000
 
 _KINDS = ("endpoint", "auth", "aor")
 _AUTH_SUFFIX = auth_id("")
@@ -343,11 +353,38 @@ class _KindPlan:
     deletes: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _Clash:
+    """A desired object whose id is taken by a row provisioner did not create."""
+
+    kind: str
+    object_id: str
+    #: The taken row's id: ``object_id`` itself, or one the database holds equal to it
+    #: (on MariaDB/MySQL: in another case, or with trailing spaces).
+    row_id: str
+
+    @property
+    def endpoint_id(self) -> str:
+        return _user_key(self.kind, self.object_id)
+
+    def problem(self) -> Problem:
+        """The user's problem: the extension its ids come from, and the foreign row."""
+        table = OWNED_KINDS[self.kind].name
+        if self.row_id == self.object_id:
+            rule = f"{table} row {self.object_id!r} exists and was not made by provisioner"
+        else:
+            rule = (
+                f"{table} row {self.row_id!r} was not made by provisioner and the database "
+                f"compares it equal to {self.object_id!r}"
+            )
+        return Problem("extension", rule)
+
+
 @dataclass
 class _Plan:
     kinds: dict[str, _KindPlan]
-    #: ``(kind, object id, endpoint id)`` of desired objects whose id is someone else's row.
-    conflicts: list[tuple[str, str, str]]
+    #: Desired objects whose id is someone else's row (their users are skipped).
+    conflicts: list[_Clash]
     change: Change
     #: Endpoint id -> digest, for the users compared whose recorded digest is not the
     #: desired one (to record with their rows); None without a ``digest`` column.
@@ -503,11 +540,12 @@ class RealtimeTarget:
         else:
             owned = _owned_kinds(conn, ids, has_digest)
         conflicts = [
-            (kind, oid, _user_key(kind, oid))
+            clash
             for kind in _KINDS
-            for oid in _ordered((desired[kind].keys() & seen[kind].ids) - owned[kind].keys())
+            for clash in _clashes(conn, kind, desired[kind].keys(), seen[kind], owned[kind].keys())
         ]
-        hold = set(keep) | {key for _, _, key in conflicts}
+        blocked = {clash.endpoint_id for clash in conflicts}
+        hold = set(keep) | blocked
         kinds = {
             kind: _compare(shapes[kind], desired[kind], seen[kind], owned[kind].keys(), hold)
             for kind in _KINDS
@@ -518,7 +556,9 @@ class RealtimeTarget:
             for ext in desired["endpoint"]
             if ext not in hold and stored.get(ext) != digests[ext]
         }
-        change = _summarise(objects, kinds, {key for _, _, key in conflicts})
+        change = _summarise(objects, kinds, blocked)
+        if conflicts:
+            change = replace(change, clashes=_reported(compared, conflicts))
         return _Plan(kinds, conflicts, change, stale if has_digest else None)
 
     def _digests(self, objects: Sequence[UserObjects], *, remember: bool) -> dict[str, str]:
@@ -733,6 +773,64 @@ def _read_statement(shape: _Shape) -> tuple[Select[Any], bool]:
             columns.append(and_(*constants).label("defaults_ok"))
         stmt = _READS[key] = select(table.c.id, *columns)
     return stmt, bool(shape.constant)
+
+
+def _clashes(
+    conn: Connection,
+    kind: str,
+    desired: AbstractSet[str],
+    seen: _Seen,
+    owned: AbstractSet[str],
+) -> list[_Clash]:
+    """The desired ids of ``kind`` taken by rows provisioner did not create: read ones of
+    the same id, and (where the database compares ids loosely) rows it holds equal to an
+    id about to be inserted."""
+    found = [_Clash(kind, oid, oid) for oid in _ordered((seen.ids & desired) - owned)]
+    if _exact_ids(conn.dialect):
+        return found
+    strangers = seen.ids - desired - owned
+    if not strangers:
+        # Every row read is ours or wanted: none can be equal to an id we insert (a
+        # scoped read has already returned the rows the database holds equal to its ids).
+        return found
+    new = _ordered(set(desired) - seen.ids)
+    taken: dict[str, str] = {}
+    for chunk in _chunks(new, PROBE_CHUNK):
+        _probe(conn, OWNED_KINDS[kind], chunk, taken)
+    return found + [_Clash(kind, oid, taken[oid]) for oid in _ordered(taken)]
+
+
+def _exact_ids(dialect: Dialect) -> bool:
+    """Whether ``dialect``'s ids compare byte for byte, as Python's do: PostgreSQL
+    (deterministic collations) and SQLite (BINARY) do; MariaDB/MySQL collations pad
+    with spaces and most ignore case."""
+    return dialect.name not in ("mysql", "mariadb")
+
+
+def _probe(conn: Connection, table: Table, ids: Sequence[str], taken: dict[str, str]) -> None:
+    """Add to ``taken`` each of ``ids`` (none of them a row's exact id) that the table holds
+    a row equal to, in the column's own collation, with that row's id.  A chunk with such
+    rows is halved until each is one id: a query per chunk, and a few per taken id."""
+    stmt = select(table.c.id).where(table.c.id.in_(ids))
+    wanted = set(ids)
+    rows = sorted(rid for rid in conn.execute(stmt).scalars() if rid not in wanted)
+    if not rows:
+        return
+    if len(ids) == 1:
+        taken[ids[0]] = rows[0]
+        return
+    half = len(ids) // 2
+    _probe(conn, table, ids[:half], taken)
+    _probe(conn, table, ids[half:], taken)
+
+
+def _reported(objects: Iterable[UserObjects], conflicts: Sequence[_Clash]) -> tuple[Skipped, ...]:
+    """One :class:`Skipped` per user blocked by ``conflicts``, in extension order."""
+    problems: dict[str, list[Problem]] = {}
+    for clash in conflicts:
+        problems.setdefault(clash.endpoint_id, []).append(clash.problem())
+    names = {obj.endpoint_id: obj.username for obj in objects if obj.endpoint_id in problems}
+    return tuple(Skipped(names.get(key, key), tuple(problems[key])) for key in _ordered(problems))
 
 
 def _compare(
@@ -1092,9 +1190,16 @@ def _old_rows(conn: Connection, shape: _Shape, ids: Sequence[str]) -> dict[str, 
 def _diff_lines(conn: Connection, plan: _Plan) -> Iterator[str]:
     """``!`` per foreign row blocking a user, ``-`` per deleted row, ``~`` per changed
     column, ``+`` per non-NULL column of a new row; secrets shown as ``[redacted]``."""
-    for kind, oid, key in plan.conflicts:
-        name = OWNED_KINDS[kind].name
-        yield f"! {name} {oid} exists and is not provisioner's: user {key} skipped"
+    for clash in plan.conflicts:
+        name = OWNED_KINDS[clash.kind].name
+        oid, key = clash.object_id, clash.endpoint_id
+        if clash.row_id == oid:
+            yield f"! {name} {oid} exists and is not provisioner's: user {key} skipped"
+        else:
+            yield (
+                f"! {name} {oid} is taken by {clash.row_id!r}, which the database compares "
+                f"equal and is not provisioner's: user {key} skipped"
+            )
     for kp in plan.kinds.values():
         shape = kp.shape
         name = shape.table.name
