@@ -16,7 +16,7 @@ from sqlalchemy import func, inspect, select
 from sqlalchemy.exc import DBAPIError
 
 from .aio import wait_first
-from .config import AsteriskServer, Config
+from .config import AsteriskServer, Config, cache_names
 from .health import read_health
 from .store.engine import open_engine
 from .store.migrate import current_revision, head_revision
@@ -102,9 +102,10 @@ async def _login(server: AsteriskServer, config: Config) -> Check:
                 False,
                 f"{where}: {client.health().last_error or 'no answer'}",
             )
-        if config.target.kind == "realtime" and server.sorcery_caches:
+        caches = cache_names(server.sorcery_caches)
+        if config.target.kind == "realtime" and caches:
             try:
-                missing = await _missing_caches(client, server.sorcery_caches)
+                missing = await _missing_caches(client, caches)
             except AmiError as exc:
                 return (name, False, f"{where} login ok; caches: {exc}")
             if missing:
@@ -128,7 +129,7 @@ async def _missing_caches(client: AmiClient, caches: Sequence[str]) -> list[str]
     ends."""
     from .ami import PjsipOps
 
-    ops = PjsipOps(client, caches)
+    ops = PjsipOps(client)
     return [cache for cache in caches if await ops.expire(cache, _PROBE_OBJECT) == "no_such_cache"]
 
 

@@ -39,11 +39,14 @@ from .errors import ConfigError, Problem
 from .model import TRANSPORT_NAME, TRANSPORT_NAME_RULE, TRANSPORTS
 
 __all__ = [
+    "CACHE_KINDS",
     "DEFAULT_CONFIG_PATH",
     "ENV_PREFIX",
     "AmiSettings",
     "AsteriskServer",
     "Config",
+    "cache_names",
+    "caches_by_kind",
     "load_config",
     "parse_sets",
 ]
@@ -287,6 +290,58 @@ def _read_secret(
     return secret, []
 
 
+#: The object kinds a sorcery memory cache can front (``<kind>/cache`` in sorcery.conf).
+CACHE_KINDS = ("endpoint", "auth", "aor")
+_CACHE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def caches_by_kind(value: object) -> dict[str, tuple[str, ...]]:
+    """``sorcery_caches`` as kind -> distinct cache names, kinds without a cache left out:
+    a list (or tuple) names caches that front every kind, a table maps each kind to a
+    name or a list of names.  Raises :class:`ValueError` naming every bad kind and name."""
+    if isinstance(value, list | tuple):
+        names, problems = _names_in(value, "")
+        by_kind = dict.fromkeys(CACHE_KINDS, names)
+    elif isinstance(value, Mapping):
+        by_kind, problems = _cache_table(value)
+    else:
+        by_kind, problems = {}, ["must be a list of cache names or a table of them by kind"]
+    if problems:
+        raise ValueError("; ".join(problems))
+    return {kind: names for kind, names in by_kind.items() if names}
+
+
+def _cache_table(table: Mapping[object, object]) -> tuple[dict[str, tuple[str, ...]], list[str]]:
+    """A ``sorcery_caches`` table as kind -> cache names, and every problem found."""
+    by_kind: dict[str, tuple[str, ...]] = {}
+    problems: list[str] = []
+    for kind, entry in table.items():
+        if kind not in CACHE_KINDS:
+            problems.append(f"{kind!r} is not a kind a cache fronts ({', '.join(CACHE_KINDS)})")
+        names, bad = _names_in([entry] if isinstance(entry, str) else entry, f" ({kind})")
+        by_kind[str(kind)] = names
+        problems += bad
+    return by_kind, problems
+
+
+def _names_in(entry: object, where: str) -> tuple[tuple[str, ...], list[str]]:
+    """The distinct cache names of the list ``entry``, and a problem for each bad one
+    (``where`` follows the name in it, naming its kind)."""
+    if not isinstance(entry, list | tuple):
+        return (), [f"caches{where} must be a cache name or a list of them"]
+    problems = [
+        f"cache name {name!r}{where} must be 1-64 letters, digits, '_.-'"
+        for name in entry
+        if not (isinstance(name, str) and _CACHE_NAME.fullmatch(name))
+    ]
+    return tuple(dict.fromkeys(n for n in entry if isinstance(n, str))), problems
+
+
+def cache_names(by_kind: Mapping[str, Sequence[str]]) -> tuple[str, ...]:
+    """Every distinct cache name of ``by_kind`` (kind -> names), in order."""
+    return tuple(dict.fromkeys(name for names in by_kind.values() for name in names))
+
+
 class AsteriskServer(_Section):
     """One Asterisk reached over AMI (TOML ``[[asterisk]]``).
 
@@ -305,20 +360,13 @@ class AsteriskServer(_Section):
     timeout: float = Field(default=5.0, gt=0, le=300)
     #: Event classes asked for at login; Asterisk grants at most the user's ``read``.
     events: str = Field(default="system,call,security", pattern=r"^[a-z,]{1,200}$")
-    #: Names (``name=`` in sorcery.conf) of the sorcery memory caches in front of
-    #: the realtime tables; a changed object is expired from each.  Empty: no cache.
-    sorcery_caches: tuple[str, ...] = ()
+    #: The sorcery memory caches (``name=`` in sorcery.conf) in front of the realtime
+    #: tables, as kind -> cache names: TOML gives a table (``{endpoint = "ep_cache",
+    #: aor = ["aor_cache"]}``; a kind left out has no cache) or a list of names, each
+    #: then fronting every kind.  A changed object is expired from its kind's caches.
+    sorcery_caches: dict[str, tuple[str, ...]] = Field(default_factory=dict)
 
-    @field_validator("sorcery_caches")
-    @classmethod
-    def _cache_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        """Every cache name is 1-64 letters, digits, '_.-'; each bad one is reported."""
-        bad = [name for name in value if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name)]
-        if bad:
-            raise _error(
-                [((), f"cache name {n!r} must be 1-64 letters, digits, '_.-'") for n in bad]
-            )
-        return value
+    _caches = field_validator("sorcery_caches", mode="before")(caches_by_kind)
 
     @model_validator(mode="wrap")
     @classmethod

@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -37,7 +45,7 @@ from provisioner.ami.pbx import (
 )
 from provisioner.ami.reload import PjsipOps, ReloadCoordinator
 from provisioner.checks import run_checks
-from provisioner.config import Config, load_config
+from provisioner.config import Config, caches_by_kind, load_config
 from provisioner.store.engine import open_engine
 from provisioner.store.migrate import upgrade
 from provisioner.store.schema import registration_summary
@@ -55,9 +63,16 @@ from .amipeer import (
 from .faultkit import write_config
 
 CACHE = "ep_cache"  # the cache the fake Asterisk has (sorcery_memory_cache.txt)
+#: ``sorcery_caches`` as a config gives it: a list (every kind) or a table by kind.
+Caches = Sequence[str] | Mapping[str, str]
 OBJECTS = (("endpoint", "100001"), ("auth", "100001-auth"), ("aor", "100001"))
-#: Each object id once: an expiry goes to every cache, so one covers the endpoint and AOR.
+#: Each object id once: the endpoint and AOR share an id, so in a cache fronting every
+#: kind (the list form of ``sorcery_caches``) one expiry covers both.
 IDS = ["100001", "100001-auth"]
+#: One cache per kind (the table form of ``sorcery_caches``), all known to the fake Asterisk.
+PER_KIND = {"endpoint": CACHE, "auth": "auth_cache", "aor": "aor_cache"}
+#: (cache, object) of each expiry of OBJECTS with PER_KIND caches, in the change's order.
+PER_KIND_EXPIRED = [(CACHE, "100001"), ("auth_cache", "100001-auth"), ("aor_cache", "100001")]
 ADDED = Change(added=("100001",), changed_objects=OBJECTS, wrote=True)
 UPDATED = Change(updated=("100001",), changed_objects=OBJECTS, wrote=True)
 
@@ -72,14 +87,21 @@ def store(tmp_path: Path) -> Iterator[Engine]:
     engine.dispose()
 
 
-def _link(peer: FakeAsterisk) -> Link:
+def _link(peer: FakeAsterisk, caches: Caches = (CACHE,)) -> Link:
+    """A link to ``peer`` whose sorcery caches are ``caches`` (as in the config)."""
     client = AmiClient(server_for(peer), fast_settings())
-    ops = PjsipOps(client, (CACHE,))
-    return Link("lab", client, ReloadCoordinator(client, fast_settings()), ops, (CACHE,))
+    reloads = ReloadCoordinator(client, fast_settings())
+    return Link("lab", client, reloads, PjsipOps(client), caches_by_kind(caches))
 
 
 def _expired(peer: FakeAsterisk) -> list[str]:
     return [a.get("Object") for a in peer.actions("SorceryMemoryCacheExpireObject")]
+
+
+def _expired_from(peer: FakeAsterisk) -> list[tuple[str, str]]:
+    """``(cache, object)`` of every SorceryMemoryCacheExpireObject ``peer`` received."""
+    sent = peer.actions("SorceryMemoryCacheExpireObject")
+    return [(a.get("Cache"), a.get("Object")) for a in sent]
 
 
 @asynccontextmanager
@@ -151,6 +173,93 @@ def test_an_expiry_cut_by_a_lost_connection_is_sent_again_after_the_reconnect(
     assert expired[1:] == IDS
 
 
+def _expired_once_applied(tmp_path: Path, store: Engine, caches: Caches) -> list[tuple[str, str]]:
+    """``(cache, object)`` of each expiry a fake Asterisk holding ``PER_KIND``'s caches
+    received once the daemon's AmiPbx, its config naming ``caches``, applied ``UPDATED``
+    (a realtime change) and owed nothing more."""
+
+    async def scenario() -> list[tuple[str, str]]:
+        peer = _per_kind_peer()
+        await peer.start()
+        pbx = _pbx_from_config(tmp_path, peer, store, caches)
+        async with _serving(peer, pbx) as link:
+            pbx.applied(UPDATED, target_kind="realtime")
+            await eventually(lambda: bool(_expired_from(peer)) and not link.owed)
+            return _expired_from(peer)
+
+    return run(scenario())
+
+
+def _per_kind_peer() -> FakeAsterisk:
+    """A fake Asterisk (not started) holding one memory cache per kind (``PER_KIND``)."""
+    peer = FakeAsterisk()
+    peer.caches = set(PER_KIND.values())
+    return peer
+
+
+def test_a_per_kind_table_expires_each_object_from_its_kinds_cache_only(
+    tmp_path: Path, store: Engine
+) -> None:
+    """With sorcery_caches a table by kind, a user's changed endpoint, auth and AOR are
+    each expired from their own kind's cache alone: three actions, not one per cache."""
+    assert _expired_once_applied(tmp_path, store, PER_KIND) == PER_KIND_EXPIRED
+
+
+def test_a_list_of_caches_expires_each_object_id_from_every_cache(
+    tmp_path: Path, store: Engine
+) -> None:
+    """With sorcery_caches a list, each changed object's id is expired from every cache,
+    each id once per cache."""
+    expired = _expired_once_applied(tmp_path, store, list(PER_KIND.values()))
+    assert sorted(expired) == sorted((c, i) for c in PER_KIND.values() for i in IDS)
+
+
+def test_an_expiry_resent_after_a_reconnect_still_goes_to_its_kinds_cache_only(
+    store: Engine,
+) -> None:
+    """Owed expiries keep their object's kind: those a lost connection cut off are sent
+    again after the reconnect to their own kind's cache alone."""
+
+    async def scenario() -> list[tuple[str, str]]:
+        peer = _per_kind_peer()
+        await peer.start()
+        peer.drop_on = {"SorceryMemoryCacheExpireObject"}
+        link = _link(peer, PER_KIND)
+        pbx = AmiPbx([link], store, "realtime")
+        async with _serving(peer, pbx):
+            pbx.applied(UPDATED, target_kind="realtime")
+            await eventually(lambda: bool(_expired_from(peer)))
+            peer.drop_on = set()
+            await eventually(lambda: not link.owed and len(_expired_from(peer)) > 3)
+            return _expired_from(peer)
+
+    expired = run(scenario())
+    # The first was cut off, then all three went, each to its own cache.
+    assert expired[:1] == PER_KIND_EXPIRED[:1]
+    assert expired[1:] == PER_KIND_EXPIRED
+
+
+def test_many_changed_objects_empty_each_distinct_cache_once(store: Engine) -> None:
+    """Past EXPIRE_ALL_OVER owed objects, a cache that fronts two kinds is emptied once,
+    like the cache of the third kind, and no object is expired one by one."""
+
+    async def scenario() -> tuple[list[str], int]:
+        peer = _per_kind_peer()
+        await peer.start()
+        link = _link(peer, {"endpoint": CACHE, "auth": "auth_cache", "aor": CACHE})
+        pbx = AmiPbx([link], store, "realtime")
+        async with _serving(peer, pbx):
+            pbx.applied(_many(EXPIRE_ALL_OVER + 1), target_kind="realtime")
+            await eventually(lambda: bool(peer.actions("SorceryMemoryCacheExpire")))
+            await eventually(lambda: not link.owed)
+            emptied = [a.get("Cache") for a in peer.actions("SorceryMemoryCacheExpire")]
+            return emptied, len(_expired_from(peer))
+
+    emptied, one_by_one = run(scenario())
+    assert emptied == [CACHE, "auth_cache"]
+    assert one_by_one == 0
+
+
 def test_an_owed_contact_removal_is_cancelled_by_a_later_add_of_that_endpoint() -> None:
     """A removal owed for an endpoint that a later change adds again is dropped (its
     contacts are its phone's again); one owed after the add stays."""
@@ -163,14 +272,14 @@ def test_an_owed_contact_removal_is_cancelled_by_a_later_add_of_that_endpoint() 
 
 
 def test_expiries_are_owed_only_where_caches_are_expired() -> None:
-    """Expiries are owed in the order the changes named the objects, each id once, and only
-    when asked for (a config-file target, or no cache configured, owes none)."""
+    """Expiries are owed in the order the changes named the objects, each (kind, id) once,
+    and only when asked for (a config-file target, or no cache configured, owes none)."""
     owed = Owed()
     owed.add(UPDATED, expire=False)
     assert not owed
     owed.add(UPDATED, expire=True)
     owed.add(ADDED, expire=True)
-    assert list(owed.expiries) == IDS
+    assert list(owed.expiries) == list(OBJECTS)
 
 
 def _many(count: int) -> Change:
@@ -216,10 +325,7 @@ def test_a_missing_cache_is_logged_when_emptied_and_nothing_stays_owed(store: En
     async def scenario() -> tuple[list[str], bool, list[MutableMapping[str, Any]]]:
         peer = FakeAsterisk()
         await peer.start()
-        client = AmiClient(server_for(peer), fast_settings())
-        caches = ("no_such_cache", CACHE)
-        ops = PjsipOps(client, caches)
-        link = Link("lab", client, ReloadCoordinator(client, fast_settings()), ops, caches)
+        link = _link(peer, ("no_such_cache", CACHE))
         pbx = AmiPbx([link], store, "realtime")
         try:
             with capture_logs() as logs:
@@ -552,9 +658,13 @@ def test_health_counts_reconnects_as_sessions_after_the_first(store: Engine) -> 
     assert run(scenario()) == (0, 1)
 
 
-def _asterisk_toml(peer: FakeAsterisk, caches: list[str]) -> list[str]:
+def _asterisk_toml(peer: FakeAsterisk, caches: Caches) -> list[str]:
     """The ``[[asterisk]]`` entry of a config file for ``peer`` and these caches."""
-    names = ", ".join(f'"{cache}"' for cache in caches)
+    if isinstance(caches, Mapping):
+        table = ", ".join(f'{kind} = "{cache}"' for kind, cache in caches.items())
+        value = f"{{ {table} }}"
+    else:
+        value = "[" + ", ".join(f'"{cache}"' for cache in caches) + "]"
     return [
         "[[asterisk]]",
         'name = "lab"',
@@ -562,11 +672,11 @@ def _asterisk_toml(peer: FakeAsterisk, caches: list[str]) -> list[str]:
         f"port = {peer.port}",
         f'username = "{peer.username}"',
         f'secret = "{peer.secret}"',
-        f"sorcery_caches = [{names}]",
+        f"sorcery_caches = {value}",
     ]
 
 
-def _realtime_config(tmp_path: Path, peer: FakeAsterisk, caches: list[str]) -> Config:
+def _realtime_config(tmp_path: Path, peer: FakeAsterisk, caches: Caches) -> Config:
     """A realtime target's config with one server, the fake Asterisk (AMI timings fast)."""
     ami = fast_settings()
     extra = [
@@ -577,9 +687,11 @@ def _realtime_config(tmp_path: Path, peer: FakeAsterisk, caches: list[str]) -> C
     return load_config(str(write_config(tmp_path, kind="realtime", extra=extra)))
 
 
-def _pbx_from_config(tmp_path: Path, peer: FakeAsterisk, store: Engine) -> AmiPbx:
+def _pbx_from_config(
+    tmp_path: Path, peer: FakeAsterisk, store: Engine, caches: Caches = (CACHE,)
+) -> AmiPbx:
     """The daemon's AmiPbx for a realtime target and one server: the fake Asterisk."""
-    return AmiPbx.from_config(_realtime_config(tmp_path, peer, [CACHE]), store)
+    return AmiPbx.from_config(_realtime_config(tmp_path, peer, caches), store)
 
 
 def test_reloads_go_on_a_session_of_their_own_without_events(tmp_path: Path, store: Engine) -> None:
@@ -670,9 +782,17 @@ def test_a_reload_session_lost_mid_reload_leaves_the_main_session_up(
     assert results == {"ok": 1}
 
 
-@pytest.mark.parametrize(("caches", "ok"), [([CACHE], True), ([CACHE, "no_such_cache"], False)])
+@pytest.mark.parametrize(
+    ("caches", "ok"),
+    [
+        ([CACHE], True),
+        ([CACHE, "no_such_cache"], False),
+        ({"endpoint": CACHE, "aor": CACHE}, True),
+        ({"endpoint": CACHE, "auth": "no_such_cache"}, False),
+    ],
+)
 def test_check_names_a_sorcery_cache_asterisk_does_not_have(
-    tmp_path: Path, store: Engine, caches: list[str], ok: bool
+    tmp_path: Path, store: Engine, caches: Caches, ok: bool
 ) -> None:
     """`provisioner check` with a realtime target asks each configured cache to expire an
     object no one has: a cache Asterisk does not have fails the check, by name."""
@@ -785,7 +905,7 @@ def test_file_edits_made_while_a_reload_waits_merge_into_it(store: Engine) -> No
         await peer.start()
         client = AmiClient(server_for(peer), fast_settings(reload_min_gap=1.0))
         coordinator = ReloadCoordinator(client, fast_settings(reload_min_gap=1.0))
-        link = Link("lab", client, coordinator, PjsipOps(client, ()), ())
+        link = Link("lab", client, coordinator, PjsipOps(client))
         pbx = AmiPbx([link], store, "config")
         async with _serving(peer, pbx):
             pbx.applied(UPDATED, target_kind="config")  # reloaded at once

@@ -157,7 +157,7 @@ def test_expire_and_missing_cache() -> None:
         ops = PjsipOps(client)
         async with running(client):
             await eventually(lambda: client.connected)
-            assert await ops.expire_everywhere("1001") == {"ep_cache": "expired"}
+            assert await ops.expire("ep_cache", "1001") == "expired"
             with capture_logs() as logs:
                 assert await ops.expire("no_such_cache", "1001") == "no_such_cache"
         assert ops.missing_cache_warnings == 1

@@ -13,7 +13,7 @@ Typical daemon use, per ``[[asterisk]]`` server (as :class:`~.pbx.AmiPbx` does i
         tg.create_task(client.run(stop))
         tg.create_task(quiet.run(stop))
         tg.create_task(reloads.run(stop))
-    # elsewhere: reloads.request(); await ops.expire_everywhere("1001")
+    # elsewhere: reloads.request(); await ops.expire("ep_cache", "1001")
 
 Setting ``stop`` (an :class:`asyncio.Event`) ends the coroutines cleanly.
 """

@@ -4,9 +4,9 @@ After each apply (:meth:`~provisioner.ami.pbx.AmiPbx.applied`) the daemon's chan
 hands the changes to :func:`apply_changes`, per server:
 
 - a config-file write asks for one merged ``res_pjsip.so`` reload; a realtime change
-  expires the changed objects from the configured sorcery memory caches and asks for a
-  reload only when endpoints were added or removed (Asterisk reports status only for
-  endpoints it loaded at its last reload);
+  expires each changed object from the sorcery memory caches configured for its kind
+  (endpoint, auth, aor) and asks for a reload only when endpoints were added or removed
+  (Asterisk reports status only for endpoints it loaded at its last reload);
 - removed endpoints' contacts are deleted from astdb (Asterisk keeps them otherwise);
 - each added or updated endpoint is verified (:func:`verify_some`: looked up with
   ``PJSIPShowEndpoint``, up to ``VERIFY_LIMIT`` a round between edits, or checked
@@ -16,7 +16,7 @@ hands the changes to :func:`apply_changes`, per server:
 Expiries and contact removals are *owed* (:class:`Owed`) until sent: one AMI could not
 deliver is sent at the next connect, apply or ``OWED_RETRY``, so an outage loses none.
 More than ``EXPIRE_ALL_OVER`` objects owed at once (a profile edit, a bulk edit, a long
-outage) empty each cache whole instead, one action per cache.
+outage) empty each distinct cache whole instead, one action per cache.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from itertools import islice
 from typing import TYPE_CHECKING
 
 from ..accounts import utcnow
+from ..config import cache_names
 from ..logs import get_logger
 from ..store.registrations import set_problems
 from ..store.state import drop_state, put_state
@@ -86,14 +87,14 @@ EXPIRE_ALL_OVER = 1000
 
 @dataclass
 class Owed:
-    """What an applied change still needs sent to one server: the ids of objects to
-    expire from its sorcery memory caches and the endpoints whose contacts to delete
+    """What an applied change still needs sent to one server: the objects (``(kind, id)``)
+    to expire from its sorcery memory caches and the endpoints whose contacts to delete
     from its astdb, each in the order owed.  An action that failed for the connection's
     sake (not connected, timed out, lost) leaves its item owed, sent again at the next
     connect or apply, or after ``OWED_RETRY`` seconds: each is idempotent (an object
     expired twice, a contact already gone), so a failure never loses one."""
 
-    expiries: dict[str, None] = field(default_factory=dict)
+    expiries: dict[tuple[str, str], None] = field(default_factory=dict)
     removals: dict[str, None] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
@@ -105,7 +106,7 @@ class Owed:
         endpoint added or updated after its removal was owed keeps its contacts: they
         are its phone's again."""
         if expire:
-            self.expiries.update(dict.fromkeys(oid for _kind, oid in change.changed_objects))
+            self.expiries.update(dict.fromkeys(change.changed_objects))
         if remove:
             self.removals.update(dict.fromkeys(change.removed))
         self.keep((*change.added, *change.updated))
@@ -226,11 +227,7 @@ async def pay(link: Link) -> None:
     try:
         if len(owed.expiries) > EXPIRE_ALL_OVER:
             await _expire_all(link)
-        while owed.expiries:
-            object_id = next(iter(owed.expiries))
-            with _refusal_logged(link, "expire", object_id):
-                await link.ops.expire_everywhere(object_id)
-            del owed.expiries[object_id]
+        await _expire_owed(link)
         if owed.removals:
             with _refusal_logged(link, "remove_contacts", ",".join(owed.removals)):
                 await remove_contacts(link, owed.removals.keys())
@@ -245,15 +242,33 @@ async def pay(link: Link) -> None:
         )
 
 
-async def _expire_all(link: Link) -> None:
-    """Empty each of the server's caches, then owe no expiry (emptied caches hold none of
-    the objects).  A connection failure leaves them all owed: emptying again is harmless."""
+async def _expire_owed(link: Link) -> None:
+    """Expire each owed object, oldest first, from the caches of its kind only, and owe
+    it no more.  A cache gets each id once per call: a user's endpoint and AOR share an
+    id, and a cache listed for every kind would otherwise get it twice."""
     owed = link.owed
-    for cache in link.caches:
+    sent: set[tuple[str, str]] = set()
+    while owed.expiries:
+        kind, object_id = owed_key = next(iter(owed.expiries))
+        for cache in link.caches.get(kind, ()):
+            if (cache, object_id) not in sent:
+                sent.add((cache, object_id))
+                with _refusal_logged(link, "expire", object_id):
+                    await link.ops.expire(cache, object_id)
+        del owed.expiries[owed_key]
+
+
+async def _expire_all(link: Link) -> None:
+    """Empty each of the server's distinct caches once, then owe no expiry (emptied caches
+    hold none of the objects).  A connection failure leaves them all owed: emptying
+    again is harmless."""
+    owed = link.owed
+    caches = cache_names(link.caches)
+    for cache in caches:
         with _refusal_logged(link, "expire_all", cache):
             await link.ops.expire_all(cache)
     log.info(
-        "ami.caches_expired", server=link.name, caches=list(link.caches), objects=len(owed.expiries)
+        "ami.caches_expired", server=link.name, caches=list(caches), objects=len(owed.expiries)
     )
     owed.expiries.clear()
 

@@ -149,7 +149,8 @@ class Link:
     client: AmiClient
     reloads: ReloadCoordinator
     ops: PjsipOps
-    caches: tuple[str, ...] = ()
+    #: Kind (endpoint, auth, aor) -> the sorcery memory caches in front of that kind.
+    caches: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     book: dict[str, EndpointRegistration] = field(default_factory=dict)
     dirty: set[str] = field(default_factory=set)
     snapshot_wanted: asyncio.Event = field(default_factory=asyncio.Event)
@@ -272,7 +273,7 @@ class AmiPbx:
             quiet = server.model_copy(update={"events": "off"})
             reloads = ReloadCoordinator(AmiClient(quiet, config.ami, role="reload"), config.ami)
             links.append(
-                Link(server.name, client, reloads, PjsipOps(client), tuple(server.sorcery_caches))
+                Link(server.name, client, reloads, PjsipOps(client), server.sorcery_caches)
             )
         return cls(links, engine, config.target.kind)
 

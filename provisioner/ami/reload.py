@@ -30,7 +30,7 @@ import asyncio
 import random
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -241,9 +241,8 @@ def _split(value: str) -> tuple[str, ...]:
 class PjsipOps:
     """One-shot PJSIP actions on one server; errors other than the expected ones raise."""
 
-    def __init__(self, client: AmiClient, caches: Sequence[str] | None = None) -> None:
+    def __init__(self, client: AmiClient) -> None:
         self.client = client
-        self.caches = tuple(client.server.sorcery_caches if caches is None else caches)
         #: ``The provided cache does not exist`` answers seen (a sorcery.conf mismatch).
         self.missing_cache_warnings = 0
 
@@ -285,10 +284,6 @@ class PjsipOps:
             )
             return "no_such_cache"
         raise AmiActionFailed(self.client.name, action, reply.message)
-
-    async def expire_everywhere(self, object_id: str) -> dict[str, ExpireResult]:
-        """Expire ``object_id`` from every configured cache, one action each."""
-        return {cache: await self.expire(cache, object_id) for cache in self.caches}
 
     async def show_endpoint(self, endpoint_id: str) -> EndpointDetail | None:
         """The endpoint as Asterisk has it, or ``None`` when Asterisk does not know it.
