@@ -11,6 +11,7 @@ from provisioner.ami.changes import (
     owed_expiries_key,
     owed_removal_key,
     owed_removals_prefix,
+    reload_owed_key,
 )
 from provisioner.store.engine import open_engine, reading, transaction
 from provisioner.store.migrate import upgrade
@@ -34,6 +35,7 @@ def test_every_note_key_fits_the_key_column() -> None:
     and two long names sharing their start get distinct keys."""
     other = "s" * 63 + "t"
     keys = [
+        reload_owed_key(LONG_SERVER),
         owed_expiries_key(LONG_SERVER),
         owed_removal_key(LONG_SERVER, LONG_ENDPOINT),
         owed_removal_key(LONG_SERVER, "x" * 80),
@@ -41,6 +43,7 @@ def test_every_note_key_fits_the_key_column() -> None:
     assert max(map(len, keys)) <= KEY_MAX
     assert owed_removals_prefix(LONG_SERVER) != owed_removals_prefix(other)
     assert owed_removal_key("pbx1", "1001") == "owed_removal:pbx1:1001"
+    assert reload_owed_key("pbx1") == "reload_owed:pbx1"  # as noted by earlier versions
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -242,8 +242,9 @@ async def apply_changes(link: Link, batch: Sequence[Change], *, realtime: bool) 
 
 
 def reload_owed_key(server: str) -> str:
-    """The ``daemon_state`` key noting that ``server`` is owed a reload."""
-    return "reload_owed:" + server
+    """The ``daemon_state`` key noting that ``server`` is owed a reload (a name too long
+    for the key column cut and digested, as in every note's key)."""
+    return "reload_owed:" + _server_tag(server)
 
 
 def owed_expiries_key(server: str) -> str:
