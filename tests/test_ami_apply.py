@@ -816,7 +816,7 @@ def test_a_removal_owed_again_while_it_is_being_sent_stays_owed(store: Engine) -
                 link.owed.reloaded(link.owed.await_reload(["1001"]))  # as _file_reloaded
                 note_owed(link)
                 await sending
-                await asyncio.sleep(0.1)  # the flusher's writes
+                await eventually(lambda: bool(_owed_notes(store)))  # the flusher wrote it
                 return (
                     [a.get("Key") for a in peer.actions("DBDel")],
                     "1001" in link.owed.removals,
