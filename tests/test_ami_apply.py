@@ -27,10 +27,13 @@ from bench.common import seed_store
 from provisioner.ami import changes as changes_module
 from provisioner.ami import pbx as pbx_module
 from provisioner.ami.changes import (
+    EXPIRE_ALL_NOTE,
     EXPIRE_ALL_OVER,
     OWED_RETRY,
     VERIFY_BACKOFF_MAX,
     Owed,
+    note_owed,
+    pay,
     verify_backoff,
     verify_some,
 )
@@ -48,7 +51,7 @@ from provisioner.checks import run_checks
 from provisioner.config import Config, caches_by_kind, load_config
 from provisioner.store.engine import open_engine
 from provisioner.store.migrate import upgrade
-from provisioner.store.schema import registration_summary
+from provisioner.store.schema import daemon_state, registration_summary
 from provisioner.targets import Change
 
 from .amipeer import (
@@ -955,3 +958,99 @@ def test_a_file_endpoint_removed_then_added_again_keeps_its_contacts(store: Engi
     keeps its phone's contacts."""
     again = Change(added=("1001",), wrote=True)
     assert run(_file_actions(store, REMOVED, again)) == ["Reload"]
+
+
+def _owed_notes(store: Engine) -> dict[str, str]:
+    """Every note of something owed to an Asterisk server, in the store."""
+    with store.connect() as conn:
+        rows = conn.execute(select(daemon_state.c.key, daemon_state.c.value)).all()
+    return {key: value for key, value in rows if key.startswith("owed_")}
+
+
+def test_many_expiries_owed_at_a_stop_are_one_note_and_empty_each_cache_after_the_restart(
+    store: Engine,
+) -> None:
+    """More than EXPIRE_ALL_OVER expiries owed to a server that is down are noted as one
+    'expire all' row; a new run empties each cache with one action once the server is back,
+    then drops the note."""
+
+    async def scenario() -> tuple[dict[str, str], list[str], int, dict[str, str]]:
+        peer = FakeAsterisk()
+        await peer.start()
+        await peer.stop()
+        first = AmiPbx([_link(peer)], store, "realtime")
+        async with running(first):
+            first.applied(_many(EXPIRE_ALL_OVER + 1), target_kind="realtime")
+            await eventually(lambda: bool(_owed_notes(store)))
+            noted = _owed_notes(store)
+        second = AmiPbx([_link(peer)], store, "realtime")
+        try:
+            async with running(second):
+                await peer.start()
+                await eventually(lambda: bool(peer.actions("SorceryMemoryCacheExpire")))
+                await eventually(lambda: not _owed_notes(store))
+        finally:
+            await peer.stop()
+        emptied = [a.get("Cache") for a in peer.actions("SorceryMemoryCacheExpire")]
+        return noted, emptied, len(_expired(peer)), _owed_notes(store)
+
+    noted, emptied, one_by_one, left = run(scenario())
+    assert noted == {"owed_expiries:lab": EXPIRE_ALL_NOTE}
+    assert emptied == [CACHE]
+    assert one_by_one == 0
+    assert left == {}
+
+
+def test_a_removal_owed_again_while_it_is_being_sent_stays_owed(store: Engine) -> None:
+    """A contact removal owed again (a reload ending) while the same endpoint's removal is
+    being sent is not taken for paid with it, and stays noted in the store."""
+
+    async def scenario() -> tuple[list[str], bool, dict[str, str]]:
+        peer = FakeAsterisk()
+        peer.delays["dbdel"] = 0.3
+        await peer.start()
+        link = _link(peer)
+        try:
+            async with running(link.client, *_flusher(link, store)):
+                await eventually(lambda: link.client.connected)
+                link.owed.owe_removals(["1001"])
+                note_owed(link)
+                sending = asyncio.ensure_future(pay(link))
+                await eventually(lambda: bool(peer.actions("DBDel")))
+                link.owed.reloaded(link.owed.await_reload(["1001"]))  # as _file_reloaded
+                note_owed(link)
+                await sending
+                await eventually(lambda: bool(_owed_notes(store)))  # the flusher wrote it
+                return (
+                    [a.get("Key") for a in peer.actions("DBDel")],
+                    "1001" in link.owed.removals,
+                    _owed_notes(store),
+                )
+        finally:
+            await peer.stop()
+
+    keys, owed, notes = run(scenario())
+    assert keys == [CONTACT_KEY]
+    assert owed
+    assert notes == {"owed_removal:lab:1001": "1001"}
+
+
+def _flusher(link: Link, store: Engine) -> tuple[AmiPbx]:
+    """What runs ``link``'s flusher (and so writes its notes) without its change loop."""
+
+    class Flusher(AmiPbx):
+        async def run(self, stop: asyncio.Event) -> None:
+            await self._flusher(link, stop)
+
+    return (Flusher([link], store, "realtime"),)
+
+
+def test_an_expiries_note_keeps_each_objects_kind() -> None:
+    """A few owed expiries are noted as [kind, id] pairs and read back as the same pairs,
+    so a resumed expiry goes to its kind's caches only."""
+    owed = Owed()
+    owed.add(UPDATED, expire=True)
+    note = owed.expiries_note()
+    assert note is not None
+    assert changes_module._noted_objects(note) == list(OBJECTS)
+    assert changes_module._noted_objects('["100001"]') is None  # unreadable: empty all

@@ -12,12 +12,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from provisioner.targets.shards import shard_name, shard_of
 
-from .amipeer import FakeAsterisk
+from .amipeer import FakeAsterisk, ReceivedAction
 
 PROVISIONER = str(Path(sys.executable).with_name("provisioner"))
 
@@ -29,7 +30,13 @@ def _env() -> dict[str, str]:
 
 
 def _write_config(
-    tmp: Path, ami_port: int | None, *, quiet: float = 0.02, max_wait: float = 0.2
+    tmp: Path,
+    ami_port: int | None,
+    *,
+    quiet: float = 0.02,
+    max_wait: float = 0.2,
+    kind: str = "config",
+    caches: tuple[str, ...] = (),
 ) -> Path:
     lines = [
         "[store]",
@@ -37,6 +44,7 @@ def _write_config(
         "[security]",
         "password_policy = false",
         "[target]",
+        f'kind = "{kind}"',
         f'path = "{tmp / "pjsip_users.conf"}"',
         "[daemon]",
         f'state_dir = "{tmp / "state"}"',
@@ -57,6 +65,7 @@ def _write_config(
             f"port = {ami_port}",
             'username = "provisioner"',
             'secret = "lab-secret"',
+            f"sorcery_caches = {json.dumps(list(caches))}",
         ]
     path = tmp / "provisioner.toml"
     path.write_text("\n".join(lines) + "\n")
@@ -495,3 +504,111 @@ def test_a_reload_owed_when_the_daemon_stopped_is_sent_after_its_restart(tmp_pat
             await peer.stop()
 
     asyncio.run(scenario())
+
+
+#: The recorded phone's contact of endpoint 1001 (alice), in the fake Asterisk's astdb.
+ALICE_CONTACT = "contact/1001;@4647304968688045788916f1ea15a2ae"
+
+
+def _index(
+    peer: FakeAsterisk, name: str, since: int, check: Callable[[ReceivedAction], bool]
+) -> int:
+    """The position in everything ``peer`` received of the first ``name`` action after
+    position ``since`` for which ``check`` holds, or -1."""
+    for i, action in enumerate(peer.received[since:], start=since):
+        if action.name.lower() == name.lower() and check(action):
+            return i
+    return -1
+
+
+def test_a_file_contact_removal_owed_when_the_daemon_stopped_is_sent_after_its_restart(
+    tmp_path: Path,
+) -> None:
+    """A user deleted while Asterisk is down has its registration deleted from astdb by
+    the next run, after the resumed reload, although that run's reconcile owes nothing."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        await peer.start()
+        config = _write_config(tmp_path, peer.port)
+        conf = tmp_path / "pjsip_users.conf"
+        log = tmp_path / "daemon.log"
+        await _seed(config)
+        daemon = await _start_daemon(config, log)
+        try:
+            await _add_agent(config, "alice", "Alice")
+            await _until(lambda: "[1001]" in _text(conf) and bool(peer.actions("Reload")), 5)
+            await peer.stop()
+            await _cli(config, "user", "delete", "alice")
+            await _until(lambda: "[1001]" not in _text(conf), 5)
+            await asyncio.sleep(0.3)  # the reload and the removal noted owed in the store
+            assert await _stop(daemon) == 0
+            since = len(peer.received)
+            daemon = await _start_daemon(config, log)
+            await peer.start()
+
+            def deleted(action: ReceivedAction) -> bool:
+                return bool(action.get("Key") == ALICE_CONTACT)
+
+            # Received, then answered: astdb changes when the answer is made.
+            await _until(lambda: ALICE_CONTACT not in peer.astdb, 10)
+            reload = _index(peer, "Reload", since, lambda _: True)
+            assert 0 <= reload < _index(peer, "DBDel", since, deleted)
+            assert [(e["removals"], e["after_reload"]) for e in _resumed(log)] == [(1, True)]
+        finally:
+            if daemon.returncode is None:
+                assert await _stop(daemon) == 0
+            await peer.stop()
+
+    asyncio.run(scenario())
+
+
+def test_realtime_expiries_and_removal_owed_when_the_daemon_stopped_are_sent_after_its_restart(
+    tmp_path: Path,
+) -> None:
+    """A realtime user deleted while Asterisk is down has its objects expired from the
+    sorcery cache and its registration deleted from astdb by the next run."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        await peer.start()
+        config = _write_config(tmp_path, peer.port, kind="realtime", caches=("ep_cache",))
+        log = tmp_path / "daemon.log"
+        await _seed(config)
+        daemon = await _start_daemon(config, log)
+        try:
+            await _add_agent(config, "alice", "Alice")
+            await _until(lambda: "1001" in _expired_objects(peer, 0), 5)
+            await peer.stop()
+            await _cli(config, "user", "delete", "alice")
+            await asyncio.sleep(0.5)  # applied, and its expiries and removal noted owed
+            assert await _stop(daemon) == 0
+            since = len(peer.received)
+            daemon = await _start_daemon(config, log)
+            await peer.start()
+            # Received, then answered: astdb changes when the answer is made.
+            await _until(lambda: ALICE_CONTACT not in peer.astdb, 10)
+            assert ALICE_CONTACT in [a.get("Key") for a in peer.actions("DBDel")]
+            assert "1001" in _expired_objects(peer, since)
+            assert [e["removals"] for e in _resumed(log)] == [1]
+        finally:
+            if daemon.returncode is None:
+                assert await _stop(daemon) == 0
+            await peer.stop()
+
+    asyncio.run(scenario())
+
+
+def _expired_objects(peer: FakeAsterisk, since: int) -> list[str]:
+    """The objects ``peer`` was asked to expire from a cache after position ``since``."""
+    return [
+        a.get("Object")
+        for a in peer.received[since:]
+        if a.name.lower() == "sorcerymemorycacheexpireobject"
+    ]
+
+
+def _resumed(log: Path) -> list[dict[str, Any]]:
+    """The ``ami.owed_resumed`` lines of the JSON log at ``log``."""
+    lines = [json.loads(line) for line in _text(log).splitlines() if line.startswith("{")]
+    return [e for e in lines if e.get("event") == "ami.owed_resumed"]

@@ -15,6 +15,9 @@ hands the changes to :func:`apply_changes`, per server:
 
 Expiries and contact removals are *owed* (:class:`Owed`) until sent: one AMI could not
 deliver is sent at the next connect, apply or ``OWED_RETRY``, so an outage loses none.
+They are noted in the store from before they are sent until paid (:func:`note_owed`),
+so a stop or a crash loses none either: the next run owes them again
+(:func:`resume_owed`), although its reconcile finds the file or rows already written.
 More than ``EXPIRE_ALL_OVER`` objects owed at once (a profile edit, a bulk edit, a long
 outage) empty each distinct cache whole instead, one action per cache.
 """
@@ -22,19 +25,30 @@ outage) empty each distinct cache whole instead, one action per cache.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import islice
+from itertools import count, islice
 from typing import TYPE_CHECKING
+
+from sqlalchemy import Connection
 
 from ..accounts import utcnow
 from ..config import cache_names
 from ..logs import get_logger
 from ..store.registrations import set_problems
-from ..store.state import drop_state, put_state
+from ..store.state import (
+    KEY_MAX,
+    VALUE_MAX,
+    drop_state,
+    drop_states_under,
+    put_state,
+    write_states,
+)
 from ..targets import Change
 from .errors import AmiActionFailed, AmiError
 from .registration import contact_object_name
@@ -44,6 +58,7 @@ if TYPE_CHECKING:
     from .pbx import Link
 
 __all__ = [
+    "EXPIRE_ALL_NOTE",
     "EXPIRE_ALL_OVER",
     "LISTING_OVER",
     "NOT_LIVE_LOG_LIMIT",
@@ -52,10 +67,15 @@ __all__ = [
     "VERIFY_PAUSE",
     "Owed",
     "apply_changes",
+    "note_owed",
+    "owed_expiries_key",
+    "owed_removal_key",
+    "owed_removals_prefix",
     "pay",
     "reload_owed_key",
     "remove_contacts",
     "request_reload",
+    "resume_owed",
     "verify",
     "verify_backoff",
     "verify_some",
@@ -83,6 +103,11 @@ NOT_LIVE_LOG_LIMIT = 50
 #: many round trips would hold every later edit back for minutes, where an emptied
 #: cache costs Asterisk one database read per object as it next needs it.
 EXPIRE_ALL_OVER = 1000
+#: The expiries note (:meth:`Owed.expiries_note`) saying "empty each cache whole".
+EXPIRE_ALL_NOTE = "*"
+#: The longest server name kept as is in a state key: ``owed_removal:``, it, ``:`` and
+#: a 20-digit endpoint fill the key column (64); a longer one is cut and digested.
+SERVER_TAG_MAX = 30
 
 
 @dataclass
@@ -92,29 +117,89 @@ class Owed:
     from its astdb, each in the order owed.  An action that failed for the connection's
     sake (not connected, timed out, lost) leaves its item owed, sent again at the next
     connect or apply, or after ``OWED_RETRY`` seconds: each is idempotent (an object
-    expired twice, a contact already gone), so a failure never loses one."""
+    expired twice, a contact already gone), so a failure never loses one.
 
+    What is owed is also noted in the store (:func:`note_owed`) from before it is sent
+    until it is paid, so a stop or a crash loses none either (:func:`resume_owed`)."""
+
+    #: (kind, object id) of each object to expire from its kind's caches.
     expiries: dict[tuple[str, str], None] = field(default_factory=dict)
-    removals: dict[str, None] = field(default_factory=dict)
+    #: Endpoint -> the stamp of its owing (see :meth:`owe_removals`).
+    removals: dict[str, int] = field(default_factory=dict)
+    #: Each cache is owed emptying whole (a note resumed at start said so).
+    expire_all: bool = False
+    #: Per config-file reload not yet ended, the endpoints whose contacts its end owes.
+    awaiting: list[set[str]] = field(default_factory=list)
+    #: What the store notes, once the flusher has written the notes asked for so far:
+    #: the expiries note's value (:meth:`expiries_note`) and the endpoints with a
+    #: removal note.
+    noted_expiries: str | None = None
+    noted_removals: set[str] = field(default_factory=set)
+    #: A note write failed: the next :func:`note_owed` rewrites every note of the server.
+    notes_lost: bool = False
+    _stamps: Iterator[int] = field(default_factory=count, repr=False)
 
     def __bool__(self) -> bool:
-        return bool(self.expiries or self.removals)
+        return bool(self.expiries or self.removals or self.expire_all)
 
     def add(self, change: Change, *, expire: bool, remove: bool = True) -> None:
         """Owe what ``change`` needs (``expire``: its changed objects' expiries;
         ``remove``: its removed endpoints' contacts, else owed later by the caller).  An
         endpoint added or updated after its removal was owed keeps its contacts: they
-        are its phone's again."""
+        are its phone's again (also when that removal awaits a reload)."""
         if expire:
             self.expiries.update(dict.fromkeys(change.changed_objects))
         if remove:
-            self.removals.update(dict.fromkeys(change.removed))
-        self.keep((*change.added, *change.updated))
+            self.owe_removals(change.removed)
+        back = (*change.added, *change.updated)
+        self.keep(back)
+        for endpoints in self.awaiting:
+            endpoints.difference_update(back)
+
+    def owe_removals(self, endpoints: Iterable[str]) -> None:
+        """Owe the contact removals of ``endpoints``, each stamped anew: a removal owed
+        again while one of it is being sent is not taken for paid with it."""
+        for endpoint in endpoints:
+            self.removals[endpoint] = next(self._stamps)
 
     def keep(self, endpoints: Iterable[str]) -> None:
         """Owe no contact removal for ``endpoints`` (added or updated again)."""
         for endpoint in endpoints:
             self.removals.pop(endpoint, None)
+
+    def await_reload(self, endpoints: Iterable[str]) -> set[str]:
+        """Note that the end of a reload asked for owes the contact removals of
+        ``endpoints``; the set to hand to :meth:`reloaded` then (an endpoint added or
+        updated again meanwhile leaves it)."""
+        awaiting = set(endpoints)
+        self.awaiting.append(awaiting)
+        return awaiting
+
+    def reloaded(self, awaiting: set[str]) -> None:
+        """The reload ``awaiting`` (from :meth:`await_reload`) waited for ended: owe its
+        removals now."""
+        self.awaiting = [a for a in self.awaiting if a is not awaiting]
+        self.owe_removals(sorted(awaiting))
+
+    def expiries_note(self) -> str | None:
+        """The note saying which expiries are owed: a JSON list of [kind, object id], or
+        ``EXPIRE_ALL_NOTE`` when they are more than ``EXPIRE_ALL_OVER`` or would not fit
+        the store's value (emptying each cache whole covers them all); None: none."""
+        if self.expire_all or len(self.expiries) > EXPIRE_ALL_OVER:
+            return EXPIRE_ALL_NOTE
+        if not self.expiries:
+            return None
+        # Each pair takes at least 12 characters ('["aor","x"],'): skip building what
+        # cannot fit.
+        if 12 * len(self.expiries) > VALUE_MAX:
+            return EXPIRE_ALL_NOTE
+        listed = json.dumps(list(self.expiries), separators=(",", ":"))
+        return listed if len(listed) <= VALUE_MAX else EXPIRE_ALL_NOTE
+
+    def removals_to_note(self) -> set[str]:
+        """The endpoints whose contact removal the store should note: those owed now and
+        those awaiting a reload."""
+        return set(self.removals).union(*self.awaiting)
 
 
 async def apply_changes(link: Link, batch: Sequence[Change], *, realtime: bool) -> None:
@@ -136,13 +221,18 @@ async def apply_changes(link: Link, batch: Sequence[Change], *, realtime: bool) 
         # deleted before it could be registered again meanwhile, and would then outlive
         # the endpoint (README of ../shared/asterisk).  Its contacts go after the reload.
         link.owed.add(change, expire=realtime and bool(link.caches), remove=not reloads_file)
+    gone = removed - added - updated
+    awaiting = link.owed.await_reload(gone) if reloads_file else set[str]()
+    # Noted before anything is sent: a stop or a crash from here on loses none of it.
+    note_owed(link)
     await pay(link)
+    note_owed(link)
     if reloads_file:
         # A config file's objects change only with the reload: they are verified after
         # it.  Not awaited: edits applied while this reload waits (for its gap, for a
         # server that is down) merge into it, as their bytes are on disk before it is
         # sent, instead of each costing one more reload afterwards.
-        reloaded = partial(_file_reloaded, link, added | updated, removed - added - updated)
+        reloaded = partial(_file_reloaded, link, added | updated, gone, awaiting)
         request_reload(link).add_done_callback(reloaded)
     else:
         if realtime and (added or removed):
@@ -150,13 +240,164 @@ async def apply_changes(link: Link, batch: Sequence[Change], *, realtime: bool) 
             # report the status of added endpoints, and the next edit must not wait for
             # it (95 s at 50k endpoints, realtime slower still).
             request_reload(link).add_done_callback(partial(_reload_done, link))
-        _owe_verification(link, added | updated, removed - added - updated)
+        _owe_verification(link, added | updated, gone)
     await verify_some(link)
 
 
 def reload_owed_key(server: str) -> str:
-    """The ``daemon_state`` key noting that ``server`` is owed a reload."""
-    return "reload_owed:" + server
+    """The ``daemon_state`` key noting that ``server`` is owed a reload (a name too long
+    for the key column cut and digested, as in every note's key)."""
+    return "reload_owed:" + _server_tag(server)
+
+
+def owed_expiries_key(server: str) -> str:
+    """The ``daemon_state`` key noting the cache expiries owed to ``server``."""
+    return "owed_expiries:" + _server_tag(server)
+
+
+def owed_removals_prefix(server: str) -> str:
+    """The start of every ``daemon_state`` key noting a contact removal owed to
+    ``server`` (one key per endpoint, the endpoint its value)."""
+    return f"owed_removal:{_server_tag(server)}:"
+
+
+def owed_removal_key(server: str, endpoint: str) -> str:
+    """The ``daemon_state`` key noting that ``endpoint``'s contacts are owed removal
+    from ``server``: the endpoint itself ends it, or its digest when too long."""
+    prefix = owed_removals_prefix(server)
+    if len(prefix) + len(endpoint) <= KEY_MAX:
+        return prefix + endpoint
+    return prefix + "~" + _digest(endpoint, KEY_MAX - len(prefix) - 1)
+
+
+def _server_tag(server: str) -> str:
+    """``server`` in a state key: itself when short enough for the key column to hold
+    any of its keys (names may be 64 characters long), else its start and a digest."""
+    if len(server) <= SERVER_TAG_MAX:
+        return server
+    return server[: SERVER_TAG_MAX - 9] + "~" + _digest(server, 8)
+
+
+def _digest(text: str, length: int) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def note_owed(link: Link) -> None:
+    """Have the store note what ``link.owed`` holds now (in the flusher's turn, one
+    transaction): the expiries note put, changed or dropped, one removal note put per
+    endpoint newly owed or awaiting a reload, dropped per endpoint paid or kept.
+
+    Only what changed since the last call is written, so a retry while the server is
+    down writes nothing and a 100k-object profile edit one row (``EXPIRE_ALL_NOTE``).
+    Each write holds what was owed when it was asked for, and the flusher runs them in
+    that order: the store ends with the latest, and a note is never dropped while an
+    item it stands for is still owed."""
+    owed = link.owed
+    if owed.notes_lost:
+        _rewrite_notes(link)
+        return
+    put: dict[str, str] = {}
+    drop: list[str] = []
+    expiries = owed.expiries_note()
+    if expiries != owed.noted_expiries:
+        key = owed_expiries_key(link.name)
+        if expiries is None:
+            drop.append(key)
+        else:
+            put[key] = expiries
+        owed.noted_expiries = expiries
+    wanted = owed.removals_to_note()
+    noted = owed.noted_removals
+    put.update((owed_removal_key(link.name, ep), ep) for ep in sorted(wanted - noted))
+    drop.extend(owed_removal_key(link.name, ep) for ep in noted - wanted)
+    owed.noted_removals = wanted
+    if put or drop:
+        _write_notes(link, partial(write_states, put=put, drop=drop))
+
+
+def _rewrite_notes(link: Link) -> None:
+    """Replace every owed note of ``link``'s server with what is owed now (after a
+    note write failed, what the store holds is not known)."""
+    owed = link.owed
+    owed.notes_lost = False
+    owed.noted_expiries = owed.expiries_note()
+    owed.noted_removals = owed.removals_to_note()
+    put = {owed_removal_key(link.name, ep): ep for ep in sorted(owed.noted_removals)}
+    if owed.noted_expiries is not None:
+        put[owed_expiries_key(link.name)] = owed.noted_expiries
+    _write_notes(link, partial(_replace_notes, server=link.name, put=put))
+
+
+def _replace_notes(conn: Connection, server: str, put: dict[str, str]) -> None:
+    drop_state(conn, owed_expiries_key(server))
+    drop_states_under(conn, owed_removals_prefix(server))
+    write_states(conn, put)
+
+
+def _write_notes(link: Link, write: Callable[[Connection], object]) -> None:
+    """Have the flusher run ``write``; when the store refuses it, the next
+    :func:`note_owed` rewrites every note of the server."""
+
+    def written(done: asyncio.Future[bool]) -> None:
+        if not done.result():
+            link.owed.notes_lost = True
+
+    link.in_flusher_turn(write).add_done_callback(written)
+
+
+def resume_owed(
+    link: Link,
+    expiries: str | None,
+    removals: Iterable[str],
+    reload: asyncio.Future[ReloadOutcome] | None = None,
+) -> None:
+    """Owe again what the last run noted owed to ``link``'s server and never saw paid:
+    the expiries note's value (``expiries``) and the endpoints of its removal notes
+    (``removals``), owed once ``reload`` (a config file's reload resumed with them)
+    has ended, else at once.  Logs ``ami.owed_resumed`` when there is any."""
+    owed = link.owed
+    endpoints = sorted(removals)
+    owed.noted_expiries = expiries
+    owed.noted_removals = set(endpoints)
+    if expiries is not None:
+        objects = _noted_objects(expiries)
+        if objects is None:
+            owed.expire_all = True
+        else:
+            owed.expiries.update(dict.fromkeys(objects))
+    if reload is not None and endpoints:
+        # The endpoint lives in Asterisk until that reload (see apply_changes).
+        awaiting = owed.await_reload(endpoints)
+        reload.add_done_callback(partial(_file_reloaded, link, set(), set(endpoints), awaiting))
+    else:
+        owed.owe_removals(endpoints)
+    if expiries is not None or endpoints:
+        log.info(
+            "ami.owed_resumed",
+            server=link.name,
+            expiries=len(owed.expiries),
+            expire_all=owed.expire_all,
+            removals=len(endpoints),
+            after_reload=reload is not None and bool(endpoints),
+        )
+
+
+def _noted_objects(note: str) -> list[tuple[str, str]] | None:
+    """The (kind, object id) pairs an expiries note lists; None: every cache is to be
+    emptied (the note says so, or cannot be read: emptying is always sound)."""
+    if note == EXPIRE_ALL_NOTE:
+        return None
+    try:
+        pairs = json.loads(note)
+    except ValueError:
+        return None
+    if not isinstance(pairs, list) or not all(_is_pair(p) for p in pairs):
+        return None
+    return [(kind, object_id) for kind, object_id in pairs]
+
+
+def _is_pair(item: object) -> bool:
+    return isinstance(item, list) and len(item) == 2 and all(isinstance(part, str) for part in item)
 
 
 def request_reload(link: Link) -> asyncio.Future[ReloadOutcome]:
@@ -190,20 +431,26 @@ def _owe_verification(link: Link, changed: set[str], gone: set[str]) -> None:
 
 
 def _file_reloaded(
-    link: Link, changed: set[str], gone: set[str], future: asyncio.Future[ReloadOutcome]
+    link: Link,
+    changed: set[str],
+    gone: set[str],
+    awaiting: set[str],
+    future: asyncio.Future[ReloadOutcome],
 ) -> None:
-    """A config file's reload ended: count it, owe the removed endpoints' contact
-    removals, and have the changed endpoints verified, by the change loop (woken by an
-    empty change), unless the daemon is stopping.  Reloads end in request order, so an
-    endpoint removed then added again keeps its contacts."""
+    """A config file's reload ended: count it, owe the contact removals ``awaiting`` it
+    (``gone``'s endpoints not added again since), and have the changed endpoints
+    verified, by the change loop (woken by an empty change), unless the daemon is
+    stopping (the removals stay noted in the store, for the next run).  Reloads end in
+    request order, so an endpoint removed then added again keeps its contacts."""
     if future.cancelled():
         return
     outcome = future.result()
     _count_reload(link, outcome)
     if outcome.result == "stopped":
         return
-    link.owed.removals.update(dict.fromkeys(sorted(gone)))
+    link.owed.reloaded(awaiting)
     link.owed.keep(changed)
+    note_owed(link)
     _owe_verification(link, changed, gone)
     if changed or gone:
         link.changes.put_nowait(Change())
@@ -225,13 +472,18 @@ async def pay(link: Link) -> None:
     would be refused again."""
     owed = link.owed
     try:
-        if len(owed.expiries) > EXPIRE_ALL_OVER:
+        if owed.expire_all or len(owed.expiries) > EXPIRE_ALL_OVER:
             await _expire_all(link)
         await _expire_owed(link)
         if owed.removals:
-            with _refusal_logged(link, "remove_contacts", ",".join(owed.removals)):
-                await remove_contacts(link, owed.removals.keys())
-            owed.removals.clear()
+            # A copy: a reload ending meanwhile (_file_reloaded) owes more, which this
+            # send neither iterates over nor takes for paid.
+            sending = dict(owed.removals)
+            with _refusal_logged(link, "remove_contacts", ",".join(sending)):
+                await remove_contacts(link, sending.keys())
+            for endpoint, stamp in sending.items():
+                if owed.removals.get(endpoint) == stamp:
+                    del owed.removals[endpoint]
     except AmiError as exc:
         log.warning(
             "ami.owed",
@@ -271,6 +523,7 @@ async def _expire_all(link: Link) -> None:
         "ami.caches_expired", server=link.name, caches=list(caches), objects=len(owed.expiries)
     )
     owed.expiries.clear()
+    owed.expire_all = False
 
 
 async def remove_contacts(link: Link, removed: Collection[str]) -> None:

@@ -47,7 +47,7 @@ from ..store.registrations import (
     epoch_text,
     replace_server_snapshot,
 )
-from ..store.state import load_state
+from ..store.state import load_state, load_states
 from ..targets import Change
 from ..threads import in_worker
 from .actions import AmiMessage
@@ -56,8 +56,11 @@ from .changes import (
     VERIFY_PAUSE,
     Owed,
     apply_changes,
+    owed_expiries_key,
+    owed_removals_prefix,
     reload_owed_key,
     request_reload,
+    resume_owed,
 )
 from .client import AmiClient
 from .registration import (
@@ -292,7 +295,6 @@ class AmiPbx:
                 tg.create_task(self._snapshots(link, stop))
                 tg.create_task(self._lookups(link, stop))
                 tg.create_task(self._changes(link, stop))
-                tg.create_task(self._resume_reload(link))
 
     def applied(self, change: Change, *, target_kind: str) -> None:
         self.target_kind = target_kind
@@ -314,8 +316,9 @@ class AmiPbx:
                 "reloads": dict(link.reload_results),
                 "online": sum(1 for reg in link.book.values() if reg.summary == "online"),
                 "store_failures": link.store_failures,
-                # Cache expiries and contact removals waiting for the server (Owed).
-                "owed": len(link.owed.expiries) + len(link.owed.removals),
+                # Cache expiries and contact removals waiting for the server (Owed);
+                # emptying every cache (resumed from a note) counts as one.
+                "owed": len(link.owed.expiries) + len(link.owed.removals) + link.owed.expire_all,
                 # Endpoints applied, not yet asked about.
                 "unverified": len(link.unverified),
             }
@@ -584,19 +587,35 @@ class AmiPbx:
 
     # -- changes out -------------------------------------------------------------------
 
-    async def _resume_reload(self, link: Link) -> None:
-        """Ask again for a reload the last run noted owed and never saw end well."""
-        key = reload_owed_key(link.name)
-        try:
-            owed = await in_worker(_read_state, self.engine, key)
-        except DBAPIError as exc:
-            log.warning("ami.reload_owed_unknown", server=link.name, error=str(exc.orig))
+    async def _resume(self, link: Link, stop: asyncio.Event) -> None:
+        """Owe again what the last run noted owed to ``link``'s server and never saw
+        done: a reload, cache expiries, contact removals (a config file's after the
+        resumed reload).  A store that cannot be read is asked again after a pause,
+        until ``stop``: the change loop waits for this, so that an endpoint a change
+        adds again keeps its contacts (:meth:`Owed.add`) whatever the last run noted."""
+        failures = 0
+        while not stop.is_set():
+            try:
+                notes = await in_worker(_read_notes, self.engine, link.name)
+            except DBAPIError as exc:
+                failures += 1
+                delay = min(STORE_RETRY_MAX, STORE_RETRY_BASE * 2 ** (failures - 1))
+                log.warning(
+                    "ami.owed_unknown", server=link.name, error=str(exc.orig), retry_in_s=delay
+                )
+                await sleep_unless(stop, delay)
+                continue
+            reload_owed, expiries, removals = notes
+            reload = None
+            if reload_owed is not None:
+                log.info("ami.reload_resumed", server=link.name)
+                reload = request_reload(link)
+            after = reload if self.target_kind == "config" else None
+            resume_owed(link, expiries, removals, after)
             return
-        if owed is not None:
-            log.info("ami.reload_resumed", server=link.name)
-            request_reload(link)
 
     async def _changes(self, link: Link, stop: asyncio.Event) -> None:
+        await self._resume(link, stop)
         while not stop.is_set():
             getter = asyncio.ensure_future(link.changes.get())
             stopper = asyncio.ensure_future(stop.wait())
@@ -635,9 +654,14 @@ class AmiPbx:
         return True
 
 
-def _read_state(engine: Engine, key: str) -> str | None:
+def _read_notes(engine: Engine, server: str) -> tuple[str | None, str | None, list[str]]:
+    """What the store notes owed to ``server``: the reload note, the expiries note and
+    the endpoints of the removal notes."""
     with reading(engine) as conn:
-        return load_state(conn, key)
+        reload_owed = load_state(conn, reload_owed_key(server))
+        expiries = load_state(conn, owed_expiries_key(server))
+        removals = load_states(conn, owed_removals_prefix(server))
+    return reload_owed, expiries, list(removals.values())
 
 
 def _retry(link: Link) -> float | None:
