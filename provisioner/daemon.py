@@ -181,6 +181,9 @@ class Daemon:
     #: Ends the template watcher of the current directories (see _watch_templates).
     _templates_watch: asyncio.Event = field(default_factory=asyncio.Event)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Ends the AMI side: set by :meth:`shutdown` once the apply in progress has ended,
+    #: so the change it hands over is still taken (noted owed in the store).
+    ami_stop: asyncio.Event = field(default_factory=asyncio.Event)
     health: Health = field(default_factory=Health)
     tracker: CursorTracker = field(default_factory=lambda: CursorTracker(cursor=0))
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -279,7 +282,7 @@ class Daemon:
             self._spawn(source.run(self.tick if source.timer else self.wake, self.stop))
         self._spawn(self._watch_templates(template_dirs(self.config)))
         if self.pbx is not None:
-            self._spawn(self.pbx.run(self.stop))
+            self._spawn(self.pbx.run(self.ami_stop))
             if first is not None:
                 self.pbx.applied(first.change, target_kind=self.config.target.kind)
         if (interval := watchdog_interval()) is not None:
@@ -319,17 +322,26 @@ class Daemon:
             burst = self._woken_while_applying
 
     async def shutdown(self, work: asyncio.Task[Applied | None] | None = None) -> None:
-        """Stop sources and AMI, wait up to ``shutdown_timeout`` for them and for ``work``
-        (the startup and main loop, whose errors are the caller's), then cancel the rest
-        (``daemon.shutdown_timeout`` names how many)."""
+        """Stop the sources, let ``work`` (the startup and main loop, whose errors are the
+        caller's) end its apply in progress, then stop AMI, all within
+        ``shutdown_timeout``; then cancel the rest (``daemon.shutdown_timeout`` names how
+        many).  AMI stops after the apply so the change it hands over is taken: the AMI
+        side notes in the store what that change still owes Asterisk (a reload, cache
+        expiries, contact removals), and the next run sends it."""
         self.notifier.stopping()
         self.stop.set()
         if self._health_due is not None:  # e.g. ``run --burst``: its one apply is recorded
             self._health_due.cancel()
             self._write_due_health()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.daemon.shutdown_timeout
+        if work is not None and not work.done():
+            await asyncio.wait([work], timeout=self.config.daemon.shutdown_timeout)
+        self.ami_stop.set()
         waited: list[asyncio.Task[Any]] = [*self._tasks, *([work] if work is not None else [])]
         if waited:
-            done, pending = await asyncio.wait(waited, timeout=self.config.daemon.shutdown_timeout)
+            left = max(0.0, deadline - loop.time())
+            done, pending = await asyncio.wait(waited, timeout=left)
             if pending:
                 log.warning(
                     "daemon.shutdown_timeout",

@@ -1054,3 +1054,32 @@ def test_an_expiries_note_keeps_each_objects_kind() -> None:
     assert note is not None
     assert changes_module._noted_objects(note) == list(OBJECTS)
     assert changes_module._noted_objects('["100001"]') is None  # unreadable: empty all
+
+
+def test_a_change_handed_over_as_the_daemon_stops_is_noted_owed(store: Engine) -> None:
+    """A config-file change handed to the AMI side just as it stops is not sent, but
+    noted: its reload and its removed endpoint's contact removal wait in the store."""
+    from provisioner.store.state import load_states
+
+    async def scenario() -> tuple[dict[str, str], int]:
+        peer = FakeAsterisk()
+        await peer.start()
+        pbx = AmiPbx([_link(peer)], store, "config")
+        link = pbx.links[0]
+        stop = asyncio.Event()
+        task = asyncio.create_task(pbx.run(stop))
+        try:
+            await eventually(lambda: link.client.connected)
+            await asyncio.sleep(0.1)  # the change loop waits for a change
+            pbx.applied(Change(removed=("100001",), wrote=True), target_kind="config")
+            stop.set()
+            await asyncio.wait_for(task, 10)
+        finally:
+            await peer.stop()
+        with store.connect() as conn:
+            return load_states(conn, ""), len(peer.actions("Reload"))
+
+    notes, reloads = run(scenario())
+    assert reloads == 0
+    assert notes.get(changes_module.reload_owed_key("lab")) == "1"
+    assert notes.get(changes_module.owed_removal_key("lab", "100001")) == "100001"

@@ -67,6 +67,7 @@ __all__ = [
     "VERIFY_PAUSE",
     "Owed",
     "apply_changes",
+    "final_notes",
     "note_owed",
     "owed_expiries_key",
     "owed_removal_key",
@@ -76,6 +77,7 @@ __all__ = [
     "remove_contacts",
     "request_reload",
     "resume_owed",
+    "stop_owes",
     "verify",
     "verify_backoff",
     "verify_some",
@@ -313,6 +315,32 @@ def note_owed(link: Link) -> None:
     owed.noted_removals = wanted
     if put or drop:
         _write_notes(link, partial(write_states, put=put, drop=drop))
+
+
+def stop_owes(link: Link, batch: Sequence[Change], *, realtime: bool) -> bool:
+    """Owe what the changes of ``batch``, taken at a stop and never sent, need from
+    ``link``'s server, removals at once (the next run sends a config file's after its
+    resumed reload); whether they need a reload."""
+    for change in batch:
+        link.owed.add(change, expire=realtime and bool(link.caches))
+    if realtime:
+        return any(c.added or c.removed for c in batch)
+    return any(c.wrote for c in batch)
+
+
+def final_notes(link: Link, *, reload: bool) -> Callable[[Connection], None]:
+    """The last write of ``link``'s notes, at a stop, once the flusher has ended: every
+    owed note replaced by what is owed now, and the reload noted when ``reload``."""
+    owed = link.owed
+    owed.notes_lost = False
+    owed.noted_expiries = owed.expiries_note()
+    owed.noted_removals = owed.removals_to_note()
+    put = {owed_removal_key(link.name, ep): ep for ep in sorted(owed.noted_removals)}
+    if owed.noted_expiries is not None:
+        put[owed_expiries_key(link.name)] = owed.noted_expiries
+    if reload:
+        put[reload_owed_key(link.name)] = "1"
+    return partial(_replace_notes, server=link.name, put=put)
 
 
 def _rewrite_notes(link: Link) -> None:

@@ -56,11 +56,13 @@ from .changes import (
     VERIFY_PAUSE,
     Owed,
     apply_changes,
+    final_notes,
     owed_expiries_key,
     owed_removals_prefix,
     reload_owed_key,
     request_reload,
     resume_owed,
+    stop_owes,
 )
 from .client import AmiClient
 from .registration import (
@@ -180,6 +182,7 @@ class Link:
     )
     #: Set once the flusher has ended: nothing would write a job any more.
     flusher_ended: bool = False
+    flusher_done: asyncio.Event = field(default_factory=asyncio.Event)
     #: Cache expiries and contact removals not yet sent (see :class:`Owed`).
     owed: Owed = field(default_factory=Owed)
     #: The client session whose snapshot last filled the book (-1: none yet).
@@ -415,6 +418,7 @@ class AmiPbx:
             if writing is not None:
                 await writing
             link.flusher_ended = True
+            link.flusher_done.set()
             jobs, link.jobs = link.jobs, []
             for _, done in jobs:
                 if not done.done():
@@ -625,7 +629,10 @@ class AmiPbx:
             await asyncio.wait({getter, stopper}, timeout=retry, return_when=FIRST_COMPLETED)
             stopper.cancel()
             if stop.is_set():
+                # A change the getter took as the stop came is the stop's to note too.
+                taken = [getter.result()] if getter.done() and not getter.cancelled() else []
                 getter.cancel()
+                await self._note_at_stop(link, taken)
                 return
             if not getter.done():
                 getter.cancel()
@@ -638,6 +645,32 @@ class AmiPbx:
                 await apply_changes(link, batch, realtime=self.target_kind != "config")
             except ProvisionerError as exc:
                 log.warning("ami.apply_failed", server=link.name, error=str(exc))
+
+    async def _note_at_stop(self, link: Link, batch: list[Change]) -> None:
+        """Note in the store what ``batch`` and the changes still queued at a stop owe
+        the server (a reload, cache expiries, contact removals), with all else owed, once
+        the flusher has written its last note: the next run sends it (:meth:`_resume`),
+        where its reconcile alone would find the file or rows written and owe nothing."""
+        while not link.changes.empty():
+            batch.append(link.changes.get_nowait())
+        realtime = self.target_kind != "config"
+        owes_reload = stop_owes(link, batch, realtime=realtime)
+        if not batch and not link.owed.notes_lost:
+            return
+        await link.flusher_done.wait()
+        try:
+            await in_worker(transaction, self.engine, final_notes(link, reload=owes_reload))
+        except DBAPIError as exc:
+            log.warning("ami.owed_not_noted", server=link.name, error=str(exc.orig))
+            return
+        log.info(
+            "ami.owed_noted",
+            server=link.name,
+            changes=len(batch),
+            reload=owes_reload,
+            expiries=len(link.owed.expiries),
+            removals=len(link.owed.removals_to_note()),
+        )
 
     # -- store writes, off the event loop ------------------------------------------------
 
