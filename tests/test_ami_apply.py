@@ -960,6 +960,26 @@ def test_a_file_endpoint_removed_then_added_again_keeps_its_contacts(store: Engi
     assert run(_file_actions(store, REMOVED, again)) == ["Reload"]
 
 
+def test_a_file_endpoint_edited_then_removed_in_one_batch_loses_its_contacts(
+    store: Engine,
+) -> None:
+    """Config-file target: an endpoint updated and then removed, the two changes taken
+    in one batch, has its contacts deleted after the reload: the later change wins."""
+    edited = Change(updated=("1001",), wrote=True)
+    assert run(_file_actions(store, edited, REMOVED)) == ["Reload", "DBDel"]
+
+
+def test_the_last_change_of_a_batch_decides_what_an_endpoint_is() -> None:
+    """In a batch, an endpoint's last change decides whether it is there or gone; within
+    one change, one added (another user's) wins over one removed."""
+    batch = [
+        Change(added=("a",), removed=("b",)),
+        Change(removed=("a", "c"), updated=("b",)),
+        Change(added=("c",), removed=("c",)),
+    ]
+    assert changes_module.final_states(batch) == ({"b", "c"}, {"a"})
+
+
 def _owed_notes(store: Engine) -> dict[str, str]:
     """Every note of something owed to an Asterisk server, in the store."""
     with store.connect() as conn:

@@ -68,6 +68,7 @@ __all__ = [
     "Owed",
     "apply_changes",
     "final_notes",
+    "final_states",
     "note_owed",
     "owed_expiries_key",
     "owed_removal_key",
@@ -214,16 +215,13 @@ async def apply_changes(link: Link, batch: Sequence[Change], *, realtime: bool) 
     that is down.  Then the added and updated endpoints are verified: a config
     file's after its reload (its objects change only with it), realtime rows at once
     (nothing waits for their reload)."""
-    added = set[str]().union(*(c.added for c in batch))
-    updated = set[str]().union(*(c.updated for c in batch))
-    removed = set[str]().union(*(c.removed for c in batch))
+    changed, gone = final_states(batch)
     reloads_file = not realtime and any(c.wrote for c in batch)
     for change in batch:
         # A config file's removed endpoint lives in Asterisk until the reload: a contact
         # deleted before it could be registered again meanwhile, and would then outlive
         # the endpoint (README of ../shared/asterisk).  Its contacts go after the reload.
         link.owed.add(change, expire=realtime and bool(link.caches), remove=not reloads_file)
-    gone = removed - added - updated
     awaiting = link.owed.await_reload(gone) if reloads_file else set[str]()
     # Noted before anything is sent: a stop or a crash from here on loses none of it.
     note_owed(link)
@@ -234,16 +232,32 @@ async def apply_changes(link: Link, batch: Sequence[Change], *, realtime: bool) 
         # it.  Not awaited: edits applied while this reload waits (for its gap, for a
         # server that is down) merge into it, as their bytes are on disk before it is
         # sent, instead of each costing one more reload afterwards.
-        reloaded = partial(_file_reloaded, link, added | updated, gone, awaiting)
+        reloaded = partial(_file_reloaded, link, changed, gone, awaiting)
         request_reload(link).add_done_callback(reloaded)
     else:
-        if realtime and (added or removed):
+        if realtime and any(c.added or c.removed for c in batch):
             # The rows are live already (expired above); the reload only has Asterisk
             # report the status of added endpoints, and the next edit must not wait for
             # it (95 s at 50k endpoints, realtime slower still).
             request_reload(link).add_done_callback(partial(_reload_done, link))
-        _owe_verification(link, added | updated, gone)
+        _owe_verification(link, changed, gone)
     await verify_some(link)
+
+
+def final_states(batch: Sequence[Change]) -> tuple[set[str], set[str]]:
+    """The endpoints ``batch`` (changes in the order applied) leaves added or updated,
+    and those it leaves removed: an endpoint's last change decides.  Within one change
+    an endpoint both removed (one user's) and added (another's) is there."""
+    there: set[str] = set()
+    gone: set[str] = set()
+    for change in batch:
+        back = {*change.added, *change.updated}
+        removed = set(change.removed) - back
+        there.difference_update(removed)
+        gone.update(removed)
+        gone.difference_update(back)
+        there.update(back)
+    return there, gone
 
 
 def reload_owed_key(server: str) -> str:
