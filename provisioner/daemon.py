@@ -33,7 +33,7 @@ from sqlalchemy.exc import DBAPIError
 from .aio import sleep_unless, wait_first, wait_task_or_event
 from .applier import Applied, Applier
 from .config import Config, load_config
-from .errors import ProvisionerError, StoreUnavailable
+from .errors import ProvisionerError, ServiceFailed, StoreUnavailable
 from .health import Health, write_health
 from .logs import configure as configure_logs
 from .logs import get_logger
@@ -195,6 +195,8 @@ class Daemon:
     #: The pending deferred health write (see :meth:`_write_health_soon`).
     _health_due: asyncio.TimerHandle | None = None
     _last_exc: BaseException | None = None
+    #: The first error a task ended with (see :meth:`_task_ended`).
+    _failure: BaseException | None = None
     metrics: Metrics = field(default_factory=Metrics)
     #: Counter values last exported per (server, name), to export only the increase.
     _exported: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -262,7 +264,12 @@ class Daemon:
             await wait_task_or_event(work, self.stop)
         finally:
             await self.shutdown(work)
-        return None if work.cancelled() else work.result()
+        first = None if work.cancelled() else work.result()
+        if self._failure is not None:
+            raise ServiceFailed(
+                f"stopped: a task failed ({_describe(self._failure)})"
+            ) from self._failure
+        return first
 
     async def _serve(self, burst: bool) -> Applied | None:
         first = await self.startup(burst=burst)
@@ -341,7 +348,7 @@ class Daemon:
         waited: list[asyncio.Task[Any]] = [*self._tasks, *([work] if work is not None else [])]
         if waited:
             left = max(0.0, deadline - loop.time())
-            done, pending = await asyncio.wait(waited, timeout=left)
+            _done, pending = await asyncio.wait(waited, timeout=left)
             if pending:
                 log.warning(
                     "daemon.shutdown_timeout",
@@ -351,11 +358,6 @@ class Daemon:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-            for task in done:
-                if task is work:
-                    continue
-                if not task.cancelled() and (exc := task.exception()) is not None:
-                    log.error("daemon.task_failed", error=repr(exc))
         self._tasks.clear()
         self.engine.dispose()
         log.info("daemon.stopped")
@@ -523,7 +525,23 @@ class Daemon:
             self._write_health()
 
     def _spawn(self, coro: Awaitable[None]) -> None:
-        self._tasks.append(asyncio.ensure_future(coro))
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(self._task_ended)
+        self._tasks.append(task)
+
+    def _task_ended(self, task: asyncio.Future[None]) -> None:
+        """A task that ends with an error stops the daemon (logged at once, as
+        ``daemon.task_failed``): one running on without its AMI side or a wake-up
+        source would look healthy and do half its job, where an exit has systemd
+        restart a whole one."""
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        # A database error's text quotes the statement's parameters (digests): no trace.
+        trace = None if isinstance(exc, DBAPIError) else exc
+        log.error("daemon.task_failed", error=_describe(exc), exc_info=trace)
+        if self._failure is None:
+            self._failure = exc
+        self.handle_exit()
 
     def _count(self, kind: str, change: Change) -> None:
         m = self.metrics

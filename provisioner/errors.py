@@ -21,6 +21,7 @@ __all__ = [
     "Problem",
     "ProvisionerError",
     "RenderCheckFailed",
+    "ServiceFailed",
     "StoreUnavailable",
     "TargetWriteFailed",
 ]
@@ -152,3 +153,11 @@ class TargetWriteFailed(ProvisionerError):
     """The target could not be read or written (permissions, disk full, ...)."""
 
     exit_code = 9
+
+
+class ServiceFailed(ProvisionerError):
+    """A task of the daemon (a wake-up source, the AMI side, the template watcher) ended
+    with an unexpected error: the daemon stopped, so that systemd's
+    ``Restart=on-failure`` brings up a whole one instead of one running without it."""
+
+    exit_code = 10

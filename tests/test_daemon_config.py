@@ -76,3 +76,37 @@ def test_a_bad_config_on_sighup_logs_every_problem_at_once(tmp_path: Path) -> No
         assert daemon.config is config
     finally:
         daemon.engine.dispose()
+
+
+def test_a_task_that_fails_stops_the_daemon_with_an_error(tmp_path: Path) -> None:
+    """A wake-up source that dies of an unexpected error is logged at once
+    (daemon.task_failed) and stops the daemon with ServiceFailed (exit code 10), instead
+    of leaving it running without that source."""
+    import pytest
+
+    from provisioner.daemon import WakeSource
+    from provisioner.errors import ServiceFailed
+    from provisioner.store.migrate import upgrade
+
+    async def broken(wake: asyncio.Event, stop: asyncio.Event) -> None:
+        await asyncio.sleep(0.05)
+        raise RuntimeError("watcher bug")
+
+    config = load_config(
+        None,
+        env={},
+        overrides={
+            "store": {"url": f"sqlite:///{tmp_path / 'store.db'}"},
+            "target": {"path": str(tmp_path / "pjsip_users.conf")},
+            "daemon": {"state_dir": str(tmp_path / "state")},
+        },
+    )
+    daemon = Daemon.from_config(config)
+    upgrade(daemon.engine)
+    daemon.wake_sources = [WakeSource(broken)]
+    with capture_logs() as logs, pytest.raises(ServiceFailed, match="watcher bug") as caught:
+        asyncio.run(asyncio.wait_for(daemon.serve(), 10))
+    assert caught.value.exit_code == 10
+    [failed] = [e for e in logs if e["event"] == "daemon.task_failed"]
+    assert failed["error"] == "RuntimeError: watcher bug"
+    assert any(e["event"] == "daemon.stopped" for e in logs)
