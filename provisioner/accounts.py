@@ -381,13 +381,19 @@ class Accounts:
     def _check_extension_free(
         conn: Connection, extension: str, user_id: int | None, line: int | None
     ) -> None:
-        owner = q.extension_owner(conn, extension)
-        if owner is not None:
-            row = q.fetch_user_row(conn, owner)
-            if row.id != user_id:
-                raise ConflictError(
-                    [Problem("extension", f"{extension} is already used by user {owner}", line)]
-                )
+        """ConflictError (field extension) when a user other than ``user_id`` holds
+        ``extension`` as the store's unique key sees it (MariaDB: ``'150 '`` for ``150``)."""
+        holder = q.extension_holder(conn, extension)
+        if holder is None or holder[0] == user_id:
+            return
+        _, owner, held = holder
+        rule = f"{extension} is already used by user {owner}"
+        if held != extension:
+            rule = (
+                f"{extension} is taken by user {owner}'s {held!r}, which the database "
+                "does not tell apart"
+            )
+        raise ConflictError([Problem("extension", rule, line)])
 
     @staticmethod
     def _store_has_users(conn: Connection) -> bool:

@@ -7,7 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, func, select, text, update
 
 from provisioner import credentials
 from provisioner.accounts import Accounts, Policy
@@ -18,11 +18,12 @@ from provisioner.errors import (
     ForbiddenError,
     InvalidInput,
     NotFoundError,
+    Problem,
 )
 from provisioner.store import queries as q
 from provisioner.store.engine import open_engine
 from provisioner.store.migrate import upgrade
-from provisioner.store.schema import user_attributes
+from provisioner.store.schema import user_attributes, users
 
 from .conftest import FakeClock
 from .helpers import GOOD_PASSWORD, OTHER_PASSWORD, cheap_argon2, user_row
@@ -586,3 +587,24 @@ def test_profile_name_the_database_cannot_tell_apart_is_a_conflict(
             assert q.profile_by_name(conn, "AGENTS") is None
     finally:
         engine.dispose()
+
+
+def test_extension_the_database_holds_equal_is_a_conflict(accounts: Accounts, backend: str) -> None:
+    """An extension the store's unique key holds equal to another user's (MariaDB: ``'150 '``
+    written by another writer) is refused as a conflict on field extension when a user is
+    added or edited, not as a database error; elsewhere it is free."""
+    accounts.add_user(_agent(extension="151"))
+    accounts.add_user(_agent("bob", extension="152"))
+    with accounts.transaction() as conn:
+        conn.execute(update(users).where(users.c.username == "alice").values(extension="150 "))
+    rule = "150 is taken by user alice's '150 ', which the database does not tell apart"
+    if backend != "mariadb":
+        assert accounts.edit_user("bob", {"extension": "150"}).extension == "150"
+        return
+    with pytest.raises(ConflictError) as edited:
+        accounts.edit_user("bob", {"extension": "150"})
+    assert edited.value.problems == (Problem("extension", rule),)
+    with pytest.raises(ConflictError) as added:
+        accounts.add_user(_agent("carol", extension="150"))
+    assert added.value.problems == (Problem("extension", rule),)
+    assert accounts.edit_user("alice", {"extension": "150"}).extension == "150"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import Engine, Table, text
+from sqlalchemy import Engine, Table, select, text
 
 from provisioner.errors import Problem
 from provisioner.pjsip import Skipped
@@ -107,3 +107,37 @@ def test_plan_names_the_lookalike(ci_engine: Engine, backend: str) -> None:
         "and is not provisioner's: user 1001 skipped"
     )
     assert (line in plan.diff.splitlines()) == _blocked(backend)
+
+
+def _replace(engine: Engine, table: Table, ours: str, theirs: str) -> None:
+    """Delete provisioner's row ``ours`` by hand and make a foreign row ``theirs``."""
+    with engine.begin() as conn:
+        conn.execute(table.delete().where(table.c.id == ours))
+        conn.execute(table.insert().values(id=theirs))
+
+
+def _ids(engine: Engine, table: Table) -> list[str]:
+    with engine.connect() as conn:
+        return sorted(conn.execute(select(table.c.id)).scalars())
+
+
+@pytest.mark.parametrize(("table", "theirs", "ours"), LOOKALIKES)
+@pytest.mark.parametrize("path", ["full", "verify", "partial"])
+def test_removing_a_user_keeps_a_lookalike_foreign_row(
+    ci_engine: Engine, table: Table, theirs: str, ours: str, path: str
+) -> None:
+    """Removing a user whose row was replaced by hand with a look-alike foreign row deletes
+    the user's other rows and its records, and leaves the foreign row as it is."""
+    target = RealtimeTarget(ci_engine)
+    target.apply(render(make_user("1001"), make_user("1002")))
+    _replace(ci_engine, table, ours, theirs)
+    if path == "partial":
+        change = target.apply_partial([], ["1001"])
+    else:
+        change = target.apply(render(make_user("1002")), verify=path == "verify")
+    assert change.removed == ("1001",)
+    assert theirs in _ids(ci_engine, table)
+    for other in {ps_endpoints, ps_auths, ps_aors} - {table}:
+        assert _ids(ci_engine, other) == ["1002-auth" if other is ps_auths else "1002"]
+    owned = {row[1] for row in snapshot(ci_engine)["provisioner_objects"]}
+    assert owned == {"1002", "1002-auth"}

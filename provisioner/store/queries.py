@@ -23,6 +23,7 @@ from .schema import profiles, user_attributes, users
 
 __all__ = [
     "ExtensionAllocator",
+    "extension_holder",
     "fetch_user_row",
     "insert_profile",
     "insert_user",
@@ -204,6 +205,15 @@ def extension_owner(conn: Connection, extension: str) -> str | None:
     query = select(users.c.username, users.c.extension).where(users.c.extension == extension)
     rows = _exact(conn.execute(query), "extension", {extension})
     return None if not rows else str(rows[0].username)
+
+
+def extension_holder(conn: Connection, extension: str) -> tuple[int, str, str] | None:
+    """``(id, username, extension)`` of a user whose extension the database holds equal to
+    ``extension`` (on MariaDB/MySQL also one with trailing spaces), which its unique key
+    would not let ``extension`` join; None when there is none."""
+    query = select(users.c.id, users.c.username, users.c.extension)
+    row = conn.execute(query.where(users.c.extension == extension)).first()
+    return None if row is None else (int(row.id), str(row.username), str(row.extension))
 
 
 class ExtensionAllocator:

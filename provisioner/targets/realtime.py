@@ -350,7 +350,17 @@ class _KindPlan:
     reowned: set[str] = field(default_factory=set)
     #: New rows; the old ones are read only when a diff is wanted.
     updates: list[Row] = field(default_factory=list)
+    #: Ids of provisioner's rows no longer wanted: their records are deleted, and their
+    #: rows but for those in ``unread``.
     deletes: list[str] = field(default_factory=list)
+    #: Ids of ``deletes`` whose row the read did not return under that very id (deleted
+    #: by hand): only their records go, as a DELETE by that id could hit a foreign row
+    #: the database holds equal to it (MariaDB/MySQL: another case, trailing spaces).
+    unread: set[str] = field(default_factory=set)
+
+    def row_deletes(self) -> list[str]:
+        """The ids of the rows to delete: ``deletes`` read as they are."""
+        return [oid for oid in self.deletes if oid not in self.unread]
 
 
 @dataclass(frozen=True)
@@ -873,6 +883,7 @@ def _compare(
     plan.deletes = _ordered(
         oid for oid in set(owned) - desired.keys() if _user_key(kind, oid) not in hold
     )
+    plan.unread = set(plan.deletes) - seen.ids
     return plan
 
 
@@ -928,8 +939,10 @@ def _write(conn: Connection, plan: _Plan) -> bool:
     wrote = False
     for kind, kp in plan.kinds.items():
         table = kp.shape.table
-        for chunk in _chunks(kp.deletes):
+        rows = kp.row_deletes()
+        for chunk in _chunks(rows):
             conn.execute(table.delete().where(table.c.id.in_(chunk)))
+        for chunk in _chunks(kp.deletes):
             conn.execute(po.delete().where(po.c.kind == kind, po.c.id.in_(chunk)))
         wrote |= bool(kp.deletes)
         if kind == "aor" and kp.deletes:
