@@ -33,7 +33,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, InitErrorDetails
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from .errors import ConfigError, Problem
 from .model import TRANSPORT_NAME, TRANSPORT_NAME_RULE, TRANSPORTS
@@ -134,10 +134,21 @@ def _valid_inputs(model: type[BaseModel], data: Any, names: Sequence[str]) -> di
 
 
 def _check_url(value: str) -> str:
+    """``value`` if it is a database URL of a dialect SQLAlchemy has; the rule it breaks
+    never quotes it (a part of its password could show)."""
     try:
-        make_url(value)
+        url = make_url(value)
     except ArgumentError as exc:
         raise ValueError(f"must be a SQLAlchemy database URL ({exc})") from None
+    except ValueError:  # int(port): a password's unescaped '@' or ':' moved the split
+        raise ValueError(
+            "must be a SQLAlchemy database URL (its port is not a number; "
+            "percent-encode any '@', ':' or '/' in the password)"
+        ) from None
+    try:
+        url.get_dialect()
+    except NoSuchModuleError:
+        raise ValueError(f"names no database SQLAlchemy knows ({url.drivername!r})") from None
     return value
 
 

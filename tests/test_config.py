@@ -347,3 +347,28 @@ def test_cli_lists_every_problem_of_file_env_and_flags_at_once(tmp_path: Path) -
         "  asterisk.0.secret: give exactly one of secret and secret_file",
         "  colour: is not a known setting",
     ]
+
+
+@pytest.mark.parametrize("section", ["store", "target"])
+def test_a_url_that_does_not_parse_never_shows_its_password(section: str) -> None:
+    """A database URL whose unescaped password splits it wrongly is refused without quoting
+    any part of the password."""
+    url = "postgresql+psycopg://app:Pa@ss:w0rd-zz@db/users"
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={section: {"url": url}})
+    assert [p.field for p in info.value.problems] == [f"{section}.url"]
+    assert "must be a SQLAlchemy database URL" in info.value.problems[0].rule
+    assert "w0rd" not in str(info.value)
+
+
+def test_a_url_of_an_unknown_database_is_a_config_problem(tmp_path: Path) -> None:
+    """A store URL naming no database SQLAlchemy knows is a config problem (exit 2), listed
+    with the others, not a traceback."""
+    cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path)
+    result = cli("--store-url", "foo://x", "--set", "target.url=postgresql+nodriver://h/d", "check")
+    assert result.code == 2
+    assert result.err.splitlines() == [
+        "error: invalid configuration",
+        "  store.url: names no database SQLAlchemy knows ('foo')",
+        "  target.url: names no database SQLAlchemy knows ('postgresql+nodriver')",
+    ]
