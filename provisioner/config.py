@@ -482,18 +482,21 @@ def _entry_name(entry: object) -> object:
 
 
 def _name_clashes(entries: object) -> list[_Issue]:
-    """Each ``[[asterisk]]`` entry whose name an earlier entry already took."""
+    """Each ``[[asterisk]]`` entry whose name an earlier entry already took, case ignored:
+    the name keys the store's rows (registrations, daemon_state), which MariaDB's default
+    collation compares ignoring case."""
     if not isinstance(entries, list | tuple):
         return []
-    first: dict[str, int] = {}
+    first: dict[str, tuple[int, str]] = {}
     issues: list[_Issue] = []
     for index, name in enumerate(map(_entry_name, entries)):
         if not isinstance(name, str):
             continue
-        if name in first:
-            rule = f"every [[asterisk]] needs its own name: asterisk.{first[name]} is {name!r} too"
-            issues.append((("asterisk", index, "name"), rule))
-        first.setdefault(name, index)
+        if (taken := first.get(name.casefold())) is not None:
+            where, spelt = taken
+            rule = "every [[asterisk]] needs its own name (case ignored)"
+            issues.append((("asterisk", index, "name"), f"{rule}: asterisk.{where} is {spelt!r}"))
+        first.setdefault(name.casefold(), (index, name))
     return issues
 
 
