@@ -571,14 +571,16 @@ def _problems(exc: ValidationError) -> list[Problem]:
 def parse_sets(sets: Sequence[str]) -> tuple[dict[str, Any], list[Problem]]:
     """``--set section.key=value`` flags as nested overrides, and the flags that cannot be read
     (not ``key=value``, or a ``[``/``{`` value that is not JSON); other values stay strings.
-    A later flag wins; ``a=1`` then ``a.b=2`` makes ``a`` a table."""
+    A later flag wins; ``a=1`` then ``a.b=2`` makes ``a`` a table.  A problem shows a flag's
+    key, never its value (it may hold a secret)."""
     tree: dict[str, Any] = {}
     problems = []
     for item in sets:
         key, sep, value = item.partition("=")
+        shown = repr(key + "=…" if sep else key)
         parts = [p for p in key.strip().split(".") if p]
         if not sep or not parts:
-            problems.append(Problem("--set", f"{item!r} must look like section.key=value"))
+            problems.append(Problem("--set", f"{shown} must look like section.key=value"))
             continue
         if not value.startswith(("[", "{")):
             _set_path(tree, parts, value)
@@ -586,7 +588,7 @@ def parse_sets(sets: Sequence[str]) -> tuple[dict[str, Any], list[Problem]]:
         try:
             _set_path(tree, parts, json.loads(value))
         except json.JSONDecodeError as exc:
-            problems.append(Problem("--set", f"{item!r}: the value is not valid JSON ({exc})"))
+            problems.append(Problem("--set", f"{shown}: the value is not valid JSON ({exc})"))
     return tree, problems
 
 

@@ -148,7 +148,7 @@ def test_set_flag_problems_come_with_every_other_problem(tmp_path: Path) -> None
     ]
     rules = [p.rule for p in info.value.problems]
     assert rules[0] == "'nokey' must look like section.key=value"
-    assert rules[1].startswith("'target.transports={broken': the value is not valid JSON")
+    assert rules[1].startswith("'target.transports=…': the value is not valid JSON")
 
 
 def test_set_flags_are_applied_over_overrides() -> None:
@@ -371,4 +371,20 @@ def test_a_url_of_an_unknown_database_is_a_config_problem(tmp_path: Path) -> Non
         "error: invalid configuration",
         "  store.url: names no database SQLAlchemy knows ('foo')",
         "  target.url: names no database SQLAlchemy knows ('postgresql+nodriver')",
+    ]
+
+
+def test_an_unreadable_set_flag_never_shows_its_value(tmp_path: Path) -> None:
+    """A --set flag that cannot be read is named by its key alone: its value may hold a
+    secret (an [[asterisk]] entry given whole as JSON)."""
+    cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path)
+    broken = 'asterisk=[{"name": "a", "host": "h", "username": "u", "secret": "hunter2"'
+    result = cli("--set", broken, "--set", "=hunter3", "check")
+    assert result.code == 2
+    assert "hunter" not in result.out + result.err
+    assert result.err.splitlines() == [
+        "error: invalid configuration",
+        "  --set: 'asterisk=…': the value is not valid JSON"
+        " (Expecting ',' delimiter: line 1 column 65 (char 64))",
+        "  --set: '=…' must look like section.key=value",
     ]
