@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from provisioner import config as config_module
 from provisioner.config import Config, StoreSettings, TargetSettings, load_config
@@ -388,3 +390,14 @@ def test_an_unreadable_set_flag_never_shows_its_value(tmp_path: Path) -> None:
         " (Expecting ',' delimiter: line 1 column 65 (char 64))",
         "  --set: '=…' must look like section.key=value",
     ]
+
+
+def test_the_example_config_loads_and_holds_every_key() -> None:
+    """systemd/provisioner.toml loads and names every key of every section."""
+    path = Path(__file__).resolve().parent.parent / "systemd" / "provisioner.toml"
+    load_config(path, env={})
+    tables = tomllib.loads(path.read_text(encoding="utf-8"))
+    for name, info in Config.model_fields.items():
+        section = info.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            assert set(tables[name]) == set(section.model_fields), name
