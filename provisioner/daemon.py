@@ -360,6 +360,9 @@ class Daemon:
             await asyncio.gather(*pending, return_exceptions=True)
         self._tasks.clear()
         self.engine.dispose()
+        # The last record: 'provisioner check' then fails at once, not once it is stale.
+        self.health.stopped_at = time.time()
+        self._write_health()
         log.info("daemon.stopped")
 
     # -- work -------------------------------------------------------------------------
