@@ -33,7 +33,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, InitErrorDetails
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from .errors import ConfigError, Problem
 from .model import TRANSPORT_NAME, TRANSPORT_NAME_RULE, TRANSPORTS
@@ -134,10 +134,21 @@ def _valid_inputs(model: type[BaseModel], data: Any, names: Sequence[str]) -> di
 
 
 def _check_url(value: str) -> str:
+    """``value`` if it is a database URL of a dialect SQLAlchemy has; the rule it breaks
+    never quotes it (a part of its password could show)."""
     try:
-        make_url(value)
+        url = make_url(value)
     except ArgumentError as exc:
         raise ValueError(f"must be a SQLAlchemy database URL ({exc})") from None
+    except ValueError:  # int(port): a password's unescaped '@' or ':' moved the split
+        raise ValueError(
+            "must be a SQLAlchemy database URL (its port is not a number; "
+            "percent-encode any '@', ':' or '/' in the password)"
+        ) from None
+    try:
+        url.get_dialect()
+    except NoSuchModuleError:
+        raise ValueError(f"names no database SQLAlchemy knows ({url.drivername!r})") from None
     return value
 
 
@@ -471,18 +482,21 @@ def _entry_name(entry: object) -> object:
 
 
 def _name_clashes(entries: object) -> list[_Issue]:
-    """Each ``[[asterisk]]`` entry whose name an earlier entry already took."""
+    """Each ``[[asterisk]]`` entry whose name an earlier entry already took, case ignored:
+    the name keys the store's rows (registrations, daemon_state), which MariaDB's default
+    collation compares ignoring case."""
     if not isinstance(entries, list | tuple):
         return []
-    first: dict[str, int] = {}
+    first: dict[str, tuple[int, str]] = {}
     issues: list[_Issue] = []
     for index, name in enumerate(map(_entry_name, entries)):
         if not isinstance(name, str):
             continue
-        if name in first:
-            rule = f"every [[asterisk]] needs its own name: asterisk.{first[name]} is {name!r} too"
-            issues.append((("asterisk", index, "name"), rule))
-        first.setdefault(name, index)
+        if (taken := first.get(name.casefold())) is not None:
+            where, spelt = taken
+            rule = "every [[asterisk]] needs its own name (case ignored)"
+            issues.append((("asterisk", index, "name"), f"{rule}: asterisk.{where} is {spelt!r}"))
+        first.setdefault(name.casefold(), (index, name))
     return issues
 
 
@@ -557,14 +571,16 @@ def _problems(exc: ValidationError) -> list[Problem]:
 def parse_sets(sets: Sequence[str]) -> tuple[dict[str, Any], list[Problem]]:
     """``--set section.key=value`` flags as nested overrides, and the flags that cannot be read
     (not ``key=value``, or a ``[``/``{`` value that is not JSON); other values stay strings.
-    A later flag wins; ``a=1`` then ``a.b=2`` makes ``a`` a table."""
+    A later flag wins; ``a=1`` then ``a.b=2`` makes ``a`` a table.  A problem shows a flag's
+    key, never its value (it may hold a secret)."""
     tree: dict[str, Any] = {}
     problems = []
     for item in sets:
         key, sep, value = item.partition("=")
+        shown = repr(key + "=…" if sep else key)
         parts = [p for p in key.strip().split(".") if p]
         if not sep or not parts:
-            problems.append(Problem("--set", f"{item!r} must look like section.key=value"))
+            problems.append(Problem("--set", f"{shown} must look like section.key=value"))
             continue
         if not value.startswith(("[", "{")):
             _set_path(tree, parts, value)
@@ -572,7 +588,7 @@ def parse_sets(sets: Sequence[str]) -> tuple[dict[str, Any], list[Problem]]:
         try:
             _set_path(tree, parts, json.loads(value))
         except json.JSONDecodeError as exc:
-            problems.append(Problem("--set", f"{item!r}: the value is not valid JSON ({exc})"))
+            problems.append(Problem("--set", f"{shown}: the value is not valid JSON ({exc})"))
     return tree, problems
 
 

@@ -360,6 +360,9 @@ class Daemon:
             await asyncio.gather(*pending, return_exceptions=True)
         self._tasks.clear()
         self.engine.dispose()
+        # The last record: 'provisioner check' then fails at once, not once it is stale.
+        self.health.stopped_at = time.time()
+        self._write_health()
         log.info("daemon.stopped")
 
     # -- work -------------------------------------------------------------------------
@@ -502,7 +505,7 @@ class Daemon:
         self.applier.settings = RenderSettings.from_config(config)
         self.applier.max_removal_fraction = config.daemon.max_removal_fraction
         self.templates_changed.set()
-        log.info("config.reloaded", source=config.source)
+        log.info("config.reloaded", file=config.source)  # ``source`` is the logger's name
 
     async def _watch_templates(self, dirs: list[Path]) -> None:
         """Set ``templates_changed`` on any change in ``dirs``, until the daemon stops or a

@@ -39,9 +39,14 @@ class Health:
     #: server name -> {"connected": bool, "last_error": str, "reconnects": int,
     #: "store_failures": int (registration writes refused in a row), ...}
     asterisk: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: When the daemon shut down (its last record); None while it runs.
+    stopped_at: float | None = None
 
     def problems(self, now: float, max_age: float) -> list[str]:
-        """Why this record is unhealthy (empty when healthy)."""
+        """Why this record is unhealthy (empty when healthy); a stopped daemon's record
+        says only that."""
+        if self.stopped_at is not None:
+            return [f"stopped: pid {self.pid} shut down {now - self.stopped_at:.0f} s ago"]
         out = []
         if not self.ready:
             out.append("not ready (the first reconcile has not finished)")

@@ -189,3 +189,15 @@ def test_a_table_of_caches_can_come_from_the_environment_or_a_flag(source: str) 
         "endpoint": ("ep_cache",),
         "aor": ("aor_cache",),
     }
+
+
+def test_server_names_differing_only_in_case_are_refused() -> None:
+    """Two [[asterisk]] names that differ only in case are refused: MariaDB's default
+    collation holds them equal in the store's keys (registrations, daemon_state)."""
+    entry = {"host": "h", "username": "u", "secret": "s"}
+    found = _problems({"asterisk": [{**entry, "name": "pbx1"}, {**entry, "name": "PBX1"}]})
+    assert found == {
+        "asterisk.1.name": [
+            "every [[asterisk]] needs its own name (case ignored): asterisk.0 is 'pbx1'"
+        ]
+    }

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from provisioner import config as config_module
 from provisioner.config import Config, StoreSettings, TargetSettings, load_config
@@ -148,7 +150,7 @@ def test_set_flag_problems_come_with_every_other_problem(tmp_path: Path) -> None
     ]
     rules = [p.rule for p in info.value.problems]
     assert rules[0] == "'nokey' must look like section.key=value"
-    assert rules[1].startswith("'target.transports={broken': the value is not valid JSON")
+    assert rules[1].startswith("'target.transports=…': the value is not valid JSON")
 
 
 def test_set_flags_are_applied_over_overrides() -> None:
@@ -347,3 +349,55 @@ def test_cli_lists_every_problem_of_file_env_and_flags_at_once(tmp_path: Path) -
         "  asterisk.0.secret: give exactly one of secret and secret_file",
         "  colour: is not a known setting",
     ]
+
+
+@pytest.mark.parametrize("section", ["store", "target"])
+def test_a_url_that_does_not_parse_never_shows_its_password(section: str) -> None:
+    """A database URL whose unescaped password splits it wrongly is refused without quoting
+    any part of the password."""
+    url = "postgresql+psycopg://app:Pa@ss:w0rd-zz@db/users"
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={section: {"url": url}})
+    assert [p.field for p in info.value.problems] == [f"{section}.url"]
+    assert "must be a SQLAlchemy database URL" in info.value.problems[0].rule
+    assert "w0rd" not in str(info.value)
+
+
+def test_a_url_of_an_unknown_database_is_a_config_problem(tmp_path: Path) -> None:
+    """A store URL naming no database SQLAlchemy knows is a config problem (exit 2), listed
+    with the others, not a traceback."""
+    cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path)
+    result = cli("--store-url", "foo://x", "--set", "target.url=postgresql+nodriver://h/d", "check")
+    assert result.code == 2
+    assert result.err.splitlines() == [
+        "error: invalid configuration",
+        "  store.url: names no database SQLAlchemy knows ('foo')",
+        "  target.url: names no database SQLAlchemy knows ('postgresql+nodriver')",
+    ]
+
+
+def test_an_unreadable_set_flag_never_shows_its_value(tmp_path: Path) -> None:
+    """A --set flag that cannot be read is named by its key alone: its value may hold a
+    secret (an [[asterisk]] entry given whole as JSON)."""
+    cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path)
+    broken = 'asterisk=[{"name": "a", "host": "h", "username": "u", "secret": "hunter2"'
+    result = cli("--set", broken, "--set", "=hunter3", "check")
+    assert result.code == 2
+    assert "hunter" not in result.out + result.err
+    assert result.err.splitlines() == [
+        "error: invalid configuration",
+        "  --set: 'asterisk=…': the value is not valid JSON"
+        " (Expecting ',' delimiter: line 1 column 65 (char 64))",
+        "  --set: '=…' must look like section.key=value",
+    ]
+
+
+def test_the_example_config_loads_and_holds_every_key() -> None:
+    """systemd/provisioner.toml loads and names every key of every section."""
+    path = Path(__file__).resolve().parent.parent / "systemd" / "provisioner.toml"
+    load_config(path, env={})
+    tables = tomllib.loads(path.read_text(encoding="utf-8"))
+    for name, info in Config.model_fields.items():
+        section = info.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            assert set(tables[name]) == set(section.model_fields), name

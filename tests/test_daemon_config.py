@@ -7,7 +7,7 @@ from pathlib import Path
 
 from structlog.testing import capture_logs
 
-from provisioner.config import load_config
+from provisioner.config import load_config, parse_sets
 from provisioner.daemon import Daemon, _needs_restart
 
 
@@ -110,3 +110,46 @@ def test_a_task_that_fails_stops_the_daemon_with_an_error(tmp_path: Path) -> Non
     [failed] = [e for e in logs if e["event"] == "daemon.task_failed"]
     assert failed["error"] == "RuntimeError: watcher bug"
     assert any(e["event"] == "daemon.stopped" for e in logs)
+
+
+def _config_file(tmp_path: Path, extra: str = "") -> Path:
+    """A config file with the store and target under ``tmp_path``, then ``extra``."""
+    path = tmp_path / "provisioner.toml"
+    path.write_text(
+        f"[store]\nurl = 'sqlite:///{tmp_path / 'store.db'}'\n"
+        f"[target]\npath = '{tmp_path / 'from-file.conf'}'\n{extra}",
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_a_sighup_reload_logs_the_file_without_hiding_the_logger(tmp_path: Path) -> None:
+    """config.reloaded names the file it read under ``file``; ``source`` stays the module
+    that logged it, as in every other event."""
+    path = _config_file(tmp_path)
+    daemon = Daemon.from_config(load_config(path, env={}), config_path=str(path))
+    try:
+        with capture_logs() as logs:
+            asyncio.run(daemon._reload_config())
+        (reloaded,) = [entry for entry in logs if entry["event"] == "config.reloaded"]
+        assert reloaded["source"] == "provisioner.daemon"
+        assert reloaded["file"] == str(path)
+    finally:
+        daemon.engine.dispose()
+
+
+def test_set_flags_still_apply_over_the_file_after_a_sighup(tmp_path: Path) -> None:
+    """The command line's --set flags, kept by the daemon, beat the re-read file on SIGHUP."""
+    path = _config_file(tmp_path)
+    flag = f"target.path={tmp_path / 'from-flag.conf'}"
+    overrides, problems = parse_sets([flag])
+    assert problems == []
+    config = load_config(path, env={}, sets=[flag])
+    daemon = Daemon.from_config(config, config_path=str(path), overrides=overrides)
+    try:
+        _config_file(tmp_path, "[log]\nlevel = 'debug'\n")
+        asyncio.run(daemon._reload_config())
+        assert daemon.config.log.level == "debug"
+        assert daemon.config.target.path == str(tmp_path / "from-flag.conf")
+    finally:
+        daemon.engine.dispose()

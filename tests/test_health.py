@@ -6,6 +6,8 @@ from pathlib import Path
 
 from provisioner.health import Health, read_health, write_health
 
+from .faultkit import Daemon, cli, seed_store, store_url, write_config
+
 
 def _healthy(**asterisk: dict[str, object]) -> Health:
     return Health(ready=True, last_sync_ok=True, asterisk=dict(asterisk))
@@ -34,4 +36,30 @@ def test_an_old_record_means_a_stuck_or_stopped_daemon() -> None:
     health = _healthy()
     assert health.problems(health.updated_at + 120, max_age=60.0) == [
         "record is 120 s old (daemon stuck or stopped?)"
+    ]
+
+
+def test_check_fails_at_once_for_a_daemon_that_stopped(tmp_path: Path) -> None:
+    """After the daemon stops on SIGTERM, 'provisioner check' fails its daemon line at once
+    instead of calling the last record healthy until it is 60 s old."""
+    seed_store(store_url(tmp_path), 2).dispose()
+    config = write_config(tmp_path)
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    try:
+        assert cli(config, "check").code == 0
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    result = cli(config, "check", check=False)
+    assert result.code == 1
+    (line,) = [line for line in result.out.splitlines() if "daemon:" in line]
+    assert line.startswith("FAIL  daemon: stopped")
+
+
+def test_a_stopped_record_names_only_that() -> None:
+    """A record marked stopped says so, whatever its age, and nothing else."""
+    health = _healthy()
+    health.stopped_at = health.updated_at = 1000.0
+    assert health.problems(5000.0, max_age=60.0) == [
+        f"stopped: pid {health.pid} shut down 4000 s ago"
     ]
