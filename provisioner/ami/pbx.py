@@ -57,6 +57,7 @@ from .changes import (
     Owed,
     apply_changes,
     final_notes,
+    notes_unsure,
     owed_expiries_key,
     owed_removals_prefix,
     reload_owed_key,
@@ -619,7 +620,11 @@ class AmiPbx:
             return
 
     async def _changes(self, link: Link, stop: asyncio.Event) -> None:
+        """Hand each batch of changes to :func:`apply_changes` until ``stop``, then note
+        what is left owed (:meth:`_note_at_stop`), whenever the stop comes: also while a
+        batch is being sent, whose reload or expiries would otherwise never be noted."""
         await self._resume(link, stop)
+        taken: list[Change] = []
         while not stop.is_set():
             getter = asyncio.ensure_future(link.changes.get())
             stopper = asyncio.ensure_future(stop.wait())
@@ -628,38 +633,36 @@ class AmiPbx:
             retry = _retry(link)
             await asyncio.wait({getter, stopper}, timeout=retry, return_when=FIRST_COMPLETED)
             stopper.cancel()
+            batch = [getter.result()] if getter.done() and not getter.cancelled() else []
+            getter.cancel()
             if stop.is_set():
-                # A change the getter took as the stop came is the stop's to note too.
-                taken = [getter.result()] if getter.done() and not getter.cancelled() else []
-                getter.cancel()
-                await self._note_at_stop(link, taken)
-                return
-            if not getter.done():
-                getter.cancel()
-                batch: list[Change] = []
-            else:
-                batch = [getter.result()]
+                taken = batch  # a change the getter took as the stop came
+                break
             while not link.changes.empty():
                 batch.append(link.changes.get_nowait())
             try:
                 await apply_changes(link, batch, realtime=self.target_kind != "config")
             except ProvisionerError as exc:
                 log.warning("ami.apply_failed", server=link.name, error=str(exc))
+        await self._note_at_stop(link, taken)
 
     async def _note_at_stop(self, link: Link, batch: list[Change]) -> None:
         """Note in the store what ``batch`` and the changes still queued at a stop owe
         the server (a reload, cache expiries, contact removals), with all else owed, once
-        the flusher has written its last note: the next run sends it (:meth:`_resume`),
-        where its reconcile alone would find the file or rows written and owe nothing."""
+        the flusher has ended: the next run sends it (:meth:`_resume`), where its
+        reconcile alone would find the file or rows written and owe nothing.  Written
+        when there is such a change, or when a note write failed or was never made (the
+        flusher stopped before its turn came)."""
         while not link.changes.empty():
             batch.append(link.changes.get_nowait())
         realtime = self.target_kind != "config"
         owes_reload = stop_owes(link, batch, realtime=realtime)
-        if not batch and not link.owed.notes_lost:
-            return
         await link.flusher_done.wait()
+        if not batch and not notes_unsure(link.owed):
+            return
+        write = final_notes(link, batch, reload=owes_reload)
         try:
-            await in_worker(transaction, self.engine, final_notes(link, reload=owes_reload))
+            await in_worker(transaction, self.engine, write)
         except DBAPIError as exc:
             log.warning("ami.owed_not_noted", server=link.name, error=str(exc.orig))
             return
@@ -667,7 +670,7 @@ class AmiPbx:
             "ami.owed_noted",
             server=link.name,
             changes=len(batch),
-            reload=owes_reload,
+            reload=link.reload_noted,
             expiries=len(link.owed.expiries),
             removals=len(link.owed.removals_to_note()),
         )
@@ -704,7 +707,8 @@ def _retry(link: Link) -> float | None:
     if not link.client.connected:
         return None
     waits = []
-    if link.owed:
+    # A note write the store refused is rewritten at the next round (note_owed).
+    if link.owed or link.owed.notes_lost:
         waits.append(OWED_RETRY)
     if link.unverified:
         waits.append(max(VERIFY_PAUSE, link.verify_after - time.monotonic()))
