@@ -1205,3 +1205,38 @@ def test_a_file_removal_is_never_noted_without_the_reload_it_waits_for(store: En
 
     sent = run(scenario())
     assert sent[:1] != ["DBDel"]
+
+
+def test_a_stop_before_the_last_runs_notes_were_read_adds_to_them(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the store could not be read for the last run's notes until the stop, the
+    changes handed over meanwhile are noted beside those notes, which stay."""
+    from sqlalchemy.exc import OperationalError
+
+    from provisioner.store.state import put_state
+
+    def unreadable(*_args: object) -> object:
+        raise OperationalError("SELECT", {}, Exception("store unreadable"))
+
+    monkeypatch.setattr(pbx_module, "_read_notes", unreadable)
+    with store.begin() as conn:
+        put_state(conn, changes_module.owed_removal_key("lab", "1000"), "1000")
+
+    async def scenario() -> dict[str, str]:
+        peer = FakeAsterisk()
+        await peer.start()
+        pbx = AmiPbx([_link(peer)], store, "config")
+        try:
+            async with running(pbx):
+                await eventually(lambda: pbx.links[0].client.connected)
+                pbx.applied(REMOVED, target_kind="config")
+                await asyncio.sleep(0.1)
+        finally:
+            await peer.stop()
+        return _all_notes(store)
+
+    notes = run(scenario())
+    assert notes.get(changes_module.owed_removal_key("lab", "1000")) == "1000"
+    assert notes.get(changes_module.owed_removal_key("lab", "1001")) == "1001"
+    assert notes.get(changes_module.reload_owed_key("lab")) == "1"
