@@ -1240,3 +1240,30 @@ def test_a_stop_before_the_last_runs_notes_were_read_adds_to_them(
     assert notes.get(changes_module.owed_removal_key("lab", "1000")) == "1000"
     assert notes.get(changes_module.owed_removal_key("lab", "1001")) == "1001"
     assert notes.get(changes_module.reload_owed_key("lab")) == "1"
+
+
+def test_a_removal_while_its_endpoint_is_looked_up_deletes_the_contact(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An endpoint removed while its contacts are being looked up (untracked, its phone
+    registered since the snapshot) has its contact deleted all the same: until the
+    lookup is in, the book is not taken for complete."""
+    monkeypatch.setattr(pbx_module, "CONFIRM_WINDOW", 0.1)
+
+    async def scenario() -> list[str]:
+        peer = FakeAsterisk()
+        peer.astdb.discard(CONTACT_KEY)  # not registered at the start's snapshot
+        peer.delays["pjsipshowendpoint"] = 0.5
+        await peer.start()
+        pbx = AmiPbx([_link(peer, caches=())], store, "realtime")  # no expiry goes first
+        async with _serving(peer, pbx) as link:
+            await eventually(link.book_complete)
+            peer.astdb.add(CONTACT_KEY)  # the phone registers, untracked: no status event
+            await peer.send_recorded("Event: SuccessfulAuth\r\n", "Service: PJSIP")
+            await eventually(lambda: bool(peer.actions("PJSIPShowEndpoint")))
+            pbx.applied(REMOVED, target_kind="realtime")
+            await eventually(lambda: not link.owed and not link.unconfirmed)
+            await asyncio.sleep(0.7)  # the lookup is in
+            return [a.get("Key") for a in peer.actions("DBDel")]
+
+    assert run(scenario()) == [CONTACT_KEY]

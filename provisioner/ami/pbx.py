@@ -205,6 +205,9 @@ class Link:
     unconfirmed: dict[str, float] = field(default_factory=dict)
     #: Set when an endpoint becomes unconfirmed.
     unconfirmed_added: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Endpoints taken off ``unconfirmed`` whose lookup has not put its contacts in the
+    #: book yet.
+    looking_up: set[str] = field(default_factory=set)
     #: Verification rounds failed in a row, and the monotonic time of the next round.
     verify_failures: int = 0
     verify_after: float = 0.0
@@ -216,13 +219,15 @@ class Link:
         """Whether the book holds every contact Asterisk has: a snapshot of this session
         filled it, and none is wanted or under way since.  Events keep it whole after
         that, but for an endpoint Asterisk does not track (added since its last reload):
-        after its ``SuccessfulAuth``, until its contacts are looked up, this is False."""
+        after its ``SuccessfulAuth``, until its contacts are looked up (the lookup
+        answered), this is False."""
         return (
             self.client.connected
             and self.snapshot_session == self.client.sessions
             and not self.snapshot_running
             and not self.snapshot_wanted.is_set()
             and not self.unconfirmed
+            and not self.looking_up
         )
 
     def forget_contact(self, endpoint: str, object_name: str) -> None:
@@ -503,6 +508,17 @@ class AmiPbx:
         if len(endpoints) > LOOKUP_LIMIT or not link.client.connected:
             link.snapshot_wanted.set()
             return
+        # Until each answer is in, the book misses these contacts: a removal meanwhile
+        # must list every contact (remove_contacts), not trust the book.
+        link.looking_up.update(endpoints)
+        try:
+            await self._look_up_each(link, endpoints)
+        finally:
+            link.looking_up.difference_update(endpoints)
+
+    async def _look_up_each(self, link: Link, endpoints: list[str]) -> None:
+        """Look up ``endpoints`` one by one (see :meth:`_look_up`); the first failure
+        wants a snapshot instead of the rest."""
         for endpoint in endpoints:
             try:
                 detail = await link.ops.show_endpoint(endpoint)
