@@ -1103,3 +1103,167 @@ def test_a_change_handed_over_as_the_daemon_stops_is_noted_owed(store: Engine) -
     assert reloads == 0
     assert notes.get(changes_module.reload_owed_key("lab")) == "1"
     assert notes.get(changes_module.owed_removal_key("lab", "100001")) == "100001"
+
+
+def _all_notes(store: Engine) -> dict[str, str]:
+    """Every ``daemon_state`` row, by key."""
+    with store.connect() as conn:
+        rows = conn.execute(select(daemon_state.c.key, daemon_state.c.value)).all()
+    return {key: value for key, value in rows}
+
+
+def test_a_change_being_sent_as_the_daemon_stops_has_its_reload_noted(store: Engine) -> None:
+    """A realtime change whose expiry is on its way when the AMI side stops still has
+    the reload it needs noted owed in the store, beside the expiries it could not send."""
+
+    async def scenario() -> tuple[dict[str, str], int]:
+        peer = FakeAsterisk()
+        peer.delays["sorcerymemorycacheexpireobject"] = 0.5
+        await peer.start()
+        pbx = AmiPbx([_link(peer)], store, "realtime")
+        link = pbx.links[0]
+        stop = asyncio.Event()
+        task = asyncio.create_task(pbx.run(stop))
+        try:
+            await eventually(lambda: link.client.connected and link.book_complete())
+            pbx.applied(ADDED, target_kind="realtime")
+            await eventually(lambda: bool(peer.actions("SorceryMemoryCacheExpireObject")))
+            await eventually(lambda: bool(_owed_notes(store)))  # noted before it was sent
+            stop.set()
+            await asyncio.wait_for(task, 10)
+        finally:
+            await peer.stop()
+        return _all_notes(store), len(peer.actions("Reload"))
+
+    notes, reloads = run(scenario())
+    assert reloads == 0
+    assert notes.get(changes_module.reload_owed_key("lab")) == "1"
+    assert changes_module.owed_expiries_key("lab") in notes
+
+
+def test_a_note_asked_for_just_before_the_stop_is_written_at_the_stop(store: Engine) -> None:
+    """A note of something owed, asked for while the flusher is busy with a slow write as
+    the AMI side stops, is in the store once it has stopped."""
+
+    async def scenario() -> dict[str, str]:
+        peer = FakeAsterisk()
+        await peer.start()
+        await peer.stop()  # down: what is owed stays owed
+        pbx = AmiPbx([_link(peer)], store, "realtime")
+        link = pbx.links[0]
+        stop = asyncio.Event()
+        task = asyncio.create_task(pbx.run(stop))
+        await asyncio.sleep(0.2)  # the change loop waits for a change
+        slow = link.in_flusher_turn(lambda _conn: time.sleep(0.3))  # a slow store write
+        await asyncio.sleep(0.05)  # the flusher is writing it
+        link.owed.owe_removals(["1001"])
+        changes_module.note_owed(link)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        assert slow.done()
+        return _owed_notes(store)
+
+    assert run(scenario()) == {"owed_removal:lab:1001": "1001"}
+
+
+def test_a_file_removal_is_never_noted_without_the_reload_it_waits_for(store: Engine) -> None:
+    """Config-file target: when the store refuses the reload's note, the removal waiting
+    for that reload is not noted either, so a crash then never has the next run delete
+    the contacts of an endpoint Asterisk still holds (no reload before it)."""
+    from sqlalchemy import text
+
+    refuse_reload_note = text(
+        "CREATE TRIGGER refuse_reload BEFORE INSERT ON daemon_state"
+        " WHEN NEW.key LIKE 'reload_owed:%' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    )
+
+    async def scenario() -> list[str]:
+        peer = FakeAsterisk()
+        await peer.start()
+        await peer.stop()  # down: nothing is sent in the first run
+        with store.begin() as conn:
+            conn.execute(refuse_reload_note)
+        first = AmiPbx([_link(peer)], store, "config")
+        link = first.links[0]
+        crash = asyncio.create_task(first.run(asyncio.Event()))
+        first.applied(REMOVED, target_kind="config")
+        await eventually(lambda: link.reload_noted and not link.jobs)  # asked and taken
+        await eventually(link.store_idle.is_set)  # written, or refused
+        crash.cancel()  # a crash: nothing more is written
+        await asyncio.gather(crash, return_exceptions=True)
+        with store.begin() as conn:
+            conn.execute(text("DROP TRIGGER refuse_reload"))
+        second = AmiPbx([_link(peer)], store, "config")
+        try:
+            async with running(second):
+                await peer.start()
+                await eventually(lambda: second.links[0].client.connected)
+                await asyncio.sleep(0.5)  # a resumed removal would be sent by now
+        finally:
+            await peer.stop()
+        return [a.name for a in peer.received if a.name in ("DBDel", "Reload")]
+
+    sent = run(scenario())
+    assert sent[:1] != ["DBDel"]
+
+
+def test_a_stop_before_the_last_runs_notes_were_read_adds_to_them(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the store could not be read for the last run's notes until the stop, the
+    changes handed over meanwhile are noted beside those notes, which stay."""
+    from sqlalchemy.exc import OperationalError
+
+    from provisioner.store.state import put_state
+
+    def unreadable(*_args: object) -> object:
+        raise OperationalError("SELECT", {}, Exception("store unreadable"))
+
+    monkeypatch.setattr(pbx_module, "_read_notes", unreadable)
+    with store.begin() as conn:
+        put_state(conn, changes_module.owed_removal_key("lab", "1000"), "1000")
+
+    async def scenario() -> dict[str, str]:
+        peer = FakeAsterisk()
+        await peer.start()
+        pbx = AmiPbx([_link(peer)], store, "config")
+        try:
+            async with running(pbx):
+                await eventually(lambda: pbx.links[0].client.connected)
+                pbx.applied(REMOVED, target_kind="config")
+                await asyncio.sleep(0.1)
+        finally:
+            await peer.stop()
+        return _all_notes(store)
+
+    notes = run(scenario())
+    assert notes.get(changes_module.owed_removal_key("lab", "1000")) == "1000"
+    assert notes.get(changes_module.owed_removal_key("lab", "1001")) == "1001"
+    assert notes.get(changes_module.reload_owed_key("lab")) == "1"
+
+
+def test_a_removal_while_its_endpoint_is_looked_up_deletes_the_contact(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An endpoint removed while its contacts are being looked up (untracked, its phone
+    registered since the snapshot) has its contact deleted all the same: until the
+    lookup is in, the book is not taken for complete."""
+    monkeypatch.setattr(pbx_module, "CONFIRM_WINDOW", 0.1)
+
+    async def scenario() -> list[str]:
+        peer = FakeAsterisk()
+        peer.astdb.discard(CONTACT_KEY)  # not registered at the start's snapshot
+        peer.delays["pjsipshowendpoint"] = 0.5
+        await peer.start()
+        pbx = AmiPbx([_link(peer, caches=())], store, "realtime")  # no expiry goes first
+        async with _serving(peer, pbx) as link:
+            await eventually(link.book_complete)
+            peer.astdb.add(CONTACT_KEY)  # the phone registers, untracked: no status event
+            await peer.send_recorded("Event: SuccessfulAuth\r\n", "Service: PJSIP")
+            await eventually(lambda: bool(peer.actions("PJSIPShowEndpoint")))
+            pbx.applied(REMOVED, target_kind="realtime")
+            await eventually(lambda: not link.owed and not link.unconfirmed)
+            await asyncio.sleep(0.7)  # the lookup is in
+            return [a.get("Key") for a in peer.actions("DBDel")]
+
+    assert run(scenario()) == [CONTACT_KEY]

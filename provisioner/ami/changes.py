@@ -70,6 +70,7 @@ __all__ = [
     "final_notes",
     "final_states",
     "note_owed",
+    "notes_unsure",
     "owed_expiries_key",
     "owed_removal_key",
     "owed_removals_prefix",
@@ -140,6 +141,13 @@ class Owed:
     noted_removals: set[str] = field(default_factory=set)
     #: A note write failed: the next :func:`note_owed` rewrites every note of the server.
     notes_lost: bool = False
+    #: Note writes asked of the flusher whose outcome was not seen yet: one the flusher
+    #: dropped as it stopped is lost although its callback has not run (see
+    #: :func:`notes_unsure`).
+    note_writes: set[asyncio.Future[bool]] = field(default_factory=set)
+    #: The last run's notes were read (:func:`resume_owed`): until then, they are not
+    #: this run's to replace.
+    resumed: bool = False
     _stamps: Iterator[int] = field(default_factory=count, repr=False)
 
     def __bool__(self) -> bool:
@@ -223,8 +231,11 @@ async def apply_changes(link: Link, batch: Sequence[Change], *, realtime: bool) 
         # the endpoint (README of ../shared/asterisk).  Its contacts go after the reload.
         link.owed.add(change, expire=realtime and bool(link.caches), remove=not reloads_file)
     awaiting = link.owed.await_reload(gone) if reloads_file else set[str]()
-    # Noted before anything is sent: a stop or a crash from here on loses none of it.
-    note_owed(link)
+    reloads = reloads_file or (realtime and any(c.added or c.removed for c in batch))
+    # Noted before anything is sent, the reload in the same write: a stop or a crash from
+    # here on loses none of it, and a config file's removal is never noted without the
+    # reload it waits for (resumed alone, it would be sent before that reload).
+    note_owed(link, reload=reloads)
     await pay(link)
     note_owed(link)
     if reloads_file:
@@ -235,7 +246,7 @@ async def apply_changes(link: Link, batch: Sequence[Change], *, realtime: bool) 
         reloaded = partial(_file_reloaded, link, changed, gone, awaiting)
         request_reload(link).add_done_callback(reloaded)
     else:
-        if realtime and any(c.added or c.removed for c in batch):
+        if reloads:
             # The rows are live already (expired above); the reload only has Asterisk
             # report the status of added endpoints, and the next edit must not wait for
             # it (95 s at 50k endpoints, realtime slower still).
@@ -298,10 +309,11 @@ def _digest(text: str, length: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-def note_owed(link: Link) -> None:
+def note_owed(link: Link, *, reload: bool = False) -> None:
     """Have the store note what ``link.owed`` holds now (in the flusher's turn, one
     transaction): the expiries note put, changed or dropped, one removal note put per
-    endpoint newly owed or awaiting a reload, dropped per endpoint paid or kept.
+    endpoint newly owed or awaiting a reload, dropped per endpoint paid or kept; and,
+    with ``reload``, the reload about to be asked for (see :func:`request_reload`).
 
     Only what changed since the last call is written, so a retry while the server is
     down writes nothing and a 100k-object profile edit one row (``EXPIRE_ALL_NOTE``).
@@ -310,10 +322,14 @@ def note_owed(link: Link) -> None:
     item it stands for is still owed."""
     owed = link.owed
     if owed.notes_lost:
+        link.reload_noted = link.reload_noted or reload
         _rewrite_notes(link)
         return
     put: dict[str, str] = {}
     drop: list[str] = []
+    if reload and not link.reload_noted:
+        link.reload_noted = True
+        put[reload_owed_key(link.name)] = "1"
     expiries = owed.expiries_note()
     if expiries != owed.noted_expiries:
         key = owed_expiries_key(link.name)
@@ -342,24 +358,50 @@ def stop_owes(link: Link, batch: Sequence[Change], *, realtime: bool) -> bool:
     return any(c.wrote for c in batch)
 
 
-def final_notes(link: Link, *, reload: bool) -> Callable[[Connection], None]:
+def final_notes(
+    link: Link, batch: Sequence[Change], *, reload: bool
+) -> Callable[[Connection], None]:
     """The last write of ``link``'s notes, at a stop, once the flusher has ended: every
-    owed note replaced by what is owed now, and the reload noted when ``reload``."""
+    owed note replaced by what is owed now, and the reload noted when ``reload`` or one
+    asked for earlier has not ended well (else its note dropped).
+
+    Before the last run's notes were read (:func:`resume_owed`) nothing is dropped but
+    the removal notes of endpoints ``batch`` leaves there: the last run's notes still
+    stand for what they owe."""
     owed = link.owed
-    owed.notes_lost = False
-    owed.noted_expiries = owed.expiries_note()
-    owed.noted_removals = owed.removals_to_note()
-    put = {owed_removal_key(link.name, ep): ep for ep in sorted(owed.noted_removals)}
-    if owed.noted_expiries is not None:
-        put[owed_expiries_key(link.name)] = owed.noted_expiries
-    if reload:
-        put[reload_owed_key(link.name)] = "1"
-    return partial(_replace_notes, server=link.name, put=put)
+    link.reload_noted = link.reload_noted or reload
+    if owed.resumed:
+        return _rewrite(link)
+    put, _drop = _notes(link)
+    there, _gone = final_states(batch)
+    drop = [owed_removal_key(link.name, ep) for ep in sorted(there - owed.noted_removals)]
+    return partial(write_states, put=put, drop=drop)
+
+
+def notes_unsure(owed: Owed) -> bool:
+    """Whether a note write failed, or was dropped unwritten (the flusher stopped), or
+    has not ended yet: what the store notes is not known."""
+    return owed.notes_lost or any(
+        not done.done() or done.cancelled() or not done.result() for done in owed.note_writes
+    )
 
 
 def _rewrite_notes(link: Link) -> None:
-    """Replace every owed note of ``link``'s server with what is owed now (after a
-    note write failed, what the store holds is not known)."""
+    """Replace every note of ``link``'s server with what is owed now (after a note write
+    failed, what the store holds is not known)."""
+    _write_notes(link, _rewrite(link))
+
+
+def _rewrite(link: Link) -> Callable[[Connection], None]:
+    """The write replacing every note of ``link``'s server (owed items and the reload)
+    with what is owed now."""
+    put, drop = _notes(link)
+    return partial(_replace_notes, server=link.name, put=put, drop=drop)
+
+
+def _notes(link: Link) -> tuple[dict[str, str], list[str]]:
+    """Every note of what is owed to ``link``'s server now (by key), taken for noted, and
+    the reload note's key when no reload is owed (to drop)."""
     owed = link.owed
     owed.notes_lost = False
     owed.noted_expiries = owed.expiries_note()
@@ -367,24 +409,33 @@ def _rewrite_notes(link: Link) -> None:
     put = {owed_removal_key(link.name, ep): ep for ep in sorted(owed.noted_removals)}
     if owed.noted_expiries is not None:
         put[owed_expiries_key(link.name)] = owed.noted_expiries
-    _write_notes(link, partial(_replace_notes, server=link.name, put=put))
+    key = reload_owed_key(link.name)
+    if link.reload_noted:
+        put[key] = "1"
+        return put, []
+    return put, [key]
 
 
-def _replace_notes(conn: Connection, server: str, put: dict[str, str]) -> None:
+def _replace_notes(conn: Connection, server: str, put: dict[str, str], drop: list[str]) -> None:
     drop_state(conn, owed_expiries_key(server))
     drop_states_under(conn, owed_removals_prefix(server))
-    write_states(conn, put)
+    write_states(conn, put, drop)
 
 
 def _write_notes(link: Link, write: Callable[[Connection], object]) -> None:
-    """Have the flusher run ``write``; when the store refuses it, the next
-    :func:`note_owed` rewrites every note of the server."""
+    """Have the flusher run ``write`` (a note write); when the store refuses it, or the
+    flusher stops first, the next :func:`note_owed` (or the stop's :func:`final_notes`)
+    rewrites every note of the server."""
+    owed = link.owed
+    done = link.in_flusher_turn(write)
+    owed.note_writes.add(done)
 
     def written(done: asyncio.Future[bool]) -> None:
-        if not done.result():
-            link.owed.notes_lost = True
+        owed.note_writes.discard(done)
+        if done.cancelled() or not done.result():
+            owed.notes_lost = True
 
-    link.in_flusher_turn(write).add_done_callback(written)
+    done.add_done_callback(written)
 
 
 def resume_owed(
@@ -399,6 +450,7 @@ def resume_owed(
     has ended, else at once.  Logs ``ami.owed_resumed`` when there is any."""
     owed = link.owed
     endpoints = sorted(removals)
+    owed.resumed = True
     owed.noted_expiries = expiries
     owed.noted_removals = set(endpoints)
     if expiries is not None:
@@ -450,7 +502,7 @@ def request_reload(link: Link) -> asyncio.Future[ReloadOutcome]:
     future = link.reloads.request()
     if not link.reload_noted:
         link.reload_noted = True
-        link.in_flusher_turn(partial(put_state, key=reload_owed_key(link.name), value="1"))
+        _write_notes(link, partial(put_state, key=reload_owed_key(link.name), value="1"))
     future.add_done_callback(partial(_reload_settled, link))
     return future
 
@@ -461,7 +513,7 @@ def _reload_settled(link: Link, future: asyncio.Future[ReloadOutcome]) -> None:
         return
     if link.reload_noted and not link.reloads.pending:
         link.reload_noted = False
-        link.in_flusher_turn(partial(drop_state, key=reload_owed_key(link.name)))
+        _write_notes(link, partial(drop_state, key=reload_owed_key(link.name)))
 
 
 def _owe_verification(link: Link, changed: set[str], gone: set[str]) -> None:

@@ -57,6 +57,7 @@ from .changes import (
     Owed,
     apply_changes,
     final_notes,
+    notes_unsure,
     owed_expiries_key,
     owed_removals_prefix,
     reload_owed_key,
@@ -204,6 +205,9 @@ class Link:
     unconfirmed: dict[str, float] = field(default_factory=dict)
     #: Set when an endpoint becomes unconfirmed.
     unconfirmed_added: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Endpoints taken off ``unconfirmed`` whose lookup has not put its contacts in the
+    #: book yet.
+    looking_up: set[str] = field(default_factory=set)
     #: Verification rounds failed in a row, and the monotonic time of the next round.
     verify_failures: int = 0
     verify_after: float = 0.0
@@ -215,13 +219,15 @@ class Link:
         """Whether the book holds every contact Asterisk has: a snapshot of this session
         filled it, and none is wanted or under way since.  Events keep it whole after
         that, but for an endpoint Asterisk does not track (added since its last reload):
-        after its ``SuccessfulAuth``, until its contacts are looked up, this is False."""
+        after its ``SuccessfulAuth``, until its contacts are looked up (the lookup
+        answered), this is False."""
         return (
             self.client.connected
             and self.snapshot_session == self.client.sessions
             and not self.snapshot_running
             and not self.snapshot_wanted.is_set()
             and not self.unconfirmed
+            and not self.looking_up
         )
 
     def forget_contact(self, endpoint: str, object_name: str) -> None:
@@ -502,6 +508,17 @@ class AmiPbx:
         if len(endpoints) > LOOKUP_LIMIT or not link.client.connected:
             link.snapshot_wanted.set()
             return
+        # Until each answer is in, the book misses these contacts: a removal meanwhile
+        # must list every contact (remove_contacts), not trust the book.
+        link.looking_up.update(endpoints)
+        try:
+            await self._look_up_each(link, endpoints)
+        finally:
+            link.looking_up.difference_update(endpoints)
+
+    async def _look_up_each(self, link: Link, endpoints: list[str]) -> None:
+        """Look up ``endpoints`` one by one (see :meth:`_look_up`); the first failure
+        wants a snapshot instead of the rest."""
         for endpoint in endpoints:
             try:
                 detail = await link.ops.show_endpoint(endpoint)
@@ -619,7 +636,11 @@ class AmiPbx:
             return
 
     async def _changes(self, link: Link, stop: asyncio.Event) -> None:
+        """Hand each batch of changes to :func:`apply_changes` until ``stop``, then note
+        what is left owed (:meth:`_note_at_stop`), whenever the stop comes: also while a
+        batch is being sent, whose reload or expiries would otherwise never be noted."""
         await self._resume(link, stop)
+        taken: list[Change] = []
         while not stop.is_set():
             getter = asyncio.ensure_future(link.changes.get())
             stopper = asyncio.ensure_future(stop.wait())
@@ -628,38 +649,36 @@ class AmiPbx:
             retry = _retry(link)
             await asyncio.wait({getter, stopper}, timeout=retry, return_when=FIRST_COMPLETED)
             stopper.cancel()
+            batch = [getter.result()] if getter.done() and not getter.cancelled() else []
+            getter.cancel()
             if stop.is_set():
-                # A change the getter took as the stop came is the stop's to note too.
-                taken = [getter.result()] if getter.done() and not getter.cancelled() else []
-                getter.cancel()
-                await self._note_at_stop(link, taken)
-                return
-            if not getter.done():
-                getter.cancel()
-                batch: list[Change] = []
-            else:
-                batch = [getter.result()]
+                taken = batch  # a change the getter took as the stop came
+                break
             while not link.changes.empty():
                 batch.append(link.changes.get_nowait())
             try:
                 await apply_changes(link, batch, realtime=self.target_kind != "config")
             except ProvisionerError as exc:
                 log.warning("ami.apply_failed", server=link.name, error=str(exc))
+        await self._note_at_stop(link, taken)
 
     async def _note_at_stop(self, link: Link, batch: list[Change]) -> None:
         """Note in the store what ``batch`` and the changes still queued at a stop owe
         the server (a reload, cache expiries, contact removals), with all else owed, once
-        the flusher has written its last note: the next run sends it (:meth:`_resume`),
-        where its reconcile alone would find the file or rows written and owe nothing."""
+        the flusher has ended: the next run sends it (:meth:`_resume`), where its
+        reconcile alone would find the file or rows written and owe nothing.  Written
+        when there is such a change, or when a note write failed or was never made (the
+        flusher stopped before its turn came)."""
         while not link.changes.empty():
             batch.append(link.changes.get_nowait())
         realtime = self.target_kind != "config"
         owes_reload = stop_owes(link, batch, realtime=realtime)
-        if not batch and not link.owed.notes_lost:
-            return
         await link.flusher_done.wait()
+        if not batch and not notes_unsure(link.owed):
+            return
+        write = final_notes(link, batch, reload=owes_reload)
         try:
-            await in_worker(transaction, self.engine, final_notes(link, reload=owes_reload))
+            await in_worker(transaction, self.engine, write)
         except DBAPIError as exc:
             log.warning("ami.owed_not_noted", server=link.name, error=str(exc.orig))
             return
@@ -667,7 +686,7 @@ class AmiPbx:
             "ami.owed_noted",
             server=link.name,
             changes=len(batch),
-            reload=owes_reload,
+            reload=link.reload_noted,
             expiries=len(link.owed.expiries),
             removals=len(link.owed.removals_to_note()),
         )
@@ -704,7 +723,8 @@ def _retry(link: Link) -> float | None:
     if not link.client.connected:
         return None
     waits = []
-    if link.owed:
+    # A note write the store refused is rewritten at the next round (note_owed).
+    if link.owed or link.owed.notes_lost:
         waits.append(OWED_RETRY)
     if link.unverified:
         waits.append(max(VERIFY_PAUSE, link.verify_after - time.monotonic()))
