@@ -960,6 +960,32 @@ def test_a_file_endpoint_removed_then_added_again_keeps_its_contacts(store: Engi
     assert run(_file_actions(store, REMOVED, again)) == ["Reload"]
 
 
+def test_a_failed_reload_is_asked_for_again_and_removals_wait_for_it(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Config-file target: a reload still busy past its retries is asked for again after
+    a pause (ami.reload_retry), and the removed endpoint's contacts go only once a reload
+    has ended well."""
+    monkeypatch.setattr(changes_module, "RELOAD_RETRY_BASE", 0.2)
+
+    async def scenario() -> tuple[list[str], list[dict[str, Any]]]:
+        peer = FakeAsterisk()
+        peer.reload_busy = 4  # the first reload and its 3 retries (fast_settings)
+        await peer.start()
+        pbx = AmiPbx([_link(peer)], store, "config")
+        with capture_logs() as logs:
+            async with _serving(peer, pbx) as link:
+                await eventually(link.book_complete)
+                pbx.applied(REMOVED, target_kind="config")
+                await eventually(lambda: bool(peer.actions("DBDel")))
+                return [a.name for a in peer.received if a.name in ("DBDel", "Reload")], logs
+
+    actions, logs = run(scenario())
+    assert actions == ["Reload"] * 5 + ["DBDel"]
+    [retry] = [e for e in logs if e["event"] == "ami.reload_retry"]
+    assert (retry["result"], retry["failures"]) == ("busy", 1)
+
+
 def test_a_file_endpoint_edited_then_removed_in_one_batch_loses_its_contacts(
     store: Engine,
 ) -> None:

@@ -63,6 +63,8 @@ __all__ = [
     "LISTING_OVER",
     "NOT_LIVE_LOG_LIMIT",
     "OWED_RETRY",
+    "RELOAD_RETRY_BASE",
+    "RELOAD_RETRY_MAX",
     "VERIFY_LIMIT",
     "VERIFY_PAUSE",
     "Owed",
@@ -79,6 +81,7 @@ __all__ = [
     "remove_contacts",
     "request_reload",
     "resume_owed",
+    "retry_reload_later",
     "stop_owes",
     "verify",
     "verify_backoff",
@@ -89,6 +92,10 @@ log = get_logger(__name__)
 
 #: Seconds between tries to send what is owed to a connected server (:class:`Owed`).
 OWED_RETRY = 5.0
+#: Seconds before a reload that failed (busy past its retries, timed out, refused) is
+#: asked for again, doubling with each failure in a row up to ``RELOAD_RETRY_MAX``.
+RELOAD_RETRY_BASE = 5.0
+RELOAD_RETRY_MAX = 300.0
 #: Endpoints looked up one by one (PJSIPShowEndpoint) in one round of the change loop,
 #: at most; the rest wait for the next round, between edits.
 VERIFY_LIMIT = 200
@@ -508,12 +515,47 @@ def request_reload(link: Link) -> asyncio.Future[ReloadOutcome]:
 
 
 def _reload_settled(link: Link, future: asyncio.Future[ReloadOutcome]) -> None:
-    """Forget the noted reload once one ended well and no other waits."""
-    if future.cancelled() or not future.result().ok:
+    """Forget the noted reload once one ended well and no other waits; ask again later
+    for one that failed (:func:`retry_reload_later`)."""
+    if future.cancelled():
         return
+    outcome = future.result()
+    if not outcome.ok:
+        if outcome.result != "stopped":
+            retry_reload_later(link, outcome)
+        return
+    link.reload_failures = 0
     if link.reload_noted and not link.reloads.pending:
         link.reload_noted = False
         _write_notes(link, partial(drop_state, key=reload_owed_key(link.name)))
+
+
+def retry_reload_later(link: Link, outcome: ReloadOutcome) -> None:
+    """Ask again for a reload that failed, after a pause doubling with each failure in
+    a row: the file or rows are written, and without a reload Asterisk would not load
+    them until some later edit asked for one.  One retry serves every request the
+    failed reload merged; what waited for its end (``link.after_retry``) waits for the
+    retry's.  A stop cancels it (the reload stays noted: the next run asks for it)."""
+    if link.reload_retry is not None:
+        return
+    link.reload_failures += 1
+    delay = min(RELOAD_RETRY_MAX, RELOAD_RETRY_BASE * 2 ** (link.reload_failures - 1))
+    log.warning(
+        "ami.reload_retry",
+        server=link.name,
+        result=outcome.result,
+        failures=link.reload_failures,
+        retry_in_s=delay,
+    )
+    link.reload_retry = asyncio.get_running_loop().call_later(delay, _retry_reload, link)
+
+
+def _retry_reload(link: Link) -> None:
+    link.reload_retry = None
+    future = request_reload(link)
+    waiting, link.after_retry = link.after_retry, []
+    for callback in waiting:
+        future.add_done_callback(callback)
 
 
 def _owe_verification(link: Link, changed: set[str], gone: set[str]) -> None:
@@ -541,6 +583,11 @@ def _file_reloaded(
     outcome = future.result()
     _count_reload(link, outcome)
     if outcome.result == "stopped":
+        return
+    if not outcome.ok:
+        # Asterisk may not have loaded the file (or, timed out, may still be loading
+        # it): the removals and checks wait for the retried reload.
+        link.after_retry.append(partial(_file_reloaded, link, changed, gone, awaiting))
         return
     link.owed.reloaded(awaiting)
     link.owed.keep(changed)

@@ -75,7 +75,7 @@ from .registration import (
     endpoint_of,
     summarize,
 )
-from .reload import PjsipOps, ReloadCoordinator
+from .reload import PjsipOps, ReloadCoordinator, ReloadOutcome
 
 __all__ = ["AmiPbx", "Link", "snapshot_gap", "split_batch", "take_due"]
 
@@ -200,6 +200,12 @@ class Link:
     unverified: dict[str, None] = field(default_factory=dict)
     #: A reload is noted owed in the store (see :func:`~.changes.request_reload`).
     reload_noted: bool = False
+    #: Reloads failed in a row (busy past its retries, timed out, refused), the pending
+    #: retry of the last one, and what waits for that retry's end (see
+    #: :func:`~.changes.retry_reload_later`).
+    reload_failures: int = 0
+    reload_retry: asyncio.TimerHandle | None = None
+    after_retry: list[Callable[[asyncio.Future[ReloadOutcome]], None]] = field(default_factory=list)
     #: Endpoints whose ``SuccessfulAuth`` no status event followed yet -> the monotonic
     #: time after which it is taken for untracked (:data:`CONFIRM_WINDOW`), in that order.
     unconfirmed: dict[str, float] = field(default_factory=dict)
@@ -671,6 +677,10 @@ class AmiPbx:
         flusher stopped before its turn came)."""
         while not link.changes.empty():
             batch.append(link.changes.get_nowait())
+        if link.reload_retry is not None:
+            # The reload stays noted owed: the next run asks for it.
+            link.reload_retry.cancel()
+            link.reload_retry = None
         realtime = self.target_kind != "config"
         owes_reload = stop_owes(link, batch, realtime=realtime)
         await link.flusher_done.wait()
