@@ -540,7 +540,7 @@ class Daemon:
         if task.cancelled() or (exc := task.exception()) is None:
             return
         # A database error's text quotes the statement's parameters (digests): no trace.
-        trace = None if isinstance(exc, DBAPIError) else exc
+        trace = None if _holds_db_error(exc) else exc
         log.error("daemon.task_failed", error=_describe(exc), exc_info=trace)
         if self._failure is None:
             self._failure = exc
@@ -609,6 +609,24 @@ def _settle_heap() -> None:
 
 #: Failures of the first reconcile worth retrying: the store or the disk may come back.
 _RETRYABLE = (DBAPIError, StoreUnavailable, OSError)
+
+
+def _holds_db_error(exc: BaseException) -> bool:
+    """Whether ``exc``, its causes and contexts, or an exception group's members hold a
+    database error (whose text quotes the statement's parameters)."""
+    seen: set[int] = set()
+    pending = [exc]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, DBAPIError):
+            return True
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return False
 
 
 def _describe(exc: BaseException) -> str:

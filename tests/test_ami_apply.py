@@ -968,7 +968,7 @@ def test_a_failed_reload_is_asked_for_again_and_removals_wait_for_it(
     has ended well."""
     monkeypatch.setattr(changes_module, "RELOAD_RETRY_BASE", 0.2)
 
-    async def scenario() -> tuple[list[str], list[dict[str, Any]]]:
+    async def scenario() -> tuple[list[str], list[MutableMapping[str, Any]]]:
         peer = FakeAsterisk()
         peer.reload_busy = 4  # the first reload and its 3 retries (fast_settings)
         await peer.start()

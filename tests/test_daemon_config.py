@@ -153,3 +153,23 @@ def test_set_flags_still_apply_over_the_file_after_a_sighup(tmp_path: Path) -> N
         assert daemon.config.target.path == str(tmp_path / "from-flag.conf")
     finally:
         daemon.engine.dispose()
+
+
+def test_a_database_error_anywhere_in_a_failure_keeps_its_traceback_out() -> None:
+    """A failure holding a database error (as its cause or inside an exception group)
+    is logged without its traceback, whose text would quote SQL parameters."""
+    from sqlalchemy.exc import OperationalError
+
+    from provisioner.daemon import _holds_db_error
+
+    db = OperationalError("UPDATE users SET sip_md5=%s", {"sip_md5": "d1g3st"}, Exception("x"))
+    try:
+        try:
+            raise db
+        except OperationalError as inner:
+            raise RuntimeError("wrapped") from inner
+    except RuntimeError as outer:
+        wrapped = outer
+    assert _holds_db_error(wrapped)
+    assert _holds_db_error(ExceptionGroup("tasks", [ValueError("v"), db]))
+    assert not _holds_db_error(RuntimeError("plain"))
