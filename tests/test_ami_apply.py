@@ -1154,7 +1154,8 @@ def test_a_change_being_sent_as_the_daemon_stops_has_its_reload_noted(store: Eng
             await eventually(lambda: link.client.connected and link.book_complete())
             pbx.applied(ADDED, target_kind="realtime")
             await eventually(lambda: bool(peer.actions("SorceryMemoryCacheExpireObject")))
-            await eventually(lambda: bool(_owed_notes(store)))  # noted before it was sent
+            reload_key = changes_module.reload_owed_key("lab")
+            await eventually(lambda: reload_key in _all_notes(store))  # noted before sending
             stop.set()
             await asyncio.wait_for(task, 10)
         finally:
