@@ -23,6 +23,7 @@ from . import csvio
 from .accounts import Accounts, Policy
 from .config import Config, display_url, load_config, parse_sets
 from .errors import (
+    ConfigError,
     ForbiddenError,
     InvalidInput,
     NotFoundError,
@@ -653,7 +654,15 @@ def check(app: App) -> None:
     """Check the config, the store, the target and each AMI login; exit 1 if any fails."""
     from .checks import run_checks
 
-    results = run_checks(app.config)
+    try:
+        config = app.config
+    except ConfigError as exc:
+        # Still one line per check and exit 1, as for any failed check: the config
+        # check failed (once per problem), and nothing else can be checked without it.
+        for problem in exc.problems:
+            click.echo(f"FAIL  config: {problem}")
+        raise click.exceptions.Exit(1) from None
+    results = run_checks(config)
     for name, ok, detail in results:
         click.echo(f"{'ok  ' if ok else 'FAIL'}  {name}: {detail}")
     if not all(ok for _, ok, _ in results):

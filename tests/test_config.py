@@ -330,25 +330,40 @@ username = "prov"
 """
 
 
+_CLI_BAD_CONFIG_PROBLEMS = [
+    "--set: 'nokey' must look like section.key=value",
+    "extensions.step: is not a known setting",
+    "extensions.last: must be at least extensions.first (200)",
+    "sip.realm: String should match pattern '^[A-Za-z0-9._-]{1,64}$'",
+    "log.level: Input should be 'debug', 'info', 'warning' or 'error'",
+    "asterisk.0.name: String should match pattern '^[A-Za-z0-9_.-]{1,64}$'",
+    "asterisk.0.secret: give exactly one of secret and secret_file",
+    "colour: is not a known setting",
+]
+
+
 def test_cli_lists_every_problem_of_file_env_and_flags_at_once(tmp_path: Path) -> None:
-    """``provisioner check`` prints every config problem (flags, file, env, each [[asterisk]]
-    field and its secret) in one error and exits 2."""
+    """A command prints every config problem (flags, file, env, each [[asterisk]] field
+    and its secret) in one error and exits 2."""
     cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path, CLI_BAD_CONFIG)
     cli.env["PROVISIONER_SIP__REALM"] = "bad realm!"
-    result = cli("--set", "nokey", "--set", "log.level=loud", "check")
+    result = cli("--set", "nokey", "--set", "log.level=loud", "user", "list")
     assert result.code == 2
     assert result.out == ""
     assert result.err.splitlines() == [
         "error: invalid configuration",
-        "  --set: 'nokey' must look like section.key=value",
-        "  extensions.step: is not a known setting",
-        "  extensions.last: must be at least extensions.first (200)",
-        "  sip.realm: String should match pattern '^[A-Za-z0-9._-]{1,64}$'",
-        "  log.level: Input should be 'debug', 'info', 'warning' or 'error'",
-        "  asterisk.0.name: String should match pattern '^[A-Za-z0-9_.-]{1,64}$'",
-        "  asterisk.0.secret: give exactly one of secret and secret_file",
-        "  colour: is not a known setting",
+        *(f"  {problem}" for problem in _CLI_BAD_CONFIG_PROBLEMS),
     ]
+
+
+def test_check_fails_its_config_line_per_problem_and_exits_1(tmp_path: Path) -> None:
+    """``provisioner check`` with a configuration that does not load prints one failed
+    config line per problem and exits 1, as for any failed check."""
+    cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path, CLI_BAD_CONFIG)
+    cli.env["PROVISIONER_SIP__REALM"] = "bad realm!"
+    result = cli("--set", "nokey", "--set", "log.level=loud", "check")
+    assert result.code == 1
+    assert result.out.splitlines() == [f"FAIL  config: {p}" for p in _CLI_BAD_CONFIG_PROBLEMS]
 
 
 @pytest.mark.parametrize("section", ["store", "target"])
@@ -367,7 +382,9 @@ def test_a_url_of_an_unknown_database_is_a_config_problem(tmp_path: Path) -> Non
     """A store URL naming no database SQLAlchemy knows is a config problem (exit 2), listed
     with the others, not a traceback."""
     cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path)
-    result = cli("--store-url", "foo://x", "--set", "target.url=postgresql+nodriver://h/d", "check")
+    result = cli(
+        "--store-url", "foo://x", "--set", "target.url=postgresql+nodriver://h/d", "user", "list"
+    )
     assert result.code == 2
     assert result.err.splitlines() == [
         "error: invalid configuration",
@@ -381,7 +398,7 @@ def test_an_unreadable_set_flag_never_shows_its_value(tmp_path: Path) -> None:
     secret (an [[asterisk]] entry given whole as JSON)."""
     cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path)
     broken = 'asterisk=[{"name": "a", "host": "h", "username": "u", "secret": "hunter2"'
-    result = cli("--set", broken, "--set", "=hunter3", "check")
+    result = cli("--set", broken, "--set", "=hunter3", "user", "list")
     assert result.code == 2
     assert "hunter" not in result.out + result.err
     assert result.err.splitlines() == [
