@@ -27,6 +27,7 @@ once (their phones must be given it).
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,8 +183,8 @@ def read_file(path: str | Path) -> Parsed:
             [
                 Problem(
                     "FILE",
-                    f"#{d.name} {d.argument or ''} is not followed; merge that content into "
-                    "this file (or import it separately) first",
+                    f"#{_shown(d.name)} {_shown(d.argument or '')} is not followed; merge that "
+                    "content into this file (or import it separately) first",
                     d.line,
                 )
                 for d in directives
@@ -733,4 +734,19 @@ def report_lines(plan: ImportPlan, result: ImportResult) -> list[str]:
     for name, secret in result.generated_secrets.items():
         lines.append(f"SIP secret for {name} (shown once): {secret}")
     lines.append(f"{verb} {len(result.added)} users; {len(plan.unmapped)} sections not mapped")
-    return lines
+    return [_shown(line) for line in lines]
+
+
+def _shown(text: str) -> str:
+    """``text`` safe to print on any terminal and in strict UTF-8: a byte of the file that
+    was not UTF-8 becomes ``\\xNN`` and a control character its ``repr`` escape; the rest
+    is kept."""
+    return "".join(_shown_char(ch) for ch in text) if not text.isprintable() else text
+
+
+def _shown_char(ch: str) -> str:
+    if "\udc80" <= ch <= "\udcff":  # a byte that was not UTF-8 (surrogateescape)
+        return f"\\x{ord(ch) - 0xDC00:02x}"
+    if unicodedata.category(ch).startswith("C"):
+        return repr(ch)[1:-1]
+    return ch

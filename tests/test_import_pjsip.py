@@ -458,3 +458,42 @@ def test_cli_import_pjsip(tmp_path: Path) -> None:
         assert "alice" in cli.ok("user", "list")
         transcript = "".join(cli.transcript)
         assert not any(p in transcript for p in [*PASSWORDS.values(), GRACE.md5, FRANK_MD5])
+
+
+def test_report_escapes_bytes_that_are_not_utf8_or_printable(tmp_path: Path) -> None:
+    """Section names with non-UTF-8 bytes or control characters are printed escaped, so the
+    report (and any secret it shows once) is printed whole after the import."""
+    conf = tmp_path / "pjsip.conf"
+    conf.write_bytes(
+        b"[10\xff02]\ntype=endpoint\n\n[\x1b[2Jx]\ntype=endpoint\n\n"
+        b"[1006]\ntype=endpoint\nauth=1006-auth\naors=1006\nallow=ulaw\n"
+        b"[1006-auth]\ntype=auth\nauth_type=md5\nusername=frank\nmd5_cred="
+        + FRANK_MD5.encode()
+        + b"\n[1006]\ntype=aor\n"
+    )
+    with temp_database("sqlite", tmp_path) as url:
+        cli = make_cli(url, tmp_path)
+        cli.ok("db", "upgrade")
+        cli.ok("profile", "add", "agents")
+        cli.ok(
+            "user", "add", "root", "--role", "admin", "--full-name", "Root", "--email", "r@x.org"
+        )
+        out = cli.ok(
+            "import",
+            "pjsip",
+            str(conf),
+            "--profile",
+            "agents",
+            "--email-domain",
+            "x.org",
+            "--generate-secrets",
+        )
+        conf.write_bytes(b'#include "more\xff.conf"\n')
+        refused = cli(
+            "import", "pjsip", str(conf), "--profile", "agents", "--email-domain", "x.org"
+        )
+    assert (refused.code, "#include more\\xff.conf is not followed" in refused.err) == (2, True)
+    assert "not mapped: [10\\xff02] endpoint: has no inbound auth" in out
+    assert "not mapped: [\\x1b[2Jx] endpoint: has no inbound auth" in out
+    assert "\x1b" not in out
+    assert "SIP secret for frank (shown once): " in out
