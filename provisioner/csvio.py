@@ -6,7 +6,8 @@ is reported with its line number, field and rule, and if any row is bad the
 transaction is rolled back, so nothing changes.
 
 Columns: the fixed ones in :data:`COLUMNS`, then one ``attr:KEY`` column per
-custom attribute (an empty cell means the user has no such attribute).  An
+custom attribute (an empty cell means the user has no such attribute; an existing
+user's attributes that no column names are kept, like any missing column).  An
 import also accepts ``password`` and ``sip_secret`` columns (empty: keep the
 current one, or generate a SIP secret for a new user).
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -169,7 +170,9 @@ def _read(source: TextIO) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
 
 
 def _values(header: Sequence[str], cells: dict[str, str]) -> dict[str, Any]:
-    """A row's cells as user field values; empty secret cells mean "keep"."""
+    """A row's cells as user field values; empty secret cells mean "keep".  ``attributes``
+    (when the header has ``attr:`` columns) maps each named key to its cell, empty for
+    "remove"."""
     values: dict[str, Any] = {}
     attrs: dict[str, str] = {}
     has_attrs = False
@@ -177,8 +180,7 @@ def _values(header: Sequence[str], cells: dict[str, str]) -> dict[str, Any]:
         cell = cells[name]
         if name.startswith(ATTR_PREFIX):
             has_attrs = True
-            if cell != "":
-                attrs[name[len(ATTR_PREFIX) :]] = cell
+            attrs[name[len(ATTR_PREFIX) :]] = cell
         elif name in SECRET_COLUMNS:
             if cell != "":
                 values[name] = cell
@@ -257,6 +259,10 @@ def _apply_row(
         row = q.fetch_user_row(conn, username) if username else None
     except NotFoundError:
         row = None
+    if "attributes" in values:
+        values["attributes"] = _merged_attributes(
+            {} if row is None else q.attributes_of(conn, row.id), values["attributes"]
+        )
     if row is None:
         user_id, secret = accounts.add_in(conn, values, allocator, now, line=line)
         if secret:
@@ -271,6 +277,18 @@ def _apply_row(
     if disabled not in (None, ""):
         changed = _set_disabled(accounts, conn, row.id, disabled, line, now, row) or changed
     (result.updated if changed else result.unchanged).append(row.username)
+
+
+def _merged_attributes(current: Mapping[str, str], cells: Mapping[str, str]) -> dict[str, str]:
+    """``current`` with each attribute column applied: a cell sets its key, an empty one
+    removes it; keys no column names stay as they are."""
+    merged = dict(current)
+    for key, cell in cells.items():
+        if cell == "":
+            merged.pop(key, None)
+        else:
+            merged[key] = cell
+    return merged
 
 
 def _set_disabled(

@@ -267,3 +267,26 @@ def test_malformed_files_are_refused(text: str, expected: list[tuple[int, str]])
     with pytest.raises(InvalidInput) as info:
         _read(io.StringIO(text))
     assert [(p.line, p.field) for p in info.value.problems] == expected
+
+
+def test_attribute_columns_leave_other_attributes_alone(accounts: Accounts) -> None:
+    """An import sets or (empty cell) removes only the attributes its columns name; an
+    existing user's other attributes are kept."""
+    accounts.add_user(
+        {
+            "username": "alice",
+            "full_name": "Alice",
+            "email": "a@example.com",
+            "profile": "agents",
+            "attributes": {"agent ID": "A-100", "floor": "3", "team": "red"},
+        }
+    )
+    text = "username,attr:team,attr:floor,attr:desk\nalice,blue,,7\n"
+    result = import_users(accounts, text)
+    assert result.updated == ["alice"]
+    assert accounts.get_user("alice").attributes == {
+        "agent ID": "A-100",
+        "team": "blue",
+        "desk": "7",
+    }
+    assert import_users(accounts, text).unchanged == ["alice"]

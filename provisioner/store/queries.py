@@ -23,6 +23,7 @@ from .schema import profiles, user_attributes, users
 
 __all__ = [
     "ExtensionAllocator",
+    "attributes_of",
     "extension_holder",
     "fetch_user_row",
     "insert_profile",
@@ -176,6 +177,14 @@ def insert_user(conn: Connection, values: Mapping[str, Any]) -> int:
 
 def update_user(conn: Connection, user_id: int, values: Mapping[str, Any]) -> None:
     conn.execute(update(users).where(users.c.id == user_id).values(**values))
+
+
+def attributes_of(conn: Connection, user_id: int) -> dict[str, str]:
+    """The user's custom attributes, key to value."""
+    query = select(user_attributes.c.key, user_attributes.c.value).where(
+        user_attributes.c.user_id == user_id
+    )
+    return {key: value for key, value in conn.execute(query)}
 
 
 def replace_attributes(conn: Connection, user_id: int, attributes: Mapping[str, str]) -> None:
