@@ -284,6 +284,12 @@ def _endpoint_source(section: Section, index: _Index) -> _Source:
         aor_names=aor_names,
         aors=aors,
     )
+    if aor_names != [section.name]:
+        # Asterisk finds the AOR of a REGISTER by the To URI's user: it must be our AOR's name.
+        source.notes.append(
+            f"aors {','.join(aor_names)} become the one AOR [{section.name}]: "
+            f"phones register to {section.name}"
+        )
     for note in (
         _ignored("endpoint", opts, _ENDPOINT_READ),
         _ignored("auth", source.auth, _AUTH_READ),

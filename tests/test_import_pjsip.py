@@ -497,3 +497,23 @@ def test_report_escapes_bytes_that_are_not_utf8_or_printable(tmp_path: Path) -> 
     assert "not mapped: [\\x1b[2Jx] endpoint: has no inbound auth" in out
     assert "\x1b" not in out
     assert "SIP secret for frank (shown once): " in out
+
+
+def test_aors_other_than_the_extension_are_reported() -> None:
+    """An endpoint whose AORs are not exactly one named after it keeps one AOR named after
+    the extension, and the note says where phones must now register."""
+    auth = "[a{n}]\ntype=auth\nusername=u{n}\npassword=Secret-{n}00\n"
+    text = (
+        "[7001]\ntype=endpoint\nauth=a7001\naors=7001,desk\nallow=ulaw\n"
+        "[7001]\ntype=aor\n[desk]\ntype=aor\n" + auth.format(n=7001)
+    )
+    text += "[7002]\ntype=endpoint\nauth=a7002\naors=bob\nallow=ulaw\n[bob]\ntype=aor\n"
+    text += auth.format(n=7002)
+    text += "[7003]\ntype=endpoint\nauth=a7003\naors=7003\nallow=ulaw\n[7003]\ntype=aor\n"
+    text += auth.format(n=7003)
+    notes = {u.extension: [n for n in u.notes if "aor" in n] for u in _plan(text).users}
+    assert notes == {
+        "7001": ["aors 7001,desk become the one AOR [7001]: phones register to 7001"],
+        "7002": ["aors bob become the one AOR [7002]: phones register to 7002"],
+        "7003": [],
+    }
