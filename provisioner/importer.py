@@ -370,6 +370,10 @@ def _full_name(source: _Source, username: str, extension: str) -> str:
         name = name.strip()
         if m.group("number") is None and name.isdigit():
             name, number = "", name  # a bare number, as Asterisk reads it
+    elif callerid:
+        source.notes.append(
+            f'callerid {callerid!r} is not "Name" <number>; the username is the full name'
+        )
     if number and number != extension:
         source.notes.append(f"callerid number {number} becomes the extension {extension}")
     if not name:

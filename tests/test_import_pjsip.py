@@ -517,3 +517,19 @@ def test_aors_other_than_the_extension_are_reported() -> None:
         "7002": ["aors bob become the one AOR [7002]: phones register to 7002"],
         "7003": [],
     }
+
+
+def test_a_callerid_that_does_not_parse_is_reported() -> None:
+    """A callerid the importer cannot read gives a note, and the username as the full name."""
+    cases = (("7101", '"Al \\"Big\\" Smith" <7101>'), ("7102", "\"O'Brien"))
+    text = ""
+    for ext, callerid in cases:
+        text += f"[{ext}]\ntype=endpoint\nauth=a{ext}\naors={ext}\nallow=ulaw\n"
+        text += f"callerid={callerid}\n[{ext}]\ntype=aor\n"
+        text += f"[a{ext}]\ntype=auth\nusername=u{ext}\npassword=Secret-{ext}\n"
+    users = {u.extension: u for u in _plan(text).users}
+    for ext, callerid in cases:
+        assert users[ext].values["full_name"] == f"u{ext}"
+        assert f'callerid {callerid!r} is not "Name" <number>; the username is the full name' in (
+            users[ext].notes
+        )
