@@ -441,7 +441,8 @@ def user_apikey(app: App, username: str, action: str) -> None:
 def user_export(app: App, csv_path: str, usernames: tuple[str, ...]) -> None:
     """Export users (all live ones, or those named) to CSV; no secrets."""
     if usernames:
-        found = [app.accounts.get_user(u) for u in usernames]
+        # A user named twice (in any case) is one row: a repeated row would not re-import.
+        found = list({u.id: u for u in map(app.accounts.get_user, usernames)}.values())
         deleted = [u.username for u in found if u.deleted_at is not None]
         if deleted:
             # An export re-imports as is; a deleted member's row would be refused.

@@ -146,6 +146,15 @@ def test_export_refuses_a_named_deleted_user(cli: Cli, tmp_path: Path) -> None:
     assert "alice" in out.read_text(encoding="utf-8")
 
 
+def test_export_names_each_user_once_so_it_reimports(cli: Cli, tmp_path: Path) -> None:
+    """A user named twice (in any case) is exported once, so the file re-imports as is."""
+    _add(cli, "alice")
+    out = tmp_path / "alice.csv"
+    assert "exported 1 users" in cli.ok("user", "export", "--csv", str(out), "alice", "ALICE")
+    assert out.read_text(encoding="utf-8").count("alice@example.com") == 1
+    assert "unchanged 1" in cli.ok("user", "import", "--csv", str(out))
+
+
 def test_add_reports_every_bad_field(cli: Cli) -> None:
     """A bad add exits 2 and lists each bad field with its rule on stderr; nothing is stored."""
     result = cli(
