@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select, text, update
+from sqlalchemy import Connection, Engine, func, insert, select, text, update
 
 from provisioner import credentials
 from provisioner.accounts import Accounts, Policy
@@ -608,3 +611,63 @@ def test_extension_the_database_holds_equal_is_a_conflict(accounts: Accounts, ba
         accounts.add_user(_agent("carol", extension="150"))
     assert added.value.problems == (Problem("extension", rule),)
     assert accounts.edit_user("alice", {"extension": "150"}).extension == "150"
+
+
+def _while_another_writer_holds(
+    accounts: Accounts, hold: Callable[[Connection], None], act: Callable[[], Any]
+) -> BaseException | None:
+    """Run ``act`` in a thread while another transaction has written ``hold`` and not yet
+    committed; commit it once ``act`` had time to block on it; return what ``act`` raised."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            act()
+        except BaseException as exc:
+            raised.append(exc)
+
+    with accounts.engine.connect() as conn:
+        tx = conn.begin()
+        hold(conn)
+        worker = threading.Thread(target=run)
+        worker.start()
+        time.sleep(0.7)  # the act reads before the commit and writes into its lock
+        tx.commit()
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    return raised[0] if raised else None
+
+
+def test_concurrent_edit_to_the_same_extension_is_a_conflict(accounts: Accounts) -> None:
+    """An edit that loses a race for an extension to another writer is refused as a conflict
+    on field extension naming the holder, never as a raw database error."""
+    accounts.add_user(_agent("alice"))
+    accounts.add_user(_agent("bob"))
+
+    def hold(conn: Connection) -> None:
+        conn.execute(update(users).where(users.c.username == "bob").values(extension="150"))
+
+    raised = _while_another_writer_holds(
+        accounts, hold, lambda: accounts.edit_user("alice", {"extension": "150"})
+    )
+    assert isinstance(raised, ConflictError), repr(raised)
+    assert raised.problems == (Problem("extension", "150 is already used by user bob"),)
+    assert accounts.get_user("alice").extension == "101"
+
+
+def test_concurrent_add_of_the_same_username_names_the_username(accounts: Accounts) -> None:
+    """An add with a given extension that loses a race for its username to another writer is
+    refused on field username, not blamed on the extension."""
+    accounts.add_user(_agent("alice"))
+
+    def hold(conn: Connection) -> None:
+        alice = conn.execute(select(users).where(users.c.username == "alice")).mappings().one()
+        row = {**alice, "username": "dave", "username_key": "dave", "extension": "172"}
+        del row["id"]
+        conn.execute(insert(users).values(**row))
+
+    raised = _while_another_writer_holds(
+        accounts, hold, lambda: accounts.add_user(_agent("dave", extension="170"))
+    )
+    assert isinstance(raised, ConflictError), repr(raised)
+    assert [p.field for p in raised.problems] == ["username"]
