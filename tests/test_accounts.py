@@ -671,3 +671,23 @@ def test_concurrent_add_of_the_same_username_names_the_username(accounts: Accoun
     )
     assert isinstance(raised, ConflictError), repr(raised)
     assert [p.field for p in raised.problems] == ["username"]
+
+
+def test_first_admin_stays_protected_when_another_writer_adds_a_lower_id(
+    accounts: Accounts,
+) -> None:
+    """The first admin is the admin with the lowest id: a non-admin row another writer gives a
+    lower id neither takes its protection nor lifts it from the real first admin."""
+    accounts.add_user(_agent("alice"))
+    with accounts.transaction() as conn:
+        alice = conn.execute(select(users).where(users.c.username == "alice")).mappings().one()
+        lower = {**alice, "id": -5, "username": "early", "username_key": "early", "extension": "5"}
+        conn.execute(insert(users).values(**lower))
+    for action in (accounts.disable, accounts.delete):
+        with pytest.raises(ForbiddenError, match=r"root is the first admin and can never be"):
+            action(["root"])
+    assert accounts.disable(["early"]) == ["early"]
+    assert accounts.delete(["early"]) == ["early"]
+    assert accounts.purge(["early"]) == ["early"]
+    root = accounts.get_user("root")
+    assert (root.disabled, root.deleted_at) == (False, None)
