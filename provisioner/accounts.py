@@ -41,7 +41,7 @@ from .model import (
 from .store import queries as q
 from .store.schema import users
 
-__all__ = ["Accounts", "Created", "Policy", "utcnow"]
+__all__ = ["Accounts", "Created", "Policy", "rerun_on_unique_clash", "utcnow"]
 
 Clock = Callable[[], datetime]
 _T = TypeVar("_T")
@@ -71,6 +71,20 @@ _EDIT_RETRIES = 3
 def utcnow() -> datetime:
     """Naive UTC now: the store keeps naive UTC timestamps on every backend."""
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def rerun_on_unique_clash(
+    write: Callable[[], _T], attempts: int, exhausted: ProvisionerError
+) -> _T:
+    """``write()`` (one whole transaction), run again when a unique key refuses it: a
+    concurrent writer took a name or an extension between our check and our write, and
+    the next run's checks see it and name the field.  ``exhausted`` after ``attempts``."""
+    for _ in range(attempts):
+        try:
+            return write()
+        except IntegrityError:
+            continue
+    raise exhausted
 
 
 @dataclass(frozen=True)
@@ -194,25 +208,11 @@ class Accounts:
                 user = q.load_users(conn, ids=[user_id])[0]
             return Created(user, secret)
 
-        return self._rerun_on_unique_clash(
+        return rerun_on_unique_clash(
             write,
             _ADD_RETRIES,
             StoreUnavailable("could not allocate an extension after repeated conflicts"),
         )
-
-    @staticmethod
-    def _rerun_on_unique_clash(
-        write: Callable[[], _T], attempts: int, exhausted: ProvisionerError
-    ) -> _T:
-        """``write()`` (one whole transaction), run again when a unique key refuses it: a
-        concurrent writer took a name or an extension between our check and our write, and
-        the next run's checks see it and name the field.  ``exhausted`` after ``attempts``."""
-        for _ in range(attempts):
-            try:
-                return write()
-            except IntegrityError:
-                continue
-        raise exhausted
 
     def add_in(
         self,
@@ -308,7 +308,7 @@ class Accounts:
                 self.edit_in(conn, row, values, self.clock())
                 return q.load_users(conn, ids=[row.id], deleted=None)[0]
 
-        return self._rerun_on_unique_clash(
+        return rerun_on_unique_clash(
             write,
             _EDIT_RETRIES,
             ConflictError.one("extension", "kept being taken by concurrent writers; try again"),

@@ -691,3 +691,22 @@ def test_first_admin_stays_protected_when_another_writer_adds_a_lower_id(
     assert accounts.purge(["early"]) == ["early"]
     root = accounts.get_user("root")
     assert (root.disabled, root.deleted_at) == (False, None)
+
+
+def test_csv_import_racing_another_writer_for_an_extension_takes_the_next(
+    accounts: Accounts,
+) -> None:
+    """A CSV import whose lowest free extension another writer takes meanwhile runs again
+    and gives its new user the next free one, instead of failing with a database error."""
+    accounts.add_user(_agent("alice"))
+
+    def hold(conn: Connection) -> None:
+        alice = conn.execute(select(users).where(users.c.username == "alice")).mappings().one()
+        row = {**alice, "username": "dave", "username_key": "dave", "extension": "102"}
+        del row["id"]
+        conn.execute(insert(users).values(**row))
+
+    csv_text = "username,full_name,email,profile\ncarol,Carol Agent,carol@example.com,agents\n"
+    raised = _while_another_writer_holds(accounts, hold, lambda: import_users(accounts, csv_text))
+    assert raised is None, repr(raised)
+    assert accounts.get_user("carol").extension == "103"
