@@ -144,16 +144,26 @@ class Accounts:
     # -- profiles -------------------------------------------------------------
 
     def add_profile(self, name: str, description: str = "") -> Profile:
+        """Add a profile; a name taken (also by a concurrent writer) is a conflict on ``name``."""
         name, description = check_profile_fields(name, description)
-        with self.transaction() as conn:
-            taken = q.profile_name_taken(conn, name)
-            if taken == name:
-                raise ConflictError.one("name", f"profile {name!r} already exists")
-            if taken is not None:
-                raise ConflictError.one(
-                    "name", f"profile {taken!r} exists and the database does not tell it apart"
-                )
-            return q.insert_profile(conn, name, description, self.clock())
+
+        def write() -> Profile:
+            with self.transaction() as conn:
+                taken = q.profile_name_taken(conn, name)
+                if taken == name:
+                    raise ConflictError.one("name", f"profile {name!r} already exists")
+                if taken is not None:
+                    raise ConflictError.one(
+                        "name",
+                        f"profile {taken!r} exists and the database does not tell it apart",
+                    )
+                return q.insert_profile(conn, name, description, self.clock())
+
+        return rerun_on_unique_clash(
+            write,
+            _EDIT_RETRIES,
+            ConflictError.one("name", "kept being taken by concurrent writers; try again"),
+        )
 
     def list_profiles(self) -> list[Profile]:
         with self.transaction() as conn:

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -26,7 +27,7 @@ from provisioner.errors import (
 from provisioner.store import queries as q
 from provisioner.store.engine import open_engine
 from provisioner.store.migrate import upgrade
-from provisioner.store.schema import user_attributes, users
+from provisioner.store.schema import profiles, user_attributes, users
 
 from .conftest import FakeClock
 from .helpers import GOOD_PASSWORD, OTHER_PASSWORD, cheap_argon2, user_row
@@ -710,3 +711,18 @@ def test_csv_import_racing_another_writer_for_an_extension_takes_the_next(
     raised = _while_another_writer_holds(accounts, hold, lambda: import_users(accounts, csv_text))
     assert raised is None, repr(raised)
     assert accounts.get_user("carol").extension == "103"
+
+
+def test_concurrent_add_of_the_same_profile_is_a_conflict(accounts: Accounts) -> None:
+    """A profile add that loses a race for its name to another writer is refused as a conflict
+    on field name, never as a raw database error."""
+
+    def hold(conn: Connection) -> None:
+        now = datetime(2026, 1, 1)
+        conn.execute(
+            insert(profiles).values(name="sales", description="", created_at=now, updated_at=now)
+        )
+
+    raised = _while_another_writer_holds(accounts, hold, lambda: accounts.add_profile("sales"))
+    assert isinstance(raised, ConflictError), repr(raised)
+    assert raised.problems == (Problem("name", "profile 'sales' already exists"),)
