@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, delete, update
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
@@ -25,6 +25,7 @@ from .errors import (
     InvalidInput,
     NotFoundError,
     Problem,
+    ProvisionerError,
     StoreUnavailable,
 )
 from .model import (
@@ -40,9 +41,10 @@ from .model import (
 from .store import queries as q
 from .store.schema import users
 
-__all__ = ["Accounts", "Created", "Policy", "utcnow"]
+__all__ = ["Accounts", "Created", "Policy", "rerun_on_unique_clash", "utcnow"]
 
 Clock = Callable[[], datetime]
+_T = TypeVar("_T")
 
 #: Voice and preference fields that map one-to-one onto ``users`` columns.
 _PLAIN_COLUMNS = (
@@ -63,11 +65,26 @@ _PLAIN_COLUMNS = (
 )
 _REQUIRED_ON_ADD = ("username", "full_name", "email")
 _ADD_RETRIES = 20
+_EDIT_RETRIES = 3
 
 
 def utcnow() -> datetime:
     """Naive UTC now: the store keeps naive UTC timestamps on every backend."""
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def rerun_on_unique_clash(
+    write: Callable[[], _T], attempts: int, exhausted: ProvisionerError
+) -> _T:
+    """``write()`` (one whole transaction), run again when a unique key refuses it: a
+    concurrent writer took a name or an extension between our check and our write, and
+    the next run's checks see it and name the field.  ``exhausted`` after ``attempts``."""
+    for _ in range(attempts):
+        try:
+            return write()
+        except IntegrityError:
+            continue
+    raise exhausted
 
 
 @dataclass(frozen=True)
@@ -127,16 +144,26 @@ class Accounts:
     # -- profiles -------------------------------------------------------------
 
     def add_profile(self, name: str, description: str = "") -> Profile:
+        """Add a profile; a name taken (also by a concurrent writer) is a conflict on ``name``."""
         name, description = check_profile_fields(name, description)
-        with self.transaction() as conn:
-            taken = q.profile_name_taken(conn, name)
-            if taken == name:
-                raise ConflictError.one("name", f"profile {name!r} already exists")
-            if taken is not None:
-                raise ConflictError.one(
-                    "name", f"profile {taken!r} exists and the database does not tell it apart"
-                )
-            return q.insert_profile(conn, name, description, self.clock())
+
+        def write() -> Profile:
+            with self.transaction() as conn:
+                taken = q.profile_name_taken(conn, name)
+                if taken == name:
+                    raise ConflictError.one("name", f"profile {name!r} already exists")
+                if taken is not None:
+                    raise ConflictError.one(
+                        "name",
+                        f"profile {taken!r} exists and the database does not tell it apart",
+                    )
+                return q.insert_profile(conn, name, description, self.clock())
+
+        return rerun_on_unique_clash(
+            write,
+            _EDIT_RETRIES,
+            ConflictError.one("name", "kept being taken by concurrent writers; try again"),
+        )
 
     def list_profiles(self) -> list[Profile]:
         with self.transaction() as conn:
@@ -179,25 +206,23 @@ class Accounts:
     def add_user(self, values: Mapping[str, Any]) -> Created:
         """Create a user; the extension is the lowest free one of the range unless given.
 
-        Two concurrent adds never share an extension: the unique constraint
-        rejects the slower one, which retries with a fresh allocation.
+        Two concurrent adds never share an extension or a username: the unique
+        constraint rejects the slower one, which runs again with a fresh allocation and
+        fresh checks, so a taken name or given extension is refused naming its field.
         """
-        for _ in range(_ADD_RETRIES):
-            try:
-                with self.transaction() as conn:
-                    allocator = q.ExtensionAllocator(
-                        conn, self.policy.ext_first, self.policy.ext_last
-                    )
-                    user_id, secret = self.add_in(conn, values, allocator, self.clock())
-                    user = q.load_users(conn, ids=[user_id])[0]
-                return Created(user, secret)
-            except IntegrityError:
-                if values.get("extension"):
-                    raise ConflictError.one(
-                        "extension", "is already used by another user"
-                    ) from None
-                continue  # another writer took our extension first; allocate again
-        raise StoreUnavailable("could not allocate an extension after repeated conflicts")
+
+        def write() -> Created:
+            with self.transaction() as conn:
+                allocator = q.ExtensionAllocator(conn, self.policy.ext_first, self.policy.ext_last)
+                user_id, secret = self.add_in(conn, values, allocator, self.clock())
+                user = q.load_users(conn, ids=[user_id])[0]
+            return Created(user, secret)
+
+        return rerun_on_unique_clash(
+            write,
+            _ADD_RETRIES,
+            StoreUnavailable("could not allocate an extension after repeated conflicts"),
+        )
 
     def add_in(
         self,
@@ -281,11 +306,23 @@ class Accounts:
         return user_id, generated
 
     def edit_user(self, username: str, values: Mapping[str, Any]) -> User:
-        """Change any field but role and username; a deleted user must be restored first."""
-        with self.transaction() as conn:
-            row = q.fetch_user_row(conn, username)
-            self.edit_in(conn, row, values, self.clock())
-            return q.load_users(conn, ids=[row.id], deleted=None)[0]
+        """Change any field but role and username; a deleted user must be restored first.
+
+        An extension taken by a concurrent writer between the check and the write is
+        refused like any taken extension (the edit runs again and its check sees it).
+        """
+
+        def write() -> User:
+            with self.transaction() as conn:
+                row = q.fetch_user_row(conn, username)
+                self.edit_in(conn, row, values, self.clock())
+                return q.load_users(conn, ids=[row.id], deleted=None)[0]
+
+        return rerun_on_unique_clash(
+            write,
+            _EDIT_RETRIES,
+            ConflictError.one("extension", "kept being taken by concurrent writers; try again"),
+        )
 
     def edit_in(
         self,

@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .accounts import Accounts
-from .errors import InvalidInput, NotFoundError, Problem, ProvisionerError
+from .accounts import Accounts, rerun_on_unique_clash
+from .errors import ConflictError, InvalidInput, NotFoundError, Problem, ProvisionerError
 from .model import User, check_flag
 from .store import queries as q
 
@@ -52,6 +52,9 @@ COLUMNS = (
 )
 SECRET_COLUMNS = ("password", "sip_secret")
 ATTR_PREFIX = "attr:"
+#: Runs of an import whose write a unique key refused (a concurrent writer took an
+#: extension it allocated): each run checks every row afresh.
+_IMPORT_ATTEMPTS = 5
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -206,10 +209,28 @@ def import_users(
 
     Raises :class:`InvalidInput` listing every bad row's line, field and rule;
     then nothing has changed.  With ``dry_run`` everything is checked and rolled back.
+    When a concurrent writer takes an extension or a name the import meant to write,
+    the import runs again from the first row, so it allocates past it or reports the
+    clash on its row, never a database error.
     """
     if isinstance(source, str):
         source = io.StringIO(source)
     header, rows = _read(source)
+    return rerun_on_unique_clash(
+        lambda: _import_rows(accounts, header, rows, dry_run, progress),
+        _IMPORT_ATTEMPTS,
+        ConflictError.one("csv", "other writers kept taking the same extensions; try again"),
+    )
+
+
+def _import_rows(
+    accounts: Accounts,
+    header: Sequence[str],
+    rows: Sequence[tuple[int, dict[str, str]]],
+    dry_run: bool,
+    progress: Callable[[int], None] | None,
+) -> ImportResult:
+    """One run of the import in one transaction (see :func:`import_users`)."""
     result = ImportResult(dry_run=dry_run)
     problems: list[Problem] = []
     seen: dict[str, int] = {}

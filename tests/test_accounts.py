@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select, text, update
+from sqlalchemy import Connection, Engine, func, insert, select, text, update
 
 from provisioner import credentials
 from provisioner.accounts import Accounts, Policy
@@ -23,7 +27,7 @@ from provisioner.errors import (
 from provisioner.store import queries as q
 from provisioner.store.engine import open_engine
 from provisioner.store.migrate import upgrade
-from provisioner.store.schema import user_attributes, users
+from provisioner.store.schema import profiles, user_attributes, users
 
 from .conftest import FakeClock
 from .helpers import GOOD_PASSWORD, OTHER_PASSWORD, cheap_argon2, user_row
@@ -608,3 +612,117 @@ def test_extension_the_database_holds_equal_is_a_conflict(accounts: Accounts, ba
         accounts.add_user(_agent("carol", extension="150"))
     assert added.value.problems == (Problem("extension", rule),)
     assert accounts.edit_user("alice", {"extension": "150"}).extension == "150"
+
+
+def _while_another_writer_holds(
+    accounts: Accounts, hold: Callable[[Connection], None], act: Callable[[], Any]
+) -> BaseException | None:
+    """Run ``act`` in a thread while another transaction has written ``hold`` and not yet
+    committed; commit it once ``act`` had time to block on it; return what ``act`` raised."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            act()
+        except BaseException as exc:
+            raised.append(exc)
+
+    with accounts.engine.connect() as conn:
+        tx = conn.begin()
+        hold(conn)
+        worker = threading.Thread(target=run)
+        worker.start()
+        time.sleep(0.7)  # the act reads before the commit and writes into its lock
+        tx.commit()
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    return raised[0] if raised else None
+
+
+def test_concurrent_edit_to_the_same_extension_is_a_conflict(accounts: Accounts) -> None:
+    """An edit that loses a race for an extension to another writer is refused as a conflict
+    on field extension naming the holder, never as a raw database error."""
+    accounts.add_user(_agent("alice"))
+    accounts.add_user(_agent("bob"))
+
+    def hold(conn: Connection) -> None:
+        conn.execute(update(users).where(users.c.username == "bob").values(extension="150"))
+
+    raised = _while_another_writer_holds(
+        accounts, hold, lambda: accounts.edit_user("alice", {"extension": "150"})
+    )
+    assert isinstance(raised, ConflictError), repr(raised)
+    assert raised.problems == (Problem("extension", "150 is already used by user bob"),)
+    assert accounts.get_user("alice").extension == "101"
+
+
+def test_concurrent_add_of_the_same_username_names_the_username(accounts: Accounts) -> None:
+    """An add with a given extension that loses a race for its username to another writer is
+    refused on field username, not blamed on the extension."""
+    accounts.add_user(_agent("alice"))
+
+    def hold(conn: Connection) -> None:
+        alice = conn.execute(select(users).where(users.c.username == "alice")).mappings().one()
+        row = {**alice, "username": "dave", "username_key": "dave", "extension": "172"}
+        del row["id"]
+        conn.execute(insert(users).values(**row))
+
+    raised = _while_another_writer_holds(
+        accounts, hold, lambda: accounts.add_user(_agent("dave", extension="170"))
+    )
+    assert isinstance(raised, ConflictError), repr(raised)
+    assert [p.field for p in raised.problems] == ["username"]
+
+
+def test_first_admin_stays_protected_when_another_writer_adds_a_lower_id(
+    accounts: Accounts,
+) -> None:
+    """The first admin is the admin with the lowest id: a non-admin row another writer gives a
+    lower id neither takes its protection nor lifts it from the real first admin."""
+    accounts.add_user(_agent("alice"))
+    with accounts.transaction() as conn:
+        alice = conn.execute(select(users).where(users.c.username == "alice")).mappings().one()
+        lower = {**alice, "id": -5, "username": "early", "username_key": "early", "extension": "5"}
+        conn.execute(insert(users).values(**lower))
+    for action in (accounts.disable, accounts.delete):
+        with pytest.raises(ForbiddenError, match=r"root is the first admin and can never be"):
+            action(["root"])
+    assert accounts.disable(["early"]) == ["early"]
+    assert accounts.delete(["early"]) == ["early"]
+    assert accounts.purge(["early"]) == ["early"]
+    root = accounts.get_user("root")
+    assert (root.disabled, root.deleted_at) == (False, None)
+
+
+def test_csv_import_racing_another_writer_for_an_extension_takes_the_next(
+    accounts: Accounts,
+) -> None:
+    """A CSV import whose lowest free extension another writer takes meanwhile runs again
+    and gives its new user the next free one, instead of failing with a database error."""
+    accounts.add_user(_agent("alice"))
+
+    def hold(conn: Connection) -> None:
+        alice = conn.execute(select(users).where(users.c.username == "alice")).mappings().one()
+        row = {**alice, "username": "dave", "username_key": "dave", "extension": "102"}
+        del row["id"]
+        conn.execute(insert(users).values(**row))
+
+    csv_text = "username,full_name,email,profile\ncarol,Carol Agent,carol@example.com,agents\n"
+    raised = _while_another_writer_holds(accounts, hold, lambda: import_users(accounts, csv_text))
+    assert raised is None, repr(raised)
+    assert accounts.get_user("carol").extension == "103"
+
+
+def test_concurrent_add_of_the_same_profile_is_a_conflict(accounts: Accounts) -> None:
+    """A profile add that loses a race for its name to another writer is refused as a conflict
+    on field name, never as a raw database error."""
+
+    def hold(conn: Connection) -> None:
+        now = datetime(2026, 1, 1)
+        conn.execute(
+            insert(profiles).values(name="sales", description="", created_at=now, updated_at=now)
+        )
+
+    raised = _while_another_writer_holds(accounts, hold, lambda: accounts.add_profile("sales"))
+    assert isinstance(raised, ConflictError), repr(raised)
+    assert raised.problems == (Problem("name", "profile 'sales' already exists"),)

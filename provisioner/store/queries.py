@@ -197,11 +197,14 @@ def replace_attributes(conn: Connection, user_id: int, attributes: Mapping[str, 
 
 
 def first_admin_id(conn: Connection) -> int | None:
-    """The first admin's id: the lowest in the store (ids need not start at 1), or None if empty.
+    """The first admin's id: the lowest of an admin (ids need not start at 1), or None.
 
-    The first user must be an admin and can never be purged, so this stays the same user.
+    The first user must be an admin, the first admin is never purged and no role ever
+    changes, so this stays the same user; a non-admin row another writer gives a lower id
+    changes nothing.
     """
-    return conn.execute(select(func.min(users.c.id))).scalar_one_or_none()
+    query = select(func.min(users.c.id)).where(users.c.role == "admin")
+    return conn.execute(query).scalar_one_or_none()
 
 
 def username_taken(conn: Connection, username: str) -> bool:
