@@ -71,6 +71,8 @@ HEARTBEAT_INTERVAL = 15.0
 #: Seconds a successful apply's health write waits: the record is not on the edit's
 #: way to Asterisk, and a stream of edits writes it a few times a second, not per edit.
 HEALTH_DELAY = 0.05
+#: Seconds between two tries to serve the metrics while their port is taken.
+METRICS_RETRY = 5.0
 
 
 @dataclass(frozen=True)
@@ -289,7 +291,7 @@ class Daemon:
         """Open the store, reconcile everything once, start sources and AMI; READY."""
         self.health = Health()
         if self.config.daemon.metrics_port:
-            self.metrics.serve(self.config.daemon.metrics_port)
+            self._spawn(self._serve_metrics(self.config.daemon.metrics_port))
         dirs = template_dirs(self.config)
         # Taken before the first reconcile reads the templates: an edit made before the
         # watcher starts is still seen.
@@ -529,6 +531,27 @@ class Daemon:
         await wait_first(self.stop, done)
         done.set()
         await watcher
+
+    async def _serve_metrics(self, port: int) -> None:
+        """Serve ``/metrics`` on ``port``; while the port is taken (another process, a
+        previous run still stopping), log it once (``metrics.serve_failed``) and try again
+        every ``METRICS_RETRY`` seconds: provisioning never waits for metrics."""
+        failed = False
+        while True:
+            try:
+                self.metrics.serve(port)
+            except OSError as exc:
+                if not failed:
+                    log.error(
+                        "metrics.serve_failed", port=port, error=str(exc), retry_in_s=METRICS_RETRY
+                    )
+                failed = True
+                if await sleep_unless(self.stop, METRICS_RETRY):
+                    return
+                continue
+            if failed:
+                log.info("metrics.serving", port=port)
+            return
 
     async def _watchdog(self, interval: float) -> None:
         # Fed from the event loop itself: a blocked loop starves the watchdog.
