@@ -10,11 +10,11 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Health", "read_health", "write_health"]
+__all__ = ["Health", "HealthUnreadable", "read_health", "write_health"]
 
 FILE_NAME = "health.json"
 #: Registration writes refused in a row (about 3.5 s of retries) that make the daemon
@@ -77,10 +77,48 @@ def write_health(state_dir: Path, health: Health) -> None:
         raise
 
 
+class HealthUnreadable(ValueError):
+    """The health record is there but cannot be read as one."""
+
+
+#: The JSON types each field of a record may have (``None`` included where it may be null).
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "pid": (int,),
+    "started_at": (int, float),
+    "updated_at": (int, float),
+    "ready": (bool,),
+    "last_sync_at": (int, float, type(None)),
+    "last_sync_ok": (bool, type(None)),
+    "last_error": (str,),
+    "provisioned": (int,),
+    "skipped": (int,),
+    "cursor": (int,),
+    "asterisk": (dict,),
+    "stopped_at": (int, float, type(None)),
+}
+
+
 def read_health(state_dir: Path) -> Health | None:
-    """The last record, or None when the daemon never wrote one."""
+    """The last record, or None when the daemon never wrote one.  Fields this version does
+    not know (a later version's) are left out; a file that is not a JSON object of a
+    record's fields raises :class:`HealthUnreadable` saying why."""
     try:
-        data = json.loads((state_dir / FILE_NAME).read_text(encoding="utf-8"))
+        raw = (state_dir / FILE_NAME).read_bytes()
     except FileNotFoundError:
         return None
-    return Health(**data)
+    except OSError as exc:
+        raise HealthUnreadable(f"{exc.strerror or exc}") from None
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # not UTF-8 or not JSON (e.g. empty)
+        raise HealthUnreadable(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise HealthUnreadable(f"a JSON {type(data).__name__}, not an object")
+    known = {f.name for f in fields(Health)}
+    values = {k: v for k, v in data.items() if k in known}
+    for key, value in values.items():
+        if not isinstance(value, _FIELD_TYPES[key]):
+            raise HealthUnreadable(f"{key} is a JSON {type(value).__name__}")
+    if not all(isinstance(state, dict) for state in values.get("asterisk", {}).values()):
+        raise HealthUnreadable("asterisk holds a server that is not an object")
+    return Health(**values)
