@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -27,6 +28,8 @@ class Health:
     """What the daemon last did, and how its connections are."""
 
     pid: int = field(default_factory=os.getpid)
+    #: The host the daemon runs on: its pid is looked up only on that host.
+    host: str = field(default_factory=socket.gethostname)
     started_at: float = field(default_factory=time.time)
     updated_at: float = 0.0
     ready: bool = False
@@ -44,9 +47,12 @@ class Health:
 
     def problems(self, now: float, max_age: float) -> list[str]:
         """Why this record is unhealthy (empty when healthy); a stopped daemon's record
-        says only that."""
+        says only that, and so does one whose pid is not running on this host (a daemon
+        killed or crashed, which wrote no last record)."""
         if self.stopped_at is not None:
             return [f"stopped: pid {self.pid} shut down {now - self.stopped_at:.0f} s ago"]
+        if self.host == socket.gethostname() and not _running(self.pid):
+            return [f"pid {self.pid} is not running (it ended without a last record)"]
         out = []
         if not self.ready:
             out.append("not ready (the first reconcile has not finished)")
@@ -62,6 +68,17 @@ class Health:
                     " (phones' state is kept and retried)"
                 )
         return out
+
+
+def _running(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # e.g. PermissionError: it exists, run by another user
+    return True
 
 
 def write_health(state_dir: Path, health: Health) -> None:
@@ -84,6 +101,7 @@ class HealthUnreadable(ValueError):
 #: The JSON types each field of a record may have (``None`` included where it may be null).
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "pid": (int,),
+    "host": (str,),
     "started_at": (int, float),
     "updated_at": (int, float),
     "ready": (bool,),
