@@ -17,7 +17,7 @@ from sqlalchemy.exc import DBAPIError
 
 from .aio import wait_first
 from .config import AsteriskServer, Config, cache_names
-from .health import read_health
+from .health import HealthUnreadable, read_health
 from .store.engine import open_engine
 from .store.migrate import current_revision, head_revision
 from .store.schema import users
@@ -134,7 +134,11 @@ async def _missing_caches(client: AmiClient, caches: Sequence[str]) -> list[str]
 
 
 def _health(config: Config) -> Iterator[Check]:
-    health = read_health(Path(config.daemon.state_dir))
+    try:
+        health = read_health(Path(config.daemon.state_dir))
+    except HealthUnreadable as exc:
+        yield ("daemon", False, f"health record unreadable: {exc}")
+        return
     if health is None:
         return
     problems = health.problems(time.time(), max_age=60.0)

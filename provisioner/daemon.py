@@ -52,7 +52,15 @@ from .store.engine import open_engine, reading
 from .targets import Change, Target
 from .targets.templating import SHIPPED_TEMPLATES
 from .threads import in_worker
-from .watch import coalesce, poll_wakeups, postgres_wakeups, sqlite_wakeups, template_wakeups
+from .watch import (
+    TemplateStamp,
+    coalesce,
+    poll_wakeups,
+    postgres_wakeups,
+    sqlite_wakeups,
+    template_stamp,
+    template_wakeups,
+)
 
 __all__ = ["Daemon", "Pbx", "build_target"]
 
@@ -63,6 +71,8 @@ HEARTBEAT_INTERVAL = 15.0
 #: Seconds a successful apply's health write waits: the record is not on the edit's
 #: way to Asterisk, and a stream of edits writes it a few times a second, not per edit.
 HEALTH_DELAY = 0.05
+#: Seconds between two tries to serve the metrics while their port is taken.
+METRICS_RETRY = 5.0
 
 
 @dataclass(frozen=True)
@@ -281,13 +291,17 @@ class Daemon:
         """Open the store, reconcile everything once, start sources and AMI; READY."""
         self.health = Health()
         if self.config.daemon.metrics_port:
-            self.metrics.serve(self.config.daemon.metrics_port)
+            self._spawn(self._serve_metrics(self.config.daemon.metrics_port))
+        dirs = template_dirs(self.config)
+        # Taken before the first reconcile reads the templates: an edit made before the
+        # watcher starts is still seen.
+        templates = template_stamp(dirs)
         first = await self._reconcile_until_done()
         if burst:
             return first
         for source in self.wake_sources:
             self._spawn(source.run(self.tick if source.timer else self.wake, self.stop))
-        self._spawn(self._watch_templates(template_dirs(self.config)))
+        self._spawn(self._watch_templates(dirs, templates))
         if self.pbx is not None:
             self._spawn(self.pbx.run(self.ami_stop))
             if first is not None:
@@ -497,7 +511,7 @@ class Daemon:
             # Watch the new override directory (and no longer the old one).
             self._templates_watch.set()
             self._templates_watch = asyncio.Event()
-            self._spawn(self._watch_templates(dirs))
+            self._spawn(self._watch_templates(dirs, template_stamp(dirs)))
         if config.log != self.config.log:
             configure_logs(config.log.level, config.log.format)
         self.config = config
@@ -507,14 +521,37 @@ class Daemon:
         self.templates_changed.set()
         log.info("config.reloaded", file=config.source)  # ``source`` is the logger's name
 
-    async def _watch_templates(self, dirs: list[Path]) -> None:
-        """Set ``templates_changed`` on any change in ``dirs``, until the daemon stops or a
-        SIGHUP names other directories (which starts another watcher)."""
+    async def _watch_templates(self, dirs: list[Path], since: TemplateStamp) -> None:
+        """Set ``templates_changed`` on any change in ``dirs`` after ``since`` (their stamp
+        when the templates were last read), until the daemon stops or a SIGHUP names other
+        directories (which starts another watcher)."""
         done = self._templates_watch
-        watcher = asyncio.ensure_future(template_wakeups(dirs, self.templates_changed, done))
+        watching = template_wakeups(dirs, self.templates_changed, done, since=since)
+        watcher = asyncio.ensure_future(watching)
         await wait_first(self.stop, done)
         done.set()
         await watcher
+
+    async def _serve_metrics(self, port: int) -> None:
+        """Serve ``/metrics`` on ``port``; while the port is taken (another process, a
+        previous run still stopping), log it once (``metrics.serve_failed``) and try again
+        every ``METRICS_RETRY`` seconds: provisioning never waits for metrics."""
+        failed = False
+        while True:
+            try:
+                self.metrics.serve(port)
+            except OSError as exc:
+                if not failed:
+                    log.error(
+                        "metrics.serve_failed", port=port, error=str(exc), retry_in_s=METRICS_RETRY
+                    )
+                failed = True
+                if await sleep_unless(self.stop, METRICS_RETRY):
+                    return
+                continue
+            if failed:
+                log.info("metrics.serving", port=port)
+            return
 
     async def _watchdog(self, interval: float) -> None:
         # Fed from the event loop itself: a blocked loop starves the watchdog.

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Health", "read_health", "write_health"]
+__all__ = ["Health", "HealthUnreadable", "read_health", "write_health"]
 
 FILE_NAME = "health.json"
 #: Registration writes refused in a row (about 3.5 s of retries) that make the daemon
@@ -27,6 +28,8 @@ class Health:
     """What the daemon last did, and how its connections are."""
 
     pid: int = field(default_factory=os.getpid)
+    #: The host the daemon runs on: its pid is looked up only on that host.
+    host: str = field(default_factory=socket.gethostname)
     started_at: float = field(default_factory=time.time)
     updated_at: float = 0.0
     ready: bool = False
@@ -44,9 +47,12 @@ class Health:
 
     def problems(self, now: float, max_age: float) -> list[str]:
         """Why this record is unhealthy (empty when healthy); a stopped daemon's record
-        says only that."""
+        says only that, and so does one whose pid is not running on this host (a daemon
+        killed or crashed, which wrote no last record)."""
         if self.stopped_at is not None:
             return [f"stopped: pid {self.pid} shut down {now - self.stopped_at:.0f} s ago"]
+        if self.host == socket.gethostname() and not _running(self.pid):
+            return [f"pid {self.pid} is not running (it ended without a last record)"]
         out = []
         if not self.ready:
             out.append("not ready (the first reconcile has not finished)")
@@ -64,6 +70,17 @@ class Health:
         return out
 
 
+def _running(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # e.g. PermissionError: it exists, run by another user
+    return True
+
+
 def write_health(state_dir: Path, health: Health) -> None:
     health.updated_at = time.time()
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -77,10 +94,49 @@ def write_health(state_dir: Path, health: Health) -> None:
         raise
 
 
+class HealthUnreadable(ValueError):
+    """The health record is there but cannot be read as one."""
+
+
+#: The JSON types each field of a record may have (``None`` included where it may be null).
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "pid": (int,),
+    "host": (str,),
+    "started_at": (int, float),
+    "updated_at": (int, float),
+    "ready": (bool,),
+    "last_sync_at": (int, float, type(None)),
+    "last_sync_ok": (bool, type(None)),
+    "last_error": (str,),
+    "provisioned": (int,),
+    "skipped": (int,),
+    "cursor": (int,),
+    "asterisk": (dict,),
+    "stopped_at": (int, float, type(None)),
+}
+
+
 def read_health(state_dir: Path) -> Health | None:
-    """The last record, or None when the daemon never wrote one."""
+    """The last record, or None when the daemon never wrote one.  Fields this version does
+    not know (a later version's) are left out; a file that is not a JSON object of a
+    record's fields raises :class:`HealthUnreadable` saying why."""
     try:
-        data = json.loads((state_dir / FILE_NAME).read_text(encoding="utf-8"))
+        raw = (state_dir / FILE_NAME).read_bytes()
     except FileNotFoundError:
         return None
-    return Health(**data)
+    except OSError as exc:
+        raise HealthUnreadable(f"{exc.strerror or exc}") from None
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # not UTF-8 or not JSON (e.g. empty)
+        raise HealthUnreadable(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise HealthUnreadable(f"a JSON {type(data).__name__}, not an object")
+    known = {f.name for f in fields(Health)}
+    values = {k: v for k, v in data.items() if k in known}
+    for key, value in values.items():
+        if not isinstance(value, _FIELD_TYPES[key]):
+            raise HealthUnreadable(f"{key} is a JSON {type(value).__name__}")
+    if not all(isinstance(state, dict) for state in values.get("asterisk", {}).values()):
+        raise HealthUnreadable("asterisk holds a server that is not an object")
+    return Health(**values)

@@ -9,12 +9,14 @@ by the next wake-up or the periodic reconcile.
   (see :func:`sqlite_wakeups`);
 - PostgreSQL: ``LISTEN provisioner_changes`` (the triggers ``NOTIFY``);
 - MariaDB/MySQL: a timer (the change table is polled).
-- Templates: :mod:`watchfiles` on the template directories.
+- Templates: :mod:`watchfiles` on the template directories, and a look at them every
+  second (a directory deleted and made again is watched anew).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import random
@@ -36,11 +38,13 @@ from .store.schema import changes
 __all__ = [
     "DirectoryWatch",
     "NewestChange",
+    "TemplateStamp",
     "coalesce",
     "newest_change_sql",
     "poll_wakeups",
     "postgres_wakeups",
     "sqlite_wakeups",
+    "template_stamp",
     "template_wakeups",
 ]
 
@@ -260,17 +264,108 @@ class _Follower:
             self.timer = None
 
 
-async def template_wakeups(dirs: Iterable[Path], wake: asyncio.Event, stop: asyncio.Event) -> None:
-    """Set ``wake`` whenever a template file in ``dirs`` changes."""
+#: Seconds between two looks at the template directories themselves, beside the watch: a
+#: directory made after the start, deleted and made again, or replaced is watched anew, and
+#: a change the watch could not see (made before it began) still wakes.
+TEMPLATE_RECHECK = 1.0
+
+#: Per template directory: its path, identity (device, inode; None when absent) and its
+#: files' names, inodes, mtimes and sizes.
+TemplateStamp = tuple[
+    tuple[str, tuple[int, int] | None, tuple[tuple[str, int, int, int], ...]], ...
+]
+
+
+def template_stamp(dirs: Iterable[Path]) -> TemplateStamp:
+    """What the template directories hold now: any edit, atomic replacement, new or removed
+    file, and any directory made, deleted or replaced gives another stamp."""
+    return tuple(_directory_stamp(d) for d in dirs)
+
+
+def _directory_stamp(
+    directory: Path,
+) -> tuple[str, tuple[int, int] | None, tuple[tuple[str, int, int, int], ...]]:
+    try:
+        info = directory.stat()
+        with os.scandir(directory) as entries:
+            files = [(e.name, e.stat()) for e in entries]
+    except OSError:
+        return (str(directory), None, ())
+    held = tuple(sorted((n, s.st_ino, s.st_mtime_ns, s.st_size) for n, s in files))
+    return (str(directory), (info.st_dev, info.st_ino), held)
+
+
+def _identities(stamp: TemplateStamp) -> tuple[tuple[str, tuple[int, int] | None], ...]:
+    return tuple((path, identity) for path, identity, _files in stamp)
+
+
+async def template_wakeups(
+    dirs: Iterable[Path],
+    wake: asyncio.Event,
+    stop: asyncio.Event,
+    *,
+    since: TemplateStamp | None = None,
+    recheck: float = TEMPLATE_RECHECK,
+) -> None:
+    """Set ``wake`` whenever a template file in ``dirs`` changes, including a change made
+    after ``since`` (a :func:`template_stamp` taken before the caller last read them) and
+    before the watch began.
+
+    The existing directories are watched with watchfiles; every ``recheck`` seconds their
+    stamp is compared too, and a directory that appeared, vanished or was replaced is
+    watched anew.  A watch that cannot start (a directory gone meanwhile) is logged
+    (``templates.watch_failed``) and retried: it never ends the daemon."""
+    dirs = list(dirs)
+    seen = since if since is not None else template_stamp(dirs)
+    while not stop.is_set():
+        now = template_stamp(dirs)
+        if now != seen:
+            _templates_changed(wake)
+        seen = now
+        existing = [Path(path) for path, identity, _files in seen if identity is not None]
+        try:
+            if existing:
+                seen = await _watch_templates(existing, dirs, seen, wake, stop, recheck)
+                continue
+        except (OSError, RuntimeError) as exc:  # watchfiles' internal errors are RuntimeErrors
+            log.warning("templates.watch_failed", error=str(exc), retry_in_s=recheck)
+        await sleep_unless(stop, recheck)
+
+
+async def _watch_templates(
+    existing: list[Path],
+    dirs: list[Path],
+    seen: TemplateStamp,
+    wake: asyncio.Event,
+    stop: asyncio.Event,
+    recheck: float,
+) -> TemplateStamp:
+    """Watch ``existing`` until ``stop``, or until a directory of ``dirs`` appears, vanishes
+    or is replaced; return the last stamp."""
     from watchfiles import awatch
 
-    existing = [d for d in dirs if d.is_dir()]
-    if not existing:
-        await stop.wait()
-        return
-    async for _changes in awatch(*existing, stop_event=stop, debounce=50, step=20):
-        log.info("templates.changed")
-        wake.set()
+    watch = awatch(
+        *existing,
+        stop_event=stop,
+        debounce=50,
+        step=20,
+        rust_timeout=max(1, round(recheck * 1000)),
+        yield_on_timeout=True,
+    )
+    async with contextlib.aclosing(watch) as batches:
+        async for batch in batches:
+            now = template_stamp(dirs)
+            if batch or now != seen:
+                _templates_changed(wake)
+            if _identities(now) != _identities(seen):
+                return now
+            seen = now
+    return seen
+
+
+def _templates_changed(wake: asyncio.Event) -> None:
+    log.info("templates.changed")
+    wake.set()
 
 
 async def poll_wakeups(interval: float, wake: asyncio.Event, stop: asyncio.Event) -> None:

@@ -63,3 +63,54 @@ def test_a_stopped_record_names_only_that() -> None:
     assert health.problems(5000.0, max_age=60.0) == [
         f"stopped: pid {health.pid} shut down 4000 s ago"
     ]
+
+
+def test_check_fails_its_daemon_line_for_an_unreadable_record(tmp_path: Path) -> None:
+    """A health record that is not a JSON object of a record's fields fails the daemon
+    check with one line saying so, instead of ending 'provisioner check' with a traceback."""
+    seed_store(store_url(tmp_path), 1).dispose()
+    config = write_config(tmp_path)
+    record = tmp_path / "state" / "health.json"
+    record.parent.mkdir()
+    for body in ["", "{", "[1]", '{"ready": true, "updated_at": "soon"}']:
+        record.write_text(body)
+        result = cli(config, "check", check=False)
+        assert result.code == 1, body
+        (line,) = [line for line in result.out.splitlines() if "daemon:" in line]
+        assert line.startswith("FAIL  daemon: health record unreadable"), (body, line)
+
+
+def test_a_record_with_fields_this_version_does_not_know_is_read(tmp_path: Path) -> None:
+    """Fields a record has that this version does not know are left out; the rest is read."""
+    write_health(tmp_path, _healthy())
+    path = tmp_path / "health.json"
+    path.write_text(path.read_text().replace('{"pid"', '{"from_a_later_version": 1, "pid"'))
+    health = read_health(tmp_path)
+    assert health is not None
+    assert health.problems(health.updated_at, max_age=60.0) == []
+
+
+def test_check_fails_at_once_for_a_daemon_that_was_killed(tmp_path: Path) -> None:
+    """After the daemon is killed (SIGKILL: no last record), 'provisioner check' on the same
+    host fails its daemon line at once, naming the pid that is gone, instead of calling the
+    fresh record healthy for up to 60 s."""
+    seed_store(store_url(tmp_path), 2).dispose()
+    config = write_config(tmp_path)
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    try:
+        assert cli(config, "check").code == 0
+        assert daemon.proc is not None
+        pid = daemon.proc.pid
+    finally:
+        daemon.kill()
+    result = cli(config, "check", check=False)
+    assert result.code == 1
+    (line,) = [line for line in result.out.splitlines() if "daemon:" in line]
+    assert line.startswith(f"FAIL  daemon: pid {pid} is not running"), line
+
+
+def test_a_record_from_another_host_is_not_judged_by_its_pid() -> None:
+    """The pid of a record written on another host says nothing here: it is not looked up."""
+    health = _healthy()
+    health.host, health.pid = "elsewhere.invalid", 2**22 + 1
+    assert health.problems(health.updated_at, max_age=60.0) == []

@@ -1,11 +1,16 @@
-"""Wake-ups of the daemon: the SQLite change-feed follower and the burst window."""
+"""Wake-ups of the daemon: the SQLite change-feed follower, the template watcher and the
+burst window."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 from sqlalchemy import Engine, text
 
 from provisioner.store.changefeed import save_cursor
@@ -14,10 +19,15 @@ from provisioner.store.migrate import upgrade
 from provisioner.watch import (
     DirectoryWatch,
     NewestChange,
+    TemplateStamp,
     _poll_feed,
     coalesce,
     sqlite_wakeups,
+    template_stamp,
+    template_wakeups,
 )
+
+from .faultkit import Daemon, seed_store, store_url, until, write_config
 
 Scenario = Callable[[asyncio.Event, asyncio.Event], Awaitable[None]]
 
@@ -159,3 +169,141 @@ def test_coalesce_returns_once_wake_ups_stop() -> None:
         return loop.time() - started
 
     assert asyncio.run(scenario()) >= 0.1 + 4 * 0.02
+
+
+def _watch_templates(
+    dirs: list[Path], scenario: Scenario, since: TemplateStamp | None = None
+) -> None:
+    """Run ``template_wakeups`` on ``dirs`` while ``scenario(wake, stop)`` runs, then stop it."""
+
+    async def main() -> None:
+        wake, stop = asyncio.Event(), asyncio.Event()
+        watcher = asyncio.ensure_future(template_wakeups(dirs, wake, stop, since=since))
+        try:
+            await scenario(wake, stop)
+            assert not watcher.done(), "the template watcher ended"
+        finally:
+            stop.set()
+            await asyncio.wait_for(watcher, 10)
+
+    asyncio.run(main())
+
+
+def test_a_template_directory_deleted_and_made_again_is_watched_again(tmp_path: Path) -> None:
+    """Templates written into an override directory that was deleted and made again wake
+    the daemon, at once and at every later edit."""
+    override = tmp_path / "override"
+    override.mkdir()
+    header = override / "header.j2"
+    header.write_text("; v1\n")
+
+    async def scenario(wake: asyncio.Event, _stop: asyncio.Event) -> None:
+        await asyncio.sleep(0.5)  # the watch is up
+        await asyncio.to_thread(shutil.rmtree, override)
+        assert await _set_within(wake, 5), "no wake-up for the directory's removal"
+        await asyncio.sleep(1.5)
+        wake.clear()
+        override.mkdir()
+        header.write_text("; v2\n")
+        assert await _set_within(wake, 5), "no wake-up for the directory made again"
+        await asyncio.sleep(1.5)
+        wake.clear()
+        header.write_text("; v3, longer\n")
+        assert await _set_within(wake, 5), "no wake-up for an edit in the directory made again"
+
+    _watch_templates([override], scenario)
+
+
+def test_a_template_directory_made_after_the_start_is_watched(tmp_path: Path) -> None:
+    """An override directory that did not exist when the watch began wakes the daemon once
+    it is made with a template in it."""
+    override = tmp_path / "override"
+
+    async def scenario(wake: asyncio.Event, _stop: asyncio.Event) -> None:
+        assert not await _set_within(wake, 1.5)
+        override.mkdir()
+        (override / "header.j2").write_text("; v1\n")
+        assert await _set_within(wake, 5), "no wake-up for the new directory"
+
+    _watch_templates([override], scenario)
+
+
+def test_a_template_edit_made_before_the_watch_began_still_wakes(tmp_path: Path) -> None:
+    """A template replaced after the caller took its stamp, before the watch began, wakes
+    the daemon."""
+    override = tmp_path / "override"
+    override.mkdir()
+    (override / "header.j2").write_text("; v1\n")
+    since = template_stamp([override])
+    (override / "header.j2.tmp").write_text("; v2\n")
+    os.replace(override / "header.j2.tmp", override / "header.j2")
+
+    async def scenario(wake: asyncio.Event, _stop: asyncio.Event) -> None:
+        assert await _set_within(wake, 5), "the edit before the watch was missed"
+
+    _watch_templates([override], scenario, since=since)
+
+
+def test_a_template_watch_that_cannot_start_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watch that fails to start (its directory gone in between) is logged and retried;
+    the watcher keeps running and still sees the next edit."""
+    import watchfiles
+
+    real_awatch = watchfiles.awatch
+    failures = [FileNotFoundError(2, "No path was found.")]
+
+    def flaky_awatch(*paths: Path, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return real_awatch(*paths, **kwargs)
+
+    monkeypatch.setattr(watchfiles, "awatch", flaky_awatch)
+    override = tmp_path / "override"
+    override.mkdir()
+
+    async def scenario(wake: asyncio.Event, _stop: asyncio.Event) -> None:
+        await asyncio.sleep(2.5)  # failed once, then watching
+        assert not failures
+        wake.clear()
+        (override / "header.j2").write_text("; v1\n")
+        assert await _set_within(wake, 5), "no wake-up after the failed start"
+
+    _watch_templates([override], scenario)
+
+
+def test_the_daemon_renders_template_edits_from_its_start_and_after_a_directory_is_remade(
+    tmp_path: Path,
+) -> None:
+    """A real daemon renders a template replaced the moment it is ready, and one written
+    into its override directory after the directory was deleted and made again."""
+    override = tmp_path / "override"
+    override.mkdir()
+    header = override / "header.j2"
+    header.write_text("; v1\n")
+    seed_store(store_url(tmp_path), 1).dispose()
+    config = write_config(tmp_path, extra=[])
+    config.write_text(
+        config.read_text().replace("[target]\n", f'[target]\ntemplates = "{override}"\n')
+    )
+    conf = tmp_path / "pjsip_users.conf"
+
+    def first_line() -> str:
+        return conf.read_text().split("\n", 1)[0]
+
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    try:
+        (override / "header.tmp").write_text("; v2\n")
+        os.replace(override / "header.tmp", header)  # an editor's save
+        until(lambda: first_line() == "; v2", 10, "the edit made at start rendered")
+        shutil.rmtree(override)
+        until(lambda: first_line() != "; v2", 10, "the removal rendered")
+        override.mkdir()
+        header.write_text("; v3\n")
+        until(lambda: first_line() == "; v3", 10, "the directory made again rendered")
+        header.write_text("; v4\n")
+        until(lambda: first_line() == "; v4", 10, "an edit in the new directory rendered")
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
