@@ -205,6 +205,8 @@ class Daemon:
     #: The pending deferred health write (see :meth:`_write_health_soon`).
     _health_due: asyncio.TimerHandle | None = None
     _last_exc: BaseException | None = None
+    #: Seconds before a failed apply is run again (0: the last one did not fail).
+    _retry_delay: float = 0.0
     #: The first error a task ended with (see :meth:`_task_ended`).
     _failure: BaseException | None = None
     metrics: Metrics = field(default_factory=Metrics)
@@ -334,13 +336,29 @@ class Daemon:
             if self.reload_requested:
                 self.reload_requested = False
                 await self._reload_config()
-            if self.templates_changed.is_set() or time.monotonic() >= self._next_reconcile:
+            full = self.templates_changed.is_set() or time.monotonic() >= self._next_reconcile
+            if full:
                 self.templates_changed.clear()
                 self._next_reconcile = time.monotonic() + interval if interval else float("inf")
                 await self._run(self._full)
             else:
                 await self._run(self._incremental)
+            self._retry_if_failed(full=full)
             burst = self._woken_while_applying
+
+    def _retry_if_failed(self, *, full: bool) -> None:
+        """After an apply that failed for the store's or the disk's sake, run again after
+        a pause doubling from 0.5 s up to 30 s: what it missed must not wait for the next
+        edit or the safety-net poll (a full reconcile is retried as one)."""
+        if self.health.last_sync_ok or not isinstance(self._last_exc, _RETRYABLE):
+            self._retry_delay = 0.0
+            return
+        self._retry_delay = min(30.0, self._retry_delay * 2) if self._retry_delay else 0.5
+        log.info("sync.retry", full=full, retry_in_s=self._retry_delay)
+        if full:
+            self._next_reconcile = min(self._next_reconcile, time.monotonic() + self._retry_delay)
+        else:
+            asyncio.get_running_loop().call_later(self._retry_delay, self.tick.set)
 
     async def shutdown(self, work: asyncio.Task[Applied | None] | None = None) -> None:
         """Stop the sources, let ``work`` (the startup and main loop, whose errors are the

@@ -173,3 +173,57 @@ def test_a_database_error_anywhere_in_a_failure_keeps_its_traceback_out() -> Non
     assert _holds_db_error(wrapped)
     assert _holds_db_error(ExceptionGroup("tasks", [ValueError("v"), db]))
     assert not _holds_db_error(RuntimeError("plain"))
+
+
+def test_an_apply_that_failed_on_the_store_runs_again_without_a_wake_up(tmp_path: Path) -> None:
+    """An incremental apply that failed because the store was locked runs again after a
+    pause (sync.retry), with no edit or poll to wake it, and then succeeds."""
+    import sqlite3
+
+    from provisioner.accounts import Accounts, Policy
+    from provisioner.store.migrate import upgrade
+
+    db = tmp_path / "store.db"
+    config = load_config(
+        None,
+        env={},
+        overrides={
+            "store": {"url": f"sqlite:///{db}", "busy_timeout": 0.2},
+            "target": {"path": str(tmp_path / "pjsip_users.conf")},
+            "security": {"password_policy": False},
+            "daemon": {"state_dir": str(tmp_path / "state")},
+        },
+    )
+    daemon = Daemon.from_config(config)
+    upgrade(daemon.engine)
+    acc = Accounts(daemon.engine, Policy(password_policy=False))
+    acc.add_user({"username": "root", "role": "admin", "full_name": "Root", "email": "r@x.io"})
+    daemon.wake_sources = []  # no watcher, no poll: only a retry can run the apply again
+
+    async def scenario() -> tuple[bool, bool, list[str]]:
+        with capture_logs() as logs:
+            serving = asyncio.ensure_future(daemon.serve())
+            while not daemon.health.ready:
+                await asyncio.sleep(0.02)
+            acc.edit_user("root", {"full_name": "Root Again"})
+            locker = sqlite3.connect(db, isolation_level=None)
+            locker.execute("BEGIN EXCLUSIVE")  # the cursor save waits, then fails
+            daemon.wake.set()
+            while daemon.health.last_sync_ok:
+                await asyncio.sleep(0.02)
+            failed = not daemon.health.last_sync_ok
+            locker.execute("COMMIT")
+            locker.close()
+            for _ in range(250):
+                if daemon.health.last_sync_ok:
+                    break
+                await asyncio.sleep(0.02)
+            recovered = bool(daemon.health.last_sync_ok)
+            daemon.handle_exit()
+            await serving
+        return failed, recovered, [e["event"] for e in logs]
+
+    failed, recovered, events = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert failed
+    assert recovered
+    assert "sync.retry" in events
