@@ -132,11 +132,25 @@ def _placement(config: Config) -> tuple[str, str, str, str, int]:
 
 #: Sections a SIGHUP cannot apply: the store's engine and the AMI sessions are built once.
 RESTART_SECTIONS = ("store", "ami", "asterisk")
+#: Single keys only a restart applies: the wake-up sources and the metrics server are
+#: built once, at the start.
+RESTART_KEYS = (
+    ("daemon", "metrics_port"),
+    ("daemon", "poll_interval"),
+    ("daemon", "sqlite_poll"),
+)
 
 
 def _needs_restart(new: Config, old: Config) -> list[str]:
-    """The sections of :data:`RESTART_SECTIONS` that differ between ``new`` and ``old``."""
-    return [name for name in RESTART_SECTIONS if getattr(new, name) != getattr(old, name)]
+    """The sections of :data:`RESTART_SECTIONS` and the keys of :data:`RESTART_KEYS`
+    (as ``section.key``) that differ between ``new`` and ``old``."""
+    sections = [name for name in RESTART_SECTIONS if getattr(new, name) != getattr(old, name)]
+    keys = [
+        f"{section}.{key}"
+        for section, key in RESTART_KEYS
+        if getattr(getattr(new, section), key) != getattr(getattr(old, section), key)
+    ]
+    return sections + keys
 
 
 def template_dirs(config: Config) -> list[Path]:
@@ -339,6 +353,7 @@ class Daemon:
             full = self.templates_changed.is_set() or time.monotonic() >= self._next_reconcile
             if full:
                 self.templates_changed.clear()
+                interval = self.config.daemon.reconcile_interval  # SIGHUP may change it
                 self._next_reconcile = time.monotonic() + interval if interval else float("inf")
                 await self._run(self._full)
             else:
@@ -532,6 +547,10 @@ class Daemon:
             self._spawn(self._watch_templates(dirs, template_stamp(dirs)))
         if config.log != self.config.log:
             configure_logs(config.log.level, config.log.format)
+        if config.daemon.reconcile_interval != self.config.daemon.reconcile_interval:
+            # Counted from now: the main loop read the old interval when it last set it.
+            every = config.daemon.reconcile_interval
+            self._next_reconcile = time.monotonic() + every if every else float("inf")
         self.config = config
         self.tracker.grace = config.daemon.cursor_grace
         self.applier.settings = RenderSettings.from_config(config)

@@ -54,6 +54,22 @@ def test_restart_needed_names_the_sections_a_sighup_cannot_apply(tmp_path: Path)
     assert _needs_restart(moved, old) == ["store", "ami"]
 
 
+def test_restart_needed_names_the_daemon_keys_built_once(tmp_path: Path) -> None:
+    """A new metrics port or poll interval is reported as needing a restart; a new
+    quiescence window is not (the loop reads it each time)."""
+    base = {
+        "store": {"url": f"sqlite:///{tmp_path / 'store.db'}"},
+        "target": {"path": str(tmp_path / "pjsip_users.conf")},
+    }
+    old = load_config(None, env={}, overrides=base)
+    new = load_config(
+        None,
+        env={},
+        overrides={**base, "daemon": {"metrics_port": 9999, "poll_interval": 2, "quiet": 0.1}},
+    )
+    assert _needs_restart(new, old) == ["daemon.metrics_port", "daemon.poll_interval"]
+
+
 def test_a_bad_config_on_sighup_logs_every_problem_at_once(tmp_path: Path) -> None:
     """A SIGHUP re-read of a file with several problems logs them all in one record and keeps
     the old config."""
