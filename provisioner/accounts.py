@@ -8,7 +8,7 @@ once to the caller, which shows it once.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -68,6 +68,19 @@ _ADD_RETRIES = 20
 _EDIT_RETRIES = 3
 
 
+def _unfit_actor(row: Any) -> str | None:
+    """Why the user ``row`` (None: no such user) cannot act on the store, or None."""
+    if row is None:
+        return "names no user"
+    if row.role != "admin":
+        return "is not an admin"
+    if row.deleted_at is not None:
+        return "is in deleted members"
+    if row.disabled:
+        return "is disabled"
+    return None
+
+
 def utcnow() -> datetime:
     """Naive UTC now: the store keeps naive UTC timestamps on every backend."""
     return datetime.now(UTC).replace(tzinfo=None)
@@ -119,12 +132,21 @@ class Created:
 
 
 class Accounts:
-    """User and profile administration over one store."""
+    """User and profile administration over one store.
 
-    def __init__(self, engine: Engine, policy: Policy, clock: Clock = utcnow) -> None:
+    ``actor`` is the admin who acts (a web UI's logged-in admin, the CLI's ``--as``).
+    With one, every change checks, in its own transaction, that it names an existing,
+    active admin, and only the first admin may change the first admin.  Without one
+    (an operator holding the store's credentials, trusted like a DBA) neither applies.
+    """
+
+    def __init__(
+        self, engine: Engine, policy: Policy, clock: Clock = utcnow, *, actor: str | None = None
+    ) -> None:
         self.engine = engine
         self.policy = policy
         self.clock = clock
+        self.actor = actor
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
@@ -141,6 +163,44 @@ class Accounts:
                 hint = " (is the schema missing or old? run `provisioner db upgrade`)"
             raise StoreUnavailable(f"user store unavailable: {detail}{hint}") from None
 
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """One transaction for a change: with an :attr:`actor`, it is first checked to be
+        an existing, active admin (:meth:`actor_id`), in the same transaction."""
+        with self.transaction() as conn:
+            self.actor_id(conn)
+            yield conn
+
+    # -- who acts -----------------------------------------------------------------
+
+    def actor_id(self, conn: Connection) -> int | None:
+        """The acting admin's id, None without an :attr:`actor`; :class:`ForbiddenError` on
+        field ``actor`` when it names no user, a non-admin, a deleted or a disabled one."""
+        if self.actor is None:
+            return None
+        row: Any = None
+        with suppress(NotFoundError):
+            row = q.fetch_user_row(conn, self.actor)
+        unfit = _unfit_actor(row)
+        if unfit is not None:
+            raise ForbiddenError.one(
+                "actor", f"{self.actor!r} {unfit}; only an existing, active admin acts"
+            )
+        return int(row.id)
+
+    def guard_first_admin(self, conn: Connection, row: Any, *, line: int | None = None) -> None:
+        """:class:`ForbiddenError` (field ``username``) when an :attr:`actor` other than the
+        first admin is about to change the user ``row`` and ``row`` is the first admin."""
+        if self.actor is None or row.id != q.first_admin_id(conn):
+            return
+        if self.actor_id(conn) == row.id:
+            return
+        rule = (
+            f"{row.username} is the first admin, and the first admin is edited only by "
+            f"itself (not by {self.actor})"
+        )
+        raise ForbiddenError([Problem("username", rule, line)])
+
     # -- profiles -------------------------------------------------------------
 
     def add_profile(self, name: str, description: str = "") -> Profile:
@@ -148,7 +208,7 @@ class Accounts:
         name, description = check_profile_fields(name, description)
 
         def write() -> Profile:
-            with self.transaction() as conn:
+            with self.write() as conn:
                 taken = q.profile_name_taken(conn, name)
                 if taken == name:
                     raise ConflictError.one("name", f"profile {name!r} already exists")
@@ -212,7 +272,7 @@ class Accounts:
         """
 
         def write() -> Created:
-            with self.transaction() as conn:
+            with self.write() as conn:
                 allocator = q.ExtensionAllocator(conn, self.policy.ext_first, self.policy.ext_last)
                 user_id, secret = self.add_in(conn, values, allocator, self.clock())
                 user = q.load_users(conn, ids=[user_id])[0]
@@ -313,7 +373,7 @@ class Accounts:
         """
 
         def write() -> User:
-            with self.transaction() as conn:
+            with self.write() as conn:
                 row = q.fetch_user_row(conn, username)
                 self.edit_in(conn, row, values, self.clock())
                 return q.load_users(conn, ids=[row.id], deleted=None)[0]
@@ -333,7 +393,12 @@ class Accounts:
         *,
         line: int | None = None,
     ) -> bool:
-        """Apply ``values`` to the user ``row`` on the caller's transaction; True if it changed."""
+        """Apply ``values`` to the user ``row`` on the caller's transaction; True if it changed.
+
+        A change to the first admin (or any SIP secret given for it) by another
+        :attr:`actor` is refused (:meth:`guard_first_admin`); an edit that changes nothing
+        is not a change, so a re-imported export passes.
+        """
         problems = []
         for name in IMMUTABLE_FIELDS:
             given = values.get(name)
@@ -370,16 +435,23 @@ class Accounts:
             update_row["avatar"] = clean["avatar"]
             update_row["avatar_type"] = sniff_avatar(clean["avatar"])
         changed = {k: v for k, v in update_row.items() if row._mapping.get(k) != v}
-        attrs_changed = False
-        if "attributes" in clean:
-            current = q.load_users(conn, ids=[row.id], deleted=None)[0].attributes
-            if dict(current) != clean["attributes"]:
-                q.replace_attributes(conn, row.id, clean["attributes"])
-                attrs_changed = True
+        attrs_changed = "attributes" in clean and self._attributes_differ(conn, row, clean)
+        # A given SIP secret counts as a change even when it is the stored one: a refusal
+        # must not tell another admin whether its guess was right.
+        if changed or attrs_changed or clean.get("sip_secret"):
+            self.guard_first_admin(conn, row, line=line)
+        if attrs_changed:
+            q.replace_attributes(conn, row.id, clean["attributes"])
         if changed or attrs_changed:
             changed["updated_at"] = now
             q.update_user(conn, row.id, changed)
         return bool(changed or attrs_changed)
+
+    @staticmethod
+    def _attributes_differ(conn: Connection, row: Any, clean: Mapping[str, Any]) -> bool:
+        """True when ``clean["attributes"]`` is not what the user ``row`` holds."""
+        current = q.load_users(conn, ids=[row.id], deleted=None)[0].attributes
+        return bool(dict(current) != clean["attributes"])
 
     def _validate(
         self, values: Mapping[str, Any], problems: list[Problem], line: int | None
@@ -444,7 +516,7 @@ class Accounts:
         """Apply ``change`` to every named user in one transaction, or to none."""
         if not usernames:
             raise InvalidInput.one("username", "name at least one user")
-        with self.transaction() as conn:
+        with self.write() as conn:
             rows = []
             missing = []
             for name in usernames:
@@ -486,6 +558,7 @@ class Accounts:
         def change(conn: Connection, row: Any, now: datetime) -> None:
             self._not_deleted(row)
             if row.disabled:
+                self.guard_first_admin(conn, row)
                 q.update_user(conn, row.id, {"disabled": False, "updated_at": now})
 
         return self._bulk(usernames, change)
@@ -493,6 +566,7 @@ class Accounts:
     def unlock(self, usernames: Sequence[str]) -> list[str]:
         def change(conn: Connection, row: Any, now: datetime) -> None:
             if row.locked_at is not None or row.failed_logins:
+                self.guard_first_admin(conn, row)
                 q.update_user(
                     conn, row.id, {"locked_at": None, "failed_logins": 0, "updated_at": now}
                 )
@@ -512,6 +586,7 @@ class Accounts:
     def restore(self, usernames: Sequence[str]) -> list[str]:
         def change(conn: Connection, row: Any, now: datetime) -> None:
             if row.deleted_at is not None:
+                self.guard_first_admin(conn, row)
                 q.update_user(conn, row.id, {"deleted_at": None, "updated_at": now})
 
         return self._bulk(usernames, change)
@@ -533,8 +608,9 @@ class Accounts:
 
     def set_password(self, username: str, password: str) -> None:
         clean = validate_fields({"password": password}, password_policy=self.policy.password_policy)
-        with self.transaction() as conn:
+        with self.write() as conn:
             row = q.fetch_user_row(conn, username)
+            self.guard_first_admin(conn, row)
             self._not_deleted(row)
             now = self.clock()
             q.update_user(
@@ -552,8 +628,9 @@ class Accounts:
         if secret is not None:
             secret = validate_fields({"sip_secret": secret})["sip_secret"]
         secret = secret or credentials.generate_sip_secret()
-        with self.transaction() as conn:
+        with self.write() as conn:
             row = q.fetch_user_row(conn, username)
+            self.guard_first_admin(conn, row)
             self._not_deleted(row)
             digests = credentials.sip_digests(row.username, self.policy.realm, secret)
             q.update_user(
@@ -571,8 +648,9 @@ class Accounts:
     def generate_apikey(self, username: str) -> str:
         """A new API key (replacing any old one: at most one per user); return it to show once."""
         key = credentials.generate_apikey()
-        with self.transaction() as conn:
+        with self.write() as conn:
             row = q.fetch_user_row(conn, username)
+            self.guard_first_admin(conn, row)
             self._not_deleted(row)
             now = self.clock()
             q.update_user(
@@ -587,8 +665,9 @@ class Accounts:
         return key
 
     def remove_apikey(self, username: str) -> None:
-        with self.transaction() as conn:
+        with self.write() as conn:
             row = q.fetch_user_row(conn, username)
+            self.guard_first_admin(conn, row)
             q.update_user(
                 conn,
                 row.id,

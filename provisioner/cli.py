@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError
 
 from . import csvio
 from .accounts import Accounts, Policy
-from .config import Config, display_url, load_config, parse_sets
+from .config import ENV_ACTOR, Config, display_url, load_config, parse_sets
 from .errors import (
     ConfigError,
     ForbiddenError,
@@ -45,11 +45,19 @@ log = get_logger(__name__)
 class App:
     """What every command needs, built once from the config (the one ``from_config`` place)."""
 
-    def __init__(self, config_path: str | None, sets: Sequence[str], verbose: bool) -> None:
+    def __init__(
+        self,
+        config_path: str | None,
+        sets: Sequence[str],
+        verbose: bool,
+        actor: str | None = None,
+    ) -> None:
         self.config_path = config_path
         #: ``--set`` flags (with the shorthands), kept for the daemon's SIGHUP.
         self.sets = sets
         self._verbose = verbose
+        #: ``--as``: the admin who acts (None: an operator trusted like a DBA).
+        self.actor = actor
         self._config: Config | None = None
         self._accounts: Accounts | None = None
 
@@ -67,7 +75,7 @@ class App:
         if self._accounts is None:
             cfg = self.config
             engine = open_engine(cfg.store.url, busy_timeout=cfg.store.busy_timeout)
-            self._accounts = Accounts(engine, Policy.from_config(cfg))
+            self._accounts = Accounts(engine, Policy.from_config(cfg), actor=self.actor)
         return self._accounts
 
 
@@ -89,6 +97,14 @@ pass_app = click.make_pass_decorator(App)
     help="Override one config key (beats the file and the environment).",
 )
 @click.option("--store-url", help="Shorthand for --set store.url=URL.")
+@click.option(
+    "--as",
+    "actor",
+    metavar="USERNAME",
+    envvar=ENV_ACTOR,
+    help="Act as this admin (else $PROVISIONER_AS): it must be an existing, active admin, "
+    "and only the first admin may change the first admin.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log events to stderr at the configured level.")
 @click.pass_context
 def cli(
@@ -96,11 +112,12 @@ def cli(
     config_path: str | None,
     sets: tuple[str, ...],
     store_url: str | None,
+    actor: str | None,
     verbose: bool,
 ) -> None:
     """Turn contact-center users into live Asterisk PJSIP endpoints."""
     all_sets = [*sets, *([f"store.url={store_url}"] if store_url else [])]
-    ctx.obj = App(config_path, all_sets, verbose)
+    ctx.obj = App(config_path, all_sets, verbose, actor)
 
 
 # -- output helpers -------------------------------------------------------------

@@ -3,10 +3,11 @@
 The file is ``--config``, else ``$PROVISIONER_CONFIG``, else
 ``/etc/provisioner/provisioner.toml`` when it exists, else none (defaults only).
 Every key can be overridden from the environment as ``PROVISIONER_<SECTION>__<KEY>``
-(``PROVISIONER_STORE__URL``).  All problems (unknown keys, wrong types, broken
-rules, unreadable ``--set`` flags) are collected and raised together as one
-:class:`~provisioner.errors.ConfigError`: a rule that spans several fields is checked
-even when another field fails, so one run shows everything to fix.
+(``PROVISIONER_STORE__URL``); ``$PROVISIONER_AS`` names the acting admin, not a key.
+All problems (unknown keys, wrong types, broken rules, unreadable ``--set`` flags) are
+collected and raised together as one :class:`~provisioner.errors.ConfigError`: a rule
+that spans several fields is checked even when another field fails, so one run shows
+everything to fix.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ __all__ = [
 DEFAULT_CONFIG_PATH = Path("/etc/provisioner/provisioner.toml")
 ENV_PREFIX = "PROVISIONER_"
 ENV_CONFIG = "PROVISIONER_CONFIG"
+#: The acting admin (the CLI's ``--as``): not a config key, like ``PROVISIONER_CONFIG``.
+ENV_ACTOR = "PROVISIONER_AS"
 
 
 class _Section(BaseModel):
@@ -537,7 +540,7 @@ def _set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG:
+        if not name.startswith(ENV_PREFIX) or name in (ENV_CONFIG, ENV_ACTOR):
             continue
         keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__") if k]
         if keys:

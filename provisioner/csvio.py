@@ -211,7 +211,9 @@ def import_users(
     then nothing has changed.  With ``dry_run`` everything is checked and rolled back.
     When a concurrent writer takes an extension or a name the import meant to write,
     the import runs again from the first row, so it allocates past it or reports the
-    clash on its row, never a database error.
+    clash on its row, never a database error.  With an acting admin
+    (:attr:`Accounts.actor`) a row that would change the first admin is refused, on its
+    line, unless that admin is the first admin itself (unchanged rows pass).
     """
     if isinstance(source, str):
         source = io.StringIO(source)
@@ -235,7 +237,7 @@ def _import_rows(
     problems: list[Problem] = []
     seen: dict[str, int] = {}
     try:
-        with accounts.transaction() as conn:
+        with accounts.write() as conn:
             allocator = q.ExtensionAllocator(
                 conn, accounts.policy.ext_first, accounts.policy.ext_last
             )
@@ -328,6 +330,8 @@ def _set_disabled(
         return False
     if flag and user_id == q.first_admin_id(conn):
         raise InvalidInput([Problem("disabled", "the first admin can never be disabled", line)])
+    if row is not None:
+        accounts.guard_first_admin(conn, row, line=line)
     q.update_user(conn, user_id, {"disabled": flag, "updated_at": now})
     return True
 

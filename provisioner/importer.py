@@ -667,7 +667,7 @@ def apply_plan(
     if rule is not None:
         problems.append(Problem("--email-domain", f"{email_domain!r} {rule}"))
     try:
-        with accounts.transaction() as conn:
+        with accounts.write() as conn:
             if q.profile_by_name(conn, profile) is None:
                 problems.append(
                     Problem("--profile", f"must name an existing profile ({profile!r} does not)")

@@ -46,8 +46,8 @@ def _fast_hashes_and_clock(monkeypatch: pytest.MonkeyPatch, clock: FakeClock) ->
     cheap_argon2(monkeypatch)
 
     # The CLI builds its Accounts itself; give it the test's clock.
-    def accounts(engine: Engine, policy: Policy) -> Accounts:
-        return Accounts(engine, policy, clock)
+    def accounts(engine: Engine, policy: Policy, *, actor: str | None = None) -> Accounts:
+        return Accounts(engine, policy, clock, actor=actor)
 
     monkeypatch.setattr(cli_module, "Accounts", accounts)
 
@@ -465,3 +465,82 @@ def test_realtime_dry_run_creates_no_table(cli: Cli, db_url: str) -> None:
         assert "would be added 0" in cli.ok("render", "--target", "realtime", "--dry-run")
     finally:
         target.dispose()
+
+
+# -- who acts: --as ---------------------------------------------------------------------------
+
+ONLY_ITSELF = "root is the first admin, and the first admin is edited only by itself"
+
+
+def _add_boss(cli: Cli) -> None:
+    cli.ok("user", "add", "boss", "--role", "admin", "--full-name", "Boss", "--email", "b@ex.com")
+
+
+def test_as_another_admin_editing_the_first_admin_exits_5(cli: Cli, store: Engine) -> None:
+    """``--as boss`` editing, re-keying or re-passwording root exits 5 naming root and the
+    rule, and root's row stays as it was."""
+    _add_boss(cli)
+    before = dict(user_row(store, "root")._mapping)
+    for args in (
+        ("user", "edit", "root", "--email", "evil@example.com"),
+        ("user", "edit", "root", "--nat", "comedia"),
+        ("user", "passwd", "root"),
+        ("user", "sip-secret", "root", "--rotate"),
+        ("user", "apikey", "root", "generate"),
+    ):
+        result = cli("--as", "boss", *args, input=GOOD_PASSWORD + "\n")
+        assert result.code == 5, (args, result)
+        assert result.err == f"error: not allowed\n  username: {ONLY_ITSELF} (not by boss)\n"
+    assert dict(user_row(store, "root")._mapping) == before
+
+
+def test_as_the_first_admin_or_without_as_root_is_edited(cli: Cli, store: Engine) -> None:
+    """``--as root`` edits root, and so does a command without ``--as``, as before."""
+    _add_boss(cli)
+    assert "updated root" in cli.ok("--as", "root", "user", "edit", "root", "--email", "a@ex.com")
+    assert user_row(store, "root").email == "a@ex.com"
+    assert "updated root" in cli.ok("user", "edit", "root", "--email", "b@ex.com")
+    assert user_row(store, "root").email == "b@ex.com"
+    assert "updated boss" in cli.ok("--as", "boss", "user", "edit", "boss", "--nat", "yes")
+
+
+def test_provisioner_as_names_the_actor_and_is_no_config_key(cli: Cli, store: Engine) -> None:
+    """``$PROVISIONER_AS`` acts like ``--as`` (and is not read as a config key)."""
+    _add_boss(cli)
+    cli.env["PROVISIONER_AS"] = "boss"
+    refused = cli("user", "edit", "root", "--email", "evil@example.com")
+    assert refused.code == 5, refused
+    assert ONLY_ITSELF in refused.err
+    assert "updated boss" in cli.ok("user", "edit", "boss", "--email", "bb@ex.com")
+    assert "updated root" in cli.ok("--as", "root", "user", "edit", "root", "--email", "r@ex.com")
+
+
+def test_as_an_unfit_actor_exits_5_naming_actor(cli: Cli, store: Engine) -> None:
+    """``--as`` naming no user, or a non-admin, changes nothing and exits 5 on field actor."""
+    _add(cli, "alice")
+    for actor, rule in (("ghost", "'ghost' names no user"), ("alice", "'alice' is not an admin")):
+        result = cli("--as", actor, "user", "edit", "alice", "--nat", "yes")
+        assert result.code == 5, result
+        assert f"  actor: {rule}; only an existing, active admin acts" in result.err
+    assert user_row(store, "alice").nat == "no"
+
+
+def test_as_another_admin_importing_a_change_to_root_is_refused(
+    cli: Cli, store: Engine, tmp_path: Path
+) -> None:
+    """``--as boss user import`` re-importing an export passes, but one that changes root is
+    refused naming its line, and none of its rows is applied."""
+    _add_boss(cli)
+    _add(cli, "alice")
+    csv_file = tmp_path / "users.csv"
+    cli.ok("user", "export", "--csv", str(csv_file))
+    assert "unchanged 3" in cli.ok("--as", "boss", "user", "import", "--csv", str(csv_file))
+    text = csv_file.read_text(encoding="utf-8")
+    csv_file.write_text(text.replace("r@example.com", "x@ex.com").replace("Alice A", "Al"))
+    result = cli("--as", "boss", "user", "import", "--csv", str(csv_file))
+    assert result.code == 2, result
+    assert f"  line 2: username: {ONLY_ITSELF} (not by boss)" in result.err
+    assert (user_row(store, "root").email, user_row(store, "alice").full_name) == (
+        "r@example.com",
+        "Alice A",
+    )

@@ -66,6 +66,11 @@ def test_config_path_from_environment(tmp_path: Path) -> None:
     assert cfg.source == str(path)
 
 
+def test_acting_admin_in_the_environment_is_no_config_key() -> None:
+    """PROVISIONER_AS (the CLI's --as) is not read as a config key, so it breaks no config."""
+    assert load_config(env={"PROVISIONER_AS": "boss"}).sip.realm == "asterisk"
+
+
 def test_explicit_path_beats_environment_path(tmp_path: Path) -> None:
     """--config wins over PROVISIONER_CONFIG."""
     a = _write(tmp_path, "[sip]\nrealm = 'a'\n", "a.toml")
