@@ -35,6 +35,7 @@ from .model import (
     account_state,
     check_profile_fields,
     is_locked,
+    merge_attributes,
     sniff_avatar,
     validate_fields,
 )
@@ -365,8 +366,18 @@ class Accounts:
         q.replace_attributes(conn, user_id, clean.get("attributes", {}))
         return user_id, generated
 
-    def edit_user(self, username: str, values: Mapping[str, Any]) -> User:
+    def edit_user(
+        self,
+        username: str,
+        values: Mapping[str, Any],
+        *,
+        attribute_changes: Mapping[str, str] | None = None,
+    ) -> User:
         """Change any field but role and username; a deleted user must be restored first.
+
+        ``attribute_changes`` sets attributes (an empty value removes one) over those
+        stored, read in the edit's own transaction with the user's row locked: a
+        concurrent edit of the user's other attributes is kept, not overwritten.
 
         An extension taken by a concurrent writer between the check and the write is
         refused like any taken extension (the edit runs again and its check sees it).
@@ -374,8 +385,12 @@ class Accounts:
 
         def write() -> User:
             with self.write() as conn:
-                row = q.fetch_user_row(conn, username)
-                self.edit_in(conn, row, values, self.clock())
+                row = q.fetch_user_row(conn, username, lock=attribute_changes is not None)
+                wanted = dict(values)
+                if attribute_changes is not None:
+                    current = q.attributes_of(conn, row.id)
+                    wanted["attributes"] = merge_attributes(current, attribute_changes)
+                self.edit_in(conn, row, wanted, self.clock())
                 return q.load_users(conn, ids=[row.id], deleted=None)[0]
 
         return rerun_on_unique_clash(

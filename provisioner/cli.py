@@ -316,18 +316,14 @@ def user_add(app: App, /, username: str, role: str, **opts: Any) -> None:
 def user_edit(app: App, /, username: str, **opts: Any) -> None:
     """Change any field but role and username."""
     values = _field_values(opts)
-    if opts["attrs"]:
-        attrs = dict(app.accounts.get_user(username).attributes)
-        for key, value in _parse_attrs(opts["attrs"]).items():
-            if value == "":
-                attrs.pop(key, None)
-            else:
-                attrs[key] = value
-        values["attributes"] = attrs
-    if not values:
+    # Merged with the stored attributes in the edit's transaction (a read here, then a
+    # write in another transaction, would lose a concurrent edit of other attributes).
+    changes = _parse_attrs(opts["attrs"]) if opts["attrs"] else None
+    if not values and changes is None:
         raise InvalidInput.one("options", "name at least one field to change")
-    changed = app.accounts.edit_user(username, values)
-    log.info("user.edited", username=changed.username, fields=sorted(values))
+    changed = app.accounts.edit_user(username, values, attribute_changes=changes)
+    fields = sorted([*values, *(["attributes"] if changes is not None else [])])
+    log.info("user.edited", username=changed.username, fields=fields)
     click.echo(f"updated {changed.username}")
 
 

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from .accounts import Accounts, rerun_on_unique_clash
 from .errors import ConflictError, InvalidInput, NotFoundError, Problem, ProvisionerError
-from .model import User, check_flag
+from .model import User, check_flag, merge_attributes
 from .store import queries as q
 
 __all__ = ["COLUMNS", "ImportResult", "export_users", "import_users"]
@@ -283,7 +283,7 @@ def _apply_row(
     except NotFoundError:
         row = None
     if "attributes" in values:
-        values["attributes"] = _merged_attributes(
+        values["attributes"] = merge_attributes(
             {} if row is None else q.attributes_of(conn, row.id), values["attributes"]
         )
     if row is None:
@@ -300,18 +300,6 @@ def _apply_row(
     if disabled not in (None, ""):
         changed = _set_disabled(accounts, conn, row.id, disabled, line, now, row) or changed
     (result.updated if changed else result.unchanged).append(row.username)
-
-
-def _merged_attributes(current: Mapping[str, str], cells: Mapping[str, str]) -> dict[str, str]:
-    """``current`` with each attribute column applied: a cell sets its key, an empty one
-    removes it; keys no column names stay as they are."""
-    merged = dict(current)
-    for key, cell in cells.items():
-        if cell == "":
-            merged.pop(key, None)
-        else:
-            merged[key] = cell
-    return merged
 
 
 def _set_disabled(

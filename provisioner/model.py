@@ -38,6 +38,7 @@ __all__ = [
     "account_state",
     "check_flag",
     "check_password_policy",
+    "merge_attributes",
     "sniff_avatar",
     "validate_fields",
 ]
@@ -429,3 +430,15 @@ def account_state(user: User, now: datetime, lock_minutes: int) -> str:
     if is_locked(user.locked_at, now, lock_minutes):
         return "locked"
     return "active"
+
+
+def merge_attributes(current: Mapping[str, str], changes: Mapping[str, str]) -> dict[str, str]:
+    """``current`` attributes with ``changes`` applied: a value sets its key, an empty one
+    removes it; keys ``changes`` does not name stay as they are."""
+    merged = dict(current)
+    for key, value in changes.items():
+        if value == "":
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    return merged

@@ -674,6 +674,33 @@ def test_concurrent_add_of_the_same_username_names_the_username(accounts: Accoun
     assert [p.field for p in raised.problems] == ["username"]
 
 
+def test_user_edit_attr_keeps_an_attribute_a_concurrent_edit_sets(accounts: Accounts) -> None:
+    """``user edit --attr`` racing another edit of the same user's attributes keeps both:
+    it reads the stored attributes in its own write, after the other commits."""
+    from provisioner.cli import main
+
+    accounts.add_user(_agent("alice", attributes={"floor": "2"}))
+    url = accounts.engine.url.render_as_string(hide_password=False)
+
+    def hold(conn: Connection) -> None:
+        # Another edit as the daemon's and CLI's own: the user's row locked, then its
+        # attributes replaced with one more.
+        alice = q.fetch_user_row(conn, "alice", lock=True)
+        q.replace_attributes(conn, alice.id, {"floor": "2", "team": "blue"})
+
+    codes: list[int] = []
+    raised = _while_another_writer_holds(
+        accounts,
+        hold,
+        lambda: codes.append(
+            main(["--store-url", url, "user", "edit", "alice", "--attr", "desk=7"])
+        ),
+    )
+    assert raised is None
+    assert codes == [0]
+    assert accounts.get_user("alice").attributes == {"floor": "2", "team": "blue", "desk": "7"}
+
+
 def test_first_admin_stays_protected_when_another_writer_adds_a_lower_id(
     accounts: Accounts,
 ) -> None:

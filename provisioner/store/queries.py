@@ -81,11 +81,15 @@ def insert_profile(conn: Connection, name: str, description: str, now: datetime)
     return Profile(int(pk[0]), name, description)
 
 
-def fetch_user_row(conn: Connection, username: str) -> Row[Any]:
+def fetch_user_row(conn: Connection, username: str, *, lock: bool = False) -> Row[Any]:
     """The user's full row (hashes included), its username ``username`` but for case, or
-    NotFoundError (``'alice '`` names no user, on every database)."""
+    NotFoundError (``'alice '`` names no user, on every database).  ``lock``: the row is
+    locked until the transaction ends (``FOR UPDATE``; SQLite's write transactions
+    already hold the whole database), so a read-modify-write of the user cannot
+    interleave with another."""
     key = username_key(username)
-    found = conn.execute(select(users).where(users.c.username_key == key))
+    query = select(users).where(users.c.username_key == key)
+    found = conn.execute(query.with_for_update() if lock else query)
     rows: list[Row[Any]] = _exact(found, "username_key", {key})
     if not rows:
         raise NotFoundError("user", username)
