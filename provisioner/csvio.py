@@ -241,6 +241,12 @@ def _import_rows(
             allocator = q.ExtensionAllocator(
                 conn, accounts.policy.ext_first, accounts.policy.ext_last
             )
+            # Every extension the file gives is kept from the rows that have one
+            # allocated, whatever their order: an earlier row must not take the number
+            # a later row asks for (the file could then not be imported as written).
+            for _line, cells in rows:
+                if cells.get("extension"):
+                    allocator.reserve(cells["extension"])
             now = accounts.clock()
             for done, (line, cells) in enumerate(rows, 1):
                 key = cells.get("username", "").lower()

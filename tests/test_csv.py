@@ -159,6 +159,22 @@ def test_round_trip_into_a_fresh_store(
             engine.dispose()
 
 
+def test_an_extension_a_later_row_gives_is_not_allocated_to_an_earlier_row(
+    accounts: Accounts,
+) -> None:
+    """A row without an extension never takes the number a later row of the file asks
+    for: the file imports as written, whatever its row order."""
+    text = (
+        "username,full_name,email,profile,extension\n"
+        "dave,Dave,dave@example.com,agents,\n"
+        "gina,Gina,gina@example.com,agents,101\n"
+    )
+    result = import_users(accounts, text)
+    assert result.added == ["dave", "gina"]
+    assert accounts.get_user("gina").extension == "101"
+    assert accounts.get_user("dave").extension == "102"
+
+
 def test_import_is_all_or_nothing_and_reports_every_bad_row(accounts: Accounts) -> None:
     """One bad row means nothing is applied; each bad row is reported by line, field and rule."""
     accounts.add_user(
@@ -172,7 +188,7 @@ def test_import_is_all_or_nothing_and_reports_every_bad_row(accounts: Accounts) 
         "frank,Frank,frank@example.com,ghosts,12x,ulaw,maybe\n"  # line 5: three problems
         "root,Root,root@example.com,,,ulaw,yes\n"  # line 6: first admin disabled
         "DAVE,Dave Again,dave@example.com,agents,,ulaw,no\n"  # line 7: repeats line 2
-        "gina,Gina,gina@example.com,agents,102,ulaw,no\n"  # line 8: dave took 102
+        "gina,Gina,gina@example.com,agents,101,ulaw,no\n"  # line 8: alice holds 101
     )
     with pytest.raises(InvalidInput) as info:
         import_users(accounts, text)
@@ -191,7 +207,7 @@ def test_import_is_all_or_nothing_and_reports_every_bad_row(accounts: Accounts) 
     assert "line 4: email: must be a valid email address" in message
     assert "line 6: disabled: the first admin can never be disabled" in message
     assert "line 7: username: repeats line 2" in message
-    assert "line 8: extension: 102 is already used by user dave" in message
+    assert "line 8: extension: 101 is already used by user alice" in message
     # Nothing applied: dave absent, alice unchanged, root enabled.
     assert [u.username for u in accounts.list_users(deleted=None)] == ["root", "alice"]
     assert accounts.get_user("alice").full_name == "Alice"
