@@ -33,9 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .accounts import Accounts
+from .accounts import Accounts, rerun_on_unique_clash
 from .asterisk_conf import Parsed, Section, parse
-from .errors import AsteriskSyntaxError, InvalidInput, Problem, ProvisionerError
+from .errors import (
+    AsteriskSyntaxError,
+    ConflictError,
+    InvalidInput,
+    Problem,
+    ProvisionerError,
+)
 from .model import CODECS, NATS, TRANSPORTS, check_email, check_group, validate_fields
 from .pjsip import NAT_OPTIONS, RenderSettings
 from .store import queries as q
@@ -58,6 +64,8 @@ _NAT_KEYS = ("force_rport", "rewrite_contact", "rtp_symmetric", "direct_media")
 _NAT_DEFAULTS = ("yes", "no", "no", "yes")
 #: Asterisk's default endpoint context.
 _DEFAULT_CONTEXT = "default"
+#: Runs of :func:`apply_plan` at most while concurrent writers keep taking its keys.
+_APPLY_ATTEMPTS = 5
 _DEFAULT_REALM = "asterisk"
 #: Section types that are never a user, and why.
 _NOT_USERS: Mapping[str, str] = {
@@ -659,8 +667,22 @@ def apply_plan(
 
     Raises :class:`InvalidInput` (or a subclass) listing every user that breaks
     a rule or clashes with the store, with its section's line; then nothing has
-    changed.  With ``dry_run`` everything is checked and rolled back.
+    changed.  With ``dry_run`` everything is checked and rolled back.  When a
+    concurrent writer takes an extension or a name the import meant to write, the
+    import runs again from the first user, so it allocates past it or reports the
+    clash on its user, never a database error.
     """
+    return rerun_on_unique_clash(
+        lambda: _apply_once(accounts, plan, profile, email_domain, dry_run),
+        _APPLY_ATTEMPTS,
+        ConflictError.one("import", "other writers kept taking the same extensions; try again"),
+    )
+
+
+def _apply_once(
+    accounts: Accounts, plan: ImportPlan, profile: str, email_domain: str, dry_run: bool
+) -> ImportResult:
+    """One run of :func:`apply_plan`, in one transaction."""
     result = ImportResult(dry_run=dry_run)
     problems: list[Problem] = []
     _, rule = check_email(f"user@{email_domain}")
