@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from .aio import wait_first
 from .config import AsteriskServer, Config, cache_names
 from .health import HealthUnreadable, read_health
-from .store.engine import open_engine
+from .store.engine import open_engine, sqlite_file
 from .store.migrate import current_revision, head_revision
 from .store.schema import users
 
@@ -30,7 +30,16 @@ __all__ = ["Check", "run_checks"]
 Check = tuple[str, bool, str]
 
 
+def _absent(url: str) -> Path | None:
+    """The SQLite file ``url`` names when it does not exist (opening it would create it,
+    and a check has no side effects), else None."""
+    path = sqlite_file(url)
+    return path if path is not None and not path.exists() else None
+
+
 def _store(config: Config) -> Check:
+    if (path := _absent(config.store.url)) is not None:
+        return ("store", False, f"no database at {path}: run 'provisioner db upgrade'")
     engine = open_engine(config.store.url, busy_timeout=config.store.busy_timeout)
     try:
         revision = current_revision(engine)
@@ -73,7 +82,10 @@ def _target(config: Config) -> Check:
             f"config file {t.path} including {t.shards} shard files in {shards} "
             "(directories writable)",
         )
-    engine = open_engine(t.url or config.store.url, busy_timeout=config.store.busy_timeout)
+    url = t.url or config.store.url
+    if (path := _absent(url)) is not None:
+        return ("target", False, f"no realtime database at {path}")
+    engine = open_engine(url, busy_timeout=config.store.busy_timeout)
     try:
         with engine.connect() as conn:
             names = set(inspect(conn).get_table_names())

@@ -114,3 +114,16 @@ def test_a_record_from_another_host_is_not_judged_by_its_pid() -> None:
     health = _healthy()
     health.host, health.pid = "elsewhere.invalid", 2**22 + 1
     assert health.problems(health.updated_at, max_age=60.0) == []
+
+
+def test_check_creates_no_store_where_there_is_none(tmp_path: Path) -> None:
+    """``provisioner check`` against a SQLite store that does not exist fails its store
+    line and leaves no file or directory behind (a check has no side effects)."""
+    from .helpers import make_cli
+
+    store = tmp_path / "var" / "store.db"
+    cli = make_cli(f"sqlite:///{store}", tmp_path, f'[target]\npath = "{tmp_path / "p.conf"}"\n')
+    result = cli("check")
+    assert result.code == 1
+    assert f"FAIL  store: no database at {store}: run 'provisioner db upgrade'" in result.out
+    assert not store.parent.exists()

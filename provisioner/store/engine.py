@@ -14,7 +14,14 @@ from sqlalchemy.exc import DBAPIError
 
 from ..logs import get_logger
 
-__all__ = ["CONFLICT_ATTEMPTS", "is_conflict", "open_engine", "reading", "transaction"]
+__all__ = [
+    "CONFLICT_ATTEMPTS",
+    "is_conflict",
+    "open_engine",
+    "reading",
+    "sqlite_file",
+    "transaction",
+]
 
 log = get_logger(__name__)
 _T = TypeVar("_T")
@@ -32,7 +39,8 @@ _MYSQL_CONFLICTS = frozenset({1213, 1205})
 _READ_ONLY = "provisioner_read_only"
 
 
-def _sqlite_file(url: str) -> Path | None:
+def sqlite_file(url: str) -> Path | None:
+    """The file a SQLite ``url`` names, or None (another database, or in memory)."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         return None
@@ -52,7 +60,7 @@ def open_engine(url: str, *, busy_timeout: float = 10.0) -> Engine:
     parent directory is created, so ``sqlite:///var/provisioner.db`` works on a
     fresh checkout.
     """
-    path = _sqlite_file(url)
+    path = sqlite_file(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": busy_timeout, "isolation_level": None})
