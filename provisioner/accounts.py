@@ -700,10 +700,16 @@ class Accounts:
             try:
                 row = q.fetch_user_row(conn, username)
             except NotFoundError:
+                # As long as a wrong password takes: timing must not tell names apart.
+                credentials.spend_verification(password)
                 raise AuthenticationError("invalid username or password") from None
             if row.deleted_at is not None:
+                credentials.spend_verification(password)
                 raise AuthenticationError("invalid username or password")
             if row.disabled:
+                # Said only to whoever knows the password: a guess learns nothing more.
+                if not credentials.verify_password(row.password_hash, password):
+                    raise AuthenticationError("invalid username or password")
                 raise AuthenticationError("account is disabled; contact an administrator")
             if is_locked(row.locked_at, now, self.policy.lock_minutes):
                 raise AuthenticationError(

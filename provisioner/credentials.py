@@ -6,6 +6,7 @@ store only what these functions return.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import secrets
@@ -21,10 +22,20 @@ __all__ = [
     "hash_apikey",
     "hash_password",
     "sip_digests",
+    "spend_verification",
     "verify_password",
 ]
 
 _hasher = PasswordHasher()
+
+
+def spend_verification(password: str) -> None:
+    """Verify ``password`` against a decoy hash and ignore the result: a login refused
+    for an unknown user takes as long as one refused for a wrong password, so timing
+    does not tell which usernames exist."""
+    # A mismatch is the expected outcome: the decoy's password is random and never kept.
+    with contextlib.suppress(VerificationError, InvalidHashError):
+        _hasher.verify(_decoy(), password)
 
 
 def hash_password(password: str) -> str:
@@ -32,9 +43,23 @@ def hash_password(password: str) -> str:
     return _hasher.hash(password)
 
 
+#: A hash of a random password per hasher (its cost parameters), made when first needed.
+_decoys: dict[int, str] = {}
+
+
+def _decoy() -> str:
+    key = id(_hasher)
+    if key not in _decoys:
+        _decoys[key] = _hasher.hash(secrets.token_urlsafe(16))
+    return _decoys[key]
+
+
 def verify_password(password_hash: str | None, password: str) -> bool:
-    """True when ``password`` matches; False for a wrong password or no password set."""
+    """True when ``password`` matches; False for a wrong password or no password set.  No
+    password set costs a verification all the same (of a decoy hash), so the time a
+    refusal takes does not tell a user without a password from one with another."""
     if not password_hash:
+        spend_verification(password)
         return False
     try:
         return _hasher.verify(password_hash, password)

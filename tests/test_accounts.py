@@ -470,6 +470,21 @@ def test_success_resets_failures_and_refusals(accounts: Accounts) -> None:
         accounts.login("alice", GOOD_PASSWORD)
 
 
+def test_a_disabled_account_is_named_only_to_whoever_knows_its_password(
+    accounts: Accounts,
+) -> None:
+    """A login to a disabled account with a wrong password is refused as any wrong
+    password is (a guess does not learn the account is disabled), and with the right one
+    says it is disabled; neither counts as a failure."""
+    accounts.add_user(_agent(password=GOOD_PASSWORD))
+    accounts.disable(["alice"])
+    with pytest.raises(AuthenticationError, match=r"^invalid username or password$"):
+        accounts.login("alice", "wrong")
+    with pytest.raises(AuthenticationError, match=r"disabled; contact an administrator"):
+        accounts.login("alice", GOOD_PASSWORD)
+    assert accounts.get_user("alice").failed_logins == 0
+
+
 def test_sip_secret_rotation(accounts: Accounts, clock: FakeClock) -> None:
     """Rotating replaces the stored digests with those of the new secret, generated or given."""
     first = accounts.add_user(_agent()).sip_secret
