@@ -388,7 +388,9 @@ class Accounts:
                 row = q.fetch_user_row(conn, username, lock=attribute_changes is not None)
                 wanted = dict(values)
                 if attribute_changes is not None:
-                    current = q.attributes_of(conn, row.id)
+                    # Locked as the row is: the actor check's read may have fixed an
+                    # older snapshot (MariaDB), which would lose a concurrent edit.
+                    current = q.attributes_of(conn, row.id, lock=True)
                     wanted["attributes"] = merge_attributes(current, attribute_changes)
                 self.edit_in(conn, row, wanted, self.clock())
                 return q.load_users(conn, ids=[row.id], deleted=None)[0]
@@ -464,9 +466,9 @@ class Accounts:
 
     @staticmethod
     def _attributes_differ(conn: Connection, row: Any, clean: Mapping[str, Any]) -> bool:
-        """True when ``clean["attributes"]`` is not what the user ``row`` holds."""
-        current = q.load_users(conn, ids=[row.id], deleted=None)[0].attributes
-        return bool(dict(current) != clean["attributes"])
+        """True when ``clean["attributes"]`` is not what the user ``row`` holds now (a
+        locking read: the transaction's snapshot may be older on MariaDB/MySQL)."""
+        return bool(q.attributes_of(conn, row.id, lock=True) != clean["attributes"])
 
     def _validate(
         self, values: Mapping[str, Any], problems: list[Problem], line: int | None

@@ -716,6 +716,50 @@ def test_user_edit_attr_keeps_an_attribute_a_concurrent_edit_sets(accounts: Acco
     assert accounts.get_user("alice").attributes == {"floor": "2", "team": "blue", "desk": "7"}
 
 
+def test_user_edit_attr_as_an_actor_keeps_an_attribute_a_concurrent_edit_sets(
+    accounts: Accounts,
+) -> None:
+    """``user edit --as root --attr`` racing another edit of the user's attributes keeps
+    both: the actor check does not fix a snapshot older than the row lock (MariaDB)."""
+    from provisioner.cli import main
+
+    accounts.add_user(_agent("alice", attributes={"floor": "2"}))
+    url = accounts.engine.url.render_as_string(hide_password=False)
+
+    def hold(conn: Connection) -> None:
+        alice = q.fetch_user_row(conn, "alice", lock=True)
+        q.replace_attributes(conn, alice.id, {"floor": "2", "team": "blue"})
+
+    codes: list[int] = []
+    argv = ["--store-url", url, "--as", "root", "user", "edit", "alice", "--attr", "desk=7"]
+    raised = _while_another_writer_holds(accounts, hold, lambda: codes.append(main(argv)))
+    assert raised is None
+    assert codes == [0]
+    assert accounts.get_user("alice").attributes == {"floor": "2", "team": "blue", "desk": "7"}
+
+
+def test_user_edit_attr_as_an_actor_sets_an_attribute_a_concurrent_edit_removes(
+    accounts: Accounts,
+) -> None:
+    """``user edit --as root --attr team=blue`` racing another edit that removes team
+    leaves team set: the edit compares with the attributes stored now, not a snapshot."""
+    from provisioner.cli import main
+
+    accounts.add_user(_agent("alice", attributes={"floor": "2", "team": "blue"}))
+    url = accounts.engine.url.render_as_string(hide_password=False)
+
+    def hold(conn: Connection) -> None:
+        alice = q.fetch_user_row(conn, "alice", lock=True)
+        q.replace_attributes(conn, alice.id, {"floor": "2"})
+
+    codes: list[int] = []
+    argv = ["--store-url", url, "--as", "root", "user", "edit", "alice", "--attr", "team=blue"]
+    raised = _while_another_writer_holds(accounts, hold, lambda: codes.append(main(argv)))
+    assert raised is None
+    assert codes == [0]
+    assert accounts.get_user("alice").attributes == {"floor": "2", "team": "blue"}
+
+
 def test_first_admin_stays_protected_when_another_writer_adds_a_lower_id(
     accounts: Accounts,
 ) -> None:

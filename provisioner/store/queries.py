@@ -183,12 +183,14 @@ def update_user(conn: Connection, user_id: int, values: Mapping[str, Any]) -> No
     conn.execute(update(users).where(users.c.id == user_id).values(**values))
 
 
-def attributes_of(conn: Connection, user_id: int) -> dict[str, str]:
-    """The user's custom attributes, key to value."""
+def attributes_of(conn: Connection, user_id: int, *, lock: bool = False) -> dict[str, str]:
+    """The user's custom attributes, key to value.  ``lock``: read as committed now and
+    locked (``FOR UPDATE``), not from the transaction's snapshot, which MariaDB/MySQL
+    (REPEATABLE READ) fix at its first plain read, maybe before the user's row lock."""
     query = select(user_attributes.c.key, user_attributes.c.value).where(
         user_attributes.c.user_id == user_id
     )
-    return {key: value for key, value in conn.execute(query)}
+    return {key: value for key, value in conn.execute(query.with_for_update() if lock else query)}
 
 
 def replace_attributes(conn: Connection, user_id: int, attributes: Mapping[str, str]) -> None:
