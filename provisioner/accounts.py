@@ -708,11 +708,6 @@ class Accounts:
             if row.deleted_at is not None:
                 credentials.spend_verification(password)
                 raise AuthenticationError("invalid username or password")
-            if row.disabled:
-                # Said only to whoever knows the password: a guess learns nothing more.
-                if not credentials.verify_password(row.password_hash, password):
-                    raise AuthenticationError("invalid username or password")
-                raise AuthenticationError("account is disabled; contact an administrator")
             if is_locked(row.locked_at, now, self.policy.lock_minutes):
                 raise AuthenticationError(
                     "account is locked after too many failed logins; contact an administrator"
@@ -720,12 +715,20 @@ class Accounts:
             if row.locked_at is not None:  # the lock has expired: start afresh
                 q.update_user(conn, row.id, {"locked_at": None, "failed_logins": 0})
             if credentials.verify_password(row.password_hash, password):
-                q.update_user(conn, row.id, {"failed_logins": 0})
-                return q.load_users(conn, ids=[row.id])[0]
-            failures = self._count_failure(conn, row.id, now)
-            refused = "invalid username or password"
-            if failures >= self.policy.max_failed_logins:
-                refused = "account is locked after too many failed logins; contact an administrator"
+                if row.disabled:
+                    # Said only to whoever knows the password: a guess learns nothing more.
+                    refused = "account is disabled; contact an administrator"
+                else:
+                    q.update_user(conn, row.id, {"failed_logins": 0})
+                    return q.load_users(conn, ids=[row.id])[0]
+            else:
+                # A disabled account's wrong passwords count too: it is no unlimited oracle.
+                failures = self._count_failure(conn, row.id, now)
+                refused = "invalid username or password"
+                if failures >= self.policy.max_failed_logins:
+                    refused = (
+                        "account is locked after too many failed logins; contact an administrator"
+                    )
         raise AuthenticationError(refused)
 
     def _count_failure(self, conn: Connection, user_id: int, now: datetime) -> int:

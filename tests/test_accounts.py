@@ -475,14 +475,28 @@ def test_a_disabled_account_is_named_only_to_whoever_knows_its_password(
 ) -> None:
     """A login to a disabled account with a wrong password is refused as any wrong
     password is (a guess does not learn the account is disabled), and with the right one
-    says it is disabled; neither counts as a failure."""
+    says it is disabled."""
     accounts.add_user(_agent(password=GOOD_PASSWORD))
     accounts.disable(["alice"])
     with pytest.raises(AuthenticationError, match=r"^invalid username or password$"):
         accounts.login("alice", "wrong")
     with pytest.raises(AuthenticationError, match=r"disabled; contact an administrator"):
         accounts.login("alice", GOOD_PASSWORD)
-    assert accounts.get_user("alice").failed_logins == 0
+
+
+def test_wrong_passwords_to_a_disabled_account_lock_it_as_any_account(
+    accounts: Accounts,
+) -> None:
+    """Wrong passwords to a disabled account count and lock it at the limit, after which
+    even the right password only says locked: a disabled account is no unlimited oracle."""
+    accounts.add_user(_agent(password=GOOD_PASSWORD))
+    accounts.disable(["alice"])
+    for _ in range(accounts.policy.max_failed_logins):
+        with pytest.raises(AuthenticationError):
+            accounts.login("alice", "wrong")
+    assert accounts.get_user("alice").failed_logins == accounts.policy.max_failed_logins
+    with pytest.raises(AuthenticationError, match=r"^account is locked"):
+        accounts.login("alice", GOOD_PASSWORD)
 
 
 def test_sip_secret_rotation(accounts: Accounts, clock: FakeClock) -> None:
