@@ -87,17 +87,40 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+#: What a unique (or primary) key or a foreign key refusing a write looks like:
+#: PostgreSQL's SQLSTATE, MariaDB/MySQL's error number, SQLite's message.
+_CLASH_SQLSTATES = frozenset({"23505", "23503"})
+_CLASH_ERRNOS = frozenset({1062, 1216, 1217, 1451, 1452, 1557, 1586})
+_CLASH_SQLITE = ("UNIQUE constraint failed", "FOREIGN KEY constraint failed")
+
+
+def is_key_clash(exc: IntegrityError) -> bool:
+    """True when a unique, primary or foreign key refused the write: a concurrent writer
+    took a name or an extension, or removed a row referred to, which a rerun's checks
+    see.  False for a CHECK or NOT NULL refusal, which no rerun changes."""
+    orig = exc.orig
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int):  # MariaDB/MySQL (its SQLSTATE is a mere 23000)
+        return args[0] in _CLASH_ERRNOS
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate is not None:
+        return sqlstate in _CLASH_SQLSTATES
+    return str(orig).startswith(_CLASH_SQLITE)
+
+
 def rerun_on_unique_clash(
     write: Callable[[], _T], attempts: int, exhausted: ProvisionerError
 ) -> _T:
-    """``write()`` (one whole transaction), run again when a unique key refuses it: a
-    concurrent writer took a name or an extension between our check and our write, and
-    the next run's checks see it and name the field.  ``exhausted`` after ``attempts``."""
+    """``write()`` (one whole transaction), run again when a key refuses it
+    (:func:`is_key_clash`): a concurrent writer took a name or an extension between our
+    check and our write, and the next run's checks see it and name the field.
+    ``exhausted`` after ``attempts``; any other IntegrityError is raised at once."""
     for _ in range(attempts):
         try:
             return write()
-        except IntegrityError:
-            continue
+        except IntegrityError as exc:
+            if not is_key_clash(exc):
+                raise
     raise exhausted
 
 

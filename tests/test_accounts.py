@@ -826,3 +826,41 @@ def test_concurrent_add_of_the_same_profile_is_a_conflict(accounts: Accounts) ->
     raised = _while_another_writer_holds(accounts, hold, lambda: accounts.add_profile("sales"))
     assert isinstance(raised, ConflictError), repr(raised)
     assert raised.problems == (Problem("name", "profile 'sales' already exists"),)
+
+
+def test_a_write_refused_by_a_not_null_constraint_is_not_run_again(accounts: Accounts) -> None:
+    """A write a NOT NULL constraint refuses (no rerun can change that) raises its
+    IntegrityError at once, not as a 'concurrent writers' conflict after every attempt."""
+    from sqlalchemy.exc import IntegrityError
+
+    from provisioner.accounts import rerun_on_unique_clash
+
+    runs: list[int] = []
+
+    def write() -> None:
+        runs.append(1)
+        with accounts.write() as conn:
+            conn.execute(update(users).where(users.c.username == "root").values(full_name=None))
+
+    exhausted = ConflictError.one("extension", "kept being taken by concurrent writers")
+    with pytest.raises(IntegrityError):
+        rerun_on_unique_clash(write, 5, exhausted)
+    assert len(runs) == 1
+
+
+def test_a_write_that_loses_a_unique_key_is_run_again(accounts: Accounts) -> None:
+    """A write a unique key refuses runs again, up to its attempts, then is ``exhausted``."""
+    from provisioner.accounts import rerun_on_unique_clash
+
+    accounts.add_user(_agent("alice"))
+    runs: list[int] = []
+
+    def write() -> None:
+        runs.append(1)
+        with accounts.write() as conn:
+            conn.execute(update(users).where(users.c.username == "alice").values(extension="100"))
+
+    exhausted = ConflictError.one("extension", "kept being taken by concurrent writers")
+    with pytest.raises(ConflictError):
+        rerun_on_unique_clash(write, 3, exhausted)
+    assert len(runs) == 3
