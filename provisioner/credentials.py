@@ -43,12 +43,15 @@ def hash_password(password: str) -> str:
     return _hasher.hash(password)
 
 
-#: A hash of a random password per hasher (its cost parameters), made when first needed.
-_decoys: dict[int, str] = {}
+#: A hash of a random password per set of cost parameters, made when first needed.
+_decoys: dict[tuple[int, int, int, int, int], str] = {}
 
 
 def _decoy() -> str:
-    key = id(_hasher)
+    # Keyed by what the verification costs (not by the hasher object, whose id may be
+    # reused by another with other costs).
+    h = _hasher
+    key = (h.time_cost, h.memory_cost, h.parallelism, h.hash_len, h.salt_len)
     if key not in _decoys:
         _decoys[key] = _hasher.hash(secrets.token_urlsafe(16))
     return _decoys[key]
