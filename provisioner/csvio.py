@@ -285,13 +285,15 @@ def _apply_row(
     disabled = values.pop("disabled", None)
     username = values.get("username", "")
     try:
-        row = q.fetch_user_row(conn, username) if username else None
+        # Locked, and its attributes read with a locking read (which sees what is
+        # committed now, not the transaction's snapshot): a concurrent edit of the
+        # user's other attributes is kept, not overwritten with what the import read.
+        row = q.fetch_user_row(conn, username, lock=True) if username else None
     except NotFoundError:
         row = None
     if "attributes" in values:
-        values["attributes"] = merge_attributes(
-            {} if row is None else q.attributes_of(conn, row.id), values["attributes"]
-        )
+        stored = {} if row is None else q.attributes_of(conn, row.id, lock=True)
+        values["attributes"] = merge_attributes(stored, values["attributes"])
     if row is None:
         user_id, secret = accounts.add_in(conn, values, allocator, now, line=line)
         if secret:

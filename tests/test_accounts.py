@@ -752,6 +752,21 @@ def test_user_edit_attr_as_an_actor_keeps_an_attribute_a_concurrent_edit_sets(
     assert accounts.get_user("alice").attributes == {"floor": "2", "team": "blue", "desk": "7"}
 
 
+def test_csv_import_keeps_an_attribute_a_concurrent_edit_sets(accounts: Accounts) -> None:
+    """A CSV import setting one attribute, racing another edit of the same user's
+    attributes, keeps both: it reads them locked, after the other commits."""
+    accounts.add_user(_agent("alice", attributes={"floor": "2"}))
+
+    def hold(conn: Connection) -> None:
+        alice = q.fetch_user_row(conn, "alice", lock=True)
+        q.replace_attributes(conn, alice.id, {"floor": "2", "team": "blue"})
+
+    csv_text = "username,attr:desk\nalice,7\n"
+    raised = _while_another_writer_holds(accounts, hold, lambda: import_users(accounts, csv_text))
+    assert raised is None, repr(raised)
+    assert accounts.get_user("alice").attributes == {"floor": "2", "team": "blue", "desk": "7"}
+
+
 def test_user_edit_attr_as_an_actor_sets_an_attribute_a_concurrent_edit_removes(
     accounts: Accounts,
 ) -> None:
