@@ -218,6 +218,8 @@ class Daemon:
     _unsaved: list[int] | None = None
     #: The pending deferred health write (see :meth:`_write_health_soon`).
     _health_due: asyncio.TimerHandle | None = None
+    #: The record is a newer daemon's: this one no longer writes it (logged once).
+    _health_yielded: bool = False
     _last_exc: BaseException | None = None
     #: Seconds before a failed incremental apply is run again (0: the last one did not
     #: fail), and its pending timer.
@@ -681,9 +683,15 @@ class Daemon:
             self.health.asterisk = self.pbx.health()
             self._export_ami(self.health.asterisk)
         try:
-            write_health(Path(self.config.daemon.state_dir), self.health)
+            written = write_health(Path(self.config.daemon.state_dir), self.health)
         except OSError as exc:
             log.warning("health.write_failed", error=str(exc))
+            return
+        if not written and not self._health_yielded:
+            # A daemon started after this one runs on the same state directory (a restart
+            # overlapping this one's stop): its record stands.
+            self._health_yielded = True
+            log.warning("health.newer_daemon", state_dir=self.config.daemon.state_dir)
 
 
 def _settle_heap() -> None:
