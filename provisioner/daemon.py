@@ -218,9 +218,15 @@ class Daemon:
     _unsaved: list[int] | None = None
     #: The pending deferred health write (see :meth:`_write_health_soon`).
     _health_due: asyncio.TimerHandle | None = None
+    #: The record is a newer daemon's: this one no longer writes it (logged once).
+    _health_yielded: bool = False
     _last_exc: BaseException | None = None
-    #: Seconds before a failed apply is run again (0: the last one did not fail).
+    #: Seconds before a failed incremental apply is run again (0: the last one did not
+    #: fail), and its pending timer.
     _retry_delay: float = 0.0
+    _retry_due: asyncio.TimerHandle | None = None
+    #: Seconds before a failed full reconcile is run again (0: the last one did not fail).
+    _full_retry_delay: float = 0.0
     #: The first error a task ended with (see :meth:`_task_ended`).
     _failure: BaseException | None = None
     metrics: Metrics = field(default_factory=Metrics)
@@ -364,16 +370,31 @@ class Daemon:
     def _retry_if_failed(self, *, full: bool) -> None:
         """After an apply that failed for the store's or the disk's sake, run again after
         a pause doubling from 0.5 s up to 30 s: what it missed must not wait for the next
-        edit or the safety-net poll (a full reconcile is retried as one)."""
-        if self.health.last_sync_ok or not isinstance(self._last_exc, _RETRYABLE):
-            self._retry_delay = 0.0
-            return
-        self._retry_delay = min(30.0, self._retry_delay * 2) if self._retry_delay else 0.5
-        log.info("sync.retry", full=full, retry_in_s=self._retry_delay)
+        edit or the safety-net poll.  A full reconcile is retried as one, with a backoff
+        of its own that the incremental applies succeeding meanwhile leave as it is; an
+        incremental retry is one timer at most, replaced by the next failure's, and none
+        once the daemon stops."""
+        failed = not self.health.last_sync_ok and isinstance(self._last_exc, _RETRYABLE)
         if full:
-            self._next_reconcile = min(self._next_reconcile, time.monotonic() + self._retry_delay)
-        else:
-            asyncio.get_running_loop().call_later(self._retry_delay, self.tick.set)
+            self._full_retry_delay = _next_retry(self._full_retry_delay) if failed else 0.0
+            if failed:
+                due = time.monotonic() + self._full_retry_delay
+                self._next_reconcile = min(self._next_reconcile, due)
+        if not full or self.health.last_sync_ok:  # a full one that succeeded covers all
+            self._retry_delay = _next_retry(self._retry_delay) if failed else 0.0
+            self._cancel_retry()
+            if failed and not self.stop.is_set():  # an apply that ended in the shutdown
+                loop = asyncio.get_running_loop()
+                self._retry_due = loop.call_later(self._retry_delay, self.tick.set)
+        if failed:
+            delay = self._full_retry_delay if full else self._retry_delay
+            log.info("sync.retry", full=full, retry_in_s=delay)
+
+    def _cancel_retry(self) -> None:
+        """Cancel the pending incremental retry, if any."""
+        if self._retry_due is not None:
+            self._retry_due.cancel()
+            self._retry_due = None
 
     async def shutdown(self, work: asyncio.Task[Applied | None] | None = None) -> None:
         """Stop the sources, let ``work`` (the startup and main loop, whose errors are the
@@ -384,6 +405,7 @@ class Daemon:
         expiries, contact removals), and the next run sends it."""
         self.notifier.stopping()
         self.stop.set()
+        self._cancel_retry()
         if self._health_due is not None:  # e.g. ``run --burst``: its one apply is recorded
             self._health_due.cancel()
             self._write_due_health()
@@ -661,9 +683,15 @@ class Daemon:
             self.health.asterisk = self.pbx.health()
             self._export_ami(self.health.asterisk)
         try:
-            write_health(Path(self.config.daemon.state_dir), self.health)
+            written = write_health(Path(self.config.daemon.state_dir), self.health)
         except OSError as exc:
             log.warning("health.write_failed", error=str(exc))
+            return
+        if not written and not self._health_yielded:
+            # A daemon started after this one runs on the same state directory (a restart
+            # overlapping this one's stop): its record stands.
+            self._health_yielded = True
+            log.warning("health.newer_daemon", state_dir=self.config.daemon.state_dir)
 
 
 def _settle_heap() -> None:
@@ -683,6 +711,11 @@ def _settle_heap() -> None:
 
 #: Failures of the first reconcile worth retrying: the store or the disk may come back.
 _RETRYABLE = (DBAPIError, StoreUnavailable, OSError)
+
+
+def _next_retry(delay: float) -> float:
+    """The pause before the next retry after one of ``delay`` (0: the first failure)."""
+    return min(30.0, delay * 2) if delay else 0.5
 
 
 def _holds_db_error(exc: BaseException) -> bool:

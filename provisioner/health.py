@@ -6,6 +6,7 @@ state change, so a reader never sees half a record.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -30,6 +31,9 @@ class Health:
     pid: int = field(default_factory=os.getpid)
     #: The host the daemon runs on: its pid is looked up only on that host.
     host: str = field(default_factory=socket.gethostname)
+    #: When the process started, in clock ticks since boot (``/proc/PID/stat``; None
+    #: without ``/proc``): a pid another process took since is not the daemon's.
+    proc_start: int | None = field(default_factory=lambda: _process_start(os.getpid()))
     started_at: float = field(default_factory=time.time)
     updated_at: float = 0.0
     ready: bool = False
@@ -51,7 +55,7 @@ class Health:
         killed or crashed, which wrote no last record)."""
         if self.stopped_at is not None:
             return [f"stopped: pid {self.pid} shut down {now - self.stopped_at:.0f} s ago"]
-        if self.host == socket.gethostname() and not _running(self.pid):
+        if self.host == socket.gethostname() and not _running(self.pid, self.proc_start):
             return [f"pid {self.pid} is not running (it ended without a last record)"]
         out = []
         if not self.ready:
@@ -70,20 +74,62 @@ class Health:
         return out
 
 
-def _running(pid: int) -> bool:
-    """Whether a process ``pid`` exists on this host (another user's counts)."""
+def _running(pid: int, proc_start: int | None) -> bool:
+    """Whether process ``pid`` exists on this host (another user's counts) and, when
+    ``proc_start`` is known, started then (else the pid was reused)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:
-        return True  # e.g. PermissionError: it exists, run by another user
+        pass  # e.g. PermissionError: it exists, run by another user
+    if proc_start is None:
+        return True
+    started = _process_start(pid)
+    return started is None or started == proc_start
+
+
+def _process_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot; None when unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+        # Field 22; the name (field 2) is in parentheses and may hold spaces.
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+#: Beside the record: held while a writer compares the record with its own and replaces it.
+LOCK_NAME = ".health.lock"
+
+
+def write_health(state_dir: Path, health: Health) -> bool:
+    """Write ``health`` as the record, unless the record there is a newer daemon's (another
+    process, started later: a restart that overlapped this daemon's stop); ``False`` then."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / LOCK_NAME, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _newer_daemon(state_dir, health):
+            return False
+        health.updated_at = time.time()
+        _replace(state_dir, health)
     return True
 
 
-def write_health(state_dir: Path, health: Health) -> None:
-    health.updated_at = time.time()
-    state_dir.mkdir(parents=True, exist_ok=True)
+def _newer_daemon(state_dir: Path, health: Health) -> bool:
+    """Whether the record in ``state_dir`` is another process's, started after ``health``'s."""
+    try:
+        there = read_health(state_dir)
+    except HealthUnreadable:
+        return False
+    if there is None:
+        return False
+    mine = (there.host, there.pid, there.proc_start) == (health.host, health.pid, health.proc_start)
+    return not mine and there.started_at > health.started_at
+
+
+def _replace(state_dir: Path, health: Health) -> None:
+    """Write ``health`` to a temporary file and move it over the record."""
     fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".health.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -102,6 +148,7 @@ class HealthUnreadable(ValueError):
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "pid": (int,),
     "host": (str,),
+    "proc_start": (int, type(None)),
     "started_at": (int, float),
     "updated_at": (int, float),
     "ready": (bool,),

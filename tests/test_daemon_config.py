@@ -243,3 +243,90 @@ def test_an_apply_that_failed_on_the_store_runs_again_without_a_wake_up(tmp_path
     assert failed
     assert recovered
     assert "sync.retry" in events
+
+
+def _retrying_daemon(tmp_path: Path) -> Daemon:
+    """A daemon on a migrated SQLite store under ``tmp_path``, with no wake-up source."""
+    from provisioner.store.migrate import upgrade
+
+    config = load_config(
+        None,
+        env={},
+        overrides={
+            "store": {"url": f"sqlite:///{tmp_path / 'store.db'}"},
+            "target": {"path": str(tmp_path / "pjsip_users.conf")},
+            "daemon": {"state_dir": str(tmp_path / "state")},
+        },
+    )
+    daemon = Daemon.from_config(config)
+    upgrade(daemon.engine)
+    daemon.wake_sources = []
+    return daemon
+
+
+def test_a_failing_full_reconcile_backs_off_though_incremental_applies_succeed(
+    tmp_path: Path,
+) -> None:
+    """A full reconcile that keeps failing is retried after 0.5 s, then 1 s, then 2 s:
+    the incremental applies that succeed meanwhile (the poll's) do not restart its
+    backoff at 0.5 s."""
+    from provisioner.daemon import WakeSource
+    from provisioner.watch import poll_wakeups
+
+    daemon = _retrying_daemon(tmp_path)
+    daemon.wake_sources = [
+        WakeSource(lambda wake, stop: poll_wakeups(0.05, wake, stop), timer=True)
+    ]
+    full = daemon.applier.full
+
+    def disk_gone(*, verify: bool = True) -> object:
+        if daemon.health.ready:
+            raise OSError(5, "Input/output error")
+        return full(verify=verify)
+
+    daemon.applier.full = disk_gone  # type: ignore[method-assign,assignment]
+
+    async def scenario() -> list[float]:
+        with capture_logs() as logs:
+            serving = asyncio.ensure_future(daemon.serve())
+            while not daemon.health.ready:
+                await asyncio.sleep(0.02)
+            daemon.templates_changed.set()
+            retries: list[float] = []
+            for _ in range(400):
+                retries = [e["retry_in_s"] for e in logs if e["event"] == "sync.retry"]
+                if len(retries) >= 3:
+                    break
+                await asyncio.sleep(0.02)
+            daemon.handle_exit()
+            await serving
+        return retries
+
+    retries = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert retries[:3] == [0.5, 1.0, 2.0]
+
+
+def test_no_apply_retry_fires_after_the_daemon_stopped(tmp_path: Path) -> None:
+    """An apply retry pending when the daemon stops is cancelled: it never wakes the
+    main loop after the shutdown."""
+    daemon = _retrying_daemon(tmp_path)
+
+    def store_gone() -> None:
+        raise OSError(5, "Input/output error")
+
+    daemon._incremental = store_gone  # type: ignore[method-assign]
+
+    async def scenario() -> bool:
+        serving = asyncio.ensure_future(daemon.serve())
+        while not daemon.health.ready:
+            await asyncio.sleep(0.02)
+        daemon.wake.set()
+        while daemon.health.last_sync_ok:
+            await asyncio.sleep(0.02)
+        daemon.handle_exit()
+        await serving
+        daemon.tick.clear()
+        await asyncio.sleep(1.0)  # past the first retry's 0.5 s
+        return daemon.tick.is_set()
+
+    assert not asyncio.run(asyncio.wait_for(scenario(), 30))

@@ -127,3 +127,65 @@ def test_check_creates_no_store_where_there_is_none(tmp_path: Path) -> None:
     assert result.code == 1
     assert f"FAIL  store: no database at {store}: run 'provisioner db upgrade'" in result.out
     assert not store.parent.exists()
+
+
+def test_a_record_whose_pid_now_names_another_process_is_not_running(tmp_path: Path) -> None:
+    """A record whose pid was reused on this host by another process (one started at
+    another moment than the daemon that wrote it) reads as a daemon no longer running."""
+    import subprocess
+    import sys
+    import time
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        # Written by this process, then "reused": the record names the sleeper's pid.
+        write_health(tmp_path, Health(pid=sleeper.pid, ready=True, last_sync_ok=True))
+        health = read_health(tmp_path)
+        assert health is not None
+        problems = health.problems(time.time(), max_age=60.0)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert problems == [f"pid {sleeper.pid} is not running (it ended without a last record)"]
+
+
+def test_a_stopping_daemon_leaves_the_record_of_a_daemon_started_after_it(
+    tmp_path: Path,
+) -> None:
+    """The last record of a daemon stopping while a newer one (another pid, started later)
+    runs on the same state directory leaves the newer one's record in place."""
+    import asyncio
+    import os
+    import time
+
+    from provisioner.config import load_config
+    from provisioner.daemon import Daemon as InProcess
+    from provisioner.store.migrate import upgrade
+
+    state = tmp_path / "state"
+    config = load_config(
+        None,
+        env={},
+        overrides={
+            "store": {"url": f"sqlite:///{tmp_path / 'store.db'}"},
+            "target": {"path": str(tmp_path / "pjsip_users.conf")},
+            "daemon": {"state_dir": str(state)},
+        },
+    )
+    old = InProcess.from_config(config)
+    upgrade(old.engine)
+    old.wake_sources = []
+    newer = Health(pid=os.getpid() + 1, started_at=time.time() + 1, ready=True)
+
+    async def scenario() -> None:
+        serving = asyncio.ensure_future(old.serve())
+        while not old.health.ready:
+            await asyncio.sleep(0.02)
+        write_health(state, newer)  # the newer daemon started meanwhile
+        old.handle_exit()
+        await serving
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+    record = read_health(state)
+    assert record is not None
+    assert (record.pid, record.stopped_at) == (newer.pid, None)
