@@ -1294,3 +1294,23 @@ def test_a_removal_while_its_endpoint_is_looked_up_deletes_the_contact(
             return [a.get("Key") for a in peer.actions("DBDel")]
 
     assert run(scenario()) == [CONTACT_KEY]
+
+
+def test_a_reload_failing_while_the_ami_side_stops_arms_no_retry() -> None:
+    """A reload that fails once the AMI side is stopping arms no retry (its reloader is
+    gone): it stays noted owed for the next run."""
+    from provisioner.ami.reload import ReloadOutcome
+
+    async def scenario() -> bool:
+        peer = FakeAsterisk()
+        await peer.start()  # for its port; nothing connects
+        try:
+            link = _link(peer)
+            link.stopping = True
+            failed = ReloadOutcome("lab", "res_pjsip.so", "error", 5, 1, 1, "refused")
+            changes_module.retry_reload_later(link, failed)
+            return link.reload_retry is None
+        finally:
+            await peer.stop()
+
+    assert run(scenario())

@@ -541,8 +541,8 @@ def retry_reload_later(link: Link, outcome: ReloadOutcome) -> None:
     them until some later edit asked for one.  One retry serves every request the
     failed reload merged; what waited for its end (``link.after_retry``) waits for the
     retry's.  A stop cancels it (the reload stays noted: the next run asks for it)."""
-    if link.reload_retry is not None:
-        return
+    if link.reload_retry is not None or link.stopping:
+        return  # one is armed already; or stopping: the reload stays noted for next run
     link.reload_failures += 1
     delay = min(RELOAD_RETRY_MAX, RELOAD_RETRY_BASE * 2 ** (link.reload_failures - 1))
     log.warning(

@@ -205,6 +205,8 @@ class Link:
     #: :func:`~.changes.retry_reload_later`).
     reload_failures: int = 0
     reload_retry: asyncio.TimerHandle | None = None
+    #: The AMI side is stopping (see :meth:`AmiPbx._note_at_stop`): no retry is armed.
+    stopping: bool = False
     after_retry: list[Callable[[asyncio.Future[ReloadOutcome]], None]] = field(default_factory=list)
     #: Endpoints whose ``SuccessfulAuth`` no status event followed yet -> the monotonic
     #: time after which it is taken for untracked (:data:`CONFIRM_WINDOW`), in that order.
@@ -677,6 +679,7 @@ class AmiPbx:
         flusher stopped before its turn came)."""
         while not link.changes.empty():
             batch.append(link.changes.get_nowait())
+        link.stopping = True
         if link.reload_retry is not None:
             # The reload stays noted owed: the next run asks for it.
             link.reload_retry.cancel()
