@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-__all__ = ["sleep_unless", "wait_first", "wait_task_or_event"]
+__all__ = ["doubling", "sleep_unless", "wait_first", "wait_task_or_event"]
 
 
 async def wait_first(*events: asyncio.Event, timeout: float | None = None) -> bool:
@@ -37,3 +37,9 @@ async def wait_task_or_event(task: asyncio.Future[Any], event: asyncio.Event) ->
         await asyncio.wait((task, waiter), return_when=asyncio.FIRST_COMPLETED)
     finally:
         waiter.cancel()
+
+
+def doubling(base: float, cap: float, failures: int) -> float:
+    """Seconds to wait after ``failures`` failures in a row: ``base`` after the first,
+    doubling with each one more, at most ``cap``."""
+    return float(min(cap, base * 2 ** max(0, failures - 1)))

@@ -217,6 +217,12 @@ class Daemon:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=timeout)
 
+    def timed_stop(self, timeout: float = 15.0) -> tuple[int, float]:
+        """:meth:`stop`, and the seconds from SIGTERM to the exit."""
+        started = time.monotonic()
+        code = self.stop(timeout=timeout)
+        return code, time.monotonic() - started
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,10 +13,14 @@ from typing import Any
 import pytest
 from argon2 import PasswordHasher
 from click.testing import CliRunner
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, insert, select
 
 from provisioner import credentials
+from provisioner.accounts import Accounts
 from provisioner.cli import main
+from provisioner.config import Config, load_config
+from provisioner.daemon import Daemon
+from provisioner.store.migrate import upgrade
 from provisioner.store.schema import users
 
 # Passwords that meet the security suite's policy (argon2 hashing is slow: reuse them).
@@ -91,3 +97,60 @@ def cheap_argon2(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         credentials, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
     )
+
+
+def local_config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
+    """A config for a SQLite store, a config-file target and a state directory, all under
+    ``tmp_path``; each of ``sections`` adds its keys to (or over) that section's."""
+    base: dict[str, dict[str, Any]] = {
+        "store": {"url": f"sqlite:///{tmp_path / 'store.db'}"},
+        "target": {"path": str(tmp_path / "pjsip_users.conf")},
+        "daemon": {"state_dir": str(tmp_path / "state")},
+    }
+    for name, keys in sections.items():
+        base[name] = {**base.get(name, {}), **keys}
+    return load_config(None, env={}, overrides=base)
+
+
+def local_daemon(tmp_path: Path, **sections: dict[str, Any]) -> Daemon:
+    """An in-process daemon of :func:`local_config`, its store migrated, with no wake-up
+    source (a test adds the ones it wants)."""
+    daemon = Daemon.from_config(local_config(tmp_path, **sections))
+    upgrade(daemon.engine)
+    daemon.wake_sources = []
+    return daemon
+
+
+def while_another_writer_holds(
+    accounts: Accounts, hold: Callable[[Connection], None], act: Callable[[], Any]
+) -> BaseException | None:
+    """Run ``act`` in a thread while another transaction has written ``hold`` and not yet
+    committed; commit it once ``act`` had time to block on it; return what ``act`` raised."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            act()
+        except BaseException as exc:
+            raised.append(exc)
+
+    with accounts.engine.connect() as conn:
+        tx = conn.begin()
+        hold(conn)
+        worker = threading.Thread(target=run)
+        worker.start()
+        time.sleep(0.7)  # the act reads before the commit and writes into its lock
+        tx.commit()
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    return raised[0] if raised else None
+
+
+def insert_user_copy(conn: Connection, of: str, username: str, extension: str) -> None:
+    """Insert, as another writer would by hand, a copy of user ``of``'s row under
+    ``username`` and ``extension``."""
+    source = conn.execute(select(users).where(users.c.username == of)).mappings().one()
+    row = {**source, "username": username, "username_key": username.lower()}
+    row["extension"] = extension
+    del row["id"]
+    conn.execute(insert(users).values(**row))

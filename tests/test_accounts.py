@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import threading
-import time
-from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -30,7 +27,14 @@ from provisioner.store.migrate import upgrade
 from provisioner.store.schema import profiles, user_attributes, users
 
 from .conftest import FakeClock
-from .helpers import GOOD_PASSWORD, OTHER_PASSWORD, cheap_argon2, user_row
+from .helpers import (
+    GOOD_PASSWORD,
+    OTHER_PASSWORD,
+    cheap_argon2,
+    insert_user_copy,
+    user_row,
+    while_another_writer_holds,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
 
@@ -643,31 +647,6 @@ def test_extension_the_database_holds_equal_is_a_conflict(accounts: Accounts, ba
     assert accounts.edit_user("alice", {"extension": "150"}).extension == "150"
 
 
-def _while_another_writer_holds(
-    accounts: Accounts, hold: Callable[[Connection], None], act: Callable[[], Any]
-) -> BaseException | None:
-    """Run ``act`` in a thread while another transaction has written ``hold`` and not yet
-    committed; commit it once ``act`` had time to block on it; return what ``act`` raised."""
-    raised: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            act()
-        except BaseException as exc:
-            raised.append(exc)
-
-    with accounts.engine.connect() as conn:
-        tx = conn.begin()
-        hold(conn)
-        worker = threading.Thread(target=run)
-        worker.start()
-        time.sleep(0.7)  # the act reads before the commit and writes into its lock
-        tx.commit()
-    worker.join(timeout=30)
-    assert not worker.is_alive()
-    return raised[0] if raised else None
-
-
 def test_concurrent_edit_to_the_same_extension_is_a_conflict(accounts: Accounts) -> None:
     """An edit that loses a race for an extension to another writer is refused as a conflict
     on field extension naming the holder, never as a raw database error."""
@@ -677,7 +656,7 @@ def test_concurrent_edit_to_the_same_extension_is_a_conflict(accounts: Accounts)
     def hold(conn: Connection) -> None:
         conn.execute(update(users).where(users.c.username == "bob").values(extension="150"))
 
-    raised = _while_another_writer_holds(
+    raised = while_another_writer_holds(
         accounts, hold, lambda: accounts.edit_user("alice", {"extension": "150"})
     )
     assert isinstance(raised, ConflictError), repr(raised)
@@ -691,12 +670,9 @@ def test_concurrent_add_of_the_same_username_names_the_username(accounts: Accoun
     accounts.add_user(_agent("alice"))
 
     def hold(conn: Connection) -> None:
-        alice = conn.execute(select(users).where(users.c.username == "alice")).mappings().one()
-        row = {**alice, "username": "dave", "username_key": "dave", "extension": "172"}
-        del row["id"]
-        conn.execute(insert(users).values(**row))
+        insert_user_copy(conn, "alice", "dave", "172")
 
-    raised = _while_another_writer_holds(
+    raised = while_another_writer_holds(
         accounts, hold, lambda: accounts.add_user(_agent("dave", extension="170"))
     )
     assert isinstance(raised, ConflictError), repr(raised)
@@ -718,7 +694,7 @@ def test_user_edit_attr_keeps_an_attribute_a_concurrent_edit_sets(accounts: Acco
         q.replace_attributes(conn, alice.id, {"floor": "2", "team": "blue"})
 
     codes: list[int] = []
-    raised = _while_another_writer_holds(
+    raised = while_another_writer_holds(
         accounts,
         hold,
         lambda: codes.append(
@@ -746,7 +722,7 @@ def test_user_edit_attr_as_an_actor_keeps_an_attribute_a_concurrent_edit_sets(
 
     codes: list[int] = []
     argv = ["--store-url", url, "--as", "root", "user", "edit", "alice", "--attr", "desk=7"]
-    raised = _while_another_writer_holds(accounts, hold, lambda: codes.append(main(argv)))
+    raised = while_another_writer_holds(accounts, hold, lambda: codes.append(main(argv)))
     assert raised is None
     assert codes == [0]
     assert accounts.get_user("alice").attributes == {"floor": "2", "team": "blue", "desk": "7"}
@@ -762,7 +738,7 @@ def test_csv_import_keeps_an_attribute_a_concurrent_edit_sets(accounts: Accounts
         q.replace_attributes(conn, alice.id, {"floor": "2", "team": "blue"})
 
     csv_text = "username,attr:desk\nalice,7\n"
-    raised = _while_another_writer_holds(accounts, hold, lambda: import_users(accounts, csv_text))
+    raised = while_another_writer_holds(accounts, hold, lambda: import_users(accounts, csv_text))
     assert raised is None, repr(raised)
     assert accounts.get_user("alice").attributes == {"floor": "2", "team": "blue", "desk": "7"}
 
@@ -783,7 +759,7 @@ def test_user_edit_attr_as_an_actor_sets_an_attribute_a_concurrent_edit_removes(
 
     codes: list[int] = []
     argv = ["--store-url", url, "--as", "root", "user", "edit", "alice", "--attr", "team=blue"]
-    raised = _while_another_writer_holds(accounts, hold, lambda: codes.append(main(argv)))
+    raised = while_another_writer_holds(accounts, hold, lambda: codes.append(main(argv)))
     assert raised is None
     assert codes == [0]
     assert accounts.get_user("alice").attributes == {"floor": "2", "team": "blue"}
@@ -817,13 +793,10 @@ def test_csv_import_racing_another_writer_for_an_extension_takes_the_next(
     accounts.add_user(_agent("alice"))
 
     def hold(conn: Connection) -> None:
-        alice = conn.execute(select(users).where(users.c.username == "alice")).mappings().one()
-        row = {**alice, "username": "dave", "username_key": "dave", "extension": "102"}
-        del row["id"]
-        conn.execute(insert(users).values(**row))
+        insert_user_copy(conn, "alice", "dave", "102")
 
     csv_text = "username,full_name,email,profile\ncarol,Carol Agent,carol@example.com,agents\n"
-    raised = _while_another_writer_holds(accounts, hold, lambda: import_users(accounts, csv_text))
+    raised = while_another_writer_holds(accounts, hold, lambda: import_users(accounts, csv_text))
     assert raised is None, repr(raised)
     assert accounts.get_user("carol").extension == "103"
 
@@ -838,7 +811,7 @@ def test_concurrent_add_of_the_same_profile_is_a_conflict(accounts: Accounts) ->
             insert(profiles).values(name="sales", description="", created_at=now, updated_at=now)
         )
 
-    raised = _while_another_writer_holds(accounts, hold, lambda: accounts.add_profile("sales"))
+    raised = while_another_writer_holds(accounts, hold, lambda: accounts.add_profile("sales"))
     assert isinstance(raised, ConflictError), repr(raised)
     assert raised.problems == (Problem("name", "profile 'sales' already exists"),)
 

@@ -10,18 +10,12 @@ from structlog.testing import capture_logs
 from provisioner.config import load_config, parse_sets
 from provisioner.daemon import Daemon, _needs_restart
 
+from .helpers import local_config, local_daemon
+
 
 def test_cursor_grace_comes_from_the_config(tmp_path: Path) -> None:
     """The change-feed tracker waits daemon.cursor_grace over a gap from the first run on."""
-    config = load_config(
-        None,
-        env={},
-        overrides={
-            "store": {"url": f"sqlite:///{tmp_path / 'store.db'}"},
-            "target": {"path": str(tmp_path / "pjsip_users.conf")},
-            "daemon": {"cursor_grace": 600},
-        },
-    )
+    config = local_config(tmp_path, daemon={"cursor_grace": 600})
     daemon = Daemon.from_config(config, overrides={"daemon": {"cursor_grace": 600}})
     try:
         assert daemon.tracker.grace == 600
@@ -102,23 +96,12 @@ def test_a_task_that_fails_stops_the_daemon_with_an_error(tmp_path: Path) -> Non
 
     from provisioner.daemon import WakeSource
     from provisioner.errors import ServiceFailed
-    from provisioner.store.migrate import upgrade
 
     async def broken(wake: asyncio.Event, stop: asyncio.Event) -> None:
         await asyncio.sleep(0.05)
         raise RuntimeError("watcher bug")
 
-    config = load_config(
-        None,
-        env={},
-        overrides={
-            "store": {"url": f"sqlite:///{tmp_path / 'store.db'}"},
-            "target": {"path": str(tmp_path / "pjsip_users.conf")},
-            "daemon": {"state_dir": str(tmp_path / "state")},
-        },
-    )
-    daemon = Daemon.from_config(config)
-    upgrade(daemon.engine)
+    daemon = local_daemon(tmp_path)
     daemon.wake_sources = [WakeSource(broken)]
     with capture_logs() as logs, pytest.raises(ServiceFailed, match="watcher bug") as caught:
         asyncio.run(asyncio.wait_for(daemon.serve(), 10))
@@ -197,24 +180,12 @@ def test_an_apply_that_failed_on_the_store_runs_again_without_a_wake_up(tmp_path
     import sqlite3
 
     from provisioner.accounts import Accounts, Policy
-    from provisioner.store.migrate import upgrade
 
     db = tmp_path / "store.db"
-    config = load_config(
-        None,
-        env={},
-        overrides={
-            "store": {"url": f"sqlite:///{db}", "busy_timeout": 0.2},
-            "target": {"path": str(tmp_path / "pjsip_users.conf")},
-            "security": {"password_policy": False},
-            "daemon": {"state_dir": str(tmp_path / "state")},
-        },
-    )
-    daemon = Daemon.from_config(config)
-    upgrade(daemon.engine)
+    # No watcher, no poll: only a retry can run the apply again.
+    daemon = local_daemon(tmp_path, store={"busy_timeout": 0.2})
     acc = Accounts(daemon.engine, Policy(password_policy=False))
     acc.add_user({"username": "root", "role": "admin", "full_name": "Root", "email": "r@x.io"})
-    daemon.wake_sources = []  # no watcher, no poll: only a retry can run the apply again
 
     async def scenario() -> tuple[bool, bool, list[str]]:
         with capture_logs() as logs:
@@ -245,25 +216,6 @@ def test_an_apply_that_failed_on_the_store_runs_again_without_a_wake_up(tmp_path
     assert "sync.retry" in events
 
 
-def _retrying_daemon(tmp_path: Path) -> Daemon:
-    """A daemon on a migrated SQLite store under ``tmp_path``, with no wake-up source."""
-    from provisioner.store.migrate import upgrade
-
-    config = load_config(
-        None,
-        env={},
-        overrides={
-            "store": {"url": f"sqlite:///{tmp_path / 'store.db'}"},
-            "target": {"path": str(tmp_path / "pjsip_users.conf")},
-            "daemon": {"state_dir": str(tmp_path / "state")},
-        },
-    )
-    daemon = Daemon.from_config(config)
-    upgrade(daemon.engine)
-    daemon.wake_sources = []
-    return daemon
-
-
 def test_a_failing_full_reconcile_backs_off_though_incremental_applies_succeed(
     tmp_path: Path,
 ) -> None:
@@ -273,7 +225,7 @@ def test_a_failing_full_reconcile_backs_off_though_incremental_applies_succeed(
     from provisioner.daemon import WakeSource
     from provisioner.watch import poll_wakeups
 
-    daemon = _retrying_daemon(tmp_path)
+    daemon = local_daemon(tmp_path)
     daemon.wake_sources = [
         WakeSource(lambda wake, stop: poll_wakeups(0.05, wake, stop), timer=True)
     ]
@@ -309,7 +261,7 @@ def test_a_failing_full_reconcile_backs_off_though_incremental_applies_succeed(
 def test_no_apply_retry_fires_after_the_daemon_stopped(tmp_path: Path) -> None:
     """An apply retry pending when the daemon stops is cancelled: it never wakes the
     main loop after the shutdown."""
-    daemon = _retrying_daemon(tmp_path)
+    daemon = local_daemon(tmp_path)
 
     def store_gone() -> None:
         raise OSError(5, "Input/output error")

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -471,37 +472,68 @@ def test_an_edit_after_a_calm_period_does_not_wait_for_the_quiet_window(tmp_path
     asyncio.run(scenario())
 
 
+@dataclass
+class _Run:
+    """A daemon subprocess, the fake Asterisk it talks to, its config and its log."""
+
+    peer: FakeAsterisk
+    config: Path
+    log: Path
+    daemon: asyncio.subprocess.Process
+
+    async def restart(self) -> int:
+        """Stop the daemon (exit 0), start it again, then the fake Asterisk; the position
+        in what the peer received from which the new run's actions come."""
+        assert await _stop(self.daemon) == 0
+        since = len(self.peer.received)
+        self.daemon = await _start_daemon(self.config, self.log)
+        await self.peer.start()
+        return since
+
+
+@asynccontextmanager
+async def _alice_then_asterisk_down(
+    tmp_path: Path, live: Callable[[FakeAsterisk], bool], **config: Any
+) -> AsyncIterator[_Run]:
+    """A daemon (config ``config``) whose store has alice added, once ``live`` says her
+    objects reached the fake Asterisk, which is then stopped; both stopped on the way out."""
+    peer = FakeAsterisk()
+    await peer.start()
+    path = _write_config(tmp_path, peer.port, **config)
+    log = tmp_path / "daemon.log"
+    await _seed(path)
+    run = _Run(peer, path, log, await _start_daemon(path, log))
+    try:
+        await _add_agent(path, "alice", "Alice")
+        await _until(lambda: live(peer), 5)
+        await peer.stop()
+        yield run
+    finally:
+        if run.daemon.returncode is None:
+            assert await _stop(run.daemon) == 0
+        await peer.stop()
+
+
+def _reloaded_with_alice(conf: Path) -> Callable[[FakeAsterisk], bool]:
+    return lambda peer: "[1001]" in _text(conf) and bool(peer.actions("Reload"))
+
+
 def test_a_reload_owed_when_the_daemon_stopped_is_sent_after_its_restart(tmp_path: Path) -> None:
     """An edit written while Asterisk is down owes it a reload; a SIGTERM before Asterisk
     is back does not lose it: the next run sends it once Asterisk answers, although its
     reconcile finds the file already written."""
 
     async def scenario() -> None:
-        peer = FakeAsterisk()
-        await peer.start()
-        config = _write_config(tmp_path, peer.port)
         conf = tmp_path / "pjsip_users.conf"
-        log = tmp_path / "daemon.log"
-        await _seed(config)
-        daemon = await _start_daemon(config, log)
-        try:
-            await _add_agent(config, "alice", "Alice")
-            await _until(lambda: "[1001]" in _text(conf) and bool(peer.actions("Reload")), 5)
-            await peer.stop()
+        async with _alice_then_asterisk_down(tmp_path, _reloaded_with_alice(conf)) as run:
             before = _text(conf)
-            await _cli(config, "user", "edit", "alice", "--nat", "yes")
+            await _cli(run.config, "user", "edit", "alice", "--nat", "yes")
             await _until(lambda: _text(conf) != before, 5)
             await asyncio.sleep(0.3)  # the reload noted owed in the store
-            assert await _stop(daemon) == 0
-            sent = len(peer.actions("Reload"))
-            daemon = await _start_daemon(config, log)
-            await peer.start()
-            await _until(lambda: len(peer.actions("Reload")) > sent, 10)
-            assert "ami.reload_resumed" in _text(log)
-        finally:
-            if daemon.returncode is None:
-                assert await _stop(daemon) == 0
-            await peer.stop()
+            sent = len(run.peer.actions("Reload"))
+            await run.restart()
+            await _until(lambda: len(run.peer.actions("Reload")) > sent, 10)
+            assert "ami.reload_resumed" in _text(run.log)
 
     asyncio.run(scenario())
 
@@ -528,37 +560,22 @@ def test_a_file_contact_removal_owed_when_the_daemon_stopped_is_sent_after_its_r
     the next run, after the resumed reload, although that run's reconcile owes nothing."""
 
     async def scenario() -> None:
-        peer = FakeAsterisk()
-        await peer.start()
-        config = _write_config(tmp_path, peer.port)
         conf = tmp_path / "pjsip_users.conf"
-        log = tmp_path / "daemon.log"
-        await _seed(config)
-        daemon = await _start_daemon(config, log)
-        try:
-            await _add_agent(config, "alice", "Alice")
-            await _until(lambda: "[1001]" in _text(conf) and bool(peer.actions("Reload")), 5)
-            await peer.stop()
-            await _cli(config, "user", "delete", "alice")
+        async with _alice_then_asterisk_down(tmp_path, _reloaded_with_alice(conf)) as run:
+            await _cli(run.config, "user", "delete", "alice")
             await _until(lambda: "[1001]" not in _text(conf), 5)
             await asyncio.sleep(0.3)  # the reload and the removal noted owed in the store
-            assert await _stop(daemon) == 0
-            since = len(peer.received)
-            daemon = await _start_daemon(config, log)
-            await peer.start()
+            since = await run.restart()
 
             def deleted(action: ReceivedAction) -> bool:
                 return bool(action.get("Key") == ALICE_CONTACT)
 
             # Received, then answered: astdb changes when the answer is made.
+            peer = run.peer
             await _until(lambda: ALICE_CONTACT not in peer.astdb, 10)
             reload = _index(peer, "Reload", since, lambda _: True)
             assert 0 <= reload < _index(peer, "DBDel", since, deleted)
-            assert [(e["removals"], e["after_reload"]) for e in _resumed(log)] == [(1, True)]
-        finally:
-            if daemon.returncode is None:
-                assert await _stop(daemon) == 0
-            await peer.stop()
+            assert [(e["removals"], e["after_reload"]) for e in _resumed(run.log)] == [(1, True)]
 
     asyncio.run(scenario())
 
@@ -570,31 +587,21 @@ def test_realtime_expiries_and_removal_owed_when_the_daemon_stopped_are_sent_aft
     sorcery cache and its registration deleted from astdb by the next run."""
 
     async def scenario() -> None:
-        peer = FakeAsterisk()
-        await peer.start()
-        config = _write_config(tmp_path, peer.port, kind="realtime", caches=("ep_cache",))
-        log = tmp_path / "daemon.log"
-        await _seed(config)
-        daemon = await _start_daemon(config, log)
-        try:
-            await _add_agent(config, "alice", "Alice")
-            await _until(lambda: "1001" in _expired_objects(peer, 0), 5)
-            await peer.stop()
-            await _cli(config, "user", "delete", "alice")
+        def expired(peer: FakeAsterisk) -> bool:
+            return "1001" in _expired_objects(peer, 0)
+
+        async with _alice_then_asterisk_down(
+            tmp_path, expired, kind="realtime", caches=("ep_cache",)
+        ) as run:
+            await _cli(run.config, "user", "delete", "alice")
             await asyncio.sleep(0.5)  # applied, and its expiries and removal noted owed
-            assert await _stop(daemon) == 0
-            since = len(peer.received)
-            daemon = await _start_daemon(config, log)
-            await peer.start()
+            since = await run.restart()
             # Received, then answered: astdb changes when the answer is made.
+            peer = run.peer
             await _until(lambda: ALICE_CONTACT not in peer.astdb, 10)
             assert ALICE_CONTACT in [a.get("Key") for a in peer.actions("DBDel")]
             assert "1001" in _expired_objects(peer, since)
-            assert [e["removals"] for e in _resumed(log)] == [1]
-        finally:
-            if daemon.returncode is None:
-                assert await _stop(daemon) == 0
-            await peer.stop()
+            assert [e["removals"] for e in _resumed(run.log)] == [1]
 
     asyncio.run(scenario())
 

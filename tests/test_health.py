@@ -158,23 +158,10 @@ def test_a_stopping_daemon_leaves_the_record_of_a_daemon_started_after_it(
     import os
     import time
 
-    from provisioner.config import load_config
-    from provisioner.daemon import Daemon as InProcess
-    from provisioner.store.migrate import upgrade
+    from .helpers import local_daemon
 
     state = tmp_path / "state"
-    config = load_config(
-        None,
-        env={},
-        overrides={
-            "store": {"url": f"sqlite:///{tmp_path / 'store.db'}"},
-            "target": {"path": str(tmp_path / "pjsip_users.conf")},
-            "daemon": {"state_dir": str(state)},
-        },
-    )
-    old = InProcess.from_config(config)
-    upgrade(old.engine)
-    old.wake_sources = []
+    old = local_daemon(tmp_path)
     newer = Health(pid=os.getpid() + 1, started_at=time.time() + 1, ready=True)
 
     async def scenario() -> None:

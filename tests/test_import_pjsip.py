@@ -538,19 +538,14 @@ def test_a_callerid_that_does_not_parse_is_reported() -> None:
 def test_an_import_racing_another_writer_for_a_username_reports_it(accounts: Accounts) -> None:
     """An import whose username another writer takes meanwhile runs again and reports the
     clash on that user, never a database error, and adds nobody."""
-    from sqlalchemy import Connection, insert, select
+    from sqlalchemy import Connection
 
-    from provisioner.store.schema import users
-
-    from .test_accounts import _while_another_writer_holds
+    from .helpers import insert_user_copy, while_another_writer_holds
 
     def hold(conn: Connection) -> None:
-        root = conn.execute(select(users).where(users.c.username == "root")).mappings().one()
-        row = {**root, "username": "bob", "username_key": "bob", "extension": "5555"}
-        del row["id"]
-        conn.execute(insert(users).values(**row))
+        insert_user_copy(conn, "root", "bob", "5555")
 
-    raised = _while_another_writer_holds(accounts, hold, lambda: _import(accounts))
+    raised = while_another_writer_holds(accounts, hold, lambda: _import(accounts))
     assert isinstance(raised, InvalidInput), repr(raised)
     assert any("username: is already taken" in str(p) for p in raised.problems)
     assert sorted(u.username for u in accounts.list_users()) == ["bob", "root"]

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Connection
 
 from ..accounts import utcnow
+from ..aio import doubling
 from ..config import cache_names
 from ..logs import get_logger
 from ..store.registrations import set_problems
@@ -544,7 +545,7 @@ def retry_reload_later(link: Link, outcome: ReloadOutcome) -> None:
     if link.reload_retry is not None or link.stopping:
         return  # one is armed already; or stopping: the reload stays noted for next run
     link.reload_failures += 1
-    delay = min(RELOAD_RETRY_MAX, RELOAD_RETRY_BASE * 2 ** (link.reload_failures - 1))
+    delay = doubling(RELOAD_RETRY_BASE, RELOAD_RETRY_MAX, link.reload_failures)
     log.warning(
         "ami.reload_retry",
         server=link.name,
@@ -801,7 +802,7 @@ def _problem(held: tuple[tuple[str, ...], tuple[str, ...]] | None) -> str:
 
 def verify_backoff(failures: int) -> float:
     """Seconds before verifying again after ``failures`` failed rounds in a row."""
-    return float(min(VERIFY_BACKOFF_MAX, OWED_RETRY * 2 ** max(0, failures - 1)))
+    return doubling(OWED_RETRY, VERIFY_BACKOFF_MAX, failures)
 
 
 @contextmanager

@@ -35,7 +35,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from ..accounts import utcnow
-from ..aio import sleep_unless, wait_first
+from ..aio import doubling, sleep_unless, wait_first
 from ..config import Config
 from ..errors import ProvisionerError
 from ..logs import get_logger
@@ -467,7 +467,7 @@ class AmiPbx:
 
     async def _store_backoff(self, link: Link, stop: asyncio.Event) -> None:
         link.store_failures += 1
-        delay = min(STORE_RETRY_MAX, STORE_RETRY_BASE * 2 ** (link.store_failures - 1))
+        delay = doubling(STORE_RETRY_BASE, STORE_RETRY_MAX, link.store_failures)
         log.warning(
             "registration.store_retry",
             server=link.name,
@@ -628,7 +628,7 @@ class AmiPbx:
                 notes = await in_worker(_read_notes, self.engine, link.name)
             except DBAPIError as exc:
                 failures += 1
-                delay = min(STORE_RETRY_MAX, STORE_RETRY_BASE * 2 ** (failures - 1))
+                delay = doubling(STORE_RETRY_BASE, STORE_RETRY_MAX, failures)
                 log.warning(
                     "ami.owed_unknown", server=link.name, error=str(exc.orig), retry_in_s=delay
                 )
