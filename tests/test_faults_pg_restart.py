@@ -1,0 +1,72 @@
+"""The store's PostgreSQL server really restarts under a running daemon.
+
+``test_daemon_e2e`` cuts the shared server's connections to one database; this test
+stops and starts a whole PostgreSQL server (a private one, ``tests/pgcluster.py``), as
+a package upgrade or a failover does: every session dies, the port refuses connections
+for a while, and the server comes back empty of sessions and of ``LISTEN``\\ers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .faultkit import Daemon, cheap_hasher, cli, endpoints, seed_store, until, write_config
+from .pgcluster import PrivatePostgres, private_postgres, unavailable_reason
+
+
+@pytest.fixture
+def cluster() -> Iterator[PrivatePostgres]:
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with private_postgres() as running:
+        yield running
+
+
+def _add(config: Path, username: str) -> None:
+    cli(
+        config,
+        "user",
+        "add",
+        username,
+        "--full-name",
+        username.title(),
+        "--email",
+        f"{username}@example.com",
+        "--profile",
+        "agents",
+    )
+
+
+def test_a_postgresql_restart_mid_run_is_survived(tmp_path: Path, cluster: PrivatePostgres) -> None:
+    """An edit committed just before the server stops is applied once it is back, the
+    daemon stays up through the outage, and later edits go live within seconds."""
+    cheap_hasher()
+    seed_store(cluster.url, 1).dispose()
+    config = write_config(tmp_path, store_url=cluster.url)
+    conf = tmp_path / "pjsip_users.conf"
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    try:
+        until(lambda: len(endpoints(conf)) >= 1, 10, "first reconcile")
+        before = len(endpoints(conf))
+
+        _add(config, "bob")
+        cluster.stop()
+        time.sleep(1.5)
+        assert daemon.alive, "the daemon exited while its store was down"
+        cluster.start()
+
+        until(lambda: len(endpoints(conf)) == before + 1, 20, "bob applied after the restart")
+        _add(config, "carol")
+        took = until(lambda: len(endpoints(conf)) == before + 2, 10, "carol applied")
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    log = daemon.log.read_text()
+    assert "Traceback" not in log
+    print(f"carol took {took:.2f} s")
+    assert took < 10
