@@ -21,7 +21,7 @@ import asyncio
 import gc
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -211,6 +211,8 @@ class Daemon:
     health: Health = field(default_factory=Health)
     tracker: CursorTracker = field(default_factory=lambda: CursorTracker(cursor=0))
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    #: The shutdown has ended the tasks: :meth:`_spawn` refuses new ones.
+    _closed: bool = False
     _next_reconcile: float = 0.0
     #: A change was notified while the last apply ran (before Asterisk was told): a burst.
     _woken_while_applying: bool = False
@@ -414,25 +416,36 @@ class Daemon:
         if work is not None and not work.done():
             await asyncio.wait([work], timeout=self.config.daemon.shutdown_timeout)
         self.ami_stop.set()
-        waited: list[asyncio.Task[Any]] = [*self._tasks, *([work] if work is not None else [])]
-        if waited:
-            left = max(0.0, deadline - loop.time())
-            _done, pending = await asyncio.wait(waited, timeout=left)
-            if pending:
-                log.warning(
-                    "daemon.shutdown_timeout",
-                    timeout_s=self.config.daemon.shutdown_timeout,
-                    cancelled=len(pending),
-                )
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        self._tasks.clear()
+        await self._end_tasks([work] if work is not None else [], deadline)
         self.engine.dispose()
         # The last record: 'provisioner check' then fails at once, not once it is stale.
         self.health.stopped_at = time.time()
         self._write_health()
         log.info("daemon.stopped")
+
+    async def _end_tasks(self, work: list[asyncio.Task[Any]], deadline: float) -> None:
+        """Wait until ``deadline`` (monotonic loop time) for ``work`` and every spawned
+        task to end, those spawned meanwhile too (the startup still under way starts its
+        tasks after the stop); then refuse any new one (:meth:`_spawn`), cancel what is
+        left (``daemon.shutdown_timeout`` says how many) and await it, so no task
+        outlives the shutdown."""
+        loop = asyncio.get_running_loop()
+        while running := _running([*self._tasks, *work]):
+            await asyncio.wait(running, timeout=max(0.0, deadline - loop.time()))
+            if loop.time() >= deadline:
+                break
+        self._closed = True
+        pending = _running([*self._tasks, *work])
+        if pending:
+            log.warning(
+                "daemon.shutdown_timeout",
+                timeout_s=self.config.daemon.shutdown_timeout,
+                cancelled=len(pending),
+            )
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        self._tasks.clear()
 
     # -- work -------------------------------------------------------------------------
 
@@ -624,6 +637,14 @@ class Daemon:
             self._write_health()
 
     def _spawn(self, coro: Awaitable[None]) -> None:
+        """Run ``coro`` as one of the daemon's tasks (awaited, or cancelled, at the
+        shutdown); once the shutdown has ended them (:meth:`_end_tasks`) it is refused
+        (a coroutine closed unrun, ``daemon.spawn_refused``): nothing would await it."""
+        if self._closed:
+            log.warning("daemon.spawn_refused", task=getattr(coro, "__qualname__", repr(coro)))
+            if isinstance(coro, Coroutine):
+                coro.close()
+            return
         task = asyncio.ensure_future(coro)
         task.add_done_callback(self._task_ended)
         self._tasks.append(task)
@@ -743,3 +764,8 @@ def _describe(exc: BaseException) -> str:
         first_line = (str(exc.orig).splitlines() or [""])[0]
         return f"store unavailable: {type(exc.orig).__name__}: {first_line}"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _running(tasks: Iterable[asyncio.Task[Any]]) -> set[asyncio.Task[Any]]:
+    """Those of ``tasks`` not done yet."""
+    return {task for task in tasks if not task.done()}

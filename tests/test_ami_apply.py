@@ -1314,3 +1314,61 @@ def test_a_reload_failing_while_the_ami_side_stops_arms_no_retry() -> None:
             await peer.stop()
 
     assert run(scenario())
+
+
+def test_applies_while_reloads_keep_failing_wait_as_one_record_and_lose_nothing(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Config-file target: what the ends of reloads that keep failing owe is one merged
+    record (one awaiting set) however many applies were made meanwhile, and once a reload
+    ends well every removal and check owed by them is sent."""
+    monkeypatch.setattr(changes_module, "RELOAD_RETRY_BASE", 0.1)
+    monkeypatch.setattr(changes_module, "RELOAD_RETRY_MAX", 0.2)
+    edits = [Change(updated=(str(300000 + i),), wrote=True) for i in range(8)]
+
+    async def scenario() -> tuple[int, list[str], list[str]]:
+        peer = FakeAsterisk()
+        peer.reload_busy = 10**6  # every reload refused
+        await peer.start()
+        pbx = AmiPbx([_link(peer)], store, "config")
+        async with _serving(peer, pbx) as link:
+            await eventually(link.book_complete)
+            for change in (REMOVED, *edits):
+                await _applied_then_refused(pbx, link, change)
+            await eventually(
+                lambda: (
+                    not link.reloads.in_flight
+                    and not link.reloads.pending
+                    and link.after_retry is not None
+                )
+            )
+            waiting = len(link.owed.awaiting)
+            peer.reload_busy = 0
+            await eventually(lambda: bool(peer.actions("DBDel")) and not link.unverified)
+            looked_up = [a.get("Endpoint") for a in peer.actions("PJSIPShowEndpoint")]
+            return waiting, [a.get("Key") for a in peer.actions("DBDel")], looked_up
+
+    waiting, deleted, looked_up = run(scenario())
+    assert waiting == 1
+    assert deleted == [CONTACT_KEY]
+    assert {e for c in edits for e in c.updated} <= set(looked_up)
+
+
+async def _applied_then_refused(pbx: AmiPbx, link: Link, change: Change) -> None:
+    """Apply ``change`` and wait for a reload after it to be refused."""
+    failed = link.reload_results.get("busy", 0)
+    pbx.applied(change, target_kind="config")
+    await eventually(lambda: link.reload_results.get("busy", 0) > failed)
+
+
+def test_a_merged_reload_record_owes_what_its_parts_would_in_turn() -> None:
+    """Merging what a later reload's end owes into an earlier one's lets each endpoint's
+    later state win: removed then added again is verified, added then removed is not."""
+    owed = Owed()
+    first = changes_module.AfterReload({"a"}, {"b"}, owed.await_reload({"b"}))
+    owed.add(Change(added=("b",), removed=("a",)), expire=False, remove=False)
+    later = changes_module.AfterReload({"b"}, {"a"}, owed.await_reload({"a"}))
+    first.merge(later, owed)
+    assert (first.changed, first.gone) == ({"b"}, {"a"})
+    assert owed.awaiting == [{"a"}]
+    assert first.awaiting is owed.awaiting[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from structlog.testing import capture_logs
 
@@ -282,3 +283,32 @@ def test_no_apply_retry_fires_after_the_daemon_stopped(tmp_path: Path) -> None:
         return daemon.tick.is_set()
 
     assert not asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_a_task_spawned_while_the_shutdown_waits_is_ended_with_the_rest(tmp_path: Path) -> None:
+    """A task the work still under way starts after the shutdown began waiting (as a
+    startup whose reconcile ends after the stop starts its tasks) is awaited or cancelled
+    with the rest: the shutdown leaves no task pending, and one spawned later is refused."""
+    daemon = local_daemon(tmp_path, daemon={"shutdown_timeout": 0.5})
+
+    async def late_starter() -> None:
+        await daemon.ami_stop.wait()  # the shutdown has taken stock of the tasks
+        await asyncio.sleep(0.05)
+        daemon._spawn(_forever())
+
+    async def scenario() -> list[asyncio.Task[Any]]:
+        work = asyncio.create_task(late_starter())
+        await asyncio.sleep(0)
+        daemon.handle_exit()
+        async with asyncio.timeout(30):
+            await daemon.shutdown(work)
+        daemon._spawn(_forever())  # refused: nothing would end it
+        me = asyncio.current_task()
+        return [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+
+    assert asyncio.run(scenario()) == []
+
+
+async def _forever() -> None:
+    """Wait for what never comes."""
+    await asyncio.Event().wait()

@@ -68,6 +68,7 @@ __all__ = [
     "RELOAD_RETRY_MAX",
     "VERIFY_LIMIT",
     "VERIFY_PAUSE",
+    "AfterReload",
     "Owed",
     "apply_changes",
     "final_notes",
@@ -194,6 +195,15 @@ class Owed:
         self.awaiting.append(awaiting)
         return awaiting
 
+    def merge_awaiting(self, into: set[str], later: set[str]) -> None:
+        """Fold ``later`` (from :meth:`await_reload`, a reload requested after the one
+        ``into`` awaits) into ``into``, which then stands for both: one set per merged
+        wait, however many failed reloads it spans."""
+        if later is into:
+            return
+        into.update(later)
+        self.awaiting = [a for a in self.awaiting if a is not later]
+
     def reloaded(self, awaiting: set[str]) -> None:
         """The reload ``awaiting`` (from :meth:`await_reload`) waited for ended: owe its
         removals now."""
@@ -219,6 +229,26 @@ class Owed:
         """The endpoints whose contact removal the store should note: those owed now and
         those awaiting a reload."""
         return set(self.removals).union(*self.awaiting)
+
+
+@dataclass
+class AfterReload:
+    """What the end of a config file's reload owes: the endpoints to verify
+    (``changed``) and to verify no longer (``gone``), and the contact removals awaiting
+    it (``awaiting``, a set held in :attr:`Owed.awaiting`)."""
+
+    changed: set[str]
+    gone: set[str]
+    awaiting: set[str]
+
+    def merge(self, later: AfterReload, owed: Owed) -> None:
+        """Fold in ``later``, owed by a reload requested after this one's: an endpoint's
+        later state wins, so the merged record owes what the two in turn would.  The
+        awaiting sets merge in ``owed`` too (an endpoint added again since has already
+        left both, see :meth:`Owed.add`)."""
+        self.changed = (self.changed - later.gone) | later.changed
+        self.gone = (self.gone - later.changed) | later.gone
+        owed.merge_awaiting(self.awaiting, later.awaiting)
 
 
 async def apply_changes(link: Link, batch: Sequence[Change], *, realtime: bool) -> None:
@@ -255,7 +285,7 @@ async def apply_changes(link: Link, batch: Sequence[Change], *, realtime: bool) 
         # it.  Not awaited: edits applied while this reload waits (for its gap, for a
         # server that is down) merge into it, as their bytes are on disk before it is
         # sent, instead of each costing one more reload afterwards.
-        reloaded = partial(_file_reloaded, link, changed, gone, awaiting)
+        reloaded = partial(_file_reloaded, link, AfterReload(changed, gone, awaiting))
         request_reload(link).add_done_callback(reloaded)
     else:
         if reloads:
@@ -475,7 +505,8 @@ def resume_owed(
     if reload is not None and endpoints:
         # The endpoint lives in Asterisk until that reload (see apply_changes).
         awaiting = owed.await_reload(endpoints)
-        reload.add_done_callback(partial(_file_reloaded, link, set(), set(endpoints), awaiting))
+        after = AfterReload(set(), set(endpoints), awaiting)
+        reload.add_done_callback(partial(_file_reloaded, link, after))
     else:
         owed.owe_removals(endpoints)
     if expiries is not None or endpoints:
@@ -540,8 +571,9 @@ def retry_reload_later(link: Link, outcome: ReloadOutcome) -> None:
     """Ask again for a reload that failed, after a pause doubling with each failure in
     a row: the file or rows are written, and without a reload Asterisk would not load
     them until some later edit asked for one.  One retry serves every request the
-    failed reload merged; what waited for its end (``link.after_retry``) waits for the
-    retry's.  A stop cancels it (the reload stays noted: the next run asks for it)."""
+    failed reload merged; what waited for its end (``link.after_retry``, one record
+    however many failed) waits for the retry's.  A stop cancels it (the reload stays
+    noted: the next run asks for it)."""
     if link.reload_retry is not None or link.stopping:
         return  # one is armed already; or stopping: the reload stays noted for next run
     link.reload_failures += 1
@@ -559,9 +591,9 @@ def retry_reload_later(link: Link, outcome: ReloadOutcome) -> None:
 def _retry_reload(link: Link) -> None:
     link.reload_retry = None
     future = request_reload(link)
-    waiting, link.after_retry = link.after_retry, []
-    for callback in waiting:
-        future.add_done_callback(callback)
+    waiting, link.after_retry = link.after_retry, None
+    if waiting is not None:
+        future.add_done_callback(partial(_file_reloaded, link, waiting))
 
 
 def _owe_verification(link: Link, changed: set[str], gone: set[str]) -> None:
@@ -572,18 +604,14 @@ def _owe_verification(link: Link, changed: set[str], gone: set[str]) -> None:
         unverified.pop(endpoint, None)
 
 
-def _file_reloaded(
-    link: Link,
-    changed: set[str],
-    gone: set[str],
-    awaiting: set[str],
-    future: asyncio.Future[ReloadOutcome],
-) -> None:
-    """A config file's reload ended: count it, owe the contact removals ``awaiting`` it
-    (``gone``'s endpoints not added again since), and have the changed endpoints
+def _file_reloaded(link: Link, after: AfterReload, future: asyncio.Future[ReloadOutcome]) -> None:
+    """A config file's reload ended: count it, owe the contact removals awaiting it
+    (``after.gone``'s endpoints not added again since), and have the changed endpoints
     verified, by the change loop (woken by an empty change), unless the daemon is
     stopping (the removals stay noted in the store, for the next run).  Reloads end in
-    request order, so an endpoint removed then added again keeps its contacts."""
+    request order, so an endpoint removed then added again keeps its contacts.  A failed
+    one's ``after`` merges into ``link.after_retry`` (one record, whatever the number of
+    applies made while reloads keep failing), served by the retried reload."""
     if future.cancelled():
         return
     outcome = future.result()
@@ -593,13 +621,16 @@ def _file_reloaded(
     if not outcome.ok:
         # Asterisk may not have loaded the file (or, timed out, may still be loading
         # it): the removals and checks wait for the retried reload.
-        link.after_retry.append(partial(_file_reloaded, link, changed, gone, awaiting))
+        if link.after_retry is None:
+            link.after_retry = after
+        else:
+            link.after_retry.merge(after, link.owed)
         return
-    link.owed.reloaded(awaiting)
-    link.owed.keep(changed)
+    link.owed.reloaded(after.awaiting)
+    link.owed.keep(after.changed)
     note_owed(link)
-    _owe_verification(link, changed, gone)
-    if changed or gone:
+    _owe_verification(link, after.changed, after.gone)
+    if after.changed or after.gone:
         link.changes.put_nowait(Change())
 
 

@@ -54,6 +54,7 @@ from .actions import AmiMessage
 from .changes import (
     OWED_RETRY,
     VERIFY_PAUSE,
+    AfterReload,
     Owed,
     apply_changes,
     final_notes,
@@ -75,7 +76,7 @@ from .registration import (
     endpoint_of,
     summarize,
 )
-from .reload import PjsipOps, ReloadCoordinator, ReloadOutcome
+from .reload import PjsipOps, ReloadCoordinator
 
 __all__ = ["AmiPbx", "Link", "snapshot_gap", "split_batch", "take_due"]
 
@@ -207,7 +208,9 @@ class Link:
     reload_retry: asyncio.TimerHandle | None = None
     #: The AMI side is stopping (see :meth:`AmiPbx._note_at_stop`): no retry is armed.
     stopping: bool = False
-    after_retry: list[Callable[[asyncio.Future[ReloadOutcome]], None]] = field(default_factory=list)
+    #: What the failed reloads' ends owe, merged into one record (bounded however long
+    #: reloads keep failing), served by the retried reload.
+    after_retry: AfterReload | None = None
     #: Endpoints whose ``SuccessfulAuth`` no status event followed yet -> the monotonic
     #: time after which it is taken for untracked (:data:`CONFIRM_WINDOW`), in that order.
     unconfirmed: dict[str, float] = field(default_factory=dict)
