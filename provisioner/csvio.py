@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 from .accounts import Accounts, rerun_on_unique_clash
 from .errors import ConflictError, InvalidInput, NotFoundError, Problem, ProvisionerError
-from .model import User, check_flag, merge_attributes
+from .model import User, check_flag, merge_attributes, validate_fields
 from .store import queries as q
 
 __all__ = ["COLUMNS", "ImportResult", "export_users", "import_users"]
@@ -247,6 +247,8 @@ def _import_rows(
             for _line, cells in rows:
                 if cells.get("extension"):
                     allocator.reserve(cells["extension"])
+            repeated = _repeated_extensions(rows)
+            _park_moving_extensions(conn, rows)
             now = accounts.clock()
             for done, (line, cells) in enumerate(rows, 1):
                 key = cells.get("username", "").lower()
@@ -254,6 +256,9 @@ def _import_rows(
                     problems.append(Problem("username", f"repeats line {seen[key]}", line))
                     continue
                 seen[key] = line
+                if line in repeated:
+                    problems.append(repeated[line])
+                    continue
                 try:
                     _apply_row(accounts, conn, header, cells, line, allocator, now, result)
                 except ProvisionerError as exc:
@@ -269,6 +274,58 @@ def _import_rows(
     if dry_run:
         result.generated_secrets.clear()
     return result
+
+
+def _given_extension(cells: dict[str, str]) -> str | None:
+    """The row's extension cell when it is a valid extension, else None (none given, or
+    one that the row's own checks refuse)."""
+    cell = cells.get("extension", "")
+    try:
+        return str(validate_fields({"extension": cell})["extension"]) if cell else None
+    except InvalidInput:
+        return None
+
+
+def _repeated_extensions(rows: Sequence[tuple[int, dict[str, str]]]) -> dict[int, Problem]:
+    """A problem on field ``extension`` for every row giving an extension that another row
+    of the file gives too, naming the other rows' lines (two users cannot end with one
+    number); the same problems whatever the rows' order."""
+    lines: dict[str, list[int]] = {}
+    for line, cells in rows:
+        extension = _given_extension(cells)
+        if extension is not None:
+            lines.setdefault(extension, []).append(line)
+    repeated: dict[int, Problem] = {}
+    for extension, given in lines.items():
+        for line in given if len(given) > 1 else ():
+            others = ", ".join(str(n) for n in given if n != line)
+            where = "lines" if len(given) > 2 else "line"
+            rule = f"{extension} is also given on {where} {others}"
+            repeated[line] = Problem("extension", rule, line)
+    return repeated
+
+
+def _park_moving_extensions(conn: Any, rows: Sequence[tuple[int, dict[str, str]]]) -> None:
+    """Move every existing user whose row gives it another extension off its current one,
+    to a placeholder no valid extension equals, before any row is applied.
+
+    So the rows are checked against the file's final state, not against the store half
+    way through it: a swap (alice takes bob's number, bob alice's) or a chain applies in
+    any row order, while a number still held at the end (by a user the file leaves on
+    it) is refused.  Every parked user's row then writes its new extension or is
+    refused, and any refusal rolls the whole import back, so no placeholder is kept.
+    """
+    for _line, cells in rows:
+        extension = _given_extension(cells)
+        username = cells.get("username", "")
+        if extension is None or not username:
+            continue
+        try:
+            row = q.fetch_user_row(conn, username, lock=True)
+        except NotFoundError:
+            continue
+        if row.extension != extension:
+            q.update_user(conn, row.id, {"extension": f"moving-{row.id}"})
 
 
 def _apply_row(

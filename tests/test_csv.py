@@ -306,3 +306,75 @@ def test_attribute_columns_leave_other_attributes_alone(accounts: Accounts) -> N
         "desk": "7",
     }
     assert import_users(accounts, text).unchanged == ["alice"]
+
+
+def _alice_101_bob_102(accounts: Accounts) -> None:
+    for name, extension in (("alice", "101"), ("bob", "102")):
+        accounts.add_user(
+            {
+                "username": name,
+                "full_name": name.title(),
+                "email": f"{name}@example.com",
+                "profile": "agents",
+                "extension": extension,
+            }
+        )
+
+
+def _extensions(accounts: Accounts) -> dict[str, str]:
+    return {u.username: u.extension for u in accounts.list_users()}
+
+
+@pytest.mark.parametrize(
+    ("body", "final"),
+    [
+        ("alice,102\nbob,101\n", {"alice": "102", "bob": "101"}),
+        ("bob,101\nalice,102\n", {"alice": "102", "bob": "101"}),
+        ("alice,150\nbob,101\n", {"alice": "150", "bob": "101"}),
+        ("bob,101\nalice,150\n", {"alice": "150", "bob": "101"}),
+        ("dave,101\nalice,150\n", {"alice": "150", "bob": "102", "dave": "101"}),
+    ],
+    ids=["swap", "swap-reversed", "chain", "chain-reversed", "new-user-takes-a-freed-one"],
+)
+def test_an_import_whose_final_extensions_are_distinct_applies_in_any_row_order(
+    accounts: Accounts, body: str, final: dict[str, str]
+) -> None:
+    """Rows that swap or pass on extensions apply in one transaction whatever their order:
+    each is checked against the file's final state, not against the rows before it."""
+    _alice_101_bob_102(accounts)
+    header = "username,extension,full_name,email,profile\n"
+    text = header + "".join(
+        f"{r},{r.split(',')[0]},{r.split(',')[0]}@example.com,agents\n" for r in body.splitlines()
+    )
+    import_users(accounts, text)
+    assert _extensions(accounts) == {"root": "100", **final}
+
+
+_BOTH_GIVE_150 = (
+    "line 2: extension: 150 is also given on line 3; line 3: extension: 150 is also given on line 2"
+)
+_BOTH_GIVE_102 = _BOTH_GIVE_150.replace("150", "102")
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ("alice,150\nbob,150\n", _BOTH_GIVE_150),
+        ("bob,150\nalice,150\n", _BOTH_GIVE_150),
+        ("alice,102\n", "line 2: extension: 102 is already used by user bob"),
+        ("alice,102\nbob,102\n", _BOTH_GIVE_102),
+        ("bob,102\nalice,102\n", _BOTH_GIVE_102),
+        ("alice,102\nbob,\n", "line 2: extension: 102 is already used by user bob"),
+        ("bob,\nalice,102\n", "line 3: extension: 102 is already used by user bob"),
+    ],
+)
+def test_an_import_whose_final_extensions_repeat_is_refused_naming_the_rows(
+    accounts: Accounts, body: str, problem: str
+) -> None:
+    """A file that would leave one extension on two users is refused in any row order, on
+    field extension naming the rows (or the user keeping it), and nothing is applied."""
+    _alice_101_bob_102(accounts)
+    with pytest.raises(InvalidInput) as info:
+        import_users(accounts, "username,extension\n" + body)
+    assert str(info.value) == problem
+    assert _extensions(accounts) == {"root": "100", "alice": "101", "bob": "102"}
