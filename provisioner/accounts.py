@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, delete, update
+from sqlalchemy import Connection, Engine, delete, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from . import credentials
@@ -614,20 +614,42 @@ class Accounts:
         return self._bulk(usernames, change)
 
     def delete(self, usernames: Sequence[str]) -> list[str]:
-        """Soft delete: the user moves to deleted members, its username and extension reserved."""
+        """Soft delete: the user moves to deleted members, its username and extension
+        reserved, and its API key revoked (cleared), so a restore brings no key back."""
 
         def change(conn: Connection, row: Any, now: datetime) -> None:
             self._protect_first_admin(conn, row, "deleted")
             if row.deleted_at is None:
-                q.update_user(conn, row.id, {"deleted_at": now, "updated_at": now})
+                q.update_user(
+                    conn,
+                    row.id,
+                    {
+                        "deleted_at": now,
+                        "apikey_hash": None,
+                        "apikey_created_at": None,
+                        "updated_at": now,
+                    },
+                )
 
         return self._bulk(usernames, change)
 
     def restore(self, usernames: Sequence[str]) -> list[str]:
+        """Bring deleted users back, without an API key: a user deleted before delete
+        revoked keys has its kept one cleared here."""
+
         def change(conn: Connection, row: Any, now: datetime) -> None:
             if row.deleted_at is not None:
                 self.guard_first_admin(conn, row)
-                q.update_user(conn, row.id, {"deleted_at": None, "updated_at": now})
+                q.update_user(
+                    conn,
+                    row.id,
+                    {
+                        "deleted_at": None,
+                        "apikey_hash": None,
+                        "apikey_created_at": None,
+                        "updated_at": now,
+                    },
+                )
 
         return self._bulk(usernames, change)
 
@@ -753,6 +775,37 @@ class Accounts:
                         "account is locked after too many failed logins; contact an administrator"
                     )
         raise AuthenticationError(refused)
+
+    def authenticate_apikey(self, key: str) -> User:
+        """The live, enabled user holding API key ``key``, or :class:`AuthenticationError`.
+
+        The user is found by the key's SHA-256 (:func:`credentials.hash_apikey`) through
+        the unique index on ``apikey_hash``, the stored hash then compared in constant
+        time.  An unknown key (a wrong, removed or replaced one) and a deleted user's key
+        are refused alike, "invalid API key"; a disabled user's key is refused saying so,
+        which only whoever holds the key learns (as a login names a disabled account only
+        to whoever knows its password).  An API key is a 256-bit random token hashed
+        with a fast hash, so every path costs one SHA-256 and one indexed lookup (an
+        unknown key as long as a deleted user's): no argon2 decoy is needed.  Nothing is
+        counted or locked (a key cannot be guessed); a lock from failed password logins
+        does not refuse it.
+        """
+        digest = credentials.hash_apikey(key)
+        with self.transaction() as conn:
+            row = conn.execute(
+                select(users.c.id, users.c.apikey_hash, users.c.disabled, users.c.deleted_at)
+                .where(users.c.apikey_hash == digest)
+                .limit(1)
+            ).first()
+            if (
+                row is None
+                or not credentials.same_digest(row.apikey_hash, digest)
+                or row.deleted_at is not None
+            ):
+                raise AuthenticationError("invalid API key")
+            if row.disabled:
+                raise AuthenticationError("account is disabled; contact an administrator")
+            return q.load_users(conn, ids=[row.id])[0]
 
     def _count_failure(self, conn: Connection, user_id: int, now: datetime) -> int:
         # Atomic increment: concurrent failed logins all count.

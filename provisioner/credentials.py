@@ -21,6 +21,7 @@ __all__ = [
     "generate_sip_secret",
     "hash_apikey",
     "hash_password",
+    "same_digest",
     "sip_digests",
     "spend_verification",
     "verify_password",
@@ -106,4 +107,5 @@ def hash_apikey(key: str) -> str:
 
 
 def same_digest(a: str, b: str) -> bool:
+    """True when two digests are equal, compared in constant time."""
     return hmac.compare_digest(a, b)

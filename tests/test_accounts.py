@@ -542,6 +542,93 @@ def test_apikey_generate_replace_remove(accounts: Accounts) -> None:
         accounts.generate_apikey("alice")
 
 
+def test_delete_revokes_the_apikey_and_restore_brings_none_back(accounts: Accounts) -> None:
+    """Deleting a user clears its API key (hash and creation time): the user restored has
+    no key, and the old key names no one."""
+    accounts.add_user(_agent())
+    key = accounts.generate_apikey("alice")
+    accounts.delete(["alice"])
+    row = user_row(accounts.engine, "alice")
+    assert (row.apikey_hash, row.apikey_created_at) == (None, None)
+    accounts.restore(["alice"])
+    row = user_row(accounts.engine, "alice")
+    assert (row.apikey_hash, row.apikey_created_at) == (None, None)
+    assert not accounts.get_user("alice").has_apikey
+    with pytest.raises(AuthenticationError, match=r"^invalid API key$"):
+        accounts.authenticate_apikey(key)
+
+
+def test_authenticate_apikey_accepts_a_live_users_key(accounts: Accounts) -> None:
+    """A live user's current key authenticates as that user; the key it replaced does not."""
+    accounts.add_user(_agent())
+    accounts.add_user(_agent("bob"))
+    old = accounts.generate_apikey("alice")
+    key = accounts.generate_apikey("alice")
+    bobs = accounts.generate_apikey("bob")
+    assert accounts.authenticate_apikey(key).username == "alice"
+    assert accounts.authenticate_apikey(bobs).username == "bob"
+    with pytest.raises(AuthenticationError, match=r"^invalid API key$"):
+        accounts.authenticate_apikey(old)
+
+
+def test_authenticate_apikey_refuses_an_unknown_key(accounts: Accounts) -> None:
+    """A key no user holds (a made-up one, an empty one, a stored hash given as the key)
+    is refused with the same message."""
+    accounts.add_user(_agent())
+    key = accounts.generate_apikey("alice")
+    stored = user_row(accounts.engine, "alice").apikey_hash
+    for guess in (credentials.generate_apikey(), "", stored, key + "x"):
+        with pytest.raises(AuthenticationError, match=r"^invalid API key$"):
+            accounts.authenticate_apikey(guess)
+
+
+def test_authenticate_apikey_refuses_a_disabled_users_key_until_enabled(
+    accounts: Accounts,
+) -> None:
+    """Disabling keeps the key but refuses it, saying disabled (only to whoever holds the
+    key, as a login says so only to whoever knows the password); enabling accepts it again."""
+    accounts.add_user(_agent())
+    key = accounts.generate_apikey("alice")
+    accounts.disable(["alice"])
+    assert accounts.get_user("alice").has_apikey
+    with pytest.raises(AuthenticationError, match=r"^account is disabled; contact an admin"):
+        accounts.authenticate_apikey(key)
+    accounts.enable(["alice"])
+    assert accounts.authenticate_apikey(key).username == "alice"
+
+
+def test_authenticate_apikey_refuses_a_deleted_users_key(accounts: Accounts) -> None:
+    """A deleted user's key is refused as an unknown key is, even one a store written
+    before delete revoked keys still holds, and restoring that user clears it."""
+    accounts.add_user(_agent())
+    key = accounts.generate_apikey("alice")
+    accounts.delete(["alice"])
+    with pytest.raises(AuthenticationError, match=r"^invalid API key$"):
+        accounts.authenticate_apikey(key)
+    # A deleted row that kept its hash (deleted before delete revoked keys).
+    with accounts.engine.begin() as conn:
+        conn.execute(
+            update(users)
+            .where(users.c.username == "alice")
+            .values(apikey_hash=credentials.hash_apikey(key))
+        )
+    with pytest.raises(AuthenticationError, match=r"^invalid API key$"):
+        accounts.authenticate_apikey(key)
+    accounts.restore(["alice"])  # ... and its restore brings that key back neither
+    assert not accounts.get_user("alice").has_apikey
+    with pytest.raises(AuthenticationError, match=r"^invalid API key$"):
+        accounts.authenticate_apikey(key)
+
+
+def test_authenticate_apikey_refuses_a_removed_key(accounts: Accounts) -> None:
+    """A key removed with remove_apikey is refused as an unknown key is."""
+    accounts.add_user(_agent())
+    key = accounts.generate_apikey("alice")
+    accounts.remove_apikey("alice")
+    with pytest.raises(AuthenticationError, match=r"^invalid API key$"):
+        accounts.authenticate_apikey(key)
+
+
 def test_avatar_checked_by_content(accounts: Accounts) -> None:
     """A text file is refused as avatar whatever its name; a GIF is stored with its type."""
     with pytest.raises(InvalidInput, match=r"avatar: must be a PNG, JPG, GIF or SVG"):
