@@ -439,7 +439,8 @@ class DaemonSettings(_Section):
     sqlite_poll: float = Field(default=0.005, gt=0, le=5)
     #: A full reconcile every so often heals any drift (0: never).
     reconcile_interval: float = Field(default=300.0, ge=0)
-    #: MariaDB/MySQL have no notifications: the change table is polled this often.
+    #: MariaDB/MySQL have no notifications: the change table is polled this often (and
+    #: PostgreSQL's, while its LISTEN connection is down).
     poll_interval: float = Field(default=1.0, gt=0, le=60)
     #: How long a hole in the change ids may stay open before it counts as rolled back.
     cursor_grace: float = Field(default=30.0, gt=0)

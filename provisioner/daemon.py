@@ -174,8 +174,9 @@ def wake_sources(config: Config) -> list[WakeSource]:
         )
         poll = max(poll, 5.0)
     elif backend == "postgresql":
+        away = poll  # while LISTEN is down, poll as often as MariaDB/MySQL are polled
         sources.append(
-            WakeSource(lambda wake, stop: postgres_wakeups(config.store.url, wake, stop))
+            WakeSource(lambda wake, stop: postgres_wakeups(config.store.url, wake, stop, poll=away))
         )
         poll = max(poll, 5.0)
     sources.append(WakeSource(lambda wake, stop: poll_wakeups(poll, wake, stop), timer=True))

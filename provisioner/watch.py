@@ -7,7 +7,8 @@ by the next wake-up or the periodic reconcile.
 
 - SQLite: inotify on the database files, then a read of the newest change id
   (see :func:`sqlite_wakeups`);
-- PostgreSQL: ``LISTEN provisioner_changes`` (the triggers ``NOTIFY``);
+- PostgreSQL: ``LISTEN provisioner_changes`` (the triggers ``NOTIFY``), and a timer
+  while that connection is down;
 - MariaDB/MySQL: a timer (the change table is polled).
 - Templates: :mod:`watchfiles` on the template directories, and a look at them every
   second (a directory deleted and made again is watched anew).
@@ -30,7 +31,7 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import make_url
 
-from .aio import sleep_unless
+from .aio import sleep_unless, wait_first
 from .logs import get_logger
 from .store.changefeed import NOTIFY_CHANNEL
 from .store.schema import changes
@@ -379,27 +380,52 @@ async def postgres_wakeups(
     wake: asyncio.Event,
     stop: asyncio.Event,
     *,
+    poll: float = 0.5,
     backoff_cap: float = 30.0,
 ) -> None:
     """Set ``wake`` on every ``NOTIFY provisioner_changes``; reconnect with capped backoff.
 
     After each (re)connect it sets ``wake`` once, since notifications sent while
-    it was away are lost (the change feed still has the changes).
+    it was away are lost (the change feed still has the changes).  While it is not
+    listening (before the first connect, and from a lost connection until ``LISTEN``
+    works again, up to ``backoff_cap`` seconds apart) it sets ``wake`` every ``poll``
+    seconds instead, so an edit still goes live within about ``poll``.
     """
     conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     delay = 0.5
-    while not stop.is_set():
-        try:
-            async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
-                await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")  # a constant channel name
-                log.info("store.listening", channel=NOTIFY_CHANNEL)
-                delay = 0.5
-                wake.set()
-                await _relay_notifies(conn, wake, stop)
-        except (psycopg.Error, OSError) as exc:
-            log.warning("store.listen_failed", error=str(exc), retry_in_s=round(delay, 2))
-            await sleep_unless(stop, delay)
-            delay = min(backoff_cap, delay * 2) * random.uniform(0.8, 1.2)  # noqa: S311
+    listening = asyncio.Event()  # ends the poll of the current time away
+    poller: asyncio.Future[None] | None = None
+    try:
+        while not stop.is_set():
+            if poller is None:
+                listening = asyncio.Event()
+                poller = asyncio.ensure_future(_poll_until(poll, wake, stop, listening))
+            try:
+                async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")  # a constant channel name
+                    listening.set()
+                    await poller
+                    poller = None
+                    log.info("store.listening", channel=NOTIFY_CHANNEL)
+                    delay = 0.5
+                    wake.set()
+                    await _relay_notifies(conn, wake, stop)
+            except (psycopg.Error, OSError) as exc:
+                log.warning("store.listen_failed", error=str(exc), retry_in_s=round(delay, 2))
+                await sleep_unless(stop, delay)
+                delay = min(backoff_cap, delay * 2) * random.uniform(0.8, 1.2)  # noqa: S311
+    finally:
+        if poller is not None:
+            listening.set()
+            await poller
+
+
+async def _poll_until(
+    interval: float, wake: asyncio.Event, stop: asyncio.Event, end: asyncio.Event
+) -> None:
+    """Set ``wake`` every ``interval`` seconds until ``stop`` or ``end`` is set."""
+    while not await wait_first(stop, end, timeout=interval):
+        wake.set()
 
 
 async def _relay_notifies(

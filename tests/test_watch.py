@@ -8,7 +8,7 @@ import os
 import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from sqlalchemy import Engine, text
@@ -307,3 +307,67 @@ def test_the_daemon_renders_template_edits_from_its_start_and_after_a_directory_
         assert daemon.stop() == 0
     finally:
         daemon.kill()
+
+
+def test_postgresql_edits_go_live_within_a_second_while_listen_cannot_reconnect(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While PostgreSQL's LISTEN connection cannot be made (its connects refused, the
+    store's own connections fine), the watcher wakes every ``daemon.poll_interval``:
+    an edit is applied within about that, not at the 5 s safety-net poll."""
+    import psycopg
+    from structlog.testing import capture_logs
+
+    from provisioner.accounts import Accounts, Policy
+    from provisioner.daemon import wake_sources
+
+    from .dbs import temp_database
+    from .faultkit import endpoints
+    from .helpers import cheap_argon2, local_daemon
+
+    async def refused(*_args: object, **_kwargs: object) -> NoReturn:
+        raise psycopg.OperationalError("connection refused (by the test)")
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "connect", refused)  # the listener only
+    cheap_argon2(monkeypatch)
+    conf = tmp_path / "pjsip_users.conf"
+
+    async def scenario(url: str) -> tuple[float, list[str]]:
+        store = seed_store(url, 1)
+        daemon = local_daemon(tmp_path, store={"url": url}, daemon={"poll_interval": 0.5})
+        daemon.wake_sources = wake_sources(daemon.config)
+        loop = asyncio.get_running_loop()
+        try:
+            with capture_logs() as logs:
+                serving = asyncio.ensure_future(daemon.serve())
+                try:
+                    while not (daemon.health.ready and endpoints(conf)):
+                        await asyncio.sleep(0.02)
+                    before = len(endpoints(conf))
+                    await asyncio.sleep(0.3)  # the listener has failed by now
+                    await asyncio.to_thread(
+                        Accounts(store, Policy(password_policy=False)).add_user,
+                        {
+                            "username": "late",
+                            "full_name": "Late",
+                            "email": "late@example.com",
+                            "profile": "agents",
+                        },
+                    )
+                    start = loop.time()
+                    while len(endpoints(conf)) == before and loop.time() - start < 10:
+                        await asyncio.sleep(0.02)
+                    took = loop.time() - start
+                finally:
+                    daemon.handle_exit()
+                    await serving
+        finally:
+            daemon.engine.dispose()
+            store.dispose()
+        return took, [e["event"] for e in logs if e["event"].startswith("store.listen")]
+
+    with temp_database("postgresql", tmp_path) as url:
+        took, events = asyncio.run(asyncio.wait_for(scenario(url), 60))
+    assert "store.listen_failed" in events
+    assert "store.listening" not in events
+    assert took < 1.5, f"the edit went live after {took:.2f} s"
