@@ -7,10 +7,11 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -619,3 +620,51 @@ def _resumed(log: Path) -> list[dict[str, Any]]:
     """The ``ami.owed_resumed`` lines of the JSON log at ``log``."""
     lines = [json.loads(line) for line in _text(log).splitlines() if line.startswith("{")]
     return [e for e in lines if e.get("event") == "ami.owed_resumed"]
+
+
+def _loaded_digest(store: Path) -> str | None:
+    """The ``loaded_digest:<server>`` note in the SQLite store at ``store``, if any."""
+    with closing(sqlite3.connect(store)) as db:
+        row = db.execute(
+            "SELECT value FROM daemon_state WHERE key LIKE 'loaded_digest:%'"
+        ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def test_a_file_written_but_never_reloaded_is_reloaded_at_the_next_start(tmp_path: Path) -> None:
+    """The crash window of a config-file target: a daemon killed after writing the file
+    and before the reload was sent or noted owed leaves a file its next run's reconcile
+    finds as desired.  Simulated by writing the edit with ``sync --once`` while no daemon
+    runs: the next start sees the file differ from what the last accepted reload loaded
+    (``loaded_digest``) and reloads."""
+
+    async def scenario() -> None:
+        conf = tmp_path / "pjsip_users.conf"
+        peer = FakeAsterisk()
+        await peer.start()
+        config = _write_config(tmp_path, peer.port)
+        log = tmp_path / "daemon.log"
+        await _seed(config)
+        run = _Run(peer, config, log, await _start_daemon(config, log))
+        try:
+            await _add_agent(config, "alice", "Alice")
+            await _until(lambda: _reloaded_with_alice(conf)(peer), 5)
+            # The digest the accepted reload loaded, noted (no assertion: a run without
+            # the note must fail below, on the missing reload).
+            with suppress(AssertionError):
+                await _until(lambda: _loaded_digest(tmp_path / "store.db") is not None, 3)
+            assert await _stop(run.daemon) == 0
+            before = _text(conf)
+            await _cli(config, "user", "edit", "alice", "--nat", "yes")
+            await _cli(config, "sync", "--once")
+            assert _text(conf) != before
+            since = len(peer.received)
+            run.daemon = await _start_daemon(config, log)
+            await _until(lambda: _index(peer, "Reload", since, lambda _: True) >= 0, 10)
+            assert "ami.file_not_loaded" in _text(log)
+        finally:
+            if run.daemon.returncode is None:
+                assert await _stop(run.daemon) == 0
+            await peer.stop()
+
+    asyncio.run(scenario())

@@ -73,6 +73,7 @@ __all__ = [
     "apply_changes",
     "final_notes",
     "final_states",
+    "loaded_digest_key",
     "note_owed",
     "notes_unsure",
     "owed_expiries_key",
@@ -317,6 +318,12 @@ def reload_owed_key(server: str) -> str:
     """The ``daemon_state`` key noting that ``server`` is owed a reload (a name too long
     for the key column cut and digested, as in every note's key)."""
     return "reload_owed:" + _server_tag(server)
+
+
+def loaded_digest_key(server: str) -> str:
+    """The ``daemon_state`` key noting the digest of the config files ``server`` loaded
+    at its last reload the daemon saw accepted (see :mod:`provisioner.ami.loaded`)."""
+    return "loaded_digest:" + _server_tag(server)
 
 
 def owed_expiries_key(server: str) -> str:

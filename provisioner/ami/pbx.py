@@ -29,7 +29,8 @@ from asyncio import FIRST_COMPLETED
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
@@ -47,7 +48,7 @@ from ..store.registrations import (
     epoch_text,
     replace_server_snapshot,
 )
-from ..store.state import load_state, load_states
+from ..store.state import load_state, load_states, put_state
 from ..targets import Change
 from ..threads import in_worker
 from .actions import AmiMessage
@@ -58,6 +59,7 @@ from .changes import (
     Owed,
     apply_changes,
     final_notes,
+    loaded_digest_key,
     notes_unsure,
     owed_expiries_key,
     owed_removals_prefix,
@@ -67,6 +69,7 @@ from .changes import (
     stop_owes,
 )
 from .client import AmiClient
+from .loaded import OpenedFiles, config_files, files_digest, open_files, owes_reload
 from .registration import (
     ContactState,
     EndpointRegistration,
@@ -76,7 +79,7 @@ from .registration import (
     endpoint_of,
     summarize,
 )
-from .reload import PjsipOps, ReloadCoordinator
+from .reload import PjsipOps, ReloadCoordinator, ReloadOutcome
 
 __all__ = ["AmiPbx", "Link", "snapshot_gap", "split_batch", "take_due"]
 
@@ -222,6 +225,10 @@ class Link:
     #: Verification rounds failed in a row, and the monotonic time of the next round.
     verify_failures: int = 0
     verify_after: float = 0.0
+    #: The config files as opened before the last reload Asterisk accepted, waiting for
+    #: their digest to be noted (see :mod:`~provisioner.ami.loaded`), and what says so.
+    loaded: OpenedFiles | None = None
+    loaded_wanted: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.store_idle.set()
@@ -283,6 +290,8 @@ class AmiPbx:
     links: list[Link]
     engine: Engine
     target_kind: str = "config"
+    #: The files a config-file reload loads (:func:`~provisioner.ami.loaded.config_files`).
+    files: tuple[Path, ...] = ()
 
     @classmethod
     def from_config(cls, config: Config, engine: Engine) -> AmiPbx:
@@ -298,7 +307,8 @@ class AmiPbx:
             links.append(
                 Link(server.name, client, reloads, PjsipOps(client), server.sorcery_caches)
             )
-        return cls(links, engine, config.target.kind)
+        files = config_files(Path(config.target.path), config.target.shards)
+        return cls(links, engine, config.target.kind, files)
 
     # -- the daemon's interface ---------------------------------------------------
 
@@ -307,6 +317,7 @@ class AmiPbx:
         async with asyncio.TaskGroup() as tg:
             for link in self.links:
                 self._subscribe(link)
+                link.reloads.on_send = partial(self._opening, link)
                 tg.create_task(link.client.run(stop))
                 if link.reloads.client is not link.client:
                     tg.create_task(link.reloads.client.run(stop))
@@ -315,6 +326,7 @@ class AmiPbx:
                 tg.create_task(self._snapshots(link, stop))
                 tg.create_task(self._lookups(link, stop))
                 tg.create_task(self._changes(link, stop))
+                tg.create_task(self._note_loaded(link, stop))
 
     def applied(self, change: Change, *, target_kind: str) -> None:
         self.target_kind = target_kind
@@ -637,14 +649,85 @@ class AmiPbx:
                 )
                 await sleep_unless(stop, delay)
                 continue
-            reload_owed, expiries, removals = notes
             reload = None
-            if reload_owed is not None:
+            if notes.reload_owed is not None:
                 log.info("ami.reload_resumed", server=link.name)
                 reload = request_reload(link)
+            elif self.target_kind == "config" and await self._file_not_loaded(link, notes.loaded):
+                reload = request_reload(link)
             after = reload if self.target_kind == "config" else None
-            resume_owed(link, expiries, removals, after)
+            resume_owed(link, notes.expiries, notes.removals, after)
             return
+
+    async def _file_not_loaded(self, link: Link, noted: str | None) -> bool:
+        """Whether ``link``'s server may not have loaded the config files as they are: the
+        digest of those its last accepted reload loaded (``noted``) is not theirs
+        (:func:`~provisioner.ami.loaded.owes_reload`), or they cannot be read (a reload
+        is then owed: it is always sound).  Logs ``ami.file_not_loaded`` then.
+
+        A daemon killed after writing a file and before noting the reload it owes leaves
+        no other trace: its next run's reconcile finds the file already as desired."""
+        if noted is None:
+            return False
+        try:
+            current = await in_worker(files_digest, self.files)
+        except OSError as exc:
+            log.warning("ami.file_not_loaded", server=link.name, error=str(exc))
+            return True
+        if not owes_reload(noted, current):
+            return False
+        log.info("ami.file_not_loaded", server=link.name, noted=noted[:12], current=current[:12])
+        return True
+
+    def _opening(self, link: Link) -> Callable[[ReloadOutcome], None]:
+        """Open the config files as a reload of ``link``'s server is about to be sent
+        (:attr:`ReloadCoordinator.on_send`); what the coordinator calls with the reload's
+        outcome: one Asterisk accepted has their digest noted (:meth:`_note_loaded`), the
+        latest such reload's only.  Nothing for a realtime target."""
+        if self.target_kind != "config":
+            return _ignore_outcome
+        try:
+            opened = open_files(self.files)
+        except OSError as exc:
+            # Never stops the reload: only its digest goes unnoted (an older one stays).
+            log.warning("ami.loaded_not_noted", server=link.name, error=str(exc))
+            return _ignore_outcome
+
+        def settle(outcome: ReloadOutcome) -> None:
+            if not outcome.ok:
+                opened.close()
+                return
+            if link.loaded is not None:
+                link.loaded.close()
+            link.loaded = opened
+            link.loaded_wanted.set()
+
+        return settle
+
+    async def _note_loaded(self, link: Link, stop: asyncio.Event) -> None:
+        """Until ``stop``: note the digest of the files the latest accepted reload loaded
+        (``loaded_digest:<server>``, in the flusher's turn).  A digest not noted (the
+        store refused it, the daemon stopped first) leaves an older one: the next start
+        then owes one reload more than needed, never one less."""
+        while not stop.is_set():
+            await wait_first(stop, link.loaded_wanted)
+            link.loaded_wanted.clear()
+            if stop.is_set():
+                break
+            opened, link.loaded = link.loaded, None
+            if opened is None:
+                continue
+            try:
+                digest = await in_worker(opened.digest)
+            except OSError as exc:
+                log.warning("ami.loaded_not_noted", server=link.name, error=str(exc))
+                continue
+            write = partial(put_state, key=loaded_digest_key(link.name), value=digest)
+            if not await link.in_flusher_turn(write):
+                log.warning("ami.loaded_not_noted", server=link.name, error="store write failed")
+        if link.loaded is not None:
+            link.loaded.close()
+            link.loaded = None
 
     async def _changes(self, link: Link, stop: asyncio.Event) -> None:
         """Hand each batch of changes to :func:`apply_changes` until ``stop``, then note
@@ -722,14 +805,28 @@ class AmiPbx:
         return True
 
 
-def _read_notes(engine: Engine, server: str) -> tuple[str | None, str | None, list[str]]:
-    """What the store notes owed to ``server``: the reload note, the expiries note and
-    the endpoints of the removal notes."""
+class _Notes(NamedTuple):
+    """What the store notes of one server: the reload note, the expiries note, the
+    endpoints of the removal notes and the digest of the files it last loaded."""
+
+    reload_owed: str | None
+    expiries: str | None
+    removals: list[str]
+    loaded: str | None
+
+
+def _read_notes(engine: Engine, server: str) -> _Notes:
+    """What the store notes of ``server`` (:class:`_Notes`)."""
     with reading(engine) as conn:
         reload_owed = load_state(conn, reload_owed_key(server))
         expiries = load_state(conn, owed_expiries_key(server))
         removals = load_states(conn, owed_removals_prefix(server))
-    return reload_owed, expiries, list(removals.values())
+        loaded = load_state(conn, loaded_digest_key(server))
+    return _Notes(reload_owed, expiries, list(removals.values()), loaded)
+
+
+def _ignore_outcome(_outcome: ReloadOutcome) -> None:
+    """A reload's outcome nothing waits for."""
 
 
 def _retry(link: Link) -> float | None:

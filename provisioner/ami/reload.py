@@ -98,6 +98,9 @@ class ReloadCoordinator:
         self._wake = asyncio.Event()
         self._next_allowed = 0.0
         self.in_flight = False
+        #: Called right before a reload's first ``Action: Reload`` is sent; what it returns
+        #: is called with that reload's outcome (see :mod:`provisioner.ami.loaded`).
+        self.on_send: Callable[[], Callable[[ReloadOutcome], None]] | None = None
         #: ``Action: Reload`` messages sent (retries included).
         self.actions_sent = 0
         self.last_outcome: ReloadOutcome | None = None
@@ -157,6 +160,7 @@ class ReloadCoordinator:
         """Send the reload, retrying only ``A reload is in progress``, and log the outcome."""
         self.in_flight = True
         attempts, delay = 0, self.settings.reload_retry_delay
+        settle = self.on_send() if self.on_send is not None else None
         try:
             while True:
                 attempts += 1
@@ -178,6 +182,8 @@ class ReloadCoordinator:
         )
         self.last_outcome = outcome
         self._log(result=result, took=took, attempts=attempts, requests=requests, message=message)
+        if settle is not None:
+            settle(outcome)
         return outcome
 
     async def _send_once(self) -> tuple[ReloadResult, str, float]:
