@@ -1354,6 +1354,48 @@ def test_applies_while_reloads_keep_failing_wait_as_one_record_and_lose_nothing(
     assert {e for c in edits for e in c.updated} <= set(looked_up)
 
 
+def test_applies_while_asterisk_is_down_wait_as_one_record_and_lose_nothing(
+    store: Engine,
+) -> None:
+    """Config-file target: applies made while the server is down share one waiting
+    reload (one future, one merged record, one awaiting set) however many they are,
+    and once it is back one reload is sent, then every removal and check they owe."""
+    edits = [Change(updated=(str(300000 + i),), wrote=True) for i in range(8)]
+
+    async def scenario() -> tuple[int, int, int, int, list[str], list[str]]:
+        peer = FakeAsterisk()
+        await peer.start()
+        pbx = AmiPbx([_link(peer)], store, "config")
+        async with _serving(peer, pbx) as link:
+            await eventually(link.book_complete)
+            reloads_before = len(peer.actions("Reload"))
+            await peer.stop()
+            await eventually(lambda: not link.reloads.client.connected)
+            for done, change in enumerate((REMOVED, *edits), 1):
+                pbx.applied(change, target_kind="config")
+                await eventually(lambda: link.reloads.pending == done)  # noqa: B023
+            waiting = (len(link.after_reload), len(link.owed.awaiting))
+            await peer.start()
+            await eventually(lambda: bool(peer.actions("DBDel")) and not link.unverified)
+            await eventually(lambda: not link.reload_noted)
+            looked_up = [a.get("Endpoint") for a in peer.actions("PJSIPShowEndpoint")]
+            assert link.reloads.last_outcome is not None
+            return (
+                *waiting,
+                len(peer.actions("Reload")) - reloads_before,
+                link.reloads.last_outcome.requests,
+                [a.get("Key") for a in peer.actions("DBDel")],
+                looked_up,
+            )
+
+    records, awaiting, reloads, requests, deleted, looked_up = run(scenario())
+    assert (records, awaiting) == (1, 1)
+    assert reloads == 1
+    assert requests == 1 + len(edits)
+    assert deleted == [CONTACT_KEY]
+    assert {e for c in edits for e in c.updated} <= set(looked_up)
+
+
 async def _applied_then_refused(pbx: AmiPbx, link: Link, change: Change) -> None:
     """Apply ``change`` and wait for a reload after it to be refused."""
     failed = link.reload_results.get("busy", 0)

@@ -286,14 +286,13 @@ async def apply_changes(link: Link, batch: Sequence[Change], *, realtime: bool) 
         # it.  Not awaited: edits applied while this reload waits (for its gap, for a
         # server that is down) merge into it, as their bytes are on disk before it is
         # sent, instead of each costing one more reload afterwards.
-        reloaded = partial(_file_reloaded, link, AfterReload(changed, gone, awaiting))
-        request_reload(link).add_done_callback(reloaded)
+        request_reload(link, AfterReload(changed, gone, awaiting))
     else:
         if reloads:
             # The rows are live already (expired above); the reload only has Asterisk
             # report the status of added endpoints, and the next edit must not wait for
             # it (95 s at 50k endpoints, realtime slower still).
-            request_reload(link).add_done_callback(partial(_reload_done, link))
+            request_reload(link)
         _owe_verification(link, changed, gone)
     await verify_some(link)
 
@@ -512,8 +511,7 @@ def resume_owed(
     if reload is not None and endpoints:
         # The endpoint lives in Asterisk until that reload (see apply_changes).
         awaiting = owed.await_reload(endpoints)
-        after = AfterReload(set(), set(endpoints), awaiting)
-        reload.add_done_callback(partial(_file_reloaded, link, after))
+        _wait_for(link, reload, AfterReload(set(), set(endpoints), awaiting), older=True)
     else:
         owed.owe_removals(endpoints)
     if expiries is not None or endpoints:
@@ -545,17 +543,60 @@ def _is_pair(item: object) -> bool:
     return isinstance(item, list) and len(item) == 2 and all(isinstance(part, str) for part in item)
 
 
-def request_reload(link: Link) -> asyncio.Future[ReloadOutcome]:
+def request_reload(
+    link: Link, after: AfterReload | None = None, *, older: bool = False
+) -> asyncio.Future[ReloadOutcome]:
     """Ask for a reload of ``link``'s server, noted in the store until one has ended
     well: a reload a SIGTERM or a crash cut off (one waiting for its gap, or for a server
     that is down) is asked for again at the next start, whose full reconcile finds the
-    file or rows already written and so would owe Asterisk nothing."""
+    file or rows already written and so would owe Asterisk nothing.  ``after``: what
+    the end of that reload owes (a config file's, see :func:`_wait_for`; ``older``: it
+    comes from before the requests already waiting)."""
     future = link.reloads.request()
     if not link.reload_noted:
         link.reload_noted = True
         _write_notes(link, partial(put_state, key=reload_owed_key(link.name), value="1"))
-    future.add_done_callback(partial(_reload_settled, link))
+    if future is not link.reload_joined:
+        # The first request this future serves: later ones share it (the coordinator
+        # merges requests while the reload has not started), and their callbacks would
+        # only repeat these, one more pair per edit made during a long outage.
+        link.reload_joined = future
+        future.add_done_callback(partial(_reload_settled, link))
+        future.add_done_callback(partial(_reload_ended, link))
+    if after is not None:
+        _wait_for(link, future, after, older=older)
     return future
+
+
+def _wait_for(
+    link: Link, future: asyncio.Future[ReloadOutcome], after: AfterReload, *, older: bool
+) -> None:
+    """Have the end of ``future`` (from :func:`request_reload`) owe ``after``: merged
+    into what it owes already (an endpoint's later state wins; ``older``: ``after`` is
+    the earlier of the two), so requests waiting together hold one record, as the
+    failed reloads' ends do (``link.after_retry``)."""
+    held = link.after_reload.get(future)
+    if held is None:
+        link.after_reload[future] = after
+    elif older:
+        after.merge(held, link.owed)
+        link.after_reload[future] = after
+    else:
+        held.merge(after, link.owed)
+
+
+def _reload_ended(link: Link, future: asyncio.Future[ReloadOutcome]) -> None:
+    """A reload requested with :func:`request_reload` ended: count it once, however many
+    requests it served, and hand what its end owes to :func:`_file_reloaded`."""
+    if link.reload_joined is future:
+        link.reload_joined = None
+    after = link.after_reload.pop(future, None)
+    if future.cancelled():
+        return
+    outcome = future.result()
+    _count_reload(link, outcome)
+    if after is not None:
+        _file_reloaded(link, after, outcome)
 
 
 def _reload_settled(link: Link, future: asyncio.Future[ReloadOutcome]) -> None:
@@ -597,10 +638,8 @@ def retry_reload_later(link: Link, outcome: ReloadOutcome) -> None:
 
 def _retry_reload(link: Link) -> None:
     link.reload_retry = None
-    future = request_reload(link)
     waiting, link.after_retry = link.after_retry, None
-    if waiting is not None:
-        future.add_done_callback(partial(_file_reloaded, link, waiting))
+    request_reload(link, waiting, older=True)
 
 
 def _owe_verification(link: Link, changed: set[str], gone: set[str]) -> None:
@@ -611,18 +650,14 @@ def _owe_verification(link: Link, changed: set[str], gone: set[str]) -> None:
         unverified.pop(endpoint, None)
 
 
-def _file_reloaded(link: Link, after: AfterReload, future: asyncio.Future[ReloadOutcome]) -> None:
-    """A config file's reload ended: count it, owe the contact removals awaiting it
+def _file_reloaded(link: Link, after: AfterReload, outcome: ReloadOutcome) -> None:
+    """A config file's reload ended (``outcome``): owe the contact removals awaiting it
     (``after.gone``'s endpoints not added again since), and have the changed endpoints
     verified, by the change loop (woken by an empty change), unless the daemon is
     stopping (the removals stay noted in the store, for the next run).  Reloads end in
     request order, so an endpoint removed then added again keeps its contacts.  A failed
     one's ``after`` merges into ``link.after_retry`` (one record, whatever the number of
     applies made while reloads keep failing), served by the retried reload."""
-    if future.cancelled():
-        return
-    outcome = future.result()
-    _count_reload(link, outcome)
     if outcome.result == "stopped":
         return
     if not outcome.ok:
@@ -643,11 +678,6 @@ def _file_reloaded(link: Link, after: AfterReload, future: asyncio.Future[Reload
 
 def _count_reload(link: Link, outcome: ReloadOutcome) -> None:
     link.reload_results[outcome.result] = link.reload_results.get(outcome.result, 0) + 1
-
-
-def _reload_done(link: Link, future: asyncio.Future[ReloadOutcome]) -> None:
-    if not future.cancelled():
-        _count_reload(link, future.result())
 
 
 async def pay(link: Link) -> None:

@@ -214,6 +214,11 @@ class Link:
     #: What the failed reloads' ends owe, merged into one record (bounded however long
     #: reloads keep failing), served by the retried reload.
     after_retry: AfterReload | None = None
+    #: The future shared by the requests waiting for a reload that has not started (see
+    #: :func:`~.changes.request_reload`), and what the ends of reloads asked for owe, one
+    #: merged record per future (bounded however many edits a long outage sees).
+    reload_joined: asyncio.Future[ReloadOutcome] | None = None
+    after_reload: dict[asyncio.Future[ReloadOutcome], AfterReload] = field(default_factory=dict)
     #: Endpoints whose ``SuccessfulAuth`` no status event followed yet -> the monotonic
     #: time after which it is taken for untracked (:data:`CONFIRM_WINDOW`), in that order.
     unconfirmed: dict[str, float] = field(default_factory=dict)

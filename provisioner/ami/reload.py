@@ -4,9 +4,9 @@ A ``res_pjsip.so`` reload is the expensive, rare event (95 s with 50,000
 endpoints in the lab), so :class:`ReloadCoordinator` makes sure that, per server:
 
 - requests merge: any number of :meth:`~ReloadCoordinator.request` calls while a
-  reload waits or runs become one pending reload (a reload already running may
-  have read the configuration before the change, so it never counts for requests
-  made while it ran);
+  reload waits or runs become one pending reload, sharing one future (a reload
+  already running may have read the configuration before the change, so it never
+  counts for requests made while it ran);
 - at most one ``Action: Reload`` / ``Module: res_pjsip.so`` is in flight;
 - ``A reload is in progress`` (someone else's reload) is retried at most
   ``reload_retries`` times, the delay doubling from ``reload_retry_delay``;
@@ -94,7 +94,12 @@ class ReloadCoordinator:
         self.module = module
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        # The futures of the requests waiting for a reload that has not started, the last
+        # one taking every new request (see request()), and how many requests they are.
+        # Usually one future (two after a reload cut by a lost connection while requests
+        # were made): waiting costs O(1) however many requests a long outage sees.
         self._waiters: list[asyncio.Future[ReloadOutcome]] = []
+        self._requests = 0
         self._wake = asyncio.Event()
         self._next_allowed = 0.0
         self.in_flight = False
@@ -108,17 +113,20 @@ class ReloadCoordinator:
     @property
     def pending(self) -> int:
         """Requests waiting for a reload that has not started yet."""
-        return len(self._waiters)
+        return self._requests
 
     def request(self) -> asyncio.Future[ReloadOutcome]:
         """Ask for a reload; the future gets the outcome of the reload that serves it.
 
-        Never raises and never blocks; awaiting the future is optional.
+        Requests made while one waits for a reload that has not started share its
+        future (the same object is returned), so the caller can attach what waits for
+        that reload once.  Never raises and never blocks; awaiting the future is optional.
         """
-        future: asyncio.Future[ReloadOutcome] = asyncio.get_running_loop().create_future()
-        self._waiters.append(future)
+        if not self._waiters:
+            self._waiters.append(asyncio.get_running_loop().create_future())
+        self._requests += 1
         self._wake.set()
-        return future
+        return self._waiters[-1]
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve requests until ``stop`` is set; pending requests then get ``stopped``."""
@@ -128,17 +136,20 @@ class ReloadCoordinator:
                 break
             if not await self._ready(stop):
                 continue
-            batch, self._waiters = self._waiters, []
+            batch, requests = self._waiters, self._requests
+            self._waiters, self._requests = [], 0
             self._wake.clear()
-            outcome = await self._reload(stop, len(batch))
+            outcome = await self._reload(stop, requests)
             if outcome.result == "disconnected":
-                # Kept for when the server is back (see the module docstring).
+                # Kept for when the server is back (see the module docstring); requests
+                # made meanwhile keep their own future, the last.
                 self._waiters = batch + self._waiters
+                self._requests += requests
                 self._wake.set()
                 continue
             self._resolve(batch, outcome)
         self._resolve(self._waiters, self._stopped())
-        self._waiters = []
+        self._waiters, self._requests = [], 0
 
     async def _ready(self, stop: asyncio.Event) -> bool:
         """Wait for a connection and for the gap after the last reload."""
@@ -154,7 +165,7 @@ class ReloadCoordinator:
                 future.set_result(outcome)
 
     def _stopped(self) -> ReloadOutcome:
-        return ReloadOutcome(self.client.name, self.module, "stopped", 0, 0, len(self._waiters))
+        return ReloadOutcome(self.client.name, self.module, "stopped", 0, 0, self._requests)
 
     async def _reload(self, stop: asyncio.Event, requests: int) -> ReloadOutcome:
         """Send the reload, retrying only ``A reload is in progress``, and log the outcome."""
