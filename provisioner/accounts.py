@@ -65,6 +65,8 @@ _PLAIN_COLUMNS = (
     "toast_position",
 )
 _REQUIRED_ON_ADD = ("username", "full_name", "email")
+#: The columns that, cleared, revoke a user's API key (remove, delete, restore).
+_NO_APIKEY: dict[str, Any] = {"apikey_hash": None, "apikey_created_at": None}
 _ADD_RETRIES = 20
 _EDIT_RETRIES = 3
 
@@ -620,16 +622,7 @@ class Accounts:
         def change(conn: Connection, row: Any, now: datetime) -> None:
             self._protect_first_admin(conn, row, "deleted")
             if row.deleted_at is None:
-                q.update_user(
-                    conn,
-                    row.id,
-                    {
-                        "deleted_at": now,
-                        "apikey_hash": None,
-                        "apikey_created_at": None,
-                        "updated_at": now,
-                    },
-                )
+                q.update_user(conn, row.id, {"deleted_at": now, **_NO_APIKEY, "updated_at": now})
 
         return self._bulk(usernames, change)
 
@@ -640,16 +633,7 @@ class Accounts:
         def change(conn: Connection, row: Any, now: datetime) -> None:
             if row.deleted_at is not None:
                 self.guard_first_admin(conn, row)
-                q.update_user(
-                    conn,
-                    row.id,
-                    {
-                        "deleted_at": None,
-                        "apikey_hash": None,
-                        "apikey_created_at": None,
-                        "updated_at": now,
-                    },
-                )
+                q.update_user(conn, row.id, {"deleted_at": None, **_NO_APIKEY, "updated_at": now})
 
         return self._bulk(usernames, change)
 
@@ -730,11 +714,7 @@ class Accounts:
         with self.write() as conn:
             row = q.fetch_user_row(conn, username)
             self.guard_first_admin(conn, row)
-            q.update_user(
-                conn,
-                row.id,
-                {"apikey_hash": None, "apikey_created_at": None, "updated_at": self.clock()},
-            )
+            q.update_user(conn, row.id, {**_NO_APIKEY, "updated_at": self.clock()})
 
     # -- login ------------------------------------------------------------------
 

@@ -315,17 +315,16 @@ def _park_moving_extensions(conn: Any, rows: Sequence[tuple[int, dict[str, str]]
     it) is refused.  Every parked user's row then writes its new extension or is
     refused, and any refusal rolls the whole import back, so no placeholder is kept.
     """
-    for _line, cells in rows:
-        extension = _given_extension(cells)
-        username = cells.get("username", "")
-        if extension is None or not username:
-            continue
-        try:
-            row = q.fetch_user_row(conn, username, lock=True)
-        except NotFoundError:
-            continue
-        if row.extension != extension:
-            q.update_user(conn, row.id, {"extension": f"moving-{row.id}"})
+    moving = {
+        cells["username"]: extension
+        for _line, cells in rows
+        if (extension := _given_extension(cells)) is not None and cells.get("username")
+    }
+    held = q.extensions_by_username(conn, moving, lock=True)
+    for username, extension in moving.items():
+        found = held.get(q.username_key(username))
+        if found is not None and found[1] != extension:
+            q.update_user(conn, found[0], {"extension": f"moving-{found[0]}"})
 
 
 def _apply_row(

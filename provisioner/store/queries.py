@@ -25,6 +25,7 @@ __all__ = [
     "ExtensionAllocator",
     "attributes_of",
     "extension_holder",
+    "extensions_by_username",
     "fetch_user_row",
     "insert_profile",
     "insert_user",
@@ -94,6 +95,22 @@ def fetch_user_row(conn: Connection, username: str, *, lock: bool = False) -> Ro
     if not rows:
         raise NotFoundError("user", username)
     return rows[0]
+
+
+def extensions_by_username(
+    conn: Connection, usernames: Iterable[str], *, lock: bool = False
+) -> dict[str, tuple[int, str]]:
+    """``(id, extension)`` of each user named in ``usernames`` (matched as
+    :func:`fetch_user_row` does, deleted users too), by :func:`username_key`; in one
+    query.  ``lock``: the rows are locked until the transaction ends (``FOR UPDATE``)."""
+    keys = {username_key(u) for u in usernames}
+    if not keys:
+        return {}
+    query = select(users.c.id, users.c.username_key, users.c.extension).where(
+        users.c.username_key.in_(sorted(keys))
+    )
+    found = conn.execute(query.with_for_update() if lock else query)
+    return {r.username_key: (r.id, r.extension) for r in _exact(found, "username_key", keys)}
 
 
 def _user_from_row(row: Any, profile_names: Mapping[int, str], attrs: Mapping[str, str]) -> User:
