@@ -44,7 +44,7 @@ def _add(config: Path, username: str) -> None:
 
 def test_a_postgresql_restart_mid_run_is_survived(tmp_path: Path, cluster: PrivatePostgres) -> None:
     """An edit committed just before the server stops is applied once it is back, the
-    daemon stays up through the outage, and later edits go live within seconds."""
+    daemon stays up through the outage, and later edits go live within 3 s."""
     cheap_hasher()
     seed_store(cluster.url, 1).dispose()
     config = write_config(tmp_path, store_url=cluster.url)
@@ -62,11 +62,10 @@ def test_a_postgresql_restart_mid_run_is_survived(tmp_path: Path, cluster: Priva
 
         until(lambda: len(endpoints(conf)) == before + 1, 20, "bob applied after the restart")
         _add(config, "carol")
-        took = until(lambda: len(endpoints(conf)) == before + 2, 10, "carol applied")
+        # Live within seconds: by LISTEN, or by the poll while it is still reconnecting.
+        until(lambda: len(endpoints(conf)) == before + 2, 3, "carol applied")
         assert daemon.stop() == 0
     finally:
         daemon.kill()
     log = daemon.log.read_text()
     assert "Traceback" not in log
-    print(f"carol took {took:.2f} s")
-    assert took < 10
