@@ -8,11 +8,13 @@ message on stderr and an exit code.  Commands parse options, call into
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -34,7 +36,8 @@ from .errors import (
 from .logs import configure as configure_logs
 from .logs import get_logger
 from .model import CODECS, LOG_LEVELS, NATS, ROLES, TOAST_POSITIONS, TRANSPORTS, VIDEOS, User
-from .store.engine import open_engine
+from .store.engine import open_engine, transaction
+from .store.untold import drop_untold, new_token, note_untold, untold_key
 from .sync import SyncReport
 
 __all__ = ["main"]
@@ -578,7 +581,15 @@ def _reconcile(
         )
     engine = app.accounts.engine
     target = build_target(config, engine, create_tables=not dry_run)
-    return reconcile(
+    # Realtime rows this command writes reach Asterisk's caches only when a daemon
+    # empties them: a marker kept until then (kept too if the apply fails half-way).
+    marker = config.target.kind == "realtime" and not dry_run
+    token = new_token()
+    if marker:
+        who = f"{click.get_current_context().command_path} pid {os.getpid()}"
+        note = partial(note_untold, token=token, who=who)
+        transaction(engine, note)
+    report = reconcile(
         engine,
         target,
         RenderSettings.from_config(config),
@@ -586,6 +597,9 @@ def _reconcile(
         max_removal_fraction=config.daemon.max_removal_fraction,
         allow_mass_removal=allow_mass_removal,
     )
+    if marker and not report.change.wrote:
+        transaction(engine, partial(drop_untold, keys=[untold_key(token)]))
+    return report
 
 
 @cli.command()

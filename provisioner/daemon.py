@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,7 +50,8 @@ from .store.changefeed import (
     read_unapplied,
     save_cursor,
 )
-from .store.engine import open_engine, reading
+from .store.engine import open_engine, reading, transaction
+from .store.untold import drop_untold, new_token, note_untold, untold_key
 from .targets import Change, Target
 from .targets.templating import SHIPPED_TEMPLATES
 from .threads import in_worker
@@ -99,6 +102,16 @@ class Pbx(Protocol):
     def health(self) -> dict[str, dict[str, Any]]:
         """Per server: connected, last_error, reconnects, not_live, events, reloads
         (result -> count) and online (endpoints with a usable contact)."""
+        ...
+
+    def caches_unsure(self) -> None:
+        """Another writer may have left realtime rows whose cache expiries were never
+        sent: empty every server's caches (see :mod:`provisioner.store.untold`)."""
+        ...
+
+    def told_all(self) -> bool:
+        """Once :meth:`run` has ended: every change handed over was sent, or noted owed
+        in the store for the next run."""
         ...
 
 
@@ -212,6 +225,12 @@ class Daemon:
     health: Health = field(default_factory=Health)
     tracker: CursorTracker = field(default_factory=lambda: CursorTracker(cursor=0))
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    #: This run's marker in the store (:mod:`~provisioner.store.untold`), noted before its
+    #: first write, and the other writers' markers found then (None: not noted yet).
+    _untold_token: str = field(default_factory=new_token)
+    _untold_found: list[str] | None = None
+    #: The AMI side was told of the markers found (:meth:`_hand_untold`).
+    _untold_handed: bool = False
     #: The shutdown has ended the tasks: :meth:`_spawn` refuses new ones.
     _closed: bool = False
     _next_reconcile: float = 0.0
@@ -418,11 +437,39 @@ class Daemon:
             await asyncio.wait([work], timeout=self.config.daemon.shutdown_timeout)
         self.ami_stop.set()
         await self._end_tasks([work] if work is not None else [], deadline)
+        await self._end_untold(work)
         self.engine.dispose()
         # The last record: 'provisioner check' then fails at once, not once it is stale.
         self.health.stopped_at = time.time()
         self._write_health()
         log.info("daemon.stopped")
+
+    async def _end_untold(self, work: asyncio.Task[Any] | None) -> None:
+        """Drop this run's marker (:mod:`~provisioner.store.untold`), which stands for
+        those it found too, when it stopped having told Asterisk everything: its work
+        ended by itself (an apply cancelled at the timeout may still commit, in its
+        thread), no task failed, and the AMI side sent or noted owed every change.
+        Otherwise it stays, and the next run empties the caches (``daemon.untold_kept``
+        says why it stayed)."""
+        if self._untold_found is None:
+            return  # nothing written by this run
+        why = ""
+        if self.pbx is None or not self._untold_handed:
+            why = "no Asterisk was told"
+        elif self._failure is not None:
+            why = "a task failed"
+        elif work is not None and (not work.done() or work.cancelled()):
+            why = "an apply was cut off"
+        elif not self.pbx.told_all():
+            why = "what Asterisk is owed is not noted"
+        if why:
+            log.info("daemon.untold_kept", reason=why)
+            return
+        keys = [untold_key(self._untold_token)]  # those found were taken over at the start
+        try:
+            await in_worker(transaction, self.engine, partial(drop_untold, keys=keys))
+        except DBAPIError as exc:
+            log.warning("daemon.untold_kept", reason="store write failed", error=str(exc.orig))
 
     async def _end_tasks(self, work: list[asyncio.Task[Any]], deadline: float) -> None:
         """Wait until ``deadline`` (monotonic loop time) for ``work`` and every spawned
@@ -476,12 +523,14 @@ class Daemon:
         kind = "full" if work == self._full else "incremental"
         try:
             result = await in_worker(work)
+            self._hand_untold()
             self._woken_while_applying = self.wake.is_set()
             self._succeeded(kind, result)
             if self._unsaved is not None:
                 ids, self._unsaved = self._unsaved, None
                 await in_worker(self._advance, ids)
         except (DBAPIError, ProvisionerError, OSError) as exc:
+            self._hand_untold()
             self._woken_while_applying = self.wake.is_set()
             self.metrics.syncs.labels(kind=kind, result="failed").inc()
             self._last_exc = exc
@@ -508,7 +557,26 @@ class Daemon:
             if self.pbx is not None and self.health.ready and not result.change.empty:
                 self.pbx.applied(result.change, target_kind=self.config.target.kind)
 
+    def _hand_untold(self) -> None:
+        """Tell the AMI side, once, of the markers the first apply found: the caches may
+        hold objects older than the rows (:meth:`Pbx.caches_unsure`)."""
+        if self._untold_found and not self._untold_handed and self.pbx is not None:
+            self.pbx.caches_unsure()
+        self._untold_handed = self._untold_found is not None
+
+    def _note_untold(self) -> list[str]:
+        """Note this run's marker before its first write; the other writers' markers
+        (``daemon.untold_found`` when there are).  Blocking."""
+        who = f"daemon pid {os.getpid()}"
+        note = partial(note_untold, token=self._untold_token, who=who, take_over=True)
+        found = transaction(self.engine, note)
+        if found:
+            log.info("daemon.untold_found", writers=len(found))
+        return found
+
     def _full(self) -> Applied:
+        if self._untold_found is None:
+            self._untold_found = self._note_untold()
         with reading(self.engine) as conn:
             cursor = load_cursor(conn)
             pending = read_changes(conn, cursor, limit=1_000_000)

@@ -669,3 +669,92 @@ def test_a_file_written_but_never_reloaded_is_reloaded_at_the_next_start(tmp_pat
             await peer.stop()
 
     asyncio.run(scenario())
+
+
+def _caches_emptied(peer: FakeAsterisk, since: int) -> list[str]:
+    """The caches ``peer`` was asked to empty whole after position ``since``."""
+    return [
+        a.get("Cache")
+        for a in peer.received[since:]
+        if a.name.lower() == "sorcerymemorycacheexpire"
+    ]
+
+
+async def _start_and_settle(run: _Run) -> int:
+    """Start ``run``'s daemon again (the fake Asterisk up); once it logged in and had a
+    moment to send what it owes, the position from which its actions came."""
+    since = len(run.peer.received)
+    logins = run.peer.logins_ok
+    run.daemon = await _start_daemon(run.config, run.log)
+    await _until(lambda: run.peer.logins_ok >= logins + 2, 10)  # events and reload sessions
+    await asyncio.sleep(0.5)
+    return since
+
+
+def test_realtime_rows_a_killed_daemon_may_have_left_untold_empty_the_caches_next_start(
+    tmp_path: Path,
+) -> None:
+    """A daemon SIGKILLed may have committed rows whose cache expiries it never sent
+    nor noted: its marker stays in the store, and the next run empties each cache
+    (``SorceryMemoryCacheExpire``), once: a clean stop then leaves nothing to empty."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        await peer.start()
+        config = _write_config(tmp_path, peer.port, kind="realtime", caches=("ep_cache",))
+        log = tmp_path / "daemon.log"
+        await _seed(config)
+        run = _Run(peer, config, log, await _start_daemon(config, log))
+        try:
+            await _add_agent(config, "alice", "Alice")
+            await _until(lambda: "1001" in _expired_objects(peer, 0), 5)
+            assert _caches_emptied(peer, 0) == []
+            run.daemon.kill()
+            await run.daemon.wait()
+            since = await _start_and_settle(run)
+            await _until(lambda: _caches_emptied(peer, since) == ["ep_cache"], 5)
+            assert "ami.caches_unsure" in _text(log)
+            assert await _stop(run.daemon) == 0
+            since = await _start_and_settle(run)
+            assert _caches_emptied(peer, since) == []
+        finally:
+            if run.daemon.returncode is None:
+                assert await _stop(run.daemon) == 0
+            await peer.stop()
+
+    asyncio.run(scenario())
+
+
+def test_realtime_rows_sync_once_wrote_empty_the_caches_at_the_next_start(tmp_path: Path) -> None:
+    """``sync --once`` tells Asterisk nothing: rows it wrote leave a marker, and the next
+    daemon empties each cache; a clean stop, or a ``sync --once`` that wrote nothing,
+    leaves the caches alone."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        await peer.start()
+        config = _write_config(tmp_path, peer.port, kind="realtime", caches=("ep_cache",))
+        log = tmp_path / "daemon.log"
+        await _seed(config)
+        run = _Run(peer, config, log, await _start_daemon(config, log))
+        try:
+            await _add_agent(config, "alice", "Alice")
+            await _until(lambda: "1001" in _expired_objects(peer, 0), 5)
+            assert await _stop(run.daemon) == 0
+            since = await _start_and_settle(run)
+            assert _caches_emptied(peer, since) == []
+            assert await _stop(run.daemon) == 0
+            assert "unchanged" in await _cli(config, "sync", "--once")
+            since = await _start_and_settle(run)
+            assert _caches_emptied(peer, since) == []
+            assert await _stop(run.daemon) == 0
+            await _cli(config, "user", "edit", "alice", "--nat", "yes")
+            await _cli(config, "sync", "--once")
+            since = await _start_and_settle(run)
+            await _until(lambda: _caches_emptied(peer, since) == ["ep_cache"], 5)
+        finally:
+            if run.daemon.returncode is None:
+                assert await _stop(run.daemon) == 0
+            await peer.stop()
+
+    asyncio.run(scenario())

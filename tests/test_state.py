@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -17,11 +18,13 @@ from provisioner.store.engine import open_engine, reading, transaction
 from provisioner.store.migrate import upgrade
 from provisioner.store.state import (
     KEY_MAX,
+    VALUE_MAX,
     drop_states_under,
     load_state,
     load_states,
     write_states,
 )
+from provisioner.store.untold import PREFIX, drop_untold, new_token, note_untold, untold_key
 
 from .dbs import BACKENDS, temp_database
 
@@ -73,3 +76,38 @@ def test_owed_notes_are_written_found_by_server_and_dropped(backend: str, tmp_pa
                 assert list(load_states(conn, owed_removals_prefix("pbxx1")).values()) == ["1002"]
         finally:
             engine.dispose()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_untold_markers_are_found_taken_over_and_dropped(backend: str, tmp_path: Path) -> None:
+    """A writer's marker is found by the next writer; a daemon taking them over drops
+    the others as it notes its own, which alone it drops at a clean stop, on every
+    backend."""
+    with temp_database(backend, tmp_path) as url:
+        engine = open_engine(url)
+        try:
+            upgrade(engine)
+            sync, daemon, later = new_token(), new_token(), new_token()
+            assert len({sync, daemon, later}) == 3
+            assert transaction(engine, partial(note_untold, token=sync, who="sync")) == []
+            found = transaction(
+                engine, partial(note_untold, token=daemon, who="daemon", take_over=True)
+            )
+            assert found == [untold_key(sync)]
+            with reading(engine) as conn:
+                assert load_states(conn, PREFIX) == {untold_key(daemon): "daemon"}
+            assert transaction(engine, partial(note_untold, token=later, who="x" * 999)) == [
+                untold_key(daemon)
+            ]
+            transaction(engine, partial(drop_untold, keys=[untold_key(daemon), "untold:gone"]))
+            with reading(engine) as conn:
+                assert load_states(conn, PREFIX) == {untold_key(later): "x" * VALUE_MAX}
+        finally:
+            engine.dispose()
+
+
+def test_an_untold_key_fits_the_key_column() -> None:
+    """A marker's key fits daemon_state.key; a token too long for it is refused."""
+    assert len(untold_key(new_token())) <= KEY_MAX
+    with pytest.raises(ValueError, match="untold token"):
+        untold_key("t" * KEY_MAX)

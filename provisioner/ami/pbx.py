@@ -53,6 +53,7 @@ from ..targets import Change
 from ..threads import in_worker
 from .actions import AmiMessage
 from .changes import (
+    EXPIRE_ALL_NOTE,
     OWED_RETRY,
     VERIFY_PAUSE,
     AfterReload,
@@ -60,6 +61,7 @@ from .changes import (
     apply_changes,
     final_notes,
     loaded_digest_key,
+    note_owed,
     notes_unsure,
     owed_expiries_key,
     owed_removals_prefix,
@@ -211,6 +213,9 @@ class Link:
     reload_retry: asyncio.TimerHandle | None = None
     #: The AMI side is stopping (see :meth:`AmiPbx._note_at_stop`): no retry is armed.
     stopping: bool = False
+    #: The stop noted in the store whatever it left owed (or nothing needed noting):
+    #: every change handed over was sent or will be by the next run (:meth:`AmiPbx.told_all`).
+    stop_noted: bool = False
     #: What the failed reloads' ends owe, merged into one record (bounded however long
     #: reloads keep failing), served by the retried reload.
     after_retry: AfterReload | None = None
@@ -337,6 +342,25 @@ class AmiPbx:
         self.target_kind = target_kind
         for link in self.links:
             link.changes.put_nowait(change)
+
+    def caches_unsure(self) -> None:
+        """Realtime rows may have been written without their cache expiries sent (see
+        :mod:`~provisioner.store.untold`): owe each server with caches their emptying
+        whole, noted in the store until paid (before the last run's notes are read,
+        :meth:`_resume` notes it).  Logs ``ami.caches_unsure``."""
+        for link in self.links:
+            if not link.caches or link.owed.expire_all:
+                continue
+            link.owed.expire_all = True
+            log.info("ami.caches_unsure", server=link.name)
+            if link.owed.resumed:
+                note_owed(link)
+                link.changes.put_nowait(Change())  # wakes the change loop: it pays
+
+    def told_all(self) -> bool:
+        """Whether, the AMI side having stopped, every change handed to it was sent to
+        every server or noted owed in the store for the next run."""
+        return all(link.stop_noted for link in self.links)
 
     def health(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
@@ -662,6 +686,8 @@ class AmiPbx:
                 reload = request_reload(link)
             after = reload if self.target_kind == "config" else None
             resume_owed(link, notes.expiries, notes.removals, after)
+            if link.owed.expire_all and link.owed.noted_expiries != EXPIRE_ALL_NOTE:
+                note_owed(link)  # owed by caches_unsure, before the notes were read
             return
 
     async def _file_not_loaded(self, link: Link, noted: str | None) -> bool:
@@ -779,6 +805,7 @@ class AmiPbx:
         owes_reload = stop_owes(link, batch, realtime=realtime)
         await link.flusher_done.wait()
         if not batch and not notes_unsure(link.owed):
+            link.stop_noted = True
             return
         write = final_notes(link, batch, reload=owes_reload)
         try:
@@ -786,6 +813,7 @@ class AmiPbx:
         except DBAPIError as exc:
             log.warning("ami.owed_not_noted", server=link.name, error=str(exc.orig))
             return
+        link.stop_noted = True
         log.info(
             "ami.owed_noted",
             server=link.name,
