@@ -76,6 +76,8 @@ HEARTBEAT_INTERVAL = 15.0
 HEALTH_DELAY = 0.05
 #: Seconds between two tries to serve the metrics while their port is taken.
 METRICS_RETRY = 5.0
+#: Seconds between two looks at whether ``run --burst`` has told Asterisk everything.
+BURST_POLL = 0.05
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,10 @@ class Pbx(Protocol):
     def caches_unsure(self) -> None:
         """Another writer may have left realtime rows whose cache expiries were never
         sent: empty every server's caches (see :mod:`provisioner.store.untold`)."""
+        ...
+
+    def idle(self) -> bool:
+        """Whether every server was sent all it is owed (nothing waits, runs or retries)."""
         ...
 
     def told_all(self) -> bool:
@@ -342,6 +348,7 @@ class Daemon:
         templates = template_stamp(dirs)
         first = await self._reconcile_until_done()
         if burst:
+            await self._tell_once(first)
             return first
         for source in self.wake_sources:
             self._spawn(source.run(self.tick if source.timer else self.wake, self.stop))
@@ -358,6 +365,27 @@ class Daemon:
         self.notifier.ready(status="provisioning")
         log.info("daemon.ready", target=self.config.target.kind)
         return first
+
+    async def _tell_once(self, first: Applied | None) -> None:
+        """``run --burst``: start the AMI side, hand it what the apply changed, and wait
+        until every server was sent all it is owed (this run's and the last run's), or
+        ``daemon.shutdown_timeout`` has passed (``daemon.burst_untold``: a server down,
+        a reload taking minutes at scale); the shutdown then notes what is left owed,
+        and the next run sends it."""
+        if self.pbx is None:
+            return
+        self._spawn(self.pbx.run(self.ami_stop))
+        if first is not None and not first.change.empty:
+            self.pbx.applied(first.change, target_kind=self.config.target.kind)
+        loop = asyncio.get_running_loop()
+        timeout = self.config.daemon.shutdown_timeout
+        deadline = loop.time() + timeout
+        while not self.pbx.idle():
+            if loop.time() >= deadline:
+                log.warning("daemon.burst_untold", timeout_s=timeout)
+                return
+            if await sleep_unless(self.stop, BURST_POLL):
+                return
 
     async def main_loop(self) -> None:
         interval = self.config.daemon.reconcile_interval

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from provisioner.ami.changes import loaded_digest_key
+from provisioner.ami.changes import loaded_digest_key, reload_owed_key
 from provisioner.store.engine import open_engine, reading
 from provisioner.store.state import load_state
 from provisioner.targets.shards import shard_name, shard_of
@@ -755,6 +755,56 @@ def test_realtime_rows_sync_once_wrote_empty_the_caches_at_the_next_start(tmp_pa
         finally:
             if run.daemon.returncode is None:
                 assert await _stop(run.daemon) == 0
+            await peer.stop()
+
+    asyncio.run(scenario())
+
+
+def _noted(store: Path, key: str) -> str | None:
+    """The note kept under ``key`` in the SQLite store at ``store``."""
+    engine = open_engine(f"sqlite:///{store}")
+    try:
+        with reading(engine) as conn:
+            return load_state(conn, key)
+    finally:
+        engine.dispose()
+
+
+def test_run_burst_applies_what_is_pending_tells_asterisk_and_exits(tmp_path: Path) -> None:
+    """``run --burst`` applies the edits made while no daemon ran, sends Asterisk what
+    they need (a config file's reload, the endpoint then verified, the loaded digest
+    noted) and exits 0; with Asterisk down it exits once the shutdown timeout has
+    passed, the reload noted owed for the next run, which sends it."""
+
+    async def scenario() -> None:
+        conf = tmp_path / "pjsip_users.conf"
+        peer = FakeAsterisk()
+        await peer.start()
+        config = _write_config(tmp_path, peer.port)
+        store = tmp_path / "store.db"
+        log = tmp_path / "daemon.log"
+        await _seed(config)
+        await _add_agent(config, "alice", "Alice")
+        await _cli(config, "run", "--burst")
+        assert "[1001]" in _text(conf)
+        assert len(peer.actions("Reload")) == 1
+        assert "1001" in [a.get("Endpoint") for a in peer.actions("PJSIPShowEndpoint")]
+        assert _noted(store, loaded_digest_key("pbx1")) is not None
+        assert _noted(store, reload_owed_key("pbx1")) is None
+
+        await peer.stop()
+        await _cli(config, "user", "edit", "alice", "--nat", "yes")
+        start = time.monotonic()
+        await _cli(config, "run", "--burst")
+        assert time.monotonic() - start < 15
+        assert _noted(store, reload_owed_key("pbx1")) == "1"
+        await peer.start()
+        since = len(peer.received)
+        run = _Run(peer, config, log, await _start_daemon(config, log))
+        try:
+            await _until(lambda: _index(peer, "Reload", since, lambda _: True) >= 0, 10)
+        finally:
+            assert await _stop(run.daemon) == 0
             await peer.stop()
 
     asyncio.run(scenario())

@@ -239,6 +239,9 @@ class Link:
     #: their digest to be noted (see :mod:`~provisioner.ami.loaded`), and what says so.
     loaded: OpenedFiles | None = None
     loaded_wanted: asyncio.Event = field(default_factory=asyncio.Event)
+    #: A batch is being applied (:func:`~.changes.apply_changes`), a loaded digest noted.
+    applying: bool = False
+    noting_loaded: bool = False
 
     def __post_init__(self) -> None:
         self.store_idle.set()
@@ -268,6 +271,23 @@ class Link:
         if len(kept) != len(reg.contacts):
             self.book[endpoint] = reg._replace(contacts=kept)
             self.mark_dirty((endpoint,))
+
+    def told(self) -> bool:
+        """Whether the server was sent all it is owed: the last run's notes read, no
+        change waiting or being applied, no expiry or removal owed, no reload waiting,
+        running or to be retried, no endpoint left to verify, and the digest of the
+        files the last reload loaded noted."""
+        return (
+            self.owed.resumed
+            and self.changes.empty()
+            and not (self.applying or self.owed or self.owed.awaiting)
+            and not (self.reloads.pending or self.reloads.in_flight)
+            and self.reload_retry is None
+            and self.after_retry is None
+            and not (self.after_reload or self.unverified)
+            and self.loaded is None
+            and not self.noting_loaded
+        )
 
     def in_flusher_turn(self, write: Callable[[Connection], object]) -> asyncio.Future[bool]:
         """Have the flusher run ``write`` in its turn (after the batches taken before it,
@@ -356,6 +376,10 @@ class AmiPbx:
             if link.owed.resumed:
                 note_owed(link)
                 link.changes.put_nowait(Change())  # wakes the change loop: it pays
+
+    def idle(self) -> bool:
+        """Whether every server was sent all it is owed (:meth:`Link.told`)."""
+        return all(link.told() for link in self.links)
 
     def told_all(self) -> bool:
         """Whether, the AMI side having stopped, every change handed to it was sent to
@@ -748,17 +772,25 @@ class AmiPbx:
             opened, link.loaded = link.loaded, None
             if opened is None:
                 continue
+            link.noting_loaded = True
             try:
-                digest = await in_worker(opened.digest)
-            except OSError as exc:
-                log.warning("ami.loaded_not_noted", server=link.name, error=str(exc))
-                continue
-            write = partial(put_state, key=loaded_digest_key(link.name), value=digest)
-            if not await link.in_flusher_turn(write):
-                log.warning("ami.loaded_not_noted", server=link.name, error="store write failed")
+                await self._note_digest(link, opened)
+            finally:
+                link.noting_loaded = False
         if link.loaded is not None:
             link.loaded.close()
             link.loaded = None
+
+    async def _note_digest(self, link: Link, opened: OpenedFiles) -> None:
+        """Note the digest of ``opened`` as what ``link``'s server loaded."""
+        try:
+            digest = await in_worker(opened.digest)
+        except OSError as exc:
+            log.warning("ami.loaded_not_noted", server=link.name, error=str(exc))
+            return
+        write = partial(put_state, key=loaded_digest_key(link.name), value=digest)
+        if not await link.in_flusher_turn(write):
+            log.warning("ami.loaded_not_noted", server=link.name, error="store write failed")
 
     async def _changes(self, link: Link, stop: asyncio.Event) -> None:
         """Hand each batch of changes to :func:`apply_changes` until ``stop``, then note
@@ -781,10 +813,13 @@ class AmiPbx:
                 break
             while not link.changes.empty():
                 batch.append(link.changes.get_nowait())
+            link.applying = True
             try:
                 await apply_changes(link, batch, realtime=self.target_kind != "config")
             except ProvisionerError as exc:
                 log.warning("ami.apply_failed", server=link.name, error=str(exc))
+            finally:
+                link.applying = False
         await self._note_at_stop(link, taken)
 
     async def _note_at_stop(self, link: Link, batch: list[Change]) -> None:
