@@ -116,6 +116,27 @@ def test_snapshot_replaces_every_contact_and_problems_are_kept(engine: Engine) -
     assert states == [(1, "online", "rejected"), (2, "online", ""), (3, "offline", "")]
 
 
+def test_a_user_online_on_one_server_is_online_though_another_finds_its_contact_unreachable(
+    engine: Engine,
+) -> None:
+    """``status`` says online for a user one server holds online (registered, no contact
+    row: its peer said Reachable) while another server's contact of it does not answer."""
+    seed_store(engine, 1)
+    (contact,), _ = _state("100000", "Unreachable")
+    with engine.begin() as conn:
+        registered: tuple[list[ContactRow], SummaryRow] = (
+            [],
+            ("online", "NOT_INUSE", "", SEEN_TEXT),
+        )
+        write_endpoint_rows(conn, "pbx1", {"100000": registered}, NOW)
+        silent = ([contact], ("unreachable", "UNAVAILABLE", "", SEEN_TEXT))
+        write_endpoint_rows(conn, "pbx2", {"100000": silent}, NOW)
+    with engine.connect() as conn:
+        (person,) = status_rows(conn)
+    assert sorted(s["state"] for s in person["servers"]) == ["online", "unreachable"]
+    assert person["state"] == "online"
+
+
 def test_an_event_write_keeps_the_problem_the_verifier_recorded(engine: Engine) -> None:
     """Writing an endpoint's contacts and summary leaves its recorded problem in place."""
     seed_store(engine, 2)
