@@ -21,6 +21,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import DBAPIError
 
 from bench.common import seed_store
+from provisioner.accounts import Accounts
 from provisioner.ami import pbx as pbx_module
 from provisioner.ami.client import AmiClient
 from provisioner.ami.pbx import AmiPbx, Link
@@ -135,6 +136,28 @@ def test_a_user_online_on_one_server_is_online_though_another_finds_its_contact_
         (person,) = status_rows(conn)
     assert sorted(s["state"] for s in person["servers"]) == ["online", "unreachable"]
     assert person["state"] == "online"
+
+
+def test_a_users_registration_goes_with_the_extension_it_leaves(accounts: Accounts) -> None:
+    """A user whose extension changes is no longer online with the old extension's phone:
+    the registration state filed under it was that endpoint's, and no later write of that
+    endpoint (no user holds it now) would ever replace it."""
+    accounts.add_user(
+        {
+            "username": "alice",
+            "full_name": "Alice Agent",
+            "email": "alice@example.com",
+            "profile": "agents",
+            "extension": "150",
+        }
+    )
+    with accounts.engine.begin() as conn:
+        write_endpoint_rows(conn, "pbx1", {"150": _state("150", "NonQualified")}, NOW)
+    accounts.edit_user("alice", {"extension": "160"})
+    with accounts.engine.begin() as conn:
+        write_endpoint_rows(conn, "pbx1", {"150": ([], ("offline", "", "", SEEN_TEXT))}, NOW)
+        (alice,) = status_rows(conn, ["alice"])
+    assert (alice["extension"], alice["state"], alice["contacts"]) == ("160", "offline", [])
 
 
 def test_an_event_write_keeps_the_problem_the_verifier_recorded(engine: Engine) -> None:
