@@ -239,6 +239,28 @@ def test_events_of_one_contact_in_one_flush_window_leave_the_latest_state(
     assert (1, "offline") in states
 
 
+def test_a_contact_created_on_an_older_asterisk_is_stored_online(engine: Engine) -> None:
+    """A ContactStatus ``Created`` (what Asterisk before NonQualified sends for a phone
+    registering without qualify) leaves its user online in the summary, as ``status``
+    reads its contact."""
+    seed_store(engine, 1)
+
+    async def scenario() -> None:
+        async with _lab_pbx(engine) as (peer, link, _pbx):
+            created = ((b"1001", b"100000"), (b"NonQualified", b"Created"))
+            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified", replace=created)
+            await eventually(lambda: link.events == 1)
+            await eventually(lambda: not link.dirty and link.store_idle.is_set(), timeout=2.0)
+            await asyncio.sleep(0.1)  # the write itself, in its thread
+
+    run(scenario())
+    with engine.connect() as conn:
+        (person,) = status_rows(conn)
+    assert [c["status"] for c in person["contacts"]] == ["Created"]
+    assert [s["state"] for s in person["servers"]] == ["online"]
+    assert person["state"] == "online"
+
+
 def test_a_nul_in_an_event_neither_blocks_the_batch_nor_reaches_the_store(engine: Engine) -> None:
     """A ContactStatus whose URI holds a NUL (which no PostgreSQL text can hold) is stored
     with U+FFFD in its place, in the same batch as another phone's, on every backend."""
