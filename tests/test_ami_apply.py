@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, select
+from sqlalchemy import Engine, create_engine, select, update
 from structlog.testing import capture_logs
 
 from bench.common import seed_store
@@ -51,7 +51,7 @@ from provisioner.checks import run_checks
 from provisioner.config import Config, caches_by_kind, load_config
 from provisioner.store.engine import open_engine
 from provisioner.store.migrate import upgrade
-from provisioner.store.schema import daemon_state, registration_summary
+from provisioner.store.schema import daemon_state, registration_summary, users
 from provisioner.targets import Change
 
 from .amipeer import (
@@ -433,6 +433,42 @@ def test_a_derived_name_astdb_does_not_hold_has_every_contact_listed(store: Engi
     assert CONTACT_KEY not in keys[:-1]
     assert listed == 1
     assert not held
+
+
+def test_a_removed_endpoints_phone_is_stored_offline_though_its_peer_was_reachable(
+    store: Engine,
+) -> None:
+    """A realtime removal that deletes a registered phone's contact leaves its user
+    offline in the store, though its registration said PeerStatus Reachable and Asterisk
+    sends no event for the deletion."""
+    with store.begin() as conn:
+        conn.execute(update(users).where(users.c.id == 1).values(extension="1001"))
+
+    def stored_state() -> str | None:
+        summary = registration_summary.c
+        query = select(summary.state).where(summary.server == "lab", summary.user_id == 1)
+        with store.connect() as conn:
+            return conn.execute(query).scalar_one_or_none()
+
+    async def scenario() -> tuple[str | None, str | None]:
+        peer = FakeAsterisk()
+        await peer.start()
+        pbx = AmiPbx([_link(peer)], store, "realtime")
+        async with _serving(peer, pbx) as link:
+            await eventually(link.book_complete)
+            for needles in _REGISTER:
+                await peer.send_recorded(*needles)
+            await eventually(lambda: stored_state() == "online" and link.store_idle.is_set())
+            before = stored_state()
+            pbx.applied(REMOVED, target_kind="realtime")
+            await eventually(lambda: bool(peer.actions("DBDel")) and not link.owed)
+            await eventually(lambda: not link.dirty and link.store_idle.is_set())
+            await asyncio.sleep(0.1)
+            return before, stored_state()
+
+    before, after = run(scenario())
+    assert before == "online"
+    assert after == "offline"
 
 
 async def _untracked_auth(peer: FakeAsterisk) -> None:

@@ -21,6 +21,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import DBAPIError
 
 from bench.common import seed_store
+from provisioner.accounts import Accounts
 from provisioner.ami import pbx as pbx_module
 from provisioner.ami.client import AmiClient
 from provisioner.ami.pbx import AmiPbx, Link
@@ -116,6 +117,49 @@ def test_snapshot_replaces_every_contact_and_problems_are_kept(engine: Engine) -
     assert states == [(1, "online", "rejected"), (2, "online", ""), (3, "offline", "")]
 
 
+def test_a_user_online_on_one_server_is_online_though_another_finds_its_contact_unreachable(
+    engine: Engine,
+) -> None:
+    """``status`` says online for a user one server holds online (registered, no contact
+    row: its peer said Reachable) while another server's contact of it does not answer."""
+    seed_store(engine, 1)
+    (contact,), _ = _state("100000", "Unreachable")
+    with engine.begin() as conn:
+        registered: tuple[list[ContactRow], SummaryRow] = (
+            [],
+            ("online", "NOT_INUSE", "", SEEN_TEXT),
+        )
+        write_endpoint_rows(conn, "pbx1", {"100000": registered}, NOW)
+        silent = ([contact], ("unreachable", "UNAVAILABLE", "", SEEN_TEXT))
+        write_endpoint_rows(conn, "pbx2", {"100000": silent}, NOW)
+    with engine.connect() as conn:
+        (person,) = status_rows(conn)
+    assert sorted(s["state"] for s in person["servers"]) == ["online", "unreachable"]
+    assert person["state"] == "online"
+
+
+def test_a_users_registration_goes_with_the_extension_it_leaves(accounts: Accounts) -> None:
+    """A user whose extension changes is no longer online with the old extension's phone:
+    the registration state filed under it was that endpoint's, and no later write of that
+    endpoint (no user holds it now) would ever replace it."""
+    accounts.add_user(
+        {
+            "username": "alice",
+            "full_name": "Alice Agent",
+            "email": "alice@example.com",
+            "profile": "agents",
+            "extension": "150",
+        }
+    )
+    with accounts.engine.begin() as conn:
+        write_endpoint_rows(conn, "pbx1", {"150": _state("150", "NonQualified")}, NOW)
+    accounts.edit_user("alice", {"extension": "160"})
+    with accounts.engine.begin() as conn:
+        write_endpoint_rows(conn, "pbx1", {"150": ([], ("offline", "", "", SEEN_TEXT))}, NOW)
+        (alice,) = status_rows(conn, ["alice"])
+    assert (alice["extension"], alice["state"], alice["contacts"]) == ("160", "offline", [])
+
+
 def test_an_event_write_keeps_the_problem_the_verifier_recorded(engine: Engine) -> None:
     """Writing an endpoint's contacts and summary leaves its recorded problem in place."""
     seed_store(engine, 2)
@@ -193,6 +237,28 @@ def test_events_of_one_contact_in_one_flush_window_leave_the_latest_state(
         states = sorted(tuple(s) for s in sums)
     assert contacts == []
     assert (1, "offline") in states
+
+
+def test_a_contact_created_on_an_older_asterisk_is_stored_online(engine: Engine) -> None:
+    """A ContactStatus ``Created`` (what Asterisk before NonQualified sends for a phone
+    registering without qualify) leaves its user online in the summary, as ``status``
+    reads its contact."""
+    seed_store(engine, 1)
+
+    async def scenario() -> None:
+        async with _lab_pbx(engine) as (peer, link, _pbx):
+            created = ((b"1001", b"100000"), (b"NonQualified", b"Created"))
+            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified", replace=created)
+            await eventually(lambda: link.events == 1)
+            await eventually(lambda: not link.dirty and link.store_idle.is_set(), timeout=2.0)
+            await asyncio.sleep(0.1)  # the write itself, in its thread
+
+    run(scenario())
+    with engine.connect() as conn:
+        (person,) = status_rows(conn)
+    assert [c["status"] for c in person["contacts"]] == ["Created"]
+    assert [s["state"] for s in person["servers"]] == ["online"]
+    assert person["state"] == "online"
 
 
 def test_a_nul_in_an_event_neither_blocks_the_batch_nor_reaches_the_store(engine: Engine) -> None:

@@ -269,7 +269,10 @@ class Link:
             return
         kept = tuple(c for c in reg.contacts if contact_object_name(c)[0] != object_name)
         if len(kept) != len(reg.contacts):
-            self.book[endpoint] = reg._replace(contacts=kept)
+            # With its last contact gone, a ``Reachable`` peer state is stale (as in a
+            # snapshot that lists none): it would keep the endpoint "online".
+            peer = None if not kept and reg.peer_status == "Reachable" else reg.peer_status
+            self.book[endpoint] = reg._replace(contacts=kept, peer_status=peer)
             self.mark_dirty((endpoint,))
 
     def told(self) -> bool:

@@ -4,7 +4,8 @@ Inputs are plain mappings with Asterisk's exact header names (an
 :class:`~provisioner.ami.actions.AmiMessage` ``as_dict()`` or a dict from a test):
 
 - ``ContactStatus``: ``URI``, ``ContactStatus`` (``NonQualified`` on register,
-  ``Reachable``/``Unreachable`` with qualify, ``Removed`` on un-register), ``AOR``,
+  ``Created`` on older Asterisk, ``Reachable``/``Unreachable`` with qualify,
+  ``Removed`` on un-register), ``AOR``,
   ``EndpointName``, ``RoundtripUsec``, ``Timestamp``;
 - ``PeerStatus``: ``ChannelType: PJSIP``, ``Peer: PJSIP/<endpoint>``, ``PeerStatus``;
 - ``DeviceStateChange``: ``Device: PJSIP/<endpoint>``, ``State`` (``INVALID``: no
@@ -43,8 +44,11 @@ __all__ = [
 
 Summary = Literal["online", "offline", "unreachable", "unknown"]
 
-#: Contact statuses that mean the phone is there (NonQualified: registered, not qualified).
-_UP = frozenset({"Reachable", "NonQualified", "Unknown"})
+#: Contact statuses that mean the phone does not answer (or is gone): any other means it
+#: is there (Reachable, NonQualified: registered and not qualified, Unknown, and Created:
+#: what Asterisk before NonQualified says of a new contact).  The store's ``status``
+#: reads its contacts by the same rule (:func:`provisioner.store.registrations.summarize`).
+_DOWN = frozenset({"Unreachable", "Removed"})
 _PJSIP_PREFIX = "PJSIP/"
 
 
@@ -99,7 +103,7 @@ def summarize(reg: EndpointRegistration) -> Summary:
         return "offline"
     if reg.contacts:
         for c in reg.contacts:  # a loop, not any(<generator>): this runs per endpoint per flush
-            if c.status in _UP:
+            if c.status not in _DOWN:
                 return "online"
         return "unreachable"
     if reg.peer_status == "Reachable":

@@ -19,7 +19,7 @@ from sqlalchemy import Connection, Row, delete, func, insert, select, update
 
 from ..errors import NotFoundError
 from ..model import Profile, User, Voice
-from .schema import profiles, user_attributes, users
+from .schema import profiles, registration_summary, registrations, user_attributes, users
 
 __all__ = [
     "ExtensionAllocator",
@@ -197,7 +197,15 @@ def insert_user(conn: Connection, values: Mapping[str, Any]) -> int:
 
 
 def update_user(conn: Connection, user_id: int, values: Mapping[str, Any]) -> None:
+    """Set ``values`` on the user; one that moves it to another extension also drops the
+    registration state filed under it (every server's contacts and summary)."""
     conn.execute(update(users).where(users.c.id == user_id).values(**values))
+    if "extension" in values:
+        # That state is the old extension's endpoint's: registration writes find users by
+        # extension, so no later write of that endpoint would reach it, and the user
+        # would show the old phone online until a phone registers to the new one.
+        for table in (registrations, registration_summary):
+            conn.execute(delete(table).where(table.c.user_id == user_id))
 
 
 def attributes_of(conn: Connection, user_id: int, *, lock: bool = False) -> dict[str, str]:

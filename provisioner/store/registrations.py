@@ -739,12 +739,17 @@ def replace_server_snapshot(
 
 
 def summarize(contact_statuses: Sequence[str], server_states: Sequence[str]) -> str:
-    """online when a contact is usable; unreachable when contacts exist but none answers."""
+    """online when a contact is usable or a server holds the phone registered (its peer
+    Reachable, no contact row); unreachable when contacts exist but none answers."""
+    # A server's "online" is written with that server's contacts, from one record: it
+    # is never stale beside them, so another server's silent contact does not outweigh it.
+    if "online" in server_states:
+        return "online"
     if any(st not in ("Unreachable", "Removed") for st in contact_statuses):
         return "online"
     if contact_statuses or "unreachable" in server_states:
         return "unreachable"
-    return "online" if "online" in server_states else "offline"
+    return "offline"
 
 
 def status_rows(conn: Connection, usernames: Sequence[str] | None = None) -> list[dict[str, Any]]:
