@@ -52,6 +52,7 @@ from provisioner.config import Config, caches_by_kind, load_config
 from provisioner.store.engine import open_engine
 from provisioner.store.migrate import upgrade
 from provisioner.store.schema import daemon_state, registration_summary, users
+from provisioner.store.state import put_state
 from provisioner.targets import Change
 
 from .amipeer import (
@@ -471,9 +472,10 @@ def test_a_removed_endpoints_phone_is_stored_offline_though_its_peer_was_reachab
     assert after == "offline"
 
 
-async def _untracked_auth(peer: FakeAsterisk) -> None:
+async def _untracked_auth(peer: FakeAsterisk, link: Link) -> None:
     """A phone authenticates as endpoint 3001, which Asterisk does not track (it was
     added since the last reload): that wants a snapshot."""
+    link.untracked = {"3001"}
     await peer.send_recorded(
         "Event: SuccessfulAuth\r\n",
         "Service: PJSIP",
@@ -486,7 +488,7 @@ def test_while_a_snapshot_is_wanted_every_contact_is_listed(store: Engine) -> No
     contacts are only seen by asking): until that is in, a removal lists every contact."""
 
     async def prepare(peer: FakeAsterisk, link: Link) -> None:
-        await _untracked_auth(peer)
+        await _untracked_auth(peer, link)
         await eventually(lambda: not link.book_complete())
 
     keys, listed, held = run(_removal(store, prepare))
@@ -519,7 +521,7 @@ def test_a_slow_snapshot_holds_the_next_one_back(
         await peer.start()
         async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
             await eventually(link.book_complete)
-            await _untracked_auth(peer)
+            await _untracked_auth(peer, link)
             await asyncio.sleep(0.5)
             held_back = len(peer.actions("PJSIPShowContacts"))
             await eventually(lambda: len(peer.actions("PJSIPShowContacts")) == 2)
@@ -544,8 +546,10 @@ async def _first_auth_since_start(
     peer: FakeAsterisk, link: Link, *followers: tuple[str, str]
 ) -> None:
     """Phone 1001, listed by the start's snapshot, authenticates (SuccessfulAuth), then
-    its recorded ``followers`` events come; the lookups' window passes."""
+    its recorded ``followers`` events come; the lookups' window passes.  Any endpoint
+    may be untracked, as after a run that owed a reload."""
     await eventually(link.book_complete)
+    link.untracked = None
     await peer.send_recorded("Event: SuccessfulAuth\r\n", "Service: PJSIP")
     for first, *rest in followers:
         await peer.send_recorded(first, *rest)
@@ -1321,6 +1325,7 @@ def test_a_removal_while_its_endpoint_is_looked_up_deletes_the_contact(
         pbx = AmiPbx([_link(peer, caches=())], store, "realtime")  # no expiry goes first
         async with _serving(peer, pbx) as link:
             await eventually(link.book_complete)
+            link.untracked = {"1001"}  # added since the last reload
             peer.astdb.add(CONTACT_KEY)  # the phone registers, untracked: no status event
             await peer.send_recorded("Event: SuccessfulAuth\r\n", "Service: PJSIP")
             await eventually(lambda: bool(peer.actions("PJSIPShowEndpoint")))
@@ -1450,3 +1455,126 @@ def test_a_merged_reload_record_owes_what_its_parts_would_in_turn() -> None:
     assert (first.changed, first.gone) == ({"b"}, {"a"})
     assert owed.awaiting == [{"a"}]
     assert first.awaiting is owed.awaiting[0]
+
+
+@pytest.mark.parametrize("kind", ["config", "realtime"])
+def test_a_tracked_phones_refresh_wants_no_lookup(
+    store: Engine, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A SuccessfulAuth no status event follows (a registered phone's refresh) of an
+    endpoint no apply added since the last reload asks Asterisk nothing: a config
+    file's endpoints are tracked once loaded, and a realtime one is untracked only
+    between its add and the reload."""
+    monkeypatch.setattr(pbx_module, "CONFIRM_WINDOW", 0.05)
+
+    async def scenario() -> tuple[int, int]:
+        peer = FakeAsterisk()
+        await peer.start()
+        async with _serving(peer, AmiPbx([_link(peer)], store, kind)) as link:
+            await eventually(link.book_complete)
+            for _ in range(3):
+                await peer.send_recorded("Event: SuccessfulAuth\r\n", "Service: PJSIP")
+                await asyncio.sleep(0.15)
+            return len(peer.actions("PJSIPShowEndpoint")), len(peer.actions("PJSIPShowContacts"))
+
+    assert run(scenario()) == (0, 1)
+
+
+def test_a_realtime_endpoint_added_is_looked_up_until_its_reload_ends_well(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An endpoint a realtime apply added authenticates with no status event before the
+    reload asked for it ends (it is not tracked yet): it is looked up; after a reload
+    Asterisk accepted, its refresh is not."""
+    monkeypatch.setattr(pbx_module, "CONFIRM_WINDOW", 0.05)
+
+    async def auth(peer: FakeAsterisk) -> None:
+        await peer.send_recorded(
+            "Event: SuccessfulAuth\r\n",
+            "Service: PJSIP",
+            replace=((b"AccountID: 1001", b"AccountID: 100001"),),
+        )
+
+    async def scenario() -> tuple[list[str], int]:
+        peer = FakeAsterisk()
+        peer.reload_delay = 0.6
+        await peer.start()
+        pbx = AmiPbx([_link(peer)], store, "realtime")
+        async with _serving(peer, pbx) as link:
+            await eventually(link.book_complete)
+            pbx.applied(ADDED, target_kind="realtime")
+            await eventually(lambda: link.reloads.in_flight)
+            await auth(peer)
+            await eventually(lambda: bool(peer.actions("PJSIPShowEndpoint")))
+            looked_up = [a.get("Endpoint") for a in peer.actions("PJSIPShowEndpoint")]
+            await eventually(lambda: not link.reloads.in_flight and link.told())
+            before = len(peer.actions("PJSIPShowEndpoint"))
+            await auth(peer)
+            await asyncio.sleep(0.3)
+            return looked_up, len(peer.actions("PJSIPShowEndpoint")) - before
+
+    looked_up, after_reload = run(scenario())
+    assert "100001" in looked_up
+    assert after_reload == 0
+
+
+def test_endpoints_untracked_at_a_reload_stay_so_if_it_fails() -> None:
+    """Endpoints untracked when a reload is sent are tracked once it ends well; if it
+    fails they stay untracked, with those added meanwhile; unknown (None) stays unknown
+    until a reload ends well."""
+    from provisioner.ami.reload import ReloadOutcome, ReloadResult
+
+    def outcome(result: ReloadResult) -> ReloadOutcome:
+        return ReloadOutcome("lab", "res_pjsip.so", result, 1, 1, 1)
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        await peer.start()  # for its port; nothing connects
+        try:
+            link = _link(peer)
+            link.untracked = {"a"}
+            ended = link.reload_sent()
+            link.untracked.add("b")
+            assert link.may_be_untracked("a")
+            assert link.may_be_untracked("b")
+            ended(outcome("error"))
+            assert link.untracked == {"a", "b"}
+            ended = link.reload_sent()
+            ended(outcome("ok"))
+            assert not link.may_be_untracked("a")
+            assert not link.may_be_untracked("b")
+            link.untracked = None
+            ended = link.reload_sent()
+            assert link.may_be_untracked("x")
+            ended(outcome("timeout"))
+            assert link.untracked is None
+            ended = link.reload_sent()
+            ended(outcome("ok"))
+            assert not link.may_be_untracked("x")
+        finally:
+            await peer.stop()
+
+    run(scenario())
+
+
+def test_after_a_run_that_owed_a_reload_any_endpoint_may_be_untracked(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A realtime run resuming a reload the last run owed does not know which endpoints
+    that run added: a SuccessfulAuth no status event follows is looked up until the
+    resumed reload ends well."""
+    monkeypatch.setattr(pbx_module, "CONFIRM_WINDOW", 0.05)
+    with store.begin() as conn:
+        put_state(conn, changes_module.reload_owed_key("lab"), "1")
+
+    async def scenario() -> list[str]:
+        peer = FakeAsterisk()
+        peer.reload_delay = 0.6
+        await peer.start()
+        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+            await eventually(lambda: link.reloads.in_flight)
+            await peer.send_recorded("Event: SuccessfulAuth\r\n", "Service: PJSIP")
+            await eventually(lambda: bool(peer.actions("PJSIPShowEndpoint")))
+            return [a.get("Endpoint") for a in peer.actions("PJSIPShowEndpoint")]
+
+    assert run(scenario()) == ["1001"]

@@ -269,6 +269,9 @@ async def apply_changes(link: Link, batch: Sequence[Change], *, realtime: bool) 
         # deleted before it could be registered again meanwhile, and would then outlive
         # the endpoint (README of ../shared/asterisk).  Its contacts go after the reload.
         link.owed.add(change, expire=realtime and bool(link.caches), remove=not reloads_file)
+        if realtime and change.added and link.untracked is not None:
+            # Live at once (a realtime row), tracked only after the reload asked below.
+            link.untracked.update(change.added)
     awaiting = link.owed.await_reload(gone) if reloads_file else set[str]()
     reloads = reloads_file or (realtime and any(c.added or c.removed for c in batch))
     # Noted before anything is sent, the reload in the same write: a stop or a crash from

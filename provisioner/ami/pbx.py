@@ -224,6 +224,18 @@ class Link:
     #: merged record per future (bounded however many edits a long outage sees).
     reload_joined: asyncio.Future[ReloadOutcome] | None = None
     after_reload: dict[asyncio.Future[ReloadOutcome], AfterReload] = field(default_factory=dict)
+    #: Realtime endpoints Asterisk may not track yet: added since the last reload it
+    #: accepted (Asterisk reports status only for endpoints loaded at its start or last
+    #: reload).  None: any endpoint may be (the last run owed a reload, or rows were
+    #: written that no one told Asterisk of).  A config file's endpoint exists in
+    #: Asterisk only once a reload loaded it, tracked: none ever is.  Only these have a
+    #: ``SuccessfulAuth`` no status event follows looked up: a tracked phone's refresh
+    #: sends none either, and at 100k phones, looking up each refresh (or listing every
+    #: contact, above ``LOOKUP_LIMIT`` at once) would keep Asterisk busy for nothing.
+    untracked: set[str] | None = field(default_factory=set)
+    #: What ``untracked`` held when the reload in flight was sent: tracked once it ends
+    #: well, untracked again if it fails.
+    untracked_sent: set[str] | None = field(default_factory=set)
     #: Endpoints whose ``SuccessfulAuth`` no status event followed yet -> the monotonic
     #: time after which it is taken for untracked (:data:`CONFIRM_WINDOW`), in that order.
     unconfirmed: dict[str, float] = field(default_factory=dict)
@@ -274,6 +286,30 @@ class Link:
             peer = None if not kept and reg.peer_status == "Reachable" else reg.peer_status
             self.book[endpoint] = reg._replace(contacts=kept, peer_status=peer)
             self.mark_dirty((endpoint,))
+
+    def may_be_untracked(self, endpoint: str) -> bool:
+        """Whether Asterisk may not track ``endpoint`` (see :attr:`untracked`)."""
+        for held in (self.untracked, self.untracked_sent):
+            if held is None or endpoint in held:
+                return True
+        return False
+
+    def reload_sent(self) -> Callable[[ReloadOutcome], None]:
+        """A reload is being sent: the endpoints untracked until now wait for its end
+        (:attr:`untracked_sent`); what to call with its outcome."""
+        self.untracked_sent, self.untracked = self.untracked, set()
+
+        def ended(outcome: ReloadOutcome) -> None:
+            sent, self.untracked_sent = self.untracked_sent, set()
+            if outcome.ok:
+                return
+            # Asterisk may not have loaded them: untracked still, with those added since.
+            if sent is None or self.untracked is None:
+                self.untracked = None
+            else:
+                self.untracked |= sent
+
+        return ended
 
     def told(self) -> bool:
         """Whether the server was sent all it is owed: the last run's notes read, no
@@ -350,7 +386,7 @@ class AmiPbx:
         async with asyncio.TaskGroup() as tg:
             for link in self.links:
                 self._subscribe(link)
-                link.reloads.on_send = partial(self._opening, link)
+                link.reloads.on_send = partial(self._sending, link)
                 tg.create_task(link.client.run(stop))
                 if link.reloads.client is not link.client:
                     tg.create_task(link.reloads.client.run(stop))
@@ -370,8 +406,11 @@ class AmiPbx:
         """Realtime rows may have been written without their cache expiries sent (see
         :mod:`~provisioner.store.untold`): owe each server with caches their emptying
         whole, noted in the store until paid (before the last run's notes are read,
-        :meth:`_resume` notes it).  Logs ``ami.caches_unsure``."""
+        :meth:`_resume` notes it), and take any endpoint for one Asterisk may not track
+        yet (rows added, no reload asked).  Logs ``ami.caches_unsure``."""
         for link in self.links:
+            if self.target_kind != "config":
+                link.untracked = None
             if not link.caches or link.owed.expire_all:
                 continue
             link.owed.expire_all = True
@@ -449,7 +488,11 @@ class AmiPbx:
             after = folded
             if after.tracked:
                 link.unconfirmed.pop(endpoint, None)
-            elif event.get("Event") == "SuccessfulAuth" and endpoint not in link.unconfirmed:
+            elif (
+                event.get("Event") == "SuccessfulAuth"
+                and endpoint not in link.unconfirmed
+                and link.may_be_untracked(endpoint)
+            ):
                 # Asterisk sends no status events for endpoints added since its last
                 # reload; their contacts are only visible by asking, if none follows.
                 link.unconfirmed[endpoint] = time.monotonic() + CONFIRM_WINDOW
@@ -708,6 +751,9 @@ class AmiPbx:
             reload = None
             if notes.reload_owed is not None:
                 log.info("ami.reload_resumed", server=link.name)
+                if self.target_kind != "config":
+                    # Endpoints the last run added may wait for this reload to be tracked.
+                    link.untracked = None
                 reload = request_reload(link)
             elif self.target_kind == "config" and await self._file_not_loaded(link, notes.loaded):
                 reload = request_reload(link)
@@ -737,11 +783,25 @@ class AmiPbx:
         log.info("ami.file_not_loaded", server=link.name, noted=noted[:12], current=current[:12])
         return True
 
+    def _sending(self, link: Link) -> Callable[[ReloadOutcome], None]:
+        """A reload of ``link``'s server is about to be sent
+        (:attr:`ReloadCoordinator.on_send`): what the coordinator calls with its outcome,
+        which settles the endpoints it may make tracked (:meth:`Link.reload_sent`) and
+        the config files' digest (:meth:`_opening`)."""
+        tracked = link.reload_sent()
+        loaded = self._opening(link)
+
+        def settle(outcome: ReloadOutcome) -> None:
+            tracked(outcome)
+            loaded(outcome)
+
+        return settle
+
     def _opening(self, link: Link) -> Callable[[ReloadOutcome], None]:
-        """Open the config files as a reload of ``link``'s server is about to be sent
-        (:attr:`ReloadCoordinator.on_send`); what the coordinator calls with the reload's
-        outcome: one Asterisk accepted has their digest noted (:meth:`_note_loaded`), the
-        latest such reload's only.  Nothing for a realtime target."""
+        """Open the config files as a reload of ``link``'s server is about to be sent;
+        what to call with the reload's outcome: one Asterisk accepted has their digest
+        noted (:meth:`_note_loaded`), the latest such reload's only.  Nothing for a
+        realtime target."""
         if self.target_kind != "config":
             return _ignore_outcome
         try:
