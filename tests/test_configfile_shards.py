@@ -32,7 +32,13 @@ from provisioner.targets.sharded import (
     ShardedConfigFileTarget,
     config_file_target,
 )
-from provisioner.targets.shards import check_main, shard_directory, shard_name, shard_of
+from provisioner.targets.shards import (
+    INCLUDE_PATH_MAX,
+    check_main,
+    shard_directory,
+    shard_name,
+    shard_of,
+)
 
 from .test_configfile import REPRESENTATIVE, check_golden, make_user, rendered, write_override
 
@@ -509,6 +515,28 @@ def test_a_path_asterisk_cannot_include_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         ShardedConfigFileTarget(tmp_path / "x.conf", shards=0)
     assert info.value.problems[0].field == "target.shards"
+
+
+def test_a_shard_path_longer_than_asterisk_opens_is_refused(tmp_path: Path) -> None:
+    """A main file whose shard files' absolute paths exceed the 255 bytes Asterisk's
+    #include opens is a config error naming target.path and the rule; 255 bytes is taken."""
+
+    def main_file(shard_path_bytes: int) -> Path:
+        # The shard file is <dir>/p.d/0000-of-0002.conf: pad <dir> to the length asked.
+        fixed = len(str(tmp_path)) + len("/") + len("/p.d/0000-of-0002.conf")
+        return tmp_path / ("d" * (shard_path_bytes - fixed)) / "p.conf"
+
+    longest = main_file(INCLUDE_PATH_MAX)
+    target = ShardedConfigFileTarget(longest, shards=2)
+    assert len(str(target.files[0])) == INCLUDE_PATH_MAX
+    target.apply(many(5))
+    check_main(longest.read_bytes(), target.files)
+    with pytest.raises(ConfigError) as info:
+        ShardedConfigFileTarget(main_file(INCLUDE_PATH_MAX + 1), shards=2)
+    (problem,) = info.value.problems
+    assert problem.field == "target.path"
+    assert f"would be {INCLUDE_PATH_MAX + 1} bytes" in problem.rule
+    assert f"opens at most {INCLUDE_PATH_MAX}" in problem.rule
 
 
 def test_from_config_builds_the_sharded_target(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from ..logs import get_logger
 
 __all__ = [
     "INCLUDABLE",
+    "INCLUDE_PATH_MAX",
     "MAX_SHARDS",
     "SHARD_TEMPORARIES",
     "check_main",
@@ -47,6 +48,11 @@ SHARD_TEMPORARIES = ".[0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9].conf.*.tmp"
 #: keeps literally (no comment, quote or escape mark, and none of the glob characters
 #: Asterisk expands in an include: ``* ? [ ] { } ~``).
 INCLUDABLE = re.compile(r"/[A-Za-z0-9/._+@,:= -]*")
+#: The longest path (in bytes) Asterisk opens for an ``#include``: its loader
+#: (``config_text_file_load`` in ``main/config.c``) copies the path into ``char fn[256]``,
+#: so a longer one is cut short and names no file, and an ``#include`` of a missing file
+#: makes Asterisk drop the whole configuration.
+INCLUDE_PATH_MAX = 255
 
 
 def shard_name(index: int, count: int) -> str:
@@ -69,15 +75,24 @@ def shard_of(endpoint_id: str, count: int) -> int:
 
 def shard_directory_problem(path: Path) -> Problem | None:
     """Why the main file ``path`` cannot have a sharded layout (its shard directory cannot
-    be named in an ``#include``), or None; pure: the constructor and ``check`` ask it."""
+    be named in an ``#include``, or its shard files' paths are longer than Asterisk opens),
+    or None; pure: the constructor and ``check`` ask it."""
     directory = shard_directory(path)
-    if directory != Path(os.path.abspath(path)) and INCLUDABLE.fullmatch(str(directory)):
-        return None
-    return Problem(
-        "target.path",
-        f"the shard directory {str(directory)!r} cannot be #included by "
-        "Asterisk: use letters, digits and / . _ + @ , : = - or space",
-    )
+    if directory == Path(os.path.abspath(path)) or not INCLUDABLE.fullmatch(str(directory)):
+        return Problem(
+            "target.path",
+            f"the shard directory {str(directory)!r} cannot be #included by "
+            "Asterisk: use letters, digits and / . _ + @ , : = - or space",
+        )
+    # Every shard file's name has the same length (INCLUDABLE: one byte a character).
+    first = str(directory / shard_name(0, 1))
+    if len(first) > INCLUDE_PATH_MAX:
+        return Problem(
+            "target.path",
+            f"the shard files' paths (such as {first!r}) would be {len(first)} bytes, and "
+            f"Asterisk's #include opens at most {INCLUDE_PATH_MAX}: use a shorter path",
+        )
+    return None
 
 
 def shard_directory(path: Path) -> Path:
