@@ -819,6 +819,23 @@ def test_stale_temporary_files_of_a_killed_writer_are_removed(tmp_path: Path) ->
     assert fresh.exists()
 
 
+def test_stale_temporaries_are_found_by_the_file_name_taken_literally(tmp_path: Path) -> None:
+    """A file name holding glob characters finds its own stale temporaries and never
+    another file's (``users[1].conf`` is not a pattern matching ``users1.conf``)."""
+    from provisioner.targets.configfile import ConfigFileTarget
+    from provisioner.targets.files import STALE_TEMP_SECONDS
+
+    own = tmp_path / ".users[1].conf.abc123.tmp"
+    others = tmp_path / ".users1.conf.abc123.tmp"
+    for temporary in (own, others):
+        temporary.write_text("half")
+        old = temporary.stat().st_mtime - STALE_TEMP_SECONDS - 10
+        os.utime(temporary, (old, old))
+    ConfigFileTarget(tmp_path / "users[1].conf")
+    assert not own.exists()
+    assert others.exists()
+
+
 def test_a_large_former_backup_is_freed_in_the_background(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,6 +16,7 @@ new file is in place (:func:`discard_later`).
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -78,7 +79,9 @@ def remove_stale_temporaries(path: Path, now: float | None = None) -> list[Path]
     Only files named like :func:`temporary` makes them and older than
     :data:`STALE_TEMP_SECONDS`, so a concurrent writer's live file is never touched.
     """
-    return remove_stale_in(path.parent, f".{path.name}.*.tmp", now)
+    # The name taken literally: one holding glob characters ("users[1].conf") would
+    # otherwise miss its own temporaries and match another file's.
+    return remove_stale_in(path.parent, f".{glob.escape(path.name)}.*.tmp", now)
 
 
 def remove_stale_in(directory: Path, pattern: str, now: float | None = None) -> list[Path]:
