@@ -382,6 +382,35 @@ def test_a_switch_cut_short_is_finished_by_the_next_apply(path: Path) -> None:
     check_shards(target, users[1:])
 
 
+def test_a_switch_to_shard_files_already_in_place_syncs_their_directory_first(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A switch whose shard files are all in place already (a writer killed after renaming
+    them and before fsyncing their directory) fsyncs the shard directory before the main
+    file names them, so a power loss cannot leave it including files that are gone."""
+    users = many(40)
+    ShardedConfigFileTarget(path, shards=4).apply(users)
+    old_main = path.read_bytes()
+    ShardedConfigFileTarget(path, shards=8).apply(users)
+    # The 8 files as the killed writer left them, the main file still on the 4-set.
+    path.write_bytes(old_main)
+    fsync_directory = files_module.fsync_directory
+
+    def recorded(directory: Path) -> None:
+        if _audited is not None:
+            _audited.append(("fsync", os.fsdecode(directory), True))
+        fsync_directory(directory)
+
+    monkeypatch.setattr(files_module, "fsync_directory", recorded)
+    target = ShardedConfigFileTarget(path, shards=8)
+    with recording() as touched:
+        assert target.apply(users).wrote
+    events = [(event, Path(p)) for event, p, _ in touched if event in ("fsync", "os.rename")]
+    assert ("fsync", target.directory) in events
+    assert events.index(("fsync", target.directory)) < events.index(("os.rename", path))
+    check_shards(target, users)
+
+
 def test_an_edit_before_the_switch_applies_everyone(path: Path) -> None:
     """An edit through a target whose count the main file does not include yet is a full
     apply of the current users, edited: the switch happens and nobody is lost."""
