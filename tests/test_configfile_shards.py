@@ -411,6 +411,39 @@ def test_a_switch_to_shard_files_already_in_place_syncs_their_directory_first(
     check_shards(target, users)
 
 
+def test_old_shard_files_are_deleted_only_once_the_main_file_is_durable(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shard files the main file no longer names, left by a writer killed before its last
+    fsync, are deleted only after the main file's directory is fsynced (by the sharded
+    target and by the one-file target taking over), so a power loss cannot bring back a
+    main file naming deleted files."""
+    users = many(40)
+    ShardedConfigFileTarget(path, shards=4).apply(users)
+    four = {shard: shard.read_bytes() for shard in ShardedConfigFileTarget(path, shards=4).files}
+    ShardedConfigFileTarget(path, shards=8).apply(users)
+    fsync_directory = files_module.fsync_directory
+
+    def recorded(directory: Path) -> None:
+        if _audited is not None:
+            _audited.append(("fsync", os.fsdecode(directory), True))
+        fsync_directory(directory)
+
+    monkeypatch.setattr(files_module, "fsync_directory", recorded)
+    for target in (ShardedConfigFileTarget(path, shards=8), ConfigFileTarget(path)):
+        target.apply(users)  # the main file as this target writes it
+        for shard, data in four.items():  # as the killed writer left them
+            shard.parent.mkdir(exist_ok=True)
+            shard.write_bytes(data)
+        with recording() as touched:
+            assert not target.apply(users).wrote
+        events = [(event, Path(p)) for event, p, _ in touched if event in ("fsync", "os.remove")]
+        removed = [i for i, (event, p) in enumerate(events) if p in four]
+        assert len(removed) == len(four)
+        assert ("fsync", path.parent) in events[: min(removed)]
+        assert not any(shard.exists() for shard in four)
+
+
 def test_an_edit_before_the_switch_applies_everyone(path: Path) -> None:
     """An edit through a target whose count the main file does not include yet is a full
     apply of the current users, edited: the switch happens and nobody is lost."""

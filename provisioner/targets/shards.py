@@ -16,8 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..asterisk_conf import Parsed, parse
-from ..errors import AsteriskSyntaxError, Problem, RenderCheckFailed
+from ..errors import AsteriskSyntaxError, Problem, RenderCheckFailed, TargetWriteFailed
 from ..logs import get_logger
+from .files import sync_directory
 
 __all__ = [
     "INCLUDABLE",
@@ -152,7 +153,8 @@ def includes_of(directory: Path, parsed: Parsed) -> list[Path] | None:
 def retire_shards(directory: Path, count: int | None) -> list[Path]:
     """Delete the shard files in ``directory`` (with their ``.bak``) of every shard count
     but ``count`` (None: all of them, then the directory if that leaves it empty); return
-    them.  Only ever called once the main file includes none of them.
+    them.  Only ever called once the main file includes none of them, and only once that
+    main file is durable: its directory (``directory``'s parent) is fsynced first.
 
     Leftovers are harmless (Asterisk reads only what the main file includes), so a file
     that cannot be deleted is logged, not raised: the apply that switched the main file
@@ -166,20 +168,42 @@ def retire_shards(directory: Path, count: int | None) -> list[Path]:
         log.warning("target.cleanup_failed", path=str(directory), error=exc.strerror)
         return []
     removed: list[Path] = []
-    for name in names:
-        found = _SHARD_NAME.fullmatch(name.removesuffix(".bak"))
-        if found is None or int(found.group(2)) == count:
-            continue
-        path = directory / name
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            log.warning("target.cleanup_failed", path=str(path), error=exc.strerror)
-            continue
-        removed.append(path)
+    retired = [name for name in names if _retired(name, count)]
+    if retired and _main_file_synced(directory):
+        removed = [path for path in (directory / name for name in retired) if _delete(path)]
     if count is None:
         with contextlib.suppress(OSError):  # not empty: it holds files that are not ours
             directory.rmdir()
     return removed
+
+
+def _retired(name: str, count: int | None) -> bool:
+    """True for the name of a shard file (or its ``.bak``) of a count other than ``count``."""
+    found = _SHARD_NAME.fullmatch(name.removesuffix(".bak"))
+    return found is not None and int(found.group(2)) != count
+
+
+def _main_file_synced(directory: Path) -> bool:
+    """fsync the directory of the main file beside ``directory``; False (logged) if that
+    fails.  The writer that replaced the main file may have been killed before its own
+    fsync: were the shard files' removal durable and not the main file's replacement, a
+    power loss would bring back a main file including missing files, and Asterisk drops
+    the whole configuration for one missing include."""
+    try:
+        sync_directory(directory.parent)
+    except TargetWriteFailed as exc:
+        log.warning("target.cleanup_failed", path=str(directory.parent), error=str(exc))
+        return False
+    return True
+
+
+def _delete(path: Path) -> bool:
+    """Unlink ``path``; False when it is gone already or cannot be (logged)."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        log.warning("target.cleanup_failed", path=str(path), error=exc.strerror)
+        return False
+    return True
