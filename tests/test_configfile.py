@@ -272,6 +272,30 @@ def test_plan_diff_shows_a_changed_secret_only_as_changed(target: ConfigFileTarg
     assert "0" * 32 not in change.diff
 
 
+def test_plan_redacts_every_credential_line_asterisk_reads_in_the_current_file(
+    target: ConfigFileTarget,
+) -> None:
+    """A current (hand-written) file's credential options are redacted in the diff in every
+    form Asterisk reads as one: any case, ``+=``, an escaped first character, control
+    bytes around the name."""
+    secrets = [f"hunter{i}secret" for i in range(5)]
+    target.path.parent.mkdir(parents=True)
+    target.path.write_bytes(
+        (
+            "[9001-auth]\ntype=auth\n"
+            f"PASSWORD={secrets[0]}\n"
+            f"Md5_Cred = {secrets[1]}\n"
+            f"password += {secrets[2]}\n"
+            f"\\password={secrets[3]}\n"
+            f"\x01password_digest\x01=>{secrets[4]}\n"
+        ).encode()
+    )
+    diff = target.plan(rendered()).diff
+    assert diff.count("<redacted>") >= len(secrets)
+    for secret in secrets:
+        assert secret not in diff
+
+
 def test_a_broken_current_file_is_replaced(target: ConfigFileTarget) -> None:
     """A current file Asterisk could not load is replaced; all users count as added."""
     target.path.parent.mkdir(parents=True)
