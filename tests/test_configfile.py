@@ -860,6 +860,23 @@ def test_stale_temporaries_are_found_by_the_file_name_taken_literally(tmp_path: 
     assert others.exists()
 
 
+def test_a_stale_temporary_that_cannot_be_removed_is_left_and_the_target_works(
+    tmp_path: Path,
+) -> None:
+    """A stale temporary that cannot be deleted (here a directory under its name: unlink
+    fails even for root) is left in place, and the target is built and writes as usual."""
+    from provisioner.targets.configfile import ConfigFileTarget
+    from provisioner.targets.files import STALE_TEMP_SECONDS
+
+    stuck = tmp_path / ".pjsip_users.conf.abc123.tmp"
+    stuck.mkdir()
+    old = stuck.stat().st_mtime - STALE_TEMP_SECONDS - 10
+    os.utime(stuck, (old, old))
+    target = ConfigFileTarget(tmp_path / "pjsip_users.conf")
+    assert target.apply(rendered()).wrote
+    assert stuck.is_dir()
+
+
 def test_a_large_former_backup_is_freed_in_the_background(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
