@@ -272,6 +272,30 @@ def test_plan_diff_shows_a_changed_secret_only_as_changed(target: ConfigFileTarg
     assert "0" * 32 not in change.diff
 
 
+def test_plan_redacts_every_credential_line_asterisk_reads_in_the_current_file(
+    target: ConfigFileTarget,
+) -> None:
+    """A current (hand-written) file's credential options are redacted in the diff in every
+    form Asterisk reads as one: any case, ``+=``, an escaped first character, control
+    bytes around the name."""
+    secrets = [f"hunter{i}secret" for i in range(5)]
+    target.path.parent.mkdir(parents=True)
+    target.path.write_bytes(
+        (
+            "[9001-auth]\ntype=auth\n"
+            f"PASSWORD={secrets[0]}\n"
+            f"Md5_Cred = {secrets[1]}\n"
+            f"password += {secrets[2]}\n"
+            f"\\password={secrets[3]}\n"
+            f"\x01password_digest\x01=>{secrets[4]}\n"
+        ).encode()
+    )
+    diff = target.plan(rendered()).diff
+    assert diff.count("<redacted>") >= len(secrets)
+    for secret in secrets:
+        assert secret not in diff
+
+
 def test_a_broken_current_file_is_replaced(target: ConfigFileTarget) -> None:
     """A current file Asterisk could not load is replaced; all users count as added."""
     target.path.parent.mkdir(parents=True)
@@ -817,6 +841,40 @@ def test_stale_temporary_files_of_a_killed_writer_are_removed(tmp_path: Path) ->
     ConfigFileTarget(target_path)
     assert not stale.exists()
     assert fresh.exists()
+
+
+def test_stale_temporaries_are_found_by_the_file_name_taken_literally(tmp_path: Path) -> None:
+    """A file name holding glob characters finds its own stale temporaries and never
+    another file's (``users[1].conf`` is not a pattern matching ``users1.conf``)."""
+    from provisioner.targets.configfile import ConfigFileTarget
+    from provisioner.targets.files import STALE_TEMP_SECONDS
+
+    own = tmp_path / ".users[1].conf.abc123.tmp"
+    others = tmp_path / ".users1.conf.abc123.tmp"
+    for temporary in (own, others):
+        temporary.write_text("half")
+        old = temporary.stat().st_mtime - STALE_TEMP_SECONDS - 10
+        os.utime(temporary, (old, old))
+    ConfigFileTarget(tmp_path / "users[1].conf")
+    assert not own.exists()
+    assert others.exists()
+
+
+def test_a_stale_temporary_that_cannot_be_removed_is_left_and_the_target_works(
+    tmp_path: Path,
+) -> None:
+    """A stale temporary that cannot be deleted (here a directory under its name: unlink
+    fails even for root) is left in place, and the target is built and writes as usual."""
+    from provisioner.targets.configfile import ConfigFileTarget
+    from provisioner.targets.files import STALE_TEMP_SECONDS
+
+    stuck = tmp_path / ".pjsip_users.conf.abc123.tmp"
+    stuck.mkdir()
+    old = stuck.stat().st_mtime - STALE_TEMP_SECONDS - 10
+    os.utime(stuck, (old, old))
+    target = ConfigFileTarget(tmp_path / "pjsip_users.conf")
+    assert target.apply(rendered()).wrote
+    assert stuck.is_dir()
 
 
 def test_a_large_former_backup_is_freed_in_the_background(

@@ -32,7 +32,13 @@ from provisioner.targets.sharded import (
     ShardedConfigFileTarget,
     config_file_target,
 )
-from provisioner.targets.shards import check_main, shard_directory, shard_name, shard_of
+from provisioner.targets.shards import (
+    INCLUDE_PATH_MAX,
+    check_main,
+    shard_directory,
+    shard_name,
+    shard_of,
+)
 
 from .test_configfile import REPRESENTATIVE, check_golden, make_user, rendered, write_override
 
@@ -376,6 +382,68 @@ def test_a_switch_cut_short_is_finished_by_the_next_apply(path: Path) -> None:
     check_shards(target, users[1:])
 
 
+def test_a_switch_to_shard_files_already_in_place_syncs_their_directory_first(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A switch whose shard files are all in place already (a writer killed after renaming
+    them and before fsyncing their directory) fsyncs the shard directory before the main
+    file names them, so a power loss cannot leave it including files that are gone."""
+    users = many(40)
+    ShardedConfigFileTarget(path, shards=4).apply(users)
+    old_main = path.read_bytes()
+    ShardedConfigFileTarget(path, shards=8).apply(users)
+    # The 8 files as the killed writer left them, the main file still on the 4-set.
+    path.write_bytes(old_main)
+    fsync_directory = files_module.fsync_directory
+
+    def recorded(directory: Path) -> None:
+        if _audited is not None:
+            _audited.append(("fsync", os.fsdecode(directory), True))
+        fsync_directory(directory)
+
+    monkeypatch.setattr(files_module, "fsync_directory", recorded)
+    target = ShardedConfigFileTarget(path, shards=8)
+    with recording() as touched:
+        assert target.apply(users).wrote
+    events = [(event, Path(p)) for event, p, _ in touched if event in ("fsync", "os.rename")]
+    assert ("fsync", target.directory) in events
+    assert events.index(("fsync", target.directory)) < events.index(("os.rename", path))
+    check_shards(target, users)
+
+
+def test_old_shard_files_are_deleted_only_once_the_main_file_is_durable(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shard files the main file no longer names, left by a writer killed before its last
+    fsync, are deleted only after the main file's directory is fsynced (by the sharded
+    target and by the one-file target taking over), so a power loss cannot bring back a
+    main file naming deleted files."""
+    users = many(40)
+    ShardedConfigFileTarget(path, shards=4).apply(users)
+    four = {shard: shard.read_bytes() for shard in ShardedConfigFileTarget(path, shards=4).files}
+    ShardedConfigFileTarget(path, shards=8).apply(users)
+    fsync_directory = files_module.fsync_directory
+
+    def recorded(directory: Path) -> None:
+        if _audited is not None:
+            _audited.append(("fsync", os.fsdecode(directory), True))
+        fsync_directory(directory)
+
+    monkeypatch.setattr(files_module, "fsync_directory", recorded)
+    for target in (ShardedConfigFileTarget(path, shards=8), ConfigFileTarget(path)):
+        target.apply(users)  # the main file as this target writes it
+        for shard, data in four.items():  # as the killed writer left them
+            shard.parent.mkdir(exist_ok=True)
+            shard.write_bytes(data)
+        with recording() as touched:
+            assert not target.apply(users).wrote
+        events = [(event, Path(p)) for event, p, _ in touched if event in ("fsync", "os.remove")]
+        removed = [i for i, (event, p) in enumerate(events) if p in four]
+        assert len(removed) == len(four)
+        assert ("fsync", path.parent) in events[: min(removed)]
+        assert not any(shard.exists() for shard in four)
+
+
 def test_an_edit_before_the_switch_applies_everyone(path: Path) -> None:
     """An edit through a target whose count the main file does not include yet is a full
     apply of the current users, edited: the switch happens and nobody is lost."""
@@ -509,6 +577,28 @@ def test_a_path_asterisk_cannot_include_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         ShardedConfigFileTarget(tmp_path / "x.conf", shards=0)
     assert info.value.problems[0].field == "target.shards"
+
+
+def test_a_shard_path_longer_than_asterisk_opens_is_refused(tmp_path: Path) -> None:
+    """A main file whose shard files' absolute paths exceed the 255 bytes Asterisk's
+    #include opens is a config error naming target.path and the rule; 255 bytes is taken."""
+
+    def main_file(shard_path_bytes: int) -> Path:
+        # The shard file is <dir>/p.d/0000-of-0002.conf: pad <dir> to the length asked.
+        fixed = len(str(tmp_path)) + len("/") + len("/p.d/0000-of-0002.conf")
+        return tmp_path / ("d" * (shard_path_bytes - fixed)) / "p.conf"
+
+    longest = main_file(INCLUDE_PATH_MAX)
+    target = ShardedConfigFileTarget(longest, shards=2)
+    assert len(str(target.files[0])) == INCLUDE_PATH_MAX
+    target.apply(many(5))
+    check_main(longest.read_bytes(), target.files)
+    with pytest.raises(ConfigError) as info:
+        ShardedConfigFileTarget(main_file(INCLUDE_PATH_MAX + 1), shards=2)
+    (problem,) = info.value.problems
+    assert problem.field == "target.path"
+    assert f"would be {INCLUDE_PATH_MAX + 1} bytes" in problem.rule
+    assert f"opens at most {INCLUDE_PATH_MAX}" in problem.rule
 
 
 def test_from_config_builds_the_sharded_target(tmp_path: Path) -> None:

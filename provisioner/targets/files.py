@@ -16,6 +16,7 @@ new file is in place (:func:`discard_later`).
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -78,21 +79,30 @@ def remove_stale_temporaries(path: Path, now: float | None = None) -> list[Path]
     Only files named like :func:`temporary` makes them and older than
     :data:`STALE_TEMP_SECONDS`, so a concurrent writer's live file is never touched.
     """
-    return remove_stale_in(path.parent, f".{path.name}.*.tmp", now)
+    # The name taken literally: one holding glob characters ("users[1].conf") would
+    # otherwise miss its own temporaries and match another file's.
+    return remove_stale_in(path.parent, f".{glob.escape(path.name)}.*.tmp", now)
 
 
 def remove_stale_in(directory: Path, pattern: str, now: float | None = None) -> list[Path]:
     """Delete the files of ``directory`` named ``pattern`` (a glob of :func:`temporary`'s
-    names) older than :data:`STALE_TEMP_SECONDS`; return them."""
+    names) older than :data:`STALE_TEMP_SECONDS`; return them.
+
+    A leftover is harmless (no reader opens it), so one that cannot be deleted is logged
+    (``target.cleanup_failed``), not raised: it must not stop the target being built."""
     now = time.time() if now is None else now
     removed: list[Path] = []
     if not directory.is_dir():
         return removed
     for candidate in directory.glob(pattern):
-        with contextlib.suppress(FileNotFoundError):
+        try:
             if now - candidate.stat().st_mtime > STALE_TEMP_SECONDS:
                 candidate.unlink()
                 removed.append(candidate)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("target.cleanup_failed", path=str(candidate), error=exc.strerror)
     return removed
 
 

@@ -237,8 +237,10 @@ class ShardedConfigFileTarget:
         return _Layout(change, files, main, old_main)
 
     def _commit(self, layout: _Layout) -> Change:
-        wrote = any(change.wrote for change in self._commit_files(layout.files))
-        if layout.main != layout.old_main:
+        switching = layout.main != layout.old_main
+        changes = self._commit_files(layout.files, sync=switching)
+        wrote = any(change.wrote for change in changes)
+        if switching:
             # Every shard file of this set is on disk, fsynced: only now does the main file
             # name them, in one atomic replace (whose directory fsync also makes the shard
             # directory's entry durable: it sits beside the main file).
@@ -250,9 +252,13 @@ class ShardedConfigFileTarget:
         retire_shards(self.directory, self.shards)
         return replace(layout.change, wrote=wrote)
 
-    def _commit_files(self, files: list[tuple[ConfigFileTarget, PendingWrite]]) -> list[Change]:
+    def _commit_files(
+        self, files: list[tuple[ConfigFileTarget, PendingWrite]], *, sync: bool = False
+    ) -> list[Change]:
         """Write the shard files' pending applies, then fsync the shard directory once
-        (not once per file: 1,024 of them cost ~0.25 s) before anything names them.
+        (not once per file: 1,024 of them cost ~0.25 s) before anything names them:
+        when a file was written, or always with ``sync`` (the main file is about to name
+        them: files found in place may be a killed writer's renames, not yet durable).
 
         Many files are written by ``WRITERS`` threads at once: each write waits on its
         fsync, and the disk serves several at once (1,024 files of 60 kB: 0.2-0.36 s
@@ -266,7 +272,7 @@ class ShardedConfigFileTarget:
             with ThreadPoolExecutor(WRITERS, thread_name_prefix="shard-write") as pool:
                 running = [pool.submit(t.commit, p, sync_directory=False) for t, p in files]
             changes = [future.result() for future in running]
-        if any(change.wrote for change in changes):
+        if sync or any(change.wrote for change in changes):
             sync_directory(self.directory)
         return changes
 

@@ -16,11 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..asterisk_conf import Parsed, parse
-from ..errors import AsteriskSyntaxError, Problem, RenderCheckFailed
+from ..errors import AsteriskSyntaxError, Problem, RenderCheckFailed, TargetWriteFailed
 from ..logs import get_logger
+from .files import sync_directory
 
 __all__ = [
     "INCLUDABLE",
+    "INCLUDE_PATH_MAX",
     "MAX_SHARDS",
     "SHARD_TEMPORARIES",
     "check_main",
@@ -47,6 +49,11 @@ SHARD_TEMPORARIES = ".[0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9].conf.*.tmp"
 #: keeps literally (no comment, quote or escape mark, and none of the glob characters
 #: Asterisk expands in an include: ``* ? [ ] { } ~``).
 INCLUDABLE = re.compile(r"/[A-Za-z0-9/._+@,:= -]*")
+#: The longest path (in bytes) Asterisk opens for an ``#include``: its loader
+#: (``config_text_file_load`` in ``main/config.c``) copies the path into ``char fn[256]``,
+#: so a longer one is cut short and names no file, and an ``#include`` of a missing file
+#: makes Asterisk drop the whole configuration.
+INCLUDE_PATH_MAX = 255
 
 
 def shard_name(index: int, count: int) -> str:
@@ -69,15 +76,24 @@ def shard_of(endpoint_id: str, count: int) -> int:
 
 def shard_directory_problem(path: Path) -> Problem | None:
     """Why the main file ``path`` cannot have a sharded layout (its shard directory cannot
-    be named in an ``#include``), or None; pure: the constructor and ``check`` ask it."""
+    be named in an ``#include``, or its shard files' paths are longer than Asterisk opens),
+    or None; pure: the constructor and ``check`` ask it."""
     directory = shard_directory(path)
-    if directory != Path(os.path.abspath(path)) and INCLUDABLE.fullmatch(str(directory)):
-        return None
-    return Problem(
-        "target.path",
-        f"the shard directory {str(directory)!r} cannot be #included by "
-        "Asterisk: use letters, digits and / . _ + @ , : = - or space",
-    )
+    if directory == Path(os.path.abspath(path)) or not INCLUDABLE.fullmatch(str(directory)):
+        return Problem(
+            "target.path",
+            f"the shard directory {str(directory)!r} cannot be #included by "
+            "Asterisk: use letters, digits and / . _ + @ , : = - or space",
+        )
+    # Every shard file's name has the same length (INCLUDABLE: one byte a character).
+    first = str(directory / shard_name(0, 1))
+    if len(first) > INCLUDE_PATH_MAX:
+        return Problem(
+            "target.path",
+            f"the shard files' paths (such as {first!r}) would be {len(first)} bytes, and "
+            f"Asterisk's #include opens at most {INCLUDE_PATH_MAX}: use a shorter path",
+        )
+    return None
 
 
 def shard_directory(path: Path) -> Path:
@@ -137,7 +153,8 @@ def includes_of(directory: Path, parsed: Parsed) -> list[Path] | None:
 def retire_shards(directory: Path, count: int | None) -> list[Path]:
     """Delete the shard files in ``directory`` (with their ``.bak``) of every shard count
     but ``count`` (None: all of them, then the directory if that leaves it empty); return
-    them.  Only ever called once the main file includes none of them.
+    them.  Only ever called once the main file includes none of them, and only once that
+    main file is durable: its directory (``directory``'s parent) is fsynced first.
 
     Leftovers are harmless (Asterisk reads only what the main file includes), so a file
     that cannot be deleted is logged, not raised: the apply that switched the main file
@@ -151,20 +168,42 @@ def retire_shards(directory: Path, count: int | None) -> list[Path]:
         log.warning("target.cleanup_failed", path=str(directory), error=exc.strerror)
         return []
     removed: list[Path] = []
-    for name in names:
-        found = _SHARD_NAME.fullmatch(name.removesuffix(".bak"))
-        if found is None or int(found.group(2)) == count:
-            continue
-        path = directory / name
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            log.warning("target.cleanup_failed", path=str(path), error=exc.strerror)
-            continue
-        removed.append(path)
+    retired = [name for name in names if _retired(name, count)]
+    if retired and _main_file_synced(directory):
+        removed = [path for path in (directory / name for name in retired) if _delete(path)]
     if count is None:
         with contextlib.suppress(OSError):  # not empty: it holds files that are not ours
             directory.rmdir()
     return removed
+
+
+def _retired(name: str, count: int | None) -> bool:
+    """True for the name of a shard file (or its ``.bak``) of a count other than ``count``."""
+    found = _SHARD_NAME.fullmatch(name.removesuffix(".bak"))
+    return found is not None and int(found.group(2)) != count
+
+
+def _main_file_synced(directory: Path) -> bool:
+    """fsync the directory of the main file beside ``directory``; False (logged) if that
+    fails.  The writer that replaced the main file may have been killed before its own
+    fsync: were the shard files' removal durable and not the main file's replacement, a
+    power loss would bring back a main file including missing files, and Asterisk drops
+    the whole configuration for one missing include."""
+    try:
+        sync_directory(directory.parent)
+    except TargetWriteFailed as exc:
+        log.warning("target.cleanup_failed", path=str(directory.parent), error=str(exc))
+        return False
+    return True
+
+
+def _delete(path: Path) -> bool:
+    """Unlink ``path``; False when it is gone already or cannot be (logged)."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        log.warning("target.cleanup_failed", path=str(path), error=exc.strerror)
+        return False
+    return True

@@ -21,7 +21,10 @@ __all__ = ["SECRET_OPTIONS", "split_lines", "unified_diff"]
 SECRET_OPTIONS = frozenset({"md5_cred", "password_digest", "password"})
 
 _SECTION_LINE = re.compile(r"\s*\[([^\]]*)\]")
-_OPTION_LINE = re.compile(r"(\s*([A-Za-z0-9_]+)\s*=>?\s*)(.*)")
+#: An option line as Asterisk reads one (any byte below 33 is a blank, a leading ``\``
+#: escapes the name's first character, ``+=`` appends): its name (Asterisk matches option
+#: names in any case) and, after the mark, its value.
+_OPTION_LINE = re.compile(r"([\x00-\x20]*\\?([A-Za-z0-9_]+)[\x00-\x20]*\+?=>?[\x00-\x20]*)(.*)")
 
 
 def split_lines(text: str) -> list[str]:
@@ -38,9 +41,9 @@ def _redacted(lines: list[str], others: dict[tuple[str, str], str], section: str
         if m := _SECTION_LINE.match(line):
             section = m.group(1)
         m = _OPTION_LINE.match(line.rstrip("\n"))
-        if m and m.group(2) in SECRET_OPTIONS:
+        if m and m.group(2).lower() in SECRET_OPTIONS:
             value = m.group(3)
-            mark = "" if others.get((section, m.group(2))) == value else " <changed>"
+            mark = "" if others.get((section, m.group(2).lower())) == value else " <changed>"
             line = f"{m.group(1)}<redacted>{mark}" + ("\n" if line.endswith("\n") else "")
         out.append(line)
     return out
@@ -53,8 +56,8 @@ def _secrets(lines: list[str]) -> dict[tuple[str, str], str]:
         if m := _SECTION_LINE.match(line):
             section = m.group(1)
         m = _OPTION_LINE.match(line.rstrip("\n"))
-        if m and m.group(2) in SECRET_OPTIONS:
-            found[(section, m.group(2))] = m.group(3)
+        if m and m.group(2).lower() in SECRET_OPTIONS:
+            found[(section, m.group(2).lower())] = m.group(3)
     return found
 
 
