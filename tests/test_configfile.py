@@ -221,6 +221,27 @@ def test_unchanged_bytes_are_not_written(target: ConfigFileTarget) -> None:
     assert not target.path.with_name("pjsip_users.conf.bak").exists()
 
 
+@pytest.mark.parametrize("shards", [0, 4])
+def test_a_rewritten_file_is_never_as_old_as_the_one_it_replaces(
+    tmp_path: Path, shards: int
+) -> None:
+    """A file rewritten with bytes of the same size gets a modification time later than
+    the one it replaces, even when the clock has not moved past it (Asterisk's reload
+    skips a file whose size and time it loaded before)."""
+    target = make_target(tmp_path / "pjsip_users.conf", shards)
+    first = rendered()
+    target.apply(first)
+    held = target.path if not shards else target.file_of(first[0].endpoint_id)  # type: ignore[union-attr]
+    future = time.time_ns() + 3_600 * 10**9  # the old file's time: ahead of the clock
+    os.utime(held, ns=(future, future))
+    size = held.stat().st_size
+    moved = replace(REPRESENTATIVE[0], voice=replace(REPRESENTATIVE[0].voice, context="from-sop"))
+    assert target.apply(rendered(users=[moved, *REPRESENTATIVE[1:]])).wrote
+    after = held.stat()
+    assert after.st_size == size
+    assert after.st_mtime_ns > future
+
+
 def test_changes_are_counted_and_the_old_file_kept(target: ConfigFileTarget) -> None:
     """A change is reported per user and object; the previous bytes stay in <name>.bak."""
     first = rendered()

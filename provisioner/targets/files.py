@@ -38,6 +38,7 @@ __all__ = [
     "discard_later",
     "fsync_directory",
     "keep_backup",
+    "later_than",
     "read_file",
     "remove_stale_in",
     "remove_stale_temporaries",
@@ -114,6 +115,24 @@ def write_synced(path: Path, data: bytes | Pieces) -> None:
         Pieces.of(data).write_to(handle)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def later_than(new: Path, old: Path) -> None:
+    """Make ``new``'s modification time later than ``old``'s (when ``old`` exists), so
+    each version of a file has a later one than every version before it.
+
+    Asterisk's reload skips a file whose size and modification time are those it last
+    loaded (a config file unchanged).  With a coarse clock (a kernel tick of a few
+    milliseconds, before Linux 6.13), two writes of the same size within one tick, a
+    reload reading between them, would leave the second unloaded until some later
+    change."""
+    try:
+        before = old.stat().st_mtime_ns
+    except FileNotFoundError:
+        return
+    now = new.stat()
+    if now.st_mtime_ns <= before:
+        os.utime(new, ns=(now.st_atime_ns, before + 1))
 
 
 def fsync_directory(directory: Path) -> None:
@@ -196,6 +215,7 @@ def atomic_write(
     try:
         with temporary(path.parent, path.name) as temp:
             write_synced(temp, data)
+            later_than(temp, path)
             if backup:
                 former = keep_backup(path, path.with_name(path.name + ".bak"))
             os.replace(temp, path)
