@@ -28,7 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
@@ -51,6 +51,7 @@ from .store.changefeed import (
     save_cursor,
 )
 from .store.engine import open_engine, reading, transaction
+from .store.registrations import forget_other_servers
 from .store.untold import drop_untold, new_token, note_untold, untold_key
 from .targets import Change, Target
 from .targets.templating import SHIPPED_TEMPLATES
@@ -592,19 +593,28 @@ class Daemon:
             self.pbx.caches_unsure()
         self._untold_handed = self._untold_found is not None
 
-    def _note_untold(self) -> list[str]:
-        """Note this run's marker before its first write; the other writers' markers
+    def _begin_run(self) -> list[str]:
+        """Before this run's first write, in one transaction: note its marker, and forget
+        the registration state of servers no longer configured (logged as
+        ``registration.servers_forgotten``); the other writers' markers
         (``daemon.untold_found`` when there are).  Blocking."""
+        servers = [server.name for server in self.config.asterisk]
         who = f"daemon pid {os.getpid()}"
-        note = partial(note_untold, token=self._untold_token, who=who, take_over=True)
-        found = transaction(self.engine, note)
+
+        def begin(conn: Connection) -> tuple[list[str], int]:
+            found = note_untold(conn, self._untold_token, who, take_over=True)
+            return found, forget_other_servers(conn, servers)
+
+        found, forgotten = transaction(self.engine, begin)
         if found:
             log.info("daemon.untold_found", writers=len(found))
+        if forgotten:
+            log.info("registration.servers_forgotten", rows=forgotten, kept=servers)
         return found
 
     def _full(self) -> Applied:
         if self._untold_found is None:
-            self._untold_found = self._note_untold()
+            self._untold_found = self._begin_run()
         with reading(self.engine) as conn:
             cursor = load_cursor(conn)
             pending = read_changes(conn, cursor, limit=1_000_000)

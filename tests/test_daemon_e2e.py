@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 
 from provisioner.ami.changes import loaded_digest_key, reload_owed_key
 from provisioner.store.engine import open_engine, reading
+from provisioner.store.registrations import write_endpoint_rows
 from provisioner.store.state import load_state
 from provisioner.targets.shards import shard_name, shard_of
 
@@ -806,5 +808,33 @@ def test_run_burst_applies_what_is_pending_tells_asterisk_and_exits(tmp_path: Pa
         finally:
             assert await _stop(run.daemon) == 0
             await peer.stop()
+
+    asyncio.run(scenario())
+
+
+def test_the_daemon_forgets_the_registrations_of_a_server_taken_out_of_its_config(
+    tmp_path: Path,
+) -> None:
+    """Registration state the store holds of a server no longer configured is deleted
+    when the daemon starts: nothing would update it again, and its users would show
+    online for good."""
+
+    async def scenario() -> None:
+        config = _write_config(tmp_path, None)
+        log = tmp_path / "daemon.log"
+        await _seed(config)
+        await _add_agent(config, "alice", "Alice")
+        engine = open_engine(f"sqlite:///{tmp_path / 'store.db'}")
+        try:
+            online = ("online", "NOT_INUSE", "", "2026-05-01 11:59:58.654321")
+            with engine.begin() as conn:
+                write_endpoint_rows(conn, "retired", {"1001": ([], online)}, datetime.now(UTC))
+            assert "online" in await _cli(config, "status", "alice")
+            daemon = await _start_daemon(config, log)
+            assert await _stop(daemon) == 0
+            assert "offline" in await _cli(config, "status", "alice")
+            assert "registration.servers_forgotten" in _text(log)
+        finally:
+            engine.dispose()
 
     asyncio.run(scenario())

@@ -33,6 +33,7 @@ from provisioner.store.registrations import (
     ContactRow,
     SummaryRow,
     epoch_text,
+    forget_other_servers,
     replace_server_snapshot,
     set_problems,
     status_rows,
@@ -136,6 +137,27 @@ def test_a_user_online_on_one_server_is_online_though_another_finds_its_contact_
         (person,) = status_rows(conn)
     assert sorted(s["state"] for s in person["servers"]) == ["online", "unreachable"]
     assert person["state"] == "online"
+
+
+def test_the_state_of_servers_no_longer_configured_is_forgotten(engine: Engine) -> None:
+    """Contacts and summaries of servers not named are deleted and the others kept; with
+    no server named, all go: a server taken out of the configuration would otherwise
+    keep its users online in ``status`` for good."""
+    seed_store(engine, 1)
+    with engine.begin() as conn:
+        for server in ("pbx1", "pbx_1", "old"):
+            write_endpoint_rows(conn, server, {"100000": _state("100000", "Reachable")}, NOW)
+    with engine.begin() as conn:
+        assert forget_other_servers(conn, ["pbx1", "pbx_1"]) == 2
+    with engine.connect() as conn:
+        (person,) = status_rows(conn)
+        assert sorted(s["server"] for s in person["servers"]) == ["pbx1", "pbx_1"]
+        assert sorted(c["server"] for c in person["contacts"]) == ["pbx1", "pbx_1"]
+    with engine.begin() as conn:
+        assert forget_other_servers(conn, []) == 4
+    with engine.connect() as conn:
+        (person,) = status_rows(conn)
+    assert (person["state"], person["servers"], person["contacts"]) == ("offline", [], [])
 
 
 def test_a_users_registration_goes_with_the_extension_it_leaves(accounts: Accounts) -> None:

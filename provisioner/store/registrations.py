@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache, lru_cache
@@ -60,6 +60,7 @@ __all__ = [
     "SummaryRow",
     "endpoint_writer",
     "epoch_text",
+    "forget_other_servers",
     "replace_server_snapshot",
     "set_problems",
     "status_rows",
@@ -736,6 +737,21 @@ def replace_server_snapshot(
     if not rows:
         return 0
     return endpoint_writer(conn.dialect.name, server, rows, now, cleared=True)(conn)
+
+
+def forget_other_servers(conn: Connection, keep: Collection[str]) -> int:
+    """Delete the registration state (contacts and summaries) of every server but those
+    named in ``keep`` (the configured ones), on the caller's transaction; how many rows
+    went.  A server taken out of the configuration, or renamed, is no longer read: its
+    state would stay as last written for good, and a summary of it saying "online"
+    keeps the user online in ``status`` (:func:`summarize`)."""
+    gone = 0
+    for table in (registrations, registration_summary):
+        statement = delete(table)
+        if keep:
+            statement = statement.where(table.c.server.not_in(sorted(keep)))
+        gone += conn.execute(statement).rowcount or 0
+    return gone
 
 
 def summarize(contact_statuses: Sequence[str], server_states: Sequence[str]) -> str:
