@@ -5,6 +5,7 @@ to the fake Asterisk."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import (
     AsyncIterator,
@@ -1578,3 +1579,42 @@ def test_after_a_run_that_owed_a_reload_any_endpoint_may_be_untracked(
             return [a.get("Endpoint") for a in peer.actions("PJSIPShowEndpoint")]
 
     assert run(scenario()) == ["1001"]
+
+
+def test_a_registered_phones_refresh_changes_nothing_in_the_store(store: Engine) -> None:
+    """A registered phone's refresh (a SuccessfulAuth five minutes on, no status event)
+    writes nothing: the summary's last change stays the registration's."""
+    with store.begin() as conn:
+        conn.execute(update(users).where(users.c.id == 1).values(extension="1001"))
+
+    def changed_at() -> object:
+        summary = registration_summary.c
+        query = select(summary.changed_at).where(summary.server == "lab", summary.user_id == 1)
+        with store.connect() as conn:
+            return conn.execute(query).scalar_one_or_none()
+
+    async def scenario() -> tuple[object, object, float | None, float]:
+        peer = FakeAsterisk()
+        await peer.start()
+        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+            await eventually(link.book_complete)
+            for needles in _REGISTER:
+                await peer.send_recorded(*needles)
+            await eventually(
+                lambda: changed_at() is not None and not link.dirty and link.store_idle.is_set()
+            )
+            await asyncio.sleep(0.3)  # the snapshot and the events written, in either order
+            before = changed_at()
+            auth = peer.library.find_message("Event: SuccessfulAuth\r\n", "Service: PJSIP")
+            found = re.search(rb"Timestamp: ([0-9.]+)", auth)
+            assert found is not None
+            later = float(found.group(1)) + 300
+            refresh = ((found.group(1), str(later).encode()),)
+            await peer.send_recorded("Event: SuccessfulAuth\r\n", "Service: PJSIP", replace=refresh)
+            await eventually(lambda: link.book["1001"].last_auth_at == later)
+            await asyncio.sleep(0.2)
+            return before, changed_at(), link.book["1001"].last_auth_at, later
+
+    before, after, seen, later = run(scenario())
+    assert after == before
+    assert seen == later

@@ -497,8 +497,12 @@ class AmiPbx:
                 # reload; their contacts are only visible by asking, if none follows.
                 link.unconfirmed[endpoint] = time.monotonic() + CONFIRM_WINDOW
                 link.unconfirmed_added.set()
+        # An authentication of a known endpoint changes nothing the store holds: at 100k
+        # phones refreshing every few minutes, hundreds of writes a second for nothing.
+        unstored = endpoint in book and event.get("Event") == "SuccessfulAuth"
         book[endpoint] = after
-        link.mark_dirty((endpoint,))
+        if not unstored:
+            link.mark_dirty((endpoint,))
         if link.snapshot_events is not None:
             link.snapshot_events.append(event)
 

@@ -258,7 +258,9 @@ def apply_event(
             contacts=() if gone else reg.contacts,
         )
     elif kind == "SuccessfulAuth":
-        reg = reg._replace(
+        # Not a change of the registration's state (a refresh authenticates too): the
+        # last change stays that of the last status event.
+        return reg._replace(
             last_auth_at=stamp or reg.last_auth_at,
             last_auth_from=_address(event.get("RemoteAddress", "")),
         )
