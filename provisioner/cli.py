@@ -580,7 +580,7 @@ def _reconcile(
             update={"target": config.target.model_copy(update={"kind": kind})}
         )
     engine = app.accounts.engine
-    target = build_target(config, engine, create_tables=not dry_run)
+    target = build_target(config, engine)
     # Realtime rows this command writes reach Asterisk's caches only when a daemon
     # empties them: a marker kept until then (kept too if the apply fails half-way).
     marker = config.target.kind == "realtime" and not dry_run

@@ -122,10 +122,10 @@ class Pbx(Protocol):
         ...
 
 
-def build_target(config: Config, store_engine: Engine, *, create_tables: bool = True) -> Target:
-    """The configured target (the one place targets are built from config); without
-    ``create_tables`` a realtime target's tables are neither created nor altered (a dry
-    run writes nothing: its plan takes missing tables as empty)."""
+def build_target(config: Config, store_engine: Engine) -> Target:
+    """The configured target (the one place targets are built from config).  Nothing is
+    written here: a realtime target creates its tables at its first write (a dry run
+    writes nothing: its plan takes missing tables as empty)."""
     if config.target.kind == "realtime":
         from .targets.realtime import RealtimeTarget
 
@@ -134,10 +134,7 @@ def build_target(config: Config, store_engine: Engine, *, create_tables: bool = 
             if config.target.url
             else store_engine
         )
-        target = RealtimeTarget(engine)
-        if create_tables:
-            target.create_tables()
-        return target
+        return RealtimeTarget(engine)
     from .targets.sharded import config_file_target
 
     return config_file_target(config)

@@ -10,6 +10,7 @@ from structlog.testing import capture_logs
 
 from provisioner.config import load_config, parse_sets
 from provisioner.daemon import Daemon, _needs_restart
+from provisioner.store.engine import open_engine
 
 from .helpers import local_config, local_daemon
 
@@ -312,3 +313,47 @@ def test_a_task_spawned_while_the_shutdown_waits_is_ended_with_the_rest(tmp_path
 async def _forever() -> None:
     """Wait for what never comes."""
     await asyncio.Event().wait()
+
+
+def test_a_realtime_daemon_starts_while_the_store_is_locked(tmp_path: Path) -> None:
+    """A realtime daemon built while its SQLite store is locked by another process does not
+    fail: the realtime tables are created by its first apply, retried until the lock is
+    gone, and it then becomes ready."""
+    import sqlite3
+
+    from provisioner.store.migrate import upgrade
+
+    config = local_config(tmp_path, store={"busy_timeout": 0.2}, target={"kind": "realtime"})
+    engine = open_engine(config.store.url)
+    upgrade(engine)
+    engine.dispose()
+    locker = sqlite3.connect(tmp_path / "store.db", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        daemon = Daemon.from_config(config)
+    finally:
+        locker.execute("COMMIT")
+        locker.close()
+    daemon.wake_sources = []
+
+    async def scenario() -> bool:
+        locker = sqlite3.connect(tmp_path / "store.db", isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        serving = asyncio.ensure_future(daemon.serve())
+        await asyncio.sleep(0.8)  # the first reconcile fails, and is retried
+        locked_ready = daemon.health.ready
+        locker.execute("COMMIT")
+        locker.close()
+        for _ in range(250):
+            if daemon.health.ready:
+                break
+            await asyncio.sleep(0.02)
+        ready = daemon.health.ready
+        daemon.handle_exit()
+        await serving
+        return ready and not locked_ready
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 30))
+    with sqlite3.connect(tmp_path / "store.db") as conn:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    assert {"ps_endpoints", "ps_auths", "ps_aors"} <= tables

@@ -423,6 +423,10 @@ class RealtimeTarget:
         self.sqlite_defaults = sqlite_defaults
         #: Whether ``provisioner_objects.digest`` exists; looked up on first use.
         self._has_digest: bool | None = None
+        #: The tables were made sure of (:meth:`create_tables`) by this object: the first
+        #: write does it, not the construction, so a database down or locked when the
+        #: daemon starts fails an apply (retried), not the start.
+        self._tables_ready = False
         #: Endpoint id -> objects, and endpoint id -> digest, of the last full apply (a
         #: digest is a pure function of the objects): the same or equal objects are not
         #: hashed again.
@@ -447,6 +451,7 @@ class RealtimeTarget:
             metadata.create_all(conn, checkfirst=True)
             add_missing_columns(conn)
         self._has_digest = True  # there now: no need to look at the columns again
+        self._tables_ready = True
 
     def plan(
         self, objects: Sequence[UserObjects], *, keep: Collection[str] = (), verify: bool = False
@@ -497,6 +502,8 @@ class RealtimeTarget:
         *,
         verify: bool,
     ) -> Change:
+        if not self._tables_ready:
+            self.create_tables()
         with self.engine.begin() as conn:
             computed = self._compute(conn, objects, keep, scope, verify=verify)
             if guard is not None:
