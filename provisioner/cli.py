@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
@@ -128,8 +128,14 @@ def cli(
 
 def _json_default(value: Any) -> Any:
     if isinstance(value, datetime):
-        return value.isoformat()
+        return _utc(value).isoformat()
     raise TypeError(type(value).__name__)
+
+
+def _utc(value: datetime) -> datetime:
+    """``value`` marked as UTC: the store keeps times in UTC without a zone, which a
+    reader of the output would otherwise take for local time."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def _echo_json(data: Any) -> None:
@@ -671,7 +677,7 @@ def status(app: App, usernames: tuple[str, ...], as_json: bool) -> None:
     table = []
     for r in rows:
         contacts = ", ".join(c["uri"] for c in r["contacts"])
-        last = r["last_change"].isoformat(timespec="seconds") if r["last_change"] else ""
+        last = _utc(r["last_change"]).strftime("%Y-%m-%d %H:%M:%S UTC") if r["last_change"] else ""
         table.append([r["extension"], r["username"], r["state"], contacts, r["user_agent"], last])
     _table(table, ["EXTENSION", "USERNAME", "STATE", "CONTACTS", "USER AGENT", "LAST CHANGE"])
 

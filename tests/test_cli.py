@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -418,6 +419,22 @@ def test_status_names_one_user_in_any_case_once(cli: Cli) -> None:
     result = cli("status", "alice", "ALICE", "nobody", "NOBODY")
     assert result.code == 3
     assert "user 'nobody' not found" in result.err.replace('"', "'")
+
+
+def test_status_and_json_times_say_they_are_utc(cli: Cli, store: Engine) -> None:
+    """Times the store keeps in UTC without a zone are shown marked UTC: ``status``'s last
+    change says UTC, and JSON times carry the +00:00 offset."""
+    from provisioner.store.registrations import write_endpoint_rows
+
+    _add(cli, "alice")
+    extension = json.loads(cli.ok("user", "show", "alice", "--json"))["extension"]
+    online = ("online", "NOT_INUSE", "", "2026-05-01 11:59:58.654321")
+    with store.begin() as conn:
+        write_endpoint_rows(conn, "pbx1", {extension: ([], online)}, datetime(2026, 5, 1, 12))
+    assert "2026-05-01 11:59:58 UTC" in cli.ok("status", "alice")
+    (row,) = json.loads(cli.ok("status", "alice", "--json"))
+    assert row["last_change"] == "2026-05-01T11:59:58.654321+00:00"
+    assert json.loads(cli.ok("user", "show", "alice", "--json"))["created_at"].endswith("+00:00")
 
 
 def test_username_with_trailing_spaces_is_not_found_on_every_backend(
