@@ -107,6 +107,16 @@ def test_qualified_contact_reports_rtt() -> None:
     assert contact.rtt_usec == 556
 
 
+def test_an_unreachable_contact_has_no_round_trip_time() -> None:
+    """A contact gone Unreachable (Asterisk says RoundtripUsec 0: no answer came) has no
+    round-trip time, not one of 0 microseconds."""
+    register, _ = _halves(_captures()[8])
+    (reachable,) = [e for e in register if e.get("ContactStatus") == "Reachable"]
+    gone = {**reachable, "ContactStatus": "Unreachable", "RoundtripUsec": "0"}
+    (contact,) = apply_events({}, [*register, gone])["2003"].contacts
+    assert (contact.status, contact.rtt_usec) == ("Unreachable", None)
+
+
 def test_order_of_the_three_events_does_not_matter() -> None:
     """Every order of PeerStatus, ContactStatus and DeviceStateChange gives the same record."""
     for number, events in _captures().items():
@@ -181,7 +191,7 @@ def test_a_first_contact_status_gives_one_contact_and_the_events_time() -> None:
             assert endpoint == event["EndpointName"]
             reg = apply_event(None, event)
             assert reg is not None
-            measured = event["ContactStatus"] in ("Reachable", "Unreachable")
+            measured = event["ContactStatus"] == "Reachable"
             rtt = int(event["RoundtripUsec"]) if measured else None
             contact = ContactState(event["AOR"], event["URI"], event["ContactStatus"], rtt)
             assert (reg.endpoint, reg.contacts, reg.exists, reg.tracked) == (

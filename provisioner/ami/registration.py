@@ -201,8 +201,8 @@ def _contacts_with(
 
 def _contact_from_status(event: Mapping[str, str]) -> ContactState:
     status = event.get("ContactStatus", "")
-    measured = status in ("Reachable", "Unreachable")
-    rtt = _int_or_none(event.get("RoundtripUsec")) if measured else None
+    # Only a contact that answered has a round trip: an Unreachable one says 0.
+    rtt = _int_or_none(event.get("RoundtripUsec")) if status == "Reachable" else None
     return ContactState(event.get("AOR", ""), event.get("URI", ""), status, rtt)
 
 
