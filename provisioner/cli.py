@@ -605,6 +605,12 @@ def _reconcile(
     )
     if marker and not report.change.wrote:
         transaction(engine, partial(drop_untold, keys=[untold_key(token)]))
+    if config.target.kind == "config" and report.change.wrote and config.asterisk:
+        from .ami.loaded import note_unknown
+
+        # Asterisk is not told: the next daemon must reload, whatever the bytes now.
+        servers = [server.name for server in config.asterisk]
+        transaction(engine, partial(note_unknown, servers=servers))
     return report
 
 

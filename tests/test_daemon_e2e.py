@@ -838,3 +838,44 @@ def test_the_daemon_forgets_the_registrations_of_a_server_taken_out_of_its_confi
             engine.dispose()
 
     asyncio.run(scenario())
+
+
+def test_a_file_written_back_to_what_asterisk_last_loaded_is_reloaded_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    """A daemon killed after Asterisk accepted a reload and before its digest was noted
+    leaves the older digest noted; a ``sync --once`` that then writes the file back to
+    those older bytes must not pass for loaded: a CLI write notes each server's loaded
+    digest unknown, and the next start reloads."""
+
+    async def scenario() -> None:
+        conf = tmp_path / "pjsip_users.conf"
+        peer = FakeAsterisk()
+        await peer.start()
+        config = _write_config(tmp_path, peer.port)
+        log = tmp_path / "daemon.log"
+        await _seed(config)
+        run = _Run(peer, config, log, await _start_daemon(config, log))
+        try:
+            await _add_agent(config, "alice", "Alice")
+            await _until(lambda: _reloaded_with_alice(conf)(peer), 5)
+            await _until(lambda: _loaded_digest(tmp_path / "store.db") is not None, 5)
+            assert await _stop(run.daemon) == 0
+            noted, loaded = _loaded_digest(tmp_path / "store.db"), _text(conf)
+            nat = json.loads(await _cli(config, "user", "show", "alice", "--json"))["voice"]["nat"]
+            # Asterisk loads B, but the digest noted stays A's (as after a kill).
+            await _cli(config, "user", "edit", "alice", "--nat", "comedia")
+            await _cli(config, "sync", "--once")
+            await _cli(config, "user", "edit", "alice", "--nat", nat)
+            await _cli(config, "sync", "--once")
+            assert _text(conf) == loaded  # back to A's bytes
+            assert _loaded_digest(tmp_path / "store.db") != noted
+            since = len(peer.received)
+            run.daemon = await _start_daemon(config, log)
+            await _until(lambda: _index(peer, "Reload", since, lambda _: True) >= 0, 10)
+        finally:
+            if run.daemon.returncode is None:
+                assert await _stop(run.daemon) == 0
+            await peer.stop()
+
+    asyncio.run(scenario())

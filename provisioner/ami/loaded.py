@@ -22,12 +22,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from ..targets.shards import shard_files
+from sqlalchemy import Connection
 
-__all__ = ["CHUNK", "OpenedFiles", "config_files", "files_digest", "open_files", "owes_reload"]
+from ..store.state import write_states
+from ..targets.shards import shard_files
+from .changes import loaded_digest_key
+
+__all__ = [
+    "CHUNK",
+    "UNKNOWN",
+    "OpenedFiles",
+    "config_files",
+    "files_digest",
+    "note_unknown",
+    "open_files",
+    "owes_reload",
+]
 
 #: Bytes read at a time while hashing.
 CHUNK = 1 << 20
+#: A noted digest saying "what Asterisk loaded is not known" (never a file's digest).
+UNKNOWN = "unknown"
 
 
 def config_files(path: Path, shards: int) -> tuple[Path, ...]:
@@ -97,3 +112,12 @@ def owes_reload(noted: str | None, current: str) -> bool:
     forced reload could take minutes at scale (95 s at 50k endpoints), so the first
     reload asked for notes one."""
     return noted is not None and noted != current
+
+
+def note_unknown(conn: Connection, servers: Iterable[str]) -> None:
+    """Note, in the caller's transaction, that what each of ``servers`` loaded is not
+    known (:data:`UNKNOWN`): a writer that changed the config files without asking for a
+    reload (``sync --once``, ``render``) calls it, so that the next daemon reloads even
+    when the files end as the bytes last noted loaded (a daemon killed after Asterisk
+    accepted a reload and before its digest was noted leaves that older digest)."""
+    write_states(conn, {loaded_digest_key(server): UNKNOWN for server in servers})
