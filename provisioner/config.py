@@ -137,8 +137,8 @@ def _valid_inputs(model: type[BaseModel], data: Any, names: Sequence[str]) -> di
 
 
 def _check_url(value: str) -> str:
-    """``value`` if it is a database URL of a dialect SQLAlchemy has; the rule it breaks
-    never quotes it (a part of its password could show)."""
+    """``value`` if it is a database URL of a dialect SQLAlchemy has, whose driver is
+    installed; the rule it breaks never quotes it (a part of its password could show)."""
     try:
         url = make_url(value)
     except ArgumentError as exc:
@@ -149,9 +149,18 @@ def _check_url(value: str) -> str:
             "percent-encode any '@', ':' or '/' in the password)"
         ) from None
     try:
-        url.get_dialect()
+        dialect = url.get_dialect()
     except NoSuchModuleError:
         raise ValueError(f"names no database SQLAlchemy knows ({url.drivername!r})") from None
+    try:
+        # Here, not at the first connect: a missing driver (``mysql://`` means MySQLdb)
+        # would otherwise end every command in a traceback instead of a config problem.
+        dialect.import_dbapi()
+    except ImportError as exc:
+        raise ValueError(
+            f"its driver is not installed ({dialect.name}+{dialect.driver}: {exc}); "
+            "install it or name one that is, e.g. postgresql+psycopg, mysql+pymysql"
+        ) from None
     return value
 
 

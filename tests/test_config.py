@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import tomllib
 from pathlib import Path
 
@@ -395,6 +396,52 @@ def test_a_url_of_an_unknown_database_is_a_config_problem(tmp_path: Path) -> Non
         "error: invalid configuration",
         "  store.url: names no database SQLAlchemy knows ('foo')",
         "  target.url: names no database SQLAlchemy knows ('postgresql+nodriver')",
+    ]
+
+
+def _skip_if_installed(*modules: str) -> None:
+    """Skip the test when one of ``modules`` (drivers it takes to be missing) is installed."""
+    for module in modules:
+        if importlib.util.find_spec(module) is not None:
+            pytest.skip(f"{module} is installed here")
+
+
+def test_a_url_whose_driver_is_not_installed_is_a_config_problem(tmp_path: Path) -> None:
+    """A URL of a known database whose driver is not installed (``mysql://`` means MySQLdb)
+    is a config problem naming the driver (exit 2), never a traceback or the password."""
+    _skip_if_installed("MySQLdb", "pyodbc")
+    cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path)
+    result = cli(
+        "--store-url",
+        "mysql://app:hunter2@db/users",
+        "--set",
+        "target.url=mssql+pyodbc://app:hunter3@db/asterisk",
+        "user",
+        "list",
+    )
+    assert result.code == 2
+    assert "hunter" not in result.out + result.err
+    hint = "install it or name one that is, e.g. postgresql+psycopg, mysql+pymysql"
+    assert result.err.splitlines() == [
+        "error: invalid configuration",
+        "  store.url: its driver is not installed"
+        f" (mysql+mysqldb: No module named 'MySQLdb'); {hint}",
+        "  target.url: its driver is not installed"
+        f" (mssql+pyodbc: No module named 'pyodbc'); {hint}",
+    ]
+
+
+def test_check_fails_its_config_line_for_a_driver_that_is_not_installed(tmp_path: Path) -> None:
+    """``provisioner check`` with a store URL whose driver is not installed prints a failed
+    config line and exits 1 instead of a traceback."""
+    _skip_if_installed("MySQLdb")
+    cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path)
+    result = cli("--store-url", "mysql://app:hunter2@db/users", "check")
+    assert result.code == 1
+    assert "hunter" not in result.out + result.err
+    assert result.out.splitlines() == [
+        "FAIL  config: store.url: its driver is not installed (mysql+mysqldb: No module named"
+        " 'MySQLdb'); install it or name one that is, e.g. postgresql+psycopg, mysql+pymysql"
     ]
 
 
