@@ -177,12 +177,18 @@ class _UrlSection(_Section):
             yield name, display_url(value) if name == "url" else value
 
 
+#: The longest SQLite busy timeout, in seconds: SQLite keeps it as a C ``int`` of
+#: milliseconds, and a larger one (or ``inf``, which TOML allows) becomes 0, no wait at all,
+#: or fails the first connect.
+MAX_BUSY_TIMEOUT = (2**31 - 1) // 1000
+
+
 class StoreSettings(_UrlSection):
     """Where the user store lives."""
 
     url: str = "sqlite:///var/provisioner.db"
     #: Seconds a SQLite writer waits for another writer's lock before failing.
-    busy_timeout: float = Field(default=10.0, gt=0)
+    busy_timeout: float = Field(default=10.0, gt=0, le=MAX_BUSY_TIMEOUT)
 
     _url = field_validator("url")(_check_url)
 

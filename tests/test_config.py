@@ -14,6 +14,7 @@ from provisioner.config import Config, StoreSettings, TargetSettings, load_confi
 from provisioner.errors import ConfigError, InvalidInput
 from provisioner.model import TRANSPORT_NAME_RULE
 from provisioner.pjsip import RenderSettings, render_user
+from provisioner.store.engine import open_engine
 
 from .helpers import make_cli
 from .test_configfile import make_user
@@ -321,6 +322,38 @@ def test_largest_allowed_numbers_load() -> None:
     )
     assert cfg.security.lock_minutes == config_module.MAX_LOCK_MINUTES
     assert cfg.extensions.last == 10**20 - 1
+
+
+@pytest.mark.parametrize(
+    ("toml", "env"),
+    [
+        ("[store]\nbusy_timeout = inf\n", {}),
+        ("", {"PROVISIONER_STORE__BUSY_TIMEOUT": "3000000"}),
+    ],
+)
+def test_a_busy_timeout_sqlite_cannot_hold_is_refused(
+    tmp_path: Path, toml: str, env: dict[str, str]
+) -> None:
+    """A SQLite busy timeout over 2^31-1 ms (inf included) is a config problem naming the
+    key: SQLite would take it as no wait at all, or fail the first connect."""
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, toml), env=env)
+    assert [str(p) for p in info.value.problems] == [
+        f"store.busy_timeout: Input should be less than or equal to {2**31 // 1000}"
+    ]
+
+
+def test_the_longest_busy_timeout_is_the_one_sqlite_waits(tmp_path: Path) -> None:
+    """The largest busy timeout accepted reaches SQLite whole (it reads back, not as 0)."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    cfg = load_config(env={"PROVISIONER_STORE__BUSY_TIMEOUT": str(2**31 // 1000)})
+    engine = open_engine(url, busy_timeout=cfg.store.busy_timeout)
+    try:
+        with engine.connect() as conn:
+            waits = conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one()
+    finally:
+        engine.dispose()
+    assert waits == cfg.store.busy_timeout * 1000 == 2147483000
 
 
 CLI_BAD_CONFIG = """\
