@@ -16,7 +16,7 @@ from sqlalchemy import func, inspect, select
 from sqlalchemy.exc import DBAPIError
 
 from .aio import wait_first
-from .config import AsteriskServer, Config, cache_names
+from .config import AsteriskServer, Config, cache_names, display_url
 from .health import HealthUnreadable, read_health
 from .store.engine import open_engine, sqlite_file
 from .store.migrate import current_revision, head_revision
@@ -51,7 +51,7 @@ def _store(config: Config) -> Check:
             )
         with engine.connect() as conn:
             count = conn.execute(select(func.count()).select_from(users)).scalar_one()
-        return ("store", True, f"{engine.url.render_as_string(hide_password=True)}: {count} users")
+        return ("store", True, f"{display_url(config.store.url)}: {count} users")
     except DBAPIError as exc:
         return ("store", False, f"cannot open: {type(exc.orig).__name__}: {exc.orig}")
     finally:

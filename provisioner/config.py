@@ -20,6 +20,7 @@ import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import quote_plus
 
 from pydantic import (
     BaseModel,
@@ -164,9 +165,25 @@ def _check_url(value: str) -> str:
     return value
 
 
+#: Query parameters a driver may take as a password (libpq's ``password`` and
+#: ``sslpassword``, pymysql's ``passwd``): SQLAlchemy passes every one to the driver's
+#: ``connect()``, and its ``hide_password`` hides only the password before the ``@``.
+_SECRET_QUERY = re.compile(r"pass|pwd|secret|token", re.IGNORECASE)
+
+
 def display_url(url: str) -> str:
-    """A database URL fit to print or log: its password, if any, shown as ``***``."""
-    return make_url(url).render_as_string(hide_password=True) if url else url
+    """A database URL fit to print or log: its password, if any, shown as ``***``, and so
+    is the value of each query parameter that may hold one (``?password=``)."""
+    if not url:
+        return url
+    parsed = make_url(url)
+    shown = parsed.set(query={}).render_as_string(hide_password=True)
+    pairs = [
+        f"{quote_plus(key)}={'***' if _SECRET_QUERY.search(key) else quote_plus(value)}"
+        for key, values in sorted(parsed.query.items())
+        for value in ((values,) if isinstance(values, str) else values)
+    ]
+    return f"{shown}?{'&'.join(pairs)}" if pairs else shown
 
 
 class _UrlSection(_Section):

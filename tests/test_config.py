@@ -16,6 +16,7 @@ from provisioner.model import TRANSPORT_NAME_RULE
 from provisioner.pjsip import RenderSettings, render_user
 from provisioner.store.engine import open_engine
 
+from .dbs import temp_database
 from .helpers import make_cli
 from .test_configfile import make_user
 
@@ -288,6 +289,34 @@ def test_repr_hides_database_passwords() -> None:
         assert "s3cret" not in shown
     assert "postgresql+psycopg://u:***@db/users" in repr(config)
     assert config.store.url == "postgresql+psycopg://u:s3cret-a@db/users"
+
+
+def test_repr_hides_passwords_given_as_url_query_parameters() -> None:
+    """A password given as a URL query parameter (``?password=``, ``?passwd=``), which the
+    driver connects with, never shows in a Config's repr; the other parameters do."""
+    config = Config(
+        store=StoreSettings(
+            url="postgresql+psycopg://u@db/users?password=s3cret-a&sslmode=require"
+        ),
+        target=TargetSettings(url="mysql+pymysql://u@db/asterisk?passwd=s3cret-b"),
+    )
+    for shown in (repr(config), str(config)):
+        assert "s3cret" not in shown
+    assert "postgresql+psycopg://u@db/users?password=***&sslmode=require" in repr(config)
+    assert "mysql+pymysql://u@db/asterisk?passwd=***" in repr(config)
+
+
+def test_check_never_shows_a_password_given_as_a_url_query_parameter(tmp_path: Path) -> None:
+    """``provisioner check`` names the store it opened without the ``?password=`` that
+    PostgreSQL was given."""
+    with temp_database("postgresql", tmp_path) as url:
+        cli = make_cli(
+            f"{url}?password=hunter2", tmp_path, f'[target]\npath = "{tmp_path}/p.conf"\n'
+        )
+        assert cli("db", "upgrade").code == 0
+        result = cli("check")
+    assert "hunter2" not in result.out + result.err
+    assert f"ok    store: {url}?password=***: 0 users" in result.out.splitlines()
 
 
 @pytest.mark.parametrize(
