@@ -66,6 +66,10 @@ def _target(config: Config) -> Check:
             return ("target", False, f"directory {directory} does not exist")
         if not os.access(directory, os.W_OK):
             return ("target", False, f"directory {directory} is not writable")
+        if Path(t.path).exists() and not Path(t.path).is_file():
+            # The writer reads the file there to compare, then renames a new one over it:
+            # a directory (or a device) fails every apply.
+            return ("target", False, f"{t.path} is not a regular file")
         if not t.shards:
             return ("target", True, f"config file {t.path} (directory writable)")
         from .targets.shards import shard_directory, shard_directory_problem
