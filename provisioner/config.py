@@ -550,16 +550,6 @@ def _resolve_path(path: str | Path | None, env: Mapping[str, str]) -> Path | Non
     return None
 
 
-def _env_value(raw: str) -> Any:
-    """Env values are strings; JSON-looking ones (lists, tables) are decoded."""
-    if raw[:1] in "[{":
-        try:
-            return json.loads(raw)
-        except json.JSONDecodeError:
-            return raw
-    return raw
-
-
 def _set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
     for key in keys[:-1]:
         node = tree.get(key)
@@ -570,15 +560,27 @@ def _set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
     tree[keys[-1]] = value
 
 
-def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], list[Problem]]:
+    """``PROVISIONER_<SECTION>__<KEY>`` variables as nested overrides (``[``/``{`` values
+    decoded as JSON, others kept as strings), and the variables that cannot be read: a
+    ``[``/``{`` value that is not JSON, named as a ``--set`` flag is, never its value."""
     tree: dict[str, Any] = {}
-    for name, raw in env.items():
+    problems = []
+    # By name: problems in a stable order, and a whole table's variable before its keys'.
+    for name, raw in sorted(env.items()):
         if not name.startswith(ENV_PREFIX) or name in (ENV_CONFIG, ENV_ACTOR):
             continue
         keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__") if k]
-        if keys:
-            _set_path(tree, keys, _env_value(raw))
-    return tree
+        if not keys:
+            continue
+        if not raw.startswith(("[", "{")):
+            _set_path(tree, keys, raw)
+            continue
+        try:
+            _set_path(tree, keys, json.loads(raw))
+        except json.JSONDecodeError as exc:
+            problems.append(Problem(name, f"the value is not valid JSON ({exc})"))
+    return tree, problems
 
 
 def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
@@ -664,14 +666,16 @@ def load_config(
     """Build the :class:`Config` from defaults, the TOML file, the environment, ``overrides``
     (nested dicts from command-line flags) and ``sets`` (raw ``--set`` flags), or raise
     :class:`ConfigError` listing every problem of them all (when the file cannot be read or
-    parsed: that problem and the unreadable ``--set`` flags)."""
+    parsed: that problem and the unreadable ``--set`` flags and variables)."""
     env = os.environ if env is None else env
     file = _resolve_path(path, env)
     flags, problems = parse_sets(sets)
+    env_tree, env_problems = _env_overrides(env)
+    problems += env_problems
     data, file_problem = _read_file(file)
     if file_problem is not None:
         raise ConfigError([*problems, file_problem])
-    for layer in (_env_overrides(env), overrides or {}, flags):
+    for layer in (env_tree, overrides or {}, flags):
         data = _merge(data, layer)
     config, invalid = _validate(data)
     if problems or config is None:

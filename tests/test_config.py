@@ -523,6 +523,29 @@ def test_an_unreadable_set_flag_never_shows_its_value(tmp_path: Path) -> None:
     ]
 
 
+def test_an_unreadable_environment_variable_is_named_never_its_value(tmp_path: Path) -> None:
+    """A PROVISIONER_ variable whose value starts as JSON but is not is reported as such,
+    named by the variable and never showing its value, beside every other problem."""
+    cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path)
+    cli.env["PROVISIONER_ASTERISK"] = (
+        '[{"name": "a", "host": "h", "username": "u", "secret": "hunter2"'
+    )
+    cli.env["PROVISIONER_TARGET__VIDEO_CODECS"] = "[vp8]"
+    cli.env["PROVISIONER_SIP__REALM"] = "bad realm!"
+    result = cli("--set", "nokey", "user", "list")
+    assert result.code == 2
+    assert "hunter" not in result.out + result.err
+    assert result.err.splitlines() == [
+        "error: invalid configuration",
+        "  --set: 'nokey' must look like section.key=value",
+        "  PROVISIONER_ASTERISK: the value is not valid JSON"
+        " (Expecting ',' delimiter: line 1 column 65 (char 64))",
+        "  PROVISIONER_TARGET__VIDEO_CODECS: the value is not valid JSON"
+        " (Expecting value: line 1 column 2 (char 1))",
+        "  sip.realm: String should match pattern '^[A-Za-z0-9._-]{1,64}$'",
+    ]
+
+
 def test_the_example_config_loads_and_holds_every_key() -> None:
     """systemd/provisioner.toml loads and names every key of every section."""
     path = Path(__file__).resolve().parent.parent / "systemd" / "provisioner.toml"
