@@ -146,6 +146,19 @@ def test_export_refuses_a_named_deleted_user(cli: Cli, tmp_path: Path) -> None:
     assert "alice" in out.read_text(encoding="utf-8")
 
 
+def test_export_to_a_file_that_cannot_be_made_exits_2_naming_it(cli: Cli, tmp_path: Path) -> None:
+    """An export to a file that cannot be made (its directory is missing) exits 2 naming
+    --csv and the file, instead of ending in a traceback."""
+    _add(cli, "alice")
+    out = tmp_path / "missing" / "alice.csv"
+    result = cli("user", "export", "--csv", str(out))
+    assert result.code == 2
+    assert result.err.splitlines() == [
+        "error: invalid input",
+        f"  --csv: cannot write {str(out)!r}: No such file or directory",
+    ]
+
+
 def test_export_names_each_user_once_so_it_reimports(cli: Cli, tmp_path: Path) -> None:
     """A user named twice (in any case) is exported once, so the file re-imports as is."""
     _add(cli, "alice")
