@@ -131,6 +131,19 @@ def test_workflow_on_every_backend(backend: str, tmp_path: Path) -> None:
             engine.dispose()
 
 
+def test_a_sqlite_store_whose_directory_cannot_be_made_exits_7_naming_it(tmp_path: Path) -> None:
+    """A SQLite store URL whose directory cannot be made (a file is in its way) exits 7
+    saying so, instead of ending in a traceback."""
+    (tmp_path / "file").write_text("")
+    store = tmp_path / "file" / "var" / "store.db"
+    result = make_cli(f"sqlite:///{store}", tmp_path)("user", "list")
+    assert result.code == 7
+    assert result.err.splitlines() == [
+        f"error: cannot make the directory {str(store.parent)!r} of the SQLite database:"
+        " Not a directory"
+    ]
+
+
 def test_export_refuses_a_named_deleted_user(cli: Cli, tmp_path: Path) -> None:
     """Exporting a deleted member by name exits 5 naming it (the file would not
     re-import); once restored it exports."""
