@@ -16,7 +16,8 @@ from sqlalchemy import func, inspect, select
 from sqlalchemy.exc import DBAPIError
 
 from .aio import wait_first
-from .config import AsteriskServer, Config, cache_names, display_url
+from .config import AsteriskServer, Config, TargetSettings, cache_names, display_url
+from .errors import ConfigError
 from .health import HealthUnreadable, read_health
 from .store.engine import open_engine, sqlite_file
 from .store.migrate import current_revision, head_revision
@@ -70,6 +71,8 @@ def _target(config: Config) -> Check:
             # The writer reads the file there to compare, then renames a new one over it:
             # a directory (or a device) fails every apply.
             return ("target", False, f"{t.path} is not a regular file")
+        if (broken := _templates_problem(t)) is not None:
+            return ("target", False, broken)
         if not t.shards:
             return ("target", True, f"config file {t.path} (directory writable)")
         from .targets.shards import shard_directory, shard_directory_problem
@@ -101,6 +104,18 @@ def _target(config: Config) -> Check:
         return ("target", False, f"cannot open realtime database: {type(exc.orig).__name__}")
     finally:
         engine.dispose()
+
+
+def _templates_problem(t: TargetSettings) -> str | None:
+    """Why the config-file target's templates cannot be loaded (an override directory that
+    is not one), as building the target would say (``run`` exits 2 for it), or None."""
+    from .targets.templating import Templates
+
+    try:
+        Templates(Path(t.templates) if t.templates else None)
+    except ConfigError as exc:
+        return "; ".join(str(problem) for problem in exc.problems)
+    return None
 
 
 async def _login(server: AsteriskServer, config: Config) -> Check:
