@@ -20,7 +20,7 @@ from .config import AsteriskServer, Config, TargetSettings, cache_names, display
 from .errors import ConfigError
 from .health import HealthUnreadable, read_health
 from .store.engine import open_engine, sqlite_file
-from .store.migrate import current_revision, head_revision
+from .store.migrate import current_revision, head_revision, known_revision
 from .store.schema import users
 
 if TYPE_CHECKING:
@@ -44,6 +44,13 @@ def _store(config: Config) -> Check:
     engine = open_engine(config.store.url, busy_timeout=config.store.busy_timeout)
     try:
         revision = current_revision(engine)
+        if revision is not None and not known_revision(revision):
+            return (
+                "store",
+                False,
+                f"schema at {revision}, newer than this provisioner's {head_revision()}: "
+                "a newer provisioner migrated it; run that version",
+            )
         if revision != head_revision():
             return (
                 "store",
