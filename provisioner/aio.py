@@ -39,7 +39,13 @@ async def wait_task_or_event(task: asyncio.Future[Any], event: asyncio.Event) ->
         waiter.cancel()
 
 
+#: The most doublings :func:`doubling` counts: past it the wait is the cap for any cap a
+#: float holds, and ``base * 2 ** 1024`` is an OverflowError (after 1,025 failures in a row:
+#: under 9 hours of a store retried every 30 s).
+_MAX_DOUBLINGS = 1000
+
+
 def doubling(base: float, cap: float, failures: int) -> float:
     """Seconds to wait after ``failures`` failures in a row: ``base`` after the first,
-    doubling with each one more, at most ``cap``."""
-    return float(min(cap, base * 2 ** max(0, failures - 1)))
+    doubling with each one more, at most ``cap``, however many failures."""
+    return float(min(cap, base * 2.0 ** min(max(0, failures - 1), _MAX_DOUBLINGS)))

@@ -16,10 +16,11 @@ from sqlalchemy import func, inspect, select
 from sqlalchemy.exc import DBAPIError
 
 from .aio import wait_first
-from .config import AsteriskServer, Config, cache_names
+from .config import AsteriskServer, Config, TargetSettings, cache_names, display_url
+from .errors import ConfigError
 from .health import HealthUnreadable, read_health
 from .store.engine import open_engine, sqlite_file
-from .store.migrate import current_revision, head_revision
+from .store.migrate import current_revision, head_revision, known_revision
 from .store.schema import users
 
 if TYPE_CHECKING:
@@ -43,6 +44,13 @@ def _store(config: Config) -> Check:
     engine = open_engine(config.store.url, busy_timeout=config.store.busy_timeout)
     try:
         revision = current_revision(engine)
+        if revision is not None and not known_revision(revision):
+            return (
+                "store",
+                False,
+                f"schema at {revision}, newer than this provisioner's {head_revision()}: "
+                "a newer provisioner migrated it; run that version",
+            )
         if revision != head_revision():
             return (
                 "store",
@@ -51,7 +59,7 @@ def _store(config: Config) -> Check:
             )
         with engine.connect() as conn:
             count = conn.execute(select(func.count()).select_from(users)).scalar_one()
-        return ("store", True, f"{engine.url.render_as_string(hide_password=True)}: {count} users")
+        return ("store", True, f"{display_url(config.store.url)}: {count} users")
     except DBAPIError as exc:
         return ("store", False, f"cannot open: {type(exc.orig).__name__}: {exc.orig}")
     finally:
@@ -66,6 +74,12 @@ def _target(config: Config) -> Check:
             return ("target", False, f"directory {directory} does not exist")
         if not os.access(directory, os.W_OK):
             return ("target", False, f"directory {directory} is not writable")
+        if Path(t.path).exists() and not Path(t.path).is_file():
+            # The writer reads the file there to compare, then renames a new one over it:
+            # a directory (or a device) fails every apply.
+            return ("target", False, f"{t.path} is not a regular file")
+        if (broken := _templates_problem(t)) is not None:
+            return ("target", False, broken)
         if not t.shards:
             return ("target", True, f"config file {t.path} (directory writable)")
         from .targets.shards import shard_directory, shard_directory_problem
@@ -97,6 +111,18 @@ def _target(config: Config) -> Check:
         return ("target", False, f"cannot open realtime database: {type(exc.orig).__name__}")
     finally:
         engine.dispose()
+
+
+def _templates_problem(t: TargetSettings) -> str | None:
+    """Why the config-file target's templates cannot be loaded (an override directory that
+    is not one), as building the target would say (``run`` exits 2 for it), or None."""
+    from .targets.templating import Templates
+
+    try:
+        Templates(Path(t.templates) if t.templates else None)
+    except ConfigError as exc:
+        return "; ".join(str(problem) for problem in exc.problems)
+    return None
 
 
 async def _login(server: AsteriskServer, config: Config) -> Check:

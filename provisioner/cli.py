@@ -484,11 +484,16 @@ def user_export(app: App, csv_path: str, usernames: tuple[str, ...]) -> None:
 
 @contextmanager
 def _open_out(path: str) -> Iterator[TextIO]:
+    """``path`` opened for writing (``-``: stdout); a file that cannot be made or written
+    (a missing directory, no permission, a full disk) is invalid input naming ``--csv``."""
     if path == "-":
         yield sys.stdout
         return
-    with open(path, "w", encoding="utf-8", newline="") as fh:
-        yield fh
+    try:
+        with open(path, "w", encoding="utf-8", newline="") as fh:
+            yield fh
+    except OSError as exc:
+        raise InvalidInput.one("--csv", f"cannot write {path!r}: {exc.strerror or exc}") from None
 
 
 @user.command("import")

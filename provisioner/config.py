@@ -20,6 +20,7 @@ import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import quote_plus
 
 from pydantic import (
     BaseModel,
@@ -137,8 +138,8 @@ def _valid_inputs(model: type[BaseModel], data: Any, names: Sequence[str]) -> di
 
 
 def _check_url(value: str) -> str:
-    """``value`` if it is a database URL of a dialect SQLAlchemy has; the rule it breaks
-    never quotes it (a part of its password could show)."""
+    """``value`` if it is a database URL of a dialect SQLAlchemy has, whose driver is
+    installed; the rule it breaks never quotes it (a part of its password could show)."""
     try:
         url = make_url(value)
     except ArgumentError as exc:
@@ -149,15 +150,40 @@ def _check_url(value: str) -> str:
             "percent-encode any '@', ':' or '/' in the password)"
         ) from None
     try:
-        url.get_dialect()
+        dialect = url.get_dialect()
     except NoSuchModuleError:
         raise ValueError(f"names no database SQLAlchemy knows ({url.drivername!r})") from None
+    try:
+        # Here, not at the first connect: a missing driver (``mysql://`` means MySQLdb)
+        # would otherwise end every command in a traceback instead of a config problem.
+        dialect.import_dbapi()
+    except ImportError as exc:
+        raise ValueError(
+            f"its driver is not installed ({dialect.name}+{dialect.driver}: {exc}); "
+            "install it or name one that is, e.g. postgresql+psycopg, mysql+pymysql"
+        ) from None
     return value
 
 
+#: Query parameters a driver may take as a password (libpq's ``password`` and
+#: ``sslpassword``, pymysql's ``passwd``): SQLAlchemy passes every one to the driver's
+#: ``connect()``, and its ``hide_password`` hides only the password before the ``@``.
+_SECRET_QUERY = re.compile(r"pass|pwd|secret|token", re.IGNORECASE)
+
+
 def display_url(url: str) -> str:
-    """A database URL fit to print or log: its password, if any, shown as ``***``."""
-    return make_url(url).render_as_string(hide_password=True) if url else url
+    """A database URL fit to print or log: its password, if any, shown as ``***``, and so
+    is the value of each query parameter that may hold one (``?password=``)."""
+    if not url:
+        return url
+    parsed = make_url(url)
+    shown = parsed.set(query={}).render_as_string(hide_password=True)
+    pairs = [
+        f"{quote_plus(key)}={'***' if _SECRET_QUERY.search(key) else quote_plus(value)}"
+        for key, values in sorted(parsed.query.items())
+        for value in ((values,) if isinstance(values, str) else values)
+    ]
+    return f"{shown}?{'&'.join(pairs)}" if pairs else shown
 
 
 class _UrlSection(_Section):
@@ -168,12 +194,18 @@ class _UrlSection(_Section):
             yield name, display_url(value) if name == "url" else value
 
 
+#: The longest SQLite busy timeout, in seconds: SQLite keeps it as a C ``int`` of
+#: milliseconds, and a larger one (or ``inf``, which TOML allows) becomes 0, no wait at all,
+#: or fails the first connect.
+MAX_BUSY_TIMEOUT = (2**31 - 1) // 1000
+
+
 class StoreSettings(_UrlSection):
     """Where the user store lives."""
 
     url: str = "sqlite:///var/provisioner.db"
     #: Seconds a SQLite writer waits for another writer's lock before failing.
-    busy_timeout: float = Field(default=10.0, gt=0)
+    busy_timeout: float = Field(default=10.0, gt=0, le=MAX_BUSY_TIMEOUT)
 
     _url = field_validator("url")(_check_url)
 
@@ -518,16 +550,6 @@ def _resolve_path(path: str | Path | None, env: Mapping[str, str]) -> Path | Non
     return None
 
 
-def _env_value(raw: str) -> Any:
-    """Env values are strings; JSON-looking ones (lists, tables) are decoded."""
-    if raw[:1] in "[{":
-        try:
-            return json.loads(raw)
-        except json.JSONDecodeError:
-            return raw
-    return raw
-
-
 def _set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
     for key in keys[:-1]:
         node = tree.get(key)
@@ -538,15 +560,27 @@ def _set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
     tree[keys[-1]] = value
 
 
-def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], list[Problem]]:
+    """``PROVISIONER_<SECTION>__<KEY>`` variables as nested overrides (``[``/``{`` values
+    decoded as JSON, others kept as strings), and the variables that cannot be read: a
+    ``[``/``{`` value that is not JSON, named as a ``--set`` flag is, never its value."""
     tree: dict[str, Any] = {}
-    for name, raw in env.items():
+    problems = []
+    # By name: problems in a stable order, and a whole table's variable before its keys'.
+    for name, raw in sorted(env.items()):
         if not name.startswith(ENV_PREFIX) or name in (ENV_CONFIG, ENV_ACTOR):
             continue
         keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__") if k]
-        if keys:
-            _set_path(tree, keys, _env_value(raw))
-    return tree
+        if not keys:
+            continue
+        if not raw.startswith(("[", "{")):
+            _set_path(tree, keys, raw)
+            continue
+        try:
+            _set_path(tree, keys, json.loads(raw))
+        except json.JSONDecodeError as exc:
+            problems.append(Problem(name, f"the value is not valid JSON ({exc})"))
+    return tree, problems
 
 
 def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
@@ -632,14 +666,16 @@ def load_config(
     """Build the :class:`Config` from defaults, the TOML file, the environment, ``overrides``
     (nested dicts from command-line flags) and ``sets`` (raw ``--set`` flags), or raise
     :class:`ConfigError` listing every problem of them all (when the file cannot be read or
-    parsed: that problem and the unreadable ``--set`` flags)."""
+    parsed: that problem and the unreadable ``--set`` flags and variables)."""
     env = os.environ if env is None else env
     file = _resolve_path(path, env)
     flags, problems = parse_sets(sets)
+    env_tree, env_problems = _env_overrides(env)
+    problems += env_problems
     data, file_problem = _read_file(file)
     if file_problem is not None:
         raise ConfigError([*problems, file_problem])
-    for layer in (_env_overrides(env), overrides or {}, flags):
+    for layer in (env_tree, overrides or {}, flags):
         data = _merge(data, layer)
     config, invalid = _validate(data)
     if problems or config is None:

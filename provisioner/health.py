@@ -184,6 +184,18 @@ def read_health(state_dir: Path) -> Health | None:
     for key, value in values.items():
         if not isinstance(value, _FIELD_TYPES[key]):
             raise HealthUnreadable(f"{key} is a JSON {type(value).__name__}")
-    if not all(isinstance(state, dict) for state in values.get("asterisk", {}).values()):
-        raise HealthUnreadable("asterisk holds a server that is not an object")
+    for server, state in values.get("asterisk", {}).items():
+        _check_server(server, state)
     return Health(**values)
+
+
+def _check_server(server: str, state: object) -> None:
+    """Raise :class:`HealthUnreadable` unless ``state`` is a server's object whose
+    ``store_failures`` (which :meth:`Health.problems` counts), if any, is a number."""
+    if not isinstance(state, dict):
+        raise HealthUnreadable("asterisk holds a server that is not an object")
+    failures = state.get("store_failures", 0)
+    if isinstance(failures, bool) or not isinstance(failures, int):
+        raise HealthUnreadable(
+            f"asterisk.{server}.store_failures is a JSON {type(failures).__name__}"
+        )

@@ -59,10 +59,15 @@ class Notifier:
 
 
 def watchdog_interval(env: Mapping[str, str] | None = None) -> float | None:
-    """Half of ``WATCHDOG_USEC`` in seconds when the watchdog is on for this process, else None."""
+    """Half of ``WATCHDOG_USEC`` in seconds when the watchdog is on for this process, else
+    None.  As sd_watchdog_enabled(3) reads them, it is off unless ``WATCHDOG_USEC`` is a
+    positive number of microseconds (0 would feed it in a busy loop, a word would end the
+    start in a ValueError) and ``WATCHDOG_PID``, when set, is this process."""
     env = os.environ if env is None else env
-    usec = env.get("WATCHDOG_USEC")
+    usec = env.get("WATCHDOG_USEC", "")
     pid = env.get("WATCHDOG_PID")
-    if not usec or (pid and pid != str(os.getpid())):
+    if not (usec.isascii() and usec.isdigit() and int(usec) > 0):
+        return None
+    if pid and pid != str(os.getpid()):
         return None
     return int(usec) / 2_000_000

@@ -375,6 +375,16 @@ async def poll_wakeups(interval: float, wake: asyncio.Event, stop: asyncio.Event
         wake.set()
 
 
+def listen_conninfo(url: str) -> str:
+    """The libpq connection string for the store ``url``: its parameters as SQLAlchemy's
+    psycopg dialect passes them to the engine's connections, escaped by psycopg.  (A URI
+    rendered back from the URL leaves a password's spaces raw, which libpq refuses with
+    an error quoting the password, so LISTEN never worked and the password was logged.)"""
+    parsed = make_url(url).set(drivername="postgresql+psycopg")
+    _args, params = parsed.get_dialect()().create_connect_args(parsed)
+    return psycopg.conninfo.make_conninfo(**params)
+
+
 async def postgres_wakeups(
     url: str,
     wake: asyncio.Event,
@@ -391,7 +401,7 @@ async def postgres_wakeups(
     works again, up to ``backoff_cap`` seconds apart) it sets ``wake`` every ``poll``
     seconds instead, so an edit still goes live within about ``poll``.
     """
-    conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    conninfo = listen_conninfo(url)
     delay = 0.5
     listening = asyncio.Event()  # ends the poll of the current time away
     poller: asyncio.Future[None] | None = None

@@ -16,6 +16,7 @@ from provisioner import cli as cli_module
 from provisioner import credentials
 from provisioner.accounts import Accounts, Policy
 from provisioner.store.engine import open_engine
+from provisioner.store.migrate import head_revision
 
 from .conftest import FakeClock
 from .dbs import temp_database
@@ -132,6 +133,43 @@ def test_workflow_on_every_backend(backend: str, tmp_path: Path) -> None:
             engine.dispose()
 
 
+def test_a_sqlite_store_whose_directory_cannot_be_made_exits_7_naming_it(tmp_path: Path) -> None:
+    """A SQLite store URL whose directory cannot be made (a file is in its way) exits 7
+    saying so, instead of ending in a traceback."""
+    (tmp_path / "file").write_text("")
+    store = tmp_path / "file" / "var" / "store.db"
+    result = make_cli(f"sqlite:///{store}", tmp_path)("user", "list")
+    assert result.code == 7
+    assert result.err.splitlines() == [
+        f"error: cannot make the directory {str(store.parent)!r} of the SQLite database:"
+        " Not a directory"
+    ]
+
+
+def test_a_store_migrated_by_a_newer_version_is_said_so_not_a_traceback(tmp_path: Path) -> None:
+    """A store at a revision this version has no migration for (a newer provisioner
+    migrated it) makes 'db upgrade' exit 7 saying so and 'check' fail its store line."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    cli = make_cli(url, tmp_path, f'[target]\npath = "{tmp_path}/p.conf"\n')
+    assert cli("db", "upgrade").code == 0
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '9999'")
+    engine.dispose()
+    upgraded = cli("db", "upgrade")
+    assert upgraded.code == 7
+    assert upgraded.err.splitlines() == [
+        "error: the store's schema is at revision '9999', which this provisioner does not know"
+        f" (its newest is '{head_revision()}'): a newer provisioner migrated it; run that version"
+    ]
+    checked = cli("check")
+    assert checked.code == 1
+    assert (
+        f"FAIL  store: schema at 9999, newer than this provisioner's {head_revision()}:"
+        " a newer provisioner migrated it; run that version"
+    ) in checked.out.splitlines()
+
+
 def test_export_refuses_a_named_deleted_user(cli: Cli, tmp_path: Path) -> None:
     """Exporting a deleted member by name exits 5 naming it (the file would not
     re-import); once restored it exports."""
@@ -145,6 +183,19 @@ def test_export_refuses_a_named_deleted_user(cli: Cli, tmp_path: Path) -> None:
     cli.ok("user", "restore", "alice")
     cli.ok("user", "export", "--csv", str(out), "alice")
     assert "alice" in out.read_text(encoding="utf-8")
+
+
+def test_export_to_a_file_that_cannot_be_made_exits_2_naming_it(cli: Cli, tmp_path: Path) -> None:
+    """An export to a file that cannot be made (its directory is missing) exits 2 naming
+    --csv and the file, instead of ending in a traceback."""
+    _add(cli, "alice")
+    out = tmp_path / "missing" / "alice.csv"
+    result = cli("user", "export", "--csv", str(out))
+    assert result.code == 2
+    assert result.err.splitlines() == [
+        "error: invalid input",
+        f"  --csv: cannot write {str(out)!r}: No such file or directory",
+    ]
 
 
 def test_export_names_each_user_once_so_it_reimports(cli: Cli, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import tomllib
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from provisioner.config import Config, StoreSettings, TargetSettings, load_confi
 from provisioner.errors import ConfigError, InvalidInput
 from provisioner.model import TRANSPORT_NAME_RULE
 from provisioner.pjsip import RenderSettings, render_user
+from provisioner.store.engine import open_engine
 
+from .dbs import temp_database
 from .helpers import make_cli
 from .test_configfile import make_user
 
@@ -288,6 +291,34 @@ def test_repr_hides_database_passwords() -> None:
     assert config.store.url == "postgresql+psycopg://u:s3cret-a@db/users"
 
 
+def test_repr_hides_passwords_given_as_url_query_parameters() -> None:
+    """A password given as a URL query parameter (``?password=``, ``?passwd=``), which the
+    driver connects with, never shows in a Config's repr; the other parameters do."""
+    config = Config(
+        store=StoreSettings(
+            url="postgresql+psycopg://u@db/users?password=s3cret-a&sslmode=require"
+        ),
+        target=TargetSettings(url="mysql+pymysql://u@db/asterisk?passwd=s3cret-b"),
+    )
+    for shown in (repr(config), str(config)):
+        assert "s3cret" not in shown
+    assert "postgresql+psycopg://u@db/users?password=***&sslmode=require" in repr(config)
+    assert "mysql+pymysql://u@db/asterisk?passwd=***" in repr(config)
+
+
+def test_check_never_shows_a_password_given_as_a_url_query_parameter(tmp_path: Path) -> None:
+    """``provisioner check`` names the store it opened without the ``?password=`` that
+    PostgreSQL was given."""
+    with temp_database("postgresql", tmp_path) as url:
+        cli = make_cli(
+            f"{url}?password=hunter2", tmp_path, f'[target]\npath = "{tmp_path}/p.conf"\n'
+        )
+        assert cli("db", "upgrade").code == 0
+        result = cli("check")
+    assert "hunter2" not in result.out + result.err
+    assert f"ok    store: {url}?password=***: 0 users" in result.out.splitlines()
+
+
 @pytest.mark.parametrize(
     ("section", "key", "value"),
     [
@@ -320,6 +351,38 @@ def test_largest_allowed_numbers_load() -> None:
     )
     assert cfg.security.lock_minutes == config_module.MAX_LOCK_MINUTES
     assert cfg.extensions.last == 10**20 - 1
+
+
+@pytest.mark.parametrize(
+    ("toml", "env"),
+    [
+        ("[store]\nbusy_timeout = inf\n", {}),
+        ("", {"PROVISIONER_STORE__BUSY_TIMEOUT": "3000000"}),
+    ],
+)
+def test_a_busy_timeout_sqlite_cannot_hold_is_refused(
+    tmp_path: Path, toml: str, env: dict[str, str]
+) -> None:
+    """A SQLite busy timeout over 2^31-1 ms (inf included) is a config problem naming the
+    key: SQLite would take it as no wait at all, or fail the first connect."""
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, toml), env=env)
+    assert [str(p) for p in info.value.problems] == [
+        f"store.busy_timeout: Input should be less than or equal to {2**31 // 1000}"
+    ]
+
+
+def test_the_longest_busy_timeout_is_the_one_sqlite_waits(tmp_path: Path) -> None:
+    """The largest busy timeout accepted reaches SQLite whole (it reads back, not as 0)."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    cfg = load_config(env={"PROVISIONER_STORE__BUSY_TIMEOUT": str(2**31 // 1000)})
+    engine = open_engine(url, busy_timeout=cfg.store.busy_timeout)
+    try:
+        with engine.connect() as conn:
+            waits = conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one()
+    finally:
+        engine.dispose()
+    assert waits == cfg.store.busy_timeout * 1000 == 2147483000
 
 
 CLI_BAD_CONFIG = """\
@@ -398,6 +461,52 @@ def test_a_url_of_an_unknown_database_is_a_config_problem(tmp_path: Path) -> Non
     ]
 
 
+def _skip_if_installed(*modules: str) -> None:
+    """Skip the test when one of ``modules`` (drivers it takes to be missing) is installed."""
+    for module in modules:
+        if importlib.util.find_spec(module) is not None:
+            pytest.skip(f"{module} is installed here")
+
+
+def test_a_url_whose_driver_is_not_installed_is_a_config_problem(tmp_path: Path) -> None:
+    """A URL of a known database whose driver is not installed (``mysql://`` means MySQLdb)
+    is a config problem naming the driver (exit 2), never a traceback or the password."""
+    _skip_if_installed("MySQLdb", "pyodbc")
+    cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path)
+    result = cli(
+        "--store-url",
+        "mysql://app:hunter2@db/users",
+        "--set",
+        "target.url=mssql+pyodbc://app:hunter3@db/asterisk",
+        "user",
+        "list",
+    )
+    assert result.code == 2
+    assert "hunter" not in result.out + result.err
+    hint = "install it or name one that is, e.g. postgresql+psycopg, mysql+pymysql"
+    assert result.err.splitlines() == [
+        "error: invalid configuration",
+        "  store.url: its driver is not installed"
+        f" (mysql+mysqldb: No module named 'MySQLdb'); {hint}",
+        "  target.url: its driver is not installed"
+        f" (mssql+pyodbc: No module named 'pyodbc'); {hint}",
+    ]
+
+
+def test_check_fails_its_config_line_for_a_driver_that_is_not_installed(tmp_path: Path) -> None:
+    """``provisioner check`` with a store URL whose driver is not installed prints a failed
+    config line and exits 1 instead of a traceback."""
+    _skip_if_installed("MySQLdb")
+    cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path)
+    result = cli("--store-url", "mysql://app:hunter2@db/users", "check")
+    assert result.code == 1
+    assert "hunter" not in result.out + result.err
+    assert result.out.splitlines() == [
+        "FAIL  config: store.url: its driver is not installed (mysql+mysqldb: No module named"
+        " 'MySQLdb'); install it or name one that is, e.g. postgresql+psycopg, mysql+pymysql"
+    ]
+
+
 def test_an_unreadable_set_flag_never_shows_its_value(tmp_path: Path) -> None:
     """A --set flag that cannot be read is named by its key alone: its value may hold a
     secret (an [[asterisk]] entry given whole as JSON)."""
@@ -411,6 +520,29 @@ def test_an_unreadable_set_flag_never_shows_its_value(tmp_path: Path) -> None:
         "  --set: 'asterisk=…': the value is not valid JSON"
         " (Expecting ',' delimiter: line 1 column 65 (char 64))",
         "  --set: '=…' must look like section.key=value",
+    ]
+
+
+def test_an_unreadable_environment_variable_is_named_never_its_value(tmp_path: Path) -> None:
+    """A PROVISIONER_ variable whose value starts as JSON but is not is reported as such,
+    named by the variable and never showing its value, beside every other problem."""
+    cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path)
+    cli.env["PROVISIONER_ASTERISK"] = (
+        '[{"name": "a", "host": "h", "username": "u", "secret": "hunter2"'
+    )
+    cli.env["PROVISIONER_TARGET__VIDEO_CODECS"] = "[vp8]"
+    cli.env["PROVISIONER_SIP__REALM"] = "bad realm!"
+    result = cli("--set", "nokey", "user", "list")
+    assert result.code == 2
+    assert "hunter" not in result.out + result.err
+    assert result.err.splitlines() == [
+        "error: invalid configuration",
+        "  --set: 'nokey' must look like section.key=value",
+        "  PROVISIONER_ASTERISK: the value is not valid JSON"
+        " (Expecting ',' delimiter: line 1 column 65 (char 64))",
+        "  PROVISIONER_TARGET__VIDEO_CODECS: the value is not valid JSON"
+        " (Expecting value: line 1 column 2 (char 1))",
+        "  sip.realm: String should match pattern '^[A-Za-z0-9._-]{1,64}$'",
     ]
 
 

@@ -653,6 +653,44 @@ def test_check_refuses_a_path_asterisk_cannot_include(tmp_path: Path) -> None:
     assert "target.path" in line
 
 
+@pytest.mark.parametrize("shards", ["0", "4"])
+def test_check_fails_its_target_line_when_the_target_path_is_a_directory(
+    tmp_path: Path, shards: str
+) -> None:
+    """'check' fails the target line (exit 1) when target.path names a directory, which
+    every apply fails to read and replace (exit 9), with one file or in shards."""
+    from .faultkit import cli, seed_store, store_url, write_config
+
+    seed_store(store_url(tmp_path), 1).dispose()
+    out = tmp_path / "out"
+    out.mkdir()
+    config = write_config(tmp_path)
+    main = ("--set", f"target.path={out}", "--set", f"target.shards={shards}")
+    checked = cli(config, *main, "check", check=False)
+    assert checked.code == 1
+    assert f"FAIL  target: {out} is not a regular file" in checked.out.splitlines()
+    assert cli(config, *main, "sync", "--once", check=False).code == 9  # as check foretold
+
+
+@pytest.mark.parametrize("shards", ["0", "4"])
+def test_check_fails_its_target_line_for_a_templates_directory_that_is_not_one(
+    tmp_path: Path, shards: str
+) -> None:
+    """'check' fails the target line (exit 1) when target.templates names no directory,
+    which the daemon refuses at its start (exit 2), with one file or in shards."""
+    from .faultkit import cli, seed_store, store_url, write_config
+
+    seed_store(store_url(tmp_path), 1).dispose()
+    absent = tmp_path / "absent"
+    config = write_config(tmp_path)
+    main = ("--set", f"target.templates={absent}", "--set", f"target.shards={shards}")
+    checked = cli(config, *main, "check", check=False)
+    assert checked.code == 1
+    rule = f"target.templates: {str(absent)!r} is not a directory"
+    assert f"FAIL  target: {rule}" in checked.out.splitlines()
+    assert cli(config, *main, "run", "--burst", check=False).code == 2  # as check foretold
+
+
 def test_a_full_apply_of_many_shards_writes_them_at_once_each_whole(
     path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -101,6 +101,31 @@ def test_ready_watchdog_and_stopping(tmp_path: Path) -> None:
         notify.close()
 
 
+@pytest.mark.parametrize("usec", ["0", "30s"])
+def test_a_watchdog_usec_that_is_no_positive_number_leaves_the_watchdog_off(
+    tmp_path: Path, usec: str
+) -> None:
+    """WATCHDOG_USEC of 0 or not a number turns the watchdog off, as sd_watchdog_enabled
+    reads it: the daemon starts, sends READY=1 and no WATCHDOG=1, and stops with exit 0."""
+    seed_store(store_url(tmp_path), 3).dispose()
+    notify = NotifySocket(tmp_path / "notify")
+    daemon = Daemon(
+        write_config(tmp_path),
+        tmp_path / "daemon.log",
+        extra_env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": usec},
+    )
+    try:
+        daemon.start(wait_ready=False)
+        until(lambda: bool(notify.times("READY")) or not daemon.alive, 20, "READY=1")
+        assert daemon.alive, daemon.log.read_text()
+        time.sleep(0.5)
+        assert notify.times("WATCHDOG") == []
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+        notify.close()
+
+
 def test_sigterm_under_a_stream_of_edits_drains_in_time(tmp_path: Path) -> None:
     """SIGTERM while edits keep coming: exit 0 within shutdown_timeout, no traceback, and a
     restart converges the file to the store."""

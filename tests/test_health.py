@@ -72,7 +72,14 @@ def test_check_fails_its_daemon_line_for_an_unreadable_record(tmp_path: Path) ->
     config = write_config(tmp_path)
     record = tmp_path / "state" / "health.json"
     record.parent.mkdir()
-    for body in ["", "{", "[1]", '{"ready": true, "updated_at": "soon"}']:
+    for body in [
+        "",
+        "{",
+        "[1]",
+        '{"ready": true, "updated_at": "soon"}',
+        '{"pid": 1, "proc_start": null, "asterisk": {"pbx1": {"store_failures": null}}}',
+        '{"pid": 1, "proc_start": null, "asterisk": {"pbx1": {"store_failures": "3"}}}',
+    ]:
         record.write_text(body)
         result = cli(config, "check", check=False)
         assert result.code == 1, body

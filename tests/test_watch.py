@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -371,3 +371,37 @@ def test_postgresql_edits_go_live_within_a_second_while_listen_cannot_reconnect(
     assert "store.listen_failed" in events
     assert "store.listening" not in events
     assert took < 1.5, f"the edit went live after {took:.2f} s"
+
+
+def test_postgresql_listen_connects_with_a_password_holding_spaces(tmp_path: Path) -> None:
+    """A store URL whose password holds a space (percent-encoded in the URL) gets its LISTEN
+    connection made, and no log line shows the password."""
+    from structlog.testing import capture_logs
+
+    from provisioner.watch import postgres_wakeups
+
+    from .dbs import temp_database
+
+    async def listen(url: str) -> list[MutableMapping[str, Any]]:
+        wake, stop = asyncio.Event(), asyncio.Event()
+        with capture_logs() as logs:
+            source = asyncio.ensure_future(postgres_wakeups(url, wake, stop, poll=0.05))
+            try:
+                for _ in range(250):
+                    if any(e["event"].startswith("store.listen") for e in logs):
+                        break
+                    await asyncio.sleep(0.02)
+            finally:
+                stop.set()
+                await asyncio.wait_for(source, 5)
+        return logs
+
+    with temp_database("postgresql", tmp_path) as url:
+        # Trust authentication: the server takes any password, so only its form matters.
+        with_password = url.replace("postgres@", "postgres:my%20s3cret+pw@", 1)
+        assert with_password != url
+        logs = asyncio.run(listen(with_password))
+    assert [e["event"] for e in logs if e["event"].startswith("store.listen")][:1] == [
+        "store.listening"
+    ]
+    assert "s3cret" not in repr(logs)

@@ -12,6 +12,7 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
+from ..errors import StoreUnavailable
 from ..logs import get_logger
 
 __all__ = [
@@ -58,11 +59,17 @@ def open_engine(url: str, *, busy_timeout: float = 10.0) -> Engine:
     :func:`reading`, so two writers queue on the lock instead of deadlocking on a
     read-to-write upgrade.  Its
     parent directory is created, so ``sqlite:///var/provisioner.db`` works on a
-    fresh checkout.
+    fresh checkout; one that cannot be raises :class:`StoreUnavailable`.
     """
     path = sqlite_file(url)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a typo'd or forbidden path: said so, not a traceback
+            raise StoreUnavailable(
+                f"cannot make the directory {str(path.parent)!r} of the SQLite database: "
+                f"{exc.strerror or exc}"
+            ) from None
         engine = create_engine(url, connect_args={"timeout": busy_timeout, "isolation_level": None})
         _sqlite_events(engine, busy_timeout)
         return engine

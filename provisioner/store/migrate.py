@@ -8,9 +8,12 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import Engine
 
-__all__ = ["current_revision", "downgrade", "head_revision", "upgrade"]
+from ..errors import StoreUnavailable
+
+__all__ = ["current_revision", "downgrade", "head_revision", "known_revision", "upgrade"]
 
 _HERE = Path(__file__).parent / "migrations"
 
@@ -28,6 +31,27 @@ def head_revision() -> str:
     return head
 
 
+def known_revision(revision: str) -> bool:
+    """Whether this version has the migration ``revision`` (a newer one may have migrated
+    the store past every migration this version knows)."""
+    try:
+        ScriptDirectory.from_config(_alembic_config()).get_revision(revision)
+    except CommandError:
+        return False
+    return True
+
+
+def _from_known(before: str | None) -> None:
+    """Raise :class:`StoreUnavailable` when the store is at a revision this version does
+    not know: alembic would end in a traceback, and no migration of ours can apply."""
+    if before is not None and not known_revision(before):
+        raise StoreUnavailable(
+            f"the store's schema is at revision {before!r}, which this provisioner does not "
+            f"know (its newest is {head_revision()!r}): a newer provisioner migrated it; "
+            "run that version"
+        )
+
+
 def current_revision(engine: Engine) -> str | None:
     """The revision the store is at, or None for an empty database."""
     with engine.connect() as conn:
@@ -37,6 +61,7 @@ def current_revision(engine: Engine) -> str | None:
 def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
     """Create or migrate the schema to ``revision``; return (before, after)."""
     before = current_revision(engine)
+    _from_known(before)
     cfg = _alembic_config()
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
@@ -47,6 +72,7 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
 def downgrade(engine: Engine, revision: str) -> tuple[str | None, str]:
     """Migrate the schema back to ``revision``; return (before, after)."""
     before = current_revision(engine)
+    _from_known(before)
     cfg = _alembic_config()
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
