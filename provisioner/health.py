@@ -128,10 +128,17 @@ def _newer_daemon(state_dir: Path, health: Health) -> bool:
     return not mine and there.started_at > health.started_at
 
 
+#: The record's mode: the owner writes it, its group reads it.
+RECORD_MODE = 0o640
+
+
 def _replace(state_dir: Path, health: Health) -> None:
     """Write ``health`` to a temporary file and move it over the record."""
     fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".health.", suffix=".tmp")
     try:
+        # mkstemp makes it 0600: the group (a monitoring user running ``provisioner
+        # check``) may read it, as the unit's UMask=0027 means.  It holds no secret.
+        os.fchmod(fd, RECORD_MODE)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(asdict(health), fh)
         os.replace(tmp, state_dir / FILE_NAME)

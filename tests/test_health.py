@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 from provisioner.health import Health, read_health, write_health
@@ -183,3 +184,23 @@ def test_a_stopping_daemon_leaves_the_record_of_a_daemon_started_after_it(
     record = read_health(state)
     assert record is not None
     assert (record.pid, record.stopped_at) == (newer.pid, None)
+
+
+def test_the_record_is_readable_by_its_group(tmp_path: Path) -> None:
+    """The health record is written mode 0640 (mkstemp's 0600 would keep a monitoring
+    user of the daemon's group, running ``provisioner check``, from reading it)."""
+    write_health(tmp_path, _healthy())
+    assert stat.S_IMODE((tmp_path / "health.json").stat().st_mode) == 0o640
+
+
+def test_check_passes_a_realtime_target_whose_tables_the_first_write_makes(
+    tmp_path: Path,
+) -> None:
+    """A realtime target whose tables do not exist yet passes its check line, saying the
+    first write makes them (sync and run do)."""
+    seed_store(store_url(tmp_path), 1).dispose()
+    config = write_config(tmp_path, kind="realtime")
+    result = cli(config, "check", check=False)
+    (line,) = [line for line in result.out.splitlines() if "target:" in line]
+    assert line.startswith("ok    target: realtime tables"), line
+    assert "the first write makes them" in line
