@@ -550,6 +550,20 @@ def _resolve_path(path: str | Path | None, env: Mapping[str, str]) -> Path | Non
     return None
 
 
+def _put(tree: dict[str, Any], keys: list[str], raw: str) -> str | None:
+    """Set ``raw`` at ``keys`` in ``tree``, decoded as JSON when it starts with ``[`` or
+    ``{`` (a list or table, from the environment or ``--set``); why it is not JSON, else
+    None (the error names a position, never the value)."""
+    if not raw.startswith(("[", "{")):
+        _set_path(tree, keys, raw)
+        return None
+    try:
+        _set_path(tree, keys, json.loads(raw))
+    except json.JSONDecodeError as exc:
+        return str(exc)
+    return None
+
+
 def _set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
     for key in keys[:-1]:
         node = tree.get(key)
@@ -573,13 +587,8 @@ def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], list[Problem
         keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__") if k]
         if not keys:
             continue
-        if not raw.startswith(("[", "{")):
-            _set_path(tree, keys, raw)
-            continue
-        try:
-            _set_path(tree, keys, json.loads(raw))
-        except json.JSONDecodeError as exc:
-            problems.append(Problem(name, f"the value is not valid JSON ({exc})"))
+        if (unread := _put(tree, keys, raw)) is not None:
+            problems.append(Problem(name, f"the value is not valid JSON ({unread})"))
     return tree, problems
 
 
@@ -620,13 +629,8 @@ def parse_sets(sets: Sequence[str]) -> tuple[dict[str, Any], list[Problem]]:
         if not sep or not parts:
             problems.append(Problem("--set", f"{shown} must look like section.key=value"))
             continue
-        if not value.startswith(("[", "{")):
-            _set_path(tree, parts, value)
-            continue
-        try:
-            _set_path(tree, parts, json.loads(value))
-        except json.JSONDecodeError as exc:
-            problems.append(Problem("--set", f"{shown}: the value is not valid JSON ({exc})"))
+        if (unread := _put(tree, parts, value)) is not None:
+            problems.append(Problem("--set", f"{shown}: the value is not valid JSON ({unread})"))
     return tree, problems
 
 

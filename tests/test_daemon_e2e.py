@@ -636,6 +636,37 @@ def _loaded_digest(store: Path) -> str | None:
         engine.dispose()
 
 
+@asynccontextmanager
+async def _alice_loaded_then_stopped(tmp_path: Path) -> AsyncIterator[_Run]:
+    """A daemon whose store has alice added, stopped (exit 0) once the fake Asterisk got
+    her reload and the digest of the files it loaded is noted; the test may start the
+    daemon again (``run.daemon``), stopped on the way out with the peer."""
+    conf = tmp_path / "pjsip_users.conf"
+    peer = FakeAsterisk()
+    await peer.start()
+    config = _write_config(tmp_path, peer.port)
+    log = tmp_path / "daemon.log"
+    await _seed(config)
+    run = _Run(peer, config, log, await _start_daemon(config, log))
+    try:
+        await _add_agent(config, "alice", "Alice")
+        await _until(lambda: _reloaded_with_alice(conf)(peer), 5)
+        await _until(lambda: _loaded_digest(tmp_path / "store.db") is not None, 5)
+        assert await _stop(run.daemon) == 0
+        yield run
+    finally:
+        if run.daemon.returncode is None:
+            assert await _stop(run.daemon) == 0
+        await peer.stop()
+
+
+async def _reloaded_at_the_next_start(run: _Run) -> None:
+    """Start ``run``'s daemon again; it sends a reload within 10 s."""
+    since = len(run.peer.received)
+    run.daemon = await _start_daemon(run.config, run.log)
+    await _until(lambda: _index(run.peer, "Reload", since, lambda _: True) >= 0, 10)
+
+
 def test_a_file_written_but_never_reloaded_is_reloaded_at_the_next_start(tmp_path: Path) -> None:
     """The crash window of a config-file target: a daemon killed after writing the file
     and before the reload was sent or noted owed leaves a file its next run's reconcile
@@ -645,30 +676,13 @@ def test_a_file_written_but_never_reloaded_is_reloaded_at_the_next_start(tmp_pat
 
     async def scenario() -> None:
         conf = tmp_path / "pjsip_users.conf"
-        peer = FakeAsterisk()
-        await peer.start()
-        config = _write_config(tmp_path, peer.port)
-        log = tmp_path / "daemon.log"
-        await _seed(config)
-        run = _Run(peer, config, log, await _start_daemon(config, log))
-        try:
-            await _add_agent(config, "alice", "Alice")
-            await _until(lambda: _reloaded_with_alice(conf)(peer), 5)
-            # The digest of the files the accepted reload loaded is noted.
-            await _until(lambda: _loaded_digest(tmp_path / "store.db") is not None, 5)
-            assert await _stop(run.daemon) == 0
+        async with _alice_loaded_then_stopped(tmp_path) as run:
             before = _text(conf)
-            await _cli(config, "user", "edit", "alice", "--nat", "yes")
-            await _cli(config, "sync", "--once")
+            await _cli(run.config, "user", "edit", "alice", "--nat", "yes")
+            await _cli(run.config, "sync", "--once")
             assert _text(conf) != before
-            since = len(peer.received)
-            run.daemon = await _start_daemon(config, log)
-            await _until(lambda: _index(peer, "Reload", since, lambda _: True) >= 0, 10)
-            assert "ami.file_not_loaded" in _text(log)
-        finally:
-            if run.daemon.returncode is None:
-                assert await _stop(run.daemon) == 0
-            await peer.stop()
+            await _reloaded_at_the_next_start(run)
+            assert "ami.file_not_loaded" in _text(run.log)
 
     asyncio.run(scenario())
 
@@ -693,6 +707,27 @@ async def _start_and_settle(run: _Run) -> int:
     return since
 
 
+@asynccontextmanager
+async def _realtime_alice_expired(tmp_path: Path) -> AsyncIterator[_Run]:
+    """A realtime daemon (sorcery cache ``ep_cache``) whose store has alice added, once her
+    objects were expired from the fake Asterisk's cache; it and the peer are stopped on
+    the way out."""
+    peer = FakeAsterisk()
+    await peer.start()
+    config = _write_config(tmp_path, peer.port, kind="realtime", caches=("ep_cache",))
+    log = tmp_path / "daemon.log"
+    await _seed(config)
+    run = _Run(peer, config, log, await _start_daemon(config, log))
+    try:
+        await _add_agent(config, "alice", "Alice")
+        await _until(lambda: "1001" in _expired_objects(peer, 0), 5)
+        yield run
+    finally:
+        if run.daemon.returncode is None:
+            assert await _stop(run.daemon) == 0
+        await peer.stop()
+
+
 def test_realtime_rows_a_killed_daemon_may_have_left_untold_empty_the_caches_next_start(
     tmp_path: Path,
 ) -> None:
@@ -701,28 +736,17 @@ def test_realtime_rows_a_killed_daemon_may_have_left_untold_empty_the_caches_nex
     (``SorceryMemoryCacheExpire``), once: a clean stop then leaves nothing to empty."""
 
     async def scenario() -> None:
-        peer = FakeAsterisk()
-        await peer.start()
-        config = _write_config(tmp_path, peer.port, kind="realtime", caches=("ep_cache",))
-        log = tmp_path / "daemon.log"
-        await _seed(config)
-        run = _Run(peer, config, log, await _start_daemon(config, log))
-        try:
-            await _add_agent(config, "alice", "Alice")
-            await _until(lambda: "1001" in _expired_objects(peer, 0), 5)
+        async with _realtime_alice_expired(tmp_path) as run:
+            peer = run.peer
             assert _caches_emptied(peer, 0) == []
             run.daemon.kill()
             await run.daemon.wait()
             since = await _start_and_settle(run)
             await _until(lambda: _caches_emptied(peer, since) == ["ep_cache"], 5)
-            assert "ami.caches_unsure" in _text(log)
+            assert "ami.caches_unsure" in _text(run.log)
             assert await _stop(run.daemon) == 0
             since = await _start_and_settle(run)
             assert _caches_emptied(peer, since) == []
-        finally:
-            if run.daemon.returncode is None:
-                assert await _stop(run.daemon) == 0
-            await peer.stop()
 
     asyncio.run(scenario())
 
@@ -733,15 +757,8 @@ def test_realtime_rows_sync_once_wrote_empty_the_caches_at_the_next_start(tmp_pa
     leaves the caches alone."""
 
     async def scenario() -> None:
-        peer = FakeAsterisk()
-        await peer.start()
-        config = _write_config(tmp_path, peer.port, kind="realtime", caches=("ep_cache",))
-        log = tmp_path / "daemon.log"
-        await _seed(config)
-        run = _Run(peer, config, log, await _start_daemon(config, log))
-        try:
-            await _add_agent(config, "alice", "Alice")
-            await _until(lambda: "1001" in _expired_objects(peer, 0), 5)
+        async with _realtime_alice_expired(tmp_path) as run:
+            peer, config = run.peer, run.config
             assert await _stop(run.daemon) == 0
             since = await _start_and_settle(run)
             assert _caches_emptied(peer, since) == []
@@ -754,10 +771,6 @@ def test_realtime_rows_sync_once_wrote_empty_the_caches_at_the_next_start(tmp_pa
             await _cli(config, "sync", "--once")
             since = await _start_and_settle(run)
             await _until(lambda: _caches_emptied(peer, since) == ["ep_cache"], 5)
-        finally:
-            if run.daemon.returncode is None:
-                assert await _stop(run.daemon) == 0
-            await peer.stop()
 
     asyncio.run(scenario())
 
@@ -849,19 +862,10 @@ def test_a_file_written_back_to_what_asterisk_last_loaded_is_reloaded_at_the_nex
     digest unknown, and the next start reloads."""
 
     async def scenario() -> None:
-        conf = tmp_path / "pjsip_users.conf"
-        peer = FakeAsterisk()
-        await peer.start()
-        config = _write_config(tmp_path, peer.port)
-        log = tmp_path / "daemon.log"
-        await _seed(config)
-        run = _Run(peer, config, log, await _start_daemon(config, log))
-        try:
-            await _add_agent(config, "alice", "Alice")
-            await _until(lambda: _reloaded_with_alice(conf)(peer), 5)
-            await _until(lambda: _loaded_digest(tmp_path / "store.db") is not None, 5)
-            assert await _stop(run.daemon) == 0
-            noted, loaded = _loaded_digest(tmp_path / "store.db"), _text(conf)
+        conf, store = tmp_path / "pjsip_users.conf", tmp_path / "store.db"
+        async with _alice_loaded_then_stopped(tmp_path) as run:
+            config = run.config
+            noted, loaded = _loaded_digest(store), _text(conf)
             nat = json.loads(await _cli(config, "user", "show", "alice", "--json"))["voice"]["nat"]
             # Asterisk loads B, but the digest noted stays A's (as after a kill).
             await _cli(config, "user", "edit", "alice", "--nat", "comedia")
@@ -869,13 +873,7 @@ def test_a_file_written_back_to_what_asterisk_last_loaded_is_reloaded_at_the_nex
             await _cli(config, "user", "edit", "alice", "--nat", nat)
             await _cli(config, "sync", "--once")
             assert _text(conf) == loaded  # back to A's bytes
-            assert _loaded_digest(tmp_path / "store.db") != noted
-            since = len(peer.received)
-            run.daemon = await _start_daemon(config, log)
-            await _until(lambda: _index(peer, "Reload", since, lambda _: True) >= 0, 10)
-        finally:
-            if run.daemon.returncode is None:
-                assert await _stop(run.daemon) == 0
-            await peer.stop()
+            assert _loaded_digest(store) != noted
+            await _reloaded_at_the_next_start(run)
 
     asyncio.run(scenario())
