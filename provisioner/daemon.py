@@ -79,6 +79,9 @@ HEALTH_DELAY = 0.05
 METRICS_RETRY = 5.0
 #: Seconds between two looks at whether ``run --burst`` has told Asterisk everything.
 BURST_POLL = 0.05
+#: Changes one incremental apply reads at most; a longer backlog (a bulk import) is
+#: applied in several, one after the other.
+FEED_BATCH = 10_000
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,8 @@ class Daemon:
     _woken_while_applying: bool = False
     #: Change ids applied by the last incremental apply whose cursor is not saved yet.
     _unsaved: list[int] | None = None
+    #: The last incremental apply read a full batch: more changes may be waiting.
+    _backlog: bool = False
     #: The pending deferred health write (see :meth:`_write_health_soon`).
     _health_due: asyncio.TimerHandle | None = None
     #: The record is a newer daemon's: this one no longer writes it (logged once).
@@ -558,6 +563,9 @@ class Daemon:
             if self._unsaved is not None:
                 ids, self._unsaved = self._unsaved, None
                 await in_worker(self._advance, ids)
+            if self._backlog:
+                self._backlog = False
+                self.tick.set()  # the next batch at once, not at the next poll
         except (DBAPIError, ProvisionerError, OSError) as exc:
             self._hand_untold()
             self._woken_while_applying = self.wake.is_set()
@@ -633,7 +641,9 @@ class Daemon:
 
     def _incremental(self) -> Applied | None:
         with reading(self.engine) as conn:
-            rows = read_unapplied(conn, self.tracker)
+            rows = read_unapplied(conn, self.tracker, limit=FEED_BATCH)
+        # The rest of a backlog wakes nobody (its notifications, its commit are past).
+        self._backlog = len(rows) >= FEED_BATCH
         if not rows:
             self._advance([])
             return None

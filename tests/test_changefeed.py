@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import select as pyselect
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import psycopg
 import pytest
 from sqlalchemy import Engine, func, select, text
 
+from provisioner import daemon as daemon_module
 from provisioner.accounts import Accounts
 from provisioner.applier import Applied, Applier
 from provisioner.config import load_config
@@ -315,5 +317,41 @@ def test_the_incremental_apply_forgets_the_old_id_of_a_renumbered_user(
         assert not _apply_changes(daemon).full
         assert old.extension not in _sections(conf)
         _same_as_a_full_apply(daemon, tmp_path)
+    finally:
+        daemon.engine.dispose()
+
+
+def test_a_backlog_longer_than_one_read_is_applied_at_once(
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Changes past one incremental read (a bulk import) go live without waiting for a poll."""
+    monkeypatch.setattr(daemon_module, "FEED_BATCH", 5)
+    uids = [_add(accounts, name) for name in ("alice", "bob", "carol")]
+    daemon = _daemon(engine, db_url, tmp_path)
+    conf = Path(daemon.config.target.path)
+    # One transaction, as an import: one commit, one wake-up.  Carol's edit comes after
+    # two reads' worth of Alice's and Bob's.
+    edits = [(uids[n % 2], f"c{n}") for n in range(10)] + [(uids[2], "late")]
+    with engine.begin() as conn:
+        for uid, context in edits:
+            conn.execute(
+                text("UPDATE users SET context = :c WHERE id = :i"), {"c": context, "i": uid}
+            )
+
+    async def run() -> None:
+        loop = asyncio.ensure_future(daemon.main_loop())
+        daemon.wake.set()
+        try:
+            for _ in range(100):
+                if "context=late" in conf.read_text(encoding="utf-8"):
+                    return
+                await asyncio.sleep(0.02)
+            raise AssertionError("the last change of the backlog is not live")
+        finally:
+            daemon.handle_exit()
+            await asyncio.wait_for(loop, 5)
+
+    try:
+        asyncio.run(run())
     finally:
         daemon.engine.dispose()
