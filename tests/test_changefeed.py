@@ -15,6 +15,7 @@ from provisioner.accounts import Accounts
 from provisioner.applier import Applied, Applier
 from provisioner.config import load_config
 from provisioner.daemon import Daemon
+from provisioner.store import changefeed
 from provisioner.store.changefeed import (
     NOTIFY_CHANNEL,
     ChangeRow,
@@ -127,6 +128,46 @@ def test_prune_keeps_the_newest_change_so_ids_never_go_back(
     accounts.edit_user("root", {"description": "again"})
     with engine.connect() as conn:
         assert [c.id for c in read_changes(conn, 0)][-1] > newest
+
+
+def test_prune_deletes_more_changes_than_one_statement_takes(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pruning more changes than one statement deletes removes every one up to the cursor."""
+    monkeypatch.setattr(changefeed, "_PRUNE_BATCH", 3)
+    base = _newest(engine)
+    _add_changes(engine, list(range(base + 1, base + 12)))
+    with engine.begin() as conn:
+        held = len(read_changes(conn, 0))
+        assert prune_changes(conn, base + 10) == held - 1
+    with engine.connect() as conn:
+        assert [c.id for c in read_changes(conn, 0)] == [base + 11]
+
+
+#: How long a test lets a statement wait for another transaction's lock, per backend.
+_SHORT_LOCK_WAIT = {
+    "postgresql": "SET lock_timeout = 2000",
+    "mariadb": "SET SESSION innodb_lock_wait_timeout = 2",
+}
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"], indirect=True)
+def test_prune_never_waits_for_an_open_transaction_above_the_cursor(
+    accounts: Accounts, engine: Engine, backend: str
+) -> None:
+    """Pruning up to the cursor, while a writer's uncommitted change holds the id right above
+    it and newer changes are committed, neither waits for that writer nor removes its change."""
+    alice, root = _add(accounts, "alice"), accounts.get_user("root").id
+    cursor = _newest(engine)
+    with engine.connect() as writer:
+        writer.execute(text("UPDATE users SET context = 'slow' WHERE id = :i"), {"i": alice})
+        _sql(engine, "UPDATE users SET context = 'fast' WHERE id = :i", i=root)
+        with engine.begin() as conn:
+            conn.execute(text(_SHORT_LOCK_WAIT[backend]))
+            assert prune_changes(conn, cursor) > 0
+        writer.commit()
+    with engine.connect() as conn:
+        assert read_changes(conn, cursor)[0] == ChangeRow(cursor + 1, "user", alice, "U")
 
 
 def _add_changes(engine: Engine, ids: list[int]) -> None:

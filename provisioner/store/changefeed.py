@@ -294,18 +294,38 @@ def save_cursor(conn: Connection, cursor: int) -> None:
     put_state(conn, CURSOR_KEY, str(cursor))
 
 
+#: Changes one pruning statement deletes at most (each id a bound parameter: old SQLite
+#: builds allow 999 in a statement).
+_PRUNE_BATCH = 500
+
+
 def prune_changes(conn: Connection, upto: int) -> int:
     """Delete applied changes at or below ``upto``, always keeping the newest row; return how many.
 
     The newest row stays because SQLite (without AUTOINCREMENT) hands out
     ``max(id) + 1`` next: an emptied table would reuse ids below the cursor, and
     those changes would be skipped.
+
+    Rows go by the ids a plain read finds (committed ones), never by a range: InnoDB
+    locks the first row past a range it deletes, and when that row is a change another
+    transaction has not committed yet (the gap the cursor waits on, below newer
+    changes), the prune, and the daemon's apply with it, would wait for that
+    transaction, up to ``innodb_lock_wait_timeout`` (50 s), and then fail.
     """
     newest = conn.execute(select(func.max(changes.c.id))).scalar_one_or_none()
     if newest is None:
         return 0
     upto = min(upto, newest - 1)
-    return conn.execute(delete(changes).where(changes.c.id <= upto)).rowcount or 0
+    pruned, after = 0, None
+    while True:
+        query = select(changes.c.id).where(changes.c.id <= upto)
+        if after is not None:
+            query = query.where(changes.c.id > after)
+        ids = list(conn.execute(query.order_by(changes.c.id).limit(_PRUNE_BATCH)).scalars())
+        if not ids:
+            return pruned
+        pruned += conn.execute(delete(changes).where(changes.c.id.in_(ids))).rowcount or 0
+        after = ids[-1]
 
 
 @dataclass
