@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import select as pyselect
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -28,6 +29,7 @@ from provisioner.store.changefeed import (
     save_cursor,
 )
 from provisioner.store.schema import changes, user_attributes
+from provisioner.targets import Change
 from provisioner.targets.configfile import ConfigFileTarget
 
 
@@ -396,3 +398,61 @@ def test_a_backlog_longer_than_one_read_is_applied_at_once(
         asyncio.run(run())
     finally:
         daemon.engine.dispose()
+
+
+class _Told:
+    """The AMI side, keeping the changes handed to it (what Asterisk is told of)."""
+
+    def __init__(self) -> None:
+        self.changes: list[Change] = []
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+
+    def applied(self, change: Change, *, target_kind: str) -> None:
+        self.changes.append(change)
+
+    def health(self) -> dict[str, dict[str, Any]]:
+        return {}
+
+    def caches_unsure(self) -> None:
+        pass
+
+    def idle(self) -> bool:
+        return True
+
+    def told_all(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_full_apply_is_told_to_asterisk_when_saving_its_cursor_fails(
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """A full reconcile whose target write succeeded hands its change to Asterisk even when
+    the store then refuses the cursor's write."""
+    config = load_config(
+        env={},
+        overrides={
+            "store": {"url": db_url, "busy_timeout": 0.2},
+            "target": {"path": str(tmp_path / "pjsip.conf")},
+        },
+    )
+    daemon = Daemon.from_config(config)
+    told = _Told()
+    daemon.pbx, daemon.health.ready = told, True
+
+    async def run() -> None:
+        await daemon._run(daemon._full)
+        told.changes.clear()
+        _add(accounts, "alice")
+        with engine.begin():  # another writer holds the write lock (BEGIN IMMEDIATE) a while
+            await daemon._run(daemon._full)
+
+    try:
+        asyncio.run(run())
+    finally:
+        daemon.engine.dispose()
+    alice = accounts.get_user("alice").extension
+    assert [sorted(c.added) for c in told.changes] == [[alice]]
+    assert not daemon.health.last_sync_ok  # the failed write is reported, and retried
