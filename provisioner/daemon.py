@@ -79,6 +79,9 @@ HEALTH_DELAY = 0.05
 METRICS_RETRY = 5.0
 #: Seconds between two looks at whether ``run --burst`` has told Asterisk everything.
 BURST_POLL = 0.05
+#: Changes one incremental apply reads at most; a longer backlog (a bulk import) is
+#: applied in several, one after the other.
+FEED_BATCH = 10_000
 
 
 @dataclass(frozen=True)
@@ -240,8 +243,12 @@ class Daemon:
     _next_reconcile: float = 0.0
     #: A change was notified while the last apply ran (before Asterisk was told): a burst.
     _woken_while_applying: bool = False
-    #: Change ids applied by the last incremental apply whose cursor is not saved yet.
+    #: Change ids applied by the last apply whose cursor is not saved yet.
     _unsaved: list[int] | None = None
+    #: The last full apply's changes are to be pruned (after its cursor is saved).
+    _prune_due: bool = False
+    #: The last incremental apply read a full batch: more changes may be waiting.
+    _backlog: bool = False
     #: The pending deferred health write (see :meth:`_write_health_soon`).
     _health_due: asyncio.TimerHandle | None = None
     #: The record is a newer daemon's: this one no longer writes it (logged once).
@@ -555,6 +562,12 @@ class Daemon:
             if self._unsaved is not None:
                 ids, self._unsaved = self._unsaved, None
                 await in_worker(self._advance, ids)
+            if self._prune_due:
+                self._prune_due = False
+                await in_worker(self._prune)
+            if self._backlog:
+                self._backlog = False
+                self.tick.set()  # the next batch at once, not at the next poll
         except (DBAPIError, ProvisionerError, OSError) as exc:
             self._hand_untold()
             self._woken_while_applying = self.wake.is_set()
@@ -618,19 +631,27 @@ class Daemon:
         if cursor > self.tracker.cursor:
             self.tracker = CursorTracker(cursor=cursor, grace=self.config.daemon.cursor_grace)
         result = self.applier.full()
-        self._advance([r.id for r in self.tracker.fresh(pending)])
-        # Applied changes are history: drop them at each full reconcile so the
-        # change table stays small (the cursor, not the rows, is what resumes).
+        # The cursor is saved and the feed pruned by _run once Asterisk was told: a store
+        # write failing now must not keep what the target took from Asterisk (the retry
+        # would find the target as wanted, and tell nothing).
+        self._unsaved = [r.id for r in self.tracker.fresh(pending)]
+        self._prune_due = True
+        _settle_heap()
+        return result
+
+    def _prune(self) -> None:
+        """Drop the applied changes: the change table stays small (the cursor, not the
+        rows, is what resumes)."""
         with self.engine.begin() as conn:
             pruned = prune_changes(conn, self.tracker.cursor)
         if pruned:
             log.info("changes.pruned", upto=self.tracker.cursor, rows=pruned)
-        _settle_heap()
-        return result
 
     def _incremental(self) -> Applied | None:
         with reading(self.engine) as conn:
-            rows = read_unapplied(conn, self.tracker)
+            rows = read_unapplied(conn, self.tracker, limit=FEED_BATCH)
+        # The rest of a backlog wakes nobody (its notifications, its commit are past).
+        self._backlog = len(rows) >= FEED_BATCH
         if not rows:
             self._advance([])
             return None

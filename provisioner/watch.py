@@ -184,10 +184,13 @@ async def sqlite_wakeups(
     A store that cannot be read (gone, not migrated) is retried every second.
     """
     feed = NewestChange(db_path)
-    names = [db_path.name, db_path.name + "-wal", db_path.name + "-journal"]
+    # SQLite follows a symbolic link and writes the WAL and journal beside the file it
+    # points to, named after that file: watch those names, not the link's.
+    real = db_path.resolve()
+    names = [real.name, real.name + "-wal", real.name + "-journal"]
     try:
         try:
-            files = DirectoryWatch(db_path.resolve().parent, names)
+            files = DirectoryWatch(real.parent, names)
         except OSError as exc:
             log.info("store.watch_unavailable", error=str(exc), poll_s=interval)
             await _poll_feed(feed, wake, stop, interval)

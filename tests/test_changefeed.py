@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import select as pyselect
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 from sqlalchemy import Engine, func, select, text
 
+from provisioner import daemon as daemon_module
 from provisioner.accounts import Accounts
 from provisioner.applier import Applied, Applier
 from provisioner.config import load_config
 from provisioner.daemon import Daemon
+from provisioner.store import changefeed
 from provisioner.store.changefeed import (
     NOTIFY_CHANNEL,
     ChangeRow,
@@ -25,6 +29,7 @@ from provisioner.store.changefeed import (
     save_cursor,
 )
 from provisioner.store.schema import changes, user_attributes
+from provisioner.targets import Change
 from provisioner.targets.configfile import ConfigFileTarget
 
 
@@ -125,6 +130,46 @@ def test_prune_keeps_the_newest_change_so_ids_never_go_back(
     accounts.edit_user("root", {"description": "again"})
     with engine.connect() as conn:
         assert [c.id for c in read_changes(conn, 0)][-1] > newest
+
+
+def test_prune_deletes_more_changes_than_one_statement_takes(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pruning more changes than one statement deletes removes every one up to the cursor."""
+    monkeypatch.setattr(changefeed, "_PRUNE_BATCH", 3)
+    base = _newest(engine)
+    _add_changes(engine, list(range(base + 1, base + 12)))
+    with engine.begin() as conn:
+        held = len(read_changes(conn, 0))
+        assert prune_changes(conn, base + 10) == held - 1
+    with engine.connect() as conn:
+        assert [c.id for c in read_changes(conn, 0)] == [base + 11]
+
+
+#: How long a test lets a statement wait for another transaction's lock, per backend.
+_SHORT_LOCK_WAIT = {
+    "postgresql": "SET lock_timeout = 2000",
+    "mariadb": "SET SESSION innodb_lock_wait_timeout = 2",
+}
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"], indirect=True)
+def test_prune_never_waits_for_an_open_transaction_above_the_cursor(
+    accounts: Accounts, engine: Engine, backend: str
+) -> None:
+    """Pruning up to the cursor, while a writer's uncommitted change holds the id right above
+    it and newer changes are committed, neither waits for that writer nor removes its change."""
+    alice, root = _add(accounts, "alice"), accounts.get_user("root").id
+    cursor = _newest(engine)
+    with engine.connect() as writer:
+        writer.execute(text("UPDATE users SET context = 'slow' WHERE id = :i"), {"i": alice})
+        _sql(engine, "UPDATE users SET context = 'fast' WHERE id = :i", i=root)
+        with engine.begin() as conn:
+            conn.execute(text(_SHORT_LOCK_WAIT[backend]))
+            assert prune_changes(conn, cursor) > 0
+        writer.commit()
+    with engine.connect() as conn:
+        assert read_changes(conn, cursor)[0] == ChangeRow(cursor + 1, "user", alice, "U")
 
 
 def _add_changes(engine: Engine, ids: list[int]) -> None:
@@ -317,3 +362,97 @@ def test_the_incremental_apply_forgets_the_old_id_of_a_renumbered_user(
         _same_as_a_full_apply(daemon, tmp_path)
     finally:
         daemon.engine.dispose()
+
+
+def test_a_backlog_longer_than_one_read_is_applied_at_once(
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Changes past one incremental read (a bulk import) go live without waiting for a poll."""
+    monkeypatch.setattr(daemon_module, "FEED_BATCH", 5)
+    uids = [_add(accounts, name) for name in ("alice", "bob", "carol")]
+    daemon = _daemon(engine, db_url, tmp_path)
+    conf = Path(daemon.config.target.path)
+    # One transaction, as an import: one commit, one wake-up.  Carol's edit comes after
+    # two reads' worth of Alice's and Bob's.
+    edits = [(uids[n % 2], f"c{n}") for n in range(10)] + [(uids[2], "late")]
+    with engine.begin() as conn:
+        for uid, context in edits:
+            conn.execute(
+                text("UPDATE users SET context = :c WHERE id = :i"), {"c": context, "i": uid}
+            )
+
+    async def run() -> None:
+        loop = asyncio.ensure_future(daemon.main_loop())
+        daemon.wake.set()
+        try:
+            for _ in range(100):
+                if "context=late" in conf.read_text(encoding="utf-8"):
+                    return
+                await asyncio.sleep(0.02)
+            raise AssertionError("the last change of the backlog is not live")
+        finally:
+            daemon.handle_exit()
+            await asyncio.wait_for(loop, 5)
+
+    try:
+        asyncio.run(run())
+    finally:
+        daemon.engine.dispose()
+
+
+class _Told:
+    """The AMI side, keeping the changes handed to it (what Asterisk is told of)."""
+
+    def __init__(self) -> None:
+        self.changes: list[Change] = []
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+
+    def applied(self, change: Change, *, target_kind: str) -> None:
+        self.changes.append(change)
+
+    def health(self) -> dict[str, dict[str, Any]]:
+        return {}
+
+    def caches_unsure(self) -> None:
+        pass
+
+    def idle(self) -> bool:
+        return True
+
+    def told_all(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_full_apply_is_told_to_asterisk_when_saving_its_cursor_fails(
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """A full reconcile whose target write succeeded hands its change to Asterisk even when
+    the store then refuses the cursor's write."""
+    config = load_config(
+        env={},
+        overrides={
+            "store": {"url": db_url, "busy_timeout": 0.2},
+            "target": {"path": str(tmp_path / "pjsip.conf")},
+        },
+    )
+    daemon = Daemon.from_config(config)
+    told = _Told()
+    daemon.pbx, daemon.health.ready = told, True
+
+    async def run() -> None:
+        await daemon._run(daemon._full)
+        told.changes.clear()
+        _add(accounts, "alice")
+        with engine.begin():  # another writer holds the write lock (BEGIN IMMEDIATE) a while
+            await daemon._run(daemon._full)
+
+    try:
+        asyncio.run(run())
+    finally:
+        daemon.engine.dispose()
+    alice = accounts.get_user("alice").extension
+    assert [sorted(c.added) for c in told.changes] == [[alice]]
+    assert not daemon.health.last_sync_ok  # the failed write is reported, and retried

@@ -176,3 +176,39 @@ def test_0004_makes_a_store_at_0003_note_the_old_id_of_a_changed_key(db_url: str
         assert _renumbered(engine, uid, 600) == [uid, 600]
     finally:
         engine.dispose()
+
+
+def _noted_users(engine: Engine, statement: str) -> list[int]:
+    """Run ``statement`` as a DBA would; the user ids the feed noted for it."""
+    with engine.connect() as conn:
+        start = max((c.id for c in read_changes(conn, 0)), default=0)
+    with engine.begin() as conn:
+        conn.execute(text(statement))
+    with engine.connect() as conn:
+        return sorted({c.entity_id for c in read_changes(conn, start) if c.entity == "user"})
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("source", ["migrations", "file"])
+def test_a_user_deleted_by_sqlite_replace_is_noted(db_url: str, source: str) -> None:
+    """On SQLite a user that an UPDATE OR REPLACE or an INSERT OR REPLACE deletes (another
+    row took its extension or username) is noted in the change feed, with the migrations
+    and with the DDL file."""
+    if source == "file":
+        _apply_file(db_url, "sqlite")
+    engine = open_engine(db_url)
+    try:
+        upgrade(engine)
+        accounts = Accounts(engine, Policy(password_policy=False))
+        values = {"role": "admin", "full_name": "A", "email": "a@example.com"}
+        ids = {n: accounts.add_user({**values, "username": n}).user.id for n in ("a", "b", "c")}
+        b = accounts.get_user("b")
+        took = f"UPDATE OR REPLACE users SET extension = '{b.extension}' WHERE id = {ids['a']}"
+        assert _noted_users(engine, took) == [ids["a"], ids["b"]]
+        columns = ", ".join(c.name for c in metadata.tables["users"].columns if c.name != "id")
+        again = columns.replace("username_key", "'c'").replace("extension", "'999'")
+        copy = f"INSERT OR REPLACE INTO users ({columns}) SELECT {again} FROM users WHERE id = 1"
+        assert ids["c"] in _noted_users(engine, copy)  # a copy of user 1 took c's username
+        assert accounts.get_user("c").extension == "999"
+    finally:
+        engine.dispose()

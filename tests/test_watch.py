@@ -96,6 +96,26 @@ def test_sqlite_wakeups_follow_the_change_feed_only(tmp_path: Path) -> None:
         engine.dispose()
 
 
+def test_sqlite_wakeups_follow_a_store_reached_through_a_symbolic_link(tmp_path: Path) -> None:
+    """A store named by a symbolic link of another name wakes the follower for each commit."""
+    real, engine = _store(tmp_path)
+    link = tmp_path / "links" / "provisioner.db"
+    link.parent.mkdir()
+    link.symlink_to(real)
+
+    async def scenario(wake: asyncio.Event, _stop: asyncio.Event) -> None:
+        assert await _set_within(wake, 5), "no wake-up at start"
+        wake.clear()
+        await asyncio.sleep(1.2)  # past the follow-up reads of the start
+        await asyncio.to_thread(_add_profile, engine, "sales")
+        assert await _set_within(wake, 1), "no wake-up for a change written to the real file"
+
+    try:
+        _follow(link, scenario)
+    finally:
+        engine.dispose()
+
+
 def _save_cursor(engine: Engine) -> None:
     with engine.begin() as conn:
         save_cursor(conn, 12345)

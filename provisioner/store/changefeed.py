@@ -36,11 +36,13 @@ __all__ = [
     "ChangeRow",
     "CursorTracker",
     "drop_old_key_ddl",
+    "drop_replaced_ddl",
     "drop_trigger_ddl",
     "load_cursor",
     "old_key_ddl",
     "read_changes",
     "read_unapplied",
+    "replaced_ddl",
     "save_cursor",
     "trigger_ddl",
 ]
@@ -159,6 +161,30 @@ END
 $$"""
 
 
+# SQLite's REPLACE conflict resolution (INSERT OR REPLACE, UPDATE OR REPLACE, REPLACE INTO)
+# deletes the rows in the way without firing their delete triggers (unless the writer's
+# own connection turned recursive_triggers on): before a user row is written, note the
+# other users sharing one of its unique keys (those of schema.users).  Noting a user that
+# stays is harmless (it renders the same); a statement that fails instead takes its notes
+# with it.  MariaDB's REPLACE fires the delete triggers; PostgreSQL has no REPLACE.
+_NOTE_USERS_IN_THE_WAY = (
+    "INSERT INTO changes (entity, entity_id, op) SELECT 'user', id, 'D' FROM users "
+    "WHERE (id = NEW.id OR username_key = NEW.username_key OR extension = NEW.extension "
+    "OR apikey_hash = NEW.apikey_hash)"
+)
+
+
+def _sqlite_replace_triggers() -> list[str]:
+    """Triggers noting the users a REPLACE would delete (migration 0005)."""
+    return [
+        "CREATE TRIGGER trg_users_replace_insert BEFORE INSERT ON users FOR EACH ROW "
+        f"BEGIN {_NOTE_USERS_IN_THE_WAY}; END",
+        "CREATE TRIGGER trg_users_replace_update "
+        "BEFORE UPDATE OF id, username_key, extension, apikey_hash ON users FOR EACH ROW "
+        f"BEGIN {_NOTE_USERS_IN_THE_WAY} AND id <> OLD.id; END",
+    ]
+
+
 def _pg_triggers(function: str) -> list[str]:
     out = [function]
     for table, entity, col in _WATCHED:
@@ -207,6 +233,21 @@ def drop_old_key_ddl(dialect: str) -> list[str]:
     if _known(dialect) == postgresql.dialect.name:
         return [_PG_FUNCTION_0002]
     return [f"DROP TRIGGER IF EXISTS trg_{t}_key_change" for t, _, _ in _WATCHED]
+
+
+def replaced_ddl(dialect: str) -> list[str]:
+    """The statements that make a user deleted by SQLite's REPLACE conflict resolution
+    noted too (migration 0005); none on other databases."""
+    if _known(dialect) == sqlite_dialect.dialect.name:
+        return _sqlite_replace_triggers()
+    return []
+
+
+def drop_replaced_ddl(dialect: str) -> list[str]:
+    """The statements that undo :func:`replaced_ddl`."""
+    if _known(dialect) == sqlite_dialect.dialect.name:
+        return [f"DROP TRIGGER IF EXISTS trg_users_replace_{e}" for e in ("insert", "update")]
+    return []
 
 
 def drop_trigger_ddl(dialect: str) -> list[str]:
@@ -294,18 +335,38 @@ def save_cursor(conn: Connection, cursor: int) -> None:
     put_state(conn, CURSOR_KEY, str(cursor))
 
 
+#: Changes one pruning statement deletes at most (each id a bound parameter: old SQLite
+#: builds allow 999 in a statement).
+_PRUNE_BATCH = 500
+
+
 def prune_changes(conn: Connection, upto: int) -> int:
     """Delete applied changes at or below ``upto``, always keeping the newest row; return how many.
 
     The newest row stays because SQLite (without AUTOINCREMENT) hands out
     ``max(id) + 1`` next: an emptied table would reuse ids below the cursor, and
     those changes would be skipped.
+
+    Rows go by the ids a plain read finds (committed ones), never by a range: InnoDB
+    locks the first row past a range it deletes, and when that row is a change another
+    transaction has not committed yet (the gap the cursor waits on, below newer
+    changes), the prune, and the daemon's apply with it, would wait for that
+    transaction, up to ``innodb_lock_wait_timeout`` (50 s), and then fail.
     """
     newest = conn.execute(select(func.max(changes.c.id))).scalar_one_or_none()
     if newest is None:
         return 0
     upto = min(upto, newest - 1)
-    return conn.execute(delete(changes).where(changes.c.id <= upto)).rowcount or 0
+    pruned, after = 0, None
+    while True:
+        query = select(changes.c.id).where(changes.c.id <= upto)
+        if after is not None:
+            query = query.where(changes.c.id > after)
+        ids = list(conn.execute(query.order_by(changes.c.id).limit(_PRUNE_BATCH)).scalars())
+        if not ids:
+            return pruned
+        pruned += conn.execute(delete(changes).where(changes.c.id.in_(ids))).rowcount or 0
+        after = ids[-1]
 
 
 @dataclass

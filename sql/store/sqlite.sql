@@ -135,9 +135,13 @@ CREATE TRIGGER trg_user_attributes_key_change AFTER UPDATE OF user_id ON user_at
 
 CREATE TRIGGER trg_profiles_key_change AFTER UPDATE OF id ON profiles FOR EACH ROW WHEN OLD.id <> NEW.id BEGIN INSERT INTO changes (entity, entity_id, op) VALUES ('profile', OLD.id, 'U'); END;
 
+CREATE TRIGGER trg_users_replace_insert BEFORE INSERT ON users FOR EACH ROW BEGIN INSERT INTO changes (entity, entity_id, op) SELECT 'user', id, 'D' FROM users WHERE (id = NEW.id OR username_key = NEW.username_key OR extension = NEW.extension OR apikey_hash = NEW.apikey_hash); END;
+
+CREATE TRIGGER trg_users_replace_update BEFORE UPDATE OF id, username_key, extension, apikey_hash ON users FOR EACH ROW BEGIN INSERT INTO changes (entity, entity_id, op) SELECT 'user', id, 'D' FROM users WHERE (id = NEW.id OR username_key = NEW.username_key OR extension = NEW.extension OR apikey_hash = NEW.apikey_hash) AND id <> OLD.id; END;
+
 CREATE TABLE alembic_version (
 	version_num VARCHAR(32) NOT NULL, 
 	PRIMARY KEY (version_num)
 );
 
-INSERT INTO alembic_version (version_num) VALUES ('0004');
+INSERT INTO alembic_version (version_num) VALUES ('0005');
