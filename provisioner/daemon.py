@@ -46,7 +46,7 @@ from .store.changefeed import (
     CursorTracker,
     load_cursor,
     prune_changes,
-    read_changes,
+    read_change_ids,
     read_unapplied,
     save_cursor,
 )
@@ -627,14 +627,14 @@ class Daemon:
             self._untold_found = self._begin_run()
         with reading(self.engine) as conn:
             cursor = load_cursor(conn)
-            pending = read_changes(conn, cursor, limit=1_000_000)
+            pending = read_change_ids(conn, cursor, limit=1_000_000)
         if cursor > self.tracker.cursor:
             self.tracker = CursorTracker(cursor=cursor, grace=self.config.daemon.cursor_grace)
         result = self.applier.full()
         # The cursor is saved and the feed pruned by _run once Asterisk was told: a store
         # write failing now must not keep what the target took from Asterisk (the retry
         # would find the target as wanted, and tell nothing).
-        self._unsaved = [r.id for r in self.tracker.fresh(pending)]
+        self._unsaved = self.tracker.fresh_ids(pending)
         self._prune_due = True
         _settle_heap()
         return result

@@ -24,6 +24,7 @@ from provisioner.store.changefeed import (
     _gaps,
     load_cursor,
     prune_changes,
+    read_change_ids,
     read_changes,
     read_unapplied,
     save_cursor,
@@ -104,6 +105,22 @@ def test_tracker_late_commit_is_not_missed() -> None:
     late = [ChangeRow(11, "user", 1, "U"), ChangeRow(12, "user", 2, "U")]
     assert [r.id for r in t.fresh(late)] == [11]
     assert t.mark([11], now=1.0) == 12
+
+
+def test_a_full_reconcile_reads_the_ids_it_marks_and_only_those_not_applied(
+    accounts: Accounts, engine: Engine
+) -> None:
+    """The ids a full reconcile marks applied are those of the changes above the cursor,
+    oldest first and at most the limit; the tracker leaves out those already applied."""
+    accounts.edit_user("root", {"description": "one"})
+    accounts.edit_user("root", {"description": "two"})
+    with engine.connect() as conn:
+        ids = [c.id for c in read_changes(conn, 0)]
+        assert read_change_ids(conn, 0, limit=len(ids)) == ids
+        assert read_change_ids(conn, ids[0], limit=1) == ids[1:2]
+    tracker = CursorTracker(cursor=ids[0], grace=5.0)
+    tracker.mark([ids[2]], now=0.0)
+    assert tracker.fresh_ids(ids) == [i for i in ids if i not in (ids[0], ids[2])]
 
 
 def test_prune_drops_only_applied_changes(accounts: Accounts, engine: Engine) -> None:
