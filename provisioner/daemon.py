@@ -484,10 +484,12 @@ class Daemon:
         thread), no task failed, and the AMI side sent or noted owed every change.
         Otherwise it stays, and the next run empties the caches (``daemon.untold_kept``
         says why it stayed)."""
-        if self._untold_found is None:
-            return  # nothing written by this run
+        if self._untold_found is None or self.pbx is None:
+            # Nothing written by this run, or no Asterisk configured: nothing to say (a
+            # run with one configured finds the marker and empties the caches).
+            return
         why = ""
-        if self.pbx is None or not self._untold_handed:
+        if not self._untold_handed:
             why = "no Asterisk was told"
         elif self._failure is not None:
             why = "a task failed"
