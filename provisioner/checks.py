@@ -69,11 +69,14 @@ def _store(config: Config) -> Check:
 def _target(config: Config) -> Check:
     t = config.target
     if t.kind == "config":
-        directory = Path(t.path).resolve().parent
-        if not directory.is_dir():
-            return ("target", False, f"directory {directory} does not exist")
-        if not os.access(directory, os.W_OK):
-            return ("target", False, f"directory {directory} is not writable")
+        # The writer's directory: a link at target.path is replaced there, not followed,
+        # and missing directories are made at the first write.
+        directory = Path(os.path.abspath(t.path)).parent
+        existing = _nearest_existing(directory)
+        if not existing.is_dir():
+            return ("target", False, f"{existing} is not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return ("target", False, f"directory {existing} is not writable")
         if Path(t.path).exists() and not Path(t.path).is_file():
             # The writer reads the file there to compare, then renames a new one over it:
             # a directory (or a device) fails every apply.
@@ -113,6 +116,13 @@ def _target(config: Config) -> Check:
         return ("target", False, f"cannot open realtime database: {type(exc.orig).__name__}")
     finally:
         engine.dispose()
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path``, or its nearest ancestor that exists (``/`` at the last)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def _templates_problem(t: TargetSettings) -> str | None:

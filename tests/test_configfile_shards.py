@@ -738,3 +738,21 @@ def test_a_shard_file_that_cannot_be_written_fails_the_apply_before_the_main_fil
     for index, shard in enumerate(target.files):
         if index != 5:
             check_rendered(shard.read_bytes(), in_shard(users, index, shards))
+
+
+@pytest.mark.parametrize("shards", ["0", "4"])
+def test_check_passes_a_target_directory_the_first_write_makes(tmp_path: Path, shards: str) -> None:
+    """'check' passes its target line when target.path's directory does not exist yet
+    under a writable one, as the writer makes it (sync then writes the file there), with
+    one file or in shards."""
+    from .faultkit import cli, seed_store, store_url, write_config
+
+    seed_store(store_url(tmp_path), 1).dispose()
+    path = tmp_path / "not" / "yet" / "pjsip_users.conf"
+    config = write_config(tmp_path)
+    main = ("--set", f"target.path={path}", "--set", f"target.shards={shards}")
+    checked = cli(config, *main, "check", check=False)
+    (line,) = [line for line in checked.out.splitlines() if "target:" in line]
+    assert line.startswith("ok    target: config file"), line
+    assert cli(config, *main, "sync", "--once").code == 0
+    assert path.is_file()
