@@ -297,7 +297,8 @@ def test_an_unchanged_edit_writes_nothing(path: Path) -> None:
 
 def test_changing_the_shard_count_switches_to_a_whole_new_set(path: Path) -> None:
     """From 4 to 8 shards: the 8 files are written first, then the main file switched, then
-    the 4 old files (and their .bak) deleted; every user is in exactly one file."""
+    the 4 old files (and their .bak) deleted, and the main file's .bak, which includes
+    them (restored, it would break Asterisk's load); every user is in exactly one file."""
     users = many(100)
     ShardedConfigFileTarget(path, shards=4).apply(users)
     old = set(ShardedConfigFileTarget(path, shards=4).files)
@@ -308,11 +309,7 @@ def test_changing_the_shard_count_switches_to_a_whole_new_set(path: Path) -> Non
     assert change.unchanged == len(users)
     assert change.wrote
     assert sorted(target.directory.iterdir()) == list(target.files)
-    assert set(path.parent.iterdir()) == {
-        target.directory,
-        path,
-        path.with_name(path.name + ".bak"),
-    }
+    assert set(path.parent.iterdir()) == {target.directory, path}
     sections = [s.name for f in target.files for s in parse(f.read_bytes()).sections]
     assert sorted(sections) == sorted(
         s for u in users for s in (u.endpoint_id, u.auth_id, u.aor_id)
@@ -329,7 +326,8 @@ def test_changing_the_shard_count_switches_to_a_whole_new_set(path: Path) -> Non
 
 def test_from_one_file_to_shards_and_back(path: Path) -> None:
     """Switching a single file to shards and back counts every user unchanged (the change is
-    counted against what Asterisk loads now) and leaves no shard file behind."""
+    counted against what Asterisk loads now) and leaves no shard file behind, nor a .bak
+    including them; the single file's .bak, which includes none, is kept."""
     users = many(30)
     ConfigFileTarget(path).apply(users)
     single = path.read_bytes()
@@ -342,6 +340,7 @@ def test_from_one_file_to_shards_and_back(path: Path) -> None:
     assert (change.added, change.removed) == (("777",), (users[0].endpoint_id,))
     assert change.unchanged == len(users) - 1
     assert not shard_directory(path).exists()
+    assert not path.with_name(path.name + ".bak").exists()
     assert (
         path.read_bytes() == ConfigFileTarget(path.with_name("x.conf")).render_text(edited).encode()
     )

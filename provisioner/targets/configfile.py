@@ -63,7 +63,7 @@ from .holdings import (
     with_kept,
 )
 from .pieces import Pieces
-from .shards import retire_shards, shard_directory
+from .shards import drop_stale_backup, retire_shards, shard_directory
 from .templating import MAIN_TEMPLATE, SHIPPED_TEMPLATES, Templates
 from .textdiff import unified_diff
 
@@ -590,7 +590,7 @@ class ConfigFileTarget:
             self._cache = None
         self._state = pending.state
         if self._shards_dir is not None and (pending.write or full):
-            retire_shards(self._shards_dir, None)
+            drop_stale_backup(self.path, retire_shards(self._shards_dir, None))
         return change
 
     def apply_partial(self, upserts: Sequence[UserObjects], removed_ids: Sequence[str]) -> Change:

@@ -36,6 +36,7 @@ from .shards import (
     MAX_SHARDS,
     SHARD_TEMPORARIES,
     check_main,
+    drop_stale_backup,
     main_text,
     retire_shards,
     shard_directory,
@@ -249,7 +250,7 @@ class ShardedConfigFileTarget:
         self._main = layout.main
         # The main file names only this set now: other counts' files (the set before a
         # switch, or one a crash cut short) can go.
-        retire_shards(self.directory, self.shards)
+        drop_stale_backup(self.path, retire_shards(self.directory, self.shards))
         return replace(layout.change, wrote=wrote)
 
     def _commit_files(

@@ -26,6 +26,7 @@ __all__ = [
     "MAX_SHARDS",
     "SHARD_TEMPORARIES",
     "check_main",
+    "drop_stale_backup",
     "includes_of",
     "main_text",
     "retire_shards",
@@ -175,6 +176,33 @@ def retire_shards(directory: Path, count: int | None) -> list[Path]:
         with contextlib.suppress(OSError):  # not empty: it holds files that are not ours
             directory.rmdir()
     return removed
+
+
+#: Bytes of a main file's backup read for the shard files it names: a sharded layout's
+#: main file is a header and its includes; a one-file layout's (megabytes) names none.
+BACKUP_HEAD = 1 << 20
+
+
+def drop_stale_backup(main: Path, removed: Sequence[Path]) -> bool:
+    """Delete ``main``'s ``.bak`` when it includes one of the shard files ``removed`` (by
+    :func:`retire_shards`): restored by hand, it would name a missing file, and Asterisk
+    drops its whole configuration for one missing include.  Logged as
+    ``target.backup_dropped``; a failure is logged, not raised (as a leftover shard)."""
+    backup = main.with_name(main.name + ".bak")
+    names = {path.name.encode() for path in removed if not path.name.endswith(".bak")}
+    try:
+        with backup.open("rb") as handle:
+            head = handle.read(BACKUP_HEAD)
+        if not any(name in head for name in names):
+            return False
+        backup.unlink()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        log.warning("target.cleanup_failed", path=str(backup), error=exc.strerror)
+        return False
+    log.info("target.backup_dropped", path=str(backup), reason="it includes deleted shard files")
+    return True
 
 
 def _retired(name: str, count: int | None) -> bool:
