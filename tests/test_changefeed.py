@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import select as pyselect
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
@@ -30,8 +29,9 @@ from provisioner.store.changefeed import (
     save_cursor,
 )
 from provisioner.store.schema import changes, user_attributes
-from provisioner.targets import Change
 from provisioner.targets.configfile import ConfigFileTarget
+
+from .amipeer import FakeAsterisk, eventually
 
 
 def _changes(engine: Engine, after: int = 0) -> list[tuple[str, int, str]]:
@@ -417,59 +417,49 @@ def test_a_backlog_longer_than_one_read_is_applied_at_once(
         daemon.engine.dispose()
 
 
-class _Told:
-    """The AMI side, keeping the changes handed to it (what Asterisk is told of)."""
-
-    def __init__(self) -> None:
-        self.changes: list[Change] = []
-
-    async def run(self, stop: asyncio.Event) -> None:
-        await stop.wait()
-
-    def applied(self, change: Change, *, target_kind: str) -> None:
-        self.changes.append(change)
-
-    def health(self) -> dict[str, dict[str, Any]]:
-        return {}
-
-    def caches_unsure(self) -> None:
-        pass
-
-    def idle(self) -> bool:
-        return True
-
-    def told_all(self) -> bool:
-        return True
-
-
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 def test_a_full_apply_is_told_to_asterisk_when_saving_its_cursor_fails(
     accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path
 ) -> None:
-    """A full reconcile whose target write succeeded hands its change to Asterisk even when
-    the store then refuses the cursor's write."""
-    config = load_config(
-        env={},
-        overrides={
-            "store": {"url": db_url, "busy_timeout": 0.2},
-            "target": {"path": str(tmp_path / "pjsip.conf")},
-        },
-    )
-    daemon = Daemon.from_config(config)
-    told = _Told()
-    daemon.pbx, daemon.health.ready = told, True
+    """A full reconcile whose target write succeeded has Asterisk reload the file (the
+    daemon's real AMI side, a fake Asterisk over a socket) even when the store then
+    refuses the cursor's write."""
+    conf = tmp_path / "pjsip.conf"
 
-    async def run() -> None:
-        await daemon._run(daemon._full)
-        told.changes.clear()
-        _add(accounts, "alice")
-        with engine.begin():  # another writer holds the write lock (BEGIN IMMEDIATE) a while
+    async def run() -> tuple[int, bool]:
+        peer = FakeAsterisk()
+        await peer.start()
+        server = {"name": "lab", "host": "127.0.0.1", "port": peer.port}
+        server |= {"username": peer.username, "secret": peer.secret}
+        config = load_config(
+            env={},
+            overrides={
+                "store": {"url": db_url, "busy_timeout": 0.2},
+                "target": {"path": str(conf)},
+                "ami": {"reload_min_gap": 0, "reload_gap_factor": 0, "backoff_base": 0.02},
+                "asterisk": [server],
+            },
+        )
+        daemon = Daemon.from_config(config)
+        daemon.health.ready = True
+        ami = asyncio.ensure_future(daemon.pbx.run(daemon.ami_stop))  # type: ignore[union-attr]
+        try:
             await daemon._run(daemon._full)
+            await eventually(lambda: len(peer.actions("Reload")) == 1)
+            _add(accounts, "alice")
+            alice = accounts.get_user("alice").extension
+            with engine.begin():  # another writer holds the write lock (BEGIN IMMEDIATE) a while
+                await daemon._run(daemon._full)
+            ok = bool(daemon.health.last_sync_ok)
+            await eventually(lambda: len(peer.actions("Reload")) == 2)
+            assert f"[{alice}]" in conf.read_text()
+            return len(peer.actions("Reload")), ok
+        finally:
+            daemon.ami_stop.set()
+            await ami
+            daemon.engine.dispose()
+            await peer.stop()
 
-    try:
-        asyncio.run(run())
-    finally:
-        daemon.engine.dispose()
-    alice = accounts.get_user("alice").extension
-    assert [sorted(c.added) for c in told.changes] == [[alice]]
-    assert not daemon.health.last_sync_ok  # the failed write is reported, and retried
+    reloads, ok = asyncio.run(run())
+    assert reloads == 2
+    assert not ok  # the failed write is reported, and retried

@@ -652,23 +652,33 @@ def test_check_refuses_a_path_asterisk_cannot_include(tmp_path: Path) -> None:
     assert "target.path" in line
 
 
+def _check_target(tmp_path: Path, **target: str) -> tuple[Path, tuple[str, ...], int, str]:
+    """'check' on a seeded store, each of ``target`` given as ``--set target.<key>=<value>``:
+    the config, those flags, the exit code and the one target line."""
+    from .faultkit import cli, seed_store, store_url, write_config
+
+    seed_store(store_url(tmp_path), 1).dispose()
+    config = write_config(tmp_path)
+    flags = tuple(f for key, value in target.items() for f in ("--set", f"target.{key}={value}"))
+    checked = cli(config, *flags, "check", check=False)
+    (line,) = [line for line in checked.out.splitlines() if "target:" in line]
+    return config, flags, checked.code, line
+
+
 @pytest.mark.parametrize("shards", ["0", "4"])
 def test_check_fails_its_target_line_when_the_target_path_is_a_directory(
     tmp_path: Path, shards: str
 ) -> None:
     """'check' fails the target line (exit 1) when target.path names a directory, which
     every apply fails to read and replace (exit 9), with one file or in shards."""
-    from .faultkit import cli, seed_store, store_url, write_config
+    from .faultkit import cli
 
-    seed_store(store_url(tmp_path), 1).dispose()
     out = tmp_path / "out"
     out.mkdir()
-    config = write_config(tmp_path)
-    main = ("--set", f"target.path={out}", "--set", f"target.shards={shards}")
-    checked = cli(config, *main, "check", check=False)
-    assert checked.code == 1
-    assert f"FAIL  target: {out} is not a regular file" in checked.out.splitlines()
-    assert cli(config, *main, "sync", "--once", check=False).code == 9  # as check foretold
+    config, flags, code, line = _check_target(tmp_path, path=str(out), shards=shards)
+    assert code == 1
+    assert line == f"FAIL  target: {out} is not a regular file"
+    assert cli(config, *flags, "sync", "--once", check=False).code == 9  # as check foretold
 
 
 @pytest.mark.parametrize("shards", ["0", "4"])
@@ -677,17 +687,13 @@ def test_check_fails_its_target_line_for_a_templates_directory_that_is_not_one(
 ) -> None:
     """'check' fails the target line (exit 1) when target.templates names no directory,
     which the daemon refuses at its start (exit 2), with one file or in shards."""
-    from .faultkit import cli, seed_store, store_url, write_config
+    from .faultkit import cli
 
-    seed_store(store_url(tmp_path), 1).dispose()
     absent = tmp_path / "absent"
-    config = write_config(tmp_path)
-    main = ("--set", f"target.templates={absent}", "--set", f"target.shards={shards}")
-    checked = cli(config, *main, "check", check=False)
-    assert checked.code == 1
-    rule = f"target.templates: {str(absent)!r} is not a directory"
-    assert f"FAIL  target: {rule}" in checked.out.splitlines()
-    assert cli(config, *main, "run", "--burst", check=False).code == 2  # as check foretold
+    config, flags, code, line = _check_target(tmp_path, templates=str(absent), shards=shards)
+    assert code == 1
+    assert line == f"FAIL  target: target.templates: {str(absent)!r} is not a directory"
+    assert cli(config, *flags, "run", "--burst", check=False).code == 2  # as check foretold
 
 
 def test_a_full_apply_of_many_shards_writes_them_at_once_each_whole(
@@ -744,14 +750,10 @@ def test_check_passes_a_target_directory_the_first_write_makes(tmp_path: Path, s
     """'check' passes its target line when target.path's directory does not exist yet
     under a writable one, as the writer makes it (sync then writes the file there), with
     one file or in shards."""
-    from .faultkit import cli, seed_store, store_url, write_config
+    from .faultkit import cli
 
-    seed_store(store_url(tmp_path), 1).dispose()
     path = tmp_path / "not" / "yet" / "pjsip_users.conf"
-    config = write_config(tmp_path)
-    main = ("--set", f"target.path={path}", "--set", f"target.shards={shards}")
-    checked = cli(config, *main, "check", check=False)
-    (line,) = [line for line in checked.out.splitlines() if "target:" in line]
+    config, flags, _code, line = _check_target(tmp_path, path=str(path), shards=shards)
     assert line.startswith("ok    target: config file"), line
-    assert cli(config, *main, "sync", "--once").code == 0
+    assert cli(config, *flags, "sync", "--once").code == 0
     assert path.is_file()

@@ -53,7 +53,6 @@ from ..targets import Change
 from ..threads import in_worker
 from .actions import AmiMessage
 from .changes import (
-    EXPIRE_ALL_NOTE,
     OWED_RETRY,
     VERIFY_PAUSE,
     AfterReload,
@@ -763,8 +762,10 @@ class AmiPbx:
                 reload = request_reload(link)
             after = reload if self.target_kind == "config" else None
             resume_owed(link, notes.expiries, notes.removals, after)
-            if link.owed.expire_all and link.owed.noted_expiries != EXPIRE_ALL_NOTE:
-                note_owed(link)  # owed by caches_unsure, before the notes were read
+            if link.owed.expire_all:
+                # Owed by caches_unsure before the notes were read: noted (note_owed
+                # writes nothing when the resumed note says so already).
+                note_owed(link)
             return
 
     async def _file_not_loaded(self, link: Link, noted: str | None) -> bool:

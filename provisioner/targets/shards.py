@@ -193,13 +193,12 @@ def drop_stale_backup(main: Path, removed: Sequence[Path]) -> bool:
     try:
         with backup.open("rb") as handle:
             head = handle.read(BACKUP_HEAD)
-        if not any(name in head for name in names):
-            return False
-        backup.unlink()
     except FileNotFoundError:
         return False
     except OSError as exc:
         log.warning("target.cleanup_failed", path=str(backup), error=exc.strerror)
+        return False
+    if not any(name in head for name in names) or not _delete(backup):
         return False
     log.info("target.backup_dropped", path=str(backup), reason="it includes deleted shard files")
     return True
