@@ -64,8 +64,10 @@ def test_concurrent_adds_never_share_an_extension(
     """Two processes adding users at once all succeed with distinct, lowest-free extensions."""
     config = tmp_path / "empty.toml"
     config.write_text("", encoding="utf-8")
-    accounts.engine.dispose()  # no pooled connection crosses the fork
-    ctx = multiprocessing.get_context("fork")
+    # A fresh interpreter per child: forking this multi-threaded test process (the
+    # engine's and pytest's threads) may copy a lock some thread holds, and hang the child
+    # (Python 3.12+ warns of it).
+    ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(2)
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     procs = [
