@@ -401,7 +401,7 @@ def _codecs(source: _Source, settings: RenderSettings) -> tuple[str, str]:
         return "ulaw,alaw", "no"
     offered: list[str] = []
     for op, value in source.codec_ops:
-        for item in _split(value):
+        for item in _codec_items(value):
             allow = op == "allow"
             if item.startswith("!"):
                 allow, item = not allow, item[1:]
@@ -429,6 +429,12 @@ def _codecs(source: _Source, settings: RenderSettings) -> tuple[str, str]:
             f"{','.join(settings.video_codecs)}"
         )
     return ",".join(audio), "yes" if video else "no"
+
+
+def _codec_items(value: str) -> list[str]:
+    """The codec names of one ``allow``/``disallow`` value, split as Asterisk splits them
+    (``ast_format_cap_update_by_allow_disallow``): at ``,`` and at ``|``."""
+    return [item.strip() for item in re.split(r"[,|]", value) if item.strip()]
 
 
 def _transport(source: _Source, index: _Index, settings: RenderSettings) -> str:
