@@ -340,8 +340,11 @@ def _wizard_source(section: Section) -> _Source:
         if prefix == "endpoint" and option in ("allow", "disallow"):
             codec_ops.append((option, value))
     endpoint = parts["endpoint"]
-    if "transport" in opts:
-        endpoint.setdefault("transport", opts["transport"])
+    # Asterisk's wizard appends its own (first) transport= after the endpoint/ options, so
+    # it overrides endpoint/transport (res_pjsip_config_wizard.c, handle_endpoint).
+    transport = next((v for n, v in section.options if n.lower() == "transport"), "")
+    if transport:
+        endpoint["transport"] = transport
     auth = parts["inbound_auth"]
     # The wizard names the auth after itself and, without a username, uses its id.
     auth.setdefault("username", section.name)

@@ -563,3 +563,17 @@ def test_codecs_separated_by_bars_are_read_as_asterisk_reads_them(tmp_path: Path
     (user,) = plan_import(read_file(conf), SETTINGS).users
     assert user.values["codecs"] == "g722,ulaw"
     assert not any("dropped" in note for note in user.notes)
+
+
+def test_a_wizards_own_transport_overrides_its_endpoint_transport(tmp_path: Path) -> None:
+    """A wizard's ``transport=`` wins over its ``endpoint/transport=``, as Asterisk's wizard
+    appends it after the endpoint options."""
+    conf = tmp_path / "pjsip_wizard.conf"
+    conf.write_text(
+        "[7301]\ntype=wizard\naccepts_auth=yes\naccepts_registrations=yes\n"
+        "endpoint/transport=transport-udp\ntransport=transport-tcp\nendpoint/allow=ulaw\n"
+        "inbound_auth/username=u7301\ninbound_auth/password=Secret-7301\n",
+        encoding="utf-8",
+    )
+    (user,) = plan_import(read_file(conf), SETTINGS).users
+    assert user.values["transport"] == "tcp"
