@@ -92,6 +92,12 @@ _AUTH_READ = frozenset(
     | {"supported_algorithms_uas", "supported_algorithms_uac"}
 )
 _AOR_READ = frozenset({"type", "max_contacts", "remove_existing", "qualify_frequency"})
+#: Asterisk's values for the AOR options provisioner renders, where the source sets none.
+_AOR_DEFAULTS: Mapping[str, str] = {
+    "max_contacts": "0",
+    "remove_existing": "no",
+    "qualify_frequency": "0",
+}
 _WIZARD_READ = frozenset(
     {"type", "transport", "accepts_auth", "accepts_registrations", "sends_auth"}
     | {"sends_registrations", "remote_hosts"}
@@ -440,6 +446,30 @@ def _codec_items(value: str) -> list[str]:
     return [item.strip() for item in re.split(r"[,|]", value) if item.strip()]
 
 
+def _note_aor_changes(source: _Source, protocol: str, settings: RenderSettings) -> None:
+    """Note each AOR option the user's rendered AOR sets otherwise than the source's AORs
+    (``max_contacts=2`` becoming 1 takes a second phone's registration away)."""
+    webrtc = protocol in ("ws", "wss")
+    # What provisioner.pjsip.render_user writes for this user's AOR.
+    rendered = {
+        "max_contacts": str(settings.webrtc_max_contacts if webrtc else settings.max_contacts),
+        "remove_existing": "yes",
+        "qualify_frequency": str(settings.qualify_frequency),
+    }
+    for option, ours in rendered.items():
+        theirs = sorted({_aor_value(aor, option) for aor in source.aors})
+        if theirs != [ours]:
+            source.notes.append(f"aor {option} {','.join(theirs)} becomes {ours}")
+
+
+def _aor_value(aor: Mapping[str, str], option: str) -> str:
+    """``option``'s effective value in one source AOR, spelled as the renderer spells it."""
+    value = (aor.get(option) or _AOR_DEFAULTS[option]).strip()
+    if option == "remove_existing":
+        return "yes" if _is_true(value) else "no"
+    return str(int(value)) if value.isdigit() else value
+
+
 def _transport(source: _Source, index: _Index, settings: RenderSettings) -> str:
     name = source.endpoint.get("transport", "")
     webrtc = _is_true(source.endpoint.get("webrtc"))
@@ -556,6 +586,7 @@ def _map_source(
         "nat": _nat(source),
     }
     values["codecs"], values["video"] = _codecs(source, settings)
+    _note_aor_changes(source, values["transport"], settings)
     if (rule := _rule("context", values["context"])) is not None:
         raise _Refuse(f"context {values['context']!r} {rule}")
     for name in ("call_group", "pickup_group"):

@@ -303,7 +303,10 @@ def test_plan_maps_users_and_lists_every_other_section() -> None:
         "no",
         "alaw,ulaw",
     )
-    assert by_name["alice"].notes == ("ignored endpoint options: dtmf_mode",)
+    assert by_name["alice"].notes == (
+        "ignored endpoint options: dtmf_mode",
+        "aor qualify_frequency 0 becomes 60",
+    )
     assert by_name["grace"].sip_secret is None
     assert by_name["grace"].digests == (GRACE.md5, GRACE.sha256)
     reasons = [str(u) for u in plan.unmapped]
@@ -511,7 +514,7 @@ def test_aors_other_than_the_extension_are_reported() -> None:
     text += auth.format(n=7002)
     text += "[7003]\ntype=endpoint\nauth=a7003\naors=7003\nallow=ulaw\n[7003]\ntype=aor\n"
     text += auth.format(n=7003)
-    notes = {u.extension: [n for n in u.notes if "aor" in n] for u in _plan(text).users}
+    notes = {u.extension: [n for n in u.notes if n.startswith("aors ")] for u in _plan(text).users}
     assert notes == {
         "7001": ["aors 7001,desk become the one AOR [7001]: phones register to 7001"],
         "7002": ["aors bob become the one AOR [7002]: phones register to 7002"],
@@ -577,3 +580,21 @@ def test_a_wizards_own_transport_overrides_its_endpoint_transport(tmp_path: Path
     )
     (user,) = plan_import(read_file(conf), SETTINGS).users
     assert user.values["transport"] == "tcp"
+
+
+def test_aor_options_the_move_changes_are_noted() -> None:
+    """An AOR option the rendered AOR sets otherwise (max_contacts, remove_existing,
+    qualify_frequency, Asterisk's defaults where unset) is noted, never changed silently."""
+    auth = "[a{n}]\ntype=auth\nusername=u{n}\npassword=Secret-{n}00\n"
+    text = "[7401]\ntype=endpoint\nauth=a7401\naors=7401\nallow=ulaw\n" + auth.format(n=7401)
+    text += "[7401]\ntype=aor\nmax_contacts=2\nremove_existing=no\nqualify_frequency=60\n"
+    text += "[7402]\ntype=endpoint\nauth=a7402\naors=7402\nallow=ulaw\n" + auth.format(n=7402)
+    text += "[7402]\ntype=aor\nmax_contacts=1\nremove_existing=yes\nqualify_frequency=60\n"
+    text += "[7403]\ntype=endpoint\nauth=a7403\naors=7403\nallow=ulaw\nwebrtc=yes\n"
+    text += auth.format(n=7403) + "[7403]\ntype=aor\nmax_contacts=1\nremove_existing=yes\n"
+    notes = {u.extension: [n for n in u.notes if n.startswith("aor ")] for u in _plan(text).users}
+    assert notes == {
+        "7401": ["aor max_contacts 2 becomes 1", "aor remove_existing no becomes yes"],
+        "7402": [],
+        "7403": ["aor max_contacts 1 becomes 5", "aor qualify_frequency 0 becomes 60"],
+    }
