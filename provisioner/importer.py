@@ -470,6 +470,13 @@ def _aor_value(aor: Mapping[str, str], option: str) -> str:
     return str(int(value)) if value.isdigit() else value
 
 
+def _group_items(value: str) -> str:
+    """A call or pickup group list without blanks around its items: Asterisk reads each
+    item with ``sscanf("%d-%d")`` (``ast_get_group``), which skips leading blanks and
+    stops before trailing ones, so ``1, 3-5`` is groups 1 and 3-5."""
+    return ",".join(item.strip() for item in value.split(",")) if value else value
+
+
 def _transport(source: _Source, index: _Index, settings: RenderSettings) -> str:
     name = source.endpoint.get("transport", "")
     webrtc = _is_true(source.endpoint.get("webrtc"))
@@ -590,7 +597,7 @@ def _map_source(
     if (rule := _rule("context", values["context"])) is not None:
         raise _Refuse(f"context {values['context']!r} {rule}")
     for name in ("call_group", "pickup_group"):
-        group, rule = check_group(source.endpoint.get(name, ""))
+        group, rule = check_group(_group_items(source.endpoint.get(name, "")))
         if rule is not None:
             raise _Refuse(f"{name} {rule}")
         values[name] = group

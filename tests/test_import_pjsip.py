@@ -598,3 +598,12 @@ def test_aor_options_the_move_changes_are_noted() -> None:
         "7402": [],
         "7403": ["aor max_contacts 1 becomes 5", "aor qualify_frequency 0 becomes 60"],
     }
+
+
+def test_group_lists_with_blanks_after_commas_are_read_as_asterisk_reads_them() -> None:
+    """``call_group = 1, 3-5`` imports as 1,3-5: Asterisk skips the blanks around each item."""
+    text = "[7501]\ntype=endpoint\nauth=a7501\naors=7501\nallow=ulaw\n"
+    text += "call_group = 1, 3-5\npickup_group=2 ,4\n[7501]\ntype=aor\n"
+    text += "[a7501]\ntype=auth\nusername=u7501\npassword=Secret-7501\n"
+    (user,) = _plan(text).users
+    assert (user.values["call_group"], user.values["pickup_group"]) == ("1,3-5", "2,4")
