@@ -240,7 +240,10 @@ class _Index:
 
 
 def _type(section: Section) -> str:
-    return _options(section).get("type", "").lower()
+    """The object type Asterisk loads ``section`` as: its first ``type=`` (a template's,
+    when it inherits one), compared exactly (res_sorcery_config matches the criteria
+    ``type=endpoint`` with ``strcmp``, so ``type=Endpoint`` is no endpoint)."""
+    return next((value for name, value in section.options if name.lower() == "type"), "")
 
 
 def _split(value: str) -> list[str]:

@@ -607,3 +607,24 @@ def test_group_lists_with_blanks_after_commas_are_read_as_asterisk_reads_them() 
     text += "[a7501]\ntype=auth\nusername=u7501\npassword=Secret-7501\n"
     (user,) = _plan(text).users
     assert (user.values["call_group"], user.values["pickup_group"]) == ("1,3-5", "2,4")
+
+
+def test_a_section_is_the_type_asterisk_loads_it_as(tmp_path: Path) -> None:
+    """A section's type is its first ``type=`` (an inherited one first), matched exactly:
+    ``type=Endpoint`` is no endpoint, and a later ``type=aor`` does not make one an AOR."""
+    conf = tmp_path / "pjsip.conf"
+    conf.write_text(
+        "[phone](!)\ntype=endpoint\nallow=ulaw\n"
+        "[7601]\ntype=Endpoint\nauth=a7601\naors=7601\nallow=ulaw\n"
+        "[7601]\ntype=aor\n[a7601]\ntype=auth\nusername=u7601\npassword=Secret-7601\n"
+        "[7602](phone)\nauth=a7602\naors=7602\n"
+        "[a7602]\ntype=auth\nusername=u7602\npassword=Secret-7602\n"
+        "[7602](phone)\ntype=aor\nmax_contacts=1\n",
+        encoding="utf-8",
+    )
+    plan = plan_import(read_file(conf), SETTINGS)
+    assert plan.users == ()
+    reasons = [str(u) for u in plan.unmapped]
+    assert "[7601] Endpoint: not a user object" in reasons
+    assert "[7602] repeats the endpoint of line 15; only that one is read" in reasons
+    assert any(r.startswith("[7602] endpoint: its aor [7602] is not defined") for r in reasons)
