@@ -92,6 +92,12 @@ _AUTH_READ = frozenset(
     | {"supported_algorithms_uas", "supported_algorithms_uac"}
 )
 _AOR_READ = frozenset({"type", "max_contacts", "remove_existing", "qualify_frequency"})
+#: Asterisk's values for the AOR options provisioner renders, where the source sets none.
+_AOR_DEFAULTS: Mapping[str, str] = {
+    "max_contacts": "0",
+    "remove_existing": "no",
+    "qualify_frequency": "0",
+}
 _WIZARD_READ = frozenset(
     {"type", "transport", "accepts_auth", "accepts_registrations", "sends_auth"}
     | {"sends_registrations", "remote_hosts"}
@@ -234,7 +240,10 @@ class _Index:
 
 
 def _type(section: Section) -> str:
-    return _options(section).get("type", "").lower()
+    """The object type Asterisk loads ``section`` as: its first ``type=`` (a template's,
+    when it inherits one), compared exactly (res_sorcery_config matches the criteria
+    ``type=endpoint`` with ``strcmp``, so ``type=Endpoint`` is no endpoint)."""
+    return next((value for name, value in section.options if name.lower() == "type"), "")
 
 
 def _split(value: str) -> list[str]:
@@ -340,8 +349,11 @@ def _wizard_source(section: Section) -> _Source:
         if prefix == "endpoint" and option in ("allow", "disallow"):
             codec_ops.append((option, value))
     endpoint = parts["endpoint"]
-    if "transport" in opts:
-        endpoint.setdefault("transport", opts["transport"])
+    # Asterisk's wizard appends its own (first) transport= after the endpoint/ options, so
+    # it overrides endpoint/transport (res_pjsip_config_wizard.c, handle_endpoint).
+    transport = next((v for n, v in section.options if n.lower() == "transport"), "")
+    if transport:
+        endpoint["transport"] = transport
     auth = parts["inbound_auth"]
     # The wizard names the auth after itself and, without a username, uses its id.
     auth.setdefault("username", section.name)
@@ -401,7 +413,7 @@ def _codecs(source: _Source, settings: RenderSettings) -> tuple[str, str]:
         return "ulaw,alaw", "no"
     offered: list[str] = []
     for op, value in source.codec_ops:
-        for item in _split(value):
+        for item in _codec_items(value):
             allow = op == "allow"
             if item.startswith("!"):
                 allow, item = not allow, item[1:]
@@ -429,6 +441,43 @@ def _codecs(source: _Source, settings: RenderSettings) -> tuple[str, str]:
             f"{','.join(settings.video_codecs)}"
         )
     return ",".join(audio), "yes" if video else "no"
+
+
+def _codec_items(value: str) -> list[str]:
+    """The codec names of one ``allow``/``disallow`` value, split as Asterisk splits them
+    (``ast_format_cap_update_by_allow_disallow``): at ``,`` and at ``|``."""
+    return [item.strip() for item in re.split(r"[,|]", value) if item.strip()]
+
+
+def _note_aor_changes(source: _Source, protocol: str, settings: RenderSettings) -> None:
+    """Note each AOR option the user's rendered AOR sets otherwise than the source's AORs
+    (``max_contacts=2`` becoming 1 takes a second phone's registration away)."""
+    webrtc = protocol in ("ws", "wss")
+    # What provisioner.pjsip.render_user writes for this user's AOR.
+    rendered = {
+        "max_contacts": str(settings.webrtc_max_contacts if webrtc else settings.max_contacts),
+        "remove_existing": "yes",
+        "qualify_frequency": str(settings.qualify_frequency),
+    }
+    for option, ours in rendered.items():
+        theirs = sorted({_aor_value(aor, option) for aor in source.aors})
+        if theirs != [ours]:
+            source.notes.append(f"aor {option} {','.join(theirs)} becomes {ours}")
+
+
+def _aor_value(aor: Mapping[str, str], option: str) -> str:
+    """``option``'s effective value in one source AOR, spelled as the renderer spells it."""
+    value = (aor.get(option) or _AOR_DEFAULTS[option]).strip()
+    if option == "remove_existing":
+        return "yes" if _is_true(value) else "no"
+    return str(int(value)) if value.isdigit() else value
+
+
+def _group_items(value: str) -> str:
+    """A call or pickup group list without blanks around its items: Asterisk reads each
+    item with ``sscanf("%d-%d")`` (``ast_get_group``), which skips leading blanks and
+    stops before trailing ones, so ``1, 3-5`` is groups 1 and 3-5."""
+    return ",".join(item.strip() for item in value.split(",")) if value else value
 
 
 def _transport(source: _Source, index: _Index, settings: RenderSettings) -> str:
@@ -547,10 +596,11 @@ def _map_source(
         "nat": _nat(source),
     }
     values["codecs"], values["video"] = _codecs(source, settings)
+    _note_aor_changes(source, values["transport"], settings)
     if (rule := _rule("context", values["context"])) is not None:
         raise _Refuse(f"context {values['context']!r} {rule}")
     for name in ("call_group", "pickup_group"):
-        group, rule = check_group(source.endpoint.get(name, ""))
+        group, rule = check_group(_group_items(source.endpoint.get(name, "")))
         if rule is not None:
             raise _Refuse(f"{name} {rule}")
         values[name] = group

@@ -62,6 +62,10 @@ NAT_OPTIONS: Mapping[str, tuple[str, str, str, str]] = {
 
 #: ps_endpoints.callerid is VARCHAR(40): longer names are shortened in the caller ID only.
 CALLERID_MAX = 40
+#: Asterisk copies the caller ID's name into an 80-byte buffer (res_pjsip's
+#: ``caller_id_handler``, ``char cid_name[80]``): at most 79 bytes of UTF-8 survive, and a
+#: longer name is cut in the middle of a character.
+CALLERID_NAME_MAX_BYTES = 79
 #: The longest value written (ps_auths.realm is VARCHAR(255)); far below the
 #: 8191-byte line Asterisk's config loader skips, even at 4 bytes a character.
 VALUE_MAX = 255
@@ -152,9 +156,13 @@ def check_value(field: str, value: str) -> Problem | None:
 
 
 def _callerid(full_name: str, extension: str) -> str:
+    """``"Name" <extension>``, the name shortened to fit both the column (characters) and
+    Asterisk's name buffer (bytes), cut between characters."""
     room = CALLERID_MAX - len(extension) - len('"" <>')
-    name = full_name[: max(room, 0)].rstrip()
-    return f'"{name}" <{extension}>'
+    name = full_name[: max(room, 0)]
+    while len(name.encode()) > CALLERID_NAME_MAX_BYTES:
+        name = name[:-1]
+    return f'"{name.rstrip()}" <{extension}>'
 
 
 def _checks(user: User, settings: RenderSettings) -> list[Problem]:

@@ -687,6 +687,20 @@ def test_tricky_allowed_names_render_exactly(full_name: str, base: User) -> None
     check_rendered(ConfigFileTarget(Path("u.conf")).render_text([objects]).encode(), [objects])
 
 
+def test_a_long_multibyte_name_fits_asterisks_caller_id_buffer(target: ConfigFileTarget) -> None:
+    """A caller ID name Asterisk would cut at byte 79, inside a character, is shortened
+    to whole characters that fit."""
+    name = "अनुराधा श्रीनिवासन कृष्णमूर्ति"  # 30 characters, 86 bytes of UTF-8
+    target.apply([render_user(make_user("1001", "anu", name), RenderSettings())])
+    (endpoint, _auth, _aor) = parse(target.path.read_bytes()).sections
+    callerid = dict(endpoint.options)["callerid"]
+    shown = callerid[1 : callerid.rindex('"')]
+    assert len(shown.encode()) <= 79  # res_pjsip: char cid_name[80]
+    assert name.startswith(shown)
+    assert len(shown.encode()) > 79 - 3  # only what does not fit is dropped
+    assert callerid.endswith('" <1001>')
+
+
 # --- speed: fast parse-back check, template reloads, apply without a diff -------------------
 
 HEADER = (SHIPPED := ConfigFileTarget(Path("u.conf"))).render_text([])

@@ -184,7 +184,8 @@ def check_render(user: User) -> UserObjects | None:
     check_rendered(text.encode("utf-8"), [objects])
     endpoint = dict(objects.endpoint)
     assert endpoint["context"] == user.voice.context
-    assert endpoint["callerid"].startswith(f'"{user.full_name[:20].rstrip()}')
+    # 19 characters are at most 76 bytes: within Asterisk's 79-byte caller ID name.
+    assert endpoint["callerid"].startswith(f'"{user.full_name[:19].rstrip()}')
     assert dict(objects.auth)["username"] == user.username
     return objects
 
@@ -385,7 +386,10 @@ def check_cli(config: Path, engine: Engine, option: str, value: str) -> None:
     assert parsed.notices == ()
     assert len(parsed.sections) == 3 * len(endpoints(conf))
     mine = [s for s in parsed.sections if s.name == user.extension]
-    name = user.full_name[: 40 - len(user.extension) - 5].rstrip()
+    name = user.full_name[: 40 - len(user.extension) - 5]
+    while len(name.encode()) > 79:  # Asterisk's caller ID name buffer
+        name = name[:-1]
+    name = name.rstrip()
     assert dict(mine[0].options)["callerid"] == f'"{name}" <{user.extension}>'
 
 

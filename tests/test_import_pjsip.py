@@ -303,7 +303,10 @@ def test_plan_maps_users_and_lists_every_other_section() -> None:
         "no",
         "alaw,ulaw",
     )
-    assert by_name["alice"].notes == ("ignored endpoint options: dtmf_mode",)
+    assert by_name["alice"].notes == (
+        "ignored endpoint options: dtmf_mode",
+        "aor qualify_frequency 0 becomes 60",
+    )
     assert by_name["grace"].sip_secret is None
     assert by_name["grace"].digests == (GRACE.md5, GRACE.sha256)
     reasons = [str(u) for u in plan.unmapped]
@@ -511,7 +514,7 @@ def test_aors_other_than_the_extension_are_reported() -> None:
     text += auth.format(n=7002)
     text += "[7003]\ntype=endpoint\nauth=a7003\naors=7003\nallow=ulaw\n[7003]\ntype=aor\n"
     text += auth.format(n=7003)
-    notes = {u.extension: [n for n in u.notes if "aor" in n] for u in _plan(text).users}
+    notes = {u.extension: [n for n in u.notes if n.startswith("aors ")] for u in _plan(text).users}
     assert notes == {
         "7001": ["aors 7001,desk become the one AOR [7001]: phones register to 7001"],
         "7002": ["aors bob become the one AOR [7002]: phones register to 7002"],
@@ -549,3 +552,79 @@ def test_an_import_racing_another_writer_for_a_username_reports_it(accounts: Acc
     assert isinstance(raised, InvalidInput), repr(raised)
     assert any("username: is already taken" in str(p) for p in raised.problems)
     assert sorted(u.username for u in accounts.list_users()) == ["bob", "root"]
+
+
+def test_codecs_separated_by_bars_are_read_as_asterisk_reads_them(tmp_path: Path) -> None:
+    """``allow=ulaw|alaw`` imports both codecs: Asterisk splits codec lists at ``|`` and ``,``."""
+    conf = tmp_path / "pjsip.conf"
+    conf.write_text(
+        "[7201]\ntype=endpoint\nauth=a7201\naors=7201\ndisallow=all\nallow=g722|ulaw, alaw\n"
+        "disallow=alaw|gsm\n[7201]\ntype=aor\n"
+        "[a7201]\ntype=auth\nusername=u7201\npassword=Secret-7201\n",
+        encoding="utf-8",
+    )
+    (user,) = plan_import(read_file(conf), SETTINGS).users
+    assert user.values["codecs"] == "g722,ulaw"
+    assert not any("dropped" in note for note in user.notes)
+
+
+def test_a_wizards_own_transport_overrides_its_endpoint_transport(tmp_path: Path) -> None:
+    """A wizard's ``transport=`` wins over its ``endpoint/transport=``, as Asterisk's wizard
+    appends it after the endpoint options."""
+    conf = tmp_path / "pjsip_wizard.conf"
+    conf.write_text(
+        "[7301]\ntype=wizard\naccepts_auth=yes\naccepts_registrations=yes\n"
+        "endpoint/transport=transport-udp\ntransport=transport-tcp\nendpoint/allow=ulaw\n"
+        "inbound_auth/username=u7301\ninbound_auth/password=Secret-7301\n",
+        encoding="utf-8",
+    )
+    (user,) = plan_import(read_file(conf), SETTINGS).users
+    assert user.values["transport"] == "tcp"
+
+
+def test_aor_options_the_move_changes_are_noted() -> None:
+    """An AOR option the rendered AOR sets otherwise (max_contacts, remove_existing,
+    qualify_frequency, Asterisk's defaults where unset) is noted, never changed silently."""
+    auth = "[a{n}]\ntype=auth\nusername=u{n}\npassword=Secret-{n}00\n"
+    text = "[7401]\ntype=endpoint\nauth=a7401\naors=7401\nallow=ulaw\n" + auth.format(n=7401)
+    text += "[7401]\ntype=aor\nmax_contacts=2\nremove_existing=no\nqualify_frequency=60\n"
+    text += "[7402]\ntype=endpoint\nauth=a7402\naors=7402\nallow=ulaw\n" + auth.format(n=7402)
+    text += "[7402]\ntype=aor\nmax_contacts=1\nremove_existing=yes\nqualify_frequency=60\n"
+    text += "[7403]\ntype=endpoint\nauth=a7403\naors=7403\nallow=ulaw\nwebrtc=yes\n"
+    text += auth.format(n=7403) + "[7403]\ntype=aor\nmax_contacts=1\nremove_existing=yes\n"
+    notes = {u.extension: [n for n in u.notes if n.startswith("aor ")] for u in _plan(text).users}
+    assert notes == {
+        "7401": ["aor max_contacts 2 becomes 1", "aor remove_existing no becomes yes"],
+        "7402": [],
+        "7403": ["aor max_contacts 1 becomes 5", "aor qualify_frequency 0 becomes 60"],
+    }
+
+
+def test_group_lists_with_blanks_after_commas_are_read_as_asterisk_reads_them() -> None:
+    """``call_group = 1, 3-5`` imports as 1,3-5: Asterisk skips the blanks around each item."""
+    text = "[7501]\ntype=endpoint\nauth=a7501\naors=7501\nallow=ulaw\n"
+    text += "call_group = 1, 3-5\npickup_group=2 ,4\n[7501]\ntype=aor\n"
+    text += "[a7501]\ntype=auth\nusername=u7501\npassword=Secret-7501\n"
+    (user,) = _plan(text).users
+    assert (user.values["call_group"], user.values["pickup_group"]) == ("1,3-5", "2,4")
+
+
+def test_a_section_is_the_type_asterisk_loads_it_as(tmp_path: Path) -> None:
+    """A section's type is its first ``type=`` (an inherited one first), matched exactly:
+    ``type=Endpoint`` is no endpoint, and a later ``type=aor`` does not make one an AOR."""
+    conf = tmp_path / "pjsip.conf"
+    conf.write_text(
+        "[phone](!)\ntype=endpoint\nallow=ulaw\n"
+        "[7601]\ntype=Endpoint\nauth=a7601\naors=7601\nallow=ulaw\n"
+        "[7601]\ntype=aor\n[a7601]\ntype=auth\nusername=u7601\npassword=Secret-7601\n"
+        "[7602](phone)\nauth=a7602\naors=7602\n"
+        "[a7602]\ntype=auth\nusername=u7602\npassword=Secret-7602\n"
+        "[7602](phone)\ntype=aor\nmax_contacts=1\n",
+        encoding="utf-8",
+    )
+    plan = plan_import(read_file(conf), SETTINGS)
+    assert plan.users == ()
+    reasons = [str(u) for u in plan.unmapped]
+    assert "[7601] Endpoint: not a user object" in reasons
+    assert "[7602] repeats the endpoint of line 15; only that one is read" in reasons
+    assert any(r.startswith("[7602] endpoint: its aor [7602] is not defined") for r in reasons)
