@@ -1,9 +1,11 @@
 """Foreign realtime rows whose ids the database holds equal to a user's (MariaDB's
-case-insensitive, PAD SPACE collations), on real SQLite, PostgreSQL and MariaDB."""
+case-insensitive, PAD SPACE collations), and names outside a database's default character
+set, on real SQLite, PostgreSQL and MariaDB."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 from sqlalchemy import Engine, Table, select, text
@@ -141,3 +143,24 @@ def test_removing_a_user_keeps_a_lookalike_foreign_row(
         assert _ids(ci_engine, other) == ["1002-auth" if other is ps_auths else "1002"]
     owned = {row[1] for row in snapshot(ci_engine)["provisioner_objects"]}
     assert owned == {"1002", "1002-auth"}
+
+
+def test_a_name_outside_the_databases_default_character_set_is_stored_exactly(
+    db_url: str, backend: str
+) -> None:
+    """Realtime tables made in a database whose default character set is ``latin1`` (an old
+    MariaDB's) still hold an emoji or CJK caller ID name exactly, not as ``?``."""
+    engine = open_engine(db_url)
+    try:
+        if backend == "mariadb":
+            with engine.begin() as conn:
+                conn.execute(text("ALTER DATABASE CHARACTER SET latin1 COLLATE latin1_swedish_ci"))
+        target = RealtimeTarget(engine)
+        objects = render(make_user("1001"), replace(make_user("1002"), full_name="Zoë 😀 王"))
+        assert target.apply(objects).added == ("1001", "1002")
+        stored = row_of(engine, ps_endpoints, "1002")
+        assert stored is not None
+        assert stored["callerid"] == '"Zoë 😀 王" <1002>'
+        assert RealtimeTarget(engine).apply(objects, verify=True).unchanged == 2
+    finally:
+        engine.dispose()

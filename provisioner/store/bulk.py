@@ -237,7 +237,9 @@ def json_table_source(width: int) -> tuple[TextClause, list[ColumnElement[Any]]]
     # Only our own names reach the JSON_TABLE clause (c0, c1, ...: JSON paths by position).
     # LONGTEXT: a JSON_TABLE column narrower than a value truncates it without an error,
     # even in strict mode; the table's own column must be the one that refuses it.
-    spec = ", ".join(f"c{i} LONGTEXT PATH '$[{i}]'" for i in range(width))
+    # utf8mb4: a JSON_TABLE column takes the database's default character set, and under a
+    # latin1 default each character outside it became "?" with only a warning.
+    spec = ", ".join(f"c{i} LONGTEXT CHARACTER SET utf8mb4 PATH '$[{i}]'" for i in range(width))
     document = "CONVERT(FROM_BASE64(:rows) USING utf8mb4)"
     source = text(f"JSON_TABLE({document}, '$[*]' COLUMNS ({spec})) AS j").bindparams(
         bindparam("rows", type_=String)

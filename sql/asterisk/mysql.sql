@@ -6,7 +6,7 @@ CREATE TABLE provisioner_objects (
 	id VARCHAR(255) NOT NULL, 
 	digest VARCHAR(32), 
 	CONSTRAINT provisioner_objects_pkey PRIMARY KEY (kind, id)
-);
+)CHARSET=utf8mb4;
 
 CREATE TABLE ps_aors (
 	id VARCHAR(255) NOT NULL, 
@@ -26,7 +26,7 @@ CREATE TABLE ps_aors (
 	remove_unavailable ENUM('0','1','off','on','false','true','no','yes'), 
 	qualify_2xx_only ENUM('0','1','off','on','false','true','no','yes'), 
 	CONSTRAINT ps_aors_id_key UNIQUE (id)
-);
+)CHARSET=utf8mb4;
 
 CREATE INDEX ps_aors_id ON ps_aors (id);
 
@@ -47,7 +47,7 @@ CREATE TABLE ps_auths (
 	supported_algorithms_uas VARCHAR(1024), 
 	supported_algorithms_uac VARCHAR(1024), 
 	CONSTRAINT ps_auths_id_key UNIQUE (id)
-);
+)CHARSET=utf8mb4;
 
 CREATE INDEX ps_auths_id ON ps_auths (id);
 
@@ -200,6 +200,6 @@ CREATE TABLE ps_endpoints (
 	rtp_port_start INTEGER, 
 	rtp_port_end INTEGER, 
 	CONSTRAINT ps_endpoints_id_key UNIQUE (id)
-);
+)CHARSET=utf8mb4;
 
 CREATE INDEX ps_endpoints_id ON ps_endpoints (id);
