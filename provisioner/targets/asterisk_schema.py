@@ -68,7 +68,7 @@ metadata = MetaData()
 #: The character set of the tables made on MySQL/MariaDB, whatever the database's default:
 #: under a ``latin1`` default, a full name outside it (an emoji, a CJK character) was
 #: stored in ``callerid`` as ``?`` with only a warning, and the digest compare never saw it.
-MYSQL_OPTIONS = {"mysql_charset": "utf8mb4"}
+MYSQL_CHARSET = "utf8mb4"
 
 _BOOL = ("0", "1", "off", "on", "false", "true", "no", "yes")
 
@@ -296,7 +296,7 @@ ps_endpoints = _sqlite_checks(
         Column("rtp_port_start", Integer),
         Column("rtp_port_end", Integer),
         *_id_constraints("ps_endpoints"),
-        **MYSQL_OPTIONS,
+        mysql_charset=MYSQL_CHARSET,
     )
 )
 
@@ -318,7 +318,7 @@ ps_auths = _sqlite_checks(
         Column("supported_algorithms_uas", String(1024)),
         Column("supported_algorithms_uac", String(1024)),
         *_id_constraints("ps_auths"),
-        **MYSQL_OPTIONS,
+        mysql_charset=MYSQL_CHARSET,
     )
 )
 
@@ -344,7 +344,7 @@ ps_aors = _sqlite_checks(
         Column("qualify_2xx_only", _enum("ast_bool_values")),
         *_id_constraints("ps_aors"),
         Index("ps_aors_qualifyfreq_contact", "qualify_frequency", "contact"),
-        **MYSQL_OPTIONS,
+        mysql_charset=MYSQL_CHARSET,
     )
 )
 
@@ -358,7 +358,7 @@ provisioner_objects = Table(
     Column("id", String(255), nullable=False),
     Column("digest", String(32)),
     PrimaryKeyConstraint("kind", "id", name="provisioner_objects_pkey"),
-    **MYSQL_OPTIONS,
+    mysql_charset=MYSQL_CHARSET,
 )
 
 
