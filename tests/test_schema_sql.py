@@ -212,3 +212,42 @@ def test_a_user_deleted_by_sqlite_replace_is_noted(db_url: str, source: str) -> 
         assert accounts.get_user("c").extension == "999"
     finally:
         engine.dispose()
+
+
+def _latin1_database(db_url: str) -> None:
+    """Make the (empty) MariaDB database's default character set ``latin1``."""
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("ALTER DATABASE CHARACTER SET latin1 COLLATE latin1_swedish_ci"))
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+@pytest.mark.parametrize("source", ["migrations", "file", "store at 0005"])
+def test_a_latin1_database_holds_any_full_name(db_url: str, source: str) -> None:
+    """A store made in a MariaDB database whose default character set is ``latin1``, by the
+    migrations, by the DDL file, or before 0006 and then upgraded, holds a full name with an
+    emoji and CJK characters exactly."""
+    _latin1_database(db_url)
+    if source == "file":
+        _apply_file(db_url, "mariadb")
+    engine = open_engine(db_url)
+    try:
+        if source == "store at 0005":
+            upgrade(engine, "0005")
+        upgrade(engine)
+        accounts = Accounts(engine, Policy(password_policy=False))
+        accounts.add_user(
+            {
+                "username": "zoe",
+                "role": "admin",
+                "full_name": "Zoë 😀 王",
+                "email": "zoe@example.com",
+            }
+        )
+        assert accounts.get_user("zoe").full_name == "Zoë 😀 王"
+        assert _differences(engine) == []
+    finally:
+        engine.dispose()

@@ -63,6 +63,11 @@ def _in(column: str, values: tuple[str, ...]) -> str:
     return f"{column} IN ({quoted})"
 
 
+#: Every table's character set on MySQL/MariaDB, whatever the database's default (under
+#: ``latin1``, an older MariaDB's, a full name with an emoji or a CJK character was refused);
+#: stores made before it are converted by migration 0006.
+MYSQL_CHARSET = "utf8mb4"
+
 profiles = Table(
     "profiles",
     metadata,
@@ -71,6 +76,7 @@ profiles = Table(
     Column("description", String(1024), nullable=False, default=""),
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
+    mysql_charset=MYSQL_CHARSET,
 )
 
 users = Table(
@@ -124,6 +130,7 @@ users = Table(
     CheckConstraint("log_level IS NULL OR " + _in("log_level", LOG_LEVELS), name="log_level"),
     CheckConstraint(_in("toast_position", TOAST_POSITIONS), name="toast_position"),
     CheckConstraint("role = 'admin' OR profile_id IS NOT NULL", name="user_has_profile"),
+    mysql_charset=MYSQL_CHARSET,
 )
 
 user_attributes = Table(
@@ -137,6 +144,7 @@ user_attributes = Table(
     ),
     Column("key", String(64), primary_key=True),
     Column("value", String(255), nullable=False, default=""),
+    mysql_charset=MYSQL_CHARSET,
 )
 
 
@@ -156,6 +164,7 @@ changes = Table(
     Column("entity_id", Integer, nullable=False),
     Column("op", String(1), nullable=False),  # I, U or D
     Column("changed_at", DateTime, nullable=False, server_default=func.current_timestamp()),
+    mysql_charset=MYSQL_CHARSET,
 )
 
 #: Small durable key/value state of the daemon (the change cursor).
@@ -164,6 +173,7 @@ daemon_state = Table(
     metadata,
     Column("key", String(64), primary_key=True),
     Column("value", String(255), nullable=False),
+    mysql_charset=MYSQL_CHARSET,
 )
 
 # -- registration state, read back from Asterisk over AMI ------------------------
@@ -182,6 +192,7 @@ registrations = Table(
     Column("rtt_usec", BigInteger, nullable=True),
     Column("expires_at", Timestamp, nullable=True),
     Column("changed_at", Timestamp, nullable=False),
+    mysql_charset=MYSQL_CHARSET,
 )
 
 #: PostgreSQL's fill factor of ``registration_summary`` (percent of a page filled by
@@ -204,4 +215,5 @@ registration_summary = Table(
     # less server time per upsert; in storms after an Asterisk restart, 23-27k events/s
     # against 16-25k (README, Benchmarks).
     postgresql_with={"fillfactor": SUMMARY_FILLFACTOR},
+    mysql_charset=MYSQL_CHARSET,
 )

@@ -8,13 +8,13 @@ CREATE TABLE changes (
 	op VARCHAR(1) NOT NULL, 
 	changed_at DATETIME NOT NULL DEFAULT CURRENT_TIMESTAMP, 
 	CONSTRAINT pk_changes PRIMARY KEY (id)
-);
+)CHARSET=utf8mb4;
 
 CREATE TABLE daemon_state (
 	`key` VARCHAR(64) NOT NULL, 
 	value VARCHAR(255) NOT NULL, 
 	CONSTRAINT pk_daemon_state PRIMARY KEY (`key`)
-);
+)CHARSET=utf8mb4;
 
 CREATE TABLE profiles (
 	id INTEGER NOT NULL AUTO_INCREMENT, 
@@ -24,7 +24,7 @@ CREATE TABLE profiles (
 	updated_at DATETIME(6) NOT NULL, 
 	CONSTRAINT pk_profiles PRIMARY KEY (id), 
 	CONSTRAINT uq_profiles_name UNIQUE (name)
-);
+)CHARSET=utf8mb4;
 
 CREATE TABLE users (
 	id INTEGER NOT NULL AUTO_INCREMENT, 
@@ -73,7 +73,7 @@ CREATE TABLE users (
 	CONSTRAINT uq_users_username_key UNIQUE (username_key), 
 	CONSTRAINT uq_users_extension UNIQUE (extension), 
 	CONSTRAINT uq_users_apikey_hash UNIQUE (apikey_hash)
-);
+)CHARSET=utf8mb4;
 
 CREATE TABLE registration_summary (
 	user_id INTEGER NOT NULL, 
@@ -84,7 +84,7 @@ CREATE TABLE registration_summary (
 	changed_at DATETIME(6) NOT NULL, 
 	CONSTRAINT pk_registration_summary PRIMARY KEY (user_id, server), 
 	CONSTRAINT fk_registration_summary_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE CASCADE
-);
+)CHARSET=utf8mb4;
 
 CREATE TABLE registrations (
 	user_id INTEGER NOT NULL, 
@@ -99,7 +99,7 @@ CREATE TABLE registrations (
 	changed_at DATETIME(6) NOT NULL, 
 	CONSTRAINT pk_registrations PRIMARY KEY (user_id, server, contact_id), 
 	CONSTRAINT fk_registrations_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE CASCADE
-);
+)CHARSET=utf8mb4;
 
 CREATE TABLE user_attributes (
 	user_id INTEGER NOT NULL, 
@@ -107,7 +107,7 @@ CREATE TABLE user_attributes (
 	value VARCHAR(255) NOT NULL, 
 	CONSTRAINT pk_user_attributes PRIMARY KEY (user_id, `key`), 
 	CONSTRAINT fk_user_attributes_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE CASCADE
-);
+)CHARSET=utf8mb4;
 
 -- The change feed: every change to a user reaches the daemon.
 
@@ -140,4 +140,4 @@ CREATE TABLE alembic_version (
 	PRIMARY KEY (version_num)
 );
 
-INSERT INTO alembic_version (version_num) VALUES ('0005');
+INSERT INTO alembic_version (version_num) VALUES ('0006');
