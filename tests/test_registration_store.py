@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy import Connection, Engine, select, text, update
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import DBAPIError
 
@@ -422,6 +422,35 @@ def test_a_large_batch_is_written_before_the_flush_delay(
                 return len(conn.execute(query).all())
 
     assert run(scenario()) >= 3
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_the_contact_delete_is_planned_for_each_batch_on_postgresql(engine: Engine) -> None:
+    """On PostgreSQL the statement that deletes a batch's contacts is never run from a
+    server-side prepared statement, whose one generic plan, made while the table was
+    empty, scanned the whole table for every batch as it filled; many batches on one
+    connection (psycopg prepares a statement on its fifth run) leave none prepared, and
+    the contacts written are still replaced."""
+    seed_store(engine, 40)
+    contacts = {str(100000 + i): _state(str(100000 + i), "NonQualified") for i in range(0, 40, 2)}
+    with engine.connect() as conn:
+        for i in range(12):
+            # Summaries only: the table of contacts stays empty meanwhile.
+            with conn.begin():
+                ep = str(100001 + 2 * i)
+                write_endpoint_rows(conn, "lab", {ep: ([], ("offline", "", "", None))}, NOW)
+        with conn.begin():
+            assert write_endpoint_rows(conn, "lab", contacts, NOW) == 20
+        with conn.begin():
+            assert write_endpoint_rows(conn, "lab", contacts, NOW) == 20
+        query = text("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE :deletes")
+        prepared = conn.execute(query, {"deletes": "DELETE FROM registrations%"}).scalar_one()
+        conn.rollback()
+    assert prepared == 0
+    with reading(engine) as conn:
+        stored = conn.execute(select(registrations.c.user_id, registrations.c.contact_id)).all()
+    assert len(stored) == 20
+    assert {cid for _, cid in stored} == {f"{ep};@abc" for ep in contacts}
 
 
 def test_a_postgresql_batch_is_split_into_sorted_disjoint_parts() -> None:
