@@ -1618,3 +1618,41 @@ def test_a_registered_phones_refresh_changes_nothing_in_the_store(store: Engine)
     before, after, seen, later = run(scenario())
     assert after == before
     assert seen == later
+
+
+class _BootingPeer(FakeAsterisk):
+    """A fake Asterisk whose first ``unknown`` PJSIPShowContacts get Asterisk's answer to
+    an action no module registered (``Invalid/unknown command``), as before res_pjsip has
+    loaded: a login is accepted before ``FullyBooted``."""
+
+    unknown = 1
+
+    async def _answer(self, action: Any) -> bytes:
+        if action.name.lower() == "pjsipshowcontacts" and self.unknown > 0:
+            self.unknown -= 1
+            return self._error(
+                action,
+                "Invalid/unknown command: PJSIPShowContacts. "
+                "Use Action: ListCommands to show available commands.",
+            )
+        return await super()._answer(action)
+
+
+def test_a_snapshot_refused_on_a_live_session_is_asked_for_again(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot Asterisk refuses on a session that stays up is taken again after a pause,
+    so the book becomes whole without waiting for a reconnect."""
+    monkeypatch.setattr(pbx_module, "SNAPSHOT_MIN_GAP", 0.05)
+
+    async def scenario() -> tuple[int, int, bool]:
+        peer = _BootingPeer()
+        await peer.start()
+        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+            await eventually(link.book_complete, timeout=5)
+            return len(peer.actions("PJSIPShowContacts")), link.client.sessions, "1001" in link.book
+
+    asked, sessions, listed = run(scenario())
+    assert asked == 2
+    assert sessions == 1
+    assert listed
