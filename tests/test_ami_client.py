@@ -6,6 +6,7 @@ import asyncio
 import gc
 
 import pytest
+from pydantic import ValidationError
 from structlog.testing import capture_logs
 
 from provisioner.ami import AmiClient, AmiConnectionLost, AmiMessage, AmiNotConnected, AmiTimeout
@@ -341,3 +342,29 @@ def test_collector_is_paused_only_while_a_read_is_handled(enabled: bool) -> None
     finally:
         if was:
             gc.enable()
+
+
+@pytest.mark.parametrize("odd", ["\x85", "\x9f", "\x7f", "\x1b", "é", "\u2028"])
+@pytest.mark.parametrize("field", ["username", "secret"])
+def test_a_login_the_configuration_accepts_can_be_sent(field: str, odd: str) -> None:
+    """A username or secret is either refused by the configuration or sent in a Login that
+    Asterisk accepts: never accepted there and then refused by the client, whose run died
+    of it (the daemon exited and restarted for ever)."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        value = f"lab{odd}value"
+        setattr(peer, field, value)
+        await peer.start()
+        try:
+            server = server_for(peer)
+        except ValidationError:
+            await peer.stop()
+            return
+        client = AmiClient(server, fast_settings())
+        async with running(client):
+            await eventually(lambda: client.connected)
+        assert peer.actions("Login")[0].get(field.capitalize()) == value
+        await peer.stop()
+
+    run(scenario())
