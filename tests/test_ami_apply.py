@@ -1632,7 +1632,7 @@ class _BootingPeer(FakeAsterisk):
             self.unknown -= 1
             return self._error(
                 action,
-                "Invalid/unknown command: PJSIPShowContacts. "
+                f"Invalid/unknown command: {action.name}. "
                 "Use Action: ListCommands to show available commands.",
             )
         return await super()._answer(action)
@@ -1656,3 +1656,28 @@ def test_a_snapshot_refused_on_a_live_session_is_asked_for_again(
     assert asked == 2
     assert sessions == 1
     assert listed
+
+
+def test_a_removal_whose_listing_asterisk_does_not_know_yet_stays_owed(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A removed endpoint's contacts, listed while Asterisk does not know PJSIPShowContacts
+    yet (res_pjsip still loading), stay owed and are deleted once it answers, not dropped
+    as if refused for good."""
+    monkeypatch.setattr(pbx_module, "OWED_RETRY", 0.2)
+    monkeypatch.setattr(pbx_module, "SNAPSHOT_MIN_GAP", 5.0)  # the book stays incomplete
+
+    async def scenario() -> tuple[list[str], bool]:
+        peer = _BootingPeer()
+        peer.unknown = 2  # the connect's snapshot, then the removal's listing
+        await peer.start()
+        pbx = AmiPbx([_link(peer)], store, "realtime")
+        async with _serving(peer, pbx) as link:
+            await eventually(lambda: peer.unknown == 1)
+            pbx.applied(REMOVED, target_kind="realtime")
+            await eventually(lambda: bool(peer.actions("DBDel")) and not link.owed, timeout=4)
+            return [a.get("Key") for a in peer.actions("DBDel")], CONTACT_KEY in peer.astdb
+
+    keys, held = run(scenario())
+    assert keys == [CONTACT_KEY]
+    assert not held
