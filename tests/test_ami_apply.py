@@ -1681,3 +1681,43 @@ def test_a_removal_whose_listing_asterisk_does_not_know_yet_stays_owed(
     keys, held = run(scenario())
     assert keys == [CONTACT_KEY]
     assert not held
+
+
+def test_an_endpoint_asterisk_said_invalid_is_looked_up_when_added_again(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An endpoint Asterisk called INVALID (deleted, then a reload) and a realtime apply
+    adds again is not tracked by Asterisk until its reload ends: its phone's
+    SuccessfulAuth, with no status event after it, has it looked up, and it is online."""
+    monkeypatch.setattr(pbx_module, "CONFIRM_WINDOW", 0.05)
+    added = Change(added=("1001",), changed_objects=(("endpoint", "1001"),), wrote=True)
+
+    async def scenario() -> tuple[int, bool, str]:
+        peer = FakeAsterisk()
+        peer.reload_delay = 1.0
+        await peer.start()
+        link = _link(peer)
+        quiet = server_for(peer).model_copy(update={"events": "off"})
+        link.reloads = ReloadCoordinator(AmiClient(quiet, fast_settings()), fast_settings())
+        pbx = AmiPbx([link], store, "realtime")
+        async with _serving(peer, pbx):
+            await eventually(link.book_complete)
+            await peer.send_recorded(
+                "Event: DeviceStateChange", "UNAVAILABLE", replace=((b"UNAVAILABLE", b"INVALID"),)
+            )
+            await eventually(lambda: not link.book["1001"].exists)
+            pbx.applied(added, target_kind="realtime")
+            await eventually(lambda: link.reloads.in_flight and not link.unverified)
+            before = len(peer.actions("PJSIPShowEndpoint"))
+            await peer.send_recorded("Event: SuccessfulAuth\r\n", "Service: PJSIP")
+            await asyncio.sleep(0.4)
+            return (
+                len(peer.actions("PJSIPShowEndpoint")) - before,
+                link.reloads.in_flight,
+                link.book["1001"].summary,
+            )
+
+    looked_up, reload_running, summary = run(scenario())
+    assert reload_running
+    assert looked_up == 1
+    assert summary == "online"

@@ -685,7 +685,8 @@ class AmiPbx:
             if reg.tracked:
                 continue  # a status event came meanwhile: the events tell its contacts
             contacts = detail.contacts if detail is not None else ()
-            link.book[endpoint] = reg._replace(contacts=contacts)
+            # Asterisk holds it (or not) now, whatever an earlier INVALID said.
+            link.book[endpoint] = reg._replace(contacts=contacts, exists=detail is not None)
             link.mark_dirty((endpoint,))
             log.debug(
                 "registration.looked_up",
