@@ -1721,3 +1721,25 @@ def test_an_endpoint_asterisk_said_invalid_is_looked_up_when_added_again(
     assert reload_running
     assert looked_up == 1
     assert summary == "online"
+
+
+def test_a_reconnect_during_a_snapshot_retry_pause_takes_its_snapshot_at_once(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pause before a refused snapshot is asked for again ends when the connection is
+    made anew: the new session's snapshot does not wait for it."""
+    monkeypatch.setattr(pbx_module, "SNAPSHOT_MIN_GAP", 0.05)
+
+    async def scenario() -> int:
+        peer = _BootingPeer()
+        await peer.start()
+        link = _link(peer)
+        link.snapshot_failures = 20  # refused many times: the next pause is the longest
+        async with _serving(peer, AmiPbx([link], store, "realtime")):
+            await eventually(lambda: peer.unknown == 0)
+            await asyncio.sleep(0.1)
+            peer.drop_all()
+            await eventually(lambda: link.client.sessions == 2 and link.book_complete())
+            return len(peer.actions("PJSIPShowContacts"))
+
+    assert run(scenario()) == 2

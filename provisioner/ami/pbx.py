@@ -598,7 +598,8 @@ class AmiPbx:
             failures=link.store_failures,
             retry_in_s=delay,
         )
-        await sleep_unless(stop, delay)
+        # A snapshot wanted meanwhile (a reconnect's) ends the pause: it is due at once.
+        await wait_first(stop, link.snapshot_wanted, timeout=delay)
 
     async def _snapshots(self, link: Link, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -637,7 +638,8 @@ class AmiPbx:
             failures=link.snapshot_failures,
             retry_in_s=delay,
         )
-        await sleep_unless(stop, delay)
+        # A snapshot wanted meanwhile (a reconnect's) ends the pause: it is due at once.
+        await wait_first(stop, link.snapshot_wanted, timeout=delay)
 
     async def _lookups(self, link: Link, stop: asyncio.Event) -> None:
         """Look up the contacts of each endpoint whose ``SuccessfulAuth`` no status event
