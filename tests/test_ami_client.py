@@ -368,3 +368,30 @@ def test_a_login_the_configuration_accepts_can_be_sent(field: str, odd: str) -> 
         await peer.stop()
 
     run(scenario())
+
+
+def test_a_stop_while_connecting_ends_the_client_at_once() -> None:
+    """A stop that comes while the client waits on a host that accepts but never answers
+    (no banner) ends the client at once, not after the server's connect timeout."""
+
+    async def scenario() -> float:
+        async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read()  # never a banner: a host gone silent behind its port
+            writer.close()
+
+        silent = await asyncio.start_server(mute, "127.0.0.1", 0)
+        peer = FakeAsterisk()
+        peer.port = silent.sockets[0].getsockname()[1]
+        client = AmiClient(server_for(peer, timeout=10.0), fast_settings())
+        stop = asyncio.Event()
+        runner = asyncio.create_task(client.run(stop))
+        await asyncio.sleep(0.3)
+        stop.set()
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(runner, timeout=15)
+        took = asyncio.get_running_loop().time() - started
+        silent.close()
+        await silent.wait_closed()
+        return took
+
+    assert run(scenario()) < 1.0
