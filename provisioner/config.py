@@ -311,8 +311,9 @@ class LogSettings(_Section):
     format: Literal["auto", "json", "console"] = "auto"
 
 
-#: AMI header values must not carry control characters (they would inject headers).
-_AMI_VALUE = r"^[^\x00-\x1f\x7f]{1,200}$"
+#: AMI header values must not carry control characters (they would inject headers): the
+#: C1 ones too, as the AMI client refuses every value with one (``ami.actions._CONTROL``).
+_AMI_VALUE = r"^[^\x00-\x1f\x7f-\x9f]{1,200}$"
 
 
 def _read_secret(

@@ -1618,3 +1618,128 @@ def test_a_registered_phones_refresh_changes_nothing_in_the_store(store: Engine)
     before, after, seen, later = run(scenario())
     assert after == before
     assert seen == later
+
+
+class _BootingPeer(FakeAsterisk):
+    """A fake Asterisk whose first ``unknown`` PJSIPShowContacts get Asterisk's answer to
+    an action no module registered (``Invalid/unknown command``), as before res_pjsip has
+    loaded: a login is accepted before ``FullyBooted``."""
+
+    unknown = 1
+
+    async def _answer(self, action: Any) -> bytes:
+        if action.name.lower() == "pjsipshowcontacts" and self.unknown > 0:
+            self.unknown -= 1
+            return self._error(
+                action,
+                f"Invalid/unknown command: {action.name}. "
+                "Use Action: ListCommands to show available commands.",
+            )
+        return await super()._answer(action)
+
+
+def test_a_snapshot_refused_on_a_live_session_is_asked_for_again(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot Asterisk refuses on a session that stays up is taken again after a pause,
+    so the book becomes whole without waiting for a reconnect."""
+    monkeypatch.setattr(pbx_module, "SNAPSHOT_MIN_GAP", 0.05)
+
+    async def scenario() -> tuple[int, int, bool]:
+        peer = _BootingPeer()
+        await peer.start()
+        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+            await eventually(link.book_complete, timeout=5)
+            return len(peer.actions("PJSIPShowContacts")), link.client.sessions, "1001" in link.book
+
+    asked, sessions, listed = run(scenario())
+    assert asked == 2
+    assert sessions == 1
+    assert listed
+
+
+def test_a_removal_whose_listing_asterisk_does_not_know_yet_stays_owed(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A removed endpoint's contacts, listed while Asterisk does not know PJSIPShowContacts
+    yet (res_pjsip still loading), stay owed and are deleted once it answers, not dropped
+    as if refused for good."""
+    monkeypatch.setattr(pbx_module, "OWED_RETRY", 0.2)
+    monkeypatch.setattr(pbx_module, "SNAPSHOT_MIN_GAP", 5.0)  # the book stays incomplete
+
+    async def scenario() -> tuple[list[str], bool]:
+        peer = _BootingPeer()
+        peer.unknown = 2  # the connect's snapshot, then the removal's listing
+        await peer.start()
+        pbx = AmiPbx([_link(peer)], store, "realtime")
+        async with _serving(peer, pbx) as link:
+            await eventually(lambda: peer.unknown == 1)
+            pbx.applied(REMOVED, target_kind="realtime")
+            await eventually(lambda: bool(peer.actions("DBDel")) and not link.owed, timeout=4)
+            return [a.get("Key") for a in peer.actions("DBDel")], CONTACT_KEY in peer.astdb
+
+    keys, held = run(scenario())
+    assert keys == [CONTACT_KEY]
+    assert not held
+
+
+def test_an_endpoint_asterisk_said_invalid_is_looked_up_when_added_again(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An endpoint Asterisk called INVALID (deleted, then a reload) and a realtime apply
+    adds again is not tracked by Asterisk until its reload ends: its phone's
+    SuccessfulAuth, with no status event after it, has it looked up, and it is online."""
+    monkeypatch.setattr(pbx_module, "CONFIRM_WINDOW", 0.05)
+    added = Change(added=("1001",), changed_objects=(("endpoint", "1001"),), wrote=True)
+
+    async def scenario() -> tuple[int, bool, str]:
+        peer = FakeAsterisk()
+        peer.reload_delay = 1.0
+        await peer.start()
+        link = _link(peer)
+        quiet = server_for(peer).model_copy(update={"events": "off"})
+        link.reloads = ReloadCoordinator(AmiClient(quiet, fast_settings()), fast_settings())
+        pbx = AmiPbx([link], store, "realtime")
+        async with _serving(peer, pbx):
+            await eventually(link.book_complete)
+            await peer.send_recorded(
+                "Event: DeviceStateChange", "UNAVAILABLE", replace=((b"UNAVAILABLE", b"INVALID"),)
+            )
+            await eventually(lambda: not link.book["1001"].exists)
+            pbx.applied(added, target_kind="realtime")
+            await eventually(lambda: link.reloads.in_flight and not link.unverified)
+            before = len(peer.actions("PJSIPShowEndpoint"))
+            await peer.send_recorded("Event: SuccessfulAuth\r\n", "Service: PJSIP")
+            await asyncio.sleep(0.4)
+            return (
+                len(peer.actions("PJSIPShowEndpoint")) - before,
+                link.reloads.in_flight,
+                link.book["1001"].summary,
+            )
+
+    looked_up, reload_running, summary = run(scenario())
+    assert reload_running
+    assert looked_up == 1
+    assert summary == "online"
+
+
+def test_a_reconnect_during_a_snapshot_retry_pause_takes_its_snapshot_at_once(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pause before a refused snapshot is asked for again ends when the connection is
+    made anew: the new session's snapshot does not wait for it."""
+    monkeypatch.setattr(pbx_module, "SNAPSHOT_MIN_GAP", 0.05)
+
+    async def scenario() -> int:
+        peer = _BootingPeer()
+        await peer.start()
+        link = _link(peer)
+        link.snapshot_failures = 20  # refused many times: the next pause is the longest
+        async with _serving(peer, AmiPbx([link], store, "realtime")):
+            await eventually(lambda: peer.unknown == 0)
+            await asyncio.sleep(0.1)
+            peer.drop_all()
+            await eventually(lambda: link.client.sessions == 2 and link.book_complete())
+            return len(peer.actions("PJSIPShowContacts"))
+
+    assert run(scenario()) == 2

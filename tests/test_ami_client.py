@@ -6,6 +6,7 @@ import asyncio
 import gc
 
 import pytest
+from pydantic import ValidationError
 from structlog.testing import capture_logs
 
 from provisioner.ami import AmiClient, AmiConnectionLost, AmiMessage, AmiNotConnected, AmiTimeout
@@ -341,3 +342,56 @@ def test_collector_is_paused_only_while_a_read_is_handled(enabled: bool) -> None
     finally:
         if was:
             gc.enable()
+
+
+@pytest.mark.parametrize("odd", ["\x85", "\x9f", "\x7f", "\x1b", "é", "\u2028"])
+@pytest.mark.parametrize("field", ["username", "secret"])
+def test_a_login_the_configuration_accepts_can_be_sent(field: str, odd: str) -> None:
+    """A username or secret is either refused by the configuration or sent in a Login that
+    Asterisk accepts: never accepted there and then refused by the client, whose run died
+    of it (the daemon exited and restarted for ever)."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        value = f"lab{odd}value"
+        setattr(peer, field, value)
+        await peer.start()
+        try:
+            server = server_for(peer)
+        except ValidationError:
+            await peer.stop()
+            return
+        client = AmiClient(server, fast_settings())
+        async with running(client):
+            await eventually(lambda: client.connected)
+        assert peer.actions("Login")[0].get(field.capitalize()) == value
+        await peer.stop()
+
+    run(scenario())
+
+
+def test_a_stop_while_connecting_ends_the_client_at_once() -> None:
+    """A stop that comes while the client waits on a host that accepts but never answers
+    (no banner) ends the client at once, not after the server's connect timeout."""
+
+    async def scenario() -> float:
+        async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read()  # never a banner: a host gone silent behind its port
+            writer.close()
+
+        silent = await asyncio.start_server(mute, "127.0.0.1", 0)
+        peer = FakeAsterisk()
+        peer.port = silent.sockets[0].getsockname()[1]
+        client = AmiClient(server_for(peer, timeout=10.0), fast_settings())
+        stop = asyncio.Event()
+        runner = asyncio.create_task(client.run(stop))
+        await asyncio.sleep(0.3)
+        stop.set()
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(runner, timeout=15)
+        took = asyncio.get_running_loop().time() - started
+        silent.close()
+        await silent.wait_closed()
+        return took
+
+    assert run(scenario()) < 1.0

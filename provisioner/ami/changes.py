@@ -52,7 +52,7 @@ from ..store.state import (
 )
 from ..targets import Change
 from .errors import AmiActionFailed, AmiError
-from .registration import contact_object_name
+from .registration import ContactState, contact_object_name
 from .reload import ReloadOutcome
 
 if TYPE_CHECKING:
@@ -122,6 +122,9 @@ EXPIRE_ALL_NOTE = "*"
 #: The longest server name kept as is in a state key: ``owed_removal:``, it, ``:`` and
 #: a 20-digit endpoint fill the key column (64); a longer one is cut and digested.
 SERVER_TAG_MAX = 30
+#: How Asterisk answers an action no loaded module provides (yet): ``Invalid/unknown
+#: command: <action>. Use Action: ListCommands to show available commands.``
+_NOT_LOADED = "invalid/unknown command"
 
 
 @dataclass
@@ -756,9 +759,22 @@ async def remove_contacts(link: Link, removed: Collection[str]) -> None:
     """
     if link.book_complete() and await _remove_known(link, removed):
         return
-    for c in await link.ops.show_contacts():
+    for c in await _listed_contacts(link):
         if c.aor in removed and c.object_name:
             await _remove_one(link, c.aor, c.object_name)
+
+
+async def _listed_contacts(link: Link) -> list[ContactState]:
+    """Every contact of the server (``PJSIPShowContacts``).  Asterisk accepts a login
+    before res_pjsip has loaded (``FullyBooted`` comes later) and answers that it does not
+    know the action: that is no refusal for good, so it raises a plain :class:`AmiError`,
+    which leaves the removals owed (:func:`pay`), where a refusal would drop them."""
+    try:
+        return await link.ops.show_contacts()
+    except AmiActionFailed as exc:
+        if _NOT_LOADED not in exc.asterisk_message.lower():
+            raise
+        raise AmiError(link.name, f"PJSIPShowContacts: {exc.asterisk_message}") from None
 
 
 async def _remove_known(link: Link, removed: Collection[str]) -> bool:

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..aio import sleep_unless, wait_first
+from ..aio import sleep_unless, wait_first, wait_task_or_event
 from ..config import AmiSettings, AsteriskServer
 from ..logs import get_logger
 from .actions import (
@@ -265,7 +265,7 @@ class AmiClient:
     async def _one_connection(self, stop: asyncio.Event, attempt: int) -> tuple[float, int]:
         """Connect, serve until lost or stopped; return (delay before the next try, attempt)."""
         try:
-            session = await self._open()
+            session = await self._open_unless(stop)
         except AmiLoginFailed as exc:
             self._login_failures += 1
             self._last_error = exc.reason
@@ -285,6 +285,8 @@ class AmiClient:
                 retry_in_s=round(delay, 3),
             )
             return delay, attempt + 1
+        if session is None:
+            return 0.0, attempt  # stopped while connecting
         started = time.monotonic()
         await self._serve(session, stop)
         # Only a session that lived a while resets the backoff: a peer that accepts
@@ -292,6 +294,25 @@ class AmiClient:
         stable = time.monotonic() - started >= self.settings.backoff_cap
         next_attempt = 0 if stable else attempt + 1
         return (0.0 if stop.is_set() else self._backoff(0 if stable else attempt)), next_attempt
+
+    async def _open_unless(self, stop: asyncio.Event) -> _Session | None:
+        """:meth:`_open`, given up (None) when ``stop`` is set first: a host that accepts
+        and never answers would otherwise hold a stop for the whole ``timeout`` (up to
+        300 s), past the daemon's ``shutdown_timeout``."""
+        opening = asyncio.ensure_future(self._open())
+        try:
+            await wait_task_or_event(opening, stop)
+        finally:
+            if not opening.done():
+                opening.cancel()  # _open aborts its socket on the way out
+        await asyncio.wait([opening])
+        if opening.cancelled():
+            return None
+        session = opening.result()  # raises what _open raised
+        if stop.is_set():
+            session.close("client stopped")
+            return None
+        return session
 
     async def _open(self) -> _Session:
         """Connect, read the banner and log in within the server's ``timeout``."""

@@ -30,7 +30,7 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
@@ -86,6 +86,8 @@ __all__ = ["AmiPbx", "Link", "snapshot_gap", "split_batch", "take_due"]
 
 log = get_logger(__name__)
 _T = TypeVar("_T")
+#: What became of a snapshot (see :meth:`AmiPbx._take_snapshot`).
+_Snapshot = Literal["stored", "unstored", "failed", "failed_live"]
 
 #: Seconds the first dirty endpoint waits for more before a write starts: one
 #: registration's ContactStatus, PeerStatus and DeviceStateChange come within a few
@@ -119,6 +121,9 @@ CONFIRM_WINDOW = 1.0
 #: Untracked endpoints looked up one by one (``PJSIPShowEndpoint``) at most at once;
 #: more want one ``PJSIPShowContacts`` snapshot instead.
 LOOKUP_LIMIT = 20
+#: Seconds at the most between tries of a snapshot that keeps failing on a session
+#: that stays up (refused, unanswered), doubling from ``SNAPSHOT_MIN_GAP``.
+SNAPSHOT_RETRY_MAX = 60.0
 _EVENTS = ("ContactStatus", "PeerStatus", "DeviceStateChange", "SuccessfulAuth")
 
 
@@ -201,6 +206,8 @@ class Link:
     snapshot_events: list[Mapping[str, str]] | None = None
     #: Seconds the last snapshot's ``PJSIPShowContacts`` took.
     snapshot_took: float = 0.0
+    #: Snapshots failed in a row on a session that stayed up (0 once one is in).
+    snapshot_failures: int = 0
     #: Endpoints applied but not yet verified (see :func:`~.changes.verify_some`).
     unverified: dict[str, None] = field(default_factory=dict)
     #: A reload is noted owed in the store (see :func:`~.changes.request_reload`).
@@ -591,7 +598,8 @@ class AmiPbx:
             failures=link.store_failures,
             retry_in_s=delay,
         )
-        await sleep_unless(stop, delay)
+        # A snapshot wanted meanwhile (a reconnect's) ends the pause: it is due at once.
+        await wait_first(stop, link.snapshot_wanted, timeout=delay)
 
     async def _snapshots(self, link: Link, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -605,14 +613,33 @@ class AmiPbx:
             link.last_snapshot = time.monotonic()
             link.snapshot_running = True
             try:
-                stored = await self._take_snapshot(link)
+                taken = await self._take_snapshot(link)
             finally:
                 link.snapshot_running = False
-            if not stored and not stop.is_set():
+            if stop.is_set():
+                return
+            if taken == "unstored":
                 # Not stored: ask Asterisk again once the database had a pause (the
                 # snapshot also removes contacts the events never said were gone).
                 await self._store_backoff(link, stop)
                 link.snapshot_wanted.set()
+            elif taken == "failed_live":
+                # No reconnect will want one (Asterisk refused it, as before res_pjsip
+                # has loaded, or left it unanswered): ask again after a pause.
+                await self._snapshot_backoff(link, stop)
+                link.snapshot_wanted.set()
+
+    async def _snapshot_backoff(self, link: Link, stop: asyncio.Event) -> None:
+        link.snapshot_failures += 1
+        delay = doubling(SNAPSHOT_MIN_GAP, SNAPSHOT_RETRY_MAX, link.snapshot_failures)
+        log.info(
+            "registration.snapshot_retry",
+            server=link.name,
+            failures=link.snapshot_failures,
+            retry_in_s=delay,
+        )
+        # A snapshot wanted meanwhile (a reconnect's) ends the pause: it is due at once.
+        await wait_first(stop, link.snapshot_wanted, timeout=delay)
 
     async def _lookups(self, link: Link, stop: asyncio.Event) -> None:
         """Look up the contacts of each endpoint whose ``SuccessfulAuth`` no status event
@@ -660,7 +687,8 @@ class AmiPbx:
             if reg.tracked:
                 continue  # a status event came meanwhile: the events tell its contacts
             contacts = detail.contacts if detail is not None else ()
-            link.book[endpoint] = reg._replace(contacts=contacts)
+            # Asterisk holds it (or not) now, whatever an earlier INVALID said.
+            link.book[endpoint] = reg._replace(contacts=contacts, exists=detail is not None)
             link.mark_dirty((endpoint,))
             log.debug(
                 "registration.looked_up",
@@ -669,10 +697,11 @@ class AmiPbx:
                 contacts=len(contacts),
             )
 
-    async def _take_snapshot(self, link: Link) -> bool:
-        """Ask Asterisk for every contact and make the store hold exactly them; ``False``
-        when the store could not be written, or the flusher stopped first (an AMI failure
-        is not retried here: the next connect takes a snapshot)."""
+    async def _take_snapshot(self, link: Link) -> _Snapshot:
+        """Ask Asterisk for every contact and make the store hold exactly them:
+        ``stored``; ``unstored`` when the store could not be written, or the flusher
+        stopped first; ``failed_live`` when AMI failed on a session still up; ``failed``
+        when the session was lost (the next connect takes a snapshot)."""
         session = link.client.sessions
         started = time.monotonic()
         link.snapshot_events = []
@@ -680,7 +709,8 @@ class AmiPbx:
             contacts = await link.ops.show_contacts()
         except ProvisionerError as exc:
             log.warning("registration.snapshot_failed", server=link.name, error=str(exc))
-            return True
+            live = link.client.connected and link.client.sessions == session
+            return "failed_live" if live else "failed"
         finally:
             link.snapshot_took = time.monotonic() - started
             events, link.snapshot_events = link.snapshot_events, None
@@ -720,6 +750,7 @@ class AmiPbx:
         stored = await link.in_flusher_turn(
             lambda conn: replace_server_snapshot(conn, link.name, states, now)
         )
+        link.snapshot_failures = 0
         if stored:
             link.store_failures = 0
             contacts_now = sum(len(contacts) for contacts, _ in states.values())
@@ -729,7 +760,7 @@ class AmiPbx:
                 contacts=contacts_now,
                 took_ms=round(link.snapshot_took * 1000, 1),
             )
-        return stored
+        return "stored" if stored else "unstored"
 
     # -- changes out -------------------------------------------------------------------
 

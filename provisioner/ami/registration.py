@@ -246,15 +246,19 @@ def apply_event(
     latest = _latest(stamp, reg.last_change)
     if kind == "PeerStatus":
         peer = event.get("PeerStatus") or None
-        reg = reg._replace(peer_status=peer, tracked=True, exists=reg.exists or peer == "Reachable")
+        exists = reg.exists or peer == "Reachable"
+        # After INVALID, an Unreachable says nothing of tracking: the endpoint is gone.
+        reg = reg._replace(peer_status=peer, tracked=exists, exists=exists)
     elif kind == "DeviceStateChange":
         state = event.get("State") or None
         # INVALID: Asterisk has no such device any more; its contacts are not "online".
+        # Nor does it track it: added again (realtime), it sends no status event until a
+        # reload, and its phone's registration is seen only by looking it up.
         gone = state == "INVALID"
         reg = reg._replace(
             device_state=state,
             exists=not gone,
-            tracked=True,
+            tracked=not gone,
             contacts=() if gone else reg.contacts,
         )
     elif kind == "SuccessfulAuth":
