@@ -926,7 +926,7 @@ def test_a_failing_check_waits_longer_each_round_and_keeps_its_endpoints() -> No
         try:
             async with running(AmiPbx([link], create_engine("sqlite://"), "realtime")):
                 await eventually(lambda: link.client.connected)
-                link.unverified.update(dict.fromkeys(["1001", "2001"]))
+                link.unverified.update({"1001": 0, "2001": 0})
                 await verify_some(link)
                 waited = link.verify_after - time.monotonic()
                 return link.verify_failures, list(link.unverified) == ["1001", "2001"], waited
@@ -1743,3 +1743,30 @@ def test_a_reconnect_during_a_snapshot_retry_pause_takes_its_snapshot_at_once(
             return len(peer.actions("PJSIPShowContacts"))
 
     assert run(scenario()) == 2
+
+
+def test_an_endpoint_changed_again_during_its_check_is_checked_again(store: Engine) -> None:
+    """A config-file edit reloaded while the endpoint's previous check is still waiting for
+    Asterisk's answer has the endpoint checked once more afterwards: the older answer
+    does not stand for the newer change."""
+
+    async def scenario() -> list[str]:
+        peer = FakeAsterisk()
+        peer.reload_delay = 0.3
+        peer.delays["PJSIPShowEndpoint"] = 1.0
+        await peer.start()
+        pbx = AmiPbx([_link(peer)], store, "config")
+        async with _serving(peer, pbx) as link:
+            pbx.applied(UPDATED, target_kind="config")
+            await eventually(lambda: bool(peer.actions("Reload")))
+            # Pending behind the first reload: sent when it ends, as the check of the
+            # first starts, and ended (0.3 s) while that check waits (1 s).
+            pbx.applied(UPDATED, target_kind="config")
+            await eventually(lambda: bool(peer.actions("PJSIPShowEndpoint")))
+            await eventually(lambda: len(peer.actions("Reload")) == 2)
+            await eventually(lambda: not link.reloads.in_flight and not link.reloads.pending)
+            await eventually(lambda: not link.unverified, timeout=5)
+            await asyncio.sleep(0.5)  # a second check would have been sent by now
+            return [a.get("Endpoint") for a in peer.actions("PJSIPShowEndpoint")]
+
+    assert run(scenario()) == ["100001", "100001"]

@@ -122,6 +122,8 @@ EXPIRE_ALL_NOTE = "*"
 #: The longest server name kept as is in a state key: ``owed_removal:``, it, ``:`` and
 #: a 20-digit endpoint fill the key column (64); a longer one is cut and digested.
 SERVER_TAG_MAX = 30
+#: Numbers the changes that owe a check (see :func:`_owe_verification`).
+_CHECKS_OWED = count()
 #: How Asterisk answers an action no loaded module provides (yet): ``Invalid/unknown
 #: command: <action>. Use Action: ListCommands to show available commands.``
 _NOT_LOADED = "invalid/unknown command"
@@ -651,7 +653,11 @@ def _retry_reload(link: Link) -> None:
 def _owe_verification(link: Link, changed: set[str], gone: set[str]) -> None:
     """Have ``changed`` endpoints verified (in order); ``gone`` ones no longer."""
     unverified = link.unverified
-    unverified.update(dict.fromkeys(sorted(changed)))
+    for endpoint in sorted(changed):
+        # A new number, at the end of the queue: a check already asked about the
+        # endpoint answers for the older change only (see verify).
+        unverified.pop(endpoint, None)
+        unverified[endpoint] = next(_CHECKS_OWED)
     for endpoint in gone:
         unverified.pop(endpoint, None)
 
@@ -820,6 +826,7 @@ async def verify(link: Link, endpoints: list[str], *, listing: bool = False) -> 
     the answered ones off ``link.unverified``.  An AMI failure leaves the rest
     unverified (``pjsip.verify_failed``), for a later round: a check, not a write."""
     problems: dict[str, str] = {}
+    owed = {endpoint: link.unverified.get(endpoint) for endpoint in endpoints}
     try:
         await (_verify_listed if listing else _verify_each)(link, endpoints, problems)
     except AmiError as exc:
@@ -839,7 +846,9 @@ async def verify(link: Link, endpoints: list[str], *, listing: bool = False) -> 
     else:
         link.verify_failures = 0
     for endpoint in problems:
-        link.unverified.pop(endpoint, None)
+        # Changed again while Asterisk answered: this answer may predate that change.
+        if link.unverified.get(endpoint) == owed[endpoint]:
+            link.unverified.pop(endpoint, None)
     if not problems:
         return
     not_live = [(ep, problem) for ep, problem in problems.items() if problem]

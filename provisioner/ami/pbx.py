@@ -208,8 +208,9 @@ class Link:
     snapshot_took: float = 0.0
     #: Snapshots failed in a row on a session that stayed up (0 once one is in).
     snapshot_failures: int = 0
-    #: Endpoints applied but not yet verified (see :func:`~.changes.verify_some`).
-    unverified: dict[str, None] = field(default_factory=dict)
+    #: Endpoints applied but not yet verified (see :func:`~.changes.verify_some`), each
+    #: with the number of the change that owes it (a newer change owes a new check).
+    unverified: dict[str, int] = field(default_factory=dict)
     #: A reload is noted owed in the store (see :func:`~.changes.request_reload`).
     reload_noted: bool = False
     #: Reloads failed in a row (busy past its retries, timed out, refused), the pending
