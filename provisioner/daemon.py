@@ -410,7 +410,11 @@ class Daemon:
             self.tick.clear()
             if self.reload_requested:
                 self.reload_requested = False
+                # systemd shows the reload until READY=1, sent whether or not the new
+                # configuration was taken (a refused one is logged, the old one runs on).
+                self.notifier.reloading()
                 await self._reload_config()
+                self.notifier.ready(status="provisioning")
             full = self.templates_changed.is_set() or time.monotonic() >= self._next_reconcile
             if full:
                 self.templates_changed.clear()

@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Mapping
 
 __all__ = ["Notifier", "watchdog_interval"]
 
 
 class Notifier:
-    """Sends READY / WATCHDOG / STOPPING / STATUS to systemd when it listens."""
+    """Sends READY / RELOADING / WATCHDOG / STOPPING / STATUS to systemd when it listens."""
 
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         env = os.environ if env is None else env
@@ -45,6 +46,11 @@ class Notifier:
 
     def watchdog(self) -> None:
         self.send(watchdog=1)
+
+    def reloading(self) -> None:
+        """RELOADING=1 with the monotonic clock, as systemd wants it: the service is
+        "reloading" until the next :meth:`ready`, so ``systemctl reload`` waits for it."""
+        self.send(reloading=1, monotonic_usec=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
 
     def stopping(self) -> None:
         self.send(stopping=1)

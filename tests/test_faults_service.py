@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -205,3 +206,30 @@ def test_sigterm_while_an_apply_waits_on_a_store_lock_exits_in_time(tmp_path: Pa
     assert took < 4.0, f"shutdown took {took:.2f} s"
     assert daemon.logged("daemon.shutdown_timeout")
     assert daemon.logged("daemon.stopped")
+
+
+def test_sighup_is_announced_as_a_reload_to_systemd(tmp_path: Path) -> None:
+    """A SIGHUP sends RELOADING=1 (with MONOTONIC_USEC) and, once the configuration is
+    re-read, READY=1 again, so ``systemctl reload`` waits for the reload and sees it end."""
+    seed_store(store_url(tmp_path), 3).dispose()
+    notify = NotifySocket(tmp_path / "notify")
+    daemon = Daemon(
+        write_config(tmp_path),
+        tmp_path / "daemon.log",
+        extra_env={"NOTIFY_SOCKET": str(notify.path)},
+    )
+    try:
+        daemon.start(wait_ready=False)
+        until(lambda: bool(notify.times("READY")), 20, "READY=1")
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGHUP)
+        until(lambda: len(notify.times("READY")) == 2, 5, "READY=1 after the reload")
+        reloading = notify.times("RELOADING")
+        assert len(reloading) == 1
+        assert notify.times("READY")[0] < reloading[0] <= notify.times("READY")[1]
+        usec = [m["MONOTONIC_USEC"] for _t, m in notify.messages if "RELOADING" in m]
+        assert usec[0].isdigit()
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+        notify.close()
