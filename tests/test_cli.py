@@ -630,3 +630,21 @@ def test_an_empty_role_cell_keeps_the_role_like_a_missing_column(cli: Cli, tmp_p
     shown = {u["username"]: u for u in json.loads(cli.ok("user", "list", "--json"))}
     assert (shown["alice"]["role"], shown["alice"]["full_name"]) == ("user", "Alice B")
     assert shown["dave"]["role"] == "user"
+
+
+def test_unlocking_a_deleted_member_exits_5_and_changes_no_one(cli: Cli, store: Engine) -> None:
+    """'user unlock' refuses a deleted member (restore it first), as enable and disable do,
+    and unlocks none of the users named with it."""
+    for name in ("alice", "bob"):
+        _add(cli, name)
+        cli.ok("user", "passwd", name, input=GOOD_PASSWORD + "\n")
+        for _ in range(3):
+            cli("auth", "login", name, input="wrong\n")
+        assert user_row(store, name).locked_at is not None
+    cli.ok("user", "delete", "alice")
+    before = user_row(store, "alice")
+    result = cli("user", "unlock", "bob", "alice")
+    assert result.code == 5
+    assert "username: alice is in deleted members; restore it first" in result.err
+    assert user_row(store, "alice") == before
+    assert user_row(store, "bob").locked_at is not None
