@@ -607,6 +607,8 @@ class Accounts:
 
     def unlock(self, usernames: Sequence[str]) -> list[str]:
         def change(conn: Connection, row: Any, now: datetime) -> None:
+            # A deleted member is not changed until restored (as enable and disable).
+            self._not_deleted(row)
             if row.locked_at is not None or row.failed_logins:
                 self.guard_first_admin(conn, row)
                 q.update_user(

@@ -191,6 +191,10 @@ def _values(header: Sequence[str], cells: dict[str, str]) -> dict[str, Any]:
             values[name] = cell
         elif name == "extension" and cell == "":
             continue  # new user: allocate; existing user: keep
+        elif name == "role" and cell == "":
+            # As a missing column: an existing user keeps its role (an empty cell is no
+            # change of it), a new user gets the default role, as 'user add' gives.
+            continue
         else:
             values[name] = cell
     if has_attrs:

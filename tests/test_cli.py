@@ -612,3 +612,39 @@ def test_as_another_admin_importing_a_change_to_root_is_refused(
         "r@example.com",
         "Alice A",
     )
+
+
+def test_an_empty_role_cell_keeps_the_role_like_a_missing_column(cli: Cli, tmp_path: Path) -> None:
+    """An empty role cell in a CSV import keeps an existing user's role and gives a new user
+    the default role, as a missing role column does, instead of being refused as a change."""
+    _add(cli, "alice")
+    sheet = tmp_path / "roles.csv"
+    sheet.write_text(
+        "username,role,full_name,email,profile\n"
+        "alice,,Alice B,alice@example.com,agents\n"
+        "dave,,Dave,dave@example.com,agents\n",
+        encoding="utf-8",
+    )
+    out = cli.ok("user", "import", "--csv", str(sheet))
+    assert "added 1, updated 1" in out
+    shown = {u["username"]: u for u in json.loads(cli.ok("user", "list", "--json"))}
+    assert (shown["alice"]["role"], shown["alice"]["full_name"]) == ("user", "Alice B")
+    assert shown["dave"]["role"] == "user"
+
+
+def test_unlocking_a_deleted_member_exits_5_and_changes_no_one(cli: Cli, store: Engine) -> None:
+    """'user unlock' refuses a deleted member (restore it first), as enable and disable do,
+    and unlocks none of the users named with it."""
+    for name in ("alice", "bob"):
+        _add(cli, name)
+        cli.ok("user", "passwd", name, input=GOOD_PASSWORD + "\n")
+        for _ in range(3):
+            cli("auth", "login", name, input="wrong\n")
+        assert user_row(store, name).locked_at is not None
+    cli.ok("user", "delete", "alice")
+    before = user_row(store, "alice")
+    result = cli("user", "unlock", "bob", "alice")
+    assert result.code == 5
+    assert "username: alice is in deleted members; restore it first" in result.err
+    assert user_row(store, "alice") == before
+    assert user_row(store, "bob").locked_at is not None
