@@ -130,6 +130,10 @@ def _read(source: TextIO) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
         raise InvalidInput([Problem("header", "the file is empty", 1)]) from None
     except csv.Error as exc:
         raise InvalidInput([Problem("csv", str(exc), 1)]) from None
+    if header:
+        # A UTF-8 byte-order mark, as Excel saves CSV, is no part of the first column's
+        # name (the CLI reads files as utf-8-sig; text handed in here may still hold it).
+        header[0] = header[0].removeprefix("\ufeff")
     header = [h.strip() for h in header]
     problems = []
     known = set(COLUMNS) | set(SECRET_COLUMNS)

@@ -378,3 +378,10 @@ def test_an_import_whose_final_extensions_repeat_is_refused_naming_the_rows(
         import_users(accounts, "username,extension\n" + body)
     assert str(info.value) == problem
     assert _extensions(accounts) == {"root": "100", "alice": "101", "bob": "102"}
+
+
+def test_an_export_saved_with_a_byte_order_mark_imports_as_without(accounts: Accounts) -> None:
+    """CSV text that starts with a UTF-8 byte-order mark (as Excel saves it) imports as
+    the same text without the mark: its first column is still ``username``."""
+    result = import_users(accounts, "\ufeff" + _export(accounts))
+    assert result.unchanged == [u.username for u in accounts.list_users()]
