@@ -173,6 +173,17 @@ def _needs_restart(new: Config, old: Config) -> list[str]:
     return sections + keys
 
 
+def _in_effect(new: Config, running: Config) -> Config:
+    """``new`` with the settings only a restart applies (:data:`RESTART_SECTIONS`,
+    :data:`RESTART_KEYS`) as ``running`` has them."""
+    kept: dict[str, Any] = {name: getattr(running, name) for name in RESTART_SECTIONS}
+    for section in dict.fromkeys(section for section, _ in RESTART_KEYS):
+        keys = [key for name, key in RESTART_KEYS if name == section]
+        old = {key: getattr(getattr(running, section), key) for key in keys}
+        kept[section] = getattr(new, section).model_copy(update=old)
+    return new.model_copy(update=kept)
+
+
 def template_dirs(config: Config) -> list[Path]:
     dirs = [SHIPPED_TEMPLATES]
     if config.target.templates:
@@ -717,7 +728,9 @@ class Daemon:
             # Counted from now: the main loop read the old interval when it last set it.
             every = config.daemon.reconcile_interval
             self._next_reconcile = time.monotonic() + every if every else float("inf")
-        self.config = config
+        # What runs: the restart-only settings stay those in effect, so the next SIGHUP
+        # still finds them changed (and says so again) until a restart applies them.
+        self.config = config = _in_effect(config, self.config)
         self.tracker.grace = config.daemon.cursor_grace
         self.applier.settings = RenderSettings.from_config(config)
         self.applier.max_removal_fraction = config.daemon.max_removal_fraction

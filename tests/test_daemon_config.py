@@ -357,3 +357,34 @@ def test_a_realtime_daemon_starts_while_the_store_is_locked(tmp_path: Path) -> N
     with sqlite3.connect(tmp_path / "store.db") as conn:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
     assert {"ps_endpoints", "ps_auths", "ps_aors"} <= tables
+
+
+def test_a_restart_is_asked_for_at_each_sighup_until_one_applies_it(tmp_path: Path) -> None:
+    """A SIGHUP that finds a new store, [ami] section or metrics port says a restart is
+    needed and keeps running with the old ones, so the next SIGHUP says it again."""
+    path = tmp_path / "provisioner.toml"
+    first = (
+        f"[store]\nurl = 'sqlite:///{tmp_path / 'store.db'}'\n"
+        f"[target]\npath = '{tmp_path / 'pjsip_users.conf'}'\n"
+    )
+    path.write_text(first, encoding="utf-8")
+    config = load_config(path, env={})
+    daemon = Daemon.from_config(config, config_path=str(path))
+    try:
+        path.write_text(
+            first.replace("store.db", "other.db")
+            + "[ami]\nping_interval = 7\n[daemon]\nmetrics_port = 9999\nquiet = 0.1\n",
+            encoding="utf-8",
+        )
+        said: list[Any] = []
+        for _ in range(2):
+            with capture_logs() as logs:
+                asyncio.run(daemon._reload_config())
+            said += [e["settings"] for e in logs if e["event"] == "config.restart_needed"]
+        assert said == [["store", "ami", "daemon.metrics_port"]] * 2
+        assert daemon.config.store == config.store
+        assert daemon.config.ami == config.ami
+        assert daemon.config.daemon.metrics_port == config.daemon.metrics_port
+        assert daemon.config.daemon.quiet == 0.1  # read by the loop each time: taken
+    finally:
+        daemon.engine.dispose()
