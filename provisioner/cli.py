@@ -300,7 +300,9 @@ def user() -> None:
 
 @user.command("add")
 @click.argument("username")
-@click.option("--role", type=click.Choice(ROLES), default="user", show_default=True)
+@click.option(
+    "--role", type=click.Choice(ROLES, case_sensitive=False), default="user", show_default=True
+)
 @_user_options
 @pass_app
 def user_add(app: App, /, username: str, role: str, **opts: Any) -> None:
@@ -356,7 +358,7 @@ def user_show(app: App, username: str, as_json: bool) -> None:
 
 @user.command("list")
 @click.option("--deleted", is_flag=True, help="List deleted members instead.")
-@click.option("--role", type=click.Choice(ROLES))
+@click.option("--role", type=click.Choice(ROLES, case_sensitive=False))
 @click.option("--profile")
 @click.option("--state", type=click.Choice(["active", "disabled", "locked"]))
 @click.option("--json", "as_json", is_flag=True)

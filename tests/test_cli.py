@@ -648,3 +648,13 @@ def test_unlocking_a_deleted_member_exits_5_and_changes_no_one(cli: Cli, store: 
     assert "username: alice is in deleted members; restore it first" in result.err
     assert user_row(store, "alice") == before
     assert user_row(store, "bob").locked_at is not None
+
+
+def test_a_role_in_capitals_is_taken_as_csv_import_takes_it(
+    cli: Cli,
+) -> None:
+    """`user add --role ADMIN` adds an admin and `user list --role ADMIN` finds it, as CSV
+    import and --transport/--nat/--video take any case."""
+    cli.ok("user", "add", "boss", "--role", "ADMIN", "--full-name", "Boss", "--email", "b@ex.com")
+    listed = json.loads(cli.ok("user", "list", "--json", "--role", "Admin"))
+    assert [(u["username"], u["role"]) for u in listed] == [("root", "admin"), ("boss", "admin")]
