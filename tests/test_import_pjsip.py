@@ -554,16 +554,13 @@ def test_an_import_racing_another_writer_for_a_username_reports_it(accounts: Acc
     assert sorted(u.username for u in accounts.list_users()) == ["bob", "root"]
 
 
-def test_codecs_separated_by_bars_are_read_as_asterisk_reads_them(tmp_path: Path) -> None:
+def test_codecs_separated_by_bars_are_read_as_asterisk_reads_them() -> None:
     """``allow=ulaw|alaw`` imports both codecs: Asterisk splits codec lists at ``|`` and ``,``."""
-    conf = tmp_path / "pjsip.conf"
-    conf.write_text(
+    (user,) = _plan(
         "[7201]\ntype=endpoint\nauth=a7201\naors=7201\ndisallow=all\nallow=g722|ulaw, alaw\n"
         "disallow=alaw|gsm\n[7201]\ntype=aor\n"
-        "[a7201]\ntype=auth\nusername=u7201\npassword=Secret-7201\n",
-        encoding="utf-8",
-    )
-    (user,) = plan_import(read_file(conf), SETTINGS).users
+        "[a7201]\ntype=auth\nusername=u7201\npassword=Secret-7201\n"
+    ).users
     assert user.values["codecs"] == "g722,ulaw"
     assert not any("dropped" in note for note in user.notes)
 
