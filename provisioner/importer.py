@@ -355,8 +355,9 @@ def _wizard_source(section: Section) -> _Source:
     if transport:
         endpoint["transport"] = transport
     auth = parts["inbound_auth"]
-    # The wizard names the auth after itself and, without a username, uses its id.
-    auth.setdefault("username", section.name)
+    if "username" not in auth:
+        # handle_auth logs "must have 'inbound_auth/username'" and creates no auth.
+        raise _Refuse("has no inbound_auth/username: Asterisk's wizard creates no auth for it")
     source = _Source(section, endpoint, codec_ops, auth, "", [], [parts["aor"]])
     for note in (
         _ignored("wizard", other, frozenset()),

@@ -625,3 +625,20 @@ def test_a_section_is_the_type_asterisk_loads_it_as(tmp_path: Path) -> None:
     assert "[7601] Endpoint: not a user object" in reasons
     assert "[7602] repeats the endpoint of line 15; only that one is read" in reasons
     assert any(r.startswith("[7602] endpoint: its aor [7602] is not defined") for r in reasons)
+
+
+def test_a_wizard_without_an_inbound_auth_username_is_not_mapped(tmp_path: Path) -> None:
+    """A wizard that accepts auth but has no ``inbound_auth/username`` is reported, not
+    given its id as the username: Asterisk's wizard creates no auth for it (it logs "must
+    have 'inbound_auth/username'"), so no phone can register to it."""
+    conf = tmp_path / "pjsip_wizard.conf"
+    conf.write_text(
+        "[7701]\ntype=wizard\naccepts_auth=yes\naccepts_registrations=yes\n"
+        "endpoint/allow=ulaw\ninbound_auth/password=Secret-7701\n",
+        encoding="utf-8",
+    )
+    plan = plan_import(read_file(conf), SETTINGS)
+    assert plan.users == ()
+    assert [str(u) for u in plan.unmapped] == [
+        "[7701] wizard: has no inbound_auth/username: Asterisk's wizard creates no auth for it"
+    ]
