@@ -414,14 +414,19 @@ def _codecs(source: _Source, settings: RenderSettings) -> tuple[str, str]:
         return "ulaw,alaw", "no"
     offered: list[str] = []
     for op, value in source.codec_ops:
-        for item in _codec_items(value):
+        items = _codec_items(value)
+        if value.startswith("(") and value.endswith(")"):
+            # Asterisk's own list form: allow=(a|b) first drops every codec,
+            # disallow=(a|b) first allows every one.
+            items = ["!all", *_codec_items(value[1:-1])]
+        for item in items:
             allow = op == "allow"
             if item.startswith("!"):
                 allow, item = not allow, item[1:]
             name = item.split(":", 1)[0].strip().lower()
             if name == "all":
                 if allow:
-                    offered = [*CODECS, *VIDEO_CODECS]
+                    offered += [c for c in (*CODECS, *VIDEO_CODECS) if c not in offered]
                     source.notes.append("allow=all becomes our audio codecs and video")
                 else:
                     offered = []

@@ -642,3 +642,23 @@ def test_a_wizard_without_an_inbound_auth_username_is_not_mapped(tmp_path: Path)
     assert [str(u) for u in plan.unmapped] == [
         "[7701] wizard: has no inbound_auth/username: Asterisk's wizard creates no auth for it"
     ]
+
+
+def test_a_parenthesised_codec_list_replaces_the_codecs_as_asterisk_reads_it() -> None:
+    """``allow=(ulaw|alaw)`` (the form Asterisk prints codec lists in) first drops every
+    codec and ``disallow=(g722)`` first allows every one, as Asterisk applies them; the
+    parentheses never reach a codec name."""
+    text = ""
+    for ext, codecs in (
+        ("7801", "disallow=all\nallow=g722\nallow=(ulaw|alaw)\n"),
+        ("7802", "allow=ulaw\ndisallow=(g722|vp8|h264)\n"),
+    ):
+        text += f"[{ext}]\ntype=endpoint\nauth=a{ext}\naors={ext}\n{codecs}[{ext}]\ntype=aor\n"
+        text += f"[a{ext}]\ntype=auth\nusername=u{ext}\npassword=Secret-{ext}\n"
+    users = {u.extension: u for u in _plan(text).users}
+    assert (users["7801"].values["codecs"], users["7801"].values["video"]) == ("ulaw,alaw", "no")
+    assert (users["7802"].values["codecs"], users["7802"].values["video"]) == (
+        "ulaw,alaw,gsm,g729,opus",
+        "yes",
+    )
+    assert not any("dropped" in n for u in users.values() for n in u.notes)
