@@ -67,6 +67,9 @@ _DEFAULT_CONTEXT = "default"
 #: Runs of :func:`apply_plan` at most while concurrent writers keep taking its keys.
 _APPLY_ATTEMPTS = 5
 _DEFAULT_REALM = "asterisk"
+#: A valid domain to check that a username can be an email address's local part
+#: (``--email-domain`` itself is checked at apply time).
+_EMAIL_PROBE_DOMAIN = "example.com"
 #: Section types that are never a user, and why.
 _NOT_USERS: Mapping[str, str] = {
     "transport": "stays in Asterisk's own configuration",
@@ -593,6 +596,11 @@ def _map_source(
         raise _Refuse(f"its auth [{source.auth_name}] has no username")
     if (rule := _rule("username", username)) is not None:
         raise _Refuse(f"username {username!r} {rule}")
+    # The email is <username>@<--email-domain>: a username no address can start with
+    # (a..b, .ann) is left out here rather than failing the whole import at apply time.
+    if (rule := check_email(f"{username}@{_EMAIL_PROBE_DOMAIN}")[1]) is not None:
+        why = rule.removeprefix("must be a valid email address").strip()
+        raise _Refuse(f"username {username!r} makes no valid email address {why}".rstrip())
     values = {
         "username": username,
         "extension": extension,

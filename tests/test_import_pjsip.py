@@ -662,3 +662,24 @@ def test_a_parenthesised_codec_list_replaces_the_codecs_as_asterisk_reads_it() -
         "yes",
     )
     assert not any("dropped" in n for u in users.values() for n in u.notes)
+
+
+def test_a_username_that_makes_no_email_address_is_not_mapped_and_the_rest_import(
+    accounts: Accounts,
+) -> None:
+    """A username our username rule allows but no email address can start with (``a..b``,
+    ``.ann``) is reported as not mapped, naming its section and the email rule, and the
+    other users are imported: it does not block the whole import at apply time."""
+    text = ""
+    for ext, name in (("7901", "u7901"), ("7902", "a..b"), ("7903", ".ann")):
+        text += f"[{ext}]\ntype=endpoint\nauth=a{ext}\naors={ext}\nallow=ulaw\n"
+        text += f"[{ext}]\ntype=aor\n[a{ext}]\ntype=auth\nusername={name}\npassword=Secret-{ext}\n"
+    lines = _import(accounts, text)
+    assert "added u7901 (extension 7901)" in lines
+    refused = [line for line in lines if " endpoint: " in line]
+    assert [line.split(" endpoint: ")[0] for line in refused] == [
+        "not mapped: [7902]",
+        "not mapped: [7903]",
+    ]
+    assert all("makes no valid email address" in line for line in refused), refused
+    assert sorted(u.username for u in accounts.list_users()) == ["root", "u7901"]
