@@ -225,15 +225,28 @@ def _is_true(value: str | None) -> bool:
 
 @dataclass
 class _Index:
-    """The file's sections by (type, name), the first of each; later ones are repeats."""
+    """The file's sections by (type, name) as Asterisk loads them: of a wizard defined more
+    than once, the last; a section of another type defined more than once is in
+    ``duplicates`` (with its lines) instead, as Asterisk loads neither copy."""
 
     parsed: Parsed
     by_key: dict[tuple[str, str], Section] = field(default_factory=dict)
     used: set[tuple[str, str]] = field(default_factory=set)
     owner: dict[tuple[str, str], str] = field(default_factory=dict)
+    duplicates: dict[tuple[str, str], tuple[int, ...]] = field(default_factory=dict)
 
     def get(self, kind: str, name: str) -> Section | None:
         return self.by_key.get((kind, name))
+
+    def find(self, kind: str, name: str) -> Section:
+        """The ``kind`` section ``name`` a user endpoint refers to, or :class:`_Refuse`."""
+        lines = self.duplicates.get((kind, name))
+        if lines is not None:
+            raise _Refuse(f"its {kind} [{name}] is {_twice(kind, lines)}")
+        section = self.get(kind, name)
+        if section is None:
+            raise _Refuse(f"its {kind} [{name}] is not defined in this file")
+        return section
 
     def realm(self) -> str:
         for (kind, _name), section in self.by_key.items():
@@ -281,18 +294,11 @@ def _endpoint_source(section: Section, index: _Index) -> _Source:
         raise _Refuse("has no inbound auth (auth=): not a registering user")
     if len(auths) > 1:
         raise _Refuse("has more than one auth; a user has exactly one")
-    auth_section = index.get("auth", auths[0])
-    if auth_section is None:
-        raise _Refuse(f"its auth [{auths[0]}] is not defined in this file")
+    auth_section = index.find("auth", auths[0])
     aor_names = _split(opts.get("aors", ""))
     if not aor_names:
         raise _Refuse("has no aors=: a phone could not register")
-    aors = []
-    for name in aor_names:
-        aor = index.get("aor", name)
-        if aor is None:
-            raise _Refuse(f"its aor [{name}] is not defined in this file")
-        aors.append(_options(aor))
+    aors = [_options(index.find("aor", name)) for name in aor_names]
     source = _Source(
         section=section,
         endpoint=opts,
@@ -629,26 +635,44 @@ def _map_source(
     )
 
 
+def _twice(kind: str, lines: tuple[int, ...]) -> str:
+    times = "twice" if len(lines) == 2 else f"{len(lines)} times"
+    shown = ", ".join(map(str, lines))
+    return (
+        f"defined {times} (lines {shown}): "
+        f"Asterisk loads no {kind} from a file that defines one more than once"
+    )
+
+
 def _build_index(parsed: Parsed, unmapped: list[Unmapped]) -> _Index:
+    """Index the sections as Asterisk loads them.  A file defining an object of one type
+    twice (res_sorcery_config: "configuration contains a duplicate object") loads no object
+    of that type, so no copy is read; the config wizard applies each copy of a wizard in
+    turn, so the last one is."""
     index = _Index(parsed)
+    copies: dict[tuple[str, str], list[Section]] = {}
     for section in parsed.visible():
         key = (_type(section), section.name)
         if not key[0]:
             unmapped.append(Unmapped(section.name, section.line, "has no type="))
-        elif key in index.by_key:
-            first = index.by_key[key]
-            unmapped.append(
-                Unmapped(
-                    section.name,
-                    section.line,
-                    f"repeats the {key[0]} of line {first.line}; only that one is read",
-                )
-            )
         else:
-            index.by_key[key] = section
-    for (kind, name), section in index.by_key.items():
-        opts = _options(section)
-        if kind in ("endpoint", "registration"):
+            copies.setdefault(key, []).append(section)
+    for key, sections in copies.items():
+        kind, last = key[0], sections[-1]
+        if len(sections) == 1 or kind == "wizard":
+            index.by_key[key] = last
+            reason = (
+                f"wizard: replaced by the wizard of line {last.line} (Asterisk applies the last)"
+            )
+            unmapped.extend(Unmapped(s.name, s.line, reason) for s in sections[:-1])
+            continue
+        index.duplicates[key] = tuple(s.line for s in sections)
+        reason = f"{kind}: {_twice(kind, index.duplicates[key])}"
+        unmapped.extend(Unmapped(s.name, s.line, reason) for s in sections)
+    for (kind, name), sections in copies.items():
+        if kind not in ("endpoint", "registration"):
+            continue
+        for opts in map(_options, sections):
             for ref in _split(opts.get("auth", "")) + _split(opts.get("outbound_auth", "")):
                 index.owner.setdefault(("auth", ref), name)
             for ref in _split(opts.get("aors", "")):

@@ -623,8 +623,9 @@ def test_a_section_is_the_type_asterisk_loads_it_as(tmp_path: Path) -> None:
     assert plan.users == ()
     reasons = [str(u) for u in plan.unmapped]
     assert "[7601] Endpoint: not a user object" in reasons
-    assert "[7602] repeats the endpoint of line 15; only that one is read" in reasons
-    assert any(r.startswith("[7602] endpoint: its aor [7602] is not defined") for r in reasons)
+    twice = "[7602] endpoint: defined twice (lines 15, 22): Asterisk loads no endpoint from "
+    assert reasons.count(twice + "a file that defines one more than once") == 2
+    assert "[a7602] auth: belongs to [7602], which is not mapped" in reasons
 
 
 def test_a_wizard_without_an_inbound_auth_username_is_not_mapped(tmp_path: Path) -> None:
@@ -683,3 +684,37 @@ def test_a_username_that_makes_no_email_address_is_not_mapped_and_the_rest_impor
     ]
     assert all("makes no valid email address" in line for line in refused), refused
     assert sorted(u.username for u in accounts.list_users()) == ["root", "u7901"]
+
+
+def test_a_section_defined_twice_is_read_as_asterisk_reads_it() -> None:
+    """An endpoint, auth or AOR defined twice is not mapped from either copy (Asterisk
+    refuses such a file: "configuration contains a duplicate object"), nor is the endpoint
+    that uses it; of a wizard defined twice the last copy is imported, as Asterisk's
+    wizard applies each copy in turn."""
+    auth = "[a{n}]\ntype=auth\nusername=u{n}\npassword=Secret-{n}\n"
+    endpoint = "[{n}]\ntype=endpoint\nauth=a{n}\naors={n}\nallow=ulaw\n"
+    aor = "[{n}]\ntype=aor\n"
+    text = endpoint.format(n=8001) + endpoint.format(n=8001) + auth.format(n=8001)
+    text += aor.format(n=8001)
+    text += endpoint.format(n=8002) + auth.format(n=8002) + aor.format(n=8002) * 2
+    text += endpoint.format(n=8003) + auth.format(n=8003) + aor.format(n=8003)
+    wizard = (
+        "[8004]\ntype=wizard\naccepts_auth=yes\naccepts_registrations=yes\n"
+        "endpoint/allow=ulaw\ninbound_auth/username={u}\ninbound_auth/password=Secret-8004\n"
+    )
+    text += wizard.format(u="first") + wizard.format(u="last")
+    plan = _plan(text)
+    assert [(u.username, u.extension) for u in plan.users] == [("u8003", "8003"), ("last", "8004")]
+    twice = "defined twice (lines {}): Asterisk loads no {} from a file that defines one more "
+    twice += "than once"
+    assert [str(u) for u in plan.unmapped] == [
+        "[8001] endpoint: " + twice.format("1, 6", "endpoint"),
+        "[8001] endpoint: " + twice.format("1, 6", "endpoint"),
+        "[a8001] auth: belongs to [8001], which is not mapped",
+        "[8001] aor: belongs to [8001], which is not mapped",
+        "[8002] endpoint: its aor [8002] is " + twice.format("26, 28", "aor"),
+        "[a8002] auth: belongs to [8002], which is not mapped",
+        "[8002] aor: " + twice.format("26, 28", "aor"),
+        "[8002] aor: " + twice.format("26, 28", "aor"),
+        "[8004] wizard: replaced by the wizard of line 48 (Asterisk applies the last)",
+    ]
