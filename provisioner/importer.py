@@ -526,19 +526,33 @@ def _transport(source: _Source, index: _Index, settings: RenderSettings) -> str:
     return protocol
 
 
-def _nat(source: _Source) -> str:
+def _nat(source: _Source, protocol: str) -> str:
+    """The NAT row closest to the source's four NAT options (noted when none matches).  A
+    ws/wss user always renders ``direct_media=no``, so for it that option is not compared
+    (and a ``direct_media=yes`` is noted as dropped)."""
     given = tuple(
         "yes" if _is_true(source.endpoint.get(k, d)) else "no"
         for k, d in zip(_NAT_KEYS, _NAT_DEFAULTS, strict=True)
     )
+    keys: tuple[str, ...] = _NAT_KEYS
+    if protocol in ("ws", "wss"):
+        keys = _NAT_KEYS[:3]
+        if given[3] == "yes":
+            source.notes.append("direct_media=yes becomes no: WebRTC media cannot go direct")
 
     def distance(nat: str) -> int:
-        return sum(a != b for a, b in zip(NAT_OPTIONS[nat], given, strict=True))
+        return sum(
+            a != b for k, a, b in zip(_NAT_KEYS, NAT_OPTIONS[nat], given, strict=True) if k in keys
+        )
 
     best = min(NATS, key=distance)  # ties: the first in NATS ("no" before "never")
     if distance(best):
-        shown = ", ".join(f"{k}={v}" for k, v in zip(_NAT_KEYS, given, strict=True))
-        differ = [k for k, a, b in zip(_NAT_KEYS, NAT_OPTIONS[best], given, strict=True) if a != b]
+        shown = ", ".join(f"{k}={v}" for k, v in zip(_NAT_KEYS, given, strict=True) if k in keys)
+        differ = [
+            k
+            for k, a, b in zip(_NAT_KEYS, NAT_OPTIONS[best], given, strict=True)
+            if a != b and k in keys
+        ]
         source.notes.append(
             f"NAT options ({shown}) match no NAT setting; imported as the closest, "
             f"nat={best} (differs in {', '.join(differ)})"
@@ -613,8 +627,8 @@ def _map_source(
         "full_name": _full_name(source, username, extension),
         "context": source.endpoint.get("context") or _DEFAULT_CONTEXT,
         "transport": _transport(source, index, settings),
-        "nat": _nat(source),
     }
+    values["nat"] = _nat(source, values["transport"])
     values["codecs"], values["video"] = _codecs(source, settings)
     _note_aor_changes(source, values["transport"], settings)
     if (rule := _rule("context", values["context"])) is not None:

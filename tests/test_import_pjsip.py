@@ -718,3 +718,21 @@ def test_a_section_defined_twice_is_read_as_asterisk_reads_it() -> None:
         "[8002] aor: " + twice.format("26, 28", "aor"),
         "[8004] wizard: replaced by the wizard of line 48 (Asterisk applies the last)",
     ]
+
+
+def test_a_webrtc_endpoints_nat_is_read_without_direct_media() -> None:
+    """A ws/wss endpoint's NAT row is chosen by force_rport, rewrite_contact and
+    rtp_symmetric alone (WebRTC users always render ``direct_media=no``): without
+    direct media it imports as nat=no with no note; with it, a note says it is dropped."""
+    text = ""
+    for ext, direct in (("8101", "no"), ("8102", "yes")):
+        text += f"[{ext}]\ntype=endpoint\nauth=a{ext}\naors={ext}\nallow=opus\nwebrtc=yes\n"
+        text += "transport=transport-wss\nforce_rport=no\nrewrite_contact=no\nrtp_symmetric=no\n"
+        text += f"direct_media={direct}\n[{ext}]\ntype=aor\nmax_contacts=5\nremove_existing=yes\n"
+        text += (
+            f"qualify_frequency=60\n[a{ext}]\ntype=auth\nusername=u{ext}\npassword=Secret-{ext}\n"
+        )
+    users = {u.extension: u for u in _plan(text).users}
+    assert [(u.values["transport"], u.values["nat"]) for u in users.values()] == [("wss", "no")] * 2
+    assert users["8101"].notes == ()
+    assert users["8102"].notes == ("direct_media=yes becomes no: WebRTC media cannot go direct",)
