@@ -358,9 +358,9 @@ def _wizard_source(section: Section) -> _Source:
         if prefix == "endpoint" and option in ("allow", "disallow"):
             codec_ops.append((option, value))
     endpoint = parts["endpoint"]
-    # Asterisk's wizard appends its own (first) transport= after the endpoint/ options, so
-    # it overrides endpoint/transport (res_pjsip_config_wizard.c, handle_endpoint).
-    transport = next((v for n, v in section.options if n.lower() == "transport"), "")
+    # Asterisk's wizard appends its own transport= (the last one it has) after the endpoint/
+    # options, so it overrides endpoint/transport (res_pjsip_config_wizard.c, handle_endpoint).
+    transport = opts.get("transport", "")
     if transport:
         endpoint["transport"] = transport
     auth = parts["inbound_auth"]

@@ -736,3 +736,18 @@ def test_a_webrtc_endpoints_nat_is_read_without_direct_media() -> None:
     assert [(u.values["transport"], u.values["nat"]) for u in users.values()] == [("wss", "no")] * 2
     assert users["8101"].notes == ()
     assert users["8102"].notes == ("direct_media=yes becomes no: WebRTC media cannot go direct",)
+
+
+def test_a_wizard_setting_transport_again_uses_its_last_one(tmp_path: Path) -> None:
+    """A wizard that sets ``transport=`` again over its template's is on the last one, as
+    Asterisk's wizard reads each of its own options (``ast_variable_find_last_in_list``)."""
+    conf = tmp_path / "pjsip_wizard.conf"
+    conf.write_text(
+        "[phone](!)\ntype=wizard\naccepts_auth=yes\naccepts_registrations=yes\n"
+        "transport=transport-udp\nendpoint/allow=ulaw\n"
+        "[8201](phone)\ntransport=transport-tcp\n"
+        "inbound_auth/username=u8201\ninbound_auth/password=Secret-8201\n",
+        encoding="utf-8",
+    )
+    (user,) = plan_import(read_file(conf), SETTINGS).users
+    assert user.values["transport"] == "tcp"
