@@ -346,14 +346,17 @@ def _wizard_source(section: Section) -> _Source:
     codec_ops = []
     other: list[str] = []
     for name, value in section.options:
-        prefix, slash, option = name.lower().partition("/")
+        # The wizard finds its own options case-insensitively but takes object options by
+        # their exact prefix (ast_begins_with): Endpoint/context is none of them.
+        prefix, slash, option = name.partition("/")
         if not slash:
-            if prefix not in _WIZARD_READ:
-                other.append(prefix)
+            if prefix.lower() not in _WIZARD_READ:
+                other.append(prefix.lower())
             continue
-        if prefix not in parts:
-            other.append(name.lower())
+        if prefix not in parts or not option:
+            other.append(name)
             continue
+        option = option.lower()
         parts[prefix][option] = value
         if prefix == "endpoint" and option in ("allow", "disallow"):
             codec_ops.append((option, value))

@@ -751,3 +751,28 @@ def test_a_wizard_setting_transport_again_uses_its_last_one(tmp_path: Path) -> N
     )
     (user,) = plan_import(read_file(conf), SETTINGS).users
     assert user.values["transport"] == "tcp"
+
+
+def test_wizard_object_prefixes_are_matched_in_lower_case_as_asterisk_matches_them(
+    tmp_path: Path,
+) -> None:
+    """``Endpoint/context=`` or ``Inbound_Auth/username=`` is no object option for
+    Asterisk's wizard (it matches the ``endpoint/`` and ``inbound_auth/`` prefixes
+    exactly): such lines are reported as ignored, and a wizard whose username is only
+    spelled so has no auth and is not mapped."""
+    conf = tmp_path / "pjsip_wizard.conf"
+    conf.write_text(
+        "[8301]\ntype=wizard\naccepts_auth=yes\naccepts_registrations=yes\n"
+        "endpoint/allow=ulaw\nEndpoint/context=sales\n"
+        "inbound_auth/username=u8301\ninbound_auth/password=Secret-8301\n"
+        "[8302]\ntype=wizard\naccepts_auth=yes\naccepts_registrations=yes\n"
+        "endpoint/allow=ulaw\nInbound_Auth/username=u8302\ninbound_auth/password=Secret-8302\n",
+        encoding="utf-8",
+    )
+    plan = plan_import(read_file(conf), SETTINGS)
+    (user,) = plan.users
+    assert (user.extension, user.values["context"]) == ("8301", "default")
+    assert "ignored wizard options: Endpoint/context" in user.notes
+    assert [str(u) for u in plan.unmapped] == [
+        "[8302] wizard: has no inbound_auth/username: Asterisk's wizard creates no auth for it"
+    ]
