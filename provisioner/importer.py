@@ -401,8 +401,8 @@ def _full_name(source: _Source, username: str, extension: str) -> str:
         name = (m.group("quoted") if m.group("quoted") is not None else m.group("bare")) or ""
         number = (m.group("number") or "").strip()
         name = name.strip()
-        if m.group("number") is None and name.isdigit():
-            name, number = "", name  # a bare number, as Asterisk reads it
+        if m.group("number") is None and (phone := _phone_number(name)) is not None:
+            name, number = "", phone  # a bare number, as Asterisk reads it
     elif callerid:
         source.notes.append(
             f'callerid {callerid!r} is not "Name" <number>; the username is the full name'
@@ -415,6 +415,14 @@ def _full_name(source: _Source, username: str, extension: str) -> str:
         source.notes.append(f"callerid name {name!r} {rule}; the username is the full name")
         return username
     return name
+
+
+def _phone_number(text: str) -> str | None:
+    """``text`` as the number Asterisk reads from a callerid without ``<>``
+    (``ast_shrink_phone_number``: spaces, parentheses and dashes dropped, and dots but a
+    last one; then ``ast_isphonenumber``: only digits, ``*``, ``#`` and ``+``), or None."""
+    kept = text[:-1].translate(str.maketrans("", "", "() -.")) + text[-1:].strip("() -")
+    return kept if kept and all(ch in "0123456789*#+" for ch in kept) else None
 
 
 def _codecs(source: _Source, settings: RenderSettings) -> tuple[str, str]:

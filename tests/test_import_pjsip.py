@@ -776,3 +776,22 @@ def test_wizard_object_prefixes_are_matched_in_lower_case_as_asterisk_matches_th
     assert [str(u) for u in plan.unmapped] == [
         "[8302] wizard: has no inbound_auth/username: Asterisk's wizard creates no auth for it"
     ]
+
+
+def test_a_bare_phone_number_callerid_is_a_number_as_asterisk_reads_it() -> None:
+    """``callerid=+49 (30) 123-45`` is a number, not a name, as Asterisk reads a callerid
+    without ``<>`` (blanks, parentheses and dashes dropped, then digits, ``+``, ``*``,
+    ``#``): the full name is the username and the number is noted."""
+    text = ""
+    for ext, callerid in (("8401", "+49 (30) 123-45"), ("8402", "*1001#"), ("8403", "Ann 2")):
+        text += f"[{ext}]\ntype=endpoint\nauth=a{ext}\naors={ext}\nallow=ulaw\n"
+        text += f"callerid={callerid}\n[{ext}]\ntype=aor\n"
+        text += f"[a{ext}]\ntype=auth\nusername=u{ext}\npassword=Secret-{ext}\n"
+    users = {u.extension: u for u in _plan(text).users}
+    assert {e: u.values["full_name"] for e, u in users.items()} == {
+        "8401": "u8401",
+        "8402": "u8402",
+        "8403": "Ann 2",
+    }
+    assert "callerid number +493012345 becomes the extension 8401" in users["8401"].notes
+    assert "callerid number *1001# becomes the extension 8402" in users["8402"].notes
