@@ -661,6 +661,7 @@ def _map_source(
 
 
 def _twice(kind: str, lines: tuple[int, ...]) -> str:
+    """Why a ``kind`` object defined on each of ``lines`` is not read (``defined twice ...``)."""
     times = "twice" if len(lines) == 2 else f"{len(lines)} times"
     shown = ", ".join(map(str, lines))
     return (
