@@ -106,9 +106,6 @@ _WIZARD_READ = frozenset(
     | {"sends_registrations", "remote_hosts"}
 )
 _HEX = {"md5": re.compile(r"[0-9a-fA-F]{32}"), "sha-256": re.compile(r"[0-9a-fA-F]{64}")}
-_CALLERID = re.compile(
-    r'\s*(?:"(?P<quoted>[^"]*)"|(?P<bare>[^<"]*?))\s*(?:<(?P<number>[^>]*)>)?\s*'
-)
 
 
 @dataclass(frozen=True)
@@ -393,20 +390,9 @@ def _rule(name: str, value: str) -> str | None:
 
 
 def _full_name(source: _Source, username: str, extension: str) -> str:
-    callerid = source.endpoint.get("callerid", "")
-    m = _CALLERID.fullmatch(callerid)
-    name = ""
-    number = ""
-    if m:
-        name = (m.group("quoted") if m.group("quoted") is not None else m.group("bare")) or ""
-        number = (m.group("number") or "").strip()
-        name = name.strip()
-        if m.group("number") is None and (phone := _phone_number(name)) is not None:
-            name, number = "", phone  # a bare number, as Asterisk reads it
-    elif callerid:
-        source.notes.append(
-            f'callerid {callerid!r} is not "Name" <number>; the username is the full name'
-        )
+    """The callerid's name (the username when it has none or our rules refuse it, noted);
+    a callerid number other than the extension is noted."""
+    name, number = _callerid_parts(source.endpoint.get("callerid", ""))
     if number and number != extension:
         source.notes.append(f"callerid number {number} becomes the extension {extension}")
     if not name:
@@ -417,11 +403,41 @@ def _full_name(source: _Source, username: str, extension: str) -> str:
     return name
 
 
+def _callerid_parts(callerid: str) -> tuple[str, str]:
+    """``(name, number)`` as Asterisk splits a callerid (``ast_callerid_split``): the number
+    runs from the last ``<`` to the last ``>`` after it (or to the end), the name is what
+    precedes it, without one pair of surrounding quotes and with ``\\`` escapes undone
+    (and, here, without blanks around it); with no ``<``, a phone number is the number
+    and anything else the name."""
+    start = callerid.rfind("<")
+    if start < 0:
+        phone = _phone_number(callerid)
+        return ("", phone) if phone is not None else (_unquoted(callerid), "")
+    number = callerid[start + 1 :]
+    if (end := number.rfind(">")) >= 0:
+        number = number[:end]
+    return _unquoted(callerid[:start]), _shrunk(number)
+
+
+def _unquoted(text: str) -> str:
+    """``ast_strip_quoted`` then ``ast_unescape_quoted``, stripped."""
+    text = text.strip()
+    if text.startswith('"') and text.endswith('"'):
+        text = text[1:-1]
+    return re.sub(r"\\(.?)", r"\1", text).strip()
+
+
+def _shrunk(text: str) -> str:
+    """``ast_shrink_phone_number``: spaces, parentheses and dashes dropped, and dots but a
+    last one."""
+    return text[:-1].translate(str.maketrans("", "", "() -.")) + text[-1:].strip("() -")
+
+
 def _phone_number(text: str) -> str | None:
-    """``text`` as the number Asterisk reads from a callerid without ``<>``
-    (``ast_shrink_phone_number``: spaces, parentheses and dashes dropped, and dots but a
-    last one; then ``ast_isphonenumber``: only digits, ``*``, ``#`` and ``+``), or None."""
-    kept = text[:-1].translate(str.maketrans("", "", "() -.")) + text[-1:].strip("() -")
+    """``text`` as the number Asterisk reads from a callerid without ``<>``: shrunk
+    (:func:`_shrunk`), then only digits, ``*``, ``#`` and ``+`` (``ast_isphonenumber``);
+    else None."""
+    kept = _shrunk(text)
     return kept if kept and all(ch in "0123456789*#+" for ch in kept) else None
 
 

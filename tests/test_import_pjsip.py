@@ -522,20 +522,26 @@ def test_aors_other_than_the_extension_are_reported() -> None:
     }
 
 
-def test_a_callerid_that_does_not_parse_is_reported() -> None:
-    """A callerid the importer cannot read gives a note, and the username as the full name."""
-    cases = (("7101", '"Al \\"Big\\" Smith" <7101>'), ("7102", "\"O'Brien"))
+def test_a_callerid_name_our_rules_refuse_is_reported() -> None:
+    """A callerid whose name (as Asterisk reads it) our full-name rule refuses gives a note,
+    and the username as the full name."""
+    cases = (
+        ("7101", '"Al \\"Big\\" Smith" <7101>', 'Al "Big" Smith'),
+        ("7102", "\"O'Brien", "\"O'Brien"),
+    )
     text = ""
-    for ext, callerid in cases:
+    for ext, callerid, _ in cases:
         text += f"[{ext}]\ntype=endpoint\nauth=a{ext}\naors={ext}\nallow=ulaw\n"
         text += f"callerid={callerid}\n[{ext}]\ntype=aor\n"
         text += f"[a{ext}]\ntype=auth\nusername=u{ext}\npassword=Secret-{ext}\n"
     users = {u.extension: u for u in _plan(text).users}
-    for ext, callerid in cases:
+    for ext, _, name in cases:
         assert users[ext].values["full_name"] == f"u{ext}"
-        assert f'callerid {callerid!r} is not "Name" <number>; the username is the full name' in (
-            users[ext].notes
-        )
+        assert any(
+            n.startswith(f"callerid name {name!r} must not contain")
+            and n.endswith("; the username is the full name")
+            for n in users[ext].notes
+        ), users[ext].notes
 
 
 def test_an_import_racing_another_writer_for_a_username_reports_it(accounts: Accounts) -> None:
@@ -795,3 +801,23 @@ def test_a_bare_phone_number_callerid_is_a_number_as_asterisk_reads_it() -> None
     }
     assert "callerid number +493012345 becomes the extension 8401" in users["8401"].notes
     assert "callerid number *1001# becomes the extension 8402" in users["8402"].notes
+
+
+def test_a_callerid_is_split_into_name_and_number_as_asterisk_splits_it() -> None:
+    """A callerid is read as Asterisk reads it: the number runs from the last ``<`` to the
+    last ``>`` after it (or to the end, so a missing ``>`` is no error, and text after it
+    is dropped), the name is what precedes it without one pair of quotes."""
+    cases = (
+        ("8501", "Alice Archer <8501", "Alice Archer"),
+        ("8502", '"Bob Baker" <8502> desk', "Bob Baker"),
+        ("8503", "Carol <Office> <8503>", "u8503"),
+    )
+    text = ""
+    for ext, callerid, _ in cases:
+        text += f"[{ext}]\ntype=endpoint\nauth=a{ext}\naors={ext}\nallow=ulaw\n"
+        text += f"callerid={callerid}\n[{ext}]\ntype=aor\n"
+        text += f"[a{ext}]\ntype=auth\nusername=u{ext}\npassword=Secret-{ext}\n"
+    users = {u.extension: u for u in _plan(text).users}
+    assert {e: u.values["full_name"] for e, u in users.items()} == {e: n for e, _, n in cases}
+    assert not any("number" in n for u in users.values() for n in u.notes)
+    assert any(n.startswith("callerid name 'Carol <Office>' must") for n in users["8503"].notes)
