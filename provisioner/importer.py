@@ -367,6 +367,8 @@ def _wizard_source(section: Section) -> _Source:
     if "username" not in auth:
         # handle_auth logs "must have 'inbound_auth/username'" and creates no auth.
         raise _Refuse("has no inbound_auth/username: Asterisk's wizard creates no auth for it")
+    if not auth["username"]:
+        raise _Refuse("its inbound_auth/username is empty: a phone could not authenticate")
     source = _Source(section, endpoint, codec_ops, auth, "", [], [parts["aor"]])
     for note in (
         _ignored("wizard", other, frozenset()),

@@ -821,3 +821,16 @@ def test_a_callerid_is_split_into_name_and_number_as_asterisk_splits_it() -> Non
     assert {e: u.values["full_name"] for e, u in users.items()} == {e: n for e, _, n in cases}
     assert not any("number" in n for u in users.values() for n in u.notes)
     assert any(n.startswith("callerid name 'Carol <Office>' must") for n in users["8503"].notes)
+
+
+def test_a_wizard_with_an_empty_inbound_auth_username_is_reported_by_that_option() -> None:
+    """A wizard whose ``inbound_auth/username=`` is empty is not mapped, and the reason
+    names that option (not an auth section the file does not have)."""
+    plan = _plan(
+        "[8601]\ntype=wizard\naccepts_auth=yes\naccepts_registrations=yes\n"
+        "endpoint/allow=ulaw\ninbound_auth/username=\ninbound_auth/password=Secret-8601\n"
+    )
+    assert plan.users == ()
+    assert [str(u) for u in plan.unmapped] == [
+        "[8601] wizard: its inbound_auth/username is empty: a phone could not authenticate"
+    ]
