@@ -282,6 +282,17 @@ class TargetSettings(_UrlSection):
     def _url_or_empty(cls, value: str) -> str:
         return _check_url(value) if value else value
 
+    @field_validator("video_codecs")
+    @classmethod
+    def _video_codecs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """At least one codec, each once (an empty list would give video users no video)."""
+        if not value:
+            raise _error([((), "must list at least one video codec")])
+        repeated = sorted({c for c in value if value.count(c) > 1})
+        if repeated:
+            raise _error([((), f"must not repeat a codec ({', '.join(repeated)})")])
+        return value
+
     @field_validator("transports")
     @classmethod
     def _transport_names(cls, value: dict[str, str]) -> dict[str, str]:

@@ -67,6 +67,9 @@ _DEFAULT_CONTEXT = "default"
 #: Runs of :func:`apply_plan` at most while concurrent writers keep taking its keys.
 _APPLY_ATTEMPTS = 5
 _DEFAULT_REALM = "asterisk"
+#: A valid domain to check that a username can be an email address's local part
+#: (``--email-domain`` itself is checked at apply time).
+_EMAIL_PROBE_DOMAIN = "example.com"
 #: Section types that are never a user, and why.
 _NOT_USERS: Mapping[str, str] = {
     "transport": "stays in Asterisk's own configuration",
@@ -103,9 +106,6 @@ _WIZARD_READ = frozenset(
     | {"sends_registrations", "remote_hosts"}
 )
 _HEX = {"md5": re.compile(r"[0-9a-fA-F]{32}"), "sha-256": re.compile(r"[0-9a-fA-F]{64}")}
-_CALLERID = re.compile(
-    r'\s*(?:"(?P<quoted>[^"]*)"|(?P<bare>[^<"]*?))\s*(?:<(?P<number>[^>]*)>)?\s*'
-)
 
 
 @dataclass(frozen=True)
@@ -222,15 +222,28 @@ def _is_true(value: str | None) -> bool:
 
 @dataclass
 class _Index:
-    """The file's sections by (type, name), the first of each; later ones are repeats."""
+    """The file's sections by (type, name) as Asterisk loads them: of a wizard defined more
+    than once, the last; a section of another type defined more than once is in
+    ``duplicates`` (with its lines) instead, as Asterisk loads neither copy."""
 
     parsed: Parsed
     by_key: dict[tuple[str, str], Section] = field(default_factory=dict)
     used: set[tuple[str, str]] = field(default_factory=set)
     owner: dict[tuple[str, str], str] = field(default_factory=dict)
+    duplicates: dict[tuple[str, str], tuple[int, ...]] = field(default_factory=dict)
 
     def get(self, kind: str, name: str) -> Section | None:
         return self.by_key.get((kind, name))
+
+    def find(self, kind: str, name: str) -> Section:
+        """The ``kind`` section ``name`` a user endpoint refers to, or :class:`_Refuse`."""
+        lines = self.duplicates.get((kind, name))
+        if lines is not None:
+            raise _Refuse(f"its {kind} [{name}] is {_twice(kind, lines)}")
+        section = self.get(kind, name)
+        if section is None:
+            raise _Refuse(f"its {kind} [{name}] is not defined in this file")
+        return section
 
     def realm(self) -> str:
         for (kind, _name), section in self.by_key.items():
@@ -278,18 +291,11 @@ def _endpoint_source(section: Section, index: _Index) -> _Source:
         raise _Refuse("has no inbound auth (auth=): not a registering user")
     if len(auths) > 1:
         raise _Refuse("has more than one auth; a user has exactly one")
-    auth_section = index.get("auth", auths[0])
-    if auth_section is None:
-        raise _Refuse(f"its auth [{auths[0]}] is not defined in this file")
+    auth_section = index.find("auth", auths[0])
     aor_names = _split(opts.get("aors", ""))
     if not aor_names:
         raise _Refuse("has no aors=: a phone could not register")
-    aors = []
-    for name in aor_names:
-        aor = index.get("aor", name)
-        if aor is None:
-            raise _Refuse(f"its aor [{name}] is not defined in this file")
-        aors.append(_options(aor))
+    aors = [_options(index.find("aor", name)) for name in aor_names]
     source = _Source(
         section=section,
         endpoint=opts,
@@ -337,26 +343,32 @@ def _wizard_source(section: Section) -> _Source:
     codec_ops = []
     other: list[str] = []
     for name, value in section.options:
-        prefix, slash, option = name.lower().partition("/")
+        # The wizard finds its own options case-insensitively but takes object options by
+        # their exact prefix (ast_begins_with): Endpoint/context is none of them.
+        prefix, slash, option = name.partition("/")
         if not slash:
-            if prefix not in _WIZARD_READ:
-                other.append(prefix)
+            if prefix.lower() not in _WIZARD_READ:
+                other.append(prefix.lower())
             continue
-        if prefix not in parts:
-            other.append(name.lower())
+        if prefix not in parts or not option:
+            other.append(name)
             continue
+        option = option.lower()
         parts[prefix][option] = value
         if prefix == "endpoint" and option in ("allow", "disallow"):
             codec_ops.append((option, value))
     endpoint = parts["endpoint"]
-    # Asterisk's wizard appends its own (first) transport= after the endpoint/ options, so
-    # it overrides endpoint/transport (res_pjsip_config_wizard.c, handle_endpoint).
-    transport = next((v for n, v in section.options if n.lower() == "transport"), "")
+    # Asterisk's wizard appends its own transport= (the last one it has) after the endpoint/
+    # options, so it overrides endpoint/transport (res_pjsip_config_wizard.c, handle_endpoint).
+    transport = opts.get("transport", "")
     if transport:
         endpoint["transport"] = transport
     auth = parts["inbound_auth"]
-    # The wizard names the auth after itself and, without a username, uses its id.
-    auth.setdefault("username", section.name)
+    if "username" not in auth:
+        # handle_auth logs "must have 'inbound_auth/username'" and creates no auth.
+        raise _Refuse("has no inbound_auth/username: Asterisk's wizard creates no auth for it")
+    if not auth["username"]:
+        raise _Refuse("its inbound_auth/username is empty: a phone could not authenticate")
     source = _Source(section, endpoint, codec_ops, auth, "", [], [parts["aor"]])
     for note in (
         _ignored("wizard", other, frozenset()),
@@ -380,20 +392,9 @@ def _rule(name: str, value: str) -> str | None:
 
 
 def _full_name(source: _Source, username: str, extension: str) -> str:
-    callerid = source.endpoint.get("callerid", "")
-    m = _CALLERID.fullmatch(callerid)
-    name = ""
-    number = ""
-    if m:
-        name = (m.group("quoted") if m.group("quoted") is not None else m.group("bare")) or ""
-        number = (m.group("number") or "").strip()
-        name = name.strip()
-        if m.group("number") is None and name.isdigit():
-            name, number = "", name  # a bare number, as Asterisk reads it
-    elif callerid:
-        source.notes.append(
-            f'callerid {callerid!r} is not "Name" <number>; the username is the full name'
-        )
+    """The callerid's name (the username when it has none or our rules refuse it, noted);
+    a callerid number other than the extension is noted."""
+    name, number = _callerid_parts(source.endpoint.get("callerid", ""))
     if number and number != extension:
         source.notes.append(f"callerid number {number} becomes the extension {extension}")
     if not name:
@@ -402,6 +403,44 @@ def _full_name(source: _Source, username: str, extension: str) -> str:
         source.notes.append(f"callerid name {name!r} {rule}; the username is the full name")
         return username
     return name
+
+
+def _callerid_parts(callerid: str) -> tuple[str, str]:
+    """``(name, number)`` as Asterisk splits a callerid (``ast_callerid_split``): the number
+    runs from the last ``<`` to the last ``>`` after it (or to the end), the name is what
+    precedes it, without one pair of surrounding quotes and with ``\\`` escapes undone
+    (and, here, without blanks around it); with no ``<``, a phone number is the number
+    and anything else the name."""
+    start = callerid.rfind("<")
+    if start < 0:
+        phone = _phone_number(callerid)
+        return ("", phone) if phone is not None else (_unquoted(callerid), "")
+    number = callerid[start + 1 :]
+    if (end := number.rfind(">")) >= 0:
+        number = number[:end]
+    return _unquoted(callerid[:start]), _shrunk(number)
+
+
+def _unquoted(text: str) -> str:
+    """``ast_strip_quoted`` then ``ast_unescape_quoted``, stripped."""
+    text = text.strip()
+    if text.startswith('"') and text.endswith('"'):
+        text = text[1:-1]
+    return re.sub(r"\\(.?)", r"\1", text).strip()
+
+
+def _shrunk(text: str) -> str:
+    """``ast_shrink_phone_number``: spaces, parentheses and dashes dropped, and dots but a
+    last one."""
+    return text[:-1].translate(str.maketrans("", "", "() -.")) + text[-1:].strip("() -")
+
+
+def _phone_number(text: str) -> str | None:
+    """``text`` as the number Asterisk reads from a callerid without ``<>``: shrunk
+    (:func:`_shrunk`), then only digits, ``*``, ``#`` and ``+`` (``ast_isphonenumber``);
+    else None."""
+    kept = _shrunk(text)
+    return kept if kept and all(ch in "0123456789*#+" for ch in kept) else None
 
 
 def _codecs(source: _Source, settings: RenderSettings) -> tuple[str, str]:
@@ -413,14 +452,19 @@ def _codecs(source: _Source, settings: RenderSettings) -> tuple[str, str]:
         return "ulaw,alaw", "no"
     offered: list[str] = []
     for op, value in source.codec_ops:
-        for item in _codec_items(value):
+        items = _codec_items(value)
+        if value.startswith("(") and value.endswith(")"):
+            # Asterisk's own list form: allow=(a|b) first drops every codec,
+            # disallow=(a|b) first allows every one.
+            items = ["!all", *_codec_items(value[1:-1])]
+        for item in items:
             allow = op == "allow"
             if item.startswith("!"):
                 allow, item = not allow, item[1:]
             name = item.split(":", 1)[0].strip().lower()
             if name == "all":
                 if allow:
-                    offered = [*CODECS, *VIDEO_CODECS]
+                    offered += [c for c in (*CODECS, *VIDEO_CODECS) if c not in offered]
                     source.notes.append("allow=all becomes our audio codecs and video")
                 else:
                     offered = []
@@ -511,19 +555,33 @@ def _transport(source: _Source, index: _Index, settings: RenderSettings) -> str:
     return protocol
 
 
-def _nat(source: _Source) -> str:
+def _nat(source: _Source, protocol: str) -> str:
+    """The NAT row closest to the source's four NAT options (noted when none matches).  A
+    ws/wss user always renders ``direct_media=no``, so for it that option is not compared
+    (and a ``direct_media=yes`` is noted as dropped)."""
     given = tuple(
         "yes" if _is_true(source.endpoint.get(k, d)) else "no"
         for k, d in zip(_NAT_KEYS, _NAT_DEFAULTS, strict=True)
     )
+    keys: tuple[str, ...] = _NAT_KEYS
+    if protocol in ("ws", "wss"):
+        keys = _NAT_KEYS[:3]
+        if given[3] == "yes":
+            source.notes.append("direct_media=yes becomes no: WebRTC media cannot go direct")
 
     def distance(nat: str) -> int:
-        return sum(a != b for a, b in zip(NAT_OPTIONS[nat], given, strict=True))
+        return sum(
+            a != b for k, a, b in zip(_NAT_KEYS, NAT_OPTIONS[nat], given, strict=True) if k in keys
+        )
 
     best = min(NATS, key=distance)  # ties: the first in NATS ("no" before "never")
     if distance(best):
-        shown = ", ".join(f"{k}={v}" for k, v in zip(_NAT_KEYS, given, strict=True))
-        differ = [k for k, a, b in zip(_NAT_KEYS, NAT_OPTIONS[best], given, strict=True) if a != b]
+        shown = ", ".join(f"{k}={v}" for k, v in zip(_NAT_KEYS, given, strict=True) if k in keys)
+        differ = [
+            k
+            for k, a, b in zip(_NAT_KEYS, NAT_OPTIONS[best], given, strict=True)
+            if a != b and k in keys
+        ]
         source.notes.append(
             f"NAT options ({shown}) match no NAT setting; imported as the closest, "
             f"nat={best} (differs in {', '.join(differ)})"
@@ -587,14 +645,19 @@ def _map_source(
         raise _Refuse(f"its auth [{source.auth_name}] has no username")
     if (rule := _rule("username", username)) is not None:
         raise _Refuse(f"username {username!r} {rule}")
+    # The email is <username>@<--email-domain>: a username no address can start with
+    # (a..b, .ann) is left out here rather than failing the whole import at apply time.
+    if (rule := check_email(f"{username}@{_EMAIL_PROBE_DOMAIN}")[1]) is not None:
+        why = rule.removeprefix("must be a valid email address").strip()
+        raise _Refuse(f"username {username!r} makes no valid email address {why}".rstrip())
     values = {
         "username": username,
         "extension": extension,
         "full_name": _full_name(source, username, extension),
         "context": source.endpoint.get("context") or _DEFAULT_CONTEXT,
         "transport": _transport(source, index, settings),
-        "nat": _nat(source),
     }
+    values["nat"] = _nat(source, values["transport"])
     values["codecs"], values["video"] = _codecs(source, settings)
     _note_aor_changes(source, values["transport"], settings)
     if (rule := _rule("context", values["context"])) is not None:
@@ -615,26 +678,45 @@ def _map_source(
     )
 
 
+def _twice(kind: str, lines: tuple[int, ...]) -> str:
+    """Why a ``kind`` object defined on each of ``lines`` is not read (``defined twice ...``)."""
+    times = "twice" if len(lines) == 2 else f"{len(lines)} times"
+    shown = ", ".join(map(str, lines))
+    return (
+        f"defined {times} (lines {shown}): "
+        f"Asterisk loads no {kind} from a file that defines one more than once"
+    )
+
+
 def _build_index(parsed: Parsed, unmapped: list[Unmapped]) -> _Index:
+    """Index the sections as Asterisk loads them.  A file defining an object of one type
+    twice (res_sorcery_config: "configuration contains a duplicate object") loads no object
+    of that type, so no copy is read; the config wizard applies each copy of a wizard in
+    turn, so the last one is."""
     index = _Index(parsed)
+    copies: dict[tuple[str, str], list[Section]] = {}
     for section in parsed.visible():
         key = (_type(section), section.name)
         if not key[0]:
             unmapped.append(Unmapped(section.name, section.line, "has no type="))
-        elif key in index.by_key:
-            first = index.by_key[key]
-            unmapped.append(
-                Unmapped(
-                    section.name,
-                    section.line,
-                    f"repeats the {key[0]} of line {first.line}; only that one is read",
-                )
-            )
         else:
-            index.by_key[key] = section
-    for (kind, name), section in index.by_key.items():
-        opts = _options(section)
-        if kind in ("endpoint", "registration"):
+            copies.setdefault(key, []).append(section)
+    for key, sections in copies.items():
+        kind, last = key[0], sections[-1]
+        if len(sections) == 1 or kind == "wizard":
+            index.by_key[key] = last
+            reason = (
+                f"wizard: replaced by the wizard of line {last.line} (Asterisk applies the last)"
+            )
+            unmapped.extend(Unmapped(s.name, s.line, reason) for s in sections[:-1])
+            continue
+        index.duplicates[key] = tuple(s.line for s in sections)
+        reason = f"{kind}: {_twice(kind, index.duplicates[key])}"
+        unmapped.extend(Unmapped(s.name, s.line, reason) for s in sections)
+    for (kind, name), sections in copies.items():
+        if kind not in ("endpoint", "registration"):
+            continue
+        for opts in map(_options, sections):
             for ref in _split(opts.get("auth", "")) + _split(opts.get("outbound_auth", "")):
                 index.owner.setdefault(("auth", ref), name)
             for ref in _split(opts.get("aors", "")):

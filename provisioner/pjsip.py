@@ -256,6 +256,9 @@ def render_user(user: User, settings: RenderSettings) -> UserObjects:
     if v.video != "no":
         codecs += [c for c in settings.video_codecs if c not in codecs]
     force_rport, rewrite_contact, rtp_symmetric, direct_media = NAT_OPTIONS[v.nat]
+    if webrtc:
+        # A browser's media (DTLS-SRTP, ICE) ends at Asterisk: it can never go direct.
+        direct_media = "no"
     endpoint: Options = (
         ("transport", settings.transport_name(v.transport)),
         ("aors", ext),

@@ -555,3 +555,20 @@ def test_the_example_config_loads_and_holds_every_key() -> None:
         section = info.annotation
         if isinstance(section, type) and issubclass(section, BaseModel):
             assert set(tables[name]) == set(section.model_fields), name
+
+
+def test_an_empty_or_repeated_video_codec_list_is_refused_naming_the_field() -> None:
+    """target.video_codecs must list at least one codec, each once: an empty list would
+    render video users with no video codec at all."""
+    assert load_config(
+        env={}, overrides={"target": {"video_codecs": ["vp9"]}}
+    ).target.video_codecs == ("vp9",)
+    for bad, rule in (
+        ([], "must list at least one video codec"),
+        (["vp8", "h264", "vp8"], "must not repeat a codec (vp8)"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            load_config(env={}, overrides={"target": {"video_codecs": bad}})
+        assert [(p.field, p.rule) for p in info.value.problems] == [
+            ("target.video_codecs", rule)
+        ], bad

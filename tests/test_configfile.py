@@ -173,6 +173,17 @@ def test_golden_files_parse_back_exactly() -> None:
         check_rendered(data, rendered(auth_type))
 
 
+def test_webrtc_users_never_get_direct_media_whatever_their_nat() -> None:
+    """A ws/wss user gets ``direct_media=no`` with every NAT setting (a browser's DTLS-SRTP
+    media cannot flow straight to a SIP phone); other transports keep the NAT table's value."""
+    for nat in ("yes", "force_rport", "comedia", "route", "no", "never"):
+        for transport in ("ws", "wss", "udp"):
+            user = make_user("1001", "alice", "Alice", transport=transport, nat=nat)
+            got = dict(render_user(user, RenderSettings()).endpoint)["direct_media"]
+            want = "yes" if transport == "udp" and nat in ("no", "never") else "no"
+            assert got == want, (transport, nat)
+
+
 def test_empty_user_list_renders_only_the_header(target: ConfigFileTarget) -> None:
     """No users gives a file with the do-not-edit header and no section."""
     text = target.render_text([])

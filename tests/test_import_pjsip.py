@@ -522,20 +522,26 @@ def test_aors_other_than_the_extension_are_reported() -> None:
     }
 
 
-def test_a_callerid_that_does_not_parse_is_reported() -> None:
-    """A callerid the importer cannot read gives a note, and the username as the full name."""
-    cases = (("7101", '"Al \\"Big\\" Smith" <7101>'), ("7102", "\"O'Brien"))
+def test_a_callerid_name_our_rules_refuse_is_reported() -> None:
+    """A callerid whose name (as Asterisk reads it) our full-name rule refuses gives a note,
+    and the username as the full name."""
+    cases = (
+        ("7101", '"Al \\"Big\\" Smith" <7101>', 'Al "Big" Smith'),
+        ("7102", "\"O'Brien", "\"O'Brien"),
+    )
     text = ""
-    for ext, callerid in cases:
+    for ext, callerid, _ in cases:
         text += f"[{ext}]\ntype=endpoint\nauth=a{ext}\naors={ext}\nallow=ulaw\n"
         text += f"callerid={callerid}\n[{ext}]\ntype=aor\n"
         text += f"[a{ext}]\ntype=auth\nusername=u{ext}\npassword=Secret-{ext}\n"
     users = {u.extension: u for u in _plan(text).users}
-    for ext, callerid in cases:
+    for ext, _, name in cases:
         assert users[ext].values["full_name"] == f"u{ext}"
-        assert f'callerid {callerid!r} is not "Name" <number>; the username is the full name' in (
-            users[ext].notes
-        )
+        assert any(
+            n.startswith(f"callerid name {name!r} must not contain")
+            and n.endswith("; the username is the full name")
+            for n in users[ext].notes
+        ), users[ext].notes
 
 
 def test_an_import_racing_another_writer_for_a_username_reports_it(accounts: Accounts) -> None:
@@ -623,5 +629,208 @@ def test_a_section_is_the_type_asterisk_loads_it_as(tmp_path: Path) -> None:
     assert plan.users == ()
     reasons = [str(u) for u in plan.unmapped]
     assert "[7601] Endpoint: not a user object" in reasons
-    assert "[7602] repeats the endpoint of line 15; only that one is read" in reasons
-    assert any(r.startswith("[7602] endpoint: its aor [7602] is not defined") for r in reasons)
+    twice = "[7602] endpoint: defined twice (lines 15, 22): Asterisk loads no endpoint from "
+    assert reasons.count(twice + "a file that defines one more than once") == 2
+    assert "[a7602] auth: belongs to [7602], which is not mapped" in reasons
+
+
+def test_a_wizard_without_an_inbound_auth_username_is_not_mapped(tmp_path: Path) -> None:
+    """A wizard that accepts auth but has no ``inbound_auth/username`` is reported, not
+    given its id as the username: Asterisk's wizard creates no auth for it (it logs "must
+    have 'inbound_auth/username'"), so no phone can register to it."""
+    conf = tmp_path / "pjsip_wizard.conf"
+    conf.write_text(
+        "[7701]\ntype=wizard\naccepts_auth=yes\naccepts_registrations=yes\n"
+        "endpoint/allow=ulaw\ninbound_auth/password=Secret-7701\n",
+        encoding="utf-8",
+    )
+    plan = plan_import(read_file(conf), SETTINGS)
+    assert plan.users == ()
+    assert [str(u) for u in plan.unmapped] == [
+        "[7701] wizard: has no inbound_auth/username: Asterisk's wizard creates no auth for it"
+    ]
+
+
+def test_a_parenthesised_codec_list_replaces_the_codecs_as_asterisk_reads_it() -> None:
+    """``allow=(ulaw|alaw)`` (the form Asterisk prints codec lists in) first drops every
+    codec and ``disallow=(g722)`` first allows every one, as Asterisk applies them; the
+    parentheses never reach a codec name."""
+    text = ""
+    for ext, codecs in (
+        ("7801", "disallow=all\nallow=g722\nallow=(ulaw|alaw)\n"),
+        ("7802", "allow=ulaw\ndisallow=(g722|vp8|h264)\n"),
+    ):
+        text += f"[{ext}]\ntype=endpoint\nauth=a{ext}\naors={ext}\n{codecs}[{ext}]\ntype=aor\n"
+        text += f"[a{ext}]\ntype=auth\nusername=u{ext}\npassword=Secret-{ext}\n"
+    users = {u.extension: u for u in _plan(text).users}
+    assert (users["7801"].values["codecs"], users["7801"].values["video"]) == ("ulaw,alaw", "no")
+    assert (users["7802"].values["codecs"], users["7802"].values["video"]) == (
+        "ulaw,alaw,gsm,g729,opus",
+        "yes",
+    )
+    assert not any("dropped" in n for u in users.values() for n in u.notes)
+
+
+def test_a_username_that_makes_no_email_address_is_not_mapped_and_the_rest_import(
+    accounts: Accounts,
+) -> None:
+    """A username our username rule allows but no email address can start with (``a..b``,
+    ``.ann``) is reported as not mapped, naming its section and the email rule, and the
+    other users are imported: it does not block the whole import at apply time."""
+    text = ""
+    for ext, name in (("7901", "u7901"), ("7902", "a..b"), ("7903", ".ann")):
+        text += f"[{ext}]\ntype=endpoint\nauth=a{ext}\naors={ext}\nallow=ulaw\n"
+        text += f"[{ext}]\ntype=aor\n[a{ext}]\ntype=auth\nusername={name}\npassword=Secret-{ext}\n"
+    lines = _import(accounts, text)
+    assert "added u7901 (extension 7901)" in lines
+    refused = [line for line in lines if " endpoint: " in line]
+    assert [line.split(" endpoint: ")[0] for line in refused] == [
+        "not mapped: [7902]",
+        "not mapped: [7903]",
+    ]
+    assert all("makes no valid email address" in line for line in refused), refused
+    assert sorted(u.username for u in accounts.list_users()) == ["root", "u7901"]
+
+
+def test_a_section_defined_twice_is_read_as_asterisk_reads_it() -> None:
+    """An endpoint, auth or AOR defined twice is not mapped from either copy (Asterisk
+    refuses such a file: "configuration contains a duplicate object"), nor is the endpoint
+    that uses it; of a wizard defined twice the last copy is imported, as Asterisk's
+    wizard applies each copy in turn."""
+    auth = "[a{n}]\ntype=auth\nusername=u{n}\npassword=Secret-{n}\n"
+    endpoint = "[{n}]\ntype=endpoint\nauth=a{n}\naors={n}\nallow=ulaw\n"
+    aor = "[{n}]\ntype=aor\n"
+    text = endpoint.format(n=8001) + endpoint.format(n=8001) + auth.format(n=8001)
+    text += aor.format(n=8001)
+    text += endpoint.format(n=8002) + auth.format(n=8002) + aor.format(n=8002) * 2
+    text += endpoint.format(n=8003) + auth.format(n=8003) + aor.format(n=8003)
+    wizard = (
+        "[8004]\ntype=wizard\naccepts_auth=yes\naccepts_registrations=yes\n"
+        "endpoint/allow=ulaw\ninbound_auth/username={u}\ninbound_auth/password=Secret-8004\n"
+    )
+    text += wizard.format(u="first") + wizard.format(u="last")
+    plan = _plan(text)
+    assert [(u.username, u.extension) for u in plan.users] == [("u8003", "8003"), ("last", "8004")]
+    twice = "defined twice (lines {}): Asterisk loads no {} from a file that defines one more "
+    twice += "than once"
+    assert [str(u) for u in plan.unmapped] == [
+        "[8001] endpoint: " + twice.format("1, 6", "endpoint"),
+        "[8001] endpoint: " + twice.format("1, 6", "endpoint"),
+        "[a8001] auth: belongs to [8001], which is not mapped",
+        "[8001] aor: belongs to [8001], which is not mapped",
+        "[8002] endpoint: its aor [8002] is " + twice.format("26, 28", "aor"),
+        "[a8002] auth: belongs to [8002], which is not mapped",
+        "[8002] aor: " + twice.format("26, 28", "aor"),
+        "[8002] aor: " + twice.format("26, 28", "aor"),
+        "[8004] wizard: replaced by the wizard of line 48 (Asterisk applies the last)",
+    ]
+
+
+def test_a_webrtc_endpoints_nat_is_read_without_direct_media() -> None:
+    """A ws/wss endpoint's NAT row is chosen by force_rport, rewrite_contact and
+    rtp_symmetric alone (WebRTC users always render ``direct_media=no``): without
+    direct media it imports as nat=no with no note; with it, a note says it is dropped."""
+    text = ""
+    for ext, direct in (("8101", "no"), ("8102", "yes")):
+        text += f"[{ext}]\ntype=endpoint\nauth=a{ext}\naors={ext}\nallow=opus\nwebrtc=yes\n"
+        text += "transport=transport-wss\nforce_rport=no\nrewrite_contact=no\nrtp_symmetric=no\n"
+        text += f"direct_media={direct}\n[{ext}]\ntype=aor\nmax_contacts=5\nremove_existing=yes\n"
+        text += (
+            f"qualify_frequency=60\n[a{ext}]\ntype=auth\nusername=u{ext}\npassword=Secret-{ext}\n"
+        )
+    users = {u.extension: u for u in _plan(text).users}
+    assert [(u.values["transport"], u.values["nat"]) for u in users.values()] == [("wss", "no")] * 2
+    assert users["8101"].notes == ()
+    assert users["8102"].notes == ("direct_media=yes becomes no: WebRTC media cannot go direct",)
+
+
+def test_a_wizard_setting_transport_again_uses_its_last_one(tmp_path: Path) -> None:
+    """A wizard that sets ``transport=`` again over its template's is on the last one, as
+    Asterisk's wizard reads each of its own options (``ast_variable_find_last_in_list``)."""
+    conf = tmp_path / "pjsip_wizard.conf"
+    conf.write_text(
+        "[phone](!)\ntype=wizard\naccepts_auth=yes\naccepts_registrations=yes\n"
+        "transport=transport-udp\nendpoint/allow=ulaw\n"
+        "[8201](phone)\ntransport=transport-tcp\n"
+        "inbound_auth/username=u8201\ninbound_auth/password=Secret-8201\n",
+        encoding="utf-8",
+    )
+    (user,) = plan_import(read_file(conf), SETTINGS).users
+    assert user.values["transport"] == "tcp"
+
+
+def test_wizard_object_prefixes_are_matched_in_lower_case_as_asterisk_matches_them(
+    tmp_path: Path,
+) -> None:
+    """``Endpoint/context=`` or ``Inbound_Auth/username=`` is no object option for
+    Asterisk's wizard (it matches the ``endpoint/`` and ``inbound_auth/`` prefixes
+    exactly): such lines are reported as ignored, and a wizard whose username is only
+    spelled so has no auth and is not mapped."""
+    conf = tmp_path / "pjsip_wizard.conf"
+    conf.write_text(
+        "[8301]\ntype=wizard\naccepts_auth=yes\naccepts_registrations=yes\n"
+        "endpoint/allow=ulaw\nEndpoint/context=sales\n"
+        "inbound_auth/username=u8301\ninbound_auth/password=Secret-8301\n"
+        "[8302]\ntype=wizard\naccepts_auth=yes\naccepts_registrations=yes\n"
+        "endpoint/allow=ulaw\nInbound_Auth/username=u8302\ninbound_auth/password=Secret-8302\n",
+        encoding="utf-8",
+    )
+    plan = plan_import(read_file(conf), SETTINGS)
+    (user,) = plan.users
+    assert (user.extension, user.values["context"]) == ("8301", "default")
+    assert "ignored wizard options: Endpoint/context" in user.notes
+    assert [str(u) for u in plan.unmapped] == [
+        "[8302] wizard: has no inbound_auth/username: Asterisk's wizard creates no auth for it"
+    ]
+
+
+def test_a_bare_phone_number_callerid_is_a_number_as_asterisk_reads_it() -> None:
+    """``callerid=+49 (30) 123-45`` is a number, not a name, as Asterisk reads a callerid
+    without ``<>`` (blanks, parentheses and dashes dropped, then digits, ``+``, ``*``,
+    ``#``): the full name is the username and the number is noted."""
+    text = ""
+    for ext, callerid in (("8401", "+49 (30) 123-45"), ("8402", "*1001#"), ("8403", "Ann 2")):
+        text += f"[{ext}]\ntype=endpoint\nauth=a{ext}\naors={ext}\nallow=ulaw\n"
+        text += f"callerid={callerid}\n[{ext}]\ntype=aor\n"
+        text += f"[a{ext}]\ntype=auth\nusername=u{ext}\npassword=Secret-{ext}\n"
+    users = {u.extension: u for u in _plan(text).users}
+    assert {e: u.values["full_name"] for e, u in users.items()} == {
+        "8401": "u8401",
+        "8402": "u8402",
+        "8403": "Ann 2",
+    }
+    assert "callerid number +493012345 becomes the extension 8401" in users["8401"].notes
+    assert "callerid number *1001# becomes the extension 8402" in users["8402"].notes
+
+
+def test_a_callerid_is_split_into_name_and_number_as_asterisk_splits_it() -> None:
+    """A callerid is read as Asterisk reads it: the number runs from the last ``<`` to the
+    last ``>`` after it (or to the end, so a missing ``>`` is no error, and text after it
+    is dropped), the name is what precedes it without one pair of quotes."""
+    cases = (
+        ("8501", "Alice Archer <8501", "Alice Archer"),
+        ("8502", '"Bob Baker" <8502> desk', "Bob Baker"),
+        ("8503", "Carol <Office> <8503>", "u8503"),
+    )
+    text = ""
+    for ext, callerid, _ in cases:
+        text += f"[{ext}]\ntype=endpoint\nauth=a{ext}\naors={ext}\nallow=ulaw\n"
+        text += f"callerid={callerid}\n[{ext}]\ntype=aor\n"
+        text += f"[a{ext}]\ntype=auth\nusername=u{ext}\npassword=Secret-{ext}\n"
+    users = {u.extension: u for u in _plan(text).users}
+    assert {e: u.values["full_name"] for e, u in users.items()} == {e: n for e, _, n in cases}
+    assert not any("number" in n for u in users.values() for n in u.notes)
+    assert any(n.startswith("callerid name 'Carol <Office>' must") for n in users["8503"].notes)
+
+
+def test_a_wizard_with_an_empty_inbound_auth_username_is_reported_by_that_option() -> None:
+    """A wizard whose ``inbound_auth/username=`` is empty is not mapped, and the reason
+    names that option (not an auth section the file does not have)."""
+    plan = _plan(
+        "[8601]\ntype=wizard\naccepts_auth=yes\naccepts_registrations=yes\n"
+        "endpoint/allow=ulaw\ninbound_auth/username=\ninbound_auth/password=Secret-8601\n"
+    )
+    assert plan.users == ()
+    assert [str(u) for u in plan.unmapped] == [
+        "[8601] wizard: its inbound_auth/username is empty: a phone could not authenticate"
+    ]
