@@ -271,6 +271,10 @@ class Daemon:
     _retry_due: asyncio.TimerHandle | None = None
     #: Seconds before a failed full reconcile is run again (0: the last one did not fail).
     _full_retry_delay: float = 0.0
+    #: The apply in progress has run longer than ``daemon.stuck_after`` (see
+    #: :meth:`_apply_stuck`), and the timer that says so.
+    _stuck: bool = False
+    _stuck_due: asyncio.TimerHandle | None = None
     #: The first error a task ended with (see :meth:`_task_ended`).
     _failure: BaseException | None = None
     metrics: Metrics = field(default_factory=Metrics)
@@ -571,6 +575,14 @@ class Daemon:
         the cursor of an incremental apply (bookkeeping, not on the way to Asterisk:
         a crash before the save only re-applies those changes, which writes nothing)."""
         kind = "full" if work == self._full else "incremental"
+        self._watch_stuck()
+        try:
+            return await self._apply(kind, work)
+        finally:
+            self._end_stuck()
+
+    async def _apply(self, kind: str, work: Callable[[], Applied | None]) -> Applied | None:
+        """:meth:`_run`'s body: the apply, its record, and its bookkeeping."""
         try:
             result = await in_worker(work)
             self._hand_untold()
@@ -599,6 +611,43 @@ class Daemon:
         self.health.cursor = self.tracker.cursor
         self._write_health_soon()  # after the AMI task had its turn: it is what goes live
         return result
+
+    def _watch_stuck(self) -> None:
+        """Call :meth:`_apply_stuck` once the apply starting now has run for
+        ``daemon.stuck_after`` seconds (never when it is 0)."""
+        after = self.config.daemon.stuck_after
+        if after:
+            loop = asyncio.get_running_loop()
+            self._stuck_due = loop.call_later(after, self._apply_stuck, time.time())
+
+    def _apply_stuck(self, started_at: float) -> None:
+        """The apply in progress has run past ``daemon.stuck_after``: a store that stopped
+        answering without closing the connection, or a lock never granted, has it wait
+        for ever, and a thread cannot be cancelled.  Stop feeding the watchdog (systemd
+        then restarts the daemon, whose connections close with it), and say so in the
+        log (``daemon.apply_stuck``), to systemd's status and in the health record."""
+        self._stuck_due = None
+        self._stuck = True
+        after = self.config.daemon.stuck_after
+        log.error(
+            "daemon.apply_stuck", running_s=round(time.time() - started_at), stuck_after=after
+        )
+        self.notifier.status(f"apply stuck for more than {after:g} s")
+        self.health.apply_stuck_since = started_at
+        self._write_health()
+
+    def _end_stuck(self) -> None:
+        """The apply has ended: no longer watched; if it was stuck, the watchdog is fed
+        again and the health record says so soon."""
+        if self._stuck_due is not None:
+            self._stuck_due.cancel()
+            self._stuck_due = None
+        if self._stuck:
+            self._stuck = False
+            self.health.apply_stuck_since = None
+            log.info("daemon.apply_unstuck")
+            self.notifier.status("provisioning")
+            self._write_health_soon()
 
     def _succeeded(self, kind: str, result: Applied | None) -> None:
         """Record a successful apply and hand its change to the AMI side."""
@@ -770,9 +819,11 @@ class Daemon:
             return
 
     async def _watchdog(self, interval: float) -> None:
-        # Fed from the event loop itself: a blocked loop starves the watchdog.
+        """Feed systemd's watchdog every ``interval`` seconds, from the event loop itself
+        (a blocked loop starves it), unless an apply is stuck (:meth:`_apply_stuck`)."""
         while not self.stop.is_set():
-            self.notifier.watchdog()
+            if not self._stuck:
+                self.notifier.watchdog()
             await sleep_unless(self.stop, interval)
 
     async def _heartbeat(self) -> None:

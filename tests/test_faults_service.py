@@ -208,6 +208,62 @@ def test_sigterm_while_an_apply_waits_on_a_store_lock_exits_in_time(tmp_path: Pa
     assert daemon.logged("daemon.stopped")
 
 
+def test_an_apply_stuck_on_a_store_lock_starves_the_watchdog_and_fails_the_health_check(
+    tmp_path: Path,
+) -> None:
+    """An apply waiting on a PostgreSQL lock nobody releases for longer than
+    daemon.stuck_after: WATCHDOG=1 is no longer sent (systemd restarts the daemon), the
+    health record says the apply is stuck, and daemon.apply_stuck is logged; once the lock
+    is released the apply ends and the pings resume."""
+    from sqlalchemy import text
+
+    from provisioner.health import read_health
+
+    from .dbs import temp_database
+
+    with temp_database("postgresql", tmp_path) as url:
+        engine = seed_store(url, 2)
+        config = write_config(tmp_path, store_url=url, extra=["stuck_after = 1"])
+        notify = NotifySocket(tmp_path / "notify")
+        daemon = Daemon(
+            config,
+            tmp_path / "daemon.log",
+            extra_env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "200000"},
+        )
+        locker = engine.connect()
+
+        def problems() -> list[str]:
+            health = read_health(tmp_path / "state")
+            assert health is not None
+            return health.problems(time.time(), 60)
+
+        try:
+            daemon.start()
+            # The cursor is saved after each apply: with daemon_state locked, the next
+            # apply writes the file, then waits on the lock for ever.
+            locker.execute(text("LOCK TABLE daemon_state IN ACCESS EXCLUSIVE MODE"))
+            Accounts(engine, Policy(password_policy=False)).edit_user("u0", {"nat": "yes"})
+            conf = tmp_path / "pjsip_users.conf"
+            until(lambda: "rtp_symmetric=yes" in conf.read_text(), 10, "the edit applied")
+            edited_at = time.monotonic()
+            time.sleep(2.5)
+            late = [t for t in notify.times("WATCHDOG") if t > edited_at + 1.5]
+            assert late == [], f"{len(late)} pings after the apply was stuck"
+            assert any("stuck" in p for p in problems()), problems()
+            assert daemon.logged("daemon.apply_stuck")
+            locker.rollback()
+            released_at = time.monotonic()
+            until(lambda: any(t > released_at for t in notify.times("WATCHDOG")), 5, "pings resume")
+            until(lambda: problems() == [], 5, "a healthy record")
+            assert daemon.stop() == 0
+        finally:
+            daemon.kill()
+            locker.rollback()
+            locker.close()
+            notify.close()
+            engine.dispose()
+
+
 def test_sighup_is_announced_as_a_reload_to_systemd(tmp_path: Path) -> None:
     """A SIGHUP sends RELOADING=1 (with MONOTONIC_USEC) and, once the configuration is
     re-read, READY=1 again, so ``systemctl reload`` waits for the reload and sees it end."""
