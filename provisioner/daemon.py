@@ -35,6 +35,7 @@ from sqlalchemy.exc import DBAPIError
 from .aio import sleep_unless, wait_first, wait_task_or_event
 from .applier import Applied, Applier
 from .config import Config, load_config
+from .early_signals import take as take_early_signals
 from .errors import ProvisionerError, ServiceFailed, StoreUnavailable
 from .health import Health, write_health
 from .logs import configure as configure_logs
@@ -315,10 +316,18 @@ class Daemon:
     # -- signals: flags only -----------------------------------------------------
 
     def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT: :meth:`handle_exit`; SIGHUP: :meth:`handle_reload`; those the
+        console script deferred before (:mod:`provisioner.early_signals`) are handled now."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.handle_exit)
         loop.add_signal_handler(signal.SIGINT, self.handle_exit)
         loop.add_signal_handler(signal.SIGHUP, self.handle_reload)
+        # Those that came while the process started (noted, not acted on): act now.
+        for sig in take_early_signals():
+            if sig == signal.SIGHUP:
+                self.handle_reload()
+            else:
+                self.handle_exit()
 
     def handle_exit(self) -> None:
         self.should_exit = True

@@ -264,6 +264,69 @@ def test_an_apply_stuck_on_a_store_lock_starves_the_watchdog_and_fails_the_healt
             engine.dispose()
 
 
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (its ``SigCgt`` mask)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.M).group(1), 16)  # type: ignore[union-attr]
+    return bool(mask & (1 << (sig - 1)))
+
+
+def _signal_while_starting(daemon: Daemon, sig: signal.Signals, after: list[float]) -> None:
+    """Start ``daemon`` and send it ``sig`` at each of ``after`` seconds past the moment
+    Python is up in it (its SIGINT handler is in place): while it imports, reads its
+    configuration and opens the store, before its event loop runs."""
+    daemon.start(wait_ready=False)
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    until(lambda: not daemon.alive or _catches(pid, signal.SIGINT), 10, "Python up")
+    up = time.monotonic()
+    for at in after:
+        time.sleep(max(0.0, up + at - time.monotonic()))
+        if daemon.alive:
+            daemon.proc.send_signal(sig)
+
+
+def test_a_sighup_while_the_daemon_starts_is_a_reload_once_it_is_up(tmp_path: Path) -> None:
+    """SIGHUPs that arrive while the daemon is still starting (``systemctl reload`` or a
+    ``kill -HUP`` right after the start) do not kill it: it comes up, READY=1, and then
+    re-reads its configuration (config.reloaded)."""
+    seed_store(store_url(tmp_path), 3).dispose()
+    notify = NotifySocket(tmp_path / "notify")
+    daemon = Daemon(
+        write_config(tmp_path),
+        tmp_path / "daemon.log",
+        extra_env={"NOTIFY_SOCKET": str(notify.path)},
+    )
+    try:
+        _signal_while_starting(daemon, signal.SIGHUP, [0.15, 0.3, 0.5, 0.8])
+        until(lambda: bool(notify.times("READY")) or not daemon.alive, 20, "READY=1")
+        assert daemon.alive, f"exit {daemon.proc.returncode if daemon.proc else None}"
+        until(lambda: bool(daemon.logged("config.reloaded")), 5, "the reload")
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+        notify.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_while_the_daemon_starts_stops_it_cleanly(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """SIGTERM or SIGINT while the daemon is still starting ends it as a stop after the
+    start would: exit 0, daemon.stopped logged, no traceback."""
+    seed_store(store_url(tmp_path), 3).dispose()
+    daemon = Daemon(write_config(tmp_path), tmp_path / "daemon.log")
+    try:
+        _signal_while_starting(daemon, sig, [0.15])
+        assert daemon.proc is not None
+        code = daemon.proc.wait(timeout=20)
+    finally:
+        daemon.kill()
+    assert code == 0, daemon.log.read_text()[-2000:]
+    assert daemon.logged("daemon.stopped")
+    assert "Traceback" not in daemon.log.read_text()
+
+
 def test_sighup_is_announced_as_a_reload_to_systemd(tmp_path: Path) -> None:
     """A SIGHUP sends RELOADING=1 (with MONOTONIC_USEC) and, once the configuration is
     re-read, READY=1 again, so ``systemctl reload`` waits for the reload and sees it end."""
