@@ -32,7 +32,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from .aio import sleep_unless, wait_first, wait_task_or_event
+from .aio import sleep_unless, wait_all_or_event, wait_first, wait_task_or_event
 from .applier import Applied, Applier
 from .config import Config, load_config
 from .early_signals import take as take_early_signals
@@ -238,6 +238,10 @@ class Daemon:
     #: Ends the template watcher of the current directories (see _watch_templates).
     _templates_watch: asyncio.Event = field(default_factory=asyncio.Event)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    #: A second SIGTERM/SIGINT: the shutdown cancels what is left at once.
+    force_exit: asyncio.Event = field(default_factory=asyncio.Event)
+    #: A SIGTERM/SIGINT came (:meth:`handle_exit`): the next one forces the exit.
+    _exit_signalled: bool = False
     #: Ends the AMI side: set by :meth:`shutdown` once the apply in progress has ended,
     #: so the change it hands over is still taken (noted owed in the store).
     ami_stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -322,14 +326,27 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self.handle_exit)
         loop.add_signal_handler(signal.SIGINT, self.handle_exit)
         loop.add_signal_handler(signal.SIGHUP, self.handle_reload)
-        # Those that came while the process started (noted, not acted on): act now.
-        for sig in take_early_signals():
-            if sig == signal.SIGHUP:
-                self.handle_reload()
-            else:
-                self.handle_exit()
+        # Those that came while the process started (noted, not acted on): act now, as
+        # one stop at most (there was no drain for a second one to cut short).
+        early = take_early_signals()
+        if signal.SIGHUP in early:
+            self.handle_reload()
+        if any(sig != signal.SIGHUP for sig in early):
+            self.handle_exit()
 
     def handle_exit(self) -> None:
+        """SIGTERM/SIGINT: stop; the shutdown lets the apply in progress end
+        (``shutdown_timeout``).  A second one while it drains (Ctrl-C twice, a second
+        ``kill``) ends the drain at once: what is left is cancelled
+        (``daemon.shutdown_forced``)."""
+        if self._exit_signalled and not self.force_exit.is_set():
+            log.warning("daemon.exit_forced")
+            self.force_exit.set()
+        self._exit_signalled = True
+        self._stop()
+
+    def _stop(self) -> None:
+        """Start the shutdown (a signal, or a task that failed)."""
         self.should_exit = True
         self.stop.set()
         self.wake.set()
@@ -482,7 +499,8 @@ class Daemon:
     async def shutdown(self, work: asyncio.Task[Applied | None] | None = None) -> None:
         """Stop the sources, let ``work`` (the startup and main loop, whose errors are the
         caller's) end its apply in progress, then stop AMI, all within
-        ``shutdown_timeout``; then cancel the rest (``daemon.shutdown_timeout`` names how
+        ``shutdown_timeout`` (or until a second signal, :meth:`handle_exit`); then cancel
+        the rest (``daemon.shutdown_timeout`` or ``daemon.shutdown_forced`` names how
         many).  AMI stops after the apply so the change it hands over is taken: the AMI
         side notes in the store what that change still owes Asterisk (a reload, cache
         expiries, contact removals), and the next run sends it."""
@@ -494,8 +512,9 @@ class Daemon:
             self._write_due_health()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.daemon.shutdown_timeout
-        if work is not None and not work.done():
-            await asyncio.wait([work], timeout=self.config.daemon.shutdown_timeout)
+        if work is not None:
+            timeout = self.config.daemon.shutdown_timeout
+            await wait_all_or_event([work], self.force_exit, timeout=timeout)
         self.ami_stop.set()
         await self._end_tasks([work] if work is not None else [], deadline)
         await self._end_untold(work)
@@ -535,19 +554,23 @@ class Daemon:
             log.warning("daemon.untold_kept", reason="store write failed", error=str(exc.orig))
 
     async def _end_tasks(self, work: list[asyncio.Task[Any]], deadline: float) -> None:
-        """Wait until ``deadline`` (monotonic loop time) for ``work`` and every spawned
-        task to end, those spawned meanwhile too (the startup still under way starts its
-        tasks after the stop); then refuse any new one (:meth:`_spawn`), cancel what is
+        """Wait until ``deadline`` (monotonic loop time), or a second signal
+        (:attr:`force_exit`), for ``work`` and every spawned task to end, those spawned
+        meanwhile too (the startup still under way starts its tasks after the stop);
+        then refuse any new one (:meth:`_spawn`), cancel what is
         left (``daemon.shutdown_timeout`` says how many) and await it, so no task
         outlives the shutdown."""
         loop = asyncio.get_running_loop()
         while running := _running([*self._tasks, *work]):
-            await asyncio.wait(running, timeout=max(0.0, deadline - loop.time()))
-            if loop.time() >= deadline:
+            left = max(0.0, deadline - loop.time())
+            await wait_all_or_event(running, self.force_exit, timeout=left)
+            if loop.time() >= deadline or self.force_exit.is_set():
                 break
         self._closed = True
         pending = _running([*self._tasks, *work])
-        if pending:
+        if pending and self.force_exit.is_set():
+            log.warning("daemon.shutdown_forced", cancelled=len(pending))
+        elif pending:
             log.warning(
                 "daemon.shutdown_timeout",
                 timeout_s=self.config.daemon.shutdown_timeout,
@@ -865,7 +888,7 @@ class Daemon:
         log.error("daemon.task_failed", error=_describe(exc), exc_info=trace)
         if self._failure is None:
             self._failure = exc
-        self.handle_exit()
+        self._stop()
 
     def _count(self, kind: str, change: Change) -> None:
         m = self.metrics

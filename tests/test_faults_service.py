@@ -208,6 +208,51 @@ def test_sigterm_while_an_apply_waits_on_a_store_lock_exits_in_time(tmp_path: Pa
     assert daemon.logged("daemon.stopped")
 
 
+def test_a_second_sigterm_during_the_drain_ends_it_at_once(tmp_path: Path) -> None:
+    """A second SIGTERM while the daemon drains an apply stuck on a PostgreSQL lock (with
+    a 30 s shutdown_timeout) cancels what is left at once: exit 0 within about a second,
+    logging daemon.shutdown_forced and daemon.stopped."""
+    import subprocess
+
+    from sqlalchemy import text
+
+    from .dbs import temp_database
+
+    with temp_database("postgresql", tmp_path) as url:
+        engine = seed_store(url, 2)
+        config = write_config(tmp_path, store_url=url, extra=["shutdown_timeout = 30"])
+        config.write_text(config.read_text().replace("shutdown_timeout = 5\n", ""))
+        daemon = Daemon(config, tmp_path / "daemon.log").start()
+        locker = engine.connect()
+        try:
+            # With daemon_state locked, the edit's apply writes the file, then waits on
+            # the lock for ever (its cursor save).
+            locker.execute(text("LOCK TABLE daemon_state IN ACCESS EXCLUSIVE MODE"))
+            Accounts(engine, Policy(password_policy=False)).edit_user("u0", {"nat": "yes"})
+            conf = tmp_path / "pjsip_users.conf"
+            until(lambda: "rtp_symmetric=yes" in conf.read_text(), 10, "the edit applied")
+            assert daemon.proc is not None
+            daemon.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert daemon.alive, "the first SIGTERM drains"
+            again = time.monotonic()
+            daemon.proc.send_signal(signal.SIGTERM)
+            try:
+                code = daemon.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                code = None
+            took = time.monotonic() - again
+        finally:
+            daemon.kill()
+            locker.rollback()
+            locker.close()
+            engine.dispose()
+    assert code == 0, f"still draining {took:.1f} s after the second SIGTERM"
+    assert took < 2.0, f"exit {took:.2f} s after the second SIGTERM"
+    assert daemon.logged("daemon.shutdown_forced")
+    assert daemon.logged("daemon.stopped")
+
+
 def test_an_apply_stuck_on_a_store_lock_starves_the_watchdog_and_fails_the_health_check(
     tmp_path: Path,
 ) -> None:
