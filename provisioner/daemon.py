@@ -358,7 +358,8 @@ class Daemon:
     # -- lifecycle ------------------------------------------------------------------
 
     async def serve(self, *, burst: bool = False) -> Applied | None:
-        """Run until a signal (or, with ``burst``, apply pending changes once and return).
+        """Run until a signal (or, with ``burst``, apply pending changes once and return;
+        an apply that fails is not retried then, its error is raised).
 
         The work runs as a task: a signal starts the shutdown at once, and the apply in
         progress gets ``shutdown_timeout`` like every other task, then is cancelled, so
@@ -392,8 +393,12 @@ class Daemon:
         # Taken before the first reconcile reads the templates: an edit made before the
         # watcher starts is still seen.
         templates = template_stamp(dirs)
-        first = await self._reconcile_until_done()
+        first = await self._reconcile_until_done(retry=not burst)
         if burst:
+            if self._last_exc is not None:
+                # A one-shot run that applied nothing ends with the reason (its exit
+                # code: a refused mass removal, the store unavailable…), not as a success.
+                raise self._last_exc
             await self._tell_once(first)
             return first
         for source in self.wake_sources:
@@ -587,14 +592,15 @@ class Daemon:
         timeout = max(0.0, self._next_reconcile - time.monotonic())
         await wait_first(self.wake, self.tick, self.templates_changed, timeout=min(timeout, 3600.0))
 
-    async def _reconcile_until_done(self) -> Applied | None:
-        """The first full reconcile, retried with backoff while the store is down."""
+    async def _reconcile_until_done(self, *, retry: bool = True) -> Applied | None:
+        """The first full reconcile, retried with backoff while the store is down (with
+        ``retry``; else tried once: the caller finds why it failed in ``_last_exc``)."""
         delay = 0.5
         while not self.should_exit:
             result = await self._run(self._full)
             if self.health.last_sync_ok:
                 return result
-            if not isinstance(self._last_exc, _RETRYABLE):
+            if not retry or not isinstance(self._last_exc, _RETRYABLE):
                 # e.g. a refused mass removal or a broken template: no retry will help;
                 # keep running (health says why) and wait for an edit, a SIGHUP or an operator.
                 return None
