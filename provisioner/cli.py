@@ -825,8 +825,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """Run the CLI and exit with its code; the signals deferred at the start
-    (:mod:`provisioner.early_signals`) and not taken by the daemon then act."""
-    code = main()
-    restore_signals()
-    sys.exit(code)
+    """Run the CLI and exit with its code (a signal noted at the start and taken by no
+    one, e.g. while ``run`` failed on its configuration, does not replace it)."""
+    sys.exit(main())

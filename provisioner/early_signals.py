@@ -8,6 +8,8 @@ script (:mod:`provisioner.launch`) calls :func:`defer` first thing: from then on
 signals are only noted (nothing else runs in the handler), and the daemon acts on them
 once its own handlers are in place (:func:`take`).  Any other command puts the previous
 handlers back (:func:`restore`) and gets the signals noted meanwhile as it would have.
+A ``run`` that ends before its handlers are in place (an invalid configuration) exits
+with its own code: what was noted is dropped with the process.
 
 Standard library only: this module is imported before anything heavy.
 """

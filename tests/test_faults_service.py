@@ -353,6 +353,23 @@ def test_a_sighup_while_the_daemon_starts_is_a_reload_once_it_is_up(tmp_path: Pa
         notify.close()
 
 
+def test_a_sighup_while_a_daemon_with_a_bad_config_starts_leaves_its_exit_2(
+    tmp_path: Path,
+) -> None:
+    """A daemon whose configuration is invalid exits 2 (which the unit does not restart),
+    even when a SIGHUP came while it started: the signal noted then does not turn the exit
+    into a death by SIGHUP."""
+    config = write_config(tmp_path, extra=["poll_interval = -1"])
+    daemon = Daemon(config, tmp_path / "daemon.log")
+    try:
+        _signal_while_starting(daemon, signal.SIGHUP, [0.15])
+        assert daemon.proc is not None
+        code = daemon.proc.wait(timeout=20)
+    finally:
+        daemon.kill()
+    assert code == 2, daemon.log.read_text()[-2000:]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_while_the_daemon_starts_stops_it_cleanly(
     tmp_path: Path, sig: signal.Signals
