@@ -522,20 +522,22 @@ class Daemon:
             await wait_all_or_event([work], self.force_exit, timeout=timeout)
         self.ami_stop.set()
         await self._end_tasks([work] if work is not None else [], deadline)
-        await self._end_untold(work)
+        await self._end_untold(work, deadline)
         self.engine.dispose()
         # The last record: 'provisioner check' then fails at once, not once it is stale.
         self.health.stopped_at = time.time()
         self._write_health()
         log.info("daemon.stopped")
 
-    async def _end_untold(self, work: asyncio.Task[Any] | None) -> None:
+    async def _end_untold(self, work: asyncio.Task[Any] | None, deadline: float) -> None:
         """Drop this run's marker (:mod:`~provisioner.store.untold`), which stands for
         those it found too, when it stopped having told Asterisk everything: its work
         ended by itself (an apply cancelled at the timeout may still commit, in its
         thread), no task failed, and the AMI side sent or noted owed every change.
         Otherwise it stays, and the next run empties the caches (``daemon.untold_kept``
-        says why it stayed)."""
+        says why it stayed).  The write waits until ``deadline`` (loop time; a second
+        signal ends it too) at most: a store that stalls (a lock held, a server gone
+        silent) keeps the marker, not the process."""
         if self._untold_found is None or self.pbx is None:
             # Nothing written by this run, or no Asterisk configured: nothing to say (a
             # run with one configured finds the marker and empties the caches).
@@ -553,10 +555,22 @@ class Daemon:
             log.info("daemon.untold_kept", reason=why)
             return
         keys = [untold_key(self._untold_token)]  # those found were taken over at the start
-        try:
-            await in_worker(transaction, self.engine, partial(drop_untold, keys=keys))
-        except DBAPIError as exc:
+        drop = asyncio.ensure_future(
+            in_worker(transaction, self.engine, partial(drop_untold, keys=keys))
+        )
+        left = max(0.0, deadline - asyncio.get_running_loop().time())
+        await wait_all_or_event([drop], self.force_exit, timeout=left)
+        if not drop.done():
+            # Left to its thread, which the process's exit ends (its transaction then
+            # rolls back: the marker stays).
+            drop.cancel()
+            log.info("daemon.untold_kept", reason="store write timed out")
+            return
+        exc = drop.exception()
+        if isinstance(exc, DBAPIError):
             log.warning("daemon.untold_kept", reason="store write failed", error=str(exc.orig))
+        elif exc is not None:
+            raise exc
 
     async def _end_tasks(self, work: list[asyncio.Task[Any]], deadline: float) -> None:
         """Wait until ``deadline`` (monotonic loop time), or a second signal
