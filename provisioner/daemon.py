@@ -401,13 +401,18 @@ class Daemon:
                 raise self._last_exc
             await self._tell_once(first)
             return first
-        for source in self.wake_sources:
-            self._spawn(source.run(self.tick if source.timer else self.wake, self.stop))
-        self._spawn(self._watch_templates(dirs, templates))
         if self.pbx is not None:
             self._spawn(self.pbx.run(self.ami_stop))
             if first is not None:
                 self.pbx.applied(first.change, target_kind=self.config.target.kind)
+        if self.should_exit:
+            # Stopped during the first reconcile: the shutdown has begun (STOPPING=1
+            # sent).  The AMI side takes its change (noted owed at the stop), but READY
+            # and the sources would contradict the stop.
+            return first
+        for source in self.wake_sources:
+            self._spawn(source.run(self.tick if source.timer else self.wake, self.stop))
+        self._spawn(self._watch_templates(dirs, templates))
         if (interval := watchdog_interval()) is not None:
             self._spawn(self._watchdog(interval))
         self._spawn(self._heartbeat())

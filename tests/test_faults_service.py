@@ -9,6 +9,7 @@ and the daemon exits 0 within ``daemon.shutdown_timeout``.
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import shutil
 import signal
@@ -387,6 +388,37 @@ def test_a_stop_signal_while_the_daemon_starts_stops_it_cleanly(
     assert code == 0, daemon.log.read_text()[-2000:]
     assert daemon.logged("daemon.stopped")
     assert "Traceback" not in daemon.log.read_text()
+
+
+def test_a_daemon_stopped_before_its_first_reconcile_ends_never_says_ready(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while the first reconcile cannot reach the store (its PostgreSQL database is
+    missing): STOPPING=1, and no READY=1 after it, no daemon.ready, no record saying ready;
+    the exit is 0."""
+    from .dbs import PG_ADMIN
+
+    url = PG_ADMIN.rstrip("/") + "/prov_test_no_such_database"
+    notify = NotifySocket(tmp_path / "notify")
+    daemon = Daemon(
+        write_config(tmp_path, store_url=url),
+        tmp_path / "daemon.log",
+        extra_env={"NOTIFY_SOCKET": str(notify.path)},
+    )
+    try:
+        daemon.start(wait_ready=False)
+        until(lambda: bool(daemon.logged("sync.failed")), 20, "the first reconcile failing")
+        assert daemon.stop() == 0
+        until(lambda: bool(notify.times("STOPPING")), 2, "STOPPING=1")
+        time.sleep(0.2)
+    finally:
+        daemon.kill()
+        notify.close()
+    assert notify.times("READY") == []
+    assert daemon.logged("daemon.ready") == []
+    record = json.loads(daemon.health_path.read_text())
+    assert record["ready"] is False
+    assert record["stopped_at"] is not None
 
 
 def test_sighup_is_announced_as_a_reload_to_systemd(tmp_path: Path) -> None:
