@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["doubling", "sleep_unless", "wait_first", "wait_task_or_event"]
+__all__ = ["doubling", "sleep_unless", "wait_all_or_event", "wait_first", "wait_task_or_event"]
 
 
 async def wait_first(*events: asyncio.Event, timeout: float | None = None) -> bool:
@@ -35,6 +36,30 @@ async def wait_task_or_event(task: asyncio.Future[Any], event: asyncio.Event) ->
     waiter = asyncio.ensure_future(event.wait())
     try:
         await asyncio.wait((task, waiter), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+
+
+async def wait_all_or_event(
+    tasks: Iterable[asyncio.Future[Any]], event: asyncio.Event, *, timeout: float
+) -> None:
+    """Wait until every one of ``tasks`` is done, ``event`` is set, or ``timeout`` seconds
+    have passed, whichever comes first; ``tasks`` are left running."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pending = {task for task in tasks if not task.done()}
+    if not pending or event.is_set():
+        return
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        while pending and not waiter.done():
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            done, _ = await asyncio.wait(
+                {*pending, waiter}, timeout=left, return_when=asyncio.FIRST_COMPLETED
+            )
+            pending -= done
     finally:
         waiter.cancel()
 

@@ -24,6 +24,7 @@ from sqlalchemy.exc import DBAPIError
 from . import csvio
 from .accounts import Accounts, Policy
 from .config import ENV_ACTOR, Config, display_url, load_config, parse_sets
+from .early_signals import restore as restore_signals
 from .errors import (
     ConfigError,
     ForbiddenError,
@@ -119,6 +120,10 @@ def cli(
     verbose: bool,
 ) -> None:
     """Turn contact-center users into live Asterisk PJSIP endpoints."""
+    if ctx.invoked_subcommand != "run":
+        # Only the daemon acts on the signals deferred at the start: the rest get them
+        # as they would have.
+        restore_signals()
     all_sets = [*sets, *([f"store.url={store_url}"] if store_url else [])]
     ctx.obj = App(config_path, all_sets, verbose, actor)
 
@@ -820,4 +825,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
+    """Run the CLI and exit with its code (a signal noted at the start and taken by no
+    one, e.g. while ``run`` failed on its configuration, does not replace it)."""
     sys.exit(main())

@@ -32,9 +32,10 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from .aio import sleep_unless, wait_first, wait_task_or_event
+from .aio import sleep_unless, wait_all_or_event, wait_first, wait_task_or_event
 from .applier import Applied, Applier
 from .config import Config, load_config
+from .early_signals import take as take_early_signals
 from .errors import ProvisionerError, ServiceFailed, StoreUnavailable
 from .health import Health, write_health
 from .logs import configure as configure_logs
@@ -237,6 +238,10 @@ class Daemon:
     #: Ends the template watcher of the current directories (see _watch_templates).
     _templates_watch: asyncio.Event = field(default_factory=asyncio.Event)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    #: A second SIGTERM/SIGINT: the shutdown cancels what is left at once.
+    force_exit: asyncio.Event = field(default_factory=asyncio.Event)
+    #: A SIGTERM/SIGINT came (:meth:`handle_exit`): the next one forces the exit.
+    _exit_signalled: bool = False
     #: Ends the AMI side: set by :meth:`shutdown` once the apply in progress has ended,
     #: so the change it hands over is still taken (noted owed in the store).
     ami_stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -271,6 +276,10 @@ class Daemon:
     _retry_due: asyncio.TimerHandle | None = None
     #: Seconds before a failed full reconcile is run again (0: the last one did not fail).
     _full_retry_delay: float = 0.0
+    #: The apply in progress has run longer than ``daemon.stuck_after`` (see
+    #: :meth:`_apply_stuck`), and the timer that says so.
+    _stuck: bool = False
+    _stuck_due: asyncio.TimerHandle | None = None
     #: The first error a task ended with (see :meth:`_task_ended`).
     _failure: BaseException | None = None
     metrics: Metrics = field(default_factory=Metrics)
@@ -311,12 +320,33 @@ class Daemon:
     # -- signals: flags only -----------------------------------------------------
 
     def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT: :meth:`handle_exit`; SIGHUP: :meth:`handle_reload`; those the
+        console script deferred before (:mod:`provisioner.early_signals`) are handled now."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.handle_exit)
         loop.add_signal_handler(signal.SIGINT, self.handle_exit)
         loop.add_signal_handler(signal.SIGHUP, self.handle_reload)
+        # Those that came while the process started (noted, not acted on): act now, as
+        # one stop at most (there was no drain for a second one to cut short).
+        early = take_early_signals()
+        if signal.SIGHUP in early:
+            self.handle_reload()
+        if any(sig != signal.SIGHUP for sig in early):
+            self.handle_exit()
 
     def handle_exit(self) -> None:
+        """SIGTERM/SIGINT: stop; the shutdown lets the apply in progress end
+        (``shutdown_timeout``).  A second one while it drains (Ctrl-C twice, a second
+        ``kill``) ends the drain at once: what is left is cancelled
+        (``daemon.shutdown_forced``)."""
+        if self._exit_signalled and not self.force_exit.is_set():
+            log.warning("daemon.exit_forced")
+            self.force_exit.set()
+        self._exit_signalled = True
+        self._stop()
+
+    def _stop(self) -> None:
+        """Start the shutdown (a signal, or a task that failed)."""
         self.should_exit = True
         self.stop.set()
         self.wake.set()
@@ -328,7 +358,8 @@ class Daemon:
     # -- lifecycle ------------------------------------------------------------------
 
     async def serve(self, *, burst: bool = False) -> Applied | None:
-        """Run until a signal (or, with ``burst``, apply pending changes once and return).
+        """Run until a signal (or, with ``burst``, apply pending changes once and return;
+        an apply that fails is not retried then, its error is raised).
 
         The work runs as a task: a signal starts the shutdown at once, and the apply in
         progress gets ``shutdown_timeout`` like every other task, then is cancelled, so
@@ -362,17 +393,26 @@ class Daemon:
         # Taken before the first reconcile reads the templates: an edit made before the
         # watcher starts is still seen.
         templates = template_stamp(dirs)
-        first = await self._reconcile_until_done()
+        first = await self._reconcile_until_done(retry=not burst)
         if burst:
+            if self._last_exc is not None:
+                # A one-shot run that applied nothing ends with the reason (its exit
+                # code: a refused mass removal, the store unavailable…), not as a success.
+                raise self._last_exc
             await self._tell_once(first)
             return first
-        for source in self.wake_sources:
-            self._spawn(source.run(self.tick if source.timer else self.wake, self.stop))
-        self._spawn(self._watch_templates(dirs, templates))
         if self.pbx is not None:
             self._spawn(self.pbx.run(self.ami_stop))
             if first is not None:
                 self.pbx.applied(first.change, target_kind=self.config.target.kind)
+        if self.should_exit:
+            # Stopped during the first reconcile: the shutdown has begun (STOPPING=1
+            # sent).  The AMI side takes its change (noted owed at the stop), but READY
+            # and the sources would contradict the stop.
+            return first
+        for source in self.wake_sources:
+            self._spawn(source.run(self.tick if source.timer else self.wake, self.stop))
+        self._spawn(self._watch_templates(dirs, templates))
         if (interval := watchdog_interval()) is not None:
             self._spawn(self._watchdog(interval))
         self._spawn(self._heartbeat())
@@ -469,7 +509,8 @@ class Daemon:
     async def shutdown(self, work: asyncio.Task[Applied | None] | None = None) -> None:
         """Stop the sources, let ``work`` (the startup and main loop, whose errors are the
         caller's) end its apply in progress, then stop AMI, all within
-        ``shutdown_timeout``; then cancel the rest (``daemon.shutdown_timeout`` names how
+        ``shutdown_timeout`` (or until a second signal, :meth:`handle_exit`); then cancel
+        the rest (``daemon.shutdown_timeout`` or ``daemon.shutdown_forced`` names how
         many).  AMI stops after the apply so the change it hands over is taken: the AMI
         side notes in the store what that change still owes Asterisk (a reload, cache
         expiries, contact removals), and the next run sends it."""
@@ -481,24 +522,27 @@ class Daemon:
             self._write_due_health()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.daemon.shutdown_timeout
-        if work is not None and not work.done():
-            await asyncio.wait([work], timeout=self.config.daemon.shutdown_timeout)
+        if work is not None:
+            timeout = self.config.daemon.shutdown_timeout
+            await wait_all_or_event([work], self.force_exit, timeout=timeout)
         self.ami_stop.set()
         await self._end_tasks([work] if work is not None else [], deadline)
-        await self._end_untold(work)
+        await self._end_untold(work, deadline)
         self.engine.dispose()
         # The last record: 'provisioner check' then fails at once, not once it is stale.
         self.health.stopped_at = time.time()
         self._write_health()
         log.info("daemon.stopped")
 
-    async def _end_untold(self, work: asyncio.Task[Any] | None) -> None:
+    async def _end_untold(self, work: asyncio.Task[Any] | None, deadline: float) -> None:
         """Drop this run's marker (:mod:`~provisioner.store.untold`), which stands for
         those it found too, when it stopped having told Asterisk everything: its work
         ended by itself (an apply cancelled at the timeout may still commit, in its
         thread), no task failed, and the AMI side sent or noted owed every change.
         Otherwise it stays, and the next run empties the caches (``daemon.untold_kept``
-        says why it stayed)."""
+        says why it stayed).  The write waits until ``deadline`` (loop time; a second
+        signal ends it too) at most: a store that stalls (a lock held, a server gone
+        silent) keeps the marker, not the process."""
         if self._untold_found is None or self.pbx is None:
             # Nothing written by this run, or no Asterisk configured: nothing to say (a
             # run with one configured finds the marker and empties the caches).
@@ -516,25 +560,41 @@ class Daemon:
             log.info("daemon.untold_kept", reason=why)
             return
         keys = [untold_key(self._untold_token)]  # those found were taken over at the start
-        try:
-            await in_worker(transaction, self.engine, partial(drop_untold, keys=keys))
-        except DBAPIError as exc:
+        drop = asyncio.ensure_future(
+            in_worker(transaction, self.engine, partial(drop_untold, keys=keys))
+        )
+        left = max(0.0, deadline - asyncio.get_running_loop().time())
+        await wait_all_or_event([drop], self.force_exit, timeout=left)
+        if not drop.done():
+            # Left to its thread, which the process's exit ends (its transaction then
+            # rolls back: the marker stays).
+            drop.cancel()
+            log.info("daemon.untold_kept", reason="store write timed out")
+            return
+        exc = drop.exception()
+        if isinstance(exc, DBAPIError):
             log.warning("daemon.untold_kept", reason="store write failed", error=str(exc.orig))
+        elif exc is not None:
+            raise exc
 
     async def _end_tasks(self, work: list[asyncio.Task[Any]], deadline: float) -> None:
-        """Wait until ``deadline`` (monotonic loop time) for ``work`` and every spawned
-        task to end, those spawned meanwhile too (the startup still under way starts its
-        tasks after the stop); then refuse any new one (:meth:`_spawn`), cancel what is
+        """Wait until ``deadline`` (monotonic loop time), or a second signal
+        (:attr:`force_exit`), for ``work`` and every spawned task to end, those spawned
+        meanwhile too (the startup still under way starts its tasks after the stop);
+        then refuse any new one (:meth:`_spawn`), cancel what is
         left (``daemon.shutdown_timeout`` says how many) and await it, so no task
         outlives the shutdown."""
         loop = asyncio.get_running_loop()
         while running := _running([*self._tasks, *work]):
-            await asyncio.wait(running, timeout=max(0.0, deadline - loop.time()))
-            if loop.time() >= deadline:
+            left = max(0.0, deadline - loop.time())
+            await wait_all_or_event(running, self.force_exit, timeout=left)
+            if loop.time() >= deadline or self.force_exit.is_set():
                 break
         self._closed = True
         pending = _running([*self._tasks, *work])
-        if pending:
+        if pending and self.force_exit.is_set():
+            log.warning("daemon.shutdown_forced", cancelled=len(pending))
+        elif pending:
             log.warning(
                 "daemon.shutdown_timeout",
                 timeout_s=self.config.daemon.shutdown_timeout,
@@ -551,14 +611,15 @@ class Daemon:
         timeout = max(0.0, self._next_reconcile - time.monotonic())
         await wait_first(self.wake, self.tick, self.templates_changed, timeout=min(timeout, 3600.0))
 
-    async def _reconcile_until_done(self) -> Applied | None:
-        """The first full reconcile, retried with backoff while the store is down."""
+    async def _reconcile_until_done(self, *, retry: bool = True) -> Applied | None:
+        """The first full reconcile, retried with backoff while the store is down (with
+        ``retry``; else tried once: the caller finds why it failed in ``_last_exc``)."""
         delay = 0.5
         while not self.should_exit:
             result = await self._run(self._full)
             if self.health.last_sync_ok:
                 return result
-            if not isinstance(self._last_exc, _RETRYABLE):
+            if not retry or not isinstance(self._last_exc, _RETRYABLE):
                 # e.g. a refused mass removal or a broken template: no retry will help;
                 # keep running (health says why) and wait for an edit, a SIGHUP or an operator.
                 return None
@@ -571,6 +632,14 @@ class Daemon:
         the cursor of an incremental apply (bookkeeping, not on the way to Asterisk:
         a crash before the save only re-applies those changes, which writes nothing)."""
         kind = "full" if work == self._full else "incremental"
+        self._watch_stuck()
+        try:
+            return await self._apply(kind, work)
+        finally:
+            self._end_stuck()
+
+    async def _apply(self, kind: str, work: Callable[[], Applied | None]) -> Applied | None:
+        """:meth:`_run`'s body: the apply, its record, and its bookkeeping."""
         try:
             result = await in_worker(work)
             self._hand_untold()
@@ -599,6 +668,43 @@ class Daemon:
         self.health.cursor = self.tracker.cursor
         self._write_health_soon()  # after the AMI task had its turn: it is what goes live
         return result
+
+    def _watch_stuck(self) -> None:
+        """Call :meth:`_apply_stuck` once the apply starting now has run for
+        ``daemon.stuck_after`` seconds (never when it is 0)."""
+        after = self.config.daemon.stuck_after
+        if after:
+            loop = asyncio.get_running_loop()
+            self._stuck_due = loop.call_later(after, self._apply_stuck, time.time())
+
+    def _apply_stuck(self, started_at: float) -> None:
+        """The apply in progress has run past ``daemon.stuck_after``: a store that stopped
+        answering without closing the connection, or a lock never granted, has it wait
+        for ever, and a thread cannot be cancelled.  Stop feeding the watchdog (systemd
+        then restarts the daemon, whose connections close with it), and say so in the
+        log (``daemon.apply_stuck``), to systemd's status and in the health record."""
+        self._stuck_due = None
+        self._stuck = True
+        after = self.config.daemon.stuck_after
+        log.error(
+            "daemon.apply_stuck", running_s=round(time.time() - started_at), stuck_after=after
+        )
+        self.notifier.status(f"apply stuck for more than {after:g} s")
+        self.health.apply_stuck_since = started_at
+        self._write_health()
+
+    def _end_stuck(self) -> None:
+        """The apply has ended: no longer watched; if it was stuck, the watchdog is fed
+        again and the health record says so soon."""
+        if self._stuck_due is not None:
+            self._stuck_due.cancel()
+            self._stuck_due = None
+        if self._stuck:
+            self._stuck = False
+            self.health.apply_stuck_since = None
+            log.info("daemon.apply_unstuck")
+            self.notifier.status("provisioning")
+            self._write_health_soon()
 
     def _succeeded(self, kind: str, result: Applied | None) -> None:
         """Record a successful apply and hand its change to the AMI side."""
@@ -770,9 +876,11 @@ class Daemon:
             return
 
     async def _watchdog(self, interval: float) -> None:
-        # Fed from the event loop itself: a blocked loop starves the watchdog.
+        """Feed systemd's watchdog every ``interval`` seconds, from the event loop itself
+        (a blocked loop starves it), unless an apply is stuck (:meth:`_apply_stuck`)."""
         while not self.stop.is_set():
-            self.notifier.watchdog()
+            if not self._stuck:
+                self.notifier.watchdog()
             await sleep_unless(self.stop, interval)
 
     async def _heartbeat(self) -> None:
@@ -805,7 +913,7 @@ class Daemon:
         log.error("daemon.task_failed", error=_describe(exc), exc_info=trace)
         if self._failure is None:
             self._failure = exc
-        self.handle_exit()
+        self._stop()
 
     def _count(self, kind: str, change: Change) -> None:
         m = self.metrics

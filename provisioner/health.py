@@ -48,6 +48,9 @@ class Health:
     asterisk: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: When the daemon shut down (its last record); None while it runs.
     stopped_at: float | None = None
+    #: When the apply in progress started, once it has run longer than
+    #: ``daemon.stuck_after`` (stuck on the store or the target); None otherwise.
+    apply_stuck_since: float | None = None
 
     def problems(self, now: float, max_age: float) -> list[str]:
         """Why this record is unhealthy (empty when healthy); a stopped daemon's record
@@ -62,6 +65,11 @@ class Health:
             out.append("not ready (the first reconcile has not finished)")
         if self.last_sync_ok is False:
             out.append(f"last sync failed: {self.last_error}")
+        if self.apply_stuck_since is not None:
+            out.append(
+                f"an apply has run for {now - self.apply_stuck_since:.0f} s"
+                " (longer than daemon.stuck_after): stuck on the store or the target?"
+            )
         if now - self.updated_at > max_age:
             out.append(f"record is {now - self.updated_at:.0f} s old (daemon stuck or stopped?)")
         for server, state in sorted(self.asterisk.items()):
@@ -167,6 +175,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "cursor": (int,),
     "asterisk": (dict,),
     "stopped_at": (int, float, type(None)),
+    "apply_stuck_since": (int, float, type(None)),
 }
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -875,5 +876,45 @@ def test_a_file_written_back_to_what_asterisk_last_loaded_is_reloaded_at_the_nex
             assert _text(conf) == loaded  # back to A's bytes
             assert _loaded_digest(store) != noted
             await _reloaded_at_the_next_start(run)
+
+    asyncio.run(scenario())
+
+
+def test_a_store_that_stalls_at_the_last_marker_drop_does_not_stretch_the_shutdown(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while another connection holds the SQLite store's write lock (30 s busy
+    timeout): the daemon's last store write (dropping its marker of untold writes) waits
+    within daemon.shutdown_timeout (1 s), not its own busy timeout; the marker is kept
+    (daemon.untold_kept) and the exit is 0."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        await peer.start()
+        config = _write_config(tmp_path, peer.port)
+        text = config.read_text().replace("shutdown_timeout = 5", "shutdown_timeout = 1")
+        config.write_text(text.replace("[security]", "busy_timeout = 30\n[security]"))
+        log = tmp_path / "daemon.log"
+        await _seed(config)
+        await _add_agent(config, "alice", "Alice")
+        daemon = await _start_daemon(config, log)
+        locker = sqlite3.connect(tmp_path / "store.db", isolation_level=None)
+        try:
+            await _until(lambda: len(peer.actions("Reload")) >= 1, 10)
+            await asyncio.sleep(0.5)  # idle: Asterisk told everything
+            locker.execute("BEGIN IMMEDIATE")
+            started = time.monotonic()
+            daemon.send_signal(signal.SIGTERM)
+            code = await asyncio.wait_for(daemon.wait(), timeout=40)
+            took = time.monotonic() - started
+        finally:
+            if daemon.returncode is None:
+                daemon.kill()
+            locker.rollback()
+            locker.close()
+            await peer.stop()
+        assert code == 0
+        assert took < 3.0, f"shutdown took {took:.1f} s"
+        assert "daemon.untold_kept" in _text(log)
 
     asyncio.run(scenario())

@@ -9,21 +9,26 @@ while the daemon retries.
 
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, func, select, text
 
-from provisioner.errors import MassRemovalRefused
+from provisioner.errors import MassRemovalRefused, StoreUnavailable
 from provisioner.store.engine import open_engine
 from provisioner.targets.asterisk_schema import OWNED_KINDS
 
 from .dbs import PG_ADMIN, temp_database
 from .faultkit import (
+    PROVISIONER,
     Daemon,
     cli,
+    cli_process,
     delete_users_sql,
     endpoints,
+    env,
     seed_store,
     store_url,
     until,
@@ -104,6 +109,51 @@ def test_realtime_rows_survive_a_truncated_store(tmp_path: Path) -> None:
     assert _rows(url) == {"endpoint": TOTAL, "auth": TOTAL, "aor": TOTAL}
     cli(config, "sync", "--once", "--allow-mass-removal")
     assert _rows(url) == {"endpoint": 0, "auth": 0, "aor": 0}
+
+
+def test_run_burst_exits_with_the_refusal_when_its_apply_is_refused(tmp_path: Path) -> None:
+    """``run --burst`` on a store that lost its users refuses the apply, leaves the file as
+    it was and exits 8 with the refusal on stderr, as ``sync --once`` does: a one-shot run
+    that did nothing must not look like one that applied everything."""
+    engine = seed_store(store_url(tmp_path), USERS)
+    config = write_config(tmp_path)
+    cli(config, "sync", "--once")
+    conf = tmp_path / "pjsip_users.conf"
+    before = conf.read_bytes()
+    delete_users_sql(engine)
+    engine.dispose()
+    ran = cli_process(config, "run", "--burst", check=False)
+    assert ran.code == MassRemovalRefused.exit_code, ran
+    assert f"refusing to remove {TOTAL} of {TOTAL}" in ran.err
+    assert "Traceback" not in ran.err
+    assert conf.read_bytes() == before
+
+
+def test_run_burst_on_an_unreachable_store_exits_7_instead_of_retrying_for_ever(
+    tmp_path: Path,
+) -> None:
+    """``run --burst`` with a PostgreSQL store that does not exist exits 7 (store
+    unavailable) at its first failed apply; the daemon would retry, a one-shot run ends."""
+    url = PG_ADMIN.rstrip("/") + "/prov_test_no_such_database"
+    config = write_config(tmp_path, store_url=url)
+    started = time.monotonic()
+    child = subprocess.Popen(
+        [PROVISIONER, "--config", str(config), "run", "--burst"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(),
+    )
+    try:
+        out, err = child.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        raise AssertionError("run --burst still retrying after 15 s") from None
+    assert child.returncode == StoreUnavailable.exit_code, (out, err)
+    assert "store unavailable" in err or "database error" in err, err
+    assert "Traceback" not in err
+    assert time.monotonic() - started < 15
 
 
 def _refused(daemon: Daemon) -> bool:

@@ -9,6 +9,7 @@ and the daemon exits 0 within ``daemon.shutdown_timeout``.
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import shutil
 import signal
@@ -206,6 +207,218 @@ def test_sigterm_while_an_apply_waits_on_a_store_lock_exits_in_time(tmp_path: Pa
     assert took < 4.0, f"shutdown took {took:.2f} s"
     assert daemon.logged("daemon.shutdown_timeout")
     assert daemon.logged("daemon.stopped")
+
+
+def test_a_second_sigterm_during_the_drain_ends_it_at_once(tmp_path: Path) -> None:
+    """A second SIGTERM while the daemon drains an apply stuck on a PostgreSQL lock (with
+    a 30 s shutdown_timeout) cancels what is left at once: exit 0 within about a second,
+    logging daemon.shutdown_forced and daemon.stopped."""
+    import subprocess
+
+    from sqlalchemy import text
+
+    from .dbs import temp_database
+
+    with temp_database("postgresql", tmp_path) as url:
+        engine = seed_store(url, 2)
+        config = write_config(tmp_path, store_url=url, extra=["shutdown_timeout = 30"])
+        config.write_text(config.read_text().replace("shutdown_timeout = 5\n", ""))
+        daemon = Daemon(config, tmp_path / "daemon.log").start()
+        locker = engine.connect()
+        try:
+            # With daemon_state locked, the edit's apply writes the file, then waits on
+            # the lock for ever (its cursor save).
+            locker.execute(text("LOCK TABLE daemon_state IN ACCESS EXCLUSIVE MODE"))
+            Accounts(engine, Policy(password_policy=False)).edit_user("u0", {"nat": "yes"})
+            conf = tmp_path / "pjsip_users.conf"
+            until(lambda: "rtp_symmetric=yes" in conf.read_text(), 10, "the edit applied")
+            assert daemon.proc is not None
+            daemon.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert daemon.alive, "the first SIGTERM drains"
+            again = time.monotonic()
+            daemon.proc.send_signal(signal.SIGTERM)
+            try:
+                code = daemon.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                code = None
+            took = time.monotonic() - again
+        finally:
+            daemon.kill()
+            locker.rollback()
+            locker.close()
+            engine.dispose()
+    assert code == 0, f"still draining {took:.1f} s after the second SIGTERM"
+    assert took < 2.0, f"exit {took:.2f} s after the second SIGTERM"
+    assert daemon.logged("daemon.shutdown_forced")
+    assert daemon.logged("daemon.stopped")
+
+
+def test_an_apply_stuck_on_a_store_lock_starves_the_watchdog_and_fails_the_health_check(
+    tmp_path: Path,
+) -> None:
+    """An apply waiting on a PostgreSQL lock nobody releases for longer than
+    daemon.stuck_after: WATCHDOG=1 is no longer sent (systemd restarts the daemon), the
+    health record says the apply is stuck, and daemon.apply_stuck is logged; once the lock
+    is released the apply ends and the pings resume."""
+    from sqlalchemy import text
+
+    from provisioner.health import read_health
+
+    from .dbs import temp_database
+
+    with temp_database("postgresql", tmp_path) as url:
+        engine = seed_store(url, 2)
+        config = write_config(tmp_path, store_url=url, extra=["stuck_after = 1"])
+        notify = NotifySocket(tmp_path / "notify")
+        daemon = Daemon(
+            config,
+            tmp_path / "daemon.log",
+            extra_env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "200000"},
+        )
+        locker = engine.connect()
+
+        def problems() -> list[str]:
+            health = read_health(tmp_path / "state")
+            assert health is not None
+            return health.problems(time.time(), 60)
+
+        try:
+            daemon.start()
+            # The cursor is saved after each apply: with daemon_state locked, the next
+            # apply writes the file, then waits on the lock for ever.
+            locker.execute(text("LOCK TABLE daemon_state IN ACCESS EXCLUSIVE MODE"))
+            Accounts(engine, Policy(password_policy=False)).edit_user("u0", {"nat": "yes"})
+            conf = tmp_path / "pjsip_users.conf"
+            until(lambda: "rtp_symmetric=yes" in conf.read_text(), 10, "the edit applied")
+            edited_at = time.monotonic()
+            time.sleep(2.5)
+            late = [t for t in notify.times("WATCHDOG") if t > edited_at + 1.5]
+            assert late == [], f"{len(late)} pings after the apply was stuck"
+            assert any("stuck" in p for p in problems()), problems()
+            assert daemon.logged("daemon.apply_stuck")
+            locker.rollback()
+            released_at = time.monotonic()
+            until(lambda: any(t > released_at for t in notify.times("WATCHDOG")), 5, "pings resume")
+            until(lambda: problems() == [], 5, "a healthy record")
+            assert daemon.stop() == 0
+        finally:
+            daemon.kill()
+            locker.rollback()
+            locker.close()
+            notify.close()
+            engine.dispose()
+
+
+def _catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (its ``SigCgt`` mask)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.M).group(1), 16)  # type: ignore[union-attr]
+    return bool(mask & (1 << (sig - 1)))
+
+
+def _signal_while_starting(daemon: Daemon, sig: signal.Signals, after: list[float]) -> None:
+    """Start ``daemon`` and send it ``sig`` at each of ``after`` seconds past the moment
+    Python is up in it (its SIGINT handler is in place): while it imports, reads its
+    configuration and opens the store, before its event loop runs."""
+    daemon.start(wait_ready=False)
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    until(lambda: not daemon.alive or _catches(pid, signal.SIGINT), 10, "Python up")
+    up = time.monotonic()
+    for at in after:
+        time.sleep(max(0.0, up + at - time.monotonic()))
+        if daemon.alive:
+            daemon.proc.send_signal(sig)
+
+
+def test_a_sighup_while_the_daemon_starts_is_a_reload_once_it_is_up(tmp_path: Path) -> None:
+    """SIGHUPs that arrive while the daemon is still starting (``systemctl reload`` or a
+    ``kill -HUP`` right after the start) do not kill it: it comes up, READY=1, and then
+    re-reads its configuration (config.reloaded)."""
+    seed_store(store_url(tmp_path), 3).dispose()
+    notify = NotifySocket(tmp_path / "notify")
+    daemon = Daemon(
+        write_config(tmp_path),
+        tmp_path / "daemon.log",
+        extra_env={"NOTIFY_SOCKET": str(notify.path)},
+    )
+    try:
+        _signal_while_starting(daemon, signal.SIGHUP, [0.15, 0.3, 0.5, 0.8])
+        until(lambda: bool(notify.times("READY")) or not daemon.alive, 20, "READY=1")
+        assert daemon.alive, f"exit {daemon.proc.returncode if daemon.proc else None}"
+        until(lambda: bool(daemon.logged("config.reloaded")), 5, "the reload")
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+        notify.close()
+
+
+def test_a_sighup_while_a_daemon_with_a_bad_config_starts_leaves_its_exit_2(
+    tmp_path: Path,
+) -> None:
+    """A daemon whose configuration is invalid exits 2 (which the unit does not restart),
+    even when a SIGHUP came while it started: the signal noted then does not turn the exit
+    into a death by SIGHUP."""
+    config = write_config(tmp_path, extra=["poll_interval = -1"])
+    daemon = Daemon(config, tmp_path / "daemon.log")
+    try:
+        _signal_while_starting(daemon, signal.SIGHUP, [0.15])
+        assert daemon.proc is not None
+        code = daemon.proc.wait(timeout=20)
+    finally:
+        daemon.kill()
+    assert code == 2, daemon.log.read_text()[-2000:]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_while_the_daemon_starts_stops_it_cleanly(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """SIGTERM or SIGINT while the daemon is still starting ends it as a stop after the
+    start would: exit 0, daemon.stopped logged, no traceback."""
+    seed_store(store_url(tmp_path), 3).dispose()
+    daemon = Daemon(write_config(tmp_path), tmp_path / "daemon.log")
+    try:
+        _signal_while_starting(daemon, sig, [0.15])
+        assert daemon.proc is not None
+        code = daemon.proc.wait(timeout=20)
+    finally:
+        daemon.kill()
+    assert code == 0, daemon.log.read_text()[-2000:]
+    assert daemon.logged("daemon.stopped")
+    assert "Traceback" not in daemon.log.read_text()
+
+
+def test_a_daemon_stopped_before_its_first_reconcile_ends_never_says_ready(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while the first reconcile cannot reach the store (its PostgreSQL database is
+    missing): STOPPING=1, and no READY=1 after it, no daemon.ready, no record saying ready;
+    the exit is 0."""
+    from .dbs import PG_ADMIN
+
+    url = PG_ADMIN.rstrip("/") + "/prov_test_no_such_database"
+    notify = NotifySocket(tmp_path / "notify")
+    daemon = Daemon(
+        write_config(tmp_path, store_url=url),
+        tmp_path / "daemon.log",
+        extra_env={"NOTIFY_SOCKET": str(notify.path)},
+    )
+    try:
+        daemon.start(wait_ready=False)
+        until(lambda: bool(daemon.logged("sync.failed")), 20, "the first reconcile failing")
+        assert daemon.stop() == 0
+        until(lambda: bool(notify.times("STOPPING")), 2, "STOPPING=1")
+        time.sleep(0.2)
+    finally:
+        daemon.kill()
+        notify.close()
+    assert notify.times("READY") == []
+    assert daemon.logged("daemon.ready") == []
+    record = json.loads(daemon.health_path.read_text())
+    assert record["ready"] is False
+    assert record["stopped_at"] is not None
 
 
 def test_sighup_is_announced_as_a_reload_to_systemd(tmp_path: Path) -> None:
