@@ -128,6 +128,17 @@ def test_lowest_free_extension_fills_gaps(accounts: Accounts) -> None:
     assert accounts.add_user(_agent("a5")).user.extension == "102"
 
 
+def test_an_extension_with_a_leading_zero_leaves_the_number_without_it_free(
+    accounts: Accounts,
+) -> None:
+    """Extensions are dialled digits, so a user on 0101 does not keep 101 from being allocated
+    (nor a user on 102 keep 0102 from being given): they are different extensions."""
+    accounts.add_user(_agent("zero", extension="0101"))
+    assert accounts.add_user(_agent("alice")).user.extension == "101"
+    assert accounts.add_user(_agent("bob")).user.extension == "102"
+    assert accounts.add_user(_agent("carol", extension="0102")).user.extension == "0102"
+
+
 def test_extension_range_exhausted(accounts: Accounts, clock: FakeClock, policy: Policy) -> None:
     """When every number of the range is taken the add fails naming the extension and range."""
     small = Accounts(accounts.engine, replace(policy, ext_first=100, ext_last=101), clock)
