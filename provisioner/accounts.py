@@ -555,23 +555,26 @@ class Accounts:
     def _bulk(
         self, usernames: Sequence[str], change: Callable[[Connection, Any, datetime], None]
     ) -> list[str]:
-        """Apply ``change`` to every named user in one transaction, or to none."""
+        """Apply ``change`` to every named user in one transaction, or to none; return their
+        usernames.  A user named more than once (in any case) is acted on and named once."""
         if not usernames:
             raise InvalidInput.one("username", "name at least one user")
         with self.write() as conn:
-            rows = []
-            missing = []
+            rows: dict[int, Any] = {}
+            missing: dict[str, str] = {}
             for name in usernames:
                 try:
-                    rows.append(q.fetch_user_row(conn, name))
+                    row = q.fetch_user_row(conn, name)
                 except NotFoundError:
-                    missing.append(name)
+                    missing.setdefault(q.username_key(name), name)
+                    continue
+                rows.setdefault(row.id, row)
             if missing:
-                raise NotFoundError("user", ", ".join(missing))
+                raise NotFoundError("user", ", ".join(missing.values()))
             now = self.clock()
-            for row in rows:
+            for row in rows.values():
                 change(conn, row, now)
-        return [r.username for r in rows]
+        return [r.username for r in rows.values()]
 
     @staticmethod
     def _protect_first_admin(conn: Connection, row: Any, action: str) -> None:

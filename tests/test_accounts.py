@@ -403,6 +403,18 @@ def test_bulk_actions_are_all_or_nothing(accounts: Accounts) -> None:
         accounts.enable([])
 
 
+def test_a_user_named_twice_in_a_bulk_action_is_acted_on_and_reported_once(
+    accounts: Accounts,
+) -> None:
+    """A bulk action naming one user twice, in any case, changes it once and names it once."""
+    accounts.add_user(_agent("alice"))
+    accounts.add_user(_agent("bob"))
+    assert accounts.disable(["alice", "ALICE", "bob", "alice"]) == ["alice", "bob"]
+    assert accounts.delete(["bob", "Bob"]) == ["bob"]
+    assert accounts.purge(["bob", "bob"]) == ["bob"]
+    assert [u.username for u in accounts.list_users(state="disabled")] == ["alice"]
+
+
 def test_purge_only_deleted_and_removes_attributes(accounts: Accounts) -> None:
     """Only deleted users can be purged; purging removes the user and its attributes for good."""
     alice = accounts.add_user(_agent(attributes={"team": "blue"})).user
