@@ -290,7 +290,8 @@ class Accounts:
     # -- adding and editing -----------------------------------------------------
 
     def add_user(self, values: Mapping[str, Any]) -> Created:
-        """Create a user; the extension is the lowest free one of the range unless given.
+        """Create a user; the extension is the lowest free one of the range unless given, and
+        an attribute given an empty value is not stored (as an edit's empty value removes one).
 
         Two concurrent adds never share an extension or a username: the unique
         constraint rejects the slower one, which runs again with a fresh allocation and
@@ -388,7 +389,7 @@ class Accounts:
             row["avatar"] = clean["avatar"]
             row["avatar_type"] = sniff_avatar(clean["avatar"])
         user_id = q.insert_user(conn, row)
-        q.replace_attributes(conn, user_id, clean.get("attributes", {}))
+        q.replace_attributes(conn, user_id, merge_attributes({}, clean.get("attributes", {})))
         return user_id, generated
 
     def edit_user(
@@ -400,13 +401,18 @@ class Accounts:
     ) -> User:
         """Change any field but role and username; a deleted user must be restored first.
 
-        ``attribute_changes`` sets attributes (an empty value removes one) over those
-        stored, read in the edit's own transaction with the user's row locked: a
-        concurrent edit of the user's other attributes is kept, not overwritten.
+        ``attribute_changes`` sets attributes (an empty value removes one; every key is
+        checked against the key rule, removed or not) over those stored, read in the
+        edit's own transaction with the user's row locked: a concurrent edit of the user's
+        other attributes is kept, not overwritten.  An ``attributes`` value replaces them
+        all, an empty value again meaning no such attribute.
 
         An extension taken by a concurrent writer between the check and the write is
         refused like any taken extension (the edit runs again and its check sees it).
         """
+
+        if attribute_changes is not None:
+            validate_fields({"attributes": attribute_changes})
 
         def write() -> User:
             with self.write() as conn:
@@ -460,6 +466,8 @@ class Accounts:
             self._check_profile(conn, clean, row.role, problems, line)
         if problems:
             raise InvalidInput(problems)
+        if "attributes" in clean:
+            clean["attributes"] = merge_attributes({}, clean["attributes"])
         update_row: dict[str, Any] = {name: clean[name] for name in _PLAIN_COLUMNS if name in clean}
         if "profile" in present:
             update_row["profile_id"] = clean.get("profile_id")

@@ -251,7 +251,7 @@ def _user_options(f: Callable[..., Any]) -> Callable[..., Any]:
             "attrs",
             multiple=True,
             metavar="KEY=VALUE",
-            help="Custom attribute; repeatable. On edit, KEY= removes it.",
+            help="Custom attribute; repeatable. KEY= (empty) sets none; on edit it removes KEY.",
         ),
     ]
     for option in reversed(options):
@@ -310,7 +310,7 @@ def user_add(app: App, /, username: str, role: str, **opts: Any) -> None:
     values = _field_values(opts)
     values.update(username=username, role=role)
     if opts["attrs"]:
-        values["attributes"] = {k: v for k, v in _parse_attrs(opts["attrs"]).items() if v != ""}
+        values["attributes"] = _parse_attrs(opts["attrs"])
     created = app.accounts.add_user(values)
     log.info("user.added", username=created.user.username, extension=created.user.extension)
     click.echo(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -12,7 +13,7 @@ from sqlalchemy import Connection, Engine, func, insert, select, text, update
 
 from provisioner import credentials
 from provisioner.accounts import Accounts, Policy
-from provisioner.csvio import import_users
+from provisioner.csvio import export_users, import_users
 from provisioner.errors import (
     AuthenticationError,
     ConflictError,
@@ -310,6 +311,20 @@ def test_edit_changes_fields_and_updated_at(accounts: Accounts, clock: FakeClock
     clock.advance(minutes=1)
     accounts.edit_user("alice", {"full_name": "Alice Smith"})  # no change: no new timestamp
     assert accounts.get_user("alice").updated_at == edited_at
+
+
+def test_an_empty_attribute_value_means_no_such_attribute_on_add_and_edit(
+    accounts: Accounts,
+) -> None:
+    """An attribute given an empty value is not stored by an add and is removed by an edit,
+    as an edit's ``KEY=`` and an empty ``attr:`` cell do; an export then re-imports as is."""
+    accounts.add_user(_agent(attributes={"team": "", "site": "north"}))
+    assert accounts.get_user("alice").attributes == {"site": "north"}
+    accounts.edit_user("alice", {"attributes": {"site": "", "desk": "7"}})
+    assert accounts.get_user("alice").attributes == {"desk": "7"}
+    exported = io.StringIO()
+    export_users(accounts.list_users(), exported)
+    assert import_users(accounts, exported.getvalue()).updated == []
 
 
 def test_edit_refuses_immutable_fields_and_bad_values(accounts: Accounts) -> None:

@@ -658,3 +658,16 @@ def test_a_role_in_capitals_is_taken_as_csv_import_takes_it(
     cli.ok("user", "add", "boss", "--role", "ADMIN", "--full-name", "Boss", "--email", "b@ex.com")
     listed = json.loads(cli.ok("user", "list", "--json", "--role", "Admin"))
     assert [(u["username"], u["role"]) for u in listed] == [("root", "admin"), ("boss", "admin")]
+
+
+def test_user_add_and_edit_take_an_empty_attribute_value_alike(cli: Cli) -> None:
+    """`--attr KEY=` sets no attribute on add and removes it on edit, and on both a key that
+    breaks the key rule is refused naming field attributes (exit 2), even with an empty value."""
+    _add(cli, "alice", "--attr", "team=", "--attr", "site=north")
+    assert json.loads(cli.ok("user", "show", "alice", "--json"))["attributes"] == {"site": "north"}
+    for command in (["add", "bob", "--full-name", "Bob", "--email", "b@ex.com"], ["edit", "alice"]):
+        result = cli("user", *command, "--profile", "agents", "--attr", "[x]=")
+        assert result.code == 2, result
+        assert "  attributes: key '[x]' must be 1-64 letters" in result.err
+    cli.ok("user", "edit", "alice", "--attr", "site=")
+    assert json.loads(cli.ok("user", "show", "alice", "--json"))["attributes"] == {}
