@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, delete, select, update
+from sqlalchemy import Connection, Engine, case, delete, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from . import credentials
@@ -801,11 +801,19 @@ class Accounts:
             return q.load_users(conn, ids=[row.id])[0]
 
     def _count_failure(self, conn: Connection, user_id: int, now: datetime) -> int:
+        """Count one failed login and lock at the limit; return the count.  A failure
+        ``lock_minutes`` or more after the one before (or after one of unknown time)
+        counts afresh, so failures spread over months never add up to a lock; with
+        ``lock_minutes`` 0 (admin unlock only) every failure counts until a good login."""
         # Atomic increment: concurrent failed logins all count.
+        count = users.c.failed_logins + 1
+        if self.policy.lock_minutes > 0:
+            recent = users.c.failed_login_at > now - timedelta(minutes=self.policy.lock_minutes)
+            count = case((recent, count), else_=1)
         conn.execute(
             update(users)
             .where(users.c.id == user_id)
-            .values(failed_logins=users.c.failed_logins + 1)
+            .values(failed_logins=count, failed_login_at=now)
         )
         failures = int(
             conn.execute(

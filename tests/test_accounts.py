@@ -473,6 +473,28 @@ def test_lockout_after_failures_and_auto_unlock(accounts: Accounts, clock: FakeC
     assert user.locked_at is None
 
 
+def test_failed_logins_more_than_lock_minutes_apart_do_not_add_up_to_a_lock(
+    accounts: Accounts, clock: FakeClock
+) -> None:
+    """A failed login lock_minutes or more after the one before counts afresh: failures
+    spread over a year never lock, while max_failed_logins within the window still do."""
+    accounts.add_user(_agent(password=GOOD_PASSWORD))
+    for _ in range(5):
+        with pytest.raises(AuthenticationError, match=r"^invalid username or password$"):
+            accounts.login("alice", "wrong")
+        clock.advance(minutes=15)
+    assert accounts.state(accounts.get_user("alice")) == "active"
+    assert accounts.get_user("alice").failed_logins == 1
+    clock.advance(minutes=60 * 24 * 365)
+    for _ in range(2):
+        clock.advance(minutes=14, seconds=59)
+        with pytest.raises(AuthenticationError, match=r"^invalid username or password$"):
+            accounts.login("alice", "wrong")
+    with pytest.raises(AuthenticationError, match=r"locked .* contact an administrator"):
+        accounts.login("alice", "wrong")
+    assert accounts.state(accounts.get_user("alice")) == "locked"
+
+
 def test_admin_unlock_and_lock_without_expiry(
     accounts: Accounts, clock: FakeClock, policy: Policy
 ) -> None:
