@@ -486,12 +486,14 @@ def user_export(app: App, csv_path: str, usernames: tuple[str, ...]) -> None:
 
 @contextmanager
 def _open_out(path: str) -> Iterator[TextIO]:
-    """``path`` opened for writing (``-``: stdout); a file that cannot be made or written
-    (a missing directory, no permission, a full disk) is invalid input naming ``--csv``."""
-    if path == "-":
-        yield sys.stdout
-        return
+    """``path`` opened for writing (``-``: stdout, flushed at the end); a file or stdout
+    that cannot be made or written (a missing directory, no permission, a full disk) is
+    invalid input naming ``--csv``."""
     try:
+        if path == "-":
+            yield sys.stdout
+            sys.stdout.flush()
+            return
         with open(path, "w", encoding="utf-8", newline="") as fh:
             yield fh
     except OSError as exc:

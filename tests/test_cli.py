@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ from provisioner.store.migrate import head_revision
 
 from .conftest import FakeClock
 from .dbs import temp_database
+from .faultkit import PROVISIONER, env
 from .helpers import (
     GOOD_PASSWORD,
     OTHER_PASSWORD,
@@ -671,3 +673,19 @@ def test_user_add_and_edit_take_an_empty_attribute_value_alike(cli: Cli) -> None
         assert "  attributes: key '[x]' must be 1-64 letters" in result.err
     cli.ok("user", "edit", "alice", "--attr", "site=")
     assert json.loads(cli.ok("user", "show", "alice", "--json"))["attributes"] == {}
+
+
+def test_an_export_to_a_stdout_that_cannot_be_written_exits_2_naming_csv(cli: Cli) -> None:
+    """`user export --csv -` with stdout on a full device exits 2 naming --csv, no
+    traceback; written to the terminal's stdout it holds every row, flushed."""
+    with Path("/dev/full").open("w") as device:
+        full = subprocess.run(
+            [PROVISIONER, "--config", str(cli.config), "--store-url", cli.url,
+             "user", "export", "--csv", "-"],
+            stdout=device, stderr=subprocess.PIPE, text=True, env=env(), timeout=60, check=False,
+        )  # fmt: skip
+    assert (full.returncode, full.stderr) == (
+        2,
+        "error: invalid input\n  --csv: cannot write '-': No space left on device\n",
+    )
+    assert cli.ok("user", "export", "--csv", "-").splitlines()[1].startswith("root,admin,")
