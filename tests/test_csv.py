@@ -285,6 +285,18 @@ def test_malformed_files_are_refused(text: str, expected: list[tuple[int, str]])
     assert [(p.line, p.field) for p in info.value.problems] == expected
 
 
+@pytest.mark.parametrize("column", ["attr:[x]", "attr:", "attr: team"])
+def test_an_attribute_column_whose_key_breaks_the_key_rule_is_refused_on_line_1(
+    column: str,
+) -> None:
+    """An ``attr:`` column naming a key the key rule refuses is refused on the header's
+    line, even when every cell is empty (as 'user edit --attr KEY=' refuses it)."""
+    with pytest.raises(InvalidInput) as info:
+        _read(io.StringIO(f"username,{column}\nalice,\n"))
+    assert [(p.line, p.field) for p in info.value.problems] == [(1, column)]
+    assert "must be 1-64 letters" in info.value.problems[0].rule
+
+
 def test_attribute_columns_leave_other_attributes_alone(accounts: Accounts) -> None:
     """An import sets or (empty cell) removes only the attributes its columns name; an
     existing user's other attributes are kept."""
