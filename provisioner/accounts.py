@@ -724,10 +724,13 @@ class Accounts:
         return key
 
     def remove_apikey(self, username: str) -> None:
+        """Clear the user's API key; a user holding none (a deleted one included) is left
+        as it is, ``updated_at`` too."""
         with self.write() as conn:
             row = q.fetch_user_row(conn, username)
             self.guard_first_admin(conn, row)
-            q.update_user(conn, row.id, {**_NO_APIKEY, "updated_at": self.clock()})
+            if row.apikey_hash is not None or row.apikey_created_at is not None:
+                q.update_user(conn, row.id, {**_NO_APIKEY, "updated_at": self.clock()})
 
     # -- login ------------------------------------------------------------------
 

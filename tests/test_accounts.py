@@ -602,6 +602,19 @@ def test_apikey_generate_replace_remove(accounts: Accounts) -> None:
         accounts.generate_apikey("alice")
 
 
+def test_removing_an_api_key_a_user_does_not_hold_changes_nothing(
+    accounts: Accounts, clock: FakeClock
+) -> None:
+    """Removing the API key of a user without one (never given, or deleted with the user)
+    leaves the row as it was, updated_at included, as any other change that changes nothing."""
+    accounts.add_user(_agent())
+    accounts.delete(["alice"])
+    before = user_row(accounts.engine, "alice")
+    clock.advance(minutes=5)
+    accounts.remove_apikey("alice")
+    assert user_row(accounts.engine, "alice") == before
+
+
 def test_delete_revokes_the_apikey_and_restore_brings_none_back(accounts: Accounts) -> None:
     """Deleting a user clears its API key (hash and creation time): the user restored has
     no key, and the old key names no one."""
