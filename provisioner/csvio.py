@@ -251,6 +251,8 @@ def _import_rows(
     seen: dict[str, int] = {}
     try:
         with accounts.write() as conn:
+            # Parked first, so the numbers that rows move users off are free to allocate.
+            _park_moving_extensions(conn, rows)
             allocator = q.ExtensionAllocator(
                 conn, accounts.policy.ext_first, accounts.policy.ext_last
             )
@@ -261,7 +263,6 @@ def _import_rows(
                 if cells.get("extension"):
                     allocator.reserve(cells["extension"])
             repeated = _repeated_extensions(rows)
-            _park_moving_extensions(conn, rows)
             now = accounts.clock()
             for done, (line, cells) in enumerate(rows, 1):
                 key = cells.get("username", "").lower()

@@ -362,6 +362,21 @@ def test_an_import_whose_final_extensions_are_distinct_applies_in_any_row_order(
     assert _extensions(accounts) == {"root": "100", **final}
 
 
+@pytest.mark.parametrize("body", ["alice,150\ndave,\n", "dave,\nalice,150\n"])
+def test_a_row_without_an_extension_gets_the_one_another_row_moves_a_user_off(
+    accounts: Accounts, body: str
+) -> None:
+    """A new user without an extension gets the lowest number free once the file is applied,
+    the one a row moves an existing user off included, whatever the rows' order."""
+    _alice_101_bob_102(accounts)
+    header = "username,extension,full_name,email,profile\n"
+    text = header + "".join(
+        f"{r},{r.split(',')[0]},{r.split(',')[0]}@example.com,agents\n" for r in body.splitlines()
+    )
+    import_users(accounts, text)
+    assert _extensions(accounts) == {"root": "100", "alice": "150", "bob": "102", "dave": "101"}
+
+
 _BOTH_GIVE_150 = (
     "line 2: extension: 150 is also given on line 3; line 3: extension: 150 is also given on line 2"
 )
