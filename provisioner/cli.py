@@ -466,7 +466,9 @@ def user_export(app: App, csv_path: str, usernames: tuple[str, ...]) -> None:
     """Export users (all live ones, or those named) to CSV; no secrets."""
     if usernames:
         # A user named twice (in any case) is one row: a repeated row would not re-import.
-        found = list({u.id: u for u in map(app.accounts.get_user, usernames)}.values())
+        # By id, as a full export: the first admin comes first, as an empty store needs.
+        named = {u.id: u for u in map(app.accounts.get_user, usernames)}
+        found = [named[i] for i in sorted(named)]
         deleted = [u.username for u in found if u.deleted_at is not None]
         if deleted:
             # An export re-imports as is; a deleted member's row would be refused.

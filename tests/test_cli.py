@@ -209,6 +209,23 @@ def test_export_names_each_user_once_so_it_reimports(cli: Cli, tmp_path: Path) -
     assert "unchanged 1" in cli.ok("user", "import", "--csv", str(out))
 
 
+def test_an_export_of_named_users_lists_them_by_id_so_it_imports_into_an_empty_store(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """`user export alice root` lists root (the first admin) first, as a full export does,
+    so the file imports into an empty store, whose first user must be an admin."""
+    _add(cli, "alice")
+    out = tmp_path / "two.csv"
+    cli.ok("user", "export", "--csv", str(out), "alice", "root")
+    assert [line.split(",")[0] for line in out.read_text().splitlines()[1:]] == ["root", "alice"]
+    (tmp_path / "empty").mkdir()
+    with temp_database("sqlite", tmp_path / "empty") as url:
+        other = make_cli(url, tmp_path / "empty", CONFIG)
+        other.ok("db", "upgrade")
+        other.ok("profile", "add", "agents")
+        assert "added 2" in other.ok("user", "import", "--csv", str(out))
+
+
 def test_add_reports_every_bad_field(cli: Cli) -> None:
     """A bad add exits 2 and lists each bad field with its rule on stderr; nothing is stored."""
     result = cli(
