@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, delete, select, update
+from sqlalchemy import Connection, Engine, case, delete, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from . import credentials
@@ -290,7 +290,8 @@ class Accounts:
     # -- adding and editing -----------------------------------------------------
 
     def add_user(self, values: Mapping[str, Any]) -> Created:
-        """Create a user; the extension is the lowest free one of the range unless given.
+        """Create a user; the extension is the lowest free one of the range unless given, and
+        an attribute given an empty value is not stored (as an edit's empty value removes one).
 
         Two concurrent adds never share an extension or a username: the unique
         constraint rejects the slower one, which runs again with a fresh allocation and
@@ -388,7 +389,7 @@ class Accounts:
             row["avatar"] = clean["avatar"]
             row["avatar_type"] = sniff_avatar(clean["avatar"])
         user_id = q.insert_user(conn, row)
-        q.replace_attributes(conn, user_id, clean.get("attributes", {}))
+        q.replace_attributes(conn, user_id, merge_attributes({}, clean.get("attributes", {})))
         return user_id, generated
 
     def edit_user(
@@ -400,13 +401,18 @@ class Accounts:
     ) -> User:
         """Change any field but role and username; a deleted user must be restored first.
 
-        ``attribute_changes`` sets attributes (an empty value removes one) over those
-        stored, read in the edit's own transaction with the user's row locked: a
-        concurrent edit of the user's other attributes is kept, not overwritten.
+        ``attribute_changes`` sets attributes (an empty value removes one; every key is
+        checked against the key rule, removed or not) over those stored, read in the
+        edit's own transaction with the user's row locked: a concurrent edit of the user's
+        other attributes is kept, not overwritten.  An ``attributes`` value replaces them
+        all, an empty value again meaning no such attribute.
 
         An extension taken by a concurrent writer between the check and the write is
         refused like any taken extension (the edit runs again and its check sees it).
         """
+
+        if attribute_changes is not None:
+            validate_fields({"attributes": attribute_changes})
 
         def write() -> User:
             with self.write() as conn:
@@ -460,6 +466,8 @@ class Accounts:
             self._check_profile(conn, clean, row.role, problems, line)
         if problems:
             raise InvalidInput(problems)
+        if "attributes" in clean:
+            clean["attributes"] = merge_attributes({}, clean["attributes"])
         update_row: dict[str, Any] = {name: clean[name] for name in _PLAIN_COLUMNS if name in clean}
         if "profile" in present:
             update_row["profile_id"] = clean.get("profile_id")
@@ -555,23 +563,26 @@ class Accounts:
     def _bulk(
         self, usernames: Sequence[str], change: Callable[[Connection, Any, datetime], None]
     ) -> list[str]:
-        """Apply ``change`` to every named user in one transaction, or to none."""
+        """Apply ``change`` to every named user in one transaction, or to none; return their
+        usernames.  A user named more than once (in any case) is acted on and named once."""
         if not usernames:
             raise InvalidInput.one("username", "name at least one user")
         with self.write() as conn:
-            rows = []
-            missing = []
+            rows: dict[int, Any] = {}
+            missing: dict[str, str] = {}
             for name in usernames:
                 try:
-                    rows.append(q.fetch_user_row(conn, name))
+                    row = q.fetch_user_row(conn, name)
                 except NotFoundError:
-                    missing.append(name)
+                    missing.setdefault(q.username_key(name), name)
+                    continue
+                rows.setdefault(row.id, row)
             if missing:
-                raise NotFoundError("user", ", ".join(missing))
+                raise NotFoundError("user", ", ".join(missing.values()))
             now = self.clock()
-            for row in rows:
+            for row in rows.values():
                 change(conn, row, now)
-        return [r.username for r in rows]
+        return [r.username for r in rows.values()]
 
     @staticmethod
     def _protect_first_admin(conn: Connection, row: Any, action: str) -> None:
@@ -713,10 +724,13 @@ class Accounts:
         return key
 
     def remove_apikey(self, username: str) -> None:
+        """Clear the user's API key; a user holding none (a deleted one included) is left
+        as it is, ``updated_at`` too."""
         with self.write() as conn:
             row = q.fetch_user_row(conn, username)
             self.guard_first_admin(conn, row)
-            q.update_user(conn, row.id, {**_NO_APIKEY, "updated_at": self.clock()})
+            if row.apikey_hash is not None or row.apikey_created_at is not None:
+                q.update_user(conn, row.id, {**_NO_APIKEY, "updated_at": self.clock()})
 
     # -- login ------------------------------------------------------------------
 
@@ -790,11 +804,19 @@ class Accounts:
             return q.load_users(conn, ids=[row.id])[0]
 
     def _count_failure(self, conn: Connection, user_id: int, now: datetime) -> int:
+        """Count one failed login and lock at the limit; return the count.  A failure
+        ``lock_minutes`` or more after the one before (or after one of unknown time)
+        counts afresh, so failures spread over months never add up to a lock; with
+        ``lock_minutes`` 0 (admin unlock only) every failure counts until a good login."""
         # Atomic increment: concurrent failed logins all count.
+        count = users.c.failed_logins + 1
+        if self.policy.lock_minutes > 0:
+            recent = users.c.failed_login_at > now - timedelta(minutes=self.policy.lock_minutes)
+            count = case((recent, count), else_=1)
         conn.execute(
             update(users)
             .where(users.c.id == user_id)
-            .values(failed_logins=users.c.failed_logins + 1)
+            .values(failed_logins=count, failed_login_at=now)
         )
         failures = int(
             conn.execute(

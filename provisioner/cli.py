@@ -256,7 +256,7 @@ def _user_options(f: Callable[..., Any]) -> Callable[..., Any]:
             "attrs",
             multiple=True,
             metavar="KEY=VALUE",
-            help="Custom attribute; repeatable. On edit, KEY= removes it.",
+            help="Custom attribute; repeatable. KEY= (empty) sets none; on edit it removes KEY.",
         ),
     ]
     for option in reversed(options):
@@ -315,7 +315,7 @@ def user_add(app: App, /, username: str, role: str, **opts: Any) -> None:
     values = _field_values(opts)
     values.update(username=username, role=role)
     if opts["attrs"]:
-        values["attributes"] = {k: v for k, v in _parse_attrs(opts["attrs"]).items() if v != ""}
+        values["attributes"] = _parse_attrs(opts["attrs"])
     created = app.accounts.add_user(values)
     log.info("user.added", username=created.user.username, extension=created.user.extension)
     click.echo(
@@ -471,7 +471,9 @@ def user_export(app: App, csv_path: str, usernames: tuple[str, ...]) -> None:
     """Export users (all live ones, or those named) to CSV; no secrets."""
     if usernames:
         # A user named twice (in any case) is one row: a repeated row would not re-import.
-        found = list({u.id: u for u in map(app.accounts.get_user, usernames)}.values())
+        # By id, as a full export: the first admin comes first, as an empty store needs.
+        named = {u.id: u for u in map(app.accounts.get_user, usernames)}
+        found = [named[i] for i in sorted(named)]
         deleted = [u.username for u in found if u.deleted_at is not None]
         if deleted:
             # An export re-imports as is; a deleted member's row would be refused.
@@ -491,12 +493,14 @@ def user_export(app: App, csv_path: str, usernames: tuple[str, ...]) -> None:
 
 @contextmanager
 def _open_out(path: str) -> Iterator[TextIO]:
-    """``path`` opened for writing (``-``: stdout); a file that cannot be made or written
-    (a missing directory, no permission, a full disk) is invalid input naming ``--csv``."""
-    if path == "-":
-        yield sys.stdout
-        return
+    """``path`` opened for writing (``-``: stdout, flushed at the end); a file or stdout
+    that cannot be made or written (a missing directory, no permission, a full disk) is
+    invalid input naming ``--csv``."""
     try:
+        if path == "-":
+            yield sys.stdout
+            sys.stdout.flush()
+            return
         with open(path, "w", encoding="utf-8", newline="") as fh:
             yield fh
     except OSError as exc:

@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 from .accounts import Accounts, rerun_on_unique_clash
 from .errors import ConflictError, InvalidInput, NotFoundError, Problem, ProvisionerError
-from .model import User, check_flag, merge_attributes, validate_fields
+from .model import User, check_attributes, check_flag, merge_attributes, validate_fields
 from .store import queries as q
 
 __all__ = ["COLUMNS", "ImportResult", "export_users", "import_users"]
@@ -138,7 +138,12 @@ def _read(source: TextIO) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     problems = []
     known = set(COLUMNS) | set(SECRET_COLUMNS)
     for name in header:
-        if name not in known and not name.startswith(ATTR_PREFIX):
+        if name.startswith(ATTR_PREFIX):
+            # Checked here, not only with a cell's value: an empty cell removes the key.
+            _, rule = check_attributes({name[len(ATTR_PREFIX) :]: ""})
+            if rule is not None:
+                problems.append(Problem(name, rule, 1))
+        elif name not in known:
             problems.append(Problem(name or "(empty)", "is not a known column", 1))
     if len(set(header)) != len(header):
         problems.append(Problem("header", "has a repeated column", 1))
@@ -246,6 +251,8 @@ def _import_rows(
     seen: dict[str, int] = {}
     try:
         with accounts.write() as conn:
+            # Parked first, so the numbers that rows move users off are free to allocate.
+            _park_moving_extensions(conn, rows)
             allocator = q.ExtensionAllocator(
                 conn, accounts.policy.ext_first, accounts.policy.ext_last
             )
@@ -256,7 +263,6 @@ def _import_rows(
                 if cells.get("extension"):
                     allocator.reserve(cells["extension"])
             repeated = _repeated_extensions(rows)
-            _park_moving_extensions(conn, rows)
             now = accounts.clock()
             for done, (line, cells) in enumerate(rows, 1):
                 key = cells.get("username", "").lower()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -12,7 +13,7 @@ from sqlalchemy import Connection, Engine, func, insert, select, text, update
 
 from provisioner import credentials
 from provisioner.accounts import Accounts, Policy
-from provisioner.csvio import import_users
+from provisioner.csvio import export_users, import_users
 from provisioner.errors import (
     AuthenticationError,
     ConflictError,
@@ -126,6 +127,17 @@ def test_lowest_free_extension_fills_gaps(accounts: Accounts) -> None:
     assert accounts.add_user(_agent("a4")).user.extension == "105"  # deleted a2 keeps 102
     accounts.purge(["a2"])
     assert accounts.add_user(_agent("a5")).user.extension == "102"
+
+
+def test_an_extension_with_a_leading_zero_leaves_the_number_without_it_free(
+    accounts: Accounts,
+) -> None:
+    """Extensions are dialled digits, so a user on 0101 does not keep 101 from being allocated
+    (nor a user on 102 keep 0102 from being given): they are different extensions."""
+    accounts.add_user(_agent("zero", extension="0101"))
+    assert accounts.add_user(_agent("alice")).user.extension == "101"
+    assert accounts.add_user(_agent("bob")).user.extension == "102"
+    assert accounts.add_user(_agent("carol", extension="0102")).user.extension == "0102"
 
 
 def test_extension_range_exhausted(accounts: Accounts, clock: FakeClock, policy: Policy) -> None:
@@ -301,6 +313,20 @@ def test_edit_changes_fields_and_updated_at(accounts: Accounts, clock: FakeClock
     assert accounts.get_user("alice").updated_at == edited_at
 
 
+def test_an_empty_attribute_value_means_no_such_attribute_on_add_and_edit(
+    accounts: Accounts,
+) -> None:
+    """An attribute given an empty value is not stored by an add and is removed by an edit,
+    as an edit's ``KEY=`` and an empty ``attr:`` cell do; an export then re-imports as is."""
+    accounts.add_user(_agent(attributes={"team": "", "site": "north"}))
+    assert accounts.get_user("alice").attributes == {"site": "north"}
+    accounts.edit_user("alice", {"attributes": {"site": "", "desk": "7"}})
+    assert accounts.get_user("alice").attributes == {"desk": "7"}
+    exported = io.StringIO()
+    export_users(accounts.list_users(), exported)
+    assert import_users(accounts, exported.getvalue()).updated == []
+
+
 def test_edit_refuses_immutable_fields_and_bad_values(accounts: Accounts) -> None:
     """Role and username cannot change (case aside); bad values name their rule."""
     accounts.add_user(_agent())
@@ -392,6 +418,18 @@ def test_bulk_actions_are_all_or_nothing(accounts: Accounts) -> None:
         accounts.enable([])
 
 
+def test_a_user_named_twice_in_a_bulk_action_is_acted_on_and_reported_once(
+    accounts: Accounts,
+) -> None:
+    """A bulk action naming one user twice, in any case, changes it once and names it once."""
+    accounts.add_user(_agent("alice"))
+    accounts.add_user(_agent("bob"))
+    assert accounts.disable(["alice", "ALICE", "bob", "alice"]) == ["alice", "bob"]
+    assert accounts.delete(["bob", "Bob"]) == ["bob"]
+    assert accounts.purge(["bob", "bob"]) == ["bob"]
+    assert [u.username for u in accounts.list_users(state="disabled")] == ["alice"]
+
+
 def test_purge_only_deleted_and_removes_attributes(accounts: Accounts) -> None:
     """Only deleted users can be purged; purging removes the user and its attributes for good."""
     alice = accounts.add_user(_agent(attributes={"team": "blue"})).user
@@ -433,6 +471,28 @@ def test_lockout_after_failures_and_auto_unlock(accounts: Accounts, clock: FakeC
     user = accounts.get_user("alice")
     assert user.failed_logins == 0
     assert user.locked_at is None
+
+
+def test_failed_logins_more_than_lock_minutes_apart_do_not_add_up_to_a_lock(
+    accounts: Accounts, clock: FakeClock
+) -> None:
+    """A failed login lock_minutes or more after the one before counts afresh: failures
+    spread over a year never lock, while max_failed_logins within the window still do."""
+    accounts.add_user(_agent(password=GOOD_PASSWORD))
+    for _ in range(5):
+        with pytest.raises(AuthenticationError, match=r"^invalid username or password$"):
+            accounts.login("alice", "wrong")
+        clock.advance(minutes=15)
+    assert accounts.state(accounts.get_user("alice")) == "active"
+    assert accounts.get_user("alice").failed_logins == 1
+    clock.advance(minutes=60 * 24 * 365)
+    for _ in range(2):
+        clock.advance(minutes=14, seconds=59)
+        with pytest.raises(AuthenticationError, match=r"^invalid username or password$"):
+            accounts.login("alice", "wrong")
+    with pytest.raises(AuthenticationError, match=r"locked .* contact an administrator"):
+        accounts.login("alice", "wrong")
+    assert accounts.state(accounts.get_user("alice")) == "locked"
 
 
 def test_admin_unlock_and_lock_without_expiry(
@@ -540,6 +600,19 @@ def test_apikey_generate_replace_remove(accounts: Accounts) -> None:
     accounts.delete(["alice"])
     with pytest.raises(ForbiddenError, match=r"restore it first"):
         accounts.generate_apikey("alice")
+
+
+def test_removing_an_api_key_a_user_does_not_hold_changes_nothing(
+    accounts: Accounts, clock: FakeClock
+) -> None:
+    """Removing the API key of a user without one (never given, or deleted with the user)
+    leaves the row as it was, updated_at included, as any other change that changes nothing."""
+    accounts.add_user(_agent())
+    accounts.delete(["alice"])
+    before = user_row(accounts.engine, "alice")
+    clock.advance(minutes=5)
+    accounts.remove_apikey("alice")
+    assert user_row(accounts.engine, "alice") == before
 
 
 def test_delete_revokes_the_apikey_and_restore_brings_none_back(accounts: Accounts) -> None:

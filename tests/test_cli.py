@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ from provisioner.store.migrate import head_revision
 
 from .conftest import FakeClock
 from .dbs import temp_database
+from .faultkit import PROVISIONER, env
 from .helpers import (
     GOOD_PASSWORD,
     OTHER_PASSWORD,
@@ -205,6 +207,23 @@ def test_export_names_each_user_once_so_it_reimports(cli: Cli, tmp_path: Path) -
     assert "exported 1 users" in cli.ok("user", "export", "--csv", str(out), "alice", "ALICE")
     assert out.read_text(encoding="utf-8").count("alice@example.com") == 1
     assert "unchanged 1" in cli.ok("user", "import", "--csv", str(out))
+
+
+def test_an_export_of_named_users_lists_them_by_id_so_it_imports_into_an_empty_store(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """`user export alice root` lists root (the first admin) first, as a full export does,
+    so the file imports into an empty store, whose first user must be an admin."""
+    _add(cli, "alice")
+    out = tmp_path / "two.csv"
+    cli.ok("user", "export", "--csv", str(out), "alice", "root")
+    assert [line.split(",")[0] for line in out.read_text().splitlines()[1:]] == ["root", "alice"]
+    (tmp_path / "empty").mkdir()
+    with temp_database("sqlite", tmp_path / "empty") as url:
+        other = make_cli(url, tmp_path / "empty", CONFIG)
+        other.ok("db", "upgrade")
+        other.ok("profile", "add", "agents")
+        assert "added 2" in other.ok("user", "import", "--csv", str(out))
 
 
 def test_add_reports_every_bad_field(cli: Cli) -> None:
@@ -658,3 +677,32 @@ def test_a_role_in_capitals_is_taken_as_csv_import_takes_it(
     cli.ok("user", "add", "boss", "--role", "ADMIN", "--full-name", "Boss", "--email", "b@ex.com")
     listed = json.loads(cli.ok("user", "list", "--json", "--role", "Admin"))
     assert [(u["username"], u["role"]) for u in listed] == [("root", "admin"), ("boss", "admin")]
+
+
+def test_user_add_and_edit_take_an_empty_attribute_value_alike(cli: Cli) -> None:
+    """`--attr KEY=` sets no attribute on add and removes it on edit, and on both a key that
+    breaks the key rule is refused naming field attributes (exit 2), even with an empty value."""
+    _add(cli, "alice", "--attr", "team=", "--attr", "site=north")
+    assert json.loads(cli.ok("user", "show", "alice", "--json"))["attributes"] == {"site": "north"}
+    for command in (["add", "bob", "--full-name", "Bob", "--email", "b@ex.com"], ["edit", "alice"]):
+        result = cli("user", *command, "--profile", "agents", "--attr", "[x]=")
+        assert result.code == 2, result
+        assert "  attributes: key '[x]' must be 1-64 letters" in result.err
+    cli.ok("user", "edit", "alice", "--attr", "site=")
+    assert json.loads(cli.ok("user", "show", "alice", "--json"))["attributes"] == {}
+
+
+def test_an_export_to_a_stdout_that_cannot_be_written_exits_2_naming_csv(cli: Cli) -> None:
+    """`user export --csv -` with stdout on a full device exits 2 naming --csv, no
+    traceback; written to the terminal's stdout it holds every row, flushed."""
+    with Path("/dev/full").open("w") as device:
+        full = subprocess.run(
+            [PROVISIONER, "--config", str(cli.config), "--store-url", cli.url,
+             "user", "export", "--csv", "-"],
+            stdout=device, stderr=subprocess.PIPE, text=True, env=env(), timeout=60, check=False,
+        )  # fmt: skip
+    assert (full.returncode, full.stderr) == (
+        2,
+        "error: invalid input\n  --csv: cannot write '-': No space left on device\n",
+    )
+    assert cli.ok("user", "export", "--csv", "-").splitlines()[1].startswith("root,admin,")

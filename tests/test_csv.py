@@ -285,6 +285,18 @@ def test_malformed_files_are_refused(text: str, expected: list[tuple[int, str]])
     assert [(p.line, p.field) for p in info.value.problems] == expected
 
 
+@pytest.mark.parametrize("column", ["attr:[x]", "attr:", "attr: team"])
+def test_an_attribute_column_whose_key_breaks_the_key_rule_is_refused_on_line_1(
+    column: str,
+) -> None:
+    """An ``attr:`` column naming a key the key rule refuses is refused on the header's
+    line, even when every cell is empty (as 'user edit --attr KEY=' refuses it)."""
+    with pytest.raises(InvalidInput) as info:
+        _read(io.StringIO(f"username,{column}\nalice,\n"))
+    assert [(p.line, p.field) for p in info.value.problems] == [(1, column)]
+    assert "must be 1-64 letters" in info.value.problems[0].rule
+
+
 def test_attribute_columns_leave_other_attributes_alone(accounts: Accounts) -> None:
     """An import sets or (empty cell) removes only the attributes its columns name; an
     existing user's other attributes are kept."""
@@ -348,6 +360,21 @@ def test_an_import_whose_final_extensions_are_distinct_applies_in_any_row_order(
     )
     import_users(accounts, text)
     assert _extensions(accounts) == {"root": "100", **final}
+
+
+@pytest.mark.parametrize("body", ["alice,150\ndave,\n", "dave,\nalice,150\n"])
+def test_a_row_without_an_extension_gets_the_one_another_row_moves_a_user_off(
+    accounts: Accounts, body: str
+) -> None:
+    """A new user without an extension gets the lowest number free once the file is applied,
+    the one a row moves an existing user off included, whatever the rows' order."""
+    _alice_101_bob_102(accounts)
+    header = "username,extension,full_name,email,profile\n"
+    text = header + "".join(
+        f"{r},{r.split(',')[0]},{r.split(',')[0]}@example.com,agents\n" for r in body.splitlines()
+    )
+    import_users(accounts, text)
+    assert _extensions(accounts) == {"root": "100", "alice": "150", "bob": "102", "dave": "101"}
 
 
 _BOTH_GIVE_150 = (

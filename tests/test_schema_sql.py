@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
 from provisioner.accounts import Accounts, Policy
+from provisioner.store import queries as q
 from provisioner.store.changefeed import read_changes
 from provisioner.store.ddl import store_ddl
 from provisioner.store.engine import open_engine
@@ -150,6 +152,24 @@ def _renumbered(engine: Engine, old: int, new: int) -> list[int]:
         return sorted(c.entity_id for c in read_changes(conn, start) if c.entity == "user")
 
 
+def _insert_user_at_0003(engine: Engine, values: dict[str, str]) -> int:
+    """Insert a user into a store at revision 0003 with the columns it had (today's code
+    reads columns added since), as a writer of that time did; its id."""
+    now = datetime(2026, 1, 1)
+    row = {
+        **values,
+        "username_key": values["username"].lower(),
+        "extension": "1000",
+        "sip_realm": "asterisk",
+        "sip_md5": "0" * 32,
+        "sip_sha256": "0" * 64,
+        "created_at": now,
+        "updated_at": now,
+    }
+    with engine.begin() as conn:
+        return q.insert_user(conn, row)
+
+
 def test_0004_makes_a_store_at_0003_note_the_old_id_of_a_changed_key(db_url: str) -> None:
     """Upgrading a populated store from 0003 makes a changed user id note the old id as well,
     and downgrading back to 0003 (or to nothing, then up again) works."""
@@ -158,7 +178,7 @@ def test_0004_makes_a_store_at_0003_note_the_old_id_of_a_changed_key(db_url: str
         upgrade(engine, "0003")
         accounts = Accounts(engine, Policy(password_policy=False))
         values = {"role": "admin", "full_name": "A", "email": "a@example.com"}
-        uid = accounts.add_user({**values, "username": "alice"}).user.id
+        uid = _insert_user_at_0003(engine, {**values, "username": "alice"})
         assert _renumbered(engine, uid, 500) == [500]
 
         assert upgrade(engine) == ("0003", head_revision())

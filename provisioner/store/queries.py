@@ -262,30 +262,31 @@ def extension_holder(conn: Connection, extension: str) -> tuple[int, str, str] |
 class ExtensionAllocator:
     """Hands out the lowest free extensions of ``[first, last]`` within one transaction.
 
-    Loads the taken extensions once, so a bulk import allocates in O(1) per
-    user.  A concurrent writer can still take the same number first; the unique
-    constraint catches that and the caller retries with a fresh allocator.
+    An extension is the digits a phone dials, compared as text: ``0150`` taken leaves
+    ``150`` free (Asterisk tells them apart).  Loads the taken extensions once, so a bulk
+    import allocates in O(1) per user.  A concurrent writer can still take the same
+    number first; the unique constraint catches that and the caller retries with a
+    fresh allocator.
     """
 
     def __init__(self, conn: Connection, first: int, last: int) -> None:
         self.first = first
         self.last = last
-        taken = conn.execute(select(users.c.extension)).scalars()
-        self._taken = {int(e) for e in taken if e.isdigit()}
+        self._taken = set(conn.execute(select(users.c.extension)).scalars())
         self._next = first
 
     def reserve(self, extension: str) -> None:
         """Mark an explicitly given extension as used."""
-        if extension.isdigit():
-            self._taken.add(int(extension))
+        self._taken.add(extension)
 
     def allocate(self) -> str | None:
-        """The lowest free number, or None when the range is full."""
+        """The lowest free number (written without leading zeros), or None when the range
+        is full."""
         n = self._next
-        while n <= self.last and n in self._taken:
+        while n <= self.last and str(n) in self._taken:
             n += 1
         if n > self.last:
             return None
-        self._taken.add(n)
+        self._taken.add(str(n))
         self._next = n + 1
         return str(n)

@@ -111,6 +111,8 @@ users = Table(
     Column("disabled", Boolean, nullable=False, default=False),
     Column("failed_logins", Integer, nullable=False, default=0),
     Column("locked_at", Timestamp, nullable=True),
+    # When the last failed login was: one lock_minutes later starts the count afresh.
+    Column("failed_login_at", Timestamp, nullable=True),
     Column("deleted_at", Timestamp, nullable=True),
     # Preferences kept for the platform's UI.
     Column("log_level", String(8), nullable=True),

@@ -51,6 +51,7 @@ CREATE TABLE users (
 	disabled BOOL NOT NULL, 
 	failed_logins INTEGER NOT NULL, 
 	locked_at DATETIME(6), 
+	failed_login_at DATETIME(6), 
 	deleted_at DATETIME(6), 
 	log_level VARCHAR(8), 
 	messenger_sound BOOL NOT NULL, 
@@ -140,4 +141,4 @@ CREATE TABLE alembic_version (
 	PRIMARY KEY (version_num)
 );
 
-INSERT INTO alembic_version (version_num) VALUES ('0006');
+INSERT INTO alembic_version (version_num) VALUES ('0007');

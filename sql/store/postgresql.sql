@@ -51,6 +51,7 @@ CREATE TABLE users (
 	disabled BOOLEAN NOT NULL, 
 	failed_logins INTEGER NOT NULL, 
 	locked_at TIMESTAMP WITHOUT TIME ZONE, 
+	failed_login_at TIMESTAMP WITHOUT TIME ZONE, 
 	deleted_at TIMESTAMP WITHOUT TIME ZONE, 
 	log_level VARCHAR(8), 
 	messenger_sound BOOLEAN NOT NULL, 
@@ -151,4 +152,4 @@ CREATE TABLE alembic_version (
 	PRIMARY KEY (version_num)
 );
 
-INSERT INTO alembic_version (version_num) VALUES ('0006');
+INSERT INTO alembic_version (version_num) VALUES ('0007');

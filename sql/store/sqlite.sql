@@ -51,6 +51,7 @@ CREATE TABLE users (
 	disabled BOOLEAN NOT NULL, 
 	failed_logins INTEGER NOT NULL, 
 	locked_at DATETIME, 
+	failed_login_at DATETIME, 
 	deleted_at DATETIME, 
 	log_level VARCHAR(8), 
 	messenger_sound BOOLEAN NOT NULL, 
@@ -144,4 +145,4 @@ CREATE TABLE alembic_version (
 	PRIMARY KEY (version_num)
 );
 
-INSERT INTO alembic_version (version_num) VALUES ('0006');
+INSERT INTO alembic_version (version_num) VALUES ('0007');
