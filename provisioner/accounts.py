@@ -813,10 +813,12 @@ class Accounts:
         if self.policy.lock_minutes > 0:
             recent = users.c.failed_login_at > now - timedelta(minutes=self.policy.lock_minutes)
             count = case((recent, count), else_=1)
+        # In this order: MySQL/MariaDB evaluate SET left to right, each assignment seeing
+        # the ones before, so the count must read the previous failed_login_at.
         conn.execute(
             update(users)
             .where(users.c.id == user_id)
-            .values(failed_logins=count, failed_login_at=now)
+            .ordered_values((users.c.failed_logins, count), (users.c.failed_login_at, now))
         )
         failures = int(
             conn.execute(
