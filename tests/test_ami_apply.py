@@ -534,6 +534,35 @@ def test_a_slow_snapshot_holds_the_next_one_back(
     assert taken == 2
 
 
+def test_a_snapshot_cut_by_a_lost_connection_does_not_hold_the_next_one_back(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot that failed 0.4 s in (the connection dropped) says nothing of what a
+    listing costs: the reconnect's snapshot is taken at once, not factor x 0.4 s after
+    the failed one began."""
+    monkeypatch.setattr(pbx_module, "SNAPSHOT_MIN_GAP", 0.05)
+    monkeypatch.setattr(pbx_module, "SNAPSHOT_GAP_FACTOR", 10.0)  # 4 s: a wide margin
+    monkeypatch.setattr(pbx_module, "CONFIRM_WINDOW", 0.05)
+    monkeypatch.setattr(pbx_module, "LOOKUP_LIMIT", 0)
+
+    async def scenario() -> float:
+        peer = FakeAsterisk()
+        await peer.start()
+        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+            await eventually(link.book_complete)
+            peer.delays["pjsipshowcontacts"] = 5.0
+            await _untracked_auth(peer, link)
+            await eventually(lambda: len(peer.actions("PJSIPShowContacts")) == 2)
+            await asyncio.sleep(0.4)
+            peer.delays.clear()
+            peer.drop_all()
+            dropped = time.monotonic()
+            await eventually(lambda: link.client.sessions == 2 and link.book_complete())
+            return time.monotonic() - dropped
+
+    assert run(scenario()) < 2.0
+
+
 def test_due_endpoints_are_taken_oldest_first_up_to_now() -> None:
     """take_due removes and returns the endpoints whose deadline has passed, in order,
     and leaves the later ones."""
