@@ -1056,6 +1056,30 @@ def test_a_failed_reload_is_asked_for_again_and_removals_wait_for_it(
     assert (retry["result"], retry["failures"]) == ("busy", 1)
 
 
+def test_a_reload_sent_right_after_another_stays_noted_while_it_runs(store: Engine) -> None:
+    """With no gap between reloads (both gaps 0), a reload asked for while another ran
+    stays noted owed in the store while it runs: the end of the first one does not drop
+    the note the second one still stands for."""
+
+    async def scenario() -> tuple[int, dict[str, str]]:
+        peer = FakeAsterisk()
+        peer.reload_delay = 0.5
+        await peer.start()
+        pbx = AmiPbx([_link(peer)], store, "config")
+        async with _serving(peer, pbx) as link:
+            pbx.applied(UPDATED, target_kind="config")
+            await eventually(lambda: len(peer.actions("Reload")) == 1)
+            pbx.applied(UPDATED, target_kind="config")
+            await eventually(lambda: len(peer.actions("Reload")) == 2)
+            await eventually(lambda: link.store_idle.is_set() and not link.jobs)
+            await asyncio.sleep(0.1)
+            return len(peer.actions("Reload")), _all_notes(store)
+
+    reloads, notes = run(scenario())
+    assert reloads == 2
+    assert notes.get(changes_module.reload_owed_key("lab")) == "1"
+
+
 def test_a_file_endpoint_edited_then_removed_in_one_batch_loses_its_contacts(
     store: Engine,
 ) -> None:

@@ -608,8 +608,9 @@ def _reload_ended(link: Link, future: asyncio.Future[ReloadOutcome]) -> None:
 
 
 def _reload_settled(link: Link, future: asyncio.Future[ReloadOutcome]) -> None:
-    """Forget the noted reload once one ended well and no other waits; ask again later
-    for one that failed (:func:`retry_reload_later`)."""
+    """Forget the noted reload once one ended well and no other waits or runs (with no
+    gap between reloads the next one is sent before this runs); ask again later for one
+    that failed (:func:`retry_reload_later`)."""
     if future.cancelled():
         return
     outcome = future.result()
@@ -618,7 +619,7 @@ def _reload_settled(link: Link, future: asyncio.Future[ReloadOutcome]) -> None:
             retry_reload_later(link, outcome)
         return
     link.reload_failures = 0
-    if link.reload_noted and not link.reloads.pending:
+    if link.reload_noted and not (link.reloads.pending or link.reloads.in_flight):
         link.reload_noted = False
         _write_notes(link, partial(drop_state, key=reload_owed_key(link.name)))
 
