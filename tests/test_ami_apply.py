@@ -437,6 +437,37 @@ def test_a_derived_name_astdb_does_not_hold_has_every_contact_listed(store: Engi
     assert not held
 
 
+def test_a_removal_the_action_validator_refuses_is_logged_and_the_change_goes_on(
+    store: Engine,
+) -> None:
+    """A removed endpoint whose contact cannot be put in a DBDel (a status event without
+    its AOR gave it none, so its name has an empty AOR) is logged as refused and dropped,
+    like one Asterisk refuses; the change's reload is still asked for and nothing stays
+    owed, where the validator's error escaped the payment and every later one."""
+
+    async def scenario() -> tuple[int, bool, list[str]]:
+        peer = FakeAsterisk()
+        await peer.start()
+        pbx = AmiPbx([_link(peer)], store, "realtime")
+        with capture_logs() as logs:
+            async with _serving(peer, pbx) as link:
+                await eventually(link.book_complete)
+                link.book.pop("1001", None)
+                await peer.send_recorded(
+                    "Event: ContactStatus\r\n", "NonQualified", replace=((b"AOR: 1001\r\n", b""),)
+                )
+                await eventually(lambda: bool(link.book.get("1001") and link.book["1001"].contacts))
+                pbx.applied(REMOVED, target_kind="realtime")
+                await eventually(lambda: bool(peer.actions("Reload")), timeout=3)
+                return len(peer.actions("Reload")), bool(link.owed), [e["event"] for e in logs]
+
+    reloads, owed, events = run(scenario())
+    assert reloads == 1
+    assert not owed
+    assert "ami.owed_refused" in events
+    assert "ami.apply_failed" not in events
+
+
 def test_a_removed_endpoints_phone_is_stored_offline_though_its_peer_was_reachable(
     store: Engine,
 ) -> None:

@@ -40,6 +40,7 @@ from sqlalchemy import Connection
 from ..accounts import utcnow
 from ..aio import doubling
 from ..config import cache_names
+from ..errors import InvalidInput
 from ..logs import get_logger
 from ..store.registrations import set_problems
 from ..store.state import (
@@ -696,8 +697,8 @@ def _count_reload(link: Link, outcome: ReloadOutcome) -> None:
 async def pay(link: Link) -> None:
     """Send what is owed to this server, oldest first, until an action fails for the
     connection's sake (the rest would fail alike): that one and the rest stay owed.
-    One Asterisk refuses (``Response: Error``) is logged and dropped: sent again, it
-    would be refused again."""
+    One Asterisk refuses (``Response: Error``), or the action validator does, is logged
+    and dropped: sent again, it would be refused again."""
     owed = link.owed
     try:
         if owed.expire_all or len(owed.expiries) > EXPIRE_ALL_OVER:
@@ -904,11 +905,15 @@ def verify_backoff(failures: int) -> float:
 
 @contextmanager
 def _refusal_logged(link: Link, what: str, item: str) -> Iterator[None]:
-    """Within the block, an action Asterisk refused (:class:`AmiActionFailed`) is logged
-    (``ami.owed_refused``) and swallowed: the owed item it was for is done with."""
+    """Within the block, an action Asterisk refused (:class:`AmiActionFailed`), or one
+    the action validator refused to build (:class:`InvalidInput`: a value that cannot go
+    on the wire), is logged (``ami.owed_refused``) and swallowed: the owed item it was for
+    is done with (sent again, it would be refused again, and hold back all else owed)."""
     try:
         yield
     except AmiActionFailed as exc:
         log.warning(
             "ami.owed_refused", server=link.name, what=what, item=item, error=exc.asterisk_message
         )
+    except InvalidInput as exc:
+        log.warning("ami.owed_refused", server=link.name, what=what, item=item, error=str(exc))
