@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import random
+import socket
 import time
 from asyncio import FIRST_COMPLETED
 from collections import defaultdict
@@ -321,6 +323,7 @@ class AmiClient:
         try:
             async with asyncio.timeout(server.timeout):
                 reader, writer = await asyncio.open_connection(server.host, server.port)
+                _probe_dead_peer(writer, self.settings)
                 session = _Session(reader, writer, self._decoder())
                 await self._login(session)
                 return session
@@ -624,6 +627,37 @@ class AmiClient:
                     ami_event=event.event,
                     error=_describe(exc),
                 )
+
+
+#: Keepalive probes unanswered before the kernel gives up (``TCP_KEEPCNT``).
+KEEPALIVE_PROBES = 3
+_MAX_KEEPALIVE_S = 32767
+_MAX_USER_TIMEOUT_MS = 2**31 - 1
+
+
+def _probe_dead_peer(writer: asyncio.StreamWriter, settings: AmiSettings) -> None:
+    """Have the kernel find a peer host gone without a FIN or RST (crashed, cut off):
+    keepalive probes after ``ping_interval`` idle, and no more than ``ping_interval +
+    ping_timeout`` without an ACK (``TCP_USER_TIMEOUT``), so the read fails and the session
+    closes.  The pinger cannot: it sends no Ping while an action waits (a reload, up to
+    ``reload_timeout``).  A peer whose kernel still answers (a hung Asterisk) is left to
+    the action's timeout.  The TCP_* options are set where the platform has them (Linux)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    interval = math.ceil(settings.ping_timeout / KEEPALIVE_PROBES)
+    silence_ms = math.ceil((settings.ping_interval + settings.ping_timeout) * 1000)
+    # Linux refuses a keepalive time over 32767 s (EINVAL: no connection at all).
+    options = (
+        ("TCP_KEEPIDLE", min(_MAX_KEEPALIVE_S, max(1, math.ceil(settings.ping_interval)))),
+        ("TCP_KEEPINTVL", min(_MAX_KEEPALIVE_S, max(1, interval))),
+        ("TCP_KEEPCNT", KEEPALIVE_PROBES),
+        ("TCP_USER_TIMEOUT", min(_MAX_USER_TIMEOUT_MS, silence_ms)),
+    )
+    for name, value in options:
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 def _describe(exc: BaseException) -> str:
