@@ -384,8 +384,16 @@ class AmiPbx:
             links.append(
                 Link(server.name, client, reloads, PjsipOps(client), server.sorcery_caches)
             )
-        files = config_files(Path(config.target.path), config.target.shards)
-        return cls(links, engine, config.target.kind, files)
+        pbx = cls(links, engine)
+        pbx.follow_target(config)
+        return pbx
+
+    def follow_target(self, config: Config) -> None:
+        """Take ``config``'s target (at the start, and when a SIGHUP builds it anew): its
+        kind, and the files a reload loads, whose digest each accepted reload notes
+        (:mod:`~provisioner.ami.loaded`)."""
+        self.target_kind = config.target.kind
+        self.files = config_files(Path(config.target.path), config.target.shards)
 
     # -- the daemon's interface ---------------------------------------------------
 
