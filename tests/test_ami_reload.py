@@ -8,6 +8,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from provisioner.ami import AmiClient, PjsipOps, ReloadCoordinator
+from provisioner.ami import reload as reload_module
 from provisioner.errors import InvalidInput
 
 from .amipeer import FakeAsterisk, eventually, fast_settings, run, running, server_for
@@ -58,6 +59,25 @@ def test_reload_in_progress_is_retried_a_bounded_number_of_times() -> None:
         await peer.stop()
 
     run(scenario())
+
+
+def test_in_progress_retries_pause_at_most_the_cap_however_many_are_allowed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With many retries allowed (reload_retries may be 100), the pause before each retry
+    of 'A reload is in progress' doubles only up to BUSY_RETRY_MAX: ten retries from
+    20 ms take about 1 s here, not 20 s (and 100 from 2 s, not 10^23 years)."""
+    monkeypatch.setattr(reload_module, "BUSY_RETRY_MAX", 0.1)
+
+    async def scenario() -> tuple[bool, int]:
+        peer, client, reloads = await _setup(reload_retries=10, reload_retry_delay=0.02)
+        peer.reload_busy = 10
+        async with running(client, reloads):
+            outcome = await asyncio.wait_for(reloads.request(), timeout=5)
+        await peer.stop()
+        return outcome.ok, outcome.attempts
+
+    assert run(scenario()) == (True, 11)
 
 
 def test_requests_during_a_reload_merge_into_one() -> None:
