@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from structlog.testing import capture_logs
 
-from provisioner.ami import AmiClient, PjsipOps, ReloadCoordinator
+from provisioner.ami import AmiClient, PjsipOps, ReloadCoordinator, ReloadOutcome
 from provisioner.ami import reload as reload_module
 from provisioner.errors import InvalidInput
 
@@ -136,6 +137,34 @@ def test_pending_reload_waits_for_a_down_server() -> None:
         await peer.stop()
 
     run(scenario())
+
+
+def test_a_reload_asked_for_as_the_session_closes_waits_for_the_reconnect() -> None:
+    """A reload asked for at the last moment of a session (here from the callback of
+    Asterisk's Shutdown event, right before the client closes the session) is sent after
+    the reconnect: with both gaps 0 the coordinator found the client still connected,
+    got AmiNotConnected, and tried again at once, for ever, without ever yielding to the
+    event loop (the whole daemon froze)."""
+
+    async def scenario() -> bool:
+        peer, client, reloads = await _setup()
+        asked: list[asyncio.Future[ReloadOutcome]] = []
+        client.on_event("Shutdown", lambda _event: asked.append(reloads.request()))
+        async with running(client, reloads):
+            await eventually(lambda: client.connected)
+            await peer.send_shutdown()
+            await eventually(lambda: bool(asked))
+            outcome = await asyncio.wait_for(asked[0], timeout=3)
+        await peer.stop()
+        return outcome.ok
+
+    # On a thread of its own: a frozen event loop would never time the scenario out.
+    result: list[bool] = []
+    thread = threading.Thread(target=lambda: result.append(run(scenario())), daemon=True)
+    thread.start()
+    thread.join(timeout=15)
+    assert not thread.is_alive(), "the event loop froze"
+    assert result == [True]
 
 
 def test_reload_cut_by_a_disconnect_stays_pending() -> None:

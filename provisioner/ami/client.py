@@ -32,6 +32,7 @@ from asyncio import FIRST_COMPLETED
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from ..aio import sleep_unless, wait_first, wait_task_or_event
@@ -128,14 +129,19 @@ class _Session:
     reason: str = ""
     #: Reads from the socket so far: the ping's sign that the connection is alive.
     reads: int = 0
+    #: Called with the reason as the session closes (the client drops ``connected``).
+    on_close: Callable[[str], None] | None = None
 
     def close(self, reason: str) -> None:
-        """Close once: record why, abort the socket (a half-open peer may never ack a FIN)."""
+        """Close once: record why, abort the socket (a half-open peer may never ack a FIN),
+        and call ``on_close``."""
         if self.closed.is_set():
             return
         self.reason = reason
         self.closed.set()
         self.writer.transport.abort()
+        if self.on_close is not None:
+            self.on_close(reason)
 
 
 class AmiClient:
@@ -368,10 +374,16 @@ class AmiClient:
                     self._dispatch(message)
 
     async def _serve(self, session: _Session, stop: asyncio.Event) -> None:
-        """Run the reader and the pinger until the session closes or ``stop`` is set."""
+        """Run the reader and the pinger until the session closes or ``stop`` is set.
+
+        ``connected`` drops the moment the session closes (:meth:`_closed`), not once this
+        has woken up: meanwhile an action would get :class:`AmiNotConnected` from a client
+        that still said it was connected, and a loop waiting for ``connected`` to send it
+        again would never yield to the event loop."""
         self._session = session
         self._sessions += 1
         self._connected_since = time.time()
+        session.on_close = partial(self._closed, stop)
         self._connected.set()
         self._log.info(
             "ami.connected",
@@ -389,15 +401,18 @@ class AmiClient:
         pinger = asyncio.create_task(self._ping_loop(session))
         await wait_first(stop, session.closed)
         session.close("client stopped" if stop.is_set() else "closed")
-        # The reason is recorded before ``connected`` drops, so that anyone who sees
-        # the client disconnected (health, --check, a waiting test) also sees why.
-        if not stop.is_set():
-            self._last_error = session.reason
-        self._connected.clear()
         await asyncio.gather(reader, pinger)
         self._high_water = max(self._high_water, session.decoder.high_water)
         self._fail_pending(session)
         self._log.info("ami.disconnected", reason=session.reason)
+
+    def _closed(self, stop: asyncio.Event, reason: str) -> None:
+        """The session closed for ``reason``: record it (unless stopping), then drop
+        ``connected``, so that anyone who sees the client disconnected (health, --check, a
+        waiting test) also sees why."""
+        if not stop.is_set():
+            self._last_error = reason
+        self._connected.clear()
 
     def _fail_pending(self, session: _Session) -> None:
         for pending in session.pending.values():
