@@ -1665,6 +1665,41 @@ def test_after_a_run_that_owed_a_reload_any_endpoint_may_be_untracked(
     assert run(scenario()) == ["1001"]
 
 
+@pytest.mark.parametrize("stamp", [b"nan", b"-inf", b"1e12"])
+def test_a_status_event_whose_time_no_date_can_hold_is_stored_without_that_time(
+    store: Engine, stamp: bytes
+) -> None:
+    """A ContactStatus whose Timestamp is not a time a date can hold (NaN, infinite, past
+    year 9999) is stored like one without a Timestamp: the phone is online; the flusher
+    does not die building its row (which ended the whole AMI side, and the daemon)."""
+    with store.begin() as conn:
+        conn.execute(update(users).where(users.c.id == 1).values(extension="1001"))
+
+    def stored_state() -> str | None:
+        summary = registration_summary.c
+        query = select(summary.state).where(summary.server == "lab", summary.user_id == 1)
+        with store.connect() as conn:
+            return conn.execute(query).scalar_one_or_none()
+
+    async def scenario() -> tuple[str | None, bool]:
+        peer = FakeAsterisk()
+        await peer.start()
+        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+            await eventually(link.book_complete)
+            link.book.pop("1001", None)
+            await peer.send_recorded(
+                "Event: ContactStatus\r\n",
+                "NonQualified",
+                replace=((b"Timestamp: 1795564305.935754", b"Timestamp: " + stamp),),
+            )
+            await eventually(lambda: "1001" in link.book)
+            await eventually(lambda: not link.dirty and link.store_idle.is_set())
+            await asyncio.sleep(0.1)
+            return stored_state(), link.flusher_ended
+
+    assert run(scenario()) == ("online", False)
+
+
 def test_a_registered_phones_refresh_changes_nothing_in_the_store(store: Engine) -> None:
     """A registered phone's refresh (a SuccessfulAuth five minutes on, no status event)
     writes nothing: the summary's last change stays the registration's."""
