@@ -1700,6 +1700,37 @@ def test_a_status_event_whose_time_no_date_can_hold_is_stored_without_that_time(
     assert run(scenario()) == ("online", False)
 
 
+def test_a_round_trip_no_database_integer_holds_is_stored_as_unmeasured(store: Engine) -> None:
+    """A Reachable ContactStatus whose RoundtripUsec passes a 64-bit integer is stored
+    without a round trip: the write raised OverflowError, which no store retry catches,
+    and the flusher (the whole AMI side, the daemon) died of it."""
+    with store.begin() as conn:
+        conn.execute(update(users).where(users.c.id == 1).values(extension="2003"))
+
+    def stored_state() -> str | None:
+        summary = registration_summary.c
+        query = select(summary.state).where(summary.server == "lab", summary.user_id == 1)
+        with store.connect() as conn:
+            return conn.execute(query).scalar_one_or_none()
+
+    async def scenario() -> tuple[str | None, bool]:
+        peer = FakeAsterisk()
+        await peer.start()
+        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+            await eventually(link.book_complete)
+            await peer.send_recorded(
+                "Event: ContactStatus\r\n",
+                "ContactStatus: Reachable",
+                replace=((b"RoundtripUsec: 556", b"RoundtripUsec: " + b"9" * 20),),
+            )
+            await eventually(lambda: "2003" in link.book)
+            await eventually(lambda: not link.dirty and link.store_idle.is_set())
+            await asyncio.sleep(0.1)
+            return stored_state(), link.flusher_ended
+
+    assert run(scenario()) == ("online", False)
+
+
 def test_a_registered_phones_refresh_changes_nothing_in_the_store(store: Engine) -> None:
     """A registered phone's refresh (a SuccessfulAuth five minutes on, no status event)
     writes nothing: the summary's last change stays the registration's."""

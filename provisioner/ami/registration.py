@@ -113,11 +113,18 @@ def summarize(reg: EndpointRegistration) -> Summary:
     return "unknown"
 
 
+#: The largest integer the store's columns (64-bit) hold.
+_MAX_INT = 2**63 - 1
+
+
 def _int_or_none(value: str | None) -> int | None:
+    """``value`` as an integer; ``None`` for none, ``N/A`` and what a 64-bit column cannot
+    hold (the store's write raised on it, killing the flusher)."""
     try:
-        return int(value) if value not in (None, "") else None
+        number = int(value) if value not in (None, "") else None
     except ValueError:
         return None  # "N/A"
+    return number if number is not None and -_MAX_INT <= number <= _MAX_INT else None
 
 
 def _float_or_none(value: str | None) -> float | None:
