@@ -400,6 +400,11 @@ def cache_names(by_kind: Mapping[str, Sequence[str]]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(name for names in by_kind.values() for name in names))
 
 
+#: The shortest ``[[asterisk]]`` ``timeout``: Asterisk answers a wrong secret after
+#: 1 s, on top of the connect and the banner.
+MIN_LOGIN_TIMEOUT = 2.0
+
+
 class AsteriskServer(_Section):
     """One Asterisk reached over AMI (TOML ``[[asterisk]]``).
 
@@ -414,8 +419,11 @@ class AsteriskServer(_Section):
     username: str = Field(pattern=_AMI_VALUE)
     secret: SecretStr | None = None
     secret_file: Path | None = None
-    #: Seconds allowed to connect, read the banner and log in.
-    timeout: float = Field(default=5.0, gt=0, le=300)
+    #: Seconds allowed to connect, read the banner and log in; at least
+    #: ``MIN_LOGIN_TIMEOUT``: Asterisk refuses a wrong secret only after a deliberate
+    #: 1 s delay, and a login timed out before that took the short connect-failure
+    #: backoff, not ``login_failure_backoff``.
+    timeout: float = Field(default=5.0, ge=MIN_LOGIN_TIMEOUT, le=300)
     #: Event classes asked for at login; Asterisk grants at most the user's ``read``.
     events: str = Field(default="system,call,security", pattern=r"^[a-z,]{1,200}$")
     #: The sorcery memory caches (``name=`` in sorcery.conf) in front of the realtime

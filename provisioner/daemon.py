@@ -111,6 +111,10 @@ class Pbx(Protocol):
         (result -> count) and online (endpoints with a usable contact)."""
         ...
 
+    def follow_target(self, config: Config) -> None:
+        """A SIGHUP built the target anew from ``config``: reloads load its files now."""
+        ...
+
     def caches_unsure(self) -> None:
         """Another writer may have left realtime rows whose cache expiries were never
         sent: empty every server's caches (see :mod:`provisioner.store.untold`)."""
@@ -821,6 +825,8 @@ class Daemon:
             old_engine = getattr(old, "engine", None)
             if isinstance(old_engine, Engine) and old_engine is not self.engine:
                 old_engine.dispose()  # a realtime database of its own (target.url)
+            if self.pbx is not None:
+                self.pbx.follow_target(config)
             log.info("config.target_changed", kind=config.target.kind, path=config.target.path)
         dirs = template_dirs(config)
         if dirs != template_dirs(self.config):

@@ -180,6 +180,21 @@ def test_oversized_message_raises() -> None:
         decoder.feed(BANNER + b"Event: X\r\n" + line * 5)
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_a_message_over_the_bound_in_bytes_raises_however_few_its_characters(
+    split: bool,
+) -> None:
+    """max_message_bytes counts the bytes on the wire: a message of 2-byte characters
+    (2,440 characters, 4,850 bytes) passes a 4,096-byte bound, whole in one read or not."""
+    decoder = FrameDecoder(max_line_bytes=2048, max_message_bytes=4096)
+    line = b"Output: " + "\u00e9".encode() * 600 + b"\r\n"
+    wire = BANNER + b"Event: X\r\n" + line * 4 + b"\r\n"
+    cut = len(BANNER) + 2000 if split else 0
+    decoder.feed(wire[:cut])
+    with pytest.raises(FrameTooLarge):
+        decoder.feed(wire[cut:])
+
+
 def test_non_ami_peer_is_refused() -> None:
     """A first line that is not the AMI banner is refused."""
     with pytest.raises(ValueError, match="not an AMI peer"):

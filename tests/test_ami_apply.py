@@ -437,6 +437,37 @@ def test_a_derived_name_astdb_does_not_hold_has_every_contact_listed(store: Engi
     assert not held
 
 
+def test_a_removal_the_action_validator_refuses_is_logged_and_the_change_goes_on(
+    store: Engine,
+) -> None:
+    """A removed endpoint whose contact cannot be put in a DBDel (a status event without
+    its AOR gave it none, so its name has an empty AOR) is logged as refused and dropped,
+    like one Asterisk refuses; the change's reload is still asked for and nothing stays
+    owed, where the validator's error escaped the payment and every later one."""
+
+    async def scenario() -> tuple[int, bool, list[str]]:
+        peer = FakeAsterisk()
+        await peer.start()
+        pbx = AmiPbx([_link(peer)], store, "realtime")
+        with capture_logs() as logs:
+            async with _serving(peer, pbx) as link:
+                await eventually(link.book_complete)
+                link.book.pop("1001", None)
+                await peer.send_recorded(
+                    "Event: ContactStatus\r\n", "NonQualified", replace=((b"AOR: 1001\r\n", b""),)
+                )
+                await eventually(lambda: bool(link.book.get("1001") and link.book["1001"].contacts))
+                pbx.applied(REMOVED, target_kind="realtime")
+                await eventually(lambda: bool(peer.actions("Reload")), timeout=3)
+                return len(peer.actions("Reload")), bool(link.owed), [e["event"] for e in logs]
+
+    reloads, owed, events = run(scenario())
+    assert reloads == 1
+    assert not owed
+    assert "ami.owed_refused" in events
+    assert "ami.apply_failed" not in events
+
+
 def test_a_removed_endpoints_phone_is_stored_offline_though_its_peer_was_reachable(
     store: Engine,
 ) -> None:
@@ -532,6 +563,35 @@ def test_a_slow_snapshot_holds_the_next_one_back(
     assert took >= 0.3
     assert held_back == 1
     assert taken == 2
+
+
+def test_a_snapshot_cut_by_a_lost_connection_does_not_hold_the_next_one_back(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot that failed 0.4 s in (the connection dropped) says nothing of what a
+    listing costs: the reconnect's snapshot is taken at once, not factor x 0.4 s after
+    the failed one began."""
+    monkeypatch.setattr(pbx_module, "SNAPSHOT_MIN_GAP", 0.05)
+    monkeypatch.setattr(pbx_module, "SNAPSHOT_GAP_FACTOR", 10.0)  # 4 s: a wide margin
+    monkeypatch.setattr(pbx_module, "CONFIRM_WINDOW", 0.05)
+    monkeypatch.setattr(pbx_module, "LOOKUP_LIMIT", 0)
+
+    async def scenario() -> float:
+        peer = FakeAsterisk()
+        await peer.start()
+        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+            await eventually(link.book_complete)
+            peer.delays["pjsipshowcontacts"] = 5.0
+            await _untracked_auth(peer, link)
+            await eventually(lambda: len(peer.actions("PJSIPShowContacts")) == 2)
+            await asyncio.sleep(0.4)
+            peer.delays.clear()
+            peer.drop_all()
+            dropped = time.monotonic()
+            await eventually(lambda: link.client.sessions == 2 and link.book_complete())
+            return time.monotonic() - dropped
+
+    assert run(scenario()) < 2.0
 
 
 def test_due_endpoints_are_taken_oldest_first_up_to_now() -> None:
@@ -1025,6 +1085,30 @@ def test_a_failed_reload_is_asked_for_again_and_removals_wait_for_it(
     assert actions == ["Reload"] * 5 + ["DBDel"]
     [retry] = [e for e in logs if e["event"] == "ami.reload_retry"]
     assert (retry["result"], retry["failures"]) == ("busy", 1)
+
+
+def test_a_reload_sent_right_after_another_stays_noted_while_it_runs(store: Engine) -> None:
+    """With no gap between reloads (both gaps 0), a reload asked for while another ran
+    stays noted owed in the store while it runs: the end of the first one does not drop
+    the note the second one still stands for."""
+
+    async def scenario() -> tuple[int, dict[str, str]]:
+        peer = FakeAsterisk()
+        peer.reload_delay = 0.5
+        await peer.start()
+        pbx = AmiPbx([_link(peer)], store, "config")
+        async with _serving(peer, pbx) as link:
+            pbx.applied(UPDATED, target_kind="config")
+            await eventually(lambda: len(peer.actions("Reload")) == 1)
+            pbx.applied(UPDATED, target_kind="config")
+            await eventually(lambda: len(peer.actions("Reload")) == 2)
+            await eventually(lambda: link.store_idle.is_set() and not link.jobs)
+            await asyncio.sleep(0.1)
+            return len(peer.actions("Reload")), _all_notes(store)
+
+    reloads, notes = run(scenario())
+    assert reloads == 2
+    assert notes.get(changes_module.reload_owed_key("lab")) == "1"
 
 
 def test_a_file_endpoint_edited_then_removed_in_one_batch_loses_its_contacts(
@@ -1579,6 +1663,72 @@ def test_after_a_run_that_owed_a_reload_any_endpoint_may_be_untracked(
             return [a.get("Endpoint") for a in peer.actions("PJSIPShowEndpoint")]
 
     assert run(scenario()) == ["1001"]
+
+
+@pytest.mark.parametrize("stamp", [b"nan", b"-inf", b"1e12"])
+def test_a_status_event_whose_time_no_date_can_hold_is_stored_without_that_time(
+    store: Engine, stamp: bytes
+) -> None:
+    """A ContactStatus whose Timestamp is not a time a date can hold (NaN, infinite, past
+    year 9999) is stored like one without a Timestamp: the phone is online; the flusher
+    does not die building its row (which ended the whole AMI side, and the daemon)."""
+    with store.begin() as conn:
+        conn.execute(update(users).where(users.c.id == 1).values(extension="1001"))
+
+    def stored_state() -> str | None:
+        summary = registration_summary.c
+        query = select(summary.state).where(summary.server == "lab", summary.user_id == 1)
+        with store.connect() as conn:
+            return conn.execute(query).scalar_one_or_none()
+
+    async def scenario() -> tuple[str | None, bool]:
+        peer = FakeAsterisk()
+        await peer.start()
+        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+            await eventually(link.book_complete)
+            link.book.pop("1001", None)
+            await peer.send_recorded(
+                "Event: ContactStatus\r\n",
+                "NonQualified",
+                replace=((b"Timestamp: 1795564305.935754", b"Timestamp: " + stamp),),
+            )
+            await eventually(lambda: "1001" in link.book)
+            await eventually(lambda: not link.dirty and link.store_idle.is_set())
+            await asyncio.sleep(0.1)
+            return stored_state(), link.flusher_ended
+
+    assert run(scenario()) == ("online", False)
+
+
+def test_a_round_trip_no_database_integer_holds_is_stored_as_unmeasured(store: Engine) -> None:
+    """A Reachable ContactStatus whose RoundtripUsec passes a 64-bit integer is stored
+    without a round trip: the write raised OverflowError, which no store retry catches,
+    and the flusher (the whole AMI side, the daemon) died of it."""
+    with store.begin() as conn:
+        conn.execute(update(users).where(users.c.id == 1).values(extension="2003"))
+
+    def stored_state() -> str | None:
+        summary = registration_summary.c
+        query = select(summary.state).where(summary.server == "lab", summary.user_id == 1)
+        with store.connect() as conn:
+            return conn.execute(query).scalar_one_or_none()
+
+    async def scenario() -> tuple[str | None, bool]:
+        peer = FakeAsterisk()
+        await peer.start()
+        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+            await eventually(link.book_complete)
+            await peer.send_recorded(
+                "Event: ContactStatus\r\n",
+                "ContactStatus: Reachable",
+                replace=((b"RoundtripUsec: 556", b"RoundtripUsec: " + b"9" * 20),),
+            )
+            await eventually(lambda: "2003" in link.book)
+            await eventually(lambda: not link.dirty and link.store_idle.is_set())
+            await asyncio.sleep(0.1)
+            return stored_state(), link.flusher_ended
+
+    assert run(scenario()) == ("online", False)
 
 
 def test_a_registered_phones_refresh_changes_nothing_in_the_store(store: Engine) -> None:

@@ -395,3 +395,50 @@ def test_a_stop_while_connecting_ends_the_client_at_once() -> None:
         return took
 
     assert run(scenario()) < 1.0
+
+
+def test_the_kernel_probes_a_peer_that_answers_nothing_while_an_action_is_pending() -> None:
+    """The AMI socket has TCP keepalive and a user timeout of ping_interval + ping_timeout:
+    no Ping goes out while an action waits (a reload on its own session, up to
+    reload_timeout), and a host gone meanwhile (no FIN, no RST) would otherwise be
+    noticed only when that action timed out (600 s by default)."""
+    import socket
+
+    async def scenario() -> tuple[int, int, int, int]:
+        peer = await _peer()
+        client = AmiClient(server_for(peer), fast_settings(ping_interval=7.0, ping_timeout=3.0))
+        async with running(client):
+            await eventually(lambda: client.connected)
+            session = client._session
+            assert session is not None
+            sock = session.writer.get_extra_info("socket")
+            options = (
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+            )
+        await peer.stop()
+        return options
+
+    keepalive, idle, interval, user_timeout = run(scenario())
+    assert keepalive == 1
+    assert idle == 7
+    assert interval == 1
+    assert user_timeout == 10_000
+
+
+def test_a_ping_interval_past_the_kernels_keepalive_limit_still_connects() -> None:
+    """A ping_interval longer than the kernel's keepalive limit (32767 s) still connects:
+    the probe times are capped, not refused by the kernel for every connection."""
+
+    async def scenario() -> bool:
+        peer = await _peer()
+        client = AmiClient(server_for(peer), fast_settings(ping_interval=100_000.0))
+        async with running(client):
+            await eventually(lambda: client.connected)
+            ok = (await client.send_action("Ping")).ok
+        await peer.stop()
+        return ok
+
+    assert run(scenario())

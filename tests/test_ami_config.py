@@ -201,3 +201,14 @@ def test_server_names_differing_only_in_case_are_refused() -> None:
             "every [[asterisk]] needs its own name (case ignored): asterisk.0 is 'pbx1'"
         ]
     }
+
+
+@pytest.mark.parametrize("timeout", [0.5, 1.0, 1.9])
+def test_a_server_timeout_a_refused_login_would_outlast_is_refused(timeout: float) -> None:
+    """A server timeout under 2 s is refused: Asterisk answers a wrong secret only after a
+    deliberate 1 s delay, so the login timed out and was retried after the short
+    connect-failure backoff instead of login_failure_backoff."""
+    entry = {"name": "a", "host": "h", "username": "u", "secret": "s", "timeout": timeout}
+    found = _problems({"asterisk": [entry]})
+    assert set(found) == {"asterisk.0.timeout"}
+    assert "2" in found["asterisk.0.timeout"][0]

@@ -6,6 +6,8 @@ import itertools
 import re
 from datetime import UTC, datetime
 
+import pytest
+
 from provisioner.ami.actions import parse_message_lines
 from provisioner.ami.pbx import rows
 from provisioner.ami.registration import (
@@ -255,3 +257,15 @@ def test_store_rows_carry_what_the_snapshot_said() -> None:
 def test_an_endpoint_known_by_nothing_is_stored_offline() -> None:
     """An endpoint whose state is unknown is stored as offline, with no contact."""
     assert rows(EndpointRegistration("100000")) == ((), ("offline", "", "", None))
+
+
+@pytest.mark.parametrize("expiry", ["253402300800", "99999999999999", "-99999999999999"])
+def test_an_expiry_no_date_can_hold_is_stored_as_unknown(expiry: str) -> None:
+    """A listed contact whose ExpirationTime no date can hold (past year 9999, before 1) has no
+    expiry, and its store rows can be built: rows() raised, killing the snapshot's write."""
+    items = [{**item, "ExpirationTime": expiry} for item in _contact_list_items()]
+    reg = snapshot_from_contact_list(items)["2001"]
+    (contact,) = reg.contacts
+    assert contact.expires_at is None
+    contact_rows, _summary = rows(reg)
+    assert contact_rows[0][6] is None

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from structlog.testing import capture_logs
 
-from provisioner.ami import AmiClient, PjsipOps, ReloadCoordinator
+from provisioner.ami import AmiClient, PjsipOps, ReloadCoordinator, ReloadOutcome
+from provisioner.ami import reload as reload_module
 from provisioner.errors import InvalidInput
 
 from .amipeer import FakeAsterisk, eventually, fast_settings, run, running, server_for
@@ -58,6 +60,25 @@ def test_reload_in_progress_is_retried_a_bounded_number_of_times() -> None:
         await peer.stop()
 
     run(scenario())
+
+
+def test_in_progress_retries_pause_at_most_the_cap_however_many_are_allowed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With many retries allowed (reload_retries may be 100), the pause before each retry
+    of 'A reload is in progress' doubles only up to BUSY_RETRY_MAX: ten retries from
+    20 ms take about 1 s here, not 20 s (and 100 from 2 s, not 10^23 years)."""
+    monkeypatch.setattr(reload_module, "BUSY_RETRY_MAX", 0.1)
+
+    async def scenario() -> tuple[bool, int]:
+        peer, client, reloads = await _setup(reload_retries=10, reload_retry_delay=0.02)
+        peer.reload_busy = 10
+        async with running(client, reloads):
+            outcome = await asyncio.wait_for(reloads.request(), timeout=5)
+        await peer.stop()
+        return outcome.ok, outcome.attempts
+
+    assert run(scenario()) == (True, 11)
 
 
 def test_requests_during_a_reload_merge_into_one() -> None:
@@ -116,6 +137,34 @@ def test_pending_reload_waits_for_a_down_server() -> None:
         await peer.stop()
 
     run(scenario())
+
+
+def test_a_reload_asked_for_as_the_session_closes_waits_for_the_reconnect() -> None:
+    """A reload asked for at the last moment of a session (here from the callback of
+    Asterisk's Shutdown event, right before the client closes the session) is sent after
+    the reconnect: with both gaps 0 the coordinator found the client still connected,
+    got AmiNotConnected, and tried again at once, for ever, without ever yielding to the
+    event loop (the whole daemon froze)."""
+
+    async def scenario() -> bool:
+        peer, client, reloads = await _setup()
+        asked: list[asyncio.Future[ReloadOutcome]] = []
+        client.on_event("Shutdown", lambda _event: asked.append(reloads.request()))
+        async with running(client, reloads):
+            await eventually(lambda: client.connected)
+            await peer.send_shutdown()
+            await eventually(lambda: bool(asked))
+            outcome = await asyncio.wait_for(asked[0], timeout=3)
+        await peer.stop()
+        return outcome.ok
+
+    # On a thread of its own: a frozen event loop would never time the scenario out.
+    result: list[bool] = []
+    thread = threading.Thread(target=lambda: result.append(run(scenario())), daemon=True)
+    thread.start()
+    thread.join(timeout=15)
+    assert not thread.is_alive(), "the event loop froze"
+    assert result == [True]
 
 
 def test_reload_cut_by_a_disconnect_stays_pending() -> None:

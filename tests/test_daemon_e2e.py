@@ -880,6 +880,38 @@ def test_a_file_written_back_to_what_asterisk_last_loaded_is_reloaded_at_the_nex
     asyncio.run(scenario())
 
 
+def test_after_a_sighup_sets_shards_the_digest_noted_is_of_the_files_asterisk_loads(
+    tmp_path: Path,
+) -> None:
+    """After a SIGHUP that sets target.shards, a reload of the new layout has the digest of
+    the main file and its shard files noted as loaded, not that of the file alone the
+    daemon started with (the next start then owed Asterisk a reload for nothing)."""
+    from provisioner.ami.loaded import config_files, files_digest
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        await peer.start()
+        config = _write_config(tmp_path, peer.port)
+        conf = tmp_path / "pjsip_users.conf"
+        store = tmp_path / "store.db"
+        await _seed(config)
+        daemon = await _start_daemon(config, tmp_path / "daemon.log")
+        try:
+            await _until(lambda: _loaded_digest(store) is not None, 10)
+            config.write_text(config.read_text().replace("[target]\n", "[target]\nshards = 4\n"))
+            daemon.send_signal(signal.SIGHUP)
+            await _until(lambda: _text(conf).count("#include") == 4, 5)
+            await _add_agent(config, "shardy", "Shard Y")  # an edit: a reload of the shards
+            await _until(lambda: len(peer.actions("Reload")) == 2, 5)
+            sharded = config_files(conf, 4)
+            await _until(lambda: _loaded_digest(store) == files_digest(sharded), 5)
+        finally:
+            assert await _stop(daemon) == 0
+            await peer.stop()
+
+    asyncio.run(scenario())
+
+
 def test_a_store_that_stalls_at_the_last_marker_drop_does_not_stretch_the_shutdown(
     tmp_path: Path,
 ) -> None:

@@ -278,8 +278,11 @@ def _message_of(text: str) -> AmiMessage:
 
 def _wire_size(block: str) -> int:
     """Bytes ``block`` (lines joined by LF, as decoded) took on the wire, each line ending
-    in CR LF: what a message's bound counts."""
-    return len(block) + 2 * (block.count("\n") + 1)
+    in CR LF: what a message's bound counts.  Counted in UTF-8 bytes, not characters (a
+    byte that was not UTF-8, decoded as U+FFFD, counts 3).  ``isascii`` is O(1): the
+    usual all-ASCII block is not encoded."""
+    size = len(block) if block.isascii() else len(block.encode())
+    return size + 2 * (block.count("\n") + 1)
 
 
 class FrameDecoder:

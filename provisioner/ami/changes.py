@@ -40,6 +40,7 @@ from sqlalchemy import Connection
 from ..accounts import utcnow
 from ..aio import doubling
 from ..config import cache_names
+from ..errors import InvalidInput
 from ..logs import get_logger
 from ..store.registrations import set_problems
 from ..store.state import (
@@ -608,8 +609,9 @@ def _reload_ended(link: Link, future: asyncio.Future[ReloadOutcome]) -> None:
 
 
 def _reload_settled(link: Link, future: asyncio.Future[ReloadOutcome]) -> None:
-    """Forget the noted reload once one ended well and no other waits; ask again later
-    for one that failed (:func:`retry_reload_later`)."""
+    """Forget the noted reload once one ended well and no other waits or runs (with no
+    gap between reloads the next one is sent before this runs); ask again later for one
+    that failed (:func:`retry_reload_later`)."""
     if future.cancelled():
         return
     outcome = future.result()
@@ -618,7 +620,7 @@ def _reload_settled(link: Link, future: asyncio.Future[ReloadOutcome]) -> None:
             retry_reload_later(link, outcome)
         return
     link.reload_failures = 0
-    if link.reload_noted and not link.reloads.pending:
+    if link.reload_noted and not (link.reloads.pending or link.reloads.in_flight):
         link.reload_noted = False
         _write_notes(link, partial(drop_state, key=reload_owed_key(link.name)))
 
@@ -695,8 +697,8 @@ def _count_reload(link: Link, outcome: ReloadOutcome) -> None:
 async def pay(link: Link) -> None:
     """Send what is owed to this server, oldest first, until an action fails for the
     connection's sake (the rest would fail alike): that one and the rest stay owed.
-    One Asterisk refuses (``Response: Error``) is logged and dropped: sent again, it
-    would be refused again."""
+    One Asterisk refuses (``Response: Error``), or the action validator does, is logged
+    and dropped: sent again, it would be refused again."""
     owed = link.owed
     try:
         if owed.expire_all or len(owed.expiries) > EXPIRE_ALL_OVER:
@@ -903,11 +905,15 @@ def verify_backoff(failures: int) -> float:
 
 @contextmanager
 def _refusal_logged(link: Link, what: str, item: str) -> Iterator[None]:
-    """Within the block, an action Asterisk refused (:class:`AmiActionFailed`) is logged
-    (``ami.owed_refused``) and swallowed: the owed item it was for is done with."""
+    """Within the block, an action Asterisk refused (:class:`AmiActionFailed`), or one
+    the action validator refused to build (:class:`InvalidInput`: a value that cannot go
+    on the wire), is logged (``ami.owed_refused``) and swallowed: the owed item it was for
+    is done with (sent again, it would be refused again, and hold back all else owed)."""
     try:
         yield
     except AmiActionFailed as exc:
         log.warning(
             "ami.owed_refused", server=link.name, what=what, item=item, error=exc.asterisk_message
         )
+    except InvalidInput as exc:
+        log.warning("ami.owed_refused", server=link.name, what=what, item=item, error=str(exc))

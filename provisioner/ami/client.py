@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import random
+import socket
 import time
 from asyncio import FIRST_COMPLETED
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from ..aio import sleep_unless, wait_first, wait_task_or_event
@@ -126,14 +129,19 @@ class _Session:
     reason: str = ""
     #: Reads from the socket so far: the ping's sign that the connection is alive.
     reads: int = 0
+    #: Called with the reason as the session closes (the client drops ``connected``).
+    on_close: Callable[[str], None] | None = None
 
     def close(self, reason: str) -> None:
-        """Close once: record why, abort the socket (a half-open peer may never ack a FIN)."""
+        """Close once: record why, abort the socket (a half-open peer may never ack a FIN),
+        and call ``on_close``."""
         if self.closed.is_set():
             return
         self.reason = reason
         self.closed.set()
         self.writer.transport.abort()
+        if self.on_close is not None:
+            self.on_close(reason)
 
 
 class AmiClient:
@@ -321,6 +329,7 @@ class AmiClient:
         try:
             async with asyncio.timeout(server.timeout):
                 reader, writer = await asyncio.open_connection(server.host, server.port)
+                _probe_dead_peer(writer, self.settings)
                 session = _Session(reader, writer, self._decoder())
                 await self._login(session)
                 return session
@@ -365,10 +374,16 @@ class AmiClient:
                     self._dispatch(message)
 
     async def _serve(self, session: _Session, stop: asyncio.Event) -> None:
-        """Run the reader and the pinger until the session closes or ``stop`` is set."""
+        """Run the reader and the pinger until the session closes or ``stop`` is set.
+
+        ``connected`` drops the moment the session closes (:meth:`_closed`), not once this
+        has woken up: meanwhile an action would get :class:`AmiNotConnected` from a client
+        that still said it was connected, and a loop waiting for ``connected`` to send it
+        again would never yield to the event loop."""
         self._session = session
         self._sessions += 1
         self._connected_since = time.time()
+        session.on_close = partial(self._closed, stop)
         self._connected.set()
         self._log.info(
             "ami.connected",
@@ -386,15 +401,18 @@ class AmiClient:
         pinger = asyncio.create_task(self._ping_loop(session))
         await wait_first(stop, session.closed)
         session.close("client stopped" if stop.is_set() else "closed")
-        # The reason is recorded before ``connected`` drops, so that anyone who sees
-        # the client disconnected (health, --check, a waiting test) also sees why.
-        if not stop.is_set():
-            self._last_error = session.reason
-        self._connected.clear()
         await asyncio.gather(reader, pinger)
         self._high_water = max(self._high_water, session.decoder.high_water)
         self._fail_pending(session)
         self._log.info("ami.disconnected", reason=session.reason)
+
+    def _closed(self, stop: asyncio.Event, reason: str) -> None:
+        """The session closed for ``reason``: record it (unless stopping), then drop
+        ``connected``, so that anyone who sees the client disconnected (health, --check, a
+        waiting test) also sees why."""
+        if not stop.is_set():
+            self._last_error = reason
+        self._connected.clear()
 
     def _fail_pending(self, session: _Session) -> None:
         for pending in session.pending.values():
@@ -624,6 +642,37 @@ class AmiClient:
                     ami_event=event.event,
                     error=_describe(exc),
                 )
+
+
+#: Keepalive probes unanswered before the kernel gives up (``TCP_KEEPCNT``).
+KEEPALIVE_PROBES = 3
+_MAX_KEEPALIVE_S = 32767
+_MAX_USER_TIMEOUT_MS = 2**31 - 1
+
+
+def _probe_dead_peer(writer: asyncio.StreamWriter, settings: AmiSettings) -> None:
+    """Have the kernel find a peer host gone without a FIN or RST (crashed, cut off):
+    keepalive probes after ``ping_interval`` idle, and no more than ``ping_interval +
+    ping_timeout`` without an ACK (``TCP_USER_TIMEOUT``), so the read fails and the session
+    closes.  The pinger cannot: it sends no Ping while an action waits (a reload, up to
+    ``reload_timeout``).  A peer whose kernel still answers (a hung Asterisk) is left to
+    the action's timeout.  The TCP_* options are set where the platform has them (Linux)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    interval = math.ceil(settings.ping_timeout / KEEPALIVE_PROBES)
+    silence_ms = math.ceil((settings.ping_interval + settings.ping_timeout) * 1000)
+    # Linux refuses a keepalive time over 32767 s (EINVAL: no connection at all).
+    options = (
+        ("TCP_KEEPIDLE", min(_MAX_KEEPALIVE_S, max(1, math.ceil(settings.ping_interval)))),
+        ("TCP_KEEPINTVL", min(_MAX_KEEPALIVE_S, max(1, interval))),
+        ("TCP_KEEPCNT", KEEPALIVE_PROBES),
+        ("TCP_USER_TIMEOUT", min(_MAX_USER_TIMEOUT_MS, silence_ms)),
+    )
+    for name, value in options:
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 def _describe(exc: BaseException) -> str:

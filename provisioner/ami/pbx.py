@@ -204,7 +204,8 @@ class Link:
     #: Asterisk sends the events queued while it listed after the list's end, and they
     #: are folded again over the snapshot, which is older than they are.
     snapshot_events: list[Mapping[str, str]] | None = None
-    #: Seconds the last snapshot's ``PJSIPShowContacts`` took.
+    #: Seconds the last answered snapshot's ``PJSIPShowContacts`` took (a failed one's
+    #: time is not kept: see :meth:`AmiPbx._take_snapshot`).
     snapshot_took: float = 0.0
     #: Snapshots failed in a row on a session that stayed up (0 once one is in).
     snapshot_failures: int = 0
@@ -383,8 +384,16 @@ class AmiPbx:
             links.append(
                 Link(server.name, client, reloads, PjsipOps(client), server.sorcery_caches)
             )
-        files = config_files(Path(config.target.path), config.target.shards)
-        return cls(links, engine, config.target.kind, files)
+        pbx = cls(links, engine)
+        pbx.follow_target(config)
+        return pbx
+
+    def follow_target(self, config: Config) -> None:
+        """Take ``config``'s target (at the start, and when a SIGHUP builds it anew): its
+        kind, and the files a reload loads, whose digest each accepted reload notes
+        (:mod:`~provisioner.ami.loaded`)."""
+        self.target_kind = config.target.kind
+        self.files = config_files(Path(config.target.path), config.target.shards)
 
     # -- the daemon's interface ---------------------------------------------------
 
@@ -709,12 +718,15 @@ class AmiPbx:
         try:
             contacts = await link.ops.show_contacts()
         except ProvisionerError as exc:
+            # How long a failed one took (a lost connection, a refusal, a wait with no
+            # read) says nothing of what a listing costs: the spacing keeps the last
+            # listing's duration.
             log.warning("registration.snapshot_failed", server=link.name, error=str(exc))
             live = link.client.connected and link.client.sessions == session
             return "failed_live" if live else "failed"
         finally:
-            link.snapshot_took = time.monotonic() - started
             events, link.snapshot_events = link.snapshot_events, None
+        link.snapshot_took = time.monotonic() - started
         snapshot = snapshot_from_contact_list_states(contacts)
         # Keep what events told about device and peer state; contacts come from the snapshot.
         for endpoint, reg in link.book.items():

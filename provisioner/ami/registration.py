@@ -113,11 +113,18 @@ def summarize(reg: EndpointRegistration) -> Summary:
     return "unknown"
 
 
+#: The largest integer the store's columns (64-bit) hold.
+_MAX_INT = 2**63 - 1
+
+
 def _int_or_none(value: str | None) -> int | None:
+    """``value`` as an integer; ``None`` for none, ``N/A`` and what a 64-bit column cannot
+    hold (the store's write raised on it, killing the flusher)."""
     try:
-        return int(value) if value not in (None, "") else None
+        number = int(value) if value not in (None, "") else None
     except ValueError:
         return None  # "N/A"
+    return number if number is not None and -_MAX_INT <= number <= _MAX_INT else None
 
 
 def _float_or_none(value: str | None) -> float | None:
@@ -125,6 +132,25 @@ def _float_or_none(value: str | None) -> float | None:
         return float(value) if value not in (None, "") else None
     except ValueError:
         return None
+
+
+#: The last second a date holds (9999-12-31 23:59:59 UTC): the store writes times as dates.
+_LAST_EPOCH = 253402300799
+
+
+def _expiry(value: str | None) -> int | None:
+    """A contact's expiry (whole epoch seconds) as :func:`_epoch_or_none` takes it."""
+    seconds = _int_or_none(value)
+    return None if seconds is None or _epoch_or_none(seconds) is None else seconds
+
+
+def _epoch_or_none(value: float | None) -> float | None:
+    """``value`` (epoch seconds) when a date can hold it (1970 to year 9999), else
+    ``None``, as if not told: NaN, an infinity or year 10000 made building the store's
+    rows raise, and with it the flusher or the snapshot (and the whole AMI side)."""
+    if value is not None and 0 <= value <= _LAST_EPOCH:  # False for NaN
+        return value
+    return None
 
 
 def _pjsip_name(value: str) -> str | None:
@@ -222,7 +248,7 @@ def apply_contact_status(
         True,
         reg.last_auth_at,
         reg.last_auth_from,
-        _latest(_float_or_none(event.get("Timestamp")), reg.last_change),
+        _latest(_epoch_or_none(_float_or_none(event.get("Timestamp"))), reg.last_change),
     )
 
 
@@ -241,7 +267,7 @@ def apply_event(
     kind = event.get("Event", "")
     if kind == "ContactStatus":
         return apply_contact_status(current, endpoint, event)
-    stamp = _float_or_none(event.get("Timestamp"))
+    stamp = _epoch_or_none(_float_or_none(event.get("Timestamp")))
     reg = current if current is not None else EndpointRegistration(endpoint)
     latest = _latest(stamp, reg.last_change)
     if kind == "PeerStatus":
@@ -300,7 +326,7 @@ def contact_from_list_item(item: Mapping[str, str]) -> ContactState:
         rtt_usec=_int_or_none(item.get("RoundtripUsec")),
         user_agent=item.get("UserAgent") or None,
         source=f"{via}:{port}" if via and port else (via or None),
-        expires_at=_int_or_none(item.get("ExpirationTime")),
+        expires_at=_expiry(item.get("ExpirationTime")),
         object_name=object_name or None,
     )
 
@@ -345,6 +371,6 @@ def contact_from_status_detail(item: Mapping[str, str]) -> ContactState:
         rtt_usec=_int_or_none(item.get("RoundtripUsec")),
         user_agent=item.get("UserAgent") or None,
         source=item.get("ViaAddress") or None,
-        expires_at=_int_or_none(item.get("RegExpire")),
+        expires_at=_expiry(item.get("RegExpire")),
         object_name=item.get("ID") or None,
     )

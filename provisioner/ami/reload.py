@@ -9,7 +9,8 @@ endpoints in the lab), so :class:`ReloadCoordinator` makes sure that, per server
   counts for requests made while it ran);
 - at most one ``Action: Reload`` / ``Module: res_pjsip.so`` is in flight;
 - ``A reload is in progress`` (someone else's reload) is retried at most
-  ``reload_retries`` times, the delay doubling from ``reload_retry_delay``;
+  ``reload_retries`` times, the delay doubling from ``reload_retry_delay`` up to
+  ``BUSY_RETRY_MAX`` (or ``reload_retry_delay`` itself, when longer);
 - between two reloads there is a gap of
   ``max(reload_min_gap, reload_gap_factor * last reload's duration)``, so a slow
   Asterisk gets proportionally more rest;
@@ -57,6 +58,9 @@ ReloadResult = Literal["ok", "busy", "error", "timeout", "disconnected", "stoppe
 ExpireResult = Literal["expired", "not_cached", "no_such_cache"]
 
 _IN_PROGRESS = "a reload is in progress"
+#: Seconds at most before a retry of ``A reload is in progress`` (the delay doubles up
+#: to it): ``reload_retries`` may be 100, and 2 s doubled 99 times is 10^23 years.
+BUSY_RETRY_MAX = 60.0
 
 
 @dataclass(frozen=True)
@@ -181,7 +185,9 @@ class ReloadCoordinator:
                     if await sleep_unless(stop, delay * (0.8 + self._rng.random() * 0.4)):
                         result, message = "stopped", "stopped while waiting to retry"
                     else:
-                        delay *= 2
+                        delay = min(
+                            delay * 2, max(BUSY_RETRY_MAX, self.settings.reload_retry_delay)
+                        )
                         continue
                 break
         finally:
