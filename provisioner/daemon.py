@@ -45,12 +45,20 @@ from .sdnotify import Notifier, watchdog_interval
 from .store.changefeed import (
     CursorTracker,
     load_cursor,
+    newest_change_id,
     prune_changes,
     read_change_ids,
     read_unapplied,
     save_cursor,
 )
-from .store.engine import open_engine, reading, transaction
+from .store.engine import (
+    FileIdentity,
+    file_identity,
+    open_engine,
+    reading,
+    sqlite_file,
+    transaction,
+)
 from .store.registrations import forget_other_servers
 from .store.untold import drop_untold, new_token, note_untold, untold_key
 from .targets import Change, Target
@@ -265,6 +273,9 @@ class Daemon:
     #: The record is a newer daemon's: this one no longer writes it (logged once).
     _health_yielded: bool = False
     _last_exc: BaseException | None = None
+    #: The SQLite store's file as the last full apply found it (None: not SQLite, or not
+    #: looked at yet): another one at the path was moved over it (:meth:`_store_replaced`).
+    _store_file: FileIdentity | None = None
     #: Seconds before a failed incremental apply is run again (0: the last one did not
     #: fail), and its pending timer.
     _retry_delay: float = 0.0
@@ -639,13 +650,36 @@ class Daemon:
             log.info("registration.servers_forgotten", rows=forgotten, kept=servers)
         return found
 
+    def _store_identity(self) -> FileIdentity | None:
+        """The (device, inode) of the file the SQLite store's path names now; None for
+        other databases, or while there is none.  Blocking (a stat)."""
+        path = sqlite_file(self.config.store.url)
+        return None if path is None else file_identity(path)
+
+    def _store_replaced(self, now: FileIdentity | None) -> bool:
+        """Whether ``now`` (:meth:`_store_identity`) is another file than the last full
+        apply read: a backup was moved over the store."""
+        return now is not None and self._store_file is not None and now != self._store_file
+
     def _full(self) -> Applied:
+        now = self._store_identity()
+        replaced = self._store_replaced(now)
+        if now is not None:
+            self._store_file = now
+        if replaced:
+            # Another file: its cursor, its changes and its markers, not the old one's.
+            log.warning("store.replaced", url=self.config.store.url)
+            self._untold_found, self._untold_handed = None, False
         if self._untold_found is None:
             self._untold_found = self._begin_run()
         with reading(self.engine) as conn:
             cursor = load_cursor(conn)
+            if replaced:
+                # Its cursor may be the old file's (a write of it left in the WAL the
+                # new file inherits): never above the file's own newest change.
+                cursor = min(cursor, newest_change_id(conn))
             pending = read_change_ids(conn, cursor, limit=1_000_000)
-        if cursor > self.tracker.cursor:
+        if replaced or cursor > self.tracker.cursor:
             self.tracker = CursorTracker(cursor=cursor, grace=self.config.daemon.cursor_grace)
         result = self.applier.full()
         # The cursor is saved and the feed pruned by _run once Asterisk was told: a store
@@ -665,6 +699,10 @@ class Daemon:
             log.info("changes.pruned", upto=self.tracker.cursor, rows=pruned)
 
     def _incremental(self) -> Applied | None:
+        """Apply the changes the feed lists; a full apply instead when the SQLite store's
+        file was replaced (the feed's ids are another file's)."""
+        if self._store_replaced(self._store_identity()):
+            return self._full()
         with reading(self.engine) as conn:
             rows = read_unapplied(conn, self.tracker, limit=FEED_BATCH)
         # The rest of a backlog wakes nobody (its notifications, its commit are past).

@@ -39,6 +39,7 @@ __all__ = [
     "drop_replaced_ddl",
     "drop_trigger_ddl",
     "load_cursor",
+    "newest_change_id",
     "old_key_ddl",
     "read_change_ids",
     "read_changes",
@@ -337,6 +338,11 @@ def load_cursor(conn: Connection) -> int:
     """The durable cursor: every change up to it has been applied (0 at first start)."""
     value = load_state(conn, CURSOR_KEY)
     return int(value) if value is not None else 0
+
+
+def newest_change_id(conn: Connection) -> int:
+    """The highest change id in the table (0 when it is empty)."""
+    return int(conn.execute(select(func.max(changes.c.id))).scalar_one_or_none() or 0)
 
 
 def save_cursor(conn: Connection, cursor: int) -> None:
