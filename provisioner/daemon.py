@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .aio import sleep_unless, wait_first, wait_task_or_event
 from .applier import Applied, Applier
@@ -596,7 +597,7 @@ class Daemon:
             if self._backlog:
                 self._backlog = False
                 self.tick.set()  # the next batch at once, not at the next poll
-        except (DBAPIError, ProvisionerError, OSError) as exc:
+        except (*_RETRYABLE, ProvisionerError) as exc:
             self._hand_untold()
             self._woken_while_applying = self.wake.is_set()
             self.metrics.syncs.labels(kind=kind, result="failed").inc()
@@ -912,8 +913,9 @@ def _settle_heap() -> None:
     gc.freeze()
 
 
-#: Failures of the first reconcile worth retrying: the store or the disk may come back.
-_RETRYABLE = (DBAPIError, StoreUnavailable, OSError)
+#: Failures of an apply worth retrying: the store or the disk may come back, and the
+#: pooled connections all in use until the pool's timeout may be free again.
+_RETRYABLE = (DBAPIError, PoolTimeout, StoreUnavailable, OSError)
 
 
 def _next_retry(delay: float) -> float:

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, create_engine, func, select, text
 
 from provisioner import daemon as daemon_module
 from provisioner.accounts import Accounts
 from provisioner.applier import Applied, Applier
 from provisioner.config import load_config
 from provisioner.daemon import Daemon
+from provisioner.pjsip import RenderSettings
 from provisioner.store import changefeed
 from provisioner.store.changefeed import (
     NOTIFY_CHANNEL,
@@ -463,3 +464,38 @@ def test_a_full_apply_is_told_to_asterisk_when_saving_its_cursor_fails(
     reloads, ok = asyncio.run(run())
     assert reloads == 2
     assert not ok  # the failed write is reported, and retried
+
+
+def test_an_apply_that_waits_in_vain_for_a_pooled_connection_is_retried(
+    accounts: Accounts, db_url: str, tmp_path: Path
+) -> None:
+    """An apply that finds every pooled connection taken (stuck elsewhere) until the pool's
+    timeout fails as a store outage: recorded, retried with the backoff, and the daemon
+    runs on; the retry applies the edit once a connection is free."""
+    config = load_config(
+        env={},
+        overrides={"store": {"url": db_url}, "target": {"path": str(tmp_path / "pjsip.conf")}},
+    )
+    pool = create_engine(db_url, pool_size=1, max_overflow=0, pool_timeout=0.2)
+    target = ConfigFileTarget(tmp_path / "pjsip.conf")
+    daemon = Daemon(config, pool, Applier(pool, target, RenderSettings.from_config(config)), [])
+    daemon.applier.full()
+    daemon.tracker = CursorTracker(cursor=_newest(accounts.engine))
+    _add(accounts, "alice")
+
+    async def run() -> None:
+        with pool.connect():  # the only connection, held by a stuck transaction
+            await daemon._run(daemon._incremental)
+        assert not daemon.health.last_sync_ok
+        assert "TimeoutError" in daemon.health.last_error
+        daemon._retry_if_failed(full=False)
+        assert daemon._retry_due is not None  # the retry is scheduled
+        daemon._cancel_retry()
+        await daemon._run(daemon._incremental)
+        assert daemon.health.last_sync_ok
+
+    try:
+        asyncio.run(run())
+        assert f"[{accounts.get_user('alice').extension}]" in target.path.read_text()
+    finally:
+        pool.dispose()
