@@ -499,3 +499,36 @@ def test_an_apply_that_waits_in_vain_for_a_pooled_connection_is_retried(
         assert f"[{accounts.get_user('alice').extension}]" in target.path.read_text()
     finally:
         pool.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_truncate_on_postgresql_reaches_the_daemon_at_once(
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """A DBA's ``TRUNCATE users CASCADE`` (which fires no row trigger) is noted, with a
+    NOTIFY, and the daemon's next incremental apply removes every user's objects."""
+    _add(accounts, "alice")
+    config = load_config(
+        env={},
+        overrides={
+            "store": {"url": db_url},
+            "target": {"path": str(tmp_path / "pjsip.conf")},
+            "daemon": {"max_removal_fraction": 1},
+        },
+    )
+    daemon = Daemon.from_config(config)
+    daemon.applier.full()
+    daemon.tracker = CursorTracker(cursor=_newest(engine))
+    conf = Path(config.target.path)
+    dsn = db_url.replace("postgresql+psycopg://", "postgresql://")
+    try:
+        assert accounts.get_user("alice").extension in _sections(conf)
+        with psycopg.connect(dsn, autocommit=True) as listener:
+            listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            _sql(engine, "TRUNCATE users CASCADE")
+            pyselect.select([listener.fileno()], [], [], 5)
+            assert list(listener.notifies(timeout=1, stop_after=1))
+        assert _apply_changes(daemon).full
+        assert _sections(conf) == set()
+    finally:
+        daemon.engine.dispose()

@@ -5,6 +5,9 @@ appends a row to ``changes``, whoever made it: the CLI, another application or
 a DBA in a SQL shell.  On PostgreSQL the trigger also sends
 ``NOTIFY provisioner_changes`` so the daemon wakes at once.
 
+A ``TRUNCATE`` (PostgreSQL only: MariaDB and MySQL have no trigger for it) notes entity
+``all``: every user is re-rendered (migration 0007).
+
 An update that changes a row's key (``UPDATE users SET id = 99 WHERE id = 5``, an
 attribute moved to another user, a profile renumbered) notes the old id as well as
 the new one, so the daemon also re-renders what the old id held (migration 0004).
@@ -38,6 +41,7 @@ __all__ = [
     "drop_old_key_ddl",
     "drop_replaced_ddl",
     "drop_trigger_ddl",
+    "drop_truncate_ddl",
     "load_cursor",
     "newest_change_id",
     "old_key_ddl",
@@ -47,6 +51,7 @@ __all__ = [
     "replaced_ddl",
     "save_cursor",
     "trigger_ddl",
+    "truncate_ddl",
 ]
 
 NOTIFY_CHANNEL = "provisioner_changes"
@@ -185,6 +190,39 @@ def _sqlite_replace_triggers() -> list[str]:
         "BEFORE UPDATE OF id, username_key, extension, apikey_hash ON users FOR EACH ROW "
         f"BEGIN {_NOTE_USERS_IN_THE_WAY} AND id <> OLD.id; END",
     ]
+
+
+# A TRUNCATE fires no row trigger: PostgreSQL's statement trigger notes that every row of
+# a table may have gone, as entity ``all`` (the daemon re-renders everyone).  MariaDB and
+# MySQL have no TRUNCATE triggers; SQLite has no TRUNCATE.
+_PG_TRUNCATE_FUNCTION = f"""CREATE OR REPLACE FUNCTION provisioner_note_truncate() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO changes (entity, entity_id, op) VALUES ('all', 0, 'D');
+    PERFORM pg_notify('{NOTIFY_CHANNEL}', 'all:0');
+    RETURN NULL;
+END
+$$"""
+
+
+def truncate_ddl(dialect: str) -> list[str]:
+    """The statements that make a ``TRUNCATE`` of a watched table noted on PostgreSQL
+    (migration 0007); none on other databases."""
+    if _known(dialect) != postgresql.dialect.name:
+        return []
+    return [_PG_TRUNCATE_FUNCTION] + [
+        f"CREATE TRIGGER trg_{table}_truncate AFTER TRUNCATE ON {table} "
+        "FOR EACH STATEMENT EXECUTE FUNCTION provisioner_note_truncate()"
+        for table, _, _ in _WATCHED
+    ]
+
+
+def drop_truncate_ddl(dialect: str) -> list[str]:
+    """The statements that undo :func:`truncate_ddl`."""
+    if _known(dialect) != postgresql.dialect.name:
+        return []
+    out = [f"DROP TRIGGER IF EXISTS trg_{t}_truncate ON {t}" for t, _, _ in _WATCHED]
+    return [*out, "DROP FUNCTION IF EXISTS provisioner_note_truncate()"]
 
 
 def _pg_triggers(function: str) -> list[str]:
