@@ -277,6 +277,9 @@ class Daemon:
     #: The SQLite store's file as the last full apply found it (None: not SQLite, or not
     #: looked at yet): another one at the path was moved over it (:meth:`_store_replaced`).
     _store_file: FileIdentity | None = None
+    #: The feed's newest change id was found below the cursor (a backup restored into
+    #: the store): the next full apply starts from the store's own cursor.
+    _rewound: bool = False
     #: Seconds before a failed incremental apply is run again (0: the last one did not
     #: fail), and its pending timer.
     _retry_delay: float = 0.0
@@ -668,16 +671,18 @@ class Daemon:
         if now is not None:
             self._store_file = now
         if replaced:
-            # Another file: its cursor, its changes and its markers, not the old one's.
             log.warning("store.replaced", url=self.config.store.url)
+        replaced, self._rewound = replaced or self._rewound, False
+        if replaced:
+            # Another store: its cursor, its changes and its markers, not the old one's.
             self._untold_found, self._untold_handed = None, False
         if self._untold_found is None:
             self._untold_found = self._begin_run()
         with reading(self.engine) as conn:
             cursor = load_cursor(conn)
             if replaced:
-                # Its cursor may be the old file's (a write of it left in the WAL the
-                # new file inherits): never above the file's own newest change.
+                # Its cursor may be the old store's (a write of it left in the WAL a
+                # new file inherits): never above the store's own newest change.
                 cursor = min(cursor, newest_change_id(conn))
             pending = read_change_ids(conn, cursor, limit=1_000_000)
         if replaced or cursor > self.tracker.cursor:
@@ -701,11 +706,18 @@ class Daemon:
 
     def _incremental(self) -> Applied | None:
         """Apply the changes the feed lists; a full apply instead when the SQLite store's
-        file was replaced (the feed's ids are another file's)."""
+        file was replaced, or the feed's newest id went back below the cursor (a backup
+        restored into the store: its new changes take ids the cursor has passed)."""
         if self._store_replaced(self._store_identity()):
             return self._full()
         with reading(self.engine) as conn:
             rows = read_unapplied(conn, self.tracker, limit=FEED_BATCH)
+            # Only when nothing new was found: a wake-up with work costs no extra query.
+            newest = newest_change_id(conn) if not rows else None
+        if newest is not None and newest < self.tracker.cursor:
+            log.warning("store.rewound", newest=newest, cursor=self.tracker.cursor)
+            self._rewound = True
+            return self._full()
         # The rest of a backlog wakes nobody (its notifications, its commit are past).
         self._backlog = len(rows) >= FEED_BATCH
         if not rows:

@@ -474,3 +474,34 @@ def test_a_store_file_replaced_under_the_daemon_is_read_anew(tmp_path: Path) -> 
         assert daemon.stop() == 0
     finally:
         daemon.kill()
+
+
+def test_a_backup_restored_into_the_live_store_is_applied_and_followed(tmp_path: Path) -> None:
+    """A backup copied into the running daemon's SQLite store (``sqlite3 store.db
+    ".restore backup.db"``: the same file, its change ids back below the daemon's cursor)
+    is applied as it stands, and edits made to it afterwards go live at once."""
+    url = store_url(tmp_path)
+    seed_store(url, 10).dispose()
+    backup = tmp_path / "backup.db"
+    with (
+        contextlib.closing(sqlite3.connect(tmp_path / "store.db")) as src,
+        contextlib.closing(sqlite3.connect(backup)) as dst,
+    ):
+        src.backup(dst)
+    conf = tmp_path / "pjsip_users.conf"
+    daemon = Daemon(write_config(tmp_path), tmp_path / "daemon.log").start()
+    try:
+        for name in ("late0", "late1", "late2"):  # changes the backup never saw
+            _add_agent(url, name)
+        until(lambda: len(endpoints(conf)) == 14, 10, "the edits after the backup applied")
+        with (
+            contextlib.closing(sqlite3.connect(backup)) as src,
+            contextlib.closing(sqlite3.connect(tmp_path / "store.db")) as dst,
+        ):
+            src.backup(dst)  # the operator's restore
+        until(lambda: len(endpoints(conf)) == 11, 10, "the restored store applied")
+        _add_agent(url, "restored0")  # a change id the store used before the restore
+        until(lambda: len(endpoints(conf)) == 12, 10, "an edit of the restored store applied")
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
