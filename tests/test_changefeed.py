@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import select as pyselect
+import uuid
 from pathlib import Path
 
 import psycopg
@@ -532,3 +533,30 @@ def test_a_truncate_on_postgresql_reaches_the_daemon_at_once(
         assert _sections(conf) == set()
     finally:
         daemon.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_another_application_granted_only_the_user_tables_can_write_them_on_postgresql(
+    accounts: Accounts, engine: Engine
+) -> None:
+    """On PostgreSQL an application whose role may write users, attributes and profiles but
+    not the change feed still writes them, and each write is noted (as on MariaDB, whose
+    triggers run with their definer's rights)."""
+    uid = _add(accounts, "alice")
+    role = "prov_test_app_" + uuid.uuid4().hex[:8]  # roles are the server's, not the database's
+    _sql(engine, f"CREATE ROLE {role}")
+    try:
+        _sql(
+            engine,
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON users, user_attributes, profiles TO {role}",
+        )
+        start = _newest(engine)
+        with engine.begin() as conn:
+            conn.execute(text(f"SET LOCAL ROLE {role}"))
+            conn.execute(text("UPDATE users SET full_name = 'Alice A.' WHERE id = :i"), {"i": uid})
+            conn.execute(text("UPDATE profiles SET description = 'Agents' WHERE name = 'agents'"))
+        assert ("user", uid, "U") in _changes(engine, start)
+        assert any(entity == "profile" for entity, _id, _op in _changes(engine, start))
+    finally:
+        _sql(engine, f"DROP OWNED BY {role}")
+        _sql(engine, f"DROP ROLE {role}")

@@ -6,7 +6,9 @@ a DBA in a SQL shell.  On PostgreSQL the trigger also sends
 ``NOTIFY provisioner_changes`` so the daemon wakes at once.
 
 A ``TRUNCATE`` (PostgreSQL only: MariaDB and MySQL have no trigger for it) notes entity
-``all``: every user is re-rendered (migration 0007).
+``all``: every user is re-rendered (migration 0007).  PostgreSQL's trigger functions
+run with their owner's rights (migration 0008), as MariaDB's triggers run with their
+definer's: a writer needs no rights on ``changes``.
 
 An update that changes a row's key (``UPDATE users SET id = 99 WHERE id = 5``, an
 attribute moved to another user, a profile renumbered) notes the old id as well as
@@ -38,6 +40,8 @@ __all__ = [
     "NOTIFY_CHANNEL",
     "ChangeRow",
     "CursorTracker",
+    "definer_ddl",
+    "drop_definer_ddl",
     "drop_old_key_ddl",
     "drop_replaced_ddl",
     "drop_trigger_ddl",
@@ -196,7 +200,7 @@ def _sqlite_replace_triggers() -> list[str]:
 # a table may have gone, as entity ``all`` (the daemon re-renders everyone).  MariaDB and
 # MySQL have no TRUNCATE triggers; SQLite has no TRUNCATE.
 _PG_TRUNCATE_FUNCTION = f"""CREATE OR REPLACE FUNCTION provisioner_note_truncate() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
     INSERT INTO changes (entity, entity_id, op) VALUES ('all', 0, 'D');
     PERFORM pg_notify('{NOTIFY_CHANNEL}', 'all:0');
@@ -223,6 +227,25 @@ def drop_truncate_ddl(dialect: str) -> list[str]:
         return []
     out = [f"DROP TRIGGER IF EXISTS trg_{t}_truncate ON {t}" for t, _, _ in _WATCHED]
     return [*out, "DROP FUNCTION IF EXISTS provisioner_note_truncate()"]
+
+
+def definer_ddl(dialect: str) -> list[str]:
+    """The statements that make PostgreSQL's change trigger run with its owner's rights,
+    as MariaDB's and MySQL's triggers run with their definer's (migration 0008): an
+    application granted only the user tables still writes them, and is noted.  Its
+    ``search_path`` is the one it was made with, so no caller's path can redirect it."""
+    if _known(dialect) != postgresql.dialect.name:
+        return []
+    return [
+        "ALTER FUNCTION provisioner_note_change() SECURITY DEFINER SET search_path FROM CURRENT"
+    ]
+
+
+def drop_definer_ddl(dialect: str) -> list[str]:
+    """The statements that undo :func:`definer_ddl`."""
+    if _known(dialect) != postgresql.dialect.name:
+        return []
+    return ["ALTER FUNCTION provisioner_note_change() SECURITY INVOKER RESET search_path"]
 
 
 def _pg_triggers(function: str) -> list[str]:
