@@ -699,10 +699,11 @@ class Daemon:
     def _prune(self) -> None:
         """Drop the applied changes: the change table stays small (the cursor, not the
         rows, is what resumes)."""
+        upto = self.tracker.prune_limit()
         with self.engine.begin() as conn:
-            pruned = prune_changes(conn, self.tracker.cursor)
+            pruned = prune_changes(conn, upto)
         if pruned:
-            log.info("changes.pruned", upto=self.tracker.cursor, rows=pruned)
+            log.info("changes.pruned", upto=upto, rows=pruned)
 
     def _incremental(self) -> Applied | None:
         """Apply the changes the feed lists; a full apply instead when the SQLite store's

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import select as pyselect
+import time
 import uuid
 from pathlib import Path
 
@@ -107,6 +108,21 @@ def test_tracker_late_commit_is_not_missed() -> None:
     late = [ChangeRow(11, "user", 1, "U"), ChangeRow(12, "user", 2, "U")]
     assert [r.id for r in t.fresh(late)] == [11]
     assert t.mark([11], now=1.0) == 12
+
+
+def test_tracker_keeps_a_skipped_gap_as_a_hole_for_its_life() -> None:
+    """A gap the cursor moved past is still fresh, once, and unprunable for ``hole_life``
+    seconds; then it is forgotten."""
+    t = CursorTracker(cursor=10, grace=5.0, hole_life=60.0)
+    t.mark([12], now=0.0)
+    assert t.mark([], now=6.0) == 12
+    late = [ChangeRow(11, "user", 1, "U")]
+    assert t.fresh(late) == late
+    assert t.prune_limit() == 10
+    t.mark([11], now=7.0)
+    assert t.fresh(late) == []
+    t.mark([], now=70.0)
+    assert (t.hole_ranges(), t.prune_limit()) == ([], 12)
 
 
 def test_a_full_reconcile_reads_the_ids_it_marks_and_only_those_not_applied(
@@ -560,3 +576,36 @@ def test_another_application_granted_only_the_user_tables_can_write_them_on_post
     finally:
         _sql(engine, f"DROP OWNED BY {role}")
         _sql(engine, f"DROP ROLE {role}")
+
+
+def _apply_if_any(daemon: Daemon) -> None:
+    """One incremental apply as the daemon runs it on a wake-up, cursor moved after it."""
+    daemon._incremental()
+    daemon._advance(daemon._unsaved or [])
+    daemon._unsaved = None
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"], indirect=True)
+def test_a_change_committing_after_its_gap_was_given_up_still_goes_live(
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """A transaction that holds a low change id longer than ``daemon.cursor_grace`` (a big
+    import) while others commit higher ones is applied by the first incremental apply
+    after it commits, not at the next full reconcile."""
+    alice, bob = _add(accounts, "alice"), _add(accounts, "bob")
+    daemon = _daemon(engine, db_url, tmp_path)
+    daemon.tracker.grace = 0.2
+    conf = Path(daemon.config.target.path)
+    try:
+        with engine.connect() as slow:
+            slow.execute(text("UPDATE users SET extension = '150' WHERE id = :i"), {"i": alice})
+            _sql(engine, "UPDATE users SET full_name = 'Bob B.' WHERE id = :i", i=bob)
+            _apply_if_any(daemon)  # bob's change; alice's lower id is a gap
+            time.sleep(0.3)
+            _apply_if_any(daemon)  # the gap outlived the grace: the cursor moves past it
+            slow.commit()
+        _apply_if_any(daemon)
+        assert "150" in _sections(conf)
+        _same_as_a_full_apply(daemon, tmp_path)
+    finally:
+        daemon.engine.dispose()

@@ -18,7 +18,8 @@ The daemon keeps a durable cursor (``daemon_state``).  Ids come from a
 sequence, and on PostgreSQL and MariaDB a transaction that took a lower id can
 commit after one that took a higher id; :class:`CursorTracker` therefore only
 moves the cursor over an id gap once the gap has stayed open for a grace
-period (a rolled-back transaction leaves a gap forever).  Re-reading a change
+period (a rolled-back transaction leaves a gap forever), and still looks for the
+gap's changes for an hour (a long transaction commits late).  Re-reading a change
 after a restart is harmless: applying an unchanged user writes nothing.
 
 The trigger DDL below is constant text (no input is ever formatted into it).
@@ -379,12 +380,12 @@ def read_unapplied(
 
     New changes are read from above the highest applied id, so applied ids
     waiting above a gap never crowd them out of ``limit``; the gaps themselves
-    (few: open transactions and rollbacks) are re-read apart, at most ``limit``
-    rows of them too.
+    and the holes (few: open transactions and rollbacks) are re-read apart, at
+    most ``limit`` rows of them too.
     """
     top = max(tracker.seen, default=tracker.cursor)
     found: list[ChangeRow] = []
-    gaps = _gaps(tracker.cursor, tracker.seen)
+    gaps = tracker.hole_ranges() + _gaps(tracker.cursor, tracker.seen)
     for start in range(0, len(gaps), _GAPS_PER_QUERY):
         if len(found) >= limit:
             break
@@ -445,32 +446,61 @@ def prune_changes(conn: Connection, upto: int) -> int:
         after = ids[-1]
 
 
+#: Seconds the changes of a gap the cursor moved past are still looked for: a transaction
+#: that held its change ids that long (a big import) still goes live when it commits.
+HOLE_LIFE = 3600.0
+
+
 @dataclass
 class CursorTracker:
     """Which change ids have been applied, and how far the durable cursor may move.
 
-    ``cursor``: every id at or below it is applied or abandoned.  Ids above it
+    ``cursor``: every id at or below it is applied or given up.  Ids above it
     that were applied wait in ``seen``; a gap below a seen id is skipped once it
-    has been open for ``grace`` seconds (its transaction rolled back, or is so
-    late that the periodic full reconcile will catch it).
+    has been open for ``grace`` seconds (its transaction rolled back, or is
+    long).  A skipped gap becomes a hole, still read (:func:`read_unapplied`) for
+    ``hole_life`` seconds, so a long transaction's changes are applied when it
+    commits; the changes of holes are never pruned meanwhile (:meth:`prune_limit`).
     """
 
     cursor: int
     grace: float = 30.0
     seen: set[int] = field(default_factory=set)
     blocked_since: float | None = None
+    hole_life: float = HOLE_LIFE
+    #: Skipped gaps: (first id, last id, when skipped).
+    holes: list[tuple[int, int, float]] = field(default_factory=list)
+    #: Ids of holes found and applied.
+    hole_seen: set[int] = field(default_factory=set)
+
+    def _in_hole(self, i: int) -> bool:
+        return any(lo <= i <= hi for lo, hi, _ in self.holes)
+
+    def _fresh(self, i: int) -> bool:
+        if i > self.cursor:
+            return i not in self.seen
+        return i not in self.hole_seen and self._in_hole(i)
 
     def fresh(self, rows: Sequence[ChangeRow]) -> list[ChangeRow]:
         """The rows not applied yet."""
-        return [r for r in rows if r.id > self.cursor and r.id not in self.seen]
+        return [r for r in rows if self._fresh(r.id)]
 
     def fresh_ids(self, ids: Sequence[int]) -> list[int]:
         """The ids of ``ids`` not applied yet."""
-        return [i for i in ids if i > self.cursor and i not in self.seen]
+        return [i for i in ids if self._fresh(i)]
+
+    def hole_ranges(self) -> list[tuple[int, int]]:
+        """The id ranges (inclusive) of the holes still looked for."""
+        return [(lo, hi) for lo, hi, _ in self.holes]
+
+    def prune_limit(self) -> int:
+        """The highest id whose change may be pruned: applied, and below every hole."""
+        return min([self.cursor, *(lo - 1 for lo, _, _ in self.holes)])
 
     def mark(self, ids: Sequence[int], now: float) -> int:
         """Record ``ids`` as applied; return the new cursor."""
         self.seen.update(i for i in ids if i > self.cursor)
+        self.hole_seen.update(i for i in ids if i <= self.cursor and self._in_hole(i))
         while self.seen:
             nxt = self.cursor + 1
             if nxt in self.seen:
@@ -482,7 +512,16 @@ class CursorTracker:
                 self.blocked_since = now
             if now - self.blocked_since < self.grace:
                 break
-            # The gap stayed open for the whole grace period: abandon it.
+            # The gap stayed open for the whole grace period: move past it, and keep
+            # looking for its changes a while.
+            self.holes.append((self.cursor + 1, min(self.seen) - 1, now))
             self.cursor = min(self.seen) - 1
             self.blocked_since = None
+        self._forget_old_holes(now)
         return self.cursor
+
+    def _forget_old_holes(self, now: float) -> None:
+        if all(now - since < self.hole_life for _, _, since in self.holes):
+            return
+        self.holes = [h for h in self.holes if now - h[2] < self.hole_life]
+        self.hole_seen = {i for i in self.hole_seen if self._in_hole(i)}
