@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .aio import sleep_unless, wait_all_or_event, wait_first, wait_task_or_event
 from .applier import Applied, Applier
@@ -46,12 +47,20 @@ from .sdnotify import Notifier, watchdog_interval
 from .store.changefeed import (
     CursorTracker,
     load_cursor,
+    newest_change_id,
     prune_changes,
     read_change_ids,
     read_unapplied,
     save_cursor,
 )
-from .store.engine import open_engine, reading, transaction
+from .store.engine import (
+    FileIdentity,
+    file_identity,
+    open_engine,
+    reading,
+    sqlite_file,
+    transaction,
+)
 from .store.registrations import forget_other_servers
 from .store.untold import drop_untold, new_token, note_untold, untold_key
 from .targets import Change, Target
@@ -274,6 +283,12 @@ class Daemon:
     #: The record is a newer daemon's: this one no longer writes it (logged once).
     _health_yielded: bool = False
     _last_exc: BaseException | None = None
+    #: The SQLite store's file as the last full apply found it (None: not SQLite, or not
+    #: looked at yet): another one at the path was moved over it (:meth:`_store_replaced`).
+    _store_file: FileIdentity | None = None
+    #: The feed's newest change id was found below the cursor (a backup restored into
+    #: the store): the next full apply starts from the store's own cursor.
+    _rewound: bool = False
     #: Seconds before a failed incremental apply is run again (0: the last one did not
     #: fail), and its pending timer.
     _retry_delay: float = 0.0
@@ -658,7 +673,7 @@ class Daemon:
             if self._backlog:
                 self._backlog = False
                 self.tick.set()  # the next batch at once, not at the next poll
-        except (DBAPIError, ProvisionerError, OSError) as exc:
+        except (*_RETRYABLE, ProvisionerError) as exc:
             self._hand_untold()
             self._woken_while_applying = self.wake.is_set()
             self.metrics.syncs.labels(kind=kind, result="failed").inc()
@@ -749,13 +764,38 @@ class Daemon:
             log.info("registration.servers_forgotten", rows=forgotten, kept=servers)
         return found
 
+    def _store_identity(self) -> FileIdentity | None:
+        """The (device, inode) of the file the SQLite store's path names now; None for
+        other databases, or while there is none.  Blocking (a stat)."""
+        path = sqlite_file(self.config.store.url)
+        return None if path is None else file_identity(path)
+
+    def _store_replaced(self, now: FileIdentity | None) -> bool:
+        """Whether ``now`` (:meth:`_store_identity`) is another file than the last full
+        apply read: a backup was moved over the store."""
+        return now is not None and self._store_file is not None and now != self._store_file
+
     def _full(self) -> Applied:
+        now = self._store_identity()
+        replaced = self._store_replaced(now)
+        if now is not None:
+            self._store_file = now
+        if replaced:
+            log.warning("store.replaced", url=self.config.store.url)
+        replaced, self._rewound = replaced or self._rewound, False
+        if replaced:
+            # Another store: its cursor, its changes and its markers, not the old one's.
+            self._untold_found, self._untold_handed = None, False
         if self._untold_found is None:
             self._untold_found = self._begin_run()
         with reading(self.engine) as conn:
             cursor = load_cursor(conn)
+            if replaced:
+                # Its cursor may be the old store's (a write of it left in the WAL a
+                # new file inherits): never above the store's own newest change.
+                cursor = min(cursor, newest_change_id(conn))
             pending = read_change_ids(conn, cursor, limit=1_000_000)
-        if cursor > self.tracker.cursor:
+        if replaced or cursor > self.tracker.cursor:
             self.tracker = CursorTracker(cursor=cursor, grace=self.config.daemon.cursor_grace)
         result = self.applier.full()
         # The cursor is saved and the feed pruned by _run once Asterisk was told: a store
@@ -769,14 +809,26 @@ class Daemon:
     def _prune(self) -> None:
         """Drop the applied changes: the change table stays small (the cursor, not the
         rows, is what resumes)."""
+        upto = self.tracker.prune_limit()
         with self.engine.begin() as conn:
-            pruned = prune_changes(conn, self.tracker.cursor)
+            pruned = prune_changes(conn, upto)
         if pruned:
-            log.info("changes.pruned", upto=self.tracker.cursor, rows=pruned)
+            log.info("changes.pruned", upto=upto, rows=pruned)
 
     def _incremental(self) -> Applied | None:
+        """Apply the changes the feed lists; a full apply instead when the SQLite store's
+        file was replaced, or the feed's newest id went back below the cursor (a backup
+        restored into the store: its new changes take ids the cursor has passed)."""
+        if self._store_replaced(self._store_identity()):
+            return self._full()
         with reading(self.engine) as conn:
             rows = read_unapplied(conn, self.tracker, limit=FEED_BATCH)
+            # Only when nothing new was found: a wake-up with work costs no extra query.
+            newest = newest_change_id(conn) if not rows else None
+        if newest is not None and newest < self.tracker.cursor:
+            log.warning("store.rewound", newest=newest, cursor=self.tracker.cursor)
+            self._rewound = True
+            return self._full()
         # The rest of a backlog wakes nobody (its notifications, its commit are past).
         self._backlog = len(rows) >= FEED_BATCH
         if not rows:
@@ -988,8 +1040,9 @@ def _settle_heap() -> None:
     gc.freeze()
 
 
-#: Failures of the first reconcile worth retrying: the store or the disk may come back.
-_RETRYABLE = (DBAPIError, StoreUnavailable, OSError)
+#: Failures of an apply worth retrying: the store or the disk may come back, and the
+#: pooled connections all in use until the pool's timeout may be free again.
+_RETRYABLE = (DBAPIError, PoolTimeout, StoreUnavailable, OSError)
 
 
 def _next_retry(delay: float) -> float:

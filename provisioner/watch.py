@@ -34,6 +34,7 @@ from sqlalchemy.engine import make_url
 from .aio import sleep_unless, wait_first
 from .logs import get_logger
 from .store.changefeed import NOTIFY_CHANNEL
+from .store.engine import FileIdentity, file_identity
 from .store.schema import changes
 
 __all__ = [
@@ -62,22 +63,33 @@ class NewestChange:
 
     A few microseconds of CPU (an index seek; in WAL mode a reader never waits on a
     writer, and with ``timeout=0`` it never waits at all), so it runs on the event loop.
-    The file is never created (``mode=rw``).
+    The file is never created (``mode=rw``).  When the path names another file than the
+    connection's (a backup moved over the store), the connection is opened anew and the
+    read counts as a move.
     """
 
     def __init__(self, db_path: Path) -> None:
+        self.path = db_path
         self.uri = db_path.resolve().as_uri() + "?mode=rw"
         self.query = newest_change_sql()
         self.conn: sqlite3.Connection | None = None
+        #: The file the connection reads.
+        self.file: FileIdentity | None = None
         self.last: object = _UNREAD
         self.failing = False
 
     def check(self, wake: asyncio.Event) -> bool:
-        """Set ``wake`` if the newest id moved since the last read (the first read counts);
-        ``False`` when the store cannot be read (logged once per outage)."""
+        """Set ``wake`` if the newest id moved since the last read (the first read counts,
+        and so does the first on a replaced file); ``False`` when the store cannot be read
+        (logged once per outage)."""
+        now = file_identity(self.path)
+        if self.conn is not None and now is not None and now != self.file:
+            self.close()
+            self.last = _UNREAD
         try:
             if self.conn is None:
                 self.conn = sqlite3.connect(self.uri, uri=True, timeout=0, isolation_level=None)
+                self.file = file_identity(self.path)
             newest = self.conn.execute(self.query).fetchone()[0]
         except sqlite3.Error as exc:
             if getattr(exc, "sqlite_errorname", "") in _BUSY:

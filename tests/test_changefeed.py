@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import select as pyselect
+import time
+import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, create_engine, func, select, text
 
 from provisioner import daemon as daemon_module
 from provisioner.accounts import Accounts
 from provisioner.applier import Applied, Applier
 from provisioner.config import load_config
 from provisioner.daemon import Daemon
+from provisioner.pjsip import RenderSettings
 from provisioner.store import changefeed
 from provisioner.store.changefeed import (
     NOTIFY_CHANNEL,
@@ -105,6 +108,21 @@ def test_tracker_late_commit_is_not_missed() -> None:
     late = [ChangeRow(11, "user", 1, "U"), ChangeRow(12, "user", 2, "U")]
     assert [r.id for r in t.fresh(late)] == [11]
     assert t.mark([11], now=1.0) == 12
+
+
+def test_tracker_keeps_a_skipped_gap_as_a_hole_for_its_life() -> None:
+    """A gap the cursor moved past is still fresh, once, and unprunable for ``hole_life``
+    seconds; then it is forgotten."""
+    t = CursorTracker(cursor=10, grace=5.0, hole_life=60.0)
+    t.mark([12], now=0.0)
+    assert t.mark([], now=6.0) == 12
+    late = [ChangeRow(11, "user", 1, "U")]
+    assert t.fresh(late) == late
+    assert t.prune_limit() == 10
+    t.mark([11], now=7.0)
+    assert t.fresh(late) == []
+    t.mark([], now=70.0)
+    assert (t.hole_ranges(), t.prune_limit()) == ([], 12)
 
 
 def test_a_full_reconcile_reads_the_ids_it_marks_and_only_those_not_applied(
@@ -463,3 +481,131 @@ def test_a_full_apply_is_told_to_asterisk_when_saving_its_cursor_fails(
     reloads, ok = asyncio.run(run())
     assert reloads == 2
     assert not ok  # the failed write is reported, and retried
+
+
+def test_an_apply_that_waits_in_vain_for_a_pooled_connection_is_retried(
+    accounts: Accounts, db_url: str, tmp_path: Path
+) -> None:
+    """An apply that finds every pooled connection taken (stuck elsewhere) until the pool's
+    timeout fails as a store outage: recorded, retried with the backoff, and the daemon
+    runs on; the retry applies the edit once a connection is free."""
+    config = load_config(
+        env={},
+        overrides={"store": {"url": db_url}, "target": {"path": str(tmp_path / "pjsip.conf")}},
+    )
+    pool = create_engine(db_url, pool_size=1, max_overflow=0, pool_timeout=0.2)
+    target = ConfigFileTarget(tmp_path / "pjsip.conf")
+    daemon = Daemon(config, pool, Applier(pool, target, RenderSettings.from_config(config)), [])
+    daemon.applier.full()
+    daemon.tracker = CursorTracker(cursor=_newest(accounts.engine))
+    _add(accounts, "alice")
+
+    async def run() -> None:
+        with pool.connect():  # the only connection, held by a stuck transaction
+            await daemon._run(daemon._incremental)
+        assert not daemon.health.last_sync_ok
+        assert "TimeoutError" in daemon.health.last_error
+        daemon._retry_if_failed(full=False)
+        assert daemon._retry_due is not None  # the retry is scheduled
+        daemon._cancel_retry()
+        await daemon._run(daemon._incremental)
+        assert daemon.health.last_sync_ok
+
+    try:
+        asyncio.run(run())
+        assert f"[{accounts.get_user('alice').extension}]" in target.path.read_text()
+    finally:
+        pool.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_truncate_on_postgresql_reaches_the_daemon_at_once(
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """A DBA's ``TRUNCATE users CASCADE`` (which fires no row trigger) is noted, with a
+    NOTIFY, and the daemon's next incremental apply removes every user's objects."""
+    _add(accounts, "alice")
+    config = load_config(
+        env={},
+        overrides={
+            "store": {"url": db_url},
+            "target": {"path": str(tmp_path / "pjsip.conf")},
+            "daemon": {"max_removal_fraction": 1},
+        },
+    )
+    daemon = Daemon.from_config(config)
+    daemon.applier.full()
+    daemon.tracker = CursorTracker(cursor=_newest(engine))
+    conf = Path(config.target.path)
+    dsn = db_url.replace("postgresql+psycopg://", "postgresql://")
+    try:
+        assert accounts.get_user("alice").extension in _sections(conf)
+        with psycopg.connect(dsn, autocommit=True) as listener:
+            listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            _sql(engine, "TRUNCATE users CASCADE")
+            pyselect.select([listener.fileno()], [], [], 5)
+            assert list(listener.notifies(timeout=1, stop_after=1))
+        assert _apply_changes(daemon).full
+        assert _sections(conf) == set()
+    finally:
+        daemon.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_another_application_granted_only_the_user_tables_can_write_them_on_postgresql(
+    accounts: Accounts, engine: Engine
+) -> None:
+    """On PostgreSQL an application whose role may write users, attributes and profiles but
+    not the change feed still writes them, and each write is noted (as on MariaDB, whose
+    triggers run with their definer's rights)."""
+    uid = _add(accounts, "alice")
+    role = "prov_test_app_" + uuid.uuid4().hex[:8]  # roles are the server's, not the database's
+    _sql(engine, f"CREATE ROLE {role}")
+    try:
+        _sql(
+            engine,
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON users, user_attributes, profiles TO {role}",
+        )
+        start = _newest(engine)
+        with engine.begin() as conn:
+            conn.execute(text(f"SET LOCAL ROLE {role}"))
+            conn.execute(text("UPDATE users SET full_name = 'Alice A.' WHERE id = :i"), {"i": uid})
+            conn.execute(text("UPDATE profiles SET description = 'Agents' WHERE name = 'agents'"))
+        assert ("user", uid, "U") in _changes(engine, start)
+        assert any(entity == "profile" for entity, _id, _op in _changes(engine, start))
+    finally:
+        _sql(engine, f"DROP OWNED BY {role}")
+        _sql(engine, f"DROP ROLE {role}")
+
+
+def _apply_if_any(daemon: Daemon) -> None:
+    """One incremental apply as the daemon runs it on a wake-up, cursor moved after it."""
+    daemon._incremental()
+    daemon._advance(daemon._unsaved or [])
+    daemon._unsaved = None
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"], indirect=True)
+def test_a_change_committing_after_its_gap_was_given_up_still_goes_live(
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """A transaction that holds a low change id longer than ``daemon.cursor_grace`` (a big
+    import) while others commit higher ones is applied by the first incremental apply
+    after it commits, not at the next full reconcile."""
+    alice, bob = _add(accounts, "alice"), _add(accounts, "bob")
+    daemon = _daemon(engine, db_url, tmp_path)
+    daemon.tracker.grace = 0.2
+    conf = Path(daemon.config.target.path)
+    try:
+        with engine.connect() as slow:
+            slow.execute(text("UPDATE users SET extension = '150' WHERE id = :i"), {"i": alice})
+            _sql(engine, "UPDATE users SET full_name = 'Bob B.' WHERE id = :i", i=bob)
+            _apply_if_any(daemon)  # bob's change; alice's lower id is a gap
+            time.sleep(0.3)
+            _apply_if_any(daemon)  # the gap outlived the grace: the cursor moves past it
+            slow.commit()
+        _apply_if_any(daemon)
+        assert "150" in _sections(conf)
+        _same_as_a_full_apply(daemon, tmp_path)
+    finally:
+        daemon.engine.dispose()

@@ -4,8 +4,10 @@ burst window."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import sqlite3
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -13,6 +15,7 @@ from typing import Any, NoReturn
 import pytest
 from sqlalchemy import Engine, text
 
+from provisioner.accounts import Accounts, Policy
 from provisioner.store.changefeed import save_cursor
 from provisioner.store.engine import open_engine
 from provisioner.store.migrate import upgrade
@@ -27,7 +30,7 @@ from provisioner.watch import (
     template_wakeups,
 )
 
-from .faultkit import Daemon, seed_store, store_url, until, write_config
+from .faultkit import Daemon, endpoints, seed_store, store_url, until, write_config
 
 Scenario = Callable[[asyncio.Event, asyncio.Event], Awaitable[None]]
 
@@ -425,3 +428,80 @@ def test_postgresql_listen_connects_with_a_password_holding_spaces(tmp_path: Pat
         "store.listening"
     ]
     assert "s3cret" not in repr(logs)
+
+
+def _add_agent(url: str, username: str) -> None:
+    """Add an agent through a connection opened now (on whatever file the path names)."""
+    engine = open_engine(url)
+    try:
+        Accounts(engine, Policy(password_policy=False)).add_user(
+            {
+                "username": username,
+                "full_name": username,
+                "email": f"{username}@example.com",
+                "profile": "agents",
+            }
+        )
+    finally:
+        engine.dispose()
+
+
+def test_a_store_file_replaced_under_the_daemon_is_read_anew(tmp_path: Path) -> None:
+    """A backup moved over the SQLite store while the daemon runs (``mv backup.db
+    store.db``) is applied as it stands, and edits made to it afterwards go live, those
+    whose change ids the old file had already used too."""
+    url = store_url(tmp_path)
+    seed_store(url, 10).dispose()
+    backup = tmp_path / "backup.db"
+    with (
+        contextlib.closing(sqlite3.connect(tmp_path / "store.db")) as src,
+        contextlib.closing(sqlite3.connect(backup)) as dst,
+    ):
+        src.backup(dst)
+    conf = tmp_path / "pjsip_users.conf"
+    daemon = Daemon(write_config(tmp_path), tmp_path / "daemon.log").start()
+    try:
+        for name in ("late0", "late1", "late2"):  # changes the backup never saw
+            _add_agent(url, name)
+        until(lambda: len(endpoints(conf)) == 14, 10, "the edits after the backup applied")
+        # Nothing left in the WAL: SQLite would lay the old file's WAL over the new file.
+        with contextlib.closing(sqlite3.connect(tmp_path / "store.db")) as conn:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        os.replace(backup, tmp_path / "store.db")  # the operator's restore
+        until(lambda: len(endpoints(conf)) == 11, 10, "the restored file applied")
+        _add_agent(url, "restored0")  # a change id the old file used already
+        until(lambda: len(endpoints(conf)) == 12, 10, "an edit of the restored file applied")
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+
+
+def test_a_backup_restored_into_the_live_store_is_applied_and_followed(tmp_path: Path) -> None:
+    """A backup copied into the running daemon's SQLite store (``sqlite3 store.db
+    ".restore backup.db"``: the same file, its change ids back below the daemon's cursor)
+    is applied as it stands, and edits made to it afterwards go live at once."""
+    url = store_url(tmp_path)
+    seed_store(url, 10).dispose()
+    backup = tmp_path / "backup.db"
+    with (
+        contextlib.closing(sqlite3.connect(tmp_path / "store.db")) as src,
+        contextlib.closing(sqlite3.connect(backup)) as dst,
+    ):
+        src.backup(dst)
+    conf = tmp_path / "pjsip_users.conf"
+    daemon = Daemon(write_config(tmp_path), tmp_path / "daemon.log").start()
+    try:
+        for name in ("late0", "late1", "late2"):  # changes the backup never saw
+            _add_agent(url, name)
+        until(lambda: len(endpoints(conf)) == 14, 10, "the edits after the backup applied")
+        with (
+            contextlib.closing(sqlite3.connect(backup)) as src,
+            contextlib.closing(sqlite3.connect(tmp_path / "store.db")) as dst,
+        ):
+            src.backup(dst)  # the operator's restore
+        until(lambda: len(endpoints(conf)) == 11, 10, "the restored store applied")
+        _add_agent(url, "restored0")  # a change id the store used before the restore
+        until(lambda: len(endpoints(conf)) == 12, 10, "an edit of the restored store applied")
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()

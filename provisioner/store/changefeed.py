@@ -5,6 +5,11 @@ appends a row to ``changes``, whoever made it: the CLI, another application or
 a DBA in a SQL shell.  On PostgreSQL the trigger also sends
 ``NOTIFY provisioner_changes`` so the daemon wakes at once.
 
+A ``TRUNCATE`` (PostgreSQL only: MariaDB and MySQL have no trigger for it) notes entity
+``all``: every user is re-rendered (migration 0008).  PostgreSQL's trigger functions
+run with their owner's rights (migration 0009), as MariaDB's triggers run with their
+definer's: a writer needs no rights on ``changes``.
+
 An update that changes a row's key (``UPDATE users SET id = 99 WHERE id = 5``, an
 attribute moved to another user, a profile renumbered) notes the old id as well as
 the new one, so the daemon also re-renders what the old id held (migration 0004).
@@ -13,7 +18,8 @@ The daemon keeps a durable cursor (``daemon_state``).  Ids come from a
 sequence, and on PostgreSQL and MariaDB a transaction that took a lower id can
 commit after one that took a higher id; :class:`CursorTracker` therefore only
 moves the cursor over an id gap once the gap has stayed open for a grace
-period (a rolled-back transaction leaves a gap forever).  Re-reading a change
+period (a rolled-back transaction leaves a gap forever), and still looks for the
+gap's changes for an hour (a long transaction commits late).  Re-reading a change
 after a restart is harmless: applying an unchanged user writes nothing.
 
 The trigger DDL below is constant text (no input is ever formatted into it).
@@ -35,10 +41,14 @@ __all__ = [
     "NOTIFY_CHANNEL",
     "ChangeRow",
     "CursorTracker",
+    "definer_ddl",
+    "drop_definer_ddl",
     "drop_old_key_ddl",
     "drop_replaced_ddl",
     "drop_trigger_ddl",
+    "drop_truncate_ddl",
     "load_cursor",
+    "newest_change_id",
     "old_key_ddl",
     "read_change_ids",
     "read_changes",
@@ -46,6 +56,7 @@ __all__ = [
     "replaced_ddl",
     "save_cursor",
     "trigger_ddl",
+    "truncate_ddl",
 ]
 
 NOTIFY_CHANNEL = "provisioner_changes"
@@ -186,6 +197,58 @@ def _sqlite_replace_triggers() -> list[str]:
     ]
 
 
+# A TRUNCATE fires no row trigger: PostgreSQL's statement trigger notes that every row of
+# a table may have gone, as entity ``all`` (the daemon re-renders everyone).  MariaDB and
+# MySQL have no TRUNCATE triggers; SQLite has no TRUNCATE.
+_PG_TRUNCATE_FUNCTION = f"""CREATE OR REPLACE FUNCTION provisioner_note_truncate() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+BEGIN
+    INSERT INTO changes (entity, entity_id, op) VALUES ('all', 0, 'D');
+    PERFORM pg_notify('{NOTIFY_CHANNEL}', 'all:0');
+    RETURN NULL;
+END
+$$"""
+
+
+def truncate_ddl(dialect: str) -> list[str]:
+    """The statements that make a ``TRUNCATE`` of a watched table noted on PostgreSQL
+    (migration 0008); none on other databases."""
+    if _known(dialect) != postgresql.dialect.name:
+        return []
+    return [_PG_TRUNCATE_FUNCTION] + [
+        f"CREATE TRIGGER trg_{table}_truncate AFTER TRUNCATE ON {table} "
+        "FOR EACH STATEMENT EXECUTE FUNCTION provisioner_note_truncate()"
+        for table, _, _ in _WATCHED
+    ]
+
+
+def drop_truncate_ddl(dialect: str) -> list[str]:
+    """The statements that undo :func:`truncate_ddl`."""
+    if _known(dialect) != postgresql.dialect.name:
+        return []
+    out = [f"DROP TRIGGER IF EXISTS trg_{t}_truncate ON {t}" for t, _, _ in _WATCHED]
+    return [*out, "DROP FUNCTION IF EXISTS provisioner_note_truncate()"]
+
+
+def definer_ddl(dialect: str) -> list[str]:
+    """The statements that make PostgreSQL's change trigger run with its owner's rights,
+    as MariaDB's and MySQL's triggers run with their definer's (migration 0009): an
+    application granted only the user tables still writes them, and is noted.  Its
+    ``search_path`` is the one it was made with, so no caller's path can redirect it."""
+    if _known(dialect) != postgresql.dialect.name:
+        return []
+    return [
+        "ALTER FUNCTION provisioner_note_change() SECURITY DEFINER SET search_path FROM CURRENT"
+    ]
+
+
+def drop_definer_ddl(dialect: str) -> list[str]:
+    """The statements that undo :func:`definer_ddl`."""
+    if _known(dialect) != postgresql.dialect.name:
+        return []
+    return ["ALTER FUNCTION provisioner_note_change() SECURITY INVOKER RESET search_path"]
+
+
 def _pg_triggers(function: str) -> list[str]:
     out = [function]
     for table, entity, col in _WATCHED:
@@ -317,12 +380,12 @@ def read_unapplied(
 
     New changes are read from above the highest applied id, so applied ids
     waiting above a gap never crowd them out of ``limit``; the gaps themselves
-    (few: open transactions and rollbacks) are re-read apart, at most ``limit``
-    rows of them too.
+    and the holes (few: open transactions and rollbacks) are re-read apart, at
+    most ``limit`` rows of them too.
     """
     top = max(tracker.seen, default=tracker.cursor)
     found: list[ChangeRow] = []
-    gaps = _gaps(tracker.cursor, tracker.seen)
+    gaps = tracker.hole_ranges() + _gaps(tracker.cursor, tracker.seen)
     for start in range(0, len(gaps), _GAPS_PER_QUERY):
         if len(found) >= limit:
             break
@@ -337,6 +400,11 @@ def load_cursor(conn: Connection) -> int:
     """The durable cursor: every change up to it has been applied (0 at first start)."""
     value = load_state(conn, CURSOR_KEY)
     return int(value) if value is not None else 0
+
+
+def newest_change_id(conn: Connection) -> int:
+    """The highest change id in the table (0 when it is empty)."""
+    return int(conn.execute(select(func.max(changes.c.id))).scalar_one_or_none() or 0)
 
 
 def save_cursor(conn: Connection, cursor: int) -> None:
@@ -378,32 +446,61 @@ def prune_changes(conn: Connection, upto: int) -> int:
         after = ids[-1]
 
 
+#: Seconds the changes of a gap the cursor moved past are still looked for: a transaction
+#: that held its change ids that long (a big import) still goes live when it commits.
+HOLE_LIFE = 3600.0
+
+
 @dataclass
 class CursorTracker:
     """Which change ids have been applied, and how far the durable cursor may move.
 
-    ``cursor``: every id at or below it is applied or abandoned.  Ids above it
+    ``cursor``: every id at or below it is applied or given up.  Ids above it
     that were applied wait in ``seen``; a gap below a seen id is skipped once it
-    has been open for ``grace`` seconds (its transaction rolled back, or is so
-    late that the periodic full reconcile will catch it).
+    has been open for ``grace`` seconds (its transaction rolled back, or is
+    long).  A skipped gap becomes a hole, still read (:func:`read_unapplied`) for
+    ``hole_life`` seconds, so a long transaction's changes are applied when it
+    commits; the changes of holes are never pruned meanwhile (:meth:`prune_limit`).
     """
 
     cursor: int
     grace: float = 30.0
     seen: set[int] = field(default_factory=set)
     blocked_since: float | None = None
+    hole_life: float = HOLE_LIFE
+    #: Skipped gaps: (first id, last id, when skipped).
+    holes: list[tuple[int, int, float]] = field(default_factory=list)
+    #: Ids of holes found and applied.
+    hole_seen: set[int] = field(default_factory=set)
+
+    def _in_hole(self, i: int) -> bool:
+        return any(lo <= i <= hi for lo, hi, _ in self.holes)
+
+    def _fresh(self, i: int) -> bool:
+        if i > self.cursor:
+            return i not in self.seen
+        return i not in self.hole_seen and self._in_hole(i)
 
     def fresh(self, rows: Sequence[ChangeRow]) -> list[ChangeRow]:
         """The rows not applied yet."""
-        return [r for r in rows if r.id > self.cursor and r.id not in self.seen]
+        return [r for r in rows if self._fresh(r.id)]
 
     def fresh_ids(self, ids: Sequence[int]) -> list[int]:
         """The ids of ``ids`` not applied yet."""
-        return [i for i in ids if i > self.cursor and i not in self.seen]
+        return [i for i in ids if self._fresh(i)]
+
+    def hole_ranges(self) -> list[tuple[int, int]]:
+        """The id ranges (inclusive) of the holes still looked for."""
+        return [(lo, hi) for lo, hi, _ in self.holes]
+
+    def prune_limit(self) -> int:
+        """The highest id whose change may be pruned: applied, and below every hole."""
+        return min([self.cursor, *(lo - 1 for lo, _, _ in self.holes)])
 
     def mark(self, ids: Sequence[int], now: float) -> int:
         """Record ``ids`` as applied; return the new cursor."""
         self.seen.update(i for i in ids if i > self.cursor)
+        self.hole_seen.update(i for i in ids if i <= self.cursor and self._in_hole(i))
         while self.seen:
             nxt = self.cursor + 1
             if nxt in self.seen:
@@ -415,7 +512,16 @@ class CursorTracker:
                 self.blocked_since = now
             if now - self.blocked_since < self.grace:
                 break
-            # The gap stayed open for the whole grace period: abandon it.
+            # The gap stayed open for the whole grace period: move past it, and keep
+            # looking for its changes a while.
+            self.holes.append((self.cursor + 1, min(self.seen) - 1, now))
             self.cursor = min(self.seen) - 1
             self.blocked_since = None
+        self._forget_old_holes(now)
         return self.cursor
+
+    def _forget_old_holes(self, now: float) -> None:
+        if all(now - since < self.hole_life for _, _, since in self.holes):
+            return
+        self.holes = [h for h in self.holes if now - h[2] < self.hole_life]
+        self.hole_seen = {i for i in self.hole_seen if self._in_hole(i)}

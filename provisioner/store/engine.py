@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Callable
@@ -10,13 +11,14 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InvalidatePoolError
 
 from ..errors import StoreUnavailable
 from ..logs import get_logger
 
 __all__ = [
     "CONFLICT_ATTEMPTS",
+    "file_identity",
     "is_conflict",
     "open_engine",
     "reading",
@@ -38,6 +40,11 @@ _MYSQL_CONFLICTS = frozenset({1213, 1205})
 #: Execution option that makes a SQLite connection's transactions plain (deferred)
 #: ``BEGIN``s: see :func:`reading`.
 _READ_ONLY = "provisioner_read_only"
+#: Key of a SQLite connection's record: the (device, inode) of the file it opened.
+_FILE = "provisioner_file"
+
+#: A file's identity: its device and inode numbers.
+FileIdentity = tuple[int, int]
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -51,13 +58,26 @@ def sqlite_file(url: str) -> Path | None:
     return Path(db)
 
 
+def file_identity(path: Path) -> FileIdentity | None:
+    """The (device, inode) of the file ``path`` names now (through symbolic links), or
+    None when there is none.  Another identity than a connection's means the file was
+    replaced (a backup moved over it): the connection still reads the old, unlinked one."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (info.st_dev, info.st_ino)
+
+
 def open_engine(url: str, *, busy_timeout: float = 10.0) -> Engine:
     """An engine for ``url``.
 
     SQLite gets WAL (readers never block the writer), enforced foreign keys, a
     busy timeout, and ``BEGIN IMMEDIATE`` for every transaction but those of
     :func:`reading`, so two writers queue on the lock instead of deadlocking on a
-    read-to-write upgrade.  Its
+    read-to-write upgrade.  A pooled SQLite connection whose file is no longer the one
+    the path names (a backup moved over it) is never handed out: the pool's idle
+    connections are closed, and a new one opens the file the path names.  Its
     parent directory is created, so ``sqlite:///var/provisioner.db`` works on a
     fresh checkout; one that cannot be raises :class:`StoreUnavailable`.
     """
@@ -71,20 +91,31 @@ def open_engine(url: str, *, busy_timeout: float = 10.0) -> Engine:
                 f"{exc.strerror or exc}"
             ) from None
         engine = create_engine(url, connect_args={"timeout": busy_timeout, "isolation_level": None})
-        _sqlite_events(engine, busy_timeout)
+        _sqlite_events(engine, path, busy_timeout)
         return engine
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     return create_engine(url, **kwargs)
 
 
-def _sqlite_events(engine: Engine, busy_timeout: float) -> None:
+def _sqlite_events(engine: Engine, path: Path, busy_timeout: float) -> None:
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+    def _on_connect(dbapi_conn: Any, record: Any) -> None:
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")  # an int from config
         cur.close()
+        record.info[_FILE] = file_identity(path)
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(_dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        now = file_identity(path)
+        if now is None or record.info.get(_FILE) == now:
+            return  # the same file (or none for the moment: a restore under way)
+        log.warning("store.file_replaced", path=str(path))
+        # The idle connections to the old file closed before a new one opens.
+        engine.pool.dispose()
+        raise InvalidatePoolError("the SQLite file was replaced")
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:

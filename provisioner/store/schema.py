@@ -162,7 +162,7 @@ changes = Table(
         primary_key=True,
         autoincrement=True,
     ),
-    Column("entity", String(16), nullable=False),  # "user" or "profile"
+    Column("entity", String(16), nullable=False),  # "user", "profile" or "all" (a TRUNCATE)
     Column("entity_id", Integer, nullable=False),
     Column("op", String(1), nullable=False),  # I, U or D
     Column("changed_at", DateTime, nullable=False, server_default=func.current_timestamp()),

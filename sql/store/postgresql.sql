@@ -147,9 +147,26 @@ CREATE TRIGGER trg_user_attributes_change AFTER INSERT OR UPDATE OR DELETE ON us
 
 CREATE TRIGGER trg_profiles_change AFTER INSERT OR UPDATE OR DELETE ON profiles FOR EACH ROW EXECUTE FUNCTION provisioner_note_change('profile', 'id');
 
+CREATE OR REPLACE FUNCTION provisioner_note_truncate() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+BEGIN
+    INSERT INTO changes (entity, entity_id, op) VALUES ('all', 0, 'D');
+    PERFORM pg_notify('provisioner_changes', 'all:0');
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER trg_users_truncate AFTER TRUNCATE ON users FOR EACH STATEMENT EXECUTE FUNCTION provisioner_note_truncate();
+
+CREATE TRIGGER trg_user_attributes_truncate AFTER TRUNCATE ON user_attributes FOR EACH STATEMENT EXECUTE FUNCTION provisioner_note_truncate();
+
+CREATE TRIGGER trg_profiles_truncate AFTER TRUNCATE ON profiles FOR EACH STATEMENT EXECUTE FUNCTION provisioner_note_truncate();
+
+ALTER FUNCTION provisioner_note_change() SECURITY DEFINER SET search_path FROM CURRENT;
+
 CREATE TABLE alembic_version (
 	version_num VARCHAR(32) NOT NULL, 
 	PRIMARY KEY (version_num)
 );
 
-INSERT INTO alembic_version (version_num) VALUES ('0007');
+INSERT INTO alembic_version (version_num) VALUES ('0009');
