@@ -69,7 +69,8 @@ def _populate(acc: Accounts) -> None:
                 "attributes": {"team": "blue"},
             }
         )
-    acc.generate_apikey("root")
+    for name in ("root", "boss", "alice"):
+        acc.generate_apikey(name)  # each holds one: removing it is then a change
 
 
 def _as(engine: Engine, actor: str | None, policy: Policy, clock: FakeClock) -> Accounts:
