@@ -450,6 +450,37 @@ def test_template_errors_are_render_check_failures(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("name", "text", "error", "line"),
+    [
+        ("header.j2", "; Site ACME\n; {{ nope }}\n", "UndefinedError", 2),
+        ("header.j2", "; Site ACME\n\n; {{ 1 // 0 }}\n", "ZeroDivisionError", 3),
+        ("header.j2", "; {{ users | length + 'x' }}\n", "TypeError", 1),
+        (
+            "user.j2",
+            "{% macro user(user) %}\n\n{{ user.nope }}\n{% endmacro %}\n",
+            "UndefinedError",
+            3,
+        ),
+    ],
+)
+@pytest.mark.parametrize("shards", [0, 4])
+def test_a_template_failing_as_it_renders_is_named_with_its_line_and_nothing_is_written(
+    tmp_path: Path, name: str, text: str, error: str, line: int, shards: int
+) -> None:
+    """An override that fails while rendering (an undefined name, a Python error) raises
+    RenderCheckFailed naming the error's type, the template and the line; no file changes."""
+    path = tmp_path / "out.conf"
+    make_target(path, shards).apply(rendered())
+    overrides = write_override(tmp_path / "t", name, text)
+    before = written(tmp_path)
+    target = make_target(path, shards, overrides)
+    with pytest.raises(RenderCheckFailed) as info:
+        target.apply(rendered())
+    assert str(info.value).endswith(f"templates failed to render ({error}) at {name} line {line}")
+    assert written(tmp_path) == before
+
+
+@pytest.mark.parametrize(
     "header",
     [
         "; {{ ''.__class__.__mro__ }}\n",

@@ -16,6 +16,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import jinja2
@@ -184,17 +185,38 @@ class Templates:
 
     @contextlib.contextmanager
     def templating(self) -> Iterator[jinja2.Environment]:
-        """The fresh Environment; a template error becomes :class:`RenderCheckFailed`."""
+        """The fresh Environment; a template that fails to compile or render (a Jinja error,
+        or a Python one raised by its code) becomes :class:`RenderCheckFailed`, naming the
+        template and line (never the error's message)."""
         try:
             yield self.fresh()
         except jinja2.TemplateSyntaxError as exc:
-            where = f"{exc.name or exc.filename or '?'} line {exc.lineno}"
-            raise RenderCheckFailed(f"template {where}: {exc.message}") from None
+            line = f"{exc.name or exc.filename or '?'} line {exc.lineno}"
+            raise RenderCheckFailed(f"template {line}: {exc.message}") from None
         except jinja2.TemplateNotFound as exc:
             raise RenderCheckFailed(f"template {exc.name!r} not found") from None
-        except jinja2.TemplateError as exc:
+        except Exception as exc:
+            # A Jinja error, or Python's (ZeroDivisionError, TypeError) raised by an
+            # override's expression; an error of this code (no template in its traceback)
+            # goes on as it is.
+            where = self._where(exc.__traceback__)
+            if where is None and not isinstance(exc, jinja2.TemplateError):
+                raise
             # Not the message: it could quote a value.
-            raise RenderCheckFailed(f"templates failed to render ({type(exc).__name__})") from None
+            failed = f"templates failed to render ({type(exc).__name__})"
+            raise RenderCheckFailed(failed if where is None else f"{failed} at {where}") from None
+
+    def _where(self, trace: TracebackType | None) -> str | None:
+        """``<name> line <n>``: the innermost frame of ``trace`` running a template file
+        of the searched directories (Jinja names a template's frames after its file);
+        None when no frame does."""
+        where = None
+        while trace is not None:
+            path = Path(trace.tb_frame.f_code.co_filename)
+            if path.parent in self.searched:
+                where = f"{path.name} line {trace.tb_lineno}"
+            trace = trace.tb_next
+        return where
 
     def plain_header(self, header: str) -> bool:
         """:func:`plain_header`, remembered for the last header asked about."""
