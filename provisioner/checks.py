@@ -69,9 +69,11 @@ def _store(config: Config) -> Check:
 def _target(config: Config) -> Check:
     t = config.target
     if t.kind == "config":
-        # The writer's directory: a link at target.path is replaced there, not followed,
-        # and missing directories are made at the first write.
-        directory = Path(os.path.abspath(t.path)).parent
+        from .targets.files import real_path
+
+        # The writer's directory: that of the file a link at target.path leads to (the
+        # link stays, its file is replaced); missing directories are made at the first write.
+        directory = real_path(Path(os.path.abspath(t.path))).parent
         existing = _nearest_existing(directory)
         if not existing.is_dir():
             return ("target", False, f"{existing} is not a directory")

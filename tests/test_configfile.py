@@ -233,6 +233,33 @@ def test_unchanged_bytes_are_not_written(target: ConfigFileTarget) -> None:
 
 
 @pytest.mark.parametrize("shards", [0, 4])
+def test_a_target_path_that_is_a_symlink_stays_one_and_its_file_is_replaced(
+    tmp_path: Path, shards: int
+) -> None:
+    """When target.path is a symbolic link (as Asterisk configs often are), the file it
+    leads to is replaced, with its .bak beside it: the link itself stays as it was."""
+    real = tmp_path / "data" / "pjsip_users.conf"
+    real.parent.mkdir()
+    real.write_bytes(b"; the file before\n")
+    path = tmp_path / "etc" / "pjsip_users.conf"
+    path.parent.mkdir()
+    path.symlink_to(Path("..") / "data" / "pjsip_users.conf")
+    target = make_target(path, shards)
+    for objects in (rendered()[1:], rendered()):
+        before = real.read_bytes()
+        assert target.apply(objects).wrote
+        assert path.is_symlink()
+        assert os.readlink(path) == str(Path("..") / "data" / "pjsip_users.conf")
+        if real.read_bytes() != before:  # a sharded main file changes at the first only
+            assert real.with_name(real.name + ".bak").read_bytes() == before
+        check_written(target, objects)
+    assert real.with_name(real.name + ".bak").exists()
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(
+        ["pjsip_users.conf", *(["pjsip_users.d"] if shards else [])]
+    )
+
+
+@pytest.mark.parametrize("shards", [0, 4])
 def test_a_rewritten_file_is_never_as_old_as_the_one_it_replaces(
     tmp_path: Path, shards: int
 ) -> None:

@@ -35,11 +35,13 @@ __all__ = [
     "FILE_MODE",
     "STALE_TEMP_SECONDS",
     "atomic_write",
+    "backup_of",
     "discard_later",
     "fsync_directory",
     "keep_backup",
     "later_than",
     "read_file",
+    "real_path",
     "remove_stale_in",
     "remove_stale_temporaries",
     "sync_directory",
@@ -70,6 +72,20 @@ def temporary(directory: Path, name: str) -> Iterator[Path]:
             os.unlink(temp)
 
 
+def real_path(path: Path) -> Path:
+    """The file a write of ``path`` replaces: where a symbolic link at ``path`` leads
+    (followed to the end; Asterisk configs are often links into another directory), else
+    ``path`` itself.  Renaming over the link would turn it into a file of its own."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def backup_of(path: Path) -> Path:
+    """Where the previous version of ``path`` is kept: ``<name>.bak`` beside the file
+    :func:`real_path` finds."""
+    real = real_path(path)
+    return real.with_name(real.name + ".bak")
+
+
 #: A temporary file older than this was left by a writer that died (SIGKILL, power loss).
 STALE_TEMP_SECONDS = 300.0
 
@@ -82,7 +98,8 @@ def remove_stale_temporaries(path: Path, now: float | None = None) -> list[Path]
     """
     # The name taken literally: one holding glob characters ("users[1].conf") would
     # otherwise miss its own temporaries and match another file's.
-    return remove_stale_in(path.parent, f".{glob.escape(path.name)}.*.tmp", now)
+    real = real_path(path)
+    return remove_stale_in(real.parent, f".{glob.escape(real.name)}.*.tmp", now)
 
 
 def remove_stale_in(directory: Path, pattern: str, now: float | None = None) -> list[Path]:
@@ -209,7 +226,11 @@ def atomic_write(
 
     Without ``sync_directory`` the rename is not yet durable: the caller fsyncs the
     directory once for many files (the sharded layout's full apply), before anything
-    that names them.  A large former backup is freed afterwards, in the background."""
+    that names them.  A large former backup is freed afterwards, in the background.
+
+    A symbolic link at ``path`` stays: the file it leads to is replaced (:func:`real_path`),
+    and its backup is kept beside that file."""
+    path = real_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     former: Path | None = None
     try:
@@ -217,7 +238,7 @@ def atomic_write(
             write_synced(temp, data)
             later_than(temp, path)
             if backup:
-                former = keep_backup(path, path.with_name(path.name + ".bak"))
+                former = keep_backup(path, backup_of(path))
             os.replace(temp, path)
         if sync_directory:
             fsync_directory(path.parent)
