@@ -280,6 +280,25 @@ def test_a_rewritten_file_is_never_as_old_as_the_one_it_replaces(
     assert after.st_mtime_ns > future
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may give a file another owner")
+@pytest.mark.parametrize("shards", [0, 4])
+def test_a_rewritten_file_keeps_the_owner_and_group_of_the_file_it_replaces(
+    tmp_path: Path, shards: int
+) -> None:
+    """A file an operator gave to Asterisk's user and group (chown asterisk:asterisk) is
+    replaced by one of the same owner and group, mode 0640: Asterisk can still read it."""
+    path = tmp_path / "pjsip_users.conf"
+    path.write_bytes(b"; the file before\n")
+    os.chown(path, 4242, 4343)
+    target = make_target(path, shards)
+    for objects in (rendered()[1:], rendered()[2:]):
+        target.apply(objects)
+        info = path.stat()
+        assert (info.st_uid, info.st_gid) == (4242, 4343)
+        assert stat.S_IMODE(info.st_mode) == 0o640
+    check_written(target, rendered()[2:])
+
+
 def test_changes_are_counted_and_the_old_file_kept(target: ConfigFileTarget) -> None:
     """A change is reported per user and object; the previous bytes stay in <name>.bak."""
     first = rendered()

@@ -39,6 +39,7 @@ __all__ = [
     "discard_later",
     "fsync_directory",
     "keep_backup",
+    "keep_owner",
     "later_than",
     "read_file",
     "real_path",
@@ -152,6 +153,28 @@ def later_than(new: Path, old: Path) -> None:
         os.utime(new, ns=(now.st_atime_ns, before + 1))
 
 
+def keep_owner(new: Path, old: Path) -> None:
+    """Give ``new`` the group of ``old`` (when it exists), and its owner too when this
+    process runs as root (only root gives a file away): an operator may have handed the
+    file to Asterisk (``chown asterisk:asterisk``), which must still read the new one.
+
+    A group the writer may not give (one it is not in) is logged
+    (``file.group_not_kept``), and the file is written with the writer's group."""
+    try:
+        before = old.stat()
+    except FileNotFoundError:
+        return
+    now = new.stat()
+    uid = before.st_uid if os.geteuid() == 0 and before.st_uid != now.st_uid else -1
+    gid = before.st_gid if before.st_gid != now.st_gid else -1
+    if uid == gid == -1:
+        return
+    try:
+        os.chown(new, uid, gid)
+    except PermissionError as exc:
+        log.warning("file.group_not_kept", path=str(old), group=before.st_gid, error=exc.strerror)
+
+
 def fsync_directory(directory: Path) -> None:
     """fsync ``directory``: the renames into it survive a power loss."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -228,13 +251,15 @@ def atomic_write(
     directory once for many files (the sharded layout's full apply), before anything
     that names them.  A large former backup is freed afterwards, in the background.
 
-    A symbolic link at ``path`` stays: the file it leads to is replaced (:func:`real_path`),
-    and its backup is kept beside that file."""
+    The new file has mode :data:`FILE_MODE` and the old one's group (and owner, written
+    as root: :func:`keep_owner`).  A symbolic link at ``path`` stays: the file it leads
+    to is replaced (:func:`real_path`), and its backup is kept beside that file."""
     path = real_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     former: Path | None = None
     try:
         with temporary(path.parent, path.name) as temp:
+            keep_owner(temp, path)  # first: the fsync then makes the owner durable too
             write_synced(temp, data)
             later_than(temp, path)
             if backup:
