@@ -867,6 +867,28 @@ def test_a_changed_template_is_used_by_the_same_target(tmp_path: Path) -> None:
     assert target.path.read_text(encoding="utf-8").startswith(HEADER)
 
 
+def test_a_template_replaced_by_a_file_of_the_same_size_and_mtime_is_used(
+    tmp_path: Path,
+) -> None:
+    """A template renamed over by another file of the same size and modification time (a
+    release tool fixing mtimes, a package's files) is read afresh at the next apply, by
+    the same target and by a new one: the daemon's watcher saw it change."""
+    overrides = write_override(tmp_path / "t", "header.j2", "; Site A\n")
+    header = overrides / "header.j2"
+    os.utime(header, ns=(1_000_000_000, 1_000_000_000))
+    target = ConfigFileTarget(tmp_path / "out.conf", overrides)
+    target.apply(rendered())
+    assert target.path.read_text(encoding="utf-8").startswith("; Site A\n")
+    release = overrides / "header.j2.new"
+    release.write_text("; Site B\n", encoding="utf-8")
+    os.utime(release, ns=(1_000_000_000, 1_000_000_000))
+    os.replace(release, header)
+    assert target.apply(rendered()).wrote
+    assert target.path.read_text(encoding="utf-8").startswith("; Site B\n")
+    other = ConfigFileTarget(tmp_path / "other.conf", overrides)
+    assert other.render_text(rendered()).startswith("; Site B\n")
+
+
 def test_targets_share_compiled_templates_until_a_file_changes(tmp_path: Path) -> None:
     """A new target over the same, unchanged template files renders with the templates
     another compiled; an edit (even one keeping size and mtime, after reload_templates)

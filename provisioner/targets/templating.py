@@ -139,15 +139,18 @@ class Templates:
                 del _ENVIRONMENTS[next(iter(_ENVIRONMENTS))]
         self.env, self.direct = found
 
-    def _template_stamp(self) -> tuple[tuple[str, int, int], ...]:
-        """Name, mtime and size of every file in the template directories."""
-        stamp: list[tuple[str, int, int]] = []
+    def _template_stamp(self) -> tuple[tuple[str, int, int, int, int], ...]:
+        """Name, device, inode, mtime and size of every file in the template directories
+        (the inode: a file renamed over another of the same size and mtime is new)."""
+        stamp: list[tuple[str, int, int, int, int]] = []
         for directory in self.searched:
             with contextlib.suppress(OSError), os.scandir(directory) as entries:
                 for entry in entries:
                     with contextlib.suppress(OSError):
                         info = entry.stat()
-                        stamp.append((entry.path, info.st_mtime_ns, info.st_size))
+                        stamp.append(
+                            (entry.path, info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
+                        )
         return tuple(sorted(stamp))
 
     def reload(self) -> None:
