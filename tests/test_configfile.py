@@ -526,6 +526,24 @@ def test_a_template_failing_as_it_renders_is_named_with_its_line_and_nothing_is_
     assert written(tmp_path) == before
 
 
+@pytest.mark.parametrize("shards", [0, 4])
+def test_a_template_that_is_not_utf8_is_named_and_nothing_is_written(
+    tmp_path: Path, shards: int
+) -> None:
+    """An override saved in another encoding (Latin-1) raises RenderCheckFailed naming the
+    template, not a UnicodeDecodeError (which the daemon's apply would not catch)."""
+    path = tmp_path / "out.conf"
+    make_target(path, shards).apply(rendered())
+    overrides = tmp_path / "t"
+    overrides.mkdir()
+    (overrides / "header.j2").write_bytes("; Société ACME\n".encode("latin-1"))
+    before = written(tmp_path)
+    target = make_target(path, shards, overrides)
+    with pytest.raises(RenderCheckFailed, match=r"template 'header\.j2' is not UTF-8"):
+        target.apply(rendered())
+    assert written(tmp_path) == before
+
+
 @pytest.mark.parametrize(
     "header",
     [

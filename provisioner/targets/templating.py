@@ -14,7 +14,7 @@ import hashlib
 import os
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -76,11 +76,26 @@ def plain_header(header: str) -> bool:
     return not (parsed.sections or parsed.directives or parsed.notices)
 
 
+class _Loader(jinja2.FileSystemLoader):
+    """Jinja's loader of template files, a file that is not UTF-8 refused by name."""
+
+    def get_source(
+        self, environment: jinja2.Environment, template: str
+    ) -> tuple[str, str, Callable[[], bool]]:
+        """The template's text; :class:`RenderCheckFailed` naming the template and line when
+        its bytes are not UTF-8 (an override saved as Latin-1, say)."""
+        try:
+            return super().get_source(environment, template)
+        except UnicodeDecodeError as exc:
+            line = exc.object[: exc.start].count(b"\n") + 1
+            raise RenderCheckFailed(f"template {template!r} is not UTF-8 (line {line})") from None
+
+
 def _environment(searched: Sequence[Path]) -> jinja2.Environment:
     """A sandbox: an override template reaches no Python internals (``__class__``,
     ``__globals__``) and calls no mutating method (a :class:`jinja2.TemplateError`)."""
     return jinja2.sandbox.ImmutableSandboxedEnvironment(
-        loader=jinja2.FileSystemLoader([str(d) for d in searched]),
+        loader=_Loader([str(d) for d in searched]),
         undefined=jinja2.StrictUndefined,
         # A config file, not HTML: escaping would corrupt it; check_rendered guards it.
         autoescape=False,
@@ -198,6 +213,8 @@ class Templates:
             raise RenderCheckFailed(f"template {line}: {exc.message}") from None
         except jinja2.TemplateNotFound as exc:
             raise RenderCheckFailed(f"template {exc.name!r} not found") from None
+        except RenderCheckFailed:
+            raise  # already says which template (one that is not UTF-8)
         except Exception as exc:
             # A Jinja error, or Python's (ZeroDivisionError, TypeError) raised by an
             # override's expression; an error of this code (no template in its traceback)
