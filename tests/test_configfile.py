@@ -527,6 +527,29 @@ def test_a_template_failing_as_it_renders_is_named_with_its_line_and_nothing_is_
 
 
 @pytest.mark.parametrize("shards", [0, 4])
+def test_a_byte_order_mark_starting_a_template_never_reaches_the_file(
+    tmp_path: Path, shards: int
+) -> None:
+    """A header.j2 saved with a UTF-8 byte-order mark (as Windows Notepad saves) renders
+    without it, also where the main template includes it after a first line (a BOM
+    there would be a line Asterisk cannot read)."""
+    overrides = tmp_path / "t"
+    overrides.mkdir()
+    (overrides / "header.j2").write_bytes(b"\xef\xbb\xbf; Site ACME\n")
+    main = (SHIPPED_TEMPLATES / MAIN_TEMPLATE).read_text(encoding="utf-8")
+    (overrides / MAIN_TEMPLATE).write_text(
+        main.replace('{% include "header.j2" -%}', '; first\n{% include "header.j2" -%}'),
+        encoding="utf-8",
+    )
+    target = make_target(tmp_path / "out.conf", shards, overrides)
+    assert target.apply(rendered()).wrote
+    conf = {path: data for path, data in written(tmp_path).items() if path.suffix == ".conf"}
+    assert len(conf) == 1 + shards
+    assert not [path for path, data in conf.items() if b"\xef\xbb\xbf" in data]
+    check_written(target, rendered())
+
+
+@pytest.mark.parametrize("shards", [0, 4])
 def test_a_template_that_is_not_utf8_is_named_and_nothing_is_written(
     tmp_path: Path, shards: int
 ) -> None:

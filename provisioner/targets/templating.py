@@ -77,18 +77,22 @@ def plain_header(header: str) -> bool:
 
 
 class _Loader(jinja2.FileSystemLoader):
-    """Jinja's loader of template files, a file that is not UTF-8 refused by name."""
+    """Jinja's loader of template files, a file that is not UTF-8 refused by name, and a
+    byte-order mark starting one dropped."""
 
     def get_source(
         self, environment: jinja2.Environment, template: str
     ) -> tuple[str, str, Callable[[], bool]]:
-        """The template's text; :class:`RenderCheckFailed` naming the template and line when
-        its bytes are not UTF-8 (an override saved as Latin-1, say)."""
+        """The template's text, without a UTF-8 byte-order mark at its start (one that
+        Windows editors write: it marks the encoding, it is no text of the file, and mid-file
+        Asterisk would read it as a line); :class:`RenderCheckFailed` naming the template
+        and line when its bytes are not UTF-8 (an override saved as Latin-1, say)."""
         try:
-            return super().get_source(environment, template)
+            source, filename, uptodate = super().get_source(environment, template)
         except UnicodeDecodeError as exc:
             line = exc.object[: exc.start].count(b"\n") + 1
             raise RenderCheckFailed(f"template {template!r} is not UTF-8 (line {line})") from None
+        return source.removeprefix("\ufeff"), filename, uptodate
 
 
 def _environment(searched: Sequence[Path]) -> jinja2.Environment:
