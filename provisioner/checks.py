@@ -17,7 +17,7 @@ from sqlalchemy.exc import DBAPIError
 
 from .aio import wait_first
 from .config import AsteriskServer, Config, TargetSettings, cache_names, display_url
-from .errors import ConfigError
+from .errors import ConfigError, RenderCheckFailed
 from .health import HealthUnreadable, read_health
 from .store.engine import open_engine, sqlite_file
 from .store.migrate import current_revision, head_revision, known_revision
@@ -129,13 +129,16 @@ def _nearest_existing(path: Path) -> Path:
 
 def _templates_problem(t: TargetSettings) -> str | None:
     """Why the config-file target's templates cannot be loaded (an override directory that
-    is not one), as building the target would say (``run`` exits 2 for it), or None."""
+    is not one, as building the target would say: ``run`` exits 2 for it) or compiled (a
+    template with a syntax error or not UTF-8, which every apply refuses), or None."""
     from .targets.templating import Templates
 
     try:
-        Templates(Path(t.templates) if t.templates else None)
+        Templates(Path(t.templates) if t.templates else None).compile_all()
     except ConfigError as exc:
         return "; ".join(str(problem) for problem in exc.problems)
+    except RenderCheckFailed as exc:
+        return exc.message
     return None
 
 

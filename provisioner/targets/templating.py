@@ -242,6 +242,20 @@ class Templates:
             trace = trace.tb_next
         return where
 
+    def compile_all(self) -> None:
+        """Compile every template a render may load (the shipped names, wherever the
+        loader finds them, and each ``*.j2`` file of the override directory but hidden
+        ones, such as an editor's swap files) without rendering it (that takes users);
+        :class:`RenderCheckFailed` names the first that fails (a syntax error, bytes that
+        are not UTF-8) and its line."""
+        names = {path.name for path in SHIPPED_TEMPLATES.glob("*.j2")}
+        if self.searched[0] != SHIPPED_TEMPLATES:
+            found = self.searched[0].glob("*.j2")
+            names.update(path.name for path in found if not path.name.startswith("."))
+        with self.templating() as env:
+            for name in sorted(names):
+                env.get_template(name)
+
     def plain_header(self, header: str) -> bool:
         """:func:`plain_header`, remembered for the last header asked about."""
         seen, plain = self._header_seen
