@@ -17,7 +17,7 @@ from sqlalchemy.exc import DBAPIError
 
 from .aio import wait_first
 from .config import AsteriskServer, Config, TargetSettings, cache_names, display_url
-from .errors import ConfigError
+from .errors import ConfigError, RenderCheckFailed
 from .health import HealthUnreadable, read_health
 from .store.engine import open_engine, sqlite_file
 from .store.migrate import current_revision, head_revision, known_revision
@@ -69,9 +69,11 @@ def _store(config: Config) -> Check:
 def _target(config: Config) -> Check:
     t = config.target
     if t.kind == "config":
-        # The writer's directory: a link at target.path is replaced there, not followed,
-        # and missing directories are made at the first write.
-        directory = Path(os.path.abspath(t.path)).parent
+        from .targets.files import real_path
+
+        # The writer's directory: that of the file a link at target.path leads to (the
+        # link stays, its file is replaced); missing directories are made at the first write.
+        directory = real_path(Path(os.path.abspath(t.path))).parent
         existing = _nearest_existing(directory)
         if not existing.is_dir():
             return ("target", False, f"{existing} is not a directory")
@@ -127,13 +129,16 @@ def _nearest_existing(path: Path) -> Path:
 
 def _templates_problem(t: TargetSettings) -> str | None:
     """Why the config-file target's templates cannot be loaded (an override directory that
-    is not one), as building the target would say (``run`` exits 2 for it), or None."""
+    is not one, as building the target would say: ``run`` exits 2 for it) or compiled (a
+    template with a syntax error or not UTF-8, which every apply refuses), or None."""
     from .targets.templating import Templates
 
     try:
-        Templates(Path(t.templates) if t.templates else None)
+        Templates(Path(t.templates) if t.templates else None).compile_all()
     except ConfigError as exc:
         return "; ".join(str(problem) for problem in exc.problems)
+    except RenderCheckFailed as exc:
+        return exc.message
     return None
 
 

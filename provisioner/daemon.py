@@ -64,6 +64,8 @@ from .store.engine import (
 from .store.registrations import forget_other_servers
 from .store.untold import drop_untold, new_token, note_untold, untold_key
 from .targets import Change, Target
+from .targets.configfile import ConfigFileTarget
+from .targets.sharded import ShardedConfigFileTarget
 from .targets.templating import SHIPPED_TEMPLATES
 from .threads import in_worker
 from .watch import (
@@ -196,6 +198,14 @@ def _in_effect(new: Config, running: Config) -> Config:
         old = {key: getattr(getattr(running, section), key) for key in keys}
         kept[section] = getattr(new, section).model_copy(update=old)
     return new.model_copy(update=kept)
+
+
+def _reread_templates(target: Target) -> None:
+    """SIGHUP: a config-file target reads its templates afresh at the next render, even a
+    file whose name, inode, mtime and size look unchanged (an edit in place within one
+    tick of a coarse clock, or by a tool that keeps mtimes)."""
+    if isinstance(target, ConfigFileTarget | ShardedConfigFileTarget):
+        target.reload_templates()
 
 
 def template_dirs(config: Config) -> list[Path]:
@@ -898,6 +908,7 @@ class Daemon:
         self.tracker.grace = config.daemon.cursor_grace
         self.applier.settings = RenderSettings.from_config(config)
         self.applier.max_removal_fraction = config.daemon.max_removal_fraction
+        _reread_templates(self.applier.target)
         self.templates_changed.set()
         log.info("config.reloaded", file=config.source)  # ``source`` is the logger's name
 

@@ -303,12 +303,26 @@ def _directory_stamp(
 ) -> tuple[str, tuple[int, int] | None, tuple[tuple[str, int, int, int], ...]]:
     try:
         info = directory.stat()
-        with os.scandir(directory) as entries:
-            files = [(e.name, e.stat()) for e in entries]
+        files = _files(directory)
     except OSError:
         return (str(directory), None, ())
     held = tuple(sorted((n, s.st_ino, s.st_mtime_ns, s.st_size) for n, s in files))
     return (str(directory), (info.st_dev, info.st_ino), held)
+
+
+def _files(directory: Path) -> list[tuple[str, os.stat_result]]:
+    """The name and status of each entry of ``directory``.  An entry that cannot be looked
+    at (a dangling symlink, such as the ``.#name`` lock file Emacs leaves, or a file
+    deleted meanwhile) is left out: no template is read from it either, and it must not
+    make the whole directory look absent (which ended its watch)."""
+    files: list[tuple[str, os.stat_result]] = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            try:
+                files.append((entry.name, entry.stat()))
+            except OSError:
+                continue
+    return files
 
 
 def _identities(stamp: TemplateStamp) -> tuple[tuple[str, tuple[int, int] | None], ...]:

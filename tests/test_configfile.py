@@ -233,6 +233,33 @@ def test_unchanged_bytes_are_not_written(target: ConfigFileTarget) -> None:
 
 
 @pytest.mark.parametrize("shards", [0, 4])
+def test_a_target_path_that_is_a_symlink_stays_one_and_its_file_is_replaced(
+    tmp_path: Path, shards: int
+) -> None:
+    """When target.path is a symbolic link (as Asterisk configs often are), the file it
+    leads to is replaced, with its .bak beside it: the link itself stays as it was."""
+    real = tmp_path / "data" / "pjsip_users.conf"
+    real.parent.mkdir()
+    real.write_bytes(b"; the file before\n")
+    path = tmp_path / "etc" / "pjsip_users.conf"
+    path.parent.mkdir()
+    path.symlink_to(Path("..") / "data" / "pjsip_users.conf")
+    target = make_target(path, shards)
+    for objects in (rendered()[1:], rendered()):
+        before = real.read_bytes()
+        assert target.apply(objects).wrote
+        assert path.is_symlink()
+        assert os.readlink(path) == str(Path("..") / "data" / "pjsip_users.conf")
+        if real.read_bytes() != before:  # a sharded main file changes at the first only
+            assert real.with_name(real.name + ".bak").read_bytes() == before
+        check_written(target, objects)
+    assert real.with_name(real.name + ".bak").exists()
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(
+        ["pjsip_users.conf", *(["pjsip_users.d"] if shards else [])]
+    )
+
+
+@pytest.mark.parametrize("shards", [0, 4])
 def test_a_rewritten_file_is_never_as_old_as_the_one_it_replaces(
     tmp_path: Path, shards: int
 ) -> None:
@@ -251,6 +278,25 @@ def test_a_rewritten_file_is_never_as_old_as_the_one_it_replaces(
     after = held.stat()
     assert after.st_size == size
     assert after.st_mtime_ns > future
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may give a file another owner")
+@pytest.mark.parametrize("shards", [0, 4])
+def test_a_rewritten_file_keeps_the_owner_and_group_of_the_file_it_replaces(
+    tmp_path: Path, shards: int
+) -> None:
+    """A file an operator gave to Asterisk's user and group (chown asterisk:asterisk) is
+    replaced by one of the same owner and group, mode 0640: Asterisk can still read it."""
+    path = tmp_path / "pjsip_users.conf"
+    path.write_bytes(b"; the file before\n")
+    os.chown(path, 4242, 4343)
+    target = make_target(path, shards)
+    for objects in (rendered()[1:], rendered()[2:]):
+        target.apply(objects)
+        info = path.stat()
+        assert (info.st_uid, info.st_gid) == (4242, 4343)
+        assert stat.S_IMODE(info.st_mode) == 0o640
+    check_written(target, rendered()[2:])
 
 
 def test_changes_are_counted_and_the_old_file_kept(target: ConfigFileTarget) -> None:
@@ -447,6 +493,78 @@ def test_template_errors_are_render_check_failures(tmp_path: Path) -> None:
     )
     with pytest.raises(RenderCheckFailed):
         undefined.render_text(rendered())
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "error", "line"),
+    [
+        ("header.j2", "; Site ACME\n; {{ nope }}\n", "UndefinedError", 2),
+        ("header.j2", "; Site ACME\n\n; {{ 1 // 0 }}\n", "ZeroDivisionError", 3),
+        ("header.j2", "; {{ users | length + 'x' }}\n", "TypeError", 1),
+        (
+            "user.j2",
+            "{% macro user(user) %}\n\n{{ user.nope }}\n{% endmacro %}\n",
+            "UndefinedError",
+            3,
+        ),
+    ],
+)
+@pytest.mark.parametrize("shards", [0, 4])
+def test_a_template_failing_as_it_renders_is_named_with_its_line_and_nothing_is_written(
+    tmp_path: Path, name: str, text: str, error: str, line: int, shards: int
+) -> None:
+    """An override that fails while rendering (an undefined name, a Python error) raises
+    RenderCheckFailed naming the error's type, the template and the line; no file changes."""
+    path = tmp_path / "out.conf"
+    make_target(path, shards).apply(rendered())
+    overrides = write_override(tmp_path / "t", name, text)
+    before = written(tmp_path)
+    target = make_target(path, shards, overrides)
+    with pytest.raises(RenderCheckFailed) as info:
+        target.apply(rendered())
+    assert str(info.value).endswith(f"templates failed to render ({error}) at {name} line {line}")
+    assert written(tmp_path) == before
+
+
+@pytest.mark.parametrize("shards", [0, 4])
+def test_a_byte_order_mark_starting_a_template_never_reaches_the_file(
+    tmp_path: Path, shards: int
+) -> None:
+    """A header.j2 saved with a UTF-8 byte-order mark (as Windows Notepad saves) renders
+    without it, also where the main template includes it after a first line (a BOM
+    there would be a line Asterisk cannot read)."""
+    overrides = tmp_path / "t"
+    overrides.mkdir()
+    (overrides / "header.j2").write_bytes(b"\xef\xbb\xbf; Site ACME\n")
+    main = (SHIPPED_TEMPLATES / MAIN_TEMPLATE).read_text(encoding="utf-8")
+    (overrides / MAIN_TEMPLATE).write_text(
+        main.replace('{% include "header.j2" -%}', '; first\n{% include "header.j2" -%}'),
+        encoding="utf-8",
+    )
+    target = make_target(tmp_path / "out.conf", shards, overrides)
+    assert target.apply(rendered()).wrote
+    conf = {path: data for path, data in written(tmp_path).items() if path.suffix == ".conf"}
+    assert len(conf) == 1 + shards
+    assert not [path for path, data in conf.items() if b"\xef\xbb\xbf" in data]
+    check_written(target, rendered())
+
+
+@pytest.mark.parametrize("shards", [0, 4])
+def test_a_template_that_is_not_utf8_is_named_and_nothing_is_written(
+    tmp_path: Path, shards: int
+) -> None:
+    """An override saved in another encoding (Latin-1) raises RenderCheckFailed naming the
+    template, not a UnicodeDecodeError (which the daemon's apply would not catch)."""
+    path = tmp_path / "out.conf"
+    make_target(path, shards).apply(rendered())
+    overrides = tmp_path / "t"
+    overrides.mkdir()
+    (overrides / "header.j2").write_bytes("; Société ACME\n".encode("latin-1"))
+    before = written(tmp_path)
+    target = make_target(path, shards, overrides)
+    with pytest.raises(RenderCheckFailed, match=r"template 'header\.j2' is not UTF-8"):
+        target.apply(rendered())
+    assert written(tmp_path) == before
 
 
 @pytest.mark.parametrize(
@@ -788,6 +906,28 @@ def test_a_changed_template_is_used_by_the_same_target(tmp_path: Path) -> None:
     target.reload_templates()
     assert target.apply(rendered()).wrote
     assert target.path.read_text(encoding="utf-8").startswith(HEADER)
+
+
+def test_a_template_replaced_by_a_file_of_the_same_size_and_mtime_is_used(
+    tmp_path: Path,
+) -> None:
+    """A template renamed over by another file of the same size and modification time (a
+    release tool fixing mtimes, a package's files) is read afresh at the next apply, by
+    the same target and by a new one: the daemon's watcher saw it change."""
+    overrides = write_override(tmp_path / "t", "header.j2", "; Site A\n")
+    header = overrides / "header.j2"
+    os.utime(header, ns=(1_000_000_000, 1_000_000_000))
+    target = ConfigFileTarget(tmp_path / "out.conf", overrides)
+    target.apply(rendered())
+    assert target.path.read_text(encoding="utf-8").startswith("; Site A\n")
+    release = overrides / "header.j2.new"
+    release.write_text("; Site B\n", encoding="utf-8")
+    os.utime(release, ns=(1_000_000_000, 1_000_000_000))
+    os.replace(release, header)
+    assert target.apply(rendered()).wrote
+    assert target.path.read_text(encoding="utf-8").startswith("; Site B\n")
+    other = ConfigFileTarget(tmp_path / "other.conf", overrides)
+    assert other.render_text(rendered()).startswith("; Site B\n")
 
 
 def test_targets_share_compiled_templates_until_a_file_changes(tmp_path: Path) -> None:

@@ -696,6 +696,32 @@ def test_check_fails_its_target_line_for_a_templates_directory_that_is_not_one(
     assert cli(config, *flags, "run", "--burst", check=False).code == 2  # as check foretold
 
 
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (b"; Site ACME\n{% if %}\n", "header.j2 line 2: Expected an expression"),
+        ("; Soci\u00e9t\u00e9 ACME\n".encode("latin-1"), "'header.j2' is not UTF-8 (line 1)"),
+    ],
+)
+@pytest.mark.parametrize("shards", ["0", "4"])
+def test_check_fails_its_target_line_for_an_override_template_that_does_not_compile(
+    tmp_path: Path, shards: str, text: bytes, reason: str
+) -> None:
+    """'check' fails the target line (exit 1), naming the template and line, for an
+    override that does not compile (a syntax error, bytes that are not UTF-8), which
+    every apply refuses (exit 8), with one file or in shards."""
+    from .faultkit import cli
+
+    overrides = tmp_path / "tpl"
+    overrides.mkdir()
+    (overrides / "header.j2").write_bytes(text)
+    config, flags, code, line = _check_target(tmp_path, templates=str(overrides), shards=shards)
+    assert code == 1
+    assert line.startswith("FAIL  target: template ")
+    assert reason in line
+    assert cli(config, *flags, "render", check=False).code == 8  # as check foretold
+
+
 def test_a_full_apply_of_many_shards_writes_them_at_once_each_whole(
     path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -380,6 +380,31 @@ def test_sighup_watches_a_new_template_directory(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_sighup_rereads_a_template_edited_in_place_keeping_its_size_and_mtime(
+    tmp_path: Path,
+) -> None:
+    """A template edited in place with its size and modification time unchanged (a coarse
+    clock, a tool keeping mtimes) looks untouched; a SIGHUP re-reads it all the same."""
+    override = tmp_path / "override"
+    override.mkdir()
+    header = override / "header.j2"
+    header.write_text("; site header v1\n")
+
+    async def scenario() -> None:
+        async with _running_on_file(tmp_path) as (config, conf, daemon):
+            setting = f'[target]\ntemplates = "{override}"\n'
+            config.write_text(config.read_text().replace("[target]\n", setting))
+            daemon.send_signal(signal.SIGHUP)
+            await _until(lambda: _text(conf).startswith("; site header v1"), 5)
+            before = header.stat()
+            header.write_text("; site header v2\n")
+            os.utime(header, ns=(before.st_atime_ns, before.st_mtime_ns))
+            daemon.send_signal(signal.SIGHUP)
+            await _until(lambda: _text(conf).startswith("; site header v2"), 5)
+
+    asyncio.run(scenario())
+
+
 def test_metrics_endpoint_counts_syncs(tmp_path: Path) -> None:
     """With daemon.metrics_port set, /metrics on localhost counts syncs and provisioned users."""
     import socket

@@ -237,6 +237,30 @@ def test_a_template_directory_deleted_and_made_again_is_watched_again(tmp_path: 
     _watch_templates([override], scenario)
 
 
+def test_a_dangling_symlink_in_the_template_directory_does_not_stop_the_watch(
+    tmp_path: Path,
+) -> None:
+    """A dangling symlink among the templates (the lock file Emacs leaves, .#header.j2)
+    does not hide the directory: each later template edit still wakes the daemon."""
+    override = tmp_path / "override"
+    override.mkdir()
+    header = override / "header.j2"
+    header.write_text("; v1\n")
+    (override / ".#header.j2").symlink_to("root@host.4242:1700000000")
+
+    async def scenario(wake: asyncio.Event, _stop: asyncio.Event) -> None:
+        await asyncio.sleep(1.5)  # the watch is up
+        wake.clear()
+        header.write_text("; v2, longer\n")
+        assert await _set_within(wake, 5), "no wake-up for an edit"
+        await asyncio.sleep(1.5)
+        wake.clear()
+        header.write_text("; v3, longer still\n")
+        assert await _set_within(wake, 5), "no wake-up for a second edit"
+
+    _watch_templates([override], scenario)
+
+
 def test_a_template_directory_made_after_the_start_is_watched(tmp_path: Path) -> None:
     """An override directory that did not exist when the watch began wakes the daemon once
     it is made with a template in it."""

@@ -35,11 +35,14 @@ __all__ = [
     "FILE_MODE",
     "STALE_TEMP_SECONDS",
     "atomic_write",
+    "backup_of",
     "discard_later",
     "fsync_directory",
     "keep_backup",
+    "keep_owner",
     "later_than",
     "read_file",
+    "real_path",
     "remove_stale_in",
     "remove_stale_temporaries",
     "sync_directory",
@@ -70,6 +73,20 @@ def temporary(directory: Path, name: str) -> Iterator[Path]:
             os.unlink(temp)
 
 
+def real_path(path: Path) -> Path:
+    """The file a write of ``path`` replaces: where a symbolic link at ``path`` leads
+    (followed to the end; Asterisk configs are often links into another directory), else
+    ``path`` itself.  Renaming over the link would turn it into a file of its own."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def backup_of(path: Path) -> Path:
+    """Where the previous version of ``path`` is kept: ``<name>.bak`` beside the file
+    :func:`real_path` finds."""
+    real = real_path(path)
+    return real.with_name(real.name + ".bak")
+
+
 #: A temporary file older than this was left by a writer that died (SIGKILL, power loss).
 STALE_TEMP_SECONDS = 300.0
 
@@ -82,7 +99,8 @@ def remove_stale_temporaries(path: Path, now: float | None = None) -> list[Path]
     """
     # The name taken literally: one holding glob characters ("users[1].conf") would
     # otherwise miss its own temporaries and match another file's.
-    return remove_stale_in(path.parent, f".{glob.escape(path.name)}.*.tmp", now)
+    real = real_path(path)
+    return remove_stale_in(real.parent, f".{glob.escape(real.name)}.*.tmp", now)
 
 
 def remove_stale_in(directory: Path, pattern: str, now: float | None = None) -> list[Path]:
@@ -133,6 +151,28 @@ def later_than(new: Path, old: Path) -> None:
     now = new.stat()
     if now.st_mtime_ns <= before:
         os.utime(new, ns=(now.st_atime_ns, before + 1))
+
+
+def keep_owner(new: Path, old: Path) -> None:
+    """Give ``new`` the group of ``old`` (when it exists), and its owner too when this
+    process runs as root (only root gives a file away): an operator may have handed the
+    file to Asterisk (``chown asterisk:asterisk``), which must still read the new one.
+
+    A group the writer may not give (one it is not in) is logged
+    (``file.group_not_kept``), and the file is written with the writer's group."""
+    try:
+        before = old.stat()
+    except FileNotFoundError:
+        return
+    now = new.stat()
+    uid = before.st_uid if os.geteuid() == 0 and before.st_uid != now.st_uid else -1
+    gid = before.st_gid if before.st_gid != now.st_gid else -1
+    if uid == gid == -1:
+        return
+    try:
+        os.chown(new, uid, gid)
+    except PermissionError as exc:
+        log.warning("file.group_not_kept", path=str(old), group=before.st_gid, error=exc.strerror)
 
 
 def fsync_directory(directory: Path) -> None:
@@ -209,15 +249,21 @@ def atomic_write(
 
     Without ``sync_directory`` the rename is not yet durable: the caller fsyncs the
     directory once for many files (the sharded layout's full apply), before anything
-    that names them.  A large former backup is freed afterwards, in the background."""
+    that names them.  A large former backup is freed afterwards, in the background.
+
+    The new file has mode :data:`FILE_MODE` and the old one's group (and owner, written
+    as root: :func:`keep_owner`).  A symbolic link at ``path`` stays: the file it leads
+    to is replaced (:func:`real_path`), and its backup is kept beside that file."""
+    path = real_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     former: Path | None = None
     try:
         with temporary(path.parent, path.name) as temp:
+            keep_owner(temp, path)  # first: the fsync then makes the owner durable too
             write_synced(temp, data)
             later_than(temp, path)
             if backup:
-                former = keep_backup(path, path.with_name(path.name + ".bak"))
+                former = keep_backup(path, backup_of(path))
             os.replace(temp, path)
         if sync_directory:
             fsync_directory(path.parent)

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..asterisk_conf import Parsed, parse
 from ..errors import AsteriskSyntaxError, Problem, RenderCheckFailed, TargetWriteFailed
 from ..logs import get_logger
-from .files import sync_directory
+from .files import backup_of, sync_directory
 
 __all__ = [
     "INCLUDABLE",
@@ -188,7 +188,7 @@ def drop_stale_backup(main: Path, removed: Sequence[Path]) -> bool:
     :func:`retire_shards`): restored by hand, it would name a missing file, and Asterisk
     drops its whole configuration for one missing include.  Logged as
     ``target.backup_dropped``; a failure is logged, not raised (as a leftover shard)."""
-    backup = main.with_name(main.name + ".bak")
+    backup = backup_of(main)
     names = {path.name.encode() for path in removed if not path.name.endswith(".bak")}
     try:
         with backup.open("rb") as handle:

@@ -14,8 +14,9 @@ import hashlib
 import os
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import jinja2
@@ -75,11 +76,30 @@ def plain_header(header: str) -> bool:
     return not (parsed.sections or parsed.directives or parsed.notices)
 
 
+class _Loader(jinja2.FileSystemLoader):
+    """Jinja's loader of template files, a file that is not UTF-8 refused by name, and a
+    byte-order mark starting one dropped."""
+
+    def get_source(
+        self, environment: jinja2.Environment, template: str
+    ) -> tuple[str, str, Callable[[], bool]]:
+        """The template's text, without a UTF-8 byte-order mark at its start (one that
+        Windows editors write: it marks the encoding, it is no text of the file, and mid-file
+        Asterisk would read it as a line); :class:`RenderCheckFailed` naming the template
+        and line when its bytes are not UTF-8 (an override saved as Latin-1, say)."""
+        try:
+            source, filename, uptodate = super().get_source(environment, template)
+        except UnicodeDecodeError as exc:
+            line = exc.object[: exc.start].count(b"\n") + 1
+            raise RenderCheckFailed(f"template {template!r} is not UTF-8 (line {line})") from None
+        return source.removeprefix("\ufeff"), filename, uptodate
+
+
 def _environment(searched: Sequence[Path]) -> jinja2.Environment:
     """A sandbox: an override template reaches no Python internals (``__class__``,
     ``__globals__``) and calls no mutating method (a :class:`jinja2.TemplateError`)."""
     return jinja2.sandbox.ImmutableSandboxedEnvironment(
-        loader=jinja2.FileSystemLoader([str(d) for d in searched]),
+        loader=_Loader([str(d) for d in searched]),
         undefined=jinja2.StrictUndefined,
         # A config file, not HTML: escaping would corrupt it; check_rendered guards it.
         autoescape=False,
@@ -138,15 +158,18 @@ class Templates:
                 del _ENVIRONMENTS[next(iter(_ENVIRONMENTS))]
         self.env, self.direct = found
 
-    def _template_stamp(self) -> tuple[tuple[str, int, int], ...]:
-        """Name, mtime and size of every file in the template directories."""
-        stamp: list[tuple[str, int, int]] = []
+    def _template_stamp(self) -> tuple[tuple[str, int, int, int, int], ...]:
+        """Name, device, inode, mtime and size of every file in the template directories
+        (the inode: a file renamed over another of the same size and mtime is new)."""
+        stamp: list[tuple[str, int, int, int, int]] = []
         for directory in self.searched:
             with contextlib.suppress(OSError), os.scandir(directory) as entries:
                 for entry in entries:
                     with contextlib.suppress(OSError):
                         info = entry.stat()
-                        stamp.append((entry.path, info.st_mtime_ns, info.st_size))
+                        stamp.append(
+                            (entry.path, info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
+                        )
         return tuple(sorted(stamp))
 
     def reload(self) -> None:
@@ -184,17 +207,54 @@ class Templates:
 
     @contextlib.contextmanager
     def templating(self) -> Iterator[jinja2.Environment]:
-        """The fresh Environment; a template error becomes :class:`RenderCheckFailed`."""
+        """The fresh Environment; a template that fails to compile or render (a Jinja error,
+        or a Python one raised by its code) becomes :class:`RenderCheckFailed`, naming the
+        template and line (never the error's message)."""
         try:
             yield self.fresh()
         except jinja2.TemplateSyntaxError as exc:
-            where = f"{exc.name or exc.filename or '?'} line {exc.lineno}"
-            raise RenderCheckFailed(f"template {where}: {exc.message}") from None
+            line = f"{exc.name or exc.filename or '?'} line {exc.lineno}"
+            raise RenderCheckFailed(f"template {line}: {exc.message}") from None
         except jinja2.TemplateNotFound as exc:
             raise RenderCheckFailed(f"template {exc.name!r} not found") from None
-        except jinja2.TemplateError as exc:
+        except RenderCheckFailed:
+            raise  # already says which template (one that is not UTF-8)
+        except Exception as exc:
+            # A Jinja error, or Python's (ZeroDivisionError, TypeError) raised by an
+            # override's expression; an error of this code (no template in its traceback)
+            # goes on as it is.
+            where = self._where(exc.__traceback__)
+            if where is None and not isinstance(exc, jinja2.TemplateError):
+                raise
             # Not the message: it could quote a value.
-            raise RenderCheckFailed(f"templates failed to render ({type(exc).__name__})") from None
+            failed = f"templates failed to render ({type(exc).__name__})"
+            raise RenderCheckFailed(failed if where is None else f"{failed} at {where}") from None
+
+    def _where(self, trace: TracebackType | None) -> str | None:
+        """``<name> line <n>``: the innermost frame of ``trace`` running a template file
+        of the searched directories (Jinja names a template's frames after its file);
+        None when no frame does."""
+        where = None
+        while trace is not None:
+            path = Path(trace.tb_frame.f_code.co_filename)
+            if path.parent in self.searched:
+                where = f"{path.name} line {trace.tb_lineno}"
+            trace = trace.tb_next
+        return where
+
+    def compile_all(self) -> None:
+        """Compile every template a render may load (the shipped names, wherever the
+        loader finds them, and each ``*.j2`` file of the override directory but hidden
+        ones, such as an editor's swap files) without rendering it (that takes users);
+        :class:`RenderCheckFailed` names the first that fails (a syntax error, bytes that
+        are not UTF-8) and its line."""
+        names = {path.name for path in SHIPPED_TEMPLATES.glob("*.j2")}
+        if self.searched[0] != SHIPPED_TEMPLATES:
+            found = self.searched[0].glob("*.j2")
+            names.update(path.name for path in found if not path.name.startswith("."))
+        with self.templating() as env:
+            for name in sorted(names):
+                env.get_template(name)
 
     def plain_header(self, header: str) -> bool:
         """:func:`plain_header`, remembered for the last header asked about."""
