@@ -149,6 +149,11 @@ def _check_url(value: str) -> str:
             "must be a SQLAlchemy database URL (its port is not a number; "
             "percent-encode any '@', ':' or '/' in the password)"
         ) from None
+    if url.host is not None and "@" in url.host:  # the password's tail, read as the host
+        raise ValueError(
+            "must be a SQLAlchemy database URL (its host holds an '@'; "
+            "percent-encode any '@', ':' or '/' in the password)"
+        )
     try:
         dialect = url.get_dialect()
     except NoSuchModuleError:

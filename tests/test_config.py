@@ -446,6 +446,21 @@ def test_a_url_that_does_not_parse_never_shows_its_password(section: str) -> Non
     assert "w0rd" not in str(info.value)
 
 
+@pytest.mark.parametrize("section", ["store", "target"])
+def test_a_password_with_an_unescaped_at_sign_is_refused_not_shown_as_the_host(
+    section: str,
+) -> None:
+    """A database URL whose password holds an unescaped '@' (no ':' after it to break the
+    port) is refused, not read as a host made of the password's tail, which every display
+    of the URL and every connect error would show."""
+    url = "postgresql+psycopg://app:Pa@ssw0rd@db/users"
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={section: {"url": url}})
+    assert [p.field for p in info.value.problems] == [f"{section}.url"]
+    assert "percent-encode" in info.value.problems[0].rule
+    assert "w0rd" not in str(info.value)
+
+
 def test_a_url_of_an_unknown_database_is_a_config_problem(tmp_path: Path) -> None:
     """A store URL naming no database SQLAlchemy knows is a config problem (exit 2), listed
     with the others, not a traceback."""
