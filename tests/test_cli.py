@@ -534,6 +534,43 @@ def test_quickstart_hides_the_store_password(tmp_path: Path) -> None:
         assert "store: postgresql+psycopg://postgres:***@127.0.0.1:5432/" in result.out
 
 
+def _quickstart_cli(tmp_path: Path, url: str) -> Cli:
+    target = tmp_path / "pjsip_users.conf"
+    return make_cli(url, tmp_path, CONFIG + f'\n[target]\npath = "{target}"\n')
+
+
+def _usernames(cli: Cli) -> list[str]:
+    return sorted(u["username"] for u in json.loads(cli.ok("user", "list", "--json")))
+
+
+def test_quickstart_on_a_store_with_profile_agents_but_no_users_seeds_the_samples(
+    tmp_path: Path,
+) -> None:
+    """``quickstart`` on a store that holds the profile ``agents`` but no user seeds the
+    samples into that profile instead of failing on the taken profile name."""
+    with temp_database("sqlite", tmp_path) as url:
+        cli = _quickstart_cli(tmp_path, url)
+        cli.ok("db", "upgrade")
+        cli.ok("profile", "add", "agents")
+        result = cli("quickstart")
+        assert result.code == 0, result
+        assert _usernames(cli) == ["admin", "alice", "bob.smith", "carol_web"]
+
+
+def test_quickstart_seeds_every_sample_or_none(tmp_path: Path) -> None:
+    """A sample that cannot be added (no free extension left) leaves the store as it was,
+    with no profile and no user, so ``quickstart`` seeds all of them once it can."""
+    with temp_database("sqlite", tmp_path) as url:
+        cli = _quickstart_cli(tmp_path, url)
+        result = cli("--set", "extensions.last=101", "quickstart")
+        assert result.code == 4, result
+        assert "no free extension left in 100-101" in result.err
+        assert _usernames(cli) == []
+        assert cli.ok("profile", "list", "--json").strip() == "[]"
+        assert cli("quickstart").code == 0
+        assert _usernames(cli) == ["admin", "alice", "bob.smith", "carol_web"]
+
+
 def test_realtime_dry_run_creates_no_table(cli: Cli, db_url: str) -> None:
     """``render --target realtime --dry-run`` against a database without the tables plans
     every user as added and creates nothing; the real render then creates the tables."""
