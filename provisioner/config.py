@@ -656,11 +656,12 @@ def parse_sets(sets: Sequence[str]) -> tuple[dict[str, Any], list[Problem]]:
 
 
 def _read_file(file: Path | None) -> tuple[dict[str, Any], Problem | None]:
-    """The TOML file's tables (none without a file), or the problem that stops its reading."""
+    """The TOML file's tables (none without a file), or the problem that stops its reading;
+    a UTF-8 byte order mark (some editors write one) is not part of the TOML."""
     if file is None:
         return {}, None
     try:
-        return tomllib.loads(file.read_text(encoding="utf-8")), None
+        return tomllib.loads(file.read_text(encoding="utf-8-sig")), None
     except FileNotFoundError:
         return {}, Problem("config", f"file {str(file)!r} does not exist")
     except (OSError, UnicodeDecodeError) as exc:

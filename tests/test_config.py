@@ -212,6 +212,14 @@ def test_invalid_toml_is_reported(tmp_path: Path) -> None:
         load_config(path, env={})
 
 
+def test_a_file_saved_with_a_byte_order_mark_and_crlf_lines_loads(tmp_path: Path) -> None:
+    """A config file an editor saved with a UTF-8 byte order mark and CRLF line ends loads
+    as the same file without them does."""
+    path = tmp_path / "p.toml"
+    path.write_bytes(b'\xef\xbb\xbf[log]\r\nlevel = "debug"\r\n')
+    assert load_config(path, env={}).log.level == "debug"
+
+
 def test_source_is_not_a_settable_key(tmp_path: Path) -> None:
     """``source`` is bookkeeping, not a TOML key: setting it is reported as unknown."""
     path = _write(tmp_path, "source = '/elsewhere'\n")
