@@ -336,14 +336,15 @@ def _read_secret(
     secret: SecretStr | None, secret_file: Path | None
 ) -> tuple[SecretStr | None, list[_Issue]]:
     """The AMI secret given inline or read from ``secret_file`` (one line, trailing newline
-    dropped), or the rules broken; no rule quotes the secret or the file's content."""
+    and a leading UTF-8 byte order mark dropped), or the rules broken; no rule quotes the
+    secret or the file's content."""
     if (secret is None) == (secret_file is None):
         return None, [(("secret",), "give exactly one of secret and secret_file")]
     where = "secret"
     if secret_file is not None:
         where = "secret_file"
         try:
-            text = secret_file.read_text(encoding="utf-8")
+            text = secret_file.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:
             return None, [((where,), f"cannot read {str(secret_file)!r}: {type(exc).__name__}")]
         secret = SecretStr(text.rstrip("\r\n"))

@@ -52,6 +52,23 @@ def test_secret_file_is_read_and_never_shown(tmp_path: Path) -> None:
     assert "other" not in repr(config.asterisk[1])
 
 
+def test_a_secret_file_saved_with_a_byte_order_mark_holds_the_secret_without_it(
+    tmp_path: Path,
+) -> None:
+    """A secret_file an editor saved with a UTF-8 byte order mark and a CRLF line end gives
+    the secret alone, as Asterisk's manager.conf holds it."""
+    (tmp_path / "ami.secret").write_bytes(b"\xef\xbb\xbft0p-s3cret\r\n")
+    entry = {"name": "a", "host": "h", "username": "u"}
+    config = load_config(
+        None,
+        env={},
+        overrides={"asterisk": [{**entry, "secret_file": str(tmp_path / "ami.secret")}]},
+    )
+    secret = config.asterisk[0].secret
+    assert secret is not None
+    assert secret.get_secret_value() == "t0p-s3cret"
+
+
 @pytest.mark.parametrize(
     ("entry", "expected"),
     [
