@@ -124,7 +124,8 @@ def cli(
         # Only the daemon acts on the signals deferred at the start: the rest get them
         # as they would have.
         restore_signals()
-    all_sets = [*sets, *([f"store.url={store_url}"] if store_url else [])]
+    # An empty --store-url is set, and refused: ignored, it would leave the default store.
+    all_sets = [*sets, *([f"store.url={store_url}"] if store_url is not None else [])]
     ctx.obj = App(config_path, all_sets, verbose, actor)
 
 

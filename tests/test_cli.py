@@ -534,6 +534,18 @@ def test_quickstart_hides_the_store_password(tmp_path: Path) -> None:
         assert "store: postgresql+psycopg://postgres:***@127.0.0.1:5432/" in result.out
 
 
+def test_an_empty_store_url_flag_is_refused_not_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--store-url ""`` (a script's unset variable) is a config problem on store.url
+    (exit 2), not a silent fall back to the default store in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    result = make_cli("", tmp_path, CONFIG)("user", "list")
+    assert result.code == 2, result
+    assert "  store.url: must be a SQLAlchemy database URL" in result.err
+    assert not (tmp_path / "var").exists()
+
+
 def _quickstart_cli(tmp_path: Path, url: str) -> Cli:
     target = tmp_path / "pjsip_users.conf"
     return make_cli(url, tmp_path, CONFIG + f'\n[target]\npath = "{target}"\n')
