@@ -693,13 +693,19 @@ def load_config(
     """Build the :class:`Config` from defaults, the TOML file, the environment, ``overrides``
     (nested dicts from command-line flags) and ``sets`` (raw ``--set`` flags), or raise
     :class:`ConfigError` listing every problem of them all (when the file cannot be read or
-    parsed: that problem and the unreadable ``--set`` flags and variables)."""
+    parsed, or ``path`` is empty: that problem and the unreadable ``--set`` flags and
+    variables)."""
     env = os.environ if env is None else env
     file = _resolve_path(path, env)
     flags, problems = parse_sets(sets)
     env_tree, env_problems = _env_overrides(env)
     problems += env_problems
-    data, file_problem = _read_file(file)
+    data: dict[str, Any] = {}
+    file_problem: Problem | None = None
+    if path is not None and not str(path):  # named, as nothing: not "no --config" at all
+        file_problem = Problem("config", "the file name is empty")
+    else:
+        data, file_problem = _read_file(file)
     if file_problem is not None:
         raise ConfigError([*problems, file_problem])
     for layer in (env_tree, overrides or {}, flags):

@@ -81,6 +81,15 @@ def test_explicit_path_beats_environment_path(tmp_path: Path) -> None:
     assert load_config(a, env={"PROVISIONER_CONFIG": str(b)}).sip.realm == "a"
 
 
+def test_an_empty_config_path_is_refused_not_taken_for_none(tmp_path: Path) -> None:
+    """``--config ""`` (a script's unset variable) is a config problem naming the empty file
+    name, not a silent fall back to PROVISIONER_CONFIG, the system file or the defaults."""
+    other = _write(tmp_path, "[sip]\nrealm = 'other'\n")
+    with pytest.raises(ConfigError) as info:
+        load_config("", env={"PROVISIONER_CONFIG": str(other)})
+    assert [str(p) for p in info.value.problems] == ["config: the file name is empty"]
+
+
 def test_default_system_path_is_used_when_present(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
