@@ -259,7 +259,7 @@ class TargetSettings(_UrlSection):
     """Where and how users are rendered as PJSIP objects."""
 
     kind: Literal["config", "realtime"] = "config"
-    path: str = "var/pjsip_users.conf"
+    path: str = Field(default="var/pjsip_users.conf", min_length=1)
     #: Realtime database; empty means the user store itself.
     url: str = ""
     #: A directory whose templates override the shipped ones, file by file.

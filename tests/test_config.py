@@ -296,6 +296,14 @@ def test_target_shards_is_validated_and_overridable() -> None:
         load_config(env={}, overrides={"target": {"shards": 4097}})
 
 
+def test_an_empty_target_path_is_refused_naming_the_field() -> None:
+    """An empty target.path (``--set target.path=``) is a config problem on target.path,
+    not a target that fails every apply with "cannot read '.'"."""
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, sets=["target.path="])
+    assert [p.field for p in info.value.problems] == ["target.path"]
+
+
 def test_repr_hides_database_passwords() -> None:
     """The store and target URLs' passwords never show in a Config's repr or str."""
     config = Config(
