@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import socket
 import tomllib
 from pathlib import Path
 
@@ -342,6 +343,22 @@ def test_check_never_shows_a_password_given_as_a_url_query_parameter(tmp_path: P
         result = cli("check")
     assert "hunter2" not in result.out + result.err
     assert f"ok    store: {url}?password=***: 0 users" in result.out.splitlines()
+
+
+def test_check_says_a_store_it_cannot_reach_on_one_line(tmp_path: Path) -> None:
+    """``provisioner check`` on a PostgreSQL store whose port refuses the connection prints
+    one line per check: the driver's multi-line message is cut to its first line."""
+    with socket.socket() as sock:  # a port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"postgresql+psycopg://app:pw@127.0.0.1:{port}/users"
+    cli = make_cli(url, tmp_path, f'[target]\npath = "{tmp_path}/p.conf"\n')
+    result = cli("check")
+    assert result.code == 1
+    lines = result.out.splitlines()
+    assert [line[:6] for line in lines] == ["ok    ", "FAIL  ", "ok    "], lines
+    assert lines[1].startswith("FAIL  store: cannot open: OperationalError: ")
+    assert "Connection refused" in lines[1]
 
 
 @pytest.mark.parametrize(
