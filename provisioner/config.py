@@ -13,6 +13,7 @@ everything to fix.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import os
 import re
@@ -431,6 +432,21 @@ class AsteriskServer(_Section):
     sorcery_caches: dict[str, tuple[str, ...]] = Field(default_factory=dict)
 
     _caches = field_validator("sorcery_caches", mode="before")(caches_by_kind)
+
+    @field_validator("host")
+    @classmethod
+    def _connectable(cls, value: str) -> str:
+        """A name or an address as a connect takes it: an IPv6 address without brackets,
+        and no ``:port`` (``port`` is its own key); either would never resolve."""
+        if ":" in value or "[" in value or "]" in value:
+            try:
+                ipaddress.IPv6Address(value)
+            except ValueError:
+                raise ValueError(
+                    "must be a host name or an IP address (IPv6 without brackets), with no "
+                    "':port' (port is a key of its own)"
+                ) from None
+        return value
 
     @model_validator(mode="wrap")
     @classmethod

@@ -89,6 +89,19 @@ def test_bad_secrets_are_refused(entry: dict[str, str], expected: str) -> None:
     assert "Originate" not in str(caught.value)
 
 
+@pytest.mark.parametrize("host", ["[::1]", "pbx1:5038", "10.0.0.10:5038"])
+def test_a_host_in_brackets_or_with_a_port_is_refused_naming_the_field(host: str) -> None:
+    """An [[asterisk]] host no connect can resolve (an IPv6 address in brackets, a
+    ``host:port``) is refused on its field; a bare IPv6 address, IPv4 address or name loads."""
+    entry = {"name": "a", "username": "u", "secret": "s"}
+    found = _problems({"asterisk": [{**entry, "host": host}]})
+    assert list(found) == ["asterisk.0.host"]
+    assert "without brackets" in found["asterisk.0.host"][0]
+    for good in ("::1", "10.0.0.10", "pbx1.example.com"):
+        config = load_config(None, env={}, overrides={"asterisk": [{**entry, "host": good}]})
+        assert config.asterisk[0].host == good
+
+
 def test_server_names_are_unique(tmp_path: Path) -> None:
     """Two [[asterisk]] entries with one name are refused."""
     body = '[[asterisk]]\nname = "a"\nhost = "h"\nusername = "u"\nsecret = "s"\n' * 2
