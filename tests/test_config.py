@@ -171,6 +171,23 @@ def test_set_flag_problems_come_with_every_other_problem(tmp_path: Path) -> None
     assert rules[1].startswith("'target.transports=…': the value is not valid JSON")
 
 
+def test_a_true_or_false_for_a_number_is_refused_not_read_as_1_or_0(tmp_path: Path) -> None:
+    """A TOML boolean where a number belongs (``max_failed_logins = true``) is refused naming
+    each such key, not taken as 1 or 0 (a lock after one failed login)."""
+    path = _write(
+        tmp_path,
+        "[security]\nmax_failed_logins = true\n[daemon]\nquiet = false\n"
+        '[[asterisk]]\nname = "a"\nhost = "h"\nusername = "u"\nsecret = "s"\nport = true\n',
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert [p.field for p in info.value.problems] == [
+        "security.max_failed_logins",
+        "daemon.quiet",
+        "asterisk.0.port",
+    ]
+
+
 def test_set_flags_are_applied_over_overrides() -> None:
     """A --set flag beats the same key in the environment and in ``overrides``."""
     cfg = load_config(
