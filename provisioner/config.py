@@ -663,18 +663,27 @@ def _problems(exc: ValidationError) -> list[Problem]:
     return problems
 
 
+#: A character no ``--set`` key has (sections and keys are words, a list index digits).
+_NOT_IN_KEY = re.compile(r"[^\w.-]")
+
+
 def parse_sets(sets: Sequence[str]) -> tuple[dict[str, Any], list[Problem]]:
     """``--set section.key=value`` flags as nested overrides, and the flags that cannot be read
-    (not ``key=value``, or a ``[``/``{`` value that is not JSON); other values stay strings.
+    (not ``key=value``, a key with a character no key has, or a ``[``/``{`` value that is
+    not JSON); other values stay strings.
     A later flag wins; ``a=1`` then ``a.b=2`` makes ``a`` a table.  A problem shows a flag's
     key, never its value (it may hold a secret)."""
     tree: dict[str, Any] = {}
     problems = []
     for item in sets:
         key, sep, value = item.partition("=")
-        shown = repr(key + "=…" if sep else key)
-        parts = [p for p in key.strip().split(".") if p]
-        if not sep or not parts:
+        key = key.strip()
+        # Up to the first character no key has: a ':' typed for the '=' puts the value
+        # (a URL's password) in the key.
+        head = _NOT_IN_KEY.split(key, maxsplit=1)[0]
+        shown = repr(head + ("…" if head != key else "") + ("=…" if sep else ""))
+        parts = [p for p in key.split(".") if p]
+        if not sep or not parts or head != key:
             problems.append(Problem("--set", f"{shown} must look like section.key=value"))
             continue
         if (unread := _put(tree, parts, value)) is not None:

@@ -597,6 +597,23 @@ def test_an_unreadable_set_flag_never_shows_its_value(tmp_path: Path) -> None:
     ]
 
 
+def test_a_set_flag_with_a_colon_for_its_equals_sign_never_shows_its_value(
+    tmp_path: Path,
+) -> None:
+    """A --set flag whose '=' was typed as ':' (so the value seems part of the key) is
+    refused as no section.key=value, shown only up to the first character no key has."""
+    cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path)
+    typo = "store.url:postgresql+psycopg://app:hunter2@db/users"
+    result = cli("--set", typo, "--set", f"{typo}?sslmode=require", "user", "list")
+    assert result.code == 2
+    assert "hunter" not in result.out + result.err
+    assert result.err.splitlines() == [
+        "error: invalid configuration",
+        "  --set: 'store.url…' must look like section.key=value",
+        "  --set: 'store.url…=…' must look like section.key=value",
+    ]
+
+
 def test_an_unreadable_environment_variable_is_named_never_its_value(tmp_path: Path) -> None:
     """A PROVISIONER_ variable whose value starts as JSON but is not is reported as such,
     named by the variable and never showing its value, beside every other problem."""
