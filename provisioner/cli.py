@@ -90,7 +90,9 @@ pass_app = click.make_pass_decorator(App)
 @click.option(
     "--config",
     "config_path",
-    type=click.Path(dir_okay=False),
+    # Not click.Path(dir_okay=False): a directory is a file that cannot be read, which the
+    # config reports (``check`` fails its config line) as it reports any.
+    type=click.Path(),
     help="TOML config file (else $PROVISIONER_CONFIG, else /etc/provisioner/provisioner.toml).",
 )
 @click.option(

@@ -700,7 +700,9 @@ def _read_file(file: Path | None) -> tuple[dict[str, Any], Problem | None]:
         return tomllib.loads(file.read_text(encoding="utf-8-sig")), None
     except FileNotFoundError:
         return {}, Problem("config", f"file {str(file)!r} does not exist")
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        return {}, Problem("config", f"cannot read {str(file)!r}: {exc.strerror or exc}")
+    except UnicodeDecodeError as exc:
         return {}, Problem("config", f"cannot read {str(file)!r}: {exc}")
     except tomllib.TOMLDecodeError as exc:
         return {}, Problem("config", f"{str(file)!r} is not valid TOML: {exc}")

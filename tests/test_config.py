@@ -493,6 +493,20 @@ def test_check_fails_its_config_line_per_problem_and_exits_1(tmp_path: Path) -> 
     assert result.out.splitlines() == [f"FAIL  config: {p}" for p in _CLI_BAD_CONFIG_PROBLEMS]
 
 
+def test_check_fails_its_config_line_for_a_config_path_that_is_a_directory(
+    tmp_path: Path,
+) -> None:
+    """``provisioner check --config DIR`` fails the config check (exit 1) as for any file
+    that cannot be read, not with a usage error (exit 2)."""
+    cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path)
+    cli.config = tmp_path
+    result = cli("check")
+    assert (result.code, result.err) == (1, "")
+    assert result.out.splitlines() == [
+        f"FAIL  config: config: cannot read '{tmp_path}': Is a directory"
+    ]
+
+
 @pytest.mark.parametrize("section", ["store", "target"])
 def test_a_url_that_does_not_parse_never_shows_its_password(section: str) -> None:
     """A database URL whose unescaped password splits it wrongly is refused without quoting
