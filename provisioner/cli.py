@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -85,8 +86,25 @@ class App:
 
 pass_app = click.make_pass_decorator(App)
 
+#: A character no command name has.
+_NOT_IN_NAME = re.compile(r"[^\w.-]")
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class _Commands(click.Group):
+    """The command group: an unknown command is named up to the first character no command
+    name has, as it may be a value that lost its option (``--set store.url URL``)."""
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        name = args[0] if args else ""
+        head = _NOT_IN_NAME.split(name, maxsplit=1)[0]
+        if head != name and not name.startswith("-") and self.get_command(ctx, name) is None:
+            ctx.fail(f"No such command {head + '…'!r}.")
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
     "config_path",

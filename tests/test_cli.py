@@ -426,6 +426,17 @@ def test_malformed_set_flag_is_a_clear_error(cli: Cli) -> None:
     assert "store.busy_timeout: Input should be a valid number" in empty.err
 
 
+def test_a_set_value_given_as_a_word_of_its_own_is_not_shown_as_a_command(cli: Cli) -> None:
+    """``--set store.url URL`` (a space for the '='): the URL, taken for the command, is
+    refused as no command without showing its password."""
+    url = "postgresql+psycopg://app:hunter2@db/users"
+    result = cli("--set", "store.url", url, "user", "list")
+    assert result.code == 2
+    assert "hunter" not in result.out + result.err
+    assert "Error: No such command 'postgresql…'." in result.err
+    assert "No such command 'usr'." in cli("usr", "list").err
+
+
 def test_unmigrated_store_is_a_clear_error(db_url: str, tmp_path: Path) -> None:
     """Using a store that was never upgraded says so and how to fix it, on every backend."""
     cli = make_cli(db_url, tmp_path, CONFIG)
