@@ -589,13 +589,18 @@ _NOT_SETTINGS = ("source",)
 
 
 def _resolve_path(path: str | Path | None, env: Mapping[str, str]) -> Path | None:
+    """The file to read: ``path``, else ``$PROVISIONER_CONFIG``, else the system file
+    unless it surely does not exist (one whose existence cannot be told, behind a
+    directory this user may not search, is read, and its reading fails)."""
     if path:
         return Path(path)
     if env.get(ENV_CONFIG):
         return Path(env[ENV_CONFIG])
-    if DEFAULT_CONFIG_PATH.exists():
-        return DEFAULT_CONFIG_PATH
-    return None
+    try:
+        absent = not DEFAULT_CONFIG_PATH.exists()
+    except OSError:  # EACCES: Path.exists() only swallows "no such file"
+        absent = False
+    return None if absent else DEFAULT_CONFIG_PATH
 
 
 def _put(tree: dict[str, Any], keys: list[str], raw: str) -> str | None:

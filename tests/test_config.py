@@ -102,6 +102,21 @@ def test_default_system_path_is_used_when_present(
     assert cfg.source == str(system)
 
 
+def test_a_system_path_that_cannot_be_looked_at_is_a_config_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When whether the system file exists cannot be told (its directory is not searchable
+    by a monitoring user, EACCES; here a name too long, ENAMETOOLONG, as root may search
+    every directory), that is a config problem naming the file, not a traceback."""
+    system = tmp_path / ("x" * 300) / "provisioner.toml"
+    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATH", system)
+    with pytest.raises(ConfigError) as info:
+        load_config(env={})
+    assert [str(p) for p in info.value.problems] == [
+        f"config: cannot read {str(system)!r}: File name too long"
+    ]
+
+
 def test_env_values_are_typed_and_json_tables_decoded() -> None:
     """Env strings become booleans, numbers and tables as each key needs."""
     env = {
