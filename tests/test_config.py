@@ -522,6 +522,37 @@ def test_check_fails_its_config_line_for_a_config_path_that_is_a_directory(
     ]
 
 
+def test_check_fails_its_target_line_when_the_target_cannot_be_looked_at(
+    tmp_path: Path,
+) -> None:
+    """``provisioner check`` whose target directory cannot be looked at (not searchable by
+    a monitoring user, EACCES; here a name too long, ENAMETOOLONG, as root may search every
+    directory) fails the target line and exits 1, with no traceback."""
+    cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path)
+    assert cli("db", "upgrade").code == 0
+    target = tmp_path / ("x" * 300) / "p.conf"
+    result = cli("--set", f"target.path={target}", "check")
+    assert result.code == 1
+    assert result.out.splitlines()[2] == (
+        f"FAIL  target: cannot look at {str(target.parent)!r}: File name too long"
+    )
+
+
+def test_check_fails_its_store_line_when_the_sqlite_file_cannot_be_looked_at(
+    tmp_path: Path,
+) -> None:
+    """``provisioner check`` whose SQLite store's directory cannot be looked at fails the
+    store line and goes on to the target, exit 1, with no traceback."""
+    store = tmp_path / ("x" * 300) / "store.db"
+    cli = make_cli(f"sqlite:///{store}", tmp_path, f'[target]\npath = "{tmp_path}/p.conf"\n')
+    result = cli("check")
+    assert result.code == 1
+    assert result.out.splitlines()[1:] == [
+        f"FAIL  store: cannot look at {str(store)!r}: File name too long",
+        f"ok    target: config file {tmp_path}/p.conf (directory writable)",
+    ]
+
+
 @pytest.mark.parametrize("section", ["store", "target"])
 def test_a_url_that_does_not_parse_never_shows_its_password(section: str) -> None:
     """A database URL whose unescaped password splits it wrongly is refused without quoting
