@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,9 +61,16 @@ def _store(config: Config) -> Check:
             count = conn.execute(select(func.count()).select_from(users)).scalar_one()
         return ("store", True, f"{display_url(config.store.url)}: {count} users")
     except DBAPIError as exc:
-        return ("store", False, f"cannot open: {type(exc.orig).__name__}: {exc.orig}")
+        return ("store", False, f"cannot open: {_driver_error(exc)}")
     finally:
         engine.dispose()
+
+
+def _driver_error(exc: DBAPIError) -> str:
+    """The driver's error, its type and the first line of its message: a check is one
+    line (libpq adds a hint on the next)."""
+    first_line = (str(exc.orig).splitlines() or [""])[0]
+    return f"{type(exc.orig).__name__}: {first_line}"
 
 
 def _target(config: Config) -> Check:
@@ -200,11 +207,21 @@ def _health(config: Config) -> Iterator[Check]:
     yield ("daemon", not problems, "; ".join(problems) or f"pid {health.pid}, healthy")
 
 
+def _looking(check: Callable[[Config], Check], name: str, config: Config) -> Check:
+    """``check(config)``, or the check ``name`` failed when a path it looks at cannot be
+    looked at (a directory a monitoring user may not search): never a traceback."""
+    try:
+        return check(config)
+    except OSError as exc:
+        where = f"{str(exc.filename)!r}: " if exc.filename else ""
+        return (name, False, f"cannot look at {where}{exc.strerror or exc}")
+
+
 def run_checks(config: Config) -> list[Check]:
     """Every check, in order: config, store, target, each Asterisk login, the daemon's health."""
     checks: list[Check] = [("config", True, config.source or "embedded defaults")]
-    checks.append(_store(config))
-    checks.append(_target(config))
+    checks.append(_looking(_store, "store", config))
+    checks.append(_looking(_target, "target", config))
     for server in config.asterisk:
         checks.append(asyncio.run(_login(server, config)))
     checks.extend(_health(config))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -85,12 +86,31 @@ class App:
 
 pass_app = click.make_pass_decorator(App)
 
+#: A character no command name has.
+_NOT_IN_NAME = re.compile(r"[^\w.-]")
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class _Commands(click.Group):
+    """The command group: an unknown command is named up to the first character no command
+    name has, as it may be a value that lost its option (``--set store.url URL``)."""
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        name = args[0] if args else ""
+        head = _NOT_IN_NAME.split(name, maxsplit=1)[0]
+        if head != name and not name.startswith("-") and self.get_command(ctx, name) is None:
+            ctx.fail(f"No such command {head + '…'!r}.")
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
     "config_path",
-    type=click.Path(dir_okay=False),
+    # Not click.Path(dir_okay=False): a directory is a file that cannot be read, which the
+    # config reports (``check`` fails its config line) as it reports any.
+    type=click.Path(),
     help="TOML config file (else $PROVISIONER_CONFIG, else /etc/provisioner/provisioner.toml).",
 )
 @click.option(
@@ -124,7 +144,8 @@ def cli(
         # Only the daemon acts on the signals deferred at the start: the rest get them
         # as they would have.
         restore_signals()
-    all_sets = [*sets, *([f"store.url={store_url}"] if store_url else [])]
+    # An empty --store-url is set, and refused: ignored, it would leave the default store.
+    all_sets = [*sets, *([f"store.url={store_url}"] if store_url is not None else [])]
     ctx.obj = App(config_path, all_sets, verbose, actor)
 
 

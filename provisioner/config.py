@@ -13,6 +13,7 @@ everything to fix.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from pydantic import (
     SecretStr,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -62,6 +64,15 @@ ENV_ACTOR = "PROVISIONER_AS"
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """A number is not ``true``/``false``: lax validation would take them as 1 and 0."""
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and field.annotation in (int, float):
+            raise ValueError("must be a number, not true or false")
+        return value
 
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -149,6 +160,11 @@ def _check_url(value: str) -> str:
             "must be a SQLAlchemy database URL (its port is not a number; "
             "percent-encode any '@', ':' or '/' in the password)"
         ) from None
+    if url.host is not None and "@" in url.host:  # the password's tail, read as the host
+        raise ValueError(
+            "must be a SQLAlchemy database URL (its host holds an '@'; "
+            "percent-encode any '@', ':' or '/' in the password)"
+        )
     try:
         dialect = url.get_dialect()
     except NoSuchModuleError:
@@ -254,7 +270,7 @@ class TargetSettings(_UrlSection):
     """Where and how users are rendered as PJSIP objects."""
 
     kind: Literal["config", "realtime"] = "config"
-    path: str = "var/pjsip_users.conf"
+    path: str = Field(default="var/pjsip_users.conf", min_length=1)
     #: Realtime database; empty means the user store itself.
     url: str = ""
     #: A directory whose templates override the shipped ones, file by file.
@@ -331,14 +347,15 @@ def _read_secret(
     secret: SecretStr | None, secret_file: Path | None
 ) -> tuple[SecretStr | None, list[_Issue]]:
     """The AMI secret given inline or read from ``secret_file`` (one line, trailing newline
-    dropped), or the rules broken; no rule quotes the secret or the file's content."""
+    and a leading UTF-8 byte order mark dropped), or the rules broken; no rule quotes the
+    secret or the file's content."""
     if (secret is None) == (secret_file is None):
         return None, [(("secret",), "give exactly one of secret and secret_file")]
     where = "secret"
     if secret_file is not None:
         where = "secret_file"
         try:
-            text = secret_file.read_text(encoding="utf-8")
+            text = secret_file.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:
             return None, [((where,), f"cannot read {str(secret_file)!r}: {type(exc).__name__}")]
         secret = SecretStr(text.rstrip("\r\n"))
@@ -433,6 +450,21 @@ class AsteriskServer(_Section):
     sorcery_caches: dict[str, tuple[str, ...]] = Field(default_factory=dict)
 
     _caches = field_validator("sorcery_caches", mode="before")(caches_by_kind)
+
+    @field_validator("host")
+    @classmethod
+    def _connectable(cls, value: str) -> str:
+        """A name or an address as a connect takes it: an IPv6 address without brackets,
+        and no ``:port`` (``port`` is its own key); either would never resolve."""
+        if ":" in value or "[" in value or "]" in value:
+            try:
+                ipaddress.IPv6Address(value)
+            except ValueError:
+                raise ValueError(
+                    "must be a host name or an IP address (IPv6 without brackets), with no "
+                    "':port' (port is a key of its own)"
+                ) from None
+        return value
 
     @model_validator(mode="wrap")
     @classmethod
@@ -565,13 +597,18 @@ _NOT_SETTINGS = ("source",)
 
 
 def _resolve_path(path: str | Path | None, env: Mapping[str, str]) -> Path | None:
+    """The file to read: ``path``, else ``$PROVISIONER_CONFIG``, else the system file
+    unless it surely does not exist (one whose existence cannot be told, behind a
+    directory this user may not search, is read, and its reading fails)."""
     if path:
         return Path(path)
     if env.get(ENV_CONFIG):
         return Path(env[ENV_CONFIG])
-    if DEFAULT_CONFIG_PATH.exists():
-        return DEFAULT_CONFIG_PATH
-    return None
+    try:
+        absent = not DEFAULT_CONFIG_PATH.exists()
+    except OSError:  # EACCES: Path.exists() only swallows "no such file"
+        absent = False
+    return None if absent else DEFAULT_CONFIG_PATH
 
 
 def _put(tree: dict[str, Any], keys: list[str], raw: str) -> str | None:
@@ -639,18 +676,27 @@ def _problems(exc: ValidationError) -> list[Problem]:
     return problems
 
 
+#: A character no ``--set`` key has (sections and keys are words, a list index digits).
+_NOT_IN_KEY = re.compile(r"[^\w.-]")
+
+
 def parse_sets(sets: Sequence[str]) -> tuple[dict[str, Any], list[Problem]]:
     """``--set section.key=value`` flags as nested overrides, and the flags that cannot be read
-    (not ``key=value``, or a ``[``/``{`` value that is not JSON); other values stay strings.
+    (not ``key=value``, a key with a character no key has, or a ``[``/``{`` value that is
+    not JSON); other values stay strings.
     A later flag wins; ``a=1`` then ``a.b=2`` makes ``a`` a table.  A problem shows a flag's
     key, never its value (it may hold a secret)."""
     tree: dict[str, Any] = {}
     problems = []
     for item in sets:
         key, sep, value = item.partition("=")
-        shown = repr(key + "=…" if sep else key)
-        parts = [p for p in key.strip().split(".") if p]
-        if not sep or not parts:
+        key = key.strip()
+        # Up to the first character no key has: a ':' typed for the '=' puts the value
+        # (a URL's password) in the key.
+        head = _NOT_IN_KEY.split(key, maxsplit=1)[0]
+        shown = repr(head + ("…" if head != key else "") + ("=…" if sep else ""))
+        parts = [p for p in key.split(".") if p]
+        if not sep or not parts or head != key:
             problems.append(Problem("--set", f"{shown} must look like section.key=value"))
             continue
         if (unread := _put(tree, parts, value)) is not None:
@@ -659,14 +705,17 @@ def parse_sets(sets: Sequence[str]) -> tuple[dict[str, Any], list[Problem]]:
 
 
 def _read_file(file: Path | None) -> tuple[dict[str, Any], Problem | None]:
-    """The TOML file's tables (none without a file), or the problem that stops its reading."""
+    """The TOML file's tables (none without a file), or the problem that stops its reading;
+    a UTF-8 byte order mark (some editors write one) is not part of the TOML."""
     if file is None:
         return {}, None
     try:
-        return tomllib.loads(file.read_text(encoding="utf-8")), None
+        return tomllib.loads(file.read_text(encoding="utf-8-sig")), None
     except FileNotFoundError:
         return {}, Problem("config", f"file {str(file)!r} does not exist")
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        return {}, Problem("config", f"cannot read {str(file)!r}: {exc.strerror or exc}")
+    except UnicodeDecodeError as exc:
         return {}, Problem("config", f"cannot read {str(file)!r}: {exc}")
     except tomllib.TOMLDecodeError as exc:
         return {}, Problem("config", f"{str(file)!r} is not valid TOML: {exc}")
@@ -694,13 +743,19 @@ def load_config(
     """Build the :class:`Config` from defaults, the TOML file, the environment, ``overrides``
     (nested dicts from command-line flags) and ``sets`` (raw ``--set`` flags), or raise
     :class:`ConfigError` listing every problem of them all (when the file cannot be read or
-    parsed: that problem and the unreadable ``--set`` flags and variables)."""
+    parsed, or ``path`` is empty: that problem and the unreadable ``--set`` flags and
+    variables)."""
     env = os.environ if env is None else env
     file = _resolve_path(path, env)
     flags, problems = parse_sets(sets)
     env_tree, env_problems = _env_overrides(env)
     problems += env_problems
-    data, file_problem = _read_file(file)
+    data: dict[str, Any] = {}
+    file_problem: Problem | None = None
+    if path is not None and not str(path):  # named, as nothing: not "no --config" at all
+        file_problem = Problem("config", "the file name is empty")
+    else:
+        data, file_problem = _read_file(file)
     if file_problem is not None:
         raise ConfigError([*problems, file_problem])
     for layer in (env_tree, overrides or {}, flags):

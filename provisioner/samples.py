@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .accounts import Accounts
+from .accounts import Accounts, rerun_on_unique_clash
+from .errors import ConflictError
+from .store import queries as q
 
 __all__ = ["seed"]
+
+_PROFILE = "agents"
 
 _SAMPLES: list[dict[str, Any]] = [
     {
@@ -42,18 +46,40 @@ _SAMPLES: list[dict[str, Any]] = [
 
 
 def seed(accounts: Accounts) -> list[str]:
-    """Add the sample profile and users when the store has no users; return what was done."""
-    if accounts.list_users(deleted=None):
-        return ["store already has users; nothing seeded"]
-    accounts.add_profile("agents", "Contact-center agents")
-    done = []
-    for sample in _SAMPLES:
-        values = dict(sample)
-        if values.get("role") != "admin":
-            values["profile"] = "agents"
-        created = accounts.add_user(values)
-        done.append(
-            f"seeded {created.user.username} (extension {created.user.extension}, "
-            f"SIP secret shown once: {created.sip_secret})"
-        )
-    return done
+    """Add the sample profile and users when the store has no users; return what was done.
+
+    All in one transaction: a sample that cannot be added (no free extension left) leaves
+    the store as it was.  A profile ``agents`` the store already holds is used as it is.
+    """
+    return rerun_on_unique_clash(
+        lambda: _seed_once(accounts),
+        _SEED_ATTEMPTS,
+        ConflictError.one("quickstart", "other writers kept changing the store; try again"),
+    )
+
+
+#: Runs of the seeding when a concurrent writer takes a name or an extension first.
+_SEED_ATTEMPTS = 5
+
+
+def _seed_once(accounts: Accounts) -> list[str]:
+    """One run of :func:`seed`, in one transaction."""
+    with accounts.write() as conn:
+        if q.load_users(conn, deleted=None):
+            return ["store already has users; nothing seeded"]
+        now = accounts.clock()
+        profile = q.profile_name_taken(conn, _PROFILE)
+        if profile is None:
+            profile = q.insert_profile(conn, _PROFILE, "Contact-center agents", now).name
+        allocator = q.ExtensionAllocator(conn, accounts.policy.ext_first, accounts.policy.ext_last)
+        added = []
+        for sample in _SAMPLES:
+            values = dict(sample)
+            if values.get("role") != "admin":
+                values["profile"] = profile
+            added.append(accounts.add_in(conn, values, allocator, now))
+        created = q.load_users(conn, ids=[user_id for user_id, _ in added])
+    return [
+        f"seeded {user.username} (extension {user.extension}, SIP secret shown once: {secret})"
+        for user, (_, secret) in zip(created, added, strict=True)
+    ]

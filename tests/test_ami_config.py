@@ -52,6 +52,23 @@ def test_secret_file_is_read_and_never_shown(tmp_path: Path) -> None:
     assert "other" not in repr(config.asterisk[1])
 
 
+def test_a_secret_file_saved_with_a_byte_order_mark_holds_the_secret_without_it(
+    tmp_path: Path,
+) -> None:
+    """A secret_file an editor saved with a UTF-8 byte order mark and a CRLF line end gives
+    the secret alone, as Asterisk's manager.conf holds it."""
+    (tmp_path / "ami.secret").write_bytes(b"\xef\xbb\xbft0p-s3cret\r\n")
+    entry = {"name": "a", "host": "h", "username": "u"}
+    config = load_config(
+        None,
+        env={},
+        overrides={"asterisk": [{**entry, "secret_file": str(tmp_path / "ami.secret")}]},
+    )
+    secret = config.asterisk[0].secret
+    assert secret is not None
+    assert secret.get_secret_value() == "t0p-s3cret"
+
+
 @pytest.mark.parametrize(
     ("entry", "expected"),
     [
@@ -70,6 +87,19 @@ def test_bad_secrets_are_refused(entry: dict[str, str], expected: str) -> None:
             overrides={"asterisk": [{"name": "a", "host": "h", "username": "u", **entry}]},
         )
     assert "Originate" not in str(caught.value)
+
+
+@pytest.mark.parametrize("host", ["[::1]", "pbx1:5038", "10.0.0.10:5038"])
+def test_a_host_in_brackets_or_with_a_port_is_refused_naming_the_field(host: str) -> None:
+    """An [[asterisk]] host no connect can resolve (an IPv6 address in brackets, a
+    ``host:port``) is refused on its field; a bare IPv6 address, IPv4 address or name loads."""
+    entry = {"name": "a", "username": "u", "secret": "s"}
+    found = _problems({"asterisk": [{**entry, "host": host}]})
+    assert list(found) == ["asterisk.0.host"]
+    assert "without brackets" in found["asterisk.0.host"][0]
+    for good in ("::1", "10.0.0.10", "pbx1.example.com"):
+        config = load_config(None, env={}, overrides={"asterisk": [{**entry, "host": good}]})
+        assert config.asterisk[0].host == good
 
 
 def test_server_names_are_unique(tmp_path: Path) -> None:

@@ -426,6 +426,17 @@ def test_malformed_set_flag_is_a_clear_error(cli: Cli) -> None:
     assert "store.busy_timeout: Input should be a valid number" in empty.err
 
 
+def test_a_set_value_given_as_a_word_of_its_own_is_not_shown_as_a_command(cli: Cli) -> None:
+    """``--set store.url URL`` (a space for the '='): the URL, taken for the command, is
+    refused as no command without showing its password."""
+    url = "postgresql+psycopg://app:hunter2@db/users"
+    result = cli("--set", "store.url", url, "user", "list")
+    assert result.code == 2
+    assert "hunter" not in result.out + result.err
+    assert "Error: No such command 'postgresql…'." in result.err
+    assert "No such command 'usr'." in cli("usr", "list").err
+
+
 def test_unmigrated_store_is_a_clear_error(db_url: str, tmp_path: Path) -> None:
     """Using a store that was never upgraded says so and how to fix it, on every backend."""
     cli = make_cli(db_url, tmp_path, CONFIG)
@@ -532,6 +543,55 @@ def test_quickstart_hides_the_store_password(tmp_path: Path) -> None:
         assert result.code == 0, result
         assert "s3cret-pw" not in result.out + result.err
         assert "store: postgresql+psycopg://postgres:***@127.0.0.1:5432/" in result.out
+
+
+def test_an_empty_store_url_flag_is_refused_not_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--store-url ""`` (a script's unset variable) is a config problem on store.url
+    (exit 2), not a silent fall back to the default store in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    result = make_cli("", tmp_path, CONFIG)("user", "list")
+    assert result.code == 2, result
+    assert "  store.url: must be a SQLAlchemy database URL" in result.err
+    assert not (tmp_path / "var").exists()
+
+
+def _quickstart_cli(tmp_path: Path, url: str) -> Cli:
+    target = tmp_path / "pjsip_users.conf"
+    return make_cli(url, tmp_path, CONFIG + f'\n[target]\npath = "{target}"\n')
+
+
+def _usernames(cli: Cli) -> list[str]:
+    return sorted(u["username"] for u in json.loads(cli.ok("user", "list", "--json")))
+
+
+def test_quickstart_on_a_store_with_profile_agents_but_no_users_seeds_the_samples(
+    tmp_path: Path,
+) -> None:
+    """``quickstart`` on a store that holds the profile ``agents`` but no user seeds the
+    samples into that profile instead of failing on the taken profile name."""
+    with temp_database("sqlite", tmp_path) as url:
+        cli = _quickstart_cli(tmp_path, url)
+        cli.ok("db", "upgrade")
+        cli.ok("profile", "add", "agents")
+        result = cli("quickstart")
+        assert result.code == 0, result
+        assert _usernames(cli) == ["admin", "alice", "bob.smith", "carol_web"]
+
+
+def test_quickstart_seeds_every_sample_or_none(tmp_path: Path) -> None:
+    """A sample that cannot be added (no free extension left) leaves the store as it was,
+    with no profile and no user, so ``quickstart`` seeds all of them once it can."""
+    with temp_database("sqlite", tmp_path) as url:
+        cli = _quickstart_cli(tmp_path, url)
+        result = cli("--set", "extensions.last=101", "quickstart")
+        assert result.code == 4, result
+        assert "no free extension left in 100-101" in result.err
+        assert _usernames(cli) == []
+        assert cli.ok("profile", "list", "--json").strip() == "[]"
+        assert cli("quickstart").code == 0
+        assert _usernames(cli) == ["admin", "alice", "bob.smith", "carol_web"]
 
 
 def test_realtime_dry_run_creates_no_table(cli: Cli, db_url: str) -> None:

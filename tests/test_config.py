@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import socket
 import tomllib
 from pathlib import Path
 
@@ -81,6 +82,15 @@ def test_explicit_path_beats_environment_path(tmp_path: Path) -> None:
     assert load_config(a, env={"PROVISIONER_CONFIG": str(b)}).sip.realm == "a"
 
 
+def test_an_empty_config_path_is_refused_not_taken_for_none(tmp_path: Path) -> None:
+    """``--config ""`` (a script's unset variable) is a config problem naming the empty file
+    name, not a silent fall back to PROVISIONER_CONFIG, the system file or the defaults."""
+    other = _write(tmp_path, "[sip]\nrealm = 'other'\n")
+    with pytest.raises(ConfigError) as info:
+        load_config("", env={"PROVISIONER_CONFIG": str(other)})
+    assert [str(p) for p in info.value.problems] == ["config: the file name is empty"]
+
+
 def test_default_system_path_is_used_when_present(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -90,6 +100,21 @@ def test_default_system_path_is_used_when_present(
     cfg = load_config(env={})
     assert cfg.log.level == "debug"
     assert cfg.source == str(system)
+
+
+def test_a_system_path_that_cannot_be_looked_at_is_a_config_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When whether the system file exists cannot be told (its directory is not searchable
+    by a monitoring user, EACCES; here a name too long, ENAMETOOLONG, as root may search
+    every directory), that is a config problem naming the file, not a traceback."""
+    system = tmp_path / ("x" * 300) / "provisioner.toml"
+    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATH", system)
+    with pytest.raises(ConfigError) as info:
+        load_config(env={})
+    assert [str(p) for p in info.value.problems] == [
+        f"config: cannot read {str(system)!r}: File name too long"
+    ]
 
 
 def test_env_values_are_typed_and_json_tables_decoded() -> None:
@@ -161,6 +186,23 @@ def test_set_flag_problems_come_with_every_other_problem(tmp_path: Path) -> None
     assert rules[1].startswith("'target.transports=…': the value is not valid JSON")
 
 
+def test_a_true_or_false_for_a_number_is_refused_not_read_as_1_or_0(tmp_path: Path) -> None:
+    """A TOML boolean where a number belongs (``max_failed_logins = true``) is refused naming
+    each such key, not taken as 1 or 0 (a lock after one failed login)."""
+    path = _write(
+        tmp_path,
+        "[security]\nmax_failed_logins = true\n[daemon]\nquiet = false\n"
+        '[[asterisk]]\nname = "a"\nhost = "h"\nusername = "u"\nsecret = "s"\nport = true\n',
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert [p.field for p in info.value.problems] == [
+        "security.max_failed_logins",
+        "daemon.quiet",
+        "asterisk.0.port",
+    ]
+
+
 def test_set_flags_are_applied_over_overrides() -> None:
     """A --set flag beats the same key in the environment and in ``overrides``."""
     cfg = load_config(
@@ -210,6 +252,14 @@ def test_invalid_toml_is_reported(tmp_path: Path) -> None:
     path = _write(tmp_path, "[store\nurl=")
     with pytest.raises(ConfigError, match=r"is not valid TOML"):
         load_config(path, env={})
+
+
+def test_a_file_saved_with_a_byte_order_mark_and_crlf_lines_loads(tmp_path: Path) -> None:
+    """A config file an editor saved with a UTF-8 byte order mark and CRLF line ends loads
+    as the same file without them does."""
+    path = tmp_path / "p.toml"
+    path.write_bytes(b'\xef\xbb\xbf[log]\r\nlevel = "debug"\r\n')
+    assert load_config(path, env={}).log.level == "debug"
 
 
 def test_source_is_not_a_settable_key(tmp_path: Path) -> None:
@@ -279,6 +329,14 @@ def test_target_shards_is_validated_and_overridable() -> None:
         load_config(env={}, overrides={"target": {"shards": 4097}})
 
 
+def test_an_empty_target_path_is_refused_naming_the_field() -> None:
+    """An empty target.path (``--set target.path=``) is a config problem on target.path,
+    not a target that fails every apply with "cannot read '.'"."""
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, sets=["target.path="])
+    assert [p.field for p in info.value.problems] == ["target.path"]
+
+
 def test_repr_hides_database_passwords() -> None:
     """The store and target URLs' passwords never show in a Config's repr or str."""
     config = Config(
@@ -317,6 +375,22 @@ def test_check_never_shows_a_password_given_as_a_url_query_parameter(tmp_path: P
         result = cli("check")
     assert "hunter2" not in result.out + result.err
     assert f"ok    store: {url}?password=***: 0 users" in result.out.splitlines()
+
+
+def test_check_says_a_store_it_cannot_reach_on_one_line(tmp_path: Path) -> None:
+    """``provisioner check`` on a PostgreSQL store whose port refuses the connection prints
+    one line per check: the driver's multi-line message is cut to its first line."""
+    with socket.socket() as sock:  # a port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"postgresql+psycopg://app:pw@127.0.0.1:{port}/users"
+    cli = make_cli(url, tmp_path, f'[target]\npath = "{tmp_path}/p.conf"\n')
+    result = cli("check")
+    assert result.code == 1
+    lines = result.out.splitlines()
+    assert [line[:6] for line in lines] == ["ok    ", "FAIL  ", "ok    "], lines
+    assert lines[1].startswith("FAIL  store: cannot open: OperationalError: ")
+    assert "Connection refused" in lines[1]
 
 
 @pytest.mark.parametrize(
@@ -434,6 +508,51 @@ def test_check_fails_its_config_line_per_problem_and_exits_1(tmp_path: Path) -> 
     assert result.out.splitlines() == [f"FAIL  config: {p}" for p in _CLI_BAD_CONFIG_PROBLEMS]
 
 
+def test_check_fails_its_config_line_for_a_config_path_that_is_a_directory(
+    tmp_path: Path,
+) -> None:
+    """``provisioner check --config DIR`` fails the config check (exit 1) as for any file
+    that cannot be read, not with a usage error (exit 2)."""
+    cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path)
+    cli.config = tmp_path
+    result = cli("check")
+    assert (result.code, result.err) == (1, "")
+    assert result.out.splitlines() == [
+        f"FAIL  config: config: cannot read '{tmp_path}': Is a directory"
+    ]
+
+
+def test_check_fails_its_target_line_when_the_target_cannot_be_looked_at(
+    tmp_path: Path,
+) -> None:
+    """``provisioner check`` whose target directory cannot be looked at (not searchable by
+    a monitoring user, EACCES; here a name too long, ENAMETOOLONG, as root may search every
+    directory) fails the target line and exits 1, with no traceback."""
+    cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path)
+    assert cli("db", "upgrade").code == 0
+    target = tmp_path / ("x" * 300) / "p.conf"
+    result = cli("--set", f"target.path={target}", "check")
+    assert result.code == 1
+    assert result.out.splitlines()[2] == (
+        f"FAIL  target: cannot look at {str(target.parent)!r}: File name too long"
+    )
+
+
+def test_check_fails_its_store_line_when_the_sqlite_file_cannot_be_looked_at(
+    tmp_path: Path,
+) -> None:
+    """``provisioner check`` whose SQLite store's directory cannot be looked at fails the
+    store line and goes on to the target, exit 1, with no traceback."""
+    store = tmp_path / ("x" * 300) / "store.db"
+    cli = make_cli(f"sqlite:///{store}", tmp_path, f'[target]\npath = "{tmp_path}/p.conf"\n')
+    result = cli("check")
+    assert result.code == 1
+    assert result.out.splitlines()[1:] == [
+        f"FAIL  store: cannot look at {str(store)!r}: File name too long",
+        f"ok    target: config file {tmp_path}/p.conf (directory writable)",
+    ]
+
+
 @pytest.mark.parametrize("section", ["store", "target"])
 def test_a_url_that_does_not_parse_never_shows_its_password(section: str) -> None:
     """A database URL whose unescaped password splits it wrongly is refused without quoting
@@ -443,6 +562,21 @@ def test_a_url_that_does_not_parse_never_shows_its_password(section: str) -> Non
         load_config(env={}, overrides={section: {"url": url}})
     assert [p.field for p in info.value.problems] == [f"{section}.url"]
     assert "must be a SQLAlchemy database URL" in info.value.problems[0].rule
+    assert "w0rd" not in str(info.value)
+
+
+@pytest.mark.parametrize("section", ["store", "target"])
+def test_a_password_with_an_unescaped_at_sign_is_refused_not_shown_as_the_host(
+    section: str,
+) -> None:
+    """A database URL whose password holds an unescaped '@' (no ':' after it to break the
+    port) is refused, not read as a host made of the password's tail, which every display
+    of the URL and every connect error would show."""
+    url = "postgresql+psycopg://app:Pa@ssw0rd@db/users"
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={section: {"url": url}})
+    assert [p.field for p in info.value.problems] == [f"{section}.url"]
+    assert "percent-encode" in info.value.problems[0].rule
     assert "w0rd" not in str(info.value)
 
 
@@ -520,6 +654,23 @@ def test_an_unreadable_set_flag_never_shows_its_value(tmp_path: Path) -> None:
         "  --set: 'asterisk=…': the value is not valid JSON"
         " (Expecting ',' delimiter: line 1 column 65 (char 64))",
         "  --set: '=…' must look like section.key=value",
+    ]
+
+
+def test_a_set_flag_with_a_colon_for_its_equals_sign_never_shows_its_value(
+    tmp_path: Path,
+) -> None:
+    """A --set flag whose '=' was typed as ':' (so the value seems part of the key) is
+    refused as no section.key=value, shown only up to the first character no key has."""
+    cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path)
+    typo = "store.url:postgresql+psycopg://app:hunter2@db/users"
+    result = cli("--set", typo, "--set", f"{typo}?sslmode=require", "user", "list")
+    assert result.code == 2
+    assert "hunter" not in result.out + result.err
+    assert result.err.splitlines() == [
+        "error: invalid configuration",
+        "  --set: 'store.url…' must look like section.key=value",
+        "  --set: 'store.url…=…' must look like section.key=value",
     ]
 
 
