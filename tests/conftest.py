@@ -39,6 +39,30 @@ def _structlog_defaults() -> Iterator[None]:
     structlog.reset_defaults()
 
 
+#: The default ``daemon.state_dir`` as a test process sees it: the working directory's.
+_CWD_HEALTH = Path("var") / "health.json"
+
+
+def _stamp(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+@pytest.fixture(autouse=True)
+def _working_directory_untouched() -> Iterator[None]:
+    """Each test leaves the working directory's health record alone: a daemon built with
+    the default ``daemon.state_dir`` (``var``) writes it there, and a later ``check`` test
+    then reads another test's daemon (order-dependent failures).  Give it a
+    ``state_dir`` under ``tmp_path``."""
+    before = _stamp(_CWD_HEALTH)
+    yield
+    assert _stamp(_CWD_HEALTH) == before, (
+        f"this test wrote {_CWD_HEALTH.resolve()}: give its daemon a state_dir under tmp_path"
+    )
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)

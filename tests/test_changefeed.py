@@ -491,7 +491,11 @@ def test_an_apply_that_waits_in_vain_for_a_pooled_connection_is_retried(
     runs on; the retry applies the edit once a connection is free."""
     config = load_config(
         env={},
-        overrides={"store": {"url": db_url}, "target": {"path": str(tmp_path / "pjsip.conf")}},
+        overrides={
+            "store": {"url": db_url},
+            "target": {"path": str(tmp_path / "pjsip.conf")},
+            "daemon": {"state_dir": str(tmp_path)},
+        },
     )
     pool = create_engine(db_url, pool_size=1, max_overflow=0, pool_timeout=0.2)
     target = ConfigFileTarget(tmp_path / "pjsip.conf")
