@@ -591,8 +591,10 @@ class Daemon:
             log.info("daemon.untold_kept", reason="store write timed out")
             return
         exc = drop.exception()
-        if isinstance(exc, DBAPIError):
-            log.warning("daemon.untold_kept", reason="store write failed", error=str(exc.orig))
+        if isinstance(exc, _STORE_DOWN):
+            # Refused, or every pooled connection stayed taken until the pool's timeout.
+            error = str(exc.orig) if isinstance(exc, DBAPIError) else str(exc)
+            log.warning("daemon.untold_kept", reason="store write failed", error=error)
         elif exc is not None:
             raise exc
 
@@ -1040,9 +1042,12 @@ def _settle_heap() -> None:
     gc.freeze()
 
 
+#: Failures of a store write: the database refused it or is away, or the pooled
+#: connections were all in use until the pool's timeout.
+_STORE_DOWN = (DBAPIError, PoolTimeout)
 #: Failures of an apply worth retrying: the store or the disk may come back, and the
 #: pooled connections all in use until the pool's timeout may be free again.
-_RETRYABLE = (DBAPIError, PoolTimeout, StoreUnavailable, OSError)
+_RETRYABLE = (*_STORE_DOWN, StoreUnavailable, OSError)
 
 
 def _next_retry(delay: float) -> float:

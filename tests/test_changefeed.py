@@ -11,9 +11,11 @@ from pathlib import Path
 import psycopg
 import pytest
 from sqlalchemy import Engine, create_engine, func, select, text
+from structlog.testing import capture_logs
 
 from provisioner import daemon as daemon_module
 from provisioner.accounts import Accounts
+from provisioner.ami.pbx import AmiPbx
 from provisioner.applier import Applied, Applier
 from provisioner.config import load_config
 from provisioner.daemon import Daemon
@@ -516,6 +518,37 @@ def test_an_apply_that_waits_in_vain_for_a_pooled_connection_is_retried(
         assert f"[{accounts.get_user('alice').extension}]" in target.path.read_text()
     finally:
         pool.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_shutdown_whose_last_write_waits_in_vain_for_a_pooled_connection_keeps_the_marker(
+    engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """The shutdown's last store write (dropping this run's marker of untold writes) that
+    finds every pooled connection taken until the pool's timeout keeps the marker, as a
+    refused write does: the shutdown ends, with no error raised out of it."""
+    config = load_config(
+        env={},
+        overrides={"store": {"url": db_url}, "target": {"path": str(tmp_path / "pjsip.conf")}},
+    )
+    pool = create_engine(db_url, pool_size=1, max_overflow=0, pool_timeout=0.1)
+    target = ConfigFileTarget(tmp_path / "pjsip.conf")
+    applier = Applier(pool, target, RenderSettings.from_config(config))
+    daemon = Daemon(config, pool, applier, [], pbx=AmiPbx([], pool))
+    daemon._untold_found, daemon._untold_handed = [], True  # Asterisk told everything
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        with pool.connect():  # the only connection, held by a stuck transaction
+            await daemon._end_untold(None, loop.time() + 5)
+
+    try:
+        with capture_logs() as logs:
+            asyncio.run(run())
+    finally:
+        pool.dispose()
+    kept = [e for e in logs if e["event"] == "daemon.untold_kept"]
+    assert [e["reason"] for e in kept] == ["store write failed"]
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
