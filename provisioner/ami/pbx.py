@@ -210,6 +210,8 @@ class Link:
     #: Asterisk sends the events queued while it listed after the list's end, and they
     #: are folded again over the snapshot, which is older than they are.
     snapshot_events: list[Mapping[str, str]] | None = None
+    #: Set while no snapshot's ``PJSIPShowContacts`` is under way (see ``snapshot_events``).
+    listing_idle: asyncio.Event = field(default_factory=asyncio.Event)
     #: Seconds the last answered snapshot's ``PJSIPShowContacts`` took (a failed one's
     #: time is not kept: see :meth:`AmiPbx._take_snapshot`).
     snapshot_took: float = 0.0
@@ -271,6 +273,7 @@ class Link:
 
     def __post_init__(self) -> None:
         self.store_idle.set()
+        self.listing_idle.set()
 
     def book_complete(self) -> bool:
         """Whether the book holds every contact Asterisk has: a snapshot of this session
@@ -721,6 +724,7 @@ class AmiPbx:
         session = link.client.sessions
         started = time.monotonic()
         link.snapshot_events = []
+        link.listing_idle.clear()
         try:
             contacts = await link.ops.show_contacts()
         except ProvisionerError as exc:
@@ -732,6 +736,7 @@ class AmiPbx:
             return "failed_live" if live else "failed"
         finally:
             events, link.snapshot_events = link.snapshot_events, None
+            link.listing_idle.set()  # its waiters resume once the book is filled (below)
         link.snapshot_took = time.monotonic() - started
         snapshot = snapshot_from_contact_list_states(contacts)
         # Keep what events told about device and peer state; contacts come from the snapshot.
@@ -761,6 +766,8 @@ class AmiPbx:
                     snapshot[about] = folded
         link.book = snapshot
         link.snapshot_session = session
+        # In the book now (only its store write is to come): the book is complete.
+        link.snapshot_running = False
         link.dirty.clear()
         states = {ep: rows(reg) for ep, reg in snapshot.items()}
         now = utcnow()
