@@ -460,7 +460,7 @@ class Daemon:
         if self.pbx is None:
             return
         self._spawn(self.pbx.run(self.ami_stop))
-        if first is not None and not first.change.empty:
+        if first is not None and _owes_asterisk(first.change):
             self.pbx.applied(first.change, target_kind=self.config.target.kind)
         loop = asyncio.get_running_loop()
         timeout = self.config.daemon.shutdown_timeout
@@ -601,8 +601,10 @@ class Daemon:
             log.info("daemon.untold_kept", reason="store write timed out")
             return
         exc = drop.exception()
-        if isinstance(exc, DBAPIError):
-            log.warning("daemon.untold_kept", reason="store write failed", error=str(exc.orig))
+        if isinstance(exc, _STORE_DOWN):
+            # Refused, or every pooled connection stayed taken until the pool's timeout.
+            error = str(exc.orig) if isinstance(exc, DBAPIError) else str(exc)
+            log.warning("daemon.untold_kept", reason="store write failed", error=error)
         elif exc is not None:
             raise exc
 
@@ -745,7 +747,7 @@ class Daemon:
             self._count(kind, result.change)
             self.health.provisioned = len(self.applier.objects)
             self.health.skipped = len(result.skipped)
-            if self.pbx is not None and self.health.ready and not result.change.empty:
+            if self.pbx is not None and self.health.ready and _owes_asterisk(result.change):
                 self.pbx.applied(result.change, target_kind=self.config.target.kind)
 
     def _hand_untold(self) -> None:
@@ -1051,9 +1053,19 @@ def _settle_heap() -> None:
     gc.freeze()
 
 
+#: Failures of a store write: the database refused it or is away, or the pooled
+#: connections were all in use until the pool's timeout.
+_STORE_DOWN = (DBAPIError, PoolTimeout)
 #: Failures of an apply worth retrying: the store or the disk may come back, and the
 #: pooled connections all in use until the pool's timeout may be free again.
-_RETRYABLE = (DBAPIError, PoolTimeout, StoreUnavailable, OSError)
+_RETRYABLE = (*_STORE_DOWN, StoreUnavailable, OSError)
+
+
+def _owes_asterisk(change: Change) -> bool:
+    """Whether an apply's ``change`` is for the AMI side: an object changed, or the target
+    was written with none changed (the files rewritten in another layout, target.shards:
+    Asterisk loads them only with a reload)."""
+    return not change.empty or change.wrote
 
 
 def _next_retry(delay: float) -> float:

@@ -34,7 +34,7 @@ from sqlalchemy.engine import make_url
 from .aio import sleep_unless, wait_first
 from .logs import get_logger
 from .store.changefeed import NOTIFY_CHANNEL
-from .store.engine import FileIdentity, file_identity
+from .store.engine import FileIdentity, file_identity, pg_keepalive
 from .store.schema import changes
 
 __all__ = [
@@ -408,10 +408,12 @@ def listen_conninfo(url: str) -> str:
     """The libpq connection string for the store ``url``: its parameters as SQLAlchemy's
     psycopg dialect passes them to the engine's connections, escaped by psycopg.  (A URI
     rendered back from the URL leaves a password's spaces raw, which libpq refuses with
-    an error quoting the password, so LISTEN never worked and the password was logged.)"""
+    an error quoting the password, so LISTEN never worked and the password was logged.)
+    With TCP keepalive and a user timeout (:data:`~provisioner.store.engine.PG_KEEPALIVE`)
+    where the URL sets none: a half-open connection ends, and the poll takes over."""
     parsed = make_url(url).set(drivername="postgresql+psycopg")
     _args, params = parsed.get_dialect()().create_connect_args(parsed)
-    return psycopg.conninfo.make_conninfo(**params)
+    return psycopg.conninfo.make_conninfo(**params, **pg_keepalive(params))
 
 
 async def postgres_wakeups(

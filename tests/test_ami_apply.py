@@ -437,6 +437,36 @@ def test_a_derived_name_astdb_does_not_hold_has_every_contact_listed(store: Engi
     assert not held
 
 
+def test_a_removal_owed_across_a_reconnect_uses_the_reconnects_snapshot(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A contact removal the lost connection left owed is sent after the reconnect from the
+    book its snapshot fills: one PJSIPShowContacts (the snapshot's), not a second listing
+    of every contact at the same time (at 100k phones, twice 100k events at once)."""
+    monkeypatch.setattr(pbx_module, "SNAPSHOT_MIN_GAP", 0.0)  # the snapshot is due at once
+
+    async def scenario() -> tuple[list[str], int]:
+        peer = FakeAsterisk()
+        await peer.start()
+        pbx = AmiPbx([_link(peer)], store, "realtime")
+        async with _serving(peer, pbx) as link:
+            await eventually(link.book_complete)
+            peer.drop_on = {"DBDel"}
+            pbx.applied(REMOVED, target_kind="realtime")
+            await eventually(lambda: bool(peer.actions("DBDel")))
+            listed = len(peer.actions("PJSIPShowContacts"))
+            peer.delays["pjsipshowcontacts"] = 0.2  # a listing that takes a while
+            peer.drop_on = set()
+            await eventually(lambda: len(peer.actions("DBDel")) == 2 and not link.owed)
+            await asyncio.sleep(0.3)  # a listing still coming would show now
+            keys = [a.get("Key") for a in peer.actions("DBDel")]
+            return keys, len(peer.actions("PJSIPShowContacts")) - listed
+
+    keys, listed = run(scenario())
+    assert keys == [CONTACT_KEY, CONTACT_KEY]
+    assert listed == 1
+
+
 def test_a_removal_the_action_validator_refuses_is_logged_and_the_change_goes_on(
     store: Engine,
 ) -> None:

@@ -118,6 +118,30 @@ def test_gap_grows_with_the_last_reload_duration() -> None:
     run(scenario())
 
 
+def test_a_timed_out_reload_spaces_the_next_by_the_min_gap_not_by_its_timeout() -> None:
+    """A reload that timed out (its real duration unknown) is followed by the next one
+    after reload_min_gap, not after reload_gap_factor times reload_timeout (at the
+    defaults, 20 minutes in which nothing could be reloaded)."""
+
+    async def scenario() -> tuple[str, bool, float]:
+        settings = {"reload_timeout": 0.2, "reload_min_gap": 0.05, "reload_gap_factor": 50.0}
+        peer, client, reloads = await _setup(**settings)
+        peer.reload_delay = 0.4
+        loop = asyncio.get_running_loop()
+        async with running(client, reloads):
+            first = await reloads.request()
+            peer.reload_delay = 0.0
+            ended = loop.time()
+            second = await asyncio.wait_for(reloads.request(), timeout=5)
+            waited = loop.time() - ended
+        await peer.stop()
+        return first.result, second.ok, waited
+
+    first, second_ok, waited = run(scenario())
+    assert (first, second_ok) == ("timeout", True)
+    assert waited < 2.0, f"the next reload waited {waited:.1f} s"
+
+
 def test_pending_reload_waits_for_a_down_server() -> None:
     """A reload requested while the server is down is sent once it comes back."""
 

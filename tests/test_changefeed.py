@@ -7,13 +7,16 @@ import select as pyselect
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 from sqlalchemy import Engine, create_engine, func, select, text
+from structlog.testing import capture_logs
 
 from provisioner import daemon as daemon_module
 from provisioner.accounts import Accounts
+from provisioner.ami.pbx import AmiPbx
 from provisioner.applier import Applied, Applier
 from provisioner.config import load_config
 from provisioner.daemon import Daemon
@@ -483,6 +486,50 @@ def test_a_full_apply_is_told_to_asterisk_when_saving_its_cursor_fails(
     assert not ok  # the failed write is reported, and retried
 
 
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_sighup_that_only_rewrites_the_files_has_asterisk_reload_them(
+    accounts: Accounts, db_url: str, tmp_path: Path
+) -> None:
+    """A SIGHUP that moves the users into shard files (target.shards), changing no object,
+    has Asterisk reload the files it wrote (the daemon's real AMI side, a fake Asterisk
+    over a socket): the loaded files' digest is then theirs, and the next start owes no
+    reload."""
+    conf = tmp_path / "pjsip.conf"
+    _add(accounts, "alice")
+
+    async def run() -> None:
+        peer = FakeAsterisk()
+        await peer.start()
+        server = {"name": "lab", "host": "127.0.0.1", "port": peer.port}
+        server |= {"username": peer.username, "secret": peer.secret}
+        overrides: dict[str, Any] = {
+            "store": {"url": db_url},
+            "target": {"path": str(conf)},
+            "ami": {"reload_min_gap": 0, "reload_gap_factor": 0, "backoff_base": 0.02},
+            "asterisk": [server],
+        }
+        daemon = Daemon.from_config(load_config(env={}, overrides=overrides))
+        daemon.health.ready = True
+        ami = asyncio.ensure_future(daemon.pbx.run(daemon.ami_stop))  # type: ignore[union-attr]
+        try:
+            await daemon._run(daemon._full)
+            await eventually(lambda: len(peer.actions("Reload")) == 1)
+            daemon.config_overrides = {**overrides, "target": {"path": str(conf), "shards": 2}}
+            await daemon._reload_config()
+            applied = await daemon._run(daemon._full)
+            assert applied is not None
+            assert (applied.change.wrote, applied.change.empty) == (True, True)  # no object
+            assert "#include" in conf.read_text()
+            await eventually(lambda: len(peer.actions("Reload")) == 2)
+        finally:
+            daemon.ami_stop.set()
+            await ami
+            daemon.engine.dispose()
+            await peer.stop()
+
+    asyncio.run(run())
+
+
 def test_an_apply_that_waits_in_vain_for_a_pooled_connection_is_retried(
     accounts: Accounts, db_url: str, tmp_path: Path
 ) -> None:
@@ -520,6 +567,37 @@ def test_an_apply_that_waits_in_vain_for_a_pooled_connection_is_retried(
         assert f"[{accounts.get_user('alice').extension}]" in target.path.read_text()
     finally:
         pool.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_shutdown_whose_last_write_waits_in_vain_for_a_pooled_connection_keeps_the_marker(
+    engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """The shutdown's last store write (dropping this run's marker of untold writes) that
+    finds every pooled connection taken until the pool's timeout keeps the marker, as a
+    refused write does: the shutdown ends, with no error raised out of it."""
+    config = load_config(
+        env={},
+        overrides={"store": {"url": db_url}, "target": {"path": str(tmp_path / "pjsip.conf")}},
+    )
+    pool = create_engine(db_url, pool_size=1, max_overflow=0, pool_timeout=0.1)
+    target = ConfigFileTarget(tmp_path / "pjsip.conf")
+    applier = Applier(pool, target, RenderSettings.from_config(config))
+    daemon = Daemon(config, pool, applier, [], pbx=AmiPbx([], pool))
+    daemon._untold_found, daemon._untold_handed = [], True  # Asterisk told everything
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        with pool.connect():  # the only connection, held by a stuck transaction
+            await daemon._end_untold(None, loop.time() + 5)
+
+    try:
+        with capture_logs() as logs:
+            asyncio.run(run())
+    finally:
+        pool.dispose()
+    kept = [e for e in logs if e["event"] == "daemon.untold_kept"]
+    assert [e["reason"] for e in kept] == ["store write failed"]
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)

@@ -926,7 +926,7 @@ def test_after_a_sighup_sets_shards_the_digest_noted_is_of_the_files_asterisk_lo
             config.write_text(config.read_text().replace("[target]\n", "[target]\nshards = 4\n"))
             daemon.send_signal(signal.SIGHUP)
             await _until(lambda: _text(conf).count("#include") == 4, 5)
-            await _add_agent(config, "shardy", "Shard Y")  # an edit: a reload of the shards
+            # The layout switch alone (no object changed) has Asterisk reload the shards.
             await _until(lambda: len(peer.actions("Reload")) == 2, 5)
             sharded = config_files(conf, 4)
             await _until(lambda: _loaded_digest(store) == files_digest(sharded), 5)

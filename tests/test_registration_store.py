@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Connection, Engine, select, text, update
+from sqlalchemy import Connection, Engine, create_engine, select, text, update
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import DBAPIError
 
@@ -586,6 +586,35 @@ def test_a_write_the_database_refused_is_retried_without_a_new_event(
     (problem,) = during
     assert problem.startswith("lab: the store refused the last")
     assert after == []
+
+
+def test_a_write_that_waits_in_vain_for_a_pooled_connection_is_retried(
+    engine: Engine, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While every pooled connection is taken (stuck elsewhere) until the pool's timeout,
+    the flusher backs off as for a refused write, and the latest state is written once a
+    connection is free: the AMI side runs on (it ended, and the daemon with it)."""
+    monkeypatch.setattr(pbx_module, "STORE_RETRY_BASE", 0.05)
+    seed_store(engine, 3)
+    pool = create_engine(db_url, pool_size=1, max_overflow=0, pool_timeout=0.1)
+
+    def stored() -> int:
+        with reading(engine) as conn:
+            return len(conn.execute(select(registrations.c.user_id)).all())
+
+    async def scenario() -> tuple[int, int]:
+        async with _lab_pbx(pool) as (peer, link, _pbx):
+            with pool.connect():  # the only connection, held by a stuck transaction
+                await peer.send_burst(3)
+                await eventually(lambda: link.store_failures >= 2, timeout=5.0)
+                waiting = stored()
+            await eventually(lambda: stored() == 3 and link.store_failures == 0, timeout=5.0)
+            return waiting, link.events
+
+    try:
+        assert run(scenario()) == (0, 3)
+    finally:
+        pool.dispose()
 
 
 def test_timestamp_text_is_what_sqlites_bind_processor_writes() -> None:

@@ -454,6 +454,53 @@ def test_postgresql_listen_connects_with_a_password_holding_spaces(tmp_path: Pat
     assert "s3cret" not in repr(logs)
 
 
+def _tcp_options(fd: int) -> tuple[int, int, int, int, int]:
+    """SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT and TCP_USER_TIMEOUT of the
+    socket ``fd``, as the kernel holds them."""
+    import socket
+
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        return (
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+        )
+
+
+def test_postgresql_connections_notice_a_server_host_gone_silent(tmp_path: Path) -> None:
+    """The LISTEN connection and the engine's pooled ones have TCP keepalive (10 s idle,
+    then every 5 s, 3 probes) and a 30 s user timeout, unless the store URL sets its own:
+    a server host gone without a FIN or RST (a half-open connection) ends them within
+    about 30 s, not after the kernel's retransmissions (about 15 min) during which LISTEN
+    looked alive and woke nobody."""
+    import psycopg
+
+    from provisioner.watch import listen_conninfo
+
+    from .dbs import temp_database
+
+    def options(url: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The TCP options of a LISTEN connection and of a pooled connection to ``url``."""
+        with psycopg.connect(listen_conninfo(url)) as listen:
+            listened = _tcp_options(listen.fileno())
+        engine = open_engine(url)
+        try:
+            with engine.connect() as conn:
+                pooled = _tcp_options(conn.connection.dbapi_connection.fileno())  # type: ignore[union-attr]
+        finally:
+            engine.dispose()
+        return listened, pooled
+
+    with temp_database("postgresql", tmp_path) as url:
+        assert "127.0.0.1" in url  # over TCP, not a local socket
+        defaults = options(url)
+        own = options(f"{url}?keepalives_idle=42&tcp_user_timeout=7000")
+    assert defaults == ((1, 10, 5, 3, 30_000),) * 2
+    assert own == ((1, 42, 5, 3, 7_000),) * 2
+
+
 def _add_agent(url: str, username: str) -> None:
     """Add an agent through a connection opened now (on whatever file the path names)."""
     engine = open_engine(url)

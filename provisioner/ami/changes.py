@@ -764,7 +764,11 @@ async def remove_contacts(link: Link, removed: Collection[str]) -> None:
     server: at 100k registered phones ``PJSIPShowContacts`` is 100k events, seconds
     every later edit would wait behind.  Otherwise, or when a name derived from a status
     event's URI was not in astdb, every contact is listed and the removed AORs' deleted.
+    A snapshot's listing under way (a reconnect's) is waited for instead, and its book
+    used: a listing of its own at the same time would double Asterisk's work.
     """
+    if not link.book_complete() and link.snapshot_events is not None:
+        await link.listing_idle.wait()  # it always ends: answered, timed out or cut
     if link.book_complete() and await _remove_known(link, removed):
         return
     for c in await _listed_contacts(link):

@@ -34,6 +34,7 @@ from typing import Any, Literal, NamedTuple, TypeVar
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from ..accounts import utcnow
 from ..aio import doubling, sleep_unless, wait_first
@@ -125,6 +126,11 @@ LOOKUP_LIMIT = 20
 #: that stays up (refused, unanswered), doubling from ``SNAPSHOT_MIN_GAP``.
 SNAPSHOT_RETRY_MAX = 60.0
 _EVENTS = ("ContactStatus", "PeerStatus", "DeviceStateChange", "SuccessfulAuth")
+#: Store failures a registration write (or a note's) waits out and tries again: the
+#: database refused it or is away, or every pooled connection stayed taken until the
+#: pool's timeout (as the daemon's applies, ``_RETRYABLE``).  Any other error is a bug:
+#: it ends the AMI side, and with it the daemon.
+STORE_DOWN = (DBAPIError, PoolTimeout)
 
 
 def rows(reg: EndpointRegistration) -> tuple[tuple[ContactRow, ...], SummaryRow]:
@@ -204,6 +210,8 @@ class Link:
     #: Asterisk sends the events queued while it listed after the list's end, and they
     #: are folded again over the snapshot, which is older than they are.
     snapshot_events: list[Mapping[str, str]] | None = None
+    #: Set while no snapshot's ``PJSIPShowContacts`` is under way (see ``snapshot_events``).
+    listing_idle: asyncio.Event = field(default_factory=asyncio.Event)
     #: Seconds the last answered snapshot's ``PJSIPShowContacts`` took (a failed one's
     #: time is not kept: see :meth:`AmiPbx._take_snapshot`).
     snapshot_took: float = 0.0
@@ -265,6 +273,7 @@ class Link:
 
     def __post_init__(self) -> None:
         self.store_idle.set()
+        self.listing_idle.set()
 
     def book_complete(self) -> bool:
         """Whether the book holds every contact Asterisk has: a snapshot of this session
@@ -715,6 +724,7 @@ class AmiPbx:
         session = link.client.sessions
         started = time.monotonic()
         link.snapshot_events = []
+        link.listing_idle.clear()
         try:
             contacts = await link.ops.show_contacts()
         except ProvisionerError as exc:
@@ -726,6 +736,7 @@ class AmiPbx:
             return "failed_live" if live else "failed"
         finally:
             events, link.snapshot_events = link.snapshot_events, None
+            link.listing_idle.set()  # its waiters resume once the book is filled (below)
         link.snapshot_took = time.monotonic() - started
         snapshot = snapshot_from_contact_list_states(contacts)
         # Keep what events told about device and peer state; contacts come from the snapshot.
@@ -755,6 +766,8 @@ class AmiPbx:
                     snapshot[about] = folded
         link.book = snapshot
         link.snapshot_session = session
+        # In the book now (only its store write is to come): the book is complete.
+        link.snapshot_running = False
         link.dirty.clear()
         states = {ep: rows(reg) for ep, reg in snapshot.items()}
         now = utcnow()
@@ -787,12 +800,11 @@ class AmiPbx:
         while not stop.is_set():
             try:
                 notes = await in_worker(_read_notes, self.engine, link.name)
-            except DBAPIError as exc:
+            except STORE_DOWN as exc:
                 failures += 1
                 delay = doubling(STORE_RETRY_BASE, STORE_RETRY_MAX, failures)
-                log.warning(
-                    "ami.owed_unknown", server=link.name, error=str(exc.orig), retry_in_s=delay
-                )
+                error = _store_error(exc, text=True)
+                log.warning("ami.owed_unknown", server=link.name, error=error, retry_in_s=delay)
                 await sleep_unless(stop, delay)
                 continue
             reload = None
@@ -957,8 +969,8 @@ class AmiPbx:
         write = final_notes(link, batch, reload=owes_reload)
         try:
             await in_worker(transaction, self.engine, write)
-        except DBAPIError as exc:
-            log.warning("ami.owed_not_noted", server=link.name, error=str(exc.orig))
+        except STORE_DOWN as exc:
+            log.warning("ami.owed_not_noted", server=link.name, error=_store_error(exc, text=True))
             return
         link.stop_noted = True
         log.info(
@@ -975,12 +987,12 @@ class AmiPbx:
     async def _store(self, server: str, write: Callable[[Connection], object]) -> bool:
         """Run ``write`` in one transaction, in a thread (run again when it lost a
         deadlock: :func:`~provisioner.store.engine.transaction`); ``False`` (and a log
-        line) when the database refused it."""
+        line) when the store failed it (:data:`STORE_DOWN`)."""
 
         try:
             await in_worker(transaction, self.engine, write)
-        except DBAPIError as exc:
-            log.warning("registration.store_failed", server=server, error=type(exc.orig).__name__)
+        except STORE_DOWN as exc:
+            log.warning("registration.store_failed", server=server, error=_store_error(exc))
             return False
         return True
 
@@ -1003,6 +1015,15 @@ def _read_notes(engine: Engine, server: str) -> _Notes:
         removals = load_states(conn, owed_removals_prefix(server))
         loaded = load_state(conn, loaded_digest_key(server))
     return _Notes(reload_owed, expiries, list(removals.values()), loaded)
+
+
+def _store_error(exc: DBAPIError | PoolTimeout, *, text: bool = False) -> str:
+    """What to log of a store failure: a database's error type (with ``text``, the
+    driver's text; a registration write's quotes the phones' addresses), the pool's
+    message for a pool timeout."""
+    if isinstance(exc, DBAPIError):
+        return str(exc.orig) if text else type(exc.orig).__name__
+    return str(exc)
 
 
 def _ignore_outcome(_outcome: ReloadOutcome) -> None:

@@ -13,7 +13,8 @@ endpoints in the lab), so :class:`ReloadCoordinator` makes sure that, per server
   ``BUSY_RETRY_MAX`` (or ``reload_retry_delay`` itself, when longer);
 - between two reloads there is a gap of
   ``max(reload_min_gap, reload_gap_factor * last reload's duration)``, so a slow
-  Asterisk gets proportionally more rest;
+  Asterisk gets proportionally more rest (``reload_min_gap`` after a timed-out one,
+  whose duration is unknown);
 - a server that is down keeps its pending reload until it is back; a reload cut
   by a lost connection stays pending too (a reload is idempotent, and Asterisk may
   have restarted), while a timed-out one does not (it started after the requests,
@@ -192,8 +193,7 @@ class ReloadCoordinator:
                 break
         finally:
             self.in_flight = False
-        gap = max(self.settings.reload_min_gap, self.settings.reload_gap_factor * took)
-        self._next_allowed = self._clock() + gap
+        self._next_allowed = self._clock() + self._gap(result, took)
         outcome = ReloadOutcome(
             self.client.name, self.module, result, round(took * 1000), attempts, requests, message
         )
@@ -202,6 +202,20 @@ class ReloadCoordinator:
         if settle is not None:
             settle(outcome)
         return outcome
+
+    def _gap(self, result: ReloadResult, took: float) -> float:
+        """Seconds from a reload's end to the next one's start:
+        ``max(reload_min_gap, reload_gap_factor * took)``, or ``reload_min_gap`` alone after
+        a timeout, whose real duration is unknown (``took`` is only how long it was waited
+        for).  The lab's slowest reload took 95 s (50,000 endpoints; README of
+        ../shared/asterisk), so one past ``reload_timeout`` (600 s) is an Asterisk far past
+        anything measured, or stuck: spaced by the factor (1,200 s) the retry of the reload
+        it failed (:func:`~provisioner.ami.changes.retry_reload_later`: 5 s, doubling) waited
+        20 minutes.  A next one sent while Asterisk still reloads is answered ``A reload is
+        in progress`` at once, and retried on the busy backoff."""
+        if result == "timeout":
+            return self.settings.reload_min_gap
+        return max(self.settings.reload_min_gap, self.settings.reload_gap_factor * took)
 
     async def _send_once(self) -> tuple[ReloadResult, str, float]:
         started = self._clock()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,9 +18,11 @@ from ..logs import get_logger
 
 __all__ = [
     "CONFLICT_ATTEMPTS",
+    "PG_KEEPALIVE",
     "file_identity",
     "is_conflict",
     "open_engine",
+    "pg_keepalive",
     "reading",
     "sqlite_file",
     "transaction",
@@ -45,6 +47,22 @@ _FILE = "provisioner_file"
 
 #: A file's identity: its device and inode numbers.
 FileIdentity = tuple[int, int]
+
+#: libpq's TCP settings for every PostgreSQL connection (the engine's and the LISTEN
+#: one) the store URL does not set: keepalive probes after 10 s idle, every 5 s, 3 of
+#: them, and at most 30 s (milliseconds here) for sent data to be acknowledged.  A
+#: server host gone without a FIN or RST (a half-open connection) then ends the
+#: connection within about 30 s; libpq's defaults (the kernel's: 2 h idle, and about
+#: 15 min of retransmissions of unacknowledged data) had the LISTEN connection's
+#: ``SELECT 1`` hang meanwhile, waking nobody, and a pooled connection's ping hold an
+#: apply until ``daemon.stuck_after``.
+PG_KEEPALIVE: dict[str, str] = {
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "30000",
+}
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -94,7 +112,16 @@ def open_engine(url: str, *, busy_timeout: float = 10.0) -> Engine:
         _sqlite_events(engine, path, busy_timeout)
         return engine
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        kwargs["connect_args"] = pg_keepalive(parsed.query)
     return create_engine(url, **kwargs)
+
+
+def pg_keepalive(given: Mapping[str, object]) -> dict[str, str]:
+    """The :data:`PG_KEEPALIVE` settings not in ``given`` (a store URL's parameters):
+    the URL's own win."""
+    return {key: value for key, value in PG_KEEPALIVE.items() if key not in given}
 
 
 def _sqlite_events(engine: Engine, path: Path, busy_timeout: float) -> None:
