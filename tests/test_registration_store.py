@@ -25,6 +25,7 @@ from provisioner.accounts import Accounts
 from provisioner.ami import pbx as pbx_module
 from provisioner.ami.client import AmiClient
 from provisioner.ami.pbx import AmiPbx, Link
+from provisioner.ami.registration import apply_events
 from provisioner.ami.reload import PjsipOps, ReloadCoordinator
 from provisioner.health import Health
 from provisioner.store import registrations as registrations_module
@@ -259,6 +260,34 @@ def test_events_of_one_contact_in_one_flush_window_leave_the_latest_state(
         states = sorted(tuple(s) for s in sums)
     assert contacts == []
     assert (1, "offline") in states
+
+
+def test_two_phones_whose_long_uris_differ_only_after_255_characters_are_both_stored(
+    engine: Engine,
+) -> None:
+    """Two contacts of one endpoint told by ContactStatus events, whose URIs (push
+    notification parameters make them long) share their first 300 characters, are two
+    rows, each with its whole URI."""
+    seed_store(engine, 1)
+    common = "sip:100000@10.0.0.1:5060;pn-prid=" + "f" * 280
+    uris = [f"{common};phone={n}" for n in ("a", "b")]
+    events = [
+        {
+            "Event": "ContactStatus",
+            "EndpointName": "100000",
+            "AOR": "100000",
+            "URI": uri,
+            "ContactStatus": "NonQualified",
+            "RoundtripUsec": "0",
+        }
+        for uri in uris
+    ]
+    reg = apply_events({}, events)["100000"]
+    with engine.begin() as conn:
+        write_endpoint_rows(conn, "pbx1", {"100000": pbx_module.rows(reg)}, NOW)
+    with engine.connect() as conn:
+        stored = sorted(conn.execute(select(registrations.c.uri)).scalars())
+    assert stored == uris
 
 
 def test_a_contact_created_on_an_older_asterisk_is_stored_online(engine: Engine) -> None:

@@ -131,11 +131,13 @@ def rows(reg: EndpointRegistration) -> tuple[tuple[ContactRow, ...], SummaryRow]
     """An endpoint's registration as the store's plain tuples (pure; the flusher's path:
     no record object per contact and endpoint).  Tuples only (no list): the garbage
     collector drops them from its lists after one pass, so a storm's batch does not
-    bring on full collections."""
+    bring on full collections.  A contact's key is its ``ObjectName`` as Asterisk names
+    it (derived from the AOR and URI when an event did not tell it): short, so two long
+    URIs that differ only past the key column's size are two contacts, not one."""
     contacts: tuple[ContactRow, ...] = tuple(
         [
             (
-                c.object_name or f"{c.aor};{c.uri}",
+                contact_object_name(c)[0],
                 c.uri,
                 c.status,
                 c.user_agent or "",
