@@ -650,6 +650,35 @@ def test_a_phone_gone_while_disconnected_is_offline_after_the_reconnect_snapshot
     assert peer_status is None
 
 
+def test_an_endpoint_said_invalid_then_added_again_is_online_when_a_snapshot_lists_its_phone(
+    store: Engine,
+) -> None:
+    """An endpoint Asterisk called INVALID (deleted, then a reload), added again (the
+    user restored) and found live by the post-apply check, is online once a snapshot
+    (the reconnect's) lists its phone's contact."""
+    added = Change(added=("1001",), changed_objects=(("endpoint", "1001"),), wrote=True)
+
+    async def scenario() -> tuple[bool, str, int]:
+        peer = FakeAsterisk()
+        await peer.start()
+        pbx = AmiPbx([_link(peer)], store, "realtime")
+        async with _serving(peer, pbx) as link:
+            await eventually(link.book_complete)
+            await peer.send_recorded(
+                "Event: DeviceStateChange", "UNAVAILABLE", replace=((b"UNAVAILABLE", b"INVALID"),)
+            )
+            await eventually(lambda: not link.book["1001"].exists)
+            pbx.applied(added, target_kind="realtime")
+            await eventually(lambda: link.changes.empty() and not link.unverified)
+            await peer.stop()
+            await peer.start()  # astdb holds 1001's contact: its phone registered meanwhile
+            await eventually(lambda: link.client.sessions == 2 and link.book_complete())
+            reg = link.book["1001"]
+            return reg.exists, reg.summary, len(reg.contacts)
+
+    assert run(scenario()) == (True, "online", 1)
+
+
 class _TailPeer(FakeAsterisk):
     """A fake Asterisk that sends ``tail`` (events it queued while listing) right after
     its next PJSIPShowContacts answer, in the same write, as Asterisk does."""

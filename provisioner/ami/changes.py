@@ -851,6 +851,7 @@ async def verify(link: Link, endpoints: list[str], *, listing: bool = False) -> 
             link.unverified.pop(endpoint, None)
     if not problems:
         return
+    _held_again(link, [ep for ep, problem in problems.items() if not problem])
     not_live = [(ep, problem) for ep, problem in problems.items() if problem]
     link.not_live += len(not_live)
     for endpoint, problem in not_live[:NOT_LIVE_LOG_LIMIT]:
@@ -865,6 +866,19 @@ async def verify(link: Link, endpoints: list[str], *, listing: bool = False) -> 
     # must not wait behind a registration write (a refused one is logged by the flusher).
     write = partial(set_problems, server=link.name, problems=problems, now=now)
     link.in_flusher_turn(write)
+
+
+def _held_again(link: Link, live: Iterable[str]) -> None:
+    """Take each of ``live`` (endpoints Asterisk was just found to hold) for existing in
+    ``link``'s book again, whatever an earlier ``INVALID`` said (deleted, then added
+    again): a snapshot listing its phone's contact then counts it online.  Until such
+    an answer, contacts a snapshot lists for an endpoint said ``INVALID`` are a deleted
+    endpoint's, which Asterisk keeps until they expire."""
+    for endpoint in live:
+        reg = link.book.get(endpoint)
+        if reg is not None and not reg.exists:
+            link.book[endpoint] = reg._replace(exists=True)
+            link.mark_dirty((endpoint,))
 
 
 _NOT_HELD = "Asterisk does not hold this endpoint (rejected? see Asterisk's log)"
