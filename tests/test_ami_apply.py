@@ -17,6 +17,7 @@ from collections.abc import (
     Sequence,
 )
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ from provisioner.checks import run_checks
 from provisioner.config import Config, caches_by_kind, load_config
 from provisioner.store.engine import open_engine
 from provisioner.store.migrate import upgrade
+from provisioner.store.registrations import status_rows
 from provisioner.store.schema import daemon_state, registration_summary, users
 from provisioner.store.state import put_state
 from provisioner.targets import Change
@@ -677,6 +679,38 @@ def test_an_endpoint_said_invalid_then_added_again_is_online_when_a_snapshot_lis
             return reg.exists, reg.summary, len(reg.contacts)
 
     assert run(scenario()) == (True, "online", 1)
+
+
+def test_a_reconnect_snapshot_keeps_the_last_change_of_a_phone_it_still_lists(
+    store: Engine,
+) -> None:
+    """``status``'s last change of a phone registered before an AMI reconnect stays the
+    time of its registration's events (Asterisk's Timestamp), not the time the
+    reconnect's snapshot was written."""
+    with store.begin() as conn:
+        conn.execute(update(users).where(users.c.id == 1).values(extension="1001"))
+
+    async def scenario() -> float | None:
+        peer = FakeAsterisk()
+        await peer.start()
+        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+            await eventually(link.book_complete)
+            for needles in _REGISTER:
+                await peer.send_recorded(*needles)
+            await eventually(lambda: link.events == 3 and not link.dirty)
+            registered = link.book["1001"].last_change
+            await peer.stop()
+            await peer.start()  # the phone stays registered: the snapshot lists it
+            await eventually(lambda: link.client.sessions == 2 and link.book_complete())
+            await eventually(lambda: not link.jobs and link.store_idle.is_set())
+            return registered
+
+    registered = run(scenario())
+    assert registered is not None
+    with store.connect() as conn:
+        (row,) = status_rows(conn, ["user0"])
+    assert row["state"] == "online"
+    assert row["last_change"] == datetime.fromtimestamp(registered, UTC).replace(tzinfo=None)
 
 
 class _TailPeer(FakeAsterisk):

@@ -133,7 +133,10 @@ def rows(reg: EndpointRegistration) -> tuple[tuple[ContactRow, ...], SummaryRow]
     collector drops them from its lists after one pass, so a storm's batch does not
     bring on full collections.  A contact's key is its ``ObjectName`` as Asterisk names
     it (derived from the AOR and URI when an event did not tell it): short, so two long
-    URIs that differ only past the key column's size are two contacts, not one."""
+    URIs that differ only past the key column's size are two contacts, not one.
+    Contacts and summary carry the time of the endpoint's last status event (``None``,
+    the write's time, when none came): a rewrite (a reconnect's snapshot) is no change."""
+    changed = None if reg.last_change is None else epoch_text(reg.last_change)
     contacts: tuple[ContactRow, ...] = tuple(
         [
             (
@@ -144,18 +147,17 @@ def rows(reg: EndpointRegistration) -> tuple[tuple[ContactRow, ...], SummaryRow]
                 c.source or "",
                 c.rtt_usec,
                 None if c.expires_at is None else epoch_text(c.expires_at),
-                None,
+                changed,
             )
             for c in reg.contacts
         ]
     )
     state = summarize(reg)
-    changed = reg.last_change
     return contacts, (
         "offline" if state == "unknown" else state,
         reg.device_state or "",
         "",
-        None if changed is None else epoch_text(changed),
+        changed,
     )
 
 
