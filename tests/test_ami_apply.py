@@ -713,6 +713,37 @@ def test_a_reconnect_snapshot_keeps_the_last_change_of_a_phone_it_still_lists(
     assert row["last_change"] == datetime.fromtimestamp(registered, UTC).replace(tzinfo=None)
 
 
+def test_a_disabled_users_phone_asterisk_still_lists_after_its_endpoint_went_is_offline(
+    store: Engine,
+) -> None:
+    """A disabled user's endpoint Asterisk called INVALID (gone at the reload) whose phone's
+    contact the next snapshot still lists (Asterisk keeps a deleted endpoint's contacts
+    until they expire) is offline in ``status``, as its server's summary says."""
+    with store.begin() as conn:
+        conn.execute(update(users).where(users.c.id == 1).values(extension="1001", disabled=True))
+
+    async def scenario() -> str:
+        peer = FakeAsterisk()
+        await peer.start()
+        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+            await eventually(link.book_complete)
+            await peer.send_recorded(
+                "Event: DeviceStateChange", "UNAVAILABLE", replace=((b"UNAVAILABLE", b"INVALID"),)
+            )
+            await eventually(lambda: not link.book["1001"].exists)
+            await peer.stop()
+            await peer.start()  # astdb still holds 1001's contact
+            await eventually(lambda: link.client.sessions == 2 and link.book_complete())
+            await eventually(lambda: not link.jobs and link.store_idle.is_set())
+            return link.book["1001"].summary
+
+    assert run(scenario()) == "offline"
+    with store.connect() as conn:
+        (row,) = status_rows(conn, ["user0"])
+    assert [s["state"] for s in row["servers"]] == ["offline"]
+    assert row["state"] == "offline"
+
+
 class _TailPeer(FakeAsterisk):
     """A fake Asterisk that sends ``tail`` (events it queued while listing) right after
     its next PJSIPShowContacts answer, in the same write, as Asterisk does."""

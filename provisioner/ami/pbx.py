@@ -135,7 +135,10 @@ def rows(reg: EndpointRegistration) -> tuple[tuple[ContactRow, ...], SummaryRow]
     it (derived from the AOR and URI when an event did not tell it): short, so two long
     URIs that differ only past the key column's size are two contacts, not one.
     Contacts and summary carry the time of the endpoint's last status event (``None``,
-    the write's time, when none came): a rewrite (a reconnect's snapshot) is no change."""
+    the write's time, when none came): a rewrite (a reconnect's snapshot) is no change.
+    An endpoint Asterisk said ``INVALID`` (gone) has no contact stored: those a snapshot
+    still lists are a deleted endpoint's, kept until they expire, and no phone is usable
+    through them (``status`` would count them online beside an offline summary)."""
     changed = None if reg.last_change is None else epoch_text(reg.last_change)
     contacts: tuple[ContactRow, ...] = tuple(
         [
@@ -149,7 +152,7 @@ def rows(reg: EndpointRegistration) -> tuple[tuple[ContactRow, ...], SummaryRow]
                 None if c.expires_at is None else epoch_text(c.expires_at),
                 changed,
             )
-            for c in reg.contacts
+            for c in (reg.contacts if reg.exists else ())
         ]
     )
     state = summarize(reg)
