@@ -53,7 +53,7 @@ from provisioner.checks import run_checks
 from provisioner.config import Config, caches_by_kind, load_config
 from provisioner.store.engine import open_engine
 from provisioner.store.migrate import upgrade
-from provisioner.store.registrations import status_rows
+from provisioner.store.registrations import status_rows, write_endpoint_rows
 from provisioner.store.schema import daemon_state, registration_summary, users
 from provisioner.store.state import put_state
 from provisioner.targets import Change
@@ -1712,6 +1712,39 @@ def test_a_registered_phones_refresh_changes_nothing_in_the_store(store: Engine)
     before, after, seen, later = run(scenario())
     assert after == before
     assert seen == later
+
+
+def test_a_refresh_before_the_starts_snapshot_leaves_the_stored_state_alone(
+    store: Engine,
+) -> None:
+    """A registered phone's refresh (a SuccessfulAuth, no status event) that comes while
+    the start's snapshot is still being listed writes nothing: its user stays online in
+    the store, as the last run left it, instead of turning offline until the list ends."""
+    with store.begin() as conn:
+        conn.execute(update(users).where(users.c.id == 1).values(extension="1001"))
+        online = ("online", "NOT_INUSE", "", None)
+        write_endpoint_rows(conn, "lab", {"1001": ([], online)}, datetime(2026, 5, 1, 12))
+
+    def state() -> object:
+        summary = registration_summary.c
+        query = select(summary.state).where(summary.server == "lab", summary.user_id == 1)
+        with store.connect() as conn:
+            return conn.execute(query).scalar_one_or_none()
+
+    async def scenario() -> object:
+        peer = FakeAsterisk()
+        peer.delays["pjsipshowcontacts"] = 1.0
+        await peer.start()
+        link = _link(peer)
+        async with _serving(peer, AmiPbx([link], store, "realtime")):
+            await eventually(lambda: link.snapshot_running)
+            await peer.send_recorded("Event: SuccessfulAuth\r\n", "Service: PJSIP")
+            await eventually(lambda: "1001" in link.book)
+            await asyncio.sleep(0.3)  # past the flush delay and a write
+            assert link.snapshot_running
+            return state()
+
+    assert run(scenario()) == "online"
 
 
 class _BootingPeer(FakeAsterisk):

@@ -511,9 +511,12 @@ class AmiPbx:
                 # reload; their contacts are only visible by asking, if none follows.
                 link.unconfirmed[endpoint] = time.monotonic() + CONFIRM_WINDOW
                 link.unconfirmed_added.set()
-        # An authentication of a known endpoint changes nothing the store holds: at 100k
-        # phones refreshing every few minutes, hundreds of writes a second for nothing.
-        unstored = endpoint in book and event.get("Event") == "SuccessfulAuth"
+        # An authentication changes nothing the store holds: at 100k phones refreshing
+        # every few minutes, hundreds of writes a second for nothing.  Nor does one of an
+        # endpoint new to the book (before the start's snapshot is in, every refresh): its
+        # record says nothing of contacts, and written it would turn a user the last run
+        # left online offline until the snapshot.
+        unstored = event.get("Event") == "SuccessfulAuth"
         book[endpoint] = after
         if not unstored:
             link.mark_dirty((endpoint,))
