@@ -61,9 +61,15 @@ def _store(config: Config) -> Check:
             count = conn.execute(select(func.count()).select_from(users)).scalar_one()
         return ("store", True, f"{display_url(config.store.url)}: {count} users")
     except DBAPIError as exc:
-        return ("store", False, f"cannot open: {type(exc.orig).__name__}: {exc.orig}")
+        return ("store", False, f"cannot open: {type(exc.orig).__name__}: {_first_line(exc)}")
     finally:
         engine.dispose()
+
+
+def _first_line(exc: DBAPIError) -> str:
+    """The first line of the driver's error: a check is one line (libpq's "connection
+    refused" goes on with a hint on a line of its own)."""
+    return (str(exc.orig).splitlines() or [""])[0]
 
 
 def _target(config: Config) -> Check:
