@@ -744,6 +744,41 @@ def test_a_disabled_users_phone_asterisk_still_lists_after_its_endpoint_went_is_
     assert row["state"] == "offline"
 
 
+def test_a_change_a_reconnect_snapshot_finds_is_logged_and_so_is_the_next(
+    store: Engine,
+) -> None:
+    """A phone that un-registered while the connection was down is logged offline
+    (``registration.changed``) when the reconnect's snapshot finds it gone, and online
+    again when it registers once more."""
+
+    async def scenario() -> list[str]:
+        peer = FakeAsterisk()
+        await peer.start()
+        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+            await eventually(link.book_complete)
+            for needles in _REGISTER:
+                await peer.send_recorded(*needles)
+            await eventually(lambda: link.events == 3 and not link.dirty)
+            await eventually(lambda: link.reported.get("1001") == "online")
+            with capture_logs() as logs:
+                await peer.stop()
+                peer.astdb.clear()  # the phone un-registered while the connection was down
+                await peer.start()
+                await eventually(lambda: link.client.sessions == 2 and link.book_complete())
+                await eventually(lambda: not link.jobs and link.store_idle.is_set())
+                for needles in _REGISTER:
+                    await peer.send_recorded(*needles)
+                await eventually(lambda: link.events == 6 and not link.dirty)
+                await eventually(lambda: link.store_idle.is_set())
+            return [
+                line["state"]
+                for line in logs
+                if line["event"] == "registration.changed" and line["endpoint"] == "1001"
+            ]
+
+    assert run(scenario()) == ["offline", "online"]
+
+
 class _TailPeer(FakeAsterisk):
     """A fake Asterisk that sends ``tail`` (events it queued while listing) right after
     its next PJSIPShowContacts answer, in the same write, as Asterisk does."""

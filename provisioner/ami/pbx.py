@@ -755,6 +755,9 @@ class AmiPbx:
         link.snapshot_session = session
         link.dirty.clear()
         states = {ep: rows(reg) for ep, reg in snapshot.items()}
+        # What the snapshot changed is logged as the flusher logs it: unlogged, the
+        # summaries logged last would hide the next change (seen as no change).
+        _log_changes(link, states)
         now = utcnow()
         # Written by the flusher, in turn: a batch taken before this snapshot, still being
         # written, must not land after it (nor one taken after it land before).
