@@ -1130,6 +1130,44 @@ def test_a_file_endpoint_removed_then_added_again_keeps_its_contacts(store: Engi
     assert run(_file_actions(store, REMOVED, again)) == ["Reload"]
 
 
+class _InvalidAtReloadPeer(FakeAsterisk):
+    """A fake Asterisk that, reloading, sends ``DeviceStateChange`` ``INVALID`` for 1001 (an
+    endpoint the reload dropped) before its answer to the reload."""
+
+    async def _answer(self, action: Any) -> bytes:
+        if action.name.lower() == "reload":
+            await self.send_recorded(
+                "Event: DeviceStateChange", "UNAVAILABLE", replace=((b"UNAVAILABLE", b"INVALID"),)
+            )
+            await asyncio.sleep(0.1)  # the event read and folded before the answer
+        return await super()._answer(action)
+
+
+def test_a_file_removal_deletes_the_contacts_though_invalid_came_before_the_reloads_end(
+    store: Engine,
+) -> None:
+    """Config-file target: the contacts of a removed endpoint are deleted after the reload
+    even when Asterisk's ``INVALID`` for that endpoint came before the reload's answer
+    (the book then no longer holds them): its phone's contact does not stay in astdb."""
+
+    async def scenario() -> tuple[list[str], bool]:
+        peer = _InvalidAtReloadPeer()
+        await peer.start()
+        pbx = AmiPbx([_link(peer)], store, "config")
+        async with _serving(peer, pbx) as link:
+            await eventually(link.book_complete)
+            assert link.book["1001"].contacts
+            pbx.applied(REMOVED, target_kind="config")
+            await eventually(lambda: bool(peer.actions("Reload")) and not link.reloads.in_flight)
+            await eventually(lambda: not link.reloads.pending and not link.owed)
+            await asyncio.sleep(0.2)  # a removal owed by the reload's end would be sent by now
+            return [a.get("Key") for a in peer.actions("DBDel")], CONTACT_KEY in peer.astdb
+
+    deleted, kept = run(scenario())
+    assert deleted == [CONTACT_KEY]
+    assert not kept
+
+
 def test_a_failed_reload_is_asked_for_again_and_removals_wait_for_it(
     store: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -785,10 +785,16 @@ async def _listed_contacts(link: Link) -> list[ContactState]:
 
 async def _remove_known(link: Link, removed: Collection[str]) -> bool:
     """Delete the book's contacts of the ``removed`` endpoints (each its own AOR); False
-    when a derived name was not found (then the caller lists them all)."""
+    when a derived name was not found, or when the book no longer knows an endpoint's
+    contacts (Asterisk said it ``INVALID``, which takes them from the book, though astdb
+    keeps them: a config file's removal comes after the reload, and the reload's events
+    may come before its answer): then the caller lists them all."""
     found = True
     for endpoint in removed:
         reg = link.book.get(endpoint)
+        if reg is not None and not reg.exists:
+            found = False
+            continue
         for contact in reg.contacts if reg is not None else ():
             name, derived = contact_object_name(contact)
             if not await _remove_one(link, contact.aor, name) and derived:
