@@ -1820,6 +1820,43 @@ def test_a_refresh_before_the_starts_snapshot_leaves_the_stored_state_alone(
     assert run(scenario()) == "online"
 
 
+def test_a_call_ending_before_the_starts_snapshot_leaves_the_stored_state_alone(
+    store: Engine,
+) -> None:
+    """A registered phone's call that ends while the start's snapshot is still being
+    listed (a DeviceStateChange NOT_INUSE, the book knowing nothing else of it) writes
+    nothing: its user stays online in the store, as the last run left it, until the
+    snapshot, which then writes what is true."""
+    with store.begin() as conn:
+        conn.execute(update(users).where(users.c.id == 1).values(extension="1001"))
+        online = ("online", "INUSE", "", None)
+        write_endpoint_rows(conn, "lab", {"1001": ([], online)}, datetime(2026, 5, 1, 12))
+
+    def state() -> object:
+        summary = registration_summary.c
+        query = select(summary.state).where(summary.server == "lab", summary.user_id == 1)
+        with store.connect() as conn:
+            return conn.execute(query).scalar_one_or_none()
+
+    async def scenario() -> tuple[object, object]:
+        peer = FakeAsterisk()
+        peer.delays["pjsipshowcontacts"] = 1.0
+        await peer.start()
+        link = _link(peer)
+        async with _serving(peer, AmiPbx([link], store, "realtime")):
+            await eventually(lambda: link.snapshot_running)
+            await peer.send_recorded("Event: DeviceStateChange", "NOT_INUSE")
+            await eventually(lambda: "1001" in link.book)
+            await asyncio.sleep(0.3)  # past the flush delay and a write
+            assert link.snapshot_running
+            during = state()
+            await eventually(link.book_complete)
+            await eventually(lambda: not link.jobs and link.store_idle.is_set())
+            return during, state()
+
+    assert run(scenario()) == ("online", "online")
+
+
 class _BootingPeer(FakeAsterisk):
     """A fake Asterisk whose first ``unknown`` PJSIPShowContacts get Asterisk's answer to
     an action no module registered (``Invalid/unknown command``), as before res_pjsip has

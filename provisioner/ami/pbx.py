@@ -515,8 +515,14 @@ class AmiPbx:
         # every few minutes, hundreds of writes a second for nothing.  Nor does one of an
         # endpoint new to the book (before the start's snapshot is in, every refresh): its
         # record says nothing of contacts, and written it would turn a user the last run
-        # left online offline until the snapshot.
-        unstored = event.get("Event") == "SuccessfulAuth"
+        # left online offline until the snapshot.  Likewise a peer or device state of an
+        # endpoint new to the book before this session's snapshot is in (a call ending
+        # while the start's snapshot is listed): the snapshot writes it, with contacts.
+        unstored = event.get("Event") == "SuccessfulAuth" or (
+            event.get("Event") != "ContactStatus"
+            and endpoint not in book
+            and link.snapshot_session != link.client.sessions
+        )
         book[endpoint] = after
         if not unstored:
             link.mark_dirty((endpoint,))
