@@ -119,6 +119,36 @@ def test_snapshot_replaces_every_contact_and_problems_are_kept(engine: Engine) -
     assert states == [(1, "online", "rejected"), (2, "online", ""), (3, "offline", "")]
 
 
+def test_a_snapshot_that_finds_a_phone_as_the_last_run_left_it_keeps_its_last_change(
+    engine: Engine,
+) -> None:
+    """A snapshot (a daemon's start: no event time known) finding an endpoint in the state
+    the store holds keeps the stored last change, of its summary and its contacts; an
+    endpoint whose state it changes takes the snapshot's time."""
+    seed_store(engine, 2)
+    phone = ("100000;@a", "sip:100000@10.0.0.1:5060", "NonQualified", "P/1", "", None, None)
+    with engine.begin() as conn:
+        rows = {
+            "100000": ([(*phone, SEEN_TEXT)], ("online", "NOT_INUSE", "", SEEN_TEXT)),
+            "100001": ([], ("offline", "UNAVAILABLE", "", SEEN_TEXT)),
+        }
+        write_endpoint_rows(conn, "pbx1", rows, SEEN)
+    other = ("100001;@b", "sip:100001@10.0.0.2", *phone[2:])
+    online: SummaryRow = ("online", "", "", None)
+    snapshot = {"100000": ([(*phone, None)], online), "100001": ([(*other, None)], online)}
+    with engine.begin() as conn:
+        replace_server_snapshot(conn, "pbx1", snapshot, NOW)
+    with engine.connect() as conn:
+        summary = registration_summary.c
+        sums = sorted(tuple(r) for r in conn.execute(select(summary.user_id, summary.changed_at)))
+        contact = registrations.c
+        cons = sorted(tuple(r) for r in conn.execute(select(contact.user_id, contact.changed_at)))
+        people = {r["extension"]: r["last_change"] for r in status_rows(conn)}
+    assert sums == [(1, SEEN), (2, NOW)]
+    assert cons == [(1, SEEN), (2, NOW)]
+    assert people == {"100000": SEEN, "100001": NOW}
+
+
 def test_a_user_online_on_one_server_is_online_though_another_finds_its_contact_unreachable(
     engine: Engine,
 ) -> None:

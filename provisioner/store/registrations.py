@@ -756,7 +756,12 @@ def replace_server_snapshot(
     its recorded problem stays), then ``rows`` are written as by
     :func:`write_endpoint_rows` (no contact deleted twice).  One call is one
     batch on the caller's transaction, so a reader never sees the server's state gone
-    and not yet written back."""
+    and not yet written back.
+
+    An endpoint of ``rows`` with no time (no event told one: a daemon's start) whose state
+    is the one the store holds keeps the stored last change (:func:`_unchanged_times`):
+    a restart is no change of the phones it finds as they were."""
+    rows = _unchanged_times(conn, server, rows)
     conn.execute(delete(registrations).where(registrations.c.server == server))
     summary = registration_summary.c
     conn.execute(
@@ -767,6 +772,39 @@ def replace_server_snapshot(
     if not rows:
         return 0
     return endpoint_writer(conn.dialect.name, server, rows, now, cleared=True)(conn)
+
+
+def _unchanged_times(
+    conn: Connection,
+    server: str,
+    rows: Mapping[str, tuple[Sequence[ContactRow], SummaryRow]],
+) -> Mapping[str, tuple[Sequence[ContactRow], SummaryRow]]:
+    """``rows`` with the stored last change of ``server`` put in (summary and contacts)
+    for each endpoint that has no time and whose state is the stored one."""
+    untimed = sorted(ep for ep, (_, summary) in rows.items() if summary[3] is None)
+    if not untimed:
+        return rows
+    summary = registration_summary.c
+    stored: dict[str, tuple[str, datetime]] = {}
+    for chunk in _chunks(conn, untimed):
+        query = (
+            select(users.c.extension, summary.state, summary.changed_at)
+            .join(users, users.c.id == summary.user_id)
+            .where(summary.server == server, _member(conn, users.c.extension, chunk))
+        )
+        stored.update((ep, (state, changed)) for ep, state, changed in conn.execute(query))
+    out = dict(rows)
+    for ep in untimed:
+        contacts, (state, device_state, problem, _) = rows[ep]
+        held = stored.get(ep)
+        if held is None or held[0] != (state or "offline"):
+            continue
+        kept = time_text(held[1])
+        out[ep] = (
+            tuple((*c[:7], c[7] or kept) for c in contacts),
+            (state, device_state, problem, kept),
+        )
+    return out
 
 
 def forget_other_servers(conn: Connection, keep: Collection[str]) -> int:
