@@ -779,6 +779,36 @@ def test_a_change_a_reconnect_snapshot_finds_is_logged_and_so_is_the_next(
     assert run(scenario()) == ["offline", "online"]
 
 
+def test_a_phone_gone_while_disconnected_is_stored_unavailable_not_in_use(
+    store: Engine,
+) -> None:
+    """A phone that un-registered while the connection was down is stored, after the
+    reconnect's snapshot lists no contact for it, with Asterisk's device state for an
+    endpoint with no contact (UNAVAILABLE), not the NOT_INUSE its last events said."""
+    with store.begin() as conn:
+        conn.execute(update(users).where(users.c.id == 1).values(extension="1001"))
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        await peer.start()
+        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+            await eventually(link.book_complete)
+            for needles in _REGISTER:
+                await peer.send_recorded(*needles)
+            await eventually(lambda: link.events == 3 and not link.dirty)
+            await peer.stop()
+            peer.astdb.clear()  # the phone un-registered while the connection was down
+            await peer.start()
+            await eventually(lambda: link.client.sessions == 2 and link.book_complete())
+            await eventually(lambda: not link.jobs and link.store_idle.is_set())
+
+    run(scenario())
+    summary = registration_summary.c
+    with store.connect() as conn:
+        query = select(summary.state, summary.device_state).where(summary.user_id == 1)
+        assert tuple(conn.execute(query).one()) == ("offline", "UNAVAILABLE")
+
+
 class _TailPeer(FakeAsterisk):
     """A fake Asterisk that sends ``tail`` (events it queued while listing) right after
     its next PJSIPShowContacts answer, in the same write, as Asterisk does."""

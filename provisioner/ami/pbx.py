@@ -740,7 +740,7 @@ class AmiPbx:
                 snapshot[endpoint] = EndpointRegistration(
                     endpoint,
                     peer_status=None if reg.peer_status == "Reachable" else reg.peer_status,
-                    device_state=reg.device_state,
+                    device_state=_without_contact(reg.device_state),
                     exists=reg.exists,
                     tracked=reg.tracked,
                     last_change=reg.last_change,
@@ -1100,6 +1100,18 @@ def snapshot_from_contact_list_states(
             reg.endpoint, contacts=(*reg.contacts, c), tracked=reg.tracked
         )
     return out
+
+
+#: Device states Asterisk gives only an endpoint with a usable contact (chan_pjsip: an
+#: endpoint with none is UNAVAILABLE, one that is gone INVALID).
+_DEVICE_PRESENT = frozenset({"NOT_INUSE", "INUSE", "BUSY", "RINGING", "RINGINUSE", "ONHOLD"})
+
+
+def _without_contact(device_state: str | None) -> str | None:
+    """The device state of an endpoint a snapshot lists no contact for, from the one its
+    events last said: ``UNAVAILABLE`` for a state only a registered phone has (its
+    un-registration's events were lost with the connection), else unchanged."""
+    return "UNAVAILABLE" if device_state in _DEVICE_PRESENT else device_state
 
 
 def _merge(snap: EndpointRegistration, known: EndpointRegistration) -> EndpointRegistration:
