@@ -17,6 +17,7 @@ from collections.abc import (
     Sequence,
 )
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ from provisioner.checks import run_checks
 from provisioner.config import Config, caches_by_kind, load_config
 from provisioner.store.engine import open_engine
 from provisioner.store.migrate import upgrade
+from provisioner.store.registrations import status_rows, write_endpoint_rows
 from provisioner.store.schema import daemon_state, registration_summary, users
 from provisioner.store.state import put_state
 from provisioner.targets import Change
@@ -740,6 +742,163 @@ def test_a_phone_gone_while_disconnected_is_offline_after_the_reconnect_snapshot
     assert peer_status is None
 
 
+def test_an_endpoint_said_invalid_then_added_again_is_online_when_a_snapshot_lists_its_phone(
+    store: Engine,
+) -> None:
+    """An endpoint Asterisk called INVALID (deleted, then a reload), added again (the
+    user restored) and found live by the post-apply check, is online once a snapshot
+    (the reconnect's) lists its phone's contact."""
+    added = Change(added=("1001",), changed_objects=(("endpoint", "1001"),), wrote=True)
+
+    async def scenario() -> tuple[bool, str, int]:
+        peer = FakeAsterisk()
+        await peer.start()
+        pbx = AmiPbx([_link(peer)], store, "realtime")
+        async with _serving(peer, pbx) as link:
+            await eventually(link.book_complete)
+            await peer.send_recorded(
+                "Event: DeviceStateChange", "UNAVAILABLE", replace=((b"UNAVAILABLE", b"INVALID"),)
+            )
+            await eventually(lambda: not link.book["1001"].exists)
+            pbx.applied(added, target_kind="realtime")
+            await eventually(lambda: link.changes.empty() and not link.unverified)
+            await peer.stop()
+            await peer.start()  # astdb holds 1001's contact: its phone registered meanwhile
+            await eventually(lambda: link.client.sessions == 2 and link.book_complete())
+            reg = link.book["1001"]
+            return reg.exists, reg.summary, len(reg.contacts)
+
+    assert run(scenario()) == (True, "online", 1)
+
+
+def test_a_reconnect_snapshot_keeps_the_last_change_of_a_phone_it_still_lists(
+    store: Engine,
+) -> None:
+    """``status``'s last change of a phone registered before an AMI reconnect stays the
+    time of its registration's events (Asterisk's Timestamp), not the time the
+    reconnect's snapshot was written."""
+    with store.begin() as conn:
+        conn.execute(update(users).where(users.c.id == 1).values(extension="1001"))
+
+    async def scenario() -> float | None:
+        peer = FakeAsterisk()
+        await peer.start()
+        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+            await eventually(link.book_complete)
+            for needles in _REGISTER:
+                await peer.send_recorded(*needles)
+            await eventually(lambda: link.events == 3 and not link.dirty)
+            registered = link.book["1001"].last_change
+            await peer.stop()
+            await peer.start()  # the phone stays registered: the snapshot lists it
+            await eventually(lambda: link.client.sessions == 2 and link.book_complete())
+            await eventually(lambda: not link.jobs and link.store_idle.is_set())
+            return registered
+
+    registered = run(scenario())
+    assert registered is not None
+    with store.connect() as conn:
+        (row,) = status_rows(conn, ["user0"])
+    assert row["state"] == "online"
+    assert row["last_change"] == datetime.fromtimestamp(registered, UTC).replace(tzinfo=None)
+
+
+def test_a_disabled_users_phone_asterisk_still_lists_after_its_endpoint_went_is_offline(
+    store: Engine,
+) -> None:
+    """A disabled user's endpoint Asterisk called INVALID (gone at the reload) whose phone's
+    contact the next snapshot still lists (Asterisk keeps a deleted endpoint's contacts
+    until they expire) is offline in ``status``, as its server's summary says."""
+    with store.begin() as conn:
+        conn.execute(update(users).where(users.c.id == 1).values(extension="1001", disabled=True))
+
+    async def scenario() -> str:
+        peer = FakeAsterisk()
+        await peer.start()
+        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+            await eventually(link.book_complete)
+            await peer.send_recorded(
+                "Event: DeviceStateChange", "UNAVAILABLE", replace=((b"UNAVAILABLE", b"INVALID"),)
+            )
+            await eventually(lambda: not link.book["1001"].exists)
+            await peer.stop()
+            await peer.start()  # astdb still holds 1001's contact
+            await eventually(lambda: link.client.sessions == 2 and link.book_complete())
+            await eventually(lambda: not link.jobs and link.store_idle.is_set())
+            return link.book["1001"].summary
+
+    assert run(scenario()) == "offline"
+    with store.connect() as conn:
+        (row,) = status_rows(conn, ["user0"])
+    assert [s["state"] for s in row["servers"]] == ["offline"]
+    assert row["state"] == "offline"
+
+
+def test_a_change_a_reconnect_snapshot_finds_is_logged_and_so_is_the_next(
+    store: Engine,
+) -> None:
+    """A phone that un-registered while the connection was down is logged offline
+    (``registration.changed``) when the reconnect's snapshot finds it gone, and online
+    again when it registers once more."""
+
+    async def scenario() -> list[str]:
+        peer = FakeAsterisk()
+        await peer.start()
+        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+            await eventually(link.book_complete)
+            for needles in _REGISTER:
+                await peer.send_recorded(*needles)
+            await eventually(lambda: link.events == 3 and not link.dirty)
+            await eventually(lambda: link.reported.get("1001") == "online")
+            with capture_logs() as logs:
+                await peer.stop()
+                peer.astdb.clear()  # the phone un-registered while the connection was down
+                await peer.start()
+                await eventually(lambda: link.client.sessions == 2 and link.book_complete())
+                await eventually(lambda: not link.jobs and link.store_idle.is_set())
+                for needles in _REGISTER:
+                    await peer.send_recorded(*needles)
+                await eventually(lambda: link.events == 6 and not link.dirty)
+                await eventually(lambda: link.store_idle.is_set())
+            return [
+                line["state"]
+                for line in logs
+                if line["event"] == "registration.changed" and line["endpoint"] == "1001"
+            ]
+
+    assert run(scenario()) == ["offline", "online"]
+
+
+def test_a_phone_gone_while_disconnected_is_stored_unavailable_not_in_use(
+    store: Engine,
+) -> None:
+    """A phone that un-registered while the connection was down is stored, after the
+    reconnect's snapshot lists no contact for it, with Asterisk's device state for an
+    endpoint with no contact (UNAVAILABLE), not the NOT_INUSE its last events said."""
+    with store.begin() as conn:
+        conn.execute(update(users).where(users.c.id == 1).values(extension="1001"))
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        await peer.start()
+        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+            await eventually(link.book_complete)
+            for needles in _REGISTER:
+                await peer.send_recorded(*needles)
+            await eventually(lambda: link.events == 3 and not link.dirty)
+            await peer.stop()
+            peer.astdb.clear()  # the phone un-registered while the connection was down
+            await peer.start()
+            await eventually(lambda: link.client.sessions == 2 and link.book_complete())
+            await eventually(lambda: not link.jobs and link.store_idle.is_set())
+
+    run(scenario())
+    summary = registration_summary.c
+    with store.connect() as conn:
+        query = select(summary.state, summary.device_state).where(summary.user_id == 1)
+        assert tuple(conn.execute(query).one()) == ("offline", "UNAVAILABLE")
+
+
 class _TailPeer(FakeAsterisk):
     """A fake Asterisk that sends ``tail`` (events it queued while listing) right after
     its next PJSIPShowContacts answer, in the same write, as Asterisk does."""
@@ -1089,6 +1248,44 @@ def test_a_file_endpoint_removed_then_added_again_keeps_its_contacts(store: Engi
     keeps its phone's contacts."""
     again = Change(added=("1001",), wrote=True)
     assert run(_file_actions(store, REMOVED, again)) == ["Reload"]
+
+
+class _InvalidAtReloadPeer(FakeAsterisk):
+    """A fake Asterisk that, reloading, sends ``DeviceStateChange`` ``INVALID`` for 1001 (an
+    endpoint the reload dropped) before its answer to the reload."""
+
+    async def _answer(self, action: Any) -> bytes:
+        if action.name.lower() == "reload":
+            await self.send_recorded(
+                "Event: DeviceStateChange", "UNAVAILABLE", replace=((b"UNAVAILABLE", b"INVALID"),)
+            )
+            await asyncio.sleep(0.1)  # the event read and folded before the answer
+        return await super()._answer(action)
+
+
+def test_a_file_removal_deletes_the_contacts_though_invalid_came_before_the_reloads_end(
+    store: Engine,
+) -> None:
+    """Config-file target: the contacts of a removed endpoint are deleted after the reload
+    even when Asterisk's ``INVALID`` for that endpoint came before the reload's answer
+    (the book then no longer holds them): its phone's contact does not stay in astdb."""
+
+    async def scenario() -> tuple[list[str], bool]:
+        peer = _InvalidAtReloadPeer()
+        await peer.start()
+        pbx = AmiPbx([_link(peer)], store, "config")
+        async with _serving(peer, pbx) as link:
+            await eventually(link.book_complete)
+            assert link.book["1001"].contacts
+            pbx.applied(REMOVED, target_kind="config")
+            await eventually(lambda: bool(peer.actions("Reload")) and not link.reloads.in_flight)
+            await eventually(lambda: not link.reloads.pending and not link.owed)
+            await asyncio.sleep(0.2)  # a removal owed by the reload's end would be sent by now
+            return [a.get("Key") for a in peer.actions("DBDel")], CONTACT_KEY in peer.astdb
+
+    deleted, kept = run(scenario())
+    assert deleted == [CONTACT_KEY]
+    assert not kept
 
 
 def test_a_failed_reload_is_asked_for_again_and_removals_wait_for_it(
@@ -1798,6 +1995,76 @@ def test_a_registered_phones_refresh_changes_nothing_in_the_store(store: Engine)
     before, after, seen, later = run(scenario())
     assert after == before
     assert seen == later
+
+
+def test_a_refresh_before_the_starts_snapshot_leaves_the_stored_state_alone(
+    store: Engine,
+) -> None:
+    """A registered phone's refresh (a SuccessfulAuth, no status event) that comes while
+    the start's snapshot is still being listed writes nothing: its user stays online in
+    the store, as the last run left it, instead of turning offline until the list ends."""
+    with store.begin() as conn:
+        conn.execute(update(users).where(users.c.id == 1).values(extension="1001"))
+        online = ("online", "NOT_INUSE", "", None)
+        write_endpoint_rows(conn, "lab", {"1001": ([], online)}, datetime(2026, 5, 1, 12))
+
+    def state() -> object:
+        summary = registration_summary.c
+        query = select(summary.state).where(summary.server == "lab", summary.user_id == 1)
+        with store.connect() as conn:
+            return conn.execute(query).scalar_one_or_none()
+
+    async def scenario() -> object:
+        peer = FakeAsterisk()
+        peer.delays["pjsipshowcontacts"] = 1.0
+        await peer.start()
+        link = _link(peer)
+        async with _serving(peer, AmiPbx([link], store, "realtime")):
+            await eventually(lambda: link.snapshot_running)
+            await peer.send_recorded("Event: SuccessfulAuth\r\n", "Service: PJSIP")
+            await eventually(lambda: "1001" in link.book)
+            await asyncio.sleep(0.3)  # past the flush delay and a write
+            assert link.snapshot_running
+            return state()
+
+    assert run(scenario()) == "online"
+
+
+def test_a_call_ending_before_the_starts_snapshot_leaves_the_stored_state_alone(
+    store: Engine,
+) -> None:
+    """A registered phone's call that ends while the start's snapshot is still being
+    listed (a DeviceStateChange NOT_INUSE, the book knowing nothing else of it) writes
+    nothing: its user stays online in the store, as the last run left it, until the
+    snapshot, which then writes what is true."""
+    with store.begin() as conn:
+        conn.execute(update(users).where(users.c.id == 1).values(extension="1001"))
+        online = ("online", "INUSE", "", None)
+        write_endpoint_rows(conn, "lab", {"1001": ([], online)}, datetime(2026, 5, 1, 12))
+
+    def state() -> object:
+        summary = registration_summary.c
+        query = select(summary.state).where(summary.server == "lab", summary.user_id == 1)
+        with store.connect() as conn:
+            return conn.execute(query).scalar_one_or_none()
+
+    async def scenario() -> tuple[object, object]:
+        peer = FakeAsterisk()
+        peer.delays["pjsipshowcontacts"] = 1.0
+        await peer.start()
+        link = _link(peer)
+        async with _serving(peer, AmiPbx([link], store, "realtime")):
+            await eventually(lambda: link.snapshot_running)
+            await peer.send_recorded("Event: DeviceStateChange", "NOT_INUSE")
+            await eventually(lambda: "1001" in link.book)
+            await asyncio.sleep(0.3)  # past the flush delay and a write
+            assert link.snapshot_running
+            during = state()
+            await eventually(link.book_complete)
+            await eventually(lambda: not link.jobs and link.store_idle.is_set())
+            return during, state()
+
+    assert run(scenario()) == ("online", "online")
 
 
 class _BootingPeer(FakeAsterisk):

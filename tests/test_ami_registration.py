@@ -181,6 +181,23 @@ def test_contact_list_snapshot_from_show_actions() -> None:
     assert book["2001"].summary == "online"
 
 
+def test_an_ipv6_phones_source_is_bracketed_as_for_its_authentication() -> None:
+    """A ContactList item of a phone that registered over IPv6 (``ViaAddr`` is the bare
+    address, as pjsip parses a Via host) has its source written ``[address]:port``, as
+    the SuccessfulAuth of the same phone gives it, so the port can be told apart."""
+    item = {**_contact_list_items()[0], "ViaAddr": "2001:db8::10", "ViaPort": "5060"}
+    (contact,) = snapshot_from_contact_list([item])[item["Endpoint"]].contacts
+    auth = {
+        "Event": "SuccessfulAuth",
+        "Service": "PJSIP",
+        "AccountID": item["Endpoint"],
+        "RemoteAddress": "IPV6/UDP/2001:db8::10/5060",
+    }
+    reg = apply_event(None, auth)
+    assert reg is not None
+    assert contact.source == reg.last_auth_from == "[2001:db8::10]:5060"
+
+
 def test_a_first_contact_status_gives_one_contact_and_the_events_time() -> None:
     """A first recorded ContactStatus of an endpoint gives a tracked, existing record with
     exactly that contact (status, and RTT only when measured) and the event's Timestamp."""

@@ -518,6 +518,28 @@ def test_status_and_json_times_say_they_are_utc(cli: Cli, store: Engine) -> None
     assert json.loads(cli.ok("user", "show", "alice", "--json"))["created_at"].endswith("+00:00")
 
 
+def test_status_shows_the_user_agent_of_a_usable_contact_and_contacts_in_order(
+    cli: Cli, store: Engine
+) -> None:
+    """A user with an unreachable old phone and a registered new one is shown with the new
+    phone's user agent, whichever contact the store returns first; contacts are listed
+    by server, then URI."""
+    from provisioner.store.registrations import write_endpoint_rows
+
+    _add(cli, "alice")
+    ext = json.loads(cli.ok("user", "show", "alice", "--json"))["extension"]
+    seen = "2026-05-01 11:59:58.654321"
+    old = (f"{ext};@a", f"sip:{ext}@10.0.0.9:5060", "Unreachable", "Old/1", "", None, None, seen)
+    new = (f"{ext};@b", f"sip:{ext}@10.0.0.1:5060", "NonQualified", "New/2", "", None, None, seen)
+    online = ("online", "NOT_INUSE", "", seen)
+    with store.begin() as conn:
+        write_endpoint_rows(conn, "pbx1", {ext: ([old, new], online)}, datetime(2026, 5, 1, 12))
+    (row,) = json.loads(cli.ok("status", "alice", "--json"))
+    assert row["user_agent"] == "New/2"
+    assert [c["uri"] for c in row["contacts"]] == [new[1], old[1]]
+    assert "New/2" in cli.ok("status", "alice")
+
+
 def test_username_with_trailing_spaces_is_not_found_on_every_backend(
     backend: str, tmp_path: Path
 ) -> None:

@@ -204,3 +204,21 @@ def test_check_passes_a_realtime_target_whose_tables_the_first_write_makes(
     (line,) = [line for line in result.out.splitlines() if "target:" in line]
     assert line.startswith("ok    target: realtime tables"), line
     assert "the first write makes them" in line
+
+
+def test_check_of_an_unreachable_store_says_why_on_one_line(tmp_path: Path) -> None:
+    """``provisioner check`` of a PostgreSQL store nothing listens for prints one failed
+    store line (the driver's first line of why), and every line of its output is a check's
+    line, exit 1."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed on the way out: nothing listens there
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/store"
+    result = cli(write_config(tmp_path, store_url=url), "check", check=False)
+    assert result.code == 1
+    lines = result.out.splitlines()
+    assert all(line.startswith(("ok    ", "FAIL  ")) for line in lines), lines
+    (store,) = [line for line in lines if line.startswith("FAIL  store: ")]
+    assert "Connection refused" in store

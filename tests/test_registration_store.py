@@ -25,6 +25,7 @@ from provisioner.accounts import Accounts
 from provisioner.ami import pbx as pbx_module
 from provisioner.ami.client import AmiClient
 from provisioner.ami.pbx import AmiPbx, Link
+from provisioner.ami.registration import apply_events
 from provisioner.ami.reload import PjsipOps, ReloadCoordinator
 from provisioner.health import Health
 from provisioner.store import registrations as registrations_module
@@ -116,6 +117,36 @@ def test_snapshot_replaces_every_contact_and_problems_are_kept(engine: Engine) -
         states = sorted(tuple(r) for r in sums)
     assert sorted(tuple(r) for r in rows) == [(1, SEEN), (2, SEEN)]
     assert states == [(1, "online", "rejected"), (2, "online", ""), (3, "offline", "")]
+
+
+def test_a_snapshot_that_finds_a_phone_as_the_last_run_left_it_keeps_its_last_change(
+    engine: Engine,
+) -> None:
+    """A snapshot (a daemon's start: no event time known) finding an endpoint in the state
+    the store holds keeps the stored last change, of its summary and its contacts; an
+    endpoint whose state it changes takes the snapshot's time."""
+    seed_store(engine, 2)
+    phone = ("100000;@a", "sip:100000@10.0.0.1:5060", "NonQualified", "P/1", "", None, None)
+    with engine.begin() as conn:
+        rows = {
+            "100000": ([(*phone, SEEN_TEXT)], ("online", "NOT_INUSE", "", SEEN_TEXT)),
+            "100001": ([], ("offline", "UNAVAILABLE", "", SEEN_TEXT)),
+        }
+        write_endpoint_rows(conn, "pbx1", rows, SEEN)
+    other = ("100001;@b", "sip:100001@10.0.0.2", *phone[2:])
+    online: SummaryRow = ("online", "", "", None)
+    snapshot = {"100000": ([(*phone, None)], online), "100001": ([(*other, None)], online)}
+    with engine.begin() as conn:
+        replace_server_snapshot(conn, "pbx1", snapshot, NOW)
+    with engine.connect() as conn:
+        summary = registration_summary.c
+        sums = sorted(tuple(r) for r in conn.execute(select(summary.user_id, summary.changed_at)))
+        contact = registrations.c
+        cons = sorted(tuple(r) for r in conn.execute(select(contact.user_id, contact.changed_at)))
+        people = {r["extension"]: r["last_change"] for r in status_rows(conn)}
+    assert sums == [(1, SEEN), (2, NOW)]
+    assert cons == [(1, SEEN), (2, NOW)]
+    assert people == {"100000": SEEN, "100001": NOW}
 
 
 def test_a_user_online_on_one_server_is_online_though_another_finds_its_contact_unreachable(
@@ -259,6 +290,34 @@ def test_events_of_one_contact_in_one_flush_window_leave_the_latest_state(
         states = sorted(tuple(s) for s in sums)
     assert contacts == []
     assert (1, "offline") in states
+
+
+def test_two_phones_whose_long_uris_differ_only_after_255_characters_are_both_stored(
+    engine: Engine,
+) -> None:
+    """Two contacts of one endpoint told by ContactStatus events, whose URIs (push
+    notification parameters make them long) share their first 300 characters, are two
+    rows, each with its whole URI."""
+    seed_store(engine, 1)
+    common = "sip:100000@10.0.0.1:5060;pn-prid=" + "f" * 280
+    uris = [f"{common};phone={n}" for n in ("a", "b")]
+    events = [
+        {
+            "Event": "ContactStatus",
+            "EndpointName": "100000",
+            "AOR": "100000",
+            "URI": uri,
+            "ContactStatus": "NonQualified",
+            "RoundtripUsec": "0",
+        }
+        for uri in uris
+    ]
+    reg = apply_events({}, events)["100000"]
+    with engine.begin() as conn:
+        write_endpoint_rows(conn, "pbx1", {"100000": pbx_module.rows(reg)}, NOW)
+    with engine.connect() as conn:
+        stored = sorted(conn.execute(select(registrations.c.uri)).scalars())
+    assert stored == uris
 
 
 def test_a_contact_created_on_an_older_asterisk_is_stored_online(engine: Engine) -> None:

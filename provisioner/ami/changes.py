@@ -791,10 +791,16 @@ async def _listed_contacts(link: Link) -> list[ContactState]:
 
 async def _remove_known(link: Link, removed: Collection[str]) -> bool:
     """Delete the book's contacts of the ``removed`` endpoints (each its own AOR); False
-    when a derived name was not found (then the caller lists them all)."""
+    when a derived name was not found, or when the book no longer knows an endpoint's
+    contacts (Asterisk said it ``INVALID``, which takes them from the book, though astdb
+    keeps them: a config file's removal comes after the reload, and the reload's events
+    may come before its answer): then the caller lists them all."""
     found = True
     for endpoint in removed:
         reg = link.book.get(endpoint)
+        if reg is not None and not reg.exists:
+            found = False
+            continue
         for contact in reg.contacts if reg is not None else ():
             name, derived = contact_object_name(contact)
             if not await _remove_one(link, contact.aor, name) and derived:
@@ -857,6 +863,7 @@ async def verify(link: Link, endpoints: list[str], *, listing: bool = False) -> 
             link.unverified.pop(endpoint, None)
     if not problems:
         return
+    _held_again(link, [ep for ep, problem in problems.items() if not problem])
     not_live = [(ep, problem) for ep, problem in problems.items() if problem]
     link.not_live += len(not_live)
     for endpoint, problem in not_live[:NOT_LIVE_LOG_LIMIT]:
@@ -871,6 +878,19 @@ async def verify(link: Link, endpoints: list[str], *, listing: bool = False) -> 
     # must not wait behind a registration write (a refused one is logged by the flusher).
     write = partial(set_problems, server=link.name, problems=problems, now=now)
     link.in_flusher_turn(write)
+
+
+def _held_again(link: Link, live: Iterable[str]) -> None:
+    """Take each of ``live`` (endpoints Asterisk was just found to hold) for existing in
+    ``link``'s book again, whatever an earlier ``INVALID`` said (deleted, then added
+    again): a snapshot listing its phone's contact then counts it online.  Until such
+    an answer, contacts a snapshot lists for an endpoint said ``INVALID`` are a deleted
+    endpoint's, which Asterisk keeps until they expire."""
+    for endpoint in live:
+        reg = link.book.get(endpoint)
+        if reg is not None and not reg.exists:
+            link.book[endpoint] = reg._replace(exists=True)
+            link.mark_dirty((endpoint,))
 
 
 _NOT_HELD = "Asterisk does not hold this endpoint (rejected? see Asterisk's log)"

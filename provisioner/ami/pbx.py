@@ -137,29 +137,36 @@ def rows(reg: EndpointRegistration) -> tuple[tuple[ContactRow, ...], SummaryRow]
     """An endpoint's registration as the store's plain tuples (pure; the flusher's path:
     no record object per contact and endpoint).  Tuples only (no list): the garbage
     collector drops them from its lists after one pass, so a storm's batch does not
-    bring on full collections."""
+    bring on full collections.  A contact's key is its ``ObjectName`` as Asterisk names
+    it (derived from the AOR and URI when an event did not tell it): short, so two long
+    URIs that differ only past the key column's size are two contacts, not one.
+    Contacts and summary carry the time of the endpoint's last status event (``None``,
+    the write's time, when none came): a rewrite (a reconnect's snapshot) is no change.
+    An endpoint Asterisk said ``INVALID`` (gone) has no contact stored: those a snapshot
+    still lists are a deleted endpoint's, kept until they expire, and no phone is usable
+    through them (``status`` would count them online beside an offline summary)."""
+    changed = None if reg.last_change is None else epoch_text(reg.last_change)
     contacts: tuple[ContactRow, ...] = tuple(
         [
             (
-                c.object_name or f"{c.aor};{c.uri}",
+                contact_object_name(c)[0],
                 c.uri,
                 c.status,
                 c.user_agent or "",
                 c.source or "",
                 c.rtt_usec,
                 None if c.expires_at is None else epoch_text(c.expires_at),
-                None,
+                changed,
             )
-            for c in reg.contacts
+            for c in (reg.contacts if reg.exists else ())
         ]
     )
     state = summarize(reg)
-    changed = reg.last_change
     return contacts, (
         "offline" if state == "unknown" else state,
         reg.device_state or "",
         "",
-        None if changed is None else epoch_text(changed),
+        changed,
     )
 
 
@@ -522,9 +529,18 @@ class AmiPbx:
                 # reload; their contacts are only visible by asking, if none follows.
                 link.unconfirmed[endpoint] = time.monotonic() + CONFIRM_WINDOW
                 link.unconfirmed_added.set()
-        # An authentication of a known endpoint changes nothing the store holds: at 100k
-        # phones refreshing every few minutes, hundreds of writes a second for nothing.
-        unstored = endpoint in book and event.get("Event") == "SuccessfulAuth"
+        # An authentication changes nothing the store holds: at 100k phones refreshing
+        # every few minutes, hundreds of writes a second for nothing.  Nor does one of an
+        # endpoint new to the book (before the start's snapshot is in, every refresh): its
+        # record says nothing of contacts, and written it would turn a user the last run
+        # left online offline until the snapshot.  Likewise a peer or device state of an
+        # endpoint new to the book before this session's snapshot is in (a call ending
+        # while the start's snapshot is listed): the snapshot writes it, with contacts.
+        unstored = event.get("Event") == "SuccessfulAuth" or (
+            event.get("Event") != "ContactStatus"
+            and endpoint not in book
+            and link.snapshot_session != link.client.sessions
+        )
         book[endpoint] = after
         if not unstored:
             link.mark_dirty((endpoint,))
@@ -747,7 +763,7 @@ class AmiPbx:
                 snapshot[endpoint] = EndpointRegistration(
                     endpoint,
                     peer_status=None if reg.peer_status == "Reachable" else reg.peer_status,
-                    device_state=reg.device_state,
+                    device_state=_without_contact(reg.device_state),
                     exists=reg.exists,
                     tracked=reg.tracked,
                     last_change=reg.last_change,
@@ -770,6 +786,9 @@ class AmiPbx:
         link.snapshot_running = False
         link.dirty.clear()
         states = {ep: rows(reg) for ep, reg in snapshot.items()}
+        # What the snapshot changed is logged as the flusher logs it: unlogged, the
+        # summaries logged last would hide the next change (seen as no change).
+        _log_changes(link, states)
         now = utcnow()
         # Written by the flusher, in turn: a batch taken before this snapshot, still being
         # written, must not land after it (nor one taken after it land before).
@@ -1114,6 +1133,18 @@ def snapshot_from_contact_list_states(
             reg.endpoint, contacts=(*reg.contacts, c), tracked=reg.tracked
         )
     return out
+
+
+#: Device states Asterisk gives only an endpoint with a usable contact (chan_pjsip: an
+#: endpoint with none is UNAVAILABLE, one that is gone INVALID).
+_DEVICE_PRESENT = frozenset({"NOT_INUSE", "INUSE", "BUSY", "RINGING", "RINGINUSE", "ONHOLD"})
+
+
+def _without_contact(device_state: str | None) -> str | None:
+    """The device state of an endpoint a snapshot lists no contact for, from the one its
+    events last said: ``UNAVAILABLE`` for a state only a registered phone has (its
+    un-registration's events were lost with the connection), else unchanged."""
+    return "UNAVAILABLE" if device_state in _DEVICE_PRESENT else device_state
 
 
 def _merge(snap: EndpointRegistration, known: EndpointRegistration) -> EndpointRegistration:

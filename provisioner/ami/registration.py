@@ -169,6 +169,14 @@ def _address(remote: str) -> str | None:
     return f"[{host}]:{port}" if family.upper() == "IPV6" else f"{host}:{port}"
 
 
+def _via_source(host: str, port: str) -> str | None:
+    """``ViaAddr`` and ``ViaPort`` as ``host:port``; an IPv6 address (bare in a Via, as
+    pjsip parses it) in brackets, as :func:`_address` writes it."""
+    if host and port:
+        return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    return host or None
+
+
 def endpoint_of(event: Mapping[str, str]) -> str | None:
     """The endpoint an event is about, or ``None`` when the event is not one of ours."""
     kind = event.get("Event", "")
@@ -325,7 +333,7 @@ def contact_from_list_item(item: Mapping[str, str]) -> ContactState:
         status=item.get("Status", ""),
         rtt_usec=_int_or_none(item.get("RoundtripUsec")),
         user_agent=item.get("UserAgent") or None,
-        source=f"{via}:{port}" if via and port else (via or None),
+        source=_via_source(via, port),
         expires_at=_expiry(item.get("ExpirationTime")),
         object_name=object_name or None,
     )

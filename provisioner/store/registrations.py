@@ -756,7 +756,12 @@ def replace_server_snapshot(
     its recorded problem stays), then ``rows`` are written as by
     :func:`write_endpoint_rows` (no contact deleted twice).  One call is one
     batch on the caller's transaction, so a reader never sees the server's state gone
-    and not yet written back."""
+    and not yet written back.
+
+    An endpoint of ``rows`` with no time (no event told one: a daemon's start) whose state
+    is the one the store holds keeps the stored last change (:func:`_unchanged_times`):
+    a restart is no change of the phones it finds as they were."""
+    rows = _unchanged_times(conn, server, rows)
     conn.execute(delete(registrations).where(registrations.c.server == server))
     summary = registration_summary.c
     conn.execute(
@@ -767,6 +772,39 @@ def replace_server_snapshot(
     if not rows:
         return 0
     return endpoint_writer(conn.dialect.name, server, rows, now, cleared=True)(conn)
+
+
+def _unchanged_times(
+    conn: Connection,
+    server: str,
+    rows: Mapping[str, tuple[Sequence[ContactRow], SummaryRow]],
+) -> Mapping[str, tuple[Sequence[ContactRow], SummaryRow]]:
+    """``rows`` with the stored last change of ``server`` put in (summary and contacts)
+    for each endpoint that has no time and whose state is the stored one."""
+    untimed = sorted(ep for ep, (_, summary) in rows.items() if summary[3] is None)
+    if not untimed:
+        return rows
+    summary = registration_summary.c
+    stored: dict[str, tuple[str, datetime]] = {}
+    for chunk in _chunks(conn, untimed):
+        query = (
+            select(users.c.extension, summary.state, summary.changed_at)
+            .join(users, users.c.id == summary.user_id)
+            .where(summary.server == server, _member(conn, users.c.extension, chunk))
+        )
+        stored.update((ep, (state, changed)) for ep, state, changed in conn.execute(query))
+    out = dict(rows)
+    for ep in untimed:
+        contacts, (state, device_state, problem, _) = rows[ep]
+        held = stored.get(ep)
+        if held is None or held[0] != (state or "offline"):
+            continue
+        kept = time_text(held[1])
+        out[ep] = (
+            tuple((*c[:7], c[7] or kept) for c in contacts),
+            (state, device_state, problem, kept),
+        )
+    return out
 
 
 def forget_other_servers(conn: Connection, keep: Collection[str]) -> int:
@@ -784,6 +822,10 @@ def forget_other_servers(conn: Connection, keep: Collection[str]) -> int:
     return gone
 
 
+#: Contact statuses of a phone that does not answer (or is gone); any other is usable.
+_DOWN = ("Unreachable", "Removed")
+
+
 def summarize(contact_statuses: Sequence[str], server_states: Sequence[str]) -> str:
     """online when a contact is usable or a server holds the phone registered (its peer
     Reachable, no contact row); unreachable when contacts exist but none answers."""
@@ -791,15 +833,26 @@ def summarize(contact_statuses: Sequence[str], server_states: Sequence[str]) -> 
     # is never stale beside them, so another server's silent contact does not outweigh it.
     if "online" in server_states:
         return "online"
-    if any(st not in ("Unreachable", "Removed") for st in contact_statuses):
+    if any(st not in _DOWN for st in contact_statuses):
         return "online"
     if contact_statuses or "unreachable" in server_states:
         return "unreachable"
     return "offline"
 
 
+def _user_agent(contacts: Sequence[Mapping[str, Any]]) -> str:
+    """The user agent of the first usable contact (of the first contact when none is):
+    the phone the user is online with, not an old one that no longer answers."""
+    for c in contacts:
+        if c["status"] not in _DOWN:
+            return str(c["user_agent"])
+    return str(contacts[0]["user_agent"]) if contacts else ""
+
+
 def status_rows(conn: Connection, usernames: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Per live user: extension, username, summary per server and contacts, for ``status``."""
+    """Per live user: extension, username, summary per server (by server name) and
+    contacts (by server, then URI), for ``status``; the user agent is a usable
+    contact's (:func:`_user_agent`)."""
     query = select(users.c.id, users.c.extension, users.c.username, users.c.username_key).where(
         users.c.deleted_at.is_(None)
     )
@@ -815,11 +868,19 @@ def status_rows(conn: Connection, usernames: Sequence[str] | None = None) -> lis
     contacts: dict[int, list[dict[str, Any]]] = {}
     for i in range(0, len(ids), _CHUNK):
         chunk = ids[i : i + _CHUNK]
+        summary = registration_summary.c
         for r in conn.execute(
-            select(registration_summary).where(registration_summary.c.user_id.in_(chunk))
+            select(registration_summary)
+            .where(summary.user_id.in_(chunk))
+            .order_by(summary.user_id, summary.server)
         ):
             summaries.setdefault(r.user_id, []).append(dict(r._mapping))
-        for r in conn.execute(select(registrations).where(registrations.c.user_id.in_(chunk))):
+        contact = registrations.c
+        for r in conn.execute(
+            select(registrations)
+            .where(contact.user_id.in_(chunk))
+            .order_by(contact.user_id, contact.server, contact.uri, contact.contact_id)
+        ):
             contacts.setdefault(r.user_id, []).append(dict(r._mapping))
     out = []
     for p in people:
@@ -834,7 +895,7 @@ def status_rows(conn: Connection, usernames: Sequence[str] | None = None) -> lis
                 "state": state,
                 "servers": sums,
                 "contacts": cons,
-                "user_agent": cons[0]["user_agent"] if cons else "",
+                "user_agent": _user_agent(cons),
                 "last_change": max(changed) if changed else None,
             }
         )
