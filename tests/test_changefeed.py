@@ -459,6 +459,7 @@ def test_a_full_apply_is_told_to_asterisk_when_saving_its_cursor_fails(
                 "target": {"path": str(conf)},
                 "ami": {"reload_min_gap": 0, "reload_gap_factor": 0, "backoff_base": 0.02},
                 "asterisk": [server],
+                "daemon": {"state_dir": str(tmp_path)},
             },
         )
         daemon = Daemon.from_config(config)
@@ -507,6 +508,7 @@ def test_a_sighup_that_only_rewrites_the_files_has_asterisk_reload_them(
             "target": {"path": str(conf)},
             "ami": {"reload_min_gap": 0, "reload_gap_factor": 0, "backoff_base": 0.02},
             "asterisk": [server],
+            "daemon": {"state_dir": str(tmp_path)},
         }
         daemon = Daemon.from_config(load_config(env={}, overrides=overrides))
         daemon.health.ready = True
