@@ -59,7 +59,9 @@ def _working_directory_untouched() -> Iterator[None]:
     before = _stamp(_CWD_HEALTH)
     yield
     assert _stamp(_CWD_HEALTH) == before, (
-        f"this test wrote {_CWD_HEALTH.resolve()}: give its daemon a state_dir under tmp_path"
+        f"{_CWD_HEALTH.resolve()} was written during this test (by it, or under xdist by "
+        "a test running in another worker: rerun with -p no:xdist to tell): give the "
+        "daemon a state_dir under tmp_path"
     )
 
 
