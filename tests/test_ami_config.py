@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
@@ -331,3 +333,35 @@ def test_a_daemon_started_with_a_secret_file_others_may_read_warns_without_the_s
     assert warned["path"] == str(tmp_path / "ami.secret")
     assert "readable by others" in warned["rule"]
     assert FakeAsterisk().secret not in repr(logs)
+
+
+def test_check_logs_in_to_every_server_at_once_and_reports_them_in_config_order(
+    tmp_path: Path,
+) -> None:
+    """`provisioner check` with two servers that never answer (a socket that accepts and
+    stays silent) and one that logs in takes about one login timeout, not one per
+    server, and still reports the servers in the config's order."""
+    silent = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    try:
+        with in_a_thread(FakeAsterisk()) as peer:
+            config = _with_secret_file(tmp_path, peer, 0o600)
+            (lab,) = config.asterisk
+            quiet = [
+                lab.model_copy(update={"name": f"quiet{i}", "port": s.getsockname()[1]})
+                for i, s in enumerate(silent)
+            ]
+            config = config.model_copy(update={"asterisk": [*quiet, lab]})
+            start = time.monotonic()
+            checks = run_checks(config)
+            took = time.monotonic() - start
+    finally:
+        for s in silent:
+            s.close()
+    logins = [(name, ok) for name, ok, _ in checks if name.startswith("asterisk ")]
+    assert logins == [
+        ("asterisk quiet0", False),
+        ("asterisk quiet1", False),
+        ("asterisk lab", True),
+    ]
+    # One server's wait (timeout + 1 s) and some slack; one after another took 6 s.
+    assert took < lab.timeout + 1.0 + 1.5, took
