@@ -16,7 +16,14 @@ from sqlalchemy import func, inspect, select
 from sqlalchemy.exc import DBAPIError
 
 from .aio import wait_first
-from .config import AsteriskServer, Config, TargetSettings, cache_names, display_url
+from .config import (
+    AsteriskServer,
+    Config,
+    TargetSettings,
+    cache_names,
+    display_url,
+    secret_file_problem,
+)
 from .errors import ConfigError, RenderCheckFailed
 from .health import HealthUnreadable, read_health
 from .store.engine import open_engine, sqlite_file
@@ -180,6 +187,12 @@ async def _login(server: AsteriskServer, config: Config) -> Check:
         await runner
 
 
+async def _logins(config: Config) -> list[Check]:
+    """Each server's :func:`_login`, all at once (servers that do not answer cost one
+    login timeout, not one each), in the config's order."""
+    return list(await asyncio.gather(*(_login(server, config) for server in config.asterisk)))
+
+
 #: The object a cache is asked to expire to learn whether the cache exists: no object has
 #: this id, so nothing is expired (Asterisk answers that it could not be).
 _PROBE_OBJECT = "provisioner-check-probe"
@@ -193,6 +206,20 @@ async def _missing_caches(client: AmiClient, caches: Sequence[str]) -> list[str]
 
     ops = PjsipOps(client)
     return [cache for cache in caches if await ops.expire(cache, _PROBE_OBJECT) == "no_such_cache"]
+
+
+def _secret_files(config: Config) -> Iterator[Check]:
+    """A failed config check per ``secret_file`` others may read or group or others may
+    write (:func:`secret_file_problem`), or that cannot be looked at any more."""
+    for server in config.asterisk:
+        if server.secret_file is None:
+            continue
+        try:
+            problem = secret_file_problem(server.secret_file)
+        except OSError as exc:
+            problem = f"cannot look at secret_file {server.secret_file}: {exc.strerror or exc}"
+        if problem is not None:
+            yield ("config", False, problem)
 
 
 def _health(config: Config) -> Iterator[Check]:
@@ -218,11 +245,12 @@ def _looking(check: Callable[[Config], Check], name: str, config: Config) -> Che
 
 
 def run_checks(config: Config) -> list[Check]:
-    """Every check, in order: config, store, target, each Asterisk login, the daemon's health."""
+    """Every check, in order: config (and each secret_file too open), store, target, each
+    Asterisk login, the daemon's health."""
     checks: list[Check] = [("config", True, config.source or "embedded defaults")]
+    checks.extend(_secret_files(config))
     checks.append(_looking(_store, "store", config))
     checks.append(_looking(_target, "target", config))
-    for server in config.asterisk:
-        checks.append(asyncio.run(_login(server, config)))
+    checks.extend(asyncio.run(_logins(config)))
     checks.extend(_health(config))
     return checks

@@ -53,6 +53,7 @@ __all__ = [
     "caches_by_kind",
     "load_config",
     "parse_sets",
+    "secret_file_problem",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/provisioner/provisioner.toml")
@@ -363,6 +364,23 @@ def _read_secret(
     if not re.fullmatch(_AMI_VALUE, secret.get_secret_value()):
         return None, [((where,), "the secret must be 1-200 characters without control characters")]
     return secret, []
+
+
+def secret_file_problem(path: Path) -> str | None:
+    """Why the AMI ``secret_file`` at ``path`` is too open, as ssh judges a private key
+    (others may read it, or group or others may write it), with the chmod that fixes it;
+    None when it is not.  Raises :class:`OSError` when the file cannot be looked at.
+
+    Not a load error: a file that worked before an upgrade keeps working; ``check``
+    fails it and the daemon warns at start."""
+    mode = path.stat().st_mode
+    if mode & 0o022:
+        broken = "is writable by group or others"
+    elif mode & 0o004:
+        broken = "is readable by others"
+    else:
+        return None
+    return f"secret_file {path} {broken}: chmod 600 (or 640 with a group)"
 
 
 #: The object kinds a sorcery memory cache can front (``<kind>/cache`` in sorcery.conf).

@@ -35,7 +35,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .aio import sleep_unless, wait_all_or_event, wait_first, wait_task_or_event
 from .applier import Applied, Applier
-from .config import Config, load_config
+from .config import Config, load_config, secret_file_problem
 from .early_signals import take as take_early_signals
 from .errors import ProvisionerError, ServiceFailed, StoreUnavailable
 from .health import Health, write_health
@@ -414,7 +414,9 @@ class Daemon:
         return first
 
     async def startup(self, *, burst: bool = False) -> Applied | None:
-        """Open the store, reconcile everything once, start sources and AMI; READY."""
+        """Open the store, reconcile everything once, start sources and AMI; READY.
+        A ``secret_file`` too open is logged first (:func:`_warn_open_secret_files`)."""
+        _warn_open_secret_files(self.config)
         self.health = Health()
         if self.config.daemon.metrics_port:
             self._spawn(self._serve_metrics(self.config.daemon.metrics_port))
@@ -1059,6 +1061,27 @@ _STORE_DOWN = (DBAPIError, PoolTimeout)
 #: Failures of an apply worth retrying: the store or the disk may come back, and the
 #: pooled connections all in use until the pool's timeout may be free again.
 _RETRYABLE = (*_STORE_DOWN, StoreUnavailable, OSError)
+
+
+def _warn_open_secret_files(config: Config) -> None:
+    """Log ``config.secret_file_open`` (server, file, rule; never the secret) for each
+    ``secret_file`` others may read or group or others may write, and
+    ``config.secret_file_unchecked`` for one that cannot be looked at: the daemon still
+    starts (the secret was read at load; refusing it would stop a running site at
+    upgrade), ``check`` fails it."""
+    for server in config.asterisk:
+        if server.secret_file is None:
+            continue
+        path = str(server.secret_file)
+        try:
+            rule = secret_file_problem(server.secret_file)
+        except OSError as exc:
+            log.warning(
+                "config.secret_file_unchecked", server=server.name, path=path, error=exc.strerror
+            )
+            continue
+        if rule is not None:
+            log.warning("config.secret_file_open", server=server.name, path=path, rule=rule)
 
 
 def _owes_asterisk(change: Change) -> bool:

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
+import time
+from collections.abc import MutableMapping
 from pathlib import Path
+from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
+from provisioner.checks import run_checks
 from provisioner.config import CACHE_KINDS, Config, load_config
+from provisioner.daemon import Daemon
 from provisioner.errors import ConfigError
+from provisioner.store.migrate import upgrade
+
+from .amipeer import FakeAsterisk, fast_settings, in_a_thread, run
 
 
 def _load(tmp_path: Path, body: str) -> Config:
@@ -242,3 +253,115 @@ def test_a_server_timeout_a_refused_login_would_outlast_is_refused(timeout: floa
     found = _problems({"asterisk": [entry]})
     assert set(found) == {"asterisk.0.timeout"}
     assert "2" in found["asterisk.0.timeout"][0]
+
+
+def _with_secret_file(tmp_path: Path, peer: FakeAsterisk, mode: int) -> Config:
+    """A config whose one server is ``peer``, its secret in a file of ``mode``."""
+    secret_file = tmp_path / "ami.secret"
+    secret_file.write_text(peer.secret + "\n")
+    secret_file.chmod(mode)
+    server = {
+        "name": "lab",
+        "host": "127.0.0.1",
+        "port": peer.port,
+        "username": peer.username,
+        "secret_file": str(secret_file),
+        "timeout": 2.0,
+    }
+    return load_config(
+        None,
+        env={},
+        overrides={
+            "store": {"url": f"sqlite:///{tmp_path / 'store.db'}"},
+            "target": {"path": str(tmp_path / "pjsip_users.conf")},
+            "daemon": {"state_dir": str(tmp_path / "state"), "shutdown_timeout": 2},
+            "ami": fast_settings().model_dump(),
+            "asterisk": [server],
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    ("mode", "rule"),
+    [
+        (0o600, None),
+        (0o640, None),
+        (0o644, "is readable by others"),
+        (0o660, "is writable by group or others"),
+    ],
+)
+def test_check_fails_a_secret_file_others_may_read_or_group_may_write(
+    tmp_path: Path, mode: int, rule: str | None
+) -> None:
+    """`provisioner check` fails a config line naming a secret_file others may read, or
+    group or others may write, and the chmod that fixes it (as ssh judges a private key);
+    a 0600 or 0640 file passes, and the file is still used (the login succeeds)."""
+    with in_a_thread(FakeAsterisk()) as peer:
+        config = _with_secret_file(tmp_path, peer, mode)
+        checks = run_checks(config)
+    path = tmp_path / "ami.secret"
+    failed = [detail for name, ok, detail in checks if name == "config" and not ok]
+    if rule is None:
+        assert failed == []
+    else:
+        assert failed == [f"secret_file {path} {rule}: chmod 600 (or 640 with a group)"]
+    assert ("asterisk lab", True) in [(name, ok) for name, ok, _ in checks]
+
+
+def test_a_daemon_started_with_a_secret_file_others_may_read_warns_without_the_secret(
+    tmp_path: Path,
+) -> None:
+    """A daemon started with a world-readable secret_file still starts, and logs a warning
+    naming the server, the file and the rule, never the secret."""
+
+    async def scenario() -> list[MutableMapping[str, Any]]:
+        peer = FakeAsterisk()
+        await peer.start()
+        daemon = Daemon.from_config(_with_secret_file(tmp_path, peer, 0o644))
+        upgrade(daemon.engine)
+        daemon.wake_sources = []
+        try:
+            with capture_logs() as logs:
+                await asyncio.wait_for(daemon.serve(burst=True), 10)
+        finally:
+            await peer.stop()
+        return logs
+
+    logs = run(scenario())
+    [warned] = [e for e in logs if e["event"] == "config.secret_file_open"]
+    assert warned["server"] == "lab"
+    assert warned["path"] == str(tmp_path / "ami.secret")
+    assert "readable by others" in warned["rule"]
+    assert FakeAsterisk().secret not in repr(logs)
+
+
+def test_check_logs_in_to_every_server_at_once_and_reports_them_in_config_order(
+    tmp_path: Path,
+) -> None:
+    """`provisioner check` with two servers that never answer (a socket that accepts and
+    stays silent) and one that logs in takes about one login timeout, not one per
+    server, and still reports the servers in the config's order."""
+    silent = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    try:
+        with in_a_thread(FakeAsterisk()) as peer:
+            config = _with_secret_file(tmp_path, peer, 0o600)
+            (lab,) = config.asterisk
+            quiet = [
+                lab.model_copy(update={"name": f"quiet{i}", "port": s.getsockname()[1]})
+                for i, s in enumerate(silent)
+            ]
+            config = config.model_copy(update={"asterisk": [*quiet, lab]})
+            start = time.monotonic()
+            checks = run_checks(config)
+            took = time.monotonic() - start
+    finally:
+        for s in silent:
+            s.close()
+    logins = [(name, ok) for name, ok, _ in checks if name.startswith("asterisk ")]
+    assert logins == [
+        ("asterisk quiet0", False),
+        ("asterisk quiet1", False),
+        ("asterisk lab", True),
+    ]
+    # One server's wait (timeout + 1 s) and some slack; one after another took 6 s.
+    assert took < lab.timeout + 1.0 + 1.5, took

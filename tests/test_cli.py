@@ -540,6 +540,15 @@ def test_status_shows_the_user_agent_of_a_usable_contact_and_contacts_in_order(
     assert "New/2" in cli.ok("status", "alice")
 
 
+def test_status_orders_users_by_extension_as_dialled_numbers(cli: Cli) -> None:
+    """``status`` lists extension 2001 before 10000 (numbers, not text), and 0101 just
+    before 101 (same number: the text decides)."""
+    for name, ext in (("alice", "10000"), ("bob", "2001"), ("carol", "101"), ("dave", "0101")):
+        _add(cli, name, "--extension", ext)
+    rows = json.loads(cli.ok("status", "--json"))
+    assert [r["extension"] for r in rows] == ["100", "0101", "101", "2001", "10000"]
+
+
 def test_username_with_trailing_spaces_is_not_found_on_every_backend(
     backend: str, tmp_path: Path
 ) -> None:

@@ -292,6 +292,28 @@ def test_an_unchanged_edit_writes_nothing(path: Path) -> None:
     assert snapshot(path.parent) == before
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may give a file another owner")
+@pytest.mark.parametrize("given", ["main file", "shard directory"])
+def test_a_new_shard_file_takes_the_owner_and_group_the_operator_gave(
+    path: Path, given: str
+) -> None:
+    """Shard files written for the first time take the owner and group of the main file an
+    operator gave to Asterisk (chown asterisk:asterisk), or of the shard directory when
+    there is no main file yet, as a rewritten file keeps its own: Asterisk can read them."""
+    target = ShardedConfigFileTarget(path, shards=4)
+    chowned = path if given == "main file" else target.directory
+    if given == "main file":
+        path.parent.mkdir()
+        path.write_bytes(b"; the file before\n")
+    else:
+        target.directory.mkdir(parents=True)
+    os.chown(chowned, 4242, 4343)
+    target.apply(many(40))
+    for shard in target.files:
+        info = shard.stat()
+        assert (shard.name, info.st_uid, info.st_gid) == (shard.name, 4242, 4343)
+
+
 # --- changing the layout -----------------------------------------------------------------
 
 

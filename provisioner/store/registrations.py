@@ -849,17 +849,26 @@ def _user_agent(contacts: Sequence[Mapping[str, Any]]) -> str:
     return str(contacts[0]["user_agent"]) if contacts else ""
 
 
+def _dialled_order(extension: str) -> tuple[int, int, str]:
+    """Sort key of an extension as a dialled number: all-digit extensions by numeric
+    value (2001 before 10000), equal values by text (0101 before 101), then any other
+    extension by text."""
+    if extension.isascii() and extension.isdigit():
+        return (0, int(extension), extension)
+    return (1, 0, extension)
+
+
 def status_rows(conn: Connection, usernames: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Per live user: extension, username, summary per server (by server name) and
-    contacts (by server, then URI), for ``status``; the user agent is a usable
-    contact's (:func:`_user_agent`)."""
+    """Per live user, ordered by extension as dialled numbers (:func:`_dialled_order`):
+    extension, username, summary per server (by server name) and contacts (by server,
+    then URI), for ``status``; the user agent is a usable contact's (:func:`_user_agent`)."""
     query = select(users.c.id, users.c.extension, users.c.username, users.c.username_key).where(
         users.c.deleted_at.is_(None)
     )
     keys = {username_key(u) for u in usernames or ()}
     if keys:
         query = query.where(users.c.username_key.in_(sorted(keys)))
-    people = conn.execute(query.order_by(users.c.extension)).all()
+    people = sorted(conn.execute(query).all(), key=lambda p: _dialled_order(p.extension))
     if keys:
         # Exact keys, not the database's collation: "alice " names no one on any database.
         people = [p for p in people if p.username_key in keys]

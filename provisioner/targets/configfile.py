@@ -369,7 +369,9 @@ class ConfigFileTarget:
     """Writes all users' PJSIP objects to one config file (see the module docstring).
 
     ``shared_templates`` is for :class:`ShardedConfigFileTarget` only: each of its shard
-    files is one such target, rendering with the sharded target's templates.
+    files is one such target, rendering with the sharded target's templates; its
+    ``new_owner_of`` (the main file, the shard directory) gives a new shard file their
+    owner and group.
     """
 
     def __init__(
@@ -378,8 +380,11 @@ class ConfigFileTarget:
         templates_dir: Path | None = None,
         *,
         shared_templates: Templates | None = None,
+        new_owner_of: Sequence[Path] = (),
     ) -> None:
         self.path = Path(path)
+        #: Whose owner and group the file takes when first written (:func:`atomic_write`).
+        self.new_owner_of = tuple(new_owner_of)
         self.templates_dir = templates_dir
         self._templates = shared_templates or Templates(templates_dir)
         #: Where a sharded layout of this path keeps its files (None for a shard file): a
@@ -582,7 +587,13 @@ class ConfigFileTarget:
         change = pending.change
         if pending.write:
             body = pending.state.body
-            write_file(self.path, body, backup=pending.backup, sync_directory=sync_directory)
+            write_file(
+                self.path,
+                body,
+                backup=pending.backup,
+                sync_directory=sync_directory,
+                new_owner_of=self.new_owner_of,
+            )
             change = replace(change, wrote=True)
         if self._verified is not pending.state:
             # An edit's state, checked chunk by chunk rather than by _verify.

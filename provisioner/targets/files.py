@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,6 +41,7 @@ __all__ = [
     "keep_backup",
     "keep_owner",
     "later_than",
+    "owner_source",
     "read_file",
     "real_path",
     "remove_stale_in",
@@ -242,8 +243,22 @@ def _discard(path: Path) -> None:
         log.warning("file.discard_failed", path=str(path), error=exc.strerror)
 
 
+def owner_source(path: Path, new_owner_of: Sequence[Path]) -> Path:
+    """The file whose owner and group a write of ``path`` keeps: ``path`` when it exists,
+    else the first of ``new_owner_of`` that does (else ``path``: nothing to keep)."""
+    for candidate in (path, *new_owner_of):
+        if candidate.exists():
+            return candidate
+    return path
+
+
 def atomic_write(
-    path: Path, data: bytes | Pieces, *, backup: bool, sync_directory: bool = True
+    path: Path,
+    data: bytes | Pieces,
+    *,
+    backup: bool,
+    sync_directory: bool = True,
+    new_owner_of: Sequence[Path] = (),
 ) -> None:
     """Atomically make ``path`` hold ``data``, keeping the old file as ``<name>.bak``.
 
@@ -252,14 +267,17 @@ def atomic_write(
     that names them.  A large former backup is freed afterwards, in the background.
 
     The new file has mode :data:`FILE_MODE` and the old one's group (and owner, written
-    as root: :func:`keep_owner`).  A symbolic link at ``path`` stays: the file it leads
+    as root: :func:`keep_owner`); a first file at ``path`` takes those of the first of
+    ``new_owner_of`` that exists (:func:`owner_source`; a shard file: the main file's,
+    else the shard directory's).  A symbolic link at ``path`` stays: the file it leads
     to is replaced (:func:`real_path`), and its backup is kept beside that file."""
     path = real_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     former: Path | None = None
     try:
         with temporary(path.parent, path.name) as temp:
-            keep_owner(temp, path)  # first: the fsync then makes the owner durable too
+            # First: the fsync then makes the owner durable too.
+            keep_owner(temp, owner_source(path, new_owner_of))
             write_synced(temp, data)
             later_than(temp, path)
             if backup:
@@ -273,11 +291,18 @@ def atomic_write(
 
 
 def write_file(
-    path: Path, data: bytes | Pieces, *, backup: bool, sync_directory: bool = True
+    path: Path,
+    data: bytes | Pieces,
+    *,
+    backup: bool,
+    sync_directory: bool = True,
+    new_owner_of: Sequence[Path] = (),
 ) -> None:
     """:func:`atomic_write`, an OS error raised as :class:`TargetWriteFailed`."""
     try:
-        atomic_write(path, data, backup=backup, sync_directory=sync_directory)
+        atomic_write(
+            path, data, backup=backup, sync_directory=sync_directory, new_owner_of=new_owner_of
+        )
     except OSError as exc:
         raise TargetWriteFailed(f"cannot write {str(path)!r}: {exc.strerror}") from None
 

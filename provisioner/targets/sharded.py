@@ -173,7 +173,11 @@ class ShardedConfigFileTarget:
         target = self._targets.get(index)
         if target is None:
             target = ConfigFileTarget(
-                self.files[index], self.templates_dir, shared_templates=self._templates
+                self.files[index],
+                self.templates_dir,
+                shared_templates=self._templates,
+                # A new shard file: Asterisk reads it as it reads the main file.
+                new_owner_of=(self.path, self.directory),
             )
             self._targets[index] = target
         return target
