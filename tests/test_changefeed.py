@@ -402,6 +402,53 @@ def test_the_incremental_apply_forgets_the_old_id_of_a_renumbered_user(
         daemon.engine.dispose()
 
 
+def test_an_extension_given_to_another_user_is_named_reowned(
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """An extension taken from one user and given to another, in one incremental apply or
+    in two, is named in the change's ``reowned`` (the previous owner's phone must lose
+    it); an extension given to a user where nobody had it is not."""
+    for name in ("alice", "bob", "carol"):
+        _add(accounts, name)
+    alice, carol = accounts.get_user("alice").extension, accounts.get_user("carol").extension
+    daemon = _daemon(engine, db_url, tmp_path)
+    try:
+        _sql(engine, "UPDATE users SET extension = '150' WHERE username = 'alice'")
+        _sql(engine, "UPDATE users SET extension = :e WHERE username = 'bob'", e=alice)
+        assert _apply_changes(daemon).change.reowned == (alice,)
+        _sql(engine, "UPDATE users SET extension = '151' WHERE username = 'carol'")
+        moved = _apply_changes(daemon).change
+        assert moved.removed == (carol,)
+        assert moved.reowned == ()
+        _sql(engine, "UPDATE users SET extension = :e WHERE username = 'alice'", e=carol)
+        assert _apply_changes(daemon).change.reowned == (carol,)
+    finally:
+        daemon.engine.dispose()
+
+
+def test_a_renamed_user_names_its_endpoint_reowned_and_a_new_sip_secret_does_not(
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """A user whose username changes (its auth username with it) has its endpoint named
+    in ``reowned``, by an incremental and by a full apply; a new SIP secret alone does not
+    (a phone registered with the old one is its user's own)."""
+    _add(accounts, "alice")
+    _add(accounts, "bob")
+    alice, bob = accounts.get_user("alice").extension, accounts.get_user("bob").extension
+    daemon = _daemon(engine, db_url, tmp_path)
+    try:
+        accounts.rotate_sip_secret("alice")
+        changed = _apply_changes(daemon).change
+        assert changed.updated == (alice,)
+        assert changed.reowned == ()
+        _sql(engine, "UPDATE users SET username = 'alice2' WHERE username = 'alice'")
+        assert _apply_changes(daemon).change.reowned == (alice,)
+        _sql(engine, "UPDATE users SET username = 'bob2' WHERE username = 'bob'")
+        assert daemon.applier.full().change.reowned == (bob,)
+    finally:
+        daemon.engine.dispose()
+
+
 def test_a_backlog_longer_than_one_read_is_applied_at_once(
     accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
