@@ -534,6 +534,68 @@ def test_a_full_apply_is_told_to_asterisk_when_saving_its_cursor_fails(
     assert not ok  # the failed write is reported, and retried
 
 
+@pytest.mark.parametrize("target", ["config", "realtime"])
+def test_a_phone_loses_its_registration_when_its_extension_passes_to_another_user(
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path, target: str
+) -> None:
+    """Through the daemon's incremental apply and its real AMI side (a fake Asterisk over
+    a socket whose phone is registered on AOR 1001): alice moved off extension 1001 and
+    bob given it has alice's phone's contact deleted from astdb (DBDel), after the reload
+    for a config file, and the registration book no longer holds it."""
+    contact = "contact/1001;@4647304968688045788916f1ea15a2ae"  # the peer's phone
+    _add(accounts, "alice")
+    _add(accounts, "bob")
+    _sql(engine, "UPDATE users SET extension = '1001' WHERE username = 'alice'")
+    conf = tmp_path / "pjsip.conf"
+    where = {"path": str(conf)} if target == "config" else {"kind": "realtime", "url": db_url}
+
+    async def run() -> tuple[list[str], bool, int]:
+        peer = FakeAsterisk()
+        await peer.start()
+        server = {"name": "lab", "host": "127.0.0.1", "port": peer.port}
+        server |= {"username": peer.username, "secret": peer.secret}
+        config = load_config(
+            env={},
+            overrides={
+                "store": {"url": db_url},
+                "target": where,
+                "ami": {"reload_min_gap": 0, "reload_gap_factor": 0, "backoff_base": 0.02},
+                "asterisk": [server],
+                "daemon": {"state_dir": str(tmp_path)},
+            },
+        )
+        daemon = Daemon.from_config(config)
+        daemon.health.ready = True
+        pbx = daemon.pbx
+        assert isinstance(pbx, AmiPbx)
+        ami = asyncio.ensure_future(pbx.run(daemon.ami_stop))
+        try:
+            link = pbx.links[0]
+            await daemon._run(daemon._full)
+            await eventually(link.book_complete)
+            await eventually(lambda: not link.reloads.pending and not link.reloads.in_flight)
+            reloads = len(peer.actions("Reload"))
+            _sql(engine, "UPDATE users SET extension = '150' WHERE username = 'alice'")
+            _sql(engine, "UPDATE users SET extension = '1001' WHERE username = 'bob'")
+            applied = await daemon._run(daemon._incremental)
+            assert applied is not None
+            assert applied.change.reowned == ("1001",)
+            await eventually(lambda: bool(peer.actions("DBDel")) and not link.owed)
+            reg = link.book.get("1001")
+            keys = [a.get("Key") for a in peer.actions("DBDel")]
+            return keys, bool(reg and reg.contacts), len(peer.actions("Reload")) - reloads
+        finally:
+            daemon.ami_stop.set()
+            await ami
+            daemon.engine.dispose()
+            await peer.stop()
+
+    keys, held, reloads = asyncio.run(run())
+    assert keys == [contact]
+    assert not held
+    assert reloads >= 1
+
+
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 def test_a_sighup_that_only_rewrites_the_files_has_asterisk_reload_them(
     accounts: Accounts, db_url: str, tmp_path: Path
