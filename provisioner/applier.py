@@ -203,26 +203,28 @@ class Applier:
         return self.target.apply_partial(upserts, gone)
 
     def _owned(self, change: Change, applied: Iterable[UserObjects]) -> Change:
-        """``change`` (which applied the objects ``applied``) naming in ``reowned`` each
-        endpoint it added or updated for another username than the one last applied to
-        it: the phone registered under the previous owner's credentials must not keep
-        taking its calls.  Each applied endpoint's owner is remembered from now on (one
-        a foreign row blocked is not: provisioner did not write it)."""
+        """``change`` (which applied the objects ``applied``) naming in ``reowned``, besides
+        those the target found renamed in what it held, each endpoint it added or updated
+        for another username than the one last applied to it (removed in between, so the
+        target held nothing to compare): the phone registered under the previous owner's
+        credentials must not keep taking its calls.  Each applied endpoint's owner is
+        remembered from now on (one a foreign row blocked is not: provisioner did not
+        write it)."""
         written = {*change.added, *change.updated}
         blocked = set(change.conflicts)
-        reowned: list[str] = []
+        reowned = list(change.reowned)  # the target's: renamed in what it held
         for obj in applied:
             endpoint_id = obj.endpoint_id
             if endpoint_id in blocked:
                 continue
             last = self.owners.get(endpoint_id)
             if last is not None and last != obj.username and endpoint_id in written:
-                reowned.append(endpoint_id)
+                reowned.append(endpoint_id)  # given to another user since it was removed
             self.owners[endpoint_id] = obj.username
         if not reowned:
             return change
-        log.info("sync.reowned", endpoints=len(reowned))
-        return replace(change, reowned=tuple(sorted(reowned, key=endpoint_order)))
+        log.info("sync.reowned", endpoints=len(set(reowned)))
+        return replace(change, reowned=tuple(sorted(set(reowned), key=endpoint_order)))
 
     def _held(self, uid: int) -> set[str]:
         """The endpoint ids memory holds for ``uid`` (rendered or kept)."""

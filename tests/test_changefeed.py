@@ -449,6 +449,37 @@ def test_a_renamed_user_names_its_endpoint_reowned_and_a_new_sip_secret_does_not
         daemon.engine.dispose()
 
 
+@pytest.mark.parametrize("target", ["config", "shards", "realtime"])
+def test_a_user_renamed_while_no_daemon_ran_has_its_endpoint_named_reowned_at_the_next_start(
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path, target: str
+) -> None:
+    """A username changed while no daemon ran is found by the next daemon's first full
+    apply in what the target holds (the auth's old username): its endpoint is named in
+    ``reowned``, though that daemon never applied it before."""
+    _add(accounts, "alice")
+    _add(accounts, "bob")
+    alice = accounts.get_user("alice").extension
+    where: dict[str, Any] = {"path": str(tmp_path / "pjsip.conf")}
+    if target == "shards":
+        where["shards"] = 4
+    elif target == "realtime":
+        where = {"kind": "realtime", "url": db_url}
+    config = load_config(env={}, overrides={"store": {"url": db_url}, "target": where})
+    first = Daemon.from_config(config)
+    try:
+        first.applier.full()
+    finally:
+        first.engine.dispose()
+    _sql(engine, "UPDATE users SET username = 'alice2' WHERE username = 'alice'")
+    second = Daemon.from_config(config)
+    try:
+        change = second.applier.full().change
+        assert change.updated == (alice,)
+        assert change.reowned == (alice,)
+    finally:
+        second.engine.dispose()
+
+
 def test_a_backlog_longer_than_one_read_is_applied_at_once(
     accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -574,6 +574,9 @@ class RealtimeTarget:
             if ext not in hold and stored.get(ext) != digests[ext]
         }
         change = _summarise(objects, kinds, blocked)
+        renamed = _renamed(shapes["auth"], seen["auth"], kinds["auth"].updates)
+        if renamed:
+            change = replace(change, reowned=tuple(renamed))
         if conflicts:
             change = replace(change, clashes=_reported(compared, conflicts))
         return _Plan(kinds, conflicts, change, stale if has_digest else None)
@@ -933,6 +936,21 @@ def _summarise(
         changed_objects=tuple(changed),
         conflicts=tuple(_ordered(blocked)),
     )
+
+
+def _renamed(shape: _Shape, seen: _Seen, updates: Sequence[Row]) -> list[str]:
+    """The endpoint ids whose auth row ``updates`` gives another ``username`` than the row
+    read (``seen``) holds: the extension went to another user, or its user was renamed,
+    and the contacts registered under the previous credentials are owed removal."""
+    if "username" not in shape.variable:
+        return []
+    at = 1 + shape.variable.index("username")
+    before = {str(row[0]): row[at] for row in seen.rows}
+    return [
+        _user_key("auth", oid)
+        for row in updates
+        if (oid := str(row[0])) in before and before[oid] != row[at]
+    ]
 
 
 # -- writing -------------------------------------------------------------------------
