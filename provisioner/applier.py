@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from sqlalchemy import Engine
@@ -66,6 +66,10 @@ class Applier:
     #: endpoint id -> how many users' entries in ``objects`` or ``kept`` hold it (more
     #: than one only briefly, while an extension moved in the store is not yet re-rendered).
     holders: Counter[str] = field(default_factory=Counter, init=False, repr=False)
+    #: endpoint id -> the username its objects were last applied for, kept after the
+    #: endpoint is removed: an extension given to another user (or a renamed user) is
+    #: then told apart from its owner coming back (see :meth:`_owned`).
+    owners: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._reindex()
@@ -102,6 +106,7 @@ class Applier:
             guard=self._guard(allow_mass_removal),
             verify=verify,
         )
+        change = self._owned(change, objects.values())
         self.objects, self.kept, self.synced = objects, kept, True
         self._reindex()
         return self._done(change, skipped, started, full=True, provisioned=len(objects))
@@ -160,6 +165,7 @@ class Applier:
         if held and removing > self.max_removal_fraction * held:
             return self.full()
         change = self._apply_some(ids, objects, kept)
+        change = self._owned(change, (o for i in ids if (o := objects[i]) is not None))
         for uid in ids:
             self._index(uid, add=False)
             _put(self.objects, uid, objects[uid])
@@ -195,6 +201,30 @@ class Applier:
         by_these = Counter(e for i in ids for e in self._held(i))
         gone = [e for e in sorted(by_these.keys() - wanted) if self.holders[e] <= by_these[e]]
         return self.target.apply_partial(upserts, gone)
+
+    def _owned(self, change: Change, applied: Iterable[UserObjects]) -> Change:
+        """``change`` (which applied the objects ``applied``) naming in ``reowned``, besides
+        those the target found renamed in what it held, each endpoint it added or updated
+        for another username than the one last applied to it (removed in between, so the
+        target held nothing to compare): the phone registered under the previous owner's
+        credentials must not keep taking its calls.  Each applied endpoint's owner is
+        remembered from now on (one a foreign row blocked is not: provisioner did not
+        write it)."""
+        written = {*change.added, *change.updated}
+        blocked = set(change.conflicts)
+        reowned = list(change.reowned)  # the target's: renamed in what it held
+        for obj in applied:
+            endpoint_id = obj.endpoint_id
+            if endpoint_id in blocked:
+                continue
+            last = self.owners.get(endpoint_id)
+            if last is not None and last != obj.username and endpoint_id in written:
+                reowned.append(endpoint_id)  # given to another user since it was removed
+            self.owners[endpoint_id] = obj.username
+        if not reowned:
+            return change
+        log.info("sync.reowned", endpoints=len(set(reowned)))
+        return replace(change, reowned=tuple(sorted(set(reowned), key=endpoint_order)))
 
     def _held(self, uid: int) -> set[str]:
         """The endpoint ids memory holds for ``uid`` (rendered or kept)."""

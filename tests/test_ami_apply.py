@@ -1347,6 +1347,70 @@ def test_a_file_endpoint_edited_then_removed_in_one_batch_loses_its_contacts(
     assert run(_file_actions(store, edited, REMOVED)) == ["Reload", "DBDel"]
 
 
+#: Endpoint 1001 given to another user (its auth username changed): Change.reowned.
+REOWNED = Change(
+    updated=("1001",), changed_objects=(("auth", "1001-auth"),), wrote=True, reowned=("1001",)
+)
+
+
+def test_a_file_endpoint_given_to_another_user_loses_the_previous_phones_contacts(
+    store: Engine,
+) -> None:
+    """Config-file target: an endpoint whose owner changed keeps its objects, but the
+    previous owner's phone's contacts are deleted once the reload has ended (before it,
+    Asterisk still takes the previous credentials)."""
+    assert run(_file_actions(store, REOWNED)) == ["Reload", "DBDel"]
+
+
+def test_a_file_endpoint_removed_then_given_to_another_user_loses_its_contacts(
+    store: Engine,
+) -> None:
+    """Config-file target: an endpoint removed (its user moved away) and added for
+    another user before the reload ends, then edited again, has the first user's
+    contacts deleted after the reload: they are not the new owner's phone's."""
+    reowned = Change(added=("1001",), wrote=True, reowned=("1001",))
+    edited = Change(updated=("1001",), wrote=True)
+    assert run(_file_actions(store, REMOVED, reowned, edited)) == ["Reload", "DBDel"]
+
+
+def test_a_realtime_endpoint_given_to_another_user_loses_the_previous_phones_contact(
+    store: Engine,
+) -> None:
+    """Realtime target: an endpoint whose owner changed has the previous owner's contact
+    deleted from astdb at once (DBDel by its key), and the book forgets it, so the new
+    owner is not shown online with the previous owner's phone."""
+
+    async def scenario() -> tuple[list[str], bool]:
+        peer = FakeAsterisk()
+        await peer.start()
+        pbx = AmiPbx([_link(peer)], store, "realtime")
+        async with _serving(peer, pbx) as link:
+            await eventually(link.book_complete)
+            assert link.book["1001"].contacts
+            pbx.applied(REOWNED, target_kind="realtime")
+            await eventually(lambda: bool(peer.actions("DBDel")) and not link.owed)
+            reg = link.book.get("1001")
+            return [a.get("Key") for a in peer.actions("DBDel")], bool(reg and reg.contacts)
+
+    keys, held = run(scenario())
+    assert keys == [CONTACT_KEY]
+    assert not held
+
+
+def test_an_owed_removal_of_a_reowned_endpoint_is_not_cancelled_by_its_new_owners_edits() -> None:
+    """A removal owed for an endpoint given to another user stays owed through later adds
+    and updates of that endpoint, and is owed no more once paid."""
+    owed = Owed()
+    owed.add(Change(removed=("1001",)), expire=False)
+    owed.add(Change(added=("1001",), reowned=("1001",)), expire=False)
+    owed.add(Change(updated=("1001",)), expire=False)
+    assert list(owed.removals) == ["1001"]
+    owed.paid("1001")
+    owed.add(Change(removed=("1001",)), expire=False)
+    owed.add(Change(added=("1001",)), expire=False)
+    assert not owed.removals
+
+
 def test_the_last_change_of_a_batch_decides_what_an_endpoint_is() -> None:
     """In a batch, an endpoint's last change decides whether it is there or gone; within
     one change, one added (another user's) wins over one removed."""

@@ -402,6 +402,84 @@ def test_the_incremental_apply_forgets_the_old_id_of_a_renumbered_user(
         daemon.engine.dispose()
 
 
+def test_an_extension_given_to_another_user_is_named_reowned(
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """An extension taken from one user and given to another, in one incremental apply or
+    in two, is named in the change's ``reowned`` (the previous owner's phone must lose
+    it); an extension given to a user where nobody had it is not."""
+    for name in ("alice", "bob", "carol"):
+        _add(accounts, name)
+    alice, carol = accounts.get_user("alice").extension, accounts.get_user("carol").extension
+    daemon = _daemon(engine, db_url, tmp_path)
+    try:
+        _sql(engine, "UPDATE users SET extension = '150' WHERE username = 'alice'")
+        _sql(engine, "UPDATE users SET extension = :e WHERE username = 'bob'", e=alice)
+        assert _apply_changes(daemon).change.reowned == (alice,)
+        _sql(engine, "UPDATE users SET extension = '151' WHERE username = 'carol'")
+        moved = _apply_changes(daemon).change
+        assert moved.removed == (carol,)
+        assert moved.reowned == ()
+        _sql(engine, "UPDATE users SET extension = :e WHERE username = 'alice'", e=carol)
+        assert _apply_changes(daemon).change.reowned == (carol,)
+    finally:
+        daemon.engine.dispose()
+
+
+def test_a_renamed_user_names_its_endpoint_reowned_and_a_new_sip_secret_does_not(
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """A user whose username changes (its auth username with it) has its endpoint named
+    in ``reowned``, by an incremental and by a full apply; a new SIP secret alone does not
+    (a phone registered with the old one is its user's own)."""
+    _add(accounts, "alice")
+    _add(accounts, "bob")
+    alice, bob = accounts.get_user("alice").extension, accounts.get_user("bob").extension
+    daemon = _daemon(engine, db_url, tmp_path)
+    try:
+        accounts.rotate_sip_secret("alice")
+        changed = _apply_changes(daemon).change
+        assert changed.updated == (alice,)
+        assert changed.reowned == ()
+        _sql(engine, "UPDATE users SET username = 'alice2' WHERE username = 'alice'")
+        assert _apply_changes(daemon).change.reowned == (alice,)
+        _sql(engine, "UPDATE users SET username = 'bob2' WHERE username = 'bob'")
+        assert daemon.applier.full().change.reowned == (bob,)
+    finally:
+        daemon.engine.dispose()
+
+
+@pytest.mark.parametrize("target", ["config", "shards", "realtime"])
+def test_a_user_renamed_while_no_daemon_ran_has_its_endpoint_named_reowned_at_the_next_start(
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path, target: str
+) -> None:
+    """A username changed while no daemon ran is found by the next daemon's first full
+    apply in what the target holds (the auth's old username): its endpoint is named in
+    ``reowned``, though that daemon never applied it before."""
+    _add(accounts, "alice")
+    _add(accounts, "bob")
+    alice = accounts.get_user("alice").extension
+    where: dict[str, Any] = {"path": str(tmp_path / "pjsip.conf")}
+    if target == "shards":
+        where["shards"] = 4
+    elif target == "realtime":
+        where = {"kind": "realtime", "url": db_url}
+    config = load_config(env={}, overrides={"store": {"url": db_url}, "target": where})
+    first = Daemon.from_config(config)
+    try:
+        first.applier.full()
+    finally:
+        first.engine.dispose()
+    _sql(engine, "UPDATE users SET username = 'alice2' WHERE username = 'alice'")
+    second = Daemon.from_config(config)
+    try:
+        change = second.applier.full().change
+        assert change.updated == (alice,)
+        assert change.reowned == (alice,)
+    finally:
+        second.engine.dispose()
+
+
 def test_a_backlog_longer_than_one_read_is_applied_at_once(
     accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -485,6 +563,68 @@ def test_a_full_apply_is_told_to_asterisk_when_saving_its_cursor_fails(
     reloads, ok = asyncio.run(run())
     assert reloads == 2
     assert not ok  # the failed write is reported, and retried
+
+
+@pytest.mark.parametrize("target", ["config", "realtime"])
+def test_a_phone_loses_its_registration_when_its_extension_passes_to_another_user(
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path, target: str
+) -> None:
+    """Through the daemon's incremental apply and its real AMI side (a fake Asterisk over
+    a socket whose phone is registered on AOR 1001): alice moved off extension 1001 and
+    bob given it has alice's phone's contact deleted from astdb (DBDel), after the reload
+    for a config file, and the registration book no longer holds it."""
+    contact = "contact/1001;@4647304968688045788916f1ea15a2ae"  # the peer's phone
+    _add(accounts, "alice")
+    _add(accounts, "bob")
+    _sql(engine, "UPDATE users SET extension = '1001' WHERE username = 'alice'")
+    conf = tmp_path / "pjsip.conf"
+    where = {"path": str(conf)} if target == "config" else {"kind": "realtime", "url": db_url}
+
+    async def run() -> tuple[list[str], bool, int]:
+        peer = FakeAsterisk()
+        await peer.start()
+        server = {"name": "lab", "host": "127.0.0.1", "port": peer.port}
+        server |= {"username": peer.username, "secret": peer.secret}
+        config = load_config(
+            env={},
+            overrides={
+                "store": {"url": db_url},
+                "target": where,
+                "ami": {"reload_min_gap": 0, "reload_gap_factor": 0, "backoff_base": 0.02},
+                "asterisk": [server],
+                "daemon": {"state_dir": str(tmp_path)},
+            },
+        )
+        daemon = Daemon.from_config(config)
+        daemon.health.ready = True
+        pbx = daemon.pbx
+        assert isinstance(pbx, AmiPbx)
+        ami = asyncio.ensure_future(pbx.run(daemon.ami_stop))
+        try:
+            link = pbx.links[0]
+            await daemon._run(daemon._full)
+            await eventually(link.book_complete)
+            await eventually(lambda: not link.reloads.pending and not link.reloads.in_flight)
+            reloads = len(peer.actions("Reload"))
+            _sql(engine, "UPDATE users SET extension = '150' WHERE username = 'alice'")
+            _sql(engine, "UPDATE users SET extension = '1001' WHERE username = 'bob'")
+            applied = await daemon._run(daemon._incremental)
+            assert applied is not None
+            assert applied.change.reowned == ("1001",)
+            await eventually(lambda: bool(peer.actions("DBDel")) and not link.owed)
+            reg = link.book.get("1001")
+            keys = [a.get("Key") for a in peer.actions("DBDel")]
+            return keys, bool(reg and reg.contacts), len(peer.actions("Reload")) - reloads
+        finally:
+            daemon.ami_stop.set()
+            await ami
+            daemon.engine.dispose()
+            await peer.stop()
+
+    keys, held, reloads = asyncio.run(run())
+    assert keys == [contact]
+    assert not held
+    assert reloads >= 1
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)

@@ -372,6 +372,31 @@ def test_a_removed_aor_s_realtime_contacts_are_deleted(
     assert left == ["10011;@ccc", "1002;@ddd", "trunk;@eee"]
 
 
+def test_an_aor_given_to_another_user_loses_its_realtime_contacts(
+    target: RealtimeTarget, rt_engine: Engine
+) -> None:
+    """Where contacts live in ps_contacts, an extension whose user is renamed (its auth
+    username changed: another phone's credentials) is named reowned, by a whole apply
+    and by a one-user edit, and its AOR's contacts are deleted in the same apply, no
+    other; a new SIP secret alone deletes none."""
+    _CONTACTS.create(rt_engine)
+    ids = ["1001;@aaa", "10011;@ccc", "1002;@ddd"]
+    with rt_engine.begin() as conn:
+        conn.execute(_CONTACTS.insert(), [{"id": i, "uri": "sip:x", "endpoint": "e"} for i in ids])
+    target.apply(render(make_user("1001"), make_user("1002"), make_user("10011")))
+    rekeyed = replace(make_user("1002"), sip_md5="0" * 32)
+    assert target.apply_partial(render(rekeyed), ()).reowned == ()
+    bob = replace(make_user("1001"), username="bob")
+    change = target.apply(render(bob, rekeyed, make_user("10011")))
+    assert change.updated == ("1001",)
+    assert change.reowned == ("1001",)
+    carol = replace(make_user("1002"), username="carol")
+    assert target.apply_partial(render(carol), ()).reowned == ("1002",)
+    with rt_engine.connect() as conn:
+        left = sorted(conn.execute(select(_CONTACTS.c.id)).scalars())
+    assert left == ["10011;@ccc"]
+
+
 def test_without_a_ps_contacts_table_a_removal_needs_none(
     target: RealtimeTarget, rt_engine: Engine
 ) -> None:

@@ -146,6 +146,10 @@ class Owed:
     expiries: dict[tuple[str, str], None] = field(default_factory=dict)
     #: Endpoint -> the stamp of its owing (see :meth:`owe_removals`).
     removals: dict[str, int] = field(default_factory=dict)
+    #: Endpoints whose owed or awaited removal is of a previous owner's contacts
+    #: (:attr:`Change.reowned`): no later add or update of the endpoint cancels it, the
+    #: contacts are never the new owner's phone's.
+    reowned: set[str] = field(default_factory=set)
     #: Each cache is owed emptying whole (a note resumed at start said so).
     expire_all: bool = False
     #: Per config-file reload not yet ended, the endpoints whose contacts its end owes.
@@ -171,14 +175,16 @@ class Owed:
 
     def add(self, change: Change, *, expire: bool, remove: bool = True) -> None:
         """Owe what ``change`` needs (``expire``: its changed objects' expiries;
-        ``remove``: its removed endpoints' contacts, else owed later by the caller).  An
-        endpoint added or updated after its removal was owed keeps its contacts: they
-        are its phone's again (also when that removal awaits a reload)."""
+        ``remove``: its removed and reowned endpoints' contacts, else owed later by the
+        caller).  An endpoint added or updated after its removal was owed keeps its
+        contacts: they are its phone's again (also when that removal awaits a reload);
+        unless it was reowned (given to another user) since: those contacts stay owed."""
         if expire:
             self.expiries.update(dict.fromkeys(change.changed_objects))
+        self.reowned.update(change.reowned)
         if remove:
-            self.owe_removals(change.removed)
-        back = (*change.added, *change.updated)
+            self.owe_removals((*change.removed, *change.reowned))
+        back = [e for e in (*change.added, *change.updated) if e not in self.reowned]
         self.keep(back)
         for endpoints in self.awaiting:
             endpoints.difference_update(back)
@@ -190,9 +196,17 @@ class Owed:
             self.removals[endpoint] = next(self._stamps)
 
     def keep(self, endpoints: Iterable[str]) -> None:
-        """Owe no contact removal for ``endpoints`` (added or updated again)."""
+        """Owe no contact removal for ``endpoints`` (added or updated again), but for
+        reowned ones (a previous owner's contacts)."""
         for endpoint in endpoints:
-            self.removals.pop(endpoint, None)
+            if endpoint not in self.reowned:
+                self.removals.pop(endpoint, None)
+
+    def paid(self, endpoint: str) -> None:
+        """``endpoint``'s contact removal was sent: owe it no more."""
+        del self.removals[endpoint]
+        if not any(endpoint in endpoints for endpoints in self.awaiting):
+            self.reowned.discard(endpoint)
 
     def await_reload(self, endpoints: Iterable[str]) -> set[str]:
         """Note that the end of a reload asked for owes the contact removals of
@@ -278,7 +292,10 @@ async def apply_changes(link: Link, batch: Sequence[Change], *, realtime: bool) 
         if realtime and change.added and link.untracked is not None:
             # Live at once (a realtime row), tracked only after the reload asked below.
             link.untracked.update(change.added)
-    awaiting = link.owed.await_reload(gone) if reloads_file else set[str]()
+    # A reowned endpoint's previous owner's contacts go after the reload too: before it,
+    # Asterisk still takes the previous credentials, and that phone could register again.
+    reowned = {e for change in batch for e in change.reowned}
+    awaiting = link.owed.await_reload(gone | reowned) if reloads_file else set[str]()
     reloads = reloads_file or (realtime and any(c.added or c.removed for c in batch))
     # Noted before anything is sent, the reload in the same write: a stop or a crash from
     # here on loses none of it, and a config file's removal is never noted without the
@@ -712,7 +729,7 @@ async def pay(link: Link) -> None:
                 await remove_contacts(link, sending.keys())
             for endpoint, stamp in sending.items():
                 if owed.removals.get(endpoint) == stamp:
-                    del owed.removals[endpoint]
+                    owed.paid(endpoint)
     except AmiError as exc:
         log.warning(
             "ami.owed",

@@ -40,6 +40,11 @@ class Change:
     #: The same users by username, each with the foreign rows that block it (field
     #: ``extension``, the rule naming the table and the row's id).
     clashes: tuple[Skipped, ...] = ()
+    #: Endpoint ids added or updated for another auth username than the one last applied
+    #: to them (the extension passed to another user, or its user renamed): the contacts
+    #: registered under the previous credentials are owed removal, as a removed
+    #: endpoint's are.  Filled by the applier, which remembers each endpoint's owner.
+    reowned: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:

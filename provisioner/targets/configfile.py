@@ -692,6 +692,8 @@ class _Edit:
     updated: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     changed: list[tuple[str, str]] = field(default_factory=list)
+    #: Updated endpoints whose auth username changed (see :attr:`Change.reowned`).
+    reowned: list[str] = field(default_factory=list)
     #: Each chunk replaced, as (index at the time, old chunk, new chunk); ``""`` for none.
     ops: list[tuple[int, str, str]] = field(default_factory=list)
 
@@ -754,6 +756,8 @@ class _Edit:
         if differing:
             self.updated.append(user.endpoint_id)
             self.changed += differing
+            if self.users[at].username != user.username:
+                self.reowned.append(user.endpoint_id)
         self.users[at] = user
         self.chunks[at] = chunk
 
@@ -765,4 +769,5 @@ class _Edit:
             removed=tuple(self.removed),
             unchanged=len(self.users) - len(self.added) - len(self.updated),
             changed_objects=tuple(dict.fromkeys(self.changed)),
+            reowned=tuple(self.reowned),
         )

@@ -147,6 +147,7 @@ def compare(current: Current, objects: Sequence[UserObjects]) -> Change:
     there and not wanted), the unchanged count, and every (type, name) that differs."""
     added: list[str] = []
     updated: list[str] = []
+    reowned: list[str] = []
     changed: list[tuple[str, str]] = []
     unchanged = 0
     for user in objects:
@@ -156,6 +157,8 @@ def compare(current: Current, objects: Sequence[UserObjects]) -> Change:
             added.append(user.endpoint_id)
         elif differing:
             updated.append(user.endpoint_id)
+            if ("auth", user.auth_id) in differing and renamed(current, user):
+                reowned.append(user.endpoint_id)
         else:
             unchanged += 1
         changed += differing
@@ -169,7 +172,16 @@ def compare(current: Current, objects: Sequence[UserObjects]) -> Change:
         removed=tuple(removed),
         unchanged=unchanged,
         changed_objects=tuple(dict.fromkeys(changed)),
+        reowned=tuple(reowned),
     )
+
+
+def renamed(current: Current, user: UserObjects) -> bool:
+    """Whether ``current`` holds ``user``'s auth with another ``username`` (the extension
+    went to another user, or its user was renamed): the contacts registered under the
+    previous credentials are owed removal."""
+    before = current.objects.get(("auth", user.auth_id))
+    return before is not None and dict(before).get("username") != user.username
 
 
 def all_added(users: Sequence[UserObjects], *, distinct: bool = False) -> Change:

@@ -574,6 +574,9 @@ class RealtimeTarget:
             if ext not in hold and stored.get(ext) != digests[ext]
         }
         change = _summarise(objects, kinds, blocked)
+        renamed = _renamed(shapes["auth"], seen["auth"], kinds["auth"].updates)
+        if renamed:
+            change = replace(change, reowned=tuple(renamed))
         if conflicts:
             change = replace(change, clashes=_reported(compared, conflicts))
         return _Plan(kinds, conflicts, change, stale if has_digest else None)
@@ -935,13 +938,29 @@ def _summarise(
     )
 
 
+def _renamed(shape: _Shape, seen: _Seen, updates: Sequence[Row]) -> list[str]:
+    """The endpoint ids whose auth row ``updates`` gives another ``username`` than the row
+    read (``seen``) holds: the extension went to another user, or its user was renamed,
+    and the contacts registered under the previous credentials are owed removal."""
+    if "username" not in shape.variable:
+        return []
+    at = 1 + shape.variable.index("username")
+    before = {str(row[0]): row[at] for row in seen.rows}
+    return [
+        _user_key("auth", oid)
+        for row in updates
+        if (oid := str(row[0])) in before and before[oid] != row[at]
+    ]
+
+
 # -- writing -------------------------------------------------------------------------
 
 
 def _write(conn: Connection, plan: _Plan) -> bool:
-    """Deletes, then updates, then inserts (rows and ownership records), then digests,
-    all on ``conn``; True when a row of Asterisk's tables was written (recording a digest
-    in ``provisioner_objects`` is bookkeeping and does not count)."""
+    """Deletes (with the removed and reowned AORs' contacts), then updates, then inserts
+    (rows and ownership records), then digests, all on ``conn``; True when a row of
+    Asterisk's tables was written (recording a digest in ``provisioner_objects`` is
+    bookkeeping and does not count)."""
     po = provisioner_objects
     wrote = False
     for kind, kp in plan.kinds.items():
@@ -954,6 +973,9 @@ def _write(conn: Connection, plan: _Plan) -> bool:
         wrote |= bool(kp.deletes)
         if kind == "aor" and kp.deletes:
             _remove_contacts(conn, kp.deletes)
+    if plan.change.reowned:
+        # The previous owner's phone's contacts (each endpoint is its own AOR).
+        _remove_contacts(conn, plan.change.reowned)
     for kp in plan.kinds.values():
         if kp.updates:
             _update(conn, kp.shape, kp.updates)
@@ -980,9 +1002,10 @@ _PS_CONTACTS = sql_table("ps_contacts", sql_column("id", String))
 
 
 def _remove_contacts(conn: Connection, aors: Sequence[str]) -> None:
-    """Delete the ``ps_contacts`` rows of the removed ``aors`` when this database has that
-    table: Asterisk keeps a deleted endpoint's registrations (../shared/asterisk: "with
-    contacts in a PostgreSQL realtime table, delete the ps_contacts rows")."""
+    """Delete the ``ps_contacts`` rows of the removed or reowned ``aors`` when this
+    database has that table: Asterisk keeps a deleted endpoint's registrations
+    (../shared/asterisk: "with contacts in a PostgreSQL realtime table, delete the
+    ps_contacts rows"), and a reowned one's are the previous owner's phone's."""
     if not inspect(conn).has_table(_PS_CONTACTS.name):
         return
     ids = _PS_CONTACTS.c.id

@@ -77,6 +77,7 @@ def _summed(changes: Iterable[Change]) -> Change:
     added: list[str] = []
     updated: list[str] = []
     removed: list[str] = []
+    reowned: list[str] = []
     objects: list[tuple[str, str]] = []
     unchanged = 0
     wrote = False
@@ -84,6 +85,7 @@ def _summed(changes: Iterable[Change]) -> Change:
         added += change.added
         updated += change.updated
         removed += change.removed
+        reowned += change.reowned
         objects += change.changed_objects
         unchanged += change.unchanged
         wrote = wrote or change.wrote
@@ -94,6 +96,7 @@ def _summed(changes: Iterable[Change]) -> Change:
         unchanged=unchanged,
         changed_objects=tuple(dict.fromkeys(objects)),
         wrote=wrote,
+        reowned=tuple(sorted(reowned, key=endpoint_order)),
     )
 
 
