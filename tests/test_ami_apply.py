@@ -509,12 +509,6 @@ def test_a_removed_endpoints_phone_is_stored_offline_though_its_peer_was_reachab
     with store.begin() as conn:
         conn.execute(update(users).where(users.c.id == 1).values(extension="1001"))
 
-    def stored_state() -> str | None:
-        summary = registration_summary.c
-        query = select(summary.state).where(summary.server == "lab", summary.user_id == 1)
-        with store.connect() as conn:
-            return conn.execute(query).scalar_one_or_none()
-
     async def scenario() -> tuple[str | None, str | None]:
         peer = FakeAsterisk()
         await peer.start()
@@ -523,13 +517,13 @@ def test_a_removed_endpoints_phone_is_stored_offline_though_its_peer_was_reachab
             await eventually(link.book_complete)
             for needles in _REGISTER:
                 await peer.send_recorded(*needles)
-            await eventually(lambda: stored_state() == "online" and link.store_idle.is_set())
-            before = stored_state()
+            await eventually(lambda: _stored_state(store) == "online" and link.store_idle.is_set())
+            before = _stored_state(store)
             pbx.applied(REMOVED, target_kind="realtime")
             await eventually(lambda: bool(peer.actions("DBDel")) and not link.owed)
             await eventually(lambda: not link.dirty and link.store_idle.is_set())
             await asyncio.sleep(0.1)
-            return before, stored_state()
+            return before, _stored_state(store)
 
     before, after = run(scenario())
     assert before == "online"
@@ -1956,6 +1950,38 @@ def test_after_a_run_that_owed_a_reload_any_endpoint_may_be_untracked(
     assert run(scenario()) == ["1001"]
 
 
+def _stored_state(store: Engine) -> str | None:
+    """User 1's stored summary state on server ``lab`` (None: no row)."""
+    summary = registration_summary.c
+    query = select(summary.state).where(summary.server == "lab", summary.user_id == 1)
+    with store.connect() as conn:
+        return conn.execute(query).scalar_one_or_none()
+
+
+async def _fold_altered_status(
+    store: Engine,
+    endpoint: str,
+    needle: str,
+    altered: tuple[tuple[bytes, bytes], ...],
+    *,
+    forget: bool = False,
+) -> tuple[str | None, bool]:
+    """Send the recorded ContactStatus holding ``needle`` with ``altered`` replacements,
+    for ``endpoint`` (first taken out of the book with ``forget``), once the snapshot is
+    in; return user 1's stored state once written, and whether the flusher ended."""
+    peer = FakeAsterisk()
+    await peer.start()
+    async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+        await eventually(link.book_complete)
+        if forget:
+            link.book.pop(endpoint, None)
+        await peer.send_recorded("Event: ContactStatus\r\n", needle, replace=altered)
+        await eventually(lambda: endpoint in link.book)
+        await eventually(lambda: not link.dirty and link.store_idle.is_set())
+        await asyncio.sleep(0.1)
+        return _stored_state(store), link.flusher_ended
+
+
 @pytest.mark.parametrize("stamp", [b"nan", b"-inf", b"1e12"])
 def test_a_status_event_whose_time_no_date_can_hold_is_stored_without_that_time(
     store: Engine, stamp: bytes
@@ -1966,29 +1992,9 @@ def test_a_status_event_whose_time_no_date_can_hold_is_stored_without_that_time(
     with store.begin() as conn:
         conn.execute(update(users).where(users.c.id == 1).values(extension="1001"))
 
-    def stored_state() -> str | None:
-        summary = registration_summary.c
-        query = select(summary.state).where(summary.server == "lab", summary.user_id == 1)
-        with store.connect() as conn:
-            return conn.execute(query).scalar_one_or_none()
-
-    async def scenario() -> tuple[str | None, bool]:
-        peer = FakeAsterisk()
-        await peer.start()
-        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
-            await eventually(link.book_complete)
-            link.book.pop("1001", None)
-            await peer.send_recorded(
-                "Event: ContactStatus\r\n",
-                "NonQualified",
-                replace=((b"Timestamp: 1795564305.935754", b"Timestamp: " + stamp),),
-            )
-            await eventually(lambda: "1001" in link.book)
-            await eventually(lambda: not link.dirty and link.store_idle.is_set())
-            await asyncio.sleep(0.1)
-            return stored_state(), link.flusher_ended
-
-    assert run(scenario()) == ("online", False)
+    altered = ((b"Timestamp: 1795564305.935754", b"Timestamp: " + stamp),)
+    stored = _fold_altered_status(store, "1001", "NonQualified", altered, forget=True)
+    assert run(stored) == ("online", False)
 
 
 def test_a_round_trip_no_database_integer_holds_is_stored_as_unmeasured(store: Engine) -> None:
@@ -1998,28 +2004,9 @@ def test_a_round_trip_no_database_integer_holds_is_stored_as_unmeasured(store: E
     with store.begin() as conn:
         conn.execute(update(users).where(users.c.id == 1).values(extension="2003"))
 
-    def stored_state() -> str | None:
-        summary = registration_summary.c
-        query = select(summary.state).where(summary.server == "lab", summary.user_id == 1)
-        with store.connect() as conn:
-            return conn.execute(query).scalar_one_or_none()
-
-    async def scenario() -> tuple[str | None, bool]:
-        peer = FakeAsterisk()
-        await peer.start()
-        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
-            await eventually(link.book_complete)
-            await peer.send_recorded(
-                "Event: ContactStatus\r\n",
-                "ContactStatus: Reachable",
-                replace=((b"RoundtripUsec: 556", b"RoundtripUsec: " + b"9" * 20),),
-            )
-            await eventually(lambda: "2003" in link.book)
-            await eventually(lambda: not link.dirty and link.store_idle.is_set())
-            await asyncio.sleep(0.1)
-            return stored_state(), link.flusher_ended
-
-    assert run(scenario()) == ("online", False)
+    altered = ((b"RoundtripUsec: 556", b"RoundtripUsec: " + b"9" * 20),)
+    stored = _fold_altered_status(store, "2003", "ContactStatus: Reachable", altered)
+    assert run(stored) == ("online", False)
 
 
 def test_a_registered_phones_refresh_changes_nothing_in_the_store(store: Engine) -> None:
