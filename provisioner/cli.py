@@ -648,6 +648,13 @@ def _reconcile(
         # Asterisk is not told: the next daemon must reload, whatever the bytes now.
         servers = [server.name for server in config.asterisk]
         transaction(engine, partial(note_unknown, servers=servers))
+    if not dry_run and config.asterisk:
+        from .ami.changes import note_untold_removals
+
+        # Nor of the phones registered to endpoints removed or given to another user:
+        # the next daemon deletes their contacts.
+        servers = [server.name for server in config.asterisk]
+        transaction(engine, partial(note_untold_removals, servers=servers, change=report.change))
     return report
 
 

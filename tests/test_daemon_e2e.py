@@ -801,6 +801,83 @@ def test_realtime_rows_sync_once_wrote_empty_the_caches_at_the_next_start(tmp_pa
     asyncio.run(scenario())
 
 
+def test_a_user_sync_once_removed_from_the_file_has_its_contact_deleted_by_the_next_run(
+    tmp_path: Path,
+) -> None:
+    """``sync --once`` tells Asterisk nothing: a user it removed from the config file has
+    its registration deleted from astdb by the next daemon start, after the reload."""
+
+    async def scenario() -> None:
+        async with _alice_loaded_then_stopped(tmp_path) as run:
+            await _cli(run.config, "user", "delete", "alice")
+            await _cli(run.config, "sync", "--once")
+            since = await _start_and_settle(run)
+            peer = run.peer
+            await _until(lambda: ALICE_CONTACT not in peer.astdb, 10)
+            reload = _index(peer, "Reload", since, lambda _: True)
+            deleted = _index(peer, "DBDel", since, lambda a: a.get("Key") == ALICE_CONTACT)
+            assert 0 <= reload < deleted
+            assert [(e["removals"], e["after_reload"]) for e in _resumed(run.log)] == [(1, True)]
+
+    asyncio.run(scenario())
+
+
+def test_an_extension_sync_once_gave_to_another_user_has_its_contact_deleted_by_the_next_run(
+    tmp_path: Path,
+) -> None:
+    """``sync --once`` tells Asterisk nothing: alice moved off 1001 and bob given it, the
+    phone registered with alice's credentials has its contact deleted from astdb by the
+    next daemon start, after the reload."""
+
+    async def scenario() -> None:
+        conf = tmp_path / "pjsip_users.conf"
+        async with _alice_loaded_then_stopped(tmp_path) as run:
+            await _cli(run.config, "user", "edit", "alice", "--extension", "1500")
+            await _cli(
+                run.config,
+                "user",
+                "add",
+                "bob",
+                "--full-name",
+                "Bob",
+                "--email",
+                "bob@example.com",
+                "--profile",
+                "agents",
+                "--extension",
+                "1001",
+            )
+            await _cli(run.config, "sync", "--once")
+            assert "[1500]" in _text(conf)
+            since = await _start_and_settle(run)
+            peer = run.peer
+            await _until(lambda: ALICE_CONTACT not in peer.astdb, 10)
+            reload = _index(peer, "Reload", since, lambda _: True)
+            deleted = _index(peer, "DBDel", since, lambda a: a.get("Key") == ALICE_CONTACT)
+            assert 0 <= reload < deleted
+
+    asyncio.run(scenario())
+
+
+def test_a_user_sync_once_removed_from_realtime_has_its_contact_deleted_by_the_next_run(
+    tmp_path: Path,
+) -> None:
+    """``sync --once`` tells Asterisk nothing: a user whose realtime rows it deleted has
+    its registration deleted from astdb by the next daemon start."""
+
+    async def scenario() -> None:
+        async with _realtime_alice_expired(tmp_path) as run:
+            assert await _stop(run.daemon) == 0
+            await _cli(run.config, "user", "delete", "alice")
+            await _cli(run.config, "sync", "--once")
+            await _start_and_settle(run)
+            peer = run.peer
+            await _until(lambda: ALICE_CONTACT not in peer.astdb, 10)
+            assert [e["removals"] for e in _resumed(run.log)] == [1]
+
+    asyncio.run(scenario())
+
+
 def _noted(store: Path, key: str) -> str | None:
     """The note kept under ``key`` in the SQLite store at ``store``."""
     engine = open_engine(f"sqlite:///{store}")

@@ -76,6 +76,7 @@ __all__ = [
     "final_states",
     "loaded_digest_key",
     "note_owed",
+    "note_untold_removals",
     "notes_unsure",
     "owed_expiries_key",
     "owed_removal_key",
@@ -420,6 +421,20 @@ def note_owed(link: Link, *, reload: bool = False, expiries: bool = True) -> Non
     owed.noted_removals = wanted
     if put or drop:
         _write_notes(link, partial(write_states, put=put, drop=drop))
+
+
+def note_untold_removals(conn: Connection, servers: Iterable[str], change: Change) -> None:
+    """Note, in the caller's transaction, the contact removals ``change`` owes each of
+    ``servers`` (its removed endpoints not added back, and its reowned ones), as a
+    daemon's stop notes them: a writer that tells Asterisk nothing (``sync --once``,
+    ``render``) calls it, and the next daemon sends them (:func:`resume_owed`; a config
+    file's after the reload its ``loaded_digest`` note owes), where its reconcile finds
+    the target as desired and would owe nothing."""
+    back = {*change.added, *change.updated}
+    endpoints = sorted({*(set(change.removed) - back), *change.reowned})
+    put = {owed_removal_key(s, ep): ep for s in servers for ep in endpoints}
+    if put:
+        write_states(conn, put)
 
 
 def stop_owes(link: Link, batch: Sequence[Change], *, realtime: bool) -> bool:
