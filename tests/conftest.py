@@ -39,30 +39,14 @@ def _structlog_defaults() -> Iterator[None]:
     structlog.reset_defaults()
 
 
-#: The default ``daemon.state_dir`` as a test process sees it: the working directory's.
-_CWD_HEALTH = Path("var") / "health.json"
-
-
-def _stamp(path: Path) -> int | None:
-    try:
-        return path.stat().st_mtime_ns
-    except FileNotFoundError:
-        return None
-
-
 @pytest.fixture(autouse=True)
-def _working_directory_untouched() -> Iterator[None]:
-    """Each test leaves the working directory's health record alone: a daemon built with
-    the default ``daemon.state_dir`` (``var``) writes it there, and a later ``check`` test
-    then reads another test's daemon (order-dependent failures).  Give it a
-    ``state_dir`` under ``tmp_path``."""
-    before = _stamp(_CWD_HEALTH)
-    yield
-    assert _stamp(_CWD_HEALTH) == before, (
-        f"{_CWD_HEALTH.resolve()} was written during this test (by it, or under xdist by "
-        "a test running in another worker: rerun with -p no:xdist to tell): give the "
-        "daemon a state_dir under tmp_path"
-    )
+def _own_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test runs in its own working directory (its ``tmp_path``): what a test writes
+    relative to it stays its own.  A daemon built with the default ``daemon.state_dir``
+    (``var``) writes its health record there, and with a shared working directory a
+    ``check`` test run later (or at once, in another xdist worker) read another test's
+    daemon and failed."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(params=BACKENDS)
