@@ -2059,13 +2059,7 @@ def test_a_refresh_before_the_starts_snapshot_leaves_the_stored_state_alone(
         online = ("online", "NOT_INUSE", "", None)
         write_endpoint_rows(conn, "lab", {"1001": ([], online)}, datetime(2026, 5, 1, 12))
 
-    def state() -> object:
-        summary = registration_summary.c
-        query = select(summary.state).where(summary.server == "lab", summary.user_id == 1)
-        with store.connect() as conn:
-            return conn.execute(query).scalar_one_or_none()
-
-    async def scenario() -> object:
+    async def scenario() -> str | None:
         peer = FakeAsterisk()
         peer.delays["pjsipshowcontacts"] = 1.0
         await peer.start()
@@ -2076,7 +2070,7 @@ def test_a_refresh_before_the_starts_snapshot_leaves_the_stored_state_alone(
             await eventually(lambda: "1001" in link.book)
             await asyncio.sleep(0.3)  # past the flush delay and a write
             assert link.snapshot_running
-            return state()
+            return _stored_state(store)
 
     assert run(scenario()) == "online"
 
@@ -2093,13 +2087,7 @@ def test_a_call_ending_before_the_starts_snapshot_leaves_the_stored_state_alone(
         online = ("online", "INUSE", "", None)
         write_endpoint_rows(conn, "lab", {"1001": ([], online)}, datetime(2026, 5, 1, 12))
 
-    def state() -> object:
-        summary = registration_summary.c
-        query = select(summary.state).where(summary.server == "lab", summary.user_id == 1)
-        with store.connect() as conn:
-            return conn.execute(query).scalar_one_or_none()
-
-    async def scenario() -> tuple[object, object]:
+    async def scenario() -> tuple[str | None, str | None]:
         peer = FakeAsterisk()
         peer.delays["pjsipshowcontacts"] = 1.0
         await peer.start()
@@ -2110,10 +2098,10 @@ def test_a_call_ending_before_the_starts_snapshot_leaves_the_stored_state_alone(
             await eventually(lambda: "1001" in link.book)
             await asyncio.sleep(0.3)  # past the flush delay and a write
             assert link.snapshot_running
-            during = state()
+            during = _stored_state(store)
             await eventually(link.book_complete)
             await eventually(lambda: not link.jobs and link.store_idle.is_set())
-            return during, state()
+            return during, _stored_state(store)
 
     assert run(scenario()) == ("online", "online")
 
