@@ -2048,31 +2048,41 @@ def test_a_registered_phones_refresh_changes_nothing_in_the_store(store: Engine)
     assert seen == later
 
 
+async def _event_during_the_starts_snapshot(
+    store: Engine, device_state: str, needles: tuple[str, ...]
+) -> tuple[str | None, str | None]:
+    """User 1 on 1001 stored online (``device_state``) by a last run; the recorded event
+    holding ``needles`` sent while the start's snapshot is still being listed: user 1's
+    stored state then (past the flush delay and a write), and once the snapshot is in."""
+    with store.begin() as conn:
+        conn.execute(update(users).where(users.c.id == 1).values(extension="1001"))
+        online = ("online", device_state, "", None)
+        write_endpoint_rows(conn, "lab", {"1001": ([], online)}, datetime(2026, 5, 1, 12))
+    peer = FakeAsterisk()
+    peer.delays["pjsipshowcontacts"] = 1.0
+    await peer.start()
+    link = _link(peer)
+    async with _serving(peer, AmiPbx([link], store, "realtime")):
+        await eventually(lambda: link.snapshot_running)
+        await peer.send_recorded(*needles)
+        await eventually(lambda: "1001" in link.book)
+        await asyncio.sleep(0.3)  # past the flush delay and a write
+        assert link.snapshot_running
+        during = _stored_state(store)
+        await eventually(link.book_complete)
+        await eventually(lambda: not link.jobs and link.store_idle.is_set())
+        return during, _stored_state(store)
+
+
 def test_a_refresh_before_the_starts_snapshot_leaves_the_stored_state_alone(
     store: Engine,
 ) -> None:
     """A registered phone's refresh (a SuccessfulAuth, no status event) that comes while
     the start's snapshot is still being listed writes nothing: its user stays online in
     the store, as the last run left it, instead of turning offline until the list ends."""
-    with store.begin() as conn:
-        conn.execute(update(users).where(users.c.id == 1).values(extension="1001"))
-        online = ("online", "NOT_INUSE", "", None)
-        write_endpoint_rows(conn, "lab", {"1001": ([], online)}, datetime(2026, 5, 1, 12))
-
-    async def scenario() -> str | None:
-        peer = FakeAsterisk()
-        peer.delays["pjsipshowcontacts"] = 1.0
-        await peer.start()
-        link = _link(peer)
-        async with _serving(peer, AmiPbx([link], store, "realtime")):
-            await eventually(lambda: link.snapshot_running)
-            await peer.send_recorded("Event: SuccessfulAuth\r\n", "Service: PJSIP")
-            await eventually(lambda: "1001" in link.book)
-            await asyncio.sleep(0.3)  # past the flush delay and a write
-            assert link.snapshot_running
-            return _stored_state(store)
-
-    assert run(scenario()) == "online"
+    needles = ("Event: SuccessfulAuth\r\n", "Service: PJSIP")
+    during, _after = run(_event_during_the_starts_snapshot(store, "NOT_INUSE", needles))
+    assert during == "online"
 
 
 def test_a_call_ending_before_the_starts_snapshot_leaves_the_stored_state_alone(
@@ -2082,28 +2092,9 @@ def test_a_call_ending_before_the_starts_snapshot_leaves_the_stored_state_alone(
     listed (a DeviceStateChange NOT_INUSE, the book knowing nothing else of it) writes
     nothing: its user stays online in the store, as the last run left it, until the
     snapshot, which then writes what is true."""
-    with store.begin() as conn:
-        conn.execute(update(users).where(users.c.id == 1).values(extension="1001"))
-        online = ("online", "INUSE", "", None)
-        write_endpoint_rows(conn, "lab", {"1001": ([], online)}, datetime(2026, 5, 1, 12))
-
-    async def scenario() -> tuple[str | None, str | None]:
-        peer = FakeAsterisk()
-        peer.delays["pjsipshowcontacts"] = 1.0
-        await peer.start()
-        link = _link(peer)
-        async with _serving(peer, AmiPbx([link], store, "realtime")):
-            await eventually(lambda: link.snapshot_running)
-            await peer.send_recorded("Event: DeviceStateChange", "NOT_INUSE")
-            await eventually(lambda: "1001" in link.book)
-            await asyncio.sleep(0.3)  # past the flush delay and a write
-            assert link.snapshot_running
-            during = _stored_state(store)
-            await eventually(link.book_complete)
-            await eventually(lambda: not link.jobs and link.store_idle.is_set())
-            return during, _stored_state(store)
-
-    assert run(scenario()) == ("online", "online")
+    needles = ("Event: DeviceStateChange", "NOT_INUSE")
+    stored = _event_during_the_starts_snapshot(store, "INUSE", needles)
+    assert run(stored) == ("online", "online")
 
 
 class _BootingPeer(FakeAsterisk):
