@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Connection, Engine, text
 
 from provisioner.accounts import Accounts, Policy
 
@@ -178,8 +179,6 @@ def test_sigterm_while_an_apply_waits_on_a_store_lock_exits_in_time(tmp_path: Pa
     """SIGTERM while the apply in progress waits on a PostgreSQL lock nobody releases:
     the daemon exits within shutdown_timeout (the stuck call is left behind), logging
     daemon.shutdown_timeout."""
-    from sqlalchemy import text
-
     from .dbs import temp_database
 
     with temp_database("postgresql", tmp_path) as url:
@@ -189,12 +188,7 @@ def test_sigterm_while_an_apply_waits_on_a_store_lock_exits_in_time(tmp_path: Pa
         daemon = Daemon(config, tmp_path / "daemon.log").start()
         locker = engine.connect()
         try:
-            # The cursor is saved after each apply: with daemon_state locked, the next
-            # apply writes the file, then waits on the lock for ever.
-            locker.execute(text("LOCK TABLE daemon_state IN ACCESS EXCLUSIVE MODE"))
-            Accounts(engine, Policy(password_policy=False)).edit_user("u0", {"nat": "yes"})
-            conf = tmp_path / "pjsip_users.conf"
-            until(lambda: "rtp_symmetric=yes" in conf.read_text(), 10, "the edit applied")
+            _stick_an_apply_on_the_cursor(engine, locker, tmp_path / "pjsip_users.conf")
             time.sleep(0.3)
             assert daemon.alive
             code, took = daemon.timed_stop(timeout=20)
@@ -215,8 +209,6 @@ def test_a_second_sigterm_during_the_drain_ends_it_at_once(tmp_path: Path) -> No
     logging daemon.shutdown_forced and daemon.stopped."""
     import subprocess
 
-    from sqlalchemy import text
-
     from .dbs import temp_database
 
     with temp_database("postgresql", tmp_path) as url:
@@ -226,12 +218,7 @@ def test_a_second_sigterm_during_the_drain_ends_it_at_once(tmp_path: Path) -> No
         daemon = Daemon(config, tmp_path / "daemon.log").start()
         locker = engine.connect()
         try:
-            # With daemon_state locked, the edit's apply writes the file, then waits on
-            # the lock for ever (its cursor save).
-            locker.execute(text("LOCK TABLE daemon_state IN ACCESS EXCLUSIVE MODE"))
-            Accounts(engine, Policy(password_policy=False)).edit_user("u0", {"nat": "yes"})
-            conf = tmp_path / "pjsip_users.conf"
-            until(lambda: "rtp_symmetric=yes" in conf.read_text(), 10, "the edit applied")
+            _stick_an_apply_on_the_cursor(engine, locker, tmp_path / "pjsip_users.conf")
             assert daemon.proc is not None
             daemon.proc.send_signal(signal.SIGTERM)
             time.sleep(0.5)
@@ -261,8 +248,6 @@ def test_an_apply_stuck_on_a_store_lock_starves_the_watchdog_and_fails_the_healt
     daemon.stuck_after: WATCHDOG=1 is no longer sent (systemd restarts the daemon), the
     health record says the apply is stuck, and daemon.apply_stuck is logged; once the lock
     is released the apply ends and the pings resume."""
-    from sqlalchemy import text
-
     from provisioner.health import read_health
 
     from .dbs import temp_database
@@ -285,12 +270,7 @@ def test_an_apply_stuck_on_a_store_lock_starves_the_watchdog_and_fails_the_healt
 
         try:
             daemon.start()
-            # The cursor is saved after each apply: with daemon_state locked, the next
-            # apply writes the file, then waits on the lock for ever.
-            locker.execute(text("LOCK TABLE daemon_state IN ACCESS EXCLUSIVE MODE"))
-            Accounts(engine, Policy(password_policy=False)).edit_user("u0", {"nat": "yes"})
-            conf = tmp_path / "pjsip_users.conf"
-            until(lambda: "rtp_symmetric=yes" in conf.read_text(), 10, "the edit applied")
+            _stick_an_apply_on_the_cursor(engine, locker, tmp_path / "pjsip_users.conf")
             edited_at = time.monotonic()
             time.sleep(2.5)
             late = [t for t in notify.times("WATCHDOG") if t > edited_at + 1.5]
@@ -308,6 +288,15 @@ def test_an_apply_stuck_on_a_store_lock_starves_the_watchdog_and_fails_the_healt
             locker.close()
             notify.close()
             engine.dispose()
+
+
+def _stick_an_apply_on_the_cursor(engine: Engine, locker: Connection, conf: Path) -> None:
+    """Lock ``daemon_state`` from ``locker``, then edit user u0: the daemon's apply writes
+    ``conf``, then waits on the lock for ever (its cursor save, after each apply); return
+    once the edit is in ``conf``."""
+    locker.execute(text("LOCK TABLE daemon_state IN ACCESS EXCLUSIVE MODE"))
+    Accounts(engine, Policy(password_policy=False)).edit_user("u0", {"nat": "yes"})
+    until(lambda: "rtp_symmetric=yes" in conf.read_text(), 10, "the edit applied")
 
 
 def _catches(pid: int, sig: signal.Signals) -> bool:
