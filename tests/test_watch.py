@@ -517,13 +517,11 @@ def _add_agent(url: str, username: str) -> None:
         engine.dispose()
 
 
-def test_a_store_file_replaced_under_the_daemon_is_read_anew(tmp_path: Path) -> None:
-    """A backup moved over the SQLite store while the daemon runs (``mv backup.db
-    store.db``) is applied as it stands, and edits made to it afterwards go live, those
-    whose change ids the old file had already used too."""
+def _running_past_a_backup(tmp_path: Path, backup: Path) -> Daemon:
+    """A daemon over a SQLite store of 10 users backed up to ``backup``, then 3 users
+    more (changes the backup never saw) applied: 14 endpoints in the file."""
     url = store_url(tmp_path)
     seed_store(url, 10).dispose()
-    backup = tmp_path / "backup.db"
     with (
         contextlib.closing(sqlite3.connect(tmp_path / "store.db")) as src,
         contextlib.closing(sqlite3.connect(backup)) as dst,
@@ -532,9 +530,22 @@ def test_a_store_file_replaced_under_the_daemon_is_read_anew(tmp_path: Path) -> 
     conf = tmp_path / "pjsip_users.conf"
     daemon = Daemon(write_config(tmp_path), tmp_path / "daemon.log").start()
     try:
-        for name in ("late0", "late1", "late2"):  # changes the backup never saw
+        for name in ("late0", "late1", "late2"):
             _add_agent(url, name)
         until(lambda: len(endpoints(conf)) == 14, 10, "the edits after the backup applied")
+    except BaseException:
+        daemon.kill()
+        raise
+    return daemon
+
+
+def test_a_store_file_replaced_under_the_daemon_is_read_anew(tmp_path: Path) -> None:
+    """A backup moved over the SQLite store while the daemon runs (``mv backup.db
+    store.db``) is applied as it stands, and edits made to it afterwards go live, those
+    whose change ids the old file had already used too."""
+    url, backup, conf = store_url(tmp_path), tmp_path / "backup.db", tmp_path / "pjsip_users.conf"
+    daemon = _running_past_a_backup(tmp_path, backup)
+    try:
         # Nothing left in the WAL: SQLite would lay the old file's WAL over the new file.
         with contextlib.closing(sqlite3.connect(tmp_path / "store.db")) as conn:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -551,20 +562,9 @@ def test_a_backup_restored_into_the_live_store_is_applied_and_followed(tmp_path:
     """A backup copied into the running daemon's SQLite store (``sqlite3 store.db
     ".restore backup.db"``: the same file, its change ids back below the daemon's cursor)
     is applied as it stands, and edits made to it afterwards go live at once."""
-    url = store_url(tmp_path)
-    seed_store(url, 10).dispose()
-    backup = tmp_path / "backup.db"
-    with (
-        contextlib.closing(sqlite3.connect(tmp_path / "store.db")) as src,
-        contextlib.closing(sqlite3.connect(backup)) as dst,
-    ):
-        src.backup(dst)
-    conf = tmp_path / "pjsip_users.conf"
-    daemon = Daemon(write_config(tmp_path), tmp_path / "daemon.log").start()
+    url, backup, conf = store_url(tmp_path), tmp_path / "backup.db", tmp_path / "pjsip_users.conf"
+    daemon = _running_past_a_backup(tmp_path, backup)
     try:
-        for name in ("late0", "late1", "late2"):  # changes the backup never saw
-            _add_agent(url, name)
-        until(lambda: len(endpoints(conf)) == 14, 10, "the edits after the backup applied")
         with (
             contextlib.closing(sqlite3.connect(backup)) as src,
             contextlib.closing(sqlite3.connect(tmp_path / "store.db")) as dst,
