@@ -26,7 +26,7 @@ from .config import (
 )
 from .errors import ConfigError, RenderCheckFailed
 from .health import HealthUnreadable, read_health
-from .store.engine import open_engine, sqlite_file
+from .store.engine import driver_error, open_engine, sqlite_file
 from .store.migrate import current_revision, head_revision, known_revision
 from .store.schema import users
 
@@ -68,16 +68,9 @@ def _store(config: Config) -> Check:
             count = conn.execute(select(func.count()).select_from(users)).scalar_one()
         return ("store", True, f"{display_url(config.store.url)}: {count} users")
     except DBAPIError as exc:
-        return ("store", False, f"cannot open: {_driver_error(exc)}")
+        return ("store", False, f"cannot open: {driver_error(exc)}")
     finally:
         engine.dispose()
-
-
-def _driver_error(exc: DBAPIError) -> str:
-    """The driver's error, its type and the first line of its message: a check is one
-    line (libpq adds a hint on the next)."""
-    first_line = (str(exc.orig).splitlines() or [""])[0]
-    return f"{type(exc.orig).__name__}: {first_line}"
 
 
 def _target(config: Config) -> Check:

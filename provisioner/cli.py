@@ -38,7 +38,7 @@ from .errors import (
 from .logs import configure as configure_logs
 from .logs import get_logger
 from .model import CODECS, LOG_LEVELS, NATS, ROLES, TOAST_POSITIONS, TRANSPORTS, VIDEOS, User
-from .store.engine import open_engine, transaction
+from .store.engine import driver_error, open_engine, transaction
 from .store.untold import drop_untold, new_token, note_untold, untold_key
 from .sync import SyncReport
 
@@ -850,8 +850,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.exit_code)
     except DBAPIError as exc:
         # Never str(exc) or a traceback: they quote the statement's parameters (digests).
-        first_line = (str(exc.orig).splitlines() or [""])[0]
-        click.echo(f"error: database error: {type(exc.orig).__name__}: {first_line}", err=True)
+        click.echo(f"error: database error: {driver_error(exc)}", err=True)
         return StoreUnavailable.exit_code
     return code if isinstance(code, int) else 0
 

@@ -31,7 +31,6 @@ from typing import Any, Protocol
 from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .aio import sleep_unless, wait_all_or_event, wait_first, wait_task_or_event
 from .applier import Applied, Applier
@@ -54,7 +53,9 @@ from .store.changefeed import (
     save_cursor,
 )
 from .store.engine import (
+    STORE_DOWN,
     FileIdentity,
+    driver_error,
     file_identity,
     open_engine,
     reading,
@@ -603,7 +604,7 @@ class Daemon:
             log.info("daemon.untold_kept", reason="store write timed out")
             return
         exc = drop.exception()
-        if isinstance(exc, _STORE_DOWN):
+        if isinstance(exc, STORE_DOWN):
             # Refused, or every pooled connection stayed taken until the pool's timeout.
             error = str(exc.orig) if isinstance(exc, DBAPIError) else str(exc)
             log.warning("daemon.untold_kept", reason="store write failed", error=error)
@@ -1055,12 +1056,9 @@ def _settle_heap() -> None:
     gc.freeze()
 
 
-#: Failures of a store write: the database refused it or is away, or the pooled
-#: connections were all in use until the pool's timeout.
-_STORE_DOWN = (DBAPIError, PoolTimeout)
 #: Failures of an apply worth retrying: the store or the disk may come back, and the
 #: pooled connections all in use until the pool's timeout may be free again.
-_RETRYABLE = (*_STORE_DOWN, StoreUnavailable, OSError)
+_RETRYABLE = (*STORE_DOWN, StoreUnavailable, OSError)
 
 
 def _warn_open_secret_files(config: Config) -> None:
@@ -1118,8 +1116,7 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, ProvisionerError):
         return exc.message
     if isinstance(exc, DBAPIError):
-        first_line = (str(exc.orig).splitlines() or [""])[0]
-        return f"store unavailable: {type(exc.orig).__name__}: {first_line}"
+        return f"store unavailable: {driver_error(exc)}"
     return f"{type(exc).__name__}: {exc}"
 
 

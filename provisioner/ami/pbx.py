@@ -41,7 +41,7 @@ from ..aio import doubling, sleep_unless, wait_first
 from ..config import Config
 from ..errors import ProvisionerError
 from ..logs import get_logger
-from ..store.engine import reading, transaction
+from ..store.engine import STORE_DOWN, reading, transaction
 from ..store.registrations import (
     ContactRow,
     SummaryRow,
@@ -126,11 +126,6 @@ LOOKUP_LIMIT = 20
 #: that stays up (refused, unanswered), doubling from ``SNAPSHOT_MIN_GAP``.
 SNAPSHOT_RETRY_MAX = 60.0
 _EVENTS = ("ContactStatus", "PeerStatus", "DeviceStateChange", "SuccessfulAuth")
-#: Store failures a registration write (or a note's) waits out and tries again: the
-#: database refused it or is away, or every pooled connection stayed taken until the
-#: pool's timeout (as the daemon's applies, ``_RETRYABLE``).  Any other error is a bug:
-#: it ends the AMI side, and with it the daemon.
-STORE_DOWN = (DBAPIError, PoolTimeout)
 
 
 def rows(reg: EndpointRegistration) -> tuple[tuple[ContactRow, ...], SummaryRow]:

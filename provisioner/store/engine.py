@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InvalidatePoolError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from ..errors import StoreUnavailable
 from ..logs import get_logger
@@ -19,6 +20,8 @@ from ..logs import get_logger
 __all__ = [
     "CONFLICT_ATTEMPTS",
     "PG_KEEPALIVE",
+    "STORE_DOWN",
+    "driver_error",
     "file_identity",
     "is_conflict",
     "open_engine",
@@ -30,6 +33,20 @@ __all__ = [
 
 log = get_logger(__name__)
 _T = TypeVar("_T")
+
+#: Failures of a store read or write worth waiting out and trying again: the database
+#: refused it or is away, or every pooled connection stayed taken until the pool's
+#: timeout.  Any other error is a bug.
+STORE_DOWN = (DBAPIError, PoolTimeout)
+
+
+def driver_error(exc: DBAPIError) -> str:
+    """``<driver error type>: <first line of its message>``: what may be shown of a
+    database error.  Never ``str(exc)``, which quotes the statement's parameters
+    (digests), nor the lines after the first (libpq's hints: one line per message)."""
+    first_line = (str(exc.orig).splitlines() or [""])[0]
+    return f"{type(exc.orig).__name__}: {first_line}"
+
 
 #: Times :func:`transaction` runs a write that a database ended as a deadlock's victim.
 CONFLICT_ATTEMPTS = 4
