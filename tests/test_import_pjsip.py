@@ -612,6 +612,21 @@ def test_group_lists_with_blanks_after_commas_are_read_as_asterisk_reads_them() 
     assert (user.values["call_group"], user.values["pickup_group"]) == ("1,3-5", "2,4")
 
 
+def test_additions_filtered_by_type_are_imported(tmp_path: Path) -> None:
+    """``[7551](+type=endpoint)`` adds to the endpoint, not the AOR of the same name, as
+    Asterisk does; the file is imported, not refused."""
+    conf = tmp_path / "pjsip.conf"
+    conf.write_text(
+        "[7551]\ntype=aor\n[7551]\ntype=endpoint\nauth=a7551\naors=7551\nallow=ulaw\n"
+        "[a7551]\ntype=auth\nusername=u7551\npassword=Secret-7551\n"
+        "[7551](+type=endpoint)\ncontext=sales\n[7551](+type=aor)\nmax_contacts=1\n",
+        encoding="utf-8",
+    )
+    (user,) = plan_import(read_file(conf), SETTINGS).users
+    assert (user.username, user.values["context"]) == ("u7551", "sales")
+    assert "aor max_contacts 0 becomes 1" not in user.notes
+
+
 def test_a_section_is_the_type_asterisk_loads_it_as(tmp_path: Path) -> None:
     """A section's type is its first ``type=`` (an inherited one first), matched exactly:
     ``type=Endpoint`` is no endpoint, and a later ``type=aor`` does not make one an AOR."""
