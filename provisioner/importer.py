@@ -517,11 +517,57 @@ def _aor_value(aor: Mapping[str, str], option: str) -> str:
     return str(int(value)) if value.isdigit() else value
 
 
-def _group_items(value: str) -> str:
-    """A call or pickup group list without blanks around its items: Asterisk reads each
-    item with ``sscanf("%d-%d")`` (``ast_get_group``), which skips leading blanks and
-    stops before trailing ones, so ``1, 3-5`` is groups 1 and 3-5."""
-    return ",".join(item.strip() for item in value.split(",")) if value else value
+def _groups(source: _Source, name: str) -> str:
+    """The call or pickup group list ``name`` as Asterisk reads it (``ast_get_group``), which
+    never refuses an endpoint for it: each comma item is read with ``sscanf("%d-%d")``,
+    skipping blanks, so ``1, 3-5`` is groups 1 and 3-5; an item that is no number, or
+    whose groups all lie outside 0-63, is ignored, and a range is cut to 0-63.  Items read
+    exactly as written are kept as written; every other one is noted by field."""
+    value = source.endpoint.get(name, "")
+    if not value:
+        return value
+    kept: list[str] = []
+    changes: list[str] = []
+    start = 0
+    for item in value.split(","):
+        start, read = _group_item(item, start)
+        shown = item.strip()
+        if read is None:
+            changes.append(f"{shown!r} dropped")
+            continue
+        if read != shown or not _GROUP_ITEM.fullmatch(shown):
+            changes.append(f"{shown!r} read as {read}")
+        if read not in kept:
+            kept.append(read)
+    if changes:
+        source.notes.append(f"{name}: {'; '.join(changes)} (as Asterisk reads the list)")
+    return ",".join(kept)
+
+
+#: An item our group rule takes as written (the model checks its bounds).
+_GROUP_ITEM = re.compile(r"[0-9]{1,2}(?:-[0-9]{1,2})?")
+_SCAN_RANGE = re.compile(r"\s*([+-]?[0-9]+)-\s*([+-]?[0-9]+)")
+_SCAN_ONE = re.compile(r"\s*([+-]?[0-9]+)")
+
+
+def _group_item(item: str, start: int) -> tuple[int, str | None]:
+    """``(start, groups)``: one group item as ``ast_get_group`` reads it, as ``N`` or
+    ``N-M`` within 0-63, or None when it sets no group; ``start`` is the number the
+    previous item read, which an empty item reuses (``sscanf`` returns EOF there, which
+    Asterisk takes as success)."""
+    if not item.strip():
+        low = high = start
+    elif m := _SCAN_RANGE.match(item):
+        low, high = int(m.group(1)), int(m.group(2))
+    elif m := _SCAN_ONE.match(item):
+        low = high = int(m.group(1))
+    else:
+        return start, None
+    start = low
+    low, high = max(low, 0), min(high, 63)
+    if low > high:
+        return start, None
+    return start, str(low) if low == high else f"{low}-{high}"
 
 
 def _transport(source: _Source, index: _Index, settings: RenderSettings) -> str:
@@ -663,7 +709,7 @@ def _map_source(
     if (rule := _rule("context", values["context"])) is not None:
         raise _Refuse(f"context {values['context']!r} {rule}")
     for name in ("call_group", "pickup_group"):
-        group, rule = check_group(_group_items(source.endpoint.get(name, "")))
+        group, rule = check_group(_groups(source, name))
         if rule is not None:
             raise _Refuse(f"{name} {rule}")
         values[name] = group

@@ -627,6 +627,21 @@ def test_additions_filtered_by_type_are_imported(tmp_path: Path) -> None:
     assert "aor max_contacts 0 becomes 1" not in user.notes
 
 
+def test_group_items_asterisk_ignores_are_dropped_and_reported_not_the_user() -> None:
+    """A call/pickup group item Asterisk ignores (not a number, above 63) is left out and
+    noted by field, a range is cut to what Asterisk reads; the user is still imported."""
+    text = "[7511]\ntype=endpoint\nauth=a7511\naors=7511\nallow=ulaw\n"
+    text += "call_group=1,x,3\npickup_group=70,2-5,60-99,5-3\n[7511]\ntype=aor\n"
+    text += "[a7511]\ntype=auth\nusername=u7511\npassword=Secret-7511\n"
+    (user,) = _plan(text).users
+    assert (user.values["call_group"], user.values["pickup_group"]) == ("1,3", "2-5,60-63")
+    assert "call_group: 'x' dropped (as Asterisk reads the list)" in user.notes
+    assert (
+        "pickup_group: '70' dropped; '60-99' read as 60-63; '5-3' dropped "
+        "(as Asterisk reads the list)"
+    ) in user.notes
+
+
 def test_a_section_is_the_type_asterisk_loads_it_as(tmp_path: Path) -> None:
     """A section's type is its first ``type=`` (an inherited one first), matched exactly:
     ``type=Endpoint`` is no endpoint, and a later ``type=aor`` does not make one an AOR."""
