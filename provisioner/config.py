@@ -64,7 +64,9 @@ ENV_ACTOR = "PROVISIONER_AS"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf or nan (TOML has both literals, the environment gives them as text): an
+    # infinite interval never fires, and NaN passes no bound yet fails every comparison.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod

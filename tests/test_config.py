@@ -428,22 +428,45 @@ def test_largest_allowed_numbers_load() -> None:
 
 
 @pytest.mark.parametrize(
-    ("toml", "env"),
+    ("toml", "env", "rule"),
     [
-        ("[store]\nbusy_timeout = inf\n", {}),
-        ("", {"PROVISIONER_STORE__BUSY_TIMEOUT": "3000000"}),
+        ("[store]\nbusy_timeout = inf\n", {}, "a finite number"),
+        (
+            "",
+            {"PROVISIONER_STORE__BUSY_TIMEOUT": "3000000"},
+            f"less than or equal to {2**31 // 1000}",
+        ),
     ],
 )
 def test_a_busy_timeout_sqlite_cannot_hold_is_refused(
-    tmp_path: Path, toml: str, env: dict[str, str]
+    tmp_path: Path, toml: str, env: dict[str, str], rule: str
 ) -> None:
     """A SQLite busy timeout over 2^31-1 ms (inf included) is a config problem naming the
     key: SQLite would take it as no wait at all, or fail the first connect."""
     with pytest.raises(ConfigError) as info:
         load_config(_write(tmp_path, toml), env=env)
-    assert [str(p) for p in info.value.problems] == [
-        f"store.busy_timeout: Input should be less than or equal to {2**31 // 1000}"
-    ]
+    assert [str(p) for p in info.value.problems] == [f"store.busy_timeout: Input should be {rule}"]
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "field"),
+    [
+        ("", {"PROVISIONER_AMI__PING_INTERVAL": "inf"}, "ami.ping_interval"),
+        ("[daemon]\nreconcile_interval = inf\n", {}, "daemon.reconcile_interval"),
+        ("[daemon]\nstuck_after = inf\n", {}, "daemon.stuck_after"),
+        ("", {"PROVISIONER_AMI__RELOAD_MIN_GAP": "nan"}, "ami.reload_min_gap"),
+        ("[[asterisk]]\nname='a'\nhost='h'\nusername='u'\nsecret='s'\ntimeout=nan\n", {}, ""),
+    ],
+)
+def test_an_infinite_or_nan_number_is_refused_naming_the_key(
+    tmp_path: Path, toml: str, env: dict[str, str], field: str
+) -> None:
+    """``inf`` and ``nan`` (TOML literals, or text from the environment) are no setting: an
+    infinite interval would never fire and NaN compares false with every bound."""
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, toml), env=env)
+    assert [p.field for p in info.value.problems] == [field or "asterisk.0.timeout"]
+    assert info.value.problems[0].rule.startswith("Input should be a finite number")
 
 
 def test_the_longest_busy_timeout_is_the_one_sqlite_waits(tmp_path: Path) -> None:
