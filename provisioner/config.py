@@ -346,12 +346,20 @@ class LogSettings(_Section):
 _AMI_VALUE = r"^[^\x00-\x1f\x7f-\x9f]{1,200}$"
 
 
+#: What Asterisk strips from both ends of a manager.conf value (``ast_strip``): every
+#: character below 33 (space, tab, CR, LF, other controls).
+_ASTERISK_BLANKS = "".join(map(chr, range(33)))
+
+
 def _read_secret(
     secret: SecretStr | None, secret_file: Path | None
 ) -> tuple[SecretStr | None, list[_Issue]]:
-    """The AMI secret given inline or read from ``secret_file`` (one line, trailing newline
-    and a leading UTF-8 byte order mark dropped), or the rules broken; no rule quotes the
-    secret or the file's content."""
+    """The AMI secret given inline or read from ``secret_file`` (one line; a leading UTF-8
+    byte order mark dropped), without the blanks at its ends (the file's line end too), or
+    the rules broken; no rule quotes the secret or the file's content.
+
+    Blanks at the ends go because Asterisk drops them from manager.conf's ``secret =``: a
+    secret that kept one could never log in.  Blanks inside are kept."""
     if (secret is None) == (secret_file is None):
         return None, [(("secret",), "give exactly one of secret and secret_file")]
     where = "secret"
@@ -361,8 +369,9 @@ def _read_secret(
             text = secret_file.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:
             return None, [((where,), f"cannot read {str(secret_file)!r}: {type(exc).__name__}")]
-        secret = SecretStr(text.rstrip("\r\n"))
+        secret = SecretStr(text)
     assert secret is not None
+    secret = SecretStr(secret.get_secret_value().strip(_ASTERISK_BLANKS))
     if not re.fullmatch(_AMI_VALUE, secret.get_secret_value()):
         return None, [((where,), "the secret must be 1-200 characters without control characters")]
     return secret, []
@@ -446,7 +455,8 @@ class AsteriskServer(_Section):
     """One Asterisk reached over AMI (TOML ``[[asterisk]]``).
 
     Exactly one of ``secret`` and ``secret_file`` is given; the file is read once,
-    here, at start-up (one line, trailing newline dropped) and the secret is only
+    here, at start-up (one line; blanks at the ends, as Asterisk drops them from
+    manager.conf, and the line end dropped) and the secret is only
     ever held as a :class:`~pydantic.SecretStr`, so no repr or log shows it.
     """
 

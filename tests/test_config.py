@@ -469,6 +469,31 @@ def test_an_infinite_or_nan_number_is_refused_naming_the_key(
     assert info.value.problems[0].rule.startswith("Input should be a finite number")
 
 
+def test_an_ami_secret_is_taken_without_blanks_at_its_ends_as_asterisk_takes_it(
+    tmp_path: Path,
+) -> None:
+    """An [[asterisk]] secret given in TOML, in the environment or in a secret_file loses
+    the blanks at its ends (and the file its line end), keeping those inside: Asterisk
+    strips them from manager.conf's ``secret =``, so a kept one could never log in."""
+    (tmp_path / "ami.secret").write_text(" \tS3 cr3t\t \r\n", encoding="utf-8")
+    entry = 'name = "a"\nhost = "h"\nusername = "u"\n'
+    by_file = f"[[asterisk]]\n{entry}secret_file = {str(tmp_path / 'ami.secret')!r}\n"
+    inline = f'[[asterisk]]\n{entry}secret = "  S3 cr3t \\t"\n'
+    env = {
+        "PROVISIONER_ASTERISK": '[{"name": "a", "host": "h", "username": "u", '
+        '"secret": "S3 cr3t  "}]'
+    }
+    for text, variables in ((by_file, {}), (inline, {}), ("", env)):
+        (server,) = load_config(_write(tmp_path, text), env=variables).asterisk
+        assert server.secret is not None
+        assert server.secret.get_secret_value() == "S3 cr3t"
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, f'[[asterisk]]\n{entry}secret = " \\t "\n'), env={})
+    assert [str(p) for p in info.value.problems] == [
+        "asterisk.0.secret: the secret must be 1-200 characters without control characters"
+    ]
+
+
 def test_the_longest_busy_timeout_is_the_one_sqlite_waits(tmp_path: Path) -> None:
     """The largest busy timeout accepted reaches SQLite whole (it reads back, not as 0)."""
     url = f"sqlite:///{tmp_path / 'store.db'}"
