@@ -45,6 +45,7 @@ from .errors import (
 from .model import CODECS, NATS, TRANSPORTS, check_email, check_group, validate_fields
 from .pjsip import NAT_OPTIONS, RenderSettings
 from .store import queries as q
+from .targets.asterisk_schema import ENUM_LABELS, ps_aors, ps_auths, ps_endpoints
 
 __all__ = [
     "ImportPlan",
@@ -106,6 +107,16 @@ _WIZARD_READ = frozenset(
     | {"sends_registrations", "remote_hosts"}
 )
 _HEX = {"md5": re.compile(r"[0-9a-fA-F]{32}"), "sha-256": re.compile(r"[0-9a-fA-F]{64}")}
+#: The options Asterisk 22 knows per object type: its realtime columns (one per option, as
+#: its alembic schema has them), ``type`` and not ``id``.  An object with any other option
+#: is not loaded at all ("Could not find option suitable for category ... named ...").
+_KNOWN_OPTIONS: Mapping[str, frozenset[str]] = {
+    kind: frozenset(column.name for column in table.columns if column.name != "id") | {"type"}
+    for kind, table in (("endpoint", ps_endpoints), ("auth", ps_auths), ("aor", ps_aors))
+}
+#: The values Asterisk parses as ``dtmf_mode`` (case ignored); any other drops the endpoint
+#: ("Error parsing dtmf_mode=...").
+_DTMF_MODES = ENUM_LABELS["pjsip_dtmf_mode_values_v3"]
 
 
 @dataclass(frozen=True)
@@ -313,6 +324,10 @@ def _endpoint_source(section: Section, index: _Index) -> _Source:
             f"aors {','.join(aor_names)} become the one AOR [{section.name}]: "
             f"phones register to {section.name}"
         )
+    _check_loadable("endpoint", opts, "")
+    _check_loadable("auth", source.auth, f"its auth [{auths[0]}] ")
+    for name, aor in zip(aor_names, aors, strict=True):
+        _check_loadable("aor", aor, f"its aor [{name}] ")
     for note in (
         _ignored("endpoint", opts, _ENDPOINT_READ),
         _ignored("auth", source.auth, _AUTH_READ),
@@ -322,6 +337,35 @@ def _endpoint_source(section: Section, index: _Index) -> _Source:
             source.notes.append(note)
     _check_static_contacts(source.aors)
     return source
+
+
+#: What a user lacks when Asterisk drops one of its objects, by object type.
+_LOST = {
+    "endpoint": "",
+    "auth": " (no phone could authenticate)",
+    "aor": " (no phone could register)",
+}
+
+
+def _check_loadable(kind: str, options: Mapping[str, str], whose: str, prefix: str = "") -> None:
+    """:class:`_Refuse` when Asterisk would not load this ``kind`` object at all: it has an
+    option Asterisk does not know, or (an endpoint) a ``dtmf_mode`` it cannot parse.
+    ``whose`` starts the reason (``its auth [a1] ``); ``prefix`` is how a wizard spells
+    the options (``endpoint/``)."""
+    unknown = sorted(set(options) - _KNOWN_OPTIONS[kind])
+    if unknown:
+        shown = ", ".join(prefix + name for name in unknown)
+        plural = "options" if len(unknown) > 1 else "an option"
+        raise _Refuse(
+            f"{whose}has {shown}, {plural} Asterisk does not know, so it loads no such "
+            f"{kind}{_LOST[kind]}"
+        )
+    dtmf = options.get("dtmf_mode")
+    if kind == "endpoint" and dtmf is not None and dtmf.lower() not in _DTMF_MODES:
+        raise _Refuse(
+            f"{whose}{prefix}dtmf_mode {dtmf!r} is none of {', '.join(_DTMF_MODES)}: "
+            f"Asterisk loads no such endpoint"
+        )
 
 
 def _check_static_contacts(aors: Iterable[Mapping[str, str]]) -> None:
@@ -369,6 +413,10 @@ def _wizard_source(section: Section) -> _Source:
         raise _Refuse("has no inbound_auth/username: Asterisk's wizard creates no auth for it")
     if not auth["username"]:
         raise _Refuse("its inbound_auth/username is empty: a phone could not authenticate")
+    # The wizard creates its objects from these options: one it cannot apply is not created.
+    _check_loadable("endpoint", endpoint, "", "endpoint/")
+    _check_loadable("auth", auth, "its ", "inbound_auth/")
+    _check_loadable("aor", parts["aor"], "its ", "aor/")
     source = _Source(section, endpoint, codec_ops, auth, "", [], [parts["aor"]])
     for note in (
         _ignored("wizard", other, frozenset()),

@@ -642,6 +642,48 @@ def test_group_items_asterisk_ignores_are_dropped_and_reported_not_the_user() ->
     ) in user.notes
 
 
+def test_endpoints_asterisk_drops_for_an_unknown_option_or_value_are_not_mapped() -> None:
+    """An endpoint, auth or AOR with an option Asterisk does not know, or a ``dtmf_mode``
+    it cannot parse, is not loaded by Asterisk ("Could not create an object"), so its user
+    is reported as not mapped with the reason, not imported; known options are not."""
+
+    def user(ext: str, endpoint: str = "", auth: str = "", aor: str = "") -> str:
+        return (
+            f"[{ext}]\ntype=endpoint\nauth=a{ext}\naors={ext}\nallow=ulaw\n{endpoint}"
+            f"[a{ext}]\ntype=auth\nusername=u{ext}\npassword=Secret-{ext}\n{auth}"
+            f"[{ext}]\ntype=aor\n{aor}"
+        )
+
+    text = (
+        user("7701", endpoint="no_such_option=1\n")
+        + user("7702", endpoint="dtmf_mode=bogus\n")
+        + user("7703", auth="nonce_lifetimes=32\n")
+        + user("7704", aor="max_contact=2\n")
+        + user("7705", endpoint="dtmf_mode=RFC4733\nlanguage=de\n", auth="nonce_lifetime=32\n")
+        + "[7706]\ntype=wizard\naccepts_auth=yes\naccepts_registrations=yes\n"
+        "inbound_auth/username=u7706\ninbound_auth/password=Secret-7706\n"
+        "endpoint/allow=ulaw\nendpoint/no_such_option=1\n"
+    )
+    plan = _plan(text)
+    assert [u.username for u in plan.users] == ["u7705"]
+    reasons = [str(u) for u in plan.unmapped]
+    drops = "Asterisk does not know, so it loads no such"
+    assert f"[7701] endpoint: has no_such_option, an option {drops} endpoint" in reasons
+    assert (
+        "[7702] endpoint: dtmf_mode 'bogus' is none of rfc4733, inband, info, auto, "
+        "auto_info: Asterisk loads no such endpoint"
+    ) in reasons
+    assert (
+        f"[7703] endpoint: its auth [a7703] has nonce_lifetimes, an option {drops} auth "
+        "(no phone could authenticate)"
+    ) in reasons
+    assert (
+        f"[7704] endpoint: its aor [7704] has max_contact, an option {drops} aor "
+        "(no phone could register)"
+    ) in reasons
+    assert f"[7706] wizard: has endpoint/no_such_option, an option {drops} endpoint" in reasons
+
+
 def test_a_section_is_the_type_asterisk_loads_it_as(tmp_path: Path) -> None:
     """A section's type is its first ``type=`` (an inherited one first), matched exactly:
     ``type=Endpoint`` is no endpoint, and a later ``type=aor`` does not make one an AOR."""
