@@ -366,6 +366,32 @@ def _check_loadable(kind: str, options: Mapping[str, str], whose: str, prefix: s
             f"{whose}{prefix}dtmf_mode {dtmf!r} is none of {', '.join(_DTMF_MODES)}: "
             f"Asterisk loads no such endpoint"
         )
+    for option, high in _AOR_NUMBERS.items() if kind == "aor" else ():
+        value = options.get(option)
+        number = None if value is None else _c_uint(value)
+        if value is not None and (number is None or number > high):
+            raise _Refuse(
+                f"{whose}{prefix}{option} {value!r} is no number 0-{high}: "
+                f"Asterisk loads no such aor{_LOST[kind]}"
+            )
+
+
+#: The AOR numbers we read, with the largest value Asterisk takes (``OPT_UINT_T``).
+_AOR_NUMBERS = {"max_contacts": 2**32 - 1, "qualify_frequency": 86400}
+#: What ``strtoul(text, &end, 0)`` reads whole: hexadecimal, octal or decimal.
+_C_UINT = re.compile(r"[ \t\n\v\f\r]*\+?(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+
+
+def _c_uint(text: str) -> int | None:
+    """``text`` as Asterisk's ``ast_parse_arg(PARSE_UINT32)`` reads it (``strtoul`` base 0,
+    every character used, no minus sign), or None when it refuses it."""
+    m = _C_UINT.fullmatch(text)
+    if m is None:
+        return None
+    digits = m.group(1)
+    if digits[:2].lower() == "0x":
+        return int(digits[2:], 16)
+    return int(digits, 8) if digits.startswith("0") else int(digits)
 
 
 def _check_static_contacts(aors: Iterable[Mapping[str, str]]) -> None:
@@ -559,10 +585,11 @@ def _note_aor_changes(source: _Source, protocol: str, settings: RenderSettings) 
 
 def _aor_value(aor: Mapping[str, str], option: str) -> str:
     """``option``'s effective value in one source AOR, spelled as the renderer spells it."""
-    value = (aor.get(option) or _AOR_DEFAULTS[option]).strip()
+    value = aor.get(option, _AOR_DEFAULTS[option])
     if option == "remove_existing":
         return "yes" if _is_true(value) else "no"
-    return str(int(value)) if value.isdigit() else value
+    number = _c_uint(value)  # _check_loadable refused what Asterisk cannot parse
+    return value if number is None else str(number)
 
 
 def _groups(source: _Source, name: str) -> str:

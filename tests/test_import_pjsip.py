@@ -603,6 +603,40 @@ def test_aor_options_the_move_changes_are_noted() -> None:
     }
 
 
+def test_an_aor_number_asterisk_cannot_parse_leaves_the_user_not_mapped() -> None:
+    """``max_contacts``/``qualify_frequency`` are read as Asterisk reads them (``strtoul``
+    base 0: ``0x2`` is 2, ``010`` is 8); one it refuses (no number, negative, empty,
+    ``qualify_frequency`` over 86400) drops the AOR, so the user is not mapped, with why."""
+    auth = "[a{n}]\ntype=auth\nusername=u{n}\npassword=Secret-{n}00\n"
+    text = ""
+    for n, aor in (
+        (7451, "max_contacts=abc"),
+        (7452, "max_contacts=-1"),
+        (7453, "max_contacts="),
+        (7454, "qualify_frequency=86401"),
+        (7455, "max_contacts=0x2\nqualify_frequency=010"),
+        (7456, "max_contacts=0\nqualify_frequency=0"),
+    ):
+        text += f"[{n}]\ntype=endpoint\nauth=a{n}\naors={n}\nallow=ulaw\n" + auth.format(n=n)
+        text += f"[{n}]\ntype=aor\n{aor}\n"
+    plan = _plan(text)
+    user, zero = plan.users
+    assert zero.extension == "7456"
+    assert [n for n in user.notes if n.startswith("aor ")] == [
+        "aor max_contacts 2 becomes 1",
+        "aor remove_existing no becomes yes",
+        "aor qualify_frequency 8 becomes 60",
+    ]
+    reasons = [str(u) for u in plan.unmapped if u.reason.startswith("endpoint")]
+    tail = "Asterisk loads no such aor (no phone could register)"
+    assert reasons == [
+        f"[7451] endpoint: its aor [7451] max_contacts 'abc' is no number 0-4294967295: {tail}",
+        f"[7452] endpoint: its aor [7452] max_contacts '-1' is no number 0-4294967295: {tail}",
+        f"[7453] endpoint: its aor [7453] max_contacts '' is no number 0-4294967295: {tail}",
+        f"[7454] endpoint: its aor [7454] qualify_frequency '86401' is no number 0-86400: {tail}",
+    ]
+
+
 def test_group_lists_with_blanks_after_commas_are_read_as_asterisk_reads_them() -> None:
     """``call_group = 1, 3-5`` imports as 1,3-5: Asterisk skips the blanks around each item."""
     text = "[7501]\ntype=endpoint\nauth=a7501\naors=7501\nallow=ulaw\n"
