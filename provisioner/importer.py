@@ -651,29 +651,38 @@ def _transport(source: _Source, index: _Index, settings: RenderSettings) -> str:
     if not name:
         protocol = "wss" if webrtc else "udp"
     else:
-        # Reversed: when two protocols share a name, the first one listed wins.
-        table = {settings.transport_name(p): p for p in reversed(TRANSPORTS)}
-        found = table.get(name)
-        if found is None:
-            defined = index.get("transport", name)
-            proto = _options(defined).get("protocol", "udp").lower() if defined else None
-            if proto not in TRANSPORTS:
-                raise _Refuse(
-                    f"transport {name!r} is neither in [target.transports] nor a transport of "
-                    "this file with protocol udp, tcp, tls, ws or wss"
-                )
-            assert proto is not None
-            found = proto
-            source.notes.append(
-                f"transport {name!r} (protocol {proto}) becomes "
-                f"{settings.transport_name(proto)!r} from [target.transports]"
-            )
-        protocol = found
+        protocol = _transport_protocol(name, source, index, settings)
     if webrtc and protocol not in ("ws", "wss"):
         source.notes.append(f"webrtc=yes dropped: WebRTC is enabled only on ws/wss, not {protocol}")
     if not webrtc and protocol in ("ws", "wss"):
         source.notes.append(f"webrtc enabled: every {protocol} user gets WebRTC")
     return protocol
+
+
+def _transport_protocol(name: str, source: _Source, index: _Index, settings: RenderSettings) -> str:
+    """The protocol of the endpoint's transport ``name``: the ``protocol=`` of the file's
+    transport section of that name, whatever we call ours (its phones speak that one),
+    noted when our name for it differs; else the protocol ``[target.transports]`` gives
+    that name (when two share it, the first listed)."""
+    defined = index.get("transport", name)
+    if defined is None:
+        # Reversed: when two protocols share a name, the first one listed wins.
+        table = {settings.transport_name(p): p for p in reversed(TRANSPORTS)}
+        found = table.get(name)
+    else:
+        found = _options(defined).get("protocol", "udp").lower()
+    if found not in TRANSPORTS:
+        raise _Refuse(
+            f"transport {name!r} is neither in [target.transports] nor a transport of "
+            "this file with protocol udp, tcp, tls, ws or wss"
+        )
+    assert found is not None
+    if settings.transport_name(found) != name:
+        source.notes.append(
+            f"transport {name!r} (protocol {found}) becomes "
+            f"{settings.transport_name(found)!r} from [target.transports]"
+        )
+    return found
 
 
 def _nat(source: _Source, protocol: str) -> str:

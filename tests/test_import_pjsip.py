@@ -637,6 +637,20 @@ def test_an_aor_number_asterisk_cannot_parse_leaves_the_user_not_mapped() -> Non
     ]
 
 
+def test_a_transport_of_the_file_is_read_by_its_protocol_even_under_one_of_our_names() -> None:
+    """An endpoint's transport defined in the file is mapped by that section's protocol,
+    though its name is one of ours for another protocol: the file's ``transport-tcp`` that
+    is UDP imports as udp (noted), since its phones speak UDP."""
+    text = "[transport-tcp]\ntype=transport\nprotocol=UDP\nbind=0.0.0.0\n"
+    text += "[7481]\ntype=endpoint\nauth=a7481\naors=7481\nallow=ulaw\ntransport=transport-tcp\n"
+    text += "[a7481]\ntype=auth\nusername=u7481\npassword=Secret-7481\n[7481]\ntype=aor\n"
+    (user,) = _plan(text).users
+    assert user.values["transport"] == "udp"
+    assert (
+        "transport 'transport-tcp' (protocol udp) becomes 'transport-udp' from [target.transports]"
+    ) in user.notes
+
+
 def test_group_lists_with_blanks_after_commas_are_read_as_asterisk_reads_them() -> None:
     """``call_group = 1, 3-5`` imports as 1,3-5: Asterisk skips the blanks around each item."""
     text = "[7501]\ntype=endpoint\nauth=a7501\naors=7501\nallow=ulaw\n"
