@@ -352,7 +352,8 @@ def _check_loadable(kind: str, options: Mapping[str, str], whose: str, prefix: s
     option Asterisk does not know, or (an endpoint) a ``dtmf_mode`` it cannot parse.
     ``whose`` starts the reason (``its auth [a1] ``); ``prefix`` is how a wizard spells
     the options (``endpoint/``)."""
-    unknown = sorted(set(options) - _KNOWN_OPTIONS[kind])
+    # "@name" is a sorcery extended field, which any object takes.
+    unknown = sorted(n for n in set(options) - _KNOWN_OPTIONS[kind] if not n.startswith("@"))
     if unknown:
         shown = ", ".join(prefix + name for name in unknown)
         plural = "options" if len(unknown) > 1 else "an option"

@@ -732,6 +732,16 @@ def test_endpoints_asterisk_drops_for_an_unknown_option_or_value_are_not_mapped(
     assert f"[7706] wizard: has endpoint/no_such_option, an option {drops} endpoint" in reasons
 
 
+def test_sorcery_extended_options_are_not_taken_for_unknown_ones() -> None:
+    """An ``@name`` option is a sorcery extended field, which Asterisk loads on any object:
+    the user is imported (the option noted as ignored), not reported as dropped."""
+    text = "[7711]\ntype=endpoint\nauth=a7711\naors=7711\nallow=ulaw\n@team=sales\n"
+    text += "[a7711]\ntype=auth\nusername=u7711\npassword=Secret-7711\n@x=1\n"
+    text += "[7711]\ntype=aor\n@y=2\n"
+    (user,) = _plan(text).users
+    assert "ignored endpoint options: @team" in user.notes
+
+
 def test_a_section_is_the_type_asterisk_loads_it_as(tmp_path: Path) -> None:
     """A section's type is its first ``type=`` (an inherited one first), matched exactly:
     ``type=Endpoint`` is no endpoint, and a later ``type=aor`` does not make one an AOR."""
