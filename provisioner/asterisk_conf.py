@@ -17,7 +17,8 @@ Asterisk 22), written afresh from its documented and observed behaviour:
 * ``[name]`` starts a section (named up to the first ``]``, unstripped, cut to
   79 bytes; anything after ``]`` that is not ``(`` is ignored).  ``[name](...)``
   takes a comma list: ``!`` makes a template (hidden from modules),
-  ``+`` appends to the earlier non-template section of that name, any other
+  ``+`` appends to the earlier non-template section of that name (``+filter``, such as
+  ``+type=aor``, to the first one whose options match the filter), any other
   item copies the options of the first earlier section (or template) of that
   name, case-insensitively; an empty item copies the very first section.
 * ``name = value`` and ``name => value`` (the ``>`` only marks an "object") set
@@ -40,6 +41,7 @@ lines on CR too, and reads files itself.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -285,6 +287,84 @@ def _first_category(state: _State, name: str, *, templates: bool) -> _Category |
     return None
 
 
+def _split_quoted(text: str, sep: str) -> list[str]:
+    """``text`` split at ``sep`` as ``ast_strsep`` with ``AST_STRSEP_STRIP`` splits it: not
+    inside quotes nor right after a backslash; each piece stripped of blanks and of one
+    pair of surrounding quotes."""
+    pieces, start, quotes, i = [], 0, "", 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\":
+            i += 2
+            continue
+        if char in "'\"":
+            quotes = quotes[:-1] if quotes.endswith(char) else quotes + char
+        elif char == sep and not quotes:
+            pieces.append(text[start:i])
+            start = i + 1
+        i += 1
+    pieces.append(text[start:])
+    return [_unquote(_strip(piece)) for piece in pieces]
+
+
+def _unquote(text: str) -> str:
+    if len(text) >= 2 and text[0] in "'\"" and text[-1] == text[0]:
+        return text[1:-1]
+    return text
+
+
+def _search(pattern: str, text: str) -> bool | None:
+    """Whether the regular expression ``pattern`` occurs in ``text``; None if it is no
+    regular expression.  Asterisk uses POSIX extended expressions; Python's agree on
+    everything a filter is written with (``type=aor``, ``default_.*=36[0-9]+``)."""
+    try:
+        return re.search(pattern, text) is not None
+    except re.error:
+        return None
+
+
+def _expression_matches(cat: _Category, expression: str) -> tuple[bool, bool]:
+    """``(matched, templates allowed)`` for one ``name=value`` expression of a filter."""
+    parts = _split_quoted(expression, "=")
+    if len(parts) < 2:
+        return False, False  # no '=': Asterisk stops reading the filter, which then fails
+    name, value = parts[0], parts[1]
+    if name == "TEMPLATES":
+        if value.lower() == "include":
+            return True, cat.template
+        return value.lower() == "restrict" and cat.template, cat.template
+    for opt_name, opt_value in cat.options:
+        if _search(name, opt_name) and _search(value, opt_value):
+            return True, False
+    return False, False
+
+
+def _filter_matches(cat: _Category, filter_text: str) -> bool:
+    """Asterisk's ``does_category_match`` for the filter of a ``(+filter)`` addition: every
+    ``&``-joined ``name=value`` expression (both regular expressions, searched in an
+    option's name and value) matches one option, and a template only with
+    ``TEMPLATES=include`` (or ``restrict``)."""
+    if not filter_text:
+        return not cat.template
+    templates_ok = False
+    for expression in _split_quoted(filter_text, "&"):
+        matched, allowed = _expression_matches(cat, expression)
+        if not matched:
+            return False
+        templates_ok |= allowed
+    return not cat.template or templates_ok
+
+
+def _addition_target(state: _State, name: str, filter_text: str) -> _Category | None:
+    """The section ``[name](+filter)`` adds to: the first of that name (case-insensitively)
+    that ``filter_text`` matches."""
+    wanted = _fold(name)
+    for cat in state.categories:
+        if (not name or _fold(cat.name) == wanted) and _filter_matches(cat, filter_text):
+            return cat
+    return None
+
+
 def _section_header(state: _State, text: str, lineno: int) -> None:
     close = text.find("]")
     if close < 0:
@@ -302,9 +382,7 @@ def _section_header(state: _State, text: str, lineno: int) -> None:
             if item == "!":
                 current.template = True
             elif item.startswith("+"):
-                if item[1:]:
-                    raise AsteriskSyntaxError(lineno, "filtered section additions are unsupported")
-                found = _first_category(state, name, templates=False)
+                found = _addition_target(state, name, item[1:])
                 if found is None:
                     raise AsteriskSyntaxError(
                         lineno, f"addition to section {_decoded(name)!r}, which does not exist"

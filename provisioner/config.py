@@ -64,7 +64,9 @@ ENV_ACTOR = "PROVISIONER_AS"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf or nan (TOML has both literals, the environment gives them as text): an
+    # infinite interval never fires, and NaN passes no bound yet fails every comparison.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -344,12 +346,20 @@ class LogSettings(_Section):
 _AMI_VALUE = r"^[^\x00-\x1f\x7f-\x9f]{1,200}$"
 
 
+#: What Asterisk strips from both ends of a manager.conf value (``ast_strip``): every
+#: character below 33 (space, tab, CR, LF, other controls).
+_ASTERISK_BLANKS = "".join(map(chr, range(33)))
+
+
 def _read_secret(
     secret: SecretStr | None, secret_file: Path | None
 ) -> tuple[SecretStr | None, list[_Issue]]:
-    """The AMI secret given inline or read from ``secret_file`` (one line, trailing newline
-    and a leading UTF-8 byte order mark dropped), or the rules broken; no rule quotes the
-    secret or the file's content."""
+    """The AMI secret given inline or read from ``secret_file`` (one line; a leading UTF-8
+    byte order mark dropped), without the blanks at its ends (the file's line end too), or
+    the rules broken; no rule quotes the secret or the file's content.
+
+    Blanks at the ends go because Asterisk drops them from manager.conf's ``secret =``: a
+    secret that kept one could never log in.  Blanks inside are kept."""
     if (secret is None) == (secret_file is None):
         return None, [(("secret",), "give exactly one of secret and secret_file")]
     where = "secret"
@@ -359,8 +369,9 @@ def _read_secret(
             text = secret_file.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:
             return None, [((where,), f"cannot read {str(secret_file)!r}: {type(exc).__name__}")]
-        secret = SecretStr(text.rstrip("\r\n"))
+        secret = SecretStr(text)
     assert secret is not None
+    secret = SecretStr(secret.get_secret_value().strip(_ASTERISK_BLANKS))
     if not re.fullmatch(_AMI_VALUE, secret.get_secret_value()):
         return None, [((where,), "the secret must be 1-200 characters without control characters")]
     return secret, []
@@ -444,7 +455,8 @@ class AsteriskServer(_Section):
     """One Asterisk reached over AMI (TOML ``[[asterisk]]``).
 
     Exactly one of ``secret`` and ``secret_file`` is given; the file is read once,
-    here, at start-up (one line, trailing newline dropped) and the secret is only
+    here, at start-up (one line; blanks at the ends, as Asterisk drops them from
+    manager.conf, and the line end dropped) and the secret is only
     ever held as a :class:`~pydantic.SecretStr`, so no repr or log shows it.
     """
 
@@ -629,18 +641,44 @@ def _resolve_path(path: str | Path | None, env: Mapping[str, str]) -> Path | Non
     return None if absent else DEFAULT_CONFIG_PATH
 
 
-def _put(tree: dict[str, Any], keys: list[str], raw: str) -> str | None:
-    """Set ``raw`` at ``keys`` in ``tree``, decoded as JSON when it starts with ``[`` or
-    ``{`` (a list or table, from the environment or ``--set``); why it is not JSON, else
-    None (the error names a position, never the value)."""
-    if not raw.startswith(("[", "{")):
+#: Where the values of the environment and ``--set`` came from, by key path (the variable's
+#: name, or ``the command line``: ``--set`` or its shorthand ``--store-url``); a value of
+#: the file or a default has none.
+_Origins = dict[tuple[str, ...], str]
+
+
+def _put(
+    tree: dict[str, Any], keys: list[str], raw: str, origins: _Origins, origin: str
+) -> str | None:
+    """Set ``raw`` at ``keys`` in ``tree`` (noting ``origin`` for it in ``origins``), decoded
+    as JSON when it starts with ``[``, ``{`` or ``"`` (a list, a table or a quoted string,
+    from the environment or ``--set``); why it is not JSON, else None (the error names a
+    position, never the value)."""
+    if not raw.startswith(("[", "{", '"')):
         _set_path(tree, keys, raw)
+        _note_origin(origins, tuple(keys), raw, origin)
         return None
     try:
-        _set_path(tree, keys, json.loads(raw))
+        value = json.loads(raw)
     except json.JSONDecodeError as exc:
         return str(exc)
+    _set_path(tree, keys, value)
+    _note_origin(origins, tuple(keys), value, origin)
     return None
+
+
+def _note_origin(origins: _Origins, path: tuple[str, ...], value: Any, origin: str) -> None:
+    """Note that ``value`` at ``path`` came from ``origin``, as a later layer's value is
+    merged over an earlier one: a table key by key, anything else replacing what was at
+    ``path`` and below it."""
+    origins.pop(path, None)
+    if isinstance(value, Mapping) and value:
+        for key, item in value.items():
+            _note_origin(origins, (*path, str(key)), item, origin)
+        return
+    for known in [p for p in origins if p[: len(path)] == path or path[: len(p)] == p]:
+        del origins[known]
+    origins[path] = origin
 
 
 def _set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
@@ -653,10 +691,13 @@ def _set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
     tree[keys[-1]] = value
 
 
-def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], list[Problem]]:
-    """``PROVISIONER_<SECTION>__<KEY>`` variables as nested overrides (``[``/``{`` values
-    decoded as JSON, others kept as strings), and the variables that cannot be read: a
-    ``[``/``{`` value that is not JSON, named as a ``--set`` flag is, never its value."""
+def _env_overrides(
+    env: Mapping[str, str], origins: _Origins
+) -> tuple[dict[str, Any], list[Problem]]:
+    """``PROVISIONER_<SECTION>__<KEY>`` variables as nested overrides (``[``/``{``/``"``
+    values decoded as JSON, others kept as strings; each value's variable noted in
+    ``origins``), and the variables that cannot be read: a ``[``/``{``/``"`` value that is
+    not JSON, named as a ``--set`` flag is, never its value."""
     tree: dict[str, Any] = {}
     problems = []
     # By name: problems in a stable order, and a whole table's variable before its keys'.
@@ -666,7 +707,7 @@ def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, Any], list[Problem
         keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__") if k]
         if not keys:
             continue
-        if (unread := _put(tree, keys, raw)) is not None:
+        if (unread := _put(tree, keys, raw, origins, name)) is not None:
             problems.append(Problem(name, f"the value is not valid JSON ({unread})"))
     return tree, problems
 
@@ -681,29 +722,47 @@ def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _problems(exc: ValidationError) -> list[Problem]:
+def _problems(exc: ValidationError, origins: _Origins) -> list[Problem]:
+    """One problem per error, naming the variable or ``--set`` its value came from."""
     problems = []
     for err in exc.errors():
-        key = ".".join(str(part) for part in err["loc"]) or "(config)"
+        path = tuple(str(part) for part in err["loc"])
+        key = ".".join(path) or "(config)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "is not a known setting"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
+        if (origin := _origin(origins, path)) is not None:
+            msg = f"{msg} (from {origin})"
         problems.append(Problem(key, msg))
     return problems
+
+
+def _origin(origins: _Origins, path: tuple[str, ...]) -> str | None:
+    """Where the value at ``path`` came from: the origin of it or of the nearest table or
+    list holding it; None for the file's values and defaults."""
+    for end in range(len(path), 0, -1):
+        if (origin := origins.get(path[:end])) is not None:
+            return origin
+    return None
 
 
 #: A character no ``--set`` key has (sections and keys are words, a list index digits).
 _NOT_IN_KEY = re.compile(r"[^\w.-]")
 
 
-def parse_sets(sets: Sequence[str]) -> tuple[dict[str, Any], list[Problem]]:
-    """``--set section.key=value`` flags as nested overrides, and the flags that cannot be read
-    (not ``key=value``, a key with a character no key has, or a ``[``/``{`` value that is
-    not JSON); other values stay strings.
+def parse_sets(
+    sets: Sequence[str], origins: _Origins | None = None
+) -> tuple[dict[str, Any], list[Problem]]:
+    """``--set section.key=value`` flags as nested overrides (each noted in ``origins`` as
+    ``the command line``), and the flags that cannot be read (not ``key=value``, a key with a
+    character no key has, or a ``[``/``{``/``"`` value that is not JSON); other values stay
+    strings, so ``key="value"`` (quotes no shell removed) is ``value``, as the environment
+    reads it.
     A later flag wins; ``a=1`` then ``a.b=2`` makes ``a`` a table.  A problem shows a flag's
     key, never its value (it may hold a secret)."""
+    origins = {} if origins is None else origins
     tree: dict[str, Any] = {}
     problems = []
     for item in sets:
@@ -717,7 +776,7 @@ def parse_sets(sets: Sequence[str]) -> tuple[dict[str, Any], list[Problem]]:
         if not sep or not parts or head != key:
             problems.append(Problem("--set", f"{shown} must look like section.key=value"))
             continue
-        if (unread := _put(tree, parts, value)) is not None:
+        if (unread := _put(tree, parts, value, origins, "the command line")) is not None:
             problems.append(Problem("--set", f"{shown}: the value is not valid JSON ({unread})"))
     return tree, problems
 
@@ -739,15 +798,16 @@ def _read_file(file: Path | None) -> tuple[dict[str, Any], Problem | None]:
         return {}, Problem("config", f"{str(file)!r} is not valid TOML: {exc}")
 
 
-def _validate(data: dict[str, Any]) -> tuple[Config | None, list[Problem]]:
-    """``data`` as a :class:`Config`, or None and every problem it has."""
+def _validate(data: dict[str, Any], origins: _Origins) -> tuple[Config | None, list[Problem]]:
+    """``data`` as a :class:`Config`, or None and every problem it has (naming where a
+    value of the environment or ``--set`` came from, by ``origins``)."""
     # ``source`` is a field for bookkeeping only: as input it is an unknown key.
     problems = [Problem(key, "is not a known setting") for key in _NOT_SETTINGS if key in data]
     data = {k: v for k, v in data.items() if k not in _NOT_SETTINGS}
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        return None, problems + _problems(exc)
+        return None, problems + _problems(exc, origins)
     return (None if problems else config), problems
 
 
@@ -765,8 +825,10 @@ def load_config(
     variables)."""
     env = os.environ if env is None else env
     file = _resolve_path(path, env)
-    flags, problems = parse_sets(sets)
-    env_tree, env_problems = _env_overrides(env)
+    env_origins: _Origins = {}
+    flag_origins: _Origins = {}
+    flags, problems = parse_sets(sets, flag_origins)
+    env_tree, env_problems = _env_overrides(env, env_origins)
     problems += env_problems
     data: dict[str, Any] = {}
     file_problem: Problem | None = None
@@ -776,9 +838,17 @@ def load_config(
         data, file_problem = _read_file(file)
     if file_problem is not None:
         raise ConfigError([*problems, file_problem])
+    # ``overrides`` come from a caller's own code: a value of theirs names no source (the
+    # one before it, from the environment, no longer holds).
+    origins = env_origins
+    for key, value in (overrides or {}).items():
+        _note_origin(origins, (key,), value, "")
+    origins = {path: origin for path, origin in origins.items() if origin}
+    for flag_path, origin in flag_origins.items():
+        _note_origin(origins, flag_path, None, origin)
     for layer in (env_tree, overrides or {}, flags):
         data = _merge(data, layer)
-    config, invalid = _validate(data)
+    config, invalid = _validate(data, origins)
     if problems or config is None:
         raise ConfigError(problems + invalid)
     return config.model_copy(update={"source": str(file) if file else None})

@@ -45,6 +45,7 @@ from .errors import (
 from .model import CODECS, NATS, TRANSPORTS, check_email, check_group, validate_fields
 from .pjsip import NAT_OPTIONS, RenderSettings
 from .store import queries as q
+from .targets.asterisk_schema import ENUM_LABELS, ps_aors, ps_auths, ps_endpoints
 
 __all__ = [
     "ImportPlan",
@@ -106,6 +107,16 @@ _WIZARD_READ = frozenset(
     | {"sends_registrations", "remote_hosts"}
 )
 _HEX = {"md5": re.compile(r"[0-9a-fA-F]{32}"), "sha-256": re.compile(r"[0-9a-fA-F]{64}")}
+#: The options Asterisk 22 knows per object type: its realtime columns (one per option, as
+#: its alembic schema has them), ``type`` and not ``id``.  An object with any other option
+#: is not loaded at all ("Could not find option suitable for category ... named ...").
+_KNOWN_OPTIONS: Mapping[str, frozenset[str]] = {
+    kind: frozenset(column.name for column in table.columns if column.name != "id") | {"type"}
+    for kind, table in (("endpoint", ps_endpoints), ("auth", ps_auths), ("aor", ps_aors))
+}
+#: The values Asterisk parses as ``dtmf_mode`` (case ignored); any other drops the endpoint
+#: ("Error parsing dtmf_mode=...").
+_DTMF_MODES = ENUM_LABELS["pjsip_dtmf_mode_values_v3"]
 
 
 @dataclass(frozen=True)
@@ -313,6 +324,10 @@ def _endpoint_source(section: Section, index: _Index) -> _Source:
             f"aors {','.join(aor_names)} become the one AOR [{section.name}]: "
             f"phones register to {section.name}"
         )
+    _check_loadable("endpoint", opts, "")
+    _check_loadable("auth", source.auth, f"its auth [{auths[0]}] ")
+    for name, aor in zip(aor_names, aors, strict=True):
+        _check_loadable("aor", aor, f"its aor [{name}] ")
     for note in (
         _ignored("endpoint", opts, _ENDPOINT_READ),
         _ignored("auth", source.auth, _AUTH_READ),
@@ -322,6 +337,62 @@ def _endpoint_source(section: Section, index: _Index) -> _Source:
             source.notes.append(note)
     _check_static_contacts(source.aors)
     return source
+
+
+#: What a user lacks when Asterisk drops one of its objects, by object type.
+_LOST = {
+    "endpoint": "",
+    "auth": " (no phone could authenticate)",
+    "aor": " (no phone could register)",
+}
+
+
+def _check_loadable(kind: str, options: Mapping[str, str], whose: str, prefix: str = "") -> None:
+    """:class:`_Refuse` when Asterisk would not load this ``kind`` object at all: it has an
+    option Asterisk does not know, or (an endpoint) a ``dtmf_mode`` it cannot parse.
+    ``whose`` starts the reason (``its auth [a1] ``); ``prefix`` is how a wizard spells
+    the options (``endpoint/``)."""
+    # "@name" is a sorcery extended field, which any object takes.
+    unknown = sorted(n for n in set(options) - _KNOWN_OPTIONS[kind] if not n.startswith("@"))
+    if unknown:
+        shown = ", ".join(prefix + name for name in unknown)
+        plural = "options" if len(unknown) > 1 else "an option"
+        raise _Refuse(
+            f"{whose}has {shown}, {plural} Asterisk does not know, so it loads no such "
+            f"{kind}{_LOST[kind]}"
+        )
+    dtmf = options.get("dtmf_mode")
+    if kind == "endpoint" and dtmf is not None and dtmf.lower() not in _DTMF_MODES:
+        raise _Refuse(
+            f"{whose}{prefix}dtmf_mode {dtmf!r} is none of {', '.join(_DTMF_MODES)}: "
+            f"Asterisk loads no such endpoint"
+        )
+    for option, high in _AOR_NUMBERS.items() if kind == "aor" else ():
+        value = options.get(option)
+        number = None if value is None else _c_uint(value)
+        if value is not None and (number is None or number > high):
+            raise _Refuse(
+                f"{whose}{prefix}{option} {value!r} is no number 0-{high}: "
+                f"Asterisk loads no such aor{_LOST[kind]}"
+            )
+
+
+#: The AOR numbers we read, with the largest value Asterisk takes (``OPT_UINT_T``).
+_AOR_NUMBERS = {"max_contacts": 2**32 - 1, "qualify_frequency": 86400}
+#: What ``strtoul(text, &end, 0)`` reads whole: hexadecimal, octal or decimal.
+_C_UINT = re.compile(r"[ \t\n\v\f\r]*\+?(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+
+
+def _c_uint(text: str) -> int | None:
+    """``text`` as Asterisk's ``ast_parse_arg(PARSE_UINT32)`` reads it (``strtoul`` base 0,
+    every character used, no minus sign), or None when it refuses it."""
+    m = _C_UINT.fullmatch(text)
+    if m is None:
+        return None
+    digits = m.group(1)
+    if digits[:2].lower() == "0x":
+        return int(digits[2:], 16)
+    return int(digits, 8) if digits.startswith("0") else int(digits)
 
 
 def _check_static_contacts(aors: Iterable[Mapping[str, str]]) -> None:
@@ -369,6 +440,10 @@ def _wizard_source(section: Section) -> _Source:
         raise _Refuse("has no inbound_auth/username: Asterisk's wizard creates no auth for it")
     if not auth["username"]:
         raise _Refuse("its inbound_auth/username is empty: a phone could not authenticate")
+    # The wizard creates its objects from these options: one it cannot apply is not created.
+    _check_loadable("endpoint", endpoint, "", "endpoint/")
+    _check_loadable("auth", auth, "its ", "inbound_auth/")
+    _check_loadable("aor", parts["aor"], "its ", "aor/")
     source = _Source(section, endpoint, codec_ops, auth, "", [], [parts["aor"]])
     for note in (
         _ignored("wizard", other, frozenset()),
@@ -511,17 +586,64 @@ def _note_aor_changes(source: _Source, protocol: str, settings: RenderSettings) 
 
 def _aor_value(aor: Mapping[str, str], option: str) -> str:
     """``option``'s effective value in one source AOR, spelled as the renderer spells it."""
-    value = (aor.get(option) or _AOR_DEFAULTS[option]).strip()
+    value = aor.get(option, _AOR_DEFAULTS[option])
     if option == "remove_existing":
         return "yes" if _is_true(value) else "no"
-    return str(int(value)) if value.isdigit() else value
+    number = _c_uint(value)  # _check_loadable refused what Asterisk cannot parse
+    return value if number is None else str(number)
 
 
-def _group_items(value: str) -> str:
-    """A call or pickup group list without blanks around its items: Asterisk reads each
-    item with ``sscanf("%d-%d")`` (``ast_get_group``), which skips leading blanks and
-    stops before trailing ones, so ``1, 3-5`` is groups 1 and 3-5."""
-    return ",".join(item.strip() for item in value.split(",")) if value else value
+def _groups(source: _Source, name: str) -> str:
+    """The call or pickup group list ``name`` as Asterisk reads it (``ast_get_group``), which
+    never refuses an endpoint for it: each comma item is read with ``sscanf("%d-%d")``,
+    skipping blanks, so ``1, 3-5`` is groups 1 and 3-5; an item that is no number, or
+    whose groups all lie outside 0-63, is ignored, and a range is cut to 0-63.  Items read
+    exactly as written are kept as written; every other one is noted by field."""
+    value = source.endpoint.get(name, "")
+    if not value:
+        return value
+    kept: list[str] = []
+    changes: list[str] = []
+    start = 0
+    for item in value.split(","):
+        start, read = _group_item(item, start)
+        shown = item.strip()
+        if read is None:
+            changes.append(f"{shown!r} dropped")
+            continue
+        if read != shown or not _GROUP_ITEM.fullmatch(shown):
+            changes.append(f"{shown!r} read as {read}")
+        if read not in kept:
+            kept.append(read)
+    if changes:
+        source.notes.append(f"{name}: {'; '.join(changes)} (as Asterisk reads the list)")
+    return ",".join(kept)
+
+
+#: An item our group rule takes as written (the model checks its bounds).
+_GROUP_ITEM = re.compile(r"[0-9]{1,2}(?:-[0-9]{1,2})?")
+_SCAN_RANGE = re.compile(r"\s*([+-]?[0-9]+)-\s*([+-]?[0-9]+)")
+_SCAN_ONE = re.compile(r"\s*([+-]?[0-9]+)")
+
+
+def _group_item(item: str, start: int) -> tuple[int, str | None]:
+    """``(start, groups)``: one group item as ``ast_get_group`` reads it, as ``N`` or
+    ``N-M`` within 0-63, or None when it sets no group; ``start`` is the number the
+    previous item read, which an empty item reuses (``sscanf`` returns EOF there, which
+    Asterisk takes as success)."""
+    if not item.strip():
+        low = high = start
+    elif m := _SCAN_RANGE.match(item):
+        low, high = int(m.group(1)), int(m.group(2))
+    elif m := _SCAN_ONE.match(item):
+        low = high = int(m.group(1))
+    else:
+        return start, None
+    start = low
+    low, high = max(low, 0), min(high, 63)
+    if low > high:
+        return start, None
+    return start, str(low) if low == high else f"{low}-{high}"
 
 
 def _transport(source: _Source, index: _Index, settings: RenderSettings) -> str:
@@ -530,29 +652,38 @@ def _transport(source: _Source, index: _Index, settings: RenderSettings) -> str:
     if not name:
         protocol = "wss" if webrtc else "udp"
     else:
-        # Reversed: when two protocols share a name, the first one listed wins.
-        table = {settings.transport_name(p): p for p in reversed(TRANSPORTS)}
-        found = table.get(name)
-        if found is None:
-            defined = index.get("transport", name)
-            proto = _options(defined).get("protocol", "udp").lower() if defined else None
-            if proto not in TRANSPORTS:
-                raise _Refuse(
-                    f"transport {name!r} is neither in [target.transports] nor a transport of "
-                    "this file with protocol udp, tcp, tls, ws or wss"
-                )
-            assert proto is not None
-            found = proto
-            source.notes.append(
-                f"transport {name!r} (protocol {proto}) becomes "
-                f"{settings.transport_name(proto)!r} from [target.transports]"
-            )
-        protocol = found
+        protocol = _transport_protocol(name, source, index, settings)
     if webrtc and protocol not in ("ws", "wss"):
         source.notes.append(f"webrtc=yes dropped: WebRTC is enabled only on ws/wss, not {protocol}")
     if not webrtc and protocol in ("ws", "wss"):
         source.notes.append(f"webrtc enabled: every {protocol} user gets WebRTC")
     return protocol
+
+
+def _transport_protocol(name: str, source: _Source, index: _Index, settings: RenderSettings) -> str:
+    """The protocol of the endpoint's transport ``name``: the ``protocol=`` of the file's
+    transport section of that name, whatever we call ours (its phones speak that one),
+    noted when our name for it differs; else the protocol ``[target.transports]`` gives
+    that name (when two share it, the first listed)."""
+    defined = index.get("transport", name)
+    if defined is None:
+        # Reversed: when two protocols share a name, the first one listed wins.
+        table = {settings.transport_name(p): p for p in reversed(TRANSPORTS)}
+        found = table.get(name)
+    else:
+        found = _options(defined).get("protocol", "udp").lower()
+    if found not in TRANSPORTS:
+        raise _Refuse(
+            f"transport {name!r} is neither in [target.transports] nor a transport of "
+            "this file with protocol udp, tcp, tls, ws or wss"
+        )
+    assert found is not None
+    if settings.transport_name(found) != name:
+        source.notes.append(
+            f"transport {name!r} (protocol {found}) becomes "
+            f"{settings.transport_name(found)!r} from [target.transports]"
+        )
+    return found
 
 
 def _nat(source: _Source, protocol: str) -> str:
@@ -663,7 +794,7 @@ def _map_source(
     if (rule := _rule("context", values["context"])) is not None:
         raise _Refuse(f"context {values['context']!r} {rule}")
     for name in ("call_group", "pickup_group"):
-        group, rule = check_group(_group_items(source.endpoint.get(name, "")))
+        group, rule = check_group(_groups(source, name))
         if rule is not None:
             raise _Refuse(f"{name} {rule}")
         values[name] = group

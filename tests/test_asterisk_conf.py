@@ -107,6 +107,40 @@ def test_plus_without_a_section_refuses_the_file() -> None:
         parse("[t](!)\n[t](+)\n")
 
 
+def test_filtered_plus_appends_to_the_section_whose_options_match() -> None:
+    """'[name](+type=aor)' adds to the first section of that name with an option matching
+    the filter (name and value as regular expressions, '&' joining several), as in
+    Asterisk's "Adding to an existing section"; no match refuses the file."""
+    text = (
+        "[101]\ntype=endpoint\nallow=ulaw\n[101]\ntype=aor\ndefault_expiration=3600\n"
+        "[101](+type=aor)\ndefault_expiration=1200\n[101](+ type=endpoint & allow=u.aw )\n"
+        "allow=g722\n[101](+default_.*=36[0-9][0-9])\nmax_contacts=2\n"
+    )
+    endpoint, aor = parse(text).sections
+    assert endpoint.options == (("type", "endpoint"), ("allow", "ulaw"), ("allow", "g722"))
+    assert aor.options == (
+        ("type", "aor"),
+        ("default_expiration", "3600"),
+        ("default_expiration", "1200"),
+        ("max_contacts", "2"),
+    )
+    for header in ("[101](+type=identify)", "[101](+type)", "[101](+type=endpoint&x=y)"):
+        with pytest.raises(AsteriskSyntaxError, match="does not exist"):
+            parse(text + header + "\n")
+
+
+def test_filtered_plus_skips_templates_unless_asked() -> None:
+    """A filtered addition passes over templates, unless the filter has TEMPLATES=include."""
+    text = "[t](!)\ntype=aor\n[t]\ntype=aor\n"
+    template, section = parse(text + "[t](+type=aor)\nx=1\n").sections
+    assert (template.options, section.options) == (
+        (("type", "aor"),),
+        (("type", "aor"), ("x", "1")),
+    )
+    template, section = parse(text + "[t](+TEMPLATES=include&type=aor)\nx=1\n").sections
+    assert template.options == (("type", "aor"), ("x", "1"))
+
+
 def test_section_name_rules() -> None:
     """Names run to the first ']', unstripped; text after ']' that is not '(' is ignored."""
     names = [s.name for s in parse("[ a ]\n[b] junk (x)\n[c]x(!)\n").sections]

@@ -155,7 +155,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "log.level",
     }
     assert found["colour"] == "is not a known setting"
-    assert found["store.pool"] == "is not a known setting"
+    assert found["store.pool"] == "is not a known setting (from PROVISIONER_STORE__POOL)"
     assert "SQLAlchemy database URL" in found["store.url"]
     assert "greater than 0" in found["store.busy_timeout"]
     assert "integer" in found["security.max_failed_logins"]
@@ -428,21 +428,69 @@ def test_largest_allowed_numbers_load() -> None:
 
 
 @pytest.mark.parametrize(
-    ("toml", "env"),
+    ("toml", "env", "rule"),
     [
-        ("[store]\nbusy_timeout = inf\n", {}),
-        ("", {"PROVISIONER_STORE__BUSY_TIMEOUT": "3000000"}),
+        ("[store]\nbusy_timeout = inf\n", {}, "a finite number"),
+        (
+            "",
+            {"PROVISIONER_STORE__BUSY_TIMEOUT": "3000000"},
+            f"less than or equal to {2**31 // 1000} (from PROVISIONER_STORE__BUSY_TIMEOUT)",
+        ),
     ],
 )
 def test_a_busy_timeout_sqlite_cannot_hold_is_refused(
-    tmp_path: Path, toml: str, env: dict[str, str]
+    tmp_path: Path, toml: str, env: dict[str, str], rule: str
 ) -> None:
     """A SQLite busy timeout over 2^31-1 ms (inf included) is a config problem naming the
     key: SQLite would take it as no wait at all, or fail the first connect."""
     with pytest.raises(ConfigError) as info:
         load_config(_write(tmp_path, toml), env=env)
+    assert [str(p) for p in info.value.problems] == [f"store.busy_timeout: Input should be {rule}"]
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "field"),
+    [
+        ("", {"PROVISIONER_AMI__PING_INTERVAL": "inf"}, "ami.ping_interval"),
+        ("[daemon]\nreconcile_interval = inf\n", {}, "daemon.reconcile_interval"),
+        ("[daemon]\nstuck_after = inf\n", {}, "daemon.stuck_after"),
+        ("", {"PROVISIONER_AMI__RELOAD_MIN_GAP": "nan"}, "ami.reload_min_gap"),
+        ("[[asterisk]]\nname='a'\nhost='h'\nusername='u'\nsecret='s'\ntimeout=nan\n", {}, ""),
+    ],
+)
+def test_an_infinite_or_nan_number_is_refused_naming_the_key(
+    tmp_path: Path, toml: str, env: dict[str, str], field: str
+) -> None:
+    """``inf`` and ``nan`` (TOML literals, or text from the environment) are no setting: an
+    infinite interval would never fire and NaN compares false with every bound."""
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, toml), env=env)
+    assert [p.field for p in info.value.problems] == [field or "asterisk.0.timeout"]
+    assert info.value.problems[0].rule.startswith("Input should be a finite number")
+
+
+def test_an_ami_secret_is_taken_without_blanks_at_its_ends_as_asterisk_takes_it(
+    tmp_path: Path,
+) -> None:
+    """An [[asterisk]] secret given in TOML, in the environment or in a secret_file loses
+    the blanks at its ends (and the file its line end), keeping those inside: Asterisk
+    strips them from manager.conf's ``secret =``, so a kept one could never log in."""
+    (tmp_path / "ami.secret").write_text(" \tS3 cr3t\t \r\n", encoding="utf-8")
+    entry = 'name = "a"\nhost = "h"\nusername = "u"\n'
+    by_file = f"[[asterisk]]\n{entry}secret_file = {str(tmp_path / 'ami.secret')!r}\n"
+    inline = f'[[asterisk]]\n{entry}secret = "  S3 cr3t \\t"\n'
+    env = {
+        "PROVISIONER_ASTERISK": '[{"name": "a", "host": "h", "username": "u", '
+        '"secret": "S3 cr3t  "}]'
+    }
+    for text, variables in ((by_file, {}), (inline, {}), ("", env)):
+        (server,) = load_config(_write(tmp_path, text), env=variables).asterisk
+        assert server.secret is not None
+        assert server.secret.get_secret_value() == "S3 cr3t"
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, f'[[asterisk]]\n{entry}secret = " \\t "\n'), env={})
     assert [str(p) for p in info.value.problems] == [
-        f"store.busy_timeout: Input should be less than or equal to {2**31 // 1000}"
+        "asterisk.0.secret: the secret must be 1-200 characters without control characters"
     ]
 
 
@@ -476,8 +524,8 @@ _CLI_BAD_CONFIG_PROBLEMS = [
     "--set: 'nokey' must look like section.key=value",
     "extensions.step: is not a known setting",
     "extensions.last: must be at least extensions.first (200)",
-    "sip.realm: String should match pattern '^[A-Za-z0-9._-]{1,64}$'",
-    "log.level: Input should be 'debug', 'info', 'warning' or 'error'",
+    "sip.realm: String should match pattern '^[A-Za-z0-9._-]{1,64}$' (from PROVISIONER_SIP__REALM)",
+    "log.level: Input should be 'debug', 'info', 'warning' or 'error' (from the command line)",
     "asterisk.0.name: String should match pattern '^[A-Za-z0-9_.-]{1,64}$'",
     "asterisk.0.secret: give exactly one of secret and secret_file",
     "colour: is not a known setting",
@@ -592,8 +640,9 @@ def test_a_url_of_an_unknown_database_is_a_config_problem(tmp_path: Path) -> Non
     assert result.code == 2
     assert result.err.splitlines() == [
         "error: invalid configuration",
-        "  store.url: names no database SQLAlchemy knows ('foo')",
-        "  target.url: names no database SQLAlchemy knows ('postgresql+nodriver')",
+        "  store.url: names no database SQLAlchemy knows ('foo') (from the command line)",
+        "  target.url: names no database SQLAlchemy knows ('postgresql+nodriver')"
+        " (from the command line)",
     ]
 
 
@@ -623,9 +672,9 @@ def test_a_url_whose_driver_is_not_installed_is_a_config_problem(tmp_path: Path)
     assert result.err.splitlines() == [
         "error: invalid configuration",
         "  store.url: its driver is not installed"
-        f" (mysql+mysqldb: No module named 'MySQLdb'); {hint}",
+        f" (mysql+mysqldb: No module named 'MySQLdb'); {hint} (from the command line)",
         "  target.url: its driver is not installed"
-        f" (mssql+pyodbc: No module named 'pyodbc'); {hint}",
+        f" (mssql+pyodbc: No module named 'pyodbc'); {hint} (from the command line)",
     ]
 
 
@@ -640,6 +689,7 @@ def test_check_fails_its_config_line_for_a_driver_that_is_not_installed(tmp_path
     assert result.out.splitlines() == [
         "FAIL  config: store.url: its driver is not installed (mysql+mysqldb: No module named"
         " 'MySQLdb'); install it or name one that is, e.g. postgresql+psycopg, mysql+pymysql"
+        " (from the command line)"
     ]
 
 
@@ -695,7 +745,47 @@ def test_an_unreadable_environment_variable_is_named_never_its_value(tmp_path: P
         " (Expecting ',' delimiter: line 1 column 65 (char 64))",
         "  PROVISIONER_TARGET__VIDEO_CODECS: the value is not valid JSON"
         " (Expecting value: line 1 column 2 (char 1))",
-        "  sip.realm: String should match pattern '^[A-Za-z0-9._-]{1,64}$'",
+        "  sip.realm: String should match pattern '^[A-Za-z0-9._-]{1,64}$'"
+        " (from PROVISIONER_SIP__REALM)",
+    ]
+
+
+def test_a_problem_names_the_variable_or_flag_its_value_came_from(tmp_path: Path) -> None:
+    """A bad value from the environment names its variable, one from --set the flag, one
+    from a whole JSON table the variable that gave it; a value of the file names no source."""
+    path = _write(tmp_path, "[extensions]\nfirst = -1\n[ami]\nping_timeout = 0\n")
+    env = {
+        "PROVISIONER_SIP__REALM": "bad realm!",
+        "PROVISIONER_AMI": '{"backoff_cap": 0}',
+        "PROVISIONER_STORE__URLX": "x",
+    }
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env=env, sets=["ami.ping_interval=inf", "log.level=loud"])
+    assert sorted(str(p) for p in info.value.problems) == [
+        "ami.backoff_cap: Input should be greater than 0 (from PROVISIONER_AMI)",
+        "ami.ping_interval: Input should be a finite number (from the command line)",
+        "ami.ping_timeout: Input should be greater than 0",
+        "extensions.first: Input should be greater than or equal to 0",
+        "log.level: Input should be 'debug', 'info', 'warning' or 'error' (from the command line)",
+        "sip.realm: String should match pattern '^[A-Za-z0-9._-]{1,64}$'"
+        " (from PROVISIONER_SIP__REALM)",
+        "store.urlx: is not a known setting (from PROVISIONER_STORE__URLX)",
+    ]
+
+
+def test_a_quoted_value_of_a_set_flag_or_variable_is_read_as_a_json_string(
+    tmp_path: Path,
+) -> None:
+    """``--set store.url="sqlite:///x.db"`` (quotes kept where no shell removes them, as in
+    a systemd ExecStart=) sets the URL without its quotes, as the same variable does; a
+    quoted value that is not one JSON string is refused naming the flag, not its value."""
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    assert load_config(env={}, sets=[f'store.url="{url}"']).store.url == url
+    assert load_config(env={"PROVISIONER_STORE__URL": f'"{url}"'}).store.url == url
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, sets=['sip.realm="hunter2" x'])
+    assert [str(p) for p in info.value.problems] == [
+        "--set: 'sip.realm=…': the value is not valid JSON (Extra data: line 1 column 11 (char 10))"
     ]
 
 

@@ -603,6 +603,54 @@ def test_aor_options_the_move_changes_are_noted() -> None:
     }
 
 
+def test_an_aor_number_asterisk_cannot_parse_leaves_the_user_not_mapped() -> None:
+    """``max_contacts``/``qualify_frequency`` are read as Asterisk reads them (``strtoul``
+    base 0: ``0x2`` is 2, ``010`` is 8); one it refuses (no number, negative, empty,
+    ``qualify_frequency`` over 86400) drops the AOR, so the user is not mapped, with why."""
+    auth = "[a{n}]\ntype=auth\nusername=u{n}\npassword=Secret-{n}00\n"
+    text = ""
+    for n, aor in (
+        (7451, "max_contacts=abc"),
+        (7452, "max_contacts=-1"),
+        (7453, "max_contacts="),
+        (7454, "qualify_frequency=86401"),
+        (7455, "max_contacts=0x2\nqualify_frequency=010"),
+        (7456, "max_contacts=0\nqualify_frequency=0"),
+    ):
+        text += f"[{n}]\ntype=endpoint\nauth=a{n}\naors={n}\nallow=ulaw\n" + auth.format(n=n)
+        text += f"[{n}]\ntype=aor\n{aor}\n"
+    plan = _plan(text)
+    user, zero = plan.users
+    assert zero.extension == "7456"
+    assert [n for n in user.notes if n.startswith("aor ")] == [
+        "aor max_contacts 2 becomes 1",
+        "aor remove_existing no becomes yes",
+        "aor qualify_frequency 8 becomes 60",
+    ]
+    reasons = [str(u) for u in plan.unmapped if u.reason.startswith("endpoint")]
+    tail = "Asterisk loads no such aor (no phone could register)"
+    assert reasons == [
+        f"[7451] endpoint: its aor [7451] max_contacts 'abc' is no number 0-4294967295: {tail}",
+        f"[7452] endpoint: its aor [7452] max_contacts '-1' is no number 0-4294967295: {tail}",
+        f"[7453] endpoint: its aor [7453] max_contacts '' is no number 0-4294967295: {tail}",
+        f"[7454] endpoint: its aor [7454] qualify_frequency '86401' is no number 0-86400: {tail}",
+    ]
+
+
+def test_a_transport_of_the_file_is_read_by_its_protocol_even_under_one_of_our_names() -> None:
+    """An endpoint's transport defined in the file is mapped by that section's protocol,
+    though its name is one of ours for another protocol: the file's ``transport-tcp`` that
+    is UDP imports as udp (noted), since its phones speak UDP."""
+    text = "[transport-tcp]\ntype=transport\nprotocol=UDP\nbind=0.0.0.0\n"
+    text += "[7481]\ntype=endpoint\nauth=a7481\naors=7481\nallow=ulaw\ntransport=transport-tcp\n"
+    text += "[a7481]\ntype=auth\nusername=u7481\npassword=Secret-7481\n[7481]\ntype=aor\n"
+    (user,) = _plan(text).users
+    assert user.values["transport"] == "udp"
+    assert (
+        "transport 'transport-tcp' (protocol udp) becomes 'transport-udp' from [target.transports]"
+    ) in user.notes
+
+
 def test_group_lists_with_blanks_after_commas_are_read_as_asterisk_reads_them() -> None:
     """``call_group = 1, 3-5`` imports as 1,3-5: Asterisk skips the blanks around each item."""
     text = "[7501]\ntype=endpoint\nauth=a7501\naors=7501\nallow=ulaw\n"
@@ -610,6 +658,88 @@ def test_group_lists_with_blanks_after_commas_are_read_as_asterisk_reads_them() 
     text += "[a7501]\ntype=auth\nusername=u7501\npassword=Secret-7501\n"
     (user,) = _plan(text).users
     assert (user.values["call_group"], user.values["pickup_group"]) == ("1,3-5", "2,4")
+
+
+def test_additions_filtered_by_type_are_imported(tmp_path: Path) -> None:
+    """``[7551](+type=endpoint)`` adds to the endpoint, not the AOR of the same name, as
+    Asterisk does; the file is imported, not refused."""
+    conf = tmp_path / "pjsip.conf"
+    conf.write_text(
+        "[7551]\ntype=aor\n[7551]\ntype=endpoint\nauth=a7551\naors=7551\nallow=ulaw\n"
+        "[a7551]\ntype=auth\nusername=u7551\npassword=Secret-7551\n"
+        "[7551](+type=endpoint)\ncontext=sales\n[7551](+type=aor)\nmax_contacts=1\n",
+        encoding="utf-8",
+    )
+    (user,) = plan_import(read_file(conf), SETTINGS).users
+    assert (user.username, user.values["context"]) == ("u7551", "sales")
+    assert "aor max_contacts 0 becomes 1" not in user.notes
+
+
+def test_group_items_asterisk_ignores_are_dropped_and_reported_not_the_user() -> None:
+    """A call/pickup group item Asterisk ignores (not a number, above 63) is left out and
+    noted by field, a range is cut to what Asterisk reads; the user is still imported."""
+    text = "[7511]\ntype=endpoint\nauth=a7511\naors=7511\nallow=ulaw\n"
+    text += "call_group=1,x,3\npickup_group=70,2-5,60-99,5-3\n[7511]\ntype=aor\n"
+    text += "[a7511]\ntype=auth\nusername=u7511\npassword=Secret-7511\n"
+    (user,) = _plan(text).users
+    assert (user.values["call_group"], user.values["pickup_group"]) == ("1,3", "2-5,60-63")
+    assert "call_group: 'x' dropped (as Asterisk reads the list)" in user.notes
+    assert (
+        "pickup_group: '70' dropped; '60-99' read as 60-63; '5-3' dropped "
+        "(as Asterisk reads the list)"
+    ) in user.notes
+
+
+def test_endpoints_asterisk_drops_for_an_unknown_option_or_value_are_not_mapped() -> None:
+    """An endpoint, auth or AOR with an option Asterisk does not know, or a ``dtmf_mode``
+    it cannot parse, is not loaded by Asterisk ("Could not create an object"), so its user
+    is reported as not mapped with the reason, not imported; known options are not."""
+
+    def user(ext: str, endpoint: str = "", auth: str = "", aor: str = "") -> str:
+        return (
+            f"[{ext}]\ntype=endpoint\nauth=a{ext}\naors={ext}\nallow=ulaw\n{endpoint}"
+            f"[a{ext}]\ntype=auth\nusername=u{ext}\npassword=Secret-{ext}\n{auth}"
+            f"[{ext}]\ntype=aor\n{aor}"
+        )
+
+    text = (
+        user("7701", endpoint="no_such_option=1\n")
+        + user("7702", endpoint="dtmf_mode=bogus\n")
+        + user("7703", auth="nonce_lifetimes=32\n")
+        + user("7704", aor="max_contact=2\n")
+        + user("7705", endpoint="dtmf_mode=RFC4733\nlanguage=de\n", auth="nonce_lifetime=32\n")
+        + "[7706]\ntype=wizard\naccepts_auth=yes\naccepts_registrations=yes\n"
+        "inbound_auth/username=u7706\ninbound_auth/password=Secret-7706\n"
+        "endpoint/allow=ulaw\nendpoint/no_such_option=1\n"
+    )
+    plan = _plan(text)
+    assert [u.username for u in plan.users] == ["u7705"]
+    reasons = [str(u) for u in plan.unmapped]
+    drops = "Asterisk does not know, so it loads no such"
+    assert f"[7701] endpoint: has no_such_option, an option {drops} endpoint" in reasons
+    assert (
+        "[7702] endpoint: dtmf_mode 'bogus' is none of rfc4733, inband, info, auto, "
+        "auto_info: Asterisk loads no such endpoint"
+    ) in reasons
+    assert (
+        f"[7703] endpoint: its auth [a7703] has nonce_lifetimes, an option {drops} auth "
+        "(no phone could authenticate)"
+    ) in reasons
+    assert (
+        f"[7704] endpoint: its aor [7704] has max_contact, an option {drops} aor "
+        "(no phone could register)"
+    ) in reasons
+    assert f"[7706] wizard: has endpoint/no_such_option, an option {drops} endpoint" in reasons
+
+
+def test_sorcery_extended_options_are_not_taken_for_unknown_ones() -> None:
+    """An ``@name`` option is a sorcery extended field, which Asterisk loads on any object:
+    the user is imported (the option noted as ignored), not reported as dropped."""
+    text = "[7711]\ntype=endpoint\nauth=a7711\naors=7711\nallow=ulaw\n@team=sales\n"
+    text += "[a7711]\ntype=auth\nusername=u7711\npassword=Secret-7711\n@x=1\n"
+    text += "[7711]\ntype=aor\n@y=2\n"
+    (user,) = _plan(text).users
+    assert "ignored endpoint options: @team" in user.notes
 
 
 def test_a_section_is_the_type_asterisk_loads_it_as(tmp_path: Path) -> None:
