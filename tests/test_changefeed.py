@@ -810,6 +810,31 @@ def test_another_application_granted_only_the_user_tables_can_write_them_on_post
         _sql(engine, f"DROP ROLE {role}")
 
 
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_writes_of_a_session_in_replica_mode_are_noted_on_postgresql(
+    accounts: Accounts, engine: Engine, db_url: str
+) -> None:
+    """On PostgreSQL a session with ``session_replication_role = replica`` (a logical
+    replication subscriber's apply, a bulk load skipping foreign-key checks) still notes
+    each write of a user, an attribute, a profile and a TRUNCATE, with a NOTIFY."""
+    uid = _add(accounts, "alice")
+    start = _newest(engine)
+    dsn = db_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        with engine.begin() as conn:
+            conn.execute(text("SET LOCAL session_replication_role = replica"))
+            conn.execute(text("UPDATE users SET full_name = 'Alice A.' WHERE id = :i"), {"i": uid})
+            conn.execute(user_attributes.insert().values(user_id=uid, key="agent", value="x"))
+            conn.execute(text("UPDATE profiles SET description = 'Agents'"))
+            conn.execute(text("TRUNCATE users CASCADE"))
+        pyselect.select([listener.fileno()], [], [], 5)
+        assert list(listener.notifies(timeout=1, stop_after=1))
+    noted = _changes(engine, start)
+    assert noted[:2] == [("user", uid, "U"), ("user", uid, "I")]
+    assert {entity for entity, _id, _op in noted[2:]} == {"profile", "all"}
+
+
 def _apply_if_any(daemon: Daemon) -> None:
     """One incremental apply as the daemon runs it on a wake-up, cursor moved after it."""
     daemon._incremental()

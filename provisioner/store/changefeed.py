@@ -8,7 +8,8 @@ a DBA in a SQL shell.  On PostgreSQL the trigger also sends
 A ``TRUNCATE`` (PostgreSQL only: MariaDB and MySQL have no trigger for it) notes entity
 ``all``: every user is re-rendered (migration 0008).  PostgreSQL's trigger functions
 run with their owner's rights (migration 0009), as MariaDB's triggers run with their
-definer's: a writer needs no rights on ``changes``.
+definer's: a writer needs no rights on ``changes``.  They fire in every
+``session_replication_role``, ``replica`` included (migration 0010).
 
 An update that changes a row's key (``UPDATE users SET id = 99 WHERE id = 5``, an
 attribute moved to another user, a profile renumbered) notes the old id as well as
@@ -41,7 +42,9 @@ __all__ = [
     "NOTIFY_CHANNEL",
     "ChangeRow",
     "CursorTracker",
+    "always_ddl",
     "definer_ddl",
+    "drop_always_ddl",
     "drop_definer_ddl",
     "drop_old_key_ddl",
     "drop_replaced_ddl",
@@ -247,6 +250,34 @@ def drop_definer_ddl(dialect: str) -> list[str]:
     if _known(dialect) != postgresql.dialect.name:
         return []
     return ["ALTER FUNCTION provisioner_note_change() SECURITY INVOKER RESET search_path"]
+
+
+def always_ddl(dialect: str) -> list[str]:
+    """The statements that make PostgreSQL's change and TRUNCATE triggers fire in every
+    ``session_replication_role`` (migration 0010): a trigger left at ``ENABLE`` is skipped
+    in a session set to ``replica`` (a logical replication subscriber's apply worker, a
+    bulk load that skips foreign-key checks), and such writes were seen only at the next
+    full reconcile.  ``ALTER TABLE … DISABLE TRIGGER`` still silences them; none on other
+    databases (MariaDB and MySQL have no such role)."""
+    if _known(dialect) != postgresql.dialect.name:
+        return []
+    return [
+        f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER trg_{table}_{kind}"
+        for table, _, _ in _WATCHED
+        for kind in ("change", "truncate")
+    ]
+
+
+def drop_always_ddl(dialect: str) -> list[str]:
+    """The statements that undo :func:`always_ddl` (the triggers fire in origin and local
+    sessions only, PostgreSQL's default)."""
+    if _known(dialect) != postgresql.dialect.name:
+        return []
+    return [
+        f"ALTER TABLE {table} ENABLE TRIGGER trg_{table}_{kind}"
+        for table, _, _ in _WATCHED
+        for kind in ("change", "truncate")
+    ]
 
 
 def _pg_triggers(function: str) -> list[str]:
