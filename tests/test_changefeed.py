@@ -866,3 +866,51 @@ def test_a_change_committing_after_its_gap_was_given_up_still_goes_live(
         _same_as_a_full_apply(daemon, tmp_path)
     finally:
         daemon.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+def test_check_names_change_triggers_whose_definer_was_dropped_on_mariadb(
+    db_url: str, tmp_path: Path
+) -> None:
+    """On MariaDB, once the account that ran the migrations (the triggers' definer) is
+    dropped, every write to the user tables is refused, and ``provisioner check`` fails
+    its store line naming that definer and the fix."""
+    from provisioner.checks import run_checks
+    from provisioner.store.engine import open_engine
+    from provisioner.store.migrate import upgrade
+
+    account = "prov_mig_" + uuid.uuid4().hex[:8]  # accounts are the server's, not the database's
+    database = db_url.rsplit("/", 1)[1]
+    _sql_url(db_url, f"CREATE USER '{account}'@'%' IDENTIFIED BY 'pw'")
+    try:
+        _sql_url(db_url, f"GRANT ALL ON `{database}`.* TO '{account}'@'%'")
+        migrator = open_engine(db_url.replace("root@", f"{account}:pw@"))
+        upgrade(migrator)
+        migrator.dispose()
+        config = load_config(
+            env={},
+            overrides={
+                "store": {"url": db_url},
+                "target": {"path": str(tmp_path / "pjsip.conf")},
+                "daemon": {"state_dir": str(tmp_path / "state")},
+            },
+        )
+        (before,) = [c for c in run_checks(config) if c[0] == "store"]
+        assert before[1], before
+        _sql_url(db_url, f"DROP USER '{account}'@'%'")
+        (after,) = [c for c in run_checks(config) if c[0] == "store"]
+    finally:
+        _sql_url(db_url, f"DROP USER IF EXISTS '{account}'@'%'")
+    assert not after[1]
+    assert f"{account}@%" in after[2]
+    assert "every write to users" in after[2]
+
+
+def _sql_url(url: str, statement: str) -> None:
+    """Run one statement on a connection of its own to ``url``."""
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(statement))
+    finally:
+        engine.dispose()

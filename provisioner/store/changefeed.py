@@ -31,9 +31,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import ColumnElement, Connection, delete, func, or_, select
+from sqlalchemy import ColumnElement, Connection, column, delete, func, or_, select, tuple_
+from sqlalchemy import table as table_clause
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.exc import DBAPIError
 
 from .schema import changes
 from .state import load_state, put_state
@@ -51,6 +53,7 @@ __all__ = [
     "drop_trigger_ddl",
     "drop_truncate_ddl",
     "load_cursor",
+    "missing_definers",
     "newest_change_id",
     "old_key_ddl",
     "read_change_ids",
@@ -355,6 +358,50 @@ def drop_trigger_ddl(dialect: str) -> list[str]:
         for t, _, _ in _WATCHED
         for event, _ in _OPS
     ] + drop_old_key_ddl(dialect)
+
+
+_TRIGGERS = table_clause(
+    "TRIGGERS",
+    column("TRIGGER_SCHEMA"),
+    column("EVENT_OBJECT_TABLE"),
+    column("DEFINER"),
+    schema="information_schema",
+)
+_ACCOUNTS = table_clause("user", column("User"), column("Host"), schema="mysql")
+
+
+def missing_definers(conn: Connection) -> list[str] | None:
+    """MariaDB/MySQL: the definers (``user@host``) of the triggers on the watched tables
+    that are no longer an account, sorted.  Such a trigger fails the statement that fires
+    it ("The user specified as a definer does not exist"), so every write to a user, an
+    attribute or a profile is refused until the account is made again or the triggers
+    are re-created by an existing one (a trigger cannot run as its invoker).
+
+    ``[]``: every definer exists.  None: it cannot be told (another database; triggers
+    hidden from an account without the TRIGGER privilege; ``mysql.user`` not readable).
+    Read-only: a write would tell only by failing, and one rolled back still leaves the
+    change ids it took as a gap the daemon waits on."""
+    if not _is_mysql(conn.dialect.name):
+        return None
+    watched = [name for name, _, _ in _WATCHED]
+    query = select(_TRIGGERS.c.DEFINER).where(
+        func.database() == _TRIGGERS.c.TRIGGER_SCHEMA,
+        _TRIGGERS.c.EVENT_OBJECT_TABLE.in_(watched),
+    )
+    definers = {str(d) for d in conn.execute(query.distinct()).scalars()}
+    accounts = {tuple(d.rsplit("@", 1)) for d in definers if "@" in d}
+    if not accounts:
+        return None
+    try:
+        found = conn.execute(
+            select(_ACCOUNTS.c.User, _ACCOUNTS.c.Host).where(
+                tuple_(_ACCOUNTS.c.User, _ACCOUNTS.c.Host).in_(sorted(accounts))
+            )
+        ).all()
+    except DBAPIError:
+        return None  # no right to read the accounts: the caller says it could not tell
+    existing = {f"{user}@{host}" for user, host in found}
+    return sorted(d for d in definers if "@" in d and d not in existing)
 
 
 @dataclass(frozen=True)
