@@ -109,3 +109,58 @@ def test_an_open_read_never_makes_a_sqlite_writer_wait(tmp_path: Path) -> None:
     finally:
         engine.dispose()
     assert (before, during, after) == (1, people[0].full_name, "Renamed")
+
+
+def test_two_realtime_writers_at_once_are_serialised(db_url: str) -> None:
+    """Two writers of the realtime rows at once (the daemon and ``sync --once``, each its
+    own connection), the second having read the tables before the first wrote, both end
+    without an error, and each row and ownership record is there exactly once."""
+    import threading
+
+    from provisioner.targets.asterisk_schema import (
+        provisioner_objects,
+        ps_aors,
+        ps_auths,
+        ps_endpoints,
+    )
+    from provisioner.targets.realtime import RealtimeTarget
+
+    from .test_realtime import make_user, render
+
+    objects = render(*(make_user(str(1000 + i)) for i in range(20)))
+    first, second = open_engine(db_url), open_engine(db_url, busy_timeout=30)
+    RealtimeTarget(first).create_tables()
+    second_read, first_done = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def second_writer() -> None:
+        def guard(_change: object) -> None:
+            second_read.set()
+            first_done.wait(10)  # write only once the first has committed
+
+        try:
+            RealtimeTarget(second).apply(objects, guard=guard)
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    thread = threading.Thread(target=second_writer)
+
+    def first_guard(_change: object) -> None:
+        thread.start()
+        second_read.wait(3)  # the second reads first, unless it must wait for this one
+
+    try:
+        RealtimeTarget(first).apply(objects, guard=first_guard)
+        first_done.set()
+        thread.join(30)
+        assert errors == []
+        with first.connect() as conn:
+            for table in (ps_endpoints, ps_auths, ps_aors):
+                count = conn.execute(select(func.count()).select_from(table)).scalar_one()
+                assert count == len(objects), table.name
+            owned = conn.execute(select(func.count()).select_from(provisioner_objects))
+            assert owned.scalar_one() == 3 * len(objects)
+    finally:
+        first_done.set()
+        first.dispose()
+        second.dispose()
