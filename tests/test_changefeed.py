@@ -914,3 +914,34 @@ def _sql_url(url: str, statement: str) -> None:
             conn.execute(text(statement))
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
+def test_check_names_a_change_trigger_dropped_or_disabled(
+    accounts: Accounts, engine: Engine, db_url: str, backend: str, tmp_path: Path
+) -> None:
+    """A change trigger dropped (a restore that left it out) or, on PostgreSQL, disabled
+    (``ALTER TABLE … DISABLE TRIGGER``, left so by an interrupted ``pg_restore
+    --disable-triggers``) fails ``provisioner check``'s store line, naming it: edits
+    through that table would reach the daemon only at its next full reconcile."""
+    from provisioner.checks import run_checks
+
+    config = load_config(
+        env={},
+        overrides={
+            "store": {"url": db_url},
+            "target": {"path": str(tmp_path / "pjsip.conf")},
+            "daemon": {"state_dir": str(tmp_path / "state")},
+        },
+    )
+    (before,) = [c for c in run_checks(config) if c[0] == "store"]
+    assert before[1], before
+    if backend == "postgresql":
+        _sql(engine, "ALTER TABLE users DISABLE TRIGGER trg_users_change")
+        gone = "trg_users_change (disabled)"
+    else:
+        _sql(engine, "DROP TRIGGER trg_user_attributes_update")
+        gone = "trg_user_attributes_update (missing)"
+    (after,) = [c for c in run_checks(config) if c[0] == "store"]
+    assert not after[1]
+    assert gone in after[2]

@@ -62,6 +62,7 @@ __all__ = [
     "replaced_ddl",
     "save_cursor",
     "trigger_ddl",
+    "trigger_problems",
     "truncate_ddl",
 ]
 
@@ -362,6 +363,7 @@ def drop_trigger_ddl(dialect: str) -> list[str]:
 
 _TRIGGERS = table_clause(
     "TRIGGERS",
+    column("TRIGGER_NAME"),
     column("TRIGGER_SCHEMA"),
     column("EVENT_OBJECT_TABLE"),
     column("DEFINER"),
@@ -402,6 +404,58 @@ def missing_definers(conn: Connection) -> list[str] | None:
         return None  # no right to read the accounts: the caller says it could not tell
     existing = {f"{user}@{host}" for user, host in found}
     return sorted(d for d in definers if "@" in d and d not in existing)
+
+
+def _trigger_names(dialect: str) -> list[str]:
+    """The names of the change feed's triggers on ``dialect`` at the newest migration."""
+    if _known(dialect) == postgresql.dialect.name:
+        return [f"trg_{t}_{kind}" for t, _, _ in _WATCHED for kind in ("change", "truncate")]
+    names = [f"trg_{t}_{event.lower()}" for t, _, _ in _WATCHED for event, _ in _OPS]
+    names += [f"trg_{t}_key_change" for t, _, _ in _WATCHED]
+    if dialect == sqlite_dialect.dialect.name:
+        names += [f"trg_users_replace_{e}" for e in ("insert", "update")]
+    return names
+
+
+_SQLITE_MASTER = table_clause("sqlite_master", column("type"), column("name"))
+_PG_TRIGGER = table_clause(
+    "pg_trigger", column("tgname"), column("tgenabled"), column("tgrelid"), schema="pg_catalog"
+)
+#: pg_trigger.tgenabled of a trigger that does not fire in ordinary sessions: disabled,
+#: or firing only in replica ones.
+_PG_SILENT = ("D", "R")
+
+
+def trigger_problems(conn: Connection) -> list[str] | None:
+    """The change feed's triggers that are missing (``"<name> (missing)"``) or, on
+    PostgreSQL, disabled (``"<name> (disabled)"``), in the store ``conn`` reads: writes
+    through them are not noted, so they reach the daemon only at its next full reconcile.
+
+    ``[]``: all there.  None: it cannot be told (MariaDB/MySQL show an account without
+    the TRIGGER privilege no trigger at all)."""
+    dialect = conn.dialect.name
+    expected = _trigger_names(dialect)
+    if dialect == postgresql.dialect.name:
+        found = dict(
+            conn.execute(
+                select(_PG_TRIGGER.c.tgname, _PG_TRIGGER.c.tgenabled).where(
+                    _PG_TRIGGER.c.tgname.in_(expected),
+                    func.pg_table_is_visible(_PG_TRIGGER.c.tgrelid),
+                )
+            ).all()
+        )
+        silent = [f"{name} (disabled)" for name in expected if found.get(name) in _PG_SILENT]
+        return [f"{name} (missing)" for name in expected if name not in found] + silent
+    if _is_mysql(dialect):
+        query = select(_TRIGGERS.c.TRIGGER_NAME).where(
+            func.database() == _TRIGGERS.c.TRIGGER_SCHEMA
+        )
+    else:
+        query = select(_SQLITE_MASTER.c.name).where(_SQLITE_MASTER.c.type == "trigger")
+    there = set(conn.execute(query).scalars())
+    if not there and _is_mysql(dialect):
+        return None
+    return [f"{name} (missing)" for name in expected if name not in there]
 
 
 @dataclass(frozen=True)
