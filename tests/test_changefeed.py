@@ -945,3 +945,25 @@ def test_check_names_a_change_trigger_dropped_or_disabled(
     (after,) = [c for c in run_checks(config) if c[0] == "store"]
     assert not after[1]
     assert gone in after[2]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_applied_changes_are_pruned_without_a_full_reconcile(
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no periodic full reconcile (``reconcile_interval = 0``) the change table still
+    shrinks: once enough changes were applied incrementally, they are pruned (all but the
+    newest row)."""
+    monkeypatch.setattr(daemon_module, "PRUNE_EVERY", 5)
+    uid = _add(accounts, "alice")
+    daemon = _daemon(engine, db_url, tmp_path)
+    for n in range(12):
+        _sql(engine, "UPDATE users SET context = :c WHERE id = :i", c=f"c{n}", i=uid)
+    try:
+        asyncio.run(daemon._run(daemon._incremental))
+        assert "context=c11" in Path(daemon.config.target.path).read_text(encoding="utf-8")
+        with engine.connect() as conn:
+            left = conn.execute(select(func.count()).select_from(changes)).scalar_one()
+        assert left == 1
+    finally:
+        daemon.engine.dispose()
