@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select, update
 
 from bench.common import seed_store
@@ -164,3 +165,49 @@ def test_two_realtime_writers_at_once_are_serialised(db_url: str) -> None:
         first_done.set()
         first.dispose()
         second.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"], indirect=True)
+def test_a_realtime_writer_held_up_too_long_by_another_is_refused_saying_why(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A realtime writer that waits longer than the bound for another writer's lock (a
+    ``sync --once`` suspended in its transaction) gives up with a store error naming the
+    other writer, and has written nothing."""
+    import threading
+
+    from provisioner.errors import StoreUnavailable
+    from provisioner.store import engine as engine_module
+    from provisioner.store.engine import exclusive
+    from provisioner.targets.asterisk_schema import ps_endpoints
+    from provisioner.targets.realtime import WRITER_LOCK, RealtimeTarget
+
+    from .test_realtime import make_user, render
+
+    monkeypatch.setattr(engine_module, "EXCLUSIVE_WAIT", 1)
+    holder_engine, writer_engine = open_engine(db_url), open_engine(db_url)
+    RealtimeTarget(holder_engine).create_tables()
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            RealtimeTarget(writer_engine).apply(render(make_user("1001")))
+        except BaseException as exc:  # reported by the assertions below
+            errors.append(exc)
+
+    thread = threading.Thread(target=writer)
+    try:
+        with holder_engine.connect() as holder, exclusive(holder, WRITER_LOCK):
+            thread.start()
+            thread.join(20)
+            still_waiting = thread.is_alive()
+        thread.join(20)
+        assert not still_waiting, "the writer still waits for the other one"
+        (error,) = errors
+        assert isinstance(error, StoreUnavailable)
+        assert "another writer" in str(error)
+        with holder_engine.connect() as conn:
+            assert not conn.execute(select(func.count()).select_from(ps_endpoints)).scalar_one()
+    finally:
+        holder_engine.dispose()
+        writer_engine.dispose()

@@ -214,9 +214,11 @@ def transaction(
     raise AssertionError("unreachable")  # the loop returns or raises
 
 
-#: Seconds a MariaDB/MySQL writer waits for :func:`exclusive`'s lock before giving up
-#: (PostgreSQL waits as long as its ``lock_timeout`` says: by default, for ever).
-EXCLUSIVE_WAIT = 3600
+#: Seconds a writer waits for :func:`exclusive`'s lock before giving up with
+#: :class:`StoreUnavailable` (the daemon retries; the command line exits 7): a writer
+#: stuck in its transaction (a suspended ``sync --once``) must not hold the others for
+#: ever.  A full sync of 100k users takes a few seconds.
+EXCLUSIVE_WAIT = 120
 
 
 @contextmanager
@@ -225,6 +227,9 @@ def exclusive(conn: Connection, name: str) -> Iterator[None]:
     an error) holding the lock ``name`` of this database from its start until it has
     ended: two writers taking it run one after the other, the second reading what the
     first committed.  Waiting is logged (``store.writer_waits``).
+
+    A writer that waits longer than :data:`EXCLUSIVE_WAIT` gives up with
+    :class:`StoreUnavailable` naming the lock, having written nothing.
 
     PostgreSQL: a transaction-level advisory lock (the commit releases it).
     MariaDB/MySQL: ``GET_LOCK`` (named after the database: the name is the server's) is
@@ -248,11 +253,32 @@ def exclusive(conn: Connection, name: str) -> Iterator[None]:
         _release(conn, lock)
 
 
+#: PostgreSQL's SQLSTATE for a lock not granted within ``lock_timeout``.
+_PG_LOCK_TIMEOUT = "55P03"
+
+
 def _pg_lock(conn: Connection, name: str) -> None:
     key = zlib.crc32(name.encode())  # a fixed key per name, the same in every process
-    if not conn.execute(select(func.pg_try_advisory_xact_lock(key))).scalar():
-        log.warning("store.writer_waits", lock=name)
+    if conn.execute(select(func.pg_try_advisory_xact_lock(key))).scalar():
+        return
+    log.warning("store.writer_waits", lock=name)
+    # The wait bounded like MariaDB's, for this statement only: the transaction's other
+    # statements keep the session's lock_timeout.
+    before = conn.execute(select(func.current_setting("lock_timeout"))).scalar_one()
+    conn.execute(select(func.set_config("lock_timeout", f"{EXCLUSIVE_WAIT * 1000}", True)))
+    try:
         conn.execute(select(func.pg_advisory_xact_lock(key)))
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) == _PG_LOCK_TIMEOUT:
+            raise _held_too_long(name) from None
+        raise
+    conn.execute(select(func.set_config("lock_timeout", before, True)))
+
+
+def _held_too_long(name: str) -> StoreUnavailable:
+    return StoreUnavailable(
+        f"another writer held the lock {name!r} for {EXCLUSIVE_WAIT} s: nothing written"
+    )
 
 
 def _mysql_lock(conn: Connection, name: str, lock: Any) -> None:
@@ -260,9 +286,7 @@ def _mysql_lock(conn: Connection, name: str, lock: Any) -> None:
         return
     log.warning("store.writer_waits", lock=name)
     if not conn.execute(select(func.get_lock(lock, EXCLUSIVE_WAIT))).scalar():
-        raise StoreUnavailable(
-            f"another writer held the lock {name!r} for {EXCLUSIVE_WAIT} s: nothing written"
-        )
+        raise _held_too_long(name)
 
 
 def _release(conn: Connection, lock: Any) -> None:
