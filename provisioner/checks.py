@@ -26,6 +26,7 @@ from .config import (
 )
 from .errors import ConfigError, RenderCheckFailed
 from .health import HealthUnreadable, read_health
+from .store.changefeed import missing_definers, trigger_problems
 from .store.engine import driver_error, open_engine, sqlite_file
 from .store.migrate import current_revision, head_revision, known_revision
 from .store.schema import users
@@ -66,11 +67,35 @@ def _store(config: Config) -> Check:
             )
         with engine.connect() as conn:
             count = conn.execute(select(func.count()).select_from(users)).scalar_one()
+            orphans = missing_definers(conn)
+            silent = trigger_problems(conn)
+        if orphans:
+            return ("store", False, _orphaned_triggers(orphans))
+        if silent:
+            return ("store", False, _silent_triggers(silent))
         return ("store", True, f"{display_url(config.store.url)}: {count} users")
     except DBAPIError as exc:
         return ("store", False, f"cannot open: {driver_error(exc)}")
     finally:
         engine.dispose()
+
+
+def _orphaned_triggers(definers: Sequence[str]) -> str:
+    """What a store whose change triggers' definers were dropped needs (MariaDB/MySQL)."""
+    return (
+        f"the change triggers' definer {', '.join(definers)} is no longer an account: "
+        "every write to users, attributes and profiles is refused; create that account "
+        "again (with INSERT on changes), or re-create the triggers as an existing one "
+        "(the CREATE TRIGGER statements of sql/store/mysql.sql, each after its DROP TRIGGER)"
+    )
+
+
+def _silent_triggers(problems: Sequence[str]) -> str:
+    """What a store whose change feed lost a trigger needs."""
+    return (
+        f"change feed trigger {', '.join(problems)}: edits through it reach the daemon "
+        "only at its next full reconcile; re-create or enable it as sql/store/ does"
+    )
 
 
 def _target(config: Config) -> Check:

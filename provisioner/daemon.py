@@ -95,6 +95,9 @@ BURST_POLL = 0.05
 #: Changes one incremental apply reads at most; a longer backlog (a bulk import) is
 #: applied in several, one after the other.
 FEED_BATCH = 10_000
+#: Applied changes that make an incremental apply prune the change table too (a full
+#: reconcile always prunes): with ``reconcile_interval = 0`` (never) it would only grow.
+PRUNE_EVERY = 1_000
 
 
 @dataclass(frozen=True)
@@ -287,6 +290,8 @@ class Daemon:
     _unsaved: list[int] | None = None
     #: The last full apply's changes are to be pruned (after its cursor is saved).
     _prune_due: bool = False
+    #: The highest change id the last prune may have dropped (see :meth:`_prune`).
+    _pruned_upto: int = 0
     #: The last incremental apply read a full batch: more changes may be waiting.
     _backlog: bool = False
     #: The pending deferred health write (see :meth:`_write_health_soon`).
@@ -682,7 +687,7 @@ class Daemon:
             if self._unsaved is not None:
                 ids, self._unsaved = self._unsaved, None
                 await in_worker(self._advance, ids)
-            if self._prune_due:
+            if self._prune_due or self.tracker.prune_limit() - self._pruned_upto >= PRUNE_EVERY:
                 self._prune_due = False
                 await in_worker(self._prune)
             if self._backlog:
@@ -827,6 +832,7 @@ class Daemon:
         upto = self.tracker.prune_limit()
         with self.engine.begin() as conn:
             pruned = prune_changes(conn, upto)
+        self._pruned_upto = upto
         if pruned:
             log.info("changes.pruned", upto=upto, rows=pruned)
 

@@ -70,7 +70,6 @@ class NewestChange:
 
     def __init__(self, db_path: Path) -> None:
         self.path = db_path
-        self.uri = db_path.resolve().as_uri() + "?mode=rw"
         self.query = newest_change_sql()
         self.conn: sqlite3.Connection | None = None
         #: The file the connection reads.
@@ -88,7 +87,10 @@ class NewestChange:
             self.last = _UNREAD
         try:
             if self.conn is None:
-                self.conn = sqlite3.connect(self.uri, uri=True, timeout=0, isolation_level=None)
+                # Resolved at each connect: a symbolic link pointed at another database
+                # since the last one must lead to that one, as the engine's connections do.
+                uri = self.path.resolve().as_uri() + "?mode=rw"
+                self.conn = sqlite3.connect(uri, uri=True, timeout=0, isolation_level=None)
                 self.file = file_identity(self.path)
             newest = self.conn.execute(self.query).fetchone()[0]
         except sqlite3.Error as exc:
@@ -144,12 +146,26 @@ class DirectoryWatch:
         except (OSError, AttributeError) as exc:
             raise OSError(f"inotify is not available: {exc}") from None
         add.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32)
+        self._add_watch = add
         self.fd = int(init(os.O_NONBLOCK | os.O_CLOEXEC))
         if self.fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1 failed")
-        if add(self.fd, os.fsencode(directory), _IN_MODIFY | _IN_CREATE | _IN_MOVED_TO) < 0:
-            err = ctypes.get_errno()
+        try:
+            self._watch(directory)
+        except OSError:
             os.close(self.fd)
+            raise
+
+    def add(self, directory: Path, names: Iterable[str]) -> None:
+        """Also tell whether any of ``names`` in ``directory`` was written (a name written
+        in either directory counts: at worst a spurious wake-up)."""
+        self._watch(directory)
+        self.names.update(os.fsencode(n) for n in names)
+
+    def _watch(self, directory: Path) -> None:
+        mask = _IN_MODIFY | _IN_CREATE | _IN_MOVED_TO
+        if self._add_watch(self.fd, os.fsencode(directory), mask) < 0:
+            err = ctypes.get_errno()
             raise OSError(err, f"inotify_add_watch failed on {str(directory)!r}")
 
     def written(self) -> bool:
@@ -196,23 +212,33 @@ async def sqlite_wakeups(
     A store that cannot be read (gone, not migrated) is retried every second.
     """
     feed = NewestChange(db_path)
-    # SQLite follows a symbolic link and writes the WAL and journal beside the file it
-    # points to, named after that file: watch those names, not the link's.
-    real = db_path.resolve()
-    names = [real.name, real.name + "-wal", real.name + "-journal"]
     try:
         try:
-            files = DirectoryWatch(real.parent, names)
+            files = _store_watch(db_path)
         except OSError as exc:
             log.info("store.watch_unavailable", error=str(exc), poll_s=interval)
             await _poll_feed(feed, wake, stop, interval)
             return
-        try:
-            await _watch_feed(feed, files, wake, stop)
-        finally:
-            files.close()
+        await _watch_feed(feed, files, wake, stop)
     finally:
         feed.close()
+
+
+def _store_watch(db_path: Path) -> tuple[DirectoryWatch, Path]:
+    """A watch of the store's files, and the file the path leads to now.
+
+    SQLite follows a symbolic link and writes the WAL and journal beside the file it
+    points to, named after that file: those names are watched, and the path's own name
+    in its own directory too, so a link pointed at another database (``ln -sfn``) is
+    noticed (and the watch then moved to that database's files)."""
+    real = db_path.resolve()
+    files = DirectoryWatch(real.parent, [real.name, real.name + "-wal", real.name + "-journal"])
+    try:
+        files.add(db_path.absolute().parent, [db_path.name])
+    except OSError:
+        files.close()
+        raise
+    return files, real
 
 
 async def _poll_feed(
@@ -223,15 +249,19 @@ async def _poll_feed(
 
 
 async def _watch_feed(
-    feed: NewestChange, files: DirectoryWatch, wake: asyncio.Event, stop: asyncio.Event
+    feed: NewestChange,
+    watch: tuple[DirectoryWatch, Path],
+    wake: asyncio.Event,
+    stop: asyncio.Event,
 ) -> None:
-    follower = _Follower(asyncio.get_running_loop(), feed, files, wake)
-    follower.loop.add_reader(files.fd, follower.on_readable)
+    follower = _Follower(asyncio.get_running_loop(), feed, watch, wake)
+    follower.loop.add_reader(follower.files.fd, follower.on_readable)
     follower.check()  # the start counts as a write: the feed is read at once
     try:
         await stop.wait()
     finally:
-        follower.loop.remove_reader(files.fd)
+        follower.loop.remove_reader(follower.files.fd)
+        follower.files.close()
         follower.cancel()
 
 
@@ -244,10 +274,12 @@ class _Follower:
         self,
         loop: asyncio.AbstractEventLoop,
         feed: NewestChange,
-        files: DirectoryWatch,
+        watch: tuple[DirectoryWatch, Path],
         wake: asyncio.Event,
     ) -> None:
-        self.loop, self.feed, self.files, self.wake = loop, feed, files, wake
+        self.loop, self.feed, self.wake = loop, feed, wake
+        #: The watch of the store's files, and the file the store's path led to when made.
+        self.files, self.real = watch
         self.last_write = loop.time()
         self.step = _FIRST_STEP
         self.timer: asyncio.TimerHandle | None = None
@@ -256,7 +288,25 @@ class _Follower:
         if self.files.written():
             self.last_write = self.loop.time()
             self.step = _FIRST_STEP
+            self.follow_link()
             self.check()
+
+    def follow_link(self) -> None:
+        """Watch the files of the database the store's path leads to now, when a symbolic
+        link was pointed elsewhere (its own name is watched: such a change wakes this);
+        a watch that cannot be made keeps the old one (logged; the safety-net poll and
+        the engine still follow the new file)."""
+        if self.feed.path.resolve() == self.real:
+            return
+        try:
+            files, self.real = _store_watch(self.feed.path)
+        except OSError as exc:
+            log.warning("store.watch_failed", error=str(exc))
+            return
+        self.loop.remove_reader(self.files.fd)
+        self.files.close()
+        self.files = files
+        self.loop.add_reader(files.fd, self.on_readable)
 
     def tick(self) -> None:
         self.timer = None

@@ -810,6 +810,31 @@ def test_another_application_granted_only_the_user_tables_can_write_them_on_post
         _sql(engine, f"DROP ROLE {role}")
 
 
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_writes_of_a_session_in_replica_mode_are_noted_on_postgresql(
+    accounts: Accounts, engine: Engine, db_url: str
+) -> None:
+    """On PostgreSQL a session with ``session_replication_role = replica`` (a logical
+    replication subscriber's apply, a bulk load skipping foreign-key checks) still notes
+    each write of a user, an attribute, a profile and a TRUNCATE, with a NOTIFY."""
+    uid = _add(accounts, "alice")
+    start = _newest(engine)
+    dsn = db_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        with engine.begin() as conn:
+            conn.execute(text("SET LOCAL session_replication_role = replica"))
+            conn.execute(text("UPDATE users SET full_name = 'Alice A.' WHERE id = :i"), {"i": uid})
+            conn.execute(user_attributes.insert().values(user_id=uid, key="agent", value="x"))
+            conn.execute(text("UPDATE profiles SET description = 'Agents'"))
+            conn.execute(text("TRUNCATE users CASCADE"))
+        pyselect.select([listener.fileno()], [], [], 5)
+        assert list(listener.notifies(timeout=1, stop_after=1))
+    noted = _changes(engine, start)
+    assert noted[:2] == [("user", uid, "U"), ("user", uid, "I")]
+    assert {entity for entity, _id, _op in noted[2:]} == {"profile", "all"}
+
+
 def _apply_if_any(daemon: Daemon) -> None:
     """One incremental apply as the daemon runs it on a wake-up, cursor moved after it."""
     daemon._incremental()
@@ -839,5 +864,106 @@ def test_a_change_committing_after_its_gap_was_given_up_still_goes_live(
         _apply_if_any(daemon)
         assert "150" in _sections(conf)
         _same_as_a_full_apply(daemon, tmp_path)
+    finally:
+        daemon.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+def test_check_names_change_triggers_whose_definer_was_dropped_on_mariadb(
+    db_url: str, tmp_path: Path
+) -> None:
+    """On MariaDB, once the account that ran the migrations (the triggers' definer) is
+    dropped, every write to the user tables is refused, and ``provisioner check`` fails
+    its store line naming that definer and the fix."""
+    from provisioner.checks import run_checks
+    from provisioner.store.engine import open_engine
+    from provisioner.store.migrate import upgrade
+
+    account = "prov_mig_" + uuid.uuid4().hex[:8]  # accounts are the server's, not the database's
+    database = db_url.rsplit("/", 1)[1]
+    _sql_url(db_url, f"CREATE USER '{account}'@'%' IDENTIFIED BY 'pw'")
+    try:
+        _sql_url(db_url, f"GRANT ALL ON `{database}`.* TO '{account}'@'%'")
+        migrator = open_engine(db_url.replace("root@", f"{account}:pw@"))
+        upgrade(migrator)
+        migrator.dispose()
+        config = load_config(
+            env={},
+            overrides={
+                "store": {"url": db_url},
+                "target": {"path": str(tmp_path / "pjsip.conf")},
+                "daemon": {"state_dir": str(tmp_path / "state")},
+            },
+        )
+        (before,) = [c for c in run_checks(config) if c[0] == "store"]
+        assert before[1], before
+        _sql_url(db_url, f"DROP USER '{account}'@'%'")
+        (after,) = [c for c in run_checks(config) if c[0] == "store"]
+    finally:
+        _sql_url(db_url, f"DROP USER IF EXISTS '{account}'@'%'")
+    assert not after[1]
+    assert f"{account}@%" in after[2]
+    assert "every write to users" in after[2]
+
+
+def _sql_url(url: str, statement: str) -> None:
+    """Run one statement on a connection of its own to ``url``."""
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(statement))
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
+def test_check_names_a_change_trigger_dropped_or_disabled(
+    accounts: Accounts, engine: Engine, db_url: str, backend: str, tmp_path: Path
+) -> None:
+    """A change trigger dropped (a restore that left it out) or, on PostgreSQL, disabled
+    (``ALTER TABLE … DISABLE TRIGGER``, left so by an interrupted ``pg_restore
+    --disable-triggers``) fails ``provisioner check``'s store line, naming it: edits
+    through that table would reach the daemon only at its next full reconcile."""
+    from provisioner.checks import run_checks
+
+    config = load_config(
+        env={},
+        overrides={
+            "store": {"url": db_url},
+            "target": {"path": str(tmp_path / "pjsip.conf")},
+            "daemon": {"state_dir": str(tmp_path / "state")},
+        },
+    )
+    (before,) = [c for c in run_checks(config) if c[0] == "store"]
+    assert before[1], before
+    if backend == "postgresql":
+        _sql(engine, "ALTER TABLE users DISABLE TRIGGER trg_users_change")
+        gone = "trg_users_change (disabled)"
+    else:
+        _sql(engine, "DROP TRIGGER trg_user_attributes_update")
+        gone = "trg_user_attributes_update (missing)"
+    (after,) = [c for c in run_checks(config) if c[0] == "store"]
+    assert not after[1]
+    assert gone in after[2]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_applied_changes_are_pruned_without_a_full_reconcile(
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no periodic full reconcile (``reconcile_interval = 0``) the change table still
+    shrinks: once enough changes were applied incrementally, they are pruned (all but the
+    newest row)."""
+    monkeypatch.setattr(daemon_module, "PRUNE_EVERY", 5)
+    uid = _add(accounts, "alice")
+    daemon = _daemon(engine, db_url, tmp_path)
+    for n in range(12):
+        _sql(engine, "UPDATE users SET context = :c WHERE id = :i", c=f"c{n}", i=uid)
+    try:
+        asyncio.run(daemon._run(daemon._incremental))
+        assert "context=c11" in Path(daemon.config.target.path).read_text(encoding="utf-8")
+        with engine.connect() as conn:
+            left = conn.execute(select(func.count()).select_from(changes)).scalar_one()
+        assert left == 1
     finally:
         daemon.engine.dispose()

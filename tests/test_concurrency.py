@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select, update
 
 from bench.common import seed_store
@@ -109,3 +110,104 @@ def test_an_open_read_never_makes_a_sqlite_writer_wait(tmp_path: Path) -> None:
     finally:
         engine.dispose()
     assert (before, during, after) == (1, people[0].full_name, "Renamed")
+
+
+def test_two_realtime_writers_at_once_are_serialised(db_url: str) -> None:
+    """Two writers of the realtime rows at once (the daemon and ``sync --once``, each its
+    own connection), the second having read the tables before the first wrote, both end
+    without an error, and each row and ownership record is there exactly once."""
+    import threading
+
+    from provisioner.targets.asterisk_schema import (
+        provisioner_objects,
+        ps_aors,
+        ps_auths,
+        ps_endpoints,
+    )
+    from provisioner.targets.realtime import RealtimeTarget
+
+    from .test_realtime import make_user, render
+
+    objects = render(*(make_user(str(1000 + i)) for i in range(20)))
+    first, second = open_engine(db_url), open_engine(db_url, busy_timeout=30)
+    RealtimeTarget(first).create_tables()
+    second_read, first_done = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def second_writer() -> None:
+        def guard(_change: object) -> None:
+            second_read.set()
+            first_done.wait(10)  # write only once the first has committed
+
+        try:
+            RealtimeTarget(second).apply(objects, guard=guard)
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    thread = threading.Thread(target=second_writer)
+
+    def first_guard(_change: object) -> None:
+        thread.start()
+        second_read.wait(3)  # the second reads first, unless it must wait for this one
+
+    try:
+        RealtimeTarget(first).apply(objects, guard=first_guard)
+        first_done.set()
+        thread.join(30)
+        assert errors == []
+        with first.connect() as conn:
+            for table in (ps_endpoints, ps_auths, ps_aors):
+                count = conn.execute(select(func.count()).select_from(table)).scalar_one()
+                assert count == len(objects), table.name
+            owned = conn.execute(select(func.count()).select_from(provisioner_objects))
+            assert owned.scalar_one() == 3 * len(objects)
+    finally:
+        first_done.set()
+        first.dispose()
+        second.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"], indirect=True)
+def test_a_realtime_writer_held_up_too_long_by_another_is_refused_saying_why(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A realtime writer that waits longer than the bound for another writer's lock (a
+    ``sync --once`` suspended in its transaction) gives up with a store error naming the
+    other writer, and has written nothing."""
+    import threading
+
+    from provisioner.errors import StoreUnavailable
+    from provisioner.store import engine as engine_module
+    from provisioner.store.engine import exclusive
+    from provisioner.targets.asterisk_schema import ps_endpoints
+    from provisioner.targets.realtime import WRITER_LOCK, RealtimeTarget
+
+    from .test_realtime import make_user, render
+
+    monkeypatch.setattr(engine_module, "EXCLUSIVE_WAIT", 1)
+    holder_engine, writer_engine = open_engine(db_url), open_engine(db_url)
+    RealtimeTarget(holder_engine).create_tables()
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            RealtimeTarget(writer_engine).apply(render(make_user("1001")))
+        except BaseException as exc:  # reported by the assertions below
+            errors.append(exc)
+
+    thread = threading.Thread(target=writer)
+    try:
+        with holder_engine.connect() as holder, exclusive(holder, WRITER_LOCK):
+            thread.start()
+            thread.join(20)
+            still_waiting = thread.is_alive()
+        thread.join(20)
+        assert not still_waiting, "the writer still waits for the other one"
+        (error,) = errors
+        assert isinstance(error, StoreUnavailable)
+        assert "another writer" in str(error)
+        with holder_engine.connect() as conn:
+            assert not conn.execute(select(func.count()).select_from(ps_endpoints)).scalar_one()
+    finally:
+        holder_engine.dispose()
+        writer_engine.dispose()

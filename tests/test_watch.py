@@ -119,6 +119,43 @@ def test_sqlite_wakeups_follow_a_store_reached_through_a_symbolic_link(tmp_path:
         engine.dispose()
 
 
+def test_sqlite_wakeups_follow_a_symbolic_link_pointed_at_another_store(tmp_path: Path) -> None:
+    """A symbolic link naming the store, pointed at another database (``ln -sfn``: another
+    name, another directory), wakes the follower, and so does each later commit to the
+    database it names now."""
+    first, engine = _store(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    second = other / "restored.db"
+    second_engine = open_engine(f"sqlite:///{second}")
+    upgrade(second_engine)
+    link = tmp_path / "links" / "provisioner.db"
+    link.parent.mkdir()
+    link.symlink_to(first)
+
+    async def scenario(wake: asyncio.Event, _stop: asyncio.Event) -> None:
+        assert await _set_within(wake, 5), "no wake-up at start"
+        wake.clear()
+        await asyncio.sleep(1.2)  # past the follow-up reads of the start
+        (link.parent / "next.db").symlink_to(second)
+        os.replace(link.parent / "next.db", link)  # the operator's retarget
+        assert await _set_within(wake, 5), "no wake-up for the link pointed elsewhere"
+        wake.clear()
+        await asyncio.sleep(1.2)
+        await asyncio.to_thread(_add_profile, second_engine, "sales")
+        assert await _set_within(wake, 5), "no wake-up for a change to the new target"
+        wake.clear()
+        await asyncio.sleep(1.2)
+        await asyncio.to_thread(_add_profile, second_engine, "support")
+        assert await _set_within(wake, 5), "no wake-up for a later change to the new target"
+
+    try:
+        _follow(link, scenario)
+    finally:
+        engine.dispose()
+        second_engine.dispose()
+
+
 def _save_cursor(engine: Engine) -> None:
     with engine.begin() as conn:
         save_cursor(conn, 12345)

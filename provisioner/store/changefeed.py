@@ -8,7 +8,8 @@ a DBA in a SQL shell.  On PostgreSQL the trigger also sends
 A ``TRUNCATE`` (PostgreSQL only: MariaDB and MySQL have no trigger for it) notes entity
 ``all``: every user is re-rendered (migration 0008).  PostgreSQL's trigger functions
 run with their owner's rights (migration 0009), as MariaDB's triggers run with their
-definer's: a writer needs no rights on ``changes``.
+definer's: a writer needs no rights on ``changes``.  They fire in every
+``session_replication_role``, ``replica`` included (migration 0010).
 
 An update that changes a row's key (``UPDATE users SET id = 99 WHERE id = 5``, an
 attribute moved to another user, a profile renumbered) notes the old id as well as
@@ -30,9 +31,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import ColumnElement, Connection, delete, func, or_, select
+from sqlalchemy import ColumnElement, Connection, column, delete, func, or_, select, tuple_
+from sqlalchemy import table as table_clause
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.exc import DBAPIError
 
 from .schema import changes
 from .state import load_state, put_state
@@ -41,13 +44,16 @@ __all__ = [
     "NOTIFY_CHANNEL",
     "ChangeRow",
     "CursorTracker",
+    "always_ddl",
     "definer_ddl",
+    "drop_always_ddl",
     "drop_definer_ddl",
     "drop_old_key_ddl",
     "drop_replaced_ddl",
     "drop_trigger_ddl",
     "drop_truncate_ddl",
     "load_cursor",
+    "missing_definers",
     "newest_change_id",
     "old_key_ddl",
     "read_change_ids",
@@ -56,6 +62,7 @@ __all__ = [
     "replaced_ddl",
     "save_cursor",
     "trigger_ddl",
+    "trigger_problems",
     "truncate_ddl",
 ]
 
@@ -249,6 +256,34 @@ def drop_definer_ddl(dialect: str) -> list[str]:
     return ["ALTER FUNCTION provisioner_note_change() SECURITY INVOKER RESET search_path"]
 
 
+def always_ddl(dialect: str) -> list[str]:
+    """The statements that make PostgreSQL's change and TRUNCATE triggers fire in every
+    ``session_replication_role`` (migration 0010): a trigger left at ``ENABLE`` is skipped
+    in a session set to ``replica`` (a logical replication subscriber's apply worker, a
+    bulk load that skips foreign-key checks), and such writes were seen only at the next
+    full reconcile.  ``ALTER TABLE … DISABLE TRIGGER`` still silences them; none on other
+    databases (MariaDB and MySQL have no such role)."""
+    if _known(dialect) != postgresql.dialect.name:
+        return []
+    return [
+        f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER trg_{table}_{kind}"
+        for table, _, _ in _WATCHED
+        for kind in ("change", "truncate")
+    ]
+
+
+def drop_always_ddl(dialect: str) -> list[str]:
+    """The statements that undo :func:`always_ddl` (the triggers fire in origin and local
+    sessions only, PostgreSQL's default)."""
+    if _known(dialect) != postgresql.dialect.name:
+        return []
+    return [
+        f"ALTER TABLE {table} ENABLE TRIGGER trg_{table}_{kind}"
+        for table, _, _ in _WATCHED
+        for kind in ("change", "truncate")
+    ]
+
+
 def _pg_triggers(function: str) -> list[str]:
     out = [function]
     for table, entity, col in _WATCHED:
@@ -324,6 +359,103 @@ def drop_trigger_ddl(dialect: str) -> list[str]:
         for t, _, _ in _WATCHED
         for event, _ in _OPS
     ] + drop_old_key_ddl(dialect)
+
+
+_TRIGGERS = table_clause(
+    "TRIGGERS",
+    column("TRIGGER_NAME"),
+    column("TRIGGER_SCHEMA"),
+    column("EVENT_OBJECT_TABLE"),
+    column("DEFINER"),
+    schema="information_schema",
+)
+_ACCOUNTS = table_clause("user", column("User"), column("Host"), schema="mysql")
+
+
+def missing_definers(conn: Connection) -> list[str] | None:
+    """MariaDB/MySQL: the definers (``user@host``) of the triggers on the watched tables
+    that are no longer an account, sorted.  Such a trigger fails the statement that fires
+    it ("The user specified as a definer does not exist"), so every write to a user, an
+    attribute or a profile is refused until the account is made again or the triggers
+    are re-created by an existing one (a trigger cannot run as its invoker).
+
+    ``[]``: every definer exists.  None: it cannot be told (another database; triggers
+    hidden from an account without the TRIGGER privilege; ``mysql.user`` not readable).
+    Read-only: a write would tell only by failing, and one rolled back still leaves the
+    change ids it took as a gap the daemon waits on."""
+    if not _is_mysql(conn.dialect.name):
+        return None
+    watched = [name for name, _, _ in _WATCHED]
+    query = select(_TRIGGERS.c.DEFINER).where(
+        func.database() == _TRIGGERS.c.TRIGGER_SCHEMA,
+        _TRIGGERS.c.EVENT_OBJECT_TABLE.in_(watched),
+    )
+    definers = {str(d) for d in conn.execute(query.distinct()).scalars()}
+    accounts = {tuple(d.rsplit("@", 1)) for d in definers if "@" in d}
+    if not accounts:
+        return None
+    try:
+        found = conn.execute(
+            select(_ACCOUNTS.c.User, _ACCOUNTS.c.Host).where(
+                tuple_(_ACCOUNTS.c.User, _ACCOUNTS.c.Host).in_(sorted(accounts))
+            )
+        ).all()
+    except DBAPIError:
+        return None  # no right to read the accounts: the caller says it could not tell
+    existing = {f"{user}@{host}" for user, host in found}
+    return sorted(d for d in definers if "@" in d and d not in existing)
+
+
+def _trigger_names(dialect: str) -> list[str]:
+    """The names of the change feed's triggers on ``dialect`` at the newest migration."""
+    if _known(dialect) == postgresql.dialect.name:
+        return [f"trg_{t}_{kind}" for t, _, _ in _WATCHED for kind in ("change", "truncate")]
+    names = [f"trg_{t}_{event.lower()}" for t, _, _ in _WATCHED for event, _ in _OPS]
+    names += [f"trg_{t}_key_change" for t, _, _ in _WATCHED]
+    if dialect == sqlite_dialect.dialect.name:
+        names += [f"trg_users_replace_{e}" for e in ("insert", "update")]
+    return names
+
+
+_SQLITE_MASTER = table_clause("sqlite_master", column("type"), column("name"))
+_PG_TRIGGER = table_clause(
+    "pg_trigger", column("tgname"), column("tgenabled"), column("tgrelid"), schema="pg_catalog"
+)
+#: pg_trigger.tgenabled of a trigger that does not fire in ordinary sessions: disabled,
+#: or firing only in replica ones.
+_PG_SILENT = ("D", "R")
+
+
+def trigger_problems(conn: Connection) -> list[str] | None:
+    """The change feed's triggers that are missing (``"<name> (missing)"``) or, on
+    PostgreSQL, disabled (``"<name> (disabled)"``), in the store ``conn`` reads: writes
+    through them are not noted, so they reach the daemon only at its next full reconcile.
+
+    ``[]``: all there.  None: it cannot be told (MariaDB/MySQL show an account without
+    the TRIGGER privilege no trigger at all)."""
+    dialect = conn.dialect.name
+    expected = _trigger_names(dialect)
+    if dialect == postgresql.dialect.name:
+        found = dict(
+            conn.execute(
+                select(_PG_TRIGGER.c.tgname, _PG_TRIGGER.c.tgenabled).where(
+                    _PG_TRIGGER.c.tgname.in_(expected),
+                    func.pg_table_is_visible(_PG_TRIGGER.c.tgrelid),
+                )
+            ).all()
+        )
+        silent = [f"{name} (disabled)" for name in expected if found.get(name) in _PG_SILENT]
+        return [f"{name} (missing)" for name in expected if name not in found] + silent
+    if _is_mysql(dialect):
+        query = select(_TRIGGERS.c.TRIGGER_NAME).where(
+            func.database() == _TRIGGERS.c.TRIGGER_SCHEMA
+        )
+    else:
+        query = select(_SQLITE_MASTER.c.name).where(_SQLITE_MASTER.c.type == "trigger")
+    there = set(conn.execute(query).scalars())
+    if not there and _is_mysql(dialect):
+        return None
+    return [f"{name} (missing)" for name in expected if name not in there]
 
 
 @dataclass(frozen=True)

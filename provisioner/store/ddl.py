@@ -12,7 +12,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.schema import CreateTable
 
-from .changefeed import definer_ddl, replaced_ddl, trigger_ddl, truncate_ddl
+from .changefeed import always_ddl, definer_ddl, replaced_ddl, trigger_ddl, truncate_ddl
 from .migrate import head_revision
 from .schema import metadata
 
@@ -41,7 +41,13 @@ def store_ddl(dialect: str) -> str:
     for table in metadata.sorted_tables:
         parts.append(str(CreateTable(table).compile(dialect=d)).strip() + ";\n")
     parts.append("-- The change feed: every change to a user reaches the daemon.\n")
-    feed = trigger_ddl(d.name) + replaced_ddl(d.name) + truncate_ddl(d.name) + definer_ddl(d.name)
+    feed = [
+        *trigger_ddl(d.name),
+        *replaced_ddl(d.name),
+        *truncate_ddl(d.name),
+        *definer_ddl(d.name),
+        *always_ddl(d.name),
+    ]
     parts.extend(statement + ";\n" for statement in feed)
     parts.append(str(CreateTable(_version).compile(dialect=d)).strip() + ";\n")
     parts.append(f"INSERT INTO alembic_version (version_num) VALUES ('{head_revision()}');\n")

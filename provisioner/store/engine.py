@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Callable, Mapping
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InvalidatePoolError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -22,6 +24,7 @@ __all__ = [
     "PG_KEEPALIVE",
     "STORE_DOWN",
     "driver_error",
+    "exclusive",
     "file_identity",
     "is_conflict",
     "open_engine",
@@ -209,3 +212,87 @@ def transaction(
             # Apart again, at random: the two writers must not meet the same way twice.
             time.sleep(random.uniform(0.0, 0.005 * 2**attempt))  # noqa: S311 (not crypto)
     raise AssertionError("unreachable")  # the loop returns or raises
+
+
+#: Seconds a writer waits for :func:`exclusive`'s lock before giving up with
+#: :class:`StoreUnavailable` (the daemon retries; the command line exits 7): a writer
+#: stuck in its transaction (a suspended ``sync --once``) must not hold the others for
+#: ever.  A full sync of 100k users takes a few seconds.
+EXCLUSIVE_WAIT = 120
+
+
+@contextmanager
+def exclusive(conn: Connection, name: str) -> Iterator[None]:
+    """One transaction on ``conn`` (committed at the end of the ``with``, rolled back on
+    an error) holding the lock ``name`` of this database from its start until it has
+    ended: two writers taking it run one after the other, the second reading what the
+    first committed.  Waiting is logged (``store.writer_waits``).
+
+    A writer that waits longer than :data:`EXCLUSIVE_WAIT` gives up with
+    :class:`StoreUnavailable` naming the lock, having written nothing.
+
+    PostgreSQL: a transaction-level advisory lock (the commit releases it).
+    MariaDB/MySQL: ``GET_LOCK`` (named after the database: the name is the server's) is
+    the session's, released once the transaction is over; a connection that cannot
+    release it is invalidated, so its session, and the lock, end.  SQLite: no lock, its
+    writes already begin ``IMMEDIATE`` and queue on the file's lock.
+    """
+    dialect = conn.dialect.name
+    if dialect not in ("mysql", "mariadb"):
+        with conn.begin():
+            if dialect == "postgresql":
+                _pg_lock(conn, name)
+            yield
+        return
+    lock = func.concat(name[:24], ":", func.md5(func.database()))  # at most 64 characters
+    try:
+        with conn.begin():
+            _mysql_lock(conn, name, lock)
+            yield
+    finally:
+        _release(conn, lock)
+
+
+#: PostgreSQL's SQLSTATE for a lock not granted within ``lock_timeout``.
+_PG_LOCK_TIMEOUT = "55P03"
+
+
+def _pg_lock(conn: Connection, name: str) -> None:
+    key = zlib.crc32(name.encode())  # a fixed key per name, the same in every process
+    if conn.execute(select(func.pg_try_advisory_xact_lock(key))).scalar():
+        return
+    log.warning("store.writer_waits", lock=name)
+    # The wait bounded like MariaDB's, for this statement only: the transaction's other
+    # statements keep the session's lock_timeout.
+    before = conn.execute(select(func.current_setting("lock_timeout"))).scalar_one()
+    conn.execute(select(func.set_config("lock_timeout", f"{EXCLUSIVE_WAIT * 1000}", True)))
+    try:
+        conn.execute(select(func.pg_advisory_xact_lock(key)))
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) == _PG_LOCK_TIMEOUT:
+            raise _held_too_long(name) from None
+        raise
+    conn.execute(select(func.set_config("lock_timeout", before, True)))
+
+
+def _held_too_long(name: str) -> StoreUnavailable:
+    return StoreUnavailable(
+        f"another writer held the lock {name!r} for {EXCLUSIVE_WAIT} s: nothing written"
+    )
+
+
+def _mysql_lock(conn: Connection, name: str, lock: Any) -> None:
+    if conn.execute(select(func.get_lock(lock, 0))).scalar():
+        return
+    log.warning("store.writer_waits", lock=name)
+    if not conn.execute(select(func.get_lock(lock, EXCLUSIVE_WAIT))).scalar():
+        raise _held_too_long(name)
+
+
+def _release(conn: Connection, lock: Any) -> None:
+    """Release a MariaDB/MySQL ``GET_LOCK`` of ``conn``'s session (not held: nothing)."""
+    try:
+        conn.execute(select(func.release_lock(lock)))
+        conn.rollback()  # the transaction the statement began
+    except DBAPIError:
+        conn.invalidate()  # the session ends, and the lock with it

@@ -93,7 +93,7 @@ from ..store.bulk import (
     prepare,
     run_many,
 )
-from ..store.engine import open_engine, reading
+from ..store.engine import exclusive, open_engine, reading
 from . import Change
 from .asterisk_schema import OWNED_KINDS, add_missing_columns, metadata, provisioner_objects
 
@@ -105,6 +105,10 @@ if TYPE_CHECKING:
 __all__ = ["MAPPED_COLUMNS", "REDACTED_COLUMNS", "SQLITE_DEFAULTS", "RealtimeTarget"]
 
 log = get_logger(__name__)
+
+#: The lock (:func:`~provisioner.store.engine.exclusive`) every writer of the realtime
+#: rows holds for its transaction.
+WRITER_LOCK = "provisioner_realtime"
 
 Value = str | int | float | None
 Row = tuple[Value, ...]
@@ -448,8 +452,11 @@ class RealtimeTarget:
         ownership table's ``digest`` column where an older provisioner made it without one;
         never drops anything."""
         with self.engine.begin() as conn:
-            metadata.create_all(conn, checkfirst=True)
-            add_missing_columns(conn)
+            self._create_tables(conn)
+
+    def _create_tables(self, conn: Connection) -> None:
+        metadata.create_all(conn, checkfirst=True)
+        add_missing_columns(conn)
         self._has_digest = True  # there now: no need to look at the columns again
         self._tables_ready = True
 
@@ -502,9 +509,12 @@ class RealtimeTarget:
         *,
         verify: bool,
     ) -> Change:
-        if not self._tables_ready:
-            self.create_tables()
-        with self.engine.begin() as conn:
+        # One writer at a time (the daemon and `sync --once`, two daemons by mistake): the
+        # second reads what the first committed, instead of inserting the same rows again
+        # and failing on a duplicate key, or a deadlock.
+        with self.engine.connect() as conn, exclusive(conn, WRITER_LOCK):
+            if not self._tables_ready:
+                self._create_tables(conn)
             computed = self._compute(conn, objects, keep, scope, verify=verify)
             if guard is not None:
                 guard(computed.change)

@@ -164,9 +164,21 @@ CREATE TRIGGER trg_profiles_truncate AFTER TRUNCATE ON profiles FOR EACH STATEME
 
 ALTER FUNCTION provisioner_note_change() SECURITY DEFINER SET search_path FROM CURRENT;
 
+ALTER TABLE users ENABLE ALWAYS TRIGGER trg_users_change;
+
+ALTER TABLE users ENABLE ALWAYS TRIGGER trg_users_truncate;
+
+ALTER TABLE user_attributes ENABLE ALWAYS TRIGGER trg_user_attributes_change;
+
+ALTER TABLE user_attributes ENABLE ALWAYS TRIGGER trg_user_attributes_truncate;
+
+ALTER TABLE profiles ENABLE ALWAYS TRIGGER trg_profiles_change;
+
+ALTER TABLE profiles ENABLE ALWAYS TRIGGER trg_profiles_truncate;
+
 CREATE TABLE alembic_version (
 	version_num VARCHAR(32) NOT NULL, 
 	PRIMARY KEY (version_num)
 );
 
-INSERT INTO alembic_version (version_num) VALUES ('0009');
+INSERT INTO alembic_version (version_num) VALUES ('0010');
