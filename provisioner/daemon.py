@@ -394,19 +394,33 @@ class Daemon:
         The work runs as a task: a signal starts the shutdown at once, and the apply in
         progress gets ``shutdown_timeout`` like every other task, then is cancelled, so
         an apply stuck on the store (a lock never granted, a server gone silent) cannot
-        keep the daemon from exiting."""
+        keep the daemon from exiting.  The work raising an error of its own (``run
+        --burst``: a refused mass removal, the store unavailable) raises it; an
+        unexpected one (a bug) is a failed task (:meth:`_work_ended`)."""
         self.install_signal_handlers()
         work = asyncio.create_task(self._serve(burst))
+        work.add_done_callback(self._work_ended)
         try:
             await wait_task_or_event(work, self.stop)
         finally:
             await self.shutdown(work)
-        first = None if work.cancelled() else work.result()
+        error = None if work.cancelled() else work.exception()
+        if error is not None and error is not self._failure:
+            raise error
         if self._failure is not None:
             raise ServiceFailed(
                 f"stopped: a task failed ({_describe(self._failure)})"
             ) from self._failure
-        return first
+        return None if work.cancelled() else work.result()
+
+    def _work_ended(self, work: asyncio.Future[Applied | None]) -> None:
+        """The startup and main loop ended with an unexpected error (neither one of ours
+        nor a store or disk failure, which :meth:`serve` raises as they are): a failed
+        task, as :meth:`_task_ended` has it (logged, exit code 10, the untold marker
+        kept), not a bare traceback and exit 1."""
+        if work.cancelled() or isinstance(work.exception(), (ProvisionerError, *_RETRYABLE)):
+            return
+        self._task_ended(work)
 
     async def _serve(self, burst: bool) -> Applied | None:
         first = await self.startup(burst=burst)
@@ -975,7 +989,7 @@ class Daemon:
         task.add_done_callback(self._task_ended)
         self._tasks.append(task)
 
-    def _task_ended(self, task: asyncio.Future[None]) -> None:
+    def _task_ended(self, task: asyncio.Future[Any]) -> None:
         """A task that ends with an error stops the daemon (logged at once, as
         ``daemon.task_failed``): one running on without its AMI side or a wake-up
         source would look healthy and do half its job, where an exit has systemd

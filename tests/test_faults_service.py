@@ -18,6 +18,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Connection, Engine, text
@@ -435,3 +436,51 @@ def test_sighup_is_announced_as_a_reload_to_systemd(tmp_path: Path) -> None:
     finally:
         daemon.kill()
         notify.close()
+
+
+class _TargetBrokenAfterStart:
+    """A target whose applies after the first raise an unexpected error (a bug)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.applies = 0
+
+    def plan(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.plan(*args, **kwargs)
+
+    def apply(self, *args: Any, **kwargs: Any) -> Any:
+        self.applies += 1
+        if self.applies > 1:
+            raise RuntimeError("target bug")
+        return self.inner.apply(*args, **kwargs)
+
+
+def test_an_unexpected_error_in_the_main_loop_stops_the_daemon_with_exit_code_10(
+    tmp_path: Path,
+) -> None:
+    """An apply of the main loop that dies of an unexpected error is logged
+    (daemon.task_failed) and stops the daemon with ServiceFailed (exit code 10), as a
+    failed task does, not with the bare error (exit 1 and a traceback)."""
+    import asyncio
+
+    from structlog.testing import capture_logs
+
+    from provisioner.daemon import WakeSource
+    from provisioner.errors import ServiceFailed
+
+    from .helpers import local_daemon
+
+    daemon = local_daemon(tmp_path)
+    daemon.applier.target = _TargetBrokenAfterStart(daemon.applier.target)  # type: ignore[assignment]
+
+    async def templates_edited(wake: asyncio.Event, stop: asyncio.Event) -> None:
+        daemon.templates_changed.set()  # a full reconcile: its apply fails
+        await stop.wait()
+
+    daemon.wake_sources = [WakeSource(templates_edited)]
+    with capture_logs() as logs, pytest.raises(ServiceFailed, match="target bug") as caught:
+        asyncio.run(asyncio.wait_for(daemon.serve(), 10))
+    assert caught.value.exit_code == 10
+    [failed] = [e for e in logs if e["event"] == "daemon.task_failed"]
+    assert failed["error"] == "RuntimeError: target bug"
+    assert any(e["event"] == "daemon.stopped" for e in logs)
