@@ -110,6 +110,10 @@ class WakeSource:
 class Pbx(Protocol):
     """What the daemon needs from the Asterisk side (see :mod:`provisioner.ami`)."""
 
+    #: Seconds a store write of the AMI side may run before it counts as stuck
+    #: (``daemon.stuck_after``, which a SIGHUP may change; 0: never).
+    stuck_after: float
+
     async def run(self, stop: asyncio.Event) -> None:
         """Keep the connections up until ``stop`` is set."""
         ...
@@ -134,6 +138,11 @@ class Pbx(Protocol):
 
     def idle(self) -> bool:
         """Whether every server was sent all it is owed (nothing waits, runs or retries)."""
+        ...
+
+    def writes_stuck(self) -> bool:
+        """Whether a store write (registration state, a note of what is owed) has run
+        past :attr:`stuck_after`."""
         ...
 
     def told_all(self) -> bool:
@@ -310,6 +319,8 @@ class Daemon:
     #: :meth:`_apply_stuck`), and the timer that says so.
     _stuck: bool = False
     _stuck_due: asyncio.TimerHandle | None = None
+    #: A store write of the AMI side was found stuck when the watchdog last looked.
+    _writes_stuck: bool = False
     #: The first error a task ended with (see :meth:`_task_ended`).
     _failure: BaseException | None = None
     metrics: Metrics = field(default_factory=Metrics)
@@ -927,6 +938,8 @@ class Daemon:
         self.tracker.grace = config.daemon.cursor_grace
         self.applier.settings = RenderSettings.from_config(config)
         self.applier.max_removal_fraction = config.daemon.max_removal_fraction
+        if self.pbx is not None:
+            self.pbx.stuck_after = config.daemon.stuck_after
         _reread_templates(self.applier.target)
         self.templates_changed.set()
         log.info("config.reloaded", file=config.source)  # ``source`` is the logger's name
@@ -965,11 +978,30 @@ class Daemon:
 
     async def _watchdog(self, interval: float) -> None:
         """Feed systemd's watchdog every ``interval`` seconds, from the event loop itself
-        (a blocked loop starves it), unless an apply is stuck (:meth:`_apply_stuck`)."""
+        (a blocked loop starves it), unless an apply is stuck (:meth:`_apply_stuck`) or
+        a store write of the AMI side is (:meth:`_ami_writes_stuck`)."""
         while not self.stop.is_set():
-            if not self._stuck:
+            writes_stuck = self._ami_writes_stuck()
+            if not (self._stuck or writes_stuck):
                 self.notifier.watchdog()
             await sleep_unless(self.stop, interval)
+
+    def _ami_writes_stuck(self) -> bool:
+        """Whether a store write of the AMI side (registration state, a note of what is
+        owed) has run past ``daemon.stuck_after``: a lock never granted stops the phones'
+        state from flowing as surely as a stuck apply stops edits.  A change either way
+        is told to systemd's status and written to the health record at once (the
+        record's per-server ``write_stuck_since``; the heartbeat writes it too)."""
+        stuck = self.pbx is not None and self.pbx.writes_stuck()
+        if stuck != self._writes_stuck:
+            self._writes_stuck = stuck
+            after = self.config.daemon.stuck_after
+            if stuck:
+                self.notifier.status(f"registration write stuck for more than {after:g} s")
+            elif not self._stuck:
+                self.notifier.status("provisioning")
+            self._write_health_soon()
+        return stuck
 
     async def _heartbeat(self) -> None:
         # Keeps the health record fresh while idle, with the AMI connections' state.
