@@ -131,7 +131,10 @@ def write_health(state_dir: Path, health: Health) -> bool:
 
 
 def _newer_daemon(state_dir: Path, health: Health) -> bool:
-    """Whether the record in ``state_dir`` is another process's, started after ``health``'s."""
+    """Whether the record in ``state_dir`` is another process's, started after ``health``'s,
+    and not its last: one that has stopped (e.g. a ``run --burst`` beside the service)
+    no longer speaks for the state directory; left in place, it would have ``check``
+    report the daemon still running as stopped, for ever."""
     try:
         there = read_health(state_dir)
     except HealthUnreadable:
@@ -139,7 +142,7 @@ def _newer_daemon(state_dir: Path, health: Health) -> bool:
     if there is None:
         return False
     mine = (there.host, there.pid, there.proc_start) == (health.host, health.pid, health.proc_start)
-    return not mine and there.started_at > health.started_at
+    return not mine and there.started_at > health.started_at and there.stopped_at is None
 
 
 #: The record's mode: the owner writes it, its group reads it.
