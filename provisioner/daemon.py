@@ -1159,6 +1159,10 @@ def _holds_db_error(exc: BaseException) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
+    """One line naming ``exc`` for the log and the exit's message; an exception group
+    (the AMI side runs its links in a task group) by the errors it holds."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(member) for member in exc.exceptions)
     if isinstance(exc, ProvisionerError):
         return exc.message
     if isinstance(exc, DBAPIError):
