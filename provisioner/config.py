@@ -560,9 +560,10 @@ class DaemonSettings(_Section):
     cursor_grace: float = Field(default=30.0, gt=0)
     #: SIGTERM: time to finish the apply in progress before tasks are cancelled.
     shutdown_timeout: float = Field(default=10.0, gt=0, le=600)
-    #: An apply (a reconcile, an edit's, with its cursor save) running longer than this
-    #: counts as stuck: the systemd watchdog is no longer fed (systemd restarts the
-    #: daemon) and the health record says so.  0: never.
+    #: An apply (a reconcile, an edit's, with its cursor save), or a registration write
+    #: of the AMI side, running longer than this counts as stuck: the systemd watchdog
+    #: is no longer fed (systemd restarts the daemon) and the health record says so.
+    #: 0: never.
     stuck_after: float = Field(default=300.0, ge=0)
     #: A sync removing more than this fraction of the provisioned users is refused.
     max_removal_fraction: float = Field(default=0.5, gt=0, le=1)

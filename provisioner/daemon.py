@@ -113,6 +113,10 @@ class WakeSource:
 class Pbx(Protocol):
     """What the daemon needs from the Asterisk side (see :mod:`provisioner.ami`)."""
 
+    #: Seconds a store write of the AMI side may run before it counts as stuck
+    #: (``daemon.stuck_after``, which a SIGHUP may change; 0: never).
+    stuck_after: float
+
     async def run(self, stop: asyncio.Event) -> None:
         """Keep the connections up until ``stop`` is set."""
         ...
@@ -137,6 +141,11 @@ class Pbx(Protocol):
 
     def idle(self) -> bool:
         """Whether every server was sent all it is owed (nothing waits, runs or retries)."""
+        ...
+
+    def writes_stuck(self) -> bool:
+        """Whether a store write (registration state, a note of what is owed) has run
+        past :attr:`stuck_after`."""
         ...
 
     def told_all(self) -> bool:
@@ -315,6 +324,8 @@ class Daemon:
     #: :meth:`_apply_stuck`), and the timer that says so.
     _stuck: bool = False
     _stuck_due: asyncio.TimerHandle | None = None
+    #: A store write of the AMI side was found stuck when the watchdog last looked.
+    _writes_stuck: bool = False
     #: The first error a task ended with (see :meth:`_task_ended`).
     _failure: BaseException | None = None
     metrics: Metrics = field(default_factory=Metrics)
@@ -399,19 +410,33 @@ class Daemon:
         The work runs as a task: a signal starts the shutdown at once, and the apply in
         progress gets ``shutdown_timeout`` like every other task, then is cancelled, so
         an apply stuck on the store (a lock never granted, a server gone silent) cannot
-        keep the daemon from exiting."""
+        keep the daemon from exiting.  The work raising an error of its own (``run
+        --burst``: a refused mass removal, the store unavailable) raises it; an
+        unexpected one (a bug) is a failed task (:meth:`_work_ended`)."""
         self.install_signal_handlers()
         work = asyncio.create_task(self._serve(burst))
+        work.add_done_callback(self._work_ended)
         try:
             await wait_task_or_event(work, self.stop)
         finally:
             await self.shutdown(work)
-        first = None if work.cancelled() else work.result()
+        error = None if work.cancelled() else work.exception()
+        if error is not None and error is not self._failure:
+            raise error
         if self._failure is not None:
             raise ServiceFailed(
                 f"stopped: a task failed ({_describe(self._failure)})"
             ) from self._failure
-        return first
+        return None if work.cancelled() else work.result()
+
+    def _work_ended(self, work: asyncio.Future[Applied | None]) -> None:
+        """The startup and main loop ended with an unexpected error (neither one of ours
+        nor a store or disk failure, which :meth:`serve` raises as they are): a failed
+        task, as :meth:`_task_ended` has it (logged, exit code 10, the untold marker
+        kept), not a bare traceback and exit 1."""
+        if work.cancelled() or isinstance(work.exception(), (ProvisionerError, *_RETRYABLE)):
+            return
+        self._task_ended(work)
 
     async def _serve(self, burst: bool) -> Applied | None:
         first = await self.startup(burst=burst)
@@ -919,6 +944,8 @@ class Daemon:
         self.tracker.grace = config.daemon.cursor_grace
         self.applier.settings = RenderSettings.from_config(config)
         self.applier.max_removal_fraction = config.daemon.max_removal_fraction
+        if self.pbx is not None:
+            self.pbx.stuck_after = config.daemon.stuck_after
         _reread_templates(self.applier.target)
         self.templates_changed.set()
         log.info("config.reloaded", file=config.source)  # ``source`` is the logger's name
@@ -957,11 +984,30 @@ class Daemon:
 
     async def _watchdog(self, interval: float) -> None:
         """Feed systemd's watchdog every ``interval`` seconds, from the event loop itself
-        (a blocked loop starves it), unless an apply is stuck (:meth:`_apply_stuck`)."""
+        (a blocked loop starves it), unless an apply is stuck (:meth:`_apply_stuck`) or
+        a store write of the AMI side is (:meth:`_ami_writes_stuck`)."""
         while not self.stop.is_set():
-            if not self._stuck:
+            writes_stuck = self._ami_writes_stuck()
+            if not (self._stuck or writes_stuck):
                 self.notifier.watchdog()
             await sleep_unless(self.stop, interval)
+
+    def _ami_writes_stuck(self) -> bool:
+        """Whether a store write of the AMI side (registration state, a note of what is
+        owed) has run past ``daemon.stuck_after``: a lock never granted stops the phones'
+        state from flowing as surely as a stuck apply stops edits.  A change either way
+        is told to systemd's status and written to the health record at once (the
+        record's per-server ``write_stuck_since``; the heartbeat writes it too)."""
+        stuck = self.pbx is not None and self.pbx.writes_stuck()
+        if stuck != self._writes_stuck:
+            self._writes_stuck = stuck
+            after = self.config.daemon.stuck_after
+            if stuck:
+                self.notifier.status(f"registration write stuck for more than {after:g} s")
+            elif not self._stuck:
+                self.notifier.status("provisioning")
+            self._write_health_soon()
+        return stuck
 
     async def _heartbeat(self) -> None:
         # Keeps the health record fresh while idle, with the AMI connections' state.
@@ -981,7 +1027,7 @@ class Daemon:
         task.add_done_callback(self._task_ended)
         self._tasks.append(task)
 
-    def _task_ended(self, task: asyncio.Future[None]) -> None:
+    def _task_ended(self, task: asyncio.Future[Any]) -> None:
         """A task that ends with an error stops the daemon (logged at once, as
         ``daemon.task_failed``): one running on without its AMI side or a wake-up
         source would look healthy and do half its job, where an exit has systemd
@@ -1119,6 +1165,10 @@ def _holds_db_error(exc: BaseException) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
+    """One line naming ``exc`` for the log and the exit's message; an exception group
+    (the AMI side runs its links in a task group) by the errors it holds."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(member) for member in exc.exceptions)
     if isinstance(exc, ProvisionerError):
         return exc.message
     if isinstance(exc, DBAPIError):

@@ -79,6 +79,12 @@ class Health:
                     f"{server}: the store refused the last {failures} registration writes"
                     " (phones' state is kept and retried)"
                 )
+            since = state.get("write_stuck_since")
+            if since is not None:
+                out.append(
+                    f"{server}: a registration write has run for {now - since:.0f} s"
+                    " (longer than daemon.stuck_after): stuck on a store lock?"
+                )
         return out
 
 
@@ -125,7 +131,10 @@ def write_health(state_dir: Path, health: Health) -> bool:
 
 
 def _newer_daemon(state_dir: Path, health: Health) -> bool:
-    """Whether the record in ``state_dir`` is another process's, started after ``health``'s."""
+    """Whether the record in ``state_dir`` is another process's, started after ``health``'s,
+    and not its last: one that has stopped (e.g. a ``run --burst`` beside the service)
+    no longer speaks for the state directory; left in place, it would have ``check``
+    report the daemon still running as stopped, for ever."""
     try:
         there = read_health(state_dir)
     except HealthUnreadable:
@@ -133,7 +142,7 @@ def _newer_daemon(state_dir: Path, health: Health) -> bool:
     if there is None:
         return False
     mine = (there.host, there.pid, there.proc_start) == (health.host, health.pid, health.proc_start)
-    return not mine and there.started_at > health.started_at
+    return not mine and there.started_at > health.started_at and there.stopped_at is None
 
 
 #: The record's mode: the owner writes it, its group reads it.
@@ -207,11 +216,17 @@ def read_health(state_dir: Path) -> Health | None:
 
 def _check_server(server: str, state: object) -> None:
     """Raise :class:`HealthUnreadable` unless ``state`` is a server's object whose
-    ``store_failures`` (which :meth:`Health.problems` counts), if any, is a number."""
+    ``store_failures`` and ``write_stuck_since`` (which :meth:`Health.problems` reads),
+    if any, are a number (the latter may be null)."""
     if not isinstance(state, dict):
         raise HealthUnreadable("asterisk holds a server that is not an object")
     failures = state.get("store_failures", 0)
     if isinstance(failures, bool) or not isinstance(failures, int):
         raise HealthUnreadable(
             f"asterisk.{server}.store_failures is a JSON {type(failures).__name__}"
+        )
+    since = state.get("write_stuck_since")
+    if isinstance(since, bool) or not isinstance(since, int | float | None):
+        raise HealthUnreadable(
+            f"asterisk.{server}.write_stuck_since is a JSON {type(since).__name__}"
         )

@@ -1679,6 +1679,43 @@ def test_a_stop_before_the_last_runs_notes_were_read_adds_to_them(
     assert notes.get(changes_module.reload_owed_key("lab")) == "1"
 
 
+def test_removals_another_writer_noted_while_the_daemon_ran_survive_its_stop(
+    store: Engine,
+) -> None:
+    """Contact removals a ``sync --once`` noted while the AMI side ran (after it read
+    the last run's notes) are still in the store once its stop has rewritten its own
+    notes: the next run deletes those phones' contacts."""
+    from provisioner.store.engine import transaction
+
+    async def scenario() -> dict[str, str]:
+        peer = FakeAsterisk()
+        await peer.start()
+        pbx = AmiPbx([_link(peer)], store, "config")
+        link = pbx.links[0]
+        stop = asyncio.Event()
+        task = asyncio.create_task(pbx.run(stop))
+        try:
+            await eventually(lambda: link.client.connected and link.owed.resumed)
+            await asyncio.sleep(0.1)  # the change loop waits for a change
+            # As the CLI's ``sync --once`` notes them (cli._reconcile).
+            cli_change = Change(removed=("1000",), wrote=True)
+            await asyncio.to_thread(
+                transaction,
+                store,
+                lambda conn: changes_module.note_untold_removals(conn, ["lab"], cli_change),
+            )
+            pbx.applied(Change(removed=("100001",), wrote=True), target_kind="config")
+            stop.set()  # the change is taken at the stop: its notes are rewritten
+            await asyncio.wait_for(task, 10)
+        finally:
+            await peer.stop()
+        return _all_notes(store)
+
+    notes = run(scenario())
+    assert notes.get(changes_module.owed_removal_key("lab", "100001")) == "100001"
+    assert notes.get(changes_module.owed_removal_key("lab", "1000")) == "1000"
+
+
 def test_a_removal_while_its_endpoint_is_looked_up_deletes_the_contact(
     store: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

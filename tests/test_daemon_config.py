@@ -113,6 +113,33 @@ def test_a_task_that_fails_stops_the_daemon_with_an_error(tmp_path: Path) -> Non
     assert any(e["event"] == "daemon.stopped" for e in logs)
 
 
+def test_a_task_failing_inside_a_task_group_is_reported_by_its_own_error(tmp_path: Path) -> None:
+    """A task whose error comes wrapped in an exception group (the AMI side runs its
+    links in a task group) is reported, in daemon.task_failed and the exit's message,
+    by the error inside, not as "unhandled errors in a TaskGroup"."""
+    import pytest
+
+    from provisioner.daemon import WakeSource
+    from provisioner.errors import ServiceFailed
+
+    async def fails() -> None:
+        await asyncio.sleep(0.05)
+        raise RuntimeError("link bug")
+
+    async def grouped(wake: asyncio.Event, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(fails())
+            group.create_task(stop.wait())
+
+    daemon = local_daemon(tmp_path)
+    daemon.wake_sources = [WakeSource(grouped)]
+    with capture_logs() as logs, pytest.raises(ServiceFailed) as caught:
+        asyncio.run(asyncio.wait_for(daemon.serve(), 10))
+    assert caught.value.message == "stopped: a task failed (RuntimeError: link bug)"
+    [failed] = [e for e in logs if e["event"] == "daemon.task_failed"]
+    assert failed["error"] == "RuntimeError: link bug"
+
+
 def _config_file(tmp_path: Path, extra: str = "") -> Path:
     """A config file with the store and target under ``tmp_path``, then ``extra``."""
     path = tmp_path / "provisioner.toml"

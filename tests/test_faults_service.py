@@ -18,6 +18,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Connection, Engine, text
@@ -435,3 +436,126 @@ def test_sighup_is_announced_as_a_reload_to_systemd(tmp_path: Path) -> None:
     finally:
         daemon.kill()
         notify.close()
+
+
+class _TargetBrokenAfterStart:
+    """A target whose applies after the first raise an unexpected error (a bug)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.applies = 0
+
+    def plan(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.plan(*args, **kwargs)
+
+    def apply(self, *args: Any, **kwargs: Any) -> Any:
+        self.applies += 1
+        if self.applies > 1:
+            raise RuntimeError("target bug")
+        return self.inner.apply(*args, **kwargs)
+
+
+def test_an_unexpected_error_in_the_main_loop_stops_the_daemon_with_exit_code_10(
+    tmp_path: Path,
+) -> None:
+    """An apply of the main loop that dies of an unexpected error is logged
+    (daemon.task_failed) and stops the daemon with ServiceFailed (exit code 10), as a
+    failed task does, not with the bare error (exit 1 and a traceback)."""
+    import asyncio
+
+    from structlog.testing import capture_logs
+
+    from provisioner.daemon import WakeSource
+    from provisioner.errors import ServiceFailed
+
+    from .helpers import local_daemon
+
+    daemon = local_daemon(tmp_path)
+    daemon.applier.target = _TargetBrokenAfterStart(daemon.applier.target)  # type: ignore[assignment]
+
+    async def templates_edited(wake: asyncio.Event, stop: asyncio.Event) -> None:
+        daemon.templates_changed.set()  # a full reconcile: its apply fails
+        await stop.wait()
+
+    daemon.wake_sources = [WakeSource(templates_edited)]
+    with capture_logs() as logs, pytest.raises(ServiceFailed, match="target bug") as caught:
+        asyncio.run(asyncio.wait_for(daemon.serve(), 10))
+    assert caught.value.exit_code == 10
+    [failed] = [e for e in logs if e["event"] == "daemon.task_failed"]
+    assert failed["error"] == "RuntimeError: target bug"
+    assert any(e["event"] == "daemon.stopped" for e in logs)
+
+
+def test_a_registration_write_stuck_on_a_store_lock_starves_the_watchdog_and_fails_the_check(
+    tmp_path: Path,
+) -> None:
+    """A registration write waiting on a PostgreSQL lock nobody releases for longer than
+    daemon.stuck_after is treated as a stuck apply: WATCHDOG=1 is no longer sent, the
+    health record says so and registration.write_stuck is logged; once the lock is
+    released the write ends, the pings resume and the record is healthy again."""
+    import asyncio
+
+    from provisioner.health import read_health
+
+    from .amipeer import FakeAsterisk
+    from .dbs import temp_database
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def on_peer(coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(10)
+
+    peer = FakeAsterisk()
+    on_peer(peer.start())
+    with temp_database("postgresql", tmp_path) as url:
+        engine = seed_store(url, 2)
+        asterisk = [
+            "stuck_after = 1",
+            "[[asterisk]]",
+            'name = "pbx1"',
+            'host = "127.0.0.1"',
+            f"port = {peer.port}",
+            'username = "provisioner"',
+            'secret = "lab-secret"',
+        ]
+        config = write_config(tmp_path, store_url=url, extra=asterisk)
+        notify = NotifySocket(tmp_path / "notify")
+        daemon = Daemon(
+            config,
+            tmp_path / "daemon.log",
+            extra_env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "200000"},
+        )
+        locker = engine.connect()
+
+        def problems() -> list[str]:
+            health = read_health(tmp_path / "state")
+            assert health is not None
+            return health.problems(time.time(), 60)
+
+        try:
+            daemon.start()
+            until(lambda: bool(daemon.logged("registration.snapshot")), 10, "the snapshot")
+            locker.execute(text("LOCK TABLE registration_summary IN ACCESS EXCLUSIVE MODE"))
+            on_peer(peer.send_recorded("Event: ContactStatus\r\n", "NonQualified"))
+            sent_at = time.monotonic()
+            time.sleep(2.5)
+            late = [t for t in notify.times("WATCHDOG") if t > sent_at + 1.5]
+            assert late == [], f"{len(late)} pings after the write was stuck"
+            until(lambda: any("stuck" in p for p in problems()), 20, "the record says stuck")
+            assert daemon.logged("registration.write_stuck")
+            locker.rollback()
+            released_at = time.monotonic()
+            until(lambda: any(t > released_at for t in notify.times("WATCHDOG")), 5, "pings resume")
+            until(lambda: problems() == [], 20, "a healthy record")
+            assert daemon.stop() == 0
+        finally:
+            daemon.kill()
+            locker.rollback()
+            locker.close()
+            notify.close()
+            engine.dispose()
+            on_peer(peer.stop())
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)

@@ -186,6 +186,40 @@ def test_a_stopping_daemon_leaves_the_record_of_a_daemon_started_after_it(
     assert (record.pid, record.stopped_at) == (newer.pid, None)
 
 
+def test_a_running_daemon_takes_its_record_back_from_a_later_run_that_stopped(
+    tmp_path: Path,
+) -> None:
+    """Once a run started after the daemon on the same state directory (``run --burst``
+    beside the service) has stopped and left its last record, the daemon's next write
+    replaces that record, so ``check`` does not report the running daemon as stopped."""
+    import asyncio
+    import os
+    import time
+
+    from .helpers import local_daemon
+
+    state = tmp_path / "state"
+    daemon = local_daemon(tmp_path)
+
+    async def scenario() -> Health | None:
+        serving = asyncio.ensure_future(daemon.serve())
+        while not daemon.health.ready:
+            await asyncio.sleep(0.02)
+        later = Health(pid=os.getpid() + 1, started_at=time.time() + 1)
+        later.stopped_at = time.time() + 2
+        write_health(state, later)  # the burst's last record
+        daemon._write_health()  # the daemon's next heartbeat
+        record = read_health(state)
+        daemon.handle_exit()
+        await serving
+        return record
+
+    record = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert record is not None
+    assert (record.pid, record.stopped_at) == (os.getpid(), None)
+    assert record.problems(time.time(), 60) == []
+
+
 def test_the_record_is_readable_by_its_group(tmp_path: Path) -> None:
     """The health record is written mode 0640 (mkstemp's 0600 would keep a monitoring
     user of the daemon's group, running ``provisioner check``, from reading it)."""

@@ -381,11 +381,11 @@ def test_a_snapshot_lands_after_the_batch_written_before_it(
             real_store = pbx._store
             delayed: list[bool] = []
 
-            async def slow_first_store(server: str, write: Any) -> bool:
+            async def slow_first_store(link: Any, write: Any) -> bool:
                 if not delayed:  # the event's batch: a slow database
                     delayed.append(True)
                     await asyncio.sleep(0.4)
-                return await real_store(server, write)
+                return await real_store(link, write)
 
             monkeypatch.setattr(pbx, "_store", slow_first_store)
             to_user = ((b"1001", b"100000"),)

@@ -47,7 +47,6 @@ from ..store.state import (
     KEY_MAX,
     VALUE_MAX,
     drop_state,
-    drop_states_under,
     put_state,
     write_states,
 )
@@ -160,6 +159,10 @@ class Owed:
     #: removal note.
     noted_expiries: str | None = None
     noted_removals: set[str] = field(default_factory=set)
+    #: The endpoints whose removal note this run wrote (or asked to) or resumed, and may
+    #: not have seen dropped: a rewrite (:func:`_rewrite`) drops only these, never a note
+    #: another writer (``sync --once``) added meanwhile for the next run to send.
+    ours: set[str] = field(default_factory=set)
     #: A note write failed: the next :func:`note_owed` rewrites every note of the server.
     notes_lost: bool = False
     #: Note writes asked of the flusher whose outcome was not seen yet: one the flusher
@@ -417,6 +420,7 @@ def note_owed(link: Link, *, reload: bool = False, expiries: bool = True) -> Non
     wanted = owed.removals_to_note()
     noted = owed.noted_removals
     put.update((owed_removal_key(link.name, ep), ep) for ep in sorted(wanted - noted))
+    owed.ours.update(wanted - noted)
     drop.extend(owed_removal_key(link.name, ep) for ep in noted - wanted)
     owed.noted_removals = wanted
     if put or drop:
@@ -477,16 +481,24 @@ def notes_unsure(owed: Owed) -> bool:
 
 
 def _rewrite_notes(link: Link) -> None:
-    """Replace every note of ``link``'s server with what is owed now (after a note write
-    failed, what the store holds is not known)."""
+    """Replace every note this run wrote for ``link``'s server with what is owed now
+    (after a note write failed, what the store holds is not known)."""
     _write_notes(link, _rewrite(link))
 
 
 def _rewrite(link: Link) -> Callable[[Connection], None]:
-    """The write replacing every note of ``link``'s server (owed items and the reload)
-    with what is owed now."""
+    """The write replacing the notes of ``link``'s server (owed items and the reload)
+    with what is owed now: each removal note this run wrote or resumed
+    (:attr:`Owed.ours`) and no longer owes is dropped; one another writer added meanwhile
+    (``sync --once`` notes the removals it owes, :func:`note_untold_removals`) is kept,
+    for the next run to send."""
+    owed = link.owed
     put, drop = _notes(link)
-    return partial(_replace_notes, server=link.name, put=put, drop=drop)
+    owed.ours.update(owed.noted_removals)
+    drop.extend(owed_removal_key(link.name, ep) for ep in sorted(owed.ours - owed.noted_removals))
+    if owed.noted_expiries is None:
+        drop.append(owed_expiries_key(link.name))
+    return partial(write_states, put=put, drop=drop)
 
 
 def _notes(link: Link) -> tuple[dict[str, str], list[str]]:
@@ -506,12 +518,6 @@ def _notes(link: Link) -> tuple[dict[str, str], list[str]]:
     return put, [key]
 
 
-def _replace_notes(conn: Connection, server: str, put: dict[str, str], drop: list[str]) -> None:
-    drop_state(conn, owed_expiries_key(server))
-    drop_states_under(conn, owed_removals_prefix(server))
-    write_states(conn, put, drop)
-
-
 def _write_notes(link: Link, write: Callable[[Connection], object]) -> None:
     """Have the flusher run ``write`` (a note write); when the store refuses it, or the
     flusher stops first, the next :func:`note_owed` (or the stop's :func:`final_notes`)
@@ -524,6 +530,10 @@ def _write_notes(link: Link, write: Callable[[Connection], object]) -> None:
         owed.note_writes.discard(done)
         if done.cancelled() or not done.result():
             owed.notes_lost = True
+        elif not owed.note_writes and not owed.notes_lost:
+            # Every write asked for is in the store: its removal notes of this run are
+            # those noted now (keeps ``ours`` as small as what is owed).
+            owed.ours = set(owed.noted_removals)
 
     done.add_done_callback(written)
 
@@ -543,6 +553,7 @@ def resume_owed(
     owed.resumed = True
     owed.noted_expiries = expiries
     owed.noted_removals = set(endpoints)
+    owed.ours.update(endpoints)
     if expiries is not None:
         objects = _noted_objects(expiries)
         if objects is None:

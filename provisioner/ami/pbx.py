@@ -194,6 +194,13 @@ class Link:
     store_idle: asyncio.Event = field(default_factory=asyncio.Event)
     #: Registration writes that failed in a row (0 once one succeeds).
     store_failures: int = 0
+    #: Store writes of this server running now (registration batches, snapshots, notes),
+    #: since when (wall clock) some has run without a pause, and whether that is past
+    #: ``daemon.stuck_after`` (see :meth:`AmiPbx._store`), with the timer that says so.
+    writes_running: int = 0
+    write_since: float | None = None
+    write_stuck: bool = False
+    write_stuck_due: asyncio.TimerHandle | None = None
     #: Writes other than batches (a snapshot, the post-apply problems), waiting for the
     #: flusher, which writes them in turn, each with what learns whether it was stored.
     jobs: list[tuple[Callable[[Connection], object], asyncio.Future[bool]]] = field(
@@ -378,6 +385,9 @@ class AmiPbx:
     links: list[Link]
     engine: Engine
     target_kind: str = "config"
+    #: Seconds a store write may run before it counts as stuck (``daemon.stuck_after``;
+    #: 0: never).
+    stuck_after: float = 0.0
     #: The files a config-file reload loads (:func:`~provisioner.ami.loaded.config_files`).
     files: tuple[Path, ...] = ()
 
@@ -395,7 +405,7 @@ class AmiPbx:
             links.append(
                 Link(server.name, client, reloads, PjsipOps(client), server.sorcery_caches)
             )
-        pbx = cls(links, engine)
+        pbx = cls(links, engine, stuck_after=config.daemon.stuck_after)
         pbx.follow_target(config)
         return pbx
 
@@ -450,6 +460,11 @@ class AmiPbx:
         """Whether every server was sent all it is owed (:meth:`Link.told`)."""
         return all(link.told() for link in self.links)
 
+    def writes_stuck(self) -> bool:
+        """Whether a server's store write (registration state, a snapshot, a note of what
+        is owed) has run past ``daemon.stuck_after`` (:meth:`_store`)."""
+        return any(link.write_stuck for link in self.links)
+
     def told_all(self) -> bool:
         """Whether, the AMI side having stopped, every change handed to it was sent to
         every server or noted owed in the store for the next run."""
@@ -470,6 +485,8 @@ class AmiPbx:
                 "reloads": dict(link.reload_results),
                 "online": sum(1 for reg in link.book.values() if reg.summary == "online"),
                 "store_failures": link.store_failures,
+                # Since when a store write has run, once past daemon.stuck_after.
+                "write_stuck_since": link.write_since if link.write_stuck else None,
                 # Cache expiries and contact removals waiting for the server (Owed);
                 # emptying every cache (resumed from a note) counts as one.
                 "owed": len(link.owed.expiries) + len(link.owed.removals) + link.owed.expire_all,
@@ -595,7 +612,7 @@ class AmiPbx:
     async def _write_job(
         self, link: Link, write: Callable[[Connection], object], done: asyncio.Future[bool]
     ) -> None:
-        stored = await self._store(link.name, write)
+        stored = await self._store(link, write)
         if not done.done():
             done.set_result(stored)
 
@@ -610,7 +627,7 @@ class AmiPbx:
         endpoints are marked dirty again (the book holds their latest state) and the
         flusher pauses, longer after each failure in a row: a database outage delays the
         registration state, it does not lose it."""
-        stored = await asyncio.gather(*(self._store(link.name, write) for write, _ in writes))
+        stored = await asyncio.gather(*(self._store(link, write) for write, _ in writes))
         if all(stored):
             link.store_failures = 0
             return
@@ -998,17 +1015,47 @@ class AmiPbx:
 
     # -- store writes, off the event loop ------------------------------------------------
 
-    async def _store(self, server: str, write: Callable[[Connection], object]) -> bool:
+    async def _store(self, link: Link, write: Callable[[Connection], object]) -> bool:
         """Run ``write`` in one transaction, in a thread (run again when it lost a
         deadlock: :func:`~provisioner.store.engine.transaction`); ``False`` (and a log
-        line) when the store failed it (:data:`STORE_DOWN`)."""
-
+        line) when the store failed it (:data:`STORE_DOWN`).  Watched as an apply is: one
+        waiting for a lock never granted would stop the registration state (and the
+        notes of what is owed) from flowing, unseen, so past ``stuck_after`` it is
+        logged (``registration.write_stuck``), and the daemon says so in the health
+        record and starves the watchdog (:meth:`writes_stuck`)."""
+        self._write_started(link)
         try:
             await in_worker(transaction, self.engine, write)
         except STORE_DOWN as exc:
-            log.warning("registration.store_failed", server=server, error=_store_error(exc))
+            log.warning("registration.store_failed", server=link.name, error=_store_error(exc))
             return False
+        finally:
+            self._write_ended(link)
         return True
+
+    def _write_started(self, link: Link) -> None:
+        """A store write of ``link``'s server starts: the first of a run of them is timed."""
+        link.writes_running += 1
+        if link.write_since is not None:
+            return
+        link.write_since = time.time()
+        if self.stuck_after:
+            loop = asyncio.get_running_loop()
+            link.write_stuck_due = loop.call_later(self.stuck_after, _write_stuck, link)
+
+    def _write_ended(self, link: Link) -> None:
+        """A store write of ``link``'s server ended: with none left running, no longer
+        timed, and no longer stuck (``registration.write_unstuck``)."""
+        link.writes_running -= 1
+        if link.writes_running:
+            return
+        link.write_since = None
+        if link.write_stuck_due is not None:
+            link.write_stuck_due.cancel()
+            link.write_stuck_due = None
+        if link.write_stuck:
+            link.write_stuck = False
+            log.info("registration.write_unstuck", server=link.name)
 
 
 class _Notes(NamedTuple):
@@ -1038,6 +1085,14 @@ def _store_error(exc: DBAPIError | PoolTimeout, *, text: bool = False) -> str:
     if isinstance(exc, DBAPIError):
         return str(exc.orig) if text else type(exc.orig).__name__
     return str(exc)
+
+
+def _write_stuck(link: Link) -> None:
+    """A store write of ``link``'s server has run past ``daemon.stuck_after``."""
+    link.write_stuck_due = None
+    link.write_stuck = True
+    running = round(time.time() - (link.write_since or time.time()))
+    log.error("registration.write_stuck", server=link.name, running_s=running)
 
 
 def _ignore_outcome(_outcome: ReloadOutcome) -> None:
