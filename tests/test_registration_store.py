@@ -213,6 +213,38 @@ def test_a_users_registration_goes_with_the_extension_it_leaves(accounts: Accoun
     assert (alice["extension"], alice["state"], alice["contacts"]) == ("160", "offline", [])
 
 
+def _user_one(engine: Engine) -> tuple[str, str, int]:
+    """The first seeded user's extension, state and number of contacts in ``status``."""
+    with reading(engine) as conn:
+        (person,) = [p for p in status_rows(conn) if p["extension"] != "100001"]
+    return person["extension"], person["state"], len(person["contacts"])
+
+
+def test_an_extension_changed_by_hand_in_sql_drops_the_old_endpoints_state(
+    engine: Engine,
+) -> None:
+    """A user whose extension an UPDATE outside provisioner changed (the daemon applies it
+    as the old endpoint removed and the new one added) shows the new endpoint's state
+    (none: offline), not the old endpoint's phone online."""
+    seed_store(engine, 2)
+
+    async def scenario() -> tuple[str, str, int]:
+        async with _lab_pbx(engine) as (peer, link, pbx):
+            to_user = ((b"1001", b"100000"),)
+            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified", replace=to_user)
+            await eventually(lambda: _user_one(engine) == ("100000", "online", 1))
+            with engine.begin() as conn:
+                conn.execute(update(users).where(users.c.id == 1).values(extension="100005"))
+            moved = Change(added=("100005",), removed=("100000",), wrote=True)
+            pbx.applied(moved, target_kind="realtime")
+            await eventually(lambda: bool(peer.actions("DBDel")))
+            await eventually(lambda: pbx.idle() and not link.dirty and not link.jobs)
+            await eventually(lambda: link.store_idle.is_set())
+            return _user_one(engine)
+
+    assert run(scenario()) == ("100005", "offline", 0)
+
+
 def test_an_event_write_keeps_the_problem_the_verifier_recorded(engine: Engine) -> None:
     """Writing an endpoint's contacts and summary leaves its recorded problem in place."""
     seed_store(engine, 2)

@@ -306,6 +306,22 @@ class Link:
             self.book[endpoint] = reg._replace(contacts=kept, peer_status=peer)
             self.mark_dirty((endpoint,))
 
+    def rewrite_holders(self, endpoints: Sequence[str]) -> None:
+        """Have the flusher write the book's state of ``endpoints`` (none known: offline,
+        no contact), so the store files under each user now holding one that endpoint's
+        state.  A user moved to one by an edit of the store that bypassed provisioner (an
+        ``UPDATE`` of its extension) still has the state filed under its old extension,
+        the old endpoint's phone shown online: writes find users by extension, and none
+        of the old endpoint's reaches it any more.  Before this session's snapshot is in,
+        nothing: that snapshot rewrites every user's state."""
+        if not endpoints or self.snapshot_session != self.client.sessions:
+            return
+        book = self.book
+        for endpoint in endpoints:
+            if endpoint not in book:
+                book[endpoint] = EndpointRegistration(endpoint)
+        self.mark_dirty(endpoints)
+
     def may_be_untracked(self, endpoint: str) -> bool:
         """Whether Asterisk may not track ``endpoint`` (see :attr:`untracked`)."""
         for held in (self.untracked, self.untracked_sent):
@@ -425,8 +441,12 @@ class AmiPbx:
                 tg.create_task(self._note_loaded(link, stop))
 
     def applied(self, change: Change, *, target_kind: str) -> None:
+        """Hand ``change`` to each server's change loop; first have the store's state of
+        the users now holding its added and reowned endpoints rewritten from each book
+        (:meth:`Link.rewrite_holders`)."""
         self.target_kind = target_kind
         for link in self.links:
+            link.rewrite_holders((*change.added, *change.reowned))
             link.changes.put_nowait(change)
 
     def caches_unsure(self) -> None:
