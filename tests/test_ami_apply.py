@@ -1405,6 +1405,40 @@ def test_an_owed_removal_of_a_reowned_endpoint_is_not_cancelled_by_its_new_owner
     assert not owed.removals
 
 
+def test_a_reowned_endpoints_removal_resumed_after_a_restart_survives_the_new_owners_edit(
+    store: Engine,
+) -> None:
+    """Realtime target: the removal of a previous owner's contacts, noted owed as the
+    daemon stopped before Asterisk answered, is still sent after the restart although
+    the new owner's endpoint was edited before Asterisk came back: the note says whose
+    contacts they are."""
+    edited = Change(updated=("1001",), changed_objects=(("endpoint", "1001"),), wrote=True)
+
+    async def scenario() -> list[str]:
+        peer = FakeAsterisk()
+        await peer.start()
+        await peer.stop()  # down: nothing is sent before the restart
+        first = AmiPbx([_link(peer)], store, "realtime")
+        async with running(first):
+            await asyncio.sleep(0.2)  # the change loop waits for a change
+            first.applied(REOWNED, target_kind="realtime")
+            await eventually(lambda: "owed_removal:lab:1001" in _owed_notes(store))
+        second = AmiPbx([_link(peer)], store, "realtime")
+        link = second.links[0]
+        try:
+            async with running(second):
+                await eventually(lambda: link.owed.resumed)
+                second.applied(edited, target_kind="realtime")
+                await eventually(lambda: ("endpoint", "1001") in link.owed.expiries)
+                await peer.start()
+                await eventually(lambda: link.client.connected and not link.owed)
+        finally:
+            await peer.stop()
+        return [a.get("Key") for a in peer.actions("DBDel")]
+
+    assert run(scenario()) == [CONTACT_KEY]
+
+
 def test_the_last_change_of_a_batch_decides_what_an_endpoint_is() -> None:
     """In a batch, an endpoint's last change decides whether it is there or gone; within
     one change, one added (another user's) wins over one removed."""
