@@ -1406,6 +1406,32 @@ def test_an_owed_removal_of_a_reowned_endpoint_is_not_cancelled_by_its_new_owner
     assert not owed.removals
 
 
+async def _owed_then_restarted(store: Engine, first: Change, second: Change) -> list[str]:
+    """Realtime target, Asterisk down: a run is handed ``first`` and stops with its
+    contact removal noted owed; the next run is handed ``second`` before Asterisk comes
+    back.  Returns the DBDel keys sent once it is back and nothing is owed."""
+    peer = FakeAsterisk()
+    await peer.start()
+    await peer.stop()  # down: nothing is sent before the restart
+    before = AmiPbx([_link(peer)], store, "realtime")
+    async with running(before):
+        await asyncio.sleep(0.2)  # the change loop waits for a change
+        before.applied(first, target_kind="realtime")
+        await eventually(lambda: "owed_removal:lab:1001" in _owed_notes(store))
+    after = AmiPbx([_link(peer)], store, "realtime")
+    link = after.links[0]
+    try:
+        async with running(after):
+            await eventually(lambda: link.owed.resumed)
+            after.applied(second, target_kind="realtime")
+            await eventually(lambda: ("endpoint", "1001") in link.owed.expiries)
+            await peer.start()
+            await eventually(lambda: link.client.connected and not link.owed)
+    finally:
+        await peer.stop()
+    return [a.get("Key") for a in peer.actions("DBDel")]
+
+
 def test_a_reowned_endpoints_removal_resumed_after_a_restart_survives_the_new_owners_edit(
     store: Engine,
 ) -> None:
@@ -1414,30 +1440,19 @@ def test_a_reowned_endpoints_removal_resumed_after_a_restart_survives_the_new_ow
     the new owner's endpoint was edited before Asterisk came back: the note says whose
     contacts they are."""
     edited = Change(updated=("1001",), changed_objects=(("endpoint", "1001"),), wrote=True)
+    assert run(_owed_then_restarted(store, REOWNED, edited)) == [CONTACT_KEY]
 
-    async def scenario() -> list[str]:
-        peer = FakeAsterisk()
-        await peer.start()
-        await peer.stop()  # down: nothing is sent before the restart
-        first = AmiPbx([_link(peer)], store, "realtime")
-        async with running(first):
-            await asyncio.sleep(0.2)  # the change loop waits for a change
-            first.applied(REOWNED, target_kind="realtime")
-            await eventually(lambda: "owed_removal:lab:1001" in _owed_notes(store))
-        second = AmiPbx([_link(peer)], store, "realtime")
-        link = second.links[0]
-        try:
-            async with running(second):
-                await eventually(lambda: link.owed.resumed)
-                second.applied(edited, target_kind="realtime")
-                await eventually(lambda: ("endpoint", "1001") in link.owed.expiries)
-                await peer.start()
-                await eventually(lambda: link.client.connected and not link.owed)
-        finally:
-            await peer.stop()
-        return [a.get("Key") for a in peer.actions("DBDel")]
 
-    assert run(scenario()) == [CONTACT_KEY]
+def test_a_removal_resumed_after_a_restart_survives_the_endpoint_added_again(
+    store: Engine,
+) -> None:
+    """Realtime target: a removed endpoint's contact removal, noted owed as the daemon
+    stopped, is still sent after the restart although the endpoint is added again before
+    Asterisk came back: that run cannot tell whose contacts they are (the previous run
+    knew the owner; the endpoint may be another user's now), and a stranger's phone must
+    not take the new owner's calls (the owner's own phone registers again)."""
+    added = Change(added=("1001",), changed_objects=(("endpoint", "1001"),), wrote=True)
+    assert run(_owed_then_restarted(store, REMOVED, added)) == [CONTACT_KEY]
 
 
 def test_the_last_change_of_a_batch_decides_what_an_endpoint_is() -> None:

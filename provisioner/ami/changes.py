@@ -571,16 +571,20 @@ def resume_owed(
     """Owe again what the last run noted owed to ``link``'s server and never saw paid:
     the expiries note's value (``expiries``) and the endpoints of its removal notes
     (``removals``, the notes' values), owed once ``reload`` (a config file's reload
-    resumed with them) has ended, else at once; a reowned endpoint's as reowned again
-    (:attr:`Owed.reowned`).  Logs ``ami.owed_resumed`` when there is any."""
+    resumed with them) has ended, else at once; each as a reowned endpoint's
+    (:attr:`Owed.reowned`: no change of this run cancels it).  Logs
+    ``ami.owed_resumed`` when there is any."""
     owed = link.owed
     noted = dict(_noted_removal(value) for value in removals)
     endpoints = sorted(noted)
     owed.resumed = True
     owed.noted_expiries = expiries
     owed.noted_removals = {ep: removal_note(ep, reowned=noted[ep]) for ep in endpoints}
-    # A previous owner's contacts: no edit of the endpoint this run cancels their removal.
-    owed.reowned.update(ep for ep in endpoints if noted[ep])
+    # Whose contacts they are this run cannot tell (the last one knew the endpoint's
+    # owner; it may be another user's now, reowned or not): no add or edit of the
+    # endpoint cancels their removal, as for a reowned one's.  Its own phone registers
+    # again; a stranger's would take the new owner's calls.
+    owed.reowned.update(endpoints)
     if expiries is not None:
         objects = _noted_objects(expiries)
         if objects is None:
