@@ -469,6 +469,34 @@ def test_a_removal_owed_across_a_reconnect_uses_the_reconnects_snapshot(
     assert listed == 1
 
 
+def test_a_removal_during_an_expiry_lookup_deletes_by_name_without_listing(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A removal while an endpoint whose contact's expiry passed is being looked up
+    deletes the contact by the name the snapshot told, without listing every contact:
+    such a lookup leaves the book missing nothing (at 100k phones a listing is 100k
+    events, and an expiry is seen to every few seconds)."""
+    monkeypatch.setattr(pbx_module, "EXPIRY_GRACE", 0.05)
+
+    async def scenario() -> tuple[list[str], int]:
+        peer = FakeAsterisk()
+        peer.delays["pjsipshowendpoint"] = 0.5
+        await peer.start()
+        pbx = AmiPbx([_link(peer, caches=())], store, "realtime")
+        async with _serving(peer, pbx) as link:
+            # The recorded contact's expiry is long past: its endpoint is looked up.
+            await eventually(lambda: bool(peer.actions("PJSIPShowEndpoint")))
+            listed = len(peer.actions("PJSIPShowContacts"))
+            pbx.applied(REMOVED, target_kind="realtime")
+            await eventually(lambda: bool(peer.actions("DBDel")) and not link.owed)
+            keys = [a.get("Key") for a in peer.actions("DBDel")]
+            return keys, len(peer.actions("PJSIPShowContacts")) - listed
+
+    keys, listed = run(scenario())
+    assert keys == [CONTACT_KEY]
+    assert listed == 0
+
+
 def test_a_removal_the_action_validator_refuses_is_logged_and_the_change_goes_on(
     store: Engine,
 ) -> None:

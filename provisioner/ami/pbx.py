@@ -781,12 +781,14 @@ class AmiPbx:
             link.snapshot_wanted.set()
             return
         # Until each answer is in, the book misses these contacts: a removal meanwhile
-        # must list every contact (remove_contacts), not trust the book.
-        link.looking_up.update(endpoints)
+        # must list every contact (remove_contacts), not trust the book.  Not so for an
+        # expiry's lookup: the book holds those contacts, by the names a snapshot told.
+        missing = set() if expired else set(endpoints)
+        link.looking_up.update(missing)
         try:
             await self._look_up_each(link, endpoints, expired=expired)
         finally:
-            link.looking_up.difference_update(endpoints)
+            link.looking_up.difference_update(missing)
 
     async def _look_up_each(
         self, link: Link, endpoints: list[str], *, expired: bool = False
