@@ -726,7 +726,9 @@ def status(app: App, usernames: tuple[str, ...], as_json: bool) -> None:
         return
     table = []
     for r in rows:
-        contacts = ", ".join(c["uri"] for c in r["contacts"])
+        contacts = ", ".join(
+            c["uri"] + (" (expired)" if c["expired"] else "") for c in r["contacts"]
+        )
         last = _utc(r["last_change"]).strftime("%Y-%m-%d %H:%M:%S UTC") if r["last_change"] else ""
         table.append([r["extension"], r["username"], r["state"], contacts, r["user_agent"], last])
     _table(table, ["EXTENSION", "USERNAME", "STATE", "CONTACTS", "USER AGENT", "LAST CHANGE"])

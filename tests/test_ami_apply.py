@@ -469,6 +469,34 @@ def test_a_removal_owed_across_a_reconnect_uses_the_reconnects_snapshot(
     assert listed == 1
 
 
+def test_a_removal_during_an_expiry_lookup_deletes_by_name_without_listing(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A removal while an endpoint whose contact's expiry passed is being looked up
+    deletes the contact by the name the snapshot told, without listing every contact:
+    such a lookup leaves the book missing nothing (at 100k phones a listing is 100k
+    events, and an expiry is seen to every few seconds)."""
+    monkeypatch.setattr(pbx_module, "EXPIRY_GRACE", 0.05)
+
+    async def scenario() -> tuple[list[str], int]:
+        peer = FakeAsterisk()
+        peer.delays["pjsipshowendpoint"] = 0.5
+        await peer.start()
+        pbx = AmiPbx([_link(peer, caches=())], store, "realtime")
+        async with _serving(peer, pbx) as link:
+            # The recorded contact's expiry is long past: its endpoint is looked up.
+            await eventually(lambda: bool(peer.actions("PJSIPShowEndpoint")))
+            listed = len(peer.actions("PJSIPShowContacts"))
+            pbx.applied(REMOVED, target_kind="realtime")
+            await eventually(lambda: bool(peer.actions("DBDel")) and not link.owed)
+            keys = [a.get("Key") for a in peer.actions("DBDel")]
+            return keys, len(peer.actions("PJSIPShowContacts")) - listed
+
+    keys, listed = run(scenario())
+    assert keys == [CONTACT_KEY]
+    assert listed == 0
+
+
 def test_a_removal_the_action_validator_refuses_is_logged_and_the_change_goes_on(
     store: Engine,
 ) -> None:
@@ -792,7 +820,8 @@ def test_a_reconnect_snapshot_keeps_the_last_change_of_a_phone_it_still_lists(
     registered = run(scenario())
     assert registered is not None
     with store.connect() as conn:
-        (row,) = status_rows(conn, ["user0"])
+        # Read as when the snapshot was recorded: the recorded expiry is long past now.
+        (row,) = status_rows(conn, ["user0"], now=datetime(2026, 11, 24, 23, 53))
     assert row["state"] == "online"
     assert row["last_change"] == datetime.fromtimestamp(registered, UTC).replace(tzinfo=None)
 
@@ -1403,6 +1432,55 @@ def test_an_owed_removal_of_a_reowned_endpoint_is_not_cancelled_by_its_new_owner
     owed.add(Change(removed=("1001",)), expire=False)
     owed.add(Change(added=("1001",)), expire=False)
     assert not owed.removals
+
+
+async def _owed_then_restarted(store: Engine, first: Change, second: Change) -> list[str]:
+    """Realtime target, Asterisk down: a run is handed ``first`` and stops with its
+    contact removal noted owed; the next run is handed ``second`` before Asterisk comes
+    back.  Returns the DBDel keys sent once it is back and nothing is owed."""
+    peer = FakeAsterisk()
+    await peer.start()
+    await peer.stop()  # down: nothing is sent before the restart
+    before = AmiPbx([_link(peer)], store, "realtime")
+    async with running(before):
+        await asyncio.sleep(0.2)  # the change loop waits for a change
+        before.applied(first, target_kind="realtime")
+        await eventually(lambda: "owed_removal:lab:1001" in _owed_notes(store))
+    after = AmiPbx([_link(peer)], store, "realtime")
+    link = after.links[0]
+    try:
+        async with running(after):
+            await eventually(lambda: link.owed.resumed)
+            after.applied(second, target_kind="realtime")
+            await eventually(lambda: ("endpoint", "1001") in link.owed.expiries)
+            await peer.start()
+            await eventually(lambda: link.client.connected and not link.owed)
+    finally:
+        await peer.stop()
+    return [a.get("Key") for a in peer.actions("DBDel")]
+
+
+def test_a_reowned_endpoints_removal_resumed_after_a_restart_survives_the_new_owners_edit(
+    store: Engine,
+) -> None:
+    """Realtime target: the removal of a previous owner's contacts, noted owed as the
+    daemon stopped before Asterisk answered, is still sent after the restart although
+    the new owner's endpoint was edited before Asterisk came back: the note says whose
+    contacts they are."""
+    edited = Change(updated=("1001",), changed_objects=(("endpoint", "1001"),), wrote=True)
+    assert run(_owed_then_restarted(store, REOWNED, edited)) == [CONTACT_KEY]
+
+
+def test_a_removal_resumed_after_a_restart_survives_the_endpoint_added_again(
+    store: Engine,
+) -> None:
+    """Realtime target: a removed endpoint's contact removal, noted owed as the daemon
+    stopped, is still sent after the restart although the endpoint is added again before
+    Asterisk came back: that run cannot tell whose contacts they are (the previous run
+    knew the owner; the endpoint may be another user's now), and a stranger's phone must
+    not take the new owner's calls (the owner's own phone registers again)."""
+    added = Change(added=("1001",), changed_objects=(("endpoint", "1001"),), wrote=True)
+    assert run(_owed_then_restarted(store, REMOVED, added)) == [CONTACT_KEY]
 
 
 def test_the_last_change_of_a_batch_decides_what_an_endpoint_is() -> None:

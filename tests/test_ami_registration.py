@@ -248,6 +248,32 @@ def test_status_event_keeps_what_the_snapshot_said() -> None:
     )
 
 
+def test_a_contact_registered_anew_drops_the_snapshots_expiry() -> None:
+    """A NonQualified ContactStatus (a contact created: registered anew, its
+    un-registration's events lost) of a snapshot's contact keeps its user agent, source
+    and key, but not its expiry, a new one no event tells."""
+    before = snapshot_from_contact_list(_contact_list_items())["1001"]
+    (old,) = before.contacts
+    event = {
+        "Event": "ContactStatus",
+        "URI": old.uri,
+        "ContactStatus": "NonQualified",
+        "AOR": old.aor,
+        "EndpointName": "1001",
+        "RoundtripUsec": "0",
+    }
+    after = apply_event(before, event)
+    assert after is not None
+    (new,) = after.contacts
+    assert old.expires_at is not None
+    assert (new.status, new.expires_at) == ("NonQualified", None)
+    assert (new.user_agent, new.source, new.object_name) == (
+        old.user_agent,
+        old.source,
+        old.object_name,
+    )
+
+
 def test_store_rows_carry_what_the_snapshot_said() -> None:
     """pbx.rows gives a contact's key, URI, status, user agent, source, RTT and expiry (the
     store's UTC text) and the endpoint's summary."""

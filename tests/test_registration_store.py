@@ -44,7 +44,15 @@ from provisioner.store.registrations import (
 from provisioner.store.schema import registration_summary, registrations, users
 from provisioner.targets import Change
 
-from .amipeer import FakeAsterisk, eventually, fast_settings, run, running, server_for
+from .amipeer import (
+    FakeAsterisk,
+    ReceivedAction,
+    eventually,
+    fast_settings,
+    run,
+    running,
+    server_for,
+)
 
 NOW = datetime(2026, 5, 1, 12, 0, 0, 123456)
 SEEN = datetime(2026, 5, 1, 11, 59, 58, 654321)
@@ -88,7 +96,7 @@ def test_a_write_replaces_rows_and_round_trips_values(engine: Engine) -> None:
     with engine.connect() as conn:
         rows = conn.execute(select(registrations).order_by(registrations.c.user_id)).all()
         sums = conn.execute(select(registration_summary)).all()
-        people = {p["extension"]: p for p in status_rows(conn)}
+        people = {p["extension"]: p for p in status_rows(conn, now=NOW)}
     assert [(r.user_id, r.status, r.rtt_usec, r.expires_at, r.changed_at) for r in rows] == [
         (1, "NonQualified", 1234, SEEN, SEEN),
         (2, "NonQualified", 1234, SEEN, SEEN),
@@ -211,6 +219,114 @@ def test_a_users_registration_goes_with_the_extension_it_leaves(accounts: Accoun
         write_endpoint_rows(conn, "pbx1", {"150": ([], ("offline", "", "", SEEN_TEXT))}, NOW)
         (alice,) = status_rows(conn, ["alice"])
     assert (alice["extension"], alice["state"], alice["contacts"]) == ("160", "offline", [])
+
+
+def _user_one(engine: Engine) -> tuple[str, str, int]:
+    """The first seeded user's extension, state and number of contacts in ``status``."""
+    with reading(engine) as conn:
+        (person,) = [p for p in status_rows(conn) if p["extension"] != "100001"]
+    return person["extension"], person["state"], len(person["contacts"])
+
+
+def test_an_extension_changed_by_hand_in_sql_drops_the_old_endpoints_state(
+    engine: Engine,
+) -> None:
+    """A user whose extension an UPDATE outside provisioner changed (the daemon applies it
+    as the old endpoint removed and the new one added) shows the new endpoint's state
+    (none: offline), not the old endpoint's phone online."""
+    seed_store(engine, 2)
+
+    async def scenario() -> tuple[str, str, int]:
+        async with _lab_pbx(engine) as (peer, link, pbx):
+            to_user = ((b"1001", b"100000"),)
+            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified", replace=to_user)
+            await eventually(lambda: _user_one(engine) == ("100000", "online", 1))
+            with engine.begin() as conn:
+                conn.execute(update(users).where(users.c.id == 1).values(extension="100005"))
+            moved = Change(added=("100005",), removed=("100000",), wrote=True)
+            pbx.applied(moved, target_kind="realtime")
+            await eventually(lambda: bool(peer.actions("DBDel")))
+            await eventually(lambda: pbx.idle() and not link.dirty and not link.jobs)
+            await eventually(lambda: link.store_idle.is_set())
+            return _user_one(engine)
+
+    assert run(scenario()) == ("100005", "offline", 0)
+
+
+def _status_of_1001(engine: Engine) -> tuple[str, int, bool]:
+    """``status`` of the user with extension 1001: its state, how many contacts, and
+    whether any contact has an expiry."""
+    with reading(engine) as conn:
+        (person,) = [p for p in status_rows(conn) if p["extension"] == "1001"]
+    contacts = person["contacts"]
+    return person["state"], len(contacts), any(c["expires_at"] for c in contacts)
+
+
+async def _past_expiry(
+    engine: Engine, *, refreshed: bool
+) -> tuple[tuple[str, int, bool], list[ReceivedAction]]:
+    """Run against a fake Asterisk whose snapshot lists 1001's contact (its recorded
+    expiry long past) and whose PJSIPShowEndpoint finds 1001 with no contact; with
+    ``refreshed``, 1001's phone authenticates (a refresh) once the snapshot is in.
+    Returns 1001's ``status`` once its expiry was seen to, and the lookups sent."""
+    seed_store(engine, 1)
+    with engine.begin() as conn:
+        conn.execute(update(users).where(users.c.id == 1).values(extension="1001"))
+    peer = FakeAsterisk()
+    peer.prefer["pjsipshowendpoint"] = "ObjectName: 1009"  # found, with no contact
+    await peer.start()
+    client = AmiClient(server_for(peer), fast_settings())
+    link = Link("lab", client, ReloadCoordinator(client, fast_settings()), PjsipOps(client))
+    try:
+        async with running(AmiPbx([link], engine, "realtime")):
+            await eventually(link.book_complete)
+            if refreshed:
+                # Asterisk's time of the refresh: after the snapshot (the recorded is not).
+                now = ((b"Timestamp: 1795564", b"Timestamp: 9795564"),)
+                await peer.send_recorded("Event: SuccessfulAuth\r\n", "Service: PJSIP", replace=now)
+            # Seen to: the contact gone, or its expiry unknown.
+            await eventually(lambda: all(c.expires_at is None for c in link.book["1001"].contacts))
+            await eventually(lambda: not link.dirty and link.store_idle.is_set())
+    finally:
+        await peer.stop()
+    return _status_of_1001(engine), peer.actions("PJSIPShowEndpoint")
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_contact_whose_expiry_passes_with_no_event_is_looked_up_and_dropped(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A contact the snapshot listed, whose expiry passes with no event about it and no
+    authentication of its phone since, has its endpoint looked up (PJSIPShowEndpoint);
+    Asterisk listing no contact for it any more, the user is offline with no contact."""
+    monkeypatch.setattr(pbx_module, "EXPIRY_GRACE", 0.3)
+    status, lookups = run(_past_expiry(engine, refreshed=False))
+    assert status == ("offline", 0, False)
+    assert [a.get("Endpoint") for a in lookups] == ["1001"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_phone_that_authenticated_since_its_expiry_was_told_stays_online_unlooked_up(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A contact whose told expiry passes after its phone authenticated again (a refresh,
+    which sends no status event) stays online, its expiry unknown, without a lookup."""
+    monkeypatch.setattr(pbx_module, "EXPIRY_GRACE", 0.3)
+    status, lookups = run(_past_expiry(engine, refreshed=True))
+    assert status == ("online", 1, False)
+    assert lookups == []
+
+
+def test_a_contact_past_its_stored_expiry_is_not_shown_online(engine: Engine) -> None:
+    """A contact whose stored expiry passed (more than a minute ago) with nothing written
+    since (the daemon or its AMI session down) does not make its user online, nor does
+    the summary written with it; ``status`` lists it as expired."""
+    seed_store(engine, 1)
+    with engine.begin() as conn:
+        write_endpoint_rows(conn, "pbx1", {"100000": _state("100000", "NonQualified")}, NOW)
+        (person,) = status_rows(conn)
+    assert person["state"] == "offline"
+    assert [c.get("expired") for c in person["contacts"]] == [True]
 
 
 def test_an_event_write_keeps_the_problem_the_verifier_recorded(engine: Engine) -> None:

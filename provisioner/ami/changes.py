@@ -158,7 +158,8 @@ class Owed:
     #: the expiries note's value (:meth:`expiries_note`) and the endpoints with a
     #: removal note.
     noted_expiries: str | None = None
-    noted_removals: set[str] = field(default_factory=set)
+    #: Endpoint -> the value of its removal note (:meth:`removal_notes`).
+    noted_removals: dict[str, str] = field(default_factory=dict)
     #: The endpoints whose removal note this run wrote (or asked to) or resumed, and may
     #: not have seen dropped: a rewrite (:func:`_rewrite`) drops only these, never a note
     #: another writer (``sync --once``) added meanwhile for the next run to send.
@@ -254,6 +255,11 @@ class Owed:
         """The endpoints whose contact removal the store should note: those owed now and
         those awaiting a reload."""
         return set(self.removals).union(*self.awaiting)
+
+    def removal_notes(self) -> dict[str, str]:
+        """Endpoint -> the value of its removal note, for each of :meth:`removals_to_note`
+        (:func:`removal_note`): a reowned one's says so."""
+        return {ep: removal_note(ep, reowned=ep in self.reowned) for ep in self.removals_to_note()}
 
 
 @dataclass
@@ -387,6 +393,25 @@ def _digest(text: str, length: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
+#: What starts the value of a reowned endpoint's removal note (:func:`removal_note`).
+REOWNED_NOTE = "reowned:"
+
+
+def removal_note(endpoint: str, *, reowned: bool = False) -> str:
+    """The value of ``endpoint``'s removal note: the endpoint, after ``REOWNED_NOTE`` when
+    ``reowned`` (the contacts are a previous owner's: the next run's edits of the
+    endpoint must not cancel their removal, see :attr:`Owed.reowned`).  An endpoint is
+    an extension (digits): no endpoint starts so."""
+    return REOWNED_NOTE + endpoint if reowned else endpoint
+
+
+def _noted_removal(value: str) -> tuple[str, bool]:
+    """The endpoint a removal note's ``value`` names, and whether it was reowned."""
+    if value.startswith(REOWNED_NOTE):
+        return value[len(REOWNED_NOTE) :], True
+    return value, False
+
+
 def note_owed(link: Link, *, reload: bool = False, expiries: bool = True) -> None:
     """Have the store note what ``link.owed`` holds now (in the flusher's turn, one
     transaction): with ``expiries``, the expiries note put, changed or dropped; one
@@ -417,11 +442,12 @@ def note_owed(link: Link, *, reload: bool = False, expiries: bool = True) -> Non
         else:
             put[key] = note
         owed.noted_expiries = note
-    wanted = owed.removals_to_note()
+    wanted = owed.removal_notes()
     noted = owed.noted_removals
-    put.update((owed_removal_key(link.name, ep), ep) for ep in sorted(wanted - noted))
-    owed.ours.update(wanted - noted)
-    drop.extend(owed_removal_key(link.name, ep) for ep in noted - wanted)
+    new = {ep for ep, note in wanted.items() if noted.get(ep) != note}
+    put.update((owed_removal_key(link.name, ep), wanted[ep]) for ep in sorted(new))
+    owed.ours.update(new)
+    drop.extend(owed_removal_key(link.name, ep) for ep in noted.keys() - wanted.keys())
     owed.noted_removals = wanted
     if put or drop:
         _write_notes(link, partial(write_states, put=put, drop=drop))
@@ -436,7 +462,12 @@ def note_untold_removals(conn: Connection, servers: Iterable[str], change: Chang
     the target as desired and would owe nothing."""
     back = {*change.added, *change.updated}
     endpoints = sorted({*(set(change.removed) - back), *change.reowned})
-    put = {owed_removal_key(s, ep): ep for s in servers for ep in endpoints}
+    reowned = set(change.reowned)
+    put = {
+        owed_removal_key(s, ep): removal_note(ep, reowned=ep in reowned)
+        for s in servers
+        for ep in endpoints
+    }
     if put:
         write_states(conn, put)
 
@@ -468,7 +499,7 @@ def final_notes(
         return _rewrite(link)
     put, _drop = _notes(link)
     there, _gone = final_states(batch)
-    drop = [owed_removal_key(link.name, ep) for ep in sorted(there - owed.noted_removals)]
+    drop = [owed_removal_key(link.name, ep) for ep in sorted(there - owed.noted_removals.keys())]
     return partial(write_states, put=put, drop=drop)
 
 
@@ -495,7 +526,7 @@ def _rewrite(link: Link) -> Callable[[Connection], None]:
     owed = link.owed
     put, drop = _notes(link)
     owed.ours.update(owed.noted_removals)
-    drop.extend(owed_removal_key(link.name, ep) for ep in sorted(owed.ours - owed.noted_removals))
+    drop.extend(owed_removal_key(link.name, ep) for ep in sorted(owed.ours - owed.noted_removals.keys()))
     if owed.noted_expiries is None:
         drop.append(owed_expiries_key(link.name))
     return partial(write_states, put=put, drop=drop)
@@ -507,8 +538,8 @@ def _notes(link: Link) -> tuple[dict[str, str], list[str]]:
     owed = link.owed
     owed.notes_lost = False
     owed.noted_expiries = owed.expiries_note()
-    owed.noted_removals = owed.removals_to_note()
-    put = {owed_removal_key(link.name, ep): ep for ep in sorted(owed.noted_removals)}
+    owed.noted_removals = owed.removal_notes()
+    put = {owed_removal_key(link.name, ep): note for ep, note in owed.noted_removals.items()}
     if owed.noted_expiries is not None:
         put[owed_expiries_key(link.name)] = owed.noted_expiries
     key = reload_owed_key(link.name)
@@ -546,14 +577,22 @@ def resume_owed(
 ) -> None:
     """Owe again what the last run noted owed to ``link``'s server and never saw paid:
     the expiries note's value (``expiries``) and the endpoints of its removal notes
-    (``removals``), owed once ``reload`` (a config file's reload resumed with them)
-    has ended, else at once.  Logs ``ami.owed_resumed`` when there is any."""
+    (``removals``, the notes' values), owed once ``reload`` (a config file's reload
+    resumed with them) has ended, else at once; each as a reowned endpoint's
+    (:attr:`Owed.reowned`: no change of this run cancels it).  Logs
+    ``ami.owed_resumed`` when there is any."""
     owed = link.owed
-    endpoints = sorted(removals)
+    noted = dict(_noted_removal(value) for value in removals)
+    endpoints = sorted(noted)
     owed.resumed = True
     owed.noted_expiries = expiries
-    owed.noted_removals = set(endpoints)
+    owed.noted_removals = {ep: removal_note(ep, reowned=noted[ep]) for ep in endpoints}
     owed.ours.update(endpoints)
+    # Whose contacts they are this run cannot tell (the last one knew the endpoint's
+    # owner; it may be another user's now, reowned or not): no add or edit of the
+    # endpoint cancels their removal, as for a reowned one's.  Its own phone registers
+    # again; a stranger's would take the new owner's calls.
+    owed.reowned.update(endpoints)
     if expiries is not None:
         objects = _noted_objects(expiries)
         if objects is None:

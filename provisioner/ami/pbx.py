@@ -125,6 +125,14 @@ LOOKUP_LIMIT = 20
 #: Seconds at the most between tries of a snapshot that keeps failing on a session
 #: that stays up (refused, unanswered), doubling from ``SNAPSHOT_MIN_GAP``.
 SNAPSHOT_RETRY_MAX = 60.0
+#: Seconds after a contact's expiry (as a snapshot or lookup told it) before it is seen
+#: to: Asterisk sends no event of an expiry it does not track (an endpoint added since
+#: its last reload), nor of a refresh, and an event can be lost, so the phone would
+#: stay "online" in ``status`` for good.  A phone that authenticated since the expiry
+#: was told (its refresh's ``SuccessfulAuth``) is there: its contact's expiry becomes
+#: unknown (no lookup: at 100k phones that is one per phone per registration).  Any
+#: other has its endpoint looked up: a contact gone leaves the book.
+EXPIRY_GRACE = 5.0
 _EVENTS = ("ContactStatus", "PeerStatus", "DeviceStateChange", "SuccessfulAuth")
 
 
@@ -269,6 +277,10 @@ class Link:
     #: Endpoints taken off ``unconfirmed`` whose lookup has not put its contacts in the
     #: book yet.
     looking_up: set[str] = field(default_factory=set)
+    #: (epoch second to look at, endpoint, epoch second told), a heap: the contacts'
+    #: expiries (see :data:`EXPIRY_GRACE`), and what says an earlier one came.
+    expiries: list[tuple[float, str, float]] = field(default_factory=list)
+    expiry_added: asyncio.Event = field(default_factory=asyncio.Event)
     #: Verification rounds failed in a row, and the monotonic time of the next round.
     verify_failures: int = 0
     verify_after: float = 0.0
@@ -312,6 +324,69 @@ class Link:
             peer = None if not kept and reg.peer_status == "Reachable" else reg.peer_status
             self.book[endpoint] = reg._replace(contacts=kept, peer_status=peer)
             self.mark_dirty((endpoint,))
+
+    def watch_expiries(self, regs: Iterable[EndpointRegistration]) -> None:
+        """Have each contact of ``regs`` with a known expiry looked up again once it has
+        passed (:data:`EXPIRY_GRACE` after it; one already past: that long from now)."""
+        heap = self.expiries
+        first = heap[0][0] if heap else None
+        now = time.time()
+        soonest = now + EXPIRY_GRACE
+        grace = EXPIRY_GRACE
+        entries = [
+            (at if (at := c.expires_at + grace) > soonest else soonest, reg.endpoint, now)
+            for reg in regs
+            for c in reg.contacts
+            if c.expires_at is not None
+        ]
+        if len(entries) > len(heap):
+            # A snapshot's: one heapify (linear), not a push each (100k of them blocked
+            # the event loop for a third of a second, and Asterisk drops slow readers).
+            heap.extend(entries)
+            heapq.heapify(heap)
+        else:
+            for entry in entries:
+                heapq.heappush(heap, entry)
+        if heap and (first is None or heap[0][0] < first):
+            self.expiry_added.set()
+
+    def take_expired(self, now: float) -> list[str]:
+        """Take off :attr:`expiries` what is due by ``now``, and return the endpoints to
+        look up (at most ``LOOKUP_LIMIT``, in due order): those whose book still holds a
+        contact expired by then (one told a later expiry since is not).  One phone that
+        authenticated since its expiry was told is there: its expiry is made unknown
+        (and written) instead; one of several contacts is not known to be that one."""
+        heap, book = self.expiries, self.book
+        due: dict[str, None] = {}
+        while heap and heap[0][0] <= now and len(due) < LOOKUP_LIMIT:
+            _, endpoint, told = heapq.heappop(heap)
+            reg = book.get(endpoint)
+            if reg is None or not _expired(reg, now):
+                continue
+            if len(reg.contacts) == 1 and (reg.last_auth_at or 0.0) >= told:
+                self.book[endpoint] = reg._replace(
+                    contacts=(reg.contacts[0]._replace(expires_at=None),)
+                )
+                self.mark_dirty((endpoint,))
+            else:
+                due[endpoint] = None
+        return list(due)
+
+    def rewrite_holders(self, endpoints: Sequence[str]) -> None:
+        """Have the flusher write the book's state of ``endpoints`` (none known: offline,
+        no contact), so the store files under each user now holding one that endpoint's
+        state.  A user moved to one by an edit of the store that bypassed provisioner (an
+        ``UPDATE`` of its extension) still has the state filed under its old extension,
+        the old endpoint's phone shown online: writes find users by extension, and none
+        of the old endpoint's reaches it any more.  Before this session's snapshot is in,
+        nothing: that snapshot rewrites every user's state."""
+        if not endpoints or self.snapshot_session != self.client.sessions:
+            return
+        book = self.book
+        for endpoint in endpoints:
+            if endpoint not in book:
+                book[endpoint] = EndpointRegistration(endpoint)
+        self.mark_dirty(endpoints)
 
     def may_be_untracked(self, endpoint: str) -> bool:
         """Whether Asterisk may not track ``endpoint`` (see :attr:`untracked`)."""
@@ -431,12 +506,17 @@ class AmiPbx:
                 tg.create_task(self._flusher(link, stop))
                 tg.create_task(self._snapshots(link, stop))
                 tg.create_task(self._lookups(link, stop))
+                tg.create_task(self._expiry_checks(link, stop))
                 tg.create_task(self._changes(link, stop))
                 tg.create_task(self._note_loaded(link, stop))
 
     def applied(self, change: Change, *, target_kind: str) -> None:
+        """Hand ``change`` to each server's change loop; first have the store's state of
+        the users now holding its added and reowned endpoints rewritten from each book
+        (:meth:`Link.rewrite_holders`)."""
         self.target_kind = target_kind
         for link in self.links:
+            link.rewrite_holders((*change.added, *change.reowned))
             link.changes.put_nowait(change)
 
     def caches_unsure(self) -> None:
@@ -700,7 +780,27 @@ class AmiPbx:
                     return
                 await self._look_up(link, take_due(link.unconfirmed, time.monotonic()))
 
-    async def _look_up(self, link: Link, endpoints: list[str]) -> None:
+    async def _expiry_checks(self, link: Link, stop: asyncio.Event) -> None:
+        """Look up each endpoint a contact of which has passed its expiry (see
+        :data:`EXPIRY_GRACE`), until ``stop``: no event may ever say it went.  While
+        the server is not connected, nothing: the reconnect's snapshot tells every
+        contact (and its expiry) anew."""
+        while not stop.is_set():
+            link.expiry_added.clear()
+            heap = link.expiries
+            wait = heap[0][0] - time.time() if heap else None
+            if not link.client.connected:
+                # The reconnect's snapshot watches every expiry anew (expiry_added).
+                await wait_first(stop, link.expiry_added, timeout=EXPIRY_GRACE)
+                continue
+            if wait is None or wait > 0:
+                await wait_first(stop, link.expiry_added, timeout=wait)
+                continue
+            due = link.take_expired(time.time())
+            if due:
+                await self._look_up(link, due, expired=True)
+
+    async def _look_up(self, link: Link, endpoints: list[str], *, expired: bool = False) -> None:
         """Put the contacts Asterisk has for ``endpoints`` (untracked: no event tells them)
         in the book, one ``PJSIPShowEndpoint`` each; more than ``LOOKUP_LIMIT`` of them, or
         a failed lookup, want a snapshot instead (it lists every contact at once)."""
@@ -708,16 +808,22 @@ class AmiPbx:
             link.snapshot_wanted.set()
             return
         # Until each answer is in, the book misses these contacts: a removal meanwhile
-        # must list every contact (remove_contacts), not trust the book.
-        link.looking_up.update(endpoints)
+        # must list every contact (remove_contacts), not trust the book.  Not so for an
+        # expiry's lookup: the book holds those contacts, by the names a snapshot told.
+        missing = set() if expired else set(endpoints)
+        link.looking_up.update(missing)
         try:
-            await self._look_up_each(link, endpoints)
+            await self._look_up_each(link, endpoints, expired=expired)
         finally:
-            link.looking_up.difference_update(endpoints)
+            link.looking_up.difference_update(missing)
 
-    async def _look_up_each(self, link: Link, endpoints: list[str]) -> None:
+    async def _look_up_each(
+        self, link: Link, endpoints: list[str], *, expired: bool = False
+    ) -> None:
         """Look up ``endpoints`` one by one (see :meth:`_look_up`); the first failure
-        wants a snapshot instead of the rest."""
+        wants a snapshot instead of the rest.  ``expired``: endpoints with a contact past
+        its expiry, whose answer is taken also for a tracked one (its events did not
+        say the contact went, nor do they tell a refresh's new expiry)."""
         for endpoint in endpoints:
             try:
                 detail = await link.ops.show_endpoint(endpoint)
@@ -731,11 +837,16 @@ class AmiPbx:
                 link.snapshot_wanted.set()
                 return
             reg = link.book.get(endpoint) or EndpointRegistration(endpoint)
-            if reg.tracked:
+            if reg.tracked and not expired:
                 continue  # a status event came meanwhile: the events tell its contacts
             contacts = detail.contacts if detail is not None else ()
             # Asterisk holds it (or not) now, whatever an earlier INVALID said.
-            link.book[endpoint] = reg._replace(contacts=contacts, exists=detail is not None)
+            reg = reg._replace(contacts=contacts, exists=detail is not None)
+            if not contacts and reg.peer_status == "Reachable":
+                # Its last contact gone: a Reachable peer state is stale (as in a snapshot).
+                reg = reg._replace(peer_status=None)
+            link.book[endpoint] = reg
+            link.watch_expiries((reg,))
             link.mark_dirty((endpoint,))
             log.debug(
                 "registration.looked_up",
@@ -793,6 +904,8 @@ class AmiPbx:
                 if folded is not None:
                     snapshot[about] = folded
         link.book = snapshot
+        link.expiries = []  # the snapshot tells every expiry anew
+        link.watch_expiries(snapshot.values())
         link.snapshot_session = session
         # In the book now (only its store write is to come): the book is complete.
         link.snapshot_running = False
@@ -1195,6 +1308,14 @@ def _without_contact(device_state: str | None) -> str | None:
     events last said: ``UNAVAILABLE`` for a state only a registered phone has (its
     un-registration's events were lost with the connection), else unchanged."""
     return "UNAVAILABLE" if device_state in _DEVICE_PRESENT else device_state
+
+
+def _expired(reg: EndpointRegistration, now: float) -> bool:
+    """Whether a contact of ``reg`` has an expiry ``EXPIRY_GRACE`` or more before ``now``."""
+    for contact in reg.contacts:
+        if contact.expires_at is not None and contact.expires_at + EXPIRY_GRACE <= now:
+            return True
+    return False
 
 
 def _merge(snap: EndpointRegistration, known: EndpointRegistration) -> EndpointRegistration:

@@ -49,6 +49,9 @@ Summary = Literal["online", "offline", "unreachable", "unknown"]
 #: what Asterisk before NonQualified says of a new contact).  The store's ``status``
 #: reads its contacts by the same rule (:func:`provisioner.store.registrations.summarize`).
 _DOWN = frozenset({"Unreachable", "Removed"})
+#: Contact statuses that say the contact was just created (registered anew): its expiry
+#: is a new one, which no event tells.
+_CREATED = frozenset({"NonQualified", "Created"})
 _PJSIP_PREFIX = "PJSIP/"
 
 
@@ -219,7 +222,12 @@ def _contacts_with(
     if contact.status == "Removed":
         return tuple(others)
     if old is not None:
-        # A status event carries no user agent or expiry: keep what the snapshot said.
+        # A status event carries no user agent or expiry: keep what the snapshot said;
+        # but a contact created anew (its un-registration's event lost) has a new expiry,
+        # and the old one, passed, would make it "expired" in ``status``.
+        expires_at = contact.expires_at
+        if expires_at is None and contact.status not in _CREATED:
+            expires_at = old.expires_at
         contact = ContactState(
             contact.aor,
             contact.uri,
@@ -227,7 +235,7 @@ def _contacts_with(
             contact.rtt_usec,
             contact.user_agent or old.user_agent,
             contact.source or old.source,
-            contact.expires_at or old.expires_at,
+            expires_at,
             contact.object_name or old.object_name,
         )
     return (*others, contact)

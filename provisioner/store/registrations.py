@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cache, lru_cache
 from typing import Any, TypeVar, cast
 
@@ -824,6 +824,11 @@ def forget_other_servers(conn: Connection, keep: Collection[str]) -> int:
 
 #: Contact statuses of a phone that does not answer (or is gone); any other is usable.
 _DOWN = ("Unreachable", "Removed")
+#: How long past its stored expiry a contact is taken for gone by ``status``: the daemon
+#: sees to each expiry seconds after it passes (``EXPIRY_GRACE`` in ``ami/pbx.py``:
+#: looked up, or made unknown for a phone that refreshed), so one still past it by
+#: this much was seen to by no one (the daemon or its AMI session down).
+EXPIRED_AFTER = timedelta(seconds=60)
 
 
 def summarize(contact_statuses: Sequence[str], server_states: Sequence[str]) -> str:
@@ -844,9 +849,32 @@ def _user_agent(contacts: Sequence[Mapping[str, Any]]) -> str:
     """The user agent of the first usable contact (of the first contact when none is):
     the phone the user is online with, not an old one that no longer answers."""
     for c in contacts:
-        if c["status"] not in _DOWN:
+        if c["status"] not in _DOWN and not c["expired"]:
             return str(c["user_agent"])
     return str(contacts[0]["user_agent"]) if contacts else ""
+
+
+def _mark_expired(contacts: list[dict[str, Any]], now: datetime) -> None:
+    """Set each contact's ``expired``: its stored expiry is ``EXPIRED_AFTER`` before ``now``."""
+    cutoff = now - EXPIRED_AFTER
+    for c in contacts:
+        c["expired"] = c["expires_at"] is not None and c["expires_at"] < cutoff
+
+
+def _live_states(
+    sums: Sequence[Mapping[str, Any]], contacts: Sequence[Mapping[str, Any]]
+) -> list[str]:
+    """Each server's summary state, but ``offline`` for an ``online`` one whose contacts
+    (written with it) have all expired (:func:`_mark_expired`) or do not answer: the
+    phone it was written for is gone, and no one saw to it."""
+    states = []
+    for s in sums:
+        state = s["state"]
+        mine = [c for c in contacts if c["server"] == s["server"]]
+        if state == "online" and mine and all(c["expired"] or c["status"] in _DOWN for c in mine):
+            state = "offline"
+        states.append(state)
+    return states
 
 
 def _dialled_order(extension: str) -> tuple[int, int, str]:
@@ -858,10 +886,15 @@ def _dialled_order(extension: str) -> tuple[int, int, str]:
     return (1, 0, extension)
 
 
-def status_rows(conn: Connection, usernames: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def status_rows(
+    conn: Connection, usernames: Sequence[str] | None = None, *, now: datetime | None = None
+) -> list[dict[str, Any]]:
     """Per live user, ordered by extension as dialled numbers (:func:`_dialled_order`):
     extension, username, summary per server (by server name) and contacts (by server,
-    then URI), for ``status``; the user agent is a usable contact's (:func:`_user_agent`)."""
+    then URI, each with ``expired``: past its stored expiry by ``EXPIRED_AFTER`` at
+    ``now``, naive UTC, default the clock's), for ``status``; the user agent is a usable
+    contact's (:func:`_user_agent`).  An expired contact counts for nothing in the state."""
+    now = now if now is not None else datetime.now(UTC).replace(tzinfo=None)
     query = select(users.c.id, users.c.extension, users.c.username, users.c.username_key).where(
         users.c.deleted_at.is_(None)
     )
@@ -895,7 +928,9 @@ def status_rows(conn: Connection, usernames: Sequence[str] | None = None) -> lis
     for p in people:
         sums = summaries.get(p.id, [])
         cons = contacts.get(p.id, [])
-        state = summarize([c["status"] for c in cons], [s["state"] for s in sums])
+        _mark_expired(cons, now)
+        statuses = [c["status"] for c in cons if not c["expired"]]
+        state = summarize(statuses, _live_states(sums, cons))
         changed = [x["changed_at"] for x in sums + cons]
         out.append(
             {
