@@ -324,12 +324,12 @@ class Accounts:
         generated SIP secret, if one was generated."""
         values = dict(values)
         values.setdefault("role", "user")
+        missing = {name for name in _REQUIRED_ON_ADD if values.get(name) in (None, "")}
         problems = [
-            Problem(name, "is required", line)
-            for name in _REQUIRED_ON_ADD
-            if values.get(name) in (None, "")
+            Problem(name, "is required", line) for name in _REQUIRED_ON_ADD if name in missing
         ]
-        present = {k: v for k, v in values.items() if v is not None}
+        # A missing field is reported once, as required: its format rule has nothing to judge.
+        present = {k: v for k, v in values.items() if v is not None and k not in missing}
         clean = self._validate(present, problems, line)
         self._check_profile(conn, clean, clean.get("role", "user"), problems, line)
         if problems:

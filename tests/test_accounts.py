@@ -205,6 +205,24 @@ def test_all_problems_of_an_add_are_reported(accounts: Accounts) -> None:
     assert [u.username for u in accounts.list_users(deleted=None)] == ["root"]
 
 
+def test_an_empty_required_field_is_one_problem_not_two(accounts: Accounts) -> None:
+    """An add (or an import row) with empty username, full name and email reports each of
+    them once, as required, not also as badly formed."""
+    with pytest.raises(InvalidInput) as info:
+        accounts.add_user({"username": "", "full_name": "", "email": "", "profile": "agents"})
+    assert info.value.problems == (
+        Problem("username", "is required"),
+        Problem("full_name", "is required"),
+        Problem("email", "is required"),
+    )
+    with pytest.raises(InvalidInput) as info:
+        import_users(accounts, "username,full_name,email,profile\nbob,,,agents\n")
+    assert info.value.problems == (
+        Problem("full_name", "is required", 2),
+        Problem("email", "is required", 2),
+    )
+
+
 def test_first_user_must_be_admin(engine: Engine, policy: Policy, clock: FakeClock) -> None:
     """In an empty store the first user must be an admin, and becomes id 1."""
     acc = Accounts(engine, policy, clock)
