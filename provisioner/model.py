@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -36,6 +36,7 @@ __all__ = [
     "User",
     "Voice",
     "account_state",
+    "as_of",
     "check_flag",
     "check_password_policy",
     "merge_attributes",
@@ -419,6 +420,15 @@ def is_locked(locked_at: datetime | None, now: datetime, lock_minutes: int) -> b
     if lock_minutes <= 0:
         return True
     return now < locked_at + timedelta(minutes=lock_minutes)
+
+
+def as_of(user: User, now: datetime, lock_minutes: int) -> User:
+    """``user`` as its next login sees it at ``now``: a lock that has timed out is gone,
+    and its failed logins with it (the login starts the count afresh), so a view shows
+    no lock time and no count beside an active state."""
+    if user.locked_at is None or is_locked(user.locked_at, now, lock_minutes):
+        return user
+    return replace(user, locked_at=None, failed_logins=0)
 
 
 def account_state(user: User, now: datetime, lock_minutes: int) -> str:
