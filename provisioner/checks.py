@@ -216,12 +216,18 @@ def _secret_files(config: Config) -> Iterator[Check]:
 
 
 def _health(config: Config) -> Iterator[Check]:
+    """The daemon line, from its health record: failed when the record is unreadable or
+    the daemon unhealthy; passed, saying so, when there is no record (no daemon has run
+    on this state_dir yet: a check before the first start is no failure)."""
+    state_dir = Path(config.daemon.state_dir)
     try:
-        health = read_health(Path(config.daemon.state_dir))
+        health = read_health(state_dir)
     except HealthUnreadable as exc:
         yield ("daemon", False, f"health record unreadable: {exc}")
         return
     if health is None:
+        detail = "no daemon has run with this state_dir (nothing to check)"
+        yield ("daemon", True, f"no health record in {state_dir}: {detail}")
         return
     problems = health.problems(time.time(), max_age=60.0)
     yield ("daemon", not problems, "; ".join(problems) or f"pid {health.pid}, healthy")

@@ -222,3 +222,17 @@ def test_check_of_an_unreachable_store_says_why_on_one_line(tmp_path: Path) -> N
     assert all(line.startswith(("ok    ", "FAIL  ")) for line in lines), lines
     (store,) = [line for line in lines if line.startswith("FAIL  store: ")]
     assert "Connection refused" in store
+
+
+def test_check_says_so_on_its_daemon_line_when_no_daemon_wrote_a_record(tmp_path: Path) -> None:
+    """'provisioner check' where no daemon has written a health record (never run with this
+    state_dir) prints a daemon line saying so, and does not fail for it."""
+    seed_store(store_url(tmp_path), 1).dispose()
+    config = write_config(tmp_path)
+    result = cli(config, "check", check=False)
+    assert result.code == 0, result
+    (line,) = [line for line in result.out.splitlines() if "daemon:" in line]
+    assert line == (
+        f"ok    daemon: no health record in {tmp_path / 'state'}: "
+        "no daemon has run with this state_dir (nothing to check)"
+    )
