@@ -481,6 +481,71 @@ def test_bad_template_fails_and_keeps_the_old_file(
         assert user.sip_sha256 not in str(info.value)
 
 
+#: The auth section's digest value, as an override can reach it in section.j2.
+_DIGEST = '{% for k, v in options %}{% if k == "password_digest" %}{{ v }}{% endif %}{% endfor %}'
+
+
+def _quotes_a_digest(message: str) -> bool:
+    """True when ``message`` holds 12 characters in a row of any representative user's
+    digests (a digest cut short by a template leaks as much)."""
+    digests = [d for u in REPRESENTATIVE for d in (u.sip_md5, u.sip_sha256)]
+    return any(d[i : i + 12] in message for d in digests for i in range(len(d) - 11))
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        # Option names and values swapped: the digest comes out as an option's name.
+        (
+            "section.j2",
+            "{% macro section(id, type, options) %}\n[{{ id }}]\ntype={{ type }}\n"
+            "{% for k, v in options %}{{ v }}={{ k }}\n{% endfor %}{% endmacro %}",
+        ),
+        # The digest as an unknown directive's word.
+        (
+            "section.j2",
+            "{% macro section(id, type, options) %}\n[{{ id }}]\ntype={{ type }}\n"
+            "{% for k, v in options %}{{ k }}={{ v }}\n#{{ v }}\n{% endfor %}{% endmacro %}",
+        ),
+        # Part of the digest in a section's name.
+        (
+            "section.j2",
+            "{% macro section(id, type, options) %}\n[{{ id }}"
+            + _DIGEST.replace("{{ v }}", "{{ v[7:40] }}")
+            + "]\ntype={{ type }}\n{% for k, v in options %}{{ k }}={{ v }}\n{% endfor %}"
+            "{% endmacro %}",
+        ),
+        # The digest as the name of a section inherited from (Asterisk refuses the file).
+        (
+            "section.j2",
+            "{% macro section(id, type, options) %}\n[{{ id }}]"
+            + "{% if type == 'auth' %}("
+            + _DIGEST
+            + "){% endif %}"
+            "\ntype={{ type }}\n{% for k, v in options %}{{ k }}={{ v }}\n{% endfor %}"
+            "{% endmacro %}",
+        ),
+        # The header makes a section of the first user's digest.
+        (
+            "header.j2",
+            '[{% for k, v in users[0].auth %}{% if k == "password_digest" %}{{ v }}'
+            "{% endif %}{% endfor %}]\nx=1\n",
+        ),
+    ],
+)
+@pytest.mark.parametrize("shards", [0, 4])
+def test_a_render_check_failure_never_quotes_a_digest_an_override_put_in_a_name(
+    tmp_path: Path, name: str, text: str, shards: int
+) -> None:
+    """An override that puts a digest (or part of one) where the parse-back check quotes
+    text (a section's or option's name, a directive's word, a section inherited from)
+    fails the check with a message that holds no part of it."""
+    target = make_target(tmp_path / "out.conf", shards, write_override(tmp_path / "t", name, text))
+    with pytest.raises(RenderCheckFailed) as info:
+        target.apply(rendered())
+    assert not _quotes_a_digest(str(info.value)), str(info.value)
+
+
 def test_template_errors_are_render_check_failures(tmp_path: Path) -> None:
     """A syntax error or an undefined name in an override raises RenderCheckFailed."""
     broken = ConfigFileTarget(
