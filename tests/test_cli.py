@@ -693,6 +693,18 @@ def test_provisioner_as_names_the_actor_and_is_no_config_key(cli: Cli, store: En
     assert "updated root" in cli.ok("--as", "root", "user", "edit", "root", "--email", "r@ex.com")
 
 
+def test_an_empty_provisioner_as_is_refused_not_taken_for_no_actor(cli: Cli, store: Engine) -> None:
+    """``$PROVISIONER_AS`` set but empty (a front end whose admin variable came out empty)
+    is refused on field actor, exit 5, as ``--as ''`` is: it does not run the command
+    unchecked as the store's operator."""
+    _add_boss(cli)
+    cli.env["PROVISIONER_AS"] = ""
+    refused = cli("user", "edit", "root", "--email", "evil@example.com")
+    assert refused.code == 5, refused
+    assert "  actor: '' names no user; only an existing, active admin acts" in refused.err
+    assert user_row(store, "root").email == "r@example.com"
+
+
 def test_as_an_unfit_actor_exits_5_naming_actor(cli: Cli, store: Engine) -> None:
     """``--as`` naming no user, or a non-admin, changes nothing and exits 5 on field actor."""
     _add(cli, "alice")
