@@ -279,6 +279,14 @@ def check_attributes(value: Any) -> tuple[Any, str | None]:
         if rule:
             return None, f"value of {key!r} {rule}"
         clean[key] = text
+    seen: dict[str, str] = {}
+    for key in clean:
+        # MariaDB/MySQL's collation makes the stored keys unique ignoring case; so they are
+        # on every database, and two spellings of one key in one change say two things.
+        if (other := seen.setdefault(key.lower(), key)) != key:
+            return None, (
+                f"keys {other!r} and {key!r} are one key (attribute keys are unique ignoring case)"
+            )
     return clean, None
 
 
@@ -444,11 +452,14 @@ def account_state(user: User, now: datetime, lock_minutes: int) -> str:
 
 def merge_attributes(current: Mapping[str, str], changes: Mapping[str, str]) -> dict[str, str]:
     """``current`` attributes with ``changes`` applied: a value sets its key, an empty one
-    removes it; keys ``changes`` does not name stay as they are."""
+    removes it; keys ``changes`` does not name stay as they are.  Keys are one key ignoring
+    case: a change sets (or removes) the key stored in any case, which keeps its spelling
+    (so an export, one column per key, re-imports as is)."""
     merged = dict(current)
     for key, value in changes.items():
-        if value == "":
-            merged.pop(key, None)
-        else:
-            merged[key] = value
+        stored = [k for k in merged if k.lower() == key.lower()]
+        for name in stored:
+            del merged[name]
+        if value != "":
+            merged[stored[0] if stored else key] = value
     return merged

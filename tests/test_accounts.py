@@ -345,6 +345,38 @@ def test_an_empty_attribute_value_means_no_such_attribute_on_add_and_edit(
     assert import_users(accounts, exported.getvalue()).updated == []
 
 
+def test_attribute_keys_are_one_key_ignoring_case_on_every_backend(accounts: Accounts) -> None:
+    """Attribute keys are unique ignoring case on every database (MariaDB's collation makes
+    them so): two keys of one change that differ only in case are refused on field
+    attributes (an add, an edit, a CSV header), and a key given in another case than the
+    stored one sets it (keeping its spelling), instead of a clash reported as a busy
+    extension; an export of users spelling one key differently re-imports as is."""
+    both = {"Team": "x", "team": "y"}
+    rule = "keys 'Team' and 'team' are one key (attribute keys are unique ignoring case)"
+    with pytest.raises(InvalidInput) as info:
+        accounts.add_user(_agent(attributes=both))
+    assert info.value.problems == (Problem("attributes", rule),)
+    accounts.add_user(_agent(attributes={"Team": "x"}))
+    with pytest.raises(InvalidInput) as info:
+        accounts.edit_user("alice", {}, attribute_changes=both)
+    assert info.value.problems == (Problem("attributes", rule),)
+    with pytest.raises(InvalidInput) as info:
+        import_users(accounts, "username,attr:Team,attr:team\nalice,a,b\n")
+    assert info.value.problems == (Problem("attr:team", "repeats column attr:Team", 1),)
+    accounts.edit_user("alice", {}, attribute_changes={"team": "y"})
+    assert accounts.get_user("alice").attributes == {"Team": "y"}
+    import_users(accounts, "username,attr:TEAM\nalice,z\n")
+    assert accounts.get_user("alice").attributes == {"Team": "z"}
+    accounts.add_user(_agent("bob", attributes={"team": "b"}))
+    exported = io.StringIO()
+    export_users(accounts.list_users(), exported)
+    assert exported.getvalue().splitlines()[0].endswith(",attr:Team")
+    assert import_users(accounts, exported.getvalue()).updated == []
+    assert accounts.get_user("bob").attributes == {"team": "b"}
+    accounts.edit_user("alice", {}, attribute_changes={"team": ""})
+    assert accounts.get_user("alice").attributes == {}
+
+
 def test_edit_refuses_immutable_fields_and_bad_values(accounts: Accounts) -> None:
     """Role and username cannot change (case aside); bad values name their rule."""
     accounts.add_user(_agent())
