@@ -281,7 +281,8 @@ def _import_rows(
                 if key in seen:
                     problems.append(Problem("username", f"repeats line {seen[key]}", line))
                     continue
-                seen[key] = line
+                if key:  # an empty one names no user: each such row is refused as required
+                    seen[key] = line
                 if line in repeated:
                     problems.append(repeated[line])
                     continue
