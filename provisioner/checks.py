@@ -58,6 +58,8 @@ def _store(config: Config) -> Check:
                 f"schema at {revision}, newer than this provisioner's {head_revision()}: "
                 "a newer provisioner migrated it; run that version",
             )
+        if revision is None:
+            return ("store", False, "no schema yet: run 'provisioner db upgrade'")
         if revision != head_revision():
             return (
                 "store",

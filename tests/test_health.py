@@ -236,3 +236,16 @@ def test_check_says_so_on_its_daemon_line_when_no_daemon_wrote_a_record(tmp_path
         f"ok    daemon: no health record in {tmp_path / 'state'}: "
         "no daemon has run with this state_dir (nothing to check)"
     )
+
+
+def test_check_of_a_store_with_no_schema_says_so_in_words(tmp_path: Path) -> None:
+    """'provisioner check' on an empty database fails its store line saying it has no schema
+    yet and what to run, not "schema at None"."""
+    from .helpers import make_cli
+
+    store = tmp_path / "store.db"
+    store.touch()
+    cli = make_cli(f"sqlite:///{store}", tmp_path, f'[target]\npath = "{tmp_path / "p.conf"}"\n')
+    result = cli("check")
+    assert result.code == 1
+    assert "FAIL  store: no schema yet: run 'provisioner db upgrade'" in result.out.splitlines()
