@@ -125,12 +125,15 @@ def _choice(options: tuple[str, ...]) -> Checker:
 
 
 def _optional_choice(options: tuple[str, ...]) -> Checker:
-    inner = _choice(options)
+    """One of ``options`` or off (None): ``off`` in any case, as the options are read, or
+    empty (an export's cell for off)."""
 
     def check(value: Any) -> tuple[Any, str | None]:
-        if value is None or value == "" or value == "off":
+        if value is None or (isinstance(value, str) and value.lower() in ("", "off")):
             return None, None
-        return inner(value)
+        if isinstance(value, str) and value.lower() in options:
+            return value.lower(), None
+        return None, "must be one of " + ", ".join(options) + ", or off"
 
     return check
 
