@@ -337,6 +337,23 @@ def test_plan_writes_nothing_and_redacts_credentials(target: ConfigFileTarget) -
         assert user.sip_sha256 not in change.diff
 
 
+@pytest.mark.parametrize("shards", [0, 4])
+def test_plan_diff_redacts_a_digest_an_override_prints_in_a_comment(
+    tmp_path: Path, shards: int
+) -> None:
+    """A digest an override template prints outside its option (in a comment, which the
+    parse-back check lets through) is redacted in the dry-run diff as the option is."""
+    section = (
+        "{% macro section(id, type, options) %}\n[{{ id }}]\ntype={{ type }}\n"
+        "{% for k, v in options %}{{ k }}={{ v }}\n; was {{ v }} ({{ v[8:45] }})\n"
+        "{% endfor %}{% endmacro %}"
+    )
+    overrides = write_override(tmp_path / "t", "section.j2", section)
+    change = make_target(tmp_path / "out.conf", shards, overrides).plan(rendered())
+    assert "+; was SHA-256:<redacted>,MD5:<redacted> (<redacted>)\n" in change.diff
+    assert not _quotes_a_digest(change.diff)
+
+
 def test_plan_diff_shows_a_changed_secret_only_as_changed(target: ConfigFileTarget) -> None:
     """A rotated digest shows as '<redacted> <changed>'; unchanged ones drop out of the diff."""
     target.apply(rendered())
