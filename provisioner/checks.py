@@ -124,7 +124,7 @@ def _target(config: Config) -> Check:
             return ("target", True, f"realtime tables {absent} absent: the first write makes them")
         return ("target", True, "realtime tables present")
     except DBAPIError as exc:
-        return ("target", False, f"cannot open realtime database: {type(exc.orig).__name__}")
+        return ("target", False, f"cannot open realtime database: {driver_error(exc)}")
     finally:
         engine.dispose()
 

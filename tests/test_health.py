@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import stat
 from pathlib import Path
 
@@ -249,3 +250,21 @@ def test_check_of_a_store_with_no_schema_says_so_in_words(tmp_path: Path) -> Non
     result = cli("check")
     assert result.code == 1
     assert "FAIL  store: no schema yet: run 'provisioner db upgrade'" in result.out.splitlines()
+
+
+def test_check_of_an_unreachable_realtime_database_says_why(tmp_path: Path) -> None:
+    """'provisioner check' whose realtime database refuses the connection fails its target
+    line with the driver's first line (as the store line does), not only an error type."""
+    from .helpers import make_cli
+
+    with socket.socket() as sock:  # a port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    seed_store(store_url(tmp_path), 1).dispose()
+    realtime = f"postgresql+psycopg://app:pw@127.0.0.1:{port}/asterisk"
+    text = f'[target]\nkind = "realtime"\nurl = "{realtime}"\n'
+    result = make_cli(store_url(tmp_path), tmp_path, text)("check")
+    assert result.code == 1
+    (line,) = [line for line in result.out.splitlines() if "target:" in line]
+    assert line.startswith("FAIL  target: cannot open realtime database: OperationalError: "), line
+    assert "Connection refused" in line
