@@ -182,9 +182,19 @@ async def _login(server: AsteriskServer, config: Config) -> Check:
         await runner
 
 
+#: The asterisk line when no server is configured: nothing fails, but it is said.
+NO_ASTERISK: Check = (
+    "asterisk",
+    True,
+    "no [[asterisk]] server configured (no login to check; no Asterisk is told of changes)",
+)
+
+
 async def _logins(config: Config) -> list[Check]:
     """Each server's :func:`_login`, all at once (servers that do not answer cost one
-    login timeout, not one each), in the config's order."""
+    login timeout, not one each), in the config's order; :data:`NO_ASTERISK` for none."""
+    if not config.asterisk:
+        return [NO_ASTERISK]
     return list(await asyncio.gather(*(_login(server, config) for server in config.asterisk)))
 
 

@@ -268,3 +268,16 @@ def test_check_of_an_unreachable_realtime_database_says_why(tmp_path: Path) -> N
     (line,) = [line for line in result.out.splitlines() if "target:" in line]
     assert line.startswith("FAIL  target: cannot open realtime database: OperationalError: "), line
     assert "Connection refused" in line
+
+
+def test_check_says_so_on_an_asterisk_line_when_no_server_is_configured(tmp_path: Path) -> None:
+    """'provisioner check' with no [[asterisk]] server prints an asterisk line saying none is
+    configured (Asterisk is then never told of a change), and does not fail for it."""
+    seed_store(store_url(tmp_path), 1).dispose()
+    result = cli(write_config(tmp_path), "check", check=False)
+    assert result.code == 0, result
+    (line,) = [line for line in result.out.splitlines() if line[6:].startswith("asterisk")]
+    assert line == (
+        "ok    asterisk: no [[asterisk]] server configured "
+        "(no login to check; no Asterisk is told of changes)"
+    )
