@@ -857,6 +857,20 @@ def test_extension_the_database_holds_equal_is_a_conflict(accounts: Accounts, ba
     assert accounts.edit_user("alice", {"extension": "150"}).extension == "150"
 
 
+def test_an_allocated_extension_skips_one_the_database_holds_equal(
+    accounts: Accounts, backend: str
+) -> None:
+    """A user added without an extension gets the lowest number the store's unique key
+    lets it take: on MariaDB a ``'101 '`` another writer stored holds 101 (the add gets
+    102, not "could not allocate an extension after repeated conflicts"); elsewhere 101
+    is free."""
+    accounts.add_user(_agent(extension="500"))
+    with accounts.transaction() as conn:
+        conn.execute(update(users).where(users.c.username == "alice").values(extension="101 "))
+    created = accounts.add_user(_agent("bob"))
+    assert created.user.extension == ("102" if backend == "mariadb" else "101")
+
+
 def test_concurrent_edit_to_the_same_extension_is_a_conflict(accounts: Accounts) -> None:
     """An edit that loses a race for an extension to another writer is refused as a conflict
     on field extension naming the holder, never as a raw database error."""
