@@ -33,6 +33,7 @@ from .model import (
     Profile,
     User,
     account_state,
+    as_of,
     check_profile_fields,
     is_locked,
     merge_attributes,
@@ -258,12 +259,13 @@ class Accounts:
     # -- reading users --------------------------------------------------------
 
     def get_user(self, username: str) -> User:
-        """The user, live or deleted, found case-insensitively."""
+        """The user, live or deleted, found case-insensitively, as of now (:func:`as_of`:
+        a lock that timed out is shown gone, with its failed logins)."""
         with self.transaction() as conn:
             found = q.load_users(conn, usernames=[username], deleted=None)
         if not found:
             raise NotFoundError("user", username)
-        return found[0]
+        return as_of(found[0], self.clock(), self.policy.lock_minutes)
 
     def list_users(
         self,
@@ -273,12 +275,13 @@ class Accounts:
         profile: str | None = None,
         state: str | None = None,
     ) -> list[User]:
+        """Users, each as of now (:func:`as_of`), filtered by role, profile and state."""
         with self.transaction() as conn:
             found = q.load_users(conn, deleted=deleted)
         now = self.clock()
         return [
             u
-            for u in found
+            for u in (as_of(user, now, self.policy.lock_minutes) for user in found)
             if (role is None or u.role == role)
             and (profile is None or u.profile == profile)
             and (state is None or self.state(u, now) == state)
@@ -324,12 +327,12 @@ class Accounts:
         generated SIP secret, if one was generated."""
         values = dict(values)
         values.setdefault("role", "user")
+        missing = {name for name in _REQUIRED_ON_ADD if values.get(name) in (None, "")}
         problems = [
-            Problem(name, "is required", line)
-            for name in _REQUIRED_ON_ADD
-            if values.get(name) in (None, "")
+            Problem(name, "is required", line) for name in _REQUIRED_ON_ADD if name in missing
         ]
-        present = {k: v for k, v in values.items() if v is not None}
+        # A missing field is reported once, as required: its format rule has nothing to judge.
+        present = {k: v for k, v in values.items() if v is not None and k not in missing}
         clean = self._validate(present, problems, line)
         self._check_profile(conn, clean, clean.get("role", "user"), problems, line)
         if problems:

@@ -107,6 +107,14 @@ class Notice:
 
     line: int
     message: str
+    #: The message quoting nothing from the text (see :attr:`AsteriskSyntaxError.plain`);
+    #: empty: the message quotes nothing.
+    plain_text: str = ""
+
+    @property
+    def plain(self) -> str:
+        """The message, quoting nothing from the text."""
+        return self.plain_text or self.message
 
 
 @dataclass(frozen=True)
@@ -385,7 +393,9 @@ def _section_header(state: _State, text: str, lineno: int) -> None:
                 found = _addition_target(state, name, item[1:])
                 if found is None:
                     raise AsteriskSyntaxError(
-                        lineno, f"addition to section {_decoded(name)!r}, which does not exist"
+                        lineno,
+                        f"addition to section {_decoded(name)!r}, which does not exist",
+                        "addition to a section that does not exist",
                     )
                 if new is not None:
                     found.template |= new.template
@@ -396,7 +406,9 @@ def _section_header(state: _State, text: str, lineno: int) -> None:
                 base = _first_category(state, item, templates=True)
                 if base is None:
                     raise AsteriskSyntaxError(
-                        lineno, f"inheritance from section {_decoded(item)!r}, which does not exist"
+                        lineno,
+                        f"inheritance from section {_decoded(item)!r}, which does not exist",
+                        "inheritance from a section that does not exist",
                     )
                 copies = [[n, v] for n, v in base.options]  # base may be current itself
                 current.inherits.append(base.name)
@@ -418,7 +430,13 @@ def _directive(state: _State, text: str, lineno: int) -> None:
         argument = None
     name = _fold(word).decode("latin-1")
     if name not in DIRECTIVES:
-        state.notices.append(Notice(lineno, f"unknown directive '#{_decoded(word)}' (ignored)"))
+        state.notices.append(
+            Notice(
+                lineno,
+                f"unknown directive '#{_decoded(word)}' (ignored)",
+                "unknown directive (ignored)",
+            )
+        )
     elif argument is None:
         state.notices.append(Notice(lineno, f"directive '#{name}' has no argument (ignored)"))
     if argument is not None and argument[0] in '"<':

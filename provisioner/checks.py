@@ -59,6 +59,8 @@ def _store(config: Config) -> Check:
                 f"schema at {revision}, newer than this provisioner's {head_revision()}: "
                 "a newer provisioner migrated it; run that version",
             )
+        if revision is None:
+            return ("store", False, "no schema yet: run 'provisioner db upgrade'")
         if revision != head_revision():
             return (
                 "store",
@@ -147,7 +149,7 @@ def _target(config: Config) -> Check:
             return ("target", True, f"realtime tables {absent} absent: the first write makes them")
         return ("target", True, "realtime tables present")
     except DBAPIError as exc:
-        return ("target", False, f"cannot open realtime database: {type(exc.orig).__name__}")
+        return ("target", False, f"cannot open realtime database: {driver_error(exc)}")
     finally:
         engine.dispose()
 
@@ -205,9 +207,19 @@ async def _login(server: AsteriskServer, config: Config) -> Check:
         await runner
 
 
+#: The asterisk line when no server is configured: nothing fails, but it is said.
+NO_ASTERISK: Check = (
+    "asterisk",
+    True,
+    "no [[asterisk]] server configured (no login to check; no Asterisk is told of changes)",
+)
+
+
 async def _logins(config: Config) -> list[Check]:
     """Each server's :func:`_login`, all at once (servers that do not answer cost one
-    login timeout, not one each), in the config's order."""
+    login timeout, not one each), in the config's order; :data:`NO_ASTERISK` for none."""
+    if not config.asterisk:
+        return [NO_ASTERISK]
     return list(await asyncio.gather(*(_login(server, config) for server in config.asterisk)))
 
 
@@ -241,12 +253,18 @@ def _secret_files(config: Config) -> Iterator[Check]:
 
 
 def _health(config: Config) -> Iterator[Check]:
+    """The daemon line, from its health record: failed when the record is unreadable or
+    the daemon unhealthy; passed, saying so, when there is no record (no daemon has run
+    on this state_dir yet: a check before the first start is no failure)."""
+    state_dir = Path(config.daemon.state_dir)
     try:
-        health = read_health(Path(config.daemon.state_dir))
+        health = read_health(state_dir)
     except HealthUnreadable as exc:
         yield ("daemon", False, f"health record unreadable: {exc}")
         return
     if health is None:
+        detail = "no daemon has run with this state_dir (nothing to check)"
+        yield ("daemon", True, f"no health record in {state_dir}: {detail}")
         return
     problems = health.problems(time.time(), max_age=60.0)
     yield ("daemon", not problems, "; ".join(problems) or f"pid {health.pid}, healthy")

@@ -144,6 +144,10 @@ def cli(
         # Only the daemon acts on the signals deferred at the start: the rest get them
         # as they would have.
         restore_signals()
+    if actor is None:
+        # Click drops an empty variable; a set one names an actor, and an empty name is
+        # refused (as --as ''), not taken for none: that would run the command unchecked.
+        actor = os.environ.get(ENV_ACTOR)
     # An empty --store-url is set, and refused: ignored, it would leave the default store.
     all_sets = [*sets, *([f"store.url={store_url}"] if store_url is not None else [])]
     ctx.obj = App(config_path, all_sets, verbose, actor)

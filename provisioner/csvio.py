@@ -96,12 +96,16 @@ def _cells(user: User) -> dict[str, str]:
 
 def export_users(users: Sequence[User], out: TextIO) -> int:
     """Write ``users`` as CSV to ``out``; return the number of rows."""
-    attr_keys = sorted({k for u in users for k in u.attributes})
+    # One column per key ignoring case (as keys are one key so), named by its first spelling.
+    attr_keys: dict[str, str] = {}
+    for key in sorted({k for u in users for k in u.attributes}):
+        attr_keys.setdefault(key.lower(), key)
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([*COLUMNS, *(ATTR_PREFIX + k for k in attr_keys)])
+    writer.writerow([*COLUMNS, *(ATTR_PREFIX + k for k in attr_keys.values())])
     for user in users:
         cells = _cells(user)
-        row = [cells[c] for c in COLUMNS] + [user.attributes.get(k, "") for k in attr_keys]
+        held = {k.lower(): v for k, v in sorted(user.attributes.items(), reverse=True)}
+        row = [cells[c] for c in COLUMNS] + [held.get(k, "") for k in attr_keys]
         writer.writerow([_defuse(c) for c in row])
     return len(users)
 
@@ -147,6 +151,14 @@ def _read(source: TextIO) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
             problems.append(Problem(name or "(empty)", "is not a known column", 1))
     if len(set(header)) != len(header):
         problems.append(Problem("header", "has a repeated column", 1))
+    attr_columns: dict[str, str] = {}
+    for name in header:
+        # Attribute keys are one key ignoring case (see model.check_attributes).
+        first = (
+            attr_columns.setdefault(name.lower(), name) if name.startswith(ATTR_PREFIX) else name
+        )
+        if first != name:
+            problems.append(Problem(name, f"repeats column {first}", 1))
     if "username" not in header:
         problems.append(Problem("username", "column is required", 1))
     if problems:
@@ -269,7 +281,8 @@ def _import_rows(
                 if key in seen:
                     problems.append(Problem("username", f"repeats line {seen[key]}", line))
                     continue
-                seen[key] = line
+                if key:  # an empty one names no user: each such row is refused as required
+                    seen[key] = line
                 if line in repeated:
                     problems.append(repeated[line])
                     continue

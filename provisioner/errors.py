@@ -131,13 +131,21 @@ class AsteriskSyntaxError(ProvisionerError):
     """Text that Asterisk would refuse to load as a whole (its config parser gives up).
 
     ``line`` is the 1-based line number; ``rule`` says what is wrong without quoting
-    any option value (values may be secrets).
+    any option value (values may be secrets), but may quote a section's name from the
+    text; ``plain`` says it quoting nothing from the text (for text provisioner rendered,
+    where an override template may have put any value, a digest included, in a name).
     """
 
-    def __init__(self, line: int, rule: str) -> None:
+    def __init__(self, line: int, rule: str, plain: str | None = None) -> None:
         self.line = line
         self.rule = rule
+        self.plain = rule if plain is None else plain
         super().__init__(f"line {line}: {rule}")
+
+    @property
+    def plain_message(self) -> str:
+        """The message quoting nothing from the text: ``line N: <plain>``."""
+        return f"line {self.line}: {self.plain}"
 
 
 class RenderCheckFailed(ProvisionerError):

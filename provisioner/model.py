@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -36,6 +36,7 @@ __all__ = [
     "User",
     "Voice",
     "account_state",
+    "as_of",
     "check_flag",
     "check_password_policy",
     "merge_attributes",
@@ -124,12 +125,15 @@ def _choice(options: tuple[str, ...]) -> Checker:
 
 
 def _optional_choice(options: tuple[str, ...]) -> Checker:
-    inner = _choice(options)
+    """One of ``options`` or off (None): ``off`` in any case, as the options are read, or
+    empty (an export's cell for off)."""
 
     def check(value: Any) -> tuple[Any, str | None]:
-        if value is None or value == "" or value == "off":
+        if value is None or (isinstance(value, str) and value.lower() in ("", "off")):
             return None, None
-        return inner(value)
+        if isinstance(value, str) and value.lower() in options:
+            return value.lower(), None
+        return None, "must be one of " + ", ".join(options) + ", or off"
 
     return check
 
@@ -278,6 +282,14 @@ def check_attributes(value: Any) -> tuple[Any, str | None]:
         if rule:
             return None, f"value of {key!r} {rule}"
         clean[key] = text
+    seen: dict[str, str] = {}
+    for key in clean:
+        # MariaDB/MySQL's collation makes the stored keys unique ignoring case; so they are
+        # on every database, and two spellings of one key in one change say two things.
+        if (other := seen.setdefault(key.lower(), key)) != key:
+            return None, (
+                f"keys {other!r} and {key!r} are one key (attribute keys are unique ignoring case)"
+            )
     return clean, None
 
 
@@ -421,6 +433,15 @@ def is_locked(locked_at: datetime | None, now: datetime, lock_minutes: int) -> b
     return now < locked_at + timedelta(minutes=lock_minutes)
 
 
+def as_of(user: User, now: datetime, lock_minutes: int) -> User:
+    """``user`` as its next login sees it at ``now``: a lock that has timed out is gone,
+    and its failed logins with it (the login starts the count afresh), so a view shows
+    no lock time and no count beside an active state."""
+    if user.locked_at is None or is_locked(user.locked_at, now, lock_minutes):
+        return user
+    return replace(user, locked_at=None, failed_logins=0)
+
+
 def account_state(user: User, now: datetime, lock_minutes: int) -> str:
     """``deleted``, ``disabled``, ``locked`` or ``active``, in that precedence."""
     if user.deleted_at is not None:
@@ -434,11 +455,14 @@ def account_state(user: User, now: datetime, lock_minutes: int) -> str:
 
 def merge_attributes(current: Mapping[str, str], changes: Mapping[str, str]) -> dict[str, str]:
     """``current`` attributes with ``changes`` applied: a value sets its key, an empty one
-    removes it; keys ``changes`` does not name stay as they are."""
+    removes it; keys ``changes`` does not name stay as they are.  Keys are one key ignoring
+    case: a change sets (or removes) the key stored in any case, which keeps its spelling
+    (so an export, one column per key, re-imports as is)."""
     merged = dict(current)
     for key, value in changes.items():
-        if value == "":
-            merged.pop(key, None)
-        else:
-            merged[key] = value
+        stored = [k for k in merged if k.lower() == key.lower()]
+        for name in stored:
+            del merged[name]
+        if value != "":
+            merged[stored[0] if stored else key] = value
     return merged

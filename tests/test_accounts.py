@@ -205,6 +205,24 @@ def test_all_problems_of_an_add_are_reported(accounts: Accounts) -> None:
     assert [u.username for u in accounts.list_users(deleted=None)] == ["root"]
 
 
+def test_an_empty_required_field_is_one_problem_not_two(accounts: Accounts) -> None:
+    """An add (or an import row) with empty username, full name and email reports each of
+    them once, as required, not also as badly formed."""
+    with pytest.raises(InvalidInput) as info:
+        accounts.add_user({"username": "", "full_name": "", "email": "", "profile": "agents"})
+    assert info.value.problems == (
+        Problem("username", "is required"),
+        Problem("full_name", "is required"),
+        Problem("email", "is required"),
+    )
+    with pytest.raises(InvalidInput) as info:
+        import_users(accounts, "username,full_name,email,profile\nbob,,,agents\n")
+    assert info.value.problems == (
+        Problem("full_name", "is required", 2),
+        Problem("email", "is required", 2),
+    )
+
+
 def test_first_user_must_be_admin(engine: Engine, policy: Policy, clock: FakeClock) -> None:
     """In an empty store the first user must be an admin, and becomes id 1."""
     acc = Accounts(engine, policy, clock)
@@ -325,6 +343,38 @@ def test_an_empty_attribute_value_means_no_such_attribute_on_add_and_edit(
     exported = io.StringIO()
     export_users(accounts.list_users(), exported)
     assert import_users(accounts, exported.getvalue()).updated == []
+
+
+def test_attribute_keys_are_one_key_ignoring_case_on_every_backend(accounts: Accounts) -> None:
+    """Attribute keys are unique ignoring case on every database (MariaDB's collation makes
+    them so): two keys of one change that differ only in case are refused on field
+    attributes (an add, an edit, a CSV header), and a key given in another case than the
+    stored one sets it (keeping its spelling), instead of a clash reported as a busy
+    extension; an export of users spelling one key differently re-imports as is."""
+    both = {"Team": "x", "team": "y"}
+    rule = "keys 'Team' and 'team' are one key (attribute keys are unique ignoring case)"
+    with pytest.raises(InvalidInput) as info:
+        accounts.add_user(_agent(attributes=both))
+    assert info.value.problems == (Problem("attributes", rule),)
+    accounts.add_user(_agent(attributes={"Team": "x"}))
+    with pytest.raises(InvalidInput) as info:
+        accounts.edit_user("alice", {}, attribute_changes=both)
+    assert info.value.problems == (Problem("attributes", rule),)
+    with pytest.raises(InvalidInput) as info:
+        import_users(accounts, "username,attr:Team,attr:team\nalice,a,b\n")
+    assert info.value.problems == (Problem("attr:team", "repeats column attr:Team", 1),)
+    accounts.edit_user("alice", {}, attribute_changes={"team": "y"})
+    assert accounts.get_user("alice").attributes == {"Team": "y"}
+    import_users(accounts, "username,attr:TEAM\nalice,z\n")
+    assert accounts.get_user("alice").attributes == {"Team": "z"}
+    accounts.add_user(_agent("bob", attributes={"team": "b"}))
+    exported = io.StringIO()
+    export_users(accounts.list_users(), exported)
+    assert exported.getvalue().splitlines()[0].endswith(",attr:Team")
+    assert import_users(accounts, exported.getvalue()).updated == []
+    assert accounts.get_user("bob").attributes == {"team": "b"}
+    accounts.edit_user("alice", {}, attribute_changes={"team": ""})
+    assert accounts.get_user("alice").attributes == {}
 
 
 def test_edit_refuses_immutable_fields_and_bad_values(accounts: Accounts) -> None:
@@ -805,6 +855,20 @@ def test_extension_the_database_holds_equal_is_a_conflict(accounts: Accounts, ba
         accounts.add_user(_agent("carol", extension="150"))
     assert added.value.problems == (Problem("extension", rule),)
     assert accounts.edit_user("alice", {"extension": "150"}).extension == "150"
+
+
+def test_an_allocated_extension_skips_one_the_database_holds_equal(
+    accounts: Accounts, backend: str
+) -> None:
+    """A user added without an extension gets the lowest number the store's unique key
+    lets it take: on MariaDB a ``'101 '`` another writer stored holds 101 (the add gets
+    102, not "could not allocate an extension after repeated conflicts"); elsewhere 101
+    is free."""
+    accounts.add_user(_agent(extension="500"))
+    with accounts.transaction() as conn:
+        conn.execute(update(users).where(users.c.username == "alice").values(extension="101 "))
+    created = accounts.add_user(_agent("bob"))
+    assert created.user.extension == ("102" if backend == "mariadb" else "101")
 
 
 def test_concurrent_edit_to_the_same_extension_is_a_conflict(accounts: Accounts) -> None:

@@ -693,6 +693,18 @@ def test_provisioner_as_names_the_actor_and_is_no_config_key(cli: Cli, store: En
     assert "updated root" in cli.ok("--as", "root", "user", "edit", "root", "--email", "r@ex.com")
 
 
+def test_an_empty_provisioner_as_is_refused_not_taken_for_no_actor(cli: Cli, store: Engine) -> None:
+    """``$PROVISIONER_AS`` set but empty (a front end whose admin variable came out empty)
+    is refused on field actor, exit 5, as ``--as ''`` is: it does not run the command
+    unchecked as the store's operator."""
+    _add_boss(cli)
+    cli.env["PROVISIONER_AS"] = ""
+    refused = cli("user", "edit", "root", "--email", "evil@example.com")
+    assert refused.code == 5, refused
+    assert "  actor: '' names no user; only an existing, active admin acts" in refused.err
+    assert user_row(store, "root").email == "r@example.com"
+
+
 def test_as_an_unfit_actor_exits_5_naming_actor(cli: Cli, store: Engine) -> None:
     """``--as`` naming no user, or a non-admin, changes nothing and exits 5 on field actor."""
     _add(cli, "alice")
@@ -797,3 +809,21 @@ def test_an_export_to_a_stdout_that_cannot_be_written_exits_2_naming_csv(cli: Cl
         "error: invalid input\n  --csv: cannot write '-': No space left on device\n",
     )
     assert cli.ok("user", "export", "--csv", "-").splitlines()[1].startswith("root,admin,")
+
+
+def test_user_show_and_list_clear_a_lock_that_timed_out(cli: Cli, clock: FakeClock) -> None:
+    """Once lock_minutes have passed, 'user show' and 'user list' give the state active
+    with no lock time and no failed logins, as the next login sees it, not the stale ones."""
+    cli.ok(
+        "user", "add", "alice", "--full-name", "Alice", "--email", "a@example.com",
+        "--profile", "agents", "--password", "-", input=GOOD_PASSWORD + "\n",
+    )  # fmt: skip
+    for _ in range(3):
+        cli("auth", "login", "alice", input="wrong\n")
+    locked = json.loads(cli.ok("user", "show", "alice", "--json"))
+    assert (locked["state"], locked["failed_logins"]) == ("locked", 3)
+    clock.advance(minutes=15)
+    shown = json.loads(cli.ok("user", "show", "alice", "--json"))
+    assert (shown["state"], shown["failed_logins"], shown["locked_at"]) == ("active", 0, None)
+    (listed,) = [u for u in json.loads(cli.ok("user", "list", "--json")) if u["id"] == shown["id"]]
+    assert (listed["failed_logins"], listed["locked_at"]) == (0, None)

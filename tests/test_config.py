@@ -388,7 +388,7 @@ def test_check_says_a_store_it_cannot_reach_on_one_line(tmp_path: Path) -> None:
     result = cli("check")
     assert result.code == 1
     lines = result.out.splitlines()
-    assert [line[:6] for line in lines] == ["ok    ", "FAIL  ", "ok    "], lines
+    assert [line[:6] for line in lines] == ["ok    ", "FAIL  ", "ok    ", "ok    ", "ok    "], lines
     assert lines[1].startswith("FAIL  store: cannot open: OperationalError: ")
     assert "Connection refused" in lines[1]
 
@@ -600,6 +600,10 @@ def test_check_fails_its_store_line_when_the_sqlite_file_cannot_be_looked_at(
     assert result.out.splitlines()[1:] == [
         f"FAIL  store: cannot look at {str(store)!r}: File name too long",
         f"ok    target: config file {tmp_path}/p.conf (directory writable)",
+        "ok    asterisk: no [[asterisk]] server configured (no login to check; no Asterisk "
+        "is told of changes)",
+        "ok    daemon: no health record in var: no daemon has run with this state_dir "
+        "(nothing to check)",
     ]
 
 

@@ -337,6 +337,23 @@ def test_plan_writes_nothing_and_redacts_credentials(target: ConfigFileTarget) -
         assert user.sip_sha256 not in change.diff
 
 
+@pytest.mark.parametrize("shards", [0, 4])
+def test_plan_diff_redacts_a_digest_an_override_prints_in_a_comment(
+    tmp_path: Path, shards: int
+) -> None:
+    """A digest an override template prints outside its option (in a comment, which the
+    parse-back check lets through) is redacted in the dry-run diff as the option is."""
+    section = (
+        "{% macro section(id, type, options) %}\n[{{ id }}]\ntype={{ type }}\n"
+        "{% for k, v in options %}{{ k }}={{ v }}\n; was {{ v }} ({{ v[8:45] }})\n"
+        "{% endfor %}{% endmacro %}"
+    )
+    overrides = write_override(tmp_path / "t", "section.j2", section)
+    change = make_target(tmp_path / "out.conf", shards, overrides).plan(rendered())
+    assert "+; was SHA-256:<redacted>,MD5:<redacted> (<redacted>)\n" in change.diff
+    assert not _quotes_a_digest(change.diff)
+
+
 def test_plan_diff_shows_a_changed_secret_only_as_changed(target: ConfigFileTarget) -> None:
     """A rotated digest shows as '<redacted> <changed>'; unchanged ones drop out of the diff."""
     target.apply(rendered())
@@ -479,6 +496,71 @@ def test_bad_template_fails_and_keeps_the_old_file(
     for user in REPRESENTATIVE:
         assert user.sip_md5 not in str(info.value)
         assert user.sip_sha256 not in str(info.value)
+
+
+#: The auth section's digest value, as an override can reach it in section.j2.
+_DIGEST = '{% for k, v in options %}{% if k == "password_digest" %}{{ v }}{% endif %}{% endfor %}'
+
+
+def _quotes_a_digest(message: str) -> bool:
+    """True when ``message`` holds 12 characters in a row of any representative user's
+    digests (a digest cut short by a template leaks as much)."""
+    digests = [d for u in REPRESENTATIVE for d in (u.sip_md5, u.sip_sha256)]
+    return any(d[i : i + 12] in message for d in digests for i in range(len(d) - 11))
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        # Option names and values swapped: the digest comes out as an option's name.
+        (
+            "section.j2",
+            "{% macro section(id, type, options) %}\n[{{ id }}]\ntype={{ type }}\n"
+            "{% for k, v in options %}{{ v }}={{ k }}\n{% endfor %}{% endmacro %}",
+        ),
+        # The digest as an unknown directive's word.
+        (
+            "section.j2",
+            "{% macro section(id, type, options) %}\n[{{ id }}]\ntype={{ type }}\n"
+            "{% for k, v in options %}{{ k }}={{ v }}\n#{{ v }}\n{% endfor %}{% endmacro %}",
+        ),
+        # Part of the digest in a section's name.
+        (
+            "section.j2",
+            "{% macro section(id, type, options) %}\n[{{ id }}"
+            + _DIGEST.replace("{{ v }}", "{{ v[7:40] }}")
+            + "]\ntype={{ type }}\n{% for k, v in options %}{{ k }}={{ v }}\n{% endfor %}"
+            "{% endmacro %}",
+        ),
+        # The digest as the name of a section inherited from (Asterisk refuses the file).
+        (
+            "section.j2",
+            "{% macro section(id, type, options) %}\n[{{ id }}]"
+            + "{% if type == 'auth' %}("
+            + _DIGEST
+            + "){% endif %}"
+            "\ntype={{ type }}\n{% for k, v in options %}{{ k }}={{ v }}\n{% endfor %}"
+            "{% endmacro %}",
+        ),
+        # The header makes a section of the first user's digest.
+        (
+            "header.j2",
+            '[{% for k, v in users[0].auth %}{% if k == "password_digest" %}{{ v }}'
+            "{% endif %}{% endfor %}]\nx=1\n",
+        ),
+    ],
+)
+@pytest.mark.parametrize("shards", [0, 4])
+def test_a_render_check_failure_never_quotes_a_digest_an_override_put_in_a_name(
+    tmp_path: Path, name: str, text: str, shards: int
+) -> None:
+    """An override that puts a digest (or part of one) where the parse-back check quotes
+    text (a section's or option's name, a directive's word, a section inherited from)
+    fails the check with a message that holds no part of it."""
+    target = make_target(tmp_path / "out.conf", shards, write_override(tmp_path / "t", name, text))
+    with pytest.raises(RenderCheckFailed) as info:
+        target.apply(rendered())
+    assert not _quotes_a_digest(str(info.value)), str(info.value)
 
 
 def test_template_errors_are_render_check_failures(tmp_path: Path) -> None:

@@ -412,3 +412,15 @@ def test_an_export_saved_with_a_byte_order_mark_imports_as_without(accounts: Acc
     the same text without the mark: its first column is still ``username``."""
     result = import_users(accounts, "\ufeff" + _export(accounts))
     assert result.unchanged == [u.username for u in accounts.list_users()]
+
+
+def test_rows_with_an_empty_username_are_each_refused_as_required(accounts: Accounts) -> None:
+    """Each row whose username cell is empty is refused as such ("is required"), not as a
+    repeat of the first such row."""
+    text = "username,full_name,email,profile\n,A,a@example.com,agents\n,B,b@example.com,agents\n"
+    with pytest.raises(InvalidInput) as info:
+        import_users(accounts, text)
+    assert [(p.line, p.field, p.rule) for p in info.value.problems] == [
+        (2, "username", "is required"),
+        (3, "username", "is required"),
+    ]

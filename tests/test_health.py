@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import stat
 from pathlib import Path
 
@@ -256,3 +257,61 @@ def test_check_of_an_unreachable_store_says_why_on_one_line(tmp_path: Path) -> N
     assert all(line.startswith(("ok    ", "FAIL  ")) for line in lines), lines
     (store,) = [line for line in lines if line.startswith("FAIL  store: ")]
     assert "Connection refused" in store
+
+
+def test_check_says_so_on_its_daemon_line_when_no_daemon_wrote_a_record(tmp_path: Path) -> None:
+    """'provisioner check' where no daemon has written a health record (never run with this
+    state_dir) prints a daemon line saying so, and does not fail for it."""
+    seed_store(store_url(tmp_path), 1).dispose()
+    config = write_config(tmp_path)
+    result = cli(config, "check", check=False)
+    assert result.code == 0, result
+    (line,) = [line for line in result.out.splitlines() if "daemon:" in line]
+    assert line == (
+        f"ok    daemon: no health record in {tmp_path / 'state'}: "
+        "no daemon has run with this state_dir (nothing to check)"
+    )
+
+
+def test_check_of_a_store_with_no_schema_says_so_in_words(tmp_path: Path) -> None:
+    """'provisioner check' on an empty database fails its store line saying it has no schema
+    yet and what to run, not "schema at None"."""
+    from .helpers import make_cli
+
+    store = tmp_path / "store.db"
+    store.touch()
+    cli = make_cli(f"sqlite:///{store}", tmp_path, f'[target]\npath = "{tmp_path / "p.conf"}"\n')
+    result = cli("check")
+    assert result.code == 1
+    assert "FAIL  store: no schema yet: run 'provisioner db upgrade'" in result.out.splitlines()
+
+
+def test_check_of_an_unreachable_realtime_database_says_why(tmp_path: Path) -> None:
+    """'provisioner check' whose realtime database refuses the connection fails its target
+    line with the driver's first line (as the store line does), not only an error type."""
+    from .helpers import make_cli
+
+    with socket.socket() as sock:  # a port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    seed_store(store_url(tmp_path), 1).dispose()
+    realtime = f"postgresql+psycopg://app:pw@127.0.0.1:{port}/asterisk"
+    text = f'[target]\nkind = "realtime"\nurl = "{realtime}"\n'
+    result = make_cli(store_url(tmp_path), tmp_path, text)("check")
+    assert result.code == 1
+    (line,) = [line for line in result.out.splitlines() if "target:" in line]
+    assert line.startswith("FAIL  target: cannot open realtime database: OperationalError: "), line
+    assert "Connection refused" in line
+
+
+def test_check_says_so_on_an_asterisk_line_when_no_server_is_configured(tmp_path: Path) -> None:
+    """'provisioner check' with no [[asterisk]] server prints an asterisk line saying none is
+    configured (Asterisk is then never told of a change), and does not fail for it."""
+    seed_store(store_url(tmp_path), 1).dispose()
+    result = cli(write_config(tmp_path), "check", check=False)
+    assert result.code == 0, result
+    (line,) = [line for line in result.out.splitlines() if line[6:].startswith("asterisk")]
+    assert line == (
+        "ok    asterisk: no [[asterisk]] server configured "
+        "(no login to check; no Asterisk is told of changes)"
+    )

@@ -322,3 +322,14 @@ def test_password_hash_is_argon2_and_verifies() -> None:
     assert not credentials.verify_password(h, "wrong")
     assert not credentials.verify_password(None, "anything")
     assert not credentials.verify_password("not-a-hash", "anything")
+
+
+def test_log_level_off_is_taken_in_any_case_as_the_levels_are() -> None:
+    """A log level is read in any case, "off" as well as the levels (a CSV cell "OFF" or
+    "Off" means off, as "DEBUG" means debug); a bad one's rule names off too."""
+    for value in ("off", "OFF", "Off"):
+        assert validate_fields({"log_level": value}) == {"log_level": None}
+    assert validate_fields({"log_level": "DEBUG"}) == {"log_level": "debug"}
+    with pytest.raises(InvalidInput) as info:
+        validate_fields({"log_level": "trace"})
+    assert info.value.problems[0].rule == "must be one of error, warning, info, debug, or off"

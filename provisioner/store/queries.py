@@ -263,7 +263,8 @@ class ExtensionAllocator:
     """Hands out the lowest free extensions of ``[first, last]`` within one transaction.
 
     An extension is the digits a phone dials, compared as text: ``0150`` taken leaves
-    ``150`` free (Asterisk tells them apart).  Loads the taken extensions once, so a bulk
+    ``150`` free (Asterisk tells them apart); on MariaDB/MySQL a ``150 `` taken holds
+    ``150`` too, as the unique key sees them.  Loads the taken extensions once, so a bulk
     import allocates in O(1) per user.  A concurrent writer can still take the same
     number first; the unique constraint catches that and the caller retries with a
     fresh allocator.
@@ -273,6 +274,10 @@ class ExtensionAllocator:
         self.first = first
         self.last = last
         self._taken = set(conn.execute(select(users.c.extension)).scalars())
+        if conn.dialect.name in ("mysql", "mariadb"):
+            # Their unique key ignores trailing spaces (PAD SPACE): a '150 ' another writer
+            # stored holds 150, which an insert would be refused again at every rerun.
+            self._taken |= {extension.rstrip(" ") for extension in self._taken}
         self._next = first
 
     def reserve(self, extension: str) -> None:

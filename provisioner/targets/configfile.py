@@ -89,10 +89,23 @@ def _describe(index: int, section: Intended | Section) -> str:
     return f"section {index + 1} [{name}]"
 
 
-def _section_problem(index: int, want: Intended, got: Section) -> str | None:
+#: How a name read back from the rendered file is shown when the intended objects do not
+#: hold it: an override template may have put any value there (a digest included).
+OTHER_NAME = "<other>"
+
+
+def _shown(name: str, known: Collection[str]) -> str:
+    """``name``, read back from the rendered file, when ``known`` holds it (a name the
+    intended objects give), else :data:`OTHER_NAME`: a message never quotes a value."""
+    return name if name in known else OTHER_NAME
+
+
+def _section_problem(index: int, want: Intended, got: Section, ids: Collection[str]) -> str | None:
+    """What is wrong with the ``index``-th section ``got``, read back, against ``want``, or
+    None; names only ids among ``ids`` and option names ``want`` has."""
     name, kind, options = want
     if got.name != name:
-        return f"{_describe(index, want)} came out as [{got.name}]"
+        return f"{_describe(index, want)} came out as [{_shown(got.name, ids)}]"
     if got.template or got.inherits:
         return f"{_describe(index, want)} came out as a template or with inheritance"
     expected = (("type", kind), *options)
@@ -101,8 +114,9 @@ def _section_problem(index: int, want: Intended, got: Section) -> str | None:
     got_names = [n for n, _ in got.options]
     want_names = [n for n, _ in expected]
     if got_names != want_names:
+        shown = [_shown(n, want_names) for n in got_names]
         return (
-            f"{_describe(index, want)} has options {', '.join(got_names)} "
+            f"{_describe(index, want)} has options {', '.join(shown)} "
             f"instead of {', '.join(want_names)}"
         )
     wrong = [n for (n, v), (_, w) in zip(got.options, expected, strict=True) if v != w]
@@ -111,11 +125,17 @@ def _section_problem(index: int, want: Intended, got: Section) -> str | None:
 
 
 def _parse_problems(parsed: Parsed, intended: list[Intended]) -> list[str]:
-    problems = [f"line {d.line} holds a #{d.name} directive" for d in parsed.directives]
-    problems += [f"line {n.line}: {n.message}" for n in parsed.notices]
+    """Every way ``parsed`` differs from ``intended``, quoting no text of the file but
+    names ``intended`` holds and the directives Asterisk knows."""
+    problems = [
+        f"line {d.line} holds a #{d.name if d.known else OTHER_NAME} directive"
+        for d in parsed.directives
+    ]
+    problems += [f"line {n.line}: {n.plain}" for n in parsed.notices]
     got = parsed.sections
+    ids = {want[0] for want in intended}
     for index, (want, section) in enumerate(zip(intended, got, strict=False)):
-        if (problem := _section_problem(index, want, section)) is not None:
+        if (problem := _section_problem(index, want, section, ids)) is not None:
             problems.append(problem)
     if len(got) != len(intended):
         problems.append(f"{len(got)} sections came out instead of {len(intended)}")
@@ -129,7 +149,7 @@ def check_rendered(data: bytes, objects: Sequence[UserObjects]) -> None:
     try:
         parsed = parse(data)
     except AsteriskSyntaxError as exc:
-        raise RenderCheckFailed(f"the rendered file would not load: {exc.message}") from None
+        raise RenderCheckFailed(f"the rendered file would not load: {exc.plain_message}") from None
     _raise_problems(_parse_problems(parsed, intended(objects)))
 
 

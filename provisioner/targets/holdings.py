@@ -199,7 +199,7 @@ def broken(path: Path, exc: AsteriskSyntaxError) -> RenderCheckFailed:
     """Why the file at ``path``, which Asterisk could not load, cannot be edited."""
     return RenderCheckFailed(
         f"cannot edit {str(path)!r} user by user: it does not load "
-        f"({exc.message}); apply every user instead"
+        f"({exc.plain_message}); apply every user instead"
     )
 
 

@@ -21,6 +21,10 @@ __all__ = ["SECRET_OPTIONS", "split_lines", "unified_diff"]
 SECRET_OPTIONS = frozenset({"md5_cred", "password_digest", "password"})
 
 _SECTION_LINE = re.compile(r"\s*\[([^\]]*)\]")
+#: 32 hex digits or more: an MD5 or SHA-256 digest, or most of one, which an override
+#: template may print outside its option (a comment); nothing else a user's objects hold
+#: is that long a run (an extension is at most 20 digits).
+_HEX_RUN = re.compile(r"[0-9A-Fa-f]{32,}")
 #: An option line as Asterisk reads one (any byte below 33 is a blank, a leading ``\``
 #: escapes the name's first character, ``+=`` appends): its name (Asterisk matches option
 #: names in any case) and, after the mark, its value.
@@ -35,7 +39,8 @@ def split_lines(text: str) -> list[str]:
 
 def _redacted(lines: list[str], others: dict[tuple[str, str], str], section: str = "") -> list[str]:
     """``lines`` (the first in ``section``) with credential values replaced; ``<changed>``
-    marks one that differs from the same option of the same section in ``others``."""
+    marks one that differs from the same option of the same section in ``others``.  Any
+    other run of 32 hex digits or more (a digest printed elsewhere) is replaced too."""
     out: list[str] = []
     for line in lines:
         if m := _SECTION_LINE.match(line):
@@ -45,6 +50,8 @@ def _redacted(lines: list[str], others: dict[tuple[str, str], str], section: str
             value = m.group(3)
             mark = "" if others.get((section, m.group(2).lower())) == value else " <changed>"
             line = f"{m.group(1)}<redacted>{mark}" + ("\n" if line.endswith("\n") else "")
+        else:
+            line = _HEX_RUN.sub("<redacted>", line)
         out.append(line)
     return out
 
