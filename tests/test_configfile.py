@@ -299,6 +299,23 @@ def test_a_rewritten_file_keeps_the_owner_and_group_of_the_file_it_replaces(
     check_written(target, rendered()[2:])
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may give a file another owner")
+@pytest.mark.parametrize("shards", [0, 4])
+def test_a_first_file_takes_the_owner_and_group_of_its_directory(
+    tmp_path: Path, shards: int
+) -> None:
+    """A file written where none was takes the owner and group of the directory an operator
+    gave to Asterisk (chown asterisk:asterisk), mode 0640: Asterisk can read it."""
+    path = tmp_path / "asterisk" / "pjsip_users.conf"
+    path.parent.mkdir()
+    os.chown(path.parent, 4242, 4343)
+    target = make_target(path, shards)
+    target.apply(rendered())
+    info = path.stat()
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (4242, 4343, 0o640)
+    check_written(target, rendered())
+
+
 def test_changes_are_counted_and_the_old_file_kept(target: ConfigFileTarget) -> None:
     """A change is reported per user and object; the previous bytes stay in <name>.bak."""
     first = rendered()

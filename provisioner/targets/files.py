@@ -245,10 +245,15 @@ def _discard(path: Path) -> None:
 
 def owner_source(path: Path, new_owner_of: Sequence[Path]) -> Path:
     """The file whose owner and group a write of ``path`` keeps: ``path`` when it exists,
-    else the first of ``new_owner_of`` that does (else ``path``: nothing to keep)."""
+    else the first of ``new_owner_of`` that does, else the nearest directory above
+    ``path`` that exists (the target directory an operator gave to Asterisk: a first file
+    with the writer's own group, mode 0640, would be one Asterisk cannot read)."""
     for candidate in (path, *new_owner_of):
         if candidate.exists():
             return candidate
+    for directory in path.parents:
+        if directory.is_dir():
+            return directory
     return path
 
 
@@ -268,9 +273,10 @@ def atomic_write(
 
     The new file has mode :data:`FILE_MODE` and the old one's group (and owner, written
     as root: :func:`keep_owner`); a first file at ``path`` takes those of the first of
-    ``new_owner_of`` that exists (:func:`owner_source`; a shard file: the main file's,
-    else the shard directory's).  A symbolic link at ``path`` stays: the file it leads
-    to is replaced (:func:`real_path`), and its backup is kept beside that file."""
+    ``new_owner_of`` that exists, else of its directory (:func:`owner_source`; a shard
+    file: the main file's, else the shard directory's).  A symbolic link at ``path``
+    stays: the file it leads to is replaced (:func:`real_path`), and its backup is kept
+    beside that file."""
     path = real_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     former: Path | None = None
