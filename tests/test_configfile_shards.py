@@ -314,6 +314,31 @@ def test_a_new_shard_file_takes_the_owner_and_group_the_operator_gave(
         assert (shard.name, info.st_uid, info.st_gid) == (shard.name, 4242, 4343)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may give a file another owner")
+@pytest.mark.parametrize("given", ["main file", "target directory"])
+def test_a_shard_directory_the_first_apply_makes_is_readable_as_the_main_file_is(
+    path: Path, given: str
+) -> None:
+    """The shard directory a first apply makes takes the owner and group of the main file
+    an operator gave to Asterisk (else of the target directory), mode 0750 whatever the
+    writer's umask: Asterisk can reach the shard files the main file includes."""
+    path.parent.mkdir()
+    chowned = path.parent
+    if given == "main file":
+        path.write_bytes(b"; the file before\n")
+        chowned = path
+    os.chown(chowned, 4242, 4343)
+    target = ShardedConfigFileTarget(path, shards=4)
+    was = os.umask(0o077)
+    try:
+        target.apply(many(40))
+    finally:
+        os.umask(was)
+    info = target.directory.stat()
+    assert (info.st_uid, info.st_gid, oct(info.st_mode & 0o7777)) == (4242, 4343, oct(0o750))
+    check_shards(target, many(40))
+
+
 # --- changing the layout -----------------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ from ..logs import get_logger
 from .pieces import Pieces
 
 __all__ = [
+    "DIRECTORY_MODE",
     "DISCARD_LATER_BYTES",
     "FILE_MODE",
     "STALE_TEMP_SECONDS",
@@ -41,6 +42,7 @@ __all__ = [
     "keep_backup",
     "keep_owner",
     "later_than",
+    "make_directories",
     "owner_source",
     "read_file",
     "real_path",
@@ -56,6 +58,10 @@ log = get_logger(__name__)
 
 #: Asterisk (group) reads the file; digests make it unfit for everyone to read.
 FILE_MODE = 0o640
+
+#: A directory a write makes (a shard directory, a missing target directory): the owner
+#: writes, its group (Asterisk's, as for :data:`FILE_MODE`) reaches the files in it.
+DIRECTORY_MODE = 0o750
 
 #: A former backup at least this large is freed by :func:`discard_later`; a smaller one
 #: is replaced in place (freeing it costs next to nothing).
@@ -257,6 +263,21 @@ def owner_source(path: Path, new_owner_of: Sequence[Path]) -> Path:
     return path
 
 
+def make_directories(directory: Path, like: Path) -> None:
+    """Make ``directory`` and its missing parents, each mode :data:`DIRECTORY_MODE`
+    whatever the umask, with the group (and owner, as root) of ``like`` (:func:`keep_owner`):
+    made with the writer's umask, user and group, Asterisk could not reach the files in it
+    that it is given to read."""
+    missing = [d for d in (directory, *directory.parents) if not d.is_dir()]
+    for made in reversed(missing):
+        try:
+            made.mkdir()
+        except FileExistsError:
+            continue  # made meanwhile, by another writer: its mode is that writer's
+        os.chmod(made, DIRECTORY_MODE)
+        keep_owner(made, like)
+
+
 def atomic_write(
     path: Path,
     data: bytes | Pieces,
@@ -274,16 +295,19 @@ def atomic_write(
     The new file has mode :data:`FILE_MODE` and the old one's group (and owner, written
     as root: :func:`keep_owner`); a first file at ``path`` takes those of the first of
     ``new_owner_of`` that exists, else of its directory (:func:`owner_source`; a shard
-    file: the main file's, else the shard directory's).  A symbolic link at ``path``
+    file: the main file's, else the shard directory's).  A missing directory is made
+    mode :data:`DIRECTORY_MODE` with the same owner and group (:func:`make_directories`).
+    A symbolic link at ``path``
     stays: the file it leads to is replaced (:func:`real_path`), and its backup is kept
     beside that file."""
     path = real_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    like = owner_source(path, new_owner_of)
+    make_directories(path.parent, like)
     former: Path | None = None
     try:
         with temporary(path.parent, path.name) as temp:
             # First: the fsync then makes the owner durable too.
-            keep_owner(temp, owner_source(path, new_owner_of))
+            keep_owner(temp, like)
             write_synced(temp, data)
             later_than(temp, path)
             if backup:
