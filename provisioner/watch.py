@@ -36,6 +36,7 @@ from .logs import get_logger
 from .store.changefeed import NOTIFY_CHANNEL
 from .store.engine import FileIdentity, file_identity, pg_keepalive
 from .store.schema import changes
+from .targets.templating import template_files
 
 __all__ = [
     "DirectoryWatch",
@@ -286,7 +287,7 @@ class _Follower:
 TEMPLATE_RECHECK = 1.0
 
 #: Per template directory: its path, identity (device, inode; None when absent) and its
-#: files' names, inodes, mtimes and sizes.
+#: files' paths below it (subdirectories' too), inodes, mtimes and sizes.
 TemplateStamp = tuple[
     tuple[str, tuple[int, int] | None, tuple[tuple[str, int, int, int], ...]], ...
 ]
@@ -311,18 +312,12 @@ def _directory_stamp(
 
 
 def _files(directory: Path) -> list[tuple[str, os.stat_result]]:
-    """The name and status of each entry of ``directory``.  An entry that cannot be looked
-    at (a dangling symlink, such as the ``.#name`` lock file Emacs leaves, or a file
-    deleted meanwhile) is left out: no template is read from it either, and it must not
-    make the whole directory look absent (which ended its watch)."""
-    files: list[tuple[str, os.stat_result]] = []
-    with os.scandir(directory) as entries:
-        for entry in entries:
-            try:
-                files.append((entry.name, entry.stat()))
-            except OSError:
-                continue
-    return files
+    """The path (below ``directory``) and status of each file in ``directory`` and its
+    subdirectories (an override may include ``sub/x.j2``: an edit there must wake too),
+    as :func:`~provisioner.targets.templating.template_files` finds them.  An entry that
+    cannot be looked at is left out: it must not make the whole directory look absent
+    (which ended its watch)."""
+    return template_files(directory)
 
 
 def _identities(stamp: TemplateStamp) -> tuple[tuple[str, tuple[int, int] | None], ...]:

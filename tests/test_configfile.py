@@ -925,6 +925,34 @@ def test_a_changed_template_is_used_by_the_same_target(tmp_path: Path) -> None:
     assert target.path.read_text(encoding="utf-8").startswith(HEADER)
 
 
+def test_a_template_in_a_subdirectory_of_the_override_is_found_and_its_edit_used(
+    tmp_path: Path,
+) -> None:
+    """An override including a template from a subdirectory of its directory renders it,
+    and an edit of that file in place is used by the same target at the next apply."""
+    overrides = write_override(tmp_path / "t", "header.j2", '{% include "sub/note.j2" %}')
+    write_override(overrides / "sub", "note.j2", "; one\n")
+    target = ConfigFileTarget(tmp_path / "out.conf", overrides)
+    target.apply(rendered())
+    assert target.path.read_text(encoding="utf-8").startswith("; one\n")
+    (overrides / "sub" / "note.j2").write_text("; two, longer\n", encoding="utf-8")
+    assert target.apply(rendered()).wrote
+    assert target.path.read_text(encoding="utf-8").startswith("; two, longer\n")
+    check_rendered(target.path.read_bytes(), rendered())
+
+
+def test_a_template_in_a_subdirectory_failing_as_it_renders_is_named(tmp_path: Path) -> None:
+    """A Python error raised by a template an override includes from a subdirectory is a
+    RenderCheckFailed naming that template by its path and line; nothing is written."""
+    overrides = write_override(tmp_path / "t", "header.j2", '{% include "sub/note.j2" %}')
+    write_override(overrides / "sub", "note.j2", "; fine\n{{ 1 // 0 }}\n")
+    target = ConfigFileTarget(tmp_path / "out.conf", overrides)
+    with pytest.raises(RenderCheckFailed) as info:
+        target.apply(rendered())
+    assert str(info.value).endswith("(ZeroDivisionError) at sub/note.j2 line 2")
+    assert not target.path.exists()
+
+
 def test_a_template_replaced_by_a_file_of_the_same_size_and_mtime_is_used(
     tmp_path: Path,
 ) -> None:

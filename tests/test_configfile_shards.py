@@ -769,6 +769,24 @@ def test_check_fails_its_target_line_for_an_override_template_that_does_not_comp
     assert cli(config, *flags, "render", check=False).code == 8  # as check foretold
 
 
+def test_check_fails_its_target_line_for_a_subdirectory_template_that_does_not_compile(
+    tmp_path: Path,
+) -> None:
+    """'check' fails the target line (exit 1), naming the template by its path, for a
+    template in a subdirectory of the override directory that does not compile, which
+    the apply including it refuses (exit 8)."""
+    from .faultkit import cli
+
+    overrides = tmp_path / "tpl"
+    (overrides / "sub").mkdir(parents=True)
+    (overrides / "header.j2").write_text('{% include "sub/note.j2" %}')
+    (overrides / "sub" / "note.j2").write_text("; {% if %}\n")
+    config, flags, code, line = _check_target(tmp_path, templates=str(overrides))
+    assert code == 1
+    assert line.startswith("FAIL  target: template sub/note.j2 line 1"), line
+    assert cli(config, *flags, "render", check=False).code == 8  # as check foretold
+
+
 def test_a_full_apply_of_many_shards_writes_them_at_once_each_whole(
     path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

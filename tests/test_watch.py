@@ -291,6 +291,25 @@ def test_a_template_edit_made_before_the_watch_began_still_wakes(tmp_path: Path)
     _watch_templates([override], scenario, since=since)
 
 
+def test_a_template_edit_in_a_subdirectory_made_before_the_watch_began_still_wakes(
+    tmp_path: Path,
+) -> None:
+    """A template in a subdirectory of the override directory (one an override includes as
+    "sub/x.j2"), edited after the caller took its stamp and before the watch began, wakes
+    the daemon."""
+    override = tmp_path / "override"
+    (override / "sub").mkdir(parents=True)
+    note = override / "sub" / "note.j2"
+    note.write_text("; v1\n")
+    since = template_stamp([override])
+    note.write_text("; v2, longer\n")
+
+    async def scenario(wake: asyncio.Event, _stop: asyncio.Event) -> None:
+        assert await _set_within(wake, 5), "the edit before the watch was missed"
+
+    _watch_templates([override], scenario, since=since)
+
+
 def test_a_template_watch_that_cannot_start_is_retried(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -25,7 +25,7 @@ import jinja2.sandbox
 from ..asterisk_conf import parse
 from ..errors import AsteriskSyntaxError, ConfigError, Problem, RenderCheckFailed
 
-__all__ = ["MAIN_TEMPLATE", "SHIPPED_TEMPLATES", "Templates", "plain_header"]
+__all__ = ["MAIN_TEMPLATE", "SHIPPED_TEMPLATES", "Templates", "plain_header", "template_files"]
 
 
 def _shipped_templates() -> Path:
@@ -49,6 +49,35 @@ _LAYOUT_TEMPLATES = {
     "user.j2": "2d077af1fb7e2637c2b64afa544a27914421283a8fd88f85170efabff745e28f",
     "section.j2": "2bb7ac5b9e52ee9c782cc1a798c1bc82ff68c2b40d8bf6c7b0a83ddaaabd17ac",
 }
+
+
+def template_files(directory: Path) -> list[tuple[str, os.stat_result]]:
+    """Every file under ``directory``, subdirectories included (an override may
+    ``{% include "sub/x.j2" %}``), by its path relative to ``directory``, with its status
+    (a symbolic link followed).  An entry that cannot be looked at (a dangling symlink,
+    such as the ``.#name`` lock file Emacs leaves, or one deleted meanwhile) is left out:
+    no template is read from it either.  A directory reached twice (a link loop) is read
+    once.  :class:`OSError` only when ``directory`` itself cannot be read."""
+    files: list[tuple[str, os.stat_result]] = []
+    seen: set[tuple[int, int]] = set()
+
+    def walk(folder: str, prefix: str) -> None:
+        info = os.stat(folder)
+        if (info.st_dev, info.st_ino) in seen:
+            return
+        seen.add((info.st_dev, info.st_ino))
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                try:
+                    if entry.is_dir():
+                        walk(entry.path, f"{prefix}{entry.name}/")
+                    else:
+                        files.append((prefix + entry.name, entry.stat()))
+                except OSError:
+                    continue
+
+    walk(str(directory), "")
+    return files
 
 
 def _is_shipped(searched: list[Path], name: str) -> bool:
@@ -159,17 +188,22 @@ class Templates:
         self.env, self.direct = found
 
     def _template_stamp(self) -> tuple[tuple[str, int, int, int, int], ...]:
-        """Name, device, inode, mtime and size of every file in the template directories
-        (the inode: a file renamed over another of the same size and mtime is new)."""
+        """Path, device, inode, mtime and size of every file in the template directories
+        and their subdirectories (:func:`template_files`; the inode: a file renamed over
+        another of the same size and mtime is new)."""
         stamp: list[tuple[str, int, int, int, int]] = []
         for directory in self.searched:
-            with contextlib.suppress(OSError), os.scandir(directory) as entries:
-                for entry in entries:
-                    with contextlib.suppress(OSError):
-                        info = entry.stat()
-                        stamp.append(
-                            (entry.path, info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
+            with contextlib.suppress(OSError):
+                for name, info in template_files(directory):
+                    stamp.append(
+                        (
+                            os.path.join(directory, name),
+                            info.st_dev,
+                            info.st_ino,
+                            info.st_mtime_ns,
+                            info.st_size,
                         )
+                    )
         return tuple(sorted(stamp))
 
     def reload(self) -> None:
@@ -237,21 +271,28 @@ class Templates:
         where = None
         while trace is not None:
             path = Path(trace.tb_frame.f_code.co_filename)
-            if path.parent in self.searched:
-                where = f"{path.name} line {trace.tb_lineno}"
+            # A subdirectory's template too: named by its path below the directory.
+            for directory in self.searched:
+                if path.is_relative_to(directory) and path != directory:
+                    where = f"{path.relative_to(directory)} line {trace.tb_lineno}"
+                    break
             trace = trace.tb_next
         return where
 
     def compile_all(self) -> None:
         """Compile every template a render may load (the shipped names, wherever the
-        loader finds them, and each ``*.j2`` file of the override directory but hidden
-        ones, such as an editor's swap files) without rendering it (that takes users);
-        :class:`RenderCheckFailed` names the first that fails (a syntax error, bytes that
-        are not UTF-8) and its line."""
+        loader finds them, and each ``*.j2`` file of the override directory and its
+        subdirectories but hidden ones, such as an editor's swap files) without rendering
+        it (that takes users); :class:`RenderCheckFailed` names the first that fails (a
+        syntax error, bytes that are not UTF-8) and its line."""
         names = {path.name for path in SHIPPED_TEMPLATES.glob("*.j2")}
         if self.searched[0] != SHIPPED_TEMPLATES:
-            found = self.searched[0].glob("*.j2")
-            names.update(path.name for path in found if not path.name.startswith("."))
+            with contextlib.suppress(OSError):
+                names.update(
+                    name
+                    for name, _info in template_files(self.searched[0])
+                    if name.endswith(".j2") and not any(p.startswith(".") for p in name.split("/"))
+                )
         with self.templating() as env:
             for name in sorted(names):
                 env.get_template(name)
