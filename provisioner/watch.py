@@ -36,7 +36,7 @@ from .logs import get_logger
 from .store.changefeed import NOTIFY_CHANNEL
 from .store.engine import FileIdentity, file_identity, pg_keepalive
 from .store.schema import changes
-from .targets.templating import template_files
+from .targets.templating import editor_file, template_files
 
 __all__ = [
     "DirectoryWatch",
@@ -371,6 +371,7 @@ async def _watch_templates(
 
     watch = awatch(
         *existing,
+        watch_filter=_TemplateFilter(existing),
         stop_event=stop,
         debounce=50,
         step=20,
@@ -386,6 +387,28 @@ async def _watch_templates(
                 return now
             seen = now
     return seen
+
+
+class _TemplateFilter:
+    """watchfiles' filter of the template directories ``roots``: a change counts unless it
+    is to an editor's own file, or lies under a hidden directory below a root
+    (:func:`~provisioner.targets.templating.editor_file`), as the template stamps count."""
+
+    def __init__(self, roots: Iterable[Path]) -> None:
+        # watchfiles reports absolute paths (a relative root made absolute): each root as
+        # named, made absolute, and with its links resolved.
+        self.roots = sorted(
+            {form for root in roots for form in (os.path.abspath(root), os.path.realpath(root))},
+            key=len,
+            reverse=True,
+        )
+
+    def __call__(self, _change: object, path: str) -> bool:
+        for root in self.roots:
+            if path.startswith(root + os.sep):
+                parts = path[len(root) + 1 :].split(os.sep)
+                return not any(map(editor_file, parts))
+        return not editor_file(os.path.basename(path))
 
 
 def _templates_changed(wake: asyncio.Event) -> None:

@@ -953,6 +953,17 @@ def test_a_template_in_a_subdirectory_failing_as_it_renders_is_named(tmp_path: P
     assert not target.path.exists()
 
 
+def test_editor_files_beside_the_templates_keep_the_compiled_templates(tmp_path: Path) -> None:
+    """Swap, backup and lock files an editor writes beside an override leave the target's
+    compiled templates in use (nothing is recompiled for them)."""
+    overrides = write_override(tmp_path / "t", "header.j2", "; one\n")
+    target = ConfigFileTarget(tmp_path / "out.conf", overrides)
+    env = target._templates.fresh()
+    for name in (".header.j2.swp", "header.j2~", "#header.j2#", "4913"):
+        (overrides / name).write_text("junk\n", encoding="utf-8")
+    assert target._templates.fresh() is env
+
+
 def test_a_template_replaced_by_a_file_of_the_same_size_and_mtime_is_used(
     tmp_path: Path,
 ) -> None:

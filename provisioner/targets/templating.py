@@ -25,7 +25,14 @@ import jinja2.sandbox
 from ..asterisk_conf import parse
 from ..errors import AsteriskSyntaxError, ConfigError, Problem, RenderCheckFailed
 
-__all__ = ["MAIN_TEMPLATE", "SHIPPED_TEMPLATES", "Templates", "plain_header", "template_files"]
+__all__ = [
+    "MAIN_TEMPLATE",
+    "SHIPPED_TEMPLATES",
+    "Templates",
+    "editor_file",
+    "plain_header",
+    "template_files",
+]
 
 
 def _shipped_templates() -> Path:
@@ -51,13 +58,37 @@ _LAYOUT_TEMPLATES = {
 }
 
 
+#: Suffixes of the files editors write beside the one they edit: vim's swap files (when
+#: not hidden), Emacs's and vim's backups, JetBrains' safe-write temporaries.
+_EDITOR_SUFFIXES = (".swp", ".swo", ".swx", "~", "___jb_tmp___", "___jb_old___")
+#: vim's probe of a directory before it writes there: a file named 4913 (then 5036, ...
+#: while taken), made and deleted at once.
+_VIM_PROBE, _VIM_PROBE_STEP = 4913, 123
+
+
+def editor_file(name: str) -> bool:
+    """True for the name of a file an editor keeps beside the one it edits, never a
+    template: hidden (vim's ``.x.swp``, Emacs's ``.#x`` lock), a backup (``x~``), an
+    autosave (``#x#``), a swap or safe-write temporary, Emacs's ``flycheck_x`` copy,
+    vim's write probe (``4913``).
+    Such a file neither wakes a render nor changes the templates in use."""
+    if name.startswith((".", "flycheck_")) or name.endswith(_EDITOR_SUFFIXES):
+        return True
+    if len(name) > 1 and name.startswith("#") and name.endswith("#"):
+        return True
+    if not name.isdigit():
+        return False
+    return int(name) >= _VIM_PROBE and (int(name) - _VIM_PROBE) % _VIM_PROBE_STEP == 0
+
+
 def template_files(directory: Path) -> list[tuple[str, os.stat_result]]:
     """Every file under ``directory``, subdirectories included (an override may
     ``{% include "sub/x.j2" %}``), by its path relative to ``directory``, with its status
-    (a symbolic link followed).  An entry that cannot be looked at (a dangling symlink,
-    such as the ``.#name`` lock file Emacs leaves, or one deleted meanwhile) is left out:
-    no template is read from it either.  A directory reached twice (a link loop) is read
-    once.  :class:`OSError` only when ``directory`` itself cannot be read."""
+    (a symbolic link followed); an editor's own files and hidden subdirectories are left
+    out (:func:`editor_file`).  An entry that cannot be looked at (a dangling symlink,
+    or one deleted meanwhile) is left out: no template is read from it either.  A
+    directory reached twice (a link loop) is read once.  :class:`OSError` only when
+    ``directory`` itself cannot be read."""
     files: list[tuple[str, os.stat_result]] = []
     seen: set[tuple[int, int]] = set()
 
@@ -68,6 +99,8 @@ def template_files(directory: Path) -> list[tuple[str, os.stat_result]]:
         seen.add((info.st_dev, info.st_ino))
         with os.scandir(folder) as entries:
             for entry in entries:
+                if editor_file(entry.name):
+                    continue
                 try:
                     if entry.is_dir():
                         walk(entry.path, f"{prefix}{entry.name}/")
@@ -282,17 +315,14 @@ class Templates:
     def compile_all(self) -> None:
         """Compile every template a render may load (the shipped names, wherever the
         loader finds them, and each ``*.j2`` file of the override directory and its
-        subdirectories but hidden ones, such as an editor's swap files) without rendering
+        subdirectories but an editor's own, such as swap files) without rendering
         it (that takes users); :class:`RenderCheckFailed` names the first that fails (a
         syntax error, bytes that are not UTF-8) and its line."""
         names = {path.name for path in SHIPPED_TEMPLATES.glob("*.j2")}
         if self.searched[0] != SHIPPED_TEMPLATES:
             with contextlib.suppress(OSError):
-                names.update(
-                    name
-                    for name, _info in template_files(self.searched[0])
-                    if name.endswith(".j2") and not any(p.startswith(".") for p in name.split("/"))
-                )
+                found = template_files(self.searched[0])  # an editor's files left out
+                names.update(name for name, _info in found if name.endswith(".j2"))
         with self.templating() as env:
             for name in sorted(names):
                 env.get_template(name)
