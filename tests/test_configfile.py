@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
 import tempfile
 import threading
@@ -17,6 +18,7 @@ import jinja2
 import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from provisioner.asterisk_conf import parse
 from provisioner.config import load_config
@@ -962,6 +964,27 @@ def test_editor_files_beside_the_templates_keep_the_compiled_templates(tmp_path:
     for name in (".header.j2.swp", "header.j2~", "#header.j2#", "4913"):
         (overrides / name).write_text("junk\n", encoding="utf-8")
     assert target._templates.fresh() is env
+
+
+def test_an_override_directory_deleted_under_a_target_is_logged_loudly(tmp_path: Path) -> None:
+    """An override directory deleted after the target was made is logged as a warning
+    naming it, once, at the render that falls back to the shipped templates; its return is
+    logged too, and its templates are used again."""
+    overrides = write_override(tmp_path / "t", "header.j2", "; one\n")
+    target = ConfigFileTarget(tmp_path / "out.conf", overrides)
+    target.apply(rendered())
+    shutil.rmtree(overrides)
+    with capture_logs() as logs:
+        assert target.apply(rendered()).wrote
+        target.apply(rendered())
+    assert target.path.read_text(encoding="utf-8").startswith(HEADER)
+    gone = [e for e in logs if e["event"] == "templates.directory_missing"]
+    assert [(e["log_level"], e["path"]) for e in gone] == [("warning", str(overrides))]
+    write_override(overrides, "header.j2", "; two\n")
+    with capture_logs() as logs:
+        assert target.apply(rendered()).wrote
+    assert target.path.read_text(encoding="utf-8").startswith("; two\n")
+    assert [e["path"] for e in logs if e["event"] == "templates.directory_back"] == [str(overrides)]
 
 
 def test_a_template_replaced_by_a_file_of_the_same_size_and_mtime_is_used(

@@ -24,6 +24,7 @@ import jinja2.sandbox
 
 from ..asterisk_conf import parse
 from ..errors import AsteriskSyntaxError, ConfigError, Problem, RenderCheckFailed
+from ..logs import get_logger
 
 __all__ = [
     "MAIN_TEMPLATE",
@@ -33,6 +34,9 @@ __all__ = [
     "plain_header",
     "template_files",
 ]
+
+
+log = get_logger(__name__)
 
 
 def _shipped_templates() -> Path:
@@ -195,6 +199,9 @@ class Templates:
             *([templates_dir] if templates_dir is not None else []),
             SHIPPED_TEMPLATES,
         ]
+        #: The override directory (``target.templates``), and whether it was found gone.
+        self._override = templates_dir
+        self._override_missing = False
         #: The last header checked by plain_header, and the answer.
         self._header_seen: tuple[str, bool] = ("", False)
         #: Inside hold(), and whether the files were looked at since it began.
@@ -255,10 +262,32 @@ class Templates:
                 return self.env
             self._looked = True
         stamp = self._template_stamp()
+        self._look_at_override()
         if stamp != self._stamp:
             self._stamp = stamp
             self._rebuild()
         return self.env
+
+    def _look_at_override(self) -> None:
+        """Log the override directory's disappearance (``templates.directory_missing``, a
+        warning) and its return (``templates.directory_back``), once each.  The loader
+        skips a missing directory, so renders fall back to the shipped templates: an
+        operator must hear of it, the more so as a restart refuses the configuration."""
+        if self._override is None:
+            return
+        missing = not self._override.is_dir()
+        if missing == self._override_missing:
+            return
+        self._override_missing = missing
+        if missing:
+            log.warning(
+                "templates.directory_missing",
+                path=str(self._override),
+                rendering_with="the shipped templates",
+                on_restart="target.templates is refused until the directory is back",
+            )
+        else:
+            log.info("templates.directory_back", path=str(self._override))
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
