@@ -40,7 +40,14 @@ from provisioner.targets.shards import (
     shard_of,
 )
 
-from .test_configfile import REPRESENTATIVE, check_golden, make_user, rendered, write_override
+from .test_configfile import (
+    REPRESENTATIVE,
+    check_golden,
+    make_target,
+    make_user,
+    rendered,
+    write_override,
+)
 
 
 def _order(user: UserObjects) -> tuple[int, str]:
@@ -566,6 +573,28 @@ def test_plan_shows_only_the_files_that_would_change(path: Path) -> None:
     assert heads[0] == f"+++ {path}"
     assert len(heads) == 3
     assert snapshot(path.parent) == before
+
+
+@pytest.mark.parametrize(("before", "after"), [(4, 2), (0, 3), (3, 0)])
+def test_plan_across_a_change_of_layout_marks_only_changed_secrets(
+    path: Path, before: int, after: int
+) -> None:
+    """plan's diff on a new shard count (or to or from one file) shows each credential as
+    '<redacted>', marked '<changed>' only for the one that differs from what Asterisk
+    holds now, wherever the old layout kept it."""
+    users = many(30)
+    make_target(path, before).apply(users)
+    victim = REPRESENTATIVE[1]
+    rotated = render_user(replace(victim, sip_md5="0" * 32, sip_sha256="1" * 64), RenderSettings())
+    edited = sorted([rotated, *(u for u in users if u.endpoint_id != "1002")], key=_order)
+    plan = make_target(path, after).plan(edited)
+    assert plan.updated == ("1002",)
+    added = [line for line in plan.diff.splitlines() if line.startswith("+password_digest=")]
+    assert len(added) == len(users)
+    assert [line for line in added if line.endswith("<changed>")] == [
+        "+password_digest=<redacted> <changed>"
+    ]
+    assert "0" * 32 not in plan.diff
 
 
 # --- checks ------------------------------------------------------------------------------

@@ -502,7 +502,8 @@ class ConfigFileTarget:
         text = self._render(desired)[0]
         if current is None:
             current = self._current(read_file(self.path), self._state, self._verified)
-        return replace(compare(current, desired), diff=unified_diff(self.path, current.data, text))
+        diff = unified_diff(self.path, current.data, text, held=current.secrets())
+        return replace(compare(current, desired), diff=diff)
 
     def _verify(self, users: list[UserObjects]) -> _State:
         """The file for ``users``, rendered and parse-checked: :func:`check_rendered`, or

@@ -302,7 +302,12 @@ class ShardedConfigFileTarget:
             current = self._current(old_main)
             desired = with_kept(objects, kept_objects(current, keep, objects))
             diffs = [unified_diff(self.path, old_main, main.decode("utf-8"))]
-            diffs += [self._file(i).plan(g).diff for i, g in enumerate(self._groups(desired))]
+            # Each new shard file against the credentials Asterisk holds now, in whichever
+            # file of the old layout: an unchanged one is not marked <changed>.
+            held = current.secrets()
+            for i, group in enumerate(self._groups(desired)):
+                text = self._file(i).render_text(group)
+                diffs.append(unified_diff(self.files[i], read_file(self.files[i]), text, held=held))
             return replace(compare(current, desired), diff="".join(diffs))
 
     def apply(

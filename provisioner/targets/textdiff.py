@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 __all__ = ["SECRET_OPTIONS", "split_lines", "unified_diff"]
@@ -129,11 +129,22 @@ def _range(start: int, stop: int) -> str:
     return f"{start + 1 if length else start},{length}"
 
 
-def unified_diff(path: Path, old: bytes | None, new: str) -> str:
+def unified_diff(
+    path: Path,
+    old: bytes | None,
+    new: str,
+    *,
+    held: Mapping[tuple[str, str], str] | None = None,
+) -> str:
     """A unified diff of the file, with credentials redacted: the text
     ``difflib.unified_diff`` gives, computed without running difflib over the lines
     both versions share at their start and end (one changed user in a large file
-    costs little)."""
+    costs little).
+
+    A new credential is marked ``<changed>`` when it differs from the same option of the
+    same section in ``held`` (by section name and lower-case option name: what Asterisk
+    holds now, whichever file holds it), else in ``old``: a user moving to another file
+    (a new shard count) keeps an unchanged credential unmarked."""
     if old is not None and old == new.encode("utf-8"):
         return ""
     a = split_lines(old.decode("utf-8", "replace")) if old is not None else []
@@ -145,7 +156,8 @@ def unified_diff(path: Path, old: bytes | None, new: str) -> str:
     lo = min(g[0][1] for g in groups), min(g[0][3] for g in groups)
     hi = max(g[-1][2] for g in groups), max(g[-1][4] for g in groups)
     old_shown = _redacted(a[lo[0] : hi[0]], {}, _section_at(a, lo[0]))
-    new_shown = _redacted(b[lo[1] : hi[1]], _secrets(a), _section_at(b, lo[1]))
+    others = dict(held) if held is not None else _secrets(a)
+    new_shown = _redacted(b[lo[1] : hi[1]], others, _section_at(b, lo[1]))
     # An unchanged secret is shown the same on both sides, so it drops out of the diff.
     old_shown = [line.replace(" <changed>", "") for line in old_shown]
     out = [f"--- {path if old is not None else '/dev/null'}\n", f"+++ {path}\n"]
