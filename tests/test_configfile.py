@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -391,6 +392,38 @@ def test_plan_redacts_every_credential_line_asterisk_reads_in_the_current_file(
     assert diff.count("<redacted>") >= len(secrets)
     for secret in secrets:
         assert secret not in diff
+
+
+#: Overrides quoting each credential in a comment, in a line of its own (a comment is all
+#: the parse-back check lets a template add).
+QUOTING_OVERRIDES = {
+    "section.j2": (SHIPPED_TEMPLATES / "section.j2")
+    .read_text()
+    .replace(
+        "{{ key }}={{ value }}\n", "; {{ key }} is {{ value | upper }}\n{{ key }}={{ value }}\n"
+    ),
+    "header.j2": "{% for u in users %}; {{ u.auth_id }}: {{ u.auth }}\n{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(QUOTING_OVERRIDES))
+@pytest.mark.parametrize("shards", [0, 4])
+def test_plan_redacts_credentials_an_override_quotes_in_comments(
+    tmp_path: Path, name: str, shards: int
+) -> None:
+    """A credential an override's comment quotes (in full, in any case) never reaches the
+    diff, for a first file and for an edit: only '<redacted>' stands for it."""
+    overrides = write_override(tmp_path / "t", name, QUOTING_OVERRIDES[name])
+    target = make_target(tmp_path / "out.conf", shards, overrides)
+    rotated = replace(REPRESENTATIVE[1], sip_md5="0a" * 16, sip_sha256="1b" * 32)
+    first = target.plan(rendered())
+    target.apply(rendered())
+    edit = target.plan(rendered(users=[REPRESENTATIVE[0], rotated, *REPRESENTATIVE[2:]]))
+    assert "<redacted>" in edit.diff
+    digests = [(u.sip_md5, u.sip_sha256) for u in (*REPRESENTATIVE, rotated)]
+    for diff in (first.diff, edit.diff):
+        for digest in chain.from_iterable(digests):
+            assert digest.lower() not in diff.lower()
 
 
 def test_a_broken_current_file_is_replaced(target: ConfigFileTarget) -> None:

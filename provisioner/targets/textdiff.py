@@ -2,7 +2,8 @@
 
 ``render --dry-run`` and the config-file targets' ``plan`` show what a write would
 change; digests must never reach a terminal or a log, so each credential option's value
-is shown as ``<redacted>``, marked ``<changed>`` where it differs from the old file.  The
+is shown as ``<redacted>``, marked ``<changed>`` where it differs from the old file, and
+a digest quoted anywhere else in a line (an override's comment) is ``<redacted>`` too.  The
 diff is the text ``difflib.unified_diff`` gives, but computed without running difflib
 over the lines both versions share at their start and end: one changed user in a 62 MB
 file costs little.
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from itertools import chain
 from pathlib import Path
 
 __all__ = ["SECRET_OPTIONS", "split_lines", "unified_diff"]
@@ -49,14 +51,55 @@ def _redacted(lines: list[str], others: dict[tuple[str, str], str], section: str
     return out
 
 
-def _secrets(lines: list[str]) -> dict[tuple[str, str], str]:
+#: A run of hex digits as long as a digest (MD5: 32; SHA-256: 64) or longer.
+_HEX_RUN = re.compile(r"[0-9A-Fa-f]{32,}")
+#: The digest lengths a run is looked at for.
+_DIGEST_LENGTHS = (32, 64)
+
+
+def _digests(values: Iterable[str]) -> set[str]:
+    """The hex digests in credential ``values`` (each run of 32 or more hex digits, lower
+    case): what :func:`_unquoted` looks for elsewhere in a line."""
+    return {run.lower() for value in values for run in _HEX_RUN.findall(value)}
+
+
+def _unquoted(line: str, digests: set[str]) -> str:
+    """``line`` with each run of hex digits that holds one of ``digests`` (in any case)
+    replaced by ``<redacted>``.  An override may quote a credential in a comment (the only
+    text the parse-back check lets it add): the redaction of option lines misses it, and
+    a diff must never show one."""
+    if not digests or not _HEX_RUN.search(line):
+        return line
+
+    def hide(found: re.Match[str]) -> str:
+        run = found.group().lower()
+        for size in _DIGEST_LENGTHS:
+            if any(run[i : i + size] in digests for i in range(len(run) - size + 1)):
+                return "<redacted>"
+        return found.group()
+
+    return _HEX_RUN.sub(hide, line)
+
+
+#: A section header line or a credential option line (as :data:`_SECTION_LINE` and
+#: :data:`_OPTION_LINE` read them, one line each), found in a whole text at once: a
+#: regex per line costs seconds on a large file, and most lines are neither.
+_SECTION_OR_SECRET = re.compile(
+    r"^(?:[^\S\n]*\[([^\]\n]*)\]"
+    r"|[\x00-\x09\x0b-\x20]*\\?(md5_cred|password_digest|password)"
+    r"[\x00-\x09\x0b-\x20]*\+?=>?[\x00-\x09\x0b-\x20]*(.*))",
+    re.MULTILINE | re.IGNORECASE,
+)
+
+
+def _secrets(text: str) -> dict[tuple[str, str], str]:
+    """Each credential option's value in ``text``, by (section name, lower-case option)."""
     found: dict[tuple[str, str], str] = {}
     section = ""
-    for line in lines:
-        if m := _SECTION_LINE.match(line):
+    for m in _SECTION_OR_SECRET.finditer(text):
+        if m.group(1) is not None:
             section = m.group(1)
-        m = _OPTION_LINE.match(line.rstrip("\n"))
-        if m and m.group(2).lower() in SECRET_OPTIONS:
+        else:
             found[(section, m.group(2).lower())] = m.group(3)
     return found
 
@@ -147,7 +190,8 @@ def unified_diff(
     (a new shard count) keeps an unchanged credential unmarked."""
     if old is not None and old == new.encode("utf-8"):
         return ""
-    a = split_lines(old.decode("utf-8", "replace")) if old is not None else []
+    old_text = old.decode("utf-8", "replace") if old is not None else ""
+    a = split_lines(old_text)
     b = split_lines(new)
     groups = list(_grouped(_opcodes(a, b)))
     if not groups:
@@ -156,10 +200,16 @@ def unified_diff(
     lo = min(g[0][1] for g in groups), min(g[0][3] for g in groups)
     hi = max(g[-1][2] for g in groups), max(g[-1][4] for g in groups)
     old_shown = _redacted(a[lo[0] : hi[0]], {}, _section_at(a, lo[0]))
-    others = dict(held) if held is not None else _secrets(a)
+    old_secrets = _secrets(old_text)
+    others = dict(held) if held is not None else old_secrets
     new_shown = _redacted(b[lo[1] : hi[1]], others, _section_at(b, lo[1]))
     # An unchanged secret is shown the same on both sides, so it drops out of the diff.
     old_shown = [line.replace(" <changed>", "") for line in old_shown]
+    # Credentials quoted outside their option lines (an override's comments), both sides.
+    values = chain(old_secrets.values(), _secrets(new).values(), (held or {}).values())
+    digests = _digests(values)
+    old_shown = [_unquoted(line, digests) for line in old_shown]
+    new_shown = [_unquoted(line, digests) for line in new_shown]
     out = [f"--- {path if old is not None else '/dev/null'}\n", f"+++ {path}\n"]
     for group in groups:
         first, last = group[0], group[-1]
