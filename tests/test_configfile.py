@@ -319,6 +319,29 @@ def test_a_first_file_takes_the_owner_and_group_of_its_directory(
     check_written(target, rendered())
 
 
+def test_a_rewrite_of_a_hard_linked_file_warns_that_the_link_is_split(tmp_path: Path) -> None:
+    """A file with another hard link (an operator's ln) is replaced by a new file, as every
+    write is: the other name keeps the old bytes, and the write logs a warning naming the
+    file; a file with no other link (its .bak aside) logs none."""
+    path = tmp_path / "asterisk" / "pjsip_users.conf"
+    target = ConfigFileTarget(path)
+    target.apply(rendered()[1:])
+    with capture_logs() as logs:
+        target.apply(rendered()[2:])
+    assert not [e for e in logs if e["event"] == "file.hard_link_split"]
+    other = tmp_path / "copy.conf"
+    os.link(path, other)
+    before = other.read_bytes()
+    with capture_logs() as logs:
+        assert target.apply(rendered()).wrote
+    split = [e for e in logs if e["event"] == "file.hard_link_split"]
+    assert [(e["log_level"], e["path"], e["other_links"]) for e in split] == [
+        ("warning", str(path), 1)
+    ]
+    assert other.read_bytes() == before
+    check_written(target, rendered())
+
+
 def test_changes_are_counted_and_the_old_file_kept(target: ConfigFileTarget) -> None:
     """A change is reported per user and object; the previous bytes stay in <name>.bak."""
     first = rendered()

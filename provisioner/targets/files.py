@@ -50,6 +50,7 @@ __all__ = [
     "remove_stale_temporaries",
     "sync_directory",
     "temporary",
+    "warn_of_other_links",
     "write_file",
     "write_synced",
 ]
@@ -182,6 +183,30 @@ def keep_owner(new: Path, old: Path) -> None:
         log.warning("file.group_not_kept", path=str(old), group=before.st_gid, error=exc.strerror)
 
 
+def warn_of_other_links(path: Path) -> None:
+    """Log ``file.hard_link_split`` (a warning) when the file at ``path`` has hard links
+    besides its ``.bak``: the atomic write replaces it by a new file, so every other name
+    keeps the old bytes from now on (a hard link cannot follow a rename; a symbolic link
+    at ``target.path`` does, see :func:`real_path`)."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return
+    others = info.st_nlink - 1
+    if others > 0:
+        with contextlib.suppress(OSError):
+            # A write killed between keeping the backup and the rename left them one file.
+            if os.path.samefile(path, backup_of(path)):
+                others -= 1
+    if others > 0:
+        log.warning(
+            "file.hard_link_split",
+            path=str(path),
+            other_links=others,
+            advice="the other names keep the old file: use a symbolic link instead",
+        )
+
+
 def fsync_directory(directory: Path) -> None:
     """fsync ``directory``: the renames into it survive a power loss."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -299,7 +324,7 @@ def atomic_write(
     mode :data:`DIRECTORY_MODE` with the same owner and group (:func:`make_directories`).
     A symbolic link at ``path``
     stays: the file it leads to is replaced (:func:`real_path`), and its backup is kept
-    beside that file."""
+    beside that file; a hard link does not (:func:`warn_of_other_links`)."""
     path = real_path(path)
     like = owner_source(path, new_owner_of)
     make_directories(path.parent, like)
@@ -310,6 +335,7 @@ def atomic_write(
             keep_owner(temp, like)
             write_synced(temp, data)
             later_than(temp, path)
+            warn_of_other_links(path)
             if backup:
                 former = keep_backup(path, backup_of(path))
             os.replace(temp, path)
