@@ -497,6 +497,43 @@ def test_old_shard_files_are_deleted_only_once_the_main_file_is_durable(
         assert not any(shard.exists() for shard in four)
 
 
+def test_old_shard_files_are_deleted_only_once_a_linked_main_file_is_durable(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With target.path a symbolic link to a file in another directory, shard files a
+    killed writer left are deleted only after the directory of the main file itself (where
+    its replacement was renamed) is fsynced, not only the link's."""
+    real = path.parent.parent / "real" / path.name
+    real.parent.mkdir(parents=True)
+    real.write_bytes(b"")
+    path.parent.mkdir()
+    path.symlink_to(real)
+    users = many(40)
+    ShardedConfigFileTarget(path, shards=4).apply(users)
+    four = {shard: shard.read_bytes() for shard in ShardedConfigFileTarget(path, shards=4).files}
+    ShardedConfigFileTarget(path, shards=8).apply(users)
+    fsync_directory = files_module.fsync_directory
+
+    def recorded(directory: Path) -> None:
+        if _audited is not None:
+            _audited.append(("fsync", os.fsdecode(directory), True))
+        fsync_directory(directory)
+
+    monkeypatch.setattr(files_module, "fsync_directory", recorded)
+    for target in (ShardedConfigFileTarget(path, shards=8), ConfigFileTarget(path)):
+        target.apply(users)
+        for shard, data in four.items():  # as the killed writer left them
+            shard.parent.mkdir(exist_ok=True)
+            shard.write_bytes(data)
+        with recording() as touched:
+            assert not target.apply(users).wrote
+        events = [(event, Path(p)) for event, p, _ in touched if event in ("fsync", "os.remove")]
+        removed = [i for i, (event, p) in enumerate(events) if p in four]
+        assert len(removed) == len(four)
+        assert ("fsync", real.parent) in events[: min(removed)]
+        assert path.is_symlink()
+
+
 def test_an_edit_before_the_switch_applies_everyone(path: Path) -> None:
     """An edit through a target whose count the main file does not include yet is a full
     apply of the current users, edited: the switch happens and nobody is lost."""

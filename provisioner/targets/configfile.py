@@ -602,7 +602,7 @@ class ConfigFileTarget:
             self._cache = None
         self._state = pending.state
         if self._shards_dir is not None and (pending.write or full):
-            drop_stale_backup(self.path, retire_shards(self._shards_dir, None))
+            drop_stale_backup(self.path, retire_shards(self.path, None))
         return change
 
     def apply_partial(self, upserts: Sequence[UserObjects], removed_ids: Sequence[str]) -> Change:

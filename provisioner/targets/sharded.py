@@ -257,7 +257,7 @@ class ShardedConfigFileTarget:
         self._main = layout.main
         # The main file names only this set now: other counts' files (the set before a
         # switch, or one a crash cut short) can go.
-        drop_stale_backup(self.path, retire_shards(self.directory, self.shards))
+        drop_stale_backup(self.path, retire_shards(self.path, self.shards))
         return replace(layout.change, wrote=wrote)
 
     def _commit_files(
