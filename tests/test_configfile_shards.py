@@ -534,6 +534,33 @@ def test_old_shard_files_are_deleted_only_once_a_linked_main_file_is_durable(
         assert path.is_symlink()
 
 
+def test_a_new_shard_directory_beside_a_linked_main_file_is_durable_before_it_is_named(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With target.path a symbolic link to a file in another directory, the shard directory
+    (beside the link) is made durable in the link's directory before the main file names
+    its files: a power loss cannot leave a main file including a directory that is gone."""
+    real = path.parent.parent / "real" / path.name
+    real.parent.mkdir(parents=True)
+    real.write_bytes(b"")
+    path.parent.mkdir()
+    path.symlink_to(real)
+    fsync_directory = files_module.fsync_directory
+
+    def recorded(directory: Path) -> None:
+        if _audited is not None:
+            _audited.append(("fsync", os.fsdecode(directory), True))
+        fsync_directory(directory)
+
+    monkeypatch.setattr(files_module, "fsync_directory", recorded)
+    with recording() as touched:
+        ShardedConfigFileTarget(path, shards=4).apply(many(40))
+    events = [(event, Path(p)) for event, p, _ in touched if event in ("fsync", "os.rename")]
+    named = events.index(("os.rename", real))
+    assert ("fsync", path.parent) in events[:named]
+    check_main(real.read_bytes(), ShardedConfigFileTarget(path, shards=4).files)
+
+
 def test_an_edit_before_the_switch_applies_everyone(path: Path) -> None:
     """An edit through a target whose count the main file does not include yet is a full
     apply of the current users, edited: the switch happens and nobody is lost."""

@@ -12,6 +12,7 @@ config.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -26,6 +27,7 @@ from . import Change
 from .configfile import ConfigFileTarget, PendingWrite
 from .files import (
     read_file,
+    real_path,
     remove_stale_in,
     remove_stale_temporaries,
     sync_directory,
@@ -251,7 +253,10 @@ class ShardedConfigFileTarget:
         if switching:
             # Every shard file of this set is on disk, fsynced: only now does the main file
             # name them, in one atomic replace (whose directory fsync also makes the shard
-            # directory's entry durable: it sits beside the main file).
+            # directory's entry durable when it sits beside the main file; beside a
+            # symbolic link at path, the link's directory is fsynced first).
+            if self._beside_a_link():
+                sync_directory(self.directory.parent)
             write_file(self.path, layout.main, backup=layout.old_main is not None)
             wrote = True
         self._main = layout.main
@@ -259,6 +264,12 @@ class ShardedConfigFileTarget:
         # switch, or one a crash cut short) can go.
         drop_stale_backup(self.path, retire_shards(self.path, self.shards))
         return replace(layout.change, wrote=wrote)
+
+    def _beside_a_link(self) -> bool:
+        """True when the shard directory is not in the directory the main file is replaced
+        in (``path`` is a symbolic link into another directory)."""
+        main_dir = os.path.realpath(real_path(self.path).parent)
+        return os.path.realpath(self.directory.parent) != main_dir
 
     def _commit_files(
         self, files: list[tuple[ConfigFileTarget, PendingWrite]], *, sync: bool = False
