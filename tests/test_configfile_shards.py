@@ -561,6 +561,30 @@ def test_a_new_shard_directory_beside_a_linked_main_file_is_durable_before_it_is
     check_main(real.read_bytes(), ShardedConfigFileTarget(path, shards=4).files)
 
 
+@pytest.mark.parametrize("shards", [0, 4])
+def test_directories_a_first_write_makes_are_durable_before_it_ends(
+    tmp_path: Path, shards: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each directory a first write makes (the target directory and its missing parents,
+    the shard directory) has its entry fsynced in its parent directory before the apply
+    returns: a power loss cannot take away a file reported written."""
+    path = tmp_path / "not" / "yet" / "pjsip_users.conf"
+    fsynced: list[Path] = []
+    fsync_directory = files_module.fsync_directory
+
+    def recorded(directory: Path) -> None:
+        fsynced.append(Path(directory))
+        fsync_directory(directory)
+
+    monkeypatch.setattr(files_module, "fsync_directory", recorded)
+    target = make_target(path, shards)
+    target.apply(many(10))
+    made = [tmp_path / "not", tmp_path / "not" / "yet"]
+    if shards:
+        made.append(shard_directory(path))
+    assert {directory.parent for directory in made} <= set(fsynced)
+
+
 def test_an_edit_before_the_switch_applies_everyone(path: Path) -> None:
     """An edit through a target whose count the main file does not include yet is a full
     apply of the current users, edited: the switch happens and nobody is lost."""

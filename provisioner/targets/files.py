@@ -292,7 +292,8 @@ def make_directories(directory: Path, like: Path) -> None:
     """Make ``directory`` and its missing parents, each mode :data:`DIRECTORY_MODE`
     whatever the umask, with the group (and owner, as root) of ``like`` (:func:`keep_owner`):
     made with the writer's umask, user and group, Asterisk could not reach the files in it
-    that it is given to read."""
+    that it is given to read.  Each new entry is fsynced in its parent: a file written
+    into a new directory must not vanish with it at a power loss."""
     missing = [d for d in (directory, *directory.parents) if not d.is_dir()]
     for made in reversed(missing):
         try:
@@ -301,6 +302,7 @@ def make_directories(directory: Path, like: Path) -> None:
             continue  # made meanwhile, by another writer: its mode is that writer's
         os.chmod(made, DIRECTORY_MODE)
         keep_owner(made, like)
+        fsync_directory(made.parent)
 
 
 def atomic_write(
