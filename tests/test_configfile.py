@@ -601,6 +601,38 @@ def test_a_template_failing_as_it_renders_is_named_with_its_line_and_nothing_is_
     assert written(tmp_path) == before
 
 
+#: Override mistakes that put values where Asterisk reads names: key and value swapped, a
+#: value as a section header, as an inheritance, as a directive.
+MISTAKES = {
+    "swapped": ("{{ key }}={{ value }}", "{{ value }}={{ key }}"),
+    "header": ("{{ key }}={{ value }}", "{{ key }}={{ value }}\n[x{{ value }}]"),
+    "inheritance": ("{{ key }}={{ value }}", "{{ key }}={{ value }}\n[y](x{{ value }})"),
+    "directive": ("{{ key }}={{ value }}", "{{ key }}={{ value }}\n#x{{ value }} y"),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(MISTAKES))
+@pytest.mark.parametrize("shards", [0, 4])
+def test_a_parse_back_failure_never_quotes_a_credential(
+    tmp_path: Path, mistake: str, shards: int
+) -> None:
+    """An override whose mistake puts a credential where Asterisk reads a name (an option
+    name, a section header, an inheritance, a directive) fails the parse-back check with
+    a message that holds no digest, nor 21 hex digits of one; nothing is written."""
+    old, new = MISTAKES[mistake]
+    section = (SHIPPED_TEMPLATES / "section.j2").read_text()
+    overrides = write_override(tmp_path / "t", "section.j2", section.replace(old, new))
+    target = make_target(tmp_path / "out.conf", shards, overrides)
+    with pytest.raises(RenderCheckFailed) as info:
+        target.apply(rendered())
+    message = str(info.value).lower()
+    for user in REPRESENTATIVE:
+        for digest in (user.sip_md5, user.sip_sha256):
+            pieces = {digest[i : i + 21] for i in range(len(digest) - 20)}
+            assert not any(piece in message for piece in pieces), message
+    assert not target.path.exists()
+
+
 @pytest.mark.parametrize("shards", [0, 4])
 def test_a_byte_order_mark_starting_a_template_never_reaches_the_file(
     tmp_path: Path, shards: int

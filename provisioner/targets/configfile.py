@@ -65,7 +65,7 @@ from .holdings import (
 from .pieces import Pieces
 from .shards import drop_stale_backup, retire_shards, shard_directory
 from .templating import MAIN_TEMPLATE, SHIPPED_TEMPLATES, Templates
-from .textdiff import unified_diff
+from .textdiff import hide_digests, unified_diff
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -129,7 +129,8 @@ def check_rendered(data: bytes, objects: Sequence[UserObjects]) -> None:
     try:
         parsed = parse(data)
     except AsteriskSyntaxError as exc:
-        raise RenderCheckFailed(f"the rendered file would not load: {exc.message}") from None
+        message = hide_digests(exc.message)
+        raise RenderCheckFailed(f"the rendered file would not load: {message}") from None
     _raise_problems(_parse_problems(parsed, intended(objects)))
 
 
@@ -269,9 +270,12 @@ def canonical_chunk(user: UserObjects) -> str | None:
 
 
 def _raise_problems(problems: list[str]) -> None:
+    """Raise :class:`RenderCheckFailed` listing ``problems``, with no digest: they quote
+    names the parser read, where an override's mistake may have put a credential."""
     if problems:
         raise RenderCheckFailed(
-            "the rendered file does not hold exactly the intended objects: " + "; ".join(problems)
+            "the rendered file does not hold exactly the intended objects: "
+            + hide_digests("; ".join(problems))
         )
 
 

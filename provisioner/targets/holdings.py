@@ -24,7 +24,7 @@ from ..pjsip import Options, UserObjects, auth_id, endpoint_order
 from . import Change
 from .files import read_file
 from .shards import includes_of
-from .textdiff import SECRET_OPTIONS
+from .textdiff import SECRET_OPTIONS, hide_digests
 
 __all__ = [
     "Current",
@@ -211,7 +211,7 @@ def broken(path: Path, exc: AsteriskSyntaxError) -> RenderCheckFailed:
     """Why the file at ``path``, which Asterisk could not load, cannot be edited."""
     return RenderCheckFailed(
         f"cannot edit {str(path)!r} user by user: it does not load "
-        f"({exc.message}); apply every user instead"
+        f"({hide_digests(exc.message)}); apply every user instead"
     )
 
 

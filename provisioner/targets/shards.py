@@ -19,6 +19,7 @@ from ..asterisk_conf import Parsed, parse
 from ..errors import AsteriskSyntaxError, Problem, RenderCheckFailed, TargetWriteFailed
 from ..logs import get_logger
 from .files import backup_of, real_path, sync_directory
+from .textdiff import hide_digests
 
 __all__ = [
     "INCLUDABLE",
@@ -120,7 +121,8 @@ def check_main(data: bytes, files: Sequence[Path]) -> None:
     try:
         parsed = parse(data)
     except AsteriskSyntaxError as exc:
-        raise RenderCheckFailed(f"the main file would not load: {exc.message}") from None
+        message = hide_digests(exc.message)
+        raise RenderCheckFailed(f"the main file would not load: {message}") from None
     problems = [f"line {s.line} holds a section [{s.name}]" for s in parsed.sections]
     problems += [f"line {n.line}: {n.message}" for n in parsed.notices]
     got = [(d.name, d.argument) for d in parsed.directives]
@@ -131,7 +133,8 @@ def check_main(data: bytes, files: Sequence[Path]) -> None:
         )
     if problems:
         raise RenderCheckFailed(
-            "the main file does not include exactly the shard files: " + "; ".join(problems)
+            "the main file does not include exactly the shard files: "
+            + hide_digests("; ".join(problems))
         )
 
 

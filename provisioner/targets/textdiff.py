@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from itertools import chain
 from pathlib import Path
 
-__all__ = ["SECRET_OPTIONS", "split_lines", "unified_diff"]
+__all__ = ["SECRET_OPTIONS", "hide_digests", "split_lines", "unified_diff"]
 
 #: Auth options whose values are credentials: never shown in diffs or messages.
 SECRET_OPTIONS = frozenset({"md5_cred", "password_digest", "password"})
@@ -55,6 +55,21 @@ def _redacted(lines: list[str], others: dict[tuple[str, str], str], section: str
 _HEX_RUN = re.compile(r"[0-9A-Fa-f]{32,}")
 #: The digest lengths a run is looked at for.
 _DIGEST_LENGTHS = (32, 64)
+
+
+#: Longer than any id a check names (an extension: at most 20 digits; ``<ext>-auth``), so
+#: in a message about parsed names such a run of hex digits is (part of) a digest.
+_LONG_HEX = re.compile(r"[0-9A-Fa-f]{21,}")
+
+
+def hide_digests(message: str) -> str:
+    """``message`` with every run of more than 20 hex digits shown as ``<redacted>``.
+
+    For a message quoting names Asterisk's loader read from a rendered or current file
+    (section, option and directive names): an override's mistake (key and value swapped,
+    a value on a line of its own) can put a credential where a name is read, and no
+    message may carry one."""
+    return _LONG_HEX.sub("<redacted>", message)
 
 
 def _digests(values: Iterable[str]) -> set[str]:
