@@ -324,9 +324,9 @@ def atomic_write(
     ``new_owner_of`` that exists, else of its directory (:func:`owner_source`; a shard
     file: the main file's, else the shard directory's).  A missing directory is made
     mode :data:`DIRECTORY_MODE` with the same owner and group (:func:`make_directories`).
-    A symbolic link at ``path``
-    stays: the file it leads to is replaced (:func:`real_path`), and its backup is kept
-    beside that file; a hard link does not (:func:`warn_of_other_links`)."""
+    A symbolic link at ``path`` stays: the file it leads to is replaced
+    (:func:`real_path`), and its backup is kept beside that file; a hard link does not
+    (:func:`warn_of_other_links`)."""
     path = real_path(path)
     like = owner_source(path, new_owner_of)
     make_directories(path.parent, like)
