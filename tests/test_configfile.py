@@ -429,6 +429,25 @@ QUOTING_OVERRIDES = {
 }
 
 
+@pytest.mark.parametrize("shards", [0, 4])
+def test_plan_redacts_a_part_of_a_credential_an_override_quotes(
+    tmp_path: Path, shards: int
+) -> None:
+    """31 or more hex digits of a credential quoted by an override's comment (a slice of the
+    digest) never reach the diff either."""
+    section = (SHIPPED_TEMPLATES / "section.j2").read_text()
+    quoting = "; {{ key }} starts {{ value[11:42] }}\n{{ key }}={{ value }}\n"
+    overrides = write_override(
+        tmp_path / "t", "section.j2", section.replace("{{ key }}={{ value }}\n", quoting)
+    )
+    diff = make_target(tmp_path / "out.conf", shards, overrides).plan(rendered()).diff
+    assert "starts <redacted>" in diff
+    for user in REPRESENTATIVE:
+        for digest in (user.sip_md5, user.sip_sha256):
+            pieces = {digest[i : i + 31] for i in range(len(digest) - 30)}
+            assert not any(piece in diff for piece in pieces)
+
+
 @pytest.mark.parametrize("name", sorted(QUOTING_OVERRIDES))
 @pytest.mark.parametrize("shards", [0, 4])
 def test_plan_redacts_credentials_an_override_quotes_in_comments(

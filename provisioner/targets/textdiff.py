@@ -53,8 +53,9 @@ def _redacted(lines: list[str], others: dict[tuple[str, str], str], section: str
 
 #: A run of hex digits as long as a digest (MD5: 32; SHA-256: 64) or longer.
 _HEX_RUN = re.compile(r"[0-9A-Fa-f]{32,}")
-#: The digest lengths a run is looked at for.
-_DIGEST_LENGTHS = (32, 64)
+#: Digests are indexed by their chunks of this many digits, at multiples of it: any 31 or
+#: more consecutive digits of a digest hold a whole chunk.
+_CHUNK = 16
 
 
 #: Longer than any id a check names (an extension: at most 20 digits; ``<ext>-auth``), so
@@ -73,27 +74,33 @@ def hide_digests(message: str) -> str:
 
 
 def _digests(values: Iterable[str]) -> set[str]:
-    """The hex digests in credential ``values`` (each run of 32 or more hex digits, lower
-    case): what :func:`_unquoted` looks for elsewhere in a line."""
-    return {run.lower() for value in values for run in _HEX_RUN.findall(value)}
+    """The chunks of the hex digests in credential ``values`` (each run of 32 or more hex
+    digits, lower case, cut every :data:`_CHUNK` digits): what :func:`_unquoted` looks
+    for elsewhere in a line (a few per user, where every slice would be hundreds)."""
+    return {
+        run[i : i + _CHUNK]
+        for value in values
+        for run in _HEX_RUN.findall(value.lower())
+        for i in range(0, len(run) - _CHUNK + 1, _CHUNK)
+    }
 
 
 def _unquoted(line: str, digests: set[str]) -> str:
-    """``line`` with each run of hex digits that holds one of ``digests`` (in any case)
-    replaced by ``<redacted>``.  An override may quote a credential in a comment (the only
-    text the parse-back check lets it add): the redaction of option lines misses it, and
-    a diff must never show one."""
-    if not digests or not _HEX_RUN.search(line):
+    """``line`` with each run of more than 20 hex digits that holds a chunk of one of
+    ``digests`` (in any case) replaced by ``<redacted>``: a digest quoted whole, or any 31
+    of its digits.  An override may quote a credential in a comment (the only text the
+    parse-back check lets it add): the redaction of option lines misses it, and a diff
+    must never show one."""
+    if not _LONG_HEX.search(line):
         return line
 
     def hide(found: re.Match[str]) -> str:
         run = found.group().lower()
-        for size in _DIGEST_LENGTHS:
-            if any(run[i : i + size] in digests for i in range(len(run) - size + 1)):
-                return "<redacted>"
+        if any(run[i : i + _CHUNK] in digests for i in range(len(run) - _CHUNK + 1)):
+            return "<redacted>"
         return found.group()
 
-    return _HEX_RUN.sub(hide, line)
+    return _LONG_HEX.sub(hide, line)
 
 
 #: A section header line or a credential option line (as :data:`_SECTION_LINE` and
@@ -220,11 +227,13 @@ def unified_diff(
     new_shown = _redacted(b[lo[1] : hi[1]], others, _section_at(b, lo[1]))
     # An unchanged secret is shown the same on both sides, so it drops out of the diff.
     old_shown = [line.replace(" <changed>", "") for line in old_shown]
-    # Credentials quoted outside their option lines (an override's comments), both sides.
-    values = chain(old_secrets.values(), _secrets(new).values(), (held or {}).values())
-    digests = _digests(values)
-    old_shown = [_unquoted(line, digests) for line in old_shown]
-    new_shown = [_unquoted(line, digests) for line in new_shown]
+    # Credentials quoted outside their option lines (an override's comments), both sides;
+    # looked for only when a line shown holds a long run of hex digits (no shipped one does).
+    if any(map(_LONG_HEX.search, chain(old_shown, new_shown))):
+        values = chain(old_secrets.values(), _secrets(new).values(), (held or {}).values())
+        digests = _digests(values)
+        old_shown = [_unquoted(line, digests) for line in old_shown]
+        new_shown = [_unquoted(line, digests) for line in new_shown]
     out = [f"--- {path if old is not None else '/dev/null'}\n", f"+++ {path}\n"]
     for group in groups:
         first, last = group[0], group[-1]
