@@ -36,6 +36,7 @@ from .logs import get_logger
 from .store.changefeed import NOTIFY_CHANNEL
 from .store.engine import FileIdentity, file_identity, pg_keepalive
 from .store.schema import changes
+from .targets.templating import editor_file, template_files
 
 __all__ = [
     "DirectoryWatch",
@@ -336,7 +337,7 @@ class _Follower:
 TEMPLATE_RECHECK = 1.0
 
 #: Per template directory: its path, identity (device, inode; None when absent) and its
-#: files' names, inodes, mtimes and sizes.
+#: files' paths below it (subdirectories' too), inodes, mtimes and sizes.
 TemplateStamp = tuple[
     tuple[str, tuple[int, int] | None, tuple[tuple[str, int, int, int], ...]], ...
 ]
@@ -361,18 +362,12 @@ def _directory_stamp(
 
 
 def _files(directory: Path) -> list[tuple[str, os.stat_result]]:
-    """The name and status of each entry of ``directory``.  An entry that cannot be looked
-    at (a dangling symlink, such as the ``.#name`` lock file Emacs leaves, or a file
-    deleted meanwhile) is left out: no template is read from it either, and it must not
-    make the whole directory look absent (which ended its watch)."""
-    files: list[tuple[str, os.stat_result]] = []
-    with os.scandir(directory) as entries:
-        for entry in entries:
-            try:
-                files.append((entry.name, entry.stat()))
-            except OSError:
-                continue
-    return files
+    """The path (below ``directory``) and status of each file in ``directory`` and its
+    subdirectories (an override may include ``sub/x.j2``: an edit there must wake too),
+    as :func:`~provisioner.targets.templating.template_files` finds them.  An entry that
+    cannot be looked at is left out: it must not make the whole directory look absent
+    (which ended its watch)."""
+    return template_files(directory)
 
 
 def _identities(stamp: TemplateStamp) -> tuple[tuple[str, tuple[int, int] | None], ...]:
@@ -426,6 +421,7 @@ async def _watch_templates(
 
     watch = awatch(
         *existing,
+        watch_filter=_TemplateFilter(existing),
         stop_event=stop,
         debounce=50,
         step=20,
@@ -441,6 +437,28 @@ async def _watch_templates(
                 return now
             seen = now
     return seen
+
+
+class _TemplateFilter:
+    """watchfiles' filter of the template directories ``roots``: a change counts unless it
+    is to an editor's own file, or lies under a hidden directory below a root
+    (:func:`~provisioner.targets.templating.editor_file`), as the template stamps count."""
+
+    def __init__(self, roots: Iterable[Path]) -> None:
+        # watchfiles reports absolute paths (a relative root made absolute): each root as
+        # named, made absolute, and with its links resolved.
+        self.roots = sorted(
+            {form for root in roots for form in (os.path.abspath(root), os.path.realpath(root))},
+            key=len,
+            reverse=True,
+        )
+
+    def __call__(self, _change: object, path: str) -> bool:
+        for root in self.roots:
+            if path.startswith(root + os.sep):
+                parts = path[len(root) + 1 :].split(os.sep)
+                return not any(map(editor_file, parts))
+        return not editor_file(os.path.basename(path))
 
 
 def _templates_changed(wake: asyncio.Event) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import jinja2
 import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from provisioner.asterisk_conf import parse
 from provisioner.config import load_config
@@ -299,6 +302,46 @@ def test_a_rewritten_file_keeps_the_owner_and_group_of_the_file_it_replaces(
     check_written(target, rendered()[2:])
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may give a file another owner")
+@pytest.mark.parametrize("shards", [0, 4])
+def test_a_first_file_takes_the_owner_and_group_of_its_directory(
+    tmp_path: Path, shards: int
+) -> None:
+    """A file written where none was takes the owner and group of the directory an operator
+    gave to Asterisk (chown asterisk:asterisk), mode 0640: Asterisk can read it."""
+    path = tmp_path / "asterisk" / "pjsip_users.conf"
+    path.parent.mkdir()
+    os.chown(path.parent, 4242, 4343)
+    target = make_target(path, shards)
+    target.apply(rendered())
+    info = path.stat()
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (4242, 4343, 0o640)
+    check_written(target, rendered())
+
+
+def test_a_rewrite_of_a_hard_linked_file_warns_that_the_link_is_split(tmp_path: Path) -> None:
+    """A file with another hard link (an operator's ln) is replaced by a new file, as every
+    write is: the other name keeps the old bytes, and the write logs a warning naming the
+    file; a file with no other link (its .bak aside) logs none."""
+    path = tmp_path / "asterisk" / "pjsip_users.conf"
+    target = ConfigFileTarget(path)
+    target.apply(rendered()[1:])
+    with capture_logs() as logs:
+        target.apply(rendered()[2:])
+    assert not [e for e in logs if e["event"] == "file.hard_link_split"]
+    other = tmp_path / "copy.conf"
+    os.link(path, other)
+    before = other.read_bytes()
+    with capture_logs() as logs:
+        assert target.apply(rendered()).wrote
+    split = [e for e in logs if e["event"] == "file.hard_link_split"]
+    assert [(e["log_level"], e["path"], e["other_links"]) for e in split] == [
+        ("warning", str(path), 1)
+    ]
+    assert other.read_bytes() == before
+    check_written(target, rendered())
+
+
 def test_changes_are_counted_and_the_old_file_kept(target: ConfigFileTarget) -> None:
     """A change is reported per user and object; the previous bytes stay in <name>.bak."""
     first = rendered()
@@ -389,6 +432,57 @@ def test_plan_redacts_every_credential_line_asterisk_reads_in_the_current_file(
     assert diff.count("<redacted>") >= len(secrets)
     for secret in secrets:
         assert secret not in diff
+
+
+#: Overrides quoting each credential in a comment, in a line of its own (a comment is all
+#: the parse-back check lets a template add).
+QUOTING_OVERRIDES = {
+    "section.j2": (SHIPPED_TEMPLATES / "section.j2")
+    .read_text()
+    .replace(
+        "{{ key }}={{ value }}\n", "; {{ key }} is {{ value | upper }}\n{{ key }}={{ value }}\n"
+    ),
+    "header.j2": "{% for u in users %}; {{ u.auth_id }}: {{ u.auth }}\n{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("shards", [0, 4])
+def test_plan_redacts_a_part_of_a_credential_an_override_quotes(
+    tmp_path: Path, shards: int
+) -> None:
+    """31 or more hex digits of a credential quoted by an override's comment (a slice of the
+    digest) never reach the diff either."""
+    section = (SHIPPED_TEMPLATES / "section.j2").read_text()
+    quoting = "; {{ key }} starts {{ value[11:42] }}\n{{ key }}={{ value }}\n"
+    overrides = write_override(
+        tmp_path / "t", "section.j2", section.replace("{{ key }}={{ value }}\n", quoting)
+    )
+    diff = make_target(tmp_path / "out.conf", shards, overrides).plan(rendered()).diff
+    assert "starts <redacted>" in diff
+    for user in REPRESENTATIVE:
+        for digest in (user.sip_md5, user.sip_sha256):
+            pieces = {digest[i : i + 31] for i in range(len(digest) - 30)}
+            assert not any(piece in diff for piece in pieces)
+
+
+@pytest.mark.parametrize("name", sorted(QUOTING_OVERRIDES))
+@pytest.mark.parametrize("shards", [0, 4])
+def test_plan_redacts_credentials_an_override_quotes_in_comments(
+    tmp_path: Path, name: str, shards: int
+) -> None:
+    """A credential an override's comment quotes (in full, in any case) never reaches the
+    diff, for a first file and for an edit: only '<redacted>' stands for it."""
+    overrides = write_override(tmp_path / "t", name, QUOTING_OVERRIDES[name])
+    target = make_target(tmp_path / "out.conf", shards, overrides)
+    rotated = replace(REPRESENTATIVE[1], sip_md5="0a" * 16, sip_sha256="1b" * 32)
+    first = target.plan(rendered())
+    target.apply(rendered())
+    edit = target.plan(rendered(users=[REPRESENTATIVE[0], rotated, *REPRESENTATIVE[2:]]))
+    assert "<redacted>" in edit.diff
+    digests = [(u.sip_md5, u.sip_sha256) for u in (*REPRESENTATIVE, rotated)]
+    for diff in (first.diff, edit.diff):
+        for digest in chain.from_iterable(digests):
+            assert digest.lower() not in diff.lower()
 
 
 def test_a_broken_current_file_is_replaced(target: ConfigFileTarget) -> None:
@@ -606,6 +700,38 @@ def test_a_template_failing_as_it_renders_is_named_with_its_line_and_nothing_is_
         target.apply(rendered())
     assert str(info.value).endswith(f"templates failed to render ({error}) at {name} line {line}")
     assert written(tmp_path) == before
+
+
+#: Override mistakes that put values where Asterisk reads names: key and value swapped, a
+#: value as a section header, as an inheritance, as a directive.
+MISTAKES = {
+    "swapped": ("{{ key }}={{ value }}", "{{ value }}={{ key }}"),
+    "header": ("{{ key }}={{ value }}", "{{ key }}={{ value }}\n[x{{ value }}]"),
+    "inheritance": ("{{ key }}={{ value }}", "{{ key }}={{ value }}\n[y](x{{ value }})"),
+    "directive": ("{{ key }}={{ value }}", "{{ key }}={{ value }}\n#x{{ value }} y"),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(MISTAKES))
+@pytest.mark.parametrize("shards", [0, 4])
+def test_a_parse_back_failure_never_quotes_a_credential(
+    tmp_path: Path, mistake: str, shards: int
+) -> None:
+    """An override whose mistake puts a credential where Asterisk reads a name (an option
+    name, a section header, an inheritance, a directive) fails the parse-back check with
+    a message that holds no digest, nor 21 hex digits of one; nothing is written."""
+    old, new = MISTAKES[mistake]
+    section = (SHIPPED_TEMPLATES / "section.j2").read_text()
+    overrides = write_override(tmp_path / "t", "section.j2", section.replace(old, new))
+    target = make_target(tmp_path / "out.conf", shards, overrides)
+    with pytest.raises(RenderCheckFailed) as info:
+        target.apply(rendered())
+    message = str(info.value).lower()
+    for user in REPRESENTATIVE:
+        for digest in (user.sip_md5, user.sip_sha256):
+            pieces = {digest[i : i + 21] for i in range(len(digest) - 20)}
+            assert not any(piece in message for piece in pieces), message
+    assert not target.path.exists()
 
 
 @pytest.mark.parametrize("shards", [0, 4])
@@ -988,6 +1114,66 @@ def test_a_changed_template_is_used_by_the_same_target(tmp_path: Path) -> None:
     target.reload_templates()
     assert target.apply(rendered()).wrote
     assert target.path.read_text(encoding="utf-8").startswith(HEADER)
+
+
+def test_a_template_in_a_subdirectory_of_the_override_is_found_and_its_edit_used(
+    tmp_path: Path,
+) -> None:
+    """An override including a template from a subdirectory of its directory renders it,
+    and an edit of that file in place is used by the same target at the next apply."""
+    overrides = write_override(tmp_path / "t", "header.j2", '{% include "sub/note.j2" %}')
+    write_override(overrides / "sub", "note.j2", "; one\n")
+    target = ConfigFileTarget(tmp_path / "out.conf", overrides)
+    target.apply(rendered())
+    assert target.path.read_text(encoding="utf-8").startswith("; one\n")
+    (overrides / "sub" / "note.j2").write_text("; two, longer\n", encoding="utf-8")
+    assert target.apply(rendered()).wrote
+    assert target.path.read_text(encoding="utf-8").startswith("; two, longer\n")
+    check_rendered(target.path.read_bytes(), rendered())
+
+
+def test_a_template_in_a_subdirectory_failing_as_it_renders_is_named(tmp_path: Path) -> None:
+    """A Python error raised by a template an override includes from a subdirectory is a
+    RenderCheckFailed naming that template by its path and line; nothing is written."""
+    overrides = write_override(tmp_path / "t", "header.j2", '{% include "sub/note.j2" %}')
+    write_override(overrides / "sub", "note.j2", "; fine\n{{ 1 // 0 }}\n")
+    target = ConfigFileTarget(tmp_path / "out.conf", overrides)
+    with pytest.raises(RenderCheckFailed) as info:
+        target.apply(rendered())
+    assert str(info.value).endswith("(ZeroDivisionError) at sub/note.j2 line 2")
+    assert not target.path.exists()
+
+
+def test_editor_files_beside_the_templates_keep_the_compiled_templates(tmp_path: Path) -> None:
+    """Swap, backup and lock files an editor writes beside an override leave the target's
+    compiled templates in use (nothing is recompiled for them)."""
+    overrides = write_override(tmp_path / "t", "header.j2", "; one\n")
+    target = ConfigFileTarget(tmp_path / "out.conf", overrides)
+    env = target._templates.fresh()
+    for name in (".header.j2.swp", "header.j2~", "#header.j2#", "4913"):
+        (overrides / name).write_text("junk\n", encoding="utf-8")
+    assert target._templates.fresh() is env
+
+
+def test_an_override_directory_deleted_under_a_target_is_logged_loudly(tmp_path: Path) -> None:
+    """An override directory deleted after the target was made is logged as a warning
+    naming it, once, at the render that falls back to the shipped templates; its return is
+    logged too, and its templates are used again."""
+    overrides = write_override(tmp_path / "t", "header.j2", "; one\n")
+    target = ConfigFileTarget(tmp_path / "out.conf", overrides)
+    target.apply(rendered())
+    shutil.rmtree(overrides)
+    with capture_logs() as logs:
+        assert target.apply(rendered()).wrote
+        target.apply(rendered())
+    assert target.path.read_text(encoding="utf-8").startswith(HEADER)
+    gone = [e for e in logs if e["event"] == "templates.directory_missing"]
+    assert [(e["log_level"], e["path"]) for e in gone] == [("warning", str(overrides))]
+    write_override(overrides, "header.j2", "; two\n")
+    with capture_logs() as logs:
+        assert target.apply(rendered()).wrote
+    assert target.path.read_text(encoding="utf-8").startswith("; two\n")
+    assert [e["path"] for e in logs if e["event"] == "templates.directory_back"] == [str(overrides)]
 
 
 def test_a_template_replaced_by_a_file_of_the_same_size_and_mtime_is_used(

@@ -40,7 +40,14 @@ from provisioner.targets.shards import (
     shard_of,
 )
 
-from .test_configfile import REPRESENTATIVE, check_golden, make_user, rendered, write_override
+from .test_configfile import (
+    REPRESENTATIVE,
+    check_golden,
+    make_target,
+    make_user,
+    rendered,
+    write_override,
+)
 
 
 def _order(user: UserObjects) -> tuple[int, str]:
@@ -314,6 +321,31 @@ def test_a_new_shard_file_takes_the_owner_and_group_the_operator_gave(
         assert (shard.name, info.st_uid, info.st_gid) == (shard.name, 4242, 4343)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may give a file another owner")
+@pytest.mark.parametrize("given", ["main file", "target directory"])
+def test_a_shard_directory_the_first_apply_makes_is_readable_as_the_main_file_is(
+    path: Path, given: str
+) -> None:
+    """The shard directory a first apply makes takes the owner and group of the main file
+    an operator gave to Asterisk (else of the target directory), mode 0750 whatever the
+    writer's umask: Asterisk can reach the shard files the main file includes."""
+    path.parent.mkdir()
+    chowned = path.parent
+    if given == "main file":
+        path.write_bytes(b"; the file before\n")
+        chowned = path
+    os.chown(chowned, 4242, 4343)
+    target = ShardedConfigFileTarget(path, shards=4)
+    was = os.umask(0o077)
+    try:
+        target.apply(many(40))
+    finally:
+        os.umask(was)
+    info = target.directory.stat()
+    assert (info.st_uid, info.st_gid, oct(info.st_mode & 0o7777)) == (4242, 4343, oct(0o750))
+    check_shards(target, many(40))
+
+
 # --- changing the layout -----------------------------------------------------------------
 
 
@@ -465,6 +497,94 @@ def test_old_shard_files_are_deleted_only_once_the_main_file_is_durable(
         assert not any(shard.exists() for shard in four)
 
 
+def test_old_shard_files_are_deleted_only_once_a_linked_main_file_is_durable(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With target.path a symbolic link to a file in another directory, shard files a
+    killed writer left are deleted only after the directory of the main file itself (where
+    its replacement was renamed) is fsynced, not only the link's."""
+    real = path.parent.parent / "real" / path.name
+    real.parent.mkdir(parents=True)
+    real.write_bytes(b"")
+    path.parent.mkdir()
+    path.symlink_to(real)
+    users = many(40)
+    ShardedConfigFileTarget(path, shards=4).apply(users)
+    four = {shard: shard.read_bytes() for shard in ShardedConfigFileTarget(path, shards=4).files}
+    ShardedConfigFileTarget(path, shards=8).apply(users)
+    fsync_directory = files_module.fsync_directory
+
+    def recorded(directory: Path) -> None:
+        if _audited is not None:
+            _audited.append(("fsync", os.fsdecode(directory), True))
+        fsync_directory(directory)
+
+    monkeypatch.setattr(files_module, "fsync_directory", recorded)
+    for target in (ShardedConfigFileTarget(path, shards=8), ConfigFileTarget(path)):
+        target.apply(users)
+        for shard, data in four.items():  # as the killed writer left them
+            shard.parent.mkdir(exist_ok=True)
+            shard.write_bytes(data)
+        with recording() as touched:
+            assert not target.apply(users).wrote
+        events = [(event, Path(p)) for event, p, _ in touched if event in ("fsync", "os.remove")]
+        removed = [i for i, (event, p) in enumerate(events) if p in four]
+        assert len(removed) == len(four)
+        assert ("fsync", real.parent) in events[: min(removed)]
+        assert path.is_symlink()
+
+
+def test_a_new_shard_directory_beside_a_linked_main_file_is_durable_before_it_is_named(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With target.path a symbolic link to a file in another directory, the shard directory
+    (beside the link) is made durable in the link's directory before the main file names
+    its files: a power loss cannot leave a main file including a directory that is gone."""
+    real = path.parent.parent / "real" / path.name
+    real.parent.mkdir(parents=True)
+    real.write_bytes(b"")
+    path.parent.mkdir()
+    path.symlink_to(real)
+    fsync_directory = files_module.fsync_directory
+
+    def recorded(directory: Path) -> None:
+        if _audited is not None:
+            _audited.append(("fsync", os.fsdecode(directory), True))
+        fsync_directory(directory)
+
+    monkeypatch.setattr(files_module, "fsync_directory", recorded)
+    with recording() as touched:
+        ShardedConfigFileTarget(path, shards=4).apply(many(40))
+    events = [(event, Path(p)) for event, p, _ in touched if event in ("fsync", "os.rename")]
+    named = events.index(("os.rename", real))
+    assert ("fsync", path.parent) in events[:named]
+    check_main(real.read_bytes(), ShardedConfigFileTarget(path, shards=4).files)
+
+
+@pytest.mark.parametrize("shards", [0, 4])
+def test_directories_a_first_write_makes_are_durable_before_it_ends(
+    tmp_path: Path, shards: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each directory a first write makes (the target directory and its missing parents,
+    the shard directory) has its entry fsynced in its parent directory before the apply
+    returns: a power loss cannot take away a file reported written."""
+    path = tmp_path / "not" / "yet" / "pjsip_users.conf"
+    fsynced: list[Path] = []
+    fsync_directory = files_module.fsync_directory
+
+    def recorded(directory: Path) -> None:
+        fsynced.append(Path(directory))
+        fsync_directory(directory)
+
+    monkeypatch.setattr(files_module, "fsync_directory", recorded)
+    target = make_target(path, shards)
+    target.apply(many(10))
+    made = [tmp_path / "not", tmp_path / "not" / "yet"]
+    if shards:
+        made.append(shard_directory(path))
+    assert {directory.parent for directory in made} <= set(fsynced)
+
+
 def test_an_edit_before_the_switch_applies_everyone(path: Path) -> None:
     """An edit through a target whose count the main file does not include yet is a full
     apply of the current users, edited: the switch happens and nobody is lost."""
@@ -541,6 +661,28 @@ def test_plan_shows_only_the_files_that_would_change(path: Path) -> None:
     assert heads[0] == f"+++ {path}"
     assert len(heads) == 3
     assert snapshot(path.parent) == before
+
+
+@pytest.mark.parametrize(("before", "after"), [(4, 2), (0, 3), (3, 0)])
+def test_plan_across_a_change_of_layout_marks_only_changed_secrets(
+    path: Path, before: int, after: int
+) -> None:
+    """plan's diff on a new shard count (or to or from one file) shows each credential as
+    '<redacted>', marked '<changed>' only for the one that differs from what Asterisk
+    holds now, wherever the old layout kept it."""
+    users = many(30)
+    make_target(path, before).apply(users)
+    victim = REPRESENTATIVE[1]
+    rotated = render_user(replace(victim, sip_md5="0" * 32, sip_sha256="1" * 64), RenderSettings())
+    edited = sorted([rotated, *(u for u in users if u.endpoint_id != "1002")], key=_order)
+    plan = make_target(path, after).plan(edited)
+    assert plan.updated == ("1002",)
+    added = [line for line in plan.diff.splitlines() if line.startswith("+password_digest=")]
+    assert len(added) == len(users)
+    assert [line for line in added if line.endswith("<changed>")] == [
+        "+password_digest=<redacted> <changed>"
+    ]
+    assert "0" * 32 not in plan.diff
 
 
 # --- checks ------------------------------------------------------------------------------
@@ -742,6 +884,24 @@ def test_check_fails_its_target_line_for_an_override_template_that_does_not_comp
     assert code == 1
     assert line.startswith("FAIL  target: template ")
     assert reason in line
+    assert cli(config, *flags, "render", check=False).code == 8  # as check foretold
+
+
+def test_check_fails_its_target_line_for_a_subdirectory_template_that_does_not_compile(
+    tmp_path: Path,
+) -> None:
+    """'check' fails the target line (exit 1), naming the template by its path, for a
+    template in a subdirectory of the override directory that does not compile, which
+    the apply including it refuses (exit 8)."""
+    from .faultkit import cli
+
+    overrides = tmp_path / "tpl"
+    (overrides / "sub").mkdir(parents=True)
+    (overrides / "header.j2").write_text('{% include "sub/note.j2" %}')
+    (overrides / "sub" / "note.j2").write_text("; {% if %}\n")
+    config, flags, code, line = _check_target(tmp_path, templates=str(overrides))
+    assert code == 1
+    assert line.startswith("FAIL  target: template sub/note.j2 line 1"), line
     assert cli(config, *flags, "render", check=False).code == 8  # as check foretold
 
 

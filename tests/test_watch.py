@@ -328,6 +328,62 @@ def test_a_template_edit_made_before_the_watch_began_still_wakes(tmp_path: Path)
     _watch_templates([override], scenario, since=since)
 
 
+def test_a_template_edit_in_a_subdirectory_made_before_the_watch_began_still_wakes(
+    tmp_path: Path,
+) -> None:
+    """A template in a subdirectory of the override directory (one an override includes as
+    "sub/x.j2"), edited after the caller took its stamp and before the watch began, wakes
+    the daemon."""
+    override = tmp_path / "override"
+    (override / "sub").mkdir(parents=True)
+    note = override / "sub" / "note.j2"
+    note.write_text("; v1\n")
+    since = template_stamp([override])
+    note.write_text("; v2, longer\n")
+
+    async def scenario(wake: asyncio.Event, _stop: asyncio.Event) -> None:
+        assert await _set_within(wake, 5), "the edit before the watch was missed"
+
+    _watch_templates([override], scenario, since=since)
+
+
+def test_editor_swap_and_backup_files_in_the_template_directory_do_not_wake(
+    tmp_path: Path,
+) -> None:
+    """Files an editor writes beside a template it edits (vim's swap file and write probe,
+    Emacs's autosave, lock and backup files), in the directory or a subdirectory, wake
+    nothing; the save of the template itself does."""
+    override = tmp_path / "override"
+    (override / "sub").mkdir(parents=True)
+    header = override / "header.j2"
+    header.write_text("; v1\n")
+    junk = [".header.j2.swp", "header.j2~", "#header.j2#", "4913", "sub/.note.j2.swx"]
+
+    async def scenario(wake: asyncio.Event, _stop: asyncio.Event) -> None:
+        await asyncio.sleep(1.5)  # the watch is up
+        wake.clear()
+        for name in junk:
+            (override / name).write_text("junk\n")
+        (override / ".#header.j2").symlink_to("root@host.4242:1700000000")
+        assert not await _set_within(wake, 2.5), "an editor's own file woke the daemon"
+        header.write_text("; v2, longer\n")
+        assert await _set_within(wake, 5), "no wake-up for the save"
+
+    _watch_templates([override], scenario)
+
+
+def test_editor_files_leave_the_stamp_of_the_templates_as_it_was(tmp_path: Path) -> None:
+    """Swap, backup and lock files beside the templates leave the stamp the daemon takes
+    of the template directory unchanged (it wakes for none of them later)."""
+    override = tmp_path / "override"
+    override.mkdir()
+    (override / "header.j2").write_text("; v1\n")
+    since = template_stamp([override])
+    for name in (".header.j2.swp", "header.j2~", "#header.j2#", "4913"):
+        (override / name).write_text("junk\n")
+    assert template_stamp([override]) == since
+
+
 def test_a_template_watch_that_cannot_start_is_retried(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

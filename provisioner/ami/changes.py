@@ -526,7 +526,8 @@ def _rewrite(link: Link) -> Callable[[Connection], None]:
     owed = link.owed
     put, drop = _notes(link)
     owed.ours.update(owed.noted_removals)
-    drop.extend(owed_removal_key(link.name, ep) for ep in sorted(owed.ours - owed.noted_removals.keys()))
+    gone = owed.ours - owed.noted_removals.keys()
+    drop.extend(owed_removal_key(link.name, ep) for ep in sorted(gone))
     if owed.noted_expiries is None:
         drop.append(owed_expiries_key(link.name))
     return partial(write_states, put=put, drop=drop)

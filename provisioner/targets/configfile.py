@@ -65,7 +65,7 @@ from .holdings import (
 from .pieces import Pieces
 from .shards import drop_stale_backup, retire_shards, shard_directory
 from .templating import MAIN_TEMPLATE, SHIPPED_TEMPLATES, Templates
-from .textdiff import unified_diff
+from .textdiff import hide_digests, unified_diff
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -289,9 +289,12 @@ def canonical_chunk(user: UserObjects) -> str | None:
 
 
 def _raise_problems(problems: list[str]) -> None:
+    """Raise :class:`RenderCheckFailed` listing ``problems``, with no digest: they quote
+    names the parser read, where an override's mistake may have put a credential."""
     if problems:
         raise RenderCheckFailed(
-            "the rendered file does not hold exactly the intended objects: " + "; ".join(problems)
+            "the rendered file does not hold exactly the intended objects: "
+            + hide_digests("; ".join(problems))
         )
 
 
@@ -522,7 +525,8 @@ class ConfigFileTarget:
         text = self._render(desired)[0]
         if current is None:
             current = self._current(read_file(self.path), self._state, self._verified)
-        return replace(compare(current, desired), diff=unified_diff(self.path, current.data, text))
+        diff = unified_diff(self.path, current.data, text, held=current.secrets())
+        return replace(compare(current, desired), diff=diff)
 
     def _verify(self, users: list[UserObjects]) -> _State:
         """The file for ``users``, rendered and parse-checked: :func:`check_rendered`, or
@@ -621,7 +625,7 @@ class ConfigFileTarget:
             self._cache = None
         self._state = pending.state
         if self._shards_dir is not None and (pending.write or full):
-            drop_stale_backup(self.path, retire_shards(self._shards_dir, None))
+            drop_stale_backup(self.path, retire_shards(self.path, None))
         return change
 
     def apply_partial(self, upserts: Sequence[UserObjects], removed_ids: Sequence[str]) -> Change:

@@ -31,6 +31,7 @@ from ..logs import get_logger
 from .pieces import Pieces
 
 __all__ = [
+    "DIRECTORY_MODE",
     "DISCARD_LATER_BYTES",
     "FILE_MODE",
     "STALE_TEMP_SECONDS",
@@ -41,6 +42,7 @@ __all__ = [
     "keep_backup",
     "keep_owner",
     "later_than",
+    "make_directories",
     "owner_source",
     "read_file",
     "real_path",
@@ -48,6 +50,7 @@ __all__ = [
     "remove_stale_temporaries",
     "sync_directory",
     "temporary",
+    "warn_of_other_links",
     "write_file",
     "write_synced",
 ]
@@ -56,6 +59,10 @@ log = get_logger(__name__)
 
 #: Asterisk (group) reads the file; digests make it unfit for everyone to read.
 FILE_MODE = 0o640
+
+#: A directory a write makes (a shard directory, a missing target directory): the owner
+#: writes, its group (Asterisk's, as for :data:`FILE_MODE`) reaches the files in it.
+DIRECTORY_MODE = 0o750
 
 #: A former backup at least this large is freed by :func:`discard_later`; a smaller one
 #: is replaced in place (freeing it costs next to nothing).
@@ -176,6 +183,30 @@ def keep_owner(new: Path, old: Path) -> None:
         log.warning("file.group_not_kept", path=str(old), group=before.st_gid, error=exc.strerror)
 
 
+def warn_of_other_links(path: Path) -> None:
+    """Log ``file.hard_link_split`` (a warning) when the file at ``path`` has hard links
+    besides its ``.bak``: the atomic write replaces it by a new file, so every other name
+    keeps the old bytes from now on (a hard link cannot follow a rename; a symbolic link
+    at ``target.path`` does, see :func:`real_path`)."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return
+    others = info.st_nlink - 1
+    if others > 0:
+        with contextlib.suppress(OSError):
+            # A write killed between keeping the backup and the rename left them one file.
+            if os.path.samefile(path, backup_of(path)):
+                others -= 1
+    if others > 0:
+        log.warning(
+            "file.hard_link_split",
+            path=str(path),
+            other_links=others,
+            advice="the other names keep the old file: use a symbolic link instead",
+        )
+
+
 def fsync_directory(directory: Path) -> None:
     """fsync ``directory``: the renames into it survive a power loss."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -245,11 +276,33 @@ def _discard(path: Path) -> None:
 
 def owner_source(path: Path, new_owner_of: Sequence[Path]) -> Path:
     """The file whose owner and group a write of ``path`` keeps: ``path`` when it exists,
-    else the first of ``new_owner_of`` that does (else ``path``: nothing to keep)."""
+    else the first of ``new_owner_of`` that does, else the nearest directory above
+    ``path`` that exists (the target directory an operator gave to Asterisk: a first file
+    with the writer's own group, mode 0640, would be one Asterisk cannot read)."""
     for candidate in (path, *new_owner_of):
         if candidate.exists():
             return candidate
+    for directory in path.parents:
+        if directory.is_dir():
+            return directory
     return path
+
+
+def make_directories(directory: Path, like: Path) -> None:
+    """Make ``directory`` and its missing parents, each mode :data:`DIRECTORY_MODE`
+    whatever the umask, with the group (and owner, as root) of ``like`` (:func:`keep_owner`):
+    made with the writer's umask, user and group, Asterisk could not reach the files in it
+    that it is given to read.  Each new entry is fsynced in its parent: a file written
+    into a new directory must not vanish with it at a power loss."""
+    missing = [d for d in (directory, *directory.parents) if not d.is_dir()]
+    for made in reversed(missing):
+        try:
+            made.mkdir()
+        except FileExistsError:
+            continue  # made meanwhile, by another writer: its mode is that writer's
+        os.chmod(made, DIRECTORY_MODE)
+        keep_owner(made, like)
+        fsync_directory(made.parent)
 
 
 def atomic_write(
@@ -268,18 +321,23 @@ def atomic_write(
 
     The new file has mode :data:`FILE_MODE` and the old one's group (and owner, written
     as root: :func:`keep_owner`); a first file at ``path`` takes those of the first of
-    ``new_owner_of`` that exists (:func:`owner_source`; a shard file: the main file's,
-    else the shard directory's).  A symbolic link at ``path`` stays: the file it leads
-    to is replaced (:func:`real_path`), and its backup is kept beside that file."""
+    ``new_owner_of`` that exists, else of its directory (:func:`owner_source`; a shard
+    file: the main file's, else the shard directory's).  A missing directory is made
+    mode :data:`DIRECTORY_MODE` with the same owner and group (:func:`make_directories`).
+    A symbolic link at ``path`` stays: the file it leads to is replaced
+    (:func:`real_path`), and its backup is kept beside that file; a hard link does not
+    (:func:`warn_of_other_links`)."""
     path = real_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    like = owner_source(path, new_owner_of)
+    make_directories(path.parent, like)
     former: Path | None = None
     try:
         with temporary(path.parent, path.name) as temp:
             # First: the fsync then makes the owner durable too.
-            keep_owner(temp, owner_source(path, new_owner_of))
+            keep_owner(temp, like)
             write_synced(temp, data)
             later_than(temp, path)
+            warn_of_other_links(path)
             if backup:
                 former = keep_backup(path, backup_of(path))
             os.replace(temp, path)

@@ -24,6 +24,7 @@ from ..pjsip import Options, UserObjects, auth_id, endpoint_order
 from . import Change
 from .files import read_file
 from .shards import includes_of
+from .textdiff import SECRET_OPTIONS
 
 __all__ = [
     "Current",
@@ -98,6 +99,17 @@ class Current:
         if included is None:
             return cls.of_parsed(data, parsed)
         return cls.union(data, included, strict=strict)
+
+    def secrets(self) -> dict[tuple[str, str], str]:
+        """The credential values held, by (section name, lower-case option name): what
+        :func:`~.textdiff.unified_diff` compares a new credential with."""
+        return {
+            (name, option.lower()): value
+            for (kind, name), options in self.objects.items()
+            if kind == "auth"
+            for option, value in options
+            if option.lower() in SECRET_OPTIONS
+        }
 
     @classmethod
     def union(cls, data: bytes, files: Sequence[Path], *, strict: bool = False) -> Current:

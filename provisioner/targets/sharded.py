@@ -12,6 +12,7 @@ config.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -26,6 +27,7 @@ from . import Change
 from .configfile import ConfigFileTarget, PendingWrite
 from .files import (
     read_file,
+    real_path,
     remove_stale_in,
     remove_stale_temporaries,
     sync_directory,
@@ -251,14 +253,23 @@ class ShardedConfigFileTarget:
         if switching:
             # Every shard file of this set is on disk, fsynced: only now does the main file
             # name them, in one atomic replace (whose directory fsync also makes the shard
-            # directory's entry durable: it sits beside the main file).
+            # directory's entry durable when it sits beside the main file; beside a
+            # symbolic link at path, the link's directory is fsynced first).
+            if self._beside_a_link():
+                sync_directory(self.directory.parent)
             write_file(self.path, layout.main, backup=layout.old_main is not None)
             wrote = True
         self._main = layout.main
         # The main file names only this set now: other counts' files (the set before a
         # switch, or one a crash cut short) can go.
-        drop_stale_backup(self.path, retire_shards(self.directory, self.shards))
+        drop_stale_backup(self.path, retire_shards(self.path, self.shards))
         return replace(layout.change, wrote=wrote)
+
+    def _beside_a_link(self) -> bool:
+        """True when the shard directory is not in the directory the main file is replaced
+        in (``path`` is a symbolic link into another directory)."""
+        main_dir = os.path.realpath(real_path(self.path).parent)
+        return os.path.realpath(self.directory.parent) != main_dir
 
     def _commit_files(
         self, files: list[tuple[ConfigFileTarget, PendingWrite]], *, sync: bool = False
@@ -302,7 +313,12 @@ class ShardedConfigFileTarget:
             current = self._current(old_main)
             desired = with_kept(objects, kept_objects(current, keep, objects))
             diffs = [unified_diff(self.path, old_main, main.decode("utf-8"))]
-            diffs += [self._file(i).plan(g).diff for i, g in enumerate(self._groups(desired))]
+            # Each new shard file against the credentials Asterisk holds now, in whichever
+            # file of the old layout: an unchanged one is not marked <changed>.
+            held = current.secrets()
+            for i, group in enumerate(self._groups(desired)):
+                text = self._file(i).render_text(group)
+                diffs.append(unified_diff(self.files[i], read_file(self.files[i]), text, held=held))
             return replace(compare(current, desired), diff="".join(diffs))
 
     def apply(

@@ -18,7 +18,8 @@ from pathlib import Path
 from ..asterisk_conf import Parsed, parse
 from ..errors import AsteriskSyntaxError, Problem, RenderCheckFailed, TargetWriteFailed
 from ..logs import get_logger
-from .files import backup_of, sync_directory
+from .files import backup_of, real_path, sync_directory
+from .textdiff import hide_digests
 
 __all__ = [
     "INCLUDABLE",
@@ -133,7 +134,8 @@ def check_main(data: bytes, files: Sequence[Path]) -> None:
         )
     if problems:
         raise RenderCheckFailed(
-            "the main file does not include exactly the shard files: " + "; ".join(problems)
+            "the main file does not include exactly the shard files: "
+            + hide_digests("; ".join(problems))
         )
 
 
@@ -153,15 +155,17 @@ def includes_of(directory: Path, parsed: Parsed) -> list[Path] | None:
     return files
 
 
-def retire_shards(directory: Path, count: int | None) -> list[Path]:
-    """Delete the shard files in ``directory`` (with their ``.bak``) of every shard count
-    but ``count`` (None: all of them, then the directory if that leaves it empty); return
-    them.  Only ever called once the main file includes none of them, and only once that
-    main file is durable: its directory (``directory``'s parent) is fsynced first.
+def retire_shards(main: Path, count: int | None) -> list[Path]:
+    """Delete the shard files of the main file ``main`` (in its :func:`shard_directory`,
+    with their ``.bak``) of every shard count but ``count`` (None: all of them, then the
+    directory if that leaves it empty); return them.  Only ever called once the main file
+    includes none of them, and only once that main file is durable: the directory it is
+    in (where a symbolic link at ``main`` leads) is fsynced first.
 
     Leftovers are harmless (Asterisk reads only what the main file includes), so a file
     that cannot be deleted is logged, not raised: the apply that switched the main file
     still reports its change, and the next full apply tries again."""
+    directory = shard_directory(main)
     try:
         with os.scandir(directory) as entries:
             names = [entry.name for entry in entries]
@@ -172,7 +176,7 @@ def retire_shards(directory: Path, count: int | None) -> list[Path]:
         return []
     removed: list[Path] = []
     retired = [name for name in names if _retired(name, count)]
-    if retired and _main_file_synced(directory):
+    if retired and _main_file_synced(main):
         removed = [path for path in (directory / name for name in retired) if _delete(path)]
     if count is None:
         with contextlib.suppress(OSError):  # not empty: it holds files that are not ours
@@ -212,16 +216,18 @@ def _retired(name: str, count: int | None) -> bool:
     return found is not None and int(found.group(2)) != count
 
 
-def _main_file_synced(directory: Path) -> bool:
-    """fsync the directory of the main file beside ``directory``; False (logged) if that
-    fails.  The writer that replaced the main file may have been killed before its own
-    fsync: were the shard files' removal durable and not the main file's replacement, a
-    power loss would bring back a main file including missing files, and Asterisk drops
+def _main_file_synced(main: Path) -> bool:
+    """fsync the directory the main file ``main`` was replaced in (where a symbolic link
+    at ``main`` leads: not the link's own, beside the shard directory); False (logged) if
+    that fails.  The writer that replaced the main file may have been killed before its
+    own fsync: were the shard files' removal durable and not the main file's replacement,
+    a power loss would bring back a main file including missing files, and Asterisk drops
     the whole configuration for one missing include."""
+    directory = real_path(main).parent
     try:
-        sync_directory(directory.parent)
+        sync_directory(directory)
     except TargetWriteFailed as exc:
-        log.warning("target.cleanup_failed", path=str(directory.parent), error=str(exc))
+        log.warning("target.cleanup_failed", path=str(directory), error=str(exc))
         return False
     return True
 

@@ -24,8 +24,19 @@ import jinja2.sandbox
 
 from ..asterisk_conf import parse
 from ..errors import AsteriskSyntaxError, ConfigError, Problem, RenderCheckFailed
+from ..logs import get_logger
 
-__all__ = ["MAIN_TEMPLATE", "SHIPPED_TEMPLATES", "Templates", "plain_header"]
+__all__ = [
+    "MAIN_TEMPLATE",
+    "SHIPPED_TEMPLATES",
+    "Templates",
+    "editor_file",
+    "plain_header",
+    "template_files",
+]
+
+
+log = get_logger(__name__)
 
 
 def _shipped_templates() -> Path:
@@ -49,6 +60,61 @@ _LAYOUT_TEMPLATES = {
     "user.j2": "2d077af1fb7e2637c2b64afa544a27914421283a8fd88f85170efabff745e28f",
     "section.j2": "2bb7ac5b9e52ee9c782cc1a798c1bc82ff68c2b40d8bf6c7b0a83ddaaabd17ac",
 }
+
+
+#: Suffixes of the files editors write beside the one they edit: vim's swap files (when
+#: not hidden), Emacs's and vim's backups, JetBrains' safe-write temporaries.
+_EDITOR_SUFFIXES = (".swp", ".swo", ".swx", "~", "___jb_tmp___", "___jb_old___")
+#: vim's probe of a directory before it writes there: a file named 4913 (then 5036, ...
+#: while taken), made and deleted at once.
+_VIM_PROBE, _VIM_PROBE_STEP = 4913, 123
+
+
+def editor_file(name: str) -> bool:
+    """True for the name of a file an editor keeps beside the one it edits, never a
+    template: hidden (vim's ``.x.swp``, Emacs's ``.#x`` lock), a backup (``x~``), an
+    autosave (``#x#``), a swap or safe-write temporary, Emacs's ``flycheck_x`` copy,
+    vim's write probe (``4913``).
+    Such a file neither wakes a render nor changes the templates in use."""
+    if name.startswith((".", "flycheck_")) or name.endswith(_EDITOR_SUFFIXES):
+        return True
+    if len(name) > 1 and name.startswith("#") and name.endswith("#"):
+        return True
+    if not name.isdigit():
+        return False
+    return int(name) >= _VIM_PROBE and (int(name) - _VIM_PROBE) % _VIM_PROBE_STEP == 0
+
+
+def template_files(directory: Path) -> list[tuple[str, os.stat_result]]:
+    """Every file under ``directory``, subdirectories included (an override may
+    ``{% include "sub/x.j2" %}``), by its path relative to ``directory``, with its status
+    (a symbolic link followed); an editor's own files and hidden subdirectories are left
+    out (:func:`editor_file`).  An entry that cannot be looked at (a dangling symlink,
+    or one deleted meanwhile) is left out: no template is read from it either.  A
+    directory reached twice (a link loop) is read once.  :class:`OSError` only when
+    ``directory`` itself cannot be read."""
+    files: list[tuple[str, os.stat_result]] = []
+    seen: set[tuple[int, int]] = set()
+
+    def walk(folder: str, prefix: str) -> None:
+        info = os.stat(folder)
+        if (info.st_dev, info.st_ino) in seen:
+            return
+        seen.add((info.st_dev, info.st_ino))
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if editor_file(entry.name):
+                    continue
+                try:
+                    if entry.is_dir():
+                        walk(entry.path, f"{prefix}{entry.name}/")
+                    else:
+                        files.append((prefix + entry.name, entry.stat()))
+                except OSError:
+                    continue
+
+    walk(str(directory), "")
+    return files
 
 
 def _is_shipped(searched: list[Path], name: str) -> bool:
@@ -133,6 +199,9 @@ class Templates:
             *([templates_dir] if templates_dir is not None else []),
             SHIPPED_TEMPLATES,
         ]
+        #: The override directory (``target.templates``), and whether it was found gone.
+        self._override = templates_dir
+        self._override_missing = False
         #: The last header checked by plain_header, and the answer.
         self._header_seen: tuple[str, bool] = ("", False)
         #: Inside hold(), and whether the files were looked at since it began.
@@ -159,17 +228,22 @@ class Templates:
         self.env, self.direct = found
 
     def _template_stamp(self) -> tuple[tuple[str, int, int, int, int], ...]:
-        """Name, device, inode, mtime and size of every file in the template directories
-        (the inode: a file renamed over another of the same size and mtime is new)."""
+        """Path, device, inode, mtime and size of every file in the template directories
+        and their subdirectories (:func:`template_files`; the inode: a file renamed over
+        another of the same size and mtime is new)."""
         stamp: list[tuple[str, int, int, int, int]] = []
         for directory in self.searched:
-            with contextlib.suppress(OSError), os.scandir(directory) as entries:
-                for entry in entries:
-                    with contextlib.suppress(OSError):
-                        info = entry.stat()
-                        stamp.append(
-                            (entry.path, info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
+            with contextlib.suppress(OSError):
+                for name, info in template_files(directory):
+                    stamp.append(
+                        (
+                            os.path.join(directory, name),
+                            info.st_dev,
+                            info.st_ino,
+                            info.st_mtime_ns,
+                            info.st_size,
                         )
+                    )
         return tuple(sorted(stamp))
 
     def reload(self) -> None:
@@ -188,10 +262,32 @@ class Templates:
                 return self.env
             self._looked = True
         stamp = self._template_stamp()
+        self._look_at_override()
         if stamp != self._stamp:
             self._stamp = stamp
             self._rebuild()
         return self.env
+
+    def _look_at_override(self) -> None:
+        """Log the override directory's disappearance (``templates.directory_missing``, a
+        warning) and its return (``templates.directory_back``), once each.  The loader
+        skips a missing directory, so renders fall back to the shipped templates: an
+        operator must hear of it, the more so as a restart refuses the configuration."""
+        if self._override is None:
+            return
+        missing = not self._override.is_dir()
+        if missing == self._override_missing:
+            return
+        self._override_missing = missing
+        if missing:
+            log.warning(
+                "templates.directory_missing",
+                path=str(self._override),
+                rendering_with="the shipped templates",
+                on_restart="target.templates is refused until the directory is back",
+            )
+        else:
+            log.info("templates.directory_back", path=str(self._override))
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
@@ -237,21 +333,25 @@ class Templates:
         where = None
         while trace is not None:
             path = Path(trace.tb_frame.f_code.co_filename)
-            if path.parent in self.searched:
-                where = f"{path.name} line {trace.tb_lineno}"
+            # A subdirectory's template too: named by its path below the directory.
+            for directory in self.searched:
+                if path.is_relative_to(directory) and path != directory:
+                    where = f"{path.relative_to(directory)} line {trace.tb_lineno}"
+                    break
             trace = trace.tb_next
         return where
 
     def compile_all(self) -> None:
         """Compile every template a render may load (the shipped names, wherever the
-        loader finds them, and each ``*.j2`` file of the override directory but hidden
-        ones, such as an editor's swap files) without rendering it (that takes users);
-        :class:`RenderCheckFailed` names the first that fails (a syntax error, bytes that
-        are not UTF-8) and its line."""
+        loader finds them, and each ``*.j2`` file of the override directory and its
+        subdirectories but an editor's own, such as swap files) without rendering
+        it (that takes users); :class:`RenderCheckFailed` names the first that fails (a
+        syntax error, bytes that are not UTF-8) and its line."""
         names = {path.name for path in SHIPPED_TEMPLATES.glob("*.j2")}
         if self.searched[0] != SHIPPED_TEMPLATES:
-            found = self.searched[0].glob("*.j2")
-            names.update(path.name for path in found if not path.name.startswith("."))
+            with contextlib.suppress(OSError):
+                found = template_files(self.searched[0])  # an editor's files left out
+                names.update(name for name, _info in found if name.endswith(".j2"))
         with self.templating() as env:
             for name in sorted(names):
                 env.get_template(name)

@@ -2,7 +2,8 @@
 
 ``render --dry-run`` and the config-file targets' ``plan`` show what a write would
 change; digests must never reach a terminal or a log, so each credential option's value
-is shown as ``<redacted>``, marked ``<changed>`` where it differs from the old file.  The
+is shown as ``<redacted>``, marked ``<changed>`` where it differs from the old file, and
+a digest quoted anywhere else in a line (an override's comment) is ``<redacted>`` too.  The
 diff is the text ``difflib.unified_diff`` gives, but computed without running difflib
 over the lines both versions share at their start and end: one changed user in a 62 MB
 file costs little.
@@ -12,10 +13,11 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from itertools import chain
 from pathlib import Path
 
-__all__ = ["SECRET_OPTIONS", "split_lines", "unified_diff"]
+__all__ = ["SECRET_OPTIONS", "hide_digests", "split_lines", "unified_diff"]
 
 #: Auth options whose values are credentials: never shown in diffs or messages.
 SECRET_OPTIONS = frozenset({"md5_cred", "password_digest", "password"})
@@ -56,14 +58,75 @@ def _redacted(lines: list[str], others: dict[tuple[str, str], str], section: str
     return out
 
 
-def _secrets(lines: list[str]) -> dict[tuple[str, str], str]:
+#: Digests are indexed by their chunks of this many digits, at multiples of it: any 31 or
+#: more consecutive digits of a digest hold a whole chunk.
+_CHUNK = 16
+
+
+#: Longer than any id a check names (an extension: at most 20 digits; ``<ext>-auth``), so
+#: in a message about parsed names such a run of hex digits is (part of) a digest.
+_LONG_HEX = re.compile(r"[0-9A-Fa-f]{21,}")
+
+
+def hide_digests(message: str) -> str:
+    """``message`` with every run of more than 20 hex digits shown as ``<redacted>``.
+
+    For a message quoting names Asterisk's loader read from a rendered or current file
+    (section, option and directive names): an override's mistake (key and value swapped,
+    a value on a line of its own) can put a credential where a name is read, and no
+    message may carry one."""
+    return _LONG_HEX.sub("<redacted>", message)
+
+
+def _digests(values: Iterable[str]) -> set[str]:
+    """The chunks of the hex digests in credential ``values`` (each run of 32 or more hex
+    digits, lower case, cut every :data:`_CHUNK` digits): what :func:`_unquoted` looks
+    for elsewhere in a line (a few per user, where every slice would be hundreds)."""
+    return {
+        run[i : i + _CHUNK]
+        for value in values
+        for run in _HEX_RUN.findall(value.lower())
+        for i in range(0, len(run) - _CHUNK + 1, _CHUNK)
+    }
+
+
+def _unquoted(line: str, digests: set[str]) -> str:
+    """``line`` with each run of more than 20 hex digits that holds a chunk of one of
+    ``digests`` (in any case) replaced by ``<redacted>``: a digest quoted whole, or any 31
+    of its digits.  An override may quote a credential in a comment (the only text the
+    parse-back check lets it add): the redaction of option lines misses it, and a diff
+    must never show one."""
+    if not _LONG_HEX.search(line):
+        return line
+
+    def hide(found: re.Match[str]) -> str:
+        run = found.group().lower()
+        if any(run[i : i + _CHUNK] in digests for i in range(len(run) - _CHUNK + 1)):
+            return "<redacted>"
+        return found.group()
+
+    return _LONG_HEX.sub(hide, line)
+
+
+#: A section header line or a credential option line (as :data:`_SECTION_LINE` and
+#: :data:`_OPTION_LINE` read them, one line each), found in a whole text at once: a
+#: regex per line costs seconds on a large file, and most lines are neither.
+_SECTION_OR_SECRET = re.compile(
+    r"^(?:[^\S\n]*\[([^\]\n]*)\]"
+    r"|[\x00-\x09\x0b-\x20]*\\?(md5_cred|password_digest|password)"
+    r"[\x00-\x09\x0b-\x20]*\+?=>?[\x00-\x09\x0b-\x20]*(.*))",
+    re.MULTILINE | re.IGNORECASE,
+)
+
+
+def _secrets(text: str) -> dict[tuple[str, str], str]:
+    """Each credential option's value in ``text``, by (section name, lower-case option)."""
     found: dict[tuple[str, str], str] = {}
     section = ""
-    for line in lines:
-        if m := _SECTION_LINE.match(line):
+    for m in _SECTION_OR_SECRET.finditer(text):
+        if m.group(1) is not None:
             section = m.group(1)
-        m = _OPTION_LINE.match(line.rstrip("\n"))
-        if m and m.group(2).lower() in SECRET_OPTIONS:
+        else:
             found[(section, m.group(2).lower())] = m.group(3)
     return found
 
@@ -136,14 +199,26 @@ def _range(start: int, stop: int) -> str:
     return f"{start + 1 if length else start},{length}"
 
 
-def unified_diff(path: Path, old: bytes | None, new: str) -> str:
+def unified_diff(
+    path: Path,
+    old: bytes | None,
+    new: str,
+    *,
+    held: Mapping[tuple[str, str], str] | None = None,
+) -> str:
     """A unified diff of the file, with credentials redacted: the text
     ``difflib.unified_diff`` gives, computed without running difflib over the lines
     both versions share at their start and end (one changed user in a large file
-    costs little)."""
+    costs little).
+
+    A new credential is marked ``<changed>`` when it differs from the same option of the
+    same section in ``held`` (by section name and lower-case option name: what Asterisk
+    holds now, whichever file holds it), else in ``old``: a user moving to another file
+    (a new shard count) keeps an unchanged credential unmarked."""
     if old is not None and old == new.encode("utf-8"):
         return ""
-    a = split_lines(old.decode("utf-8", "replace")) if old is not None else []
+    old_text = old.decode("utf-8", "replace") if old is not None else ""
+    a = split_lines(old_text)
     b = split_lines(new)
     groups = list(_grouped(_opcodes(a, b)))
     if not groups:
@@ -152,9 +227,18 @@ def unified_diff(path: Path, old: bytes | None, new: str) -> str:
     lo = min(g[0][1] for g in groups), min(g[0][3] for g in groups)
     hi = max(g[-1][2] for g in groups), max(g[-1][4] for g in groups)
     old_shown = _redacted(a[lo[0] : hi[0]], {}, _section_at(a, lo[0]))
-    new_shown = _redacted(b[lo[1] : hi[1]], _secrets(a), _section_at(b, lo[1]))
+    old_secrets = _secrets(old_text)
+    others = dict(held) if held is not None else old_secrets
+    new_shown = _redacted(b[lo[1] : hi[1]], others, _section_at(b, lo[1]))
     # An unchanged secret is shown the same on both sides, so it drops out of the diff.
     old_shown = [line.replace(" <changed>", "") for line in old_shown]
+    # Credentials quoted outside their option lines (an override's comments), both sides;
+    # looked for only when a line shown holds a long run of hex digits (no shipped one does).
+    if any(map(_LONG_HEX.search, chain(old_shown, new_shown))):
+        values = chain(old_secrets.values(), _secrets(new).values(), (held or {}).values())
+        digests = _digests(values)
+        old_shown = [_unquoted(line, digests) for line in old_shown]
+        new_shown = [_unquoted(line, digests) for line in new_shown]
     out = [f"--- {path if old is not None else '/dev/null'}\n", f"+++ {path}\n"]
     for group in groups:
         first, last = group[0], group[-1]
