@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Connection, Engine, create_engine, select, text, update
+from sqlalchemy import Connection, Engine, create_engine, event, select, text, update
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import DBAPIError
 
@@ -626,6 +626,46 @@ def test_the_contact_delete_is_planned_for_each_batch_on_postgresql(engine: Engi
         stored = conn.execute(select(registrations.c.user_id, registrations.c.contact_id)).all()
     assert len(stored) == 20
     assert {cid for _, cid in stored} == {f"{ep};@abc" for ep in contacts}
+
+
+def test_the_contact_delete_takes_the_user_ids_the_summaries_upsert_returned(
+    engine: Engine,
+) -> None:
+    """On PostgreSQL a batch's contact delete binds the ids of the users whose summaries
+    the batch's upsert wrote (its RETURNING), not the batch's JSON to parse and match to
+    users again; the old contacts of those users still go and a trunk's none."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("the id round trip is PostgreSQL's write")
+    seed_store(engine, 4)
+    sent: list[tuple[str, Any]] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        if statement.startswith("DELETE FROM registrations"):
+            sent.append((statement, params))
+
+    first = {ep: _state(ep, "NonQualified") for ep in ("100000", "100001", "100002")}
+    with engine.begin() as conn:
+        write_endpoint_rows(conn, "lab", first, NOW)
+    again = {ep: _state(ep, "Reachable") for ep in ("100000", "100001", "trunk")}
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        with engine.begin() as conn:
+            assert write_endpoint_rows(conn, "lab", again, NOW) == 2
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    with reading(engine) as conn:
+        ids = dict(conn.execute(select(users.c.extension, users.c.id)).all())
+        stored = conn.execute(select(registrations.c.user_id, registrations.c.status)).all()
+    assert len(sent) == 1
+    assert sorted(sent[0][1]["ids"]) == sorted([ids["100000"], ids["100001"]])
+    assert "jsonb" not in sent[0][0]
+    assert sorted(stored) == sorted(
+        [
+            (ids["100000"], "Reachable"),
+            (ids["100001"], "Reachable"),
+            (ids["100002"], "NonQualified"),
+        ]
+    )
 
 
 def test_a_postgresql_batch_is_split_into_sorted_disjoint_parts() -> None:
