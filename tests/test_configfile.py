@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import shutil
@@ -27,6 +28,7 @@ from provisioner.errors import ConfigError, InvalidInput, RenderCheckFailed
 from provisioner.model import User, Voice
 from provisioner.pjsip import RenderSettings, UserObjects, render_user
 from provisioner.targets import Change, Target, pieces
+from provisioner.targets import configfile as configfile_module
 from provisioner.targets import files as files_module
 from provisioner.targets.configfile import (
     MAIN_TEMPLATE,
@@ -522,6 +524,65 @@ def test_guard_sees_the_change_and_can_abort(target: ConfigFileTarget) -> None:
         target.apply(rendered(users=REPRESENTATIVE[:1]), guard=guard)
     assert seen == [tuple(u.extension for u in REPRESENTATIVE[1:])]
     assert target.path.read_bytes() == before
+
+
+def _temporaries(directory: Path) -> list[Path]:
+    """The temporary files a writer left in ``directory``."""
+    return sorted(directory.glob(".*.tmp"))
+
+
+def test_a_staged_write_shows_nothing_until_published_and_a_discarded_one_leaves_no_trace(
+    tmp_path: Path,
+) -> None:
+    """Staged bytes leave the file and its backup as they were until published (then the
+    file holds them and the old file is the backup); a discarded stage leaves no file."""
+    path = tmp_path / "pjsip_users.conf"
+    path.write_bytes(b"old\n")
+    files_module.backup_of(path).write_bytes(b"older\n")
+    files_module.stage(path, b"discarded\n").discard()
+    assert path.read_bytes() == b"old\n"
+    assert files_module.backup_of(path).read_bytes() == b"older\n"
+    assert _temporaries(tmp_path) == []
+    staged = files_module.stage(path, b"new\n")
+    assert path.read_bytes() == b"old\n"
+    files_module.publish(staged, path, backup=True)
+    assert path.read_bytes() == b"new\n"
+    assert files_module.backup_of(path).read_bytes() == b"old\n"
+    assert stat.S_IMODE(path.stat().st_mode) == files_module.FILE_MODE
+    assert _temporaries(tmp_path) == []
+
+
+def test_a_first_full_apply_refused_by_its_guard_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new target's full apply whose guard raises leaves the file, its backup and the
+    directory as they were (the bytes it had begun writing are removed)."""
+    monkeypatch.setattr(configfile_module, "STAGE_MIN_BYTES", 0)  # stage even this file
+    path = tmp_path / "pjsip_users.conf"
+    ConfigFileTarget(path).apply(rendered())
+    ConfigFileTarget(path).apply(rendered("md5"))
+    before = written(tmp_path)
+
+    def guard(change: Change) -> None:
+        raise RuntimeError("refused")
+
+    with pytest.raises(RuntimeError):
+        ConfigFileTarget(path).apply(rendered(users=REPRESENTATIVE[:1]), guard=guard)
+    assert written(tmp_path) == before
+
+
+def test_a_first_full_apply_the_canonical_checks_refuse_is_parsed_in_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new target's full apply holding a value the canonical checks leave to the parser
+    writes the text that parses back exactly, and leaves no temporary file."""
+    monkeypatch.setattr(configfile_module, "STAGE_MIN_BYTES", 0)  # stage even this file
+    odd = replace(rendered()[0], endpoint=(*rendered()[0].endpoint, ("x", "a=>b")))
+    objects = [odd, *rendered()[1:]]
+    path = tmp_path / "pjsip_users.conf"
+    assert ConfigFileTarget(path).apply(objects).wrote
+    check_rendered(path.read_bytes(), objects)
+    assert _temporaries(tmp_path) == []
 
 
 # --- templates ---------------------------------------------------------------------------
@@ -1216,6 +1277,36 @@ def test_targets_share_compiled_templates_until_a_file_changes(tmp_path: Path) -
     assert ConfigFileTarget(tmp_path / "c.conf", overrides)._templates.fresh() is (
         second._templates.fresh()
     )
+
+
+def test_preparing_a_file_of_thousands_of_users_runs_no_garbage_collection(
+    target: ConfigFileTarget,
+) -> None:
+    """Rendering and checking a file of 2,000 users runs no cyclic garbage collection (what
+    it allocates holds no cycles) but the one due when the collector, left enabled as it
+    was found, resumes."""
+    users = [make_user(str(2000 + i), f"user{i}", f"User {i}") for i in range(2000)]
+    objects = rendered(users=users)
+    generations: list[int] = []
+
+    def seen(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            generations.append(info["generation"])
+
+    was = gc.isenabled()
+    gc.enable()
+    gc.collect()  # no allocation counted before the prepare
+    gc.callbacks.append(seen)
+    try:
+        pending = target.prepare(objects, ())
+        enabled_after = gc.isenabled()
+    finally:
+        gc.callbacks.remove(seen)
+        if not was:
+            gc.disable()
+    assert generations in ([], [0])
+    assert enabled_after
+    assert len(pending.change.added) == 2000
 
 
 def test_apply_computes_no_diff_but_plan_does(target: ConfigFileTarget) -> None:

@@ -11,6 +11,11 @@ A large former backup is not freed on the way to Asterisk: unlinking a file free
 blocks within the call (about 30 ms for the 62 MB file of 100k users, ext4 on the lab
 VM), so it is renamed to a temporary name and unlinked by a background thread once the
 new file is in place (:func:`discard_later`).
+
+A writer with CPU work left before it may publish (the parse-back check) can
+:func:`stage` the bytes first: the temporary file is written and fsynced by a background
+thread (both release the GIL) while the caller works, and only
+:meth:`StagedWrite.publish` renames it into place; :meth:`StagedWrite.discard` removes it.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ __all__ = [
     "DISCARD_LATER_BYTES",
     "FILE_MODE",
     "STALE_TEMP_SECONDS",
+    "StagedWrite",
     "atomic_write",
     "backup_of",
     "discard_later",
@@ -44,10 +50,12 @@ __all__ = [
     "later_than",
     "make_directories",
     "owner_source",
+    "publish",
     "read_file",
     "real_path",
     "remove_stale_in",
     "remove_stale_temporaries",
+    "stage",
     "sync_directory",
     "temporary",
     "warn_of_other_links",
@@ -330,22 +338,109 @@ def atomic_write(
     path = real_path(path)
     like = owner_source(path, new_owner_of)
     make_directories(path.parent, like)
+    with temporary(path.parent, path.name) as temp:
+        _write_temporary(temp, like, data)
+        _put_in_place(temp, path, backup=backup, sync_directory=sync_directory)
+
+
+def _write_temporary(temp: Path, like: Path, data: bytes | Pieces) -> None:
+    """Fill ``temp``, the new version of a file: the owner and group of ``like``
+    (:func:`owner_source`), bytes written and fsynced."""
+    # First: the fsync then makes the owner durable too.
+    keep_owner(temp, like)
+    write_synced(temp, data)
+
+
+def _put_in_place(temp: Path, path: Path, *, backup: bool, sync_directory: bool) -> None:
+    """Rename the written ``temp`` over ``path`` (a later mtime; the old file kept as
+    ``.bak`` when ``backup``; other hard links warned of), then fsync the directory
+    (``sync_directory``)."""
     former: Path | None = None
     try:
-        with temporary(path.parent, path.name) as temp:
-            # First: the fsync then makes the owner durable too.
-            keep_owner(temp, like)
-            write_synced(temp, data)
-            later_than(temp, path)
-            warn_of_other_links(path)
-            if backup:
-                former = keep_backup(path, backup_of(path))
-            os.replace(temp, path)
+        later_than(temp, path)
+        warn_of_other_links(path)
+        if backup:
+            former = keep_backup(path, backup_of(path))
+        os.replace(temp, path)
         if sync_directory:
             fsync_directory(path.parent)
     finally:
         if former is not None:
             discard_later(former)
+
+
+_stager: ThreadPoolExecutor | None = None
+_stager_lock = threading.Lock()
+
+
+def _stage_executor() -> ThreadPoolExecutor:
+    """The one thread staged writes are made in (made when first needed)."""
+    global _stager
+    with _stager_lock:
+        if _stager is None:
+            _stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
+        return _stager
+
+
+class StagedWrite:
+    """The next version of a file, written and fsynced to a temporary file beside it by
+    a background thread, not yet in place (see :func:`stage`).  Exactly one of
+    :meth:`publish` and :meth:`discard` ends it."""
+
+    def __init__(self, path: Path, data: bytes | Pieces, new_owner_of: Sequence[Path]) -> None:
+        #: The bytes the file will hold.
+        self.data = data
+        self._path = real_path(path)
+        like = owner_source(self._path, new_owner_of)
+        make_directories(self._path.parent, like)
+        fd, name = tempfile.mkstemp(
+            dir=self._path.parent, prefix=f".{self._path.name}.", suffix=".tmp"
+        )
+        os.close(fd)
+        self._temp = Path(name)
+        try:
+            self._done = _stage_executor().submit(_write_temporary, self._temp, like, data)
+        except BaseException:
+            self._temp.unlink(missing_ok=True)
+            raise
+
+    def publish(self, *, backup: bool, sync_directory: bool = True) -> None:
+        """Wait for the temporary file, then put it in place as :func:`atomic_write` does
+        (``backup``, ``sync_directory``: as there); the temporary file is removed when
+        anything fails, the old file staying as it was."""
+        try:
+            self._done.result()  # the writer's OSError, if any, raised here
+            _put_in_place(self._temp, self._path, backup=backup, sync_directory=sync_directory)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                self._temp.unlink()
+
+    def discard(self) -> None:
+        """Wait for the temporary file (its error, if any, ignored) and remove it: the file
+        stays as it was."""
+        with contextlib.suppress(Exception):
+            self._done.result()
+        with contextlib.suppress(FileNotFoundError):
+            self._temp.unlink()
+
+
+def stage(path: Path, data: bytes | Pieces, *, new_owner_of: Sequence[Path] = ()) -> StagedWrite:
+    """Start writing ``data`` as the next version of ``path`` in the background: a
+    temporary file in its directory (as :func:`atomic_write` names, owns and fsyncs it),
+    invisible to Asterisk until :meth:`StagedWrite.publish`.  An OS error creating the
+    temporary file is raised as :class:`TargetWriteFailed`; one writing it, by ``publish``."""
+    try:
+        return StagedWrite(path, data, new_owner_of)
+    except OSError as exc:
+        raise TargetWriteFailed(f"cannot write {str(path)!r}: {exc.strerror}") from None
+
+
+def publish(staged: StagedWrite, path: Path, *, backup: bool, sync_directory: bool = True) -> None:
+    """:meth:`StagedWrite.publish`, an OS error raised as :class:`TargetWriteFailed`."""
+    try:
+        staged.publish(backup=backup, sync_directory=sync_directory)
+    except OSError as exc:
+        raise TargetWriteFailed(f"cannot write {str(path)!r}: {exc.strerror}") from None
 
 
 def write_file(
