@@ -800,6 +800,39 @@ def test_the_example_config_loads_and_holds_every_key() -> None:
             assert set(tables[name]) == set(section.model_fields), name
 
 
+#: Keys whose example value is a production path rather than the embedded default;
+#: the example's comment on that line must name the default instead.
+_PRODUCTION_PATHS = {("store", "url"), ("target", "path"), ("daemon", "state_dir")}
+
+
+def _example_line(text: str, section: str, key: str) -> str:
+    """The line of the example config that sets ``key`` under ``[section]``."""
+    current = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("[") and not stripped.startswith("[["):
+            current = stripped.strip("[]")
+        elif current == section and stripped.split("=")[0].strip() == key:
+            return line
+    raise AssertionError(f"{section}.{key} is not in the example")
+
+
+def test_the_example_config_gives_every_key_its_true_default() -> None:
+    """Each key of the example config holds its default, or, for a production path, names it."""
+    path = Path(__file__).resolve().parent.parent / "systemd" / "provisioner.toml"
+    text = path.read_text(encoding="utf-8")
+    defaults = Config()
+    for name, values in tomllib.loads(text).items():
+        section = getattr(defaults, name)
+        for key, value in values.items():
+            default = getattr(section, key)
+            default = list(default) if isinstance(default, tuple) else default
+            if (name, key) in _PRODUCTION_PATHS:
+                assert f'default: "{default}"' in _example_line(text, name, key), (name, key)
+            else:
+                assert value == default, (name, key)
+
+
 def test_an_empty_or_repeated_video_codec_list_is_refused_naming_the_field() -> None:
     """target.video_codecs must list at least one codec, each once: an empty list would
     render video users with no video codec at all."""
