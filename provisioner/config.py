@@ -759,7 +759,7 @@ def parse_sets(
     ``the command line``), and the flags that cannot be read (not ``key=value``, a key with a
     character no key has, or a ``[``/``{``/``"`` value that is not JSON); other values stay
     strings, so ``key="value"`` (quotes no shell removed) is ``value``, as the environment
-    reads it.
+    reads it.  Blanks around the key and the value are dropped.
     A later flag wins; ``a=1`` then ``a.b=2`` makes ``a`` a table.  A problem shows a flag's
     key, never its value (it may hold a secret)."""
     origins = {} if origins is None else origins
@@ -767,7 +767,9 @@ def parse_sets(
     problems = []
     for item in sets:
         key, sep, value = item.partition("=")
-        key = key.strip()
+        # Blanks around either side are dropped, as TOML drops them around ``=``: a value
+        # that must keep them is given quoted, as JSON (``key=" x"``).
+        key, value = key.strip(), value.strip()
         # Up to the first character no key has: a ':' typed for the '=' puts the value
         # (a URL's password) in the key.
         head = _NOT_IN_KEY.split(key, maxsplit=1)[0]

@@ -848,3 +848,10 @@ def test_an_empty_or_repeated_video_codec_list_is_refused_naming_the_field() -> 
         assert [(p.field, p.rule) for p in info.value.problems] == [
             ("target.video_codecs", rule)
         ], bad
+
+
+def test_blanks_around_a_set_flags_key_and_value_are_dropped_as_toml_drops_them() -> None:
+    """``--set "log.level = debug"`` sets log.level to debug, as ``level = debug`` in TOML would."""
+    config = load_config(env={}, sets=["log.level = debug", 'sip.realm =  "pbx" '])
+    assert config.log.level == "debug"
+    assert config.sip.realm == "pbx"
