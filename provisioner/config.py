@@ -17,6 +17,7 @@ import ipaddress
 import json
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -366,15 +367,49 @@ def _read_secret(
     if secret_file is not None:
         where = "secret_file"
         try:
-            text = secret_file.read_text(encoding="utf-8-sig")
+            text, broken = _read_secret_file(secret_file)
         except (OSError, UnicodeDecodeError) as exc:
             return None, [((where,), f"cannot read {str(secret_file)!r}: {type(exc).__name__}")]
+        if broken is not None:
+            return None, [((where,), f"{str(secret_file)!r} {broken}")]
         secret = SecretStr(text)
     assert secret is not None
     secret = SecretStr(secret.get_secret_value().strip(_ASTERISK_BLANKS))
     if not re.fullmatch(_AMI_VALUE, secret.get_secret_value()):
         return None, [((where,), "the secret must be 1-200 characters without control characters")]
     return secret, []
+
+
+#: The most bytes a ``secret_file`` may hold: a secret is at most 200 characters (up to
+#: 800 bytes of UTF-8), with room for a byte order mark and line ends.
+MAX_SECRET_FILE_BYTES = 4096
+
+
+def _read_secret_file(path: Path) -> tuple[str, str | None]:
+    """The text of ``path`` (a leading UTF-8 byte order mark dropped) and None, or ``""``
+    and why it is refused: not a regular file, or larger than
+    :data:`MAX_SECRET_FILE_BYTES`.  Raises :class:`OSError` or :class:`UnicodeDecodeError`
+    when it cannot be read.
+
+    Opened without blocking and judged by the open descriptor: a named pipe would wait
+    for a writer at ``open``, and a device (``/dev/zero``) be read forever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "", "is not a regular file"
+        data = b""
+        # A read may return less than asked for (a network file system): read to the end,
+        # or one byte past the cap.
+        while len(data) <= MAX_SECRET_FILE_BYTES:
+            chunk = os.read(fd, MAX_SECRET_FILE_BYTES + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SECRET_FILE_BYTES:
+        return "", f"is larger than {MAX_SECRET_FILE_BYTES} bytes"
+    return data.decode("utf-8-sig"), None
 
 
 def secret_file_problem(path: Path) -> str | None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import socket
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -855,3 +858,52 @@ def test_blanks_around_a_set_flags_key_and_value_are_dropped_as_toml_drops_them(
     config = load_config(env={}, sets=["log.level = debug", 'sip.realm =  "pbx" '])
     assert config.log.level == "debug"
     assert config.sip.realm == "pbx"
+
+
+def _secret_file_problems(path: Path) -> list[str]:
+    """The problems of a config whose one [[asterisk]] entry reads its secret from ``path``."""
+    entry = {"name": "pbx1", "host": "h", "username": "u", "secret_file": str(path)}
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={"asterisk": [entry]})
+    return [str(problem) for problem in info.value.problems]
+
+
+def test_a_secret_file_that_is_a_device_or_too_large_is_refused_naming_the_key(
+    tmp_path: Path,
+) -> None:
+    """A secret_file that is a device, or a regular file past the size cap, is refused by key."""
+    large = tmp_path / "large.secret"
+    large.write_bytes(b"x" * 5000)
+    assert _secret_file_problems(Path("/dev/null")) == [
+        "asterisk.0.secret_file: '/dev/null' is not a regular file"
+    ]
+    assert _secret_file_problems(large) == [
+        f"asterisk.0.secret_file: {str(large)!r} is larger than 4096 bytes"
+    ]
+
+
+def test_a_secret_file_that_is_a_fifo_is_refused_without_waiting_for_a_writer(
+    tmp_path: Path,
+) -> None:
+    """A secret_file that is a named pipe no one writes is refused, not waited on forever."""
+    fifo = tmp_path / "ami.secret"
+    os.mkfifo(fifo)
+    script = (
+        "import sys; from pathlib import Path; from provisioner import config;"
+        " from tests.test_config import _secret_file_problems;"
+        " config.DEFAULT_CONFIG_PATH = Path(sys.argv[1]).with_name('absent.toml');"
+        " print(_secret_file_problems(Path(sys.argv[1])))"
+    )
+    root = Path(__file__).resolve().parent.parent
+    # A child process: the old loading blocked in open() for good, which would hang the suite.
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(fifo)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert done.stdout.strip() == str(
+        [f"asterisk.0.secret_file: {str(fifo)!r} is not a regular file"]
+    )
