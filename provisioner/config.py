@@ -551,23 +551,23 @@ class AmiSettings(_Section):
     """Timing and size knobs of the AMI layer (TOML ``[ami]``), all in seconds or bytes."""
 
     #: Reconnect delay: ``min(backoff_cap, backoff_base * 2**attempt)``, with jitter.
-    backoff_base: float = Field(default=0.5, gt=0)
-    backoff_cap: float = Field(default=30.0, gt=0)
+    backoff_base: float = Field(default=0.5, gt=0, le=60)
+    backoff_cap: float = Field(default=30.0, gt=0, le=3600)
     #: Delay after ``Authentication failed``: much longer, a wrong secret stays wrong.
-    login_failure_backoff: float = Field(default=120.0, gt=0)
+    login_failure_backoff: float = Field(default=120.0, gt=0, le=86400)
     #: A ``Ping`` every so often; no answer within ``ping_timeout`` drops the connection.
-    ping_interval: float = Field(default=10.0, gt=0)
-    ping_timeout: float = Field(default=5.0, gt=0)
+    ping_interval: float = Field(default=10.0, gt=0, le=86400)
+    ping_timeout: float = Field(default=5.0, gt=0, le=600)
     #: Default time an action may take before its caller gets an error.
-    action_timeout: float = Field(default=10.0, gt=0)
+    action_timeout: float = Field(default=10.0, gt=0, le=3600)
     #: A res_pjsip reload took 95 s with 50,000 endpoints in the lab.
-    reload_timeout: float = Field(default=600.0, gt=0)
+    reload_timeout: float = Field(default=600.0, gt=0, le=86400)
     #: ``A reload is in progress``: retried this many times, ``reload_retry_delay`` doubling.
     reload_retries: int = Field(default=5, ge=0, le=100)
-    reload_retry_delay: float = Field(default=2.0, gt=0)
+    reload_retry_delay: float = Field(default=2.0, gt=0, le=3600)
     #: Gap between two reloads: ``max(reload_min_gap, reload_gap_factor * last reload's time)``.
-    reload_min_gap: float = Field(default=5.0, ge=0)
-    reload_gap_factor: float = Field(default=2.0, ge=0)
+    reload_min_gap: float = Field(default=5.0, ge=0, le=86400)
+    reload_gap_factor: float = Field(default=2.0, ge=0, le=100)
     #: A peer line or message larger than this drops the connection.
     max_line_bytes: int = Field(default=65536, ge=1024)
     max_message_bytes: int = Field(default=1 << 20, ge=1024)
@@ -587,18 +587,18 @@ class DaemonSettings(_Section):
     #: read (Linux sleeps until the database files are written).
     sqlite_poll: float = Field(default=0.005, gt=0, le=5)
     #: A full reconcile every so often heals any drift (0: never).
-    reconcile_interval: float = Field(default=300.0, ge=0)
+    reconcile_interval: float = Field(default=300.0, ge=0, le=604800)
     #: MariaDB/MySQL have no notifications: the change table is polled this often (and
     #: PostgreSQL's, while its LISTEN connection is down).
     poll_interval: float = Field(default=1.0, gt=0, le=60)
     #: How long a hole in the change ids may stay open before it counts as rolled back.
-    cursor_grace: float = Field(default=30.0, gt=0)
+    cursor_grace: float = Field(default=30.0, gt=0, le=86400)
     #: SIGTERM: time to finish the apply in progress before tasks are cancelled.
     shutdown_timeout: float = Field(default=10.0, gt=0, le=600)
     #: An apply (a reconcile, an edit's, with its cursor save) running longer than this
     #: counts as stuck: the systemd watchdog is no longer fed (systemd restarts the
     #: daemon) and the health record says so.  0: never.
-    stuck_after: float = Field(default=300.0, ge=0)
+    stuck_after: float = Field(default=300.0, ge=0, le=86400)
     #: A sync removing more than this fraction of the provisioned users is refused.
     max_removal_fraction: float = Field(default=0.5, gt=0, le=1)
     #: Where the health record is written (``provisioner check`` reads it).

@@ -907,3 +907,37 @@ def test_a_secret_file_that_is_a_fifo_is_refused_without_waiting_for_a_writer(
     assert done.stdout.strip() == str(
         [f"asterisk.0.secret_file: {str(fifo)!r} is not a regular file"]
     )
+
+
+#: Each duration (and the reload gap's factor) with the largest value it takes.
+_DURATION_BOUNDS = [
+    ("ami", "backoff_base", 60),
+    ("ami", "backoff_cap", 3600),
+    ("ami", "login_failure_backoff", 86400),
+    ("ami", "ping_interval", 86400),
+    ("ami", "ping_timeout", 600),
+    ("ami", "action_timeout", 3600),
+    ("ami", "reload_timeout", 86400),
+    ("ami", "reload_retry_delay", 3600),
+    ("ami", "reload_min_gap", 86400),
+    ("ami", "reload_gap_factor", 100),
+    ("daemon", "reconcile_interval", 604800),
+    ("daemon", "cursor_grace", 86400),
+    ("daemon", "stuck_after", 86400),
+]
+
+
+@pytest.mark.parametrize(("section", "key", "bound"), _DURATION_BOUNDS)
+def test_a_duration_past_its_bound_is_refused_naming_the_key(
+    section: str, key: str, bound: float
+) -> None:
+    """A duration takes its documented bound, and 1e300 (which no timer holds) is refused by key."""
+    assert (
+        getattr(getattr(load_config(env={}, overrides={section: {key: bound}}), section), key)
+        == bound
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={section: {key: 1e300}})
+    assert [str(p) for p in info.value.problems] == [
+        f"{section}.{key}: Input should be less than or equal to {bound}"
+    ]
