@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import itertools
 import json
 import os
 import re
@@ -717,13 +718,32 @@ def _note_origin(origins: _Origins, path: tuple[str, ...], value: Any, origin: s
 
 
 def _set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
-    for key in keys[:-1]:
-        node = tree.get(key)
-        if not isinstance(node, dict):
-            node = {}
-            tree[key] = node
-        tree = node
-    tree[keys[-1]] = value
+    """Set ``value`` at ``keys`` in ``tree``, making tables on the way; a list met on the
+    way (given whole by an earlier flag or variable) is entered where the next key indexes
+    one of its entries, else replaced by a table, as any other value is."""
+    node: dict[str, Any] | list[Any] = tree
+    for key, after in itertools.pairwise(keys):
+        child = node[int(key)] if isinstance(node, list) else node.get(key)
+        if isinstance(child, dict) or (isinstance(child, list) and _holds_index(child, after)):
+            node = child
+        else:
+            table: dict[str, Any] = {}
+            _store(node, key, table)
+            node = table
+    _store(node, keys[-1], value)
+
+
+def _holds_index(node: list[Any], key: str) -> bool:
+    """Whether the list ``node`` has an entry at index ``key``."""
+    return key.isdigit() and int(key) < len(node)
+
+
+def _store(node: dict[str, Any] | list[Any], key: str, value: Any) -> None:
+    """``node[key] = value``, ``key`` an index when ``node`` is a list (one it holds)."""
+    if isinstance(node, list):
+        node[int(key)] = value
+    else:
+        node[key] = value
 
 
 def _env_overrides(
@@ -747,14 +767,67 @@ def _env_overrides(
     return tree, problems
 
 
-def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+def _merge(
+    base: dict[str, Any],
+    top: Mapping[str, Any],
+    problems: list[Problem],
+    origins: _Origins,
+    path: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """``top`` merged over ``base``: a table key by key; a table whose keys are all list
+    indexes (``asterisk.0.port`` from ``--set`` or ``PROVISIONER_ASTERISK__0__PORT``)
+    into those entries of the list below it, each index past its end a problem in
+    ``problems``; anything else replacing what was there."""
     out = dict(base)
     for key, value in top.items():
+        here = (*path, str(key))
         if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = _merge(out[key], value, problems, origins, here)
+        elif _indexes(value):
+            out[key] = _merge_entries(out.get(key), value, problems, origins, here)
         else:
             out[key] = value
     return out
+
+
+def _indexes(value: object) -> bool:
+    """Whether ``value`` is a table keyed by list indexes only (no setting is named so)."""
+    return isinstance(value, Mapping) and bool(value) and all(str(k).isdigit() for k in value)
+
+
+def _merge_entries(
+    base: object,
+    top: Mapping[str, Any],
+    problems: list[Problem],
+    origins: _Origins,
+    path: tuple[str, ...],
+) -> list[Any]:
+    """The list ``base`` with each entry ``top`` indexes merged over (a table key by key,
+    else replaced); an index with no entry is a problem naming where it came from."""
+    entries = list(base) if isinstance(base, list | tuple) else []
+    for index, value in top.items():
+        here = (*path, str(index))
+        position = int(index)
+        if position >= len(entries):
+            rule = (
+                f"there is no entry {position} to change (the list has {len(entries)}):"
+                " give the whole list as JSON"
+            )
+            origin = _origin(origins, _first_origin(origins, here))
+            problems.append(Problem(".".join(here), f"{rule} (from {origin})" if origin else rule))
+            continue
+        entry = entries[position]
+        if isinstance(value, Mapping) and isinstance(entry, dict):
+            entries[position] = _merge(entry, value, problems, origins, here)
+        else:
+            entries[position] = value
+    return entries
+
+
+def _first_origin(origins: _Origins, path: tuple[str, ...]) -> tuple[str, ...]:
+    """The first noted key path under ``path`` (an index's keys: ``asterisk.3.port``), or
+    ``path`` itself when none is."""
+    return next((p for p in sorted(origins) if p[: len(path)] == path), path)
 
 
 def _problems(exc: ValidationError, origins: _Origins) -> list[Problem]:
@@ -883,9 +956,10 @@ def load_config(
     origins = {path: origin for path, origin in origins.items() if origin}
     for flag_path, origin in flag_origins.items():
         _note_origin(origins, flag_path, None, origin)
+    merged: list[Problem] = []
     for layer in (env_tree, overrides or {}, flags):
-        data = _merge(data, layer)
+        data = _merge(data, layer, merged, origins)
     config, invalid = _validate(data, origins)
-    if problems or config is None:
-        raise ConfigError(problems + invalid)
+    if problems or merged or config is None:
+        raise ConfigError(problems + merged + invalid)
     return config.model_copy(update={"source": str(file) if file else None})

@@ -941,3 +941,47 @@ def test_a_duration_past_its_bound_is_refused_naming_the_key(
     assert [str(p) for p in info.value.problems] == [
         f"{section}.{key}: Input should be less than or equal to {bound}"
     ]
+
+
+def _one_server(tmp_path: Path) -> Path:
+    """A config file with one [[asterisk]] entry, pbx1 on port 5038."""
+    return _write(
+        tmp_path,
+        "[[asterisk]]\nname = 'pbx1'\nhost = 'h'\nusername = 'u'\nsecret = 's'\n",
+    )
+
+
+def test_a_list_index_in_a_set_flag_or_variable_changes_that_entry_only(tmp_path: Path) -> None:
+    """``--set asterisk.0.port=5039`` and ``PROVISIONER_ASTERISK__0__SECRET`` change entry 0's
+    key, keeping the rest of the entry and of the list."""
+    env = {"PROVISIONER_ASTERISK__0__SECRET": "t0p"}
+    config = load_config(_one_server(tmp_path), env=env, sets=["asterisk.0.port=5039"])
+    (server,) = config.asterisk
+    assert (server.name, server.host, server.port) == ("pbx1", "h", 5039)
+    assert server.secret is not None
+    assert server.secret.get_secret_value() == "t0p"
+
+
+def test_a_list_index_with_no_entry_is_refused_naming_the_flag_or_variable(
+    tmp_path: Path,
+) -> None:
+    """An index past the list's end is refused with a rule naming where it came from."""
+    env = {"PROVISIONER_ASTERISK__3__PORT": "5039"}
+    with pytest.raises(ConfigError) as info:
+        load_config(_one_server(tmp_path), env=env, sets=["asterisk.1.port=5039"])
+    assert sorted(str(p) for p in info.value.problems) == [
+        "asterisk.1: there is no entry 1 to change (the list has 1): give the whole list as"
+        " JSON (from the command line)",
+        "asterisk.3: there is no entry 3 to change (the list has 1): give the whole list as"
+        " JSON (from PROVISIONER_ASTERISK__3__PORT)",
+    ]
+
+
+def test_a_list_index_reaches_a_list_given_whole_in_the_same_layer() -> None:
+    """An index after the whole list in the same layer (flags, or variables) changes that list."""
+    entry = '[{"name": "pbx1", "host": "h", "username": "u", "secret": "s"}]'
+    env = {"PROVISIONER_ASTERISK": entry, "PROVISIONER_ASTERISK__0__PORT": "5040"}
+    by_env = load_config(env=env)
+    by_flags = load_config(env={}, sets=[f"asterisk={entry}", "asterisk.0.port=5039"])
+    assert [(s.name, s.port) for s in by_env.asterisk] == [("pbx1", 5040)]
+    assert [(s.name, s.port) for s in by_flags.asterisk] == [("pbx1", 5039)]
