@@ -48,3 +48,21 @@ def test_every_metric_readme_names_is_served() -> None:
     source = (ROOT / "provisioner" / "metrics.py").read_text(encoding="utf-8")
     served = [re.sub(r"_total$", "", name) for name in names]
     assert [name for name in served if f'"{name}"' not in source] == []
+
+
+def test_every_section_dotted_name_readme_writes_is_a_key_or_an_event() -> None:
+    """Each `section.name` README writes is a config key, an emitted event, a module or a def."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    sections = set(Config.model_fields)
+    names = {n for n in re.findall(r"`([a-z_]+\.[a-z_]+)`", text) if n.split(".")[0] in sections}
+    source = _source()
+    known = _config_keys()
+    unknown = [
+        name
+        for name in sorted(names)
+        if name not in known
+        and f'"{name}"' not in source
+        and not name.endswith(".py")
+        and f"def {name.split('.')[1]}(" not in source
+    ]
+    assert unknown == []
