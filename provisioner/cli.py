@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError
 
 from . import csvio
 from .accounts import Accounts, Policy
-from .config import ENV_ACTOR, Config, display_url, load_config, parse_sets
+from .config import ENV_ACTOR, Config, display_url, load_config
 from .early_signals import restore as restore_signals
 from .errors import (
     ConfigError,
@@ -701,9 +701,8 @@ def run(app: App, burst: bool) -> None:
 
     config = app.config
     configure_logs(config.log.level, config.log.format)
-    # The flags were read without a problem to build ``config``: the daemon keeps them.
-    flags, _ = parse_sets(app.sets)
-    daemon = Daemon.from_config(config, config_path=app.config_path, overrides=flags)
+    # The raw flags, read again on SIGHUP as at start (a problem then names the command line).
+    daemon = Daemon.from_config(config, config_path=app.config_path, sets=app.sets)
     asyncio.run(daemon.serve(burst=burst))
 
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import itertools
 import json
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -366,15 +368,49 @@ def _read_secret(
     if secret_file is not None:
         where = "secret_file"
         try:
-            text = secret_file.read_text(encoding="utf-8-sig")
+            text, broken = _read_secret_file(secret_file)
         except (OSError, UnicodeDecodeError) as exc:
             return None, [((where,), f"cannot read {str(secret_file)!r}: {type(exc).__name__}")]
+        if broken is not None:
+            return None, [((where,), f"{str(secret_file)!r} {broken}")]
         secret = SecretStr(text)
     assert secret is not None
     secret = SecretStr(secret.get_secret_value().strip(_ASTERISK_BLANKS))
     if not re.fullmatch(_AMI_VALUE, secret.get_secret_value()):
         return None, [((where,), "the secret must be 1-200 characters without control characters")]
     return secret, []
+
+
+#: The most bytes a ``secret_file`` may hold: a secret is at most 200 characters (up to
+#: 800 bytes of UTF-8), with room for a byte order mark and line ends.
+MAX_SECRET_FILE_BYTES = 4096
+
+
+def _read_secret_file(path: Path) -> tuple[str, str | None]:
+    """The text of ``path`` (a leading UTF-8 byte order mark dropped) and None, or ``""``
+    and why it is refused: not a regular file, or larger than
+    :data:`MAX_SECRET_FILE_BYTES`.  Raises :class:`OSError` or :class:`UnicodeDecodeError`
+    when it cannot be read.
+
+    Opened without blocking and judged by the open descriptor: a named pipe would wait
+    for a writer at ``open``, and a device (``/dev/zero``) be read forever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "", "is not a regular file"
+        data = b""
+        # A read may return less than asked for (a network file system): read to the end,
+        # or one byte past the cap.
+        while len(data) <= MAX_SECRET_FILE_BYTES:
+            chunk = os.read(fd, MAX_SECRET_FILE_BYTES + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SECRET_FILE_BYTES:
+        return "", f"is larger than {MAX_SECRET_FILE_BYTES} bytes"
+    return data.decode("utf-8-sig"), None
 
 
 def secret_file_problem(path: Path) -> str | None:
@@ -516,23 +552,23 @@ class AmiSettings(_Section):
     """Timing and size knobs of the AMI layer (TOML ``[ami]``), all in seconds or bytes."""
 
     #: Reconnect delay: ``min(backoff_cap, backoff_base * 2**attempt)``, with jitter.
-    backoff_base: float = Field(default=0.5, gt=0)
-    backoff_cap: float = Field(default=30.0, gt=0)
+    backoff_base: float = Field(default=0.5, gt=0, le=60)
+    backoff_cap: float = Field(default=30.0, gt=0, le=3600)
     #: Delay after ``Authentication failed``: much longer, a wrong secret stays wrong.
-    login_failure_backoff: float = Field(default=120.0, gt=0)
+    login_failure_backoff: float = Field(default=120.0, gt=0, le=86400)
     #: A ``Ping`` every so often; no answer within ``ping_timeout`` drops the connection.
-    ping_interval: float = Field(default=10.0, gt=0)
-    ping_timeout: float = Field(default=5.0, gt=0)
+    ping_interval: float = Field(default=10.0, gt=0, le=86400)
+    ping_timeout: float = Field(default=5.0, gt=0, le=600)
     #: Default time an action may take before its caller gets an error.
-    action_timeout: float = Field(default=10.0, gt=0)
+    action_timeout: float = Field(default=10.0, gt=0, le=3600)
     #: A res_pjsip reload took 95 s with 50,000 endpoints in the lab.
-    reload_timeout: float = Field(default=600.0, gt=0)
+    reload_timeout: float = Field(default=600.0, gt=0, le=86400)
     #: ``A reload is in progress``: retried this many times, ``reload_retry_delay`` doubling.
     reload_retries: int = Field(default=5, ge=0, le=100)
-    reload_retry_delay: float = Field(default=2.0, gt=0)
+    reload_retry_delay: float = Field(default=2.0, gt=0, le=3600)
     #: Gap between two reloads: ``max(reload_min_gap, reload_gap_factor * last reload's time)``.
-    reload_min_gap: float = Field(default=5.0, ge=0)
-    reload_gap_factor: float = Field(default=2.0, ge=0)
+    reload_min_gap: float = Field(default=5.0, ge=0, le=86400)
+    reload_gap_factor: float = Field(default=2.0, ge=0, le=100)
     #: A peer line or message larger than this drops the connection.
     max_line_bytes: int = Field(default=65536, ge=1024)
     max_message_bytes: int = Field(default=1 << 20, ge=1024)
@@ -552,19 +588,19 @@ class DaemonSettings(_Section):
     #: read (Linux sleeps until the database files are written).
     sqlite_poll: float = Field(default=0.005, gt=0, le=5)
     #: A full reconcile every so often heals any drift (0: never).
-    reconcile_interval: float = Field(default=300.0, ge=0)
+    reconcile_interval: float = Field(default=300.0, ge=0, le=604800)
     #: MariaDB/MySQL have no notifications: the change table is polled this often (and
     #: PostgreSQL's, while its LISTEN connection is down).
     poll_interval: float = Field(default=1.0, gt=0, le=60)
     #: How long a hole in the change ids may stay open before it counts as rolled back.
-    cursor_grace: float = Field(default=30.0, gt=0)
+    cursor_grace: float = Field(default=30.0, gt=0, le=86400)
     #: SIGTERM: time to finish the apply in progress before tasks are cancelled.
     shutdown_timeout: float = Field(default=10.0, gt=0, le=600)
     #: An apply (a reconcile, an edit's, with its cursor save), or a registration write
     #: of the AMI side, running longer than this counts as stuck: the systemd watchdog
     #: is no longer fed (systemd restarts the daemon) and the health record says so.
     #: 0: never.
-    stuck_after: float = Field(default=300.0, ge=0)
+    stuck_after: float = Field(default=300.0, ge=0, le=86400)
     #: A sync removing more than this fraction of the provisioned users is refused.
     max_removal_fraction: float = Field(default=0.5, gt=0, le=1)
     #: Where the health record is written (``provisioner check`` reads it).
@@ -683,13 +719,32 @@ def _note_origin(origins: _Origins, path: tuple[str, ...], value: Any, origin: s
 
 
 def _set_path(tree: dict[str, Any], keys: list[str], value: Any) -> None:
-    for key in keys[:-1]:
-        node = tree.get(key)
-        if not isinstance(node, dict):
-            node = {}
-            tree[key] = node
-        tree = node
-    tree[keys[-1]] = value
+    """Set ``value`` at ``keys`` in ``tree``, making tables on the way; a list met on the
+    way (given whole by an earlier flag or variable) is entered where the next key indexes
+    one of its entries, else replaced by a table, as any other value is."""
+    node: dict[str, Any] | list[Any] = tree
+    for key, after in itertools.pairwise(keys):
+        child = node[int(key)] if isinstance(node, list) else node.get(key)
+        if isinstance(child, dict) or (isinstance(child, list) and _holds_index(child, after)):
+            node = child
+        else:
+            table: dict[str, Any] = {}
+            _store(node, key, table)
+            node = table
+    _store(node, keys[-1], value)
+
+
+def _holds_index(node: list[Any], key: str) -> bool:
+    """Whether the list ``node`` has an entry at index ``key``."""
+    return key.isdigit() and int(key) < len(node)
+
+
+def _store(node: dict[str, Any] | list[Any], key: str, value: Any) -> None:
+    """``node[key] = value``, ``key`` an index when ``node`` is a list (one it holds)."""
+    if isinstance(node, list):
+        node[int(key)] = value
+    else:
+        node[key] = value
 
 
 def _env_overrides(
@@ -713,14 +768,67 @@ def _env_overrides(
     return tree, problems
 
 
-def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+def _merge(
+    base: dict[str, Any],
+    top: Mapping[str, Any],
+    problems: list[Problem],
+    origins: _Origins,
+    path: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """``top`` merged over ``base``: a table key by key; a table whose keys are all list
+    indexes (``asterisk.0.port`` from ``--set`` or ``PROVISIONER_ASTERISK__0__PORT``)
+    into those entries of the list below it, each index past its end a problem in
+    ``problems``; anything else replacing what was there."""
     out = dict(base)
     for key, value in top.items():
+        here = (*path, str(key))
         if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = _merge(out[key], value, problems, origins, here)
+        elif _indexes(value):
+            out[key] = _merge_entries(out.get(key), value, problems, origins, here)
         else:
             out[key] = value
     return out
+
+
+def _indexes(value: object) -> bool:
+    """Whether ``value`` is a table keyed by list indexes only (no setting is named so)."""
+    return isinstance(value, Mapping) and bool(value) and all(str(k).isdigit() for k in value)
+
+
+def _merge_entries(
+    base: object,
+    top: Mapping[str, Any],
+    problems: list[Problem],
+    origins: _Origins,
+    path: tuple[str, ...],
+) -> list[Any]:
+    """The list ``base`` with each entry ``top`` indexes merged over (a table key by key,
+    else replaced); an index with no entry is a problem naming where it came from."""
+    entries = list(base) if isinstance(base, list | tuple) else []
+    for index, value in top.items():
+        here = (*path, str(index))
+        position = int(index)
+        if position >= len(entries):
+            rule = (
+                f"there is no entry {position} to change (the list has {len(entries)}):"
+                " give the whole list as JSON"
+            )
+            origin = _origin(origins, _first_origin(origins, here))
+            problems.append(Problem(".".join(here), f"{rule} (from {origin})" if origin else rule))
+            continue
+        entry = entries[position]
+        if isinstance(value, Mapping) and isinstance(entry, dict):
+            entries[position] = _merge(entry, value, problems, origins, here)
+        else:
+            entries[position] = value
+    return entries
+
+
+def _first_origin(origins: _Origins, path: tuple[str, ...]) -> tuple[str, ...]:
+    """The first noted key path under ``path`` (an index's keys: ``asterisk.3.port``), or
+    ``path`` itself when none is."""
+    return next((p for p in sorted(origins) if p[: len(path)] == path), path)
 
 
 def _problems(exc: ValidationError, origins: _Origins) -> list[Problem]:
@@ -760,7 +868,7 @@ def parse_sets(
     ``the command line``), and the flags that cannot be read (not ``key=value``, a key with a
     character no key has, or a ``[``/``{``/``"`` value that is not JSON); other values stay
     strings, so ``key="value"`` (quotes no shell removed) is ``value``, as the environment
-    reads it.
+    reads it.  Blanks around the key and the value are dropped.
     A later flag wins; ``a=1`` then ``a.b=2`` makes ``a`` a table.  A problem shows a flag's
     key, never its value (it may hold a secret)."""
     origins = {} if origins is None else origins
@@ -768,7 +876,9 @@ def parse_sets(
     problems = []
     for item in sets:
         key, sep, value = item.partition("=")
-        key = key.strip()
+        # Blanks around either side are dropped, as TOML drops them around ``=``: a value
+        # that must keep them is given quoted, as JSON (``key=" x"``).
+        key, value = key.strip(), value.strip()
         # Up to the first character no key has: a ':' typed for the '=' puts the value
         # (a URL's password) in the key.
         head = _NOT_IN_KEY.split(key, maxsplit=1)[0]
@@ -847,9 +957,10 @@ def load_config(
     origins = {path: origin for path, origin in origins.items() if origin}
     for flag_path, origin in flag_origins.items():
         _note_origin(origins, flag_path, None, origin)
+    merged: list[Problem] = []
     for layer in (env_tree, overrides or {}, flags):
-        data = _merge(data, layer)
+        data = _merge(data, layer, merged, origins)
     config, invalid = _validate(data, origins)
-    if problems or config is None:
-        raise ConfigError(problems + invalid)
+    if problems or merged or config is None:
+        raise ConfigError(problems + merged + invalid)
     return config.model_copy(update={"source": str(file) if file else None})

@@ -22,7 +22,7 @@ import gc
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -262,8 +262,11 @@ class Daemon:
     pbx: Pbx | None = None
     notifier: Notifier = field(default_factory=Notifier)
     config_path: str | None = None
-    #: The command line's settings (``--set``, ``--store-url``), applied again on SIGHUP.
+    #: Settings a caller's code gives (nested), applied again on SIGHUP.
     config_overrides: Mapping[str, Any] = field(default_factory=dict)
+    #: The command line's raw ``--set`` flags (``--store-url`` among them), read again on
+    #: SIGHUP as at start, so a problem found then is still said to come from the command line.
+    config_sets: tuple[str, ...] = ()
 
     should_exit: bool = False
     reload_requested: bool = False
@@ -339,7 +342,10 @@ class Daemon:
         *,
         config_path: str | None = None,
         overrides: Mapping[str, Any] | None = None,
+        sets: Sequence[str] = (),
     ) -> Daemon:
+        """The daemon for ``config``; ``config_path``, ``overrides`` and the raw ``--set``
+        flags ``sets`` are what a SIGHUP reads the configuration from again."""
         engine = open_engine(config.store.url, busy_timeout=config.store.busy_timeout)
         applier = Applier(
             engine,
@@ -360,6 +366,7 @@ class Daemon:
             pbx=pbx,
             config_path=config_path,
             config_overrides=dict(overrides or {}),
+            config_sets=tuple(sets),
             tracker=CursorTracker(cursor=0, grace=config.daemon.cursor_grace),
         )
 
@@ -899,7 +906,9 @@ class Daemon:
     async def _reload_config(self) -> None:
         """SIGHUP: re-read the configuration; a bad one is logged and the old one kept."""
         try:
-            config = load_config(self.config_path, overrides=self.config_overrides)
+            config = load_config(
+                self.config_path, overrides=self.config_overrides, sets=self.config_sets
+            )
         except ProvisionerError as exc:
             log.error("config.reload_failed", error=_describe(exc))
             return

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import socket
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -804,6 +807,39 @@ def test_the_example_config_loads_and_holds_every_key() -> None:
             assert set(tables[name]) == set(section.model_fields), name
 
 
+#: Keys whose example value is a production path rather than the embedded default;
+#: the example's comment on that line must name the default instead.
+_PRODUCTION_PATHS = {("store", "url"), ("target", "path"), ("daemon", "state_dir")}
+
+
+def _example_line(text: str, section: str, key: str) -> str:
+    """The line of the example config that sets ``key`` under ``[section]``."""
+    current = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("[") and not stripped.startswith("[["):
+            current = stripped.strip("[]")
+        elif current == section and stripped.split("=")[0].strip() == key:
+            return line
+    raise AssertionError(f"{section}.{key} is not in the example")
+
+
+def test_the_example_config_gives_every_key_its_true_default() -> None:
+    """Each key of the example config holds its default, or, for a production path, names it."""
+    path = Path(__file__).resolve().parent.parent / "systemd" / "provisioner.toml"
+    text = path.read_text(encoding="utf-8")
+    defaults = Config()
+    for name, values in tomllib.loads(text).items():
+        section = getattr(defaults, name)
+        for key, value in values.items():
+            default = getattr(section, key)
+            default = list(default) if isinstance(default, tuple) else default
+            if (name, key) in _PRODUCTION_PATHS:
+                assert f'default: "{default}"' in _example_line(text, name, key), (name, key)
+            else:
+                assert value == default, (name, key)
+
+
 def test_an_empty_or_repeated_video_codec_list_is_refused_naming_the_field() -> None:
     """target.video_codecs must list at least one codec, each once: an empty list would
     render video users with no video codec at all."""
@@ -819,3 +855,137 @@ def test_an_empty_or_repeated_video_codec_list_is_refused_naming_the_field() -> 
         assert [(p.field, p.rule) for p in info.value.problems] == [
             ("target.video_codecs", rule)
         ], bad
+
+
+def test_blanks_around_a_set_flags_key_and_value_are_dropped_as_toml_drops_them() -> None:
+    """``--set "log.level = debug"`` sets log.level to debug, as ``level = debug`` in TOML would."""
+    config = load_config(env={}, sets=["log.level = debug", 'sip.realm =  "pbx" '])
+    assert config.log.level == "debug"
+    assert config.sip.realm == "pbx"
+
+
+def _secret_file_problems(path: Path) -> list[str]:
+    """The problems of a config whose one [[asterisk]] entry reads its secret from ``path``."""
+    entry = {"name": "pbx1", "host": "h", "username": "u", "secret_file": str(path)}
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={"asterisk": [entry]})
+    return [str(problem) for problem in info.value.problems]
+
+
+def test_a_secret_file_that_is_a_device_or_too_large_is_refused_naming_the_key(
+    tmp_path: Path,
+) -> None:
+    """A secret_file that is a device, or a regular file past the size cap, is refused by key."""
+    large = tmp_path / "large.secret"
+    large.write_bytes(b"x" * 5000)
+    assert _secret_file_problems(Path("/dev/null")) == [
+        "asterisk.0.secret_file: '/dev/null' is not a regular file"
+    ]
+    assert _secret_file_problems(large) == [
+        f"asterisk.0.secret_file: {str(large)!r} is larger than 4096 bytes"
+    ]
+
+
+def test_a_secret_file_that_is_a_fifo_is_refused_without_waiting_for_a_writer(
+    tmp_path: Path,
+) -> None:
+    """A secret_file that is a named pipe no one writes is refused, not waited on forever."""
+    fifo = tmp_path / "ami.secret"
+    os.mkfifo(fifo)
+    script = (
+        "import sys; from pathlib import Path; from provisioner import config;"
+        " from tests.test_config import _secret_file_problems;"
+        " config.DEFAULT_CONFIG_PATH = Path(sys.argv[1]).with_name('absent.toml');"
+        " print(_secret_file_problems(Path(sys.argv[1])))"
+    )
+    root = Path(__file__).resolve().parent.parent
+    # A child process: the old loading blocked in open() for good, which would hang the suite.
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(fifo)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert done.stdout.strip() == str(
+        [f"asterisk.0.secret_file: {str(fifo)!r} is not a regular file"]
+    )
+
+
+#: Each duration (and the reload gap's factor) with the largest value it takes.
+_DURATION_BOUNDS = [
+    ("ami", "backoff_base", 60),
+    ("ami", "backoff_cap", 3600),
+    ("ami", "login_failure_backoff", 86400),
+    ("ami", "ping_interval", 86400),
+    ("ami", "ping_timeout", 600),
+    ("ami", "action_timeout", 3600),
+    ("ami", "reload_timeout", 86400),
+    ("ami", "reload_retry_delay", 3600),
+    ("ami", "reload_min_gap", 86400),
+    ("ami", "reload_gap_factor", 100),
+    ("daemon", "reconcile_interval", 604800),
+    ("daemon", "cursor_grace", 86400),
+    ("daemon", "stuck_after", 86400),
+]
+
+
+@pytest.mark.parametrize(("section", "key", "bound"), _DURATION_BOUNDS)
+def test_a_duration_past_its_bound_is_refused_naming_the_key(
+    section: str, key: str, bound: float
+) -> None:
+    """A duration takes its documented bound, and 1e300 (which no timer holds) is refused by key."""
+    assert (
+        getattr(getattr(load_config(env={}, overrides={section: {key: bound}}), section), key)
+        == bound
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={section: {key: 1e300}})
+    assert [str(p) for p in info.value.problems] == [
+        f"{section}.{key}: Input should be less than or equal to {bound}"
+    ]
+
+
+def _one_server(tmp_path: Path) -> Path:
+    """A config file with one [[asterisk]] entry, pbx1 on port 5038."""
+    return _write(
+        tmp_path,
+        "[[asterisk]]\nname = 'pbx1'\nhost = 'h'\nusername = 'u'\nsecret = 's'\n",
+    )
+
+
+def test_a_list_index_in_a_set_flag_or_variable_changes_that_entry_only(tmp_path: Path) -> None:
+    """``--set asterisk.0.port=5039`` and ``PROVISIONER_ASTERISK__0__SECRET`` change entry 0's
+    key, keeping the rest of the entry and of the list."""
+    env = {"PROVISIONER_ASTERISK__0__SECRET": "t0p"}
+    config = load_config(_one_server(tmp_path), env=env, sets=["asterisk.0.port=5039"])
+    (server,) = config.asterisk
+    assert (server.name, server.host, server.port) == ("pbx1", "h", 5039)
+    assert server.secret is not None
+    assert server.secret.get_secret_value() == "t0p"
+
+
+def test_a_list_index_with_no_entry_is_refused_naming_the_flag_or_variable(
+    tmp_path: Path,
+) -> None:
+    """An index past the list's end is refused with a rule naming where it came from."""
+    env = {"PROVISIONER_ASTERISK__3__PORT": "5039"}
+    with pytest.raises(ConfigError) as info:
+        load_config(_one_server(tmp_path), env=env, sets=["asterisk.1.port=5039"])
+    assert sorted(str(p) for p in info.value.problems) == [
+        "asterisk.1: there is no entry 1 to change (the list has 1): give the whole list as"
+        " JSON (from the command line)",
+        "asterisk.3: there is no entry 3 to change (the list has 1): give the whole list as"
+        " JSON (from PROVISIONER_ASTERISK__3__PORT)",
+    ]
+
+
+def test_a_list_index_reaches_a_list_given_whole_in_the_same_layer() -> None:
+    """An index after the whole list in the same layer (flags, or variables) changes that list."""
+    entry = '[{"name": "pbx1", "host": "h", "username": "u", "secret": "s"}]'
+    env = {"PROVISIONER_ASTERISK": entry, "PROVISIONER_ASTERISK__0__PORT": "5040"}
+    by_env = load_config(env=env)
+    by_flags = load_config(env={}, sets=[f"asterisk={entry}", "asterisk.0.port=5039"])
+    assert [(s.name, s.port) for s in by_env.asterisk] == [("pbx1", 5040)]
+    assert [(s.name, s.port) for s in by_flags.asterisk] == [("pbx1", 5039)]

@@ -415,3 +415,25 @@ def test_a_restart_is_asked_for_at_each_sighup_until_one_applies_it(tmp_path: Pa
         assert daemon.config.daemon.quiet == 0.1  # read by the loop each time: taken
     finally:
         daemon.engine.dispose()
+
+
+def test_a_set_flag_found_bad_on_sighup_is_said_to_come_from_the_command_line(
+    tmp_path: Path,
+) -> None:
+    """A SIGHUP re-read names a --set flag's problem "(from the command line)", as a start does."""
+    secret = tmp_path / "pbx1.secret"
+    secret.write_text("s3cret\n", encoding="utf-8")
+    path = _config_file(tmp_path)
+    entry = f'[{{"name": "pbx1", "host": "h", "username": "u", "secret_file": "{secret}"}}]'
+    flags = [f"asterisk={entry}"]
+    config = load_config(path, env={}, sets=flags)
+    daemon = Daemon.from_config(config, config_path=str(path), sets=flags)
+    try:
+        secret.unlink()
+        with capture_logs() as logs:
+            asyncio.run(daemon._reload_config())
+        (failed,) = [entry for entry in logs if entry["event"] == "config.reload_failed"]
+        assert "asterisk.0.secret_file: cannot read" in failed["error"]
+        assert "(from the command line)" in failed["error"]
+    finally:
+        daemon.engine.dispose()
