@@ -304,11 +304,15 @@ def _stdin_secret(value: str | None) -> str | None:
 
 
 def _parse_attrs(attrs: Sequence[str]) -> dict[str, str]:
-    out = {}
+    """The ``--attr KEY=VALUE`` flags as a dict; an item without ``=`` or a key given twice
+    is refused (field ``attr``): which of two values was meant cannot be guessed."""
+    out: dict[str, str] = {}
     for item in attrs:
         key, sep, value = item.partition("=")
         if not sep:
             raise InvalidInput.one("attr", f"{item!r} must look like KEY=VALUE")
+        if key in out:
+            raise InvalidInput.one("attr", f"key {key!r} given twice")
         out[key] = value
     return out
 

@@ -827,3 +827,14 @@ def test_user_show_and_list_clear_a_lock_that_timed_out(cli: Cli, clock: FakeClo
     assert (shown["state"], shown["failed_logins"], shown["locked_at"]) == ("active", 0, None)
     (listed,) = [u for u in json.loads(cli.ok("user", "list", "--json")) if u["id"] == shown["id"]]
     assert (listed["failed_logins"], listed["locked_at"]) == (0, None)
+
+
+def test_an_attribute_given_twice_is_refused_naming_its_key(cli: Cli) -> None:
+    """`--attr team=x --attr team=y` is refused (exit 2) naming the key, on add and edit alike,
+    instead of silently keeping the last value."""
+    _add(cli, "alice", "--attr", "team=blue")
+    for command in (["add", "bob", "--full-name", "Bob", "--email", "b@ex.com"], ["edit", "alice"]):
+        result = cli("user", *command, "--attr", "team=x", "--attr", "team=y")
+        assert result.code == 2, result
+        assert "  attr: key 'team' given twice" in result.err
+    assert json.loads(cli.ok("user", "show", "alice", "--json"))["attributes"] == {"team": "blue"}
