@@ -272,9 +272,9 @@ def _user_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--pickup-group"),
         click.option("--video", type=click.Choice(VIDEOS, case_sensitive=False)),
         click.option("--description"),
-        click.option("--log-level", type=click.Choice([*LOG_LEVELS, "off"])),
-        click.option("--messenger-sound", type=click.Choice(["on", "off"])),
-        click.option("--toast-position", type=click.Choice(TOAST_POSITIONS)),
+        click.option("--log-level", type=click.Choice([*LOG_LEVELS, "off"], case_sensitive=False)),
+        click.option("--messenger-sound", type=click.Choice(["on", "off"], case_sensitive=False)),
+        click.option("--toast-position", type=click.Choice(TOAST_POSITIONS, case_sensitive=False)),
         click.option("--avatar", type=click.Path(dir_okay=False, exists=True, path_type=Path)),
         click.option(
             "--attr",

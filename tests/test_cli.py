@@ -838,3 +838,13 @@ def test_an_attribute_given_twice_is_refused_naming_its_key(cli: Cli) -> None:
         assert result.code == 2, result
         assert "  attr: key 'team' given twice" in result.err
     assert json.loads(cli.ok("user", "show", "alice", "--json"))["attributes"] == {"team": "blue"}
+
+
+def test_log_level_sound_and_toast_position_take_any_case(cli: Cli) -> None:
+    """`--log-level`, `--messenger-sound` and `--toast-position` take any case, as
+    --transport/--nat/--video do, and store the canonical lower-case value."""
+    _add(cli, "alice", "--log-level", "DEBUG", "--messenger-sound", "Off")
+    cli.ok("user", "edit", "alice", "--toast-position", "TOP-LEFT")
+    shown = json.loads(cli.ok("user", "show", "alice", "--json"))
+    picked = (shown["log_level"], shown["messenger_sound"], shown["toast_position"])
+    assert picked == ("debug", False, "top-left")
