@@ -415,3 +415,33 @@ def test_a_restart_is_asked_for_at_each_sighup_until_one_applies_it(tmp_path: Pa
         assert daemon.config.daemon.quiet == 0.1  # read by the loop each time: taken
     finally:
         daemon.engine.dispose()
+
+
+def test_a_burst_whose_apply_finds_the_pool_exhausted_raises_store_unavailable(
+    tmp_path: Path,
+) -> None:
+    """``run --burst`` whose one apply waits in vain for a pooled connection ends with
+    StoreUnavailable (exit code 7, named), not SQLAlchemy's TimeoutError that the command
+    line would print as a traceback with exit code 1."""
+    import pytest
+
+    from provisioner.errors import StoreUnavailable
+
+    daemon = local_daemon(tmp_path)
+    # SQLAlchemy's own pool: wait half a second, not its default 30 s, for a connection.
+    daemon.engine.pool._timeout = 0.5  # type: ignore[attr-defined]
+    held = []
+    try:
+        while True:  # every connection the pool may hand out, its overflow included
+            try:
+                held.append(daemon.engine.connect())
+            except Exception:
+                break
+        with capture_logs() as logs, pytest.raises(StoreUnavailable) as caught:
+            asyncio.run(asyncio.wait_for(daemon.serve(burst=True), 30))
+    finally:
+        for conn in held:
+            conn.close()
+    assert caught.value.exit_code == 7
+    assert "store unavailable" in caught.value.message
+    assert any(e["event"] == "daemon.stopped" for e in logs)
