@@ -848,3 +848,16 @@ def test_log_level_sound_and_toast_position_take_any_case(cli: Cli) -> None:
     shown = json.loads(cli.ok("user", "show", "alice", "--json"))
     picked = (shown["log_level"], shown["messenger_sound"], shown["toast_position"])
     assert picked == ("debug", False, "top-left")
+
+
+def test_status_of_a_deleted_user_shows_it_deleted_as_user_show_finds_it(cli: Cli) -> None:
+    """``status NAME`` of a deleted user reports it as deleted with no contacts (exit 0),
+    as ``user show`` finds it, instead of "not found"; ``status`` alone lists live users."""
+    _add(cli, "alice")
+    _add(cli, "bob")
+    cli.ok("user", "delete", "alice")
+    assert json.loads(cli.ok("user", "show", "alice", "--json"))["state"] == "deleted"
+    (row,) = json.loads(cli.ok("status", "alice", "--json"))
+    assert (row["username"], row["state"], row["contacts"]) == ("alice", "deleted", [])
+    assert "deleted" in cli.ok("status", "ALICE")
+    assert [r["username"] for r in json.loads(cli.ok("status", "--json"))] == ["root", "bob"]
