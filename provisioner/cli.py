@@ -430,9 +430,13 @@ def _bulk_command(name: str, doc: str) -> None:
     @click.argument("usernames", nargs=-1, required=True)
     @pass_app
     def command(app: App, usernames: tuple[str, ...]) -> None:
-        done = getattr(app.accounts, name)(list(usernames))
-        log.info(f"user.{name}", usernames=done)
-        click.echo(f"{name}: " + ", ".join(done))
+        result = getattr(app.accounts, name)(list(usernames))
+        log.info(f"user.{name}", usernames=result.done, unchanged=result.unchanged)
+        # Those already in the state asked for are named apart: nothing was done to them.
+        if result.done:
+            click.echo(f"{name}: " + ", ".join(result.done))
+        if result.unchanged:
+            click.echo("unchanged: " + ", ".join(result.unchanged))
 
 
 _bulk_command("disable", "Disable users (reversible); all or none.")

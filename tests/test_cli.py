@@ -861,3 +861,15 @@ def test_status_of_a_deleted_user_shows_it_deleted_as_user_show_finds_it(cli: Cl
     assert (row["username"], row["state"], row["contacts"]) == ("alice", "deleted", [])
     assert "deleted" in cli.ok("status", "ALICE")
     assert [r["username"] for r in json.loads(cli.ok("status", "--json"))] == ["root", "bob"]
+
+
+def test_bulk_actions_report_users_they_left_unchanged_as_unchanged(cli: Cli) -> None:
+    """`user restore`, `enable` and `unlock` name the users they changed as done and those
+    already in that state as unchanged, instead of reporting every one as done."""
+    _add(cli, "alice")
+    _add(cli, "bob")
+    cli.ok("user", "delete", "alice")
+    cli.ok("user", "disable", "bob")
+    assert cli.ok("user", "restore", "alice", "bob") == "restore: alice\nunchanged: bob\n"
+    assert cli.ok("user", "enable", "alice", "bob") == "enable: bob\nunchanged: alice\n"
+    assert cli.ok("user", "unlock", "alice") == "unchanged: alice\n"
