@@ -57,6 +57,7 @@ from .queries import username_key
 from .schema import registration_summary, registrations, users
 
 __all__ = [
+    "EXPIRED_AFTER",
     "ContactRow",
     "RowBatch",
     "SummaryRow",
