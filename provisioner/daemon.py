@@ -605,7 +605,9 @@ class Daemon:
         Otherwise it stays, and the next run empties the caches (``daemon.untold_kept``
         says why it stayed).  The write waits until ``deadline`` (loop time; a second
         signal ends it too) at most: a store that stalls (a lock held, a server gone
-        silent) keeps the marker, not the process."""
+        silent) keeps the marker, not the process.  A write that fails of an error
+        other than a store failure is a failed task (:meth:`_task_ended`): the shutdown
+        still ends, and :meth:`serve` raises :class:`ServiceFailed`."""
         if self._untold_found is None or self.pbx is None:
             # Nothing written by this run, or no Asterisk configured: nothing to say (a
             # run with one configured finds the marker and empties the caches).
@@ -640,7 +642,11 @@ class Daemon:
             error = str(exc.orig) if isinstance(exc, DBAPIError) else str(exc)
             log.warning("daemon.untold_kept", reason="store write failed", error=error)
         elif exc is not None:
-            raise exc
+            # A bug, not an outage: raised here it would skip the rest of the shutdown
+            # (the engine's disposal, the last health record, daemon.stopped).  It ends
+            # the daemon as a failed task does instead (logged, ServiceFailed, exit 10);
+            # the marker stays, and the next run empties the caches.
+            self._task_ended(drop)
 
     async def _end_tasks(self, work: list[asyncio.Task[Any]], deadline: float) -> None:
         """Wait until ``deadline`` (monotonic loop time), or a second signal
