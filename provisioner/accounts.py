@@ -43,7 +43,7 @@ from .model import (
 from .store import queries as q
 from .store.schema import users
 
-__all__ = ["Accounts", "Created", "Policy", "rerun_on_unique_clash", "utcnow"]
+__all__ = ["Accounts", "Bulk", "Created", "Policy", "rerun_on_unique_clash", "utcnow"]
 
 Clock = Callable[[], datetime]
 _T = TypeVar("_T")
@@ -148,6 +148,15 @@ class Policy:
             ext_last=config.extensions.last,
             realm=config.sip.realm,
         )
+
+
+@dataclass(frozen=True)
+class Bulk:
+    """What a bulk action did: the users it changed and those it found already in the
+    state asked for, each by username, in the order named."""
+
+    done: list[str]
+    unchanged: list[str]
 
 
 @dataclass(frozen=True)
@@ -564,10 +573,12 @@ class Accounts:
     # -- state: the bulk actions ----------------------------------------------
 
     def _bulk(
-        self, usernames: Sequence[str], change: Callable[[Connection, Any, datetime], None]
-    ) -> list[str]:
+        self, usernames: Sequence[str], change: Callable[[Connection, Any, datetime], bool]
+    ) -> Bulk:
         """Apply ``change`` to every named user in one transaction, or to none; return their
-        usernames.  A user named more than once (in any case) is acted on and named once."""
+        usernames, split by whether ``change`` changed the user (it returns True) or found
+        it already so.  A user named more than once (in any case) is acted on and named
+        once."""
         if not usernames:
             raise InvalidInput.one("username", "name at least one user")
         with self.write() as conn:
@@ -583,9 +594,11 @@ class Accounts:
             if missing:
                 raise NotFoundError("user", ", ".join(missing.values()))
             now = self.clock()
-            for row in rows.values():
-                change(conn, row, now)
-        return [r.username for r in rows.values()]
+            changed = {row.id: change(conn, row, now) for row in rows.values()}
+        return Bulk(
+            done=[r.username for r in rows.values() if changed[r.id]],
+            unchanged=[r.username for r in rows.values() if not changed[r.id]],
+        )
 
     @staticmethod
     def _protect_first_admin(conn: Connection, row: Any, action: str) -> None:
@@ -601,68 +614,77 @@ class Accounts:
                 "username", f"{row.username} is in deleted members; restore it first"
             )
 
-    def disable(self, usernames: Sequence[str]) -> list[str]:
-        def change(conn: Connection, row: Any, now: datetime) -> None:
+    def disable(self, usernames: Sequence[str]) -> Bulk:
+        def change(conn: Connection, row: Any, now: datetime) -> bool:
             self._protect_first_admin(conn, row, "disabled")
             self._not_deleted(row)
-            if not row.disabled:
-                q.update_user(conn, row.id, {"disabled": True, "updated_at": now})
-
-        return self._bulk(usernames, change)
-
-    def enable(self, usernames: Sequence[str]) -> list[str]:
-        def change(conn: Connection, row: Any, now: datetime) -> None:
-            self._not_deleted(row)
             if row.disabled:
-                self.guard_first_admin(conn, row)
-                q.update_user(conn, row.id, {"disabled": False, "updated_at": now})
+                return False
+            q.update_user(conn, row.id, {"disabled": True, "updated_at": now})
+            return True
 
         return self._bulk(usernames, change)
 
-    def unlock(self, usernames: Sequence[str]) -> list[str]:
-        def change(conn: Connection, row: Any, now: datetime) -> None:
+    def enable(self, usernames: Sequence[str]) -> Bulk:
+        def change(conn: Connection, row: Any, now: datetime) -> bool:
+            self._not_deleted(row)
+            if not row.disabled:
+                return False
+            self.guard_first_admin(conn, row)
+            q.update_user(conn, row.id, {"disabled": False, "updated_at": now})
+            return True
+
+        return self._bulk(usernames, change)
+
+    def unlock(self, usernames: Sequence[str]) -> Bulk:
+        def change(conn: Connection, row: Any, now: datetime) -> bool:
             # A deleted member is not changed until restored (as enable and disable).
             self._not_deleted(row)
-            if row.locked_at is not None or row.failed_logins:
-                self.guard_first_admin(conn, row)
-                q.update_user(
-                    conn, row.id, {"locked_at": None, "failed_logins": 0, "updated_at": now}
-                )
+            if row.locked_at is None and not row.failed_logins:
+                return False
+            self.guard_first_admin(conn, row)
+            q.update_user(conn, row.id, {"locked_at": None, "failed_logins": 0, "updated_at": now})
+            return True
 
         return self._bulk(usernames, change)
 
-    def delete(self, usernames: Sequence[str]) -> list[str]:
+    def delete(self, usernames: Sequence[str]) -> Bulk:
         """Soft delete: the user moves to deleted members, its username and extension
         reserved, and its API key revoked (cleared), so a restore brings no key back."""
 
-        def change(conn: Connection, row: Any, now: datetime) -> None:
+        def change(conn: Connection, row: Any, now: datetime) -> bool:
             self._protect_first_admin(conn, row, "deleted")
-            if row.deleted_at is None:
-                q.update_user(conn, row.id, {"deleted_at": now, **_NO_APIKEY, "updated_at": now})
+            if row.deleted_at is not None:
+                return False
+            q.update_user(conn, row.id, {"deleted_at": now, **_NO_APIKEY, "updated_at": now})
+            return True
 
         return self._bulk(usernames, change)
 
-    def restore(self, usernames: Sequence[str]) -> list[str]:
+    def restore(self, usernames: Sequence[str]) -> Bulk:
         """Bring deleted users back, without an API key: a user deleted before delete
         revoked keys has its kept one cleared here."""
 
-        def change(conn: Connection, row: Any, now: datetime) -> None:
-            if row.deleted_at is not None:
-                self.guard_first_admin(conn, row)
-                q.update_user(conn, row.id, {"deleted_at": None, **_NO_APIKEY, "updated_at": now})
+        def change(conn: Connection, row: Any, now: datetime) -> bool:
+            if row.deleted_at is None:
+                return False
+            self.guard_first_admin(conn, row)
+            q.update_user(conn, row.id, {"deleted_at": None, **_NO_APIKEY, "updated_at": now})
+            return True
 
         return self._bulk(usernames, change)
 
-    def purge(self, usernames: Sequence[str]) -> list[str]:
+    def purge(self, usernames: Sequence[str]) -> Bulk:
         """Remove deleted users for good, freeing their username and extension."""
 
-        def change(conn: Connection, row: Any, now: datetime) -> None:
+        def change(conn: Connection, row: Any, now: datetime) -> bool:
             self._protect_first_admin(conn, row, "purged")
             if row.deleted_at is None:
                 raise ForbiddenError.one(
                     "username", f"{row.username} is not deleted; only deleted users can be purged"
                 )
             conn.execute(delete(users).where(users.c.id == row.id))
+            return True
 
         return self._bulk(usernames, change)
 

@@ -272,9 +272,9 @@ def _user_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--pickup-group"),
         click.option("--video", type=click.Choice(VIDEOS, case_sensitive=False)),
         click.option("--description"),
-        click.option("--log-level", type=click.Choice([*LOG_LEVELS, "off"])),
-        click.option("--messenger-sound", type=click.Choice(["on", "off"])),
-        click.option("--toast-position", type=click.Choice(TOAST_POSITIONS)),
+        click.option("--log-level", type=click.Choice([*LOG_LEVELS, "off"], case_sensitive=False)),
+        click.option("--messenger-sound", type=click.Choice(["on", "off"], case_sensitive=False)),
+        click.option("--toast-position", type=click.Choice(TOAST_POSITIONS, case_sensitive=False)),
         click.option("--avatar", type=click.Path(dir_okay=False, exists=True, path_type=Path)),
         click.option(
             "--attr",
@@ -304,11 +304,15 @@ def _stdin_secret(value: str | None) -> str | None:
 
 
 def _parse_attrs(attrs: Sequence[str]) -> dict[str, str]:
-    out = {}
+    """The ``--attr KEY=VALUE`` flags as a dict; an item without ``=`` or a key given twice
+    is refused (field ``attr``): which of two values was meant cannot be guessed."""
+    out: dict[str, str] = {}
     for item in attrs:
         key, sep, value = item.partition("=")
         if not sep:
             raise InvalidInput.one("attr", f"{item!r} must look like KEY=VALUE")
+        if key in out:
+            raise InvalidInput.one("attr", f"key {key!r} given twice")
         out[key] = value
     return out
 
@@ -426,9 +430,13 @@ def _bulk_command(name: str, doc: str) -> None:
     @click.argument("usernames", nargs=-1, required=True)
     @pass_app
     def command(app: App, usernames: tuple[str, ...]) -> None:
-        done = getattr(app.accounts, name)(list(usernames))
-        log.info(f"user.{name}", usernames=done)
-        click.echo(f"{name}: " + ", ".join(done))
+        result = getattr(app.accounts, name)(list(usernames))
+        log.info(f"user.{name}", usernames=result.done, unchanged=result.unchanged)
+        # Those already in the state asked for are named apart: nothing was done to them.
+        if result.done:
+            click.echo(f"{name}: " + ", ".join(result.done))
+        if result.unchanged:
+            click.echo("unchanged: " + ", ".join(result.unchanged))
 
 
 _bulk_command("disable", "Disable users (reversible); all or none.")

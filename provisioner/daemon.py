@@ -31,12 +31,13 @@ from typing import Any, Protocol
 from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .aio import sleep_unless, wait_all_or_event, wait_first, wait_task_or_event
 from .applier import Applied, Applier
 from .config import Config, load_config, secret_file_problem
 from .early_signals import take as take_early_signals
-from .errors import ProvisionerError, ServiceFailed, StoreUnavailable
+from .errors import ProvisionerError, ServiceFailed, StoreUnavailable, TargetWriteFailed
 from .health import Health, write_health
 from .logs import configure as configure_logs
 from .logs import get_logger
@@ -467,7 +468,7 @@ class Daemon:
             if self._last_exc is not None:
                 # A one-shot run that applied nothing ends with the reason (its exit
                 # code: a refused mass removal, the store unavailable…), not as a success.
-                raise self._last_exc
+                raise _named(self._last_exc)
             await self._tell_once(first)
             return first
         if self.pbx is not None:
@@ -611,7 +612,9 @@ class Daemon:
         Otherwise it stays, and the next run empties the caches (``daemon.untold_kept``
         says why it stayed).  The write waits until ``deadline`` (loop time; a second
         signal ends it too) at most: a store that stalls (a lock held, a server gone
-        silent) keeps the marker, not the process."""
+        silent) keeps the marker, not the process.  A write that fails of an error
+        other than a store failure is a failed task (:meth:`_task_ended`): the shutdown
+        still ends, and :meth:`serve` raises :class:`ServiceFailed`."""
         if self._untold_found is None or self.pbx is None:
             # Nothing written by this run, or no Asterisk configured: nothing to say (a
             # run with one configured finds the marker and empties the caches).
@@ -646,7 +649,11 @@ class Daemon:
             error = str(exc.orig) if isinstance(exc, DBAPIError) else str(exc)
             log.warning("daemon.untold_kept", reason="store write failed", error=error)
         elif exc is not None:
-            raise exc
+            # A bug, not an outage: raised here it would skip the rest of the shutdown
+            # (the engine's disposal, the last health record, daemon.stopped).  It ends
+            # the daemon as a failed task does instead (logged, ServiceFailed, exit 10);
+            # the marker stays, and the next run empties the caches.
+            self._task_ended(drop)
 
     async def _end_tasks(self, work: list[asyncio.Task[Any]], deadline: float) -> None:
         """Wait until ``deadline`` (monotonic loop time), or a second signal
@@ -1141,6 +1148,20 @@ def _warn_open_secret_files(config: Config) -> None:
             continue
         if rule is not None:
             log.warning("config.secret_file_open", server=server.name, path=path, rule=rule)
+
+
+def _named(exc: BaseException) -> BaseException:
+    """``exc``, an apply's failure that ends ``run --burst``, as an error the command line
+    turns into its exit code: every pooled connection taken until the pool's timeout is
+    :class:`StoreUnavailable` (7), an OS error :class:`TargetWriteFailed` (9); a database
+    error (which ``cli.main`` reports as 7 without quoting it) and our own errors as
+    they are."""
+    if isinstance(exc, PoolTimeout):
+        return StoreUnavailable(f"store unavailable: {exc}")
+    if isinstance(exc, OSError):
+        where = f" {str(exc.filename)!r}" if exc.filename is not None else ""
+        return TargetWriteFailed(f"cannot apply: {exc.strerror or exc}{where}")
+    return exc
 
 
 def _owes_asterisk(change: Change) -> bool:

@@ -250,7 +250,7 @@ def test_first_admin_is_the_lowest_id(
             action(["root"])
     with pytest.raises(InvalidInput, match=r"disabled: the first admin can never be disabled"):
         import_users(acc, text.replace(",no", ",yes"))
-    assert acc.disable(["boss"]) == ["boss"]
+    assert acc.disable(["boss"]).done == ["boss"]
     assert not acc.get_user("root").disabled
 
 
@@ -432,7 +432,7 @@ def test_disable_enable_delete_restore_and_list_filters(
         accounts.add_user(_agent(name))
     accounts.add_user(_agent("sue", profile="supervisors"))
     clock.advance(minutes=1)
-    assert accounts.disable(["alice", "bob"]) == ["alice", "bob"]
+    assert accounts.disable(["alice", "bob"]).done == ["alice", "bob"]
     accounts.delete(["carol"])
 
     def names(**kw: Any) -> list[str]:
@@ -474,9 +474,9 @@ def test_a_user_named_twice_in_a_bulk_action_is_acted_on_and_reported_once(
     """A bulk action naming one user twice, in any case, changes it once and names it once."""
     accounts.add_user(_agent("alice"))
     accounts.add_user(_agent("bob"))
-    assert accounts.disable(["alice", "ALICE", "bob", "alice"]) == ["alice", "bob"]
-    assert accounts.delete(["bob", "Bob"]) == ["bob"]
-    assert accounts.purge(["bob", "bob"]) == ["bob"]
+    assert accounts.disable(["alice", "ALICE", "bob", "alice"]).done == ["alice", "bob"]
+    assert accounts.delete(["bob", "Bob"]).done == ["bob"]
+    assert accounts.purge(["bob", "bob"]).done == ["bob"]
     assert [u.username for u in accounts.list_users(state="disabled")] == ["alice"]
 
 
@@ -486,7 +486,7 @@ def test_purge_only_deleted_and_removes_attributes(accounts: Accounts) -> None:
     with pytest.raises(ForbiddenError, match=r"only deleted users can be purged"):
         accounts.purge(["alice"])
     accounts.delete(["alice"])
-    assert accounts.purge(["alice"]) == ["alice"]
+    assert accounts.purge(["alice"]).done == ["alice"]
     with pytest.raises(NotFoundError):
         accounts.get_user("alice")
     with accounts.engine.connect() as conn:
@@ -1002,9 +1002,9 @@ def test_first_admin_stays_protected_when_another_writer_adds_a_lower_id(
     for action in (accounts.disable, accounts.delete):
         with pytest.raises(ForbiddenError, match=r"root is the first admin and can never be"):
             action(["root"])
-    assert accounts.disable(["early"]) == ["early"]
-    assert accounts.delete(["early"]) == ["early"]
-    assert accounts.purge(["early"]) == ["early"]
+    assert accounts.disable(["early"]).done == ["early"]
+    assert accounts.delete(["early"]).done == ["early"]
+    assert accounts.purge(["early"]).done == ["early"]
     root = accounts.get_user("root")
     assert (root.disabled, root.deleted_at) == (False, None)
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, update
 
-from provisioner.accounts import Accounts, Policy
+from provisioner.accounts import Accounts, Bulk, Policy
 from provisioner.csvio import export_users, import_users
 from provisioner.errors import AuthenticationError, ForbiddenError, InvalidInput
 from provisioner.store.engine import open_engine
@@ -207,9 +207,9 @@ def test_bulk_enable_and_unlock_of_the_first_admin_are_all_or_nothing(
             action(["alice", "root"])
     alice = _raw(store, "alice")
     assert (alice["disabled"], alice["locked_at"] is not None) == (True, True)
-    assert plain.enable(["root"]) == ["root"]  # disabled, root cannot act: the operator can
-    assert _as(store, "root", policy, clock).unlock(["root"]) == ["root"]
-    assert boss.unlock(["alice", "root"]) == ["alice", "root"]  # root's a no-op now
+    assert plain.enable(["root"]).done == ["root"]  # disabled, root cannot act: the operator can
+    assert _as(store, "root", policy, clock).unlock(["root"]).done == ["root"]
+    assert boss.unlock(["alice", "root"]) == Bulk(done=["alice"], unchanged=["root"])
     assert (_raw(store, "root")["locked_at"], _raw(store, "alice")["locked_at"]) == (None, None)
 
 

@@ -2370,3 +2370,26 @@ def test_an_endpoint_changed_again_during_its_check_is_checked_again(store: Engi
             return [a.get("Endpoint") for a in peer.actions("PJSIPShowEndpoint")]
 
     assert run(scenario()) == ["100001", "100001"]
+
+
+def test_health_does_not_count_online_a_contact_long_past_its_expiry(store: Engine) -> None:
+    """The health record's (and metrics') online count leaves out an endpoint whose only
+    usable contact is more than 60 s past its expiry, as ``status`` does; a contact
+    within those 60 s, or not yet expired, still counts."""
+    from provisioner.ami.registration import ContactState, EndpointRegistration
+
+    async def scenario() -> int:
+        peer = FakeAsterisk()
+        await peer.start()  # a port for the link; the book is filled here, not by events
+        pbx = AmiPbx([_link(peer)], store, "realtime")
+        now = int(time.time())
+        book = pbx.links[0].book
+        for endpoint, expires_at in (("gone", now - 120), ("late", now - 30), ("on", now + 600)):
+            contact = ContactState(endpoint, f"sip:{endpoint}@10.0.0.1", "Reachable")
+            contact = contact._replace(expires_at=expires_at)
+            book[endpoint] = EndpointRegistration(endpoint, (contact,))
+        online = int(pbx.health()["lab"]["online"])
+        await peer.stop()
+        return online
+
+    assert run(scenario()) == 2

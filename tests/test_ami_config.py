@@ -365,3 +365,51 @@ def test_check_logs_in_to_every_server_at_once_and_reports_them_in_config_order(
     ]
     # One server's wait (timeout + 1 s) and some slack; one after another took 6 s.
     assert took < lab.timeout + 1.0 + 1.5, took
+
+
+def _no_connection() -> Any:
+    raise RuntimeError("no connection for this engine")
+
+
+def test_an_unexpected_error_dropping_the_untold_marker_still_ends_the_shutdown(
+    tmp_path: Path,
+) -> None:
+    """An error other than a store failure while the shutdown drops this run's untold
+    marker still leaves the last health record (stopped) and ``daemon.stopped``, and ends
+    the daemon as a failed task does (ServiceFailed, exit 10) instead of skipping both."""
+    from sqlalchemy import create_engine
+
+    from provisioner.errors import ServiceFailed
+    from provisioner.health import read_health
+
+    from .amipeer import eventually
+
+    async def scenario() -> list[MutableMapping[str, Any]]:
+        peer = FakeAsterisk()
+        await peer.start()
+        daemon = Daemon.from_config(_with_secret_file(tmp_path, peer, 0o600))
+        upgrade(daemon.engine)
+        daemon.wake_sources = []
+        store = daemon.engine
+        try:
+            with capture_logs() as logs:
+                serving = asyncio.ensure_future(daemon.serve())
+                pbx = daemon.pbx
+                assert pbx is not None
+                await eventually(lambda: daemon.health.ready and pbx.idle())
+                # An engine whose connections fail with an error that is no store failure.
+                daemon.engine = create_engine("sqlite://", creator=_no_connection)
+                daemon.handle_exit()
+                with pytest.raises(ServiceFailed, match="no connection for this engine"):
+                    await serving
+        finally:
+            store.dispose()
+            await peer.stop()
+        return logs
+
+    logs = run(scenario())
+    assert any(e["event"] == "daemon.stopped" for e in logs)
+    assert any(e["event"] == "daemon.task_failed" for e in logs)
+    health = read_health(tmp_path / "state")
+    assert health is not None
+    assert health.stopped_at is not None

@@ -827,3 +827,49 @@ def test_user_show_and_list_clear_a_lock_that_timed_out(cli: Cli, clock: FakeClo
     assert (shown["state"], shown["failed_logins"], shown["locked_at"]) == ("active", 0, None)
     (listed,) = [u for u in json.loads(cli.ok("user", "list", "--json")) if u["id"] == shown["id"]]
     assert (listed["failed_logins"], listed["locked_at"]) == (0, None)
+
+
+def test_an_attribute_given_twice_is_refused_naming_its_key(cli: Cli) -> None:
+    """`--attr team=x --attr team=y` is refused (exit 2) naming the key, on add and edit alike,
+    instead of silently keeping the last value."""
+    _add(cli, "alice", "--attr", "team=blue")
+    for command in (["add", "bob", "--full-name", "Bob", "--email", "b@ex.com"], ["edit", "alice"]):
+        result = cli("user", *command, "--attr", "team=x", "--attr", "team=y")
+        assert result.code == 2, result
+        assert "  attr: key 'team' given twice" in result.err
+    assert json.loads(cli.ok("user", "show", "alice", "--json"))["attributes"] == {"team": "blue"}
+
+
+def test_log_level_sound_and_toast_position_take_any_case(cli: Cli) -> None:
+    """`--log-level`, `--messenger-sound` and `--toast-position` take any case, as
+    --transport/--nat/--video do, and store the canonical lower-case value."""
+    _add(cli, "alice", "--log-level", "DEBUG", "--messenger-sound", "Off")
+    cli.ok("user", "edit", "alice", "--toast-position", "TOP-LEFT")
+    shown = json.loads(cli.ok("user", "show", "alice", "--json"))
+    picked = (shown["log_level"], shown["messenger_sound"], shown["toast_position"])
+    assert picked == ("debug", False, "top-left")
+
+
+def test_status_of_a_deleted_user_shows_it_deleted_as_user_show_finds_it(cli: Cli) -> None:
+    """``status NAME`` of a deleted user reports it as deleted with no contacts (exit 0),
+    as ``user show`` finds it, instead of "not found"; ``status`` alone lists live users."""
+    _add(cli, "alice")
+    _add(cli, "bob")
+    cli.ok("user", "delete", "alice")
+    assert json.loads(cli.ok("user", "show", "alice", "--json"))["state"] == "deleted"
+    (row,) = json.loads(cli.ok("status", "alice", "--json"))
+    assert (row["username"], row["state"], row["contacts"]) == ("alice", "deleted", [])
+    assert "deleted" in cli.ok("status", "ALICE")
+    assert [r["username"] for r in json.loads(cli.ok("status", "--json"))] == ["root", "bob"]
+
+
+def test_bulk_actions_report_users_they_left_unchanged_as_unchanged(cli: Cli) -> None:
+    """`user restore`, `enable` and `unlock` name the users they changed as done and those
+    already in that state as unchanged, instead of reporting every one as done."""
+    _add(cli, "alice")
+    _add(cli, "bob")
+    cli.ok("user", "delete", "alice")
+    cli.ok("user", "disable", "bob")
+    assert cli.ok("user", "restore", "alice", "bob") == "restore: alice\nunchanged: bob\n"
+    assert cli.ok("user", "enable", "alice", "bob") == "enable: bob\nunchanged: alice\n"
+    assert cli.ok("user", "unlock", "alice") == "unchanged: alice\n"

@@ -143,6 +143,18 @@ def test_golden_main_file() -> None:
     check_main(main.encode(), target.files)
 
 
+def test_a_shard_file_header_says_the_main_file_includes_it() -> None:
+    """A shard file's header says the main file includes it and not to include it from
+    pjsip.conf (the main file's header keeps saying to include that one)."""
+    target = ShardedConfigFileTarget(Path("/etc/asterisk/provisioner/pjsip_users.conf"), shards=4)
+    texts = target.render_files(rendered())
+    shard = texts[target.files[0]]
+    assert "Include this file from pjsip.conf" not in shard
+    assert "; Do not include it from pjsip.conf: the main users file #includes it." in shard
+    assert "Include this file from pjsip.conf" in texts[target.path]
+    check_golden("pjsip_users_shard_0000_of_0004.conf", shard)
+
+
 def test_main_file_includes_every_shard_by_absolute_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -171,7 +183,7 @@ def test_shard_of_is_crc32_and_takes_any_id() -> None:
 
 def test_shards_hold_exactly_what_the_single_file_holds(path: Path) -> None:
     """Together the shard files hold exactly the single file's sections, each once; each
-    shard is the single layout's text (header and sections) for its own users."""
+    shard is the single layout's text for its own users under a shard's header."""
     users = many(300)
     single = ConfigFileTarget(path.with_name("single.conf"))
     single.apply(users)
@@ -184,11 +196,12 @@ def test_shards_hold_exactly_what_the_single_file_holds(path: Path) -> None:
     assert len(got) == len(want) == 3 * len(users)
     assert sorted(got) == sorted(want)
     header = single.render_text([])
+    shard_header = ConfigFileTarget(path.with_name("shard.conf"), shard=True).render_text([])
     for index, shard in enumerate(target.files):
         group = in_shard(users, index, 7)
         assert group, "each shard holds someone"
-        assert shard.read_text(encoding="utf-8") == single.render_text(group)
-        assert shard.read_text(encoding="utf-8").startswith(header)
+        body = single.render_text(group)[len(header) :]
+        assert shard.read_text(encoding="utf-8") == shard_header + body
         assert shard.stat().st_mode & 0o777 == 0o640
     check_shards(target, users)
 

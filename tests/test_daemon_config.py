@@ -437,3 +437,33 @@ def test_a_set_flag_found_bad_on_sighup_is_said_to_come_from_the_command_line(
         assert "(from the command line)" in failed["error"]
     finally:
         daemon.engine.dispose()
+
+
+def test_a_burst_whose_apply_finds_the_pool_exhausted_raises_store_unavailable(
+    tmp_path: Path,
+) -> None:
+    """``run --burst`` whose one apply waits in vain for a pooled connection ends with
+    StoreUnavailable (exit code 7, named), not SQLAlchemy's TimeoutError that the command
+    line would print as a traceback with exit code 1."""
+    import pytest
+
+    from provisioner.errors import StoreUnavailable
+
+    daemon = local_daemon(tmp_path)
+    # SQLAlchemy's own pool: wait half a second, not its default 30 s, for a connection.
+    daemon.engine.pool._timeout = 0.5  # type: ignore[attr-defined]
+    held = []
+    try:
+        while True:  # every connection the pool may hand out, its overflow included
+            try:
+                held.append(daemon.engine.connect())
+            except Exception:
+                break
+        with capture_logs() as logs, pytest.raises(StoreUnavailable) as caught:
+            asyncio.run(asyncio.wait_for(daemon.serve(burst=True), 30))
+    finally:
+        for conn in held:
+            conn.close()
+    assert caught.value.exit_code == 7
+    assert "store unavailable" in caught.value.message
+    assert any(e["event"] == "daemon.stopped" for e in logs)

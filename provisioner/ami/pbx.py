@@ -43,6 +43,7 @@ from ..errors import ProvisionerError
 from ..logs import get_logger
 from ..store.engine import STORE_DOWN, reading, transaction
 from ..store.registrations import (
+    EXPIRED_AFTER,
     ContactRow,
     SummaryRow,
     endpoint_writer,
@@ -78,6 +79,7 @@ from .registration import (
     apply_contact_status,
     apply_event,
     contact_object_name,
+    counts_online,
     endpoint_of,
     summarize,
 )
@@ -551,7 +553,11 @@ class AmiPbx:
         return all(link.stop_noted for link in self.links)
 
     def health(self) -> dict[str, dict[str, Any]]:
+        """Each server's health figures, by server name.  ``online`` counts endpoints as
+        ``status`` would: a contact ``EXPIRED_AFTER`` past its expiry counts for nothing
+        (the book keeps it until someone sees to it; a session down sees to none)."""
         out: dict[str, dict[str, Any]] = {}
+        cutoff = time.time() - EXPIRED_AFTER.total_seconds()
         for link in self.links:
             h = link.client.health()
             out[link.name] = {
@@ -563,7 +569,7 @@ class AmiPbx:
                 "not_live": link.not_live,
                 "events": link.events,
                 "reloads": dict(link.reload_results),
-                "online": sum(1 for reg in link.book.values() if reg.summary == "online"),
+                "online": sum(1 for reg in link.book.values() if counts_online(reg, cutoff)),
                 "store_failures": link.store_failures,
                 # Since when a store write has run, once past daemon.stuck_after.
                 "write_stuck_since": link.write_since if link.write_stuck else None,

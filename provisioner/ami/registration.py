@@ -37,6 +37,7 @@ __all__ = [
     "contact_from_list_item",
     "contact_from_status_detail",
     "contact_object_name",
+    "counts_online",
     "endpoint_of",
     "snapshot_from_contact_list",
     "summarize",
@@ -114,6 +115,21 @@ def summarize(reg: EndpointRegistration) -> Summary:
     if reg.peer_status is not None or reg.device_state is not None:
         return "offline"
     return "unknown"
+
+
+def counts_online(reg: EndpointRegistration, cutoff: float) -> bool:
+    """Whether ``reg`` counts as online as ``status`` reads the store: its summary is
+    ``online`` and, when it has contacts, one of those answering has no expiry or one
+    at or after ``cutoff`` (epoch seconds): a contact whose expiry passed before it was
+    seen to by no one, and counts for nothing."""
+    if reg.summary != "online":
+        return False
+    if not reg.contacts:
+        return True  # the peer Reachable, no contact listed: as a server's "online" row
+    for c in reg.contacts:
+        if c.status not in _DOWN and (c.expires_at is None or c.expires_at >= cutoff):
+            return True
+    return False
 
 
 #: The largest integer the store's columns (64-bit) hold.

@@ -57,6 +57,7 @@ from .queries import username_key
 from .schema import registration_summary, registrations, users
 
 __all__ = [
+    "EXPIRED_AFTER",
     "ContactRow",
     "RowBatch",
     "SummaryRow",
@@ -914,19 +915,23 @@ def status_rows(
     extension, username, summary per server (by server name) and contacts (by server,
     then URI, each with ``expired``: past its stored expiry by ``EXPIRED_AFTER`` at
     ``now``, naive UTC, default the clock's), for ``status``; the user agent is a usable
-    contact's (:func:`_user_agent`).  An expired contact counts for nothing in the state."""
+    contact's (:func:`_user_agent`).  An expired contact counts for nothing in the state.
+    A deleted user is listed only when named (as ``user show`` finds it): state
+    ``deleted``, no server, no contact (it is no longer provisioned)."""
     now = now if now is not None else datetime.now(UTC).replace(tzinfo=None)
-    query = select(users.c.id, users.c.extension, users.c.username, users.c.username_key).where(
-        users.c.deleted_at.is_(None)
+    query = select(
+        users.c.id, users.c.extension, users.c.username, users.c.username_key, users.c.deleted_at
     )
     keys = {username_key(u) for u in usernames or ()}
     if keys:
         query = query.where(users.c.username_key.in_(sorted(keys)))
+    else:
+        query = query.where(users.c.deleted_at.is_(None))
     people = sorted(conn.execute(query).all(), key=lambda p: _dialled_order(p.extension))
     if keys:
         # Exact keys, not the database's collation: "alice " names no one on any database.
         people = [p for p in people if p.username_key in keys]
-    ids = [p.id for p in people]
+    ids = [p.id for p in people if p.deleted_at is None]
     summaries: dict[int, list[dict[str, Any]]] = {}
     contacts: dict[int, list[dict[str, Any]]] = {}
     for i in range(0, len(ids), _CHUNK):
@@ -951,7 +956,8 @@ def status_rows(
         cons = contacts.get(p.id, [])
         _mark_expired(cons, now)
         statuses = [c["status"] for c in cons if not c["expired"]]
-        state = summarize(statuses, _live_states(sums, cons))
+        live = p.deleted_at is None
+        state = summarize(statuses, _live_states(sums, cons)) if live else "deleted"
         changed = [x["changed_at"] for x in sums + cons]
         out.append(
             {

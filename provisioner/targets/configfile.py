@@ -452,8 +452,12 @@ class ConfigFileTarget:
         *,
         shared_templates: Templates | None = None,
         new_owner_of: Sequence[Path] = (),
+        shard: bool = False,
     ) -> None:
         self.path = Path(path)
+        #: A shard file of a sharded layout: its header (``shard`` in the templates) says
+        #: the main file includes it, not pjsip.conf.
+        self.shard = shard
         #: Whose owner and group the file takes when first written (:func:`atomic_write`).
         self.new_owner_of = tuple(new_owner_of)
         self.templates_dir = templates_dir
@@ -508,10 +512,10 @@ class ConfigFileTarget:
             if self._direct and "" not in chunks:
                 # The shipped layout, unchanged, renders exactly the canonical chunks (tested):
                 # only the header goes through Jinja, and each user's text is cached.
-                header = env.get_template("header.j2").render(users=users)
+                header = env.get_template("header.j2").render(users=users, shard=self.shard)
                 body = "".join(chunks) if joined is None else joined
                 return header + body, chunks, header
-            text = env.get_template(MAIN_TEMPLATE).render(users=users)
+            text = env.get_template(MAIN_TEMPLATE).render(users=users, shard=self.shard)
         if "" not in chunks:
             # An override may still have laid the users out exactly as the shipped one.
             tail = "".join(chunks)
@@ -584,8 +588,8 @@ class ConfigFileTarget:
         known = self._verified
         if known is not None and known.header is not None and known.users == users:
             with self._templates.templating() as env:
-                if self._direct and env.get_template("header.j2").render(users=users) == (
-                    known.header
+                if self._direct and known.header == (
+                    env.get_template("header.j2").render(users=users, shard=self.shard)
                 ):
                     return known
         text, chunks, header = self._render(users)
@@ -681,7 +685,7 @@ class ConfigFileTarget:
         the canonical checks do not accept is unstaged and goes the general way
         (rendered through the templates and parsed back in full)."""
         with self._templates.templating() as env:
-            header = env.get_template("header.j2").render(users=users)
+            header = env.get_template("header.j2").render(users=users, shard=self.shard)
         try:
             texts = list(map(_chunk_text, users))
         except TypeError:  # a value that is not a str: leave it to Jinja and the parser
@@ -778,7 +782,7 @@ class ConfigFileTarget:
             # The same bytes: equal objects (perhaps new ones) for these users.
             return PendingWrite(change, replace(state, users=edit.users), write=False, backup=True)
         with self._templates.templating() as env:
-            header = env.get_template("header.j2").render(users=edit.users)
+            header = env.get_template("header.j2").render(users=edit.users, shard=self.shard)
         if header != state.header and not self._templates.plain_header(header):
             return self.prepare(edit.users, ())
         body, chars, differs = _edited_body(state, edit, header)

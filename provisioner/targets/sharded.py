@@ -3,7 +3,7 @@
 :class:`~provisioner.targets.configfile.ConfigFileTarget` rewrites its one file whole at
 every edit: at 100k users ~62 MB, whose write and fsync (45-190 ms on the lab disk) is the
 floor of any edit.  Here each user lives in one of N shard files, each written by a
-:class:`ConfigFileTarget` of its own (same header, same text, same parse-back check, same
+:class:`ConfigFileTarget` of its own (a shard's header, same text, same parse-back check, same
 atomic write and ``.bak``), and the file at ``path`` only ``#include``s them, so one edit
 rewrites one small shard file.  :func:`config_file_target` picks the layout from the
 config.
@@ -128,7 +128,7 @@ class ShardedConfigFileTarget:
 
     The user of endpoint id E lives in shard file ``shard_of(E, shards)`` under
     :func:`shard_directory`; each shard file is exactly what :class:`ConfigFileTarget`
-    writes for its users (the same header, the same sections in the same order, the same
+    writes for its users (a shard's header, the same sections in the same order, the same
     parse-back check, atomic write and ``.bak``), so the shard files together hold what
     the single file would.  The main file at ``path`` holds the header and one
     ``#include`` of each shard file by its absolute path, in order.
@@ -183,6 +183,7 @@ class ShardedConfigFileTarget:
                 shared_templates=self._templates,
                 # A new shard file: Asterisk reads it as it reads the main file.
                 new_owner_of=(self.path, self.directory),
+                shard=True,
             )
             self._targets[index] = target
         return target
@@ -206,7 +207,7 @@ class ShardedConfigFileTarget:
         """The main file's bytes, checked (:func:`check_main`).  Its header is rendered for
         no user, so the file changes only with the templates or the shard count."""
         with self._templates.templating() as env:
-            header = env.get_template("header.j2").render(users=[])
+            header = env.get_template("header.j2").render(users=[], shard=False)
         data = main_text(header, self.files).encode("utf-8")
         check_main(data, self.files)
         return data
