@@ -847,9 +847,14 @@ async def remove_contacts(link: Link, removed: Collection[str]) -> None:
     server: at 100k registered phones ``PJSIPShowContacts`` is 100k events, seconds
     every later edit would wait behind.  Otherwise, or when a name derived from a status
     event's URI was not in astdb, every contact is listed and the removed AORs' deleted.
-    A snapshot's listing under way (a reconnect's) is waited for instead, and its book
-    used: a listing of its own at the same time would double Asterisk's work.
+    A snapshot's listing under way is waited for instead, and its book used: a listing
+    of its own at the same time would double Asterisk's work.  So is the session's first
+    snapshot (a reconnect's) while it is wanted and not started yet: it may wait for the
+    last session's snapshot to be stored, and for the snapshots' spacing.  One that
+    fails (or a lost session) ends the wait: then the removal lists on its own.
     """
+    while link.snapshot_coming():
+        await link.snapshot_turned.wait()
     if not link.book_complete() and link.snapshot_events is not None:
         await link.listing_idle.wait()  # it always ends: answered, timed out or cut
     if link.book_complete() and await _remove_known(link, removed):

@@ -231,6 +231,10 @@ class Link:
     snapshot_events: list[Mapping[str, str]] | None = None
     #: Set while no snapshot's ``PJSIPShowContacts`` is under way (see ``snapshot_events``).
     listing_idle: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Set and cleared at once (waking its waiters) when a snapshot filled the book, when
+    #: a snapshot attempt ended, and when the snapshot loop ended (``snapshots_ended``).
+    snapshot_turned: asyncio.Event = field(default_factory=asyncio.Event)
+    snapshots_ended: bool = False
     #: Seconds the last answered snapshot's ``PJSIPShowContacts`` took (a failed one's
     #: time is not kept: see :meth:`AmiPbx._take_snapshot`).
     snapshot_took: float = 0.0
@@ -312,6 +316,22 @@ class Link:
             and not self.unconfirmed
             and not self.looking_up
         )
+
+    def snapshot_coming(self) -> bool:
+        """Whether this session's first snapshot is wanted or under way, and has not
+        filled the book yet: a connect wants one, which may wait for the last session's
+        snapshot to be stored and for the snapshots' spacing before it starts."""
+        return (
+            self.client.connected
+            and self.snapshot_session != self.client.sessions
+            and not self.snapshots_ended
+            and (self.snapshot_wanted.is_set() or self.snapshot_running)
+        )
+
+    def snapshot_turn(self) -> None:
+        """Wake what waits for a snapshot (see ``snapshot_turned``)."""
+        self.snapshot_turned.set()
+        self.snapshot_turned.clear()
 
     def forget_contact(self, endpoint: str, object_name: str) -> None:
         """Drop the contact ``object_name`` (deleted from astdb) from ``endpoint``'s record
@@ -735,6 +755,14 @@ class AmiPbx:
         await wait_first(stop, link.snapshot_wanted, timeout=delay)
 
     async def _snapshots(self, link: Link, stop: asyncio.Event) -> None:
+        try:
+            await self._snapshot_loop(link, stop)
+        finally:
+            # A removal waiting for a snapshot (remove_contacts) must not wait for ever.
+            link.snapshots_ended = True
+            link.snapshot_turn()
+
+    async def _snapshot_loop(self, link: Link, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await wait_first(link.snapshot_wanted, stop)
             if stop.is_set():
@@ -749,6 +777,7 @@ class AmiPbx:
                 taken = await self._take_snapshot(link)
             finally:
                 link.snapshot_running = False
+                link.snapshot_turn()
             if stop.is_set():
                 return
             if taken == "unstored":
@@ -915,6 +944,7 @@ class AmiPbx:
         link.snapshot_session = session
         # In the book now (only its store write is to come): the book is complete.
         link.snapshot_running = False
+        link.snapshot_turn()
         link.dirty.clear()
         states = {ep: rows(reg) for ep, reg in snapshot.items()}
         # What the snapshot changed is logged as the flusher logs it: unlogged, the
