@@ -9,6 +9,7 @@ stopped, a new daemon starts.
 from __future__ import annotations
 
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,37 @@ def test_a_daemon_whose_lock_connection_is_killed_takes_the_lock_again(tmp_path:
             second.kill()
             engine.dispose()
     assert code == 4
+
+
+def test_sync_once_writes_the_rows_of_an_edit_committed_while_it_waited_for_the_lock(
+    tmp_path: Path,
+) -> None:
+    """A ``sync --once`` kept waiting for the writers' lock while a user is edited
+    writes that user's rows as edited, not as it found them before the wait."""
+    from provisioner.accounts import Accounts, Policy
+    from provisioner.store.engine import exclusive
+    from provisioner.targets.realtime import WRITER_LOCK
+
+    from .faultkit import PROVISIONER, cli, env
+
+    with temp_database("postgresql", tmp_path) as url:
+        engine = seed_store(url, 2)
+        config = write_config(tmp_path, store_url=url, kind="realtime")
+        cli(config, "sync", "--once")
+        waiting = text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+        try:
+            with engine.connect() as holder, exclusive(holder, WRITER_LOCK):
+                sync = subprocess.Popen(
+                    [PROVISIONER, "--config", str(config), "sync", "--once"],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    env=env(),
+                )
+                with engine.connect() as conn:
+                    until(lambda: bool(conn.execute(waiting).scalar()), 30, "sync waits")
+                Accounts(engine, Policy(password_policy=False)).edit_user("u0", {"nat": "yes"})
+            out, _ = sync.communicate(timeout=60)
+            assert sync.returncode == 0, out
+            assert "would be updated 0" in cli(config, "render", "--dry-run").out
+        finally:
+            engine.dispose()
