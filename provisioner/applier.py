@@ -17,10 +17,11 @@ from typing import TypeVar
 
 from sqlalchemy import Engine
 
-from .errors import InvalidInput, MassRemovalRefused
+from .errors import InvalidInput, MassRemovalRefused, StaleRead
 from .logs import get_logger
 from .pjsip import RenderSettings, Skipped, UserObjects, endpoint_order, is_provisioned, render_user
 from .store import queries as q
+from .store.changefeed import newest_change_id
 from .store.engine import reading
 from .targets import Change, Target
 
@@ -29,6 +30,10 @@ __all__ = ["Applied", "Applier", "check_removals"]
 log = get_logger(__name__)
 
 T = TypeVar("T")
+
+#: Reads of the users a ``fresh`` full apply makes at most (see :meth:`Applier.full`): a
+#: store edited without pause never keeps ``sync --once`` from writing.
+FRESH_READS = 3
 
 
 def check_removals(change: Change, existing: int, max_fraction: float) -> None:
@@ -94,22 +99,43 @@ class Applier:
                     kept[user.id] = user.extension
         return objects, kept, skipped
 
-    def full(self, *, allow_mass_removal: bool = False, verify: bool = True) -> Applied:
+    def full(
+        self, *, allow_mass_removal: bool = False, verify: bool = True, fresh: bool = False
+    ) -> Applied:
         """Render every live user and make the target hold exactly that; ``verify`` (the
         default: startup, periodic and template reconciles) also undoes hand edits of the
-        target, see :meth:`provisioner.targets.Target.apply`."""
+        target, see :meth:`provisioner.targets.Target.apply`.
+
+        With ``fresh`` (``sync --once``, which follows no change feed) users edited
+        between the read and the writers' lock (the daemon may have applied the edit
+        meanwhile) are not written back as they were read: the change feed's newest id,
+        noted before the read, is looked at again once the lock is held, and a moved one
+        means reading again (``sync.reread``; :data:`FRESH_READS` reads at most, the last
+        one written as read)."""
         started = time.perf_counter()
-        objects, kept, skipped = self.desired()
-        change = self.target.apply(
-            _ordered(objects.values()),
-            keep=kept.values(),
-            guard=self._guard(allow_mass_removal),
-            verify=verify,
-        )
+        for read in range(1, FRESH_READS + 1):
+            mark = self._feed_mark() if fresh and read < FRESH_READS else None
+            objects, kept, skipped = self.desired()
+            try:
+                change = self.target.apply(
+                    _ordered(objects.values()),
+                    keep=kept.values(),
+                    guard=self._guard(allow_mass_removal, mark),
+                    verify=verify,
+                )
+            except StaleRead as stale:
+                log.info("sync.reread", read=read, read_at=stale.read_at, now=stale.now)
+                continue
+            break
         change = self._owned(change, objects.values())
         self.objects, self.kept, self.synced = objects, kept, True
         self._reindex()
         return self._done(change, skipped, started, full=True, provisioned=len(objects))
+
+    def _feed_mark(self) -> int:
+        """The change feed's newest id now (blocking: one query)."""
+        with reading(self.engine) as conn:
+            return newest_change_id(conn)
 
     def plan(self, *, allow_mass_removal: bool = False, verify: bool = True) -> Applied:
         """What :meth:`full` would change, with its diff; writes nothing (the same guard)."""
@@ -173,10 +199,15 @@ class Applier:
             self._index(uid, add=True)
         return self._done(change, skipped, started, full=False, provisioned=len(self.objects))
 
-    def _guard(self, allow_mass_removal: bool) -> Callable[[Change], None]:
-        """Refuses a change removing more than ``max_removal_fraction`` of the users."""
+    def _guard(self, allow_mass_removal: bool, mark: int | None = None) -> Callable[[Change], None]:
+        """Refuses a change removing more than ``max_removal_fraction`` of the users;
+        with ``mark`` (the feed's newest id before the users were read), raises
+        :class:`StaleRead` when the feed has moved on since (the guard runs once the
+        target holds the writers' lock, before it writes)."""
 
         def guard(change: Change) -> None:
+            if mark is not None and (now := self._feed_mark()) != mark:
+                raise StaleRead(mark, now)
             if not allow_mass_removal:
                 existing = change.unchanged + len(change.updated) + len(change.removed)
                 check_removals(change, existing, self.max_removal_fraction)

@@ -37,7 +37,13 @@ from .aio import sleep_unless, wait_all_or_event, wait_first, wait_task_or_event
 from .applier import Applied, Applier
 from .config import Config, load_config, secret_file_problem
 from .early_signals import take as take_early_signals
-from .errors import ProvisionerError, ServiceFailed, StoreUnavailable, TargetWriteFailed
+from .errors import (
+    ConflictError,
+    ProvisionerError,
+    ServiceFailed,
+    StoreUnavailable,
+    TargetWriteFailed,
+)
 from .health import Health, write_health
 from .logs import configure as configure_logs
 from .logs import get_logger
@@ -64,6 +70,7 @@ from .store.engine import (
     transaction,
 )
 from .store.registrations import forget_other_servers
+from .store.runlock import DaemonLock
 from .store.untold import drop_untold, new_token, note_untold, untold_key
 from .targets import Change, Target
 from .targets.configfile import ConfigFileTarget
@@ -99,6 +106,8 @@ FEED_BATCH = 10_000
 #: Applied changes that make an incremental apply prune the change table too (a full
 #: reconcile always prunes): with ``reconcile_interval = 0`` (never) it would only grow.
 PRUNE_EVERY = 1_000
+#: Seconds between two looks at the daemon's lock of the store (:meth:`Daemon._keep_lock`).
+LOCK_CHECK = 5.0
 
 
 @dataclass(frozen=True)
@@ -333,6 +342,10 @@ class Daemon:
     #: The first error a task ended with (see :meth:`_task_ended`).
     _failure: BaseException | None = None
     metrics: Metrics = field(default_factory=Metrics)
+    #: The lock of the store held for the daemon's lifetime (None: not taken: a burst,
+    #: or not yet); another daemon held it: this one was refused and writes no health.
+    _lock: DaemonLock | None = None
+    _refused: bool = False
     #: Counter values last exported per (server, name), to export only the increase.
     _exported: dict[tuple[str, str], int] = field(default_factory=dict)
 
@@ -447,6 +460,9 @@ class Daemon:
         self._task_ended(work)
 
     async def _serve(self, burst: bool) -> Applied | None:
+        if not burst:
+            # ``run --burst`` takes no lock: it is meant to run beside the service.
+            await self._take_lock()
         first = await self.startup(burst=burst)
         if not burst:
             await self.main_loop()
@@ -491,6 +507,45 @@ class Daemon:
         self.notifier.ready(status="provisioning")
         log.info("daemon.ready", target=self.config.target.kind)
         return first
+
+    async def _take_lock(self) -> None:
+        """Take the daemon's lock of the store (:mod:`~provisioner.store.runlock`), then
+        watch it (:meth:`_keep_lock`).  Another daemon holding it raises
+        :class:`ConflictError` (exit 4) before this one wrote anything.  A store down
+        now (``daemon.lock_waits``) does not hold the start up: the first reconcile
+        fails and is retried as it would, and the watch takes the lock once the store
+        answers."""
+        lock = DaemonLock(self.engine, self.config.store.url)
+        try:
+            await in_worker(lock.take)
+        except ConflictError:
+            self._refused = True
+            raise
+        except STORE_DOWN as exc:
+            log.warning("daemon.lock_waits", error=_describe(exc), retry_in_s=LOCK_CHECK)
+        self._lock = lock
+        self._spawn(self._keep_lock(lock))
+
+    async def _keep_lock(self, lock: DaemonLock) -> None:
+        """Every :data:`LOCK_CHECK` seconds, make sure the lock is held: one lost with
+        its connection (a store restart, a network cut) is logged (``daemon.lock_lost``)
+        and taken again as soon as the store answers (``daemon.lock_retaken``); taken by
+        another daemon meanwhile, this one stops (a failed task: exit 10)."""
+        was_held = await in_worker(lock.check)
+        while not await sleep_unless(self.stop, LOCK_CHECK):
+            if await in_worker(lock.check):
+                was_held = True
+                continue
+            if was_held:
+                log.warning("daemon.lock_lost")
+                was_held = False
+            try:
+                await in_worker(lock.retake)
+            except STORE_DOWN as exc:
+                log.warning("daemon.lock_waits", error=_describe(exc), retry_in_s=LOCK_CHECK)
+                continue
+            was_held = True
+            log.info("daemon.lock_retaken")
 
     async def _tell_once(self, first: Applied | None) -> None:
         """``run --burst``: start the AMI side, hand it what the apply changed, and wait
@@ -599,9 +654,16 @@ class Daemon:
         await self._end_tasks([work] if work is not None else [], deadline)
         await self._end_untold(work, deadline)
         self.engine.dispose()
+        if self._refused:
+            # The health record is the running daemon's: left alone.
+            log.warning("daemon.refused")
+            return
         # The last record: 'provisioner check' then fails at once, not once it is stale.
         self.health.stopped_at = time.time()
         self._write_health()
+        if self._lock is not None:
+            # Last: no other daemon writes the store, or the record, before this one's end.
+            await in_worker(self._lock.release)
         log.info("daemon.stopped")
 
     async def _end_untold(self, work: asyncio.Task[Any] | None, deadline: float) -> None:

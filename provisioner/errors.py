@@ -22,6 +22,7 @@ __all__ = [
     "ProvisionerError",
     "RenderCheckFailed",
     "ServiceFailed",
+    "StaleRead",
     "StoreUnavailable",
     "TargetWriteFailed",
 ]
@@ -161,6 +162,16 @@ class TargetWriteFailed(ProvisionerError):
     """The target could not be read or written (permissions, disk full, ...)."""
 
     exit_code = 9
+
+
+class StaleRead(ProvisionerError):
+    """The users a full apply rendered were edited before it got the writers' lock (the
+    change feed moved on): it writes nothing and reads them again."""
+
+    def __init__(self, read_at: int, now: int) -> None:
+        self.read_at = read_at
+        self.now = now
+        super().__init__(f"the users changed (changes {read_at} -> {now}) while waiting")
 
 
 class ServiceFailed(ProvisionerError):

@@ -45,8 +45,12 @@ def reconcile(
     (with ``dry_run``, only compute the change and its diff); ``verify`` (the default)
     also undoes hand edits of the target."""
     applier = Applier(engine, target, settings, max_removal_fraction=max_removal_fraction)
-    run = applier.plan if dry_run else applier.full
-    applied = run(allow_mass_removal=allow_mass_removal, verify=verify)
+    if dry_run:
+        applied = applier.plan(allow_mass_removal=allow_mass_removal, verify=verify)
+    else:
+        # Users edited while this waited for the writers' lock are read again, not
+        # written back as they were: no change feed follows them here.
+        applied = applier.full(allow_mass_removal=allow_mass_removal, verify=verify, fresh=True)
     return SyncReport(
         applied.change, applied.skipped, applied.provisioned, applied.took_ms, dry_run
     )
