@@ -354,20 +354,13 @@ def _directory_stamp(
 ) -> tuple[str, tuple[int, int] | None, tuple[tuple[str, int, int, int], ...]]:
     try:
         info = directory.stat()
-        files = _files(directory)
+        # Subdirectories included (an override may include ``sub/x.j2``); an entry that
+        # cannot be looked at is left out, not taken for the whole directory gone.
+        files = template_files(directory)
     except OSError:
         return (str(directory), None, ())
     held = tuple(sorted((n, s.st_ino, s.st_mtime_ns, s.st_size) for n, s in files))
     return (str(directory), (info.st_dev, info.st_ino), held)
-
-
-def _files(directory: Path) -> list[tuple[str, os.stat_result]]:
-    """The path (below ``directory``) and status of each file in ``directory`` and its
-    subdirectories (an override may include ``sub/x.j2``: an edit there must wake too),
-    as :func:`~provisioner.targets.templating.template_files` finds them.  An entry that
-    cannot be looked at is left out: it must not make the whole directory look absent
-    (which ended its watch)."""
-    return template_files(directory)
 
 
 def _identities(stamp: TemplateStamp) -> tuple[tuple[str, tuple[int, int] | None], ...]:

@@ -12,7 +12,6 @@ __all__ = [
     "KEY_MAX",
     "VALUE_MAX",
     "drop_state",
-    "drop_states_under",
     "load_state",
     "load_states",
     "put_state",
@@ -62,11 +61,6 @@ def put_state(conn: Connection, key: str, value: str) -> None:
 def drop_state(conn: Connection, key: str) -> None:
     """Forget ``key`` (nothing when it is not kept)."""
     conn.execute(delete(daemon_state).where(daemon_state.c.key == key))
-
-
-def drop_states_under(conn: Connection, prefix: str) -> None:
-    """Forget every key starting with ``prefix`` (``%`` and ``_`` match only themselves)."""
-    conn.execute(delete(daemon_state).where(daemon_state.c.key.startswith(prefix, autoescape=True)))
 
 
 def write_states(conn: Connection, put: Mapping[str, str], drop: Collection[str] = ()) -> None:
