@@ -122,10 +122,12 @@ def counts_online(reg: EndpointRegistration, cutoff: float) -> bool:
     ``online`` and, when it has contacts, one of those answering has no expiry or one
     at or after ``cutoff`` (epoch seconds): a contact whose expiry passed before it was
     seen to by no one, and counts for nothing."""
-    if reg.summary != "online":
+    # One pass, not summary() then the contacts again: the health record asks this of
+    # every endpoint each time it is written.
+    if not reg.exists:
         return False
     if not reg.contacts:
-        return True  # the peer Reachable, no contact listed: as a server's "online" row
+        return reg.peer_status == "Reachable"  # as a server's "online" row
     for c in reg.contacts:
         if c.status not in _DOWN and (c.expires_at is None or c.expires_at >= cutoff):
             return True
