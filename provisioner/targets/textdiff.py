@@ -39,7 +39,9 @@ def split_lines(text: str) -> list[str]:
     return [part + "\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
 
 
-def _redacted(lines: list[str], others: dict[tuple[str, str], str], section: str = "") -> list[str]:
+def _redacted(
+    lines: list[str], others: Mapping[tuple[str, str], str], section: str = ""
+) -> list[str]:
     """``lines`` (the first in ``section``) with credential values replaced; ``<changed>``
     marks one that differs from the same option of the same section in ``others``.  Any
     other run of 32 hex digits or more (a digest printed elsewhere) is replaced too."""
@@ -113,8 +115,9 @@ def _unquoted(line: str, digests: set[str]) -> str:
 #: regex per line costs seconds on a large file, and most lines are neither.
 _SECTION_OR_SECRET = re.compile(
     r"^(?:[^\S\n]*\[([^\]\n]*)\]"
-    r"|[\x00-\x09\x0b-\x20]*\\?(md5_cred|password_digest|password)"
-    r"[\x00-\x09\x0b-\x20]*\+?=>?[\x00-\x09\x0b-\x20]*(.*))",
+    r"|[\x00-\x09\x0b-\x20]*\\?("
+    + "|".join(sorted(SECRET_OPTIONS, key=len, reverse=True))  # the longest name first
+    + r")[\x00-\x09\x0b-\x20]*\+?=>?[\x00-\x09\x0b-\x20]*(.*))",
     re.MULTILINE | re.IGNORECASE,
 )
 
@@ -227,14 +230,18 @@ def unified_diff(
     lo = min(g[0][1] for g in groups), min(g[0][3] for g in groups)
     hi = max(g[-1][2] for g in groups), max(g[-1][4] for g in groups)
     old_shown = _redacted(a[lo[0] : hi[0]], {}, _section_at(a, lo[0]))
-    old_secrets = _secrets(old_text)
-    others = dict(held) if held is not None else old_secrets
+    # The old text's credentials are read (a scan of the whole text) only when needed:
+    # ``held`` is given by every config-file dry run.
+    old_secrets = _secrets(old_text) if held is None else None
+    others = held if held is not None else old_secrets or {}
     new_shown = _redacted(b[lo[1] : hi[1]], others, _section_at(b, lo[1]))
     # An unchanged secret is shown the same on both sides, so it drops out of the diff.
     old_shown = [line.replace(" <changed>", "") for line in old_shown]
     # Credentials quoted outside their option lines (an override's comments), both sides;
     # looked for only when a line shown holds a long run of hex digits (no shipped one does).
     if any(map(_LONG_HEX.search, chain(old_shown, new_shown))):
+        if old_secrets is None:
+            old_secrets = _secrets(old_text)
         values = chain(old_secrets.values(), _secrets(new).values(), (held or {}).values())
         digests = _digests(values)
         old_shown = [_unquoted(line, digests) for line in old_shown]
