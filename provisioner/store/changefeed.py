@@ -263,22 +263,22 @@ def always_ddl(dialect: str) -> list[str]:
     bulk load that skips foreign-key checks), and such writes were seen only at the next
     full reconcile.  ``ALTER TABLE … DISABLE TRIGGER`` still silences them; none on other
     databases (MariaDB and MySQL have no such role)."""
-    if _known(dialect) != postgresql.dialect.name:
-        return []
-    return [
-        f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER trg_{table}_{kind}"
-        for table, _, _ in _WATCHED
-        for kind in ("change", "truncate")
-    ]
+    return _enable_triggers(dialect, "ENABLE ALWAYS")
 
 
 def drop_always_ddl(dialect: str) -> list[str]:
     """The statements that undo :func:`always_ddl` (the triggers fire in origin and local
     sessions only, PostgreSQL's default)."""
+    return _enable_triggers(dialect, "ENABLE")
+
+
+def _enable_triggers(dialect: str, mode: str) -> list[str]:
+    """``ALTER TABLE … <mode> TRIGGER`` for each change and TRUNCATE trigger (PostgreSQL;
+    none elsewhere).  Names from :data:`_WATCHED`, never from input."""
     if _known(dialect) != postgresql.dialect.name:
         return []
     return [
-        f"ALTER TABLE {table} ENABLE TRIGGER trg_{table}_{kind}"
+        f"ALTER TABLE {table} {mode} TRIGGER trg_{table}_{kind}"
         for table, _, _ in _WATCHED
         for kind in ("change", "truncate")
     ]
