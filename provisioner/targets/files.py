@@ -77,13 +77,20 @@ DIRECTORY_MODE = 0o750
 DISCARD_LATER_BYTES = 4 << 20
 
 
+def _new_temporary(directory: Path, name: str) -> Path:
+    """A new empty file in ``directory`` named ``.<name>.<random>.tmp`` (the names
+    :func:`remove_stale_temporaries` knows)."""
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(temp)
+
+
 @contextlib.contextmanager
 def temporary(directory: Path, name: str) -> Iterator[Path]:
     """A new empty file in ``directory``; removed on exit unless it was renamed away."""
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
+    temp = _new_temporary(directory, name)
     try:
-        yield Path(temp)
+        yield temp
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
@@ -254,10 +261,9 @@ def _set_aside(backup: Path) -> Path | None:
             return None
     except FileNotFoundError:
         return None
-    fd, name = tempfile.mkstemp(dir=backup.parent, prefix=f".{backup.name}.", suffix=".tmp")
-    os.close(fd)
-    os.replace(backup, name)
-    return Path(name)
+    aside = _new_temporary(backup.parent, backup.name)
+    os.replace(backup, aside)
+    return aside
 
 
 _discarder: ThreadPoolExecutor | None = None
@@ -302,7 +308,11 @@ def make_directories(directory: Path, like: Path) -> None:
     made with the writer's umask, user and group, Asterisk could not reach the files in it
     that it is given to read.  Each new entry is fsynced in its parent: a file written
     into a new directory must not vanish with it at a power loss."""
-    missing = [d for d in (directory, *directory.parents) if not d.is_dir()]
+    missing: list[Path] = []
+    for candidate in (directory, *directory.parents):
+        if candidate.is_dir():
+            break  # its parents are there too: no stat of each one at every write
+        missing.append(candidate)
     for made in reversed(missing):
         try:
             made.mkdir()
@@ -393,11 +403,7 @@ class StagedWrite:
         self._path = real_path(path)
         like = owner_source(self._path, new_owner_of)
         make_directories(self._path.parent, like)
-        fd, name = tempfile.mkstemp(
-            dir=self._path.parent, prefix=f".{self._path.name}.", suffix=".tmp"
-        )
-        os.close(fd)
-        self._temp = Path(name)
+        self._temp = _new_temporary(self._path.parent, self._path.name)
         try:
             self._done = _stage_executor().submit(_write_temporary, self._temp, like, data)
         except BaseException:
@@ -429,18 +435,14 @@ def stage(path: Path, data: bytes | Pieces, *, new_owner_of: Sequence[Path] = ()
     temporary file in its directory (as :func:`atomic_write` names, owns and fsyncs it),
     invisible to Asterisk until :meth:`StagedWrite.publish`.  An OS error creating the
     temporary file is raised as :class:`TargetWriteFailed`; one writing it, by ``publish``."""
-    try:
+    with _failing_as("write", path):
         return StagedWrite(path, data, new_owner_of)
-    except OSError as exc:
-        raise TargetWriteFailed(f"cannot write {str(path)!r}: {exc.strerror}") from None
 
 
 def publish(staged: StagedWrite, path: Path, *, backup: bool, sync_directory: bool = True) -> None:
     """:meth:`StagedWrite.publish`, an OS error raised as :class:`TargetWriteFailed`."""
-    try:
+    with _failing_as("write", path):
         staged.publish(backup=backup, sync_directory=sync_directory)
-    except OSError as exc:
-        raise TargetWriteFailed(f"cannot write {str(path)!r}: {exc.strerror}") from None
 
 
 def write_file(
@@ -452,27 +454,32 @@ def write_file(
     new_owner_of: Sequence[Path] = (),
 ) -> None:
     """:func:`atomic_write`, an OS error raised as :class:`TargetWriteFailed`."""
-    try:
+    with _failing_as("write", path):
         atomic_write(
             path, data, backup=backup, sync_directory=sync_directory, new_owner_of=new_owner_of
         )
-    except OSError as exc:
-        raise TargetWriteFailed(f"cannot write {str(path)!r}: {exc.strerror}") from None
 
 
 def sync_directory(directory: Path) -> None:
     """:func:`fsync_directory`, an OS error raised as :class:`TargetWriteFailed`."""
-    try:
+    with _failing_as("sync", directory):
         fsync_directory(directory)
-    except OSError as exc:
-        raise TargetWriteFailed(f"cannot sync {str(directory)!r}: {exc.strerror}") from None
 
 
 def read_file(path: Path) -> bytes | None:
     """The bytes of the file at ``path``; None when it does not exist."""
+    with _failing_as("read", path):
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+
+@contextlib.contextmanager
+def _failing_as(verb: str, path: Path) -> Iterator[None]:
+    """An OS error inside raised as :class:`TargetWriteFailed` ("cannot <verb> <path>:
+    <reason>"; the path the caller named, the driver's traceback dropped)."""
     try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
+        yield
     except OSError as exc:
-        raise TargetWriteFailed(f"cannot read {str(path)!r}: {exc.strerror}") from None
+        raise TargetWriteFailed(f"cannot {verb} {str(path)!r}: {exc.strerror}") from None
