@@ -3,20 +3,30 @@
 Two real daemon subprocesses on one store (SQLite, PostgreSQL): the second exits 4
 with one line naming the first, and no traceback; the first keeps running and its
 health record stays its own; ``run --burst`` beside it still works; once the first
-stopped, a new daemon starts.
+stopped, a new daemon starts.  The lock lost in a network cut the server has not
+noticed (a :class:`~.faultkit.CutProxy` between them) is waited for while the daemon's
+own old session still holds it, and refused when another's took it.
 """
 
 from __future__ import annotations
 
 import socket
 import subprocess
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+
+from provisioner.errors import ConflictError
+from provisioner.store.engine import open_engine
+from provisioner.store.runlock import LOCK_NAME, DaemonLock, PreviousSessionHolds
 
 from .dbs import temp_database
-from .faultkit import Daemon, cli_process, seed_store, until, write_config
+from .faultkit import CutProxy, Daemon, cli_process, seed_store, until, write_config
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mariadb"])
@@ -118,3 +128,140 @@ def test_sync_once_writes_the_rows_of_an_edit_committed_while_it_waited_for_the_
             assert "would be updated 0" in cli(config, "render", "--dry-run").out
         finally:
             engine.dispose()
+
+
+@contextmanager
+def _through_proxy(backend: str, tmp_path: Path) -> Iterator[tuple[str, Engine, CutProxy]]:
+    """A new database of ``backend``: its URL through a :class:`CutProxy`, an engine on
+    it straight (for looking at, and ending, sessions), and the proxy."""
+    with temp_database(backend, tmp_path) as url:
+        direct = make_url(url)
+        admin = create_engine(direct)
+        try:
+            with CutProxy(direct.port or 0) as proxy:
+                proxied = direct.set(port=proxy.port).render_as_string(hide_password=False)
+                yield proxied, admin, proxy
+        finally:
+            admin.dispose()
+
+
+def _holder(admin: Engine) -> int | None:
+    """The session holding the daemon's lock (a PostgreSQL backend pid, a MariaDB
+    connection id), or None."""
+    with admin.connect() as conn:
+        if admin.dialect.name == "postgresql":
+            query = text(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND classid = 0 AND objid = :key AND objsubid = 1"
+                " AND database = (SELECT oid FROM pg_database"
+                " WHERE datname = current_database())"
+            )
+            return conn.execute(query, {"key": zlib.crc32(LOCK_NAME.encode())}).scalar()
+        query = text("SELECT IS_USED_LOCK(CONCAT(:name, ':', MD5(DATABASE())))")
+        return conn.execute(query, {"name": LOCK_NAME[:24]}).scalar()
+
+
+def _end_session(admin: Engine, session: int) -> None:
+    """End the server session ``session`` (as an administrator would), and wait until
+    the lock it held is free."""
+    with admin.connect() as conn:
+        if admin.dialect.name == "postgresql":
+            assert conn.execute(
+                text("SELECT pg_terminate_backend(:pid)"), {"pid": session}
+            ).scalar()
+        else:
+            conn.execute(text("KILL :id"), {"id": session})
+    until(lambda: _holder(admin) is None, 30, "the ended session's lock freed")
+
+
+def _cut_lock(lock: DaemonLock, admin: Engine, proxy: CutProxy) -> int:
+    """Take ``lock``, cut its connection where the server does not notice, and let the
+    lock see it lost; the session still holding the lock on the server is returned."""
+    lock.take()
+    session = _holder(admin)
+    assert session is not None
+    proxy.cut()
+    assert not lock.check()
+    assert _holder(admin) == session  # the server's session lives on, holding the lock
+    return session
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])
+def test_the_lock_still_held_by_our_cut_session_is_waited_for(backend: str, tmp_path: Path) -> None:
+    """A lock still held by this daemon's own session of before a network cut the server
+    has not noticed makes ``retake`` wait (no ConflictError), and taken once it ended."""
+    with _through_proxy(backend, tmp_path) as (url, admin, proxy):
+        engine = open_engine(url)
+        lock = DaemonLock(engine, url)
+        try:
+            old = _cut_lock(lock, admin, proxy)
+            for _ in range(2):  # each LOCK_CHECK alike while the old session lives
+                with pytest.raises(PreviousSessionHolds, match="previous session") as waits:
+                    lock.retake()
+                assert not isinstance(waits.value, ConflictError)
+                assert not lock.check()
+                assert _holder(admin) == old
+            _end_session(admin, old)
+            lock.retake()
+            assert lock.check()
+            new = _holder(admin)
+            assert new not in (None, old)
+            other = DaemonLock(admin, url)  # the lock is really this daemon's again
+            with pytest.raises(ConflictError, match="another provisioner daemon"):
+                other.take()
+        finally:
+            lock.release()
+            engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])
+def test_the_lock_another_daemon_took_after_our_cut_is_refused(
+    backend: str, tmp_path: Path
+) -> None:
+    """A lock another daemon took once this daemon's cut session ended is refused to
+    ``retake`` (ConflictError), even when that daemon runs in this very process."""
+    with _through_proxy(backend, tmp_path) as (url, admin, proxy):
+        engine = open_engine(url)
+        lock = DaemonLock(engine, url)
+        other = DaemonLock(admin, url)
+        try:
+            _end_session(admin, _cut_lock(lock, admin, proxy))
+            other.take()
+            taken = _holder(admin)
+            with pytest.raises(ConflictError, match="another provisioner daemon"):
+                lock.retake()
+            assert not lock.check()
+            assert _holder(admin) == taken
+        finally:
+            other.release()
+            lock.release()
+            engine.dispose()
+
+
+def test_a_daemon_waits_for_the_lock_its_cut_session_still_holds(tmp_path: Path) -> None:
+    """On PostgreSQL, a daemon whose lock connection was cut without the server noticing
+    runs on, waiting while its old session holds the lock, and takes it once it ended."""
+    with _through_proxy("postgresql", tmp_path) as (url, admin, proxy):
+        seed_store(url, 2).dispose()
+        config = write_config(tmp_path, store_url=url)
+        daemon = Daemon(config, tmp_path / "daemon.log").start()
+        try:
+            old = _holder(admin)
+            assert old is not None
+            proxy.cut()
+
+            def waits() -> bool:
+                events = daemon.logged("daemon.lock_waits")
+                return any("previous session" in e.get("error", "") for e in events)
+
+            until(lambda: waits() or not daemon.alive, 30, "the daemon waits for its old session")
+            assert daemon.alive, daemon.log.read_text()
+            assert daemon.logged("daemon.lock_lost")
+            assert _holder(admin) == old
+            _end_session(admin, old)
+            until(lambda: bool(daemon.logged("daemon.lock_retaken")), 30, "lock retaken")
+            assert _holder(admin) not in (None, old)
+            assert daemon.stop() == 0
+        finally:
+            daemon.kill()
+    assert "Traceback" not in daemon.log.read_text()
