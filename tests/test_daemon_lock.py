@@ -10,6 +10,8 @@ own old session still holds it, and refused when another's took it.
 
 from __future__ import annotations
 
+import hashlib
+import re
 import socket
 import subprocess
 import zlib
@@ -18,12 +20,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
 from provisioner.errors import ConflictError
-from provisioner.store.engine import open_engine
-from provisioner.store.runlock import LOCK_NAME, DaemonLock, PreviousSessionHolds
+from provisioner.store import runlock
+from provisioner.store.engine import exclusive, mysql_lock_name, open_engine, pg_lock_key
+from provisioner.store.runlock import LOCK_NAME, DaemonLock, PreviousSessionHolds, holder_name
 
 from .dbs import temp_database
 from .faultkit import CutProxy, Daemon, cli_process, seed_store, until, write_config
@@ -265,3 +268,58 @@ def test_a_daemon_waits_for_the_lock_its_cut_session_still_holds(tmp_path: Path)
         finally:
             daemon.kill()
     assert "Traceback" not in daemon.log.read_text()
+
+
+def test_a_postgresql_lock_key_above_2_31_is_found_in_pg_locks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon lock key of 2**31 or more (pg_lock_key is an unsigned CRC-32) shows in
+    pg_locks as classid 0 and objid the key, where a refused daemon finds its holder."""
+    key = pg_lock_key("x0")
+    assert 2**31 <= key < 2**32
+    monkeypatch.setattr(runlock, "_PG_KEY", key)
+    with temp_database("postgresql", tmp_path) as url:
+        engine = open_engine(url)
+        first, second = DaemonLock(engine, url), DaemonLock(engine, url)
+        try:
+            first.take()
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    text(
+                        "SELECT classid, objid, objsubid FROM pg_locks"
+                        " WHERE locktype = 'advisory' AND granted"
+                    )
+                ).all()
+            assert rows == [(0, key, 1)]
+            with pytest.raises(ConflictError, match=re.escape(f"({holder_name()})")):
+                second.take()
+        finally:
+            first.release()
+            engine.dispose()
+
+
+def test_the_mariadb_lock_names_stay_those_of_earlier_versions(tmp_path: Path) -> None:
+    """On MariaDB, the writers' lock and the daemon's are named by a name's first 24
+    characters, ':' and the MD5 of the database's name, as every earlier version did."""
+    with temp_database("mariadb", tmp_path) as url:
+        engine = open_engine(url)
+        database = make_url(url).database
+        assert database is not None
+        suffix = ":" + hashlib.md5(database.encode()).hexdigest()
+        name = "provisioner.writers.of.one.store"
+        used = text("SELECT IS_USED_LOCK(:name)")
+        lock = DaemonLock(engine, url)
+        try:
+            with engine.connect() as conn:
+                assert conn.execute(select(mysql_lock_name(name))).scalar() == name[:24] + suffix
+                conn.rollback()
+                with exclusive(conn, name):
+                    me = conn.execute(select(func.connection_id())).scalar()
+                    with engine.connect() as other:
+                        assert other.execute(used, {"name": name[:24] + suffix}).scalar() == me
+            lock.take()
+            with engine.connect() as conn:
+                assert conn.execute(used, {"name": LOCK_NAME[:24] + suffix}).scalar() is not None
+        finally:
+            lock.release()
+            engine.dispose()

@@ -37,26 +37,28 @@ import fcntl
 import os
 import secrets
 import socket
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 from sqlalchemy import Connection, Engine, column, func, select, table
+from sqlalchemy.exc import DBAPIError
 
 from ..errors import ConflictError, Problem, StoreUnavailable
-from .engine import STORE_DOWN, sqlite_file
+from .engine import STORE_DOWN, mysql_lock_name, pg_lock_key, sqlite_file
 
 __all__ = ["LOCK_NAME", "DaemonLock", "PreviousSessionHolds", "holder_name", "lock_file"]
 
 #: The lock's name (PostgreSQL's key is its CRC-32, MariaDB's name starts with it).
 LOCK_NAME = "provisioner.daemon"
-_PG_KEY = zlib.crc32(LOCK_NAME.encode())
+_PG_KEY = pg_lock_key(LOCK_NAME)
 
 _pg_locks = table(
     "pg_locks",
     column("locktype"),
+    column("classid"),
     column("objid"),
+    column("objsubid"),
     column("pid"),
     column("granted"),
     column("database"),
@@ -104,7 +106,7 @@ class DaemonLock:
     url: str
     _conn: Connection | None = None
     _file: IO[str] | None = None
-    _held: bool = field(default=False)
+    _held: bool = False
     #: PostgreSQL: the backend pids of this lock's connections that may hold the lock.
     _sessions: set[int] = field(default_factory=set)
     #: MariaDB/MySQL: the name of the lock only this lock's sessions take (see the module).
@@ -162,7 +164,10 @@ class DaemonLock:
         try:
             conn.invalidate()  # never back to the pool: its session (and lock) must end
             conn.close()
-        except Exception:  # noqa: S110 (closing a lost connection: nothing to do)
+        except DBAPIError:
+            # The driver failing to end a connection already lost (invalidate() logs its
+            # own close's errors): nothing is left to end on this side, and the server
+            # ends the session, with the lock, once it notices.
             pass
 
     def _take_file(self, path: Path) -> None:
@@ -201,7 +206,7 @@ class DaemonLock:
 
     def _take_mysql(self) -> None:
         conn = self._connect()
-        lock = func.concat(LOCK_NAME[:24], ":", func.md5(func.database()))
+        lock = mysql_lock_name(LOCK_NAME)
         # The marker first: the session holding the daemon's lock holds it too.
         if not conn.execute(select(func.get_lock(self._marker, 0))).scalar():
             ours, holder = conn.execute(
@@ -248,8 +253,11 @@ def _pg_holder(conn: Connection) -> _PgHolder | None:
         select(_pg_activity.c.pid, _pg_activity.c.application_name)
         .select_from(_pg_locks.join(_pg_activity, _pg_locks.c.pid == _pg_activity.c.pid))
         .where(
+            # One bigint key below 2**32 (see pg_lock_key): classid 0, objid the key.
             _pg_locks.c.locktype == "advisory",
-            _pg_locks.c.objid == _pg_objid(),
+            _pg_locks.c.classid == 0,
+            _pg_locks.c.objid == _PG_KEY,
+            _pg_locks.c.objsubid == 1,
             _pg_locks.c.granted.is_(True),
             _pg_locks.c.database
             == select(column("oid"))
@@ -261,8 +269,3 @@ def _pg_holder(conn: Connection) -> _PgHolder | None:
     row: Any = conn.execute(query).first()
     conn.rollback()
     return None if row is None else _PgHolder(row.pid, row.application_name)
-
-
-def _pg_objid() -> int:
-    """``pg_locks.objid`` of a one-bigint advisory key: its low 32 bits."""
-    return _PG_KEY & 0xFFFFFFFF
