@@ -510,7 +510,8 @@ class Daemon:
 
     async def _take_lock(self) -> None:
         """Take the daemon's lock of the store (:mod:`~provisioner.store.runlock`), then
-        watch it (:meth:`_keep_lock`).  Another daemon holding it raises
+        watch it (:meth:`_keep_lock`) if it can be lost (one on a connection, not a
+        SQLite file's: :attr:`DaemonLock.can_be_lost`).  Another daemon holding it raises
         :class:`ConflictError` (exit 4) before this one wrote anything.  A store down
         now (``daemon.lock_waits``) does not hold the start up: the first reconcile
         fails and is retried as it would, and the watch takes the lock once the store
@@ -524,7 +525,8 @@ class Daemon:
         except STORE_DOWN as exc:
             log.warning("daemon.lock_waits", error=_describe(exc), retry_in_s=LOCK_CHECK)
         self._lock = lock
-        self._spawn(self._keep_lock(lock))
+        if lock.can_be_lost:
+            self._spawn(self._keep_lock(lock))
 
     async def _keep_lock(self, lock: DaemonLock) -> None:
         """Every :data:`LOCK_CHECK` seconds, make sure the lock is held: one lost with

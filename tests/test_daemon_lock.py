@@ -10,6 +10,7 @@ own old session still holds it, and refused when another's took it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import socket
@@ -30,6 +31,7 @@ from provisioner.store.runlock import LOCK_NAME, DaemonLock, PreviousSessionHold
 
 from .dbs import temp_database
 from .faultkit import CutProxy, Daemon, cli_process, seed_store, until, write_config
+from .helpers import local_daemon
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mariadb"])
@@ -323,3 +325,44 @@ def test_the_mariadb_lock_names_stay_those_of_earlier_versions(tmp_path: Path) -
         finally:
             lock.release()
             engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mariadb"])
+def test_only_a_lock_on_a_connection_is_watched(backend: str, tmp_path: Path) -> None:
+    """The daemon watches its lock of the store only where a lost connection can lose it
+    (PostgreSQL, MariaDB): a SQLite file lock, never lost, is not watched."""
+    on_a_connection = backend != "sqlite"
+    with temp_database(backend, tmp_path) as url:
+        daemon = local_daemon(tmp_path, store={"url": url})
+
+        async def tasks_after_taking_the_lock() -> list[str]:
+            await daemon._take_lock()
+            names = [getattr(task.get_coro(), "__qualname__", "") for task in daemon._tasks]
+            daemon.stop.set()  # the watch, if any, ends at once
+            await asyncio.wait_for(asyncio.gather(*daemon._tasks), 10)
+            return names
+
+        try:
+            names = asyncio.run(tasks_after_taking_the_lock())
+            assert daemon._lock is not None
+            assert daemon._lock.check()
+            assert daemon._lock.can_be_lost is on_a_connection
+            assert DaemonLock(daemon.engine, url).can_be_lost is on_a_connection
+        finally:
+            if daemon._lock is not None:
+                daemon._lock.release()
+            daemon.engine.dispose()
+    assert names == (["Daemon._keep_lock"] if on_a_connection else [])
+
+
+def test_a_sqlite_store_in_memory_has_no_lock_to_lose() -> None:
+    """A SQLite store in memory has no daemon lock, so none that can be lost."""
+    engine = open_engine("sqlite://")
+    lock = DaemonLock(engine, "sqlite://")
+    try:
+        lock.take()
+        assert lock.check()
+        assert not lock.can_be_lost
+    finally:
+        lock.release()
+        engine.dispose()

@@ -52,6 +52,8 @@ __all__ = ["LOCK_NAME", "DaemonLock", "PreviousSessionHolds", "holder_name", "lo
 #: The lock's name (PostgreSQL's key is its CRC-32, MariaDB's name starts with it).
 LOCK_NAME = "provisioner.daemon"
 _PG_KEY = pg_lock_key(LOCK_NAME)
+#: The dialects whose lock is a session's (of a connection of its own), not a file's.
+_MYSQL = ("mysql", "mariadb")
 
 _pg_locks = table(
     "pg_locks",
@@ -122,9 +124,16 @@ class DaemonLock:
             self._take_file(path)
         elif self.engine.dialect.name == "postgresql":
             self._take_pg()
-        elif self.engine.dialect.name in ("mysql", "mariadb"):
+        elif self.engine.dialect.name in _MYSQL:
             self._take_mysql()
         self._held = True
+
+    @property
+    def can_be_lost(self) -> bool:
+        """Whether the lock lives on a connection (PostgreSQL, MariaDB/MySQL), which a
+        store restart or a network cut loses: only such a lock needs :meth:`check` and
+        :meth:`retake`.  A SQLite file lock (or none: a store in memory) never is."""
+        return self.engine.dialect.name == "postgresql" or self.engine.dialect.name in _MYSQL
 
     def check(self) -> bool:
         """Whether the lock is still held: False once its connection was lost (it is
