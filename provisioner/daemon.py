@@ -70,7 +70,7 @@ from .store.engine import (
     transaction,
 )
 from .store.registrations import forget_other_servers
-from .store.runlock import DaemonLock
+from .store.runlock import DaemonLock, PreviousSessionHolds
 from .store.untold import drop_untold, new_token, note_untold, untold_key
 from .targets import Change, Target
 from .targets.configfile import ConfigFileTarget
@@ -510,7 +510,8 @@ class Daemon:
 
     async def _take_lock(self) -> None:
         """Take the daemon's lock of the store (:mod:`~provisioner.store.runlock`), then
-        watch it (:meth:`_keep_lock`).  Another daemon holding it raises
+        watch it (:meth:`_keep_lock`) if it can be lost (one on a connection, not a
+        SQLite file's: :attr:`DaemonLock.can_be_lost`).  Another daemon holding it raises
         :class:`ConflictError` (exit 4) before this one wrote anything.  A store down
         now (``daemon.lock_waits``) does not hold the start up: the first reconcile
         fails and is retried as it would, and the watch takes the lock once the store
@@ -524,13 +525,16 @@ class Daemon:
         except STORE_DOWN as exc:
             log.warning("daemon.lock_waits", error=_describe(exc), retry_in_s=LOCK_CHECK)
         self._lock = lock
-        self._spawn(self._keep_lock(lock))
+        if lock.can_be_lost:
+            self._spawn(self._keep_lock(lock))
 
     async def _keep_lock(self, lock: DaemonLock) -> None:
         """Every :data:`LOCK_CHECK` seconds, make sure the lock is held: one lost with
         its connection (a store restart, a network cut) is logged (``daemon.lock_lost``)
-        and taken again as soon as the store answers (``daemon.lock_retaken``); taken by
-        another daemon meanwhile, this one stops (a failed task: exit 10)."""
+        and taken again as soon as the store answers (``daemon.lock_retaken``), and this
+        daemon's old session no longer holds it (a cut the server has not noticed yet:
+        ``daemon.lock_waits`` meanwhile); taken by another daemon meanwhile, this one
+        stops (a failed task: exit 10)."""
         was_held = await in_worker(lock.check)
         while not await sleep_unless(self.stop, LOCK_CHECK):
             if await in_worker(lock.check):
@@ -541,7 +545,9 @@ class Daemon:
                 was_held = False
             try:
                 await in_worker(lock.retake)
-            except STORE_DOWN as exc:
+            except (*STORE_DOWN, PreviousSessionHolds) as exc:
+                # Not yet: the store is down, or this daemon's old session (its
+                # connection lost in a cut the server has not noticed) still holds it.
                 log.warning("daemon.lock_waits", error=_describe(exc), retry_in_s=LOCK_CHECK)
                 continue
             was_held = True

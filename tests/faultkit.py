@@ -6,11 +6,14 @@ console script as a subprocess, the daemon as a subprocess with its log kept.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -241,3 +244,89 @@ class Daemon:
 
     def logged(self, event: str) -> list[dict[str, Any]]:
         return [e for e in self.events() if e.get("event") == event]
+
+
+@dataclass
+class _Link:
+    """One forwarded connection of a :class:`CutProxy`: the client's end and the server's."""
+
+    client: socket.socket
+    server: socket.socket
+    was_cut: bool = False
+
+    def pump(self, src: socket.socket, dst: socket.socket) -> None:
+        """Forward ``src`` to ``dst`` until either end closes; then close both, unless the
+        link was cut (the server's end then stays open, silent)."""
+        with contextlib.suppress(OSError):  # an end closed under the pump: it just ends
+            while data := src.recv(65536):
+                dst.sendall(data)
+        if not self.was_cut:
+            self.close()
+
+    def cut(self) -> None:
+        self.was_cut = True
+        _close(self.client)
+
+    def close(self) -> None:
+        _close(self.client)
+        _close(self.server)
+
+
+def _close(sock: socket.socket) -> None:
+    """Shut ``sock`` down (waking a thread blocked reading it) and close it; one already
+    closed is left as it is."""
+    with contextlib.suppress(OSError):  # not connected any more: nothing to shut down
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
+class CutProxy:
+    """A TCP forwarder on 127.0.0.1 to a database server at ``port``, whose :meth:`cut`
+    closes the connections open so far for their clients only: the server's ends stay
+    open and silent, as after a network cut the server has not noticed yet, so their
+    sessions, and the locks they hold, live on until the server ends them or the proxy
+    is closed.  Connections made after a cut are forwarded as usual."""
+
+    def __init__(self, port: int) -> None:
+        self._target = ("127.0.0.1", port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._links: list[_Link] = []
+        self._cut: list[_Link] = []
+        self._guard = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def __enter__(self) -> CutProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # the proxy was closed
+                return
+            link = _Link(client, socket.create_connection(self._target))
+            with self._guard:
+                self._links.append(link)
+            for src, dst in ((link.client, link.server), (link.server, link.client)):
+                threading.Thread(target=link.pump, args=(src, dst), daemon=True).start()
+
+    def cut(self) -> None:
+        """Close every connection open now for its client, leaving the server's end open."""
+        with self._guard:
+            links, self._links = self._links, []
+            self._cut.extend(links)
+        for link in links:
+            link.cut()
+
+    def close(self) -> None:
+        """Stop accepting and close every connection, cut ones included: their server
+        sessions end."""
+        _close(self._listener)
+        with self._guard:
+            links = self._links + self._cut
+        for link in links:
+            link.close()

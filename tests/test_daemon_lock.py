@@ -3,20 +3,35 @@
 Two real daemon subprocesses on one store (SQLite, PostgreSQL): the second exits 4
 with one line naming the first, and no traceback; the first keeps running and its
 health record stays its own; ``run --burst`` beside it still works; once the first
-stopped, a new daemon starts.
+stopped, a new daemon starts.  The lock lost in a network cut the server has not
+noticed (a :class:`~.faultkit.CutProxy` between them) is waited for while the daemon's
+own old session still holds it, and refused when another's took it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import re
 import socket
 import subprocess
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy.engine import make_url
+
+from provisioner.errors import ConflictError
+from provisioner.store import runlock
+from provisioner.store.engine import exclusive, mysql_lock_name, open_engine, pg_lock_key
+from provisioner.store.runlock import LOCK_NAME, DaemonLock, PreviousSessionHolds, holder_name
 
 from .dbs import temp_database
-from .faultkit import Daemon, cli_process, seed_store, until, write_config
+from .faultkit import CutProxy, Daemon, cli_process, seed_store, until, write_config
+from .helpers import local_daemon
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mariadb"])
@@ -118,3 +133,236 @@ def test_sync_once_writes_the_rows_of_an_edit_committed_while_it_waited_for_the_
             assert "would be updated 0" in cli(config, "render", "--dry-run").out
         finally:
             engine.dispose()
+
+
+@contextmanager
+def _through_proxy(backend: str, tmp_path: Path) -> Iterator[tuple[str, Engine, CutProxy]]:
+    """A new database of ``backend``: its URL through a :class:`CutProxy`, an engine on
+    it straight (for looking at, and ending, sessions), and the proxy."""
+    with temp_database(backend, tmp_path) as url:
+        direct = make_url(url)
+        admin = create_engine(direct)
+        try:
+            with CutProxy(direct.port or 0) as proxy:
+                proxied = direct.set(port=proxy.port).render_as_string(hide_password=False)
+                yield proxied, admin, proxy
+        finally:
+            admin.dispose()
+
+
+def _holder(admin: Engine) -> int | None:
+    """The session holding the daemon's lock (a PostgreSQL backend pid, a MariaDB
+    connection id), or None."""
+    with admin.connect() as conn:
+        if admin.dialect.name == "postgresql":
+            query = text(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND classid = 0 AND objid = :key AND objsubid = 1"
+                " AND database = (SELECT oid FROM pg_database"
+                " WHERE datname = current_database())"
+            )
+            return conn.execute(query, {"key": zlib.crc32(LOCK_NAME.encode())}).scalar()
+        query = text("SELECT IS_USED_LOCK(CONCAT(:name, ':', MD5(DATABASE())))")
+        return conn.execute(query, {"name": LOCK_NAME[:24]}).scalar()
+
+
+def _end_session(admin: Engine, session: int) -> None:
+    """End the server session ``session`` (as an administrator would), and wait until
+    the lock it held is free."""
+    with admin.connect() as conn:
+        if admin.dialect.name == "postgresql":
+            assert conn.execute(
+                text("SELECT pg_terminate_backend(:pid)"), {"pid": session}
+            ).scalar()
+        else:
+            conn.execute(text("KILL :id"), {"id": session})
+    until(lambda: _holder(admin) is None, 30, "the ended session's lock freed")
+
+
+def _cut_lock(lock: DaemonLock, admin: Engine, proxy: CutProxy) -> int:
+    """Take ``lock``, cut its connection where the server does not notice, and let the
+    lock see it lost; the session still holding the lock on the server is returned."""
+    lock.take()
+    session = _holder(admin)
+    assert session is not None
+    proxy.cut()
+    assert not lock.check()
+    assert _holder(admin) == session  # the server's session lives on, holding the lock
+    return session
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])
+def test_the_lock_still_held_by_our_cut_session_is_waited_for(backend: str, tmp_path: Path) -> None:
+    """A lock still held by this daemon's own session of before a network cut the server
+    has not noticed makes ``retake`` wait (no ConflictError), and taken once it ended."""
+    with _through_proxy(backend, tmp_path) as (url, admin, proxy):
+        engine = open_engine(url)
+        lock = DaemonLock(engine, url)
+        try:
+            old = _cut_lock(lock, admin, proxy)
+            for _ in range(2):  # each LOCK_CHECK alike while the old session lives
+                with pytest.raises(PreviousSessionHolds, match="previous session") as waits:
+                    lock.retake()
+                assert not isinstance(waits.value, ConflictError)
+                assert not lock.check()
+                assert _holder(admin) == old
+            _end_session(admin, old)
+            lock.retake()
+            assert lock.check()
+            new = _holder(admin)
+            assert new not in (None, old)
+            other = DaemonLock(admin, url)  # the lock is really this daemon's again
+            with pytest.raises(ConflictError, match="another provisioner daemon"):
+                other.take()
+        finally:
+            lock.release()
+            engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])
+def test_the_lock_another_daemon_took_after_our_cut_is_refused(
+    backend: str, tmp_path: Path
+) -> None:
+    """A lock another daemon took once this daemon's cut session ended is refused to
+    ``retake`` (ConflictError), even when that daemon runs in this very process."""
+    with _through_proxy(backend, tmp_path) as (url, admin, proxy):
+        engine = open_engine(url)
+        lock = DaemonLock(engine, url)
+        other = DaemonLock(admin, url)
+        try:
+            _end_session(admin, _cut_lock(lock, admin, proxy))
+            other.take()
+            taken = _holder(admin)
+            with pytest.raises(ConflictError, match="another provisioner daemon"):
+                lock.retake()
+            assert not lock.check()
+            assert _holder(admin) == taken
+        finally:
+            other.release()
+            lock.release()
+            engine.dispose()
+
+
+def test_a_daemon_waits_for_the_lock_its_cut_session_still_holds(tmp_path: Path) -> None:
+    """On PostgreSQL, a daemon whose lock connection was cut without the server noticing
+    runs on, waiting while its old session holds the lock, and takes it once it ended."""
+    with _through_proxy("postgresql", tmp_path) as (url, admin, proxy):
+        seed_store(url, 2).dispose()
+        config = write_config(tmp_path, store_url=url)
+        daemon = Daemon(config, tmp_path / "daemon.log").start()
+        try:
+            old = _holder(admin)
+            assert old is not None
+            proxy.cut()
+
+            def waits() -> bool:
+                events = daemon.logged("daemon.lock_waits")
+                return any("previous session" in e.get("error", "") for e in events)
+
+            until(lambda: waits() or not daemon.alive, 30, "the daemon waits for its old session")
+            assert daemon.alive, daemon.log.read_text()
+            assert daemon.logged("daemon.lock_lost")
+            assert _holder(admin) == old
+            _end_session(admin, old)
+            until(lambda: bool(daemon.logged("daemon.lock_retaken")), 30, "lock retaken")
+            assert _holder(admin) not in (None, old)
+            assert daemon.stop() == 0
+        finally:
+            daemon.kill()
+    assert "Traceback" not in daemon.log.read_text()
+
+
+def test_a_postgresql_lock_key_above_2_31_is_found_in_pg_locks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon lock key of 2**31 or more (pg_lock_key is an unsigned CRC-32) shows in
+    pg_locks as classid 0 and objid the key, where a refused daemon finds its holder."""
+    key = pg_lock_key("x0")
+    assert 2**31 <= key < 2**32
+    monkeypatch.setattr(runlock, "_PG_KEY", key)
+    with temp_database("postgresql", tmp_path) as url:
+        engine = open_engine(url)
+        first, second = DaemonLock(engine, url), DaemonLock(engine, url)
+        try:
+            first.take()
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    text(
+                        "SELECT classid, objid, objsubid FROM pg_locks"
+                        " WHERE locktype = 'advisory' AND granted"
+                    )
+                ).all()
+            assert rows == [(0, key, 1)]
+            with pytest.raises(ConflictError, match=re.escape(f"({holder_name()})")):
+                second.take()
+        finally:
+            first.release()
+            engine.dispose()
+
+
+def test_the_mariadb_lock_names_stay_those_of_earlier_versions(tmp_path: Path) -> None:
+    """On MariaDB, the writers' lock and the daemon's are named by a name's first 24
+    characters, ':' and the MD5 of the database's name, as every earlier version did."""
+    with temp_database("mariadb", tmp_path) as url:
+        engine = open_engine(url)
+        database = make_url(url).database
+        assert database is not None
+        suffix = ":" + hashlib.md5(database.encode()).hexdigest()
+        name = "provisioner.writers.of.one.store"
+        used = text("SELECT IS_USED_LOCK(:name)")
+        lock = DaemonLock(engine, url)
+        try:
+            with engine.connect() as conn:
+                assert conn.execute(select(mysql_lock_name(name))).scalar() == name[:24] + suffix
+                conn.rollback()
+                with exclusive(conn, name):
+                    me = conn.execute(select(func.connection_id())).scalar()
+                    with engine.connect() as other:
+                        assert other.execute(used, {"name": name[:24] + suffix}).scalar() == me
+            lock.take()
+            with engine.connect() as conn:
+                assert conn.execute(used, {"name": LOCK_NAME[:24] + suffix}).scalar() is not None
+        finally:
+            lock.release()
+            engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mariadb"])
+def test_only_a_lock_on_a_connection_is_watched(backend: str, tmp_path: Path) -> None:
+    """The daemon watches its lock of the store only where a lost connection can lose it
+    (PostgreSQL, MariaDB): a SQLite file lock, never lost, is not watched."""
+    on_a_connection = backend != "sqlite"
+    with temp_database(backend, tmp_path) as url:
+        daemon = local_daemon(tmp_path, store={"url": url})
+
+        async def tasks_after_taking_the_lock() -> list[str]:
+            await daemon._take_lock()
+            names = [getattr(task.get_coro(), "__qualname__", "") for task in daemon._tasks]
+            daemon.stop.set()  # the watch, if any, ends at once
+            await asyncio.wait_for(asyncio.gather(*daemon._tasks), 10)
+            return names
+
+        try:
+            names = asyncio.run(tasks_after_taking_the_lock())
+            assert daemon._lock is not None
+            assert daemon._lock.check()
+            assert daemon._lock.can_be_lost is on_a_connection
+            assert DaemonLock(daemon.engine, url).can_be_lost is on_a_connection
+        finally:
+            if daemon._lock is not None:
+                daemon._lock.release()
+            daemon.engine.dispose()
+    assert names == (["Daemon._keep_lock"] if on_a_connection else [])
+
+
+def test_a_sqlite_store_in_memory_has_no_lock_to_lose() -> None:
+    """A SQLite store in memory has no daemon lock, so none that can be lost."""
+    engine = open_engine("sqlite://")
+    lock = DaemonLock(engine, "sqlite://")
+    try:
+        lock.take()
+        assert lock.check()
+        assert not lock.can_be_lost
+    finally:
+        lock.release()
+        engine.dispose()

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, func, select
+from sqlalchemy import ColumnElement, Connection, Engine, create_engine, event, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InvalidatePoolError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -27,8 +27,10 @@ __all__ = [
     "exclusive",
     "file_identity",
     "is_conflict",
+    "mysql_lock_name",
     "open_engine",
     "pg_keepalive",
+    "pg_lock_key",
     "reading",
     "sqlite_file",
     "transaction",
@@ -221,6 +223,20 @@ def transaction(
 EXCLUSIVE_WAIT = 120
 
 
+def pg_lock_key(name: str) -> int:
+    """PostgreSQL's advisory lock key of the lock ``name``: its CRC-32, the same in
+    every process.  Below 2**32, so ``pg_locks`` shows it as taken with one bigint:
+    ``classid`` 0 (the high 32 bits), ``objid`` the key (the low 32), ``objsubid`` 1."""
+    return zlib.crc32(name.encode())
+
+
+def mysql_lock_name(name: str) -> ColumnElement[str]:
+    """MariaDB/MySQL's ``GET_LOCK`` name of the lock ``name`` (an SQL expression): its
+    first 24 characters, ``:`` and the MD5 of the current database's name, at most 64
+    characters.  ``GET_LOCK`` names are the server's: this one is the database's."""
+    return func.concat(name[:24], ":", func.md5(func.database()))
+
+
 @contextmanager
 def exclusive(conn: Connection, name: str) -> Iterator[None]:
     """One transaction on ``conn`` (committed at the end of the ``with``, rolled back on
@@ -244,7 +260,7 @@ def exclusive(conn: Connection, name: str) -> Iterator[None]:
                 _pg_lock(conn, name)
             yield
         return
-    lock = func.concat(name[:24], ":", func.md5(func.database()))  # at most 64 characters
+    lock = mysql_lock_name(name)
     try:
         with conn.begin():
             _mysql_lock(conn, name, lock)
@@ -258,7 +274,7 @@ _PG_LOCK_TIMEOUT = "55P03"
 
 
 def _pg_lock(conn: Connection, name: str) -> None:
-    key = zlib.crc32(name.encode())  # a fixed key per name, the same in every process
+    key = pg_lock_key(name)
     if conn.execute(select(func.pg_try_advisory_xact_lock(key))).scalar():
         return
     log.warning("store.writer_waits", lock=name)
@@ -281,7 +297,7 @@ def _held_too_long(name: str) -> StoreUnavailable:
     )
 
 
-def _mysql_lock(conn: Connection, name: str, lock: Any) -> None:
+def _mysql_lock(conn: Connection, name: str, lock: ColumnElement[str]) -> None:
     if conn.execute(select(func.get_lock(lock, 0))).scalar():
         return
     log.warning("store.writer_waits", lock=name)
@@ -289,7 +305,7 @@ def _mysql_lock(conn: Connection, name: str, lock: Any) -> None:
         raise _held_too_long(name)
 
 
-def _release(conn: Connection, lock: Any) -> None:
+def _release(conn: Connection, lock: ColumnElement[str]) -> None:
     """Release a MariaDB/MySQL ``GET_LOCK`` of ``conn``'s session (not held: nothing)."""
     try:
         conn.execute(select(func.release_lock(lock)))

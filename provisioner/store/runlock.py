@@ -16,39 +16,69 @@ The lock is held for the daemon's lifetime, on its own connection (or file):
 On PostgreSQL and MariaDB a lost connection loses the lock: :meth:`DaemonLock.check`
 says whether it is still held, and :meth:`DaemonLock.retake` takes it again on a new
 connection (refused, with :class:`~provisioner.errors.ConflictError`, when another
-daemon took it meanwhile).
+daemon took it meanwhile).  A connection lost in a network cut the server has not
+noticed yet leaves its session alive on the server, still holding the lock until the
+server's keepalives (or an administrator) end it: ``retake`` then raises
+:class:`PreviousSessionHolds`, to be tried again later, for that holder is this
+daemon's own old session, not another daemon.  It is recognised
+
+- on PostgreSQL by its backend pid, one this lock's connections had (each is noted
+  before it asks for the lock: one whose answer was lost may hold it), together with
+  its ``application_name``, this process's;
+- on MariaDB/MySQL by a second ``GET_LOCK`` of a name drawn at random for this lock,
+  which a connection takes before the daemon's lock: only a session of this lock holds
+  it.  (Not by connection ids: a restarted server numbers its connections afresh, and
+  another daemon's could get the number of this one's old session.)
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import secrets
 import socket
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from sqlalchemy import Connection, Engine, column, func, select, table
+from sqlalchemy.exc import DBAPIError
 
-from ..errors import ConflictError, Problem
-from .engine import STORE_DOWN, sqlite_file
+from ..errors import ConflictError, Problem, StoreUnavailable
+from .engine import STORE_DOWN, mysql_lock_name, pg_lock_key, sqlite_file
 
-__all__ = ["LOCK_NAME", "DaemonLock", "holder_name", "lock_file"]
+__all__ = ["LOCK_NAME", "DaemonLock", "PreviousSessionHolds", "holder_name", "lock_file"]
 
 #: The lock's name (PostgreSQL's key is its CRC-32, MariaDB's name starts with it).
 LOCK_NAME = "provisioner.daemon"
-_PG_KEY = zlib.crc32(LOCK_NAME.encode())
+_PG_KEY = pg_lock_key(LOCK_NAME)
+#: The dialects whose lock is a session's (of a connection of its own), not a file's.
+_MYSQL = ("mysql", "mariadb")
 
 _pg_locks = table(
     "pg_locks",
     column("locktype"),
+    column("classid"),
     column("objid"),
+    column("objsubid"),
     column("pid"),
     column("granted"),
     column("database"),
 )
 _pg_activity = table("pg_stat_activity", column("pid"), column("application_name"))
+
+
+class PreviousSessionHolds(StoreUnavailable):
+    """The lock is held by this daemon's own session of before a connection was lost
+    (see the module): not refused, for no other daemon holds it; try again later, once
+    the server has ended that session."""
+
+    def __init__(self, session: str) -> None:
+        super().__init__(
+            f"the lock is still held by this daemon's previous session ({session}), whose "
+            "connection was lost without the server noticing yet: taken again once the "
+            "server ends it"
+        )
 
 
 def holder_name() -> str:
@@ -78,20 +108,32 @@ class DaemonLock:
     url: str
     _conn: Connection | None = None
     _file: IO[str] | None = None
-    _held: bool = field(default=False)
+    _held: bool = False
+    #: PostgreSQL: the backend pids of this lock's connections that may hold the lock.
+    _sessions: set[int] = field(default_factory=set)
+    #: MariaDB/MySQL: the name of the lock only this lock's sessions take (see the module).
+    _marker: str = field(default_factory=lambda: "provisioner.self:" + secrets.token_hex(16))
 
     def take(self) -> None:
         """Take the lock, or raise :class:`ConflictError` naming its holder when another
-        daemon holds it.  A store that cannot be reached raises the driver's error.
-        Blocking."""
+        daemon holds it, :class:`PreviousSessionHolds` when this one's old session does
+        (only after a lost connection: see :meth:`retake`).  A store that cannot be
+        reached raises the driver's error.  Blocking."""
         path = lock_file(self.url)
         if path is not None:
             self._take_file(path)
         elif self.engine.dialect.name == "postgresql":
             self._take_pg()
-        elif self.engine.dialect.name in ("mysql", "mariadb"):
+        elif self.engine.dialect.name in _MYSQL:
             self._take_mysql()
         self._held = True
+
+    @property
+    def can_be_lost(self) -> bool:
+        """Whether the lock lives on a connection (PostgreSQL, MariaDB/MySQL), which a
+        store restart or a network cut loses: only such a lock needs :meth:`check` and
+        :meth:`retake`.  A SQLite file lock (or none: a store in memory) never is."""
+        return self.engine.dialect.name == "postgresql" or self.engine.dialect.name in _MYSQL
 
     def check(self) -> bool:
         """Whether the lock is still held: False once its connection was lost (it is
@@ -109,7 +151,10 @@ class DaemonLock:
         return self._held
 
     def retake(self) -> None:
-        """:meth:`take` again after :meth:`check` found the lock lost."""
+        """:meth:`take` again after :meth:`check` found the lock lost: raises
+        :class:`PreviousSessionHolds` while the lost connection's session lives on the
+        server, holding the lock (try again later), :class:`ConflictError` when another
+        daemon took it."""
         self._drop_conn()
         self.take()
 
@@ -128,7 +173,10 @@ class DaemonLock:
         try:
             conn.invalidate()  # never back to the pool: its session (and lock) must end
             conn.close()
-        except Exception:  # noqa: S110 (closing a lost connection: nothing to do)
+        except DBAPIError:
+            # The driver failing to end a connection already lost (invalidate() logs its
+            # own close's errors): nothing is left to end on this side, and the server
+            # ends the session, with the lock, once it notices.
             pass
 
     def _take_file(self, path: Path) -> None:
@@ -148,16 +196,39 @@ class DaemonLock:
 
     def _take_pg(self) -> None:
         conn = self._connect()
-        conn.execute(select(func.set_config("application_name", holder_name()[:63], False)))
-        if not conn.execute(select(func.pg_try_advisory_lock(_PG_KEY))).scalar():
-            holder = _pg_holder(conn)
-            self._drop_conn()
-            raise _refused(holder)
-        conn.commit()
+        name = holder_name()[:63]
+        session: int = conn.execute(
+            select(func.pg_backend_pid(), func.set_config("application_name", name, False))
+        ).one()[0]
+        # Noted before asking: a session whose answer is lost may hold the lock.
+        self._sessions.add(session)
+        if conn.execute(select(func.pg_try_advisory_lock(_PG_KEY))).scalar():
+            conn.commit()
+            self._sessions = {session}  # no other session can hold it now
+            return
+        self._sessions.discard(session)  # refused: it holds nothing
+        holder = _pg_holder(conn)
+        self._drop_conn()
+        if holder is not None and holder.pid in self._sessions and holder.name == name:
+            raise PreviousSessionHolds(f"PostgreSQL backend pid {holder.pid}")
+        raise _refused(_pg_describe(holder))
 
     def _take_mysql(self) -> None:
         conn = self._connect()
-        lock = func.concat(LOCK_NAME[:24], ":", func.md5(func.database()))
+        lock = mysql_lock_name(LOCK_NAME)
+        # The marker first: the session holding the daemon's lock holds it too.
+        if not conn.execute(select(func.get_lock(self._marker, 0))).scalar():
+            ours, holder = conn.execute(
+                select(func.is_used_lock(self._marker), func.is_used_lock(lock))
+            ).one()
+            self._drop_conn()
+            if holder is not None and holder != ours:
+                raise _refused(f"the database connection id {holder}")
+            # Our old session holds the lock, or only the marker (lost between the two):
+            # either way, the lock is taken once it ended.
+            raise PreviousSessionHolds(
+                "a session that just ended" if ours is None else f"database connection id {ours}"
+            )
         if not conn.execute(select(func.get_lock(lock, 0))).scalar():
             holder = conn.execute(select(func.is_used_lock(lock))).scalar()
             self._drop_conn()
@@ -169,15 +240,33 @@ class DaemonLock:
         return self._conn
 
 
-def _pg_holder(conn: Connection) -> str:
-    """Who holds the daemon's advisory lock: the ``application_name`` of its session
-    (``provisioner daemon pid N on HOST``), else its backend pid."""
+class _PgHolder(NamedTuple):
+    """The session holding the daemon's advisory lock: its backend pid and its
+    ``application_name``."""
+
+    pid: int
+    name: str | None
+
+
+def _pg_describe(holder: _PgHolder | None) -> str:
+    """``holder`` for a message: its ``application_name`` (``provisioner daemon pid N
+    on HOST``), else its backend pid."""
+    if holder is None:
+        return "a session that just ended"
+    return holder.name or f"PostgreSQL backend pid {holder.pid}"
+
+
+def _pg_holder(conn: Connection) -> _PgHolder | None:
+    """The session holding the daemon's advisory lock, or None (it just ended)."""
     query = (
         select(_pg_activity.c.pid, _pg_activity.c.application_name)
         .select_from(_pg_locks.join(_pg_activity, _pg_locks.c.pid == _pg_activity.c.pid))
         .where(
+            # One bigint key below 2**32 (see pg_lock_key): classid 0, objid the key.
             _pg_locks.c.locktype == "advisory",
-            _pg_locks.c.objid == _pg_objid(),
+            _pg_locks.c.classid == 0,
+            _pg_locks.c.objid == _PG_KEY,
+            _pg_locks.c.objsubid == 1,
             _pg_locks.c.granted.is_(True),
             _pg_locks.c.database
             == select(column("oid"))
@@ -188,11 +277,4 @@ def _pg_holder(conn: Connection) -> str:
     )
     row: Any = conn.execute(query).first()
     conn.rollback()
-    if row is None:
-        return "a session that just ended"
-    return str(row.application_name or f"PostgreSQL backend pid {row.pid}")
-
-
-def _pg_objid() -> int:
-    """``pg_locks.objid`` of a one-bigint advisory key: its low 32 bits."""
-    return _PG_KEY & 0xFFFFFFFF
+    return None if row is None else _PgHolder(row.pid, row.application_name)
