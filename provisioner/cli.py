@@ -65,6 +65,8 @@ class App:
         self.actor = actor
         self._config: Config | None = None
         self._accounts: Accounts | None = None
+        #: False once the command said it only reads the store (:meth:`only_reads`).
+        self._creates_store = True
 
     @property
     def config(self) -> Config:
@@ -79,9 +81,18 @@ class App:
     def accounts(self) -> Accounts:
         if self._accounts is None:
             cfg = self.config
-            engine = open_engine(cfg.store.url, busy_timeout=cfg.store.busy_timeout)
+            engine = open_engine(
+                cfg.store.url, busy_timeout=cfg.store.busy_timeout, create=self._creates_store
+            )
             self._accounts = Accounts(engine, Policy.from_config(cfg), actor=self.actor)
         return self._accounts
+
+    def only_reads(self) -> None:
+        """Say that the command only reads the store (a listing, a dry run), before it first
+        opens it: a SQLite store whose file does not exist (a typo'd path) is then refused
+        with :class:`StoreUnavailable` naming the file, and neither it nor its directories
+        are created (a stray empty store that a later ``db upgrade`` or daemon would use)."""
+        self._creates_store = False
 
 
 pass_app = click.make_pass_decorator(App)
@@ -241,6 +252,7 @@ def profile_add(app: App, name: str, description: str) -> None:
 @pass_app
 def profile_list(app: App, as_json: bool) -> None:
     """List user profiles."""
+    app.only_reads()
     found = app.accounts.list_profiles()
     if as_json:
         _echo_json([asdict(p) for p in found])
@@ -378,6 +390,7 @@ def user_edit(app: App, /, username: str, **opts: Any) -> None:
 @pass_app
 def user_show(app: App, username: str, as_json: bool) -> None:
     """Show one user (never a secret)."""
+    app.only_reads()
     data = user_view(app, app.accounts.get_user(username))
     if as_json:
         _echo_json(data)
@@ -406,6 +419,7 @@ def user_list(
     as_json: bool,
 ) -> None:
     """List users."""
+    app.only_reads()
     found = app.accounts.list_users(deleted=deleted, role=role, profile=profile, state=state)
     if as_json:
         _echo_json([user_view(app, u) for u in found])
@@ -502,6 +516,7 @@ def user_apikey(app: App, username: str, action: str) -> None:
 @pass_app
 def user_export(app: App, csv_path: str, usernames: tuple[str, ...]) -> None:
     """Export users (all live ones, or those named) to CSV; no secrets."""
+    app.only_reads()
     if usernames:
         # A user named twice (in any case) is one row: a repeated row would not re-import.
         # By id, as a full export: the first admin comes first, as an empty store needs.
@@ -548,6 +563,8 @@ def _open_out(path: str) -> Iterator[TextIO]:
 @pass_app
 def user_import(app: App, csv_path: str, dry_run: bool) -> None:
     """Add or update users from CSV: every row valid, or nothing changes."""
+    if dry_run:
+        app.only_reads()
     try:
         # stdin as bytes too: its text layer is strict under a UTF-8 locale (a traceback).
         raw = sys.stdin.buffer.read() if csv_path == "-" else Path(csv_path).read_bytes()
@@ -679,6 +696,8 @@ def _reconcile(
 @pass_app
 def render(app: App, kind: str | None, dry_run: bool, allow_mass_removal: bool) -> None:
     """Render every live user into the target (a config file or realtime rows)."""
+    if dry_run:
+        app.only_reads()
     report = _reconcile(app, kind=kind, dry_run=dry_run, allow_mass_removal=allow_mass_removal)
     if dry_run and report.change.diff:
         click.echo(report.change.diff, nl=not report.change.diff.endswith("\n"))
@@ -692,6 +711,8 @@ def render(app: App, kind: str | None, dry_run: bool, allow_mass_removal: bool) 
 @pass_app
 def sync(app: App, once: bool, dry_run: bool, allow_mass_removal: bool) -> None:
     """Reconcile the store into the configured target once; print the counts."""
+    if dry_run:
+        app.only_reads()
     report = _reconcile(app, kind=None, dry_run=dry_run, allow_mass_removal=allow_mass_removal)
     _print_report(report)
 
@@ -722,6 +743,7 @@ def status(app: App, usernames: tuple[str, ...], as_json: bool) -> None:
     """Registration state read back from Asterisk: who is online, with what phone."""
     from .store.registrations import status_rows
 
+    app.only_reads()
     with app.accounts.transaction() as conn:
         rows = status_rows(conn, list(usernames) or None)
     # Names match case-insensitively, so ``alice ALICE`` is one user, found once.
@@ -794,6 +816,8 @@ def import_pjsip(
     from . import importer
     from .pjsip import RenderSettings
 
+    if dry_run:
+        app.only_reads()
     plan = importer.plan_import(
         importer.read_file(file),
         RenderSettings.from_config(app.config),
