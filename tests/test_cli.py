@@ -527,6 +527,35 @@ def test_db_upgrade_still_creates_a_missing_sqlite_store_and_its_directories(
     assert cli.ok("user", "list").splitlines()[1:] == []
 
 
+@pytest.mark.parametrize("args", [*_READERS[:8], ("render",), ("sync", "--once")], ids=" ".join)
+def test_every_command_reading_an_unmigrated_store_says_so_alike(
+    args: tuple[str, ...], db_url: str, tmp_path: Path
+) -> None:
+    """Every command reading a store whose schema is missing (an empty database) exits 7 with
+    one message: the database's words and ``provisioner db upgrade``."""
+    if (path := make_url(db_url).database) and db_url.startswith("sqlite"):
+        sqlite3.connect(path).close()  # an empty file: there, but never upgraded
+    result = make_cli(db_url, tmp_path, CONFIG)(*args)
+    assert result.code == 7, result
+    [line] = result.err.splitlines()
+    assert line.startswith("error: user store unavailable: "), line
+    assert line.endswith(" (is the schema missing or old? run `provisioner db upgrade`)"), line
+
+
+def test_a_realtime_targets_own_missing_column_stays_a_database_error(tmp_path: Path) -> None:
+    """A realtime target's table lacking a column (made by hand) is a database error, not
+    taken for the store's schema, which is current."""
+    cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path, CONFIG)
+    cli.ok("db", "upgrade")
+    target = tmp_path / "target.db"
+    with sqlite3.connect(target) as conn:
+        conn.execute("CREATE TABLE ps_endpoints (id TEXT PRIMARY KEY)")
+    conn.close()
+    result = cli("--set", f"target.url=sqlite:///{target}", "render", "--target", "realtime")
+    assert result.code == 7, result
+    assert result.err.startswith("error: database error: OperationalError: "), result
+
+
 def test_no_secret_leaks_into_output_or_logs(cli: Cli, store: Engine, tmp_path: Path) -> None:
     """In verbose runs passwords and given secrets never appear; generated ones appear once."""
     shown_once: list[str] = []

@@ -27,6 +27,7 @@ __all__ = [
     "exclusive",
     "file_identity",
     "is_conflict",
+    "is_missing_schema",
     "mysql_lock_name",
     "open_engine",
     "pg_keepalive",
@@ -34,6 +35,7 @@ __all__ = [
     "reading",
     "sqlite_file",
     "transaction",
+    "unavailable",
 ]
 
 log = get_logger(__name__)
@@ -223,6 +225,40 @@ def is_conflict(exc: DBAPIError) -> bool:
         return True
     args: tuple[Any, ...] = getattr(orig, "args", ())
     return bool(args) and args[0] in _MYSQL_CONFLICTS  # pymysql: (errno, message)
+
+
+#: What a table or a column missing looks like: PostgreSQL's SQLSTATEs (undefined table,
+#: undefined column), MariaDB/MySQL's error numbers (ER_NO_SUCH_TABLE,
+#: ER_BAD_FIELD_ERROR) and the start of SQLite's message.
+_PG_MISSING = frozenset({"42P01", "42703"})
+_MYSQL_MISSING = frozenset({1146, 1054})
+_SQLITE_MISSING = ("no such table", "no such column")
+
+
+def is_missing_schema(exc: DBAPIError) -> bool:
+    """True when the database refused a statement for a table or a column it does not have:
+    a store never upgraded, or upgraded by an older provisioner.  Pure: it reads the
+    driver's code (SQLite's message)."""
+    orig = exc.orig
+    args: tuple[Any, ...] = getattr(orig, "args", ())
+    if args and isinstance(args[0], int):  # pymysql: (errno, message), its SQLSTATE too vague
+        return args[0] in _MYSQL_MISSING
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate is not None:  # psycopg
+        return sqlstate in _PG_MISSING
+    return str(orig).startswith(_SQLITE_MISSING)
+
+
+def unavailable(exc: DBAPIError) -> StoreUnavailable:
+    """The :class:`StoreUnavailable` to raise for ``exc``, a database error of the user store:
+    ``user store unavailable: <the driver's first line>``, with the fix when the schema is
+    missing or old (:func:`is_missing_schema`).  Never ``str(exc)`` (the statement's
+    parameters)."""
+    detail = (str(exc.orig) or type(exc.orig).__name__).splitlines()[0]
+    hint = " (is the schema missing or old? run `provisioner db upgrade`)"
+    return StoreUnavailable(
+        f"user store unavailable: {detail}{hint if is_missing_schema(exc) else ''}"
+    )
 
 
 def transaction(
