@@ -41,6 +41,7 @@ from .model import (
     validate_fields,
 )
 from .store import queries as q
+from .store.engine import unavailable
 from .store.schema import users
 
 __all__ = ["Accounts", "Bulk", "Created", "Policy", "rerun_on_unique_clash", "utcnow"]
@@ -191,13 +192,7 @@ class Accounts:
             with self.engine.begin() as conn:
                 yield conn
         except (OperationalError, ProgrammingError) as exc:
-            detail = (str(exc.orig) or type(exc.orig).__name__).splitlines()[0]
-            hint = ""
-            # A store never upgraded: "no such table" (SQLite), "relation ... does not
-            # exist" (PostgreSQL), "Table ... doesn't exist" (MariaDB).
-            if isinstance(exc, ProgrammingError) or "no such table" in detail:
-                hint = " (is the schema missing or old? run `provisioner db upgrade`)"
-            raise StoreUnavailable(f"user store unavailable: {detail}{hint}") from None
+            raise unavailable(exc) from None
 
     @contextmanager
     def write(self) -> Iterator[Connection]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import click
+from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from . import csvio
@@ -38,7 +39,7 @@ from .errors import (
 from .logs import configure as configure_logs
 from .logs import get_logger
 from .model import CODECS, LOG_LEVELS, NATS, ROLES, TOAST_POSITIONS, TRANSPORTS, VIDEOS, User
-from .store.engine import driver_error, open_engine, transaction
+from .store.engine import driver_error, is_missing_schema, open_engine, transaction, unavailable
 from .store.untold import drop_untold, new_token, note_untold, untold_key
 from .sync import SyncReport
 
@@ -65,6 +66,8 @@ class App:
         self.actor = actor
         self._config: Config | None = None
         self._accounts: Accounts | None = None
+        #: False once the command said it only reads the store (:meth:`only_reads`).
+        self._creates_store = True
 
     @property
     def config(self) -> Config:
@@ -79,9 +82,18 @@ class App:
     def accounts(self) -> Accounts:
         if self._accounts is None:
             cfg = self.config
-            engine = open_engine(cfg.store.url, busy_timeout=cfg.store.busy_timeout)
+            engine = open_engine(
+                cfg.store.url, busy_timeout=cfg.store.busy_timeout, create=self._creates_store
+            )
             self._accounts = Accounts(engine, Policy.from_config(cfg), actor=self.actor)
         return self._accounts
+
+    def only_reads(self) -> None:
+        """Say that the command only reads the store (a listing, a dry run), before it first
+        opens it: a SQLite store whose file does not exist (a typo'd path) is then refused
+        with :class:`StoreUnavailable` naming the file, and neither it nor its directories
+        are created (a stray empty store that a later ``db upgrade`` or daemon would use)."""
+        self._creates_store = False
 
 
 pass_app = click.make_pass_decorator(App)
@@ -241,6 +253,7 @@ def profile_add(app: App, name: str, description: str) -> None:
 @pass_app
 def profile_list(app: App, as_json: bool) -> None:
     """List user profiles."""
+    app.only_reads()
     found = app.accounts.list_profiles()
     if as_json:
         _echo_json([asdict(p) for p in found])
@@ -378,6 +391,7 @@ def user_edit(app: App, /, username: str, **opts: Any) -> None:
 @pass_app
 def user_show(app: App, username: str, as_json: bool) -> None:
     """Show one user (never a secret)."""
+    app.only_reads()
     data = user_view(app, app.accounts.get_user(username))
     if as_json:
         _echo_json(data)
@@ -406,6 +420,7 @@ def user_list(
     as_json: bool,
 ) -> None:
     """List users."""
+    app.only_reads()
     found = app.accounts.list_users(deleted=deleted, role=role, profile=profile, state=state)
     if as_json:
         _echo_json([user_view(app, u) for u in found])
@@ -502,6 +517,7 @@ def user_apikey(app: App, username: str, action: str) -> None:
 @pass_app
 def user_export(app: App, csv_path: str, usernames: tuple[str, ...]) -> None:
     """Export users (all live ones, or those named) to CSV; no secrets."""
+    app.only_reads()
     if usernames:
         # A user named twice (in any case) is one row: a repeated row would not re-import.
         # By id, as a full export: the first admin comes first, as an empty store needs.
@@ -548,6 +564,8 @@ def _open_out(path: str) -> Iterator[TextIO]:
 @pass_app
 def user_import(app: App, csv_path: str, dry_run: bool) -> None:
     """Add or update users from CSV: every row valid, or nothing changes."""
+    if dry_run:
+        app.only_reads()
     try:
         # stdin as bytes too: its text layer is strict under a UTF-8 locale (a traceback).
         raw = sys.stdin.buffer.read() if csv_path == "-" else Path(csv_path).read_bytes()
@@ -622,19 +640,57 @@ def _print_report(report: SyncReport) -> None:
         click.echo(f"skipped {skipped}", err=True)
 
 
+@contextmanager
+def _schema_named(engine: Engine) -> Iterator[None]:
+    """Errors inside pass as they are, but a table or column missing while the store's schema
+    is not at this provisioner's revision (never upgraded, or by another version) becomes the
+    :class:`StoreUnavailable` every command reading the store through :class:`Accounts`
+    raises, with the same message; one of a realtime target's own tables stays a database
+    error."""
+    try:
+        yield
+    except DBAPIError as exc:
+        if is_missing_schema(exc) and not _store_current(engine):
+            raise unavailable(exc) from None
+        raise
+
+
+def _store_current(engine: Engine) -> bool:
+    """Whether the store's schema is at this provisioner's newest revision (not when it
+    cannot be read)."""
+    from .store.migrate import current_revision, head_revision
+
+    try:
+        return current_revision(engine) == head_revision()
+    except DBAPIError:
+        return False
+
+
 def _reconcile(
     app: App, *, kind: str | None, dry_run: bool, allow_mass_removal: bool
 ) -> SyncReport:
-    from .daemon import build_target
-    from .pjsip import RenderSettings
-    from .sync import reconcile
-
+    """One reconcile of the store into the configured target (``kind`` overriding its kind)."""
     config = app.config
     if kind is not None and kind != config.target.kind:
         config = config.model_copy(
             update={"target": config.target.model_copy(update={"kind": kind})}
         )
     engine = app.accounts.engine
+    with _schema_named(engine):
+        return _reconcile_with(
+            app, config, engine, dry_run=dry_run, allow_mass_removal=allow_mass_removal
+        )
+
+
+def _reconcile_with(
+    app: App, config: Config, engine: Engine, *, dry_run: bool, allow_mass_removal: bool
+) -> SyncReport:
+    """:func:`_reconcile` once ``config`` is settled, on the store's ``engine``: the target
+    made, a marker noted for realtime rows, the reconcile, and what it owes the daemon."""
+    from .daemon import build_target
+    from .pjsip import RenderSettings
+    from .sync import reconcile
+
     target = build_target(config, engine)
     # Realtime rows this command writes reach Asterisk's caches only when a daemon
     # empties them: a marker kept until then (kept too if the apply fails half-way).
@@ -679,6 +735,8 @@ def _reconcile(
 @pass_app
 def render(app: App, kind: str | None, dry_run: bool, allow_mass_removal: bool) -> None:
     """Render every live user into the target (a config file or realtime rows)."""
+    if dry_run:
+        app.only_reads()
     report = _reconcile(app, kind=kind, dry_run=dry_run, allow_mass_removal=allow_mass_removal)
     if dry_run and report.change.diff:
         click.echo(report.change.diff, nl=not report.change.diff.endswith("\n"))
@@ -692,6 +750,8 @@ def render(app: App, kind: str | None, dry_run: bool, allow_mass_removal: bool) 
 @pass_app
 def sync(app: App, once: bool, dry_run: bool, allow_mass_removal: bool) -> None:
     """Reconcile the store into the configured target once; print the counts."""
+    if dry_run:
+        app.only_reads()
     report = _reconcile(app, kind=None, dry_run=dry_run, allow_mass_removal=allow_mass_removal)
     _print_report(report)
 
@@ -722,6 +782,7 @@ def status(app: App, usernames: tuple[str, ...], as_json: bool) -> None:
     """Registration state read back from Asterisk: who is online, with what phone."""
     from .store.registrations import status_rows
 
+    app.only_reads()
     with app.accounts.transaction() as conn:
         rows = status_rows(conn, list(usernames) or None)
     # Names match case-insensitively, so ``alice ALICE`` is one user, found once.
@@ -794,6 +855,8 @@ def import_pjsip(
     from . import importer
     from .pjsip import RenderSettings
 
+    if dry_run:
+        app.only_reads()
     plan = importer.plan_import(
         importer.read_file(file),
         RenderSettings.from_config(app.config),

@@ -753,7 +753,8 @@ def _env_overrides(
     """``PROVISIONER_<SECTION>__<KEY>`` variables as nested overrides (``[``/``{``/``"``
     values decoded as JSON, others kept as strings; each value's variable noted in
     ``origins``), and the variables that cannot be read: a ``[``/``{``/``"`` value that is
-    not JSON, named as a ``--set`` flag is, never its value."""
+    not JSON, named as a ``--set`` flag is, never its value.  Blanks around a value are
+    dropped, as a ``--set`` flag's are (:func:`parse_sets`)."""
     tree: dict[str, Any] = {}
     problems = []
     # By name: problems in a stable order, and a whole table's variable before its keys'.
@@ -763,7 +764,9 @@ def _env_overrides(
         keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__") if k]
         if not keys:
             continue
-        if (unread := _put(tree, keys, raw, origins, name)) is not None:
+        # Blanks around the value (an env file's " config", its CRLF line end) dropped as
+        # --set drops them: a value that must keep them is given quoted, as JSON.
+        if (unread := _put(tree, keys, raw.strip(), origins, name)) is not None:
             problems.append(Problem(name, f"the value is not valid JSON ({unread})"))
     return tree, problems
 

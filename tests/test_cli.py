@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from datetime import datetime
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, create_engine, inspect
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 from provisioner import cli as cli_module
 from provisioner import credentials
@@ -140,7 +142,7 @@ def test_a_sqlite_store_whose_directory_cannot_be_made_exits_7_naming_it(tmp_pat
     saying so, instead of ending in a traceback."""
     (tmp_path / "file").write_text("")
     store = tmp_path / "file" / "var" / "store.db"
-    result = make_cli(f"sqlite:///{store}", tmp_path)("user", "list")
+    result = make_cli(f"sqlite:///{store}", tmp_path)("db", "upgrade")
     assert result.code == 7
     assert result.err.splitlines() == [
         f"error: cannot make the directory {str(store.parent)!r} of the SQLite database:"
@@ -444,6 +446,114 @@ def test_unmigrated_store_is_a_clear_error(db_url: str, tmp_path: Path) -> None:
     assert result.code == 7
     assert "provisioner db upgrade" in result.err
     assert "Traceback" not in result.err
+
+
+#: Commands that only read the store (a dry run writes nothing).
+_READERS = (
+    ("status",),
+    ("status", "--json"),
+    ("user", "list"),
+    ("user", "show", "alice"),
+    ("user", "export", "--csv", "-"),
+    ("profile", "list"),
+    ("render", "--dry-run"),
+    ("sync", "--once", "--dry-run"),
+    ("user", "import", "--csv", "users.csv", "--dry-run"),
+    (
+        "import",
+        "pjsip",
+        "pjsip.conf",
+        "--profile",
+        "agents",
+        "--email-domain",
+        "x.org",
+        "--dry-run",
+    ),
+)
+
+
+@pytest.mark.parametrize("args", _READERS, ids=" ".join)
+def test_a_command_that_only_reads_never_creates_a_missing_sqlite_store(
+    args: tuple[str, ...], tmp_path: Path
+) -> None:
+    """A reading command on a SQLite store file that does not exist (a typo) exits 7 naming
+    the path and the fix, and makes neither the file nor its directories."""
+    store = tmp_path / "nope" / "typo.db"
+    (tmp_path / "users.csv").write_text("username,full_name,email\nbob,Bob B,bob@x.org\n")
+    (tmp_path / "pjsip.conf").write_text(
+        "[101]\ntype=endpoint\nauth=101-auth\naors=101\n"
+        "[101-auth]\ntype=auth\nusername=bob\npassword=Secret123456\n[101]\ntype=aor\n"
+    )
+    result = make_cli(f"sqlite:///{store}", tmp_path, CONFIG)(*args)
+    assert (result.code, result.err.splitlines()) == (
+        7,
+        [
+            f"error: user store unavailable: no database file at {store}"
+            " (run `provisioner db upgrade` to create it)"
+        ],
+    )
+    assert not (tmp_path / "nope").exists()
+
+
+def test_a_reading_engine_never_creates_a_sqlite_file_removed_after_it_was_opened(
+    tmp_path: Path,
+) -> None:
+    """An engine opened without ``create`` reads an existing SQLite file, and a file removed
+    meanwhile is a database error at the next connection, not a new empty file."""
+    store = tmp_path / "store.db"
+    sqlite3.connect(store).close()
+    engine = open_engine(f"sqlite:///{store}", create=False)
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+        engine.dispose()
+        store.unlink()
+        with pytest.raises(OperationalError, match="unable to open database file"):
+            engine.connect()
+        assert not store.exists()
+    finally:
+        engine.dispose()
+
+
+def test_db_upgrade_still_creates_a_missing_sqlite_store_and_its_directories(
+    tmp_path: Path,
+) -> None:
+    """``db upgrade`` (and the commands that write) still make a missing SQLite file and its
+    directories, as on a fresh checkout."""
+    store = tmp_path / "var" / "deep" / "store.db"
+    cli = make_cli(f"sqlite:///{store}", tmp_path, CONFIG)
+    assert "store at revision" in cli.ok("db", "upgrade")
+    assert store.is_file()
+    assert cli.ok("user", "list").splitlines()[1:] == []
+
+
+@pytest.mark.parametrize("args", [*_READERS[:8], ("render",), ("sync", "--once")], ids=" ".join)
+def test_every_command_reading_an_unmigrated_store_says_so_alike(
+    args: tuple[str, ...], db_url: str, tmp_path: Path
+) -> None:
+    """Every command reading a store whose schema is missing (an empty database) exits 7 with
+    one message: the database's words and ``provisioner db upgrade``."""
+    if (path := make_url(db_url).database) and db_url.startswith("sqlite"):
+        sqlite3.connect(path).close()  # an empty file: there, but never upgraded
+    result = make_cli(db_url, tmp_path, CONFIG)(*args)
+    assert result.code == 7, result
+    [line] = result.err.splitlines()
+    assert line.startswith("error: user store unavailable: "), line
+    assert line.endswith(" (is the schema missing or old? run `provisioner db upgrade`)"), line
+
+
+def test_a_realtime_targets_own_missing_column_stays_a_database_error(tmp_path: Path) -> None:
+    """A realtime target's table lacking a column (made by hand) is a database error, not
+    taken for the store's schema, which is current."""
+    cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path, CONFIG)
+    cli.ok("db", "upgrade")
+    target = tmp_path / "target.db"
+    with sqlite3.connect(target) as conn:
+        conn.execute("CREATE TABLE ps_endpoints (id TEXT PRIMARY KEY)")
+    conn.close()
+    result = cli("--set", f"target.url=sqlite:///{target}", "render", "--target", "realtime")
+    assert result.code == 7, result
+    assert result.err.startswith("error: database error: OperationalError: "), result
 
 
 def test_no_secret_leaks_into_output_or_logs(cli: Cli, store: Engine, tmp_path: Path) -> None:

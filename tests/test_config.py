@@ -864,6 +864,21 @@ def test_blanks_around_a_set_flags_key_and_value_are_dropped_as_toml_drops_them(
     assert config.sip.realm == "pbx"
 
 
+def test_blanks_around_a_variables_value_are_dropped_as_a_set_flags_are() -> None:
+    """``PROVISIONER_TARGET__KIND=" config"`` (or a value ending in a CR from a Windows env
+    file) sets target.kind to config, as ``--set`` would; a quoted value keeps its blanks."""
+    config = load_config(
+        env={
+            "PROVISIONER_TARGET__KIND": " config",
+            "PROVISIONER_LOG__LEVEL": "debug\r\n",
+            "PROVISIONER_SIP__REALM": '  "pbx" ',
+            "PROVISIONER_TARGET__PATH": '" var/x.conf "',
+        }
+    )
+    assert (config.target.kind, config.log.level, config.sip.realm) == ("config", "debug", "pbx")
+    assert config.target.path == " var/x.conf "
+
+
 def _secret_file_problems(path: Path) -> list[str]:
     """The problems of a config whose one [[asterisk]] entry reads its secret from ``path``."""
     entry = {"name": "pbx1", "host": "h", "username": "u", "secret_file": str(path)}

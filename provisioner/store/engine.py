@@ -27,6 +27,7 @@ __all__ = [
     "exclusive",
     "file_identity",
     "is_conflict",
+    "is_missing_schema",
     "mysql_lock_name",
     "open_engine",
     "pg_keepalive",
@@ -34,6 +35,7 @@ __all__ = [
     "reading",
     "sqlite_file",
     "transaction",
+    "unavailable",
 ]
 
 log = get_logger(__name__)
@@ -109,7 +111,7 @@ def file_identity(path: Path) -> FileIdentity | None:
     return (info.st_dev, info.st_ino)
 
 
-def open_engine(url: str, *, busy_timeout: float = 10.0) -> Engine:
+def open_engine(url: str, *, busy_timeout: float = 10.0, create: bool = True) -> Engine:
     """An engine for ``url``.
 
     SQLite gets WAL (readers never block the writer), enforced foreign keys, a
@@ -117,27 +119,57 @@ def open_engine(url: str, *, busy_timeout: float = 10.0) -> Engine:
     :func:`reading`, so two writers queue on the lock instead of deadlocking on a
     read-to-write upgrade.  A pooled SQLite connection whose file is no longer the one
     the path names (a backup moved over it) is never handed out: the pool's idle
-    connections are closed, and a new one opens the file the path names.  Its
-    parent directory is created, so ``sqlite:///var/provisioner.db`` works on a
-    fresh checkout; one that cannot be raises :class:`StoreUnavailable`.
+    connections are closed, and a new one opens the file the path names.
+
+    With ``create`` (the default) a SQLite file that does not exist is created at the
+    first connection, and its parent directory at once, so ``sqlite:///var/provisioner.db``
+    works on a fresh checkout; one that cannot be raises :class:`StoreUnavailable`.
+    Without it (commands that only read) nothing is created: a file that does not exist
+    raises :class:`StoreUnavailable` naming it, and every connection opens the file
+    read-write only if it is there (SQLite's ``mode=rw``), so one removed meanwhile is an
+    error, not a new empty store.  Other databases are unaffected.
     """
     path = sqlite_file(url)
     if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:  # a typo'd or forbidden path: said so, not a traceback
+        if create:
+            _make_parent(path)
+        elif not path.exists():
             raise StoreUnavailable(
-                f"cannot make the directory {str(path.parent)!r} of the SQLite database: "
-                f"{exc.strerror or exc}"
-            ) from None
+                f"user store unavailable: no database file at {path} "
+                "(run `provisioner db upgrade` to create it)"
+            )
         engine = create_engine(url, connect_args={"timeout": busy_timeout, "isolation_level": None})
         _sqlite_events(engine, path, busy_timeout)
+        if not create:
+            _sqlite_never_creates(engine, path)
         return engine
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     parsed = make_url(url)
     if parsed.get_backend_name() == "postgresql":
         kwargs["connect_args"] = pg_keepalive(parsed.query)
     return create_engine(url, **kwargs)
+
+
+def _make_parent(path: Path) -> None:
+    """Make the directory of the SQLite file ``path`` (and those above it) where missing."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a typo'd or forbidden path: said so, not a traceback
+        raise StoreUnavailable(
+            f"cannot make the directory {str(path.parent)!r} of the SQLite database: "
+            f"{exc.strerror or exc}"
+        ) from None
+
+
+def _sqlite_never_creates(engine: Engine, path: Path) -> None:
+    """Have every connection of ``engine`` open ``path`` as a SQLite URI with ``mode=rw``:
+    an existing file only (read-only if the system forbids writing), never a new one."""
+
+    @event.listens_for(engine, "do_connect")
+    def _existing_only(_dialect: Any, _record: Any, cargs: list[Any], cparams: Any) -> None:
+        # as_uri() percent-encodes what a URI cannot hold as is (``?``, ``#``, ``%``).
+        cargs[0] = Path(os.path.abspath(path)).as_uri() + "?mode=rw"
+        cparams["uri"] = True
 
 
 def pg_keepalive(given: Mapping[str, object]) -> dict[str, str]:
@@ -193,6 +225,40 @@ def is_conflict(exc: DBAPIError) -> bool:
         return True
     args: tuple[Any, ...] = getattr(orig, "args", ())
     return bool(args) and args[0] in _MYSQL_CONFLICTS  # pymysql: (errno, message)
+
+
+#: What a table or a column missing looks like: PostgreSQL's SQLSTATEs (undefined table,
+#: undefined column), MariaDB/MySQL's error numbers (ER_NO_SUCH_TABLE,
+#: ER_BAD_FIELD_ERROR) and the start of SQLite's message.
+_PG_MISSING = frozenset({"42P01", "42703"})
+_MYSQL_MISSING = frozenset({1146, 1054})
+_SQLITE_MISSING = ("no such table", "no such column")
+
+
+def is_missing_schema(exc: DBAPIError) -> bool:
+    """True when the database refused a statement for a table or a column it does not have:
+    a store never upgraded, or upgraded by an older provisioner.  Pure: it reads the
+    driver's code (SQLite's message)."""
+    orig = exc.orig
+    args: tuple[Any, ...] = getattr(orig, "args", ())
+    if args and isinstance(args[0], int):  # pymysql: (errno, message), its SQLSTATE too vague
+        return args[0] in _MYSQL_MISSING
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate is not None:  # psycopg
+        return sqlstate in _PG_MISSING
+    return str(orig).startswith(_SQLITE_MISSING)
+
+
+def unavailable(exc: DBAPIError) -> StoreUnavailable:
+    """The :class:`StoreUnavailable` to raise for ``exc``, a database error of the user store:
+    ``user store unavailable: <the driver's first line>``, with the fix when the schema is
+    missing or old (:func:`is_missing_schema`).  Never ``str(exc)`` (the statement's
+    parameters)."""
+    detail = (str(exc.orig) or type(exc.orig).__name__).splitlines()[0]
+    hint = " (is the schema missing or old? run `provisioner db upgrade`)"
+    return StoreUnavailable(
+        f"user store unavailable: {detail}{hint if is_missing_schema(exc) else ''}"
+    )
 
 
 def transaction(
