@@ -267,6 +267,9 @@ class FakeAsterisk:
         self.drop_on: set[str] = set()  # close the connection on receiving these actions
         self.silent = False  # read and record, never answer (a half-open peer)
         self.prefer: dict[str, str] = {}  # action name -> text its replayed answer must hold
+        #: Sent on every connection right after a successful login's answer (a peer that
+        #: breaks the protocol each time: a reconnect must not be a tight loop).
+        self.after_login = b""
         # State replayed against.
         self._keys_by_uri = self._recorded_keys_by_uri()
         self.astdb: set[str] = set(self._keys_by_uri.values())
@@ -351,6 +354,20 @@ class FakeAsterisk:
                     writer.write(b"x" * chunk)
                     await writer.drain()
                 writer.write(b"\r\n\r\n")
+            except (ConnectionError, RuntimeError):
+                continue
+
+    async def send_stream(self, head: bytes, piece: bytes, size: int) -> None:
+        """Send ``head`` then ``piece`` repeated for about ``size`` bytes, on every open
+        connection, until done or the client hangs up (a peer that never ends a line or
+        a message)."""
+        count = max(1, (1 << 16) // len(piece))
+        for writer in self._event_writers():
+            try:
+                writer.write(head)
+                for _ in range(0, size, count * len(piece)):
+                    writer.write(piece * count)
+                    await writer.drain()
             except (ConnectionError, RuntimeError):
                 continue
 
@@ -439,6 +456,7 @@ class FakeAsterisk:
             quiet = action.get("Events").lower() == "off"
             booted = b"" if quiet else self.library.find_message("Event: FullyBooted")
             writer.write(_substitute_id(recorded, action.get("ActionID")) + booted)
+            writer.write(self.after_login)
             await writer.drain()
             return True
         self.logins_failed += 1

@@ -5,6 +5,10 @@ log in, then read every message promptly (Asterisk drops slow readers), ping
 every ``ping_interval`` and reconnect after any loss with capped exponential
 backoff and jitter, until the ``stop`` event is set.  A refused login waits
 ``login_failure_backoff`` (a wrong secret does not fix itself), never a tight loop.
+A line, a message or a header count past its bound
+(:class:`~provisioner.ami.actions.FrameDecoder`) is a protocol error: the connection
+is dropped (``ami.protocol_error`` names the bound, never the bytes) and
+made again after the usual backoff; the actions in flight fail as on any drop.
 
 Actions (:meth:`AmiClient.send_action`) are validated, sent once, and answered
 with an :class:`AmiReply` or an :class:`~provisioner.ami.errors.AmiError`: on a
@@ -284,6 +288,11 @@ class AmiClient:
                 retry_in_s=round(delay, 3),
             )
             return delay, attempt + 1
+        except AmiProtocolError as exc:
+            self._last_error = exc.reason
+            delay = self._backoff(attempt)
+            self._log.error("ami.protocol_error", limit=exc.limit, error=exc.reason)
+            return delay, attempt + 1
         except (OSError, TimeoutError, AmiError, ValueError) as exc:
             self._last_error = _describe(exc)
             delay = self._backoff(attempt)
@@ -342,6 +351,7 @@ class AmiClient:
         return FrameDecoder(
             max_line_bytes=self.settings.max_line_bytes,
             max_message_bytes=self.settings.max_message_bytes,
+            max_headers=self.settings.max_headers,
         )
 
     async def _login(self, session: _Session) -> None:
@@ -442,7 +452,7 @@ class AmiClient:
                 # the registration flusher and pending actions would wait on it.
                 await asyncio.sleep(0)
         except AmiProtocolError as exc:
-            self._log.error("ami.protocol_error", error=exc.reason)
+            self._log.error("ami.protocol_error", limit=exc.limit, error=exc.reason)
             session.close(exc.reason)
         except (OSError, ValueError) as exc:
             session.close(_describe(exc))
@@ -468,10 +478,13 @@ class AmiClient:
                 gc.enable()
 
     def _feed(self, session: _Session, data: bytes) -> list[AmiMessage]:
+        """``data`` through the session's decoder; a bound passed as :class:`AmiProtocolError`."""
         try:
             return session.decoder.feed(data)
         except FrameTooLarge as exc:
-            raise AmiProtocolError(self.name, f"protocol violation: {exc}") from None
+            raise AmiProtocolError(
+                self.name, f"protocol violation: {exc}", limit=exc.limit
+            ) from None
 
     async def _ping_loop(self, session: _Session) -> None:
         """``Ping`` every ``ping_interval``; ``ping_timeout`` without its answer and

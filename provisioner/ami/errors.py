@@ -44,7 +44,13 @@ class AmiTimeout(AmiError):
 
 
 class AmiProtocolError(AmiError):
-    """The peer broke the protocol (oversized line or message, not an AMI banner)."""
+    """The peer broke the protocol: a line, a message or a header count past its bound
+    (:attr:`limit`: ``line``, ``message`` or ``headers``; empty for other breaks, such as
+    a list too long)."""
+
+    def __init__(self, server: str, message: str, *, limit: str = "") -> None:
+        super().__init__(server, message)
+        self.limit = limit
 
 
 class AmiLoginFailed(AmiError):
