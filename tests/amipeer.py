@@ -253,9 +253,13 @@ class FakeAsterisk:
         username: str = "provisioner",
         secret: str = "lab-secret",
         transcripts: Transcripts | None = None,
+        banner: bytes = BANNER,
     ) -> None:
         self.library = transcripts or load_transcripts()
         self.username, self.secret = username, secret
+        #: What a new connection gets first: another service's greeting (an SSH banner),
+        #: or nothing (an HTTP server waits for a request), plays a peer that is not Asterisk.
+        self.banner = banner
         self.port = 0
         # Faults and knobs.
         self.login_delay = 0.0  # Asterisk waits 1 s before refusing a login
@@ -385,7 +389,7 @@ class FakeAsterisk:
         self.connections += 1
         conn = self.connections
         self._writers[conn] = writer
-        writer.write(BANNER)
+        writer.write(self.banner)
         logged_in = False
         try:
             async for headers in self._actions(reader):

@@ -22,6 +22,7 @@ from provisioner.ami.actions import (
     ActionIdGenerator,
     FrameDecoder,
     FrameTooLarge,
+    NotAmiPeer,
     build_action,
 )
 from provisioner.config import AmiSettings
@@ -203,6 +204,33 @@ def test_non_ami_peer_is_refused() -> None:
     """A first line that is not the AMI banner is refused."""
     with pytest.raises(ValueError, match="not an AMI peer"):
         FrameDecoder().feed(b"HTTP/1.1 400 Bad Request\r\n")
+
+
+@pytest.mark.parametrize(
+    ("first", "greeting"),
+    [
+        (b"SSH-2", "SSH-2"),
+        (b"\x16\x03\x01\x02", "\\x16\\x03\\x01\\x02"),
+        (b"Asterisk Cx", "Asterisk Cx"),
+    ],
+)
+def test_a_greeting_that_cannot_become_the_banner_is_refused_without_a_line_end(
+    first: bytes, greeting: str
+) -> None:
+    """The first bytes that differ from the banner raise NotAmiPeer at once (no wait for a
+    line end that may never come), with a printable excerpt of them."""
+    with pytest.raises(NotAmiPeer) as refused:
+        FrameDecoder().feed(first)
+    assert refused.value.greeting == greeting
+
+
+def test_a_banner_in_pieces_is_taken() -> None:
+    """A banner that arrives a few bytes at a time is not refused before its line ends."""
+    decoder = FrameDecoder()
+    for at in range(0, len(BANNER), 3):
+        assert decoder.feed(BANNER[at : at + 3]) == []
+    assert decoder.banner == BANNER.decode().strip()
+    assert decoder.feed(b"Event: X\r\n\r\n")[0].event == "X"
 
 
 @pytest.mark.parametrize("split", [False, True])

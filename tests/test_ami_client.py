@@ -378,6 +378,53 @@ def test_a_peer_that_breaks_a_bound_at_once_is_not_reconnected_in_a_tight_loop()
     run(scenario())
 
 
+def test_a_peer_that_is_not_asterisk_gets_no_login_and_the_long_backoff() -> None:
+    """A service whose greeting is not AMI (an SSH server) is logged as ami.not_asterisk
+    with its greeting, never sees the login (nor its secret), and is tried again only
+    after login_failure_backoff."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk(banner=b"SSH-2.0-OpenSSH_9.6\r\n")
+        await peer.start()
+        client = AmiClient(server_for(peer), fast_settings(login_failure_backoff=0.6))
+        with capture_logs() as logs:
+            async with running(client):
+                await eventually(lambda: peer.connections == 1)
+                await asyncio.sleep(0.4)  # many base backoffs (20 ms), far less than 0.6 s
+                assert peer.connections == 1
+                await eventually(lambda: peer.connections == 2, timeout=2)
+        assert peer.received == []
+        refused = [e for e in logs if e["event"] == "ami.not_asterisk"]
+        assert refused
+        assert refused[0]["greeting"] == "SSH-2.0-OpenSSH_9.6"
+        assert all(e["retry_in_s"] >= 0.5 for e in refused)
+        assert "not Asterisk" in (client.health().last_error or "")
+        assert not client.connected
+        await peer.stop()
+
+    run(scenario())
+
+
+def test_a_silent_peer_gets_no_login_and_a_clear_reason() -> None:
+    """A service that says nothing on connect (an HTTP server waiting for a request) never
+    gets the login; the client gives up after the server's timeout, saying no AMI greeting
+    came."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk(banner=b"")
+        await peer.start()
+        client = AmiClient(server_for(peer), fast_settings())
+        with capture_logs() as logs:
+            async with running(client):
+                await eventually(lambda: client.health().last_error is not None, timeout=4)
+        assert peer.received == []
+        assert "no AMI greeting" in (client.health().last_error or "")
+        assert any(e["event"] == "ami.connect_failed" for e in logs)
+        await peer.stop()
+
+    run(scenario())
+
+
 def test_shutdown_event_is_dispatched_and_handled() -> None:
     """Event: Shutdown (replayed from the transcript) reaches callbacks and ends the session."""
 

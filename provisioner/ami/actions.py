@@ -13,7 +13,8 @@ values: lines end at LF (a CR before it is dropped), a blank line ends a message
 empty messages (Asterisk sends an extra blank line after some errors) are
 skipped.  A line, a message or a header count past its bound raises
 :class:`FrameTooLarge` so the caller drops the connection: memory stays bounded
-whatever the peer sends.
+whatever the peer sends.  A first line that is not (or cannot become) the AMI
+greeting raises :class:`NotAmiPeer`, as soon as its first bytes differ.
 
 The default bounds (:data:`MAX_LINE_BYTES`, :data:`MAX_MESSAGE_BYTES`,
 :data:`MAX_HEADERS`) sit far above anything a real Asterisk sends (the recorded
@@ -44,6 +45,7 @@ __all__ = [
     "AmiMessage",
     "FrameDecoder",
     "FrameTooLarge",
+    "NotAmiPeer",
     "build_action",
     "parse_message_lines",
 ]
@@ -52,6 +54,7 @@ __all__ = [
 #: longer than 1024 bytes is discarded by Asterisk.
 MAX_ACTION_LINE_BYTES = 1024
 BANNER_PREFIX = "Asterisk Call Manager/"
+_BANNER_BYTES = BANNER_PREFIX.encode()
 
 #: Longest line read from a peer (with its line end): 64 KiB, 240 times the longest
 #: recorded line (270 bytes); a contact URI or user agent of a few kilobytes still fits.
@@ -84,6 +87,22 @@ class FrameTooLarge(Exception):
     def __init__(self, limit: str, detail: str) -> None:
         super().__init__(detail)
         self.limit = limit
+
+
+class NotAmiPeer(ValueError):
+    """The peer's first line is not the AMI greeting (``Asterisk Call Manager/...``).
+
+    :attr:`greeting` is at most 40 characters of what it sent, printable ASCII only
+    (others escaped): enough to tell an SSH or HTTP server."""
+
+    def __init__(self, first: bytes) -> None:
+        self.greeting = _printable(first[:40])
+        super().__init__(f"not an AMI peer (first line {self.greeting!r})")
+
+
+def _printable(data: bytes) -> str:
+    """``data`` as ASCII text, every byte outside printable ASCII as ``\\xNN``."""
+    return "".join(chr(b) if 32 <= b < 127 else f"\\x{b:02x}" for b in data)
 
 
 @dataclass(frozen=True)
@@ -347,7 +366,8 @@ class FrameDecoder:
         """Add ``data`` and return every message it completes, in order.
 
         Raises :class:`FrameTooLarge` as soon as a line, a message or a message's header
-        count passes its bound, and ``ValueError`` when the first line is not an AMI banner.
+        count passes its bound, and :class:`NotAmiPeer` once the first bytes cannot be
+        the start of an AMI banner (without waiting for a line end).
 
         Every complete line in the buffer is handled in bulk: one ``decode`` and
         a split on blank lines, so the per-message cost is a few string splits.  Bytes
@@ -355,6 +375,8 @@ class FrameDecoder:
         """
         buf = self._buffer
         buf += data
+        if self.banner is None:
+            self._check_greeting(buf)
         out: list[AmiMessage] = []
         last = buf.rfind(b"\n")
         if last >= 0:
@@ -379,6 +401,16 @@ class FrameDecoder:
             raise FrameTooLarge("line", f"line over {self.max_line_bytes} bytes without a line end")
         return out
 
+    @staticmethod
+    def _check_greeting(buf: bytearray) -> None:
+        """Raise :class:`NotAmiPeer` when ``buf``, the start of the stream, differs from
+        the banner's prefix in the bytes it has (an SSH or HTTP server, a TLS or database
+        port): no need to wait for a line end that may never come."""
+        head = bytes(buf[: len(_BANNER_BYTES)])
+        if not _BANNER_BYTES.startswith(head):
+            end = buf.find(b"\n")
+            raise NotAmiPeer(bytes(buf[: end if end >= 0 else len(buf)]).removesuffix(b"\r"))
+
     def _take_text(self, text: str, out: list[AmiMessage]) -> None:
         """Handle ``text``: whole lines, each ending at LF (a CR before it dropped).
 
@@ -389,7 +421,7 @@ class FrameDecoder:
             line, _, text = text.partition("\n")
             line = line.removesuffix("\r")
             if not line.startswith(BANNER_PREFIX):
-                raise ValueError(f"not an AMI peer (first line {line[:40]!r})")
+                raise NotAmiPeer(line.encode())
             self.banner = line
         # One CR before each LF is dropped (as Asterisk does), then blank lines split.
         blocks = ("\n" + text.replace("\r\n", "\n")).split("\n\n")

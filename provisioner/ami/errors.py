@@ -14,6 +14,7 @@ __all__ = [
     "AmiConnectionLost",
     "AmiError",
     "AmiLoginFailed",
+    "AmiNotAsterisk",
     "AmiNotConnected",
     "AmiProtocolError",
     "AmiTimeout",
@@ -51,6 +52,16 @@ class AmiProtocolError(AmiError):
     def __init__(self, server: str, message: str, *, limit: str = "") -> None:
         super().__init__(server, message)
         self.limit = limit
+
+
+class AmiNotAsterisk(AmiError):
+    """The peer did not greet as Asterisk (``Asterisk Call Manager/...``): another
+    service on that port.  The login was not sent; :attr:`greeting` is a printable
+    excerpt of what it sent."""
+
+    def __init__(self, server: str, greeting: str) -> None:
+        super().__init__(server, f"not Asterisk: first line {greeting!r}, no AMI greeting")
+        self.greeting = greeting
 
 
 class AmiLoginFailed(AmiError):
