@@ -569,9 +569,14 @@ class AmiSettings(_Section):
     #: Gap between two reloads: ``max(reload_min_gap, reload_gap_factor * last reload's time)``.
     reload_min_gap: float = Field(default=5.0, ge=0, le=86400)
     reload_gap_factor: float = Field(default=2.0, ge=0, le=100)
-    #: A peer line or message larger than this drops the connection.
-    max_line_bytes: int = Field(default=65536, ge=1024)
-    max_message_bytes: int = Field(default=1 << 20, ge=1024)
+    #: A peer line, message or message's header count past these drops the connection
+    #: (``ami.protocol_error``).  The defaults are ``provisioner.ami.actions``'
+    #: ``MAX_LINE_BYTES``, ``MAX_MESSAGE_BYTES`` and ``MAX_HEADERS`` (why: there; not
+    #: imported, as that package imports this module); the upper bounds keep memory
+    #: bounded whatever the configuration says.
+    max_line_bytes: int = Field(default=65536, ge=1024, le=16 << 20)
+    max_message_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
+    max_headers: int = Field(default=4096, ge=128, le=65536)
     #: Events of one list action (``PJSIPShowContacts``) kept at most.
     max_list_events: int = Field(default=1_000_000, ge=1)
 

@@ -253,9 +253,13 @@ class FakeAsterisk:
         username: str = "provisioner",
         secret: str = "lab-secret",
         transcripts: Transcripts | None = None,
+        banner: bytes = BANNER,
     ) -> None:
         self.library = transcripts or load_transcripts()
         self.username, self.secret = username, secret
+        #: What a new connection gets first: another service's greeting (an SSH banner),
+        #: or nothing (an HTTP server waits for a request), plays a peer that is not Asterisk.
+        self.banner = banner
         self.port = 0
         # Faults and knobs.
         self.login_delay = 0.0  # Asterisk waits 1 s before refusing a login
@@ -267,6 +271,9 @@ class FakeAsterisk:
         self.drop_on: set[str] = set()  # close the connection on receiving these actions
         self.silent = False  # read and record, never answer (a half-open peer)
         self.prefer: dict[str, str] = {}  # action name -> text its replayed answer must hold
+        #: Sent on every connection right after a successful login's answer (a peer that
+        #: breaks the protocol each time: a reconnect must not be a tight loop).
+        self.after_login = b""
         # State replayed against.
         self._keys_by_uri = self._recorded_keys_by_uri()
         self.astdb: set[str] = set(self._keys_by_uri.values())
@@ -354,6 +361,20 @@ class FakeAsterisk:
             except (ConnectionError, RuntimeError):
                 continue
 
+    async def send_stream(self, head: bytes, piece: bytes, size: int) -> None:
+        """Send ``head`` then ``piece`` repeated for about ``size`` bytes, on every open
+        connection, until done or the client hangs up (a peer that never ends a line or
+        a message)."""
+        count = max(1, (1 << 16) // len(piece))
+        for writer in self._event_writers():
+            try:
+                writer.write(head)
+                for _ in range(0, size, count * len(piece)):
+                    writer.write(piece * count)
+                    await writer.drain()
+            except (ConnectionError, RuntimeError):
+                continue
+
     async def send_shutdown(self) -> None:
         """Replay ``Event: Shutdown`` (shutdown_event.txt) and close, as Asterisk does."""
         event = self.library.find_message("Event: Shutdown")
@@ -368,7 +389,7 @@ class FakeAsterisk:
         self.connections += 1
         conn = self.connections
         self._writers[conn] = writer
-        writer.write(BANNER)
+        writer.write(self.banner)
         logged_in = False
         try:
             async for headers in self._actions(reader):
@@ -439,6 +460,7 @@ class FakeAsterisk:
             quiet = action.get("Events").lower() == "off"
             booted = b"" if quiet else self.library.find_message("Event: FullyBooted")
             writer.write(_substitute_id(recorded, action.get("ActionID")) + booted)
+            writer.write(self.after_login)
             await writer.drain()
             return True
         self.logins_failed += 1

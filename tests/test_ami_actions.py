@@ -16,11 +16,16 @@ from panoramisk.message import Message
 from provisioner.ami import AmiClient
 from provisioner.ami.actions import (
     MAX_ACTION_LINE_BYTES,
+    MAX_HEADERS,
+    MAX_LINE_BYTES,
+    MAX_MESSAGE_BYTES,
     ActionIdGenerator,
     FrameDecoder,
     FrameTooLarge,
+    NotAmiPeer,
     build_action,
 )
+from provisioner.config import AmiSettings
 from provisioner.errors import InvalidInput
 
 from .amipeer import FakeAsterisk, Transcripts, fast_settings, load_transcripts, server_for
@@ -199,6 +204,74 @@ def test_non_ami_peer_is_refused() -> None:
     """A first line that is not the AMI banner is refused."""
     with pytest.raises(ValueError, match="not an AMI peer"):
         FrameDecoder().feed(b"HTTP/1.1 400 Bad Request\r\n")
+
+
+@pytest.mark.parametrize(
+    ("first", "greeting"),
+    [
+        (b"SSH-2", "SSH-2"),
+        (b"\x16\x03\x01\x02", "\\x16\\x03\\x01\\x02"),
+        (b"Asterisk Cx", "Asterisk Cx"),
+    ],
+)
+def test_a_greeting_that_cannot_become_the_banner_is_refused_without_a_line_end(
+    first: bytes, greeting: str
+) -> None:
+    """The first bytes that differ from the banner raise NotAmiPeer at once (no wait for a
+    line end that may never come), with a printable excerpt of them."""
+    with pytest.raises(NotAmiPeer) as refused:
+        FrameDecoder().feed(first)
+    assert refused.value.greeting == greeting
+
+
+def test_a_banner_in_pieces_is_taken() -> None:
+    """A banner that arrives a few bytes at a time is not refused before its line ends."""
+    decoder = FrameDecoder()
+    for at in range(0, len(BANNER), 3):
+        assert decoder.feed(BANNER[at : at + 3]) == []
+    assert decoder.banner == BANNER.decode().strip()
+    assert decoder.feed(b"Event: X\r\n\r\n")[0].event == "X"
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_a_message_of_too_many_header_lines_raises(split: bool) -> None:
+    """A message of max_headers lines passes; one line more raises FrameTooLarge naming the
+    header bound, whole in one read or not."""
+    decoder = FrameDecoder(max_headers=128)
+    ok = b"Event: X\r\n" + b"A: b\r\n" * 127 + b"\r\n"
+    assert len(decoder.feed(BANNER + ok)[0].headers) == 128
+    wire = b"Event: X\r\n" + b"A: b\r\n" * 128 + b"\r\n"
+    cut = 300 if split else 0
+    decoder.feed(wire[:cut])
+    with pytest.raises(FrameTooLarge) as refused:
+        decoder.feed(wire[cut:])
+    assert refused.value.limit == "headers"
+    assert "A: b" not in str(refused.value)
+
+
+def test_the_largest_recorded_messages_pass_the_default_bounds_many_times_over() -> None:
+    """Every recorded Asterisk message is within a tenth of each default bound (the
+    margin the defaults claim), and the configuration's defaults are those bounds."""
+    for raw in _transcripts().messages():
+        assert max(len(line) + 2 for line in raw.split(b"\r\n")) * 10 <= MAX_LINE_BYTES
+        assert len(raw) * 10 <= MAX_MESSAGE_BYTES
+        assert raw.count(b"\r\n") * 10 <= MAX_HEADERS
+    settings = AmiSettings()
+    assert (settings.max_line_bytes, settings.max_message_bytes, settings.max_headers) == (
+        MAX_LINE_BYTES,
+        MAX_MESSAGE_BYTES,
+        MAX_HEADERS,
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("max_line_bytes", 32 << 20), ("max_message_bytes", 128 << 20), ("max_headers", 1 << 20)],
+)
+def test_the_bounds_cannot_be_configured_away(key: str, value: int) -> None:
+    """A bound configured past its ceiling is refused, so memory stays bounded."""
+    with pytest.raises(ValueError, match=key):
+        AmiSettings.model_validate({key: value})
 
 
 class _Wire:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from collections.abc import MutableMapping
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
 from provisioner.ami import AmiClient, AmiConnectionLost, AmiMessage, AmiNotConnected, AmiTimeout
+from provisioner.ami.actions import MAX_HEADERS
 from provisioner.ami.client import PATIENCE
 
 from .amipeer import FakeAsterisk, eventually, fast_settings, run, running, server_for
@@ -268,8 +271,155 @@ def test_oversized_line_drops_the_connection_and_reconnects() -> None:
                 await peer.send_oversized_line(10 * 1024 * 1024)
                 await eventually(lambda: client.health().sessions == 2, timeout=5)
                 assert (await client.send_action("Ping")).ok
-        assert any(e["event"] == "ami.protocol_error" for e in logs)
+        assert [e["limit"] for e in _protocol_errors(logs)] == ["line"]
         assert client.health().max_buffered_bytes <= settings.max_line_bytes + 65536
+        await peer.stop()
+
+    run(scenario())
+
+
+def _protocol_errors(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
+    """The ``ami.protocol_error`` events of ``logs``."""
+    return [e for e in logs if e["event"] == "ami.protocol_error"]
+
+
+def test_a_message_that_never_ends_drops_the_connection_and_reconnects() -> None:
+    """10 MB of 1 KB header lines with no blank line is refused past max_message_bytes:
+    the client logs which bound (not the bytes), hangs up and reconnects, its buffer
+    bounded."""
+
+    async def scenario() -> None:
+        peer = await _peer()
+        settings = fast_settings()
+        client = AmiClient(server_for(peer), settings)
+        with capture_logs() as logs:
+            async with running(client):
+                await eventually(lambda: client.connected)
+                line = b"Data: secretive" + b"x" * 1000 + b"\r\n"  # 1 KB: the header bound is far
+                await peer.send_stream(b"Event: Junk\r\n", line, 10 << 20)
+                await eventually(lambda: client.health().sessions == 2, timeout=5)
+                assert (await client.send_action("Ping")).ok
+        errors = _protocol_errors(logs)
+        assert [e["limit"] for e in errors] == ["message"]
+        assert errors[0]["server"] == "lab"
+        assert "secretive" not in repr(logs)
+        assert client.health().max_buffered_bytes <= settings.max_line_bytes + 65536
+        await peer.stop()
+
+    run(scenario())
+
+
+def test_a_message_of_too_many_headers_drops_the_connection() -> None:
+    """A 600 KB message of 100,000 short headers (under the byte bound) passes the header
+    bound: the client logs limit=headers, hangs up and reconnects; events after work."""
+
+    async def scenario() -> None:
+        peer = await _peer()
+        client = AmiClient(server_for(peer), fast_settings())
+        seen: list[AmiMessage] = []
+        client.on_event("*", seen.append)
+        with capture_logs() as logs:
+            async with running(client):
+                await eventually(lambda: client.connected)
+                await peer.send_stream(b"Event: Junk\r\n", b"A: b\r\n", 100_000 * 6)
+                for writer in peer._event_writers():
+                    writer.write(b"\r\n")
+                await eventually(lambda: client.health().sessions == 2, timeout=5)
+                await peer.send_burst(1)
+                await eventually(lambda: any(e.event == "ContactStatus" for e in seen))
+        assert [e["limit"] for e in _protocol_errors(logs)] == ["headers"]
+        assert all(len(e.headers) <= MAX_HEADERS for e in seen)
+        await peer.stop()
+
+    run(scenario())
+
+
+def test_an_action_in_flight_fails_when_the_peer_passes_a_bound() -> None:
+    """An action waiting for its answer gets AmiConnectionLost when the peer's line passes
+    max_line_bytes, as on a dropped connection, and is not sent again."""
+
+    async def scenario() -> None:
+        peer = await _peer()
+        peer.delays["pjsipshowendpoint"] = 3.0
+        client = AmiClient(server_for(peer), fast_settings(action_timeout=4.0))
+        async with running(client):
+            await eventually(lambda: client.connected)
+            waiting = asyncio.ensure_future(
+                client.send_action("PJSIPShowEndpoint", {"Endpoint": "1001"})
+            )
+            await eventually(lambda: bool(peer.actions("PJSIPShowEndpoint")))
+            await peer.send_oversized_line(1 << 20)
+            with pytest.raises(AmiConnectionLost):
+                await waiting
+            await eventually(lambda: client.connected)
+        assert len(peer.actions("PJSIPShowEndpoint")) == 1
+        await peer.stop()
+
+    run(scenario())
+
+
+def test_a_peer_that_breaks_a_bound_at_once_is_not_reconnected_in_a_tight_loop() -> None:
+    """A peer that sends an oversized line right after every login is reconnected with the
+    growing backoff (20 ms doubling to 200 ms here), not hundreds of times a second."""
+
+    async def scenario() -> None:
+        peer = await _peer()
+        peer.after_login = b"Event: Junk\r\nData: " + b"x" * (70 << 10)
+        client = AmiClient(server_for(peer), fast_settings())
+        with capture_logs() as logs:
+            async with running(client):
+                await eventually(lambda: peer.logins_ok >= 2)
+                await asyncio.sleep(1.0)
+        # 20, 40, 80, 160, then 200 ms (each 50-100 % of it): at most some 15 in 1.2 s.
+        assert 2 <= peer.logins_ok <= 16
+        assert {e["limit"] for e in _protocol_errors(logs)} == {"line"}
+        await peer.stop()
+
+    run(scenario())
+
+
+def test_a_peer_that_is_not_asterisk_gets_no_login_and_the_long_backoff() -> None:
+    """A service whose greeting is not AMI (an SSH server) is logged as ami.not_asterisk
+    with its greeting, never sees the login (nor its secret), and is tried again only
+    after login_failure_backoff."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk(banner=b"SSH-2.0-OpenSSH_9.6\r\n")
+        await peer.start()
+        client = AmiClient(server_for(peer), fast_settings(login_failure_backoff=0.6))
+        with capture_logs() as logs:
+            async with running(client):
+                await eventually(lambda: peer.connections == 1)
+                await asyncio.sleep(0.4)  # many base backoffs (20 ms), far less than 0.6 s
+                assert peer.connections == 1
+                await eventually(lambda: peer.connections == 2, timeout=2)
+        assert peer.received == []
+        refused = [e for e in logs if e["event"] == "ami.not_asterisk"]
+        assert refused
+        assert refused[0]["greeting"] == "SSH-2.0-OpenSSH_9.6"
+        assert all(e["retry_in_s"] >= 0.5 for e in refused)
+        assert "not Asterisk" in (client.health().last_error or "")
+        assert not client.connected
+        await peer.stop()
+
+    run(scenario())
+
+
+def test_a_silent_peer_gets_no_login_and_a_clear_reason() -> None:
+    """A service that says nothing on connect (an HTTP server waiting for a request) never
+    gets the login; the client gives up after the server's timeout, saying no AMI greeting
+    came."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk(banner=b"")
+        await peer.start()
+        client = AmiClient(server_for(peer), fast_settings())
+        with capture_logs() as logs:
+            async with running(client):
+                await eventually(lambda: client.health().last_error is not None, timeout=4)
+        assert peer.received == []
+        assert "no AMI greeting" in (client.health().last_error or "")
+        assert any(e["event"] == "ami.connect_failed" for e in logs)
         await peer.stop()
 
     run(scenario())

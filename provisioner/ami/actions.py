@@ -11,9 +11,17 @@ line is refused here instead of being silently lost there.
 Parsing.  :class:`FrameDecoder` turns the byte stream into :class:`AmiMessage`
 values: lines end at LF (a CR before it is dropped), a blank line ends a message,
 empty messages (Asterisk sends an extra blank line after some errors) are
-skipped.  A line or a message larger than the configured bound raises
+skipped.  A line, a message or a header count past its bound raises
 :class:`FrameTooLarge` so the caller drops the connection: memory stays bounded
-whatever the peer sends.
+whatever the peer sends.  A first line that is not (or cannot become) the AMI
+greeting raises :class:`NotAmiPeer`, as soon as its first bytes differ.
+
+The default bounds (:data:`MAX_LINE_BYTES`, :data:`MAX_MESSAGE_BYTES`,
+:data:`MAX_HEADERS`) sit far above anything a real Asterisk sends (the recorded
+transcripts in ``shared/asterisk/ami``: longest line 270 bytes, a ``ContactStatus``
+with its URI and user agent; largest message about 5 KB, 144 header lines, the
+``EndpointDetail`` of ``PJSIPShowEndpoint``) and far below what would hurt the
+daemon.  They are checked once per read (a line) or once per message, never per byte.
 """
 
 from __future__ import annotations
@@ -29,11 +37,15 @@ from ..errors import InvalidInput, Problem
 __all__ = [
     "BANNER_PREFIX",
     "MAX_ACTION_LINE_BYTES",
+    "MAX_HEADERS",
+    "MAX_LINE_BYTES",
+    "MAX_MESSAGE_BYTES",
     "ActionIdGenerator",
     "AmiAction",
     "AmiMessage",
     "FrameDecoder",
     "FrameTooLarge",
+    "NotAmiPeer",
     "build_action",
     "parse_message_lines",
 ]
@@ -42,6 +54,20 @@ __all__ = [
 #: longer than 1024 bytes is discarded by Asterisk.
 MAX_ACTION_LINE_BYTES = 1024
 BANNER_PREFIX = "Asterisk Call Manager/"
+_BANNER_BYTES = BANNER_PREFIX.encode()
+
+#: Longest line read from a peer (with its line end): 64 KiB, 240 times the longest
+#: recorded line (270 bytes); a contact URI or user agent of a few kilobytes still fits.
+MAX_LINE_BYTES = 65536
+#: Largest message (its lines with their CR LF): 1 MiB, 200 times the largest recorded
+#: one (about 5 KB); every list item (``ContactList``, ``EndpointDetail``) is a message
+#: of its own, so a long list is many small messages, not one large one.
+MAX_MESSAGE_BYTES = 1 << 20
+#: Most header lines in one message: 4,096, 28 times the 144 of the largest recorded
+#: message (``EndpointDetail``), and 32 times the 128 headers Asterisk itself takes in an
+#: action.  Without it a 1 MiB message of 3-byte lines would be 350,000 headers, some
+#: 70 MB of Python objects; 4,096 are about 1 MB.
+MAX_HEADERS = 4096
 
 _HEADER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 #: C0 controls, DEL and C1 controls: none may appear in a value (CR/LF/NUL are among them).
@@ -54,7 +80,29 @@ _SECRET_HEADERS = frozenset({"secret", "key"})
 
 
 class FrameTooLarge(Exception):
-    """The peer sent a line or message larger than the bound: drop the connection."""
+    """The peer sent a line, a message or a header count past its bound: drop the
+    connection.  :attr:`limit` names the bound (``line``, ``message`` or ``headers``);
+    the text gives sizes only, never the bytes (they may hold secrets)."""
+
+    def __init__(self, limit: str, detail: str) -> None:
+        super().__init__(detail)
+        self.limit = limit
+
+
+class NotAmiPeer(ValueError):
+    """The peer's first line is not the AMI greeting (``Asterisk Call Manager/...``).
+
+    :attr:`greeting` is at most 40 characters of what it sent, printable ASCII only
+    (others escaped): enough to tell an SSH or HTTP server."""
+
+    def __init__(self, first: bytes) -> None:
+        self.greeting = _printable(first[:40])
+        super().__init__(f"not an AMI peer (first line {self.greeting!r})")
+
+
+def _printable(data: bytes) -> str:
+    """``data`` as ASCII text, every byte outside printable ASCII as ``\\xNN``."""
+    return "".join(chr(b) if 32 <= b < 127 else f"\\x{b:02x}" for b in data)
 
 
 @dataclass(frozen=True)
@@ -262,27 +310,28 @@ def parse_message_lines(lines: Sequence[str]) -> AmiMessage | None:
     return AmiMessage(tuple(headers)) if headers else None
 
 
-def _message_of(text: str) -> AmiMessage:
-    """:func:`parse_message_lines` of ``text``: LF-separated lines, none of them empty.
+def _message_of(text: str, lines: int | None = None) -> AmiMessage:
+    """:func:`parse_message_lines` of ``text``: LF-separated lines (``lines`` of them, when
+    the caller counted them), none of them empty.
 
     One regular expression pass takes the usual ``Key: Value`` lines; when some
     line is not one (no colon, a blank in the key), every line is parsed one by one.
     """
     pairs: list[tuple[str, str]] = _HEADER_LINE.findall(text)
-    if len(pairs) != text.count("\n") + 1:
+    if len(pairs) != (text.count("\n") + 1 if lines is None else lines):
         message = parse_message_lines(text.split("\n"))
         assert message is not None  # the text holds at least one non-empty line
         return message
     return AmiMessage.trusted(tuple(pairs))
 
 
-def _wire_size(block: str) -> int:
-    """Bytes ``block`` (lines joined by LF, as decoded) took on the wire, each line ending
-    in CR LF: what a message's bound counts.  Counted in UTF-8 bytes, not characters (a
-    byte that was not UTF-8, decoded as U+FFFD, counts 3).  ``isascii`` is O(1): the
-    usual all-ASCII block is not encoded."""
+def _wire_size(block: str, lines: int) -> int:
+    """Bytes ``block`` (``lines`` lines joined by LF, as decoded) took on the wire, each
+    line ending in CR LF: what a message's bound counts.  Counted in UTF-8 bytes, not
+    characters (a byte that was not UTF-8, decoded as U+FFFD, counts 3).  ``isascii`` is
+    O(1): the usual all-ASCII block is not encoded."""
     size = len(block) if block.isascii() else len(block.encode())
-    return size + 2 * (block.count("\n") + 1)
+    return size + 2 * lines
 
 
 class FrameDecoder:
@@ -290,11 +339,20 @@ class FrameDecoder:
 
     Feed it bytes as they arrive; it yields complete messages.  The first line
     must be the banner (``Asterisk Call Manager/...``), kept in :attr:`banner`.
+    Bounds: a line of ``max_line_bytes``, a message of ``max_message_bytes`` and of
+    ``max_headers`` lines (defaults and why: :data:`MAX_LINE_BYTES` and its kin).
     """
 
-    def __init__(self, *, max_line_bytes: int = 65536, max_message_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        *,
+        max_line_bytes: int = MAX_LINE_BYTES,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        max_headers: int = MAX_HEADERS,
+    ) -> None:
         self.max_line_bytes = max_line_bytes
         self.max_message_bytes = max_message_bytes
+        self.max_headers = max_headers
         self.banner: str | None = None
         #: The most bytes ever held while waiting for a line end (for health/tests).
         self.high_water = 0
@@ -302,12 +360,14 @@ class FrameDecoder:
         #: The lines (LF-joined blocks, no empty line) of the message not yet ended.
         self._pending: list[str] = []
         self._message_bytes = 0
+        self._message_lines = 0
 
     def feed(self, data: bytes) -> list[AmiMessage]:
         """Add ``data`` and return every message it completes, in order.
 
-        Raises :class:`FrameTooLarge` as soon as a line or a message passes its bound,
-        and ``ValueError`` when the first line is not an AMI banner.
+        Raises :class:`FrameTooLarge` as soon as a line, a message or a message's header
+        count passes its bound, and :class:`NotAmiPeer` once the first bytes cannot be
+        the start of an AMI banner (without waiting for a line end).
 
         Every complete line in the buffer is handled in bulk: one ``decode`` and
         a split on blank lines, so the per-message cost is a few string splits.  Bytes
@@ -315,6 +375,8 @@ class FrameDecoder:
         """
         buf = self._buffer
         buf += data
+        if self.banner is None:
+            self._check_greeting(buf)
         out: list[AmiMessage] = []
         last = buf.rfind(b"\n")
         if last >= 0:
@@ -324,7 +386,9 @@ class FrameDecoder:
             if len(chunk) > self.max_line_bytes:
                 longest = max(map(len, chunk.split(b"\n")))
                 if longest > self.max_line_bytes:
-                    raise FrameTooLarge(f"line of {longest} bytes (limit {self.max_line_bytes})")
+                    raise FrameTooLarge(
+                        "line", f"line of {longest} bytes (limit {self.max_line_bytes})"
+                    )
             text = chunk.decode("utf-8", "replace")
             if "\0" in text:
                 # No database stores a NUL in text (PostgreSQL refuses the whole batch):
@@ -334,8 +398,18 @@ class FrameDecoder:
             self._take_text(text, out)
         self.high_water = max(self.high_water, len(buf))
         if len(buf) > self.max_line_bytes:
-            raise FrameTooLarge(f"line over {self.max_line_bytes} bytes without a line end")
+            raise FrameTooLarge("line", f"line over {self.max_line_bytes} bytes without a line end")
         return out
+
+    @staticmethod
+    def _check_greeting(buf: bytearray) -> None:
+        """Raise :class:`NotAmiPeer` when ``buf``, the start of the stream, differs from
+        the banner's prefix in the bytes it has (an SSH or HTTP server, a TLS or database
+        port): no need to wait for a line end that may never come."""
+        head = bytes(buf[: len(_BANNER_BYTES)])
+        if not _BANNER_BYTES.startswith(head):
+            end = buf.find(b"\n")
+            raise NotAmiPeer(bytes(buf[: end if end >= 0 else len(buf)]).removesuffix(b"\r"))
 
     def _take_text(self, text: str, out: list[AmiMessage]) -> None:
         """Handle ``text``: whole lines, each ending at LF (a CR before it dropped).
@@ -347,31 +421,41 @@ class FrameDecoder:
             line, _, text = text.partition("\n")
             line = line.removesuffix("\r")
             if not line.startswith(BANNER_PREFIX):
-                raise ValueError(f"not an AMI peer (first line {line[:40]!r})")
+                raise NotAmiPeer(line.encode())
             self.banner = line
         # One CR before each LF is dropped (as Asterisk does), then blank lines split.
         blocks = ("\n" + text.replace("\r\n", "\n")).split("\n\n")
-        limit = self.max_message_bytes
         for block in blocks[:-1]:
             if self._pending:
                 self._add_block(block)
-                whole = "\n".join(self._pending)
-                self._pending, self._message_bytes = [], 0
+                whole, lines = "\n".join(self._pending), self._message_lines
+                self._pending, self._message_bytes, self._message_lines = [], 0, 0
             else:
                 # The usual case, a message whole in this text: no pending list to fill.
                 whole = block.strip("\n")
-                if _wire_size(whole) > limit:
-                    raise FrameTooLarge(f"message over {limit} bytes")
+                lines = whole.count("\n") + 1
+                self._check_message(whole, lines, 0, 0)
             # An empty message (the extra blank line after some errors) yields nothing.
             if whole:
-                out.append(_message_of(whole))
+                out.append(_message_of(whole, lines))
         self._add_block(blocks[-1])
 
+    def _check_message(self, block: str, lines: int, size: int, count: int) -> tuple[int, int]:
+        """The message's wire size and line count once ``block`` (``lines`` lines) is
+        added to ``size`` bytes and ``count`` lines; :class:`FrameTooLarge` past a bound."""
+        count += lines
+        if count > self.max_headers:
+            raise FrameTooLarge("headers", f"message of over {self.max_headers} header lines")
+        size += _wire_size(block, lines)
+        if size > self.max_message_bytes:
+            raise FrameTooLarge("message", f"message over {self.max_message_bytes} bytes")
+        return size, count
+
     def _add_block(self, block: str) -> None:
-        """Add the lines of ``block`` to the pending message, checking its bound."""
+        """Add the lines of ``block`` to the pending message, checking its bounds."""
         block = block.strip("\n")
         if block:
-            self._message_bytes += _wire_size(block)
-            if self._message_bytes > self.max_message_bytes:
-                raise FrameTooLarge(f"message over {self.max_message_bytes} bytes")
+            self._message_bytes, self._message_lines = self._check_message(
+                block, block.count("\n") + 1, self._message_bytes, self._message_lines
+            )
             self._pending.append(block)

@@ -4,7 +4,13 @@
 log in, then read every message promptly (Asterisk drops slow readers), ping
 every ``ping_interval`` and reconnect after any loss with capped exponential
 backoff and jitter, until the ``stop`` event is set.  A refused login waits
-``login_failure_backoff`` (a wrong secret does not fix itself), never a tight loop.
+``login_failure_backoff`` (a wrong secret does not fix itself), never a tight loop,
+and so does a peer that is not Asterisk (no ``Asterisk Call Manager/`` greeting:
+another service on the port).  The login is sent only after the greeting, so the
+secret never goes to such a peer.  A line, a message or a header count past its
+bound (:class:`~provisioner.ami.actions.FrameDecoder`) is a protocol error: the
+connection is dropped (``ami.protocol_error`` names the bound, never the bytes) and
+made again after the usual backoff; the actions in flight fail as on any drop.
 
 Actions (:meth:`AmiClient.send_action`) are validated, sent once, and answered
 with an :class:`AmiReply` or an :class:`~provisioner.ami.errors.AmiError`: on a
@@ -44,12 +50,14 @@ from .actions import (
     AmiMessage,
     FrameDecoder,
     FrameTooLarge,
+    NotAmiPeer,
     build_action,
 )
 from .errors import (
     AmiConnectionLost,
     AmiError,
     AmiLoginFailed,
+    AmiNotAsterisk,
     AmiNotConnected,
     AmiProtocolError,
     AmiTimeout,
@@ -264,6 +272,11 @@ class AmiClient:
 
     # -- connection life ----------------------------------------------------------
 
+    def _long_backoff(self) -> float:
+        """``login_failure_backoff`` with jitter (90-110 %): after a refusal that waiting
+        a little does not fix (a wrong secret, a peer that is not Asterisk)."""
+        return self.settings.login_failure_backoff * (0.9 + self._rng.random() / 5)
+
     def _backoff(self, attempt: int) -> float:
         """Capped exponential backoff with jitter (50-100 % of the step)."""
         growth = 2.0 ** min(attempt, 30)
@@ -277,12 +290,29 @@ class AmiClient:
         except AmiLoginFailed as exc:
             self._login_failures += 1
             self._last_error = exc.reason
-            delay = self.settings.login_failure_backoff * (0.9 + self._rng.random() / 5)
+            delay = self._long_backoff()
             self._log.error(
                 "ami.login_failed",
                 username=self.server.username,
                 retry_in_s=round(delay, 3),
             )
+            return delay, attempt + 1
+        except AmiNotAsterisk as exc:
+            # Another service on the port does not become Asterisk in a second either.
+            self._last_error = exc.reason
+            delay = self._long_backoff()
+            self._log.error(
+                "ami.not_asterisk",
+                host=self.server.host,
+                port=self.server.port,
+                greeting=exc.greeting,
+                retry_in_s=round(delay, 3),
+            )
+            return delay, attempt + 1
+        except AmiProtocolError as exc:
+            self._last_error = exc.reason
+            delay = self._backoff(attempt)
+            self._log.error("ami.protocol_error", limit=exc.limit, error=exc.reason)
             return delay, attempt + 1
         except (OSError, TimeoutError, AmiError, ValueError) as exc:
             self._last_error = _describe(exc)
@@ -323,29 +353,56 @@ class AmiClient:
         return session
 
     async def _open(self) -> _Session:
-        """Connect, read the banner and log in within the server's ``timeout``."""
+        """Connect, read the greeting, then log in, all within the server's ``timeout``.
+
+        :class:`AmiNotAsterisk` when the peer's first bytes are not the AMI greeting, and
+        :class:`AmiTimeout` naming the greeting when none came in time (a silent service,
+        such as an HTTP server, on the port): either way the login was not sent."""
         server = self.server
         writer: asyncio.StreamWriter | None = None
+        session: _Session | None = None
         try:
             async with asyncio.timeout(server.timeout):
                 reader, writer = await asyncio.open_connection(server.host, server.port)
                 _probe_dead_peer(writer, self.settings)
                 session = _Session(reader, writer, self._decoder())
-                await self._login(session)
+                early = await self._greeting(session)
+                await self._login(session, early)
                 return session
+        except TimeoutError:
+            if writer is not None:
+                writer.transport.abort()
+            if session is not None and session.decoder.banner is None:
+                raise AmiTimeout(
+                    self.name, f"no AMI greeting in {server.timeout}s (is it Asterisk?)"
+                ) from None
+            raise
         except BaseException:
             if writer is not None:
                 writer.transport.abort()
             raise
 
+    async def _greeting(self, session: _Session) -> list[AmiMessage]:
+        """Read until the banner (``Asterisk Call Manager/...``) is in; return the
+        messages that came with it (none, from a real Asterisk)."""
+        messages: list[AmiMessage] = []
+        while session.decoder.banner is None:
+            data = await session.reader.read(_READ_CHUNK)
+            if not data:
+                raise AmiConnectionLost(self.name, "closed before the AMI greeting")
+            messages += self._feed(session, data)
+        return messages
+
     def _decoder(self) -> FrameDecoder:
         return FrameDecoder(
             max_line_bytes=self.settings.max_line_bytes,
             max_message_bytes=self.settings.max_message_bytes,
+            max_headers=self.settings.max_headers,
         )
 
-    async def _login(self, session: _Session) -> None:
-        """Send ``Login`` and read until its answer; early events are dispatched."""
+    async def _login(self, session: _Session, early: list[AmiMessage]) -> None:
+        """Send ``Login`` and read until its answer; early events (``early``: those read
+        with the greeting) are dispatched."""
         secret = self.server.secret.get_secret_value() if self.server.secret else ""
         action = build_action(
             "Login",
@@ -358,11 +415,8 @@ class AmiClient:
         )
         session.writer.write(action.encode())
         await session.writer.drain()
+        messages = early
         while True:
-            data = await session.reader.read(_READ_CHUNK)
-            if not data:
-                raise AmiConnectionLost(self.name, "closed during login")
-            messages = self._feed(session, data)
             for index, message in enumerate(messages):
                 if message.is_response and message.action_id == action.action_id:
                     if message.response.lower() != "success":
@@ -372,6 +426,10 @@ class AmiClient:
                     return
                 if message.is_event:
                     self._dispatch(message)
+            data = await session.reader.read(_READ_CHUNK)
+            if not data:
+                raise AmiConnectionLost(self.name, "closed during login")
+            messages = self._feed(session, data)
 
     async def _serve(self, session: _Session, stop: asyncio.Event) -> None:
         """Run the reader and the pinger until the session closes or ``stop`` is set.
@@ -442,7 +500,7 @@ class AmiClient:
                 # the registration flusher and pending actions would wait on it.
                 await asyncio.sleep(0)
         except AmiProtocolError as exc:
-            self._log.error("ami.protocol_error", error=exc.reason)
+            self._log.error("ami.protocol_error", limit=exc.limit, error=exc.reason)
             session.close(exc.reason)
         except (OSError, ValueError) as exc:
             session.close(_describe(exc))
@@ -468,10 +526,17 @@ class AmiClient:
                 gc.enable()
 
     def _feed(self, session: _Session, data: bytes) -> list[AmiMessage]:
+        """``data`` through the session's decoder; its errors as this layer's: a bound
+        passed as :class:`AmiProtocolError`, a peer that is not Asterisk as
+        :class:`AmiNotAsterisk`."""
         try:
             return session.decoder.feed(data)
         except FrameTooLarge as exc:
-            raise AmiProtocolError(self.name, f"protocol violation: {exc}") from None
+            raise AmiProtocolError(
+                self.name, f"protocol violation: {exc}", limit=exc.limit
+            ) from None
+        except NotAmiPeer as exc:
+            raise AmiNotAsterisk(self.name, exc.greeting) from None
 
     async def _ping_loop(self, session: _Session) -> None:
         """``Ping`` every ``ping_interval``; ``ping_timeout`` without its answer and

@@ -14,6 +14,7 @@ __all__ = [
     "AmiConnectionLost",
     "AmiError",
     "AmiLoginFailed",
+    "AmiNotAsterisk",
     "AmiNotConnected",
     "AmiProtocolError",
     "AmiTimeout",
@@ -44,7 +45,23 @@ class AmiTimeout(AmiError):
 
 
 class AmiProtocolError(AmiError):
-    """The peer broke the protocol (oversized line or message, not an AMI banner)."""
+    """The peer broke the protocol: a line, a message or a header count past its bound
+    (:attr:`limit`: ``line``, ``message`` or ``headers``; empty for other breaks, such as
+    a list too long)."""
+
+    def __init__(self, server: str, message: str, *, limit: str = "") -> None:
+        super().__init__(server, message)
+        self.limit = limit
+
+
+class AmiNotAsterisk(AmiError):
+    """The peer did not greet as Asterisk (``Asterisk Call Manager/...``): another
+    service on that port.  The login was not sent; :attr:`greeting` is a printable
+    excerpt of what it sent."""
+
+    def __init__(self, server: str, greeting: str) -> None:
+        super().__init__(server, f"not Asterisk: first line {greeting!r}, no AMI greeting")
+        self.greeting = greeting
 
 
 class AmiLoginFailed(AmiError):
