@@ -7,7 +7,6 @@ import contextlib
 import multiprocessing
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -309,19 +308,14 @@ def test_two_config_file_writers_at_once_are_serialised(tmp_path: Path, shards: 
         engine.dispose()
 
 
-def _wait_until_held(lock: Path) -> None:
-    """Return once someone holds the ``flock`` of ``lock``."""
-    import fcntl
-
-    for _ in range(500):
-        with contextlib.suppress(FileNotFoundError), lock.open("rb") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return
-            fcntl.flock(handle, fcntl.LOCK_UN)
-        time.sleep(0.01)
-    raise AssertionError(f"no one took {lock}")
+#: A child process holding the ``flock`` of the file ``argv[1]`` until its stdin closes.
+_HOLD_LOCK = """
+import fcntl, sys
+with open(sys.argv[1], "ab") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    print("held", flush=True)
+    sys.stdin.read()
+"""
 
 
 @pytest.mark.parametrize("shards", [0, 4])
@@ -343,17 +337,19 @@ def test_a_config_file_writer_held_up_too_long_by_another_is_refused_saying_why(
     path = tmp_path / "out" / "pjsip_users.conf"
     path.parent.mkdir()
     lock = lock_file(path)
-    # Another process holds the lock (flock(1) keeps it while its command runs).
     holder = subprocess.Popen(
-        ["flock", "--exclusive", str(lock), "sleep", "30"], stdout=subprocess.DEVNULL
+        [sys.executable, "-c", _HOLD_LOCK, str(lock)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
-        _wait_until_held(lock)
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "held\n"
         target = _held_targets(path, shards)
         with pytest.raises(TargetWriteFailed, match="another writer held the lock") as raised:
             target.apply(render(make_user("1001")))
         assert str(lock) in str(raised.value)
         assert sorted(p.name for p in path.parent.iterdir()) == [lock.name]
     finally:
-        holder.kill()
-        holder.wait()
+        holder.communicate(timeout=10)  # its stdin closed: it ends, the lock with it
