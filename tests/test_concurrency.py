@@ -1,4 +1,5 @@
-"""Extension allocation under concurrent adds from separate processes, on every backend."""
+"""Concurrent writers: extension allocation under concurrent adds from separate processes,
+on every backend, and two writers of one target (realtime rows, a config file) at once."""
 
 from __future__ import annotations
 
@@ -211,3 +212,144 @@ def test_a_realtime_writer_held_up_too_long_by_another_is_refused_saying_why(
     finally:
         holder_engine.dispose()
         writer_engine.dispose()
+
+
+class _HeldBeforeCommit:
+    """A config-file target (one file or shards) that, once its apply has passed the guard
+    and before it writes, runs ``before_write`` (another writer's apply, given up to a
+    second): a ``sync --once`` slowed down between its check and its write."""
+
+    before_write: Any = None
+
+    def _run_before_write(self) -> None:
+        hook, self.before_write = self.before_write, None
+        if hook is not None:
+            hook()
+
+
+def _held_targets(path: Path, shards: int) -> Any:
+    from provisioner.targets.configfile import ConfigFileTarget
+    from provisioner.targets.sharded import ShardedConfigFileTarget
+
+    if not shards:
+
+        class HeldFile(_HeldBeforeCommit, ConfigFileTarget):
+            def commit(self, pending: Any, **kwargs: Any) -> Any:
+                self._run_before_write()
+                return super().commit(pending, **kwargs)
+
+        return HeldFile(path)
+
+    class HeldShards(_HeldBeforeCommit, ShardedConfigFileTarget):
+        def _commit(self, layout: Any) -> Any:
+            self._run_before_write()
+            return super()._commit(layout)
+
+    return HeldShards(path, shards=shards)
+
+
+@pytest.mark.parametrize("shards", [0, 4])
+def test_two_config_file_writers_at_once_are_serialised(tmp_path: Path, shards: int) -> None:
+    """A ``sync --once`` (restoring lost files) that read the store before an edit the
+    daemon then writes does not replace the daemon's newer file with its older text: the
+    daemon waits for it (``store.writer_waits``) and writes after it, so the files end
+    holding the edit."""
+    import threading
+
+    from structlog.testing import capture_logs
+
+    from provisioner.accounts import Accounts, Policy
+    from provisioner.applier import Applier
+    from provisioner.pjsip import RenderSettings
+
+    from .faultkit import cheap_hasher, seed_store, store_url
+
+    cheap_hasher()
+    engine = seed_store(store_url(tmp_path), 6)
+    path = tmp_path / "out" / "pjsip_users.conf"
+    daemon = Applier(engine, _held_targets(path, shards), RenderSettings())
+    daemon.full()
+    accounts = Accounts(engine, Policy(password_policy=False))
+    user_id = accounts.get_user("u3").id
+    # The files lost (an operator's slip): the `sync --once` run to restore them writes.
+    for written in [p for p in (tmp_path / "out").rglob("*") if p.is_file()]:
+        written.unlink()
+    cli_target = _held_targets(path, shards)
+    errors: list[BaseException] = []
+    daemon_done = threading.Event()
+
+    def daemon_applies_the_edit() -> None:
+        try:
+            daemon.users_changed([user_id])
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+        finally:
+            daemon_done.set()
+
+    thread = threading.Thread(target=daemon_applies_the_edit)
+
+    def edit_and_let_the_daemon_write() -> None:
+        accounts.edit_user("u3", {"full_name": "Renamed Later"})
+        thread.start()
+        daemon_done.wait(1.5)  # the daemon writes now, unless it must wait for this writer
+
+    cli_target.before_write = edit_and_let_the_daemon_write
+    try:
+        with capture_logs() as logs:
+            Applier(engine, cli_target, RenderSettings()).full(fresh=True)
+            thread.join(30)
+        assert errors == []
+        files = [path, *sorted((tmp_path / "out" / "pjsip_users.d").glob("*.conf"))]
+        text = b"".join(f.read_bytes() for f in files if f.exists())
+        assert b'"Renamed Later"' in text
+        assert any(e["event"] == "store.writer_waits" for e in logs)
+    finally:
+        thread.join(30)
+        engine.dispose()
+
+
+#: A child process holding the ``flock`` of the file ``argv[1]`` until its stdin closes.
+_HOLD_LOCK = """
+import fcntl, sys
+with open(sys.argv[1], "ab") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("shards", [0, 4])
+def test_a_config_file_writer_held_up_too_long_by_another_is_refused_saying_why(
+    tmp_path: Path, shards: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config-file writer that waits longer than the bound for another writer's lock (a
+    ``sync --once`` suspended mid-write) gives up with a target error naming the lock
+    file, and has written nothing."""
+    import subprocess
+
+    from provisioner.errors import TargetWriteFailed
+    from provisioner.store import engine as engine_module
+    from provisioner.targets.files import lock_file
+
+    from .test_realtime import make_user, render
+
+    monkeypatch.setattr(engine_module, "EXCLUSIVE_WAIT", 1)
+    path = tmp_path / "out" / "pjsip_users.conf"
+    path.parent.mkdir()
+    lock = lock_file(path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(lock)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "held\n"
+        target = _held_targets(path, shards)
+        with pytest.raises(TargetWriteFailed, match="another writer held the lock") as raised:
+            target.apply(render(make_user("1001")))
+        assert str(lock) in str(raised.value)
+        assert sorted(p.name for p in path.parent.iterdir()) == [lock.name]
+    finally:
+        holder.communicate(timeout=10)  # its stdin closed: it ends, the lock with it

@@ -208,7 +208,8 @@ def test_target_protocol() -> None:
 
 
 def test_apply_writes_the_file_and_it_reads_back(target: ConfigFileTarget) -> None:
-    """apply creates the directory and a 0640 file that parses back to the objects."""
+    """apply creates the directory and a 0640 file that parses back to the objects (and the
+    writers' lock file beside it)."""
     objects = rendered()
     change = target.apply(objects)
     assert change.wrote
@@ -220,7 +221,13 @@ def test_apply_writes_the_file_and_it_reads_back(target: ConfigFileTarget) -> No
     assert data.decode("utf-8") == target.render_text(objects)
     assert stat.S_IMODE(target.path.stat().st_mode) == 0o640
     assert not target.path.with_name("pjsip_users.conf.bak").exists()
-    assert sorted(p.name for p in target.path.parent.iterdir()) == ["pjsip_users.conf"]
+    # Beside it only the writers' lock, empty, mode 0640, hidden from #include globs.
+    assert sorted(p.name for p in target.path.parent.iterdir()) == [
+        ".pjsip_users.conf.lock",
+        "pjsip_users.conf",
+    ]
+    lock = target.path.with_name(".pjsip_users.conf.lock")
+    assert (lock.stat().st_size, stat.S_IMODE(lock.stat().st_mode)) == (0, 0o640)
 
 
 def test_unchanged_bytes_are_not_written(target: ConfigFileTarget) -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 
-from sqlalchemy import Column, Connection, delete, select
+from sqlalchemy import Column, Connection, Insert, delete, select
+from sqlalchemy.dialects.mysql import insert as mysql_insert
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from .schema import daemon_state
 
@@ -52,10 +55,37 @@ def load_states(conn: Connection, prefix: str) -> dict[str, str]:
 
 
 def put_state(conn: Connection, key: str, value: str) -> None:
-    """Keep ``value`` under ``key`` (delete + insert: a portable upsert in the caller's
-    transaction)."""
-    drop_state(conn, key)
-    conn.execute(daemon_state.insert().values(key=key, value=value))
+    """Keep ``value`` under ``key``, in the caller's transaction: one upsert (see
+    :func:`_upsert`), so two writers putting one key at once both commit, in turn."""
+    _upsert(conn, [{"key": key, "value": value}])
+
+
+def _upsert(conn: Connection, rows: list[dict[str, str]]) -> None:
+    """Insert ``rows`` (``key``, ``value``), a key already kept taking the new value, in
+    one statement of the database's own upsert: PostgreSQL and SQLite ``INSERT … ON
+    CONFLICT (key) DO UPDATE``, MariaDB/MySQL ``INSERT … ON DUPLICATE KEY UPDATE``.
+
+    A delete then an insert was not one: two transactions putting one key at once (the
+    daemon noting what a server loaded while ``sync --once`` notes it unknown) both found
+    it missing, or both deleted the same row, and the second failed on the duplicate key
+    (PostgreSQL), or the two deadlocked over the gap lock the deletes took (MariaDB).
+    Rows go in key order, so two writers of several keys lock them in the same order."""
+    rows = sorted(rows, key=lambda row: row["key"])
+    statement: Insert
+    if conn.dialect.name in ("mysql", "mariadb"):
+        mysql = mysql_insert(daemon_state)
+        statement = mysql.on_duplicate_key_update(value=mysql.inserted.value)
+    elif conn.dialect.name == "postgresql":
+        pg = pg_insert(daemon_state)
+        statement = pg.on_conflict_do_update(
+            index_elements=[daemon_state.c.key], set_={"value": pg.excluded.value}
+        )
+    else:  # SQLite, the third store
+        lite = sqlite_insert(daemon_state)
+        statement = lite.on_conflict_do_update(
+            index_elements=[daemon_state.c.key], set_={"value": lite.excluded.value}
+        )
+    conn.execute(statement, rows)
 
 
 def drop_state(conn: Connection, key: str) -> None:
@@ -64,12 +94,13 @@ def drop_state(conn: Connection, key: str) -> None:
 
 
 def write_states(conn: Connection, put: Mapping[str, str], drop: Collection[str] = ()) -> None:
-    """Forget the keys of ``drop`` and keep each value of ``put`` under its key, in the
-    caller's transaction: a few statements however many keys (deletes in chunks, one
-    multi-row insert), so a batch's notes cost one round of writes, not one per key."""
-    keys = [*drop, *put]
+    """Forget the keys of ``drop`` and keep each value of ``put`` under its key (a key in
+    both is kept), in the caller's transaction: a few statements however many keys
+    (deletes in chunks, one multi-row upsert as :func:`put_state`'s), so a batch's notes
+    cost one round of writes, not one per key."""
+    keys = [key for key in drop if key not in put]
     for start in range(0, len(keys), _KEYS_PER_STATEMENT):
         chunk = keys[start : start + _KEYS_PER_STATEMENT]
         conn.execute(delete(daemon_state).where(daemon_state.c.key.in_(chunk)))
     if put:
-        conn.execute(daemon_state.insert(), [{"key": k, "value": v} for k, v in put.items()])
+        _upsert(conn, [{"key": k, "value": v} for k, v in put.items()])

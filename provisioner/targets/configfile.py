@@ -64,6 +64,7 @@ from .files import (
     remove_stale_temporaries,
     stage,
     write_file,
+    writers_lock,
 )
 from .holdings import (
     Current,
@@ -617,16 +618,28 @@ class ConfigFileTarget:
         ``guard`` sees the change first and may raise to abort.  Nothing is written when
         the bytes are unchanged, the guard raises or the check fails
         (:class:`RenderCheckFailed`).  The change has no diff (only :meth:`plan` makes one).
+        All of it holds the writers' lock (:meth:`_writing`), the guard's look included.
         """
-        with _collector_paused():
-            pending = self._prepare(objects, keep, count=True, stage=True)
-        try:
-            if guard is not None:
-                guard(pending.change)
-        except BaseException:
-            pending.discard()
-            raise
-        return self.commit(pending, full=True)
+        with self._writing():
+            with _collector_paused():
+                pending = self._prepare(objects, keep, count=True, stage=True)
+            try:
+                if guard is not None:
+                    guard(pending.change)
+            except BaseException:
+                pending.discard()
+                raise
+            return self.commit(pending, full=True)
+
+    def _writing(self) -> contextlib.AbstractContextManager[None]:
+        """The writers' lock of the file (:func:`.files.writers_lock`), held from before
+        the current file is read to after the new one is in place, so a second writer (the
+        daemon and ``sync --once``) reads what the first wrote rather than replacing a newer
+        file with text it rendered before.  A shard file's target (driven by a sharded
+        target, which holds the main file's lock for all its files) takes none."""
+        if self._shards_dir is None:
+            return contextlib.nullcontext()
+        return writers_lock(self.path, new_owner_of=self.new_owner_of)
 
     def prepare(
         self, objects: Sequence[UserObjects], keep: Collection[str], *, count: bool = True
@@ -761,9 +774,10 @@ class ConfigFileTarget:
         chunk, ids not named and ordered as render_all does), the edited list of users
         goes through :meth:`apply`.  The change counts and names these users only.
         """
-        with self._templates.hold():  # the template files looked at once, not per render
-            pending = self.prepare_partial(upserts, removed_ids)
-        return self.commit(pending)
+        with self._writing():
+            with self._templates.hold():  # the template files looked at once, not per render
+                pending = self.prepare_partial(upserts, removed_ids)
+            return self.commit(pending)
 
     def prepare_partial(
         self, upserts: Sequence[UserObjects], removed_ids: Sequence[str]

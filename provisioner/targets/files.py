@@ -12,6 +12,10 @@ blocks within the call (about 30 ms for the 62 MB file of 100k users, ext4 on th
 VM), so it is renamed to a temporary name and unlinked by a background thread once the
 new file is in place (:func:`discard_later`).
 
+Two writers of one target (the daemon and ``sync --once``, ``render`` or ``run --burst``)
+take turns: :func:`writers_lock` holds an ``flock`` on ``.<name>.lock`` beside the file
+from before the current file is read to after the new one is in place.
+
 A writer with CPU work left before it may publish (the parse-back check) can
 :func:`stage` the bytes first: the temporary file is written and fsynced by a background
 thread (both release the GIL) while the caller works, and only
@@ -21,6 +25,7 @@ thread (both release the GIL) while the caller works, and only
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import os
 import shutil
@@ -33,6 +38,7 @@ from pathlib import Path
 
 from ..errors import TargetWriteFailed
 from ..logs import get_logger
+from ..store import engine as store_engine
 from .pieces import Pieces
 
 __all__ = [
@@ -48,6 +54,7 @@ __all__ = [
     "keep_backup",
     "keep_owner",
     "later_than",
+    "lock_file",
     "make_directories",
     "owner_source",
     "publish",
@@ -61,6 +68,7 @@ __all__ = [
     "warn_of_other_links",
     "write_file",
     "write_synced",
+    "writers_lock",
 ]
 
 log = get_logger(__name__)
@@ -483,3 +491,74 @@ def _failing_as(verb: str, path: Path) -> Iterator[None]:
         yield
     except OSError as exc:
         raise TargetWriteFailed(f"cannot {verb} {str(path)!r}: {exc.strerror}") from None
+
+
+def lock_file(path: Path) -> Path:
+    """The file the writers of ``path`` lock: ``.<name>.lock`` beside the file
+    :func:`real_path` finds (a directory the service may write; hidden, as the
+    temporaries are, from an ``#include`` glob and the template watcher)."""
+    real = real_path(path)
+    return real.with_name(f".{real.name}.lock")
+
+
+#: The first pause between two tries of a lock another writer holds, and the longest.
+_LOCK_PAUSE = (0.001, 0.05)
+
+
+@contextlib.contextmanager
+def writers_lock(path: Path, *, new_owner_of: Sequence[Path] = ()) -> Iterator[None]:
+    """Within the block, hold the writers' lock of the file ``path`` (:func:`lock_file`,
+    made when missing, mode :data:`FILE_MODE` with the owner and group a new ``path``
+    would get, and left in place): two writers of one file, in one process or two, run
+    one after the other, the second reading what the first wrote.
+
+    Waiting is logged (``store.writer_waits``, as for the realtime writers' lock); a
+    writer kept waiting :data:`~provisioner.store.engine.EXCLUSIVE_WAIT` seconds gives up
+    with :class:`TargetWriteFailed` ("another writer held the lock … nothing written").
+    A lock file that cannot be made or opened is a :class:`TargetWriteFailed` too."""
+    lock = lock_file(path)
+    with _failing_as("lock", lock):
+        like = owner_source(real_path(path), new_owner_of)
+        make_directories(lock.parent, like)
+        made = not lock.exists()
+        # Read-only is enough for flock, and opens a lock file another user made.
+        fd = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    try:
+        if made:
+            with _failing_as("lock", lock):
+                keep_owner(lock, like)
+        _take(fd, lock)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _take(fd: int, lock: Path) -> None:
+    """``flock`` ``fd`` exclusively, waiting at most ``EXCLUSIVE_WAIT`` seconds."""
+    with _failing_as("lock", lock):
+        if _try_lock(fd):
+            return
+        log.warning("store.writer_waits", lock=str(lock))
+        wait = store_engine.EXCLUSIVE_WAIT
+        deadline = time.monotonic() + wait
+        pause, longest = _LOCK_PAUSE
+        while not _try_lock(fd):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TargetWriteFailed(
+                    f"another writer held the lock {str(lock)!r} for {wait} s: nothing written"
+                )
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, longest)
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the exclusive ``flock`` of ``fd`` if no one holds it; True when taken."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True

@@ -32,6 +32,7 @@ from .files import (
     remove_stale_temporaries,
     sync_directory,
     write_file,
+    writers_lock,
 )
 from .holdings import Current, all_added, compare, edited, kept_objects, with_kept
 from .shards import (
@@ -336,7 +337,19 @@ class ShardedConfigFileTarget:
         Every shard file is rendered and checked before any is written: one that fails
         raises :class:`RenderCheckFailed` naming it, and nothing is written.  ``guard``
         sees the change of all files together and may raise to abort.  Only the files
-        whose bytes differ are written; ``Change.wrote`` says whether any was."""
+        whose bytes differ are written; ``Change.wrote`` says whether any was.  All of it
+        holds the main file's writers' lock (:func:`.files.writers_lock`), the guard's look
+        included: a second writer reads what this one wrote."""
+        with writers_lock(self.path):
+            return self._apply(objects, keep, guard)
+
+    def _apply(
+        self,
+        objects: Sequence[UserObjects],
+        keep: Collection[str] = (),
+        guard: Callable[[Change], None] | None = None,
+    ) -> Change:
+        """:meth:`apply`, the writers' lock held by the caller."""
         with self._templates.hold():
             layout = self._prepare(objects, keep)
         if guard is not None:
@@ -348,10 +361,16 @@ class ShardedConfigFileTarget:
         the other shard files are not read, checked or written, nor is the main file (once
         this object knows it includes this set).  Every touched shard is checked before
         any is written.  A main file that does not include this set (another shard count
-        or layout) makes this a full :meth:`apply` of the edited current users."""
+        or layout) makes this a full :meth:`apply` of the edited current users.  Holds the
+        writers' lock as :meth:`apply` does."""
+        with writers_lock(self.path):
+            return self._apply_partial(upserts, removed_ids)
+
+    def _apply_partial(self, upserts: Sequence[UserObjects], removed_ids: Sequence[str]) -> Change:
+        """:meth:`apply_partial`, the writers' lock held by the caller."""
         with self._templates.hold():
             if not self._includes_this_set():
-                return self.apply(edited(self._file_users(), upserts, removed_ids))
+                return self._apply(edited(self._file_users(), upserts, removed_ids))
             count = self.shards
             edits: dict[int, tuple[list[UserObjects], list[str]]] = {}
             for user in upserts:
