@@ -36,6 +36,7 @@ from .model import (
     as_of,
     check_profile_fields,
     is_locked,
+    lock_as_of,
     merge_attributes,
     sniff_avatar,
     validate_fields,
@@ -637,10 +638,16 @@ class Accounts:
         return self._bulk(usernames, change)
 
     def unlock(self, usernames: Sequence[str]) -> Bulk:
+        """Clear the named users' login locks and failed logins.  A user with neither as
+        its next login sees them (:func:`lock_as_of`: a lock that timed out is gone) is
+        unchanged, and is not written: so another admin's unlock of a first admin whose
+        lock timed out is no change to refuse."""
+
         def change(conn: Connection, row: Any, now: datetime) -> bool:
             # A deleted member is not changed until restored (as enable and disable).
             self._not_deleted(row)
-            if row.locked_at is None and not row.failed_logins:
+            lock = lock_as_of(row.locked_at, row.failed_logins, now, self.policy.lock_minutes)
+            if lock == (None, 0):
                 return False
             self.guard_first_admin(conn, row)
             q.update_user(conn, row.id, {"locked_at": None, "failed_logins": 0, "updated_at": now})
