@@ -385,7 +385,7 @@ class Accounts:
         row.update(
             role=clean["role"],
             username=clean["username"],
-            username_key=clean["username"].lower(),
+            username_key=q.username_key(clean["username"]),
             profile_id=clean.get("profile_id"),
             extension=extension,
             sip_realm=digests.realm,
@@ -463,9 +463,11 @@ class Accounts:
         problems = []
         for name in IMMUTABLE_FIELDS:
             given = values.get(name)
-            # Both compare case-insensitively: usernames are unique ignoring case,
+            # Both compare ignoring ASCII case: usernames are unique so (q.username_key),
             # and the role rule itself accepts "ADMIN" as "admin".
-            if given is not None and str(given).lower() != str(row._mapping[name]).lower():
+            if given is not None and q.username_key(str(given)) != q.username_key(
+                str(row._mapping[name])
+            ):
                 problems.append(Problem(name, "cannot be changed after creation", line))
         if problems:
             raise ForbiddenError(problems)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -799,6 +800,83 @@ def test_username_with_trailing_spaces_names_no_user(accounts: Accounts, name: s
     alice = accounts.get_user("ALICE")
     assert (alice.full_name, alice.deleted_at, alice.has_apikey) == ("Alice Agent", None, False)
     assert accounts.login("alice", GOOD_PASSWORD).username == "alice"
+
+
+KELVIN = "\u212aate"  # KELVIN SIGN + "ate": Python's lower() makes it "kate"
+
+
+@pytest.fixture
+def folding_accounts(
+    db_url: str, backend: str, policy: Policy, clock: FakeClock
+) -> Iterator[Accounts]:
+    """Accounts as :func:`accounts` gives, over a store whose MariaDB tables take MariaDB's
+    own default collation (``utf8mb4_general_ci``: it ignores case and accents)."""
+    engine = open_engine(db_url)
+    try:
+        if backend == "mariadb":
+            with engine.begin() as conn:
+                conn.execute(text(CASE_INSENSITIVE))
+        upgrade(engine)
+        acc = Accounts(engine, policy, clock)
+        acc.add_profile("agents")
+        acc.add_user({"username": "root", "role": "admin", "full_name": "R", "email": "r@x.com"})
+        yield acc
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("name", [KELVIN, "\u212aATE", "k\u0101te", "K\u00c4TE"])
+def test_a_name_that_folds_to_another_users_names_no_user(
+    folding_accounts: Accounts, name: str
+) -> None:
+    """A name with a non-ASCII letter that lowercases or collates to another user's (the
+    KELVIN SIGN lowers to ``k``; MariaDB's default collation equates ``a``, ``\u0101`` and
+    ``\u00c4``) names no user on any database: it is not found for reading, editing, state
+    changes, secrets, registration status and login, and a CSV row naming it is a new user
+    the username rule refuses, not an edit of ``kate``; ``KATE`` still finds ``kate``."""
+    from provisioner.store.registrations import status_rows
+
+    accounts = folding_accounts
+    accounts.add_user(_agent("kate", password=GOOD_PASSWORD))
+    with pytest.raises(NotFoundError):
+        accounts.get_user(name)
+    with pytest.raises(NotFoundError):
+        accounts.edit_user(name, {"full_name": "Someone Else"})
+    for action in (accounts.disable, accounts.unlock, accounts.delete):
+        with pytest.raises(NotFoundError):
+            action([name])
+    with pytest.raises(NotFoundError):
+        accounts.set_password(name, OTHER_PASSWORD)
+    with pytest.raises(NotFoundError):
+        accounts.generate_apikey(name)
+    with pytest.raises(AuthenticationError):
+        accounts.login(name, GOOD_PASSWORD)
+    with accounts.transaction() as conn:
+        assert status_rows(conn, [name]) == []
+        assert q.extensions_by_username(conn, [name]) == {}
+    with pytest.raises(InvalidInput) as imported:
+        import_users(accounts, f"username,full_name\n{name},Someone Else\n")
+    assert ("username", 2) in [(p.field, p.line) for p in imported.value.problems]
+    kate = accounts.get_user("KATE")
+    assert (kate.full_name, kate.disabled, kate.deleted_at) == ("Kate Agent", False, None)
+    assert accounts.login("kate", GOOD_PASSWORD).username == "kate"
+
+
+def test_cli_lookups_by_a_name_that_folds_to_another_users_find_no_user(
+    accounts: Accounts,
+) -> None:
+    """``user show``, ``status`` and ``--as`` with the KELVIN SIGN in place of ``k`` name no
+    user (exit 3, and exit 5 on field actor), on every database."""
+    from provisioner.cli import main
+
+    accounts.add_user({"username": "kboss", "role": "admin", "full_name": "K", "email": "k@x.com"})
+    url = accounts.engine.url.render_as_string(hide_password=False)
+    kelvin_boss = "\u212aboss"
+    assert main(["--store-url", url, "user", "show", kelvin_boss]) == 3
+    assert main(["--store-url", url, "status", kelvin_boss]) == 3
+    argv = ["--store-url", url, "--as", kelvin_boss, "user", "edit", "root", "--nat", "yes"]
+    assert main(argv) == 5
+    assert accounts.get_user("root").voice.nat == "no"
 
 
 def test_extension_with_trailing_space_has_no_owner(accounts: Accounts) -> None:
