@@ -7,6 +7,7 @@ once to the caller, which shows it once.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from .model import (
     as_of,
     check_profile_fields,
     is_locked,
+    lock_as_of,
     merge_attributes,
     sniff_avatar,
     validate_fields,
@@ -44,7 +46,15 @@ from .store import queries as q
 from .store.engine import unavailable
 from .store.schema import users
 
-__all__ = ["Accounts", "Bulk", "Created", "Policy", "rerun_on_unique_clash", "utcnow"]
+__all__ = [
+    "Accounts",
+    "Bulk",
+    "Created",
+    "Policy",
+    "clash_field",
+    "rerun_on_unique_clash",
+    "utcnow",
+]
 
 Clock = Callable[[], datetime]
 _T = TypeVar("_T")
@@ -112,20 +122,61 @@ def is_key_clash(exc: IntegrityError) -> bool:
     return str(orig).startswith(_CLASH_SQLITE)
 
 
+#: The field a key names, by a part of the key's name (PostgreSQL's and MariaDB's
+#: constraint names, SQLite's ``table.column`` list), and what a concurrent writer did to
+#: it; the first that matches wins.  MariaDB names a primary key only ``PRIMARY``: the one
+#: a write of ours can clash on is ``user_attributes``' (ids are the database's own).
+_CLASH_FIELDS = (
+    ("username_key", "username", "is already taken"),
+    ("apikey_hash", "apikey", "clashed with another key"),
+    ("extension", "extension", "is already used"),
+    ("profile_id", "profile", "names a profile that was removed"),
+    ("profiles", "name", "is already taken"),
+    ("user_attributes_user_id", "username", "names a user that was removed"),
+    ("user_attributes", "attributes", "has a key that was set meanwhile"),
+    ("PRIMARY", "attributes", "has a key that was set meanwhile"),
+)
+_CONSTRAINT_NAME = re.compile(r"for key '([^']+)'|CONSTRAINT `([^`]+)`|constraint failed: (.+)")
+
+
+def clash_field(exc: IntegrityError) -> tuple[str, str] | None:
+    """The field a key clash (:func:`is_key_clash`) is on, and what a concurrent writer
+    did to it, from the name of the key that refused the write; None when the database
+    does not name it (SQLite's foreign keys).  The error's text (it quotes the values)
+    is read, never shown."""
+    orig = exc.orig
+    name = getattr(getattr(orig, "diag", None), "constraint_name", None)
+    if name is None:
+        found = _CONSTRAINT_NAME.search(str(orig))
+        name = None if found is None else next(g for g in found.groups() if g)
+    if name is None:
+        return None
+    return next(((f, what) for part, f, what in _CLASH_FIELDS if part in name), None)
+
+
 def rerun_on_unique_clash(
     write: Callable[[], _T], attempts: int, exhausted: ProvisionerError
 ) -> _T:
     """``write()`` (one whole transaction), run again when a key refuses it
     (:func:`is_key_clash`): a concurrent writer took a name or an extension between our
-    check and our write, and the next run's checks see it and name the field.
-    ``exhausted`` after ``attempts``; any other IntegrityError is raised at once."""
+    check and our write, and the next run's checks see it and name the field.  When the
+    clash comes back at each of ``attempts`` runs, a :class:`ConflictError` on the field
+    the last clash's key names (:func:`clash_field`: ``username: is already taken (by a
+    concurrent writer, at each of 20 tries); try again``), or ``exhausted`` when the
+    database does not name it; any other IntegrityError is raised at once."""
+    clash: tuple[str, str] | None = None
     for _ in range(attempts):
         try:
             return write()
         except IntegrityError as exc:
             if not is_key_clash(exc):
                 raise
-    raise exhausted
+            clash = clash_field(exc)
+    if clash is None:
+        raise exhausted
+    field, what = clash
+    rule = f"{what} (by a concurrent writer, at each of {attempts} tries); try again"
+    raise ConflictError.one(field, rule)
 
 
 @dataclass(frozen=True)
@@ -379,7 +430,7 @@ class Accounts:
         row.update(
             role=clean["role"],
             username=clean["username"],
-            username_key=clean["username"].lower(),
+            username_key=q.username_key(clean["username"]),
             profile_id=clean.get("profile_id"),
             extension=extension,
             sip_realm=digests.realm,
@@ -436,7 +487,9 @@ class Accounts:
         return rerun_on_unique_clash(
             write,
             _EDIT_RETRIES,
-            ConflictError.one("extension", "kept being taken by concurrent writers; try again"),
+            ConflictError.one(
+                "username", f"{username!r} kept being changed by concurrent writers; try again"
+            ),
         )
 
     def edit_in(
@@ -457,9 +510,11 @@ class Accounts:
         problems = []
         for name in IMMUTABLE_FIELDS:
             given = values.get(name)
-            # Both compare case-insensitively: usernames are unique ignoring case,
+            # Both compare ignoring ASCII case: usernames are unique so (q.username_key),
             # and the role rule itself accepts "ADMIN" as "admin".
-            if given is not None and str(given).lower() != str(row._mapping[name]).lower():
+            if given is not None and q.username_key(str(given)) != q.username_key(
+                str(row._mapping[name])
+            ):
                 problems.append(Problem(name, "cannot be changed after creation", line))
         if problems:
             raise ForbiddenError(problems)
@@ -632,10 +687,16 @@ class Accounts:
         return self._bulk(usernames, change)
 
     def unlock(self, usernames: Sequence[str]) -> Bulk:
+        """Clear the named users' login locks and failed logins.  A user with neither as
+        its next login sees them (:func:`lock_as_of`: a lock that timed out is gone) is
+        unchanged, and is not written: so another admin's unlock of a first admin whose
+        lock timed out is no change to refuse."""
+
         def change(conn: Connection, row: Any, now: datetime) -> bool:
             # A deleted member is not changed until restored (as enable and disable).
             self._not_deleted(row)
-            if row.locked_at is None and not row.failed_logins:
+            lock = lock_as_of(row.locked_at, row.failed_logins, now, self.policy.lock_minutes)
+            if lock == (None, 0):
                 return False
             self.guard_first_admin(conn, row)
             q.update_user(conn, row.id, {"locked_at": None, "failed_logins": 0, "updated_at": now})

@@ -780,17 +780,18 @@ def run(app: App, burst: bool) -> None:
 @pass_app
 def status(app: App, usernames: tuple[str, ...], as_json: bool) -> None:
     """Registration state read back from Asterisk: who is online, with what phone."""
+    from .store.queries import username_key
     from .store.registrations import status_rows
 
     app.only_reads()
     with app.accounts.transaction() as conn:
         rows = status_rows(conn, list(usernames) or None)
-    # Names match case-insensitively, so ``alice ALICE`` is one user, found once.
-    found = {r["username"].lower() for r in rows}
+    # Names match ignoring ASCII case, so ``alice ALICE`` is one user, found once.
+    found = {username_key(r["username"]) for r in rows}
     missing: dict[str, str] = {}
     for name in usernames:
-        if name.lower() not in found:
-            missing.setdefault(name.lower(), name)
+        if username_key(name) not in found:
+            missing.setdefault(username_key(name), name)
     if missing:
         raise NotFoundError("user", ", ".join(missing.values()))
     if as_json:

@@ -277,7 +277,7 @@ def _import_rows(
             repeated = _repeated_extensions(rows)
             now = accounts.clock()
             for done, (line, cells) in enumerate(rows, 1):
-                key = cells.get("username", "").lower()
+                key = q.username_key(cells.get("username", ""))
                 if key in seen:
                     problems.append(Problem("username", f"repeats line {seen[key]}", line))
                     continue

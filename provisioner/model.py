@@ -39,6 +39,7 @@ __all__ = [
     "as_of",
     "check_flag",
     "check_password_policy",
+    "lock_as_of",
     "merge_attributes",
     "sniff_avatar",
     "validate_fields",
@@ -433,13 +434,24 @@ def is_locked(locked_at: datetime | None, now: datetime, lock_minutes: int) -> b
     return now < locked_at + timedelta(minutes=lock_minutes)
 
 
+def lock_as_of(
+    locked_at: datetime | None, failed_logins: int, now: datetime, lock_minutes: int
+) -> tuple[datetime | None, int]:
+    """A login lock and failed-login count as the next login sees them at ``now``: a lock
+    that has timed out is gone, and its failed logins with it (the login starts the count
+    afresh); anything else is as stored."""
+    if locked_at is None or is_locked(locked_at, now, lock_minutes):
+        return locked_at, failed_logins
+    return None, 0
+
+
 def as_of(user: User, now: datetime, lock_minutes: int) -> User:
-    """``user`` as its next login sees it at ``now``: a lock that has timed out is gone,
-    and its failed logins with it (the login starts the count afresh), so a view shows
+    """``user`` as its next login sees it at ``now`` (:func:`lock_as_of`), so a view shows
     no lock time and no count beside an active state."""
-    if user.locked_at is None or is_locked(user.locked_at, now, lock_minutes):
+    locked_at, failed = lock_as_of(user.locked_at, user.failed_logins, now, lock_minutes)
+    if (locked_at, failed) == (user.locked_at, user.failed_logins):
         return user
-    return replace(user, locked_at=None, failed_logins=0)
+    return replace(user, locked_at=locked_at, failed_logins=failed)
 
 
 def account_state(user: User, now: datetime, lock_minutes: int) -> str:

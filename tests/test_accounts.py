@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, delete, event, func, insert, select, text, update
 
 from provisioner import credentials
 from provisioner.accounts import Accounts, Policy
@@ -801,6 +803,83 @@ def test_username_with_trailing_spaces_names_no_user(accounts: Accounts, name: s
     assert accounts.login("alice", GOOD_PASSWORD).username == "alice"
 
 
+KELVIN = "\u212aate"  # KELVIN SIGN + "ate": Python's lower() makes it "kate"
+
+
+@pytest.fixture
+def folding_accounts(
+    db_url: str, backend: str, policy: Policy, clock: FakeClock
+) -> Iterator[Accounts]:
+    """Accounts as :func:`accounts` gives, over a store whose MariaDB tables take MariaDB's
+    own default collation (``utf8mb4_general_ci``: it ignores case and accents)."""
+    engine = open_engine(db_url)
+    try:
+        if backend == "mariadb":
+            with engine.begin() as conn:
+                conn.execute(text(CASE_INSENSITIVE))
+        upgrade(engine)
+        acc = Accounts(engine, policy, clock)
+        acc.add_profile("agents")
+        acc.add_user({"username": "root", "role": "admin", "full_name": "R", "email": "r@x.com"})
+        yield acc
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("name", [KELVIN, "\u212aATE", "k\u0101te", "K\u00c4TE"])
+def test_a_name_that_folds_to_another_users_names_no_user(
+    folding_accounts: Accounts, name: str
+) -> None:
+    """A name with a non-ASCII letter that lowercases or collates to another user's (the
+    KELVIN SIGN lowers to ``k``; MariaDB's default collation equates ``a``, ``\u0101`` and
+    ``\u00c4``) names no user on any database: it is not found for reading, editing, state
+    changes, secrets, registration status and login, and a CSV row naming it is a new user
+    the username rule refuses, not an edit of ``kate``; ``KATE`` still finds ``kate``."""
+    from provisioner.store.registrations import status_rows
+
+    accounts = folding_accounts
+    accounts.add_user(_agent("kate", password=GOOD_PASSWORD))
+    with pytest.raises(NotFoundError):
+        accounts.get_user(name)
+    with pytest.raises(NotFoundError):
+        accounts.edit_user(name, {"full_name": "Someone Else"})
+    for action in (accounts.disable, accounts.unlock, accounts.delete):
+        with pytest.raises(NotFoundError):
+            action([name])
+    with pytest.raises(NotFoundError):
+        accounts.set_password(name, OTHER_PASSWORD)
+    with pytest.raises(NotFoundError):
+        accounts.generate_apikey(name)
+    with pytest.raises(AuthenticationError):
+        accounts.login(name, GOOD_PASSWORD)
+    with accounts.transaction() as conn:
+        assert status_rows(conn, [name]) == []
+        assert q.extensions_by_username(conn, [name]) == {}
+    with pytest.raises(InvalidInput) as imported:
+        import_users(accounts, f"username,full_name\n{name},Someone Else\n")
+    assert ("username", 2) in [(p.field, p.line) for p in imported.value.problems]
+    kate = accounts.get_user("KATE")
+    assert (kate.full_name, kate.disabled, kate.deleted_at) == ("Kate Agent", False, None)
+    assert accounts.login("kate", GOOD_PASSWORD).username == "kate"
+
+
+def test_cli_lookups_by_a_name_that_folds_to_another_users_find_no_user(
+    accounts: Accounts,
+) -> None:
+    """``user show``, ``status`` and ``--as`` with the KELVIN SIGN in place of ``k`` name no
+    user (exit 3, and exit 5 on field actor), on every database."""
+    from provisioner.cli import main
+
+    accounts.add_user({"username": "kboss", "role": "admin", "full_name": "K", "email": "k@x.com"})
+    url = accounts.engine.url.render_as_string(hide_password=False)
+    kelvin_boss = "\u212aboss"
+    assert main(["--store-url", url, "user", "show", kelvin_boss]) == 3
+    assert main(["--store-url", url, "status", kelvin_boss]) == 3
+    argv = ["--store-url", url, "--as", kelvin_boss, "user", "edit", "root", "--nat", "yes"]
+    assert main(argv) == 5
+    assert accounts.get_user("root").voice.nat == "no"
+
+
 def test_extension_with_trailing_space_has_no_owner(accounts: Accounts) -> None:
     """An extension with a trailing space is owned by no user on any database."""
     accounts.add_user(_agent(extension="150"))
@@ -1023,6 +1102,149 @@ def test_csv_import_racing_another_writer_for_an_extension_takes_the_next(
     raised = while_another_writer_holds(accounts, hold, lambda: import_users(accounts, csv_text))
     assert raised is None, repr(raised)
     assert accounts.get_user("carol").extension == "103"
+
+
+@contextmanager
+def rival_between_check_and_insert(accounts: Accounts, username: str) -> Iterator[list[int]]:
+    """Another writer that, at every try of an add of ``username``, takes the name between
+    the add's check and its insert (committing a user of that name just before the
+    insert) and gives it up again as the next try begins (deleting that user, before the
+    try's first read fixes its snapshot); yield the list of takes, one per try."""
+    rival = open_engine(accounts.engine.url.render_as_string(hide_password=False))
+    takes: list[int] = []
+
+    def give_up(conn: Any) -> None:
+        with rival.begin() as other:
+            other.execute(delete(users).where(users.c.username_key == username))
+
+    def take(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO USERS ") and username in repr(params):
+            with rival.begin() as other:
+                insert_user_copy(other, "root", username, f"9{len(takes)}")
+            takes.append(1)
+
+    event.listen(accounts.engine, "begin", give_up)
+    event.listen(accounts.engine, "before_cursor_execute", take)
+    try:
+        yield takes
+    finally:
+        event.remove(accounts.engine, "begin", give_up)
+        event.remove(accounts.engine, "before_cursor_execute", take)
+        rival.dispose()
+
+
+def test_an_add_whose_username_is_taken_at_every_try_names_the_username(
+    accounts: Accounts, backend: str
+) -> None:
+    """An add that another writer beats to its username at every try (between the check
+    and the insert) ends in a conflict on field username, exit 4, not in "could not
+    allocate an extension" (a store-unavailable error, exit 7) that blames the extension.
+    SQLite's writes are serialised (BEGIN IMMEDIATE), so no writer gets in between."""
+    if backend == "sqlite":
+        pytest.skip("SQLite serialises writers: nothing can take a name between check and insert")
+    with (
+        rival_between_check_and_insert(accounts, "dave") as takes,
+        pytest.raises(ConflictError) as raised,
+    ):
+        accounts.add_user(_agent("dave"))
+    assert len(takes) == 20
+    assert raised.value.exit_code == 4
+    assert raised.value.problems == (
+        Problem(
+            "username",
+            f"is already taken (by a concurrent writer, at each of {len(takes)} tries); try again",
+        ),
+    )
+
+
+def test_an_edit_whose_attribute_key_is_taken_at_every_try_names_the_attributes(
+    accounts: Accounts, backend: str
+) -> None:
+    """An edit of a user's attributes that another writer beats to one of its keys at every
+    try (committing that key just before the edit's insert) ends in a conflict on field
+    attributes, not on field extension, which the edit never touched.  PostgreSQL only:
+    SQLite serialises writers, and MariaDB's gap lock makes the other writer wait."""
+    if backend != "postgresql":
+        pytest.skip("only PostgreSQL lets another writer in between delete and insert")
+    alice = accounts.add_user(_agent("alice", attributes={"floor": "2"})).user
+    rival = open_engine(accounts.engine.url.render_as_string(hide_password=False))
+    takes: list[int] = []
+    team = user_attributes.c.user_id == alice.id, user_attributes.c.key == "team"
+
+    def give_up(conn: Any) -> None:
+        with rival.begin() as other:
+            other.execute(delete(user_attributes).where(*team))
+
+    def take(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO USER_ATTRIBUTES"):
+            with rival.begin() as other:
+                other.execute(
+                    insert(user_attributes).values(user_id=alice.id, key="team", value="x")
+                )
+            takes.append(1)
+
+    event.listen(accounts.engine, "begin", give_up)
+    event.listen(accounts.engine, "before_cursor_execute", take)
+    try:
+        with pytest.raises(ConflictError) as raised:
+            accounts.edit_user("alice", {"attributes": {"team": "blue"}})
+    finally:
+        event.remove(accounts.engine, "begin", give_up)
+        event.remove(accounts.engine, "before_cursor_execute", take)
+        rival.dispose()
+    assert len(takes) == 3
+    rule = (
+        "has a key that was set meanwhile (by a concurrent writer, at each of 3 tries); try again"
+    )
+    assert raised.value.problems == (Problem("attributes", rule),)
+
+
+def test_a_key_clash_names_its_field_on_every_backend(accounts: Accounts, backend: str) -> None:
+    """Each key a write of users can clash on is told apart from the database's error, on
+    every backend: username, extension, API key, attributes, profile name, and a profile
+    or a user removed meanwhile (but SQLite, whose foreign key errors name no key)."""
+    from sqlalchemy.exc import IntegrityError
+
+    from provisioner.accounts import clash_field
+
+    alice = accounts.add_user(_agent("alice")).user
+    now = datetime(2026, 1, 1)
+    attrs = [{"user_id": alice.id, "key": "team", "value": v} for v in ("a", "b")]
+    writes: list[tuple[Callable[[Connection], Any], tuple[str, str] | None]] = [
+        (lambda c: insert_user_copy(c, "alice", "ALICE", "5"), ("username", "is already taken")),
+        (
+            lambda c: insert_user_copy(c, "alice", "bob", alice.extension),
+            ("extension", "is already used"),
+        ),
+        (
+            lambda c: c.execute(update(users).values(apikey_hash="x")),
+            ("apikey", "clashed with another key"),
+        ),
+        (
+            lambda c: c.execute(insert(user_attributes), attrs),
+            ("attributes", "has a key that was set meanwhile"),
+        ),
+        (
+            lambda c: c.execute(
+                insert(profiles).values(
+                    name="agents", description="", created_at=now, updated_at=now
+                )
+            ),
+            ("name", "is already taken"),
+        ),
+        (
+            lambda c: c.execute(update(users).where(users.c.id == alice.id).values(profile_id=999)),
+            None if backend == "sqlite" else ("profile", "names a profile that was removed"),
+        ),
+        (
+            lambda c: c.execute(insert(user_attributes).values(user_id=999, key="k", value="v")),
+            None if backend == "sqlite" else ("username", "names a user that was removed"),
+        ),
+    ]
+    for write, field in writes:
+        with pytest.raises(IntegrityError) as refused, accounts.transaction() as conn:
+            write(conn)
+        assert clash_field(refused.value) == field
 
 
 def test_concurrent_add_of_the_same_profile_is_a_conflict(accounts: Accounts) -> None:

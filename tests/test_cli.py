@@ -939,6 +939,28 @@ def test_user_show_and_list_clear_a_lock_that_timed_out(cli: Cli, clock: FakeClo
     assert (listed["failed_logins"], listed["locked_at"]) == (0, None)
 
 
+def test_another_admins_unlock_of_a_first_admin_whose_lock_timed_out_is_unchanged(
+    cli: Cli, store: Engine, clock: FakeClock
+) -> None:
+    """``--as boss user unlock root`` once root's login lock has timed out changes nothing
+    (root shows active with no failed logins): it exits 0 printing ``unchanged: root``,
+    not 5; while the lock holds it is still refused, exit 5."""
+    _add_boss(cli)
+    cli.ok("user", "passwd", "root", input=GOOD_PASSWORD + "\n")
+    for _ in range(3):
+        cli("auth", "login", "root", input="wrong\n")
+    held = cli("--as", "boss", "user", "unlock", "root")
+    assert held.code == 5, held
+    assert ONLY_ITSELF in held.err
+    clock.advance(minutes=15)
+    before = dict(user_row(store, "root")._mapping)
+    result = cli("--as", "boss", "user", "unlock", "root")
+    assert result.code == 0, result
+    assert result.out == "unchanged: root\n"
+    assert dict(user_row(store, "root")._mapping) == before
+    assert cli.ok("--as", "boss", "user", "unlock", "root", "boss") == "unchanged: root, boss\n"
+
+
 def test_an_attribute_given_twice_is_refused_naming_its_key(cli: Cli) -> None:
     """`--attr team=x --attr team=y` is refused (exit 2) naming the key, on add and edit alike,
     instead of silently keeping the last value."""

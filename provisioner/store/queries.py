@@ -11,6 +11,7 @@ username_key = 'alice   '`` finds ``alice`` there and nothing on SQLite or Postg
 
 from __future__ import annotations
 
+import string
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -42,9 +43,16 @@ __all__ = [
 _SECRET_COLUMNS = ("password_hash", "apikey_hash", "avatar")
 
 
+#: ASCII's capital letters to its small ones, and nothing else.
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
 def username_key(username: str) -> str:
-    """What usernames are unique by (``users.username_key``): the username lowercased."""
-    return username.lower()
+    """What usernames are unique by (``users.username_key``): the username with its ASCII
+    letters lowercased (a username is ASCII).  Other characters are kept as they are, so
+    a name that is no username never becomes another user's: ``str.lower`` would make the
+    KELVIN SIGN's ``\u212aate`` into ``kate``."""
+    return username.translate(_ASCII_LOWER)
 
 
 def _exact(rows: Iterable[Any], column: str, keys: Collection[str]) -> list[Any]:
@@ -239,7 +247,11 @@ def first_admin_id(conn: Connection) -> int | None:
 
 
 def username_taken(conn: Connection, username: str) -> bool:
-    query = select(func.count()).select_from(users).where(users.c.username_key == username.lower())
+    """True when a user (deleted ones too) holds ``username`` as the unique key sees it:
+    its :func:`username_key` equal in the database's collation (MariaDB/MySQL's may also
+    ignore accents and trailing spaces, as the key then does)."""
+    key = username_key(username)
+    query = select(func.count()).select_from(users).where(users.c.username_key == key)
     return bool(conn.execute(query).scalar_one())
 
 
