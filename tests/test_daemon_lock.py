@@ -366,3 +366,32 @@ def test_a_sqlite_store_in_memory_has_no_lock_to_lose() -> None:
     finally:
         lock.release()
         engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])
+def test_a_lock_whose_holder_ends_as_it_is_refused_is_taken(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock refused while its holder stops, the holder gone by the time the refused
+    daemon looks who held it, is taken (it is free), not refused as held."""
+    looker = "_pg_holder" if backend == "postgresql" else "_mysql_holders"
+    real = getattr(runlock, looker)
+    with temp_database(backend, tmp_path) as url:
+        engine = open_engine(url)
+        first, second = DaemonLock(engine, url), DaemonLock(engine, url)
+
+        def holder_stops_meanwhile(*args: object) -> object:
+            first.release()
+            until(lambda: _holder(engine) is None, 30, "the stopped holder's lock freed")
+            return real(*args)
+
+        try:
+            first.take()
+            monkeypatch.setattr(runlock, looker, holder_stops_meanwhile)
+            second.take()
+            assert second.check()
+            assert _holder(engine) is not None
+        finally:
+            second.release()
+            first.release()
+            engine.dispose()

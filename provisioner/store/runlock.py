@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
-from sqlalchemy import Connection, Engine, column, func, select, table
+from sqlalchemy import ColumnElement, Connection, Engine, column, func, select, table
 from sqlalchemy.exc import DBAPIError
 
 from ..errors import ConflictError, Problem, StoreUnavailable
@@ -195,6 +195,15 @@ class DaemonLock:
         self._file = fh
 
     def _take_pg(self) -> None:
+        for _ in range(_TRIES):
+            if self._try_pg():
+                return
+        raise _refused(_pg_describe(None))
+
+    def _try_pg(self) -> bool:
+        """One attempt at the PostgreSQL lock: True when taken, False when its holder
+        ended between the refusal and the look at who held it (the lock is free: try
+        again), else :class:`PreviousSessionHolds` or :class:`ConflictError`."""
         conn = self._connect()
         name = holder_name()[:63]
         session: int = conn.execute(
@@ -205,22 +214,29 @@ class DaemonLock:
         if conn.execute(select(func.pg_try_advisory_lock(_PG_KEY))).scalar():
             conn.commit()
             self._sessions = {session}  # no other session can hold it now
-            return
+            return True
         self._sessions.discard(session)  # refused: it holds nothing
         holder = _pg_holder(conn)
         self._drop_conn()
-        if holder is not None and holder.pid in self._sessions and holder.name == name:
+        if holder is None:
+            return False
+        if holder.pid in self._sessions and holder.name == name:
             raise PreviousSessionHolds(f"PostgreSQL backend pid {holder.pid}")
         raise _refused(_pg_describe(holder))
 
     def _take_mysql(self) -> None:
+        for _ in range(_TRIES):
+            if self._try_mysql():
+                return
+        raise _refused("a session that just ended")
+
+    def _try_mysql(self) -> bool:
+        """One attempt at the MariaDB/MySQL lock, as :meth:`_try_pg`."""
         conn = self._connect()
         lock = mysql_lock_name(LOCK_NAME)
         # The marker first: the session holding the daemon's lock holds it too.
         if not conn.execute(select(func.get_lock(self._marker, 0))).scalar():
-            ours, holder = conn.execute(
-                select(func.is_used_lock(self._marker), func.is_used_lock(lock))
-            ).one()
+            ours, holder = _mysql_holders(conn, self._marker, lock)
             self._drop_conn()
             if holder is not None and holder != ours:
                 raise _refused(f"the database connection id {holder}")
@@ -230,14 +246,30 @@ class DaemonLock:
                 "a session that just ended" if ours is None else f"database connection id {ours}"
             )
         if not conn.execute(select(func.get_lock(lock, 0))).scalar():
-            holder = conn.execute(select(func.is_used_lock(lock))).scalar()
+            _, holder = _mysql_holders(conn, self._marker, lock)
             self._drop_conn()
+            if holder is None:
+                return False
             raise _refused(f"the database connection id {holder}")
         conn.rollback()
+        return True
 
     def _connect(self) -> Connection:
         self._conn = self.engine.connect()
         return self._conn
+
+
+#: Attempts at a lock whose holder keeps ending between our refusal and the look at who
+#: held it (a daemon stopping as another starts): each such look finds the lock free.
+_TRIES = 3
+
+
+def _mysql_holders(
+    conn: Connection, marker: str, lock: ColumnElement[str]
+) -> tuple[int | None, int | None]:
+    """The connection ids holding ``marker`` and ``lock`` (None for one not held)."""
+    row: Any = conn.execute(select(func.is_used_lock(marker), func.is_used_lock(lock))).one()
+    return row[0], row[1]
 
 
 class _PgHolder(NamedTuple):
