@@ -93,6 +93,25 @@ def _health_problems(state_dir: Path) -> list[str]:
     return health.problems(time.time(), 60)
 
 
+def _assert_pings_stop(notify: NotifySocket, stuck_at: float, what: str) -> None:
+    """Wait 2.5 s, then check that no WATCHDOG=1 came later than 1.5 s after ``stuck_at``
+    (when ``what`` got stuck)."""
+    time.sleep(2.5)
+    late = [t for t in notify.times("WATCHDOG") if t > stuck_at + 1.5]
+    assert late == [], f"{len(late)} pings after {what} was stuck"
+
+
+def _release_and_recover(
+    locker: Connection, notify: NotifySocket, state: Path, healthy_within: float
+) -> None:
+    """Release ``locker``'s lock, then wait (5 s at most) for a WATCHDOG=1 sent after the
+    release and (``healthy_within`` seconds at most) for a health record with no problem."""
+    locker.rollback()
+    released_at = time.monotonic()
+    until(lambda: any(t > released_at for t in notify.times("WATCHDOG")), 5, "pings resume")
+    until(lambda: _health_problems(state) == [], healthy_within, "a healthy record")
+
+
 def test_ready_watchdog_and_stopping(tmp_path: Path) -> None:
     """READY=1 arrives once the first reconcile wrote the file, WATCHDOG=1 repeats every
     ~0.25 s (WATCHDOG_USEC=500000), STOPPING=1 on SIGTERM, then exit 0."""
@@ -273,16 +292,11 @@ def test_an_apply_stuck_on_a_store_lock_starves_the_watchdog_and_fails_the_healt
             daemon.start()
             _stick_an_apply_on_the_cursor(engine, locker, tmp_path / "pjsip_users.conf")
             edited_at = time.monotonic()
-            time.sleep(2.5)
-            late = [t for t in notify.times("WATCHDOG") if t > edited_at + 1.5]
-            assert late == [], f"{len(late)} pings after the apply was stuck"
+            _assert_pings_stop(notify, edited_at, "the apply")
             problems = _health_problems(state)
             assert any("stuck" in p for p in problems), problems
             assert daemon.logged("daemon.apply_stuck")
-            locker.rollback()
-            released_at = time.monotonic()
-            until(lambda: any(t > released_at for t in notify.times("WATCHDOG")), 5, "pings resume")
-            until(lambda: _health_problems(state) == [], 5, "a healthy record")
+            _release_and_recover(locker, notify, state, healthy_within=5)
             assert daemon.stop() == 0
         finally:
             daemon.kill()
@@ -518,19 +532,14 @@ def test_a_registration_write_stuck_on_a_store_lock_starves_the_watchdog_and_fai
             locker.execute(text("LOCK TABLE registration_summary IN ACCESS EXCLUSIVE MODE"))
             on_peer(peer.send_recorded("Event: ContactStatus\r\n", "NonQualified"))
             sent_at = time.monotonic()
-            time.sleep(2.5)
-            late = [t for t in notify.times("WATCHDOG") if t > sent_at + 1.5]
-            assert late == [], f"{len(late)} pings after the write was stuck"
+            _assert_pings_stop(notify, sent_at, "the write")
             until(
                 lambda: any("stuck" in p for p in _health_problems(state)),
                 20,
                 "the record says stuck",
             )
             assert daemon.logged("registration.write_stuck")
-            locker.rollback()
-            released_at = time.monotonic()
-            until(lambda: any(t > released_at for t in notify.times("WATCHDOG")), 5, "pings resume")
-            until(lambda: _health_problems(state) == [], 20, "a healthy record")
+            _release_and_recover(locker, notify, state, healthy_within=20)
             assert daemon.stop() == 0
         finally:
             daemon.kill()
