@@ -105,6 +105,16 @@ def _expired(peer: FakeAsterisk) -> list[str]:
     return [a.get("Object") for a in peer.actions("SorceryMemoryCacheExpireObject")]
 
 
+def _deleted(peer: FakeAsterisk) -> list[str]:
+    """The astdb key of every DBDel ``peer`` received, in order."""
+    return [a.get("Key") for a in peer.actions("DBDel")]
+
+
+def _emptied(peer: FakeAsterisk) -> list[str]:
+    """The cache of every SorceryMemoryCacheExpire (a whole cache emptied) ``peer`` received."""
+    return [a.get("Cache") for a in peer.actions("SorceryMemoryCacheExpire")]
+
+
 def _expired_from(peer: FakeAsterisk) -> list[tuple[str, str]]:
     """``(cache, object)`` of every SorceryMemoryCacheExpireObject ``peer`` received."""
     sent = peer.actions("SorceryMemoryCacheExpireObject")
@@ -122,6 +132,18 @@ async def _serving(peer: FakeAsterisk, pbx: AmiPbx) -> AsyncIterator[Link]:
             yield link
     finally:
         await peer.stop()
+
+
+@asynccontextmanager
+async def _start_serving(
+    peer: FakeAsterisk, store: Engine, kind: str
+) -> AsyncIterator[tuple[AmiPbx, Link]]:
+    """Start ``peer``, then run an AmiPbx over ``store`` for the ``kind`` target with one
+    default link to it, as ``_serving`` does: (the pbx, its connected link)."""
+    await peer.start()
+    pbx = AmiPbx([_link(peer)], store, kind)
+    async with _serving(peer, pbx) as link:
+        yield pbx, link
 
 
 def test_a_user_added_while_asterisk_is_down_is_expired_and_reloaded_once_it_is_back(
@@ -259,7 +281,7 @@ def test_many_changed_objects_empty_each_distinct_cache_once(store: Engine) -> N
             pbx.applied(_many(EXPIRE_ALL_OVER + 1), target_kind="realtime")
             await eventually(lambda: bool(peer.actions("SorceryMemoryCacheExpire")))
             await eventually(lambda: not link.owed)
-            emptied = [a.get("Cache") for a in peer.actions("SorceryMemoryCacheExpire")]
+            emptied = _emptied(peer)
             return emptied, len(_expired_from(peer))
 
     emptied, one_by_one = run(scenario())
@@ -314,7 +336,7 @@ def test_many_changed_objects_empty_each_cache_with_one_action(
                 await eventually(lambda: bool(link.owed.expiries))
                 await peer.start()
                 await eventually(lambda: link.client.connected and not link.owed, timeout=30)
-                emptied = [a.get("Cache") for a in peer.actions("SorceryMemoryCacheExpire")]
+                emptied = _emptied(peer)
                 return emptied, len(_expired(peer)), bool(link.owed)
         finally:
             await peer.stop()
@@ -341,7 +363,7 @@ def test_a_missing_cache_is_logged_when_emptied_and_nothing_stays_owed(store: En
                     pbx.applied(_many(EXPIRE_ALL_OVER + 1), target_kind="realtime")
                     await eventually(lambda: len(peer.actions("SorceryMemoryCacheExpire")) == 2)
                     await eventually(lambda: not link.owed)
-            emptied = [a.get("Cache") for a in peer.actions("SorceryMemoryCacheExpire")]
+            emptied = _emptied(peer)
             return emptied, bool(link.owed), logs
         finally:
             await peer.stop()
@@ -371,15 +393,13 @@ async def _removal(
     peer = FakeAsterisk()
     if not registered:
         peer.astdb.discard(CONTACT_KEY)
-    await peer.start()
-    pbx = AmiPbx([_link(peer)], store, "realtime")
-    async with _serving(peer, pbx) as link:
+    async with _start_serving(peer, store, "realtime") as (pbx, link):
         await eventually(link.book_complete)
         await prepare(peer, link)
         listed = len(peer.actions("PJSIPShowContacts"))
         pbx.applied(REMOVED, target_kind="realtime")
         await eventually(lambda: bool(peer.actions("DBDel")) and not link.owed)
-        keys = [a.get("Key") for a in peer.actions("DBDel")]
+        keys = _deleted(peer)
         reg = link.book.get("1001")
         return keys, len(peer.actions("PJSIPShowContacts")) - listed, bool(reg and reg.contacts)
 
@@ -449,9 +469,7 @@ def test_a_removal_owed_across_a_reconnect_uses_the_reconnects_snapshot(
 
     async def scenario() -> tuple[list[str], int]:
         peer = FakeAsterisk()
-        await peer.start()
-        pbx = AmiPbx([_link(peer)], store, "realtime")
-        async with _serving(peer, pbx) as link:
+        async with _start_serving(peer, store, "realtime") as (pbx, link):
             await eventually(link.book_complete)
             peer.drop_on = {"DBDel"}
             pbx.applied(REMOVED, target_kind="realtime")
@@ -492,7 +510,7 @@ def test_a_removal_during_an_expiry_lookup_deletes_by_name_without_listing(
             listed = len(peer.actions("PJSIPShowContacts"))
             pbx.applied(REMOVED, target_kind="realtime")
             await eventually(lambda: bool(peer.actions("DBDel")) and not link.owed)
-            keys = [a.get("Key") for a in peer.actions("DBDel")]
+            keys = _deleted(peer)
             return keys, len(peer.actions("PJSIPShowContacts")) - listed
 
     keys, listed = run(scenario())
@@ -542,9 +560,7 @@ def test_a_removed_endpoints_phone_is_stored_offline_though_its_peer_was_reachab
 
     async def scenario() -> tuple[str | None, str | None]:
         peer = FakeAsterisk()
-        await peer.start()
-        pbx = AmiPbx([_link(peer)], store, "realtime")
-        async with _serving(peer, pbx) as link:
+        async with _start_serving(peer, store, "realtime") as (pbx, link):
             await eventually(link.book_complete)
             for needles in _REGISTER:
                 await peer.send_recorded(*needles)
@@ -607,8 +623,7 @@ def test_a_slow_snapshot_holds_the_next_one_back(
     async def scenario() -> tuple[float, int, int]:
         peer = FakeAsterisk()
         peer.delays["pjsipshowcontacts"] = 0.3
-        await peer.start()
-        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+        async with _start_serving(peer, store, "realtime") as (_pbx, link):
             await eventually(link.book_complete)
             await _untracked_auth(peer, link)
             await asyncio.sleep(0.5)
@@ -635,8 +650,7 @@ def test_a_snapshot_cut_by_a_lost_connection_does_not_hold_the_next_one_back(
 
     async def scenario() -> float:
         peer = FakeAsterisk()
-        await peer.start()
-        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+        async with _start_serving(peer, store, "realtime") as (_pbx, link):
             await eventually(link.book_complete)
             peer.delays["pjsipshowcontacts"] = 5.0
             await _untracked_auth(peer, link)
@@ -683,8 +697,7 @@ def test_status_events_after_an_auth_want_no_lookup_and_no_snapshot(
 
     async def scenario() -> tuple[int, int, bool]:
         peer = FakeAsterisk()
-        await peer.start()
-        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+        async with _start_serving(peer, store, "realtime") as (_pbx, link):
             await _first_auth_since_start(peer, link, *_REGISTER)
             return (
                 len(peer.actions("PJSIPShowContacts")),
@@ -707,8 +720,7 @@ def test_an_auth_no_status_event_follows_has_its_endpoint_looked_up(
 
     async def scenario() -> tuple[int, list[str], tuple[str | None, ...], bool]:
         peer = FakeAsterisk()
-        await peer.start()
-        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+        async with _start_serving(peer, store, "realtime") as (_pbx, link):
             await _first_auth_since_start(peer, link)
             await eventually(lambda: bool(peer.actions("PJSIPShowEndpoint")))
             await eventually(link.book_complete)
@@ -747,8 +759,7 @@ def test_a_phone_gone_while_disconnected_is_offline_after_the_reconnect_snapshot
 
     async def scenario() -> tuple[str, str, str | None]:
         peer = FakeAsterisk()
-        await peer.start()
-        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+        async with _start_serving(peer, store, "realtime") as (_pbx, link):
             await eventually(link.book_complete)
             for needles in _REGISTER:
                 await peer.send_recorded(*needles)
@@ -777,9 +788,7 @@ def test_an_endpoint_said_invalid_then_added_again_is_online_when_a_snapshot_lis
 
     async def scenario() -> tuple[bool, str, int]:
         peer = FakeAsterisk()
-        await peer.start()
-        pbx = AmiPbx([_link(peer)], store, "realtime")
-        async with _serving(peer, pbx) as link:
+        async with _start_serving(peer, store, "realtime") as (pbx, link):
             await eventually(link.book_complete)
             await peer.send_recorded(
                 "Event: DeviceStateChange", "UNAVAILABLE", replace=((b"UNAVAILABLE", b"INVALID"),)
@@ -815,8 +824,7 @@ def test_a_reconnect_snapshot_keeps_the_last_change_of_a_phone_it_still_lists(
 
     async def scenario() -> float | None:
         peer = FakeAsterisk()
-        await peer.start()
-        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+        async with _start_serving(peer, store, "realtime") as (_pbx, link):
             await eventually(link.book_complete)
             for needles in _REGISTER:
                 await peer.send_recorded(*needles)
@@ -848,8 +856,7 @@ def test_a_disabled_users_phone_asterisk_still_lists_after_its_endpoint_went_is_
 
     async def scenario() -> str:
         peer = FakeAsterisk()
-        await peer.start()
-        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+        async with _start_serving(peer, store, "realtime") as (_pbx, link):
             await eventually(link.book_complete)
             await peer.send_recorded(
                 "Event: DeviceStateChange", "UNAVAILABLE", replace=((b"UNAVAILABLE", b"INVALID"),)
@@ -877,8 +884,7 @@ def test_a_change_a_reconnect_snapshot_finds_is_logged_and_so_is_the_next(
 
     async def scenario() -> list[str]:
         peer = FakeAsterisk()
-        await peer.start()
-        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+        async with _start_serving(peer, store, "realtime") as (_pbx, link):
             await eventually(link.book_complete)
             for needles in _REGISTER:
                 await peer.send_recorded(*needles)
@@ -914,8 +920,7 @@ def test_a_phone_gone_while_disconnected_is_stored_unavailable_not_in_use(
 
     async def scenario() -> None:
         peer = FakeAsterisk()
-        await peer.start()
-        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+        async with _start_serving(peer, store, "realtime") as (_pbx, link):
             await eventually(link.book_complete)
             for needles in _REGISTER:
                 await peer.send_recorded(*needles)
@@ -955,8 +960,7 @@ def test_events_right_after_the_contact_list_are_not_lost_to_the_snapshot(
     async def scenario() -> tuple[str, int, str | None]:
         peer = _TailPeer()
         peer.tail = b"".join(peer.library.find_message(*needles) for needles in _UNREGISTER)
-        await peer.start()
-        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+        async with _start_serving(peer, store, "realtime") as (_pbx, link):
             await eventually(lambda: link.book_complete() and link.events >= 3)
             reg = link.book["1001"]
             return reg.summary, len(reg.contacts), reg.peer_status
@@ -972,9 +976,7 @@ def test_health_counts_reconnects_as_sessions_after_the_first(store: Engine) -> 
 
     async def scenario() -> tuple[int, int]:
         peer = FakeAsterisk()
-        await peer.start()
-        pbx = AmiPbx([_link(peer)], store, "realtime")
-        async with _serving(peer, pbx) as link:
+        async with _start_serving(peer, store, "realtime") as (pbx, link):
             await eventually(link.book_complete)
             first = pbx.health()["lab"]["reconnects"]
             await peer.stop()
@@ -1181,9 +1183,7 @@ def test_a_bulk_edit_is_verified_in_rounds_between_edits(
 
     async def scenario() -> tuple[list[str], int]:
         peer = FakeAsterisk()
-        await peer.start()
-        pbx = AmiPbx([_link(peer)], store, "realtime")
-        async with _serving(peer, pbx) as link:
+        async with _start_serving(peer, store, "realtime") as (pbx, link):
             pbx.applied(Change(updated=ids), target_kind="realtime")
             await eventually(lambda: len(peer.actions("PJSIPShowEndpoint")) == len(ids))
             await eventually(lambda: not link.unverified)
@@ -1259,9 +1259,7 @@ async def _file_actions(store: Engine, *changes: Change) -> list[str]:
     Reload actions it received, in order."""
     peer = FakeAsterisk()
     peer.reload_delay = 0.3
-    await peer.start()
-    pbx = AmiPbx([_link(peer)], store, "config")
-    async with _serving(peer, pbx) as link:
+    async with _start_serving(peer, store, "config") as (pbx, link):
         await eventually(link.book_complete)
         for change in changes:
             pbx.applied(change, target_kind="config")
@@ -1306,16 +1304,14 @@ def test_a_file_removal_deletes_the_contacts_though_invalid_came_before_the_relo
 
     async def scenario() -> tuple[list[str], bool]:
         peer = _InvalidAtReloadPeer()
-        await peer.start()
-        pbx = AmiPbx([_link(peer)], store, "config")
-        async with _serving(peer, pbx) as link:
+        async with _start_serving(peer, store, "config") as (pbx, link):
             await eventually(link.book_complete)
             assert link.book["1001"].contacts
             pbx.applied(REMOVED, target_kind="config")
             await eventually(lambda: bool(peer.actions("Reload")) and not link.reloads.in_flight)
             await eventually(lambda: not link.reloads.pending and not link.owed)
             await asyncio.sleep(0.2)  # a removal owed by the reload's end would be sent by now
-            return [a.get("Key") for a in peer.actions("DBDel")], CONTACT_KEY in peer.astdb
+            return _deleted(peer), CONTACT_KEY in peer.astdb
 
     deleted, kept = run(scenario())
     assert deleted == [CONTACT_KEY]
@@ -1356,9 +1352,7 @@ def test_a_reload_sent_right_after_another_stays_noted_while_it_runs(store: Engi
     async def scenario() -> tuple[int, dict[str, str]]:
         peer = FakeAsterisk()
         peer.reload_delay = 0.5
-        await peer.start()
-        pbx = AmiPbx([_link(peer)], store, "config")
-        async with _serving(peer, pbx) as link:
+        async with _start_serving(peer, store, "config") as (pbx, link):
             pbx.applied(UPDATED, target_kind="config")
             await eventually(lambda: len(peer.actions("Reload")) == 1)
             pbx.applied(UPDATED, target_kind="config")
@@ -1416,15 +1410,13 @@ def test_a_realtime_endpoint_given_to_another_user_loses_the_previous_phones_con
 
     async def scenario() -> tuple[list[str], bool]:
         peer = FakeAsterisk()
-        await peer.start()
-        pbx = AmiPbx([_link(peer)], store, "realtime")
-        async with _serving(peer, pbx) as link:
+        async with _start_serving(peer, store, "realtime") as (pbx, link):
             await eventually(link.book_complete)
             assert link.book["1001"].contacts
             pbx.applied(REOWNED, target_kind="realtime")
             await eventually(lambda: bool(peer.actions("DBDel")) and not link.owed)
             reg = link.book.get("1001")
-            return [a.get("Key") for a in peer.actions("DBDel")], bool(reg and reg.contacts)
+            return _deleted(peer), bool(reg and reg.contacts)
 
     keys, held = run(scenario())
     assert keys == [CONTACT_KEY]
@@ -1468,7 +1460,7 @@ async def _owed_then_restarted(store: Engine, first: Change, second: Change) -> 
             await eventually(lambda: link.client.connected and not link.owed)
     finally:
         await peer.stop()
-    return [a.get("Key") for a in peer.actions("DBDel")]
+    return _deleted(peer)
 
 
 def test_a_reowned_endpoints_removal_resumed_after_a_restart_survives_the_new_owners_edit(
@@ -1536,7 +1528,7 @@ def test_many_expiries_owed_at_a_stop_are_one_note_and_empty_each_cache_after_th
                 await eventually(lambda: not _owed_notes(store))
         finally:
             await peer.stop()
-        emptied = [a.get("Cache") for a in peer.actions("SorceryMemoryCacheExpire")]
+        emptied = _emptied(peer)
         return noted, emptied, len(_expired(peer)), _owed_notes(store)
 
     noted, emptied, one_by_one, left = run(scenario())
@@ -1567,7 +1559,7 @@ def test_a_removal_owed_again_while_it_is_being_sent_stays_owed(store: Engine) -
                 await sending
                 await eventually(lambda: bool(_owed_notes(store)))  # the flusher wrote it
                 return (
-                    [a.get("Key") for a in peer.actions("DBDel")],
+                    _deleted(peer),
                     "1001" in link.owed.removals,
                     _owed_notes(store),
                 )
@@ -1828,7 +1820,7 @@ def test_a_removal_while_its_endpoint_is_looked_up_deletes_the_contact(
             pbx.applied(REMOVED, target_kind="realtime")
             await eventually(lambda: not link.owed and not link.unconfirmed)
             await asyncio.sleep(0.7)  # the lookup is in
-            return [a.get("Key") for a in peer.actions("DBDel")]
+            return _deleted(peer)
 
     assert run(scenario()) == [CONTACT_KEY]
 
@@ -1866,9 +1858,7 @@ def test_applies_while_reloads_keep_failing_wait_as_one_record_and_lose_nothing(
     async def scenario() -> tuple[int, list[str], list[str]]:
         peer = FakeAsterisk()
         peer.reload_busy = 10**6  # every reload refused
-        await peer.start()
-        pbx = AmiPbx([_link(peer)], store, "config")
-        async with _serving(peer, pbx) as link:
+        async with _start_serving(peer, store, "config") as (pbx, link):
             await eventually(link.book_complete)
             for change in (REMOVED, *edits):
                 await _applied_then_refused(pbx, link, change)
@@ -1883,7 +1873,7 @@ def test_applies_while_reloads_keep_failing_wait_as_one_record_and_lose_nothing(
             peer.reload_busy = 0
             await eventually(lambda: bool(peer.actions("DBDel")) and not link.unverified)
             looked_up = [a.get("Endpoint") for a in peer.actions("PJSIPShowEndpoint")]
-            return waiting, [a.get("Key") for a in peer.actions("DBDel")], looked_up
+            return waiting, _deleted(peer), looked_up
 
     waiting, deleted, looked_up = run(scenario())
     assert waiting == 1
@@ -1901,9 +1891,7 @@ def test_applies_while_asterisk_is_down_wait_as_one_record_and_lose_nothing(
 
     async def scenario() -> tuple[int, int, int, int, list[str], list[str]]:
         peer = FakeAsterisk()
-        await peer.start()
-        pbx = AmiPbx([_link(peer)], store, "config")
-        async with _serving(peer, pbx) as link:
+        async with _start_serving(peer, store, "config") as (pbx, link):
             await eventually(link.book_complete)
             reloads_before = len(peer.actions("Reload"))
             await peer.stop()
@@ -1921,7 +1909,7 @@ def test_applies_while_asterisk_is_down_wait_as_one_record_and_lose_nothing(
                 *waiting,
                 len(peer.actions("Reload")) - reloads_before,
                 link.reloads.last_outcome.requests,
-                [a.get("Key") for a in peer.actions("DBDel")],
+                _deleted(peer),
                 looked_up,
             )
 
@@ -1994,9 +1982,7 @@ def test_a_realtime_endpoint_added_is_looked_up_until_its_reload_ends_well(
     async def scenario() -> tuple[list[str], int]:
         peer = FakeAsterisk()
         peer.reload_delay = 0.6
-        await peer.start()
-        pbx = AmiPbx([_link(peer)], store, "realtime")
-        async with _serving(peer, pbx) as link:
+        async with _start_serving(peer, store, "realtime") as (pbx, link):
             await eventually(link.book_complete)
             pbx.applied(ADDED, target_kind="realtime")
             await eventually(lambda: link.reloads.in_flight)
@@ -2066,8 +2052,7 @@ def test_after_a_run_that_owed_a_reload_any_endpoint_may_be_untracked(
     async def scenario() -> list[str]:
         peer = FakeAsterisk()
         peer.reload_delay = 0.6
-        await peer.start()
-        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+        async with _start_serving(peer, store, "realtime") as (_pbx, link):
             await eventually(lambda: link.reloads.in_flight)
             await peer.send_recorded("Event: SuccessfulAuth\r\n", "Service: PJSIP")
             await eventually(lambda: bool(peer.actions("PJSIPShowEndpoint")))
@@ -2096,8 +2081,7 @@ async def _fold_altered_status(
     for ``endpoint`` (first taken out of the book with ``forget``), once the snapshot is
     in; return user 1's stored state once written, and whether the flusher ended."""
     peer = FakeAsterisk()
-    await peer.start()
-    async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+    async with _start_serving(peer, store, "realtime") as (_pbx, link):
         await eventually(link.book_complete)
         if forget:
             link.book.pop(endpoint, None)
@@ -2149,8 +2133,7 @@ def test_a_registered_phones_refresh_changes_nothing_in_the_store(store: Engine)
 
     async def scenario() -> tuple[object, object, float | None, float]:
         peer = FakeAsterisk()
-        await peer.start()
-        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+        async with _start_serving(peer, store, "realtime") as (_pbx, link):
             await eventually(link.book_complete)
             for needles in _REGISTER:
                 await peer.send_recorded(*needles)
@@ -2250,8 +2233,7 @@ def test_a_snapshot_refused_on_a_live_session_is_asked_for_again(
 
     async def scenario() -> tuple[int, int, bool]:
         peer = _BootingPeer()
-        await peer.start()
-        async with _serving(peer, AmiPbx([_link(peer)], store, "realtime")) as link:
+        async with _start_serving(peer, store, "realtime") as (_pbx, link):
             await eventually(link.book_complete, timeout=5)
             return len(peer.actions("PJSIPShowContacts")), link.client.sessions, "1001" in link.book
 
@@ -2273,13 +2255,11 @@ def test_a_removal_whose_listing_asterisk_does_not_know_yet_stays_owed(
     async def scenario() -> tuple[list[str], bool]:
         peer = _BootingPeer()
         peer.unknown = 2  # the connect's snapshot, then the removal's listing
-        await peer.start()
-        pbx = AmiPbx([_link(peer)], store, "realtime")
-        async with _serving(peer, pbx) as link:
+        async with _start_serving(peer, store, "realtime") as (pbx, link):
             await eventually(lambda: peer.unknown == 1)
             pbx.applied(REMOVED, target_kind="realtime")
             await eventually(lambda: bool(peer.actions("DBDel")) and not link.owed, timeout=4)
-            return [a.get("Key") for a in peer.actions("DBDel")], CONTACT_KEY in peer.astdb
+            return _deleted(peer), CONTACT_KEY in peer.astdb
 
     keys, held = run(scenario())
     assert keys == [CONTACT_KEY]
@@ -2357,9 +2337,7 @@ def test_an_endpoint_changed_again_during_its_check_is_checked_again(store: Engi
         peer = FakeAsterisk()
         peer.reload_delay = 0.3
         peer.delays["PJSIPShowEndpoint"] = 1.0
-        await peer.start()
-        pbx = AmiPbx([_link(peer)], store, "config")
-        async with _serving(peer, pbx) as link:
+        async with _start_serving(peer, store, "config") as (pbx, link):
             pbx.applied(UPDATED, target_kind="config")
             await eventually(lambda: bool(peer.actions("Reload")))
             # Pending behind the first reload: sent when it ends, as the check of the

@@ -224,21 +224,28 @@ def test_a_first_contact_status_gives_one_contact_and_the_events_time() -> None:
     assert seen >= 2
 
 
-def test_status_event_keeps_what_the_snapshot_said() -> None:
-    """A ContactStatus of a snapshot's contact keeps its user agent, source, expiry and key."""
+def _snapshot_contact_then(status: str, rtt_usec: str) -> tuple[ContactState, ContactState]:
+    """Endpoint 1001's one contact as the recorded snapshot gives it, and as it is after a
+    ContactStatus event of that contact saying ``status`` with ``rtt_usec``."""
     before = snapshot_from_contact_list(_contact_list_items())["1001"]
     (old,) = before.contacts
     event = {
         "Event": "ContactStatus",
         "URI": old.uri,
-        "ContactStatus": "Reachable",
+        "ContactStatus": status,
         "AOR": old.aor,
         "EndpointName": "1001",
-        "RoundtripUsec": "812",
+        "RoundtripUsec": rtt_usec,
     }
     after = apply_event(before, event)
     assert after is not None
     (new,) = after.contacts
+    return old, new
+
+
+def test_status_event_keeps_what_the_snapshot_said() -> None:
+    """A ContactStatus of a snapshot's contact keeps its user agent, source, expiry and key."""
+    old, new = _snapshot_contact_then("Reachable", "812")
     assert (new.status, new.rtt_usec) == ("Reachable", 812)
     assert (new.user_agent, new.source, new.expires_at, new.object_name) == (
         old.user_agent,
@@ -252,19 +259,7 @@ def test_a_contact_registered_anew_drops_the_snapshots_expiry() -> None:
     """A NonQualified ContactStatus (a contact created: registered anew, its
     un-registration's events lost) of a snapshot's contact keeps its user agent, source
     and key, but not its expiry, a new one no event tells."""
-    before = snapshot_from_contact_list(_contact_list_items())["1001"]
-    (old,) = before.contacts
-    event = {
-        "Event": "ContactStatus",
-        "URI": old.uri,
-        "ContactStatus": "NonQualified",
-        "AOR": old.aor,
-        "EndpointName": "1001",
-        "RoundtripUsec": "0",
-    }
-    after = apply_event(before, event)
-    assert after is not None
-    (new,) = after.contacts
+    old, new = _snapshot_contact_then("NonQualified", "0")
     assert old.expires_at is not None
     assert (new.status, new.expires_at) == ("NonQualified", None)
     assert (new.user_agent, new.source, new.object_name) == (

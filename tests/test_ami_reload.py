@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 from structlog.testing import capture_logs
@@ -20,6 +22,19 @@ async def _setup(**settings: float) -> tuple[FakeAsterisk, AmiClient, ReloadCoor
     await peer.start()
     client = AmiClient(server_for(peer, sorcery_caches=["ep_cache"]), fast_settings(**settings))
     return peer, client, ReloadCoordinator(client)
+
+
+@asynccontextmanager
+async def _ops_session() -> AsyncIterator[tuple[FakeAsterisk, PjsipOps]]:
+    """PjsipOps over a client connected to a started fake Asterisk; the client and the
+    peer are stopped on the way out (what the peer received stays readable)."""
+    peer, client, _ = await _setup()
+    try:
+        async with running(client):
+            await eventually(lambda: client.connected)
+            yield peer, PjsipOps(client)
+    finally:
+        await peer.stop()
 
 
 def test_reload_success_is_logged() -> None:
@@ -226,10 +241,7 @@ def test_expire_and_missing_cache() -> None:
     """Expiring from a known cache succeeds; an unknown cache is a counted warning."""
 
     async def scenario() -> None:
-        peer, client, _ = await _setup()
-        ops = PjsipOps(client)
-        async with running(client):
-            await eventually(lambda: client.connected)
+        async with _ops_session() as (peer, ops):
             assert await ops.expire("ep_cache", "1001") == "expired"
             with capture_logs() as logs:
                 assert await ops.expire("no_such_cache", "1001") == "no_such_cache"
@@ -240,7 +252,6 @@ def test_expire_and_missing_cache() -> None:
             ("ep_cache", "1001"),
             ("no_such_cache", "1001"),
         ]
-        await peer.stop()
 
     run(scenario())
 
@@ -249,10 +260,7 @@ def test_show_endpoint_live_and_unknown() -> None:
     """PJSIPShowEndpoint collects the event list; an unknown endpoint is not live (None)."""
 
     async def scenario() -> None:
-        peer, client, _ = await _setup()
-        ops = PjsipOps(client)
-        async with running(client):
-            await eventually(lambda: client.connected)
+        async with _ops_session() as (_peer, ops):
             detail = await ops.show_endpoint("1001")
             missing = await ops.show_endpoint("5555")
         assert detail is not None
@@ -263,7 +271,6 @@ def test_show_endpoint_live_and_unknown() -> None:
         assert detail.contacts[0].uri == "sip:1001@127.0.0.1:5070;ob"
         assert detail.contacts[0].object_name == "1001;@4647304968688045788916f1ea15a2ae"
         assert missing is None
-        await peer.stop()
 
     run(scenario())
 
@@ -272,10 +279,7 @@ def test_show_contacts_list_and_empty() -> None:
     """PJSIPShowContacts gives the ContactList items; 'No Contacts found' is an empty list."""
 
     async def scenario() -> None:
-        peer, client, _ = await _setup()
-        ops = PjsipOps(client)
-        async with running(client):
-            await eventually(lambda: client.connected)
+        async with _ops_session() as (peer, ops):
             contacts = await ops.show_contacts()
             peer.astdb.clear()
             empty = await ops.show_contacts()
@@ -285,7 +289,6 @@ def test_show_contacts_list_and_empty() -> None:
         assert contacts[0].expires_at == 1795564605
         assert contacts[0].user_agent is not None
         assert empty == []
-        await peer.stop()
 
     run(scenario())
 
@@ -294,10 +297,7 @@ def test_remove_contact_uses_dbdel_with_the_full_key() -> None:
     """A stale contact is removed with DBDel registrar contact/<aor>;@<hash>, once."""
 
     async def scenario() -> None:
-        peer, client, _ = await _setup()
-        ops = PjsipOps(client)
-        async with running(client):
-            await eventually(lambda: client.connected)
+        async with _ops_session() as (peer, ops):
             contacts = await ops.show_contacts()
             name = contacts[0].object_name
             assert name is not None
@@ -310,6 +310,5 @@ def test_remove_contact_uses_dbdel_with_the_full_key() -> None:
         assert [(a.get("Family"), a.get("Key")) for a in sent] == [
             ("registrar", "contact/1001;@4647304968688045788916f1ea15a2ae")
         ] * 2
-        await peer.stop()
 
     run(scenario())

@@ -18,7 +18,8 @@ from provisioner import daemon as daemon_module
 from provisioner.accounts import Accounts
 from provisioner.ami.pbx import AmiPbx
 from provisioner.applier import Applied, Applier
-from provisioner.config import load_config
+from provisioner.checks import Check, run_checks
+from provisioner.config import Config, load_config
 from provisioner.daemon import Daemon
 from provisioner.pjsip import RenderSettings
 from provisioner.store import changefeed
@@ -516,6 +517,25 @@ def test_a_backlog_longer_than_one_read_is_applied_at_once(
         daemon.engine.dispose()
 
 
+def _config_with_peer(
+    peer: FakeAsterisk, store: dict[str, Any], target: dict[str, Any], state_dir: Path
+) -> Config:
+    """A daemon's config over ``store`` and ``target`` whose one Asterisk, "lab", is the
+    started ``peer``; reloads are not spaced and reconnects come fast."""
+    server = {"name": "lab", "host": "127.0.0.1", "port": peer.port}
+    server |= {"username": peer.username, "secret": peer.secret}
+    return load_config(
+        env={},
+        overrides={
+            "store": store,
+            "target": target,
+            "ami": {"reload_min_gap": 0, "reload_gap_factor": 0, "backoff_base": 0.02},
+            "asterisk": [server],
+            "daemon": {"state_dir": str(state_dir)},
+        },
+    )
+
+
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 def test_a_full_apply_is_told_to_asterisk_when_saving_its_cursor_fails(
     accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path
@@ -528,18 +548,8 @@ def test_a_full_apply_is_told_to_asterisk_when_saving_its_cursor_fails(
     async def run() -> tuple[int, bool]:
         peer = FakeAsterisk()
         await peer.start()
-        server = {"name": "lab", "host": "127.0.0.1", "port": peer.port}
-        server |= {"username": peer.username, "secret": peer.secret}
-        config = load_config(
-            env={},
-            overrides={
-                "store": {"url": db_url, "busy_timeout": 0.2},
-                "target": {"path": str(conf)},
-                "ami": {"reload_min_gap": 0, "reload_gap_factor": 0, "backoff_base": 0.02},
-                "asterisk": [server],
-                "daemon": {"state_dir": str(tmp_path)},
-            },
-        )
+        store = {"url": db_url, "busy_timeout": 0.2}
+        config = _config_with_peer(peer, store, {"path": str(conf)}, tmp_path)
         daemon = Daemon.from_config(config)
         daemon.health.ready = True
         ami = asyncio.ensure_future(daemon.pbx.run(daemon.ami_stop))  # type: ignore[union-attr]
@@ -583,18 +593,7 @@ def test_a_phone_loses_its_registration_when_its_extension_passes_to_another_use
     async def run() -> tuple[list[str], bool, int]:
         peer = FakeAsterisk()
         await peer.start()
-        server = {"name": "lab", "host": "127.0.0.1", "port": peer.port}
-        server |= {"username": peer.username, "secret": peer.secret}
-        config = load_config(
-            env={},
-            overrides={
-                "store": {"url": db_url},
-                "target": where,
-                "ami": {"reload_min_gap": 0, "reload_gap_factor": 0, "backoff_base": 0.02},
-                "asterisk": [server],
-                "daemon": {"state_dir": str(tmp_path)},
-            },
-        )
+        config = _config_with_peer(peer, {"url": db_url}, where, tmp_path)
         daemon = Daemon.from_config(config)
         daemon.health.ready = True
         pbx = daemon.pbx
@@ -868,6 +867,25 @@ def test_a_change_committing_after_its_gap_was_given_up_still_goes_live(
         daemon.engine.dispose()
 
 
+def _checked_config(db_url: str, tmp_path: Path) -> Config:
+    """The config ``provisioner check`` is given here: the store at ``db_url``, the file
+    target and the state directory under ``tmp_path``."""
+    return load_config(
+        env={},
+        overrides={
+            "store": {"url": db_url},
+            "target": {"path": str(tmp_path / "pjsip.conf")},
+            "daemon": {"state_dir": str(tmp_path / "state")},
+        },
+    )
+
+
+def _store_check(config: Config) -> Check:
+    """The store line of ``provisioner check`` on ``config``: (name, ok, detail)."""
+    (line,) = [c for c in run_checks(config) if c[0] == "store"]
+    return line
+
+
 @pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
 def test_check_names_change_triggers_whose_definer_was_dropped_on_mariadb(
     db_url: str, tmp_path: Path
@@ -875,7 +893,6 @@ def test_check_names_change_triggers_whose_definer_was_dropped_on_mariadb(
     """On MariaDB, once the account that ran the migrations (the triggers' definer) is
     dropped, every write to the user tables is refused, and ``provisioner check`` fails
     its store line naming that definer and the fix."""
-    from provisioner.checks import run_checks
     from provisioner.store.engine import open_engine
     from provisioner.store.migrate import upgrade
 
@@ -887,18 +904,11 @@ def test_check_names_change_triggers_whose_definer_was_dropped_on_mariadb(
         migrator = open_engine(db_url.replace("root@", f"{account}:pw@"))
         upgrade(migrator)
         migrator.dispose()
-        config = load_config(
-            env={},
-            overrides={
-                "store": {"url": db_url},
-                "target": {"path": str(tmp_path / "pjsip.conf")},
-                "daemon": {"state_dir": str(tmp_path / "state")},
-            },
-        )
-        (before,) = [c for c in run_checks(config) if c[0] == "store"]
+        config = _checked_config(db_url, tmp_path)
+        before = _store_check(config)
         assert before[1], before
         _sql_url(db_url, f"DROP USER '{account}'@'%'")
-        (after,) = [c for c in run_checks(config) if c[0] == "store"]
+        after = _store_check(config)
     finally:
         _sql_url(db_url, f"DROP USER IF EXISTS '{account}'@'%'")
     assert not after[1]
@@ -924,17 +934,8 @@ def test_check_names_a_change_trigger_dropped_or_disabled(
     (``ALTER TABLE … DISABLE TRIGGER``, left so by an interrupted ``pg_restore
     --disable-triggers``) fails ``provisioner check``'s store line, naming it: edits
     through that table would reach the daemon only at its next full reconcile."""
-    from provisioner.checks import run_checks
-
-    config = load_config(
-        env={},
-        overrides={
-            "store": {"url": db_url},
-            "target": {"path": str(tmp_path / "pjsip.conf")},
-            "daemon": {"state_dir": str(tmp_path / "state")},
-        },
-    )
-    (before,) = [c for c in run_checks(config) if c[0] == "store"]
+    config = _checked_config(db_url, tmp_path)
+    before = _store_check(config)
     assert before[1], before
     if backend == "postgresql":
         _sql(engine, "ALTER TABLE users DISABLE TRIGGER trg_users_change")
@@ -942,7 +943,7 @@ def test_check_names_a_change_trigger_dropped_or_disabled(
     else:
         _sql(engine, "DROP TRIGGER trg_user_attributes_update")
         gone = "trg_user_attributes_update (missing)"
-    (after,) = [c for c in run_checks(config) if c[0] == "store"]
+    after = _store_check(config)
     assert not after[1]
     assert gone in after[2]
 

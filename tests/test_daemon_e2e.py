@@ -360,20 +360,35 @@ def test_sighup_applies_a_new_layout(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-def test_sighup_watches_a_new_template_directory(tmp_path: Path) -> None:
-    """After a SIGHUP names a template override directory, the file is rendered with it at
-    once, and an edit of a template there is rendered too (the new directory is watched)."""
+def _override_header(tmp_path: Path) -> Path:
+    """A template override directory ``override`` under ``tmp_path`` holding only
+    ``header.j2`` (its text ``; site header v1``): that header's path."""
     override = tmp_path / "override"
     override.mkdir()
     header = override / "header.j2"
     header.write_text("; site header v1\n")
+    return header
+
+
+async def _sighup_to_templates(
+    config: Path, conf: Path, daemon: asyncio.subprocess.Process, directory: Path
+) -> None:
+    """Name ``directory`` as ``target.templates`` in ``config``, SIGHUP ``daemon``, and
+    return once ``conf`` starts with the v1 header of ``_override_header``."""
+    setting = f'[target]\ntemplates = "{directory}"\n'
+    config.write_text(config.read_text().replace("[target]\n", setting))
+    daemon.send_signal(signal.SIGHUP)
+    await _until(lambda: _text(conf).startswith("; site header v1"), 5)
+
+
+def test_sighup_watches_a_new_template_directory(tmp_path: Path) -> None:
+    """After a SIGHUP names a template override directory, the file is rendered with it at
+    once, and an edit of a template there is rendered too (the new directory is watched)."""
+    header = _override_header(tmp_path)
 
     async def scenario() -> None:
         async with _running_on_file(tmp_path) as (config, conf, daemon):
-            setting = f'[target]\ntemplates = "{override}"\n'
-            config.write_text(config.read_text().replace("[target]\n", setting))
-            daemon.send_signal(signal.SIGHUP)
-            await _until(lambda: _text(conf).startswith("; site header v1"), 5)
+            await _sighup_to_templates(config, conf, daemon, header.parent)
             header.write_text("; site header v2\n")
             await _until(lambda: _text(conf).startswith("; site header v2"), 5)
 
@@ -385,17 +400,11 @@ def test_sighup_rereads_a_template_edited_in_place_keeping_its_size_and_mtime(
 ) -> None:
     """A template edited in place with its size and modification time unchanged (a coarse
     clock, a tool keeping mtimes) looks untouched; a SIGHUP re-reads it all the same."""
-    override = tmp_path / "override"
-    override.mkdir()
-    header = override / "header.j2"
-    header.write_text("; site header v1\n")
+    header = _override_header(tmp_path)
 
     async def scenario() -> None:
         async with _running_on_file(tmp_path) as (config, conf, daemon):
-            setting = f'[target]\ntemplates = "{override}"\n'
-            config.write_text(config.read_text().replace("[target]\n", setting))
-            daemon.send_signal(signal.SIGHUP)
-            await _until(lambda: _text(conf).startswith("; site header v1"), 5)
+            await _sighup_to_templates(config, conf, daemon, header.parent)
             before = header.stat()
             header.write_text("; site header v2\n")
             os.utime(header, ns=(before.st_atime_ns, before.st_mtime_ns))
@@ -801,6 +810,15 @@ def test_realtime_rows_sync_once_wrote_empty_the_caches_at_the_next_start(tmp_pa
     asyncio.run(scenario())
 
 
+async def _alice_contact_deleted_after_a_reload(peer: FakeAsterisk, since: int) -> None:
+    """Wait (10 s at most) until alice's contact is gone from ``peer``'s astdb, and check
+    that the DBDel deleting it came after a Reload, both among what came since ``since``."""
+    await _until(lambda: ALICE_CONTACT not in peer.astdb, 10)
+    reload = _index(peer, "Reload", since, lambda _: True)
+    deleted = _index(peer, "DBDel", since, lambda a: a.get("Key") == ALICE_CONTACT)
+    assert 0 <= reload < deleted
+
+
 def test_a_user_sync_once_removed_from_the_file_has_its_contact_deleted_by_the_next_run(
     tmp_path: Path,
 ) -> None:
@@ -812,11 +830,7 @@ def test_a_user_sync_once_removed_from_the_file_has_its_contact_deleted_by_the_n
             await _cli(run.config, "user", "delete", "alice")
             await _cli(run.config, "sync", "--once")
             since = await _start_and_settle(run)
-            peer = run.peer
-            await _until(lambda: ALICE_CONTACT not in peer.astdb, 10)
-            reload = _index(peer, "Reload", since, lambda _: True)
-            deleted = _index(peer, "DBDel", since, lambda a: a.get("Key") == ALICE_CONTACT)
-            assert 0 <= reload < deleted
+            await _alice_contact_deleted_after_a_reload(run.peer, since)
             assert [(e["removals"], e["after_reload"]) for e in _resumed(run.log)] == [(1, True)]
 
     asyncio.run(scenario())
@@ -850,11 +864,7 @@ def test_an_extension_sync_once_gave_to_another_user_has_its_contact_deleted_by_
             await _cli(run.config, "sync", "--once")
             assert "[1500]" in _text(conf)
             since = await _start_and_settle(run)
-            peer = run.peer
-            await _until(lambda: ALICE_CONTACT not in peer.astdb, 10)
-            reload = _index(peer, "Reload", since, lambda _: True)
-            deleted = _index(peer, "DBDel", since, lambda a: a.get("Key") == ALICE_CONTACT)
-            assert 0 <= reload < deleted
+            await _alice_contact_deleted_after_a_reload(run.peer, since)
 
     asyncio.run(scenario())
 

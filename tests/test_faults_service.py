@@ -24,6 +24,7 @@ import pytest
 from sqlalchemy import Connection, Engine, text
 
 from provisioner.accounts import Accounts, Policy
+from provisioner.health import read_health
 
 from .faultkit import Daemon, cli, endpoints, seed_store, store_url, until, write_config
 
@@ -74,6 +75,43 @@ class NotifySocket:
         self.sock.close()
 
 
+def _notified_daemon(
+    config: Path, tmp_path: Path, notify: NotifySocket, watchdog_usec: str | None = None
+) -> Daemon:
+    """A daemon (not started) logging to ``daemon.log`` that notifies ``notify``, with
+    ``WATCHDOG_USEC`` set when ``watchdog_usec`` is given."""
+    extra_env = {"NOTIFY_SOCKET": str(notify.path)}
+    if watchdog_usec is not None:
+        extra_env["WATCHDOG_USEC"] = watchdog_usec
+    return Daemon(config, tmp_path / "daemon.log", extra_env=extra_env)
+
+
+def _health_problems(state_dir: Path) -> list[str]:
+    """The problems the health record under ``state_dir`` states now (it must exist)."""
+    health = read_health(state_dir)
+    assert health is not None
+    return health.problems(time.time(), 60)
+
+
+def _assert_pings_stop(notify: NotifySocket, stuck_at: float, what: str) -> None:
+    """Wait 2.5 s, then check that no WATCHDOG=1 came later than 1.5 s after ``stuck_at``
+    (when ``what`` got stuck)."""
+    time.sleep(2.5)
+    late = [t for t in notify.times("WATCHDOG") if t > stuck_at + 1.5]
+    assert late == [], f"{len(late)} pings after {what} was stuck"
+
+
+def _release_and_recover(
+    locker: Connection, notify: NotifySocket, state: Path, healthy_within: float
+) -> None:
+    """Release ``locker``'s lock, then wait (5 s at most) for a WATCHDOG=1 sent after the
+    release and (``healthy_within`` seconds at most) for a health record with no problem."""
+    locker.rollback()
+    released_at = time.monotonic()
+    until(lambda: any(t > released_at for t in notify.times("WATCHDOG")), 5, "pings resume")
+    until(lambda: _health_problems(state) == [], healthy_within, "a healthy record")
+
+
 def test_ready_watchdog_and_stopping(tmp_path: Path) -> None:
     """READY=1 arrives once the first reconcile wrote the file, WATCHDOG=1 repeats every
     ~0.25 s (WATCHDOG_USEC=500000), STOPPING=1 on SIGTERM, then exit 0."""
@@ -81,11 +119,7 @@ def test_ready_watchdog_and_stopping(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     conf = tmp_path / "pjsip_users.conf"
     notify = NotifySocket(tmp_path / "notify")
-    daemon = Daemon(
-        config,
-        tmp_path / "daemon.log",
-        extra_env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "500000"},
-    )
+    daemon = _notified_daemon(config, tmp_path, notify, "500000")
     try:
         daemon.start(wait_ready=False)
         until(lambda: bool(notify.times("READY")), 20, "READY=1")
@@ -113,11 +147,7 @@ def test_a_watchdog_usec_that_is_no_positive_number_leaves_the_watchdog_off(
     reads it: the daemon starts, sends READY=1 and no WATCHDOG=1, and stops with exit 0."""
     seed_store(store_url(tmp_path), 3).dispose()
     notify = NotifySocket(tmp_path / "notify")
-    daemon = Daemon(
-        write_config(tmp_path),
-        tmp_path / "daemon.log",
-        extra_env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": usec},
-    )
+    daemon = _notified_daemon(write_config(tmp_path), tmp_path, notify, usec)
     try:
         daemon.start(wait_ready=False)
         until(lambda: bool(notify.times("READY")) or not daemon.alive, 20, "READY=1")
@@ -249,39 +279,24 @@ def test_an_apply_stuck_on_a_store_lock_starves_the_watchdog_and_fails_the_healt
     daemon.stuck_after: WATCHDOG=1 is no longer sent (systemd restarts the daemon), the
     health record says the apply is stuck, and daemon.apply_stuck is logged; once the lock
     is released the apply ends and the pings resume."""
-    from provisioner.health import read_health
-
     from .dbs import temp_database
 
     with temp_database("postgresql", tmp_path) as url:
         engine = seed_store(url, 2)
         config = write_config(tmp_path, store_url=url, extra=["stuck_after = 1"])
         notify = NotifySocket(tmp_path / "notify")
-        daemon = Daemon(
-            config,
-            tmp_path / "daemon.log",
-            extra_env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "200000"},
-        )
+        daemon = _notified_daemon(config, tmp_path, notify, "200000")
         locker = engine.connect()
-
-        def problems() -> list[str]:
-            health = read_health(tmp_path / "state")
-            assert health is not None
-            return health.problems(time.time(), 60)
-
+        state = tmp_path / "state"
         try:
             daemon.start()
             _stick_an_apply_on_the_cursor(engine, locker, tmp_path / "pjsip_users.conf")
             edited_at = time.monotonic()
-            time.sleep(2.5)
-            late = [t for t in notify.times("WATCHDOG") if t > edited_at + 1.5]
-            assert late == [], f"{len(late)} pings after the apply was stuck"
-            assert any("stuck" in p for p in problems()), problems()
+            _assert_pings_stop(notify, edited_at, "the apply")
+            problems = _health_problems(state)
+            assert any("stuck" in p for p in problems), problems
             assert daemon.logged("daemon.apply_stuck")
-            locker.rollback()
-            released_at = time.monotonic()
-            until(lambda: any(t > released_at for t in notify.times("WATCHDOG")), 5, "pings resume")
-            until(lambda: problems() == [], 5, "a healthy record")
+            _release_and_recover(locker, notify, state, healthy_within=5)
             assert daemon.stop() == 0
         finally:
             daemon.kill()
@@ -328,11 +343,7 @@ def test_a_sighup_while_the_daemon_starts_is_a_reload_once_it_is_up(tmp_path: Pa
     re-reads its configuration (config.reloaded)."""
     seed_store(store_url(tmp_path), 3).dispose()
     notify = NotifySocket(tmp_path / "notify")
-    daemon = Daemon(
-        write_config(tmp_path),
-        tmp_path / "daemon.log",
-        extra_env={"NOTIFY_SOCKET": str(notify.path)},
-    )
+    daemon = _notified_daemon(write_config(tmp_path), tmp_path, notify)
     try:
         _signal_while_starting(daemon, signal.SIGHUP, [0.15, 0.3, 0.5, 0.8])
         until(lambda: bool(notify.times("READY")) or not daemon.alive, 20, "READY=1")
@@ -390,11 +401,7 @@ def test_a_daemon_stopped_before_its_first_reconcile_ends_never_says_ready(
 
     url = PG_ADMIN.rstrip("/") + "/prov_test_no_such_database"
     notify = NotifySocket(tmp_path / "notify")
-    daemon = Daemon(
-        write_config(tmp_path, store_url=url),
-        tmp_path / "daemon.log",
-        extra_env={"NOTIFY_SOCKET": str(notify.path)},
-    )
+    daemon = _notified_daemon(write_config(tmp_path, store_url=url), tmp_path, notify)
     try:
         daemon.start(wait_ready=False)
         until(lambda: bool(daemon.logged("sync.failed")), 20, "the first reconcile failing")
@@ -416,11 +423,7 @@ def test_sighup_is_announced_as_a_reload_to_systemd(tmp_path: Path) -> None:
     re-read, READY=1 again, so ``systemctl reload`` waits for the reload and sees it end."""
     seed_store(store_url(tmp_path), 3).dispose()
     notify = NotifySocket(tmp_path / "notify")
-    daemon = Daemon(
-        write_config(tmp_path),
-        tmp_path / "daemon.log",
-        extra_env={"NOTIFY_SOCKET": str(notify.path)},
-    )
+    daemon = _notified_daemon(write_config(tmp_path), tmp_path, notify)
     try:
         daemon.start(wait_ready=False)
         until(lambda: bool(notify.times("READY")), 20, "READY=1")
@@ -495,8 +498,6 @@ def test_a_registration_write_stuck_on_a_store_lock_starves_the_watchdog_and_fai
     released the write ends, the pings resume and the record is healthy again."""
     import asyncio
 
-    from provisioner.health import read_health
-
     from .amipeer import FakeAsterisk
     from .dbs import temp_database
 
@@ -522,33 +523,23 @@ def test_a_registration_write_stuck_on_a_store_lock_starves_the_watchdog_and_fai
         ]
         config = write_config(tmp_path, store_url=url, extra=asterisk)
         notify = NotifySocket(tmp_path / "notify")
-        daemon = Daemon(
-            config,
-            tmp_path / "daemon.log",
-            extra_env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "200000"},
-        )
+        daemon = _notified_daemon(config, tmp_path, notify, "200000")
         locker = engine.connect()
-
-        def problems() -> list[str]:
-            health = read_health(tmp_path / "state")
-            assert health is not None
-            return health.problems(time.time(), 60)
-
+        state = tmp_path / "state"
         try:
             daemon.start()
             until(lambda: bool(daemon.logged("registration.snapshot")), 10, "the snapshot")
             locker.execute(text("LOCK TABLE registration_summary IN ACCESS EXCLUSIVE MODE"))
             on_peer(peer.send_recorded("Event: ContactStatus\r\n", "NonQualified"))
             sent_at = time.monotonic()
-            time.sleep(2.5)
-            late = [t for t in notify.times("WATCHDOG") if t > sent_at + 1.5]
-            assert late == [], f"{len(late)} pings after the write was stuck"
-            until(lambda: any("stuck" in p for p in problems()), 20, "the record says stuck")
+            _assert_pings_stop(notify, sent_at, "the write")
+            until(
+                lambda: any("stuck" in p for p in _health_problems(state)),
+                20,
+                "the record says stuck",
+            )
             assert daemon.logged("registration.write_stuck")
-            locker.rollback()
-            released_at = time.monotonic()
-            until(lambda: any(t > released_at for t in notify.times("WATCHDOG")), 5, "pings resume")
-            until(lambda: problems() == [], 20, "a healthy record")
+            _release_and_recover(locker, notify, state, healthy_within=20)
             assert daemon.stop() == 0
         finally:
             daemon.kill()

@@ -437,6 +437,16 @@ def _export(config: Path) -> str:
     return cli(config, "user", "export", "--csv", "-").out
 
 
+def _agent_rows(names: list[str], full_name: str) -> list[dict[str, str]]:
+    """One valid CSV row per username in ``names``, each agent named ``full_name``."""
+    return [
+        {"username": n, "full_name": full_name, "email": f"{n}@example.com",
+         "profile": "agents", "description": "", "context": "from-sip", "call_group": "",
+         "extension": ""}
+        for n in names
+    ]  # fmt: skip
+
+
 @given(st.integers(0, 3), st.sampled_from(CSV_COLUMNS), hostile)
 @_ci(60)
 def test_csv_import_refuses_whole_file_or_stores_exactly(
@@ -446,12 +456,7 @@ def test_csv_import_refuses_whole_file_or_stores_exactly(
     or every row is stored with exactly the values given."""
     config, engine = store
     names = [next(_names) for _ in range(4)]
-    rows = [
-        {"username": n, "full_name": "Csv Agent", "email": f"{n}@example.com",
-         "profile": "agents", "description": "", "context": "from-sip", "call_group": "",
-         "extension": ""}
-        for n in names
-    ]  # fmt: skip
+    rows = _agent_rows(names, "Csv Agent")
     rows[bad_row][column] = value
     before = _export(config)
     # Bytes as a file would hold them (a lone surrogate becomes invalid UTF-8).
@@ -479,12 +484,7 @@ def test_one_bad_row_in_a_hundred_changes_nothing(store: tuple[Path, Engine]) ->
     """100 rows, the 50th with a newline in its name: exit 2 naming line 51, nothing added."""
     config, _engine = store
     names = [next(_names) for _ in range(100)]
-    rows = [
-        {"username": n, "full_name": "Bulk Agent", "email": f"{n}@example.com",
-         "profile": "agents", "description": "", "context": "from-sip", "call_group": "",
-         "extension": ""}
-        for n in names
-    ]  # fmt: skip
+    rows = _agent_rows(names, "Bulk Agent")
     rows[49]["full_name"] = "Bad\n[1000]\n#exec /bin/sh"
     before = _export(config)
     ran = cli(config, "user", "import", "--csv", "-", input=_csv(rows), check=False)

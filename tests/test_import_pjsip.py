@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from provisioner.errors import InvalidInput
 from provisioner.importer import (
     VIDEO_CODECS,
     ImportPlan,
+    MappedUser,
     apply_plan,
     plan_import,
     read_file,
@@ -234,6 +236,17 @@ IMPORTED = ["alice", "bob", "carol.c", "dave_d", "grace"]
 
 def _plan(text: str = PJSIP_CONF, **kwargs: bool) -> ImportPlan:
     return plan_import(parse(text), SETTINGS, **kwargs)
+
+
+def _mapped_by_callerid(callerids: Iterable[tuple[str, str]]) -> dict[str, MappedUser]:
+    """The users mapped from one endpoint (with its AOR and auth ``a<ext>``, username
+    ``u<ext>``) per ``(extension, callerid)``, by extension."""
+    text = ""
+    for ext, callerid in callerids:
+        text += f"[{ext}]\ntype=endpoint\nauth=a{ext}\naors={ext}\nallow=ulaw\n"
+        text += f"callerid={callerid}\n[{ext}]\ntype=aor\n"
+        text += f"[a{ext}]\ntype=auth\nusername=u{ext}\npassword=Secret-{ext}\n"
+    return {u.extension: u for u in _plan(text).users}
 
 
 def _import(accounts: Accounts, text: str = PJSIP_CONF, **kwargs: bool) -> list[str]:
@@ -529,12 +542,7 @@ def test_a_callerid_name_our_rules_refuse_is_reported() -> None:
         ("7101", '"Al \\"Big\\" Smith" <7101>', 'Al "Big" Smith'),
         ("7102", "\"O'Brien", "\"O'Brien"),
     )
-    text = ""
-    for ext, callerid, _ in cases:
-        text += f"[{ext}]\ntype=endpoint\nauth=a{ext}\naors={ext}\nallow=ulaw\n"
-        text += f"callerid={callerid}\n[{ext}]\ntype=aor\n"
-        text += f"[a{ext}]\ntype=auth\nusername=u{ext}\npassword=Secret-{ext}\n"
-    users = {u.extension: u for u in _plan(text).users}
+    users = _mapped_by_callerid((ext, callerid) for ext, callerid, _ in cases)
     for ext, _, name in cases:
         assert users[ext].values["full_name"] == f"u{ext}"
         assert any(
@@ -918,12 +926,8 @@ def test_a_bare_phone_number_callerid_is_a_number_as_asterisk_reads_it() -> None
     """``callerid=+49 (30) 123-45`` is a number, not a name, as Asterisk reads a callerid
     without ``<>`` (blanks, parentheses and dashes dropped, then digits, ``+``, ``*``,
     ``#``): the full name is the username and the number is noted."""
-    text = ""
-    for ext, callerid in (("8401", "+49 (30) 123-45"), ("8402", "*1001#"), ("8403", "Ann 2")):
-        text += f"[{ext}]\ntype=endpoint\nauth=a{ext}\naors={ext}\nallow=ulaw\n"
-        text += f"callerid={callerid}\n[{ext}]\ntype=aor\n"
-        text += f"[a{ext}]\ntype=auth\nusername=u{ext}\npassword=Secret-{ext}\n"
-    users = {u.extension: u for u in _plan(text).users}
+    callerids = (("8401", "+49 (30) 123-45"), ("8402", "*1001#"), ("8403", "Ann 2"))
+    users = _mapped_by_callerid(callerids)
     assert {e: u.values["full_name"] for e, u in users.items()} == {
         "8401": "u8401",
         "8402": "u8402",
@@ -942,12 +946,7 @@ def test_a_callerid_is_split_into_name_and_number_as_asterisk_splits_it() -> Non
         ("8502", '"Bob Baker" <8502> desk', "Bob Baker"),
         ("8503", "Carol <Office> <8503>", "u8503"),
     )
-    text = ""
-    for ext, callerid, _ in cases:
-        text += f"[{ext}]\ntype=endpoint\nauth=a{ext}\naors={ext}\nallow=ulaw\n"
-        text += f"callerid={callerid}\n[{ext}]\ntype=aor\n"
-        text += f"[a{ext}]\ntype=auth\nusername=u{ext}\npassword=Secret-{ext}\n"
-    users = {u.extension: u for u in _plan(text).users}
+    users = _mapped_by_callerid((ext, callerid) for ext, callerid, _ in cases)
     assert {e: u.values["full_name"] for e, u in users.items()} == {e: n for e, _, n in cases}
     assert not any("number" in n for u in users.values() for n in u.notes)
     assert any(n.startswith("callerid name 'Carol <Office>' must") for n in users["8503"].notes)

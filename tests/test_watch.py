@@ -76,6 +76,15 @@ def _follow(path: Path, scenario: Scenario, **kwargs: float) -> None:
     asyncio.run(main())
 
 
+def _link_to(tmp_path: Path, target: Path) -> Path:
+    """A symbolic link ``links/provisioner.db`` under ``tmp_path`` (another name, another
+    directory) naming ``target``."""
+    link = tmp_path / "links" / "provisioner.db"
+    link.parent.mkdir()
+    link.symlink_to(target)
+    return link
+
+
 def test_sqlite_wakeups_follow_the_change_feed_only(tmp_path: Path) -> None:
     """A wake-up at start and one per committed change; the daemon's own writes to the same
     file (here its cursor) wake nobody."""
@@ -102,9 +111,7 @@ def test_sqlite_wakeups_follow_the_change_feed_only(tmp_path: Path) -> None:
 def test_sqlite_wakeups_follow_a_store_reached_through_a_symbolic_link(tmp_path: Path) -> None:
     """A store named by a symbolic link of another name wakes the follower for each commit."""
     real, engine = _store(tmp_path)
-    link = tmp_path / "links" / "provisioner.db"
-    link.parent.mkdir()
-    link.symlink_to(real)
+    link = _link_to(tmp_path, real)
 
     async def scenario(wake: asyncio.Event, _stop: asyncio.Event) -> None:
         assert await _set_within(wake, 5), "no wake-up at start"
@@ -129,9 +136,7 @@ def test_sqlite_wakeups_follow_a_symbolic_link_pointed_at_another_store(tmp_path
     second = other / "restored.db"
     second_engine = open_engine(f"sqlite:///{second}")
     upgrade(second_engine)
-    link = tmp_path / "links" / "provisioner.db"
-    link.parent.mkdir()
-    link.symlink_to(first)
+    link = _link_to(tmp_path, first)
 
     async def scenario(wake: asyncio.Event, _stop: asyncio.Event) -> None:
         assert await _set_within(wake, 5), "no wake-up at start"
@@ -231,6 +236,15 @@ def test_coalesce_returns_once_wake_ups_stop() -> None:
     assert asyncio.run(scenario()) >= 0.1 + 4 * 0.02
 
 
+def _header_in(override: Path) -> Path:
+    """Make the template override directory ``override`` holding ``header.j2`` (its text
+    ``; v1``); that template's path."""
+    override.mkdir()
+    header = override / "header.j2"
+    header.write_text("; v1\n")
+    return header
+
+
 def _watch_templates(
     dirs: list[Path], scenario: Scenario, since: TemplateStamp | None = None
 ) -> None:
@@ -253,9 +267,7 @@ def test_a_template_directory_deleted_and_made_again_is_watched_again(tmp_path: 
     """Templates written into an override directory that was deleted and made again wake
     the daemon, at once and at every later edit."""
     override = tmp_path / "override"
-    override.mkdir()
-    header = override / "header.j2"
-    header.write_text("; v1\n")
+    header = _header_in(override)
 
     async def scenario(wake: asyncio.Event, _stop: asyncio.Event) -> None:
         await asyncio.sleep(0.5)  # the watch is up
@@ -280,9 +292,7 @@ def test_a_dangling_symlink_in_the_template_directory_does_not_stop_the_watch(
     """A dangling symlink among the templates (the lock file Emacs leaves, .#header.j2)
     does not hide the directory: each later template edit still wakes the daemon."""
     override = tmp_path / "override"
-    override.mkdir()
-    header = override / "header.j2"
-    header.write_text("; v1\n")
+    header = _header_in(override)
     (override / ".#header.j2").symlink_to("root@host.4242:1700000000")
 
     async def scenario(wake: asyncio.Event, _stop: asyncio.Event) -> None:
@@ -316,8 +326,7 @@ def test_a_template_edit_made_before_the_watch_began_still_wakes(tmp_path: Path)
     """A template replaced after the caller took its stamp, before the watch began, wakes
     the daemon."""
     override = tmp_path / "override"
-    override.mkdir()
-    (override / "header.j2").write_text("; v1\n")
+    _header_in(override)
     since = template_stamp([override])
     (override / "header.j2.tmp").write_text("; v2\n")
     os.replace(override / "header.j2.tmp", override / "header.j2")
@@ -376,8 +385,7 @@ def test_editor_files_leave_the_stamp_of_the_templates_as_it_was(tmp_path: Path)
     """Swap, backup and lock files beside the templates leave the stamp the daemon takes
     of the template directory unchanged (it wakes for none of them later)."""
     override = tmp_path / "override"
-    override.mkdir()
-    (override / "header.j2").write_text("; v1\n")
+    _header_in(override)
     since = template_stamp([override])
     for name in (".header.j2.swp", "header.j2~", "#header.j2#", "4913"):
         (override / name).write_text("junk\n")
@@ -419,9 +427,7 @@ def test_the_daemon_renders_template_edits_from_its_start_and_after_a_directory_
     """A real daemon renders a template replaced the moment it is ready, and one written
     into its override directory after the directory was deleted and made again."""
     override = tmp_path / "override"
-    override.mkdir()
-    header = override / "header.j2"
-    header.write_text("; v1\n")
+    header = _header_in(override)
     seed_store(store_url(tmp_path), 1).dispose()
     config = write_config(tmp_path, extra=[])
     config.write_text(
@@ -610,16 +616,21 @@ def _add_agent(url: str, username: str) -> None:
         engine.dispose()
 
 
+def _copy_sqlite(source: Path, target: Path) -> None:
+    """Copy the SQLite database ``source`` into ``target`` with SQLite's online backup."""
+    with (
+        contextlib.closing(sqlite3.connect(source)) as src,
+        contextlib.closing(sqlite3.connect(target)) as dst,
+    ):
+        src.backup(dst)
+
+
 def _running_past_a_backup(tmp_path: Path, backup: Path) -> Daemon:
     """A daemon over a SQLite store of 10 users backed up to ``backup``, then 3 users
     more (changes the backup never saw) applied: 14 endpoints in the file."""
     url = store_url(tmp_path)
     seed_store(url, 10).dispose()
-    with (
-        contextlib.closing(sqlite3.connect(tmp_path / "store.db")) as src,
-        contextlib.closing(sqlite3.connect(backup)) as dst,
-    ):
-        src.backup(dst)
+    _copy_sqlite(tmp_path / "store.db", backup)
     conf = tmp_path / "pjsip_users.conf"
     daemon = Daemon(write_config(tmp_path), tmp_path / "daemon.log").start()
     try:
@@ -658,11 +669,7 @@ def test_a_backup_restored_into_the_live_store_is_applied_and_followed(tmp_path:
     url, backup, conf = store_url(tmp_path), tmp_path / "backup.db", tmp_path / "pjsip_users.conf"
     daemon = _running_past_a_backup(tmp_path, backup)
     try:
-        with (
-            contextlib.closing(sqlite3.connect(backup)) as src,
-            contextlib.closing(sqlite3.connect(tmp_path / "store.db")) as dst,
-        ):
-            src.backup(dst)  # the operator's restore
+        _copy_sqlite(backup, tmp_path / "store.db")  # the operator's restore
         until(lambda: len(endpoints(conf)) == 11, 10, "the restored store applied")
         _add_agent(url, "restored0")  # a change id the store used before the restore
         until(lambda: len(endpoints(conf)) == 12, 10, "an edit of the restored store applied")
