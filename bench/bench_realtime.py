@@ -41,81 +41,30 @@ Rendering (``pjsip.render_all``) is timed separately and not part of ``sync``.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import resource
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import Engine, Table, select
 
-from provisioner.model import User, Voice
 from provisioner.pjsip import RenderSettings, UserObjects, render_all
-from provisioner.store.engine import open_engine
 from provisioner.targets.asterisk_schema import metadata as asterisk_metadata
 from provisioner.targets.asterisk_schema import ps_aors, ps_auths, ps_endpoints
 from provisioner.targets.realtime import RealtimeTarget
-from tests.dbs import temp_database
 
+from .common import Column, make_users, peak_rss_mb, print_header, print_row, temp_engine, timed
 from .machine import describe
 from .measure import Compared, alternated_medians, ratio_figures
 
 __all__ = ["main", "make_users"]
 
-T = TypeVar("T")
 _TABLES = (ps_endpoints, ps_auths, ps_aors)
-
-
-def make_users(count: int, realm: str = "asterisk") -> list[User]:
-    """``count`` valid users with varied voice settings, extensions from 100000."""
-    users = []
-    transports = ("udp", "udp", "udp", "tcp", "wss")
-    for i in range(count):
-        name = f"user{i}"
-        secret = f"{name}:{realm}:secret{i}".encode()
-        users.append(
-            User(
-                id=i + 1,
-                role="user",
-                username=name,
-                full_name=f"Agent Number {i}",
-                email=f"{name}@example.com",
-                extension=str(100000 + i),
-                voice=Voice(transport=transports[i % 5], nat="yes" if i % 3 else "no"),
-                sip_realm=realm,
-                sip_md5=hashlib.md5(secret).hexdigest(),  # noqa: S324 (SIP digest, by design)
-                sip_sha256=hashlib.sha256(secret).hexdigest(),
-            )
-        )
-    return users
-
-
-def _timed(fn: Callable[[], T]) -> tuple[T, float]:
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
-
-
-def _peak_rss_mb() -> float:
-    # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-@contextmanager
-def _database(backend: str, scratch: Path) -> Iterator[Engine]:
-    with temp_database(backend, scratch) as url:
-        engine = open_engine(url)
-        try:
-            yield engine
-        finally:
-            engine.dispose()
 
 
 def _read_rows(engine: Engine) -> dict[Table, list[dict[str, Any]]]:
@@ -191,45 +140,45 @@ def run_one(backend: str, count: int, scratch: Path, repeat: int = 1) -> dict[st
     the first sync, by the target the other figures reuse, of a new engine."""
     settings = RenderSettings()
     users = make_users(count)
-    (objects, skipped), render_s = _timed(lambda: render_all(users, settings))
+    (objects, skipped), render_s = timed(lambda: render_all(users, settings))
     assert not skipped, skipped[:3]
     figures: dict[str, float] = {"users": count, "render_s": render_s}
-    with _database(backend, scratch) as engine:
+    with temp_engine(backend, scratch) as engine:
         target = RealtimeTarget(engine)
         target.create_tables()
-        change, figures["sync_s"] = _timed(lambda: target.apply(objects))
+        change, figures["sync_s"] = timed(lambda: target.apply(objects))
         assert len(change.added) == count, change
-        again, figures["unchanged_s"] = _timed(lambda: target.apply(objects))
+        again, figures["unchanged_s"] = timed(lambda: target.apply(objects))
         assert again.empty, again
         assert not again.wrote, again
-        cold, figures["unch_cold_s"] = _timed(lambda: RealtimeTarget(engine).apply(objects))
+        cold, figures["unch_cold_s"] = timed(lambda: RealtimeTarget(engine).apply(objects))
         assert cold.empty, cold
         assert not cold.wrote, cold
-        checked, figures["verify_s"] = _timed(lambda: target.apply(objects, verify=True))
+        checked, figures["verify_s"] = timed(lambda: target.apply(objects, verify=True))
         assert checked.empty, checked
         assert not checked.wrote, checked
         victim = objects[count // 2]
         _hand_edit(engine, victim.endpoint_id)
         assert target.apply(objects).empty
-        healed, figures["drift_s"] = _timed(lambda: target.apply(objects, verify=True))
+        healed, figures["drift_s"] = timed(lambda: target.apply(objects, verify=True))
         assert healed.updated == (victim.endpoint_id,), healed
         one = _changed(victim)
-        part, figures["partial_1st_s"] = _timed(lambda: target.apply_partial([one], []))
+        part, figures["partial_1st_s"] = timed(lambda: target.apply_partial([one], []))
         assert part.updated == (victim.endpoint_id,), part
         others = [obj for obj in objects if obj.endpoint_id != victim.endpoint_id]
         figures["partial_s"] = _partial_median(target, others)
         everyone = [_changed(obj, "9") for obj in objects]
-        moved, figures["all_changed_s"] = _timed(lambda: target.apply(everyone))
+        moved, figures["all_changed_s"] = timed(lambda: target.apply(everyone))
         assert len(moved.updated) == count, len(moved.updated)
         assert target.apply(objects).updated, "back to the rows the raw baseline reads"
         rows = _read_rows(engine)
     figures["cold_s"] = figures["sync_s"]
     compared = _sync_and_raw_medians(backend, scratch, objects, rows, repeat)
     figures.update(ratio_figures(compared, "sync_s", "raw_s"))
-    with _database(backend, scratch) as engine:
+    with temp_engine(backend, scratch) as engine:
         figures["core_s"] = _core_insert(engine, rows)
     figures["rows_per_s"] = 3 * count / figures["sync_s"]
-    figures["peak_rss_mb"] = _peak_rss_mb()
+    figures["peak_rss_mb"] = peak_rss_mb()
     return figures
 
 
@@ -247,13 +196,13 @@ def _sync_and_raw_medians(
     One database and engine for all: the engine's statement cache is then warm, as in
     the daemon after its first sync, and as the raw baseline's statements, compiled
     outside its timing.  (``cold_s`` is the first sync of a new engine.)"""
-    with _database(backend, scratch) as engine:
+    with temp_engine(backend, scratch) as engine:
 
         def sync() -> float:
             _empty(engine)
             fresh = RealtimeTarget(engine)
             fresh.create_tables()
-            change, took = _timed(partial(fresh.apply, objects))
+            change, took = timed(partial(fresh.apply, objects))
             assert len(change.added) == len(objects), change
             return took
 
@@ -274,7 +223,7 @@ def _warm_up(backend: str, scratch: Path) -> None:
     """One small full sync, so that the first size measured does not carry this process's
     one-time costs (imports, first compilations of SQLAlchemy's and ours)."""
     objects, _ = render_all(make_users(50), RenderSettings())
-    with _database(backend, scratch) as engine:
+    with temp_engine(backend, scratch) as engine:
         target = RealtimeTarget(engine)
         target.create_tables()
         target.apply(objects)
@@ -287,7 +236,7 @@ def _partial_median(target: RealtimeTarget, objects: Sequence[UserObjects]) -> f
     took = []
     for obj in objects[step::step][:21]:
         one = _changed(obj)
-        part, seconds = _timed(partial(target.apply_partial, [one], []))
+        part, seconds = timed(partial(target.apply_partial, [one], []))
         assert part.updated == (obj.endpoint_id,), part
         took.append(seconds)
     return statistics.median(took)
@@ -299,7 +248,7 @@ def _changed(obj: UserObjects, max_contacts: str = "7") -> UserObjects:
     return replace(obj, aor=aor)
 
 
-_COLUMNS = (
+_COLUMNS: tuple[Column, ...] = (
     ("users", "{:>7.0f}"),
     ("sync_s", "{:>8.3f}"),
     ("rows_per_s", "{:>9.0f}"),
@@ -322,15 +271,6 @@ _COLUMNS = (
 )
 
 
-def _print_header(backend: str) -> None:
-    print(f"\n== {backend}")
-    print(" ".join(f"{name:>{len(fmt.format(0))}}" for name, fmt in _COLUMNS))
-
-
-def _print_row(figures: dict[str, float]) -> None:
-    print(" ".join(fmt.format(figures[name]) for name, fmt in _COLUMNS), flush=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark for every requested size and backend; print one table per backend."""
     parser = argparse.ArgumentParser(prog="python -m bench.bench_realtime")
@@ -349,9 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_realtime_") as tmp:
         for backend in args.backend:
             _warm_up(backend, Path(tmp))
-            _print_header(backend)
+            print_header(backend, _COLUMNS)
             for count in args.users:
-                _print_row(run_one(backend, count, Path(tmp), args.repeat))
+                print_row(_COLUMNS, run_one(backend, count, Path(tmp), args.repeat))
     return 0
 
 

@@ -43,12 +43,12 @@ from provisioner.ami.client import AmiClient
 from provisioner.ami.pbx import AmiPbx, Link, rows
 from provisioner.ami.reload import PjsipOps, ReloadCoordinator
 from provisioner.logs import configure
-from provisioner.store.engine import open_engine, reading
+from provisioner.store.engine import reading
 from provisioner.store.registrations import replace_server_snapshot, write_endpoint_rows
 from provisioner.store.schema import registrations
 from tests.amipeer import FakeAsterisk, fast_settings, running, server_for
 
-from .common import Column, print_header, print_row, seed_store, temp_database
+from .common import Column, print_header, print_row, seed_store, temp_engine
 from .machine import describe
 
 __all__ = ["main", "run_one"]
@@ -154,14 +154,10 @@ def run_one(backend: str, count: int, scratch: Path) -> dict[str, Any]:
     """Seconds and events/s for ``count`` events into a fresh store of ``count`` users."""
     with (
         tempfile.TemporaryDirectory(dir=scratch) as name,
-        temp_database(backend, Path(name)) as url,
+        temp_engine(backend, Path(name)) as engine,
     ):
-        engine = open_engine(url)
-        try:
-            seed_store(engine, count)
-            took, again = asyncio.run(_measure(engine, count))
-        finally:
-            engine.dispose()
+        seed_store(engine, count)
+        took, again = asyncio.run(_measure(engine, count))
     return {
         "backend": backend,
         "events": count,
@@ -233,21 +229,17 @@ def stages(backend: str, count: int, scratch: Path) -> list[dict[str, Any]]:
     out.append(("rows", cpu, wall))
     with (
         tempfile.TemporaryDirectory(dir=scratch) as name,
-        temp_database(backend, Path(name)) as url,
+        temp_engine(backend, Path(name)) as engine,
     ):
-        engine = open_engine(url)
-        try:
-            seed_store(engine, count)
-            for label in ("store (first)", "store (again)"):
+        seed_store(engine, count)
+        for label in ("store (first)", "store (again)"):
 
-                def write() -> None:
-                    with engine.begin() as conn:
-                        write_endpoint_rows(conn, "lab", states, datetime.now())
+            def write() -> None:
+                with engine.begin() as conn:
+                    write_endpoint_rows(conn, "lab", states, datetime.now())
 
-                _, cpu, wall = _timed_stage(write)
-                out.append((label, cpu, wall))
-        finally:
-            engine.dispose()
+            _, cpu, wall = _timed_stage(write)
+            out.append((label, cpu, wall))
     return [
         {
             "backend": backend,

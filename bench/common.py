@@ -1,27 +1,29 @@
 """Helpers shared by the benchmark scripts (scripts, not tests).
 
-Generated users (:func:`make_users`, from ``bench_realtime``), a user store seeded
-with them in one transaction, timing, peak RSS and table printing.
+Generated users (:func:`make_users`), a throwaway database's engine, a user store
+seeded with them in one transaction, timing, peak RSS and table printing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import resource
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, insert
 
-from provisioner.model import User
+from provisioner.model import User, Voice
+from provisioner.store.engine import open_engine
 from provisioner.store.migrate import upgrade
 from provisioner.store.queries import insert_profile
 from provisioner.store.schema import users as users_table
 from tests.dbs import temp_database
-
-from .bench_realtime import make_users
 
 __all__ = [
     "Column",
@@ -32,12 +34,49 @@ __all__ = [
     "print_row",
     "seed_store",
     "temp_database",
+    "temp_engine",
     "timed",
 ]
 
 T = TypeVar("T")
 #: (figure name, format of one value); the header is the name, right-aligned.
 Column = tuple[str, str]
+
+
+def make_users(count: int, realm: str = "asterisk") -> list[User]:
+    """``count`` valid users with varied voice settings, extensions from 100000."""
+    users = []
+    transports = ("udp", "udp", "udp", "tcp", "wss")
+    for i in range(count):
+        name = f"user{i}"
+        secret = f"{name}:{realm}:secret{i}".encode()
+        users.append(
+            User(
+                id=i + 1,
+                role="user",
+                username=name,
+                full_name=f"Agent Number {i}",
+                email=f"{name}@example.com",
+                extension=str(100000 + i),
+                voice=Voice(transport=transports[i % 5], nat="yes" if i % 3 else "no"),
+                sip_realm=realm,
+                sip_md5=hashlib.md5(secret).hexdigest(),  # noqa: S324 (SIP digest, by design)
+                sip_sha256=hashlib.sha256(secret).hexdigest(),
+            )
+        )
+    return users
+
+
+@contextmanager
+def temp_engine(backend: str, scratch: Path) -> Iterator[Engine]:
+    """An engine on a brand-new empty database of ``backend`` (a SQLite file goes in
+    ``scratch``); the engine is disposed, then the database dropped, on leaving."""
+    with temp_database(backend, scratch) as url:
+        engine = open_engine(url)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
 
 
 def timed(fn: Callable[[], T]) -> tuple[T, float]:

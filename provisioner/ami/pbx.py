@@ -743,16 +743,17 @@ class AmiPbx:
         await self._store_backoff(link, stop)
 
     async def _store_backoff(self, link: Link, stop: asyncio.Event) -> None:
+        """Count a refused registration write and pause before the next
+        (``registration.store_retry``, a warning; :func:`_pause_after_failures`)."""
         link.store_failures += 1
-        delay = doubling(STORE_RETRY_BASE, STORE_RETRY_MAX, link.store_failures)
-        log.warning(
+        await _pause_after_failures(
+            link,
+            stop,
+            log.warning,
             "registration.store_retry",
-            server=link.name,
-            failures=link.store_failures,
-            retry_in_s=delay,
+            link.store_failures,
+            (STORE_RETRY_BASE, STORE_RETRY_MAX),
         )
-        # A snapshot wanted meanwhile (a reconnect's) ends the pause: it is due at once.
-        await wait_first(stop, link.snapshot_wanted, timeout=delay)
 
     async def _snapshots(self, link: Link, stop: asyncio.Event) -> None:
         try:
@@ -792,16 +793,17 @@ class AmiPbx:
                 link.snapshot_wanted.set()
 
     async def _snapshot_backoff(self, link: Link, stop: asyncio.Event) -> None:
+        """Count a snapshot that failed on a live session and pause before the next
+        (``registration.snapshot_retry``, info; :func:`_pause_after_failures`)."""
         link.snapshot_failures += 1
-        delay = doubling(SNAPSHOT_MIN_GAP, SNAPSHOT_RETRY_MAX, link.snapshot_failures)
-        log.info(
+        await _pause_after_failures(
+            link,
+            stop,
+            log.info,
             "registration.snapshot_retry",
-            server=link.name,
-            failures=link.snapshot_failures,
-            retry_in_s=delay,
+            link.snapshot_failures,
+            (SNAPSHOT_MIN_GAP, SNAPSHOT_RETRY_MAX),
         )
-        # A snapshot wanted meanwhile (a reconnect's) ends the pause: it is due at once.
-        await wait_first(stop, link.snapshot_wanted, timeout=delay)
 
     async def _lookups(self, link: Link, stop: asyncio.Event) -> None:
         """Look up the contacts of each endpoint whose ``SuccessfulAuth`` no status event
@@ -1352,6 +1354,23 @@ def _expired(reg: EndpointRegistration, now: float) -> bool:
         if contact.expires_at is not None and contact.expires_at + EXPIRY_GRACE <= now:
             return True
     return False
+
+
+async def _pause_after_failures(
+    link: Link,
+    stop: asyncio.Event,
+    note: Callable[..., Any],
+    event: str,
+    failures: int,
+    bounds: tuple[float, float],
+) -> None:
+    """Pause after ``failures`` failures in a row: ``doubling(*bounds, failures)`` seconds,
+    logged first through ``note`` (the log level's method) as ``event`` with the server,
+    the failures and the pause.  The pause ends at ``stop``, or as soon as a snapshot is
+    wanted (a reconnect's): that snapshot is due at once."""
+    delay = doubling(*bounds, failures)
+    note(event, server=link.name, failures=failures, retry_in_s=delay)
+    await wait_first(stop, link.snapshot_wanted, timeout=delay)
 
 
 def _merge(snap: EndpointRegistration, known: EndpointRegistration) -> EndpointRegistration:

@@ -59,6 +59,7 @@ from .schema import registration_summary, registrations, users
 __all__ = [
     "EXPIRED_AFTER",
     "ContactRow",
+    "EndpointRows",
     "RowBatch",
     "SummaryRow",
     "endpoint_writer",
@@ -142,6 +143,8 @@ ContactRow = tuple[str, str, str, str, str, int | None, str | None, str | None]
 #: A summary without its user and server: ``state`` (``None``: offline),
 #: ``device_state``, ``problem``, ``changed_at`` (``None``: now; text as above).
 SummaryRow = tuple[str | None, str, str, str | None]
+#: What the writers take: each endpoint's contacts and summary, by endpoint id.
+EndpointRows = Mapping[str, tuple[Sequence[ContactRow], SummaryRow]]
 
 
 def time_text(value: datetime) -> str:
@@ -209,12 +212,7 @@ def _fitted_summary(row: SummaryRow) -> tuple[str, str, str, str | None]:
     return (state, device_state[:_DEVICE_LEN], problem[:_PROBLEM_LEN], changed_at)
 
 
-def write_endpoint_rows(
-    conn: Connection,
-    server: str,
-    rows: Mapping[str, tuple[Sequence[ContactRow], SummaryRow]],
-    now: datetime,
-) -> int:
+def write_endpoint_rows(conn: Connection, server: str, rows: EndpointRows, now: datetime) -> int:
     """Replace, for ``server``, the contacts and summary of each endpoint in ``rows``.
 
     One call is one batch on the caller's transaction; endpoints that are no user are
@@ -230,7 +228,7 @@ def write_endpoint_rows(
 def endpoint_writer(
     dialect: str,
     server: str,
-    rows: Mapping[str, tuple[Sequence[ContactRow], SummaryRow]],
+    rows: EndpointRows,
     now: datetime,
     *,
     cleared: bool = False,
@@ -249,7 +247,7 @@ def endpoint_writer(
 def _write_rows_general(
     conn: Connection,
     server: str,
-    rows: Mapping[str, tuple[Sequence[ContactRow], SummaryRow]],
+    rows: EndpointRows,
     now: datetime,
     *,
     cleared: bool = False,
@@ -287,7 +285,7 @@ def _write_rows_general(
 def _write_rows_json_table(
     conn: Connection,
     server: str,
-    rows: Mapping[str, tuple[Sequence[ContactRow], SummaryRow]],
+    rows: EndpointRows,
     now: datetime,
     *,
     cleared: bool = False,
@@ -321,9 +319,7 @@ def _write_rows_json_table(
     return matched
 
 
-def _json_table_parts(
-    rows: Mapping[str, tuple[Sequence[ContactRow], SummaryRow]], now: datetime
-) -> Iterator[RowBatch]:
+def _json_table_parts(rows: EndpointRows, now: datetime) -> Iterator[RowBatch]:
     """``rows`` as batches of at most ``JSON_TABLE_CHUNK`` endpoints whose documents
     stay under ``JSON_TABLE_BYTES`` (halved until they do; one endpoint goes alone)."""
     endpoints = sorted(rows)
@@ -331,11 +327,7 @@ def _json_table_parts(
         yield from _fitting(rows, endpoints[start : start + JSON_TABLE_CHUNK], now)
 
 
-def _fitting(
-    rows: Mapping[str, tuple[Sequence[ContactRow], SummaryRow]],
-    endpoints: Sequence[str],
-    now: datetime,
-) -> Iterator[RowBatch]:
+def _fitting(rows: EndpointRows, endpoints: Sequence[str], now: datetime) -> Iterator[RowBatch]:
     batch = RowBatch.of({ep: rows[ep] for ep in endpoints}, now)
     size = max(len(batch.summaries), len(batch.contacts or "")) * 4 // 3
     if size <= JSON_TABLE_BYTES or len(endpoints) == 1:
@@ -443,9 +435,7 @@ class RowBatch:
     stamp: str
 
     @classmethod
-    def of(
-        cls, rows: Mapping[str, tuple[Sequence[ContactRow], SummaryRow]], now: datetime
-    ) -> RowBatch:
+    def of(cls, rows: EndpointRows, now: datetime) -> RowBatch:
         """``rows`` (as :func:`write_endpoint_rows` takes them); ``now`` for missing times.
 
         Of two rows of one contact of an endpoint the later wins, as in the general path
@@ -767,10 +757,7 @@ def _clear_problems(conn: Connection, server: str, uids: Sequence[int]) -> None:
 
 
 def replace_server_snapshot(
-    conn: Connection,
-    server: str,
-    rows: Mapping[str, tuple[Sequence[ContactRow], SummaryRow]],
-    now: datetime,
+    conn: Connection, server: str, rows: EndpointRows, now: datetime
 ) -> int:
     """Make the store's registration state for ``server`` exactly ``rows`` (a fresh AMI
     snapshot): every other contact of the server is deleted and every other summary set
@@ -796,11 +783,7 @@ def replace_server_snapshot(
     return endpoint_writer(conn.dialect.name, server, rows, now, cleared=True)(conn)
 
 
-def _unchanged_times(
-    conn: Connection,
-    server: str,
-    rows: Mapping[str, tuple[Sequence[ContactRow], SummaryRow]],
-) -> Mapping[str, tuple[Sequence[ContactRow], SummaryRow]]:
+def _unchanged_times(conn: Connection, server: str, rows: EndpointRows) -> EndpointRows:
     """``rows`` with the stored last change of ``server`` put in (summary and contacts)
     for each endpoint that has no time and whose state is the stored one."""
     untimed = sorted(ep for ep, (_, summary) in rows.items() if summary[3] is None)
