@@ -805,6 +805,9 @@ def test_username_with_trailing_spaces_names_no_user(accounts: Accounts, name: s
 
 KELVIN = "\u212aate"  # KELVIN SIGN + "ate": Python's lower() makes it "kate"
 
+#: MariaDB's own default collation (case-insensitive, PAD SPACE) for the tables made next.
+CASE_INSENSITIVE = "ALTER DATABASE CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci"
+
 
 @pytest.fixture
 def folding_accounts(
@@ -887,32 +890,19 @@ def test_extension_with_trailing_space_has_no_owner(accounts: Accounts) -> None:
         assert (q.extension_owner(conn, "150"), q.extension_owner(conn, "150 ")) == ("alice", None)
 
 
-#: MariaDB's own default collation (case-insensitive, PAD SPACE) for the tables made next.
-CASE_INSENSITIVE = "ALTER DATABASE CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci"
-
-
 def test_profile_name_the_database_cannot_tell_apart_is_a_conflict(
-    db_url: str, backend: str, policy: Policy, clock: FakeClock
+    folding_accounts: Accounts, backend: str
 ) -> None:
     """A profile name the store's collation holds equal to an existing one (MariaDB's default
     ignores case) is a conflict naming that profile; elsewhere it is a profile of its own."""
-    engine = open_engine(db_url)
-    try:
-        if backend == "mariadb":
-            with engine.begin() as conn:
-                conn.execute(text(CASE_INSENSITIVE))
-        upgrade(engine)
-        accounts = Accounts(engine, policy, clock)
-        accounts.add_profile("agents")
-        if backend == "mariadb":
-            with pytest.raises(ConflictError, match="profile 'agents' exists and the database"):
-                accounts.add_profile("Agents")
-        else:
+    accounts = folding_accounts
+    if backend == "mariadb":
+        with pytest.raises(ConflictError, match="profile 'agents' exists and the database"):
             accounts.add_profile("Agents")
-        with accounts.transaction() as conn:
-            assert q.profile_by_name(conn, "AGENTS") is None
-    finally:
-        engine.dispose()
+    else:
+        accounts.add_profile("Agents")
+    with accounts.transaction() as conn:
+        assert q.profile_by_name(conn, "AGENTS") is None
 
 
 def test_extension_the_database_holds_equal_is_a_conflict(accounts: Accounts, backend: str) -> None:
