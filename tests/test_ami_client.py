@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import pytest
@@ -258,24 +258,22 @@ def test_event_burst_is_consumed_with_bounded_memory() -> None:
     run(scenario(), timeout=25)
 
 
-def test_oversized_line_drops_the_connection_and_reconnects() -> None:
-    """A 10 MB line is refused after max_line_bytes: the client hangs up and reconnects."""
-
-    async def scenario() -> None:
-        peer = await _peer()
-        settings = fast_settings()
-        client = AmiClient(server_for(peer), settings)
-        with capture_logs() as logs:
-            async with running(client):
-                await eventually(lambda: client.connected)
-                await peer.send_oversized_line(10 * 1024 * 1024)
-                await eventually(lambda: client.health().sessions == 2, timeout=5)
-                assert (await client.send_action("Ping")).ok
-        assert [e["limit"] for e in _protocol_errors(logs)] == ["line"]
-        assert client.health().max_buffered_bytes <= settings.max_line_bytes + 65536
-        await peer.stop()
-
-    run(scenario())
+async def _reconnected_after(
+    send: Callable[[FakeAsterisk], Awaitable[None]],
+) -> tuple[list[MutableMapping[str, Any]], AmiClient]:
+    """Connect a client to a new fake Asterisk and have ``send`` send it something; once
+    the client has connected again (a second session) and a Ping is answered, the logs
+    of all that and the client (stopped, its health kept)."""
+    peer = await _peer()
+    client = AmiClient(server_for(peer), fast_settings())
+    with capture_logs() as logs:
+        async with running(client):
+            await eventually(lambda: client.connected)
+            await send(peer)
+            await eventually(lambda: client.health().sessions == 2, timeout=5)
+            assert (await client.send_action("Ping")).ok
+    await peer.stop()
+    return logs, client
 
 
 def _protocol_errors(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
@@ -283,28 +281,34 @@ def _protocol_errors(logs: list[MutableMapping[str, Any]]) -> list[MutableMappin
     return [e for e in logs if e["event"] == "ami.protocol_error"]
 
 
+def test_oversized_line_drops_the_connection_and_reconnects() -> None:
+    """A 10 MB line is refused after max_line_bytes: the client hangs up and reconnects."""
+
+    async def scenario() -> None:
+        logs, client = await _reconnected_after(
+            lambda peer: peer.send_oversized_line(10 * 1024 * 1024)
+        )
+        assert [e["limit"] for e in _protocol_errors(logs)] == ["line"]
+        assert client.health().max_buffered_bytes <= client.settings.max_line_bytes + 65536
+
+    run(scenario())
+
+
 def test_a_message_that_never_ends_drops_the_connection_and_reconnects() -> None:
     """10 MB of 1 KB header lines with no blank line is refused past max_message_bytes:
     the client logs which bound (not the bytes), hangs up and reconnects, its buffer
     bounded."""
+    line = b"Data: secretive" + b"x" * 1000 + b"\r\n"  # 1 KB: the header bound is far
 
     async def scenario() -> None:
-        peer = await _peer()
-        settings = fast_settings()
-        client = AmiClient(server_for(peer), settings)
-        with capture_logs() as logs:
-            async with running(client):
-                await eventually(lambda: client.connected)
-                line = b"Data: secretive" + b"x" * 1000 + b"\r\n"  # 1 KB: the header bound is far
-                await peer.send_stream(b"Event: Junk\r\n", line, 10 << 20)
-                await eventually(lambda: client.health().sessions == 2, timeout=5)
-                assert (await client.send_action("Ping")).ok
+        logs, client = await _reconnected_after(
+            lambda peer: peer.send_stream(b"Event: Junk\r\n", line, 10 << 20)
+        )
         errors = _protocol_errors(logs)
         assert [e["limit"] for e in errors] == ["message"]
         assert errors[0]["server"] == "lab"
         assert "secretive" not in repr(logs)
-        assert client.health().max_buffered_bytes <= settings.max_line_bytes + 65536
-        await peer.stop()
+        assert client.health().max_buffered_bytes <= client.settings.max_line_bytes + 65536
 
     run(scenario())
 
