@@ -781,23 +781,30 @@ def test_unknown_user_is_not_found(accounts: Accounts) -> None:
         accounts.rotate_sip_secret("ghost")
 
 
-@pytest.mark.parametrize("name", ["alice ", "ALICE   "])
-def test_username_with_trailing_spaces_names_no_user(accounts: Accounts, name: str) -> None:
-    """A username with trailing spaces names no user on any database (MariaDB's PAD SPACE
-    collation included) for reading, editing, state changes, secrets and login."""
-    accounts.add_user(_agent(password=GOOD_PASSWORD))
+def _names_no_user(accounts: Accounts, name: str) -> None:
+    """Assert that ``name`` names no user: not found for reading, editing, disabling,
+    unlocking, deleting, a new SIP secret or an API key, and refused at login."""
     with pytest.raises(NotFoundError):
         accounts.get_user(name)
     with pytest.raises(NotFoundError):
         accounts.edit_user(name, {"full_name": "Someone Else"})
-    with pytest.raises(NotFoundError):
-        accounts.delete([name])
+    for action in (accounts.disable, accounts.unlock, accounts.delete):
+        with pytest.raises(NotFoundError):
+            action([name])
     with pytest.raises(NotFoundError):
         accounts.set_password(name, OTHER_PASSWORD)
     with pytest.raises(NotFoundError):
         accounts.generate_apikey(name)
     with pytest.raises(AuthenticationError):
         accounts.login(name, GOOD_PASSWORD)
+
+
+@pytest.mark.parametrize("name", ["alice ", "ALICE   "])
+def test_username_with_trailing_spaces_names_no_user(accounts: Accounts, name: str) -> None:
+    """A username with trailing spaces names no user on any database (MariaDB's PAD SPACE
+    collation included) for reading, editing, state changes, secrets and login."""
+    accounts.add_user(_agent(password=GOOD_PASSWORD))
+    _names_no_user(accounts, name)
     alice = accounts.get_user("ALICE")
     assert (alice.full_name, alice.deleted_at, alice.has_apikey) == ("Alice Agent", None, False)
     assert accounts.login("alice", GOOD_PASSWORD).username == "alice"
@@ -842,19 +849,7 @@ def test_a_name_that_folds_to_another_users_names_no_user(
 
     accounts = folding_accounts
     accounts.add_user(_agent("kate", password=GOOD_PASSWORD))
-    with pytest.raises(NotFoundError):
-        accounts.get_user(name)
-    with pytest.raises(NotFoundError):
-        accounts.edit_user(name, {"full_name": "Someone Else"})
-    for action in (accounts.disable, accounts.unlock, accounts.delete):
-        with pytest.raises(NotFoundError):
-            action([name])
-    with pytest.raises(NotFoundError):
-        accounts.set_password(name, OTHER_PASSWORD)
-    with pytest.raises(NotFoundError):
-        accounts.generate_apikey(name)
-    with pytest.raises(AuthenticationError):
-        accounts.login(name, GOOD_PASSWORD)
+    _names_no_user(accounts, name)
     with accounts.transaction() as conn:
         assert status_rows(conn, [name]) == []
         assert q.extensions_by_username(conn, [name]) == {}
