@@ -90,9 +90,15 @@ class App:
 
     def only_reads(self) -> None:
         """Say that the command only reads the store (a listing, a dry run), before it first
-        opens it: a SQLite store whose file does not exist (a typo'd path) is then refused
-        with :class:`StoreUnavailable` naming the file, and neither it nor its directories
-        are created (a stray empty store that a later ``db upgrade`` or daemon would use)."""
+        opens it: it then never creates it (:meth:`needs_existing_store`)."""
+        self.needs_existing_store()
+
+    def needs_existing_store(self) -> None:
+        """Say, before the store is first opened, that the command only reads it or writes
+        only to what it already holds (``auth login``: a user's failed logins): a SQLite
+        store whose file does not exist (a typo'd path) is then refused with
+        :class:`StoreUnavailable` naming the file, and neither it nor its directories are
+        created (a stray empty store that a later ``db upgrade`` or daemon would use)."""
         self._creates_store = False
 
 
@@ -614,6 +620,8 @@ def auth() -> None:
 @pass_app
 def auth_login(app: App, username: str) -> None:
     """Verify a password (prompt, or one line on stdin); lock after too many failures."""
+    # It writes only an existing user's failed logins: a store it created would hold none.
+    app.needs_existing_store()
     if sys.stdin.isatty():
         password = str(click.prompt("Password", hide_input=True))
     else:
