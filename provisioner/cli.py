@@ -699,7 +699,7 @@ def _reconcile_with(
     from .pjsip import RenderSettings
     from .sync import reconcile
 
-    target = build_target(config, engine)
+    target = build_target(config, engine, writes=not dry_run)
     # Realtime rows this command writes reach Asterisk's caches only when a daemon
     # empties them: a marker kept until then (kept too if the apply fails half-way).
     marker = config.target.kind == "realtime" and not dry_run

@@ -761,6 +761,28 @@ def test_realtime_dry_run_creates_no_table(cli: Cli, db_url: str) -> None:
         target.dispose()
 
 
+@pytest.mark.parametrize(
+    "args", [("render", "--target", "realtime", "--dry-run"), ("sync", "--once", "--dry-run")],
+    ids=" ".join,
+)  # fmt: skip
+def test_a_realtime_dry_run_never_creates_a_missing_sqlite_target(
+    args: tuple[str, ...], cli: Cli, tmp_path: Path
+) -> None:
+    """A dry run whose realtime ``target.url`` names a SQLite file that does not exist plans
+    every user as added, as into an empty database, and makes neither the file nor its
+    directories; the real render then makes them."""
+    _add(cli, "alice")
+    target = tmp_path / "rt" / "asterisk.db"
+    cli.config.write_text(
+        CONFIG + f'\n[target]\nkind = "realtime"\nurl = "sqlite:///{target}"\n', encoding="utf-8"
+    )
+    out = cli.ok(*args)
+    assert "would be added 2, " in out
+    assert not (tmp_path / "rt").exists()
+    cli.ok("render")
+    assert "would be added 0, " in cli.ok(*args)
+
+
 # -- who acts: --as ---------------------------------------------------------------------------
 
 ONLY_ITSELF = "root is the first admin, and the first admin is edited only by itself"
