@@ -27,7 +27,7 @@ from .config import (
 from .errors import ConfigError, RenderCheckFailed
 from .health import HealthUnreadable, read_health
 from .store.changefeed import missing_definers, trigger_problems
-from .store.engine import driver_error, open_engine, sqlite_file
+from .store.engine import driver_error, open_store_engine, sqlite_file
 from .store.migrate import current_revision, head_revision, known_revision
 from .store.schema import users
 
@@ -49,7 +49,7 @@ def _absent(url: str) -> Path | None:
 def _store(config: Config) -> Check:
     if (path := _absent(config.store.url)) is not None:
         return ("store", False, f"no database at {path}: run 'provisioner db upgrade'")
-    engine = open_engine(config.store.url, busy_timeout=config.store.busy_timeout, create=False)
+    engine = open_store_engine(config.store.url, config.store, create=False)
     try:
         revision = current_revision(engine)
         if revision is not None and not known_revision(revision):
@@ -138,7 +138,7 @@ def _target(config: Config) -> Check:
     url = t.url or config.store.url
     if (path := _absent(url)) is not None:
         return _absent_realtime(path, own=bool(t.url))
-    engine = open_engine(url, busy_timeout=config.store.busy_timeout, create=False)
+    engine = open_store_engine(url, config.store, create=False)
     try:
         with engine.connect() as conn:
             names = set(inspect(conn).get_table_names())

@@ -39,7 +39,13 @@ from .errors import (
 from .logs import configure as configure_logs
 from .logs import get_logger
 from .model import CODECS, LOG_LEVELS, NATS, ROLES, TOAST_POSITIONS, TRANSPORTS, VIDEOS, User
-from .store.engine import driver_error, is_missing_schema, open_engine, transaction, unavailable
+from .store.engine import (
+    driver_error,
+    is_missing_schema,
+    open_store_engine,
+    transaction,
+    unavailable,
+)
 from .store.untold import drop_untold, new_token, note_untold, untold_key
 from .sync import SyncReport
 
@@ -82,9 +88,7 @@ class App:
     def accounts(self) -> Accounts:
         if self._accounts is None:
             cfg = self.config
-            engine = open_engine(
-                cfg.store.url, busy_timeout=cfg.store.busy_timeout, create=self._creates_store
-            )
+            engine = open_store_engine(cfg.store.url, cfg.store, create=self._creates_store)
             self._accounts = Accounts(engine, Policy.from_config(cfg), actor=self.actor)
         return self._accounts
 

@@ -65,6 +65,7 @@ from .store.engine import (
     driver_error,
     file_identity,
     open_engine,
+    open_store_engine,
     reading,
     sqlite_file,
     transaction,
@@ -189,7 +190,7 @@ def _realtime_engine(config: Config, *, writes: bool) -> Engine:
     path = sqlite_file(url)
     if not writes and path is not None and not path.exists():
         return open_engine("sqlite://")
-    return open_engine(url, busy_timeout=config.store.busy_timeout, create=writes)
+    return open_store_engine(url, config.store, create=writes)
 
 
 def _placement(config: Config) -> tuple[str, str, str, str, int]:
@@ -370,7 +371,7 @@ class Daemon:
     ) -> Daemon:
         """The daemon for ``config``; ``config_path``, ``overrides`` and the raw ``--set``
         flags ``sets`` are what a SIGHUP reads the configuration from again."""
-        engine = open_engine(config.store.url, busy_timeout=config.store.busy_timeout)
+        engine = open_store_engine(config.store.url, config.store)
         applier = Applier(
             engine,
             build_target(config, engine),
