@@ -147,9 +147,8 @@ def open_engine(
 
     Its pool keeps ``pool_size`` connections open (SQLAlchemy may open 10 more for a
     burst), and a checkout when every one is taken waits ``pool_timeout`` seconds, then
-    raises :data:`PoolTimeout`; a SQLite file's pool too (connections to one file are
-    cheap, but the file-replaced check below needs a pool), but not an in-memory
-    database's, which is one connection per thread.
+    raises :data:`PoolTimeout`; a SQLite file's pool too.  A SQLite URL naming no file
+    path (in memory, a ``file:`` URI) keeps SQLAlchemy's own pool for it.
 
     SQLite gets WAL (readers never block the writer), enforced foreign keys, a
     busy timeout, and ``BEGIN IMMEDIATE`` for every transaction but those of
@@ -187,7 +186,7 @@ def open_engine(
         return engine
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite":  # in memory: SQLAlchemy's one per thread
+    if parsed.get_backend_name() != "sqlite":  # in memory, SQLAlchemy's takes no timeout
         kwargs.update(pool_size=pool_size, pool_timeout=pool_timeout)
     if parsed.get_backend_name() == "postgresql":
         kwargs["connect_args"] = pg_keepalive(parsed.query)
