@@ -27,7 +27,7 @@ from .config import (
 from .errors import ConfigError, RenderCheckFailed
 from .health import HealthUnreadable, read_health
 from .store.changefeed import missing_definers, trigger_problems
-from .store.engine import driver_error, open_engine, sqlite_file
+from .store.engine import driver_error, open_store_engine, sqlite_file
 from .store.migrate import current_revision, head_revision, known_revision
 from .store.schema import users
 
@@ -49,7 +49,7 @@ def _absent(url: str) -> Path | None:
 def _store(config: Config) -> Check:
     if (path := _absent(config.store.url)) is not None:
         return ("store", False, f"no database at {path}: run 'provisioner db upgrade'")
-    engine = open_engine(config.store.url, busy_timeout=config.store.busy_timeout)
+    engine = open_store_engine(config.store.url, config.store, create=False)
     try:
         revision = current_revision(engine)
         if revision is not None and not known_revision(revision):
@@ -137,8 +137,8 @@ def _target(config: Config) -> Check:
         )
     url = t.url or config.store.url
     if (path := _absent(url)) is not None:
-        return ("target", False, f"no realtime database at {path}")
-    engine = open_engine(url, busy_timeout=config.store.busy_timeout)
+        return _absent_realtime(path, own=bool(t.url))
+    engine = open_store_engine(url, config.store, create=False)
     try:
         with engine.connect() as conn:
             names = set(inspect(conn).get_table_names())
@@ -152,6 +152,24 @@ def _target(config: Config) -> Check:
         return ("target", False, f"cannot open realtime database: {driver_error(exc)}")
     finally:
         engine.dispose()
+
+
+def _absent_realtime(path: Path, *, own: bool) -> Check:
+    """The target line for a realtime SQLite file ``path`` that does not exist (looked at,
+    not made: a check changes nothing).  Its ``own`` file (``target.url``) passes when the
+    first write (sync, run) can make it and its directories, as a config file's does; the
+    user store's (``target.url`` empty) waits for ``db upgrade``, as the store line says."""
+    where = f"no realtime database at {path}"
+    if not own:
+        return ("target", False, f"{where} (the user store's): run 'provisioner db upgrade'")
+    existing = _nearest_existing(Path(os.path.abspath(path)).parent)
+    cannot = f"{where}, and the first write cannot make it:"
+    if not existing.is_dir():
+        return ("target", False, f"{cannot} {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return ("target", False, f"{cannot} directory {existing} is not writable")
+    makes = f"the first write makes it (directory {existing} writable)"
+    return ("target", True, f"{where} yet: {makes}")
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -39,7 +39,13 @@ from .errors import (
 from .logs import configure as configure_logs
 from .logs import get_logger
 from .model import CODECS, LOG_LEVELS, NATS, ROLES, TOAST_POSITIONS, TRANSPORTS, VIDEOS, User
-from .store.engine import driver_error, is_missing_schema, open_engine, transaction, unavailable
+from .store.engine import (
+    driver_error,
+    is_missing_schema,
+    open_store_engine,
+    transaction,
+    unavailable,
+)
 from .store.untold import drop_untold, new_token, note_untold, untold_key
 from .sync import SyncReport
 
@@ -82,17 +88,21 @@ class App:
     def accounts(self) -> Accounts:
         if self._accounts is None:
             cfg = self.config
-            engine = open_engine(
-                cfg.store.url, busy_timeout=cfg.store.busy_timeout, create=self._creates_store
-            )
+            engine = open_store_engine(cfg.store.url, cfg.store, create=self._creates_store)
             self._accounts = Accounts(engine, Policy.from_config(cfg), actor=self.actor)
         return self._accounts
 
     def only_reads(self) -> None:
         """Say that the command only reads the store (a listing, a dry run), before it first
-        opens it: a SQLite store whose file does not exist (a typo'd path) is then refused
-        with :class:`StoreUnavailable` naming the file, and neither it nor its directories
-        are created (a stray empty store that a later ``db upgrade`` or daemon would use)."""
+        opens it: it then never creates it (:meth:`needs_existing_store`)."""
+        self.needs_existing_store()
+
+    def needs_existing_store(self) -> None:
+        """Say, before the store is first opened, that the command only reads it or writes
+        only to what it already holds (``auth login``: a user's failed logins): a SQLite
+        store whose file does not exist (a typo'd path) is then refused with
+        :class:`StoreUnavailable` naming the file, and neither it nor its directories are
+        created (a stray empty store that a later ``db upgrade`` or daemon would use)."""
         self._creates_store = False
 
 
@@ -614,6 +624,8 @@ def auth() -> None:
 @pass_app
 def auth_login(app: App, username: str) -> None:
     """Verify a password (prompt, or one line on stdin); lock after too many failures."""
+    # It writes only an existing user's failed logins: a store it created would hold none.
+    app.needs_existing_store()
     if sys.stdin.isatty():
         password = str(click.prompt("Password", hide_input=True))
     else:
@@ -691,7 +703,7 @@ def _reconcile_with(
     from .pjsip import RenderSettings
     from .sync import reconcile
 
-    target = build_target(config, engine)
+    target = build_target(config, engine, writes=not dry_run)
     # Realtime rows this command writes reach Asterisk's caches only when a daemon
     # empties them: a marker kept until then (kept too if the apply fails half-way).
     marker = config.target.kind == "realtime" and not dry_run

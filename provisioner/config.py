@@ -221,12 +221,26 @@ class _UrlSection(_Section):
 MAX_BUSY_TIMEOUT = (2**31 - 1) // 1000
 
 
+#: The most connections a process keeps open to a database (SQLAlchemy may open 10 more
+#: for a burst): far above what a database serves by default (PostgreSQL's
+#: ``max_connections`` is 100, MariaDB's 151), so only a typo is refused.
+MAX_POOL_SIZE = 1000
+#: The longest wait for a pooled connection, in seconds (an hour, as the AMI timeouts).
+MAX_POOL_TIMEOUT = 3600
+
+
 class StoreSettings(_UrlSection):
-    """Where the user store lives."""
+    """Where the user store lives, and how each process connects to it."""
 
     url: str = "sqlite:///var/provisioner.db"
     #: Seconds a SQLite writer waits for another writer's lock before failing.
     busy_timeout: float = Field(default=10.0, gt=0, le=MAX_BUSY_TIMEOUT)
+    #: Connections a process keeps open to the store (and to a realtime ``target.url``);
+    #: SQLAlchemy's default.
+    pool_size: int = Field(default=5, ge=1, le=MAX_POOL_SIZE)
+    #: Seconds a thread waits for a connection when all are taken before failing;
+    #: SQLAlchemy's default.
+    pool_timeout: float = Field(default=30.0, gt=0, le=MAX_POOL_TIMEOUT)
 
     _url = field_validator("url")(_check_url)
 

@@ -65,6 +65,7 @@ from .store.engine import (
     driver_error,
     file_identity,
     open_engine,
+    open_store_engine,
     reading,
     sqlite_file,
     transaction,
@@ -164,22 +165,32 @@ class Pbx(Protocol):
         ...
 
 
-def build_target(config: Config, store_engine: Engine) -> Target:
+def build_target(config: Config, store_engine: Engine, *, writes: bool = True) -> Target:
     """The configured target (the one place targets are built from config).  Nothing is
     written here: a realtime target creates its tables at its first write (a dry run
-    writes nothing: its plan takes missing tables as empty)."""
+    writes nothing: its plan takes missing tables as empty).
+
+    Without ``writes`` (a dry run) a realtime ``target.url`` naming a SQLite file is
+    never created: a file that does not exist is planned into as an empty database."""
     if config.target.kind == "realtime":
         from .targets.realtime import RealtimeTarget
 
-        engine = (
-            open_engine(config.target.url, busy_timeout=config.store.busy_timeout)
-            if config.target.url
-            else store_engine
-        )
+        engine = _realtime_engine(config, writes=writes) if config.target.url else store_engine
         return RealtimeTarget(engine)
     from .targets.sharded import config_file_target
 
     return config_file_target(config)
+
+
+def _realtime_engine(config: Config, *, writes: bool) -> Engine:
+    """The engine of the realtime database ``target.url`` names: one that creates a SQLite
+    file there when ``writes``; else one that never does, or, for a SQLite file that does
+    not exist, an empty in-memory SQLite database (what the first write would start from)."""
+    url = config.target.url
+    path = sqlite_file(url)
+    if not writes and path is not None and not path.exists():
+        return open_engine("sqlite://")
+    return open_store_engine(url, config.store, create=writes)
 
 
 def _placement(config: Config) -> tuple[str, str, str, str, int]:
@@ -360,7 +371,7 @@ class Daemon:
     ) -> Daemon:
         """The daemon for ``config``; ``config_path``, ``overrides`` and the raw ``--set``
         flags ``sets`` are what a SIGHUP reads the configuration from again."""
-        engine = open_engine(config.store.url, busy_timeout=config.store.busy_timeout)
+        engine = open_store_engine(config.store.url, config.store)
         applier = Applier(
             engine,
             build_target(config, engine),

@@ -735,32 +735,39 @@ def _secret(
             return password, None
         need = "its password breaks the SIP secret rule (8-128 printable ASCII, no spaces)"
     else:
-        digests = _digests(auth, auth_type)
+        digests = _digests(auth)
         realm = auth.get("realm") or index.realm()
         if not digests:
             need = "its auth has no password"
-        elif "sha-256" not in digests or "md5" not in digests:
-            need = "its auth has only an MD5 digest (we keep SHA-256 and MD5)"
+        elif len(digests) == 1:
+            ((algorithm, (_, where)),) = digests.items()
+            shown = algorithm.upper()
+            need = f"its auth has only an {shown} digest ({where}; we keep SHA-256 and MD5)"
         elif realm != settings.realm:
             need = f"its digests were made for realm {realm!r}, ours is {settings.realm!r}"
         else:
-            return None, (digests["md5"].lower(), digests["sha-256"].lower())
+            return None, (digests["md5"][0].lower(), digests["sha-256"][0].lower())
     if not generate:
         raise _Refuse(f"needs a new SIP secret: {need}; or import with --generate-secrets")
     source.notes.append(f"a new SIP secret is generated: {need}")
     return None, None
 
 
-def _digests(auth: Mapping[str, str], auth_type: str) -> dict[str, str]:
-    if auth_type == "md5":
-        md5 = auth.get("md5_cred", "")
-        return {"md5": md5} if _HEX["md5"].fullmatch(md5) else {}
-    found = {}
+def _digests(auth: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """The digests ``auth`` gives Asterisk, by algorithm (``md5``, ``sha-256``), each with
+    the option it came from.  ``md5_cred`` is the MD5 one whatever the ``auth_type``:
+    Asterisk (since 20.12, 21.7, 22.2, which read ``password_digest``) parses it as a
+    ``password_digest`` item without an algorithm, so under ``userpass`` it is a digest,
+    not "no password".  An MD5 item of ``password_digest`` is read after it."""
+    found: dict[str, tuple[str, str]] = {}
+    md5 = auth.get("md5_cred", "")
+    if _HEX["md5"].fullmatch(md5):
+        found["md5"] = (md5, "md5_cred")
     for item in _split(auth.get("password_digest", "")):
         algorithm, _, digest = item.partition(":")
         pattern = _HEX.get(algorithm.strip().lower())
         if pattern is not None and pattern.fullmatch(digest.strip()):
-            found[algorithm.strip().lower()] = digest.strip()
+            found[algorithm.strip().lower()] = (digest.strip(), "password_digest")
     return found
 
 

@@ -472,12 +472,18 @@ _READERS = (
 )
 
 
-@pytest.mark.parametrize("args", _READERS, ids=" ".join)
+#: Commands that write only to what an existing store holds (``auth login``: a user's failed
+#: logins and lock), so a store they would create could not serve them.
+_EXISTING_STORE_WRITERS = (("auth", "login", "alice"),)
+
+
+@pytest.mark.parametrize("args", [*_READERS, *_EXISTING_STORE_WRITERS], ids=" ".join)
 def test_a_command_that_only_reads_never_creates_a_missing_sqlite_store(
     args: tuple[str, ...], tmp_path: Path
 ) -> None:
-    """A reading command on a SQLite store file that does not exist (a typo) exits 7 naming
-    the path and the fix, and makes neither the file nor its directories."""
+    """A reading command (or ``auth login``, which writes only to an existing user's row) on a
+    SQLite store file that does not exist (a typo) exits 7 naming the path and the fix, and
+    makes neither the file nor its directories."""
     store = tmp_path / "nope" / "typo.db"
     (tmp_path / "users.csv").write_text("username,full_name,email\nbob,Bob B,bob@x.org\n")
     (tmp_path / "pjsip.conf").write_text(
@@ -753,6 +759,28 @@ def test_realtime_dry_run_creates_no_table(cli: Cli, db_url: str) -> None:
         assert "would be added 0" in cli.ok("render", "--target", "realtime", "--dry-run")
     finally:
         target.dispose()
+
+
+@pytest.mark.parametrize(
+    "args", [("render", "--target", "realtime", "--dry-run"), ("sync", "--once", "--dry-run")],
+    ids=" ".join,
+)  # fmt: skip
+def test_a_realtime_dry_run_never_creates_a_missing_sqlite_target(
+    args: tuple[str, ...], cli: Cli, tmp_path: Path
+) -> None:
+    """A dry run whose realtime ``target.url`` names a SQLite file that does not exist plans
+    every user as added, as into an empty database, and makes neither the file nor its
+    directories; the real render then makes them."""
+    _add(cli, "alice")
+    target = tmp_path / "rt" / "asterisk.db"
+    cli.config.write_text(
+        CONFIG + f'\n[target]\nkind = "realtime"\nurl = "sqlite:///{target}"\n', encoding="utf-8"
+    )
+    out = cli.ok(*args)
+    assert "would be added 2, " in out
+    assert not (tmp_path / "rt").exists()
+    cli.ok("render")
+    assert "would be added 0, " in cli.ok(*args)
 
 
 # -- who acts: --as ---------------------------------------------------------------------------

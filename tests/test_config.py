@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -508,6 +509,60 @@ def test_the_longest_busy_timeout_is_the_one_sqlite_waits(tmp_path: Path) -> Non
     finally:
         engine.dispose()
     assert waits == cfg.store.busy_timeout * 1000 == 2147483000
+
+
+def test_pool_settings_out_of_bounds_are_reported_with_every_other_problem(
+    tmp_path: Path,
+) -> None:
+    """``store.pool_size`` below 1 or above its bound, and ``store.pool_timeout`` not above 0
+    or above an hour, are problems naming the key, listed with the file's other problems."""
+    path = _write(
+        tmp_path,
+        "[store]\npool_size = 0\npool_timeout = 0\n[security]\nmax_failed_logins = 0\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={"PROVISIONER_STORE__POOL_SIZE": "0"})
+    assert [str(p) for p in info.value.problems] == [
+        "store.pool_size: Input should be greater than or equal to 1"
+        " (from PROVISIONER_STORE__POOL_SIZE)",
+        "store.pool_timeout: Input should be greater than 0",
+        "security.max_failed_logins: Input should be greater than or equal to 1",
+    ]
+    too_many = config_module.MAX_POOL_SIZE + 1
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={"store": {"pool_size": too_many, "pool_timeout": 3601}})
+    assert [str(p) for p in info.value.problems] == [
+        f"store.pool_size: Input should be less than or equal to {too_many - 1}",
+        "store.pool_timeout: Input should be less than or equal to 3600",
+    ]
+
+
+def test_the_store_engine_keeps_pool_size_connections_and_waits_pool_timeout(
+    tmp_path: Path,
+) -> None:
+    """The CLI's store engine keeps ``store.pool_size`` idle connections, and a checkout past
+    that many plus SQLAlchemy's 10 overflow ones waits ``store.pool_timeout``, then fails."""
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+    from sqlalchemy.pool import QueuePool
+
+    from provisioner.cli import App
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    sets = [f"store.url={url}", "store.pool_size=2", "store.pool_timeout=0.3"]
+    engine = App(None, sets, verbose=False).accounts.engine
+    held = [engine.connect() for _ in range(2 + 10)]
+    try:
+        started = time.monotonic()
+        with pytest.raises(PoolTimeout):
+            engine.connect()
+        waited = time.monotonic() - started
+    finally:
+        for conn in held:
+            conn.close()
+    assert 0.3 <= waited < 5
+    assert isinstance(engine.pool, QueuePool)
+    assert engine.pool.checkedin() == 2
+    engine.dispose()
 
 
 CLI_BAD_CONFIG = """\

@@ -241,6 +241,59 @@ def test_check_passes_a_realtime_target_whose_tables_the_first_write_makes(
     assert "the first write makes them" in line
 
 
+def _target_line(tmp_path: Path, realtime_url: str) -> str:
+    """The target line of ``check`` on a seeded SQLite store with a realtime target there."""
+    from .helpers import make_cli
+
+    text = f'[target]\nkind = "realtime"\nurl = "{realtime_url}"\n'
+    result = make_cli(store_url(tmp_path), tmp_path, text)("check")
+    (line,) = [line for line in result.out.splitlines() if "target:" in line]
+    return line
+
+
+def test_check_passes_a_realtime_sqlite_file_the_first_write_makes_and_makes_none(
+    tmp_path: Path,
+) -> None:
+    """A realtime ``target.url`` naming a SQLite file that does not exist, under a writable
+    directory, passes the target line saying the first write makes it (sync and run do, and
+    its directories), and the check makes neither the file nor its directory."""
+    seed_store(store_url(tmp_path), 1).dispose()
+    target = tmp_path / "rt" / "asterisk.db"
+    assert _target_line(tmp_path, f"sqlite:///{target}") == (
+        f"ok    target: no realtime database at {target} yet: the first write makes it"
+        f" (directory {tmp_path} writable)"
+    )
+    assert not (tmp_path / "rt").exists()
+
+
+def test_check_fails_a_realtime_sqlite_file_the_first_write_cannot_make(tmp_path: Path) -> None:
+    """A realtime SQLite file that does not exist under a path a file is in the way of fails
+    the target line naming what is in the way, and nothing is made."""
+    seed_store(store_url(tmp_path), 1).dispose()
+    (tmp_path / "file").write_text("")
+    target = tmp_path / "file" / "rt" / "asterisk.db"
+    assert _target_line(tmp_path, f"sqlite:///{target}") == (
+        f"FAIL  target: no realtime database at {target}, and the first write cannot make it:"
+        f" {tmp_path / 'file'} is not a directory"
+    )
+
+
+def test_check_of_a_realtime_target_in_a_missing_store_says_to_upgrade(tmp_path: Path) -> None:
+    """A realtime target in the user store's database (no ``target.url``) whose SQLite file
+    does not exist fails the target line naming the file and ``db upgrade``, and nothing is
+    made."""
+    from .helpers import make_cli
+
+    store = tmp_path / "var" / "store.db"
+    result = make_cli(f"sqlite:///{store}", tmp_path, '[target]\nkind = "realtime"\n')("check")
+    (line,) = [line for line in result.out.splitlines() if "target:" in line]
+    assert line == (
+        f"FAIL  target: no realtime database at {store} (the user store's):"
+        " run 'provisioner db upgrade'"
+    )
+    assert not store.parent.exists()
+
+
 def test_check_of_an_unreachable_store_says_why_on_one_line(tmp_path: Path) -> None:
     """``provisioner check`` of a PostgreSQL store nothing listens for prints one failed
     store line (the driver's first line of why), and every line of its output is a check's

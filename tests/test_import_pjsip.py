@@ -360,6 +360,43 @@ def test_unmatched_nat_and_missing_codecs_are_reported_not_guessed_silently() ->
     assert any(n.startswith("no allow=") for n in user.notes)
 
 
+def _userpass_auth(*credentials: str) -> str:
+    """Endpoint 1006 of frank whose ``auth_type=userpass`` auth has only ``credentials``."""
+    lines = "".join(f"{line}\n" for line in credentials)
+    return (
+        "[1006]\ntype=endpoint\nauth=1006-auth\naors=1006\n"
+        f"[1006-auth]\ntype=auth\nauth_type=userpass\nusername=frank\n{lines}"
+        "[1006]\ntype=aor\n"
+    )
+
+
+def test_userpass_auth_with_only_md5_cred_is_not_mapped_naming_md5_cred() -> None:
+    """An ``auth_type=userpass`` auth with only ``md5_cred`` (Asterisk 22 reads it as the MD5
+    digest whatever the auth_type) is not mapped for having only an MD5 digest, naming
+    ``md5_cred``, not for having no password; with generate_secrets the note says the same."""
+    text = _userpass_auth(f"md5_cred={FRANK_MD5}")
+    assert str(_plan(text).unmapped[0]) == (
+        "[1006] endpoint: needs a new SIP secret: its auth has only an MD5 digest (md5_cred;"
+        " we keep SHA-256 and MD5); or import with --generate-secrets"
+    )
+    (frank,) = _plan(text, generate_secrets=True).users
+    assert (frank.sip_secret, frank.digests) == (None, None)
+    assert (
+        "a new SIP secret is generated: its auth has only an MD5 digest (md5_cred;"
+        " we keep SHA-256 and MD5)"
+    ) in frank.notes
+
+
+def test_md5_cred_beside_a_sha256_password_digest_is_carried_over() -> None:
+    """``md5_cred`` with a SHA-256 ``password_digest`` for our realm gives Asterisk both
+    digests, as ``password_digest`` listing both does: both are carried over."""
+    digests = credentials.sip_digests("frank", "asterisk", "Frank-Secret-1006")
+    (frank,) = _plan(
+        _userpass_auth(f"md5_cred={digests.md5}", f"password_digest=SHA-256:{digests.sha256}")
+    ).users
+    assert (frank.sip_secret, frank.digests) == (None, (digests.md5, digests.sha256))
+
+
 def test_generate_secrets_imports_what_cannot_be_carried_over() -> None:
     """With generate_secrets, the MD5-only user is mapped (with a note) and gets no secret."""
     plan = _plan(generate_secrets=True)

@@ -9,7 +9,7 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import ColumnElement, Connection, Engine, create_engine, event, func, select
 from sqlalchemy.engine import make_url
@@ -30,6 +30,7 @@ __all__ = [
     "is_missing_schema",
     "mysql_lock_name",
     "open_engine",
+    "open_store_engine",
     "pg_keepalive",
     "pg_lock_key",
     "reading",
@@ -111,8 +112,43 @@ def file_identity(path: Path) -> FileIdentity | None:
     return (info.st_dev, info.st_ino)
 
 
-def open_engine(url: str, *, busy_timeout: float = 10.0, create: bool = True) -> Engine:
+class StoreOptions(Protocol):
+    """How to connect to a database: the ``[store]`` settings but its URL."""
+
+    @property
+    def busy_timeout(self) -> float: ...
+    @property
+    def pool_size(self) -> int: ...
+    @property
+    def pool_timeout(self) -> float: ...
+
+
+def open_store_engine(url: str, options: StoreOptions, *, create: bool = True) -> Engine:
+    """:func:`open_engine` for ``url`` with ``options`` (``config.store``): its busy timeout
+    and its pool's size and checkout timeout."""
+    return open_engine(
+        url,
+        busy_timeout=options.busy_timeout,
+        create=create,
+        pool_size=options.pool_size,
+        pool_timeout=options.pool_timeout,
+    )
+
+
+def open_engine(
+    url: str,
+    *,
+    busy_timeout: float = 10.0,
+    create: bool = True,
+    pool_size: int = 5,
+    pool_timeout: float = 30.0,
+) -> Engine:
     """An engine for ``url``.
+
+    Its pool keeps ``pool_size`` connections open (SQLAlchemy may open 10 more for a
+    burst), and a checkout when every one is taken waits ``pool_timeout`` seconds, then
+    raises :data:`PoolTimeout`; a SQLite file's pool too.  A SQLite URL naming no file
+    path (in memory, a ``file:`` URI) keeps SQLAlchemy's own pool for it.
 
     SQLite gets WAL (readers never block the writer), enforced foreign keys, a
     busy timeout, and ``BEGIN IMMEDIATE`` for every transaction but those of
@@ -138,13 +174,20 @@ def open_engine(url: str, *, busy_timeout: float = 10.0, create: bool = True) ->
                 f"user store unavailable: no database file at {path} "
                 "(run `provisioner db upgrade` to create it)"
             )
-        engine = create_engine(url, connect_args={"timeout": busy_timeout, "isolation_level": None})
+        engine = create_engine(
+            url,
+            connect_args={"timeout": busy_timeout, "isolation_level": None},
+            pool_size=pool_size,
+            pool_timeout=pool_timeout,
+        )
         _sqlite_events(engine, path, busy_timeout)
         if not create:
             _sqlite_never_creates(engine, path)
         return engine
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":  # in memory, SQLAlchemy's takes no timeout
+        kwargs.update(pool_size=pool_size, pool_timeout=pool_timeout)
     if parsed.get_backend_name() == "postgresql":
         kwargs["connect_args"] = pg_keepalive(parsed.query)
     return create_engine(url, **kwargs)

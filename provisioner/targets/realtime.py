@@ -93,7 +93,7 @@ from ..store.bulk import (
     prepare,
     run_many,
 )
-from ..store.engine import exclusive, open_engine, reading
+from ..store.engine import exclusive, open_store_engine, reading
 from . import Change
 from .asterisk_schema import OWNED_KINDS, add_missing_columns, metadata, provisioner_objects
 
@@ -445,7 +445,7 @@ class RealtimeTarget:
     def from_config(cls, config: Config) -> RealtimeTarget:
         """The target on ``target.url``, or on the user store's database when that is empty."""
         url = config.target.url or config.store.url
-        return cls(open_engine(url, busy_timeout=config.store.busy_timeout))
+        return cls(open_store_engine(url, config.store))
 
     def create_tables(self) -> None:
         """Create the three PJSIP tables and the ownership table where missing, and add the
