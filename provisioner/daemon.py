@@ -333,6 +333,10 @@ class Daemon:
     _retry_due: asyncio.TimerHandle | None = None
     #: Seconds before a failed full reconcile is run again (0: the last one did not fail).
     _full_retry_delay: float = 0.0
+    #: A full apply began and has not succeeded since: the target may lack what it was to
+    #: apply (a template edit, a SIGHUP's settings, a refused mass removal), so the applies
+    #: that succeed meanwhile (a poll finding nothing new) leave the record failed.
+    _full_owed: bool = False
     #: The apply in progress has run longer than ``daemon.stuck_after`` (see
     #: :meth:`_apply_stuck`), and the timer that says so.
     _stuck: bool = False
@@ -853,10 +857,15 @@ class Daemon:
             self._write_health_soon()
 
     def _succeeded(self, kind: str, result: Applied | None) -> None:
-        """Record a successful apply and hand its change to the AMI side."""
+        """Record a successful apply and hand its change to the AMI side.  While a full
+        apply is owed (:attr:`_full_owed`) the record keeps that one's failure, unless this
+        one re-rendered everyone (a profile edit, a burst too large for memory alone)."""
         self._last_exc = None
-        self.health.last_sync_ok = True
-        self.health.last_error = ""
+        if result is not None and result.full:
+            self._full_owed = False
+        if not self._full_owed:
+            self.health.last_sync_ok = True
+            self.health.last_error = ""
         self.health.last_sync_at = time.time()
         if result is not None:
             self._count(kind, result.change)
@@ -903,6 +912,7 @@ class Daemon:
         return now is not None and self._store_file is not None and now != self._store_file
 
     def _full(self) -> Applied:
+        self._full_owed = True
         now = self._store_identity()
         replaced = self._store_replaced(now)
         if now is not None:
@@ -925,6 +935,7 @@ class Daemon:
         if replaced or cursor > self.tracker.cursor:
             self.tracker = CursorTracker(cursor=cursor, grace=self.config.daemon.cursor_grace)
         result = self.applier.full()
+        self._full_owed = False
         # The cursor is saved and the feed pruned by _run once Asterisk was told: a store
         # write failing now must not keep what the target took from Asterisk (the retry
         # would find the target as wanted, and tell nothing).

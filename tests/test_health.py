@@ -315,3 +315,64 @@ def test_check_says_so_on_an_asterisk_line_when_no_server_is_configured(tmp_path
         "ok    asterisk: no [[asterisk]] server configured "
         "(no login to check; no Asterisk is told of changes)"
     )
+
+
+def test_a_failed_full_reconcile_stays_unhealthy_while_polls_find_nothing_new(
+    tmp_path: Path,
+) -> None:
+    """A full reconcile that failed (an override template printing an undefined name) keeps
+    the record unhealthy while the safety-net poll finds no change to apply, until a full
+    reconcile succeeds again (the template fixed)."""
+    import asyncio
+    import time
+
+    from provisioner.accounts import Accounts, Policy
+    from provisioner.daemon import WakeSource
+    from provisioner.watch import poll_wakeups
+
+    from .helpers import local_daemon
+
+    overrides = tmp_path / "templates"
+    overrides.mkdir()
+    daemon = local_daemon(tmp_path, target={"templates": str(overrides)})
+    daemon.wake_sources = [
+        WakeSource(lambda wake, stop: poll_wakeups(0.05, wake, stop), timer=True)
+    ]
+    acc = Accounts(daemon.engine, Policy(password_policy=False))
+    acc.add_user({"username": "root", "role": "admin", "full_name": "Root", "email": "r@x.io"})
+    state = tmp_path / "state"
+
+    def problems() -> list[str]:
+        record = read_health(state)
+        assert record is not None
+        return record.problems(time.time(), 60)
+
+    async def settle(polls: int = 10) -> None:
+        await asyncio.sleep(polls * 0.05)
+        daemon._write_health()  # what the next heartbeat would write
+
+    async def scenario() -> tuple[list[str], list[str], list[str]]:
+        serving = asyncio.ensure_future(daemon.serve())
+        while not daemon.health.ready:
+            await asyncio.sleep(0.02)
+        (overrides / "header.j2").write_text("{{ no_such_name }}\n")
+        daemon.templates_changed.set()
+        while daemon.health.last_sync_ok:
+            await asyncio.sleep(0.02)
+        await settle()
+        broken = problems()
+        (overrides / "header.j2").unlink()
+        daemon.templates_changed.set()
+        await settle()
+        fixed = problems()
+        await settle()
+        later = problems()
+        daemon.handle_exit()
+        await serving
+        return broken, fixed, later
+
+    broken, fixed, later = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert broken == [
+        "last sync failed: templates failed to render (UndefinedError) at header.j2 line 1"
+    ]
+    assert fixed == later == []
