@@ -320,6 +320,8 @@ class Daemon:
     _health_due: asyncio.TimerHandle | None = None
     #: The record is a newer daemon's: this one no longer writes it (logged once).
     _health_yielded: bool = False
+    #: ``run --burst``: the record of a daemon running beside it is left to that daemon.
+    _burst: bool = False
     _last_exc: BaseException | None = None
     #: The SQLite store's file as the last full apply found it (None: not SQLite, or not
     #: looked at yet): another one at the path was moved over it (:meth:`_store_replaced`).
@@ -438,6 +440,7 @@ class Daemon:
         keep the daemon from exiting.  The work raising an error of its own (``run
         --burst``: a refused mass removal, the store unavailable) raises it; an
         unexpected one (a bug) is a failed task (:meth:`_work_ended`)."""
+        self._burst = burst
         self.install_signal_handlers()
         work = asyncio.create_task(self._serve(burst))
         work.add_done_callback(self._work_ended)
@@ -1177,15 +1180,22 @@ class Daemon:
             self.health.asterisk = self.pbx.health()
             self._export_ami(self.health.asterisk)
         try:
-            written = write_health(Path(self.config.daemon.state_dir), self.health)
+            written = write_health(
+                Path(self.config.daemon.state_dir), self.health, beside=self._burst
+            )
         except OSError as exc:
             log.warning("health.write_failed", error=str(exc))
             return
         if not written and not self._health_yielded:
-            # A daemon started after this one runs on the same state directory (a restart
-            # overlapping this one's stop): its record stands.
             self._health_yielded = True
-            log.warning("health.newer_daemon", state_dir=self.config.daemon.state_dir)
+            state_dir = self.config.daemon.state_dir
+            if self._burst:
+                # The service runs beside this burst: its record speaks for the state.
+                log.info("health.left_to_daemon", state_dir=state_dir)
+            else:
+                # A daemon started after this one runs on the same state directory (a
+                # restart overlapping this one's stop): its record stands.
+                log.warning("health.newer_daemon", state_dir=state_dir)
 
 
 def _settle_heap() -> None:

@@ -376,3 +376,27 @@ def test_a_failed_full_reconcile_stays_unhealthy_while_polls_find_nothing_new(
         "last sync failed: templates failed to render (UndefinedError) at header.j2 line 1"
     ]
     assert fixed == later == []
+
+
+def test_a_burst_beside_the_running_daemon_leaves_its_record(tmp_path: Path) -> None:
+    """``run --burst`` beside the service applies what is pending but leaves the running
+    daemon's record as it is, so ``check`` run right after it still reports the daemon
+    healthy rather than stopped (its own last record would say so until the daemon's next
+    heartbeat, 15 s on)."""
+    from .faultkit import cli_process
+
+    seed_store(store_url(tmp_path), 2).dispose()
+    config = write_config(tmp_path)
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    try:
+        cli_process(config, "run", "--burst")
+        result = cli(config, "check", check=False)
+        record = read_health(tmp_path / "state")
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    assert record is not None
+    assert daemon.proc is not None
+    assert (record.pid, record.stopped_at) == (daemon.proc.pid, None)
+    (line,) = [line for line in result.out.splitlines() if "daemon:" in line]
+    assert line.startswith("ok    daemon:"), result.out
