@@ -1214,8 +1214,10 @@ def _settle_heap() -> None:
 
 
 #: Failures of an apply worth retrying: the store or the disk may come back, and the
-#: pooled connections all in use until the pool's timeout may be free again.
-_RETRYABLE = (*STORE_DOWN, StoreUnavailable, OSError)
+#: pooled connections all in use until the pool's timeout may be free again.  The
+#: config-file target raises the disk's OS errors (full, read-only, a directory that
+#: cannot be made, its writers' lock held too long) as TargetWriteFailed.
+_RETRYABLE = (*STORE_DOWN, StoreUnavailable, TargetWriteFailed, OSError)
 
 
 def _warn_open_secret_files(config: Config) -> None:

@@ -467,3 +467,39 @@ def test_a_burst_whose_apply_finds_the_pool_exhausted_raises_store_unavailable(
     assert caught.value.exit_code == 7
     assert "store unavailable" in caught.value.message
     assert any(e["event"] == "daemon.stopped" for e in logs)
+
+
+def test_a_target_that_cannot_be_written_is_retried_without_a_wake_up(tmp_path: Path) -> None:
+    """A first reconcile that cannot write the config file (its directory's name taken by
+    a file: an OS error, as a full disk or a read-only mount give) is retried after a
+    pause, with no edit or poll to wake it, and writes the file once the directory can be
+    made."""
+    from provisioner.accounts import Accounts, Policy
+
+    blocker = tmp_path / "out"
+    blocker.write_text("not a directory\n")
+    conf = blocker / "pjsip_users.conf"
+    # No watcher, no poll: only a retry can run the apply again.
+    daemon = local_daemon(tmp_path, target={"path": str(conf)})
+    acc = Accounts(daemon.engine, Policy(password_policy=False))
+    acc.add_user({"username": "root", "role": "admin", "full_name": "Root", "email": "r@x.io"})
+
+    async def scenario() -> tuple[bool, list[str]]:
+        with capture_logs() as logs:
+            serving = asyncio.ensure_future(daemon.serve())
+            while not any(e["event"] == "sync.failed" for e in logs):
+                await asyncio.sleep(0.02)
+            blocker.unlink()
+            for _ in range(250):
+                if conf.exists() and daemon.health.ready:
+                    break
+                await asyncio.sleep(0.02)
+            written = conf.exists() and bool(daemon.health.last_sync_ok)
+            daemon.handle_exit()
+            await serving
+        return written, [e["error"] for e in logs if e["event"] == "sync.failed"]
+
+    written, failures = asyncio.run(asyncio.wait_for(scenario(), 30))
+    lock = conf.with_name(f".{conf.name}.lock")
+    assert failures[0] == f"cannot lock {str(lock)!r}: Not a directory"
+    assert written
