@@ -321,8 +321,8 @@ def test_a_failed_full_reconcile_stays_unhealthy_while_polls_find_nothing_new(
     tmp_path: Path,
 ) -> None:
     """A full reconcile that failed (an override template printing an undefined name) keeps
-    the record unhealthy while the safety-net poll finds no change to apply, until a full
-    reconcile succeeds again (the template fixed)."""
+    the record unhealthy while the safety-net poll's applies find no change, until a full
+    reconcile succeeds again (the template fixed), after which those applies keep it healthy."""
     import asyncio
     import time
 
@@ -347,11 +347,18 @@ def test_a_failed_full_reconcile_stays_unhealthy_while_polls_find_nothing_new(
         assert record is not None
         return record.problems(time.time(), 60)
 
-    async def settle(polls: int = 10) -> None:
-        await asyncio.sleep(polls * 0.05)
+    async def polled(applies: int = 3) -> list[str]:
+        """The record's problems once the poll has run ``applies`` more applies."""
+        seen = 0
+        while seen < applies:
+            at = daemon.health.last_sync_at
+            while daemon.health.last_sync_at == at:
+                await asyncio.sleep(0.01)
+            seen += 1
         daemon._write_health()  # what the next heartbeat would write
+        return problems()
 
-    async def scenario() -> tuple[list[str], list[str], list[str]]:
+    async def scenario() -> tuple[list[str], list[str]]:
         serving = asyncio.ensure_future(daemon.serve())
         while not daemon.health.ready:
             await asyncio.sleep(0.02)
@@ -359,23 +366,21 @@ def test_a_failed_full_reconcile_stays_unhealthy_while_polls_find_nothing_new(
         daemon.templates_changed.set()
         while daemon.health.last_sync_ok:
             await asyncio.sleep(0.02)
-        await settle()
-        broken = problems()
+        broken = await polled()
         (overrides / "header.j2").unlink()
         daemon.templates_changed.set()
-        await settle()
-        fixed = problems()
-        await settle()
-        later = problems()
+        while not daemon.health.last_sync_ok:
+            await asyncio.sleep(0.02)
+        fixed = await polled()
         daemon.handle_exit()
         await serving
-        return broken, fixed, later
+        return broken, fixed
 
-    broken, fixed, later = asyncio.run(asyncio.wait_for(scenario(), 30))
+    broken, fixed = asyncio.run(asyncio.wait_for(scenario(), 30))
     assert broken == [
         "last sync failed: templates failed to render (UndefinedError) at header.j2 line 1"
     ]
-    assert fixed == later == []
+    assert fixed == []
 
 
 def test_a_burst_beside_the_running_daemon_leaves_its_record(tmp_path: Path) -> None:
