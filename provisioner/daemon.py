@@ -66,6 +66,7 @@ from .store.engine import (
     file_identity,
     open_engine,
     reading,
+    schema_named,
     sqlite_file,
     transaction,
 )
@@ -794,7 +795,7 @@ class Daemon:
     async def _apply(self, kind: str, work: Callable[[], Applied | None]) -> Applied | None:
         """:meth:`_run`'s body: the apply, its record, and its bookkeeping."""
         try:
-            result = await in_worker(work)
+            result = await in_worker(self._on_store, work)
             self._hand_untold()
             self._woken_while_applying = self.wake.is_set()
             self._succeeded(kind, result)
@@ -821,6 +822,12 @@ class Daemon:
         self.health.cursor = self.tracker.cursor
         self._write_health_soon()  # after the AMI task had its turn: it is what goes live
         return result
+
+    def _on_store(self, work: Callable[[], Applied | None]) -> Applied | None:
+        """``work``, a store it finds without this provisioner's schema (never upgraded)
+        said as every command says it, the fix named (:func:`schema_named`).  Blocking."""
+        with schema_named(self.engine):
+            return work()
 
     def _watch_stuck(self) -> None:
         """Call :meth:`_apply_stuck` once the apply starting now has run for

@@ -503,3 +503,42 @@ def test_a_target_that_cannot_be_written_is_retried_without_a_wake_up(tmp_path: 
     lock = conf.with_name(f".{conf.name}.lock")
     assert failures[0] == f"cannot lock {str(lock)!r}: Not a directory"
     assert written
+
+
+SCHEMA_HINT = "(is the schema missing or old? run `provisioner db upgrade`)"
+
+
+def test_a_daemon_on_a_store_never_upgraded_says_so_as_every_command_does(
+    tmp_path: Path,
+) -> None:
+    """The daemon started on a store whose schema was never made logs each failed try as
+    'user store unavailable: <the database's words> (is the schema missing or old? run
+    `provisioner db upgrade`)', as the other commands say it, and keeps trying."""
+    daemon = Daemon.from_config(local_config(tmp_path))
+    daemon.wake_sources = []
+
+    async def scenario() -> list[str]:
+        with capture_logs() as logs:
+            serving = asyncio.ensure_future(daemon.serve())
+            while len([e for e in logs if e["event"] == "sync.failed"]) < 2:
+                await asyncio.sleep(0.02)
+            daemon.handle_exit()
+            await serving
+        return [e["error"] for e in logs if e["event"] == "sync.failed"]
+
+    errors = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert errors[0].startswith("user store unavailable: no such table: ")
+    assert errors[0].endswith(SCHEMA_HINT)
+
+
+def test_run_burst_on_a_store_never_upgraded_exits_7_naming_the_fix(tmp_path: Path) -> None:
+    """``run --burst`` on a store whose schema was never made exits 7 with the one line
+    every other command reading the store prints, the fix included."""
+    from .faultkit import cli_process, write_config
+
+    config = write_config(tmp_path)
+    ran = cli_process(config, "run", "--burst", check=False)
+    assert ran.code == 7
+    (line,) = [line for line in ran.err.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: user store unavailable: no such table: ")
+    assert line.endswith(SCHEMA_HINT)
