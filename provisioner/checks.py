@@ -103,7 +103,7 @@ def _silent_triggers(problems: Sequence[str]) -> str:
 def _target(config: Config) -> Check:
     t = config.target
     if t.kind == "config":
-        from .targets.files import real_path
+        from .targets.files import backup_of, real_path
 
         # The writer's directory: that of the file a link at target.path leads to (the
         # link stays, its file is replaced); missing directories are made at the first write.
@@ -117,6 +117,14 @@ def _target(config: Config) -> Check:
             # The writer reads the file there to compare, then renames a new one over it:
             # a directory (or a device) fails every apply.
             return ("target", False, f"{t.path} is not a regular file")
+        backup = backup_of(Path(os.path.abspath(t.path)))
+        if backup.exists() and not backup.is_file():
+            # Each write replaces it with the file it replaces: a directory there fails them.
+            return (
+                "target",
+                False,
+                f"{backup} is not a regular file (each write keeps the previous file there)",
+            )
         if (broken := _templates_problem(t)) is not None:
             return ("target", False, broken)
         if not t.shards:

@@ -39,13 +39,7 @@ from .errors import (
 from .logs import configure as configure_logs
 from .logs import get_logger
 from .model import CODECS, LOG_LEVELS, NATS, ROLES, TOAST_POSITIONS, TRANSPORTS, VIDEOS, User
-from .store.engine import (
-    driver_error,
-    is_missing_schema,
-    open_store_engine,
-    transaction,
-    unavailable,
-)
+from .store.engine import driver_error, open_store_engine, schema_named, transaction
 from .store.untold import drop_untold, new_token, note_untold, untold_key
 from .sync import SyncReport
 
@@ -652,32 +646,6 @@ def _print_report(report: SyncReport) -> None:
         click.echo(f"skipped {skipped}", err=True)
 
 
-@contextmanager
-def _schema_named(engine: Engine) -> Iterator[None]:
-    """Errors inside pass as they are, but a table or column missing while the store's schema
-    is not at this provisioner's revision (never upgraded, or by another version) becomes the
-    :class:`StoreUnavailable` every command reading the store through :class:`Accounts`
-    raises, with the same message; one of a realtime target's own tables stays a database
-    error."""
-    try:
-        yield
-    except DBAPIError as exc:
-        if is_missing_schema(exc) and not _store_current(engine):
-            raise unavailable(exc) from None
-        raise
-
-
-def _store_current(engine: Engine) -> bool:
-    """Whether the store's schema is at this provisioner's newest revision (not when it
-    cannot be read)."""
-    from .store.migrate import current_revision, head_revision
-
-    try:
-        return current_revision(engine) == head_revision()
-    except DBAPIError:
-        return False
-
-
 def _reconcile(
     app: App, *, kind: str | None, dry_run: bool, allow_mass_removal: bool
 ) -> SyncReport:
@@ -688,7 +656,7 @@ def _reconcile(
             update={"target": config.target.model_copy(update={"kind": kind})}
         )
     engine = app.accounts.engine
-    with _schema_named(engine):
+    with schema_named(engine):
         return _reconcile_with(
             app, config, engine, dry_run=dry_run, allow_mass_removal=allow_mass_removal
         )

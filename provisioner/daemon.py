@@ -67,6 +67,7 @@ from .store.engine import (
     open_engine,
     open_store_engine,
     reading,
+    schema_named,
     sqlite_file,
     transaction,
 )
@@ -331,6 +332,8 @@ class Daemon:
     _health_due: asyncio.TimerHandle | None = None
     #: The record is a newer daemon's: this one no longer writes it (logged once).
     _health_yielded: bool = False
+    #: ``run --burst``: the record of a daemon running beside it is left to that daemon.
+    _burst: bool = False
     _last_exc: BaseException | None = None
     #: The SQLite store's file as the last full apply found it (None: not SQLite, or not
     #: looked at yet): another one at the path was moved over it (:meth:`_store_replaced`).
@@ -344,6 +347,10 @@ class Daemon:
     _retry_due: asyncio.TimerHandle | None = None
     #: Seconds before a failed full reconcile is run again (0: the last one did not fail).
     _full_retry_delay: float = 0.0
+    #: A full apply began and has not succeeded since: the target may lack what it was to
+    #: apply (a template edit, a SIGHUP's settings, a refused mass removal), so the applies
+    #: that succeed meanwhile (a poll finding nothing new) leave the record failed.
+    _full_owed: bool = False
     #: The apply in progress has run longer than ``daemon.stuck_after`` (see
     #: :meth:`_apply_stuck`), and the timer that says so.
     _stuck: bool = False
@@ -445,6 +452,7 @@ class Daemon:
         keep the daemon from exiting.  The work raising an error of its own (``run
         --burst``: a refused mass removal, the store unavailable) raises it; an
         unexpected one (a bug) is a failed task (:meth:`_work_ended`)."""
+        self._burst = burst
         self.install_signal_handlers()
         work = asyncio.create_task(self._serve(burst))
         work.add_done_callback(self._work_ended)
@@ -798,7 +806,7 @@ class Daemon:
     async def _apply(self, kind: str, work: Callable[[], Applied | None]) -> Applied | None:
         """:meth:`_run`'s body: the apply, its record, and its bookkeeping."""
         try:
-            result = await in_worker(work)
+            result = await in_worker(self._on_store, work)
             self._hand_untold()
             self._woken_while_applying = self.wake.is_set()
             self._succeeded(kind, result)
@@ -825,6 +833,12 @@ class Daemon:
         self.health.cursor = self.tracker.cursor
         self._write_health_soon()  # after the AMI task had its turn: it is what goes live
         return result
+
+    def _on_store(self, work: Callable[[], Applied | None]) -> Applied | None:
+        """``work``, a store it finds without this provisioner's schema (never upgraded)
+        said as every command says it, the fix named (:func:`schema_named`).  Blocking."""
+        with schema_named(self.engine):
+            return work()
 
     def _watch_stuck(self) -> None:
         """Call :meth:`_apply_stuck` once the apply starting now has run for
@@ -864,10 +878,15 @@ class Daemon:
             self._write_health_soon()
 
     def _succeeded(self, kind: str, result: Applied | None) -> None:
-        """Record a successful apply and hand its change to the AMI side."""
+        """Record a successful apply and hand its change to the AMI side.  While a full
+        apply is owed (:attr:`_full_owed`) the record keeps that one's failure, unless this
+        one re-rendered everyone (a profile edit, a burst too large for memory alone)."""
         self._last_exc = None
-        self.health.last_sync_ok = True
-        self.health.last_error = ""
+        if result is not None and result.full:
+            self._full_owed = False
+        if not self._full_owed:
+            self.health.last_sync_ok = True
+            self.health.last_error = ""
         self.health.last_sync_at = time.time()
         if result is not None:
             self._count(kind, result.change)
@@ -914,6 +933,7 @@ class Daemon:
         return now is not None and self._store_file is not None and now != self._store_file
 
     def _full(self) -> Applied:
+        self._full_owed = True
         now = self._store_identity()
         replaced = self._store_replaced(now)
         if now is not None:
@@ -936,6 +956,7 @@ class Daemon:
         if replaced or cursor > self.tracker.cursor:
             self.tracker = CursorTracker(cursor=cursor, grace=self.config.daemon.cursor_grace)
         result = self.applier.full()
+        self._full_owed = False
         # The cursor is saved and the feed pruned by _run once Asterisk was told: a store
         # write failing now must not keep what the target took from Asterisk (the retry
         # would find the target as wanted, and tell nothing).
@@ -1177,15 +1198,22 @@ class Daemon:
             self.health.asterisk = self.pbx.health()
             self._export_ami(self.health.asterisk)
         try:
-            written = write_health(Path(self.config.daemon.state_dir), self.health)
+            written = write_health(
+                Path(self.config.daemon.state_dir), self.health, beside=self._burst
+            )
         except OSError as exc:
             log.warning("health.write_failed", error=str(exc))
             return
         if not written and not self._health_yielded:
-            # A daemon started after this one runs on the same state directory (a restart
-            # overlapping this one's stop): its record stands.
             self._health_yielded = True
-            log.warning("health.newer_daemon", state_dir=self.config.daemon.state_dir)
+            state_dir = self.config.daemon.state_dir
+            if self._burst:
+                # The service runs beside this burst: its record speaks for the state.
+                log.info("health.left_to_daemon", state_dir=state_dir)
+            else:
+                # A daemon started after this one runs on the same state directory (a
+                # restart overlapping this one's stop): its record stands.
+                log.warning("health.newer_daemon", state_dir=state_dir)
 
 
 def _settle_heap() -> None:
@@ -1204,8 +1232,10 @@ def _settle_heap() -> None:
 
 
 #: Failures of an apply worth retrying: the store or the disk may come back, and the
-#: pooled connections all in use until the pool's timeout may be free again.
-_RETRYABLE = (*STORE_DOWN, StoreUnavailable, OSError)
+#: pooled connections all in use until the pool's timeout may be free again.  The
+#: config-file target raises the disk's OS errors (full, read-only, a directory that
+#: cannot be made, its writers' lock held too long) as TargetWriteFailed.
+_RETRYABLE = (*STORE_DOWN, StoreUnavailable, TargetWriteFailed, OSError)
 
 
 def _warn_open_secret_files(config: Config) -> None:

@@ -117,13 +117,15 @@ def _process_start(pid: int) -> int | None:
 LOCK_NAME = ".health.lock"
 
 
-def write_health(state_dir: Path, health: Health) -> bool:
+def write_health(state_dir: Path, health: Health, *, beside: bool = False) -> bool:
     """Write ``health`` as the record, unless the record there is a newer daemon's (another
-    process, started later: a restart that overlapped this daemon's stop); ``False`` then."""
+    process, started later: a restart that overlapped this daemon's stop), or, with
+    ``beside`` (``run --burst``, run beside the service), another process's that still
+    runs; ``False`` then."""
     state_dir.mkdir(parents=True, exist_ok=True)
     with open(state_dir / LOCK_NAME, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _newer_daemon(state_dir, health):
+        if _newer_daemon(state_dir, health) or (beside and _other_running(state_dir, health)):
             return False
         health.updated_at = time.time()
         _replace(state_dir, health)
@@ -143,6 +145,21 @@ def _newer_daemon(state_dir: Path, health: Health) -> bool:
         return False
     mine = (there.host, there.pid, there.proc_start) == (health.host, health.pid, health.proc_start)
     return not mine and there.started_at > health.started_at and there.stopped_at is None
+
+
+def _other_running(state_dir: Path, health: Health) -> bool:
+    """Whether the record in ``state_dir`` is another process's that has not stopped and,
+    when it ran on this host, still runs: the service's, which a run beside it must not
+    replace (``check`` would report the service as that run: not ready, then stopped)."""
+    try:
+        there = read_health(state_dir)
+    except HealthUnreadable:
+        return False
+    if there is None or there.stopped_at is not None:
+        return False
+    if (there.host, there.pid, there.proc_start) == (health.host, health.pid, health.proc_start):
+        return False
+    return there.host != socket.gethostname() or _running(there.pid, there.proc_start)
 
 
 #: The record's mode: the owner writes it, its group reads it.

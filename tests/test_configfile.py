@@ -372,6 +372,47 @@ def test_changes_are_counted_and_the_old_file_kept(target: ConfigFileTarget) -> 
     check_rendered(target.path.read_bytes(), second)
 
 
+def test_a_backup_that_cannot_be_replaced_is_named_and_the_file_kept(
+    target: ConfigFileTarget,
+) -> None:
+    """A write whose ``.bak`` cannot be replaced (a directory made at its name) fails
+    naming the backup, not the file (which could be written), and leaves the file as it was."""
+    from provisioner.errors import TargetWriteFailed
+
+    target.apply(rendered())
+    old = target.path.read_bytes()
+    backup = target.path.with_name("pjsip_users.conf.bak")
+    backup.mkdir()  # no backup yet: a first file has no former one
+    with pytest.raises(TargetWriteFailed) as raised:
+        target.apply(rendered(users=REPRESENTATIVE[:2]))
+    assert str(raised.value) == (
+        f"cannot write {str(target.path)!r}: cannot keep its backup {str(backup)!r}: Is a directory"
+    )
+    assert target.path.read_bytes() == old
+
+
+def test_check_fails_its_target_line_when_the_backup_is_no_regular_file(tmp_path: Path) -> None:
+    """'check' fails the target line when the file's ``.bak`` is a directory, which every
+    write fails to replace (exit 9 naming the backup), rather than pass it."""
+    from .faultkit import cli, seed_store, store_url, write_config
+
+    seed_store(store_url(tmp_path), 1).dispose()
+    config = write_config(tmp_path)
+    cli(config, "sync", "--once")
+    backup = tmp_path / "pjsip_users.conf.bak"
+    backup.mkdir()
+    checked = cli(config, "check", check=False)
+    (line,) = [line for line in checked.out.splitlines() if "target:" in line]
+    assert checked.code == 1
+    assert line == (
+        f"FAIL  target: {backup} is not a regular file (each write keeps the previous file there)"
+    )
+    cli(config, "--as", "root", "user", "edit", "u0", "--nat", "yes")
+    synced = cli(config, "sync", "--once", check=False)
+    assert synced.code == 9
+    assert f"cannot keep its backup {str(backup)!r}: Is a directory" in synced.err
+
+
 def test_plan_writes_nothing_and_redacts_credentials(target: ConfigFileTarget) -> None:
     """plan returns the change and a unified diff without writing or showing any digest."""
     objects = rendered()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from provisioner.asterisk_conf import parse
 from provisioner.config import load_config
@@ -276,6 +277,35 @@ def test_one_user_edit_rewrites_exactly_its_shard(path: Path) -> None:
     expected = sorted([edited, *(u for u in users if u.endpoint_id != "1003")], key=_order)
     check_shards(target, expected)
     assert ShardedConfigFileTarget(path, shards=8).apply(expected).empty
+
+
+def test_an_edit_after_shard_files_were_deleted_writes_them_again(path: Path) -> None:
+    """An edit made once shard files the main file includes were deleted by hand (the
+    shard directory removed) writes them again, as last written, beside the edited one:
+    a reload it asks for never finds the main file including a missing file, for which
+    Asterisk drops the whole configuration."""
+    import shutil
+
+    users = many(40)
+    target = ShardedConfigFileTarget(path, shards=4)
+    target.apply(users)
+    shutil.rmtree(target.directory)
+    victim = next(u for u in REPRESENTATIVE if u.extension == "1003")
+    edited = render_user(
+        replace(victim, voice=replace(victim.voice, context="sales")), RenderSettings()
+    )
+    with capture_logs() as logs:
+        change = target.apply_partial([edited], [])
+    assert (change.updated, change.added, change.removed) == (("1003",), (), ())
+    assert change.wrote
+    (missing,) = [e for e in logs if e["event"] == "target.shards_missing"]
+    assert missing["files"] == [p.name for p in target.files]
+    expected = sorted([edited, *(u for u in users if u.endpoint_id != "1003")], key=_order)
+    check_shards(target, expected)
+    shutil.rmtree(target.directory)
+    same = target.apply_partial([edited], [])  # no change, the files gone again
+    assert same.wrote
+    check_shards(target, expected)
 
 
 def test_an_edit_across_two_shards_writes_those_two(path: Path) -> None:

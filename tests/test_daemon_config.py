@@ -467,3 +467,78 @@ def test_a_burst_whose_apply_finds_the_pool_exhausted_raises_store_unavailable(
     assert caught.value.exit_code == 7
     assert "store unavailable" in caught.value.message
     assert any(e["event"] == "daemon.stopped" for e in logs)
+
+
+def test_a_target_that_cannot_be_written_is_retried_without_a_wake_up(tmp_path: Path) -> None:
+    """A first reconcile that cannot write the config file (its directory's name taken by
+    a file: an OS error, as a full disk or a read-only mount give) is retried after a
+    pause, with no edit or poll to wake it, and writes the file once the directory can be
+    made."""
+    from provisioner.accounts import Accounts, Policy
+
+    blocker = tmp_path / "out"
+    blocker.write_text("not a directory\n")
+    conf = blocker / "pjsip_users.conf"
+    # No watcher, no poll: only a retry can run the apply again.
+    daemon = local_daemon(tmp_path, target={"path": str(conf)})
+    acc = Accounts(daemon.engine, Policy(password_policy=False))
+    acc.add_user({"username": "root", "role": "admin", "full_name": "Root", "email": "r@x.io"})
+
+    async def scenario() -> tuple[bool, list[str]]:
+        with capture_logs() as logs:
+            serving = asyncio.ensure_future(daemon.serve())
+            while not any(e["event"] == "sync.failed" for e in logs):
+                await asyncio.sleep(0.02)
+            blocker.unlink()
+            for _ in range(250):
+                if conf.exists() and daemon.health.ready:
+                    break
+                await asyncio.sleep(0.02)
+            written = conf.exists() and bool(daemon.health.last_sync_ok)
+            daemon.handle_exit()
+            await serving
+        return written, [e["error"] for e in logs if e["event"] == "sync.failed"]
+
+    written, failures = asyncio.run(asyncio.wait_for(scenario(), 30))
+    lock = conf.with_name(f".{conf.name}.lock")
+    assert failures[0] == f"cannot lock {str(lock)!r}: Not a directory"
+    assert written
+
+
+SCHEMA_HINT = "(is the schema missing or old? run `provisioner db upgrade`)"
+
+
+def test_a_daemon_on_a_store_never_upgraded_says_so_as_every_command_does(
+    tmp_path: Path,
+) -> None:
+    """The daemon started on a store whose schema was never made logs each failed try as
+    'user store unavailable: <the database's words> (is the schema missing or old? run
+    `provisioner db upgrade`)', as the other commands say it, and keeps trying."""
+    daemon = Daemon.from_config(local_config(tmp_path))
+    daemon.wake_sources = []
+
+    async def scenario() -> list[str]:
+        with capture_logs() as logs:
+            serving = asyncio.ensure_future(daemon.serve())
+            while len([e for e in logs if e["event"] == "sync.failed"]) < 2:
+                await asyncio.sleep(0.02)
+            daemon.handle_exit()
+            await serving
+        return [e["error"] for e in logs if e["event"] == "sync.failed"]
+
+    errors = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert errors[0].startswith("user store unavailable: no such table: ")
+    assert errors[0].endswith(SCHEMA_HINT)
+
+
+def test_run_burst_on_a_store_never_upgraded_exits_7_naming_the_fix(tmp_path: Path) -> None:
+    """``run --burst`` on a store whose schema was never made exits 7 with the one line
+    every other command reading the store prints, the fix included."""
+    from .faultkit import cli_process, write_config
+
+    config = write_config(tmp_path)
+    ran = cli_process(config, "run", "--burst", check=False)
+    assert ran.code == 7
+    (line,) = [line for line in ran.err.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: user store unavailable: no such table: ")
+    assert line.endswith(SCHEMA_HINT)

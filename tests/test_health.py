@@ -368,3 +368,93 @@ def test_check_says_so_on_an_asterisk_line_when_no_server_is_configured(tmp_path
         "ok    asterisk: no [[asterisk]] server configured "
         "(no login to check; no Asterisk is told of changes)"
     )
+
+
+def test_a_failed_full_reconcile_stays_unhealthy_while_polls_find_nothing_new(
+    tmp_path: Path,
+) -> None:
+    """A full reconcile that failed (an override template printing an undefined name) keeps
+    the record unhealthy while the safety-net poll's applies find no change, until a full
+    reconcile succeeds again (the template fixed), after which those applies keep it healthy."""
+    import asyncio
+    import time
+
+    from provisioner.accounts import Accounts, Policy
+    from provisioner.daemon import WakeSource
+    from provisioner.watch import poll_wakeups
+
+    from .helpers import local_daemon
+
+    overrides = tmp_path / "templates"
+    overrides.mkdir()
+    daemon = local_daemon(tmp_path, target={"templates": str(overrides)})
+    daemon.wake_sources = [
+        WakeSource(lambda wake, stop: poll_wakeups(0.05, wake, stop), timer=True)
+    ]
+    acc = Accounts(daemon.engine, Policy(password_policy=False))
+    acc.add_user({"username": "root", "role": "admin", "full_name": "Root", "email": "r@x.io"})
+    state = tmp_path / "state"
+
+    def problems() -> list[str]:
+        record = read_health(state)
+        assert record is not None
+        return record.problems(time.time(), 60)
+
+    async def polled(applies: int = 3) -> list[str]:
+        """The record's problems once the poll has run ``applies`` more applies."""
+        seen = 0
+        while seen < applies:
+            at = daemon.health.last_sync_at
+            while daemon.health.last_sync_at == at:
+                await asyncio.sleep(0.01)
+            seen += 1
+        daemon._write_health()  # what the next heartbeat would write
+        return problems()
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        serving = asyncio.ensure_future(daemon.serve())
+        while not daemon.health.ready:
+            await asyncio.sleep(0.02)
+        (overrides / "header.j2").write_text("{{ no_such_name }}\n")
+        daemon.templates_changed.set()
+        while daemon.health.last_sync_ok:
+            await asyncio.sleep(0.02)
+        broken = await polled()
+        (overrides / "header.j2").unlink()
+        daemon.templates_changed.set()
+        while not daemon.health.last_sync_ok:
+            await asyncio.sleep(0.02)
+        fixed = await polled()
+        daemon.handle_exit()
+        await serving
+        return broken, fixed
+
+    broken, fixed = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert broken == [
+        "last sync failed: templates failed to render (UndefinedError) at header.j2 line 1"
+    ]
+    assert fixed == []
+
+
+def test_a_burst_beside_the_running_daemon_leaves_its_record(tmp_path: Path) -> None:
+    """``run --burst`` beside the service applies what is pending but leaves the running
+    daemon's record as it is, so ``check`` run right after it still reports the daemon
+    healthy rather than stopped (its own last record would say so until the daemon's next
+    heartbeat, 15 s on)."""
+    from .faultkit import cli_process
+
+    seed_store(store_url(tmp_path), 2).dispose()
+    config = write_config(tmp_path)
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    try:
+        cli_process(config, "run", "--burst")
+        result = cli(config, "check", check=False)
+        record = read_health(tmp_path / "state")
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    assert record is not None
+    assert daemon.proc is not None
+    assert (record.pid, record.stopped_at) == (daemon.proc.pid, None)
+    (line,) = [line for line in result.out.splitlines() if "daemon:" in line]
+    assert line.startswith("ok    daemon:"), result.out

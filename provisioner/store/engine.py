@@ -34,6 +34,7 @@ __all__ = [
     "pg_keepalive",
     "pg_lock_key",
     "reading",
+    "schema_named",
     "sqlite_file",
     "transaction",
     "unavailable",
@@ -302,6 +303,32 @@ def unavailable(exc: DBAPIError) -> StoreUnavailable:
     return StoreUnavailable(
         f"user store unavailable: {detail}{hint if is_missing_schema(exc) else ''}"
     )
+
+
+@contextmanager
+def schema_named(engine: Engine) -> Iterator[None]:
+    """Errors inside pass as they are, but a table or column missing while the store's schema
+    is not at this provisioner's revision (never upgraded, or by another version) becomes the
+    :class:`StoreUnavailable` every command reading the store through
+    :class:`~provisioner.accounts.Accounts` raises, with the same message (:func:`unavailable`);
+    one of a realtime target's own tables stays a database error."""
+    try:
+        yield
+    except DBAPIError as exc:
+        if is_missing_schema(exc) and not _store_current(engine):
+            raise unavailable(exc) from None
+        raise
+
+
+def _store_current(engine: Engine) -> bool:
+    """Whether the store's schema is at this provisioner's newest revision (not when it
+    cannot be read)."""
+    from .migrate import current_revision, head_revision
+
+    try:
+        return current_revision(engine) == head_revision()
+    except DBAPIError:
+        return False
 
 
 def transaction(

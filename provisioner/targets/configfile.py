@@ -814,6 +814,14 @@ class ConfigFileTarget:
         )
         return PendingWrite(change, new, write=differs, backup=self.path.exists())
 
+    def prepare_restore(self) -> PendingWrite | None:
+        """The file as this object last wrote or found it, to write again because it was
+        deleted (a shard file removed by hand); None when this object holds none yet."""
+        state = self._state
+        if state is None:
+            return None
+        return PendingWrite(Change(unchanged=len(state.users)), state, write=True, backup=False)
+
     def _file_users(self) -> list[UserObjects]:
         """Every user the current file holds (three objects found for an endpoint).
 

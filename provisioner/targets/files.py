@@ -46,6 +46,7 @@ __all__ = [
     "DISCARD_LATER_BYTES",
     "FILE_MODE",
     "STALE_TEMP_SECONDS",
+    "BackupNotKept",
     "StagedWrite",
     "atomic_write",
     "backup_of",
@@ -239,11 +240,34 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+class BackupNotKept(OSError):
+    """An OS error keeping a file's backup (its ``filename``): the file was not replaced
+    either, and :class:`TargetWriteFailed` names the backup, not the file."""
+
+
+@contextlib.contextmanager
+def _keeping(backup: Path) -> Iterator[None]:
+    """An OS error inside raised as :class:`BackupNotKept` of ``backup``."""
+    try:
+        yield
+    except BackupNotKept:
+        raise
+    except OSError as exc:
+        raise BackupNotKept(exc.errno, exc.strerror, str(backup)) from exc
+
+
 def keep_backup(path: Path, backup: Path) -> Path | None:
     """Make ``backup`` the current ``path`` (a hard link, else a copy), replacing it
     atomically.  A former backup of :data:`DISCARD_LATER_BYTES` or more is first renamed
     to a temporary name instead of being freed here (for a moment there is no backup):
-    returned, for :func:`discard_later`."""
+    returned, for :func:`discard_later`.  An OS error is raised as :class:`BackupNotKept`
+    (a directory or an immutable file at the backup's name fails every write)."""
+    with _keeping(backup):
+        return _keep_backup(path, backup)
+
+
+def _keep_backup(path: Path, backup: Path) -> Path | None:
+    """:func:`keep_backup`'s body."""
     former = _set_aside(backup)
     try:
         with temporary(path.parent, backup.name) as temp:
@@ -489,6 +513,9 @@ def _failing_as(verb: str, path: Path) -> Iterator[None]:
     <reason>"; the path the caller named, the driver's traceback dropped)."""
     try:
         yield
+    except BackupNotKept as exc:
+        backup = f"cannot keep its backup {exc.filename!r}"
+        raise TargetWriteFailed(f"cannot {verb} {str(path)!r}: {backup}: {exc.strerror}") from None
     except OSError as exc:
         raise TargetWriteFailed(f"cannot {verb} {str(path)!r}: {exc.strerror}") from None
 

@@ -75,6 +75,16 @@ def config_file_target(config: Config) -> ConfigFileTarget | ShardedConfigFileTa
     return ShardedConfigFileTarget(Path(settings.path), templates, shards=settings.shards)
 
 
+def _stamp(directory: Path) -> tuple[int, int, int] | None:
+    """``directory``'s device, inode and modification time (an entry added, removed or
+    renamed moves it); None when it is gone."""
+    try:
+        info = os.stat(directory)
+    except FileNotFoundError:
+        return None
+    return (info.st_dev, info.st_ino, info.st_mtime_ns)
+
+
 def _summed(changes: Iterable[Change]) -> Change:
     """The changes of several files as one: endpoint ids in render_all's order."""
     added: list[str] = []
@@ -156,6 +166,12 @@ class ShardedConfigFileTarget:
         self.directory = shard_directory(self.path)
         #: The shard files, in shard order: what the main file includes.
         self.files = shard_files(self.path, shards)
+        #: Each shard file's name -> its index (see :meth:`_missing`).
+        self._indexes = {file.name: i for i, file in enumerate(self.files)}
+        #: The shard directory's stamp (:func:`_stamp`) when every shard file was last
+        #: known there (listed, or just written by an edit): unchanged, an edit need not
+        #: list the directory again (~0.9 ms at 1,024 shards) to know none was deleted.
+        self._complete: tuple[int, int, int] | None = None
         if (problem := shard_directory_problem(self.path)) is not None:
             raise ConfigError([problem])
         self._templates = Templates(templates_dir)
@@ -378,16 +394,50 @@ class ShardedConfigFileTarget:
             for endpoint_id in removed_ids:
                 edits.setdefault(shard_of(endpoint_id, count), ([], []))[1].append(endpoint_id)
             files: list[tuple[ConfigFileTarget, PendingWrite]] = []
+            missing = self._missing()
+            if missing:
+                gone = [self.files[i].name for i in sorted(missing)]
+                log.warning("target.shards_missing", directory=str(self.directory), files=gone)
             for index in sorted(edits):
                 target = self._file(index)
                 with _naming(target.path):
-                    files.append((target, target.prepare_partial(*edits[index])))
+                    pending = target.prepare_partial(*edits[index])
+                if index in missing and not pending.write:
+                    pending = replace(pending, write=True, backup=False)  # the same bytes, gone
+                files.append((target, pending))
+            restored = sorted(missing - edits.keys())
+            for index in restored:
+                again = self._file(index).prepare_restore()
+                if again is None:
+                    # Never read by this object: its users are known from no file.
+                    return self._apply(edited(self._file_users(), upserts, removed_ids))
+                files.append((self._file(index), again))
         change = _summed(self._commit_files(files))
+        self._complete = _stamp(self.directory)  # every shard file is there again
         # As for one file, every user not added or updated counts as unchanged: those of
         # the shard files this object has read (all of them after a full apply, as in
         # the daemon; a fresh object reads only the shards it edits).
-        others = sum(t.known_users for i, t in self._targets.items() if i not in edits)
+        others = sum(
+            t.known_users for i, t in self._targets.items() if i not in edits and i not in restored
+        )
         return replace(change, unchanged=change.unchanged + others)
+
+    def _missing(self) -> set[int]:
+        """The shards whose file the main file includes but is gone (a shard directory
+        removed by hand): an edit writes them again, or the reload it asks for would find
+        a missing include, and Asterisk drops the whole configuration for one.  The
+        directory is listed only when its stamp moved since every file was known there
+        (a deletion moves it; so do this object's own writes, after which it is taken)."""
+        stamp = _stamp(self.directory)
+        if stamp is not None and stamp == self._complete:
+            return set()
+        try:
+            present = set(os.listdir(self.directory))
+        except FileNotFoundError:
+            present = set()
+        missing = {self._indexes[name] for name in self._indexes.keys() - present}
+        self._complete = None if missing else stamp
+        return missing
 
     def _includes_this_set(self) -> bool:
         """True when the main file includes exactly this set (read once, then known)."""
