@@ -675,6 +675,45 @@ def test_username_with_trailing_spaces_is_not_found_on_every_backend(
         assert json.loads(cli.ok("user", "show", "ALICE", "--json"))["deleted_at"] is None
 
 
+#: ``al\xffice`` as Python reads it from a command line that is not UTF-8 (a Latin-1
+#: terminal, a script's bytes): the byte becomes a surrogate no database can be sent.
+NOT_UTF8 = "al\udcffice"
+
+
+def test_a_name_that_is_not_utf8_names_no_user_on_every_backend(
+    backend: str, tmp_path: Path
+) -> None:
+    """A username, ``--as`` actor or profile name holding a byte that is not UTF-8 names
+    no user (exit 3), no actor (exit 5), no login (exit 6) and no profile (exit 2), and a
+    CSV row's username holding a NUL is refused by the username rule on its line, on
+    SQLite, PostgreSQL and MariaDB, instead of a traceback or a database error."""
+    with temp_database(backend, tmp_path) as url:
+        cli = make_cli(url, tmp_path, CONFIG)
+        _seed(cli)
+        _add(cli, "alice")
+        for args in (
+            ("user", "show", NOT_UTF8),
+            ("user", "delete", NOT_UTF8),
+            ("user", "edit", NOT_UTF8, "--nat", "yes"),
+            ("user", "apikey", NOT_UTF8, "generate"),
+            ("user", "export", "--csv", "-", NOT_UTF8),
+            ("status", NOT_UTF8),
+        ):
+            result = cli(*args)
+            assert (result.code, "user 'al\\udcffice' not found" in result.err) == (3, True), args
+        assert cli("auth", "login", NOT_UTF8, input="Secret-123\n").code == 6
+        result = cli("--as", NOT_UTF8, "user", "edit", "alice", "--nat", "yes")
+        assert (result.code, "actor: 'al\\udcffice' names no user" in result.err) == (5, True)
+        pjsip = tmp_path / "pjsip.conf"
+        pjsip.write_text("[1001]\ntype=endpoint\n", encoding="utf-8")
+        result = cli("import", "pjsip", str(pjsip), "--profile", NOT_UTF8, "--email-domain", "x.io")
+        assert (result.code, "--profile: must name an existing profile" in result.err) == (2, True)
+        assert json.loads(cli.ok("user", "show", "alice", "--json"))["voice"]["nat"] == "no"
+        # A CSV cell may hold a NUL, which PostgreSQL cannot be sent in text: as any bad name.
+        result = cli("user", "import", "--csv", "-", input="username,nat\nal\x00ice,yes\n")
+        assert (result.code, "line 2: username: must be 1-40" in result.err) == (2, True)
+
+
 def test_quickstart_hides_the_store_password(tmp_path: Path) -> None:
     """``quickstart`` prints the store URL with its password hidden."""
     with temp_database("postgresql", tmp_path) as url:
