@@ -180,6 +180,11 @@ def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def _shown_time(value: datetime) -> str:
+    """A time for a table or a listing: to the second, marked UTC (as the store keeps it)."""
+    return _utc(value).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, default=_json_default, indent=2, sort_keys=False))
 
@@ -399,7 +404,8 @@ def user_show(app: App, username: str, as_json: bool) -> None:
     voice = data.pop("voice")
     attrs = data.pop("attributes")
     for key, value in [*data.items(), *voice.items()]:
-        click.echo(f"{key:24} {'' if value is None else value}")
+        shown = _shown_time(value) if isinstance(value, datetime) else value
+        click.echo(f"{key:24} {'' if shown is None else shown}")
     for key, value in attrs.items():
         click.echo(f"{'attr:' + key:24} {value}")
 
@@ -802,7 +808,7 @@ def status(app: App, usernames: tuple[str, ...], as_json: bool) -> None:
         contacts = ", ".join(
             c["uri"] + (" (expired)" if c["expired"] else "") for c in r["contacts"]
         )
-        last = _utc(r["last_change"]).strftime("%Y-%m-%d %H:%M:%S UTC") if r["last_change"] else ""
+        last = _shown_time(r["last_change"]) if r["last_change"] else ""
         table.append([r["extension"], r["username"], r["state"], contacts, r["user_agent"], last])
     _table(table, ["EXTENSION", "USERNAME", "STATE", "CONTACTS", "USER AGENT", "LAST CHANGE"])
 

@@ -628,6 +628,19 @@ def test_status_and_json_times_say_they_are_utc(cli: Cli, store: Engine) -> None
     assert json.loads(cli.ok("user", "show", "alice", "--json"))["created_at"].endswith("+00:00")
 
 
+def test_user_show_says_its_times_are_utc(cli: Cli, clock: FakeClock) -> None:
+    """``user show`` without ``--json`` marks its times UTC, as ``status`` does: a lock time
+    read as local time would tell a supervisor east or west of UTC the wrong hour."""
+    _add(cli, "alice")
+    clock.advance(minutes=5, microseconds=250)
+    for _ in range(3):
+        cli("auth", "login", "alice", input="Wrong-password-1\n")
+    shown = {line[:24].strip(): line[25:] for line in cli.ok("user", "show", "alice").splitlines()}
+    assert shown["created_at"] == "2026-01-01 12:00:00 UTC"
+    assert shown["locked_at"] == "2026-01-01 12:05:00 UTC"
+    assert shown["deleted_at"] == ""
+
+
 def test_status_shows_the_user_agent_of_a_usable_contact_and_contacts_in_order(
     cli: Cli, store: Engine
 ) -> None:
