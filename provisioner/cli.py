@@ -7,6 +7,7 @@ message on stderr and an exit code.  Commands parse options, call into
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -548,18 +549,34 @@ def user_export(app: App, csv_path: str, usernames: tuple[str, ...]) -> None:
 
 @contextmanager
 def _open_out(path: str) -> Iterator[TextIO]:
-    """``path`` opened for writing (``-``: stdout, flushed at the end); a file or stdout
+    """``path`` opened for writing, UTF-8 (``-``: stdout, flushed at the end); a file or stdout
     that cannot be made or written (a missing directory, no permission, a full disk) is
     invalid input naming ``--csv``."""
     try:
         if path == "-":
-            yield sys.stdout
-            sys.stdout.flush()
+            with _utf8_stdout() as out:
+                yield out
             return
         with open(path, "w", encoding="utf-8", newline="") as fh:
             yield fh
     except OSError as exc:
         raise InvalidInput.one("--csv", f"cannot write {path!r}: {exc.strerror or exc}") from None
+
+
+@contextmanager
+def _utf8_stdout() -> Iterator[TextIO]:
+    """stdout as UTF-8 text whatever the locale, flushed at the end: what a CSV file is
+    written in and every import reads, so ``--csv - > users.csv`` under a Latin-1 terminal
+    re-imports too (its own encoding would make bytes no import reads, or fail on a name
+    it cannot encode)."""
+    sys.stdout.flush()
+    out = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="")
+    try:
+        yield out
+        out.flush()
+    finally:
+        # stdout's own buffer stays open for whatever the command prints next.
+        out.detach()
 
 
 @user.command("import")

@@ -973,6 +973,27 @@ def test_an_export_to_a_stdout_that_cannot_be_written_exits_2_naming_csv(cli: Cl
     assert cli.ok("user", "export", "--csv", "-").splitlines()[1].startswith("root,admin,")
 
 
+def test_an_export_to_stdout_is_utf8_whatever_the_locale_so_it_reimports(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """`user export --csv -` under a Latin-1 or ASCII terminal writes the same UTF-8 bytes
+    as `--csv FILE` (no traceback on a name the terminal cannot show), and they re-import
+    unchanged, as the import reads every file as UTF-8."""
+    _add(cli, "alice")
+    cli.ok("user", "edit", "alice", "--full-name", "Zoë 中文 😀")
+    cli.ok("user", "export", "--csv", str(tmp_path / "file.csv"))
+    written = (tmp_path / "file.csv").read_bytes()
+    for encoding in ("latin-1", "ascii"):
+        piped = subprocess.run(
+            [PROVISIONER, "--config", str(cli.config), "--store-url", cli.url,
+             "user", "export", "--csv", "-"],
+            capture_output=True, env=env(PYTHONIOENCODING=encoding), timeout=60, check=False,
+        )  # fmt: skip
+        assert (piped.returncode, piped.stderr, piped.stdout) == (0, b"", written), encoding
+    (tmp_path / "piped.csv").write_bytes(piped.stdout)
+    assert "unchanged 2" in cli.ok("user", "import", "--csv", str(tmp_path / "piped.csv"))
+
+
 def test_user_show_and_list_clear_a_lock_that_timed_out(cli: Cli, clock: FakeClock) -> None:
     """Once lock_minutes have passed, 'user show' and 'user list' give the state active
     with no lock time and no failed logins, as the next login sees it, not the stale ones."""
