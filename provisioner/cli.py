@@ -316,9 +316,18 @@ def _read_avatar(path: Path) -> bytes:
     return data
 
 
+def _stdin_line() -> str:
+    """One line of stdin without its line end, read in stdin's encoding (the locale's, as
+    a prompt reads it).  A byte that is not in it (``ö`` sent as Latin-1 to a UTF-8
+    locale) is kept as Python's escape of it, for the field's rule to refuse or a login to
+    find wrong: stdin's text layer is strict under a UTF-8 locale (a traceback)."""
+    line = sys.stdin.buffer.readline().decode(sys.stdin.encoding or "utf-8", "surrogateescape")
+    return line.rstrip("\r\n")
+
+
 def _stdin_secret(value: str | None) -> str | None:
     if value == "-":
-        return sys.stdin.readline().rstrip("\r\n")
+        return _stdin_line()
     return value
 
 
@@ -472,7 +481,7 @@ _bulk_command("purge", "Remove deleted members for good; all or none.")
 def _read_new_password() -> str:
     if sys.stdin.isatty():
         return str(click.prompt("New password", hide_input=True, confirmation_prompt=True))
-    return sys.stdin.readline().rstrip("\r\n")
+    return _stdin_line()
 
 
 @user.command("passwd")
@@ -640,7 +649,7 @@ def auth_login(app: App, username: str) -> None:
     if sys.stdin.isatty():
         password = str(click.prompt("Password", hide_input=True))
     else:
-        password = sys.stdin.readline().rstrip("\r\n")
+        password = _stdin_line()
     found = app.accounts.login(username, password)
     log.info("auth.login", username=found.username)
     click.echo(f"welcome, {found.full_name}")

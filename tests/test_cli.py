@@ -330,6 +330,35 @@ def test_passwords_from_stdin_policy_and_login_lockout(
     assert user_row(store, "alice").last_password_reset_at == clock.now
 
 
+def test_a_password_on_stdin_that_is_not_utf8_is_judged_not_a_traceback(
+    cli: Cli, store: Engine
+) -> None:
+    """A password typed at a Latin-1 terminal (``ö`` as the byte F6) is, on ``auth login``,
+    a wrong password that counts toward the lock (exit 6), and on ``user passwd``, ``user
+    add --password -`` and ``--sip-secret -`` refused naming the field (exit 2), whatever
+    the locale makes of stdin, instead of a traceback."""
+    cli.ok(
+        "user", "add", "alice", "--full-name", "Alice", "--email", "a@example.com",
+        "--profile", "agents", "--password", "-", input=GOOD_PASSWORD + "\n",
+    )  # fmt: skip
+    latin1 = "Gr\u00f6n-Pass1\n".encode("latin-1")
+    for _ in range(2):
+        result = cli("auth", "login", "alice", input=latin1)
+        assert (result.code, result.err) == (6, "error: invalid username or password\n")
+    assert cli("auth", "login", "nobody", input=latin1).code == 6
+    assert user_row(store, "alice").failed_logins == 2
+    assert "welcome" in cli.ok("auth", "login", "alice", input=GOOD_PASSWORD + "\n")
+    for args in (
+        ("user", "passwd", "alice"),
+        ("user", "edit", "alice", "--password", "-"),
+        ("user", "sip-secret", "alice", "--rotate", "--secret", "-"),
+    ):
+        result = cli(*args, input=latin1)
+        field = "sip_secret" if "sip-secret" in args else "password"
+        assert (result.code, f"  {field}: must" in result.err) == (2, True), args
+    assert credentials.verify_password(user_row(store, "alice").password_hash, GOOD_PASSWORD)
+
+
 def test_list_filters_and_table(cli: Cli) -> None:
     """user list filters by role, profile and state and prints one row per user."""
     cli.ok("profile", "add", "supervisors")
