@@ -942,8 +942,19 @@ def _report(exc: ProvisionerError) -> int:
     return exc.exit_code
 
 
+def _escape_what_stdout_cannot_show() -> None:
+    """Text stdout's charset lacks (a CJK or emoji full name under a Latin-1 locale) is
+    printed as backslash escapes, as stderr prints it, not a traceback half-way through a
+    listing.  (Click itself already writes UTF-8 where the locale says ASCII; a CSV export
+    to stdout is UTF-8 whatever the locale, and JSON is ASCII.)"""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return (and, as a console script, exit with) its exit code."""
+    _escape_what_stdout_cannot_show()
     try:
         # Without standalone mode click returns (not raises) a command's Exit code.
         code = cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)

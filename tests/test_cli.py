@@ -1023,6 +1023,21 @@ def test_an_export_to_stdout_is_utf8_whatever_the_locale_so_it_reimports(
     assert "unchanged 2" in cli.ok("user", "import", "--csv", str(tmp_path / "piped.csv"))
 
 
+def test_listings_under_a_latin1_locale_escape_what_it_cannot_show(cli: Cli) -> None:
+    """``user list`` and ``user show`` under a Latin-1 terminal show a full name
+    with CJK characters and an emoji, the characters Latin-1 lacks as escapes, instead of
+    a traceback half-way through the listing."""
+    _add(cli, "alice")
+    cli.ok("user", "edit", "alice", "--full-name", "Zoë 中 😀")
+    for command in (("user", "list"), ("user", "show", "alice")):
+        shown = subprocess.run(
+            [PROVISIONER, "--config", str(cli.config), "--store-url", cli.url, *command],
+            capture_output=True, env=env(PYTHONIOENCODING="latin-1"), timeout=60, check=False,
+        )  # fmt: skip
+        assert (shown.returncode, shown.stderr) == (0, b""), command
+        assert "Zo\u00eb \\u4e2d \\U0001f600".encode("latin-1") in shown.stdout, command
+
+
 def test_user_show_and_list_clear_a_lock_that_timed_out(cli: Cli, clock: FakeClock) -> None:
     """Once lock_minutes have passed, 'user show' and 'user list' give the state active
     with no lock time and no failed logins, as the next login sees it, not the stale ones."""
