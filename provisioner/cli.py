@@ -7,6 +7,7 @@ message on stderr and an exit code.  Commands parse options, call into
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import os
@@ -588,6 +589,22 @@ def _utf8_stdout() -> Iterator[TextIO]:
         out.detach()
 
 
+def _csv_text(raw: bytes, csv_path: str) -> str:
+    """A CSV file's text: UTF-8, with or without the byte-order mark Excel writes.  A file
+    that is not (Excel's plain "CSV" is in Windows' charset) is refused on the line of its
+    first byte that is not UTF-8, naming that byte, not its offset in the file."""
+    body = raw.removeprefix(codecs.BOM_UTF8)
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = body.count(b"\n", 0, exc.start) + 1
+        rule = (
+            f"cannot read {csv_path!r}: not UTF-8 (byte 0x{body[exc.start]:02X}); "
+            'save it as "CSV UTF-8"'
+        )
+        raise InvalidInput([Problem("--csv", rule, line)]) from None
+
+
 @user.command("import")
 @click.option(
     "--csv", "csv_path", required=True, type=click.Path(dir_okay=False), help="'-' for stdin."
@@ -601,9 +618,9 @@ def user_import(app: App, csv_path: str, dry_run: bool) -> None:
     try:
         # stdin as bytes too: its text layer is strict under a UTF-8 locale (a traceback).
         raw = sys.stdin.buffer.read() if csv_path == "-" else Path(csv_path).read_bytes()
-        text = raw.decode("utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise InvalidInput.one("--csv", f"cannot read {csv_path!r}: {exc}") from None
+    text = _csv_text(raw, csv_path)
     total = max(text.count("\n") - 1, 0)
     if sys.stderr.isatty() and total > 100:
         with click.progressbar(length=total, label="importing", file=sys.stderr) as bar:

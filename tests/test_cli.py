@@ -412,6 +412,26 @@ def test_import_reports_bad_rows_and_applies_nothing(cli: Cli, tmp_path: Path) -
     assert secret not in cli.ok("user", "show", "dave")
 
 
+def test_an_import_of_a_file_that_is_not_utf8_names_the_line(cli: Cli, tmp_path: Path) -> None:
+    """A CSV saved by Excel as plain "CSV" (Windows-1252: ``ë`` is the byte EB) is refused
+    naming --csv, the line holding the first byte that is not UTF-8, that byte and the
+    fix, not a byte offset into the file; nothing is applied."""
+    saved = tmp_path / "excel.csv"
+    saved.write_bytes(
+        "username,full_name,email,profile\n"
+        "dave,Dave,dave@example.com,agents\n"
+        "erin,Erin,erin@example.com,agents\n"
+        "zoe,Zoë,zoe@example.com,agents\n".encode("cp1252")
+    )
+    result = cli("user", "import", "--csv", str(saved))
+    assert (result.code, result.err) == (
+        2,
+        f"error: invalid input\n  line 4: --csv: cannot read {str(saved)!r}: not UTF-8 "
+        '(byte 0xEB); save it as "CSV UTF-8"\n',
+    )
+    assert [u["username"] for u in json.loads(cli.ok("user", "list", "--json"))] == ["root"]
+
+
 def test_avatar_checked_by_content(cli: Cli, tmp_path: Path, store: Engine) -> None:
     """--avatar stores a real image and refuses a text file named .png."""
     fake = tmp_path / "avatar.png"
