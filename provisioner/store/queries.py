@@ -276,13 +276,15 @@ def extension_owner(conn: Connection, extension: str) -> str | None:
     return None if not rows else str(rows[0].username)
 
 
-def extension_holder(conn: Connection, extension: str) -> tuple[int, str, str] | None:
-    """``(id, username, extension)`` of a user whose extension the database holds equal to
-    ``extension`` (on MariaDB/MySQL also one with trailing spaces), which its unique key
-    would not let ``extension`` join; None when there is none."""
-    query = select(users.c.id, users.c.username, users.c.extension)
+def extension_holder(conn: Connection, extension: str) -> tuple[int, str, str, bool] | None:
+    """``(id, username, extension, deleted)`` of a user whose extension the database holds
+    equal to ``extension`` (on MariaDB/MySQL also one with trailing spaces), which its
+    unique key would not let ``extension`` join; None when there is none."""
+    query = select(users.c.id, users.c.username, users.c.extension, users.c.deleted_at)
     row = conn.execute(query.where(users.c.extension == extension)).first()
-    return None if row is None else (int(row.id), str(row.username), str(row.extension))
+    if row is None:
+        return None
+    return int(row.id), str(row.username), str(row.extension), row.deleted_at is not None
 
 
 class ExtensionAllocator:
