@@ -603,17 +603,20 @@ class Accounts:
         conn: Connection, extension: str, user_id: int | None, line: int | None
     ) -> None:
         """ConflictError (field extension) when a user other than ``user_id`` holds
-        ``extension`` as the store's unique key sees it (MariaDB: ``'150 '`` for ``150``)."""
+        ``extension`` as the store's unique key sees it (MariaDB: ``'150 '`` for ``150``);
+        a deleted holder is said to be one, as no listing of live users shows it."""
         holder = q.extension_holder(conn, extension)
         if holder is None or holder[0] == user_id:
             return
-        _, owner, held = holder
+        _, owner, held, deleted = holder
         rule = f"{extension} is already used by user {owner}"
         if held != extension:
             rule = (
                 f"{extension} is taken by user {owner}'s {held!r}, which the database "
                 "does not tell apart"
             )
+        if deleted:
+            rule += f" (in deleted members: purge it to free {held})"
         raise ConflictError([Problem("extension", rule, line)])
 
     @staticmethod

@@ -7,6 +7,8 @@ message on stderr and an exit code.  Commands parse options, call into
 
 from __future__ import annotations
 
+import codecs
+import io
 import json
 import os
 import re
@@ -184,6 +186,11 @@ def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def _shown_time(value: datetime) -> str:
+    """A time for a table or a listing: to the second, marked UTC (as the store keeps it)."""
+    return _utc(value).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, default=_json_default, indent=2, sort_keys=False))
 
@@ -314,9 +321,18 @@ def _read_avatar(path: Path) -> bytes:
     return data
 
 
+def _stdin_line() -> str:
+    """One line of stdin without its line end, read in stdin's encoding (the locale's, as
+    a prompt reads it).  A byte that is not in it (``ö`` sent as Latin-1 to a UTF-8
+    locale) is kept as Python's escape of it, for the field's rule to refuse or a login to
+    find wrong: stdin's text layer is strict under a UTF-8 locale (a traceback)."""
+    line = sys.stdin.buffer.readline().decode(sys.stdin.encoding or "utf-8", "surrogateescape")
+    return line.rstrip("\r\n")
+
+
 def _stdin_secret(value: str | None) -> str | None:
     if value == "-":
-        return sys.stdin.readline().rstrip("\r\n")
+        return _stdin_line()
     return value
 
 
@@ -403,7 +419,8 @@ def user_show(app: App, username: str, as_json: bool) -> None:
     voice = data.pop("voice")
     attrs = data.pop("attributes")
     for key, value in [*data.items(), *voice.items()]:
-        click.echo(f"{key:24} {'' if value is None else value}")
+        shown = _shown_time(value) if isinstance(value, datetime) else value
+        click.echo(f"{key:24} {'' if shown is None else shown}")
     for key, value in attrs.items():
         click.echo(f"{'attr:' + key:24} {value}")
 
@@ -469,7 +486,7 @@ _bulk_command("purge", "Remove deleted members for good; all or none.")
 def _read_new_password() -> str:
     if sys.stdin.isatty():
         return str(click.prompt("New password", hide_input=True, confirmation_prompt=True))
-    return sys.stdin.readline().rstrip("\r\n")
+    return _stdin_line()
 
 
 @user.command("passwd")
@@ -546,18 +563,50 @@ def user_export(app: App, csv_path: str, usernames: tuple[str, ...]) -> None:
 
 @contextmanager
 def _open_out(path: str) -> Iterator[TextIO]:
-    """``path`` opened for writing (``-``: stdout, flushed at the end); a file or stdout
+    """``path`` opened for writing, UTF-8 (``-``: stdout, flushed at the end); a file or stdout
     that cannot be made or written (a missing directory, no permission, a full disk) is
     invalid input naming ``--csv``."""
     try:
         if path == "-":
-            yield sys.stdout
-            sys.stdout.flush()
+            with _utf8_stdout() as out:
+                yield out
             return
         with open(path, "w", encoding="utf-8", newline="") as fh:
             yield fh
     except OSError as exc:
         raise InvalidInput.one("--csv", f"cannot write {path!r}: {exc.strerror or exc}") from None
+
+
+@contextmanager
+def _utf8_stdout() -> Iterator[TextIO]:
+    """stdout as UTF-8 text whatever the locale, flushed at the end: what a CSV file is
+    written in and every import reads, so ``--csv - > users.csv`` under a Latin-1 terminal
+    re-imports too (its own encoding would make bytes no import reads, or fail on a name
+    it cannot encode)."""
+    sys.stdout.flush()
+    out = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="")
+    try:
+        yield out
+        out.flush()
+    finally:
+        # stdout's own buffer stays open for whatever the command prints next.
+        out.detach()
+
+
+def _csv_text(raw: bytes, csv_path: str) -> str:
+    """A CSV file's text: UTF-8, with or without the byte-order mark Excel writes.  A file
+    that is not (Excel's plain "CSV" is in Windows' charset) is refused on the line of its
+    first byte that is not UTF-8, naming that byte, not its offset in the file."""
+    body = raw.removeprefix(codecs.BOM_UTF8)
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = body.count(b"\n", 0, exc.start) + 1
+        rule = (
+            f"cannot read {csv_path!r}: not UTF-8 (byte 0x{body[exc.start]:02X}); "
+            'save it as "CSV UTF-8"'
+        )
+        raise InvalidInput([Problem("--csv", rule, line)]) from None
 
 
 @user.command("import")
@@ -573,9 +622,9 @@ def user_import(app: App, csv_path: str, dry_run: bool) -> None:
     try:
         # stdin as bytes too: its text layer is strict under a UTF-8 locale (a traceback).
         raw = sys.stdin.buffer.read() if csv_path == "-" else Path(csv_path).read_bytes()
-        text = raw.decode("utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise InvalidInput.one("--csv", f"cannot read {csv_path!r}: {exc}") from None
+    text = _csv_text(raw, csv_path)
     total = max(text.count("\n") - 1, 0)
     if sys.stderr.isatty() and total > 100:
         with click.progressbar(length=total, label="importing", file=sys.stderr) as bar:
@@ -623,7 +672,7 @@ def auth_login(app: App, username: str) -> None:
     if sys.stdin.isatty():
         password = str(click.prompt("Password", hide_input=True))
     else:
-        password = sys.stdin.readline().rstrip("\r\n")
+        password = _stdin_line()
     found = app.accounts.login(username, password)
     log.info("auth.login", username=found.username)
     click.echo(f"welcome, {found.full_name}")
@@ -782,7 +831,7 @@ def status(app: App, usernames: tuple[str, ...], as_json: bool) -> None:
         contacts = ", ".join(
             c["uri"] + (" (expired)" if c["expired"] else "") for c in r["contacts"]
         )
-        last = _utc(r["last_change"]).strftime("%Y-%m-%d %H:%M:%S UTC") if r["last_change"] else ""
+        last = _shown_time(r["last_change"]) if r["last_change"] else ""
         table.append([r["extension"], r["username"], r["state"], contacts, r["user_agent"], last])
     _table(table, ["EXTENSION", "USERNAME", "STATE", "CONTACTS", "USER AGENT", "LAST CHANGE"])
 
@@ -890,8 +939,19 @@ def _report(exc: ProvisionerError) -> int:
     return exc.exit_code
 
 
+def _escape_what_stdout_cannot_show() -> None:
+    """Text stdout's charset lacks (a CJK or emoji full name under a Latin-1 locale) is
+    printed as backslash escapes, as stderr prints it, not a traceback half-way through a
+    listing.  (Click itself already writes UTF-8 where the locale says ASCII; a CSV export
+    to stdout is UTF-8 whatever the locale, and JSON is ASCII.)"""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return (and, as a console script, exit with) its exit code."""
+    _escape_what_stdout_cannot_show()
     try:
         # Without standalone mode click returns (not raises) a command's Exit code.
         code = cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)

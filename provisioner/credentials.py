@@ -36,7 +36,15 @@ def spend_verification(password: str) -> None:
     does not tell which usernames exist."""
     # A mismatch is the expected outcome: the decoy's password is random and never kept.
     with contextlib.suppress(VerificationError, InvalidHashError):
-        _hasher.verify(_decoy(), password)
+        _hasher.verify(_decoy(), _given(password))
+
+
+def _given(password: str) -> bytes:
+    """The bytes a password given at login is verified as: its UTF-8, and for a password
+    holding surrogates (bytes that were not UTF-8, as a Latin-1 terminal sends ``ö``),
+    which UTF-8 cannot encode, their own encoding.  No password set holds one (the rule
+    refuses them), so such a password is wrong, after a verification as long as any."""
+    return password.encode("utf-8", "surrogatepass")
 
 
 def hash_password(password: str) -> str:
@@ -66,7 +74,7 @@ def verify_password(password_hash: str | None, password: str) -> bool:
         spend_verification(password)
         return False
     try:
-        return _hasher.verify(password_hash, password)
+        return _hasher.verify(password_hash, _given(password))
     except (VerificationError, InvalidHashError):
         return False
 

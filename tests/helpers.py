@@ -46,7 +46,9 @@ class Cli:
     env: dict[str, str | None] = field(default_factory=dict)
     transcript: list[str] = field(default_factory=list)
 
-    def __call__(self, *args: str, input: str | None = None, verbose: bool = True) -> Result:
+    def __call__(
+        self, *args: str, input: str | bytes | None = None, verbose: bool = True
+    ) -> Result:
         argv = ["--config", str(self.config), "--store-url", self.url]
         if verbose:
             argv.append("-v")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -167,15 +168,26 @@ def test_username_unique_case_insensitively_and_reserved_until_purge(accounts: A
 
 
 def test_extension_unique_and_reserved_by_deleted_user(accounts: Accounts) -> None:
-    """A given extension already used, even by a deleted user, is refused with the owner named."""
+    """A given extension already used, even by a deleted user, is refused with the owner
+    named, and a deleted owner said to be one (no listing shows it) until purged, on an
+    add, an edit and an import alike."""
     accounts.add_user(_agent("alice", extension="500"))
+    accounts.add_user(_agent("carol", extension="501"))
     accounts.delete(["alice"])
+    deleted = "500 is already used by user alice (in deleted members: purge it to free 500)"
     with pytest.raises(ConflictError) as info:
         accounts.add_user(_agent("bob", extension="500"))
-    assert info.value.problems[0].field == "extension"
-    assert "500 is already used by user alice" in info.value.problems[0].rule
+    assert [(p.field, p.rule) for p in info.value.problems] == [("extension", deleted)]
+    with pytest.raises(ConflictError, match=re.escape(f"extension: {deleted}")):
+        accounts.edit_user("carol", {"extension": "500"})
+    with pytest.raises(InvalidInput, match=re.escape(f"line 2: extension: {deleted}")):
+        import_users(accounts, "username,extension\ncarol,500\n")
+    with pytest.raises(ConflictError, match=r"501 is already used by user carol$"):
+        accounts.add_user(_agent("bob", extension="501"))
     with pytest.raises(NotFoundError):
         accounts.get_user("bob")
+    accounts.purge(["alice"])
+    assert accounts.edit_user("carol", {"extension": "500"}).extension == "500"
 
 
 def test_profile_required_for_user_and_must_exist(accounts: Accounts) -> None:

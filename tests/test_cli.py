@@ -330,6 +330,35 @@ def test_passwords_from_stdin_policy_and_login_lockout(
     assert user_row(store, "alice").last_password_reset_at == clock.now
 
 
+def test_a_password_on_stdin_that_is_not_utf8_is_judged_not_a_traceback(
+    cli: Cli, store: Engine
+) -> None:
+    """A password typed at a Latin-1 terminal (``ö`` as the byte F6) is, on ``auth login``,
+    a wrong password that counts toward the lock (exit 6), and on ``user passwd``, ``user
+    add --password -`` and ``--sip-secret -`` refused naming the field (exit 2), whatever
+    the locale makes of stdin, instead of a traceback."""
+    cli.ok(
+        "user", "add", "alice", "--full-name", "Alice", "--email", "a@example.com",
+        "--profile", "agents", "--password", "-", input=GOOD_PASSWORD + "\n",
+    )  # fmt: skip
+    latin1 = "Gr\u00f6n-Pass1\n".encode("latin-1")
+    for _ in range(2):
+        result = cli("auth", "login", "alice", input=latin1)
+        assert (result.code, result.err) == (6, "error: invalid username or password\n")
+    assert cli("auth", "login", "nobody", input=latin1).code == 6
+    assert user_row(store, "alice").failed_logins == 2
+    assert "welcome" in cli.ok("auth", "login", "alice", input=GOOD_PASSWORD + "\n")
+    for args in (
+        ("user", "passwd", "alice"),
+        ("user", "edit", "alice", "--password", "-"),
+        ("user", "sip-secret", "alice", "--rotate", "--secret", "-"),
+    ):
+        result = cli(*args, input=latin1)
+        field = "sip_secret" if "sip-secret" in args else "password"
+        assert (result.code, f"  {field}: must" in result.err) == (2, True), args
+    assert credentials.verify_password(user_row(store, "alice").password_hash, GOOD_PASSWORD)
+
+
 def test_list_filters_and_table(cli: Cli) -> None:
     """user list filters by role, profile and state and prints one row per user."""
     cli.ok("profile", "add", "supervisors")
@@ -381,6 +410,26 @@ def test_import_reports_bad_rows_and_applies_nothing(cli: Cli, tmp_path: Path) -
     secret = secret_after(out)
     assert cli.ok("user", "show", "dave").count("extension") == 1
     assert secret not in cli.ok("user", "show", "dave")
+
+
+def test_an_import_of_a_file_that_is_not_utf8_names_the_line(cli: Cli, tmp_path: Path) -> None:
+    """A CSV saved by Excel as plain "CSV" (Windows-1252: ``ë`` is the byte EB) is refused
+    naming --csv, the line holding the first byte that is not UTF-8, that byte and the
+    fix, not a byte offset into the file; nothing is applied."""
+    saved = tmp_path / "excel.csv"
+    saved.write_bytes(
+        "username,full_name,email,profile\n"
+        "dave,Dave,dave@example.com,agents\n"
+        "erin,Erin,erin@example.com,agents\n"
+        "zoe,Zoë,zoe@example.com,agents\n".encode("cp1252")
+    )
+    result = cli("user", "import", "--csv", str(saved))
+    assert (result.code, result.err) == (
+        2,
+        f"error: invalid input\n  line 4: --csv: cannot read {str(saved)!r}: not UTF-8 "
+        '(byte 0xEB); save it as "CSV UTF-8"\n',
+    )
+    assert [u["username"] for u in json.loads(cli.ok("user", "list", "--json"))] == ["root"]
 
 
 def test_avatar_checked_by_content(cli: Cli, tmp_path: Path, store: Engine) -> None:
@@ -634,6 +683,19 @@ def test_status_and_json_times_say_they_are_utc(cli: Cli, store: Engine) -> None
     assert json.loads(cli.ok("user", "show", "alice", "--json"))["created_at"].endswith("+00:00")
 
 
+def test_user_show_says_its_times_are_utc(cli: Cli, clock: FakeClock) -> None:
+    """``user show`` without ``--json`` marks its times UTC, as ``status`` does: a lock time
+    read as local time would tell a supervisor east or west of UTC the wrong hour."""
+    _add(cli, "alice")
+    clock.advance(minutes=5, microseconds=250)
+    for _ in range(3):
+        cli("auth", "login", "alice", input="Wrong-password-1\n")
+    shown = {line[:24].strip(): line[25:] for line in cli.ok("user", "show", "alice").splitlines()}
+    assert shown["created_at"] == "2026-01-01 12:00:00 UTC"
+    assert shown["locked_at"] == "2026-01-01 12:05:00 UTC"
+    assert shown["deleted_at"] == ""
+
+
 def test_status_shows_the_user_agent_of_a_usable_contact_and_contacts_in_order(
     cli: Cli, store: Engine
 ) -> None:
@@ -679,6 +741,45 @@ def test_username_with_trailing_spaces_is_not_found_on_every_backend(
             assert (result.code, "user 'alice   ' not found" in result.err) == (3, True)
         assert cli("status", "alice ").code == 3
         assert json.loads(cli.ok("user", "show", "ALICE", "--json"))["deleted_at"] is None
+
+
+#: ``al\xffice`` as Python reads it from a command line that is not UTF-8 (a Latin-1
+#: terminal, a script's bytes): the byte becomes a surrogate no database can be sent.
+NOT_UTF8 = "al\udcffice"
+
+
+def test_a_name_that_is_not_utf8_names_no_user_on_every_backend(
+    backend: str, tmp_path: Path
+) -> None:
+    """A username, ``--as`` actor or profile name holding a byte that is not UTF-8 names
+    no user (exit 3), no actor (exit 5), no login (exit 6) and no profile (exit 2), and a
+    CSV row's username holding a NUL is refused by the username rule on its line, on
+    SQLite, PostgreSQL and MariaDB, instead of a traceback or a database error."""
+    with temp_database(backend, tmp_path) as url:
+        cli = make_cli(url, tmp_path, CONFIG)
+        _seed(cli)
+        _add(cli, "alice")
+        for args in (
+            ("user", "show", NOT_UTF8),
+            ("user", "delete", NOT_UTF8),
+            ("user", "edit", NOT_UTF8, "--nat", "yes"),
+            ("user", "apikey", NOT_UTF8, "generate"),
+            ("user", "export", "--csv", "-", NOT_UTF8),
+            ("status", NOT_UTF8),
+        ):
+            result = cli(*args)
+            assert (result.code, "user 'al\\udcffice' not found" in result.err) == (3, True), args
+        assert cli("auth", "login", NOT_UTF8, input="Secret-123\n").code == 6
+        result = cli("--as", NOT_UTF8, "user", "edit", "alice", "--nat", "yes")
+        assert (result.code, "actor: 'al\\udcffice' names no user" in result.err) == (5, True)
+        pjsip = tmp_path / "pjsip.conf"
+        pjsip.write_text("[1001]\ntype=endpoint\n", encoding="utf-8")
+        result = cli("import", "pjsip", str(pjsip), "--profile", NOT_UTF8, "--email-domain", "x.io")
+        assert (result.code, "--profile: must name an existing profile" in result.err) == (2, True)
+        assert json.loads(cli.ok("user", "show", "alice", "--json"))["voice"]["nat"] == "no"
+        # A CSV cell may hold a NUL, which PostgreSQL cannot be sent in text: as any bad name.
+        result = cli("user", "import", "--csv", "-", input="username,nat\nal\x00ice,yes\n")
+        assert (result.code, "line 2: username: must be 1-40" in result.err) == (2, True)
 
 
 def test_quickstart_hides_the_store_password(tmp_path: Path) -> None:
@@ -947,6 +1048,42 @@ def test_an_export_to_a_stdout_that_cannot_be_written_exits_2_naming_csv(cli: Cl
         "error: invalid input\n  --csv: cannot write '-': No space left on device\n",
     )
     assert cli.ok("user", "export", "--csv", "-").splitlines()[1].startswith("root,admin,")
+
+
+def test_an_export_to_stdout_is_utf8_whatever_the_locale_so_it_reimports(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """`user export --csv -` under a Latin-1 or ASCII terminal writes the same UTF-8 bytes
+    as `--csv FILE` (no traceback on a name the terminal cannot show), and they re-import
+    unchanged, as the import reads every file as UTF-8."""
+    _add(cli, "alice")
+    cli.ok("user", "edit", "alice", "--full-name", "Zoë 中文 😀")
+    cli.ok("user", "export", "--csv", str(tmp_path / "file.csv"))
+    written = (tmp_path / "file.csv").read_bytes()
+    for encoding in ("latin-1", "ascii"):
+        piped = subprocess.run(
+            [PROVISIONER, "--config", str(cli.config), "--store-url", cli.url,
+             "user", "export", "--csv", "-"],
+            capture_output=True, env=env(PYTHONIOENCODING=encoding), timeout=60, check=False,
+        )  # fmt: skip
+        assert (piped.returncode, piped.stderr, piped.stdout) == (0, b"", written), encoding
+    (tmp_path / "piped.csv").write_bytes(piped.stdout)
+    assert "unchanged 2" in cli.ok("user", "import", "--csv", str(tmp_path / "piped.csv"))
+
+
+def test_listings_under_a_latin1_locale_escape_what_it_cannot_show(cli: Cli) -> None:
+    """``user list`` and ``user show`` under a Latin-1 terminal show a full name
+    with CJK characters and an emoji, the characters Latin-1 lacks as escapes, instead of
+    a traceback half-way through the listing."""
+    _add(cli, "alice")
+    cli.ok("user", "edit", "alice", "--full-name", "Zoë 中 😀")
+    for command in (("user", "list"), ("user", "show", "alice")):
+        shown = subprocess.run(
+            [PROVISIONER, "--config", str(cli.config), "--store-url", cli.url, *command],
+            capture_output=True, env=env(PYTHONIOENCODING="latin-1"), timeout=60, check=False,
+        )  # fmt: skip
+        assert (shown.returncode, shown.stderr) == (0, b""), command
+        assert "Zo\u00eb \\u4e2d \\U0001f600".encode("latin-1") in shown.stdout, command
 
 
 def test_user_show_and_list_clear_a_lock_that_timed_out(cli: Cli, clock: FakeClock) -> None:

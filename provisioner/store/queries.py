@@ -30,6 +30,7 @@ __all__ = [
     "fetch_user_row",
     "insert_profile",
     "insert_user",
+    "is_sendable",
     "load_users",
     "profile_by_name",
     "profile_name_taken",
@@ -55,6 +56,15 @@ def username_key(username: str) -> str:
     return username.translate(_ASCII_LOWER)
 
 
+def is_sendable(name: str) -> bool:
+    """Whether ``name`` can be sent to every database as text, so a lookup of it may find
+    a row.  A name read from a command line that is not UTF-8 holds surrogates (Python's
+    escapes of its bytes), which no driver encodes, and a CSV cell may hold a NUL, which
+    PostgreSQL refuses in text; no username or profile name holds either (their rules
+    refuse them), so such a name names no row and is never sent."""
+    return not any(ch == "\x00" or "\ud800" <= ch <= "\udfff" for ch in name)
+
+
 def _exact(rows: Iterable[Any], column: str, keys: Collection[str]) -> list[Any]:
     """The ``rows`` whose ``column`` is exactly one of ``keys`` (not merely equal in the
     database's collation)."""
@@ -63,6 +73,8 @@ def _exact(rows: Iterable[Any], column: str, keys: Collection[str]) -> list[Any]
 
 def profile_by_name(conn: Connection, name: str) -> Profile | None:
     """The profile named exactly ``name``, or None."""
+    if not is_sendable(name):
+        return None
     found = conn.execute(select(profiles).where(profiles.c.name == name))
     rows = _exact(found, "name", {name})
     return None if not rows else Profile(rows[0].id, rows[0].name, rows[0].description)
@@ -97,6 +109,8 @@ def fetch_user_row(conn: Connection, username: str, *, lock: bool = False) -> Ro
     already hold the whole database), so a read-modify-write of the user cannot
     interleave with another."""
     key = username_key(username)
+    if not is_sendable(key):
+        raise NotFoundError("user", username)
     query = select(users).where(users.c.username_key == key)
     found = conn.execute(query.with_for_update() if lock else query)
     rows: list[Row[Any]] = _exact(found, "username_key", {key})
@@ -115,7 +129,7 @@ def extensions_by_username(
     if not keys:
         return {}
     query = select(users.c.id, users.c.username_key, users.c.extension).where(
-        users.c.username_key.in_(sorted(keys))
+        users.c.username_key.in_(sorted(filter(is_sendable, keys)))
     )
     found = conn.execute(query.with_for_update() if lock else query)
     return {r.username_key: (r.id, r.extension) for r in _exact(found, "username_key", keys)}
@@ -176,7 +190,7 @@ def load_users(
     query = select(*cols, has_key).order_by(users.c.id)
     keys = None if usernames is None else {username_key(u) for u in usernames}
     if keys is not None:
-        query = query.where(users.c.username_key.in_(sorted(keys)))
+        query = query.where(users.c.username_key.in_(sorted(filter(is_sendable, keys))))
     if ids is not None:
         query = query.where(users.c.id.in_(list(ids)))
     if deleted is True:
@@ -262,13 +276,15 @@ def extension_owner(conn: Connection, extension: str) -> str | None:
     return None if not rows else str(rows[0].username)
 
 
-def extension_holder(conn: Connection, extension: str) -> tuple[int, str, str] | None:
-    """``(id, username, extension)`` of a user whose extension the database holds equal to
-    ``extension`` (on MariaDB/MySQL also one with trailing spaces), which its unique key
-    would not let ``extension`` join; None when there is none."""
-    query = select(users.c.id, users.c.username, users.c.extension)
+def extension_holder(conn: Connection, extension: str) -> tuple[int, str, str, bool] | None:
+    """``(id, username, extension, deleted)`` of a user whose extension the database holds
+    equal to ``extension`` (on MariaDB/MySQL also one with trailing spaces), which its
+    unique key would not let ``extension`` join; None when there is none."""
+    query = select(users.c.id, users.c.username, users.c.extension, users.c.deleted_at)
     row = conn.execute(query.where(users.c.extension == extension)).first()
-    return None if row is None else (int(row.id), str(row.username), str(row.extension))
+    if row is None:
+        return None
+    return int(row.id), str(row.username), str(row.extension), row.deleted_at is not None
 
 
 class ExtensionAllocator:

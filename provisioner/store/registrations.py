@@ -53,7 +53,7 @@ from .bulk import (
     json_table_source,
     json_text,
 )
-from .queries import username_key
+from .queries import is_sendable, username_key
 from .schema import registration_summary, registrations, users
 
 __all__ = [
@@ -907,7 +907,7 @@ def status_rows(
     )
     keys = {username_key(u) for u in usernames or ()}
     if keys:
-        query = query.where(users.c.username_key.in_(sorted(keys)))
+        query = query.where(users.c.username_key.in_(sorted(filter(is_sendable, keys))))
     else:
         query = query.where(users.c.deleted_at.is_(None))
     people = sorted(conn.execute(query).all(), key=lambda p: _dialled_order(p.extension))
