@@ -1542,6 +1542,26 @@ def test_apply_partial_writes_what_a_full_apply_writes(
     assert target.apply(expected).empty
 
 
+def test_a_full_apply_leaves_the_order_the_first_edit_needs_already_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a full apply (a first one, staged or not, and a later one), the first edit
+    sorts nothing to find where its user goes: that was done with the full apply."""
+    monkeypatch.setattr(configfile_module, "STAGE_MIN_BYTES", 0)  # the first one staged
+    target = ConfigFileTarget(tmp_path / "out.conf")
+    base = rendered()
+    for _ in range(2):
+        assert target.apply(base[1:]).wrote
+        monkeypatch.setattr(configfile_module, "sorted", _no_sorting, raising=False)
+        assert target.apply_partial(rendered(users=[REPRESENTATIVE[0]]), ()).wrote
+        monkeypatch.delattr(configfile_module, "sorted")
+        assert target.path.read_bytes() == _full_file(tmp_path, base, "full.conf")
+
+
+def _no_sorting(*args: object, **kwargs: object) -> None:
+    raise AssertionError("sorted during an edit")
+
+
 def test_successive_edits_splice_into_the_file_a_full_apply_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -746,7 +746,8 @@ class ConfigFileTarget:
 
         After a write or a ``full`` apply, a main file's target deletes the shard files a
         sharded layout of it left (the file now includes none of them; a full apply also
-        finishes a switch back that a crash cut short)."""
+        finishes a switch back that a crash cut short).  A ``full`` apply under the shipped
+        layout also finds the ids' order (:meth:`_State.ordered_ids`) the next edit needs."""
         change = pending.change
         staged = pending.staged
         if pending.write and staged is not None and staged.data is pending.state.body:
@@ -769,6 +770,10 @@ class ConfigFileTarget:
             self._verified = pending.state
             self._cache = None
         self._state = pending.state
+        if full and self._direct and pending.state.header is not None:
+            # What the first edit after it needs, found now rather than in that edit (two
+            # sorts of the ids: ~10 ms at 100k users), once the file is in place.
+            pending.state.ordered_ids()
         if self._shards_dir is not None and (pending.write or full):
             drop_stale_backup(self.path, retire_shards(self.path, None))
         return change
