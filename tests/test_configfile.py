@@ -1401,6 +1401,16 @@ def test_one_odd_piece_is_caught_by_the_fast_path_or_the_parser(
 ) -> None:
     """A real user with one id, option name or value replaced parses back exactly whenever
     the fast path takes it."""
+    user = _with_one_piece(base, where, part, piece)
+    chunk = canonical_chunk(user)
+    event("left to the parser" if chunk is None else "fast path")
+    if chunk is not None:
+        check_rendered((HEADER + chunk).encode("utf-8"), [user])
+
+
+def _with_one_piece(base: User, where: int, part: str, piece: str) -> UserObjects:
+    """``base``'s objects with one id (``part`` "id"), option name ("name") or value
+    ("value") replaced by ``piece``; ``where`` picks which."""
     sections = [list(s) for s in render_user(base, RenderSettings()).sections()]
     section = sections[where % 3]
     options = [list(o) for o in section[2]]
@@ -1410,11 +1420,31 @@ def test_one_odd_piece_is_caught_by_the_fast_path_or_the_parser(
         options[where // 3 % len(options)][0 if part == "name" else 1] = piece
     section[2] = tuple((k, v) for k, v in options)
     (e, _, eo), (a, _, ao), (r, _, ro) = sections
-    user = UserObjects("u", e, eo, a, ao, r, ro)  # type: ignore[arg-type]
-    chunk = canonical_chunk(user)
-    event("left to the parser" if chunk is None else "fast path")
-    if chunk is not None:
-        check_rendered((HEADER + chunk).encode("utf-8"), [user])
+    return UserObjects("u", e, eo, a, ao, r, ro)  # type: ignore[arg-type]
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(
+    base=st.sampled_from(REPRESENTATIVE),
+    where=st.integers(0, 300),
+    part=st.sampled_from(["id", "name", "value"]),
+    piece=st.one_of(near_plain, near_plain, hostile_text),
+    header=st.sampled_from([HEADER, "; \\ ; =>  \n", "; é ☎\x85 \n"]),
+)
+def test_the_checks_of_a_first_full_apply_judge_the_users_as_they_would_alone(
+    base: User, where: int, part: str, piece: str, header: str
+) -> None:
+    """The canonical checks run in place on a first full apply's one text (a header, odd
+    characters and all, then the users) and its one encoding accept exactly the users
+    they accept with no header."""
+    users = [*rendered(users=[REPRESENTATIVE[0]]), _with_one_piece(base, where, part, piece)]
+    texts = [configfile_module._chunk_text(user) for user in users]
+    alone = configfile_module._plain_join(users, texts)
+    text = header + "".join(texts)
+    data = text.encode("utf-8") if text.isascii() else None  # only ASCII bytes are read
+    after = configfile_module._plain_join(users, texts, text, len(header), data)
+    event("fast path" if alone is not None else "left to the parser")
+    assert (after is None) == (alone is None)
 
 
 def test_stale_temporary_files_of_a_killed_writer_are_removed(tmp_path: Path) -> None:
@@ -1551,6 +1581,26 @@ def test_apply_partial_writes_what_a_full_apply_writes(
     check_rendered(target.path.read_bytes(), expected)
     # The next full apply of the same list finds nothing to do.
     assert target.apply(expected).empty
+
+
+def test_a_full_apply_leaves_the_order_the_first_edit_needs_already_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a full apply (a first one, staged or not, and a later one), the first edit
+    sorts nothing to find where its user goes: that was done with the full apply."""
+    monkeypatch.setattr(configfile_module, "STAGE_MIN_BYTES", 0)  # the first one staged
+    target = ConfigFileTarget(tmp_path / "out.conf")
+    base = rendered()
+    for _ in range(2):
+        assert target.apply(base[1:]).wrote
+        monkeypatch.setattr(configfile_module, "sorted", _no_sorting, raising=False)
+        assert target.apply_partial(rendered(users=[REPRESENTATIVE[0]]), ()).wrote
+        monkeypatch.delattr(configfile_module, "sorted")
+        assert target.path.read_bytes() == _full_file(tmp_path, base, "full.conf")
+
+
+def _no_sorting(*args: object, **kwargs: object) -> None:
+    raise AssertionError("sorted during an edit")
 
 
 def test_successive_edits_splice_into_the_file_a_full_apply_writes(
