@@ -90,6 +90,17 @@ def _has_control(value: str) -> bool:
     return any(unicodedata.category(ch).startswith("C") for ch in value)
 
 
+#: The rule a value breaks when it holds a byte its source could not decode.
+_UNDECODED_RULE = "must be text in the terminal's character set (it holds a byte that is not)"
+
+
+def _undecoded(value: str) -> bool:
+    """True when ``value`` holds Python's escape of a byte that was not text in the
+    charset it was read in (a command-line argument or a line of stdin typed at a Latin-1
+    terminal under a UTF-8 locale): U+DC80 to U+DCFF, as ``surrogateescape`` makes them."""
+    return any("\udc80" <= ch <= "\udcff" for ch in value)
+
+
 Checker = Callable[[Any], tuple[Any, str | None]]
 
 
@@ -107,6 +118,8 @@ def _text(max_len: int, *, required: bool, forbidden: set[str] | None = None) ->
             return None, f"must be at most {max_len} characters"
         if value != value.strip():
             return None, "must not start or end with spaces"
+        if _undecoded(value):
+            return None, _UNDECODED_RULE
         if _has_control(value):
             return None, "must not contain control characters (newline, tab, NUL, ...)"
         if forbidden and set(value) & forbidden:
@@ -235,6 +248,8 @@ def check_password_basic(value: Any) -> tuple[Any, str | None]:
     """Any password: 1 to 1024 characters, no control characters."""
     if not isinstance(value, str) or not value:
         return None, "must not be empty"
+    if _undecoded(value):
+        return None, _UNDECODED_RULE
     if len(value) > 1024 or _has_control(value):
         return None, "must be at most 1024 characters, without control characters"
     return value, None

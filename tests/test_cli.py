@@ -335,8 +335,8 @@ def test_a_password_on_stdin_that_is_not_utf8_is_judged_not_a_traceback(
 ) -> None:
     """A password typed at a Latin-1 terminal (``ö`` as the byte F6) is, on ``auth login``,
     a wrong password that counts toward the lock (exit 6), and on ``user passwd``, ``user
-    add --password -`` and ``--sip-secret -`` refused naming the field (exit 2), whatever
-    the locale makes of stdin, instead of a traceback."""
+    add --password -`` and ``--sip-secret -`` refused naming the field and its rule (exit
+    2), whatever the locale makes of stdin, instead of a traceback."""
     cli.ok(
         "user", "add", "alice", "--full-name", "Alice", "--email", "a@example.com",
         "--profile", "agents", "--password", "-", input=GOOD_PASSWORD + "\n",
@@ -355,7 +355,12 @@ def test_a_password_on_stdin_that_is_not_utf8_is_judged_not_a_traceback(
     ):
         result = cli(*args, input=latin1)
         field = "sip_secret" if "sip-secret" in args else "password"
-        assert (result.code, f"  {field}: must" in result.err) == (2, True), args
+        rule = "8-128 printable ASCII" if field == "sip_secret" else "terminal's character set"
+        assert (result.code, f"  {field}: must" in result.err, rule in result.err) == (
+            2,
+            True,
+            True,
+        ), args
     assert credentials.verify_password(user_row(store, "alice").password_hash, GOOD_PASSWORD)
 
 
