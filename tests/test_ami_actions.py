@@ -20,6 +20,7 @@ from provisioner.ami.actions import (
     MAX_LINE_BYTES,
     MAX_MESSAGE_BYTES,
     ActionIdGenerator,
+    AmiMessage,
     FrameDecoder,
     FrameTooLarge,
     NotAmiPeer,
@@ -198,6 +199,24 @@ def test_a_message_over_the_bound_in_bytes_raises_however_few_its_characters(
     decoder.feed(wire[:cut])
     with pytest.raises(FrameTooLarge):
         decoder.feed(wire[cut:])
+
+
+def _fed_in(decoder: FrameDecoder, wire: bytes, chunk: int) -> list[AmiMessage]:
+    """The messages ``decoder`` makes of ``wire`` fed ``chunk`` bytes at a time."""
+    return [m for i in range(0, len(wire), chunk) for m in decoder.feed(wire[i : i + chunk])]
+
+
+@pytest.mark.parametrize("chunk", [1, 100, 65536])
+def test_a_message_of_exactly_max_message_bytes_passes_however_it_is_read(chunk: int) -> None:
+    """A message whose lines with their CR LF are exactly max_message_bytes passes, in one
+    read or many; one byte more raises FrameTooLarge either way."""
+    body = b"Event: X\r\n" + (b"Output: " + b"z" * 90 + b"\r\n") * 40  # 4,010 bytes
+    exact = body + b"Data: " + b"w" * (4096 - len(body) - 8) + b"\r\n"  # 4,096 bytes
+    decoder = FrameDecoder(max_line_bytes=2048, max_message_bytes=4096)
+    assert [m.event for m in _fed_in(decoder, BANNER + exact + b"\r\n", chunk)] == ["X"]
+    over = exact.replace(b"Data: ", b"Data: w") + b"\r\n"
+    with pytest.raises(FrameTooLarge):
+        _fed_in(decoder, over, chunk)
 
 
 def test_non_ami_peer_is_refused() -> None:

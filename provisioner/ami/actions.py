@@ -331,7 +331,10 @@ def _wire_size(block: str, lines: int) -> int:
     characters (a byte that was not UTF-8, decoded as U+FFFD, counts 3).  ``isascii`` is
     O(1): the usual all-ASCII block is not encoded."""
     size = len(block) if block.isascii() else len(block.encode())
-    return size + 2 * lines
+    # The ``lines - 1`` LFs joining the lines were CR LF, and the last line's CR LF is
+    # not in the block.  (Adding 2 a line to the LFs counted one byte a line too many but
+    # the last: a message read whole met its bound before the same one read in pieces.)
+    return size + lines + 1
 
 
 class FrameDecoder:
