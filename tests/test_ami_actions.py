@@ -283,9 +283,33 @@ def test_the_largest_recorded_messages_pass_the_default_bounds_many_times_over()
     )
 
 
+def test_the_default_list_bounds_hold_200k_contacts_of_the_recorded_size() -> None:
+    """Twice 100,000 contacts, each the size of the recorded ContactList event, are within
+    the default max_list_bytes and max_list_events."""
+    item = _transcripts().find_message("Event: ContactList\r\n")
+    settings = AmiSettings()
+    assert 200_000 * len(item) <= settings.max_list_bytes
+    assert settings.max_list_events >= 200_000
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 65536])
+def test_each_decoded_message_knows_its_size_on_the_wire(chunk: int) -> None:
+    """Every recorded message, fed whole or in pieces, comes out with wire_bytes equal to
+    its lines with their CR LF (what max_message_bytes counts), the blank line not."""
+    raws = list(_transcripts().messages())
+    decoded = _fed_in(FrameDecoder(), BANNER + b"".join(raws), chunk)
+    assert [m.wire_bytes for m in decoded] == [len(raw) - 2 for raw in raws]
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("max_line_bytes", 32 << 20), ("max_message_bytes", 128 << 20), ("max_headers", 1 << 20)],
+    [
+        ("max_line_bytes", 32 << 20),
+        ("max_message_bytes", 128 << 20),
+        ("max_headers", 1 << 20),
+        ("max_list_bytes", 2 << 30),
+        ("max_list_events", 100_000_000),
+    ],
 )
 def test_the_bounds_cannot_be_configured_away(key: str, value: int) -> None:
     """A bound configured past its ceiling is refused, so memory stays bounded."""

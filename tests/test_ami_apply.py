@@ -2306,6 +2306,41 @@ def test_an_endpoint_asterisk_said_invalid_is_looked_up_when_added_again(
     assert summary == "online"
 
 
+def test_a_contact_list_past_max_list_bytes_fails_its_snapshot_and_the_session_goes_on(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PJSIPShowContacts answer past ami.max_list_bytes (2,000 contacts, 1 MB, over 64
+    KiB) fails that snapshot (registration.snapshot_failed naming the bound), the session
+    stays up and its events are still folded, and the snapshot is asked for again after
+    the retry pause: once the list fits, the book is complete on the same session."""
+    monkeypatch.setattr(pbx_module, "SNAPSHOT_MIN_GAP", 0.05)
+
+    async def scenario() -> tuple[int, list[MutableMapping[str, Any]]]:
+        peer = FakeAsterisk()
+        peer.list_items["pjsipshowcontacts"] = 2000
+        await peer.start()
+        client = AmiClient(server_for(peer), fast_settings(max_list_bytes=1 << 16))
+        reloads = ReloadCoordinator(client, fast_settings())
+        link = Link("lab", client, reloads, PjsipOps(client), caches_by_kind((CACHE,)))
+        with capture_logs() as logs:
+            async with _serving(peer, AmiPbx([link], store, "realtime")):
+                await eventually(lambda: len(peer.actions("PJSIPShowContacts")) >= 2)
+                assert not link.book_complete()
+                await peer.send_recorded("Event: PeerStatus\r\n", "PeerStatus: Reachable")
+                await eventually(lambda: "1001" in link.book)
+                peer.list_items.clear()
+                await eventually(link.book_complete, timeout=5)
+                return link.client.sessions, logs
+
+    sessions, logs = run(scenario())
+    assert sessions == 1
+    failed = [e for e in logs if e["event"] == "registration.snapshot_failed"]
+    assert failed
+    assert all("over 65536 bytes" in e["error"] for e in failed)
+    assert any(e["event"] == "registration.snapshot_retry" for e in logs)
+    assert {e["limit"] for e in logs if e["event"] == "ami.protocol_error"} == {"list_bytes"}
+
+
 def test_a_reconnect_during_a_snapshot_retry_pause_takes_its_snapshot_at_once(
     store: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
