@@ -591,8 +591,13 @@ class AmiSettings(_Section):
     max_line_bytes: int = Field(default=65536, ge=1024, le=16 << 20)
     max_message_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
     max_headers: int = Field(default=4096, ge=128, le=65536)
-    #: Events of one list action (``PJSIPShowContacts``) kept at most.
-    max_list_events: int = Field(default=1_000_000, ge=1)
+    #: One list action's answer (``PJSIPShowContacts``) is kept whole until its end: at
+    #: most this many events and this many bytes (as ``max_message_bytes`` counts them)
+    #: of events; past either, the action fails (``ami.protocol_error``), the session
+    #: stays.  A real ``ContactList`` event is about 520 bytes (100,000 contacts: 52 MB,
+    #: 2.5 times under the default) and some 8 times that as Python objects.
+    max_list_events: int = Field(default=1_000_000, ge=1, le=10_000_000)
+    max_list_bytes: int = Field(default=128 << 20, ge=64 << 10, le=1 << 30)
 
 
 class DaemonSettings(_Section):

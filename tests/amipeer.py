@@ -244,6 +244,17 @@ def _synth(*headers: tuple[str, str]) -> bytes:
     return ("".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n").encode()
 
 
+def _lengthened(reply: bytes, items: int) -> bytes:
+    """The list answer ``reply`` with ``items`` list events: its first one repeated, each
+    with ``1001`` (the recorded endpoint) replaced by another number, and ``ListItems``
+    told anew."""
+    messages = [m + b"\r\n\r\n" for m in reply.split(b"\r\n\r\n") if m.strip()]
+    head, item, tail = messages[0], messages[1], messages[-1]
+    body = b"".join(item.replace(b"1001", str(100000 + i).encode()) for i in range(items))
+    tail = re.sub(rb"ListItems: \d+", b"ListItems: %d" % items, tail)
+    return head + body + tail
+
+
 class FakeAsterisk:
     """The fake AMI peer; ``await start()``, use ``port``, ``await stop()``."""
 
@@ -271,6 +282,9 @@ class FakeAsterisk:
         self.drop_on: set[str] = set()  # close the connection on receiving these actions
         self.silent = False  # read and record, never answer (a half-open peer)
         self.prefer: dict[str, str] = {}  # action name -> text its replayed answer must hold
+        #: Action name (lower case) -> list items its answer holds: the recorded answer's
+        #: first item repeated, endpoint numbered (a list of that many contacts).
+        self.list_items: dict[str, int] = {}
         #: Sent on every connection right after a successful login's answer (a peer that
         #: breaks the protocol each time: a reconnect must not be a tight loop).
         self.after_login = b""
@@ -521,7 +535,9 @@ class FakeAsterisk:
                 ),
                 action.get("ActionID"),
             )
-        return self._replay(action)
+        reply = self._replay(action)
+        items = self.list_items.get(name)
+        return reply if items is None else _lengthened(reply, items)
 
     def _replay(self, action: ReceivedAction) -> bytes:
         """The recorded answer to the closest recorded action, ActionID substituted."""

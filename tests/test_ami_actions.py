@@ -20,6 +20,7 @@ from provisioner.ami.actions import (
     MAX_LINE_BYTES,
     MAX_MESSAGE_BYTES,
     ActionIdGenerator,
+    AmiMessage,
     FrameDecoder,
     FrameTooLarge,
     NotAmiPeer,
@@ -200,6 +201,24 @@ def test_a_message_over_the_bound_in_bytes_raises_however_few_its_characters(
         decoder.feed(wire[cut:])
 
 
+def _fed_in(decoder: FrameDecoder, wire: bytes, chunk: int) -> list[AmiMessage]:
+    """The messages ``decoder`` makes of ``wire`` fed ``chunk`` bytes at a time."""
+    return [m for i in range(0, len(wire), chunk) for m in decoder.feed(wire[i : i + chunk])]
+
+
+@pytest.mark.parametrize("chunk", [1, 100, 65536])
+def test_a_message_of_exactly_max_message_bytes_passes_however_it_is_read(chunk: int) -> None:
+    """A message whose lines with their CR LF are exactly max_message_bytes passes, in one
+    read or many; one byte more raises FrameTooLarge either way."""
+    body = b"Event: X\r\n" + (b"Output: " + b"z" * 90 + b"\r\n") * 40  # 4,010 bytes
+    exact = body + b"Data: " + b"w" * (4096 - len(body) - 8) + b"\r\n"  # 4,096 bytes
+    decoder = FrameDecoder(max_line_bytes=2048, max_message_bytes=4096)
+    assert [m.event for m in _fed_in(decoder, BANNER + exact + b"\r\n", chunk)] == ["X"]
+    over = exact.replace(b"Data: ", b"Data: w") + b"\r\n"
+    with pytest.raises(FrameTooLarge):
+        _fed_in(decoder, over, chunk)
+
+
 def test_non_ami_peer_is_refused() -> None:
     """A first line that is not the AMI banner is refused."""
     with pytest.raises(ValueError, match="not an AMI peer"):
@@ -264,9 +283,33 @@ def test_the_largest_recorded_messages_pass_the_default_bounds_many_times_over()
     )
 
 
+def test_the_default_list_bounds_hold_200k_contacts_of_the_recorded_size() -> None:
+    """Twice 100,000 contacts, each the size of the recorded ContactList event, are within
+    the default max_list_bytes and max_list_events."""
+    item = _transcripts().find_message("Event: ContactList\r\n")
+    settings = AmiSettings()
+    assert 200_000 * len(item) <= settings.max_list_bytes
+    assert settings.max_list_events >= 200_000
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 65536])
+def test_each_decoded_message_knows_its_size_on_the_wire(chunk: int) -> None:
+    """Every recorded message, fed whole or in pieces, comes out with wire_bytes equal to
+    its lines with their CR LF (what max_message_bytes counts), the blank line not."""
+    raws = list(_transcripts().messages())
+    decoded = _fed_in(FrameDecoder(), BANNER + b"".join(raws), chunk)
+    assert [m.wire_bytes for m in decoded] == [len(raw) - 2 for raw in raws]
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("max_line_bytes", 32 << 20), ("max_message_bytes", 128 << 20), ("max_headers", 1 << 20)],
+    [
+        ("max_line_bytes", 32 << 20),
+        ("max_message_bytes", 128 << 20),
+        ("max_headers", 1 << 20),
+        ("max_list_bytes", 2 << 30),
+        ("max_list_events", 100_000_000),
+    ],
 )
 def test_the_bounds_cannot_be_configured_away(key: str, value: int) -> None:
     """A bound configured past its ceiling is refused, so memory stays bounded."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sqlite3
 import time
 from collections.abc import (
     AsyncIterator,
@@ -872,6 +873,53 @@ def test_a_disabled_users_phone_asterisk_still_lists_after_its_endpoint_went_is_
     with store.connect() as conn:
         (row,) = status_rows(conn, ["user0"])
     assert [s["state"] for s in row["servers"]] == ["offline"]
+    assert row["state"] == "offline"
+
+
+def test_a_contact_removed_right_after_a_snapshot_stays_removed_in_the_store(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A removal acting on the book a snapshot has just filled (before that snapshot is
+    stored) deletes the phone's contact by name; the snapshot, though written behind a
+    slow store write and a note write taken before it, does not bring the contact back:
+    ``status`` shows the user offline, as Asterisk has it."""
+    monkeypatch.setattr(pbx_module, "SNAPSHOT_MIN_GAP", 0.0)
+    with store.begin() as conn:
+        conn.execute(update(users).where(users.c.id == 1).values(extension="1001"))
+    database = store.url.database
+    assert database is not None
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        async with _start_serving(peer, store, "realtime") as (pbx, link):
+            await eventually(lambda: link.book_complete() and not link.jobs)
+            await eventually(lambda: link.store_idle.is_set() and not link.dirty)
+            holder = sqlite3.connect(database, isolation_level=None)
+            holder.execute("BEGIN IMMEDIATE")  # every store write now waits for it
+            try:
+                # A registration write in flight (held), then a snapshot under way.
+                await peer.send_recorded("Event: DeviceStateChange", "NOT_INUSE")
+                await eventually(lambda: link.writes_running == 1)
+                peer.delays["pjsipshowcontacts"] = 0.3
+                link.snapshot_wanted.set()
+                await eventually(lambda: len(peer.actions("PJSIPShowContacts")) == 2)
+                # The removal's note is taken by the flusher before the snapshot is in;
+                # the removal waits for the listing, then deletes by the book's name.
+                pbx.applied(REMOVED, target_kind="realtime")
+                await eventually(lambda: bool(peer.actions("DBDel")) and not link.owed)
+                assert len(peer.actions("PJSIPShowContacts")) == 2
+            finally:
+                holder.execute("COMMIT")
+                holder.close()
+            await eventually(
+                lambda: not (link.jobs or link.dirty or link.writes_running), timeout=10
+            )
+            assert not link.book["1001"].contacts
+
+    run(scenario(), timeout=30)
+    with store.connect() as conn:
+        (row,) = status_rows(conn, ["user0"])
+    assert row["contacts"] == []
     assert row["state"] == "offline"
 
 
@@ -2304,6 +2352,41 @@ def test_an_endpoint_asterisk_said_invalid_is_looked_up_when_added_again(
     assert reload_running
     assert looked_up == 1
     assert summary == "online"
+
+
+def test_a_contact_list_past_max_list_bytes_fails_its_snapshot_and_the_session_goes_on(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PJSIPShowContacts answer past ami.max_list_bytes (2,000 contacts, 1 MB, over 64
+    KiB) fails that snapshot (registration.snapshot_failed naming the bound), the session
+    stays up and its events are still folded, and the snapshot is asked for again after
+    the retry pause: once the list fits, the book is complete on the same session."""
+    monkeypatch.setattr(pbx_module, "SNAPSHOT_MIN_GAP", 0.05)
+
+    async def scenario() -> tuple[int, list[MutableMapping[str, Any]]]:
+        peer = FakeAsterisk()
+        peer.list_items["pjsipshowcontacts"] = 2000
+        await peer.start()
+        client = AmiClient(server_for(peer), fast_settings(max_list_bytes=1 << 16))
+        reloads = ReloadCoordinator(client, fast_settings())
+        link = Link("lab", client, reloads, PjsipOps(client), caches_by_kind((CACHE,)))
+        with capture_logs() as logs:
+            async with _serving(peer, AmiPbx([link], store, "realtime")):
+                await eventually(lambda: len(peer.actions("PJSIPShowContacts")) >= 2)
+                assert not link.book_complete()
+                await peer.send_recorded("Event: PeerStatus\r\n", "PeerStatus: Reachable")
+                await eventually(lambda: "1001" in link.book)
+                peer.list_items.clear()
+                await eventually(link.book_complete, timeout=5)
+                return link.client.sessions, logs
+
+    sessions, logs = run(scenario())
+    assert sessions == 1
+    failed = [e for e in logs if e["event"] == "registration.snapshot_failed"]
+    assert failed
+    assert all("over 65536 bytes" in e["error"] for e in failed)
+    assert any(e["event"] == "registration.snapshot_retry" for e in logs)
+    assert {e["limit"] for e in logs if e["event"] == "ami.protocol_error"} == {"list_bytes"}
 
 
 def test_a_reconnect_during_a_snapshot_retry_pause_takes_its_snapshot_at_once(

@@ -11,7 +11,14 @@ import pytest
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
-from provisioner.ami import AmiClient, AmiConnectionLost, AmiMessage, AmiNotConnected, AmiTimeout
+from provisioner.ami import (
+    AmiClient,
+    AmiConnectionLost,
+    AmiMessage,
+    AmiNotConnected,
+    AmiProtocolError,
+    AmiTimeout,
+)
 from provisioner.ami.actions import MAX_HEADERS
 from provisioner.ami.client import PATIENCE
 
@@ -357,6 +364,40 @@ def test_an_action_in_flight_fails_when_the_peer_passes_a_bound() -> None:
                 await waiting
             await eventually(lambda: client.connected)
         assert len(peer.actions("PJSIPShowEndpoint")) == 1
+        await peer.stop()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("bound", "value", "limit"),
+    [("max_list_bytes", 1 << 16, "list_bytes"), ("max_list_events", 100, "list_events")],
+)
+def test_a_list_past_its_bound_fails_the_action_and_the_session_goes_on(
+    bound: str, value: int, limit: str
+) -> None:
+    """A PJSIPShowContacts answer of 2,000 contacts (about 1 MB) past max_list_bytes or
+    max_list_events fails that action with AmiProtocolError naming the bound, logged as
+    ami.protocol_error (never the bytes); the session stays up and answers what follows."""
+
+    async def scenario() -> None:
+        peer = await _peer()
+        peer.list_items["pjsipshowcontacts"] = 2000
+        client = AmiClient(server_for(peer), fast_settings(**{bound: value}))
+        with capture_logs() as logs:
+            async with running(client):
+                await eventually(lambda: client.connected)
+                with pytest.raises(AmiProtocolError) as refused:
+                    await client.send_action("PJSIPShowContacts", patient=True)
+                assert refused.value.limit == limit
+                assert (await client.send_action("Ping")).ok
+                peer.list_items.clear()
+                reply = await client.send_action("PJSIPShowContacts", patient=True)
+                assert [e.get("Endpoint") for e in reply.events] == ["1001"]
+                assert client.health().sessions == 1
+        errors = _protocol_errors(logs)
+        assert [(e["limit"], e["action"]) for e in errors] == [(limit, "PJSIPShowContacts")]
+        assert "PJSUA" not in repr(logs)
         await peer.stop()
 
     run(scenario())

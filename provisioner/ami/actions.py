@@ -210,6 +210,9 @@ class AmiMessage:
     #: Key as spelled -> first value; ``None`` when a name repeats (in any case).
     _exact: dict[str, str] | None = field(init=False, repr=False, compare=False, hash=False)
     _lower: dict[str, str] | None = field(init=False, repr=False, compare=False, hash=False)
+    #: Bytes the message's lines took on the wire, as ``max_message_bytes`` counts them
+    #: (0: not read from the wire); what a list's ``max_list_bytes`` adds up.
+    wire_bytes: int = field(default=0, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         # Where no name repeats, the last-wins dict is the first-wins one.
@@ -218,7 +221,7 @@ class AmiMessage:
         object.__setattr__(self, "_lower", None)
 
     @classmethod
-    def trusted(cls, headers: tuple[tuple[str, str], ...]) -> AmiMessage:
+    def trusted(cls, headers: tuple[tuple[str, str], ...], wire_bytes: int = 0) -> AmiMessage:
         """The message of ``headers`` (already pairs of text), built without type checks
         (the decoder's path: a storm builds tens of thousands a second)."""
         message = object.__new__(cls)
@@ -227,6 +230,7 @@ class AmiMessage:
         setattr_(message, "headers", headers)
         setattr_(message, "_exact", exact if len(exact) == len(headers) else None)
         setattr_(message, "_lower", None)
+        setattr_(message, "wire_bytes", wire_bytes)
         return message
 
     def view(self) -> Mapping[str, str]:
@@ -310,19 +314,19 @@ def parse_message_lines(lines: Sequence[str]) -> AmiMessage | None:
     return AmiMessage(tuple(headers)) if headers else None
 
 
-def _message_of(text: str, lines: int | None = None) -> AmiMessage:
-    """:func:`parse_message_lines` of ``text``: LF-separated lines (``lines`` of them, when
-    the caller counted them), none of them empty.
+def _message_of(text: str, lines: int, wire_bytes: int) -> AmiMessage:
+    """:func:`parse_message_lines` of ``text``: ``lines`` LF-separated lines, none of them
+    empty, that took ``wire_bytes`` on the wire.
 
     One regular expression pass takes the usual ``Key: Value`` lines; when some
     line is not one (no colon, a blank in the key), every line is parsed one by one.
     """
     pairs: list[tuple[str, str]] = _HEADER_LINE.findall(text)
-    if len(pairs) != (text.count("\n") + 1 if lines is None else lines):
+    if len(pairs) != lines:
         message = parse_message_lines(text.split("\n"))
         assert message is not None  # the text holds at least one non-empty line
-        return message
-    return AmiMessage.trusted(tuple(pairs))
+        return AmiMessage.trusted(message.headers, wire_bytes)
+    return AmiMessage.trusted(tuple(pairs), wire_bytes)
 
 
 def _wire_size(block: str, lines: int) -> int:
@@ -331,7 +335,10 @@ def _wire_size(block: str, lines: int) -> int:
     characters (a byte that was not UTF-8, decoded as U+FFFD, counts 3).  ``isascii`` is
     O(1): the usual all-ASCII block is not encoded."""
     size = len(block) if block.isascii() else len(block.encode())
-    return size + 2 * lines
+    # The ``lines - 1`` LFs joining the lines were CR LF, and the last line's CR LF is
+    # not in the block.  (Adding 2 a line to the LFs counted one byte a line too many but
+    # the last: a message read whole met its bound before the same one read in pieces.)
+    return size + lines + 1
 
 
 class FrameDecoder:
@@ -428,16 +435,20 @@ class FrameDecoder:
         for block in blocks[:-1]:
             if self._pending:
                 self._add_block(block)
-                whole, lines = "\n".join(self._pending), self._message_lines
+                whole, lines, size = (
+                    "\n".join(self._pending),
+                    self._message_lines,
+                    self._message_bytes,
+                )
                 self._pending, self._message_bytes, self._message_lines = [], 0, 0
             else:
                 # The usual case, a message whole in this text: no pending list to fill.
                 whole = block.strip("\n")
                 lines = whole.count("\n") + 1
-                self._check_message(whole, lines, 0, 0)
+                size, _ = self._check_message(whole, lines, 0, 0)
             # An empty message (the extra blank line after some errors) yields nothing.
             if whole:
-                out.append(_message_of(whole, lines))
+                out.append(_message_of(whole, lines, size))
         self._add_block(blocks[-1])
 
     def _check_message(self, block: str, lines: int, size: int, count: int) -> tuple[int, int]:

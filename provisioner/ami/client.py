@@ -10,7 +10,11 @@ another service on the port).  The login is sent only after the greeting, so the
 secret never goes to such a peer.  A line, a message or a header count past its
 bound (:class:`~provisioner.ami.actions.FrameDecoder`) is a protocol error: the
 connection is dropped (``ami.protocol_error`` names the bound, never the bytes) and
-made again after the usual backoff; the actions in flight fail as on any drop.
+made again after the usual backoff; the actions in flight fail as on any drop.  A
+list action's answer (``PJSIPShowContacts``), kept whole until its end, is bounded
+too, by its events and their bytes (``max_list_events``, ``max_list_bytes``): past
+either, that action fails with :class:`AmiProtocolError` (logged the same way) and
+the session stays, the rest of the list read and let go.
 
 Actions (:meth:`AmiClient.send_action`) are validated, sent once, and answered
 with an :class:`AmiReply` or an :class:`~provisioner.ami.errors.AmiError`: on a
@@ -123,6 +127,8 @@ class _Pending:
     future: asyncio.Future[AmiReply]
     response: AmiMessage | None = None
     events: list[AmiMessage] | None = None
+    #: Wire bytes of ``events`` so far (bounded by ``max_list_bytes``).
+    list_bytes: int = 0
 
 
 @dataclass
@@ -680,16 +686,29 @@ class AmiClient:
             pending.future.set_result(
                 AmiReply(pending.response, tuple(pending.events), complete=message)
             )
-        elif len(pending.events) >= self.settings.max_list_events:
-            pending.future.set_exception(
-                AmiProtocolError(
-                    self.name,
-                    f"{pending.action.name}: list over {self.settings.max_list_events} events",
-                )
-            )
+            return True
+        pending.list_bytes += message.wire_bytes
+        settings = self.settings
+        if len(pending.events) >= settings.max_list_events:
+            self._refuse_list(pending, "list_events", f"over {settings.max_list_events} events")
+        elif pending.list_bytes > settings.max_list_bytes:
+            self._refuse_list(pending, "list_bytes", f"over {settings.max_list_bytes} bytes")
         else:
             pending.events.append(message)
         return True
+
+    def _refuse_list(self, pending: _Pending, limit: str, detail: str) -> None:
+        """Fail ``pending``'s list action, past its ``limit`` (``list_events`` or
+        ``list_bytes``), and let go of the events it held.  The session stays: each
+        message was within its bounds, and the rest of the list is read and dropped
+        (its events would go to ``on_event`` callbacks as any other once the action's
+        caller has resumed, and none registers for list items)."""
+        error = AmiProtocolError(self.name, f"{pending.action.name}: list {detail}", limit=limit)
+        self._log.error(
+            "ami.protocol_error", limit=limit, action=pending.action.name, error=error.reason
+        )
+        pending.events = []
+        pending.future.set_exception(error)
 
     def _dispatch(self, event: AmiMessage, name: str | None = None) -> None:
         """Call the callbacks of ``event``'s name (``name``: it, lower-cased, when known)."""

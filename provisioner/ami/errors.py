@@ -46,8 +46,9 @@ class AmiTimeout(AmiError):
 
 class AmiProtocolError(AmiError):
     """The peer broke the protocol: a line, a message or a header count past its bound
-    (:attr:`limit`: ``line``, ``message`` or ``headers``; empty for other breaks, such as
-    a list too long)."""
+    (:attr:`limit`: ``line``, ``message`` or ``headers``: the connection is dropped), or
+    a list action's answer past its count or its bytes (``list_events``, ``list_bytes``:
+    that action fails, the session stays)."""
 
     def __init__(self, server: str, message: str, *, limit: str = "") -> None:
         super().__init__(server, message)

@@ -307,7 +307,9 @@ class Link:
         filled it, and none is wanted or under way since.  Events keep it whole after
         that, but for an endpoint Asterisk does not track (added since its last reload):
         after its ``SuccessfulAuth``, until its contacts are looked up (the lookup
-        answered), this is False."""
+        answered), this is False.  The snapshot's store write may still be to come: it is
+        queued as the book is filled, and the flusher writes it before any state dirtied
+        after that (a removal's), so the store ends as the book is."""
         return (
             self.client.connected
             and self.snapshot_session == self.client.sessions
@@ -688,16 +690,22 @@ class AmiPbx:
                     break
                 link.flush_now.clear()
                 link.dirtied.clear()
+                # The jobs and the dirty endpoints' states are taken at once, before any
+                # wait: a snapshot filling the book while a job waits for the write in
+                # flight queues its own job for the next turn, and a state dirtied after
+                # it (a phone gone, a removal's contact deleted) must not be written
+                # before it, to be overwritten by its older rows.
                 jobs, link.jobs = link.jobs, []
-                for job in jobs:
-                    # After the batches taken before it, before those taken after it.
-                    writing = await _in_turn(link, writing, partial(self._write_job, link, *job))
                 dirty, link.dirty = link.dirty, set()
                 book = link.book
                 states = {ep: rows(book[ep]) for ep in dirty if ep in book}
+                if states:
+                    _log_changes(link, states)
+                for job in jobs:
+                    # After the batches taken before it, before those taken after it.
+                    writing = await _in_turn(link, writing, partial(self._write_job, link, *job))
                 if not states:
-                    continue  # a snapshot took them meanwhile: nothing to write
-                _log_changes(link, states)
+                    continue  # only jobs this turn
                 now, dialect = utcnow(), self.engine.dialect.name
                 writes = [
                     (endpoint_writer(dialect, link.name, part, now), set(part))
