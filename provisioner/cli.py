@@ -561,17 +561,24 @@ def user_export(app: App, csv_path: str, usernames: tuple[str, ...]) -> None:
         click.echo(f"exported {count} users to {csv_path}")
 
 
+#: How a CSV export writes what UTF-8 cannot encode: only the escape of a byte that was not
+#: text where it was read (U+DC80 to U+DCFF), shown as ``\udce9``.
+_NOT_UTF8 = "backslashreplace"
+
+
 @contextmanager
 def _open_out(path: str) -> Iterator[TextIO]:
     """``path`` opened for writing, UTF-8 (``-``: stdout, flushed at the end); a file or stdout
     that cannot be made or written (a missing directory, no permission, a full disk) is
-    invalid input naming ``--csv``."""
+    invalid input naming ``--csv``.  A byte that was not UTF-8 in the store (another
+    application's Latin-1, read as its escape) is written as the text ``\udce9``, not a
+    traceback half-way through the file."""
     try:
         if path == "-":
             with _utf8_stdout() as out:
                 yield out
             return
-        with open(path, "w", encoding="utf-8", newline="") as fh:
+        with open(path, "w", encoding="utf-8", errors=_NOT_UTF8, newline="") as fh:
             yield fh
     except OSError as exc:
         raise InvalidInput.one("--csv", f"cannot write {path!r}: {exc.strerror or exc}") from None
@@ -584,7 +591,7 @@ def _utf8_stdout() -> Iterator[TextIO]:
     re-imports too (its own encoding would make bytes no import reads, or fail on a name
     it cannot encode)."""
     sys.stdout.flush()
-    out = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="")
+    out = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", errors=_NOT_UTF8, newline="")
     try:
         yield out
         out.flush()

@@ -30,6 +30,7 @@ __all__ = [
     "ROLES",
     "TOAST_POSITIONS",
     "TRANSPORTS",
+    "UNDECODED_RULE",
     "USER_FIELDS",
     "VIDEOS",
     "Profile",
@@ -42,6 +43,7 @@ __all__ = [
     "lock_as_of",
     "merge_attributes",
     "sniff_avatar",
+    "undecoded",
     "validate_fields",
 ]
 
@@ -91,13 +93,18 @@ def _has_control(value: str) -> bool:
 
 
 #: The rule a value breaks when it holds a byte its source could not decode.
-_UNDECODED_RULE = "must be text in the terminal's character set (it holds a byte that is not)"
+UNDECODED_RULE = (
+    "must be text: it holds a byte that is not valid in its character set "
+    "(the terminal's, or UTF-8 in the store)"
+)
 
 
-def _undecoded(value: str) -> bool:
+def undecoded(value: str) -> bool:
     """True when ``value`` holds Python's escape of a byte that was not text in the
     charset it was read in (a command-line argument or a line of stdin typed at a Latin-1
-    terminal under a UTF-8 locale): U+DC80 to U+DCFF, as ``surrogateescape`` makes them."""
+    terminal under a UTF-8 locale; a SQLite value another application wrote in Latin-1,
+    read by :func:`~provisioner.store.engine.escaping_bytes_not_utf8`): U+DC80 to U+DCFF,
+    as ``surrogateescape`` makes them."""
     return any("\udc80" <= ch <= "\udcff" for ch in value)
 
 
@@ -118,8 +125,8 @@ def _text(max_len: int, *, required: bool, forbidden: set[str] | None = None) ->
             return None, f"must be at most {max_len} characters"
         if value != value.strip():
             return None, "must not start or end with spaces"
-        if _undecoded(value):
-            return None, _UNDECODED_RULE
+        if undecoded(value):
+            return None, UNDECODED_RULE
         if _has_control(value):
             return None, "must not contain control characters (newline, tab, NUL, ...)"
         if forbidden and set(value) & forbidden:
@@ -248,8 +255,8 @@ def check_password_basic(value: Any) -> tuple[Any, str | None]:
     """Any password: 1 to 1024 characters, no control characters."""
     if not isinstance(value, str) or not value:
         return None, "must not be empty"
-    if _undecoded(value):
-        return None, _UNDECODED_RULE
+    if undecoded(value):
+        return None, UNDECODED_RULE
     if len(value) > 1024 or _has_control(value):
         return None, "must be at most 1024 characters, without control characters"
     return value, None

@@ -27,9 +27,11 @@ from .model import (
     TRANSPORT_NAME,
     TRANSPORT_NAME_RULE,
     TRANSPORTS,
+    UNDECODED_RULE,
     VIDEOS,
     User,
     check_group,
+    undecoded,
 )
 
 if TYPE_CHECKING:
@@ -145,7 +147,10 @@ def auth_id(extension: str) -> str:
 
 
 def check_value(field: str, value: str) -> Problem | None:
-    """The last line of defence: a value that could restructure the output is refused."""
+    """The last line of defence: a value that could restructure the output is refused, and
+    one holding a byte that was not text where it was read (see :func:`undecoded`)."""
+    if undecoded(value):
+        return Problem(field, UNDECODED_RULE)
     if any(unicodedata.category(ch).startswith("C") for ch in value):
         return Problem(field, "must not contain control characters (newline, NUL, ...)")
     if set(value) & _UNSAFE:

@@ -355,7 +355,9 @@ def test_a_password_on_stdin_that_is_not_utf8_is_judged_not_a_traceback(
     ):
         result = cli(*args, input=latin1)
         field = "sip_secret" if "sip-secret" in args else "password"
-        rule = "8-128 printable ASCII" if field == "sip_secret" else "terminal's character set"
+        rule = (
+            "8-128 printable ASCII" if field == "sip_secret" else "not valid in its character set"
+        )
         assert (result.code, f"  {field}: must" in result.err, rule in result.err) == (
             2,
             True,
@@ -1089,6 +1091,75 @@ def test_listings_under_a_latin1_locale_escape_what_it_cannot_show(cli: Cli) -> 
         )  # fmt: skip
         assert (shown.returncode, shown.stderr) == (0, b""), command
         assert "Zo\u00eb \\u4e2d \\U0001f600".encode("latin-1") in shown.stdout, command
+
+
+def _write_latin1(cli: Cli, statement: str) -> None:
+    """Another application writing the SQLite store through the sqlite3 module, its text
+    in Latin-1 (a PHP writer's ``é`` as the byte E9), which SQLite stores unchecked."""
+    db = make_url(cli.url).database
+    assert db is not None
+    with sqlite3.connect(db) as conn:
+        conn.execute(statement)
+    conn.close()
+
+
+#: What a byte that is not UTF-8 in the store is refused as, wherever it was read.
+_NOT_TEXT = (
+    "full_name: must be text: it holds a byte that is not valid in its character set "
+    "(the terminal's, or UTF-8 in the store)"
+)
+
+
+def test_a_name_another_writer_left_not_utf8_is_skipped_shown_and_repaired(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """A full name another writer left in SQLite as bytes that are not UTF-8 skips only
+    that user in `sync --once` (exit 0, the field and the rule said, its last good section
+    kept, the others applied); `user list`, `user show`, `status` and `user export` show
+    the byte as an escape; `user edit --full-name` repairs it and the next sync renders it."""
+    conf = tmp_path / "pjsip_users.conf"
+    cli.config.write_text(CONFIG + f'\n[target]\npath = "{conf}"\n', encoding="utf-8")
+    _add(cli, "alice")
+    _add(cli, "bob")
+    cli.ok("sync", "--once")
+    _write_latin1(
+        cli, "UPDATE users SET full_name = CAST(X'416C6963E9' AS TEXT) WHERE username = 'alice'"
+    )
+    _add(cli, "carol")
+    synced = cli("sync", "--once")
+    assert (synced.code, synced.err.endswith(f"\nskipped alice: {_NOT_TEXT}\n")) == (0, True)
+    assert "added 1, updated 0, removed 0, unchanged 3, skipped 1" in synced.out
+    assert '"Alice A" <101>' in conf.read_text()  # its last good section
+    assert "[103]" in conf.read_text()
+    for command in (("user", "list"), ("user", "show", "alice"), ("user", "export", "--csv", "-")):
+        assert "Alic\\udce9" in cli.ok(*command), command
+    assert "alice" in cli.ok("status")
+    cli.ok("user", "edit", "alice", "--full-name", "Alice")
+    synced = cli("sync", "--once")
+    assert (synced.code, "skipped alice" in synced.err) == (0, False)
+    assert "updated 1, removed 0, unchanged 3, skipped 0" in synced.out
+    assert '"Alice" <101>' in conf.read_text()
+
+
+def test_an_attribute_and_a_profile_another_writer_left_not_utf8_are_shown_and_judged(
+    cli: Cli,
+) -> None:
+    """An attribute value and a profile description SQLite holds as bytes that are not
+    UTF-8 are shown with the byte as an escape by `user show` and `profile list`; an
+    `--attr` edit keeping that value is refused naming the attribute, one replacing it
+    passes."""
+    _add(cli, "alice", "--attr", "desk=A1")
+    _write_latin1(cli, "UPDATE user_attributes SET value = CAST(X'41E9' AS TEXT)")
+    _write_latin1(cli, "UPDATE profiles SET description = CAST(X'44E9' AS TEXT)")
+    assert "A\\udce9" in cli.ok("user", "show", "alice")
+    assert "D\\udce9" in cli.ok("profile", "list")
+    kept = cli("user", "edit", "alice", "--attr", "floor=2")
+    assert (kept.code, "attributes: value of 'desk' must be text: it holds a byte" in kept.err) == (
+        2,
+        True,
+    )
+    cli.ok("user", "edit", "alice", "--attr", "desk=A2")
+    assert "A2" in cli.ok("user", "show", "alice")
 
 
 def test_user_show_and_list_clear_a_lock_that_timed_out(cli: Cli, clock: FakeClock) -> None:

@@ -1849,6 +1849,32 @@ def _same_as_a_fresh_full_apply(engine: Any, target: ConfigFileTarget, tmp_path:
     assert target.path.read_bytes() == fresh.path.read_bytes()
 
 
+def test_a_name_another_writer_left_not_utf8_skips_only_that_user(tmp_path: Path) -> None:
+    """A full name SQLite holds as bytes that are not UTF-8 (a Latin-1 writer's) skips that
+    user, naming the field and the rule, in an edit's apply and a full apply alike: its last
+    good objects stay and the others are applied."""
+    engine, accounts, applier, target = _applier_store(tmp_path, 3)
+    try:
+        u0, u1 = accounts.get_user("u0"), accounts.get_user("u1")
+        _sql(
+            engine,
+            "UPDATE users SET full_name = CAST(X'4167E96E74' AS TEXT) WHERE id = :id",
+            id=str(u0.id),
+        )
+        accounts.edit_user("u1", {"full_name": "Renamed"})
+        rule = (
+            "must be text: it holds a byte that is not valid in its character set "
+            "(the terminal's, or UTF-8 in the store)"
+        )
+        for applied in (applier.users_changed([u0.id, u1.id]), applier.full()):
+            assert [str(s) for s in applied.skipped] == [f"u0: full_name: {rule}"]
+            text = target.path.read_text()
+            assert f'"Agent 0" <{u0.extension}>' in text
+            assert f'"Renamed" <{u1.extension}>' in text
+    finally:
+        engine.dispose()
+
+
 def test_the_one_edit_path_removes_a_user_kept_at_the_last_full_apply(tmp_path: Path) -> None:
     """A user kept by a full apply (it could not be rendered) loses its old endpoint on its
     next edit when it is disabled, or fixed and moved to another extension."""

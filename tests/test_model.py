@@ -87,7 +87,7 @@ BAD: list[tuple[str, Any, str]] = [
     ("full_name", " Alice", "must not start or end with spaces"),
     ("full_name", "Alice\nB", "control characters"),
     # "Zoë" typed at a Latin-1 terminal under a UTF-8 locale: the byte F6, escaped.
-    ("full_name", "Zo\udcf6", "terminal's character set"),
+    ("full_name", "Zo\udcf6", "not valid in its character set"),
     ("full_name", 'Alice "A"', "must not contain"),
     ("full_name", "Alice <a@b>", "must not contain"),
     ("full_name", "[section]", "must not contain"),
@@ -109,7 +109,7 @@ BAD: list[tuple[str, Any, str]] = [
     ("sip_secret", "x" * 129, "8-128 printable ASCII"),
     ("password", "", "must not be empty"),
     ("password", "nul\x00byte", "without control characters"),
-    ("password", "Gr\udcf6n-Pass1", "terminal's character set"),
+    ("password", "Gr\udcf6n-Pass1", "not valid in its character set"),
     ("transport", "sctp", "must be one of udp, tcp, tls, ws, wss"),
     ("nat", "maybe", "must be one of yes, no, force_rport, comedia, never, route"),
     ("codecs", "", "non-empty"),

@@ -3,6 +3,11 @@
 The caller owns the transaction, so a bulk action or a CSV import is one
 transaction however many rows it touches.
 
+Reads that return text a user may see or the render judges go through
+:func:`~provisioner.store.engine.escaping_bytes_not_utf8`: a row another application left
+in SQLite with bytes that are not UTF-8 is read with those bytes escaped, not a failure
+of every row's read.
+
 Lookups by a name answer alike on every database: a row the query returns is kept only
 when its key is exactly the one asked for.  MariaDB/MySQL compare text in the column's
 collation, which ignores trailing spaces (PAD SPACE) and usually case, so ``WHERE
@@ -16,10 +21,11 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, delete, func, insert, select, update
+from sqlalchemy import Connection, Row, Select, delete, func, insert, select, update
 
 from ..errors import NotFoundError
 from ..model import Profile, User, Voice
+from .engine import escaping_bytes_not_utf8
 from .schema import profiles, registration_summary, registrations, user_attributes, users
 
 __all__ = [
@@ -75,8 +81,8 @@ def profile_by_name(conn: Connection, name: str) -> Profile | None:
     """The profile named exactly ``name``, or None."""
     if not is_sendable(name):
         return None
-    found = conn.execute(select(profiles).where(profiles.c.name == name))
-    rows = _exact(found, "name", {name})
+    query = select(profiles).where(profiles.c.name == name)
+    rows = escaping_bytes_not_utf8(conn, lambda: _exact(conn.execute(query), "name", {name}))
     return None if not rows else Profile(rows[0].id, rows[0].name, rows[0].description)
 
 
@@ -89,7 +95,8 @@ def profile_name_taken(conn: Connection, name: str) -> str | None:
 
 
 def select_profiles(conn: Connection) -> list[Profile]:
-    rows = conn.execute(select(profiles).order_by(profiles.c.name))
+    query = select(profiles).order_by(profiles.c.name)
+    rows = escaping_bytes_not_utf8(conn, lambda: conn.execute(query).all())
     return [Profile(r.id, r.name, r.description) for r in rows]
 
 
@@ -112,8 +119,10 @@ def fetch_user_row(conn: Connection, username: str, *, lock: bool = False) -> Ro
     if not is_sendable(key):
         raise NotFoundError("user", username)
     query = select(users).where(users.c.username_key == key)
-    found = conn.execute(query.with_for_update() if lock else query)
-    rows: list[Row[Any]] = _exact(found, "username_key", {key})
+    query = query.with_for_update() if lock else query
+    rows: list[Row[Any]] = escaping_bytes_not_utf8(
+        conn, lambda: _exact(conn.execute(query), "username_key", {key})
+    )
     if not rows:
         raise NotFoundError("user", username)
     return rows[0]
@@ -197,19 +206,28 @@ def load_users(
         query = query.where(users.c.deleted_at.is_not(None))
     elif deleted is False:
         query = query.where(users.c.deleted_at.is_(None))
-    rows = conn.execute(query).all()
+    rows = escaping_bytes_not_utf8(conn, lambda: conn.execute(query).all())
     if keys is not None:
         rows = _exact(rows, "username_key", keys)
     names = {p.id: p.name for p in select_profiles(conn)}
-    attrs: dict[int, dict[str, str]] = {}
     wanted = {r.id for r in rows}
     attr_query = select(user_attributes).order_by(user_attributes.c.user_id, user_attributes.c.key)
     if usernames is not None or ids is not None:
         attr_query = attr_query.where(user_attributes.c.user_id.in_(wanted))
-    for a in conn.execute(attr_query):
+    attrs = escaping_bytes_not_utf8(conn, lambda: _attributes_by_user(conn, attr_query, wanted))
+    return [_user_from_row(r, names, attrs.get(r.id, {})) for r in rows]
+
+
+def _attributes_by_user(
+    conn: Connection, query: Select[Any], wanted: Collection[int]
+) -> dict[int, dict[str, str]]:
+    """User id to its attributes (key to value), of the ``wanted`` users among the rows
+    of ``query`` (over ``user_attributes``)."""
+    attrs: dict[int, dict[str, str]] = {}
+    for a in conn.execute(query):
         if a.user_id in wanted:
             attrs.setdefault(a.user_id, {})[a.key] = a.value
-    return [_user_from_row(r, names, attrs.get(r.id, {})) for r in rows]
+    return attrs
 
 
 def insert_user(conn: Connection, values: Mapping[str, Any]) -> int:
@@ -237,7 +255,8 @@ def attributes_of(conn: Connection, user_id: int, *, lock: bool = False) -> dict
     query = select(user_attributes.c.key, user_attributes.c.value).where(
         user_attributes.c.user_id == user_id
     )
-    return {key: value for key, value in conn.execute(query.with_for_update() if lock else query)}
+    query = query.with_for_update() if lock else query
+    return escaping_bytes_not_utf8(conn, lambda: {k: v for k, v in conn.execute(query)})
 
 
 def replace_attributes(conn: Connection, user_id: int, attributes: Mapping[str, str]) -> None:

@@ -53,6 +53,7 @@ from .bulk import (
     json_table_source,
     json_text,
 )
+from .engine import escaping_bytes_not_utf8
 from .queries import is_sendable, username_key
 from .schema import registration_summary, registrations, users
 
@@ -910,7 +911,8 @@ def status_rows(
         query = query.where(users.c.username_key.in_(sorted(filter(is_sendable, keys))))
     else:
         query = query.where(users.c.deleted_at.is_(None))
-    people = sorted(conn.execute(query).all(), key=lambda p: _dialled_order(p.extension))
+    found = escaping_bytes_not_utf8(conn, lambda: conn.execute(query).all())
+    people = sorted(found, key=lambda p: _dialled_order(p.extension))
     if keys:
         # Exact keys, not the database's collation: "alice " names no one on any database.
         people = [p for p in people if p.username_key in keys]
