@@ -21,7 +21,7 @@ from concurrent.futures import Executor, Future
 from functools import partial
 from typing import Any, ParamSpec, TypeVar
 
-__all__ = ["WorkerPool", "in_worker"]
+__all__ = ["WorkerPool", "in_worker", "start_in_worker"]
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -127,6 +127,15 @@ async def in_worker(fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs
     """``asyncio.to_thread`` on the shared :class:`WorkerPool`: ``fn`` runs in a daemon
     thread, with the caller's context variables; cancelling the await leaves it running
     to its end (or the process's)."""
+    return await start_in_worker(fn, *args, **kwargs)
+
+
+def start_in_worker(
+    fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs
+) -> asyncio.Future[_T]:
+    """:func:`in_worker`, handed to a thread before this returns (a coroutine is only
+    when first run, which a task does in a later turn of the event loop); what learns
+    its result."""
     loop = asyncio.get_running_loop()
     call = partial(contextvars.copy_context().run, partial(fn, *args, **kwargs))
-    return await loop.run_in_executor(_shared_pool(), call)
+    return loop.run_in_executor(_shared_pool(), call)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -494,16 +495,21 @@ def test_a_snapshot_lands_after_the_batch_written_before_it(
 
     async def scenario() -> tuple[list[int], str]:
         async with _lab_pbx(engine) as (peer, link, pbx):
-            real_store = pbx._store
+            real_start = pbx._start_store
             delayed: list[bool] = []
 
-            async def slow_first_store(link: Any, write: Any) -> bool:
-                if not delayed:  # the event's batch: a slow database
-                    delayed.append(True)
-                    await asyncio.sleep(0.4)
-                return await real_store(link, write)
+            def slow_first_store(link: Any, write: Any) -> Any:
+                if delayed:
+                    return real_start(link, write)
+                delayed.append(True)  # the event's batch: a slow database
 
-            monkeypatch.setattr(pbx, "_store", slow_first_store)
+                def slow(conn: Connection) -> object:
+                    time.sleep(0.4)
+                    return write(conn)
+
+                return real_start(link, slow)
+
+            monkeypatch.setattr(pbx, "_start_store", slow_first_store)
             to_user = ((b"1001", b"100000"),)
             await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified", replace=to_user)
             await eventually(lambda: bool(delayed))
@@ -718,6 +724,47 @@ def test_a_batch_written_in_parts_at_once_stores_every_endpoint(
 
     assert run(scenario()) == (0, count)
     assert max(splits) == (2 if engine.dialect.name == "postgresql" else 1)
+
+
+def test_a_batch_put_in_its_turn_is_already_being_written_in_its_threads(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the flusher has put a batch in its turn, every part's transaction runs in a
+    thread without the event loop's help, so the database writes while the flusher
+    builds the next batch (in a storm it does not yield until that is built)."""
+    seed_store(engine, 4)
+    monkeypatch.setattr(pbx_module, "PARALLEL_MIN", 2)
+    peer = FakeAsterisk()
+    peer.port = 5038  # never connected: the link only needs a valid server entry
+    client = AmiClient(server_for(peer), fast_settings())
+    link = Link("lab", client, ReloadCoordinator(client, fast_settings()), PjsipOps(client))
+    pbx = AmiPbx([link], engine, "realtime")
+    states = {str(100000 + i): _state(str(100000 + i), "NonQualified") for i in range(4)}
+    parts = pbx_module.split_batch(states, engine.dialect.name)
+    started = [threading.Event() for _ in parts]
+
+    def writer(part: dict[str, Any], began: threading.Event) -> Any:
+        write = registrations_module.endpoint_writer(engine.dialect.name, "lab", part, NOW)
+
+        def run_it(conn: Connection) -> int:
+            began.set()
+            return write(conn)
+
+        return run_it
+
+    writes = [(writer(p, s), set(p)) for p, s in zip(parts, started, strict=True)]
+
+    async def scenario() -> list[bool]:
+        batch = partial(pbx._flush, link, writes, asyncio.Event())
+        task = await pbx_module._in_turn(link, None, batch)
+        # Blocking the loop, as building the next batch does.
+        began = [event.wait(timeout=2.0) for event in started]
+        await task
+        return began
+
+    assert run(scenario()) == [True] * len(parts)
+    with reading(engine) as conn:
+        assert len(conn.execute(select(registrations.c.user_id)).all()) == 4
 
 
 def test_an_endpoint_asterisk_does_not_hold_after_an_apply_is_recorded_next_to_its_user(

@@ -52,7 +52,7 @@ from ..store.registrations import (
 )
 from ..store.state import load_state, load_states, put_state
 from ..targets import Change
-from ..threads import in_worker
+from ..threads import in_worker, start_in_worker
 from .actions import AmiMessage
 from .changes import (
     OWED_RETRY,
@@ -740,8 +740,13 @@ class AmiPbx:
         in a transaction of its own, all at once (:func:`split_batch`).  When one fails its
         endpoints are marked dirty again (the book holds their latest state) and the
         flusher pauses, longer after each failure in a row: a database outage delays the
-        registration state, it does not lose it."""
-        stored = await asyncio.gather(*(self._store(link, write) for write, _ in writes))
+        registration state, it does not lose it.
+
+        Every part is handed to its thread in this coroutine's first step, so the database
+        writes while the flusher builds the next batch (:func:`_in_turn`); coroutines
+        gathered would each start in a task's later step, once the flusher yields."""
+        started = [self._start_store(link, write) for write, _ in writes]
+        stored = await asyncio.gather(*(self._stored(link, write) for write in started))
         if all(stored):
             link.store_failures = 0
             return
@@ -1182,9 +1187,24 @@ class AmiPbx:
         notes of what is owed) from flowing, unseen, so past ``stuck_after`` it is
         logged (``registration.write_stuck``), and the daemon says so in the health
         record and starves the watchdog (:meth:`writes_stuck`)."""
+        return await self._stored(link, self._start_store(link, write))
+
+    def _start_store(
+        self, link: Link, write: Callable[[Connection], object]
+    ) -> asyncio.Future[object]:
+        """:meth:`_store`'s first half: ``write`` handed to a thread now; what
+        :meth:`_stored` awaits."""
         self._write_started(link)
         try:
-            await in_worker(transaction, self.engine, write)
+            return start_in_worker(transaction, self.engine, write)
+        except BaseException:
+            self._write_ended(link)
+            raise
+
+    async def _stored(self, link: Link, started: asyncio.Future[object]) -> bool:
+        """:meth:`_store`'s second half: whether the write ``started`` was stored."""
+        try:
+            await started
         except STORE_DOWN as exc:
             log.warning("registration.store_failed", server=link.name, error=_store_error(exc))
             return False
