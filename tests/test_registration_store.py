@@ -30,6 +30,7 @@ from provisioner.ami.registration import apply_events
 from provisioner.ami.reload import PjsipOps, ReloadCoordinator
 from provisioner.health import Health
 from provisioner.store import registrations as registrations_module
+from provisioner.store.bulk import has_json_table
 from provisioner.store.engine import is_conflict, open_engine, reading, transaction
 from provisioner.store.registrations import (
     ContactRow,
@@ -672,6 +673,41 @@ def test_the_contact_delete_takes_the_user_ids_the_summaries_upsert_returned(
             (ids["100002"], "NonQualified"),
         ]
     )
+
+
+def test_an_uncounted_write_stores_the_same_rows_without_a_counting_statement(
+    engine: Engine,
+) -> None:
+    """The flusher's writer (``counted=False``) stores what the counted one does (a trunk
+    skipped); where counting is a statement of its own (MariaDB's JSON_TABLE documents)
+    that statement is not run and no count comes back."""
+    seed_store(engine, 3)
+    states = {ep: _state(ep, "NonQualified") for ep in ("100000", "100001", "trunk")}
+    sent: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(statement)
+
+    writer = registrations_module.endpoint_writer(
+        engine.dialect.name, "lab", states, NOW, counted=False
+    )
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        with engine.begin() as conn:
+            result = writer(conn)
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    with reading(engine) as conn:
+        contacts = conn.execute(select(registrations.c.user_id, registrations.c.status)).all()
+        summaries = conn.execute(select(registration_summary.c.user_id)).all()
+    assert sorted(contacts) == [(1, "NonQualified"), (2, "NonQualified")]
+    assert sorted(summaries) == [(1,), (2,)]
+    if engine.dialect.name not in ("sqlite", "postgresql"):
+        assert has_json_table(engine.dialect)
+        assert result is None
+        assert not [s for s in sent if "count(" in s.lower()]
+    else:
+        assert result == 2
 
 
 def test_a_postgresql_batch_is_split_into_sorted_disjoint_parts() -> None:

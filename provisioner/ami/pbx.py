@@ -708,7 +708,7 @@ class AmiPbx:
                     continue  # only jobs this turn
                 now, dialect = utcnow(), self.engine.dialect.name
                 writes = [
-                    (endpoint_writer(dialect, link.name, part, now), set(part))
+                    (endpoint_writer(dialect, link.name, part, now, counted=False), set(part))
                     for part in split_batch(states, dialect)
                 ]
                 batch = partial(self._flush, link, writes, stop)

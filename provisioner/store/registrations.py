@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache, lru_cache
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast, overload
 
 from sqlalchemy import (
     ColumnElement,
@@ -226,6 +226,7 @@ def write_endpoint_rows(conn: Connection, server: str, rows: EndpointRows, now: 
     return endpoint_writer(conn.dialect.name, server, rows, now)(conn)
 
 
+@overload
 def endpoint_writer(
     dialect: str,
     server: str,
@@ -233,16 +234,46 @@ def endpoint_writer(
     now: datetime,
     *,
     cleared: bool = False,
-) -> Callable[[Connection], int]:
+    counted: Literal[True] = True,
+) -> Callable[[Connection], int]: ...
+
+
+@overload
+def endpoint_writer(
+    dialect: str,
+    server: str,
+    rows: EndpointRows,
+    now: datetime,
+    *,
+    cleared: bool = False,
+    counted: bool,
+) -> Callable[[Connection], int | None]: ...
+
+
+def endpoint_writer(
+    dialect: str,
+    server: str,
+    rows: EndpointRows,
+    now: datetime,
+    *,
+    cleared: bool = False,
+    counted: bool = True,
+) -> Callable[[Connection], int | None]:
     """:func:`write_endpoint_rows` of ``rows`` as a function of the connection to write
     with.  Where the store takes JSON batches (SQLite, PostgreSQL: :func:`write_batch`) the
     batch is built now, so a caller on the event loop builds it while an earlier write
     still runs in its thread, which then only waits on the database.  ``cleared``: the
-    server holds no contact any more (a snapshot deleted them): none is deleted again."""
+    server holds no contact any more (a snapshot deleted them): none is deleted again.
+    ``counted=False``: the caller does not use how many endpoints matched (the
+    flusher); where counting them is a statement of its own (MariaDB/MySQL's
+    ``JSON_TABLE`` documents: :func:`_write_rows_json_table`) it is not run, and the
+    function returns ``None`` there."""
     if dialect in _ONE_PARAMETER:
         batch = RowBatch.of(rows, now)
         return lambda conn: write_batch(conn, server, batch, cleared=cleared)
-    return lambda conn: _write_rows_general(conn, server, rows, now, cleared=cleared)
+    return lambda conn: _write_rows_general(
+        conn, server, rows, now, cleared=cleared, counted=counted
+    )
 
 
 def _write_rows_general(
@@ -252,12 +283,14 @@ def _write_rows_general(
     now: datetime,
     *,
     cleared: bool = False,
-) -> int:
+    counted: bool = True,
+) -> int | None:
     """:func:`write_endpoint_rows` on MariaDB/MySQL: as JSON_TABLE documents where the
-    server has them (:func:`_write_rows_json_table`); else user ids looked up, the
-    endpoints' rows deleted and inserted again (the problems recorded kept)."""
+    server has them (:func:`_write_rows_json_table`; ``None`` unless ``counted``); else
+    user ids looked up, the endpoints' rows deleted and inserted again (the problems
+    recorded kept)."""
     if has_json_table(conn.dialect):
-        return _write_rows_json_table(conn, server, rows, now, cleared=cleared)
+        return _write_rows_json_table(conn, server, rows, now, cleared=cleared, counted=counted)
     ids = _user_ids(conn, rows)
     matched = [(ep, ids[ep]) for ep in rows if ep in ids]
     uids = [uid for _, uid in matched]
@@ -290,19 +323,22 @@ def _write_rows_json_table(
     now: datetime,
     *,
     cleared: bool = False,
-) -> int:
+    counted: bool = True,
+) -> int | None:
     """:func:`write_endpoint_rows` on MariaDB 10.6+ and MySQL 8.0.4+: what
     :func:`write_batch` does on SQLite and PostgreSQL, with ``JSON_TABLE`` documents.
 
     Per part of the batch (documents of at most ``JSON_TABLE_BYTES``), four statements:
-    the matched endpoints counted, the summaries upserted (``ON DUPLICATE KEY UPDATE``,
-    the recorded problem kept), the part's users' contacts deleted (a multi-table
-    ``DELETE``: an ``IN (subquery)`` there runs once per row on MariaDB) and its
-    contacts inserted.  The database matches endpoints to users; the event loop's
-    thread only makes the documents.  Measured on a 50k batch (MariaDB 10.11, 2-core
-    VM): the client's CPU went from 22-23 to 5.5-6 µs an event and the write's wall time
-    from 57-66 to 33-46 µs, against user ids looked up and IN lists of them
-    (``bench_registration --backend mariadb``: 11-12k events/s to 21k, same hour)."""
+    the matched endpoints counted (not when ``counted`` is false: ``None`` is returned;
+    a 50k batch's count statements were 7 % of its write), the summaries upserted
+    (``ON DUPLICATE KEY UPDATE``, the recorded problem kept), the part's users'
+    contacts deleted (a multi-table ``DELETE``: an ``IN (subquery)`` there runs once per
+    row on MariaDB) and its contacts inserted.  The database matches endpoints to
+    users; the event loop's thread only makes the documents.  Measured on a 50k batch
+    (MariaDB 10.11, 2-core VM): the client's CPU went from 22-23 to 5.5-6 µs an event
+    and the write's wall time from 57-66 to 33-46 µs, against user ids looked up and
+    IN lists of them (``bench_registration --backend mariadb``: 11-12k events/s to 21k,
+    same hour)."""
     count, upsert, clear, add = _json_table_statements()
     matched = 0
     for batch in _json_table_parts(rows, now):
@@ -311,13 +347,14 @@ def _write_rows_json_table(
             "stamp": batch.stamp,
             "rows": json_table_payload(batch.summaries),
         }
-        matched += int(conn.execute(count, params).scalar_one())
+        if counted:
+            matched += int(conn.execute(count, params).scalar_one())
         conn.execute(upsert, params)
         if not cleared:
             conn.execute(clear, params)
         if batch.contacts is not None:
             conn.execute(add, {**params, "rows": json_table_payload(batch.contacts)})
-    return matched
+    return matched if counted else None
 
 
 def _json_table_parts(rows: EndpointRows, now: datetime) -> Iterator[RowBatch]:
