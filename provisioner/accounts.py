@@ -50,6 +50,7 @@ __all__ = [
     "Accounts",
     "Bulk",
     "Created",
+    "Edited",
     "Policy",
     "clash_field",
     "rerun_on_unique_clash",
@@ -209,6 +210,15 @@ class Bulk:
 
     done: list[str]
     unchanged: list[str]
+
+
+@dataclass(frozen=True)
+class Edited:
+    """A user after an edit, and whether the edit changed any stored value (one that
+    changed none wrote nothing, as :meth:`Accounts.edit_in` says)."""
+
+    user: User
+    changed: bool
 
 
 @dataclass(frozen=True)
@@ -456,8 +466,10 @@ class Accounts:
         values: Mapping[str, Any],
         *,
         attribute_changes: Mapping[str, str] | None = None,
-    ) -> User:
+    ) -> Edited:
         """Change any field but role and username; a deleted user must be restored first.
+        An edit giving only the values stored changes nothing and writes nothing (no
+        ``updated_at``, no change-feed row): :attr:`Edited.changed` is False.
 
         ``attribute_changes`` sets attributes (an empty value removes one; every key is
         checked against the key rule, removed or not) over those stored, read in the
@@ -472,7 +484,7 @@ class Accounts:
         if attribute_changes is not None:
             validate_fields({"attributes": attribute_changes})
 
-        def write() -> User:
+        def write() -> Edited:
             with self.write() as conn:
                 row = q.fetch_user_row(conn, username, lock=attribute_changes is not None)
                 wanted = dict(values)
@@ -481,8 +493,8 @@ class Accounts:
                     # older snapshot (MariaDB), which would lose a concurrent edit.
                     current = q.attributes_of(conn, row.id, lock=True)
                     wanted["attributes"] = merge_attributes(current, attribute_changes)
-                self.edit_in(conn, row, wanted, self.clock())
-                return q.load_users(conn, ids=[row.id], deleted=None)[0]
+                changed = self.edit_in(conn, row, wanted, self.clock())
+                return Edited(q.load_users(conn, ids=[row.id], deleted=None)[0], changed)
 
         return rerun_on_unique_clash(
             write,

@@ -399,10 +399,11 @@ def user_edit(app: App, /, username: str, **opts: Any) -> None:
     changes = _parse_attrs(opts["attrs"]) if opts["attrs"] else None
     if not values and changes is None:
         raise InvalidInput.one("options", "name at least one field to change")
-    changed = app.accounts.edit_user(username, values, attribute_changes=changes)
+    edited = app.accounts.edit_user(username, values, attribute_changes=changes)
     fields = sorted([*values, *(["attributes"] if changes is not None else [])])
-    log.info("user.edited", username=changed.username, fields=fields)
-    click.echo(f"updated {changed.username}")
+    # As the bulk commands and the import say: a user already so was not written.
+    log.info("user.edited", username=edited.user.username, fields=fields, changed=edited.changed)
+    click.echo(f"{'updated' if edited.changed else 'unchanged'} {edited.user.username}")
 
 
 @user.command("show")

@@ -1246,3 +1246,33 @@ def test_bulk_actions_report_users_they_left_unchanged_as_unchanged(cli: Cli) ->
     assert cli.ok("user", "restore", "alice", "bob") == "restore: alice\nunchanged: bob\n"
     assert cli.ok("user", "enable", "alice", "bob") == "enable: bob\nunchanged: alice\n"
     assert cli.ok("user", "unlock", "alice") == "unchanged: alice\n"
+
+
+def test_an_edit_that_changes_no_stored_value_says_unchanged_and_writes_nothing(
+    cli: Cli, store: Engine, clock: FakeClock
+) -> None:
+    """``user edit`` giving only the values alice already holds (her NAT, an attribute, the
+    SIP secret she has) prints ``unchanged alice`` and exits 0, writing nothing: not her
+    row, not ``updated_at``, not her attributes, no change-feed row (which would make the
+    daemon re-render); an edit that changes a value still prints ``updated alice``."""
+    from provisioner.store.changefeed import newest_change_id
+
+    _add(cli, "alice", "--nat", "no", "--attr", "team=blue")
+    cli.ok("user", "edit", "alice", "--sip-secret", "-", input="Given-Sip-Secret-2\n")
+    clock.advance(minutes=5)
+    with store.connect() as conn:
+        change = newest_change_id(conn)
+    before = dict(user_row(store, "alice")._mapping)
+    shown = json.loads(cli.ok("user", "show", "alice", "--json"))
+    for edit in (
+        ("--nat", "no"),
+        ("--nat", "NO", "--attr", "team=blue"),
+        ("--sip-secret", "-"),
+    ):
+        result = cli("user", "edit", "alice", *edit, input="Given-Sip-Secret-2\n")
+        assert (result.code, result.out) == (0, "unchanged alice\n"), result
+    assert dict(user_row(store, "alice")._mapping) == before
+    assert json.loads(cli.ok("user", "show", "alice", "--json")) == shown
+    with store.connect() as conn:
+        assert newest_change_id(conn) == change
+    assert cli.ok("user", "edit", "alice", "--nat", "yes") == "updated alice\n"
