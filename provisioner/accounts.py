@@ -52,6 +52,7 @@ __all__ = [
     "Created",
     "Edited",
     "Policy",
+    "all_found",
     "clash_field",
     "rerun_on_unique_clash",
     "utcnow",
@@ -203,6 +204,19 @@ class Policy:
         )
 
 
+def all_found(usernames: Sequence[str], found: Sequence[str]) -> None:
+    """:class:`NotFoundError` naming, in one message, every one of ``usernames`` that no
+    username in ``found`` matches ignoring ASCII case (as usernames are unique), each
+    once as first spelled: an operator fixes all the names at once, not one per run."""
+    keys = {q.username_key(name) for name in found}
+    missing: dict[str, str] = {}
+    for name in usernames:
+        if q.username_key(name) not in keys:
+            missing.setdefault(q.username_key(name), name)
+    if missing:
+        raise NotFoundError("user", ", ".join(missing.values()))
+
+
 @dataclass(frozen=True)
 class Bulk:
     """What a bulk action did: the users it changed and those it found already in the
@@ -331,6 +345,16 @@ class Accounts:
         if not found:
             raise NotFoundError("user", username)
         return as_of(found[0], self.clock(), self.policy.lock_minutes)
+
+    def get_users(self, usernames: Sequence[str]) -> list[User]:
+        """The users named, live or deleted, each once however often named (in any
+        case), by id, as of now (as :meth:`get_user`); :class:`NotFoundError` naming
+        every name that finds none (:func:`all_found`), as the bulk actions do."""
+        with self.transaction() as conn:
+            found = q.load_users(conn, usernames=usernames, deleted=None)
+        all_found(usernames, [u.username for u in found])
+        now = self.clock()
+        return [as_of(u, now, self.policy.lock_minutes) for u in found]
 
     def list_users(
         self,
@@ -648,16 +672,11 @@ class Accounts:
             raise InvalidInput.one("username", "name at least one user")
         with self.write() as conn:
             rows: dict[int, Any] = {}
-            missing: dict[str, str] = {}
             for name in usernames:
-                try:
+                with suppress(NotFoundError):
                     row = q.fetch_user_row(conn, name)
-                except NotFoundError:
-                    missing.setdefault(q.username_key(name), name)
-                    continue
-                rows.setdefault(row.id, row)
-            if missing:
-                raise NotFoundError("user", ", ".join(missing.values()))
+                    rows.setdefault(row.id, row)
+            all_found(usernames, [row.username for row in rows.values()])
             now = self.clock()
             changed = {row.id: change(conn, row, now) for row in rows.values()}
         return Bulk(

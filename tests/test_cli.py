@@ -202,6 +202,25 @@ def test_export_to_a_file_that_cannot_be_made_exits_2_naming_it(cli: Cli, tmp_pa
     ]
 
 
+def test_export_names_every_missing_user_as_the_bulk_commands_do_and_writes_nothing(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """`user export` naming several users that do not exist exits 3 naming them all (each
+    once, as first spelled), as `user disable` does, and makes no file, not even a
+    partial one; to stdout it writes nothing."""
+    _add(cli, "alice")
+    out = tmp_path / "some.csv"
+    named = ("ghost", "alice", "nobody", "GHOST")
+    refused = cli("user", "export", "--csv", str(out), *named)
+    bulk = cli("user", "disable", *named)
+    assert (refused.code, bulk.code) == (3, 3)
+    assert "user 'ghost, nobody' not found" in refused.err
+    assert refused.err == bulk.err
+    assert not out.exists()
+    to_stdout = cli("user", "export", "--csv", "-", *named)
+    assert (to_stdout.code, to_stdout.out, to_stdout.err) == (3, "", refused.err)
+
+
 def test_export_names_each_user_once_so_it_reimports(cli: Cli, tmp_path: Path) -> None:
     """A user named twice (in any case) is exported once, so the file re-imports as is."""
     _add(cli, "alice")
