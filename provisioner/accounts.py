@@ -50,7 +50,9 @@ __all__ = [
     "Accounts",
     "Bulk",
     "Created",
+    "Edited",
     "Policy",
+    "all_found",
     "clash_field",
     "rerun_on_unique_clash",
     "utcnow",
@@ -202,6 +204,19 @@ class Policy:
         )
 
 
+def all_found(usernames: Sequence[str], found: Sequence[str]) -> None:
+    """:class:`NotFoundError` naming, in one message, every one of ``usernames`` that no
+    username in ``found`` matches ignoring ASCII case (as usernames are unique), each
+    once as first spelled: an operator fixes all the names at once, not one per run."""
+    keys = {q.username_key(name) for name in found}
+    missing: dict[str, str] = {}
+    for name in usernames:
+        if q.username_key(name) not in keys:
+            missing.setdefault(q.username_key(name), name)
+    if missing:
+        raise NotFoundError("user", ", ".join(missing.values()))
+
+
 @dataclass(frozen=True)
 class Bulk:
     """What a bulk action did: the users it changed and those it found already in the
@@ -209,6 +224,15 @@ class Bulk:
 
     done: list[str]
     unchanged: list[str]
+
+
+@dataclass(frozen=True)
+class Edited:
+    """A user after an edit, and whether the edit changed any stored value (one that
+    changed none wrote nothing, as :meth:`Accounts.edit_in` says)."""
+
+    user: User
+    changed: bool
 
 
 @dataclass(frozen=True)
@@ -321,6 +345,16 @@ class Accounts:
         if not found:
             raise NotFoundError("user", username)
         return as_of(found[0], self.clock(), self.policy.lock_minutes)
+
+    def get_users(self, usernames: Sequence[str]) -> list[User]:
+        """The users named, live or deleted, each once however often named (in any
+        case), by id, as of now (as :meth:`get_user`); :class:`NotFoundError` naming
+        every name that finds none (:func:`all_found`), as the bulk actions do."""
+        with self.transaction() as conn:
+            found = q.load_users(conn, usernames=usernames, deleted=None)
+        all_found(usernames, [u.username for u in found])
+        now = self.clock()
+        return [as_of(u, now, self.policy.lock_minutes) for u in found]
 
     def list_users(
         self,
@@ -456,8 +490,10 @@ class Accounts:
         values: Mapping[str, Any],
         *,
         attribute_changes: Mapping[str, str] | None = None,
-    ) -> User:
+    ) -> Edited:
         """Change any field but role and username; a deleted user must be restored first.
+        An edit giving only the values stored changes nothing and writes nothing (no
+        ``updated_at``, no change-feed row): :attr:`Edited.changed` is False.
 
         ``attribute_changes`` sets attributes (an empty value removes one; every key is
         checked against the key rule, removed or not) over those stored, read in the
@@ -472,7 +508,7 @@ class Accounts:
         if attribute_changes is not None:
             validate_fields({"attributes": attribute_changes})
 
-        def write() -> User:
+        def write() -> Edited:
             with self.write() as conn:
                 row = q.fetch_user_row(conn, username, lock=attribute_changes is not None)
                 wanted = dict(values)
@@ -481,8 +517,8 @@ class Accounts:
                     # older snapshot (MariaDB), which would lose a concurrent edit.
                     current = q.attributes_of(conn, row.id, lock=True)
                     wanted["attributes"] = merge_attributes(current, attribute_changes)
-                self.edit_in(conn, row, wanted, self.clock())
-                return q.load_users(conn, ids=[row.id], deleted=None)[0]
+                changed = self.edit_in(conn, row, wanted, self.clock())
+                return Edited(q.load_users(conn, ids=[row.id], deleted=None)[0], changed)
 
         return rerun_on_unique_clash(
             write,
@@ -636,16 +672,11 @@ class Accounts:
             raise InvalidInput.one("username", "name at least one user")
         with self.write() as conn:
             rows: dict[int, Any] = {}
-            missing: dict[str, str] = {}
             for name in usernames:
-                try:
+                with suppress(NotFoundError):
                     row = q.fetch_user_row(conn, name)
-                except NotFoundError:
-                    missing.setdefault(q.username_key(name), name)
-                    continue
-                rows.setdefault(row.id, row)
-            if missing:
-                raise NotFoundError("user", ", ".join(missing.values()))
+                    rows.setdefault(row.id, row)
+            all_found(usernames, [row.username for row in rows.values()])
             now = self.clock()
             changed = {row.id: change(conn, row, now) for row in rows.values()}
         return Bulk(

@@ -26,14 +26,13 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from . import csvio
-from .accounts import Accounts, Policy
+from .accounts import Accounts, Policy, all_found
 from .config import ENV_ACTOR, Config, display_url, load_config
 from .early_signals import restore as restore_signals
 from .errors import (
     ConfigError,
     ForbiddenError,
     InvalidInput,
-    NotFoundError,
     Problem,
     ProvisionerError,
     StoreUnavailable,
@@ -399,10 +398,11 @@ def user_edit(app: App, /, username: str, **opts: Any) -> None:
     changes = _parse_attrs(opts["attrs"]) if opts["attrs"] else None
     if not values and changes is None:
         raise InvalidInput.one("options", "name at least one field to change")
-    changed = app.accounts.edit_user(username, values, attribute_changes=changes)
+    edited = app.accounts.edit_user(username, values, attribute_changes=changes)
     fields = sorted([*values, *(["attributes"] if changes is not None else [])])
-    log.info("user.edited", username=changed.username, fields=fields)
-    click.echo(f"updated {changed.username}")
+    # As the bulk commands and the import say: a user already so was not written.
+    log.info("user.edited", username=edited.user.username, fields=fields, changed=edited.changed)
+    click.echo(f"{'updated' if edited.changed else 'unchanged'} {edited.user.username}")
 
 
 @user.command("show")
@@ -542,8 +542,8 @@ def user_export(app: App, csv_path: str, usernames: tuple[str, ...]) -> None:
     if usernames:
         # A user named twice (in any case) is one row: a repeated row would not re-import.
         # By id, as a full export: the first admin comes first, as an empty store needs.
-        named = {u.id: u for u in map(app.accounts.get_user, usernames)}
-        found = [named[i] for i in sorted(named)]
+        # Every missing name is refused before the file is opened: no partial file.
+        found = app.accounts.get_users(usernames)
         deleted = [u.username for u in found if u.deleted_at is not None]
         if deleted:
             # An export re-imports as is; a deleted member's row would be refused.
@@ -816,20 +816,13 @@ def run(app: App, burst: bool) -> None:
 @pass_app
 def status(app: App, usernames: tuple[str, ...], as_json: bool) -> None:
     """Registration state read back from Asterisk: who is online, with what phone."""
-    from .store.queries import username_key
     from .store.registrations import status_rows
 
     app.only_reads()
     with app.accounts.transaction() as conn:
         rows = status_rows(conn, list(usernames) or None)
     # Names match ignoring ASCII case, so ``alice ALICE`` is one user, found once.
-    found = {username_key(r["username"]) for r in rows}
-    missing: dict[str, str] = {}
-    for name in usernames:
-        if username_key(name) not in found:
-            missing.setdefault(username_key(name), name)
-    if missing:
-        raise NotFoundError("user", ", ".join(missing.values()))
+    all_found(usernames, [r["username"] for r in rows])
     if as_json:
         _echo_json(rows)
         return

@@ -187,7 +187,7 @@ def test_extension_unique_and_reserved_by_deleted_user(accounts: Accounts) -> No
     with pytest.raises(NotFoundError):
         accounts.get_user("bob")
     accounts.purge(["alice"])
-    assert accounts.edit_user("carol", {"extension": "500"}).extension == "500"
+    assert accounts.edit_user("carol", {"extension": "500"}).user.extension == "500"
 
 
 def test_profile_required_for_user_and_must_exist(accounts: Accounts) -> None:
@@ -922,7 +922,7 @@ def test_extension_the_database_holds_equal_is_a_conflict(accounts: Accounts, ba
         conn.execute(update(users).where(users.c.username == "alice").values(extension="150 "))
     rule = "150 is taken by user alice's '150 ', which the database does not tell apart"
     if backend != "mariadb":
-        assert accounts.edit_user("bob", {"extension": "150"}).extension == "150"
+        assert accounts.edit_user("bob", {"extension": "150"}).user.extension == "150"
         return
     with pytest.raises(ConflictError) as edited:
         accounts.edit_user("bob", {"extension": "150"})
@@ -930,7 +930,7 @@ def test_extension_the_database_holds_equal_is_a_conflict(accounts: Accounts, ba
     with pytest.raises(ConflictError) as added:
         accounts.add_user(_agent("carol", extension="150"))
     assert added.value.problems == (Problem("extension", rule),)
-    assert accounts.edit_user("alice", {"extension": "150"}).extension == "150"
+    assert accounts.edit_user("alice", {"extension": "150"}).user.extension == "150"
 
 
 def test_an_allocated_extension_skips_one_the_database_holds_equal(

@@ -281,8 +281,8 @@ def test_first_admin_rule_on_every_backend(accounts: Accounts, policy: Policy) -
         boss.rotate_sip_secret("root")
     assert accounts.get_user("root").email == "root@example.com"
     root = Accounts(accounts.engine, policy, accounts.clock, actor="root")
-    assert root.edit_user("root", {"email": "me@example.com"}).email == "me@example.com"
-    assert boss.edit_user("boss", {"email": "bb@example.com"}).email == "bb@example.com"
+    assert root.edit_user("root", {"email": "me@example.com"}).user.email == "me@example.com"
+    assert boss.edit_user("boss", {"email": "bb@example.com"}).user.email == "bb@example.com"
     ghost = Accounts(accounts.engine, policy, accounts.clock, actor="ghost")
     with pytest.raises(ForbiddenError, match=r"actor: 'ghost' names no user"):
         ghost.edit_user("boss", {"email": "g@example.com"})

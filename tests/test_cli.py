@@ -202,6 +202,25 @@ def test_export_to_a_file_that_cannot_be_made_exits_2_naming_it(cli: Cli, tmp_pa
     ]
 
 
+def test_export_names_every_missing_user_as_the_bulk_commands_do_and_writes_nothing(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """`user export` naming several users that do not exist exits 3 naming them all (each
+    once, as first spelled), as `user disable` does, and makes no file, not even a
+    partial one; to stdout it writes nothing."""
+    _add(cli, "alice")
+    out = tmp_path / "some.csv"
+    named = ("ghost", "alice", "nobody", "GHOST")
+    refused = cli("user", "export", "--csv", str(out), *named)
+    bulk = cli("user", "disable", *named)
+    assert (refused.code, bulk.code) == (3, 3)
+    assert "user 'ghost, nobody' not found" in refused.err
+    assert refused.err == bulk.err
+    assert not out.exists()
+    to_stdout = cli("user", "export", "--csv", "-", *named)
+    assert (to_stdout.code, to_stdout.out, to_stdout.err) == (3, "", refused.err)
+
+
 def test_export_names_each_user_once_so_it_reimports(cli: Cli, tmp_path: Path) -> None:
     """A user named twice (in any case) is exported once, so the file re-imports as is."""
     _add(cli, "alice")
@@ -1246,3 +1265,33 @@ def test_bulk_actions_report_users_they_left_unchanged_as_unchanged(cli: Cli) ->
     assert cli.ok("user", "restore", "alice", "bob") == "restore: alice\nunchanged: bob\n"
     assert cli.ok("user", "enable", "alice", "bob") == "enable: bob\nunchanged: alice\n"
     assert cli.ok("user", "unlock", "alice") == "unchanged: alice\n"
+
+
+def test_an_edit_that_changes_no_stored_value_says_unchanged_and_writes_nothing(
+    cli: Cli, store: Engine, clock: FakeClock
+) -> None:
+    """``user edit`` giving only the values alice already holds (her NAT, an attribute, the
+    SIP secret she has) prints ``unchanged alice`` and exits 0, writing nothing: not her
+    row, not ``updated_at``, not her attributes, no change-feed row (which would make the
+    daemon re-render); an edit that changes a value still prints ``updated alice``."""
+    from provisioner.store.changefeed import newest_change_id
+
+    _add(cli, "alice", "--nat", "no", "--attr", "team=blue")
+    cli.ok("user", "edit", "alice", "--sip-secret", "-", input="Given-Sip-Secret-2\n")
+    clock.advance(minutes=5)
+    with store.connect() as conn:
+        change = newest_change_id(conn)
+    before = dict(user_row(store, "alice")._mapping)
+    shown = json.loads(cli.ok("user", "show", "alice", "--json"))
+    for edit in (
+        ("--nat", "no"),
+        ("--nat", "NO", "--attr", "team=blue"),
+        ("--sip-secret", "-"),
+    ):
+        result = cli("user", "edit", "alice", *edit, input="Given-Sip-Secret-2\n")
+        assert (result.code, result.out) == (0, "unchanged alice\n"), result
+    assert dict(user_row(store, "alice")._mapping) == before
+    assert json.loads(cli.ok("user", "show", "alice", "--json")) == shown
+    with store.connect() as conn:
+        assert newest_change_id(conn) == change
+    assert cli.ok("user", "edit", "alice", "--nat", "yes") == "updated alice\n"

@@ -884,6 +884,59 @@ def test_a_template_that_is_not_utf8_is_named_and_nothing_is_written(
     assert written(tmp_path) == before
 
 
+def _unreadable(overrides: Path, name: str, kind: str) -> str:
+    """Make ``overrides/name`` an entry no template can be read from (``kind``: a dangling
+    symbolic link, a link loop, a directory): what the error says it is."""
+    entry = overrides / name
+    if kind == "dangling":
+        entry.symlink_to(overrides / "gone.j2")
+        return "is a symbolic link to nothing"
+    if kind == "loop":
+        entry.symlink_to(entry)
+        return "cannot be opened: too many levels of symbolic links"
+    entry.mkdir()
+    return "is a directory"
+
+
+@pytest.mark.parametrize("name", ["header.j2", "user.j2"])
+@pytest.mark.parametrize("kind", ["dangling", "loop", "directory"])
+@pytest.mark.parametrize("shards", [0, 4])
+def test_an_override_template_that_cannot_be_read_is_named_and_nothing_is_written(
+    tmp_path: Path, name: str, kind: str, shards: int
+) -> None:
+    """An override template that cannot be read (a dangling symbolic link, a link loop, a
+    directory), even one rendered well before, raises RenderCheckFailed naming the file
+    and why, never rendering the shipped template in its place; nothing is written."""
+    (tmp_path / "out").mkdir()
+    overrides = write_override(tmp_path / "t", "header.j2", "; site header v1\n")
+    target = make_target(tmp_path / "out" / "out.conf", shards, overrides)
+    target.apply(rendered())
+    before = written(tmp_path / "out")
+    (overrides / "header.j2").unlink()
+    why = _unreadable(overrides, name, kind)
+    with pytest.raises(RenderCheckFailed) as info:
+        target.apply(rendered())
+    # A shard file's failure starts with the shard file's name.
+    assert str(info.value).endswith(
+        f"template {name!r} cannot be read: {str(overrides / name)!r} {why}"
+    )
+    assert written(tmp_path / "out") == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
+def test_an_override_template_without_read_permission_is_named(tmp_path: Path) -> None:
+    """An override template the daemon may not read raises RenderCheckFailed naming the
+    file and why, never rendering the shipped template in its place."""
+    overrides = write_override(tmp_path / "t", "header.j2", "; site header\n")
+    (overrides / "header.j2").chmod(0)
+    with pytest.raises(RenderCheckFailed) as info:
+        ConfigFileTarget(tmp_path / "out.conf", overrides).render_text(rendered())
+    assert str(info.value) == (
+        f"template 'header.j2' cannot be read: {str(overrides / 'header.j2')!r} "
+        "cannot be opened: permission denied"
+    )
+
+
 @pytest.mark.parametrize(
     "header",
     [

@@ -951,6 +951,27 @@ def test_check_fails_its_target_line_for_a_subdirectory_template_that_does_not_c
     assert cli(config, *flags, "render", check=False).code == 8  # as check foretold
 
 
+@pytest.mark.parametrize("shards", ["0", "4"])
+def test_check_fails_its_target_line_for_an_override_template_that_cannot_be_read(
+    tmp_path: Path, shards: str
+) -> None:
+    """'check' fails the target line (exit 1), naming the file and why, for an override
+    template that is a dangling symbolic link (never using the shipped one in its place),
+    which every apply refuses (exit 8), with one file or in shards."""
+    from .faultkit import cli
+
+    overrides = tmp_path / "tpl"
+    overrides.mkdir()
+    (overrides / "header.j2").symlink_to(overrides / "gone.j2")
+    config, flags, code, line = _check_target(tmp_path, templates=str(overrides), shards=shards)
+    assert code == 1
+    assert line == (
+        f"FAIL  target: template 'header.j2' cannot be read: "
+        f"{str(overrides / 'header.j2')!r} is a symbolic link to nothing"
+    )
+    assert cli(config, *flags, "render", check=False).code == 8  # as check foretold
+
+
 def test_a_full_apply_of_many_shards_writes_them_at_once_each_whole(
     path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -121,7 +122,8 @@ def _is_shipped(searched: list[Path], name: str) -> bool:
     """True when the loader finds ``name`` in the shipped directory, with the known content."""
     for directory in searched:
         path = directory / name
-        if path.exists():
+        # An entry that cannot be read too (a dangling link): the render then says so.
+        if os.path.lexists(path):
             if directory != SHIPPED_TEMPLATES:
                 return False
             try:
@@ -142,9 +144,34 @@ def plain_header(header: str) -> bool:
     return not (parsed.sections or parsed.directives or parsed.notices)
 
 
+def _unreadable(path: str) -> str | None:
+    """Why the entry at ``path`` holds no template text (a symbolic link to nothing, a
+    directory, anything but a regular file, one the process may not stat), or None for a
+    regular file and for no entry at all."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "is a symbolic link to nothing"
+    except OSError as exc:
+        return _cannot_open(exc)
+    if stat.S_ISDIR(mode):
+        return "is a directory"
+    # Not opened: a FIFO would block the render until someone wrote to it.
+    return None if stat.S_ISREG(mode) else "is not a regular file"
+
+
+def _cannot_open(exc: OSError) -> str:
+    """``cannot be opened: <the system's reason>``, in lower case (``permission denied``)."""
+    reason = exc.strerror or type(exc).__name__
+    return f"cannot be opened: {reason[:1].lower()}{reason[1:]}"
+
+
 class _Loader(jinja2.FileSystemLoader):
-    """Jinja's loader of template files, a file that is not UTF-8 refused by name, and a
-    byte-order mark starting one dropped."""
+    """Jinja's loader of template files: a file that is not UTF-8 refused by name, an
+    entry that cannot be read refused by path (never passed over for the next directory's
+    template of that name), and a byte-order mark starting a file dropped."""
 
     def get_source(
         self, environment: jinja2.Environment, template: str
@@ -152,13 +179,34 @@ class _Loader(jinja2.FileSystemLoader):
         """The template's text, without a UTF-8 byte-order mark at its start (one that
         Windows editors write: it marks the encoding, it is no text of the file, and mid-file
         Asterisk would read it as a line); :class:`RenderCheckFailed` naming the template
-        and line when its bytes are not UTF-8 (an override saved as Latin-1, say)."""
+        and line when its bytes are not UTF-8 (an override saved as Latin-1, say), and
+        naming the template, its path and why when the first directory holding an entry of
+        that name cannot give its text (a dangling symbolic link, a directory, no read
+        permission): Jinja's loader would render the shipped template in its place."""
+        self._check_readable(template)
         try:
             source, filename, uptodate = super().get_source(environment, template)
         except UnicodeDecodeError as exc:
             line = exc.object[: exc.start].count(b"\n") + 1
             raise RenderCheckFailed(f"template {template!r} is not UTF-8 (line {line})") from None
+        except OSError as exc:
+            path = exc.filename if isinstance(exc.filename, str) else template
+            raise RenderCheckFailed(
+                f"template {template!r} cannot be read: {path!r} {_cannot_open(exc)}"
+            ) from None
         return source.removeprefix("\ufeff"), filename, uptodate
+
+    def _check_readable(self, template: str) -> None:
+        """:class:`RenderCheckFailed` when the first entry named ``template`` in the
+        searched directories is no readable regular file."""
+        pieces = jinja2.loaders.split_template_path(template)
+        for directory in self.searchpath:
+            path = os.path.join(directory, *pieces)
+            why = _unreadable(path)
+            if why is not None:
+                raise RenderCheckFailed(f"template {template!r} cannot be read: {path!r} {why}")
+            if os.path.lexists(path):
+                return
 
 
 def _environment(searched: Sequence[Path]) -> jinja2.Environment:
