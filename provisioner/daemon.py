@@ -349,7 +349,8 @@ class Daemon:
     _full_retry_delay: float = 0.0
     #: A full apply began and has not succeeded since: the target may lack what it was to
     #: apply (a template edit, a SIGHUP's settings, a refused mass removal), so the applies
-    #: that succeed meanwhile (a poll finding nothing new) leave the record failed.
+    #: that succeed meanwhile (a poll finding nothing new) leave the record failed.  Set
+    #: as :meth:`_full` begins, cleared by :meth:`_succeeded` for any full apply's result.
     _full_owed: bool = False
     #: The apply in progress has run longer than ``daemon.stuck_after`` (see
     #: :meth:`_apply_stuck`), and the timer that says so.
@@ -956,7 +957,6 @@ class Daemon:
         if replaced or cursor > self.tracker.cursor:
             self.tracker = CursorTracker(cursor=cursor, grace=self.config.daemon.cursor_grace)
         result = self.applier.full()
-        self._full_owed = False
         # The cursor is saved and the feed pruned by _run once Asterisk was told: a store
         # write failing now must not keep what the target took from Asterisk (the retry
         # would find the target as wanted, and tell nothing).
