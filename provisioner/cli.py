@@ -67,7 +67,8 @@ class App:
         self.actor = actor
         self._config: Config | None = None
         self._accounts: Accounts | None = None
-        #: False once the command said it only reads the store (:meth:`only_reads`).
+        #: False once the command said it needs an existing store
+        #: (:meth:`needs_existing_store`).
         self._creates_store = True
 
     @property
@@ -87,17 +88,12 @@ class App:
             self._accounts = Accounts(engine, Policy.from_config(cfg), actor=self.actor)
         return self._accounts
 
-    def only_reads(self) -> None:
-        """Say that the command only reads the store (a listing, a dry run), before it first
-        opens it: it then never creates it (:meth:`needs_existing_store`)."""
-        self.needs_existing_store()
-
     def needs_existing_store(self) -> None:
-        """Say, before the store is first opened, that the command only reads it or writes
-        only to what it already holds (``auth login``: a user's failed logins): a SQLite
-        store whose file does not exist (a typo'd path) is then refused with
-        :class:`StoreUnavailable` naming the file, and neither it nor its directories are
-        created (a stray empty store that a later ``db upgrade`` or daemon would use)."""
+        """Say, before the store is first opened, that the command only reads it (a listing,
+        a dry run) or writes only to what it already holds (``auth login``: a user's failed
+        logins): a SQLite store whose file does not exist (a typo'd path) is then refused
+        with :class:`StoreUnavailable` naming the file, and neither it nor its directories
+        are created (a stray empty store that a later ``db upgrade`` or daemon would use)."""
         self._creates_store = False
 
 
@@ -263,7 +259,7 @@ def profile_add(app: App, name: str, description: str) -> None:
 @pass_app
 def profile_list(app: App, as_json: bool) -> None:
     """List user profiles."""
-    app.only_reads()
+    app.needs_existing_store()
     found = app.accounts.list_profiles()
     if as_json:
         _echo_json([asdict(p) for p in found])
@@ -411,7 +407,7 @@ def user_edit(app: App, /, username: str, **opts: Any) -> None:
 @pass_app
 def user_show(app: App, username: str, as_json: bool) -> None:
     """Show one user (never a secret)."""
-    app.only_reads()
+    app.needs_existing_store()
     data = user_view(app, app.accounts.get_user(username))
     if as_json:
         _echo_json(data)
@@ -441,7 +437,7 @@ def user_list(
     as_json: bool,
 ) -> None:
     """List users."""
-    app.only_reads()
+    app.needs_existing_store()
     found = app.accounts.list_users(deleted=deleted, role=role, profile=profile, state=state)
     if as_json:
         _echo_json([user_view(app, u) for u in found])
@@ -538,7 +534,7 @@ def user_apikey(app: App, username: str, action: str) -> None:
 @pass_app
 def user_export(app: App, csv_path: str, usernames: tuple[str, ...]) -> None:
     """Export users (all live ones, or those named) to CSV; no secrets."""
-    app.only_reads()
+    app.needs_existing_store()
     if usernames:
         # A user named twice (in any case) is one row: a repeated row would not re-import.
         # By id, as a full export: the first admin comes first, as an empty store needs.
@@ -625,7 +621,7 @@ def _csv_text(raw: bytes, csv_path: str) -> str:
 def user_import(app: App, csv_path: str, dry_run: bool) -> None:
     """Add or update users from CSV: every row valid, or nothing changes."""
     if dry_run:
-        app.only_reads()
+        app.needs_existing_store()
     try:
         # stdin as bytes too: its text layer is strict under a UTF-8 locale (a traceback).
         raw = sys.stdin.buffer.read() if csv_path == "-" else Path(csv_path).read_bytes()
@@ -772,7 +768,7 @@ def _reconcile_with(
 def render(app: App, kind: str | None, dry_run: bool, allow_mass_removal: bool) -> None:
     """Render every live user into the target (a config file or realtime rows)."""
     if dry_run:
-        app.only_reads()
+        app.needs_existing_store()
     report = _reconcile(app, kind=kind, dry_run=dry_run, allow_mass_removal=allow_mass_removal)
     if dry_run and report.change.diff:
         click.echo(report.change.diff, nl=not report.change.diff.endswith("\n"))
@@ -787,7 +783,7 @@ def render(app: App, kind: str | None, dry_run: bool, allow_mass_removal: bool) 
 def sync(app: App, once: bool, dry_run: bool, allow_mass_removal: bool) -> None:
     """Reconcile the store into the configured target once; print the counts."""
     if dry_run:
-        app.only_reads()
+        app.needs_existing_store()
     report = _reconcile(app, kind=None, dry_run=dry_run, allow_mass_removal=allow_mass_removal)
     _print_report(report)
 
@@ -818,7 +814,7 @@ def status(app: App, usernames: tuple[str, ...], as_json: bool) -> None:
     """Registration state read back from Asterisk: who is online, with what phone."""
     from .store.registrations import status_rows
 
-    app.only_reads()
+    app.needs_existing_store()
     with app.accounts.transaction() as conn:
         rows = status_rows(conn, list(usernames) or None)
     # Names match ignoring ASCII case, so ``alice ALICE`` is one user, found once.
@@ -886,7 +882,7 @@ def import_pjsip(
     from .pjsip import RenderSettings
 
     if dry_run:
-        app.only_reads()
+        app.needs_existing_store()
     plan = importer.plan_import(
         importer.read_file(file),
         RenderSettings.from_config(app.config),
