@@ -1442,13 +1442,17 @@ def test_the_fast_path_leaves_odd_text_to_the_parser(
     assert canonical_chunk(user) is None
 
 
+#: A real user with one id, option name or value replaced (:func:`_with_one_piece`).
+ONE_PIECE = {
+    "base": st.sampled_from(REPRESENTATIVE),
+    "where": st.integers(0, 300),
+    "part": st.sampled_from(["id", "name", "value"]),
+    "piece": st.one_of(near_plain, near_plain, hostile_text),
+}
+
+
 @settings(suppress_health_check=[HealthCheck.too_slow])
-@given(
-    base=st.sampled_from(REPRESENTATIVE),
-    where=st.integers(0, 300),
-    part=st.sampled_from(["id", "name", "value"]),
-    piece=st.one_of(near_plain, near_plain, hostile_text),
-)
+@given(**ONE_PIECE)
 def test_one_odd_piece_is_caught_by_the_fast_path_or_the_parser(
     base: User, where: int, part: str, piece: str
 ) -> None:
@@ -1478,10 +1482,7 @@ def _with_one_piece(base: User, where: int, part: str, piece: str) -> UserObject
 
 @settings(suppress_health_check=[HealthCheck.too_slow])
 @given(
-    base=st.sampled_from(REPRESENTATIVE),
-    where=st.integers(0, 300),
-    part=st.sampled_from(["id", "name", "value"]),
-    piece=st.one_of(near_plain, near_plain, hostile_text),
+    **ONE_PIECE,
     header=st.sampled_from([HEADER, "; \\ ; =>  \n", "; é ☎\x85 \n"]),
 )
 def test_the_checks_of_a_first_full_apply_judge_the_users_as_they_would_alone(
