@@ -189,6 +189,10 @@ class _Loader(jinja2.FileSystemLoader):
         except UnicodeDecodeError as exc:
             line = exc.object[: exc.start].count(b"\n") + 1
             raise RenderCheckFailed(f"template {template!r} is not UTF-8 (line {line})") from None
+        except jinja2.TemplateNotFound:
+            # An OSError too, but no failure here: ``include ... ignore missing`` and an
+            # include of a list (the first that exists) go on without it.
+            raise
         except OSError as exc:
             path = exc.filename if isinstance(exc.filename, str) else template
             raise RenderCheckFailed(
@@ -359,6 +363,9 @@ class Templates:
         except jinja2.TemplateSyntaxError as exc:
             line = f"{exc.name or exc.filename or '?'} line {exc.lineno}"
             raise RenderCheckFailed(f"template {line}: {exc.message}") from None
+        except jinja2.TemplatesNotFound as exc:
+            tried = ", ".join(repr(str(name)) for name in exc.templates)
+            raise RenderCheckFailed(f"none of templates {tried} found") from None
         except jinja2.TemplateNotFound as exc:
             raise RenderCheckFailed(f"template {exc.name!r} not found") from None
         except RenderCheckFailed:
