@@ -951,6 +951,61 @@ def test_check_fails_its_target_line_for_a_subdirectory_template_that_does_not_c
     assert cli(config, *flags, "render", check=False).code == 8  # as check foretold
 
 
+@pytest.mark.parametrize(
+    ("files", "reason"),
+    [
+        (
+            {"header.j2": '; x\n{% include "gone.j2" %}'},
+            "template 'gone.j2' not found (in header.j2)",
+        ),
+        (
+            {"header.j2": '{% include "sub/note.j2" %}', "sub/note.j2": '{% include "gone.j2" %}'},
+            "template 'gone.j2' not found (in sub/note.j2)",
+        ),
+        (
+            {"header.j2": '{% from "sub/m.j2" import m %}{{ m() }}'},
+            "template 'sub/m.j2' not found (in header.j2)",
+        ),
+        (
+            {"header.j2": '{% include ["gone.j2", "lost.j2"] %}'},
+            "none of templates 'gone.j2', 'lost.j2' found (in header.j2)",
+        ),
+    ],
+)
+def test_check_fails_its_target_line_for_a_template_an_override_includes_that_does_not_exist(
+    tmp_path: Path, files: dict[str, str], reason: str
+) -> None:
+    """'check' fails the target line (exit 1), naming the missing template and the one
+    including or importing it, which every apply refuses (exit 8)."""
+    from .faultkit import cli
+
+    overrides = tmp_path / "tpl"
+    for name, text in files.items():
+        (overrides / name).parent.mkdir(parents=True, exist_ok=True)
+        (overrides / name).write_text(text)
+    config, flags, code, line = _check_target(tmp_path, templates=str(overrides))
+    assert (code, line) == (1, f"FAIL  target: {reason}")
+    assert cli(config, *flags, "render", check=False).code == 8  # as check foretold
+
+
+def test_check_passes_a_missing_include_the_override_marks_ignore_missing_or_has_a_fallback(
+    tmp_path: Path,
+) -> None:
+    """'check' passes an include of a missing template marked ``ignore missing``, or given
+    as a list whose another template exists, which every apply renders."""
+    from .faultkit import cli
+
+    overrides = tmp_path / "tpl"
+    overrides.mkdir()
+    (overrides / "header.j2").write_text(
+        '; x\n{% include "gone.j2" ignore missing %}{% include ["gone.j2", "note.j2"] %}'
+    )
+    (overrides / "note.j2").write_text("; note\n")
+    config, flags, code, line = _check_target(tmp_path, templates=str(overrides))
+    assert (code, line.startswith("ok")) == (0, True), line
+    assert cli(config, *flags, "render", check=False).code == 0
+
+
 @pytest.mark.parametrize("shards", ["0", "4"])
 def test_check_fails_its_target_line_for_an_override_template_that_cannot_be_read(
     tmp_path: Path, shards: str
