@@ -947,11 +947,11 @@ def test_as_another_admin_editing_the_first_admin_exits_5(cli: Cli, store: Engin
 def test_as_the_first_admin_or_without_as_root_is_edited(cli: Cli, store: Engine) -> None:
     """``--as root`` edits root, and so does a command without ``--as``, as before."""
     _add_boss(cli)
-    assert "updated root" in cli.ok("--as", "root", "user", "edit", "root", "--email", "a@ex.com")
+    assert "updated: root" in cli.ok("--as", "root", "user", "edit", "root", "--email", "a@ex.com")
     assert user_row(store, "root").email == "a@ex.com"
-    assert "updated root" in cli.ok("user", "edit", "root", "--email", "b@ex.com")
+    assert "updated: root" in cli.ok("user", "edit", "root", "--email", "b@ex.com")
     assert user_row(store, "root").email == "b@ex.com"
-    assert "updated boss" in cli.ok("--as", "boss", "user", "edit", "boss", "--nat", "yes")
+    assert "updated: boss" in cli.ok("--as", "boss", "user", "edit", "boss", "--nat", "yes")
 
 
 def test_provisioner_as_names_the_actor_and_is_no_config_key(cli: Cli, store: Engine) -> None:
@@ -961,8 +961,8 @@ def test_provisioner_as_names_the_actor_and_is_no_config_key(cli: Cli, store: En
     refused = cli("user", "edit", "root", "--email", "evil@example.com")
     assert refused.code == 5, refused
     assert ONLY_ITSELF in refused.err
-    assert "updated boss" in cli.ok("user", "edit", "boss", "--email", "bb@ex.com")
-    assert "updated root" in cli.ok("--as", "root", "user", "edit", "root", "--email", "r@ex.com")
+    assert "updated: boss" in cli.ok("user", "edit", "boss", "--email", "bb@ex.com")
+    assert "updated: root" in cli.ok("--as", "root", "user", "edit", "root", "--email", "r@ex.com")
 
 
 def test_an_empty_provisioner_as_is_refused_not_taken_for_no_actor(cli: Cli, store: Engine) -> None:
@@ -1325,9 +1325,9 @@ def test_an_edit_that_changes_no_stored_value_says_unchanged_and_writes_nothing(
     cli: Cli, store: Engine, clock: FakeClock
 ) -> None:
     """``user edit`` giving only the values alice already holds (her NAT, an attribute, the
-    SIP secret she has) prints ``unchanged alice`` and exits 0, writing nothing: not her
-    row, not ``updated_at``, not her attributes, no change-feed row (which would make the
-    daemon re-render); an edit that changes a value still prints ``updated alice``."""
+    SIP secret she has) prints ``unchanged: alice`` (as the bulk commands say it) and exits
+    0, writing nothing: not her row, not ``updated_at``, not her attributes, no change-feed
+    row (which would make the daemon re-render); a change prints ``updated: alice``."""
     from provisioner.store.changefeed import newest_change_id
 
     _add(cli, "alice", "--nat", "no", "--attr", "team=blue")
@@ -1343,9 +1343,9 @@ def test_an_edit_that_changes_no_stored_value_says_unchanged_and_writes_nothing(
         ("--sip-secret", "-"),
     ):
         result = cli("user", "edit", "alice", *edit, input="Given-Sip-Secret-2\n")
-        assert (result.code, result.out) == (0, "unchanged alice\n"), result
+        assert (result.code, result.out) == (0, "unchanged: alice\n"), result
     assert dict(user_row(store, "alice")._mapping) == before
     assert json.loads(cli.ok("user", "show", "alice", "--json")) == shown
     with store.connect() as conn:
         assert newest_change_id(conn) == change
-    assert cli.ok("user", "edit", "alice", "--nat", "yes") == "updated alice\n"
+    assert cli.ok("user", "edit", "alice", "--nat", "yes") == "updated: alice\n"
