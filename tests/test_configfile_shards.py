@@ -308,6 +308,43 @@ def test_an_edit_after_shard_files_were_deleted_writes_them_again(path: Path) ->
     check_shards(target, expected)
 
 
+def test_an_edit_after_the_main_file_was_deleted_writes_it_again(path: Path) -> None:
+    """An edit made once the main file was deleted by hand (alone, or with the shard
+    directory) writes it again, including every shard file, beside the edited shard,
+    logging ``target.main_missing``: Asterisk would otherwise lose every endpoint at the
+    next reload until the next full reconcile."""
+    import shutil
+
+    users = many(40)
+    target = ShardedConfigFileTarget(path, shards=4)
+    target.apply(users)
+    main = path.read_bytes()
+    victim = next(u for u in REPRESENTATIVE if u.extension == "1003")
+    edited = render_user(
+        replace(victim, voice=replace(victim.voice, context="sales")), RenderSettings()
+    )
+    expected = sorted([edited, *(u for u in users if u.endpoint_id != "1003")], key=_order)
+    path.unlink()
+    with capture_logs() as logs:
+        change = target.apply_partial([edited], [])
+    assert (change.updated, change.added, change.removed, change.wrote) == (
+        ("1003",),
+        (),
+        (),
+        True,
+    )
+    (missing,) = [e for e in logs if e["event"] == "target.main_missing"]
+    assert (missing["log_level"], missing["path"]) == ("warning", str(path))
+    assert path.read_bytes() == main
+    check_shards(target, expected)
+    path.unlink()
+    shutil.rmtree(target.directory)
+    assert target.apply_partial([edited], []).wrote  # no change, every file gone
+    assert path.read_bytes() == main
+    check_shards(target, expected)
+    assert not target.apply_partial([edited], []).wrote  # all in place: nothing written
+
+
 def test_an_edit_across_two_shards_writes_those_two(path: Path) -> None:
     """Removing a user from one shard and adding one to another rewrites those two files
     only, and a new target object (after a restart) edits from the files as they are."""
