@@ -398,7 +398,7 @@ def user_edit(app: App, /, username: str, **opts: Any) -> None:
     fields = sorted([*values, *(["attributes"] if changes is not None else [])])
     # As the bulk commands and the import say: a user already so was not written.
     log.info("user.edited", username=edited.user.username, fields=fields, changed=edited.changed)
-    click.echo(f"{'updated' if edited.changed else 'unchanged'} {edited.user.username}")
+    click.echo(f"{'updated' if edited.changed else 'unchanged'}: {edited.user.username}")
 
 
 @user.command("show")

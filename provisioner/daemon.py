@@ -35,7 +35,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from .aio import sleep_unless, wait_all_or_event, wait_first, wait_task_or_event
 from .applier import Applied, Applier
-from .config import Config, load_config, secret_file_problem
+from .config import Config, display_url, load_config, secret_file_problem
 from .early_signals import take as take_early_signals
 from .errors import (
     ConflictError,
@@ -77,6 +77,7 @@ from .store.untold import drop_untold, new_token, note_untold, untold_key
 from .targets import Change, Target
 from .targets.configfile import ConfigFileTarget
 from .targets.sharded import ShardedConfigFileTarget
+from .targets.shards import shard_directory
 from .targets.templating import SHIPPED_TEMPLATES
 from .threads import in_worker
 from .watch import (
@@ -199,6 +200,30 @@ def _placement(config: Config) -> tuple[str, str, str, str, int]:
     render settings, which reach the applier without a new target)."""
     t = config.target
     return (t.kind, t.path, t.url, t.templates, t.shards)
+
+
+def _target_where(config: Config, store_url: str) -> tuple[str, str]:
+    """Where ``config``'s target puts the endpoints: its kind and its file's absolute path
+    or its database's URL fit to log (``store_url``'s when ``target.url`` is empty)."""
+    t = config.target
+    if t.kind == "config":
+        return (t.kind, os.path.abspath(t.path))
+    return (t.kind, display_url(t.url or store_url))
+
+
+def _left_behind(old: Config, new: Config, store_url: str) -> list[str]:
+    """What ``old``'s target leaves holding endpoints once ``new``'s replaces it: its
+    config file and shard directory, those that exist and are not ``new``'s own (a path
+    that links to the new file); or its realtime rows."""
+    kind, where = _target_where(old, store_url)
+    if kind != "config":
+        return [f"ps_endpoints, ps_auths, ps_aors rows in {where}"]
+    kept: set[str] = set()
+    if new.target.kind == "config":
+        path = Path(os.path.abspath(new.target.path))
+        kept = {os.path.realpath(path), os.path.realpath(shard_directory(path))}
+    paths = [where, str(shard_directory(Path(where)))] if old.target.shards else [where]
+    return [p for p in paths if os.path.lexists(p) and os.path.realpath(p) not in kept]
 
 
 #: Sections a SIGHUP cannot apply: the store's engine and the AMI sessions are built once.
@@ -1042,6 +1067,7 @@ class Daemon:
             if self.pbx is not None:
                 self.pbx.follow_target(config)
             log.info("config.target_changed", kind=config.target.kind, path=config.target.path)
+            await self._say_what_is_left(self.config, config)
         dirs = template_dirs(config)
         if dirs != template_dirs(self.config):
             # Watch the new override directory (and no longer the old one).
@@ -1065,6 +1091,29 @@ class Daemon:
         _reread_templates(self.applier.target)
         self.templates_changed.set()
         log.info("config.reloaded", file=config.source)  # ``source`` is the logger's name
+
+    async def _say_what_is_left(self, old: Config, new: Config) -> None:
+        """Log ``target.switched`` (a warning) when a SIGHUP moved the target elsewhere
+        (another kind, config file or realtime database) and the old one still holds
+        endpoints: its file (and shard directory) or its realtime rows.  They are left as
+        they are: Asterisk may still ``#include`` that file or read those rows, and
+        emptying them here could empty Asterisk; the operator removes them (README)."""
+        store_url = self.config.store.url  # the running store, which a SIGHUP keeps
+        before, after = _target_where(old, store_url), _target_where(new, store_url)
+        if before == after:
+            return
+        left = await in_worker(_left_behind, old, new, store_url)
+        if left:
+            log.warning(
+                "target.switched",
+                old_kind=old.target.kind,
+                old_where=before[1],
+                new_kind=new.target.kind,
+                new_where=after[1],
+                left=left,
+                todo="remove what is left, and its #include or sorcery mapping, once Asterisk "
+                "reads the new target: until then Asterisk may hold both",
+            )
 
     async def _watch_templates(self, dirs: list[Path], since: TemplateStamp) -> None:
         """Set ``templates_changed`` on any change in ``dirs`` after ``since`` (their stamp

@@ -20,6 +20,13 @@ from provisioner import credentials
 from provisioner.accounts import Accounts, Policy
 from provisioner.store.engine import open_engine
 from provisioner.store.migrate import head_revision
+from provisioner.store.registrations import (
+    EndpointRows,
+    replace_server_snapshot,
+    set_problems,
+    status_rows,
+    write_endpoint_rows,
+)
 
 from .conftest import FakeClock
 from .dbs import temp_database
@@ -940,11 +947,11 @@ def test_as_another_admin_editing_the_first_admin_exits_5(cli: Cli, store: Engin
 def test_as_the_first_admin_or_without_as_root_is_edited(cli: Cli, store: Engine) -> None:
     """``--as root`` edits root, and so does a command without ``--as``, as before."""
     _add_boss(cli)
-    assert "updated root" in cli.ok("--as", "root", "user", "edit", "root", "--email", "a@ex.com")
+    assert "updated: root" in cli.ok("--as", "root", "user", "edit", "root", "--email", "a@ex.com")
     assert user_row(store, "root").email == "a@ex.com"
-    assert "updated root" in cli.ok("user", "edit", "root", "--email", "b@ex.com")
+    assert "updated: root" in cli.ok("user", "edit", "root", "--email", "b@ex.com")
     assert user_row(store, "root").email == "b@ex.com"
-    assert "updated boss" in cli.ok("--as", "boss", "user", "edit", "boss", "--nat", "yes")
+    assert "updated: boss" in cli.ok("--as", "boss", "user", "edit", "boss", "--nat", "yes")
 
 
 def test_provisioner_as_names_the_actor_and_is_no_config_key(cli: Cli, store: Engine) -> None:
@@ -954,8 +961,8 @@ def test_provisioner_as_names_the_actor_and_is_no_config_key(cli: Cli, store: En
     refused = cli("user", "edit", "root", "--email", "evil@example.com")
     assert refused.code == 5, refused
     assert ONLY_ITSELF in refused.err
-    assert "updated boss" in cli.ok("user", "edit", "boss", "--email", "bb@ex.com")
-    assert "updated root" in cli.ok("--as", "root", "user", "edit", "root", "--email", "r@ex.com")
+    assert "updated: boss" in cli.ok("user", "edit", "boss", "--email", "bb@ex.com")
+    assert "updated: root" in cli.ok("--as", "root", "user", "edit", "root", "--email", "r@ex.com")
 
 
 def test_an_empty_provisioner_as_is_refused_not_taken_for_no_actor(cli: Cli, store: Engine) -> None:
@@ -1181,6 +1188,53 @@ def test_an_attribute_and_a_profile_another_writer_left_not_utf8_are_shown_and_j
     assert "A2" in cli.ok("user", "show", "alice")
 
 
+def test_an_extension_another_writer_left_not_utf8_fails_no_other_users_read_or_write(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """An extension SQLite holds as bytes that are not UTF-8 names that user in `sync` and
+    `status`, while `user add` without an extension, `user import`, `import pjsip` and the
+    registration writes still work for the others, and an import moving it repairs it."""
+    conf = tmp_path / "pjsip_users.conf"
+    cli.config.write_text(CONFIG + f'\n[target]\npath = "{conf}"\n', encoding="utf-8")
+    _add(cli, "alice")
+    _add(cli, "bob")
+    _write_latin1(
+        cli, "UPDATE users SET extension = CAST(X'313031E9' AS TEXT) WHERE username = 'alice'"
+    )
+    synced = cli("sync", "--once")
+    assert (synced.code, "\nskipped alice: extension: " in synced.err) == (0, True)
+    assert "alice" in cli.ok("status", "alice")
+    assert "extension 101)" in _add(cli, "carol")  # alice's bytes are not the number 101
+    csv_file = tmp_path / "users.csv"
+    csv_file.write_text(
+        "username,full_name,email,profile,extension\n"
+        "dave,Dave A,dave@example.com,agents,\nalice,Alice A,alice@example.com,agents,180\n",
+        encoding="utf-8",
+    )
+    assert "added 1, updated 1, unchanged 0" in cli.ok("user", "import", "--csv", str(csv_file))
+    pjsip = tmp_path / "pjsip.conf"
+    pjsip.write_text("[1001]\ntype=endpoint\nauth=1001\n[1001]\ntype=auth\n"
+                     "auth_type=userpass\nusername=erin\npassword=Secret-1234\n")  # fmt: skip
+    cli.ok("import", "pjsip", str(pjsip), "--profile", "agents", "--email-domain", "x.org")
+    synced = cli("sync", "--once")
+    repaired = (synced.code, "skipped alice" in synced.err, "[180]" in conf.read_text())
+    assert repaired == (0, False, True)
+    _write_latin1(
+        cli, "UPDATE users SET extension = CAST(X'313831E9' AS TEXT) WHERE username = 'alice'"
+    )
+    engine = open_engine(cli.url)
+    try:
+        with engine.begin() as conn:
+            state: EndpointRows = {"102": ([], ("online", "NOT_INUSE", "", None))}
+            assert write_endpoint_rows(conn, "pbx1", state, datetime(2026, 1, 1)) == 1
+            assert replace_server_snapshot(conn, "pbx1", state, datetime(2026, 1, 1)) == 1
+            assert set_problems(conn, "pbx1", {"102": "x"}, datetime(2026, 1, 1)) == 1
+            people = {p["username"]: p["state"] for p in status_rows(conn)}
+    finally:
+        engine.dispose()
+    assert (people["bob"], people["alice"]) == ("online", "offline")
+
+
 def test_user_show_and_list_clear_a_lock_that_timed_out(cli: Cli, clock: FakeClock) -> None:
     """Once lock_minutes have passed, 'user show' and 'user list' give the state active
     with no lock time and no failed logins, as the next login sees it, not the stale ones."""
@@ -1271,9 +1325,9 @@ def test_an_edit_that_changes_no_stored_value_says_unchanged_and_writes_nothing(
     cli: Cli, store: Engine, clock: FakeClock
 ) -> None:
     """``user edit`` giving only the values alice already holds (her NAT, an attribute, the
-    SIP secret she has) prints ``unchanged alice`` and exits 0, writing nothing: not her
-    row, not ``updated_at``, not her attributes, no change-feed row (which would make the
-    daemon re-render); an edit that changes a value still prints ``updated alice``."""
+    SIP secret she has) prints ``unchanged: alice`` (as the bulk commands say it) and exits
+    0, writing nothing: not her row, not ``updated_at``, not her attributes, no change-feed
+    row (which would make the daemon re-render); a change prints ``updated: alice``."""
     from provisioner.store.changefeed import newest_change_id
 
     _add(cli, "alice", "--nat", "no", "--attr", "team=blue")
@@ -1289,9 +1343,9 @@ def test_an_edit_that_changes_no_stored_value_says_unchanged_and_writes_nothing(
         ("--sip-secret", "-"),
     ):
         result = cli("user", "edit", "alice", *edit, input="Given-Sip-Secret-2\n")
-        assert (result.code, result.out) == (0, "unchanged alice\n"), result
+        assert (result.code, result.out) == (0, "unchanged: alice\n"), result
     assert dict(user_row(store, "alice")._mapping) == before
     assert json.loads(cli.ok("user", "show", "alice", "--json")) == shown
     with store.connect() as conn:
         assert newest_change_id(conn) == change
-    assert cli.ok("user", "edit", "alice", "--nat", "yes") == "updated alice\n"
+    assert cli.ok("user", "edit", "alice", "--nat", "yes") == "updated: alice\n"

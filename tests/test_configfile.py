@@ -1294,6 +1294,31 @@ def test_a_template_in_a_subdirectory_of_the_override_is_found_and_its_edit_used
     check_rendered(target.path.read_bytes(), rendered())
 
 
+def test_an_include_marked_ignore_missing_or_with_a_fallback_renders_and_a_missing_one_is_named(
+    tmp_path: Path,
+) -> None:
+    """An override's include of a missing template marked ``ignore missing``, or listed
+    before one that exists, renders; an include of missing templates alone is a
+    RenderCheckFailed saying which were not found, and nothing is written."""
+    header = '; x\n{% include "gone.j2" ignore missing %}{% include ["gone.j2", "note.j2"] %}'
+    overrides = write_override(tmp_path / "t", "header.j2", header)
+    write_override(overrides, "note.j2", "; note\n")
+    target = ConfigFileTarget(tmp_path / "out.conf", overrides)
+    target.apply(rendered())
+    assert target.path.read_text(encoding="utf-8").startswith("; x\n; note\n")
+    for text, said in (
+        ('{% include "gone.j2" %}', "template 'gone.j2' not found"),
+        ('{% include ["gone.j2", "lost.j2"] %}', "none of templates 'gone.j2', 'lost.j2' found"),
+    ):
+        broken = ConfigFileTarget(
+            tmp_path / "b.conf", write_override(tmp_path / "t2", "header.j2", text)
+        )
+        with pytest.raises(RenderCheckFailed) as info:
+            broken.apply(rendered())
+        assert str(info.value) == said
+        assert not broken.path.exists()
+
+
 def test_a_template_in_a_subdirectory_failing_as_it_renders_is_named(tmp_path: Path) -> None:
     """A Python error raised by a template an override includes from a subdirectory is a
     RenderCheckFailed naming that template by its path and line; nothing is written."""

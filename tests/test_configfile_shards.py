@@ -308,6 +308,43 @@ def test_an_edit_after_shard_files_were_deleted_writes_them_again(path: Path) ->
     check_shards(target, expected)
 
 
+def test_an_edit_after_the_main_file_was_deleted_writes_it_again(path: Path) -> None:
+    """An edit made once the main file was deleted by hand (alone, or with the shard
+    directory) writes it again, including every shard file, beside the edited shard,
+    logging ``target.main_missing``: Asterisk would otherwise lose every endpoint at the
+    next reload until the next full reconcile."""
+    import shutil
+
+    users = many(40)
+    target = ShardedConfigFileTarget(path, shards=4)
+    target.apply(users)
+    main = path.read_bytes()
+    victim = next(u for u in REPRESENTATIVE if u.extension == "1003")
+    edited = render_user(
+        replace(victim, voice=replace(victim.voice, context="sales")), RenderSettings()
+    )
+    expected = sorted([edited, *(u for u in users if u.endpoint_id != "1003")], key=_order)
+    path.unlink()
+    with capture_logs() as logs:
+        change = target.apply_partial([edited], [])
+    assert (change.updated, change.added, change.removed, change.wrote) == (
+        ("1003",),
+        (),
+        (),
+        True,
+    )
+    (missing,) = [e for e in logs if e["event"] == "target.main_missing"]
+    assert (missing["log_level"], missing["path"]) == ("warning", str(path))
+    assert path.read_bytes() == main
+    check_shards(target, expected)
+    path.unlink()
+    shutil.rmtree(target.directory)
+    assert target.apply_partial([edited], []).wrote  # no change, every file gone
+    assert path.read_bytes() == main
+    check_shards(target, expected)
+    assert not target.apply_partial([edited], []).wrote  # all in place: nothing written
+
+
 def test_an_edit_across_two_shards_writes_those_two(path: Path) -> None:
     """Removing a user from one shard and adding one to another rewrites those two files
     only, and a new target object (after a restart) edits from the files as they are."""
@@ -949,6 +986,61 @@ def test_check_fails_its_target_line_for_a_subdirectory_template_that_does_not_c
     assert code == 1
     assert line.startswith("FAIL  target: template sub/note.j2 line 1"), line
     assert cli(config, *flags, "render", check=False).code == 8  # as check foretold
+
+
+@pytest.mark.parametrize(
+    ("files", "reason"),
+    [
+        (
+            {"header.j2": '; x\n{% include "gone.j2" %}'},
+            "template 'gone.j2' not found (in header.j2)",
+        ),
+        (
+            {"header.j2": '{% include "sub/note.j2" %}', "sub/note.j2": '{% include "gone.j2" %}'},
+            "template 'gone.j2' not found (in sub/note.j2)",
+        ),
+        (
+            {"header.j2": '{% from "sub/m.j2" import m %}{{ m() }}'},
+            "template 'sub/m.j2' not found (in header.j2)",
+        ),
+        (
+            {"header.j2": '{% include ["gone.j2", "lost.j2"] %}'},
+            "none of templates 'gone.j2', 'lost.j2' found (in header.j2)",
+        ),
+    ],
+)
+def test_check_fails_its_target_line_for_a_template_an_override_includes_that_does_not_exist(
+    tmp_path: Path, files: dict[str, str], reason: str
+) -> None:
+    """'check' fails the target line (exit 1), naming the missing template and the one
+    including or importing it, which every apply refuses (exit 8)."""
+    from .faultkit import cli
+
+    overrides = tmp_path / "tpl"
+    for name, text in files.items():
+        (overrides / name).parent.mkdir(parents=True, exist_ok=True)
+        (overrides / name).write_text(text)
+    config, flags, code, line = _check_target(tmp_path, templates=str(overrides))
+    assert (code, line) == (1, f"FAIL  target: {reason}")
+    assert cli(config, *flags, "render", check=False).code == 8  # as check foretold
+
+
+def test_check_passes_a_missing_include_the_override_marks_ignore_missing_or_has_a_fallback(
+    tmp_path: Path,
+) -> None:
+    """'check' passes an include of a missing template marked ``ignore missing``, or given
+    as a list whose another template exists, which every apply renders."""
+    from .faultkit import cli
+
+    overrides = tmp_path / "tpl"
+    overrides.mkdir()
+    (overrides / "header.j2").write_text(
+        '; x\n{% include "gone.j2" ignore missing %}{% include ["gone.j2", "note.j2"] %}'
+    )
+    (overrides / "note.j2").write_text("; note\n")
+    config, flags, code, line = _check_target(tmp_path, templates=str(overrides))
+    assert (code, line.startswith("ok")) == (0, True), line
+    assert cli(config, *flags, "render", check=False).code == 0
 
 
 @pytest.mark.parametrize("shards", ["0", "4"])

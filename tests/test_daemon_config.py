@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -542,3 +543,60 @@ def test_run_burst_on_a_store_never_upgraded_exits_7_naming_the_fix(tmp_path: Pa
     (line,) = [line for line in ran.err.splitlines() if line.startswith("error:")]
     assert line.startswith("error: user store unavailable: no such table: ")
     assert line.endswith(SCHEMA_HINT)
+
+
+def _switched(tmp_path: Path, before: str, after: str) -> list[MutableMapping[str, Any]]:
+    """The ``target.switched`` events of a SIGHUP re-reading the config file from
+    ``[target]`` settings ``before`` to ``after`` (the store under ``tmp_path``)."""
+    path = tmp_path / "provisioner.toml"
+    store = f"[store]\nurl = 'sqlite:///{tmp_path / 'store.db'}'\n"
+    path.write_text(f"{store}[target]\n{before}", encoding="utf-8")
+    daemon = Daemon.from_config(load_config(path, env={}), config_path=str(path))
+    try:
+        path.write_text(f"{store}[target]\n{after}", encoding="utf-8")
+        with capture_logs() as logs:
+            asyncio.run(daemon._reload_config())
+    finally:
+        daemon.engine.dispose()
+    assert any(entry["event"] == "config.reloaded" for entry in logs)
+    return [entry for entry in logs if entry["event"] == "target.switched"]
+
+
+def test_a_sighup_leaving_a_config_file_behind_warns_naming_it_and_keeps_it(
+    tmp_path: Path,
+) -> None:
+    """A SIGHUP switching a config-file target to realtime, or to another path, logs the
+    warning ``target.switched`` naming the old and new target and the files left, which
+    stay (Asterisk may still include them); none when no file was left, or the old path
+    links to the new file."""
+    old = tmp_path / "old.conf"
+    shards = tmp_path / "old.d"
+    old.write_text("; generated\n", encoding="utf-8")
+    shards.mkdir()
+    (shard,) = _switched(tmp_path, f"path = '{old}'\nshards = 2\n", "kind = 'realtime'\n")
+    assert (shard["log_level"], shard["old_kind"], shard["new_kind"]) == (
+        "warning",
+        "config",
+        "realtime",
+    )
+    assert (shard["old_where"], shard["left"]) == (str(old), [str(old), str(shards)])
+    (moved,) = _switched(tmp_path, f"path = '{old}'\n", f"path = '{tmp_path / 'new.conf'}'\n")
+    assert (moved["old_where"], moved["new_where"]) == (str(old), str(tmp_path / "new.conf"))
+    assert moved["left"] == [str(old)]
+    assert (old.read_text(encoding="utf-8"), shards.is_dir()) == ("; generated\n", True)
+    link = tmp_path / "link.conf"
+    link.symlink_to(old)
+    assert _switched(tmp_path, f"path = '{link}'\n", f"path = '{old}'\n") == []
+    old.unlink()
+    assert _switched(tmp_path, f"path = '{old}'\n", "kind = 'realtime'\n") == []
+
+
+def test_a_sighup_switching_from_realtime_warns_that_its_rows_are_left(tmp_path: Path) -> None:
+    """A SIGHUP switching a realtime target to a config file logs ``target.switched``
+    naming the database whose rows are left, its password hidden."""
+    url = "postgresql+psycopg://pbx:s3cret@127.0.0.1:1/asterisk"
+    (event,) = _switched(tmp_path, f"kind = 'realtime'\nurl = '{url}'\n", "kind = 'config'\n")
+    assert (event["old_kind"], event["new_kind"]) == ("realtime", "config")
+    assert event["left"] == ["ps_endpoints, ps_auths, ps_aors rows in "
+                             "postgresql+psycopg://pbx:***@127.0.0.1:1/asterisk"]  # fmt: skip
+    assert "s3cret" not in str(event)

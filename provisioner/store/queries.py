@@ -140,7 +140,8 @@ def extensions_by_username(
     query = select(users.c.id, users.c.username_key, users.c.extension).where(
         users.c.username_key.in_(sorted(filter(is_sendable, keys)))
     )
-    found = conn.execute(query.with_for_update() if lock else query)
+    query = query.with_for_update() if lock else query
+    found = escaping_bytes_not_utf8(conn, lambda: conn.execute(query).all())
     return {r.username_key: (r.id, r.extension) for r in _exact(found, "username_key", keys)}
 
 
@@ -320,7 +321,10 @@ class ExtensionAllocator:
     def __init__(self, conn: Connection, first: int, last: int) -> None:
         self.first = first
         self.last = last
-        self._taken = set(conn.execute(select(users.c.extension)).scalars())
+        # Escaped: one extension another writer left as bytes that are not UTF-8 must not
+        # fail every allocation (it equals no number this hands out).
+        query = select(users.c.extension)
+        self._taken = escaping_bytes_not_utf8(conn, lambda: set(conn.execute(query).scalars()))
         if conn.dialect.name in ("mysql", "mariadb"):
             # Their unique key ignores trailing spaces (PAD SPACE): a '150 ' another writer
             # stored holds 150, which an insert would be refused again at every rerun.

@@ -85,6 +85,16 @@ def _stamp(directory: Path) -> tuple[int, int, int] | None:
     return (info.st_dev, info.st_ino, info.st_mtime_ns)
 
 
+def _file_stamp(path: Path) -> tuple[int, int, int, int] | None:
+    """The file at ``path`` (a link followed): its device, inode, modification time and
+    size; None when it is gone."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
+
+
 def _summed(changes: Iterable[Change]) -> Change:
     """The changes of several files as one: endpoint ids in render_all's order."""
     added: list[str] = []
@@ -177,8 +187,10 @@ class ShardedConfigFileTarget:
         self._templates = Templates(templates_dir)
         #: Shard index -> the target writing that file, made when first needed.
         self._targets: dict[int, ConfigFileTarget] = {}
-        #: The main file's bytes once this object found or wrote it including this set.
+        #: The main file's bytes once this object found or wrote it including this set,
+        #: and its :func:`_file_stamp` then (an edit restats it, ~2 µs, to notice it gone).
         self._main: bytes | None = None
+        self._main_stamp: tuple[int, int, int, int] | None = None
         remove_stale_temporaries(self.path)
         remove_stale_in(self.directory, SHARD_TEMPORARIES)
 
@@ -277,7 +289,7 @@ class ShardedConfigFileTarget:
                 sync_directory(self.directory.parent)
             write_file(self.path, layout.main, backup=layout.old_main is not None)
             wrote = True
-        self._main = layout.main
+        self._main, self._main_stamp = layout.main, _file_stamp(self.path)
         # The main file names only this set now: other counts' files (the set before a
         # switch, or one a crash cut short) can go.
         drop_stale_backup(self.path, retire_shards(self.path, self.shards))
@@ -385,7 +397,8 @@ class ShardedConfigFileTarget:
     def _apply_partial(self, upserts: Sequence[UserObjects], removed_ids: Sequence[str]) -> Change:
         """:meth:`apply_partial`, the writers' lock held by the caller."""
         with self._templates.hold():
-            if not self._includes_this_set():
+            main_gone = self._main_gone()
+            if not main_gone and not self._includes_this_set():
                 return self._apply(edited(self._file_users(), upserts, removed_ids))
             count = self.shards
             edits: dict[int, tuple[list[UserObjects], list[str]]] = {}
@@ -412,8 +425,15 @@ class ShardedConfigFileTarget:
                     # Never read by this object: its users are known from no file.
                     return self._apply(edited(self._file_users(), upserts, removed_ids))
                 files.append((self._file(index), again))
-        change = _summed(self._commit_files(files))
+        change = _summed(self._commit_files(files, sync=main_gone))
         self._complete = _stamp(self.directory)  # every shard file is there again
+        if main_gone and self._main is not None:
+            # Only now: every file it includes is on disk (written above if it was gone).
+            if self._beside_a_link():
+                sync_directory(self.directory.parent)
+            write_file(self.path, self._main, backup=False)
+            self._main_stamp = _file_stamp(self.path)
+            change = replace(change, wrote=True)
         # As for one file, every user not added or updated counts as unchanged: those of
         # the shard files this object has read (all of them after a full apply, as in
         # the daemon; a fresh object reads only the shards it edits).
@@ -439,18 +459,36 @@ class ShardedConfigFileTarget:
         self._complete = None if missing else stamp
         return missing
 
+    def _main_gone(self) -> bool:
+        """True when the main file this object wrote or found including this set is gone
+        (deleted by hand): an edit writes it again, as it writes missing shard files,
+        rather than leave Asterisk without any endpoint until the next full reconcile.
+        Logs ``target.main_missing``.  Before this object knew the file: False (the
+        edit then becomes a full apply of what the files hold)."""
+        if self._main is None or os.path.exists(self.path):
+            return False
+        log.warning("target.main_missing", path=str(self.path), restored="at this edit")
+        return True
+
     def _includes_this_set(self) -> bool:
-        """True when the main file includes exactly this set (read once, then known)."""
-        if self._main is None:
-            main = self._main_data()
-            if read_file(self.path) != main:
-                return False
-            self._main = main
+        """True when the main file includes exactly this set: read once, then again only
+        when its stamp (:func:`_file_stamp`) moved (replaced or edited by hand)."""
+        stamp = _file_stamp(self.path)
+        if self._main is not None and stamp == self._main_stamp:
+            return True
+        main = self._main_data()
+        if read_file(self.path) != main:
+            self._main = self._main_stamp = None
+            return False
+        self._main, self._main_stamp = main, stamp
         return True
 
     def _file_users(self) -> list[UserObjects]:
-        """Every user the current main file gives Asterisk (see ConfigFileTarget's)."""
-        current = self._current(read_file(self.path), strict=True)
+        """Every user the current main file gives Asterisk (see ConfigFileTarget's); the
+        shard files this object knows the main file includes when it was deleted (read as
+        none, every shard file would be written with the edited users alone)."""
+        data = read_file(self.path)
+        current = self._current(self._main if data is None else data, strict=True)
         return kept_objects(current, current.endpoints, ())
 
     def render_files(self, objects: Sequence[UserObjects]) -> dict[Path, str]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import jinja2
 import jinja2.sandbox
+from jinja2 import nodes
 
 from ..asterisk_conf import parse
 from ..errors import AsteriskSyntaxError, ConfigError, Problem, RenderCheckFailed
@@ -189,6 +190,10 @@ class _Loader(jinja2.FileSystemLoader):
         except UnicodeDecodeError as exc:
             line = exc.object[: exc.start].count(b"\n") + 1
             raise RenderCheckFailed(f"template {template!r} is not UTF-8 (line {line})") from None
+        except jinja2.TemplateNotFound:
+            # An OSError too, but no failure here: ``include ... ignore missing`` and an
+            # include of a list (the first that exists) go on without it.
+            raise
         except OSError as exc:
             path = exc.filename if isinstance(exc.filename, str) else template
             raise RenderCheckFailed(
@@ -359,6 +364,9 @@ class Templates:
         except jinja2.TemplateSyntaxError as exc:
             line = f"{exc.name or exc.filename or '?'} line {exc.lineno}"
             raise RenderCheckFailed(f"template {line}: {exc.message}") from None
+        except jinja2.TemplatesNotFound as exc:
+            tried = ", ".join(repr(str(name)) for name in exc.templates)
+            raise RenderCheckFailed(f"none of templates {tried} found") from None
         except jinja2.TemplateNotFound as exc:
             raise RenderCheckFailed(f"template {exc.name!r} not found") from None
         except RenderCheckFailed:
@@ -391,18 +399,27 @@ class Templates:
 
     def compile_all(self) -> None:
         """Compile every template a render may load (the shipped names, wherever the
-        loader finds them, and each ``*.j2`` file of the override directory and its
-        subdirectories but an editor's own, such as swap files) without rendering
-        it (that takes users); :class:`RenderCheckFailed` names the first that fails (a
-        syntax error, bytes that are not UTF-8) and its line."""
+        loader finds them, each ``*.j2`` file of the override directory and its
+        subdirectories but an editor's own, such as swap files, and every template
+        these name in an include, import or extends) without rendering it (that takes
+        users); :class:`RenderCheckFailed` names the first that fails (a syntax error,
+        bytes that are not UTF-8) and its line, or a template one of them names that
+        does not exist and the one naming it."""
         names = {path.name for path in SHIPPED_TEMPLATES.glob("*.j2")}
         if self.searched[0] != SHIPPED_TEMPLATES:
             with contextlib.suppress(OSError):
                 found = template_files(self.searched[0])  # an editor's files left out
                 names.update(name for name, _info in found if name.endswith(".j2"))
         with self.templating() as env:
-            for name in sorted(names):
+            todo = sorted(names)
+            done = set(todo)
+            while todo:
+                name = todo.pop(0)
                 env.get_template(name)
+                for used in _used_templates(env, name):
+                    if used not in done:
+                        done.add(used)
+                        todo.append(used)
 
     def plain_header(self, header: str) -> bool:
         """:func:`plain_header`, remembered for the last header asked about."""
@@ -411,3 +428,52 @@ class Templates:
             plain = plain_header(header)
             self._header_seen = (header, plain)
         return plain
+
+
+def _used_templates(env: jinja2.Environment, name: str) -> list[str]:
+    """The templates a render of ``name`` loads by the constant names of its includes,
+    imports and extends: of an include of a list, the first that exists; none of one
+    marked ``ignore missing`` that does not exist; none of a name computed as it renders.
+    :class:`RenderCheckFailed` when a named template (every one of a list) does not
+    exist, naming it and ``name``: only a render reaching that line would say so."""
+    assert env.loader is not None
+    tree = env.parse(env.loader.get_source(env, name)[0], name)
+    used: list[str] = []
+    loading = (nodes.Extends, nodes.FromImport, nodes.Import, nodes.Include)
+    for node in tree.find_all(loading):
+        assert isinstance(node, loading)
+        choices = _constant_names(node.template)
+        if not choices:
+            continue  # computed as it renders: nothing to look for now
+        present = [choice for choice in choices if _exists(env, choice)]
+        if present:
+            used.append(present[0])
+        elif not getattr(node, "ignore_missing", False):
+            if len(choices) == 1:
+                raise RenderCheckFailed(f"template {choices[0]!r} not found (in {name})")
+            tried = ", ".join(repr(choice) for choice in choices)
+            raise RenderCheckFailed(f"none of templates {tried} found (in {name})")
+    return used
+
+
+def _constant_names(node: nodes.Expr) -> list[str]:
+    """The template names ``node`` gives as text constants (one, or a list or tuple of
+    them); none when any is computed."""
+    items = node.items if isinstance(node, (nodes.List, nodes.Tuple)) else [node]
+    names = [item.value for item in items if isinstance(item, nodes.Const)]
+    if len(names) != len(items) or not all(isinstance(n, str) for n in names):
+        return []
+    return names
+
+
+def _exists(env: jinja2.Environment, name: str) -> bool:
+    """Whether the loader finds a template ``name`` (one it finds but cannot read is
+    found: compiling it names why)."""
+    assert env.loader is not None
+    try:
+        env.loader.get_source(env, name)
+    except jinja2.TemplateNotFound:
+        return False
+    except RenderCheckFailed:
+        return True
+    return True
