@@ -650,7 +650,7 @@ def _transport(source: _Source, index: _Index, settings: RenderSettings) -> str:
     name = source.endpoint.get("transport", "")
     webrtc = _is_true(source.endpoint.get("webrtc"))
     if not name:
-        protocol = "wss" if webrtc else "udp"
+        protocol = _unnamed_transport(source, index, webrtc)
     else:
         protocol = _transport_protocol(name, source, index, settings)
     if webrtc and protocol not in ("ws", "wss"):
@@ -658,6 +658,41 @@ def _transport(source: _Source, index: _Index, settings: RenderSettings) -> str:
     if not webrtc and protocol in ("ws", "wss"):
         source.notes.append(f"webrtc enabled: every {protocol} user gets WebRTC")
     return protocol
+
+
+def _unnamed_transport(source: _Source, index: _Index, webrtc: bool) -> str:
+    """The protocol of an endpoint without ``transport=``.  Asterisk serves such an
+    endpoint's phones on whichever transport they use (it sends to a phone on the protocol
+    its contact names), while a user is on one protocol: the one the file's transports
+    speak (of ws and wss, with ``webrtc=yes``); when they speak several, or the file has
+    none, udp (wss with WebRTC), noted, as phones on another protocol must move."""
+    usable = ("ws", "wss") if webrtc else TRANSPORTS
+    by_protocol: dict[str, list[str]] = {}
+    for (kind, name), section in index.by_key.items():
+        protocol = _options(section).get("protocol", "udp").lower()
+        if kind == "transport" and protocol in usable:
+            by_protocol.setdefault(protocol, []).append(name)
+    fallback = "wss" if webrtc else "udp"
+    if len(by_protocol) == 1:
+        ((protocol, names),) = by_protocol.items()
+        if protocol != fallback:
+            which = "WebRTC protocol" if webrtc else "protocol"
+            source.notes.append(
+                f"no transport=: {protocol}, the one {which} of this file's transports "
+                f"({', '.join(names)})"
+            )
+        return protocol
+    move = f"imported as {fallback}, so phones on another protocol must move to {fallback}"
+    if by_protocol:
+        shown = ", ".join(p for p in TRANSPORTS if p in by_protocol)
+        source.notes.append(
+            f"no transport=: Asterisk serves its phones on any of this file's transports "
+            f"({shown}); {move}"
+        )
+    else:
+        which = "ws or wss transport" if webrtc else "transport"
+        source.notes.append(f"no transport= and no {which} in this file: {move}")
+    return fallback
 
 
 def _transport_protocol(name: str, source: _Source, index: _Index, settings: RenderSettings) -> str:

@@ -1000,3 +1000,55 @@ def test_a_wizard_with_an_empty_inbound_auth_username_is_reported_by_that_option
     assert [str(u) for u in plan.unmapped] == [
         "[8601] wizard: its inbound_auth/username is empty: a phone could not authenticate"
     ]
+
+
+def _no_transport_user(transports: str, ext: str, extra: str = "") -> MappedUser:
+    """The user mapped from endpoint ``ext`` without ``transport=`` in a file whose transport
+    sections have the ``transports`` protocols (comma-separated, may be empty)."""
+    text = "".join(
+        f"[t-{p}]\ntype=transport\nprotocol={p}\nbind=0.0.0.0:{5060 + i}\n"
+        for i, p in enumerate(_split_list(transports))
+    )
+    text += f"[{ext}]\ntype=endpoint\nauth=a{ext}\naors={ext}\nallow=ulaw\n{extra}"
+    text += f"[a{ext}]\ntype=auth\nusername=u{ext}\npassword=Secret-{ext}\n[{ext}]\ntype=aor\n"
+    (user,) = _plan(text).users
+    return user
+
+
+def _split_list(text: str) -> list[str]:
+    return [item for item in text.split(",") if item]
+
+
+def test_an_endpoint_without_a_transport_is_imported_on_the_protocol_its_phones_can_use() -> None:
+    """An endpoint without ``transport=`` (Asterisk then serves its phones on any of the
+    file's transports) is imported on the one protocol the file's transports speak, and
+    when they speak several, or the file has none, on udp (wss with webrtc) with a note."""
+    tls = _no_transport_user("TLS", "7601")
+    assert tls.values["transport"] == "tls"
+    assert "no transport=: tls, the one protocol of this file's transports (t-TLS)" in tls.notes
+    udp = _no_transport_user("udp", "7602")
+    assert udp.values["transport"] == "udp"
+    assert not [n for n in udp.notes if "transport" in n]
+    several = _no_transport_user("udp,tcp,tls", "7603")
+    assert several.values["transport"] == "udp"
+    assert (
+        "no transport=: Asterisk serves its phones on any of this file's transports "
+        "(udp, tcp, tls); imported as udp, so phones on another protocol must move to udp"
+    ) in several.notes
+    none = _no_transport_user("", "7604")
+    assert none.values["transport"] == "udp"
+    assert (
+        "no transport= and no transport in this file: imported as udp, so phones on "
+        "another protocol must move to udp"
+    ) in none.notes
+    browser = _no_transport_user("udp,ws", "7605", "webrtc=yes\n")
+    assert browser.values["transport"] == "ws"
+    assert "no transport=: ws, the one WebRTC protocol of this file's transports (t-ws)" in (
+        browser.notes
+    )
+    stranded = _no_transport_user("udp", "7606", "webrtc=yes\n")
+    assert stranded.values["transport"] == "wss"
+    assert (
+        "no transport= and no ws or wss transport in this file: imported as wss, so phones "
+        "on another protocol must move to wss"
+    ) in stranded.notes
