@@ -520,6 +520,8 @@ def _phone_number(text: str) -> str | None:
 
 def _codecs(source: _Source, settings: RenderSettings) -> tuple[str, str]:
     """``(codecs, video)``: our audio codecs in the source's order, video if any video codec."""
+    for op, value in source.codec_ops:
+        _check_codec_list(op, value)
     if not source.codec_ops:
         source.notes.append(
             "no allow= (Asterisk would offer no codec); the default ulaw,alaw is used"
@@ -560,6 +562,45 @@ def _codecs(source: _Source, settings: RenderSettings) -> tuple[str, str]:
             f"{','.join(settings.video_codecs)}"
         )
     return ",".join(audio), "yes" if video else "no"
+
+
+#: The codec (format) names Asterisk 22 knows (main/codec_builtin.c, matched ignoring case).
+_ASTERISK_CODECS = frozenset(
+    {"codec2", "g723", "ulaw", "alaw", "gsm", "g726", "g726aal2", "adpcm", "lpc10", "g729"}
+    | {"slin", "slin12", "slin16", "slin24", "slin32", "slin44", "slin48", "slin96", "slin192"}
+    | {"speex", "speex16", "speex32", "ilbc", "g722", "siren7", "siren14", "g719", "opus"}
+    | {"jpeg", "png", "h261", "h263", "h263p", "h264", "h265", "mpeg4", "vp8", "vp9"}
+    | {"red", "t140", "t38", "none", "silk8", "silk12", "silk16", "silk24", "all"}
+)
+#: What ``sscanf("%d")`` reads from a packetization: the number at its start.
+_SCAN_INT = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)")
+#: Asterisk's blanks (``ast_strip``): every byte below 33.
+_C_BLANKS = "".join(map(chr, range(33)))
+
+
+def _check_codec_list(op: str, value: str) -> None:
+    """:class:`_Refuse` when Asterisk cannot read this ``allow``/``disallow`` value
+    (``ast_format_cap_update_by_allow_disallow`` fails, so it loads no such endpoint): an
+    item (between ``,`` or ``|``, blanks stripped, after a ``!``) that is empty or names no
+    codec it knows, or whose packetization after the last ``:`` is no number or negative.
+    An empty ``disallow`` is read as nothing."""
+    if op == "disallow" and not value:
+        return
+    inner = value[1:-1] if value.startswith("(") and value.endswith(")") else value
+    for item in (part.strip(_C_BLANKS) for part in re.split(r"[,|]", inner)):
+        name, colon, framing = item.removeprefix("!").rpartition(":")
+        if not colon:
+            name, framing = framing, ""
+        number = _SCAN_INT.match(framing)
+        why = None
+        if framing and (number is None or int(number.group(1)) < 0):
+            why = f"gives {name} a packetization ({framing!r}) that is no number 0 or more"
+        elif not name:
+            why = "has an empty item"
+        elif name.lower() not in _ASTERISK_CODECS:
+            why = f"names {name!r}, no codec Asterisk knows"
+        if why is not None:
+            raise _Refuse(f"{op} {value!r} {why}: Asterisk loads no such endpoint")
 
 
 def _codec_items(value: str) -> list[str]:

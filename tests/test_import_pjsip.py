@@ -1052,3 +1052,34 @@ def test_an_endpoint_without_a_transport_is_imported_on_the_protocol_its_phones_
         "no transport= and no ws or wss transport in this file: imported as wss, so phones "
         "on another protocol must move to wss"
     ) in stranded.notes
+
+
+def test_a_codec_list_asterisk_cannot_read_leaves_the_user_not_mapped() -> None:
+    """An ``allow``/``disallow`` item Asterisk cannot read (a name it has no codec for, an
+    empty item, a bad packetization) makes it load no such endpoint, so its user is not
+    mapped; names it knows but we do not support are only dropped, as before."""
+    tail = "Asterisk loads no such endpoint"
+    cases = {
+        "7651": ("allow=ulaw,g729a", "allow 'ulaw,g729a' names 'g729a', no codec Asterisk knows"),
+        "7652": ("allow=ulaw,alaw,", "allow 'ulaw,alaw,' has an empty item"),
+        "7653": ("allow=ulaw:abc", "allow 'ulaw:abc' gives ulaw a packetization"),
+        "7654": ("allow=ulaw\ndisallow=ulaw alaw", "disallow 'ulaw alaw' names 'ulaw alaw'"),
+        "7655": ("allow=", "allow '' has an empty item"),
+        "7656": ("allow=ULAW,Alaw:20,g726,ulaw:\ndisallow=", ""),
+        "7657": ("allow=(ulaw|g722)\ndisallow=!opus", ""),
+    }
+    text = ""
+    for ext, (codecs, _) in cases.items():
+        text += f"[{ext}]\ntype=endpoint\nauth=a{ext}\naors={ext}\n{codecs}\n[{ext}]\ntype=aor\n"
+        text += f"[a{ext}]\ntype=auth\nusername=u{ext}\npassword=Secret-{ext}\n"
+    plan = _plan(text)
+    reasons = {u.section: u.reason for u in plan.unmapped if u.reason.startswith("endpoint:")}
+    for ext, (_, reason) in cases.items():
+        if reason:
+            assert reasons[ext].startswith(f"endpoint: {reason}"), reasons.get(ext)
+            assert reasons[ext].endswith(tail), reasons[ext]
+    users = {u.extension: u for u in plan.users}
+    assert sorted(users) == ["7656", "7657"]
+    assert users["7656"].values["codecs"] == "ulaw,alaw"
+    assert "codecs dropped (not supported here): g726" in users["7656"].notes
+    assert users["7657"].values["codecs"] == "ulaw,g722,opus"
