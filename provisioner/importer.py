@@ -520,6 +520,8 @@ def _phone_number(text: str) -> str | None:
 
 def _codecs(source: _Source, settings: RenderSettings) -> tuple[str, str]:
     """``(codecs, video)``: our audio codecs in the source's order, video if any video codec."""
+    for op, value in source.codec_ops:
+        _check_codec_list(op, value)
     if not source.codec_ops:
         source.notes.append(
             "no allow= (Asterisk would offer no codec); the default ulaw,alaw is used"
@@ -560,6 +562,45 @@ def _codecs(source: _Source, settings: RenderSettings) -> tuple[str, str]:
             f"{','.join(settings.video_codecs)}"
         )
     return ",".join(audio), "yes" if video else "no"
+
+
+#: The codec (format) names Asterisk 22 knows (main/codec_builtin.c, matched ignoring case).
+_ASTERISK_CODECS = frozenset(
+    {"codec2", "g723", "ulaw", "alaw", "gsm", "g726", "g726aal2", "adpcm", "lpc10", "g729"}
+    | {"slin", "slin12", "slin16", "slin24", "slin32", "slin44", "slin48", "slin96", "slin192"}
+    | {"speex", "speex16", "speex32", "ilbc", "g722", "siren7", "siren14", "g719", "opus"}
+    | {"jpeg", "png", "h261", "h263", "h263p", "h264", "h265", "mpeg4", "vp8", "vp9"}
+    | {"red", "t140", "t38", "none", "silk8", "silk12", "silk16", "silk24", "all"}
+)
+#: What ``sscanf("%d")`` reads from a packetization: the number at its start.
+_SCAN_INT = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)")
+#: Asterisk's blanks (``ast_strip``): every byte below 33.
+_C_BLANKS = "".join(map(chr, range(33)))
+
+
+def _check_codec_list(op: str, value: str) -> None:
+    """:class:`_Refuse` when Asterisk cannot read this ``allow``/``disallow`` value
+    (``ast_format_cap_update_by_allow_disallow`` fails, so it loads no such endpoint): an
+    item (between ``,`` or ``|``, blanks stripped, after a ``!``) that is empty or names no
+    codec it knows, or whose packetization after the last ``:`` is no number or negative.
+    An empty ``disallow`` is read as nothing."""
+    if op == "disallow" and not value:
+        return
+    inner = value[1:-1] if value.startswith("(") and value.endswith(")") else value
+    for item in (part.strip(_C_BLANKS) for part in re.split(r"[,|]", inner)):
+        name, colon, framing = item.removeprefix("!").rpartition(":")
+        if not colon:
+            name, framing = framing, ""
+        number = _SCAN_INT.match(framing)
+        why = None
+        if framing and (number is None or int(number.group(1)) < 0):
+            why = f"gives {name} a packetization ({framing!r}) that is no number 0 or more"
+        elif not name:
+            why = "has an empty item"
+        elif name.lower() not in _ASTERISK_CODECS:
+            why = f"names {name!r}, no codec Asterisk knows"
+        if why is not None:
+            raise _Refuse(f"{op} {value!r} {why}: Asterisk loads no such endpoint")
 
 
 def _codec_items(value: str) -> list[str]:
@@ -650,7 +691,7 @@ def _transport(source: _Source, index: _Index, settings: RenderSettings) -> str:
     name = source.endpoint.get("transport", "")
     webrtc = _is_true(source.endpoint.get("webrtc"))
     if not name:
-        protocol = "wss" if webrtc else "udp"
+        protocol = _unnamed_transport(source, index, webrtc)
     else:
         protocol = _transport_protocol(name, source, index, settings)
     if webrtc and protocol not in ("ws", "wss"):
@@ -658,6 +699,41 @@ def _transport(source: _Source, index: _Index, settings: RenderSettings) -> str:
     if not webrtc and protocol in ("ws", "wss"):
         source.notes.append(f"webrtc enabled: every {protocol} user gets WebRTC")
     return protocol
+
+
+def _unnamed_transport(source: _Source, index: _Index, webrtc: bool) -> str:
+    """The protocol of an endpoint without ``transport=``.  Asterisk serves such an
+    endpoint's phones on whichever transport they use (it sends to a phone on the protocol
+    its contact names), while a user is on one protocol: the one the file's transports
+    speak (of ws and wss, with ``webrtc=yes``); when they speak several, or the file has
+    none, udp (wss with WebRTC), noted, as phones on another protocol must move."""
+    usable = ("ws", "wss") if webrtc else TRANSPORTS
+    by_protocol: dict[str, list[str]] = {}
+    for (kind, name), section in index.by_key.items():
+        protocol = _options(section).get("protocol", "udp").lower()
+        if kind == "transport" and protocol in usable:
+            by_protocol.setdefault(protocol, []).append(name)
+    fallback = "wss" if webrtc else "udp"
+    if len(by_protocol) == 1:
+        ((protocol, names),) = by_protocol.items()
+        if protocol != fallback:
+            which = "WebRTC protocol" if webrtc else "protocol"
+            source.notes.append(
+                f"no transport=: {protocol}, the one {which} of this file's transports "
+                f"({', '.join(names)})"
+            )
+        return protocol
+    move = f"imported as {fallback}, so phones on another protocol must move to {fallback}"
+    if by_protocol:
+        shown = ", ".join(p for p in TRANSPORTS if p in by_protocol)
+        source.notes.append(
+            f"no transport=: Asterisk serves its phones on any of this file's transports "
+            f"({shown}); {move}"
+        )
+    else:
+        which = "ws or wss transport" if webrtc else "transport"
+        source.notes.append(f"no transport= and no {which} in this file: {move}")
+    return fallback
 
 
 def _transport_protocol(name: str, source: _Source, index: _Index, settings: RenderSettings) -> str:

@@ -1000,3 +1000,86 @@ def test_a_wizard_with_an_empty_inbound_auth_username_is_reported_by_that_option
     assert [str(u) for u in plan.unmapped] == [
         "[8601] wizard: its inbound_auth/username is empty: a phone could not authenticate"
     ]
+
+
+def _no_transport_user(transports: str, ext: str, extra: str = "") -> MappedUser:
+    """The user mapped from endpoint ``ext`` without ``transport=`` in a file whose transport
+    sections have the ``transports`` protocols (comma-separated, may be empty)."""
+    text = "".join(
+        f"[t-{p}]\ntype=transport\nprotocol={p}\nbind=0.0.0.0:{5060 + i}\n"
+        for i, p in enumerate(_split_list(transports))
+    )
+    text += f"[{ext}]\ntype=endpoint\nauth=a{ext}\naors={ext}\nallow=ulaw\n{extra}"
+    text += f"[a{ext}]\ntype=auth\nusername=u{ext}\npassword=Secret-{ext}\n[{ext}]\ntype=aor\n"
+    (user,) = _plan(text).users
+    return user
+
+
+def _split_list(text: str) -> list[str]:
+    return [item for item in text.split(",") if item]
+
+
+def test_an_endpoint_without_a_transport_is_imported_on_the_protocol_its_phones_can_use() -> None:
+    """An endpoint without ``transport=`` (Asterisk then serves its phones on any of the
+    file's transports) is imported on the one protocol the file's transports speak, and
+    when they speak several, or the file has none, on udp (wss with webrtc) with a note."""
+    tls = _no_transport_user("TLS", "7601")
+    assert tls.values["transport"] == "tls"
+    assert "no transport=: tls, the one protocol of this file's transports (t-TLS)" in tls.notes
+    udp = _no_transport_user("udp", "7602")
+    assert udp.values["transport"] == "udp"
+    assert not [n for n in udp.notes if "transport" in n]
+    several = _no_transport_user("udp,tcp,tls", "7603")
+    assert several.values["transport"] == "udp"
+    assert (
+        "no transport=: Asterisk serves its phones on any of this file's transports "
+        "(udp, tcp, tls); imported as udp, so phones on another protocol must move to udp"
+    ) in several.notes
+    none = _no_transport_user("", "7604")
+    assert none.values["transport"] == "udp"
+    assert (
+        "no transport= and no transport in this file: imported as udp, so phones on "
+        "another protocol must move to udp"
+    ) in none.notes
+    browser = _no_transport_user("udp,ws", "7605", "webrtc=yes\n")
+    assert browser.values["transport"] == "ws"
+    assert "no transport=: ws, the one WebRTC protocol of this file's transports (t-ws)" in (
+        browser.notes
+    )
+    stranded = _no_transport_user("udp", "7606", "webrtc=yes\n")
+    assert stranded.values["transport"] == "wss"
+    assert (
+        "no transport= and no ws or wss transport in this file: imported as wss, so phones "
+        "on another protocol must move to wss"
+    ) in stranded.notes
+
+
+def test_a_codec_list_asterisk_cannot_read_leaves_the_user_not_mapped() -> None:
+    """An ``allow``/``disallow`` item Asterisk cannot read (a name it has no codec for, an
+    empty item, a bad packetization) makes it load no such endpoint, so its user is not
+    mapped; names it knows but we do not support are only dropped, as before."""
+    tail = "Asterisk loads no such endpoint"
+    cases = {
+        "7651": ("allow=ulaw,g729a", "allow 'ulaw,g729a' names 'g729a', no codec Asterisk knows"),
+        "7652": ("allow=ulaw,alaw,", "allow 'ulaw,alaw,' has an empty item"),
+        "7653": ("allow=ulaw:abc", "allow 'ulaw:abc' gives ulaw a packetization"),
+        "7654": ("allow=ulaw\ndisallow=ulaw alaw", "disallow 'ulaw alaw' names 'ulaw alaw'"),
+        "7655": ("allow=", "allow '' has an empty item"),
+        "7656": ("allow=ULAW,Alaw:20,g726,ulaw:\ndisallow=", ""),
+        "7657": ("allow=(ulaw|g722)\ndisallow=!opus", ""),
+    }
+    text = ""
+    for ext, (codecs, _) in cases.items():
+        text += f"[{ext}]\ntype=endpoint\nauth=a{ext}\naors={ext}\n{codecs}\n[{ext}]\ntype=aor\n"
+        text += f"[a{ext}]\ntype=auth\nusername=u{ext}\npassword=Secret-{ext}\n"
+    plan = _plan(text)
+    reasons = {u.section: u.reason for u in plan.unmapped if u.reason.startswith("endpoint:")}
+    for ext, (_, reason) in cases.items():
+        if reason:
+            assert reasons[ext].startswith(f"endpoint: {reason}"), reasons.get(ext)
+            assert reasons[ext].endswith(tail), reasons[ext]
+    users = {u.extension: u for u in plan.users}
+    assert sorted(users) == ["7656", "7657"]
+    assert users["7656"].values["codecs"] == "ulaw,alaw"
+    assert "codecs dropped (not supported here): g726" in users["7656"].notes
+    assert users["7657"].values["codecs"] == "ulaw,g722,opus"
