@@ -373,3 +373,41 @@ def test_no_value_adds_a_header_or_action_on_the_wire(
         assert [k for k, _ in headers] == ["Action", "ActionID", key]
         # Asterisk skips blanks after the colon; nothing else may differ.
         assert headers[2][1] == value.lstrip(" ")
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 65536])
+def test_a_decoded_message_is_the_value_of_its_headers(chunk: int) -> None:
+    """Every recorded message, fed whole or in pieces, equals, hashes and prints as the
+    message built from its headers, and none of its attributes can be set."""
+    raws = list(_transcripts().messages())
+    decoded = _fed_in(FrameDecoder(), BANNER + b"".join(raws), chunk)
+    assert len(decoded) == len(raws)
+    for message in decoded:
+        built = AmiMessage(message.headers)
+        assert message == built
+        assert hash(message) == hash(built)
+        assert repr(message) == repr(built) == f"AmiMessage(headers={message.headers!r})"
+        assert message.as_dict() == dict(reversed(message.headers))
+        for name in ("headers", "wire_bytes", "other"):
+            with pytest.raises(AttributeError):
+                setattr(message, name, ())
+
+
+def test_repeated_and_odd_headers_keep_their_order_and_first_value() -> None:
+    """A message with a name repeated (in any case) or a line that is no header keeps
+    every header in wire order, and a lookup in another spelling gives the first of that name."""
+    wire = b"Event: X\r\nChanVariable: a\r\nchanvariable: b\r\nno header\r\nCHANVARIABLE: c\r\n\r\n"
+    (message,) = FrameDecoder().feed(BANNER + wire)
+    assert message.headers == (
+        ("Event", "X"),
+        ("ChanVariable", "a"),
+        ("chanvariable", "b"),
+        ("Output", "no header"),
+        ("CHANVARIABLE", "c"),
+    )
+    assert message.get("ChanVariable") == message.get("chanVARIABLE") == "a"
+    assert message.first("chanVariable") == "a"
+    assert message.first("Missing") is None
+    assert message.get_all("chanvariable") == ["a", "b", "c"]
+    assert message.any_value_in({"b"})
+    assert not message.any_value_in({"z"})

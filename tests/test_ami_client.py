@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections.abc import Awaitable, Callable, MutableMapping
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -19,8 +20,8 @@ from provisioner.ami import (
     AmiProtocolError,
     AmiTimeout,
 )
-from provisioner.ami.actions import MAX_HEADERS
-from provisioner.ami.client import PATIENCE
+from provisioner.ami.actions import MAX_HEADERS, FrameDecoder, build_action
+from provisioner.ami.client import PATIENCE, _Pending
 
 from .amipeer import FakeAsterisk, eventually, fast_settings, run, running, server_for
 
@@ -639,3 +640,34 @@ def test_a_ping_interval_past_the_kernels_keepalive_limit_still_connects() -> No
         return ok
 
     assert run(scenario())
+
+
+def test_a_pending_list_is_matched_by_its_id_in_any_spelling_and_other_events_dispatched() -> None:
+    """While a list action waits, an item whose ActionID is spelled in another case goes to
+    it, and an event that only mentions its id in another header goes to the callbacks."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        peer.port = 5038  # never connected: the client only needs a valid server entry
+        client = AmiClient(server_for(peer), fast_settings())
+        seen: list[AmiMessage] = []
+        client.on_event("ContactList", seen.append)
+        client.on_event("*", seen.append)
+        action = build_action("PJSIPShowContacts", (), action_id="id-7")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        session: Any = SimpleNamespace(pending={"id-7": _Pending(action, future)})
+        wire = (
+            b"Asterisk Call Manager/11.0.0\r\n"
+            b"Response: Success\r\nactionid: id-7\r\nEventList: start\r\n\r\n"
+            b"Event: ContactList\r\nACTIONID: id-7\r\nUri: sip:a\r\n\r\n"
+            b"Event: ContactList\r\nUri: id-7\r\n\r\n"
+            b"Event: ContactListComplete\r\nActionID: id-7\r\nEventList: Complete\r\n\r\n"
+        )
+        for message in FrameDecoder().feed(wire):
+            client._handle(session, message)
+        reply = future.result()
+        assert [e.get("Uri") for e in reply.events] == ["sip:a"]
+        # The one only naming the id, to its own callback and the wildcard's, in order.
+        assert [e.get("Uri") for e in seen] == ["id-7", "id-7"]
+
+    run(scenario())

@@ -176,6 +176,10 @@ class AmiClient:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._ids = ActionIdGenerator("prov")
         self._callbacks: dict[str, list[EventCallback]] = defaultdict(list)
+        #: Lower-cased event name -> its callbacks then the wildcard's, and the wildcard's
+        #: alone (any other name): made as callbacks are registered, not per event.
+        self._targets: dict[str, tuple[EventCallback, ...]] = {}
+        self._wildcard: tuple[EventCallback, ...] = ()
         self._on_connected: list[Callable[[], None]] = []
         self._session: _Session | None = None
         self._connected = asyncio.Event()
@@ -214,7 +218,13 @@ class AmiClient:
 
     def on_event(self, name: str, callback: EventCallback) -> None:
         """Call ``callback(event)`` for every event named ``name`` (any case; ``*``: all)."""
-        self._callbacks[name.lower()].append(callback)
+        callbacks = self._callbacks
+        callbacks[name.lower()].append(callback)
+        wildcard = tuple(callbacks.get("*", ()))
+        self._wildcard = wildcard
+        self._targets = {
+            key: (*targets, *wildcard) for key, targets in callbacks.items() if key != "*"
+        }
 
     def on_connected(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` after every login, before any event of that session.
@@ -644,16 +654,19 @@ class AmiClient:
             closing.cancel()  # it only waits on the event
 
     def _handle(self, session: _Session, message: AmiMessage) -> None:
-        # Look for the ActionID only while some action waits: most events have none, and
-        # looking up a missing header builds the message's case-insensitive index.
-        if session.pending:
+        pending = session.pending
+        # Look for the ActionID only in a message holding some pending action's id: most
+        # events have none, and looking up a missing header builds the message's
+        # case-insensitive index (in a storm a patient Ping waits behind every event).
+        if pending and message.any_value_in(pending.keys()):
             action_id = message.action_id
-            pending = session.pending.get(action_id) if action_id else None
-            if pending is not None and self._answer(pending, message):
+            waiting = pending.get(action_id) if action_id else None
+            if waiting is not None and self._answer(waiting, message):
                 return
-        if message.is_event:
+        event = message.first("Event")
+        if event is not None:
             self._events += 1
-            name = message.event.lower()
+            name = event.lower()
             if name == "shutdown":
                 self._log.warning(
                     "ami.shutdown",
@@ -714,10 +727,7 @@ class AmiClient:
         """Call the callbacks of ``event``'s name (``name``: it, lower-cased, when known)."""
         if name is None:
             name = event.event.lower()
-        callbacks = self._callbacks
-        wildcard = callbacks.get("*")
-        targets = callbacks.get(name, ())
-        for callback in (*targets, *wildcard) if wildcard else tuple(targets):
+        for callback in self._targets.get(name, self._wildcard):
             try:
                 callback(event)
             except Exception as exc:  # a broken callback must not stop the reader

@@ -80,6 +80,7 @@ from .registration import (
     apply_event,
     contact_object_name,
     counts_online,
+    derived_object_name,
     endpoint_of,
     summarize,
 )
@@ -150,27 +151,36 @@ def rows(reg: EndpointRegistration) -> tuple[tuple[ContactRow, ...], SummaryRow]
     An endpoint Asterisk said ``INVALID`` (gone) has no contact stored: those a snapshot
     still lists are a deleted endpoint's, kept until they expire, and no phone is usable
     through them (``status`` would count them online beside an offline summary)."""
-    changed = None if reg.last_change is None else epoch_text(reg.last_change)
-    contacts: tuple[ContactRow, ...] = tuple(
-        [
-            (
-                contact_object_name(c)[0],
-                c.uri,
-                c.status,
-                c.user_agent or "",
-                c.source or "",
-                c.rtt_usec,
-                None if c.expires_at is None else epoch_text(c.expires_at),
-                changed,
-            )
-            for c in (reg.contacts if reg.exists else ())
-        ]
-    )
+    last = reg.last_change
+    changed = None if last is None else epoch_text(last)
+    held = reg.contacts if reg.exists else ()
+    contacts: tuple[ContactRow, ...]
+    if len(held) == 1:  # the storm's case: no list, no loop
+        contacts = (_contact_row(held[0], changed),)
+    else:
+        contacts = tuple([_contact_row(c, changed) for c in held])
     state = summarize(reg)
     return contacts, (
         "offline" if state == "unknown" else state,
         reg.device_state or "",
         "",
+        changed,
+    )
+
+
+def _contact_row(contact: ContactState, changed: str | None) -> ContactRow:
+    """One contact of :func:`rows`, changed at ``changed``; its key as
+    :func:`~.registration.contact_object_name` makes it (inline: one unpacking of the
+    record, no pair returned)."""
+    aor, uri, status, rtt, agent, source, expires_at, name = contact
+    return (
+        name or derived_object_name(aor, uri),
+        uri,
+        status,
+        agent or "",
+        source or "",
+        rtt,
+        None if expires_at is None else epoch_text(expires_at),
         changed,
     )
 
@@ -476,6 +486,15 @@ class Link:
         if len(dirty) >= FLUSH_BATCH:
             self.flush_now.set()
 
+    def mark_one_dirty(self, endpoint: str) -> None:
+        """:meth:`mark_dirty` of one endpoint (the storm's path: no tuple, no loop)."""
+        dirty = self.dirty
+        if not dirty:
+            self.dirtied.set()
+        dirty.add(endpoint)
+        if len(dirty) >= FLUSH_BATCH:
+            self.flush_now.set()
+
 
 @dataclass
 class AmiPbx:
@@ -606,9 +625,7 @@ class AmiPbx:
     # -- events in ------------------------------------------------------------------
 
     def _subscribe(self, link: Link) -> None:
-        def on_event(msg: AmiMessage) -> None:
-            self._on_event(link, msg)
-
+        on_event = partial(self._on_event, link)
         for name in _EVENTS:
             link.client.on_event(name, on_event)
         link.client.on_connected(link.snapshot_wanted.set)
@@ -621,34 +638,38 @@ class AmiPbx:
         book = link.book
         endpoint: str | None
         if event.get("Event") == "ContactStatus":
-            # The storm's event, folded without the general path's dispatch on the kind.
+            # The storm's event, folded without the general path's dispatch on the kind,
+            # and always stored.
             endpoint = event.get("EndpointName") or None
             if endpoint is None:
                 return
             link.events += 1
-            after = apply_contact_status(book.get(endpoint), endpoint, event)
+            book[endpoint] = apply_contact_status(book.get(endpoint), endpoint, event)
             if link.unconfirmed:
                 link.unconfirmed.pop(endpoint, None)
-        else:
-            endpoint = endpoint_of(event)
-            if endpoint is None:
-                return
-            link.events += 1
-            folded = apply_event(book.get(endpoint), event)
-            if folded is None:
-                return
-            after = folded
-            if after.tracked:
-                link.unconfirmed.pop(endpoint, None)
-            elif (
-                event.get("Event") == "SuccessfulAuth"
-                and endpoint not in link.unconfirmed
-                and link.may_be_untracked(endpoint)
-            ):
-                # Asterisk sends no status events for endpoints added since its last
-                # reload; their contacts are only visible by asking, if none follows.
-                link.unconfirmed[endpoint] = time.monotonic() + CONFIRM_WINDOW
-                link.unconfirmed_added.set()
+            link.mark_one_dirty(endpoint)
+            if link.snapshot_events is not None:
+                link.snapshot_events.append(event)
+            return
+        endpoint = endpoint_of(event)
+        if endpoint is None:
+            return
+        link.events += 1
+        folded = apply_event(book.get(endpoint), event)
+        if folded is None:
+            return
+        after = folded
+        if after.tracked:
+            link.unconfirmed.pop(endpoint, None)
+        elif (
+            event.get("Event") == "SuccessfulAuth"
+            and endpoint not in link.unconfirmed
+            and link.may_be_untracked(endpoint)
+        ):
+            # Asterisk sends no status events for endpoints added since its last
+            # reload; their contacts are only visible by asking, if none follows.
+            link.unconfirmed[endpoint] = time.monotonic() + CONFIRM_WINDOW
+            link.unconfirmed_added.set()
         # An authentication changes nothing the store holds: at 100k phones refreshing
         # every few minutes, hundreds of writes a second for nothing.  Nor does one of an
         # endpoint new to the book (before the start's snapshot is in, every refresh): its
@@ -657,9 +678,7 @@ class AmiPbx:
         # endpoint new to the book before this session's snapshot is in (a call ending
         # while the start's snapshot is listed): the snapshot writes it, with contacts.
         unstored = event.get("Event") == "SuccessfulAuth" or (
-            event.get("Event") != "ContactStatus"
-            and endpoint not in book
-            and link.snapshot_session != link.client.sessions
+            endpoint not in book and link.snapshot_session != link.client.sessions
         )
         book[endpoint] = after
         if not unstored:

@@ -9,7 +9,6 @@ events for endpoints that are no user (trunks) are ignored.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -165,8 +164,10 @@ def epoch_text(epoch: float) -> str:
     """``time_text`` of the UTC time ``epoch`` seconds after 1970, rounded to the
     microsecond exactly as ``datetime.fromtimestamp`` rounds (half to even); a test
     checks they agree.  A quarter of the datetime route's cost, on the storm's path."""
-    fraction, whole = math.modf(epoch)
-    second, micro = int(whole), round(fraction * 1e6)
+    # ``epoch - second`` is exactly ``math.modf``'s fraction (both truncate toward zero,
+    # and the difference of a float and its integer part is exact), without the call.
+    second = int(epoch)
+    micro = round((epoch - second) * 1e6)
     if micro >= 1_000_000:
         second, micro = second + 1, micro - 1_000_000
     elif micro < 0:
