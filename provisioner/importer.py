@@ -977,13 +977,31 @@ def plan_import(
         users.append(mapped)
         index.used.add(("auth", source.auth_name))
         index.used.update(("aor", ref) for ref in source.aor_names)
+    imported = {u.section: u.username for u in users}
     for (kind, name), section in index.by_key.items():
         if kind in ("endpoint", "wizard") or (kind, name) in index.used:
             continue
-        unmapped.append(Unmapped(name, section.line, _reason(kind, name, index)))
+        reason = _reason(kind, name, index)
+        if kind == "identify":
+            reason = _identify_reason(section, imported) or reason
+        unmapped.append(Unmapped(name, section.line, reason))
     unmapped.sort(key=lambda u: u.line)
     notices = tuple(f"line {n.line}: {n.message}" if n.line else n.message for n in parsed.notices)
     return ImportPlan(tuple(users), tuple(unmapped), notices)
+
+
+def _identify_reason(section: Section, imported: Mapping[str, str]) -> str | None:
+    """Why an identify of an endpoint imported as a user is left out (None for any other):
+    it matched that phone by its address, which a user does not carry; the phone is then
+    found by its SIP user, as every registering phone is."""
+    endpoint = _options(section).get("endpoint", "").strip()
+    username = imported.get(endpoint)
+    if username is None:
+        return None
+    return (
+        f"identify: matches imported user {username} ([{endpoint}]) by address; matching by "
+        f"address is not carried over (its phones are found by their SIP user, {endpoint})"
+    )
 
 
 def _reason(kind: str, name: str, index: _Index) -> str:

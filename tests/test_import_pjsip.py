@@ -1083,3 +1083,38 @@ def test_a_codec_list_asterisk_cannot_read_leaves_the_user_not_mapped() -> None:
     assert users["7656"].values["codecs"] == "ulaw,alaw"
     assert "codecs dropped (not supported here): g726" in users["7656"].notes
     assert users["7657"].values["codecs"] == "ulaw,g722,opus"
+
+
+def _cli_import(tmp_path: Path, text: str, *extra: str) -> str:
+    """What ``provisioner import pjsip`` prints for ``text`` written to a real file, imported
+    into a new real SQLite store (profile ``agents``)."""
+    conf = tmp_path / "pjsip.conf"
+    conf.write_text(text, encoding="utf-8")
+    with temp_database("sqlite", tmp_path) as url:
+        cli = make_cli(url, tmp_path, "[security]\npassword_policy = false\n")
+        cli.ok("db", "upgrade")
+        cli.ok("profile", "add", "agents")
+        cli.ok("user", "add", "root", "--role", "admin", "--full-name", "R", "--email", "r@x.org")
+        return cli.ok(
+            "import", "pjsip", str(conf), "--profile", "agents", "--email-domain", "x.org", *extra
+        )
+
+
+def test_an_identify_of_an_imported_phone_is_reported_as_that_phones(tmp_path: Path) -> None:
+    """An identify whose endpoint is imported as a user is reported as that user's address
+    match, not carried over, rather than as a trunk's."""
+    text = (
+        "[8101]\ntype=endpoint\nauth=a8101\naors=8101\nallow=ulaw\n[8101]\ntype=aor\n"
+        "[a8101]\ntype=auth\nusername=u8101\npassword=Secret-8101\n"
+        "[8101-ip]\ntype=identify\nendpoint=8101\nmatch=192.0.2.10\n"
+        "[trunk]\ntype=endpoint\nallow=ulaw\n"
+        "[trunk-ip]\ntype=identify\nendpoint=trunk\nmatch=198.51.100.1\n"
+    )
+    out = _cli_import(tmp_path, text)
+    assert "added u8101 (extension 8101)" in out
+    assert (
+        "not mapped: [8101-ip] identify: matches imported user u8101 ([8101]) by address; "
+        "matching by address is not carried over (its phones are found by their SIP user, "
+        "8101)"
+    ) in out
+    assert "not mapped: [trunk-ip] identify: matches a trunk by address" in out
