@@ -519,14 +519,12 @@ def _phone_number(text: str) -> str | None:
 
 
 def _codecs(source: _Source, settings: RenderSettings) -> tuple[str, str]:
-    """``(codecs, video)``: our audio codecs in the source's order, video if any video codec."""
+    """``(codecs, video)``: our audio codecs in the source's order, video if any video codec.
+    An endpoint allowing no codec at all (no ``allow``, or everything disallowed again) is
+    :class:`_Refuse`: Asterisk's endpoint has none (it has no default), so its phones could
+    make no call, and a user always has one; the migrating engineer chooses them."""
     for op, value in source.codec_ops:
         _check_codec_list(op, value)
-    if not source.codec_ops:
-        source.notes.append(
-            "no allow= (Asterisk would offer no codec); the default ulaw,alaw is used"
-        )
-        return "ulaw,alaw", "no"
     offered: list[str] = []
     for op, value in source.codec_ops:
         items = _codec_items(value)
@@ -549,6 +547,11 @@ def _codecs(source: _Source, settings: RenderSettings) -> tuple[str, str]:
                 offered.append(name)
             elif not allow and name in offered:
                 offered.remove(name)
+    if not offered:
+        raise _Refuse(
+            "allows no codec: Asterisk gives it none, so its phones could make no call "
+            "(add allow= to import it)"
+        )
     audio = [c for c in offered if c in CODECS]
     video = [c for c in offered if c in VIDEO_CODECS]
     dropped = [c for c in offered if c not in CODECS and c not in VIDEO_CODECS]

@@ -344,27 +344,26 @@ def test_plan_maps_users_and_lists_every_other_section() -> None:
     assert not any(p in dump for p in [*PASSWORDS.values(), GRACE.md5, GRACE.sha256, FRANK_MD5])
 
 
-def test_unmatched_nat_and_missing_codecs_are_reported_not_guessed_silently() -> None:
+def test_unmatched_nat_is_reported_not_guessed_silently() -> None:
     """Asterisk's NAT defaults match no NAT row exactly: the closest is kept and reported."""
     plan = _plan(
-        "[7]\ntype=endpoint\nauth=7\naors=7\n[7]\ntype=auth\nusername=u7\npassword=Secret-777\n"
-        "[7]\ntype=aor\n"
+        "[7]\ntype=endpoint\nauth=7\naors=7\nallow=alaw\n"
+        "[7]\ntype=auth\nusername=u7\npassword=Secret-777\n[7]\ntype=aor\n"
     )
     (user,) = plan.users
     assert (user.values["nat"], user.values["context"], user.values["codecs"]) == (
         "no",
         "default",
-        "ulaw,alaw",
+        "alaw",
     )
     assert any("differs in force_rport" in n for n in user.notes)
-    assert any(n.startswith("no allow=") for n in user.notes)
 
 
 def _userpass_auth(*credentials: str) -> str:
     """Endpoint 1006 of frank whose ``auth_type=userpass`` auth has only ``credentials``."""
     lines = "".join(f"{line}\n" for line in credentials)
     return (
-        "[1006]\ntype=endpoint\nauth=1006-auth\naors=1006\n"
+        "[1006]\ntype=endpoint\nauth=1006-auth\naors=1006\nallow=ulaw\n"
         f"[1006-auth]\ntype=auth\nauth_type=userpass\nusername=frank\n{lines}"
         "[1006]\ntype=aor\n"
     )
@@ -1118,3 +1117,24 @@ def test_an_identify_of_an_imported_phone_is_reported_as_that_phones(tmp_path: P
         "8101)"
     ) in out
     assert "not mapped: [trunk-ip] identify: matches a trunk by address" in out
+
+
+def test_an_endpoint_allowing_no_codec_is_not_mapped_however_it_says_so(tmp_path: Path) -> None:
+    """An endpoint with no ``allow`` and one whose ``disallow=all`` leaves nothing allowed
+    both give Asterisk's endpoint no codec: both are not mapped, for the same reason."""
+    user = "[{n}]\ntype=endpoint\nauth=a{n}\naors={n}\n{codecs}[{n}]\ntype=aor\n"
+    user += "[a{n}]\ntype=auth\nusername=u{n}\npassword=Secret-{n}\n"
+    text = user.format(n=8201, codecs="") + user.format(n=8202, codecs="disallow=all\n")
+    text += user.format(n=8203, codecs="allow=ulaw\ndisallow=ulaw\n")
+    text += user.format(n=8204, codecs="allow=ulaw\n")
+    text += (
+        "[8205]\ntype=wizard\naccepts_auth=yes\naccepts_registrations=yes\n"
+        "inbound_auth/username=u8205\ninbound_auth/password=Secret-8205\n"
+    )
+    out = _cli_import(tmp_path, text)
+    why = "allows no codec: Asterisk gives it none, so its phones could make no call"
+    for ext, kind in (("8201", "endpoint"), ("8202", "endpoint"), ("8203", "endpoint")):
+        assert f"not mapped: [{ext}] {kind}: {why}" in out, out
+    assert f"not mapped: [8205] wizard: {why}" in out, out
+    assert out.splitlines()[0] == "added u8204 (extension 8204)"
+    assert "added 1 users;" in out
