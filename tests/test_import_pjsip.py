@@ -896,7 +896,7 @@ def test_a_section_defined_twice_is_read_as_asterisk_reads_it() -> None:
         "[a8002] auth: belongs to [8002], which is not mapped",
         "[8002] aor: " + twice.format("26, 28", "aor"),
         "[8002] aor: " + twice.format("26, 28", "aor"),
-        "[8004] wizard: replaced by the wizard of line 48 (Asterisk applies the last)",
+        "[8004] wizard: replaced by the wizard of line 48 (Asterisk applies each in turn)",
     ]
 
 
@@ -1138,3 +1138,52 @@ def test_an_endpoint_allowing_no_codec_is_not_mapped_however_it_says_so(tmp_path
     assert f"not mapped: [8205] wizard: {why}" in out, out
     assert out.splitlines()[0] == "added u8204 (extension 8204)"
     assert "added 1 users;" in out
+
+
+def test_a_wizard_defined_again_keeps_the_objects_asterisk_keeps_from_each_copy(
+    tmp_path: Path,
+) -> None:
+    """Of a wizard defined twice, each object (endpoint, auth, aor) is the one of the last
+    copy Asterisk's wizard creates it from: a later copy it creates no auth from (no
+    inbound_auth/username) leaves the earlier copy's auth standing, with the later
+    endpoint; a later copy without accepts_auth deletes the auth and gives an endpoint
+    without one."""
+    wizard = "[{n}]\ntype=wizard\naccepts_auth=yes\naccepts_registrations=yes\n"
+    first = wizard + "endpoint/allow=ulaw\nendpoint/context=first\n"
+    first += "inbound_auth/username=u{n}\ninbound_auth/password=Secret-{n}\n"
+    text = first.format(n=8301)  # lines 1-8
+    text += wizard.format(n=8301) + "endpoint/allow=alaw\nendpoint/context=second\n"  # 9-14
+    text += "inbound_auth/password=Other-8301\n"  # 15
+    text += first.format(n=8302)  # 16-23
+    text += "[8302]\ntype=wizard\naccepts_registrations=yes\nendpoint/allow=ulaw\n"  # 24-27
+    text += first.format(n=8303)  # 28-35
+    text += wizard.format(n=8303) + "endpoint/allow=ulaw\nendpoint/bogus=1\n"  # 36-41
+    text += "inbound_auth/username=v8303\ninbound_auth/password=Secret-8303b\n"  # 42-43
+    out = _cli_import(tmp_path, text, "--dry-run")
+    plan = plan_import(read_file(tmp_path / "pjsip.conf"), SETTINGS)
+    users = {u.extension: u for u in plan.users}
+    assert sorted(users) == ["8301", "8303"], out
+    one = users["8301"]
+    assert (one.username, one.line, one.values["context"], one.values["codecs"]) == (
+        "u8301",
+        9,
+        "second",
+        "alaw",
+    )
+    assert one.sip_secret == "Secret-8301"
+    assert (
+        "wizard defined twice (lines 1, 9): its endpoint and aor are line 9's, its auth "
+        "line 1's (Asterisk applies each copy in turn; a copy it cannot create an object "
+        "from leaves the earlier one)"
+    ) in one.notes
+    three = users["8303"]
+    assert (three.username, three.line, three.values["context"]) == ("v8303", 28, "first")
+    assert three.sip_secret == "Secret-8303b"
+    reasons = _unmapped(plan)
+    assert reasons[("8301", 1)] == "wizard: its auth is read with the wizard of line 9"
+    assert reasons[("8303", 36)] == "wizard: its aor and auth are read with the wizard of line 28"
+    assert reasons[("8302", 24)].startswith("wizard: does not accept auth")
+    assert reasons[("8302", 16)] == (
+        "wizard: replaced by the wizard of line 24 (Asterisk applies each in turn)"
+    )
+    assert "would add u8301 (extension 8301)" in out
