@@ -234,7 +234,8 @@ def _is_true(value: str | None) -> bool:
 @dataclass
 class _Index:
     """The file's sections by (type, name) as Asterisk loads them: of a wizard defined more
-    than once, the last; a section of another type defined more than once is in
+    than once, one holding each object's options from the copy Asterisk keeps it from
+    (:func:`_merge_wizard`); a section of another type defined more than once is in
     ``duplicates`` (with its lines) instead, as Asterisk loads neither copy."""
 
     parsed: Parsed
@@ -242,6 +243,8 @@ class _Index:
     used: set[tuple[str, str]] = field(default_factory=set)
     owner: dict[tuple[str, str], str] = field(default_factory=dict)
     duplicates: dict[tuple[str, str], tuple[int, ...]] = field(default_factory=dict)
+    #: A note per wizard defined more than once whose objects come from several copies.
+    merged: dict[str, str] = field(default_factory=dict)
 
     def get(self, kind: str, name: str) -> Section | None:
         return self.by_key.get((kind, name))
@@ -410,30 +413,8 @@ def _wizard_source(section: Section) -> _Source:
         raise _Refuse("does not accept auth (accepts_auth=yes): not a registering user")
     if not _is_true(opts.get("accepts_registrations")):
         raise _Refuse("does not accept registrations (accepts_registrations=yes)")
-    parts: dict[str, dict[str, str]] = {"endpoint": {}, "inbound_auth": {}, "aor": {}}
-    codec_ops = []
-    other: list[str] = []
-    for name, value in section.options:
-        # The wizard finds its own options case-insensitively but takes object options by
-        # their exact prefix (ast_begins_with): Endpoint/context is none of them.
-        prefix, slash, option = name.partition("/")
-        if not slash:
-            if prefix.lower() not in _WIZARD_READ:
-                other.append(prefix.lower())
-            continue
-        if prefix not in parts or not option:
-            other.append(name)
-            continue
-        option = option.lower()
-        parts[prefix][option] = value
-        if prefix == "endpoint" and option in ("allow", "disallow"):
-            codec_ops.append((option, value))
+    parts, codec_ops, other = _wizard_parts(section)
     endpoint = parts["endpoint"]
-    # Asterisk's wizard appends its own transport= (the last one it has) after the endpoint/
-    # options, so it overrides endpoint/transport (res_pjsip_config_wizard.c, handle_endpoint).
-    transport = opts.get("transport", "")
-    if transport:
-        endpoint["transport"] = transport
     auth = parts["inbound_auth"]
     if "username" not in auth:
         # handle_auth logs "must have 'inbound_auth/username'" and creates no auth.
@@ -455,6 +436,134 @@ def _wizard_source(section: Section) -> _Source:
             source.notes.append(note)
     _check_static_contacts(source.aors)
     return source
+
+
+#: The object prefixes of a wizard's options that provisioner reads.
+_WIZARD_PARTS = ("endpoint", "inbound_auth", "outbound_auth", "aor")
+
+
+def _wizard_parts(
+    section: Section,
+) -> tuple[dict[str, dict[str, str]], list[tuple[str, str]], list[str]]:
+    """``(options by object prefix, the endpoint's codec operations, other options)`` of a
+    wizard, as its objects get them; the endpoint's include the wizard's ``transport``."""
+    parts: dict[str, dict[str, str]] = {prefix: {} for prefix in _WIZARD_PARTS}
+    codec_ops = []
+    other: list[str] = []
+    for name, value in section.options:
+        # The wizard finds its own options case-insensitively but takes object options by
+        # their exact prefix (ast_begins_with): Endpoint/context is none of them.
+        prefix, slash, option = name.partition("/")
+        if not slash:
+            if prefix.lower() not in _WIZARD_READ:
+                other.append(prefix.lower())
+            continue
+        if prefix not in parts or not option:
+            other.append(name)
+            continue
+        option = option.lower()
+        parts[prefix][option] = value
+        if prefix == "outbound_auth":
+            other.append(name)  # read only to know whether Asterisk creates it
+        if prefix == "endpoint" and option in ("allow", "disallow"):
+            codec_ops.append((option, value))
+    # Asterisk's wizard appends its own transport= (the last one it has) after the endpoint/
+    # options, so it overrides endpoint/transport (res_pjsip_config_wizard.c, handle_endpoint).
+    transport = _options(section).get("transport", "")
+    if transport:
+        parts["endpoint"]["transport"] = transport
+    return parts, codec_ops, other
+
+
+def _wizard_makes(section: Section) -> dict[str, bool | None]:
+    """What one copy of a wizard does to each of its user objects when Asterisk applies it
+    (res_pjsip_config_wizard.c, per object type): True, the copy's object replaces any
+    earlier one; False, it cannot be created (logged) and an earlier one stands; None, the
+    copy deletes it (an inbound auth without ``accepts_auth``)."""
+    opts = _options(section)
+    parts, codec_ops, _ = _wizard_parts(section)
+
+    def creates(kind: str, options: Mapping[str, str], ops: Iterable[tuple[str, str]]) -> bool:
+        try:
+            _check_loadable(kind, options, "")
+            for op, value in ops:
+                _check_codec_list(op, value)
+        except _Refuse:
+            return False
+        return True
+
+    auth: bool | None
+    outbound = parts["outbound_auth"]
+    if _is_true(opts.get("sends_auth")) and not (
+        "username" in outbound and creates("auth", outbound, ())
+    ):
+        auth = False  # handle_auths gives up before the inbound auth
+    elif not _is_true(opts.get("accepts_auth")):
+        auth = None
+    else:
+        inbound = parts["inbound_auth"]
+        auth = "username" in inbound and creates("auth", inbound, ())
+    return {
+        "endpoint": creates("endpoint", parts["endpoint"], codec_ops),
+        "aor": creates("aor", parts["aor"], ()),
+        "auth": auth,
+    }
+
+
+def _merge_wizard(copies: list[Section]) -> tuple[Section, str | None, list[Unmapped]]:
+    """A wizard defined more than once, as Asterisk holds it: its wizard applies every copy
+    in turn, per object type, so each object (endpoint, aor, inbound auth) is the one of
+    the last copy it could create it from.  Returns the section to read (the endpoint's
+    copy, with the aor/ and inbound_auth/ options of the copies those come from), a note
+    when they come from several copies, and a reason for every other copy.  With no
+    endpoint or aor created from any copy, the last copy is read (its refusal says why)."""
+    standing: dict[str, int | None] = {"endpoint": None, "aor": None, "auth": None}
+    for number, copy in enumerate(copies):
+        for kind, made in _wizard_makes(copy).items():
+            if made is not False:
+                standing[kind] = number if made else None
+    last = len(copies) - 1
+    endpoint_copy = standing["endpoint"]
+    if endpoint_copy is None or standing["aor"] is None:
+        endpoint_copy = last
+        standing = {kind: last for kind in standing}
+    first: int = endpoint_copy
+    primary = copies[first]
+    moved = {"aor": "aor/", "auth": "inbound_auth/"}
+    options = [(n, v) for n, v in primary.options if not n.startswith(tuple(moved.values()))]
+    for kind, prefix in moved.items():
+        source = standing[kind]
+        if source is not None:
+            options += [(n, v) for n, v in copies[source].options if n.startswith(prefix)]
+    merged = Section(primary.name, primary.line, options=tuple(options))
+    reasons = []
+    for number, copy in enumerate(copies):
+        if number == first:
+            continue
+        kept = [kind for kind in ("aor", "auth") if standing[kind] == number]
+        if kept:
+            verb = "is" if len(kept) == 1 else "are"
+            why = f"its {' and '.join(kept)} {verb} read with the wizard of line {primary.line}"
+        else:
+            why = f"replaced by the wizard of line {primary.line} (Asterisk applies each in turn)"
+        reasons.append(Unmapped(copy.name, copy.line, f"wizard: {why}"))
+    note = None
+    if set(standing.values()) != {last}:
+        by_copy: dict[int | None, list[str]] = {}
+        for kind, source_copy in standing.items():
+            by_copy.setdefault(source_copy, []).append(kind)
+        said: list[str] = []
+        for source_copy, kinds in by_copy.items():
+            whose = "none" if source_copy is None else f"line {copies[source_copy].line}'s"
+            verb = ("is " if len(kinds) == 1 else "are ") if not said else ""
+            said.append(f"its {' and '.join(kinds)} {verb}{whose}")
+        times = "twice" if len(copies) == 2 else f"{len(copies)} times"
+        lines = ", ".join(str(copy.line) for copy in copies)
+        note = (
+            f"wizard defined {times} (lines {lines}): {', '.join(said)} (Asterisk applies "
+            "each copy in turn; a copy it cannot create an object from leaves the earlier one)"
+        )
+    return merged, note, reasons
 
 
 def _rule(name: str, value: str) -> str | None:
@@ -519,14 +628,12 @@ def _phone_number(text: str) -> str | None:
 
 
 def _codecs(source: _Source, settings: RenderSettings) -> tuple[str, str]:
-    """``(codecs, video)``: our audio codecs in the source's order, video if any video codec."""
+    """``(codecs, video)``: our audio codecs in the source's order, video if any video codec.
+    An endpoint allowing no codec at all (no ``allow``, or everything disallowed again) is
+    :class:`_Refuse`: Asterisk's endpoint has none (it has no default), so its phones could
+    make no call, and a user always has one; the migrating engineer chooses them."""
     for op, value in source.codec_ops:
         _check_codec_list(op, value)
-    if not source.codec_ops:
-        source.notes.append(
-            "no allow= (Asterisk would offer no codec); the default ulaw,alaw is used"
-        )
-        return "ulaw,alaw", "no"
     offered: list[str] = []
     for op, value in source.codec_ops:
         items = _codec_items(value)
@@ -549,6 +656,11 @@ def _codecs(source: _Source, settings: RenderSettings) -> tuple[str, str]:
                 offered.append(name)
             elif not allow and name in offered:
                 offered.remove(name)
+    if not offered:
+        raise _Refuse(
+            "allows no codec: Asterisk gives it none, so its phones could make no call "
+            "(add allow= to import it)"
+        )
     audio = [c for c in offered if c in CODECS]
     video = [c for c in offered if c in VIDEO_CODECS]
     dropped = [c for c in offered if c not in CODECS and c not in VIDEO_CODECS]
@@ -906,7 +1018,7 @@ def _build_index(parsed: Parsed, unmapped: list[Unmapped]) -> _Index:
     """Index the sections as Asterisk loads them.  A file defining an object of one type
     twice (res_sorcery_config: "configuration contains a duplicate object") loads no object
     of that type, so no copy is read; the config wizard applies each copy of a wizard in
-    turn, so the last one is."""
+    turn (:func:`_merge_wizard`)."""
     index = _Index(parsed)
     copies: dict[tuple[str, str], list[Section]] = {}
     for section in parsed.visible():
@@ -916,13 +1028,15 @@ def _build_index(parsed: Parsed, unmapped: list[Unmapped]) -> _Index:
         else:
             copies.setdefault(key, []).append(section)
     for key, sections in copies.items():
-        kind, last = key[0], sections[-1]
-        if len(sections) == 1 or kind == "wizard":
-            index.by_key[key] = last
-            reason = (
-                f"wizard: replaced by the wizard of line {last.line} (Asterisk applies the last)"
-            )
-            unmapped.extend(Unmapped(s.name, s.line, reason) for s in sections[:-1])
+        kind = key[0]
+        if len(sections) == 1:
+            index.by_key[key] = sections[0]
+            continue
+        if kind == "wizard":
+            index.by_key[key], note, reasons = _merge_wizard(sections)
+            if note is not None:
+                index.merged[key[1]] = note
+            unmapped.extend(reasons)
             continue
         index.duplicates[key] = tuple(s.line for s in sections)
         reason = f"{kind}: {_twice(kind, index.duplicates[key])}"
@@ -969,6 +1083,8 @@ def plan_import(
             source = (
                 _endpoint_source(section, index) if kind == "endpoint" else _wizard_source(section)
             )
+            if kind == "wizard" and name in index.merged:
+                source.notes.insert(0, index.merged[name])
             mapped = _map_source(source, index, settings, generate_secrets)
             _claim(mapped, seen, seen_users)
         except _Refuse as exc:
@@ -977,13 +1093,31 @@ def plan_import(
         users.append(mapped)
         index.used.add(("auth", source.auth_name))
         index.used.update(("aor", ref) for ref in source.aor_names)
+    imported = {u.section: u.username for u in users}
     for (kind, name), section in index.by_key.items():
         if kind in ("endpoint", "wizard") or (kind, name) in index.used:
             continue
-        unmapped.append(Unmapped(name, section.line, _reason(kind, name, index)))
+        reason = _reason(kind, name, index)
+        if kind == "identify":
+            reason = _identify_reason(section, imported) or reason
+        unmapped.append(Unmapped(name, section.line, reason))
     unmapped.sort(key=lambda u: u.line)
     notices = tuple(f"line {n.line}: {n.message}" if n.line else n.message for n in parsed.notices)
     return ImportPlan(tuple(users), tuple(unmapped), notices)
+
+
+def _identify_reason(section: Section, imported: Mapping[str, str]) -> str | None:
+    """Why an identify of an endpoint imported as a user is left out (None for any other):
+    it matched that phone by its address, which a user does not carry; the phone is then
+    found by its SIP user, as every registering phone is."""
+    endpoint = _options(section).get("endpoint", "").strip()
+    username = imported.get(endpoint)
+    if username is None:
+        return None
+    return (
+        f"identify: matches imported user {username} ([{endpoint}]) by address; matching by "
+        f"address is not carried over (its phones are found by their SIP user, {endpoint})"
+    )
 
 
 def _reason(kind: str, name: str, index: _Index) -> str:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -326,6 +329,89 @@ def test_a_first_file_takes_the_owner_and_group_of_its_directory(
     info = path.stat()
     assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (4242, 4343, 0o640)
     check_written(target, rendered())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may give a file another owner")
+@pytest.mark.parametrize("shards", [0, 4])
+@pytest.mark.parametrize("errno_", [errno.EPERM, errno.EINVAL])
+def test_a_group_the_writer_cannot_give_is_logged_and_the_file_still_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shards: int, errno_: int
+) -> None:
+    """When giving the new file the replaced file's group fails (EPERM: not the writer's
+    group; EINVAL: not mapped in its user namespace, as under systemd's PrivateUsers=), the
+    file is written all the same, with the writer's group, and file.group_not_kept says so."""
+    path = tmp_path / "pjsip_users.conf"
+    target = make_target(path, shards)
+    target.apply(rendered()[1:])
+    before = {}
+    for written in {path, *path.parent.rglob("*.conf")}:
+        os.chown(written, -1, 4343)
+        before[written] = written.stat().st_ino
+
+    def refused(*_args: object) -> None:
+        raise OSError(errno_, os.strerror(errno_))
+
+    monkeypatch.setattr(os, "chown", refused)
+    with capture_logs() as logs:
+        assert target.apply(rendered()).wrote
+    check_written(target, rendered())
+    replaced = [f for f, inode in before.items() if f.stat().st_ino != inode]
+    assert replaced
+    assert all(f.stat().st_gid == os.getegid() for f in replaced)
+    kept = [e for e in logs if e["event"] == "file.group_not_kept"]
+    assert kept, logs
+    assert all(e["error"] == os.strerror(errno_) for e in kept), kept
+
+
+#: Run as a writer in a user namespace mapping only its own user and group, as systemd's
+#: PrivateUsers=yes does: writes the representative users to the target in argv[1].
+_IN_NAMESPACE = """
+import sys
+from pathlib import Path
+from provisioner.pjsip import RenderSettings, render_user
+from tests.test_configfile import REPRESENTATIVE, make_target
+target = make_target(Path(sys.argv[1]), int(sys.argv[2]))
+target.apply([render_user(u, RenderSettings()) for u in REPRESENTATIVE])
+"""
+
+
+#: A user namespace mapping one user and one group (1000) to this process's: every other
+#: group appears as nobody and cannot be given.
+_UNSHARE = ("unshare", "--user", "--map-user=1000", "--map-group=1000")
+
+
+def _unshare_works() -> bool:
+    """Whether this host lets ``unshare`` make a user namespace (Linux, allowed by sysctl)."""
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run([*_UNSHARE, "true"], capture_output=True, check=False).returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may give a directory another group")
+@pytest.mark.skipif(not _unshare_works(), reason="no user namespaces here")
+@pytest.mark.parametrize("shards", [0, 4])
+def test_a_setgid_directory_gives_its_unmapped_group_to_a_writer_under_private_users(
+    tmp_path: Path, shards: int
+) -> None:
+    """A writer in a user namespace that does not map the directory's group (systemd's
+    PrivateUsers=yes, the shipped unit) writes every file, shard files included, with the
+    group of the setgid directory an operator gave to Asterisk's group."""
+    path = tmp_path / "asterisk" / "pjsip_users.conf"
+    path.parent.mkdir()
+    os.chown(path.parent, -1, 4343)
+    os.chmod(path.parent, 0o2770)
+    os.chmod(tmp_path, 0o755)
+    run = subprocess.run(
+        [*_UNSHARE, sys.executable, "-c", _IN_NAMESPACE, str(path), str(shards)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert run.returncode == 0, run.stderr
+    written = [path, *(path.parent / "pjsip_users.d").glob("*.conf")]
+    assert len(written) == 1 + shards
+    assert {(f.stat().st_gid, stat.S_IMODE(f.stat().st_mode)) for f in written} == {(4343, 0o640)}
 
 
 def test_a_rewrite_of_a_hard_linked_file_warns_that_the_link_is_split(tmp_path: Path) -> None:

@@ -25,10 +25,12 @@ thread (both release the GIL) while the caller works, and only
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -190,8 +192,11 @@ def keep_owner(new: Path, old: Path) -> None:
     process runs as root (only root gives a file away): an operator may have handed the
     file to Asterisk (``chown asterisk:asterisk``), which must still read the new one.
 
-    A group the writer may not give (one it is not in) is logged
-    (``file.group_not_kept``), and the file is written with the writer's group."""
+    A group the writer may not give is logged (``file.group_not_kept``), and the file is
+    written with the writer's group: one it is not in (EPERM), or one its user namespace
+    does not map (EINVAL: under systemd's ``PrivateUsers=`` every group but root's and the
+    service's own; ``stat`` shows such a group as ``nobody``).  Only a setgid directory
+    then gives new files the directory's group: the kernel does that, not the writer."""
     try:
         before = old.stat()
     except FileNotFoundError:
@@ -203,8 +208,24 @@ def keep_owner(new: Path, old: Path) -> None:
         return
     try:
         os.chown(new, uid, gid)
-    except PermissionError as exc:
-        log.warning("file.group_not_kept", path=str(old), group=before.st_gid, error=exc.strerror)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EINVAL):
+            raise
+        log.warning(
+            "file.group_not_kept",
+            path=str(old),
+            group=before.st_gid,
+            error=exc.strerror,
+            advice=_GROUP_ADVICE[exc.errno],
+        )
+
+
+#: What to do when the writer cannot give a file the group it should have, by errno.
+_GROUP_ADVICE = {
+    errno.EPERM: "add the writer's user to that group, or make the directory setgid (chmod g+s)",
+    errno.EINVAL: "the group is not mapped in the writer's user namespace (systemd "
+    "PrivateUsers=): make the directory setgid (chmod g+s) so new files get its group",
+}
 
 
 def warn_of_other_links(path: Path) -> None:
@@ -347,12 +368,27 @@ def make_directories(directory: Path, like: Path) -> None:
         missing.append(candidate)
     for made in reversed(missing):
         try:
-            made.mkdir()
+            made.mkdir(DIRECTORY_MODE)
         except FileExistsError:
             continue  # made meanwhile, by another writer: its mode is that writer's
-        os.chmod(made, DIRECTORY_MODE)
+        _undo_umask(made)
         keep_owner(made, like)
         fsync_directory(made.parent)
+
+
+def _undo_umask(made: Path) -> None:
+    """Give the directory ``made`` mode :data:`DIRECTORY_MODE` when a umask stricter than
+    ``027`` took bits from it, keeping the setgid bit it inherited from a setgid parent:
+    that bit is what gives the files in it the parent's group where the writer cannot
+    (:func:`keep_owner`).  A chmod only when needed: ``chmod 0750`` would clear the bit,
+    and a chmod setting it is refused under systemd's ``RestrictSUIDSGID=``."""
+    mode = made.stat().st_mode
+    if stat.S_IMODE(mode) & ~stat.S_ISGID == DIRECTORY_MODE:
+        return
+    try:
+        os.chmod(made, DIRECTORY_MODE | (mode & stat.S_ISGID))
+    except PermissionError:
+        os.chmod(made, DIRECTORY_MODE)  # RestrictSUIDSGID=: the files get the writer's group
 
 
 def atomic_write(
