@@ -75,7 +75,7 @@ _EMAIL_PROBE_DOMAIN = "example.com"
 _NOT_USERS: Mapping[str, str] = {
     "transport": "stays in Asterisk's own configuration",
     "registration": "an outbound registration (a trunk)",
-    "identify": "matches a trunk by address",
+    "identify": "matches an endpoint by address",
     "global": "global settings",
     "system": "system settings",
     "acl": "an ACL",
@@ -1099,21 +1099,31 @@ def plan_import(
             continue
         reason = _reason(kind, name, index)
         if kind == "identify":
-            reason = _identify_reason(section, imported) or reason
+            reason = _identify_reason(section, imported, index) or reason
         unmapped.append(Unmapped(name, section.line, reason))
     unmapped.sort(key=lambda u: u.line)
     notices = tuple(f"line {n.line}: {n.message}" if n.line else n.message for n in parsed.notices)
     return ImportPlan(tuple(users), tuple(unmapped), notices)
 
 
-def _identify_reason(section: Section, imported: Mapping[str, str]) -> str | None:
-    """Why an identify of an endpoint imported as a user is left out (None for any other):
-    it matched that phone by its address, which a user does not carry; the phone is then
-    found by its SIP user, as every registering phone is."""
+def _identify_reason(section: Section, imported: Mapping[str, str], index: _Index) -> str | None:
+    """Why an identify is left out, by the endpoint it names (None when it names none).  Of
+    an endpoint imported as a user: it matched that phone by its address, which a user does
+    not carry; the phone is then found by its SIP user, as every registering phone is.  Of
+    an endpoint not mapped: it goes with that endpoint, whatever kept it out (a trunk's, or
+    a phone's refused for another reason)."""
     endpoint = _options(section).get("endpoint", "").strip()
+    if not endpoint:
+        return None
     username = imported.get(endpoint)
     if username is None:
-        return None
+        if index.get("endpoint", endpoint) is None and ("endpoint", endpoint) not in (
+            index.duplicates
+        ):
+            return (
+                f"identify: matches [{endpoint}] by address, an endpoint this file does not define"
+            )
+        return f"identify: belongs to [{endpoint}], which is not mapped"
     return (
         f"identify: matches imported user {username} ([{endpoint}]) by address; matching by "
         f"address is not carried over (its phones are found by their SIP user, {endpoint})"

@@ -331,7 +331,7 @@ def test_plan_maps_users_and_lists_every_other_section() -> None:
     ]
     assert "[carrier] endpoint: sends auth (outbound_auth=): a trunk, not a user" in reasons
     assert "[carrier-auth] auth: belongs to [carrier], which is not mapped" in reasons
-    assert "[carrier-identify] identify: matches a trunk by address" in reasons
+    assert "[carrier-identify] identify: belongs to [carrier], which is not mapped" in reasons
     assert any(r.startswith("[1005] endpoint: username 'eve-smith' must be") for r in reasons)
     assert "[1005-auth] auth: belongs to [1005], which is not mapped" in reasons
     assert any(
@@ -501,7 +501,8 @@ def test_cli_import_pjsip(tmp_path: Path) -> None:
         assert "--profile: must name an existing profile" in bad.err
         dry = cli.ok(*base, "--profile", "agents", "--dry-run")
         assert "would add alice (extension 1001)" in dry
-        assert "not mapped: [carrier-identify] identify: matches a trunk by address" in dry
+        carrier = "[carrier-identify] identify: belongs to [carrier], which is not mapped"
+        assert f"not mapped: {carrier}" in dry
         assert "alice" not in cli.ok("user", "list")
         out = cli.ok(*base, "--profile", "agents", "--generate-secrets")
         assert "added frank (extension 1006)" in out
@@ -1116,7 +1117,28 @@ def test_an_identify_of_an_imported_phone_is_reported_as_that_phones(tmp_path: P
         "matching by address is not carried over (its phones are found by their SIP user, "
         "8101)"
     ) in out
-    assert "not mapped: [trunk-ip] identify: matches a trunk by address" in out
+    assert "not mapped: [trunk-ip] identify: belongs to [trunk], which is not mapped" in out
+
+
+def test_an_identify_of_a_phone_not_imported_is_reported_as_that_endpoints(
+    tmp_path: Path,
+) -> None:
+    """An identify whose endpoint is not mapped (for whatever reason) is reported as
+    belonging to that endpoint, not as a trunk's."""
+    text = (
+        "[8111]\ntype=endpoint\nauth=a8111\naors=8111\nallow=ulaw\n[8111]\ntype=aor\n"
+        "[a8111]\ntype=auth\nauth_type=md5\nusername=u8111\nmd5_cred=" + FRANK_MD5 + "\n"
+        "[8111-ip]\ntype=identify\nendpoint=8111\nmatch=192.0.2.11\n"
+        "[elsewhere-ip]\ntype=identify\nendpoint=elsewhere\nmatch=192.0.2.12\n"
+    )
+    out = _cli_import(tmp_path, text)
+    assert "not mapped: [8111] endpoint: needs a new SIP secret" in out, out
+    assert "not mapped: [8111-ip] identify: belongs to [8111], which is not mapped" in out
+    assert (
+        "not mapped: [elsewhere-ip] identify: matches [elsewhere] by address, "
+        "an endpoint this file does not define"
+    ) in out
+    assert "a trunk" not in out
 
 
 def test_an_endpoint_allowing_no_codec_is_not_mapped_however_it_says_so(tmp_path: Path) -> None:
