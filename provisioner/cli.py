@@ -19,7 +19,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 from sqlalchemy import Engine
@@ -43,6 +43,9 @@ from .model import CODECS, LOG_LEVELS, NATS, ROLES, TOAST_POSITIONS, TRANSPORTS,
 from .store.engine import driver_error, open_store_engine, schema_named, transaction
 from .store.untold import drop_untold, new_token, note_untold, untold_key
 from .sync import SyncReport
+
+if TYPE_CHECKING:
+    from .importer import FileKind
 
 __all__ = ["main"]
 
@@ -872,27 +875,44 @@ def import_group() -> None:
     is_flag=True,
     help="Users whose secret cannot be carried over get a new one (shown once).",
 )
+@click.option(
+    "--read-as",
+    type=click.Choice(["pjsip.conf", "pjsip_wizard.conf"]),
+    help="Read FILE as Asterisk reads this file (endpoints from pjsip.conf, wizards only "
+    "from pjsip_wizard.conf); default: by FILE's name, pjsip.conf unless it is "
+    "pjsip_wizard.conf.",
+)
 @click.option("--dry-run", is_flag=True, help="Check everything, change nothing.")
 @pass_app
 def import_pjsip(
-    app: App, file: str, profile: str, email_domain: str, generate_secrets: bool, dry_run: bool
+    app: App,
+    file: str,
+    profile: str,
+    email_domain: str,
+    generate_secrets: bool,
+    read_as: FileKind | None,
+    dry_run: bool,
 ) -> None:
-    """Create users from a hand-written pjsip.conf: all or nothing; print what was not mapped."""
+    """Create users from a hand-written pjsip.conf or pjsip_wizard.conf: all or nothing;
+    print what was not mapped."""
     from . import importer
     from .pjsip import RenderSettings
 
     if dry_run:
         app.needs_existing_store()
+    kind = read_as or importer.file_kind(file)
     plan = importer.plan_import(
         importer.read_file(file),
         RenderSettings.from_config(app.config),
         generate_secrets=generate_secrets,
+        read_as=kind,
     )
     result = importer.apply_plan(
         app.accounts, plan, profile=profile, email_domain=email_domain, dry_run=dry_run
     )
     log.info(
         "user.imported_pjsip",
+        read_as=kind,
         added=len(result.added),
         unmapped=len(plan.unmapped),
         dry_run=dry_run,

@@ -1,12 +1,14 @@
-"""Users from a hand-written ``pjsip.conf``: ``provisioner import pjsip FILE``.
+"""Users from a hand-written ``pjsip.conf`` or ``pjsip_wizard.conf``:
+``provisioner import pjsip FILE``.
 
 Two halves:
 
 * :func:`plan_import` is pure: from a parsed file (:func:`provisioner.asterisk_conf.parse`,
-  which resolves templates and inheritance) it maps every user endpoint (an
-  ``endpoint`` with its ``auth`` and ``aor`` sections, or a ``type=wizard``
-  section that accepts registrations and auth) to user field values, and lists
-  every section it could not map with the reason.  Per user it also keeps notes
+  which resolves templates and inheritance), read as the file Asterisk reads it as
+  (:func:`file_kind`), it maps every user endpoint (in pjsip.conf an ``endpoint`` with
+  its ``auth`` and ``aor`` sections, in pjsip_wizard.conf a ``type=wizard`` section that
+  accepts registrations and auth) to user field values, and lists every section it
+  could not map with the reason.  Per user it also keeps notes
   on what changes in the move (dropped codecs, ignored options, an inexact NAT
   combination).
 * :func:`apply_plan` creates the mapped users through :class:`~provisioner.accounts.Accounts`
@@ -31,7 +33,7 @@ import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .accounts import Accounts, rerun_on_unique_clash
 from .asterisk_conf import Parsed, Section, parse
@@ -48,16 +50,27 @@ from .store import queries as q
 from .targets.asterisk_schema import ENUM_LABELS, ps_aors, ps_auths, ps_endpoints
 
 __all__ = [
+    "PJSIP_CONF",
+    "WIZARD_CONF",
+    "FileKind",
     "ImportPlan",
     "ImportResult",
     "MappedUser",
     "Unmapped",
     "apply_plan",
+    "file_kind",
     "plan_import",
     "read_file",
     "report_lines",
 ]
 
+#: The two files Asterisk reads PJSIP user objects from: res_pjsip reads endpoints, auths,
+#: AORs and the rest from pjsip.conf (and the files it #includes), never a wizard;
+#: res_pjsip_config_wizard reads only ``type=wizard`` sections, only from pjsip_wizard.conf
+#: (a name built into it).
+PJSIP_CONF: Literal["pjsip.conf"] = "pjsip.conf"
+WIZARD_CONF: Literal["pjsip_wizard.conf"] = "pjsip_wizard.conf"
+FileKind = Literal["pjsip.conf", "pjsip_wizard.conf"]
 #: Video codecs Asterisk knows; any of them in ``allow`` means video ``yes``.
 VIDEO_CODECS = ("vp8", "vp9", "h264", "h265", "h263", "h263p", "h261", "mpeg4")
 #: Asterisk's defaults for the NAT-related endpoint options (as in NAT_OPTIONS order).
@@ -75,7 +88,7 @@ _EMAIL_PROBE_DOMAIN = "example.com"
 _NOT_USERS: Mapping[str, str] = {
     "transport": "stays in Asterisk's own configuration",
     "registration": "an outbound registration (a trunk)",
-    "identify": "matches a trunk by address",
+    "identify": "matches an endpoint by address",
     "global": "global settings",
     "system": "system settings",
     "acl": "an ACL",
@@ -216,6 +229,12 @@ def read_file(path: str | Path) -> Parsed:
             ]
         )
     return parsed
+
+
+def file_kind(path: str | Path) -> FileKind:
+    """Which file Asterisk reads ``path`` as, by its name: ``pjsip_wizard.conf`` is the
+    wizard's; any other name is pjsip.conf or a file it includes."""
+    return WIZARD_CONF if Path(path).name == WIZARD_CONF else PJSIP_CONF
 
 
 # -- the pure mapping ----------------------------------------------------------------------
@@ -1014,17 +1033,34 @@ def _twice(kind: str, lines: tuple[int, ...]) -> str:
     )
 
 
-def _build_index(parsed: Parsed, unmapped: list[Unmapped]) -> _Index:
-    """Index the sections as Asterisk loads them.  A file defining an object of one type
-    twice (res_sorcery_config: "configuration contains a duplicate object") loads no object
-    of that type, so no copy is read; the config wizard applies each copy of a wizard in
-    turn (:func:`_merge_wizard`)."""
+def _not_read_from(kind: str, read_as: FileKind) -> str | None:
+    """Why Asterisk never applies a ``kind`` section of the file ``read_as`` (None when it
+    does): a wizard only from pjsip_wizard.conf, and nothing else from that file."""
+    if read_as == PJSIP_CONF and kind == "wizard":
+        return (
+            f"a wizard in {PJSIP_CONF}: Asterisk reads wizards only from {WIZARD_CONF} "
+            f"(if this file is the wizard's, import it with --read-as {WIZARD_CONF})"
+        )
+    if read_as == WIZARD_CONF and kind != "wizard":
+        article = "an" if kind[:1].lower() in "aeiou" else "a"
+        return f"{article} {kind} in {WIZARD_CONF}: Asterisk reads only wizards from {WIZARD_CONF}"
+    return None
+
+
+def _build_index(parsed: Parsed, unmapped: list[Unmapped], read_as: FileKind) -> _Index:
+    """Index the sections as Asterisk loads them from the file ``read_as``: a section of a
+    type Asterisk never reads from that file is only reported.  A file defining an object
+    of one type twice (res_sorcery_config: "configuration contains a duplicate object")
+    loads no object of that type, so no copy is read; the config wizard applies each copy
+    of a wizard in turn (:func:`_merge_wizard`)."""
     index = _Index(parsed)
     copies: dict[tuple[str, str], list[Section]] = {}
     for section in parsed.visible():
         key = (_type(section), section.name)
         if not key[0]:
             unmapped.append(Unmapped(section.name, section.line, "has no type="))
+        elif (why := _not_read_from(key[0], read_as)) is not None:
+            unmapped.append(Unmapped(section.name, section.line, f"{key[0]}: {why}"))
         else:
             copies.setdefault(key, []).append(section)
     for key, sections in copies.items():
@@ -1064,15 +1100,21 @@ def _claim(
 
 
 def plan_import(
-    parsed: Parsed, settings: RenderSettings, *, generate_secrets: bool = False
+    parsed: Parsed,
+    settings: RenderSettings,
+    *,
+    generate_secrets: bool = False,
+    read_as: FileKind = PJSIP_CONF,
 ) -> ImportPlan:
     """Map every user endpoint of ``parsed`` to user values; list every other section.
 
     Pure.  ``settings`` gives the transport names (reverse lookup), the realm
-    digests must match to be carried over, and the video codecs.
+    digests must match to be carried over, and the video codecs.  ``read_as`` is the
+    file Asterisk reads ``parsed`` as (:func:`file_kind`): its user endpoints are the
+    endpoints of pjsip.conf, or the wizards of pjsip_wizard.conf.
     """
     unmapped: list[Unmapped] = []
-    index = _build_index(parsed, unmapped)
+    index = _build_index(parsed, unmapped, read_as)
     users: list[MappedUser] = []
     seen: dict[str, MappedUser] = {}
     seen_users: dict[str, MappedUser] = {}
@@ -1099,21 +1141,31 @@ def plan_import(
             continue
         reason = _reason(kind, name, index)
         if kind == "identify":
-            reason = _identify_reason(section, imported) or reason
+            reason = _identify_reason(section, imported, index) or reason
         unmapped.append(Unmapped(name, section.line, reason))
     unmapped.sort(key=lambda u: u.line)
     notices = tuple(f"line {n.line}: {n.message}" if n.line else n.message for n in parsed.notices)
     return ImportPlan(tuple(users), tuple(unmapped), notices)
 
 
-def _identify_reason(section: Section, imported: Mapping[str, str]) -> str | None:
-    """Why an identify of an endpoint imported as a user is left out (None for any other):
-    it matched that phone by its address, which a user does not carry; the phone is then
-    found by its SIP user, as every registering phone is."""
+def _identify_reason(section: Section, imported: Mapping[str, str], index: _Index) -> str | None:
+    """Why an identify is left out, by the endpoint it names (None when it names none).  Of
+    an endpoint imported as a user: it matched that phone by its address, which a user does
+    not carry; the phone is then found by its SIP user, as every registering phone is.  Of
+    an endpoint not mapped: it goes with that endpoint, whatever kept it out (a trunk's, or
+    a phone's refused for another reason)."""
     endpoint = _options(section).get("endpoint", "").strip()
+    if not endpoint:
+        return None
     username = imported.get(endpoint)
     if username is None:
-        return None
+        if index.get("endpoint", endpoint) is None and ("endpoint", endpoint) not in (
+            index.duplicates
+        ):
+            return (
+                f"identify: matches [{endpoint}] by address, an endpoint this file does not define"
+            )
+        return f"identify: belongs to [{endpoint}], which is not mapped"
     return (
         f"identify: matches imported user {username} ([{endpoint}]) by address; matching by "
         f"address is not carried over (its phones are found by their SIP user, {endpoint})"

@@ -13,9 +13,11 @@ from provisioner.asterisk_conf import parse
 from provisioner.errors import InvalidInput
 from provisioner.importer import (
     VIDEO_CODECS,
+    FileKind,
     ImportPlan,
     MappedUser,
     apply_plan,
+    file_kind,
     plan_import,
     read_file,
     report_lines,
@@ -169,23 +171,6 @@ password={PASSWORDS["carol.c"]}
 type=aor
 max_contacts=5
 
-; a wizard user
-[1004]
-type=wizard
-accepts_auth=yes
-accepts_registrations=yes
-transport=transport-udp
-inbound_auth/username=dave_d
-inbound_auth/password={PASSWORDS["dave_d"]}
-endpoint/context=internal
-endpoint/allow=!all,alaw,ulaw
-endpoint/callerid="Dave Dunn" <1004>
-endpoint/force_rport=no
-endpoint/rewrite_contact=no
-endpoint/rtp_symmetric=no
-endpoint/direct_media=yes
-aor/max_contacts=1
-
 ; a username our rules refuse
 [1005](office-phone)
 auth=1005-auth
@@ -231,11 +216,34 @@ supported_algorithms_uas=SHA-256,MD5
 type=aor
 """
 
-IMPORTED = ["alice", "bob", "carol.c", "dave_d", "grace"]
+# ... and its pjsip_wizard.conf, whose wizards Asterisk reads from that file alone.
+WIZARD_CONF = f"""\
+; a wizard user
+[1004]
+type=wizard
+accepts_auth=yes
+accepts_registrations=yes
+transport=transport-udp
+inbound_auth/username=dave_d
+inbound_auth/password={PASSWORDS["dave_d"]}
+endpoint/context=internal
+endpoint/allow=!all,alaw,ulaw
+endpoint/callerid="Dave Dunn" <1004>
+endpoint/force_rport=no
+endpoint/rewrite_contact=no
+endpoint/rtp_symmetric=no
+endpoint/direct_media=yes
+aor/max_contacts=1
+"""
+
+IMPORTED = ["alice", "bob", "carol.c", "grace"]
+WIZARD_IMPORTED = ["dave_d"]
 
 
-def _plan(text: str = PJSIP_CONF, **kwargs: bool) -> ImportPlan:
-    return plan_import(parse(text), SETTINGS, **kwargs)
+def _plan(
+    text: str = PJSIP_CONF, *, generate_secrets: bool = False, read_as: FileKind = "pjsip.conf"
+) -> ImportPlan:
+    return plan_import(parse(text), SETTINGS, generate_secrets=generate_secrets, read_as=read_as)
 
 
 def _mapped_by_callerid(callerids: Iterable[tuple[str, str]]) -> dict[str, MappedUser]:
@@ -249,9 +257,17 @@ def _mapped_by_callerid(callerids: Iterable[tuple[str, str]]) -> dict[str, Mappe
     return {u.extension: u for u in _plan(text).users}
 
 
-def _import(accounts: Accounts, text: str = PJSIP_CONF, **kwargs: bool) -> list[str]:
-    plan = _plan(text)
-    result = apply_plan(accounts, plan, profile="agents", email_domain="pbx.example.com", **kwargs)
+def _import(
+    accounts: Accounts,
+    text: str = PJSIP_CONF,
+    *,
+    dry_run: bool = False,
+    read_as: FileKind = "pjsip.conf",
+) -> list[str]:
+    plan = _plan(text, read_as=read_as)
+    result = apply_plan(
+        accounts, plan, profile="agents", email_domain="pbx.example.com", dry_run=dry_run
+    )
     return report_lines(plan, result)
 
 
@@ -261,7 +277,7 @@ def _unmapped(plan: ImportPlan) -> dict[tuple[str, int], str]:
 
 def _source_endpoint(ext: str) -> dict[str, str]:
     """The effective endpoint options the source gives extension ``ext`` (templates applied)."""
-    for section in parse(PJSIP_CONF).visible():
+    for section in parse(PJSIP_CONF + WIZARD_CONF).visible():
         opts = dict(section.options)
         if section.name == ext and opts["type"] == "endpoint":
             return opts
@@ -282,10 +298,13 @@ def _protocol(transport: str) -> str:
 
 
 def test_plan_maps_users_and_lists_every_other_section() -> None:
-    """Endpoints (templated or not) and wizards become users; everything else has a reason."""
+    """Endpoints (templated or not) of pjsip.conf and wizards of pjsip_wizard.conf become
+    users; everything else has a reason."""
     plan = _plan()
     assert [u.username for u in plan.users] == IMPORTED
-    by_name = {u.username: u for u in plan.users}
+    wizards = _plan(WIZARD_CONF, read_as="pjsip_wizard.conf")
+    assert ([u.username for u in wizards.users], wizards.unmapped) == (WIZARD_IMPORTED, ())
+    by_name = {u.username: u for u in plan.users + wizards.users}
     assert dict(by_name["alice"].values) == {
         "username": "alice",
         "extension": "1001",
@@ -331,7 +350,7 @@ def test_plan_maps_users_and_lists_every_other_section() -> None:
     ]
     assert "[carrier] endpoint: sends auth (outbound_auth=): a trunk, not a user" in reasons
     assert "[carrier-auth] auth: belongs to [carrier], which is not mapped" in reasons
-    assert "[carrier-identify] identify: matches a trunk by address" in reasons
+    assert "[carrier-identify] identify: belongs to [carrier], which is not mapped" in reasons
     assert any(r.startswith("[1005] endpoint: username 'eve-smith' must be") for r in reasons)
     assert "[1005-auth] auth: belongs to [1005], which is not mapped" in reasons
     assert any(
@@ -413,8 +432,13 @@ def test_import_round_trips_through_render_on_every_backend(accounts: Accounts) 
         "added alice (extension 1001)",
         "  note: ignored endpoint options: dtmf_mode",
     ]
-    assert lines[-1] == "added 5 users; 15 sections not mapped"
-    for user in IMPORTED:
+    assert lines[-1] == "added 4 users; 15 sections not mapped"
+    lines = _import(accounts, WIZARD_CONF, read_as="pjsip_wizard.conf")
+    assert (lines[0], lines[-1]) == (
+        "added dave_d (extension 1004)",
+        "added 1 users; 0 sections not mapped",
+    )
+    for user in IMPORTED + WIZARD_IMPORTED:
         stored = user_row(accounts.engine, user)
         expected = (
             GRACE if user == "grace" else credentials.sip_digests(user, "asterisk", PASSWORDS[user])
@@ -446,7 +470,7 @@ def test_dry_run_and_conflicts_change_nothing(accounts: Accounts) -> None:
     """A dry run adds nobody; one clash with the store means nobody is added."""
     lines = _import(accounts, dry_run=True)
     assert "would add bob (extension 1002)" in lines
-    assert lines[-1] == "would add 5 users; 15 sections not mapped"
+    assert lines[-1] == "would add 4 users; 15 sections not mapped"
     assert [u.username for u in accounts.list_users()] == ["root"]
     accounts.add_user(
         {
@@ -501,12 +525,13 @@ def test_cli_import_pjsip(tmp_path: Path) -> None:
         assert "--profile: must name an existing profile" in bad.err
         dry = cli.ok(*base, "--profile", "agents", "--dry-run")
         assert "would add alice (extension 1001)" in dry
-        assert "not mapped: [carrier-identify] identify: matches a trunk by address" in dry
+        carrier = "[carrier-identify] identify: belongs to [carrier], which is not mapped"
+        assert f"not mapped: {carrier}" in dry
         assert "alice" not in cli.ok("user", "list")
         out = cli.ok(*base, "--profile", "agents", "--generate-secrets")
         assert "added frank (extension 1006)" in out
         assert "SIP secret for frank (shown once): " in out
-        assert "added 6 users; 12 sections not mapped" in out
+        assert "added 5 users; 12 sections not mapped" in out
         assert "alice" in cli.ok("user", "list")
         transcript = "".join(cli.transcript)
         assert not any(p in transcript for p in [*PASSWORDS.values(), GRACE.md5, FRANK_MD5])
@@ -625,7 +650,7 @@ def test_a_wizards_own_transport_overrides_its_endpoint_transport(tmp_path: Path
         "inbound_auth/username=u7301\ninbound_auth/password=Secret-7301\n",
         encoding="utf-8",
     )
-    (user,) = plan_import(read_file(conf), SETTINGS).users
+    (user,) = plan_import(read_file(conf), SETTINGS, read_as=file_kind(conf)).users
     assert user.values["transport"] == "tcp"
 
 
@@ -714,7 +739,7 @@ def test_additions_filtered_by_type_are_imported(tmp_path: Path) -> None:
         "[7551](+type=endpoint)\ncontext=sales\n[7551](+type=aor)\nmax_contacts=1\n",
         encoding="utf-8",
     )
-    (user,) = plan_import(read_file(conf), SETTINGS).users
+    (user,) = plan_import(read_file(conf), SETTINGS, read_as=file_kind(conf)).users
     assert (user.username, user.values["context"]) == ("u7551", "sales")
     assert "aor max_contacts 0 becomes 1" not in user.notes
 
@@ -752,13 +777,17 @@ def test_endpoints_asterisk_drops_for_an_unknown_option_or_value_are_not_mapped(
         + user("7703", auth="nonce_lifetimes=32\n")
         + user("7704", aor="max_contact=2\n")
         + user("7705", endpoint="dtmf_mode=RFC4733\nlanguage=de\n", auth="nonce_lifetime=32\n")
-        + "[7706]\ntype=wizard\naccepts_auth=yes\naccepts_registrations=yes\n"
-        "inbound_auth/username=u7706\ninbound_auth/password=Secret-7706\n"
-        "endpoint/allow=ulaw\nendpoint/no_such_option=1\n"
     )
     plan = _plan(text)
     assert [u.username for u in plan.users] == ["u7705"]
-    reasons = [str(u) for u in plan.unmapped]
+    wizards = _plan(
+        "[7706]\ntype=wizard\naccepts_auth=yes\naccepts_registrations=yes\n"
+        "inbound_auth/username=u7706\ninbound_auth/password=Secret-7706\n"
+        "endpoint/allow=ulaw\nendpoint/no_such_option=1\n",
+        read_as="pjsip_wizard.conf",
+    )
+    assert wizards.users == ()
+    reasons = [str(u) for u in plan.unmapped + wizards.unmapped]
     drops = "Asterisk does not know, so it loads no such"
     assert f"[7701] endpoint: has no_such_option, an option {drops} endpoint" in reasons
     assert (
@@ -799,7 +828,7 @@ def test_a_section_is_the_type_asterisk_loads_it_as(tmp_path: Path) -> None:
         "[7602](phone)\ntype=aor\nmax_contacts=1\n",
         encoding="utf-8",
     )
-    plan = plan_import(read_file(conf), SETTINGS)
+    plan = plan_import(read_file(conf), SETTINGS, read_as=file_kind(conf))
     assert plan.users == ()
     reasons = [str(u) for u in plan.unmapped]
     assert "[7601] Endpoint: not a user object" in reasons
@@ -818,7 +847,7 @@ def test_a_wizard_without_an_inbound_auth_username_is_not_mapped(tmp_path: Path)
         "endpoint/allow=ulaw\ninbound_auth/password=Secret-7701\n",
         encoding="utf-8",
     )
-    plan = plan_import(read_file(conf), SETTINGS)
+    plan = plan_import(read_file(conf), SETTINGS, read_as=file_kind(conf))
     assert plan.users == ()
     assert [str(u) for u in plan.unmapped] == [
         "[7701] wizard: has no inbound_auth/username: Asterisk's wizard creates no auth for it"
@@ -882,9 +911,10 @@ def test_a_section_defined_twice_is_read_as_asterisk_reads_it() -> None:
         "[8004]\ntype=wizard\naccepts_auth=yes\naccepts_registrations=yes\n"
         "endpoint/allow=ulaw\ninbound_auth/username={u}\ninbound_auth/password=Secret-8004\n"
     )
-    text += wizard.format(u="first") + wizard.format(u="last")
     plan = _plan(text)
-    assert [(u.username, u.extension) for u in plan.users] == [("u8003", "8003"), ("last", "8004")]
+    assert [(u.username, u.extension) for u in plan.users] == [("u8003", "8003")]
+    wizards = _plan(wizard.format(u="first") + wizard.format(u="last"), read_as="pjsip_wizard.conf")
+    assert [(u.username, u.extension) for u in wizards.users] == [("last", "8004")]
     twice = "defined twice (lines {}): Asterisk loads no {} from a file that defines one more "
     twice += "than once"
     assert [str(u) for u in plan.unmapped] == [
@@ -896,7 +926,9 @@ def test_a_section_defined_twice_is_read_as_asterisk_reads_it() -> None:
         "[a8002] auth: belongs to [8002], which is not mapped",
         "[8002] aor: " + twice.format("26, 28", "aor"),
         "[8002] aor: " + twice.format("26, 28", "aor"),
-        "[8004] wizard: replaced by the wizard of line 48 (Asterisk applies each in turn)",
+    ]
+    assert [str(u) for u in wizards.unmapped] == [
+        "[8004] wizard: replaced by the wizard of line 8 (Asterisk applies each in turn)",
     ]
 
 
@@ -929,7 +961,7 @@ def test_a_wizard_setting_transport_again_uses_its_last_one(tmp_path: Path) -> N
         "inbound_auth/username=u8201\ninbound_auth/password=Secret-8201\n",
         encoding="utf-8",
     )
-    (user,) = plan_import(read_file(conf), SETTINGS).users
+    (user,) = plan_import(read_file(conf), SETTINGS, read_as=file_kind(conf)).users
     assert user.values["transport"] == "tcp"
 
 
@@ -949,7 +981,7 @@ def test_wizard_object_prefixes_are_matched_in_lower_case_as_asterisk_matches_th
         "endpoint/allow=ulaw\nInbound_Auth/username=u8302\ninbound_auth/password=Secret-8302\n",
         encoding="utf-8",
     )
-    plan = plan_import(read_file(conf), SETTINGS)
+    plan = plan_import(read_file(conf), SETTINGS, read_as=file_kind(conf))
     (user,) = plan.users
     assert (user.extension, user.values["context"]) == ("8301", "default")
     assert "ignored wizard options: Endpoint/context" in user.notes
@@ -993,7 +1025,8 @@ def test_a_wizard_with_an_empty_inbound_auth_username_is_reported_by_that_option
     names that option (not an auth section the file does not have)."""
     plan = _plan(
         "[8601]\ntype=wizard\naccepts_auth=yes\naccepts_registrations=yes\n"
-        "endpoint/allow=ulaw\ninbound_auth/username=\ninbound_auth/password=Secret-8601\n"
+        "endpoint/allow=ulaw\ninbound_auth/username=\ninbound_auth/password=Secret-8601\n",
+        read_as="pjsip_wizard.conf",
     )
     assert plan.users == ()
     assert [str(u) for u in plan.unmapped] == [
@@ -1084,10 +1117,10 @@ def test_a_codec_list_asterisk_cannot_read_leaves_the_user_not_mapped() -> None:
     assert users["7657"].values["codecs"] == "ulaw,g722,opus"
 
 
-def _cli_import(tmp_path: Path, text: str, *extra: str) -> str:
-    """What ``provisioner import pjsip`` prints for ``text`` written to a real file, imported
-    into a new real SQLite store (profile ``agents``)."""
-    conf = tmp_path / "pjsip.conf"
+def _cli_import(tmp_path: Path, text: str, *extra: str, name: str = "pjsip.conf") -> str:
+    """What ``provisioner import pjsip`` prints for ``text`` written to a real file ``name``,
+    imported into a new real SQLite store (profile ``agents``)."""
+    conf = tmp_path / name
     conf.write_text(text, encoding="utf-8")
     with temp_database("sqlite", tmp_path) as url:
         cli = make_cli(url, tmp_path, "[security]\npassword_policy = false\n")
@@ -1116,7 +1149,28 @@ def test_an_identify_of_an_imported_phone_is_reported_as_that_phones(tmp_path: P
         "matching by address is not carried over (its phones are found by their SIP user, "
         "8101)"
     ) in out
-    assert "not mapped: [trunk-ip] identify: matches a trunk by address" in out
+    assert "not mapped: [trunk-ip] identify: belongs to [trunk], which is not mapped" in out
+
+
+def test_an_identify_of_a_phone_not_imported_is_reported_as_that_endpoints(
+    tmp_path: Path,
+) -> None:
+    """An identify whose endpoint is not mapped (for whatever reason) is reported as
+    belonging to that endpoint, not as a trunk's."""
+    text = (
+        "[8111]\ntype=endpoint\nauth=a8111\naors=8111\nallow=ulaw\n[8111]\ntype=aor\n"
+        "[a8111]\ntype=auth\nauth_type=md5\nusername=u8111\nmd5_cred=" + FRANK_MD5 + "\n"
+        "[8111-ip]\ntype=identify\nendpoint=8111\nmatch=192.0.2.11\n"
+        "[elsewhere-ip]\ntype=identify\nendpoint=elsewhere\nmatch=192.0.2.12\n"
+    )
+    out = _cli_import(tmp_path, text)
+    assert "not mapped: [8111] endpoint: needs a new SIP secret" in out, out
+    assert "not mapped: [8111-ip] identify: belongs to [8111], which is not mapped" in out
+    assert (
+        "not mapped: [elsewhere-ip] identify: matches [elsewhere] by address, "
+        "an endpoint this file does not define"
+    ) in out
+    assert "a trunk" not in out
 
 
 def test_an_endpoint_allowing_no_codec_is_not_mapped_however_it_says_so(tmp_path: Path) -> None:
@@ -1127,15 +1181,17 @@ def test_an_endpoint_allowing_no_codec_is_not_mapped_however_it_says_so(tmp_path
     text = user.format(n=8201, codecs="") + user.format(n=8202, codecs="disallow=all\n")
     text += user.format(n=8203, codecs="allow=ulaw\ndisallow=ulaw\n")
     text += user.format(n=8204, codecs="allow=ulaw\n")
-    text += (
+    wizard = (
         "[8205]\ntype=wizard\naccepts_auth=yes\naccepts_registrations=yes\n"
         "inbound_auth/username=u8205\ninbound_auth/password=Secret-8205\n"
     )
+    (tmp_path / "wizard").mkdir()
+    wizards = _cli_import(tmp_path / "wizard", wizard, name="pjsip_wizard.conf")
     out = _cli_import(tmp_path, text)
     why = "allows no codec: Asterisk gives it none, so its phones could make no call"
     for ext, kind in (("8201", "endpoint"), ("8202", "endpoint"), ("8203", "endpoint")):
         assert f"not mapped: [{ext}] {kind}: {why}" in out, out
-    assert f"not mapped: [8205] wizard: {why}" in out, out
+    assert f"not mapped: [8205] wizard: {why}" in wizards, wizards
     assert out.splitlines()[0] == "added u8204 (extension 8204)"
     assert "added 1 users;" in out
 
@@ -1159,8 +1215,10 @@ def test_a_wizard_defined_again_keeps_the_objects_asterisk_keeps_from_each_copy(
     text += first.format(n=8303)  # 28-35
     text += wizard.format(n=8303) + "endpoint/allow=ulaw\nendpoint/bogus=1\n"  # 36-41
     text += "inbound_auth/username=v8303\ninbound_auth/password=Secret-8303b\n"  # 42-43
-    out = _cli_import(tmp_path, text, "--dry-run")
-    plan = plan_import(read_file(tmp_path / "pjsip.conf"), SETTINGS)
+    out = _cli_import(tmp_path, text, "--dry-run", name="pjsip_wizard.conf")
+    plan = plan_import(
+        read_file(tmp_path / "pjsip_wizard.conf"), SETTINGS, read_as="pjsip_wizard.conf"
+    )
     users = {u.extension: u for u in plan.users}
     assert sorted(users) == ["8301", "8303"], out
     one = users["8301"]
@@ -1187,3 +1245,41 @@ def test_a_wizard_defined_again_keeps_the_objects_asterisk_keeps_from_each_copy(
         "wizard: replaced by the wizard of line 24 (Asterisk applies each in turn)"
     )
     assert "would add u8301 (extension 8301)" in out
+
+
+def test_each_file_is_read_for_the_objects_asterisk_reads_from_it(tmp_path: Path) -> None:
+    """A wizard in pjsip.conf and an endpoint (or any other non-wizard section) in
+    pjsip_wizard.conf are reported as never read by Asterisk, not imported; a file of
+    another name is read as pjsip.conf unless --read-as says it is the wizard's file."""
+    endpoint = (
+        "[8401]\ntype=endpoint\nauth=a8401\naors=8401\nallow=ulaw\n[8401]\ntype=aor\n"
+        "[a8401]\ntype=auth\nusername=u8401\npassword=Secret-8401\n"
+    )
+    wizard = (
+        "[8402]\ntype=wizard\naccepts_auth=yes\naccepts_registrations=yes\n"
+        "endpoint/allow=ulaw\ninbound_auth/username=u8402\ninbound_auth/password=Secret-8402\n"
+    )
+    transport = "[udp]\ntype=transport\nprotocol=udp\n"
+    dirs = [tmp_path / d for d in ("pjsip", "wizard", "other", "forced")]
+    for d in dirs:
+        d.mkdir()
+    text = endpoint + wizard + transport
+    pjsip = _cli_import(dirs[0], text)
+    wizards = _cli_import(dirs[1], text, name="pjsip_wizard.conf")
+    other = _cli_import(dirs[2], text, name="wizards.conf")
+    forced = _cli_import(dirs[3], text, "--read-as", "pjsip_wizard.conf", name="wizards.conf")
+    in_pjsip = "a wizard in pjsip.conf: Asterisk reads wizards only from pjsip_wizard.conf"
+    for out in (pjsip, other):
+        assert "added u8401 (extension 8401)" in out, out
+        assert f"not mapped: [8402] wizard: {in_pjsip}" in out, out
+        assert "u8402" not in out
+        assert "added 1 users; 2 sections not mapped" in out
+    only = "in pjsip_wizard.conf: Asterisk reads only wizards from pjsip_wizard.conf"
+    for out in (wizards, forced):
+        assert "added u8402 (extension 8402)" in out, out
+        assert f"not mapped: [8401] endpoint: an endpoint {only}" in out, out
+        assert f"not mapped: [8401] aor: an aor {only}" in out, out
+        assert f"not mapped: [a8401] auth: an auth {only}" in out, out
+        assert f"not mapped: [udp] transport: a transport {only}" in out, out
+        assert "u8401" not in out
+        assert "added 1 users; 4 sections not mapped" in out
