@@ -411,3 +411,14 @@ def test_repeated_and_odd_headers_keep_their_order_and_first_value() -> None:
     assert message.get_all("chanvariable") == ["a", "b", "c"]
     assert message.any_value_in({"b"})
     assert not message.any_value_in({"z"})
+
+
+def test_a_name_in_two_spellings_is_found_by_either_and_first_of_that_spelling() -> None:
+    """A message holding ``event`` then ``Event`` answers each spelling with its own value
+    and any other spelling with the first in wire order (the documented exception)."""
+    (message,) = FrameDecoder().feed(
+        b"Asterisk Call Manager/11.0.0\r\nevent: A\r\nEvent: B\r\nX: 1\r\n\r\n"
+    )
+    assert message.headers == (("event", "A"), ("Event", "B"), ("X", "1"))
+    assert (message.get("event"), message.get("Event"), message.get("EVENT")) == ("A", "B", "A")
+    assert message.get_all("EVENT") == ["A", "B"]

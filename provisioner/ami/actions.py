@@ -203,7 +203,10 @@ class ActionIdGenerator:
 class AmiMessage:
     """One message from Asterisk: a response or an event, headers in wire order.
 
-    Lookups are case-insensitive and return the first header of that name.  An immutable
+    Lookups are case-insensitive and return the first header of that name; where one
+    name comes in two spellings (``Event`` and ``event``: Asterisk never sends that), a
+    lookup spelled like one of them returns the first of that spelling (knowing otherwise
+    would take a lower-cased copy of every message's names).  An immutable
     value (its public attributes are read-only; equal and hashing as its headers).
 
     Not a dataclass: a storm builds tens of thousands a second, and a frozen dataclass
@@ -214,7 +217,7 @@ class AmiMessage:
 
     __slots__ = ("_exact", "_headers", "_lower", "_wire_bytes")
 
-    #: Key as spelled -> first value; ``None`` when a name repeats (in any case).
+    #: Key as spelled -> first value; ``None`` when a name repeats spelled the same.
     _exact: dict[str, str] | None
     #: The headers in wire order; ``None`` until asked for (``_exact`` then holds them).
     _headers: tuple[tuple[str, str], ...] | None
@@ -297,14 +300,14 @@ class AmiMessage:
         lower = self._lower
         if lower is None:
             lower = {k.lower(): v for k, v in reversed(self.headers)}
-            object.__setattr__(self, "_lower", lower)
+            self._lower = lower
         return lower
 
     def get(self, key: str, default: str = "") -> str:
         """The first value of header ``key`` (any case), else ``default``."""
         exact = self._exact
         if exact is not None and key in exact:
-            # No name repeats, so the one spelled exactly so is the first of that name.
+            # No name repeats spelled so: the first of that name (see the class's note).
             return exact[key]
         return self._index().get(key.lower(), default)
 
