@@ -72,6 +72,7 @@ from .holdings import (
     all_added,
     compare,
     edited,
+    endpoints_of,
     intended,
     kept_objects,
     with_kept,
@@ -593,6 +594,15 @@ class ConfigFileTarget:
             current = self._current(read_file(self.path), self._state, self._verified)
         diff = unified_diff(self.path, current.data, text, held=current.secrets())
         return replace(compare(current, desired), diff=diff)
+
+    def endpoints_of(self, usernames: Collection[str]) -> dict[str, list[str]]:
+        """The file's endpoint ids whose auth's ``username`` is one of ``usernames``, by
+        username (see :func:`.holdings.endpoints_of`); a file Asterisk could not load holds
+        none.  Parses the file unless it holds the bytes this object last verified."""
+        if not usernames:
+            return {}
+        current = self._current(read_file(self.path), self._state, self._verified)
+        return endpoints_of(current, usernames)
 
     def _verify(self, users: list[UserObjects]) -> _State:
         """The file for ``users``, rendered and parse-checked: :func:`check_rendered`, or

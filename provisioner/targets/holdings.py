@@ -34,6 +34,7 @@ __all__ = [
     "broken",
     "compare",
     "edited",
+    "endpoints_of",
     "intended",
     "kept_objects",
     "with_kept",
@@ -248,6 +249,23 @@ def kept_objects(
             )
         )
     return kept
+
+
+def endpoints_of(current: Current, usernames: Collection[str]) -> dict[str, list[str]]:
+    """The endpoint ids in ``current`` whose auth's ``username`` is one of ``usernames``
+    (each auth holds its user's username), by username, in the file's order: which users
+    the file's endpoints belong to, for a process that has not applied them itself."""
+    wanted = set(usernames)
+    found: dict[str, list[str]] = {}
+    if not wanted:
+        return found
+    for endpoint_id in current.endpoints:
+        named = dict(current.objects.get(("endpoint", endpoint_id), ()))
+        auth = current.objects.get(("auth", named.get("auth", auth_id(endpoint_id))))
+        username = None if auth is None else dict(auth).get("username")
+        if username in wanted:
+            found.setdefault(username, []).append(endpoint_id)
+    return found
 
 
 def _order(user: UserObjects) -> tuple[int, str]:

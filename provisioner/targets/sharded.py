@@ -34,7 +34,15 @@ from .files import (
     write_file,
     writers_lock,
 )
-from .holdings import Current, all_added, compare, edited, kept_objects, with_kept
+from .holdings import (
+    Current,
+    all_added,
+    compare,
+    edited,
+    endpoints_of,
+    kept_objects,
+    with_kept,
+)
 from .shards import (
     MAX_SHARDS,
     SHARD_TEMPORARIES,
@@ -350,6 +358,14 @@ class ShardedConfigFileTarget:
                 text = self._file(i).render_text(group)
                 diffs.append(unified_diff(self.files[i], read_file(self.files[i]), text, held=held))
             return replace(compare(current, desired), diff="".join(diffs))
+
+    def endpoints_of(self, usernames: Collection[str]) -> dict[str, list[str]]:
+        """The endpoint ids of every file the main file includes (or of the main file
+        itself, in the single-file layout) whose auth's ``username`` is one of
+        ``usernames``, by username (see :func:`.holdings.endpoints_of`)."""
+        if not usernames:
+            return {}
+        return endpoints_of(self._current(read_file(self.path)), usernames)
 
     def apply(
         self,
