@@ -113,17 +113,18 @@ class Applier:
         was validly given to another user, who wins).
 
         Memory knows it by user id once a full apply succeeded.  Before that (a fresh
-        process: ``sync --once``, the daemon's start) the target tells it: each auth holds
-        its user's username, so the endpoint whose auth names the broken user is its (a
-        user renamed by another writer and broken at once is then not found)."""
+        process: ``sync --once``, the daemon's start, or a new target after a SIGHUP, which
+        memory does not mirror) the target tells it: each auth holds its user's username,
+        so the endpoint whose auth names the broken user is its (a user renamed by another
+        writer and broken at once is then not found)."""
         last: dict[int, str] = {}
-        for user in broken:
-            if (endpoint_id := self._remembered(user.id)) is not None:
-                last[user.id] = endpoint_id
-        unknown = [u for u in broken if u.id not in last and renderable_username(u.username)]
-        if unknown and not self.synced:
-            found = self.target.endpoints_of([u.username for u in unknown])
-            for user in unknown:
+        if self.synced:
+            for user in broken:
+                if (endpoint_id := self._remembered(user.id)) is not None:
+                    last[user.id] = endpoint_id
+        elif names := [u.username for u in broken if renderable_username(u.username)]:
+            found = self.target.endpoints_of(names)
+            for user in broken:
                 if held := found.get(user.username):
                     last[user.id] = user.extension if user.extension in held else held[0]
         taken = {o.endpoint_id for o in rendered}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,13 @@ from provisioner.accounts import Accounts, Policy
 from provisioner.applier import Applier
 from provisioner.errors import MassRemovalRefused
 from provisioner.model import UNDECODED_RULE
-from provisioner.pjsip import RenderSettings
+from provisioner.pjsip import RenderSettings, endpoint_order, render_user
 from provisioner.store.engine import open_engine
 from provisioner.targets import Target
 from provisioner.targets.asterisk_schema import ps_aors, ps_auths, ps_endpoints
 from provisioner.targets.configfile import ConfigFileTarget
 from provisioner.targets.realtime import RealtimeTarget
+from provisioner.targets.sharded import ShardedConfigFileTarget
 
 from .dbs import temp_database
 from .faultkit import cheap_hasher, cli, delete_users_sql, sections, seed_store, write_config
@@ -289,3 +291,36 @@ def test_postgresql_keeps_the_last_good_rows_and_gives_them_to_a_valid_user(
             assert _auth_username(tmp_path, "realtime", engine, ext) == "u2"
         finally:
             engine.dispose()
+
+
+def test_a_new_target_is_asked_whose_endpoints_it_holds_not_memory(tmp_path: Path) -> None:
+    """After the target is replaced (a SIGHUP to another path), a broken user keeps only an
+    endpoint the new target holds for it: one there under another user's auth goes."""
+    with _site(tmp_path, "config") as (engine, accounts):
+        applier = _applier(tmp_path, "config", engine)
+        applier.full()
+        u1 = accounts.get_user("u1")
+        _break(engine, "u1", "'10a1'")
+        applier.users_changed([u1.id])
+        stranger = replace(u1, username="zed", extension=u1.extension)
+        other = ConfigFileTarget(tmp_path / "other" / "pjsip_users.conf")
+        held = [*applier.objects.values(), render_user(stranger, RenderSettings())]
+        other.apply(sorted(held, key=lambda o: endpoint_order(o.endpoint_id)))
+        applier.target, applier.synced = other, False
+        assert applier.full().change.removed == (u1.extension,)
+        assert f"[{u1.extension}]" not in other.path.read_text()
+
+
+def test_a_sharded_target_tells_whose_endpoints_it_holds(tmp_path: Path) -> None:
+    """A fresh full apply to shard files keeps a broken user's endpoint where its shard
+    file holds it, and a valid user later given that extension takes it."""
+    with _site(tmp_path, "config") as (engine, accounts):
+        path = tmp_path / "pjsip_users.conf"
+        Applier(engine, ShardedConfigFileTarget(path, shards=4), RenderSettings()).full()
+        ext = accounts.get_user("u1").extension
+        _break(engine, "u1", "'10a1'")
+        fresh = Applier(engine, ShardedConfigFileTarget(path, shards=4), RenderSettings())
+        assert fresh.full().change.removed == ()
+        accounts.edit_user("u2", {"extension": ext})
+        fresh = Applier(engine, ShardedConfigFileTarget(path, shards=4), RenderSettings())
+        assert fresh.full().change.updated == (ext,)
