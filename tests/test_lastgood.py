@@ -18,6 +18,7 @@ from sqlalchemy import Engine, select, text
 
 from provisioner.accounts import Accounts, Policy
 from provisioner.applier import Applier
+from provisioner.asterisk_conf import parse
 from provisioner.errors import MassRemovalRefused
 from provisioner.model import UNDECODED_RULE
 from provisioner.pjsip import RenderSettings, endpoint_order, render_user
@@ -324,3 +325,34 @@ def test_a_sharded_target_tells_whose_endpoints_it_holds(tmp_path: Path) -> None
         accounts.edit_user("u2", {"extension": ext})
         fresh = Applier(engine, ShardedConfigFileTarget(path, shards=4), RenderSettings())
         assert fresh.full().change.updated == (ext,)
+
+
+@pytest.mark.parametrize("shards", [0, 4])
+def test_a_fresh_full_apply_parses_only_files_naming_a_broken_user_and_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shards: int
+) -> None:
+    """A fresh full apply with a broken user parses the one file (or the one shard file)
+    that names it once, for the look-up and the apply together, and no other."""
+    from provisioner.targets import holdings
+
+    with _site(tmp_path, "config", count=8) as (engine, _accounts):
+        path = tmp_path / "pjsip_users.conf"
+
+        def target() -> Target:
+            if shards:
+                return ShardedConfigFileTarget(path, shards=shards)
+            return ConfigFileTarget(path)
+
+        Applier(engine, target(), RenderSettings()).full()
+        _break(engine, "u1", "'10a1'")
+        parsed: list[bytes] = []
+        real = parse
+
+        def counted(data: bytes) -> Any:
+            parsed.append(data)
+            return real(data)
+
+        monkeypatch.setattr(holdings, "parse", counted)
+        assert Applier(engine, target(), RenderSettings()).full().change.empty
+        assert len(parsed) == 1
+        assert b"username=u1\n" in parsed[0]

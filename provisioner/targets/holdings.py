@@ -11,6 +11,7 @@ Pure but for :meth:`Current.of_main` and :meth:`Current.union`, which read files
 from __future__ import annotations
 
 import heapq
+import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain, cycle
@@ -37,6 +38,7 @@ __all__ = [
     "endpoints_of",
     "intended",
     "kept_objects",
+    "may_name",
     "with_kept",
 ]
 
@@ -249,6 +251,20 @@ def kept_objects(
             )
         )
     return kept
+
+
+#: An option ``username`` as a file may spell it, and its value as usernames are made:
+#: a look before a parse finds every auth username the parse would (and more).
+_USERNAME_OPTION = re.compile(rb"username\s*=>?\s*([A-Za-z0-9._]+)", re.IGNORECASE)
+
+
+def may_name(data: bytes | None, usernames: Collection[str]) -> bool:
+    """Whether the file holding ``data`` may hold an auth of one of ``usernames`` (False:
+    surely none): one scan of the bytes, where a parse costs ~0.1 ms a user."""
+    if not data:
+        return False
+    wanted = {name.encode() for name in usernames}
+    return any(value in wanted for value in _USERNAME_OPTION.findall(data))
 
 
 def endpoints_of(current: Current, usernames: Collection[str]) -> dict[str, list[str]]:

@@ -362,10 +362,20 @@ class ShardedConfigFileTarget:
     def endpoints_of(self, usernames: Collection[str]) -> dict[str, list[str]]:
         """The endpoint ids of every file the main file includes (or of the main file
         itself, in the single-file layout) whose auth's ``username`` is one of
-        ``usernames``, by username (see :func:`.holdings.endpoints_of`)."""
-        if not usernames:
+        ``usernames``, by username (see :func:`.holdings.endpoints_of`).  Under this set's
+        main file only the shard files that may name one of them are parsed (see
+        :meth:`ConfigFileTarget.endpoints_of`)."""
+        main = read_file(self.path)
+        if not usernames or main is None:
             return {}
-        return endpoints_of(self._current(read_file(self.path)), usernames)
+        if main != self._main_data():
+            # Another layout or shard count: read as Asterisk reads it now.
+            return endpoints_of(self._current(main), usernames)
+        found: dict[str, list[str]] = {}
+        for index in range(self.shards):
+            for name, ids in self._file(index).endpoints_of(usernames).items():
+                found.setdefault(name, []).extend(ids)
+        return {name: sorted(ids, key=endpoint_order) for name, ids in found.items()}
 
     def apply(
         self,
