@@ -19,7 +19,16 @@ from sqlalchemy import Engine
 
 from .errors import InvalidInput, MassRemovalRefused, StaleRead
 from .logs import get_logger
-from .pjsip import RenderSettings, Skipped, UserObjects, endpoint_order, is_provisioned, render_user
+from .model import User
+from .pjsip import (
+    RenderSettings,
+    Skipped,
+    UserObjects,
+    endpoint_order,
+    is_provisioned,
+    render_user,
+    renderable_username,
+)
 from .store import queries as q
 from .store.changefeed import newest_change_id
 from .store.engine import reading
@@ -81,12 +90,12 @@ class Applier:
 
     def desired(self) -> tuple[dict[int, UserObjects], dict[int, str], list[Skipped]]:
         """Render every live user: the objects by user id, the endpoint ids kept as they
-        are (users that could not be rendered: one bad edit never takes a phone away),
-        and the skipped users."""
+        are (users that could not be rendered keep their last good endpoint: one bad edit
+        never takes a phone away, see :meth:`_last_good`), and the skipped users."""
         with reading(self.engine) as conn:
             users = q.load_users(conn, deleted=False)
         objects: dict[int, UserObjects] = {}
-        kept: dict[int, str] = {}
+        broken: list[User] = []
         skipped: list[Skipped] = []
         for user in users:
             if not is_provisioned(user):
@@ -95,9 +104,42 @@ class Applier:
                 objects[user.id] = render_user(user, self.settings)
             except InvalidInput as exc:
                 skipped.append(Skipped(user.username, exc.problems))
-                if user.extension.isdigit():
-                    kept[user.id] = user.extension
-        return objects, kept, skipped
+                broken.append(user)
+        return objects, self._last_good(broken, objects.values()), skipped
+
+    def _last_good(self, broken: list[User], rendered: Iterable[UserObjects]) -> dict[int, str]:
+        """The endpoint id each user of ``broken`` (live, not renderable) keeps: the one
+        last applied for it, unless a ``rendered`` user holds that id now (the extension
+        was validly given to another user, who wins).
+
+        Memory knows it by user id once a full apply succeeded.  Before that (a fresh
+        process: ``sync --once``, the daemon's start, or a new target after a SIGHUP, which
+        memory does not mirror) the target tells it: each auth holds its user's username,
+        so the endpoint whose auth names the broken user is its (a user renamed by another
+        writer and broken at once is then not found)."""
+        last: dict[int, str] = {}
+        if self.synced:
+            for user in broken:
+                if (endpoint_id := self._remembered(user.id)) is not None:
+                    last[user.id] = endpoint_id
+        elif names := [u.username for u in broken if renderable_username(u.username)]:
+            found = self.target.endpoints_of(names)
+            for user in broken:
+                if held := found.get(user.username):
+                    last[user.id] = user.extension if user.extension in held else held[0]
+        taken = {o.endpoint_id for o in rendered}
+        kept: dict[int, str] = {}
+        for uid, endpoint_id in last.items():
+            if endpoint_id not in taken:
+                kept[uid] = endpoint_id
+                taken.add(endpoint_id)
+        return kept
+
+    def _remembered(self, uid: int) -> str | None:
+        """The endpoint id memory holds for ``uid``: last rendered, or kept."""
+        if (o := self.objects.get(uid)) is not None:
+            return o.endpoint_id
+        return self.kept.get(uid)
 
     def full(
         self, *, allow_mass_removal: bool = False, verify: bool = True, fresh: bool = False
@@ -166,6 +208,7 @@ class Applier:
         objects: dict[int, UserObjects | None] = {}
         kept: dict[int, str | None] = {}
         skipped: list[Skipped] = []
+        broken: list[int] = []
         for uid in ids:
             user = found.get(uid)
             objects[uid] = kept[uid] = None
@@ -175,13 +218,17 @@ class Applier:
                 objects[uid] = render_user(user, self.settings)
             except InvalidInput as exc:
                 skipped.append(Skipped(user.username, exc.problems))
-                # full()'s rule: what the user holds stays only while it still has that
-                # extension (moved, its old endpoint goes: the extension may be reused).
-                last = self.objects.get(uid)
-                if last is not None and last.endpoint_id == user.extension:
-                    objects[uid] = last  # the last good objects stay
-                elif user.extension.isdigit():
-                    kept[uid] = user.extension
+                broken.append(uid)
+        upserted = {o.endpoint_id for o in objects.values() if o is not None}
+        by_these = Counter(e for i in ids for e in self._held(i))
+        taken = set(upserted)
+        for uid in broken:
+            # full()'s rule: the last good endpoint stays unless another user holds it
+            # now, rendered here or held in memory (given that extension validly: it wins).
+            last = self._remembered(uid)
+            if last is not None and last not in taken and self.holders[last] <= by_these[last]:
+                kept[uid] = last
+                taken.add(last)
         held = len(self.objects) + len(self.kept)
         removing = sum(
             1
@@ -190,14 +237,27 @@ class Applier:
         )
         if held and removing > self.max_removal_fraction * held:
             return self.full()
-        change = self._apply_some(ids, objects, kept)
+        change = self._apply_some(ids, objects, kept, by_these)
         change = self._owned(change, (o for i in ids if (o := objects[i]) is not None))
         for uid in ids:
             self._index(uid, add=False)
             _put(self.objects, uid, objects[uid])
             _put(self.kept, uid, kept[uid])
             self._index(uid, add=True)
+        self._yield_kept(upserted, set(ids))
         return self._done(change, skipped, started, full=False, provisioned=len(self.objects))
+
+    def _yield_kept(self, endpoint_ids: Collection[str], besides: Collection[int]) -> None:
+        """Forget the endpoint ids kept for users not in ``besides`` that are among
+        ``endpoint_ids``, just applied for other users: the extension went validly to
+        them, and the broken user that kept it holds it no more (so it goes when its new
+        holder leaves it)."""
+        if not any(self.holders[e] > 1 for e in endpoint_ids):
+            return
+        for uid in [u for u, e in self.kept.items() if e in endpoint_ids and u not in besides]:
+            self._index(uid, add=False)
+            del self.kept[uid]
+            self._index(uid, add=True)
 
     def _guard(self, allow_mass_removal: bool, mark: int | None = None) -> Callable[[Change], None]:
         """Refuses a change removing more than ``max_removal_fraction`` of the users;
@@ -219,17 +279,17 @@ class Applier:
         ids: Collection[int],
         objects: Mapping[int, UserObjects | None],
         kept: Mapping[int, str | None],
+        by_these: Counter[str],
     ) -> Change:
         """Apply the new entries of ``ids`` (memory not yet updated) to the target.
 
-        An endpoint these users held (rendered or kept) goes unless it is still wanted or
-        another user in memory holds it (an extension moved to a user not yet re-rendered
-        here: its endpoint id is that user's now).
+        An endpoint these users held (rendered or kept; ``by_these`` counts them) goes
+        unless it is still wanted or another user in memory holds it (an extension moved to
+        a user not yet re-rendered here: its endpoint id is that user's now).
         """
         upserts = [o for i in ids if (o := objects[i]) is not None]
         wanted = {o.endpoint_id for o in upserts}
         wanted |= {k for i in ids if (k := kept[i]) is not None}
-        by_these = Counter(e for i in ids for e in self._held(i))
         gone = [e for e in sorted(by_these.keys() - wanted) if self.holders[e] <= by_these[e]]
         return self.target.apply_partial(upserts, gone)
 

@@ -48,6 +48,7 @@ __all__ = [
     "endpoint_order",
     "render_all",
     "render_user",
+    "renderable_username",
 ]
 
 Options = tuple[tuple[str, str], ...]
@@ -142,6 +143,11 @@ class Skipped:
         return f"{self.username}: " + "; ".join(f"{p.field}: {p.rule}" for p in self.problems)
 
 
+def renderable_username(username: str) -> bool:
+    """Whether ``username`` may be an auth's ``username`` (what every rendered auth holds)."""
+    return bool(_USERNAME.fullmatch(username))
+
+
 def auth_id(extension: str) -> str:
     return f"{extension}-auth"
 
@@ -178,9 +184,13 @@ def _checks(user: User, settings: RenderSettings) -> list[Problem]:
         if not ok:
             problems.append(Problem(field, rule))
 
-    need(bool(_ID.fullmatch(user.extension)), "extension", "must be 1-20 digits")
+    if undecoded(user.extension):
+        # Another writer's bytes that are not UTF-8: said as for every other field.
+        problems.append(Problem("extension", UNDECODED_RULE))
+    else:
+        need(bool(_ID.fullmatch(user.extension)), "extension", "must be 1-20 digits")
     need(
-        bool(_USERNAME.fullmatch(user.username)),
+        renderable_username(user.username),
         "username",
         "must be 1-40 letters, digits, '.' or '_'",
     )

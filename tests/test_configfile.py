@@ -2065,21 +2065,28 @@ def test_the_one_edit_path_removes_a_user_kept_at_the_last_full_apply(tmp_path: 
 
 
 def test_the_one_edit_path_never_removes_an_endpoint_another_user_holds(tmp_path: Path) -> None:
-    """A user that cannot be rendered keeps its last objects only while it keeps their
-    extension (as a full apply does), and no edit removes an endpoint id another user holds."""
+    """A user that cannot be rendered keeps its last objects until another user validly
+    holds their extension (as a full apply does), and no edit removes an endpoint id another
+    user holds."""
+    from provisioner.applier import Applier
+
     engine, accounts, applier, target = _applier_store(tmp_path, 4)
     try:
         u0, u1, u2 = (accounts.get_user(n) for n in ("u0", "u1", "u2"))
-        # Moved and broken in one statement: its old endpoint goes, as in a full apply.
+        # Moved and broken in one statement: its last good endpoint stays, as in a full
+        # apply (one by a process that knows only the file).
         _sql(
             engine,
             "UPDATE users SET extension = '1905', full_name = 'Bad;Name' WHERE username = 'u1'",
         )
         applied = applier.users_changed([u1.id])
         assert [s.username for s in applied.skipped] == ["u1"]
-        assert applied.change.removed == (u1.extension,)
-        _same_as_a_fresh_full_apply(engine, target, tmp_path)
-        # The freed extension goes to u2; u1, fixed, then must not take it away again.
+        assert applied.change.removed == ()
+        assert f"[{u1.extension}]" in target.path.read_text()
+        fresh = Applier(engine, ConfigFileTarget(target.path), RenderSettings())
+        assert fresh.full().change.empty
+        # The extension, free in the store, goes to u2 (who wins over u1's last good
+        # endpoint); u1, fixed, then must not take it away again.
         accounts.edit_user("u2", {"extension": u1.extension})
         applier.users_changed([u2.id])
         accounts.edit_user("u1", {"full_name": "Good Name"})

@@ -34,8 +34,8 @@ from provisioner import credentials
 from provisioner.accounts import Accounts, Policy
 from provisioner.ami.actions import BANNER_PREFIX, FrameDecoder, build_action
 from provisioner.asterisk_conf import parse
-from provisioner.errors import InvalidInput
-from provisioner.model import USER_FIELDS, User, Voice, validate_fields
+from provisioner.errors import InvalidInput, Problem
+from provisioner.model import UNDECODED_RULE, USER_FIELDS, User, Voice, validate_fields
 from provisioner.pjsip import RenderSettings, UserObjects, render_user
 from provisioner.store.engine import open_engine
 from provisioner.targets.asterisk_schema import ps_auths, ps_endpoints
@@ -530,3 +530,12 @@ def test_csv_file_that_is_not_utf8_is_refused(store: tuple[Path, Engine], tmp_pa
     assert ran.code == 2
     assert "--csv: cannot read" in ran.err
     assert "Traceback" not in ran.err
+
+
+@pytest.mark.parametrize("extension", ["10\udce9", "\udcff"])
+def test_an_extension_holding_undecoded_bytes_is_named_with_the_text_rule(extension: str) -> None:
+    """An extension holding bytes that were not text is refused with the rule every other
+    field gives such bytes, not as a malformed number."""
+    with pytest.raises(InvalidInput) as refused:
+        render_user(_user(extension=extension), SETTINGS)
+    assert refused.value.problems == (Problem("extension", UNDECODED_RULE),)

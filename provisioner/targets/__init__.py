@@ -78,6 +78,12 @@ class Target(Protocol):
         """
         ...
 
+    def endpoints_of(self, usernames: Collection[str]) -> dict[str, list[str]]:
+        """The endpoint ids among what provisioner holds here whose auth's ``username`` is
+        one of ``usernames``, by username, in endpoint order: the users they were applied
+        for, as the target itself records it (for a process that applied nothing yet)."""
+        ...
+
     def apply_partial(self, upserts: Sequence[UserObjects], removed_ids: Sequence[str]) -> Change:
         """Write ``upserts`` and remove the objects of endpoint ids ``removed_ids``, every
         other user's objects staying as they are (the daemon's one-edit path; an id in

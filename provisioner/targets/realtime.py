@@ -82,7 +82,7 @@ from sqlalchemy.sql.dml import UpdateBase
 
 from ..errors import InvalidInput, Problem
 from ..logs import get_logger
-from ..pjsip import Options, Skipped, UserObjects, auth_id
+from ..pjsip import Options, Skipped, UserObjects, auth_id, endpoint_order
 from ..store.bulk import (
     Prepared,
     copy_rows,
@@ -494,6 +494,17 @@ class RealtimeTarget:
         """
         return self._run(objects, keep, None, guard, verify=verify)
 
+    def endpoints_of(self, usernames: Collection[str]) -> dict[str, list[str]]:
+        """Provisioner's endpoint ids whose auth row's ``username`` is one of ``usernames``,
+        by username, in endpoint order (no tables yet: none)."""
+        names = sorted(set(usernames))
+        if not names:
+            return {}
+        with reading(self.engine) as conn:
+            if _missing_tables(conn):
+                return {}
+            return _endpoints_of(conn, names)
+
     def apply_partial(self, upserts: Sequence[UserObjects], removed_ids: Sequence[str]) -> Change:
         """Write ``upserts`` and remove the objects of endpoint ids ``removed_ids``, reading
         and touching no other row (the daemon's one-user path).  An id in both is upserted.
@@ -584,6 +595,10 @@ class RealtimeTarget:
             if ext not in hold and stored.get(ext) != digests[ext]
         }
         change = _summarise(objects, kinds, blocked)
+        if kept := (set(keep) - desired["endpoint"].keys() - blocked) & stored.keys():
+            # Kept users' rows are held, unchanged (as a config file counts them): the
+            # mass-removal guard weighs what is removed against every user held.
+            change = replace(change, unchanged=change.unchanged + len(kept))
         renamed = _renamed(shapes["auth"], seen["auth"], kinds["auth"].updates)
         if renamed:
             change = replace(change, reowned=tuple(renamed))
@@ -637,6 +652,23 @@ def _missing_tables(conn: Connection) -> set[str]:
     tables = [*(OWNED_KINDS[kind] for kind in _KINDS), provisioner_objects]
     found = inspect(conn)
     return {table.name for table in tables if not found.has_table(table.name)}
+
+
+def _endpoints_of(conn: Connection, usernames: Sequence[str]) -> dict[str, list[str]]:
+    """:meth:`RealtimeTarget.endpoints_of` on ``conn``."""
+    endpoints, auths, po = OWNED_KINDS["endpoint"], OWNED_KINDS["auth"], provisioner_objects
+    joined = endpoints.join(auths, auths.c.id == endpoints.c.auth).join(
+        po, and_(po.c.kind == "endpoint", po.c.id == endpoints.c.id)
+    )
+    wanted = set(usernames)
+    found: dict[str, list[str]] = {}
+    for chunk in _chunks(usernames):
+        stmt = select(endpoints.c.id, auths.c.username).select_from(joined)
+        for endpoint_id, username in conn.execute(stmt.where(auths.c.username.in_(chunk))):
+            # Exactly: a case-insensitive collation (MariaDB's) also finds a lookalike.
+            if username in wanted:
+                found.setdefault(username, []).append(str(endpoint_id))
+    return {name: sorted(ids, key=endpoint_order) for name, ids in found.items()}
 
 
 def _scope(upserts: Sequence[UserObjects], removed_ids: Iterable[str]) -> dict[str, set[str]]:

@@ -34,7 +34,15 @@ from .files import (
     write_file,
     writers_lock,
 )
-from .holdings import Current, all_added, compare, edited, kept_objects, with_kept
+from .holdings import (
+    Current,
+    all_added,
+    compare,
+    edited,
+    endpoints_of,
+    kept_objects,
+    with_kept,
+)
 from .shards import (
     MAX_SHARDS,
     SHARD_TEMPORARIES,
@@ -350,6 +358,24 @@ class ShardedConfigFileTarget:
                 text = self._file(i).render_text(group)
                 diffs.append(unified_diff(self.files[i], read_file(self.files[i]), text, held=held))
             return replace(compare(current, desired), diff="".join(diffs))
+
+    def endpoints_of(self, usernames: Collection[str]) -> dict[str, list[str]]:
+        """The endpoint ids of every file the main file includes (or of the main file
+        itself, in the single-file layout) whose auth's ``username`` is one of
+        ``usernames``, by username (see :func:`.holdings.endpoints_of`).  Under this set's
+        main file only the shard files that may name one of them are parsed (see
+        :meth:`ConfigFileTarget.endpoints_of`)."""
+        main = read_file(self.path)
+        if not usernames or main is None:
+            return {}
+        if main != self._main_data():
+            # Another layout or shard count: read as Asterisk reads it now.
+            return endpoints_of(self._current(main), usernames)
+        found: dict[str, list[str]] = {}
+        for index in range(self.shards):
+            for name, ids in self._file(index).endpoints_of(usernames).items():
+                found.setdefault(name, []).extend(ids)
+        return {name: sorted(ids, key=endpoint_order) for name, ids in found.items()}
 
     def apply(
         self,

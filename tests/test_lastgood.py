@@ -1,0 +1,358 @@
+"""A user another writer breaks keeps its last good endpoint, auth and AOR (issue 3).
+
+Real SQLite stores (PostgreSQL once), a real config file and real realtime tables: the
+daemon's one-edit path, a full reconcile with the applier's memory, and a full apply by a
+process that has none (``sync --once``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select, text
+
+from provisioner.accounts import Accounts, Policy
+from provisioner.applier import Applier
+from provisioner.asterisk_conf import parse
+from provisioner.errors import MassRemovalRefused
+from provisioner.model import UNDECODED_RULE
+from provisioner.pjsip import RenderSettings, endpoint_order, render_user
+from provisioner.store.engine import open_engine
+from provisioner.targets import Target
+from provisioner.targets.asterisk_schema import ps_aors, ps_auths, ps_endpoints
+from provisioner.targets.configfile import ConfigFileTarget
+from provisioner.targets.realtime import RealtimeTarget
+from provisioner.targets.sharded import ShardedConfigFileTarget
+
+from .dbs import temp_database
+from .faultkit import cheap_hasher, cli, delete_users_sql, sections, seed_store, write_config
+
+DIGITS = "must be 1-20 digits"
+#: Values another writer may leave in ``users.extension`` (SQL text), and the rule named.
+BAD_EXTENSIONS = {
+    "letters": ("'10a1'", DIGITS),
+    "empty": ("''", DIGITS),
+    "newline": ("'10' || char(10) || '01'", DIGITS),
+    "not-utf8": ("CAST(X'3130E931' AS TEXT)", UNDECODED_RULE),
+}
+KINDS = ("config", "realtime")
+
+
+@contextmanager
+def _site(tmp_path: Path, kind: str, count: int = 4) -> Iterator[tuple[Engine, Accounts]]:
+    """A seeded SQLite store (root and agents u0.. at extensions 1000, 1001, ...)."""
+    cheap_hasher()
+    engine = seed_store(f"sqlite:///{tmp_path / 'store.db'}", count)
+    try:
+        yield engine, Accounts(engine, Policy(password_policy=False))
+    finally:
+        engine.dispose()
+
+
+def _target(tmp_path: Path, kind: str, engine: Engine) -> Target:
+    """A new target object (no memory of earlier applies) on the site's file or tables."""
+    if kind == "config":
+        return ConfigFileTarget(tmp_path / "pjsip_users.conf")
+    target = RealtimeTarget(engine)
+    target.create_tables()
+    return target
+
+
+def _applier(tmp_path: Path, kind: str, engine: Engine) -> Applier:
+    """A new applier (as a fresh process has) over a new target object."""
+    return Applier(engine, _target(tmp_path, kind, engine), RenderSettings())
+
+
+def _held(tmp_path: Path, kind: str, engine: Engine, endpoint_id: str) -> Any:
+    """What the target holds for ``endpoint_id``: its endpoint, auth and AOR (None: nothing)."""
+    if kind == "config":
+        path = tmp_path / "pjsip_users.conf"
+        mine = [s for s in sections(path) if s[0] in (endpoint_id, f"{endpoint_id}-auth")]
+        return mine or None
+    rows = []
+    with engine.connect() as conn:
+        for table, oid in (
+            (ps_endpoints, endpoint_id),
+            (ps_auths, f"{endpoint_id}-auth"),
+            (ps_aors, endpoint_id),
+        ):
+            rows.append(conn.execute(select(table).where(table.c.id == oid)).first())
+    return None if all(r is None for r in rows) else [tuple(r) if r else None for r in rows]
+
+
+def _auth_username(tmp_path: Path, kind: str, engine: Engine, endpoint_id: str) -> str | None:
+    held = _held(tmp_path, kind, engine, endpoint_id)
+    if held is None:
+        return None
+    if kind == "config":
+        auth = dict(next(o for n, o in held if n == f"{endpoint_id}-auth"))
+        return str(auth["username"])
+    with engine.connect() as conn:
+        found = conn.execute(
+            select(ps_auths.c.username).where(ps_auths.c.id == f"{endpoint_id}-auth")
+        ).scalar()
+    return None if found is None else str(found)
+
+
+def _sql(engine: Engine, statement: str, **params: Any) -> None:
+    """Another application writing the store directly (values the rules would refuse)."""
+    with engine.begin() as conn:
+        conn.execute(text(statement), params)
+
+
+def _break(engine: Engine, username: str, value: str) -> None:
+    """Set ``username``'s extension to the SQL expression ``value``, as a bulk tool might."""
+    _sql(engine, f"UPDATE users SET extension = {value} WHERE username = :u", u=username)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bad", BAD_EXTENSIONS, ids=str)
+def test_a_user_given_a_bad_extension_keeps_its_last_good_objects(
+    tmp_path: Path, kind: str, bad: str
+) -> None:
+    """A user whose extension another writer makes invalid is skipped naming the field and
+    the rule, and its last good endpoint, auth and AOR stay exactly as they were, in a full
+    apply by a process with no memory, in the daemon's one-edit path and in its full apply."""
+    value, rule = BAD_EXTENSIONS[bad]
+    with _site(tmp_path, kind) as (engine, accounts):
+        daemon = _applier(tmp_path, kind, engine)
+        daemon.full()
+        u1 = accounts.get_user("u1")
+        before = _held(tmp_path, kind, engine, u1.extension)
+        assert before is not None
+        _break(engine, "u1", value)
+
+        fresh = _applier(tmp_path, kind, engine).full()
+        assert [str(s) for s in fresh.skipped] == [f"u1: extension: {rule}"]
+        assert (fresh.change.removed, fresh.change.unchanged) == ((), 5)
+        assert _held(tmp_path, kind, engine, u1.extension) == before
+
+        for applied in (daemon.users_changed([u1.id]), daemon.full()):
+            assert [str(s) for s in applied.skipped] == [f"u1: extension: {rule}"]
+            assert applied.change.removed == ()
+            assert _held(tmp_path, kind, engine, u1.extension) == before
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sync_once_keeps_the_endpoint_of_a_user_given_a_bad_extension(
+    tmp_path: Path, kind: str
+) -> None:
+    """`sync --once`, run after another writer broke a user's extension, exits 0, names the
+    user, the field and the rule, and leaves that user's endpoint in place."""
+    with _site(tmp_path, kind) as (engine, accounts):
+        config = write_config(tmp_path, kind=kind)
+        cli(config, "sync", "--once")
+        ext = accounts.get_user("u1").extension
+        before = _held(tmp_path, kind, engine, ext)
+        _break(engine, "u1", "'10a1'")
+        synced = cli(config, "sync", "--once")
+        assert f"skipped u1: extension: {DIGITS}" in synced.err
+        assert "removed 0, unchanged 5, skipped 1" in synced.out
+        assert _held(tmp_path, kind, engine, ext) == before
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_valid_user_given_the_old_extension_takes_it_in_the_one_edit_path(
+    tmp_path: Path, kind: str
+) -> None:
+    """Once another live user validly holds a broken user's old extension, the endpoint is
+    that user's (credentials and all), and it goes when that user moves on: the broken user
+    holds it no more."""
+    with _site(tmp_path, kind) as (engine, accounts):
+        applier = _applier(tmp_path, kind, engine)
+        applier.full()
+        u1, u2 = accounts.get_user("u1"), accounts.get_user("u2")
+        _break(engine, "u1", "'10a1'")
+        applier.users_changed([u1.id])
+        accounts.edit_user("u2", {"extension": u1.extension})
+        change = applier.users_changed([u2.id]).change
+        assert (change.updated, change.removed) == ((u1.extension,), (u2.extension,))
+        assert _auth_username(tmp_path, kind, engine, u1.extension) == "u2"
+
+        accounts.edit_user("u2", {"extension": "1050"})
+        change = applier.users_changed([u2.id]).change
+        assert (change.added, change.removed) == (("1050",), (u1.extension,))
+        assert _held(tmp_path, kind, engine, u1.extension) is None
+        # u1, still broken, claims nothing again; a full apply agrees.
+        assert applier.users_changed([u1.id]).change.empty
+        assert applier.full().change.empty
+        assert _applier(tmp_path, kind, engine).full().change.empty
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_valid_user_given_the_old_extension_takes_it_in_a_full_apply(
+    tmp_path: Path, kind: str
+) -> None:
+    """A full apply (with memory or without, or one edit of both users at once) gives a
+    broken user's old extension to the live user that now validly holds it."""
+    with _site(tmp_path, kind) as (engine, accounts):
+        daemon = _applier(tmp_path, kind, engine)
+        daemon.full()
+        u1, u2 = accounts.get_user("u1"), accounts.get_user("u2")
+        _break(engine, "u1", "''")
+        daemon.users_changed([u1.id])
+        accounts.edit_user("u2", {"extension": u1.extension})
+        fresh = _applier(tmp_path, kind, engine).full()
+        assert (fresh.change.updated, fresh.change.removed) == ((u1.extension,), (u2.extension,))
+        assert _auth_username(tmp_path, kind, engine, u1.extension) == "u2"
+        assert daemon.full().change.empty  # its memory of u1 yields to the store
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_broken_user_and_the_user_taking_its_extension_in_one_edit(
+    tmp_path: Path, kind: str
+) -> None:
+    """One edit of a user whose extension breaks and of the user given its old extension
+    gives the endpoint to the valid user."""
+    with _site(tmp_path, kind) as (engine, accounts):
+        applier = _applier(tmp_path, kind, engine)
+        applier.full()
+        u1, u2 = accounts.get_user("u1"), accounts.get_user("u2")
+        _break(engine, "u1", "'x'")
+        _sql(engine, "UPDATE users SET extension = :e WHERE username = 'u2'", e=u1.extension)
+        change = applier.users_changed([u1.id, u2.id]).change
+        assert (change.updated, change.removed) == ((u1.extension,), (u2.extension,))
+        assert _auth_username(tmp_path, kind, engine, u1.extension) == "u2"
+        accounts.edit_user("u2", {"extension": "1050"})
+        assert applier.users_changed([u2.id]).change.removed == (u1.extension,)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("how", ["disable", "delete"])
+def test_a_broken_user_disabled_or_deleted_loses_its_objects(
+    tmp_path: Path, kind: str, how: str
+) -> None:
+    """A user kept as it was because its extension broke loses its endpoint, auth and AOR
+    once it is disabled or deleted, in the one-edit path and in a fresh full apply."""
+    column = "disabled = 1" if how == "disable" else "deleted_at = CURRENT_TIMESTAMP"
+    with _site(tmp_path, kind) as (engine, accounts):
+        daemon = _applier(tmp_path, kind, engine)
+        daemon.full()
+        u1, u2 = accounts.get_user("u1"), accounts.get_user("u2")
+        for name in ("u1", "u2"):
+            _break(engine, name, f"'bad-{name}'")
+        daemon.users_changed([u1.id, u2.id])
+        _sql(engine, f"UPDATE users SET {column} WHERE username IN ('u1', 'u2')")
+        assert daemon.users_changed([u1.id]).change.removed == (u1.extension,)
+        assert _applier(tmp_path, kind, engine).full().change.removed == (u2.extension,)
+        assert _held(tmp_path, kind, engine, u2.extension) is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    ("broken", "deleted", "refused"), [(2, 2, False), (1, 3, True)], ids=["2of5", "3of5"]
+)
+def test_the_mass_removal_guard_counts_kept_users_as_held(
+    tmp_path: Path, kind: str, broken: int, deleted: int, refused: bool
+) -> None:
+    """Users kept as they were count among the users the target holds, on both targets
+    alike: removing 2 of 5 endpoints (2 kept) is applied, 3 of 5 (1 kept) is refused."""
+    with _site(tmp_path, kind) as (engine, _accounts):
+        _applier(tmp_path, kind, engine).full()
+        for i in range(broken):
+            _break(engine, f"u{i}", f"'bad{i}'")
+        delete_users_sql(engine, keep=5 - deleted)  # the last ``deleted`` by id
+        apply: Callable[[], Any] = _applier(tmp_path, kind, engine).full
+        if refused:
+            with pytest.raises(MassRemovalRefused):
+                apply()
+        else:
+            change = apply().change
+            assert (len(change.removed), change.unchanged) == (deleted, 5 - deleted)
+
+
+def test_postgresql_keeps_the_last_good_rows_and_gives_them_to_a_valid_user(
+    tmp_path: Path,
+) -> None:
+    """On PostgreSQL (store and realtime tables in one database) a fresh full apply keeps
+    the rows of a user whose extension broke, and gives them to a user validly holding
+    that extension later."""
+    cheap_hasher()
+    with temp_database("postgresql", tmp_path) as url:
+        engine = open_engine(url)
+        try:
+            engine.dispose()
+            engine = seed_store(url, 3)
+            accounts = Accounts(engine, Policy(password_policy=False))
+            _applier(tmp_path, "realtime", engine).full()
+            ext = accounts.get_user("u1").extension
+            before = _held(tmp_path, "realtime", engine, ext)
+            _break(engine, "u1", "'10a1'")
+            applied = _applier(tmp_path, "realtime", engine).full()
+            assert [str(s) for s in applied.skipped] == [f"u1: extension: {DIGITS}"]
+            assert _held(tmp_path, "realtime", engine, ext) == before
+            accounts.edit_user("u2", {"extension": ext})
+            applied = _applier(tmp_path, "realtime", engine).full()
+            assert applied.change.updated == (ext,)
+            assert _auth_username(tmp_path, "realtime", engine, ext) == "u2"
+        finally:
+            engine.dispose()
+
+
+def test_a_new_target_is_asked_whose_endpoints_it_holds_not_memory(tmp_path: Path) -> None:
+    """After the target is replaced (a SIGHUP to another path), a broken user keeps only an
+    endpoint the new target holds for it: one there under another user's auth goes."""
+    with _site(tmp_path, "config") as (engine, accounts):
+        applier = _applier(tmp_path, "config", engine)
+        applier.full()
+        u1 = accounts.get_user("u1")
+        _break(engine, "u1", "'10a1'")
+        applier.users_changed([u1.id])
+        stranger = replace(u1, username="zed", extension=u1.extension)
+        other = ConfigFileTarget(tmp_path / "other" / "pjsip_users.conf")
+        held = [*applier.objects.values(), render_user(stranger, RenderSettings())]
+        other.apply(sorted(held, key=lambda o: endpoint_order(o.endpoint_id)))
+        applier.target, applier.synced = other, False
+        assert applier.full().change.removed == (u1.extension,)
+        assert f"[{u1.extension}]" not in other.path.read_text()
+
+
+def test_a_sharded_target_tells_whose_endpoints_it_holds(tmp_path: Path) -> None:
+    """A fresh full apply to shard files keeps a broken user's endpoint where its shard
+    file holds it, and a valid user later given that extension takes it."""
+    with _site(tmp_path, "config") as (engine, accounts):
+        path = tmp_path / "pjsip_users.conf"
+        Applier(engine, ShardedConfigFileTarget(path, shards=4), RenderSettings()).full()
+        ext = accounts.get_user("u1").extension
+        _break(engine, "u1", "'10a1'")
+        fresh = Applier(engine, ShardedConfigFileTarget(path, shards=4), RenderSettings())
+        assert fresh.full().change.removed == ()
+        accounts.edit_user("u2", {"extension": ext})
+        fresh = Applier(engine, ShardedConfigFileTarget(path, shards=4), RenderSettings())
+        assert fresh.full().change.updated == (ext,)
+
+
+@pytest.mark.parametrize("shards", [0, 4])
+def test_a_fresh_full_apply_parses_only_files_naming_a_broken_user_and_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shards: int
+) -> None:
+    """A fresh full apply with a broken user parses the one file (or the one shard file)
+    that names it once, for the look-up and the apply together, and no other."""
+    from provisioner.targets import holdings
+
+    with _site(tmp_path, "config", count=8) as (engine, _accounts):
+        path = tmp_path / "pjsip_users.conf"
+
+        def target() -> Target:
+            if shards:
+                return ShardedConfigFileTarget(path, shards=shards)
+            return ConfigFileTarget(path)
+
+        Applier(engine, target(), RenderSettings()).full()
+        _break(engine, "u1", "'10a1'")
+        parsed: list[bytes] = []
+        real = parse
+
+        def counted(data: bytes) -> Any:
+            parsed.append(data)
+            return real(data)
+
+        monkeypatch.setattr(holdings, "parse", counted)
+        assert Applier(engine, target(), RenderSettings()).full().change.empty
+        assert len(parsed) == 1
+        assert b"username=u1\n" in parsed[0]
