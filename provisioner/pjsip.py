@@ -180,23 +180,24 @@ def _checks(user: User, settings: RenderSettings) -> list[Problem]:
     v = user.voice
     problems: list[Problem] = []
 
-    def need(ok: bool, field: str, rule: str) -> None:
-        if not ok:
+    def need(ok: bool, field: str, rule: str, value: str = "") -> None:
+        if undecoded(value):
+            # Another writer's bytes that are not UTF-8: said so, as for every field, not
+            # as a value of the wrong form (which the escape would make it look like).
+            problems.append(Problem(field, UNDECODED_RULE))
+        elif not ok:
             problems.append(Problem(field, rule))
 
-    if undecoded(user.extension):
-        # Another writer's bytes that are not UTF-8: said as for every other field.
-        problems.append(Problem("extension", UNDECODED_RULE))
-    else:
-        need(bool(_ID.fullmatch(user.extension)), "extension", "must be 1-20 digits")
+    need(bool(_ID.fullmatch(user.extension)), "extension", "must be 1-20 digits", user.extension)
     need(
         renderable_username(user.username),
         "username",
         "must be 1-40 letters, digits, '.' or '_'",
+        user.username,
     )
-    need(v.transport in TRANSPORTS, "transport", "must be one of " + ", ".join(TRANSPORTS))
-    need(v.nat in NATS, "nat", "must be one of " + ", ".join(NATS))
-    need(v.video in VIDEOS, "video", "must be one of " + ", ".join(VIDEOS))
+    for name, allowed in (("transport", TRANSPORTS), ("nat", NATS), ("video", VIDEOS)):
+        value = getattr(v, name)
+        need(value in allowed, name, "must be one of " + ", ".join(allowed), value)
     need(
         bool(v.codecs)
         and all(c in CODECS for c in v.codecs)
@@ -208,9 +209,11 @@ def _checks(user: User, settings: RenderSettings) -> list[Problem]:
         bool(_CONTEXT.fullmatch(v.context)),
         "context",
         "must be an Asterisk context name of 1-40 characters",
+        v.context,
     )
     for name in ("call_group", "pickup_group"):
-        need(check_group(getattr(v, name))[1] is None, name, "must be numbers 0-63, such as 1,3-5")
+        group = getattr(v, name)
+        need(check_group(group)[1] is None, name, "must be numbers 0-63, such as 1,3-5", group)
     if not user.full_name.strip():
         problems.append(Problem("full_name", "must not be empty"))
     elif (p := check_value("full_name", user.full_name)) is not None:

@@ -532,10 +532,22 @@ def test_csv_file_that_is_not_utf8_is_refused(store: tuple[Path, Engine], tmp_pa
     assert "Traceback" not in ran.err
 
 
-@pytest.mark.parametrize("extension", ["10\udce9", "\udcff"])
-def test_an_extension_holding_undecoded_bytes_is_named_with_the_text_rule(extension: str) -> None:
-    """An extension holding bytes that were not text is refused with the rule every other
-    field gives such bytes, not as a malformed number."""
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("extension", "10\udce9"),
+        ("extension", "\udcff"),
+        ("username", "al\udce9x"),
+        ("context", "from-\udce9"),
+        ("call_group", "1,\udce9"),
+        ("pickup_group", "\udcff"),
+    ],
+)
+def test_a_field_holding_undecoded_bytes_is_named_with_the_text_rule(
+    field: str, value: str
+) -> None:
+    """A field holding bytes that were not text is refused with the rule every field gives
+    such bytes, not as a value of the wrong form."""
     with pytest.raises(InvalidInput) as refused:
-        render_user(_user(extension=extension), SETTINGS)
-    assert refused.value.problems == (Problem("extension", UNDECODED_RULE),)
+        render_user(_user(**{field: value}), SETTINGS)
+    assert refused.value.problems == (Problem(field, UNDECODED_RULE),)
