@@ -14,9 +14,9 @@ in one batch, and kept for the next apply of an equal user.  The write is atomic
 (:mod:`.files`: temporary file, fsync, ``os.replace``, fsync of the directory) and keeps the
 previous file as ``<name>.bak``.  Unchanged bytes are not written at all, so the
 file's mtime only moves when Asterisk has something new to reload.  A target's first
-full apply of a large file stages it (:func:`.files.stage`): the temporary file is
-written and fsynced by a background thread while the text is checked, and renamed into
-place only once the check passed.
+full apply stages its file (:func:`.files.stage`): the temporary file is fsynced (a
+large one also written) by a background thread while the text is checked, and renamed
+into place only once the check passed.
 
 :meth:`ConfigFileTarget.apply_partial` is the daemon's one-edit path
 (``Target.apply_partial``): only the edited users are rendered and checked,
@@ -88,7 +88,6 @@ __all__ = [
     "FILE_MODE",
     "MAIN_TEMPLATE",
     "SHIPPED_TEMPLATES",
-    "STAGE_MIN_BYTES",
     "ConfigFileTarget",
     "PendingWrite",
     "canonical_chunk",
@@ -186,11 +185,6 @@ _PLAIN_ASCII = bytes(b for b in range(128) if not _ODD_CHAR.match(chr(b)))
 _ODD_EDGES = (re.compile(r" (?:(?=\n)|(?<== ))"), re.compile(r">(?<==>)"))
 #: Below this many characters no line can reach Asterisk's 8191-byte limit (4 bytes each).
 _SHORT = 2000
-#: A first full apply stages a file at least this large (see
-#: :meth:`ConfigFileTarget._prepare_staged`).  A smaller one is written after its check:
-#: its write and fsync take a few milliseconds, less than handing them to a thread costs
-#: (measured: 1k users, 0.6 MB, 6% slower staged; 10k, 6 MB, even; 100k, 62 MB, 9% faster).
-STAGE_MIN_BYTES = 16 << 20
 #: Option names and types already found plain (a few dozen in practice; bounded).
 _plain_names: set[str] = set()
 #: The three sections' ids and options of a user, read in C.
@@ -704,12 +698,13 @@ class ConfigFileTarget:
 
     def _prepare_staged(self, users: list[UserObjects]) -> PendingWrite:
         """:meth:`_prepare` of a first full apply under the shipped layout, its bytes
-        staged when they differ from the file's and are at least :data:`STAGE_MIN_BYTES`
-        (the daemon's start at a large site): the temporary file is written and fsynced
-        in the background (I/O, the GIL released) while this thread checks the text and
-        counts the change.  Nothing is visible before :meth:`commit` publishes it; a text
-        the canonical checks do not accept is unstaged and goes the general way
-        (rendered through the templates and parsed back in full)."""
+        staged when they differ from the file's (:func:`.files.stage`): the temporary
+        file's fsync (and a large file's write) runs in the background, the GIL released,
+        while this thread checks the text and counts the change (1k users: the fsync's
+        0.5-4 ms, the 6 MB write of 10k, the 62 MB write and fsync of 100k).  Nothing is
+        visible before :meth:`commit` publishes it; a text the canonical checks do not
+        accept is unstaged and goes the general way (rendered through the templates and
+        parsed back in full)."""
         with self._templates.templating() as env:
             header = env.get_template("header.j2").render(users=users, shard=self.shard)
         try:
@@ -721,7 +716,7 @@ class ConfigFileTarget:
         data = text.encode("utf-8")
         old = read_file(self.path)
         staged = None
-        if old != data and len(data) >= STAGE_MIN_BYTES:
+        if old != data:
             staged = stage(self.path, data, new_owner_of=self.new_owner_of)
         try:
             plain = _plain_join(users, texts, text, len(header), data) is not None
