@@ -176,8 +176,8 @@ _PLAIN_IDS = re.compile(r"[A-Za-z0-9._@+-]{1,79}(?:\n[A-Za-z0-9._@+-]{1,79})*")
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_]{1,100}")
 #: Controls but LF, C1 controls, surrogates, comment and escape marks: never in plain text.
 _ODD_CHAR = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\ud800-\udfff;\\]")
-#: The ASCII bytes _ODD_CHAR lets through.
-_PLAIN_ASCII = bytes(b for b in range(128) if not _ODD_CHAR.match(chr(b)))
+#: The ASCII bytes _ODD_CHAR lets through, LF left out.
+_PLAIN_BUT_LF = bytes(b for b in range(128) if b != 0x0A and not _ODD_CHAR.match(chr(b)))
 #: A value starting with a blank or '>' or ending with a blank (in a plain line the first
 #: '=' ends the name): "= ", "=>" or " \n" anywhere (also refused, harmlessly, inside a
 #: value).  Each pattern starts with one literal character, rare in such files, that the
@@ -257,18 +257,20 @@ def _plain_join(
     if not _plain_names.issuperset(names) and not all(map(_plain_name, names)):
         return None
     text = "".join(texts) if joined is None else joined
-    if text.count("\n", start) != 9 * len(users) + sum(map(len, options)):
-        return None
+    lines = 9 * len(users) + sum(map(len, options))
     # A match starts with its literal character, at ``start`` or later: in the texts.
     if any(edge.search(text, start) for edge in _ODD_EDGES):
         return None
     if text.isascii():
-        # bytes.translate deleting every plain byte (fast, in C) keeps the odd ones in
-        # order: the texts hold none when the whole keeps no more than what precedes them.
+        # bytes.translate deleting every plain byte but LF (fast, in C) keeps the LFs and
+        # the odd bytes in order: the texts hold no odd byte and one LF a line exactly
+        # when the whole keeps what precedes them and then ``lines`` LFs (one pass for
+        # both: counting the LFs apart took as long as this).
         raw = text.encode("ascii") if data is None else data
-        if raw.translate(None, _PLAIN_ASCII) != raw[:start].translate(None, _PLAIN_ASCII):
+        kept = raw.translate(None, _PLAIN_BUT_LF)
+        if kept != raw[:start].translate(None, _PLAIN_BUT_LF) + b"\n" * lines:
             return None
-    elif _ODD_CHAR.search(text, start):
+    elif text.count("\n", start) != lines or _ODD_CHAR.search(text, start):
         return None
     if max(map(len, texts)) >= _SHORT and any(
         max(map(len, t.split("\n"))) * 4 >= LINE_MAX_BYTES for t in texts if len(t) >= _SHORT
