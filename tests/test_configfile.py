@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import os
+import resource
 import shutil
 import stat
 import tempfile
@@ -598,6 +599,28 @@ def test_a_staged_write_shows_nothing_until_published_and_a_discarded_one_leaves
     assert files_module.backup_of(path).read_bytes() == b"old\n"
     assert stat.S_IMODE(path.stat().st_mode) == files_module.FILE_MODE
     assert _temporaries(tmp_path) == []
+
+
+def test_a_staged_write_that_cannot_be_written_fails_when_published(tmp_path: Path) -> None:
+    """Staged bytes that cannot be written (the file size limit) raise TargetWriteFailed
+    when published, not when staged, and leave the old file and no temporary file."""
+    from provisioner.errors import TargetWriteFailed
+
+    path = tmp_path / "pjsip_users.conf"
+    path.write_bytes(b"old\n")
+    open_files = len(os.listdir("/proc/self/fd"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    # Python ignores SIGXFSZ: a write past the limit fails with EFBIG.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16, hard))
+    try:
+        staged = files_module.stage(path, b"new and longer than sixteen bytes\n")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    with pytest.raises(TargetWriteFailed, match="cannot write"):
+        files_module.publish(staged, path, backup=True)
+    assert path.read_bytes() == b"old\n"
+    assert _temporaries(tmp_path) == []
+    assert len(os.listdir("/proc/self/fd")) == open_files  # the temporary file closed
 
 
 def test_a_first_full_apply_refused_by_its_guard_leaves_no_temporary_file(tmp_path: Path) -> None:

@@ -492,7 +492,8 @@ def _start_writing(temp: Path, like: Path, data: bytes | Pieces) -> Future[None]
             handle.flush()
             data = b""
     except OSError as exc:
-        handle.close()
+        with contextlib.suppress(OSError):  # closed all the same; its flush fails again
+            handle.close()
         return _failed(exc)
     started = threading.Event()
     try:
