@@ -51,6 +51,7 @@ def _after(module: Any, name: str, when: Callable[..., bool] = lambda *a, **k: T
 def _install(step: str, target_path: str) -> None:
     if step == "temp_written":
         _after(files, "write_synced")
+        _after(files, "_finish_temporary")  # a staged write's fsync (a first full apply)
     elif step == "backup_made":
         _after(files, "keep_backup")
     elif step == "renamed":

@@ -6,6 +6,7 @@ import errno
 import gc
 import hashlib
 import os
+import resource
 import shutil
 import stat
 import subprocess
@@ -686,12 +687,31 @@ def test_a_staged_write_shows_nothing_until_published_and_a_discarded_one_leaves
     assert _temporaries(tmp_path) == []
 
 
-def test_a_first_full_apply_refused_by_its_guard_leaves_no_temporary_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_staged_write_that_cannot_be_written_fails_when_published(tmp_path: Path) -> None:
+    """Staged bytes that cannot be written (the file size limit) raise TargetWriteFailed
+    when published, not when staged, and leave the old file and no temporary file."""
+    from provisioner.errors import TargetWriteFailed
+
+    path = tmp_path / "pjsip_users.conf"
+    path.write_bytes(b"old\n")
+    open_files = len(os.listdir("/proc/self/fd"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    # Python ignores SIGXFSZ: a write past the limit fails with EFBIG.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16, hard))
+    try:
+        staged = files_module.stage(path, b"new and longer than sixteen bytes\n")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    with pytest.raises(TargetWriteFailed, match="cannot write"):
+        files_module.publish(staged, path, backup=True)
+    assert path.read_bytes() == b"old\n"
+    assert _temporaries(tmp_path) == []
+    assert len(os.listdir("/proc/self/fd")) == open_files  # the temporary file closed
+
+
+def test_a_first_full_apply_refused_by_its_guard_leaves_no_temporary_file(tmp_path: Path) -> None:
     """A new target's full apply whose guard raises leaves the file, its backup and the
     directory as they were (the bytes it had begun writing are removed)."""
-    monkeypatch.setattr(configfile_module, "STAGE_MIN_BYTES", 0)  # stage even this file
     path = tmp_path / "pjsip_users.conf"
     ConfigFileTarget(path).apply(rendered())
     ConfigFileTarget(path).apply(rendered("md5"))
@@ -705,12 +725,48 @@ def test_a_first_full_apply_refused_by_its_guard_leaves_no_temporary_file(
     assert written(tmp_path) == before
 
 
-def test_a_first_full_apply_the_canonical_checks_refuse_is_parsed_in_full(
+def test_a_small_first_full_apply_fsyncs_its_temporary_file_in_the_stage_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A new target's first full apply of a small file has its temporary file fsynced by
+    the stage thread (while the caller checks the text), and the file holds the text."""
+    fsynced: list[tuple[str, str]] = []
+    fsync = os.fsync
+
+    def spied(fd: int) -> None:
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        fsynced.append((threading.current_thread().name, name))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spied)
+    path = tmp_path / "pjsip_users.conf"
+    assert ConfigFileTarget(path).apply(rendered()).wrote
+    check_rendered(path.read_bytes(), rendered())
+    temporaries = [(thread, name) for thread, name in fsynced if name.endswith(".tmp")]
+    assert len(temporaries) == 1, fsynced
+    assert temporaries[0][0].startswith("stage"), fsynced
+    assert _temporaries(tmp_path) == []
+
+
+def test_a_first_full_apply_whose_check_fails_leaves_everything_as_it_was(
+    tmp_path: Path,
+) -> None:
+    """A new target's full apply whose text does not parse back to its objects raises
+    RenderCheckFailed and leaves the file, its backup and the directory as they were."""
+    path = tmp_path / "pjsip_users.conf"
+    ConfigFileTarget(path).apply(rendered())
+    ConfigFileTarget(path).apply(rendered("md5"))
+    before = written(tmp_path)
+    # A comment mark: Asterisk would read the value as "a", not "a;b".
+    odd = replace(rendered()[0], endpoint=(*rendered()[0].endpoint, ("x", "a;b")))
+    with pytest.raises(RenderCheckFailed):
+        ConfigFileTarget(path).apply([odd, *rendered()[1:]])
+    assert written(tmp_path) == before
+
+
+def test_a_first_full_apply_the_canonical_checks_refuse_is_parsed_in_full(tmp_path: Path) -> None:
     """A new target's full apply holding a value the canonical checks leave to the parser
     writes the text that parses back exactly, and leaves no temporary file."""
-    monkeypatch.setattr(configfile_module, "STAGE_MIN_BYTES", 0)  # stage even this file
     odd = replace(rendered()[0], endpoint=(*rendered()[0].endpoint, ("x", "a=>b")))
     objects = [odd, *rendered()[1:]]
     path = tmp_path / "pjsip_users.conf"
@@ -1753,7 +1809,6 @@ def test_a_full_apply_leaves_the_order_the_first_edit_needs_already_found(
 ) -> None:
     """After a full apply (a first one, staged or not, and a later one), the first edit
     sorts nothing to find where its user goes: that was done with the full apply."""
-    monkeypatch.setattr(configfile_module, "STAGE_MIN_BYTES", 0)  # the first one staged
     target = ConfigFileTarget(tmp_path / "out.conf")
     base = rendered()
     for _ in range(2):
