@@ -615,7 +615,9 @@ class AmiPbx:
     def health(self) -> dict[str, dict[str, Any]]:
         """Each server's health figures, by server name.  ``online`` counts endpoints as
         ``status`` would: a contact ``EXPIRED_AFTER`` past its expiry counts for nothing
-        (the book keeps it until someone sees to it; a session down sees to none)."""
+        (the book keeps it until someone sees to it; a session down sees to none); and
+        as ``status`` does, nothing while the server's state is not live
+        (:meth:`Link.live`: ``None``): the book then holds what Asterisk said before."""
         out: dict[str, dict[str, Any]] = {}
         cutoff = time.time() - EXPIRED_AFTER.total_seconds()
         for link in self.links:
@@ -629,7 +631,12 @@ class AmiPbx:
                 "not_live": link.not_live,
                 "events": link.events,
                 "reloads": dict(link.reload_results),
-                "online": sum(1 for reg in link.book.values() if counts_online(reg, cutoff)),
+                "live": link.live(),
+                "online": (
+                    sum(1 for reg in link.book.values() if counts_online(reg, cutoff))
+                    if link.live()
+                    else None
+                ),
                 "store_failures": link.store_failures,
                 # Since when a store write has run, once past daemon.stuck_after.
                 "write_stuck_since": link.write_since if link.write_stuck else None,
