@@ -13,7 +13,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -819,7 +819,8 @@ def status(app: App, usernames: tuple[str, ...], as_json: bool) -> None:
 
     app.needs_existing_store()
     with app.accounts.transaction() as conn:
-        rows = status_rows(conn, list(usernames) or None)
+        servers = [server.name for server in app.config.asterisk]
+        rows = status_rows(conn, list(usernames) or None, servers=servers)
     # Names match ignoring ASCII case, so ``alice ALICE`` is one user, found once.
     all_found(usernames, [r["username"] for r in rows])
     if as_json:
@@ -827,12 +828,18 @@ def status(app: App, usernames: tuple[str, ...], as_json: bool) -> None:
         return
     table = []
     for r in rows:
-        contacts = ", ".join(
-            c["uri"] + (" (expired)" if c["expired"] else "") for c in r["contacts"]
-        )
+        contacts = ", ".join(c["uri"] + _contact_note(c) for c in r["contacts"])
         last = _shown_time(r["last_change"]) if r["last_change"] else ""
         table.append([r["extension"], r["username"], r["state"], contacts, r["user_agent"], last])
     _table(table, ["EXTENSION", "USERNAME", "STATE", "CONTACTS", "USER AGENT", "LAST CHANGE"])
+
+
+def _contact_note(contact: Mapping[str, Any]) -> str:
+    """What ``status`` says after a contact's URI: expired, or last known of a server whose
+    state no one reads now (``stale``)."""
+    if contact["stale"]:
+        return f" (last known, {contact['server']} not read)"
+    return " (expired)" if contact["expired"] else ""
 
 
 @cli.command()

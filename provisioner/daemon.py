@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import os
 import signal
 import time
@@ -1219,7 +1220,10 @@ class Daemon:
         m = self.metrics
         for name, h in servers.items():
             m.reconnects.labels(server=name).set(h["reconnects"])
-            m.online.labels(server=name).set(h["online"])
+            # NaN while the server is not read: its last count is no count of now.
+            online = h["online"]
+            m.online.labels(server=name).set(math.nan if online is None else online)
+            m.live.labels(server=name).set(1 if h["live"] else 0)
             m.owed.labels(server=name).set(h["owed"])
             totals = {"events": h["events"], **{f"reload:{k}": v for k, v in h["reloads"].items()}}
             for key, total in totals.items():

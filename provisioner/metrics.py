@@ -65,7 +65,16 @@ class Metrics:
             "provisioner_users_provisioned", "Users with PJSIP objects", registry=r
         )
         self.online = Gauge(
-            "provisioner_contacts_online", "Endpoints with a usable contact", ["server"], registry=r
+            "provisioner_contacts_online",
+            "Endpoints with a usable contact (NaN while the server is not read)",
+            ["server"],
+            registry=r,
+        )
+        self.live = Gauge(
+            "provisioner_registrations_live",
+            "1 while the server's registration state is read (session up, snapshot stored)",
+            ["server"],
+            registry=r,
         )
 
     def serve(self, port: int) -> None:

@@ -2444,16 +2444,58 @@ def test_health_does_not_count_online_a_contact_long_past_its_expiry(store: Engi
 
     async def scenario() -> int:
         peer = FakeAsterisk()
-        await peer.start()  # a port for the link; the book is filled here, not by events
-        pbx = AmiPbx([_link(peer)], store, "realtime")
-        now = int(time.time())
-        book = pbx.links[0].book
-        for endpoint, expires_at in (("gone", now - 120), ("late", now - 30), ("on", now + 600)):
-            contact = ContactState(endpoint, f"sip:{endpoint}@10.0.0.1", "Reachable")
-            contact = contact._replace(expires_at=expires_at)
-            book[endpoint] = EndpointRegistration(endpoint, (contact,))
-        online = int(pbx.health()["lab"]["online"])
-        await peer.stop()
+        await peer.start()
+        link = _link(peer)
+        pbx = AmiPbx([link], store, "realtime")
+        try:
+            async with running(pbx):
+                await eventually(link.live)  # read now; the book is filled here, not by events
+                now = int(time.time())
+                book = link.book
+                for endpoint, expires_at in (
+                    ("gone", now - 120),
+                    ("late", now - 30),
+                    ("on", now + 600),
+                ):
+                    contact = ContactState(endpoint, f"sip:{endpoint}@10.0.0.1", "Reachable")
+                    contact = contact._replace(expires_at=expires_at)
+                    book[endpoint] = EndpointRegistration(endpoint, (contact,))
+                online = int(pbx.health()["lab"]["online"])
+        finally:
+            await peer.stop()
         return online
 
     assert run(scenario()) == 2
+
+
+def test_health_has_no_online_count_for_a_server_whose_session_is_lost(store: Engine) -> None:
+    """The health record's (and metrics') online count of a server is None while its
+    session is down (the book is what it said before, not what it holds now), and is
+    counted again once the reconnect's snapshot is stored."""
+    from provisioner.ami.registration import ContactState, EndpointRegistration
+
+    async def scenario() -> tuple[int | None, int | None, int | None]:
+        peer = FakeAsterisk()
+        await peer.start()
+        link = _link(peer)
+        pbx = AmiPbx([link], store, "realtime")
+        try:
+            async with running(pbx):
+                await eventually(link.live)
+                contact = ContactState("on", "sip:on@10.0.0.1", "Reachable")
+                link.book["on"] = EndpointRegistration("on", (contact,))
+                before = pbx.health()["lab"]["online"]
+                await peer.stop()
+                await eventually(lambda: not link.client.connected)
+                during = pbx.health()["lab"]["online"]
+                await peer.start()
+                await eventually(link.live)
+                after = pbx.health()["lab"]["online"]
+        finally:
+            await peer.stop()
+        return before, during, after
+
+    before, during, after = run(scenario())
+    assert before == 1
+    assert during is None
+    assert after is not None

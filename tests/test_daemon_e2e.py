@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -1060,5 +1061,58 @@ def test_a_store_that_stalls_at_the_last_marker_drop_does_not_stretch_the_shutdo
         assert code == 0
         assert took < 3.0, f"shutdown took {took:.1f} s"
         assert "daemon.untold_kept" in _text(log)
+
+    asyncio.run(scenario())
+
+
+def test_status_says_unknown_while_the_servers_ami_is_down_or_the_daemon_stopped(
+    tmp_path: Path,
+) -> None:
+    """A phone registered on a server whose AMI session is lost, or whose daemon stopped,
+    is shown with state unknown (its last known state kept per server), not online."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        await peer.start()
+        config = _write_config(tmp_path, peer.port)
+        await _seed(config)
+        await _add_agent(config, "alice", "Alice")
+        daemon = await _start_daemon(config, tmp_path / "daemon.log")
+
+        async def shown() -> dict[str, Any]:
+            out = json.loads(await _cli(config, "status", "alice", "--json"))
+            return dict(out[0])
+
+        async def state_is(wanted: str) -> bool:
+            return bool((await shown())["state"] == wanted)
+
+        try:
+            await _until(lambda: len(peer.actions("PJSIPShowContacts")) >= 1, 10)
+            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
+            await _until(partial(state_is, "online"), 5)
+
+            await peer.stop()  # the AMI session is lost: no event can say the phone went
+            await _until(partial(state_is, "unknown"), 5)
+            (server,) = (await shown())["servers"]
+            assert (server["server"], server["state"], server["live"]) == ("pbx1", "online", False)
+            assert "unknown" in await _cli(config, "status", "alice")
+
+            await peer.start()  # back: the reconnect's snapshot tells the truth again
+
+            async def read_again() -> bool:
+                return bool((await shown())["servers"][0]["live"])
+
+            await _until(read_again, 10)
+            # What the snapshot lists (the recorded contact, whose recorded expiry may
+            # have passed), not unknown.
+            assert (await shown())["state"] in ("online", "offline")
+
+            assert await _stop(daemon) == 0
+            assert await state_is("unknown")  # no one reads Asterisk any more
+        finally:
+            if daemon.returncode is None:
+                daemon.kill()
+                await daemon.wait()
+            await peer.stop()
 
     asyncio.run(scenario())

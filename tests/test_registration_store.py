@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Connection, Engine, create_engine, event, select, text, update
+from sqlalchemy import Connection, Engine, create_engine, delete, event, select, text, update
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import DBAPIError
 
@@ -33,17 +33,21 @@ from provisioner.store import registrations as registrations_module
 from provisioner.store.bulk import has_json_table
 from provisioner.store.engine import is_conflict, open_engine, reading, transaction
 from provisioner.store.registrations import (
+    LIVE_FOR,
     ContactRow,
     SummaryRow,
     epoch_text,
     forget_other_servers,
+    live_key,
+    live_mark,
     replace_server_snapshot,
     set_problems,
     status_rows,
     time_text,
     write_endpoint_rows,
 )
-from provisioner.store.schema import registration_summary, registrations, users
+from provisioner.store.schema import daemon_state, registration_summary, registrations, users
+from provisioner.store.state import put_state
 from provisioner.targets import Change
 
 from .amipeer import (
@@ -178,6 +182,47 @@ def test_a_user_online_on_one_server_is_online_though_another_finds_its_contact_
         (person,) = status_rows(conn)
     assert sorted(s["state"] for s in person["servers"]) == ["online", "unreachable"]
     assert person["state"] == "online"
+
+
+def test_a_server_no_one_reads_makes_its_users_state_unknown_not_what_it_last_said(
+    engine: Engine,
+) -> None:
+    """A configured server whose live mark is ``down``, older than ``LIVE_FOR`` (a killed
+    daemon's last beat) or missing leaves a user no live server holds online ``unknown``,
+    its rows shown as last known (``live: false``, ``stale``); a live server's online wins."""
+    seed_store(engine, 2)
+    epoch = NOW.replace(tzinfo=UTC).timestamp()
+    registered = _state("100000", "NonQualified")
+    gone: tuple[list[ContactRow], SummaryRow] = ([], ("offline", "UNAVAILABLE", "", SEEN_TEXT))
+    with engine.begin() as conn:
+        write_endpoint_rows(conn, "pbx1", {"100000": registered, "100001": gone}, NOW)
+        write_endpoint_rows(conn, "pbx2", {"100000": gone, "100001": registered}, NOW)
+        put_state(conn, live_key("pbx1"), live_mark(True, epoch - 30))
+        put_state(conn, live_key("pbx2"), live_mark(False, epoch - 30))
+
+    def shown(**marks: str) -> dict[str, dict[str, Any]]:
+        with engine.begin() as conn:
+            for server, mark in marks.items():
+                put_state(conn, live_key(server), mark)
+            rows = status_rows(conn, now=NOW, servers=["pbx1", "pbx2"])
+        return {p["extension"]: p for p in rows}
+
+    people = shown()
+    assert people["100000"]["state"] == "online"  # pbx1, read now, holds it online
+    assert people["100001"]["state"] == "unknown"  # only pbx2, not read, said online
+    (on1, on2) = people["100001"]["servers"]
+    assert (on1["server"], on1["live"], on2["server"], on2["live"]) == ("pbx1", True, "pbx2", False)
+    assert [c["stale"] for c in people["100001"]["contacts"]] == [True]
+    assert people["100001"]["user_agent"] == "Phone/1"  # last known, shown as such
+    stale = live_mark(True, epoch - LIVE_FOR.total_seconds() - 1)
+    people = shown(pbx1=stale, pbx2=live_mark(True, epoch))
+    assert (people["100000"]["state"], people["100001"]["state"]) == ("unknown", "online")
+    with engine.begin() as conn:
+        conn.execute(delete(daemon_state))
+    people = shown()  # never marked: no daemon read either since this code runs
+    assert {p["state"] for p in people.values()} == {"unknown"}
+    with engine.connect() as conn:  # no server configured: nothing to be unknown about
+        assert {p["state"] for p in status_rows(conn, now=NOW)} == {"online"}
 
 
 def test_the_state_of_servers_no_longer_configured_is_forgotten(engine: Engine) -> None:

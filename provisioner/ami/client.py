@@ -181,6 +181,7 @@ class AmiClient:
         self._targets: dict[str, tuple[EventCallback, ...]] = {}
         self._wildcard: tuple[EventCallback, ...] = ()
         self._on_connected: list[Callable[[], None]] = []
+        self._on_disconnected: list[Callable[[], None]] = []
         self._session: _Session | None = None
         self._connected = asyncio.Event()
         self._last_error: str | None = None
@@ -233,6 +234,11 @@ class AmiClient:
         (``PJSIPShowContacts``) from a task of your own.
         """
         self._on_connected.append(callback)
+
+    def on_disconnected(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` each time a logged-in session closes, as ``connected``
+        drops (from then on, events are lost until the next login)."""
+        self._on_disconnected.append(callback)
 
     def health(self) -> AmiHealth:
         """The connection state now."""
@@ -487,6 +493,11 @@ class AmiClient:
         if not stop.is_set():
             self._last_error = reason
         self._connected.clear()
+        for callback in self._on_disconnected:
+            try:
+                callback()
+            except Exception as exc:  # a broken hook must not stop the session's close
+                self._log.exception("ami.callback_failed", error=_describe(exc))
 
     def _fail_pending(self, session: _Session) -> None:
         for pending in session.pending.values():

@@ -44,10 +44,13 @@ from ..logs import get_logger
 from ..store.engine import STORE_DOWN, reading, transaction
 from ..store.registrations import (
     EXPIRED_AFTER,
+    LIVE_BEAT,
     ContactRow,
     SummaryRow,
     endpoint_writer,
     epoch_text,
+    live_key,
+    live_mark,
     replace_server_snapshot,
 )
 from ..store.state import load_state, load_states, put_state
@@ -233,6 +236,11 @@ class Link:
     owed: Owed = field(default_factory=Owed)
     #: The client session whose snapshot last filled the book (-1: none yet).
     snapshot_session: int = -1
+    #: The client session whose snapshot was last stored (-1: none yet).
+    stored_session: int = -1
+    #: Set when the store's state of this server may have become live or stopped being
+    #: so (a snapshot stored, the session lost, a write refused): see :meth:`live`.
+    live_changed: asyncio.Event = field(default_factory=asyncio.Event)
     #: True while a snapshot is asked for and not yet in the book.
     snapshot_running: bool = False
     #: While ``PJSIPShowContacts`` runs, the events folded since it was sent, in order:
@@ -327,6 +335,16 @@ class Link:
             and not self.snapshot_wanted.is_set()
             and not self.unconfirmed
             and not self.looking_up
+        )
+
+    def live(self) -> bool:
+        """Whether the store's registration state of this server is kept up to date now:
+        the session is up, its snapshot stored, and no registration write since was
+        refused.  What the daemon marks for ``status`` (:meth:`AmiPbx._liveness`)."""
+        return (
+            self.client.connected
+            and self.stored_session == self.client.sessions
+            and self.store_failures == 0
         )
 
     def snapshot_coming(self) -> bool:
@@ -552,6 +570,7 @@ class AmiPbx:
                 tg.create_task(self._expiry_checks(link, stop))
                 tg.create_task(self._changes(link, stop))
                 tg.create_task(self._note_loaded(link, stop))
+                tg.create_task(self._liveness(link, stop))
 
     def applied(self, change: Change, *, target_kind: str) -> None:
         """Hand ``change`` to each server's change loop; first have the store's state of
@@ -596,7 +615,9 @@ class AmiPbx:
     def health(self) -> dict[str, dict[str, Any]]:
         """Each server's health figures, by server name.  ``online`` counts endpoints as
         ``status`` would: a contact ``EXPIRED_AFTER`` past its expiry counts for nothing
-        (the book keeps it until someone sees to it; a session down sees to none)."""
+        (the book keeps it until someone sees to it; a session down sees to none); and
+        as ``status`` does, nothing while the server's state is not live
+        (:meth:`Link.live`: ``None``): the book then holds what Asterisk said before."""
         out: dict[str, dict[str, Any]] = {}
         cutoff = time.time() - EXPIRED_AFTER.total_seconds()
         for link in self.links:
@@ -610,7 +631,12 @@ class AmiPbx:
                 "not_live": link.not_live,
                 "events": link.events,
                 "reloads": dict(link.reload_results),
-                "online": sum(1 for reg in link.book.values() if counts_online(reg, cutoff)),
+                "live": link.live(),
+                "online": (
+                    sum(1 for reg in link.book.values() if counts_online(reg, cutoff))
+                    if link.live()
+                    else None
+                ),
                 "store_failures": link.store_failures,
                 # Since when a store write has run, once past daemon.stuck_after.
                 "write_stuck_since": link.write_since if link.write_stuck else None,
@@ -629,6 +655,7 @@ class AmiPbx:
         for name in _EVENTS:
             link.client.on_event(name, on_event)
         link.client.on_connected(link.snapshot_wanted.set)
+        link.client.on_disconnected(link.live_changed.set)
         # An empty change: the change loop wakes and sends what is owed to the server.
         link.client.on_connected(lambda: link.changes.put_nowait(Change()))
 
@@ -767,7 +794,9 @@ class AmiPbx:
         started = [self._start_store(link, write) for write, _ in writes]
         stored = await asyncio.gather(*(self._stored(link, write) for write in started))
         if all(stored):
-            link.store_failures = 0
+            if link.store_failures:
+                link.store_failures = 0
+                link.live_changed.set()
             return
         for (_, endpoints), ok in zip(writes, stored, strict=True):
             if not ok:
@@ -778,6 +807,7 @@ class AmiPbx:
         """Count a refused registration write and pause before the next
         (``registration.store_retry``, a warning; :func:`_pause_after_failures`)."""
         link.store_failures += 1
+        link.live_changed.set()
         await _pause_after_failures(
             link,
             stop,
@@ -993,6 +1023,8 @@ class AmiPbx:
         link.snapshot_failures = 0
         if stored:
             link.store_failures = 0
+            link.stored_session = session
+            link.live_changed.set()
             contacts_now = sum(len(contacts) for contacts, _ in states.values())
             log.info(
                 "registration.snapshot",
@@ -1001,6 +1033,38 @@ class AmiPbx:
                 took_ms=round(link.snapshot_took * 1000, 1),
             )
         return "stored" if stored else "unstored"
+
+    async def _liveness(self, link: Link, stop: asyncio.Event) -> None:
+        """Mark in the store, for ``status``, whether ``link``'s registration state there is
+        live (:meth:`Link.live`): ``live`` every ``LIVE_BEAT`` while it is (an old mark is a
+        daemon that stopped marking: killed, hung), ``down`` as soon as it is not (the
+        session lost: no event tells what the phones do meanwhile), and ``down`` at the
+        stop.  Marks go in the flusher's turn, so a ``live`` one lands after the snapshot
+        it follows.  ``registration.live`` logs each change of the mark."""
+        marked: bool | None = None
+        beat = 0.0
+        while not stop.is_set():
+            link.live_changed.clear()
+            live = link.live()
+            if live != marked or (live and time.monotonic() - beat >= LIVE_BEAT):
+                write = partial(
+                    put_state, key=live_key(link.name), value=live_mark(live, time.time())
+                )
+                if await link.in_flusher_turn(write):
+                    if live != marked:
+                        log.info("registration.live", server=link.name, live=live)
+                    marked, beat = live, time.monotonic()
+            wait = LIVE_BEAT if live else None
+            await wait_first(stop, link.live_changed, timeout=wait)
+        await link.flusher_done.wait()
+        if marked is False:
+            return
+        down = partial(put_state, key=live_key(link.name), value=live_mark(False, time.time()))
+        try:
+            await in_worker(transaction, self.engine, down)
+        except STORE_DOWN as exc:
+            # The last live mark ages out: ``status`` says unknown after ``LIVE_FOR``.
+            log.warning("registration.live_not_marked", server=link.name, error=_store_error(exc))
 
     # -- changes out -------------------------------------------------------------------
 

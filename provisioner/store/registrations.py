@@ -8,6 +8,7 @@ events for endpoints that are no user (trunks) are ignored.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -54,10 +55,12 @@ from .bulk import (
 )
 from .engine import escaping_bytes_not_utf8
 from .queries import is_sendable, username_key
-from .schema import registration_summary, registrations, users
+from .schema import daemon_state, registration_summary, registrations, users
 
 __all__ = [
     "EXPIRED_AFTER",
+    "LIVE_BEAT",
+    "LIVE_FOR",
     "ContactRow",
     "EndpointRows",
     "RowBatch",
@@ -65,6 +68,8 @@ __all__ = [
     "endpoint_writer",
     "epoch_text",
     "forget_other_servers",
+    "live_key",
+    "live_mark",
     "replace_server_snapshot",
     "set_problems",
     "status_rows",
@@ -891,10 +896,11 @@ def summarize(contact_statuses: Sequence[str], server_states: Sequence[str]) -> 
 
 def _user_agent(contacts: Sequence[Mapping[str, Any]]) -> str:
     """The user agent of the first usable contact (of the first contact when none is):
-    the phone the user is online with, not an old one that no longer answers."""
-    for c in contacts:
-        if c["status"] not in _DOWN and not c["expired"]:
-            return str(c["user_agent"])
+    the phone the user is online with, not an old one that no longer answers; one a live
+    server holds before one last known of a server no one reads (``stale``)."""
+    usable = [c for c in contacts if c["status"] not in _DOWN and not c["expired"]]
+    for c in sorted(usable, key=lambda c: bool(c.get("stale"))):
+        return str(c["user_agent"])
     return str(contacts[0]["user_agent"]) if contacts else ""
 
 
@@ -921,6 +927,58 @@ def _live_states(
     return states
 
 
+#: Seconds between two marks of a server's registration state as live (the daemon's AMI
+#: session up, its snapshot stored, its writes going through): :func:`live_key`.
+LIVE_BEAT = 15.0
+#: How old a live mark may be before ``status`` takes the server's state for unknown:
+#: no one marked it since (the daemon killed or hung, its store writes refused).
+LIVE_FOR = timedelta(seconds=60)
+_LIVE_PREFIX = "registration_live:"
+#: The longest server name put whole in a live mark's key (``daemon_state.key`` holds 64).
+_LIVE_TAG_MAX = 40
+
+
+def live_key(server: str) -> str:
+    """The ``daemon_state`` key under which the daemon marks whether ``server``'s
+    registration state in the store is live (:func:`live_mark`); a name too long for the
+    key column cut and digested."""
+    if len(server) > _LIVE_TAG_MAX:
+        digest = hashlib.sha256(server.encode()).hexdigest()[:8]
+        server = server[: _LIVE_TAG_MAX - 9] + "~" + digest
+    return _LIVE_PREFIX + server
+
+
+def live_mark(live: bool, at: float) -> str:
+    """The value of a :func:`live_key`: ``live:<epoch>`` (the state is kept up to date,
+    as of then: marked again every ``LIVE_BEAT``) or ``down:<epoch>`` (since then no one
+    reads the server: its session lost, the daemon stopped)."""
+    return f"{'live' if live else 'down'}:{at:.3f}"
+
+
+def _live_servers(conn: Connection, servers: Sequence[str], now: datetime) -> set[str]:
+    """Those of ``servers`` whose registration state is live at ``now`` (naive UTC): a
+    ``live`` mark no older than ``LIVE_FOR`` (a little younger than ``now``, too: the
+    daemon's clock may run ahead of this one)."""
+    keys = {live_key(server): server for server in servers}
+    if not keys:
+        return set()
+    query = select(daemon_state.c.key, daemon_state.c.value).where(
+        daemon_state.c.key.in_(sorted(keys))
+    )
+    live = set()
+    epoch = now.replace(tzinfo=UTC).timestamp()
+    window = LIVE_FOR.total_seconds()
+    for key, value in conn.execute(query):
+        kind, _, at = value.partition(":")
+        try:
+            age = epoch - float(at)
+        except ValueError:
+            continue  # not a mark this code wrote: nothing is known
+        if kind == "live" and abs(age) <= window:
+            live.add(keys[key])
+    return live
+
+
 def _dialled_order(extension: str) -> tuple[int, int, str]:
     """Sort key of an extension as a dialled number: all-digit extensions by numeric
     value (2001 before 10000), equal values by text (0101 before 101), then any other
@@ -931,7 +989,11 @@ def _dialled_order(extension: str) -> tuple[int, int, str]:
 
 
 def status_rows(
-    conn: Connection, usernames: Sequence[str] | None = None, *, now: datetime | None = None
+    conn: Connection,
+    usernames: Sequence[str] | None = None,
+    *,
+    now: datetime | None = None,
+    servers: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Per live user, ordered by extension as dialled numbers (:func:`_dialled_order`):
     extension, username, summary per server (by server name) and contacts (by server,
@@ -939,8 +1001,16 @@ def status_rows(
     ``now``, naive UTC, default the clock's), for ``status``; the user agent is a usable
     contact's (:func:`_user_agent`).  An expired contact counts for nothing in the state.
     A deleted user is listed only when named (as ``user show`` finds it): state
-    ``deleted``, no server, no contact (it is no longer provisioned)."""
+    ``deleted``, no server, no contact (it is no longer provisioned).
+
+    ``servers``: the configured Asterisk servers.  One whose state is not live
+    (:func:`_live_servers`: its AMI session down, the daemon stopped or killed) is not
+    read now: its summaries say ``live: false`` and its contacts ``stale: true``, and
+    they count for nothing.  A user that no live server holds online is then
+    ``unknown``: its phone may be registered there, or gone, and nothing can tell."""
     now = now if now is not None else datetime.now(UTC).replace(tzinfo=None)
+    configured = set(servers)
+    blind = configured - _live_servers(conn, sorted(configured), now)
     query = select(
         users.c.id, users.c.extension, users.c.username, users.c.username_key, users.c.deleted_at
     )
@@ -978,9 +1048,17 @@ def status_rows(
         sums = summaries.get(p.id, [])
         cons = contacts.get(p.id, [])
         _mark_expired(cons, now)
-        statuses = [c["status"] for c in cons if not c["expired"]]
-        live = p.deleted_at is None
-        state = summarize(statuses, _live_states(sums, cons)) if live else "deleted"
+        for s in sums:
+            s["live"] = s["server"] not in blind
+        for c in cons:
+            c["stale"] = c["server"] in blind
+        seen = [s for s in sums if s["live"]]
+        statuses = [c["status"] for c in cons if not c["expired"] and not c["stale"]]
+        state = summarize(statuses, _live_states(seen, cons))
+        if state != "online" and blind:
+            state = "unknown"
+        if p.deleted_at is not None:
+            state = "deleted"
         changed = [x["changed_at"] for x in sums + cons]
         out.append(
             {
