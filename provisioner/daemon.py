@@ -152,6 +152,11 @@ class Pbx(Protocol):
         sent: empty every server's caches (see :mod:`provisioner.store.untold`)."""
         ...
 
+    def store_answered(self) -> None:
+        """An apply succeeded after the store failed one: store writes waiting out the
+        outage go now."""
+        ...
+
     def idle(self) -> bool:
         """Whether every server was sent all it is owed (nothing waits, runs or retries)."""
         ...
@@ -907,6 +912,10 @@ class Daemon:
         """Record a successful apply and hand its change to the AMI side.  While a full
         apply is owed (:attr:`_full_owed`) the record keeps that one's failure, unless this
         one re-rendered everyone (a profile edit, a burst too large for memory alone)."""
+        if self.pbx is not None and isinstance(self._last_exc, (*STORE_DOWN, StoreUnavailable)):
+            # The store is back: registration writes waiting out the outage go now.  Only
+            # then: writes refused for another reason keep their own backoff.
+            self.pbx.store_answered()
         self._last_exc = None
         if result is not None and result.full:
             self._full_owed = False

@@ -24,6 +24,7 @@ from sqlalchemy.exc import DBAPIError
 
 from provisioner.health import read_health
 from provisioner.store.engine import open_engine
+from provisioner.store.schema import registration_summary, users
 
 from .amipeer import FakeAsterisk
 from .faultkit import PROVISIONER, Daemon, endpoints, env, seed_store, write_config
@@ -133,6 +134,24 @@ def _live_endpoints(kind: str, tmp_path: Path, url: str) -> set[str]:
         engine.dispose()
 
 
+def _stored_state(url: str, username: str) -> str | None:
+    """The registration state the store holds for ``username`` (None: none, or the
+    server is down), read directly: no CLI process start in the measured time."""
+    engine = open_engine(url)
+    query = (
+        select(registration_summary.c.state)
+        .join(users, users.c.id == registration_summary.c.user_id)
+        .where(users.c.username == username)
+    )
+    try:
+        with engine.connect() as conn:
+            return conn.execute(query).scalar()
+    except DBAPIError:
+        return None
+    finally:
+        engine.dispose()
+
+
 async def _state(config: Path, username: str) -> str:
     out = json.loads(await _cli(config, "status", username, "--json"))
     return str(out[0]["state"])
@@ -216,3 +235,65 @@ def test_a_mariadb_restart_mid_run_is_survived(
 def _trouble(daemon: Daemon) -> list[dict[str, Any]]:
     """The daemon's warnings and errors logged so far."""
     return [e for e in daemon.events() if e.get("level") in ("warning", "error", "critical")]
+
+
+#: Registration writes refused in a row before the long outage ends: the writer's
+#: pause (0.5 s doubling) has reached 4 s.
+LONG_FAILURES = 4
+
+
+def test_registrations_are_written_soon_after_a_long_mariadb_outage(
+    tmp_path: Path, server: PrivateMariaDB
+) -> None:
+    """A registration event received during an outage long enough for the registration
+    writer to pause 4 s between attempts reaches the store, and the health record is
+    healthy again, within 1 s of the server's return, as the edits do."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        await peer.start()
+        config = _config(tmp_path, server, "realtime", peer.port)
+        daemon = Daemon(config, tmp_path / "daemon.log")
+        await asyncio.to_thread(lambda: seed_store(server.url, 1).dispose())
+        await asyncio.to_thread(daemon.start)
+        try:
+            await _until(lambda: peer.logins_ok >= 1, 10, "logged in to Asterisk")
+            await _until(
+                lambda: U0 in _live_endpoints("realtime", tmp_path, server.url), 10, "applied"
+            )
+
+            def state_is(state: str) -> Callable[[], bool]:
+                return lambda: _stored_state(server.url, "u0") == state
+
+            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
+            await _until(state_is("online"), 10, "u0's registration written")
+            await asyncio.to_thread(server.stop)
+            await peer.send_recorded("Event: ContactStatus\r\n", "ContactStatus: Removed")
+            await _until(lambda: _store_failures(daemon) >= LONG_FAILURES, 20, "writes refused")
+            assert daemon.alive, "the daemon exited while its store was down"
+            await asyncio.to_thread(server.start)
+            back = time.monotonic()
+            await _until(state_is("offline"), 30, "u0's un-registration written")
+            written = time.monotonic() - back
+            await _until(lambda: not _problems(daemon), 20, "healthy again")
+            healthy = time.monotonic() - back
+            await _add(config, "bob")
+            await _until(
+                lambda: "1002" in _live_endpoints("realtime", tmp_path, server.url), 3, "bob"
+            )
+            assert await _state(config, "u0") == "offline"
+            assert written < 1.0, f"registration written {written:.1f} s after the return"
+            assert healthy < 1.0, f"healthy {healthy:.1f} s after the return"
+            assert await asyncio.to_thread(daemon.stop) == 0
+        finally:
+            await asyncio.to_thread(daemon.kill)
+            await peer.stop()
+        assert "Traceback" not in daemon.log.read_text()
+
+    asyncio.run(scenario())
+
+
+def _store_failures(daemon: Daemon) -> int:
+    """The registration writes refused in a row, as the daemon last logged them."""
+    retries = daemon.logged("registration.store_retry")
+    return int(retries[-1]["failures"]) if retries else 0
