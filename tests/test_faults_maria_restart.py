@@ -27,7 +27,15 @@ from provisioner.store.engine import open_engine
 from provisioner.store.schema import registration_summary, users
 
 from .amipeer import FakeAsterisk
-from .faultkit import PROVISIONER, Daemon, endpoints, env, seed_store, write_config
+from .faultkit import (
+    PROVISIONER,
+    Daemon,
+    endpoints,
+    env,
+    seed_store,
+    write_config,
+)
+from .faultkit import until as sync_until
 from .mariacluster import PrivateMariaDB, private_mariadb, unavailable_reason
 
 #: The endpoint of the seeded agent ``u0``, whose registration the recorded events tell.
@@ -297,3 +305,33 @@ def _store_failures(daemon: Daemon) -> int:
     """The registration writes refused in a row, as the daemon last logged them."""
     retries = daemon.logged("registration.store_retry")
     return int(retries[-1]["failures"]) if retries else 0
+
+
+def test_the_daemon_holds_its_lock_again_as_soon_as_mariadb_is_back(
+    tmp_path: Path, server: PrivateMariaDB
+) -> None:
+    """A daemon whose lock (a GET_LOCK of a session the restart ended) could not be taken
+    again while the server was down takes it within 1 s of the server's return, not at
+    its next 5 s look, so a second daemon started then is refused (exit 4)."""
+    seed_store(server.url, 1).dispose()
+    config = write_config(tmp_path, store_url=server.url, extra=("poll_interval = 0.2",))
+    first = Daemon(config, tmp_path / "first.log").start()
+    second = Daemon(config, tmp_path / "second.log")
+    try:
+        server.stop()
+        sync_until(lambda: bool(first.logged("daemon.lock_waits")), 10, "retake refused")
+        server.start()
+        back = time.monotonic()
+        sync_until(lambda: bool(first.logged("daemon.lock_retaken")), 10, "lock retaken")
+        retaken = time.monotonic() - back
+        second.start(wait_ready=False)
+        assert second.proc is not None
+        code = second.proc.wait(timeout=30)
+        assert first.alive
+        assert first.stop() == 0
+    finally:
+        first.kill()
+        second.kill()
+    assert retaken < 1.0, f"lock taken again {retaken:.1f} s after the return"
+    assert code == 4, second.log.read_text()
+    assert "Traceback" not in first.log.read_text()
