@@ -111,6 +111,12 @@ FEED_BATCH = 10_000
 PRUNE_EVERY = 1_000
 #: Seconds between two looks at the daemon's lock of the store (:meth:`Daemon._keep_lock`).
 LOCK_CHECK = 5.0
+#: Longest pause (seconds) between two attempts at the first reconcile while the store
+#: is down.  Until it succeeds nothing else finds the store back (no wake-up source runs
+#: yet): a daemon started before its database (a boot where MariaDB comes up later) was
+#: ready up to 30 s after it.  One refused connection every 5 s costs nothing; the
+#: running daemon tries at every poll anyway.
+FIRST_RETRY_MAX = 5.0
 
 
 @dataclass(frozen=True)
@@ -821,7 +827,8 @@ class Daemon:
 
     async def _reconcile_until_done(self, *, retry: bool = True) -> Applied | None:
         """The first full reconcile, retried with backoff while the store is down (with
-        ``retry``; else tried once: the caller finds why it failed in ``_last_exc``)."""
+        ``retry``; else tried once: the caller finds why it failed in ``_last_exc``): 0.5 s
+        doubling up to :data:`FIRST_RETRY_MAX`."""
         delay = 0.5
         while not self.should_exit:
             result = await self._run(self._full)
@@ -832,7 +839,7 @@ class Daemon:
                 # keep running (health says why) and wait for an edit, a SIGHUP or an operator.
                 return None
             await sleep_unless(self.stop, delay)
-            delay = min(delay * 2, 30.0)
+            delay = min(delay * 2, FIRST_RETRY_MAX)
         return None
 
     async def _run(self, work: Callable[[], Applied | None]) -> Applied | None:

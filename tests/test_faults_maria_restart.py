@@ -335,3 +335,31 @@ def test_the_daemon_holds_its_lock_again_as_soon_as_mariadb_is_back(
     assert retaken < 1.0, f"lock taken again {retaken:.1f} s after the return"
     assert code == 4, second.log.read_text()
     assert "Traceback" not in first.log.read_text()
+
+
+#: First reconciles failed before the server starts: the pause before the next had
+#: reached 8 s (0.5 s doubling).
+BOOT_FAILURES = 5
+
+
+def test_a_daemon_started_before_mariadb_is_ready_soon_after_it(
+    tmp_path: Path, server: PrivateMariaDB
+) -> None:
+    """A daemon started while its MariaDB is down (a boot where the database comes up
+    later) is ready within 6.5 s of the server's start, however long it waited."""
+    seed_store(server.url, 1).dispose()
+    config = write_config(tmp_path, store_url=server.url)
+    server.stop()
+    daemon = Daemon(config, tmp_path / "daemon.log")
+    try:
+        daemon.start(wait_ready=False)
+        sync_until(
+            lambda: len(daemon.logged("sync.failed")) >= BOOT_FAILURES, 30, "reconciles failed"
+        )
+        server.start()
+        ready = sync_until(daemon.ready, 30, "daemon ready")
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    assert ready < 6.5, f"ready {ready:.1f} s after the server started"
+    assert "Traceback" not in daemon.log.read_text()
