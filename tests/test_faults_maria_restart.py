@@ -27,14 +27,7 @@ from provisioner.store.engine import open_engine
 from provisioner.store.schema import registration_summary, users
 
 from .amipeer import FakeAsterisk
-from .faultkit import (
-    PROVISIONER,
-    Daemon,
-    endpoints,
-    env,
-    seed_store,
-    write_config,
-)
+from .faultkit import PROVISIONER, Daemon, endpoints, env, seed_store, write_config
 from .faultkit import until as sync_until
 from .mariacluster import PrivateMariaDB, private_mariadb, unavailable_reason
 
@@ -42,8 +35,8 @@ from .mariacluster import PrivateMariaDB, private_mariadb, unavailable_reason
 U0 = "1001"
 #: Seconds the server stays down.
 DOWNTIME = 1.5
-#: At most this many warnings and errors in the daemon's log for one outage: each
-#: retry is logged, but at a bounded pace (backoff), not in a tight loop.
+#: At most this many warnings and errors in the daemon's log for one outage: each failed
+#: attempt is logged, but at most about one per poll (0.2 s here), not in a tight loop.
 MAX_OUTAGE_LINES = 60
 
 
