@@ -112,6 +112,12 @@ FEED_BATCH = 10_000
 PRUNE_EVERY = 1_000
 #: Seconds between two looks at the daemon's lock of the store (:meth:`Daemon._keep_lock`).
 LOCK_CHECK = 5.0
+#: Longest pause (seconds) between two attempts at the first reconcile while the store
+#: is down.  Until it succeeds nothing else finds the store back (no wake-up source runs
+#: yet): a daemon started before its database (a boot where MariaDB comes up later) was
+#: ready up to 30 s after it.  One refused connection every 5 s costs nothing; the
+#: running daemon tries at every poll anyway.
+FIRST_RETRY_MAX = 5.0
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,11 @@ class Pbx(Protocol):
     def caches_unsure(self) -> None:
         """Another writer may have left realtime rows whose cache expiries were never
         sent: empty every server's caches (see :mod:`provisioner.store.untold`)."""
+        ...
+
+    def store_answered(self) -> None:
+        """An apply succeeded after the store failed one: store writes waiting out the
+        outage go now."""
         ...
 
     def idle(self) -> bool:
@@ -391,6 +402,9 @@ class Daemon:
     #: or not yet); another daemon held it: this one was refused and writes no health.
     _lock: DaemonLock | None = None
     _refused: bool = False
+    #: Set when an apply succeeds after the store failed one: the lock, lost with its
+    #: connection in the outage, is looked at (and taken again) at once (:meth:`_keep_lock`).
+    _store_back: asyncio.Event = field(default_factory=asyncio.Event)
     #: Counter values last exported per (server, name), to export only the increase.
     _exported: dict[tuple[str, str], int] = field(default_factory=dict)
 
@@ -577,12 +591,13 @@ class Daemon:
     async def _keep_lock(self, lock: DaemonLock) -> None:
         """Every :data:`LOCK_CHECK` seconds, make sure the lock is held: one lost with
         its connection (a store restart, a network cut) is logged (``daemon.lock_lost``)
-        and taken again as soon as the store answers (``daemon.lock_retaken``), and this
+        and taken again as soon as the store answers (``daemon.lock_retaken``: at the next
+        look, or at once when an apply finds the store back, :meth:`_lock_pause`), and this
         daemon's old session no longer holds it (a cut the server has not noticed yet:
         ``daemon.lock_waits`` meanwhile); taken by another daemon meanwhile, this one
         stops (a failed task: exit 10)."""
         was_held = await in_worker(lock.check)
-        while not await sleep_unless(self.stop, LOCK_CHECK):
+        while not await self._lock_pause():
             if await in_worker(lock.check):
                 was_held = True
                 continue
@@ -598,6 +613,14 @@ class Daemon:
                 continue
             was_held = True
             log.info("daemon.lock_retaken")
+
+    async def _lock_pause(self) -> bool:
+        """Wait :data:`LOCK_CHECK` seconds, or until an apply found the store back from an
+        outage (:attr:`_store_back`): the lock it lost is then taken again at once, not up
+        to 5 s later, while a second daemon could take it.  True once stopping."""
+        await wait_first(self.stop, self._store_back, timeout=LOCK_CHECK)
+        self._store_back.clear()
+        return self.stop.is_set()
 
     async def _tell_once(self, first: Applied | None) -> None:
         """``run --burst``: start the AMI side, hand it what the apply changed, and wait
@@ -805,7 +828,8 @@ class Daemon:
 
     async def _reconcile_until_done(self, *, retry: bool = True) -> Applied | None:
         """The first full reconcile, retried with backoff while the store is down (with
-        ``retry``; else tried once: the caller finds why it failed in ``_last_exc``)."""
+        ``retry``; else tried once: the caller finds why it failed in ``_last_exc``): 0.5 s
+        doubling up to :data:`FIRST_RETRY_MAX`."""
         delay = 0.5
         while not self.should_exit:
             result = await self._run(self._full)
@@ -816,7 +840,7 @@ class Daemon:
                 # keep running (health says why) and wait for an edit, a SIGHUP or an operator.
                 return None
             await sleep_unless(self.stop, delay)
-            delay = min(delay * 2, 30.0)
+            delay = min(delay * 2, FIRST_RETRY_MAX)
         return None
 
     async def _run(self, work: Callable[[], Applied | None]) -> Applied | None:
@@ -908,6 +932,13 @@ class Daemon:
         """Record a successful apply and hand its change to the AMI side.  While a full
         apply is owed (:attr:`_full_owed`) the record keeps that one's failure, unless this
         one re-rendered everyone (a profile edit, a burst too large for memory alone)."""
+        if isinstance(self._last_exc, (*STORE_DOWN, StoreUnavailable)):
+            # The store is back: the lock is taken again and registration writes waiting
+            # out the outage go, now.  Only then: writes refused for another reason keep
+            # their own backoff.
+            self._store_back.set()
+            if self.pbx is not None:
+                self.pbx.store_answered()
         self._last_exc = None
         if result is not None and result.full:
             self._full_owed = False

@@ -217,6 +217,11 @@ class Link:
     store_idle: asyncio.Event = field(default_factory=asyncio.Event)
     #: Registration writes that failed in a row (0 once one succeeds).
     store_failures: int = 0
+    #: Set when the daemon found the store back from an outage during a pause after failed
+    #: store writes (:meth:`AmiPbx.store_answered`): the pause ends, so the registration
+    #: state is written within an apply of the store's return, not after a pause of up
+    #: to ``STORE_RETRY_MAX``.
+    store_back: asyncio.Event = field(default_factory=asyncio.Event)
     #: Store writes of this server running now (registration batches, snapshots, notes),
     #: since when (wall clock) some has run without a pause, and whether that is past
     #: ``daemon.stuck_after`` (see :meth:`AmiPbx._store`), with the timer that says so.
@@ -598,6 +603,14 @@ class AmiPbx:
                 note_owed(link)
                 link.changes.put_nowait(Change())  # wakes the change loop: it pays
 
+    def store_answered(self) -> None:
+        """The store is back (the daemon's apply succeeded after one it failed): end each
+        server's pause after failed store writes (:attr:`Link.store_back`), so what waits
+        for the store is written now.  Cheap: a flag per server that has failures."""
+        for link in self.links:
+            if link.store_failures:
+                link.store_back.set()
+
     def idle(self) -> bool:
         """Whether every server was sent all it is owed (:meth:`Link.told`)."""
         return all(link.told() for link in self.links)
@@ -808,6 +821,8 @@ class AmiPbx:
         (``registration.store_retry``, a warning; :func:`_pause_after_failures`)."""
         link.store_failures += 1
         link.live_changed.set()
+        # Only an answer during this pause ends it: one before the failure is stale.
+        link.store_back.clear()
         await _pause_after_failures(
             link,
             stop,
@@ -815,6 +830,7 @@ class AmiPbx:
             "registration.store_retry",
             link.store_failures,
             (STORE_RETRY_BASE, STORE_RETRY_MAX),
+            link.store_back,
         )
 
     async def _snapshots(self, link: Link, stop: asyncio.Event) -> None:
@@ -1474,14 +1490,15 @@ async def _pause_after_failures(
     event: str,
     failures: int,
     bounds: tuple[float, float],
+    *also: asyncio.Event,
 ) -> None:
     """Pause after ``failures`` failures in a row: ``doubling(*bounds, failures)`` seconds,
     logged first through ``note`` (the log level's method) as ``event`` with the server,
-    the failures and the pause.  The pause ends at ``stop``, or as soon as a snapshot is
-    wanted (a reconnect's): that snapshot is due at once."""
+    the failures and the pause.  The pause ends at ``stop``, as soon as a snapshot is
+    wanted (a reconnect's): that snapshot is due at once, or when any of ``also`` is set."""
     delay = doubling(*bounds, failures)
     note(event, server=link.name, failures=failures, retry_in_s=delay)
-    await wait_first(stop, link.snapshot_wanted, timeout=delay)
+    await wait_first(stop, link.snapshot_wanted, *also, timeout=delay)
 
 
 def _merge(snap: EndpointRegistration, known: EndpointRegistration) -> EndpointRegistration:
