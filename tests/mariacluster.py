@@ -199,6 +199,7 @@ def private_mariadb() -> Iterator[PrivateMariaDB]:
                 # unix_socket plugin, which only a local root's socket login passes).
                 "--auth-root-authentication-method=normal",
                 "--skip-test-db",
+                f"--tmpdir={base}",  # as start()'s: /tmp holds the shared server's files
                 *_OPTIONS,
             ],
             check=True,
