@@ -82,8 +82,10 @@ def test_a_daemon_whose_lock_connection_is_killed_takes_the_lock_again(tmp_path:
             with engine.begin() as conn:
                 ended = conn.execute(
                     text(
+                        # This test's database only: other tests' daemons share the server.
                         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                         " WHERE application_name LIKE 'provisioner daemon pid %'"
+                        " AND datname = current_database()"
                     )
                 ).all()
             assert ended == [(True,)]
@@ -116,7 +118,10 @@ def test_sync_once_writes_the_rows_of_an_edit_committed_while_it_waited_for_the_
         engine = seed_store(url, 2)
         config = write_config(tmp_path, store_url=url, kind="realtime")
         cli(config, "sync", "--once")
-        waiting = text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+        waiting = text(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
         try:
             with engine.connect() as holder, exclusive(holder, WRITER_LOCK):
                 sync = subprocess.Popen(
@@ -291,7 +296,8 @@ def test_a_postgresql_lock_key_above_2_31_is_found_in_pg_locks(
                 rows = conn.execute(
                     text(
                         "SELECT classid, objid, objsubid FROM pg_locks"
-                        " WHERE locktype = 'advisory' AND granted"
+                        " WHERE locktype = 'advisory' AND granted AND database ="
+                        " (SELECT oid FROM pg_database WHERE datname = current_database())"
                     )
                 ).all()
             assert rows == [(0, key, 1)]
