@@ -21,6 +21,7 @@ import asyncio
 import os
 import re
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -49,6 +50,11 @@ AMI_DIR = Path(
     )
 )
 BANNER = b"Asterisk Call Manager/11.0.0\r\n"
+#: When the transcripts were recorded: the first recorded ContactStatus's ``Timestamp``
+#: (registration_events.txt).  A replayed ``ExpirationTime`` is moved by the time since,
+#: so a contact expires as long after the answer as it did after the recording (300 s),
+#: not on 2026-11-24 (every replayed snapshot was otherwise of expired contacts).
+RECORDED_AT = 1795564305
 _HEADER = re.compile(r"^[A-Za-z0-9_-]+: ?")
 _REPLY_START = ("Response:", "Event:")
 _ACTION_ID_LINE = re.compile(rb"^ActionID: [^\r\n]*(\r?\n)", re.MULTILINE)
@@ -285,6 +291,8 @@ class FakeAsterisk:
         #: Action name (lower case) -> list items its answer holds: the recorded answer's
         #: first item repeated, endpoint numbered (a list of that many contacts).
         self.list_items: dict[str, int] = {}
+        #: The peer's clock (epoch seconds): where replayed expirations are moved to.
+        self.clock: Callable[[], float] = time.time
         #: Sent on every connection right after a successful login's answer (a peer that
         #: breaks the protocol each time: a reconnect must not be a tight loop).
         self.after_login = b""
@@ -535,7 +543,7 @@ class FakeAsterisk:
                 ),
                 action.get("ActionID"),
             )
-        reply = self._replay(action)
+        reply = _expiring_from_now(self._replay(action), self.clock())
         items = self.list_items.get(name)
         return reply if items is None else _lengthened(reply, items)
 
@@ -681,3 +689,20 @@ def in_a_thread(fake: FakeAsterisk) -> Iterator[FakeAsterisk]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
         loop.close()
+
+
+def an_hour_ago() -> float:
+    """A :attr:`FakeAsterisk.clock` an hour behind: its replayed contacts expired 55 minutes
+    ago, for tests of what the daemon does with a contact whose expiry passed."""
+    return time.time() - 3600
+
+
+def _expiring_from_now(reply: bytes, now: float) -> bytes:
+    """``reply`` with each ``ExpirationTime`` moved by the time since :data:`RECORDED_AT`
+    to ``now``: as long after now as it was after the recording."""
+    shift = int(now) - RECORDED_AT
+    return re.sub(
+        rb"\r\nExpirationTime: (\d+)\r\n",
+        lambda m: b"\r\nExpirationTime: %d\r\n" % (int(m.group(1)) + shift),
+        reply,
+    )

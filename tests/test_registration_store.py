@@ -53,6 +53,7 @@ from provisioner.targets import Change
 from .amipeer import (
     FakeAsterisk,
     ReceivedAction,
+    an_hour_ago,
     eventually,
     fast_settings,
     run,
@@ -320,6 +321,7 @@ async def _past_expiry(
     with engine.begin() as conn:
         conn.execute(update(users).where(users.c.id == 1).values(extension="1001"))
     peer = FakeAsterisk()
+    peer.clock = an_hour_ago  # the recorded contact has expired
     peer.prefer["pjsipshowendpoint"] = "ObjectName: 1009"  # found, with no contact
     await peer.start()
     client = AmiClient(server_for(peer), fast_settings())
