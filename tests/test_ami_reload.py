@@ -14,7 +14,15 @@ from provisioner.ami import AmiClient, PjsipOps, ReloadCoordinator, ReloadOutcom
 from provisioner.ami import reload as reload_module
 from provisioner.errors import InvalidInput
 
-from .amipeer import FakeAsterisk, eventually, fast_settings, run, running, server_for
+from .amipeer import (
+    RECORDED_AT,
+    FakeAsterisk,
+    eventually,
+    fast_settings,
+    run,
+    running,
+    server_for,
+)
 
 
 async def _setup(**settings: float) -> tuple[FakeAsterisk, AmiClient, ReloadCoordinator]:
@@ -280,6 +288,7 @@ def test_show_contacts_list_and_empty() -> None:
 
     async def scenario() -> None:
         async with _ops_session() as (peer, ops):
+            peer.clock = lambda: float(RECORDED_AT)  # the answer exactly as recorded
             contacts = await ops.show_contacts()
             peer.astdb.clear()
             empty = await ops.show_contacts()
