@@ -23,6 +23,7 @@ from ..asterisk_conf import Parsed, parse
 from ..errors import AsteriskSyntaxError, RenderCheckFailed
 from ..pjsip import Options, UserObjects, auth_id, endpoint_order
 from . import Change
+from .canonical import read_canonical
 from .files import read_file
 from .shards import includes_of
 from .textdiff import SECRET_OPTIONS
@@ -44,6 +45,9 @@ __all__ = [
 
 _EID = attrgetter("endpoint_id")
 _IDS = attrgetter("endpoint_id", "auth_id", "aor_id")
+_OPTIONS = attrgetter("endpoint", "auth", "aor")
+#: The types of a user's sections, in file order.
+_KINDS = ("endpoint", "auth", "aor")
 
 
 class Verified(Protocol):
@@ -83,7 +87,9 @@ class Current:
         strict: bool = False,
     ) -> Current:
         """What the file at ``path``, holding ``data``, gives Asterisk, parsed once (not at
-        all when it is one of the ``known`` bytes): its own objects, or, when it is a main
+        all when it is one of the ``known`` bytes, nor when it is the canonical text of
+        some users, which :func:`.canonical.read_canonical` reads in a twentieth of the
+        time): its own objects, or, when it is a main
         file of a sharded layout in ``shards_dir`` (nothing but includes of shard files
         there), its shard files' objects.  ``strict``: a file Asterisk could not load raises
         :class:`RenderCheckFailed` instead of holding nothing."""
@@ -92,6 +98,10 @@ class Current:
         for verified in known:
             if verified is not None and verified.data == data:
                 return cls.verified(data, verified.users)
+        canonical = read_canonical(data)
+        if canonical is not None:
+            # Exactly what the parser would find (no directive: no include to follow).
+            return cls.verified(data, canonical.users)
         try:
             parsed = parse(data)
         except AsteriskSyntaxError as exc:
@@ -132,13 +142,11 @@ class Current:
     def verified(cls, data: bytes, users: list[UserObjects]) -> Current:
         """The file ``data``, known (by the parse-back check) to hold exactly ``users``:
         what :meth:`of` would find, without parsing it again."""
-        objects: dict[tuple[str, str], Options] = {}
-        endpoints: list[str] = []
-        for name, kind, options in intended(users):
-            objects[(kind, name)] = options
-            if kind == "endpoint":
-                endpoints.append(name)
-        return cls(data, objects, tuple(dict.fromkeys(endpoints)))
+        # (type, id) of every section in file order, and its options, paired in C (a
+        # later section of one key takes the value, the first keeps the place).
+        keys = zip(cycle(_KINDS), chain.from_iterable(map(_IDS, users)))
+        objects = dict(zip(keys, chain.from_iterable(map(_OPTIONS, users)), strict=True))
+        return cls(data, objects, tuple(dict.fromkeys(map(_EID, users))))
 
     @classmethod
     def of_parsed(cls, data: bytes, parsed: Parsed) -> Current:
@@ -203,7 +211,7 @@ def all_added(users: Sequence[UserObjects], *, distinct: bool = False) -> Change
     """What :func:`compare` finds against nothing at all: every user added (``distinct``:
     no two sections share an id, so none needs dropping from ``changed_objects``)."""
     # (kind, id) of every section, in file order, made in C.
-    keys = zip(cycle(("endpoint", "auth", "aor")), chain.from_iterable(map(_IDS, users)))
+    keys = zip(cycle(_KINDS), chain.from_iterable(map(_IDS, users)))
     return Change(
         added=tuple(map(_EID, users)),
         changed_objects=tuple(keys) if distinct else tuple(dict.fromkeys(keys)),
