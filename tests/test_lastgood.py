@@ -354,8 +354,8 @@ def test_a_fresh_full_apply_reads_only_files_naming_a_broken_user_and_once(
             parsed.append(data)
             return real(data)
 
-        def counted_canonical(data: bytes) -> Any:
-            read = real_canonical(data)
+        def counted_canonical(data: bytes, known: Any = None) -> Any:
+            read = real_canonical(data, known)
             if read is not None:  # else the parser reads it, and counts it
                 parsed.append(data)
             return read

@@ -51,13 +51,17 @@ _KINDS = ("endpoint", "auth", "aor")
 
 
 class Verified(Protocol):
-    """Bytes known (by the parse-back check) to hold exactly ``users``."""
+    """Bytes known (by the parse-back check) to hold exactly ``users``, and each user's
+    canonical chunk (``""`` for none; one that is not was checked plain)."""
 
     @property
     def data(self) -> bytes: ...
 
     @property
     def users(self) -> list[UserObjects]: ...
+
+    @property
+    def chunks(self) -> list[str]: ...
 
 
 #: One intended section: (name, type, options after ``type``).
@@ -98,7 +102,7 @@ class Current:
         for verified in known:
             if verified is not None and verified.data == data:
                 return cls.verified(data, verified.users)
-        canonical = read_canonical(data)
+        canonical = read_canonical(data, _known_chunks(known))
         if canonical is not None:
             # Exactly what the parser would find (no directive: no include to follow).
             return cls.verified(data, canonical.users)
@@ -162,6 +166,18 @@ class Current:
             if kind == "endpoint":
                 endpoints.append(section.name)
         return cls(data, objects, tuple(dict.fromkeys(endpoints)))
+
+
+def _known_chunks(known: Iterable[Verified | None]) -> dict[str, UserObjects]:
+    """Each canonical chunk of ``known`` and its user (a file being replaced mostly holds
+    the users of the text that replaces it: see :func:`.canonical.read_canonical`)."""
+    return {
+        chunk: user
+        for verified in known
+        if verified is not None
+        for user, chunk in zip(verified.users, verified.chunks, strict=True)
+        if chunk
+    }
 
 
 def compare(current: Current, objects: Sequence[UserObjects]) -> Change:
