@@ -1830,7 +1830,8 @@ def test_a_new_target_counts_a_change_against_a_file_it_did_not_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A new target applying users with one changed, and one skipped user kept, to a file
-    another process wrote counts the change from the file without the general parser."""
+    another process wrote counts the change from the file without the general parser,
+    splitting the lines of those two users' sections only."""
     objects = rendered()
     ConfigFileTarget(tmp_path / "u.conf").apply(objects)
     changed = replace(objects[1], endpoint=(*objects[1].endpoint[:-1], ("webrtc", "yes")))
@@ -1840,7 +1841,15 @@ def test_a_new_target_counts_a_change_against_a_file_it_did_not_write(
         parsed.append(len(data))
         return parse(data)
 
+    split: list[int] = []
+    real_users = canonical_module._users
+
+    def counting_users(pieces: list[str]) -> list[UserObjects] | None:
+        split.append(len(pieces))
+        return real_users(pieces)
+
     monkeypatch.setattr(holdings_module, "parse", counting_parse)
+    monkeypatch.setattr(canonical_module, "_users", counting_users)
     fresh = ConfigFileTarget(tmp_path / "u.conf")
     kept = objects[2].endpoint_id
     wanted = [objects[0], changed, *objects[3:]]
@@ -1850,6 +1859,7 @@ def test_a_new_target_counts_a_change_against_a_file_it_did_not_write(
     assert not change.removed
     assert change.unchanged == len(objects) - 1
     assert parsed == []
+    assert split == [6]  # the changed user's and the kept one's three sections
     assert Current.of_main(fresh.path, fresh.path.read_bytes(), None) == Current.verified(
         fresh.path.read_bytes(), [objects[0], changed, *objects[2:]]
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 import re
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain, cycle
 from operator import attrgetter
@@ -89,20 +89,24 @@ class Current:
         shards_dir: Path | None,
         *known: Verified | None,
         strict: bool = False,
+        chunks: Mapping[str, UserObjects] | None = None,
     ) -> Current:
         """What the file at ``path``, holding ``data``, gives Asterisk, parsed once (not at
         all when it is one of the ``known`` bytes, nor when it is the canonical text of
-        some users, which :func:`.canonical.read_canonical` reads in a twentieth of the
-        time): its own objects, or, when it is a main
-        file of a sharded layout in ``shards_dir`` (nothing but includes of shard files
-        there), its shard files' objects.  ``strict``: a file Asterisk could not load raises
-        :class:`RenderCheckFailed` instead of holding nothing."""
+        some users, which :func:`.canonical.read_canonical` reads in a fraction of the
+        time, users whose text is one of the ``known`` chunks or of ``chunks`` quickest):
+        its own objects, or, when it is a main file of a sharded layout in ``shards_dir``
+        (nothing but includes of shard files there), its shard files' objects.
+        ``strict``: a file Asterisk could not load raises :class:`RenderCheckFailed`
+        instead of holding nothing."""
         if data is None:
             return cls(None, {}, ())
         for verified in known:
             if verified is not None and verified.data == data:
                 return cls.verified(data, verified.users)
-        canonical = read_canonical(data, _known_chunks(known))
+        hints = _known_chunks(known)
+        hints.update(chunks or {})
+        canonical = read_canonical(data, hints)
         if canonical is not None:
             # Exactly what the parser would find (no directive: no include to follow).
             return cls.verified(data, canonical.users)
