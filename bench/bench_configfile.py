@@ -22,6 +22,12 @@ a main file including N shard files; the sizes and writes are then of all files)
   to show how much of ``sync`` is templating;
 * ``unchanged``: a second apply of the same objects (must write nothing; target < 1 s at
   100k); ``unch_cold``: the same from a new target object (as after a daemon restart);
+* ``chg_cold``: a new target object applying the objects with one user's ``context``
+  changed into the files the first target wrote (a daemon restarted after an edit
+  made while it was down, or ``sync --once``): the current files are read back to
+  count the change (without the general parser when they are canonical, see
+  :mod:`provisioner.targets.canonical`), then written; measured last, after
+  ``write_s``;
 * ``store_full``: :meth:`Applier.full` over a real SQLite store holding the same users
   (loading, rendering, applying into a second file);
 * ``one_user``: one user's ``context`` changed in that store by SQL, then
@@ -46,6 +52,7 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -239,7 +246,22 @@ def _file_figures(
     data = max((path.read_bytes() for path in files), key=len)
     atomic_write(tmp / "floor.conf", data, backup=False)
     _, figures["write_s"] = timed(lambda: atomic_write(tmp / "floor.conf", data, backup=True))
+    figures["chg_cold_s"] = _changed_cold(objects, target.path, shards)
     return figures
+
+
+def _changed_cold(objects: list[UserObjects], path: Path, shards: int) -> float:
+    """Seconds of a new target's apply of ``objects`` with one user's ``context`` changed
+    into the files at ``path`` (which hold ``objects``)."""
+    at = len(objects) // 2
+    user = objects[at]
+    endpoint = tuple((k, "bench-cold" if k == "context" else v) for k, v in user.endpoint)
+    wanted = [*objects[:at], replace(user, endpoint=endpoint), *objects[at + 1 :]]
+    cold = _target(path, shards)
+    change, took = timed(lambda: cold.apply(wanted))
+    assert change.updated == (user.endpoint_id,), change
+    assert change.wrote, change
+    return took
 
 
 COLUMNS: tuple[Column, ...] = (
@@ -255,6 +277,7 @@ COLUMNS: tuple[Column, ...] = (
     ("tmpl_s", "{:>6.3f}"),
     ("unchanged_s", "{:>7.3f}"),
     ("unch_cold_s", "{:>7.3f}"),
+    ("chg_cold_s", "{:>7.3f}"),
     ("store_full_s", "{:>7.3f}"),
     ("one_user_s", "{:>7.3f}"),
     ("one_med_s", "{:>7.4f}"),

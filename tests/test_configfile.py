@@ -28,12 +28,14 @@ from structlog.testing import capture_logs
 
 from provisioner.asterisk_conf import parse
 from provisioner.config import load_config
-from provisioner.errors import ConfigError, InvalidInput, RenderCheckFailed
+from provisioner.errors import AsteriskSyntaxError, ConfigError, InvalidInput, RenderCheckFailed
 from provisioner.model import User, Voice
 from provisioner.pjsip import RenderSettings, UserObjects, render_user
 from provisioner.targets import Change, Target, pieces
+from provisioner.targets import canonical as canonical_module
 from provisioner.targets import configfile as configfile_module
 from provisioner.targets import files as files_module
+from provisioner.targets import holdings as holdings_module
 from provisioner.targets.configfile import (
     MAIN_TEMPLATE,
     SHIPPED_TEMPLATES,
@@ -41,6 +43,7 @@ from provisioner.targets.configfile import (
     canonical_chunk,
     check_rendered,
 )
+from provisioner.targets.holdings import Current, intended
 from provisioner.targets.sharded import ShardedConfigFileTarget
 from provisioner.targets.shards import check_main, shard_of
 
@@ -1659,13 +1662,207 @@ def test_the_checks_of_a_first_full_apply_judge_the_users_as_they_would_alone(
     characters and all, then the users) and its one encoding accept exactly the users
     they accept with no header."""
     users = [*rendered(users=[REPRESENTATIVE[0]]), _with_one_piece(base, where, part, piece)]
-    texts = [configfile_module._chunk_text(user) for user in users]
-    alone = configfile_module._plain_join(users, texts)
+    texts = [canonical_module._chunk_text(user) for user in users]
+    alone = canonical_module._plain_join(users, texts)
     text = header + "".join(texts)
     data = text.encode("utf-8") if text.isascii() else None  # only ASCII bytes are read
-    after = configfile_module._plain_join(users, texts, text, len(header), data)
+    after = canonical_module._plain_join(users, texts, text, len(header), data)
     event("fast path" if alone is not None else "left to the parser")
     assert (after is None) == (alone is None)
+
+
+#: Text a mutation of a file puts in: plain characters (the file may stay canonical),
+#: and every mark, blank, control and odd byte the parser treats specially.
+SNIPPETS = st.sampled_from(
+    [
+        *"ax1=-.\n",
+        *";[]#\\\r\t \x00>+()!é\x85\ufeff",
+        "\r\n",
+        ";--",
+        "--;",
+        "\n;x\n",
+        "\n[1001]\n",
+        "\n[1001](!)\n",
+        "\n[1001](+)\n",
+        "\n[x](1001)\n",
+        "\ntype=aor\n",
+        "\n#include x.conf\n",
+        "\na+=b\n",
+        "\na=>b\n",
+        "\n\n",
+        "x" * 8200,
+    ]
+)
+#: One change of a file's text: (where, how many characters removed, text put in).
+MUTATION = st.tuples(st.integers(0, 10**6), st.integers(0, 40), SNIPPETS)
+#: A value, name or id put in a real user: often plain, so that files stay canonical.
+READ_PIECE = st.one_of(st.sampled_from(["x", "1001", "a.b", "a=b", ""]), near_plain, hostile_text)
+
+
+def _mutated(text: str, mutations: list[tuple[int, int, str]]) -> str:
+    """``text`` with each (where, removed, put) applied in turn (``where`` taken modulo
+    the text's length plus one)."""
+    for where, removed, put in mutations:
+        at = where % (len(text) + 1)
+        text = text[:at] + put + text[at + removed :]
+    return text
+
+
+def _assert_read_as_parsed(data: bytes, known: list[UserObjects]) -> None:
+    """:func:`read_canonical` of ``data``, alone or given the canonical chunks of ``known``,
+    declines, or gives exactly what the parser reads (sections, types, options, order; no
+    template, directive or notice)."""
+    chunks = {chunk: user for user in known if (chunk := canonical_chunk(user)) is not None}
+    reads = [canonical_module.read_canonical(data), canonical_module.read_canonical(data, chunks)]
+    try:
+        parsed = parse(data)
+    except AsteriskSyntaxError:
+        assert reads == [None, None]
+        event("parser refuses")
+        return
+    for fast, how in zip(reads, ("alone", "given chunks"), strict=True):
+        if fast is None:
+            event(f"declined {how}")
+            continue
+        event(f"read without the parser {how}")
+        assert not parsed.directives
+        assert not parsed.notices
+        assert [(s.name, s.template, s.inherits, s.options) for s in parsed.sections] == [
+            (name, False, (), (("type", kind), *options))
+            for name, kind, options in intended(fast.users)
+        ]
+        assert Current.verified(data, fast.users) == Current.of_parsed(data, parsed)
+        assert fast.chunks == [canonical_chunk(user) for user in fast.users]
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(
+    base=ONE_PIECE["base"],
+    where=ONE_PIECE["where"],
+    part=ONE_PIECE["part"],
+    piece=READ_PIECE,
+    header=st.sampled_from([HEADER, "", "; \\ ; =>  \n", "; é ☎\x85 \n", "\ufeff; x\n", ";--\n"]),
+    mutations=st.one_of(st.just([]), st.lists(MUTATION, max_size=3)),
+    odd_byte=st.sampled_from([b"", b"", b"", b"", b"", b"\xff", b"\xed\xa0\x80"]),
+)
+@example(
+    base=REPRESENTATIVE[0],
+    where=0,
+    part="id",
+    piece="1001",
+    header=HEADER,
+    mutations=[],
+    odd_byte=b"",
+)
+def test_a_file_read_without_the_parser_holds_what_the_parser_reads(
+    base: User,
+    where: int,
+    part: str,
+    piece: str,
+    header: str,
+    mutations: list[tuple[int, int, str]],
+    odd_byte: bytes,
+) -> None:
+    """A rendered file, mutated or not, is either declined by the canonical reader or read
+    by it exactly as the general parser reads it."""
+    users = [*rendered(users=REPRESENTATIVE[:2]), _with_one_piece(base, where, part, piece)]
+    text = header + "".join(canonical_module._chunk_text(user) for user in users)
+    data = _mutated(text, mutations).encode("utf-8", "surrogatepass")
+    if odd_byte:
+        at = where % (len(data) + 1)
+        data = data[:at] + odd_byte + data[at:]
+    _assert_read_as_parsed(data, users)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda t: t.replace("context=from-sip\n", "context=from-sip ; by hand\n", 1),
+        lambda t: t.replace("\n", "\r\n"),
+        lambda t: t + "\n#include extra.conf\n",
+        lambda t: t.replace("[1001]\ntype=endpoint", "[1001](!)\ntype=endpoint", 1),
+        lambda t: t.replace("context=from-sip\n", "context = from-sip\n", 1),
+        lambda t: t + "\n[1001](+)\nallow=g722\n",
+        lambda t: t[: t.rindex("\n[")] + "\n",  # the last user's AOR removed
+        lambda t: t + "\n",
+        lambda t: ";--\n" + t,
+    ],
+)
+def test_a_hand_edited_file_is_left_to_the_parser(
+    edit: Callable[[str], str], tmp_path: Path
+) -> None:
+    """A rendered file edited by hand (a comment, CRLF, an include, a template, blanks, an
+    addition, a section removed, a trailing line) is declined by the canonical reader, and
+    its current objects are what the parser reads."""
+    text = SHIPPED.render_text(rendered())
+    data = edit(text).encode("utf-8")
+    assert canonical_module.read_canonical(data) is None
+    parsed = parse(data)
+    current = Current.of_main(tmp_path / "u.conf", data, None)
+    assert current == Current.of_parsed(data, parsed)
+
+
+def test_a_file_of_canonical_users_is_read_without_the_parser(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file holding a header and the canonical users (as written, or with one value
+    changed by hand to another plain one) is read without the general parser, and
+    holds what the parser reads."""
+    objects = rendered() + rendered("md5")[:1]
+    text = SHIPPED.render_text(objects)
+    edited_text = text.replace("context=from-sip\n", "context=by-hand\n", 1)
+    assert edited_text != text
+    expected = [Current.of_parsed(d, parse(d)) for d in (text.encode(), edited_text.encode())]
+
+    def no_parse(data: bytes | str) -> None:
+        raise AssertionError("parsed in full")
+
+    monkeypatch.setattr(holdings_module, "parse", no_parse)
+    for data, want in zip((text.encode(), edited_text.encode()), expected, strict=True):
+        current = Current.of_main(tmp_path / "u.conf", data, None)
+        assert current == want
+        # 1001 twice (userpass, then md5): the second's objects, the first's place.
+        assert current.endpoints == tuple(dict.fromkeys(u.endpoint_id for u in objects))
+        assert current.objects[("auth", "1001-auth")] == objects[-1].auth
+
+
+def test_a_new_target_counts_a_change_against_a_file_it_did_not_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new target applying users with one changed, and one skipped user kept, to a file
+    another process wrote counts the change from the file without the general parser,
+    splitting the lines of those two users' sections only."""
+    objects = rendered()
+    ConfigFileTarget(tmp_path / "u.conf").apply(objects)
+    changed = replace(objects[1], endpoint=(*objects[1].endpoint[:-1], ("webrtc", "yes")))
+    parsed: list[int] = []
+
+    def counting_parse(data: bytes | str) -> object:
+        parsed.append(len(data))
+        return parse(data)
+
+    split: list[int] = []
+    real_users = canonical_module._users
+
+    def counting_users(pieces: list[str]) -> list[UserObjects] | None:
+        split.append(len(pieces))
+        return real_users(pieces)
+
+    monkeypatch.setattr(holdings_module, "parse", counting_parse)
+    monkeypatch.setattr(canonical_module, "_users", counting_users)
+    fresh = ConfigFileTarget(tmp_path / "u.conf")
+    kept = objects[2].endpoint_id
+    wanted = [objects[0], changed, *objects[3:]]
+    change = fresh.apply(wanted, keep=[kept])
+    assert change.updated == (changed.endpoint_id,)
+    assert not change.added
+    assert not change.removed
+    assert change.unchanged == len(objects) - 1
+    assert parsed == []
+    assert split == [6]  # the changed user's and the kept one's three sections
+    assert Current.of_main(fresh.path, fresh.path.read_bytes(), None) == Current.verified(
+        fresh.path.read_bytes(), [objects[0], changed, *objects[2:]]
+    )
 
 
 def test_stale_temporary_files_of_a_killed_writer_are_removed(tmp_path: Path) -> None:

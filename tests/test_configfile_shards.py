@@ -1125,3 +1125,30 @@ def test_check_passes_a_target_directory_the_first_write_makes(tmp_path: Path, s
     assert line.startswith("ok    target: config file"), line
     assert cli(config, *flags, "sync", "--once").code == 0
     assert path.is_file()
+
+
+@pytest.mark.parametrize("shards", [4, 2])
+def test_a_new_sharded_target_reads_the_shard_files_without_the_parser(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shards: int
+) -> None:
+    """A new sharded target applying users with one changed to shard files another process
+    wrote (the same count, or another one) counts the change from them without the general
+    parser: only the main file, all includes, is parsed."""
+    from provisioner.targets import holdings
+
+    users = many(20)
+    ShardedConfigFileTarget(tmp_path / "u.conf", shards=4).apply(users)
+    changed = replace(users[3], aor=(("max_contacts", "2"),))
+    parsed: list[bytes] = []
+
+    def counted(data: bytes) -> Any:
+        parsed.append(data)
+        return parse(data)
+
+    monkeypatch.setattr(holdings, "parse", counted)
+    fresh = ShardedConfigFileTarget(tmp_path / "u.conf", shards=shards)
+    change = fresh.apply([*users[:3], changed, *users[4:]])
+    assert change.updated == (changed.endpoint_id,)
+    assert change.changed_objects == (("aor", changed.aor_id),)
+    assert change.unchanged == len(users) - 1
+    assert all(b"[" not in data for data in parsed)  # the main file only, if any

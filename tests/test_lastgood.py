@@ -328,12 +328,13 @@ def test_a_sharded_target_tells_whose_endpoints_it_holds(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("shards", [0, 4])
-def test_a_fresh_full_apply_parses_only_files_naming_a_broken_user_and_once(
+def test_a_fresh_full_apply_reads_only_files_naming_a_broken_user_and_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shards: int
 ) -> None:
-    """A fresh full apply with a broken user parses the one file (or the one shard file)
-    that names it once, for the look-up and the apply together, and no other."""
-    from provisioner.targets import holdings
+    """A fresh full apply with a broken user reads the one file (or the one shard file)
+    that names it once (by the canonical reader or the parser), for the look-up and the
+    apply together, and no other."""
+    from provisioner.targets import canonical, holdings
 
     with _site(tmp_path, "config", count=8) as (engine, _accounts):
         path = tmp_path / "pjsip_users.conf"
@@ -347,12 +348,20 @@ def test_a_fresh_full_apply_parses_only_files_naming_a_broken_user_and_once(
         _break(engine, "u1", "'10a1'")
         parsed: list[bytes] = []
         real = parse
+        real_canonical = canonical.read_canonical
 
         def counted(data: bytes) -> Any:
             parsed.append(data)
             return real(data)
 
+        def counted_canonical(data: bytes, known: Any = None) -> Any:
+            read = real_canonical(data, known)
+            if read is not None:  # else the parser reads it, and counts it
+                parsed.append(data)
+            return read
+
         monkeypatch.setattr(holdings, "parse", counted)
+        monkeypatch.setattr(holdings, "read_canonical", counted_canonical)
         assert Applier(engine, target(), RenderSettings()).full().change.empty
         assert len(parsed) == 1
         assert b"username=u1\n" in parsed[0]

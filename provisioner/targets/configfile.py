@@ -10,13 +10,16 @@ user, each id, option name and value made only of characters Asterisk's loader
 takes literally, is what the parser would accept; anything else (an override
 changing the layout, an odd value) is parsed in full.  Under the shipped layout
 each user's text (its canonical chunk) is made once, checked with all the others
-in one batch, and kept for the next apply of an equal user.  The write is atomic
-(:mod:`.files`: temporary file, fsync, ``os.replace``, fsync of the directory) and keeps the
-previous file as ``<name>.bak``.  Unchanged bytes are not written at all, so the
-file's mtime only moves when Asterisk has something new to reload.  A target's first
-full apply stages its file (:func:`.files.stage`): the temporary file is fsynced (a
-large one also written) by a background thread while the text is checked, and renamed
-into place only once the check passed.
+in one batch, and kept for the next apply of an equal user.  Those chunks and checks
+live in :mod:`.canonical`, which also reads such a file back without the parser: a
+process that did not write the file itself (daemon start, ``sync --once``) finds what
+it holds in about a third of the general parser's time (see README's Benchmarks).
+The write is atomic (:mod:`.files`: temporary file, fsync, ``os.replace``, fsync of
+the directory) and keeps the previous file as ``<name>.bak``.  Unchanged bytes are not
+written at all, so the file's mtime only moves when Asterisk has something new to
+reload.  A target's first full apply stages its file (:func:`.files.stage`): the
+temporary file is fsynced (a large one also written) by a background thread while the
+text is checked, and renamed into place only once the check passed.
 
 :meth:`ConfigFileTarget.apply_partial` is the daemon's one-edit path
 (``Target.apply_partial``): only the edited users are rendered and checked,
@@ -44,18 +47,25 @@ import contextlib
 import gc
 import re
 from bisect import bisect_left
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import chain, islice
 from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..asterisk_conf import LINE_MAX_BYTES, Parsed, Section, parse
+from ..asterisk_conf import Parsed, Section, parse
 from ..errors import AsteriskSyntaxError, RenderCheckFailed
 from ..logs import get_logger
 from ..pjsip import UserObjects, auth_id, endpoint_order
 from . import Change
+from .canonical import (
+    _LINES,
+    _canonical_chunks,
+    _chunk_text,
+    _plain_join,
+    canonical_chunk,
+)
 from .files import (
     FILE_MODE,
     StagedWrite,
@@ -167,156 +177,6 @@ def check_rendered(data: bytes, objects: Sequence[UserObjects]) -> None:
     except AsteriskSyntaxError as exc:
         raise RenderCheckFailed(f"the rendered file would not load: {exc.plain_message}") from None
     _raise_problems(_parse_problems(parsed, intended(objects)))
-
-
-#: What the fast path accepts without parsing: characters Asterisk's loader takes
-#: literally in a section name, an option name and a value (no comment, escape,
-#: section, directive, object or append mark, no blank at either end, no control).
-_PLAIN_ID = re.compile(r"[A-Za-z0-9._@+-]{1,79}")
-#: Ids joined by LF, each plain (an id holds no LF, so the split is unambiguous).
-_PLAIN_IDS = re.compile(r"[A-Za-z0-9._@+-]{1,79}(?:\n[A-Za-z0-9._@+-]{1,79})*")
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9_]{1,100}")
-#: Controls but LF, C1 controls, surrogates, comment and escape marks: never in plain text.
-_ODD_CHAR = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\ud800-\udfff;\\]")
-#: The ASCII bytes _ODD_CHAR lets through, LF left out.
-_PLAIN_BUT_LF = bytes(b for b in range(128) if b != 0x0A and not _ODD_CHAR.match(chr(b)))
-#: A value starting with a blank or '>' or ending with a blank (in a plain line the first
-#: '=' ends the name): "= ", "=>" or " \n" anywhere (also refused, harmlessly, inside a
-#: value).  Each pattern starts with one literal character, rare in such files, that the
-#: regex engine finds by a quick scan: one pass each, where ``in`` took ~3x as long.
-_ODD_EDGES = (re.compile(r" (?:(?=\n)|(?<== ))"), re.compile(r">(?<==>)"))
-#: Below this many characters no line can reach Asterisk's 8191-byte limit (4 bytes each).
-_SHORT = 2000
-#: Option names and types already found plain (a few dozen in practice; bounded).
-_plain_names: set[str] = set()
-#: The three sections' ids and options of a user, read in C.
-_IDS = attrgetter("endpoint_id", "auth_id", "aor_id")
-_OPTIONS = attrgetter("endpoint", "auth", "aor")
-_PAIR = "=".join
-_LINES = "\n".join
-
-
-def _plain_name(name: str) -> bool:
-    if name in _plain_names:
-        return True
-    if not _PLAIN_NAME.fullmatch(name):
-        return False
-    if len(_plain_names) < 1000:
-        _plain_names.add(name)
-    return True
-
-
-def _chunk_text(user: UserObjects) -> str:
-    """The shipped templates' text for one user (each section: a blank line, ``[id]``,
-    ``type=<type>``, ``key=value`` per option), unchecked."""
-    endpoint, auth, aor = user.endpoint, user.auth, user.aor
-    if endpoint and auth and aor:
-        # One f-string, each option line made in C: the usual case, by far the quickest.
-        return (
-            f"\n[{user.endpoint_id}]\ntype=endpoint\n{_LINES(map(_PAIR, endpoint))}\n"
-            f"\n[{user.auth_id}]\ntype=auth\n{_LINES(map(_PAIR, auth))}\n"
-            f"\n[{user.aor_id}]\ntype=aor\n{_LINES(map(_PAIR, aor))}\n"
-        )
-    return "".join(
-        f"\n[{name}]\ntype={kind}\n" + "".join(f"{key}={value}\n" for key, value in options)
-        for name, kind, options in user.sections()
-    )
-
-
-def _plain_join(
-    users: Sequence[UserObjects],
-    texts: Sequence[str],
-    joined: str | None = None,
-    start: int = 0,
-    data: bytes | None = None,
-) -> str | None:
-    """The texts joined (``joined``, when given, is that join after ``start`` characters
-    of something else, a header, left unchecked; ``data``, when given, is ``joined``
-    encoded as UTF-8) when every ``texts[i]`` (:func:`_chunk_text` of ``users[i]``) is
-    canonical (after a header that leaves no block comment open, its lines parse to
-    exactly ``users[i].sections()``), else None.
-
-    Each property is checked on all texts at once, in C, and holds for the whole batch
-    exactly when it holds for each text (every text starts with LF and ends with LF, so no
-    odd pair of characters spans two): every id plain; every option name plain (its first
-    ``=`` ends the name; types are the three fixed words); as many LFs as lines, so no id,
-    name or value holds one and each line is one ``[id]`` or one ``name=value``; no odd
-    character anywhere; no value starting with a blank or ``>`` or ending with a blank;
-    no line long enough to reach Asterisk's limit.  The checks read ``joined`` and ``data``
-    in place (from ``start`` on): no copy of a large file's text is made for them.
-    """
-    if not users:
-        return "" if joined is None else joined
-    ids = _LINES(chain.from_iterable(map(_IDS, users)))
-    if not _PLAIN_IDS.fullmatch(ids):
-        return None
-    options = list(chain.from_iterable(map(_OPTIONS, users)))
-    try:
-        # dict() reads the names in C, and refuses anything but (name, value) pairs.
-        names = dict(chain.from_iterable(options))
-    except (TypeError, ValueError):
-        return None
-    if not _plain_names.issuperset(names) and not all(map(_plain_name, names)):
-        return None
-    text = "".join(texts) if joined is None else joined
-    lines = 9 * len(users) + sum(map(len, options))
-    # A match starts with its literal character, at ``start`` or later: in the texts.
-    if any(edge.search(text, start) for edge in _ODD_EDGES):
-        return None
-    if text.isascii():
-        # bytes.translate deleting every plain byte but LF (fast, in C) keeps the LFs and
-        # the odd bytes in order: the texts hold no odd byte and one LF a line exactly
-        # when the whole keeps what precedes them and then ``lines`` LFs (one pass for
-        # both: counting the LFs apart took as long as this).
-        raw = text.encode("ascii") if data is None else data
-        kept = raw.translate(None, _PLAIN_BUT_LF)
-        if kept != raw[:start].translate(None, _PLAIN_BUT_LF) + b"\n" * lines:
-            return None
-    elif text.count("\n", start) != lines or _ODD_CHAR.search(text, start):
-        return None
-    if max(map(len, texts)) >= _SHORT and any(
-        max(map(len, t.split("\n"))) * 4 >= LINE_MAX_BYTES for t in texts if len(t) >= _SHORT
-    ):
-        return None
-    return text
-
-
-def _all_plain(users: Sequence[UserObjects], texts: Sequence[str]) -> bool:
-    """True when :func:`_plain_join` finds every text canonical."""
-    return _plain_join(users, texts) is not None
-
-
-def _canonical_chunks(users: Sequence[UserObjects]) -> tuple[list[str], str | None]:
-    """:func:`canonical_chunk` of each user, ``""`` for one that has none, and their
-    concatenation when none is ``""``; checked in one batch (see :func:`_plain_join`),
-    user by user only when the batch holds an odd one."""
-    try:
-        texts = list(map(_chunk_text, users))
-    except TypeError:  # a value that is not a str: leave it to Jinja and the parser
-        return [canonical_chunk(user) or "" for user in users], None
-    joined = _plain_join(users, texts)
-    if joined is not None:
-        return texts, joined
-    if len(users) == 1:
-        return [""], None
-    return [t if _all_plain((u,), (t,)) else "" for u, t in zip(users, texts, strict=True)], None
-
-
-def canonical_chunk(user: UserObjects) -> str | None:
-    """The shipped templates' text for one user (each section: a blank line, ``[id]``,
-    ``type=<type>``, ``key=value`` per option), or None when some id, name or value holds
-    a character the fast path leaves to the parser.
-
-    Lines of this text, after a header that leaves no block comment open, parse to
-    exactly ``user.sections()``: nothing in them is a comment, escape, directive,
-    template, inheritance, ``+=`` or ``=>`` mark, blank to strip or over-long line
-    (see :func:`_all_plain`).
-    """
-    try:
-        text = _chunk_text(user)
-    except TypeError:
-        return None
-    return text if _all_plain((user,), (text,)) else None
 
 
 @contextlib.contextmanager
@@ -487,8 +347,8 @@ class ConfigFileTarget:
         #: Endpoint id -> (user, canonical chunk) of the users last verified, built when
         #: first needed after each check (so it holds only those: it never grows stale).
         self._cache: dict[str, tuple[UserObjects, str]] | None = None
-        #: The file as :meth:`endpoints_of` parsed it, for the apply that follows (parsing
-        #: 100k users costs ~12 s of CPU); taken by the next :meth:`_current`.
+        #: The file as :meth:`endpoints_of` read it, for the apply that follows (reading
+        #: 100k users costs seconds of CPU); taken by the next :meth:`_current`.
         self._looked: Current | None = None
         if shared_templates is None:
             remove_stale_temporaries(self.path)
@@ -570,15 +430,24 @@ class ConfigFileTarget:
                 chunks[i] = chunk
         return chunks, None
 
-    def _current(self, data: bytes | None, *known: _State | None, strict: bool = False) -> Current:
+    def _current(
+        self,
+        data: bytes | None,
+        *known: _State | None,
+        strict: bool = False,
+        chunks: Mapping[str, UserObjects] | None = None,
+    ) -> Current:
         """The objects a file holding ``data`` gives Asterisk (not parsed when it is one of
-        the ``known`` bytes).  A main file that a sharded layout left (nothing but includes
-        of its shard files) gives its shard files' objects.  ``strict``: a file Asterisk
-        could not load raises :class:`RenderCheckFailed` instead of holding nothing."""
+        the ``known`` bytes; see :meth:`Current.of_main` for ``chunks``).  A main file that
+        a sharded layout left (nothing but includes of its shard files) gives its shard
+        files' objects.  ``strict``: a file Asterisk could not load raises
+        :class:`RenderCheckFailed` instead of holding nothing."""
         looked, self._looked = self._looked, None
         if looked is not None and not strict and looked.data == data:
             return looked
-        return Current.of_main(self.path, data, self._shards_dir, *known, strict=strict)
+        return Current.of_main(
+            self.path, data, self._shards_dir, *known, strict=strict, chunks=chunks
+        )
 
     def _desired(
         self, objects: Sequence[UserObjects], keep: Collection[str]
@@ -587,7 +456,16 @@ class ConfigFileTarget:
         objects the new file must hold (``objects`` plus the kept users' current objects)."""
         if not keep:
             return None, list(objects)
-        current = self._current(read_file(self.path), self._state, self._verified)
+        data = read_file(self.path)
+        hints = None
+        if self._direct and data is not None and self._state is None and self._verified is None:
+            # A new target object (a restart, sync --once): the file mostly holds these
+            # users (a few skipped or changed), whose chunks spare splitting its lines (at
+            # 100k users ~3 s to read it, ~0.5 s so; the chunks cost ~0.3 s, and are made
+            # again by the render, as they were before).
+            users = list(objects)
+            hints = {c: u for u, c in zip(users, self._chunks_of(users)[0], strict=True) if c}
+        current = self._current(data, self._state, self._verified, chunks=hints)
         return current, with_kept(objects, kept_objects(current, keep, objects))
 
     def plan(
@@ -816,7 +694,7 @@ class ConfigFileTarget:
         upserted).  Before any apply, the others are what the current file holds.
 
         Only these users are rendered and checked: their canonical chunks replace theirs
-        in the last verified text (see :func:`_all_plain` for why chunks cannot merge).
+        in the last verified text (see :func:`.canonical._plain_join` for why chunks cannot merge).
         Whenever that does not apply (an override of the layout, a user with no canonical
         chunk, ids not named and ordered as render_all does), the edited list of users
         goes through :meth:`apply`.  The change counts and names these users only.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 import re
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain, cycle
 from operator import attrgetter
@@ -23,6 +23,7 @@ from ..asterisk_conf import Parsed, parse
 from ..errors import AsteriskSyntaxError, RenderCheckFailed
 from ..pjsip import Options, UserObjects, auth_id, endpoint_order
 from . import Change
+from .canonical import read_canonical
 from .files import read_file
 from .shards import includes_of
 from .textdiff import SECRET_OPTIONS
@@ -44,16 +45,23 @@ __all__ = [
 
 _EID = attrgetter("endpoint_id")
 _IDS = attrgetter("endpoint_id", "auth_id", "aor_id")
+_OPTIONS = attrgetter("endpoint", "auth", "aor")
+#: The types of a user's sections, in file order.
+_KINDS = ("endpoint", "auth", "aor")
 
 
 class Verified(Protocol):
-    """Bytes known (by the parse-back check) to hold exactly ``users``."""
+    """Bytes known (by the parse-back check) to hold exactly ``users``, and each user's
+    canonical chunk (``""`` for none; one that is not was checked plain)."""
 
     @property
     def data(self) -> bytes: ...
 
     @property
     def users(self) -> list[UserObjects]: ...
+
+    @property
+    def chunks(self) -> list[str]: ...
 
 
 #: One intended section: (name, type, options after ``type``).
@@ -81,17 +89,27 @@ class Current:
         shards_dir: Path | None,
         *known: Verified | None,
         strict: bool = False,
+        chunks: Mapping[str, UserObjects] | None = None,
     ) -> Current:
         """What the file at ``path``, holding ``data``, gives Asterisk, parsed once (not at
-        all when it is one of the ``known`` bytes): its own objects, or, when it is a main
-        file of a sharded layout in ``shards_dir`` (nothing but includes of shard files
-        there), its shard files' objects.  ``strict``: a file Asterisk could not load raises
-        :class:`RenderCheckFailed` instead of holding nothing."""
+        all when it is one of the ``known`` bytes, nor when it is the canonical text of
+        some users, which :func:`.canonical.read_canonical` reads in a fraction of the
+        time, users whose text is one of the ``known`` chunks or of ``chunks`` quickest):
+        its own objects, or, when it is a main file of a sharded layout in ``shards_dir``
+        (nothing but includes of shard files there), its shard files' objects.
+        ``strict``: a file Asterisk could not load raises :class:`RenderCheckFailed`
+        instead of holding nothing."""
         if data is None:
             return cls(None, {}, ())
         for verified in known:
             if verified is not None and verified.data == data:
                 return cls.verified(data, verified.users)
+        hints = _known_chunks(known)
+        hints.update(chunks or {})
+        canonical = read_canonical(data, hints)
+        if canonical is not None:
+            # Exactly what the parser would find (no directive: no include to follow).
+            return cls.verified(data, canonical.users)
         try:
             parsed = parse(data)
         except AsteriskSyntaxError as exc:
@@ -132,13 +150,11 @@ class Current:
     def verified(cls, data: bytes, users: list[UserObjects]) -> Current:
         """The file ``data``, known (by the parse-back check) to hold exactly ``users``:
         what :meth:`of` would find, without parsing it again."""
-        objects: dict[tuple[str, str], Options] = {}
-        endpoints: list[str] = []
-        for name, kind, options in intended(users):
-            objects[(kind, name)] = options
-            if kind == "endpoint":
-                endpoints.append(name)
-        return cls(data, objects, tuple(dict.fromkeys(endpoints)))
+        # (type, id) of every section in file order, and its options, paired in C (a
+        # later section of one key takes the value, the first keeps the place).
+        keys = zip(cycle(_KINDS), chain.from_iterable(map(_IDS, users)))
+        objects = dict(zip(keys, chain.from_iterable(map(_OPTIONS, users)), strict=True))
+        return cls(data, objects, tuple(dict.fromkeys(map(_EID, users))))
 
     @classmethod
     def of_parsed(cls, data: bytes, parsed: Parsed) -> Current:
@@ -154,6 +170,18 @@ class Current:
             if kind == "endpoint":
                 endpoints.append(section.name)
         return cls(data, objects, tuple(dict.fromkeys(endpoints)))
+
+
+def _known_chunks(known: Iterable[Verified | None]) -> dict[str, UserObjects]:
+    """Each canonical chunk of ``known`` and its user (a file being replaced mostly holds
+    the users of the text that replaces it: see :func:`.canonical.read_canonical`)."""
+    return {
+        chunk: user
+        for verified in known
+        if verified is not None
+        for user, chunk in zip(verified.users, verified.chunks, strict=True)
+        if chunk
+    }
 
 
 def compare(current: Current, objects: Sequence[UserObjects]) -> Change:
@@ -203,7 +231,7 @@ def all_added(users: Sequence[UserObjects], *, distinct: bool = False) -> Change
     """What :func:`compare` finds against nothing at all: every user added (``distinct``:
     no two sections share an id, so none needs dropping from ``changed_objects``)."""
     # (kind, id) of every section, in file order, made in C.
-    keys = zip(cycle(("endpoint", "auth", "aor")), chain.from_iterable(map(_IDS, users)))
+    keys = zip(cycle(_KINDS), chain.from_iterable(map(_IDS, users)))
     return Change(
         added=tuple(map(_EID, users)),
         changed_objects=tuple(keys) if distinct else tuple(dict.fromkeys(keys)),
