@@ -118,6 +118,11 @@ LOCK_CHECK = 5.0
 #: ready up to 30 s after it.  One refused connection every 5 s costs nothing; the
 #: running daemon tries at every poll anyway.
 FIRST_RETRY_MAX = 5.0
+#: Seconds at most between two ``sync.still_failing`` lines of one outage.  Tries are
+#: not logged each: a failed apply is tried again at every poll and wake-up (and after
+#: its backoff when nothing wakes it), which is what finds the store back within a poll
+#: of its return, and a 20 s MariaDB outage at the default 1 s poll logged 21 errors.
+STILL_FAILING_EVERY = 30.0
 
 
 @dataclass(frozen=True)
@@ -384,6 +389,12 @@ class Daemon:
     _retry_due: asyncio.TimerHandle | None = None
     #: Seconds before a failed full reconcile is run again (0: the last one did not fail).
     _full_retry_delay: float = 0.0
+    #: The outage under way (applies failing for the store's or the disk's sake, from the
+    #: first until the record is healthy again): its failed tries, when it began and when
+    #: it was last logged (monotonic), for the bounded log (:meth:`_log_failure`).
+    _outage_failures: int = 0
+    _outage_since: float = 0.0
+    _outage_logged_at: float = 0.0
     #: A full apply began and has not succeeded since: the target may lack what it was to
     #: apply (a template edit, a SIGHUP's settings, a refused mass removal), so the applies
     #: that succeed meanwhile (a poll finding nothing new) leave the record failed.  Set
@@ -696,9 +707,11 @@ class Daemon:
             if failed and not self.stop.is_set():  # an apply that ended in the shutdown
                 loop = asyncio.get_running_loop()
                 self._retry_due = loop.call_later(self._retry_delay, self.tick.set)
-        if failed:
+        if failed and self._outage_failures == 1:
+            # Said once an outage: the backoff is the longest wait; a poll or a wake-up
+            # before it tries at once (see STILL_FAILING_EVERY).
             delay = self._full_retry_delay if full else self._retry_delay
-            log.info("sync.retry", full=full, retry_in_s=delay)
+            log.info("sync.retry", full=full, retry_within_s=delay, sooner="next poll or edit")
 
     def _cancel_retry(self) -> None:
         """Cancel the pending incremental retry, if any."""
@@ -878,12 +891,48 @@ class Daemon:
             self.health.last_sync_ok = False
             self.health.last_error = _describe(exc)
             self.health.last_sync_at = time.time()
-            log.error("sync.failed", error=self.health.last_error)
+            self._log_failure(exc)
             self._write_health()
             return None
         self.health.cursor = self.tracker.cursor
         self._write_health_soon()  # after the AMI task had its turn: it is what goes live
         return result
+
+    def _log_failure(self, exc: BaseException) -> None:
+        """Log a failed apply: each one that no retry would help (a refused mass removal,
+        a broken template) as ``sync.failed``; of an outage (the store or the disk), the
+        first as ``sync.failed``, then the count so far as ``sync.still_failing`` at the
+        2nd, 4th, 8th… try and at least every :data:`STILL_FAILING_EVERY` seconds, so
+        the log neither floods nor goes quiet (:meth:`_succeeded` logs its end)."""
+        error = self.health.last_error
+        if not isinstance(exc, _RETRYABLE):
+            self._end_outage()  # the store answered, and refused: that is another story
+            log.error("sync.failed", error=error)
+            return
+        now = time.monotonic()
+        self._outage_failures += 1
+        failures = self._outage_failures
+        if failures == 1:
+            self._outage_since = self._outage_logged_at = now
+            log.error("sync.failed", error=error)
+        elif failures & (failures - 1) == 0 or now - self._outage_logged_at >= STILL_FAILING_EVERY:
+            self._outage_logged_at = now
+            log.warning(
+                "sync.still_failing",
+                failures=failures,
+                failing_for_s=round(now - self._outage_since, 1),
+                error=error,
+            )
+
+    def _end_outage(self) -> None:
+        """The outage under way, if any, is over: ``sync.recovered`` says how long it
+        lasted and how many tries failed."""
+        if self._outage_failures:
+            failing = time.monotonic() - self._outage_since
+            log.info(
+                "sync.recovered", failures=self._outage_failures, failed_for_s=round(failing, 1)
+            )
+            self._outage_failures = 0
 
     def _on_store(self, work: Callable[[], Applied | None]) -> Applied | None:
         """``work``, a store it finds without this provisioner's schema (never upgraded)
@@ -945,6 +994,7 @@ class Daemon:
         if not self._full_owed:
             self.health.last_sync_ok = True
             self.health.last_error = ""
+            self._end_outage()
         self.health.last_sync_at = time.time()
         if result is not None:
             self._count(kind, result.change)

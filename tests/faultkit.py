@@ -245,6 +245,13 @@ class Daemon:
     def logged(self, event: str) -> list[dict[str, Any]]:
         return [e for e in self.events() if e.get("event") == event]
 
+    def failed_tries(self) -> int:
+        """The failed tries of the outage under way (or the last), as logged: 1 at its
+        ``sync.failed``, then the count each ``sync.still_failing`` gives (the 2nd, 4th…)."""
+        counts = [1 for _ in self.logged("sync.failed")]
+        counts += [int(e["failures"]) for e in self.logged("sync.still_failing")]
+        return max(counts, default=0)
+
 
 @dataclass
 class _Link:

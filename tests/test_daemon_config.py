@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
@@ -260,32 +262,34 @@ def test_a_failing_full_reconcile_backs_off_though_incremental_applies_succeed(
         WakeSource(lambda wake, stop: poll_wakeups(0.05, wake, stop), timer=True)
     ]
     full = daemon.applier.full
+    tried: list[float] = []  # when each full reconcile after the first began
 
     def disk_gone(*, verify: bool = True) -> object:
         if daemon.health.ready:
+            tried.append(time.monotonic())
             raise OSError(5, "Input/output error")
         return full(verify=verify)
 
     daemon.applier.full = disk_gone  # type: ignore[method-assign,assignment]
 
-    async def scenario() -> list[float]:
-        with capture_logs() as logs:
-            serving = asyncio.ensure_future(daemon.serve())
-            while not daemon.health.ready:
-                await asyncio.sleep(0.02)
-            daemon.templates_changed.set()
-            retries: list[float] = []
-            for _ in range(400):
-                retries = [e["retry_in_s"] for e in logs if e["event"] == "sync.retry"]
-                if len(retries) >= 3:
-                    break
-                await asyncio.sleep(0.02)
-            daemon.handle_exit()
-            await serving
-        return retries
+    async def scenario() -> None:
+        serving = asyncio.ensure_future(daemon.serve())
+        while not daemon.health.ready:
+            await asyncio.sleep(0.02)
+        daemon.templates_changed.set()
+        for _ in range(400):
+            if len(tried) >= 4:
+                break
+            await asyncio.sleep(0.02)
+        daemon.handle_exit()
+        await serving
 
-    retries = asyncio.run(asyncio.wait_for(scenario(), 30))
-    assert retries[:3] == [0.5, 1.0, 2.0]
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+    pauses = [later - earlier for earlier, later in itertools.pairwise(tried)][:3]
+    assert len(pauses) == 3, pauses
+    # Each at least its backoff; at most one poll (0.05 s) and a loaded machine later.
+    for pause, backoff in zip(pauses, (0.5, 1.0, 2.0), strict=True):
+        assert backoff <= pause < backoff + 0.4, pauses
 
 
 def test_no_apply_retry_fires_after_the_daemon_stopped(tmp_path: Path) -> None:
@@ -514,20 +518,24 @@ def test_a_daemon_on_a_store_never_upgraded_says_so_as_every_command_does(
 ) -> None:
     """The daemon started on a store whose schema was never made logs each failed try as
     'user store unavailable: <the database's words> (is the schema missing or old? run
-    `provisioner db upgrade`)', as the other commands say it, and keeps trying."""
+    `provisioner db upgrade`)', as the other commands say it, and keeps trying (its
+    second failed try logged as sync.still_failing, with the same error)."""
     daemon = Daemon.from_config(local_config(tmp_path))
     daemon.wake_sources = []
 
     async def scenario() -> list[str]:
         with capture_logs() as logs:
             serving = asyncio.ensure_future(daemon.serve())
-            while len([e for e in logs if e["event"] == "sync.failed"]) < 2:
+            while not any(e["event"] == "sync.still_failing" for e in logs):
                 await asyncio.sleep(0.02)
             daemon.handle_exit()
             await serving
-        return [e["error"] for e in logs if e["event"] == "sync.failed"]
+        failed = ("sync.failed", "sync.still_failing")
+        return [e["error"] for e in logs if e["event"] in failed]
 
     errors = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert len(errors) == 2, errors
+    assert errors[0] == errors[1]
     assert errors[0].startswith("user store unavailable: no such table: ")
     assert errors[0].endswith(SCHEMA_HINT)
 

@@ -330,9 +330,9 @@ def test_the_daemon_holds_its_lock_again_as_soon_as_mariadb_is_back(
     assert "Traceback" not in first.log.read_text()
 
 
-#: First reconciles failed before the server starts: the pause before the next had
-#: reached 8 s (0.5 s doubling).
-BOOT_FAILURES = 5
+#: First reconciles failed before the server starts: the pause before the next has
+#: reached 4 s (0.5 s doubling up to 5 s); logged as such (sync.still_failing).
+BOOT_FAILURES = 4
 
 
 def test_a_daemon_started_before_mariadb_is_ready_soon_after_it(
@@ -346,13 +346,40 @@ def test_a_daemon_started_before_mariadb_is_ready_soon_after_it(
     daemon = Daemon(config, tmp_path / "daemon.log")
     try:
         daemon.start(wait_ready=False)
-        sync_until(
-            lambda: len(daemon.logged("sync.failed")) >= BOOT_FAILURES, 30, "reconciles failed"
-        )
+        sync_until(lambda: daemon.failed_tries() >= BOOT_FAILURES, 30, "reconciles failed")
         server.start()
         ready = sync_until(daemon.ready, 30, "daemon ready")
         assert daemon.stop() == 0
     finally:
         daemon.kill()
     assert ready < 6.5, f"ready {ready:.1f} s after the server started"
+    assert "Traceback" not in daemon.log.read_text()
+
+
+def test_a_mariadb_outage_is_logged_once_then_at_a_bounded_rate(
+    tmp_path: Path, server: PrivateMariaDB
+) -> None:
+    """A store outage under a daemon polling every 0.2 s logs one sync.failed, then its
+    count of failed tries at the 2nd, 4th, 8th… (sync.still_failing), and one
+    sync.recovered with the total once the store is back, not one error per try."""
+    seed_store(server.url, 1).dispose()
+    config = write_config(tmp_path, store_url=server.url, extra=("poll_interval = 0.2",))
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    try:
+        server.stop()
+        time.sleep(3.0)  # about 15 polls, each a failed try
+        server.start()
+        sync_until(lambda: bool(daemon.logged("sync.recovered")), 10, "sync.recovered")
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    failed = daemon.logged("sync.failed")
+    still = [e["failures"] for e in daemon.logged("sync.still_failing")]
+    recovered = daemon.logged("sync.recovered")
+    assert len(failed) == 1, [e["error"] for e in failed]
+    assert len(recovered) == 1
+    total = recovered[0]["failures"]
+    assert total >= 8, total  # tried at the polls, not only after a backoff
+    assert still == [n for n in (2, 4, 8, 16, 32) if n <= total]
+    assert len(daemon.logged("sync.retry")) <= 1
     assert "Traceback" not in daemon.log.read_text()

@@ -285,7 +285,7 @@ def test_store_unreachable_at_start_daemon_retries_and_file_untouched(tmp_path: 
                 conn.execute(text(f'ALTER DATABASE "{name}" RENAME TO "{name}_away"'))
             daemon = Daemon(config, tmp_path / "daemon.log").start(wait_ready=False)
             try:
-                until(lambda: len(daemon.logged("sync.failed")) >= 2, 15, "retries")
+                until(lambda: daemon.failed_tries() >= 2, 15, "retries")
                 assert daemon.alive
                 assert not daemon.ready()
                 assert "store unavailable" in daemon.logged("sync.failed")[0]["error"]

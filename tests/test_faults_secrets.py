@@ -199,7 +199,7 @@ def test_failing_realtime_write_prints_no_digest(tmp_path: Path, peer: FakeAster
     # A database error is retried (the store may come back): never ready, never a leak.
     daemon = Daemon(config, tmp_path / "daemon.log").start(wait_ready=False)
     try:
-        until(lambda: len(daemon.logged("sync.failed")) >= 2, 10, "sync.failed, retried")
+        until(lambda: daemon.failed_tries() >= 2, 10, "sync.failed, retried")
         assert daemon.stop() == 0
     finally:
         daemon.kill()

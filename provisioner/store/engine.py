@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import sqlite3
 import time
 import zlib
@@ -22,6 +23,7 @@ from ..logs import get_logger
 
 __all__ = [
     "CONFLICT_ATTEMPTS",
+    "MYSQL_KEEPALIVE",
     "PG_KEEPALIVE",
     "STORE_DOWN",
     "driver_error",
@@ -127,6 +129,21 @@ PG_KEEPALIVE: dict[str, str] = {
 }
 
 
+#: The same TCP settings for every MariaDB/MySQL connection (pymysql has no parameters
+#: for them: set on its socket as it connects).  pymysql turns SO_KEEPALIVE on with the
+#: kernel's timings (2 h idle) and no read timeout, so a server host gone silent left a
+#: read (a ping, a reconcile, a registration write) waiting about 15 min, the daemon's
+#: loop with it.  No read timeout either: it would end a legitimate long wait, as
+#: ``GET_LOCK``'s (up to :data:`EXCLUSIVE_WAIT`) or a schema upgrade's ``ALTER TABLE``,
+#: while keepalive probes end only a connection whose server no longer answers.
+MYSQL_KEEPALIVE: dict[str, float] = {
+    "idle": 10,
+    "interval": 5,
+    "count": 3,
+    "user_timeout": 30.0,
+}
+
+
 def sqlite_file(url: str) -> Path | None:
     """The file a SQLite ``url`` names, or None (another database, or in memory)."""
     parsed = make_url(url)
@@ -227,7 +244,27 @@ def open_engine(
         kwargs.update(pool_size=pool_size, pool_timeout=pool_timeout)
     if parsed.get_backend_name() == "postgresql":
         kwargs["connect_args"] = pg_keepalive(parsed.query)
-    return create_engine(url, **kwargs)
+    engine = create_engine(url, **kwargs)
+    if engine.dialect.name in ("mysql", "mariadb") and engine.dialect.driver == "pymysql":
+        event.listen(engine, "connect", _mysql_keepalive)
+    return engine
+
+
+def _mysql_keepalive(dbapi_conn: Any, _record: Any) -> None:
+    """Set :data:`MYSQL_KEEPALIVE` on the TCP socket of a new pymysql connection (one
+    through a local Unix socket has no TCP to watch)."""
+    sock = getattr(dbapi_conn, "_sock", None)  # pymysql's, set by its connect()
+    if not isinstance(sock, socket.socket) or sock.family not in (
+        socket.AF_INET,
+        socket.AF_INET6,
+    ):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, int(MYSQL_KEEPALIVE["idle"]))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, int(MYSQL_KEEPALIVE["interval"]))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, int(MYSQL_KEEPALIVE["count"]))
+    user_timeout_ms = int(MYSQL_KEEPALIVE["user_timeout"] * 1000)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms)
 
 
 def _make_parent(path: Path) -> None:
