@@ -6,6 +6,7 @@ console script as a subprocess, the daemon as a subprocess with its log kept.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -150,6 +151,23 @@ def cli_process(config: Path, *args: str, input: str | None = None, check: bool 
     if check:
         assert ran.code == 0, (args, ran)
     return ran
+
+
+async def cli_async(config: Path, *args: str) -> str:
+    """:func:`cli_process` from a coroutine (the event loop keeps serving a fake Asterisk
+    meanwhile): the console script's stdout; it must exit 0."""
+    proc = await asyncio.create_subprocess_exec(
+        PROVISIONER,
+        "--config",
+        str(config),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env(),
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, (args, out.decode(), err.decode())
+    return out.decode()
 
 
 def sections(path: Path) -> list[tuple[str, tuple[tuple[str, str], ...]]]:

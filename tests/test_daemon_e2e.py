@@ -27,6 +27,7 @@ from provisioner.store.state import load_state
 from provisioner.targets.shards import shard_name, shard_of
 
 from .amipeer import FakeAsterisk, ReceivedAction
+from .faultkit import cli_async as _cli
 
 PROVISIONER = str(Path(sys.executable).with_name("provisioner"))
 
@@ -78,21 +79,6 @@ def _write_config(
     path = tmp / "provisioner.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-async def _cli(config: Path, *args: str) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        PROVISIONER,
-        "--config",
-        str(config),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=_env(),
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, (args, out.decode(), err.decode())
-    return out.decode()
 
 
 async def _until(check: Callable[[], Awaitable[bool] | bool], timeout: float) -> float:

@@ -27,7 +27,8 @@ from provisioner.store.engine import open_engine
 from provisioner.store.schema import registration_summary, users
 
 from .amipeer import FakeAsterisk
-from .faultkit import PROVISIONER, Daemon, endpoints, env, seed_store, write_config
+from .faultkit import Daemon, endpoints, seed_store, write_config
+from .faultkit import cli_async as _cli
 from .faultkit import until as sync_until
 from .mariacluster import PrivateMariaDB, private_mariadb, unavailable_reason
 
@@ -69,22 +70,6 @@ def _config(tmp_path: Path, server: PrivateMariaDB, kind: str, ami_port: int) ->
             'secret = "lab-secret"',
         ),
     )
-
-
-async def _cli(config: Path, *args: str) -> str:
-    """The ``provisioner`` console script on ``config`` (a subprocess); must exit 0."""
-    proc = await asyncio.create_subprocess_exec(
-        PROVISIONER,
-        "--config",
-        str(config),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env(),
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, (args, out.decode(), err.decode())
-    return out.decode()
 
 
 async def _add(config: Path, username: str) -> None:
