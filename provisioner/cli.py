@@ -40,7 +40,7 @@ from .errors import (
 from .logs import configure as configure_logs
 from .logs import get_logger
 from .model import CODECS, LOG_LEVELS, NATS, ROLES, TOAST_POSITIONS, TRANSPORTS, VIDEOS, User
-from .store.engine import driver_error, open_store_engine, schema_named, transaction
+from .store.engine import driver_error, open_store_engine, store_named, transaction
 from .store.untold import drop_untold, new_token, note_untold, untold_key
 from .sync import SyncReport
 
@@ -711,7 +711,7 @@ def _reconcile(
             update={"target": config.target.model_copy(update={"kind": kind})}
         )
     engine = app.accounts.engine
-    with schema_named(engine):
+    with store_named(engine):
         return _reconcile_with(
             app, config, engine, dry_run=dry_run, allow_mass_removal=allow_mass_removal
         )

@@ -70,6 +70,7 @@ from .store.engine import (
     reading,
     schema_named,
     sqlite_file,
+    store_unreadable,
     transaction,
 )
 from .store.registrations import forget_other_servers
@@ -555,7 +556,7 @@ class Daemon:
             if self._last_exc is not None:
                 # A one-shot run that applied nothing ends with the reason (its exit
                 # code: a refused mass removal, the store unavailable…), not as a success.
-                raise _named(self._last_exc)
+                raise await self._burst_failure(self._last_exc)
             await self._tell_once(first)
             return first
         if self.pbx is not None:
@@ -939,6 +940,16 @@ class Daemon:
         said as every command says it, the fix named (:func:`schema_named`).  Blocking."""
         with schema_named(self.engine):
             return work()
+
+    async def _burst_failure(self, exc: BaseException) -> BaseException:
+        """``exc``, the failure ending ``run --burst``, as :func:`_named` says it; a database
+        error while the user store cannot be read is the store unavailable, as every
+        command says it (:func:`store_unreadable`), not a realtime target's error."""
+        if isinstance(exc, DBAPIError):
+            unreadable = await in_worker(store_unreadable, self.engine)
+            if unreadable is not None:
+                return unreadable
+        return _named(exc)
 
     def _watch_stuck(self) -> None:
         """Call :meth:`_apply_stuck` once the apply starting now has run for

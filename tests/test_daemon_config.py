@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 import time
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
+import pytest
 from structlog.testing import capture_logs
 
 from provisioner.config import load_config, parse_sets
@@ -608,3 +610,60 @@ def test_a_sighup_switching_from_realtime_warns_that_its_rows_are_left(tmp_path:
     assert event["left"] == ["ps_endpoints, ps_auths, ps_aors rows in "
                              "postgresql+psycopg://pbx:***@127.0.0.1:1/asterisk"]  # fmt: skip
     assert "s3cret" not in str(event)
+
+
+def _closed_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on (bound, then let go)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    "store",
+    ["postgresql-closed-port", "mariadb-closed-port", "sqlite-directory", "sqlite-not-a-database"],
+)
+@pytest.mark.parametrize(
+    "args",
+    [("render",), ("render", "--dry-run"), ("sync", "--once"), ("run", "--burst")],
+    ids=" ".join,
+)
+def test_a_store_that_cannot_be_read_is_the_user_store_unavailable(
+    tmp_path: Path, store: str, args: tuple[str, ...]
+) -> None:
+    """``render``, ``sync --once`` and ``run --burst`` on a user store that cannot be read
+    exit 7 saying ``user store unavailable:``, as ``user list`` and ``status`` do."""
+    from .faultkit import cli, write_config
+
+    path = tmp_path / "store.db"
+    if store == "postgresql-closed-port":
+        url = f"postgresql+psycopg://postgres@127.0.0.1:{_closed_port()}/provisioner"
+    elif store == "mariadb-closed-port":
+        url = f"mysql+pymysql://root@127.0.0.1:{_closed_port()}/provisioner"
+    elif store == "sqlite-directory":
+        path.mkdir()  # no file SQLite can open (chmod 000 is no bar to root)
+        url = f"sqlite:///{path}"
+    else:
+        path.write_bytes(b"not a database " * 100)
+        url = f"sqlite:///{path}"
+    ran = cli(write_config(tmp_path, store_url=url), *args, check=False)
+    assert ran.code == 7, ran
+    (line,) = [line for line in ran.err.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: user store unavailable: "), line
+
+
+@pytest.mark.parametrize("args", [("render",), ("run", "--burst")], ids=" ".join)
+def test_a_realtime_target_that_cannot_be_reached_stays_a_database_error(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    """A realtime target on another database that is away, the user store readable, exits
+    7 as a database error, not as the user store unavailable."""
+    from .faultkit import cli, write_config
+
+    target = f"postgresql+psycopg://postgres@127.0.0.1:{_closed_port()}/asterisk"
+    config = write_config(tmp_path, kind="realtime")
+    cli(config, "db", "upgrade")
+    ran = cli(config, "--set", f"target.url={target}", *args, check=False)
+    assert ran.code == 7, ran
+    (line,) = [line for line in ran.err.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: database error: OperationalError: "), line

@@ -36,6 +36,7 @@ from provisioner.store.registrations import (
     LIVE_FOR,
     ContactRow,
     SummaryRow,
+    database_epoch,
     epoch_text,
     forget_other_servers,
     live_key,
@@ -192,7 +193,8 @@ def test_a_server_no_one_reads_makes_its_users_state_unknown_not_what_it_last_sa
     daemon's last beat) or missing leaves a user no live server holds online ``unknown``,
     its rows shown as last known (``live: false``, ``stale``); a live server's online wins."""
     seed_store(engine, 2)
-    epoch = NOW.replace(tzinfo=UTC).timestamp()
+    with engine.connect() as conn:
+        epoch = database_epoch(conn)  # the clock status judges marks by
     registered = _state("100000", "NonQualified")
     gone: tuple[list[ContactRow], SummaryRow] = ([], ("offline", "UNAVAILABLE", "", SEEN_TEXT))
     with engine.begin() as conn:
@@ -224,6 +226,67 @@ def test_a_server_no_one_reads_makes_its_users_state_unknown_not_what_it_last_sa
     assert {p["state"] for p in people.values()} == {"unknown"}
     with engine.connect() as conn:  # no server configured: nothing to be unknown about
         assert {p["state"] for p in status_rows(conn, now=NOW)} == {"online"}
+
+
+#: How far off the tests' skewed clocks run: well past ``LIVE_FOR``.
+_SKEW = 300.0
+
+
+def _utc_now(offset: float = 0.0) -> datetime:
+    """This host's naive UTC time, ``offset`` seconds off."""
+    return datetime.fromtimestamp(time.time() + offset, UTC).replace(tzinfo=None)
+
+
+def test_a_status_reader_whose_clock_is_off_judges_a_mark_by_its_real_age(
+    engine: Engine,
+) -> None:
+    """A reader whose clock runs 5 minutes ahead or behind takes a 10 s old live mark for
+    live and a 2 minutes old one for stale: the age is the database's clock's."""
+    seed_store(engine, 1)
+    with engine.begin() as conn:
+        registered, summary = _state("100000", "NonQualified")
+        expires = time_text(_utc_now(3600))  # not expired by either clock
+        contact = (*registered[0][:6], expires, registered[0][7])
+        write_endpoint_rows(conn, "pbx1", {"100000": ([contact], summary)}, NOW)
+
+    def state(age: float, skew: float) -> str:
+        with engine.begin() as conn:
+            put_state(conn, live_key("pbx1"), live_mark(True, time.time() - age))
+        with engine.connect() as conn:
+            (person,) = status_rows(conn, now=_utc_now(skew), servers=["pbx1"])
+        return str(person["state"])
+
+    for skew in (_SKEW, -_SKEW):
+        assert (state(10, skew), state(120, skew)) == ("online", "unknown"), skew
+
+
+def test_a_daemon_whose_clock_is_off_marks_a_server_live_as_of_the_database_clock(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon whose clock runs 5 minutes ahead marks its server live for a status
+    reader with a right clock: the mark's time is the database's."""
+    seed_store(engine, 1)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + _SKEW)
+
+    async def marked() -> str:
+        async with _lab_pbx(engine):
+            await eventually(lambda: _mark(engine, "lab").startswith("live:"))
+            monkeypatch.setattr(time, "time", real)
+            with engine.connect() as conn:
+                (person,) = status_rows(conn, now=_utc_now(), servers=["lab"])
+            return str(person["state"])
+
+    assert run(marked()) == "offline"  # read now, and no phone registered: not unknown
+
+
+def _mark(engine: Engine, server: str) -> str:
+    """The live mark stored for ``server``, or ``""``."""
+    with engine.connect() as conn:
+        value = conn.execute(
+            select(daemon_state.c.value).where(daemon_state.c.key == live_key(server))
+        ).scalar()
+    return value or ""
 
 
 def test_the_state_of_servers_no_longer_configured_is_forgotten(engine: Engine) -> None:

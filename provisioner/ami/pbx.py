@@ -49,8 +49,7 @@ from ..store.registrations import (
     SummaryRow,
     endpoint_writer,
     epoch_text,
-    live_key,
-    live_mark,
+    mark_live,
     replace_server_snapshot,
 )
 from ..store.state import load_state, load_states, put_state
@@ -1063,9 +1062,7 @@ class AmiPbx:
             link.live_changed.clear()
             live = link.live()
             if live != marked or (live and time.monotonic() - beat >= LIVE_BEAT):
-                write = partial(
-                    put_state, key=live_key(link.name), value=live_mark(live, time.time())
-                )
+                write = partial(mark_live, server=link.name, live=live)
                 if await link.in_flusher_turn(write):
                     if live != marked:
                         log.info("registration.live", server=link.name, live=live)
@@ -1075,7 +1072,7 @@ class AmiPbx:
         await link.flusher_done.wait()
         if marked is False:
             return
-        down = partial(put_state, key=live_key(link.name), value=live_mark(False, time.time()))
+        down = partial(mark_live, server=link.name, live=False)
         try:
             await in_worker(transaction, self.engine, down)
         except STORE_DOWN as exc:

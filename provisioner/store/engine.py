@@ -40,6 +40,8 @@ __all__ = [
     "reading",
     "schema_named",
     "sqlite_file",
+    "store_named",
+    "store_unreadable",
     "transaction",
     "unavailable",
 ]
@@ -391,6 +393,39 @@ def schema_named(engine: Engine) -> Iterator[None]:
         if is_missing_schema(exc) and not _store_current(engine):
             raise unavailable(exc) from None
         raise
+
+
+@contextmanager
+def store_named(engine: Engine) -> Iterator[None]:
+    """:func:`schema_named`, and a database error while the user store on ``engine``
+    cannot be read (its server away, its SQLite file no database or no file) becomes the
+    :class:`StoreUnavailable` :class:`~provisioner.accounts.Accounts` raises, in the
+    store's own words (:func:`store_unreadable`): ``render``, ``sync``, ``run --burst``
+    say it as ``user list`` does.  An error while the store reads (a realtime target on
+    another database, or one of its tables) stays a database error."""
+    with schema_named(engine):
+        try:
+            yield
+        except DBAPIError:
+            unreadable = store_unreadable(engine)
+            if unreadable is not None:
+                raise unreadable from None
+            raise
+
+
+def store_unreadable(engine: Engine) -> StoreUnavailable | None:
+    """The :class:`StoreUnavailable` (:func:`unavailable`) of the user store on ``engine``
+    failing to read one user row, None when it reads, or fails only for a table it lacks
+    (:func:`schema_named` says that one).  Asked after an error, to tell whose it was: a
+    ``SELECT 1`` would not do, SQLite answers it without reading its file.  Blocking."""
+    from .schema import users
+
+    try:
+        with engine.connect() as conn:
+            conn.execute(select(users.c.id).limit(1)).all()
+    except DBAPIError as exc:
+        return None if is_missing_schema(exc) else unavailable(exc)
+    return None
 
 
 def _store_current(engine: Engine) -> bool:

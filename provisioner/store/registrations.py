@@ -30,6 +30,7 @@ from sqlalchemy import (
     case,
     column,
     delete,
+    extract,
     func,
     insert,
     select,
@@ -56,6 +57,7 @@ from .bulk import (
 from .engine import escaping_bytes_not_utf8
 from .queries import is_sendable, username_key
 from .schema import daemon_state, registration_summary, registrations, users
+from .state import put_state
 
 __all__ = [
     "EXPIRED_AFTER",
@@ -65,11 +67,13 @@ __all__ = [
     "EndpointRows",
     "RowBatch",
     "SummaryRow",
+    "database_epoch",
     "endpoint_writer",
     "epoch_text",
     "forget_other_servers",
     "live_key",
     "live_mark",
+    "mark_live",
     "replace_server_snapshot",
     "set_problems",
     "status_rows",
@@ -951,14 +955,48 @@ def live_key(server: str) -> str:
 def live_mark(live: bool, at: float) -> str:
     """The value of a :func:`live_key`: ``live:<epoch>`` (the state is kept up to date,
     as of then: marked again every ``LIVE_BEAT``) or ``down:<epoch>`` (since then no one
-    reads the server: its session lost, the daemon stopped)."""
+    reads the server: its session lost, the daemon stopped).  ``at`` is the database's
+    clock (:func:`database_epoch`), as ``status`` reads it: see :func:`mark_live`."""
     return f"{'live' if live else 'down'}:{at:.3f}"
 
 
-def _live_servers(conn: Connection, servers: Sequence[str], now: datetime) -> set[str]:
-    """Those of ``servers`` whose registration state is live at ``now`` (naive UTC): a
-    ``live`` mark no older than ``LIVE_FOR`` (a little younger than ``now``, too: the
-    daemon's clock may run ahead of this one)."""
+def database_epoch(conn: Connection) -> float:
+    """The database server's clock, in seconds since 1970 UTC: the one clock the daemon
+    marking a server live and ``status`` judging the mark's age (often on another host,
+    against PostgreSQL or MariaDB) share, so a skew between their hosts' clocks does not
+    make every mark stale, or a dead daemon's look fresh.  SQLite's is the local clock
+    (its ``julianday('now')``): the store is a file, its readers on its host."""
+    name = conn.dialect.name
+    now: ColumnElement[Any]
+    if name == "postgresql":
+        # ``clock_timestamp()``, not ``now()``: the time of the call, not of the
+        # transaction's start (a mark written late in a long transaction is not older).
+        now = extract("epoch", func.clock_timestamp())
+    elif name in ("mysql", "mariadb"):
+        # Without an argument: the epoch itself, whole seconds.  ``UNIX_TIMESTAMP(NOW(6))``
+        # would go through the session's time zone, an hour off in a DST fall-back hour.
+        now = func.unix_timestamp()
+    else:
+        now = (func.julianday("now") - _UNIX_JULIAN_DAY) * 86400.0
+    return float(conn.execute(select(now)).scalar_one())
+
+
+#: The Julian day of 1970-01-01 00:00 UTC, SQLite's ``julianday`` of the epoch.
+_UNIX_JULIAN_DAY = 2440587.5
+
+
+def mark_live(conn: Connection, server: str, live: bool) -> None:
+    """Mark ``server``'s registration state ``live`` or ``down`` as of now on the
+    database's clock (:func:`live_mark`, :func:`database_epoch`), in the caller's
+    transaction."""
+    put_state(conn, live_key(server), live_mark(live, database_epoch(conn)))
+
+
+def _live_servers(conn: Connection, servers: Sequence[str]) -> set[str]:
+    """Those of ``servers`` whose registration state is live now: a ``live`` mark no
+    older than ``LIVE_FOR`` on the database's clock (:func:`database_epoch`; a little
+    younger, too: a mark committed after this transaction began, or written by a daemon
+    before marks took the database's time, with its own clock a little ahead)."""
     keys = {live_key(server): server for server in servers}
     if not keys:
         return set()
@@ -966,7 +1004,7 @@ def _live_servers(conn: Connection, servers: Sequence[str], now: datetime) -> se
         daemon_state.c.key.in_(sorted(keys))
     )
     live = set()
-    epoch = now.replace(tzinfo=UTC).timestamp()
+    epoch = database_epoch(conn)
     window = LIVE_FOR.total_seconds()
     for key, value in conn.execute(query):
         kind, _, at = value.partition(":")
@@ -1010,7 +1048,7 @@ def status_rows(
     ``unknown``: its phone may be registered there, or gone, and nothing can tell."""
     now = now if now is not None else datetime.now(UTC).replace(tzinfo=None)
     configured = set(servers)
-    blind = configured - _live_servers(conn, sorted(configured), now)
+    blind = configured - _live_servers(conn, sorted(configured))
     query = select(
         users.c.id, users.c.extension, users.c.username, users.c.username_key, users.c.deleted_at
     )
