@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, case, delete, select, update
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 
 from . import credentials
 from .config import Config
@@ -43,7 +43,7 @@ from .model import (
     validate_fields,
 )
 from .store import queries as q
-from .store.engine import unavailable
+from .store.engine import store_unreadable, unavailable
 from .store.schema import users
 
 __all__ = [
@@ -262,12 +262,19 @@ class Accounts:
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
-        """One transaction; database outages become :class:`StoreUnavailable`."""
+        """One transaction; database outages become :class:`StoreUnavailable`, as does any
+        other database error while the store cannot be read at all (a SQLite file that is
+        no database: ``DatabaseError``), told by :func:`store_unreadable`."""
         try:
             with self.engine.begin() as conn:
                 yield conn
         except (OperationalError, ProgrammingError) as exc:
             raise unavailable(exc) from None
+        except DBAPIError:
+            unreadable = store_unreadable(self.engine)
+            if unreadable is not None:
+                raise unreadable from None
+            raise
 
     @contextmanager
     def write(self) -> Iterator[Connection]:

@@ -625,14 +625,21 @@ def _closed_port() -> int:
 )
 @pytest.mark.parametrize(
     "args",
-    [("render",), ("render", "--dry-run"), ("sync", "--once"), ("run", "--burst")],
+    [
+        ("render",),
+        ("render", "--dry-run"),
+        ("sync", "--once"),
+        ("run", "--burst"),
+        ("user", "list"),
+        ("status",),
+    ],
     ids=" ".join,
 )
 def test_a_store_that_cannot_be_read_is_the_user_store_unavailable(
     tmp_path: Path, store: str, args: tuple[str, ...]
 ) -> None:
-    """``render``, ``sync --once`` and ``run --burst`` on a user store that cannot be read
-    exit 7 saying ``user store unavailable:``, as ``user list`` and ``status`` do."""
+    """``render``, ``sync --once``, ``run --burst``, ``user list`` and ``status`` on a user
+    store that cannot be read exit 7 saying ``user store unavailable:``."""
     from .faultkit import cli, write_config
 
     path = tmp_path / "store.db"
