@@ -153,6 +153,37 @@ def cli_process(config: Path, *args: str, input: str | None = None, check: bool 
     return ran
 
 
+def fake_pbx_lines(port: int, secret: str = "lab-secret") -> list[str]:
+    """Config lines for a daemon talking to one fake Asterisk on ``port`` (``[[asterisk]]``
+    named pbx1) with no gap between reloads and quick reconnects."""
+    return [
+        "[ami]",
+        "reload_min_gap = 0",
+        "reload_gap_factor = 0",
+        "backoff_base = 0.05",
+        "backoff_cap = 0.2",
+        "[[asterisk]]",
+        'name = "pbx1"',
+        'host = "127.0.0.1"',
+        f"port = {port}",
+        'username = "provisioner"',
+        f'secret = "{secret}"',
+    ]
+
+
+def tcp_options(fd: int) -> tuple[int, int, int, int, int]:
+    """SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT and TCP_USER_TIMEOUT of the
+    socket ``fd``, as the kernel holds them."""
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        return (
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+        )
+
+
 async def cli_async(config: Path, *args: str) -> str:
     """:func:`cli_process` from a coroutine (the event loop keeps serving a fake Asterisk
     meanwhile): the console script's stdout; it must exit 0."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -29,24 +28,13 @@ from provisioner.store import engine as store_engine
 from provisioner.store.engine import open_engine
 
 from .dbs import temp_database
+from .faultkit import tcp_options
 from .mariacluster import unavailable_reason
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Seconds the cut may take to end the blocked read with the probe's short settings
 #: (1 s idle, 1 s apart, 2 probes: about 3 s), with room for a loaded machine.
 CUT_NOTICED = 10.0
-
-
-def _tcp_options(sock: socket.socket) -> tuple[int, int, int, int, int]:
-    """SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT and TCP_USER_TIMEOUT of
-    ``sock``, as the kernel holds them."""
-    return (
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
-        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
-        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
-        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
-        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
-    )
 
 
 def test_mariadb_connections_have_tcp_keepalive_and_a_user_timeout(tmp_path: Path) -> None:
@@ -58,7 +46,7 @@ def test_mariadb_connections_have_tcp_keepalive_and_a_user_timeout(tmp_path: Pat
         try:
             with engine.connect() as conn:
                 raw: object = conn.connection.dbapi_connection
-                options = _tcp_options(raw._sock)  # type: ignore[attr-defined]
+                options = tcp_options(raw._sock.fileno())  # type: ignore[attr-defined]
         finally:
             engine.dispose()
     assert options == (1, 10, 5, 3, 30_000)

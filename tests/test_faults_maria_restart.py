@@ -27,7 +27,7 @@ from provisioner.store.engine import open_engine
 from provisioner.store.schema import registration_summary, users
 
 from .amipeer import FakeAsterisk
-from .faultkit import Daemon, endpoints, seed_store, write_config
+from .faultkit import Daemon, endpoints, fake_pbx_lines, seed_store, write_config
 from .faultkit import cli_async as _cli
 from .faultkit import until as sync_until
 from .mariacluster import PrivateMariaDB, private_mariadb, unavailable_reason
@@ -55,20 +55,7 @@ def _config(tmp_path: Path, server: PrivateMariaDB, kind: str, ami_port: int) ->
         tmp_path,
         store_url=server.url,
         kind=kind,
-        extra=(
-            "poll_interval = 0.2",
-            "[ami]",
-            "reload_min_gap = 0",
-            "reload_gap_factor = 0",
-            "backoff_base = 0.05",
-            "backoff_cap = 0.2",
-            "[[asterisk]]",
-            'name = "pbx1"',
-            'host = "127.0.0.1"',
-            f"port = {ami_port}",
-            'username = "provisioner"',
-            'secret = "lab-secret"',
-        ),
+        extra=("poll_interval = 0.2", *fake_pbx_lines(ami_port)),
     )
 
 

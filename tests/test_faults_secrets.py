@@ -21,7 +21,17 @@ from provisioner.store.engine import open_engine
 from provisioner.store.schema import users
 
 from .amipeer import FakeAsterisk, in_a_thread
-from .faultkit import PROVISIONER, Daemon, Ran, cheap_hasher, cli, env, until, write_config
+from .faultkit import (
+    PROVISIONER,
+    Daemon,
+    Ran,
+    cheap_hasher,
+    cli,
+    env,
+    fake_pbx_lines,
+    until,
+    write_config,
+)
 from .helpers import secret_after
 
 AMI_SECRET = "Ami-Only-S3cret-4711"
@@ -43,17 +53,7 @@ def _config(tmp: Path, port: int, kind: str = "config") -> Path:
         extra=[
             "[log]",
             'level = "debug"',
-            "[ami]",
-            "reload_min_gap = 0",
-            "reload_gap_factor = 0",
-            "backoff_base = 0.05",
-            "backoff_cap = 0.2",
-            "[[asterisk]]",
-            'name = "pbx1"',
-            'host = "127.0.0.1"',
-            f"port = {port}",
-            'username = "provisioner"',
-            f'secret = "{AMI_SECRET}"',
+            *fake_pbx_lines(port, AMI_SECRET),
         ],
     )
 

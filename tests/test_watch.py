@@ -30,7 +30,7 @@ from provisioner.watch import (
     template_wakeups,
 )
 
-from .faultkit import Daemon, endpoints, seed_store, store_url, until, write_config
+from .faultkit import Daemon, endpoints, seed_store, store_url, tcp_options, until, write_config
 
 Scenario = Callable[[asyncio.Event, asyncio.Event], Awaitable[None]]
 
@@ -553,21 +553,6 @@ def test_postgresql_listen_connects_with_a_password_holding_spaces(tmp_path: Pat
     assert "s3cret" not in repr(logs)
 
 
-def _tcp_options(fd: int) -> tuple[int, int, int, int, int]:
-    """SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT and TCP_USER_TIMEOUT of the
-    socket ``fd``, as the kernel holds them."""
-    import socket
-
-    with socket.socket(fileno=os.dup(fd)) as sock:
-        return (
-            sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
-            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
-            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
-            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
-            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
-        )
-
-
 def test_postgresql_connections_notice_a_server_host_gone_silent(tmp_path: Path) -> None:
     """The LISTEN connection and the engine's pooled ones have TCP keepalive (10 s idle,
     then every 5 s, 3 probes) and a 30 s user timeout, unless the store URL sets its own:
@@ -583,11 +568,11 @@ def test_postgresql_connections_notice_a_server_host_gone_silent(tmp_path: Path)
     def options(url: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The TCP options of a LISTEN connection and of a pooled connection to ``url``."""
         with psycopg.connect(listen_conninfo(url)) as listen:
-            listened = _tcp_options(listen.fileno())
+            listened = tcp_options(listen.fileno())
         engine = open_engine(url)
         try:
             with engine.connect() as conn:
-                pooled = _tcp_options(conn.connection.dbapi_connection.fileno())  # type: ignore[union-attr]
+                pooled = tcp_options(conn.connection.dbapi_connection.fileno())  # type: ignore[union-attr]
         finally:
             engine.dispose()
         return listened, pooled
