@@ -338,10 +338,17 @@ def _close(sock: socket.socket) -> None:
 
 class CutProxy:
     """A TCP forwarder on 127.0.0.1 to a database server at ``port``, whose :meth:`cut`
-    closes the connections open so far for their clients only: the server's ends stay
-    open and silent, as after a network cut the server has not noticed yet, so their
-    sessions, and the locks they hold, live on until the server ends them or the proxy
-    is closed.  Connections made after a cut are forwarded as usual."""
+    closes the connections open so far on the client's side only.
+
+    The client sees its connection closed (end of file, or a reset) at its next read or
+    write: it notices the cut at once, so this is not a silent cut that leaves the client
+    waiting too.  The server's side stays open: nothing more is sent to it, the first
+    bytes it sends after the cut are read and dropped and any later ones are left unread,
+    and this host's TCP stack keeps the connection up (it answers keepalive probes).  So
+    it plays a cut the client has seen and the server has not: the server's sessions, and
+    the locks they hold, live on until the server ends them itself (an idle timeout, an
+    administrator's kill) or the proxy is closed.  Connections made after a cut are
+    forwarded as usual."""
 
     def __init__(self, port: int) -> None:
         self._target = ("127.0.0.1", port)

@@ -651,3 +651,29 @@ def test_from_config_defaults_to_the_store_database(tmp_path: Path) -> None:
     assert same.sqlite_defaults
     same.engine.dispose()
     other.engine.dispose()
+
+
+def test_kept_users_are_not_read_as_gone(target: RealtimeTarget, rt_engine: Engine) -> None:
+    """A plain apply that keeps most users (a realm change skips everyone) reads only the
+    rows of the users changed or really gone, leaves kept users' rows as they are and
+    still counts them as unchanged."""
+    objects = render(*(make_user(str(1000 + i)) for i in range(12)))
+    target.apply(objects)
+    kept = [o.endpoint_id for o in objects[3:]]
+    with rt_engine.begin() as conn:  # a kept user's rows are held even when they differ
+        conn.execute(ps_endpoints.update().where(ps_endpoints.c.id == kept[0]).values(context="x"))
+    before = snapshot(rt_engine)
+    wanted = render(make_user("1000", context="sales"), make_user("1001"))
+    with statements(rt_engine) as sent:
+        change = target.apply(wanted, keep=kept)
+    assert change.updated == ("1000",)
+    assert change.removed == ("1002",)
+    assert change.unchanged == 1 + len(kept)
+    reads = [s for s in sent if s.lstrip().upper().startswith("SELECT") and " ps_" in s]
+    assert reads
+    for statement in reads:
+        assert "WHERE" in statement.upper(), statement
+    after = snapshot(rt_engine)
+    for table in ("ps_endpoints", "ps_auths", "ps_aors"):
+        held = [r for r in before[table] if str(r[0]).removesuffix("-auth") in kept]
+        assert [r for r in after[table] if str(r[0]).removesuffix("-auth") in kept] == held

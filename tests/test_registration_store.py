@@ -41,6 +41,7 @@ from provisioner.store.registrations import (
     forget_other_servers,
     live_key,
     live_mark,
+    mark_live,
     replace_server_snapshot,
     set_problems,
     status_rows,
@@ -278,6 +279,113 @@ def test_a_daemon_whose_clock_is_off_marks_a_server_live_as_of_the_database_cloc
             return str(person["state"])
 
     assert run(marked()) == "offline"  # read now, and no phone registered: not unknown
+
+
+def _expiring(ep: str, at: float) -> tuple[list[ContactRow], SummaryRow]:
+    """``ep`` registered (one contact, an online summary) with Asterisk's expiry ``at``
+    (epoch seconds), as the flusher writes it."""
+    (contact,), summary = _state(ep, "NonQualified")
+    return [(*contact[:6], epoch_text(at), contact[7])], summary
+
+
+def _expiry_view(engine: Engine, server: str) -> dict[str, tuple[str, list[bool]]]:
+    """``status``'s state and contacts' ``expired`` of every user, by extension."""
+    with engine.connect() as conn:
+        people = status_rows(conn, servers=[server])
+    return {p["extension"]: (p["state"], [c["expired"] for c in p["contacts"]]) for p in people}
+
+
+#: A phone registered for 2 more minutes, and one whose expiry passed 3 minutes ago
+#: (past ``EXPIRED_AFTER``), as ``_expiry_view`` shows them.
+_JUDGED = {"100000": ("online", [False]), "100001": ("offline", [True])}
+
+
+class _SkewedDatetime(datetime):
+    """``datetime`` whose ``now`` is ``time.time``'s (a test skews that)."""
+
+    @classmethod
+    def now(cls, tz: Any = None) -> _SkewedDatetime:
+        return cls.fromtimestamp(time.time(), tz)
+
+
+def test_a_status_reader_whose_clock_is_off_judges_contact_expiries_right(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader whose clock runs 5 minutes ahead or behind shows a contact expiring in 2
+    minutes as live and one 3 minutes past its expiry as expired: expiries are judged on
+    the database's clock (and the daemon's offset from it), not the reader's."""
+    seed_store(engine, 2)
+    real = time.time
+    with engine.begin() as conn:
+        rows = {
+            "100000": _expiring("100000", real() + 120),
+            "100001": _expiring("100001", real() - 180),
+        }
+        write_endpoint_rows(conn, "pbx1", rows, NOW)
+        mark_live(conn, "pbx1", True)
+    monkeypatch.setattr(registrations_module, "datetime", _SkewedDatetime)
+    for skew in (_SKEW, -_SKEW):
+        monkeypatch.setattr(time, "time", lambda skew=skew: real() + skew)
+        assert _expiry_view(engine, "pbx1") == _JUDGED, skew
+
+
+def test_contact_expiries_are_judged_on_the_clock_of_the_daemon_that_told_them(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the daemon's (and Asterisk's) clock 5 minutes ahead of or behind the
+    database's, a reader with a right clock shows a contact Asterisk says expires in 2
+    minutes as live and one it says expired 3 minutes ago as expired: the daemon's live
+    mark notes how far its clock is from the database's (under a key that fits a server
+    name too long for the key column)."""
+    seed_store(engine, 2)
+    server = "asterisk-" + "x" * 55  # 64: the longest a server name may be
+    real = time.time
+    for skew in (_SKEW, -_SKEW):
+        monkeypatch.setattr(time, "time", lambda skew=skew: real() + skew)  # the daemon's
+        asterisk_now = time.time()
+        with engine.begin() as conn:
+            rows = {
+                "100000": _expiring("100000", asterisk_now + 120),
+                "100001": _expiring("100001", asterisk_now - 180),
+            }
+            write_endpoint_rows(conn, server, rows, NOW)
+            mark_live(conn, server, True)
+        monkeypatch.setattr(time, "time", real)  # the reader's
+        assert _expiry_view(engine, server) == _JUDGED, skew
+
+
+def test_a_phone_registered_with_asterisk_and_daemon_clocks_behind_is_shown_live(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real AmiPbx whose host, like Asterisk's, runs 10 minutes behind the database's
+    clock stores a snapshot whose contact Asterisk says expires in 5 minutes: a reader
+    with a right clock shows it live, not expired (10 minutes behind, it is 5 minutes
+    past by the reader's clock)."""
+    seed_store(engine, 1)
+    with engine.begin() as conn:
+        conn.execute(update(users).where(users.c.id == 1).values(extension="1001"))
+    real = time.time
+    behind = 2 * _SKEW
+
+    async def shown() -> dict[str, tuple[str, list[bool]]]:
+        peer = FakeAsterisk()
+        peer.clock = lambda: real() - behind  # its snapshot's expiry ~297 s after that
+        await peer.start()
+        client = AmiClient(server_for(peer), fast_settings())
+        ops = PjsipOps(client)
+        link = Link("lab", client, ReloadCoordinator(client, fast_settings()), ops)
+        try:
+            async with running(AmiPbx([link], engine, "realtime")):
+                await eventually(link.book_complete)
+                await eventually(lambda: _mark(engine, "lab").startswith("live:"))
+                await eventually(lambda: not link.dirty and link.store_idle.is_set())
+                monkeypatch.setattr(time, "time", real)  # the reader's
+                return _expiry_view(engine, "lab")
+        finally:
+            await peer.stop()
+
+    monkeypatch.setattr(time, "time", lambda: real() - behind)  # the daemon's
+    assert run(shown()) == {"1001": ("online", [False])}
 
 
 def _mark(engine: Engine, server: str) -> str:

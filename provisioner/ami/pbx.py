@@ -634,6 +634,8 @@ class AmiPbx:
         cutoff = time.time() - EXPIRED_AFTER.total_seconds()
         for link in self.links:
             h = link.client.health()
+            # Once: "live" and "online" of one record say the same thing by construction.
+            live = link.live()
             out[link.name] = {
                 "connected": h.connected,
                 # The reload session (the main one when reloads share it).
@@ -643,10 +645,10 @@ class AmiPbx:
                 "not_live": link.not_live,
                 "events": link.events,
                 "reloads": dict(link.reload_results),
-                "live": link.live(),
+                "live": live,
                 "online": (
                     sum(1 for reg in link.book.values() if counts_online(reg, cutoff))
-                    if link.live()
+                    if live
                     else None
                 ),
                 "store_failures": link.store_failures,

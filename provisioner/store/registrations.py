@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache, lru_cache
 from typing import Any, Literal, TypeVar, cast, overload
@@ -33,6 +35,7 @@ from sqlalchemy import (
     extract,
     func,
     insert,
+    or_,
     select,
     true,
     update,
@@ -57,7 +60,7 @@ from .bulk import (
 from .engine import escaping_bytes_not_utf8
 from .queries import is_sendable, username_key
 from .schema import daemon_state, registration_summary, registrations, users
-from .state import put_state
+from .state import write_states
 
 __all__ = [
     "EXPIRED_AFTER",
@@ -67,6 +70,7 @@ __all__ = [
     "EndpointRows",
     "RowBatch",
     "SummaryRow",
+    "clock_key",
     "database_epoch",
     "endpoint_writer",
     "epoch_text",
@@ -908,11 +912,12 @@ def _user_agent(contacts: Sequence[Mapping[str, Any]]) -> str:
     return str(contacts[0]["user_agent"]) if contacts else ""
 
 
-def _mark_expired(contacts: list[dict[str, Any]], now: datetime) -> None:
-    """Set each contact's ``expired``: its stored expiry is ``EXPIRED_AFTER`` before ``now``."""
-    cutoff = now - EXPIRED_AFTER
+def _mark_expired(contacts: list[dict[str, Any]], now_of: Callable[[str], datetime]) -> None:
+    """Set each contact's ``expired``: its stored expiry (Asterisk's) is ``EXPIRED_AFTER``
+    before ``now_of(<its server>)``, that server's time now."""
     for c in contacts:
-        c["expired"] = c["expires_at"] is not None and c["expires_at"] < cutoff
+        expires_at = c["expires_at"]
+        c["expired"] = expires_at is not None and expires_at < now_of(c["server"]) - EXPIRED_AFTER
 
 
 def _live_states(
@@ -938,18 +943,32 @@ LIVE_BEAT = 15.0
 #: no one marked it since (the daemon killed or hung, its store writes refused).
 LIVE_FOR = timedelta(seconds=60)
 _LIVE_PREFIX = "registration_live:"
-#: The longest server name put whole in a live mark's key (``daemon_state.key`` holds 64).
+_CLOCK_PREFIX = "registration_clock:"
+#: The longest server name put whole in a live or clock mark's key (``daemon_state.key``
+#: holds 64).
 _LIVE_TAG_MAX = 40
+
+
+def _server_key(prefix: str, server: str) -> str:
+    """``prefix`` and ``server``, a name too long for the key column cut and digested."""
+    if len(server) > _LIVE_TAG_MAX:
+        digest = hashlib.sha256(server.encode()).hexdigest()[:8]
+        server = server[: _LIVE_TAG_MAX - 9] + "~" + digest
+    return prefix + server
 
 
 def live_key(server: str) -> str:
     """The ``daemon_state`` key under which the daemon marks whether ``server``'s
     registration state in the store is live (:func:`live_mark`); a name too long for the
     key column cut and digested."""
-    if len(server) > _LIVE_TAG_MAX:
-        digest = hashlib.sha256(server.encode()).hexdigest()[:8]
-        server = server[: _LIVE_TAG_MAX - 9] + "~" + digest
-    return _LIVE_PREFIX + server
+    return _server_key(_LIVE_PREFIX, server)
+
+
+def clock_key(server: str) -> str:
+    """The ``daemon_state`` key under which the daemon notes, with each live mark, how
+    many seconds its clock is ahead of the database's (:func:`mark_live`): ``status``
+    judges ``server``'s contact expiries by it (:func:`status_rows`)."""
+    return _server_key(_CLOCK_PREFIX, server)
 
 
 def live_mark(live: bool, at: float) -> str:
@@ -987,34 +1006,89 @@ _UNIX_JULIAN_DAY = 2440587.5
 
 def mark_live(conn: Connection, server: str, live: bool) -> None:
     """Mark ``server``'s registration state ``live`` or ``down`` as of now on the
-    database's clock (:func:`live_mark`, :func:`database_epoch`), in the caller's
-    transaction."""
-    put_state(conn, live_key(server), live_mark(live, database_epoch(conn)))
+    database's clock (:func:`live_mark`, :func:`database_epoch`), and note under
+    :func:`clock_key` how many seconds this host's clock is ahead of the database's
+    (``<seconds>``, negative when behind), in the caller's transaction (one upsert).
+
+    The contact expiries the daemon stores are Asterisk's (``ExpirationTime``, epoch
+    seconds on Asterisk's clock), and the daemon knows no clock of Asterisk's: a reply
+    carries no time, events only with ``timestampevents``.  It takes its own clock for
+    Asterisk's, as it does when it sees to each expiry (``EXPIRY_GRACE``).  ``status``
+    then judges an expiry against the database's clock plus this offset, i.e. against
+    the daemon's clock now, and so as the daemon does, whatever the reader's clock says.
+    Noted every ``LIVE_BEAT``, the offset follows the daemon's clock being set right."""
+    before = time.time()
+    epoch = database_epoch(conn)
+    # The middle of the round trip: the database's clock was read about then.
+    ahead = (before + time.time()) / 2 - epoch
+    marks = {live_key(server): live_mark(live, epoch), clock_key(server): f"{ahead:.3f}"}
+    write_states(conn, marks)
 
 
-def _live_servers(conn: Connection, servers: Sequence[str]) -> set[str]:
-    """Those of ``servers`` whose registration state is live now: a ``live`` mark no
-    older than ``LIVE_FOR`` on the database's clock (:func:`database_epoch`; a little
-    younger, too: a mark committed after this transaction began, or written by a daemon
-    before marks took the database's time, with its own clock a little ahead)."""
+@dataclass
+class _Marks:
+    """What ``status`` reads of the daemon's marks (:func:`_read_marks`)."""
+
+    #: The database's clock at the read (:func:`database_epoch`).
+    epoch: float
+    #: The servers asked about whose registration state is live now.
+    live: set[str]
+    #: :func:`clock_key` -> seconds the clock of the daemon that marks it is ahead of
+    #: the database's.
+    ahead: dict[str, float]
+    #: Every server's time now, when the caller gives it (:func:`status_rows`' ``now``).
+    fixed: datetime | None = None
+    _now: dict[str, datetime] = field(default_factory=dict)
+
+    def now_of(self, server: str) -> datetime:
+        """``server``'s time now as the daemon reading it takes it (naive UTC): the
+        database's clock plus that daemon's offset (:func:`mark_live`); the database's
+        clock alone for a server with none noted (never marked, or by a provisioner
+        before offsets were noted)."""
+        if self.fixed is not None:
+            return self.fixed
+        now = self._now.get(server)
+        if now is None:
+            at = self.epoch + self.ahead.get(clock_key(server), 0.0)
+            now = self._now[server] = datetime.fromtimestamp(at, UTC).replace(tzinfo=None)
+        return now
+
+
+def _read_marks(conn: Connection, servers: Sequence[str], now: datetime | None) -> _Marks:
+    """The database's clock, those of ``servers`` whose registration state is live now,
+    and every server's clock offset (one query for the marks); ``now``: every server's
+    time, given (:attr:`_Marks.fixed`).
+
+    Live: a ``live`` mark no older than ``LIVE_FOR`` on the database's clock
+    (:func:`database_epoch`; a little younger, too: a mark committed after this
+    transaction began, or written by a daemon before marks took the database's time,
+    with its own clock a little ahead)."""
     keys = {live_key(server): server for server in servers}
-    if not keys:
-        return set()
-    query = select(daemon_state.c.key, daemon_state.c.value).where(
-        daemon_state.c.key.in_(sorted(keys))
+    key, value = daemon_state.c.key, daemon_state.c.value
+    query = select(key, value).where(
+        or_(key.in_(sorted(keys)), key.startswith(_CLOCK_PREFIX, autoescape=True))
     )
     live = set()
+    ahead: dict[str, float] = {}
     epoch = database_epoch(conn)
     window = LIVE_FOR.total_seconds()
-    for key, value in conn.execute(query):
-        kind, _, at = value.partition(":")
+    for found, text in conn.execute(query):
+        if found.startswith(_CLOCK_PREFIX):
+            try:
+                seconds = float(text)
+            except ValueError:
+                continue  # not a note this code wrote: the database's clock stands
+            if math.isfinite(seconds):
+                ahead[found] = seconds
+            continue
+        kind, _, at = text.partition(":")
         try:
             age = epoch - float(at)
         except ValueError:
             continue  # not a mark this code wrote: nothing is known
         if kind == "live" and abs(age) <= window:
-            live.add(keys[key])
-    return live
+            live.add(keys[found])
+    return _Marks(epoch, live, ahead, now)
 
 
 def _dialled_order(extension: str) -> tuple[int, int, str]:
@@ -1035,20 +1109,26 @@ def status_rows(
 ) -> list[dict[str, Any]]:
     """Per live user, ordered by extension as dialled numbers (:func:`_dialled_order`):
     extension, username, summary per server (by server name) and contacts (by server,
-    then URI, each with ``expired``: past its stored expiry by ``EXPIRED_AFTER`` at
-    ``now``, naive UTC, default the clock's), for ``status``; the user agent is a usable
-    contact's (:func:`_user_agent`).  An expired contact counts for nothing in the state.
-    A deleted user is listed only when named (as ``user show`` finds it): state
-    ``deleted``, no server, no contact (it is no longer provisioned).
+    then URI, each with ``expired``: past its stored expiry by ``EXPIRED_AFTER``), for
+    ``status``; the user agent is a usable contact's (:func:`_user_agent`).  An expired
+    contact counts for nothing in the state.  A deleted user is listed only when named
+    (as ``user show`` finds it): state ``deleted``, no server, no contact (it is no
+    longer provisioned).
+
+    A stored expiry is Asterisk's, on Asterisk's clock; it is judged against that
+    server's daemon's clock now (:meth:`_Marks.now_of`: the database's clock plus the
+    offset the daemon noted, :func:`mark_live`), never the reader's: a reader whose clock
+    is off would show live phones expired or gone ones live.  ``now`` (naive UTC), when
+    given, is every server's time instead (a test, or a look at an old record).
 
     ``servers``: the configured Asterisk servers.  One whose state is not live
     (:func:`_live_servers`: its AMI session down, the daemon stopped or killed) is not
     read now: its summaries say ``live: false`` and its contacts ``stale: true``, and
     they count for nothing.  A user that no live server holds online is then
     ``unknown``: its phone may be registered there, or gone, and nothing can tell."""
-    now = now if now is not None else datetime.now(UTC).replace(tzinfo=None)
     configured = set(servers)
-    blind = configured - _live_servers(conn, sorted(configured))
+    marks = _read_marks(conn, sorted(configured), now)
+    blind = configured - marks.live
     query = select(
         users.c.id, users.c.extension, users.c.username, users.c.username_key, users.c.deleted_at
     )
@@ -1085,7 +1165,7 @@ def status_rows(
     for p in people:
         sums = summaries.get(p.id, [])
         cons = contacts.get(p.id, [])
-        _mark_expired(cons, now)
+        _mark_expired(cons, marks.now_of)
         for s in sums:
             s["live"] = s["server"] not in blind
         for c in cons:

@@ -23,7 +23,8 @@ unchanged and none of their rows is read, so an unchanged sync of 100k users rea
 short tuples and writes nothing.  Only users whose digest differs, is unknown (NULL, e.g.
 records made before the column existed) or is missing (new users), and users provisioner
 no longer wants, have their rows read and compared column by column, as a verifying apply
-does (when they are more than half, whole tables are read instead).  The digests of the
+does (when they are more than half, whole tables are read instead); kept users (``keep``)
+are neither, their rows are held unread.  The digests of the
 last full apply are kept in memory with the objects they were computed from, by endpoint
 id, so the next apply of the same (or equal) objects does not hash them again.
 
@@ -554,8 +555,10 @@ class RealtimeTarget:
         unowned = provisioner_objects.name in missing
         has_digest = not unowned and self._digest_column(conn)
         digests = self._digests(objects, remember=scope is None)
+        #: Endpoint ids of every ownership record, when they were all read for the scope.
+        recorded: AbstractSet[str] | None = None
         if scope is None and not verify and has_digest:
-            scope = _stale_scope(conn, objects, digests)
+            scope, recorded = _stale_scope(conn, objects, digests, keep)
         compared = objects
         if scope is not None:
             compared = [obj for obj in objects if obj.endpoint_id in scope["endpoint"]]
@@ -595,7 +598,9 @@ class RealtimeTarget:
             if ext not in hold and stored.get(ext) != digests[ext]
         }
         change = _summarise(objects, kinds, blocked)
-        if kept := (set(keep) - desired["endpoint"].keys() - blocked) & stored.keys():
+        if recorded is None:
+            recorded = stored.keys()
+        if kept := (set(keep) - desired["endpoint"].keys() - blocked) & recorded:
             # Kept users' rows are held, unchanged (as a config file counts them): the
             # mass-removal guard weighs what is removed against every user held.
             change = replace(change, unchanged=change.unchanged + len(kept))
@@ -685,17 +690,25 @@ def _scope(upserts: Sequence[UserObjects], removed_ids: Iterable[str]) -> dict[s
 
 
 def _stale_scope(
-    conn: Connection, objects: Sequence[UserObjects], digests: Mapping[str, str]
-) -> dict[str, set[str]] | None:
+    conn: Connection,
+    objects: Sequence[UserObjects],
+    digests: Mapping[str, str],
+    keep: Collection[str],
+) -> tuple[dict[str, set[str]] | None, AbstractSet[str]]:
     """The object ids of the users whose recorded digest is not the desired one (changed,
-    new, unknown) and of the users provisioner has rows of but no longer wants; None when
-    they are so many that reading whole tables is cheaper."""
+    new, unknown) and of the users provisioner has rows of but no longer wants (None when
+    they are so many that reading whole tables is cheaper), and the endpoint ids of every
+    ownership record.
+
+    Kept users (``keep``) are neither: their rows are held as they are, so reading them
+    is wasted, and counting them as gone would read whole tables whenever many are kept
+    (a realm change can keep everyone)."""
     stored = _owned(conn, "endpoint", None, True)
     stale = [obj for obj in objects if stored.get(obj.endpoint_id) != digests[obj.endpoint_id]]
-    gone = stored.keys() - digests.keys()
+    gone = stored.keys() - digests.keys() - set(keep)
     if 2 * (len(stale) + len(gone)) > len(stored):
-        return None
-    return _scope(stale, gone)
+        return None, stored.keys()
+    return _scope(stale, gone), stored.keys()
 
 
 #: Bump when what a digest covers changes: every recorded digest then differs once, and
