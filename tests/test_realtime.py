@@ -561,6 +561,31 @@ def test_foreign_rows_never_touched(target: RealtimeTarget, rt_engine: Engine) -
     assert final["provisioner_objects"] == []
 
 
+def test_a_user_moved_onto_a_foreign_row_keeps_its_endpoint(
+    target: RealtimeTarget, rt_engine: Engine
+) -> None:
+    """A user whose new extension a hand-made row holds is skipped and keeps the rows
+    last written for it (full and one-user applies), until the move can be made."""
+    user = make_user("1001")
+    target.apply(render(user, make_user("1003")))
+    _insert_foreign(rt_engine)  # holds ps_endpoints 1002
+    before = snapshot(rt_engine)
+    moved = replace(user, extension="1002")
+    for change in (
+        target.apply(render(moved, make_user("1003")), verify=True),
+        target.apply(render(moved, make_user("1003"))),
+        target.apply_partial(render(moved), ["1001"]),
+    ):
+        assert change.conflicts == ("1002",)
+        assert change.removed == ()
+        assert change.empty
+        assert snapshot(rt_engine) == before
+    with rt_engine.begin() as conn:
+        conn.execute(ps_endpoints.delete().where(ps_endpoints.c.id == "1002"))
+    change = target.apply(render(moved, make_user("1003")))
+    assert (change.added, change.removed) == (("1002",), ("1001",))
+
+
 def test_failure_mid_apply_changes_nothing(target: RealtimeTarget, rt_engine: Engine) -> None:
     """A row the database refuses (a value outside an enum) rolls back the whole apply:
     the deletes and updates before it are undone too."""

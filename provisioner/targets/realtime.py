@@ -8,7 +8,8 @@ Ownership: provisioner records every row it creates in ``provisioner_objects`` (
 database).  Only recorded rows are ever updated or deleted.  A user whose endpoint, auth or
 AOR id is taken by a row provisioner did not create (a trunk, a hand-made endpoint) is
 skipped and reported in :attr:`Change.conflicts` and :attr:`Change.clashes`; the foreign row
-is left exactly as it is.  "Taken" is as the database compares ids: MariaDB/MySQL's usual
+is left exactly as it is, and a user moved there keeps the rows of ours its auth names
+(its last good objects).  "Taken" is as the database compares ids: MariaDB/MySQL's usual
 collations (``utf8mb4_general_ci``, ``utf8mb4_bin``, ...) ignore trailing spaces and most
 ignore case, so a hand-made ``1001-AUTH`` or ``1001 `` takes ``1001-auth`` or ``1001``
 (its unique key would refuse our row).  There, the ids of rows to be inserted are looked up
@@ -586,7 +587,11 @@ class RealtimeTarget:
             for clash in _clashes(conn, kind, desired[kind].keys(), seen[kind], owned[kind].keys())
         ]
         blocked = {clash.endpoint_id for clash in conflicts}
-        hold = set(keep) | blocked
+        # A blocked user moved from an endpoint of ours keeps it: skipped, it keeps its
+        # last good objects, as a user that cannot be rendered does.
+        last_good = _last_good(compared, blocked, shapes["auth"], seen["auth"], owned["endpoint"])
+        last_good -= desired["endpoint"].keys()
+        hold = set(keep) | blocked | last_good
         kinds = {
             kind: _compare(shapes[kind], desired[kind], seen[kind], owned[kind].keys(), hold)
             for kind in _KINDS
@@ -600,7 +605,7 @@ class RealtimeTarget:
         change = _summarise(objects, kinds, blocked)
         if recorded is None:
             recorded = stored.keys()
-        if kept := (set(keep) - desired["endpoint"].keys() - blocked) & recorded:
+        if kept := ((set(keep) - desired["endpoint"].keys() - blocked) | last_good) & recorded:
             # Kept users' rows are held, unchanged (as a config file counts them): the
             # mass-removal guard weighs what is removed against every user held.
             change = replace(change, unchanged=change.unchanged + len(kept))
@@ -991,6 +996,30 @@ def _summarise(
         changed_objects=tuple(changed),
         conflicts=tuple(_ordered(blocked)),
     )
+
+
+def _last_good(
+    objects: Iterable[UserObjects],
+    blocked: AbstractSet[str],
+    shape: _Shape,
+    auths: _Seen,
+    owned: Collection[str],
+) -> set[str]:
+    """The endpoint ids of ours (``owned``) whose auth row read (``auths``) names the user
+    of a blocked endpoint id (``blocked``: its new extension is a foreign row's): the
+    endpoint that user had before the move, which it keeps while it is skipped."""
+    names = {obj.username for obj in objects if obj.endpoint_id in blocked}
+    if not names:
+        return set()
+    at = 1 + shape.variable.index("username")
+    found = set()
+    for row in auths.rows:
+        oid = str(row[0])
+        if row[at] in names and oid.endswith(_AUTH_SUFFIX):
+            key = _user_key("auth", oid)
+            if key in owned:
+                found.add(key)
+    return found
 
 
 def _renamed(shape: _Shape, seen: _Seen, updates: Sequence[Row]) -> list[str]:
