@@ -405,6 +405,9 @@ class _Plan:
     #: Endpoint id -> digest, for the users compared whose recorded digest is not the
     #: desired one (to record with their rows); None without a ``digest`` column.
     digests: dict[str, str] | None
+    #: Endpoint id -> why a value of its objects does not fit its column's character
+    #: set (their users are skipped).
+    unfit: dict[str, list[Problem]] = field(default_factory=dict)
 
 
 @dataclass
@@ -442,6 +445,10 @@ class RealtimeTarget:
         self._shape_cache: dict[tuple[str, bool, tuple[tuple[str, ...], ...]], _Shape] = {}
         #: MD5 state after the prefix: each digest copies it instead of hashing ~1 KB again.
         self._digest_base = md5(usedforsecurity=False)
+        #: Kind -> {column: character set} of text columns that are not utf8mb4
+        #: (MariaDB/MySQL); read at the first write and again by every verifying apply
+        #: (a table converted meanwhile is seen at the next reconcile).
+        self._narrow: dict[str, dict[str, str]] | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> RealtimeTarget:
@@ -469,7 +476,10 @@ class RealtimeTarget:
         writes nothing (a table not created yet is taken as empty)."""
         with reading(self.engine) as conn:
             missing = _missing_tables(conn)
-            computed = self._compute(conn, objects, keep, None, verify=verify, missing=missing)
+            narrow = _narrow_columns(conn)
+            computed = self._compute(
+                conn, objects, keep, None, verify=verify, missing=missing, narrow=narrow
+            )
             diff = "".join(line + "\n" for line in _diff_lines(conn, computed))
             conn.rollback()
         return replace(computed.change, diff=diff)
@@ -528,7 +538,9 @@ class RealtimeTarget:
         with self.engine.connect() as conn, exclusive(conn, WRITER_LOCK):
             if not self._tables_ready:
                 self._create_tables(conn)
-            computed = self._compute(conn, objects, keep, scope, verify=verify)
+            if self._narrow is None or (verify and scope is None):
+                self._narrow = _narrow_columns(conn)
+            computed = self._compute(conn, objects, keep, scope, verify=verify, narrow=self._narrow)
             if guard is not None:
                 guard(computed.change)
             wrote = _write(conn, computed)
@@ -551,8 +563,11 @@ class RealtimeTarget:
         *,
         verify: bool,
         missing: Collection[str] = (),
+        narrow: Mapping[str, Mapping[str, str]] | None = None,
     ) -> _Plan:
-        """``missing``: names of tables not created yet, read as empty (only a plan)."""
+        """``missing``: names of tables not created yet, read as empty (only a plan);
+        ``narrow``: kind -> {column: character set} of columns that cannot hold every
+        character (see :func:`_unfit`)."""
         unowned = provisioner_objects.name in missing
         has_digest = not unowned and self._digest_column(conn)
         digests = self._digests(objects, remember=scope is None)
@@ -586,7 +601,8 @@ class RealtimeTarget:
             for kind in _KINDS
             for clash in _clashes(conn, kind, desired[kind].keys(), seen[kind], owned[kind].keys())
         ]
-        blocked = {clash.endpoint_id for clash in conflicts}
+        unfit = _unfit(shapes, desired, narrow) if narrow else {}
+        blocked = {clash.endpoint_id for clash in conflicts} | unfit.keys()
         # A blocked user moved from an endpoint of ours keeps it: skipped, it keeps its
         # last good objects, as a user that cannot be rendered does.
         last_good = _last_good(compared, blocked, shapes["auth"], seen["auth"], owned["endpoint"])
@@ -612,9 +628,9 @@ class RealtimeTarget:
         renamed = _renamed(shapes["auth"], seen["auth"], kinds["auth"].updates)
         if renamed:
             change = replace(change, reowned=tuple(renamed))
-        if conflicts:
-            change = replace(change, clashes=_reported(compared, conflicts))
-        return _Plan(kinds, conflicts, change, stale if has_digest else None)
+        if blocked:
+            change = replace(change, clashes=_reported(compared, conflicts, unfit))
+        return _Plan(kinds, conflicts, change, stale if has_digest else None, unfit)
 
     def _digests(self, objects: Sequence[UserObjects], *, remember: bool) -> dict[str, str]:
         """``{endpoint id: digest}``; with ``remember`` the cache then holds just these."""
@@ -904,9 +920,103 @@ def _probe(conn: Connection, table: Table, ids: Sequence[str], taken: dict[str, 
     _probe(conn, table, ids[half:], taken)
 
 
-def _reported(objects: Iterable[UserObjects], conflicts: Sequence[_Clash]) -> tuple[Skipped, ...]:
-    """One :class:`Skipped` per user blocked by ``conflicts``, in extension order."""
-    problems: dict[str, list[Problem]] = {}
+#: MariaDB/MySQL's ``information_schema.COLUMNS``: the character set of each text column.
+_COLUMNS = sql_table(
+    "COLUMNS",
+    *(sql_column(name, String) for name in ("TABLE_SCHEMA", "TABLE_NAME", "COLUMN_NAME")),
+    sql_column("CHARACTER_SET_NAME", String),
+    schema="information_schema",
+)
+#: Character sets that hold every character of the Basic Multilingual Plane and none
+#: beyond it (an emoji).
+_BMP_ONLY = frozenset({"utf8", "utf8mb3", "ucs2"})
+#: Single-byte character sets and the Python codec holding the same characters
+#: (MariaDB/MySQL's ``latin1`` is Windows-1252).  Any other set is left to the database.
+_CODECS = {"latin1": "cp1252", "ascii": "ascii"}
+#: The user's field a column's text comes from, where it is not the column itself.
+_FIELDS = {"callerid": "full_name"}
+
+
+def _narrow_columns(conn: Connection) -> dict[str, dict[str, str]]:
+    """Kind -> {column: character set} of the PJSIP tables' text columns whose character
+    set is not utf8mb4, on MariaDB/MySQL (tables made by hand or by Asterisk's own
+    scripts in the database's default, ``latin1`` or ``utf8mb3``); elsewhere none: every
+    PostgreSQL and SQLite text column holds any character."""
+    if conn.dialect.name not in ("mysql", "mariadb"):
+        return {}
+    kinds = {OWNED_KINDS[kind].name: kind for kind in _KINDS}
+    c = _COLUMNS.c
+    stmt = select(c.TABLE_NAME, c.COLUMN_NAME, c.CHARACTER_SET_NAME).where(
+        func.database() == c.TABLE_SCHEMA,
+        c.TABLE_NAME.in_(sorted(kinds)),
+        c.CHARACTER_SET_NAME != "utf8mb4",
+    )
+    found: dict[str, dict[str, str]] = {}
+    for table, column, charset in conn.execute(stmt):
+        found.setdefault(kinds[str(table)], {})[str(column)] = str(charset)
+    return found
+
+
+def _unheld(value: str, charset: str) -> str | None:
+    """The first character of ``value`` that a column of ``charset`` cannot hold (None:
+    every one fits, or the set is not one this module knows: the database decides)."""
+    if charset in _BMP_ONLY:
+        return next((ch for ch in value if ord(ch) > 0xFFFF), None)
+    codec = _CODECS.get(charset)
+    if codec is None:
+        return None
+    for ch in value:
+        try:
+            ch.encode(codec)
+        except UnicodeEncodeError:
+            return ch
+    return None
+
+
+def _unfit(
+    shapes: Mapping[str, _Shape],
+    desired: Mapping[str, Mapping[str, Row]],
+    narrow: Mapping[str, Mapping[str, str]],
+) -> dict[str, list[Problem]]:
+    """Endpoint id -> a problem per value of its desired rows that its column's character
+    set (``narrow``) cannot hold.  MariaDB/MySQL in strict mode refuses such a row (error
+    1366) and with it the whole apply, every other user's change included; outside strict
+    mode it stores ``?``.  Such a user is skipped instead, the others applied."""
+    found: dict[str, list[Problem]] = {}
+    for kind, columns in narrow.items():
+        shape = shapes[kind]
+        rows = desired[kind].values()
+        for column, charset in columns.items():
+            if column not in shape.variable:
+                continue
+            value_of = itemgetter(1 + shape.variable.index(column))
+            # Text columns hold text or NULL: one C-speed look at the whole column first.
+            if "".join(filter(None, map(value_of, rows))).isascii():
+                continue
+            for row in rows:
+                value = value_of(row)
+                if not isinstance(value, str) or value.isascii():
+                    continue
+                bad = _unheld(value, charset)
+                if bad is None:
+                    continue
+                rule = (
+                    f"{shape.table.name}.{column} is {charset} and cannot hold {bad!r}: "
+                    f"convert the realtime tables to utf8mb4 (as sql/asterisk/mysql.sql makes them)"
+                )
+                field_name = _FIELDS.get(column, f"{kind}.{column}")
+                found.setdefault(_user_key(kind, str(row[0])), []).append(Problem(field_name, rule))
+    return found
+
+
+def _reported(
+    objects: Iterable[UserObjects],
+    conflicts: Sequence[_Clash],
+    unfit: Mapping[str, Sequence[Problem]],
+) -> tuple[Skipped, ...]:
+    """One :class:`Skipped` per user blocked by ``conflicts`` or by values its columns'
+    character sets cannot hold (``unfit``), in extension order."""
+    problems: dict[str, list[Problem]] = {key: list(found) for key, found in unfit.items()}
     for clash in conflicts:
         problems.setdefault(clash.endpoint_id, []).append(clash.problem())
     names = {obj.endpoint_id: obj.username for obj in objects if obj.endpoint_id in problems}
@@ -1327,6 +1437,9 @@ def _diff_lines(conn: Connection, plan: _Plan) -> Iterator[str]:
                 f"! {name} {oid} is taken by {clash.row_id!r}, which the database compares "
                 f"equal and is not provisioner's: user {key} skipped"
             )
+    for key in _ordered(plan.unfit):
+        for problem in plan.unfit[key]:
+            yield f"! {problem.field}: {problem.rule}: user {key} skipped"
     for kp in plan.kinds.values():
         shape = kp.shape
         name = shape.table.name
