@@ -577,6 +577,7 @@ def test_a_user_moved_onto_a_foreign_row_keeps_its_endpoint(
         target.apply_partial(render(moved), ["1001"]),
     ):
         assert change.conflicts == ("1002",)
+        assert change.kept_for == (("1002", "1001"),)
         assert change.removed == ()
         assert change.empty
         assert snapshot(rt_engine) == before

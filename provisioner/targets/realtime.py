@@ -605,8 +605,10 @@ class RealtimeTarget:
         blocked = {clash.endpoint_id for clash in conflicts} | unfit.keys()
         # A blocked user moved from an endpoint of ours keeps it: skipped, it keeps its
         # last good objects, as a user that cannot be rendered does.
-        last_good = _last_good(compared, blocked, shapes["auth"], seen["auth"], owned["endpoint"])
-        last_good -= desired["endpoint"].keys()
+        kept_for = _last_good(compared, blocked, shapes["auth"], seen["auth"], owned["endpoint"])
+        for endpoint_id in kept_for.keys() & desired["endpoint"].keys():
+            del kept_for[endpoint_id]  # wanted by a user now: not a last good one
+        last_good = kept_for.keys()
         hold = set(keep) | blocked | last_good
         kinds = {
             kind: _compare(shapes[kind], desired[kind], seen[kind], owned[kind].keys(), hold)
@@ -630,6 +632,11 @@ class RealtimeTarget:
             change = replace(change, reowned=tuple(renamed))
         if blocked:
             change = replace(change, clashes=_reported(compared, conflicts, unfit))
+        if kept_for:
+            pairs = sorted(
+                ((b, k) for k, b in kept_for.items()), key=lambda p: endpoint_order(p[0])
+            )
+            change = replace(change, kept_for=tuple(pairs))
         return _Plan(kinds, conflicts, change, stale if has_digest else None, unfit)
 
     def _digests(self, objects: Sequence[UserObjects], *, remember: bool) -> dict[str, str]:
@@ -1114,21 +1121,23 @@ def _last_good(
     shape: _Shape,
     auths: _Seen,
     owned: Collection[str],
-) -> set[str]:
+) -> dict[str, str]:
     """The endpoint ids of ours (``owned``) whose auth row read (``auths``) names the user
-    of a blocked endpoint id (``blocked``: its new extension is a foreign row's): the
-    endpoint that user had before the move, which it keeps while it is skipped."""
-    names = {obj.username for obj in objects if obj.endpoint_id in blocked}
+    of a blocked endpoint id (``blocked``: its new extension is a foreign row's), each
+    with that blocked id: the endpoint that user had before the move, which it keeps
+    while it is skipped."""
+    names = {obj.username: obj.endpoint_id for obj in objects if obj.endpoint_id in blocked}
     if not names:
-        return set()
+        return {}
     at = 1 + shape.variable.index("username")
-    found = set()
+    found: dict[str, str] = {}
     for row in auths.rows:
         oid = str(row[0])
-        if row[at] in names and oid.endswith(_AUTH_SUFFIX):
+        name = row[at]
+        if isinstance(name, str) and name in names and oid.endswith(_AUTH_SUFFIX):
             key = _user_key("auth", oid)
             if key in owned:
-                found.add(key)
+                found[key] = names[name]
     return found
 
 
