@@ -261,19 +261,28 @@ class _Shape:
     """
 
     def __init__(
-        self, kind: str, fill: Mapping[str, Value], signatures: Iterable[tuple[str, ...]]
+        self,
+        kind: str,
+        fill: Mapping[str, Value],
+        signatures: Iterable[tuple[str, ...]],
+        absent: AbstractSet[str] = frozenset(),
     ) -> None:
+        """``absent``: columns of Asterisk's newest schema the table lacks (made by an
+        older Asterisk): left out where no option gives them a value."""
         self.kind = kind
         self.table = OWNED_KINDS[kind]
         order: dict[str, None] = {}
         for names in signatures:
             order.update(dict.fromkeys(names))
-        order.update(dict.fromkeys(c for c in MAPPED_COLUMNS[kind]))
         unknown = [c for c in order if c not in self.table.c or c == "id"]
         if unknown:
             raise InvalidInput.one(
                 kind, f"{', '.join(unknown)} is not a column of {self.table.name}"
             )
+        # A column only to clear (password_digest under auth_type md5) or to fill with
+        # Asterisk's default: an Asterisk whose table lacks it has no such option.
+        order.update(dict.fromkeys(c for c in MAPPED_COLUMNS[kind] if c not in absent))
+        fill = {c: v for c, v in fill.items() if c in order or c not in absent}
         self.variable: tuple[str, ...] = tuple(order)
         self._convert = {c: _converter(self.table, c) for c in (*order, *fill)}
         self._fill = {c: self._convert[c](v) for c, v in fill.items()}
@@ -442,13 +451,18 @@ class RealtimeTarget:
         self._digest_cache: tuple[dict[str, UserObjects], dict[str, str]] = ({}, {})
         self._cache_prefix = b""
         #: Shapes by (kind, defaults on, distinct option names), with their row builders.
-        self._shape_cache: dict[tuple[str, bool, tuple[tuple[str, ...], ...]], _Shape] = {}
+        self._shape_cache: dict[
+            tuple[str, bool, tuple[tuple[str, ...], ...], frozenset[str]], _Shape
+        ] = {}
         #: MD5 state after the prefix: each digest copies it instead of hashing ~1 KB again.
         self._digest_base = md5(usedforsecurity=False)
         #: Kind -> {column: character set} of text columns that are not utf8mb4
         #: (MariaDB/MySQL); read at the first write and again by every verifying apply
         #: (a table converted meanwhile is seen at the next reconcile).
         self._narrow: dict[str, dict[str, str]] | None = None
+        #: Kind -> columns of Asterisk's newest schema its table lacks (an older
+        #: Asterisk's); read when ``_narrow`` is.
+        self._absent: dict[str, frozenset[str]] | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> RealtimeTarget:
@@ -477,8 +491,16 @@ class RealtimeTarget:
         with reading(self.engine) as conn:
             missing = _missing_tables(conn)
             narrow = _narrow_columns(conn)
+            absent = _absent_columns(conn, missing)
             computed = self._compute(
-                conn, objects, keep, None, verify=verify, missing=missing, narrow=narrow
+                conn,
+                objects,
+                keep,
+                None,
+                verify=verify,
+                missing=missing,
+                narrow=narrow,
+                absent=absent,
             )
             diff = "".join(line + "\n" for line in _diff_lines(conn, computed))
             conn.rollback()
@@ -538,9 +560,12 @@ class RealtimeTarget:
         with self.engine.connect() as conn, exclusive(conn, WRITER_LOCK):
             if not self._tables_ready:
                 self._create_tables(conn)
-            if self._narrow is None or (verify and scope is None):
+            if self._narrow is None or self._absent is None or (verify and scope is None):
                 self._narrow = _narrow_columns(conn)
-            computed = self._compute(conn, objects, keep, scope, verify=verify, narrow=self._narrow)
+                self._absent = _absent_columns(conn)
+            computed = self._compute(
+                conn, objects, keep, scope, verify=verify, narrow=self._narrow, absent=self._absent
+            )
             if guard is not None:
                 guard(computed.change)
             wrote = _write(conn, computed)
@@ -564,10 +589,12 @@ class RealtimeTarget:
         verify: bool,
         missing: Collection[str] = (),
         narrow: Mapping[str, Mapping[str, str]] | None = None,
+        absent: Mapping[str, frozenset[str]] | None = None,
     ) -> _Plan:
         """``missing``: names of tables not created yet, read as empty (only a plan);
         ``narrow``: kind -> {column: character set} of columns that cannot hold every
-        character (see :func:`_unfit`)."""
+        character (see :func:`_unfit`); ``absent``: kind -> the columns its table lacks
+        (see :func:`_absent_columns`)."""
         unowned = provisioner_objects.name in missing
         has_digest = not unowned and self._digest_column(conn)
         digests = self._digests(objects, remember=scope is None)
@@ -586,7 +613,8 @@ class RealtimeTarget:
             id_of, options_of = _IDS_AND_OPTIONS[kind]
             options = list(map(options_of, compared))
             signatures = [tuple(map(_first, values)) for values in options]
-            shape = shapes[kind] = self._shape(kind, signatures)
+            lacks = _NONE if absent is None else absent.get(kind, _NONE)
+            shape = shapes[kind] = self._shape(kind, signatures, lacks)
             desired[kind] = shape.rows(map(id_of, compared), options, signatures)
             if shape.table.name in missing:
                 seen[kind] = _Seen(rows=[], ids=set(), off_constant=set())
@@ -665,18 +693,21 @@ class RealtimeTarget:
             self._digest_cache = (kept, found)
         return found
 
-    def _shape(self, kind: str, signatures: Iterable[tuple[str, ...]]) -> _Shape:
-        """The shape of ``kind`` for objects with option names ``signatures``."""
+    def _shape(
+        self, kind: str, signatures: Iterable[tuple[str, ...]], absent: frozenset[str]
+    ) -> _Shape:
+        """The shape of ``kind`` for objects with option names ``signatures``, in a table
+        lacking the columns ``absent``."""
         # Options come in the mapping's order, nearly always the same: few distinct ones.
         distinct = tuple(dict.fromkeys(signatures))
-        key = (kind, self.sqlite_defaults, distinct)
+        key = (kind, self.sqlite_defaults, distinct, absent)
         shape = self._shape_cache.get(key)
         if shape is None:
             fill = SQLITE_DEFAULTS[kind] if self.sqlite_defaults else {}
             if len(self._shape_cache) >= 64:
                 self._shape_cache.clear()
             # Kept: a one-user apply reuses the shape and its row builders.
-            shape = self._shape_cache[key] = _Shape(kind, fill, distinct)
+            shape = self._shape_cache[key] = _Shape(kind, fill, distinct, absent)
         return shape
 
 
@@ -685,6 +716,25 @@ def _missing_tables(conn: Connection) -> set[str]:
     tables = [*(OWNED_KINDS[kind] for kind in _KINDS), provisioner_objects]
     found = inspect(conn)
     return {table.name for table in tables if not found.has_table(table.name)}
+
+
+_NONE: frozenset[str] = frozenset()
+
+
+def _absent_columns(conn: Connection, missing: Collection[str] = ()) -> dict[str, frozenset[str]]:
+    """Kind -> the columns of Asterisk's newest schema (:mod:`.asterisk_schema`) that the
+    kind's table lacks: made by an older Asterisk's scripts, it has no column for an
+    option that Asterisk does not have.  A table in ``missing`` (not made yet) lacks none."""
+    found = inspect(conn)
+    absent: dict[str, frozenset[str]] = {}
+    for kind in _KINDS:
+        table = OWNED_KINDS[kind]
+        if table.name in missing:
+            continue
+        present = {column["name"] for column in found.get_columns(table.name)}
+        if gone := frozenset(table.c.keys()) - present:
+            absent[kind] = gone
+    return absent
 
 
 def _endpoints_of(conn: Connection, usernames: Sequence[str]) -> dict[str, list[str]]:
