@@ -84,7 +84,16 @@ from sqlalchemy.sql.dml import UpdateBase
 
 from ..errors import InvalidInput, Problem
 from ..logs import get_logger
-from ..pjsip import Options, Skipped, UserObjects, auth_id, endpoint_order
+from ..model import User, Voice
+from ..pjsip import (
+    Options,
+    RenderSettings,
+    Skipped,
+    UserObjects,
+    auth_id,
+    endpoint_order,
+    render_user,
+)
 from ..store.bulk import (
     Prepared,
     copy_rows,
@@ -104,7 +113,13 @@ if TYPE_CHECKING:
 
     from ..config import Config
 
-__all__ = ["MAPPED_COLUMNS", "REDACTED_COLUMNS", "SQLITE_DEFAULTS", "RealtimeTarget"]
+__all__ = [
+    "MAPPED_COLUMNS",
+    "REDACTED_COLUMNS",
+    "SQLITE_DEFAULTS",
+    "RealtimeTarget",
+    "lacking_columns",
+]
 
 log = get_logger(__name__)
 
@@ -735,6 +750,33 @@ def _absent_columns(conn: Connection, missing: Collection[str] = ()) -> dict[str
         if gone := frozenset(table.c.keys()) - present:
             absent[kind] = gone
     return absent
+
+
+def lacking_columns(conn: Connection, settings: RenderSettings) -> list[str]:
+    """``table.column`` of each column the mapping gives a value under ``settings`` (a
+    sample user's options) that its table lacks (made by an older Asterisk): every apply
+    of a user would fail on it.  Tables not made yet lack none (the first write makes
+    them whole)."""
+    sample = User(
+        id=0,
+        role="user",
+        username="sample",
+        full_name="Sample",
+        email="sample@example.com",
+        extension="1000",
+        voice=Voice(),
+        sip_realm=settings.realm,
+        sip_md5="0" * 32,
+        sip_sha256="0" * 64,
+    )
+    objects = render_user(sample, settings)
+    absent = _absent_columns(conn, _missing_tables(conn))
+    lacking = []
+    for kind in _KINDS:
+        given = {name for name, _value in _IDS_AND_OPTIONS[kind][1](objects)}
+        table = OWNED_KINDS[kind].name
+        lacking += [f"{table}.{c}" for c in sorted(given & absent.get(kind, _NONE))]
+    return lacking
 
 
 def _endpoints_of(conn: Connection, usernames: Sequence[str]) -> dict[str, list[str]]:
