@@ -890,7 +890,7 @@ class Daemon:
             self.metrics.syncs.labels(kind=kind, result="failed").inc()
             self._last_exc = exc
             self.health.last_sync_ok = False
-            self.health.last_error = _describe(exc)
+            self.health.last_error = await self._described(exc)
             self.health.last_sync_at = time.time()
             self._log_failure(exc)
             self._write_health()
@@ -898,6 +898,18 @@ class Daemon:
         self.health.cursor = self.tracker.cursor
         self._write_health_soon()  # after the AMI task had its turn: it is what goes live
         return result
+
+    async def _described(self, exc: BaseException) -> str:
+        """:func:`_describe` of an apply's failure; a database error of a realtime apply
+        while the user store reads fine is the realtime database's (its own
+        ``target.url`` away, or a table lacking a column), said so, not the store
+        unavailable: an operator would look at the wrong database."""
+        if isinstance(exc, DBAPIError) and self.config.target.kind == "realtime":
+            unreadable = await in_worker(store_unreadable, self.engine)
+            if unreadable is not None:
+                return unreadable.message
+            return f"realtime database error: {driver_error(exc)}"
+        return _describe(exc)
 
     def _log_failure(self, exc: BaseException) -> None:
         """Log a failed apply: each one that no retry would help (a refused mass removal,
