@@ -639,6 +639,26 @@ def test_failure_mid_apply_changes_nothing(target: RealtimeTarget, rt_engine: En
     assert snapshot(rt_engine) == before
 
 
+def test_a_first_apply_that_fails_leaves_the_next_one_making_the_tables(db_url: str) -> None:
+    """A first apply into an empty database that fails after making the tables (a guard
+    refusing, a value refused, a connection lost) rolls them back where DDL is
+    transactional (PostgreSQL, SQLite); the next apply of the same target makes them
+    again instead of failing on a missing table until the process restarts."""
+    engine = open_engine(db_url)
+    try:
+        target = RealtimeTarget(engine)
+
+        def refuse(change: Change) -> None:
+            raise RuntimeError("refused")
+
+        with pytest.raises(RuntimeError):
+            target.apply(render(make_user("1001")), guard=refuse)
+        assert target.apply(render(make_user("1001"))).added == ("1001",)
+        assert row_of(engine, ps_endpoints, "1001") is not None
+    finally:
+        engine.dispose()
+
+
 def test_guard_can_abort(target: RealtimeTarget, rt_engine: Engine) -> None:
     """The guard sees the computed change before any write; raising aborts the apply."""
     target.apply(render(make_user("1001")))

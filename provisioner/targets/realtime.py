@@ -490,11 +490,11 @@ class RealtimeTarget:
         ownership table's ``digest`` column where an older provisioner made it without one;
         never drops anything."""
         with self.engine.begin() as conn:
-            self._create_tables(conn)
+            _create_tables(conn)
+        self._tables_made()
 
-    def _create_tables(self, conn: Connection) -> None:
-        metadata.create_all(conn, checkfirst=True)
-        add_missing_columns(conn)
+    def _tables_made(self) -> None:
+        """The tables were made sure of, and that is committed: no need to look again."""
         self._has_digest = True  # there now: no need to look at the columns again
         self._tables_ready = True
 
@@ -572,9 +572,12 @@ class RealtimeTarget:
         # One writer at a time (the daemon and `sync --once`, two daemons by mistake): the
         # second reads what the first committed, instead of inserting the same rows again
         # and failing on a duplicate key, or a deadlock.
+        making = not self._tables_ready
         with self.engine.connect() as conn, exclusive(conn, WRITER_LOCK):
-            if not self._tables_ready:
-                self._create_tables(conn)
+            if making:
+                # Taken for made only once committed: PostgreSQL and SQLite roll DDL back
+                # with a failed apply, and the next one must make them again.
+                _create_tables(conn)
             if self._narrow is None or self._absent is None or (verify and scope is None):
                 self._narrow = _narrow_columns(conn)
                 self._absent = _absent_columns(conn)
@@ -584,6 +587,8 @@ class RealtimeTarget:
             if guard is not None:
                 guard(computed.change)
             wrote = _write(conn, computed)
+        if making:
+            self._tables_made()
         return replace(computed.change, wrote=True) if wrote else computed.change
 
     # -- reading and comparing -------------------------------------------------
@@ -724,6 +729,12 @@ class RealtimeTarget:
             # Kept: a one-user apply reuses the shape and its row builders.
             shape = self._shape_cache[key] = _Shape(kind, fill, distinct, absent)
         return shape
+
+
+def _create_tables(conn: Connection) -> None:
+    """Make the missing tables and ownership columns on ``conn`` (in its transaction)."""
+    metadata.create_all(conn, checkfirst=True)
+    add_missing_columns(conn)
 
 
 def _missing_tables(conn: Connection) -> set[str]:
