@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
+import stat
 import subprocess
 from collections.abc import Iterator
 from datetime import datetime
@@ -613,6 +615,38 @@ def test_db_upgrade_still_creates_a_missing_sqlite_store_and_its_directories(
     assert "store at revision" in cli.ok("db", "upgrade")
     assert store.is_file()
     assert cli.ok("user", "list").splitlines()[1:] == []
+
+
+def test_a_new_sqlite_store_and_its_wal_files_are_not_world_readable(tmp_path: Path) -> None:
+    """``db upgrade`` under the usual umask 022 makes the SQLite store (which holds the SIP
+    digests, enough to register as any phone) and its WAL and shared-memory files mode 0640,
+    not readable by other local users."""
+    store = tmp_path / "store.db"
+    cli = make_cli(f"sqlite:///{store}", tmp_path, CONFIG)
+    old = os.umask(0o022)
+    try:
+        assert "store at revision" in cli.ok("db", "upgrade")
+        engine = open_engine(f"sqlite:///{store}")
+        try:
+            with engine.connect() as conn:  # WAL mode: the -wal and -shm files exist meanwhile
+                conn.exec_driver_sql("SELECT 1")
+                modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in tmp_path.glob("store.db*")}
+        finally:
+            engine.dispose()
+    finally:
+        os.umask(old)
+    assert modes == {"store.db": 0o640, "store.db-wal": 0o640, "store.db-shm": 0o640}
+
+
+def test_an_existing_sqlite_store_keeps_its_mode(tmp_path: Path) -> None:
+    """A store file that is already there keeps the mode its owner gave it (0600 here)."""
+    store = tmp_path / "store.db"
+    sqlite3.connect(store).close()
+    store.chmod(0o600)
+    assert "store at revision" in make_cli(f"sqlite:///{store}", tmp_path, CONFIG).ok(
+        "db", "upgrade"
+    )
+    assert stat.S_IMODE(store.stat().st_mode) == 0o600
 
 
 @pytest.mark.parametrize("args", [*_READERS[:8], ("render",), ("sync", "--once")], ids=" ".join)
