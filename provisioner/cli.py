@@ -204,10 +204,23 @@ def user_view(app: App, user: User) -> dict[str, Any]:
     return data
 
 
+#: C0 controls, DEL and C1 controls (ESC, BEL, CR, CSI...): what a terminal acts on.
+_TERMINAL_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _visible(text: str) -> str:
+    """``text`` with every control character as its ``\\xNN`` escape: text a phone sent (its
+    user agent) or another writer stored reaches the terminal as characters, never as
+    escape sequences it would act on (clear the screen, write the clipboard, hide lines)."""
+    return _TERMINAL_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def _table(rows: list[list[str]], header: list[str]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-    for row in [header, *rows]:
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    """``rows`` under ``header`` in aligned columns, each cell :func:`_visible`."""
+    cells = [[_visible(str(c)) for c in row] for row in [header, *rows]]
+    widths = [max(len(x) for x in col) for col in zip(*cells, strict=True)]
+    for row in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 # -- db ---------------------------------------------------------------------------
@@ -419,9 +432,9 @@ def user_show(app: App, username: str, as_json: bool) -> None:
     attrs = data.pop("attributes")
     for key, value in [*data.items(), *voice.items()]:
         shown = _shown_time(value) if isinstance(value, datetime) else value
-        click.echo(f"{key:24} {'' if shown is None else shown}")
+        click.echo(f"{key:24} {'' if shown is None else _visible(str(shown))}")
     for key, value in attrs.items():
-        click.echo(f"{'attr:' + key:24} {value}")
+        click.echo(_visible(f"{'attr:' + key:24} {value}"))
 
 
 @user.command("list")

@@ -785,6 +785,31 @@ def test_status_shows_the_user_agent_of_a_usable_contact_and_contacts_in_order(
     assert "New/2" in cli.ok("status", "alice")
 
 
+def test_status_prints_a_phones_control_characters_escaped(cli: Cli, store: Engine) -> None:
+    """A user agent a phone sent with terminal escape sequences (an OSC 52 clipboard write, a
+    screen clear) reaches the admin's terminal as visible ``\\x1b`` escapes, never as the
+    bytes that a terminal would act on; ``--json`` keeps the exact text, escaped by JSON."""
+    from provisioner.store.registrations import write_endpoint_rows
+
+    _add(cli, "alice")
+    ext = json.loads(cli.ok("user", "show", "alice", "--json"))["extension"]
+    agent = "Phone/1 \x1b]52;c;cm0gLXJmIH4=\x07\x1b[2J\x9b1m\r"
+    seen = "2026-05-01 11:59:58.654321"
+    contact = (f"{ext};@a", f"sip:{ext}@10.0.0.1:5060", "NonQualified", agent, "", None, None, seen)
+    with store.begin() as conn:
+        write_endpoint_rows(
+            conn,
+            "pbx1",
+            {ext: ([contact], ("online", "NOT_INUSE", "", seen))},
+            datetime(2026, 5, 1),
+        )
+    shown = cli.ok("status", "alice")
+    assert not any(ch in shown for ch in "\x1b\x07\x9b\r"), repr(shown)
+    assert "Phone/1 \\x1b]52;c;cm0gLXJmIH4=\\x07\\x1b[2J\\x9b1m\\x0d" in shown
+    (row,) = json.loads(cli.ok("status", "alice", "--json"))
+    assert row["user_agent"] == agent
+
+
 def test_status_orders_users_by_extension_as_dialled_numbers(cli: Cli) -> None:
     """``status`` lists extension 2001 before 10000 (numbers, not text), and 0101 just
     before 101 (same number: the text decides)."""
