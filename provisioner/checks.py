@@ -75,11 +75,25 @@ def _store(config: Config) -> Check:
             return ("store", False, _orphaned_triggers(orphans))
         if silent:
             return ("store", False, _silent_triggers(silent))
+        if (too_open := _readable_by_others(config.store.url)) is not None:
+            return ("store", False, too_open)
         return ("store", True, f"{display_url(config.store.url)}: {count} users")
     except DBAPIError as exc:
         return ("store", False, f"cannot open: {driver_error(exc)}")
     finally:
         engine.dispose()
+
+
+def _readable_by_others(url: str) -> str | None:
+    """What a SQLite store file others may read needs (one made before provisioner made
+    them 0640, or chmodded since); None when it is not so, or no SQLite file."""
+    path = sqlite_file(url)
+    if path is None or not os.stat(path).st_mode & 0o004:
+        return None
+    return (
+        f"{path} is readable by others, and it holds the SIP digests (with one, anyone "
+        "registers as that phone): chmod 640 it, and its -wal and -shm files"
+    )
 
 
 def _orphaned_triggers(definers: Sequence[str]) -> str:

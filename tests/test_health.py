@@ -458,3 +458,23 @@ def test_a_burst_beside_the_running_daemon_leaves_its_record(tmp_path: Path) -> 
     assert (record.pid, record.stopped_at) == (daemon.proc.pid, None)
     (line,) = [line for line in result.out.splitlines() if "daemon:" in line]
     assert line.startswith("ok    daemon:"), result.out
+
+
+def test_check_fails_a_sqlite_store_others_may_read(tmp_path: Path) -> None:
+    """'provisioner check' fails its store line for a SQLite store file others may read (one
+    made before stores were made 0640: it holds the SIP digests), naming the file and the
+    chmod that fixes it; once fixed, the line passes."""
+    seed_store(store_url(tmp_path), 1).dispose()
+    store = tmp_path / "store.db"
+    store.chmod(0o644)
+    config = write_config(tmp_path)
+    result = cli(config, "check", check=False)
+    assert result.code == 1
+    assert (
+        f"FAIL  store: {store} is readable by others, and it holds the SIP digests "
+        "(with one, anyone registers as that phone): chmod 640 it, and its -wal and -shm "
+        "files"
+    ) in result.out.splitlines()
+    store.chmod(0o640)
+    fixed = cli(config, "check", check=False)
+    assert "ok    store: " in fixed.out, fixed.out
