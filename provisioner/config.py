@@ -38,7 +38,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import ErrorDetails, InitErrorDetails
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from .errors import ConfigError, Problem
@@ -183,7 +183,29 @@ def _check_url(value: str) -> str:
             f"its driver is not installed ({dialect.name}+{dialect.driver}: {exc}); "
             "install it or name one that is, e.g. postgresql+psycopg, mysql+pymysql"
         ) from None
+    if dialect.driver == "pymysql" and not all(map(_latin1, _passwords(url))):
+        # pymysql encodes the password as Latin-1 at every connect: it would fail each one
+        # with a UnicodeEncodeError quoting the character and its place in the password.
+        raise ValueError(
+            "its password holds a character pymysql cannot send (it sends the password as "
+            "Latin-1, which has no euro sign or emoji, say): set one of Latin-1 characters"
+        )
     return value
+
+
+def _passwords(url: URL) -> list[str]:
+    """Every password ``url`` gives its driver: the one before the ``@`` and the values of
+    the query parameters that may hold one (``?password=``, ``?passwd=``)."""
+    given = [url.password] if url.password is not None else []
+    for key, values in url.query.items():
+        if key.lower() in ("password", "passwd"):
+            given += [values] if isinstance(values, str) else list(values)
+    return given
+
+
+def _latin1(text: str) -> bool:
+    """Whether Latin-1 holds every character of ``text``."""
+    return all(ord(ch) < 256 for ch in text)
 
 
 #: Query parameters a driver may take as a password (libpq's ``password`` and

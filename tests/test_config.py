@@ -692,6 +692,40 @@ def test_a_password_with_an_unescaped_at_sign_is_refused_not_shown_as_the_host(
     assert "w0rd" not in str(info.value)
 
 
+@pytest.mark.parametrize("section", ["store", "target"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql+pymysql://app:Geheim%E2%82%ACWort@db/users",
+        "mysql+pymysql://app@db/users?password=Geheim%E2%82%ACWort",
+        "mysql+pymysql://app@db/users?passwd=Geheim%E2%82%ACWort",
+    ],
+)
+def test_a_pymysql_password_latin1_cannot_hold_is_refused_without_showing_it(
+    section: str, url: str, tmp_path: Path
+) -> None:
+    """A MariaDB/MySQL password pymysql cannot send (it encodes it as Latin-1: a '€' has no
+    byte there) is a config problem naming the rule, not a traceback at the first connect
+    quoting the character and its place (nor a daemon restarted forever for it)."""
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={section: {"url": url}})
+    assert [p.field for p in info.value.problems] == [f"{section}.url"]
+    assert "Latin-1" in info.value.problems[0].rule
+    for shown in ("Geheim", "Wort", "\u20ac", "\\u20ac", "position"):
+        assert shown not in str(info.value)
+    result = make_cli(url, tmp_path, f'[target]\npath = "{tmp_path}/p.conf"\n')("user", "list")
+    if section == "store":
+        assert result.code == 2, result
+        assert "Traceback" not in result.err
+        assert "Geheim" not in result.out + result.err
+
+
+def test_a_pymysql_password_of_latin1_characters_is_taken() -> None:
+    """A password of Latin-1 characters beyond ASCII ('ö', '§') is one pymysql sends: kept."""
+    url = "mysql+pymysql://app:Geheimw%C3%B6rt%C2%A7@db/users"
+    assert load_config(env={}, overrides={"store": {"url": url}}).store.url == url
+
+
 def test_a_url_of_an_unknown_database_is_a_config_problem(tmp_path: Path) -> None:
     """A store URL naming no database SQLAlchemy knows is a config problem (exit 2), listed
     with the others, not a traceback."""
