@@ -341,10 +341,15 @@ def _stdin_line() -> str:
     return line.rstrip("\r\n")
 
 
-def _stdin_secret(value: str | None) -> str | None:
-    if value == "-":
-        return _stdin_line()
-    return value
+def _stdin_secret(value: str | None, name: str) -> str | None:
+    """``value``, or for ``-`` the secret read from stdin: one line when stdin is a pipe,
+    asked for as ``name`` with the echo off and confirmed when it is a terminal (typed
+    there, the line would show on the screen and stay in its scrollback)."""
+    if value != "-":
+        return value
+    if sys.stdin.isatty():
+        return str(click.prompt(name, hide_input=True, confirmation_prompt=True))
+    return _stdin_line()
 
 
 def _parse_attrs(attrs: Sequence[str]) -> dict[str, str]:
@@ -363,9 +368,9 @@ def _parse_attrs(attrs: Sequence[str]) -> dict[str, str]:
 
 def _field_values(opts: dict[str, Any]) -> dict[str, Any]:
     values = {k: v for k, v in opts.items() if v is not None and k not in ("attrs", "avatar")}
-    for secret in ("password", "sip_secret"):
+    for secret, name in (("password", "Password"), ("sip_secret", "SIP secret")):
         if secret in values:
-            values[secret] = _stdin_secret(values[secret])
+            values[secret] = _stdin_secret(values[secret], name)
     if opts.get("avatar") is not None:
         values["avatar"] = _read_avatar(opts["avatar"])
     return values
@@ -518,7 +523,7 @@ def user_passwd(app: App, username: str) -> None:
 @pass_app
 def user_sip_secret(app: App, username: str, rotate: bool, secret: str | None) -> None:
     """Rotate a user's SIP secret; the new one is shown once."""
-    given = _stdin_secret(secret)
+    given = _stdin_secret(secret, "SIP secret")
     new = app.accounts.rotate_sip_secret(username, given)
     log.info("user.sip_secret_rotated", username=username)
     click.echo(f"SIP secret rotated for {username}")

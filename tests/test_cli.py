@@ -617,6 +617,76 @@ def test_db_upgrade_still_creates_a_missing_sqlite_store_and_its_directories(
     assert cli.ok("user", "list").splitlines()[1:] == []
 
 
+def _typed_at_a_terminal(args: list[str], typed: list[str], env_: dict[str, str]) -> str:
+    """Run ``provisioner args`` with a pseudo-terminal as stdin, stdout and stderr, type each
+    of ``typed`` (a line) once the command waits for it, and return all it showed there:
+    what it printed and what the terminal echoed of the typing."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [PROVISIONER, *args], stdin=slave, stdout=slave, stderr=slave, env=env_, close_fds=True
+    )
+    os.close(slave)
+    shown = b""
+    pending = list(typed)
+    typed_at = 0  # len(shown) when the last line was typed
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 5.0)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: the command ended and closed the terminal
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+            # A line is typed at a new prompt, or after 5 s of silence (a plain read).
+            prompted = len(shown) > typed_at and shown.endswith(b": ")
+            if pending and (prompted or not ready):
+                os.write(master, (pending.pop(0) + "\n").encode())
+                typed_at = len(shown)
+            elif not ready and proc.poll() is not None:
+                break
+    finally:
+        proc.wait(timeout=30)
+        os.close(master)
+    return shown.decode(errors="replace")
+
+
+def test_a_secret_read_with_dash_from_a_terminal_is_not_echoed(tmp_path: Path) -> None:
+    """``--password -``, ``--sip-secret -`` and ``user sip-secret --secret -`` typed at a
+    terminal are asked for with the echo off (and confirmed), as ``user passwd`` asks: the
+    secret never shows on the screen or in its scrollback; the user is added with them."""
+    config = tmp_path / "provisioner.toml"
+    config.write_text(f'[store]\nurl = "sqlite:///{tmp_path / "store.db"}"\n')
+    run_env = env()
+    for args in (["db", "upgrade"], ["profile", "add", "agents"]):
+        subprocess.run([PROVISIONER, "--config", str(config), *args], env=run_env, check=True)
+    add = ["user", "add", "alice", "--role", "admin", "--full-name", "A", "--email", "a@e.com"]
+    shown = _typed_at_a_terminal(
+        ["--config", str(config), *add, "--password", "-", "--sip-secret", "-"],
+        ["Typed-Pass-Word-1", "Typed-Pass-Word-1", "Typed-Sip-Secret-2", "Typed-Sip-Secret-2"],
+        run_env,
+    )
+    assert "added alice" in shown, shown
+    assert "Typed-Pass-Word-1" not in shown
+    assert "Typed-Sip-Secret-2" not in shown
+    login = subprocess.run(
+        [PROVISIONER, "--config", str(config), "auth", "login", "alice"],
+        input="Typed-Pass-Word-1\n", capture_output=True, text=True, env=run_env,
+    )  # fmt: skip
+    assert login.returncode == 0, login.stderr
+    rotate = ["user", "sip-secret", "alice", "--rotate", "--secret", "-"]
+    shown = _typed_at_a_terminal(
+        ["--config", str(config), *rotate], ["Typed-Sip-Secret-3", "Typed-Sip-Secret-3"], run_env
+    )
+    assert "SIP secret rotated for alice" in shown, shown
+    assert "Typed-Sip-Secret-3" not in shown
+
+
 def test_a_new_sqlite_store_and_its_wal_files_are_not_world_readable(tmp_path: Path) -> None:
     """``db upgrade`` under the usual umask 022 makes the SQLite store (which holds the SIP
     digests, enough to register as any phone) and its WAL and shared-memory files mode 0640,
