@@ -21,6 +21,7 @@ from .config import (
     Config,
     TargetSettings,
     cache_names,
+    config_file_problem,
     display_url,
     secret_file_problem,
 )
@@ -292,6 +293,19 @@ def _secret_files(config: Config) -> Iterator[Check]:
             yield ("config", False, problem)
 
 
+def _config_file(config: Config) -> Iterator[Check]:
+    """A failed config line for a config file others may read that holds a secret itself
+    (:func:`config_file_problem`), or that cannot be looked at any more."""
+    if config.source is None:
+        return
+    try:
+        problem = config_file_problem(Path(config.source))
+    except OSError as exc:
+        problem = f"cannot look at {config.source}: {exc.strerror or exc}"
+    if problem is not None:
+        yield ("config", False, problem)
+
+
 def _health(config: Config) -> Iterator[Check]:
     """The daemon line, from its health record: failed when the record is unreadable or
     the daemon unhealthy; passed, saying so, when there is no record (no daemon has run
@@ -321,9 +335,10 @@ def _looking(check: Callable[[Config], Check], name: str, config: Config) -> Che
 
 
 def run_checks(config: Config) -> list[Check]:
-    """Every check, in order: config (and each secret_file too open), store, target, each
-    Asterisk login, the daemon's health."""
+    """Every check, in order: config (and the config file or a secret_file too open), store,
+    target, each Asterisk login, the daemon's health."""
     checks: list[Check] = [("config", True, config.source or "embedded defaults")]
+    checks.extend(_config_file(config))
     checks.extend(_secret_files(config))
     checks.append(_looking(_store, "store", config))
     checks.append(_looking(_target, "target", config))

@@ -466,6 +466,43 @@ def secret_file_problem(path: Path) -> str | None:
     return f"secret_file {path} {broken}: chmod 600 (or 640 with a group)"
 
 
+def config_file_problem(path: Path) -> str | None:
+    """Why the config file at ``path`` is too open: others may read it and it holds a
+    secret itself (an ``[[asterisk]]`` entry's ``secret``, a password in ``store.url`` or
+    ``target.url``), named by its key, never its value; None when it is not so.  Raises
+    :class:`OSError` when the file cannot be looked at.
+
+    Not a load error, as for ``secret_file``: ``check`` fails it."""
+    if not path.stat().st_mode & 0o004:
+        return None
+    data, problem = _read_file(path)
+    holds = [] if problem is None else [f"what it held when read ({problem.rule})"]
+    servers = data.get("asterisk")
+    for index, server in enumerate(servers if isinstance(servers, list) else []):
+        if isinstance(server, Mapping) and server.get("secret"):
+            holds.append(f"asterisk.{index}.secret")
+    for section in ("store", "target"):
+        table = data.get(section)
+        url = table.get("url") if isinstance(table, Mapping) else None
+        if isinstance(url, str) and url and _may_hold_password(url):
+            holds.append(f"the password of {section}.url")
+    if not holds:
+        return None
+    return (
+        f"{path} is readable by others and holds {', '.join(holds)}: chmod 640 it (or 600), "
+        "or move the secret out of it (secret_file, the environment)"
+    )
+
+
+def _may_hold_password(url: str) -> bool:
+    """Whether the database ``url`` gives a password (one that does not parse may: an
+    unescaped ``@`` in its password is one reason not to)."""
+    try:
+        return any(_passwords(make_url(url)))
+    except (ArgumentError, ValueError):
+        return True
+
+
 #: The object kinds a sorcery memory cache can front (``<kind>/cache`` in sorcery.conf).
 CACHE_KINDS = ("endpoint", "auth", "aor")
 _CACHE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
