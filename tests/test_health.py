@@ -228,6 +228,23 @@ def test_the_record_is_readable_by_its_group(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "health.json").stat().st_mode) == 0o640
 
 
+def test_a_symbolic_link_at_the_records_lock_is_never_followed(tmp_path: Path) -> None:
+    """A symbolic link planted at the record's lock (``.health.lock``) is not followed: no
+    file is made where it leads; the write fails as an OS error (which the daemon logs as
+    ``health.write_failed``), and no record is written."""
+    import pytest
+
+    victim = tmp_path / "elsewhere" / "nologin"
+    victim.parent.mkdir()
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / ".health.lock").symlink_to(victim)
+    with pytest.raises(OSError, match="symbolic link"):
+        write_health(state, _healthy())
+    assert not victim.exists()
+    assert not (state / "health.json").exists()
+
+
 def test_check_passes_a_realtime_target_whose_tables_the_first_write_makes(
     tmp_path: Path,
 ) -> None:
