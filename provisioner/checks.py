@@ -21,6 +21,7 @@ from .config import (
     Config,
     TargetSettings,
     cache_names,
+    config_file_problem,
     display_url,
     secret_file_problem,
 )
@@ -75,11 +76,25 @@ def _store(config: Config) -> Check:
             return ("store", False, _orphaned_triggers(orphans))
         if silent:
             return ("store", False, _silent_triggers(silent))
+        if (too_open := _readable_by_others(config.store.url)) is not None:
+            return ("store", False, too_open)
         return ("store", True, f"{display_url(config.store.url)}: {count} users")
     except DBAPIError as exc:
         return ("store", False, f"cannot open: {driver_error(exc)}")
     finally:
         engine.dispose()
+
+
+def _readable_by_others(url: str) -> str | None:
+    """What a SQLite store file others may read needs (one made before provisioner made
+    them 0640, or chmodded since); None when it is not so, or no SQLite file."""
+    path = sqlite_file(url)
+    if path is None or not os.stat(path).st_mode & 0o004:
+        return None
+    return (
+        f"{path} is readable by others, and it holds the SIP digests (with one, anyone "
+        "registers as that phone): chmod 640 it, and its -wal and -shm files"
+    )
 
 
 def _orphaned_triggers(definers: Sequence[str]) -> str:
@@ -278,6 +293,19 @@ def _secret_files(config: Config) -> Iterator[Check]:
             yield ("config", False, problem)
 
 
+def _config_file(config: Config) -> Iterator[Check]:
+    """A failed config line for a config file others may read that holds a secret itself
+    (:func:`config_file_problem`), or that cannot be looked at any more."""
+    if config.source is None:
+        return
+    try:
+        problem = config_file_problem(Path(config.source))
+    except OSError as exc:
+        problem = f"cannot look at {config.source}: {exc.strerror or exc}"
+    if problem is not None:
+        yield ("config", False, problem)
+
+
 def _health(config: Config) -> Iterator[Check]:
     """The daemon line, from its health record: failed when the record is unreadable or
     the daemon unhealthy; passed, saying so, when there is no record (no daemon has run
@@ -307,9 +335,10 @@ def _looking(check: Callable[[Config], Check], name: str, config: Config) -> Che
 
 
 def run_checks(config: Config) -> list[Check]:
-    """Every check, in order: config (and each secret_file too open), store, target, each
-    Asterisk login, the daemon's health."""
+    """Every check, in order: config (and the config file or a secret_file too open), store,
+    target, each Asterisk login, the daemon's health."""
     checks: list[Check] = [("config", True, config.source or "embedded defaults")]
+    checks.extend(_config_file(config))
     checks.extend(_secret_files(config))
     checks.append(_looking(_store, "store", config))
     checks.append(_looking(_target, "target", config))

@@ -38,7 +38,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import ErrorDetails, InitErrorDetails
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from .errors import ConfigError, Problem
@@ -183,7 +183,29 @@ def _check_url(value: str) -> str:
             f"its driver is not installed ({dialect.name}+{dialect.driver}: {exc}); "
             "install it or name one that is, e.g. postgresql+psycopg, mysql+pymysql"
         ) from None
+    if dialect.driver == "pymysql" and not all(map(_latin1, _passwords(url))):
+        # pymysql encodes the password as Latin-1 at every connect: it would fail each one
+        # with a UnicodeEncodeError quoting the character and its place in the password.
+        raise ValueError(
+            "its password holds a character pymysql cannot send (it sends the password as "
+            "Latin-1, which has no euro sign or emoji, say): set one of Latin-1 characters"
+        )
     return value
+
+
+def _passwords(url: URL) -> list[str]:
+    """Every password ``url`` gives its driver: the one before the ``@`` and the values of
+    the query parameters that may hold one (``?password=``, ``?passwd=``)."""
+    given = [url.password] if url.password is not None else []
+    for key, values in url.query.items():
+        if key.lower() in ("password", "passwd"):
+            given += [values] if isinstance(values, str) else list(values)
+    return given
+
+
+def _latin1(text: str) -> bool:
+    """Whether Latin-1 holds every character of ``text``."""
+    return all(ord(ch) < 256 for ch in text)
 
 
 #: Query parameters a driver may take as a password (libpq's ``password`` and
@@ -442,6 +464,43 @@ def secret_file_problem(path: Path) -> str | None:
     else:
         return None
     return f"secret_file {path} {broken}: chmod 600 (or 640 with a group)"
+
+
+def config_file_problem(path: Path) -> str | None:
+    """Why the config file at ``path`` is too open: others may read it and it holds a
+    secret itself (an ``[[asterisk]]`` entry's ``secret``, a password in ``store.url`` or
+    ``target.url``), named by its key, never its value; None when it is not so.  Raises
+    :class:`OSError` when the file cannot be looked at.
+
+    Not a load error, as for ``secret_file``: ``check`` fails it."""
+    if not path.stat().st_mode & 0o004:
+        return None
+    data, problem = _read_file(path)
+    holds = [] if problem is None else [f"what it held when read ({problem.rule})"]
+    servers = data.get("asterisk")
+    for index, server in enumerate(servers if isinstance(servers, list) else []):
+        if isinstance(server, Mapping) and server.get("secret"):
+            holds.append(f"asterisk.{index}.secret")
+    for section in ("store", "target"):
+        table = data.get(section)
+        url = table.get("url") if isinstance(table, Mapping) else None
+        if isinstance(url, str) and url and _may_hold_password(url):
+            holds.append(f"the password of {section}.url")
+    if not holds:
+        return None
+    return (
+        f"{path} is readable by others and holds {', '.join(holds)}: chmod 640 it (or 600), "
+        "or move the secret out of it (secret_file, the environment)"
+    )
+
+
+def _may_hold_password(url: str) -> bool:
+    """Whether the database ``url`` gives a password (one that does not parse may: an
+    unescaped ``@`` in its password is one reason not to)."""
+    try:
+        return any(_passwords(make_url(url)))
+    except (ArgumentError, ValueError):
+        return True
 
 
 #: The object kinds a sorcery memory cache can front (``<kind>/cache`` in sorcery.conf).

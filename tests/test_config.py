@@ -692,6 +692,40 @@ def test_a_password_with_an_unescaped_at_sign_is_refused_not_shown_as_the_host(
     assert "w0rd" not in str(info.value)
 
 
+@pytest.mark.parametrize("section", ["store", "target"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql+pymysql://app:Geheim%E2%82%ACWort@db/users",
+        "mysql+pymysql://app@db/users?password=Geheim%E2%82%ACWort",
+        "mysql+pymysql://app@db/users?passwd=Geheim%E2%82%ACWort",
+    ],
+)
+def test_a_pymysql_password_latin1_cannot_hold_is_refused_without_showing_it(
+    section: str, url: str, tmp_path: Path
+) -> None:
+    """A MariaDB/MySQL password pymysql cannot send (it encodes it as Latin-1: a '€' has no
+    byte there) is a config problem naming the rule, not a traceback at the first connect
+    quoting the character and its place (nor a daemon restarted forever for it)."""
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={section: {"url": url}})
+    assert [p.field for p in info.value.problems] == [f"{section}.url"]
+    assert "Latin-1" in info.value.problems[0].rule
+    for shown in ("Geheim", "Wort", "\u20ac", "\\u20ac", "position"):
+        assert shown not in str(info.value)
+    result = make_cli(url, tmp_path, f'[target]\npath = "{tmp_path}/p.conf"\n')("user", "list")
+    if section == "store":
+        assert result.code == 2, result
+        assert "Traceback" not in result.err
+        assert "Geheim" not in result.out + result.err
+
+
+def test_a_pymysql_password_of_latin1_characters_is_taken() -> None:
+    """A password of Latin-1 characters beyond ASCII ('ö', '§') is one pymysql sends: kept."""
+    url = "mysql+pymysql://app:Geheimw%C3%B6rt%C2%A7@db/users"
+    assert load_config(env={}, overrides={"store": {"url": url}}).store.url == url
+
+
 def test_a_url_of_an_unknown_database_is_a_config_problem(tmp_path: Path) -> None:
     """A store URL naming no database SQLAlchemy knows is a config problem (exit 2), listed
     with the others, not a traceback."""
@@ -1059,3 +1093,49 @@ def test_a_list_index_reaches_a_list_given_whole_in_the_same_layer() -> None:
     by_flags = load_config(env={}, sets=[f"asterisk={entry}", "asterisk.0.port=5039"])
     assert [(s.name, s.port) for s in by_env.asterisk] == [("pbx1", 5040)]
     assert [(s.name, s.port) for s in by_flags.asterisk] == [("pbx1", 5039)]
+
+
+@pytest.mark.parametrize(
+    ("lines", "holds"),
+    [
+        (['[[asterisk]]', 'name = "pbx1"', 'host = "127.0.0.1"', 'port = 1',
+          'username = "p"', 'secret = "Ami-Inline-1"'],
+         "asterisk.0.secret"),
+        (['[target]', 'kind = "realtime"', 'url = "postgresql+psycopg://u:Db-Pw-2@127.0.0.1:1/d"'],
+         "the password of target.url"),
+        (['[target]', 'kind = "realtime"', 'url = "postgresql+psycopg://u@127.0.0.1:1/d?password=Db-Pw-3"'],
+         "the password of target.url"),
+    ],
+)  # fmt: skip
+def test_check_fails_a_config_file_others_may_read_that_holds_a_secret(
+    tmp_path: Path, lines: list[str], holds: str
+) -> None:
+    """'provisioner check' fails its config line for a config file others may read that holds
+    a secret itself (an AMI secret, a database URL's password), naming the file, what it
+    holds (never its value) and the fix; at 0640 it passes."""
+    cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path, "\n".join(lines) + "\n")
+    cli("db", "upgrade")
+    cli.config.chmod(0o644)
+    result = cli("check")
+    assert (
+        f"FAIL  config: {cli.config} is readable by others and holds {holds}: chmod 640 it "
+        "(or 600), or move the secret out of it (secret_file, the environment)"
+    ) in result.out.splitlines(), result.out
+    assert "Ami-Inline" not in result.out + result.err
+    assert "Db-Pw" not in result.out + result.err
+    cli.config.chmod(0o640)
+    assert "readable by others" not in cli("check").out
+
+
+def test_check_passes_a_config_file_others_may_read_that_holds_no_secret(tmp_path: Path) -> None:
+    """A world-readable config file whose AMI secret is in a secret_file (0600) and whose
+    store URL has no password is no check failure: it holds nothing to keep."""
+    secret = tmp_path / "ami.secret"
+    secret.write_text("Ami-In-File-4\n")
+    secret.chmod(0o600)
+    lines = ["[[asterisk]]", 'name = "pbx1"', 'host = "127.0.0.1"', "port = 1", 'username = "p"']
+    lines.append(f'secret_file = "{secret}"')
+    cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path, "\n".join(lines) + "\n")
+    cli("db", "upgrade")
+    cli.config.chmod(0o644)
+    assert "readable by others" not in cli("check").out

@@ -28,7 +28,13 @@ from structlog.testing import capture_logs
 
 from provisioner.asterisk_conf import parse
 from provisioner.config import load_config
-from provisioner.errors import AsteriskSyntaxError, ConfigError, InvalidInput, RenderCheckFailed
+from provisioner.errors import (
+    AsteriskSyntaxError,
+    ConfigError,
+    InvalidInput,
+    RenderCheckFailed,
+    TargetWriteFailed,
+)
 from provisioner.model import User, Voice
 from provisioner.pjsip import RenderSettings, UserObjects, render_user
 from provisioner.targets import Change, Target, pieces
@@ -235,6 +241,29 @@ def test_apply_writes_the_file_and_it_reads_back(target: ConfigFileTarget) -> No
     ]
     lock = target.path.with_name(".pjsip_users.conf.lock")
     assert (lock.stat().st_size, stat.S_IMODE(lock.stat().st_mode)) == (0, 0o640)
+
+
+@pytest.mark.parametrize("leads_to", ["missing", "existing"])
+def test_a_lock_file_that_is_a_symbolic_link_is_never_followed(
+    target: ConfigFileTarget, tmp_path: Path, leads_to: str
+) -> None:
+    """A symbolic link planted at the writers' lock (``.pjsip_users.conf.lock``) by someone
+    who may write the directory is never followed: no file is made (or locked) where it
+    leads, whose owner and group a write run as root would also have changed; the apply
+    fails naming the lock, and nothing is written."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    victim = elsewhere / "nologin"
+    if leads_to == "existing":
+        victim.write_text("kept\n")
+    target.path.parent.mkdir(parents=True, exist_ok=True)
+    lock = target.path.with_name(".pjsip_users.conf.lock")
+    lock.symlink_to(victim)
+    with pytest.raises(TargetWriteFailed, match=r"cannot lock '.*\.pjsip_users\.conf\.lock'"):
+        target.apply(rendered())
+    assert victim.exists() is (leads_to == "existing")
+    assert not target.path.exists()
+    assert lock.is_symlink()
 
 
 def test_unchanged_bytes_are_not_written(target: ConfigFileTarget) -> None:

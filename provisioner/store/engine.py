@@ -237,7 +237,9 @@ def open_engine(
             pool_timeout=pool_timeout,
         )
         _sqlite_events(engine, path, busy_timeout)
-        if not create:
+        if create:
+            _sqlite_creates_private(engine, path)
+        else:
             _sqlite_never_creates(engine, path)
         return engine
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
@@ -278,6 +280,31 @@ def _make_parent(path: Path) -> None:
             f"cannot make the directory {str(path.parent)!r} of the SQLite database: "
             f"{exc.strerror or exc}"
         ) from None
+
+
+#: The mode a SQLite file is made with (never wider: a stricter umask narrows it).  The
+#: store holds the SIP digests (with one, anyone registers as that phone), password and
+#: API-key hashes: not for other local users, whatever the umask of whoever ran
+#: ``db upgrade`` (022 makes SQLite's own 0644).  SQLite gives its ``-wal`` and ``-shm``
+#: files the database file's mode.
+SQLITE_FILE_MODE = 0o640
+
+
+def _sqlite_creates_private(engine: Engine, path: Path) -> None:
+    """Have ``engine`` make a missing ``path`` itself, mode :data:`SQLITE_FILE_MODE`, just
+    before a connection would (an empty file is an empty SQLite database)."""
+
+    @event.listens_for(engine, "do_connect")
+    def _create_private(_dialect: Any, _record: Any, _cargs: list[Any], _cparams: Any) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            os.close(os.open(path, flags, SQLITE_FILE_MODE))
+        except FileExistsError:
+            pass  # there already (the usual case): its mode is its owner's choice
+        except OSError:
+            # Not ours to make (a read-only directory, say): SQLite's own open fails
+            # the same way and says so as the store being unavailable.
+            pass
 
 
 def _sqlite_never_creates(engine: Engine, path: Path) -> None:

@@ -644,9 +644,18 @@ def writers_lock(path: Path, *, new_owner_of: Sequence[Path] = ()) -> Iterator[N
     with _failing_as("lock", lock):
         like = owner_source(real_path(path), new_owner_of)
         make_directories(lock.parent, like)
-        made = not lock.exists()
-        # Read-only is enough for flock, and opens a lock file another user made.
-        fd = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        made = not os.path.lexists(lock)
+        if os.path.islink(lock):
+            # Never followed: a link planted by whoever may write the directory would have
+            # a writer (root, from the command line) make, chown and lock a file anywhere.
+            raise TargetWriteFailed(
+                f"cannot lock {str(lock)!r}: it is a symbolic link (remove it; the lock "
+                "is a plain file provisioner makes)"
+            )
+        # Read-only is enough for flock, and opens a lock file another user made; a link
+        # put there since the look above is refused (ELOOP), not followed.
+        flags = os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(lock, flags, FILE_MODE)
     try:
         if made:
             with _failing_as("lock", lock):
