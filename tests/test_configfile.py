@@ -28,7 +28,13 @@ from structlog.testing import capture_logs
 
 from provisioner.asterisk_conf import parse
 from provisioner.config import load_config
-from provisioner.errors import AsteriskSyntaxError, ConfigError, InvalidInput, RenderCheckFailed
+from provisioner.errors import (
+    AsteriskSyntaxError,
+    ConfigError,
+    InvalidInput,
+    RenderCheckFailed,
+    TargetWriteFailed,
+)
 from provisioner.model import User, Voice
 from provisioner.pjsip import RenderSettings, UserObjects, render_user
 from provisioner.targets import Change, Target, pieces
@@ -633,6 +639,67 @@ def test_a_broken_current_file_is_replaced(target: ConfigFileTarget) -> None:
     assert change.wrote
     assert len(change.added) == len(REPRESENTATIVE)
     assert target.path.with_name("pjsip_users.conf.bak").read_text() == "[broken\n"
+
+
+#: Asterisk's own pjsip.conf, as a mistyped ``target.path`` could name it: objects
+#: provisioner never writes (a global, a transport, a trunk's registration) and an include.
+ASTERISKS_PJSIP_CONF = (
+    "[global]\ntype=global\nuser_agent=PBX\n\n"
+    "[transport-udp]\ntype=transport\nprotocol=udp\nbind=0.0.0.0\n\n"
+    "[trunk]\ntype=registration\nserver_uri=sip:carrier.example\n\n"
+    "#include pjsip_users.conf\n"
+)
+
+
+@pytest.mark.parametrize("shards", [0, 4])
+@pytest.mark.parametrize(
+    "text",
+    [ASTERISKS_PJSIP_CONF, "#include pjsip_transports.conf\n#include pjsip_users.conf\n"],
+)
+def test_a_file_holding_what_provisioner_never_writes_is_not_replaced(
+    tmp_path: Path, shards: int, text: str
+) -> None:
+    """A ``target.path`` naming a file holding objects or directives provisioner never
+    writes (Asterisk's own pjsip.conf, say) is refused, naming them: nothing is written,
+    neither by an apply nor by an edit, and a dry run says so too, instead of replacing
+    the transports Asterisk needs with the users."""
+    path = tmp_path / "pjsip.conf"
+    path.write_text(text)
+    target = make_target(path, shards)
+    attempts: list[Callable[[], Change]] = [
+        lambda: target.apply(rendered()),
+        lambda: target.plan(rendered()),
+        lambda: target.apply_partial(rendered()[:1], ()),
+    ]
+    for attempt in attempts:
+        with pytest.raises(TargetWriteFailed) as refused:
+            attempt()
+        assert refused.value.exit_code == 9
+        message = refused.value.message
+        assert f"refusing to replace {str(path)!r}" in message
+        if "type=global" in text:
+            assert "global, registration, transport" in message
+        assert "#include" in message
+        assert "carrier" not in message
+    # Beside it at most the writers' lock: no temporary file, no backup, no shard file.
+    assert {p.name for p in tmp_path.iterdir()} <= {"pjsip.conf", ".pjsip.conf.lock"}
+    assert path.read_text() == text
+
+
+def test_render_refuses_a_target_path_naming_asterisks_pjsip_conf(tmp_path: Path) -> None:
+    """'provisioner render' with ``target.path`` set to Asterisk's own pjsip.conf exits 9
+    naming the file and why, and leaves that file as it was."""
+    from .faultkit import cli, seed_store, store_url, write_config
+
+    seed_store(store_url(tmp_path), 2).dispose()
+    pjsip_conf = tmp_path / "pjsip.conf"
+    pjsip_conf.write_text(ASTERISKS_PJSIP_CONF)
+    config = write_config(tmp_path)
+    ran = cli(config, "--set", f"target.path={pjsip_conf}", "render", check=False)
+    assert ran.code == 9
+    assert f"refusing to replace {str(pjsip_conf)!r}" in ran.err
+    assert pjsip_conf.read_text() == ASTERISKS_PJSIP_CONF
+    assert not pjsip_conf.with_name("pjsip.conf.bak").exists()
 
 
 def test_kept_users_stay_as_they_are(target: ConfigFileTarget) -> None:

@@ -86,6 +86,7 @@ from .holdings import (
     intended,
     kept_objects,
     may_name,
+    refuse_foreign,
     with_kept,
 )
 from .pieces import Pieces
@@ -441,13 +442,16 @@ class ConfigFileTarget:
         the ``known`` bytes; see :meth:`Current.of_main` for ``chunks``).  A main file that
         a sharded layout left (nothing but includes of its shard files) gives its shard
         files' objects.  ``strict``: a file Asterisk could not load raises
-        :class:`RenderCheckFailed` instead of holding nothing."""
+        :class:`RenderCheckFailed` instead of holding nothing.  A file holding what
+        provisioner never writes (a transport, an ``#include``: Asterisk's own pjsip.conf)
+        raises :class:`~provisioner.errors.ForeignTargetFile`: it is never replaced."""
         looked, self._looked = self._looked, None
         if looked is not None and not strict and looked.data == data:
             return looked
-        return Current.of_main(
+        current = Current.of_main(
             self.path, data, self._shards_dir, *known, strict=strict, chunks=chunks
         )
+        return refuse_foreign(self.path, current)
 
     def _desired(
         self, objects: Sequence[UserObjects], keep: Collection[str]
