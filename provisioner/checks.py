@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from .config import (
     display_url,
     secret_file_problem,
 )
-from .errors import ConfigError, RenderCheckFailed
+from .errors import ConfigError, ForeignTargetFile, RenderCheckFailed
 from .health import HealthUnreadable, read_health
 from .store.changefeed import missing_definers, trigger_problems
 from .store.engine import driver_error, open_store_engine, sqlite_file
@@ -125,6 +126,8 @@ def _target(config: Config) -> Check:
                 False,
                 f"{backup} is not a regular file (each write keeps the previous file there)",
             )
+        if (foreign := _foreign_problem(Path(os.path.abspath(t.path)))) is not None:
+            return ("target", False, foreign)
         if (broken := _templates_problem(t)) is not None:
             return ("target", False, broken)
         if not t.shards:
@@ -185,6 +188,37 @@ def _nearest_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+#: A line that may make a file hold what provisioner never writes: a ``type=`` other than a
+#: user's three, or a directive.  Only a file with one is parsed (a 100k-user file takes
+#: seconds to read in full; scanning it for these, a tenth of one).
+_MAYBE_FOREIGN = re.compile(
+    rb"^[\x00-\x20]*(?:#|type[\x00-\x20]*=>?[\x00-\x20]*"
+    rb"(?!(?:endpoint|auth|aor)[\x00-\x09\x0b-\x20]*$))",
+    re.MULTILINE,
+)
+
+
+def _foreign_problem(path: Path) -> str | None:
+    """The refusal every apply would give (:class:`~provisioner.errors.ForeignTargetFile`)
+    when the file at ``path`` holds what provisioner never writes (Asterisk's own
+    pjsip.conf named by a mistaken ``target.path``), or None; None too for a file this
+    user may not read (a monitoring user: the daemon's own user may)."""
+    from .targets.holdings import Current, refuse_foreign
+    from .targets.shards import shard_directory
+
+    try:
+        data = path.read_bytes()
+    except OSError:  # absent (the first write makes it), or not this user's to read
+        return None
+    if _MAYBE_FOREIGN.search(data) is None:
+        return None
+    try:
+        refuse_foreign(path, Current.of_main(path, data, shard_directory(path)))
+    except ForeignTargetFile as exc:
+        return exc.message
+    return None
 
 
 def _templates_problem(t: TargetSettings) -> str | None:

@@ -702,6 +702,31 @@ def test_render_refuses_a_target_path_naming_asterisks_pjsip_conf(tmp_path: Path
     assert not pjsip_conf.with_name("pjsip.conf.bak").exists()
 
 
+@pytest.mark.parametrize("shards", [0, 4])
+def test_check_fails_its_target_line_for_a_file_provisioner_never_wrote(
+    tmp_path: Path, shards: int
+) -> None:
+    """'check' fails the target line for a ``target.path`` holding what provisioner never
+    writes, with the refusal every apply gives, rather than call it writable; a file of
+    provisioner's passes."""
+    from .faultkit import cli, seed_store, store_url, write_config
+
+    seed_store(store_url(tmp_path), 2).dispose()
+    pjsip_conf = tmp_path / "pjsip.conf"
+    pjsip_conf.write_text(ASTERISKS_PJSIP_CONF)
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace("[target]", f"[target]\nshards = {shards}"))
+    checked = cli(config, "--set", f"target.path={pjsip_conf}", "check", check=False)
+    (line,) = [line for line in checked.out.splitlines() if "target:" in line]
+    assert checked.code == 1
+    assert line.startswith(f"FAIL  target: refusing to replace {str(pjsip_conf)!r}: ")
+    assert "(objects of type global, registration, transport; #include)" in line
+    cli(config, "sync", "--once")
+    checked = cli(config, "check", check=False)
+    (line,) = [line for line in checked.out.splitlines() if "target:" in line]
+    assert line.startswith("ok    target: config file")
+
+
 def test_kept_users_stay_as_they_are(target: ConfigFileTarget) -> None:
     """Endpoint ids in ``keep`` keep their current objects, in place, and are not removed."""
     target.apply(rendered())
