@@ -20,7 +20,6 @@ from .aio import wait_first
 from .config import (
     AsteriskServer,
     Config,
-    TargetSettings,
     cache_names,
     display_url,
     secret_file_problem,
@@ -128,7 +127,7 @@ def _target(config: Config) -> Check:
             )
         if (foreign := _foreign_problem(Path(os.path.abspath(t.path)))) is not None:
             return ("target", False, foreign)
-        if (broken := _templates_problem(t)) is not None:
+        if (broken := _templates_problem(config)) is not None:
             return ("target", False, broken)
         if not t.shards:
             return ("target", True, f"config file {t.path} (directory writable)")
@@ -221,14 +220,19 @@ def _foreign_problem(path: Path) -> str | None:
     return None
 
 
-def _templates_problem(t: TargetSettings) -> str | None:
+def _templates_problem(config: Config) -> str | None:
     """Why the config-file target's templates cannot be loaded (an override directory that
-    is not one, as building the target would say: ``run`` exits 2 for it) or compiled (a
-    template with a syntax error or not UTF-8, which every apply refuses), or None."""
-    from .targets.templating import Templates
+    is not one, as building the target would say: ``run`` exits 2 for it), compiled (a
+    template with a syntax error or not UTF-8) or render a good file (sample users'
+    text must parse back to exactly them), all of which every apply refuses; or None."""
+    from .pjsip import RenderSettings
+    from .targets.configfile import check_templates
+
+    t = config.target
+    settings = RenderSettings.from_config(config)
 
     try:
-        Templates(Path(t.templates) if t.templates else None).compile_all()
+        check_templates(Path(t.templates) if t.templates else None, settings)
     except ConfigError as exc:
         return "; ".join(str(problem) for problem in exc.problems)
     except RenderCheckFailed as exc:

@@ -202,6 +202,19 @@ def build_target(config: Config, store_engine: Engine, *, writes: bool = True) -
     return config_file_target(config)
 
 
+def _checked_target(config: Config, store_engine: Engine) -> Target:
+    """:func:`build_target`, for a SIGHUP: a config-file target only once its templates
+    render a good file (:func:`~provisioner.targets.configfile.check_templates`), so a
+    directory that cannot is refused as a bad configuration is and the old target kept,
+    rather than taken and every apply failed.  Blocking."""
+    if config.target.kind == "config":
+        from .targets.configfile import check_templates
+
+        templates = Path(config.target.templates) if config.target.templates else None
+        check_templates(templates, RenderSettings.from_config(config))
+    return build_target(config, store_engine)
+
+
 def _realtime_engine(config: Config, *, writes: bool) -> Engine:
     """The engine of the realtime database ``target.url`` names: one that creates a SQLite
     file there when ``writes``; else one that never does, or, for a SQLite file that does
@@ -1148,7 +1161,7 @@ class Daemon:
             # fills; memory no longer mirrors what is there until it has.  Render settings
             # alone (transports, codecs…) keep the target and its caches.
             try:
-                target = await in_worker(build_target, config, self.engine)
+                target = await in_worker(_checked_target, config, self.engine)
             except (ProvisionerError, OSError, DBAPIError) as exc:
                 log.error("config.reload_failed", error=_describe(exc))
                 return

@@ -727,6 +727,51 @@ def test_check_fails_its_target_line_for_a_file_provisioner_never_wrote(
     assert line.startswith("ok    target: config file")
 
 
+#: Overrides that compile but render no file Asterisk would load as intended: a
+#: ``user.j2`` without the ``user`` macro, one dropping the AOR, one printing a directive.
+UNRENDERABLE_OVERRIDES = {
+    "no macro": (
+        "{% macro usr(user) %}{% endmacro %}\n",
+        "templates failed to render (UndefinedError) at pjsip_users.conf.j2 line 7",
+    ),
+    "no aor": (
+        (SHIPPED_TEMPLATES / "user.j2")
+        .read_text()
+        .replace('{{ section(user.aor_id, "aor", user.aor) -}}\n', ""),
+        "the rendered file does not hold exactly the intended objects: ",
+    ),
+    "a directive": (
+        (SHIPPED_TEMPLATES / "user.j2")
+        .read_text()
+        .replace("{% endmacro %}", "#exec /bin/true\n{% endmacro %}"),
+        "holds a #exec directive",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNRENDERABLE_OVERRIDES))
+def test_check_fails_its_target_line_for_templates_that_render_no_good_file(
+    tmp_path: Path, case: str
+) -> None:
+    """'check' fails the target line for an override that compiles but renders no file
+    Asterisk would load as intended (no ``user`` macro, a section dropped, a directive
+    added), naming why as every apply would, rather than pass it."""
+    from .faultkit import cli, seed_store, store_url, write_config
+
+    override, why = UNRENDERABLE_OVERRIDES[case]
+    seed_store(store_url(tmp_path), 1).dispose()
+    overrides = write_override(tmp_path / "overrides", "user.j2", override)
+    config = write_config(tmp_path)
+    checked = cli(config, "--set", f"target.templates={overrides}", "check", check=False)
+    (line,) = [line for line in checked.out.splitlines() if "target:" in line]
+    assert checked.code == 1
+    assert line.startswith("FAIL  target: ")
+    assert why in line
+    synced = cli(config, "--set", f"target.templates={overrides}", "sync", "--once", check=False)
+    assert synced.code == 8
+    assert why in synced.err
+
+
 def test_kept_users_stay_as_they_are(target: ConfigFileTarget) -> None:
     """Endpoint ids in ``keep`` keep their current objects, in place, and are not removed."""
     target.apply(rendered())

@@ -572,6 +572,37 @@ def _switched(tmp_path: Path, before: str, after: str) -> list[MutableMapping[st
     return [entry for entry in logs if entry["event"] == "target.switched"]
 
 
+def test_a_sighup_naming_templates_that_render_no_good_file_keeps_the_old_target(
+    tmp_path: Path,
+) -> None:
+    """A SIGHUP naming an override directory whose templates compile but render no file
+    Asterisk would load as intended (a ``user.j2`` without the ``user`` macro) is refused
+    as a bad configuration is (``config.reload_failed`` naming why): the daemon keeps its
+    target and configuration, so edits still go live, instead of failing every apply."""
+    overrides = tmp_path / "overrides"
+    overrides.mkdir()
+    (overrides / "user.j2").write_text("{% macro usr(user) %}{% endmacro %}\n")
+    path = tmp_path / "provisioner.toml"
+    base = (
+        f"[store]\nurl = 'sqlite:///{tmp_path / 'store.db'}'\n"
+        f"[target]\npath = '{tmp_path / 'pjsip_users.conf'}'\n"
+    )
+    path.write_text(base, encoding="utf-8")
+    config = load_config(path, env={})
+    daemon = Daemon.from_config(config, config_path=str(path))
+    target = daemon.applier.target
+    try:
+        path.write_text(base + f"templates = '{overrides}'\n", encoding="utf-8")
+        with capture_logs() as logs:
+            asyncio.run(daemon._reload_config())
+        (failed,) = [entry for entry in logs if entry["event"] == "config.reload_failed"]
+        assert "templates failed to render (UndefinedError)" in failed["error"]
+        assert "config.reloaded" not in [entry["event"] for entry in logs]
+        assert (daemon.config, daemon.applier.target) == (config, target)
+    finally:
+        daemon.engine.dispose()
+
+
 def test_a_sighup_leaving_a_config_file_behind_warns_naming_it_and_keeps_it(
     tmp_path: Path,
 ) -> None:
