@@ -960,7 +960,7 @@ def load_config(
     (nested dicts from command-line flags) and ``sets`` (raw ``--set`` flags), or raise
     :class:`ConfigError` listing every problem of them all (when the file cannot be read or
     parsed, or ``path`` is empty: that problem and the unreadable ``--set`` flags and
-    variables)."""
+    variables; ``$PROVISIONER_CONFIG`` set but blank is such a problem too)."""
     env = os.environ if env is None else env
     file = _resolve_path(path, env)
     env_origins: _Origins = {}
@@ -972,6 +972,14 @@ def load_config(
     file_problem: Problem | None = None
     if path is not None and not str(path):  # named, as nothing: not "no --config" at all
         file_problem = Problem("config", "the file name is empty")
+    elif path is None and ENV_CONFIG in env and not env[ENV_CONFIG].strip():
+        # Set, to nothing (a unit's unexpanded variable): not "no PROVISIONER_CONFIG",
+        # whose fall back to the defaults would run on a store and a target of their own.
+        file_problem = Problem(
+            ENV_CONFIG,
+            f"is set but empty: name the file, or unset it to read {DEFAULT_CONFIG_PATH}"
+            " (if it exists)",
+        )
     else:
         data, file_problem = _read_file(file)
     if file_problem is not None:

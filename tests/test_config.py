@@ -95,6 +95,26 @@ def test_an_empty_config_path_is_refused_not_taken_for_none(tmp_path: Path) -> N
     assert [str(p) for p in info.value.problems] == ["config: the file name is empty"]
 
 
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_config_variable_is_refused_not_taken_for_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """``PROVISIONER_CONFIG`` set but empty (a unit's ``Environment=`` whose variable was
+    never expanded) is a config problem naming the variable, as an empty ``--config`` is,
+    not a silent fall back to the system file or the defaults (a store and a target of
+    their own under the working directory); ``--config`` still wins over it."""
+    system = _write(tmp_path, "[sip]\nrealm = 'system'\n", "system.toml")
+    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATH", system)
+    with pytest.raises(ConfigError) as info:
+        load_config(env={"PROVISIONER_CONFIG": value, "PROVISIONER_SIP__REALM": "x y"})
+    assert [str(p) for p in info.value.problems] == [
+        "PROVISIONER_CONFIG: is set but empty: name the file, or unset it to read "
+        f"{config_module.DEFAULT_CONFIG_PATH} (if it exists)"
+    ]
+    named = _write(tmp_path, "[sip]\nrealm = 'named'\n")
+    assert load_config(named, env={"PROVISIONER_CONFIG": value}).sip.realm == "named"
+
+
 def test_default_system_path_is_used_when_present(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
