@@ -869,10 +869,29 @@ def _problems(exc: ValidationError, origins: _Origins) -> list[Problem]:
             msg = "is not a known setting"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        if (origin := _origin(origins, path)) is not None:
+        origin = _origin(origins, path) or _table_origin(origins, path, err["input"])
+        if origin is not None:
             msg = f"{msg} (from {origin})"
         problems.append(Problem(key, msg))
     return problems
+
+
+def _table_origin(origins: _Origins, path: tuple[str, ...], value: object) -> str | None:
+    """Where the table ``value`` at ``path`` came from when one variable or ``--set`` gave
+    every key of it (its origin is noted key by key: a JSON table given where a list
+    belongs); None when the file gave some, or several sources did."""
+    if not isinstance(value, Mapping) or not value:
+        return None
+    found = {
+        origin
+        for key in value
+        for noted, origin in origins.items()
+        if noted[: len(path) + 1] == (*path, str(key))
+    }
+    covered = all(
+        any(noted[: len(path) + 1] == (*path, str(key)) for noted in origins) for key in value
+    )
+    return found.pop() if covered and len(found) == 1 else None
 
 
 def _origin(origins: _Origins, path: tuple[str, ...]) -> str | None:

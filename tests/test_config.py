@@ -1079,3 +1079,40 @@ def test_a_list_index_reaches_a_list_given_whole_in_the_same_layer() -> None:
     by_flags = load_config(env={}, sets=[f"asterisk={entry}", "asterisk.0.port=5039"])
     assert [(s.name, s.port) for s in by_env.asterisk] == [("pbx1", 5040)]
     assert [(s.name, s.port) for s in by_flags.asterisk] == [("pbx1", 5039)]
+
+
+@pytest.mark.parametrize(
+    ("env", "sets", "problem"),
+    [
+        (
+            {"PROVISIONER_ASTERISK": '{"name": "pbx1", "host": "h"}'},
+            [],
+            "asterisk: Input should be a valid tuple (from PROVISIONER_ASTERISK)",
+        ),
+        (
+            {},
+            ['target.video_codecs={"vp8": true}'],
+            "target.video_codecs: Input should be a valid tuple (from the command line)",
+        ),
+    ],
+)
+def test_a_table_given_where_a_list_belongs_names_where_it_came_from(
+    env: dict[str, str], sets: list[str], problem: str
+) -> None:
+    """A JSON table given by a variable or flag where a list belongs (``[asterisk]``'s
+    entries as one object) is said to come from there, as any other value of theirs is,
+    not left to look like the file's."""
+    with pytest.raises(ConfigError) as info:
+        load_config(env=env, sets=sets, path=None)
+    assert problem in [str(p) for p in info.value.problems]
+
+
+def test_a_table_of_the_file_with_a_key_of_the_environment_names_no_single_source(
+    tmp_path: Path,
+) -> None:
+    """A wrong table made of the file's keys and a variable's names no source: neither
+    alone gave it."""
+    path = _write(tmp_path, "[asterisk]\nname = 'pbx1'\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={"PROVISIONER_ASTERISK__HOST": "h"})
+    assert [str(p) for p in info.value.problems] == ["asterisk: Input should be a valid tuple"]
