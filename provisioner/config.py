@@ -870,10 +870,33 @@ def _problems(exc: ValidationError, origins: _Origins) -> list[Problem]:
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         origin = _origin(origins, path) or _table_origin(origins, path, err["input"])
+        msg = _shape_rule(err, origin) or msg
         if origin is not None:
             msg = f"{msg} (from {origin})"
         problems.append(Problem(key, msg))
     return problems
+
+
+#: How a list and a table are written where a variable or ``--set`` gives them.
+_AS_JSON = {"list": '["a", "b"]', "table": '{"key": "value"}'}
+
+
+def _shape_rule(err: ErrorDetails, origin: str | None) -> str | None:
+    """What a list or table key given something else must be, and how to write it (TOML's
+    ``[[asterisk]]``, JSON in a variable or ``--set``), in place of pydantic's 'Input should
+    be a valid tuple'; None for any other error."""
+    want = {"tuple_type": "list", "list_type": "list", "dict_type": "table"}.get(err["type"])
+    given = err["input"]
+    if want is None:
+        return None
+    if want == "list" and isinstance(given, Mapping):
+        if origin is not None:
+            return "must be a list, not a table (as JSON: [...], each entry {...})"
+        toml = " (in TOML, write each entry as [[asterisk]])" if err["loc"] == ("asterisk",) else ""
+        return f"must be a list, not a table{toml}"
+    if isinstance(given, str) and origin is not None:
+        return f"must be a {want} (from the environment or --set, as JSON: {_AS_JSON[want]})"
+    return f"must be a {want}"
 
 
 def _table_origin(origins: _Origins, path: tuple[str, ...], value: object) -> str | None:

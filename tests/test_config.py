@@ -1087,12 +1087,14 @@ def test_a_list_index_reaches_a_list_given_whole_in_the_same_layer() -> None:
         (
             {"PROVISIONER_ASTERISK": '{"name": "pbx1", "host": "h"}'},
             [],
-            "asterisk: Input should be a valid tuple (from PROVISIONER_ASTERISK)",
+            "asterisk: must be a list, not a table (as JSON: [...], each entry {...})"
+            " (from PROVISIONER_ASTERISK)",
         ),
         (
             {},
             ['target.video_codecs={"vp8": true}'],
-            "target.video_codecs: Input should be a valid tuple (from the command line)",
+            "target.video_codecs: must be a list, not a table (as JSON: [...], each entry {...})"
+            " (from the command line)",
         ),
     ],
 )
@@ -1115,4 +1117,44 @@ def test_a_table_of_the_file_with_a_key_of_the_environment_names_no_single_sourc
     path = _write(tmp_path, "[asterisk]\nname = 'pbx1'\n")
     with pytest.raises(ConfigError) as info:
         load_config(path, env={"PROVISIONER_ASTERISK__HOST": "h"})
-    assert [str(p) for p in info.value.problems] == ["asterisk: Input should be a valid tuple"]
+    assert [str(p) for p in info.value.problems] == [
+        "asterisk: must be a list, not a table (in TOML, write each entry as [[asterisk]])"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "problem"),
+    [
+        (
+            "[asterisk]\nname = 'pbx1'\n",
+            {},
+            "asterisk: must be a list, not a table (in TOML, write each entry as [[asterisk]])",
+        ),
+        (
+            "",
+            {"PROVISIONER_TARGET__VIDEO_CODECS": "vp8,h264"},
+            "target.video_codecs: must be a list (from the environment or --set, as JSON: "
+            '["a", "b"]) (from PROVISIONER_TARGET__VIDEO_CODECS)',
+        ),
+        (
+            "",
+            {"PROVISIONER_TARGET__TRANSPORTS": "udp=my-udp"},
+            "target.transports: must be a table (from the environment or --set, as JSON: "
+            '{"key": "value"}) (from PROVISIONER_TARGET__TRANSPORTS)',
+        ),
+        (
+            "[target]\nvideo_codecs = 'vp8'\n",
+            {},
+            "target.video_codecs: must be a list",
+        ),
+    ],
+)
+def test_a_list_or_table_given_as_something_else_says_how_to_write_one(
+    tmp_path: Path, text: str, env: dict[str, str], problem: str
+) -> None:
+    """A list or table key given a table (``[asterisk]`` for ``[[asterisk]]``) or plain
+    text (``vp8,h264`` in a variable) says what it must be and how to write it, not
+    pydantic's 'Input should be a valid tuple'."""
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text), env=env)
+    assert [str(p) for p in info.value.problems] == [problem]
