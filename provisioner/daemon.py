@@ -29,7 +29,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -39,7 +39,9 @@ from .applier import Applied, Applier
 from .config import Config, display_url, load_config, secret_file_problem
 from .early_signals import take as take_early_signals
 from .errors import (
+    ConfigError,
     ConflictError,
+    Problem,
     ProvisionerError,
     ServiceFailed,
     StoreUnavailable,
@@ -204,15 +206,35 @@ def build_target(config: Config, store_engine: Engine, *, writes: bool = True) -
 
 def _checked_target(config: Config, store_engine: Engine) -> Target:
     """:func:`build_target`, for a SIGHUP: a config-file target only once its templates
-    render a good file (:func:`~provisioner.targets.configfile.check_templates`), so a
-    directory that cannot is refused as a bad configuration is and the old target kept,
-    rather than taken and every apply failed.  Blocking."""
+    render a good file (:func:`~provisioner.targets.configfile.check_templates`), a
+    realtime target on a database of its own (``target.url``) only once that database
+    opens and reads (:func:`_probe_realtime`), so either failing is refused as a bad
+    configuration is and the old target kept, rather than taken and every apply failed.
+    Blocking."""
     if config.target.kind == "config":
         from .targets.configfile import check_templates
 
         templates = Path(config.target.templates) if config.target.templates else None
         check_templates(templates, RenderSettings.from_config(config))
-    return build_target(config, store_engine)
+    target = build_target(config, store_engine)
+    engine = getattr(target, "engine", None)
+    if isinstance(engine, Engine) and engine is not store_engine:
+        _probe_realtime(engine, config.target.url)
+    return target
+
+
+def _probe_realtime(engine: Engine, url: str) -> None:
+    """Open the realtime database ``url`` on ``engine`` and read its table names (SQLite
+    reads its file only then); :class:`ConfigError` on ``target.url`` with the driver's
+    words (not the user store's failure, as a bare database error would be told), the
+    engine disposed."""
+    try:
+        with engine.connect() as conn:
+            inspect(conn).get_table_names()
+    except DBAPIError as exc:
+        engine.dispose()
+        rule = f"cannot open the realtime database ({display_url(url)}): {driver_error(exc)}"
+        raise ConfigError([Problem("target.url", rule)]) from None
 
 
 def _realtime_engine(config: Config, *, writes: bool) -> Engine:

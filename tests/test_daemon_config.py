@@ -603,6 +603,45 @@ def test_a_sighup_naming_templates_that_render_no_good_file_keeps_the_old_target
         daemon.engine.dispose()
 
 
+@pytest.mark.parametrize("away", ["closed port", "no database file"])
+def test_a_sighup_naming_a_realtime_database_that_cannot_be_opened_keeps_the_old_target(
+    tmp_path: Path, away: str
+) -> None:
+    """A SIGHUP switching to a realtime ``target.url`` that cannot be opened (a server
+    away, a file that is no database) is refused as a bad configuration is
+    (``config.reload_failed`` naming ``target.url`` and the driver's words, not the user
+    store): the daemon keeps its target and configuration, so edits still go live,
+    instead of taking a target every apply fails on."""
+    if away == "closed port":
+        url = f"postgresql+psycopg://postgres@127.0.0.1:{_closed_port()}/asterisk"
+    else:
+        (tmp_path / "rt.db").write_bytes(b"not a database " * 100)
+        url = f"sqlite:///{tmp_path / 'rt.db'}"
+    path = tmp_path / "provisioner.toml"
+    base = (
+        f"[store]\nurl = 'sqlite:///{tmp_path / 'store.db'}'\n"
+        f"[target]\npath = '{tmp_path / 'pjsip_users.conf'}'\n"
+    )
+    path.write_text(base, encoding="utf-8")
+    config = load_config(path, env={})
+    daemon = Daemon.from_config(config, config_path=str(path))
+    target = daemon.applier.target
+    try:
+        path.write_text(base + f"kind = 'realtime'\nurl = '{url}'\n", encoding="utf-8")
+        with capture_logs() as logs:
+            asyncio.run(daemon._reload_config())
+        (failed,) = [entry for entry in logs if entry["event"] == "config.reload_failed"]
+        assert failed["error"].startswith("target.url: cannot open the realtime database"), failed
+        assert "DatabaseError" in failed["error"] or "OperationalError" in failed["error"]
+        assert "store unavailable" not in failed["error"]
+        events = [entry["event"] for entry in logs]
+        assert "config.reloaded" not in events
+        assert "target.switched" not in events
+        assert (daemon.config, daemon.applier.target) == (config, target)
+    finally:
+        daemon.engine.dispose()
+
+
 def test_a_sighup_leaving_a_config_file_behind_warns_naming_it_and_keeps_it(
     tmp_path: Path,
 ) -> None:
