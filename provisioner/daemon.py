@@ -925,7 +925,7 @@ class Daemon:
             self.metrics.syncs.labels(kind=kind, result="failed").inc()
             self._last_exc = exc
             self.health.last_sync_ok = False
-            self.health.last_error = _describe(exc)
+            self.health.last_error = await self._failure_said(exc)
             self.health.last_sync_at = time.time()
             self._log_failure(exc)
             self._write_health()
@@ -933,6 +933,22 @@ class Daemon:
         self.health.cursor = self.tracker.cursor
         self._write_health_soon()  # after the AMI task had its turn: it is what goes live
         return result
+
+    async def _failure_said(self, exc: BaseException) -> str:
+        """:func:`_describe` of an apply's failure; a database error while the target is
+        realtime rows on a database of its own (``target.url``) and the user store reads
+        is that database's (``realtime database unavailable (target.url URL): ...``), not
+        the user store's, where the operator would otherwise look."""
+        engine = getattr(self.applier.target, "engine", None)
+        own = isinstance(engine, Engine) and engine is not self.engine
+        if (
+            isinstance(exc, DBAPIError)
+            and own
+            and await in_worker(store_unreadable, self.engine) is None
+        ):
+            url = display_url(self.config.target.url)
+            return f"realtime database unavailable (target.url {url}): {driver_error(exc)}"
+        return _describe(exc)
 
     def _log_failure(self, exc: BaseException) -> None:
         """Log a failed apply: each one that no retry would help (a refused mass removal,

@@ -744,3 +744,21 @@ def test_a_realtime_target_that_cannot_be_reached_stays_a_database_error(
     assert ran.code == 7, ran
     (line,) = [line for line in ran.err.splitlines() if line.startswith("error:")]
     assert line.startswith("error: database error: OperationalError: "), line
+
+
+def test_a_realtime_database_away_is_not_said_to_be_the_user_store(tmp_path: Path) -> None:
+    """An apply failing on a realtime target's own database (``target.url`` away) while
+    the user store reads is logged and recorded as that database's failure, naming its
+    URL, not as 'store unavailable', which would send the operator to the user store."""
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{_closed_port()}/asterisk"
+    daemon = local_daemon(tmp_path, target={"kind": "realtime", "url": url})
+    try:
+        with capture_logs() as logs:
+            asyncio.run(daemon._run(daemon._full))
+        (failed,) = [entry for entry in logs if entry["event"] == "sync.failed"]
+        assert failed["error"].startswith(
+            f"realtime database unavailable (target.url {url}): OperationalError: "
+        ), failed
+        assert daemon.health.last_error == failed["error"]
+    finally:
+        daemon.engine.dispose()
