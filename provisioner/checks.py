@@ -211,7 +211,7 @@ def _foreign_problem(path: Path) -> str | None:
         data = path.read_bytes()
     except OSError:  # absent (the first write makes it), or not this user's to read
         return None
-    if _MAYBE_FOREIGN.search(data) is None:
+    if b"\0" not in data and _MAYBE_FOREIGN.search(data) is None:
         return None
     try:
         refuse_foreign(path, Current.of_main(path, data, shard_directory(path)))

@@ -702,6 +702,28 @@ def test_render_refuses_a_target_path_naming_asterisks_pjsip_conf(tmp_path: Path
     assert not pjsip_conf.with_name("pjsip.conf.bak").exists()
 
 
+def test_render_refuses_a_target_path_naming_the_user_stores_database(tmp_path: Path) -> None:
+    """'provisioner render' with ``target.path`` naming the SQLite user store itself (or
+    any file holding a NUL byte: a database, an image) exits 9 and leaves it whole,
+    rather than replace the database with the users' text."""
+    from .faultkit import cli, seed_store, store_url, write_config
+
+    seed_store(store_url(tmp_path), 2).dispose()
+    store = tmp_path / "store.db"
+    before = store.read_bytes()
+    config = write_config(tmp_path)
+    ran = cli(config, "--set", f"target.path={store}", "render", check=False)
+    assert ran.code == 9, ran
+    assert f"refusing to replace {str(store)!r}: it holds what provisioner never writes" in ran.err
+    assert "a NUL byte" in ran.err
+    assert store.read_bytes() == before
+    assert not store.with_name("store.db.bak").exists()
+    assert "u0" in cli(config, "user", "list").out
+    checked = cli(config, "--set", f"target.path={store}", "check", check=False)
+    (line,) = [line for line in checked.out.splitlines() if "target:" in line]
+    assert line.startswith(f"FAIL  target: refusing to replace {str(store)!r}")
+
+
 @pytest.mark.parametrize("shards", [0, 4])
 def test_check_fails_its_target_line_for_a_file_provisioner_never_wrote(
     tmp_path: Path, shards: int

@@ -108,6 +108,10 @@ class Current:
         for verified in known:
             if verified is not None and verified.data == data:
                 return cls.verified(data, verified.users)
+        if b"\0" in data:
+            # No text provisioner writes holds one (every value is checked for control
+            # characters): a database (the user store's own SQLite file), an image...
+            return cls(data, {}, (), (_NUL,))
         hints = _known_chunks(known)
         hints.update(chunks or {})
         canonical = read_canonical(data, hints)
@@ -177,6 +181,10 @@ class Current:
             if kind == "endpoint":
                 endpoints.append(section.name)
         return cls(data, objects, tuple(dict.fromkeys(endpoints)), _foreign(parsed))
+
+
+#: What a file holding a NUL byte is said to hold (:attr:`Current.foreign`).
+_NUL = "a NUL byte: no text file, maybe a database such as the user store's"
 
 
 #: A type or directive name fit to quote (a PJSIP type is a short word); any other shows
