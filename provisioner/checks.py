@@ -190,11 +190,13 @@ def _nearest_existing(path: Path) -> Path:
 
 
 #: A line that may make a file hold what provisioner never writes: a ``type=`` other than a
-#: user's three, or a directive.  Only a file with one is parsed (a 100k-user file takes
-#: seconds to read in full; scanning it for these, a tenth of one).
+#: user's three, a directive, or a section not followed at once by its ``type=``.  Only a
+#: file with one is parsed (a 100k-user file takes seconds to read in full; scanning it
+#: for these, well under one).
 _MAYBE_FOREIGN = re.compile(
     rb"^[\x00-\x20]*(?:#|type[\x00-\x20]*=>?[\x00-\x20]*"
-    rb"(?!(?:endpoint|auth|aor)[\x00-\x09\x0b-\x20]*$))",
+    rb"(?!(?:endpoint|auth|aor)[\x00-\x09\x0b-\x20]*$)"
+    rb"|\[[^\n]*\n(?![\x00-\x20]*type[\x00-\x20]*=))",
     re.MULTILINE,
 )
 

@@ -651,18 +651,37 @@ ASTERISKS_PJSIP_CONF = (
 )
 
 
+#: Files a mistaken ``target.path`` could name, and what the refusal says they hold.
+FOREIGN_FILES = {
+    "pjsip.conf": (
+        ASTERISKS_PJSIP_CONF,
+        "(objects of type global, registration, transport; #include)",
+    ),
+    "includes only": (
+        "#include pjsip_transports.conf\n#include pjsip_users.conf\n",
+        "(#include)",
+    ),
+    "extensions.conf": (
+        "[from-sip]\nexten => 100,1,Dial(PJSIP/100)\n same => n,Hangup()\n",
+        "(sections with no type=, no PJSIP objects: a dialplan, another program's file)",
+    ),
+    "provisioner.toml": (
+        "[store]\nurl = 'sqlite:///var/provisioner.db'\n[target]\nkind = 'config'\n",
+        "(sections with no type=, no PJSIP objects: a dialplan, another program's file)",
+    ),
+}
+
+
 @pytest.mark.parametrize("shards", [0, 4])
-@pytest.mark.parametrize(
-    "text",
-    [ASTERISKS_PJSIP_CONF, "#include pjsip_transports.conf\n#include pjsip_users.conf\n"],
-)
+@pytest.mark.parametrize("name", sorted(FOREIGN_FILES))
 def test_a_file_holding_what_provisioner_never_writes_is_not_replaced(
-    tmp_path: Path, shards: int, text: str
+    tmp_path: Path, shards: int, name: str
 ) -> None:
-    """A ``target.path`` naming a file holding objects or directives provisioner never
-    writes (Asterisk's own pjsip.conf, say) is refused, naming them: nothing is written,
-    neither by an apply nor by an edit, and a dry run says so too, instead of replacing
-    the transports Asterisk needs with the users."""
+    """A ``target.path`` naming a file holding objects, sections or directives provisioner
+    never writes (Asterisk's own pjsip.conf, the dialplan, provisioner's own TOML) is
+    refused, naming them: nothing is written, neither by an apply nor by an edit, and a
+    dry run says so too, instead of replacing what Asterisk needs with the users."""
+    text, held = FOREIGN_FILES[name]
     path = tmp_path / "pjsip.conf"
     path.write_text(text)
     target = make_target(path, shards)
@@ -676,11 +695,12 @@ def test_a_file_holding_what_provisioner_never_writes_is_not_replaced(
             attempt()
         assert refused.value.exit_code == 9
         message = refused.value.message
-        assert f"refusing to replace {str(path)!r}" in message
-        if "type=global" in text:
-            assert "global, registration, transport" in message
-        assert "#include" in message
+        assert f"refusing to replace {str(path)!r}: it holds what provisioner never writes " in (
+            message
+        )
+        assert held in message
         assert "carrier" not in message
+        assert "Dial" not in message
     # Beside it at most the writers' lock: no temporary file, no backup, no shard file.
     assert {p.name for p in tmp_path.iterdir()} <= {"pjsip.conf", ".pjsip.conf.lock"}
     assert path.read_text() == text

@@ -187,6 +187,11 @@ class Current:
 _NUL = "a NUL byte: no text file, maybe a database such as the user store's"
 
 
+#: What a file with a section lacking ``type=`` (an extensions.conf context, a TOML table)
+#: is said to hold.
+_TYPELESS = "sections with no type=, no PJSIP objects: a dialplan, another program's file"
+
+
 #: A type or directive name fit to quote (a PJSIP type is a short word); any other shows
 #: as ``<other>``: a file not provisioner's may hold anything there.
 _QUOTABLE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,39}")
@@ -194,14 +199,17 @@ _QUOTABLE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,39}")
 
 def _foreign(parsed: Parsed) -> tuple[str, ...]:
     """What ``parsed`` holds that no file provisioner writes holds: ``objects of type
-    global, transport`` (of every type but endpoint, auth and aor) and each directive
-    Asterisk acts on (``#include``); empty for a file of users only."""
+    global, transport`` (of every type but endpoint, auth and aor), sections with no
+    ``type=`` at all, and each directive Asterisk acts on (``#include``); empty for a
+    file of users only."""
     kinds = {
         options[0][1] if _QUOTABLE.fullmatch(options[0][1]) else "<other>"
         for section in parsed.visible()
         if (options := section.options) and options[0][0] == "type" and options[0][1] not in _KINDS
     }
     held = [f"objects of type {', '.join(sorted(kinds))}"] if kinds else []
+    if any(not s.options or s.options[0][0] != "type" for s in parsed.visible()):
+        held.append(_TYPELESS)
     held += sorted({f"#{d.name}" for d in parsed.directives if d.known})
     return tuple(held)
 
