@@ -153,6 +153,19 @@ def _valid_inputs(model: type[BaseModel], data: Any, names: Sequence[str]) -> di
     return values
 
 
+#: The rule a path starting with ``~`` breaks: Python opens it as a directory named ``~``.
+_TILDE_RULE = "must not start with '~' (no shell expands it here): give the full path"
+
+
+def _no_tilde(value: str) -> str:
+    """``value``, a path, unless it starts with ``~``: no shell expands one in a TOML file,
+    a unit's environment or a quoted flag, and taken as it is it names a directory ``~``
+    under the working directory, where nothing else (Asterisk's #include) looks."""
+    if value.startswith("~"):
+        raise ValueError(_TILDE_RULE)
+    return value
+
+
 def _check_url(value: str) -> str:
     """``value`` if it is a database URL of a dialect SQLAlchemy has, whose driver is
     installed; the rule it breaks never quotes it (a part of its password could show)."""
@@ -165,6 +178,8 @@ def _check_url(value: str) -> str:
             "must be a SQLAlchemy database URL (its port is not a number; "
             "percent-encode any '@', ':' or '/' in the password)"
         ) from None
+    if url.get_backend_name() == "sqlite" and (url.database or "").startswith("~"):
+        raise ValueError(_TILDE_RULE)
     if url.host is not None and "@" in url.host:  # the password's tail, read as the host
         raise ValueError(
             "must be a SQLAlchemy database URL (its host holds an '@'; "
@@ -317,6 +332,8 @@ class TargetSettings(_UrlSection):
     def _url_or_empty(cls, value: str) -> str:
         return _check_url(value) if value else value
 
+    _paths = field_validator("path", "templates")(_no_tilde)
+
     @field_validator("video_codecs")
     @classmethod
     def _video_codecs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -381,6 +398,8 @@ def _read_secret(
     where = "secret"
     if secret_file is not None:
         where = "secret_file"
+        if str(secret_file).startswith("~"):
+            return None, [((where,), _TILDE_RULE)]
         try:
             text, broken = _read_secret_file(secret_file)
         except (OSError, UnicodeDecodeError) as exc:
@@ -631,6 +650,8 @@ class DaemonSettings(_Section):
     state_dir: str = "var"
     #: Prometheus metrics on 127.0.0.1:<port>; 0 disables them.
     metrics_port: int = Field(default=0, ge=0, le=65535)
+
+    _state_dir = field_validator("state_dir")(_no_tilde)
 
 
 class Config(_Section):

@@ -1158,3 +1158,40 @@ def test_a_list_or_table_given_as_something_else_says_how_to_write_one(
     with pytest.raises(ConfigError) as info:
         load_config(_write(tmp_path, text), env=env)
     assert [str(p) for p in info.value.problems] == [problem]
+
+
+def test_a_path_starting_with_a_tilde_is_refused_naming_every_key(tmp_path: Path) -> None:
+    """A path or SQLite URL starting with ``~`` (which no shell expands in a TOML file,
+    a unit's environment or a quoted flag) is refused on every key that takes one, all at
+    once, rather than taken as a directory named ``~`` under the working directory, where
+    Asterisk's #include would never look."""
+    path = _write(
+        tmp_path,
+        "[store]\nurl = 'sqlite:///~/store.db'\n"
+        "[target]\npath = '~/pjsip_users.conf'\ntemplates = '~/templates'\n"
+        "url = 'sqlite:///~/asterisk.db'\n"
+        "[daemon]\nstate_dir = '~/state'\n"
+        "[[asterisk]]\nname = 'pbx'\nhost = 'h'\nusername = 'u'\nsecret_file = '~/ami.secret'\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    rule = "must not start with '~' (no shell expands it here): give the full path"
+    assert sorted(str(p) for p in info.value.problems) == sorted(
+        f"{key}: {rule}"
+        for key in (
+            "store.url",
+            "target.path",
+            "target.templates",
+            "target.url",
+            "daemon.state_dir",
+            "asterisk.0.secret_file",
+        )
+    )
+
+
+def test_a_tilde_inside_a_path_is_a_name_like_any_other(tmp_path: Path) -> None:
+    """Only a leading ``~`` is refused: one inside a name (a backup's ``x~``) is kept."""
+    cfg = load_config(
+        env={}, overrides={"target": {"path": str(tmp_path / "a~" / "pjsip_users.conf~")}}
+    )
+    assert cfg.target.path.endswith("a~/pjsip_users.conf~")
