@@ -82,7 +82,8 @@ class Current:
     objects: dict[tuple[str, str], Options]
     endpoints: tuple[str, ...]
     #: What the file holds that provisioner never writes (:func:`_foreign`): the types of
-    #: objects other than a user's three, ``#include``/``#tryinclude``/``#exec``.
+    #: objects other than a user's three, sections with no ``type=``, ``#include``,
+    #: ``#tryinclude``, ``#exec``, a NUL byte (no text at all).
     foreign: tuple[str, ...] = ()
 
     @classmethod
