@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -19,13 +20,12 @@ from .aio import wait_first
 from .config import (
     AsteriskServer,
     Config,
-    TargetSettings,
     cache_names,
     config_file_problem,
     display_url,
     secret_file_problem,
 )
-from .errors import ConfigError, RenderCheckFailed
+from .errors import ConfigError, ForeignTargetFile, RenderCheckFailed
 from .health import HealthUnreadable, read_health
 from .store.changefeed import missing_definers, trigger_problems
 from .store.engine import driver_error, open_store_engine, sqlite_file
@@ -140,7 +140,9 @@ def _target(config: Config) -> Check:
                 False,
                 f"{backup} is not a regular file (each write keeps the previous file there)",
             )
-        if (broken := _templates_problem(t)) is not None:
+        if (foreign := _foreign_problem(Path(os.path.abspath(t.path)))) is not None:
+            return ("target", False, foreign)
+        if (broken := _templates_problem(config)) is not None:
             return ("target", False, broken)
         if not t.shards:
             return ("target", True, f"config file {t.path} (directory writable)")
@@ -202,14 +204,52 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def _templates_problem(t: TargetSettings) -> str | None:
-    """Why the config-file target's templates cannot be loaded (an override directory that
-    is not one, as building the target would say: ``run`` exits 2 for it) or compiled (a
-    template with a syntax error or not UTF-8, which every apply refuses), or None."""
-    from .targets.templating import Templates
+#: A line that may make a file hold what provisioner never writes: a ``type=`` other than a
+#: user's three, a directive, or a section not followed at once by its ``type=``.  Only a
+#: file with one is parsed (a 100k-user file takes seconds to read in full; scanning it
+#: for these, well under one).
+_MAYBE_FOREIGN = re.compile(
+    rb"^[\x00-\x20]*(?:#|type[\x00-\x20]*=>?[\x00-\x20]*"
+    rb"(?!(?:endpoint|auth|aor)[\x00-\x09\x0b-\x20]*$)"
+    rb"|\[[^\n]*\n(?![\x00-\x20]*type[\x00-\x20]*=))",
+    re.MULTILINE,
+)
+
+
+def _foreign_problem(path: Path) -> str | None:
+    """The refusal every apply would give (:class:`~provisioner.errors.ForeignTargetFile`)
+    when the file at ``path`` holds what provisioner never writes (Asterisk's own
+    pjsip.conf named by a mistaken ``target.path``), or None; None too for a file this
+    user may not read (a monitoring user: the daemon's own user may)."""
+    from .targets.holdings import Current, refuse_foreign
+    from .targets.shards import shard_directory
 
     try:
-        Templates(Path(t.templates) if t.templates else None).compile_all()
+        data = path.read_bytes()
+    except OSError:  # absent (the first write makes it), or not this user's to read
+        return None
+    if b"\0" not in data and _MAYBE_FOREIGN.search(data) is None:
+        return None
+    try:
+        refuse_foreign(path, Current.of_main(path, data, shard_directory(path)))
+    except ForeignTargetFile as exc:
+        return exc.message
+    return None
+
+
+def _templates_problem(config: Config) -> str | None:
+    """Why the config-file target's templates cannot be loaded (an override directory that
+    is not one, as building the target would say: ``run`` exits 2 for it), compiled (a
+    template with a syntax error or not UTF-8) or render a good file (sample users'
+    text must parse back to exactly them), all of which every apply refuses; or None."""
+    from .pjsip import RenderSettings
+    from .targets.configfile import check_templates
+
+    t = config.target
+    settings = RenderSettings.from_config(config)
+
+    try:
+        check_templates(Path(t.templates) if t.templates else None, settings)
     except ConfigError as exc:
         return "; ".join(str(problem) for problem in exc.problems)
     except RenderCheckFailed as exc:

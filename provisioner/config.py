@@ -153,6 +153,19 @@ def _valid_inputs(model: type[BaseModel], data: Any, names: Sequence[str]) -> di
     return values
 
 
+#: The rule a path starting with ``~`` breaks: Python opens it as a directory named ``~``.
+_TILDE_RULE = "must not start with '~' (no shell expands it here): give the full path"
+
+
+def _no_tilde(value: str) -> str:
+    """``value``, a path, unless it starts with ``~``: no shell expands one in a TOML file,
+    a unit's environment or a quoted flag, and taken as it is it names a directory ``~``
+    under the working directory, where nothing else (Asterisk's #include) looks."""
+    if value.startswith("~"):
+        raise ValueError(_TILDE_RULE)
+    return value
+
+
 def _check_url(value: str) -> str:
     """``value`` if it is a database URL of a dialect SQLAlchemy has, whose driver is
     installed; the rule it breaks never quotes it (a part of its password could show)."""
@@ -165,6 +178,8 @@ def _check_url(value: str) -> str:
             "must be a SQLAlchemy database URL (its port is not a number; "
             "percent-encode any '@', ':' or '/' in the password)"
         ) from None
+    if url.get_backend_name() == "sqlite" and (url.database or "").startswith("~"):
+        raise ValueError(_TILDE_RULE)
     if url.host is not None and "@" in url.host:  # the password's tail, read as the host
         raise ValueError(
             "must be a SQLAlchemy database URL (its host holds an '@'; "
@@ -339,6 +354,8 @@ class TargetSettings(_UrlSection):
     def _url_or_empty(cls, value: str) -> str:
         return _check_url(value) if value else value
 
+    _paths = field_validator("path", "templates")(_no_tilde)
+
     @field_validator("video_codecs")
     @classmethod
     def _video_codecs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -403,6 +420,8 @@ def _read_secret(
     where = "secret"
     if secret_file is not None:
         where = "secret_file"
+        if str(secret_file).startswith("~"):
+            return None, [((where,), _TILDE_RULE)]
         try:
             text, broken = _read_secret_file(secret_file)
         except (OSError, UnicodeDecodeError) as exc:
@@ -691,6 +710,8 @@ class DaemonSettings(_Section):
     #: Prometheus metrics on 127.0.0.1:<port>; 0 disables them.
     metrics_port: int = Field(default=0, ge=0, le=65535)
 
+    _state_dir = field_validator("state_dir")(_no_tilde)
+
 
 class Config(_Section):
     """The whole configuration, validated at once."""
@@ -928,10 +949,52 @@ def _problems(exc: ValidationError, origins: _Origins) -> list[Problem]:
             msg = "is not a known setting"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        if (origin := _origin(origins, path)) is not None:
+        origin = _origin(origins, path) or _table_origin(origins, path, err["input"])
+        msg = _shape_rule(err, origin) or msg
+        if origin is not None:
             msg = f"{msg} (from {origin})"
         problems.append(Problem(key, msg))
     return problems
+
+
+#: How a list and a table are written where a variable or ``--set`` gives them.
+_AS_JSON = {"list": '["a", "b"]', "table": '{"key": "value"}'}
+
+
+def _shape_rule(err: ErrorDetails, origin: str | None) -> str | None:
+    """What a list or table key given something else must be, and how to write it (TOML's
+    ``[[asterisk]]``, JSON in a variable or ``--set``), in place of pydantic's 'Input should
+    be a valid tuple'; None for any other error."""
+    want = {"tuple_type": "list", "list_type": "list", "dict_type": "table"}.get(err["type"])
+    given = err["input"]
+    if want is None:
+        return None
+    if want == "list" and isinstance(given, Mapping):
+        if origin is not None:
+            return "must be a list, not a table (as JSON: [...], each entry {...})"
+        toml = " (in TOML, write each entry as [[asterisk]])" if err["loc"] == ("asterisk",) else ""
+        return f"must be a list, not a table{toml}"
+    if isinstance(given, str) and origin is not None:
+        return f"must be a {want} (from the environment or --set, as JSON: {_AS_JSON[want]})"
+    return f"must be a {want}"
+
+
+def _table_origin(origins: _Origins, path: tuple[str, ...], value: object) -> str | None:
+    """Where the table ``value`` at ``path`` came from when one variable or ``--set`` gave
+    every key of it (its origin is noted key by key: a JSON table given where a list
+    belongs); None when the file gave some, or several sources did."""
+    if not isinstance(value, Mapping) or not value:
+        return None
+    found = {
+        origin
+        for key in value
+        for noted, origin in origins.items()
+        if noted[: len(path) + 1] == (*path, str(key))
+    }
+    covered = all(
+        any(noted[: len(path) + 1] == (*path, str(key)) for noted in origins) for key in value
+    )
+    return found.pop() if covered and len(found) == 1 else None
 
 
 def _origin(origins: _Origins, path: tuple[str, ...]) -> str | None:
@@ -1019,7 +1082,7 @@ def load_config(
     (nested dicts from command-line flags) and ``sets`` (raw ``--set`` flags), or raise
     :class:`ConfigError` listing every problem of them all (when the file cannot be read or
     parsed, or ``path`` is empty: that problem and the unreadable ``--set`` flags and
-    variables)."""
+    variables; ``$PROVISIONER_CONFIG`` set but blank is such a problem too)."""
     env = os.environ if env is None else env
     file = _resolve_path(path, env)
     env_origins: _Origins = {}
@@ -1031,6 +1094,14 @@ def load_config(
     file_problem: Problem | None = None
     if path is not None and not str(path):  # named, as nothing: not "no --config" at all
         file_problem = Problem("config", "the file name is empty")
+    elif path is None and ENV_CONFIG in env and not env[ENV_CONFIG].strip():
+        # Set, to nothing (a unit's unexpanded variable): not "no PROVISIONER_CONFIG",
+        # whose fall back to the defaults would run on a store and a target of their own.
+        file_problem = Problem(
+            ENV_CONFIG,
+            f"is set but empty: name the file, or unset it to read {DEFAULT_CONFIG_PATH}"
+            " (if it exists)",
+        )
     else:
         data, file_problem = _read_file(file)
     if file_problem is not None:

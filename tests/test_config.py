@@ -95,6 +95,26 @@ def test_an_empty_config_path_is_refused_not_taken_for_none(tmp_path: Path) -> N
     assert [str(p) for p in info.value.problems] == ["config: the file name is empty"]
 
 
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_config_variable_is_refused_not_taken_for_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """``PROVISIONER_CONFIG`` set but empty (a unit's ``Environment=`` whose variable was
+    never expanded) is a config problem naming the variable, as an empty ``--config`` is,
+    not a silent fall back to the system file or the defaults (a store and a target of
+    their own under the working directory); ``--config`` still wins over it."""
+    system = _write(tmp_path, "[sip]\nrealm = 'system'\n", "system.toml")
+    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATH", system)
+    with pytest.raises(ConfigError) as info:
+        load_config(env={"PROVISIONER_CONFIG": value, "PROVISIONER_SIP__REALM": "x y"})
+    assert [str(p) for p in info.value.problems] == [
+        "PROVISIONER_CONFIG: is set but empty: name the file, or unset it to read "
+        f"{config_module.DEFAULT_CONFIG_PATH} (if it exists)"
+    ]
+    named = _write(tmp_path, "[sip]\nrealm = 'named'\n")
+    assert load_config(named, env={"PROVISIONER_CONFIG": value}).sip.realm == "named"
+
+
 def test_default_system_path_is_used_when_present(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1139,3 +1159,119 @@ def test_check_passes_a_config_file_others_may_read_that_holds_no_secret(tmp_pat
     cli("db", "upgrade")
     cli.config.chmod(0o644)
     assert "readable by others" not in cli("check").out
+
+
+@pytest.mark.parametrize(
+    ("env", "sets", "problem"),
+    [
+        (
+            {"PROVISIONER_ASTERISK": '{"name": "pbx1", "host": "h"}'},
+            [],
+            "asterisk: must be a list, not a table (as JSON: [...], each entry {...})"
+            " (from PROVISIONER_ASTERISK)",
+        ),
+        (
+            {},
+            ['target.video_codecs={"vp8": true}'],
+            "target.video_codecs: must be a list, not a table (as JSON: [...], each entry {...})"
+            " (from the command line)",
+        ),
+    ],
+)
+def test_a_table_given_where_a_list_belongs_names_where_it_came_from(
+    env: dict[str, str], sets: list[str], problem: str
+) -> None:
+    """A JSON table given by a variable or flag where a list belongs (``[asterisk]``'s
+    entries as one object) is said to come from there, as any other value of theirs is,
+    not left to look like the file's."""
+    with pytest.raises(ConfigError) as info:
+        load_config(env=env, sets=sets, path=None)
+    assert problem in [str(p) for p in info.value.problems]
+
+
+def test_a_table_of_the_file_with_a_key_of_the_environment_names_no_single_source(
+    tmp_path: Path,
+) -> None:
+    """A wrong table made of the file's keys and a variable's names no source: neither
+    alone gave it."""
+    path = _write(tmp_path, "[asterisk]\nname = 'pbx1'\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={"PROVISIONER_ASTERISK__HOST": "h"})
+    assert [str(p) for p in info.value.problems] == [
+        "asterisk: must be a list, not a table (in TOML, write each entry as [[asterisk]])"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "problem"),
+    [
+        (
+            "[asterisk]\nname = 'pbx1'\n",
+            {},
+            "asterisk: must be a list, not a table (in TOML, write each entry as [[asterisk]])",
+        ),
+        (
+            "",
+            {"PROVISIONER_TARGET__VIDEO_CODECS": "vp8,h264"},
+            "target.video_codecs: must be a list (from the environment or --set, as JSON: "
+            '["a", "b"]) (from PROVISIONER_TARGET__VIDEO_CODECS)',
+        ),
+        (
+            "",
+            {"PROVISIONER_TARGET__TRANSPORTS": "udp=my-udp"},
+            "target.transports: must be a table (from the environment or --set, as JSON: "
+            '{"key": "value"}) (from PROVISIONER_TARGET__TRANSPORTS)',
+        ),
+        (
+            "[target]\nvideo_codecs = 'vp8'\n",
+            {},
+            "target.video_codecs: must be a list",
+        ),
+    ],
+)
+def test_a_list_or_table_given_as_something_else_says_how_to_write_one(
+    tmp_path: Path, text: str, env: dict[str, str], problem: str
+) -> None:
+    """A list or table key given a table (``[asterisk]`` for ``[[asterisk]]``) or plain
+    text (``vp8,h264`` in a variable) says what it must be and how to write it, not
+    pydantic's 'Input should be a valid tuple'."""
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text), env=env)
+    assert [str(p) for p in info.value.problems] == [problem]
+
+
+def test_a_path_starting_with_a_tilde_is_refused_naming_every_key(tmp_path: Path) -> None:
+    """A path or SQLite URL starting with ``~`` (which no shell expands in a TOML file,
+    a unit's environment or a quoted flag) is refused on every key that takes one, all at
+    once, rather than taken as a directory named ``~`` under the working directory, where
+    Asterisk's #include would never look."""
+    path = _write(
+        tmp_path,
+        "[store]\nurl = 'sqlite:///~/store.db'\n"
+        "[target]\npath = '~/pjsip_users.conf'\ntemplates = '~/templates'\n"
+        "url = 'sqlite:///~/asterisk.db'\n"
+        "[daemon]\nstate_dir = '~/state'\n"
+        "[[asterisk]]\nname = 'pbx'\nhost = 'h'\nusername = 'u'\nsecret_file = '~/ami.secret'\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    rule = "must not start with '~' (no shell expands it here): give the full path"
+    assert sorted(str(p) for p in info.value.problems) == sorted(
+        f"{key}: {rule}"
+        for key in (
+            "store.url",
+            "target.path",
+            "target.templates",
+            "target.url",
+            "daemon.state_dir",
+            "asterisk.0.secret_file",
+        )
+    )
+
+
+def test_a_tilde_inside_a_path_is_a_name_like_any_other(tmp_path: Path) -> None:
+    """Only a leading ``~`` is refused: one inside a name (a backup's ``x~``) is kept."""
+    cfg = load_config(
+        env={}, overrides={"target": {"path": str(tmp_path / "a~" / "pjsip_users.conf~")}}
+    )
+    assert cfg.target.path.endswith("a~/pjsip_users.conf~")
