@@ -25,7 +25,7 @@ from .config import (
     display_url,
     secret_file_problem,
 )
-from .errors import ConfigError, ForeignTargetFile, RenderCheckFailed
+from .errors import ConfigError, ForeignTargetFile, RenderCheckFailed, UrlRefused
 from .health import HealthUnreadable, read_health
 from .store.changefeed import missing_definers, trigger_problems
 from .store.engine import driver_error, open_store_engine, sqlite_file
@@ -81,6 +81,8 @@ def _store(config: Config) -> Check:
         return ("store", True, f"{display_url(config.store.url)}: {count} users")
     except DBAPIError as exc:
         return ("store", False, f"cannot open: {driver_error(exc)}")
+    except UrlRefused as exc:
+        return ("store", False, "; ".join(map(str, exc.problems)))
     finally:
         engine.dispose()
 
@@ -163,7 +165,8 @@ def _target(config: Config) -> Check:
     url = t.url or config.store.url
     if (path := _absent(url)) is not None:
         return _absent_realtime(path, own=bool(t.url))
-    engine = open_store_engine(url, config.store, create=False)
+    field = "target.url" if t.url else "store.url"
+    engine = open_store_engine(url, config.store, create=False, field=field)
     try:
         with engine.connect() as conn:
             names = set(inspect(conn).get_table_names())
@@ -175,6 +178,8 @@ def _target(config: Config) -> Check:
         return ("target", True, "realtime tables present")
     except DBAPIError as exc:
         return ("target", False, f"cannot open realtime database: {driver_error(exc)}")
+    except UrlRefused as exc:
+        return ("target", False, "; ".join(map(str, exc.problems)))
     finally:
         engine.dispose()
 

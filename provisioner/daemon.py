@@ -46,6 +46,7 @@ from .errors import (
     ServiceFailed,
     StoreUnavailable,
     TargetWriteFailed,
+    UrlRefused,
 )
 from .health import Health, write_health
 from .logs import configure as configure_logs
@@ -245,7 +246,7 @@ def _realtime_engine(config: Config, *, writes: bool) -> Engine:
     path = sqlite_file(url)
     if not writes and path is not None and not path.exists():
         return open_engine("sqlite://")
-    return open_store_engine(url, config.store, create=writes)
+    return open_store_engine(url, config.store, create=writes, field="target.url")
 
 
 def _placement(config: Config) -> tuple[str, str, str, str, int]:
@@ -587,6 +588,10 @@ class Daemon:
         # watcher starts is still seen.
         templates = template_stamp(dirs)
         first = await self._reconcile_until_done(retry=not burst)
+        if isinstance(self._last_exc, UrlRefused):
+            # Neither a retry nor an edit of the users mends it: end with the config's
+            # exit code (2), which the unit's RestartPreventExitStatus does not restart.
+            raise self._last_exc
         if burst:
             if self._last_exc is not None:
                 # A one-shot run that applied nothing ends with the reason (its exit
