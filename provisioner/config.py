@@ -734,8 +734,9 @@ class DaemonSettings(_Section):
     stuck_after: float = Field(default=300.0, ge=0, le=86400)
     #: A sync removing more than this fraction of the provisioned users is refused.
     max_removal_fraction: float = Field(default=0.5, gt=0, le=1)
-    #: Where the health record is written (``provisioner check`` reads it).
-    state_dir: str = "var"
+    #: Where the health record is written (``provisioner check`` reads it); never empty,
+    #: which would quietly be the working directory.
+    state_dir: str = Field(default="var", min_length=1)
     #: Prometheus metrics on 127.0.0.1:<port>; 0 disables them.
     metrics_port: int = Field(default=0, ge=0, le=65535)
 
