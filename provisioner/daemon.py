@@ -227,8 +227,8 @@ def _checked_target(config: Config, store_engine: Engine) -> Target:
 def _probe_realtime(engine: Engine, url: str) -> None:
     """Open the realtime database ``url`` on ``engine`` and read its table names (SQLite
     reads its file only then); :class:`ConfigError` on ``target.url`` with the driver's
-    words (not the user store's failure, as a bare database error would be told), the
-    engine disposed."""
+    words (not the user store's failure, as a bare database error would be told), or the
+    :class:`UrlRefused` of a driver refusing its parameters, the engine disposed."""
     try:
         with engine.connect() as conn:
             inspect(conn).get_table_names()
@@ -236,6 +236,9 @@ def _probe_realtime(engine: Engine, url: str) -> None:
         engine.dispose()
         rule = f"cannot open the realtime database ({display_url(url)}): {driver_error(exc)}"
         raise ConfigError([Problem("target.url", rule)]) from None
+    except UrlRefused:  # already on target.url, in the driver's words
+        engine.dispose()
+        raise
 
 
 def _realtime_engine(config: Config, *, writes: bool) -> Engine:
