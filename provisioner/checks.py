@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 from sqlalchemy import func, inspect, select
 from sqlalchemy.exc import DBAPIError
 
-from .aio import wait_first
 from .config import (
     AsteriskServer,
     Config,
@@ -25,7 +24,7 @@ from .config import (
     display_url,
     secret_file_problem,
 )
-from .errors import ConfigError, ForeignTargetFile, RenderCheckFailed
+from .errors import ConfigError, ForeignTargetFile, RenderCheckFailed, UrlRefused
 from .health import HealthUnreadable, read_health
 from .store.changefeed import missing_definers, trigger_problems
 from .store.engine import driver_error, open_store_engine, sqlite_file
@@ -81,6 +80,8 @@ def _store(config: Config) -> Check:
         return ("store", True, f"{display_url(config.store.url)}: {count} users")
     except DBAPIError as exc:
         return ("store", False, f"cannot open: {driver_error(exc)}")
+    except UrlRefused as exc:
+        return ("store", False, "; ".join(map(str, exc.problems)))
     finally:
         engine.dispose()
 
@@ -163,7 +164,8 @@ def _target(config: Config) -> Check:
     url = t.url or config.store.url
     if (path := _absent(url)) is not None:
         return _absent_realtime(path, own=bool(t.url))
-    engine = open_store_engine(url, config.store, create=False)
+    field = "target.url" if t.url else "store.url"
+    engine = open_store_engine(url, config.store, create=False, field=field)
     try:
         with engine.connect() as conn:
             names = set(inspect(conn).get_table_names())
@@ -175,6 +177,8 @@ def _target(config: Config) -> Check:
         return ("target", True, "realtime tables present")
     except DBAPIError as exc:
         return ("target", False, f"cannot open realtime database: {driver_error(exc)}")
+    except UrlRefused as exc:
+        return ("target", False, "; ".join(map(str, exc.problems)))
     finally:
         engine.dispose()
 
@@ -258,20 +262,24 @@ def _templates_problem(config: Config) -> str | None:
 
 
 async def _login(server: AsteriskServer, config: Config) -> Check:
+    """The line of one login to ``server``, tried once (:meth:`AmiClient.serve_once`): a
+    refused connection or login fails it at once, a host that never answers once its
+    ``timeout`` has passed; then, with a realtime target, its caches are asked for."""
     from .ami import AmiClient, AmiError
 
     client = AmiClient(server, config.ami)
     stop = asyncio.Event()
-    runner = asyncio.ensure_future(client.run(stop))
+    runner = asyncio.ensure_future(client.serve_once(stop))
     try:
-        ok = await wait_first(client.connected_event, timeout=server.timeout + 1.0)
         name, where = f"asterisk {server.name}", f"{server.host}:{server.port}"
-        if not ok:
-            return (
-                name,
-                False,
-                f"{where}: {client.health().last_error or 'no answer'}",
-            )
+        logged_in = asyncio.ensure_future(client.connected_event.wait())
+        # Opening is bounded by the server's timeout; the second more is a backstop.
+        await asyncio.wait(
+            [runner, logged_in], timeout=server.timeout + 1.0, return_when=asyncio.FIRST_COMPLETED
+        )
+        logged_in.cancel()
+        if not client.connected:
+            return (name, False, f"{where}: {_not_logged_in(runner, client)}")
         caches = cache_names(server.sorcery_caches)
         if config.target.kind == "realtime" and caches:
             try:
@@ -285,7 +293,30 @@ async def _login(server: AsteriskServer, config: Config) -> Check:
         return (name, True, f"{where} login ok")
     finally:
         stop.set()
-        await runner
+        await asyncio.wait([runner])
+        refusals = (OSError, TimeoutError, AmiError, ValueError)  # said on the line
+        if not runner.cancelled() and not isinstance(runner.exception(), refusals):
+            runner.result()  # a bug: raised, not turned into a line
+
+
+def _not_logged_in(runner: asyncio.Future[None], client: AmiClient) -> str:
+    """Why ``client``'s one login (``runner``) did not get in: a refused connection as
+    ``connection refused``, the AMI layer's reason, the system's words for another socket
+    error, or the session's end (closed at once after the login)."""
+    from .ami import AmiError
+
+    exc = runner.exception() if runner.done() and not runner.cancelled() else None
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, AmiError):
+        return exc.reason
+    if isinstance(exc, TimeoutError):
+        return f"no answer to the login in {client.server.timeout}s"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    if exc is not None:
+        return f"{type(exc).__name__}: {exc}"
+    return client.health().last_error or "no answer"
 
 
 #: The asterisk line when no server is configured: nothing fails, but it is said.

@@ -20,6 +20,7 @@ import os
 import re
 import stat
 import tomllib
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -198,6 +199,18 @@ def _check_url(value: str) -> str:
             f"its driver is not installed ({dialect.name}+{dialect.driver}: {exc}); "
             "install it or name one that is, e.g. postgresql+psycopg, mysql+pymysql"
         ) from None
+    with warnings.catch_warnings():
+        # SQLAlchemy's warning for a parameter the driver ignores: said again (and shown)
+        # when the engine is made.
+        warnings.simplefilter("ignore")
+        try:
+            # The parameters converted for the driver (``?timeout=abc`` for a float), as
+            # the engine does: here, not as a traceback from every command and the daemon.
+            dialect().create_connect_args(url)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"its driver cannot take its parameters: {driver_refusal(exc, url)}"
+            ) from None
     if dialect.driver == "pymysql" and not all(map(_latin1, _passwords(url))):
         # pymysql encodes the password as Latin-1 at every connect: it would fail each one
         # with a UnicodeEncodeError quoting the character and its place in the password.
@@ -206,6 +219,22 @@ def _check_url(value: str) -> str:
             "Latin-1, which has no euro sign or emoji, say): set one of Latin-1 characters"
         )
     return value
+
+
+def driver_refusal(exc: Exception, url: URL | str) -> str:
+    """``<error type>: <first line of its message>``: what may be shown of a driver's (or
+    SQLAlchemy's) refusal of the parameters ``url`` gives it, each password the URL holds
+    shown as ``***`` should the message quote it; a character that cannot be encoded
+    (a password's, in its place) is never quoted."""
+    if isinstance(exc, UnicodeError):
+        encoding = getattr(exc, "encoding", "")
+        return f"{type(exc).__name__}: the {encoding} codec: {getattr(exc, 'reason', '')}"
+    said = (str(exc).splitlines() or [""])[0]
+    parsed = make_url(url) if isinstance(url, str) else url
+    for password in sorted(_passwords(parsed), key=len, reverse=True):
+        if password:
+            said = said.replace(password, "***")
+    return f"{type(exc).__name__}: {said}"
 
 
 def _passwords(url: URL) -> list[str]:
@@ -705,8 +734,9 @@ class DaemonSettings(_Section):
     stuck_after: float = Field(default=300.0, ge=0, le=86400)
     #: A sync removing more than this fraction of the provisioned users is refused.
     max_removal_fraction: float = Field(default=0.5, gt=0, le=1)
-    #: Where the health record is written (``provisioner check`` reads it).
-    state_dir: str = "var"
+    #: Where the health record is written (``provisioner check`` reads it); never empty,
+    #: which would quietly be the working directory.
+    state_dir: str = Field(default="var", min_length=1)
     #: Prometheus metrics on 127.0.0.1:<port>; 0 disables them.
     metrics_port: int = Field(default=0, ge=0, le=65535)
 

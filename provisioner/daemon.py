@@ -46,6 +46,7 @@ from .errors import (
     ServiceFailed,
     StoreUnavailable,
     TargetWriteFailed,
+    UrlRefused,
 )
 from .health import Health, write_health
 from .logs import configure as configure_logs
@@ -226,8 +227,8 @@ def _checked_target(config: Config, store_engine: Engine) -> Target:
 def _probe_realtime(engine: Engine, url: str) -> None:
     """Open the realtime database ``url`` on ``engine`` and read its table names (SQLite
     reads its file only then); :class:`ConfigError` on ``target.url`` with the driver's
-    words (not the user store's failure, as a bare database error would be told), the
-    engine disposed."""
+    words (not the user store's failure, as a bare database error would be told), or the
+    :class:`UrlRefused` of a driver refusing its parameters, the engine disposed."""
     try:
         with engine.connect() as conn:
             inspect(conn).get_table_names()
@@ -235,6 +236,9 @@ def _probe_realtime(engine: Engine, url: str) -> None:
         engine.dispose()
         rule = f"cannot open the realtime database ({display_url(url)}): {driver_error(exc)}"
         raise ConfigError([Problem("target.url", rule)]) from None
+    except UrlRefused:  # already on target.url, in the driver's words
+        engine.dispose()
+        raise
 
 
 def _realtime_engine(config: Config, *, writes: bool) -> Engine:
@@ -245,7 +249,7 @@ def _realtime_engine(config: Config, *, writes: bool) -> Engine:
     path = sqlite_file(url)
     if not writes and path is not None and not path.exists():
         return open_engine("sqlite://")
-    return open_store_engine(url, config.store, create=writes)
+    return open_store_engine(url, config.store, create=writes, field="target.url")
 
 
 def _placement(config: Config) -> tuple[str, str, str, str, int]:
@@ -587,6 +591,10 @@ class Daemon:
         # watcher starts is still seen.
         templates = template_stamp(dirs)
         first = await self._reconcile_until_done(retry=not burst)
+        if isinstance(self._last_exc, UrlRefused):
+            # Neither a retry nor an edit of the users mends it: end with the config's
+            # exit code (2), which the unit's RestartPreventExitStatus does not restart.
+            raise self._last_exc
         if burst:
             if self._last_exc is not None:
                 # A one-shot run that applied nothing ends with the reason (its exit

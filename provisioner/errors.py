@@ -26,6 +26,7 @@ __all__ = [
     "StaleRead",
     "StoreUnavailable",
     "TargetWriteFailed",
+    "UrlRefused",
 ]
 
 
@@ -74,6 +75,12 @@ class ConfigError(InvalidInput):
     """The configuration breaks one or more rules (``field`` is the config key)."""
 
     headline = "invalid configuration"
+
+
+class UrlRefused(ConfigError):
+    """A database driver refused the parameters a URL (the problem's field: ``store.url``
+    or ``target.url``) gives it at a connect, before any byte reached a server (an unknown
+    argument, a value it cannot take): no retry and no edit of the users mends it."""
 
 
 class ConflictError(InvalidInput):

@@ -361,6 +361,28 @@ def test_an_empty_target_path_is_refused_naming_the_field() -> None:
     assert [p.field for p in info.value.problems] == ["target.path"]
 
 
+@pytest.mark.parametrize(
+    ("sets", "env", "text"),
+    [
+        (["daemon.state_dir="], {}, ""),
+        ([], {"PROVISIONER_DAEMON__STATE_DIR": ""}, ""),
+        ([], {}, "[daemon]\nstate_dir = ''\n"),
+    ],
+    ids=["set", "environment", "file"],
+)
+def test_an_empty_state_dir_is_refused_naming_the_field(
+    tmp_path: Path, sets: list[str], env: dict[str, str], text: str
+) -> None:
+    """An empty daemon.state_dir (from a flag, the environment or the file) is a config
+    problem on daemon.state_dir, as an empty target.path is, not the working directory
+    taken quietly for the health record."""
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text), env=env, sets=sets)
+    (problem,) = info.value.problems
+    assert problem.field == "daemon.state_dir"
+    assert problem.rule.startswith("String should have at least 1 character"), problem.rule
+
+
 def test_repr_hides_database_passwords() -> None:
     """The store and target URLs' passwords never show in a Config's repr or str."""
     config = Config(
