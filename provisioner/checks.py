@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -15,16 +16,15 @@ from typing import TYPE_CHECKING
 from sqlalchemy import func, inspect, select
 from sqlalchemy.exc import DBAPIError
 
-from .aio import wait_first
 from .config import (
     AsteriskServer,
     Config,
-    TargetSettings,
     cache_names,
+    config_file_problem,
     display_url,
     secret_file_problem,
 )
-from .errors import ConfigError, InvalidInput, RenderCheckFailed
+from .errors import ConfigError, ForeignTargetFile, InvalidInput, RenderCheckFailed, UrlRefused
 from .health import HealthUnreadable, read_health
 from .store.changefeed import missing_definers, trigger_problems
 from .store.engine import driver_error, open_store_engine, sqlite_file
@@ -77,11 +77,27 @@ def _store(config: Config) -> Check:
             return ("store", False, _orphaned_triggers(orphans))
         if silent:
             return ("store", False, _silent_triggers(silent))
+        if (too_open := _readable_by_others(config.store.url)) is not None:
+            return ("store", False, too_open)
         return ("store", True, f"{display_url(config.store.url)}: {count} users")
     except DBAPIError as exc:
         return ("store", False, f"cannot open: {driver_error(exc)}")
+    except UrlRefused as exc:
+        return ("store", False, "; ".join(map(str, exc.problems)))
     finally:
         engine.dispose()
+
+
+def _readable_by_others(url: str) -> str | None:
+    """What a SQLite store file others may read needs (one made before provisioner made
+    them 0640, or chmodded since); None when it is not so, or no SQLite file."""
+    path = sqlite_file(url)
+    if path is None or not os.stat(path).st_mode & 0o004:
+        return None
+    return (
+        f"{path} is readable by others, and it holds the SIP digests (with one, anyone "
+        "registers as that phone): chmod 640 it, and its -wal and -shm files"
+    )
 
 
 def _orphaned_triggers(definers: Sequence[str]) -> str:
@@ -127,7 +143,9 @@ def _target(config: Config) -> Check:
                 False,
                 f"{backup} is not a regular file (each write keeps the previous file there)",
             )
-        if (broken := _templates_problem(t)) is not None:
+        if (foreign := _foreign_problem(Path(os.path.abspath(t.path)))) is not None:
+            return ("target", False, foreign)
+        if (broken := _templates_problem(config)) is not None:
             return ("target", False, broken)
         if not t.shards:
             return ("target", True, f"config file {t.path} (directory writable)")
@@ -148,7 +166,8 @@ def _target(config: Config) -> Check:
     url = t.url or config.store.url
     if (path := _absent(url)) is not None:
         return _absent_realtime(path, own=bool(t.url))
-    engine = open_store_engine(url, config.store, create=False)
+    field = "target.url" if t.url else "store.url"
+    engine = open_store_engine(url, config.store, create=False, field=field)
     try:
         with engine.connect() as conn:
             names = set(inspect(conn).get_table_names())
@@ -162,6 +181,8 @@ def _target(config: Config) -> Check:
         return ("target", True, "realtime tables present")
     except DBAPIError as exc:
         return ("target", False, f"cannot open realtime database: {driver_error(exc)}")
+    except UrlRefused as exc:
+        return ("target", False, "; ".join(map(str, exc.problems)))
     finally:
         engine.dispose()
 
@@ -215,14 +236,52 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def _templates_problem(t: TargetSettings) -> str | None:
-    """Why the config-file target's templates cannot be loaded (an override directory that
-    is not one, as building the target would say: ``run`` exits 2 for it) or compiled (a
-    template with a syntax error or not UTF-8, which every apply refuses), or None."""
-    from .targets.templating import Templates
+#: A line that may make a file hold what provisioner never writes: a ``type=`` other than a
+#: user's three, a directive, or a section not followed at once by its ``type=``.  Only a
+#: file with one is parsed (a 100k-user file takes seconds to read in full; scanning it
+#: for these, well under one).
+_MAYBE_FOREIGN = re.compile(
+    rb"^[\x00-\x20]*(?:#|type[\x00-\x20]*=>?[\x00-\x20]*"
+    rb"(?!(?:endpoint|auth|aor)[\x00-\x09\x0b-\x20]*$)"
+    rb"|\[[^\n]*\n(?![\x00-\x20]*type[\x00-\x20]*=))",
+    re.MULTILINE,
+)
+
+
+def _foreign_problem(path: Path) -> str | None:
+    """The refusal every apply would give (:class:`~provisioner.errors.ForeignTargetFile`)
+    when the file at ``path`` holds what provisioner never writes (Asterisk's own
+    pjsip.conf named by a mistaken ``target.path``), or None; None too for a file this
+    user may not read (a monitoring user: the daemon's own user may)."""
+    from .targets.holdings import Current, refuse_foreign
+    from .targets.shards import shard_directory
 
     try:
-        Templates(Path(t.templates) if t.templates else None).compile_all()
+        data = path.read_bytes()
+    except OSError:  # absent (the first write makes it), or not this user's to read
+        return None
+    if b"\0" not in data and _MAYBE_FOREIGN.search(data) is None:
+        return None
+    try:
+        refuse_foreign(path, Current.of_main(path, data, shard_directory(path)))
+    except ForeignTargetFile as exc:
+        return exc.message
+    return None
+
+
+def _templates_problem(config: Config) -> str | None:
+    """Why the config-file target's templates cannot be loaded (an override directory that
+    is not one, as building the target would say: ``run`` exits 2 for it), compiled (a
+    template with a syntax error or not UTF-8) or render a good file (sample users'
+    text must parse back to exactly them), all of which every apply refuses; or None."""
+    from .pjsip import RenderSettings
+    from .targets.configfile import check_templates
+
+    t = config.target
+    settings = RenderSettings.from_config(config)
+
+    try:
+        check_templates(Path(t.templates) if t.templates else None, settings)
     except ConfigError as exc:
         return "; ".join(str(problem) for problem in exc.problems)
     except RenderCheckFailed as exc:
@@ -231,20 +290,24 @@ def _templates_problem(t: TargetSettings) -> str | None:
 
 
 async def _login(server: AsteriskServer, config: Config) -> Check:
+    """The line of one login to ``server``, tried once (:meth:`AmiClient.serve_once`): a
+    refused connection or login fails it at once, a host that never answers once its
+    ``timeout`` has passed; then, with a realtime target, its caches are asked for."""
     from .ami import AmiClient, AmiError
 
     client = AmiClient(server, config.ami)
     stop = asyncio.Event()
-    runner = asyncio.ensure_future(client.run(stop))
+    runner = asyncio.ensure_future(client.serve_once(stop))
     try:
-        ok = await wait_first(client.connected_event, timeout=server.timeout + 1.0)
         name, where = f"asterisk {server.name}", f"{server.host}:{server.port}"
-        if not ok:
-            return (
-                name,
-                False,
-                f"{where}: {client.health().last_error or 'no answer'}",
-            )
+        logged_in = asyncio.ensure_future(client.connected_event.wait())
+        # Opening is bounded by the server's timeout; the second more is a backstop.
+        await asyncio.wait(
+            [runner, logged_in], timeout=server.timeout + 1.0, return_when=asyncio.FIRST_COMPLETED
+        )
+        logged_in.cancel()
+        if not client.connected:
+            return (name, False, f"{where}: {_not_logged_in(runner, client)}")
         caches = cache_names(server.sorcery_caches)
         if config.target.kind == "realtime" and caches:
             try:
@@ -258,7 +321,30 @@ async def _login(server: AsteriskServer, config: Config) -> Check:
         return (name, True, f"{where} login ok")
     finally:
         stop.set()
-        await runner
+        await asyncio.wait([runner])
+        refusals = (OSError, TimeoutError, AmiError, ValueError)  # said on the line
+        if not runner.cancelled() and not isinstance(runner.exception(), refusals):
+            runner.result()  # a bug: raised, not turned into a line
+
+
+def _not_logged_in(runner: asyncio.Future[None], client: AmiClient) -> str:
+    """Why ``client``'s one login (``runner``) did not get in: a refused connection as
+    ``connection refused``, the AMI layer's reason, the system's words for another socket
+    error, or the session's end (closed at once after the login)."""
+    from .ami import AmiError
+
+    exc = runner.exception() if runner.done() and not runner.cancelled() else None
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, AmiError):
+        return exc.reason
+    if isinstance(exc, TimeoutError):
+        return f"no answer to the login in {client.server.timeout}s"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    if exc is not None:
+        return f"{type(exc).__name__}: {exc}"
+    return client.health().last_error or "no answer"
 
 
 #: The asterisk line when no server is configured: nothing fails, but it is said.
@@ -306,6 +392,19 @@ def _secret_files(config: Config) -> Iterator[Check]:
             yield ("config", False, problem)
 
 
+def _config_file(config: Config) -> Iterator[Check]:
+    """A failed config line for a config file others may read that holds a secret itself
+    (:func:`config_file_problem`), or that cannot be looked at any more."""
+    if config.source is None:
+        return
+    try:
+        problem = config_file_problem(Path(config.source))
+    except OSError as exc:
+        problem = f"cannot look at {config.source}: {exc.strerror or exc}"
+    if problem is not None:
+        yield ("config", False, problem)
+
+
 def _health(config: Config) -> Iterator[Check]:
     """The daemon line, from its health record: failed when the record is unreadable or
     the daemon unhealthy; passed, saying so, when there is no record (no daemon has run
@@ -335,9 +434,10 @@ def _looking(check: Callable[[Config], Check], name: str, config: Config) -> Che
 
 
 def run_checks(config: Config) -> list[Check]:
-    """Every check, in order: config (and each secret_file too open), store, target, each
-    Asterisk login, the daemon's health."""
+    """Every check, in order: config (and the config file or a secret_file too open), store,
+    target, each Asterisk login, the daemon's health."""
     checks: list[Check] = [("config", True, config.source or "embedded defaults")]
+    checks.extend(_config_file(config))
     checks.extend(_secret_files(config))
     checks.append(_looking(_store, "store", config))
     checks.append(_looking(_target, "target", config))

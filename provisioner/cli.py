@@ -204,10 +204,23 @@ def user_view(app: App, user: User) -> dict[str, Any]:
     return data
 
 
+#: C0 controls, DEL and C1 controls (ESC, BEL, CR, CSI...): what a terminal acts on.
+_TERMINAL_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _visible(text: str) -> str:
+    """``text`` with every control character as its ``\\xNN`` escape: text a phone sent (its
+    user agent) or another writer stored reaches the terminal as characters, never as
+    escape sequences it would act on (clear the screen, write the clipboard, hide lines)."""
+    return _TERMINAL_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def _table(rows: list[list[str]], header: list[str]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-    for row in [header, *rows]:
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    """``rows`` under ``header`` in aligned columns, each cell :func:`_visible`."""
+    cells = [[_visible(str(c)) for c in row] for row in [header, *rows]]
+    widths = [max(len(x) for x in col) for col in zip(*cells, strict=True)]
+    for row in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 # -- db ---------------------------------------------------------------------------
@@ -328,10 +341,15 @@ def _stdin_line() -> str:
     return line.rstrip("\r\n")
 
 
-def _stdin_secret(value: str | None) -> str | None:
-    if value == "-":
-        return _stdin_line()
-    return value
+def _stdin_secret(value: str | None, name: str) -> str | None:
+    """``value``, or for ``-`` the secret read from stdin: one line when stdin is a pipe,
+    asked for as ``name`` with the echo off and confirmed when it is a terminal (typed
+    there, the line would show on the screen and stay in its scrollback)."""
+    if value != "-":
+        return value
+    if sys.stdin.isatty():
+        return str(click.prompt(name, hide_input=True, confirmation_prompt=True))
+    return _stdin_line()
 
 
 def _parse_attrs(attrs: Sequence[str]) -> dict[str, str]:
@@ -350,9 +368,9 @@ def _parse_attrs(attrs: Sequence[str]) -> dict[str, str]:
 
 def _field_values(opts: dict[str, Any]) -> dict[str, Any]:
     values = {k: v for k, v in opts.items() if v is not None and k not in ("attrs", "avatar")}
-    for secret in ("password", "sip_secret"):
+    for secret, name in (("password", "Password"), ("sip_secret", "SIP secret")):
         if secret in values:
-            values[secret] = _stdin_secret(values[secret])
+            values[secret] = _stdin_secret(values[secret], name)
     if opts.get("avatar") is not None:
         values["avatar"] = _read_avatar(opts["avatar"])
     return values
@@ -419,9 +437,9 @@ def user_show(app: App, username: str, as_json: bool) -> None:
     attrs = data.pop("attributes")
     for key, value in [*data.items(), *voice.items()]:
         shown = _shown_time(value) if isinstance(value, datetime) else value
-        click.echo(f"{key:24} {'' if shown is None else shown}")
+        click.echo(f"{key:24} {'' if shown is None else _visible(str(shown))}")
     for key, value in attrs.items():
-        click.echo(f"{'attr:' + key:24} {value}")
+        click.echo(_visible(f"{'attr:' + key:24} {value}"))
 
 
 @user.command("list")
@@ -505,7 +523,7 @@ def user_passwd(app: App, username: str) -> None:
 @pass_app
 def user_sip_secret(app: App, username: str, rotate: bool, secret: str | None) -> None:
     """Rotate a user's SIP secret; the new one is shown once."""
-    given = _stdin_secret(secret)
+    given = _stdin_secret(secret, "SIP secret")
     new = app.accounts.rotate_sip_secret(username, given)
     log.info("user.sip_secret_rotated", username=username)
     click.echo(f"SIP secret rotated for {username}")

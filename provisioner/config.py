@@ -20,6 +20,7 @@ import os
 import re
 import stat
 import tomllib
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -38,7 +39,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import ErrorDetails, InitErrorDetails
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from .errors import ConfigError, Problem
@@ -153,6 +154,19 @@ def _valid_inputs(model: type[BaseModel], data: Any, names: Sequence[str]) -> di
     return values
 
 
+#: The rule a path starting with ``~`` breaks: Python opens it as a directory named ``~``.
+_TILDE_RULE = "must not start with '~' (no shell expands it here): give the full path"
+
+
+def _no_tilde(value: str) -> str:
+    """``value``, a path, unless it starts with ``~``: no shell expands one in a TOML file,
+    a unit's environment or a quoted flag, and taken as it is it names a directory ``~``
+    under the working directory, where nothing else (Asterisk's #include) looks."""
+    if value.startswith("~"):
+        raise ValueError(_TILDE_RULE)
+    return value
+
+
 def _check_url(value: str) -> str:
     """``value`` if it is a database URL of a dialect SQLAlchemy has, whose driver is
     installed; the rule it breaks never quotes it (a part of its password could show)."""
@@ -165,6 +179,8 @@ def _check_url(value: str) -> str:
             "must be a SQLAlchemy database URL (its port is not a number; "
             "percent-encode any '@', ':' or '/' in the password)"
         ) from None
+    if url.get_backend_name() == "sqlite" and (url.database or "").startswith("~"):
+        raise ValueError(_TILDE_RULE)
     if url.host is not None and "@" in url.host:  # the password's tail, read as the host
         raise ValueError(
             "must be a SQLAlchemy database URL (its host holds an '@'; "
@@ -183,7 +199,57 @@ def _check_url(value: str) -> str:
             f"its driver is not installed ({dialect.name}+{dialect.driver}: {exc}); "
             "install it or name one that is, e.g. postgresql+psycopg, mysql+pymysql"
         ) from None
+    with warnings.catch_warnings():
+        # SQLAlchemy's warning for a parameter the driver ignores: said again (and shown)
+        # when the engine is made.
+        warnings.simplefilter("ignore")
+        try:
+            # The parameters converted for the driver (``?timeout=abc`` for a float), as
+            # the engine does: here, not as a traceback from every command and the daemon.
+            dialect().create_connect_args(url)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"its driver cannot take its parameters: {driver_refusal(exc, url)}"
+            ) from None
+    if dialect.driver == "pymysql" and not all(map(_latin1, _passwords(url))):
+        # pymysql encodes the password as Latin-1 at every connect: it would fail each one
+        # with a UnicodeEncodeError quoting the character and its place in the password.
+        raise ValueError(
+            "its password holds a character pymysql cannot send (it sends the password as "
+            "Latin-1, which has no euro sign or emoji, say): set one of Latin-1 characters"
+        )
     return value
+
+
+def driver_refusal(exc: Exception, url: URL | str) -> str:
+    """``<error type>: <first line of its message>``: what may be shown of a driver's (or
+    SQLAlchemy's) refusal of the parameters ``url`` gives it, each password the URL holds
+    shown as ``***`` should the message quote it; a character that cannot be encoded
+    (a password's, in its place) is never quoted."""
+    if isinstance(exc, UnicodeError):
+        encoding = getattr(exc, "encoding", "")
+        return f"{type(exc).__name__}: the {encoding} codec: {getattr(exc, 'reason', '')}"
+    said = (str(exc).splitlines() or [""])[0]
+    parsed = make_url(url) if isinstance(url, str) else url
+    for password in sorted(_passwords(parsed), key=len, reverse=True):
+        if password:
+            said = said.replace(password, "***")
+    return f"{type(exc).__name__}: {said}"
+
+
+def _passwords(url: URL) -> list[str]:
+    """Every password ``url`` gives its driver: the one before the ``@`` and the values of
+    the query parameters that may hold one (``?password=``, ``?passwd=``)."""
+    given = [url.password] if url.password is not None else []
+    for key, values in url.query.items():
+        if key.lower() in ("password", "passwd"):
+            given += [values] if isinstance(values, str) else list(values)
+    return given
+
+
+def _latin1(text: str) -> bool:
+    """Whether Latin-1 holds every character of ``text``."""
+    return all(ord(ch) < 256 for ch in text)
 
 
 #: Query parameters a driver may take as a password (libpq's ``password`` and
@@ -317,6 +383,8 @@ class TargetSettings(_UrlSection):
     def _url_or_empty(cls, value: str) -> str:
         return _check_url(value) if value else value
 
+    _paths = field_validator("path", "templates")(_no_tilde)
+
     @field_validator("video_codecs")
     @classmethod
     def _video_codecs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -381,6 +449,8 @@ def _read_secret(
     where = "secret"
     if secret_file is not None:
         where = "secret_file"
+        if str(secret_file).startswith("~"):
+            return None, [((where,), _TILDE_RULE)]
         try:
             text, broken = _read_secret_file(secret_file)
         except (OSError, UnicodeDecodeError) as exc:
@@ -442,6 +512,43 @@ def secret_file_problem(path: Path) -> str | None:
     else:
         return None
     return f"secret_file {path} {broken}: chmod 600 (or 640 with a group)"
+
+
+def config_file_problem(path: Path) -> str | None:
+    """Why the config file at ``path`` is too open: others may read it and it holds a
+    secret itself (an ``[[asterisk]]`` entry's ``secret``, a password in ``store.url`` or
+    ``target.url``), named by its key, never its value; None when it is not so.  Raises
+    :class:`OSError` when the file cannot be looked at.
+
+    Not a load error, as for ``secret_file``: ``check`` fails it."""
+    if not path.stat().st_mode & 0o004:
+        return None
+    data, problem = _read_file(path)
+    holds = [] if problem is None else [f"what it held when read ({problem.rule})"]
+    servers = data.get("asterisk")
+    for index, server in enumerate(servers if isinstance(servers, list) else []):
+        if isinstance(server, Mapping) and server.get("secret"):
+            holds.append(f"asterisk.{index}.secret")
+    for section in ("store", "target"):
+        table = data.get(section)
+        url = table.get("url") if isinstance(table, Mapping) else None
+        if isinstance(url, str) and url and _may_hold_password(url):
+            holds.append(f"the password of {section}.url")
+    if not holds:
+        return None
+    return (
+        f"{path} is readable by others and holds {', '.join(holds)}: chmod 640 it (or 600), "
+        "or move the secret out of it (secret_file, the environment)"
+    )
+
+
+def _may_hold_password(url: str) -> bool:
+    """Whether the database ``url`` gives a password (one that does not parse may: an
+    unescaped ``@`` in its password is one reason not to)."""
+    try:
+        return any(_passwords(make_url(url)))
+    except (ArgumentError, ValueError):
+        return True
 
 
 #: The object kinds a sorcery memory cache can front (``<kind>/cache`` in sorcery.conf).
@@ -627,10 +734,13 @@ class DaemonSettings(_Section):
     stuck_after: float = Field(default=300.0, ge=0, le=86400)
     #: A sync removing more than this fraction of the provisioned users is refused.
     max_removal_fraction: float = Field(default=0.5, gt=0, le=1)
-    #: Where the health record is written (``provisioner check`` reads it).
-    state_dir: str = "var"
+    #: Where the health record is written (``provisioner check`` reads it); never empty,
+    #: which would quietly be the working directory.
+    state_dir: str = Field(default="var", min_length=1)
     #: Prometheus metrics on 127.0.0.1:<port>; 0 disables them.
     metrics_port: int = Field(default=0, ge=0, le=65535)
+
+    _state_dir = field_validator("state_dir")(_no_tilde)
 
 
 class Config(_Section):
@@ -869,10 +979,52 @@ def _problems(exc: ValidationError, origins: _Origins) -> list[Problem]:
             msg = "is not a known setting"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        if (origin := _origin(origins, path)) is not None:
+        origin = _origin(origins, path) or _table_origin(origins, path, err["input"])
+        msg = _shape_rule(err, origin) or msg
+        if origin is not None:
             msg = f"{msg} (from {origin})"
         problems.append(Problem(key, msg))
     return problems
+
+
+#: How a list and a table are written where a variable or ``--set`` gives them.
+_AS_JSON = {"list": '["a", "b"]', "table": '{"key": "value"}'}
+
+
+def _shape_rule(err: ErrorDetails, origin: str | None) -> str | None:
+    """What a list or table key given something else must be, and how to write it (TOML's
+    ``[[asterisk]]``, JSON in a variable or ``--set``), in place of pydantic's 'Input should
+    be a valid tuple'; None for any other error."""
+    want = {"tuple_type": "list", "list_type": "list", "dict_type": "table"}.get(err["type"])
+    given = err["input"]
+    if want is None:
+        return None
+    if want == "list" and isinstance(given, Mapping):
+        if origin is not None:
+            return "must be a list, not a table (as JSON: [...], each entry {...})"
+        toml = " (in TOML, write each entry as [[asterisk]])" if err["loc"] == ("asterisk",) else ""
+        return f"must be a list, not a table{toml}"
+    if isinstance(given, str) and origin is not None:
+        return f"must be a {want} (from the environment or --set, as JSON: {_AS_JSON[want]})"
+    return f"must be a {want}"
+
+
+def _table_origin(origins: _Origins, path: tuple[str, ...], value: object) -> str | None:
+    """Where the table ``value`` at ``path`` came from when one variable or ``--set`` gave
+    every key of it (its origin is noted key by key: a JSON table given where a list
+    belongs); None when the file gave some, or several sources did."""
+    if not isinstance(value, Mapping) or not value:
+        return None
+    found = {
+        origin
+        for key in value
+        for noted, origin in origins.items()
+        if noted[: len(path) + 1] == (*path, str(key))
+    }
+    covered = all(
+        any(noted[: len(path) + 1] == (*path, str(key)) for noted in origins) for key in value
+    )
+    return found.pop() if covered and len(found) == 1 else None
 
 
 def _origin(origins: _Origins, path: tuple[str, ...]) -> str | None:
@@ -960,7 +1112,7 @@ def load_config(
     (nested dicts from command-line flags) and ``sets`` (raw ``--set`` flags), or raise
     :class:`ConfigError` listing every problem of them all (when the file cannot be read or
     parsed, or ``path`` is empty: that problem and the unreadable ``--set`` flags and
-    variables)."""
+    variables; ``$PROVISIONER_CONFIG`` set but blank is such a problem too)."""
     env = os.environ if env is None else env
     file = _resolve_path(path, env)
     env_origins: _Origins = {}
@@ -972,6 +1124,14 @@ def load_config(
     file_problem: Problem | None = None
     if path is not None and not str(path):  # named, as nothing: not "no --config" at all
         file_problem = Problem("config", "the file name is empty")
+    elif path is None and ENV_CONFIG in env and not env[ENV_CONFIG].strip():
+        # Set, to nothing (a unit's unexpanded variable): not "no PROVISIONER_CONFIG",
+        # whose fall back to the defaults would run on a store and a target of their own.
+        file_problem = Problem(
+            ENV_CONFIG,
+            f"is set but empty: name the file, or unset it to read {DEFAULT_CONFIG_PATH}"
+            " (if it exists)",
+        )
     else:
         data, file_problem = _read_file(file)
     if file_problem is not None:

@@ -110,8 +110,11 @@ def generate_apikey() -> str:
 
 
 def hash_apikey(key: str) -> str:
-    """SHA-256 of the key: a 256-bit random token needs no slow hash."""
-    return hashlib.sha256(key.encode()).hexdigest()
+    """SHA-256 of the key: a 256-bit random token needs no slow hash.  A key holding
+    surrogate escapes (bytes that were not UTF-8 where it was read) is hashed as their own
+    encoding, as a login password is (:func:`_given`): a wrong key, refused as any other,
+    not an encoding error (every key made here is ASCII)."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def same_digest(a: str, b: str) -> bool:

@@ -29,7 +29,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -39,11 +39,14 @@ from .applier import Applied, Applier
 from .config import Config, display_url, load_config, secret_file_problem
 from .early_signals import take as take_early_signals
 from .errors import (
+    ConfigError,
     ConflictError,
+    Problem,
     ProvisionerError,
     ServiceFailed,
     StoreUnavailable,
     TargetWriteFailed,
+    UrlRefused,
 )
 from .health import Health, write_health
 from .logs import configure as configure_logs
@@ -202,6 +205,42 @@ def build_target(config: Config, store_engine: Engine, *, writes: bool = True) -
     return config_file_target(config)
 
 
+def _checked_target(config: Config, store_engine: Engine) -> Target:
+    """:func:`build_target`, for a SIGHUP: a config-file target only once its templates
+    render a good file (:func:`~provisioner.targets.configfile.check_templates`), a
+    realtime target on a database of its own (``target.url``) only once that database
+    opens and reads (:func:`_probe_realtime`), so either failing is refused as a bad
+    configuration is and the old target kept, rather than taken and every apply failed.
+    Blocking."""
+    if config.target.kind == "config":
+        from .targets.configfile import check_templates
+
+        templates = Path(config.target.templates) if config.target.templates else None
+        check_templates(templates, RenderSettings.from_config(config))
+    target = build_target(config, store_engine)
+    engine = getattr(target, "engine", None)
+    if isinstance(engine, Engine) and engine is not store_engine:
+        _probe_realtime(engine, config.target.url)
+    return target
+
+
+def _probe_realtime(engine: Engine, url: str) -> None:
+    """Open the realtime database ``url`` on ``engine`` and read its table names (SQLite
+    reads its file only then); :class:`ConfigError` on ``target.url`` with the driver's
+    words (not the user store's failure, as a bare database error would be told), or the
+    :class:`UrlRefused` of a driver refusing its parameters, the engine disposed."""
+    try:
+        with engine.connect() as conn:
+            inspect(conn).get_table_names()
+    except DBAPIError as exc:
+        engine.dispose()
+        rule = f"cannot open the realtime database ({display_url(url)}): {driver_error(exc)}"
+        raise ConfigError([Problem("target.url", rule)]) from None
+    except UrlRefused:  # already on target.url, in the driver's words
+        engine.dispose()
+        raise
+
+
 def _realtime_engine(config: Config, *, writes: bool) -> Engine:
     """The engine of the realtime database ``target.url`` names: one that creates a SQLite
     file there when ``writes``; else one that never does, or, for a SQLite file that does
@@ -210,7 +249,7 @@ def _realtime_engine(config: Config, *, writes: bool) -> Engine:
     path = sqlite_file(url)
     if not writes and path is not None and not path.exists():
         return open_engine("sqlite://")
-    return open_store_engine(url, config.store, create=writes)
+    return open_store_engine(url, config.store, create=writes, field="target.url")
 
 
 def _placement(config: Config) -> tuple[str, str, str, str, int]:
@@ -552,6 +591,10 @@ class Daemon:
         # watcher starts is still seen.
         templates = template_stamp(dirs)
         first = await self._reconcile_until_done(retry=not burst)
+        if isinstance(self._last_exc, UrlRefused):
+            # Neither a retry nor an edit of the users mends it: end with the config's
+            # exit code (2), which the unit's RestartPreventExitStatus does not restart.
+            raise self._last_exc
         if burst:
             if self._last_exc is not None:
                 # A one-shot run that applied nothing ends with the reason (its exit
@@ -890,7 +933,7 @@ class Daemon:
             self.metrics.syncs.labels(kind=kind, result="failed").inc()
             self._last_exc = exc
             self.health.last_sync_ok = False
-            self.health.last_error = await self._described(exc)
+            self.health.last_error = await self._failure_said(exc)
             self.health.last_sync_at = time.time()
             self._log_failure(exc)
             self._write_health()
@@ -899,16 +942,20 @@ class Daemon:
         self._write_health_soon()  # after the AMI task had its turn: it is what goes live
         return result
 
-    async def _described(self, exc: BaseException) -> str:
-        """:func:`_describe` of an apply's failure; a database error of a realtime apply
-        while the user store reads fine is the realtime database's (its own
-        ``target.url`` away, or a table lacking a column), said so, not the store
-        unavailable: an operator would look at the wrong database."""
-        if isinstance(exc, DBAPIError) and self.config.target.kind == "realtime":
-            unreadable = await in_worker(store_unreadable, self.engine)
-            if unreadable is not None:
-                return unreadable.message
-            return f"realtime database error: {driver_error(exc)}"
+    async def _failure_said(self, exc: BaseException) -> str:
+        """:func:`_describe` of an apply's failure; a database error while the target is
+        realtime rows on a database of its own (``target.url``) and the user store reads
+        is that database's (``realtime database unavailable (target.url URL): ...``), not
+        the user store's, where the operator would otherwise look."""
+        engine = getattr(self.applier.target, "engine", None)
+        own = isinstance(engine, Engine) and engine is not self.engine
+        if (
+            isinstance(exc, DBAPIError)
+            and own
+            and await in_worker(store_unreadable, self.engine) is None
+        ):
+            url = display_url(self.config.target.url)
+            return f"realtime database unavailable (target.url {url}): {driver_error(exc)}"
         return _describe(exc)
 
     def _log_failure(self, exc: BaseException) -> None:
@@ -1160,7 +1207,7 @@ class Daemon:
             # fills; memory no longer mirrors what is there until it has.  Render settings
             # alone (transports, codecs…) keep the target and its caches.
             try:
-                target = await in_worker(build_target, config, self.engine)
+                target = await in_worker(_checked_target, config, self.engine)
             except (ProvisionerError, OSError, DBAPIError) as exc:
                 log.error("config.reload_failed", error=_describe(exc))
                 return

@@ -15,6 +15,7 @@ __all__ = [
     "ConfigError",
     "ConflictError",
     "ForbiddenError",
+    "ForeignTargetFile",
     "InvalidInput",
     "MassRemovalRefused",
     "NotFoundError",
@@ -25,6 +26,7 @@ __all__ = [
     "StaleRead",
     "StoreUnavailable",
     "TargetWriteFailed",
+    "UrlRefused",
 ]
 
 
@@ -73,6 +75,12 @@ class ConfigError(InvalidInput):
     """The configuration breaks one or more rules (``field`` is the config key)."""
 
     headline = "invalid configuration"
+
+
+class UrlRefused(ConfigError):
+    """A database driver refused the parameters a URL (the problem's field: ``store.url``
+    or ``target.url``) gives it at a connect, before any byte reached a server (an unknown
+    argument, a value it cannot take): no retry and no edit of the users mends it."""
 
 
 class ConflictError(InvalidInput):
@@ -162,6 +170,24 @@ class TargetWriteFailed(ProvisionerError):
     """The target could not be read or written (permissions, disk full, ...)."""
 
     exit_code = 9
+
+
+class ForeignTargetFile(TargetWriteFailed):
+    """The file at ``target.path`` holds objects or directives provisioner never writes
+    (``held``: their types and directive names, never a value): no file of provisioner's,
+    such as Asterisk's own pjsip.conf named by mistake.  Nothing was written: replacing it
+    with the users would take from Asterisk what it holds (its transports, say)."""
+
+    def __init__(self, path: str, held: tuple[str, ...]) -> None:
+        self.field = "target.path"
+        self.path = path
+        self.held = held
+        super().__init__(
+            f"refusing to replace {path!r}: it holds what provisioner never writes "
+            f"({'; '.join(held)}), so it is no file of provisioner's (is target.path "
+            "Asterisk's own pjsip.conf?); point target.path at a file of its own that "
+            "pjsip.conf #includes, or move this one away: nothing written"
+        )
 
 
 class StaleRead(ProvisionerError):

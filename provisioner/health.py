@@ -6,6 +6,7 @@ state change, so a reader never sees half a record.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -14,7 +15,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 __all__ = ["Health", "HealthUnreadable", "read_health", "write_health"]
 
@@ -123,13 +124,28 @@ def write_health(state_dir: Path, health: Health, *, beside: bool = False) -> bo
     ``beside`` (``run --burst``, run beside the service), another process's that still
     runs; ``False`` then."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    with open(state_dir / LOCK_NAME, "a") as lock:
+    with _open_lock(state_dir / LOCK_NAME) as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _newer_daemon(state_dir, health) or (beside and _other_running(state_dir, health)):
             return False
         health.updated_at = time.time()
         _replace(state_dir, health)
     return True
+
+
+def _open_lock(path: Path) -> IO[bytes]:
+    """The record's lock file at ``path``, made mode :data:`RECORD_MODE` when missing.  A
+    symbolic link there is never followed (an :class:`OSError` saying so): planted by
+    whoever may write the state directory, it would have a writer run as root make a
+    file anywhere."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags, RECORD_MODE)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(exc.errno, "it is a symbolic link", str(path)) from None
+        raise
+    return os.fdopen(fd, "ab")
 
 
 def _newer_daemon(state_dir: Path, health: Health) -> bool:

@@ -719,6 +719,17 @@ def test_authenticate_apikey_refuses_an_unknown_key(accounts: Accounts) -> None:
             accounts.authenticate_apikey(guess)
 
 
+def test_authenticate_apikey_refuses_a_key_of_bytes_that_were_not_text(accounts: Accounts) -> None:
+    """A key holding bytes that were not UTF-8 where it was read (Python's surrogate
+    escapes, as a Latin-1 terminal or a front end's ``surrogateescape`` gives them) is
+    refused as any unknown key is, not an encoding error."""
+    accounts.add_user(_agent())
+    key = accounts.generate_apikey("alice")
+    for guess in (key + "\udcff", "\udce9", "\ud800"):
+        with pytest.raises(AuthenticationError, match=r"^invalid API key$"):
+            accounts.authenticate_apikey(guess)
+
+
 def test_authenticate_apikey_refuses_a_disabled_users_key_until_enabled(
     accounts: Accounts,
 ) -> None:

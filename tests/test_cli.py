@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
+import stat
 import subprocess
 from collections.abc import Iterator
 from datetime import datetime
@@ -615,6 +617,108 @@ def test_db_upgrade_still_creates_a_missing_sqlite_store_and_its_directories(
     assert cli.ok("user", "list").splitlines()[1:] == []
 
 
+def _typed_at_a_terminal(args: list[str], typed: list[str], env_: dict[str, str]) -> str:
+    """Run ``provisioner args`` with a pseudo-terminal as stdin, stdout and stderr, type each
+    of ``typed`` (a line) once the command waits for it, and return all it showed there:
+    what it printed and what the terminal echoed of the typing."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [PROVISIONER, *args], stdin=slave, stdout=slave, stderr=slave, env=env_, close_fds=True
+    )
+    os.close(slave)
+    shown = b""
+    pending = list(typed)
+    typed_at = 0  # len(shown) when the last line was typed
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 5.0)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: the command ended and closed the terminal
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+            # A line is typed at a new prompt, or after 5 s of silence (a plain read).
+            prompted = len(shown) > typed_at and shown.endswith(b": ")
+            if pending and (prompted or not ready):
+                os.write(master, (pending.pop(0) + "\n").encode())
+                typed_at = len(shown)
+            elif not ready and proc.poll() is not None:
+                break
+    finally:
+        proc.wait(timeout=30)
+        os.close(master)
+    return shown.decode(errors="replace")
+
+
+def test_a_secret_read_with_dash_from_a_terminal_is_not_echoed(tmp_path: Path) -> None:
+    """``--password -``, ``--sip-secret -`` and ``user sip-secret --secret -`` typed at a
+    terminal are asked for with the echo off (and confirmed), as ``user passwd`` asks: the
+    secret never shows on the screen or in its scrollback; the user is added with them."""
+    config = tmp_path / "provisioner.toml"
+    config.write_text(f'[store]\nurl = "sqlite:///{tmp_path / "store.db"}"\n')
+    run_env = env()
+    for args in (["db", "upgrade"], ["profile", "add", "agents"]):
+        subprocess.run([PROVISIONER, "--config", str(config), *args], env=run_env, check=True)
+    add = ["user", "add", "alice", "--role", "admin", "--full-name", "A", "--email", "a@e.com"]
+    shown = _typed_at_a_terminal(
+        ["--config", str(config), *add, "--password", "-", "--sip-secret", "-"],
+        ["Typed-Pass-Word-1", "Typed-Pass-Word-1", "Typed-Sip-Secret-2", "Typed-Sip-Secret-2"],
+        run_env,
+    )
+    assert "added alice" in shown, shown
+    assert "Typed-Pass-Word-1" not in shown
+    assert "Typed-Sip-Secret-2" not in shown
+    login = subprocess.run(
+        [PROVISIONER, "--config", str(config), "auth", "login", "alice"],
+        input="Typed-Pass-Word-1\n", capture_output=True, text=True, env=run_env,
+    )  # fmt: skip
+    assert login.returncode == 0, login.stderr
+    rotate = ["user", "sip-secret", "alice", "--rotate", "--secret", "-"]
+    shown = _typed_at_a_terminal(
+        ["--config", str(config), *rotate], ["Typed-Sip-Secret-3", "Typed-Sip-Secret-3"], run_env
+    )
+    assert "SIP secret rotated for alice" in shown, shown
+    assert "Typed-Sip-Secret-3" not in shown
+
+
+def test_a_new_sqlite_store_and_its_wal_files_are_not_world_readable(tmp_path: Path) -> None:
+    """``db upgrade`` under the usual umask 022 makes the SQLite store (which holds the SIP
+    digests, enough to register as any phone) and its WAL and shared-memory files mode 0640,
+    not readable by other local users."""
+    store = tmp_path / "store.db"
+    cli = make_cli(f"sqlite:///{store}", tmp_path, CONFIG)
+    old = os.umask(0o022)
+    try:
+        assert "store at revision" in cli.ok("db", "upgrade")
+        engine = open_engine(f"sqlite:///{store}")
+        try:
+            with engine.connect() as conn:  # WAL mode: the -wal and -shm files exist meanwhile
+                conn.exec_driver_sql("SELECT 1")
+                modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in tmp_path.glob("store.db*")}
+        finally:
+            engine.dispose()
+    finally:
+        os.umask(old)
+    assert modes == {"store.db": 0o640, "store.db-wal": 0o640, "store.db-shm": 0o640}
+
+
+def test_an_existing_sqlite_store_keeps_its_mode(tmp_path: Path) -> None:
+    """A store file that is already there keeps the mode its owner gave it (0600 here)."""
+    store = tmp_path / "store.db"
+    sqlite3.connect(store).close()
+    store.chmod(0o600)
+    assert "store at revision" in make_cli(f"sqlite:///{store}", tmp_path, CONFIG).ok(
+        "db", "upgrade"
+    )
+    assert stat.S_IMODE(store.stat().st_mode) == 0o600
+
+
 @pytest.mark.parametrize("args", [*_READERS[:8], ("render",), ("sync", "--once")], ids=" ".join)
 def test_every_command_reading_an_unmigrated_store_says_so_alike(
     args: tuple[str, ...], db_url: str, tmp_path: Path
@@ -750,6 +854,31 @@ def test_status_shows_the_user_agent_of_a_usable_contact_and_contacts_in_order(
     assert row["user_agent"] == "New/2"
     assert [c["uri"] for c in row["contacts"]] == [new[1], old[1]]
     assert "New/2" in cli.ok("status", "alice")
+
+
+def test_status_prints_a_phones_control_characters_escaped(cli: Cli, store: Engine) -> None:
+    """A user agent a phone sent with terminal escape sequences (an OSC 52 clipboard write, a
+    screen clear) reaches the admin's terminal as visible ``\\x1b`` escapes, never as the
+    bytes that a terminal would act on; ``--json`` keeps the exact text, escaped by JSON."""
+    from provisioner.store.registrations import write_endpoint_rows
+
+    _add(cli, "alice")
+    ext = json.loads(cli.ok("user", "show", "alice", "--json"))["extension"]
+    agent = "Phone/1 \x1b]52;c;cm0gLXJmIH4=\x07\x1b[2J\x9b1m\r"
+    seen = "2026-05-01 11:59:58.654321"
+    contact = (f"{ext};@a", f"sip:{ext}@10.0.0.1:5060", "NonQualified", agent, "", None, None, seen)
+    with store.begin() as conn:
+        write_endpoint_rows(
+            conn,
+            "pbx1",
+            {ext: ([contact], ("online", "NOT_INUSE", "", seen))},
+            datetime(2026, 5, 1),
+        )
+    shown = cli.ok("status", "alice")
+    assert not any(ch in shown for ch in "\x1b\x07\x9b\r"), repr(shown)
+    assert "Phone/1 \\x1b]52;c;cm0gLXJmIH4=\\x07\\x1b[2J\\x9b1m\\x0d" in shown
+    (row,) = json.loads(cli.ok("status", "alice", "--json"))
+    assert row["user_agent"] == agent
 
 
 def test_status_orders_users_by_extension_as_dialled_numbers(cli: Cli) -> None:

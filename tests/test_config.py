@@ -95,6 +95,26 @@ def test_an_empty_config_path_is_refused_not_taken_for_none(tmp_path: Path) -> N
     assert [str(p) for p in info.value.problems] == ["config: the file name is empty"]
 
 
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_config_variable_is_refused_not_taken_for_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """``PROVISIONER_CONFIG`` set but empty (a unit's ``Environment=`` whose variable was
+    never expanded) is a config problem naming the variable, as an empty ``--config`` is,
+    not a silent fall back to the system file or the defaults (a store and a target of
+    their own under the working directory); ``--config`` still wins over it."""
+    system = _write(tmp_path, "[sip]\nrealm = 'system'\n", "system.toml")
+    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATH", system)
+    with pytest.raises(ConfigError) as info:
+        load_config(env={"PROVISIONER_CONFIG": value, "PROVISIONER_SIP__REALM": "x y"})
+    assert [str(p) for p in info.value.problems] == [
+        "PROVISIONER_CONFIG: is set but empty: name the file, or unset it to read "
+        f"{config_module.DEFAULT_CONFIG_PATH} (if it exists)"
+    ]
+    named = _write(tmp_path, "[sip]\nrealm = 'named'\n")
+    assert load_config(named, env={"PROVISIONER_CONFIG": value}).sip.realm == "named"
+
+
 def test_default_system_path_is_used_when_present(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -339,6 +359,28 @@ def test_an_empty_target_path_is_refused_naming_the_field() -> None:
     with pytest.raises(ConfigError) as info:
         load_config(env={}, sets=["target.path="])
     assert [p.field for p in info.value.problems] == ["target.path"]
+
+
+@pytest.mark.parametrize(
+    ("sets", "env", "text"),
+    [
+        (["daemon.state_dir="], {}, ""),
+        ([], {"PROVISIONER_DAEMON__STATE_DIR": ""}, ""),
+        ([], {}, "[daemon]\nstate_dir = ''\n"),
+    ],
+    ids=["set", "environment", "file"],
+)
+def test_an_empty_state_dir_is_refused_naming_the_field(
+    tmp_path: Path, sets: list[str], env: dict[str, str], text: str
+) -> None:
+    """An empty daemon.state_dir (from a flag, the environment or the file) is a config
+    problem on daemon.state_dir, as an empty target.path is, not the working directory
+    taken quietly for the health record."""
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text), env=env, sets=sets)
+    (problem,) = info.value.problems
+    assert problem.field == "daemon.state_dir"
+    assert problem.rule.startswith("String should have at least 1 character"), problem.rule
 
 
 def test_repr_hides_database_passwords() -> None:
@@ -690,6 +732,40 @@ def test_a_password_with_an_unescaped_at_sign_is_refused_not_shown_as_the_host(
     assert [p.field for p in info.value.problems] == [f"{section}.url"]
     assert "percent-encode" in info.value.problems[0].rule
     assert "w0rd" not in str(info.value)
+
+
+@pytest.mark.parametrize("section", ["store", "target"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql+pymysql://app:Geheim%E2%82%ACWort@db/users",
+        "mysql+pymysql://app@db/users?password=Geheim%E2%82%ACWort",
+        "mysql+pymysql://app@db/users?passwd=Geheim%E2%82%ACWort",
+    ],
+)
+def test_a_pymysql_password_latin1_cannot_hold_is_refused_without_showing_it(
+    section: str, url: str, tmp_path: Path
+) -> None:
+    """A MariaDB/MySQL password pymysql cannot send (it encodes it as Latin-1: a '€' has no
+    byte there) is a config problem naming the rule, not a traceback at the first connect
+    quoting the character and its place (nor a daemon restarted forever for it)."""
+    with pytest.raises(ConfigError) as info:
+        load_config(env={}, overrides={section: {"url": url}})
+    assert [p.field for p in info.value.problems] == [f"{section}.url"]
+    assert "Latin-1" in info.value.problems[0].rule
+    for shown in ("Geheim", "Wort", "\u20ac", "\\u20ac", "position"):
+        assert shown not in str(info.value)
+    result = make_cli(url, tmp_path, f'[target]\npath = "{tmp_path}/p.conf"\n')("user", "list")
+    if section == "store":
+        assert result.code == 2, result
+        assert "Traceback" not in result.err
+        assert "Geheim" not in result.out + result.err
+
+
+def test_a_pymysql_password_of_latin1_characters_is_taken() -> None:
+    """A password of Latin-1 characters beyond ASCII ('ö', '§') is one pymysql sends: kept."""
+    url = "mysql+pymysql://app:Geheimw%C3%B6rt%C2%A7@db/users"
+    assert load_config(env={}, overrides={"store": {"url": url}}).store.url == url
 
 
 def test_a_url_of_an_unknown_database_is_a_config_problem(tmp_path: Path) -> None:
@@ -1059,3 +1135,165 @@ def test_a_list_index_reaches_a_list_given_whole_in_the_same_layer() -> None:
     by_flags = load_config(env={}, sets=[f"asterisk={entry}", "asterisk.0.port=5039"])
     assert [(s.name, s.port) for s in by_env.asterisk] == [("pbx1", 5040)]
     assert [(s.name, s.port) for s in by_flags.asterisk] == [("pbx1", 5039)]
+
+
+@pytest.mark.parametrize(
+    ("lines", "holds"),
+    [
+        (['[[asterisk]]', 'name = "pbx1"', 'host = "127.0.0.1"', 'port = 1',
+          'username = "p"', 'secret = "Ami-Inline-1"'],
+         "asterisk.0.secret"),
+        (['[target]', 'kind = "realtime"', 'url = "postgresql+psycopg://u:Db-Pw-2@127.0.0.1:1/d"'],
+         "the password of target.url"),
+        (['[target]', 'kind = "realtime"', 'url = "postgresql+psycopg://u@127.0.0.1:1/d?password=Db-Pw-3"'],
+         "the password of target.url"),
+    ],
+)  # fmt: skip
+def test_check_fails_a_config_file_others_may_read_that_holds_a_secret(
+    tmp_path: Path, lines: list[str], holds: str
+) -> None:
+    """'provisioner check' fails its config line for a config file others may read that holds
+    a secret itself (an AMI secret, a database URL's password), naming the file, what it
+    holds (never its value) and the fix; at 0640 it passes."""
+    cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path, "\n".join(lines) + "\n")
+    cli("db", "upgrade")
+    cli.config.chmod(0o644)
+    result = cli("check")
+    assert (
+        f"FAIL  config: {cli.config} is readable by others and holds {holds}: chmod 640 it "
+        "(or 600), or move the secret out of it (secret_file, the environment)"
+    ) in result.out.splitlines(), result.out
+    assert "Ami-Inline" not in result.out + result.err
+    assert "Db-Pw" not in result.out + result.err
+    cli.config.chmod(0o640)
+    assert "readable by others" not in cli("check").out
+
+
+def test_check_passes_a_config_file_others_may_read_that_holds_no_secret(tmp_path: Path) -> None:
+    """A world-readable config file whose AMI secret is in a secret_file (0600) and whose
+    store URL has no password is no check failure: it holds nothing to keep."""
+    secret = tmp_path / "ami.secret"
+    secret.write_text("Ami-In-File-4\n")
+    secret.chmod(0o600)
+    lines = ["[[asterisk]]", 'name = "pbx1"', 'host = "127.0.0.1"', "port = 1", 'username = "p"']
+    lines.append(f'secret_file = "{secret}"')
+    cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path, "\n".join(lines) + "\n")
+    cli("db", "upgrade")
+    cli.config.chmod(0o644)
+    assert "readable by others" not in cli("check").out
+
+
+@pytest.mark.parametrize(
+    ("env", "sets", "problem"),
+    [
+        (
+            {"PROVISIONER_ASTERISK": '{"name": "pbx1", "host": "h"}'},
+            [],
+            "asterisk: must be a list, not a table (as JSON: [...], each entry {...})"
+            " (from PROVISIONER_ASTERISK)",
+        ),
+        (
+            {},
+            ['target.video_codecs={"vp8": true}'],
+            "target.video_codecs: must be a list, not a table (as JSON: [...], each entry {...})"
+            " (from the command line)",
+        ),
+    ],
+)
+def test_a_table_given_where_a_list_belongs_names_where_it_came_from(
+    env: dict[str, str], sets: list[str], problem: str
+) -> None:
+    """A JSON table given by a variable or flag where a list belongs (``[asterisk]``'s
+    entries as one object) is said to come from there, as any other value of theirs is,
+    not left to look like the file's."""
+    with pytest.raises(ConfigError) as info:
+        load_config(env=env, sets=sets, path=None)
+    assert problem in [str(p) for p in info.value.problems]
+
+
+def test_a_table_of_the_file_with_a_key_of_the_environment_names_no_single_source(
+    tmp_path: Path,
+) -> None:
+    """A wrong table made of the file's keys and a variable's names no source: neither
+    alone gave it."""
+    path = _write(tmp_path, "[asterisk]\nname = 'pbx1'\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={"PROVISIONER_ASTERISK__HOST": "h"})
+    assert [str(p) for p in info.value.problems] == [
+        "asterisk: must be a list, not a table (in TOML, write each entry as [[asterisk]])"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "problem"),
+    [
+        (
+            "[asterisk]\nname = 'pbx1'\n",
+            {},
+            "asterisk: must be a list, not a table (in TOML, write each entry as [[asterisk]])",
+        ),
+        (
+            "",
+            {"PROVISIONER_TARGET__VIDEO_CODECS": "vp8,h264"},
+            "target.video_codecs: must be a list (from the environment or --set, as JSON: "
+            '["a", "b"]) (from PROVISIONER_TARGET__VIDEO_CODECS)',
+        ),
+        (
+            "",
+            {"PROVISIONER_TARGET__TRANSPORTS": "udp=my-udp"},
+            "target.transports: must be a table (from the environment or --set, as JSON: "
+            '{"key": "value"}) (from PROVISIONER_TARGET__TRANSPORTS)',
+        ),
+        (
+            "[target]\nvideo_codecs = 'vp8'\n",
+            {},
+            "target.video_codecs: must be a list",
+        ),
+    ],
+)
+def test_a_list_or_table_given_as_something_else_says_how_to_write_one(
+    tmp_path: Path, text: str, env: dict[str, str], problem: str
+) -> None:
+    """A list or table key given a table (``[asterisk]`` for ``[[asterisk]]``) or plain
+    text (``vp8,h264`` in a variable) says what it must be and how to write it, not
+    pydantic's 'Input should be a valid tuple'."""
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text), env=env)
+    assert [str(p) for p in info.value.problems] == [problem]
+
+
+def test_a_path_starting_with_a_tilde_is_refused_naming_every_key(tmp_path: Path) -> None:
+    """A path or SQLite URL starting with ``~`` (which no shell expands in a TOML file,
+    a unit's environment or a quoted flag) is refused on every key that takes one, all at
+    once, rather than taken as a directory named ``~`` under the working directory, where
+    Asterisk's #include would never look."""
+    path = _write(
+        tmp_path,
+        "[store]\nurl = 'sqlite:///~/store.db'\n"
+        "[target]\npath = '~/pjsip_users.conf'\ntemplates = '~/templates'\n"
+        "url = 'sqlite:///~/asterisk.db'\n"
+        "[daemon]\nstate_dir = '~/state'\n"
+        "[[asterisk]]\nname = 'pbx'\nhost = 'h'\nusername = 'u'\nsecret_file = '~/ami.secret'\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    rule = "must not start with '~' (no shell expands it here): give the full path"
+    assert sorted(str(p) for p in info.value.problems) == sorted(
+        f"{key}: {rule}"
+        for key in (
+            "store.url",
+            "target.path",
+            "target.templates",
+            "target.url",
+            "daemon.state_dir",
+            "asterisk.0.secret_file",
+        )
+    )
+
+
+def test_a_tilde_inside_a_path_is_a_name_like_any_other(tmp_path: Path) -> None:
+    """Only a leading ``~`` is refused: one inside a name (a backup's ``x~``) is kept."""
+    cfg = load_config(
+        env={}, overrides={"target": {"path": str(tmp_path / "a~" / "pjsip_users.conf~")}}
+    )
+    assert cfg.target.path.endswith("a~/pjsip_users.conf~")

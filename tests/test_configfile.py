@@ -28,7 +28,13 @@ from structlog.testing import capture_logs
 
 from provisioner.asterisk_conf import parse
 from provisioner.config import load_config
-from provisioner.errors import AsteriskSyntaxError, ConfigError, InvalidInput, RenderCheckFailed
+from provisioner.errors import (
+    AsteriskSyntaxError,
+    ConfigError,
+    InvalidInput,
+    RenderCheckFailed,
+    TargetWriteFailed,
+)
 from provisioner.model import User, Voice
 from provisioner.pjsip import RenderSettings, UserObjects, render_user
 from provisioner.targets import Change, Target, pieces
@@ -235,6 +241,29 @@ def test_apply_writes_the_file_and_it_reads_back(target: ConfigFileTarget) -> No
     ]
     lock = target.path.with_name(".pjsip_users.conf.lock")
     assert (lock.stat().st_size, stat.S_IMODE(lock.stat().st_mode)) == (0, 0o640)
+
+
+@pytest.mark.parametrize("leads_to", ["missing", "existing"])
+def test_a_lock_file_that_is_a_symbolic_link_is_never_followed(
+    target: ConfigFileTarget, tmp_path: Path, leads_to: str
+) -> None:
+    """A symbolic link planted at the writers' lock (``.pjsip_users.conf.lock``) by someone
+    who may write the directory is never followed: no file is made (or locked) where it
+    leads, whose owner and group a write run as root would also have changed; the apply
+    fails naming the lock, and nothing is written."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    victim = elsewhere / "nologin"
+    if leads_to == "existing":
+        victim.write_text("kept\n")
+    target.path.parent.mkdir(parents=True, exist_ok=True)
+    lock = target.path.with_name(".pjsip_users.conf.lock")
+    lock.symlink_to(victim)
+    with pytest.raises(TargetWriteFailed, match=r"cannot lock '.*\.pjsip_users\.conf\.lock'"):
+        target.apply(rendered())
+    assert victim.exists() is (leads_to == "existing")
+    assert not target.path.exists()
+    assert lock.is_symlink()
 
 
 def test_unchanged_bytes_are_not_written(target: ConfigFileTarget) -> None:
@@ -633,6 +662,179 @@ def test_a_broken_current_file_is_replaced(target: ConfigFileTarget) -> None:
     assert change.wrote
     assert len(change.added) == len(REPRESENTATIVE)
     assert target.path.with_name("pjsip_users.conf.bak").read_text() == "[broken\n"
+
+
+#: Asterisk's own pjsip.conf, as a mistyped ``target.path`` could name it: objects
+#: provisioner never writes (a global, a transport, a trunk's registration) and an include.
+ASTERISKS_PJSIP_CONF = (
+    "[global]\ntype=global\nuser_agent=PBX\n\n"
+    "[transport-udp]\ntype=transport\nprotocol=udp\nbind=0.0.0.0\n\n"
+    "[trunk]\ntype=registration\nserver_uri=sip:carrier.example\n\n"
+    "#include pjsip_users.conf\n"
+)
+
+
+#: Files a mistaken ``target.path`` could name, and what the refusal says they hold.
+FOREIGN_FILES = {
+    "pjsip.conf": (
+        ASTERISKS_PJSIP_CONF,
+        "(objects of type global, registration, transport; #include)",
+    ),
+    "includes only": (
+        "#include pjsip_transports.conf\n#include pjsip_users.conf\n",
+        "(#include)",
+    ),
+    "extensions.conf": (
+        "[from-sip]\nexten => 100,1,Dial(PJSIP/100)\n same => n,Hangup()\n",
+        "(sections with no type=, no PJSIP objects: a dialplan, another program's file)",
+    ),
+    "provisioner.toml": (
+        "[store]\nurl = 'sqlite:///var/provisioner.db'\n[target]\nkind = 'config'\n",
+        "(sections with no type=, no PJSIP objects: a dialplan, another program's file)",
+    ),
+}
+
+
+@pytest.mark.parametrize("shards", [0, 4])
+@pytest.mark.parametrize("name", sorted(FOREIGN_FILES))
+def test_a_file_holding_what_provisioner_never_writes_is_not_replaced(
+    tmp_path: Path, shards: int, name: str
+) -> None:
+    """A ``target.path`` naming a file holding objects, sections or directives provisioner
+    never writes (Asterisk's own pjsip.conf, the dialplan, provisioner's own TOML) is
+    refused, naming them: nothing is written, neither by an apply nor by an edit, and a
+    dry run says so too, instead of replacing what Asterisk needs with the users."""
+    text, held = FOREIGN_FILES[name]
+    path = tmp_path / "pjsip.conf"
+    path.write_text(text)
+    target = make_target(path, shards)
+    attempts: list[Callable[[], Change]] = [
+        lambda: target.apply(rendered()),
+        lambda: target.plan(rendered()),
+        lambda: target.apply_partial(rendered()[:1], ()),
+    ]
+    for attempt in attempts:
+        with pytest.raises(TargetWriteFailed) as refused:
+            attempt()
+        assert refused.value.exit_code == 9
+        message = refused.value.message
+        assert f"refusing to replace {str(path)!r}: it holds what provisioner never writes " in (
+            message
+        )
+        assert held in message
+        assert "carrier" not in message
+        assert "Dial" not in message
+    # Beside it at most the writers' lock: no temporary file, no backup, no shard file.
+    assert {p.name for p in tmp_path.iterdir()} <= {"pjsip.conf", ".pjsip.conf.lock"}
+    assert path.read_text() == text
+
+
+def test_render_refuses_a_target_path_naming_asterisks_pjsip_conf(tmp_path: Path) -> None:
+    """'provisioner render' with ``target.path`` set to Asterisk's own pjsip.conf exits 9
+    naming the file and why, and leaves that file as it was."""
+    from .faultkit import cli, seed_store, store_url, write_config
+
+    seed_store(store_url(tmp_path), 2).dispose()
+    pjsip_conf = tmp_path / "pjsip.conf"
+    pjsip_conf.write_text(ASTERISKS_PJSIP_CONF)
+    config = write_config(tmp_path)
+    ran = cli(config, "--set", f"target.path={pjsip_conf}", "render", check=False)
+    assert ran.code == 9
+    assert f"refusing to replace {str(pjsip_conf)!r}" in ran.err
+    assert pjsip_conf.read_text() == ASTERISKS_PJSIP_CONF
+    assert not pjsip_conf.with_name("pjsip.conf.bak").exists()
+
+
+def test_render_refuses_a_target_path_naming_the_user_stores_database(tmp_path: Path) -> None:
+    """'provisioner render' with ``target.path`` naming the SQLite user store itself (or
+    any file holding a NUL byte: a database, an image) exits 9 and leaves it whole,
+    rather than replace the database with the users' text."""
+    from .faultkit import cli, seed_store, store_url, write_config
+
+    seed_store(store_url(tmp_path), 2).dispose()
+    store = tmp_path / "store.db"
+    before = store.read_bytes()
+    config = write_config(tmp_path)
+    ran = cli(config, "--set", f"target.path={store}", "render", check=False)
+    assert ran.code == 9, ran
+    assert f"refusing to replace {str(store)!r}: it holds what provisioner never writes" in ran.err
+    assert "a NUL byte" in ran.err
+    assert store.read_bytes() == before
+    assert not store.with_name("store.db.bak").exists()
+    assert "u0" in cli(config, "user", "list").out
+    checked = cli(config, "--set", f"target.path={store}", "check", check=False)
+    (line,) = [line for line in checked.out.splitlines() if "target:" in line]
+    assert line.startswith(f"FAIL  target: refusing to replace {str(store)!r}")
+
+
+@pytest.mark.parametrize("shards", [0, 4])
+def test_check_fails_its_target_line_for_a_file_provisioner_never_wrote(
+    tmp_path: Path, shards: int
+) -> None:
+    """'check' fails the target line for a ``target.path`` holding what provisioner never
+    writes, with the refusal every apply gives, rather than call it writable; a file of
+    provisioner's passes."""
+    from .faultkit import cli, seed_store, store_url, write_config
+
+    seed_store(store_url(tmp_path), 2).dispose()
+    pjsip_conf = tmp_path / "pjsip.conf"
+    pjsip_conf.write_text(ASTERISKS_PJSIP_CONF)
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace("[target]", f"[target]\nshards = {shards}"))
+    checked = cli(config, "--set", f"target.path={pjsip_conf}", "check", check=False)
+    (line,) = [line for line in checked.out.splitlines() if "target:" in line]
+    assert checked.code == 1
+    assert line.startswith(f"FAIL  target: refusing to replace {str(pjsip_conf)!r}: ")
+    assert "(objects of type global, registration, transport; #include)" in line
+    cli(config, "sync", "--once")
+    checked = cli(config, "check", check=False)
+    (line,) = [line for line in checked.out.splitlines() if "target:" in line]
+    assert line.startswith("ok    target: config file")
+
+
+#: Overrides that compile but render no file Asterisk would load as intended: a
+#: ``user.j2`` without the ``user`` macro, one dropping the AOR, one printing a directive.
+UNRENDERABLE_OVERRIDES = {
+    "no macro": (
+        "{% macro usr(user) %}{% endmacro %}\n",
+        "templates failed to render (UndefinedError) at pjsip_users.conf.j2 line 7",
+    ),
+    "no aor": (
+        (SHIPPED_TEMPLATES / "user.j2")
+        .read_text()
+        .replace('{{ section(user.aor_id, "aor", user.aor) -}}\n', ""),
+        "the rendered file does not hold exactly the intended objects: ",
+    ),
+    "a directive": (
+        (SHIPPED_TEMPLATES / "user.j2")
+        .read_text()
+        .replace("{% endmacro %}", "#exec /bin/true\n{% endmacro %}"),
+        "holds a #exec directive",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNRENDERABLE_OVERRIDES))
+def test_check_fails_its_target_line_for_templates_that_render_no_good_file(
+    tmp_path: Path, case: str
+) -> None:
+    """'check' fails the target line for an override that compiles but renders no file
+    Asterisk would load as intended (no ``user`` macro, a section dropped, a directive
+    added), naming why as every apply would, rather than pass it."""
+    from .faultkit import cli, seed_store, store_url, write_config
+
+    override, why = UNRENDERABLE_OVERRIDES[case]
+    seed_store(store_url(tmp_path), 1).dispose()
+    overrides = write_override(tmp_path / "overrides", "user.j2", override)
+    config = write_config(tmp_path)
+    checked = cli(config, "--set", f"target.templates={overrides}", "check", check=False)
+    (line,) = [line for line in checked.out.splitlines() if "target:" in line]
+    assert checked.code == 1
+    assert line.startswith("FAIL  target: ")
+    assert why in line
+    synced = cli(config, "--set", f"target.templates={overrides}", "sync", "--once", check=False)
+    assert synced.code == 8
+    assert why in synced.err
 
 
 def test_kept_users_stay_as_they_are(target: ConfigFileTarget) -> None:

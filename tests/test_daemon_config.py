@@ -572,6 +572,76 @@ def _switched(tmp_path: Path, before: str, after: str) -> list[MutableMapping[st
     return [entry for entry in logs if entry["event"] == "target.switched"]
 
 
+def test_a_sighup_naming_templates_that_render_no_good_file_keeps_the_old_target(
+    tmp_path: Path,
+) -> None:
+    """A SIGHUP naming an override directory whose templates compile but render no file
+    Asterisk would load as intended (a ``user.j2`` without the ``user`` macro) is refused
+    as a bad configuration is (``config.reload_failed`` naming why): the daemon keeps its
+    target and configuration, so edits still go live, instead of failing every apply."""
+    overrides = tmp_path / "overrides"
+    overrides.mkdir()
+    (overrides / "user.j2").write_text("{% macro usr(user) %}{% endmacro %}\n")
+    path = tmp_path / "provisioner.toml"
+    base = (
+        f"[store]\nurl = 'sqlite:///{tmp_path / 'store.db'}'\n"
+        f"[target]\npath = '{tmp_path / 'pjsip_users.conf'}'\n"
+    )
+    path.write_text(base, encoding="utf-8")
+    config = load_config(path, env={})
+    daemon = Daemon.from_config(config, config_path=str(path))
+    target = daemon.applier.target
+    try:
+        path.write_text(base + f"templates = '{overrides}'\n", encoding="utf-8")
+        with capture_logs() as logs:
+            asyncio.run(daemon._reload_config())
+        (failed,) = [entry for entry in logs if entry["event"] == "config.reload_failed"]
+        assert "templates failed to render (UndefinedError)" in failed["error"]
+        assert "config.reloaded" not in [entry["event"] for entry in logs]
+        assert (daemon.config, daemon.applier.target) == (config, target)
+    finally:
+        daemon.engine.dispose()
+
+
+@pytest.mark.parametrize("away", ["closed port", "no database file"])
+def test_a_sighup_naming_a_realtime_database_that_cannot_be_opened_keeps_the_old_target(
+    tmp_path: Path, away: str
+) -> None:
+    """A SIGHUP switching to a realtime ``target.url`` that cannot be opened (a server
+    away, a file that is no database) is refused as a bad configuration is
+    (``config.reload_failed`` naming ``target.url`` and the driver's words, not the user
+    store): the daemon keeps its target and configuration, so edits still go live,
+    instead of taking a target every apply fails on."""
+    if away == "closed port":
+        url = f"postgresql+psycopg://postgres@127.0.0.1:{_closed_port()}/asterisk"
+    else:
+        (tmp_path / "rt.db").write_bytes(b"not a database " * 100)
+        url = f"sqlite:///{tmp_path / 'rt.db'}"
+    path = tmp_path / "provisioner.toml"
+    base = (
+        f"[store]\nurl = 'sqlite:///{tmp_path / 'store.db'}'\n"
+        f"[target]\npath = '{tmp_path / 'pjsip_users.conf'}'\n"
+    )
+    path.write_text(base, encoding="utf-8")
+    config = load_config(path, env={})
+    daemon = Daemon.from_config(config, config_path=str(path))
+    target = daemon.applier.target
+    try:
+        path.write_text(base + f"kind = 'realtime'\nurl = '{url}'\n", encoding="utf-8")
+        with capture_logs() as logs:
+            asyncio.run(daemon._reload_config())
+        (failed,) = [entry for entry in logs if entry["event"] == "config.reload_failed"]
+        assert failed["error"].startswith("target.url: cannot open the realtime database"), failed
+        assert "DatabaseError" in failed["error"] or "OperationalError" in failed["error"]
+        assert "store unavailable" not in failed["error"]
+        events = [entry["event"] for entry in logs]
+        assert "config.reloaded" not in events
+        assert "target.switched" not in events
+        assert (daemon.config, daemon.applier.target) == (config, target)
+    finally:
+        daemon.engine.dispose()
+
+
 def test_a_sighup_leaving_a_config_file_behind_warns_naming_it_and_keeps_it(
     tmp_path: Path,
 ) -> None:
@@ -674,3 +744,21 @@ def test_a_realtime_target_that_cannot_be_reached_stays_a_database_error(
     assert ran.code == 7, ran
     (line,) = [line for line in ran.err.splitlines() if line.startswith("error:")]
     assert line.startswith("error: database error: OperationalError: "), line
+
+
+def test_a_realtime_database_away_is_not_said_to_be_the_user_store(tmp_path: Path) -> None:
+    """An apply failing on a realtime target's own database (``target.url`` away) while
+    the user store reads is logged and recorded as that database's failure, naming its
+    URL, not as 'store unavailable', which would send the operator to the user store."""
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{_closed_port()}/asterisk"
+    daemon = local_daemon(tmp_path, target={"kind": "realtime", "url": url})
+    try:
+        with capture_logs() as logs:
+            asyncio.run(daemon._run(daemon._full))
+        (failed,) = [entry for entry in logs if entry["event"] == "sync.failed"]
+        assert failed["error"].startswith(
+            f"realtime database unavailable (target.url {url}): OperationalError: "
+        ), failed
+        assert daemon.health.last_error == failed["error"]
+    finally:
+        daemon.engine.dispose()

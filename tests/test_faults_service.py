@@ -555,9 +555,8 @@ def test_a_registration_write_stuck_on_a_store_lock_starves_the_watchdog_and_fai
 
 def test_a_separate_realtime_database_failing_is_not_logged_as_the_store(tmp_path: Path) -> None:
     """A realtime target's own database failing while the user store reads fine (its
-    file no database) is logged and recorded as the realtime database's error, not as
-    the store unavailable (an operator would look at the wrong database); the store
-    failing says ``user store unavailable``."""
+    file no database) is logged and recorded as the realtime database's, not as the
+    store unavailable (an operator would look at the wrong database)."""
     seed_store(store_url(tmp_path), 2).dispose()
     realtime = tmp_path / "realtime.db"
     realtime.write_bytes(b"not a database, but for its length " * 200)
@@ -568,7 +567,8 @@ def test_a_separate_realtime_database_failing_is_not_logged_as_the_store(tmp_pat
     try:
         until(lambda: bool(daemon.logged("sync.failed")), 20, "sync.failed")
         error = daemon.logged("sync.failed")[0]["error"]
-        assert error.startswith("realtime database error: DatabaseError: "), error
+        assert error.startswith("realtime database unavailable (target.url "), error
+        assert "DatabaseError: " in error
         assert "store unavailable" not in error
         until(lambda: bool(daemon.health()), 10, "health record")
         health = daemon.health()

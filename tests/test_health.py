@@ -228,6 +228,23 @@ def test_the_record_is_readable_by_its_group(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "health.json").stat().st_mode) == 0o640
 
 
+def test_a_symbolic_link_at_the_records_lock_is_never_followed(tmp_path: Path) -> None:
+    """A symbolic link planted at the record's lock (``.health.lock``) is not followed: no
+    file is made where it leads; the write fails as an OS error (which the daemon logs as
+    ``health.write_failed``), and no record is written."""
+    import pytest
+
+    victim = tmp_path / "elsewhere" / "nologin"
+    victim.parent.mkdir()
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / ".health.lock").symlink_to(victim)
+    with pytest.raises(OSError, match="symbolic link"):
+        write_health(state, _healthy())
+    assert not victim.exists()
+    assert not (state / "health.json").exists()
+
+
 def test_check_passes_a_realtime_target_whose_tables_the_first_write_makes(
     tmp_path: Path,
 ) -> None:
@@ -487,3 +504,23 @@ def test_a_burst_beside_the_running_daemon_leaves_its_record(tmp_path: Path) -> 
     assert (record.pid, record.stopped_at) == (daemon.proc.pid, None)
     (line,) = [line for line in result.out.splitlines() if "daemon:" in line]
     assert line.startswith("ok    daemon:"), result.out
+
+
+def test_check_fails_a_sqlite_store_others_may_read(tmp_path: Path) -> None:
+    """'provisioner check' fails its store line for a SQLite store file others may read (one
+    made before stores were made 0640: it holds the SIP digests), naming the file and the
+    chmod that fixes it; once fixed, the line passes."""
+    seed_store(store_url(tmp_path), 1).dispose()
+    store = tmp_path / "store.db"
+    store.chmod(0o644)
+    config = write_config(tmp_path)
+    result = cli(config, "check", check=False)
+    assert result.code == 1
+    assert (
+        f"FAIL  store: {store} is readable by others, and it holds the SIP digests "
+        "(with one, anyone registers as that phone): chmod 640 it, and its -wal and -shm "
+        "files"
+    ) in result.out.splitlines()
+    store.chmod(0o640)
+    fixed = cli(config, "check", check=False)
+    assert "ok    store: " in fixed.out, fixed.out

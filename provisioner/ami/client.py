@@ -292,6 +292,23 @@ class AmiClient:
                 break
         self._connected.clear()
 
+    async def serve_once(self, stop: asyncio.Event) -> None:
+        """One connection, never retried: connect and log in, raising what stopped either
+        (the ``OSError`` of a refused connection at once, :class:`AmiLoginFailed` as soon
+        as Asterisk answers, :class:`AmiTimeout` once the server's ``timeout`` has passed
+        without a greeting), unlogged: the caller says it; then serve the session until
+        ``stop`` is set or it closes.  For ``provisioner check``, where a retry would only
+        stretch one answer over the whole wait and log each try."""
+        try:
+            session = await self._open_unless(stop)
+        except AmiLoginFailed as exc:
+            self._login_failures += 1
+            self._last_error = exc.reason
+            raise
+        if session is not None:
+            await self._serve(session, stop)
+        self._connected.clear()
+
     # -- connection life ----------------------------------------------------------
 
     def _long_backoff(self) -> float:

@@ -18,7 +18,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InvalidatePoolError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from ..errors import StoreUnavailable
+from ..config import display_url, driver_refusal
+from ..errors import Problem, StoreUnavailable, UrlRefused
 from ..logs import get_logger
 
 __all__ = [
@@ -179,15 +180,18 @@ class StoreOptions(Protocol):
     def pool_timeout(self) -> float: ...
 
 
-def open_store_engine(url: str, options: StoreOptions, *, create: bool = True) -> Engine:
-    """:func:`open_engine` for ``url`` with ``options`` (``config.store``): its busy timeout
-    and its pool's size and checkout timeout."""
+def open_store_engine(
+    url: str, options: StoreOptions, *, create: bool = True, field: str = "store.url"
+) -> Engine:
+    """:func:`open_engine` for ``url`` (the config key ``field``) with ``options``
+    (``config.store``): its busy timeout and its pool's size and checkout timeout."""
     return open_engine(
         url,
         busy_timeout=options.busy_timeout,
         create=create,
         pool_size=options.pool_size,
         pool_timeout=options.pool_timeout,
+        field=field,
     )
 
 
@@ -198,8 +202,9 @@ def open_engine(
     create: bool = True,
     pool_size: int = 5,
     pool_timeout: float = 30.0,
+    field: str = "store.url",
 ) -> Engine:
-    """An engine for ``url``.
+    """An engine for ``url``, the config key ``field``.
 
     Its pool keeps ``pool_size`` connections open (SQLAlchemy may open 10 more for a
     burst), and a checkout when every one is taken waits ``pool_timeout`` seconds, then
@@ -220,6 +225,9 @@ def open_engine(
     raises :class:`StoreUnavailable` naming it, and every connection opens the file
     read-write only if it is there (SQLite's ``mode=rw``), so one removed meanwhile is an
     error, not a new empty store.  Other databases are unaffected.
+
+    A connect the driver refuses for the parameters ``url`` gives it, before any byte
+    reaches a server, raises :class:`UrlRefused` on ``field`` (:func:`_refusals_named`).
     """
     path = sqlite_file(url)
     if path is not None:
@@ -237,8 +245,11 @@ def open_engine(
             pool_timeout=pool_timeout,
         )
         _sqlite_events(engine, path, busy_timeout)
-        if not create:
+        if create:
+            _sqlite_creates_private(engine, path)
+        else:
             _sqlite_never_creates(engine, path)
+        _refusals_named(engine, url, field)
         return engine
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     parsed = make_url(url)
@@ -249,7 +260,45 @@ def open_engine(
     engine = create_engine(url, **kwargs)
     if engine.dialect.name in ("mysql", "mariadb") and engine.dialect.driver == "pymysql":
         event.listen(engine, "connect", _mysql_keepalive)
+    _refusals_named(engine, url, field)
     return engine
+
+
+#: What a driver raises, not being a database error, for a connect argument it cannot
+#: take (pymysql: ``TypeError`` for an unknown one, ``AttributeError`` for an unknown
+#: ``charset``; a bad value: ``ValueError``, ``KeyError``, ``LookupError``).
+_ARGUMENT_ERRORS = (TypeError, ValueError, AttributeError, LookupError)
+
+
+def _refusals_named(engine: Engine, url: str, field: str) -> None:
+    """Have each connect of ``engine`` (the last of its ``do_connect`` listeners, so after
+    those that adjust the arguments) that the driver refuses for the parameters ``url``
+    gives it raise :class:`UrlRefused` on ``field``, in the driver's words
+    (:func:`~provisioner.config.driver_refusal`) with the URL fit to show: the driver's
+    own error (pymysql's is not a database error) was a traceback from every command and
+    a daemon restarted for ever, and libpq's ``ProgrammingError`` (an unknown option, a
+    bad value) a store outage retried for ever.  Every other database error passes as it
+    is (SQLAlchemy wraps it)."""
+    dialect = engine.dialect
+    dbapi: Any = dialect.loaded_dbapi
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(_dialect: Any, _record: Any, cargs: list[Any], cparams: Any) -> Any:
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except dbapi.ProgrammingError as exc:
+            # At a connect, the URL's: libpq's unknown option or bad value (refused before
+            # any exchange), MariaDB's wrong database name or init_command.
+            raise _refused(field, url, exc) from None
+        except dbapi.Error:
+            raise
+        except _ARGUMENT_ERRORS as exc:
+            raise _refused(field, url, exc) from None
+
+
+def _refused(field: str, url: str, exc: Exception) -> UrlRefused:
+    rule = f"its driver refused its parameters ({display_url(url)}): {driver_refusal(exc, url)}"
+    return UrlRefused([Problem(field, rule)])
 
 
 def _mysql_keepalive(dbapi_conn: Any, _record: Any) -> None:
@@ -278,6 +327,31 @@ def _make_parent(path: Path) -> None:
             f"cannot make the directory {str(path.parent)!r} of the SQLite database: "
             f"{exc.strerror or exc}"
         ) from None
+
+
+#: The mode a SQLite file is made with (never wider: a stricter umask narrows it).  The
+#: store holds the SIP digests (with one, anyone registers as that phone), password and
+#: API-key hashes: not for other local users, whatever the umask of whoever ran
+#: ``db upgrade`` (022 makes SQLite's own 0644).  SQLite gives its ``-wal`` and ``-shm``
+#: files the database file's mode.
+SQLITE_FILE_MODE = 0o640
+
+
+def _sqlite_creates_private(engine: Engine, path: Path) -> None:
+    """Have ``engine`` make a missing ``path`` itself, mode :data:`SQLITE_FILE_MODE`, just
+    before a connection would (an empty file is an empty SQLite database)."""
+
+    @event.listens_for(engine, "do_connect")
+    def _create_private(_dialect: Any, _record: Any, _cargs: list[Any], _cparams: Any) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            os.close(os.open(path, flags, SQLITE_FILE_MODE))
+        except FileExistsError:
+            pass  # there already (the usual case): its mode is its owner's choice
+        except OSError:
+            # Not ours to make (a read-only directory, say): SQLite's own open fails
+            # the same way and says so as the store being unavailable.
+            pass
 
 
 def _sqlite_never_creates(engine: Engine, path: Path) -> None:

@@ -57,7 +57,8 @@ from typing import TYPE_CHECKING
 from ..asterisk_conf import Parsed, Section, parse
 from ..errors import AsteriskSyntaxError, RenderCheckFailed
 from ..logs import get_logger
-from ..pjsip import UserObjects, auth_id, endpoint_order
+from ..model import User, Voice
+from ..pjsip import RenderSettings, UserObjects, auth_id, endpoint_order, render_user
 from . import Change
 from .canonical import (
     _LINES,
@@ -86,6 +87,7 @@ from .holdings import (
     intended,
     kept_objects,
     may_name,
+    refuse_foreign,
     with_kept,
 )
 from .pieces import Pieces
@@ -177,6 +179,50 @@ def check_rendered(data: bytes, objects: Sequence[UserObjects]) -> None:
     except AsteriskSyntaxError as exc:
         raise RenderCheckFailed(f"the rendered file would not load: {exc.plain_message}") from None
     _raise_problems(_parse_problems(parsed, intended(objects)))
+
+
+def _sample_users(settings: RenderSettings) -> list[UserObjects]:
+    """Two users rendered with ``settings`` for :func:`check_templates`: a plain one and a
+    WebRTC one with video, so every option a real user has is there (digests of zeros:
+    nothing secret)."""
+    samples = [
+        ("1000", "sample.one", "Sample One", Voice()),
+        ("1001", "sample_two", "Sample Two", Voice(transport="wss", video="yes")),
+    ]
+    return [
+        render_user(
+            User(
+                id=0,
+                role="user",
+                username=username,
+                full_name=full_name,
+                email=f"{username}@example.com",
+                extension=extension,
+                voice=voice,
+                sip_realm=settings.realm,
+                sip_md5="0" * 32,
+                sip_sha256="0" * 64,
+            ),
+            settings,
+        )
+        for extension, username, full_name, voice in samples
+    ]
+
+
+def check_templates(templates_dir: Path | None, settings: RenderSettings) -> None:
+    """Raise what an apply would raise when the templates (``templates_dir`` over the
+    shipped ones) cannot make a good file: :class:`~provisioner.errors.ConfigError` for a
+    directory that is not one, :class:`RenderCheckFailed` for one that does not compile
+    (:meth:`Templates.compile_all`) or renders sample users, in one file and in a shard
+    file, into text that does not parse back to exactly them (no ``user`` macro, a
+    section dropped, a directive added).  Writes nothing.  Blocking (reads the files)."""
+    templates = Templates(templates_dir)
+    templates.compile_all()
+    users = _sample_users(settings)
+    with templates.templating() as env:
+        for shard in (False, True):
+            text = env.get_template(MAIN_TEMPLATE).render(users=users, shard=shard)
+            check_rendered(text.encode("utf-8"), users)
 
 
 @contextlib.contextmanager
@@ -441,13 +487,16 @@ class ConfigFileTarget:
         the ``known`` bytes; see :meth:`Current.of_main` for ``chunks``).  A main file that
         a sharded layout left (nothing but includes of its shard files) gives its shard
         files' objects.  ``strict``: a file Asterisk could not load raises
-        :class:`RenderCheckFailed` instead of holding nothing."""
+        :class:`RenderCheckFailed` instead of holding nothing.  A file holding what
+        provisioner never writes (a transport, an ``#include``: Asterisk's own pjsip.conf)
+        raises :class:`~provisioner.errors.ForeignTargetFile`: it is never replaced."""
         looked, self._looked = self._looked, None
         if looked is not None and not strict and looked.data == data:
             return looked
-        return Current.of_main(
+        current = Current.of_main(
             self.path, data, self._shards_dir, *known, strict=strict, chunks=chunks
         )
+        return refuse_foreign(self.path, current)
 
     def _desired(
         self, objects: Sequence[UserObjects], keep: Collection[str]

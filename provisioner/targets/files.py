@@ -281,7 +281,10 @@ def _keeping(backup: Path) -> Iterator[None]:
 
 def keep_backup(path: Path, backup: Path) -> Path | None:
     """Make ``backup`` the current ``path`` (a hard link, else a copy), replacing it
-    atomically.  A former backup of :data:`DISCARD_LATER_BYTES` or more is first renamed
+    atomically, with no mode bit :data:`FILE_MODE` lacks (:func:`_linked_no_wider`,
+    :func:`_private_copy`): a former file others could read (0644, made by hand or by
+    an older version) holds digests, which its backup would otherwise keep open to them
+    until the next write.  A former backup of :data:`DISCARD_LATER_BYTES` or more is first renamed
     to a temporary name instead of being freed here (for a moment there is no backup):
     returned, for :func:`discard_later`.  An OS error is raised as :class:`BackupNotKept`
     (a directory or an immutable file at the backup's name fails every write)."""
@@ -294,18 +297,46 @@ def _keep_backup(path: Path, backup: Path) -> Path | None:
     former = _set_aside(backup)
     try:
         with temporary(path.parent, backup.name) as temp:
-            temp.unlink()
-            try:
-                os.link(path, temp)
-            except OSError:
-                # No hard links here (some network or FUSE file systems): copy instead.
-                shutil.copy2(path, temp)
+            if not _linked_no_wider(path, temp):
+                _private_copy(path, temp)
             os.replace(temp, backup)
     except BaseException:
         if former is not None:
             discard_later(former)
         raise
     return former
+
+
+def _linked_no_wider(path: Path, temp: Path) -> bool:
+    """Make ``temp`` (an empty temporary) a hard link of ``path`` whose mode has no bit
+    :data:`FILE_MODE` lacks (the former file's inode narrowed, an instant before the new
+    one replaces it with that mode).  False, nothing left at ``temp``, when it cannot be:
+    no hard links here (some network or FUSE file systems), or a file the writer may
+    neither link (the kernel's ``protected_hardlinks``) nor narrow (not its owner)."""
+    temp.unlink()
+    try:
+        os.link(path, temp)
+    except OSError:
+        return False
+    mode = stat.S_IMODE(os.stat(temp).st_mode)
+    if mode & ~FILE_MODE:
+        try:
+            os.chmod(temp, mode & FILE_MODE)
+        except PermissionError:
+            temp.unlink()
+            return False
+    return True
+
+
+def _private_copy(path: Path, temp: Path) -> None:
+    """Copy ``path`` to a new file ``temp``, the writer's: mode 0600 while it is filled,
+    then ``path``'s mode without the bits :data:`FILE_MODE` lacks, and its times."""
+    info = os.stat(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    with open(path, "rb") as source, open(os.open(temp, flags, 0o600), "wb") as copy:
+        shutil.copyfileobj(source, copy)
+    os.utime(temp, ns=(info.st_atime_ns, info.st_mtime_ns))
+    os.chmod(temp, stat.S_IMODE(info.st_mode) & FILE_MODE)
 
 
 def _set_aside(backup: Path) -> Path | None:
@@ -644,9 +675,18 @@ def writers_lock(path: Path, *, new_owner_of: Sequence[Path] = ()) -> Iterator[N
     with _failing_as("lock", lock):
         like = owner_source(real_path(path), new_owner_of)
         make_directories(lock.parent, like)
-        made = not lock.exists()
-        # Read-only is enough for flock, and opens a lock file another user made.
-        fd = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+        made = not os.path.lexists(lock)
+        if os.path.islink(lock):
+            # Never followed: a link planted by whoever may write the directory would have
+            # a writer (root, from the command line) make, chown and lock a file anywhere.
+            raise TargetWriteFailed(
+                f"cannot lock {str(lock)!r}: it is a symbolic link (remove it; the lock "
+                "is a plain file provisioner makes)"
+            )
+        # Read-only is enough for flock, and opens a lock file another user made; a link
+        # put there since the look above is refused (ELOOP), not followed.
+        flags = os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(lock, flags, FILE_MODE)
     try:
         if made:
             with _failing_as("lock", lock):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..asterisk_conf import Parsed, parse
-from ..errors import AsteriskSyntaxError, RenderCheckFailed
+from ..errors import AsteriskSyntaxError, ForeignTargetFile, RenderCheckFailed
 from ..pjsip import Options, UserObjects, auth_id, endpoint_order
 from . import Change
 from .canonical import read_canonical
@@ -40,6 +40,7 @@ __all__ = [
     "intended",
     "kept_objects",
     "may_name",
+    "refuse_foreign",
     "with_kept",
 ]
 
@@ -80,6 +81,10 @@ class Current:
     data: bytes | None
     objects: dict[tuple[str, str], Options]
     endpoints: tuple[str, ...]
+    #: What the file holds that provisioner never writes (:func:`_foreign`): the types of
+    #: objects other than a user's three, sections with no ``type=``, ``#include``,
+    #: ``#tryinclude``, ``#exec``, a NUL byte (no text at all).
+    foreign: tuple[str, ...] = ()
 
     @classmethod
     def of_main(
@@ -104,6 +109,10 @@ class Current:
         for verified in known:
             if verified is not None and verified.data == data:
                 return cls.verified(data, verified.users)
+        if b"\0" in data:
+            # No text provisioner writes holds one (every value is checked for control
+            # characters): a database (the user store's own SQLite file), an image...
+            return cls(data, {}, (), (_NUL,))
         hints = _known_chunks(known)
         hints.update(chunks or {})
         canonical = read_canonical(data, hints)
@@ -140,11 +149,14 @@ class Current:
         :class:`RenderCheckFailed` instead of holding nothing."""
         objects: dict[tuple[str, str], Options] = {}
         endpoints: list[str] = []
+        foreign: list[str] = []
         for path in files:
             current = cls.of_main(path, read_file(path), None, strict=strict)
             objects.update(current.objects)
             endpoints += current.endpoints
-        return cls(data, objects, tuple(sorted(dict.fromkeys(endpoints), key=endpoint_order)))
+            foreign += current.foreign
+        ordered = tuple(sorted(dict.fromkeys(endpoints), key=endpoint_order))
+        return cls(data, objects, ordered, tuple(sorted(set(foreign))))
 
     @classmethod
     def verified(cls, data: bytes, users: list[UserObjects]) -> Current:
@@ -169,7 +181,47 @@ class Current:
             objects[(kind, section.name)] = options[1:]
             if kind == "endpoint":
                 endpoints.append(section.name)
-        return cls(data, objects, tuple(dict.fromkeys(endpoints)))
+        return cls(data, objects, tuple(dict.fromkeys(endpoints)), _foreign(parsed))
+
+
+#: What a file holding a NUL byte is said to hold (:attr:`Current.foreign`).
+_NUL = "a NUL byte: no text file, maybe a database such as the user store's"
+
+
+#: What a file with a section lacking ``type=`` (an extensions.conf context, a TOML table)
+#: is said to hold.
+_TYPELESS = "sections with no type=, no PJSIP objects: a dialplan, another program's file"
+
+
+#: A type or directive name fit to quote (a PJSIP type is a short word); any other shows
+#: as ``<other>``: a file not provisioner's may hold anything there.
+_QUOTABLE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,39}")
+
+
+def _foreign(parsed: Parsed) -> tuple[str, ...]:
+    """What ``parsed`` holds that no file provisioner writes holds: ``objects of type
+    global, transport`` (of every type but endpoint, auth and aor), sections with no
+    ``type=`` at all, and each directive Asterisk acts on (``#include``); empty for a
+    file of users only."""
+    kinds = {
+        options[0][1] if _QUOTABLE.fullmatch(options[0][1]) else "<other>"
+        for section in parsed.visible()
+        if (options := section.options) and options[0][0] == "type" and options[0][1] not in _KINDS
+    }
+    held = [f"objects of type {', '.join(sorted(kinds))}"] if kinds else []
+    if any(not s.options or s.options[0][0] != "type" for s in parsed.visible()):
+        held.append(_TYPELESS)
+    held += sorted({f"#{d.name}" for d in parsed.directives if d.known})
+    return tuple(held)
+
+
+def refuse_foreign(path: Path, current: Current) -> Current:
+    """``current``, the file at ``path``, unless it holds what provisioner never writes
+    (Asterisk's own pjsip.conf, named by a mistaken ``target.path``):
+    :class:`~provisioner.errors.ForeignTargetFile` then, before anything is written."""
+    if current.foreign:
+        raise ForeignTargetFile(str(path), current.foreign)
+    return current
 
 
 def _known_chunks(known: Iterable[Verified | None]) -> dict[str, UserObjects]:

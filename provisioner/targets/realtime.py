@@ -482,8 +482,9 @@ class RealtimeTarget:
     @classmethod
     def from_config(cls, config: Config) -> RealtimeTarget:
         """The target on ``target.url``, or on the user store's database when that is empty."""
-        url = config.target.url or config.store.url
-        return cls(open_store_engine(url, config.store))
+        if config.target.url:
+            return cls(open_store_engine(config.target.url, config.store, field="target.url"))
+        return cls(open_store_engine(config.store.url, config.store))
 
     def create_tables(self) -> None:
         """Create the three PJSIP tables and the ownership table where missing, and add the

@@ -41,6 +41,7 @@ from .holdings import (
     edited,
     endpoints_of,
     kept_objects,
+    refuse_foreign,
     with_kept,
 )
 from .shards import (
@@ -252,8 +253,10 @@ class ShardedConfigFileTarget:
     def _current(self, data: bytes | None, *, strict: bool = False) -> Current:
         """What the main file holding ``data`` gives Asterisk: the objects of the shard files
         it includes (of any count), or, when it is not a sharded main file (the single-file
-        layout), its own.  ``strict``: as for :meth:`ConfigFileTarget._current`."""
-        return Current.of_main(self.path, data, self.directory, strict=strict)
+        layout), its own.  ``strict`` and a file holding what provisioner never writes: as
+        for :meth:`ConfigFileTarget._current`."""
+        current = Current.of_main(self.path, data, self.directory, strict=strict)
+        return refuse_foreign(self.path, current)
 
     def _prepared(
         self, index: int, users: list[UserObjects], keep: Collection[str], *, count: bool = True

@@ -1,0 +1,102 @@
+"""``provisioner check``'s AMI line: one login tried once, its outcome said at once (a
+refused connection, a refused login), a silent host waited for its timeout; nothing
+but the check's own lines printed."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .amipeer import FakeAsterisk, in_a_thread
+from .faultkit import PROVISIONER, env, write_config
+
+#: The [[asterisk]] entry's login timeout in these tests (the shortest allowed).
+TIMEOUT = 2.0
+
+
+def _closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A real listening socket that accepts connections and never says a word."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        yield int(server.getsockname()[1])
+
+
+def _check(tmp_path: Path, port: int, secret: str = "lab-secret") -> tuple[str, str, float]:
+    """``provisioner check`` (a real process) with one server pbx1 on ``port``: its
+    stdout, stderr and how long it took."""
+    config = write_config(
+        tmp_path,
+        extra=[
+            "[[asterisk]]",
+            'name = "pbx1"',
+            'host = "127.0.0.1"',
+            f"port = {port}",
+            'username = "provisioner"',
+            f'secret = "{secret}"',
+            f"timeout = {TIMEOUT}",
+        ],
+    )
+    config.chmod(0o600)
+    started = time.monotonic()
+    ran = subprocess.run(
+        [PROVISIONER, "--config", str(config), "check"],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=60,
+    )
+    took = time.monotonic() - started
+    assert ran.returncode == 1, ran
+    return ran.stdout, ran.stderr, took
+
+
+def _ami_line(out: str) -> str:
+    (line,) = [line for line in out.splitlines() if " asterisk pbx1: " in line]
+    return line
+
+
+def test_a_refused_connection_fails_the_ami_line_at_once(tmp_path: Path) -> None:
+    """Nothing listening on the AMI port fails the line at once with "connection
+    refused", with no retry warnings on stderr (it waited the whole login timeout plus
+    1 s, logging each retry)."""
+    port = _closed_port()
+    out, err, took = _check(tmp_path, port)
+    assert _ami_line(out) == f"FAIL  asterisk pbx1: 127.0.0.1:{port}: connection refused"
+    assert err == ""
+    assert took < TIMEOUT, took
+
+
+def test_a_silent_host_fails_the_ami_line_after_its_timeout(
+    tmp_path: Path, silent_port: int
+) -> None:
+    """A host that accepts and never answers fails the line once its login timeout has
+    passed, saying no greeting came, with nothing on stderr."""
+    out, err, took = _check(tmp_path, silent_port)
+    assert _ami_line(out) == (
+        f"FAIL  asterisk pbx1: 127.0.0.1:{silent_port}: no AMI greeting in {TIMEOUT}s "
+        "(is it Asterisk?)"
+    )
+    assert err == ""
+    assert TIMEOUT <= took < TIMEOUT + 3, took
+
+
+def test_a_refused_login_fails_the_ami_line_when_asterisk_answers(tmp_path: Path) -> None:
+    """A wrong secret fails the line with Asterisk's answer as soon as it comes, with no
+    login error logged on stderr, not after the whole login timeout."""
+    with in_a_thread(FakeAsterisk()) as peer:
+        out, err, took = _check(tmp_path, peer.port, secret="wrong")
+    assert _ami_line(out) == f"FAIL  asterisk pbx1: 127.0.0.1:{peer.port}: Authentication failed"
+    assert err == ""
+    assert took < TIMEOUT, took
