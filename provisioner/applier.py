@@ -170,6 +170,7 @@ class Applier:
                 continue
             break
         change = self._owned(change, objects.values())
+        kept.update(_kept_for(change, objects))
         self.objects, self.kept, self.synced = objects, kept, True
         self._reindex()
         return self._done(change, skipped, started, full=True, provisioned=len(objects))
@@ -239,6 +240,7 @@ class Applier:
             return self.full()
         change = self._apply_some(ids, objects, kept, by_these)
         change = self._owned(change, (o for i in ids if (o := objects[i]) is not None))
+        kept.update(_kept_for(change, objects))
         for uid in ids:
             self._index(uid, add=False)
             _put(self.objects, uid, objects[uid])
@@ -368,6 +370,20 @@ class Applier:
             took_ms=round(took, 1),
         )
         return Applied(change, tuple(skipped), took, full, provisioned)
+
+
+def _kept_for(change: Change, objects: Mapping[int, UserObjects | None]) -> dict[int, str]:
+    """User id -> the endpoint the target kept for it as it was (``change.kept_for``: its
+    new extension is a foreign row's), held for that user like a skipped user's last
+    good one: the one-edit path then removes it with the user, at once."""
+    if not change.kept_for:
+        return {}
+    kept_for = dict(change.kept_for)
+    return {
+        uid: kept_for[o.endpoint_id]
+        for uid, o in objects.items()
+        if o is not None and o.endpoint_id in kept_for
+    }
 
 
 def _put(into: dict[int, T], key: int, value: T | None) -> None:

@@ -24,7 +24,7 @@ from .config import (
     display_url,
     secret_file_problem,
 )
-from .errors import ConfigError, ForeignTargetFile, RenderCheckFailed, UrlRefused
+from .errors import ConfigError, ForeignTargetFile, InvalidInput, RenderCheckFailed, UrlRefused
 from .health import HealthUnreadable, read_health
 from .store.changefeed import missing_definers, trigger_problems
 from .store.engine import driver_error, open_store_engine, sqlite_file
@@ -32,6 +32,8 @@ from .store.migrate import current_revision, head_revision, known_revision
 from .store.schema import users
 
 if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
     from .ami import AmiClient
 
 __all__ = ["Check", "run_checks"]
@@ -174,6 +176,8 @@ def _target(config: Config) -> Check:
             # Not a failure: the first write (sync, run) creates them.
             absent = ", ".join(sorted(missing))
             return ("target", True, f"realtime tables {absent} absent: the first write makes them")
+        if lacking := _lacking_columns(engine, config):
+            return ("target", False, lacking)
         return ("target", True, "realtime tables present")
     except DBAPIError as exc:
         return ("target", False, f"cannot open realtime database: {driver_error(exc)}")
@@ -181,6 +185,30 @@ def _target(config: Config) -> Check:
         return ("target", False, "; ".join(map(str, exc.problems)))
     finally:
         engine.dispose()
+
+
+def _lacking_columns(engine: Engine, config: Config) -> str | None:
+    """Why every apply would fail on realtime tables an older Asterisk made, lacking a
+    column the mapping writes (:func:`~provisioner.targets.realtime.lacking_columns`), or
+    None."""
+    from .pjsip import RenderSettings
+    from .targets.realtime import lacking_columns
+
+    try:
+        with engine.connect() as conn:
+            lacking = lacking_columns(conn, RenderSettings.from_config(config))
+    except InvalidInput:
+        return None  # settings no user renders under: every user says why, by field
+    if not lacking:
+        return None
+    way_out = "upgrade them to Asterisk's schema (its alembic scripts)"
+    if any(name.startswith("ps_auths.") for name in lacking):
+        # Asterisk before 20.12, 21.7 and 22.2 has no digest columns: md5_cred is its form.
+        way_out += ', or set [target] auth_type = "md5" (Asterisk older than 20.12, 21.7, 22.2)'
+    return (
+        f"realtime tables lack {', '.join(lacking)}, which the mapping writes: every apply "
+        f"would fail; {way_out}"
+    )
 
 
 def _absent_realtime(path: Path, *, own: bool) -> Check:

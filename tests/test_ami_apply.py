@@ -350,8 +350,9 @@ def test_many_changed_objects_empty_each_cache_with_one_action(
 
 
 def test_a_missing_cache_is_logged_when_emptied_and_nothing_stays_owed(store: Engine) -> None:
-    """Emptying a cache Asterisk does not have logs ami.cache_missing and owes nothing
-    more (the objects are read from the database anyway); the other cache is emptied."""
+    """Emptying a cache Asterisk does not have logs ami.cache_missing, names it in the
+    health record and owes nothing more (sent again, it would be refused again); the
+    other cache is emptied."""
 
     async def scenario() -> tuple[list[str], bool, list[MutableMapping[str, Any]]]:
         peer = FakeAsterisk()
@@ -365,12 +366,15 @@ def test_a_missing_cache_is_logged_when_emptied_and_nothing_stays_owed(store: En
                     pbx.applied(_many(EXPIRE_ALL_OVER + 1), target_kind="realtime")
                     await eventually(lambda: len(peer.actions("SorceryMemoryCacheExpire")) == 2)
                     await eventually(lambda: not link.owed)
+                    health.update(pbx.health()[link.name])
             emptied = _emptied(peer)
             return emptied, bool(link.owed), logs
         finally:
             await peer.stop()
 
+    health: dict[str, Any] = {}
     emptied, owed, logs = run(scenario())
+    assert health["missing_caches"] == ["no_such_cache"]
     assert emptied == ["no_such_cache", CACHE]
     assert not owed
     missing = [e for e in logs if e["event"] == "ami.cache_missing"]

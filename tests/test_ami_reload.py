@@ -246,7 +246,9 @@ def test_stop_resolves_pending_requests() -> None:
 
 
 def test_expire_and_missing_cache() -> None:
-    """Expiring from a known cache succeeds; an unknown cache is a counted warning."""
+    """Expiring from a known cache succeeds; an unknown cache is a counted warning that
+    says what it means (sorcery.conf's cache, if any, keeps serving the old object) and
+    names the cache among the server's missing ones."""
 
     async def scenario() -> None:
         async with _ops_session() as (peer, ops):
@@ -254,7 +256,9 @@ def test_expire_and_missing_cache() -> None:
             with capture_logs() as logs:
                 assert await ops.expire("no_such_cache", "1001") == "no_such_cache"
         assert ops.missing_cache_warnings == 1
+        assert ops.missing_caches == {"no_such_cache"}
         assert logs[0]["event"] == "ami.cache_missing"
+        assert "stale" in logs[0]["effect"]
         sent = peer.actions("SorceryMemoryCacheExpireObject")
         assert [(a.get("Cache"), a.get("Object")) for a in sent] == [
             ("ep_cache", "1001"),

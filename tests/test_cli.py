@@ -735,10 +735,11 @@ def test_every_command_reading_an_unmigrated_store_says_so_alike(
 
 
 def test_a_realtime_targets_own_missing_column_stays_a_database_error(tmp_path: Path) -> None:
-    """A realtime target's table lacking a column (made by hand) is a database error, not
-    taken for the store's schema, which is current."""
+    """A realtime target's table lacking a column a user's options need (made by hand) is
+    a database error, not taken for the store's schema, which is current."""
     cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path, CONFIG)
     cli.ok("db", "upgrade")
+    _add_boss(cli)  # the first user is an admin; an admin with an extension renders too
     target = tmp_path / "target.db"
     with sqlite3.connect(target) as conn:
         conn.execute("CREATE TABLE ps_endpoints (id TEXT PRIMARY KEY)")

@@ -551,3 +551,28 @@ def test_a_registration_write_stuck_on_a_store_lock_starves_the_watchdog_and_fai
             on_peer(peer.stop())
             loop.call_soon_threadsafe(loop.stop)
             thread.join(10)
+
+
+def test_a_separate_realtime_database_failing_is_not_logged_as_the_store(tmp_path: Path) -> None:
+    """A realtime target's own database failing while the user store reads fine (its
+    file no database) is logged and recorded as the realtime database's, not as the
+    store unavailable (an operator would look at the wrong database)."""
+    seed_store(store_url(tmp_path), 2).dispose()
+    realtime = tmp_path / "realtime.db"
+    realtime.write_bytes(b"not a database, but for its length " * 200)
+    config = write_config(tmp_path, kind="realtime")
+    text_ = config.read_text().replace("[daemon]", f'url = "sqlite:///{realtime}"\n[daemon]')
+    config.write_text(text_)
+    daemon = Daemon(config, tmp_path / "daemon.log").start(wait_ready=False)
+    try:
+        until(lambda: bool(daemon.logged("sync.failed")), 20, "sync.failed")
+        error = daemon.logged("sync.failed")[0]["error"]
+        assert error.startswith("realtime database unavailable (target.url "), error
+        assert "DatabaseError: " in error
+        assert "store unavailable" not in error
+        until(lambda: bool(daemon.health()), 10, "health record")
+        health = daemon.health()
+        assert health is not None
+        assert health["last_error"] == error
+    finally:
+        daemon.stop()

@@ -258,6 +258,35 @@ def test_check_passes_a_realtime_target_whose_tables_the_first_write_makes(
     assert "the first write makes them" in line
 
 
+def test_check_fails_realtime_tables_lacking_a_column_the_mapping_writes(
+    tmp_path: Path,
+) -> None:
+    """Realtime tables an older Asterisk made, without ps_auths.password_digest, fail the
+    check under auth_type userpass (every apply would fail), naming the column and the
+    way out, and pass under md5, which does not need it."""
+    from sqlalchemy import text
+
+    from provisioner.store.engine import open_engine
+    from provisioner.targets.realtime import RealtimeTarget
+
+    seed_store(store_url(tmp_path), 1).dispose()
+    engine = open_engine(store_url(tmp_path))
+    RealtimeTarget(engine).create_tables()
+    with engine.begin() as conn:
+        for column in ("password_digest", "supported_algorithms_uas", "supported_algorithms_uac"):
+            conn.execute(text(f"ALTER TABLE ps_auths DROP COLUMN {column}"))
+    engine.dispose()
+    config = write_config(tmp_path, kind="realtime")
+    lines = {}
+    for auth_type in ("userpass", "md5"):
+        result = cli(config, "--set", f"target.auth_type={auth_type}", "check", check=False)
+        (lines[auth_type],) = [ln for ln in result.out.splitlines() if "target:" in ln]
+    assert lines["userpass"].startswith("FAIL  target: realtime tables lack "), lines
+    assert "ps_auths.password_digest" in lines["userpass"]
+    assert "auth_type" in lines["userpass"]
+    assert lines["md5"].startswith("ok    target: realtime tables present"), lines
+
+
 def _target_line(tmp_path: Path, realtime_url: str) -> str:
     """The target line of ``check`` on a seeded SQLite store with a realtime target there."""
     from .helpers import make_cli

@@ -365,3 +365,26 @@ def test_a_fresh_full_apply_reads_only_files_naming_a_broken_user_and_once(
         assert Applier(engine, target(), RenderSettings()).full().change.empty
         assert len(parsed) == 1
         assert b"username=u1\n" in parsed[0]
+
+
+@pytest.mark.parametrize("path", ["one-edit", "full"])
+def test_a_user_moved_onto_a_foreign_row_then_deleted_loses_its_kept_endpoint(
+    tmp_path: Path, path: str
+) -> None:
+    """A user moved to an extension a hand-made realtime row holds keeps its old endpoint
+    while skipped, and loses it in the daemon's one-edit path once it is deleted (not only
+    at the next full reconcile: a deleted user's phone must stop working at once)."""
+    with _site(tmp_path, "realtime") as (engine, accounts):
+        daemon = _applier(tmp_path, "realtime", engine)
+        daemon.full()
+        u1 = accounts.get_user("u1")
+        with engine.begin() as conn:
+            conn.execute(ps_endpoints.insert().values(id="1999", context="trunk"))
+        _sql(engine, "UPDATE users SET extension = '1999' WHERE username = 'u1'")
+        moved = daemon.users_changed([u1.id]) if path == "one-edit" else daemon.full()
+        assert (moved.change.conflicts, moved.change.removed) == (("1999",), ())
+        assert _held(tmp_path, "realtime", engine, u1.extension) is not None
+        _sql(engine, "UPDATE users SET deleted_at = CURRENT_TIMESTAMP WHERE username = 'u1'")
+        assert daemon.users_changed([u1.id]).change.removed == (u1.extension,)
+        assert _held(tmp_path, "realtime", engine, u1.extension) is None
+        assert _held(tmp_path, "realtime", engine, "1999") is not None

@@ -23,6 +23,7 @@ from sqlalchemy import (
     func,
     inspect,
     select,
+    text,
 )
 from sqlalchemy.exc import DBAPIError
 
@@ -539,6 +540,42 @@ def _insert_foreign(engine: Engine) -> None:
         conn.execute(ps_aors.insert().values(id="trunk", max_contacts=3))
 
 
+#: Columns an older Asterisk's scripts did not make yet: the auth digests and their
+#: algorithms (before 20.12, 21.7, 22.2) and the endpoint's RTP port range.
+NEWER_COLUMNS = (
+    ("ps_auths", "password_digest"),
+    ("ps_auths", "supported_algorithms_uas"),
+    ("ps_auths", "supported_algorithms_uac"),
+    ("ps_endpoints", "rtp_port_start"),
+    ("ps_endpoints", "rtp_port_end"),
+)
+
+
+def test_tables_of_an_older_asterisk_take_md5_users(db_url: str) -> None:
+    """Tables an older Asterisk made, without its newer columns, take users with auth_type
+    md5 (the form for those versions): the columns no user has a value for are left out,
+    and a verifying apply then finds nothing to change."""
+    engine = open_engine(db_url)
+    try:
+        RealtimeTarget(engine).create_tables()
+        with engine.begin() as conn:
+            for table, column in NEWER_COLUMNS:
+                conn.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+        objects = render(
+            make_user("1001"), make_user("1002"), settings=RenderSettings(auth_type="md5")
+        )
+        assert RealtimeTarget(engine).apply(objects).added == ("1001", "1002")
+        with engine.connect() as conn:
+            sql = "SELECT auth_type, md5_cred FROM ps_auths WHERE id = '1001-auth'"
+            auth_type, md5_cred = conn.execute(text(sql)).one()
+        assert (auth_type, len(md5_cred)) == ("md5", 32)
+        again = RealtimeTarget(engine)
+        assert again.apply(objects, verify=True).unchanged == 2
+        assert again.apply_partial(objects[:1], ()).empty
+    finally:
+        engine.dispose()
+
+
 def test_foreign_rows_never_touched(target: RealtimeTarget, rt_engine: Engine) -> None:
     """Rows provisioner did not create stay as they are, even when a user's extension
     collides with one: that user is skipped and reported."""
@@ -561,6 +598,32 @@ def test_foreign_rows_never_touched(target: RealtimeTarget, rt_engine: Engine) -
     assert final["provisioner_objects"] == []
 
 
+def test_a_user_moved_onto_a_foreign_row_keeps_its_endpoint(
+    target: RealtimeTarget, rt_engine: Engine
+) -> None:
+    """A user whose new extension a hand-made row holds is skipped and keeps the rows
+    last written for it (full and one-user applies), until the move can be made."""
+    user = make_user("1001")
+    target.apply(render(user, make_user("1003")))
+    _insert_foreign(rt_engine)  # holds ps_endpoints 1002
+    before = snapshot(rt_engine)
+    moved = replace(user, extension="1002")
+    for change in (
+        target.apply(render(moved, make_user("1003")), verify=True),
+        target.apply(render(moved, make_user("1003"))),
+        target.apply_partial(render(moved), ["1001"]),
+    ):
+        assert change.conflicts == ("1002",)
+        assert change.kept_for == (("1002", "1001"),)
+        assert change.removed == ()
+        assert change.empty
+        assert snapshot(rt_engine) == before
+    with rt_engine.begin() as conn:
+        conn.execute(ps_endpoints.delete().where(ps_endpoints.c.id == "1002"))
+    change = target.apply(render(moved, make_user("1003")))
+    assert (change.added, change.removed) == (("1002",), ("1001",))
+
+
 def test_failure_mid_apply_changes_nothing(target: RealtimeTarget, rt_engine: Engine) -> None:
     """A row the database refuses (a value outside an enum) rolls back the whole apply:
     the deletes and updates before it are undone too."""
@@ -574,6 +637,26 @@ def test_failure_mid_apply_changes_nothing(target: RealtimeTarget, rt_engine: En
     with pytest.raises(DBAPIError):
         target.apply([*good, bad])
     assert snapshot(rt_engine) == before
+
+
+def test_a_first_apply_that_fails_leaves_the_next_one_making_the_tables(db_url: str) -> None:
+    """A first apply into an empty database that fails after making the tables (a guard
+    refusing, a value refused, a connection lost) rolls them back where DDL is
+    transactional (PostgreSQL, SQLite); the next apply of the same target makes them
+    again instead of failing on a missing table until the process restarts."""
+    engine = open_engine(db_url)
+    try:
+        target = RealtimeTarget(engine)
+
+        def refuse(change: Change) -> None:
+            raise RuntimeError("refused")
+
+        with pytest.raises(RuntimeError):
+            target.apply(render(make_user("1001")), guard=refuse)
+        assert target.apply(render(make_user("1001"))).added == ("1001",)
+        assert row_of(engine, ps_endpoints, "1001") is not None
+    finally:
+        engine.dispose()
 
 
 def test_guard_can_abort(target: RealtimeTarget, rt_engine: Engine) -> None:

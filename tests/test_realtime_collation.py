@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Engine, Table, select, text
 
 from provisioner.errors import Problem
-from provisioner.pjsip import Skipped
+from provisioner.pjsip import Skipped, UserObjects
 from provisioner.store.engine import open_engine
 from provisioner.targets.asterisk_schema import ps_aors, ps_auths, ps_endpoints
 from provisioner.targets.realtime import RealtimeTarget
@@ -164,3 +164,45 @@ def test_a_name_outside_the_databases_default_character_set_is_stored_exactly(
         assert RealtimeTarget(engine).apply(objects, verify=True).unchanged == 2
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("charset", "fits", "unfit"),
+    [("utf8mb3", "Zoë 王", "Zoë 😀"), ("latin1", "Zoë Müller", "Zoë 王")],
+)
+def test_a_name_a_narrow_realtime_table_cannot_hold_skips_only_its_user(
+    ci_engine: Engine, backend: str, charset: str, fits: str, unfit: str
+) -> None:
+    """Realtime tables made by hand (or by Asterisk's alembic) in ``utf8mb3`` or
+    ``latin1`` cannot hold some names: that user is skipped and reported (its last
+    rows kept), every other user is applied, where the database refused the whole apply."""
+    if backend == "mariadb":
+        with ci_engine.begin() as conn:
+            conn.execute(text(f"ALTER TABLE ps_endpoints CONVERT TO CHARACTER SET {charset}"))
+    target = RealtimeTarget(ci_engine)
+
+    def users(name: str) -> list[UserObjects]:
+        alice = replace(make_user("1002"), full_name=name)
+        return render(make_user("1001"), alice, replace(make_user("1003"), full_name=fits))
+
+    change = target.apply(users(unfit))
+    if backend != "mariadb":
+        assert change.added == ("1001", "1002", "1003")
+        return
+    assert change.added == ("1001", "1003")
+    assert change.conflicts == ("1002",)
+    [skipped] = change.clashes
+    assert skipped.username == "user1002"
+    [problem] = skipped.problems
+    assert problem.field == "full_name"
+    assert f"ps_endpoints.callerid is {charset}" in problem.rule
+    assert row_of(ci_engine, ps_auths, "1002-auth") is None
+    assert target.apply(users("Alice")).added == ("1002",)
+    before = snapshot(ci_engine)
+    for again in (
+        target.apply(users(unfit), verify=True),
+        target.apply(users(unfit)),
+        target.apply_partial(users(unfit)[1:2], []),
+    ):
+        assert (again.conflicts, again.empty) == (("1002",), True)
+        assert snapshot(ci_engine) == before

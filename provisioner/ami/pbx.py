@@ -659,6 +659,9 @@ class AmiPbx:
                 "owed": len(link.owed.expiries) + len(link.owed.removals) + link.owed.expire_all,
                 # Endpoints applied, not yet asked about.
                 "unverified": len(link.unverified),
+                # Caches of sorcery_caches Asterisk said it does not have: edits it
+                # meant to expire from them may be served stale.
+                "missing_caches": sorted(link.ops.missing_caches),
             }
         return out
 

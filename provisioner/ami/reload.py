@@ -59,6 +59,12 @@ ReloadResult = Literal["ok", "busy", "error", "timeout", "disconnected", "stoppe
 ExpireResult = Literal["expired", "not_cached", "no_such_cache"]
 
 _IN_PROGRESS = "a reload is in progress"
+#: What ``ami.cache_missing`` means for the edit: Asterisk expired nothing.
+_NOT_EXPIRED = (
+    "nothing expired: if sorcery.conf puts a memory cache of another name before this "
+    "kind's realtime mapping, Asterisk serves the stale object until that cache expires it; "
+    "make sorcery_caches name it"
+)
 #: Seconds at most before a retry of ``A reload is in progress`` (the delay doubles up
 #: to it): ``reload_retries`` may be 100, and 2 s doubled 99 times is 10^23 years.
 BUSY_RETRY_MAX = 60.0
@@ -282,12 +288,16 @@ class PjsipOps:
         self.client = client
         #: ``The provided cache does not exist`` answers seen (a sorcery.conf mismatch).
         self.missing_cache_warnings = 0
+        #: The caches Asterisk answered so for (shown in the health record).
+        self.missing_caches: set[str] = set()
 
     async def expire(self, cache: str, object_id: str) -> ExpireResult:
         """``SorceryMemoryCacheExpireObject``: make Asterisk re-read ``object_id``.
 
         A cache Asterisk does not have is logged (``ami.cache_missing``) and counted,
-        not raised: the object is then read from the database anyway.
+        not raised: sent again, it would be refused again.  Nothing expired, so a memory
+        cache sorcery.conf names otherwise keeps serving the old object until its own
+        expiry (a cache name mistyped in ``sorcery_caches``; ``provisioner check`` says so).
         """
         reply = await self.client.send_action(
             "SorceryMemoryCacheExpireObject",
@@ -313,11 +323,13 @@ class PjsipOps:
             return "expired"
         if "cache does not exist" in reply.message.lower():
             self.missing_cache_warnings += 1
+            self.missing_caches.add(cache)
             log.warning(
                 "ami.cache_missing",
                 server=self.client.name,
                 cache=cache,
                 count=self.missing_cache_warnings,
+                effect=_NOT_EXPIRED,
             )
             return "no_such_cache"
         raise AmiActionFailed(self.client.name, action, reply.message)

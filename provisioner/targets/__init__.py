@@ -45,6 +45,10 @@ class Change:
     #: registered under the previous credentials are owed removal, as a removed
     #: endpoint's are.  Filled by the applier, which remembers each endpoint's owner.
     reowned: tuple[str, ...] = ()
+    #: ``(blocked endpoint id, kept endpoint id)`` per user of ``conflicts`` that keeps
+    #: the endpoint last written for it under its previous extension (moved onto a
+    #: foreign row): the applier holds it for that user, so it goes when the user does.
+    kept_for: tuple[tuple[str, str], ...] = ()
 
     @property
     def empty(self) -> bool:

@@ -8,7 +8,8 @@ Ownership: provisioner records every row it creates in ``provisioner_objects`` (
 database).  Only recorded rows are ever updated or deleted.  A user whose endpoint, auth or
 AOR id is taken by a row provisioner did not create (a trunk, a hand-made endpoint) is
 skipped and reported in :attr:`Change.conflicts` and :attr:`Change.clashes`; the foreign row
-is left exactly as it is.  "Taken" is as the database compares ids: MariaDB/MySQL's usual
+is left exactly as it is, and a user moved there keeps the rows of ours its auth names
+(its last good objects).  "Taken" is as the database compares ids: MariaDB/MySQL's usual
 collations (``utf8mb4_general_ci``, ``utf8mb4_bin``, ...) ignore trailing spaces and most
 ignore case, so a hand-made ``1001-AUTH`` or ``1001 `` takes ``1001-auth`` or ``1001``
 (its unique key would refuse our row).  There, the ids of rows to be inserted are looked up
@@ -83,7 +84,16 @@ from sqlalchemy.sql.dml import UpdateBase
 
 from ..errors import InvalidInput, Problem
 from ..logs import get_logger
-from ..pjsip import Options, Skipped, UserObjects, auth_id, endpoint_order
+from ..model import User, Voice
+from ..pjsip import (
+    Options,
+    RenderSettings,
+    Skipped,
+    UserObjects,
+    auth_id,
+    endpoint_order,
+    render_user,
+)
 from ..store.bulk import (
     Prepared,
     copy_rows,
@@ -103,7 +113,13 @@ if TYPE_CHECKING:
 
     from ..config import Config
 
-__all__ = ["MAPPED_COLUMNS", "REDACTED_COLUMNS", "SQLITE_DEFAULTS", "RealtimeTarget"]
+__all__ = [
+    "MAPPED_COLUMNS",
+    "REDACTED_COLUMNS",
+    "SQLITE_DEFAULTS",
+    "RealtimeTarget",
+    "lacking_columns",
+]
 
 log = get_logger(__name__)
 
@@ -260,19 +276,28 @@ class _Shape:
     """
 
     def __init__(
-        self, kind: str, fill: Mapping[str, Value], signatures: Iterable[tuple[str, ...]]
+        self,
+        kind: str,
+        fill: Mapping[str, Value],
+        signatures: Iterable[tuple[str, ...]],
+        absent: AbstractSet[str] = frozenset(),
     ) -> None:
+        """``absent``: columns of Asterisk's newest schema the table lacks (made by an
+        older Asterisk): left out where no option gives them a value."""
         self.kind = kind
         self.table = OWNED_KINDS[kind]
         order: dict[str, None] = {}
         for names in signatures:
             order.update(dict.fromkeys(names))
-        order.update(dict.fromkeys(c for c in MAPPED_COLUMNS[kind]))
         unknown = [c for c in order if c not in self.table.c or c == "id"]
         if unknown:
             raise InvalidInput.one(
                 kind, f"{', '.join(unknown)} is not a column of {self.table.name}"
             )
+        # A column only to clear (password_digest under auth_type md5) or to fill with
+        # Asterisk's default: an Asterisk whose table lacks it has no such option.
+        order.update(dict.fromkeys(c for c in MAPPED_COLUMNS[kind] if c not in absent))
+        fill = {c: v for c, v in fill.items() if c in order or c not in absent}
         self.variable: tuple[str, ...] = tuple(order)
         self._convert = {c: _converter(self.table, c) for c in (*order, *fill)}
         self._fill = {c: self._convert[c](v) for c, v in fill.items()}
@@ -404,6 +429,9 @@ class _Plan:
     #: Endpoint id -> digest, for the users compared whose recorded digest is not the
     #: desired one (to record with their rows); None without a ``digest`` column.
     digests: dict[str, str] | None
+    #: Endpoint id -> why a value of its objects does not fit its column's character
+    #: set (their users are skipped).
+    unfit: dict[str, list[Problem]] = field(default_factory=dict)
 
 
 @dataclass
@@ -438,9 +466,18 @@ class RealtimeTarget:
         self._digest_cache: tuple[dict[str, UserObjects], dict[str, str]] = ({}, {})
         self._cache_prefix = b""
         #: Shapes by (kind, defaults on, distinct option names), with their row builders.
-        self._shape_cache: dict[tuple[str, bool, tuple[tuple[str, ...], ...]], _Shape] = {}
+        self._shape_cache: dict[
+            tuple[str, bool, tuple[tuple[str, ...], ...], frozenset[str]], _Shape
+        ] = {}
         #: MD5 state after the prefix: each digest copies it instead of hashing ~1 KB again.
         self._digest_base = md5(usedforsecurity=False)
+        #: Kind -> {column: character set} of text columns that are not utf8mb4
+        #: (MariaDB/MySQL); read at the first write and again by every verifying apply
+        #: (a table converted meanwhile is seen at the next reconcile).
+        self._narrow: dict[str, dict[str, str]] | None = None
+        #: Kind -> columns of Asterisk's newest schema its table lacks (an older
+        #: Asterisk's); read when ``_narrow`` is.
+        self._absent: dict[str, frozenset[str]] | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> RealtimeTarget:
@@ -454,11 +491,11 @@ class RealtimeTarget:
         ownership table's ``digest`` column where an older provisioner made it without one;
         never drops anything."""
         with self.engine.begin() as conn:
-            self._create_tables(conn)
+            _create_tables(conn)
+        self._tables_made()
 
-    def _create_tables(self, conn: Connection) -> None:
-        metadata.create_all(conn, checkfirst=True)
-        add_missing_columns(conn)
+    def _tables_made(self) -> None:
+        """The tables were made sure of, and that is committed: no need to look again."""
         self._has_digest = True  # there now: no need to look at the columns again
         self._tables_ready = True
 
@@ -469,7 +506,18 @@ class RealtimeTarget:
         writes nothing (a table not created yet is taken as empty)."""
         with reading(self.engine) as conn:
             missing = _missing_tables(conn)
-            computed = self._compute(conn, objects, keep, None, verify=verify, missing=missing)
+            narrow = _narrow_columns(conn)
+            absent = _absent_columns(conn, missing)
+            computed = self._compute(
+                conn,
+                objects,
+                keep,
+                None,
+                verify=verify,
+                missing=missing,
+                narrow=narrow,
+                absent=absent,
+            )
             diff = "".join(line + "\n" for line in _diff_lines(conn, computed))
             conn.rollback()
         return replace(computed.change, diff=diff)
@@ -525,13 +573,23 @@ class RealtimeTarget:
         # One writer at a time (the daemon and `sync --once`, two daemons by mistake): the
         # second reads what the first committed, instead of inserting the same rows again
         # and failing on a duplicate key, or a deadlock.
+        making = not self._tables_ready
         with self.engine.connect() as conn, exclusive(conn, WRITER_LOCK):
-            if not self._tables_ready:
-                self._create_tables(conn)
-            computed = self._compute(conn, objects, keep, scope, verify=verify)
+            if making:
+                # Taken for made only once committed: PostgreSQL and SQLite roll DDL back
+                # with a failed apply, and the next one must make them again.
+                _create_tables(conn)
+            if self._narrow is None or self._absent is None or (verify and scope is None):
+                self._narrow = _narrow_columns(conn)
+                self._absent = _absent_columns(conn)
+            computed = self._compute(
+                conn, objects, keep, scope, verify=verify, narrow=self._narrow, absent=self._absent
+            )
             if guard is not None:
                 guard(computed.change)
             wrote = _write(conn, computed)
+        if making:
+            self._tables_made()
         return replace(computed.change, wrote=True) if wrote else computed.change
 
     # -- reading and comparing -------------------------------------------------
@@ -551,8 +609,13 @@ class RealtimeTarget:
         *,
         verify: bool,
         missing: Collection[str] = (),
+        narrow: Mapping[str, Mapping[str, str]] | None = None,
+        absent: Mapping[str, frozenset[str]] | None = None,
     ) -> _Plan:
-        """``missing``: names of tables not created yet, read as empty (only a plan)."""
+        """``missing``: names of tables not created yet, read as empty (only a plan);
+        ``narrow``: kind -> {column: character set} of columns that cannot hold every
+        character (see :func:`_unfit`); ``absent``: kind -> the columns its table lacks
+        (see :func:`_absent_columns`)."""
         unowned = provisioner_objects.name in missing
         has_digest = not unowned and self._digest_column(conn)
         digests = self._digests(objects, remember=scope is None)
@@ -571,7 +634,8 @@ class RealtimeTarget:
             id_of, options_of = _IDS_AND_OPTIONS[kind]
             options = list(map(options_of, compared))
             signatures = [tuple(map(_first, values)) for values in options]
-            shape = shapes[kind] = self._shape(kind, signatures)
+            lacks = _NONE if absent is None else absent.get(kind, _NONE)
+            shape = shapes[kind] = self._shape(kind, signatures, lacks)
             desired[kind] = shape.rows(map(id_of, compared), options, signatures)
             if shape.table.name in missing:
                 seen[kind] = _Seen(rows=[], ids=set(), off_constant=set())
@@ -586,8 +650,15 @@ class RealtimeTarget:
             for kind in _KINDS
             for clash in _clashes(conn, kind, desired[kind].keys(), seen[kind], owned[kind].keys())
         ]
-        blocked = {clash.endpoint_id for clash in conflicts}
-        hold = set(keep) | blocked
+        unfit = _unfit(shapes, desired, narrow) if narrow else {}
+        blocked = {clash.endpoint_id for clash in conflicts} | unfit.keys()
+        # A blocked user moved from an endpoint of ours keeps it: skipped, it keeps its
+        # last good objects, as a user that cannot be rendered does.
+        kept_for = _last_good(compared, blocked, shapes["auth"], seen["auth"], owned["endpoint"])
+        for endpoint_id in kept_for.keys() & desired["endpoint"].keys():
+            del kept_for[endpoint_id]  # wanted by a user now: not a last good one
+        last_good = kept_for.keys()
+        hold = set(keep) | blocked | last_good
         kinds = {
             kind: _compare(shapes[kind], desired[kind], seen[kind], owned[kind].keys(), hold)
             for kind in _KINDS
@@ -601,16 +672,21 @@ class RealtimeTarget:
         change = _summarise(objects, kinds, blocked)
         if recorded is None:
             recorded = stored.keys()
-        if kept := (set(keep) - desired["endpoint"].keys() - blocked) & recorded:
+        if kept := ((set(keep) - desired["endpoint"].keys() - blocked) | last_good) & recorded:
             # Kept users' rows are held, unchanged (as a config file counts them): the
             # mass-removal guard weighs what is removed against every user held.
             change = replace(change, unchanged=change.unchanged + len(kept))
         renamed = _renamed(shapes["auth"], seen["auth"], kinds["auth"].updates)
         if renamed:
             change = replace(change, reowned=tuple(renamed))
-        if conflicts:
-            change = replace(change, clashes=_reported(compared, conflicts))
-        return _Plan(kinds, conflicts, change, stale if has_digest else None)
+        if blocked:
+            change = replace(change, clashes=_reported(compared, conflicts, unfit))
+        if kept_for:
+            pairs = sorted(
+                ((b, k) for k, b in kept_for.items()), key=lambda p: endpoint_order(p[0])
+            )
+            change = replace(change, kept_for=tuple(pairs))
+        return _Plan(kinds, conflicts, change, stale if has_digest else None, unfit)
 
     def _digests(self, objects: Sequence[UserObjects], *, remember: bool) -> dict[str, str]:
         """``{endpoint id: digest}``; with ``remember`` the cache then holds just these."""
@@ -638,19 +714,28 @@ class RealtimeTarget:
             self._digest_cache = (kept, found)
         return found
 
-    def _shape(self, kind: str, signatures: Iterable[tuple[str, ...]]) -> _Shape:
-        """The shape of ``kind`` for objects with option names ``signatures``."""
+    def _shape(
+        self, kind: str, signatures: Iterable[tuple[str, ...]], absent: frozenset[str]
+    ) -> _Shape:
+        """The shape of ``kind`` for objects with option names ``signatures``, in a table
+        lacking the columns ``absent``."""
         # Options come in the mapping's order, nearly always the same: few distinct ones.
         distinct = tuple(dict.fromkeys(signatures))
-        key = (kind, self.sqlite_defaults, distinct)
+        key = (kind, self.sqlite_defaults, distinct, absent)
         shape = self._shape_cache.get(key)
         if shape is None:
             fill = SQLITE_DEFAULTS[kind] if self.sqlite_defaults else {}
             if len(self._shape_cache) >= 64:
                 self._shape_cache.clear()
             # Kept: a one-user apply reuses the shape and its row builders.
-            shape = self._shape_cache[key] = _Shape(kind, fill, distinct)
+            shape = self._shape_cache[key] = _Shape(kind, fill, distinct, absent)
         return shape
+
+
+def _create_tables(conn: Connection) -> None:
+    """Make the missing tables and ownership columns on ``conn`` (in its transaction)."""
+    metadata.create_all(conn, checkfirst=True)
+    add_missing_columns(conn)
 
 
 def _missing_tables(conn: Connection) -> set[str]:
@@ -658,6 +743,52 @@ def _missing_tables(conn: Connection) -> set[str]:
     tables = [*(OWNED_KINDS[kind] for kind in _KINDS), provisioner_objects]
     found = inspect(conn)
     return {table.name for table in tables if not found.has_table(table.name)}
+
+
+_NONE: frozenset[str] = frozenset()
+
+
+def _absent_columns(conn: Connection, missing: Collection[str] = ()) -> dict[str, frozenset[str]]:
+    """Kind -> the columns of Asterisk's newest schema (:mod:`.asterisk_schema`) that the
+    kind's table lacks: made by an older Asterisk's scripts, it has no column for an
+    option that Asterisk does not have.  A table in ``missing`` (not made yet) lacks none."""
+    found = inspect(conn)
+    absent: dict[str, frozenset[str]] = {}
+    for kind in _KINDS:
+        table = OWNED_KINDS[kind]
+        if table.name in missing:
+            continue
+        present = {column["name"] for column in found.get_columns(table.name)}
+        if gone := frozenset(table.c.keys()) - present:
+            absent[kind] = gone
+    return absent
+
+
+def lacking_columns(conn: Connection, settings: RenderSettings) -> list[str]:
+    """``table.column`` of each column the mapping gives a value under ``settings`` (a
+    sample user's options) that its table lacks (made by an older Asterisk): every apply
+    of a user would fail on it.  Tables not made yet lack none (the first write makes
+    them whole)."""
+    sample = User(
+        id=0,
+        role="user",
+        username="sample",
+        full_name="Sample",
+        email="sample@example.com",
+        extension="1000",
+        voice=Voice(),
+        sip_realm=settings.realm,
+        sip_md5="0" * 32,
+        sip_sha256="0" * 64,
+    )
+    objects = render_user(sample, settings)
+    absent = _absent_columns(conn, _missing_tables(conn))
+    lacking = []
+    for kind in _KINDS:
+        given = {name for name, _value in _IDS_AND_OPTIONS[kind][1](objects)}
+        table = OWNED_KINDS[kind].name
+        lacking += [f"{table}.{c}" for c in sorted(given & absent.get(kind, _NONE))]
+    return lacking
 
 
 def _endpoints_of(conn: Connection, usernames: Sequence[str]) -> dict[str, list[str]]:
@@ -900,9 +1031,103 @@ def _probe(conn: Connection, table: Table, ids: Sequence[str], taken: dict[str, 
     _probe(conn, table, ids[half:], taken)
 
 
-def _reported(objects: Iterable[UserObjects], conflicts: Sequence[_Clash]) -> tuple[Skipped, ...]:
-    """One :class:`Skipped` per user blocked by ``conflicts``, in extension order."""
-    problems: dict[str, list[Problem]] = {}
+#: MariaDB/MySQL's ``information_schema.COLUMNS``: the character set of each text column.
+_COLUMNS = sql_table(
+    "COLUMNS",
+    *(sql_column(name, String) for name in ("TABLE_SCHEMA", "TABLE_NAME", "COLUMN_NAME")),
+    sql_column("CHARACTER_SET_NAME", String),
+    schema="information_schema",
+)
+#: Character sets that hold every character of the Basic Multilingual Plane and none
+#: beyond it (an emoji).
+_BMP_ONLY = frozenset({"utf8", "utf8mb3", "ucs2"})
+#: Single-byte character sets and the Python codec holding the same characters
+#: (MariaDB/MySQL's ``latin1`` is Windows-1252).  Any other set is left to the database.
+_CODECS = {"latin1": "cp1252", "ascii": "ascii"}
+#: The user's field a column's text comes from, where it is not the column itself.
+_FIELDS = {"callerid": "full_name"}
+
+
+def _narrow_columns(conn: Connection) -> dict[str, dict[str, str]]:
+    """Kind -> {column: character set} of the PJSIP tables' text columns whose character
+    set is not utf8mb4, on MariaDB/MySQL (tables made by hand or by Asterisk's own
+    scripts in the database's default, ``latin1`` or ``utf8mb3``); elsewhere none: every
+    PostgreSQL and SQLite text column holds any character."""
+    if conn.dialect.name not in ("mysql", "mariadb"):
+        return {}
+    kinds = {OWNED_KINDS[kind].name: kind for kind in _KINDS}
+    c = _COLUMNS.c
+    stmt = select(c.TABLE_NAME, c.COLUMN_NAME, c.CHARACTER_SET_NAME).where(
+        func.database() == c.TABLE_SCHEMA,
+        c.TABLE_NAME.in_(sorted(kinds)),
+        c.CHARACTER_SET_NAME != "utf8mb4",
+    )
+    found: dict[str, dict[str, str]] = {}
+    for table, column, charset in conn.execute(stmt):
+        found.setdefault(kinds[str(table)], {})[str(column)] = str(charset)
+    return found
+
+
+def _unheld(value: str, charset: str) -> str | None:
+    """The first character of ``value`` that a column of ``charset`` cannot hold (None:
+    every one fits, or the set is not one this module knows: the database decides)."""
+    if charset in _BMP_ONLY:
+        return next((ch for ch in value if ord(ch) > 0xFFFF), None)
+    codec = _CODECS.get(charset)
+    if codec is None:
+        return None
+    for ch in value:
+        try:
+            ch.encode(codec)
+        except UnicodeEncodeError:
+            return ch
+    return None
+
+
+def _unfit(
+    shapes: Mapping[str, _Shape],
+    desired: Mapping[str, Mapping[str, Row]],
+    narrow: Mapping[str, Mapping[str, str]],
+) -> dict[str, list[Problem]]:
+    """Endpoint id -> a problem per value of its desired rows that its column's character
+    set (``narrow``) cannot hold.  MariaDB/MySQL in strict mode refuses such a row (error
+    1366) and with it the whole apply, every other user's change included; outside strict
+    mode it stores ``?``.  Such a user is skipped instead, the others applied."""
+    found: dict[str, list[Problem]] = {}
+    for kind, columns in narrow.items():
+        shape = shapes[kind]
+        rows = desired[kind].values()
+        for column, charset in columns.items():
+            if column not in shape.variable:
+                continue
+            value_of = itemgetter(1 + shape.variable.index(column))
+            # Text columns hold text or NULL: one C-speed look at the whole column first.
+            if "".join(filter(None, map(value_of, rows))).isascii():
+                continue
+            for row in rows:
+                value = value_of(row)
+                if not isinstance(value, str) or value.isascii():
+                    continue
+                bad = _unheld(value, charset)
+                if bad is None:
+                    continue
+                rule = (
+                    f"{shape.table.name}.{column} is {charset} and cannot hold {bad!r}: "
+                    f"convert the realtime tables to utf8mb4 (as sql/asterisk/mysql.sql makes them)"
+                )
+                field_name = _FIELDS.get(column, f"{kind}.{column}")
+                found.setdefault(_user_key(kind, str(row[0])), []).append(Problem(field_name, rule))
+    return found
+
+
+def _reported(
+    objects: Iterable[UserObjects],
+    conflicts: Sequence[_Clash],
+    unfit: Mapping[str, Sequence[Problem]],
+) -> tuple[Skipped, ...]:
+    """One :class:`Skipped` per user blocked by ``conflicts`` or by values its columns'
+    character sets cannot hold (``unfit``), in extension order."""
+    problems: dict[str, list[Problem]] = {key: list(found) for key, found in unfit.items()}
     for clash in conflicts:
         problems.setdefault(clash.endpoint_id, []).append(clash.problem())
     names = {obj.endpoint_id: obj.username for obj in objects if obj.endpoint_id in problems}
@@ -992,6 +1217,32 @@ def _summarise(
         changed_objects=tuple(changed),
         conflicts=tuple(_ordered(blocked)),
     )
+
+
+def _last_good(
+    objects: Iterable[UserObjects],
+    blocked: AbstractSet[str],
+    shape: _Shape,
+    auths: _Seen,
+    owned: Collection[str],
+) -> dict[str, str]:
+    """The endpoint ids of ours (``owned``) whose auth row read (``auths``) names the user
+    of a blocked endpoint id (``blocked``: its new extension is a foreign row's), each
+    with that blocked id: the endpoint that user had before the move, which it keeps
+    while it is skipped."""
+    names = {obj.username: obj.endpoint_id for obj in objects if obj.endpoint_id in blocked}
+    if not names:
+        return {}
+    at = 1 + shape.variable.index("username")
+    found: dict[str, str] = {}
+    for row in auths.rows:
+        oid = str(row[0])
+        name = row[at]
+        if isinstance(name, str) and name in names and oid.endswith(_AUTH_SUFFIX):
+            key = _user_key("auth", oid)
+            if key in owned:
+                found[key] = names[name]
+    return found
 
 
 def _renamed(shape: _Shape, seen: _Seen, updates: Sequence[Row]) -> list[str]:
@@ -1299,6 +1550,9 @@ def _diff_lines(conn: Connection, plan: _Plan) -> Iterator[str]:
                 f"! {name} {oid} is taken by {clash.row_id!r}, which the database compares "
                 f"equal and is not provisioner's: user {key} skipped"
             )
+    for key in _ordered(plan.unfit):
+        for problem in plan.unfit[key]:
+            yield f"! {problem.field}: {problem.rule}: user {key} skipped"
     for kp in plan.kinds.values():
         shape = kp.shape
         name = shape.table.name
