@@ -359,8 +359,9 @@ def _contact_foreign_keys(engine: Engine) -> list[Any]:
 def test_0011_keeps_contacts_and_deletes_them_with_their_user(
     db_url: str, backend: str, source: str
 ) -> None:
-    """A store upgraded from 0010 with registration state keeps every contact, checks no
-    foreign key on them, and still deletes a user's contacts with the user (so does a
+    """A store upgraded from 0010 with registration state keeps every contact that has its
+    summary (one whose summary was deleted in plain SQL goes), checks no foreign key on
+    them, and still deletes a user's contacts with the user (so does a
     store made from the DDL file); downgraded to 0010 it has the foreign key back and
     the contacts kept."""
     if source == "file":
@@ -369,7 +370,10 @@ def test_0011_keeps_contacts_and_deletes_them_with_their_user(
     try:
         if source == "migrations":
             upgrade(engine, "0010")
-            _seed_registered(engine, 3)
+            _seed_registered(engine, 4)
+            with engine.begin() as conn:  # a contact whose summary was deleted in plain SQL
+                conn.execute(text("DELETE FROM registration_summary WHERE user_id = 4"))
+            assert _contact_users(engine) == [1, 2, 3, 4]
             assert len(_contact_foreign_keys(engine)) == 1
             assert upgrade(engine) == ("0010", head_revision())
         else:

@@ -10,7 +10,8 @@ deleting a summary row (as deleting its user does, through the summary's foreign
 which stays) deletes that user's contacts on that server; on MariaDB and MySQL, whose
 cascades fire no trigger, deleting a user does too; on PostgreSQL a ``TRUNCATE`` of the
 summaries empties the contacts (``provisioner/store/contact_rule.py``).  The triggers
-are made before the foreign key goes, so the rule never lapses; on MariaDB and MySQL,
+are made before the foreign key goes, so the rule never lapses, and a contact whose
+summary is gone (deleted in plain SQL) is deleted first; on MariaDB and MySQL,
 whose DDL is not transactional, a run that failed half-way makes only what is missing.
 Downgrading deletes contacts of no user, then adds the foreign key back.
 """
@@ -54,6 +55,12 @@ def upgrade() -> None:
         # copy is renamed.  Its DDL is transactional: no other connection sees a lapse.
         with op.batch_alter_table("registrations", recreate="always") as batch:
             batch.drop_constraint(_FK, type_="foreignkey")
+    # No contact outlives its summary from now on (the writers rely on it: a new summary
+    # means no contact to delete); one left by a summary deleted in plain SQL goes.
+    op.execute(
+        "DELETE FROM registrations WHERE NOT EXISTS (SELECT 1 FROM registration_summary s "
+        "WHERE s.user_id = registrations.user_id AND s.server = registrations.server)"
+    )
     there = _triggers_there()
     for statement in contact_rule_ddl(dialect):
         if not any(f"TRIGGER {name} " in statement for name in there):
