@@ -1317,3 +1317,39 @@ def test_a_large_check_clears_recorded_problems_in_bulk(
         (4, "pbx1", ""),
         (1, "pbx2", "elsewhere"),
     ]
+
+
+def _held(engine: Engine) -> tuple[list[int], list[int]]:
+    """The user ids of the stored contacts and of the stored summaries, sorted."""
+    with engine.connect() as conn:
+        contacts = conn.execute(select(registrations.c.user_id).order_by("user_id"))
+        summaries = conn.execute(select(registration_summary.c.user_id).order_by("user_id"))
+        return list(contacts.scalars()), list(summaries.scalars())
+
+
+def test_contacts_go_with_their_user_and_with_their_summary(engine: Engine) -> None:
+    """A user deleted in plain SQL takes its contacts and summaries with it, and a summary
+    row deleted takes its user's contacts on that server (no contact outlives its summary);
+    other users' rows stay."""
+    seed_store(engine, 3)
+    states = {ep: _state(ep, "NonQualified") for ep in ("100000", "100001", "100002")}
+    with engine.begin() as conn:
+        write_endpoint_rows(conn, "pbx1", states, NOW)
+        write_endpoint_rows(conn, "pbx2", states, NOW)
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM users WHERE id = 1"))
+    assert _held(engine) == ([2, 2, 3, 3], [2, 2, 3, 3])
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM registration_summary WHERE user_id = 2 AND server = 'pbx1'"))
+    assert _held(engine) == ([2, 3, 3], [2, 3, 3])
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_truncating_users_on_postgresql_takes_every_contact(engine: Engine) -> None:
+    """On PostgreSQL ``TRUNCATE users CASCADE`` (which fires no row trigger) leaves no
+    contact and no summary."""
+    seed_store(engine, 2)
+    with engine.begin() as conn:
+        write_endpoint_rows(conn, "pbx1", {"100000": _state("100000", "NonQualified")}, NOW)
+        conn.execute(text("TRUNCATE users CASCADE"))
+    assert _held(engine) == ([], [])

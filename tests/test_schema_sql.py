@@ -314,3 +314,84 @@ def test_a_migration_that_failed_half_way_on_mariadb_runs_again(db_url: str) -> 
             engine.dispose()
     finally:
         _as_root(db_url, f"DROP USER IF EXISTS '{account}'@'%'")
+
+
+def _seed_registered(engine: Engine, count: int) -> None:
+    """``count`` users (bench's generated ones) with a contact and a summary each on
+    "pbx1", written as the daemon writes them, into a store at any revision from 0002."""
+    from bench.common import make_users, user_rows
+    from provisioner.store.registrations import write_endpoint_rows
+    from provisioner.store.schema import users
+
+    seen = "2026-05-01 11:59:58.654321"
+    now = datetime(2026, 1, 1)
+    with engine.begin() as conn:
+        profile = q.insert_profile(conn, "agents", "", now)
+        conn.execute(users.insert(), user_rows(make_users(count), profile.id, now))
+        rows = {
+            ep: (
+                ((f"{ep};@abc", f"sip:{ep}@10.0.0.1", "Reachable", "", "", 1, seen, seen),),
+                (
+                    "online",
+                    "NOT_INUSE",
+                    "",
+                    seen,
+                ),
+            )
+            for ep in (str(100000 + i) for i in range(count))
+        }
+        write_endpoint_rows(conn, "pbx1", rows, now)
+
+
+def _contact_users(engine: Engine) -> list[int]:
+    with engine.connect() as conn:
+        return list(conn.execute(text("SELECT user_id FROM registrations ORDER BY 1")).scalars())
+
+
+def _contact_foreign_keys(engine: Engine) -> list[Any]:
+    from sqlalchemy import inspect
+
+    with engine.connect() as conn:
+        return inspect(conn).get_foreign_keys("registrations")
+
+
+@pytest.mark.parametrize("source", ["migrations", "file"])
+def test_0011_keeps_contacts_and_deletes_them_with_their_user(
+    db_url: str, backend: str, source: str
+) -> None:
+    """A store upgraded from 0010 with registration state keeps every contact that has its
+    summary (one whose summary was deleted in plain SQL goes), checks no foreign key on
+    them, and still deletes a user's contacts with the user (so does a
+    store made from the DDL file); downgraded to 0010 it has the foreign key back and
+    the contacts kept."""
+    if source == "file":
+        _apply_file(db_url, backend)
+    engine = open_engine(db_url)
+    try:
+        if source == "migrations":
+            upgrade(engine, "0010")
+            _seed_registered(engine, 4)
+            with engine.begin() as conn:  # a contact whose summary was deleted in plain SQL
+                conn.execute(text("DELETE FROM registration_summary WHERE user_id = 4"))
+            assert _contact_users(engine) == [1, 2, 3, 4]
+            assert len(_contact_foreign_keys(engine)) == 1
+            assert upgrade(engine) == ("0010", head_revision())
+        else:
+            _seed_registered(engine, 3)
+        assert _differences(engine) == []
+        assert _contact_users(engine) == [1, 2, 3]
+        assert _contact_foreign_keys(engine) == []
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM users WHERE id = 2"))
+        assert _contact_users(engine) == [1, 3]
+        if source == "migrations":
+            downgrade(engine, "0010")
+            assert len(_contact_foreign_keys(engine)) == 1
+            assert _contact_users(engine) == [1, 3]
+            with engine.begin() as conn:
+                conn.execute(text("DELETE FROM users WHERE id = 3"))
+            assert _contact_users(engine) == [1]
+            upgrade(engine)
+            assert _differences(engine) == []
+    finally:
+        engine.dispose()

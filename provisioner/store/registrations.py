@@ -20,6 +20,7 @@ from functools import cache, lru_cache
 from typing import Any, Literal, TypeVar, cast, overload
 
 from sqlalchemy import (
+    Boolean,
     ColumnElement,
     Connection,
     DateTime,
@@ -35,6 +36,7 @@ from sqlalchemy import (
     extract,
     func,
     insert,
+    literal_column,
     or_,
     select,
     true,
@@ -566,15 +568,21 @@ def _upsert_then_clear(
     conn: Connection, upsert: Any, clear: Any, params: dict[str, str], *, cleared: bool
 ) -> int:
     """PostgreSQL's first two statements of :func:`write_batch`: the summaries upserted,
-    returning their users' ids, and those users' contacts deleted by id (none when
-    ``cleared`` or no endpoint matched; planned for its ids: :func:`_planned_each_time`).
-    The ids are the driver's plain integers (:func:`~.bulk.driver_rows`).  Returns how many
-    endpoints matched a user."""
-    ids = [row[0] for row in driver_rows(conn.execute(upsert, params))]
-    if ids and not cleared:
+    returning their users' ids and whether each summary is new, and the contacts of the
+    users whose summary was there deleted by id (none when ``cleared`` or there is no
+    such user; planned for its ids: :func:`_planned_each_time`).  A user whose summary
+    on the server is new has no contact there to delete: a contact goes with its summary
+    (:mod:`.contact_rule`), and a write that made the summary meanwhile would have made
+    this upsert wait and update it.  So a first storm (every summary new) runs no delete:
+    2.3 µs an event of server time, an eighth of its write.  The ids are the driver's
+    plain integers (:func:`~.bulk.driver_rows`).  Returns how many endpoints matched a
+    user."""
+    rows = driver_rows(conn.execute(upsert, params))
+    held = [uid for uid, new in rows if not new]
+    if held and not cleared:
         with _planned_each_time(conn):
-            conn.execute(clear, {"server": params["server"], "ids": ids})
-    return len(ids)
+            conn.execute(clear, {"server": params["server"], "ids": held})
+    return len(rows)
 
 
 def _json_rows(dialect: str, columns: Sequence[Any]) -> tuple[Any, list[ColumnElement[Any]]]:
@@ -669,7 +677,10 @@ def _json_statements(dialect: str) -> tuple[Any, Any, Any]:
         # 50k batch, the bound ids 0.5 (README, Speed).
         ids = bindparam("ids", type_=ARRAY(registrations.c.user_id.type))
         member = registrations.c.user_id == any_(ids)
-        upserted: Any = upsert.returning(registration_summary.c.user_id)
+        # ``xmax = 0``: the row version was inserted by this statement, not updated.
+        upserted: Any = upsert.returning(
+            registration_summary.c.user_id, literal_column("xmax = 0", Boolean)
+        )
     else:
         each, (ep,) = _json_rows(dialect, (None,))
         batch_users = select(users.c.id).select_from(each.join(users, users.c.extension == ep))

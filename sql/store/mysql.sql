@@ -26,6 +26,20 @@ CREATE TABLE profiles (
 	CONSTRAINT uq_profiles_name UNIQUE (name)
 )CHARSET=utf8mb4;
 
+CREATE TABLE registrations (
+	user_id INTEGER NOT NULL, 
+	server VARCHAR(64) NOT NULL, 
+	contact_id VARCHAR(255) NOT NULL, 
+	uri VARCHAR(512) NOT NULL, 
+	status VARCHAR(32) NOT NULL, 
+	user_agent VARCHAR(255) NOT NULL, 
+	source VARCHAR(128) NOT NULL, 
+	rtt_usec BIGINT, 
+	expires_at DATETIME(6), 
+	changed_at DATETIME(6) NOT NULL, 
+	CONSTRAINT pk_registrations PRIMARY KEY (user_id, server, contact_id)
+)CHARSET=utf8mb4;
+
 CREATE TABLE users (
 	id INTEGER NOT NULL AUTO_INCREMENT, 
 	`role` VARCHAR(8) NOT NULL, 
@@ -87,21 +101,6 @@ CREATE TABLE registration_summary (
 	CONSTRAINT fk_registration_summary_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE CASCADE
 )CHARSET=utf8mb4;
 
-CREATE TABLE registrations (
-	user_id INTEGER NOT NULL, 
-	server VARCHAR(64) NOT NULL, 
-	contact_id VARCHAR(255) NOT NULL, 
-	uri VARCHAR(512) NOT NULL, 
-	status VARCHAR(32) NOT NULL, 
-	user_agent VARCHAR(255) NOT NULL, 
-	source VARCHAR(128) NOT NULL, 
-	rtt_usec BIGINT, 
-	expires_at DATETIME(6), 
-	changed_at DATETIME(6) NOT NULL, 
-	CONSTRAINT pk_registrations PRIMARY KEY (user_id, server, contact_id), 
-	CONSTRAINT fk_registrations_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE CASCADE
-)CHARSET=utf8mb4;
-
 CREATE TABLE user_attributes (
 	user_id INTEGER NOT NULL, 
 	`key` VARCHAR(64) NOT NULL, 
@@ -136,9 +135,15 @@ CREATE TRIGGER trg_user_attributes_key_change AFTER UPDATE ON user_attributes FO
 
 CREATE TRIGGER trg_profiles_key_change AFTER UPDATE ON profiles FOR EACH ROW INSERT INTO changes (entity, entity_id, op) SELECT 'profile', OLD.id, 'U' FROM DUAL WHERE OLD.id <> NEW.id;
 
+-- A user's contacts go with its registration summary, and with the user.
+
+CREATE TRIGGER trg_registration_summary_contacts AFTER DELETE ON registration_summary FOR EACH ROW DELETE FROM registrations WHERE user_id = OLD.user_id AND server = OLD.server;
+
+CREATE TRIGGER trg_users_contacts AFTER DELETE ON users FOR EACH ROW DELETE FROM registrations WHERE user_id = OLD.id;
+
 CREATE TABLE alembic_version (
 	version_num VARCHAR(32) NOT NULL, 
 	PRIMARY KEY (version_num)
 );
 
-INSERT INTO alembic_version (version_num) VALUES ('0010');
+INSERT INTO alembic_version (version_num) VALUES ('0011');
