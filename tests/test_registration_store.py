@@ -53,9 +53,9 @@ from provisioner.store.state import put_state
 from provisioner.targets import Change
 
 from .amipeer import (
+    AN_HOUR_AGO,
     FakeAsterisk,
     ReceivedAction,
-    an_hour_ago,
     eventually,
     fast_settings,
     run,
@@ -492,7 +492,7 @@ async def _past_expiry(
     with engine.begin() as conn:
         conn.execute(update(users).where(users.c.id == 1).values(extension="1001"))
     peer = FakeAsterisk()
-    peer.clock = an_hour_ago  # the recorded contact has expired
+    peer.expiry_shift = AN_HOUR_AGO  # the recorded contact has expired
     peer.prefer["pjsipshowendpoint"] = "ObjectName: 1009"  # found, with no contact
     await peer.start()
     client = AmiClient(server_for(peer), fast_settings())
@@ -501,9 +501,8 @@ async def _past_expiry(
         async with running(AmiPbx([link], engine, "realtime")):
             await eventually(link.book_complete)
             if refreshed:
-                # Asterisk's time of the refresh: after the snapshot (the recorded is not).
-                now = ((b"Timestamp: 1795564", b"Timestamp: 9795564"),)
-                await peer.send_recorded("Event: SuccessfulAuth\r\n", "Service: PJSIP", replace=now)
+                # Stamped by the peer now: after the snapshot, on Asterisk's clock.
+                await peer.send_recorded("Event: SuccessfulAuth\r\n", "Service: PJSIP")
             # Seen to: the contact gone, or its expiry unknown.
             await eventually(lambda: all(c.expires_at is None for c in link.book["1001"].contacts))
             await eventually(lambda: not link.dirty and link.store_idle.is_set())
