@@ -600,17 +600,19 @@ def _status_of_1001(engine: Engine) -> tuple[str, int, bool]:
 
 
 async def _past_expiry(
-    engine: Engine, *, refreshed: bool
+    engine: Engine, *, refreshed: bool, timestampevents: bool = True
 ) -> tuple[tuple[str, int, bool], list[ReceivedAction]]:
     """Run against a fake Asterisk whose snapshot lists 1001's contact (its recorded
     expiry long past) and whose PJSIPShowEndpoint finds 1001 with no contact; with
-    ``refreshed``, 1001's phone authenticates (a refresh) once the snapshot is in.
-    Returns 1001's ``status`` once its expiry was seen to, and the lookups sent."""
+    ``refreshed``, 1001's phone authenticates (a refresh) once the snapshot is in;
+    ``timestampevents`` as manager.conf's.  Returns 1001's ``status`` once its expiry
+    was seen to, and the lookups sent."""
     seed_store(engine, 1)
     with engine.begin() as conn:
         conn.execute(update(users).where(users.c.id == 1).values(extension="1001"))
     peer = FakeAsterisk()
     peer.expiry_shift = AN_HOUR_AGO  # the recorded contact has expired
+    peer.timestampevents = timestampevents
     peer.prefer["pjsipshowendpoint"] = "ObjectName: 1009"  # found, with no contact
     await peer.start()
     client = AmiClient(server_for(peer), fast_settings())
@@ -650,6 +652,19 @@ def test_a_phone_that_authenticated_since_its_expiry_was_told_stays_online_unloo
     which sends no status event) stays online, its expiry unknown, without a lookup."""
     monkeypatch.setattr(pbx_module, "EXPIRY_GRACE", 0.3)
     status, lookups = run(_past_expiry(engine, refreshed=True))
+    assert status == ("online", 1, False)
+    assert lookups == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_refresh_is_seen_by_its_event_tv_without_timestampevents(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without ``timestampevents``, the refresh's SuccessfulAuth still tells its time (its
+    EventTV, a security event's): the phone stays online, its expiry unknown, without a
+    lookup."""
+    monkeypatch.setattr(pbx_module, "EXPIRY_GRACE", 0.3)
+    status, lookups = run(_past_expiry(engine, refreshed=True, timestampevents=False))
     assert status == ("online", 1, False)
     assert lookups == []
 
