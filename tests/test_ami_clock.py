@@ -87,3 +87,16 @@ def test_event_tv_of_the_recorded_security_events_is_their_timestamp() -> None:
     assert event_tv("2026-11-24T23:51:45.410") is None
     assert event_tv("") is None
     assert event_tv("yesterday") is None
+
+
+def test_a_reset_clock_knows_nothing_and_tells_the_next_stamp() -> None:
+    """After ``reset`` the offset is unknown, and the next stamp is told as a first one."""
+    told: list[float] = []
+    clock = AsteriskClock()
+    clock.on_move = told.append
+    clock.see(1600.0, 1000.0)
+    clock.reset()
+    assert clock.offset is None
+    clock.see(1000.0, 1000.0)
+    assert told == pytest.approx([600.0, 0.0])
+    assert clock.offset == pytest.approx(0.0)

@@ -506,6 +506,36 @@ def test_a_skewed_asterisk_is_logged_once(engine: Engine) -> None:
     assert run(logged(0.0)) == []
 
 
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_asterisks_clock_is_learnt_anew_on_each_connection(engine: Engine) -> None:
+    """An Asterisk that comes back with its clock set right (10 minutes ahead before) is
+    read on its new clock as soon as the new session's snapshot is in, not minutes later
+    when the old estimate would have aged out."""
+
+    async def offsets() -> tuple[float | None, float | None]:
+        peer = FakeAsterisk()
+        peer.clock = lambda: time.time() + _ASTERISK_SKEW
+        await peer.start()
+        client = AmiClient(server_for(peer), fast_settings())
+        link = Link("lab", client, ReloadCoordinator(client, fast_settings()), PjsipOps(client))
+        try:
+            async with running(AmiPbx([link], engine, "realtime")):
+                await eventually(link.book_complete)
+                before = client.clock.offset
+                peer.clock = time.time
+                await peer.restart()
+                await eventually(lambda: client.sessions == 2 and link.book_complete())
+                return before, client.clock.offset
+        finally:
+            await peer.stop()
+
+    seed_store(engine, 1)
+    before, after = run(offsets())
+    assert before is not None
+    assert after is not None
+    assert (round(before / 60), round(after / 60)) == (10, 0)  # minutes ahead
+
+
 def _mark(engine: Engine, server: str) -> str:
     """The live mark stored for ``server``, or ``""``."""
     with engine.connect() as conn:

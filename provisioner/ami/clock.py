@@ -70,6 +70,12 @@ class AsteriskClock:
         self._ends = _NONE
         self._told: float | None = None
 
+    def reset(self) -> None:
+        """Forget every stamp (a new session: Asterisk may have come back on another
+        clock, or another host answers); the next stamp is told as a first one."""
+        self._current = self._previous = self._ends = _NONE
+        self._told = None
+
     @property
     def offset(self) -> float | None:
         """Seconds Asterisk's clock is ahead of this host's (negative: behind); ``None``

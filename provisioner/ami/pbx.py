@@ -695,6 +695,10 @@ class AmiPbx:
         on_event = partial(self._on_event, link)
         for name in _EVENTS:
             link.client.on_event(name, on_event)
+        # Each session learns Asterisk's clock anew (its snapshot Pings first): a
+        # restarted Asterisk may come back with its clock set right, and the old
+        # estimate would take up to two windows to age out.
+        link.client.on_connected(link.client.clock.reset)
         link.client.on_connected(link.snapshot_wanted.set)
         link.client.on_disconnected(link.live_changed.set)
         # An empty change: the change loop wakes and sends what is owed to the server.
