@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -291,8 +292,16 @@ class FakeAsterisk:
         #: Action name (lower case) -> list items its answer holds: the recorded answer's
         #: first item repeated, endpoint numbered (a list of that many contacts).
         self.list_items: dict[str, int] = {}
-        #: The peer's clock (epoch seconds): where replayed expirations are moved to.
+        #: The peer's clock (epoch seconds): where replayed expirations are moved to, and
+        #: the time of every stamp it sends (``Timestamp`` and ``EventTV`` of its events,
+        #: ``Timestamp`` of its answers: Ping's), as Asterisk stamps with its own clock.
         self.clock: Callable[[], float] = time.time
+        #: Seconds added to each replayed ``ExpirationTime`` besides the move to ``clock``:
+        #: -3600 lists contacts whose expiry passed 55 minutes ago on the peer's own clock.
+        self.expiry_shift = 0.0
+        #: ``timestampevents`` of manager.conf: False sends events without ``Timestamp``
+        #: (security events keep their ``EventTV``, Ping's answer its ``Timestamp``).
+        self.timestampevents = True
         #: Sent on every connection right after a successful login's answer (a peer that
         #: breaks the protocol each time: a reconnect must not be a tight loop).
         self.after_login = b""
@@ -348,7 +357,8 @@ class FakeAsterisk:
 
     async def send_burst(self, count: int, chunk: int = 500) -> None:
         """Send ``count`` ContactStatus events (the recorded one, endpoint numbered)."""
-        template = self.library.find_message("Event: ContactStatus\r\n", "NonQualified")
+        recorded = self.library.find_message("Event: ContactStatus\r\n", "NonQualified")
+        template = self._stamped(recorded, _stamps(recorded))
         for writer in self._event_writers():
             for start in range(0, count, chunk):
                 batch = b"".join(
@@ -362,10 +372,13 @@ class FakeAsterisk:
         self, *needles: str, replace: tuple[tuple[bytes, bytes], ...] = ()
     ) -> None:
         """Send, on every open connection, the recorded message holding all ``needles``,
-        with ``replace`` byte substitutions (e.g. another endpoint's number)."""
+        with ``replace`` byte substitutions (e.g. another endpoint's number); its recorded
+        stamps (those ``replace`` left) are the peer's :attr:`clock` now."""
         message = self.library.find_message(*needles)
+        recorded = _stamps(message)
         for old, new in replace:
             message = message.replace(old, new)
+        message = self._stamped(message, recorded)
         self._track_registration(message)
         for writer in self._event_writers():
             writer.write(message)
@@ -543,9 +556,31 @@ class FakeAsterisk:
                 ),
                 action.get("ActionID"),
             )
-        reply = _expiring_from_now(self._replay(action), self.clock())
+        reply = self._replay(action)
+        reply = _expiring_from_now(reply, self.clock() + self.expiry_shift)
+        reply = self._stamped(reply, _stamps(reply))
         items = self.list_items.get(name)
         return reply if items is None else _lengthened(reply, items)
+
+    def _stamped(self, message: bytes, recorded: set[bytes]) -> bytes:
+        """``message`` with each stamp whose value is in ``recorded`` made the peer's
+        :attr:`clock` now (``EventTV`` as Asterisk writes it); without
+        :attr:`timestampevents`, an event's ``Timestamp`` lines dropped (an answer keeps
+        its own: Ping's always has one)."""
+        now = self.clock()
+        stamp = b"%.6f" % now
+        tv = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "+0000"
+
+        def restamp(match: re.Match[bytes]) -> bytes:
+            name, value = match.group(1), match.group(2)
+            if value not in recorded:
+                return match.group(0)
+            return b"\r\n%s: %s" % (name, stamp if name == b"Timestamp" else tv.encode())
+
+        message = re.sub(rb"\r\n(Timestamp|EventTV): ([^\r\n]*)", restamp, message)
+        if not self.timestampevents and message.startswith(b"Event:"):
+            message = re.sub(rb"\r\nTimestamp: [^\r\n]*", b"", message)
+        return message
 
     def _replay(self, action: ReceivedAction) -> bytes:
         """The recorded answer to the closest recorded action, ActionID substituted."""
@@ -691,10 +726,15 @@ def in_a_thread(fake: FakeAsterisk) -> Iterator[FakeAsterisk]:
         loop.close()
 
 
-def an_hour_ago() -> float:
-    """A :attr:`FakeAsterisk.clock` an hour behind: its replayed contacts expired 55 minutes
-    ago, for tests of what the daemon does with a contact whose expiry passed."""
-    return time.time() - 3600
+#: A :attr:`FakeAsterisk.expiry_shift` that lists its replayed contacts expired 55
+#: minutes ago on its own clock, for tests of what the daemon does with a contact whose
+#: expiry passed.
+AN_HOUR_AGO = -3600.0
+
+
+def _stamps(message: bytes) -> set[bytes]:
+    """The values of ``message``'s ``Timestamp`` and ``EventTV`` headers."""
+    return set(re.findall(rb"\r\n(?:Timestamp|EventTV): ([^\r\n]*)", message))
 
 
 def _expiring_from_now(reply: bytes, now: float) -> bytes:

@@ -60,8 +60,8 @@ from provisioner.store.state import put_state
 from provisioner.targets import Change
 
 from .amipeer import (
+    AN_HOUR_AGO,
     FakeAsterisk,
-    an_hour_ago,
     eventually,
     fast_settings,
     in_a_thread,
@@ -507,7 +507,7 @@ def test_a_removal_during_an_expiry_lookup_deletes_by_name_without_listing(
 
     async def scenario() -> tuple[list[str], int]:
         peer = FakeAsterisk()
-        peer.clock = an_hour_ago  # the recorded contact has expired
+        peer.expiry_shift = AN_HOUR_AGO  # the recorded contact has expired
         peer.delays["pjsipshowendpoint"] = 0.5
         await peer.start()
         pbx = AmiPbx([_link(peer, caches=())], store, "realtime")
@@ -2450,7 +2450,7 @@ def test_health_does_not_count_online_a_contact_long_past_its_expiry(store: Engi
 
     async def scenario() -> int:
         peer = FakeAsterisk()
-        peer.clock = an_hour_ago  # the recorded contact has expired
+        peer.expiry_shift = AN_HOUR_AGO  # the recorded contact has expired
         await peer.start()
         link = _link(peer)
         pbx = AmiPbx([link], store, "realtime")
@@ -2483,7 +2483,7 @@ def test_health_has_no_online_count_for_a_server_whose_session_is_lost(store: En
 
     async def scenario() -> tuple[int | None, int | None, int | None]:
         peer = FakeAsterisk()
-        peer.clock = an_hour_ago  # the recorded contact has expired
+        peer.expiry_shift = AN_HOUR_AGO  # the recorded contact has expired
         await peer.start()
         link = _link(peer)
         pbx = AmiPbx([link], store, "realtime")

@@ -6,9 +6,9 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from sqlalchemy import Connection, Engine, create_engine, delete, event, select, text, update
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import DBAPIError
+from structlog.testing import capture_logs
 
 from bench.common import seed_store
 from provisioner.accounts import Accounts
@@ -36,6 +37,7 @@ from provisioner.store.registrations import (
     LIVE_FOR,
     ContactRow,
     SummaryRow,
+    clock_key,
     database_epoch,
     epoch_text,
     forget_other_servers,
@@ -53,9 +55,9 @@ from provisioner.store.state import put_state
 from provisioner.targets import Change
 
 from .amipeer import (
+    AN_HOUR_AGO,
     FakeAsterisk,
     ReceivedAction,
-    an_hour_ago,
     eventually,
     fast_settings,
     run,
@@ -388,6 +390,152 @@ def test_a_phone_registered_with_asterisk_and_daemon_clocks_behind_is_shown_live
     assert run(shown()) == {"1001": ("online", [False])}
 
 
+#: How far the fake Asterisk's clock is off the daemon's (and the database's) host's.
+_ASTERISK_SKEW = 600.0
+
+
+def _clock_note(engine: Engine, server: str) -> float | None:
+    """The clock offset noted with ``server``'s live mark, or ``None``."""
+    with engine.connect() as conn:
+        value = conn.execute(
+            select(daemon_state.c.value).where(daemon_state.c.key == clock_key(server))
+        ).scalar()
+    return None if value is None else float(value)
+
+
+async def _on_a_skewed_asterisk(
+    engine: Engine, skew: float, expiry_shift: float, how: str
+) -> tuple[int | None, dict[str, tuple[str, list[bool]]], list[str]]:
+    """A real AmiPbx (on this host's clock, as the database) against a fake Asterisk
+    whose clock is ``skew`` seconds off, whose snapshot lists 1001's contact expiring
+    about 297 s plus ``expiry_shift`` after Asterisk's now and whose PJSIPShowEndpoint
+    finds 1001 with no contact.  Asterisk's time comes from a stamped event (``how``:
+    ``events``, ``timestampevents = yes``) or from the Ping answers alone (``pings``).
+    Once the daemon noted that time with its live mark and the expiry watcher had its
+    turn: the health record's online count, ``status``'s view, the lookups sent."""
+    seed_store(engine, 1)
+    with engine.begin() as conn:
+        conn.execute(update(users).where(users.c.id == 1).values(extension="1001"))
+    peer = FakeAsterisk()
+    peer.clock = lambda: time.time() + skew
+    peer.expiry_shift = expiry_shift
+    peer.timestampevents = how == "events"
+    peer.prefer["pjsipshowendpoint"] = "ObjectName: 1009"  # found, with no contact
+    await peer.start()
+    # Pings only a little after the snapshot: the events' case must not owe them its time.
+    client = AmiClient(server_for(peer), fast_settings(ping_interval=0.3 if how == "pings" else 60))
+    link = Link("lab", client, ReloadCoordinator(client, fast_settings()), PjsipOps(client))
+    pbx = AmiPbx([link], engine, "realtime")
+    try:
+        async with running(pbx):
+            await eventually(link.book_complete)
+            if how == "events":
+                await peer.send_recorded("Event: PeerStatus\r\n", "PeerStatus: Reachable")
+            noted = lambda: abs((_clock_note(engine, "lab") or 0.0) - skew) < 5  # noqa: E731
+            with suppress(AssertionError):  # a daemon that never notes it is judged below
+                await eventually(noted, timeout=3.0)
+            await asyncio.sleep(3 * pbx_module.EXPIRY_GRACE)  # the watcher's turn
+            await eventually(lambda: not link.dirty and link.store_idle.is_set())
+            online = pbx.health()["lab"]["online"]
+            view = _expiry_view(engine, "lab")
+    finally:
+        await peer.stop()
+    lookups = [a.get("Endpoint") for a in peer.actions("PJSIPShowEndpoint")]
+    return online, view, lookups
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("how", ["events", "pings"])
+@pytest.mark.parametrize("skew", [_ASTERISK_SKEW, -_ASTERISK_SKEW])
+def test_a_registered_phone_on_a_skewed_asterisk_stays_online(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, skew: float, how: str
+) -> None:
+    """With Asterisk's clock 10 minutes ahead of or behind the daemon's, a phone whose
+    contact Asterisk says expires in 5 minutes is online in the daemon's health record
+    and in ``status`` (its contact not expired), and the expiry watcher looks nothing
+    up: expiries are judged on Asterisk's clock, learnt from its stamps."""
+    monkeypatch.setattr(pbx_module, "EXPIRY_GRACE", 0.3)
+    online, view, lookups = run(_on_a_skewed_asterisk(engine, skew, 0.0, how))
+    assert (online, view, lookups) == (1, {"1001": ("online", [False])}, [])
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("how", ["events", "pings"])
+@pytest.mark.parametrize("skew", [_ASTERISK_SKEW, -_ASTERISK_SKEW])
+def test_a_gone_phone_on_a_skewed_asterisk_expires(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, skew: float, how: str
+) -> None:
+    """With Asterisk's clock 10 minutes ahead of or behind the daemon's, a contact whose
+    expiry passed 2 minutes ago on Asterisk's clock has its endpoint looked up by the
+    expiry watcher, and its phone is offline in the health record and in ``status``."""
+    monkeypatch.setattr(pbx_module, "EXPIRY_GRACE", 0.3)
+    online, view, lookups = run(_on_a_skewed_asterisk(engine, skew, -420.0, how))
+    assert online == 0
+    assert view["1001"][0] == "offline"
+    assert view["1001"][1] in ([], [True])  # looked up and gone, or still listed, expired
+    assert lookups[:1] == ["1001"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_skewed_asterisk_is_logged_once(engine: Engine) -> None:
+    """A server whose clock is 10 minutes ahead is logged once as skewed
+    (``ami.clock_skew`` with the server and the seconds), however many stamps follow;
+    one whose clock is right is not logged."""
+
+    async def logged(skew: float) -> list[MutableMapping[str, Any]]:
+        peer = FakeAsterisk()
+        peer.clock = lambda: time.time() + skew
+        await peer.start()
+        client = AmiClient(server_for(peer), fast_settings(ping_interval=0.1))
+        link = Link("lab", client, ReloadCoordinator(client, fast_settings()), PjsipOps(client))
+        try:
+            with capture_logs() as logs:
+                async with running(AmiPbx([link], engine, "realtime")):
+                    await eventually(link.book_complete)
+                    for _ in range(3):
+                        await peer.send_recorded("Event: PeerStatus\r\n", "PeerStatus: Reachable")
+                    await asyncio.sleep(0.5)  # pings too
+        finally:
+            await peer.stop()
+        return [e for e in logs if e["event"] == "ami.clock_skew"]
+
+    seed_store(engine, 1)
+    (ahead,) = run(logged(_ASTERISK_SKEW))
+    assert (ahead["server"], ahead["log_level"]) == ("lab", "warning")
+    assert abs(ahead["seconds"] - _ASTERISK_SKEW) < 5
+    assert run(logged(0.0)) == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_asterisks_clock_is_learnt_anew_on_each_connection(engine: Engine) -> None:
+    """An Asterisk that comes back with its clock set right (10 minutes ahead before) is
+    read on its new clock as soon as the new session's snapshot is in, not minutes later
+    when the old estimate would have aged out."""
+
+    async def offsets() -> tuple[float | None, float | None]:
+        peer = FakeAsterisk()
+        peer.clock = lambda: time.time() + _ASTERISK_SKEW
+        await peer.start()
+        client = AmiClient(server_for(peer), fast_settings())
+        link = Link("lab", client, ReloadCoordinator(client, fast_settings()), PjsipOps(client))
+        try:
+            async with running(AmiPbx([link], engine, "realtime")):
+                await eventually(link.book_complete)
+                before = client.clock.offset
+                peer.clock = time.time
+                await peer.restart()
+                await eventually(lambda: client.sessions == 2 and link.book_complete())
+                return before, client.clock.offset
+        finally:
+            await peer.stop()
+
+    seed_store(engine, 1)
+    before, after = run(offsets())
+    assert before is not None
+    assert after is not None
+    assert (round(before / 60), round(after / 60)) == (10, 0)  # minutes ahead
+
+
 def _mark(engine: Engine, server: str) -> str:
     """The live mark stored for ``server``, or ``""``."""
     with engine.connect() as conn:
@@ -482,17 +630,19 @@ def _status_of_1001(engine: Engine) -> tuple[str, int, bool]:
 
 
 async def _past_expiry(
-    engine: Engine, *, refreshed: bool
+    engine: Engine, *, refreshed: bool, timestampevents: bool = True
 ) -> tuple[tuple[str, int, bool], list[ReceivedAction]]:
     """Run against a fake Asterisk whose snapshot lists 1001's contact (its recorded
     expiry long past) and whose PJSIPShowEndpoint finds 1001 with no contact; with
-    ``refreshed``, 1001's phone authenticates (a refresh) once the snapshot is in.
-    Returns 1001's ``status`` once its expiry was seen to, and the lookups sent."""
+    ``refreshed``, 1001's phone authenticates (a refresh) once the snapshot is in;
+    ``timestampevents`` as manager.conf's.  Returns 1001's ``status`` once its expiry
+    was seen to, and the lookups sent."""
     seed_store(engine, 1)
     with engine.begin() as conn:
         conn.execute(update(users).where(users.c.id == 1).values(extension="1001"))
     peer = FakeAsterisk()
-    peer.clock = an_hour_ago  # the recorded contact has expired
+    peer.expiry_shift = AN_HOUR_AGO  # the recorded contact has expired
+    peer.timestampevents = timestampevents
     peer.prefer["pjsipshowendpoint"] = "ObjectName: 1009"  # found, with no contact
     await peer.start()
     client = AmiClient(server_for(peer), fast_settings())
@@ -501,9 +651,8 @@ async def _past_expiry(
         async with running(AmiPbx([link], engine, "realtime")):
             await eventually(link.book_complete)
             if refreshed:
-                # Asterisk's time of the refresh: after the snapshot (the recorded is not).
-                now = ((b"Timestamp: 1795564", b"Timestamp: 9795564"),)
-                await peer.send_recorded("Event: SuccessfulAuth\r\n", "Service: PJSIP", replace=now)
+                # Stamped by the peer now: after the snapshot, on Asterisk's clock.
+                await peer.send_recorded("Event: SuccessfulAuth\r\n", "Service: PJSIP")
             # Seen to: the contact gone, or its expiry unknown.
             await eventually(lambda: all(c.expires_at is None for c in link.book["1001"].contacts))
             await eventually(lambda: not link.dirty and link.store_idle.is_set())
@@ -533,6 +682,19 @@ def test_a_phone_that_authenticated_since_its_expiry_was_told_stays_online_unloo
     which sends no status event) stays online, its expiry unknown, without a lookup."""
     monkeypatch.setattr(pbx_module, "EXPIRY_GRACE", 0.3)
     status, lookups = run(_past_expiry(engine, refreshed=True))
+    assert status == ("online", 1, False)
+    assert lookups == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_refresh_is_seen_by_its_event_tv_without_timestampevents(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without ``timestampevents``, the refresh's SuccessfulAuth still tells its time (its
+    EventTV, a security event's): the phone stays online, its expiry unknown, without a
+    lookup."""
+    monkeypatch.setattr(pbx_module, "EXPIRY_GRACE", 0.3)
+    status, lookups = run(_past_expiry(engine, refreshed=True, timestampevents=False))
     assert status == ("online", 1, False)
     assert lookups == []
 

@@ -57,6 +57,7 @@ from .actions import (
     NotAmiPeer,
     build_action,
 )
+from .clock import AsteriskClock, event_tv
 from .errors import (
     AmiConnectionLost,
     AmiError,
@@ -75,6 +76,9 @@ log = get_logger(__name__)
 EventCallback = Callable[[AmiMessage], None]
 
 _READ_CHUNK = 65536
+#: Messages at the end of a read looked at for a stamp (:meth:`AmiClient._see_stamp`):
+#: a read of list items (a snapshot's) has none, and is not searched through.
+_STAMP_LOOKBACK = 4
 #: A patient action (:meth:`AmiClient.send_action`) waits at most this many of its
 #: timeouts in all, however long reads keep coming: a storm of 100k re-registrations
 #: is read in well under a minute, the default (10 s timeouts) it gets.
@@ -168,8 +172,14 @@ class AmiClient:
         *,
         rng: random.Random | None = None,
         role: str = "main",
+        clock: AsteriskClock | None = None,
     ) -> None:
         self.server = server
+        #: The estimate of the server's clock (shared by its sessions), fed by every read:
+        #: see :meth:`_take`.
+        self.clock = clock or AsteriskClock()
+        #: This host's time (epoch seconds) the last read from the socket returned.
+        self.read_at = 0.0
         #: ``main`` (events, queries, expiries) or ``reload`` (a session of its own).
         self.role = role
         self.settings = settings or AmiSettings()
@@ -563,16 +573,38 @@ class AmiClient:
         if paused:
             gc.disable()
         try:
-            for message in self._feed(session, data):
+            messages = self._feed(session, data)
+            if messages:
+                self._see_stamp(messages)
+            for message in messages:
                 self._handle(session, message)
         finally:
             if paused:
                 gc.enable()
 
+    def _see_stamp(self, messages: list[AmiMessage]) -> None:
+        """Feed :attr:`clock` the last stamp among the last few ``messages`` of a read,
+        seen at :attr:`read_at` (after the read returned, so no earlier than they came):
+        a ``Timestamp`` (every event's with ``timestampevents``; every Ping answer's),
+        else an ``EventTV`` (a security event's).  Asterisk sends in order, so a read's
+        last stamp is its least delayed and the only one worth a look: one per read,
+        not per event (a storm reads hundreds of events at once)."""
+        for message in reversed(messages[-_STAMP_LOOKBACK:]):
+            headers = message.view()
+            stamp = headers.get("Timestamp")
+            if stamp:
+                self.clock.see_text(stamp, self.read_at)
+                return
+            told = event_tv(headers.get("EventTV"))
+            if told is not None:
+                self.clock.see(told, self.read_at)
+                return
+
     def _feed(self, session: _Session, data: bytes) -> list[AmiMessage]:
         """``data`` through the session's decoder; its errors as this layer's: a bound
         passed as :class:`AmiProtocolError`, a peer that is not Asterisk as
         :class:`AmiNotAsterisk`."""
+        self.read_at = time.time()
         try:
             return session.decoder.feed(data)
         except FrameTooLarge as exc:
@@ -596,6 +628,7 @@ class AmiClient:
                 continue
             ping = build_action("Ping", (), action_id=self._ids())
             try:
+                # Its answer's Timestamp feeds the clock as it is read (_see_stamp).
                 await self._request(session, ping, self.settings.ping_timeout, patient=True)
             except AmiTimeout:
                 self._log.warning("ami.ping_timeout", timeout_s=self.settings.ping_timeout)

@@ -74,6 +74,8 @@ from .changes import (
     stop_owes,
 )
 from .client import AmiClient
+from .clock import MOVE as CLOCK_MOVE
+from .clock import AsteriskClock
 from .loaded import OpenedFiles, config_files, files_digest, open_files, owes_reload
 from .registration import (
     ContactState,
@@ -138,6 +140,10 @@ SNAPSHOT_RETRY_MAX = 60.0
 #: unknown (no lookup: at 100k phones that is one per phone per registration).  Any
 #: other has its endpoint looked up: a contact gone leaves the book.
 EXPIRY_GRACE = 5.0
+#: Seconds Asterisk's clock may be off this host's before ``ami.clock_skew`` says so
+#: (once per server): past a few seconds the skew eats into ``EXPIRY_GRACE``, and only
+#: the stamps Asterisk sends (``timestampevents``, Ping) let the daemon read its expiries.
+CLOCK_SKEW_LOG = 2.0
 _EVENTS = ("ContactStatus", "PeerStatus", "DeviceStateChange", "SuccessfulAuth")
 
 
@@ -309,6 +315,11 @@ class Link:
     #: expiries (see :data:`EXPIRY_GRACE`), and what says an earlier one came.
     expiries: list[tuple[float, str, float]] = field(default_factory=list)
     expiry_added: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Set when the estimate of Asterisk's clock moved (or became known): the expiries
+    #: watched on the old one are watched anew (:meth:`AmiPbx._expiry_checks`).
+    clock_moved: bool = False
+    #: ``ami.clock_skew`` was logged for this server.
+    skew_logged: bool = False
     #: Verification rounds failed in a row, and the monotonic time of the next round.
     verify_failures: int = 0
     verify_after: float = 0.0
@@ -381,13 +392,20 @@ class Link:
             self.book[endpoint] = reg._replace(contacts=kept, peer_status=peer)
             self.mark_dirty((endpoint,))
 
+    def asterisk_now(self) -> float:
+        """Asterisk's time now (epoch seconds), as its stamps tell it
+        (:mod:`~provisioner.ami.clock`); this host's while none was ever seen."""
+        return self.client.clock.now(time.time())
+
     def watch_expiries(self, regs: Iterable[EndpointRegistration]) -> None:
         """Have each contact of ``regs`` with a known expiry looked up again once it has
-        passed (:data:`EXPIRY_GRACE` after it; one already past: that long from now)."""
+        passed on Asterisk's clock (:data:`EXPIRY_GRACE` after it; one already past: that
+        long from now).  An entry holds its time on Asterisk's clock, and this host's
+        time it was told."""
         heap = self.expiries
         first = heap[0][0] if heap else None
         now = time.time()
-        soonest = now + EXPIRY_GRACE
+        soonest = self.client.clock.now(now) + EXPIRY_GRACE
         grace = EXPIRY_GRACE
         entries = [
             (at if (at := c.expires_at + grace) > soonest else soonest, reg.endpoint, now)
@@ -407,19 +425,22 @@ class Link:
             self.expiry_added.set()
 
     def take_expired(self, now: float) -> list[str]:
-        """Take off :attr:`expiries` what is due by ``now``, and return the endpoints to
-        look up (at most ``LOOKUP_LIMIT``, in due order): those whose book still holds a
-        contact expired by then (one told a later expiry since is not).  One phone that
+        """Take off :attr:`expiries` what is due by ``now`` (this host's time; the entries
+        and the contacts' expiries are read on Asterisk's clock), and return the endpoints
+        to look up (at most ``LOOKUP_LIMIT``, in due order): those whose book still holds
+        a contact expired by then (one told a later expiry since is not).  One phone that
         authenticated since its expiry was told is there: its expiry is made unknown
         (and written) instead; one of several contacts is not known to be that one."""
-        heap, book = self.expiries, self.book
+        heap, book, clock = self.expiries, self.book, self.client.clock
+        asterisk_now = clock.now(now)
         due: dict[str, None] = {}
-        while heap and heap[0][0] <= now and len(due) < LOOKUP_LIMIT:
+        while heap and heap[0][0] <= asterisk_now and len(due) < LOOKUP_LIMIT:
             _, endpoint, told = heapq.heappop(heap)
             reg = book.get(endpoint)
-            if reg is None or not _expired(reg, now):
+            if reg is None or not _expired(reg, asterisk_now):
                 continue
-            if len(reg.contacts) == 1 and (reg.last_auth_at or 0.0) >= told:
+            # The authentication's time is Asterisk's, the telling this host's.
+            if len(reg.contacts) == 1 and (reg.last_auth_at or 0.0) >= clock.now(told):
                 self.book[endpoint] = reg._replace(
                     contacts=(reg.contacts[0]._replace(expires_at=None),)
                 )
@@ -535,13 +556,16 @@ class AmiPbx:
     def from_config(cls, config: Config, engine: Engine) -> AmiPbx:
         links = []
         for server in config.asterisk:
-            client = AmiClient(server, config.ami)
+            # One estimate of the server's clock, fed by both sessions' Ping answers.
+            clock = AsteriskClock()
+            client = AmiClient(server, config.ami, clock=clock)
             # Reloads go on a session of their own, without events: Asterisk runs one
             # session's actions one after another, and a reload answers only when done
             # (95 s at 50k endpoints), so on the main session every expiry, query and
             # event would wait behind it.
             quiet = server.model_copy(update={"events": "off"})
-            reloads = ReloadCoordinator(AmiClient(quiet, config.ami, role="reload"), config.ami)
+            reload_client = AmiClient(quiet, config.ami, role="reload", clock=clock)
+            reloads = ReloadCoordinator(reload_client, config.ami)
             links.append(
                 Link(server.name, client, reloads, PjsipOps(client), server.sorcery_caches)
             )
@@ -626,13 +650,15 @@ class AmiPbx:
 
     def health(self) -> dict[str, dict[str, Any]]:
         """Each server's health figures, by server name.  ``online`` counts endpoints as
-        ``status`` would: a contact ``EXPIRED_AFTER`` past its expiry counts for nothing
-        (the book keeps it until someone sees to it; a session down sees to none); and
-        as ``status`` does, nothing while the server's state is not live
+        ``status`` would: a contact ``EXPIRED_AFTER`` past its expiry (on Asterisk's
+        clock, :meth:`Link.asterisk_now`) counts for nothing (the book keeps it until
+        someone sees to it; a session down sees to none); and as ``status`` does,
+        nothing while the server's state is not live
         (:meth:`Link.live`: ``None``): the book then holds what Asterisk said before."""
         out: dict[str, dict[str, Any]] = {}
-        cutoff = time.time() - EXPIRED_AFTER.total_seconds()
         for link in self.links:
+            # Expiries are Asterisk's: judged on its clock, as its stamps tell it.
+            cutoff = link.asterisk_now() - EXPIRED_AFTER.total_seconds()
             h = link.client.health()
             # Once: "live" and "online" of one record say the same thing by construction.
             live = link.live()
@@ -668,16 +694,34 @@ class AmiPbx:
     # -- events in ------------------------------------------------------------------
 
     def _subscribe(self, link: Link) -> None:
+        link.client.clock.on_move = partial(self._clock_moved, link)
         on_event = partial(self._on_event, link)
         for name in _EVENTS:
             link.client.on_event(name, on_event)
+        # Each session learns Asterisk's clock anew (its snapshot Pings first): a
+        # restarted Asterisk may come back with its clock set right, and the old
+        # estimate would take up to two windows to age out.
+        link.client.on_connected(link.client.clock.reset)
         link.client.on_connected(link.snapshot_wanted.set)
         link.client.on_disconnected(link.live_changed.set)
         # An empty change: the change loop wakes and sends what is owed to the server.
         link.client.on_connected(lambda: link.changes.put_nowait(Change()))
 
+    def _clock_moved(self, link: Link, offset: float) -> None:
+        """The estimate of ``link``'s Asterisk clock became known or moved to ``offset``
+        (seconds ahead of this host's): watch the expiries anew on it, mark it for
+        ``status`` now, and say once per server when it is off by more than
+        ``CLOCK_SKEW_LOG`` (``ami.clock_skew``, a warning)."""
+        link.clock_moved = True
+        link.expiry_added.set()
+        link.live_changed.set()
+        if abs(offset) > CLOCK_SKEW_LOG and not link.skew_logged:
+            link.skew_logged = True
+            log.warning("ami.clock_skew", server=link.name, seconds=round(offset, 3))
+
     def _on_event(self, link: Link, msg: AmiMessage) -> None:
-        """Fold one event into the book; quick and non-blocking (it runs in the reader)."""
+        """Fold one event into the book; quick and non-blocking (it runs in the reader).
+        (Its stamp, the client feeds the estimate of Asterisk's clock, once per read.)"""
         event = msg.view()
         book = link.book
         endpoint: str | None
@@ -906,8 +950,15 @@ class AmiPbx:
         contact (and its expiry) anew."""
         while not stop.is_set():
             link.expiry_added.clear()
+            if link.clock_moved:
+                # Watched on another estimate of Asterisk's clock (or on this host's, none
+                # known): an expiry taken for long past would be looked up too early, or
+                # one taken for far off too late.
+                link.clock_moved = False
+                link.expiries = []
+                link.watch_expiries(link.book.values())
             heap = link.expiries
-            wait = heap[0][0] - time.time() if heap else None
+            wait = heap[0][0] - link.asterisk_now() if heap else None
             if not link.client.connected:
                 # The reconnect's snapshot watches every expiry anew (expiry_added).
                 await wait_first(stop, link.expiry_added, timeout=EXPIRY_GRACE)
@@ -984,6 +1035,11 @@ class AmiPbx:
         link.snapshot_events = []
         link.listing_idle.clear()
         try:
+            if link.client.clock.offset is None:
+                # Asterisk's time first (a Ping's answer tells it, whatever manager.conf
+                # says): the expiries listed are watched on Asterisk's clock from the
+                # start, not on this host's until the ping loop's first answer.
+                await link.client.send_action("Ping")
             contacts = await link.ops.show_contacts()
         except ProvisionerError as exc:
             # How long a failed one took (a lost connection, a refusal, a wait with no
@@ -1056,28 +1112,33 @@ class AmiPbx:
 
     async def _liveness(self, link: Link, stop: asyncio.Event) -> None:
         """Mark in the store, for ``status``, whether ``link``'s registration state there is
-        live (:meth:`Link.live`): ``live`` every ``LIVE_BEAT`` while it is (an old mark is a
-        daemon that stopped marking: killed, hung), ``down`` as soon as it is not (the
-        session lost: no event tells what the phones do meanwhile), and ``down`` at the
-        stop.  Marks go in the flusher's turn, so a ``live`` one lands after the snapshot
-        it follows.  ``registration.live`` logs each change of the mark."""
+        live (:meth:`Link.live`), with Asterisk's clock offset (:func:`mark_live`; marked
+        again at once when it moved): ``live`` every ``LIVE_BEAT`` while it is (an old
+        mark is a daemon that stopped marking: killed, hung), ``down`` as soon as it is
+        not (the session lost: no event tells what the phones do meanwhile), and ``down``
+        at the stop.  Marks go in the flusher's turn, so a ``live`` one lands after the
+        snapshot it follows.  ``registration.live`` logs each change of the mark."""
         marked: bool | None = None
         beat = 0.0
+        noted = 0.0
         while not stop.is_set():
             link.live_changed.clear()
             live = link.live()
-            if live != marked or (live and time.monotonic() - beat >= LIVE_BEAT):
-                write = partial(mark_live, server=link.name, live=live)
+            ahead = link.client.clock.offset or 0.0
+            moved = abs(ahead - noted) > CLOCK_MOVE
+            if live != marked or (live and (time.monotonic() - beat >= LIVE_BEAT or moved)):
+                write = partial(mark_live, server=link.name, live=live, asterisk_ahead=ahead)
                 if await link.in_flusher_turn(write):
                     if live != marked:
                         log.info("registration.live", server=link.name, live=live)
-                    marked, beat = live, time.monotonic()
+                    marked, beat, noted = live, time.monotonic(), ahead
             wait = LIVE_BEAT if live else None
             await wait_first(stop, link.live_changed, timeout=wait)
         await link.flusher_done.wait()
         if marked is False:
             return
-        down = partial(mark_live, server=link.name, live=False)
+        ahead = link.client.clock.offset or 0.0
+        down = partial(mark_live, server=link.name, live=False, asterisk_ahead=ahead)
         try:
             await in_worker(transaction, self.engine, down)
         except STORE_DOWN as exc:

@@ -12,7 +12,9 @@ Inputs are plain mappings with Asterisk's exact header names (an
   such device, as after deleting an endpoint and reloading);
 - ``SuccessfulAuth`` with ``Service: PJSIP``: ``AccountID`` (the endpoint),
   ``RemoteAddress`` (``IPV4/UDP/<ip>/<port>``): the only sign of a REGISTER from an
-  endpoint Asterisk does not track yet (added since the last reload);
+  endpoint Asterisk does not track yet (added since the last reload); its time is its
+  ``Timestamp``, else its ``EventTV`` (a security event has one whatever
+  ``timestampevents`` says);
 - ``ContactList`` items of ``PJSIPShowContacts``: ``ObjectName`` (``<aor>;@<hash>``),
   ``Endpoint``, ``Uri``, ``UserAgent``, ``ViaAddr``, ``ViaPort``, ``ExpirationTime``,
   ``Status``, ``RoundtripUsec``.
@@ -26,6 +28,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Literal, NamedTuple
+
+from .clock import event_tv
 
 __all__ = [
     "ContactState",
@@ -351,9 +355,11 @@ def apply_event(
         )
     elif kind == "SuccessfulAuth":
         # Not a change of the registration's state (a refresh authenticates too): the
-        # last change stays that of the last status event.
+        # last change stays that of the last status event.  Without timestampevents a
+        # security event still tells its time: EventTV.
+        when = stamp or _epoch_or_none(event_tv(event.get("EventTV")))
         return reg._replace(
-            last_auth_at=stamp or reg.last_auth_at,
+            last_auth_at=when or reg.last_auth_at,
             last_auth_from=_address(event.get("RemoteAddress", "")),
         )
     elif kind == "ContactList":

@@ -977,8 +977,8 @@ def live_key(server: str) -> str:
 
 def clock_key(server: str) -> str:
     """The ``daemon_state`` key under which the daemon notes, with each live mark, how
-    many seconds its clock is ahead of the database's (:func:`mark_live`): ``status``
-    judges ``server``'s contact expiries by it (:func:`status_rows`)."""
+    many seconds ``server``'s clock (as the daemon knows it) is ahead of the database's
+    (:func:`mark_live`): ``status`` judges its contact expiries by it (:func:`status_rows`)."""
     return _server_key(_CLOCK_PREFIX, server)
 
 
@@ -1015,23 +1015,26 @@ def database_epoch(conn: Connection) -> float:
 _UNIX_JULIAN_DAY = 2440587.5
 
 
-def mark_live(conn: Connection, server: str, live: bool) -> None:
+def mark_live(conn: Connection, server: str, live: bool, asterisk_ahead: float = 0.0) -> None:
     """Mark ``server``'s registration state ``live`` or ``down`` as of now on the
     database's clock (:func:`live_mark`, :func:`database_epoch`), and note under
-    :func:`clock_key` how many seconds this host's clock is ahead of the database's
-    (``<seconds>``, negative when behind), in the caller's transaction (one upsert).
+    :func:`clock_key` how many seconds Asterisk's clock is ahead of the database's
+    (``<seconds>``, negative when behind): this host's clock's offset from the
+    database's plus ``asterisk_ahead``, Asterisk's from this host's (the daemon's
+    estimate from the stamps Asterisk sends, :mod:`provisioner.ami.clock`; 0 when none
+    was ever seen: this host's clock is taken for Asterisk's), in the caller's
+    transaction (one upsert).
 
     The contact expiries the daemon stores are Asterisk's (``ExpirationTime``, epoch
-    seconds on Asterisk's clock), and the daemon knows no clock of Asterisk's: a reply
-    carries no time, events only with ``timestampevents``.  It takes its own clock for
-    Asterisk's, as it does when it sees to each expiry (``EXPIRY_GRACE``).  ``status``
-    then judges an expiry against the database's clock plus this offset, i.e. against
-    the daemon's clock now, and so as the daemon does, whatever the reader's clock says.
-    Noted every ``LIVE_BEAT``, the offset follows the daemon's clock being set right."""
+    seconds on Asterisk's clock).  ``status`` judges an expiry against the database's
+    clock plus this offset, i.e. against Asterisk's clock now, as the daemon does when
+    it sees to each expiry (``EXPIRY_GRACE``), whatever the reader's clock says.  Noted
+    every ``LIVE_BEAT`` (and when the estimate moves), the offset follows either clock
+    being set right."""
     before = time.time()
     epoch = database_epoch(conn)
     # The middle of the round trip: the database's clock was read about then.
-    ahead = (before + time.time()) / 2 - epoch
+    ahead = (before + time.time()) / 2 - epoch + asterisk_ahead
     marks = {live_key(server): live_mark(live, epoch), clock_key(server): f"{ahead:.3f}"}
     write_states(conn, marks)
 
@@ -1044,8 +1047,8 @@ class _Marks:
     epoch: float
     #: The servers asked about whose registration state is live now.
     live: set[str]
-    #: :func:`clock_key` -> seconds the clock of the daemon that marks it is ahead of
-    #: the database's.
+    #: :func:`clock_key` -> seconds the server's clock, as the daemon marking it knows
+    #: it, is ahead of the database's.
     ahead: dict[str, float]
     #: Every server's time now, when the caller gives it (:func:`status_rows`' ``now``).
     fixed: datetime | None = None
@@ -1053,9 +1056,10 @@ class _Marks:
 
     def now_of(self, server: str) -> datetime:
         """``server``'s time now as the daemon reading it takes it (naive UTC): the
-        database's clock plus that daemon's offset (:func:`mark_live`); the database's
-        clock alone for a server with none noted (never marked, or by a provisioner
-        before offsets were noted)."""
+        database's clock plus the offset that daemon noted (:func:`mark_live`: Asterisk's
+        clock as its stamps tell it, else that daemon's); the database's clock alone for
+        a server with none noted (never marked, or by a provisioner before offsets were
+        noted)."""
         if self.fixed is not None:
             return self.fixed
         now = self._now.get(server)
@@ -1127,10 +1131,11 @@ def status_rows(
     longer provisioned).
 
     A stored expiry is Asterisk's, on Asterisk's clock; it is judged against that
-    server's daemon's clock now (:meth:`_Marks.now_of`: the database's clock plus the
-    offset the daemon noted, :func:`mark_live`), never the reader's: a reader whose clock
-    is off would show live phones expired or gone ones live.  ``now`` (naive UTC), when
-    given, is every server's time instead (a test, or a look at an old record).
+    server's clock now as its daemon knows it (:meth:`_Marks.now_of`: the database's
+    clock plus the offset the daemon noted, :func:`mark_live`), never the reader's: a
+    reader whose clock is off would show live phones expired or gone ones live.  ``now``
+    (naive UTC), when given, is every server's time instead (a test, or a look at an
+    old record).
 
     ``servers``: the configured Asterisk servers.  One whose state is not live
     (:func:`_live_servers`: its AMI session down, the daemon stopped or killed) is not
