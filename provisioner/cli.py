@@ -27,6 +27,7 @@ from sqlalchemy.exc import DBAPIError
 
 from . import csvio
 from .accounts import Accounts, Policy, all_found
+from .applier import CONFLICT_DETAIL
 from .config import ENV_ACTOR, Config, display_url, load_config
 from .early_signals import restore as restore_signals
 from .errors import (
@@ -715,6 +716,12 @@ def _print_report(report: SyncReport) -> None:
     )
     for clash in change.clashes:
         click.echo(f"conflict: {clash}; user skipped", err=True)
+    if len(change.clashes) > CONFLICT_DETAIL:
+        click.echo(
+            f"{len(change.clashes)} users conflict with rows provisioner has no record of: "
+            "if they are its own (provisioner_objects lost), see `provisioner adopt --dry-run`",
+            err=True,
+        )
     for skipped in report.skipped:
         click.echo(f"skipped {skipped}", err=True)
 
