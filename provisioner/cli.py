@@ -817,6 +817,44 @@ def sync(app: App, once: bool, dry_run: bool, allow_mass_removal: bool) -> None:
 
 
 @cli.command()
+@click.option("--dry-run", is_flag=True, help="List what would be adopted; write nothing.")
+@pass_app
+def adopt(app: App, dry_run: bool) -> None:
+    """Take back realtime rows exactly as provisioner writes them for a current user (its
+    ownership records lost): record them as provisioner's; list those that differ."""
+    from .daemon import build_target
+    from .pjsip import RenderSettings
+    from .sync import adopt as adopt_rows
+    from .targets.realtime import RealtimeTarget
+
+    app.needs_existing_store()
+    config = app.config
+    engine = app.accounts.engine
+    with store_named(engine):
+        target = build_target(config, engine, writes=not dry_run)
+        if not isinstance(target, RealtimeTarget):
+            rule = "must be realtime: adopt records ownership of realtime rows (a file has none)"
+            raise InvalidInput.one("target.kind", rule)
+        found = adopt_rows(engine, target, RenderSettings.from_config(config), dry_run=dry_run)
+    verb = "would adopt" if dry_run else "adopted"
+    for user in found.adopted:
+        rows = ", ".join(f"{table} {oid}" for table, oid in user.rows)
+        click.echo(f"{verb} {user.endpoint_id} ({user.username}): {rows}")
+    for foreign in found.left:
+        reasons = "; ".join(foreign.reasons)
+        click.echo(f"left foreign {foreign.endpoint_id} ({foreign.username}): {reasons}")
+    count = sum(len(user.rows) for user in found.adopted)
+    click.echo(
+        f"{verb} {_users(len(found.adopted))} ({count} rows); "
+        f"{_users(len(found.left))} left foreign"
+    )
+
+
+def _users(count: int) -> str:
+    return f"{count} user" if count == 1 else f"{count} users"
+
+
+@cli.command()
 @click.option(
     "--burst", is_flag=True, help="Apply pending changes once (and tell Asterisk), then exit."
 )

@@ -11,16 +11,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, inspect, select, text
 from structlog.testing import capture_logs
 
 from provisioner.accounts import Accounts, Policy
 from provisioner.applier import CONFLICT_DETAIL, Applier
-from provisioner.pjsip import RenderSettings
-from provisioner.targets.asterisk_schema import ps_endpoints
+from provisioner.pjsip import RenderSettings, UserObjects
+from provisioner.targets.asterisk_schema import provisioner_objects, ps_aors, ps_auths, ps_endpoints
 from provisioner.targets.realtime import RealtimeTarget
 
-from .faultkit import cheap_hasher, seed_store
+from .dbs import temp_database
+from .faultkit import cheap_hasher, cli, seed_store, write_config
 
 AGENTS = 30
 #: Every user with an endpoint: root (an admin, extension 1000) and the agents.
@@ -127,3 +128,162 @@ def test_a_conflict_cleared_is_said_and_counted(tmp_path: Path) -> None:
             daemon.full()
         assert [e for e in logs if e["log_level"] == "warning"] == []
         assert daemon.conflicted == 1
+
+
+# -- provisioner adopt ------------------------------------------------------------------
+
+
+def _rows(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the three PJSIP tables and of the ownership table, sorted."""
+    out: dict[str, list[tuple[Any, ...]]] = {}
+    with engine.connect() as conn:
+        for table in (ps_endpoints, ps_auths, ps_aors, provisioner_objects):
+            out[table.name] = sorted((tuple(r) for r in conn.execute(select(table))), key=repr)
+    return out
+
+
+def _records(engine: Engine) -> set[tuple[str, str]]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(provisioner_objects.c.kind, provisioner_objects.c.id))
+        return {(str(kind), str(oid)) for kind, oid in rows}
+
+
+def _three(endpoint_id: str) -> set[tuple[str, str]]:
+    return {("endpoint", endpoint_id), ("auth", f"{endpoint_id}-auth"), ("aor", endpoint_id)}
+
+
+def _lost_site(engine: Engine, accounts: Accounts) -> list[UserObjects]:
+    """Users 1000-1003 applied, then: trunk rows made by hand, the ownership records lost,
+    1002's endpoint context edited by hand, u2 (1003) deleted from the store while its rows
+    stay (no record to remove them by).  The current users' objects."""
+    _applier(engine).full()
+    with engine.begin() as conn:
+        conn.execute(ps_endpoints.insert().values(id="trunk-out", context="trunk", aors="trunk"))
+        conn.execute(ps_aors.insert().values(id="trunk", max_contacts=3))
+        conn.execute(ps_auths.insert().values(id="trunk-auth", username="trunk"))
+    _lose_records(engine)
+    with engine.begin() as conn:
+        hand = ps_endpoints.update().where(ps_endpoints.c.id == "1002")
+        conn.execute(hand.values(context="by-hand"))
+    accounts.delete(["u2"])
+    objects, kept, skipped = _applier(engine).desired()
+    assert (kept, skipped) == ({}, [])
+    return sorted(objects.values(), key=lambda o: o.endpoint_id)
+
+
+def test_adopt_records_exactly_provisioners_rows(db_url: str) -> None:
+    """After the ownership records are lost, adopt records the rows that are exactly what
+    provisioner writes for a current user (a dry run only lists them), leaves a row that
+    differs in one column foreign naming that column, and never records a trunk's rows or
+    those of a user no longer in the store; the next verifying apply then changes nothing
+    and reports only the user whose row differs."""
+    with _site(db_url, count=3) as (engine, accounts):
+        objects = _lost_site(engine, accounts)
+        target = RealtimeTarget(engine)
+        before = _rows(engine)
+
+        dry = target.adopt(objects, dry_run=True)
+        assert [a.endpoint_id for a in dry.adopted] == ["1000", "1001"]
+        assert dry.adopted[1].username == "u0"
+        assert dry.adopted[1].rows == (
+            ("ps_endpoints", "1001"),
+            ("ps_auths", "1001-auth"),
+            ("ps_aors", "1001"),
+        )
+        [refused] = dry.left
+        assert (refused.endpoint_id, refused.username) == ("1002", "u1")
+        [reason] = refused.reasons
+        assert reason.startswith("ps_endpoints 1002: context differs: by-hand here,")
+        assert _rows(engine) == before
+
+        done = target.adopt(objects)
+        assert (done.adopted, done.left) == (dry.adopted, dry.left)
+        assert _records(engine) == _three("1000") | _three("1001")
+        after = _rows(engine)
+        for table in ("ps_endpoints", "ps_auths", "ps_aors"):
+            assert after[table] == before[table]
+
+        with capture_logs() as logs:
+            applied = _applier(engine).full()
+        assert applied.change.conflicts == ("1002",)
+        assert (applied.change.unchanged, applied.change.wrote) == (2, False)
+        assert [e["username"] for e in _conflict_events(logs)] == ["u1"]
+        again = target.adopt(objects)
+        assert (again.adopted, again.left) == ((), dry.left)
+
+
+def test_adopt_makes_a_dropped_ownership_table_again(tmp_path: Path) -> None:
+    """With the ownership table dropped, a dry run lists the users it would adopt (making
+    nothing), and adopt makes the table and records their rows, with their digests: the
+    next plain apply reads no row."""
+    with _site(f"sqlite:///{tmp_path / 'store.db'}", count=2) as (engine, _accounts):
+        _applier(engine).full()
+        with engine.begin() as conn:
+            conn.execute(text("DROP TABLE provisioner_objects"))
+        objects, _kept, _skipped = _applier(engine).desired()
+        target = RealtimeTarget(engine)
+        dry = target.adopt(list(objects.values()), dry_run=True)
+        assert [a.endpoint_id for a in dry.adopted] == ["1000", "1001", "1002"]
+        assert not inspect(engine).has_table("provisioner_objects")
+        target.adopt(list(objects.values()))
+        assert _records(engine) == _three("1000") | _three("1001") | _three("1002")
+        applied = Applier(engine, target, RenderSettings()).full(verify=False)
+        assert (applied.change.unchanged, applied.change.conflicts) == (3, ())
+
+
+def test_adopt_command(tmp_path: Path) -> None:
+    """`provisioner adopt --dry-run` lists what it would adopt and what stays foreign and
+    why, writing nothing; `provisioner adopt` records them; with a config-file target the
+    command is refused on target.kind (exit 2)."""
+    config = write_config(tmp_path, kind="realtime")
+    with _site(f"sqlite:///{tmp_path / 'store.db'}", count=3) as (engine, accounts):
+        _lost_site(engine, accounts)
+        dry = cli(config, "adopt", "--dry-run")
+        lines = dry.out.splitlines()
+        assert (
+            lines[0]
+            == "would adopt 1000 (root): ps_endpoints 1000, ps_auths 1000-auth, ps_aors 1000"
+        )
+        assert lines[2].startswith("left foreign 1002 (u1): ps_endpoints 1002: context differs")
+        assert lines[-1] == "would adopt 2 users (6 rows); 1 user left foreign"
+        assert _records(engine) == set()
+        done = cli(config, "adopt")
+        assert done.out.splitlines()[-1] == "adopted 2 users (6 rows); 1 user left foreign"
+        assert _records(engine) == _three("1000") | _three("1001")
+    refused = cli(write_config(tmp_path, name="config.toml"), "adopt", check=False)
+    assert refused.code == 2
+    assert "target.kind" in refused.err
+
+
+def test_adopt_leaves_a_look_alike_id_foreign(tmp_path: Path) -> None:
+    """On MariaDB, whose collation ignores trailing spaces, a row ``'1001 '`` holding what
+    provisioner writes for AOR ``1001`` is not adopted: its id is not exactly the user's,
+    and that user's other rows stay foreign with it."""
+    with temp_database("mariadb", tmp_path) as url, _site(url, count=1) as (engine, _acc):
+        _applier(engine).full()
+        _lose_records(engine)
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE ps_aors SET id = '1001 ' WHERE id = '1001'"))
+        objects, _kept, _skipped = _applier(engine).desired()
+        found = RealtimeTarget(engine).adopt(list(objects.values()))
+        assert [a.endpoint_id for a in found.adopted] == ["1000"]
+        [left] = found.left
+        assert left.reasons == ("ps_aors '1001 ': its id is not exactly '1001'",)
+        assert _records(engine) == _three("1000")
+
+
+def test_adopt_takes_the_one_row_whose_record_is_lost(tmp_path: Path) -> None:
+    """A user whose endpoint and AOR are still recorded and whose auth record alone was
+    lost gets that auth adopted (no digest: the next apply compares its rows)."""
+    with _site(f"sqlite:///{tmp_path / 'store.db'}", count=1) as (engine, _acc):
+        _applier(engine).full()
+        with engine.begin() as conn:
+            lost = provisioner_objects.delete().where(provisioner_objects.c.id == "1001-auth")
+            conn.execute(lost)
+        objects, _kept, _skipped = _applier(engine).desired()
+        found = RealtimeTarget(engine).adopt(list(objects.values()))
+        assert [(a.endpoint_id, a.rows) for a in found.adopted] == [
+            ("1001", (("ps_auths", "1001-auth"),))
+        ]
+        assert _records(engine) == _three("1000") | _three("1001")
+        assert _applier(engine).full(verify=False).change.unchanged == 2
