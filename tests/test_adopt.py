@@ -11,12 +11,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine, inspect, select, text
 from structlog.testing import capture_logs
 
 from provisioner.accounts import Accounts, Policy
 from provisioner.applier import CONFLICT_DETAIL, Applier
 from provisioner.pjsip import RenderSettings, UserObjects
+from provisioner.targets import realtime
 from provisioner.targets.asterisk_schema import provisioner_objects, ps_aors, ps_auths, ps_endpoints
 from provisioner.targets.realtime import RealtimeTarget
 
@@ -171,12 +173,18 @@ def _lost_site(engine: Engine, accounts: Accounts) -> list[UserObjects]:
     return sorted(objects.values(), key=lambda o: o.endpoint_id)
 
 
-def test_adopt_records_exactly_provisioners_rows(db_url: str) -> None:
+@pytest.mark.parametrize("read", ["by-id", "whole-tables"])
+def test_adopt_records_exactly_provisioners_rows(
+    db_url: str, read: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """After the ownership records are lost, adopt records the rows that are exactly what
     provisioner writes for a current user (a dry run only lists them), leaves a row that
     differs in one column foreign naming that column, and never records a trunk's rows or
     those of a user no longer in the store; the next verifying apply then changes nothing
-    and reports only the user whose row differs."""
+    and reports only the user whose row differs.  The same whether the rows are read by
+    id (a few users) or as whole tables (many)."""
+    if read == "whole-tables":
+        monkeypatch.setattr(realtime, "CHUNK", 1)
     with _site(db_url, count=3) as (engine, accounts):
         objects = _lost_site(engine, accounts)
         target = RealtimeTarget(engine)

@@ -632,7 +632,11 @@ class RealtimeTarget:
             if shape.table.name in missing:
                 seen[kind] = _Seen(rows=[], ids=set(), off_constant=set())
             else:
-                seen[kind] = _read(conn, shape, _ordered(desired[kind]))
+                # Many users: one read of the whole table (as a verifying apply does) is
+                # much cheaper than chunked IN lists (a dry run of 10k users on
+                # PostgreSQL: 0.28-0.32 s against 2.5-4.7 s).
+                few = len(desired[kind]) <= CHUNK
+                seen[kind] = _read(conn, shape, _ordered(desired[kind]) if few else None)
         if provisioner_objects.name in missing:
             owned: dict[str, dict[str, str | None]] = {kind: {} for kind in _KINDS}
         else:
