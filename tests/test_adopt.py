@@ -6,6 +6,8 @@ matters), structlog's captured events, the CLI run in-process.
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -295,3 +297,40 @@ def test_adopt_takes_the_one_row_whose_record_is_lost(tmp_path: Path) -> None:
         ]
         assert _records(engine) == _three("1000") | _three("1001")
         assert _applier(engine).full(verify=False).change.unchanged == 2
+
+
+def test_the_daemon_logs_a_lost_ownership_table_once(tmp_path: Path) -> None:
+    """A daemon over realtime rows whose ownership records were lost logs the conflicts
+    of its first reconcile as one summary and a few lines, then nothing more at warning
+    level through later reconciles; its health record counts every conflicting user."""
+    from .test_daemon_e2e import _start_daemon, _stop, _until, _write_config
+
+    config = _write_config(tmp_path, None, kind="realtime")
+    config.write_text(config.read_text().replace("[daemon]", "[daemon]\nreconcile_interval = 0.3"))
+    with _site(f"sqlite:///{tmp_path / 'store.db'}") as (engine, _accounts):
+        _applier(engine).full()
+        _lose_records(engine)
+    log = tmp_path / "daemon.log"
+    health = tmp_path / "state" / "health.json"
+
+    def reconciles() -> int:
+        return sum(
+            1
+            for line in log.read_text().splitlines()
+            if '"sync.applied"' in line and '"full": true' in line
+        )
+
+    async def scenario() -> None:
+        daemon = await _start_daemon(config, log)
+        try:
+            await _until(lambda: reconciles() >= 4, 20)
+            assert json.loads(health.read_text())["conflicts"] == USERS
+        finally:
+            assert await _stop(daemon) == 0
+
+    asyncio.run(scenario())
+    events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    warned = [e["event"] for e in events if e.get("level") == "warning"]
+    assert warned == ["sync.conflict"] * CONFLICT_DETAIL + ["sync.conflicts"]
+    applied = [e for e in events if e["event"] == "sync.applied" and e["full"]]
+    assert {e["conflicts"] for e in applied} == {USERS}
