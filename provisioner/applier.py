@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -44,9 +44,8 @@ T = TypeVar("T")
 #: store edited without pause never keeps ``sync --once`` from writing.
 FRESH_READS = 3
 
-#: Users whose conflict an apply logs one by one (``sync.conflict``) when that many or
-#: more are new: the rest are counted in one ``sync.conflicts`` summary (``sync --once``
-#: still prints every one).
+#: New conflicts an apply logs one by one (``sync.conflict``); past that many, one
+#: ``sync.conflicts`` summary counts them all (``sync --once`` still prints every one).
 CONFLICT_DETAIL = 10
 #: What the ``sync.conflicts`` summary tells the operator to do.
 CONFLICT_HINT = (
@@ -373,7 +372,7 @@ class Applier:
 
     def _note_conflicts(
         self,
-        clashes: Iterable[Skipped],
+        clashes: Sequence[Skipped],
         applied: Iterable[UserObjects],
         scope: Collection[str] | None,
     ) -> None:
