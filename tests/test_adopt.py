@@ -334,3 +334,35 @@ def test_the_daemon_logs_a_lost_ownership_table_once(tmp_path: Path) -> None:
     assert warned == ["sync.conflict"] * CONFLICT_DETAIL + ["sync.conflicts"]
     applied = [e for e in events if e["event"] == "sync.applied" and e["full"]]
     assert {e["conflicts"] for e in applied} == {USERS}
+
+
+def test_adopt_names_a_default_or_a_secret_that_differs(tmp_path: Path) -> None:
+    """On SQLite, an Asterisk default provisioner fills in (``dtmf_mode``) edited by hand
+    leaves that user's rows foreign naming the column and both values; a digest edited by
+    hand is named with its values redacted."""
+    with _site(f"sqlite:///{tmp_path / 'store.db'}", count=2) as (engine, _acc):
+        _applier(engine).full()
+        _lose_records(engine)
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE ps_endpoints SET dtmf_mode = 'inband' WHERE id = '1001'"))
+            conn.execute(text("UPDATE ps_auths SET password_digest = 'x' WHERE id = '1002-auth'"))
+        objects, _kept, _skipped = _applier(engine).desired()
+        found = RealtimeTarget(engine).adopt(list(objects.values()))
+        assert [a.endpoint_id for a in found.adopted] == ["1000"]
+        assert [(f.endpoint_id, f.reasons) for f in found.left] == [
+            (
+                "1001",
+                (
+                    "ps_endpoints 1001: dtmf_mode differs: "
+                    "inband here, rfc4733 as provisioner writes it",
+                ),
+            ),
+            (
+                "1002",
+                (
+                    "ps_auths 1002-auth: password_digest differs: "
+                    "[redacted] here, [redacted] as provisioner writes it",
+                ),
+            ),
+        ]
+        assert _records(engine) == _three("1000")
