@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -34,7 +34,7 @@ from .store.changefeed import newest_change_id
 from .store.engine import reading
 from .targets import Change, Target
 
-__all__ = ["Applied", "Applier", "check_removals"]
+__all__ = ["CONFLICT_DETAIL", "Applied", "Applier", "check_removals"]
 
 log = get_logger(__name__)
 
@@ -43,6 +43,17 @@ T = TypeVar("T")
 #: Reads of the users a ``fresh`` full apply makes at most (see :meth:`Applier.full`): a
 #: store edited without pause never keeps ``sync --once`` from writing.
 FRESH_READS = 3
+
+#: New conflicts an apply logs one by one (``sync.conflict``); past that many, one
+#: ``sync.conflicts`` summary counts them all (``sync --once`` still prints every one).
+CONFLICT_DETAIL = 10
+#: What the ``sync.conflicts`` summary tells the operator to do.
+CONFLICT_HINT = (
+    "these users' endpoint, auth or AOR ids are rows provisioner has no ownership record "
+    "of; if they are provisioner's own (its provisioner_objects table lost or emptied), "
+    "`provisioner adopt --dry-run` lists the rows it can take back and `provisioner adopt` "
+    "records them; otherwise give these users free extensions"
+)
 
 
 def check_removals(change: Change, existing: int, max_fraction: float) -> None:
@@ -84,6 +95,10 @@ class Applier:
     #: endpoint is removed: an extension given to another user (or a renamed user) is
     #: then told apart from its owner coming back (see :meth:`_owned`).
     owners: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    #: username -> the problems of each user whose objects a foreign row blocks, as the
+    #: last apply that looked at that user found them: a conflict already logged is not
+    #: logged again at each reconcile (see :meth:`_note_conflicts`).
+    _conflicts: dict[str, tuple[str, ...]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._reindex()
@@ -135,6 +150,11 @@ class Applier:
                 taken.add(endpoint_id)
         return kept
 
+    @property
+    def conflicted(self) -> int:
+        """How many users a foreign row blocks now, as the applies so far found them."""
+        return len(self._conflicts)
+
     def _remembered(self, uid: int) -> str | None:
         """The endpoint id memory holds for ``uid``: last rendered, or kept."""
         if (o := self.objects.get(uid)) is not None:
@@ -173,6 +193,7 @@ class Applier:
         kept.update(_kept_for(change, objects))
         self.objects, self.kept, self.synced = objects, kept, True
         self._reindex()
+        self._note_conflicts(change.clashes, objects.values(), None)
         return self._done(change, skipped, started, full=True, provisioned=len(objects))
 
     def _feed_mark(self) -> int:
@@ -186,6 +207,7 @@ class Applier:
         objects, kept, skipped = self.desired()
         change = self.target.plan(_ordered(objects.values()), keep=kept.values(), verify=verify)
         self._guard(allow_mass_removal)(change)
+        self._note_conflicts(change.clashes, objects.values(), None)
         return self._done(
             change, skipped, started, full=True, provisioned=len(objects), event="sync.planned"
         )
@@ -238,6 +260,9 @@ class Applier:
         )
         if held and removing > self.max_removal_fraction * held:
             return self.full()
+        # The users this apply looks at: those rendered now and those held before.
+        looked_at = {o.username for o in objects.values() if o is not None}
+        looked_at.update(o.username for i in ids if (o := self.objects.get(i)) is not None)
         change = self._apply_some(ids, objects, kept, by_these)
         change = self._owned(change, (o for i in ids if (o := objects[i]) is not None))
         kept.update(_kept_for(change, objects))
@@ -247,6 +272,8 @@ class Applier:
             _put(self.kept, uid, kept[uid])
             self._index(uid, add=True)
         self._yield_kept(upserted, set(ids))
+        rendered = (o for o in objects.values() if o is not None)
+        self._note_conflicts(change.clashes, rendered, looked_at)
         return self._done(change, skipped, started, full=False, provisioned=len(self.objects))
 
     def _yield_kept(self, endpoint_ids: Collection[str], besides: Collection[int]) -> None:
@@ -343,8 +370,49 @@ class Applier:
         for uid in self.objects.keys() | self.kept.keys():
             self._index(uid, add=True)
 
-    @staticmethod
+    def _note_conflicts(
+        self,
+        clashes: Sequence[Skipped],
+        applied: Iterable[UserObjects],
+        scope: Collection[str] | None,
+    ) -> None:
+        """Remember the users ``clashes`` names (found blocked by an apply of the objects
+        ``applied``, which looked at every user, or at the usernames ``scope``) and log
+        what changed: a conflict new since the last apply that looked at its user
+        (``sync.conflict``, one per user for the first :data:`CONFLICT_DETAIL`, then one
+        ``sync.conflicts`` summary: a lost ownership table makes every user one), and
+        conflicts gone (``sync.conflicts_cleared``).  One the last apply found the same
+        is not logged again: the reconcile every 5 minutes would repeat every line."""
+        now = {s.username: tuple(map(str, s.problems)) for s in clashes}
+        before = self._conflicts
+        gone = (before.keys() if scope is None else before.keys() & set(scope)) - now.keys()
+        new = [s for s in clashes if before.get(s.username) != now[s.username]]
+        # A full apply looked at everyone: what it found is the whole set.
+        kept = {} if scope is None else {k: v for k, v in before.items() if k not in gone}
+        self._conflicts = kept | now
+        endpoint_of = {o.username: o.endpoint_id for o in applied}
+        for s in new[:CONFLICT_DETAIL]:
+            log.warning(
+                "sync.conflict",
+                username=s.username,
+                endpoint=endpoint_of.get(s.username),
+                problems=list(now[s.username]),
+            )
+        if len(new) > CONFLICT_DETAIL:
+            log.warning(
+                "sync.conflicts",
+                count=len(self._conflicts),
+                new=len(new),
+                endpoints=[endpoint_of.get(s.username, s.username) for s in new[:5]],
+                not_detailed=len(new) - CONFLICT_DETAIL,
+                hint=CONFLICT_HINT,
+            )
+        if gone:
+            shown = sorted(gone)[:5]
+            log.info("sync.conflicts_cleared", count=len(gone), usernames=shown)
+
     def _done(
+        self,
         change: Change,
         skipped: list[Skipped],
         started: float,
@@ -356,8 +424,6 @@ class Applier:
         took = (time.perf_counter() - started) * 1000
         for s in skipped:
             log.warning("sync.skipped", username=s.username, problems=[str(p) for p in s.problems])
-        for s in change.clashes:
-            log.warning("sync.conflict", username=s.username, problems=[str(p) for p in s.problems])
         log.info(
             event,
             full=full,
@@ -366,6 +432,7 @@ class Applier:
             removed=len(change.removed),
             unchanged=change.unchanged,
             skipped=len(skipped),
+            conflicts=self.conflicted,
             wrote=change.wrote,
             took_ms=round(took, 1),
         )

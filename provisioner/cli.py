@@ -27,6 +27,7 @@ from sqlalchemy.exc import DBAPIError
 
 from . import csvio
 from .accounts import Accounts, Policy, all_found
+from .applier import CONFLICT_DETAIL
 from .config import ENV_ACTOR, Config, display_url, load_config
 from .early_signals import restore as restore_signals
 from .errors import (
@@ -715,6 +716,12 @@ def _print_report(report: SyncReport) -> None:
     )
     for clash in change.clashes:
         click.echo(f"conflict: {clash}; user skipped", err=True)
+    if len(change.clashes) > CONFLICT_DETAIL:
+        click.echo(
+            f"{len(change.clashes)} users conflict with rows provisioner has no record of: "
+            "if they are its own (provisioner_objects lost), see `provisioner adopt --dry-run`",
+            err=True,
+        )
     for skipped in report.skipped:
         click.echo(f"skipped {skipped}", err=True)
 
@@ -807,6 +814,44 @@ def sync(app: App, once: bool, dry_run: bool, allow_mass_removal: bool) -> None:
         app.needs_existing_store()
     report = _reconcile(app, kind=None, dry_run=dry_run, allow_mass_removal=allow_mass_removal)
     _print_report(report)
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="List what would be adopted; write nothing.")
+@pass_app
+def adopt(app: App, dry_run: bool) -> None:
+    """Take back realtime rows exactly as provisioner writes them for a current user (its
+    ownership records lost): record them as provisioner's; list those that differ."""
+    from .daemon import build_target
+    from .pjsip import RenderSettings
+    from .sync import adopt as adopt_rows
+    from .targets.realtime import RealtimeTarget
+
+    app.needs_existing_store()
+    config = app.config
+    engine = app.accounts.engine
+    with store_named(engine):
+        target = build_target(config, engine, writes=not dry_run)
+        if not isinstance(target, RealtimeTarget):
+            rule = "must be realtime: adopt records ownership of realtime rows (a file has none)"
+            raise InvalidInput.one("target.kind", rule)
+        found = adopt_rows(engine, target, RenderSettings.from_config(config), dry_run=dry_run)
+    verb = "would adopt" if dry_run else "adopted"
+    for user in found.adopted:
+        rows = ", ".join(f"{table} {oid}" for table, oid in user.rows)
+        click.echo(f"{verb} {user.endpoint_id} ({user.username}): {rows}")
+    for foreign in found.left:
+        reasons = "; ".join(foreign.reasons)
+        click.echo(f"left foreign {foreign.endpoint_id} ({foreign.username}): {reasons}")
+    count = sum(len(user.rows) for user in found.adopted)
+    click.echo(
+        f"{verb} {_users(len(found.adopted))} ({count} rows); "
+        f"{_users(len(found.left))} left foreign"
+    )
+
+
+def _users(count: int) -> str:
+    return f"{count} user" if count == 1 else f"{count} users"
 
 
 @cli.command()

@@ -1070,6 +1070,7 @@ class Daemon:
             self._count(kind, result.change)
             self.health.provisioned = len(self.applier.objects)
             self.health.skipped = len(result.skipped)
+            self.health.conflicts = self.applier.conflicted
             if self.pbx is not None and self.health.ready and _owes_asterisk(result.change):
                 self.pbx.applied(result.change, target_kind=self.config.target.kind)
 
@@ -1365,6 +1366,7 @@ class Daemon:
         m.objects.labels(op="updated").inc(len(change.updated))
         m.objects.labels(op="removed").inc(len(change.removed))
         m.provisioned.set(len(self.applier.objects))
+        m.conflicts.set(self.applier.conflicted)
 
     def _export_ami(self, servers: dict[str, dict[str, Any]]) -> None:
         """Turn the AMI links' running totals into Prometheus counters and gauges."""

@@ -43,6 +43,8 @@ class Health:
     last_error: str = ""
     provisioned: int = 0
     skipped: int = 0
+    #: Users a row provisioner did not create blocks (``sync.conflict``), as last found.
+    conflicts: int = 0
     cursor: int = 0
     #: server name -> {"connected": bool, "last_error": str, "reconnects": int,
     #: "store_failures": int (registration writes refused in a row), ...}
@@ -214,6 +216,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "last_error": (str,),
     "provisioned": (int,),
     "skipped": (int,),
+    "conflicts": (int,),
     "cursor": (int,),
     "asterisk": (dict,),
     "stopped_at": (int, float, type(None)),

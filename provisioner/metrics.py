@@ -64,6 +64,11 @@ class Metrics:
         self.provisioned = Gauge(
             "provisioner_users_provisioned", "Users with PJSIP objects", registry=r
         )
+        self.conflicts = Gauge(
+            "provisioner_users_conflicting",
+            "Users skipped because a row provisioner did not create holds one of their ids",
+            registry=r,
+        )
         self.online = Gauge(
             "provisioner_contacts_online",
             "Endpoints with a usable contact (NaN while the server is not read)",

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 
 from .applier import Applier
-from .pjsip import RenderSettings, Skipped
+from .pjsip import RenderSettings, Skipped, endpoint_order
 from .targets import Change, Target
+from .targets.realtime import Adoption, RealtimeTarget
 
-__all__ = ["SyncReport", "reconcile"]
+__all__ = ["SyncReport", "adopt", "reconcile"]
 
 
 @dataclass(frozen=True)
@@ -54,3 +55,14 @@ def reconcile(
     return SyncReport(
         applied.change, applied.skipped, applied.provisioned, applied.took_ms, dry_run
     )
+
+
+def adopt(
+    engine: Engine, target: RealtimeTarget, settings: RenderSettings, *, dry_run: bool = False
+) -> Adoption:
+    """Render every live user and record as provisioner's the realtime rows that hold
+    exactly those users' objects (:meth:`RealtimeTarget.adopt`); users that cannot be
+    rendered are not looked at (their rows stay as they are)."""
+    objects, _kept, _skipped = Applier(engine, target, settings).desired()
+    ordered = sorted(objects.values(), key=lambda o: endpoint_order(o.endpoint_id))
+    return target.adopt(ordered, dry_run=dry_run)

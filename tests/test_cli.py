@@ -557,8 +557,9 @@ _READERS = (
 
 
 #: Commands that write only to what an existing store holds (``auth login``: a user's failed
-#: logins and lock), so a store they would create could not serve them.
-_EXISTING_STORE_WRITERS = (("auth", "login", "alice"),)
+#: logins and lock; ``adopt``: ownership records of an existing store's users' rows), so a
+#: store they would create could not serve them.
+_EXISTING_STORE_WRITERS = (("auth", "login", "alice"), ("adopt",), ("adopt", "--dry-run"))
 
 
 @pytest.mark.parametrize("args", [*_READERS, *_EXISTING_STORE_WRITERS], ids=" ".join)
