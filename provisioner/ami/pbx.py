@@ -444,6 +444,26 @@ class Link:
                 book[endpoint] = EndpointRegistration(endpoint)
         self.mark_dirty(endpoints)
 
+    def rows_added(self, endpoints: Iterable[str]) -> None:
+        """Realtime rows of ``endpoints`` were just committed: their phones can register
+        at once, and Asterisk tracks them only after a reload.  Taken for untracked now,
+        not when the change loop takes the change: it may still be sending an earlier
+        change's actions (an expiry answered behind a storm), and a ``SuccessfulAuth``
+        meanwhile was dropped, the registered phone shown offline until its next status
+        event.  One whose ``SuccessfulAuth`` came before this (between the commit and
+        now) is looked up once no status event followed it."""
+        endpoints = list(endpoints)
+        if self.untracked is not None:
+            self.untracked.update(endpoints)
+        deadline = time.monotonic() + CONFIRM_WINDOW
+        for endpoint in endpoints:
+            reg = self.book.get(endpoint)
+            if reg is None or reg.last_auth_at is None or reg.tracked:
+                continue
+            if endpoint not in self.unconfirmed:
+                self.unconfirmed[endpoint] = deadline
+                self.unconfirmed_added.set()
+
     def may_be_untracked(self, endpoint: str) -> bool:
         """Whether Asterisk may not track ``endpoint`` (see :attr:`untracked`)."""
         for held in (self.untracked, self.untracked_sent):
@@ -583,6 +603,8 @@ class AmiPbx:
         self.target_kind = target_kind
         for link in self.links:
             link.rewrite_holders((*change.added, *change.reowned))
+            if target_kind != "config":
+                link.rows_added(change.added)
             link.changes.put_nowait(change)
 
     def caches_unsure(self) -> None:
