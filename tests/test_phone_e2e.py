@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from .amipeer import FakeAsterisk
 from .faultkit import cli_async as _cli
@@ -78,6 +81,54 @@ def test_a_realtime_phone_registering_while_an_earlier_edit_is_sent_is_shown_onl
             await _until(online, 10)
             contacts = (await _status(config, "alice"))["contacts"]
             assert [c["uri"] for c in contacts] == ["sip:1001@127.0.0.1:5070;ob"]
+            assert await _stop(daemon) == 0
+        finally:
+            if daemon.returncode is None:
+                daemon.kill()
+                await daemon.wait()
+            await peer.stop()
+
+    asyncio.run(scenario())
+
+
+#: The recorded contact of phone 1001 in astdb (``registration_events.txt``).
+_ALICE_CONTACT = "contact/1001;@4647304968688045788916f1ea15a2ae"
+
+
+@pytest.mark.parametrize("kind", ["config", "realtime"])
+def test_a_phone_disabled_while_asterisk_is_away_has_its_registration_removed_once_back(
+    tmp_path: Path, kind: str
+) -> None:
+    """Alice's phone is registered; Asterisk's AMI goes away; alice is disabled: her
+    objects go at once, and once Asterisk is back her registration is deleted from astdb
+    (a config file's after the reload that drops her endpoint) and she is shown offline."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        await peer.start()
+        config = _write_config(tmp_path, peer.port, kind=kind)
+        await _seed(config)
+        await _add(config, "alice")
+        daemon = await _start_daemon(config, tmp_path / "daemon.log")
+        try:
+            await _until(lambda: len(peer.actions("PJSIPShowContacts")) >= 1, 10)
+            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
+
+            async def state_is(wanted: str) -> bool:
+                return bool((await _status(config, "alice"))["state"] == wanted)
+
+            await _until(partial(state_is, "online"), 5)
+            await peer.stop()
+            await _cli(config, "user", "disable", "alice")
+            await asyncio.sleep(0.5)  # applied while Asterisk is away
+            since = len(peer.received)
+            await peer.start()
+            await _until(lambda: _ALICE_CONTACT not in peer.astdb, 10)
+            names = [a.name for a in peer.received[since:]]
+            if kind == "config":
+                deleted = names.index("DBDel")
+                assert "Reload" in names[:deleted], names
+            await _until(partial(state_is, "offline"), 5)
             assert await _stop(daemon) == 0
         finally:
             if daemon.returncode is None:
