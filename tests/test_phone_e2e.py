@@ -137,3 +137,51 @@ def test_a_phone_disabled_while_asterisk_is_away_has_its_registration_removed_on
             await peer.stop()
 
     asyncio.run(scenario())
+
+
+def test_two_users_swapping_extensions_never_show_the_others_phone(tmp_path: Path) -> None:
+    """Alice (1001, her phone registered) and bob (1002) swap extensions in one import:
+    while the reload that gives 1001 to bob runs (3 s), bob is not shown online with
+    alice's phone; after it alice's registration under 1001 is deleted and both are
+    offline (neither phone registered under its new extension yet)."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        await peer.start()
+        config = _write_config(tmp_path, peer.port)
+        await _seed(config)
+        await _add(config, "alice")
+        await _add(config, "bob")
+        daemon = await _start_daemon(config, tmp_path / "daemon.log")
+        try:
+            await _until(lambda: len(peer.actions("PJSIPShowContacts")) >= 1, 10)
+            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
+
+            async def state(username: str) -> str:
+                return str((await _status(config, username))["state"])
+
+            async def online() -> bool:
+                return await state("alice") == "online"
+
+            await _until(online, 5)
+            peer.reload_delay = 3.0
+            csv = tmp_path / "swap.csv"
+            csv.write_text("username,extension\nalice,1002\nbob,1001\n")
+            reloads = len(peer.actions("Reload"))
+            await _cli(config, "user", "import", "--csv", str(csv))
+            await _until(lambda: len(peer.actions("Reload")) > reloads, 5)
+            await asyncio.sleep(0.5)  # the reload runs
+            shown = await _status(config, "bob")
+            assert shown["state"] != "online", shown
+            assert not shown["contacts"], shown
+            await _until(lambda: _ALICE_CONTACT not in peer.astdb, 10)
+            assert await state("bob") == "offline"
+            assert await state("alice") == "offline"
+            assert await _stop(daemon) == 0
+        finally:
+            if daemon.returncode is None:
+                daemon.kill()
+                await daemon.wait()
+            await peer.stop()
+
+    asyncio.run(scenario())

@@ -885,6 +885,11 @@ async def _remove_known(link: Link, removed: Collection[str]) -> bool:
     may come before its answer): then the caller lists them all."""
     found = True
     for endpoint in removed:
+        # A reowned endpoint's previous owner's contacts, set aside from the book.
+        for contact in link.previous.get(endpoint, ()):
+            name, derived = contact_object_name(contact)
+            if not await _remove_one(link, contact.aor, name) and derived:
+                found = False
         reg = link.book.get(endpoint)
         if reg is not None and not reg.exists:
             found = False

@@ -294,6 +294,12 @@ class Link:
     #: sends none either, and at 100k phones, looking up each refresh (or listing every
     #: contact, above ``LOOKUP_LIMIT`` at once) would keep Asterisk busy for nothing.
     untracked: set[str] | None = field(default_factory=set)
+    #: Reowned endpoint (given to another user, or its user renamed) -> the contacts the
+    #: book held for it then: the previous owner's phone's, owed removal (after the
+    #: reload, for a config file).  Kept out of the book, whose state the store files
+    #: under the endpoint's new owner: that user was shown online with the other's
+    #: phone until the removal.  Removals delete these as the book's own.
+    previous: dict[str, tuple[ContactState, ...]] = field(default_factory=dict)
     #: What ``untracked`` held when the reload in flight was sent: tracked once it ends
     #: well, untracked again if it fails.
     untracked_sent: set[str] | None = field(default_factory=set)
@@ -369,7 +375,15 @@ class Link:
 
     def forget_contact(self, endpoint: str, object_name: str) -> None:
         """Drop the contact ``object_name`` (deleted from astdb) from ``endpoint``'s record
-        and have the store written: Asterisk sends no event for such a deletion."""
+        (and from its previous owner's, :attr:`previous`) and have the store written:
+        Asterisk sends no event for such a deletion."""
+        held = self.previous.get(endpoint)
+        if held is not None:
+            kept_before = tuple(c for c in held if contact_object_name(c)[0] != object_name)
+            if kept_before:
+                self.previous[endpoint] = kept_before
+            else:
+                del self.previous[endpoint]
         reg = self.book.get(endpoint)
         if reg is None:
             return
@@ -427,6 +441,26 @@ class Link:
             else:
                 due[endpoint] = None
         return list(due)
+
+    def set_aside(self, reowned: Iterable[str]) -> None:
+        """Take the contacts of each ``reowned`` endpoint out of the book into
+        :attr:`previous` (they are its previous owner's phone's, owed removal), so the
+        store files none of them under the endpoint's new owner; a ``Reachable`` peer
+        state and a device state only a registered phone has go with them.  Before this
+        session's snapshot is in, nothing: the snapshot lists them anew, as the removal,
+        which waits for it, finds them."""
+        if self.snapshot_session != self.client.sessions:
+            return
+        book = self.book
+        for endpoint in reowned:
+            reg = book.get(endpoint)
+            if reg is None or not reg.contacts:
+                continue
+            self.previous[endpoint] = (*self.previous.get(endpoint, ()), *reg.contacts)
+            peer = None if reg.peer_status == "Reachable" else reg.peer_status
+            device = _without_contact(reg.device_state)
+            book[endpoint] = reg._replace(contacts=(), peer_status=peer, device_state=device)
+            self.mark_dirty((endpoint,))
 
     def rewrite_holders(self, endpoints: Sequence[str]) -> None:
         """Have the flusher write the book's state of ``endpoints`` (none known: offline,
@@ -602,6 +636,7 @@ class AmiPbx:
         (:meth:`Link.rewrite_holders`)."""
         self.target_kind = target_kind
         for link in self.links:
+            link.set_aside(change.reowned)
             link.rewrite_holders((*change.added, *change.reowned))
             if target_kind != "config":
                 link.rows_added(change.added)
