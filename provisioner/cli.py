@@ -848,8 +848,18 @@ def status(app: App, usernames: tuple[str, ...], as_json: bool) -> None:
     for r in rows:
         contacts = ", ".join(c["uri"] + _contact_note(c) for c in r["contacts"])
         last = _shown_time(r["last_change"]) if r["last_change"] else ""
-        table.append([r["extension"], r["username"], r["state"], contacts, r["user_agent"], last])
-    _table(table, ["EXTENSION", "USERNAME", "STATE", "CONTACTS", "USER AGENT", "LAST CHANGE"])
+        problem = _problems(r["servers"])
+        row = [r["extension"], r["username"], r["state"], contacts, r["user_agent"], last, problem]
+        table.append(row)
+    header = ["EXTENSION", "USERNAME", "STATE", "CONTACTS", "USER AGENT", "LAST CHANGE", "PROBLEM"]
+    _table(table, header)
+
+
+def _problems(servers: Sequence[Mapping[str, Any]]) -> str:
+    """What the check after an apply recorded next to a user, per server
+    (``<server>: <why>``): an endpoint Asterisk does not hold as rendered is shown, not
+    left for ``--json`` alone (a phone that can never register looks merely offline)."""
+    return "; ".join(f"{s['server']}: {s['problem']}" for s in servers if s.get("problem"))
 
 
 def _contact_note(contact: Mapping[str, Any]) -> str:

@@ -185,3 +185,49 @@ def test_two_users_swapping_extensions_never_show_the_others_phone(tmp_path: Pat
             await peer.stop()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("kind", ["config", "realtime"])
+def test_an_endpoint_asterisk_rejects_is_reported_next_to_its_user_and_cleared_when_fixed(
+    tmp_path: Path, kind: str
+) -> None:
+    """Asterisk does not hold alice's endpoint after it was applied (a reload that dropped
+    it, reload_with_bad_config.txt): status says why next to her; once an edit of hers is
+    held, the problem is cleared."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        peer.prefer["pjsipshowendpoint"] = "Unable to retrieve endpoint"
+        await peer.start()
+        config = _write_config(tmp_path, peer.port, kind=kind)
+        await _seed(config)
+        daemon = await _start_daemon(config, tmp_path / "daemon.log")
+        try:
+            await _until(lambda: len(peer.actions("PJSIPShowContacts")) >= 1, 10)
+            await _add(config, "alice")
+
+            async def problem() -> str:
+                servers = (await _status(config, "alice"))["servers"]
+                return str(servers[0]["problem"]) if servers else "(none)"
+
+            async def rejected() -> bool:
+                return "does not hold" in await problem()
+
+            await _until(rejected, 10)
+            assert "does not hold" in await _cli(config, "status", "alice")
+            peer.prefer.clear()  # the cause fixed: Asterisk holds it as rendered
+            await _cli(config, "user", "edit", "alice", "--nat", "yes")
+
+            async def cleared() -> bool:
+                return await problem() == ""
+
+            await _until(cleared, 10)
+            assert "does not hold" not in await _cli(config, "status", "alice")
+            assert await _stop(daemon) == 0
+        finally:
+            if daemon.returncode is None:
+                daemon.kill()
+                await daemon.wait()
+            await peer.stop()
+
+    asyncio.run(scenario())
