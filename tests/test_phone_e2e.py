@@ -231,3 +231,99 @@ def test_an_endpoint_asterisk_rejects_is_reported_next_to_its_user_and_cleared_w
             await peer.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_webrtc_user_with_two_contacts_stays_online_when_one_goes(tmp_path: Path) -> None:
+    """Alice registers from two browsers (two contacts of AOR 1001); one un-registers:
+    she stays online with the other, then offline once it goes too; the order of the
+    three status events of each does not matter."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        peer.astdb.clear()
+        await peer.start()
+        config = _write_config(tmp_path, peer.port)
+        await _seed(config)
+        await _add(config, "alice", "--transport", "wss")
+        daemon = await _start_daemon(config, tmp_path / "daemon.log")
+        second = ((b"127.0.0.1:5070;ob", b"10.0.0.7:41234;transport=ws"),)
+        try:
+            await _until(lambda: len(peer.actions("PJSIPShowContacts")) >= 1, 10)
+            await peer.send_recorded("Event: PeerStatus", "Reachable")
+            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
+            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified", replace=second)
+
+            async def shown() -> tuple[str, list[str]]:
+                row = await _status(config, "alice")
+                return str(row["state"]), sorted(c["uri"] for c in row["contacts"])
+
+            both = ["sip:1001@10.0.0.7:41234;transport=ws", "sip:1001@127.0.0.1:5070;ob"]
+
+            async def is_(wanted: tuple[str, list[str]]) -> bool:
+                return await shown() == wanted
+
+            await _until(partial(is_, ("online", both)), 5)
+            await peer.send_recorded("Event: ContactStatus\r\n", "Removed", replace=second)
+            await _until(partial(is_, ("online", both[1:])), 5)
+            await peer.send_recorded("Event: PeerStatus", "Unreachable")
+            await peer.send_recorded("Event: ContactStatus\r\n", "Removed")
+            await _until(partial(is_, ("offline", [])), 5)
+            assert await _stop(daemon) == 0
+        finally:
+            if daemon.returncode is None:
+                daemon.kill()
+                await daemon.wait()
+            await peer.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("kind", ["config", "realtime"])
+def test_an_extension_freed_and_given_to_another_user_at_once_loses_the_old_phone(
+    tmp_path: Path, kind: str
+) -> None:
+    """Alice (1001, her phone registered) moves to 1005, and bob is given 1001 right after,
+    while the reload for alice's move still runs: alice's phone's registration under 1001
+    is deleted all the same (it must not take bob's calls), and neither user is shown
+    with it."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        await peer.start()
+        config = _write_config(tmp_path, peer.port, kind=kind)
+        await _seed(config)
+        await _add(config, "alice")
+        await _add(config, "bob", "--extension", "1002")
+        daemon = await _start_daemon(config, tmp_path / "daemon.log")
+        try:
+            await _until(lambda: len(peer.actions("PJSIPShowContacts")) >= 1, 10)
+            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
+
+            async def state(username: str) -> str:
+                return str((await _status(config, username))["state"])
+
+            async def online() -> bool:
+                return await state("alice") == "online"
+
+            await _until(online, 5)
+            peer.reload_delay = 2.0
+            if kind == "realtime":
+                peer.delays["dbdel"] = 2.0  # the removal still on its way
+            await _cli(config, "user", "edit", "alice", "--extension", "1005")
+            await asyncio.sleep(0.3)
+            await _cli(config, "user", "edit", "bob", "--extension", "1001")
+            await asyncio.sleep(0.3)  # applied; the removal still waits
+            assert _ALICE_CONTACT in peer.astdb
+            assert await state("bob") == "offline"
+            await _until(lambda: _ALICE_CONTACT not in peer.astdb, 15)
+            for username in ("alice", "bob"):
+                row = await _status(config, username)
+                assert (row["state"], row["contacts"]) == ("offline", []), row
+            assert await _stop(daemon) == 0
+        finally:
+            if daemon.returncode is None:
+                daemon.kill()
+                await daemon.wait()
+            await peer.stop()
+
+    asyncio.run(scenario())
