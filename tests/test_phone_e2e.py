@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -319,6 +320,57 @@ def test_an_extension_freed_and_given_to_another_user_at_once_loses_the_old_phon
             for username in ("alice", "bob"):
                 row = await _status(config, username)
                 assert (row["state"], row["contacts"]) == ("offline", []), row
+            assert await _stop(daemon) == 0
+        finally:
+            if daemon.returncode is None:
+                daemon.kill()
+                await daemon.wait()
+            await peer.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("kind", ["config", "realtime"])
+def test_a_user_renamed_in_the_store_has_the_old_credentials_registration_removed(
+    tmp_path: Path, kind: str
+) -> None:
+    """Alice's phone is registered with her SIP username; a DBA renames her (an UPDATE
+    of the username, the auth username): the contact registered under the old
+    credentials is deleted, and she is shown offline meanwhile, not online with it."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        await peer.start()
+        config = _write_config(tmp_path, peer.port, kind=kind)
+        await _seed(config)
+        await _add(config, "alice")
+        daemon = await _start_daemon(config, tmp_path / "daemon.log")
+        try:
+            await _until(lambda: len(peer.actions("PJSIPShowContacts")) >= 1, 10)
+            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
+
+            async def state(username: str) -> str:
+                return str((await _status(config, username))["state"])
+
+            async def online() -> bool:
+                return await state("alice") == "online"
+
+            await _until(online, 5)
+            peer.reload_delay = 2.0
+            if kind == "realtime":
+                peer.delays["dbdel"] = 2.0
+            store = sqlite3.connect(tmp_path / "store.db")
+            with store:
+                store.execute(
+                    "UPDATE users SET username = 'alicia', username_key = 'alicia'"
+                    " WHERE username = 'alice'"
+                )
+            store.close()
+            await asyncio.sleep(0.5)  # applied; the removal still on its way
+            assert _ALICE_CONTACT in peer.astdb
+            assert await state("alicia") == "offline"
+            await _until(lambda: _ALICE_CONTACT not in peer.astdb, 15)
+            assert await state("alicia") == "offline"
             assert await _stop(daemon) == 0
         finally:
             if daemon.returncode is None:
