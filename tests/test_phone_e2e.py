@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sqlite3
+import urllib.request
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -193,14 +195,26 @@ def test_an_endpoint_asterisk_rejects_is_reported_next_to_its_user_and_cleared_w
     tmp_path: Path, kind: str
 ) -> None:
     """Asterisk does not hold alice's endpoint after it was applied (a reload that dropped
-    it, reload_with_bad_config.txt): status says why next to her; once an edit of hers is
-    held, the problem is cleared."""
+    it, reload_with_bad_config.txt): status says why next to her, and the metrics count
+    it; once an edit of hers is held, her problem is cleared and no longer counted."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def not_live() -> str:
+        url = f"http://127.0.0.1:{port}/metrics"
+        body = urllib.request.urlopen(url, timeout=5).read().decode()
+        wanted = 'provisioner_endpoints_not_live{server="pbx1"} '
+        return next((line.split()[-1] for line in body.splitlines() if line.startswith(wanted)), "")
 
     async def scenario() -> None:
         peer = FakeAsterisk()
         peer.prefer["pjsipshowendpoint"] = "Unable to retrieve endpoint"
         await peer.start()
         config = _write_config(tmp_path, peer.port, kind=kind)
+        config.write_text(
+            config.read_text().replace("[daemon]", f"[daemon]\nmetrics_port = {port}")
+        )
         await _seed(config)
         daemon = await _start_daemon(config, tmp_path / "daemon.log")
         try:
@@ -216,6 +230,8 @@ def test_an_endpoint_asterisk_rejects_is_reported_next_to_its_user_and_cleared_w
 
             await _until(rejected, 10)
             assert "does not hold" in await _cli(config, "status", "alice")
+            # Alice's and the admin's (1000), at the next health write.
+            await _until(lambda: not_live() == "2.0", 20)
             peer.prefer.clear()  # the cause fixed: Asterisk holds it as rendered
             await _cli(config, "user", "edit", "alice", "--nat", "yes")
 
@@ -224,6 +240,7 @@ def test_an_endpoint_asterisk_rejects_is_reported_next_to_its_user_and_cleared_w
 
             await _until(cleared, 10)
             assert "does not hold" not in await _cli(config, "status", "alice")
+            await _until(lambda: not_live() == "1.0", 20)  # the admin's only
             assert await _stop(daemon) == 0
         finally:
             if daemon.returncode is None:

@@ -745,6 +745,7 @@ def _owe_verification(link: Link, changed: set[str], gone: set[str]) -> None:
         unverified[endpoint] = next(_CHECKS_OWED)
     for endpoint in gone:
         unverified.pop(endpoint, None)
+        link.rejected.discard(endpoint)
 
 
 def _file_reloaded(link: Link, after: AfterReload, outcome: ReloadOutcome) -> None:
@@ -956,6 +957,8 @@ async def verify(link: Link, endpoints: list[str], *, listing: bool = False) -> 
             link.unverified.pop(endpoint, None)
     if not problems:
         return
+    for endpoint, problem in problems.items():
+        (link.rejected.add if problem else link.rejected.discard)(endpoint)
     _held_again(link, [ep for ep, problem in problems.items() if not problem])
     not_live = [(ep, problem) for ep, problem in problems.items() if problem]
     link.not_live += len(not_live)

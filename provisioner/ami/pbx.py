@@ -203,6 +203,9 @@ class Link:
     last_snapshot: float = 0.0
     changes: asyncio.Queue[Change] = field(default_factory=asyncio.Queue)
     not_live: int = 0
+    #: Endpoints this run's last check of each found not live as rendered, and no later
+    #: check held or removal took away: what ``provisioner_endpoints_not_live`` counts.
+    rejected: set[str] = field(default_factory=set)
     events: int = 0
     #: reload result (ok, busy, error, ...) -> how many.
     reload_results: dict[str, int] = field(default_factory=dict)
@@ -700,6 +703,7 @@ class AmiPbx:
                 "last_error": h.last_error or "",
                 "reconnects": h.reconnects,
                 "not_live": link.not_live,
+                "rejected": len(link.rejected),
                 "events": link.events,
                 "reloads": dict(link.reload_results),
                 "live": live,
