@@ -396,3 +396,55 @@ def test_a_user_renamed_in_the_store_has_the_old_credentials_registration_remove
             await peer.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_reconnect_before_a_reowned_endpoint_is_cleared_does_not_show_the_old_phone(
+    tmp_path: Path,
+) -> None:
+    """Alice's extension 1001 (her phone registered) is given to bob while alice moves
+    away; the AMI session drops before the reload that owes the removal has ended, and
+    the reconnect's snapshot lists alice's contact under 1001 again: bob is still not
+    shown online with it, and it is deleted once the reload ends."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        await peer.start()
+        config = _write_config(tmp_path, peer.port)
+        await _seed(config)
+        await _add(config, "alice")
+        await _add(config, "bob", "--extension", "1002")
+        daemon = await _start_daemon(config, tmp_path / "daemon.log")
+        try:
+            await _until(lambda: len(peer.actions("PJSIPShowContacts")) >= 1, 10)
+            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
+
+            async def state(username: str) -> str:
+                return str((await _status(config, username))["state"])
+
+            async def online() -> bool:
+                return await state("alice") == "online"
+
+            await _until(online, 5)
+            peer.reload_delay = 3.0
+            csv = tmp_path / "swap.csv"
+            csv.write_text("username,extension\nalice,1005\nbob,1001\n")
+            reloads = len(peer.actions("Reload"))
+            await _cli(config, "user", "import", "--csv", str(csv))
+            await _until(lambda: len(peer.actions("Reload")) > reloads, 5)
+            listed = len(peer.actions("PJSIPShowContacts"))
+            peer.drop_all()  # the reload is lost with the session: asked again
+            await _until(lambda: len(peer.actions("PJSIPShowContacts")) > listed, 10)
+            await asyncio.sleep(0.5)  # the snapshot stored
+            assert _ALICE_CONTACT in peer.astdb
+            shown = await _status(config, "bob")
+            assert (shown["state"], shown["contacts"]) == ("offline", []), shown
+            await _until(lambda: _ALICE_CONTACT not in peer.astdb, 20)
+            assert await state("bob") == "offline"
+            assert await _stop(daemon) == 0
+        finally:
+            if daemon.returncode is None:
+                daemon.kill()
+                await daemon.wait()
+            await peer.stop()
+
+    asyncio.run(scenario())

@@ -1080,6 +1080,7 @@ class AmiPbx:
                 folded = apply_event(snapshot.get(about), event)
                 if folded is not None:
                     snapshot[about] = folded
+        _set_aside_again(link, snapshot)
         link.book = snapshot
         link.expiries = []  # the snapshot tells every expiry anew
         link.watch_expiries(snapshot.values())
@@ -1526,6 +1527,24 @@ def snapshot_from_contact_list_states(
 #: Device states Asterisk gives only an endpoint with a usable contact (chan_pjsip: an
 #: endpoint with none is UNAVAILABLE, one that is gone INVALID).
 _DEVICE_PRESENT = frozenset({"NOT_INUSE", "INUSE", "BUSY", "RINGING", "RINGINUSE", "ONHOLD"})
+
+
+def _set_aside_again(link: Link, snapshot: dict[str, EndpointRegistration]) -> None:
+    """Keep out of ``snapshot`` the contacts set aside as reowned endpoints' previous
+    owners' (:attr:`Link.previous`, by AOR and URI): Asterisk lists them until their
+    removal deletes them, and the book's state is filed under the endpoint's new owner.
+    Their peer and device states go with them, as :meth:`Link.set_aside` drops them."""
+    for endpoint, held in link.previous.items():
+        reg = snapshot.get(endpoint)
+        if reg is None or not reg.contacts:
+            continue
+        gone = {(c.aor, c.uri) for c in held}
+        kept = tuple(c for c in reg.contacts if (c.aor, c.uri) not in gone)
+        if len(kept) == len(reg.contacts):
+            continue
+        peer = None if not kept and reg.peer_status == "Reachable" else reg.peer_status
+        device = reg.device_state if kept else _without_contact(reg.device_state)
+        snapshot[endpoint] = reg._replace(contacts=kept, peer_status=peer, device_state=device)
 
 
 def _without_contact(device_state: str | None) -> str | None:
