@@ -448,3 +448,51 @@ def test_a_reconnect_before_a_reowned_endpoint_is_cleared_does_not_show_the_old_
             await peer.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_realtime_phone_disabled_is_expired_from_the_cache_before_its_contact_goes(
+    tmp_path: Path,
+) -> None:
+    """Disabling a realtime user behind a sorcery cache sends, in this order: the expiry
+    of her endpoint, auth and AOR from the cache (else Asterisk still takes her phone's
+    REGISTER from the cached objects and makes the contact again), the deletion of her
+    contact, then a reload; she is shown offline."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        await peer.start()
+        config = _write_config(tmp_path, peer.port, kind="realtime", caches=("ep_cache",))
+        await _seed(config)
+        await _add(config, "alice")
+        daemon = await _start_daemon(config, tmp_path / "daemon.log")
+        try:
+            await _until(lambda: len(peer.actions("PJSIPShowContacts")) >= 1, 10)
+            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
+
+            async def state_is(wanted: str) -> bool:
+                return bool((await _status(config, "alice"))["state"] == wanted)
+
+            await _until(partial(state_is, "online"), 5)
+            await asyncio.sleep(6)  # the start's checks (retried after 5 s) are done
+            since = len(peer.received)
+            await _cli(config, "user", "disable", "alice")
+            await _until(lambda: _ALICE_CONTACT not in peer.astdb, 10)
+            await _until(lambda: "Reload" in [a.name for a in peer.received[since:]], 5)
+            sent = [
+                (a.name, a.get("Object") or a.get("Key"))
+                for a in peer.received[since:]
+                if a.name in ("SorceryMemoryCacheExpireObject", "DBDel", "Reload")
+            ]
+            deleted = sent.index(("DBDel", _ALICE_CONTACT))
+            expired = [obj for name, obj in sent[:deleted] if name != "DBDel"]
+            assert "1001" in expired, sent
+            assert sent[-1][0] == "Reload", sent
+            await _until(partial(state_is, "offline"), 5)
+            assert await _stop(daemon) == 0
+        finally:
+            if daemon.returncode is None:
+                daemon.kill()
+                await daemon.wait()
+            await peer.stop()
+
+    asyncio.run(scenario())
