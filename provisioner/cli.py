@@ -428,18 +428,27 @@ def user_edit(app: App, /, username: str, **opts: Any) -> None:
 @pass_app
 def user_show(app: App, username: str, as_json: bool) -> None:
     """Show one user (never a secret)."""
+    from .store.registrations import user_problems
+
     app.needs_existing_store()
-    data = user_view(app, app.accounts.get_user(username))
+    found = app.accounts.get_user(username)
+    data = user_view(app, found)
+    with app.accounts.transaction() as conn:
+        # What the check after an apply found: an endpoint Asterisk does not hold.
+        data["registration_problems"] = user_problems(conn, found.id)
     if as_json:
         _echo_json(data)
         return
     voice = data.pop("voice")
     attrs = data.pop("attributes")
+    problems = data.pop("registration_problems")
     for key, value in [*data.items(), *voice.items()]:
         shown = _shown_time(value) if isinstance(value, datetime) else value
         click.echo(f"{key:24} {'' if shown is None else _visible(str(shown))}")
     for key, value in attrs.items():
         click.echo(_visible(f"{'attr:' + key:24} {value}"))
+    for server, problem in problems.items():
+        click.echo(_visible(f"{'problem:' + server:24} {problem}"))
 
 
 @user.command("list")

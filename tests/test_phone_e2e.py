@@ -195,7 +195,7 @@ def test_an_endpoint_asterisk_rejects_is_reported_next_to_its_user_and_cleared_w
     tmp_path: Path, kind: str
 ) -> None:
     """Asterisk does not hold alice's endpoint after it was applied (a reload that dropped
-    it, reload_with_bad_config.txt): status says why next to her, and the metrics count
+    it, reload_with_bad_config.txt): status and user show say why next to her, the metrics count
     it; once an edit of hers is held, her problem is cleared and no longer counted."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -230,6 +230,7 @@ def test_an_endpoint_asterisk_rejects_is_reported_next_to_its_user_and_cleared_w
 
             await _until(rejected, 10)
             assert "does not hold" in await _cli(config, "status", "alice")
+            assert "problem:pbx1" in await _cli(config, "user", "show", "alice")
             # Alice's and the admin's (1000), at the next health write.
             await _until(lambda: not_live() == "2.0", 20)
             peer.prefer.clear()  # the cause fixed: Asterisk holds it as rendered
@@ -240,6 +241,8 @@ def test_an_endpoint_asterisk_rejects_is_reported_next_to_its_user_and_cleared_w
 
             await _until(cleared, 10)
             assert "does not hold" not in await _cli(config, "status", "alice")
+            shown = json.loads(await _cli(config, "user", "show", "alice", "--json"))
+            assert shown["registration_problems"] == {}
             await _until(lambda: not_live() == "1.0", 20)  # the admin's only
             assert await _stop(daemon) == 0
         finally:
