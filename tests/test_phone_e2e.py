@@ -499,3 +499,85 @@ def test_a_realtime_phone_disabled_is_expired_from_the_cache_before_its_contact_
             await peer.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_phone_disabled_while_asterisk_is_mid_reload_loses_its_contact_after_a_reload(
+    tmp_path: Path,
+) -> None:
+    """Alice (config file, her phone registered) is disabled while Asterisk answers
+    "A reload is in progress" (another reload runs): her contact is deleted only after a
+    reload Asterisk accepted (before it, her endpoint is still live and her phone could
+    register again), and she is then shown offline."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        await peer.start()
+        config = _write_config(tmp_path, peer.port)
+        config.write_text(config.read_text().replace("[ami]", "[ami]\nreload_retry_delay = 0.2"))
+        await _seed(config)
+        await _add(config, "alice")
+        daemon = await _start_daemon(config, tmp_path / "daemon.log")
+        try:
+            await _until(lambda: len(peer.actions("PJSIPShowContacts")) >= 1, 10)
+            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
+
+            async def state_is(wanted: str) -> bool:
+                return bool((await _status(config, "alice"))["state"] == wanted)
+
+            await _until(partial(state_is, "online"), 5)
+            peer.reload_busy = 2
+            since = len(peer.received)
+            await _cli(config, "user", "disable", "alice")
+            await _until(lambda: _ALICE_CONTACT not in peer.astdb, 20)
+            names = [a.name for a in peer.received[since:]]
+            deleted = names.index("DBDel")
+            assert names[:deleted].count("Reload") == 3, names  # busy, busy, accepted
+            await _until(partial(state_is, "offline"), 5)
+            assert await _stop(daemon) == 0
+        finally:
+            if daemon.returncode is None:
+                daemon.kill()
+                await daemon.wait()
+            await peer.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_disabled_phone_whose_reload_says_invalid_first_still_loses_its_contact(
+    tmp_path: Path,
+) -> None:
+    """The reload that drops disabled alice's endpoint sends DeviceStateChange INVALID
+    for it before its answer (which takes the contacts out of the book, though astdb
+    keeps them): her contact is still deleted from astdb, found by listing them."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        await peer.start()
+        config = _write_config(tmp_path, peer.port)
+        await _seed(config)
+        await _add(config, "alice")
+        daemon = await _start_daemon(config, tmp_path / "daemon.log")
+        try:
+            await _until(lambda: len(peer.actions("PJSIPShowContacts")) >= 1, 10)
+            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
+
+            async def state_is(wanted: str) -> bool:
+                return bool((await _status(config, "alice"))["state"] == wanted)
+
+            await _until(partial(state_is, "online"), 5)
+            peer.reload_delay = 1.0
+            reloads = len(peer.actions("Reload"))
+            await _cli(config, "user", "disable", "alice")
+            await _until(lambda: len(peer.actions("Reload")) > reloads, 5)
+            invalid = ((b"State: NOT_INUSE", b"State: INVALID"),)
+            await peer.send_recorded("Event: DeviceStateChange", "NOT_INUSE", replace=invalid)
+            await _until(lambda: _ALICE_CONTACT not in peer.astdb, 10)
+            await _until(partial(state_is, "offline"), 5)
+            assert await _stop(daemon) == 0
+        finally:
+            if daemon.returncode is None:
+                daemon.kill()
+                await daemon.wait()
+            await peer.stop()
+
+    asyncio.run(scenario())
