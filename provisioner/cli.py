@@ -429,18 +429,27 @@ def user_edit(app: App, /, username: str, **opts: Any) -> None:
 @pass_app
 def user_show(app: App, username: str, as_json: bool) -> None:
     """Show one user (never a secret)."""
+    from .store.registrations import user_problems
+
     app.needs_existing_store()
-    data = user_view(app, app.accounts.get_user(username))
+    found = app.accounts.get_user(username)
+    data = user_view(app, found)
+    with app.accounts.transaction() as conn:
+        # What the check after an apply found: an endpoint Asterisk does not hold.
+        data["registration_problems"] = user_problems(conn, found.id)
     if as_json:
         _echo_json(data)
         return
     voice = data.pop("voice")
     attrs = data.pop("attributes")
+    problems = data.pop("registration_problems")
     for key, value in [*data.items(), *voice.items()]:
         shown = _shown_time(value) if isinstance(value, datetime) else value
         click.echo(f"{key:24} {'' if shown is None else _visible(str(shown))}")
     for key, value in attrs.items():
         click.echo(_visible(f"{'attr:' + key:24} {value}"))
+    for server, problem in problems.items():
+        click.echo(_visible(f"{'problem:' + server:24} {problem}"))
 
 
 @user.command("list")
@@ -893,8 +902,18 @@ def status(app: App, usernames: tuple[str, ...], as_json: bool) -> None:
     for r in rows:
         contacts = ", ".join(c["uri"] + _contact_note(c) for c in r["contacts"])
         last = _shown_time(r["last_change"]) if r["last_change"] else ""
-        table.append([r["extension"], r["username"], r["state"], contacts, r["user_agent"], last])
-    _table(table, ["EXTENSION", "USERNAME", "STATE", "CONTACTS", "USER AGENT", "LAST CHANGE"])
+        problem = _problems(r["servers"])
+        row = [r["extension"], r["username"], r["state"], contacts, r["user_agent"], last, problem]
+        table.append(row)
+    header = ["EXTENSION", "USERNAME", "STATE", "CONTACTS", "USER AGENT", "LAST CHANGE", "PROBLEM"]
+    _table(table, header)
+
+
+def _problems(servers: Sequence[Mapping[str, Any]]) -> str:
+    """What the check after an apply recorded next to a user, per server
+    (``<server>: <why>``): an endpoint Asterisk does not hold as rendered is shown, not
+    left for ``--json`` alone (a phone that can never register looks merely offline)."""
+    return "; ".join(f"{s['server']}: {s['problem']}" for s in servers if s.get("problem"))
 
 
 def _contact_note(contact: Mapping[str, Any]) -> str:

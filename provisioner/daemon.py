@@ -1378,6 +1378,7 @@ class Daemon:
             m.online.labels(server=name).set(math.nan if online is None else online)
             m.live.labels(server=name).set(1 if h["live"] else 0)
             m.owed.labels(server=name).set(h["owed"])
+            m.not_live.labels(server=name).set(h["rejected"])
             totals = {"events": h["events"], **{f"reload:{k}": v for k, v in h["reloads"].items()}}
             for key, total in totals.items():
                 delta = total - self._exported.get((name, key), 0)

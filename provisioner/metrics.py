@@ -75,6 +75,12 @@ class Metrics:
             ["server"],
             registry=r,
         )
+        self.not_live = Gauge(
+            "provisioner_endpoints_not_live",
+            "Endpoints the check after an apply found not held as rendered, until fixed",
+            ["server"],
+            registry=r,
+        )
         self.live = Gauge(
             "provisioner_registrations_live",
             "1 while the server's registration state is read (session up, snapshot stored)",

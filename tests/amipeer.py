@@ -738,11 +738,12 @@ def _stamps(message: bytes) -> set[bytes]:
 
 
 def _expiring_from_now(reply: bytes, now: float) -> bytes:
-    """``reply`` with each ``ExpirationTime`` moved by the time since :data:`RECORDED_AT`
-    to ``now``: as long after now as it was after the recording."""
+    """``reply`` with each ``ExpirationTime`` (``PJSIPShowContacts``) and ``RegExpire``
+    (``PJSIPShowEndpoint``'s contacts) moved by the time since :data:`RECORDED_AT` to
+    ``now``: as long after now as it was after the recording."""
     shift = int(now) - RECORDED_AT
     return re.sub(
-        rb"\r\nExpirationTime: (\d+)\r\n",
-        lambda m: b"\r\nExpirationTime: %d\r\n" % (int(m.group(1)) + shift),
+        rb"\r\n(ExpirationTime|RegExpire): (\d+)\r\n",
+        lambda m: b"\r\n%s: %d\r\n" % (m.group(1), int(m.group(2)) + shift),
         reply,
     )

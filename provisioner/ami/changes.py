@@ -745,6 +745,7 @@ def _owe_verification(link: Link, changed: set[str], gone: set[str]) -> None:
         unverified[endpoint] = next(_CHECKS_OWED)
     for endpoint in gone:
         unverified.pop(endpoint, None)
+        link.rejected.discard(endpoint)
 
 
 def _file_reloaded(link: Link, after: AfterReload, outcome: ReloadOutcome) -> None:
@@ -885,6 +886,11 @@ async def _remove_known(link: Link, removed: Collection[str]) -> bool:
     may come before its answer): then the caller lists them all."""
     found = True
     for endpoint in removed:
+        # A reowned endpoint's previous owner's contacts, set aside from the book.
+        for contact in link.previous.get(endpoint, ()):
+            name, derived = contact_object_name(contact)
+            if not await _remove_one(link, contact.aor, name) and derived:
+                found = False
         reg = link.book.get(endpoint)
         if reg is not None and not reg.exists:
             found = False
@@ -951,6 +957,8 @@ async def verify(link: Link, endpoints: list[str], *, listing: bool = False) -> 
             link.unverified.pop(endpoint, None)
     if not problems:
         return
+    for endpoint, problem in problems.items():
+        (link.rejected.add if problem else link.rejected.discard)(endpoint)
     _held_again(link, [ep for ep, problem in problems.items() if not problem])
     not_live = [(ep, problem) for ep, problem in problems.items() if problem]
     link.not_live += len(not_live)

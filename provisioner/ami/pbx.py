@@ -209,6 +209,9 @@ class Link:
     last_snapshot: float = 0.0
     changes: asyncio.Queue[Change] = field(default_factory=asyncio.Queue)
     not_live: int = 0
+    #: Endpoints this run's last check of each found not live as rendered, and no later
+    #: check held or removal took away: what ``provisioner_endpoints_not_live`` counts.
+    rejected: set[str] = field(default_factory=set)
     events: int = 0
     #: reload result (ok, busy, error, ...) -> how many.
     reload_results: dict[str, int] = field(default_factory=dict)
@@ -300,6 +303,12 @@ class Link:
     #: sends none either, and at 100k phones, looking up each refresh (or listing every
     #: contact, above ``LOOKUP_LIMIT`` at once) would keep Asterisk busy for nothing.
     untracked: set[str] | None = field(default_factory=set)
+    #: Reowned endpoint (given to another user, or its user renamed) -> the contacts the
+    #: book held for it then: the previous owner's phone's, owed removal (after the
+    #: reload, for a config file).  Kept out of the book, whose state the store files
+    #: under the endpoint's new owner: that user was shown online with the other's
+    #: phone until the removal.  Removals delete these as the book's own.
+    previous: dict[str, tuple[ContactState, ...]] = field(default_factory=dict)
     #: What ``untracked`` held when the reload in flight was sent: tracked once it ends
     #: well, untracked again if it fails.
     untracked_sent: set[str] | None = field(default_factory=set)
@@ -380,7 +389,15 @@ class Link:
 
     def forget_contact(self, endpoint: str, object_name: str) -> None:
         """Drop the contact ``object_name`` (deleted from astdb) from ``endpoint``'s record
-        and have the store written: Asterisk sends no event for such a deletion."""
+        (and from its previous owner's, :attr:`previous`) and have the store written:
+        Asterisk sends no event for such a deletion."""
+        held = self.previous.get(endpoint)
+        if held is not None:
+            kept_before = tuple(c for c in held if contact_object_name(c)[0] != object_name)
+            if kept_before:
+                self.previous[endpoint] = kept_before
+            else:
+                del self.previous[endpoint]
         reg = self.book.get(endpoint)
         if reg is None:
             return
@@ -449,6 +466,26 @@ class Link:
                 due[endpoint] = None
         return list(due)
 
+    def set_aside(self, reowned: Iterable[str]) -> None:
+        """Take the contacts of each ``reowned`` endpoint out of the book into
+        :attr:`previous` (they are its previous owner's phone's, owed removal), so the
+        store files none of them under the endpoint's new owner; a ``Reachable`` peer
+        state and a device state only a registered phone has go with them.  Before this
+        session's snapshot is in, nothing: the snapshot lists them anew, as the removal,
+        which waits for it, finds them."""
+        if self.snapshot_session != self.client.sessions:
+            return
+        book = self.book
+        for endpoint in reowned:
+            reg = book.get(endpoint)
+            if reg is None or not reg.contacts:
+                continue
+            self.previous[endpoint] = (*self.previous.get(endpoint, ()), *reg.contacts)
+            peer = None if reg.peer_status == "Reachable" else reg.peer_status
+            device = _without_contact(reg.device_state)
+            book[endpoint] = reg._replace(contacts=(), peer_status=peer, device_state=device)
+            self.mark_dirty((endpoint,))
+
     def rewrite_holders(self, endpoints: Sequence[str]) -> None:
         """Have the flusher write the book's state of ``endpoints`` (none known: offline,
         no contact), so the store files under each user now holding one that endpoint's
@@ -464,6 +501,26 @@ class Link:
             if endpoint not in book:
                 book[endpoint] = EndpointRegistration(endpoint)
         self.mark_dirty(endpoints)
+
+    def rows_added(self, endpoints: Iterable[str]) -> None:
+        """Realtime rows of ``endpoints`` were just committed: their phones can register
+        at once, and Asterisk tracks them only after a reload.  Taken for untracked now,
+        not when the change loop takes the change: it may still be sending an earlier
+        change's actions (an expiry answered behind a storm), and a ``SuccessfulAuth``
+        meanwhile was dropped, the registered phone shown offline until its next status
+        event.  One whose ``SuccessfulAuth`` came before this (between the commit and
+        now) is looked up once no status event followed it."""
+        endpoints = list(endpoints)
+        if self.untracked is not None:
+            self.untracked.update(endpoints)
+        deadline = time.monotonic() + CONFIRM_WINDOW
+        for endpoint in endpoints:
+            reg = self.book.get(endpoint)
+            if reg is None or reg.last_auth_at is None or reg.tracked:
+                continue
+            if endpoint not in self.unconfirmed:
+                self.unconfirmed[endpoint] = deadline
+                self.unconfirmed_added.set()
 
     def may_be_untracked(self, endpoint: str) -> bool:
         """Whether Asterisk may not track ``endpoint`` (see :attr:`untracked`)."""
@@ -606,7 +663,10 @@ class AmiPbx:
         (:meth:`Link.rewrite_holders`)."""
         self.target_kind = target_kind
         for link in self.links:
+            link.set_aside(change.reowned)
             link.rewrite_holders((*change.added, *change.reowned))
+            if target_kind != "config":
+                link.rows_added(change.added)
             link.changes.put_nowait(change)
 
     def caches_unsure(self) -> None:
@@ -669,6 +729,7 @@ class AmiPbx:
                 "last_error": h.last_error or "",
                 "reconnects": h.reconnects,
                 "not_live": link.not_live,
+                "rejected": len(link.rejected),
                 "events": link.events,
                 "reloads": dict(link.reload_results),
                 "live": live,
@@ -1078,6 +1139,7 @@ class AmiPbx:
                 folded = apply_event(snapshot.get(about), event)
                 if folded is not None:
                     snapshot[about] = folded
+        _set_aside_again(link, snapshot)
         link.book = snapshot
         link.expiries = []  # the snapshot tells every expiry anew
         link.watch_expiries(snapshot.values())
@@ -1529,6 +1591,24 @@ def snapshot_from_contact_list_states(
 #: Device states Asterisk gives only an endpoint with a usable contact (chan_pjsip: an
 #: endpoint with none is UNAVAILABLE, one that is gone INVALID).
 _DEVICE_PRESENT = frozenset({"NOT_INUSE", "INUSE", "BUSY", "RINGING", "RINGINUSE", "ONHOLD"})
+
+
+def _set_aside_again(link: Link, snapshot: dict[str, EndpointRegistration]) -> None:
+    """Keep out of ``snapshot`` the contacts set aside as reowned endpoints' previous
+    owners' (:attr:`Link.previous`, by AOR and URI): Asterisk lists them until their
+    removal deletes them, and the book's state is filed under the endpoint's new owner.
+    Their peer and device states go with them, as :meth:`Link.set_aside` drops them."""
+    for endpoint, held in link.previous.items():
+        reg = snapshot.get(endpoint)
+        if reg is None or not reg.contacts:
+            continue
+        gone = {(c.aor, c.uri) for c in held}
+        kept = tuple(c for c in reg.contacts if (c.aor, c.uri) not in gone)
+        if len(kept) == len(reg.contacts):
+            continue
+        peer = None if not kept and reg.peer_status == "Reachable" else reg.peer_status
+        device = reg.device_state if kept else _without_contact(reg.device_state)
+        snapshot[endpoint] = reg._replace(contacts=kept, peer_status=peer, device_state=device)
 
 
 def _without_contact(device_state: str | None) -> str | None:

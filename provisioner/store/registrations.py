@@ -85,6 +85,7 @@ __all__ = [
     "status_rows",
     "summarize",
     "time_text",
+    "user_problems",
     "write_batch",
     "write_endpoint_rows",
 ]
@@ -731,6 +732,18 @@ def _insert_many(
 #: More endpoints than this in one :func:`set_problems`: written in a few set-based
 #: statements (a large apply's check: every endpoint live, or many rejected at once).
 CLEAR_IN_BULK = 500
+
+
+def user_problems(conn: Connection, user_id: int) -> dict[str, str]:
+    """Server -> why Asterisk does not hold the user's endpoint as rendered, as the check
+    after an apply recorded it (:func:`set_problems`); servers with none left out."""
+    summary = registration_summary.c
+    query = (
+        select(summary.server, summary.problem)
+        .where(summary.user_id == user_id, summary.problem != "")
+        .order_by(summary.server)
+    )
+    return {server: problem for server, problem in conn.execute(query)}
 
 
 def set_problems(conn: Connection, server: str, problems: Mapping[str, str], now: datetime) -> int:
