@@ -1003,25 +1003,42 @@ def test_check_names_the_truncate_contact_trigger_dropped_on_postgresql(
     assert "trg_users_change (missing)" in detail
 
 
+#: Per contact trigger on MariaDB: its DDL (contact_rule.py's), the delete it then
+#: refuses, and how check names that delete.
+_CONTACT_TRIGGER_DDL = {
+    "trg_registration_summary_contacts": (
+        "CREATE TRIGGER trg_registration_summary_contacts AFTER DELETE ON "
+        "registration_summary FOR EACH ROW DELETE FROM registrations "
+        "WHERE user_id = OLD.user_id AND server = OLD.server",
+        "DELETE FROM registration_summary",
+        "deleting a registration summary",
+    ),
+    "trg_users_contacts": (
+        "CREATE TRIGGER trg_users_contacts AFTER DELETE ON users FOR EACH ROW "
+        "DELETE FROM registrations WHERE user_id = OLD.id",
+        "DELETE FROM users WHERE username = 'alice'",
+        "deleting a user",
+    ),
+}
+
+
+@pytest.mark.parametrize("trigger", sorted(_CONTACT_TRIGGER_DDL))
 @pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
 def test_check_names_a_contact_trigger_whose_definer_was_dropped_on_mariadb(
-    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path, trigger: str
 ) -> None:
-    """On MariaDB, once the account that made ``trg_registration_summary_contacts`` (on
-    a table no change trigger is on) is dropped, deleting a summary is refused, and
-    ``provisioner check`` fails its store line naming that definer and what it breaks."""
+    """On MariaDB, once the account that made a contact trigger (another than the change
+    triggers' definer) is dropped, the deletes that fire it are refused, and
+    ``provisioner check`` fails its store line naming the trigger, that definer and the
+    deletes refused, not every write to users (the change triggers' definer is there)."""
+    ddl, refused, named = _CONTACT_TRIGGER_DDL[trigger]
     account = "prov_mig_" + uuid.uuid4().hex[:8]  # accounts are the server's, not the database's
     database = db_url.rsplit("/", 1)[1]
     _sql_url(db_url, f"CREATE USER '{account}'@'%' IDENTIFIED BY 'pw'")
     try:
         _sql_url(db_url, f"GRANT ALL ON `{database}`.* TO '{account}'@'%'")
-        _sql(engine, "DROP TRIGGER trg_registration_summary_contacts")
-        _sql_url(
-            db_url.replace("root@", f"{account}:pw@"),
-            "CREATE TRIGGER trg_registration_summary_contacts AFTER DELETE ON "
-            "registration_summary FOR EACH ROW DELETE FROM registrations "
-            "WHERE user_id = OLD.user_id AND server = OLD.server",
-        )
+        _sql(engine, f"DROP TRIGGER {trigger}")
+        _sql_url(db_url.replace("root@", f"{account}:pw@"), ddl)
         config = _checked_config(db_url, tmp_path)
         before = _store_check(config)
         assert before[1], before
@@ -1033,16 +1050,15 @@ def test_check_names_a_contact_trigger_whose_definer_was_dropped_on_mariadb(
             i=_add(accounts, "alice"),
         )
         with pytest.raises(Exception, match="specified as a definer"):
-            _sql(engine, "DELETE FROM registration_summary")
+            _sql(engine, refused)
         after = _store_check(config)
     finally:
         _sql_url(db_url, f"DROP USER IF EXISTS '{account}'@'%'")
     assert not after[1]
-    assert f"{account}@%" in after[2]
-    assert "trg_registration_summary_contacts" in after[2]
-    assert "deleting a registration summary" in after[2]
+    assert f"{trigger} (definer {account}@%)" in after[2]
+    assert named in after[2]
     assert "refused" in after[2]
-    assert "every write to users" not in after[2]  # the change triggers' definer is fine
+    assert "every write to users" not in after[2]
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
