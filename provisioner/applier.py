@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from sqlalchemy import Engine
 
@@ -34,7 +34,7 @@ from .store.changefeed import newest_change_id
 from .store.engine import reading
 from .targets import Change, Target
 
-__all__ = ["CONFLICT_DETAIL", "Applied", "Applier", "check_removals"]
+__all__ = ["USER_DETAIL", "Applied", "Applier", "Troubles", "check_removals"]
 
 log = get_logger(__name__)
 
@@ -44,9 +44,11 @@ T = TypeVar("T")
 #: store edited without pause never keeps ``sync --once`` from writing.
 FRESH_READS = 3
 
-#: New conflicts an apply logs one by one (``sync.conflict``); past that many, one
-#: ``sync.conflicts`` summary counts them all (``sync --once`` still prints every one).
-CONFLICT_DETAIL = 10
+#: New troubled users (a conflict, a row that cannot be rendered) an apply logs one by
+#: one (``sync.conflict``, ``sync.skipped``); past that many, one summary
+#: (``sync.conflicts``, ``sync.skipped_users``) counts them all (``sync --once`` still
+#: prints every one).
+USER_DETAIL = 10
 #: What the ``sync.conflicts`` summary tells the operator to do.
 CONFLICT_HINT = (
     "these users' endpoint, auth or AOR ids are rows provisioner has no ownership record "
@@ -54,6 +56,100 @@ CONFLICT_HINT = (
     "`provisioner adopt --dry-run` lists the rows it can take back and `provisioner adopt` "
     "records them; otherwise give these users free extensions"
 )
+#: What the ``sync.skipped_users`` summary tells the operator to do.
+SKIPPED_HINT = (
+    "these users' rows break a rule (another writer put a value provisioner refuses); "
+    "each keeps its last good endpoint, auth and AOR; `provisioner sync --once --dry-run` "
+    "names every user, field and rule, and `provisioner user edit` mends a row"
+)
+
+
+@dataclass(frozen=True)
+class TroubleEvents:
+    """The log events of one kind of troubled user: one line per new user (``each``), a
+    summary past :data:`USER_DETAIL` new ones, users no longer troubled (``cleared``)."""
+
+    each: str
+    summary: str
+    cleared: str
+    hint: str
+    #: Whether the per-user lines and the summary name each user's endpoint id.
+    endpoints: bool
+
+
+CONFLICTS = TroubleEvents(
+    "sync.conflict", "sync.conflicts", "sync.conflicts_cleared", CONFLICT_HINT, True
+)
+SKIPS = TroubleEvents(
+    "sync.skipped", "sync.skipped_users", "sync.skipped_cleared", SKIPPED_HINT, False
+)
+
+K = TypeVar("K")
+
+
+@dataclass
+class Troubles(Generic[K]):
+    """The users of one kind of trouble as the applies so far found them, keyed by ``K``
+    (a username, a user id), and what is logged when that changes: a trouble already
+    logged is not logged again at each reconcile (every 5 minutes it would repeat every
+    line), and many new ones are one summary (a lost ownership table makes every user a
+    conflict, a bulk tool's bad value every user skipped)."""
+
+    events: TroubleEvents
+    #: key -> (username, its problems as text), as the last apply that looked at it found.
+    found: dict[K, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.found)
+
+    def note(
+        self,
+        now: Mapping[K, Skipped],
+        scope: Collection[K] | None,
+        endpoint_of: Mapping[str, str] | None = None,
+    ) -> None:
+        """Remember ``now`` (found by an apply that looked at every user, or at the keys
+        ``scope``) and log what changed: a user troubled anew, or otherwise than the last
+        apply that looked at it found (``each`` for the first :data:`USER_DETAIL`, then
+        one ``summary``), and users troubled no more (``cleared``, info).  ``endpoint_of``
+        (username -> endpoint id) names their endpoints when the events do."""
+        fresh = {k: (s.username, tuple(map(str, s.problems))) for k, s in now.items()}
+        before = self.found
+        gone = (before.keys() if scope is None else before.keys() & set(scope)) - fresh.keys()
+        new = [k for k in fresh if before.get(k) != fresh[k]]
+        cleared = sorted(before[k][0] for k in gone)
+        # An apply that looked at everyone found the whole set.
+        kept = {} if scope is None else {k: v for k, v in before.items() if k not in gone}
+        self.found = kept | fresh
+        self._log([fresh[k] for k in new], endpoint_of if self.events.endpoints else None)
+        if cleared:
+            log.info(self.events.cleared, count=len(cleared), usernames=cleared[:5])
+
+    def _log(
+        self, new: Sequence[tuple[str, tuple[str, ...]]], endpoint_of: Mapping[str, str] | None
+    ) -> None:
+        """Warn of the users ``new`` (username, problems): each of the first few, then one
+        summary."""
+        ev = self.events
+        for username, problems in new[:USER_DETAIL]:
+            where = {} if endpoint_of is None else {"endpoint": endpoint_of.get(username)}
+            log.warning(ev.each, username=username, **where, problems=list(problems))
+        if len(new) <= USER_DETAIL:
+            return
+        first = [username for username, _ in new[:5]]
+        named = (
+            {"usernames": first}
+            if endpoint_of is None
+            else {"endpoints": [endpoint_of.get(u, u) for u in first]}
+        )
+        log.warning(
+            ev.summary,
+            count=len(self.found),
+            new=len(new),
+            **named,
+            not_detailed=len(new) - USER_DETAIL,
+            hint=ev.hint,
+        )
 
 
 def check_removals(change: Change, existing: int, max_fraction: float) -> None:
@@ -95,30 +191,33 @@ class Applier:
     #: endpoint is removed: an extension given to another user (or a renamed user) is
     #: then told apart from its owner coming back (see :meth:`_owned`).
     owners: dict[str, str] = field(default_factory=dict, init=False, repr=False)
-    #: username -> the problems of each user whose objects a foreign row blocks, as the
-    #: last apply that looked at that user found them: a conflict already logged is not
-    #: logged again at each reconcile (see :meth:`_note_conflicts`).
-    _conflicts: dict[str, tuple[str, ...]] = field(default_factory=dict, init=False, repr=False)
+    #: The users whose objects a foreign row blocks, by username, as the last apply that
+    #: looked at each found them.
+    _conflicts: Troubles[str] = field(
+        default_factory=lambda: Troubles(CONFLICTS), init=False, repr=False
+    )
+    #: The users that cannot be rendered (skipped), by user id, likewise.
+    _skips: Troubles[int] = field(default_factory=lambda: Troubles(SKIPS), init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._reindex()
 
-    def desired(self) -> tuple[dict[int, UserObjects], dict[int, str], list[Skipped]]:
+    def desired(self) -> tuple[dict[int, UserObjects], dict[int, str], dict[int, Skipped]]:
         """Render every live user: the objects by user id, the endpoint ids kept as they
         are (users that could not be rendered keep their last good endpoint: one bad edit
-        never takes a phone away, see :meth:`_last_good`), and the skipped users."""
+        never takes a phone away, see :meth:`_last_good`), and the skipped users by id."""
         with reading(self.engine) as conn:
             users = q.load_users(conn, deleted=False)
         objects: dict[int, UserObjects] = {}
         broken: list[User] = []
-        skipped: list[Skipped] = []
+        skipped: dict[int, Skipped] = {}
         for user in users:
             if not is_provisioned(user):
                 continue
             try:
                 objects[user.id] = render_user(user, self.settings)
             except InvalidInput as exc:
-                skipped.append(Skipped(user.username, exc.problems))
+                skipped[user.id] = Skipped(user.username, exc.problems)
                 broken.append(user)
         return objects, self._last_good(broken, objects.values()), skipped
 
@@ -154,6 +253,11 @@ class Applier:
     def conflicted(self) -> int:
         """How many users a foreign row blocks now, as the applies so far found them."""
         return len(self._conflicts)
+
+    @property
+    def skipped_now(self) -> int:
+        """How many users cannot be rendered now, as the applies so far found them."""
+        return len(self._skips)
 
     def _remembered(self, uid: int) -> str | None:
         """The endpoint id memory holds for ``uid``: last rendered, or kept."""
@@ -193,7 +297,7 @@ class Applier:
         kept.update(_kept_for(change, objects))
         self.objects, self.kept, self.synced = objects, kept, True
         self._reindex()
-        self._note_conflicts(change.clashes, objects.values(), None)
+        self._note_troubles(change.clashes, objects.values(), skipped, None)
         return self._done(change, skipped, started, full=True, provisioned=len(objects))
 
     def _feed_mark(self) -> int:
@@ -207,7 +311,7 @@ class Applier:
         objects, kept, skipped = self.desired()
         change = self.target.plan(_ordered(objects.values()), keep=kept.values(), verify=verify)
         self._guard(allow_mass_removal)(change)
-        self._note_conflicts(change.clashes, objects.values(), None)
+        self._note_troubles(change.clashes, objects.values(), skipped, None)
         return self._done(
             change, skipped, started, full=True, provisioned=len(objects), event="sync.planned"
         )
@@ -230,7 +334,7 @@ class Applier:
         # updated in place once the target took them, so one edit costs O(1), not O(users).
         objects: dict[int, UserObjects | None] = {}
         kept: dict[int, str | None] = {}
-        skipped: list[Skipped] = []
+        skipped: dict[int, Skipped] = {}
         broken: list[int] = []
         for uid in ids:
             user = found.get(uid)
@@ -240,7 +344,7 @@ class Applier:
             try:
                 objects[uid] = render_user(user, self.settings)
             except InvalidInput as exc:
-                skipped.append(Skipped(user.username, exc.problems))
+                skipped[uid] = Skipped(user.username, exc.problems)
                 broken.append(uid)
         upserted = {o.endpoint_id for o in objects.values() if o is not None}
         by_these = Counter(e for i in ids for e in self._held(i))
@@ -273,7 +377,7 @@ class Applier:
             self._index(uid, add=True)
         self._yield_kept(upserted, set(ids))
         rendered = (o for o in objects.values() if o is not None)
-        self._note_conflicts(change.clashes, rendered, looked_at)
+        self._note_troubles(change.clashes, rendered, skipped, (looked_at, ids))
         return self._done(change, skipped, started, full=False, provisioned=len(self.objects))
 
     def _yield_kept(self, endpoint_ids: Collection[str], besides: Collection[int]) -> None:
@@ -370,51 +474,26 @@ class Applier:
         for uid in self.objects.keys() | self.kept.keys():
             self._index(uid, add=True)
 
-    def _note_conflicts(
+    def _note_troubles(
         self,
         clashes: Sequence[Skipped],
         applied: Iterable[UserObjects],
-        scope: Collection[str] | None,
+        skipped: Mapping[int, Skipped],
+        scope: tuple[Collection[str], Collection[int]] | None,
     ) -> None:
-        """Remember the users ``clashes`` names (found blocked by an apply of the objects
-        ``applied``, which looked at every user, or at the usernames ``scope``) and log
-        what changed: a conflict new since the last apply that looked at its user
-        (``sync.conflict``, one per user for the first :data:`CONFLICT_DETAIL`, then one
-        ``sync.conflicts`` summary: a lost ownership table makes every user one), and
-        conflicts gone (``sync.conflicts_cleared``).  One the last apply found the same
-        is not logged again: the reconcile every 5 minutes would repeat every line."""
-        now = {s.username: tuple(map(str, s.problems)) for s in clashes}
-        before = self._conflicts
-        gone = (before.keys() if scope is None else before.keys() & set(scope)) - now.keys()
-        new = [s for s in clashes if before.get(s.username) != now[s.username]]
-        # A full apply looked at everyone: what it found is the whole set.
-        kept = {} if scope is None else {k: v for k, v in before.items() if k not in gone}
-        self._conflicts = kept | now
+        """Remember the users ``clashes`` names (blocked by a foreign row when the objects
+        ``applied`` were applied) and the users ``skipped`` (not renderable), found by an
+        apply that looked at every user (``scope`` None), or at these usernames and user
+        ids, and log what changed (:meth:`Troubles.note`)."""
+        names, ids = (None, None) if scope is None else scope
         endpoint_of = {o.username: o.endpoint_id for o in applied}
-        for s in new[:CONFLICT_DETAIL]:
-            log.warning(
-                "sync.conflict",
-                username=s.username,
-                endpoint=endpoint_of.get(s.username),
-                problems=list(now[s.username]),
-            )
-        if len(new) > CONFLICT_DETAIL:
-            log.warning(
-                "sync.conflicts",
-                count=len(self._conflicts),
-                new=len(new),
-                endpoints=[endpoint_of.get(s.username, s.username) for s in new[:5]],
-                not_detailed=len(new) - CONFLICT_DETAIL,
-                hint=CONFLICT_HINT,
-            )
-        if gone:
-            shown = sorted(gone)[:5]
-            log.info("sync.conflicts_cleared", count=len(gone), usernames=shown)
+        self._conflicts.note({s.username: s for s in clashes}, names, endpoint_of)
+        self._skips.note(skipped, ids)
 
     def _done(
         self,
         change: Change,
-        skipped: list[Skipped],
+        skipped: Mapping[int, Skipped],
         started: float,
         *,
         full: bool,
@@ -422,8 +501,6 @@ class Applier:
         event: str = "sync.applied",
     ) -> Applied:
         took = (time.perf_counter() - started) * 1000
-        for s in skipped:
-            log.warning("sync.skipped", username=s.username, problems=[str(p) for p in s.problems])
         log.info(
             event,
             full=full,
@@ -431,12 +508,12 @@ class Applier:
             updated=len(change.updated),
             removed=len(change.removed),
             unchanged=change.unchanged,
-            skipped=len(skipped),
+            skipped=self.skipped_now,
             conflicts=self.conflicted,
             wrote=change.wrote,
             took_ms=round(took, 1),
         )
-        return Applied(change, tuple(skipped), took, full, provisioned)
+        return Applied(change, tuple(skipped.values()), took, full, provisioned)
 
 
 def _kept_for(change: Change, objects: Mapping[int, UserObjects | None]) -> dict[int, str]:

@@ -27,7 +27,7 @@ from sqlalchemy.exc import DBAPIError
 
 from . import csvio
 from .accounts import Accounts, Policy, all_found
-from .applier import CONFLICT_DETAIL
+from .applier import USER_DETAIL
 from .config import ENV_ACTOR, Config, display_url, load_config
 from .early_signals import restore as restore_signals
 from .errors import (
@@ -725,7 +725,7 @@ def _print_report(report: SyncReport) -> None:
     )
     for clash in change.clashes:
         click.echo(f"conflict: {clash}; user skipped", err=True)
-    if len(change.clashes) > CONFLICT_DETAIL:
+    if len(change.clashes) > USER_DETAIL:
         click.echo(
             f"{len(change.clashes)} users conflict with rows provisioner has no record of: "
             "if they are its own (provisioner_objects lost), see `provisioner adopt --dry-run`",

@@ -1069,7 +1069,7 @@ class Daemon:
         if result is not None:
             self._count(kind, result.change)
             self.health.provisioned = len(self.applier.objects)
-            self.health.skipped = len(result.skipped)
+            self.health.skipped = self.applier.skipped_now
             self.health.conflicts = self.applier.conflicted
             if self.pbx is not None and self.health.ready and _owes_asterisk(result.change):
                 self.pbx.applied(result.change, target_kind=self.config.target.kind)
@@ -1367,6 +1367,7 @@ class Daemon:
         m.objects.labels(op="removed").inc(len(change.removed))
         m.provisioned.set(len(self.applier.objects))
         m.conflicts.set(self.applier.conflicted)
+        m.skipped.set(self.applier.skipped_now)
 
     def _export_ami(self, servers: dict[str, dict[str, Any]]) -> None:
         """Turn the AMI links' running totals into Prometheus counters and gauges."""

@@ -42,6 +42,7 @@ class Health:
     last_sync_ok: bool | None = None
     last_error: str = ""
     provisioned: int = 0
+    #: Users whose row cannot be rendered (``sync.skipped``), as last found.
     skipped: int = 0
     #: Users a row provisioner did not create blocks (``sync.conflict``), as last found.
     conflicts: int = 0

@@ -69,6 +69,11 @@ class Metrics:
             "Users skipped because a row provisioner did not create holds one of their ids",
             registry=r,
         )
+        self.skipped = Gauge(
+            "provisioner_users_skipped",
+            "Users skipped because their row cannot be rendered (each keeps its last good objects)",
+            registry=r,
+        )
         self.online = Gauge(
             "provisioner_contacts_online",
             "Endpoints with a usable contact (NaN while the server is not read)",

@@ -18,7 +18,7 @@ from sqlalchemy import Engine, inspect, select, text
 from structlog.testing import capture_logs
 
 from provisioner.accounts import Accounts, Policy
-from provisioner.applier import CONFLICT_DETAIL, Applier
+from provisioner.applier import USER_DETAIL, Applier
 from provisioner.pjsip import RenderSettings, UserObjects
 from provisioner.targets import realtime
 from provisioner.targets.asterisk_schema import provisioner_objects, ps_aors, ps_auths, ps_endpoints
@@ -79,7 +79,7 @@ def test_many_conflicts_are_one_summary_and_are_not_repeated(tmp_path: Path) -> 
         assert summary["endpoints"] == ["1000", "1001", "1002", "1003", "1004"]
         assert "provisioner adopt" in summary["hint"]
         detail = [e for e in events if e["event"] == "sync.conflict"]
-        assert len(detail) == CONFLICT_DETAIL < USERS
+        assert len(detail) == USER_DETAIL < USERS
         assert daemon.conflicted == USERS
 
         with capture_logs() as logs:
@@ -171,7 +171,7 @@ def _lost_site(engine: Engine, accounts: Accounts) -> list[UserObjects]:
         conn.execute(hand.values(context="by-hand"))
     accounts.delete(["u2"])
     objects, kept, skipped = _applier(engine).desired()
-    assert (kept, skipped) == ({}, [])
+    assert (kept, skipped) == ({}, {})
     return sorted(objects.values(), key=lambda o: o.endpoint_id)
 
 
@@ -331,7 +331,7 @@ def test_the_daemon_logs_a_lost_ownership_table_once(tmp_path: Path) -> None:
     asyncio.run(scenario())
     events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     warned = [e["event"] for e in events if e.get("level") == "warning"]
-    assert warned == ["sync.conflict"] * CONFLICT_DETAIL + ["sync.conflicts"]
+    assert warned == ["sync.conflict"] * USER_DETAIL + ["sync.conflicts"]
     applied = [e for e in events if e["event"] == "sync.applied" and e["full"]]
     assert {e["conflicts"] for e in applied} == {USERS}
 

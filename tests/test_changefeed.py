@@ -948,6 +948,119 @@ def test_check_names_a_change_trigger_dropped_or_disabled(
     assert gone in after[2]
 
 
+#: Per backend: the DBA's statement that silences a contact trigger, what check names,
+#: and the DDL file it points to.
+_CONTACT_TRIGGER_LOST = {
+    "sqlite": (
+        "DROP TRIGGER trg_registration_summary_contacts",
+        "trg_registration_summary_contacts (missing)",
+        "sql/store/sqlite.sql",
+    ),
+    "postgresql": (
+        "ALTER TABLE registration_summary DISABLE TRIGGER trg_registration_summary_contacts",
+        "trg_registration_summary_contacts (disabled)",
+        "sql/store/postgresql.sql",
+    ),
+    "mariadb": (
+        "DROP TRIGGER trg_users_contacts",
+        "trg_users_contacts (missing)",
+        "sql/store/mysql.sql",
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mariadb"], indirect=True)
+def test_check_names_a_contact_trigger_dropped_or_disabled(
+    engine: Engine, db_url: str, backend: str, tmp_path: Path
+) -> None:
+    """A trigger of migration 0011 (a user's contacts go with its summary and its user)
+    dropped, or on PostgreSQL disabled, fails ``provisioner check``'s store line, naming
+    it, what it breaks (contacts outliving their user) and the DDL that makes it again."""
+    config = _checked_config(db_url, tmp_path)
+    before = _store_check(config)
+    assert before[1], before
+    statement, named, ddl = _CONTACT_TRIGGER_LOST[backend]
+    _sql(engine, statement)
+    after = _store_check(config)
+    assert not after[1]
+    assert named in after[2]
+    assert "contacts outlive" in after[2]
+    assert ddl in after[2]
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_check_names_the_truncate_contact_trigger_dropped_on_postgresql(
+    engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """On PostgreSQL the contacts' TRUNCATE trigger dropped fails the store line too,
+    named with the row trigger's own problem when both are lost."""
+    config = _checked_config(db_url, tmp_path)
+    _sql(engine, "DROP TRIGGER trg_registration_summary_truncate ON registration_summary")
+    _sql(engine, "DROP TRIGGER trg_users_change ON users")
+    _, ok, detail = _store_check(config)
+    assert not ok
+    assert "trg_registration_summary_truncate (missing)" in detail
+    assert "trg_users_change (missing)" in detail
+
+
+#: Per contact trigger on MariaDB: its DDL (contact_rule.py's), the delete it then
+#: refuses, and how check names that delete.
+_CONTACT_TRIGGER_DDL = {
+    "trg_registration_summary_contacts": (
+        "CREATE TRIGGER trg_registration_summary_contacts AFTER DELETE ON "
+        "registration_summary FOR EACH ROW DELETE FROM registrations "
+        "WHERE user_id = OLD.user_id AND server = OLD.server",
+        "DELETE FROM registration_summary",
+        "deleting a registration summary",
+    ),
+    "trg_users_contacts": (
+        "CREATE TRIGGER trg_users_contacts AFTER DELETE ON users FOR EACH ROW "
+        "DELETE FROM registrations WHERE user_id = OLD.id",
+        "DELETE FROM users WHERE username = 'alice'",
+        "deleting a user",
+    ),
+}
+
+
+@pytest.mark.parametrize("trigger", sorted(_CONTACT_TRIGGER_DDL))
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+def test_check_names_a_contact_trigger_whose_definer_was_dropped_on_mariadb(
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path, trigger: str
+) -> None:
+    """On MariaDB, once the account that made a contact trigger (another than the change
+    triggers' definer) is dropped, the deletes that fire it are refused, and
+    ``provisioner check`` fails its store line naming the trigger, that definer and the
+    deletes refused, not every write to users (the change triggers' definer is there)."""
+    ddl, refused, named = _CONTACT_TRIGGER_DDL[trigger]
+    account = "prov_mig_" + uuid.uuid4().hex[:8]  # accounts are the server's, not the database's
+    database = db_url.rsplit("/", 1)[1]
+    _sql_url(db_url, f"CREATE USER '{account}'@'%' IDENTIFIED BY 'pw'")
+    try:
+        _sql_url(db_url, f"GRANT ALL ON `{database}`.* TO '{account}'@'%'")
+        _sql(engine, f"DROP TRIGGER {trigger}")
+        _sql_url(db_url.replace("root@", f"{account}:pw@"), ddl)
+        config = _checked_config(db_url, tmp_path)
+        before = _store_check(config)
+        assert before[1], before
+        _sql_url(db_url, f"DROP USER '{account}'@'%'")
+        _sql(
+            engine,
+            "INSERT INTO registration_summary (user_id, server, state, device_state, problem, "
+            "changed_at) VALUES (:i, 'pbx1', 'offline', '', '', '2026-01-01 00:00:00')",
+            i=_add(accounts, "alice"),
+        )
+        with pytest.raises(Exception, match="specified as a definer"):
+            _sql(engine, refused)
+        after = _store_check(config)
+    finally:
+        _sql_url(db_url, f"DROP USER IF EXISTS '{account}'@'%'")
+    assert not after[1]
+    assert f"{trigger} (definer {account}@%)" in after[2]
+    assert named in after[2]
+    assert "refused" in after[2]
+    assert "every write to users" not in after[2]
+
+
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 def test_applied_changes_are_pruned_without_a_full_reconcile(
     accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -7,17 +7,22 @@ process that has none (``sync --once``).
 
 from __future__ import annotations
 
+import asyncio
+import json
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from urllib.request import urlopen
 
 import pytest
 from sqlalchemy import Engine, select, text
+from structlog.testing import capture_logs
 
 from provisioner.accounts import Accounts, Policy
-from provisioner.applier import Applier
+from provisioner.applier import USER_DETAIL, Applier
 from provisioner.asterisk_conf import parse
 from provisioner.errors import MassRemovalRefused
 from provisioner.model import UNDECODED_RULE
@@ -388,3 +393,130 @@ def test_a_user_moved_onto_a_foreign_row_then_deleted_loses_its_kept_endpoint(
         assert daemon.users_changed([u1.id]).change.removed == (u1.extension,)
         assert _held(tmp_path, "realtime", engine, u1.extension) is None
         assert _held(tmp_path, "realtime", engine, "1999") is not None
+
+
+#: Agents another writer breaks at once: more than the applier logs one by one.
+BROKEN = 30
+
+
+def _break_agents(engine: Engine) -> None:
+    """Another writer gives every agent (u0..) an extension the rules refuse."""
+    _sql(engine, "UPDATE users SET extension = 'x' || id WHERE username LIKE 'u%'")
+
+
+def _warned(logs: list[Any]) -> list[str]:
+    return [e["event"] for e in logs if e["log_level"] == "warning"]
+
+
+def test_many_skipped_users_are_one_summary_logged_once(tmp_path: Path) -> None:
+    """Users another writer broke log ``sync.skipped`` for the first few new ones and then
+    one ``sync.skipped_users`` summary with the count and what to do, nothing at warning
+    level again while they stay broken (a reconcile, another user's edit), a mended
+    one at info level (``sync.skipped_cleared``), and the count stays exact."""
+    with _site(tmp_path, "config", count=BROKEN) as (engine, accounts):
+        daemon = _applier(tmp_path, "config", engine)
+        daemon.full()
+        u0 = accounts.get_user("u0")
+        _break_agents(engine)
+        with capture_logs() as logs:
+            first = daemon.full()
+        assert len(first.skipped) == BROKEN  # sync --once still prints every one
+        assert _warned(logs) == ["sync.skipped"] * USER_DETAIL + ["sync.skipped_users"]
+        [summary] = [e for e in logs if e["event"] == "sync.skipped_users"]
+        assert (summary["count"], summary["new"]) == (BROKEN, BROKEN)
+        assert summary["not_detailed"] == BROKEN - USER_DETAIL
+        assert summary["usernames"] == ["u0", "u1", "u2", "u3", "u4"]
+        assert "provisioner user edit" in summary["hint"]
+        assert daemon.skipped_now == BROKEN
+
+        with capture_logs() as logs:
+            daemon.full()
+            daemon.users_changed([accounts.get_user("root").id])
+        assert _warned(logs) == []
+        applied = [e for e in logs if e["event"] == "sync.applied"]
+        assert [e["skipped"] for e in applied] == [BROKEN, BROKEN]
+        assert daemon.skipped_now == BROKEN
+
+        _sql(engine, "UPDATE users SET extension = :e WHERE id = :i", e=u0.extension, i=u0.id)
+        with capture_logs() as logs:
+            daemon.users_changed([u0.id])
+        assert _warned(logs) == []
+        [cleared] = [e for e in logs if e["event"] == "sync.skipped_cleared"]
+        assert (cleared["log_level"], cleared["count"], cleared["usernames"]) == (
+            "info",
+            1,
+            ["u0"],
+        )
+        assert daemon.skipped_now == BROKEN - 1
+
+
+def test_a_skipped_user_broken_another_way_is_logged_again(tmp_path: Path) -> None:
+    """A skipped user whose row breaks another way (another rule) is logged again; one
+    purged while skipped is no longer counted."""
+    with _site(tmp_path, "config") as (engine, accounts):
+        daemon = _applier(tmp_path, "config", engine)
+        daemon.full()
+        u1 = accounts.get_user("u1")
+        _break(engine, "u1", "'10a1'")
+        daemon.users_changed([u1.id])
+        _break(engine, "u1", BAD_EXTENSIONS["not-utf8"][0])
+        with capture_logs() as logs:
+            daemon.users_changed([u1.id])
+        [again] = [e for e in logs if e["event"] == "sync.skipped"]
+        assert again["username"] == "u1"
+        assert daemon.skipped_now == 1
+        _sql(engine, "DELETE FROM users WHERE id = :i", i=u1.id)
+        daemon.users_changed([u1.id])
+        assert daemon.skipped_now == 0
+
+
+def test_the_daemon_logs_skipped_users_once_and_counts_them_all(tmp_path: Path) -> None:
+    """A daemon over many users another writer broke logs them as a few lines and one
+    summary at its first reconcile, nothing more at warning level through later ones,
+    and its health record and ``provisioner_users_skipped`` count every skipped user,
+    after another user's edit too."""
+    from .test_daemon_e2e import _start_daemon, _stop, _until, _write_config
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    config = _write_config(tmp_path, None)
+    settings = f"[daemon]\nreconcile_interval = 1.5\nmetrics_port = {port}"
+    config.write_text(config.read_text().replace("[daemon]", settings))
+    with _site(tmp_path, "config", count=BROKEN) as (engine, _accounts):
+        _applier(tmp_path, "config", engine).full()
+        _break_agents(engine)
+    log = tmp_path / "daemon.log"
+    health = tmp_path / "state" / "health.json"
+
+    def applied(full: bool) -> int:
+        return sum(
+            1
+            for line in log.read_text().splitlines()
+            if '"sync.applied"' in line and f'"full": {str(full).lower()}' in line
+        )
+
+    async def scenario() -> None:
+        daemon = await _start_daemon(config, log)
+        try:
+            await _until(lambda: applied(True) >= 2, 20)
+            synced = json.loads(health.read_text())["last_sync_at"]
+            store = open_engine(f"sqlite:///{tmp_path / 'store.db'}")
+            _sql(store, "UPDATE users SET full_name = 'Root R.' WHERE username = 'root'")
+            store.dispose()
+            await _until(lambda: json.loads(health.read_text())["last_sync_at"] != synced, 20)
+            # The edit's apply, well before the next reconcile (1.5 s on) counts anew.
+            assert applied(False) == 1
+            assert json.loads(health.read_text())["skipped"] == BROKEN
+            url = f"http://127.0.0.1:{port}/metrics"
+            metrics = await asyncio.to_thread(lambda: urlopen(url, timeout=5).read())
+            assert f"provisioner_users_skipped {BROKEN}.0" in metrics.decode()
+            await _until(lambda: applied(True) >= 3, 20)
+        finally:
+            assert await _stop(daemon) == 0
+
+    asyncio.run(scenario())
+    events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    warned = [e["event"] for e in events if e.get("level") == "warning"]
+    assert warned == ["sync.skipped"] * USER_DETAIL + ["sync.skipped_users"]
+    assert {e["skipped"] for e in events if e["event"] == "sync.applied"} == {BROKEN}

@@ -31,14 +31,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import ColumnElement, Connection, column, delete, func, or_, select, tuple_
-from sqlalchemy import table as table_clause
-from sqlalchemy.dialects import mysql, postgresql
+from sqlalchemy import ColumnElement, Connection, delete, func, or_, select
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite as sqlite_dialect
-from sqlalchemy.exc import DBAPIError
 
+from .contact_rule import CONTACT_RULE_TRIGGERS
 from .schema import changes
 from .state import load_state, put_state
+from .triggers import TRIGGERS, absent_or_silent, is_mysql, orphaned
 
 __all__ = [
     "NOTIFY_CHANNEL",
@@ -294,14 +294,9 @@ def _pg_triggers(function: str) -> list[str]:
     return out
 
 
-def _is_mysql(dialect: str) -> bool:
-    """True for MariaDB and MySQL (one trigger text serves both)."""
-    return dialect in (mysql.dialect.name, "mariadb")
-
-
 def _known(dialect: str) -> str:
     """``dialect``, or ValueError when it has no change triggers."""
-    if dialect in (sqlite_dialect.dialect.name, postgresql.dialect.name) or _is_mysql(dialect):
+    if dialect in (sqlite_dialect.dialect.name, postgresql.dialect.name) or is_mysql(dialect):
         return dialect
     raise ValueError(f"no change triggers for {dialect}")
 
@@ -314,7 +309,7 @@ def trigger_ddl(dialect: str, *, old_keys: bool = True) -> list[str]:
     """
     if _known(dialect) == postgresql.dialect.name:
         return _pg_triggers(_PG_FUNCTION if old_keys else _PG_FUNCTION_0002)
-    if _is_mysql(dialect):
+    if is_mysql(dialect):
         return _mysql_triggers() + (_mysql_key_triggers() if old_keys else [])
     return _sqlite_triggers() + (_sqlite_key_triggers() if old_keys else [])
 
@@ -324,7 +319,7 @@ def old_key_ddl(dialect: str) -> list[str]:
     changes a row's key (migration 0004)."""
     if _known(dialect) == postgresql.dialect.name:
         return [_PG_FUNCTION]
-    return _mysql_key_triggers() if _is_mysql(dialect) else _sqlite_key_triggers()
+    return _mysql_key_triggers() if is_mysql(dialect) else _sqlite_key_triggers()
 
 
 def drop_old_key_ddl(dialect: str) -> list[str]:
@@ -361,17 +356,6 @@ def drop_trigger_ddl(dialect: str) -> list[str]:
     ] + drop_old_key_ddl(dialect)
 
 
-_TRIGGERS = table_clause(
-    "TRIGGERS",
-    column("TRIGGER_NAME"),
-    column("TRIGGER_SCHEMA"),
-    column("EVENT_OBJECT_TABLE"),
-    column("DEFINER"),
-    schema="information_schema",
-)
-_ACCOUNTS = table_clause("user", column("User"), column("Host"), schema="mysql")
-
-
 def missing_definers(conn: Connection) -> list[str] | None:
     """MariaDB/MySQL: the definers (``user@host``) of the triggers on the watched tables
     that are no longer an account, sorted.  Such a trigger fails the statement that fires
@@ -381,29 +365,16 @@ def missing_definers(conn: Connection) -> list[str] | None:
 
     ``[]``: every definer exists.  None: it cannot be told (another database; triggers
     hidden from an account without the TRIGGER privilege; ``mysql.user`` not readable).
-    Read-only: a write would tell only by failing, and one rolled back still leaves the
-    change ids it took as a gap the daemon waits on."""
-    if not _is_mysql(conn.dialect.name):
-        return None
+    The contacts' cascade's trigger on ``users`` is not one of them: its definer gone
+    refuses only deletes (:func:`.contact_rule.contact_rule_orphans` tells it).
+    Read-only (:mod:`.triggers`)."""
     watched = [name for name, _, _ in _WATCHED]
-    query = select(_TRIGGERS.c.DEFINER).where(
-        func.database() == _TRIGGERS.c.TRIGGER_SCHEMA,
-        _TRIGGERS.c.EVENT_OBJECT_TABLE.in_(watched),
+    gone = orphaned(
+        conn,
+        TRIGGERS.c.EVENT_OBJECT_TABLE.in_(watched)
+        & TRIGGERS.c.TRIGGER_NAME.not_in(CONTACT_RULE_TRIGGERS["mysql"]),
     )
-    definers = {str(d) for d in conn.execute(query.distinct()).scalars()}
-    accounts = {tuple(d.rsplit("@", 1)) for d in definers if "@" in d}
-    if not accounts:
-        return None
-    try:
-        found = conn.execute(
-            select(_ACCOUNTS.c.User, _ACCOUNTS.c.Host).where(
-                tuple_(_ACCOUNTS.c.User, _ACCOUNTS.c.Host).in_(sorted(accounts))
-            )
-        ).all()
-    except DBAPIError:
-        return None  # no right to read the accounts: the caller says it could not tell
-    existing = {f"{user}@{host}" for user, host in found}
-    return sorted(d for d in definers if "@" in d and d not in existing)
+    return None if gone is None else sorted(set(gone.values()))
 
 
 def _trigger_names(dialect: str) -> list[str]:
@@ -417,15 +388,6 @@ def _trigger_names(dialect: str) -> list[str]:
     return names
 
 
-_SQLITE_MASTER = table_clause("sqlite_master", column("type"), column("name"))
-_PG_TRIGGER = table_clause(
-    "pg_trigger", column("tgname"), column("tgenabled"), column("tgrelid"), schema="pg_catalog"
-)
-#: pg_trigger.tgenabled of a trigger that does not fire in ordinary sessions: disabled,
-#: or firing only in replica ones.
-_PG_SILENT = ("D", "R")
-
-
 def trigger_problems(conn: Connection) -> list[str] | None:
     """The change feed's triggers that are missing (``"<name> (missing)"``) or, on
     PostgreSQL, disabled (``"<name> (disabled)"``), in the store ``conn`` reads: writes
@@ -433,29 +395,7 @@ def trigger_problems(conn: Connection) -> list[str] | None:
 
     ``[]``: all there.  None: it cannot be told (MariaDB/MySQL show an account without
     the TRIGGER privilege no trigger at all)."""
-    dialect = conn.dialect.name
-    expected = _trigger_names(dialect)
-    if dialect == postgresql.dialect.name:
-        found = dict(
-            conn.execute(
-                select(_PG_TRIGGER.c.tgname, _PG_TRIGGER.c.tgenabled).where(
-                    _PG_TRIGGER.c.tgname.in_(expected),
-                    func.pg_table_is_visible(_PG_TRIGGER.c.tgrelid),
-                )
-            ).all()
-        )
-        silent = [f"{name} (disabled)" for name in expected if found.get(name) in _PG_SILENT]
-        return [f"{name} (missing)" for name in expected if name not in found] + silent
-    if _is_mysql(dialect):
-        query = select(_TRIGGERS.c.TRIGGER_NAME).where(
-            func.database() == _TRIGGERS.c.TRIGGER_SCHEMA
-        )
-    else:
-        query = select(_SQLITE_MASTER.c.name).where(_SQLITE_MASTER.c.type == "trigger")
-    there = set(conn.execute(query).scalars())
-    if not there and _is_mysql(dialect):
-        return None
-    return [f"{name} (missing)" for name in expected if name not in there]
+    return absent_or_silent(conn, _trigger_names(conn.dialect.name))
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,26 @@ Per database:
   included);
 - MariaDB/MySQL: the same, and one on ``users``: InnoDB's cascades fire no trigger.
 
-The DDL is constant text (no input is ever formatted into it).
+The DDL is constant text (no input is ever formatted into it).  A trigger lost (a
+restore that left it out, ``ALTER TABLE … DISABLE TRIGGER``) or, on MariaDB/MySQL, one
+whose definer account was dropped is told by :func:`contact_rule_problems` and
+:func:`contact_rule_orphans` (``provisioner check``).
 """
 
 from __future__ import annotations
 
-__all__ = ["CONTACT_RULE_TRIGGERS", "contact_rule_ddl", "drop_contact_rule_ddl"]
+from sqlalchemy import Connection
+
+from .triggers import TRIGGERS, absent_or_silent, orphaned
+
+__all__ = [
+    "CONTACT_RULE_TRIGGERS",
+    "contact_rule_ddl",
+    "contact_rule_orphans",
+    "contact_rule_problems",
+    "ddl_family",
+    "drop_contact_rule_ddl",
+]
 
 _FORGET = "DELETE FROM registrations WHERE user_id = OLD.user_id AND server = OLD.server"
 
@@ -54,8 +68,9 @@ CONTACT_RULE_TRIGGERS = {
 }
 
 
-def _family(dialect: str) -> str:
-    """``dialect`` as a key of :data:`CONTACT_RULE_TRIGGERS` (MariaDB is ``mysql``)."""
+def ddl_family(dialect: str) -> str:
+    """``dialect`` as a key of :data:`CONTACT_RULE_TRIGGERS` and the name of its DDL file
+    (``sql/store/<family>.sql``; MariaDB is ``mysql``); ValueError for another."""
     family = "mysql" if dialect == "mariadb" else dialect
     if family not in CONTACT_RULE_TRIGGERS:
         raise ValueError(f"no contact rule for {dialect}")
@@ -64,7 +79,7 @@ def _family(dialect: str) -> str:
 
 def contact_rule_ddl(dialect: str) -> list[str]:
     """The statements that make a summary's deletion (and a user's) delete its contacts."""
-    family = _family(dialect)
+    family = ddl_family(dialect)
     if family == "postgresql":
         return [
             _PG_FUNCTION,
@@ -90,7 +105,7 @@ def contact_rule_ddl(dialect: str) -> list[str]:
 
 def drop_contact_rule_ddl(dialect: str) -> list[str]:
     """The statements that undo :func:`contact_rule_ddl`."""
-    family = _family(dialect)
+    family = ddl_family(dialect)
     if family == "postgresql":
         return [
             "DROP TRIGGER IF EXISTS trg_registration_summary_contacts ON registration_summary",
@@ -98,3 +113,20 @@ def drop_contact_rule_ddl(dialect: str) -> list[str]:
             "DROP FUNCTION IF EXISTS provisioner_forget_contacts()",
         ]
     return [f"DROP TRIGGER IF EXISTS {name}" for name in CONTACT_RULE_TRIGGERS[family]]
+
+
+def contact_rule_problems(conn: Connection) -> list[str] | None:
+    """The contact rule's triggers missing (``"<name> (missing)"``) or, on PostgreSQL,
+    disabled (``"<name> (disabled)"``) in the store ``conn`` reads: a user or summary
+    deleted meanwhile leaves its contacts behind.  ``[]``: all there; None: it cannot be
+    told (MariaDB/MySQL show an account without the TRIGGER privilege no trigger)."""
+    names = CONTACT_RULE_TRIGGERS[ddl_family(conn.dialect.name)]
+    return absent_or_silent(conn, names)
+
+
+def contact_rule_orphans(conn: Connection) -> dict[str, str] | None:
+    """MariaDB/MySQL: the contact rule's triggers whose definer is no longer an account,
+    each to that definer: the deletes that fire them are refused.  ``{}``: none; None:
+    it cannot be told (another database, or see :func:`.triggers.orphaned`)."""
+    names = CONTACT_RULE_TRIGGERS[ddl_family(conn.dialect.name)]
+    return orphaned(conn, TRIGGERS.c.TRIGGER_NAME.in_(names))
