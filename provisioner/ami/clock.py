@@ -91,24 +91,17 @@ class AsteriskClock:
 
     def see_text(self, text: str, arrived: float) -> None:
         """:meth:`see` of a ``Timestamp`` header's text (anything not a number ignored).
-        The event path's call: one call, no second for the number."""
+        Called once per socket read, not per event: the second call costs nothing."""
         try:
             stamp = float(text)
         except ValueError:
             return
-        if not 0.0 <= stamp <= _LAST_EPOCH:  # False for NaN
-            return
-        sample = stamp - arrived
-        if arrived >= self._ends:
-            self._roll(arrived)
-        if sample > self._current:
-            self._current = sample
-            self._check()
+        self.see(stamp, arrived)
 
     def see(self, stamp: float, arrived: float) -> None:
         """Take ``stamp`` (Asterisk's epoch seconds), seen at ``arrived`` (this host's
         epoch seconds, read after the stamp's bytes were)."""
-        if not 0.0 <= stamp <= _LAST_EPOCH:
+        if not 0.0 <= stamp <= _LAST_EPOCH:  # False for NaN
             return
         sample = stamp - arrived
         if arrived >= self._ends:
