@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
+from collections.abc import MutableMapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, func, select, text
+from structlog.testing import capture_logs
 
 from provisioner.accounts import Accounts
 from provisioner.checks import Check, run_checks
 from provisioner.config import load_config
+from provisioner.health import read_health
 from provisioner.store.schema import changes
 
-from .helpers import Cli, make_cli
+from .helpers import Cli, local_daemon, make_cli
 
 #: Per backend: a DBA's statements that lose two triggers (a change trigger and a
 #: contact trigger), and how ``db repair`` names them.
@@ -172,3 +178,46 @@ def test_repair_remakes_triggers_whose_definer_is_gone_on_mariadb(
         assert noted > 0
     finally:
         root.dispose()
+
+
+_Logs = list[MutableMapping[str, Any]]
+
+
+def test_the_daemon_tells_lost_triggers_once_per_change_and_in_its_health(
+    tmp_path: Path,
+) -> None:
+    """A full reconcile that finds a trigger lost logs ``store.triggers_missing`` (once
+    while the set stays the same) naming it and ``provisioner db repair``, and puts it in
+    the health record check reads; once repaired, the next one logs it mended and clears
+    the record."""
+    daemon = local_daemon(tmp_path)
+    state = tmp_path / "state"
+
+    async def run() -> tuple[_Logs, list[str], _Logs]:
+        _sql(daemon.engine, "DROP TRIGGER trg_users_update")
+        with capture_logs() as lost_logs:
+            await daemon._run(daemon._full)
+            await daemon._run(daemon._full)
+        daemon.health.ready = True
+        daemon._write_health()
+        health = read_health(state)
+        assert health is not None
+        problems = health.problems(time.time(), max_age=60.0)
+        _cli(str(daemon.engine.url), tmp_path).ok("db", "repair")
+        with capture_logs() as mended_logs:
+            await daemon._run(daemon._full)
+        return lost_logs, problems, mended_logs
+
+    try:
+        lost_logs, problems, mended_logs = asyncio.run(run())
+    finally:
+        daemon.engine.dispose()
+    told = [e for e in lost_logs if e["event"] == "store.triggers_missing"]
+    assert len(told) == 1, told
+    assert told[0]["log_level"] == "warning"
+    assert told[0]["triggers"] == ["trg_users_update (missing)"]
+    assert told[0]["repair"] == "provisioner db repair"
+    assert [p for p in problems if "trg_users_update (missing)" in p and "db repair" in p]
+    events = [e["event"] for e in mended_logs if e["event"].startswith("store.triggers")]
+    assert events == ["store.triggers_restored"]
+    assert daemon.health.triggers_lost == []
