@@ -30,6 +30,7 @@ from .store.changefeed import missing_definers, trigger_problems
 from .store.contact_rule import contact_rule_orphans, contact_rule_problems, ddl_family
 from .store.engine import driver_error, open_store_engine, sqlite_file
 from .store.migrate import current_revision, head_revision, known_revision
+from .store.repair import REPAIR_COMMAND
 from .store.schema import users
 
 if TYPE_CHECKING:
@@ -129,8 +130,8 @@ def _orphaned_contact_triggers(gone: dict[str, str]) -> str:
     return (
         f"contact trigger {named}: that definer is no longer an account, so {refused} is "
         'refused ("The user specified as a definer does not exist"); create that account '
-        "again (with DELETE on registrations), or re-create the trigger as an existing one "
-        "(its CREATE TRIGGER statement of sql/store/mysql.sql, after its DROP TRIGGER)"
+        "again (with DELETE on registrations), or re-create the trigger as an existing one: "
+        f"run '{REPAIR_COMMAND}' as that account"
     )
 
 
@@ -139,8 +140,8 @@ def _lost_contact_triggers(problems: Sequence[str], family: str) -> str:
     return (
         f"contact trigger {', '.join(problems)}: contacts outlive the user or registration "
         "summary deleted meanwhile (a purge, another application, a DBA), kept in the store "
-        f"for good; re-create or enable it as sql/store/{family}.sql does (also printed by "
-        f"'provisioner db ddl --dialect {family}')"
+        f"for good; run '{REPAIR_COMMAND}' (or re-create or enable it as "
+        f"sql/store/{family}.sql does)"
     )
 
 
@@ -149,8 +150,8 @@ def _orphaned_triggers(definers: Sequence[str]) -> str:
     return (
         f"the change triggers' definer {', '.join(definers)} is no longer an account: "
         "every write to users, attributes and profiles is refused; create that account "
-        "again (with INSERT on changes), or re-create the triggers as an existing one "
-        "(the CREATE TRIGGER statements of sql/store/mysql.sql, each after its DROP TRIGGER)"
+        "again (with INSERT on changes), or re-create the triggers as an existing one: "
+        f"run '{REPAIR_COMMAND}' as that account"
     )
 
 
@@ -158,7 +159,7 @@ def _silent_triggers(problems: Sequence[str]) -> str:
     """What a store whose change feed lost a trigger needs."""
     return (
         f"change feed trigger {', '.join(problems)}: edits through it reach the daemon "
-        "only at its next full reconcile; re-create or enable it as sql/store/ does"
+        f"only at its next full reconcile; run '{REPAIR_COMMAND}'"
     )
 
 

@@ -243,6 +243,40 @@ def db_upgrade(app: App) -> None:
     click.echo(f"store at revision {after}" + ("" if before == after else f" (was {before})"))
 
 
+@db.command("repair")
+@click.option("--dry-run", is_flag=True, help="Print what would be done; change nothing.")
+@pass_app
+def db_repair(app: App, dry_run: bool) -> None:
+    """Re-create the store's lost triggers (missing, disabled, or whose MariaDB/MySQL
+    definer is gone) as 'db upgrade' made them, as the connecting account; one
+    transaction on PostgreSQL and SQLite.  Running it again does nothing."""
+    from .store.migrate import current_revision, head_revision
+    from .store.repair import apply_repair, plan_repair
+
+    app.needs_existing_store()
+    engine = app.accounts.engine
+    revision = current_revision(engine)
+    if revision != head_revision():
+        raise StoreUnavailable(
+            f"schema at {revision or 'none'}, expected {head_revision()}: "
+            "run 'provisioner db upgrade' (it makes the triggers too)"
+        )
+    with engine.begin() as conn:
+        fixes = plan_repair(conn)
+        if not dry_run:
+            apply_repair(conn, fixes)
+    verb = "would re-create" if dry_run else "re-created"
+    for fix in fixes:
+        click.echo(f"{verb} {fix.trigger} ({fix.problem})")
+        if dry_run:
+            for statement in fix.statements:
+                click.echo(f"  {statement.splitlines()[0]}")
+    if not fixes:
+        click.echo("no trigger lost: nothing to do")
+    elif not dry_run:
+        log.info("db.triggers_repaired", triggers=[f.trigger for f in fixes])
+
+
 @db.command("ddl")
 @click.option("--dialect", type=click.Choice(["sqlite", "postgresql", "mysql"]), required=True)
 def db_ddl(dialect: str) -> None:

@@ -77,6 +77,7 @@ from .store.engine import (
     transaction,
 )
 from .store.registrations import forget_other_servers
+from .store.repair import REPAIR_COMMAND, lost_triggers
 from .store.runlock import DaemonLock, PreviousSessionHolds
 from .store.untold import drop_untold, new_token, note_untold, untold_key
 from .targets import Change, Target
@@ -918,6 +919,8 @@ class Daemon:
             self._hand_untold()
             self._woken_while_applying = self.wake.is_set()
             self._succeeded(kind, result)
+            if kind == "full":
+                await self._check_triggers()
             if self._unsaved is not None:
                 ids, self._unsaved = self._unsaved, None
                 await in_worker(self._advance, ids)
@@ -1073,6 +1076,30 @@ class Daemon:
             self.health.conflicts = self.applier.conflicted
             if self.pbx is not None and self.health.ready and _owes_asterisk(result.change):
                 self.pbx.applied(result.change, target_kind=self.config.target.kind)
+
+    async def _check_triggers(self) -> None:
+        """Read (never mend: the daemon's account may not create triggers) which of the
+        store's triggers are lost, in a worker thread; a change of that set is logged,
+        ``store.triggers_missing`` (warning, naming them and the repair command) or
+        ``store.triggers_restored``, and kept in the health record.  A store that does
+        not answer keeps the last set, and says so (``store.triggers_unchecked``)."""
+        try:
+            lost = await in_worker(self._lost_triggers)
+        except DBAPIError as exc:
+            log.warning("store.triggers_unchecked", error=driver_error(exc))
+            return
+        if lost == self.health.triggers_lost:
+            return
+        self.health.triggers_lost = lost
+        if lost:
+            log.warning("store.triggers_missing", triggers=lost, repair=REPAIR_COMMAND)
+        else:
+            log.info("store.triggers_restored")
+
+    def _lost_triggers(self) -> list[str]:
+        """:func:`~.store.repair.lost_triggers` of the store.  Blocking."""
+        with self.engine.connect() as conn:
+            return lost_triggers(conn)
 
     def _hand_untold(self) -> None:
         """Tell the AMI side, once, of the markers the first apply found: the caches may

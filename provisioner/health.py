@@ -55,6 +55,9 @@ class Health:
     #: When the apply in progress started, once it has run longer than
     #: ``daemon.stuck_after`` (stuck on the store or the target); None otherwise.
     apply_stuck_since: float | None = None
+    #: The store's lost triggers (``"<name> (<problem>)"``) as the last full reconcile
+    #: found them: edits by other writers reach Asterisk only at the next full one.
+    triggers_lost: list[str] = field(default_factory=list)
 
     def problems(self, now: float, max_age: float) -> list[str]:
         """Why this record is unhealthy (empty when healthy); a stopped daemon's record
@@ -73,6 +76,11 @@ class Health:
             out.append(
                 f"an apply has run for {now - self.apply_stuck_since:.0f} s"
                 " (longer than daemon.stuck_after): stuck on the store or the target?"
+            )
+        if self.triggers_lost:
+            out.append(
+                f"store trigger {', '.join(self.triggers_lost)}: other writers' edits go live"
+                " only at the next full reconcile; run 'provisioner db repair'"
             )
         if now - self.updated_at > max_age:
             out.append(f"record is {now - self.updated_at:.0f} s old (daemon stuck or stopped?)")
@@ -222,6 +230,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "asterisk": (dict,),
     "stopped_at": (int, float, type(None)),
     "apply_stuck_since": (int, float, type(None)),
+    "triggers_lost": (list,),
 }
 
 
@@ -248,6 +257,8 @@ def read_health(state_dir: Path) -> Health | None:
             raise HealthUnreadable(f"{key} is a JSON {type(value).__name__}")
     for server, state in values.get("asterisk", {}).items():
         _check_server(server, state)
+    if not all(isinstance(name, str) for name in values.get("triggers_lost", [])):
+        raise HealthUnreadable("triggers_lost holds a value that is not a string")
     return Health(**values)
 
 
