@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Generic, TypeVar
 
 from sqlalchemy import Engine
@@ -170,6 +171,10 @@ class Applied:
     provisioned: int = 0
 
 
+#: Who an endpoint was applied for: the user's id, when it was created, its username.
+Owner = tuple[int, datetime | None, str]
+
+
 @dataclass
 class Applier:
     """Renders users and applies them to ``target``; holds the last rendered set in memory."""
@@ -187,10 +192,15 @@ class Applier:
     #: endpoint id -> how many users' entries in ``objects`` or ``kept`` hold it (more
     #: than one only briefly, while an extension moved in the store is not yet re-rendered).
     holders: Counter[str] = field(default_factory=Counter, init=False, repr=False)
-    #: endpoint id -> the username its objects were last applied for, kept after the
-    #: endpoint is removed: an extension given to another user (or a renamed user) is
-    #: then told apart from its owner coming back (see :meth:`_owned`).
-    owners: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    #: endpoint id -> the owner its objects were last applied for (:data:`Owner`: user
+    #: id, when the user was created, username), kept after the endpoint is removed: an
+    #: extension given to another user (or a renamed user, or a user purged and added
+    #: again under its username) is then told apart from its owner coming back (see
+    #: :meth:`_owned`).
+    owners: dict[str, Owner] = field(default_factory=dict, init=False, repr=False)
+    #: user id -> when the user was created, for each user last read: with the id, who
+    #: the user is (SQLite gives a purged newest user's id to the next user added).
+    _born: dict[int, datetime | None] = field(default_factory=dict, init=False, repr=False)
     #: The users whose objects a foreign row blocks, by username, as the last apply that
     #: looked at each found them.
     _conflicts: Troubles[str] = field(
@@ -208,6 +218,7 @@ class Applier:
         never takes a phone away, see :meth:`_last_good`), and the skipped users by id."""
         with reading(self.engine) as conn:
             users = q.load_users(conn, deleted=False)
+        self._born = {user.id: user.created_at for user in users}
         objects: dict[int, UserObjects] = {}
         broken: list[User] = []
         skipped: dict[int, Skipped] = {}
@@ -293,7 +304,7 @@ class Applier:
                 log.info("sync.reread", read=read, read_at=stale.read_at, now=stale.now)
                 continue
             break
-        change = self._owned(change, objects.values())
+        change = self._owned(change, objects.items())
         kept.update(_kept_for(change, objects))
         self.objects, self.kept, self.synced = objects, kept, True
         self._reindex()
@@ -330,6 +341,8 @@ class Applier:
         ids = sorted(set(user_ids))
         with reading(self.engine) as conn:
             found = {u.id: u for u in q.load_users(conn, ids=ids, deleted=None)}
+        for uid in ids:
+            _put(self._born, uid, found[uid].created_at if uid in found else None)
         # Only these users' entries are computed (None: nothing for that user); memory is
         # updated in place once the target took them, so one edit costs O(1), not O(users).
         objects: dict[int, UserObjects | None] = {}
@@ -368,7 +381,7 @@ class Applier:
         looked_at = {o.username for o in objects.values() if o is not None}
         looked_at.update(o.username for i in ids if (o := self.objects.get(i)) is not None)
         change = self._apply_some(ids, objects, kept, by_these)
-        change = self._owned(change, (o for i in ids if (o := objects[i]) is not None))
+        change = self._owned(change, ((i, o) for i in ids if (o := objects[i]) is not None))
         kept.update(_kept_for(change, objects))
         for uid in ids:
             self._index(uid, add=False)
@@ -426,25 +439,27 @@ class Applier:
         gone = [e for e in sorted(by_these.keys() - wanted) if self.holders[e] <= by_these[e]]
         return self.target.apply_partial(upserts, gone)
 
-    def _owned(self, change: Change, applied: Iterable[UserObjects]) -> Change:
-        """``change`` (which applied the objects ``applied``) naming in ``reowned``, besides
-        those the target found renamed in what it held, each endpoint it added or updated
-        for another username than the one last applied to it (removed in between, so the
-        target held nothing to compare): the phone registered under the previous owner's
-        credentials must not keep taking its calls.  Each applied endpoint's owner is
-        remembered from now on (one a foreign row blocked is not: provisioner did not
-        write it)."""
+    def _owned(self, change: Change, applied: Iterable[tuple[int, UserObjects]]) -> Change:
+        """``change`` (which applied the objects ``applied``, by user id) naming in
+        ``reowned``, besides those the target found renamed in what it held, each endpoint
+        it added or updated for another owner than the one last applied to it: another
+        user (by id and creation time: one purged and added again under the same username
+        is another user), or a new username (removed in between, so the target held
+        nothing to compare): the phone registered under the previous owner's credentials
+        must not keep taking its calls.  Each applied endpoint's owner is remembered from
+        now on (one a foreign row blocked is not: provisioner did not write it)."""
         written = {*change.added, *change.updated}
         blocked = set(change.conflicts)
         reowned = list(change.reowned)  # the target's: renamed in what it held
-        for obj in applied:
+        for uid, obj in applied:
             endpoint_id = obj.endpoint_id
             if endpoint_id in blocked:
                 continue
+            owner = (uid, self._born.get(uid), obj.username)
             last = self.owners.get(endpoint_id)
-            if last is not None and last != obj.username and endpoint_id in written:
+            if last is not None and last != owner and endpoint_id in written:
                 reowned.append(endpoint_id)  # given to another user since it was removed
-            self.owners[endpoint_id] = obj.username
+            self.owners[endpoint_id] = owner
         if not reowned:
             return change
         log.info("sync.reowned", endpoints=len(set(reowned)))

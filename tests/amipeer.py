@@ -289,6 +289,12 @@ class FakeAsterisk:
         self.drop_on: set[str] = set()  # close the connection on receiving these actions
         self.silent = False  # read and record, never answer (a half-open peer)
         self.prefer: dict[str, str] = {}  # action name -> text its replayed answer must hold
+        #: (action name in lower case, a header value it carries) -> the ``Message`` of the
+        #: ``Response: Error`` it gets instead of its answer: Asterisk refusing one action.
+        self.refuse: dict[tuple[str, str], str] = {}
+        #: ``PJSIPShowContacts`` lists every contact in astdb, from all recorded lists at
+        #: once (each recorded list holds one phone: 1001's or 2001's).
+        self.merge_contact_lists = False
         #: Action name (lower case) -> list items its answer holds: the recorded answer's
         #: first item repeated, endpoint numbered (a list of that many contacts).
         self.list_items: dict[str, int] = {}
@@ -520,6 +526,10 @@ class FakeAsterisk:
                 return self._error(action, "A reload is in progress")
             await asyncio.sleep(self.reload_delay)
         await asyncio.sleep(self.delays.get(name, 0.0))
+        values = {value for _, value in action.headers}
+        for (refused, value), message in self.refuse.items():
+            if refused == name and value in values:
+                return self._error(action, message)
         if name == "dbdel":
             # README: DBDel Family registrar Key contact/<aor>;@<hash> -> Key deleted successfully.
             key = action.get("Key")
@@ -615,11 +625,29 @@ class FakeAsterisk:
         recorded ``No Contacts found`` when astdb holds none."""
         if not self.astdb:
             return [e for e in candidates if b"No Contacts found" in e.reply] or candidates
+        if self.merge_contact_lists:
+            return [self._merged_contacts(candidates)]
         for exchange in candidates:
             names = re.findall(rb"ObjectName: ([^\r\n]*;@[0-9a-f]+)", exchange.reply)
             if names and all("contact/" + n.decode() in self.astdb for n in names):
                 return [exchange]
         return candidates
+
+    def _merged_contacts(self, candidates: list[Exchange]) -> Exchange:
+        """One contact list of every recorded contact still in astdb (each once), framed
+        as the first recorded list, ``ListItems`` told anew."""
+        items: dict[bytes, bytes] = {}
+        frame: list[bytes] = []
+        for exchange in candidates:
+            messages = [m + b"\r\n\r\n" for m in exchange.reply.split(b"\r\n\r\n") if m.strip()]
+            for message in messages:
+                name = re.search(rb"ObjectName: ([^\r\n]*;@[0-9a-f]+)", message)
+                if name and "contact/" + name.group(1).decode() in self.astdb:
+                    items.setdefault(name.group(1), message)
+            if not frame and b"ContactListComplete" in exchange.reply:
+                frame = [messages[0], messages[-1]]
+        tail = re.sub(rb"ListItems: \d+", b"ListItems: %d" % len(items), frame[1])
+        return Exchange("merged", (), frame[0] + b"".join(items.values()) + tail)
 
     def _recorded_keys_by_uri(self) -> dict[bytes, str]:
         """Each recorded contact's astdb key by its URI (ContactList events hold both)."""

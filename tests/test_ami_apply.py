@@ -525,6 +525,53 @@ def test_a_removal_during_an_expiry_lookup_deletes_by_name_without_listing(
     assert listed == 0
 
 
+OTHER_KEY = "contact/2001;@258051625f000c138c3aa701ea725404"
+BOTH_REMOVED = Change(
+    removed=("1001", "2001"),
+    changed_objects=(("endpoint", "1001"), ("endpoint", "2001")),
+    wrote=True,
+)
+
+
+def test_one_owed_action_asterisk_refuses_drops_only_itself_when_the_server_is_back(
+    store: Engine,
+) -> None:
+    """Removals and expiries owed while Asterisk is down are paid when it is back, each
+    on its own: the DBDel and the expiry it refuses (one of each of two users) are logged
+    as refused (``ami.owed_refused``, naming what) and dropped, and the other user's
+    contact is still deleted and its object expired, nothing left owed."""
+
+    async def scenario() -> tuple[list[str], list[str], bool, list[MutableMapping[str, Any]]]:
+        peer = FakeAsterisk()
+        peer.merge_contact_lists = True  # both phones registered, listed at once
+        peer.refuse = {
+            ("dbdel", CONTACT_KEY): "Permission denied",
+            ("sorcerymemorycacheexpireobject", "1001"): "Permission denied",
+        }
+        await peer.start()
+        await peer.stop()  # its port known, nothing listening on it
+        link = _link(peer)
+        pbx = AmiPbx([link], store, "realtime")
+        with capture_logs() as logs:
+            try:
+                async with running(pbx):
+                    pbx.applied(BOTH_REMOVED, target_kind="realtime")
+                    await eventually(lambda: len(link.owed.removals) == 2)
+                    await peer.start()
+                    await eventually(lambda: bool(peer.actions("Reload")) and not link.owed)
+                    return _deleted(peer), _expired(peer), bool(link.owed), logs
+            finally:
+                await peer.stop()
+
+    deleted, expired, owed, logs = run(scenario())
+    assert OTHER_KEY in deleted
+    assert "2001" in expired
+    assert not owed
+    refused = {(e["what"], e["item"]) for e in logs if e["event"] == "ami.owed_refused"}
+    assert ("expire", "1001") in refused
+    assert any(what == "remove_contact" and "1001;@" in item for what, item in refused)
+
+
 def test_a_removal_the_action_validator_refuses_is_logged_and_the_change_goes_on(
     store: Engine,
 ) -> None:

@@ -39,6 +39,7 @@ from provisioner.store.schema import changes, user_attributes
 from provisioner.targets.configfile import ConfigFileTarget
 
 from .amipeer import FakeAsterisk, eventually
+from .conftest import FakeClock
 
 
 def _changes(engine: Engine, after: int = 0) -> list[tuple[str, int, str]]:
@@ -423,6 +424,41 @@ def test_an_extension_given_to_another_user_is_named_reowned(
         assert moved.reowned == ()
         _sql(engine, "UPDATE users SET extension = :e WHERE username = 'alice'", e=carol)
         assert _apply_changes(daemon).change.reowned == (carol,)
+    finally:
+        daemon.engine.dispose()
+
+
+def test_a_user_purged_and_added_again_under_its_username_is_a_new_owner_of_its_extension(
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path, clock: FakeClock
+) -> None:
+    """A user deleted, purged and added again under the same username, landing on the
+    same extension, is another user (another id, or on SQLite the purged newest user's
+    id again but created later): its endpoint is named in ``reowned``, whether the purge
+    was applied before the new user or in the same apply, so the removal owed for the
+    old user's phone is not cancelled by the new user's endpoint."""
+    _add(accounts, "alice")
+    _add(accounts, "bob")
+    alice = accounts.get_user("alice").extension
+    daemon = _daemon(engine, db_url, tmp_path)
+    try:
+        for apart in (True, False):
+            accounts.delete(["alice"])
+            accounts.purge(["alice"])
+            if apart:
+                assert _apply_changes(daemon).change.removed == (alice,)
+            clock.advance(minutes=5)
+            accounts.add_user(
+                {
+                    "username": "alice",
+                    "full_name": "Alice Again",
+                    "email": "alice@example.com",
+                    "profile": "agents",
+                    "extension": alice,
+                }
+            )
+            change = _apply_changes(daemon).change
+            assert alice in (*change.added, *change.updated)
+            assert change.reowned == (alice,)
     finally:
         daemon.engine.dispose()
 

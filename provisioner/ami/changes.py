@@ -782,7 +782,11 @@ async def pay(link: Link) -> None:
     """Send what is owed to this server, oldest first, until an action fails for the
     connection's sake (the rest would fail alike): that one and the rest stay owed.
     One Asterisk refuses (``Response: Error``), or the action validator does, is logged
-    and dropped: sent again, it would be refused again."""
+    and dropped alone, the others still sent: each expiry and each contact's DBDel
+    stands on its own (a contact listing refused drops the removals it was for).  A
+    refusal is not retried: Asterisk refuses these only for good (no such cache, a
+    privilege missing, a value it cannot take); a busy reload is retried by the reload
+    coordinator, which owns reloads."""
     owed = link.owed
     try:
         if owed.expire_all or len(owed.expiries) > EXPIRE_ALL_OVER:
@@ -903,8 +907,15 @@ async def _remove_known(link: Link, removed: Collection[str]) -> bool:
 
 
 async def _remove_one(link: Link, aor: str, object_name: str) -> bool:
-    """DBDel one contact; whether astdb held it.  The book forgets it either way."""
-    deleted = await link.ops.remove_contact_object(object_name)
+    """DBDel one contact; whether astdb held it.  The book forgets it either way, but for
+    a DBDel refused (logged ``ami.owed_refused`` and dropped alone, so the other owed
+    contacts are still deleted): astdb keeps that one, and True is answered, as a
+    listing would only find it and be refused again."""
+    deleted: bool | None = None
+    with _refusal_logged(link, "remove_contact", object_name):
+        deleted = await link.ops.remove_contact_object(object_name)
+    if deleted is None:
+        return True
     log.info("registration.removed", server=link.name, aor=aor, deleted=deleted)
     link.forget_contact(aor, object_name)
     return deleted
