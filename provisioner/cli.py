@@ -247,8 +247,9 @@ def db_upgrade(app: App) -> None:
 @click.option("--dry-run", is_flag=True, help="Print what would be done; change nothing.")
 @pass_app
 def db_repair(app: App, dry_run: bool) -> None:
-    """Re-create the store's lost triggers (missing, disabled, or whose MariaDB/MySQL
-    definer is gone) as 'db upgrade' made them, as the connecting account; one
+    """Re-create the store's lost triggers (missing, disabled, a PostgreSQL change-feed
+    one left at plain ENABLE, or whose MariaDB/MySQL definer is gone) as 'db upgrade'
+    made them, as the connecting account; one
     transaction on PostgreSQL and SQLite.  Running it again does nothing."""
     from .store.migrate import current_revision, head_revision
     from .store.repair import apply_repair, plan_repair
