@@ -13,6 +13,7 @@ import json
 import os
 import re
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -47,6 +48,7 @@ from .sync import SyncReport
 
 if TYPE_CHECKING:
     from .importer import FileKind
+    from .pjsip import Skipped
 
 __all__ = ["main"]
 
@@ -247,8 +249,9 @@ def db_upgrade(app: App) -> None:
 @click.option("--dry-run", is_flag=True, help="Print what would be done; change nothing.")
 @pass_app
 def db_repair(app: App, dry_run: bool) -> None:
-    """Re-create the store's lost triggers (missing, disabled, or whose MariaDB/MySQL
-    definer is gone) as 'db upgrade' made them, as the connecting account; one
+    """Re-create the store's lost triggers (missing, disabled, a PostgreSQL change-feed
+    one left at plain ENABLE, or whose MariaDB/MySQL definer is gone) as 'db upgrade'
+    made them, as the connecting account; one
     transaction on PostgreSQL and SQLite.  Running it again does nothing."""
     from .store.migrate import current_revision, head_revision
     from .store.repair import apply_repair, plan_repair
@@ -759,14 +762,40 @@ def _print_report(report: SyncReport) -> None:
     )
     for clash in change.clashes:
         click.echo(f"conflict: {clash}; user skipped", err=True)
-    if len(change.clashes) > USER_DETAIL:
-        click.echo(
-            f"{len(change.clashes)} users conflict with rows provisioner has no record of: "
-            "if they are its own (provisioner_objects lost), see `provisioner adopt --dry-run`",
-            err=True,
-        )
+    _many_troubled(
+        len(change.clashes),
+        "conflict with rows provisioner has no record of",
+        "if they are its own (provisioner_objects lost), see `provisioner adopt --dry-run`",
+    )
     for skipped in report.skipped:
         click.echo(f"skipped {skipped}", err=True)
+    _many_troubled(
+        len(report.skipped),
+        f"skipped ({_by_field(report.skipped)})",
+        "their rows break a rule (field and rule on each line above; another writer's "
+        "value), `provisioner user show USERNAME` shows a row, `provisioner user edit "
+        "USERNAME` mends it",
+    )
+
+
+def _many_troubled(count: int, what: str, todo: str) -> None:
+    """Past :data:`~.applier.USER_DETAIL` users of one kind of trouble (each printed on
+    its own line already), one line ``<count> users <what>: <todo>`` on stderr, so the
+    operator facing a whole store of them (lost ownership records, a bulk tool's bad
+    value) is told the cause and the command, not only a wall of lines."""
+    if count > USER_DETAIL:
+        click.echo(f"{count} users {what}: {todo}", err=True)
+
+
+def _by_field(skipped: Sequence[Skipped]) -> str:
+    """How many of the ``skipped`` users break a rule in each field, most first
+    (``extension: 28, email: 2``); a user is counted once per field."""
+    counts = Counter(field for s in skipped for field in {p.field for p in s.problems})
+    return ", ".join(f"{field}: {n}" for field, n in sorted(counts.items(), key=_most_first))
+
+
+def _most_first(item: tuple[str, int]) -> tuple[int, str]:
+    return (-item[1], item[0])
 
 
 def _reconcile(

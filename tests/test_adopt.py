@@ -241,6 +241,20 @@ def test_adopt_makes_a_dropped_ownership_table_again(tmp_path: Path) -> None:
         assert (applied.change.unchanged, applied.change.conflicts) == (3, ())
 
 
+def test_sync_once_counts_many_conflicts_and_names_adopt(tmp_path: Path) -> None:
+    """With the ownership records lost, ``sync --once`` prints every conflicting user and
+    one line counting them that names ``provisioner adopt --dry-run``."""
+    config = write_config(tmp_path, kind="realtime")
+    with _site(f"sqlite:///{tmp_path / 'store.db'}") as (engine, _accounts):
+        _applier(engine).full()
+        _lose_records(engine)
+        ran = cli(config, "sync", "--once")
+    assert len([line for line in ran.err.splitlines() if line.startswith("conflict: ")]) == USERS
+    [summary] = [line for line in ran.err.splitlines() if line.startswith(f"{USERS} users ")]
+    assert summary.startswith(f"{USERS} users conflict with rows provisioner has no record of")
+    assert "`provisioner adopt --dry-run`" in summary
+
+
 def test_adopt_command(tmp_path: Path) -> None:
     """`provisioner adopt --dry-run` lists what it would adopt and what stays foreign and
     why, writing nothing; `provisioner adopt` records them; with a config-file target the

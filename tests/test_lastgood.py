@@ -450,6 +450,34 @@ def test_many_skipped_users_are_one_summary_logged_once(tmp_path: Path) -> None:
         assert daemon.skipped_now == BROKEN - 1
 
 
+def _summaries(err: str) -> list[str]:
+    """The lines of ``err`` after the per-user ones: those counting many troubled users."""
+    return [line for line in err.splitlines() if line.split(" ", 1)[0].isdigit()]
+
+
+def test_sync_once_and_render_count_many_skipped_users_and_say_what_to_do(
+    tmp_path: Path,
+) -> None:
+    """``sync --once`` and ``render --dry-run`` print every skipped user and, past
+    USER_DETAIL of them, one line counting them by field and naming ``user show`` and
+    ``user edit``; with a few skipped, no such line."""
+    config = write_config(tmp_path)
+    with _site(tmp_path, "config", count=BROKEN) as (engine, _accounts):
+        cli(config, "sync", "--once")
+        _break(engine, "u0", "'10a1'")
+        few = cli(config, "sync", "--once")
+        assert "skipped u0: extension: " in few.err
+        assert _summaries(few.err) == []
+        _break_agents(engine)
+        for args in (("sync", "--once"), ("render", "--dry-run")):
+            ran = cli(config, *args)
+            assert ran.err.count("\nskipped u") + ran.err.startswith("skipped u") == BROKEN
+            [summary] = _summaries(ran.err)
+            assert summary.startswith(f"{BROKEN} users skipped (extension: {BROKEN})"), summary
+            assert "`provisioner user show USERNAME`" in summary
+            assert "`provisioner user edit USERNAME`" in summary
+
+
 def test_a_skipped_user_broken_another_way_is_logged_again(tmp_path: Path) -> None:
     """A skipped user whose row breaks another way (another rule) is logged again; one
     purged while skipped is no longer counted."""

@@ -221,3 +221,52 @@ def test_the_daemon_tells_lost_triggers_once_per_change_and_in_its_health(
     events = [e["event"] for e in mended_logs if e["event"].startswith("store.triggers")]
     assert events == ["store.triggers_restored"]
     assert daemon.health.triggers_lost == []
+
+
+def _a_replica_write_is_noted(engine: Engine) -> bool:
+    """Whether an edit of a user from a session with ``session_replication_role =
+    replica`` (a logical replication subscriber's apply, pg_restore) is noted."""
+    with engine.connect() as conn:
+        before = conn.execute(select(func.count()).select_from(changes)).scalar_one()
+    with engine.begin() as conn:
+        conn.execute(text("SET LOCAL session_replication_role = replica"))
+        conn.execute(text("UPDATE users SET full_name = 'Replica' WHERE username = 'root'"))
+    with engine.connect() as conn:
+        return bool(conn.execute(select(func.count()).select_from(changes)).scalar_one() > before)
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_change_trigger_set_back_to_plain_enable_is_lost_and_repaired(
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """On PostgreSQL a change trigger set back to plain ``ENABLE`` (it skips replica
+    sessions' writes) fails check, is named by the daemon's ``store.triggers_missing``,
+    and ``db repair`` makes it ``ENABLE ALWAYS`` again; the contacts' triggers, plain
+    ``ENABLE`` by design, are not named."""
+    named = "trg_users_change (not always: writes from replica sessions are missed)"
+    assert _store_check(db_url, tmp_path)[1]
+    _sql(engine, "ALTER TABLE users ENABLE TRIGGER ALL")
+    line = _store_check(db_url, tmp_path)
+    assert not line[1]
+    assert named in line[2], line
+    assert "provisioner db repair" in line[2], line
+    assert "trg_users_contacts" not in line[2], line
+    assert not _a_replica_write_is_noted(engine)
+
+    daemon = local_daemon(tmp_path, store={"url": db_url})
+    try:
+        with capture_logs() as logs:
+            asyncio.run(daemon._check_triggers())
+    finally:
+        daemon.engine.dispose()
+    told = [e for e in logs if e["event"] == "store.triggers_missing"]
+    assert len(told) == 1, told
+    assert named in told[0]["triggers"], told
+    assert not [t for t in told[0]["triggers"] if "contacts" in t], told
+
+    done = _cli(db_url, tmp_path).ok("db", "repair")
+    assert f"re-created {named}" in done.splitlines(), done
+    assert "contacts" not in done, done
+    line = _store_check(db_url, tmp_path)
+    assert line[1], line
+    assert _a_replica_write_is_noted(engine)

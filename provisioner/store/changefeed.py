@@ -390,12 +390,15 @@ def _trigger_names(dialect: str) -> list[str]:
 
 def trigger_problems(conn: Connection) -> list[str] | None:
     """The change feed's triggers that are missing (``"<name> (missing)"``) or, on
-    PostgreSQL, disabled (``"<name> (disabled)"``), in the store ``conn`` reads: writes
-    through them are not noted, so they reach the daemon only at its next full reconcile.
+    PostgreSQL, disabled (``"<name> (disabled)"``) or left at plain ``ENABLE`` (``"<name>
+    (not always: writes from replica sessions are missed)"``, see :func:`always_ddl`), in
+    the store ``conn`` reads: writes through them are not noted, so they reach the daemon
+    only at its next full reconcile.
 
     ``[]``: all there.  None: it cannot be told (MariaDB/MySQL show an account without
     the TRIGGER privilege no trigger at all)."""
-    return absent_or_silent(conn, _trigger_names(conn.dialect.name))
+    names = _trigger_names(conn.dialect.name)
+    return absent_or_silent(conn, names, always=names)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 The triggers are the change feed's (:mod:`.changefeed`) and the contacts' cascade's
 (:mod:`.contact_rule`), at the newest migration.  A trigger is lost when it is missing,
-on PostgreSQL disabled (or firing only in replica sessions), or on MariaDB/MySQL when
+on PostgreSQL disabled (or firing only in replica sessions, or, for the change feed's,
+left at plain ``ENABLE``: skipping replica sessions' writes), or on MariaDB/MySQL when
 its definer is no longer an account.  :func:`lost_triggers` only reads the catalog (the
 daemon may lack the right to create triggers); :func:`plan_repair` says, per lost
 trigger, the statements that make it as a fresh ``db upgrade`` would, run as the
@@ -31,12 +32,15 @@ REPAIR_COMMAND = "provisioner db repair"
 _CREATE_TRIGGER = re.compile(r"CREATE TRIGGER (\w+) .*? ON (\w+) ")
 _PG_FUNCTION = re.compile(r"CREATE OR REPLACE FUNCTION (\w+)\(")
 _EXECUTES = re.compile(r"EXECUTE FUNCTION (\w+)\(")
+#: PostgreSQL's mode of the change feed's triggers (migration 0010).
+_ALWAYS = "ENABLE ALWAYS"
 
 
 @dataclass(frozen=True)
 class Fix:
-    """One lost trigger: its name, what is wrong (``missing``, ``disabled``, ``definer
-    user@host gone``), and the statements that mend it, in order."""
+    """One lost trigger: its name, what is wrong (``missing``, ``disabled``, ``not always:
+    writes from replica sessions are missed``, ``definer user@host gone``), and the
+    statements that mend it, in order."""
 
     trigger: str
     problem: str
@@ -60,7 +64,7 @@ def _expected(dialect: str) -> list[_Trigger]:
     (migration 0010); the contacts' cascade's, like foreign keys, not in replica ones."""
     feed = trigger_ddl(dialect) + truncate_ddl(dialect) + replaced_ddl(dialect)
     out = []
-    for statements, enable in ((feed, "ENABLE ALWAYS"), (contact_rule_ddl(dialect), "ENABLE")):
+    for statements, enable in ((feed, _ALWAYS), (contact_rule_ddl(dialect), "ENABLE")):
         for statement in statements:
             if (made := _CREATE_TRIGGER.match(statement)) is None:
                 continue  # a function of PostgreSQL's: see _functions
@@ -93,7 +97,8 @@ def _problems(
     (creating them either mends the store or fails for want of that privilege, which is
     said), else None (it cannot be told)."""
     names = [t.name for t in expected]
-    lost = absent_or_silent(conn, names)
+    always = {t.name for t in expected if t.enable == _ALWAYS}
+    lost = absent_or_silent(conn, names, always=always)
     if lost is None and not unseen_missing:
         return None
     found: dict[str, str] = {}

@@ -8,14 +8,14 @@ change ids it took as a gap the daemon waits on.  Shared by the change feed
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from sqlalchemy import ColumnElement, Connection, column, func, select, tuple_
 from sqlalchemy import table as table_clause
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.exc import DBAPIError
 
-__all__ = ["TRIGGERS", "absent_or_silent", "is_mysql", "orphaned"]
+__all__ = ["NOT_ALWAYS", "TRIGGERS", "absent_or_silent", "is_mysql", "orphaned"]
 
 #: MariaDB's and MySQL's catalog of triggers.
 TRIGGERS = table_clause(
@@ -34,6 +34,10 @@ _PG_TRIGGER = table_clause(
 #: pg_trigger.tgenabled of a trigger that does not fire in ordinary sessions: disabled,
 #: or firing only in replica ones.
 _PG_SILENT = ("D", "R")
+#: pg_trigger.tgenabled of a plain ``ENABLE``: it fires in origin and local sessions only.
+_PG_ORIGIN = "O"
+#: What a trigger meant ``ENABLE ALWAYS`` but left at plain ``ENABLE`` loses.
+NOT_ALWAYS = "not always: writes from replica sessions are missed"
 
 
 def is_mysql(dialect: str) -> bool:
@@ -75,10 +79,16 @@ def orphaned(conn: Connection, which: ColumnElement[bool]) -> dict[str, str] | N
     }
 
 
-def absent_or_silent(conn: Connection, expected: Sequence[str]) -> list[str] | None:
+def absent_or_silent(
+    conn: Connection, expected: Sequence[str], *, always: Collection[str] = ()
+) -> list[str] | None:
     """Of the triggers named ``expected``, those missing (``"<name> (missing)"``) or, on
     PostgreSQL, disabled (``"<name> (disabled)"``: they fire in no ordinary session), in
-    the store ``conn`` reads, in ``expected``'s order, missing ones first.
+    the store ``conn`` reads, in ``expected``'s order, missing ones first.  On PostgreSQL
+    a trigger named in ``always`` (meant ``ENABLE ALWAYS``) left at plain ``ENABLE``, as
+    ``ALTER TABLE … ENABLE TRIGGER ALL`` leaves it, is named too (``"<name> (not always:
+    writes from replica sessions are missed)"``): it skips sessions whose
+    ``session_replication_role`` is ``replica`` (logical replication apply, pg_restore).
 
     ``[]``: all there.  None: it cannot be told (MariaDB/MySQL show an account without
     the TRIGGER privilege no trigger at all)."""
@@ -92,7 +102,12 @@ def absent_or_silent(conn: Connection, expected: Sequence[str]) -> list[str] | N
                 )
             ).all()
         )
-        silent = [f"{name} (disabled)" for name in expected if found.get(name) in _PG_SILENT]
+        silent = []
+        for name in expected:
+            if found.get(name) in _PG_SILENT:
+                silent.append(f"{name} (disabled)")
+            elif found.get(name) == _PG_ORIGIN and name in always:
+                silent.append(f"{name} ({NOT_ALWAYS})")
         return [f"{name} (missing)" for name in expected if name not in found] + silent
     if is_mysql(dialect):
         query = select(TRIGGERS.c.TRIGGER_NAME).where(func.database() == TRIGGERS.c.TRIGGER_SCHEMA)
