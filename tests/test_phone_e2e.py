@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from .amipeer import FakeAsterisk
+from .faultkit import agent_args
 from .faultkit import cli_async as _cli
 from .test_daemon_e2e import _seed, _start_daemon, _stop, _until, _write_config
 
@@ -40,19 +41,7 @@ async def _status(config: Path, username: str) -> dict[str, Any]:
 
 async def _add(config: Path, username: str, *extra: str) -> None:
     """``provisioner user add USERNAME`` of profile "agents", with ``extra`` options."""
-    await _cli(
-        config,
-        "user",
-        "add",
-        username,
-        "--full-name",
-        username.title(),
-        "--email",
-        f"{username}@example.com",
-        "--profile",
-        "agents",
-        *extra,
-    )
+    await _cli(config, *agent_args(username, *extra))
 
 
 @dataclass
