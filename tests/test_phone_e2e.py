@@ -319,9 +319,11 @@ def test_an_extension_freed_and_given_to_another_user_at_once_loses_the_old_phon
         users = ["alice", ("bob", "--extension", "1002")]
         async with _running(tmp_path, users, kind=kind) as pbx:
             await pbx.alice_registers()
-            pbx.peer.reload_delay = 2.0
+            # Long enough to outlast both edits' CLI runs on a loaded machine (the two
+            # took 2.2-2.5 s with 2.0 s, leaving the removal done before the check).
+            pbx.peer.reload_delay = 4.0
             if kind == "realtime":
-                pbx.peer.delays["dbdel"] = 2.0  # the removal still on its way
+                pbx.peer.delays["dbdel"] = 4.0  # the removal still on its way
             await pbx.cli("user", "edit", "alice", "--extension", "1005")
             await asyncio.sleep(0.3)
             await pbx.cli("user", "edit", "bob", "--extension", "1001")
