@@ -153,6 +153,23 @@ def cli_process(config: Path, *args: str, input: str | None = None, check: bool 
     return ran
 
 
+def agent_args(username: str, *extra: str) -> list[str]:
+    """``user add`` arguments of ``username`` in profile "agents" (full name the titled
+    username, email at example.com), then ``extra`` options."""
+    return [
+        "user",
+        "add",
+        username,
+        "--full-name",
+        username.title(),
+        "--email",
+        f"{username}@example.com",
+        "--profile",
+        "agents",
+        *extra,
+    ]
+
+
 def fake_pbx_lines(port: int, secret: str = "lab-secret") -> list[str]:
     """Config lines for a daemon talking to one fake Asterisk on ``port`` (``[[asterisk]]``
     named pbx1) with no gap between reloads and quick reconnects."""

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from argon2 import PasswordHasher
 from click.testing import CliRunner
 from sqlalchemy import Connection, Engine, insert, select
+from structlog.testing import capture_logs
 
 from provisioner import credentials
 from provisioner.accounts import Accounts
@@ -121,6 +123,32 @@ def local_daemon(tmp_path: Path, **sections: dict[str, Any]) -> Daemon:
     upgrade(daemon.engine)
     daemon.wake_sources = []
     return daemon
+
+
+def sighup_refused(tmp_path: Path, target_lines: str) -> tuple[str, list[MutableMapping[str, Any]]]:
+    """Start an in-process daemon on a config file (SQLite store, config-file target),
+    append ``target_lines`` to its ``[target]`` section and reload it as a SIGHUP does;
+    assert the reload was refused (one ``config.reload_failed``, no ``config.reloaded``)
+    and the daemon kept its configuration and target. The refusal's error and the logs."""
+    path = tmp_path / "provisioner.toml"
+    base = (
+        f"[store]\nurl = 'sqlite:///{tmp_path / 'store.db'}'\n"
+        f"[target]\npath = '{tmp_path / 'pjsip_users.conf'}'\n"
+    )
+    path.write_text(base, encoding="utf-8")
+    config = load_config(path, env={})
+    daemon = Daemon.from_config(config, config_path=str(path))
+    target = daemon.applier.target
+    try:
+        path.write_text(base + target_lines, encoding="utf-8")
+        with capture_logs() as logs:
+            asyncio.run(daemon._reload_config())
+        (failed,) = [entry for entry in logs if entry["event"] == "config.reload_failed"]
+        assert "config.reloaded" not in [entry["event"] for entry in logs]
+        assert (daemon.config, daemon.applier.target) == (config, target)
+    finally:
+        daemon.engine.dispose()
+    return str(failed["error"]), logs
 
 
 def while_another_writer_holds(

@@ -17,7 +17,7 @@ from provisioner.config import load_config, parse_sets
 from provisioner.daemon import Daemon, _needs_restart
 from provisioner.store.engine import open_engine
 
-from .helpers import local_config, local_daemon
+from .helpers import local_config, local_daemon, sighup_refused
 
 
 def test_cursor_grace_comes_from_the_config(tmp_path: Path) -> None:
@@ -582,25 +582,8 @@ def test_a_sighup_naming_templates_that_render_no_good_file_keeps_the_old_target
     overrides = tmp_path / "overrides"
     overrides.mkdir()
     (overrides / "user.j2").write_text("{% macro usr(user) %}{% endmacro %}\n")
-    path = tmp_path / "provisioner.toml"
-    base = (
-        f"[store]\nurl = 'sqlite:///{tmp_path / 'store.db'}'\n"
-        f"[target]\npath = '{tmp_path / 'pjsip_users.conf'}'\n"
-    )
-    path.write_text(base, encoding="utf-8")
-    config = load_config(path, env={})
-    daemon = Daemon.from_config(config, config_path=str(path))
-    target = daemon.applier.target
-    try:
-        path.write_text(base + f"templates = '{overrides}'\n", encoding="utf-8")
-        with capture_logs() as logs:
-            asyncio.run(daemon._reload_config())
-        (failed,) = [entry for entry in logs if entry["event"] == "config.reload_failed"]
-        assert "templates failed to render (UndefinedError)" in failed["error"]
-        assert "config.reloaded" not in [entry["event"] for entry in logs]
-        assert (daemon.config, daemon.applier.target) == (config, target)
-    finally:
-        daemon.engine.dispose()
+    error, _ = sighup_refused(tmp_path, f"templates = '{overrides}'\n")
+    assert "templates failed to render (UndefinedError)" in error
 
 
 @pytest.mark.parametrize("away", ["closed port", "no database file"])
@@ -617,29 +600,11 @@ def test_a_sighup_naming_a_realtime_database_that_cannot_be_opened_keeps_the_old
     else:
         (tmp_path / "rt.db").write_bytes(b"not a database " * 100)
         url = f"sqlite:///{tmp_path / 'rt.db'}"
-    path = tmp_path / "provisioner.toml"
-    base = (
-        f"[store]\nurl = 'sqlite:///{tmp_path / 'store.db'}'\n"
-        f"[target]\npath = '{tmp_path / 'pjsip_users.conf'}'\n"
-    )
-    path.write_text(base, encoding="utf-8")
-    config = load_config(path, env={})
-    daemon = Daemon.from_config(config, config_path=str(path))
-    target = daemon.applier.target
-    try:
-        path.write_text(base + f"kind = 'realtime'\nurl = '{url}'\n", encoding="utf-8")
-        with capture_logs() as logs:
-            asyncio.run(daemon._reload_config())
-        (failed,) = [entry for entry in logs if entry["event"] == "config.reload_failed"]
-        assert failed["error"].startswith("target.url: cannot open the realtime database"), failed
-        assert "DatabaseError" in failed["error"] or "OperationalError" in failed["error"]
-        assert "store unavailable" not in failed["error"]
-        events = [entry["event"] for entry in logs]
-        assert "config.reloaded" not in events
-        assert "target.switched" not in events
-        assert (daemon.config, daemon.applier.target) == (config, target)
-    finally:
-        daemon.engine.dispose()
+    error, logs = sighup_refused(tmp_path, f"kind = 'realtime'\nurl = '{url}'\n")
+    assert error.startswith("target.url: cannot open the realtime database"), error
+    assert "DatabaseError" in error or "OperationalError" in error
+    assert "store unavailable" not in error
+    assert "target.switched" not in [entry["event"] for entry in logs]
 
 
 def test_a_sighup_leaving_a_config_file_behind_warns_naming_it_and_keeps_it(

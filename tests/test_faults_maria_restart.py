@@ -27,7 +27,7 @@ from provisioner.store.engine import open_engine
 from provisioner.store.schema import registration_summary, users
 
 from .amipeer import FakeAsterisk
-from .faultkit import Daemon, endpoints, fake_pbx_lines, seed_store, write_config
+from .faultkit import Daemon, agent_args, endpoints, fake_pbx_lines, seed_store, write_config
 from .faultkit import cli_async as _cli
 from .faultkit import until as sync_until
 from .mariacluster import PrivateMariaDB, private_mariadb, unavailable_reason
@@ -60,18 +60,7 @@ def _config(tmp_path: Path, server: PrivateMariaDB, kind: str, ami_port: int) ->
 
 
 async def _add(config: Path, username: str) -> None:
-    await _cli(
-        config,
-        "user",
-        "add",
-        username,
-        "--full-name",
-        username.title(),
-        "--email",
-        f"{username}@example.com",
-        "--profile",
-        "agents",
-    )
+    await _cli(config, *agent_args(username))
 
 
 async def _until(check: Callable[[], bool | Awaitable[bool]], timeout: float, what: str) -> float:

@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from .faultkit import Daemon, cheap_hasher, cli, endpoints, seed_store, until, write_config
+from .faultkit import (
+    Daemon,
+    agent_args,
+    cheap_hasher,
+    cli,
+    endpoints,
+    seed_store,
+    until,
+    write_config,
+)
 from .pgcluster import PrivatePostgres, private_postgres, unavailable_reason
 
 
@@ -28,18 +37,7 @@ def cluster() -> Iterator[PrivatePostgres]:
 
 
 def _add(config: Path, username: str) -> None:
-    cli(
-        config,
-        "user",
-        "add",
-        username,
-        "--full-name",
-        username.title(),
-        "--email",
-        f"{username}@example.com",
-        "--profile",
-        "agents",
-    )
+    cli(config, *agent_args(username))
 
 
 def test_a_postgresql_restart_mid_run_is_survived(tmp_path: Path, cluster: PrivatePostgres) -> None:

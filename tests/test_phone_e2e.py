@@ -8,6 +8,9 @@ import json
 import socket
 import sqlite3
 import urllib.request
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -15,11 +18,15 @@ from typing import Any
 import pytest
 
 from .amipeer import FakeAsterisk
+from .faultkit import agent_args
 from .faultkit import cli_async as _cli
 from .test_daemon_e2e import _seed, _start_daemon, _stop, _until, _write_config
 
 #: The recorded REGISTER's security event of realtime endpoint 1001 (capture 1).
 _AUTH_1001 = ("Event: SuccessfulAuth", "Service: PJSIP", "AccountID: 1001")
+
+#: The recorded contact of phone 1001 in astdb (``registration_events.txt``).
+_ALICE_CONTACT = "contact/1001;@4647304968688045788916f1ea15a2ae"
 
 
 def _asked(peer: FakeAsterisk, action: str, key: str, value: str) -> bool:
@@ -33,19 +40,100 @@ async def _status(config: Path, username: str) -> dict[str, Any]:
 
 
 async def _add(config: Path, username: str, *extra: str) -> None:
-    await _cli(
-        config,
-        "user",
-        "add",
-        username,
-        "--full-name",
-        username.title(),
-        "--email",
-        f"{username}@example.com",
-        "--profile",
-        "agents",
-        *extra,
-    )
+    """``provisioner user add USERNAME`` of profile "agents", with ``extra`` options."""
+    await _cli(config, *agent_args(username, *extra))
+
+
+@dataclass
+class _Pbx:
+    """A running fake Asterisk and daemon, as :func:`_running` started them."""
+
+    peer: FakeAsterisk
+    config: Path
+    daemon: asyncio.subprocess.Process
+
+    async def cli(self, *args: str) -> str:
+        """The console script's stdout for ``args`` against this daemon's config."""
+        return await _cli(self.config, *args)
+
+    async def status(self, username: str = "alice") -> dict[str, Any]:
+        """``provisioner status USERNAME --json``'s one row."""
+        return await _status(self.config, username)
+
+    async def state(self, username: str = "alice") -> str:
+        """The state ``provisioner status`` shows for ``username``."""
+        return str((await self.status(username))["state"])
+
+    async def state_is(self, wanted: str, username: str = "alice") -> bool:
+        """Whether ``username`` is shown in state ``wanted``."""
+        return await self.state(username) == wanted
+
+    async def until_state(self, wanted: str, username: str = "alice", timeout: float = 5) -> None:
+        """Wait until ``username`` is shown in state ``wanted``; fail after ``timeout``."""
+        await _until(partial(self.state_is, wanted, username), timeout)
+
+    def sent(self, action: str) -> int:
+        """How many ``action`` actions Asterisk has received so far."""
+        return len(self.peer.actions(action))
+
+    async def until_sent(self, action: str, more_than: int, timeout: float = 5) -> None:
+        """Wait until Asterisk has received more than ``more_than`` ``action`` actions."""
+        await _until(lambda: self.sent(action) > more_than, timeout)
+
+    async def until_alice_contact_deleted(self, timeout: float) -> None:
+        """Wait until alice's recorded contact is gone from astdb; fail after ``timeout``."""
+        await _until(lambda: _ALICE_CONTACT not in self.peer.astdb, timeout)
+
+    async def alice_registers(self) -> None:
+        """Alice's phone registers (the recorded ContactStatus of 1001): wait until she is
+        shown online."""
+        await self.peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
+        await self.until_state("online")
+
+
+def _with_settings(config: Path, settings: Mapping[str, str]) -> None:
+    """Add each of ``settings``' lines right under its ``[section]`` header of ``config``."""
+    text = config.read_text()
+    for section, line in settings.items():
+        text = text.replace(f"[{section}]", f"[{section}]\n{line}")
+    config.write_text(text)
+
+
+@asynccontextmanager
+async def _running(
+    tmp_path: Path,
+    users: Iterable[str | Sequence[str]] = ("alice",),
+    *,
+    kind: str = "config",
+    caches: tuple[str, ...] = (),
+    settings: Mapping[str, str] | None = None,
+    peer: FakeAsterisk | None = None,
+) -> AsyncIterator[_Pbx]:
+    """Start ``peer`` (a fresh fake Asterisk by default) and a daemon on a seeded store
+    holding ``users`` (a username, or a username and its ``user add`` options), with
+    ``settings`` (section → line) added to its config; yield once the daemon has asked
+    for its first snapshot of contacts. A body that ends without error must leave the
+    daemon stopping cleanly (exit 0); either way both are stopped."""
+    fake = peer or FakeAsterisk()
+    await fake.start()
+    try:
+        config = _write_config(tmp_path, fake.port, kind=kind, caches=caches)
+        _with_settings(config, settings or {})
+        await _seed(config)
+        for user in users:
+            username, *extra = (user,) if isinstance(user, str) else user
+            await _add(config, username, *extra)
+        daemon = await _start_daemon(config, tmp_path / "daemon.log")
+        try:
+            await _until(lambda: len(fake.actions("PJSIPShowContacts")) >= 1, 10)
+            yield _Pbx(fake, config, daemon)
+            assert await _stop(daemon) == 0
+        finally:
+            if daemon.returncode is None:
+                daemon.kill()
+                await daemon.wait()
+    finally:
+        await fake.stop()
 
 
 def test_a_realtime_phone_registering_while_an_earlier_edit_is_sent_is_shown_online(
@@ -59,43 +147,27 @@ def test_a_realtime_phone_registering_while_an_earlier_edit_is_sent_is_shown_onl
         peer = FakeAsterisk()
         recorded = set(peer.astdb)
         peer.astdb.clear()  # no phone registered at the start
-        await peer.start()
-        config = _write_config(tmp_path, peer.port, kind="realtime", caches=("ep_cache",))
-        await _seed(config)
-        await _add(config, "zed", "--extension", "1500")
-        daemon = await _start_daemon(config, tmp_path / "daemon.log")
-        try:
+        users = [("zed", "--extension", "1500")]
+        async with _running(
+            tmp_path, users, kind="realtime", caches=("ep_cache",), peer=peer
+        ) as pbx:
             # The start's own actions sent: its check of zed's endpoint is the last.
             await _until(lambda: _asked(peer, "PJSIPShowEndpoint", "Endpoint", "1500"), 15)
             # Asterisk answers each expiry only after 3 s (behind a storm of events, say).
             peer.delays["sorcerymemorycacheexpireobject"] = 3.0
-            sent = len(peer.actions("SorceryMemoryCacheExpireObject"))
-            await _cli(config, "user", "edit", "zed", "--nat", "yes")
-            await _until(lambda: len(peer.actions("SorceryMemoryCacheExpireObject")) > sent, 5)
-            await _add(config, "alice")  # extension 1001, its rows live at once
+            sent = pbx.sent("SorceryMemoryCacheExpireObject")
+            await pbx.cli("user", "edit", "zed", "--nat", "yes")
+            await pbx.until_sent("SorceryMemoryCacheExpireObject", sent)
+            await _add(pbx.config, "alice")  # extension 1001, its rows live at once
             await asyncio.sleep(0.2)  # applied, its change queued behind the expiries
             peer.astdb.update(recorded)  # its phone registers now
             await peer.send_recorded(*_AUTH_1001)
             peer.delays.clear()
-
-            async def online() -> bool:
-                return bool((await _status(config, "alice"))["state"] == "online")
-
-            await _until(online, 10)
-            contacts = (await _status(config, "alice"))["contacts"]
+            await pbx.until_state("online", timeout=10)
+            contacts = (await pbx.status())["contacts"]
             assert [c["uri"] for c in contacts] == ["sip:1001@127.0.0.1:5070;ob"]
-            assert await _stop(daemon) == 0
-        finally:
-            if daemon.returncode is None:
-                daemon.kill()
-                await daemon.wait()
-            await peer.stop()
 
     asyncio.run(scenario())
-
-
-#: The recorded contact of phone 1001 in astdb (``registration_events.txt``).
-_ALICE_CONTACT = "contact/1001;@4647304968688045788916f1ea15a2ae"
 
 
 @pytest.mark.parametrize("kind", ["config", "realtime"])
@@ -107,37 +179,19 @@ def test_a_phone_disabled_while_asterisk_is_away_has_its_registration_removed_on
     (a config file's after the reload that drops her endpoint) and she is shown offline."""
 
     async def scenario() -> None:
-        peer = FakeAsterisk()
-        await peer.start()
-        config = _write_config(tmp_path, peer.port, kind=kind)
-        await _seed(config)
-        await _add(config, "alice")
-        daemon = await _start_daemon(config, tmp_path / "daemon.log")
-        try:
-            await _until(lambda: len(peer.actions("PJSIPShowContacts")) >= 1, 10)
-            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
-
-            async def state_is(wanted: str) -> bool:
-                return bool((await _status(config, "alice"))["state"] == wanted)
-
-            await _until(partial(state_is, "online"), 5)
-            await peer.stop()
-            await _cli(config, "user", "disable", "alice")
+        async with _running(tmp_path, kind=kind) as pbx:
+            await pbx.alice_registers()
+            await pbx.peer.stop()
+            await pbx.cli("user", "disable", "alice")
             await asyncio.sleep(0.5)  # applied while Asterisk is away
-            since = len(peer.received)
-            await peer.start()
-            await _until(lambda: _ALICE_CONTACT not in peer.astdb, 10)
-            names = [a.name for a in peer.received[since:]]
+            since = len(pbx.peer.received)
+            await pbx.peer.start()
+            await pbx.until_alice_contact_deleted(10)
+            names = [a.name for a in pbx.peer.received[since:]]
             if kind == "config":
                 deleted = names.index("DBDel")
                 assert "Reload" in names[:deleted], names
-            await _until(partial(state_is, "offline"), 5)
-            assert await _stop(daemon) == 0
-        finally:
-            if daemon.returncode is None:
-                daemon.kill()
-                await daemon.wait()
-            await peer.stop()
+            await pbx.until_state("offline")
 
     asyncio.run(scenario())
 
@@ -149,43 +203,21 @@ def test_two_users_swapping_extensions_never_show_the_others_phone(tmp_path: Pat
     offline (neither phone registered under its new extension yet)."""
 
     async def scenario() -> None:
-        peer = FakeAsterisk()
-        await peer.start()
-        config = _write_config(tmp_path, peer.port)
-        await _seed(config)
-        await _add(config, "alice")
-        await _add(config, "bob")
-        daemon = await _start_daemon(config, tmp_path / "daemon.log")
-        try:
-            await _until(lambda: len(peer.actions("PJSIPShowContacts")) >= 1, 10)
-            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
-
-            async def state(username: str) -> str:
-                return str((await _status(config, username))["state"])
-
-            async def online() -> bool:
-                return await state("alice") == "online"
-
-            await _until(online, 5)
-            peer.reload_delay = 3.0
+        async with _running(tmp_path, ["alice", "bob"]) as pbx:
+            await pbx.alice_registers()
+            pbx.peer.reload_delay = 3.0
             csv = tmp_path / "swap.csv"
             csv.write_text("username,extension\nalice,1002\nbob,1001\n")
-            reloads = len(peer.actions("Reload"))
-            await _cli(config, "user", "import", "--csv", str(csv))
-            await _until(lambda: len(peer.actions("Reload")) > reloads, 5)
+            reloads = pbx.sent("Reload")
+            await pbx.cli("user", "import", "--csv", str(csv))
+            await pbx.until_sent("Reload", reloads)
             await asyncio.sleep(0.5)  # the reload runs
-            shown = await _status(config, "bob")
+            shown = await pbx.status("bob")
             assert shown["state"] != "online", shown
             assert not shown["contacts"], shown
-            await _until(lambda: _ALICE_CONTACT not in peer.astdb, 10)
-            assert await state("bob") == "offline"
-            assert await state("alice") == "offline"
-            assert await _stop(daemon) == 0
-        finally:
-            if daemon.returncode is None:
-                daemon.kill()
-                await daemon.wait()
-            await peer.stop()
+            await pbx.until_alice_contact_deleted(10)
+            assert await pbx.state("bob") == "offline"
+            assert await pbx.state("alice") == "offline"
 
     asyncio.run(scenario())
 
@@ -210,46 +242,33 @@ def test_an_endpoint_asterisk_rejects_is_reported_next_to_its_user_and_cleared_w
     async def scenario() -> None:
         peer = FakeAsterisk()
         peer.prefer["pjsipshowendpoint"] = "Unable to retrieve endpoint"
-        await peer.start()
-        config = _write_config(tmp_path, peer.port, kind=kind)
-        config.write_text(
-            config.read_text().replace("[daemon]", f"[daemon]\nmetrics_port = {port}")
-        )
-        await _seed(config)
-        daemon = await _start_daemon(config, tmp_path / "daemon.log")
-        try:
-            await _until(lambda: len(peer.actions("PJSIPShowContacts")) >= 1, 10)
-            await _add(config, "alice")
+        settings = {"daemon": f"metrics_port = {port}"}
+        async with _running(tmp_path, (), kind=kind, settings=settings, peer=peer) as pbx:
+            await _add(pbx.config, "alice")
 
             async def problem() -> str:
-                servers = (await _status(config, "alice"))["servers"]
+                servers = (await pbx.status())["servers"]
                 return str(servers[0]["problem"]) if servers else "(none)"
 
             async def rejected() -> bool:
                 return "does not hold" in await problem()
 
             await _until(rejected, 10)
-            assert "does not hold" in await _cli(config, "status", "alice")
-            assert "problem:pbx1" in await _cli(config, "user", "show", "alice")
+            assert "does not hold" in await pbx.cli("status", "alice")
+            assert "problem:pbx1" in await pbx.cli("user", "show", "alice")
             # Alice's and the admin's (1000), at the next health write.
             await _until(lambda: not_live() == "2.0", 20)
             peer.prefer.clear()  # the cause fixed: Asterisk holds it as rendered
-            await _cli(config, "user", "edit", "alice", "--nat", "yes")
+            await pbx.cli("user", "edit", "alice", "--nat", "yes")
 
             async def cleared() -> bool:
                 return await problem() == ""
 
             await _until(cleared, 10)
-            assert "does not hold" not in await _cli(config, "status", "alice")
-            shown = json.loads(await _cli(config, "user", "show", "alice", "--json"))
+            assert "does not hold" not in await pbx.cli("status", "alice")
+            shown = json.loads(await pbx.cli("user", "show", "alice", "--json"))
             assert shown["registration_problems"] == {}
             await _until(lambda: not_live() == "1.0", 20)  # the admin's only
-            assert await _stop(daemon) == 0
-        finally:
-            if daemon.returncode is None:
-                daemon.kill()
-                await daemon.wait()
-            await peer.stop()
 
     asyncio.run(scenario())
 
@@ -262,20 +281,14 @@ def test_a_webrtc_user_with_two_contacts_stays_online_when_one_goes(tmp_path: Pa
     async def scenario() -> None:
         peer = FakeAsterisk()
         peer.astdb.clear()
-        await peer.start()
-        config = _write_config(tmp_path, peer.port)
-        await _seed(config)
-        await _add(config, "alice", "--transport", "wss")
-        daemon = await _start_daemon(config, tmp_path / "daemon.log")
         second = ((b"127.0.0.1:5070;ob", b"10.0.0.7:41234;transport=ws"),)
-        try:
-            await _until(lambda: len(peer.actions("PJSIPShowContacts")) >= 1, 10)
+        async with _running(tmp_path, [("alice", "--transport", "wss")], peer=peer) as pbx:
             await peer.send_recorded("Event: PeerStatus", "Reachable")
             await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
             await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified", replace=second)
 
             async def shown() -> tuple[str, list[str]]:
-                row = await _status(config, "alice")
+                row = await pbx.status()
                 return str(row["state"]), sorted(c["uri"] for c in row["contacts"])
 
             both = ["sip:1001@10.0.0.7:41234;transport=ws", "sip:1001@127.0.0.1:5070;ob"]
@@ -289,12 +302,6 @@ def test_a_webrtc_user_with_two_contacts_stays_online_when_one_goes(tmp_path: Pa
             await peer.send_recorded("Event: PeerStatus", "Unreachable")
             await peer.send_recorded("Event: ContactStatus\r\n", "Removed")
             await _until(partial(is_, ("offline", [])), 5)
-            assert await _stop(daemon) == 0
-        finally:
-            if daemon.returncode is None:
-                daemon.kill()
-                await daemon.wait()
-            await peer.stop()
 
     asyncio.run(scenario())
 
@@ -309,43 +316,24 @@ def test_an_extension_freed_and_given_to_another_user_at_once_loses_the_old_phon
     with it."""
 
     async def scenario() -> None:
-        peer = FakeAsterisk()
-        await peer.start()
-        config = _write_config(tmp_path, peer.port, kind=kind)
-        await _seed(config)
-        await _add(config, "alice")
-        await _add(config, "bob", "--extension", "1002")
-        daemon = await _start_daemon(config, tmp_path / "daemon.log")
-        try:
-            await _until(lambda: len(peer.actions("PJSIPShowContacts")) >= 1, 10)
-            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
-
-            async def state(username: str) -> str:
-                return str((await _status(config, username))["state"])
-
-            async def online() -> bool:
-                return await state("alice") == "online"
-
-            await _until(online, 5)
-            peer.reload_delay = 2.0
+        users = ["alice", ("bob", "--extension", "1002")]
+        async with _running(tmp_path, users, kind=kind) as pbx:
+            await pbx.alice_registers()
+            # Long enough to outlast both edits' CLI runs on a loaded machine (the two
+            # took 2.2-2.5 s with 2.0 s, leaving the removal done before the check).
+            pbx.peer.reload_delay = 4.0
             if kind == "realtime":
-                peer.delays["dbdel"] = 2.0  # the removal still on its way
-            await _cli(config, "user", "edit", "alice", "--extension", "1005")
+                pbx.peer.delays["dbdel"] = 4.0  # the removal still on its way
+            await pbx.cli("user", "edit", "alice", "--extension", "1005")
             await asyncio.sleep(0.3)
-            await _cli(config, "user", "edit", "bob", "--extension", "1001")
+            await pbx.cli("user", "edit", "bob", "--extension", "1001")
             await asyncio.sleep(0.3)  # applied; the removal still waits
-            assert _ALICE_CONTACT in peer.astdb
-            assert await state("bob") == "offline"
-            await _until(lambda: _ALICE_CONTACT not in peer.astdb, 15)
+            assert _ALICE_CONTACT in pbx.peer.astdb
+            assert await pbx.state("bob") == "offline"
+            await pbx.until_alice_contact_deleted(15)
             for username in ("alice", "bob"):
-                row = await _status(config, username)
+                row = await pbx.status(username)
                 assert (row["state"], row["contacts"]) == ("offline", []), row
-            assert await _stop(daemon) == 0
-        finally:
-            if daemon.returncode is None:
-                daemon.kill()
-                await daemon.wait()
-            await peer.stop()
 
     asyncio.run(scenario())
 
@@ -359,26 +347,11 @@ def test_a_user_renamed_in_the_store_has_the_old_credentials_registration_remove
     credentials is deleted, and she is shown offline meanwhile, not online with it."""
 
     async def scenario() -> None:
-        peer = FakeAsterisk()
-        await peer.start()
-        config = _write_config(tmp_path, peer.port, kind=kind)
-        await _seed(config)
-        await _add(config, "alice")
-        daemon = await _start_daemon(config, tmp_path / "daemon.log")
-        try:
-            await _until(lambda: len(peer.actions("PJSIPShowContacts")) >= 1, 10)
-            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
-
-            async def state(username: str) -> str:
-                return str((await _status(config, username))["state"])
-
-            async def online() -> bool:
-                return await state("alice") == "online"
-
-            await _until(online, 5)
-            peer.reload_delay = 2.0
+        async with _running(tmp_path, kind=kind) as pbx:
+            await pbx.alice_registers()
+            pbx.peer.reload_delay = 2.0
             if kind == "realtime":
-                peer.delays["dbdel"] = 2.0
+                pbx.peer.delays["dbdel"] = 2.0
             store = sqlite3.connect(tmp_path / "store.db")
             with store:
                 store.execute(
@@ -387,16 +360,10 @@ def test_a_user_renamed_in_the_store_has_the_old_credentials_registration_remove
                 )
             store.close()
             await asyncio.sleep(0.5)  # applied; the removal still on its way
-            assert _ALICE_CONTACT in peer.astdb
-            assert await state("alicia") == "offline"
-            await _until(lambda: _ALICE_CONTACT not in peer.astdb, 15)
-            assert await state("alicia") == "offline"
-            assert await _stop(daemon) == 0
-        finally:
-            if daemon.returncode is None:
-                daemon.kill()
-                await daemon.wait()
-            await peer.stop()
+            assert _ALICE_CONTACT in pbx.peer.astdb
+            assert await pbx.state("alicia") == "offline"
+            await pbx.until_alice_contact_deleted(15)
+            assert await pbx.state("alicia") == "offline"
 
     asyncio.run(scenario())
 
@@ -410,45 +377,23 @@ def test_a_reconnect_before_a_reowned_endpoint_is_cleared_does_not_show_the_old_
     shown online with it, and it is deleted once the reload ends."""
 
     async def scenario() -> None:
-        peer = FakeAsterisk()
-        await peer.start()
-        config = _write_config(tmp_path, peer.port)
-        await _seed(config)
-        await _add(config, "alice")
-        await _add(config, "bob", "--extension", "1002")
-        daemon = await _start_daemon(config, tmp_path / "daemon.log")
-        try:
-            await _until(lambda: len(peer.actions("PJSIPShowContacts")) >= 1, 10)
-            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
-
-            async def state(username: str) -> str:
-                return str((await _status(config, username))["state"])
-
-            async def online() -> bool:
-                return await state("alice") == "online"
-
-            await _until(online, 5)
-            peer.reload_delay = 3.0
+        async with _running(tmp_path, ["alice", ("bob", "--extension", "1002")]) as pbx:
+            await pbx.alice_registers()
+            pbx.peer.reload_delay = 3.0
             csv = tmp_path / "swap.csv"
             csv.write_text("username,extension\nalice,1005\nbob,1001\n")
-            reloads = len(peer.actions("Reload"))
-            await _cli(config, "user", "import", "--csv", str(csv))
-            await _until(lambda: len(peer.actions("Reload")) > reloads, 5)
-            listed = len(peer.actions("PJSIPShowContacts"))
-            peer.drop_all()  # the reload is lost with the session: asked again
-            await _until(lambda: len(peer.actions("PJSIPShowContacts")) > listed, 10)
+            reloads = pbx.sent("Reload")
+            await pbx.cli("user", "import", "--csv", str(csv))
+            await pbx.until_sent("Reload", reloads)
+            listed = pbx.sent("PJSIPShowContacts")
+            pbx.peer.drop_all()  # the reload is lost with the session: asked again
+            await pbx.until_sent("PJSIPShowContacts", listed, timeout=10)
             await asyncio.sleep(0.5)  # the snapshot stored
-            assert _ALICE_CONTACT in peer.astdb
-            shown = await _status(config, "bob")
+            assert _ALICE_CONTACT in pbx.peer.astdb
+            shown = await pbx.status("bob")
             assert (shown["state"], shown["contacts"]) == ("offline", []), shown
-            await _until(lambda: _ALICE_CONTACT not in peer.astdb, 20)
-            assert await state("bob") == "offline"
-            assert await _stop(daemon) == 0
-        finally:
-            if daemon.returncode is None:
-                daemon.kill()
-                await daemon.wait()
-            await peer.stop()
+            await pbx.until_alice_contact_deleted(20)
+            assert await pbx.state("bob") == "offline"
 
     asyncio.run(scenario())
 
@@ -462,41 +407,23 @@ def test_a_realtime_phone_disabled_is_expired_from_the_cache_before_its_contact_
     contact, then a reload; she is shown offline."""
 
     async def scenario() -> None:
-        peer = FakeAsterisk()
-        await peer.start()
-        config = _write_config(tmp_path, peer.port, kind="realtime", caches=("ep_cache",))
-        await _seed(config)
-        await _add(config, "alice")
-        daemon = await _start_daemon(config, tmp_path / "daemon.log")
-        try:
-            await _until(lambda: len(peer.actions("PJSIPShowContacts")) >= 1, 10)
-            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
-
-            async def state_is(wanted: str) -> bool:
-                return bool((await _status(config, "alice"))["state"] == wanted)
-
-            await _until(partial(state_is, "online"), 5)
+        async with _running(tmp_path, kind="realtime", caches=("ep_cache",)) as pbx:
+            await pbx.alice_registers()
             await asyncio.sleep(6)  # the start's checks (retried after 5 s) are done
-            since = len(peer.received)
-            await _cli(config, "user", "disable", "alice")
-            await _until(lambda: _ALICE_CONTACT not in peer.astdb, 10)
-            await _until(lambda: "Reload" in [a.name for a in peer.received[since:]], 5)
+            since = len(pbx.peer.received)
+            await pbx.cli("user", "disable", "alice")
+            await pbx.until_alice_contact_deleted(10)
+            await _until(lambda: "Reload" in [a.name for a in pbx.peer.received[since:]], 5)
             sent = [
                 (a.name, a.get("Object") or a.get("Key"))
-                for a in peer.received[since:]
+                for a in pbx.peer.received[since:]
                 if a.name in ("SorceryMemoryCacheExpireObject", "DBDel", "Reload")
             ]
             deleted = sent.index(("DBDel", _ALICE_CONTACT))
             expired = [obj for name, obj in sent[:deleted] if name != "DBDel"]
             assert "1001" in expired, sent
             assert sent[-1][0] == "Reload", sent
-            await _until(partial(state_is, "offline"), 5)
-            assert await _stop(daemon) == 0
-        finally:
-            if daemon.returncode is None:
-                daemon.kill()
-                await daemon.wait()
-            await peer.stop()
+            await pbx.until_state("offline")
 
     asyncio.run(scenario())
 
@@ -510,35 +437,16 @@ def test_a_phone_disabled_while_asterisk_is_mid_reload_loses_its_contact_after_a
     register again), and she is then shown offline."""
 
     async def scenario() -> None:
-        peer = FakeAsterisk()
-        await peer.start()
-        config = _write_config(tmp_path, peer.port)
-        config.write_text(config.read_text().replace("[ami]", "[ami]\nreload_retry_delay = 0.2"))
-        await _seed(config)
-        await _add(config, "alice")
-        daemon = await _start_daemon(config, tmp_path / "daemon.log")
-        try:
-            await _until(lambda: len(peer.actions("PJSIPShowContacts")) >= 1, 10)
-            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
-
-            async def state_is(wanted: str) -> bool:
-                return bool((await _status(config, "alice"))["state"] == wanted)
-
-            await _until(partial(state_is, "online"), 5)
-            peer.reload_busy = 2
-            since = len(peer.received)
-            await _cli(config, "user", "disable", "alice")
-            await _until(lambda: _ALICE_CONTACT not in peer.astdb, 20)
-            names = [a.name for a in peer.received[since:]]
+        async with _running(tmp_path, settings={"ami": "reload_retry_delay = 0.2"}) as pbx:
+            await pbx.alice_registers()
+            pbx.peer.reload_busy = 2
+            since = len(pbx.peer.received)
+            await pbx.cli("user", "disable", "alice")
+            await pbx.until_alice_contact_deleted(20)
+            names = [a.name for a in pbx.peer.received[since:]]
             deleted = names.index("DBDel")
             assert names[:deleted].count("Reload") == 3, names  # busy, busy, accepted
-            await _until(partial(state_is, "offline"), 5)
-            assert await _stop(daemon) == 0
-        finally:
-            if daemon.returncode is None:
-                daemon.kill()
-                await daemon.wait()
-            await peer.stop()
+            await pbx.until_state("offline")
 
     asyncio.run(scenario())
 
@@ -551,33 +459,15 @@ def test_a_disabled_phone_whose_reload_says_invalid_first_still_loses_its_contac
     keeps them): her contact is still deleted from astdb, found by listing them."""
 
     async def scenario() -> None:
-        peer = FakeAsterisk()
-        await peer.start()
-        config = _write_config(tmp_path, peer.port)
-        await _seed(config)
-        await _add(config, "alice")
-        daemon = await _start_daemon(config, tmp_path / "daemon.log")
-        try:
-            await _until(lambda: len(peer.actions("PJSIPShowContacts")) >= 1, 10)
-            await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
-
-            async def state_is(wanted: str) -> bool:
-                return bool((await _status(config, "alice"))["state"] == wanted)
-
-            await _until(partial(state_is, "online"), 5)
-            peer.reload_delay = 1.0
-            reloads = len(peer.actions("Reload"))
-            await _cli(config, "user", "disable", "alice")
-            await _until(lambda: len(peer.actions("Reload")) > reloads, 5)
+        async with _running(tmp_path) as pbx:
+            await pbx.alice_registers()
+            pbx.peer.reload_delay = 1.0
+            reloads = pbx.sent("Reload")
+            await pbx.cli("user", "disable", "alice")
+            await pbx.until_sent("Reload", reloads)
             invalid = ((b"State: NOT_INUSE", b"State: INVALID"),)
-            await peer.send_recorded("Event: DeviceStateChange", "NOT_INUSE", replace=invalid)
-            await _until(lambda: _ALICE_CONTACT not in peer.astdb, 10)
-            await _until(partial(state_is, "offline"), 5)
-            assert await _stop(daemon) == 0
-        finally:
-            if daemon.returncode is None:
-                daemon.kill()
-                await daemon.wait()
-            await peer.stop()
+            await pbx.peer.send_recorded("Event: DeviceStateChange", "NOT_INUSE", replace=invalid)
+            await pbx.until_alice_contact_deleted(10)
+            await pbx.until_state("offline")
 
     asyncio.run(scenario())

@@ -14,7 +14,7 @@ from provisioner.config import load_config
 from provisioner.errors import ConfigError
 
 from .faultkit import PROVISIONER, cli, env, write_config
-from .helpers import make_cli
+from .helpers import make_cli, sighup_refused
 
 #: URLs whose driver refuses them at the first connect, before any byte reaches a server
 #: (pymysql: an unknown charset, an unknown argument; libpq: an unknown option), with the
@@ -166,30 +166,8 @@ def test_a_sighup_naming_a_target_url_the_driver_refuses_keeps_the_old_target(
     """A SIGHUP switching to a realtime ``target.url`` whose driver refuses its parameters
     is refused as a bad configuration (``config.reload_failed`` naming target.url and the
     driver's words), and the daemon keeps its target and configuration."""
-    import asyncio
-
-    from structlog.testing import capture_logs
-
-    from provisioner.daemon import Daemon
-
     url, said = REFUSED_AT_CONNECT["pymysql-argument"]
-    path = tmp_path / "provisioner.toml"
-    base = (
-        f"[store]\nurl = 'sqlite:///{tmp_path / 'store.db'}'\n"
-        f"[target]\npath = '{tmp_path / 'pjsip_users.conf'}'\n"
-    )
-    path.write_text(base, encoding="utf-8")
-    config = load_config(path, env={})
-    daemon = Daemon.from_config(config, config_path=str(path))
-    target = daemon.applier.target
-    try:
-        path.write_text(base + f"kind = 'realtime'\nurl = '{url}'\n", encoding="utf-8")
-        with capture_logs() as logs:
-            asyncio.run(daemon._reload_config())
-        (failed,) = [entry for entry in logs if entry["event"] == "config.reload_failed"]
-        assert failed["error"].startswith("target.url: its driver refused its parameters ("), failed
-        assert failed["error"].endswith(said), failed
-        assert "hunter2" not in repr(logs)
-        assert (daemon.config, daemon.applier.target) == (config, target)
-    finally:
-        daemon.engine.dispose()
+    error, logs = sighup_refused(tmp_path, f"kind = 'realtime'\nurl = '{url}'\n")
+    assert error.startswith("target.url: its driver refused its parameters ("), error
+    assert error.endswith(said), error
+    assert "hunter2" not in repr(logs)
