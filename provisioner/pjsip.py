@@ -30,6 +30,7 @@ from .model import (
     UNDECODED_RULE,
     VIDEOS,
     User,
+    Voice,
     check_group,
     undecoded,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "render_all",
     "render_user",
     "renderable_username",
+    "sample_objects",
 ]
 
 Options = tuple[tuple[str, str], ...]
@@ -332,6 +334,35 @@ def _final_check(objects: UserObjects) -> None:
 def is_provisioned(user: User) -> bool:
     """Disabled and deleted users have no PJSIP objects; a login lock keeps the phone working."""
     return not user.disabled and user.deleted_at is None
+
+
+def sample_objects(settings: RenderSettings) -> list[UserObjects]:
+    """Two users rendered with ``settings``, for checks that must see what a real user's
+    objects hold without reading the store: a plain one first, then a WebRTC one with
+    video, so every option a user may have is there.  Their digests are zeros: nothing
+    secret."""
+    samples = [
+        ("1000", "sample.one", "Sample One", Voice()),
+        ("1001", "sample_two", "Sample Two", Voice(transport="wss", video="yes")),
+    ]
+    return [
+        render_user(
+            User(
+                id=0,
+                role="user",
+                username=username,
+                full_name=full_name,
+                email=f"{username}@example.com",
+                extension=extension,
+                voice=voice,
+                sip_realm=settings.realm,
+                sip_md5="0" * 32,
+                sip_sha256="0" * 64,
+            ),
+            settings,
+        )
+        for extension, username, full_name, voice in samples
+    ]
 
 
 def render_all(

@@ -57,8 +57,7 @@ from typing import TYPE_CHECKING
 from ..asterisk_conf import Parsed, Section, parse
 from ..errors import AsteriskSyntaxError, RenderCheckFailed
 from ..logs import get_logger
-from ..model import User, Voice
-from ..pjsip import RenderSettings, UserObjects, auth_id, endpoint_order, render_user
+from ..pjsip import RenderSettings, UserObjects, auth_id, endpoint_order, sample_objects
 from . import Change
 from .canonical import (
     _LINES,
@@ -181,34 +180,6 @@ def check_rendered(data: bytes, objects: Sequence[UserObjects]) -> None:
     _raise_problems(_parse_problems(parsed, intended(objects)))
 
 
-def _sample_users(settings: RenderSettings) -> list[UserObjects]:
-    """Two users rendered with ``settings`` for :func:`check_templates`: a plain one and a
-    WebRTC one with video, so every option a real user has is there (digests of zeros:
-    nothing secret)."""
-    samples = [
-        ("1000", "sample.one", "Sample One", Voice()),
-        ("1001", "sample_two", "Sample Two", Voice(transport="wss", video="yes")),
-    ]
-    return [
-        render_user(
-            User(
-                id=0,
-                role="user",
-                username=username,
-                full_name=full_name,
-                email=f"{username}@example.com",
-                extension=extension,
-                voice=voice,
-                sip_realm=settings.realm,
-                sip_md5="0" * 32,
-                sip_sha256="0" * 64,
-            ),
-            settings,
-        )
-        for extension, username, full_name, voice in samples
-    ]
-
-
 def check_templates(templates_dir: Path | None, settings: RenderSettings) -> None:
     """Raise what an apply would raise when the templates (``templates_dir`` over the
     shipped ones) cannot make a good file: :class:`~provisioner.errors.ConfigError` for a
@@ -218,7 +189,7 @@ def check_templates(templates_dir: Path | None, settings: RenderSettings) -> Non
     section dropped, a directive added).  Writes nothing.  Blocking (reads the files)."""
     templates = Templates(templates_dir)
     templates.compile_all()
-    users = _sample_users(settings)
+    users = sample_objects(settings)
     with templates.templating() as env:
         for shard in (False, True):
             text = env.get_template(MAIN_TEMPLATE).render(users=users, shard=shard)

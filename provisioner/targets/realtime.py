@@ -86,7 +86,6 @@ from sqlalchemy.sql.dml import UpdateBase
 
 from ..errors import InvalidInput, Problem
 from ..logs import get_logger
-from ..model import User, Voice
 from ..pjsip import (
     Options,
     RenderSettings,
@@ -94,7 +93,7 @@ from ..pjsip import (
     UserObjects,
     auth_id,
     endpoint_order,
-    render_user,
+    sample_objects,
 )
 from ..store.bulk import (
     Prepared,
@@ -886,23 +885,11 @@ def _absent_columns(conn: Connection, missing: Collection[str] = ()) -> dict[str
 
 
 def lacking_columns(conn: Connection, settings: RenderSettings) -> list[str]:
-    """``table.column`` of each column the mapping gives a value under ``settings`` (a
-    sample user's options) that its table lacks (made by an older Asterisk): every apply
-    of a user would fail on it.  Tables not made yet lack none (the first write makes
-    them whole)."""
-    sample = User(
-        id=0,
-        role="user",
-        username="sample",
-        full_name="Sample",
-        email="sample@example.com",
-        extension="1000",
-        voice=Voice(),
-        sip_realm=settings.realm,
-        sip_md5="0" * 32,
-        sip_sha256="0" * 64,
-    )
-    objects = render_user(sample, settings)
+    """``table.column`` of each column the mapping gives a value under ``settings`` (the
+    plain sample user's options, :func:`~provisioner.pjsip.sample_objects`) that its
+    table lacks (made by an older Asterisk): every apply of a user would fail on it.
+    Tables not made yet lack none (the first write makes them whole)."""
+    objects = sample_objects(settings)[0]  # the plain user: no WebRTC-only option
     absent = _absent_columns(conn, _missing_tables(conn))
     lacking = []
     for kind in _KINDS:
