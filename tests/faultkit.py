@@ -179,6 +179,14 @@ def fake_pbx_lines(port: int, secret: str = "lab-secret") -> list[str]:
         "reload_gap_factor = 0",
         "backoff_base = 0.05",
         "backoff_cap = 0.2",
+        *pbx_entry_lines(port, secret),
+    ]
+
+
+def pbx_entry_lines(port: int, secret: str = "lab-secret") -> list[str]:
+    """The ``[[asterisk]]`` entry pbx1 at 127.0.0.1:``port``, user provisioner, as config
+    lines (no [ami] tuning)."""
+    return [
         "[[asterisk]]",
         'name = "pbx1"',
         'host = "127.0.0.1"',
