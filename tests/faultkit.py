@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,6 +246,27 @@ def until(check: Callable[[], bool], timeout: float, what: str = "condition") ->
             raise AssertionError(f"{what} not true within {timeout} s")
         time.sleep(0.02)
     return time.monotonic() - start
+
+
+async def until_async(
+    check: Callable[[], bool | Awaitable[bool]],
+    timeout: float,
+    what: str = "condition",
+    interval: float = 0.02,
+) -> float:
+    """:func:`until` from a coroutine: await ``check()`` (a coroutine function or a plain
+    one) every ``interval`` seconds until true; the seconds it took, or fail at
+    ``timeout``."""
+    start = time.monotonic()
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what} not true within {timeout} s")
+        await asyncio.sleep(interval)
 
 
 @dataclass

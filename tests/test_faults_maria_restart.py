@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,15 @@ from provisioner.store.engine import open_engine
 from provisioner.store.schema import registration_summary, users
 
 from .amipeer import FakeAsterisk
-from .faultkit import Daemon, agent_args, endpoints, fake_pbx_lines, seed_store, write_config
+from .faultkit import (
+    Daemon,
+    agent_args,
+    endpoints,
+    fake_pbx_lines,
+    seed_store,
+    until_async,
+    write_config,
+)
 from .faultkit import cli_async as _cli
 from .faultkit import until as sync_until
 from .mariacluster import PrivateMariaDB, private_mariadb, unavailable_reason
@@ -63,19 +72,8 @@ async def _add(config: Path, username: str) -> None:
     await _cli(config, *agent_args(username))
 
 
-async def _until(check: Callable[[], bool | Awaitable[bool]], timeout: float, what: str) -> float:
-    """Await ``check()`` (a coroutine function or a plain one) until true; the seconds
-    it took, or fail at ``timeout``."""
-    start = time.monotonic()
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return time.monotonic() - start
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what} not true within {timeout} s")
-        await asyncio.sleep(0.05)
+#: Polling every 0.05 s, as these tests always have.
+_until = partial(until_async, interval=0.05)
 
 
 _ps_endpoints = table("ps_endpoints", column("id"))

@@ -503,7 +503,8 @@ def test_the_daemon_logs_skipped_users_once_and_counts_them_all(tmp_path: Path) 
     summary at its first reconcile, nothing more at warning level through later ones,
     and its health record and ``provisioner_users_skipped`` count every skipped user,
     after another user's edit too."""
-    from .test_daemon_e2e import _start_daemon, _stop, _until, _write_config
+    from .faultkit import until_async as _until
+    from .test_daemon_e2e import _start_daemon, _stop, _write_config
 
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
