@@ -294,6 +294,13 @@ class Daemon:
             until(self.ready, timeout, "daemon ready")
         return self
 
+    def run_to_exit(self, timeout: float = 30.0) -> int:
+        """Start without waiting for readiness and wait for the process to end by itself
+        (a daemon that must be refused); its exit code."""
+        self.start(wait_ready=False)
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
     def health(self) -> dict[str, Any] | None:
         try:
             data: dict[str, Any] = json.loads(self.health_path.read_text())
