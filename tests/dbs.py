@@ -50,3 +50,14 @@ def temp_database(backend: str, tmp_path: Path) -> Iterator[str]:
             else:
                 conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
         admin.dispose()
+
+
+def run_statement(url: str, statement: str) -> None:
+    """Run one statement, committed, on a connection of its own to ``url`` (as whatever
+    account ``url`` names: root for the tests' own servers)."""
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(statement))
+    finally:
+        engine.dispose()
