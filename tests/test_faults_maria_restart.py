@@ -94,6 +94,13 @@ def _live_endpoints(kind: str, tmp_path: Path, url: str) -> set[str]:
         engine.dispose()
 
 
+async def _logged_in_and_applied(peer: FakeAsterisk, kind: str, tmp_path: Path, url: str) -> None:
+    """Wait (10 s each) until the daemon has logged in to ``peer`` and its first
+    reconcile has put u0 in the target."""
+    await _until(lambda: peer.logins_ok >= 1, 10, "logged in to Asterisk")
+    await _until(lambda: U0 in _live_endpoints(kind, tmp_path, url), 10, "u0 applied")
+
+
 def _stored_state(url: str, username: str) -> str | None:
     """The registration state the store holds for ``username`` (None: none, or the
     server is down), read directly: no CLI process start in the measured time."""
@@ -140,10 +147,7 @@ def test_a_mariadb_restart_mid_run_is_survived(
         await asyncio.to_thread(lambda: seed_store(server.url, 1).dispose())
         await asyncio.to_thread(daemon.start)
         try:
-            await _until(lambda: peer.logins_ok >= 1, 10, "logged in to Asterisk")
-            await _until(
-                lambda: U0 in _live_endpoints(kind, tmp_path, server.url), 10, "first reconcile"
-            )
+            await _logged_in_and_applied(peer, kind, tmp_path, server.url)
             await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
 
             async def online() -> bool:
@@ -217,10 +221,7 @@ def test_registrations_are_written_soon_after_a_long_mariadb_outage(
         await asyncio.to_thread(lambda: seed_store(server.url, 1).dispose())
         await asyncio.to_thread(daemon.start)
         try:
-            await _until(lambda: peer.logins_ok >= 1, 10, "logged in to Asterisk")
-            await _until(
-                lambda: U0 in _live_endpoints("realtime", tmp_path, server.url), 10, "applied"
-            )
+            await _logged_in_and_applied(peer, "realtime", tmp_path, server.url)
 
             def state_is(state: str) -> Callable[[], bool]:
                 return lambda: _stored_state(server.url, "u0") == state
