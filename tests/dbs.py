@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 PG_ADMIN = os.environ.get(
     "TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -50,3 +51,29 @@ def temp_database(backend: str, tmp_path: Path) -> Iterator[str]:
             else:
                 conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
         admin.dispose()
+
+
+def run_statement(url: str, statement: str) -> None:
+    """Run one statement, committed, on a connection of its own to ``url`` (as whatever
+    account ``url`` names: root for the tests' own servers)."""
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(statement))
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def maria_account(root_url: str, privileges: str = "ALL") -> Iterator[tuple[str, str]]:
+    """A new MariaDB account (password ``pw``) granted ``privileges`` on the database of
+    ``root_url`` (a root URL): its name and that URL logged in as it; the account is
+    dropped afterwards if still there (accounts are the server's, not the database's)."""
+    account = "prov_mig_" + uuid.uuid4().hex[:8]
+    database = make_url(root_url).database
+    run_statement(root_url, f"CREATE USER '{account}'@'%' IDENTIFIED BY 'pw'")
+    try:
+        run_statement(root_url, f"GRANT {privileges} ON `{database}`.* TO '{account}'@'%'")
+        yield account, root_url.replace("root@", f"{account}:pw@")
+    finally:
+        run_statement(root_url, f"DROP USER IF EXISTS '{account}'@'%'")

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,6 +179,14 @@ def fake_pbx_lines(port: int, secret: str = "lab-secret") -> list[str]:
         "reload_gap_factor = 0",
         "backoff_base = 0.05",
         "backoff_cap = 0.2",
+        *pbx_entry_lines(port, secret),
+    ]
+
+
+def pbx_entry_lines(port: int, secret: str = "lab-secret") -> list[str]:
+    """The ``[[asterisk]]`` entry pbx1 at 127.0.0.1:``port``, user provisioner, as config
+    lines (no [ami] tuning)."""
+    return [
         "[[asterisk]]",
         'name = "pbx1"',
         'host = "127.0.0.1"',
@@ -240,6 +248,27 @@ def until(check: Callable[[], bool], timeout: float, what: str = "condition") ->
     return time.monotonic() - start
 
 
+async def until_async(
+    check: Callable[[], bool | Awaitable[bool]],
+    timeout: float,
+    what: str = "condition",
+    interval: float = 0.02,
+) -> float:
+    """:func:`until` from a coroutine: await ``check()`` (a coroutine function or a plain
+    one) every ``interval`` seconds until true; the seconds it took, or fail at
+    ``timeout``."""
+    start = time.monotonic()
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what} not true within {timeout} s")
+        await asyncio.sleep(interval)
+
+
 @dataclass
 class Daemon:
     """``provisioner run`` as a subprocess, its stdout and stderr appended to ``log``."""
@@ -264,6 +293,13 @@ class Daemon:
         if wait_ready:
             until(self.ready, timeout, "daemon ready")
         return self
+
+    def run_to_exit(self, timeout: float = 30.0) -> int:
+        """Start without waiting for readiness and wait for the process to end by itself
+        (a daemon that must be refused); its exit code."""
+        self.start(wait_ready=False)
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
 
     def health(self) -> dict[str, Any] | None:
         try:

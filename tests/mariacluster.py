@@ -21,16 +21,15 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pymysql
+
+from .privatecluster import PrivateServer, free_port, server_directory
 
 __all__ = ["DATABASE", "PrivateMariaDB", "private_mariadb", "unavailable_reason"]
 
@@ -77,24 +76,11 @@ def _as_server_user() -> list[str]:
     return [f"--user={_SERVER_USER}"] if os.geteuid() == 0 else []
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @dataclass
-class PrivateMariaDB:
+class PrivateMariaDB(PrivateServer):
     """A private server: its URL, and stop/kill/start that really end the server."""
 
-    base: Path
-    port: int
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-
-    @property
-    def data(self) -> Path:
-        return self.base / "data"
 
     @property
     def url(self) -> str:
@@ -181,14 +167,8 @@ def private_mariadb() -> Iterator[PrivateMariaDB]:
     removed afterwards."""
     install = _binary("mariadb-install-db")
     assert install is not None, unavailable_reason()
-    # Not under pytest's tmp_path: its parents are private to root, and the server runs
-    # as another user.
-    base = Path(tempfile.mkdtemp(prefix="prov-maria-"))
-    try:
-        if os.geteuid() == 0:
-            entry = pwd.getpwnam(_SERVER_USER)
-            os.chown(base, entry.pw_uid, entry.pw_gid)
-        server = PrivateMariaDB(base=base, port=_free_port())
+    with server_directory("prov-maria-", _SERVER_USER) as base:
+        server = PrivateMariaDB(base=base, port=free_port())
         subprocess.run(
             [
                 install,
@@ -215,5 +195,3 @@ def private_mariadb() -> Iterator[PrivateMariaDB]:
             yield server
         finally:
             server.stop()
-    finally:
-        shutil.rmtree(base, ignore_errors=True)

@@ -14,13 +14,13 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from .privatecluster import PrivateServer, free_port, server_directory
 
 __all__ = ["PrivatePostgres", "private_postgres", "unavailable_reason"]
 
@@ -62,24 +62,11 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @dataclass
-class PrivatePostgres:
+class PrivatePostgres(PrivateServer):
     """A running private cluster: its URL, and stop/start that really end the server."""
 
-    base: Path
-    port: int
     bin_dir: Path
-
-    @property
-    def data(self) -> Path:
-        return self.base / "data"
 
     @property
     def url(self) -> str:
@@ -112,14 +99,8 @@ def private_postgres() -> Iterator[PrivatePostgres]:
     """A new cluster, started; stopped and removed afterwards."""
     bin_dir = _bin_dir()
     assert bin_dir is not None, unavailable_reason()
-    # Not under pytest's tmp_path: its parents are private to root, and the server runs
-    # as another user.
-    base = Path(tempfile.mkdtemp(prefix="prov-pg-"))
-    try:
-        if os.geteuid() == 0:
-            entry = pwd.getpwnam(_SERVER_USER)
-            os.chown(base, entry.pw_uid, entry.pw_gid)
-        cluster = PrivatePostgres(base=base, port=_free_port(), bin_dir=bin_dir)
+    with server_directory("prov-pg-", _SERVER_USER) as base:
+        cluster = PrivatePostgres(base=base, port=free_port(), bin_dir=bin_dir)
         subprocess.run(
             [
                 *_as_server_user(),
@@ -142,5 +123,3 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         finally:
             if (cluster.data / "postmaster.pid").exists():
                 cluster.stop()
-    finally:
-        shutil.rmtree(base, ignore_errors=True)

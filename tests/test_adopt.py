@@ -317,7 +317,8 @@ def test_the_daemon_logs_a_lost_ownership_table_once(tmp_path: Path) -> None:
     """A daemon over realtime rows whose ownership records were lost logs the conflicts
     of its first reconcile as one summary and a few lines, then nothing more at warning
     level through later reconciles; its health record counts every conflicting user."""
-    from .test_daemon_e2e import _start_daemon, _stop, _until, _write_config
+    from .faultkit import until_async as _until
+    from .test_daemon_e2e import _start_daemon, _stop, _write_config
 
     config = _write_config(tmp_path, None, kind="realtime")
     config.write_text(config.read_text().replace("[daemon]", "[daemon]\nreconcile_interval = 0.3"))

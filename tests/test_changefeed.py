@@ -40,6 +40,7 @@ from provisioner.targets.configfile import ConfigFileTarget
 
 from .amipeer import FakeAsterisk, eventually
 from .conftest import FakeClock
+from .dbs import maria_account, run_statement
 
 
 def _changes(engine: Engine, after: int = 0) -> list[tuple[str, int, str]]:
@@ -932,34 +933,18 @@ def test_check_names_change_triggers_whose_definer_was_dropped_on_mariadb(
     from provisioner.store.engine import open_engine
     from provisioner.store.migrate import upgrade
 
-    account = "prov_mig_" + uuid.uuid4().hex[:8]  # accounts are the server's, not the database's
-    database = db_url.rsplit("/", 1)[1]
-    _sql_url(db_url, f"CREATE USER '{account}'@'%' IDENTIFIED BY 'pw'")
-    try:
-        _sql_url(db_url, f"GRANT ALL ON `{database}`.* TO '{account}'@'%'")
-        migrator = open_engine(db_url.replace("root@", f"{account}:pw@"))
+    with maria_account(db_url) as (account, as_account):
+        migrator = open_engine(as_account)
         upgrade(migrator)
         migrator.dispose()
         config = _checked_config(db_url, tmp_path)
         before = _store_check(config)
         assert before[1], before
-        _sql_url(db_url, f"DROP USER '{account}'@'%'")
+        run_statement(db_url, f"DROP USER '{account}'@'%'")
         after = _store_check(config)
-    finally:
-        _sql_url(db_url, f"DROP USER IF EXISTS '{account}'@'%'")
     assert not after[1]
     assert f"{account}@%" in after[2]
     assert "every write to users" in after[2]
-
-
-def _sql_url(url: str, statement: str) -> None:
-    """Run one statement on a connection of its own to ``url``."""
-    engine = create_engine(url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(text(statement))
-    finally:
-        engine.dispose()
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
@@ -1068,17 +1053,13 @@ def test_check_names_a_contact_trigger_whose_definer_was_dropped_on_mariadb(
     ``provisioner check`` fails its store line naming the trigger, that definer and the
     deletes refused, not every write to users (the change triggers' definer is there)."""
     ddl, refused, named = _CONTACT_TRIGGER_DDL[trigger]
-    account = "prov_mig_" + uuid.uuid4().hex[:8]  # accounts are the server's, not the database's
-    database = db_url.rsplit("/", 1)[1]
-    _sql_url(db_url, f"CREATE USER '{account}'@'%' IDENTIFIED BY 'pw'")
-    try:
-        _sql_url(db_url, f"GRANT ALL ON `{database}`.* TO '{account}'@'%'")
+    with maria_account(db_url) as (account, as_account):
         _sql(engine, f"DROP TRIGGER {trigger}")
-        _sql_url(db_url.replace("root@", f"{account}:pw@"), ddl)
+        run_statement(as_account, ddl)
         config = _checked_config(db_url, tmp_path)
         before = _store_check(config)
         assert before[1], before
-        _sql_url(db_url, f"DROP USER '{account}'@'%'")
+        run_statement(db_url, f"DROP USER '{account}'@'%'")
         _sql(
             engine,
             "INSERT INTO registration_summary (user_id, server, state, device_state, problem, "
@@ -1088,8 +1069,6 @@ def test_check_names_a_contact_trigger_whose_definer_was_dropped_on_mariadb(
         with pytest.raises(Exception, match="specified as a definer"):
             _sql(engine, refused)
         after = _store_check(config)
-    finally:
-        _sql_url(db_url, f"DROP USER IF EXISTS '{account}'@'%'")
     assert not after[1]
     assert f"{trigger} (definer {account}@%)" in after[2]
     assert named in after[2]

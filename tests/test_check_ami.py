@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from .amipeer import FakeAsterisk, in_a_thread
-from .faultkit import PROVISIONER, env, write_config
+from .faultkit import PROVISIONER, env, pbx_entry_lines, write_config
 
 #: The [[asterisk]] entry's login timeout in these tests (the shortest allowed).
 TIMEOUT = 2.0
@@ -38,15 +38,7 @@ def _check(tmp_path: Path, port: int, secret: str = "lab-secret") -> tuple[str, 
     stdout, stderr and how long it took."""
     config = write_config(
         tmp_path,
-        extra=[
-            "[[asterisk]]",
-            'name = "pbx1"',
-            'host = "127.0.0.1"',
-            f"port = {port}",
-            'username = "provisioner"',
-            f'secret = "{secret}"',
-            f"timeout = {TIMEOUT}",
-        ],
+        extra=[*pbx_entry_lines(port, secret), f"timeout = {TIMEOUT}"],
     )
     config.chmod(0o600)
     started = time.monotonic()

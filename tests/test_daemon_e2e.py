@@ -10,7 +10,7 @@ import signal
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +28,7 @@ from provisioner.targets.shards import shard_name, shard_of
 
 from .amipeer import FakeAsterisk, ReceivedAction
 from .faultkit import cli_async as _cli
+from .faultkit import until_async as _until
 
 PROVISIONER = str(Path(sys.executable).with_name("provisioner"))
 
@@ -79,20 +80,6 @@ def _write_config(
     path = tmp / "provisioner.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-async def _until(check: Callable[[], Awaitable[bool] | bool], timeout: float) -> float:
-    """Poll ``check`` until true; return the seconds it took, or fail at ``timeout``."""
-    start = time.monotonic()
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return time.monotonic() - start
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"not true within {timeout} s")
-        await asyncio.sleep(0.02)
 
 
 async def _start_daemon(config: Path, log: Path, *flags: str) -> asyncio.subprocess.Process:

@@ -44,9 +44,7 @@ def test_a_second_daemon_on_one_store_is_refused(backend: str, tmp_path: Path) -
         first = Daemon(config, tmp_path / "first.log").start()
         second = Daemon(config, tmp_path / "second.log")
         try:
-            second.start(wait_ready=False)
-            assert second.proc is not None
-            code = second.proc.wait(timeout=30)
+            code = second.run_to_exit()
             assert first.proc is not None
             assert first.alive
             assert first.ready()  # its health record, not the refused one's
@@ -91,9 +89,7 @@ def test_a_daemon_whose_lock_connection_is_killed_takes_the_lock_again(tmp_path:
             assert ended == [(True,)]
             until(lambda: bool(first.logged("daemon.lock_retaken")), 30, "lock retaken")
             assert first.logged("daemon.lock_lost")
-            second.start(wait_ready=False)
-            assert second.proc is not None
-            code = second.proc.wait(timeout=30)
+            code = second.run_to_exit()
             assert first.alive
             assert first.stop() == 0
         finally:

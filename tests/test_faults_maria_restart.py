@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,15 @@ from provisioner.store.engine import open_engine
 from provisioner.store.schema import registration_summary, users
 
 from .amipeer import FakeAsterisk
-from .faultkit import Daemon, agent_args, endpoints, fake_pbx_lines, seed_store, write_config
+from .faultkit import (
+    Daemon,
+    agent_args,
+    endpoints,
+    fake_pbx_lines,
+    seed_store,
+    until_async,
+    write_config,
+)
 from .faultkit import cli_async as _cli
 from .faultkit import until as sync_until
 from .mariacluster import PrivateMariaDB, private_mariadb, unavailable_reason
@@ -63,19 +72,8 @@ async def _add(config: Path, username: str) -> None:
     await _cli(config, *agent_args(username))
 
 
-async def _until(check: Callable[[], bool | Awaitable[bool]], timeout: float, what: str) -> float:
-    """Await ``check()`` (a coroutine function or a plain one) until true; the seconds
-    it took, or fail at ``timeout``."""
-    start = time.monotonic()
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return time.monotonic() - start
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what} not true within {timeout} s")
-        await asyncio.sleep(0.05)
+#: Polling every 0.05 s, as these tests always have.
+_until = partial(until_async, interval=0.05)
 
 
 _ps_endpoints = table("ps_endpoints", column("id"))
@@ -94,6 +92,13 @@ def _live_endpoints(kind: str, tmp_path: Path, url: str) -> set[str]:
         return set()
     finally:
         engine.dispose()
+
+
+async def _logged_in_and_applied(peer: FakeAsterisk, kind: str, tmp_path: Path, url: str) -> None:
+    """Wait (10 s each) until the daemon has logged in to ``peer`` and its first
+    reconcile has put u0 in the target."""
+    await _until(lambda: peer.logins_ok >= 1, 10, "logged in to Asterisk")
+    await _until(lambda: U0 in _live_endpoints(kind, tmp_path, url), 10, "u0 applied")
 
 
 def _stored_state(url: str, username: str) -> str | None:
@@ -142,10 +147,7 @@ def test_a_mariadb_restart_mid_run_is_survived(
         await asyncio.to_thread(lambda: seed_store(server.url, 1).dispose())
         await asyncio.to_thread(daemon.start)
         try:
-            await _until(lambda: peer.logins_ok >= 1, 10, "logged in to Asterisk")
-            await _until(
-                lambda: U0 in _live_endpoints(kind, tmp_path, server.url), 10, "first reconcile"
-            )
+            await _logged_in_and_applied(peer, kind, tmp_path, server.url)
             await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified")
 
             async def online() -> bool:
@@ -219,10 +221,7 @@ def test_registrations_are_written_soon_after_a_long_mariadb_outage(
         await asyncio.to_thread(lambda: seed_store(server.url, 1).dispose())
         await asyncio.to_thread(daemon.start)
         try:
-            await _until(lambda: peer.logins_ok >= 1, 10, "logged in to Asterisk")
-            await _until(
-                lambda: U0 in _live_endpoints("realtime", tmp_path, server.url), 10, "applied"
-            )
+            await _logged_in_and_applied(peer, "realtime", tmp_path, server.url)
 
             def state_is(state: str) -> Callable[[], bool]:
                 return lambda: _stored_state(server.url, "u0") == state
@@ -278,9 +277,7 @@ def test_the_daemon_holds_its_lock_again_as_soon_as_mariadb_is_back(
         back = time.monotonic()
         sync_until(lambda: bool(first.logged("daemon.lock_retaken")), 10, "lock retaken")
         retaken = time.monotonic() - back
-        second.start(wait_ready=False)
-        assert second.proc is not None
-        code = second.proc.wait(timeout=30)
+        code = second.run_to_exit()
         assert first.alive
         assert first.stop() == 0
     finally:

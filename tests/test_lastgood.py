@@ -25,7 +25,7 @@ from provisioner.accounts import Accounts, Policy
 from provisioner.applier import USER_DETAIL, Applier
 from provisioner.asterisk_conf import parse
 from provisioner.errors import MassRemovalRefused
-from provisioner.model import UNDECODED_RULE
+from provisioner.model import UNDECODED_RULE, User
 from provisioner.pjsip import RenderSettings, endpoint_order, render_user
 from provisioner.store.engine import open_engine
 from provisioner.targets import Target
@@ -161,6 +161,21 @@ def test_sync_once_keeps_the_endpoint_of_a_user_given_a_bad_extension(
         assert _held(tmp_path, kind, engine, ext) == before
 
 
+def _old_extension_given_to_u2(
+    tmp_path: Path, kind: str, engine: Engine, accounts: Accounts, broken_to: str
+) -> tuple[Applier, User, User]:
+    """An applier that applied everyone, then noted u1 broken (its extension set to the
+    SQL ``broken_to``); u2 is then edited to u1's old extension, not applied yet. The
+    applier and u1, u2 as they were before."""
+    applier = _applier(tmp_path, kind, engine)
+    applier.full()
+    u1, u2 = accounts.get_user("u1"), accounts.get_user("u2")
+    _break(engine, "u1", broken_to)
+    applier.users_changed([u1.id])
+    accounts.edit_user("u2", {"extension": u1.extension})
+    return applier, u1, u2
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_valid_user_given_the_old_extension_takes_it_in_the_one_edit_path(
     tmp_path: Path, kind: str
@@ -169,12 +184,7 @@ def test_a_valid_user_given_the_old_extension_takes_it_in_the_one_edit_path(
     that user's (credentials and all), and it goes when that user moves on: the broken user
     holds it no more."""
     with _site(tmp_path, kind) as (engine, accounts):
-        applier = _applier(tmp_path, kind, engine)
-        applier.full()
-        u1, u2 = accounts.get_user("u1"), accounts.get_user("u2")
-        _break(engine, "u1", "'10a1'")
-        applier.users_changed([u1.id])
-        accounts.edit_user("u2", {"extension": u1.extension})
+        applier, u1, u2 = _old_extension_given_to_u2(tmp_path, kind, engine, accounts, "'10a1'")
         change = applier.users_changed([u2.id]).change
         assert (change.updated, change.removed) == ((u1.extension,), (u2.extension,))
         assert _auth_username(tmp_path, kind, engine, u1.extension) == "u2"
@@ -196,12 +206,7 @@ def test_a_valid_user_given_the_old_extension_takes_it_in_a_full_apply(
     """A full apply (with memory or without, or one edit of both users at once) gives a
     broken user's old extension to the live user that now validly holds it."""
     with _site(tmp_path, kind) as (engine, accounts):
-        daemon = _applier(tmp_path, kind, engine)
-        daemon.full()
-        u1, u2 = accounts.get_user("u1"), accounts.get_user("u2")
-        _break(engine, "u1", "''")
-        daemon.users_changed([u1.id])
-        accounts.edit_user("u2", {"extension": u1.extension})
+        daemon, u1, u2 = _old_extension_given_to_u2(tmp_path, kind, engine, accounts, "''")
         fresh = _applier(tmp_path, kind, engine).full()
         assert (fresh.change.updated, fresh.change.removed) == ((u1.extension,), (u2.extension,))
         assert _auth_username(tmp_path, kind, engine, u1.extension) == "u2"
@@ -503,7 +508,8 @@ def test_the_daemon_logs_skipped_users_once_and_counts_them_all(tmp_path: Path) 
     summary at its first reconcile, nothing more at warning level through later ones,
     and its health record and ``provisioner_users_skipped`` count every skipped user,
     after another user's edit too."""
-    from .test_daemon_e2e import _start_daemon, _stop, _until, _write_config
+    from .faultkit import until_async as _until
+    from .test_daemon_e2e import _start_daemon, _stop, _write_config
 
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))

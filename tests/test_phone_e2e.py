@@ -20,7 +20,8 @@ import pytest
 from .amipeer import FakeAsterisk
 from .faultkit import agent_args
 from .faultkit import cli_async as _cli
-from .test_daemon_e2e import _seed, _start_daemon, _stop, _until, _write_config
+from .faultkit import until_async as _until
+from .test_daemon_e2e import _seed, _start_daemon, _stop, _write_config
 
 #: The recorded REGISTER's security event of realtime endpoint 1001 (capture 1).
 _AUTH_1001 = ("Event: SuccessfulAuth", "Service: PJSIP", "AccountID: 1001")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy import Engine, func, select, text
 from structlog.testing import capture_logs
 
 from provisioner.accounts import Accounts
@@ -19,6 +18,7 @@ from provisioner.config import load_config
 from provisioner.health import read_health
 from provisioner.store.schema import changes
 
+from .dbs import maria_account, run_statement
 from .helpers import Cli, local_daemon, make_cli
 
 #: Per backend: a DBA's statements that lose two triggers (a change trigger and a
@@ -131,16 +131,6 @@ def test_repair_makes_a_dropped_trigger_function_again_running_with_its_owners_r
     assert _an_edit_is_noted(engine)
 
 
-def _sql_url(url: str, statement: str) -> None:
-    """Run one statement on a connection of its own to ``url``."""
-    engine = create_engine(url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(text(statement))
-    finally:
-        engine.dispose()
-
-
 @pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
 def test_repair_remakes_triggers_whose_definer_is_gone_on_mariadb(
     db_url: str, tmp_path: Path
@@ -151,19 +141,13 @@ def test_repair_remakes_triggers_whose_definer_is_gone_on_mariadb(
     from provisioner.store.engine import open_engine
     from provisioner.store.migrate import upgrade
 
-    account = "prov_mig_" + uuid.uuid4().hex[:8]  # accounts are the server's, not the database's
-    database = db_url.rsplit("/", 1)[1]
-    _sql_url(db_url, f"CREATE USER '{account}'@'%' IDENTIFIED BY 'pw'")
-    try:
-        _sql_url(db_url, f"GRANT ALL ON `{database}`.* TO '{account}'@'%'")
-        migrator = open_engine(db_url.replace("root@", f"{account}:pw@"))
+    with maria_account(db_url) as (account, as_account):
+        migrator = open_engine(as_account)
         upgrade(migrator)
         migrator.dispose()
-        _sql_url(db_url, f"DROP USER '{account}'@'%'")
+        run_statement(db_url, f"DROP USER '{account}'@'%'")
         assert not _store_check(db_url, tmp_path)[1]
         out = _cli(db_url, tmp_path).ok("db", "repair")
-    finally:
-        _sql_url(db_url, f"DROP USER IF EXISTS '{account}'@'%'")
     assert f"(definer {account}@% gone)" in out
     assert _store_check(db_url, tmp_path)[1]
     root = open_engine(db_url)

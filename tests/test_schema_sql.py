@@ -20,6 +20,8 @@ from provisioner.store.engine import open_engine
 from provisioner.store.migrate import current_revision, downgrade, head_revision, upgrade
 from provisioner.store.schema import SUMMARY_FILLFACTOR, metadata
 
+from .dbs import maria_account, run_statement
+
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql" / "store"
 FILE_FOR = {"sqlite": "sqlite", "postgresql": "postgresql", "mariadb": "mysql"}
 
@@ -273,37 +275,23 @@ def test_a_latin1_database_holds_any_full_name(db_url: str, source: str) -> None
         engine.dispose()
 
 
-def _as_root(url: str, statement: str) -> None:
-    engine = create_engine(url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(text(statement))
-    finally:
-        engine.dispose()
-
-
 @pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
 def test_a_migration_that_failed_half_way_on_mariadb_runs_again(db_url: str) -> None:
     """On MariaDB, whose DDL is not transactional, a ``db upgrade`` that fails in the
     middle of a migration (here: an account without the TRIGGER privilege, after the
     change table was made) can be run again once the cause is fixed, and reaches exactly
     the model's schema."""
-    import uuid
 
     from provisioner.store.changefeed import trigger_problems
 
-    account = "prov_mig_" + uuid.uuid4().hex[:8]  # accounts are the server's
-    database = make_url(db_url).database
     grant = "SELECT, INSERT, UPDATE, DELETE, CREATE, DROP, ALTER, INDEX, REFERENCES"
-    _as_root(db_url, f"CREATE USER '{account}'@'%' IDENTIFIED BY 'pw'")
-    try:
-        _as_root(db_url, f"GRANT {grant} ON `{database}`.* TO '{account}'@'%'")
-        url = db_url.replace("root@", f"{account}:pw@")
+    database = make_url(db_url).database
+    with maria_account(db_url, grant) as (account, url):
         engine = open_engine(url)
         with pytest.raises(Exception, match="TRIGGER command denied"):
             upgrade(engine)
         engine.dispose()
-        _as_root(db_url, f"GRANT TRIGGER ON `{database}`.* TO '{account}'@'%'")
+        run_statement(db_url, f"GRANT TRIGGER ON `{database}`.* TO '{account}'@'%'")
         engine = open_engine(url)
         try:
             assert upgrade(engine)[1] == head_revision()
@@ -312,8 +300,6 @@ def test_a_migration_that_failed_half_way_on_mariadb_runs_again(db_url: str) -> 
                 assert trigger_problems(conn) == []
         finally:
             engine.dispose()
-    finally:
-        _as_root(db_url, f"DROP USER IF EXISTS '{account}'@'%'")
 
 
 def _seed_registered(engine: Engine, count: int) -> None:
