@@ -24,7 +24,6 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     DateTime,
-    Integer,
     Select,
     String,
     Table,
@@ -44,7 +43,6 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import cast as sql_cast
-from sqlalchemy import text as sql_text
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -490,9 +488,6 @@ class RowBatch:
     contacts: str | None
     #: :func:`time_text` of the batch's ``now``: a row's missing ``changed_at``.
     stamp: str
-    #: The endpoint of each row of ``contacts``, in order: on PostgreSQL the contacts
-    #: take their user ids from the summaries' upsert by it (:func:`_contact_ids`).
-    contact_endpoints: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, rows: EndpointRows, now: datetime) -> RowBatch:
@@ -504,23 +499,19 @@ class RowBatch:
         # lists alive through the flush was promoted and brought on full collections).
         summaries: list[tuple[Any, ...]] = []
         contacts: list[tuple[Any, ...]] = []
-        owners: list[str] = []
         for ep in sorted(rows):
             ep_contacts, summary = rows[ep]
             summaries.append((ep, *summary))
             if len(ep_contacts) == 1:  # the storm's case: nothing to merge
                 contacts.append((ep, *ep_contacts[0]))
-                owners.append(ep)
             elif ep_contacts:
                 # Keyed as the table keys them: by the id as the statement cuts it.
                 by_id = {c[0][:_ID_LEN]: c for c in ep_contacts}
                 contacts += [(ep, *c) for c in by_id.values()]
-                owners += [ep] * len(by_id)
         return cls(
             json_text(summaries),
             json_text(contacts) if contacts else None,
             time_text(now),
-            tuple(owners),
         )
 
 
@@ -555,59 +546,44 @@ def write_batch(conn: Connection, server: str, batch: RowBatch, *, cleared: bool
     """:func:`write_endpoint_rows` of a prepared batch, on SQLite and PostgreSQL: three
     statements, whatever the batch size, each taking its table's rows as one JSON text.
 
-    The database matches endpoints to users itself (a join on ``users.extension``, once a
-    batch); the summary is an upsert (``ON CONFLICT DO UPDATE``), the contacts of the
-    batch's users are deleted (unless ``cleared``: the server holds none) and inserted
-    anew (the delete planned for its batch: :func:`_planned_each_time`).  On PostgreSQL
-    the upsert returns each user's id and extension, and the delete and the contacts'
-    insert take those ids (:func:`_upsert_then_clear`, :func:`_owned_contacts`); on
-    SQLite each statement joins ``users`` itself.  Returns how many endpoints matched a
-    user.
+    The database matches endpoints to users itself (a join on ``users.extension``), so no
+    user id comes back to Python; the summary is an upsert (``ON CONFLICT DO UPDATE``),
+    the contacts of the batch's users are deleted (unless ``cleared``: the server holds
+    none) and inserted anew (the delete planned for its batch: :func:`_planned_each_time`).
+    Returns how many endpoints matched a user.
     """
     upsert, clear, add = _json_statements(conn.dialect.name)
     params = {"server": server, "rows": batch.summaries, "stamp": batch.stamp}
     if conn.dialect.name == "postgresql":
-        owners = _upsert_then_clear(conn, upsert, clear, params, cleared=cleared)
-        if batch.contacts is not None and owners:
-            ids = _contact_ids(batch.contact_endpoints, owners)
-            conn.execute(add, {**params, "rows": batch.contacts, "ids": ids})
-        return len(owners)
-    matched = int(conn.execute(upsert, params).rowcount)
-    if not cleared:
-        conn.execute(clear, params)
+        matched = _upsert_then_clear(conn, upsert, clear, params, cleared=cleared)
+    else:
+        matched = int(conn.execute(upsert, params).rowcount)
+        if not cleared:
+            conn.execute(clear, params)
     if batch.contacts is not None:
         conn.execute(add, {**params, "rows": batch.contacts})
     return matched
 
 
-def _contact_ids(endpoints: Sequence[str], owners: Mapping[str, int]) -> str:
-    """The user id of each contact row of endpoint ``endpoints[i]``, as the text of a
-    PostgreSQL integer array (``NULL`` for an endpoint that is no user): built in one
-    join, where psycopg's dumping of a list of integers costs the client a microsecond
-    an event."""
-    return "{" + ",".join([str(owners.get(ep, "NULL")) for ep in endpoints]) + "}"
-
-
 def _upsert_then_clear(
     conn: Connection, upsert: Any, clear: Any, params: dict[str, str], *, cleared: bool
-) -> dict[str, int]:
+) -> int:
     """PostgreSQL's first two statements of :func:`write_batch`: the summaries upserted,
-    returning their users' ids, whether each summary is new and its user's extension,
-    and the contacts of the users whose summary was there deleted by id (none when
-    ``cleared`` or there is no such user; planned for its ids: :func:`_planned_each_time`).
-    A user whose summary on the server is new has no contact there to delete: a contact
-    goes with its summary (:mod:`.contact_rule`), and a write that made the summary
-    meanwhile would have made this upsert wait and update it.  So a first storm (every
-    summary new) runs no delete: 2.3 µs an event of server time, an eighth of its write.
-    The ids are the driver's plain integers (:func:`~.bulk.driver_rows`).  Returns each
-    matched endpoint's user id: the contacts' insert takes them, not a join of its own
-    (the summary's row, locked by the upsert, is the user's the contacts go with)."""
+    returning their users' ids and whether each summary is new, and the contacts of the
+    users whose summary was there deleted by id (none when ``cleared`` or there is no
+    such user; planned for its ids: :func:`_planned_each_time`).  A user whose summary
+    on the server is new has no contact there to delete: a contact goes with its summary
+    (:mod:`.contact_rule`), and a write that made the summary meanwhile would have made
+    this upsert wait and update it.  So a first storm (every summary new) runs no delete:
+    2.3 µs an event of server time, an eighth of its write.  The ids are the driver's
+    plain integers (:func:`~.bulk.driver_rows`).  Returns how many endpoints matched a
+    user."""
     rows = driver_rows(conn.execute(upsert, params))
-    held = [uid for uid, new, _ in rows if not new]
+    held = [uid for uid, new in rows if not new]
     if held and not cleared:
         with _planned_each_time(conn):
             conn.execute(clear, {"server": params["server"], "ids": held})
-    return {extension: uid for uid, _, extension in rows}
+    return len(rows)
 
 
 def _json_rows(dialect: str, columns: Sequence[Any]) -> tuple[Any, list[ColumnElement[Any]]]:
@@ -702,16 +678,9 @@ def _json_statements(dialect: str) -> tuple[Any, Any, Any]:
         # 50k batch, the bound ids 0.5 (README, Speed).
         ids = bindparam("ids", type_=ARRAY(registrations.c.user_id.type))
         member = registrations.c.user_id == any_(ids)
-        # ``xmax = 0``: the row version was inserted by this statement, not updated.  The
-        # extension (by the primary key, in the statement's snapshot, as the join read
-        # it) tells the contacts' insert each endpoint's user: RETURNING names no column
-        # of the join.
-        # (The target's column as literal text: SQLAlchemy does not correlate a RETURNING
-        # subquery with the INSERT's table, and would add it to the subquery's FROM.)
-        target_user = literal_column("registration_summary.user_id", Integer)
-        extension = select(users.c.extension).where(users.c.id == target_user).scalar_subquery()
+        # ``xmax = 0``: the row version was inserted by this statement, not updated.
         upserted: Any = upsert.returning(
-            registration_summary.c.user_id, literal_column("xmax = 0", Boolean), extension
+            registration_summary.c.user_id, literal_column("xmax = 0", Boolean)
         )
     else:
         each, (ep,) = _json_rows(dialect, (None,))
@@ -721,43 +690,18 @@ def _json_statements(dialect: str) -> tuple[Any, Any, Any]:
         upserted = upsert.execution_options(preserve_rowcount=True)
     clear = delete(registrations).where(registrations.c.server == server, member)
     contact = registrations.c
-    columns = (None, *(contact[name] for name in _CONTACT_COLUMNS[2:]))
-    if dialect == "postgresql":
-        source = _owned_contacts(columns, stamp)
-    else:
-        each, (ep, *values, changed) = _json_rows(dialect, columns)
-        source = select(
-            users.c.id,
-            server,
-            *values,
-            func.coalesce(changed, _stamp_of(dialect, stamp)),
-        ).select_from(each.join(users, users.c.extension == ep))
+    each, (ep, *values, changed) = _json_rows(
+        dialect,
+        (None, *(contact[name] for name in _CONTACT_COLUMNS[2:])),
+    )
+    source = select(
+        users.c.id,
+        server,
+        *values,
+        func.coalesce(changed, _stamp_of(dialect, stamp)),
+    ).select_from(each.join(users, users.c.extension == ep))
     add = insert(registrations).from_select(_CONTACT_COLUMNS, source)
     return upserted, clear, add
-
-
-def _owned_contacts(columns: Sequence[Any], stamp: Any) -> Select[Any]:
-    """PostgreSQL's contact rows to insert: each row of the ``rows`` document beside its
-    user id, from the ``ids`` parameter (an integer array's text, :func:`_contact_ids`:
-    what the summaries' upsert returned), zipped by position (``ROWS FROM``); rows of no
-    user (a ``NULL`` id) left out.  No second join to ``users``: it was 2-3 µs an event of
-    server time, a quarter of the insert (scratch 50k store, batches of 2,500, alternated)."""
-    # Constant text: only the two bound parameters vary.
-    zipped = sql_text(
-        "ROWS FROM (jsonb_array_elements(CAST(:rows AS JSONB)), "
-        "unnest(CAST(:ids AS INTEGER[]))) AS j(value, uid)"
-    ).bindparams(bindparam("rows", type_=String), bindparam("ids", type_=String))
-    value = literal_column("j.value", JSONB)
-    uid = literal_column("j.uid", Integer)
-    _, *values, changed = (
-        _fitted("postgresql", value[i].astext, col) for i, col in enumerate(columns)
-    )
-    server = bindparam("server", type_=String)
-    return (
-        select(uid, server, *values, func.coalesce(changed, _stamp_of("postgresql", stamp)))
-        .select_from(zipped)
-        .where(uid.is_not(None))
-    )
 
 
 def _stamp_of(dialect: str, stamp: Any) -> ColumnElement[Any]:
