@@ -120,6 +120,35 @@ def test_a_write_replaces_rows_and_round_trips_values(engine: Engine) -> None:
     assert people["100002"]["state"] == "offline"
 
 
+def test_each_contact_lands_under_its_own_user_beside_trunks_and_empty_endpoints(
+    engine: Engine,
+) -> None:
+    """Contacts of a batch whose endpoints interleave users with several contacts, users
+    with none and a trunk (no user) with contacts are each stored under their own user,
+    on a first write and on a rewrite."""
+    seed_store(engine, 3)
+
+    def contact(ep: str, key: str) -> ContactRow:
+        return (f"{ep};@{key}", f"sip:{ep}-{key}@10.0.0.1", "Reachable", "", "", 5, None, None)
+
+    summary: SummaryRow = ("online", "NOT_INUSE", "", SEEN_TEXT)
+    batch = {
+        "100000": ([contact("100000", "a"), contact("100000", "b")], summary),
+        "100000x": ([contact("100000x", "a"), contact("100000x", "b")], summary),  # a trunk
+        "100001": ([], ("offline", "", "", SEEN_TEXT)),
+        "100002": ([contact("100002", "a")], summary),
+    }
+    for _ in range(2):
+        with engine.begin() as conn:
+            assert write_endpoint_rows(conn, "pbx1", batch, NOW) == 3
+        contacts, _ = _tables(engine)
+        assert [(c[0], c[2], c[3]) for c in contacts] == [
+            (1, "100000;@a", "sip:100000-a@10.0.0.1"),
+            (1, "100000;@b", "sip:100000-b@10.0.0.1"),
+            (3, "100002;@a", "sip:100002-a@10.0.0.1"),
+        ]
+
+
 def test_snapshot_replaces_every_contact_and_problems_are_kept(engine: Engine) -> None:
     """A snapshot leaves exactly its contacts and summaries for the server (another
     endpoint's summary goes offline); a problem lands in the summary."""
