@@ -66,6 +66,7 @@ from .store.changefeed import (
 from .store.engine import (
     STORE_DOWN,
     FileIdentity,
+    blamed,
     driver_error,
     file_identity,
     open_engine,
@@ -73,7 +74,6 @@ from .store.engine import (
     reading,
     schema_named,
     sqlite_file,
-    store_unreadable,
     transaction,
 )
 from .store.registrations import forget_other_servers
@@ -946,20 +946,22 @@ class Daemon:
         return result
 
     async def _failure_said(self, exc: BaseException) -> str:
-        """:func:`_describe` of an apply's failure; a database error while the target is
-        realtime rows on a database of its own (``target.url``) and the user store reads
-        is that database's (``realtime database unavailable (target.url URL): ...``), not
-        the user store's, where the operator would otherwise look."""
+        """:func:`_describe` of an apply's failure; a database error said by whose it is
+        (:func:`~provisioner.store.engine.blame`): the user store's when it cannot be
+        read, else a realtime target's own database's (``realtime database unavailable
+        (target.url URL): ...``), where the operator would otherwise not look."""
+        fault = await self._blamed(exc)
+        return fault.message if fault is not None else _describe(exc)
+
+    async def _blamed(self, exc: BaseException) -> StoreUnavailable | None:
+        """:func:`~provisioner.store.engine.blamed` of a database error ``exc`` (the user
+        store asked in a worker), None for any other failure."""
+        if not isinstance(exc, DBAPIError):
+            return None
         engine = getattr(self.applier.target, "engine", None)
         own = isinstance(engine, Engine) and engine is not self.engine
-        if (
-            isinstance(exc, DBAPIError)
-            and own
-            and await in_worker(store_unreadable, self.engine) is None
-        ):
-            url = display_url(self.config.target.url)
-            return f"realtime database unavailable (target.url {url}): {driver_error(exc)}"
-        return _describe(exc)
+        target_url = self.config.target.own_database if own else None
+        return await in_worker(blamed, self.engine, exc, target_url)
 
     def _log_failure(self, exc: BaseException) -> None:
         """Log a failed apply: each one that no retry would help (a refused mass removal,
@@ -1005,13 +1007,10 @@ class Daemon:
 
     async def _burst_failure(self, exc: BaseException) -> BaseException:
         """``exc``, the failure ending ``run --burst``, as :func:`_named` says it; a database
-        error while the user store cannot be read is the store unavailable, as every
-        command says it (:func:`store_unreadable`), not a realtime target's error."""
-        if isinstance(exc, DBAPIError):
-            unreadable = await in_worker(store_unreadable, self.engine)
-            if unreadable is not None:
-                return unreadable
-        return _named(exc)
+        error said by whose it is, as every command and the daemon say it (:meth:`_blamed`:
+        the user store unavailable, or a realtime target's own database)."""
+        fault = await self._blamed(exc)
+        return fault if fault is not None else _named(exc)
 
     def _watch_stuck(self) -> None:
         """Call :meth:`_apply_stuck` once the apply starting now has run for
