@@ -41,6 +41,7 @@ from .early_signals import take as take_early_signals
 from .errors import (
     ConfigError,
     ConflictError,
+    ForeignTargetFile,
     Problem,
     ProvisionerError,
     ServiceFailed,
@@ -401,6 +402,8 @@ class Daemon:
     #: The shutdown has ended the tasks: :meth:`_spawn` refuses new ones.
     _closed: bool = False
     _next_reconcile: float = 0.0
+    #: systemd's STATUS says the first reconcile failed (:meth:`_ready_status`).
+    _status_failing: bool = False
     #: A change was notified while the last apply ran (before Asterisk was told): a burst.
     _woken_while_applying: bool = False
     #: Change ids applied by the last apply whose cursor is not saved yet.
@@ -620,9 +623,18 @@ class Daemon:
         self._spawn(self._heartbeat())
         self.health.ready = True
         self._write_health()
-        self.notifier.ready(status="provisioning")
+        self.notifier.ready(status=self._ready_status())
         log.info("daemon.ready", target=self.config.target.kind)
         return first
+
+    def _ready_status(self) -> str:
+        """systemd's STATUS at READY: ``provisioning``, or, when the first reconcile failed
+        (a target file that is not provisioner's, a refused mass removal…), ``not
+        provisioning: <why>``, shown by ``systemctl status`` until an apply succeeds."""
+        if self.health.last_sync_ok is False:
+            self._status_failing = True
+            return f"not provisioning: {self.health.last_error}"
+        return "provisioning"
 
     async def _take_lock(self) -> None:
         """Take the daemon's lock of the store (:mod:`~provisioner.store.runlock`), then
@@ -702,6 +714,9 @@ class Daemon:
     async def main_loop(self) -> None:
         interval = self.config.daemon.reconcile_interval
         self._next_reconcile = time.monotonic() + interval if interval else float("inf")
+        # The first reconcile failed for the disk's sake (a target file not provisioner's
+        # is not retried before READY): tried again as any failed full one.
+        self._retry_if_failed(full=True)
         burst = False
         while not self.should_exit:
             await self._wait_for_work()
@@ -893,9 +908,17 @@ class Daemon:
             result = await self._run(self._full)
             if self.health.last_sync_ok:
                 return result
-            if not retry or not isinstance(self._last_exc, _RETRYABLE):
+            if (
+                not retry
+                or not isinstance(self._last_exc, _RETRYABLE)
+                or isinstance(self._last_exc, ForeignTargetFile)
+            ):
                 # e.g. a refused mass removal or a broken template: no retry will help;
-                # keep running (health says why) and wait for an edit, a SIGHUP or an operator.
+                # keep running (health says why) and wait for an edit, a SIGHUP or an
+                # operator.  A target file that is not provisioner's waits for the
+                # operator too (sync.failed said what to do): retried behind READY (the
+                # main loop), not before it, where systemd's start timeout would end the
+                # daemon with no word of why.
                 return None
             await sleep_unless(self.stop, delay)
             delay = min(delay * 2, FIRST_RETRY_MAX)
@@ -1067,6 +1090,9 @@ class Daemon:
             self.health.last_sync_ok = True
             self.health.last_error = ""
             self._end_outage()
+            if self._status_failing:
+                self._status_failing = False
+                self.notifier.status("provisioning")
         self.health.last_sync_at = time.time()
         if result is not None:
             self._count(kind, result.change)
