@@ -43,7 +43,7 @@ from .model import (
     validate_fields,
 )
 from .store import queries as q
-from .store.engine import store_unreadable, unavailable
+from .store.engine import blame, store_unreadable, unavailable
 from .store.schema import users
 
 __all__ = [
@@ -268,12 +268,13 @@ class Accounts:
         try:
             with self.engine.begin() as conn:
                 yield conn
-        except (OperationalError, ProgrammingError) as exc:
-            raise unavailable(exc) from None
-        except DBAPIError:
-            unreadable = store_unreadable(self.engine)
-            if unreadable is not None:
-                raise unreadable from None
+        except DBAPIError as exc:
+            # An outage of the one connection used, the store's, needs no asking again.
+            outage = isinstance(exc, (OperationalError, ProgrammingError))
+            store = unavailable(exc) if outage else store_unreadable(self.engine)
+            fault = blame(exc, store, None)
+            if fault is not None:
+                raise fault from None
             raise
 
     @contextmanager

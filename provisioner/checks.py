@@ -353,6 +353,16 @@ async def _login(server: AsteriskServer, config: Config) -> Check:
         logged_in.cancel()
         if not client.connected:
             return (name, False, f"{where}: {_not_logged_in(runner, client)}")
+        try:
+            denied = await _denied_actions(client)
+        except AmiError as exc:
+            return (name, False, f"{where} login ok; privileges: {exc}")
+        if denied:
+            detail = (
+                f"{where} login ok, but Asterisk refuses this account {', '.join(denied)} "
+                f"({_DENIED}): give it write = system in manager.conf"
+            )
+            return (name, False, detail)
         caches = cache_names(server.sorcery_caches)
         if config.target.kind == "realtime" and caches:
             try:
@@ -411,6 +421,34 @@ async def _logins(config: Config) -> list[Check]:
 #: The object a cache is asked to expire to learn whether the cache exists: no object has
 #: this id, so nothing is expired (Asterisk answers that it could not be).
 _PROBE_OBJECT = "provisioner-check-probe"
+
+#: Asterisk's answer to an action the account's ``write`` privileges do not cover
+#: (../shared/asterisk/ami/least_privilege_user.txt: ``Command``, ``Originate``).
+_DENIED = "Permission denied"
+
+#: One harmless action per kind the daemon sends, each naming what does not exist, so
+#: that an account allowed it changes nothing (../shared/asterisk/ami/
+#: responses_and_errors.txt): ``Reload`` of no module (``No such module``), a
+#: ``PJSIPShowEndpoint`` of no endpoint (``Unable to retrieve endpoint``), a ``DBDel`` of no
+#: contact (``Database entry not found``).  Asterisk answers ``Permission denied``
+#: instead to an account without the privilege; ``write = system`` allows all of them
+#: (the least privilege that is enough, ../shared/asterisk/README.md).
+_PRIVILEGE_PROBES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    ("Reload", (("Module", f"{_PROBE_OBJECT}.so"),)),
+    ("PJSIPShowEndpoint", (("Endpoint", _PROBE_OBJECT),)),
+    ("DBDel", (("Family", "registrar"), ("Key", f"contact/{_PROBE_OBJECT};@"))),
+)
+
+
+async def _denied_actions(client: AmiClient) -> list[str]:
+    """The actions of :data:`_PRIVILEGE_PROBES` Asterisk answers ``Permission denied``
+    on ``client``'s session, in order; an AMI failure (the session lost) raises."""
+    denied = []
+    for action, headers in _PRIVILEGE_PROBES:
+        reply = await client.send_action(action, headers)
+        if not reply.ok and reply.message.strip().lower() == _DENIED.lower():
+            denied.append(action)
+    return denied
 
 
 async def _missing_caches(client: AmiClient, caches: Sequence[str]) -> list[str]:

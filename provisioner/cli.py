@@ -808,7 +808,7 @@ def _reconcile(
             update={"target": config.target.model_copy(update={"kind": kind})}
         )
     engine = app.accounts.engine
-    with store_named(engine):
+    with store_named(engine, config.target.own_database):
         return _reconcile_with(
             app, config, engine, dry_run=dry_run, allow_mass_removal=allow_mass_removal
         )
@@ -902,7 +902,7 @@ def adopt(app: App, dry_run: bool) -> None:
     app.needs_existing_store()
     config = app.config
     engine = app.accounts.engine
-    with store_named(engine):
+    with store_named(engine, config.target.own_database):
         target = build_target(config, engine, writes=not dry_run)
         if not isinstance(target, RealtimeTarget):
             rule = "must be realtime: adopt records ownership of realtime rows (a file has none)"

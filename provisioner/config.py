@@ -383,6 +383,12 @@ class TargetSettings(_UrlSection):
     def _url_or_empty(cls, value: str) -> str:
         return _check_url(value) if value else value
 
+    @property
+    def own_database(self) -> str | None:
+        """The realtime target's own database URL, None when there is none (a config file,
+        or realtime rows in the user store's database)."""
+        return self.url if self.kind == "realtime" and self.url else None
+
     _paths = field_validator("path", "templates")(_no_tilde)
 
     @field_validator("video_codecs")

@@ -41,6 +41,7 @@ from .early_signals import take as take_early_signals
 from .errors import (
     ConfigError,
     ConflictError,
+    ForeignTargetFile,
     Problem,
     ProvisionerError,
     ServiceFailed,
@@ -66,6 +67,7 @@ from .store.changefeed import (
 from .store.engine import (
     STORE_DOWN,
     FileIdentity,
+    blamed,
     driver_error,
     file_identity,
     open_engine,
@@ -73,7 +75,6 @@ from .store.engine import (
     reading,
     schema_named,
     sqlite_file,
-    store_unreadable,
     transaction,
 )
 from .store.registrations import forget_other_servers
@@ -401,6 +402,8 @@ class Daemon:
     #: The shutdown has ended the tasks: :meth:`_spawn` refuses new ones.
     _closed: bool = False
     _next_reconcile: float = 0.0
+    #: systemd's STATUS says the first reconcile failed (:meth:`_ready_status`).
+    _status_failing: bool = False
     #: A change was notified while the last apply ran (before Asterisk was told): a burst.
     _woken_while_applying: bool = False
     #: Change ids applied by the last apply whose cursor is not saved yet.
@@ -620,9 +623,18 @@ class Daemon:
         self._spawn(self._heartbeat())
         self.health.ready = True
         self._write_health()
-        self.notifier.ready(status="provisioning")
+        self.notifier.ready(status=self._ready_status())
         log.info("daemon.ready", target=self.config.target.kind)
         return first
+
+    def _ready_status(self) -> str:
+        """systemd's STATUS at READY: ``provisioning``, or, when the first reconcile failed
+        (a target file that is not provisioner's, a refused mass removal…), ``not
+        provisioning: <why>``, shown by ``systemctl status`` until an apply succeeds."""
+        if self.health.last_sync_ok is False:
+            self._status_failing = True
+            return f"not provisioning: {self.health.last_error}"
+        return "provisioning"
 
     async def _take_lock(self) -> None:
         """Take the daemon's lock of the store (:mod:`~provisioner.store.runlock`), then
@@ -702,6 +714,9 @@ class Daemon:
     async def main_loop(self) -> None:
         interval = self.config.daemon.reconcile_interval
         self._next_reconcile = time.monotonic() + interval if interval else float("inf")
+        # The first reconcile failed for the disk's sake (a target file not provisioner's
+        # is not retried before READY): tried again as any failed full one.
+        self._retry_if_failed(full=True)
         burst = False
         while not self.should_exit:
             await self._wait_for_work()
@@ -893,9 +908,17 @@ class Daemon:
             result = await self._run(self._full)
             if self.health.last_sync_ok:
                 return result
-            if not retry or not isinstance(self._last_exc, _RETRYABLE):
+            if (
+                not retry
+                or not isinstance(self._last_exc, _RETRYABLE)
+                or isinstance(self._last_exc, ForeignTargetFile)
+            ):
                 # e.g. a refused mass removal or a broken template: no retry will help;
-                # keep running (health says why) and wait for an edit, a SIGHUP or an operator.
+                # keep running (health says why) and wait for an edit, a SIGHUP or an
+                # operator.  A target file that is not provisioner's waits for the
+                # operator too (sync.failed said what to do): retried behind READY (the
+                # main loop), not before it, where systemd's start timeout would end the
+                # daemon with no word of why.
                 return None
             await sleep_unless(self.stop, delay)
             delay = min(delay * 2, FIRST_RETRY_MAX)
@@ -946,20 +969,22 @@ class Daemon:
         return result
 
     async def _failure_said(self, exc: BaseException) -> str:
-        """:func:`_describe` of an apply's failure; a database error while the target is
-        realtime rows on a database of its own (``target.url``) and the user store reads
-        is that database's (``realtime database unavailable (target.url URL): ...``), not
-        the user store's, where the operator would otherwise look."""
+        """:func:`_describe` of an apply's failure; a database error said by whose it is
+        (:func:`~provisioner.store.engine.blame`): the user store's when it cannot be
+        read, else a realtime target's own database's (``realtime database unavailable
+        (target.url URL): ...``), where the operator would otherwise not look."""
+        fault = await self._blamed(exc)
+        return fault.message if fault is not None else _describe(exc)
+
+    async def _blamed(self, exc: BaseException) -> StoreUnavailable | None:
+        """:func:`~provisioner.store.engine.blamed` of a database error ``exc`` (the user
+        store asked in a worker), None for any other failure."""
+        if not isinstance(exc, DBAPIError):
+            return None
         engine = getattr(self.applier.target, "engine", None)
         own = isinstance(engine, Engine) and engine is not self.engine
-        if (
-            isinstance(exc, DBAPIError)
-            and own
-            and await in_worker(store_unreadable, self.engine) is None
-        ):
-            url = display_url(self.config.target.url)
-            return f"realtime database unavailable (target.url {url}): {driver_error(exc)}"
-        return _describe(exc)
+        target_url = self.config.target.own_database if own else None
+        return await in_worker(blamed, self.engine, exc, target_url)
 
     def _log_failure(self, exc: BaseException) -> None:
         """Log a failed apply: each one that no retry would help (a refused mass removal,
@@ -1005,13 +1030,10 @@ class Daemon:
 
     async def _burst_failure(self, exc: BaseException) -> BaseException:
         """``exc``, the failure ending ``run --burst``, as :func:`_named` says it; a database
-        error while the user store cannot be read is the store unavailable, as every
-        command says it (:func:`store_unreadable`), not a realtime target's error."""
-        if isinstance(exc, DBAPIError):
-            unreadable = await in_worker(store_unreadable, self.engine)
-            if unreadable is not None:
-                return unreadable
-        return _named(exc)
+        error said by whose it is, as every command and the daemon say it (:meth:`_blamed`:
+        the user store unavailable, or a realtime target's own database)."""
+        fault = await self._blamed(exc)
+        return fault if fault is not None else _named(exc)
 
     def _watch_stuck(self) -> None:
         """Call :meth:`_apply_stuck` once the apply starting now has run for
@@ -1068,6 +1090,9 @@ class Daemon:
             self.health.last_sync_ok = True
             self.health.last_error = ""
             self._end_outage()
+            if self._status_failing:
+                self._status_failing = False
+                self.notifier.status("provisioning")
         self.health.last_sync_at = time.time()
         if result is not None:
             self._count(kind, result.change)

@@ -21,6 +21,7 @@ __all__ = [
     "NotFoundError",
     "Problem",
     "ProvisionerError",
+    "RealtimeUnavailable",
     "RenderCheckFailed",
     "ServiceFailed",
     "StaleRead",
@@ -118,6 +119,14 @@ class StoreUnavailable(ProvisionerError):
     """The user store cannot be reached or used."""
 
     exit_code = 7
+
+
+class RealtimeUnavailable(StoreUnavailable):
+    """A realtime target's own database (``target.url``, not the user store) cannot be
+    reached or used; the message names it, its password hidden.  Exit code 7, as the
+    store's."""
+
+    field = "target.url"
 
 
 class MassRemovalRefused(ProvisionerError):

@@ -2313,13 +2313,16 @@ class _BootingPeer(FakeAsterisk):
     loaded: a login is accepted before ``FullyBooted``."""
 
     unknown = 1
+    #: Another ``Response: Error`` message to answer instead (a refusal for good).
+    refusal: str | None = None
 
     async def _answer(self, action: Any) -> bytes:
         if action.name.lower() == "pjsipshowcontacts" and self.unknown > 0:
             self.unknown -= 1
             return self._error(
                 action,
-                f"Invalid/unknown command: {action.name}. "
+                self.refusal
+                or f"Invalid/unknown command: {action.name}. "
                 "Use Action: ListCommands to show available commands.",
             )
         return await super()._answer(action)
@@ -2365,6 +2368,75 @@ def test_a_removal_whose_listing_asterisk_does_not_know_yet_stays_owed(
     keys, held = run(scenario())
     assert keys == [CONTACT_KEY]
     assert not held
+
+
+def _refused_listing_removal(
+    store: Engine, refusals: int
+) -> tuple[list[str], bool, list[MutableMapping[str, Any]]]:
+    """Remove endpoint 1001 while Asterisk refuses its first ``refusals`` contact
+    listings (``Permission denied``: the connect's snapshot, then the removal's own), the
+    book never complete, until a DBDel is sent or the removal is dropped: the keys
+    deleted, whether a removal is still owed, and the log."""
+
+    async def scenario() -> tuple[list[str], bool, list[MutableMapping[str, Any]]]:
+        peer = _BootingPeer()
+        peer.unknown = refusals
+        peer.refusal = "Permission denied"
+        with capture_logs() as logs:
+            async with _start_serving(peer, store, "realtime") as (pbx, link):
+                await eventually(lambda: bool(peer.actions("PJSIPShowContacts")))
+                pbx.applied(REMOVED, target_kind="realtime")
+                await eventually(
+                    lambda: (
+                        bool(peer.actions("DBDel"))
+                        or any(e["event"] == "ami.owed_dropped" for e in logs)
+                    ),
+                    timeout=5,
+                )
+                await eventually(lambda: not link.owed.removals)
+                return _deleted(peer), bool(link.owed.removals), logs
+
+    return run(scenario())
+
+
+def test_a_removal_whose_contact_listing_asterisk_refuses_stays_owed_and_is_retried(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A removed endpoint's contacts whose listing Asterisk refuses (``Response: Error``)
+    stay owed, the refusal logged (``ami.owed_refused``), and are deleted once a later
+    listing answers, not dropped with the refusal."""
+    monkeypatch.setattr(pbx_module, "OWED_RETRY", 0.1)
+    monkeypatch.setattr(changes_module, "OWED_RETRY", 0.1)
+    monkeypatch.setattr(pbx_module, "SNAPSHOT_MIN_GAP", 30.0)  # the book stays incomplete
+
+    keys, owed, logs = _refused_listing_removal(store, refusals=3)
+    assert keys == [CONTACT_KEY]
+    assert not owed
+    refused = [e for e in logs if e["event"] == "ami.owed_refused"]
+    assert [e["what"] for e in refused] == ["list_contacts", "list_contacts"], refused
+    assert refused[0]["item"] == "1001"
+    assert refused[0]["error"] == "Permission denied"
+
+
+def test_a_removal_whose_contact_listing_is_always_refused_is_dropped_after_a_bound(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A removal whose contact listing Asterisk keeps refusing is tried
+    ``LISTING_REFUSALS_MAX`` times, then dropped, saying so (``ami.owed_dropped``), not
+    tried for ever."""
+    monkeypatch.setattr(pbx_module, "OWED_RETRY", 0.1)
+    monkeypatch.setattr(changes_module, "OWED_RETRY", 0.1)
+    monkeypatch.setattr(changes_module, "LISTING_REFUSALS_MAX", 3)
+    monkeypatch.setattr(pbx_module, "SNAPSHOT_MIN_GAP", 30.0)
+
+    keys, owed, logs = _refused_listing_removal(store, refusals=1000)
+    assert keys == []
+    assert not owed
+    tries = [e for e in logs if e["event"] == "ami.owed_refused" and e["what"] == "list_contacts"]
+    assert len(tries) == 3
+    (dropped,) = [e for e in logs if e["event"] == "ami.owed_dropped"]
+    assert dropped["removals"] == 1
+    assert dropped["error"] == "Permission denied"
 
 
 def test_an_endpoint_asterisk_said_invalid_is_looked_up_when_added_again(

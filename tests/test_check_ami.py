@@ -92,3 +92,37 @@ def test_a_refused_login_fails_the_ami_line_when_asterisk_answers(tmp_path: Path
     assert _ami_line(out) == f"FAIL  asterisk pbx1: 127.0.0.1:{peer.port}: Authentication failed"
     assert err == ""
     assert took < TIMEOUT, took
+
+
+def test_an_account_that_may_not_send_the_daemons_actions_fails_the_ami_line(
+    tmp_path: Path,
+) -> None:
+    """An AMI account Asterisk lets in but answers ``Permission denied`` for Reload and
+    DBDel (no ``system`` write privilege) fails the line naming those actions and the
+    privilege to grant, rather than pass and leave every apply refused."""
+    with in_a_thread(FakeAsterisk()) as peer:
+        peer.refuse = {
+            ("reload", "Reload"): "Permission denied",
+            ("dbdel", "DBDel"): "Permission denied",
+        }
+        out, err, _took = _check(tmp_path, peer.port)
+    assert _ami_line(out) == (
+        f"FAIL  asterisk pbx1: 127.0.0.1:{peer.port} login ok, but Asterisk refuses this "
+        "account Reload, DBDel (Permission denied): give it write = system in manager.conf"
+    )
+    assert err == ""
+
+
+def test_the_privilege_check_changes_nothing_on_asterisk(tmp_path: Path) -> None:
+    """An account allowed everything the daemon sends passes the line; the check's probes
+    reload no module, delete no contact and name no endpoint that exists."""
+    with in_a_thread(FakeAsterisk()) as peer:
+        astdb = set(peer.astdb)
+        out, _err, _took = _check(tmp_path, peer.port)
+        sent = [dict(a.headers) for a in peer.received]
+    assert _ami_line(out) == f"ok    asterisk pbx1: 127.0.0.1:{peer.port} login ok"
+    assert peer.astdb == astdb
+    reloads = [h for h in sent if h["Action"] == "Reload"]
+    assert reloads == [{"Action": "Reload", "ActionID": reloads[0]["ActionID"],
+                        "Module": "provisioner-check-probe.so"}]  # fmt: skip
+    assert {h["Action"] for h in sent} >= {"PJSIPShowEndpoint", "DBDel"}

@@ -735,9 +735,9 @@ def test_every_command_reading_an_unmigrated_store_says_so_alike(
     assert line.endswith(" (is the schema missing or old? run `provisioner db upgrade`)"), line
 
 
-def test_a_realtime_targets_own_missing_column_stays_a_database_error(tmp_path: Path) -> None:
+def test_a_realtime_targets_own_missing_column_is_the_realtime_databases(tmp_path: Path) -> None:
     """A realtime target's table lacking a column a user's options need (made by hand) is
-    a database error, not taken for the store's schema, which is current."""
+    said as that database's error, not taken for the store's schema, which is current."""
     cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path, CONFIG)
     cli.ok("db", "upgrade")
     _add_boss(cli)  # the first user is an admin; an admin with an extension renders too
@@ -747,7 +747,8 @@ def test_a_realtime_targets_own_missing_column_stays_a_database_error(tmp_path: 
     conn.close()
     result = cli("--set", f"target.url=sqlite:///{target}", "render", "--target", "realtime")
     assert result.code == 7, result
-    assert result.err.startswith("error: database error: OperationalError: "), result
+    said = f"error: realtime database unavailable (target.url sqlite:///{target}): "
+    assert result.err.startswith(said + "OperationalError: "), result
 
 
 def test_no_secret_leaks_into_output_or_logs(cli: Cli, store: Engine, tmp_path: Path) -> None:

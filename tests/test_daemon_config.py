@@ -694,21 +694,53 @@ def test_a_store_that_cannot_be_read_is_the_user_store_unavailable(
     assert line.startswith("error: user store unavailable: "), line
 
 
-@pytest.mark.parametrize("args", [("render",), ("run", "--burst")], ids=" ".join)
-def test_a_realtime_target_that_cannot_be_reached_stays_a_database_error(
+@pytest.mark.parametrize(
+    "args", [("render",), ("sync", "--once"), ("run", "--burst")], ids=" ".join
+)
+def test_a_realtime_target_that_cannot_be_reached_is_named_as_the_realtime_database(
     tmp_path: Path, args: tuple[str, ...]
 ) -> None:
     """A realtime target on another database that is away, the user store readable, exits
-    7 as a database error, not as the user store unavailable."""
+    7 naming that database as the daemon does (``realtime database unavailable (target.url
+    URL): ...``, its password hidden), not as a bare database error or the user store."""
     from .faultkit import cli, write_config
 
-    target = f"postgresql+psycopg://postgres@127.0.0.1:{_closed_port()}/asterisk"
+    port = _closed_port()
+    target = f"postgresql+psycopg://postgres:hunter2@127.0.0.1:{port}/asterisk"
     config = write_config(tmp_path, kind="realtime")
     cli(config, "db", "upgrade")
     ran = cli(config, "--set", f"target.url={target}", *args, check=False)
     assert ran.code == 7, ran
     (line,) = [line for line in ran.err.splitlines() if line.startswith("error:")]
-    assert line.startswith("error: database error: OperationalError: "), line
+    shown = f"postgresql+psycopg://postgres:***@127.0.0.1:{port}/asterisk"
+    assert line.startswith(
+        f"error: realtime database unavailable (target.url {shown}): OperationalError: "
+    ), line
+    assert "hunter2" not in ran.err + ran.out
+
+
+def test_blame_names_the_store_first_then_the_realtime_database() -> None:
+    """The one rule of whose a database error is: the user store's when it cannot be read,
+    else a realtime target's own database's (its password hidden), else nobody's."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from provisioner.errors import RealtimeUnavailable, StoreUnavailable
+    from provisioner.store.engine import blame
+
+    exc = OperationalError("SELECT 1", {}, sqlite3.OperationalError("gone\nhint"))
+    store = StoreUnavailable("user store unavailable: gone")
+    url = "postgresql+psycopg://rt:s3cret@db.example/asterisk"
+    assert blame(exc, store, url) is store
+    fault = blame(exc, None, url)
+    assert isinstance(fault, RealtimeUnavailable)
+    assert fault.field == "target.url"
+    assert fault.message == (
+        "realtime database unavailable (target.url "
+        "postgresql+psycopg://rt:***@db.example/asterisk): OperationalError: gone"
+    )
+    assert blame(exc, None, None) is None
 
 
 def test_a_realtime_database_away_is_not_said_to_be_the_user_store(tmp_path: Path) -> None:

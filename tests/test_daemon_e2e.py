@@ -1089,3 +1089,45 @@ def test_status_says_unknown_while_the_servers_ami_is_down_or_the_daemon_stopped
             await peer.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_realtime_endpoint_row_deleted_by_hand_is_put_back_with_a_reload(
+    tmp_path: Path,
+) -> None:
+    """A realtime endpoint row deleted by hand is put back by the daemon's periodic
+    reconcile, and Asterisk is asked for a res_pjsip reload, as for an added endpoint:
+    without it Asterisk may not report that endpoint's registration state."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        await peer.start()
+        config = _write_config(tmp_path, peer.port, kind="realtime")
+        config.write_text(
+            config.read_text().replace("[daemon]\n", "[daemon]\nreconcile_interval = 1\n")
+        )
+        log = tmp_path / "daemon.log"
+        await _seed(config)
+        daemon = await _start_daemon(config, log)
+        try:
+            await _add_agent(config, "alice", "Alice")
+            await _until(lambda: bool(peer.actions("Reload")), 5)
+            await asyncio.sleep(1.5)  # a periodic reconcile with nothing to do
+            reloads = len(peer.actions("Reload"))
+            with sqlite3.connect(tmp_path / "store.db") as conn:
+                assert conn.execute("DELETE FROM ps_endpoints WHERE id = '1001'").rowcount == 1
+            conn.close()
+
+            def put_back() -> bool:
+                with sqlite3.connect(tmp_path / "store.db") as conn:
+                    found = conn.execute("SELECT 1 FROM ps_endpoints WHERE id = '1001'").fetchall()
+                conn.close()
+                return bool(found)
+
+            await _until(put_back, 5)
+            await _until(lambda: len(peer.actions("Reload")) > reloads, 5)
+            assert peer.actions("Reload")[-1].get("Module") == "res_pjsip.so"
+        finally:
+            assert await _stop(daemon) == 0
+            await peer.stop()
+
+    asyncio.run(scenario())

@@ -576,3 +576,51 @@ def test_a_separate_realtime_database_failing_is_not_logged_as_the_store(tmp_pat
         assert health["last_error"] == error
     finally:
         daemon.stop()
+
+
+#: Asterisk's own pjsip.conf, as a mistyped ``target.path`` would name it.
+_ASTERISKS_PJSIP_CONF = (
+    "[global]\ntype=global\nuser_agent=PBX\n\n"
+    "[transport-udp]\ntype=transport\nprotocol=udp\nbind=0.0.0.0\n\n"
+    "#include pjsip_users.conf\n"
+)
+
+
+def test_a_foreign_target_file_at_start_is_said_once_and_the_daemon_gets_ready(
+    tmp_path: Path,
+) -> None:
+    """A daemon whose ``target.path`` is a file provisioner never wrote (Asterisk's own
+    pjsip.conf) says so once at start, with what to do, and still sends READY=1 (with the
+    refusal as its STATUS) rather than die of systemd's start timeout; the health record
+    and ``check`` keep saying it, the file stays as it was, and once it is moved away the
+    next try writes the users."""
+    seed_store(store_url(tmp_path), 3).dispose()
+    config = write_config(tmp_path)
+    conf = tmp_path / "pjsip_users.conf"
+    conf.write_text(_ASTERISKS_PJSIP_CONF)
+    notify = NotifySocket(tmp_path / "notify")
+    daemon = _notified_daemon(config, tmp_path, notify)
+    try:
+        daemon.start(wait_ready=False)
+        until(lambda: bool(notify.times("READY")), 20, "READY=1")
+        (status,) = [m["STATUS"] for _, m in notify.messages if "READY" in m]
+        assert status.startswith(f"not provisioning: refusing to replace {str(conf)!r}"), status
+        time.sleep(2)  # a few retries
+        (failed,) = daemon.logged("sync.failed")
+        assert failed["error"].startswith(f"refusing to replace {str(conf)!r}")
+        assert "point target.path at a file of its own" in failed["error"]
+        assert conf.read_text() == _ASTERISKS_PJSIP_CONF
+        health = daemon.health()
+        assert health is not None
+        assert health["ready"]
+        assert health["last_sync_ok"] is False
+        checked = cli(config, "check", check=False)
+        (line,) = [line for line in checked.out.splitlines() if "daemon:" in line]
+        assert line.startswith("FAIL  daemon: last sync failed: refusing to replace "), line
+        conf.rename(tmp_path / "asterisk-pjsip.conf")
+        until(lambda: conf.exists() and len(endpoints(conf)) == 4, 40, "the users written")
+        until(lambda: bool((daemon.health() or {}).get("last_sync_ok")), 10, "a good sync")
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+        notify.close()

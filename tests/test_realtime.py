@@ -422,7 +422,9 @@ def _tamper(engine: Engine) -> None:
 
 
 def _assert_healed(change: Change, engine: Engine) -> None:
-    assert change.updated == ("1001",)
+    # Its AOR put back: added, for the reload Asterisk needs to track it again.
+    assert change.added == ("1001",)
+    assert change.updated == ()
     assert set(change.changed_objects) == {("endpoint", "1001"), ("aor", "1001")}
     row = row_of(engine, ps_endpoints, "1001")
     assert row is not None
@@ -450,6 +452,26 @@ def test_hand_edit_is_healed_by_verify(target: RealtimeTarget, rt_engine: Engine
     assert target.apply(objects).wrote is False
 
 
+@pytest.mark.parametrize("table", [ps_endpoints, ps_aors], ids=lambda t: t.name)
+def test_an_endpoint_or_aor_row_deleted_by_hand_and_put_back_is_added(
+    target: RealtimeTarget, rt_engine: Engine, table: Table
+) -> None:
+    """An endpoint or AOR row deleted by hand and put back by a verifying apply counts the
+    user as added, not updated: Asterisk reports registration state only for endpoints
+    and AORs it loaded at its last res_pjsip reload, which may have come while the row
+    was gone, so the put-back row needs the reload an added one gets."""
+    objects = render(make_user("1001"), make_user("1002"))
+    target.apply(objects)
+    with rt_engine.begin() as conn:
+        conn.execute(table.delete().where(table.c.id == "1001"))
+    change = target.apply(objects, verify=True)
+    assert change.added == ("1001",)
+    assert change.updated == ()
+    assert change.unchanged == 1
+    assert row_of(rt_engine, table, "1001") is not None
+    assert target.apply(objects, verify=True) == Change(unchanged=2)
+
+
 def _digests(engine: Engine) -> list[str | None]:
     """The digests recorded on the endpoints' ownership records."""
     po = provisioner_objects
@@ -468,7 +490,7 @@ def test_null_digest_falls_back_to_full_compare(target: RealtimeTarget, rt_engin
     before = snapshot(rt_engine)
     with statements(rt_engine) as sent:
         change = target.apply(objects)
-    assert change.updated == ("1001", "1002")
+    assert change.added == ("1001", "1002")  # their AORs put back
     assert set(change.changed_objects) == {
         ("endpoint", "1001"),
         ("endpoint", "1002"),

@@ -62,6 +62,7 @@ __all__ = [
     "EXPIRE_ALL_NOTE",
     "EXPIRE_ALL_OVER",
     "LISTING_OVER",
+    "LISTING_REFUSALS_MAX",
     "NOT_LIVE_LOG_LIMIT",
     "OWED_RETRY",
     "RELOAD_RETRY_BASE",
@@ -110,6 +111,12 @@ LISTING_OVER = 5000
 VERIFY_PAUSE = 0.1
 #: Seconds between rounds at the most while they keep failing (see :func:`verify_backoff`).
 VERIFY_BACKOFF_MAX = 300.0
+#: Refusals in a row (``Response: Error``) of the contact listing that owed removals
+#: need before those removals are dropped (``ami.owed_dropped``): each refusal keeps them
+#: owed, tried again after a pause doubling from ``OWED_RETRY`` up to
+#: ``VERIFY_BACKOFF_MAX`` (about 10 minutes in all), so a privilege granted meanwhile, or
+#: a passing refusal, still deletes the deleted users' registrations.
+LISTING_REFUSALS_MAX = 8
 #: ``pjsip.not_live`` lines per apply, at most (the rest are counted in one line).
 NOT_LIVE_LOG_LIMIT = 50
 #: More objects than this owed to one server: each of its caches is emptied whole
@@ -173,6 +180,11 @@ class Owed:
     #: The last run's notes were read (:func:`resume_owed`): until then, they are not
     #: this run's to replace.
     resumed: bool = False
+    #: Contact listings refused in a row while paying :attr:`removals`, and the
+    #: ``time.monotonic()`` before which they are not tried again (see
+    #: :data:`LISTING_REFUSALS_MAX`).
+    listing_refusals: int = 0
+    removals_after: float = 0.0
     _stamps: Iterator[int] = field(default_factory=count, repr=False)
 
     def __bool__(self) -> bool:
@@ -783,24 +795,19 @@ async def pay(link: Link) -> None:
     connection's sake (the rest would fail alike): that one and the rest stay owed.
     One Asterisk refuses (``Response: Error``), or the action validator does, is logged
     and dropped alone, the others still sent: each expiry and each contact's DBDel
-    stands on its own (a contact listing refused drops the removals it was for).  A
-    refusal is not retried: Asterisk refuses these only for good (no such cache, a
-    privilege missing, a value it cannot take); a busy reload is retried by the reload
-    coordinator, which owns reloads."""
+    stands on its own.  Such a refusal is not retried: Asterisk refuses these only for
+    good (no such cache, a privilege missing, a value it cannot take); a busy reload is
+    retried by the reload coordinator, which owns reloads.  A contact listing refused
+    is not one item's: the removals it was for stay owed, tried again after a pause, and
+    are dropped only after :data:`LISTING_REFUSALS_MAX` refusals in a row
+    (:func:`_listing_refused`)."""
     owed = link.owed
     try:
         if owed.expire_all or len(owed.expiries) > EXPIRE_ALL_OVER:
             await _expire_all(link)
         await _expire_owed(link)
-        if owed.removals:
-            # A copy: a reload ending meanwhile (_file_reloaded) owes more, which this
-            # send neither iterates over nor takes for paid.
-            sending = dict(owed.removals)
-            with _refusal_logged(link, "remove_contacts", ",".join(sending)):
-                await remove_contacts(link, sending.keys())
-            for endpoint, stamp in sending.items():
-                if owed.removals.get(endpoint) == stamp:
-                    owed.paid(endpoint)
+        if owed.removals and time.monotonic() >= owed.removals_after:
+            await _pay_removals(link)
     except AmiError as exc:
         log.warning(
             "ami.owed",
@@ -809,6 +816,62 @@ async def pay(link: Link) -> None:
             removals=len(owed.removals),
             error=str(exc),
         )
+
+
+async def _pay_removals(link: Link) -> None:
+    """Delete the owed removals' contacts (:func:`remove_contacts`) and owe them no more;
+    a contact listing Asterisk refuses leaves them owed (:func:`_listing_refused`)."""
+    owed = link.owed
+    # A copy: a reload ending meanwhile (_file_reloaded) owes more, which this send
+    # neither iterates over nor takes for paid.
+    sending = dict(owed.removals)
+    item = ",".join(sending)
+    with _refusal_logged(link, "remove_contacts", item):
+        try:
+            await remove_contacts(link, sending.keys())
+        except AmiActionFailed as exc:
+            # Each DBDel's refusal is logged and dropped alone (_remove_one): this is the
+            # listing's, which every removal sent needed.
+            if _listing_refused(link, item, len(sending), exc):
+                return
+    owed.listing_refusals = 0
+    owed.removals_after = 0.0
+    for endpoint, stamp in sending.items():
+        if owed.removals.get(endpoint) == stamp:
+            owed.paid(endpoint)
+
+
+def _listing_refused(link: Link, item: str, removals: int, exc: AmiActionFailed) -> bool:
+    """Asterisk refused the contact listing the owed ``removals`` (endpoints ``item``)
+    needed: logged (``ami.owed_refused``, ``what`` ``list_contacts``); True while they
+    stay owed, tried again after a pause that doubles (:data:`LISTING_REFUSALS_MAX`),
+    False once refused that many times in a row: then dropped, saying so
+    (``ami.owed_dropped``: the phones of those users stay registered until their
+    contacts expire)."""
+    owed = link.owed
+    owed.listing_refusals += 1
+    tries = owed.listing_refusals
+    error = exc.asterisk_message
+    log.warning(
+        "ami.owed_refused",
+        server=link.name,
+        what="list_contacts",
+        item=item,
+        error=error,
+        refusals=tries,
+    )
+    if tries < LISTING_REFUSALS_MAX:
+        owed.removals_after = time.monotonic() + doubling(OWED_RETRY, VERIFY_BACKOFF_MAX, tries)
+        return True
+    log.error(
+        "ami.owed_dropped",
+        server=link.name,
+        what="remove_contacts",
+        removals=removals,
+        refusals=tries,
+        error=error,
+    )
+    return False
 
 
 async def _expire_owed(link: Link) -> None:
@@ -873,7 +936,8 @@ async def _listed_contacts(link: Link) -> list[ContactState]:
     """Every contact of the server (``PJSIPShowContacts``).  Asterisk accepts a login
     before res_pjsip has loaded (``FullyBooted`` comes later) and answers that it does not
     know the action: that is no refusal for good, so it raises a plain :class:`AmiError`,
-    which leaves the removals owed (:func:`pay`), where a refusal would drop them."""
+    which leaves the removals owed (:func:`pay`), where a refusal counts towards dropping
+    them (:func:`_listing_refused`)."""
     try:
         return await link.ops.show_contacts()
     except AmiActionFailed as exc:

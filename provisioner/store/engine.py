@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError, InvalidatePoolError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from ..config import display_url, driver_refusal
-from ..errors import Problem, StoreUnavailable, UrlRefused
+from ..errors import Problem, RealtimeUnavailable, StoreUnavailable, UrlRefused
 from ..logs import get_logger
 
 __all__ = [
@@ -27,6 +27,8 @@ __all__ = [
     "MYSQL_KEEPALIVE",
     "PG_KEEPALIVE",
     "STORE_DOWN",
+    "blame",
+    "blamed",
     "driver_error",
     "escaping_bytes_not_utf8",
     "exclusive",
@@ -470,21 +472,53 @@ def schema_named(engine: Engine) -> Iterator[None]:
 
 
 @contextmanager
-def store_named(engine: Engine) -> Iterator[None]:
-    """:func:`schema_named`, and a database error while the user store on ``engine``
-    cannot be read (its server away, its SQLite file no database or no file) becomes the
-    :class:`StoreUnavailable` :class:`~provisioner.accounts.Accounts` raises, in the
-    store's own words (:func:`store_unreadable`): ``render``, ``sync``, ``run --burst``
-    say it as ``user list`` does.  An error while the store reads (a realtime target on
-    another database, or one of its tables) stays a database error."""
+def store_named(engine: Engine, target_url: str | None = None) -> Iterator[None]:
+    """:func:`schema_named`, and a database error said by whose it is (:func:`blamed`):
+    the user store on ``engine`` that cannot be read (its server away, its SQLite file no
+    database or no file) is the :class:`StoreUnavailable`
+    :class:`~provisioner.accounts.Accounts` raises, in the store's own words
+    (:func:`store_unreadable`); otherwise, with ``target_url`` (a realtime target's own
+    database), that database's :class:`RealtimeUnavailable`.  ``render``, ``sync``,
+    ``run --burst`` say it as ``user list`` and the daemon do.  Any other error while the
+    store reads stays a database error."""
     with schema_named(engine):
         try:
             yield
-        except DBAPIError:
-            unreadable = store_unreadable(engine)
-            if unreadable is not None:
-                raise unreadable from None
+        except DBAPIError as exc:
+            fault = blamed(engine, exc, target_url)
+            if fault is not None:
+                raise fault from None
             raise
+
+
+def blame(
+    exc: DBAPIError, store: StoreUnavailable | None, target_url: str | None
+) -> StoreUnavailable | None:
+    """Whose failure the database error ``exc`` is, as the error to report, or None when
+    it stays a plain database error.  ``store`` is what the user store said when asked
+    after ``exc`` (:func:`store_unreadable`: None when it reads); ``target_url`` the
+    realtime target's own database (``target.url``), None when there is none (a config
+    file, or realtime rows in the user store's database).
+
+    The store failing too is the store's (:class:`StoreUnavailable`): with it down nothing
+    else can be told.  Else, with a database of its own, the target's
+    (:class:`RealtimeUnavailable`, ``realtime database unavailable (target.url URL):
+    <driver error>``, the URL's password hidden).  Pure: the one place every command and
+    the daemon decide it."""
+    if store is not None:
+        return store
+    if target_url:
+        shown = display_url(target_url)
+        return RealtimeUnavailable(
+            f"realtime database unavailable (target.url {shown}): {driver_error(exc)}"
+        )
+    return None
+
+
+def blamed(engine: Engine, exc: DBAPIError, target_url: str | None) -> StoreUnavailable | None:
+    """:func:`blame`, the user store on ``engine`` asked (:func:`store_unreadable`).
+    Blocking."""
+    return blame(exc, store_unreadable(engine), target_url)
 
 
 def store_unreadable(engine: Engine) -> StoreUnavailable | None:

@@ -1289,30 +1289,36 @@ def _compare(
 def _summarise(
     objects: Sequence[UserObjects], kinds: Mapping[str, _KindPlan], blocked: set[str]
 ) -> Change:
-    """Per-user counts: added (none of its objects existed), updated, removed, unchanged."""
+    """Per-user counts: added (its endpoint or AOR row inserted: new, or put back after a
+    deletion by hand), updated, removed, unchanged.
+
+    A row put back is added for Asterisk's sake: it reports registration state only for
+    the endpoints and AORs it loaded at its last res_pjsip reload, which may have come
+    while the row was gone (../shared/asterisk/README.md), so it needs the reload an
+    added endpoint gets (:func:`~provisioner.ami.changes.apply_changes`)."""
     touched: set[str] = set()
-    fresh: dict[str, set[str]] = {}
+    inserted_ids: dict[str, set[str]] = {}
     changed: list[tuple[str, str]] = []
     # Kind order (endpoint, auth, aor), then inserted, updated, deleted within a kind.
     for kind in sorted(kinds, key=_KINDS.index):
         plan = kinds[kind]
         inserted = [str(row[0]) for row in plan.inserts]
         updated_ids = [str(row[0]) for row in plan.updates]
-        fresh[kind] = set(inserted) - plan.reowned
+        inserted_ids[kind] = set(inserted)
         for oids in (inserted, updated_ids, plan.deletes):
             touched.update(oids if kind != "auth" else [_user_key(kind, i) for i in oids])
             changed.extend(zip(repeat(kind), oids))
     added: list[str] = []
     updated: list[str] = []
     unchanged = 0
-    endpoints, auths, aors = fresh["endpoint"], fresh["auth"], fresh["aor"]
+    endpoints, aors = inserted_ids["endpoint"], inserted_ids["aor"]
     for obj in objects:
         key = obj.endpoint_id
         if key in blocked:
             continue
         if key not in touched:
             unchanged += 1
-        elif key in endpoints and obj.auth_id in auths and obj.aor_id in aors:
+        elif key in endpoints or obj.aor_id in aors:
             added.append(key)
         else:
             updated.append(key)
