@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from . import credentials
 from .accounts import Accounts, rerun_on_unique_clash
 from .asterisk_conf import Parsed, Section, parse
 from .errors import (
@@ -279,10 +280,14 @@ class _Index:
         return section
 
     def realm(self) -> str:
+        return self.global_option("default_realm") or _DEFAULT_REALM
+
+    def global_option(self, name: str) -> str:
+        """The file's ``[global]`` option ``name`` ("" when unset)."""
         for (kind, _name), section in self.by_key.items():
             if kind == "global":
-                return _options(section).get("default_realm") or _DEFAULT_REALM
-        return _DEFAULT_REALM
+                return _options(section).get(name, "")
+        return ""
 
 
 def _type(section: Section) -> str:
@@ -936,14 +941,15 @@ def _secret(
     if auth_type not in ("userpass", "digest", "md5"):
         raise _Refuse(f"auth_type {auth_type} cannot be migrated")
     password = auth.get("password", "") if auth_type != "md5" else ""
+    realm = auth.get("realm") or index.realm()
+    stale = _stale_digest(auth, password, realm, index) if password else None
     need: str
-    if password:
+    if password and stale is None:
         if _rule("sip_secret", password) is None:
             return password, None
         need = "its password breaks the SIP secret rule (8-128 printable ASCII, no spaces)"
     else:
         digests = _digests(auth)
-        realm = auth.get("realm") or index.realm()
         if not digests:
             need = "its auth has no password"
         elif len(digests) == 1:
@@ -954,10 +960,33 @@ def _secret(
             need = f"its digests were made for realm {realm!r}, ours is {settings.realm!r}"
         else:
             return None, (digests["md5"][0].lower(), digests["sha-256"][0].lower())
+        if stale is not None:
+            need = f"{stale}; {need}"
     if not generate:
         raise _Refuse(f"needs a new SIP secret: {need}; or import with --generate-secrets")
     source.notes.append(f"a new SIP secret is generated: {need}")
     return None, None
+
+
+def _stale_digest(auth: Mapping[str, str], password: str, realm: str, index: _Index) -> str | None:
+    """Why ``password`` is not the secret the auth's phones use, or None when it is.  Asterisk
+    22 checks a phone, for each algorithm it challenges with (the auth's
+    ``supported_algorithms_uas``, else ``[global] default_auth_algorithms_uas``, else MD5),
+    against the auth's digest for that algorithm when it has one, and against the password
+    only when it has none (``ast_sip_auth_get_creds``): a digest of another secret (a
+    ``md5_cred`` left from an older password) is what the phones match."""
+    challenged = _split(
+        auth.get("supported_algorithms_uas") or index.global_option("default_auth_algorithms_uas")
+    ) or ["MD5"]
+    ours = credentials.sip_digests(auth.get("username", ""), realm, password)
+    expected = {"md5": ours.md5, "sha-256": ours.sha256}
+    for algorithm, (digest, where) in _digests(auth).items():
+        if algorithm in {a.lower() for a in challenged} and digest.lower() != expected[algorithm]:
+            return (
+                f"its password is not the secret of its {where} ({algorithm.upper()} digest "
+                f"for realm {realm!r}), which Asterisk checks instead"
+            )
+    return None
 
 
 def _digests(auth: Mapping[str, str]) -> dict[str, tuple[str, str]]:

@@ -415,6 +415,26 @@ def test_md5_cred_beside_a_sha256_password_digest_is_carried_over() -> None:
     assert (frank.sip_secret, frank.digests) == (None, (digests.md5, digests.sha256))
 
 
+def test_a_password_beside_a_digest_of_another_secret_is_not_carried_over() -> None:
+    """Asterisk 22 checks a phone against the auth's digest when it has one, not its
+    ``password``: a password whose digest is not the auth's ``md5_cred`` is not what the
+    phones use, so it is not carried over (not mapped, or a new secret); one whose digest it
+    is, is carried over as before."""
+    other = credentials.sip_digests("frank", "asterisk", "Phone-Secret-1006").md5
+    stale = _userpass_auth("password=Frank-Secret-1006", f"md5_cred={other}")
+    assert str(_plan(stale).unmapped[0]) == (
+        "[1006] endpoint: needs a new SIP secret: its password is not the secret of its"
+        " md5_cred (MD5 digest for realm 'asterisk'), which Asterisk checks instead; its auth"
+        " has only an MD5 digest (md5_cred; we keep SHA-256 and MD5); or import with"
+        " --generate-secrets"
+    )
+    (frank,) = _plan(stale, generate_secrets=True).users
+    assert (frank.sip_secret, frank.digests) == (None, None)
+    same = _userpass_auth("password=Frank-Secret-1006", f"md5_cred={FRANK_MD5.upper()}")
+    (frank,) = _plan(same).users
+    assert (frank.sip_secret, frank.digests) == ("Frank-Secret-1006", None)
+
+
 def test_generate_secrets_imports_what_cannot_be_carried_over() -> None:
     """With generate_secrets, the MD5-only user is mapped (with a note) and gets no secret."""
     plan = _plan(generate_secrets=True)
