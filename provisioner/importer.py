@@ -940,7 +940,9 @@ def _secret(
     auth_type = auth.get("auth_type", "userpass").lower()
     if auth_type not in ("userpass", "digest", "md5"):
         raise _Refuse(f"auth_type {auth_type} cannot be migrated")
-    password = auth.get("password", "") if auth_type != "md5" else ""
+    # Asterisk 22 reads auth_type only for OAuth: an md5 auth with a password and no digest
+    # checks its phones against the password (ast_sip_auth_get_creds).
+    password = auth.get("password", "")
     realm = auth.get("realm") or index.realm()
     stale = _stale_digest(auth, password, realm, index) if password else None
     need: str

@@ -435,6 +435,15 @@ def test_a_password_beside_a_digest_of_another_secret_is_not_carried_over() -> N
     assert (frank.sip_secret, frank.digests) == ("Frank-Secret-1006", None)
 
 
+def test_an_md5_auth_type_with_only_a_password_carries_the_password() -> None:
+    """Asterisk 22 reads ``auth_type`` only for OAuth: an ``auth_type=md5`` auth with a
+    ``password`` and no digest authenticates its phones with that password, which is
+    carried over like any other (not "its auth has no password")."""
+    text = _userpass_auth("password=Frank-Secret-1006").replace("=userpass", "=md5")
+    (frank,) = _plan(text).users
+    assert (frank.sip_secret, frank.digests) == ("Frank-Secret-1006", None)
+
+
 def test_generate_secrets_imports_what_cannot_be_carried_over() -> None:
     """With generate_secrets, the MD5-only user is mapped (with a note) and gets no secret."""
     plan = _plan(generate_secrets=True)
