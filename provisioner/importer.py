@@ -259,6 +259,9 @@ class _Index:
     ``duplicates`` (with its lines) instead, as Asterisk loads neither copy."""
 
     parsed: Parsed
+    #: ``[global] default_realm`` as given; "": the file's (or Asterisk's default); None:
+    #: unknown (a wizard file's, see :meth:`realm`).
+    default_realm: str | None = ""
     by_key: dict[tuple[str, str], Section] = field(default_factory=dict)
     used: set[tuple[str, str]] = field(default_factory=set)
     owner: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -279,7 +282,12 @@ class _Index:
             raise _Refuse(f"its {kind} [{name}] is not defined in this file")
         return section
 
-    def realm(self) -> str:
+    def realm(self) -> str | None:
+        """The realm Asterisk challenges with for an auth that sets none: ``[global]
+        default_realm`` (as given, else the file's, else Asterisk's ``asterisk``).  None
+        for a wizard file not given it: its ``[global]`` lives in pjsip.conf."""
+        if self.default_realm != "":
+            return self.default_realm
         return self.global_option("default_realm") or _DEFAULT_REALM
 
     def global_option(self, name: str) -> str:
@@ -958,6 +966,11 @@ def _secret(
             ((algorithm, (_, where)),) = digests.items()
             shown = algorithm.upper()
             need = f"its auth has only an {shown} digest ({where}; we keep SHA-256 and MD5)"
+        elif realm is None:
+            need = (
+                "its digests are for the realm of pjsip.conf's [global] default_realm, "
+                "which a wizard file does not hold (give it with --default-realm)"
+            )
         elif realm != settings.realm:
             need = f"its digests were made for realm {realm!r}, ours is {settings.realm!r}"
         else:
@@ -970,23 +983,33 @@ def _secret(
     return None, None
 
 
-def _stale_digest(auth: Mapping[str, str], password: str, realm: str, index: _Index) -> str | None:
+def _stale_digest(
+    auth: Mapping[str, str], password: str, realm: str | None, index: _Index
+) -> str | None:
     """Why ``password`` is not the secret the auth's phones use, or None when it is.  Asterisk
     22 checks a phone, for each algorithm it challenges with (the auth's
     ``supported_algorithms_uas``, else ``[global] default_auth_algorithms_uas``, else MD5),
     against the auth's digest for that algorithm when it has one, and against the password
     only when it has none (``ast_sip_auth_get_creds``): a digest of another secret (a
-    ``md5_cred`` left from an older password) is what the phones match."""
+    ``md5_cred`` left from an older password) is what the phones match.  With the realm
+    unknown (None: a wizard file's) the digest is compared for Asterisk's default realm,
+    which a match proves and a mismatch, said so, does not disprove."""
     challenged = _split(
         auth.get("supported_algorithms_uas") or index.global_option("default_auth_algorithms_uas")
     ) or ["MD5"]
-    ours = credentials.sip_digests(auth.get("username", ""), realm, password)
+    ours = credentials.sip_digests(auth.get("username", ""), realm or _DEFAULT_REALM, password)
     expected = {"md5": ours.md5, "sha-256": ours.sha256}
     for algorithm, (digest, where) in _digests(auth).items():
         if algorithm in {a.lower() for a in challenged} and digest.lower() != expected[algorithm]:
+            shown = (
+                repr(realm)
+                if realm is not None
+                else f"{_DEFAULT_REALM!r}, unless pjsip.conf's [global] default_realm is "
+                "another (give it with --default-realm)"
+            )
             return (
                 f"its password is not the secret of its {where} ({algorithm.upper()} digest "
-                f"for realm {realm!r}), which Asterisk checks instead"
+                f"for realm {shown}), which Asterisk checks instead"
             )
     return None
 
@@ -1078,13 +1101,17 @@ def _not_read_from(kind: str, read_as: FileKind) -> str | None:
     return None
 
 
-def _build_index(parsed: Parsed, unmapped: list[Unmapped], read_as: FileKind) -> _Index:
+def _build_index(
+    parsed: Parsed, unmapped: list[Unmapped], read_as: FileKind, default_realm: str | None
+) -> _Index:
     """Index the sections as Asterisk loads them from the file ``read_as``: a section of a
     type Asterisk never reads from that file is only reported.  A file defining an object
     of one type twice (res_sorcery_config: "configuration contains a duplicate object")
     loads no object of that type, so no copy is read; the config wizard applies each copy
     of a wizard in turn (:func:`_merge_wizard`)."""
-    index = _Index(parsed)
+    # A wizard file holds no [global] (Asterisk reads that from pjsip.conf): its default
+    # realm is unknown unless given.
+    index = _Index(parsed, default_realm or (None if read_as == WIZARD_CONF else ""))
     copies: dict[tuple[str, str], list[Section]] = {}
     for section in parsed.visible():
         key = (_type(section), section.name)
@@ -1136,16 +1163,20 @@ def plan_import(
     *,
     generate_secrets: bool = False,
     read_as: FileKind = PJSIP_CONF,
+    default_realm: str | None = None,
 ) -> ImportPlan:
     """Map every user endpoint of ``parsed`` to user values; list every other section.
 
     Pure.  ``settings`` gives the transport names (reverse lookup), the realm
     digests must match to be carried over, and the video codecs.  ``read_as`` is the
     file Asterisk reads ``parsed`` as (:func:`file_kind`): its user endpoints are the
-    endpoints of pjsip.conf, or the wizards of pjsip_wizard.conf.
+    endpoints of pjsip.conf, or the wizards of pjsip_wizard.conf.  ``default_realm`` is
+    the site's ``[global] default_realm``, the realm of an auth's digests where it sets no
+    ``realm``; without it, that of the file's ``[global]`` (or Asterisk's ``asterisk``), and
+    none of a wizard file, which has no ``[global]``: its digests are then not carried over.
     """
     unmapped: list[Unmapped] = []
-    index = _build_index(parsed, unmapped, read_as)
+    index = _build_index(parsed, unmapped, read_as, default_realm)
     users: list[MappedUser] = []
     seen: dict[str, MappedUser] = {}
     seen_users: dict[str, MappedUser] = {}

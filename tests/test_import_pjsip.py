@@ -1312,3 +1312,38 @@ def test_each_file_is_read_for_the_objects_asterisk_reads_from_it(tmp_path: Path
         assert f"not mapped: [udp] transport: a transport {only}" in out, out
         assert "u8401" not in out
         assert "added 1 users; 4 sections not mapped" in out
+
+
+def test_a_wizard_files_digests_are_carried_only_for_a_realm_it_was_given(tmp_path: Path) -> None:
+    """A wizard's digests are made for pjsip.conf's ``[global] default_realm`` unless it
+    sets ``inbound_auth/realm``, and a wizard file cannot say which realm that is: they are
+    not carried over for a guessed ``asterisk`` (phones would get 401s), but for the realm
+    ``--default-realm`` names, which our realm must equal."""
+    site = credentials.sip_digests("u8901", "pbx.example.com", "Secret-8901")
+    text = (
+        "[8901]\ntype=wizard\naccepts_auth=yes\naccepts_registrations=yes\n"
+        "endpoint/allow=ulaw\ninbound_auth/username=u8901\n"
+        f"inbound_auth/password_digest=SHA-256:{site.sha256},MD5:{site.md5}\n"
+    )
+    for run in ("guessed", "other"):
+        (tmp_path / run).mkdir()
+    guessed = _cli_import(tmp_path / "guessed", text, name="pjsip_wizard.conf")
+    assert (
+        "not mapped: [8901] wizard: needs a new SIP secret: its digests are for the realm of "
+        "pjsip.conf's [global] default_realm, which a wizard file does not hold (give it with "
+        "--default-realm); or import with --generate-secrets"
+    ) in guessed
+    other = _cli_import(
+        tmp_path / "other", text, "--default-realm", "pbx.example.com", name="pjsip_wizard.conf"
+    )
+    assert (
+        "not mapped: [8901] wizard: needs a new SIP secret: its digests were made for realm "
+        "'pbx.example.com', ours is 'asterisk'; or import with --generate-secrets"
+    ) in other
+    (user,) = plan_import(
+        parse(text),
+        RenderSettings(realm="pbx.example.com"),
+        read_as="pjsip_wizard.conf",
+        default_realm="pbx.example.com",
+    ).users
+    assert user.digests == (site.md5, site.sha256)
