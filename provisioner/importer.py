@@ -697,14 +697,15 @@ def _codecs(source: _Source, settings: RenderSettings) -> tuple[str, str]:
     video = [c for c in offered if c in VIDEO_CODECS]
     dropped = [c for c in offered if c not in CODECS and c not in VIDEO_CODECS]
     if dropped:
-        source.notes.append(f"codecs dropped (not supported here): {', '.join(dropped)}")
-    if not audio:
-        raise _Refuse("offers no audio codec supported here (" + ", ".join(CODECS) + ")")
-    if video and set(video) != set(settings.video_codecs):
-        source.notes.append(
-            f"video codecs {','.join(video)} become [target] video_codecs "
-            f"{','.join(settings.video_codecs)}"
+        patched = [c for c in dropped if c in _PATCHED_CODECS]
+        them = "it" if len(patched) == 1 else "them"
+        why = (
+            f" ({', '.join(patched)}: only an Asterisk patched for AMR has {them}; stock "
+            f"Asterisk 22 loads no endpoint allowing {them})"
+            if patched
+            else ""
         )
+        source.notes.append(f"codecs dropped (not supported here): {', '.join(dropped)}{why}")
     return ",".join(audio), "yes" if video else "no"
 
 
@@ -716,6 +717,10 @@ _ASTERISK_CODECS = frozenset(
     | {"jpeg", "png", "h261", "h263", "h263p", "h264", "h265", "mpeg4", "vp8", "vp9"}
     | {"red", "t140", "t38", "none", "silk8", "silk12", "silk16", "silk24", "all"}
 )
+#: Codecs only an Asterisk patched for them has (traud/asterisk-amr adds both to
+#: main/codec_builtin.c): stock Asterisk drops an endpoint allowing them, so a site whose
+#: phones use them runs such an Asterisk.  Read as known codecs, dropped with a note.
+_PATCHED_CODECS = frozenset({"amr", "amrwb"})
 #: What ``sscanf("%d")`` reads from a packetization: the number at its start.
 _SCAN_INT = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)")
 #: Asterisk's blanks (``ast_strip``): every byte below 33.
@@ -741,7 +746,7 @@ def _check_codec_list(op: str, value: str) -> None:
             why = f"gives {name} a packetization ({framing!r}) that is no number 0 or more"
         elif not name:
             why = "has an empty item"
-        elif name.lower() not in _ASTERISK_CODECS:
+        elif name.lower() not in _ASTERISK_CODECS | _PATCHED_CODECS:
             why = f"names {name!r}, no codec Asterisk knows"
         if why is not None:
             raise _Refuse(f"{op} {value!r} {why}: Asterisk loads no such endpoint")

@@ -1347,3 +1347,21 @@ def test_a_wizard_files_digests_are_carried_only_for_a_realm_it_was_given(tmp_pa
         default_realm="pbx.example.com",
     ).users
     assert user.digests == (site.md5, site.sha256)
+
+
+def test_amr_codecs_of_a_patched_asterisk_are_dropped_not_refused(tmp_path: Path) -> None:
+    """``allow=amr`` or ``amrwb`` works only on an Asterisk patched for AMR (stock Asterisk 22
+    has no such codec and drops the endpoint), so a site whose phones use them runs one: the
+    user is imported with its other codecs and a note, not refused as unloadable."""
+    text = (
+        "[9001]\ntype=endpoint\nauth=a9001\naors=9001\ndisallow=all\nallow=amrwb,AMR,ulaw\n"
+        "[9001]\ntype=aor\n[a9001]\ntype=auth\nusername=u9001\npassword=Secret-9001\n"
+    )
+    out = _cli_import(tmp_path, text)
+    assert "added u9001 (extension 9001)" in out
+    assert (
+        "  note: codecs dropped (not supported here): amrwb, amr (amrwb, amr: only an Asterisk "
+        "patched for AMR has them; stock Asterisk 22 loads no endpoint allowing them)"
+    ) in out
+    (user,) = _plan(text).users
+    assert user.values["codecs"] == "ulaw"
