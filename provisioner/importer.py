@@ -32,6 +32,7 @@ import re
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -288,14 +289,26 @@ class _Index:
         for a wizard file not given it: its ``[global]`` lives in pjsip.conf."""
         if self.default_realm != "":
             return self.default_realm
-        return self.global_option("default_realm") or _DEFAULT_REALM
+        return self.global_options.get("default_realm") or _DEFAULT_REALM
 
-    def global_option(self, name: str) -> str:
-        """The file's ``[global]`` option ``name`` ("" when unset)."""
+    @cached_property
+    def global_options(self) -> dict[str, str]:
+        """The options of the file's ``[global]``, found once (asked per user: a scan of
+        every section each time made an import of N users take N² steps)."""
         for (kind, _name), section in self.by_key.items():
             if kind == "global":
-                return _options(section).get(name, "")
-        return ""
+                return _options(section)
+        return {}
+
+    @cached_property
+    def transports(self) -> dict[str, list[str]]:
+        """The names of the file's transport sections by protocol, in file order."""
+        by_protocol: dict[str, list[str]] = {}
+        for (kind, name), section in self.by_key.items():
+            if kind == "transport":
+                protocol = _options(section).get("protocol", "udp").lower()
+                by_protocol.setdefault(protocol, []).append(name)
+        return by_protocol
 
 
 def _type(section: Section) -> str:
@@ -857,11 +870,7 @@ def _unnamed_transport(source: _Source, index: _Index, webrtc: bool) -> str:
     speak (of ws and wss, with ``webrtc=yes``); when they speak several, or the file has
     none, udp (wss with WebRTC), noted, as phones on another protocol must move."""
     usable = ("ws", "wss") if webrtc else TRANSPORTS
-    by_protocol: dict[str, list[str]] = {}
-    for (kind, name), section in index.by_key.items():
-        protocol = _options(section).get("protocol", "udp").lower()
-        if kind == "transport" and protocol in usable:
-            by_protocol.setdefault(protocol, []).append(name)
+    by_protocol = {p: names for p, names in index.transports.items() if p in usable}
     fallback = "wss" if webrtc else "udp"
     if len(by_protocol) == 1:
         ((protocol, names),) = by_protocol.items()
@@ -1000,7 +1009,8 @@ def _stale_digest(
     unknown (None: a wizard file's) the digest is compared for Asterisk's default realm,
     which a match proves and a mismatch, said so, does not disprove."""
     challenged = _split(
-        auth.get("supported_algorithms_uas") or index.global_option("default_auth_algorithms_uas")
+        auth.get("supported_algorithms_uas")
+        or index.global_options.get("default_auth_algorithms_uas", "")
     ) or ["MD5"]
     ours = credentials.sip_digests(auth.get("username", ""), realm or _DEFAULT_REALM, password)
     expected = {"md5": ours.md5, "sha-256": ours.sha256}
