@@ -784,7 +784,13 @@ def _note_aor_changes(source: _Source, protocol: str, settings: RenderSettings) 
     for option, ours in rendered.items():
         theirs = sorted({_aor_value(aor, option) for aor in source.aors})
         if theirs != [ours]:
-            source.notes.append(f"aor {option} {','.join(theirs)} becomes {ours}")
+            # res_pjsip_registrar answers a REGISTER to an AOR of max_contacts 0 with 403.
+            why = (
+                " (at 0 Asterisk refused every REGISTER with 403: no phone could register to it)"
+                if option == "max_contacts" and "0" in theirs
+                else ""
+            )
+            source.notes.append(f"aor {option} {','.join(theirs)} becomes {ours}{why}")
 
 
 def _aor_value(aor: Mapping[str, str], option: str) -> str:

@@ -770,7 +770,7 @@ def test_additions_filtered_by_type_are_imported(tmp_path: Path) -> None:
     )
     (user,) = plan_import(read_file(conf), SETTINGS, read_as=file_kind(conf)).users
     assert (user.username, user.values["context"]) == ("u7551", "sales")
-    assert "aor max_contacts 0 becomes 1" not in user.notes
+    assert not [note for note in user.notes if note.startswith("aor max_contacts")]
 
 
 def test_group_items_asterisk_ignores_are_dropped_and_reported_not_the_user() -> None:
@@ -1365,3 +1365,18 @@ def test_amr_codecs_of_a_patched_asterisk_are_dropped_not_refused(tmp_path: Path
     ) in out
     (user,) = _plan(text).users
     assert user.values["codecs"] == "ulaw"
+
+
+def test_an_aor_without_max_contacts_is_noted_as_one_no_phone_could_register_to() -> None:
+    """Asterisk answers a REGISTER to an AOR whose ``max_contacts`` is 0 (its default) with
+    403: the note on the user, whose AOR takes a phone, says that no phone could register
+    before, not only that a number changed."""
+    text = (
+        "[9101]\ntype=endpoint\nauth=a9101\naors=9101\nallow=ulaw\n[9101]\ntype=aor\n"
+        "[a9101]\ntype=auth\nusername=u9101\npassword=Secret-9101\n"
+    )
+    (user,) = _plan(text).users
+    assert (
+        "aor max_contacts 0 becomes 1 (at 0 Asterisk refused every REGISTER with 403: "
+        "no phone could register to it)"
+    ) in user.notes
