@@ -1380,3 +1380,27 @@ def test_an_aor_without_max_contacts_is_noted_as_one_no_phone_could_register_to(
         "aor max_contacts 0 becomes 1 (at 0 Asterisk refused every REGISTER with 403: "
         "no phone could register to it)"
     ) in user.notes
+
+
+def test_a_wizard_password_is_checked_against_its_md5_cred_for_the_realm_given() -> None:
+    """A wizard's password beside an ``md5_cred`` is carried over when it is that digest's
+    secret for the realm given with ``--default-realm``; without it, a digest that is not
+    the password's for ``asterisk`` leaves the user not mapped, the reason naming the realm
+    it was checked for and the option."""
+    md5 = credentials.sip_digests("u9201", "pbx.example.com", "Secret-9201").md5
+    text = (
+        "[9201]\ntype=wizard\naccepts_auth=yes\naccepts_registrations=yes\n"
+        "endpoint/allow=ulaw\ninbound_auth/username=u9201\n"
+        f"inbound_auth/password=Secret-9201\ninbound_auth/md5_cred={md5}\n"
+    )
+    guessed = plan_import(parse(text), SETTINGS, read_as="pjsip_wizard.conf")
+    assert guessed.users == ()
+    assert (
+        "its password is not the secret of its md5_cred (MD5 digest for realm 'asterisk', "
+        "unless pjsip.conf's [global] default_realm is another (give it with "
+        "--default-realm)), which Asterisk checks instead"
+    ) in str(guessed.unmapped[0])
+    (user,) = plan_import(
+        parse(text), SETTINGS, read_as="pjsip_wizard.conf", default_realm="pbx.example.com"
+    ).users
+    assert (user.sip_secret, user.digests) == ("Secret-9201", None)
