@@ -415,6 +415,9 @@ def _check_loadable(kind: str, options: Mapping[str, str], whose: str, prefix: s
             f"{whose}{prefix}dtmf_mode {dtmf!r} is none of {', '.join(_DTMF_MODES)}: "
             f"Asterisk loads no such endpoint"
         )
+    why = _auth_unparsed(options) if kind == "auth" else None
+    if why is not None:
+        raise _Refuse(f"{whose}{prefix}{why}: Asterisk loads no such auth{_LOST[kind]}")
     for option, high in _AOR_NUMBERS.items() if kind == "aor" else ():
         value = options.get(option)
         number = None if value is None else _c_uint(value)
@@ -423,6 +426,35 @@ def _check_loadable(kind: str, options: Mapping[str, str], whose: str, prefix: s
                 f"{whose}{prefix}{option} {value!r} is no number 0-{high}: "
                 f"Asterisk loads no such aor{_LOST[kind]}"
             )
+
+
+#: The digest algorithms Asterisk 22 takes (pjproject's IANA names, case ignored), with
+#: the length of a digest's hex text.
+_DIGEST_LENGTHS = {"md5": 32, "sha-256": 64, "sha-512-256": 64}
+
+
+def _auth_unparsed(options: Mapping[str, str]) -> str | None:
+    """What of an auth Asterisk cannot parse, so it loads no such auth, or None (never
+    quoting a digest): a ``md5_cred`` or ``password_digest`` item (``ALGORITHM:digest``, or
+    a bare MD5 one) naming an algorithm it does not know or whose digest is not that
+    algorithm's length (``password_digest_handler``), or a ``supported_algorithms_uas`` or
+    ``_uac`` item naming one."""
+    for option in ("md5_cred", "password_digest"):
+        for item in _split(options.get(option, "")):
+            name, colon, digest = item.partition(":")
+            if not colon:
+                name, digest = "MD5", item
+            name = name.strip(_C_BLANKS)
+            length = _DIGEST_LENGTHS.get(name.lower())
+            if length is None:
+                return f"{option} names {name!r}, no digest algorithm Asterisk knows"
+            if len(digest.strip(_C_BLANKS)) != length:
+                return f"{option} holds no {name.upper()} digest ({length} characters)"
+    for option in ("supported_algorithms_uas", "supported_algorithms_uac"):
+        for name in _split(options.get(option, "")):
+            if name.lower() not in _DIGEST_LENGTHS:
+                return f"{option} names {name!r}, no digest algorithm Asterisk knows"
+    return None
 
 
 #: The AOR numbers we read, with the largest value Asterisk takes (``OPT_UINT_T``).

@@ -1404,3 +1404,39 @@ def test_a_wizard_password_is_checked_against_its_md5_cred_for_the_realm_given()
         parse(text), SETTINGS, read_as="pjsip_wizard.conf", default_realm="pbx.example.com"
     ).users
     assert (user.sip_secret, user.digests) == ("Secret-9201", None)
+
+
+def test_an_auth_whose_digests_or_algorithms_asterisk_cannot_parse_is_not_mapped() -> None:
+    """Asterisk drops an auth (so no phone authenticates) whose ``md5_cred`` or
+    ``password_digest`` item is no digest of its algorithm's length or names an algorithm
+    it does not know, or whose ``supported_algorithms_uas``/``_uac`` names one: its user
+    is not mapped, as for any object Asterisk does not load, and the digest is never
+    printed."""
+    good = credentials.sip_digests("frank", "asterisk", "Frank-Secret-1006")
+    cases = {
+        f"md5_cred={good.md5[:31]}": "md5_cred holds no MD5 digest (32 characters)",
+        f"password_digest=SHA-256:{good.sha256}0": (
+            "password_digest holds no SHA-256 digest (64 characters)"
+        ),
+        f"password_digest=SHA1:{good.md5}": (
+            "password_digest names 'SHA1', no digest algorithm Asterisk knows"
+        ),
+        "supported_algorithms_uas=SHA256,MD5": (
+            "supported_algorithms_uas names 'SHA256', no digest algorithm Asterisk knows"
+        ),
+    }
+    for line, why in cases.items():
+        plan = _plan(_userpass_auth("password=Frank-Secret-1006", line))
+        assert plan.users == (), line
+        reason = str(plan.unmapped[0])
+        assert reason == (
+            f"[1006] endpoint: its auth [1006-auth] {why}: Asterisk loads no such auth"
+            " (no phone could authenticate)"
+        ), line
+    accepted = _userpass_auth(
+        "password=Frank-Secret-1006",
+        f"password_digest= md5:{good.md5} , SHA-256:{good.sha256}",
+        "supported_algorithms_uas=sha-256, MD5",
+    )
+    (frank,) = _plan(accepted).users
+    assert frank.sip_secret == "Frank-Secret-1006"
