@@ -1341,6 +1341,16 @@ def _apply_once(
                 problems.append(
                     Problem("--profile", f"must name an existing profile ({profile!r} does not)")
                 )
+            if plan.users and not q.has_users(conn):
+                # Said once here, not as "the first user must be an admin" on every user.
+                problems.append(
+                    Problem(
+                        "import",
+                        "the store has no user yet and its first user must be an admin, "
+                        "while imported users are of role user: add the admin first "
+                        "(provisioner user add NAME --role admin ...)",
+                    )
+                )
             if problems:
                 raise InvalidInput(problems)
             allocator = q.ExtensionAllocator(

@@ -1440,3 +1440,24 @@ def test_an_auth_whose_digests_or_algorithms_asterisk_cannot_parse_is_not_mapped
     )
     (frank,) = _plan(accepted).users
     assert frank.sip_secret == "Frank-Secret-1006"
+
+
+def test_an_import_into_a_store_without_an_admin_says_so_once(tmp_path: Path) -> None:
+    """A store's first user must be an admin and an import adds users of role ``user``: into
+    a store with no user yet it is refused with one line saying to add the admin first, not
+    one "the first user must be an admin" per user of the file."""
+    conf = tmp_path / "pjsip.conf"
+    conf.write_text(PJSIP_CONF, encoding="utf-8")
+    with temp_database("sqlite", tmp_path) as url:
+        cli = make_cli(url, tmp_path)
+        cli.ok("db", "upgrade")
+        cli.ok("profile", "add", "agents")
+        refused = cli(
+            "import", "pjsip", str(conf), "--profile", "agents", "--email-domain", "x.org"
+        )
+    assert refused.code == 2
+    assert refused.err.splitlines()[1:] == [
+        "  import: the store has no user yet and its first user must be an admin, while "
+        "imported users are of role user: add the admin first (provisioner user add NAME "
+        "--role admin ...)"
+    ]
