@@ -665,7 +665,7 @@ class Accounts:
 
     @staticmethod
     def _store_has_users(conn: Connection) -> bool:
-        return conn.execute(users.select().limit(1)).first() is not None
+        return q.has_users(conn)
 
     # -- state: the bulk actions ----------------------------------------------
 

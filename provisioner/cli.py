@@ -1034,6 +1034,12 @@ def import_group() -> None:
     "from pjsip_wizard.conf); default: by FILE's name, pjsip.conf unless it is "
     "pjsip_wizard.conf.",
 )
+@click.option(
+    "--default-realm",
+    metavar="REALM",
+    help="The site's pjsip.conf [global] default_realm: the realm of digests of auths "
+    "that set no realm; default: FILE's [global] (else 'asterisk'); a wizard file has none.",
+)
 @click.option("--dry-run", is_flag=True, help="Check everything, change nothing.")
 @pass_app
 def import_pjsip(
@@ -1043,6 +1049,7 @@ def import_pjsip(
     email_domain: str,
     generate_secrets: bool,
     read_as: FileKind | None,
+    default_realm: str | None,
     dry_run: bool,
 ) -> None:
     """Create users from a hand-written pjsip.conf or pjsip_wizard.conf: all or nothing;
@@ -1058,6 +1065,7 @@ def import_pjsip(
         RenderSettings.from_config(app.config),
         generate_secrets=generate_secrets,
         read_as=kind,
+        default_realm=default_realm,
     )
     result = importer.apply_plan(
         app.accounts, plan, profile=profile, email_domain=email_domain, dry_run=dry_run

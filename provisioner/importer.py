@@ -32,9 +32,11 @@ import re
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
+from . import credentials
 from .accounts import Accounts, rerun_on_unique_clash
 from .asterisk_conf import Parsed, Section, parse
 from .errors import (
@@ -258,6 +260,9 @@ class _Index:
     ``duplicates`` (with its lines) instead, as Asterisk loads neither copy."""
 
     parsed: Parsed
+    #: ``[global] default_realm`` as given; "": the file's (or Asterisk's default); None:
+    #: unknown (a wizard file's, see :meth:`realm`).
+    default_realm: str | None = ""
     by_key: dict[tuple[str, str], Section] = field(default_factory=dict)
     used: set[tuple[str, str]] = field(default_factory=set)
     owner: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -278,11 +283,32 @@ class _Index:
             raise _Refuse(f"its {kind} [{name}] is not defined in this file")
         return section
 
-    def realm(self) -> str:
+    def realm(self) -> str | None:
+        """The realm Asterisk challenges with for an auth that sets none: ``[global]
+        default_realm`` (as given, else the file's, else Asterisk's ``asterisk``).  None
+        for a wizard file not given it: its ``[global]`` lives in pjsip.conf."""
+        if self.default_realm != "":
+            return self.default_realm
+        return self.global_options.get("default_realm") or _DEFAULT_REALM
+
+    @cached_property
+    def global_options(self) -> dict[str, str]:
+        """The options of the file's ``[global]``, found once (asked per user: a scan of
+        every section each time made an import of N users take N² steps)."""
         for (kind, _name), section in self.by_key.items():
             if kind == "global":
-                return _options(section).get("default_realm") or _DEFAULT_REALM
-        return _DEFAULT_REALM
+                return _options(section)
+        return {}
+
+    @cached_property
+    def transports(self) -> dict[str, list[str]]:
+        """The names of the file's transport sections by protocol, in file order."""
+        by_protocol: dict[str, list[str]] = {}
+        for (kind, name), section in self.by_key.items():
+            if kind == "transport":
+                protocol = _options(section).get("protocol", "udp").lower()
+                by_protocol.setdefault(protocol, []).append(name)
+        return by_protocol
 
 
 def _type(section: Section) -> str:
@@ -389,6 +415,9 @@ def _check_loadable(kind: str, options: Mapping[str, str], whose: str, prefix: s
             f"{whose}{prefix}dtmf_mode {dtmf!r} is none of {', '.join(_DTMF_MODES)}: "
             f"Asterisk loads no such endpoint"
         )
+    why = _auth_unparsed(options) if kind == "auth" else None
+    if why is not None:
+        raise _Refuse(f"{whose}{prefix}{why}: Asterisk loads no such auth{_LOST[kind]}")
     for option, high in _AOR_NUMBERS.items() if kind == "aor" else ():
         value = options.get(option)
         number = None if value is None else _c_uint(value)
@@ -397,6 +426,35 @@ def _check_loadable(kind: str, options: Mapping[str, str], whose: str, prefix: s
                 f"{whose}{prefix}{option} {value!r} is no number 0-{high}: "
                 f"Asterisk loads no such aor{_LOST[kind]}"
             )
+
+
+#: The digest algorithms Asterisk 22 takes (pjproject's IANA names, case ignored), with
+#: the length of a digest's hex text.
+_DIGEST_LENGTHS = {"md5": 32, "sha-256": 64, "sha-512-256": 64}
+
+
+def _auth_unparsed(options: Mapping[str, str]) -> str | None:
+    """What of an auth Asterisk cannot parse, so it loads no such auth, or None (never
+    quoting a digest): a ``md5_cred`` or ``password_digest`` item (``ALGORITHM:digest``, or
+    a bare MD5 one) naming an algorithm it does not know or whose digest is not that
+    algorithm's length (``password_digest_handler``), or a ``supported_algorithms_uas`` or
+    ``_uac`` item naming one."""
+    for option in ("md5_cred", "password_digest"):
+        for item in _split(options.get(option, "")):
+            name, colon, digest = item.partition(":")
+            if not colon:
+                name, digest = "MD5", item
+            name = name.strip(_C_BLANKS)
+            length = _DIGEST_LENGTHS.get(name.lower())
+            if length is None:
+                return f"{option} names {name!r}, no digest algorithm Asterisk knows"
+            if len(digest.strip(_C_BLANKS)) != length:
+                return f"{option} holds no {name.upper()} digest ({length} characters)"
+    for option in ("supported_algorithms_uas", "supported_algorithms_uac"):
+        for name in _split(options.get(option, "")):
+            if name.lower() not in _DIGEST_LENGTHS:
+                return f"{option} names {name!r}, no digest algorithm Asterisk knows"
+    return None
 
 
 #: The AOR numbers we read, with the largest value Asterisk takes (``OPT_UINT_T``).
@@ -684,14 +742,15 @@ def _codecs(source: _Source, settings: RenderSettings) -> tuple[str, str]:
     video = [c for c in offered if c in VIDEO_CODECS]
     dropped = [c for c in offered if c not in CODECS and c not in VIDEO_CODECS]
     if dropped:
-        source.notes.append(f"codecs dropped (not supported here): {', '.join(dropped)}")
-    if not audio:
-        raise _Refuse("offers no audio codec supported here (" + ", ".join(CODECS) + ")")
-    if video and set(video) != set(settings.video_codecs):
-        source.notes.append(
-            f"video codecs {','.join(video)} become [target] video_codecs "
-            f"{','.join(settings.video_codecs)}"
+        patched = [c for c in dropped if c in _PATCHED_CODECS]
+        them = "it" if len(patched) == 1 else "them"
+        why = (
+            f" ({', '.join(patched)}: only an Asterisk patched for AMR has {them}; stock "
+            f"Asterisk 22 loads no endpoint allowing {them})"
+            if patched
+            else ""
         )
+        source.notes.append(f"codecs dropped (not supported here): {', '.join(dropped)}{why}")
     return ",".join(audio), "yes" if video else "no"
 
 
@@ -703,6 +762,10 @@ _ASTERISK_CODECS = frozenset(
     | {"jpeg", "png", "h261", "h263", "h263p", "h264", "h265", "mpeg4", "vp8", "vp9"}
     | {"red", "t140", "t38", "none", "silk8", "silk12", "silk16", "silk24", "all"}
 )
+#: Codecs only an Asterisk patched for them has (traud/asterisk-amr adds both to
+#: main/codec_builtin.c): stock Asterisk drops an endpoint allowing them, so a site whose
+#: phones use them runs such an Asterisk.  Read as known codecs, dropped with a note.
+_PATCHED_CODECS = frozenset({"amr", "amrwb"})
 #: What ``sscanf("%d")`` reads from a packetization: the number at its start.
 _SCAN_INT = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)")
 #: Asterisk's blanks (``ast_strip``): every byte below 33.
@@ -728,7 +791,7 @@ def _check_codec_list(op: str, value: str) -> None:
             why = f"gives {name} a packetization ({framing!r}) that is no number 0 or more"
         elif not name:
             why = "has an empty item"
-        elif name.lower() not in _ASTERISK_CODECS:
+        elif name.lower() not in _ASTERISK_CODECS | _PATCHED_CODECS:
             why = f"names {name!r}, no codec Asterisk knows"
         if why is not None:
             raise _Refuse(f"{op} {value!r} {why}: Asterisk loads no such endpoint")
@@ -753,7 +816,13 @@ def _note_aor_changes(source: _Source, protocol: str, settings: RenderSettings) 
     for option, ours in rendered.items():
         theirs = sorted({_aor_value(aor, option) for aor in source.aors})
         if theirs != [ours]:
-            source.notes.append(f"aor {option} {','.join(theirs)} becomes {ours}")
+            # res_pjsip_registrar answers a REGISTER to an AOR of max_contacts 0 with 403.
+            why = (
+                " (at 0 Asterisk refused every REGISTER with 403: no phone could register to it)"
+                if option == "max_contacts" and "0" in theirs
+                else ""
+            )
+            source.notes.append(f"aor {option} {','.join(theirs)} becomes {ours}{why}")
 
 
 def _aor_value(aor: Mapping[str, str], option: str) -> str:
@@ -839,11 +908,7 @@ def _unnamed_transport(source: _Source, index: _Index, webrtc: bool) -> str:
     speak (of ws and wss, with ``webrtc=yes``); when they speak several, or the file has
     none, udp (wss with WebRTC), noted, as phones on another protocol must move."""
     usable = ("ws", "wss") if webrtc else TRANSPORTS
-    by_protocol: dict[str, list[str]] = {}
-    for (kind, name), section in index.by_key.items():
-        protocol = _options(section).get("protocol", "udp").lower()
-        if kind == "transport" and protocol in usable:
-            by_protocol.setdefault(protocol, []).append(name)
+    by_protocol = {p: names for p, names in index.transports.items() if p in usable}
     fallback = "wss" if webrtc else "udp"
     if len(by_protocol) == 1:
         ((protocol, names),) = by_protocol.items()
@@ -935,29 +1000,71 @@ def _secret(
     auth_type = auth.get("auth_type", "userpass").lower()
     if auth_type not in ("userpass", "digest", "md5"):
         raise _Refuse(f"auth_type {auth_type} cannot be migrated")
-    password = auth.get("password", "") if auth_type != "md5" else ""
+    # Asterisk 22 reads auth_type only for OAuth: an md5 auth with a password and no digest
+    # checks its phones against the password (ast_sip_auth_get_creds).
+    password = auth.get("password", "")
+    realm = auth.get("realm") or index.realm()
+    stale = _stale_digest(auth, password, realm, index) if password else None
     need: str
-    if password:
+    if password and stale is None:
         if _rule("sip_secret", password) is None:
             return password, None
         need = "its password breaks the SIP secret rule (8-128 printable ASCII, no spaces)"
     else:
         digests = _digests(auth)
-        realm = auth.get("realm") or index.realm()
         if not digests:
             need = "its auth has no password"
         elif len(digests) == 1:
             ((algorithm, (_, where)),) = digests.items()
             shown = algorithm.upper()
             need = f"its auth has only an {shown} digest ({where}; we keep SHA-256 and MD5)"
+        elif realm is None:
+            need = (
+                "its digests are for the realm of pjsip.conf's [global] default_realm, "
+                "which a wizard file does not hold (give it with --default-realm)"
+            )
         elif realm != settings.realm:
             need = f"its digests were made for realm {realm!r}, ours is {settings.realm!r}"
         else:
             return None, (digests["md5"][0].lower(), digests["sha-256"][0].lower())
+        if stale is not None:
+            need = f"{stale}; {need}"
     if not generate:
         raise _Refuse(f"needs a new SIP secret: {need}; or import with --generate-secrets")
     source.notes.append(f"a new SIP secret is generated: {need}")
     return None, None
+
+
+def _stale_digest(
+    auth: Mapping[str, str], password: str, realm: str | None, index: _Index
+) -> str | None:
+    """Why ``password`` is not the secret the auth's phones use, or None when it is.  Asterisk
+    22 checks a phone, for each algorithm it challenges with (the auth's
+    ``supported_algorithms_uas``, else ``[global] default_auth_algorithms_uas``, else MD5),
+    against the auth's digest for that algorithm when it has one, and against the password
+    only when it has none (``ast_sip_auth_get_creds``): a digest of another secret (a
+    ``md5_cred`` left from an older password) is what the phones match.  With the realm
+    unknown (None: a wizard file's) the digest is compared for Asterisk's default realm,
+    which a match proves and a mismatch, said so, does not disprove."""
+    challenged = _split(
+        auth.get("supported_algorithms_uas")
+        or index.global_options.get("default_auth_algorithms_uas", "")
+    ) or ["MD5"]
+    ours = credentials.sip_digests(auth.get("username", ""), realm or _DEFAULT_REALM, password)
+    expected = {"md5": ours.md5, "sha-256": ours.sha256}
+    for algorithm, (digest, where) in _digests(auth).items():
+        if algorithm in {a.lower() for a in challenged} and digest.lower() != expected[algorithm]:
+            shown = (
+                repr(realm)
+                if realm is not None
+                else f"{_DEFAULT_REALM!r}, unless pjsip.conf's [global] default_realm is "
+                "another (give it with --default-realm)"
+            )
+            return (
+                f"its password is not the secret of its {where} ({algorithm.upper()} digest "
+                f"for realm {shown}), which Asterisk checks instead"
+            )
+    return None
 
 
 def _digests(auth: Mapping[str, str]) -> dict[str, tuple[str, str]]:
@@ -1047,13 +1154,17 @@ def _not_read_from(kind: str, read_as: FileKind) -> str | None:
     return None
 
 
-def _build_index(parsed: Parsed, unmapped: list[Unmapped], read_as: FileKind) -> _Index:
+def _build_index(
+    parsed: Parsed, unmapped: list[Unmapped], read_as: FileKind, default_realm: str | None
+) -> _Index:
     """Index the sections as Asterisk loads them from the file ``read_as``: a section of a
     type Asterisk never reads from that file is only reported.  A file defining an object
     of one type twice (res_sorcery_config: "configuration contains a duplicate object")
     loads no object of that type, so no copy is read; the config wizard applies each copy
     of a wizard in turn (:func:`_merge_wizard`)."""
-    index = _Index(parsed)
+    # A wizard file holds no [global] (Asterisk reads that from pjsip.conf): its default
+    # realm is unknown unless given.
+    index = _Index(parsed, default_realm or (None if read_as == WIZARD_CONF else ""))
     copies: dict[tuple[str, str], list[Section]] = {}
     for section in parsed.visible():
         key = (_type(section), section.name)
@@ -1105,16 +1216,20 @@ def plan_import(
     *,
     generate_secrets: bool = False,
     read_as: FileKind = PJSIP_CONF,
+    default_realm: str | None = None,
 ) -> ImportPlan:
     """Map every user endpoint of ``parsed`` to user values; list every other section.
 
     Pure.  ``settings`` gives the transport names (reverse lookup), the realm
     digests must match to be carried over, and the video codecs.  ``read_as`` is the
     file Asterisk reads ``parsed`` as (:func:`file_kind`): its user endpoints are the
-    endpoints of pjsip.conf, or the wizards of pjsip_wizard.conf.
+    endpoints of pjsip.conf, or the wizards of pjsip_wizard.conf.  ``default_realm`` is
+    the site's ``[global] default_realm``, the realm of an auth's digests where it sets no
+    ``realm``; without it, that of the file's ``[global]`` (or Asterisk's ``asterisk``), and
+    none of a wizard file, which has no ``[global]``: its digests are then not carried over.
     """
     unmapped: list[Unmapped] = []
-    index = _build_index(parsed, unmapped, read_as)
+    index = _build_index(parsed, unmapped, read_as, default_realm)
     users: list[MappedUser] = []
     seen: dict[str, MappedUser] = {}
     seen_users: dict[str, MappedUser] = {}
@@ -1225,6 +1340,16 @@ def _apply_once(
             if q.profile_by_name(conn, profile) is None:
                 problems.append(
                     Problem("--profile", f"must name an existing profile ({profile!r} does not)")
+                )
+            if plan.users and not q.has_users(conn):
+                # Said once here, not as "the first user must be an admin" on every user.
+                problems.append(
+                    Problem(
+                        "import",
+                        "the store has no user yet and its first user must be an admin, "
+                        "while imported users are of role user: add the admin first "
+                        "(provisioner user add NAME --role admin ...)",
+                    )
                 )
             if problems:
                 raise InvalidInput(problems)

@@ -269,6 +269,11 @@ def replace_attributes(conn: Connection, user_id: int, attributes: Mapping[str, 
         )
 
 
+def has_users(conn: Connection) -> bool:
+    """True when the store holds any user (deleted ones too): its first must be an admin."""
+    return conn.execute(select(users.c.id).limit(1)).first() is not None
+
+
 def first_admin_id(conn: Connection) -> int | None:
     """The first admin's id: the lowest of an admin (ids need not start at 1), or None.
 
