@@ -94,6 +94,7 @@ def _plain_join(
     joined: str | None = None,
     start: int = 0,
     data: bytes | None = None,
+    ids: Sequence[str] | None = None,
 ) -> str | None:
     """The texts joined (``joined``, when given, is that join after ``start`` characters
     of something else, a header, left unchecked; ``data``, when given, is ``joined``
@@ -109,11 +110,13 @@ def _plain_join(
     character anywhere; no value starting with a blank or ``>`` or ending with a blank;
     no line long enough to reach Asterisk's limit.  The checks read ``joined`` and ``data``
     in place (from ``start`` on): no copy of a large file's text is made for them.
+    ``ids``, when given, is :func:`section_ids` of ``users`` (made once for this and
+    the caller's own use).
     """
     if not users:
         return "" if joined is None else joined
-    ids = _LINES(chain.from_iterable(map(_IDS, users)))
-    if not _PLAIN_IDS.fullmatch(ids):
+    every_id = _LINES(chain.from_iterable(map(_IDS, users)) if ids is None else ids)
+    if not _PLAIN_IDS.fullmatch(every_id):
         return None
     options = list(chain.from_iterable(map(_OPTIONS, users)))
     try:
@@ -144,6 +147,11 @@ def _plain_join(
     ):
         return None
     return text
+
+
+def section_ids(users: Sequence[UserObjects]) -> list[str]:
+    """The ids of every user's sections in file order: endpoint, auth and AOR of each."""
+    return list(chain.from_iterable(map(_IDS, users)))
 
 
 def _all_plain(users: Sequence[UserObjects], texts: Sequence[str]) -> bool:
