@@ -1814,6 +1814,17 @@ def test_the_fast_path_leaves_odd_text_to_the_parser(
     assert canonical_chunk(user) is None
 
 
+@pytest.mark.parametrize("value", ["a b", "x y z", '"A B" <1001>', "a=b c", "a >b"])
+def test_the_fast_path_takes_blanks_inside_a_value(value: str) -> None:
+    """A value with blanks (or a '>') inside, not at its edges, is canonical and parses back
+    exactly, also where the boiled-down bytes the checks read first put such a blank right
+    after the option's '=' (a value "a b")."""
+    user = UserObjects("u", "1001", (("a", value),), "1001-auth", (("b", "x"),), "1001", ())
+    chunk = canonical_chunk(user)
+    assert chunk is not None
+    check_rendered((HEADER + chunk).encode("utf-8"), [user])
+
+
 #: A real user with one id, option name or value replaced (:func:`_with_one_piece`).
 ONE_PIECE = {
     "base": st.sampled_from(REPRESENTATIVE),

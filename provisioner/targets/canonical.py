@@ -50,6 +50,13 @@ _PLAIN_BUT_LF = bytes(b for b in range(128) if b != 0x0A and not _ODD_CHAR.match
 #: value).  Each pattern starts with one literal character, rare in such files, that the
 #: regex engine finds by a quick scan: one pass each, where ``in`` took ~3x as long.
 _ODD_EDGES = (re.compile(r" (?:(?=\n)|(?<== ))"), re.compile(r">(?<==>)"))
+#: The bytes of those patterns, and '"' (which opens a caller ID's name, so its blanks do
+#: not follow the option's '=' once the letters between are gone): kept, with LF and the
+#: odd bytes, when an ASCII text is boiled down for its checks (see :func:`_plain_join`).
+_MARKS = b' =>"'
+_PLAIN_BUT_MARKS = bytes(b for b in _PLAIN_BUT_LF if b not in _MARKS)
+#: :data:`_ODD_EDGES` for the boiled-down bytes.
+_ODD_EDGE_MARKS = (re.compile(rb" (?:(?=\n)|(?<== ))"), re.compile(rb">(?<==>)"))
 #: Below this many characters no line can reach Asterisk's 8191-byte limit (4 bytes each).
 _SHORT = 2000
 #: Option names and types already found plain (a few dozen in practice; bounded).
@@ -94,6 +101,7 @@ def _plain_join(
     joined: str | None = None,
     start: int = 0,
     data: bytes | None = None,
+    ids: Sequence[str] | None = None,
 ) -> str | None:
     """The texts joined (``joined``, when given, is that join after ``start`` characters
     of something else, a header, left unchecked; ``data``, when given, is ``joined``
@@ -109,11 +117,13 @@ def _plain_join(
     character anywhere; no value starting with a blank or ``>`` or ending with a blank;
     no line long enough to reach Asterisk's limit.  The checks read ``joined`` and ``data``
     in place (from ``start`` on): no copy of a large file's text is made for them.
+    ``ids``, when given, is :func:`section_ids` of ``users`` (made once for this and
+    the caller's own use).
     """
     if not users:
         return "" if joined is None else joined
-    ids = _LINES(chain.from_iterable(map(_IDS, users)))
-    if not _PLAIN_IDS.fullmatch(ids):
+    every_id = _LINES(chain.from_iterable(map(_IDS, users)) if ids is None else ids)
+    if not _PLAIN_IDS.fullmatch(every_id):
         return None
     options = list(chain.from_iterable(map(_OPTIONS, users)))
     try:
@@ -125,25 +135,42 @@ def _plain_join(
         return None
     text = "".join(texts) if joined is None else joined
     lines = 9 * len(users) + sum(map(len, options))
-    # A match starts with its literal character, at ``start`` or later: in the texts.
-    if any(edge.search(text, start) for edge in _ODD_EDGES):
-        return None
     if text.isascii():
-        # bytes.translate deleting every plain byte but LF (fast, in C) keeps the LFs and
-        # the odd bytes in order: the texts hold no odd byte and one LF a line exactly
-        # when the whole keeps what precedes them and then ``lines`` LFs (one pass for
-        # both: counting the LFs apart took as long as this).
+        # bytes.translate deleting every plain byte but LF and the marks (fast, in C)
+        # keeps the LFs, the marks and the odd bytes in order, a tenth of the text: the
+        # texts hold no odd byte and one LF a line exactly when their part of it is
+        # ``lines`` LFs once the marks are gone too (one pass for both: counting the LFs
+        # apart took as long as this).
         raw = text.encode("ascii") if data is None else data
-        kept = raw.translate(None, _PLAIN_BUT_LF)
-        if kept != raw[:start].translate(None, _PLAIN_BUT_LF) + b"\n" * lines:
+        marks = raw.translate(None, _PLAIN_BUT_MARKS)
+        head = len(raw[:start].translate(None, _PLAIN_BUT_MARKS)) if start else 0
+        if marks[head:].translate(None, _MARKS) != b"\n" * lines:
             return None
-    elif text.count("\n", start) != lines or _ODD_CHAR.search(text, start):
+        # Two bytes next to each other in the text are next to each other in ``marks``
+        # when both are kept: a text with an odd edge has one there too.  The converse
+        # fails only for a blank after an '=' with a letter between (a value "a b"): the
+        # text itself is searched then.
+        if any(edge.search(marks, head) for edge in _ODD_EDGE_MARKS) and any(
+            edge.search(text, start) for edge in _ODD_EDGES
+        ):
+            return None
+    elif (
+        text.count("\n", start) != lines
+        or _ODD_CHAR.search(text, start)
+        # A match starts with its literal character, at ``start`` or later: in the texts.
+        or any(edge.search(text, start) for edge in _ODD_EDGES)
+    ):
         return None
     if max(map(len, texts)) >= _SHORT and any(
         max(map(len, t.split("\n"))) * 4 >= LINE_MAX_BYTES for t in texts if len(t) >= _SHORT
     ):
         return None
     return text
+
+
+def section_ids(users: Sequence[UserObjects]) -> list[str]:
+    """The ids of every user's sections in file order: endpoint, auth and AOR of each."""
+    return list(chain.from_iterable(map(_IDS, users)))
 
 
 def _all_plain(users: Sequence[UserObjects], texts: Sequence[str]) -> bool:

@@ -65,6 +65,7 @@ from .canonical import (
     _chunk_text,
     _plain_join,
     canonical_chunk,
+    section_ids,
 )
 from .files import (
     FILE_MODE,
@@ -238,6 +239,21 @@ _AUTH_SUFFIX = auth_id("")
 
 #: A line that is an ``#include`` or ``#tryinclude`` directive.
 _INCLUDE = re.compile(rb"^[ \t]*#[ \t]*(?:try)?include", re.MULTILINE)
+
+
+def _named_of(ids: list[str]) -> list[str] | None:
+    """:meth:`_State.named_ids` of users whose section ids (:func:`.canonical.section_ids`)
+    are ``ids``, each one plain (so none holds a LF and equal joins mean equal ids): the
+    one list the canonical checks read, read three ways."""
+    if not ids:
+        return []
+    endpoints = ids[0::3]
+    fits = (
+        ids[2::3] == endpoints
+        and len(set(endpoints)) == len(endpoints)
+        and _LINES(ids[1::3]) == f"{_AUTH_SUFFIX}\n".join(endpoints) + _AUTH_SUFFIX
+    )
+    return endpoints if fits else None
 
 
 @dataclass
@@ -618,14 +634,17 @@ class ConfigFileTarget:
             change = compare(current, desired)
         return PendingWrite(change, state, write=old != state.data, backup=old is not None)
 
-    def _counted(self, old: bytes | None, state: _State) -> Change:
-        """The change from a file holding ``old`` (None: no file) to one holding ``state``."""
+    def _counted(
+        self, old: bytes | None, state: _State, ids: Sequence[str] | None = None
+    ) -> Change:
+        """The change from a file holding ``old`` (None: no file) to one holding ``state``
+        (``ids``: its users' :func:`.canonical.section_ids`, when made already)."""
         if old == state.data and state.distinct:
             # The file holds the verified bytes, three distinct objects per user:
             # nothing is added, updated or removed (what compare finds, quicker).
             return Change(unchanged=len(state.users))
         if old is None:
-            return all_added(state.users, distinct=state.distinct)
+            return all_added(state.users, distinct=state.distinct, ids=ids)
         return compare(self._current(old, state, self._state), state.users)
 
     def _prepare_staged(self, users: list[UserObjects]) -> PendingWrite:
@@ -651,15 +670,19 @@ class ConfigFileTarget:
         if old != data:
             staged = stage(self.path, data, new_owner_of=self.new_owner_of)
         try:
-            plain = _plain_join(users, texts, text, len(header), data) is not None
+            # Every section id, made once for the checks, the ids' names and the count.
+            ids = section_ids(users)
+            plain = _plain_join(users, texts, text, len(header), data, ids) is not None
             if not (plain and self._templates.plain_header(header)):
                 if staged is not None:
                     staged.discard()
                     staged = None
                 return self._prepare(users, (), count=True)
-            state = self._verified = _State(data, users, texts, header, len(text))
+            state = self._verified = _State(
+                data, users, texts, header, len(text), _named=_named_of(ids), _named_known=True
+            )
             self._cache = None
-            change = self._counted(old, state)
+            change = self._counted(old, state, ids)
         except BaseException:
             if staged is not None:
                 staged.discard()

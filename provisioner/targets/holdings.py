@@ -279,13 +279,22 @@ def renamed(current: Current, user: UserObjects) -> bool:
     return before is not None and dict(before).get("username") != user.username
 
 
-def all_added(users: Sequence[UserObjects], *, distinct: bool = False) -> Change:
+def all_added(
+    users: Sequence[UserObjects], *, distinct: bool = False, ids: Sequence[str] | None = None
+) -> Change:
     """What :func:`compare` finds against nothing at all: every user added (``distinct``:
-    no two sections share an id, so none needs dropping from ``changed_objects``)."""
+    no two sections share an id, so none needs dropping from ``changed_objects``).
+    ``ids``: the users' section ids in file order (endpoint, auth, AOR of each), when the
+    caller has them already."""
     # (kind, id) of every section, in file order, made in C.
-    keys = zip(cycle(_KINDS), chain.from_iterable(map(_IDS, users)))
+    if ids is None:
+        keys = zip(cycle(_KINDS), chain.from_iterable(map(_IDS, users)))
+        added = tuple(map(_EID, users))
+    else:
+        keys = zip(cycle(_KINDS), ids)
+        added = tuple(ids[0 :: len(_KINDS)])
     return Change(
-        added=tuple(map(_EID, users)),
+        added=added,
         changed_objects=tuple(keys) if distinct else tuple(dict.fromkeys(keys)),
     )
 

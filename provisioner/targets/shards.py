@@ -194,8 +194,11 @@ def drop_stale_backup(main: Path, removed: Sequence[Path]) -> bool:
     :func:`retire_shards`): restored by hand, it would name a missing file, and Asterisk
     drops its whole configuration for one missing include.  Logged as
     ``target.backup_dropped``; a failure is logged, not raised (as a leftover shard)."""
-    backup = backup_of(main)
     names = {path.name.encode() for path in removed if not path.name.endswith(".bak")}
+    if not names:
+        # Nothing removed (every full apply of a one-file layout): no backup to read.
+        return False
+    backup = backup_of(main)
     try:
         with backup.open("rb") as handle:
             head = handle.read(BACKUP_HEAD)
