@@ -102,7 +102,7 @@ def test_every_upper_bound_readme_states_is_the_config_bound() -> None:
         elif pending:
             stated.update(dict.fromkeys(pending, int(number.replace(",", "")) * _UNITS[unit]))
             pending = []
-    assert len(stated) == 19
+    assert len(stated) == 25
     assert not pending
     wrong = {
         key: (value, _upper_bound(*key.split(".")))
