@@ -629,9 +629,10 @@ class AmiPbx:
     stuck_after: float = 0.0
     #: The files a config-file reload loads (:func:`~provisioner.ami.loaded.config_files`).
     files: tuple[Path, ...] = ()
-    #: While :meth:`run` runs: its task group and stop (where a SIGHUP's servers start).
+    #: While :meth:`run` runs: its task group (where a SIGHUP's servers start).
     _group: asyncio.TaskGroup | None = field(default=None, repr=False)
-    _stop: asyncio.Event | None = field(default=None, repr=False)
+    #: :meth:`run`'s stop was set: a link started from now on starts halted.
+    _halting: bool = field(default=False, repr=False)
     #: :meth:`_swap` tasks under way (held: the loop keeps only weak references).
     _swaps: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
 
@@ -690,7 +691,10 @@ class AmiPbx:
             else:
                 log.info("registration.servers_forgotten", rows=rows, servers=names)
         for link in fresh:
-            if self._stop is not None and not self._stop.is_set() and link in self.links:
+            if link in self.links:
+                # Started even when the daemon stops meanwhile (its halt then set by
+                # _halt_all): changes handed to it are noted owed at its stop, as any
+                # other link's, and told_all counts it.
                 self._start(link)
 
     def follow_target(self, config: Config) -> None:
@@ -706,7 +710,7 @@ class AmiPbx:
         """Keep every link up, ingest its events and apply its changes until ``stop``
         (links taken out or put in meanwhile by :meth:`follow_servers` included)."""
         async with asyncio.TaskGroup() as tg:
-            self._group, self._stop = tg, stop
+            self._group = tg
             for link in self.links:
                 self._start(link)
             tg.create_task(self._halt_all(stop))
@@ -716,6 +720,7 @@ class AmiPbx:
         """Once ``stop`` is set, stop every link (each runs on its own halt event, so that
         :meth:`follow_servers` can stop one alone)."""
         await stop.wait()
+        self._halting = True
         for link in self.links:
             link.halt.set()
 
@@ -724,6 +729,8 @@ class AmiPbx:
         :attr:`Link.halt` is set."""
         assert self._group is not None
         tg, halt = self._group, link.halt
+        if self._halting:
+            halt.set()
         self._subscribe(link)
         link.reloads.on_send = partial(self._sending, link)
         runs = [link.client.run(halt)]
