@@ -16,7 +16,7 @@ from provisioner.store.engine import open_engine
 from provisioner.store.schema import registration_summary
 
 from .amipeer import FakeAsterisk, in_a_thread
-from .faultkit import Daemon, pbx_entry_lines, seed_store, until, write_config
+from .faultkit import Daemon, agent_args, cli, pbx_entry_lines, seed_store, until, write_config
 from .privatecluster import free_port
 
 
@@ -132,3 +132,34 @@ def test_sighup_moving_a_server_to_another_host_reconnects_it_there(
         assert daemon.logged("registration.servers_forgotten")[-1]["servers"] == ["pbx"]
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_down_silent_or_refusing_server_never_delays_the_others(tmp_path: Path) -> None:
+    """With four servers, one down, one that never answers (not even the login) and one
+    refusing the login, an edit's reload reaches the healthy one at once; the refusing
+    one is tried again only after the long backoff, and the down one gets its own
+    pending reload when it comes up."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    seed_store(url, 1).dispose()
+    silent, refusing, late = FakeAsterisk(), FakeAsterisk(), FakeAsterisk()
+    silent.silent = True
+    refusing.secret, refusing.login_delay = "not-ours", 1.0  # as Asterisk refuses
+    late.port = free_port()
+    with in_a_thread(FakeAsterisk()) as good, in_a_thread(silent), in_a_thread(refusing):
+        servers = [("good", good.port), ("silent", silent.port)]
+        servers += [("refusing", refusing.port), ("down", late.port)]
+        conf = _config(tmp_path, url, servers, free_port())
+        daemon = Daemon(conf, tmp_path / "daemon.log").start()
+        try:
+            until(lambda: good.logins_ok >= 2, 20, "good's two sessions logged in")
+            before = len(good.actions("Reload"))
+            cli(conf, *agent_args("alice"))
+            took = until(lambda: len(good.actions("Reload")) > before, 10, "good reloaded")
+            assert took < 1.5, f"the healthy server's reload waited {took:.2f} s"
+            assert refusing.logins_failed <= 2  # main and reload session, once each
+            with in_a_thread(late):
+                until(lambda: bool(late.actions("Reload")), 20, "the late one's own reload")
+            assert refusing.logins_failed <= 2
+            assert len(daemon.logged("ami.login_failed")) <= 2
+        finally:
+            assert daemon.stop() == 0
