@@ -163,3 +163,29 @@ def test_a_down_silent_or_refusing_server_never_delays_the_others(tmp_path: Path
             assert len(daemon.logged("ami.login_failed")) <= 2
         finally:
             assert daemon.stop() == 0
+
+
+def test_two_quick_sighups_moving_a_server_end_on_the_last_host_alone(
+    tmp_path: Path, peers: tuple[FakeAsterisk, FakeAsterisk, FakeAsterisk]
+) -> None:
+    """Two SIGHUPs in a row that move one server from a first host to a second, then a
+    third, leave it connected to the third only, the first two let go."""
+    first, second, third = peers
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    seed_store(url, 1).dispose()
+    metrics = free_port()
+    conf = _config(tmp_path, url, [("pbx", first.port)], metrics)
+    daemon = Daemon(conf, tmp_path / "daemon.log").start()
+    try:
+        until(lambda: first.logins_ok >= 2, 20, "connected to the first")
+        assert daemon.proc is not None
+        _config(tmp_path, url, [("pbx", second.port)], metrics)
+        daemon.proc.send_signal(signal.SIGHUP)
+        until(lambda: len(daemon.logged("config.reloaded")) >= 1, 10, "first SIGHUP read")
+        _config(tmp_path, url, [("pbx", third.port)], metrics)
+        daemon.proc.send_signal(signal.SIGHUP)
+        until(lambda: third.logins_ok >= 2, 20, "connected to the third")
+        until(lambda: not first._writers and not second._writers, 10, "others let go")
+        until(lambda: _connected(daemon) == {"pbx": True}, 10, "health says connected")
+    finally:
+        assert daemon.stop() == 0

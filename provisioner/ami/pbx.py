@@ -635,6 +635,7 @@ class AmiPbx:
     _halting: bool = field(default=False, repr=False)
     #: :meth:`_swap` tasks under way (held: the loop keeps only weak references).
     _swaps: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
+    _swapping: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     @classmethod
     def from_config(cls, config: Config, engine: Engine) -> AmiPbx:
@@ -675,7 +676,13 @@ class AmiPbx:
 
     async def _swap(self, gone: list[Link], fresh: list[Link]) -> None:
         """End ``gone``'s tasks, forget their registration state, then start ``fresh``
-        (a server of the same name starts only once the old one's writes have ended)."""
+        (a server of the same name starts only once the old one's writes have ended).
+        One swap at a time: a second SIGHUP's waits for the first's links to end, so two
+        links of one name never run at once."""
+        async with self._swapping:
+            await self._swap_now(gone, fresh)
+
+    async def _swap_now(self, gone: list[Link], fresh: list[Link]) -> None:
         for link in gone:
             await asyncio.gather(*link.tasks)
         # A changed entry's state too: it was the old Asterisk's, until the new snapshot.
