@@ -290,7 +290,8 @@ def _left_behind(old: Config, new: Config, store_url: str) -> list[str]:
     return [p for p in paths if os.path.lexists(p) and os.path.realpath(p) not in kept]
 
 
-#: Sections a SIGHUP cannot apply: the store's engine and the AMI sessions are built once.
+#: Sections a SIGHUP cannot apply: the store's engine and the AMI settings are taken once
+#: (``[[asterisk]]`` servers are followed: :meth:`Pbx.follow_servers`).
 RESTART_SECTIONS = ("store", "ami")
 #: Single keys only a restart applies: the wake-up sources and the metrics server are
 #: built once, at the start.

@@ -10,8 +10,8 @@ another service on the port).  A streak of refused logins is logged as
 ``ami.login_failed`` once, at its first (the later ones at debug level, as
 ``ami.login_failed_again``); the login that ends it says how many there were
 (``ami.connected`` with ``after_login_failures``).  The login is sent only after the
-greeting, so the secret never goes to such a peer.  A line, a message or a header count past its
-bound (:class:`~provisioner.ami.actions.FrameDecoder`) is a protocol error: the
+greeting, so the secret never goes to such a peer.  A line, a message or a header count
+past its bound (:class:`~provisioner.ami.actions.FrameDecoder`) is a protocol error: the
 connection is dropped (``ami.protocol_error`` names the bound, never the bytes) and
 made again after the usual backoff; the actions in flight fail as on any drop.  A
 list action's answer (``PJSIPShowContacts``), kept whole until its end, is bounded

@@ -653,6 +653,8 @@ class AmiPbx:
         named, or changed, is then started as at the daemon's start: connected, owed what
         its notes say, snapshotted.  The other servers are not touched.  Logs
         ``ami.servers_changed`` (``removed``, ``added``: names)."""
+        if self._halting:
+            return  # stopping: a server started now would only be stopped again
         wanted = {server.name: server for server in config.asterisk}
         gone = [link for link in self.links if wanted.get(link.name) != link.client.server]
         held = {link.name for link in self.links if link not in gone}
