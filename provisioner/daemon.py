@@ -18,6 +18,7 @@ A store outage is logged and retried; it never stops the daemon.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import math
 import os
@@ -165,6 +166,11 @@ class Pbx(Protocol):
         """A SIGHUP built the target anew from ``config``: reloads load its files now."""
         ...
 
+    def follow_servers(self, config: Config) -> None:
+        """A SIGHUP re-read ``[[asterisk]]``: let go of the servers taken out or changed,
+        start those put in; never blocks."""
+        ...
+
     def caches_unsure(self) -> None:
         """Another writer may have left realtime rows whose cache expiries were never
         sent: empty every server's caches (see :mod:`provisioner.store.untold`)."""
@@ -285,8 +291,9 @@ def _left_behind(old: Config, new: Config, store_url: str) -> list[str]:
     return [p for p in paths if os.path.lexists(p) and os.path.realpath(p) not in kept]
 
 
-#: Sections a SIGHUP cannot apply: the store's engine and the AMI sessions are built once.
-RESTART_SECTIONS = ("store", "ami", "asterisk")
+#: Sections a SIGHUP cannot apply: the store's engine and the AMI settings are taken once
+#: (``[[asterisk]]`` servers are followed: :meth:`Pbx.follow_servers`).
+RESTART_SECTIONS = ("store", "ami")
 #: Single keys only a restart applies: the wake-up sources and the metrics server are
 #: built once, at the start.
 RESTART_KEYS = (
@@ -1250,6 +1257,10 @@ class Daemon:
             log.error("config.reload_failed", error=_describe(exc))
             return
         fixed = _needs_restart(config, self.config)
+        if self.pbx is None and config.asterisk != self.config.asterisk:
+            # Started without any server: nothing runs the AMI side to take one up.
+            fixed.append("asterisk")
+            config = config.model_copy(update={"asterisk": self.config.asterisk})
         if fixed:
             # The AMI sessions and the store's engine live as long as the process: say so
             # rather than run on with settings that are not the file's.
@@ -1293,6 +1304,8 @@ class Daemon:
         self.applier.max_removal_fraction = config.daemon.max_removal_fraction
         if self.pbx is not None:
             self.pbx.stuck_after = config.daemon.stuck_after
+            # With the [ami] settings in effect (a new [ami] waits for a restart).
+            self.pbx.follow_servers(config)
         _reread_templates(self.applier.target)
         self.templates_changed.set()
         log.info("config.reloaded", file=config.source)  # ``source`` is the logger's name
@@ -1424,6 +1437,12 @@ class Daemon:
     def _export_ami(self, servers: dict[str, dict[str, Any]]) -> None:
         """Turn the AMI links' running totals into Prometheus counters and gauges."""
         m = self.metrics
+        for name in {name for name, _ in self._exported} - servers.keys():
+            # A server a SIGHUP took out: its gauges would say its last figures for good.
+            for gauge in (m.reconnects, m.online, m.live, m.owed, m.not_live):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(name)
+            self._exported = {k: v for k, v in self._exported.items() if k[0] != name}
         for name, h in servers.items():
             m.reconnects.labels(server=name).set(h["reconnects"])
             # NaN while the server is not read: its last count is no count of now.
@@ -1434,7 +1453,10 @@ class Daemon:
             m.not_live.labels(server=name).set(h["rejected"])
             totals = {"events": h["events"], **{f"reload:{k}": v for k, v in h["reloads"].items()}}
             for key, total in totals.items():
-                delta = total - self._exported.get((name, key), 0)
+                # Less than exported: the server's link was made anew (a SIGHUP changed
+                # its entry) and counts from 0 again.
+                previous = self._exported.get((name, key), 0)
+                delta = total - (previous if previous <= total else 0)
                 self._exported[(name, key)] = total
                 if delta <= 0:
                     continue

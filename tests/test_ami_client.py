@@ -75,13 +75,44 @@ def test_login_failure_backs_off() -> None:
                 # before the client has read and logged it.
                 await eventually(lambda: client.health().login_failures == 2, timeout=2)
         failed = [e for e in logs if e["event"] == "ami.login_failed"]
-        assert len(failed) >= 2
-        assert all(e["retry_in_s"] >= 0.5 for e in failed)
+        assert len(failed) == 1  # once per streak (test_login_failed_logged_once_per_streak)
+        assert failed[0]["retry_in_s"] >= 0.5
         assert "wrong" not in repr(logs)
         health = client.health()
         assert not health.connected
         assert health.login_failures >= 2
         assert health.last_error == "Authentication failed"
+        await peer.stop()
+
+    run(scenario())
+
+
+def test_login_failed_logged_once_per_streak() -> None:
+    """A run of refused logins logs ami.login_failed once; a login that succeeds ends the
+    streak (ami.connected says how many failed), and the next refusal is logged anew."""
+
+    async def scenario() -> None:
+        peer = await _peer()
+        client = AmiClient(
+            server_for(peer, secret="wrong"), fast_settings(login_failure_backoff=0.05)
+        )
+        with capture_logs() as logs:
+            async with running(client):
+                await eventually(lambda: client.health().login_failures >= 4)
+                failed = [e for e in logs if e["event"] == "ami.login_failed"]
+                assert len(failed) == 1, failed
+                again = [e for e in logs if e["event"] == "ami.login_failed_again"]
+                assert again
+                assert again[-1]["log_level"] == "debug"
+                peer.secret = "wrong"  # the operator fixes the secret on Asterisk's side
+                await eventually(lambda: client.connected)
+                connected = [e for e in logs if e["event"] == "ami.connected"]
+                assert connected[-1]["after_login_failures"] >= 4
+                peer.secret = "rotated"  # then it changes again: a new streak
+                peer.drop_all()
+                await eventually(lambda: sum(e["event"] == "ami.login_failed" for e in logs) == 2)
+        assert "wrong" not in repr(logs)
+        assert "rotated" not in repr(logs)
         await peer.stop()
 
     run(scenario())

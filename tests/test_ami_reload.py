@@ -165,6 +165,36 @@ def test_a_timed_out_reload_spaces_the_next_by_the_min_gap_not_by_its_timeout() 
     assert waited < 2.0, f"the next reload waited {waited:.1f} s"
 
 
+def test_a_reload_cut_by_asterisk_going_away_is_redone_once_it_is_back_not_after_a_gap() -> None:
+    """A reload cut when Asterisk goes away mid-reload (a restart after it had run for a
+    while) is sent again as soon as the server is back: the gap after it is reload_min_gap,
+    not reload_gap_factor times the time it ran before the cut (at the defaults and 95 s
+    into a 50k-endpoint reload, over 3 minutes after the server was back)."""
+
+    async def scenario() -> tuple[str, float]:
+        settings = {"reload_min_gap": 0.05, "reload_gap_factor": 20.0}
+        peer, client, reloads = await _setup(**settings)
+        peer.reload_delay = 5.0  # cut well before it answers
+        loop = asyncio.get_running_loop()
+        async with running(client, reloads):
+            await eventually(lambda: client.connected)
+            future = reloads.request()
+            await eventually(lambda: len(peer.actions("Reload")) == 1)
+            await asyncio.sleep(0.4)  # the reload runs a while (x20: an 8 s gap)
+            peer.reload_delay = 0.0
+            await peer.send_shutdown()  # Asterisk stops; the client reconnects at once
+            back = loop.time()
+            await eventually(lambda: client.connected and client.sessions == 2)
+            outcome = await asyncio.wait_for(future, timeout=10)
+            waited = loop.time() - back
+        await peer.stop()
+        return outcome.result, waited
+
+    result, waited = run(scenario())
+    assert result == "ok"
+    assert waited < 2.0, f"the redone reload waited {waited:.1f} s after the server was back"
+
+
 def test_pending_reload_waits_for_a_down_server() -> None:
     """A reload requested while the server is down is sent once it comes back."""
 

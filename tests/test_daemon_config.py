@@ -32,8 +32,8 @@ def test_cursor_grace_comes_from_the_config(tmp_path: Path) -> None:
 
 
 def test_restart_needed_names_the_sections_a_sighup_cannot_apply(tmp_path: Path) -> None:
-    """A new store, [ami] or [[asterisk]] is reported as needing a restart; other
-    sections are not."""
+    """A new store or [ami] is reported as needing a restart; other sections are not
+    ([[asterisk]] servers are taken up and let go of by the SIGHUP itself)."""
     base = {
         "store": {"url": f"sqlite:///{tmp_path / 'store.db'}"},
         "target": {"path": str(tmp_path / "pjsip_users.conf")},
@@ -420,6 +420,31 @@ def test_a_restart_is_asked_for_at_each_sighup_until_one_applies_it(tmp_path: Pa
         assert daemon.config.ami == config.ami
         assert daemon.config.daemon.metrics_port == config.daemon.metrics_port
         assert daemon.config.daemon.quiet == 0.1  # read by the loop each time: taken
+    finally:
+        daemon.engine.dispose()
+
+
+def test_asterisk_added_by_sighup_to_a_daemon_started_without_any_needs_a_restart(
+    tmp_path: Path,
+) -> None:
+    """A daemon started with no [[asterisk]] runs no AMI side, so a SIGHUP adding a server
+    says a restart is needed and keeps none; with servers at the start it would not."""
+    path = tmp_path / "provisioner.toml"
+    first = (
+        f"[store]\nurl = 'sqlite:///{tmp_path / 'store.db'}'\n"
+        f"[target]\npath = '{tmp_path / 'pjsip_users.conf'}'\n"
+    )
+    path.write_text(first, encoding="utf-8")
+    daemon = Daemon.from_config(load_config(path, env={}), config_path=str(path))
+    try:
+        entry = "[[asterisk]]\nname = 'pbx1'\nhost = 'h'\nusername = 'u'\nsecret = 's'\n"
+        path.write_text(first + entry, encoding="utf-8")
+        with capture_logs() as logs:
+            asyncio.run(daemon._reload_config())
+        said = [e["settings"] for e in logs if e["event"] == "config.restart_needed"]
+        assert said == [["asterisk"]]
+        assert not daemon.config.asterisk
+        assert daemon.pbx is None
     finally:
         daemon.engine.dispose()
 

@@ -6,8 +6,12 @@ import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
+
+from prometheus_client import generate_latest
 
 from .faultkit import Daemon, seed_store, store_url, until, write_config
+from .helpers import local_daemon
 
 
 def _scrape(port: int) -> str:
@@ -46,3 +50,39 @@ def test_a_metrics_port_in_use_is_logged_and_retried(tmp_path: Path) -> None:
         squatter.close()
         daemon.kill()
     assert "Traceback" not in (tmp_path / "daemon.log").read_text()
+
+
+def _server_health(events: int, ok_reloads: int) -> dict[str, Any]:
+    """One server's figures as AmiPbx.health gives them (only what the export reads)."""
+    return {
+        "reconnects": 0,
+        "online": 1,
+        "live": True,
+        "owed": 0,
+        "rejected": 0,
+        "events": events,
+        "reloads": {"ok": ok_reloads},
+    }
+
+
+def test_a_server_made_anew_keeps_counting_and_a_removed_one_drops_its_gauges(
+    tmp_path: Path,
+) -> None:
+    """A server whose link a SIGHUP made anew (its totals back to 0) adds its new counts to
+    the counters instead of none until it passes the old totals; a server taken out no
+    longer has gauges (its phones are not counted online), its counters stay."""
+    daemon = local_daemon(tmp_path)
+    try:
+        daemon._export_ami({"pbx": _server_health(10, 2), "other": _server_health(1, 1)})
+        daemon._export_ami({"pbx": _server_health(3, 1), "other": _server_health(1, 1)})
+        text = generate_latest(daemon.metrics.registry).decode()
+        assert 'provisioner_registration_events_total{server="pbx"} 13.0' in text
+        assert 'provisioner_reloads_total{result="ok",server="pbx"} 3.0' in text
+        daemon._export_ami({"pbx": _server_health(3, 1)})
+        text = generate_latest(daemon.metrics.registry).decode()
+        assert 'provisioner_contacts_online{server="other"}' not in text
+        assert 'provisioner_registrations_live{server="other"}' not in text
+        assert 'provisioner_contacts_online{server="pbx"} 1.0' in text
+        assert 'provisioner_registration_events_total{server="other"} 1.0' in text
+    finally:
+        daemon.engine.dispose()

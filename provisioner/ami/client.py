@@ -6,9 +6,12 @@ every ``ping_interval`` and reconnect after any loss with capped exponential
 backoff and jitter, until the ``stop`` event is set.  A refused login waits
 ``login_failure_backoff`` (a wrong secret does not fix itself), never a tight loop,
 and so does a peer that is not Asterisk (no ``Asterisk Call Manager/`` greeting:
-another service on the port).  The login is sent only after the greeting, so the
-secret never goes to such a peer.  A line, a message or a header count past its
-bound (:class:`~provisioner.ami.actions.FrameDecoder`) is a protocol error: the
+another service on the port).  A streak of refused logins is logged as
+``ami.login_failed`` once, at its first (the later ones at debug level, as
+``ami.login_failed_again``); the login that ends it says how many there were
+(``ami.connected`` with ``after_login_failures``).  The login is sent only after the
+greeting, so the secret never goes to such a peer.  A line, a message or a header count
+past its bound (:class:`~provisioner.ami.actions.FrameDecoder`) is a protocol error: the
 connection is dropped (``ami.protocol_error`` names the bound, never the bytes) and
 made again after the usual backoff; the actions in flight fail as on any drop.  A
 list action's answer (``PJSIPShowContacts``), kept whole until its end, is bounded
@@ -197,6 +200,9 @@ class AmiClient:
         self._last_error: str | None = None
         self._sessions = 0
         self._login_failures = 0
+        #: Refused logins since the last accepted one (``ami.login_failed`` is logged at
+        #: the first only; ``ami.connected`` says how many there were).
+        self._failed_streak = 0
         self._connected_since: float | None = None
         self._events = 0
         self._high_water = 0
@@ -338,11 +344,16 @@ class AmiClient:
             session = await self._open_unless(stop)
         except AmiLoginFailed as exc:
             self._login_failures += 1
+            self._failed_streak += 1
             self._last_error = exc.reason
             delay = self._long_backoff()
-            self._log.error(
-                "ami.login_failed",
+            # Once per streak: a wrong secret stays wrong for hours, and an alert on the
+            # event (README "Logs") must fire once, not every login_failure_backoff.
+            say = self._log.error if self._failed_streak == 1 else self._log.debug
+            say(
+                "ami.login_failed" if self._failed_streak == 1 else "ami.login_failed_again",
                 username=self.server.username,
+                failures=self._failed_streak,
                 retry_in_s=round(delay, 3),
             )
             return delay, attempt + 1
@@ -498,7 +509,9 @@ class AmiClient:
             port=self.server.port,
             banner=session.decoder.banner,
             reconnects=max(0, self._sessions - 1),
+            after_login_failures=self._failed_streak,
         )
+        self._failed_streak = 0
         for callback in self._on_connected:
             try:
                 callback()

@@ -38,7 +38,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from ..accounts import utcnow
 from ..aio import doubling, sleep_unless, wait_first
-from ..config import Config
+from ..config import AmiSettings, AsteriskServer, Config
 from ..errors import ProvisionerError
 from ..logs import get_logger
 from ..store.engine import STORE_DOWN, reading, transaction
@@ -49,6 +49,7 @@ from ..store.registrations import (
     SummaryRow,
     endpoint_writer,
     epoch_text,
+    forget_servers,
     mark_live,
     replace_server_snapshot,
 )
@@ -340,6 +341,11 @@ class Link:
     applying: bool = False
     noting_loaded: bool = False
 
+    #: Set to stop this server's sessions and loops (the daemon's stop, or a SIGHUP
+    #: that took the server out), and those tasks once started.
+    halt: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
     def __post_init__(self) -> None:
         self.store_idle.set()
         self.listing_idle.set()
@@ -596,6 +602,21 @@ class Link:
             self.flush_now.set()
 
 
+def _new_link(server: AsteriskServer, settings: AmiSettings) -> Link:
+    """The link of one ``[[asterisk]]`` entry, not started."""
+    # One estimate of the server's clock, fed by both sessions' Ping answers.
+    clock = AsteriskClock()
+    client = AmiClient(server, settings, clock=clock)
+    # Reloads go on a session of their own, without events: Asterisk runs one
+    # session's actions one after another, and a reload answers only when done
+    # (95 s at 50k endpoints), so on the main session every expiry, query and
+    # event would wait behind it.
+    quiet = server.model_copy(update={"events": "off"})
+    reload_client = AmiClient(quiet, settings, role="reload", clock=clock)
+    reloads = ReloadCoordinator(reload_client, settings)
+    return Link(server.name, client, reloads, PjsipOps(client), server.sorcery_caches)
+
+
 @dataclass
 class AmiPbx:
     """Every configured Asterisk, driven from the daemon."""
@@ -608,27 +629,82 @@ class AmiPbx:
     stuck_after: float = 0.0
     #: The files a config-file reload loads (:func:`~provisioner.ami.loaded.config_files`).
     files: tuple[Path, ...] = ()
+    #: While :meth:`run` runs: its task group (where a SIGHUP's servers start).
+    _group: asyncio.TaskGroup | None = field(default=None, repr=False)
+    #: :meth:`run`'s stop was set: a link started from now on starts halted.
+    _halting: bool = field(default=False, repr=False)
+    #: :meth:`_swap` tasks under way (held: the loop keeps only weak references).
+    _swaps: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
+    _swapping: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     @classmethod
     def from_config(cls, config: Config, engine: Engine) -> AmiPbx:
-        links = []
-        for server in config.asterisk:
-            # One estimate of the server's clock, fed by both sessions' Ping answers.
-            clock = AsteriskClock()
-            client = AmiClient(server, config.ami, clock=clock)
-            # Reloads go on a session of their own, without events: Asterisk runs one
-            # session's actions one after another, and a reload answers only when done
-            # (95 s at 50k endpoints), so on the main session every expiry, query and
-            # event would wait behind it.
-            quiet = server.model_copy(update={"events": "off"})
-            reload_client = AmiClient(quiet, config.ami, role="reload", clock=clock)
-            reloads = ReloadCoordinator(reload_client, config.ami)
-            links.append(
-                Link(server.name, client, reloads, PjsipOps(client), server.sorcery_caches)
-            )
+        links = [_new_link(server, config.ami) for server in config.asterisk]
         pbx = cls(links, engine, stuck_after=config.daemon.stuck_after)
         pbx.follow_target(config)
         return pbx
+
+    def follow_servers(self, config: Config) -> None:
+        """Take ``config``'s ``[[asterisk]]`` entries (a SIGHUP): a server no longer named,
+        or whose entry changed in any way (host, port, user, secret, caches…), is let go,
+        its sessions closed and its registration state forgotten in the store
+        (:func:`~provisioner.store.registrations.forget_servers`), once its tasks have
+        ended (what it still owed is noted for a later run, as at a stop); a server newly
+        named, or changed, is then started as at the daemon's start: connected, owed what
+        its notes say, snapshotted.  The other servers are not touched.  Logs
+        ``ami.servers_changed`` (``removed``, ``added``: names)."""
+        if self._halting:
+            return  # stopping: a server started now would only be stopped again
+        wanted = {server.name: server for server in config.asterisk}
+        gone = [link for link in self.links if wanted.get(link.name) != link.client.server]
+        held = {link.name for link in self.links if link not in gone}
+        added = [server for name, server in wanted.items() if name not in held]
+        if not gone and not added:
+            return
+        fresh = [_new_link(server, config.ami) for server in added]
+        self.links = [link for link in self.links if link not in gone] + fresh
+        log.info(
+            "ami.servers_changed",
+            removed=[link.name for link in gone],
+            added=[link.name for link in fresh],
+        )
+        for link in gone:
+            link.halt.set()
+        if self._group is None:
+            return  # not running yet: run() starts self.links as they are then
+        started = self._group.create_task(self._swap(gone, fresh))
+        self._swaps.add(started)
+        started.add_done_callback(self._swaps.discard)
+
+    async def _swap(self, gone: list[Link], fresh: list[Link]) -> None:
+        """End ``gone``'s tasks, forget their registration state, then start ``fresh``
+        (a server of the same name starts only once the old one's writes have ended).
+        One swap at a time: a second SIGHUP's waits for the first's links to end, so two
+        links of one name never run at once."""
+        async with self._swapping:
+            await self._swap_now(gone, fresh)
+
+    async def _swap_now(self, gone: list[Link], fresh: list[Link]) -> None:
+        for link in gone:
+            await asyncio.gather(*link.tasks)
+        # A changed entry's state too: it was the old Asterisk's, until the new snapshot.
+        names = sorted({link.name for link in gone})
+        if names:
+            try:
+                rows = await in_worker(
+                    transaction, self.engine, partial(forget_servers, names=names)
+                )
+            except STORE_DOWN as exc:
+                # A later start forgets servers no longer configured (forget_other_servers).
+                log.warning("registration.forget_failed", servers=names, error=_store_error(exc))
+            else:
+                log.info("registration.servers_forgotten", rows=rows, servers=names)
+        for link in fresh:
+            if link in self.links:
+                # Started even when the daemon stops meanwhile (its halt then set by
+                # _halt_all): changes handed to it are noted owed at its stop, as any
+                # other link's, and told_all counts it.
+                self._start(link)
 
     def follow_target(self, config: Config) -> None:
         """Take ``config``'s target (at the start, and when a SIGHUP builds it anew): its
@@ -640,22 +716,46 @@ class AmiPbx:
     # -- the daemon's interface ---------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Keep every link up, ingest its events and apply its changes until ``stop``."""
+        """Keep every link up, ingest its events and apply its changes until ``stop``
+        (links taken out or put in meanwhile by :meth:`follow_servers` included)."""
         async with asyncio.TaskGroup() as tg:
+            self._group = tg
             for link in self.links:
-                self._subscribe(link)
-                link.reloads.on_send = partial(self._sending, link)
-                tg.create_task(link.client.run(stop))
-                if link.reloads.client is not link.client:
-                    tg.create_task(link.reloads.client.run(stop))
-                tg.create_task(link.reloads.run(stop))
-                tg.create_task(self._flusher(link, stop))
-                tg.create_task(self._snapshots(link, stop))
-                tg.create_task(self._lookups(link, stop))
-                tg.create_task(self._expiry_checks(link, stop))
-                tg.create_task(self._changes(link, stop))
-                tg.create_task(self._note_loaded(link, stop))
-                tg.create_task(self._liveness(link, stop))
+                self._start(link)
+            tg.create_task(self._halt_all(stop))
+        self._group = None
+
+    async def _halt_all(self, stop: asyncio.Event) -> None:
+        """Once ``stop`` is set, stop every link (each runs on its own halt event, so that
+        :meth:`follow_servers` can stop one alone)."""
+        await stop.wait()
+        self._halting = True
+        for link in self.links:
+            link.halt.set()
+
+    def _start(self, link: Link) -> None:
+        """Start ``link``'s sessions and loops in the running task group, until its
+        :attr:`Link.halt` is set."""
+        assert self._group is not None
+        tg, halt = self._group, link.halt
+        if self._halting:
+            halt.set()
+        self._subscribe(link)
+        link.reloads.on_send = partial(self._sending, link)
+        runs = [link.client.run(halt)]
+        if link.reloads.client is not link.client:
+            runs.append(link.reloads.client.run(halt))
+        runs += [
+            link.reloads.run(halt),
+            self._flusher(link, halt),
+            self._snapshots(link, halt),
+            self._lookups(link, halt),
+            self._expiry_checks(link, halt),
+            self._changes(link, halt),
+            self._note_loaded(link, halt),
+            self._liveness(link, halt),
+        ]
+        link.tasks = [tg.create_task(run) for run in runs]
 
     def applied(self, change: Change, *, target_kind: str) -> None:
         """Hand ``change`` to each server's change loop; first have the store's state of

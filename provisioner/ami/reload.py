@@ -14,7 +14,7 @@ endpoints in the lab), so :class:`ReloadCoordinator` makes sure that, per server
 - between two reloads there is a gap of
   ``max(reload_min_gap, reload_gap_factor * last reload's duration)``, so a slow
   Asterisk gets proportionally more rest (``reload_min_gap`` after a timed-out one,
-  whose duration is unknown);
+  whose duration is unknown, and after one cut by a lost connection);
 - a server that is down keeps its pending reload until it is back; a reload cut
   by a lost connection stays pending too (a reload is idempotent, and Asterisk may
   have restarted), while a timed-out one does not (it started after the requests,
@@ -218,8 +218,12 @@ class ReloadCoordinator:
         anything measured, or stuck: spaced by the factor (1,200 s) the retry of the reload
         it failed (:func:`~provisioner.ami.changes.retry_reload_later`: 5 s, doubling) waited
         20 minutes.  A next one sent while Asterisk still reloads is answered ``A reload is
-        in progress`` at once, and retried on the busy backoff."""
-        if result == "timeout":
+        in progress`` at once, and retried on the busy backoff.  So too after a reload cut
+        by a lost connection (``disconnected``): how long it ran before the cut says
+        nothing of Asterisk's load, and the reload is still owed (kept pending); spaced by
+        the factor, one cut 95 s into a reload by an Asterisk restart was sent again over
+        3 minutes after the server was back, not when it was back."""
+        if result in ("timeout", "disconnected"):
             return self.settings.reload_min_gap
         return max(self.settings.reload_min_gap, self.settings.reload_gap_factor * took)
 

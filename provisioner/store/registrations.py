@@ -77,6 +77,7 @@ __all__ = [
     "endpoint_writer",
     "epoch_text",
     "forget_other_servers",
+    "forget_servers",
     "live_key",
     "live_mark",
     "mark_live",
@@ -899,6 +900,20 @@ def forget_other_servers(conn: Connection, keep: Collection[str]) -> int:
         statement = delete(table)
         if keep:
             statement = statement.where(table.c.server.not_in(sorted(keep)))
+        gone += conn.execute(statement).rowcount or 0
+    return gone
+
+
+def forget_servers(conn: Connection, names: Collection[str]) -> int:
+    """Delete the registration state (contacts and summaries) of the servers ``names``,
+    on the caller's transaction; how many rows went.  For a server a SIGHUP took out of
+    the configuration, or pointed at another Asterisk (its state is that of the old one
+    until the new one's snapshot)."""
+    gone = 0
+    if not names:
+        return gone
+    for table in (registrations, registration_summary):
+        statement = delete(table).where(table.c.server.in_(sorted(names)))
         gone += conn.execute(statement).rowcount or 0
     return gone
 
