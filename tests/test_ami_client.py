@@ -88,8 +88,9 @@ def test_login_failure_backs_off() -> None:
 
 
 def test_login_failed_logged_once_per_streak() -> None:
-    """A run of refused logins logs ami.login_failed once; a login that succeeds ends the
-    streak (ami.connected says how many failed), and the next refusal is logged anew."""
+    """A run of refused logins logs ami.login_failed (an error) once and each later try as
+    a warning, ami.login_failed_again; a login that succeeds ends the streak
+    (ami.connected says how many failed), and the next refusal is logged anew."""
 
     async def scenario() -> None:
         peer = await _peer()
@@ -103,7 +104,7 @@ def test_login_failed_logged_once_per_streak() -> None:
                 assert len(failed) == 1, failed
                 again = [e for e in logs if e["event"] == "ami.login_failed_again"]
                 assert again
-                assert again[-1]["log_level"] == "debug"
+                assert again[-1]["log_level"] == "warning"
                 peer.secret = "wrong"  # the operator fixes the secret on Asterisk's side
                 await eventually(lambda: client.connected)
                 connected = [e for e in logs if e["event"] == "ami.connected"]

@@ -7,8 +7,9 @@ backoff and jitter, until the ``stop`` event is set.  A refused login waits
 ``login_failure_backoff`` (a wrong secret does not fix itself), never a tight loop,
 and so does a peer that is not Asterisk (no ``Asterisk Call Manager/`` greeting:
 another service on the port).  A streak of refused logins is logged as
-``ami.login_failed`` once, at its first (the later ones at debug level, as
-``ami.login_failed_again``); the login that ends it says how many there were
+``ami.login_failed`` once, at its first (the later ones as warnings,
+``ami.login_failed_again``: an alert on the error fires once, while a log read at the
+default level still shows the refusals go on); the login that ends it says how many there were
 (``ami.connected`` with ``after_login_failures``).  The login is sent only after the
 greeting, so the secret never goes to such a peer.  A line, a message or a header count
 past its bound (:class:`~provisioner.ami.actions.FrameDecoder`) is a protocol error: the
@@ -348,8 +349,10 @@ class AmiClient:
             self._last_error = exc.reason
             delay = self._long_backoff()
             # Once per streak: a wrong secret stays wrong for hours, and an alert on the
-            # event (README "Logs") must fire once, not every login_failure_backoff.
-            say = self._log.error if self._failed_streak == 1 else self._log.debug
+            # event (README "Logs") must fire once, not every login_failure_backoff; the
+            # later tries stay visible at the default level (a warning, not debug), so
+            # whoever reads the log after a rotation still sees the server refuses us.
+            say = self._log.error if self._failed_streak == 1 else self._log.warning
             say(
                 "ami.login_failed" if self._failed_streak == 1 else "ami.login_failed_again",
                 username=self.server.username,
