@@ -554,3 +554,32 @@ def test_the_daemon_logs_skipped_users_once_and_counts_them_all(tmp_path: Path) 
     warned = [e["event"] for e in events if e.get("level") == "warning"]
     assert warned == ["sync.skipped"] * USER_DETAIL + ["sync.skipped_users"]
     assert {e["skipped"] for e in events if e["event"] == "sync.applied"} == {BROKEN}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("path", ["one edit", "full"])
+def test_a_broken_user_added_in_a_purged_users_place_keeps_nothing_of_its(
+    tmp_path: Path, kind: str, path: str
+) -> None:
+    """A user added (and broken by another writer) after the newest user was purged, both
+    before the applier looked (SQLite gives it the purged user's id), is not taken for
+    the purged user: the purged user's endpoint, auth and AOR go, and the new user keeps
+    none of them, in the one-edit path and in a full apply with memory."""
+    with _site(tmp_path, kind) as (engine, accounts):
+        applier = _applier(tmp_path, kind, engine)
+        applier.full()
+        gone = accounts.get_user("u3")
+        accounts.delete(["u3"])
+        accounts.purge(["u3"])
+        accounts.add_user(
+            {"username": "newbie", "full_name": "N", "email": "n@x.org", "profile": "agents"}
+        )
+        _break(engine, "newbie", "'10a1'")
+        newbie = accounts.get_user("newbie")
+        if path == "one edit":
+            applied = applier.users_changed(sorted({gone.id, newbie.id}))
+        else:
+            applied = applier.full()
+        assert [str(s) for s in applied.skipped] == [f"newbie: extension: {DIGITS}"]
+        assert applied.change.removed == (gone.extension,)
+        assert _held(tmp_path, kind, engine, gone.extension) is None
