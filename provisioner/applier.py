@@ -218,7 +218,9 @@ class Applier:
         never takes a phone away, see :meth:`_last_good`), and the skipped users by id."""
         with reading(self.engine) as conn:
             users = q.load_users(conn, deleted=False)
-        self._born = {user.id: user.created_at for user in users}
+        born = {user.id: user.created_at for user in users}
+        others = self._others(born)
+        self._born = born
         objects: dict[int, UserObjects] = {}
         broken: list[User] = []
         skipped: dict[int, Skipped] = {}
@@ -230,12 +232,21 @@ class Applier:
             except InvalidInput as exc:
                 skipped[user.id] = Skipped(user.username, exc.problems)
                 broken.append(user)
-        return objects, self._last_good(broken, objects.values()), skipped
+        return objects, self._last_good(broken, objects.values(), others), skipped
 
-    def _last_good(self, broken: list[User], rendered: Iterable[UserObjects]) -> dict[int, str]:
+    def _others(self, born: Mapping[int, datetime | None]) -> set[int]:
+        """The ids of ``born`` (user id -> creation time, as read now) that memory knew as
+        another user's: created at another time (SQLite gives a purged newest user's id
+        to the next user added, and both can happen between two applies)."""
+        return {uid for uid, at in born.items() if uid in self._born and self._born[uid] != at}
+
+    def _last_good(
+        self, broken: list[User], rendered: Iterable[UserObjects], others: Collection[int] = ()
+    ) -> dict[int, str]:
         """The endpoint id each user of ``broken`` (live, not renderable) keeps: the one
         last applied for it, unless a ``rendered`` user holds that id now (the extension
-        was validly given to another user, who wins).
+        was validly given to another user, who wins).  A user whose id memory knew as
+        another user's (``others``) keeps nothing memory holds: that was the other's.
 
         Memory knows it by user id once a full apply succeeded.  Before that (a fresh
         process: ``sync --once``, the daemon's start, or a new target after a SIGHUP, which
@@ -245,6 +256,8 @@ class Applier:
         last: dict[int, str] = {}
         if self.synced:
             for user in broken:
+                if user.id in others:
+                    continue
                 if (endpoint_id := self._remembered(user.id)) is not None:
                     last[user.id] = endpoint_id
         elif names := [u.username for u in broken if renderable_username(u.username)]:
@@ -341,6 +354,7 @@ class Applier:
         ids = sorted(set(user_ids))
         with reading(self.engine) as conn:
             found = {u.id: u for u in q.load_users(conn, ids=ids, deleted=None)}
+        others = self._others({uid: user.created_at for uid, user in found.items()})
         for uid in ids:
             _put(self._born, uid, found[uid].created_at if uid in found else None)
         # Only these users' entries are computed (None: nothing for that user); memory is
@@ -365,7 +379,7 @@ class Applier:
         for uid in broken:
             # full()'s rule: the last good endpoint stays unless another user holds it
             # now, rendered here or held in memory (given that extension validly: it wins).
-            last = self._remembered(uid)
+            last = None if uid in others else self._remembered(uid)
             if last is not None and last not in taken and self.holders[last] <= by_these[last]:
                 kept[uid] = last
                 taken.add(last)

@@ -73,9 +73,8 @@ class App:
         self.actor = actor
         self._config: Config | None = None
         self._accounts: Accounts | None = None
-        #: False once the command said it needs an existing store
-        #: (:meth:`needs_existing_store`).
-        self._creates_store = True
+        #: True once the command said it makes the store (:meth:`creates_store`).
+        self._creates_store = False
 
     @property
     def config(self) -> Config:
@@ -94,13 +93,15 @@ class App:
             self._accounts = Accounts(engine, Policy.from_config(cfg), actor=self.actor)
         return self._accounts
 
-    def needs_existing_store(self) -> None:
-        """Say, before the store is first opened, that the command only reads it (a listing,
-        a dry run) or writes only to what it already holds (``auth login``: a user's failed
-        logins): a SQLite store whose file does not exist (a typo'd path) is then refused
-        with :class:`StoreUnavailable` naming the file, and neither it nor its directories
-        are created (a stray empty store that a later ``db upgrade`` or daemon would use)."""
-        self._creates_store = False
+    def creates_store(self) -> None:
+        """Say, before the store is first opened, that the command makes the store (``db
+        upgrade``, ``quickstart``): a SQLite file that does not exist is then created, with
+        its directories.  Every other command reads the store or writes tables only ``db
+        upgrade`` makes, so a SQLite store whose file does not exist (a typo'd path) is
+        refused with :class:`StoreUnavailable` naming the file, and neither it nor its
+        directories are created (a stray empty store that a later ``db upgrade`` or daemon
+        would use)."""
+        self._creates_store = True
 
 
 pass_app = click.make_pass_decorator(App)
@@ -240,6 +241,7 @@ def db_upgrade(app: App) -> None:
     """Create the schema, or migrate it to the newest version."""
     from .store.migrate import upgrade
 
+    app.creates_store()
     before, after = upgrade(app.accounts.engine)
     log.info("db.upgraded", before=before, after=after)
     click.echo(f"store at revision {after}" + ("" if before == after else f" (was {before})"))
@@ -256,7 +258,6 @@ def db_repair(app: App, dry_run: bool) -> None:
     from .store.migrate import current_revision, head_revision
     from .store.repair import apply_repair, plan_repair
 
-    app.needs_existing_store()
     engine = app.accounts.engine
     revision = current_revision(engine)
     if revision != head_revision():
@@ -313,7 +314,6 @@ def profile_add(app: App, name: str, description: str) -> None:
 @pass_app
 def profile_list(app: App, as_json: bool) -> None:
     """List user profiles."""
-    app.needs_existing_store()
     found = app.accounts.list_profiles()
     if as_json:
         _echo_json([asdict(p) for p in found])
@@ -468,7 +468,6 @@ def user_show(app: App, username: str, as_json: bool) -> None:
     """Show one user (never a secret)."""
     from .store.registrations import user_problems
 
-    app.needs_existing_store()
     found = app.accounts.get_user(username)
     data = user_view(app, found)
     with app.accounts.transaction() as conn:
@@ -505,7 +504,6 @@ def user_list(
     as_json: bool,
 ) -> None:
     """List users."""
-    app.needs_existing_store()
     found = app.accounts.list_users(deleted=deleted, role=role, profile=profile, state=state)
     if as_json:
         _echo_json([user_view(app, u) for u in found])
@@ -602,7 +600,6 @@ def user_apikey(app: App, username: str, action: str) -> None:
 @pass_app
 def user_export(app: App, csv_path: str, usernames: tuple[str, ...]) -> None:
     """Export users (all live ones, or those named) to CSV; no secrets."""
-    app.needs_existing_store()
     if usernames:
         # A user named twice (in any case) is one row: a repeated row would not re-import.
         # By id, as a full export: the first admin comes first, as an empty store needs.
@@ -688,8 +685,6 @@ def _csv_text(raw: bytes, csv_path: str) -> str:
 @pass_app
 def user_import(app: App, csv_path: str, dry_run: bool) -> None:
     """Add or update users from CSV: every row valid, or nothing changes."""
-    if dry_run:
-        app.needs_existing_store()
     try:
         # stdin as bytes too: its text layer is strict under a UTF-8 locale (a traceback).
         raw = sys.stdin.buffer.read() if csv_path == "-" else Path(csv_path).read_bytes()
@@ -738,8 +733,6 @@ def auth() -> None:
 @pass_app
 def auth_login(app: App, username: str) -> None:
     """Verify a password (prompt, or one line on stdin); lock after too many failures."""
-    # It writes only an existing user's failed logins: a store it created would hold none.
-    app.needs_existing_store()
     if sys.stdin.isatty():
         password = str(click.prompt("Password", hide_input=True))
     else:
@@ -867,8 +860,6 @@ def _reconcile_with(
 @pass_app
 def render(app: App, kind: str | None, dry_run: bool, allow_mass_removal: bool) -> None:
     """Render every live user into the target (a config file or realtime rows)."""
-    if dry_run:
-        app.needs_existing_store()
     report = _reconcile(app, kind=kind, dry_run=dry_run, allow_mass_removal=allow_mass_removal)
     if dry_run and report.change.diff:
         click.echo(report.change.diff, nl=not report.change.diff.endswith("\n"))
@@ -882,8 +873,6 @@ def render(app: App, kind: str | None, dry_run: bool, allow_mass_removal: bool) 
 @pass_app
 def sync(app: App, once: bool, dry_run: bool, allow_mass_removal: bool) -> None:
     """Reconcile the store into the configured target once; print the counts."""
-    if dry_run:
-        app.needs_existing_store()
     report = _reconcile(app, kind=None, dry_run=dry_run, allow_mass_removal=allow_mass_removal)
     _print_report(report)
 
@@ -899,7 +888,6 @@ def adopt(app: App, dry_run: bool) -> None:
     from .sync import adopt as adopt_rows
     from .targets.realtime import RealtimeTarget
 
-    app.needs_existing_store()
     config = app.config
     engine = app.accounts.engine
     with store_named(engine, config.target.own_database):
@@ -940,7 +928,10 @@ def run(app: App, burst: bool) -> None:
     config = app.config
     configure_logs(config.log.level, config.log.format)
     # The raw flags, read again on SIGHUP as at start (a problem then names the command line).
-    daemon = Daemon.from_config(config, config_path=app.config_path, sets=app.sets)
+    # A burst ends at its first failure: a store it created would be a stray empty file.
+    daemon = Daemon.from_config(
+        config, config_path=app.config_path, sets=app.sets, creates_store=not burst
+    )
     asyncio.run(daemon.serve(burst=burst))
 
 
@@ -952,7 +943,6 @@ def status(app: App, usernames: tuple[str, ...], as_json: bool) -> None:
     """Registration state read back from Asterisk: who is online, with what phone."""
     from .store.registrations import status_rows
 
-    app.needs_existing_store()
     with app.accounts.transaction() as conn:
         servers = [server.name for server in app.config.asterisk]
         rows = status_rows(conn, list(usernames) or None, servers=servers)
@@ -1057,8 +1047,6 @@ def import_pjsip(
     from . import importer
     from .pjsip import RenderSettings
 
-    if dry_run:
-        app.needs_existing_store()
     kind = read_as or importer.file_kind(file)
     plan = importer.plan_import(
         importer.read_file(file),
@@ -1091,6 +1079,7 @@ def quickstart(app: App) -> None:
     from .samples import seed
     from .store.migrate import upgrade
 
+    app.creates_store()
     upgrade(app.accounts.engine)
     for line in seed(app.accounts):
         click.echo(line)

@@ -275,6 +275,8 @@ def _import_rows(
                 if cells.get("extension"):
                     allocator.reserve(cells["extension"])
             repeated = _repeated_extensions(rows)
+            if rows and not q.has_users(conn):
+                _admin_row_first(rows)
             now = accounts.clock()
             for done, (line, cells) in enumerate(rows, 1):
                 key = q.username_key(cells.get("username", ""))
@@ -301,6 +303,24 @@ def _import_rows(
     if dry_run:
         result.generated_secrets.clear()
     return result
+
+
+def _admin_row_first(rows: Sequence[tuple[int, dict[str, str]]]) -> None:
+    """Refuse, with one problem, a file for a store with no user yet whose first row adds
+    no admin: every row before the admin's would fail "the first user must be an admin",
+    one line each, never saying what to do."""
+    admins = [line for line, cells in rows if cells.get("role", "").lower() == "admin"]
+    if admins and admins[0] == rows[0][0]:
+        return
+    rule = "the store has no user yet and its first user must be an admin"
+    if admins:
+        rule += f": put the admin's row (line {admins[0]}) first"
+    else:
+        rule += (
+            ", while no row of the file adds one: add the admin first "
+            "(provisioner user add NAME --role admin ...)"
+        )
+    raise InvalidInput.one("csv", rule)
 
 
 def _given_extension(cells: dict[str, str]) -> str | None:

@@ -478,10 +478,15 @@ class Daemon:
         config_path: str | None = None,
         overrides: Mapping[str, Any] | None = None,
         sets: Sequence[str] = (),
+        creates_store: bool = True,
     ) -> Daemon:
         """The daemon for ``config``; ``config_path``, ``overrides`` and the raw ``--set``
-        flags ``sets`` are what a SIGHUP reads the configuration from again."""
-        engine = open_store_engine(config.store.url, config.store)
+        flags ``sets`` are what a SIGHUP reads the configuration from again.  Without
+        ``creates_store`` (a burst, which ends at the first failure) a SQLite store whose
+        file does not exist raises :class:`StoreUnavailable` naming it, and none is made;
+        with it the file is made, and the daemon waits for ``db upgrade`` to give it a
+        schema."""
+        engine = open_store_engine(config.store.url, config.store, create=creates_store)
         applier = Applier(
             engine,
             build_target(config, engine),

@@ -1260,7 +1260,23 @@ def plan_import(
         unmapped.append(Unmapped(name, section.line, reason))
     unmapped.sort(key=lambda u: u.line)
     notices = tuple(f"line {n.line}: {n.message}" if n.line else n.message for n in parsed.notices)
-    return ImportPlan(tuple(users), tuple(unmapped), notices)
+    overridden = _realm_overridden(index, default_realm)
+    return ImportPlan(tuple(users), tuple(unmapped), notices + overridden)
+
+
+def _realm_overridden(index: _Index, default_realm: str | None) -> tuple[str, ...]:
+    """A notice when ``default_realm`` (``--default-realm``) is not the file's own ``[global]
+    default_realm``: the option wins, and the realm digests were taken for is said, not
+    silently changed."""
+    own = index.global_options.get("default_realm")
+    if not default_realm or not own or own == default_realm:
+        return ()
+    line = next(section.line for (kind, _), section in index.by_key.items() if kind == "global")
+    return (
+        f"--default-realm {default_realm!r} overrides the file's [global] default_realm "
+        f"{own!r} (line {line}): digests of auths that set no realm are taken as made for "
+        f"{default_realm!r}",
+    )
 
 
 def _identify_reason(section: Section, imported: Mapping[str, str], index: _Index) -> str | None:

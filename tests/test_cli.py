@@ -561,14 +561,35 @@ _READERS = (
 #: store they would create could not serve them.
 _EXISTING_STORE_WRITERS = (("auth", "login", "alice"), ("adopt",), ("adopt", "--dry-run"))
 
+#: Commands that write the store's tables, which only ``db upgrade`` (or ``quickstart``)
+#: makes: a store they created would be an empty file refusing them for want of a schema.
+_SCHEMA_WRITERS = (
+    ("render",),
+    ("sync", "--once"),
+    ("profile", "add", "agents"),
+    ("user", "add", "root", "--role", "admin", "--email", "root@x.org"),
+    ("user", "edit", "alice", "--email", "a@x.org"),
+    ("user", "disable", "alice"),
+    ("user", "purge", "alice"),
+    ("user", "sip-secret", "alice", "--rotate"),
+    ("user", "apikey", "alice", "generate"),
+    ("user", "import", "--csv", "users.csv"),
+    ("import", "pjsip", "pjsip.conf", "--profile", "agents", "--email-domain", "x.org"),
+    ("db", "repair"),
+    ("run", "--burst"),
+)
 
-@pytest.mark.parametrize("args", [*_READERS, *_EXISTING_STORE_WRITERS], ids=" ".join)
-def test_a_command_that_only_reads_never_creates_a_missing_sqlite_store(
+
+@pytest.mark.parametrize(
+    "args", [*_READERS, *_EXISTING_STORE_WRITERS, *_SCHEMA_WRITERS], ids=" ".join
+)
+def test_a_command_but_db_upgrade_never_creates_a_missing_sqlite_store(
     args: tuple[str, ...], tmp_path: Path
 ) -> None:
-    """A reading command (or ``auth login``, which writes only to an existing user's row) on a
-    SQLite store file that does not exist (a typo) exits 7 naming the path and the fix, and
-    makes neither the file nor its directories."""
+    """A command other than ``db upgrade`` and ``quickstart`` (a reader, ``auth login``, or
+    one writing tables only ``db upgrade`` makes) on a SQLite store file that does not exist
+    (a typo) exits 7 naming the path and the fix, and makes neither the file nor its
+    directories."""
     store = tmp_path / "nope" / "typo.db"
     (tmp_path / "users.csv").write_text("username,full_name,email\nbob,Bob B,bob@x.org\n")
     (tmp_path / "pjsip.conf").write_text(

@@ -424,3 +424,42 @@ def test_rows_with_an_empty_username_are_each_refused_as_required(accounts: Acco
         (2, "username", "is required"),
         (3, "username", "is required"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("admin_row", "rule"),
+    [
+        (
+            "",
+            "the store has no user yet and its first user must be an admin, while no row "
+            "of the file adds one: add the admin first (provisioner user add NAME --role "
+            "admin ...)",
+        ),
+        (
+            "root,Root,root@example.com,,admin\n",
+            "the store has no user yet and its first user must be an admin: put the "
+            "admin's row (line 4) first",
+        ),
+    ],
+)
+def test_an_import_into_a_store_without_users_says_once_that_the_admin_comes_first(
+    engine: Engine, policy: Policy, clock: FakeClock, admin_row: str, rule: str
+) -> None:
+    """Into a store with no user yet, a file whose first row is no admin is refused with
+    one problem saying where the admin must come from, not one "the first user must be
+    an admin" per row."""
+    accounts = Accounts(engine, policy, clock)
+    accounts.add_profile("agents")
+    text = (
+        "username,full_name,email,profile,role\n"
+        "dave,Dave,dave@example.com,agents,\n"
+        "gina,Gina,gina@example.com,agents,user\n"
+    ) + admin_row
+    with pytest.raises(InvalidInput) as info:
+        import_users(accounts, text)
+    assert [(p.line, p.field, p.rule) for p in info.value.problems] == [(None, "csv", rule)]
+    assert accounts.list_users() == []
+    # The file with its admin row first imports as it is.
+    if admin_row:
+        first = "\n".join([text.splitlines()[0], admin_row.strip(), *text.splitlines()[1:3]])
+        assert import_users(accounts, first + "\n").added == ["root", "dave", "gina"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
+import sqlite3
 import time
 from collections.abc import MutableMapping
 from pathlib import Path
@@ -573,6 +574,7 @@ def test_run_burst_on_a_store_never_upgraded_exits_7_naming_the_fix(tmp_path: Pa
     from .faultkit import cli_process, write_config
 
     config = write_config(tmp_path)
+    sqlite3.connect(tmp_path / "store.db").close()  # a file, never upgraded
     ran = cli_process(config, "run", "--burst", check=False)
     assert ran.code == 7
     (line,) = [line for line in ran.err.splitlines() if line.startswith("error:")]

@@ -1461,3 +1461,24 @@ def test_an_import_into_a_store_without_an_admin_says_so_once(tmp_path: Path) ->
         "imported users are of role user: add the admin first (provisioner user add NAME "
         "--role admin ...)"
     ]
+
+
+def test_a_default_realm_given_against_the_files_own_is_noted(tmp_path: Path) -> None:
+    """``--default-realm`` wins over the file's own ``[global] default_realm``, and a notice
+    says so, naming both and the realm digests of auths without ``realm`` were taken for;
+    none is printed when the two agree."""
+    text = (
+        "[global]\ntype=global\ndefault_realm=site.example.com\n"
+        "[9301]\ntype=endpoint\nauth=a9301\naors=9301\nallow=ulaw\n[9301]\ntype=aor\n"
+        "max_contacts=1\n[a9301]\ntype=auth\nusername=u9301\npassword=Secret-9301\n"
+    )
+    for run in ("other", "same"):
+        (tmp_path / run).mkdir()
+    other = _cli_import(tmp_path / "other", text, "--default-realm", "pbx.example.com")
+    assert (
+        "notice: --default-realm 'pbx.example.com' overrides the file's [global] "
+        "default_realm 'site.example.com' (line 1): digests of auths that set no realm are "
+        "taken as made for 'pbx.example.com'"
+    ) in other.splitlines(), other
+    same = _cli_import(tmp_path / "same", text, "--default-realm", "site.example.com")
+    assert "notice:" not in same, same

@@ -13,12 +13,13 @@ import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.request import urlopen
 
 import pytest
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, select, text, update
 from structlog.testing import capture_logs
 
 from provisioner.accounts import Accounts, Policy
@@ -28,6 +29,7 @@ from provisioner.errors import MassRemovalRefused
 from provisioner.model import UNDECODED_RULE, User
 from provisioner.pjsip import RenderSettings, endpoint_order, render_user
 from provisioner.store.engine import open_engine
+from provisioner.store.schema import users
 from provisioner.targets import Target
 from provisioner.targets.asterisk_schema import ps_aors, ps_auths, ps_endpoints
 from provisioner.targets.configfile import ConfigFileTarget
@@ -36,6 +38,7 @@ from provisioner.targets.sharded import ShardedConfigFileTarget
 
 from .dbs import temp_database
 from .faultkit import cheap_hasher, cli, delete_users_sql, sections, seed_store, write_config
+from .helpers import insert_user_copy
 
 DIGITS = "must be 1-20 digits"
 #: Values another writer may leave in ``users.extension`` (SQL text), and the rule named.
@@ -554,3 +557,33 @@ def test_the_daemon_logs_skipped_users_once_and_counts_them_all(tmp_path: Path) 
     warned = [e["event"] for e in events if e.get("level") == "warning"]
     assert warned == ["sync.skipped"] * USER_DETAIL + ["sync.skipped_users"]
     assert {e["skipped"] for e in events if e["event"] == "sync.applied"} == {BROKEN}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("path", ["one edit", "full"])
+def test_a_broken_user_added_in_a_purged_users_place_keeps_nothing_of_its(
+    tmp_path: Path, kind: str, path: str
+) -> None:
+    """A user another writer adds, broken, in the id of a user purged just before, both
+    before the applier looked (as SQLite gave a purged newest user's id to the next user
+    before migration 0012), is not taken for the purged user: the purged user's endpoint,
+    auth and AOR go, and the new user keeps none of them, in the one-edit path and in a
+    full apply with memory."""
+    with _site(tmp_path, kind) as (engine, accounts):
+        applier = _applier(tmp_path, kind, engine)
+        applier.full()
+        gone = accounts.get_user("u3")
+        assert gone.created_at is not None
+        accounts.delete(["u3"])
+        accounts.purge(["u3"])
+        with engine.begin() as conn:
+            insert_user_copy(conn, "u2", "newbie", "10a1")
+            conn.execute(
+                update(users)
+                .where(users.c.username == "newbie")
+                .values(id=gone.id, created_at=gone.created_at + timedelta(seconds=1))
+            )
+        applied = applier.users_changed([gone.id]) if path == "one edit" else applier.full()
+        assert [str(s) for s in applied.skipped] == [f"newbie: extension: {DIGITS}"]
+        assert applied.change.removed == (gone.extension,)
+        assert _held(tmp_path, kind, engine, gone.extension) is None

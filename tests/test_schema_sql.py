@@ -302,9 +302,10 @@ def test_a_migration_that_failed_half_way_on_mariadb_runs_again(db_url: str) -> 
             engine.dispose()
 
 
-def _seed_registered(engine: Engine, count: int) -> None:
+def _seed_registered(engine: Engine, count: int, *, ids: bool = True) -> None:
     """``count`` users (bench's generated ones) with a contact and a summary each on
-    "pbx1", written as the daemon writes them, into a store at any revision from 0002."""
+    "pbx1", written as the daemon writes them, into a store at any revision from 0002;
+    without ``ids`` the database gives the users theirs (1, 2, ... in a new store)."""
     from bench.common import make_users, user_rows
     from provisioner.store.registrations import write_endpoint_rows
     from provisioner.store.schema import users
@@ -313,7 +314,11 @@ def _seed_registered(engine: Engine, count: int) -> None:
     now = datetime(2026, 1, 1)
     with engine.begin() as conn:
         profile = q.insert_profile(conn, "agents", "", now)
-        conn.execute(users.insert(), user_rows(make_users(count), profile.id, now))
+        people = user_rows(make_users(count), profile.id, now)
+        for row in people if not ids else ():
+            del row["id"]
+        for row in people:  # one by one: a multi-row insert may not give ids in order
+            conn.execute(users.insert(), row)
         rows = {
             ep: (
                 ((f"{ep};@abc", f"sip:{ep}@10.0.0.1", "Reachable", "", "", 1, seen, seen),),
@@ -379,5 +384,46 @@ def test_0011_keeps_contacts_and_deletes_them_with_their_user(
             assert _contact_users(engine) == [1]
             upgrade(engine)
             assert _differences(engine) == []
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("source", ["migrations", "file"])
+def test_a_purged_newest_users_id_is_never_given_to_another_user(
+    db_url: str, backend: str, source: str
+) -> None:
+    """The id of the newest user, purged, is never given to the next user added, on every
+    backend (SQLite's ``users`` is AUTOINCREMENT from 0012): memory keyed by user id
+    never takes the new user for the purged one.  A store upgraded from 0011 keeps its
+    users, attributes, summaries and contacts, its change triggers and its cascades."""
+    from bench.common import make_users, user_rows
+    from provisioner.store.schema import user_attributes, users
+
+    if source == "file":
+        _apply_file(db_url, backend)
+    engine = open_engine(db_url)
+    try:
+        if source == "migrations":
+            upgrade(engine, "0011")
+        _seed_registered(engine, 3, ids=False)
+        with engine.begin() as conn:
+            conn.execute(user_attributes.insert(), {"user_id": 3, "key": "k", "value": "v"})
+        if source == "migrations":
+            assert upgrade(engine) == ("0011", head_revision())
+            assert _differences(engine) == []
+        assert _contact_users(engine) == [1, 2, 3]
+        with engine.begin() as conn:
+            mark = int(conn.execute(text("SELECT COALESCE(MAX(id), 0) FROM changes")).scalar_one())
+            conn.execute(text("DELETE FROM users WHERE id = 3"))
+            row = user_rows(make_users(4)[3:], 1, datetime(2026, 1, 2))[0]
+            del row["id"]
+            added = conn.execute(users.insert(), row).inserted_primary_key
+        assert added is not None
+        assert added[0] == 4
+        assert _contact_users(engine) == [1, 2]
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT COUNT(*) FROM user_attributes")).scalar_one() == 0
+            seen = [(c.entity_id, c.op) for c in read_changes(conn, mark)]
+        assert {(3, "D"), (4, "I")} <= set(seen)
     finally:
         engine.dispose()

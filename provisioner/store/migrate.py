@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
@@ -91,9 +93,34 @@ log = get_logger(__name__)
 
 def _run_upgrade(engine: Engine, revision: str) -> None:
     cfg = _alembic_config()
-    with engine.begin() as conn:
+    with _migrating(engine) as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
+
+
+@contextmanager
+def _migrating(engine: Engine) -> Iterator[Connection]:
+    """A connection in one transaction for migrations.  On SQLite its foreign keys are
+    off meanwhile (a pragma SQLite takes only outside a transaction): a table rebuilt by
+    a migration is dropped and renamed, and with them on, the drop of a parent table
+    would delete its children's rows (``ON DELETE CASCADE``).  The rows are checked
+    against every foreign key before the commit instead: a violation rolls it all back."""
+    with engine.connect() as conn:
+        raw = conn.connection.dbapi_connection if engine.dialect.name == "sqlite" else None
+        if raw is not None:
+            raw.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with conn.begin():
+                yield conn
+                if raw is not None and (
+                    bad := conn.exec_driver_sql("PRAGMA foreign_key_check").first()
+                ):
+                    raise StoreUnavailable(
+                        f"a migration left a row of {bad[0]} that breaks a foreign key to {bad[2]}"
+                    )
+        finally:
+            if raw is not None:
+                raw.execute("PRAGMA foreign_keys=ON")
 
 
 def _steps(before: str | None, revision: str) -> list[str]:
@@ -156,7 +183,7 @@ def downgrade(engine: Engine, revision: str) -> tuple[str | None, str]:
     before = current_revision(engine)
     _from_known(before)
     cfg = _alembic_config()
-    with engine.begin() as conn:
+    with _migrating(engine) as conn:
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, revision)
     return before, revision

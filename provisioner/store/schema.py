@@ -133,6 +133,10 @@ users = Table(
     CheckConstraint(_in("toast_position", TOAST_POSITIONS), name="toast_position"),
     CheckConstraint("role = 'admin' OR profile_id IS NOT NULL", name="user_has_profile"),
     mysql_charset=MYSQL_CHARSET,
+    # SQLite would give a purged newest user's id to the next user added (migration 0012);
+    # PostgreSQL's sequence and MariaDB's AUTO_INCREMENT (kept across restarts since
+    # 10.2.4) never give one again.
+    sqlite_autoincrement=True,
 )
 
 user_attributes = Table(

@@ -41,7 +41,7 @@ CREATE TABLE registrations (
 );
 
 CREATE TABLE users (
-	id INTEGER NOT NULL, 
+	id INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT, 
 	role VARCHAR(8) NOT NULL, 
 	profile_id INTEGER, 
 	username VARCHAR(64) NOT NULL, 
@@ -76,7 +76,6 @@ CREATE TABLE users (
 	apikey_created_at DATETIME, 
 	created_at DATETIME NOT NULL, 
 	updated_at DATETIME NOT NULL, 
-	CONSTRAINT pk_users PRIMARY KEY (id), 
 	CONSTRAINT ck_users_role CHECK (role IN ('admin', 'user')), 
 	CONSTRAINT ck_users_transport CHECK (transport IN ('udp', 'tcp', 'tls', 'ws', 'wss')), 
 	CONSTRAINT ck_users_nat CHECK (nat IN ('yes', 'no', 'force_rport', 'comedia', 'never', 'route')), 
@@ -148,4 +147,4 @@ CREATE TABLE alembic_version (
 	PRIMARY KEY (version_num)
 );
 
-INSERT INTO alembic_version (version_num) VALUES ('0011');
+INSERT INTO alembic_version (version_num) VALUES ('0012');
