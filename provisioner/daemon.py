@@ -1234,8 +1234,11 @@ class Daemon:
         return result
 
     def _advance(self, ids: list[int]) -> None:
-        before = self.tracker.cursor
-        after = self.tracker.mark(ids, time.monotonic())
+        """Mark ``ids`` applied; save the durable cursor when it moved (never past a
+        hole still looked for: see :meth:`CursorTracker.durable`).  Blocking."""
+        before = self.tracker.durable()
+        self.tracker.mark(ids, time.monotonic())
+        after = self.tracker.durable()
         if after != before:
             with self.engine.begin() as conn:
                 save_cursor(conn, after)

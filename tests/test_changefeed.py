@@ -904,6 +904,36 @@ def test_a_change_committing_after_its_gap_was_given_up_still_goes_live(
         daemon.engine.dispose()
 
 
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"], indirect=True)
+def test_a_change_committing_after_a_restart_past_its_given_up_gap_still_goes_live(
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """A daemon restarted while a transaction still holds a change id whose gap the
+    cursor moved past applies that change when it commits: the saved cursor never
+    passes a gap still looked for."""
+    alice, bob = _add(accounts, "alice"), _add(accounts, "bob")
+    daemon = _daemon(engine, db_url, tmp_path)
+    daemon.tracker.grace = 0.2
+    with engine.connect() as slow:
+        slow.execute(text("UPDATE users SET extension = '150' WHERE id = :i"), {"i": alice})
+        _sql(engine, "UPDATE users SET full_name = 'Bob B.' WHERE id = :i", i=bob)
+        _apply_if_any(daemon)  # bob's change; alice's lower id is a gap
+        time.sleep(0.3)
+        _apply_if_any(daemon)  # the gap outlived the grace: the cursor moves past it
+        daemon.engine.dispose()
+        restarted = Daemon.from_config(daemon.config)  # its start: a full apply
+        try:
+            restarted._full()
+            restarted._advance(restarted._unsaved or [])
+            restarted._unsaved = None
+            slow.commit()
+            _apply_if_any(restarted)
+            assert "150" in _sections(Path(restarted.config.target.path))
+            _same_as_a_full_apply(restarted, tmp_path)
+        finally:
+            restarted.engine.dispose()
+
+
 def _checked_config(db_url: str, tmp_path: Path) -> Config:
     """The config ``provisioner check`` is given here: the store at ``db_url``, the file
     target and the state directory under ``tmp_path``."""

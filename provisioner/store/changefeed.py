@@ -20,8 +20,9 @@ sequence, and on PostgreSQL and MariaDB a transaction that took a lower id can
 commit after one that took a higher id; :class:`CursorTracker` therefore only
 moves the cursor over an id gap once the gap has stayed open for a grace
 period (a rolled-back transaction leaves a gap forever), and still looks for the
-gap's changes for an hour (a long transaction commits late).  Re-reading a change
-after a restart is harmless: applying an unchanged user writes nothing.
+gap's changes for an hour (a long transaction commits late); the cursor saved stays
+below such a gap, so a restart does not end that hour.  Re-reading a change after a
+restart is harmless: applying an unchanged user writes nothing.
 
 The trigger DDL below is constant text (no input is ever formatted into it).
 """
@@ -568,9 +569,16 @@ class CursorTracker:
         """The id ranges (inclusive) of the holes still looked for."""
         return [(lo, hi) for lo, hi, _ in self.holes]
 
+    def durable(self) -> int:
+        """The cursor to save: every change at or below it is applied or given up for
+        good, below every hole still looked for.  A daemon started from it looks for the
+        holes' changes again (a restart must not end their hour), and re-reads the
+        applied ones above it, which writes nothing."""
+        return min([self.cursor, *(lo - 1 for lo, _, _ in self.holes)])
+
     def prune_limit(self) -> int:
         """The highest id whose change may be pruned: applied, and below every hole."""
-        return min([self.cursor, *(lo - 1 for lo, _, _ in self.holes)])
+        return self.durable()
 
     def mark(self, ids: Sequence[int], now: float) -> int:
         """Record ``ids`` as applied; return the new cursor."""
