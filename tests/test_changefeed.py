@@ -107,6 +107,17 @@ def test_tracker_waits_on_a_gap_then_abandons_it() -> None:
     assert t.mark([], now=5.5) == 13
 
 
+def test_tracker_moves_past_every_gap_open_for_the_grace_at_once() -> None:
+    """Gaps that have all stayed open for the grace period are all moved past at once
+    (not one more per grace period), and a gap younger than the grace still holds."""
+    t = CursorTracker(cursor=10, grace=5.0)
+    assert t.mark([12, 14, 16], now=0.0) == 10
+    assert t.mark([18], now=4.0) == 10
+    assert t.mark([], now=5.5) == 16
+    assert t.hole_ranges() == [(11, 11), (13, 13), (15, 15)]
+    assert t.mark([], now=9.5) == 18
+
+
 def test_tracker_late_commit_is_not_missed() -> None:
     """A change that commits late inside a gap is still fresh and then closes the gap."""
     t = CursorTracker(cursor=10, grace=5.0)

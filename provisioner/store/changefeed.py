@@ -534,15 +534,19 @@ class CursorTracker:
     ``cursor``: every id at or below it is applied or given up.  Ids above it
     that were applied wait in ``seen``; a gap below a seen id is skipped once it
     has been open for ``grace`` seconds (its transaction rolled back, or is
-    long).  A skipped gap becomes a hole, still read (:func:`read_unapplied`) for
-    ``hole_life`` seconds, so a long transaction's changes are applied when it
-    commits; the changes of holes are never pruned meanwhile (:meth:`prune_limit`).
+    long), counted from when an id above it was first applied: gaps that are all
+    that old are skipped together, not one more per grace period.  A skipped gap
+    becomes a hole, still read (:func:`read_unapplied`) for ``hole_life`` seconds, so
+    a long transaction's changes are applied when it commits; the changes of holes
+    are never pruned meanwhile (:meth:`prune_limit`).
     """
 
     cursor: int
     grace: float = 30.0
     seen: set[int] = field(default_factory=set)
-    blocked_since: float | None = None
+    #: Per :meth:`mark` that applied ids above the cursor: the highest of them, and when
+    #: (oldest first).  A gap has been open since the first of these above it.
+    marks: list[tuple[int, float]] = field(default_factory=list)
     hole_life: float = HOLE_LIFE
     #: Skipped gaps: (first id, last id, when skipped).
     holes: list[tuple[int, int, float]] = field(default_factory=list)
@@ -582,26 +586,32 @@ class CursorTracker:
 
     def mark(self, ids: Sequence[int], now: float) -> int:
         """Record ``ids`` as applied; return the new cursor."""
-        self.seen.update(i for i in ids if i > self.cursor)
+        above = [i for i in ids if i > self.cursor]
+        self.seen.update(above)
+        if above:
+            self.marks.append((max(above), now))
         self.hole_seen.update(i for i in ids if i <= self.cursor and self._in_hole(i))
         while self.seen:
             nxt = self.cursor + 1
             if nxt in self.seen:
                 self.seen.discard(nxt)
                 self.cursor = nxt
-                self.blocked_since = None
                 continue
-            if self.blocked_since is None:
-                self.blocked_since = now
-            if now - self.blocked_since < self.grace:
+            end = min(self.seen)
+            if now - self._open_since(end) < self.grace:
                 break
             # The gap stayed open for the whole grace period: move past it, and keep
             # looking for its changes a while.
-            self.holes.append((self.cursor + 1, min(self.seen) - 1, now))
-            self.cursor = min(self.seen) - 1
-            self.blocked_since = None
+            self.holes.append((self.cursor + 1, end - 1, now))
+            self.cursor = end - 1
+        self.marks = [m for m in self.marks if m[0] > self.cursor]
         self._forget_old_holes(now)
         return self.cursor
+
+    def _open_since(self, end: int) -> float:
+        """When the gap just below the applied id ``end`` was first open: when an id at or
+        above ``end`` was first applied."""
+        return next(when for top, when in self.marks if top >= end)
 
     def _forget_old_holes(self, now: float) -> None:
         if all(now - since < self.hole_life for _, _, since in self.holes):
