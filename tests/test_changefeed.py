@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import select as pyselect
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy.exc import OperationalError
 from structlog.testing import capture_logs
 
 from provisioner import daemon as daemon_module
@@ -196,6 +198,40 @@ def test_prune_deletes_more_changes_than_one_statement_takes(
         assert prune_changes(conn, base + 10) == held - 1
     with engine.connect() as conn:
         assert [c.id for c in read_changes(conn, 0)] == [base + 11]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_pruning_a_long_backlog_never_keeps_another_writer_waiting_long(
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """Pruning a long backlog of applied changes (a daemon back after a long stop) commits
+    as it goes, and lets others in: a writer allowed to wait 1 s for the store's lock is
+    never refused."""
+    uid = _add(accounts, "alice")
+    with engine.begin() as conn:
+        for _ in range(30):
+            conn.execute(
+                changes.insert(), [{"entity": "user", "entity_id": uid, "op": "U"}] * 10_000
+            )
+    daemon = _daemon(engine, db_url, tmp_path)
+    impatient = create_engine(db_url, connect_args={"timeout": 1.0})
+    refused: list[str] = []
+    pruning = threading.Thread(target=daemon._prune)
+    try:
+        pruning.start()
+        while pruning.is_alive():
+            try:
+                with impatient.begin() as conn:
+                    conn.execute(text("UPDATE users SET context = 'x' WHERE id = :i"), {"i": uid})
+            except OperationalError as exc:
+                refused.append(str(exc.orig))
+            time.sleep(0.01)
+        pruning.join()
+        assert refused == []
+        assert len(_changes(engine)) < 1_000
+    finally:
+        impatient.dispose()
+        daemon.engine.dispose()
 
 
 #: How long a test lets a statement wait for another transaction's lock, per backend.

@@ -493,8 +493,10 @@ def save_cursor(conn: Connection, cursor: int) -> None:
 _PRUNE_BATCH = 500
 
 
-def prune_changes(conn: Connection, upto: int) -> int:
-    """Delete applied changes at or below ``upto``, always keeping the newest row; return how many.
+def prune_changes(conn: Connection, upto: int, most: int | None = None) -> int:
+    """Delete applied changes at or below ``upto``, always keeping the newest row, the
+    oldest first and at most about ``most`` of them (None: all; a statement's batch is
+    not cut); return how many.
 
     The newest row stays because SQLite (without AUTOINCREMENT) hands out
     ``max(id) + 1`` next: an emptied table would reuse ids below the cursor, and
@@ -520,6 +522,8 @@ def prune_changes(conn: Connection, upto: int) -> int:
             return pruned
         pruned += conn.execute(delete(changes).where(changes.c.id.in_(ids))).rowcount or 0
         after = ids[-1]
+        if most is not None and pruned >= most:
+            return pruned
 
 
 #: Seconds the changes of a gap the cursor moved past are still looked for: a transaction
