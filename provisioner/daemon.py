@@ -114,6 +114,12 @@ BURST_POLL = 0.05
 #: Changes one incremental apply reads at most; a longer backlog (a bulk import) is
 #: applied in several, one after the other.
 FEED_BATCH = 10_000
+#: Changes one pruning transaction deletes at most (some 7 ms of SQLite's write lock),
+#: and the pause after each: SQLite's lock is not fair, and a writer waiting on it looks
+#: again only every 100 ms in the end, so without a pause it could miss every gap.
+PRUNE_STEP = 1_000
+PRUNE_PAUSE = 0.005
+
 #: Applied changes that make an incremental apply prune the change table too (a full
 #: reconcile always prunes): with ``reconcile_interval = 0`` (never) it would only grow.
 PRUNE_EVERY = 1_000
@@ -1209,10 +1215,19 @@ class Daemon:
 
     def _prune(self) -> None:
         """Drop the applied changes: the change table stays small (the cursor, not the
-        rows, is what resumes)."""
+        rows, is what resumes), a step of :data:`PRUNE_STEP` per transaction.  Blocking."""
         upto = self.tracker.prune_limit()
-        with self.engine.begin() as conn:
-            pruned = prune_changes(conn, upto)
+        pruned = 0
+        while True:
+            # A transaction per step: a backlog of a million changes (a daemon back after
+            # a long stop) took some 7 s, SQLite's write lock held all along, and the
+            # CLI's writes waiting on it failed at their busy timeout.
+            with self.engine.begin() as conn:
+                step = prune_changes(conn, upto, most=PRUNE_STEP)
+            pruned += step
+            if step < PRUNE_STEP:
+                break
+            time.sleep(PRUNE_PAUSE)
         self._pruned_upto = upto
         if pruned:
             log.info("changes.pruned", upto=upto, rows=pruned)
@@ -1246,8 +1261,11 @@ class Daemon:
         return result
 
     def _advance(self, ids: list[int]) -> None:
-        before = self.tracker.cursor
-        after = self.tracker.mark(ids, time.monotonic())
+        """Mark ``ids`` applied; save the durable cursor when it moved (never past a
+        hole still looked for: see :meth:`CursorTracker.durable`).  Blocking."""
+        before = self.tracker.durable()
+        self.tracker.mark(ids, time.monotonic())
+        after = self.tracker.durable()
         if after != before:
             with self.engine.begin() as conn:
                 save_cursor(conn, after)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import select as pyselect
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy.exc import OperationalError
 from structlog.testing import capture_logs
 
 from provisioner import daemon as daemon_module
@@ -21,6 +23,7 @@ from provisioner.applier import Applied, Applier
 from provisioner.checks import Check, run_checks
 from provisioner.config import Config, load_config
 from provisioner.daemon import Daemon
+from provisioner.model import AVATAR_MAX_BYTES
 from provisioner.pjsip import RenderSettings
 from provisioner.store import changefeed
 from provisioner.store.changefeed import (
@@ -107,6 +110,17 @@ def test_tracker_waits_on_a_gap_then_abandons_it() -> None:
     assert t.mark([], now=5.5) == 13
 
 
+def test_tracker_moves_past_every_gap_open_for_the_grace_at_once() -> None:
+    """Gaps that have all stayed open for the grace period are all moved past at once
+    (not one more per grace period), and a gap younger than the grace still holds."""
+    t = CursorTracker(cursor=10, grace=5.0)
+    assert t.mark([12, 14, 16], now=0.0) == 10
+    assert t.mark([18], now=4.0) == 10
+    assert t.mark([], now=5.5) == 16
+    assert t.hole_ranges() == [(11, 11), (13, 13), (15, 15)]
+    assert t.mark([], now=9.5) == 18
+
+
 def test_tracker_late_commit_is_not_missed() -> None:
     """A change that commits late inside a gap is still fresh and then closes the gap."""
     t = CursorTracker(cursor=10, grace=5.0)
@@ -185,6 +199,40 @@ def test_prune_deletes_more_changes_than_one_statement_takes(
         assert prune_changes(conn, base + 10) == held - 1
     with engine.connect() as conn:
         assert [c.id for c in read_changes(conn, 0)] == [base + 11]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_pruning_a_long_backlog_never_keeps_another_writer_waiting_long(
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """Pruning a long backlog of applied changes (a daemon back after a long stop) commits
+    as it goes, and lets others in: a writer allowed to wait 1 s for the store's lock is
+    never refused."""
+    uid = _add(accounts, "alice")
+    with engine.begin() as conn:
+        for _ in range(30):
+            conn.execute(
+                changes.insert(), [{"entity": "user", "entity_id": uid, "op": "U"}] * 10_000
+            )
+    daemon = _daemon(engine, db_url, tmp_path)
+    impatient = create_engine(db_url, connect_args={"timeout": 1.0})
+    refused: list[str] = []
+    pruning = threading.Thread(target=daemon._prune)
+    try:
+        pruning.start()
+        while pruning.is_alive():
+            try:
+                with impatient.begin() as conn:
+                    conn.execute(text("UPDATE users SET context = 'x' WHERE id = :i"), {"i": uid})
+            except OperationalError as exc:
+                refused.append(str(exc.orig))
+            time.sleep(0.01)
+        pruning.join()
+        assert refused == []
+        assert len(_changes(engine)) < 1_000
+    finally:
+        impatient.dispose()
+        daemon.engine.dispose()
 
 
 #: How long a test lets a statement wait for another transaction's lock, per backend.
@@ -312,6 +360,31 @@ def test_a_changed_profile_id_notes_the_old_and_the_new_id(
     start = _newest(engine)
     _sql(engine, "UPDATE profiles SET id = 999 WHERE id = :i", i=pid)
     assert sorted(_changes(engine, start)) == [("profile", pid, "U"), ("profile", 999, "U")]
+
+
+def _update_seconds(engine: Engine, uid: int, times: int = 5) -> float:
+    """The quickest of ``times`` one-row updates of a column of user ``uid`` that is not
+    its avatar, each its own transaction."""
+    took = []
+    for n in range(times):
+        started = time.perf_counter()
+        _sql(engine, "UPDATE users SET context = :c WHERE id = :i", c=f"c{n}", i=uid)
+        took.append(time.perf_counter() - started)
+    return min(took)
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_the_change_trigger_does_not_read_a_users_avatar_on_postgresql(
+    accounts: Accounts, engine: Engine
+) -> None:
+    """A write to a user holding the largest avatar costs about what one to a user without
+    one does: the PostgreSQL trigger reads the key column alone, not the whole row."""
+    plain, pictured = _add(accounts, "plain"), _add(accounts, "pictured")
+    avatar = bytes(range(256)) * (AVATAR_MAX_BYTES // 256)
+    _sql(engine, "UPDATE users SET avatar = :a WHERE id = :i", a=avatar, i=pictured)
+    start = _newest(engine)
+    assert _update_seconds(engine, pictured) < 3 * _update_seconds(engine, plain) + 0.01
+    assert ("user", pictured, "U") in _changes(engine, start)
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
@@ -902,6 +975,36 @@ def test_a_change_committing_after_its_gap_was_given_up_still_goes_live(
         _same_as_a_full_apply(daemon, tmp_path)
     finally:
         daemon.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"], indirect=True)
+def test_a_change_committing_after_a_restart_past_its_given_up_gap_still_goes_live(
+    accounts: Accounts, engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """A daemon restarted while a transaction still holds a change id whose gap the
+    cursor moved past applies that change when it commits: the saved cursor never
+    passes a gap still looked for."""
+    alice, bob = _add(accounts, "alice"), _add(accounts, "bob")
+    daemon = _daemon(engine, db_url, tmp_path)
+    daemon.tracker.grace = 0.2
+    with engine.connect() as slow:
+        slow.execute(text("UPDATE users SET extension = '150' WHERE id = :i"), {"i": alice})
+        _sql(engine, "UPDATE users SET full_name = 'Bob B.' WHERE id = :i", i=bob)
+        _apply_if_any(daemon)  # bob's change; alice's lower id is a gap
+        time.sleep(0.3)
+        _apply_if_any(daemon)  # the gap outlived the grace: the cursor moves past it
+        daemon.engine.dispose()
+        restarted = Daemon.from_config(daemon.config)  # its start: a full apply
+        try:
+            restarted._full()
+            restarted._advance(restarted._unsaved or [])
+            restarted._unsaved = None
+            slow.commit()
+            _apply_if_any(restarted)
+            assert "150" in _sections(Path(restarted.config.target.path))
+            _same_as_a_full_apply(restarted, tmp_path)
+        finally:
+            restarted.engine.dispose()
 
 
 def _checked_config(db_url: str, tmp_path: Path) -> Config:

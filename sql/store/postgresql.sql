@@ -120,19 +120,25 @@ DECLARE
     opc char(1);
 BEGIN
     opc := CASE TG_OP WHEN 'INSERT' THEN 'I' WHEN 'UPDATE' THEN 'U' ELSE 'D' END;
-    -- The id column's name is a trigger argument; jsonb reads it from any table's row.
-    IF TG_OP = 'DELETE' THEN
-        eid := (to_jsonb(OLD) ->> TG_ARGV[1])::integer;
-    ELSE
-        eid := (to_jsonb(NEW) ->> TG_ARGV[1])::integer;
-    END IF;
-    IF TG_OP = 'UPDATE' THEN
-        -- A changed key: what the old id held must be re-rendered too.
-        old_eid := (to_jsonb(OLD) ->> TG_ARGV[1])::integer;
-        IF old_eid <> eid THEN
-            INSERT INTO changes (entity, entity_id, op) VALUES (TG_ARGV[0], old_eid, opc);
-            PERFORM pg_notify('provisioner_changes', TG_ARGV[0] || ':' || old_eid);
+    -- The id column's name is a trigger argument: 'id' or 'user_id'.
+    IF TG_OP <> 'INSERT' THEN
+        IF TG_ARGV[1] = 'user_id' THEN
+            old_eid := OLD.user_id;
+        ELSE
+            old_eid := OLD.id;
         END IF;
+    END IF;
+    IF TG_OP = 'DELETE' THEN
+        eid := old_eid;
+    ELSIF TG_ARGV[1] = 'user_id' THEN
+        eid := NEW.user_id;
+    ELSE
+        eid := NEW.id;
+    END IF;
+    IF TG_OP = 'UPDATE' AND old_eid <> eid THEN
+        -- A changed key: what the old id held must be re-rendered too.
+        INSERT INTO changes (entity, entity_id, op) VALUES (TG_ARGV[0], old_eid, opc);
+        PERFORM pg_notify('provisioner_changes', TG_ARGV[0] || ':' || old_eid);
     END IF;
     INSERT INTO changes (entity, entity_id, op) VALUES (TG_ARGV[0], eid, opc);
     PERFORM pg_notify('provisioner_changes', TG_ARGV[0] || ':' || eid);
