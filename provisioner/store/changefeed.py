@@ -182,7 +182,7 @@ BEGIN
 END
 $$"""
 
-# Since migration 0012: the id columns read directly, not through to_jsonb(row), which
+# Since migration 0013: the id columns read directly, not through to_jsonb(row), which
 # copied every column of the row, a user's avatar too (up to 8 MB, hex-encoded), at each
 # write of it: an update of a user with such an avatar took 54 ms instead of 1.5 ms.
 # PL/pgSQL looks a field up only when its statement first runs: the branch of another
@@ -224,7 +224,7 @@ $$"""
 
 def direct_ddl(dialect: str) -> list[str]:
     """The statements that make PostgreSQL's change trigger read the id column alone
-    (migration 0012), its owner's rights kept (``CREATE OR REPLACE`` resets them); none
+    (migration 0013), its owner's rights kept (``CREATE OR REPLACE`` resets them); none
     on other databases, whose triggers always did."""
     if _known(dialect) != postgresql.dialect.name:
         return []

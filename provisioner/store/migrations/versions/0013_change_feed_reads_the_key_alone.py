@@ -1,7 +1,7 @@
 """PostgreSQL's change trigger reads the id column alone, not the whole row
 
-Revision ID: 0012
-Revises: 0011
+Revision ID: 0013
+Revises: 0012
 Create Date: 2026-12-07 04:40:00
 
 The trigger function read a row's id through ``to_jsonb(row)``, which copied every
@@ -18,8 +18,8 @@ from alembic import op
 
 from provisioner.store.changefeed import direct_ddl, drop_direct_ddl
 
-revision = '0012'
-down_revision = '0011'
+revision = '0013'
+down_revision = '0012'
 branch_labels = None
 depends_on = None
 
