@@ -529,7 +529,10 @@ async def postgres_wakeups(
             try:
                 async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")  # a constant channel name
-                    if await _hears(conn, send_probe, probe_timeout):
+                    heard = await _hears(conn, send_probe, probe_timeout, stop)
+                    if stop.is_set():
+                        break
+                    if heard:
                         listening.set()
                         await poller
                         poller = None
@@ -564,13 +567,20 @@ async def _notify_probe(conninfo: str) -> None:
 
 
 async def _hears(
-    conn: psycopg.AsyncConnection[object], probe: Callable[[], Awaitable[None]], timeout: float
+    conn: psycopg.AsyncConnection[object],
+    probe: Callable[[], Awaitable[None]],
+    timeout: float,
+    stop: asyncio.Event,
 ) -> bool:
     """Whether ``conn``, listening, hears a notification within ``timeout`` seconds of
-    ``probe`` (any notification counts: a writer's proves delivery as well)."""
+    ``probe`` (any notification counts: a writer's proves delivery as well).  It waits a
+    second at a time, so a stop request is noticed within a second (False then)."""
     await probe()
-    async for _note in conn.notifies(timeout=timeout, stop_after=1):
-        return True
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not stop.is_set() and (left := end - loop.time()) > 0:
+        async for _note in conn.notifies(timeout=min(left, 1.0), stop_after=1):
+            return True
     return False
 
 

@@ -604,6 +604,40 @@ def test_postgresql_listen_that_hears_nothing_is_said_once_and_polled_around(
     ]
 
 
+def test_postgresql_listen_stops_within_a_second_while_waiting_for_its_probe(
+    tmp_path: Path,
+) -> None:
+    """A stop request while the LISTEN connection waits for a probe it will not hear ends
+    the watcher within about a second, not after the probe's timeout, and says nothing of
+    a deaf connection."""
+    from structlog.testing import capture_logs
+
+    from provisioner.watch import postgres_wakeups
+
+    from .dbs import temp_database
+
+    async def unheard() -> None:
+        """A probe nobody sends."""
+
+    async def listen(url: str) -> tuple[float, list[str]]:
+        wake, stop = asyncio.Event(), asyncio.Event()
+        with capture_logs() as logs:
+            source = asyncio.ensure_future(
+                postgres_wakeups(url, wake, stop, poll=0.05, probe=unheard, probe_timeout=30)
+            )
+            await asyncio.sleep(0.5)
+            stop.set()
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            await asyncio.wait_for(source, 10)
+        return loop.time() - start, [e["event"] for e in logs]
+
+    with temp_database("postgresql", tmp_path) as url:
+        took, events = asyncio.run(listen(url))
+    assert took < 1.5, f"stopped after {took:.2f} s"
+    assert "store.listen_deaf" not in events
+
+
 def test_postgresql_connections_notice_a_server_host_gone_silent(tmp_path: Path) -> None:
     """The LISTEN connection and the engine's pooled ones have TCP keepalive (10 s idle,
     then every 5 s, 3 probes) and a 30 s user timeout, unless the store URL sets its own:
