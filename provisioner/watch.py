@@ -477,6 +477,20 @@ def listen_conninfo(url: str) -> str:
     return psycopg.conninfo.make_conninfo(**params, **pg_keepalive(params))
 
 
+#: Seconds a new LISTEN connection waits for its probe's notification (see
+#: :func:`postgres_wakeups`): a local server delivers it in about a millisecond.
+PROBE_TIMEOUT = 5.0
+
+_DEAF_CAUSE = (
+    "the LISTEN connection goes through a pooler in transaction or statement pooling"
+    " (PgBouncer's pool_mode = transaction): notifications reach another client or none"
+)
+_DEAF_FIX = (
+    "give the daemon a session-pooled (pool_mode = session) or direct connection to"
+    " PostgreSQL in store.url"
+)
+
+
 async def postgres_wakeups(
     url: str,
     wake: asyncio.Event,
@@ -484,6 +498,8 @@ async def postgres_wakeups(
     *,
     poll: float = 0.5,
     backoff_cap: float = 30.0,
+    probe: Callable[[], Awaitable[None]] | None = None,
+    probe_timeout: float = PROBE_TIMEOUT,
 ) -> None:
     """Set ``wake`` on every ``NOTIFY provisioner_changes``; reconnect with capped backoff.
 
@@ -492,9 +508,17 @@ async def postgres_wakeups(
     listening (before the first connect, and from a lost connection until ``LISTEN``
     works again, up to ``backoff_cap`` seconds apart) it sets ``wake`` every ``poll``
     seconds instead, so an edit still goes live within about ``poll``.
+
+    After ``LISTEN`` a probe (``probe``; by default a ``pg_notify`` on the channel from a
+    connection of its own, as a writer's) must be heard within ``probe_timeout`` seconds.
+    One not heard (PgBouncer in transaction pooling takes ``LISTEN`` and never relays a
+    notification) is said once per streak of such connections (``store.listen_deaf``,
+    with the likely cause and the fix) and ``wake`` stays set every ``poll`` seconds.
     """
     conninfo = listen_conninfo(url)
+    send_probe = probe or (lambda: _notify_probe(conninfo))
     delay = 0.5
+    deaf = False  # the last connection's probe was not heard
     listening = asyncio.Event()  # ends the poll of the current time away
     poller: asyncio.Future[None] | None = None
     try:
@@ -505,10 +529,24 @@ async def postgres_wakeups(
             try:
                 async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")  # a constant channel name
-                    listening.set()
-                    await poller
-                    poller = None
-                    log.info("store.listening", channel=NOTIFY_CHANNEL)
+                    heard = await _hears(conn, send_probe, probe_timeout, stop)
+                    if stop.is_set():
+                        break
+                    if heard:
+                        listening.set()
+                        await poller
+                        poller = None
+                        log.info("store.listening", channel=NOTIFY_CHANNEL)
+                        deaf = False
+                    elif not deaf:
+                        log.warning(
+                            "store.listen_deaf",
+                            channel=NOTIFY_CHANNEL,
+                            waited_s=probe_timeout,
+                            cause=_DEAF_CAUSE,
+                            fix=_DEAF_FIX,
+                        )
+                        deaf = True
                     delay = 0.5
                     wake.set()
                     await _relay_notifies(conn, wake, stop)
@@ -520,6 +558,30 @@ async def postgres_wakeups(
         if poller is not None:
             listening.set()
             await poller
+
+
+async def _notify_probe(conninfo: str) -> None:
+    """Notify the change channel from a connection of its own, as a writer's trigger does."""
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        await conn.execute("SELECT pg_notify(%s, 'probe')", (NOTIFY_CHANNEL,))
+
+
+async def _hears(
+    conn: psycopg.AsyncConnection[object],
+    probe: Callable[[], Awaitable[None]],
+    timeout: float,
+    stop: asyncio.Event,
+) -> bool:
+    """Whether ``conn``, listening, hears a notification within ``timeout`` seconds of
+    ``probe`` (any notification counts: a writer's proves delivery as well).  It waits a
+    second at a time, so a stop request is noticed within a second (False then)."""
+    await probe()
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not stop.is_set() and (left := end - loop.time()) > 0:
+        async for _note in conn.notifies(timeout=min(left, 1.0), stop_after=1):
+            return True
+    return False
 
 
 async def _poll_until(

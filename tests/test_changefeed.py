@@ -44,6 +44,7 @@ from provisioner.targets.configfile import ConfigFileTarget
 from .amipeer import FakeAsterisk, eventually
 from .conftest import FakeClock
 from .dbs import maria_account, run_statement
+from .test_realtime import statements
 
 
 def _changes(engine: Engine, after: int = 0) -> list[tuple[str, int, str]]:
@@ -296,6 +297,28 @@ def test_applied_ids_above_a_gap_do_not_hide_new_changes(engine: Engine) -> None
         rows = read_unapplied(conn, t, limit=5)
     assert [r.id for r in rows] == [base + 1]
     assert t.mark([r.id for r in rows], now=2.0) == base + 12
+
+
+def test_many_narrow_holes_are_reread_in_few_statements_of_constant_form(engine: Engine) -> None:
+    """An hour of one-id holes (MariaDB Galera's interleaved ids) is re-read in a handful
+    of statements without a BETWEEN per hole, and a late change in any hole, narrow or
+    wide, is still found, oldest first and within the row limit."""
+    with engine.connect() as conn:
+        base = conn.execute(select(func.max(changes.c.id))).scalar_one_or_none() or 0
+    count = 3_000
+    narrow = [(base + 100 + 2 * k, base + 100 + 2 * k, 0.0) for k in range(count)]
+    top = base + 100 + 2 * count
+    t = CursorTracker(cursor=top, holes=[(base + 1, base + 50, 0.0), *narrow])
+    late = [base + 7, base + 100, base + 100 + 2 * (count // 2), top - 2]
+    _add_changes(engine, [*late, top + 1])
+    with statements(engine) as sent, engine.connect() as conn:
+        rows = read_unapplied(conn, t)
+    assert [r.id for r in rows] == [*late, top + 1]
+    reads = [s for s in sent if s.lstrip().upper().startswith("SELECT")]
+    assert len(reads) <= 2 + count // 500
+    assert sum(s.upper().count("BETWEEN") for s in reads) <= 1
+    with engine.connect() as conn:
+        assert [r.id for r in read_unapplied(conn, t, limit=2)] == [*late[:2], top + 1]
 
 
 def test_read_unapplied_rereads_every_gap_between_applied_ids() -> None:

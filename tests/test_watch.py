@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from provisioner.accounts import Accounts, Policy
-from provisioner.store.changefeed import save_cursor
+from provisioner.store.changefeed import NOTIFY_CHANNEL, save_cursor
 from provisioner.store.engine import open_engine
 from provisioner.store.migrate import upgrade
 from provisioner.watch import (
@@ -551,6 +551,91 @@ def test_postgresql_listen_connects_with_a_password_holding_spaces(tmp_path: Pat
         "store.listening"
     ]
     assert "s3cret" not in repr(logs)
+
+
+def test_postgresql_listen_that_hears_nothing_is_said_once_and_polled_around(
+    tmp_path: Path,
+) -> None:
+    """A LISTEN connection that does not hear the store's notifications (PgBouncer in
+    transaction pooling: here the probe's NOTIFY goes to another channel) is named in one
+    warning with its likely cause and fix, and the watcher wakes every ``poll`` seconds
+    as while it cannot connect; one that hears its probe says it listens, and no warning."""
+    import psycopg
+    from structlog.testing import capture_logs
+
+    from provisioner.watch import listen_conninfo, postgres_wakeups
+
+    from .dbs import temp_database
+
+    async def listen(url: str, channel: str) -> tuple[list[MutableMapping[str, Any]], int]:
+        async def probe() -> None:
+            async with await psycopg.AsyncConnection.connect(
+                listen_conninfo(url), autocommit=True
+            ) as conn:
+                await conn.execute("SELECT pg_notify(%s, 'probe')", (channel,))
+
+        wake, stop = asyncio.Event(), asyncio.Event()
+        wakes = 0
+        with capture_logs() as logs:
+            source = asyncio.ensure_future(
+                postgres_wakeups(url, wake, stop, poll=0.05, probe=probe, probe_timeout=0.3)
+            )
+            try:
+                for _ in range(60):
+                    await asyncio.sleep(0.02)
+                    wakes += wake.is_set()
+                    wake.clear()
+            finally:
+                stop.set()
+                await asyncio.wait_for(source, 5)
+        return logs, wakes
+
+    with temp_database("postgresql", tmp_path) as url:
+        deaf, deaf_wakes = asyncio.run(listen(url, "not_" + NOTIFY_CHANNEL))
+        heard, _ = asyncio.run(listen(url, NOTIFY_CHANNEL))
+    said = [e for e in deaf if e["event"] == "store.listen_deaf"]
+    assert len(said) == 1, deaf
+    assert "PgBouncer" in said[0]["cause"]
+    assert "session" in said[0]["fix"]
+    assert "store.listening" not in [e["event"] for e in deaf]
+    assert deaf_wakes >= 10  # polled every 0.05 s for 1.2 s, not only the 5 s safety net
+    assert [e["event"] for e in heard if e["event"].startswith("store.listen")] == [
+        "store.listening"
+    ]
+
+
+def test_postgresql_listen_stops_within_a_second_while_waiting_for_its_probe(
+    tmp_path: Path,
+) -> None:
+    """A stop request while the LISTEN connection waits for a probe it will not hear ends
+    the watcher within about a second, not after the probe's timeout, and says nothing of
+    a deaf connection."""
+    from structlog.testing import capture_logs
+
+    from provisioner.watch import postgres_wakeups
+
+    from .dbs import temp_database
+
+    async def unheard() -> None:
+        """A probe nobody sends."""
+
+    async def listen(url: str) -> tuple[float, list[str]]:
+        wake, stop = asyncio.Event(), asyncio.Event()
+        with capture_logs() as logs:
+            source = asyncio.ensure_future(
+                postgres_wakeups(url, wake, stop, poll=0.05, probe=unheard, probe_timeout=30)
+            )
+            await asyncio.sleep(0.5)
+            stop.set()
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            await asyncio.wait_for(source, 10)
+        return loop.time() - start, [e["event"] for e in logs]
+
+    with temp_database("postgresql", tmp_path) as url:
+        took, events = asyncio.run(listen(url))
+    assert took < 1.5, f"stopped after {took:.2f} s"
+    assert "store.listen_deaf" not in events
 
 
 def test_postgresql_connections_notice_a_server_host_gone_silent(tmp_path: Path) -> None:

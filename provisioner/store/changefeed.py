@@ -491,8 +491,14 @@ def _read(conn: Connection, where: ColumnElement[bool], limit: int) -> list[Chan
     return [ChangeRow(r.id, r.entity, r.entity_id, r.op) for r in rows]
 
 
-# Gap intervals per query: keeps the OR chain well under SQLite's expression depth limit.
+# Wide gap intervals per query: keeps the OR chain well under SQLite's expression depth limit.
 _GAPS_PER_QUERY = 200
+
+#: A gap of at most this many ids is re-read by its ids (an ``IN`` list), not by a range.
+_NARROW = 8
+
+#: Ids per ``IN`` list: each a bound parameter (old SQLite builds allow 999 in a statement).
+_IDS_PER_QUERY = 500
 
 
 def _gaps(cursor: int, seen: set[int]) -> list[tuple[int, int]]:
@@ -506,6 +512,40 @@ def _gaps(cursor: int, seen: set[int]) -> list[tuple[int, int]]:
     return out
 
 
+def _split(gaps: Sequence[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
+    """The ids of the narrow gaps, sorted, and the wide gaps."""
+    ids: list[int] = []
+    wide: list[tuple[int, int]] = []
+    for lo, hi in gaps:
+        if hi - lo < _NARROW:
+            ids.extend(range(lo, hi + 1))
+        else:
+            wide.append((lo, hi))
+    return sorted(ids), wide
+
+
+def _gap_filters(gaps: Sequence[tuple[int, int]]) -> list[ColumnElement[bool]]:
+    """One filter per statement that reads ``gaps``: the narrow ones by ``IN`` lists of
+    their ids, the wide ones by ``BETWEEN`` chains.
+
+    A multi-master MariaDB (Galera: ``auto_increment_increment`` is the node count) leaves
+    a one-id hole beside every change, some 3,600 after an hour: as ``BETWEEN`` chains,
+    building them took SQLAlchemy 240-470 ms a poll; an ``IN`` list is one expanding
+    parameter, whatever its length."""
+    ids, wide = _split(gaps)
+    wide.sort()
+    # (lowest id, filter): the statements run lowest first, so a read cut short by the
+    # row limit has the oldest changes.
+    out: list[tuple[int, ColumnElement[bool]]] = [
+        (ids[start], changes.c.id.in_(ids[start : start + _IDS_PER_QUERY]))
+        for start in range(0, len(ids), _IDS_PER_QUERY)
+    ]
+    for start in range(0, len(wide), _GAPS_PER_QUERY):
+        chunk = wide[start : start + _GAPS_PER_QUERY]
+        out.append((chunk[0][0], or_(*(changes.c.id.between(lo, hi) for lo, hi in chunk))))
+    return [where for _, where in sorted(out, key=lambda pair: pair[0])]
+
+
 def read_unapplied(
     conn: Connection, tracker: CursorTracker, limit: int = 10_000
 ) -> list[ChangeRow]:
@@ -513,18 +553,17 @@ def read_unapplied(
 
     New changes are read from above the highest applied id, so applied ids
     waiting above a gap never crowd them out of ``limit``; the gaps themselves
-    and the holes (few: open transactions and rollbacks) are re-read apart, at
-    most ``limit`` rows of them too.
+    and the holes (open transactions and rollbacks; on a multi-master MariaDB one
+    beside every change) are re-read apart, at most ``limit`` rows of them too,
+    the narrow ones by their ids (:func:`_gap_filters`).
     """
     top = max(tracker.seen, default=tracker.cursor)
     found: list[ChangeRow] = []
-    gaps = tracker.hole_ranges() + _gaps(tracker.cursor, tracker.seen)
-    for start in range(0, len(gaps), _GAPS_PER_QUERY):
+    for where in _gap_filters(tracker.hole_ranges() + _gaps(tracker.cursor, tracker.seen)):
         if len(found) >= limit:
             break
-        chunk = gaps[start : start + _GAPS_PER_QUERY]
-        in_gaps = or_(*(changes.c.id.between(lo, hi) for lo, hi in chunk))
-        found += _read(conn, in_gaps, limit - len(found))
+        found += _read(conn, where, limit - len(found))
+    found.sort(key=lambda r: r.id)
     found += read_changes(conn, top, limit)
     return tracker.fresh(found)
 
