@@ -5,10 +5,17 @@ from __future__ import annotations
 import io
 import json
 import logging
+from pathlib import Path
 
+import pytest
 import structlog
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from provisioner.logs import configure
+from provisioner.store.engine import open_engine
+
+from .dbs import temp_database
 
 
 def _lines(stream: io.StringIO) -> list[dict[str, object]]:
@@ -61,3 +68,34 @@ def test_configuring_again_replaces_the_library_handler() -> None:
         root.handlers[:], root.level = handlers, level
     assert first.getvalue() == ""
     assert [line["event"] for line in _lines(second)] == ["pool overflow"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_database_error_logged_by_a_library_never_quotes_its_parameters(
+    backend: str, tmp_path: Path
+) -> None:
+    """A database error from a store engine, in a library's record with its traceback (as
+    SQLAlchemy's pool logs a failed reset while an INSERT's error is handled), never
+    quotes the statement's parameters: a digest stays out of the log."""
+    digest = "MD5:" + "24eeff0c"[::-1]  # not in the source lines a traceback quotes
+    stream = io.StringIO()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    configure("info", "json", stream)
+    try:
+        with temp_database(backend, tmp_path) as url:
+            engine = open_engine(url)
+            try:
+                with engine.connect() as conn, pytest.raises(DBAPIError) as caught:
+                    conn.execute(text("INSERT INTO nosuch VALUES (:d)"), {"d": digest})
+                try:
+                    raise RuntimeError("reset failed") from caught.value
+                except RuntimeError:
+                    logging.getLogger("sqlalchemy.pool").error("reset", exc_info=True)
+            finally:
+                engine.dispose()
+    finally:
+        root.handlers[:], root.level = handlers, level
+    assert "c0ffee42" not in str(caught.value)
+    assert "no such table" in stream.getvalue() or "does not exist" in stream.getvalue()
+    assert "c0ffee42" not in stream.getvalue()
