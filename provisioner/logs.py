@@ -41,17 +41,63 @@ class _LibraryHandler(logging.StreamHandler[TextIO]):
     called again, as on SIGHUP, rather than adding a second)."""
 
 
+def _escaped(value: Any) -> Any:
+    """``value`` with each lone surrogate in its text (and in the lists, tuples and dicts
+    it holds) written as a backslash escape: one of Python's surrogate escapes (a byte
+    that was not UTF-8: a file name, a SQLite store's Latin-1 row) as that byte,
+    ``\\xe4``, any other as ``\\udXXX``, as the command line prints them.  JSON would
+    write a lone surrogate as a ``\\udce4`` escape, which strict parsers (serde_json, as
+    in Vector) refuse, dropping the whole line."""
+    if isinstance(value, str):
+        if value.isascii():
+            return value
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "".join(_char(ch) for ch in value)
+        return value
+    if isinstance(value, dict):
+        return {_escaped(k): _escaped(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_escaped(item) for item in value]
+    return value
+
+
+def _char(ch: str) -> str:
+    """``ch``, or its backslash escape when it is a lone surrogate (:func:`_escaped`)."""
+    code = ord(ch)
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"\\x{code - 0xDC00:02x}"
+    if 0xD800 <= code <= 0xDFFF:
+        return f"\\u{code:04x}"
+    return ch
+
+
+def escape_not_utf8(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Write each lone surrogate in the event's values as a backslash escape
+    (:func:`_escaped`), so that every JSON line is UTF-8 every parser reads."""
+    for key, value in event_dict.items():
+        event_dict[key] = _escaped(value)
+    return event_dict
+
+
+_JSON = structlog.processors.JSONRenderer()
+
+
+def _to_json(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
+    """The event as one JSON line, its lone surrogates escaped first (:func:`escape_not_utf8`)."""
+    return _JSON(logger, method, escape_not_utf8(logger, method, event_dict))
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     """Route structlog events to ``stream`` (stderr) at ``level``, as JSON or console text,
     and the standard library's log records from ``warning`` (or ``level``, if higher) up
     to the same stream in the same form."""
     stream = stream or sys.stderr
     as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
-    renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if as_json
-        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
-    )
+    renderer: Any = _to_json if as_json else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     shared: list[Any] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

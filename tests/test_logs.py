@@ -99,3 +99,28 @@ def test_a_database_error_logged_by_a_library_never_quotes_its_parameters(
     assert "c0ffee42" not in str(caught.value)
     assert "no such table" in stream.getvalue() or "does not exist" in stream.getvalue()
     assert "c0ffee42" not in stream.getvalue()
+
+
+def test_text_that_is_not_utf8_is_logged_as_escapes_every_json_parser_reads() -> None:
+    """A value holding bytes that are not UTF-8 (a file name, a SQLite store's Latin-1 row,
+    read as Python's surrogate escapes) is written as backslash escapes of those bytes, not
+    as JSON escapes of lone surrogates, which strict parsers (serde_json, as in Vector)
+    refuse, dropping the line; surrogate pairs (an emoji) and other text are kept."""
+    stream = io.StringIO()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    configure("info", "json", stream)
+    try:
+        structlog.get_logger().warning(
+            "sync.skipped",
+            username="k\udce4te",
+            rows=[{"full_name": "\udcff\udcfe"}],
+            note="caf\u00e9 \U0001f600\nnext",
+        )
+    finally:
+        root.handlers[:], root.level = handlers, level
+    (line,) = _lines(stream)
+    assert line["username"] == "k\\xe4te"
+    assert line["rows"] == [{"full_name": "\\xff\\xfe"}]
+    assert line["note"] == "caf\u00e9 \U0001f600\nnext"
+    json.dumps(line, ensure_ascii=False).encode("utf-8")  # no lone surrogate left
