@@ -681,8 +681,11 @@ class Daemon:
         look, or at once when an apply finds the store back, :meth:`_lock_pause`), and this
         daemon's old session no longer holds it (a cut the server has not noticed yet:
         ``daemon.lock_waits`` meanwhile); taken by another daemon meanwhile, this one
-        stops (a failed task: exit 10)."""
+        stops (a failed task: exit 10).  A wait is logged as ``daemon.lock_waits`` at its
+        first try only, then counted (:func:`_log_lock_wait`), and ``daemon.lock_retaken``
+        says how many tries it took (``after_tries``) and how long (``waited_s``)."""
         was_held = await in_worker(lock.check)
+        tries, since, logged_at = 0, 0.0, 0.0
         while not await self._lock_pause():
             if await in_worker(lock.check):
                 was_held = True
@@ -695,10 +698,17 @@ class Daemon:
             except (*STORE_DOWN, PreviousSessionHolds) as exc:
                 # Not yet: the store is down, or this daemon's old session (its
                 # connection lost in a cut the server has not noticed) still holds it.
-                log.warning("daemon.lock_waits", error=_describe(exc), retry_in_s=LOCK_CHECK)
+                now = time.monotonic()
+                tries += 1
+                if tries == 1:
+                    since = now
+                if _log_lock_wait(tries, now - since, now - logged_at, _describe(exc)):
+                    logged_at = now
                 continue
             was_held = True
-            log.info("daemon.lock_retaken")
+            waited = round(time.monotonic() - since, 1) if tries else 0.0
+            log.info("daemon.lock_retaken", after_tries=tries, waited_s=waited)
+            tries = 0
 
     async def _lock_pause(self) -> bool:
         """Wait :data:`LOCK_CHECK` seconds, or until an apply found the store back from an
@@ -1588,6 +1598,28 @@ def _owes_asterisk(change: Change) -> bool:
 def _next_retry(delay: float) -> float:
     """The pause before the next retry after one of ``delay`` (0: the first failure)."""
     return min(30.0, delay * 2) if delay else 0.5
+
+
+def _log_lock_wait(tries: int, waiting: float, since_logged: float, error: str) -> bool:
+    """Log the ``tries``-th failed try to take the daemon's lock again: the first as
+    ``daemon.lock_waits``, the 2nd, 4th, 8th... and any :data:`STILL_FAILING_EVERY`
+    seconds after the last line as ``daemon.lock_still_waits`` (warnings), the others at
+    debug level: one every :data:`LOCK_CHECK` (5 s) was 720 warnings an hour of a store
+    outage.  True when a warning was logged."""
+    if tries == 1:
+        log.warning("daemon.lock_waits", error=error, retry_in_s=LOCK_CHECK)
+        return True
+    if tries & (tries - 1) == 0 or since_logged >= STILL_FAILING_EVERY:
+        log.warning(
+            "daemon.lock_still_waits",
+            tries=tries,
+            waiting_for_s=round(waiting, 1),
+            error=error,
+            retry_in_s=LOCK_CHECK,
+        )
+        return True
+    log.debug("daemon.lock_waits_again", tries=tries, error=error)
+    return False
 
 
 def _holds_db_error(exc: BaseException) -> bool:

@@ -119,6 +119,62 @@ def test_login_failed_logged_once_per_streak() -> None:
     run(scenario())
 
 
+def test_a_server_down_is_logged_once_per_streak_not_at_every_try() -> None:
+    """A server that refuses connections is logged as ami.connect_failed at the first try
+    only, the later tries counted in ami.still_failing warnings at the 2nd, 4th, 8th...
+    (debug lines between), and the connection that ends the streak says how many failed."""
+
+    async def scenario() -> None:
+        peer = await _peer()
+        client = AmiClient(server_for(peer), fast_settings(backoff_cap=0.02))
+        with capture_logs() as logs:
+            async with running(client):
+                await eventually(lambda: client.connected)
+                await peer.stop()
+                await eventually(
+                    lambda: sum(e["event"] == "ami.still_failing" for e in logs) >= 3, timeout=5
+                )
+                await peer.start()
+                await eventually(lambda: client.connected, timeout=5)
+        failed = [e for e in logs if e["event"] == "ami.connect_failed"]
+        assert len(failed) == 1, failed
+        assert failed[0]["log_level"] == "warning"
+        still = [e for e in logs if e["event"] == "ami.still_failing"]
+        assert [e["failures"] for e in still[:3]] == [2, 4, 8]
+        assert {e["log_level"] for e in still} == {"warning"}
+        assert "ConnectionRefusedError" in still[0]["error"]
+        again = [e for e in logs if e["event"] == "ami.connect_failed_again"]
+        assert {e["log_level"] for e in again} == {"debug"}
+        connected = [e for e in logs if e["event"] == "ami.connected"]
+        assert connected[-1]["after_connect_failures"] >= 8
+        assert connected[-1]["failed_for_s"] >= 0
+        assert connected[0]["after_connect_failures"] == 0
+        await peer.stop()
+
+    run(scenario())
+
+
+def test_a_peer_that_is_not_asterisk_is_logged_once_per_streak() -> None:
+    """Another service holding the AMI port is logged as ami.not_asterisk (an error) at the
+    first try only; the later tries are counted, not each logged at warning or above."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk(banner=b"SSH-2.0-OpenSSH_9.6\r\n")
+        await peer.start()
+        client = AmiClient(server_for(peer), fast_settings(login_failure_backoff=0.02))
+        with capture_logs() as logs:
+            async with running(client):
+                await eventually(lambda: peer.connections >= 5)
+        refused = [e for e in logs if e["event"] == "ami.not_asterisk"]
+        assert len(refused) == 1, refused
+        assert refused[0]["log_level"] == "error"
+        loud = [e for e in logs if e["log_level"] in ("warning", "error")]
+        assert len(loud) < peer.connections - 1
+        await peer.stop()
+
+    run(scenario())
+
+
 def test_not_connected_action_errors_at_once() -> None:
     """An action while no connection is up fails at once and nothing is queued."""
 

@@ -16,14 +16,17 @@ import re
 import socket
 import subprocess
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.engine import make_url
+from structlog.testing import capture_logs
 
+from provisioner import daemon as daemon_module
 from provisioner.errors import ConflictError
 from provisioner.store import runlock
 from provisioner.store.engine import exclusive, mysql_lock_name, open_engine, pg_lock_key
@@ -399,3 +402,50 @@ def test_a_lock_whose_holder_ends_as_it_is_refused_is_taken(
             second.release()
             first.release()
             engine.dispose()
+
+
+def test_a_long_wait_for_the_lock_is_logged_once_then_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the lock cannot be taken again (the daemon's old session still holds it),
+    daemon.lock_waits is logged at the first try only; the later tries are counted in
+    daemon.lock_still_waits warnings at the 2nd, 4th, 8th... (debug lines between), and
+    daemon.lock_retaken says how many tries it took."""
+    monkeypatch.setattr(daemon_module, "LOCK_CHECK", 0.02)
+    with _through_proxy("postgresql", tmp_path) as (url, admin, proxy):
+        daemon = local_daemon(tmp_path, store={"url": url})
+        lock = DaemonLock(daemon.engine, url)
+
+        async def scenario() -> list[MutableMapping[str, Any]]:
+            with capture_logs() as logs:
+                old = _cut_lock(lock, admin, proxy)
+                keeper = asyncio.create_task(daemon._keep_lock(lock))
+                while sum(e["event"] == "daemon.lock_still_waits" for e in logs) < 3:
+                    await asyncio.sleep(0.02)
+                # Not _end_session, which waits to see the lock free: the keeper, trying
+                # every 20 ms, may take it again before that poll sees it.
+                await asyncio.to_thread(_terminate, admin, old)
+                while not any(e["event"] == "daemon.lock_retaken" for e in logs):
+                    await asyncio.sleep(0.02)
+                daemon.stop.set()
+                await keeper
+            return logs
+
+        try:
+            logs = asyncio.run(asyncio.wait_for(scenario(), 60))
+        finally:
+            lock.release()
+            daemon.engine.dispose()
+    waits = [e for e in logs if e["event"] == "daemon.lock_waits"]
+    assert len(waits) == 1, waits
+    still = [e for e in logs if e["event"] == "daemon.lock_still_waits"]
+    assert [e["tries"] for e in still[:3]] == [2, 4, 8]
+    assert {e["log_level"] for e in still} == {"warning"}
+    retaken = [e for e in logs if e["event"] == "daemon.lock_retaken"]
+    assert retaken[0]["after_tries"] >= 8
+
+
+def _terminate(admin: Engine, session: int) -> None:
+    """End the PostgreSQL backend ``session`` (as an administrator would)."""
+    with admin.connect() as conn:
+        conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": session})

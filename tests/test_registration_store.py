@@ -1295,6 +1295,45 @@ def test_a_write_the_database_refused_is_retried_without_a_new_event(
     assert after == []
 
 
+def test_a_run_of_refused_registration_writes_is_logged_once_then_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the store refuses registration writes, registration.store_failed is logged
+    at the first refusal only and registration.store_retry as a warning at the 1st, 2nd,
+    4th... (debug lines between); the write that ends the run logs
+    registration.store_recovered with the count."""
+    monkeypatch.setattr(pbx_module, "STORE_RETRY_BASE", 0.02)
+    path = tmp_path / "store.db"
+    engine = open_engine(f"sqlite:///{path}", busy_timeout=0.02)
+    seed_store(engine, 3)
+    blocker = sqlite3.connect(path, isolation_level=None)
+
+    async def scenario() -> None:
+        async with _lab_pbx(engine) as (peer, link, _pbx):
+            blocker.execute("BEGIN EXCLUSIVE")
+            await peer.send_burst(3)
+            await eventually(lambda: link.store_failures >= 6, timeout=10.0)
+            blocker.execute("ROLLBACK")
+            await eventually(lambda: link.store_failures == 0, timeout=10.0)
+
+    try:
+        with capture_logs() as logs:
+            run(scenario())
+    finally:
+        blocker.close()
+        engine.dispose()
+    failed = [e for e in logs if e["event"] == "registration.store_failed"]
+    assert [e["log_level"] for e in failed if e["log_level"] != "debug"] == ["warning"], failed
+    loud = [
+        e["failures"]
+        for e in logs
+        if e["event"] == "registration.store_retry" and e["log_level"] == "warning"
+    ]
+    assert loud[:3] == [1, 2, 4]
+    (recovered,) = [e for e in logs if e["event"] == "registration.store_recovered"]
+    assert recovered["failures"] >= 6
+
+
 def test_a_write_that_waits_in_vain_for_a_pooled_connection_is_retried(
     engine: Engine, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

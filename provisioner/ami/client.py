@@ -10,12 +10,19 @@ another service on the port).  A streak of refused logins is logged as
 ``ami.login_failed`` once, at its first (the later ones as warnings,
 ``ami.login_failed_again``: an alert on the error fires once, while a log read at the
 default level still shows the refusals go on); the login that ends it says how many there were
-(``ami.connected`` with ``after_login_failures``).  The login is sent only after the
-greeting, so the secret never goes to such a peer.  A line, a message or a header count
-past its bound (:class:`~provisioner.ami.actions.FrameDecoder`) is a protocol error: the
-connection is dropped (``ami.protocol_error`` names the bound, never the bytes) and
-made again after the usual backoff; the actions in flight fail as on any drop.  A
-list action's answer (``PJSIPShowContacts``), kept whole until its end, is bounded
+(``ami.connected`` with ``after_login_failures``).  A server down (a refused or timed-out
+connection, ``ami.connect_failed``, a warning) or another service on its port
+(``ami.not_asterisk``, an error) is logged at the first try of a streak only; the later
+tries are counted, ``ami.still_failing`` at the 2nd, 4th, 8th... and at least every
+:data:`STILL_FAILING_EVERY` seconds (each try a debug line): at the capped backoff each
+try would otherwise be a line every ``backoff_cap`` seconds per session, for as long as the
+server stays down.  The connection that ends the streak says how many tries failed and for
+how long (``ami.connected`` with ``after_connect_failures``, ``failed_for_s``).  The
+login is sent only after the greeting, so the secret never goes to such a peer.  A line,
+a message or a header count past its bound (:class:`~provisioner.ami.actions.FrameDecoder`)
+is a protocol error: the connection is dropped (``ami.protocol_error`` names the bound,
+never the bytes) and made again after the usual backoff; the actions in flight fail as on
+any drop.  A list action's answer (``PJSIPShowContacts``), kept whole until its end, is bounded
 too, by its events and their bytes (``max_list_events``, ``max_list_bytes``): past
 either, that action fails with :class:`AmiProtocolError` (logged the same way) and
 the session stays, the rest of the list read and let go.
@@ -87,6 +94,10 @@ _STAMP_LOOKBACK = 4
 #: timeouts in all, however long reads keep coming: a storm of 100k re-registrations
 #: is read in well under a minute, the default (10 s timeouts) it gets.
 PATIENCE = 6
+#: Seconds at most between two ``ami.still_failing`` lines of a server that stays down
+#: (the 2nd, 4th, 8th... failed try is logged too): ten minutes, as a server down for a
+#: day then leaves some 150 lines per session, not 2,880 (one per 30 s ``backoff_cap``).
+STILL_FAILING_EVERY = 600.0
 
 
 @dataclass(frozen=True)
@@ -204,6 +215,13 @@ class AmiClient:
         #: Refused logins since the last accepted one (``ami.login_failed`` is logged at
         #: the first only; ``ami.connected`` says how many there were).
         self._failed_streak = 0
+        #: The server down or not Asterisk: failed tries since the last connection that
+        #: greeted as Asterisk, the event that opened the streak, its start and the
+        #: last line logged of it (monotonic seconds): see :meth:`_log_unreachable`.
+        self._down_streak = 0
+        self._down_event = ""
+        self._down_since = 0.0
+        self._down_logged_at = 0.0
         self._connected_since: float | None = None
         self._events = 0
         self._high_water = 0
@@ -344,6 +362,7 @@ class AmiClient:
         try:
             session = await self._open_unless(stop)
         except AmiLoginFailed as exc:
+            self._down_streak = 0  # it answered as Asterisk: the server is back
             self._login_failures += 1
             self._failed_streak += 1
             self._last_error = exc.reason
@@ -364,12 +383,12 @@ class AmiClient:
             # Another service on the port does not become Asterisk in a second either.
             self._last_error = exc.reason
             delay = self._long_backoff()
-            self._log.error(
+            self._log_unreachable(
                 "ami.not_asterisk",
+                delay,
                 host=self.server.host,
                 port=self.server.port,
                 greeting=exc.greeting,
-                retry_in_s=round(delay, 3),
             )
             return delay, attempt + 1
         except AmiProtocolError as exc:
@@ -380,11 +399,7 @@ class AmiClient:
         except (OSError, TimeoutError, AmiError, ValueError) as exc:
             self._last_error = _describe(exc)
             delay = self._backoff(attempt)
-            self._log.warning(
-                "ami.connect_failed",
-                error=self._last_error,
-                retry_in_s=round(delay, 3),
-            )
+            self._log_unreachable("ami.connect_failed", delay, error=self._last_error)
             return delay, attempt + 1
         if session is None:
             return 0.0, attempt  # stopped while connecting
@@ -395,6 +410,35 @@ class AmiClient:
         stable = time.monotonic() - started >= self.settings.backoff_cap
         next_attempt = 0 if stable else attempt + 1
         return (0.0 if stop.is_set() else self._backoff(0 if stable else attempt)), next_attempt
+
+    def _log_unreachable(self, event: str, delay: float, **fields: Any) -> None:
+        """Log a failed try of a server down (``ami.connect_failed``) or not Asterisk
+        (``ami.not_asterisk``): the first of a streak (or one that fails the other way)
+        as ``event`` itself, an alert firing once; the later ones as ``ami.still_failing``
+        warnings at the 2nd, 4th, 8th... try and at least every
+        :data:`STILL_FAILING_EVERY` seconds, else as debug lines, so the log neither
+        floods nor goes quiet while the server stays down."""
+        now = time.monotonic()
+        self._down_streak += 1
+        failures = self._down_streak
+        retry_in_s = round(delay, 3)
+        if failures == 1 or event != self._down_event:
+            if failures == 1:
+                self._down_since = now
+            self._down_event, self._down_logged_at = event, now
+            say = self._log.error if event == "ami.not_asterisk" else self._log.warning
+            say(event, failures=failures, retry_in_s=retry_in_s, **fields)
+        elif failures & (failures - 1) == 0 or now - self._down_logged_at >= STILL_FAILING_EVERY:
+            self._down_logged_at = now
+            self._log.warning(
+                "ami.still_failing",
+                failures=failures,
+                failing_for_s=round(now - self._down_since, 1),
+                error=self._last_error,
+                retry_in_s=retry_in_s,
+            )
+        else:
+            self._log.debug(f"{event}_again", failures=failures, retry_in_s=retry_in_s, **fields)
 
     async def _open_unless(self, stop: asyncio.Event) -> _Session | None:
         """:meth:`_open`, given up (None) when ``stop`` is set first: a host that accepts
@@ -513,8 +557,11 @@ class AmiClient:
             banner=session.decoder.banner,
             reconnects=max(0, self._sessions - 1),
             after_login_failures=self._failed_streak,
+            after_connect_failures=self._down_streak,
+            failed_for_s=round(time.monotonic() - self._down_since, 1) if self._down_streak else 0,
         )
         self._failed_streak = 0
+        self._down_streak = 0
         for callback in self._on_connected:
             try:
                 callback()

@@ -106,6 +106,9 @@ FLUSH_DELAY = 0.02
 #: second: the database may be restarting; the book keeps the latest state meanwhile.
 STORE_RETRY_BASE = 0.5
 STORE_RETRY_MAX = 30.0
+#: Seconds at most between two ``registration.store_retry`` warnings of one run of
+#: refused writes (the 1st, 2nd, 4th... are warnings too; the others debug lines).
+STORE_SAY_EVERY = 300.0
 #: Dirty endpoints that end the waiting at once: during a long write the next batch
 #: (at most about this size) is built meanwhile, keeping batches and memory bounded.
 FLUSH_BATCH = 5000
@@ -226,6 +229,10 @@ class Link:
     store_idle: asyncio.Event = field(default_factory=asyncio.Event)
     #: Registration writes that failed in a row (0 once one succeeds).
     store_failures: int = 0
+    #: Whether this run of failed writes was logged (``registration.store_failed`` is
+    #: logged at its first only), and when its last warning was (monotonic seconds).
+    store_failed_said: bool = False
+    store_said_at: float = 0.0
     #: Set when the daemon found the store back from an outage during a pause after failed
     #: store writes (:meth:`AmiPbx.store_answered`): the pause ends, so the registration
     #: state is written within an apply of the store's return, not after a pause of up
@@ -1017,7 +1024,7 @@ class AmiPbx:
         stored = await asyncio.gather(*(self._stored(link, write) for write in started))
         if all(stored):
             if link.store_failures:
-                link.store_failures = 0
+                _store_recovered(link)
                 link.live_changed.set()
             return
         for (_, endpoints), ok in zip(writes, stored, strict=True):
@@ -1027,15 +1034,22 @@ class AmiPbx:
 
     async def _store_backoff(self, link: Link, stop: asyncio.Event) -> None:
         """Count a refused registration write and pause before the next
-        (``registration.store_retry``, a warning; :func:`_pause_after_failures`)."""
+        (``registration.store_retry``, :func:`_pause_after_failures`): a warning at the
+        1st, 2nd, 4th, 8th... failure of a run and at least every ``STORE_SAY_EVERY``
+        seconds, else a debug line (at the 30 s cap a store down for an hour was 240
+        warnings per server, with ``registration.store_failed``)."""
         link.store_failures += 1
         link.live_changed.set()
         # Only an answer during this pause ends it: one before the failure is stale.
         link.store_back.clear()
+        failures, now = link.store_failures, time.monotonic()
+        loud = failures & (failures - 1) == 0 or now - link.store_said_at >= STORE_SAY_EVERY
+        if loud:
+            link.store_said_at = now
         await _pause_after_failures(
             link,
             stop,
-            log.warning,
+            log.warning if loud else log.debug,
             "registration.store_retry",
             link.store_failures,
             (STORE_RETRY_BASE, STORE_RETRY_MAX),
@@ -1260,7 +1274,7 @@ class AmiPbx:
         )
         link.snapshot_failures = 0
         if stored:
-            link.store_failures = 0
+            _store_recovered(link)
             link.stored_session = session
             link.live_changed.set()
             contacts_now = sum(len(contacts) for contacts, _ in states.values())
@@ -1530,7 +1544,11 @@ class AmiPbx:
         try:
             await started
         except STORE_DOWN as exc:
-            log.warning("registration.store_failed", server=link.name, error=_store_error(exc))
+            # Once per run of failures (its later ones are counted by store_retry), and
+            # once per flush: its parts fail together.
+            say = log.debug if link.store_failed_said else log.warning
+            link.store_failed_said = True
+            say("registration.store_failed", server=link.name, error=_store_error(exc))
             return False
         finally:
             self._write_ended(link)
@@ -1724,6 +1742,15 @@ def _expired(reg: EndpointRegistration, now: float) -> bool:
         if contact.expires_at is not None and contact.expires_at + EXPIRY_GRACE <= now:
             return True
     return False
+
+
+def _store_recovered(link: Link) -> None:
+    """A registration write of ``link``'s server was stored: a run of failures before it
+    ends, said with its count (``registration.store_recovered``)."""
+    if link.store_failures:
+        log.info("registration.store_recovered", server=link.name, failures=link.store_failures)
+    link.store_failures = 0
+    link.store_failed_said = False
 
 
 async def _pause_after_failures(

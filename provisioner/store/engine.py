@@ -197,6 +197,14 @@ def open_store_engine(
     )
 
 
+#: Every engine's database errors leave out the statement's parameters (SQLAlchemy's
+#: ``hide_parameters``): the code never shows ``str(exc)`` (:func:`driver_error`), but a
+#: library's own record does, its traceback quoting each chained error whole (the pool
+#: failing to reset a connection while an INSERT's error is handled), and the
+#: parameters are SIP digests.
+HIDE_PARAMETERS = True
+
+
 def open_engine(
     url: str,
     *,
@@ -242,6 +250,7 @@ def open_engine(
             )
         engine = create_engine(
             url,
+            hide_parameters=HIDE_PARAMETERS,
             connect_args={"timeout": busy_timeout, "isolation_level": None},
             pool_size=pool_size,
             pool_timeout=pool_timeout,
@@ -253,7 +262,7 @@ def open_engine(
             _sqlite_never_creates(engine, path)
         _refusals_named(engine, url, field)
         return engine
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    kwargs: dict[str, Any] = {"pool_pre_ping": True, "hide_parameters": HIDE_PARAMETERS}
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":  # in memory, SQLAlchemy's takes no timeout
         kwargs.update(pool_size=pool_size, pool_timeout=pool_timeout)
