@@ -223,8 +223,14 @@ def _table(rows: list[list[str]], header: list[str]) -> None:
     """``rows`` under ``header`` in aligned columns, each cell :func:`_visible`."""
     cells = [[_visible(str(c)) for c in row] for row in [header, *rows]]
     widths = [max(len(x) for x in col) for col in zip(*cells, strict=True)]
-    for row in cells:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    # One write, not one per row: click.echo flushes each time, a system call per row
+    # (a third of a 100,000-user listing's time went to them).
+    click.echo(
+        "\n".join(
+            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in cells
+        )
+    )
 
 
 # -- db ---------------------------------------------------------------------------
