@@ -8,13 +8,14 @@ once to the caller, which shows it once.
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, case, delete, select, update
+from sqlalchemy import Connection, Engine, RootTransaction, case, delete, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 
 from . import credentials
@@ -259,6 +260,8 @@ class Accounts:
         self.policy = policy
         self.clock = clock
         self.actor = actor
+        # (transaction, first admin's id) of the last lookup: see first_admin_id.
+        self._first_admin: tuple[weakref.ref[RootTransaction], int] | None = None
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
@@ -302,10 +305,25 @@ class Accounts:
             )
         return int(row.id)
 
+    def first_admin_id(self, conn: Connection) -> int | None:
+        """:func:`q.first_admin_id`, read from the store once per transaction of ``conn``
+        once found.  Its query scans ``users`` (no index on role), so a bulk change or an
+        import of N users that asked it per user read the whole table N times (a 10,000-row
+        import of a 100,000-user store took minutes holding the write lock).  Once there is
+        a first admin it stays the same user (see :func:`q.first_admin_id`); while there is
+        none (an import whose first row adds it) it is asked again each time."""
+        txn = conn.get_transaction()
+        cached = self._first_admin
+        if txn is not None and cached is not None and cached[0]() is txn:
+            return cached[1]
+        found = q.first_admin_id(conn)
+        self._first_admin = None if txn is None or found is None else (weakref.ref(txn), found)
+        return found
+
     def guard_first_admin(self, conn: Connection, row: Any, *, line: int | None = None) -> None:
         """:class:`ForbiddenError` (field ``username``) when an :attr:`actor` other than the
         first admin is about to change the user ``row`` and ``row`` is the first admin."""
-        if self.actor is None or row.id != q.first_admin_id(conn):
+        if self.actor is None or row.id != self.first_admin_id(conn):
             return
         if self.actor_id(conn) == row.id:
             return
@@ -692,9 +710,8 @@ class Accounts:
             unchanged=[r.username for r in rows.values() if not changed[r.id]],
         )
 
-    @staticmethod
-    def _protect_first_admin(conn: Connection, row: Any, action: str) -> None:
-        if row.id == q.first_admin_id(conn):
+    def _protect_first_admin(self, conn: Connection, row: Any, action: str) -> None:
+        if row.id == self.first_admin_id(conn):
             raise ForbiddenError.one(
                 "username", f"{row.username} is the first admin and can never be {action}"
             )

@@ -427,7 +427,7 @@ def _set_disabled(
         raise InvalidInput([Problem("disabled", rule, line)])
     if row is not None and bool(row.disabled) == flag:
         return False
-    if flag and user_id == q.first_admin_id(conn):
+    if flag and user_id == accounts.first_admin_id(conn):
         raise InvalidInput([Problem("disabled", "the first admin can never be disabled", line)])
     if row is not None:
         accounts.guard_first_admin(conn, row, line=line)

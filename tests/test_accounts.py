@@ -1306,3 +1306,39 @@ def test_a_write_that_loses_a_unique_key_is_run_again(accounts: Accounts) -> Non
     with pytest.raises(ConflictError):
         rerun_on_unique_clash(write, 3, exhausted)
     assert len(runs) == 3
+
+
+@contextmanager
+def first_admin_lookups(accounts: Accounts) -> Iterator[list[str]]:
+    """The statements that look the first admin up (a scan of ``users``), while inside."""
+    seen: list[str] = []
+
+    def note(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "min(users.id)" in statement.lower():
+            seen.append(statement)
+
+    event.listen(accounts.engine, "before_cursor_execute", note)
+    try:
+        yield seen
+    finally:
+        event.remove(accounts.engine, "before_cursor_execute", note)
+
+
+def test_a_bulk_change_or_import_looks_the_first_admin_up_once(accounts: Accounts) -> None:
+    """A bulk change or a CSV import of many users by another admin reads the first admin
+    once per transaction, not once per user (each read scans ``users``: per user, a
+    10,000-user edit of a 100,000-user store read the table 10,000 times)."""
+    accounts.actor = "root"
+    names = [f"agent{i}" for i in range(6)]
+    for name in names:
+        accounts.add_user(_agent(name))
+    csv_text = "username,full_name,disabled\n" + "".join(f"{n},New {n},yes\n" for n in names)
+    for act in (
+        lambda: accounts.disable(names),
+        lambda: accounts.enable(names),
+        lambda: import_users(accounts, csv_text),
+        lambda: accounts.delete(names),
+    ):
+        with first_admin_lookups(accounts) as seen:
+            act()
+        assert len(seen) == 1

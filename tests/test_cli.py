@@ -1502,3 +1502,19 @@ def test_an_edit_that_changes_no_stored_value_says_unchanged_and_writes_nothing(
     with store.connect() as conn:
         assert newest_change_id(conn) == change
     assert cli.ok("user", "edit", "alice", "--nat", "yes") == "updated: alice\n"
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 5])
+def test_a_json_list_written_in_chunks_is_the_whole_lists_dump(
+    count: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A listing's JSON written a chunk of items at a time is, byte for byte, the dump of
+    the whole list (nested values, a time, an empty list), so no listing holds it all."""
+    items = [
+        {"id": i, "voice": {"codecs": "ulaw"}, "attributes": {}, "at": datetime(2026, 1, i + 1)}
+        for i in range(count)
+    ]
+    cli_module._echo_json(items)
+    whole = capsys.readouterr().out
+    cli_module._echo_json_list(iter(items), chunk=2)
+    assert capsys.readouterr().out == whole
