@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -589,6 +590,8 @@ def test_the_store_engine_keeps_pool_size_connections_and_waits_pool_timeout(
 
     from provisioner.cli import App
 
+    # The CLI opens a store only where there is one (only db upgrade makes it).
+    sqlite3.connect(tmp_path / "store.db").close()
     url = f"sqlite:///{tmp_path / 'store.db'}"
     sets = [f"store.url={url}", "store.pool_size=2", "store.pool_timeout=0.3"]
     engine = App(None, sets, verbose=False).accounts.engine
