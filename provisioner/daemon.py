@@ -52,7 +52,7 @@ from .errors import (
 )
 from .health import Health, write_health
 from .logs import configure as configure_logs
-from .logs import get_logger
+from .logs import get_logger, worth_repeating
 from .metrics import Metrics
 from .pjsip import RenderSettings
 from .sdnotify import Notifier, watchdog_interval
@@ -1031,7 +1031,7 @@ class Daemon:
         if failures == 1:
             self._outage_since = self._outage_logged_at = now
             log.error("sync.failed", error=error)
-        elif failures & (failures - 1) == 0 or now - self._outage_logged_at >= STILL_FAILING_EVERY:
+        elif worth_repeating(failures, now - self._outage_logged_at, STILL_FAILING_EVERY):
             self._outage_logged_at = now
             log.warning(
                 "sync.still_failing",
@@ -1609,7 +1609,7 @@ def _log_lock_wait(tries: int, waiting: float, since_logged: float, error: str) 
     if tries == 1:
         log.warning("daemon.lock_waits", error=error, retry_in_s=LOCK_CHECK)
         return True
-    if tries & (tries - 1) == 0 or since_logged >= STILL_FAILING_EVERY:
+    if worth_repeating(tries, since_logged, STILL_FAILING_EVERY):
         log.warning(
             "daemon.lock_still_waits",
             tries=tries,

@@ -21,7 +21,16 @@ from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["configure", "drop_secrets", "get_logger"]
+__all__ = ["configure", "drop_secrets", "get_logger", "worth_repeating"]
+
+
+def worth_repeating(count: int, since_said: float, every: float) -> bool:
+    """Whether the ``count``-th failure of a streak is worth a line (again): the 1st,
+    2nd, 4th, 8th... and any other once ``since_said`` seconds since the last line
+    reach ``every``, so a long outage is said a few times early and then at a steady
+    pace, never at every try."""
+    return count & (count - 1) == 0 or since_said >= every
+
 
 _SECRET_KEYS = ("password", "secret", "digest", "apikey", "api_key", "md5_cred", "token")
 

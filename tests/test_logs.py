@@ -124,3 +124,14 @@ def test_text_that_is_not_utf8_is_logged_as_escapes_every_json_parser_reads() ->
     assert line["rows"] == [{"full_name": "\\xff\\xfe"}]
     assert line["note"] == "caf\u00e9 \U0001f600\nnext"
     json.dumps(line, ensure_ascii=False).encode("utf-8")  # no lone surrogate left
+
+
+def test_worth_repeating_says_a_streak_at_powers_of_two_and_at_a_steady_pace() -> None:
+    """A streak's failures are said at the 1st, 2nd, 4th, 8th... and at any other once the
+    pause since the last line reaches the pace, never otherwise."""
+    from provisioner.logs import worth_repeating
+
+    said = [n for n in range(1, 40) if worth_repeating(n, 1.0, 60.0)]
+    assert said == [1, 2, 4, 8, 16, 32]
+    assert worth_repeating(37, 60.0, 60.0)
+    assert not worth_repeating(37, 59.9, 60.0)

@@ -58,7 +58,7 @@ from typing import Any
 
 from ..aio import sleep_unless, wait_first, wait_task_or_event
 from ..config import AmiSettings, AsteriskServer
-from ..logs import get_logger
+from ..logs import get_logger, worth_repeating
 from .actions import (
     ActionIdGenerator,
     AmiAction,
@@ -428,7 +428,7 @@ class AmiClient:
             self._down_event, self._down_logged_at = event, now
             say = self._log.error if event == "ami.not_asterisk" else self._log.warning
             say(event, failures=failures, retry_in_s=retry_in_s, **fields)
-        elif failures & (failures - 1) == 0 or now - self._down_logged_at >= STILL_FAILING_EVERY:
+        elif worth_repeating(failures, now - self._down_logged_at, STILL_FAILING_EVERY):
             self._down_logged_at = now
             self._log.warning(
                 "ami.still_failing",

@@ -40,7 +40,7 @@ from ..accounts import utcnow
 from ..aio import doubling, sleep_unless, wait_first
 from ..config import AmiSettings, AsteriskServer, Config
 from ..errors import ProvisionerError
-from ..logs import get_logger
+from ..logs import get_logger, worth_repeating
 from ..store.engine import STORE_DOWN, reading, transaction
 from ..store.registrations import (
     EXPIRED_AFTER,
@@ -1043,7 +1043,7 @@ class AmiPbx:
         # Only an answer during this pause ends it: one before the failure is stale.
         link.store_back.clear()
         failures, now = link.store_failures, time.monotonic()
-        loud = failures & (failures - 1) == 0 or now - link.store_said_at >= STORE_SAY_EVERY
+        loud = worth_repeating(failures, now - link.store_said_at, STORE_SAY_EVERY)
         if loud:
             link.store_said_at = now
         await _pause_after_failures(
