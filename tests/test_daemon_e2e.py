@@ -27,6 +27,7 @@ from provisioner.store.state import load_state
 from provisioner.targets.shards import shard_name, shard_of
 
 from .amipeer import FakeAsterisk, ReceivedAction
+from .faultkit import SEED_COMMANDS, cli_in_thread, seed_admin_store
 from .faultkit import cli_async as _cli
 from .faultkit import until_async as _until
 
@@ -115,37 +116,37 @@ def _text(path: Path) -> str:
         return ""
 
 
-async def _add_agent(config: Path, username: str, full_name: str) -> None:
-    """``provisioner user add`` of a user of profile "agents" (as a separate process)."""
-    await _cli(
-        config,
+def _agent_args(username: str, full_name: str) -> list[str]:
+    """``user add`` arguments of a user of profile "agents"."""
+    email = f"{username}@example.com"
+    return [
         "user",
         "add",
         username,
         "--full-name",
         full_name,
         "--email",
-        f"{username}@example.com",
+        email,
         "--profile",
         "agents",
-    )
+    ]
+
+
+async def _add_agent(config: Path, username: str, full_name: str) -> None:
+    """``provisioner user add`` of a user of profile "agents" (the CLI run in this process)."""
+    await cli_in_thread(config, *_agent_args(username, full_name))
 
 
 async def _seed(config: Path) -> None:
-    await _cli(config, "db", "upgrade")
-    await _cli(config, "profile", "add", "agents")
-    await _cli(
-        config,
-        "user",
-        "add",
-        "root",
-        "--role",
-        "admin",
-        "--full-name",
-        "Root",
-        "--email",
-        "root@example.com",
-    )
+    """The store of ``config`` as ``db upgrade``, ``profile add agents`` and ``user add root``
+    (an admin) make it (a copy of one made so in this process)."""
+    seed_admin_store(config)
+
+
+async def _seed_by_console_script(config: Path) -> None:
+    """:func:`_seed`, each command run by the console script as a subprocess."""
+    for command in SEED_COMMANDS:
+        await _cli(config, *command)
 
 
 def test_edit_to_live_reload_registration_and_disable(tmp_path: Path) -> None:
@@ -158,12 +159,13 @@ def test_edit_to_live_reload_registration_and_disable(tmp_path: Path) -> None:
         await peer.start()
         config = _write_config(tmp_path, peer.port)
         conf = tmp_path / "pjsip_users.conf"
-        await _seed(config)
+        # Every command here is the console script, as an admin would run it.
+        await _seed_by_console_script(config)
         daemon = await _start_daemon(config, tmp_path / "daemon.log")
         try:
             await _until(lambda: peer.logins_ok >= 1, 10)
             reloads_before = len(peer.actions("Reload"))
-            await _add_agent(config, "alice", "Alice")
+            await _cli(config, *_agent_args("alice", "Alice"))
             took = await _until(
                 lambda: "[1001]" in _text(conf) and len(peer.actions("Reload")) > reloads_before,
                 5,

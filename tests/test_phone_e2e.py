@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from .amipeer import FakeAsterisk
-from .faultkit import agent_args
+from .faultkit import agent_args, cli_in_thread
 from .faultkit import cli_async as _cli
 from .faultkit import until_async as _until
 from .test_daemon_e2e import _seed, _start_daemon, _stop, _write_config
@@ -37,12 +37,13 @@ def _asked(peer: FakeAsterisk, action: str, key: str, value: str) -> bool:
 
 async def _status(config: Path, username: str) -> dict[str, Any]:
     """``provisioner status USERNAME --json``'s one row."""
-    return dict(json.loads(await _cli(config, "status", username, "--json"))[0])
+    return dict(json.loads(await cli_in_thread(config, "status", username, "--json"))[0])
 
 
 async def _add(config: Path, username: str, *extra: str) -> None:
-    """``provisioner user add USERNAME`` of profile "agents", with ``extra`` options."""
-    await _cli(config, *agent_args(username, *extra))
+    """``provisioner user add USERNAME`` of profile "agents", with ``extra`` options (the
+    CLI run in this process)."""
+    await cli_in_thread(config, *agent_args(username, *extra))
 
 
 @dataclass
