@@ -763,7 +763,7 @@ def auth_login(app: App, username: str) -> None:
         password = _stdin_line()
     found = app.accounts.login(username, password)
     log.info("auth.login", username=found.username)
-    click.echo(f"welcome, {found.full_name}")
+    click.echo(_visible(f"welcome, {found.full_name}"))
 
 
 # -- rendering and syncing ------------------------------------------------------------------
@@ -777,15 +777,16 @@ def _print_report(report: SyncReport) -> None:
         f"{verb}removed {len(change.removed)}, unchanged {change.unchanged}, "
         f"skipped {len(report.skipped)} ({report.took_ms:.0f} ms)"
     )
+    # A username or a foreign row's id comes from whoever wrote the table: escaped.
     for clash in change.clashes:
-        click.echo(f"conflict: {clash}; user skipped", err=True)
+        click.echo(_visible(f"conflict: {clash}; user skipped"), err=True)
     _many_troubled(
         len(change.clashes),
         "conflict with rows provisioner has no record of",
         "if they are its own (provisioner_objects lost), see `provisioner adopt --dry-run`",
     )
     for skipped in report.skipped:
-        click.echo(f"skipped {skipped}", err=True)
+        click.echo(_visible(f"skipped {skipped}"), err=True)
     _many_troubled(
         len(report.skipped),
         f"skipped ({_by_field(report.skipped)})",
@@ -923,10 +924,11 @@ def adopt(app: App, dry_run: bool) -> None:
     verb = "would adopt" if dry_run else "adopted"
     for user in found.adopted:
         rows = ", ".join(f"{table} {oid}" for table, oid in user.rows)
-        click.echo(f"{verb} {user.endpoint_id} ({user.username}): {rows}")
+        click.echo(_visible(f"{verb} {user.endpoint_id} ({user.username}): {rows}"))
     for foreign in found.left:
         reasons = "; ".join(foreign.reasons)
-        click.echo(f"left foreign {foreign.endpoint_id} ({foreign.username}): {reasons}")
+        # The reasons quote the foreign row's differing column: anyone's text.
+        click.echo(_visible(f"left foreign {foreign.endpoint_id} ({foreign.username}): {reasons}"))
     count = sum(len(user.rows) for user in found.adopted)
     click.echo(
         f"{verb} {_users(len(found.adopted))} ({count} rows); "
@@ -1013,11 +1015,12 @@ def check(app: App) -> None:
         # Still one line per check and exit 1, as for any failed check: the config
         # check failed (once per problem), and nothing else can be checked without it.
         for problem in exc.problems:
-            click.echo(f"FAIL  config: {problem}")
+            click.echo(_visible(f"FAIL  config: {problem}"))
         raise click.exceptions.Exit(1) from None
     results = run_checks(config)
     for name, ok, detail in results:
-        click.echo(f"{'ok  ' if ok else 'FAIL'}  {name}: {detail}")
+        # A detail may quote a health record, a path or an AMI peer's greeting.
+        click.echo(_visible(f"{'ok  ' if ok else 'FAIL'}  {name}: {detail}"))
     if not all(ok for _, ok, _ in results):
         raise click.exceptions.Exit(1)
 
@@ -1119,12 +1122,14 @@ def quickstart(app: App) -> None:
 
 
 def _report(exc: ProvisionerError) -> int:
+    """Print ``exc`` on stderr, each line :func:`_visible` (a rule or message may quote a
+    stored name, a file's path or a server's words), and return its exit code."""
     if isinstance(exc, InvalidInput):
         click.echo(f"error: {exc.headline}", err=True)
         for p in exc.problems:
-            click.echo(f"  {p}", err=True)
+            click.echo(_visible(f"  {p}"), err=True)
     else:
-        click.echo(f"error: {exc.message}", err=True)
+        click.echo(_visible(f"error: {exc.message}"), err=True)
     return exc.exit_code
 
 
@@ -1156,7 +1161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.exit_code)
     except DBAPIError as exc:
         # Never str(exc) or a traceback: they quote the statement's parameters (digests).
-        click.echo(f"error: database error: {driver_error(exc)}", err=True)
+        click.echo(_visible(f"error: database error: {driver_error(exc)}"), err=True)
         return StoreUnavailable.exit_code
     return code if isinstance(code, int) else 0
 

@@ -551,3 +551,43 @@ def test_a_field_holding_undecoded_bytes_is_named_with_the_text_rule(
     with pytest.raises(InvalidInput) as refused:
         render_user(_user(**{field: value}), SETTINGS)
     assert refused.value.problems == (Problem(field, UNDECODED_RULE),)
+
+
+# -- what reaches the admin's terminal ---------------------------------------------------------
+
+#: An escape sequence that would write the admin's clipboard (OSC 52), then one clearing the
+#: screen: what another writer could store in a row that a command later prints.
+TERMINAL_ATTACK = "\x1b]52;c;cm0gLXJmIH4K\x07\x1b[2J"
+
+
+def _stored_by_hand(engine: Engine, who: str, **values: str) -> None:
+    """Set ``values`` on user ``who``'s row in plain SQL, as another writer would."""
+    from provisioner.store.schema import users
+
+    with engine.begin() as conn:
+        conn.execute(users.update().where(users.c.username == who).values(**values))
+
+
+def test_a_sync_report_prints_no_terminal_escape_from_a_row(tmp_path: Path) -> None:
+    """A username written by hand with escape sequences is printed escaped in the skipped
+    line of render and sync, never as the sequence the terminal would act on."""
+    engine = seed_store(store_url(tmp_path), 1)
+    config = write_config(tmp_path)
+    _stored_by_hand(engine, "u0", username="u0" + TERMINAL_ATTACK)
+    engine.dispose()
+    for args in (["render"], ["sync", "--once"]):
+        ran = cli(config, *args, check=False)
+        assert ran.code == 0, ran
+        assert "skipped u0\\x1b]52;c;" in ran.err
+        assert "\x1b" not in ran.err + ran.out
+        assert "\x07" not in ran.err + ran.out
+
+
+def test_a_login_welcome_prints_no_terminal_escape_from_a_row(tmp_path: Path) -> None:
+    """A full name written by hand with escape sequences is welcomed escaped."""
+    engine = seed_store(store_url(tmp_path), 0)
+    Accounts(engine, Policy(password_policy=False)).set_password("root", "Root-pass-1")
+    _stored_by_hand(engine, "root", full_name="Root" + TERMINAL_ATTACK)
+    engine.dispose()
+    ran = cli(write_config(tmp_path), "auth", "login", "root", input="Root-pass-1\n")
+    assert ran.out == "welcome, Root\\x1b]52;c;cm0gLXJmIH4K\\x07\\x1b[2J\n"
