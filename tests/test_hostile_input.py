@@ -591,3 +591,19 @@ def test_a_login_welcome_prints_no_terminal_escape_from_a_row(tmp_path: Path) ->
     engine.dispose()
     ran = cli(write_config(tmp_path), "auth", "login", "root", input="Root-pass-1\n")
     assert ran.out == "welcome, Root\\x1b]52;c;cm0gLXJmIH4K\\x07\\x1b[2J\n"
+
+
+# -- Asterisk's realtime escapes -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["Boss^22 ^3C911^3E", "Al^3Bice", "Cut^00here", "Caret^"])
+def test_a_full_name_with_a_caret_is_refused_where_realtime_would_decode_it(name: str) -> None:
+    """Asterisk's realtime drivers (pgsql, mysql, odbc) decode ``^XX`` in every value they
+    read (``^22`` a quote, ``^3B`` a semicolon, ``^00`` the end): a full name holding a
+    caret is refused by the rules and at render, not written to be read as another."""
+    with pytest.raises(InvalidInput) as by_rules:
+        validate_fields({"full_name": name})
+    assert [p.field for p in by_rules.value.problems] == ["full_name"]
+    with pytest.raises(InvalidInput) as at_render:
+        render_user(_user(full_name=name), SETTINGS)
+    assert [p.field for p in at_render.value.problems] == ["full_name"]
