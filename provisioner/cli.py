@@ -237,6 +237,17 @@ def _visible(text: str) -> str:
     return _TERMINAL_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
+#: :data:`_TERMINAL_CONTROL` but the line feed: what a multi-line text may not hold.
+_TERMINAL_CONTROL_BUT_LF = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+def _visible_lines(text: str) -> str:
+    """``text`` with every control character but LF as its ``\\xNN`` escape, as
+    :func:`_visible`, its lines kept: a diff quotes rows and files others may have
+    written."""
+    return _TERMINAL_CONTROL_BUT_LF.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def _table(rows: list[list[str]], header: list[str]) -> None:
     """``rows`` under ``header`` in aligned columns, each cell :func:`_visible`."""
     cells = [[_visible(str(c)) for c in row] for row in [header, *rows]]
@@ -887,7 +898,7 @@ def render(app: App, kind: str | None, dry_run: bool, allow_mass_removal: bool) 
     """Render every live user into the target (a config file or realtime rows)."""
     report = _reconcile(app, kind=kind, dry_run=dry_run, allow_mass_removal=allow_mass_removal)
     if dry_run and report.change.diff:
-        click.echo(report.change.diff, nl=not report.change.diff.endswith("\n"))
+        click.echo(_visible_lines(report.change.diff), nl=not report.change.diff.endswith("\n"))
     _print_report(report)
 
 

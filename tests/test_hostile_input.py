@@ -607,3 +607,18 @@ def test_a_full_name_with_a_caret_is_refused_where_realtime_would_decode_it(name
     with pytest.raises(InvalidInput) as at_render:
         render_user(_user(full_name=name), SETTINGS)
     assert [p.field for p in at_render.value.problems] == ["full_name"]
+
+
+def test_a_dry_run_diff_prints_no_terminal_escape_from_a_row(tmp_path: Path) -> None:
+    """A realtime row's column edited by hand to hold escape sequences is shown escaped in
+    ``render --dry-run``'s diff (its old value), never as the sequence itself."""
+    engine = seed_store(store_url(tmp_path), 1)
+    config = write_config(tmp_path, kind="realtime")
+    cli(config, "render")
+    with engine.begin() as conn:
+        conn.execute(ps_endpoints.update().values(callerid="x" + TERMINAL_ATTACK))
+    engine.dispose()
+    ran = cli(config, "render", "--dry-run")
+    assert "x\\x1b]52;c;" in ran.out
+    assert "\x1b" not in ran.out
+    assert "\x07" not in ran.out
