@@ -29,7 +29,7 @@ from sqlalchemy.exc import DBAPIError
 from . import csvio
 from .accounts import Accounts, Policy, all_found
 from .applier import USER_DETAIL
-from .config import ENV_ACTOR, Config, display_url, load_config
+from .config import ENV_ACTOR, Config, command_line_secrets, display_url, load_config
 from .early_signals import restore as restore_signals
 from .errors import (
     ConfigError,
@@ -83,6 +83,16 @@ class App:
             configure_logs(
                 self._config.log.level if self._verbose else "warning", self._config.log.format
             )
+            if keys := command_line_secrets(self.sets):
+                # Every local user reads a command line (ps): said at every run, the
+                # daemon's start too, until the secret is moved.
+                log.warning(
+                    "config.secret_on_command_line",
+                    keys=keys,
+                    advice="every local user sees a command line (ps): give an AMI secret "
+                    "as secret_file, a database password in the config file (chmod 640) "
+                    "or the environment (PROVISIONER_STORE__URL)",
+                )
         return self._config
 
     @property
