@@ -689,6 +689,14 @@ def _open_out(path: str) -> Iterator[TextIO]:
     application's Latin-1, read as its escape) is written as the text ``\udce9``, not a
     traceback half-way through the file."""
     try:
+        if path == "-" and sys.stdout.isatty():
+            # Shown on a terminal, not saved: a full name another writer stored with an
+            # escape sequence is escaped, as every listing escapes it (piped, the CSV
+            # keeps the exact text a re-import needs).
+            shown = io.StringIO()
+            yield shown
+            click.echo(_visible_lines(shown.getvalue()), nl=False)
+            return
         if path == "-":
             with _utf8_stdout() as out:
                 yield out

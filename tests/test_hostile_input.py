@@ -622,3 +622,41 @@ def test_a_dry_run_diff_prints_no_terminal_escape_from_a_row(tmp_path: Path) -> 
     assert "x\\x1b]52;c;" in ran.out
     assert "\x1b" not in ran.out
     assert "\x07" not in ran.out
+
+
+def test_a_csv_export_to_a_terminal_prints_no_terminal_escape(tmp_path: Path) -> None:
+    """``user export --csv -`` onto a terminal shows a full name written by hand with escape
+    sequences escaped; piped, the CSV keeps the exact text, for a re-import."""
+    import pty
+    import subprocess
+
+    from .faultkit import PROVISIONER, env
+
+    engine = seed_store(store_url(tmp_path), 1)
+    _stored_by_hand(engine, "u0", full_name="Agent" + TERMINAL_ATTACK)
+    engine.dispose()
+    config = write_config(tmp_path)
+    argv = [PROVISIONER, "--config", str(config), "user", "export", "--csv", "-"]
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.run(argv, stdout=slave, stderr=subprocess.PIPE, env=env(), timeout=60)
+        os.close(slave)
+        shown = b""
+        while chunk := _read_pty(master):
+            shown += chunk
+    finally:
+        os.close(master)
+    assert proc.returncode == 0, proc.stderr
+    assert b"Agent\\x1b]52;c;" in shown
+    assert b"\x1b" not in shown
+    assert b"\x07" not in shown
+    piped = subprocess.run(argv, capture_output=True, env=env(), timeout=60, check=True)
+    assert ("Agent" + TERMINAL_ATTACK).encode() in piped.stdout
+
+
+def _read_pty(fd: int) -> bytes:
+    """What is left to read on a pty's master side (b"" at its end: EIO once closed)."""
+    try:
+        return os.read(fd, 65536)
+    except OSError:
+        return b""
