@@ -29,7 +29,7 @@ from sqlalchemy.exc import DBAPIError
 from . import csvio
 from .accounts import Accounts, Policy, all_found
 from .applier import USER_DETAIL
-from .config import ENV_ACTOR, Config, display_url, load_config
+from .config import ENV_ACTOR, Config, command_line_secrets, display_url, load_config
 from .early_signals import restore as restore_signals
 from .errors import (
     ConfigError,
@@ -83,6 +83,16 @@ class App:
             configure_logs(
                 self._config.log.level if self._verbose else "warning", self._config.log.format
             )
+            if keys := command_line_secrets(self.sets):
+                # Every local user reads a command line (ps): said at every run, the
+                # daemon's start too, until the secret is moved.
+                log.warning(
+                    "config.secret_on_command_line",
+                    keys=keys,
+                    advice="every local user sees a command line (ps): give an AMI secret "
+                    "as secret_file, a database password in the config file (chmod 640) "
+                    "or the environment (PROVISIONER_STORE__URL)",
+                )
         return self._config
 
     @property
@@ -226,15 +236,35 @@ def user_view(app: App, user: User) -> dict[str, Any]:
     return data
 
 
-#: C0 controls, DEL and C1 controls (ESC, BEL, CR, CSI...): what a terminal acts on.
-_TERMINAL_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: C0 controls, DEL and C1 controls (ESC, BEL, CR, CSI...): what a terminal acts on; and
+#: the invisible characters that change how the rest of a line is shown: bidi marks,
+#: embeddings, overrides and isolates (a bidi terminal would show the rest of a ``status``
+#: row reversed), zero-width characters and the Unicode line and paragraph separators.
+_INVISIBLE = r"\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb"
+_TERMINAL_CONTROL = re.compile(rf"[\x00-\x1f\x7f-\x9f{_INVISIBLE}]")
+#: :data:`_TERMINAL_CONTROL` but the line feed: what a multi-line text may not hold.
+_TERMINAL_CONTROL_BUT_LF = re.compile(rf"[\x00-\x09\x0b-\x1f\x7f-\x9f{_INVISIBLE}]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    """The matched character as ``\\xNN`` (below U+0100) or ``\\uNNNN``."""
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def _visible(text: str) -> str:
-    """``text`` with every control character as its ``\\xNN`` escape: text a phone sent (its
-    user agent) or another writer stored reaches the terminal as characters, never as
-    escape sequences it would act on (clear the screen, write the clipboard, hide lines)."""
-    return _TERMINAL_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    """``text`` with every control character as its ``\\xNN`` escape (and each character of
+    :data:`_TERMINAL_CONTROL` above U+00FF as ``\\uNNNN``): text a phone sent (its user
+    agent) or another writer stored reaches the terminal as characters, never as escape
+    sequences it would act on (clear the screen, write the clipboard, hide lines) nor as
+    marks that reorder or hide what follows."""
+    return _TERMINAL_CONTROL.sub(_escape, text)
+
+
+def _visible_lines(text: str) -> str:
+    """``text`` escaped as :func:`_visible` does, but its line feeds kept: a diff quotes
+    rows and files others may have written."""
+    return _TERMINAL_CONTROL_BUT_LF.sub(_escape, text)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> None:
@@ -659,6 +689,14 @@ def _open_out(path: str) -> Iterator[TextIO]:
     application's Latin-1, read as its escape) is written as the text ``\udce9``, not a
     traceback half-way through the file."""
     try:
+        if path == "-" and sys.stdout.isatty():
+            # Shown on a terminal, not saved: a full name another writer stored with an
+            # escape sequence is escaped, as every listing escapes it (piped, the CSV
+            # keeps the exact text a re-import needs).
+            shown = io.StringIO()
+            yield shown
+            click.echo(_visible_lines(shown.getvalue()), nl=False)
+            return
         if path == "-":
             with _utf8_stdout() as out:
                 yield out
@@ -763,7 +801,7 @@ def auth_login(app: App, username: str) -> None:
         password = _stdin_line()
     found = app.accounts.login(username, password)
     log.info("auth.login", username=found.username)
-    click.echo(f"welcome, {found.full_name}")
+    click.echo(_visible(f"welcome, {found.full_name}"))
 
 
 # -- rendering and syncing ------------------------------------------------------------------
@@ -777,15 +815,16 @@ def _print_report(report: SyncReport) -> None:
         f"{verb}removed {len(change.removed)}, unchanged {change.unchanged}, "
         f"skipped {len(report.skipped)} ({report.took_ms:.0f} ms)"
     )
+    # A username or a foreign row's id comes from whoever wrote the table: escaped.
     for clash in change.clashes:
-        click.echo(f"conflict: {clash}; user skipped", err=True)
+        click.echo(_visible(f"conflict: {clash}; user skipped"), err=True)
     _many_troubled(
         len(change.clashes),
         "conflict with rows provisioner has no record of",
         "if they are its own (provisioner_objects lost), see `provisioner adopt --dry-run`",
     )
     for skipped in report.skipped:
-        click.echo(f"skipped {skipped}", err=True)
+        click.echo(_visible(f"skipped {skipped}"), err=True)
     _many_troubled(
         len(report.skipped),
         f"skipped ({_by_field(report.skipped)})",
@@ -886,7 +925,7 @@ def render(app: App, kind: str | None, dry_run: bool, allow_mass_removal: bool) 
     """Render every live user into the target (a config file or realtime rows)."""
     report = _reconcile(app, kind=kind, dry_run=dry_run, allow_mass_removal=allow_mass_removal)
     if dry_run and report.change.diff:
-        click.echo(report.change.diff, nl=not report.change.diff.endswith("\n"))
+        click.echo(_visible_lines(report.change.diff), nl=not report.change.diff.endswith("\n"))
     _print_report(report)
 
 
@@ -923,10 +962,11 @@ def adopt(app: App, dry_run: bool) -> None:
     verb = "would adopt" if dry_run else "adopted"
     for user in found.adopted:
         rows = ", ".join(f"{table} {oid}" for table, oid in user.rows)
-        click.echo(f"{verb} {user.endpoint_id} ({user.username}): {rows}")
+        click.echo(_visible(f"{verb} {user.endpoint_id} ({user.username}): {rows}"))
     for foreign in found.left:
         reasons = "; ".join(foreign.reasons)
-        click.echo(f"left foreign {foreign.endpoint_id} ({foreign.username}): {reasons}")
+        # The reasons quote the foreign row's differing column: anyone's text.
+        click.echo(_visible(f"left foreign {foreign.endpoint_id} ({foreign.username}): {reasons}"))
     count = sum(len(user.rows) for user in found.adopted)
     click.echo(
         f"{verb} {_users(len(found.adopted))} ({count} rows); "
@@ -1013,11 +1053,12 @@ def check(app: App) -> None:
         # Still one line per check and exit 1, as for any failed check: the config
         # check failed (once per problem), and nothing else can be checked without it.
         for problem in exc.problems:
-            click.echo(f"FAIL  config: {problem}")
+            click.echo(_visible(f"FAIL  config: {problem}"))
         raise click.exceptions.Exit(1) from None
     results = run_checks(config)
     for name, ok, detail in results:
-        click.echo(f"{'ok  ' if ok else 'FAIL'}  {name}: {detail}")
+        # A detail may quote a health record, a path or an AMI peer's greeting.
+        click.echo(_visible(f"{'ok  ' if ok else 'FAIL'}  {name}: {detail}"))
     if not all(ok for _, ok, _ in results):
         raise click.exceptions.Exit(1)
 
@@ -1119,12 +1160,14 @@ def quickstart(app: App) -> None:
 
 
 def _report(exc: ProvisionerError) -> int:
+    """Print ``exc`` on stderr, each line :func:`_visible` (a rule or message may quote a
+    stored name, a file's path or a server's words), and return its exit code."""
     if isinstance(exc, InvalidInput):
         click.echo(f"error: {exc.headline}", err=True)
         for p in exc.problems:
-            click.echo(f"  {p}", err=True)
+            click.echo(_visible(f"  {p}"), err=True)
     else:
-        click.echo(f"error: {exc.message}", err=True)
+        click.echo(_visible(f"error: {exc.message}"), err=True)
     return exc.exit_code
 
 
@@ -1156,7 +1199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.exit_code)
     except DBAPIError as exc:
         # Never str(exc) or a traceback: they quote the statement's parameters (digests).
-        click.echo(f"error: database error: {driver_error(exc)}", err=True)
+        click.echo(_visible(f"error: database error: {driver_error(exc)}"), err=True)
         return StoreUnavailable.exit_code
     return code if isinstance(code, int) else 0
 

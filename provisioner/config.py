@@ -21,7 +21,7 @@ import re
 import stat
 import tomllib
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import quote_plus
@@ -54,6 +54,7 @@ __all__ = [
     "Config",
     "cache_names",
     "caches_by_kind",
+    "command_line_secrets",
     "load_config",
     "parse_sets",
     "secret_file_problem",
@@ -546,6 +547,31 @@ def config_file_problem(path: Path) -> str | None:
         f"{path} is readable by others and holds {', '.join(holds)}: chmod 640 it (or 600), "
         "or move the secret out of it (secret_file, the environment)"
     )
+
+
+def command_line_secrets(sets: Sequence[str]) -> list[str]:
+    """The keys of the ``--set`` flags (``--store-url`` is one) that give a secret: an
+    ``[[asterisk]]`` entry's ``secret`` (by its own key, or in the whole list or entry as
+    JSON) or a password in ``store.url`` or ``target.url``; never a value.  A command line
+    is read by every local user (``ps``, ``/proc/PID/cmdline``) and stays in a unit file
+    or a shell's history, where a ``secret_file`` or the environment does not show it."""
+    tree, _unread = parse_sets(sets)
+    found: list[str] = []
+    servers = tree.get("asterisk")
+    entries: Iterable[tuple[Any, Any]] = ()
+    if isinstance(servers, list):
+        entries = enumerate(servers)
+    elif isinstance(servers, Mapping):
+        entries = servers.items()
+    for index, server in entries:
+        if isinstance(server, Mapping) and server.get("secret"):
+            found.append(f"asterisk.{index}.secret")
+    for section in ("store", "target"):
+        table = tree.get(section)
+        url = table.get("url") if isinstance(table, Mapping) else None
+        if isinstance(url, str) and url and _may_hold_password(url):
+            found.append(f"{section}.url")
+    return found
 
 
 def _may_hold_password(url: str) -> bool:

@@ -83,8 +83,10 @@ _PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")
 _ATTR_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}")
 _SIP_SECRET = re.compile(r"[\x21-\x7e]{8,128}")
 # Characters that end or restructure a value in pjsip.conf, a CSV cell or a
-# callerid string; refused in free text that is ever rendered.
-_NAME_FORBIDDEN = set('"<>;\\[]#')
+# callerid string, and ``^``, which Asterisk's realtime drivers read as the start of a
+# ``^XX`` escape (``^22`` a quote, ``^00`` the value's end); refused in free text that is
+# ever rendered.
+_NAME_FORBIDDEN = set('"<>;\\[]#^')
 
 
 def _has_control(value: str) -> bool:

@@ -79,8 +79,10 @@ _HEX = {"md5": re.compile(r"[0-9a-f]{32}"), "sha256": re.compile(r"[0-9a-f]{64}"
 _USERNAME = re.compile(r"[A-Za-z0-9._]{1,40}")
 _CONTEXT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,39}")
 # Anything that could end a value, start a comment, an include, a section or
-# an escape in Asterisk's config syntax, or a header in an AMI action.
-_UNSAFE = set(';[]\\"<>#')
+# an escape in Asterisk's config syntax, or a header in an AMI action; and ``^``, the
+# escape Asterisk's realtime drivers (pgsql, mysql, odbc) decode in every value they
+# read (``ast_realtime_decode_chunk``): a row holding ``^3C`` is read as ``<``.
+_UNSAFE = set(';[]\\"<>#^')
 
 
 @dataclass(frozen=True)

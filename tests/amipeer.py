@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import hashlib
 import os
+import random
 import re
 import threading
 import time
@@ -311,6 +313,9 @@ class FakeAsterisk:
         #: Sent on every connection right after a successful login's answer (a peer that
         #: breaks the protocol each time: a reconnect must not be a tight loop).
         self.after_login = b""
+        #: The ``Message`` of the error every ``Challenge`` gets instead of a challenge (a
+        #: peer that will not do MD5 logins, or one that wants the plain secret).
+        self.challenge_refused: str | None = None
         # State replayed against.
         self._keys_by_uri = self._recorded_keys_by_uri()
         self.astdb: set[str] = set(self._keys_by_uri.values())
@@ -321,6 +326,8 @@ class FakeAsterisk:
         self.logins_ok = 0
         self.logins_failed = 0
         self.discarded_long_lines = 0
+        #: Every MD5 challenge given (``Action: Challenge``), in order.
+        self.challenges: list[str] = []
         self._writers: dict[int, asyncio.StreamWriter] = {}
         #: Connections that logged in with ``Events: off``: Asterisk sends them no event.
         self._no_events: set[int] = set()
@@ -432,6 +439,7 @@ class FakeAsterisk:
         self._writers[conn] = writer
         writer.write(self.banner)
         logged_in = False
+        challenge = ""
         try:
             async for headers in self._actions(reader):
                 action = ReceivedAction(headers, conn)
@@ -440,8 +448,11 @@ class FakeAsterisk:
                     continue
                 if action.name.lower() in {n.lower() for n in self.drop_on}:
                     return
+                if action.name.lower() == "challenge" and not logged_in:
+                    challenge = challenge or self._challenge(action, writer)
+                    continue
                 if action.name.lower() == "login":
-                    logged_in = await self._login(action, writer)
+                    logged_in = await self._login(action, writer, challenge)
                     if not logged_in:
                         return
                     if action.get("Events").lower() == "off":
@@ -493,8 +504,37 @@ class FakeAsterisk:
                     yield tuple(headers)
                     headers = []
 
-    async def _login(self, action: ReceivedAction, writer: asyncio.StreamWriter) -> bool:
-        if action.get("Username") == self.username and action.get("Secret") == self.secret:
+    def _challenge(self, action: ReceivedAction, writer: asyncio.StreamWriter) -> str:
+        """Answer ``Challenge`` as Asterisk's manager does (``action_challenge``): with
+        ``AuthType: MD5``, a random number as the session's challenge (kept for the
+        session's login); without, an error and no challenge."""
+        if self.challenge_refused is not None:
+            writer.write(self._error(action, self.challenge_refused))
+            return ""
+        if action.get("AuthType").lower() != "md5":
+            writer.write(self._error(action, "Must specify AuthType"))
+            return ""
+        challenge = str(random.randrange(1, 2**31))
+        self.challenges.append(challenge)
+        answer = f"Response: Success\r\nActionID: {action.get('ActionID')}\r\n"
+        writer.write(f"{answer}Challenge: {challenge}\r\n\r\n".encode())
+        return challenge
+
+    def _authenticated(self, action: ReceivedAction, challenge: str) -> bool:
+        """Whether ``action`` (a Login) gives this peer's username and secret: in plain
+        text, or with ``AuthType: MD5`` as the MD5 of the session's challenge and the secret
+        (Asterisk's ``authenticate``: lower-case hex)."""
+        if action.get("Username") != self.username:
+            return False
+        if action.get("AuthType").lower() == "md5":
+            key = hashlib.md5((challenge + self.secret).encode()).hexdigest()
+            return bool(challenge) and action.get("Key") == key
+        return action.get("Secret") == self.secret
+
+    async def _login(
+        self, action: ReceivedAction, writer: asyncio.StreamWriter, challenge: str
+    ) -> bool:
+        if self._authenticated(action, challenge):
             self.logins_ok += 1
             recorded = self.library.find_message("Response: Success", "Authentication accepted")
             # No event at all for a session that logged in with Events: off.

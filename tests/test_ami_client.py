@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from types import SimpleNamespace
 from typing import Any
@@ -32,6 +33,51 @@ async def _peer() -> FakeAsterisk:
     return peer
 
 
+def test_the_secret_never_goes_on_the_wire() -> None:
+    """The login answers an MD5 challenge (``Challenge``, then ``Login`` with ``AuthType:
+    MD5`` and ``Key``: the MD5 of the challenge and the secret), as Asterisk's manager
+    checks it: whoever reads the connection, or greets as Asterisk on the port (a local
+    user who bound it while Asterisk restarted), never gets the secret itself."""
+
+    async def scenario() -> None:
+        peer = await _peer()
+        client = AmiClient(server_for(peer), fast_settings())
+        async with running(client):
+            await eventually(lambda: client.connected)
+        (challenge,) = peer.actions("Challenge")
+        assert challenge.get("AuthType") == "MD5"
+        (login,) = peer.actions("Login")
+        assert login.get("AuthType") == "MD5"
+        key = hashlib.md5(f"{peer.challenges[0]}lab-secret".encode()).hexdigest()
+        assert login.get("Key") == key
+        assert all("lab-secret" not in value for a in peer.received for _, value in a.headers)
+        await peer.stop()
+
+    run(scenario())
+
+
+def test_a_peer_refusing_the_challenge_never_gets_the_secret() -> None:
+    """A peer that greets as Asterisk but refuses the MD5 challenge (one that wants the
+    plain secret) is a refused login (ami.login_failed, the long backoff): no Login is
+    sent, with the secret or without."""
+
+    async def scenario() -> None:
+        peer = await _peer()
+        peer.challenge_refused = "Permission denied"
+        client = AmiClient(server_for(peer), fast_settings(login_failure_backoff=0.6))
+        with capture_logs() as logs:
+            async with running(client):
+                await eventually(lambda: client.health().login_failures == 1)
+        assert [e["event"] for e in logs].count("ami.login_failed") == 1
+        assert client.health().last_error == "MD5 challenge refused: Permission denied"
+        assert peer.actions("Challenge")
+        assert peer.actions("Login") == []
+        assert all("lab-secret" not in value for a in peer.received for _, value in a.headers)
+        await peer.stop()
+
+    run(scenario())
+
+
 def test_login_success_and_ping() -> None:
     """A client logs in with the right secret, gets FullyBooted and answers to Ping."""
 
@@ -48,7 +94,7 @@ def test_login_success_and_ping() -> None:
                 assert reply.response.get("Ping") == "Pong"
         login = peer.actions("Login")[0]
         assert login.get("Username") == "provisioner"
-        assert login.get("Secret") == "lab-secret"
+        assert login.get("Key")
         assert [e["event"] for e in logs].count("ami.connected") == 1
         assert "lab-secret" not in repr(logs)
         assert client.health().sessions == 1
@@ -650,7 +696,13 @@ def test_a_login_the_configuration_accepts_can_be_sent(field: str, odd: str) -> 
         client = AmiClient(server, fast_settings())
         async with running(client):
             await eventually(lambda: client.connected)
-        assert peer.actions("Login")[0].get(field.capitalize()) == value
+        login = peer.actions("Login")[0]
+        if field == "username":
+            assert login.get("Username") == value
+        else:
+            # Hashed with the challenge (UTF-8, as manager.conf holds it): accepted.
+            assert peer.logins_ok == 1
+            assert login.get("Secret") == ""
         await peer.stop()
 
     run(scenario())

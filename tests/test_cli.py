@@ -904,6 +904,29 @@ def test_status_prints_a_phones_control_characters_escaped(cli: Cli, store: Engi
     assert row["user_agent"] == agent
 
 
+def test_status_prints_a_phones_bidi_and_line_separators_escaped(cli: Cli, store: Engine) -> None:
+    """A user agent with a right-to-left override (which a bidi terminal would apply to the
+    rest of the row, showing another time or problem), zero-width characters or a Unicode
+    line separator reaches the terminal as ``\\u`` escapes."""
+    from provisioner.store.registrations import write_endpoint_rows
+
+    _add(cli, "alice")
+    ext = json.loads(cli.ok("user", "show", "alice", "--json"))["extension"]
+    agent = "Phone/1 \u202edeliver\u2066\u200b\u2028\ufeffx"
+    seen = "2026-05-01 11:59:58.654321"
+    contact = (f"{ext};@a", f"sip:{ext}@10.0.0.1:5060", "NonQualified", agent, "", None, None, seen)
+    with store.begin() as conn:
+        write_endpoint_rows(
+            conn,
+            "pbx1",
+            {ext: ([contact], ("online", "NOT_INUSE", "", seen))},
+            datetime(2026, 5, 1),
+        )
+    shown = cli.ok("status", "alice")
+    assert not any(ch in shown for ch in "\u202e\u2066\u200b\u2028\ufeff"), repr(shown)
+    assert "Phone/1 \\u202edeliver\\u2066\\u200b\\u2028\\ufeffx" in shown
+
+
 def test_status_orders_users_by_extension_as_dialled_numbers(cli: Cli) -> None:
     """``status`` lists extension 2001 before 10000 (numbers, not text), and 0101 just
     before 101 (same number: the text decides)."""

@@ -1300,3 +1300,33 @@ def test_a_tilde_inside_a_path_is_a_name_like_any_other(tmp_path: Path) -> None:
         env={}, overrides={"target": {"path": str(tmp_path / "a~" / "pjsip_users.conf~")}}
     )
     assert cfg.target.path.endswith("a~/pjsip_users.conf~")
+
+
+@pytest.mark.parametrize(
+    ("sets", "keys"),
+    [
+        (["asterisk.0.secret=TopSecret99"], ["asterisk.0.secret"]),
+        (['asterisk=[{"name": "a"}, {"name": "b", "secret": "Top99"}]'], ["asterisk.1.secret"]),
+        (["store.url=postgresql+psycopg://u:TopSecret99@h/db"], ["store.url"]),
+        (["target.url=mysql+pymysql://u@h/db?password=TopSecret99"], ["target.url"]),
+        (["store.url=sqlite:///x.db", "log.level=debug", 'asterisk=[{"name": "a"}]'], []),
+    ],
+)
+def test_secrets_given_on_the_command_line_are_named(sets: list[str], keys: list[str]) -> None:
+    """The ``--set`` flags that give a secret (an AMI secret, a database URL's password),
+    which every local user sees in ``ps``, are named by key."""
+    assert config_module.command_line_secrets(sets) == keys
+
+
+def test_a_command_warns_of_a_secret_on_its_command_line(tmp_path: Path) -> None:
+    """A command given an AMI secret by ``--set`` warns on stderr, naming the key and the
+    places to put it instead, never the secret."""
+    cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path)
+    cli.ok("db", "upgrade")
+    servers = '[{"name": "pbx1", "host": "127.0.0.1", "username": "p", "secret": "TopSecret99"}]'
+    ran = cli("--set", f"asterisk={servers}", "user", "list", verbose=False)
+    assert ran.code == 0, ran
+    assert "config.secret_on_command_line" in ran.err
+    assert "asterisk.0.secret" in ran.err
+    assert "secret_file" in ran.err
+    assert "TopSecret99" not in ran.err + ran.out

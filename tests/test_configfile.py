@@ -603,6 +603,20 @@ def test_plan_redacts_every_credential_line_asterisk_reads_in_the_current_file(
         assert secret not in diff
 
 
+def test_plan_redacts_oauth_credentials_of_the_current_file(target: ConfigFileTarget) -> None:
+    """An OAuth auth's ``oauth_secret`` and ``refresh_token`` in a current (hand-written)
+    file are credentials too: redacted in the diff, as the realtime diff redacts them."""
+    target.path.parent.mkdir(parents=True)
+    target.path.write_bytes(
+        b"[9001-auth]\ntype=auth\nauth_type=oauth\noauth_clientid=cid\n"
+        b"oauth_secret=hunter2oauth\nrefresh_token=hunter2refresh\n"
+    )
+    diff = target.plan(rendered()).diff
+    assert "-oauth_secret=<redacted>" in diff
+    assert "-refresh_token=<redacted>" in diff
+    assert "hunter2" not in diff
+
+
 #: Overrides quoting each credential in a comment, in a line of its own (a comment is all
 #: the parse-back check lets a template add).
 QUOTING_OVERRIDES = {

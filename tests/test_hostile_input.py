@@ -551,3 +551,112 @@ def test_a_field_holding_undecoded_bytes_is_named_with_the_text_rule(
     with pytest.raises(InvalidInput) as refused:
         render_user(_user(**{field: value}), SETTINGS)
     assert refused.value.problems == (Problem(field, UNDECODED_RULE),)
+
+
+# -- what reaches the admin's terminal ---------------------------------------------------------
+
+#: An escape sequence that would write the admin's clipboard (OSC 52), then one clearing the
+#: screen: what another writer could store in a row that a command later prints.
+TERMINAL_ATTACK = "\x1b]52;c;cm0gLXJmIH4K\x07\x1b[2J"
+
+
+def _stored_by_hand(engine: Engine, who: str, **values: str) -> None:
+    """Set ``values`` on user ``who``'s row in plain SQL, as another writer would."""
+    from provisioner.store.schema import users
+
+    with engine.begin() as conn:
+        conn.execute(users.update().where(users.c.username == who).values(**values))
+
+
+def test_a_sync_report_prints_no_terminal_escape_from_a_row(tmp_path: Path) -> None:
+    """A username written by hand with escape sequences is printed escaped in the skipped
+    line of render and sync, never as the sequence the terminal would act on."""
+    engine = seed_store(store_url(tmp_path), 1)
+    config = write_config(tmp_path)
+    _stored_by_hand(engine, "u0", username="u0" + TERMINAL_ATTACK)
+    engine.dispose()
+    for args in (["render"], ["sync", "--once"]):
+        ran = cli(config, *args, check=False)
+        assert ran.code == 0, ran
+        assert "skipped u0\\x1b]52;c;" in ran.err
+        assert "\x1b" not in ran.err + ran.out
+        assert "\x07" not in ran.err + ran.out
+
+
+def test_a_login_welcome_prints_no_terminal_escape_from_a_row(tmp_path: Path) -> None:
+    """A full name written by hand with escape sequences is welcomed escaped."""
+    engine = seed_store(store_url(tmp_path), 0)
+    Accounts(engine, Policy(password_policy=False)).set_password("root", "Root-pass-1")
+    _stored_by_hand(engine, "root", full_name="Root" + TERMINAL_ATTACK)
+    engine.dispose()
+    ran = cli(write_config(tmp_path), "auth", "login", "root", input="Root-pass-1\n")
+    assert ran.out == "welcome, Root\\x1b]52;c;cm0gLXJmIH4K\\x07\\x1b[2J\n"
+
+
+# -- Asterisk's realtime escapes -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["Boss^22 ^3C911^3E", "Al^3Bice", "Cut^00here", "Caret^"])
+def test_a_full_name_with_a_caret_is_refused_where_realtime_would_decode_it(name: str) -> None:
+    """Asterisk's realtime drivers (pgsql, mysql, odbc) decode ``^XX`` in every value they
+    read (``^22`` a quote, ``^3B`` a semicolon, ``^00`` the end): a full name holding a
+    caret is refused by the rules and at render, not written to be read as another."""
+    with pytest.raises(InvalidInput) as by_rules:
+        validate_fields({"full_name": name})
+    assert [p.field for p in by_rules.value.problems] == ["full_name"]
+    with pytest.raises(InvalidInput) as at_render:
+        render_user(_user(full_name=name), SETTINGS)
+    assert [p.field for p in at_render.value.problems] == ["full_name"]
+
+
+def test_a_dry_run_diff_prints_no_terminal_escape_from_a_row(tmp_path: Path) -> None:
+    """A realtime row's column edited by hand to hold escape sequences is shown escaped in
+    ``render --dry-run``'s diff (its old value), never as the sequence itself."""
+    engine = seed_store(store_url(tmp_path), 1)
+    config = write_config(tmp_path, kind="realtime")
+    cli(config, "render")
+    with engine.begin() as conn:
+        conn.execute(ps_endpoints.update().values(callerid="x" + TERMINAL_ATTACK))
+    engine.dispose()
+    ran = cli(config, "render", "--dry-run")
+    assert "x\\x1b]52;c;" in ran.out
+    assert "\x1b" not in ran.out
+    assert "\x07" not in ran.out
+
+
+def test_a_csv_export_to_a_terminal_prints_no_terminal_escape(tmp_path: Path) -> None:
+    """``user export --csv -`` onto a terminal shows a full name written by hand with escape
+    sequences escaped; piped, the CSV keeps the exact text, for a re-import."""
+    import pty
+    import subprocess
+
+    from .faultkit import PROVISIONER, env
+
+    engine = seed_store(store_url(tmp_path), 1)
+    _stored_by_hand(engine, "u0", full_name="Agent" + TERMINAL_ATTACK)
+    engine.dispose()
+    config = write_config(tmp_path)
+    argv = [PROVISIONER, "--config", str(config), "user", "export", "--csv", "-"]
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.run(argv, stdout=slave, stderr=subprocess.PIPE, env=env(), timeout=60)
+        os.close(slave)
+        shown = b""
+        while chunk := _read_pty(master):
+            shown += chunk
+    finally:
+        os.close(master)
+    assert proc.returncode == 0, proc.stderr
+    assert b"Agent\\x1b]52;c;" in shown
+    assert b"\x1b" not in shown
+    assert b"\x07" not in shown
+    piped = subprocess.run(argv, capture_output=True, env=env(), timeout=60, check=True)
+    assert ("Agent" + TERMINAL_ATTACK).encode() in piped.stdout
+
+
+def _read_pty(fd: int) -> bytes:
+    """What is left to read on a pty's master side (b"" at its end: EIO once closed)."""
+    try:
+        return os.read(fd, 65536)
+    except OSError:
+        return b""

@@ -605,6 +605,20 @@ def test_report_escapes_bytes_that_are_not_utf8_or_printable(tmp_path: Path) -> 
     assert "SIP secret for frank (shown once): " in out
 
 
+def test_report_escapes_bidi_controls_of_section_names(tmp_path: Path) -> None:
+    """A section name holding a right-to-left override (which a bidi terminal would apply
+    to the rest of the line) is printed with it escaped."""
+    conf = tmp_path / "pjsip.conf"
+    conf.write_text("[tr\u202eunk]\ntype=endpoint\n", encoding="utf-8")
+    with temp_database("sqlite", tmp_path) as url:
+        cli = make_cli(url, tmp_path)
+        cli.ok("db", "upgrade")
+        cli.ok("profile", "add", "agents")
+        out = cli.ok("import", "pjsip", str(conf), "--profile", "agents", "--email-domain", "x.org")
+    assert "not mapped: [tr\\u202eunk] endpoint: has no inbound auth" in out
+    assert "\u202e" not in out
+
+
 def test_aors_other_than_the_extension_are_reported() -> None:
     """An endpoint whose AORs are not exactly one named after it keeps one AOR named after
     the extension, and the note says where phones must now register."""

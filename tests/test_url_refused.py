@@ -75,7 +75,9 @@ def test_a_store_url_the_driver_refuses_at_connect_exits_as_bad_configuration(
     result = make_cli(url, tmp_path, f'[target]\npath = "{tmp_path}/p.conf"\n')("user", "list")
     assert result.code == 2, result
     assert "hunter2" not in result.out + result.err
-    lines = result.err.splitlines()
+    # The password on the command line is warned of first (config.secret_on_command_line).
+    warning, *lines = result.err.splitlines()
+    assert '"config.secret_on_command_line"' in warning, result
     assert lines[0] == "error: invalid configuration", result
     assert lines[1].startswith("  store.url: its driver refused its parameters ("), result
     assert lines[1].endswith(said), result
@@ -101,7 +103,9 @@ def test_check_fails_the_store_line_for_a_url_the_driver_refuses(
         "ok    asterisk",
         "ok    daemon",
     ], result
-    assert result.err == ""
+    # Only the warning of the password given on the command line.
+    (warning,) = result.err.splitlines()
+    assert '"config.secret_on_command_line"' in warning, result
 
 
 def test_check_fails_the_target_line_for_a_target_url_the_driver_refuses(tmp_path: Path) -> None:

@@ -18,7 +18,8 @@ tries are counted, ``ami.still_failing`` at the 2nd, 4th, 8th... and at least ev
 try would otherwise be a line every ``backoff_cap`` seconds per session, for as long as the
 server stays down.  The connection that ends the streak says how many tries failed and for
 how long (``ami.connected`` with ``after_connect_failures``, ``failed_for_s``).  The
-login is sent only after the greeting, so the secret never goes to such a peer.  A line,
+login is sent only after the greeting, and answers an MD5 challenge (:meth:`_login`): the
+secret itself never goes on the wire, to such a peer or any other.  A line,
 a message or a header count past its bound (:class:`~provisioner.ami.actions.FrameDecoder`)
 is a protocol error: the connection is dropped (``ami.protocol_error`` names the bound,
 never the bytes) and made again after the usual backoff; the actions in flight fail as on
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import math
 import random
 import socket
@@ -508,29 +510,50 @@ class AmiClient:
         )
 
     async def _login(self, session: _Session, early: list[AmiMessage]) -> None:
-        """Send ``Login`` and read until its answer; early events (``early``: those read
-        with the greeting) are dispatched."""
+        """Log in by Asterisk's MD5 challenge: ``Challenge`` (``AuthType: MD5``), then
+        ``Login`` with ``Key``, the MD5 of the challenge and the secret, as the manager's
+        ``authenticate`` checks it.  The secret itself never goes on the wire: neither
+        whoever reads the connection nor a peer that greets as Asterisk (a local user who
+        bound the port while Asterisk restarted) gets it, only a key for a challenge it
+        may not use twice.  A peer that refuses the challenge is refused as a wrong login
+        is: falling back to a plain ``Secret`` would hand it to exactly such a peer.
+        Early events (``early``: those read with the greeting) are dispatched."""
+        ask = build_action("Challenge", [("AuthType", "MD5")], action_id=self._ids())
+        answer, messages = await self._answer_of(session, ask, early)
+        challenge = answer.get("Challenge") or ""
+        if answer.response.lower() != "success" or not challenge:
+            why = answer.message or "no challenge given"
+            raise AmiLoginFailed(self.name, f"MD5 challenge refused: {why}")
         secret = self.server.secret.get_secret_value() if self.server.secret else ""
+        key = hashlib.md5((challenge + secret).encode(), usedforsecurity=False).hexdigest()
         action = build_action(
             "Login",
             [
+                ("AuthType", "MD5"),
                 ("Username", self.server.username),
-                ("Secret", secret),
+                ("Key", key),
                 ("Events", self.server.events),
             ],
             action_id=self._ids(),
         )
+        answer, messages = await self._answer_of(session, action, messages)
+        if answer.response.lower() != "success":
+            raise AmiLoginFailed(self.name, answer.message or "login refused")
+        # FullyBooted often shares the read with the answer: keep it.
+        session.backlog = messages
+
+    async def _answer_of(
+        self, session: _Session, action: AmiAction, messages: list[AmiMessage]
+    ) -> tuple[AmiMessage, list[AmiMessage]]:
+        """Send ``action`` (before the login: no pending table yet) and read until its
+        answer; return it and the messages read after it.  Events before it (the
+        ``messages`` already read among them) are dispatched."""
         session.writer.write(action.encode())
         await session.writer.drain()
-        messages = early
         while True:
             for index, message in enumerate(messages):
                 if message.is_response and message.action_id == action.action_id:
-                    if message.response.lower() != "success":
-                        raise AmiLoginFailed(self.name, message.message or "login refused")
-                    # FullyBooted often shares the read with the answer: keep it.
-                    session.backlog = messages[index + 1 :]
-                    return
+                    return message, messages[index + 1 :]
                 if message.is_event:
                     self._dispatch(message)
             data = await session.reader.read(_READ_CHUNK)

@@ -19,8 +19,11 @@ from pathlib import Path
 
 __all__ = ["SECRET_OPTIONS", "hide_digests", "split_lines", "unified_diff"]
 
-#: Auth options whose values are credentials: never shown in diffs or messages.
-SECRET_OPTIONS = frozenset({"md5_cred", "password_digest", "password"})
+#: Auth options whose values are credentials: never shown in diffs or messages (an OAuth
+#: auth's secret and refresh token too, as the realtime diff hides those columns).
+SECRET_OPTIONS = frozenset(
+    {"md5_cred", "password_digest", "password", "oauth_secret", "refresh_token"}
+)
 
 _SECTION_LINE = re.compile(r"\s*\[([^\]]*)\]")
 #: 32 hex digits or more: an MD5 or SHA-256 digest, or most of one, which an override
