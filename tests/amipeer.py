@@ -288,6 +288,9 @@ class FakeAsterisk:
         # Action name (lower case) -> seconds its answer waits: as behind a storm of
         # events sent before it.
         self.delays: dict[str, float] = {}
+        #: Action name (lower case) -> an event its answer waits for: the test decides
+        #: when a slow action (a reload, a removal) ends, instead of guessing a delay.
+        self.gates: dict[str, asyncio.Event] = {}
         self.drop_on: set[str] = set()  # close the connection on receiving these actions
         self.silent = False  # read and record, never answer (a half-open peer)
         self.prefer: dict[str, str] = {}  # action name -> text its replayed answer must hold
@@ -566,6 +569,9 @@ class FakeAsterisk:
                 return self._error(action, "A reload is in progress")
             await asyncio.sleep(self.reload_delay)
         await asyncio.sleep(self.delays.get(name, 0.0))
+        gate = self.gates.get(name)
+        if gate is not None:
+            await gate.wait()
         values = {value for _, value in action.headers}
         for (refused, value), message in self.refuse.items():
             if refused == name and value in values:

@@ -321,17 +321,17 @@ def test_an_extension_freed_and_given_to_another_user_at_once_loses_the_old_phon
         users = ["alice", ("bob", "--extension", "1002")]
         async with _running(tmp_path, users, kind=kind) as pbx:
             await pbx.alice_registers()
-            # Long enough to outlast both edits' CLI runs on a loaded machine (the two
-            # took 2.2-2.5 s with 2.0 s, leaving the removal done before the check).
-            pbx.peer.reload_delay = 4.0
-            if kind == "realtime":
-                pbx.peer.delays["dbdel"] = 4.0  # the removal still on its way
+            # The reload and the removal are held until both edits are in and checked:
+            # a fixed delay lost the race on a loaded machine.
+            held = asyncio.Event()
+            pbx.peer.gates.update(reload=held, dbdel=held)
             await pbx.cli("user", "edit", "alice", "--extension", "1005")
             await asyncio.sleep(0.3)
             await pbx.cli("user", "edit", "bob", "--extension", "1001")
             await asyncio.sleep(0.3)  # applied; the removal still waits
             assert _ALICE_CONTACT in pbx.peer.astdb
             assert await pbx.state("bob") == "offline"
+            held.set()
             await pbx.until_alice_contact_deleted(15)
             for username in ("alice", "bob"):
                 row = await pbx.status(username)
