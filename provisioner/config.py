@@ -532,15 +532,8 @@ def config_file_problem(path: Path) -> str | None:
         return None
     data, problem = _read_file(path)
     holds = [] if problem is None else [f"what it held when read ({problem.rule})"]
-    servers = data.get("asterisk")
-    for index, server in enumerate(servers if isinstance(servers, list) else []):
-        if isinstance(server, Mapping) and server.get("secret"):
-            holds.append(f"asterisk.{index}.secret")
-    for section in ("store", "target"):
-        table = data.get(section)
-        url = table.get("url") if isinstance(table, Mapping) else None
-        if isinstance(url, str) and url and _may_hold_password(url):
-            holds.append(f"the password of {section}.url")
+    secrets, urls = _secrets_in(data)
+    holds += secrets + [f"the password of {url}" for url in urls]
     if not holds:
         return None
     return (
@@ -556,22 +549,33 @@ def command_line_secrets(sets: Sequence[str]) -> list[str]:
     is read by every local user (``ps``, ``/proc/PID/cmdline``) and stays in a unit file
     or a shell's history, where a ``secret_file`` or the environment does not show it."""
     tree, _unread = parse_sets(sets)
-    found: list[str] = []
+    secrets, urls = _secrets_in(tree)
+    return secrets + urls
+
+
+def _secrets_in(tree: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """The keys in a raw (not yet validated) config ``tree`` that give a secret: the
+    ``asterisk.N.secret`` keys of the entries that have one (``asterisk`` as a list of
+    entries, or as a table by index, as ``--set`` flags make it), and the
+    ``store.url`` / ``target.url`` keys whose URL gives a password."""
     servers = tree.get("asterisk")
     entries: Iterable[tuple[Any, Any]] = ()
     if isinstance(servers, list):
         entries = enumerate(servers)
     elif isinstance(servers, Mapping):
         entries = servers.items()
-    for index, server in entries:
-        if isinstance(server, Mapping) and server.get("secret"):
-            found.append(f"asterisk.{index}.secret")
+    secrets = [
+        f"asterisk.{index}.secret"
+        for index, server in entries
+        if isinstance(server, Mapping) and server.get("secret")
+    ]
+    urls: list[str] = []
     for section in ("store", "target"):
         table = tree.get(section)
         url = table.get("url") if isinstance(table, Mapping) else None
         if isinstance(url, str) and url and _may_hold_password(url):
-            found.append(f"{section}.url")
-    return found
+            urls.append(f"{section}.url")
+    return secrets, urls
 
 
 def _may_hold_password(url: str) -> bool:

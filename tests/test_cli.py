@@ -879,15 +879,13 @@ def test_status_shows_the_user_agent_of_a_usable_contact_and_contacts_in_order(
     assert "New/2" in cli.ok("status", "alice")
 
 
-def test_status_prints_a_phones_control_characters_escaped(cli: Cli, store: Engine) -> None:
-    """A user agent a phone sent with terminal escape sequences (an OSC 52 clipboard write, a
-    screen clear) reaches the admin's terminal as visible ``\\x1b`` escapes, never as the
-    bytes that a terminal would act on; ``--json`` keeps the exact text, escaped by JSON."""
+def _alice_online_with_agent(cli: Cli, store: Engine, agent: str) -> None:
+    """Add alice, and store one online contact of hers on ``pbx1`` whose phone sent
+    ``agent`` as its user agent."""
     from provisioner.store.registrations import write_endpoint_rows
 
     _add(cli, "alice")
     ext = json.loads(cli.ok("user", "show", "alice", "--json"))["extension"]
-    agent = "Phone/1 \x1b]52;c;cm0gLXJmIH4=\x07\x1b[2J\x9b1m\r"
     seen = "2026-05-01 11:59:58.654321"
     contact = (f"{ext};@a", f"sip:{ext}@10.0.0.1:5060", "NonQualified", agent, "", None, None, seen)
     with store.begin() as conn:
@@ -897,6 +895,14 @@ def test_status_prints_a_phones_control_characters_escaped(cli: Cli, store: Engi
             {ext: ([contact], ("online", "NOT_INUSE", "", seen))},
             datetime(2026, 5, 1),
         )
+
+
+def test_status_prints_a_phones_control_characters_escaped(cli: Cli, store: Engine) -> None:
+    """A user agent a phone sent with terminal escape sequences (an OSC 52 clipboard write, a
+    screen clear) reaches the admin's terminal as visible ``\\x1b`` escapes, never as the
+    bytes that a terminal would act on; ``--json`` keeps the exact text, escaped by JSON."""
+    agent = "Phone/1 \x1b]52;c;cm0gLXJmIH4=\x07\x1b[2J\x9b1m\r"
+    _alice_online_with_agent(cli, store, agent)
     shown = cli.ok("status", "alice")
     assert not any(ch in shown for ch in "\x1b\x07\x9b\r"), repr(shown)
     assert "Phone/1 \\x1b]52;c;cm0gLXJmIH4=\\x07\\x1b[2J\\x9b1m\\x0d" in shown
@@ -908,20 +914,8 @@ def test_status_prints_a_phones_bidi_and_line_separators_escaped(cli: Cli, store
     """A user agent with a right-to-left override (which a bidi terminal would apply to the
     rest of the row, showing another time or problem), zero-width characters or a Unicode
     line separator reaches the terminal as ``\\u`` escapes."""
-    from provisioner.store.registrations import write_endpoint_rows
-
-    _add(cli, "alice")
-    ext = json.loads(cli.ok("user", "show", "alice", "--json"))["extension"]
     agent = "Phone/1 \u202edeliver\u2066\u200b\u2028\ufeffx"
-    seen = "2026-05-01 11:59:58.654321"
-    contact = (f"{ext};@a", f"sip:{ext}@10.0.0.1:5060", "NonQualified", agent, "", None, None, seen)
-    with store.begin() as conn:
-        write_endpoint_rows(
-            conn,
-            "pbx1",
-            {ext: ([contact], ("online", "NOT_INUSE", "", seen))},
-            datetime(2026, 5, 1),
-        )
+    _alice_online_with_agent(cli, store, agent)
     shown = cli.ok("status", "alice")
     assert not any(ch in shown for ch in "\u202e\u2066\u200b\u2028\ufeff"), repr(shown)
     assert "Phone/1 \\u202edeliver\\u2066\\u200b\\u2028\\ufeffx" in shown
