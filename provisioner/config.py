@@ -666,6 +666,11 @@ class AsteriskServer(_Section):
     timeout: float = Field(default=5.0, ge=MIN_LOGIN_TIMEOUT, le=300)
     #: Event classes asked for at login; Asterisk grants at most the user's ``read``.
     events: str = Field(default="system,call,security", pattern=r"^[a-z,]{1,200}$")
+    #: How the login proves the secret: ``md5`` answers Asterisk's MD5 challenge, so the
+    #: secret never goes on the wire (AMI is plain TCP); ``plain`` sends it as ``Secret``
+    #: (the form of ``../shared/asterisk``'s recorded login), only for a manager or an AMI
+    #: proxy in front of it that does not offer challenges.
+    login: Literal["md5", "plain"] = "md5"
     #: The sorcery memory caches (``name=`` in sorcery.conf) in front of the realtime
     #: tables, as kind -> cache names: TOML gives a table (``{endpoint = "ep_cache",
     #: aor = ["aor_cache"]}``; a kind left out has no cache) or a list of names, each

@@ -69,10 +69,32 @@ def test_a_peer_refusing_the_challenge_never_gets_the_secret() -> None:
             async with running(client):
                 await eventually(lambda: client.health().login_failures == 1)
         assert [e["event"] for e in logs].count("ami.login_failed") == 1
-        assert client.health().last_error == "MD5 challenge refused: Permission denied"
+        assert client.health().last_error == (
+            'MD5 challenge refused: Permission denied (login = "plain" sends the secret instead)'
+        )
         assert peer.actions("Challenge")
         assert peer.actions("Login") == []
         assert all("lab-secret" not in value for a in peer.received for _, value in a.headers)
+        await peer.stop()
+
+    run(scenario())
+
+
+def test_a_plain_login_sends_the_secret_and_asks_no_challenge() -> None:
+    """A server whose ``login`` is ``plain`` logs in as the recorded transcript does:
+    ``Login`` with ``Username`` and ``Secret``, no ``Challenge`` asked, for a manager (or
+    a proxy before it) that offers none."""
+
+    async def scenario() -> None:
+        peer = await _peer()
+        peer.challenge_refused = "Permission denied"
+        client = AmiClient(server_for(peer, login="plain"), fast_settings())
+        async with running(client):
+            await eventually(lambda: client.connected)
+        assert peer.actions("Challenge") == []
+        (login,) = peer.actions("Login")
+        assert (login.get("Username"), login.get("Secret")) == ("provisioner", "lab-secret")
+        assert [name for name, _ in login.headers if name in ("AuthType", "Key")] == []
         await peer.stop()
 
     run(scenario())
@@ -676,12 +698,13 @@ def test_collector_is_paused_only_while_a_read_is_handled(enabled: bool) -> None
             gc.enable()
 
 
+@pytest.mark.parametrize("login", ["md5", "plain"])
 @pytest.mark.parametrize("odd", ["\x85", "\x9f", "\x7f", "\x1b", "é", "\u2028"])
 @pytest.mark.parametrize("field", ["username", "secret"])
-def test_a_login_the_configuration_accepts_can_be_sent(field: str, odd: str) -> None:
+def test_a_login_the_configuration_accepts_can_be_sent(field: str, odd: str, login: str) -> None:
     """A username or secret is either refused by the configuration or sent in a Login that
-    Asterisk accepts: never accepted there and then refused by the client, whose run died
-    of it (the daemon exited and restarted for ever)."""
+    Asterisk accepts, by either login form: never accepted there and then refused by the
+    client, whose run died of it (the daemon exited and restarted for ever)."""
 
     async def scenario() -> None:
         peer = FakeAsterisk()
@@ -689,20 +712,22 @@ def test_a_login_the_configuration_accepts_can_be_sent(field: str, odd: str) -> 
         setattr(peer, field, value)
         await peer.start()
         try:
-            server = server_for(peer)
+            server = server_for(peer, login=login)
         except ValidationError:
             await peer.stop()
             return
         client = AmiClient(server, fast_settings())
         async with running(client):
             await eventually(lambda: client.connected)
-        login = peer.actions("Login")[0]
+        sent = peer.actions("Login")[0]
+        assert peer.logins_ok == 1
         if field == "username":
-            assert login.get("Username") == value
-        else:
+            assert sent.get("Username") == value
+        elif login == "md5":
             # Hashed with the challenge (UTF-8, as manager.conf holds it): accepted.
-            assert peer.logins_ok == 1
-            assert login.get("Secret") == ""
+            assert sent.get("Secret") == ""
+        else:
+            assert sent.get("Secret") == value
         await peer.stop()
 
     run(scenario())

@@ -18,8 +18,9 @@ tries are counted, ``ami.still_failing`` at the 2nd, 4th, 8th... and at least ev
 try would otherwise be a line every ``backoff_cap`` seconds per session, for as long as the
 server stays down.  The connection that ends the streak says how many tries failed and for
 how long (``ami.connected`` with ``after_connect_failures``, ``failed_for_s``).  The
-login is sent only after the greeting, and answers an MD5 challenge (:meth:`_login`): the
-secret itself never goes on the wire, to such a peer or any other.  A line,
+login is sent only after the greeting, and answers an MD5 challenge (:meth:`_login`) unless
+the server's ``login`` is ``plain``: the secret itself never goes on the wire, to such a
+peer or any other.  A line,
 a message or a header count past its bound (:class:`~provisioner.ami.actions.FrameDecoder`)
 is a protocol error: the connection is dropped (``ami.protocol_error`` names the bound,
 never the bytes) and made again after the usual backoff; the actions in flight fail as on
@@ -510,30 +511,18 @@ class AmiClient:
         )
 
     async def _login(self, session: _Session, early: list[AmiMessage]) -> None:
-        """Log in by Asterisk's MD5 challenge: ``Challenge`` (``AuthType: MD5``), then
-        ``Login`` with ``Key``, the MD5 of the challenge and the secret, as the manager's
-        ``authenticate`` checks it.  The secret itself never goes on the wire: neither
-        whoever reads the connection nor a peer that greets as Asterisk (a local user who
-        bound the port while Asterisk restarted) gets it, only a key for a challenge it
-        may not use twice.  A peer that refuses the challenge is refused as a wrong login
-        is: falling back to a plain ``Secret`` would hand it to exactly such a peer.
-        Early events (``early``: those read with the greeting) are dispatched."""
-        ask = build_action("Challenge", [("AuthType", "MD5")], action_id=self._ids())
-        answer, messages = await self._answer_of(session, ask, early)
-        challenge = answer.get("Challenge") or ""
-        if answer.response.lower() != "success" or not challenge:
-            why = answer.message or "no challenge given"
-            raise AmiLoginFailed(self.name, f"MD5 challenge refused: {why}")
+        """Log in, by Asterisk's MD5 challenge unless the server's ``login`` is
+        ``plain``.  Early events (``early``: those read with the greeting) are
+        dispatched."""
         secret = self.server.secret.get_secret_value() if self.server.secret else ""
-        key = hashlib.md5((challenge + secret).encode(), usedforsecurity=False).hexdigest()
+        if self.server.login == "plain":
+            proof, messages = [("Secret", secret)], early
+        else:
+            key, messages = await self._challenged_key(session, secret, early)
+            proof = [("AuthType", "MD5"), ("Key", key)]
         action = build_action(
             "Login",
-            [
-                ("AuthType", "MD5"),
-                ("Username", self.server.username),
-                ("Key", key),
-                ("Events", self.server.events),
-            ],
+            [("Username", self.server.username), *proof, ("Events", self.server.events)],
             action_id=self._ids(),
         )
         answer, messages = await self._answer_of(session, action, messages)
@@ -541,6 +530,30 @@ class AmiClient:
             raise AmiLoginFailed(self.name, answer.message or "login refused")
         # FullyBooted often shares the read with the answer: keep it.
         session.backlog = messages
+
+    async def _challenged_key(
+        self, session: _Session, secret: str, early: list[AmiMessage]
+    ) -> tuple[str, list[AmiMessage]]:
+        """Ask for an MD5 challenge (``Challenge``, ``AuthType: MD5``) and return the
+        login's ``Key``, the MD5 of the challenge and the secret, as the manager's
+        ``authenticate`` checks it, with the messages read after the answer.  The secret
+        itself never goes on the wire: neither whoever reads the connection nor a peer
+        that greets as Asterisk (a local user who bound the port while Asterisk
+        restarted) gets it, only a key for a challenge it may not use twice.  A peer that
+        refuses the challenge is refused as a wrong login is: falling back to a plain
+        ``Secret`` on its say would hand the secret to exactly such a peer (``login =
+        "plain"`` is the operator's choice, never the peer's)."""
+        ask = build_action("Challenge", [("AuthType", "MD5")], action_id=self._ids())
+        answer, messages = await self._answer_of(session, ask, early)
+        challenge = answer.get("Challenge") or ""
+        if answer.response.lower() != "success" or not challenge:
+            why = answer.message or "no challenge given"
+            raise AmiLoginFailed(
+                self.name,
+                f'MD5 challenge refused: {why} (login = "plain" sends the secret instead)',
+            )
+        key = hashlib.md5((challenge + secret).encode(), usedforsecurity=False).hexdigest()
+        return key, messages
 
     async def _answer_of(
         self, session: _Session, action: AmiAction, messages: list[AmiMessage]
