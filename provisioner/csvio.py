@@ -11,8 +11,10 @@ user's attributes that no column names are kept, like any missing column).  An
 import also accepts ``password`` and ``sip_secret`` columns (empty: keep the
 current one, or generate a SIP secret for a new user).
 
-Cells that a spreadsheet would run as a formula (starting with ``= + - @``,
-tab or CR) are exported with a leading ``'``, which the import removes again.
+Cells that a spreadsheet would run as a formula (starting with ``= + - @``, tab,
+CR or LF, also after leading blanks, which spreadsheets skip, and in the full-width
+forms ``＝ ＋ － ＠`` that some convert on input) are exported with a leading ``'``,
+which the import removes again.
 """
 
 from __future__ import annotations
@@ -55,19 +57,25 @@ ATTR_PREFIX = "attr:"
 #: Runs of an import whose write a unique key refused (a concurrent writer took an
 #: extension it allocated): each run checks every row afresh.
 _IMPORT_ATTEMPTS = 5
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_FORMULA_START = ("=", "+", "-", "@", "\uff1d", "\uff0b", "\uff0d", "\uff20")
+_BLANKS = " \t\r\n\u00a0\u3000"
+
+
+def _formula_like(cell: str) -> bool:
+    """Whether a spreadsheet may run ``cell`` once its leading quotes are gone: it starts
+    with a tab, CR or LF, or its first character after blanks starts a formula."""
+    body = cell.lstrip("'")
+    return body.startswith(("\t", "\r", "\n")) or body.lstrip(_BLANKS).startswith(_FORMULA_START)
 
 
 def _defuse(cell: str) -> str:
     # A cell that already looks defused ("'=x": quotes, then a formula start) gets one
     # more quote too, so that the import's single strip gives back exactly "'=x".
-    return "'" + cell if cell.lstrip("'").startswith(_FORMULA_START) else cell
+    return "'" + cell if _formula_like(cell) else cell
 
 
 def _refuse(cell: str) -> str:
-    if cell.startswith("'") and cell.lstrip("'").startswith(_FORMULA_START):
-        return cell[1:]
-    return cell
+    return cell[1:] if cell.startswith("'") and _formula_like(cell) else cell
 
 
 def _cells(user: User) -> dict[str, str]:

@@ -12,7 +12,7 @@ from sqlalchemy import Engine
 
 from provisioner import credentials
 from provisioner.accounts import Accounts, Policy
-from provisioner.csvio import COLUMNS, _read, export_users, import_users
+from provisioner.csvio import COLUMNS, _defuse, _read, _refuse, export_users, import_users
 from provisioner.errors import InvalidInput
 from provisioner.model import User
 
@@ -116,6 +116,39 @@ def test_export_holds_no_secrets(accounts: Accounts) -> None:
     assert rows[1]["attr:phone"] == "'+1 555 0100"  # defused for spreadsheets
     assert rows[1]["full_name"] == "'=SUM(A1:A9)"
     assert rows[3]["disabled"] == "yes"
+
+
+@pytest.mark.parametrize("cell", ["\uff1dSUM(A1)", "\uff20x", "\uff0b1", "'\uff1dx"])
+def test_a_full_width_formula_is_defused_and_comes_back(accounts: Accounts, cell: str) -> None:
+    """A cell starting with a full-width ``＝ ＋ ＠`` (which some spreadsheets turn into a
+    formula on input) is exported behind a ``'``, and the re-import gives back exactly
+    the stored text."""
+    accounts.add_user(
+        {
+            "username": "alice",
+            "full_name": "Alice",
+            "email": "alice@example.com",
+            "profile": "agents",
+            "attributes": {"note": cell},
+            "password": GOOD_PASSWORD,
+        }
+    )
+    text = _export(accounts)
+    (alice,) = [row for row in _rows(text) if row["username"] == "alice"]
+    assert alice["attr:note"] == "'" + cell
+    assert import_users(accounts, text).updated == []
+    assert accounts.get_user("alice").attributes["note"] == cell
+
+
+@pytest.mark.parametrize("cell", [' =HYPERLINK("x")', "\u00a0\u3000+cmd", "\n=1+1", "\t-2", "''@x"])
+def test_a_formula_behind_blanks_or_a_line_feed_is_defused_and_read_back(cell: str) -> None:
+    """A cell that starts a formula only after blanks (which spreadsheets skip) or a line
+    feed, as a row written by hand in SQL may hold, is exported behind a ``'`` and read
+    back as it was; a cell that merely starts with blanks is left alone."""
+    assert _defuse(cell) == "'" + cell
+    assert _refuse(_defuse(cell)) == cell
+    assert _defuse("  plain text") == "  plain text"
+    assert _refuse("' plain") == "' plain"
 
 
 def test_reimport_of_an_export_changes_nothing(accounts: Accounts, clock: FakeClock) -> None:
