@@ -503,7 +503,8 @@ def _health(config: Config) -> Iterator[Check]:
         yield ("daemon", True, f"no health record in {state_dir}: {detail}")
         return
     problems = health.problems(time.time(), max_age=60.0)
-    yield ("daemon", not problems, "; ".join(problems) or f"pid {health.pid}, healthy")
+    said = problems or [f"pid {health.pid}, healthy", *health.notes()]
+    yield ("daemon", not problems, "; ".join(said))
 
 
 def _looking(check: Callable[[Config], Check], name: str, config: Config) -> Check:

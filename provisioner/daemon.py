@@ -138,6 +138,17 @@ FIRST_RETRY_MAX = 5.0
 STILL_FAILING_EVERY = 30.0
 
 
+@dataclass
+class Hearing:
+    """Whether a wake source's notices are lost on their way (a PostgreSQL LISTEN that
+    hears no NOTIFY), so the store is polled instead: the health record says so."""
+
+    deaf: bool = False
+
+    def said(self, deaf: bool) -> None:
+        self.deaf = deaf
+
+
 @dataclass(frozen=True)
 class WakeSource:
     """A coroutine function ``run(event, stop)`` that sets ``event`` when there may be work."""
@@ -146,6 +157,8 @@ class WakeSource:
     #: A timer (the safety-net poll), not a notice of a change: its wake-ups never make
     #: the next edit wait for a burst to settle.
     timer: bool = False
+    #: How well it hears the store's notices, for a source that can tell.
+    hearing: Hearing | None = None
 
 
 class Pbx(Protocol):
@@ -361,13 +374,20 @@ def wake_sources(config: Config) -> list[WakeSource]:
         )
         poll = max(poll, 5.0)
     elif backend == "postgresql":
-        away = poll  # while LISTEN is down, poll as often as MariaDB/MySQL are polled
-        sources.append(
-            WakeSource(lambda wake, stop: postgres_wakeups(config.store.url, wake, stop, poll=away))
-        )
+        # While LISTEN is down or deaf, poll as often as MariaDB/MySQL are polled.
+        sources.append(_listening(config.store.url, poll))
         poll = max(poll, 5.0)
     sources.append(WakeSource(lambda wake, stop: poll_wakeups(poll, wake, stop), timer=True))
     return sources
+
+
+def _listening(url: str, poll: float) -> WakeSource:
+    """PostgreSQL's LISTEN as a wake source whose hearing follows the watcher's probe."""
+    hearing = Hearing()
+    return WakeSource(
+        lambda wake, stop: postgres_wakeups(url, wake, stop, poll=poll, on_deaf=hearing.said),
+        hearing=hearing,
+    )
 
 
 @dataclass
@@ -1509,6 +1529,7 @@ class Daemon:
         self._write_health()
 
     def _write_health(self) -> None:
+        self.health.listen_deaf = any(s.hearing.deaf for s in self.wake_sources if s.hearing)
         if self.pbx is not None:
             self.health.asterisk = self.pbx.health()
             self._export_ami(self.health.asterisk)

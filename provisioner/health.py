@@ -58,6 +58,18 @@ class Health:
     #: The store's lost triggers (``"<name> (<problem>)"``) as the last full reconcile
     #: found them: edits by other writers reach Asterisk only at the next full one.
     triggers_lost: list[str] = field(default_factory=list)
+    #: The store's LISTEN hears no NOTIFY (``store.listen_deaf``: a pooler in
+    #: transaction pooling): edits are found by polling, every ``daemon.poll_interval``.
+    listen_deaf: bool = False
+
+    def notes(self) -> list[str]:
+        """What is off but not unhealthy: edits still go live, later than they should."""
+        if self.listen_deaf and self.stopped_at is None:
+            return [
+                "the store's LISTEN hears no NOTIFY (a pooler in transaction pooling?):"
+                " edits are found by polling (daemon.poll_interval); see store.listen_deaf"
+            ]
+        return []
 
     def problems(self, now: float, max_age: float) -> list[str]:
         """Why this record is unhealthy (empty when healthy); a stopped daemon's record
@@ -231,6 +243,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "stopped_at": (int, float, type(None)),
     "apply_stuck_since": (int, float, type(None)),
     "triggers_lost": (list,),
+    "listen_deaf": (bool,),
 }
 
 

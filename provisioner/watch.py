@@ -500,6 +500,7 @@ async def postgres_wakeups(
     backoff_cap: float = 30.0,
     probe: Callable[[], Awaitable[None]] | None = None,
     probe_timeout: float = PROBE_TIMEOUT,
+    on_deaf: Callable[[bool], None] | None = None,
 ) -> None:
     """Set ``wake`` on every ``NOTIFY provisioner_changes``; reconnect with capped backoff.
 
@@ -514,6 +515,8 @@ async def postgres_wakeups(
     One not heard (PgBouncer in transaction pooling takes ``LISTEN`` and never relays a
     notification) is said once per streak of such connections (``store.listen_deaf``,
     with the likely cause and the fix) and ``wake`` stays set every ``poll`` seconds.
+    ``on_deaf`` is told each connection's outcome: True when its probe was not heard,
+    False when it was (the daemon's health record carries it).
     """
     conninfo = listen_conninfo(url)
     send_probe = probe or (lambda: _notify_probe(conninfo))
@@ -532,6 +535,8 @@ async def postgres_wakeups(
                     heard = await _hears(conn, send_probe, probe_timeout, stop)
                     if stop.is_set():
                         break
+                    if on_deaf is not None:
+                        on_deaf(not heard)
                     if heard:
                         listening.set()
                         await poller

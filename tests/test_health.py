@@ -58,6 +58,27 @@ def test_check_fails_at_once_for_a_daemon_that_stopped(tmp_path: Path) -> None:
     assert line.startswith("FAIL  daemon: stopped")
 
 
+def test_a_deaf_listen_is_noted_on_the_check_daemon_line_which_still_passes(
+    tmp_path: Path,
+) -> None:
+    """A daemon whose store LISTEN hears no NOTIFY (edits found by polling, still within
+    ``poll_interval``) is healthy, and check's daemon line says the LISTEN is deaf; a
+    stopped daemon's line says only that it stopped."""
+    seed_store(store_url(tmp_path), 1).dispose()
+    config = write_config(tmp_path)
+    record = _healthy()
+    record.listen_deaf = True
+    assert record.problems(record.updated_at, max_age=60.0) == []
+    write_health(tmp_path / "state", record)
+    assert read_health(tmp_path / "state") == record
+    result = cli(config, "check", check=False)
+    (line,) = [line for line in result.out.splitlines() if "daemon:" in line]
+    assert line.startswith(f"ok    daemon: pid {record.pid}, healthy; the store's LISTEN hears no")
+    assert "store.listen_deaf" in line
+    record.stopped_at = record.updated_at
+    assert record.notes() == []
+
+
 def test_a_stopped_record_names_only_that() -> None:
     """A record marked stopped says so, whatever its age, and nothing else."""
     health = _healthy()

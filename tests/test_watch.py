@@ -558,14 +558,17 @@ def test_postgresql_listen_that_hears_nothing_is_said_once_and_polled_around(
 ) -> None:
     """A LISTEN connection that does not hear the store's notifications (PgBouncer in
     transaction pooling: here the probe's NOTIFY goes to another channel) is named in one
-    warning with its likely cause and fix, and the watcher wakes every ``poll`` seconds
-    as while it cannot connect; one that hears its probe says it listens, and no warning."""
+    warning with its likely cause and fix, told to ``on_deaf``, and the watcher wakes
+    every ``poll`` seconds as while it cannot connect; one that hears its probe says it
+    listens, and no warning."""
     import psycopg
     from structlog.testing import capture_logs
 
     from provisioner.watch import listen_conninfo, postgres_wakeups
 
     from .dbs import temp_database
+
+    told: list[bool] = []
 
     async def listen(url: str, channel: str) -> tuple[list[MutableMapping[str, Any]], int]:
         async def probe() -> None:
@@ -578,7 +581,9 @@ def test_postgresql_listen_that_hears_nothing_is_said_once_and_polled_around(
         wakes = 0
         with capture_logs() as logs:
             source = asyncio.ensure_future(
-                postgres_wakeups(url, wake, stop, poll=0.05, probe=probe, probe_timeout=0.3)
+                postgres_wakeups(
+                    url, wake, stop, poll=0.05, probe=probe, probe_timeout=0.3, on_deaf=told.append
+                )
             )
             try:
                 for _ in range(60):
@@ -592,7 +597,9 @@ def test_postgresql_listen_that_hears_nothing_is_said_once_and_polled_around(
 
     with temp_database("postgresql", tmp_path) as url:
         deaf, deaf_wakes = asyncio.run(listen(url, "not_" + NOTIFY_CHANNEL))
+        assert told == [True]  # the daemon's health record is told, once per connection
         heard, _ = asyncio.run(listen(url, NOTIFY_CHANNEL))
+        assert told == [True, False]
     said = [e for e in deaf if e["event"] == "store.listen_deaf"]
     assert len(said) == 1, deaf
     assert "PgBouncer" in said[0]["cause"]
