@@ -334,7 +334,32 @@ def _templates_problem(config: Config) -> str | None:
     return None
 
 
+#: Characters below which an AMI secret is called short: the MD5 login's key is a hash
+#: of the challenge and the secret, which whoever reads the connection can try guesses
+#: against offline, as fast as MD5 runs.
+SHORT_SECRET = 16
+
+
+def _secret_notes(server: AsteriskServer) -> str:
+    """What a passing login line adds about how the secret is exposed, never the secret."""
+    secret = server.secret.get_secret_value() if server.secret else ""
+    if server.login == "plain":
+        return "; login = plain: the secret crosses the network as it is"
+    if len(secret) < SHORT_SECRET:
+        return (
+            f"; its secret is short ({len(secret)} characters): one read off the wire can"
+            f" be guessed offline from the login's key; use {SHORT_SECRET} or more random ones"
+        )
+    return ""
+
+
 async def _login(server: AsteriskServer, config: Config) -> Check:
+    """:func:`_login_once`'s line, a passing one with :func:`_secret_notes` added."""
+    name, passed, detail = await _login_once(server, config)
+    return (name, passed, detail + _secret_notes(server) if passed else detail)
+
+
+async def _login_once(server: AsteriskServer, config: Config) -> Check:
     """The line of one login to ``server``, tried once (:meth:`AmiClient.serve_once`): a
     refused connection or login fails it at once, a host that never answers once its
     ``timeout`` has passed; then, with a realtime target, its caches are asked for."""

@@ -23,6 +23,10 @@ TIMEOUT = 2.0
 LONG_TIMEOUT = 15.0
 
 
+#: A secret long enough that the passing line adds no note on it.
+LONG_SECRET = "k3Jq9-vL2x7-Rt5mZ-8wPa"
+
+
 def _closed_port() -> int:
     """A port on 127.0.0.1 where nothing listens (bound, then released)."""
     with socket.socket() as sock:
@@ -122,9 +126,9 @@ def test_an_account_that_may_not_send_the_daemons_actions_fails_the_ami_line(
 def test_the_privilege_check_changes_nothing_on_asterisk(tmp_path: Path) -> None:
     """An account allowed everything the daemon sends passes the line; the check's probes
     reload no module, delete no contact and name no endpoint that exists."""
-    with in_a_thread(FakeAsterisk()) as peer:
+    with in_a_thread(FakeAsterisk(secret=LONG_SECRET)) as peer:
         astdb = set(peer.astdb)
-        out, _err, _took = _check(tmp_path, peer.port)
+        out, _err, _took = _check(tmp_path, peer.port, secret=LONG_SECRET)
         sent = [dict(a.headers) for a in peer.received]
     assert _ami_line(out) == f"ok    asterisk pbx1: 127.0.0.1:{peer.port} login ok"
     assert peer.astdb == astdb
@@ -132,3 +136,28 @@ def test_the_privilege_check_changes_nothing_on_asterisk(tmp_path: Path) -> None
     assert reloads == [{"Action": "Reload", "ActionID": reloads[0]["ActionID"],
                         "Module": "provisioner-check-probe.so"}]  # fmt: skip
     assert {h["Action"] for h in sent} >= {"PJSIPShowEndpoint", "DBDel"}
+
+
+@pytest.mark.parametrize("login", ["md5", "plain"])
+def test_a_short_or_plain_secret_is_noted_on_a_passing_ami_line(tmp_path: Path, login: str) -> None:
+    """A login that works with a short secret (10 characters), or by ``login = plain``,
+    passes its line, which says how the secret is exposed, never the secret itself."""
+    with in_a_thread(FakeAsterisk()) as peer:
+        config = write_config(
+            tmp_path, extra=[*pbx_entry_lines(peer.port, "lab-secret"), f'login = "{login}"']
+        )
+        config.chmod(0o600)
+        ran = subprocess.run(
+            [PROVISIONER, "--config", str(config), "check"],
+            capture_output=True,
+            text=True,
+            env=env(),
+            timeout=60,
+        )
+    line = _ami_line(ran.stdout)
+    assert line.startswith(f"ok    asterisk pbx1: 127.0.0.1:{peer.port} login ok; "), line
+    if login == "plain":
+        assert line.endswith("login = plain: the secret crosses the network as it is")
+    else:
+        assert "its secret is short (10 characters)" in line
+    assert "lab-secret" not in ran.stdout + ran.stderr
