@@ -43,9 +43,9 @@ class Metrics:
             ["server", "result"],
             registry=r,
         )
-        self.reconnects = Gauge(
+        self.reconnects = Counter(
             "provisioner_ami_reconnects",
-            "AMI sessions after the first, per server",
+            "Main AMI sessions after the first, per server name (across links a SIGHUP remade)",
             ["server"],
             registry=r,
         )

@@ -16,7 +16,16 @@ from provisioner.store.engine import open_engine
 from provisioner.store.schema import registration_summary
 
 from .amipeer import FakeAsterisk, in_a_thread
-from .faultkit import Daemon, agent_args, cli, pbx_entry_lines, seed_store, until, write_config
+from .faultkit import (
+    CutProxy,
+    Daemon,
+    agent_args,
+    cli,
+    pbx_entry_lines,
+    seed_store,
+    until,
+    write_config,
+)
 from .privatecluster import free_port
 
 
@@ -49,6 +58,23 @@ def _gauges(port: int) -> list[str]:
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
     names = ("provisioner_contacts_online{", "provisioner_registrations_live{")
     return [line for line in body.decode().splitlines() if line.startswith(names)]
+
+
+def _scraped(port: int, name: str) -> dict[str, float]:
+    """The series of metric ``name`` (its exposition name) by their label text."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    out = {}
+    for line in body.decode().splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) :].rsplit(" ", 1)
+            out[labels] = float(value)
+    return out
+
+
+def _reconnects(daemon: Daemon) -> int | None:
+    """The health record's ``reconnects`` of server pbx (None: not in the record yet)."""
+    servers = (daemon.health() or {}).get("asterisk") or {}
+    return servers["pbx"]["reconnects"] if "pbx" in servers else None
 
 
 def _rows_of(engine: Engine, server: str) -> list[object]:
@@ -189,3 +215,35 @@ def test_two_quick_sighups_moving_a_server_end_on_the_last_host_alone(
         until(lambda: _connected(daemon) == {"pbx": True}, 10, "health says connected")
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_server_moved_by_sighup_keeps_counting_its_reconnects(
+    tmp_path: Path, peers: tuple[FakeAsterisk, FakeAsterisk, FakeAsterisk]
+) -> None:
+    """A server that reconnected once, then moved to another host by a SIGHUP (its link
+    made anew), counts the new host's session as its second reconnect: the counter
+    provisioner_ami_reconnects_total and the health record's reconnects both say 2,
+    never going back to 0."""
+    old, new, _ = peers
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    seed_store(url, 1).dispose()
+    metrics = free_port()
+    series = '{server="pbx"}'
+    with CutProxy(old.port) as proxy:
+        conf = _config(tmp_path, url, [("pbx", proxy.port)], metrics)
+        daemon = Daemon(conf, tmp_path / "daemon.log").start()
+        try:
+            until(lambda: old.logins_ok >= 2, 20, "both sessions logged in")
+            proxy.cut()
+            until(lambda: old.logins_ok >= 4, 20, "both sessions logged in again")
+            until(lambda: _reconnects(daemon) == 1, 30, "health says one reconnect")
+            total = "provisioner_ami_reconnects_total"
+            assert _scraped(metrics, total) == {series: 1.0}
+            _config(tmp_path, url, [("pbx", new.port)], metrics)
+            assert daemon.proc is not None
+            daemon.proc.send_signal(signal.SIGHUP)
+            until(lambda: new.logins_ok >= 2, 20, "connected to the new host")
+            until(lambda: _reconnects(daemon) == 2, 30, "health says two reconnects")
+            assert _scraped(metrics, total) == {series: 2.0}
+        finally:
+            assert daemon.stop() == 0

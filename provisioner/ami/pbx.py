@@ -198,6 +198,25 @@ def _contact_row(contact: ContactState, changed: str | None) -> ContactRow:
 
 
 @dataclass
+class Sessions:
+    """The main AMI sessions logged in to one server name over the daemon's life: shared
+    by the links a SIGHUP makes anew for that name (its entry changed), so its count of
+    reconnects (``provisioner_ami_reconnects_total``, the health record's ``reconnects``)
+    only ever rises, where each new link's client counts from 0."""
+
+    count: int = 0
+
+    def add(self) -> None:
+        """Count a session logged in (an ``on_connected`` callback of the main client)."""
+        self.count += 1
+
+    @property
+    def reconnects(self) -> int:
+        """Sessions after the first."""
+        return max(0, self.count - 1)
+
+
+@dataclass
 class Link:
     """One Asterisk server: its connection, reloads, queries and registration book."""
 
@@ -348,6 +367,9 @@ class Link:
     applying: bool = False
     noting_loaded: bool = False
 
+    #: The main sessions of this server's name, this link's and those of the links it
+    #: replaced (see :class:`Sessions`).
+    sessions: Sessions = field(default_factory=Sessions)
     #: Set to stop this server's sessions and loops (the daemon's stop, or a SIGHUP
     #: that took the server out), and those tasks once started.
     halt: asyncio.Event = field(default_factory=asyncio.Event)
@@ -669,6 +691,10 @@ class AmiPbx:
         if not gone and not added:
             return
         fresh = [_new_link(server, config.ami) for server in added]
+        # A changed entry's new link goes on counting the old one's sessions.
+        counted = {link.name: link.sessions for link in gone}
+        for link in fresh:
+            link.sessions = counted.get(link.name, link.sessions)
         self.links = [link for link in self.links if link not in gone] + fresh
         log.info(
             "ami.servers_changed",
@@ -834,7 +860,8 @@ class AmiPbx:
                 # The reload session (the main one when reloads share it).
                 "reload_connected": link.reloads.client.connected,
                 "last_error": h.last_error or "",
-                "reconnects": h.reconnects,
+                # Of the server's name: across the links a SIGHUP made anew.
+                "reconnects": link.sessions.reconnects,
                 "not_live": link.not_live,
                 "rejected": len(link.rejected),
                 "events": link.events,
@@ -870,6 +897,7 @@ class AmiPbx:
         # restarted Asterisk may come back with its clock set right, and the old
         # estimate would take up to two windows to age out.
         link.client.on_connected(link.client.clock.reset)
+        link.client.on_connected(link.sessions.add)
         link.client.on_connected(link.snapshot_wanted.set)
         link.client.on_disconnected(link.live_changed.set)
         # An empty change: the change loop wakes and sends what is owed to the server.
