@@ -18,7 +18,6 @@ A store outage is logged and retried; it never stops the daemon.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import math
 import os
@@ -1471,10 +1470,9 @@ class Daemon:
         """Turn the AMI links' running totals into Prometheus counters and gauges."""
         m = self.metrics
         for name in {name for name, _ in self._exported} - servers.keys():
-            # A server a SIGHUP took out: its gauges would say its last figures for good.
-            for gauge in (m.online, m.live, m.owed, m.not_live):
-                with contextlib.suppress(KeyError):
-                    gauge.remove(name)
+            # A server a SIGHUP took out: none of its series is served any more.
+            keys = [key for n, key in self._exported if n == name]
+            m.drop_server(name, [key[7:] for key in keys if key.startswith("reload:")])
             self._exported = {k: v for k, v in self._exported.items() if k[0] != name}
         for name, h in servers.items():
             # NaN while the server is not read: its last count is no count of now.
