@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, RootTransaction, case, delete, select, update
+from sqlalchemy import Connection, Engine, RootTransaction, Table, case, delete, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 
 from . import credentials
@@ -30,6 +30,7 @@ from .errors import (
     ProvisionerError,
     StoreUnavailable,
 )
+from .logs import get_logger
 from .model import (
     IMMUTABLE_FIELDS,
     Profile,
@@ -45,7 +46,7 @@ from .model import (
 )
 from .store import queries as q
 from .store.engine import blame, store_unreadable, unavailable
-from .store.schema import users
+from .store.schema import metadata, users
 
 __all__ = [
     "Accounts",
@@ -104,6 +105,8 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+log = get_logger(__name__)
+
 #: What a unique (or primary) key or a foreign key refusing a write looks like:
 #: PostgreSQL's SQLSTATE, MariaDB/MySQL's error number, SQLite's message.
 _CLASH_SQLSTATES = frozenset({"23505", "23503"})
@@ -155,6 +158,21 @@ def clash_field(exc: IntegrityError) -> tuple[str, str] | None:
     if name is None:
         return None
     return next(((f, what) for part, f, what in _CLASH_FIELDS if part in name), None)
+
+
+def id_table_of_clash(exc: IntegrityError) -> Table | None:
+    """The table whose primary key (ids the database gives) refused a write with a
+    duplicate id, as PostgreSQL names it (``pk_users``); None for any other refusal, and
+    on the other databases, whose id counters move past an explicit id by themselves."""
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) != "23505":
+        return None
+    name = getattr(getattr(orig, "diag", None), "constraint_name", None) or ""
+    table = metadata.tables.get(name.removeprefix("pk_")) if name.startswith("pk_") else None
+    if table is None or len(table.primary_key.columns) != 1:
+        return None
+    (column,) = table.primary_key.columns
+    return table if column.autoincrement is True else None
 
 
 def rerun_on_unique_clash(
@@ -272,6 +290,9 @@ class Accounts:
             with self.engine.begin() as conn:
                 yield conn
         except DBAPIError as exc:
+            if isinstance(exc, IntegrityError):
+                # A rerun (rerun_on_unique_clash) then gets an id past the rows'.
+                self._catch_up_ids(exc)
             # An outage of the one connection used, the store's, needs no asking again.
             outage = isinstance(exc, (OperationalError, ProgrammingError))
             store = unavailable(exc) if outage else store_unreadable(self.engine)
@@ -279,6 +300,30 @@ class Accounts:
             if fault is not None:
                 raise fault from None
             raise
+
+    def _catch_up_ids(self, exc: IntegrityError) -> None:
+        """When ``exc`` is a clash on the primary key of a table whose ids the database
+        gives (``users``, ``profiles``), its id sequence is behind rows inserted with their
+        own ids (PostgreSQL's only): move it past them in a transaction of its own, logged
+        as ``store.id_sequence_behind`` (table, the id moved to).  A store that refuses
+        the move (an account without ``UPDATE`` on the sequence) is a
+        :class:`ConflictError` on ``id`` saying what to run."""
+        table = id_table_of_clash(exc)
+        if table is None:
+            return
+        try:
+            with self.engine.begin() as conn:
+                moved = q.catch_up_id_sequence(conn, table)
+        except DBAPIError as failed:
+            raise ConflictError.one(
+                "id",
+                f"{table.name}' id sequence is behind rows inserted with their own ids and"
+                f" could not be moved past them ({type(failed.orig).__name__}); run"
+                f" SELECT setval(pg_get_serial_sequence('{table.name}', 'id'),"
+                f" (SELECT max(id) FROM {table.name})) as the table's owner",
+            ) from None
+        if moved is not None:
+            log.warning("store.id_sequence_behind", table=table.name, moved_to=moved)
 
     @contextmanager
     def write(self) -> Iterator[Connection]:

@@ -18,7 +18,6 @@ A store outage is logged and retried; it never stops the daemon.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import math
 import os
@@ -1491,20 +1490,23 @@ class Daemon:
         """Turn the AMI links' running totals into Prometheus counters and gauges."""
         m = self.metrics
         for name in {name for name, _ in self._exported} - servers.keys():
-            # A server a SIGHUP took out: its gauges would say its last figures for good.
-            for gauge in (m.reconnects, m.online, m.live, m.owed, m.not_live):
-                with contextlib.suppress(KeyError):
-                    gauge.remove(name)
+            # A server a SIGHUP took out: none of its series is served any more.
+            keys = [key for n, key in self._exported if n == name]
+            m.drop_server(name, [key[7:] for key in keys if key.startswith("reload:")])
             self._exported = {k: v for k, v in self._exported.items() if k[0] != name}
         for name, h in servers.items():
-            m.reconnects.labels(server=name).set(h["reconnects"])
             # NaN while the server is not read: its last count is no count of now.
             online = h["online"]
             m.online.labels(server=name).set(math.nan if online is None else online)
             m.live.labels(server=name).set(1 if h["live"] else 0)
             m.owed.labels(server=name).set(h["owed"])
             m.not_live.labels(server=name).set(h["rejected"])
-            totals = {"events": h["events"], **{f"reload:{k}": v for k, v in h["reloads"].items()}}
+            m.reconnects.labels(server=name)  # a server with none says 0, not nothing
+            totals = {
+                "events": h["events"],
+                "reconnects": h["reconnects"],
+                **{f"reload:{k}": v for k, v in h["reloads"].items()},
+            }
             for key, total in totals.items():
                 # Less than exported: the server's link was made anew (a SIGHUP changed
                 # its entry) and counts from 0 again.
@@ -1515,6 +1517,8 @@ class Daemon:
                     continue
                 if key == "events":
                     m.events.labels(server=name).inc(delta)
+                elif key == "reconnects":
+                    m.reconnects.labels(server=name).inc(delta)
                 else:
                     m.reloads.labels(server=name, result=key.split(":", 1)[1]).inc(delta)
 

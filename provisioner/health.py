@@ -48,7 +48,8 @@ class Health:
     conflicts: int = 0
     cursor: int = 0
     #: server name -> {"connected": bool, "last_error": str, "reconnects": int,
-    #: "store_failures": int (registration writes refused in a row), ...}
+    #: "store_failures": int (registration writes refused in a row), "snapshot_failures":
+    #: int (snapshots failed in a row), "snapshot_error": str (the last one's reason), ...}
     asterisk: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: When the daemon shut down (its last record); None while it runs.
     stopped_at: float | None = None

@@ -6,6 +6,8 @@ one process never collide.  The names follow Prometheus conventions.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
@@ -43,9 +45,9 @@ class Metrics:
             ["server", "result"],
             registry=r,
         )
-        self.reconnects = Gauge(
+        self.reconnects = Counter(
             "provisioner_ami_reconnects",
-            "AMI sessions after the first, per server",
+            "Main AMI sessions after the first, per server name (across links a SIGHUP remade)",
             ["server"],
             registry=r,
         )
@@ -92,6 +94,26 @@ class Metrics:
             ["server"],
             registry=r,
         )
+
+    def drop_server(self, server: str, reload_results: Iterable[str]) -> None:
+        """Drop every series labelled ``server``, counters and gauges alike (a server a
+        SIGHUP took out: its gauges would say its last figures for good, its counters
+        would be served for a server no longer there).  ``reload_results``: the
+        ``result`` labels its reloads were counted under.  A series never made is no
+        error."""
+        for metric in (
+            self.reconnects,
+            self.events,
+            self.owed,
+            self.online,
+            self.not_live,
+            self.live,
+        ):
+            with contextlib.suppress(KeyError):
+                metric.remove(server)
+        for result in reload_results:
+            with contextlib.suppress(KeyError):
+                self.reloads.remove(server, result)
 
     def serve(self, port: int) -> None:
         """Serve ``/metrics`` on 127.0.0.1:``port`` from a daemon thread."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Connection, Engine, delete, event, func, insert, select, text, update
+from structlog.testing import capture_logs
 
 from provisioner import credentials
 from provisioner.accounts import Accounts, Policy
@@ -1342,3 +1344,85 @@ def test_a_bulk_change_or_import_looks_the_first_admin_up_once(accounts: Account
         with first_admin_lookups(accounts) as seen:
             act()
         assert len(seen) == 1
+
+
+#: More rows than an add's reruns (each of which takes one id off PostgreSQL's sequence),
+#: so no rerun gets past them by chance.
+_EXPLICIT_IDS = 40
+
+
+def _insert_with_ids(engine: Engine, first: int) -> int:
+    """Insert ``_EXPLICIT_IDS`` users and profiles with their own ids from ``first`` on,
+    as a DBA's ``INSERT ... (id, ...)`` does (copies of root and agents); the last id."""
+    last = first + _EXPLICIT_IDS - 1
+    with engine.begin() as conn:
+        root = conn.execute(select(users).where(users.c.username == "root")).mappings().one()
+        agents = conn.execute(select(profiles).where(profiles.c.name == "agents")).mappings().one()
+        for n in range(first, last + 1):
+            name = f"dba{n}"
+            row = {
+                **root,
+                "id": n,
+                "username": name,
+                "username_key": name,
+                "extension": f"9{n:03d}",
+            }
+            conn.execute(insert(users).values(**row))
+            conn.execute(insert(profiles).values(**{**agents, "id": n, "name": f"p{n}"}))
+    return last
+
+
+def test_a_user_add_after_rows_inserted_with_their_own_ids_succeeds(
+    accounts: Accounts, engine: Engine
+) -> None:
+    """Users and profiles a DBA inserted with explicit ids (PostgreSQL's sequence left
+    behind them) do not make the next user add, profile add or CSV import fail: each gets
+    an id past the highest, on every backend (PostgreSQL's catch-up of each sequence is
+    logged, as store.id_sequence_behind)."""
+    last = _insert_with_ids(engine, 2)
+    with capture_logs() as logs:
+        added = accounts.add_user(_agent("alice"))
+        profile = accounts.add_profile("late")
+    assert added.user.id > last
+    assert profile.id > last
+    caught_up = [
+        (e["table"], e["moved_to"]) for e in logs if e["event"] == "store.id_sequence_behind"
+    ]
+    if engine.dialect.name == "postgresql":
+        assert caught_up == [("users", last), ("profiles", last)]
+    else:
+        assert caught_up == []
+    last = _insert_with_ids(engine, max(added.user.id, profile.id) + 1)
+    import_users(accounts, "username,full_name,email,profile\ncarol,Carol,c@example.com,agents\n")
+    (carol,) = accounts.get_users(["carol"])
+    assert carol.id > last
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_sequence_the_account_may_not_move_is_a_conflict_saying_what_to_run(
+    accounts: Accounts, engine: Engine, policy: Policy, clock: FakeClock
+) -> None:
+    """On PostgreSQL, an account that may write the tables but not move their sequences
+    (no UPDATE on them) gets, for an add behind rows inserted with their own ids, a
+    conflict on ``id`` naming the setval to run, not a database error or a misleading
+    extension conflict."""
+    _insert_with_ids(engine, 2)
+    role = "prov_test_writer_" + uuid.uuid4().hex[:8]  # roles are the server's
+    with engine.begin() as conn:
+        conn.execute(text(f"CREATE ROLE {role} LOGIN"))
+        conn.execute(
+            text(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
+        )
+        conn.execute(text(f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}"))
+    writer = open_engine(engine.url.set(username=role).render_as_string(hide_password=False))
+    try:
+        with pytest.raises(ConflictError) as refused:
+            Accounts(writer, policy, clock).add_user(_agent("alice"))
+        (problem,) = refused.value.problems
+        assert problem.field == "id"
+        assert "SELECT setval(pg_get_serial_sequence('users', 'id')" in problem.rule
+    finally:
+        writer.dispose()
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP OWNED BY {role}"))
+            conn.execute(text(f"DROP ROLE {role}"))

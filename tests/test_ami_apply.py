@@ -2347,6 +2347,54 @@ def test_a_snapshot_refused_on_a_live_session_is_asked_for_again(
     assert listed
 
 
+def test_a_snapshot_failing_again_and_again_is_logged_once_counted_and_its_end_said(
+    store: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot Asterisk keeps refusing, then leaves unanswered, on a session that stays
+    up logs one warning (registration.snapshot_failed, with the refusal) for the whole
+    run, the health record counts the failures and shows the last reason, and the
+    answered snapshot that ends the run logs registration.snapshot_recovered once, with
+    the count, the health record's count back to 0."""
+    monkeypatch.setattr(pbx_module, "SNAPSHOT_MIN_GAP", 0.02)
+    monkeypatch.setattr(pbx_module, "SNAPSHOT_RETRY_MAX", 0.1)
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any], list[MutableMapping[str, Any]]]:
+        peer = _BootingPeer()
+        peer.unknown = 1_000_000
+        peer.refusal = "Permission denied"
+        await peer.start()
+        client = AmiClient(server_for(peer), fast_settings(action_timeout=0.2))
+        reloads = ReloadCoordinator(client, fast_settings())
+        link = Link("lab", client, reloads, PjsipOps(client), caches_by_kind((CACHE,)))
+        pbx = AmiPbx([link], store, "realtime")
+        with capture_logs() as logs:
+            async with _serving(peer, pbx):
+                await eventually(lambda: link.snapshot_failures >= 3)
+                peer.unknown = 0
+                peer.delays["pjsipshowcontacts"] = 1.0  # unanswered within 0.2 s
+                asked = len(peer.actions("PJSIPShowContacts"))
+                await eventually(lambda: len(peer.actions("PJSIPShowContacts")) >= asked + 2)
+                await eventually(lambda: "no answer" in link.snapshot_error)
+                failing = pbx.health()["lab"]
+                peer.delays.clear()
+                await eventually(link.book_complete, timeout=5)
+                return failing, pbx.health()["lab"], logs
+
+    failing, healthy, logs = run(scenario())
+    assert failing["snapshot_failures"] >= 5
+    assert "PJSIPShowContacts: no answer in 0.2s" in failing["snapshot_error"]
+    assert (healthy["snapshot_failures"], healthy["snapshot_error"]) == (0, "")
+    loud = [e for e in logs if e["log_level"] in ("warning", "error")]
+    assert [e["event"] for e in loud] == ["registration.snapshot_failed"]
+    assert "Permission denied" in loud[0]["error"]
+    (recovered,) = [e for e in logs if e["event"] == "registration.snapshot_recovered"]
+    assert recovered["failures"] >= 5
+    assert (
+        len([e for e in logs if e["event"] == "registration.snapshot_failed"])
+        == (recovered["failures"])
+    )
+
+
 def test_a_removal_whose_listing_asterisk_does_not_know_yet_stays_owed(
     store: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,7 +16,16 @@ from provisioner.store.engine import open_engine
 from provisioner.store.schema import registration_summary
 
 from .amipeer import FakeAsterisk, in_a_thread
-from .faultkit import Daemon, agent_args, cli, pbx_entry_lines, seed_store, until, write_config
+from .faultkit import (
+    CutProxy,
+    Daemon,
+    agent_args,
+    cli,
+    pbx_entry_lines,
+    seed_store,
+    until,
+    write_config,
+)
 from .privatecluster import free_port
 
 
@@ -43,12 +52,27 @@ def _config(tmp: Path, url: str, servers: list[tuple[str, int]], metrics: int) -
     return write_config(tmp, store_url=url, extra=lines)
 
 
-def _gauges(port: int) -> list[str]:
-    """The exposition lines of the per-server gauges (not the counters, which keep their
-    totals)."""
+def _series_of(port: int, server: str) -> list[str]:
+    """The exposition lines of every series labelled ``server``, gauges and counters."""
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-    names = ("provisioner_contacts_online{", "provisioner_registrations_live{")
-    return [line for line in body.decode().splitlines() if line.startswith(names)]
+    return [line for line in body.decode().splitlines() if f'server="{server}"' in line]
+
+
+def _scraped(port: int, name: str) -> dict[str, float]:
+    """The series of metric ``name`` (its exposition name) by their label text."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    out = {}
+    for line in body.decode().splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) :].rsplit(" ", 1)
+            out[labels] = float(value)
+    return out
+
+
+def _reconnects(daemon: Daemon) -> int | None:
+    """The health record's ``reconnects`` of server pbx (None: not in the record yet)."""
+    servers = (daemon.health() or {}).get("asterisk") or {}
+    return servers["pbx"]["reconnects"] if "pbx" in servers else None
 
 
 def _rows_of(engine: Engine, server: str) -> list[object]:
@@ -69,8 +93,8 @@ def test_sighup_lets_go_of_a_removed_server_and_takes_up_an_added_one(
     tmp_path: Path, peers: tuple[FakeAsterisk, FakeAsterisk, FakeAsterisk]
 ) -> None:
     """A SIGHUP that removes one [[asterisk]] entry and adds another disconnects the first
-    and forgets its registration state, connects and snapshots the second, and leaves the
-    server kept connected on its first session."""
+    and forgets its registration state and every metric series of its name, connects and
+    snapshots the second, and leaves the server kept connected on its first session."""
     kept, removed, added = peers
     url = f"sqlite:///{tmp_path / 'store.db'}"
     seed_store(url, 1).dispose()
@@ -84,7 +108,9 @@ def test_sighup_lets_go_of_a_removed_server_and_takes_up_an_added_one(
             # The removed server's state, as its snapshot wrote it.
             until(lambda: bool(_rows_of(engine, "gone")), 10, "gone's state written")
             kept_logins = kept.logins_ok
-            assert any('server="gone"' in line for line in _gauges(metrics))
+            gone_series = _series_of(metrics, "gone")
+            assert any(line.startswith("provisioner_contacts_online{") for line in gone_series)
+            assert any(line.startswith("provisioner_ami_reconnects_total{") for line in gone_series)
             _config(tmp_path, url, [("keep", kept.port), ("new", added.port)], metrics)
             assert daemon.proc is not None
             daemon.proc.send_signal(signal.SIGHUP)
@@ -92,12 +118,8 @@ def test_sighup_lets_go_of_a_removed_server_and_takes_up_an_added_one(
             until(lambda: bool(added.actions("PJSIPShowContacts")), 10, "new one snapshotted")
             until(lambda: not removed._writers, 10, "removed one let go")
             until(lambda: not _rows_of(engine, "gone"), 10, "gone's state forgotten")
-            until(
-                lambda: not any('server="gone"' in line for line in _gauges(metrics)),
-                10,
-                "removed server's gauges gone",
-            )
-            assert any('server="new"' in line for line in _gauges(metrics))
+            until(lambda: not _series_of(metrics, "gone"), 10, "removed server's series gone")
+            assert _series_of(metrics, "new")
             assert kept.logins_ok == kept_logins  # the kept server's sessions stayed up
             assert not daemon.logged("config.restart_needed")
             assert daemon.logged("ami.servers_changed")[-1]["removed"] == ["gone"]
@@ -189,3 +211,35 @@ def test_two_quick_sighups_moving_a_server_end_on_the_last_host_alone(
         until(lambda: _connected(daemon) == {"pbx": True}, 10, "health says connected")
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_server_moved_by_sighup_keeps_counting_its_reconnects(
+    tmp_path: Path, peers: tuple[FakeAsterisk, FakeAsterisk, FakeAsterisk]
+) -> None:
+    """A server that reconnected once, then moved to another host by a SIGHUP (its link
+    made anew), counts the new host's session as its second reconnect: the counter
+    provisioner_ami_reconnects_total and the health record's reconnects both say 2,
+    never going back to 0."""
+    old, new, _ = peers
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    seed_store(url, 1).dispose()
+    metrics = free_port()
+    series = '{server="pbx"}'
+    with CutProxy(old.port) as proxy:
+        conf = _config(tmp_path, url, [("pbx", proxy.port)], metrics)
+        daemon = Daemon(conf, tmp_path / "daemon.log").start()
+        try:
+            until(lambda: old.logins_ok >= 2, 20, "both sessions logged in")
+            proxy.cut()
+            until(lambda: old.logins_ok >= 4, 20, "both sessions logged in again")
+            until(lambda: _reconnects(daemon) == 1, 30, "health says one reconnect")
+            total = "provisioner_ami_reconnects_total"
+            assert _scraped(metrics, total) == {series: 1.0}
+            _config(tmp_path, url, [("pbx", new.port)], metrics)
+            assert daemon.proc is not None
+            daemon.proc.send_signal(signal.SIGHUP)
+            until(lambda: new.logins_ok >= 2, 20, "connected to the new host")
+            until(lambda: _reconnects(daemon) == 2, 30, "health says two reconnects")
+            assert _scraped(metrics, total) == {series: 2.0}
+        finally:
+            assert daemon.stop() == 0

@@ -65,12 +65,13 @@ def _server_health(events: int, ok_reloads: int) -> dict[str, Any]:
     }
 
 
-def test_a_server_made_anew_keeps_counting_and_a_removed_one_drops_its_gauges(
+def test_a_server_made_anew_keeps_counting_and_a_removed_one_drops_every_series(
     tmp_path: Path,
 ) -> None:
     """A server whose link a SIGHUP made anew (its totals back to 0) adds its new counts to
     the counters instead of none until it passes the old totals; a server taken out no
-    longer has gauges (its phones are not counted online), its counters stay."""
+    longer has any series, gauges and counters alike (reloads of every result,
+    registration events, reconnects), while the kept server's stay."""
     daemon = local_daemon(tmp_path)
     try:
         daemon._export_ami({"pbx": _server_health(10, 2), "other": _server_health(1, 1)})
@@ -78,11 +79,18 @@ def test_a_server_made_anew_keeps_counting_and_a_removed_one_drops_its_gauges(
         text = generate_latest(daemon.metrics.registry).decode()
         assert 'provisioner_registration_events_total{server="pbx"} 13.0' in text
         assert 'provisioner_reloads_total{result="ok",server="pbx"} 3.0' in text
+        other = _server_health(1, 1)
+        other["reloads"]["busy"] = 2
+        other["reconnects"] = 4
+        daemon._export_ami({"pbx": _server_health(3, 1), "other": other})
+        text = generate_latest(daemon.metrics.registry).decode()
+        assert 'provisioner_reloads_total{result="busy",server="other"} 2.0' in text
+        assert 'provisioner_ami_reconnects_total{server="other"} 4.0' in text
         daemon._export_ami({"pbx": _server_health(3, 1)})
         text = generate_latest(daemon.metrics.registry).decode()
-        assert 'provisioner_contacts_online{server="other"}' not in text
-        assert 'provisioner_registrations_live{server="other"}' not in text
+        assert [line for line in text.splitlines() if 'server="other"' in line] == []
         assert 'provisioner_contacts_online{server="pbx"} 1.0' in text
-        assert 'provisioner_registration_events_total{server="other"} 1.0' in text
+        assert 'provisioner_registration_events_total{server="pbx"} 13.0' in text
+        assert 'provisioner_reloads_total{result="ok",server="pbx"} 3.0' in text
     finally:
         daemon.engine.dispose()

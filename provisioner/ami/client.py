@@ -301,6 +301,7 @@ class AmiClient:
         *,
         timeout: float | None = None,
         patient: bool = False,
+        quiet: bool = False,
     ) -> AmiReply:
         """Send one action and return Asterisk's answer (``Response: Error`` included).
 
@@ -313,13 +314,18 @@ class AmiClient:
         ``patient`` (a query or an idempotent action, whose answer may sit behind a
         storm of events): the wait goes on while reads keep coming, up to ``PATIENCE``
         timeouts in all; ``timeout`` without a single read still times out.
+
+        ``quiet``: the caller says a failure itself (as the registration snapshot does,
+        once per run of failures): a timeout is logged at debug, not as a warning.
         """
         action = build_action(name, headers, action_id=self._ids())
         session = self._session
         if session is None or session.closed.is_set() or not self.connected:
             raise AmiNotConnected(self.name, f"{name} not sent: not connected")
         timeout = timeout or self.settings.action_timeout
-        return await self._request(session, action, timeout, patient=patient, limit=PATIENCE)
+        return await self._request(
+            session, action, timeout, patient=patient, limit=PATIENCE, quiet=quiet
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep a logged-in connection until ``stop`` is set, then close it and return."""
@@ -746,8 +752,10 @@ class AmiClient:
         *,
         patient: bool = False,
         limit: float | None = None,
+        quiet: bool = False,
     ) -> AmiReply:
-        """Send ``action`` and return its answer, waiting at most ``timeout``.
+        """Send ``action`` and return its answer, waiting at most ``timeout`` (a timeout
+        logged as ``ami.action_timeout``: a warning, a debug line when ``quiet``).
 
         ``patient`` (the ping, queries): the wait goes on while reads keep coming, and
         only ``timeout`` without a single read times out, or ``limit`` timeouts in all
@@ -767,7 +775,7 @@ class AmiClient:
             deadline = None if limit is None else time.monotonic() + limit * timeout
             return await self._answer_while_reading(session, action, future, timeout, deadline)
         except TimeoutError:
-            self._log.warning(
+            (self._log.debug if quiet else self._log.warning)(
                 "ami.action_timeout",
                 action=action.name,
                 action_id=action.action_id,

@@ -198,6 +198,25 @@ def _contact_row(contact: ContactState, changed: str | None) -> ContactRow:
 
 
 @dataclass
+class Sessions:
+    """The main AMI sessions logged in to one server name over the daemon's life: shared
+    by the links a SIGHUP makes anew for that name (its entry changed), so its count of
+    reconnects (``provisioner_ami_reconnects_total``, the health record's ``reconnects``)
+    only ever rises, where each new link's client counts from 0."""
+
+    count: int = 0
+
+    def add(self) -> None:
+        """Count a session logged in (an ``on_connected`` callback of the main client)."""
+        self.count += 1
+
+    @property
+    def reconnects(self) -> int:
+        """Sessions after the first."""
+        return max(0, self.count - 1)
+
+
+@dataclass
 class Link:
     """One Asterisk server: its connection, reloads, queries and registration book."""
 
@@ -277,8 +296,11 @@ class Link:
     #: Seconds the last answered snapshot's ``PJSIPShowContacts`` took (a failed one's
     #: time is not kept: see :meth:`AmiPbx._take_snapshot`).
     snapshot_took: float = 0.0
-    #: Snapshots failed in a row on a session that stayed up (0 once one is in).
+    #: Snapshots failed in a row (refused, unanswered, their session lost; 0 once
+    #: Asterisk answers one), and why the last one failed ("" then): the health record
+    #: shows both; ``registration.snapshot_failed`` is a warning at the first only.
     snapshot_failures: int = 0
+    snapshot_error: str = ""
     #: Endpoints applied but not yet verified (see :func:`~.changes.verify_some`), each
     #: with the number of the change that owes it (a newer change owes a new check).
     unverified: dict[str, int] = field(default_factory=dict)
@@ -348,6 +370,9 @@ class Link:
     applying: bool = False
     noting_loaded: bool = False
 
+    #: The main sessions of this server's name, this link's and those of the links it
+    #: replaced (see :class:`Sessions`).
+    sessions: Sessions = field(default_factory=Sessions)
     #: Set to stop this server's sessions and loops (the daemon's stop, or a SIGHUP
     #: that took the server out), and those tasks once started.
     halt: asyncio.Event = field(default_factory=asyncio.Event)
@@ -669,6 +694,10 @@ class AmiPbx:
         if not gone and not added:
             return
         fresh = [_new_link(server, config.ami) for server in added]
+        # A changed entry's new link goes on counting the old one's sessions.
+        counted = {link.name: link.sessions for link in gone}
+        for link in fresh:
+            link.sessions = counted.get(link.name, link.sessions)
         self.links = [link for link in self.links if link not in gone] + fresh
         log.info(
             "ami.servers_changed",
@@ -834,7 +863,8 @@ class AmiPbx:
                 # The reload session (the main one when reloads share it).
                 "reload_connected": link.reloads.client.connected,
                 "last_error": h.last_error or "",
-                "reconnects": h.reconnects,
+                # Of the server's name: across the links a SIGHUP made anew.
+                "reconnects": link.sessions.reconnects,
                 "not_live": link.not_live,
                 "rejected": len(link.rejected),
                 "events": link.events,
@@ -846,6 +876,9 @@ class AmiPbx:
                     else None
                 ),
                 "store_failures": link.store_failures,
+                # Snapshots failed in a row (0 once one is answered), and the last's reason.
+                "snapshot_failures": link.snapshot_failures,
+                "snapshot_error": link.snapshot_error,
                 # Since when a store write has run, once past daemon.stuck_after.
                 "write_stuck_since": link.write_since if link.write_stuck else None,
                 # Cache expiries and contact removals waiting for the server (Owed);
@@ -870,6 +903,7 @@ class AmiPbx:
         # restarted Asterisk may come back with its clock set right, and the old
         # estimate would take up to two windows to age out.
         link.client.on_connected(link.client.clock.reset)
+        link.client.on_connected(link.sessions.add)
         link.client.on_connected(link.snapshot_wanted.set)
         link.client.on_disconnected(link.live_changed.set)
         # An empty change: the change loop wakes and sends what is owed to the server.
@@ -1094,13 +1128,13 @@ class AmiPbx:
                 link.snapshot_wanted.set()
 
     async def _snapshot_backoff(self, link: Link, stop: asyncio.Event) -> None:
-        """Count a snapshot that failed on a live session and pause before the next
-        (``registration.snapshot_retry``, info; :func:`_pause_after_failures`)."""
-        link.snapshot_failures += 1
+        """Pause before the next try of a snapshot that failed on a live session
+        (``registration.snapshot_retry``: info after the first failure of a run, debug
+        after the others; :func:`_pause_after_failures`)."""
         await _pause_after_failures(
             link,
             stop,
-            log.info,
+            log.info if link.snapshot_failures == 1 else log.debug,
             "registration.snapshot_retry",
             link.snapshot_failures,
             (SNAPSHOT_MIN_GAP, SNAPSHOT_RETRY_MAX),
@@ -1215,17 +1249,18 @@ class AmiPbx:
                 # says): the expiries listed are watched on Asterisk's clock from the
                 # start, not on this host's until the ping loop's first answer.
                 await link.client.send_action("Ping")
-            contacts = await link.ops.show_contacts()
+            contacts = await link.ops.show_contacts(quiet=True)
         except ProvisionerError as exc:
             # How long a failed one took (a lost connection, a refusal, a wait with no
             # read) says nothing of what a listing costs: the spacing keeps the last
             # listing's duration.
-            log.warning("registration.snapshot_failed", server=link.name, error=str(exc))
+            _snapshot_failed(link, str(exc))
             live = link.client.connected and link.client.sessions == session
             return "failed_live" if live else "failed"
         finally:
             events, link.snapshot_events = link.snapshot_events, None
             link.listing_idle.set()  # its waiters resume once the book is filled (below)
+        _snapshot_answered(link)
         link.snapshot_took = time.monotonic() - started
         snapshot = snapshot_from_contact_list_states(contacts)
         # Keep what events told about device and peer state; contacts come from the snapshot.
@@ -1272,7 +1307,6 @@ class AmiPbx:
         stored = await link.in_flusher_turn(
             lambda conn: replace_server_snapshot(conn, link.name, states, now)
         )
-        link.snapshot_failures = 0
         if stored:
             _store_recovered(link)
             link.stored_session = session
@@ -1742,6 +1776,32 @@ def _expired(reg: EndpointRegistration, now: float) -> bool:
         if contact.expires_at is not None and contact.expires_at + EXPIRY_GRACE <= now:
             return True
     return False
+
+
+def _snapshot_failed(link: Link, error: str) -> None:
+    """Count a failed snapshot of ``link``'s server: ``registration.snapshot_failed`` (with
+    ``error``, the reason) is a warning at the first failure of a run, a debug line at
+    the others (a refusal kept up is retried every minute for as long as it lasts)."""
+    link.snapshot_failures += 1
+    link.snapshot_error = error
+    say = log.warning if link.snapshot_failures == 1 else log.debug
+    say(
+        "registration.snapshot_failed",
+        server=link.name,
+        error=error,
+        failures=link.snapshot_failures,
+    )
+
+
+def _snapshot_answered(link: Link) -> None:
+    """Asterisk answered a snapshot of ``link``'s server: a run of failures before it
+    ends, said with its count (``registration.snapshot_recovered``)."""
+    if link.snapshot_failures:
+        log.info(
+            "registration.snapshot_recovered", server=link.name, failures=link.snapshot_failures
+        )
+    link.snapshot_failures = 0
+    link.snapshot_error = ""
 
 
 def _store_recovered(link: Link) -> None:

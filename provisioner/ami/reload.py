@@ -368,9 +368,10 @@ class PjsipOps:
             if event.event == "EndpointList"
         }
 
-    async def show_contacts(self) -> list[ContactState]:
-        """Every registered contact (``PJSIPShowContacts``); ``No Contacts found`` is ``[]``."""
-        reply = await self.client.send_action("PJSIPShowContacts", patient=True)
+    async def show_contacts(self, *, quiet: bool = False) -> list[ContactState]:
+        """Every registered contact (``PJSIPShowContacts``); ``No Contacts found`` is ``[]``.
+        ``quiet``: a timeout is the caller's to log (see :meth:`AmiClient.send_action`)."""
+        reply = await self.client.send_action("PJSIPShowContacts", patient=True, quiet=quiet)
         if not reply.ok:
             if "no contacts found" in reply.message.lower():
                 return []

@@ -21,7 +21,8 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, Select, delete, func, insert, select, update
+from sqlalchemy import Connection, Row, Select, Table, cast, delete, func, insert, select, update
+from sqlalchemy.dialects.postgresql import REGCLASS
 
 from ..errors import NotFoundError
 from ..model import Profile, User, Voice
@@ -31,6 +32,7 @@ from .schema import profiles, registration_summary, registrations, user_attribut
 __all__ = [
     "ExtensionAllocator",
     "attributes_of",
+    "catch_up_id_sequence",
     "extension_holder",
     "extensions_by_username",
     "fetch_user_row",
@@ -107,6 +109,23 @@ def insert_profile(conn: Connection, name: str, description: str, now: datetime)
     pk = result.inserted_primary_key
     assert pk is not None
     return Profile(int(pk[0]), name, description)
+
+
+def catch_up_id_sequence(conn: Connection, table: Table) -> int | None:
+    """On PostgreSQL, move ``table``'s id sequence to its highest id when it is behind it
+    (rows inserted with their own ids: a DBA's ``INSERT ... (id, ...)``, a restore), so
+    the next insert gets an id past them; return the id it moved to, None when it was
+    not behind (or on another database, whose ``AUTO_INCREMENT``/``AUTOINCREMENT`` moves
+    past an explicit id by itself).  Never moves it back: a value handed out to a
+    transaction not yet committed is past every row's id, and stays behind the sequence."""
+    if conn.dialect.name != "postgresql":
+        return None
+    (column,) = table.primary_key.columns
+    sequence = func.pg_get_serial_sequence(table.name, column.name)
+    highest = select(func.max(column)).scalar_subquery()
+    handed = func.coalesce(func.pg_sequence_last_value(cast(sequence, REGCLASS)), 0)
+    moved = conn.execute(select(func.setval(sequence, highest)).where(highest > handed))
+    return moved.scalar()
 
 
 def fetch_user_row(conn: Connection, username: str, *, lock: bool = False) -> Row[Any]:
