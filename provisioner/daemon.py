@@ -1492,7 +1492,9 @@ class Daemon:
         for name in {name for name, _ in self._exported} - servers.keys():
             # A server a SIGHUP took out: none of its series is served any more.
             keys = [key for n, key in self._exported if n == name]
-            m.drop_server(name, [key[7:] for key in keys if key.startswith("reload:")])
+            m.drop_server(
+                name, [key.removeprefix("reload:") for key in keys if key.startswith("reload:")]
+            )
             self._exported = {k: v for k, v in self._exported.items() if k[0] != name}
         for name, h in servers.items():
             # NaN while the server is not read: its last count is no count of now.
