@@ -471,6 +471,15 @@ class Daemon:
     _outage_failures: int = 0
     _outage_since: float = 0.0
     _outage_logged_at: float = 0.0
+    #: What the failures under way are: ``None`` for an outage (whatever each try's
+    #: error), else the error of a refusal no retry helps (a broken template, a refused
+    #: mass removal) and the work refused (:attr:`_attempt`), which stay one run of
+    #: failures while every try of the same work says the same.
+    _failing_with: tuple[str, tuple[str, int] | None] | None = None
+    #: What the apply under way was to apply (its kind, and the newest change id it
+    #: covered), once it has read that: a refusal said again for the same work is a
+    #: retry (the safety-net poll's), one for newer work is news (an edit held back).
+    _attempt: tuple[str, int] | None = None
     #: A full apply began and has not succeeded since: the target may lack what it was to
     #: apply (a template edit, a SIGHUP's settings, a refused mass removal), so the applies
     #: that succeed meanwhile (a poll finding nothing new) leave the record failed.  Set
@@ -984,6 +993,7 @@ class Daemon:
 
     async def _apply(self, kind: str, work: Callable[[], Applied | None]) -> Applied | None:
         """:meth:`_run`'s body: the apply, its record, and its bookkeeping."""
+        self._attempt = None
         try:
             result = await in_worker(self._on_store, work)
             self._hand_untold()
@@ -1034,16 +1044,22 @@ class Daemon:
         return await in_worker(blamed, self.engine, exc, target_url)
 
     def _log_failure(self, exc: BaseException) -> None:
-        """Log a failed apply: each one that no retry would help (a refused mass removal,
-        a broken template) as ``sync.failed``; of an outage (the store or the disk), the
-        first as ``sync.failed``, then the count so far as ``sync.still_failing`` at the
-        2nd, 4th, 8th… try and at least every :data:`STILL_FAILING_EVERY` seconds, so
-        the log neither floods nor goes quiet (:meth:`_succeeded` logs its end)."""
+        """Log a failed apply: the first of a run as ``sync.failed``, then the count so
+        far as ``sync.still_failing`` at the 2nd, 4th, 8th… try and at least every
+        :data:`STILL_FAILING_EVERY` seconds, so the log neither floods nor goes quiet
+        (:meth:`_succeeded` logs its end).  A run is an outage (the store or the disk),
+        or a refusal no retry helps (a broken template, a refused mass removal) said
+        the same at every try of the same work, which the safety-net poll retries as
+        often; another refusal, one of newer work (an edit held back) or one after an
+        outage begins a run of its own."""
         error = self.health.last_error
-        if not isinstance(exc, _RETRYABLE):
-            self._end_outage()  # the store answered, and refused: that is another story
-            log.error("sync.failed", error=error)
-            return
+        failing_with = None if isinstance(exc, _RETRYABLE) else (error, self._attempt)
+        if self._outage_failures and failing_with != self._failing_with:
+            if self._failing_with is None:
+                self._end_outage()  # the store answered, and refused: another story
+            else:
+                self._outage_failures = 0  # still failing, otherwise: its sync.failed says so
+        self._failing_with = failing_with
         now = time.monotonic()
         self._outage_failures += 1
         failures = self._outage_failures
@@ -1233,6 +1249,7 @@ class Daemon:
             pending = read_change_ids(conn, cursor, limit=1_000_000)
         if replaced or cursor > self.tracker.cursor:
             self.tracker = CursorTracker(cursor=cursor, grace=self.config.daemon.cursor_grace)
+        self._attempt = ("full", max(pending, default=cursor))
         result = self.applier.full()
         # The cursor is saved and the feed pruned by _run once Asterisk was told: a store
         # write failing now must not keep what the target took from Asterisk (the retry
@@ -1280,6 +1297,7 @@ class Daemon:
         if not rows:
             self._advance([])
             return None
+        self._attempt = ("incremental", max(r.id for r in rows))
         if any(r.entity != "user" for r in rows):
             # A profile changed: rare, re-render everyone.  Not verifying: hand edits of
             # the target are the periodic reconcile's business, not an edit's.
