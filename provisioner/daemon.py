@@ -1528,8 +1528,8 @@ class Daemon:
                 **{f"reload:{k}": v for k, v in h["reloads"].items()},
             }
             for key, total in totals.items():
-                # Less than exported: the server's link was made anew (a SIGHUP changed
-                # its entry) and counts from 0 again.
+                # Less than exported: counts from 0 again (a link made anew keeps its
+                # name's totals, so this is a guard, not an expected case).
                 previous = self._exported.get((name, key), 0)
                 delta = total - (previous if previous <= total else 0)
                 self._exported[(name, key)] = total

@@ -882,7 +882,7 @@ def test_a_reconnect_snapshot_keeps_the_last_change_of_a_phone_it_still_lists(
             await eventually(link.book_complete)
             for needles in _REGISTER:
                 await peer.send_recorded(*needles)
-            await eventually(lambda: link.events == 3 and not link.dirty)
+            await eventually(lambda: link.totals.events == 3 and not link.dirty)
             registered = link.book["1001"].last_change
             await peer.stop()
             await peer.start()  # the phone stays registered: the snapshot lists it
@@ -989,7 +989,7 @@ def test_a_change_a_reconnect_snapshot_finds_is_logged_and_so_is_the_next(
             await eventually(link.book_complete)
             for needles in _REGISTER:
                 await peer.send_recorded(*needles)
-            await eventually(lambda: link.events == 3 and not link.dirty)
+            await eventually(lambda: link.totals.events == 3 and not link.dirty)
             await eventually(lambda: link.reported.get("1001") == "online")
             with capture_logs() as logs:
                 await peer.stop()
@@ -999,7 +999,7 @@ def test_a_change_a_reconnect_snapshot_finds_is_logged_and_so_is_the_next(
                 await eventually(lambda: not link.jobs and link.store_idle.is_set())
                 for needles in _REGISTER:
                     await peer.send_recorded(*needles)
-                await eventually(lambda: link.events == 6 and not link.dirty)
+                await eventually(lambda: link.totals.events == 6 and not link.dirty)
                 await eventually(lambda: link.store_idle.is_set())
             return [
                 line["state"]
@@ -1025,7 +1025,7 @@ def test_a_phone_gone_while_disconnected_is_stored_unavailable_not_in_use(
             await eventually(link.book_complete)
             for needles in _REGISTER:
                 await peer.send_recorded(*needles)
-            await eventually(lambda: link.events == 3 and not link.dirty)
+            await eventually(lambda: link.totals.events == 3 and not link.dirty)
             await peer.stop()
             peer.astdb.clear()  # the phone un-registered while the connection was down
             await peer.start()
@@ -1062,7 +1062,7 @@ def test_events_right_after_the_contact_list_are_not_lost_to_the_snapshot(
         peer = _TailPeer()
         peer.tail = b"".join(peer.library.find_message(*needles) for needles in _UNREGISTER)
         async with _start_serving(peer, store, "realtime") as (_pbx, link):
-            await eventually(lambda: link.book_complete() and link.events >= 3)
+            await eventually(lambda: link.book_complete() and link.totals.events >= 3)
             reg = link.book["1001"]
             return reg.summary, len(reg.contacts), reg.peer_status
 
@@ -1174,7 +1174,7 @@ def test_a_realtime_edit_is_live_while_a_slow_reload_runs(tmp_path: Path, store:
             started = time.monotonic()
             pbx.applied(edited, target_kind="realtime")
             await eventually(lambda: "100000" in _expired(peer) and not link.owed)
-            return time.monotonic() - started, sum(link.reload_results.values())
+            return time.monotonic() - started, sum(link.totals.reload_results.values())
 
     took, reloads_done = run(scenario())
     assert took < 1.5, f"the edit waited {took:.2f} s for the reload"
@@ -1197,12 +1197,12 @@ def test_a_reload_session_lost_mid_reload_leaves_the_main_session_up(
             await eventually(lambda: bool(peer.actions("Reload")))
             await eventually(lambda: not link.reloads.client.connected)
             peer.drop_on = set()
-            await eventually(lambda: sum(link.reload_results.values()) == 1, timeout=10)
+            await eventually(lambda: sum(link.totals.reload_results.values()) == 1, timeout=10)
             return (
                 link.client.health().sessions,
                 link.reloads.client.health().sessions,
                 len(peer.actions("Reload")),
-                dict(link.reload_results),
+                dict(link.totals.reload_results),
             )
 
     main_sessions, reload_sessions, reloads, results = run(scenario())
@@ -2024,9 +2024,9 @@ def test_applies_while_asterisk_is_down_wait_as_one_record_and_lose_nothing(
 
 async def _applied_then_refused(pbx: AmiPbx, link: Link, change: Change) -> None:
     """Apply ``change`` and wait for a reload after it to be refused."""
-    failed = link.reload_results.get("busy", 0)
+    failed = link.totals.reload_results.get("busy", 0)
     pbx.applied(change, target_kind="config")
-    await eventually(lambda: link.reload_results.get("busy", 0) > failed)
+    await eventually(lambda: link.totals.reload_results.get("busy", 0) > failed)
 
 
 def test_a_merged_reload_record_owes_what_its_parts_would_in_turn() -> None:

@@ -219,7 +219,8 @@ def test_a_server_moved_by_sighup_keeps_counting_its_reconnects(
     """A server that reconnected once, then moved to another host by a SIGHUP (its link
     made anew), counts the new host's session as its second reconnect: the counter
     provisioner_ami_reconnects_total and the health record's reconnects both say 2,
-    never going back to 0."""
+    never going back to 0; the record's reloads and events go on from the old link's
+    too."""
     old, new, _ = peers
     url = f"sqlite:///{tmp_path / 'store.db'}"
     seed_store(url, 1).dispose()
@@ -235,11 +236,17 @@ def test_a_server_moved_by_sighup_keeps_counting_its_reconnects(
             until(lambda: _reconnects(daemon) == 1, 30, "health says one reconnect")
             total = "provisioner_ami_reconnects_total"
             assert _scraped(metrics, total) == {series: 1.0}
+            before = (daemon.health() or {})["asterisk"]["pbx"]
+            assert before["reloads"], before  # the first sync's reload
             _config(tmp_path, url, [("pbx", new.port)], metrics)
             assert daemon.proc is not None
             daemon.proc.send_signal(signal.SIGHUP)
             until(lambda: new.logins_ok >= 2, 20, "connected to the new host")
             until(lambda: _reconnects(daemon) == 2, 30, "health says two reconnects")
             assert _scraped(metrics, total) == {series: 2.0}
+            after = (daemon.health() or {})["asterisk"]["pbx"]
+            for result, count in before["reloads"].items():
+                assert after["reloads"].get(result, 0) >= count, (before, after)
+            assert after["events"] >= before["events"]
         finally:
             assert daemon.stop() == 0

@@ -806,7 +806,7 @@ def test_events_of_one_contact_in_one_flush_window_leave_the_latest_state(
             to_user = ((b"1001", b"100000"),)
             await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified", replace=to_user)
             await peer.send_recorded("Event: ContactStatus\r\n", "Removed", replace=to_user)
-            await eventually(lambda: link.events == 2)
+            await eventually(lambda: link.totals.events == 2)
             await eventually(lambda: not link.dirty, timeout=2.0)
             await asyncio.sleep(0.1)  # the write itself, in its thread
 
@@ -857,7 +857,7 @@ def test_a_contact_created_on_an_older_asterisk_is_stored_online(engine: Engine)
         async with _lab_pbx(engine) as (peer, link, _pbx):
             created = ((b"1001", b"100000"), (b"NonQualified", b"Created"))
             await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified", replace=created)
-            await eventually(lambda: link.events == 1)
+            await eventually(lambda: link.totals.events == 1)
             await eventually(lambda: not link.dirty and link.store_idle.is_set(), timeout=2.0)
             await asyncio.sleep(0.1)  # the write itself, in its thread
 
@@ -880,7 +880,7 @@ def test_a_nul_in_an_event_neither_blocks_the_batch_nor_reaches_the_store(engine
             await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified", replace=hostile)
             other = ((b"1001", b"100001"),)
             await peer.send_recorded("Event: ContactStatus\r\n", "NonQualified", replace=other)
-            await eventually(lambda: link.events >= 2)
+            await eventually(lambda: link.totals.events >= 2)
             await eventually(lambda: link.store_idle.is_set() and not link.dirty, timeout=3.0)
             await asyncio.sleep(0.1)
             assert link.store_failures == 0
@@ -1005,7 +1005,7 @@ def test_a_large_batch_is_written_before_the_flush_delay(
     async def scenario() -> int:
         async with _lab_pbx(engine) as (peer, link, _pbx):
             await peer.send_burst(5)
-            await eventually(lambda: link.events == 5)
+            await eventually(lambda: link.totals.events == 5)
             await eventually(lambda: len(link.dirty) < 3, timeout=3.0)
             await asyncio.sleep(0.2)  # the write itself, in its thread
             with engine.connect() as conn:
@@ -1165,7 +1165,7 @@ def test_a_batch_written_in_parts_at_once_stores_every_endpoint(
             await eventually(lambda: stored() == (count,) * 3 and not link.dirty)
             await asyncio.sleep(0.1)  # a stray second write would show now
             assert stored() == (count,) * 3
-            return link.store_failures, link.events
+            return link.store_failures, link.totals.events
 
     assert run(scenario()) == (0, count)
     assert max(splits) == (2 if engine.dialect.name == "postgresql" else 1)
@@ -1282,7 +1282,7 @@ def test_a_write_the_database_refused_is_retried_without_a_new_event(
             refused, during = stored(), unhealthy(pbx)
             blocker.execute("ROLLBACK")
             await eventually(lambda: stored() == 3 and link.store_failures == 0, timeout=5.0)
-            return refused, link.events, during, unhealthy(pbx)
+            return refused, link.totals.events, during, unhealthy(pbx)
 
     try:
         refused, events, during, after = run(scenario())
@@ -1355,7 +1355,7 @@ def test_a_write_that_waits_in_vain_for_a_pooled_connection_is_retried(
                 await eventually(lambda: link.store_failures >= 2, timeout=5.0)
                 waiting = stored()
             await eventually(lambda: stored() == 3 and link.store_failures == 0, timeout=5.0)
-            return waiting, link.events
+            return waiting, link.totals.events
 
     try:
         assert run(scenario()) == (0, 3)

@@ -787,7 +787,7 @@ def _file_reloaded(link: Link, after: AfterReload, outcome: ReloadOutcome) -> No
 
 
 def _count_reload(link: Link, outcome: ReloadOutcome) -> None:
-    link.reload_results[outcome.result] = link.reload_results.get(outcome.result, 0) + 1
+    link.totals.add_reload(outcome.result)
 
 
 async def pay(link: Link) -> None:

@@ -198,22 +198,31 @@ def _contact_row(contact: ContactState, changed: str | None) -> ContactRow:
 
 
 @dataclass
-class Sessions:
-    """The main AMI sessions logged in to one server name over the daemon's life: shared
-    by the links a SIGHUP makes anew for that name (its entry changed), so its count of
-    reconnects (``provisioner_ami_reconnects_total``, the health record's ``reconnects``)
-    only ever rises, where each new link's client counts from 0."""
+class Totals:
+    """The running totals of one server name over the daemon's life: shared by the links
+    a SIGHUP makes anew for that name (its entry changed), so its counts (the health
+    record's ``reconnects``, ``events``, ``reloads``, and the Prometheus counters made
+    from them) only ever rise, where each new link's client would count from 0."""
 
-    count: int = 0
+    #: Main AMI sessions logged in.
+    sessions: int = 0
+    #: Registration events ingested.
+    events: int = 0
+    #: reload result (ok, busy, error, ...) -> how many.
+    reload_results: dict[str, int] = field(default_factory=dict)
 
-    def add(self) -> None:
+    def add_session(self) -> None:
         """Count a session logged in (an ``on_connected`` callback of the main client)."""
-        self.count += 1
+        self.sessions += 1
+
+    def add_reload(self, result: str) -> None:
+        """Count a reload that ended with ``result``."""
+        self.reload_results[result] = self.reload_results.get(result, 0) + 1
 
     @property
     def reconnects(self) -> int:
         """Sessions after the first."""
-        return max(0, self.count - 1)
+        return max(0, self.sessions - 1)
 
 
 @dataclass
@@ -235,9 +244,6 @@ class Link:
     #: Endpoints this run's last check of each found not live as rendered, and no later
     #: check held or removal took away: what ``provisioner_endpoints_not_live`` counts.
     rejected: set[str] = field(default_factory=set)
-    events: int = 0
-    #: reload result (ok, busy, error, ...) -> how many.
-    reload_results: dict[str, int] = field(default_factory=dict)
     #: endpoint -> summary last logged, so ``registration.changed`` fires on changes only.
     reported: dict[str, str] = field(default_factory=dict)
     #: Set when ``FLUSH_BATCH`` endpoints are dirty: the flusher writes without waiting.
@@ -370,9 +376,9 @@ class Link:
     applying: bool = False
     noting_loaded: bool = False
 
-    #: The main sessions of this server's name, this link's and those of the links it
-    #: replaced (see :class:`Sessions`).
-    sessions: Sessions = field(default_factory=Sessions)
+    #: The running totals of this server's name, this link's and those of the links it
+    #: replaced (see :class:`Totals`).
+    totals: Totals = field(default_factory=Totals)
     #: Set to stop this server's sessions and loops (the daemon's stop, or a SIGHUP
     #: that took the server out), and those tasks once started.
     halt: asyncio.Event = field(default_factory=asyncio.Event)
@@ -695,9 +701,9 @@ class AmiPbx:
             return
         fresh = [_new_link(server, config.ami) for server in added]
         # A changed entry's new link goes on counting the old one's sessions.
-        counted = {link.name: link.sessions for link in gone}
+        counted = {link.name: link.totals for link in gone}
         for link in fresh:
-            link.sessions = counted.get(link.name, link.sessions)
+            link.totals = counted.get(link.name, link.totals)
         self.links = [link for link in self.links if link not in gone] + fresh
         log.info(
             "ami.servers_changed",
@@ -864,11 +870,11 @@ class AmiPbx:
                 "reload_connected": link.reloads.client.connected,
                 "last_error": h.last_error or "",
                 # Of the server's name: across the links a SIGHUP made anew.
-                "reconnects": link.sessions.reconnects,
+                "reconnects": link.totals.reconnects,
                 "not_live": link.not_live,
                 "rejected": len(link.rejected),
-                "events": link.events,
-                "reloads": dict(link.reload_results),
+                "events": link.totals.events,
+                "reloads": dict(link.totals.reload_results),
                 "live": live,
                 "online": (
                     sum(1 for reg in link.book.values() if counts_online(reg, cutoff))
@@ -903,7 +909,7 @@ class AmiPbx:
         # restarted Asterisk may come back with its clock set right, and the old
         # estimate would take up to two windows to age out.
         link.client.on_connected(link.client.clock.reset)
-        link.client.on_connected(link.sessions.add)
+        link.client.on_connected(link.totals.add_session)
         link.client.on_connected(link.snapshot_wanted.set)
         link.client.on_disconnected(link.live_changed.set)
         # An empty change: the change loop wakes and sends what is owed to the server.
@@ -933,7 +939,7 @@ class AmiPbx:
             endpoint = event.get("EndpointName") or None
             if endpoint is None:
                 return
-            link.events += 1
+            link.totals.events += 1
             book[endpoint] = apply_contact_status(book.get(endpoint), endpoint, event)
             if link.unconfirmed:
                 link.unconfirmed.pop(endpoint, None)
@@ -944,7 +950,7 @@ class AmiPbx:
         endpoint = endpoint_of(event)
         if endpoint is None:
             return
-        link.events += 1
+        link.totals.events += 1
         folded = apply_event(book.get(endpoint), event)
         if folded is None:
             return
