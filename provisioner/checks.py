@@ -11,7 +11,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy import Connection, func, inspect, select
 from sqlalchemy.exc import DBAPIError
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 __all__ = ["Check", "run_checks"]
 
 Check = tuple[str, bool, str]
+#: A check's result: a line, or (for a check that may have nothing to say) None.
+_C = TypeVar("_C", Check, Check | None)
 
 
 def _absent(url: str) -> Path | None:
@@ -230,6 +232,53 @@ def _target(config: Config) -> Check:
         return ("target", False, "; ".join(map(str, exc.problems)))
     finally:
         engine.dispose()
+
+
+#: How many duplicate objects the pjsip.conf line names before it counts the rest.
+_NAMED_DUPLICATES = 5
+
+
+def _pjsip_conf(config: Config) -> Check | None:
+    """The line of the site's pjsip.conf around a config-file target
+    (:mod:`~provisioner.targets.site`): it must reach the target by ``#include`` and
+    define none of the target's endpoints, auths and AORs itself.  None for a realtime
+    target, and for a default path (``pjsip.conf`` beside the target) where no file is."""
+    from .targets.site import duplicates, read_site, target_objects
+
+    t = config.target
+    if t.kind != "config":
+        return None
+    target = Path(os.path.abspath(t.path))
+    conf = Path(os.path.abspath(t.pjsip_conf)) if t.pjsip_conf else target.with_name("pjsip.conf")
+    if not t.pjsip_conf and not conf.exists():
+        return None
+    site = read_site(conf, target)
+    if site.unread and site.unread[0].startswith(f"{conf}: "):
+        return ("pjsip.conf", False, f"cannot read {site.unread[0]}")
+    if not site.reaches_target:
+        return (
+            "pjsip.conf",
+            False,
+            f"{conf} does not #include {t.path} (nor does any file it includes): Asterisk"
+            f" never reads the users; add '#include {target}' to it",
+        )
+    clashes = duplicates(site, target_objects(target))
+    if clashes:
+        named = ", ".join(
+            f"{d.type} {d.name} ({d.file} line {d.line})" for d in clashes[:_NAMED_DUPLICATES]
+        )
+        more = len(clashes) - _NAMED_DUPLICATES
+        return (
+            "pjsip.conf",
+            False,
+            f"{len(clashes)} hand-written object(s) that {t.path} defines too: {named}"
+            + (f" and {more} more" if more > 0 else "")
+            + ": Asterisk refuses a configuration with a duplicate object and keeps the"
+            " endpoints it had, so no reload adds, changes or removes one; delete the"
+            " hand-written sections (users 'import pjsip' made are provisioned now)",
+        )
+    unread = f"; not read: {'; '.join(site.unread)}" if site.unread else ""
+    return ("pjsip.conf", True, f"{conf} includes {t.path}, no object defined twice{unread}")
 
 
 def _lacking_columns(engine: Engine, config: Config) -> str | None:
@@ -532,7 +581,7 @@ def _health(config: Config) -> Iterator[Check]:
     yield ("daemon", not problems, "; ".join(said))
 
 
-def _looking(check: Callable[[Config], Check], name: str, config: Config) -> Check:
+def _looking(check: Callable[[Config], _C], name: str, config: Config) -> _C | Check:
     """``check(config)``, or the check ``name`` failed when a path it looks at cannot be
     looked at (a directory a monitoring user may not search): never a traceback."""
     try:
@@ -544,12 +593,15 @@ def _looking(check: Callable[[Config], Check], name: str, config: Config) -> Che
 
 def run_checks(config: Config) -> list[Check]:
     """Every check, in order: config (and the config file or a secret_file too open), store,
-    target, each Asterisk login, the daemon's health."""
+    target (and the site's pjsip.conf around a config file), each Asterisk login, the
+    daemon's health."""
     checks: list[Check] = [("config", True, config.source or "embedded defaults")]
     checks.extend(_config_file(config))
     checks.extend(_secret_files(config))
     checks.append(_looking(_store, "store", config))
     checks.append(_looking(_target, "target", config))
+    if (site := _looking(_pjsip_conf, "pjsip.conf", config)) is not None:
+        checks.append(site)
     checks.extend(asyncio.run(_logins(config)))
     checks.extend(_health(config))
     return checks

@@ -361,6 +361,10 @@ class TargetSettings(_UrlSection):
     url: str = ""
     #: A directory whose templates override the shipped ones, file by file.
     templates: str = ""
+    #: Config file only: the site's pjsip.conf, which ``#include``s ``path``; ``check``
+    #: reads it (and what it includes) for that include and for objects it defines that
+    #: ``path`` defines too.  Empty: ``pjsip.conf`` beside ``path``, when there is one.
+    pjsip_conf: str = ""
     #: Config file only: 0 writes every user into ``path``; N (1-4096) writes them into N
     #: shard files under ``<path stem>.d/``, which ``path`` includes (one edit rewrites one).
     shards: int = Field(default=0, ge=0, le=4096)
@@ -390,7 +394,7 @@ class TargetSettings(_UrlSection):
         or realtime rows in the user store's database)."""
         return self.url if self.kind == "realtime" and self.url else None
 
-    _paths = field_validator("path", "templates")(_no_tilde)
+    _paths = field_validator("path", "templates", "pjsip_conf")(_no_tilde)
 
     @field_validator("video_codecs")
     @classmethod
