@@ -1132,6 +1132,15 @@ def import_pjsip(
     )
     for line in importer.report_lines(plan, result):
         click.echo(line)
+    if result.added:
+        # Asterisk refuses a type whose config defines an object twice, keeping the old
+        # endpoints: the imported sections must go as the generated file comes in.
+        click.echo(
+            f"next: delete the sections of the users {'to be ' if dry_run else ''}imported"
+            f" from {_visible(file)} as Asterisk starts reading the generated file: an"
+            " endpoint, auth or AOR defined twice makes it refuse them all ('provisioner"
+            " check' finds any left)"
+        )
 
 
 # -- quickstart ---------------------------------------------------------------------------

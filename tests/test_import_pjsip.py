@@ -538,7 +538,8 @@ def test_bad_files_import_nothing(tmp_path: Path) -> None:
 
 
 def test_cli_import_pjsip(tmp_path: Path) -> None:
-    """The command prints each user and unmapped section, never a secret, and exits 0."""
+    """The command prints each user and unmapped section, never a secret, and exits 0; when
+    it adds users, a last line says to delete their hand-written sections."""
     conf = tmp_path / "pjsip.conf"
     conf.write_text(PJSIP_CONF, encoding="utf-8")
     with temp_database("sqlite", tmp_path) as url:
@@ -554,6 +555,9 @@ def test_cli_import_pjsip(tmp_path: Path) -> None:
         assert "--profile: must name an existing profile" in bad.err
         dry = cli.ok(*base, "--profile", "agents", "--dry-run")
         assert "would add alice (extension 1001)" in dry
+        assert dry.splitlines()[-1].startswith(
+            f"next: delete the sections of the users to be imported from {conf} as Asterisk"
+        )
         carrier = "[carrier-identify] identify: belongs to [carrier], which is not mapped"
         assert f"not mapped: {carrier}" in dry
         assert "alice" not in cli.ok("user", "list")
@@ -561,6 +565,9 @@ def test_cli_import_pjsip(tmp_path: Path) -> None:
         assert "added frank (extension 1006)" in out
         assert "SIP secret for frank (shown once): " in out
         assert "added 5 users; 12 sections not mapped" in out
+        # Left in place, they would make Asterisk refuse every endpoint (a duplicate object).
+        assert f"next: delete the sections of the users imported from {conf}" in out
+        assert "defined twice" in out
         assert "alice" in cli.ok("user", "list")
         transcript = "".join(cli.transcript)
         assert not any(p in transcript for p in [*PASSWORDS.values(), GRACE.md5, FRANK_MD5])
