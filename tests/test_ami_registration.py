@@ -269,6 +269,33 @@ def test_a_contact_registered_anew_drops_the_snapshots_expiry() -> None:
     )
 
 
+def test_a_second_contact_goes_beside_the_first_and_a_removal_takes_only_its_own() -> None:
+    """A ContactStatus of another URI of the endpoint adds a contact beside the one held;
+    a Removed of a URI the endpoint does not hold leaves its contact, one of a URI it
+    holds takes only that contact."""
+
+    def status(uri: str, state: str) -> dict[str, str]:
+        return {
+            "Event": "ContactStatus",
+            "EndpointName": "1001",
+            "AOR": "1001",
+            "URI": uri,
+            "ContactStatus": state,
+        }
+
+    one, two = "sip:1001@10.0.0.1:5060", "sip:1001@10.0.0.2:5060"
+    book = apply_events({}, [status(one, "NonQualified")])
+    assert [c.uri for c in book["1001"].contacts] == [one]
+    assert [c.uri for c in apply_events(book, [status(two, "Removed")])["1001"].contacts] == [one]
+    both = apply_events(book, [status(two, "Reachable")])
+    assert [(c.uri, c.status) for c in both["1001"].contacts] == [
+        (one, "NonQualified"),
+        (two, "Reachable"),
+    ]
+    assert [c.uri for c in apply_events(both, [status(one, "Removed")])["1001"].contacts] == [two]
+    assert apply_events(book, [status(one, "Removed")])["1001"].contacts == ()
+
+
 def test_store_rows_carry_what_the_snapshot_said() -> None:
     """pbx.rows gives a contact's key, URI, status, user agent, source, RTT and expiry (the
     store's UTC text) and the endpoint's summary."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import sqlite3
 import threading
 import time
@@ -1132,6 +1133,49 @@ def test_a_postgresql_batch_is_split_into_sorted_disjoint_parts() -> None:
     assert pbx_module.split_batch(small, "postgresql") == [small]
     for dialect in ("sqlite", "mariadb", "mysql"):
         assert pbx_module.split_batch(states, dialect) == [states]
+
+
+def test_building_a_flusher_batch_runs_no_garbage_collection(engine: Engine) -> None:
+    """Making the writes of a flusher batch of 5,000 endpoints runs no cyclic garbage
+    collection (its rows hold no cycles) but the one due when the collector, left enabled
+    as it was found, resumes; the parts hold every endpoint still in the book."""
+    peer = FakeAsterisk()
+    peer.port = 5038  # never connected: the link only needs a valid server entry
+    client = AmiClient(server_for(peer), fast_settings())
+    link = Link("lab", client, ReloadCoordinator(client, fast_settings()), PjsipOps(client))
+    pbx = AmiPbx([link], engine, "realtime")
+    events = [
+        {
+            "Event": "ContactStatus",
+            "EndpointName": ep,
+            "AOR": ep,
+            "URI": f"sip:{ep}@10.0.0.1:5060",
+            "ContactStatus": "NonQualified",
+            "Timestamp": "1777636798.654321",
+        }
+        for ep in (str(100000 + i) for i in range(5000))
+    ]
+    link.book.update(apply_events({}, events))
+    generations: list[int] = []
+
+    def seen(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            generations.append(info["generation"])
+
+    was = gc.isenabled()
+    gc.enable()
+    gc.collect()  # no allocation counted before the batch
+    gc.callbacks.append(seen)
+    try:
+        writes = pbx._batch_writes(link, {*link.book, "gone"})
+        enabled_after = gc.isenabled()
+    finally:
+        gc.callbacks.remove(seen)
+        if not was:
+            gc.disable()
+    assert generations in ([], [0])
+    assert enabled_after
+    assert set().union(*(endpoints for _, endpoints in writes)) == set(link.book)
 
 
 def test_a_batch_written_in_parts_at_once_stores_every_endpoint(

@@ -233,35 +233,48 @@ def _contacts_with(
     added); without it when its status is ``Removed``."""
     if not contacts:
         return () if contact.status == "Removed" else (contact,)
-    # One pass (this runs per event): the other contacts, and the one replaced.
     aor, uri = contact.aor, contact.uri
+    if len(contacts) == 1:
+        # A storm's case (a phone registering again): no list of the others.
+        (old,) = contacts
+        if old.uri != uri or old.aor != aor:
+            return contacts if contact.status == "Removed" else (old, contact)
+        return () if contact.status == "Removed" else (_merged(contact, old),)
+    # One pass (this runs per event): the other contacts, and the one replaced.
     others: list[ContactState] = []
-    old = None
+    found = None
     for c in contacts:
         if c.uri == uri and c.aor == aor:
-            old = c
+            found = c
         else:
             others.append(c)
     if contact.status == "Removed":
         return tuple(others)
-    if old is not None:
-        # A status event carries no user agent or expiry: keep what the snapshot said;
-        # but a contact created anew (its un-registration's event lost) has a new expiry,
-        # and the old one, passed, would make it "expired" in ``status``.
-        expires_at = contact.expires_at
-        if expires_at is None and contact.status not in _CREATED:
-            expires_at = old.expires_at
-        contact = ContactState(
-            contact.aor,
-            contact.uri,
-            contact.status,
-            contact.rtt_usec,
-            contact.user_agent or old.user_agent,
-            contact.source or old.source,
-            expires_at,
-            contact.object_name or old.object_name,
-        )
+    if found is not None:
+        contact = _merged(contact, found)
     return (*others, contact)
+
+
+def _merged(contact: ContactState, old: ContactState) -> ContactState:
+    """``contact`` (a status event's) in place of ``old`` (the same AOR and URI): a status
+    event carries no user agent or expiry, so what the snapshot said is kept; but a
+    contact created anew (its un-registration's event lost) has a new expiry, and the old
+    one, passed, would make it "expired" in ``status``.  Built as :data:`_record` builds
+    (a storm after an Asterisk restart replaces every contact)."""
+    aor, uri, status, rtt, agent, source, expires_at, name = contact
+    if expires_at is None and status not in _CREATED:
+        expires_at = old.expires_at
+    values = (
+        aor,
+        uri,
+        status,
+        rtt,
+        agent or old.user_agent,
+        source or old.source,
+        expires_at,
+        name or old.object_name,
+    )
+    return _record(ContactState, values)
 
 
 #: ``tuple.__new__`` of a record class and its values in field order: what the named
