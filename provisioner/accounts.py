@@ -742,10 +742,10 @@ class Accounts:
         if not usernames:
             raise InvalidInput.one("username", "name at least one user")
         with self.write() as conn:
+            locked = self._lock_rows(conn, usernames)
             rows: dict[int, Any] = {}
             for name in usernames:
-                with suppress(NotFoundError):
-                    row = q.fetch_user_row(conn, name)
+                if (row := locked.get(q.username_key(name))) is not None:
                     rows.setdefault(row.id, row)
             all_found(usernames, [row.username for row in rows.values()])
             now = self.clock()
@@ -754,6 +754,19 @@ class Accounts:
             done=[r.username for r in rows.values() if changed[r.id]],
             unchanged=[r.username for r in rows.values() if not changed[r.id]],
         )
+
+    @staticmethod
+    def _lock_rows(conn: Connection, usernames: Sequence[str]) -> dict[str, Any]:
+        """The rows of the users named (those found), by :func:`q.username_key`, each
+        locked until the transaction ends and read as committed now, not from a snapshot a
+        concurrent writer has moved on from (a purge must not remove a user restored
+        meanwhile).  Locked in key order whatever the names' order, so two bulk actions
+        naming the same users never wait on each other's locks (a deadlock)."""
+        found: dict[str, Any] = {}
+        for key in sorted({q.username_key(name) for name in usernames}):
+            with suppress(NotFoundError):
+                found[key] = q.fetch_user_row(conn, key, lock=True)
+        return found
 
     def _protect_first_admin(self, conn: Connection, row: Any, action: str) -> None:
         if row.id == self.first_admin_id(conn):

@@ -1426,3 +1426,20 @@ def test_a_sequence_the_account_may_not_move_is_a_conflict_saying_what_to_run(
         with engine.begin() as conn:
             conn.execute(text(f"DROP OWNED BY {role}"))
             conn.execute(text(f"DROP ROLE {role}"))
+
+
+def test_purge_racing_a_restore_never_removes_the_restored_user(accounts: Accounts) -> None:
+    """A purge that read a user as deleted while another writer restores it is judged on the
+    user as committed: the restored user stays, and the purge is refused as of a live user."""
+    accounts.add_user(_agent("alice"))
+    accounts.delete(["alice"])
+
+    def hold(conn: Connection) -> None:
+        conn.execute(update(users).where(users.c.username == "alice").values(deleted_at=None))
+
+    raised = while_another_writer_holds(accounts, hold, lambda: accounts.purge(["alice"]))
+    assert isinstance(raised, ForbiddenError), repr(raised)
+    assert raised.problems == (
+        Problem("username", "alice is not deleted; only deleted users can be purged"),
+    )
+    assert accounts.get_user("alice").deleted_at is None
