@@ -581,7 +581,9 @@ class Accounts:
 
         def write() -> Edited:
             with self.write() as conn:
-                row = q.fetch_user_row(conn, username, lock=attribute_changes is not None)
+                # Locked: the edit is judged on the row as committed now (a user deleted
+                # or purged meanwhile is refused as such, not written or read back gone).
+                row = q.fetch_user_row(conn, username, lock=True)
                 wanted = dict(values)
                 if attribute_changes is not None:
                     # Locked as the row is: the actor check's read may have fixed an
@@ -866,7 +868,7 @@ class Accounts:
     def set_password(self, username: str, password: str) -> None:
         clean = validate_fields({"password": password}, password_policy=self.policy.password_policy)
         with self.write() as conn:
-            row = q.fetch_user_row(conn, username)
+            row = q.fetch_user_row(conn, username, lock=True)
             self.guard_first_admin(conn, row)
             self._not_deleted(row)
             now = self.clock()
@@ -886,7 +888,7 @@ class Accounts:
             secret = validate_fields({"sip_secret": secret})["sip_secret"]
         secret = secret or credentials.generate_sip_secret()
         with self.write() as conn:
-            row = q.fetch_user_row(conn, username)
+            row = q.fetch_user_row(conn, username, lock=True)
             self.guard_first_admin(conn, row)
             self._not_deleted(row)
             digests = credentials.sip_digests(row.username, self.policy.realm, secret)
@@ -906,7 +908,7 @@ class Accounts:
         """A new API key (replacing any old one: at most one per user); return it to show once."""
         key = credentials.generate_apikey()
         with self.write() as conn:
-            row = q.fetch_user_row(conn, username)
+            row = q.fetch_user_row(conn, username, lock=True)
             self.guard_first_admin(conn, row)
             self._not_deleted(row)
             now = self.clock()
@@ -925,7 +927,7 @@ class Accounts:
         """Clear the user's API key; a user holding none (a deleted one included) is left
         as it is, ``updated_at`` too."""
         with self.write() as conn:
-            row = q.fetch_user_row(conn, username)
+            row = q.fetch_user_row(conn, username, lock=True)
             self.guard_first_admin(conn, row)
             if row.apikey_hash is not None or row.apikey_created_at is not None:
                 q.update_user(conn, row.id, {**_NO_APIKEY, "updated_at": self.clock()})

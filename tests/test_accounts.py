@@ -1443,3 +1443,40 @@ def test_purge_racing_a_restore_never_removes_the_restored_user(accounts: Accoun
         Problem("username", "alice is not deleted; only deleted users can be purged"),
     )
     assert accounts.get_user("alice").deleted_at is None
+
+
+def test_edit_racing_a_purge_says_the_user_is_not_found(accounts: Accounts) -> None:
+    """An edit of a user another writer purges meanwhile is refused as a user not found
+    (exit 3), never a crash reading back the row it meant to change."""
+    accounts.add_user(_agent("alice"))
+
+    def hold(conn: Connection) -> None:
+        conn.execute(delete(users).where(users.c.username == "alice"))
+
+    raised = while_another_writer_holds(
+        accounts, hold, lambda: accounts.edit_user("alice", {"nat": "yes"})
+    )
+    assert isinstance(raised, NotFoundError), repr(raised)
+    assert str(raised) == "user 'alice' not found"
+
+
+def test_apikey_generated_racing_a_delete_is_refused_and_none_is_kept(
+    accounts: Accounts,
+) -> None:
+    """A key generated for a user another writer deletes meanwhile is refused as for a
+    deleted member, and the deleted user holds no key (delete revokes keys)."""
+    accounts.add_user(_agent("alice"))
+
+    def hold(conn: Connection) -> None:
+        conn.execute(
+            update(users)
+            .where(users.c.username == "alice")
+            .values(deleted_at=datetime(2026, 1, 1), apikey_hash=None, apikey_created_at=None)
+        )
+
+    raised = while_another_writer_holds(accounts, hold, lambda: accounts.generate_apikey("alice"))
+    assert isinstance(raised, ForbiddenError), repr(raised)
+    assert [p.field for p in raised.problems] == ["username"]
+    with accounts.engine.connect() as conn:
+        stored = conn.execute(select(users.c.apikey_hash).where(users.c.username == "alice"))
+        assert stored.scalar_one() is None
