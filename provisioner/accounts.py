@@ -941,7 +941,10 @@ class Accounts:
         refused: str | None = None
         with self.transaction() as conn:
             try:
-                row = q.fetch_user_row(conn, username)
+                # Locked: logins of one user are judged one after another, each on the
+                # count and lock the one before left (a plain read let concurrent guesses
+                # all pass the lock check before any failure locked the account).
+                row = q.fetch_user_row(conn, username, lock=True)
             except NotFoundError:
                 # As long as a wrong password takes: timing must not tell names apart.
                 credentials.spend_verification(password)

@@ -1480,3 +1480,27 @@ def test_apikey_generated_racing_a_delete_is_refused_and_none_is_kept(
     with accounts.engine.connect() as conn:
         stored = conn.execute(select(users.c.apikey_hash).where(users.c.username == "alice"))
         assert stored.scalar_one() is None
+
+
+def test_login_racing_the_failed_login_that_locks_the_account_is_refused(
+    accounts: Accounts, clock: FakeClock
+) -> None:
+    """A login whose check began before another login's failure locked the account, and
+    which gives the right password, is refused as locked: concurrent guesses never get
+    past the lock that an earlier one set."""
+    accounts.add_user(_agent(password=GOOD_PASSWORD))
+
+    def hold(conn: Connection) -> None:
+        # The failure that reaches max_failed_logins, as _count_failure writes it.
+        conn.execute(
+            update(users)
+            .where(users.c.username == "alice")
+            .values(failed_logins=3, failed_login_at=clock.now, locked_at=clock.now)
+        )
+
+    raised = while_another_writer_holds(
+        accounts, hold, lambda: accounts.login("alice", GOOD_PASSWORD)
+    )
+    assert isinstance(raised, AuthenticationError), repr(raised)
+    assert "locked" in str(raised)
+    assert accounts.get_user("alice").locked_at == clock.now
