@@ -694,6 +694,8 @@ class Accounts:
         line: int | None,
     ) -> None:
         name = clean.pop("profile", None)
+        if any(p.field == "profile" for p in problems):
+            return  # given, and refused by its own rule: not also "required"
         if not name:
             if role == "user":
                 problems.append(Problem("profile", "is required for role user", line))

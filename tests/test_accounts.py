@@ -1504,3 +1504,19 @@ def test_login_racing_the_failed_login_that_locks_the_account_is_refused(
     assert isinstance(raised, AuthenticationError), repr(raised)
     assert "locked" in str(raised)
     assert accounts.get_user("alice").locked_at == clock.now
+
+
+def test_a_profile_given_badly_is_refused_once_by_its_rule_not_as_missing(
+    accounts: Accounts,
+) -> None:
+    """A profile name that breaks its text rule is refused by that rule alone, on add and on
+    edit: not also as "is required for role user", which it was given."""
+    accounts.add_user(_agent("alice"))
+    rule = "must not start or end with spaces"
+    with pytest.raises(InvalidInput) as added:
+        accounts.add_user(_agent("bob", profile=" agents"))
+    assert added.value.problems == (Problem("profile", rule),)
+    with pytest.raises(InvalidInput) as edited:
+        accounts.edit_user("alice", {"profile": "agents "})
+    assert edited.value.problems == (Problem("profile", rule),)
+    assert accounts.get_user("alice").profile == "agents"
