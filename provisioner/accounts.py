@@ -943,9 +943,13 @@ class Accounts:
         refused: str | None = None
         with self.transaction() as conn:
             try:
-                # Locked: logins of one user are judged one after another, each on the
-                # count and lock the one before left (a plain read let concurrent guesses
-                # all pass the lock check before any failure locked the account).
+                # Found first without a lock: a name no user has is then locked nowhere
+                # while its decoy is spent (MariaDB's locking read of a missing key would
+                # lock the index gap, holding up adds of names next to it).
+                q.fetch_user_row(conn, username)
+                # Then locked: logins of one user are judged one after another, each on
+                # the count and lock the one before left (a plain read let concurrent
+                # guesses all pass the lock check before any failure locked the account).
                 row = q.fetch_user_row(conn, username, lock=True)
             except NotFoundError:
                 # As long as a wrong password takes: timing must not tell names apart.

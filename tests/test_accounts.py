@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -1520,3 +1522,37 @@ def test_a_profile_given_badly_is_refused_once_by_its_rule_not_as_missing(
         accounts.edit_user("alice", {"profile": "agents "})
     assert edited.value.problems == (Problem("profile", rule),)
     assert accounts.get_user("alice").profile == "agents"
+
+
+def test_a_login_to_an_unknown_name_keeps_no_lock_while_it_spends_its_decoy(
+    accounts: Accounts, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A login to a name no user has holds no lock while it spends the decoy verification
+    (as long as a wrong password's): an add of a user next to that name in the index is
+    not made to wait for it (MariaDB's locking read of a missing key locks the gap)."""
+    if backend == "sqlite":
+        pytest.skip("SQLite's write transactions hold the whole file (BEGIN IMMEDIATE)")
+    spending = threading.Event()
+
+    def slow_decoy(password: str) -> None:
+        spending.set()
+        time.sleep(3)
+
+    monkeypatch.setattr(credentials, "spend_verification", slow_decoy)
+    raised: list[BaseException] = []
+
+    def login() -> None:
+        try:
+            accounts.login("zed", "wrong")
+        except BaseException as exc:
+            raised.append(exc)
+
+    worker = threading.Thread(target=login)
+    worker.start()
+    assert spending.wait(10)
+    started = time.monotonic()
+    accounts.add_user(_agent("zack"))
+    waited = time.monotonic() - started
+    worker.join(30)
+    assert isinstance(raised[0], AuthenticationError)
+    assert waited < 1.5, f"the add waited {waited:.1f} s for the login's lock"
