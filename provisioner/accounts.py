@@ -23,6 +23,7 @@ from .config import Config
 from .errors import (
     AuthenticationError,
     ConflictError,
+    Contended,
     ForbiddenError,
     InvalidInput,
     NotFoundError,
@@ -128,6 +129,23 @@ def is_key_clash(exc: IntegrityError) -> bool:
     return str(orig).startswith(_CLASH_SQLITE)
 
 
+#: A deadlock's victim (or a serialization failure): PostgreSQL's SQLSTATEs, MariaDB/MySQL's
+#: ER_LOCK_DEADLOCK.  Not a lock wait that timed out (1205), which a rerun would only wait
+#: out again.
+_DEADLOCK_SQLSTATES = frozenset({"40P01", "40001"})
+_DEADLOCK_ERRNO = 1213
+
+
+def _is_deadlock(exc: DBAPIError) -> bool:
+    """True when the database ended the transaction to break a deadlock with another
+    writer: nothing of it remains, and a rerun meets that writer no more."""
+    orig = exc.orig
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int):  # MariaDB/MySQL
+        return args[0] == _DEADLOCK_ERRNO
+    return getattr(orig, "sqlstate", None) in _DEADLOCK_SQLSTATES
+
+
 #: The field a key names, by a part of the key's name (PostgreSQL's and MariaDB's
 #: constraint names, SQLite's ``table.column`` list), and what a concurrent writer did to
 #: it; the first that matches wins.  MariaDB names a primary key only ``PRIMARY``: the one
@@ -184,11 +202,15 @@ def rerun_on_unique_clash(
     clash comes back at each of ``attempts`` runs, a :class:`ConflictError` on the field
     the last clash's key names (:func:`clash_field`: ``username: is already taken (by a
     concurrent writer, at each of 20 tries); try again``), or ``exhausted`` when the
-    database does not name it; any other IntegrityError is raised at once."""
+    database does not name it; any other IntegrityError is raised at once.  A run the
+    database ended as a deadlock's victim (:class:`Contended`) runs again too (``exhausted``
+    when the last one ends so)."""
     clash: tuple[str, str] | None = None
     for _ in range(attempts):
         try:
             return write()
+        except Contended:
+            clash = None
         except IntegrityError as exc:
             if not is_key_clash(exc):
                 raise
@@ -290,6 +312,9 @@ class Accounts:
             with self.engine.begin() as conn:
                 yield conn
         except DBAPIError as exc:
+            if _is_deadlock(exc):
+                # Ended to break a deadlock with another writer: run again where it can be.
+                raise Contended(unavailable(exc).message) from None
             if isinstance(exc, IntegrityError):
                 # A rerun (rerun_on_unique_clash) then gets an id past the rows'.
                 self._catch_up_ids(exc)
@@ -745,18 +770,30 @@ class Accounts:
         once."""
         if not usernames:
             raise InvalidInput.one("username", "name at least one user")
-        with self.write() as conn:
-            locked = self._lock_rows(conn, usernames)
-            rows: dict[int, Any] = {}
-            for name in usernames:
-                if (row := locked.get(q.username_key(name))) is not None:
-                    rows.setdefault(row.id, row)
-            all_found(usernames, [row.username for row in rows.values()])
-            now = self.clock()
-            changed = {row.id: change(conn, row, now) for row in rows.values()}
-        return Bulk(
-            done=[r.username for r in rows.values() if changed[r.id]],
-            unchanged=[r.username for r in rows.values() if not changed[r.id]],
+
+        def write() -> Bulk:
+            with self.write() as conn:
+                locked = self._lock_rows(conn, usernames)
+                rows: dict[int, Any] = {}
+                for name in usernames:
+                    if (row := locked.get(q.username_key(name))) is not None:
+                        rows.setdefault(row.id, row)
+                all_found(usernames, [row.username for row in rows.values()])
+                now = self.clock()
+                changed = {row.id: change(conn, row, now) for row in rows.values()}
+            return Bulk(
+                done=[r.username for r in rows.values() if changed[r.id]],
+                unchanged=[r.username for r in rows.values() if not changed[r.id]],
+            )
+
+        # Run again when a deadlock with another writer (a CSV import locking the same
+        # users in its rows' order) ends it.
+        return rerun_on_unique_clash(
+            write,
+            _EDIT_RETRIES,
+            ConflictError.one(
+                "username", "kept being changed by concurrent writers at once; try again"
+            ),
         )
 
     @staticmethod

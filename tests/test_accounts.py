@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Connection, Engine, delete, event, func, insert, select, text, update
+from sqlalchemy.exc import OperationalError
 from structlog.testing import capture_logs
 
 from provisioner import credentials
@@ -1556,3 +1557,33 @@ def test_a_login_to_an_unknown_name_keeps_no_lock_while_it_spends_its_decoy(
     worker.join(30)
     assert isinstance(raised[0], AuthenticationError)
     assert waited < 1.5, f"the add waited {waited:.1f} s for the login's lock"
+
+
+def test_a_bulk_action_ended_by_a_deadlock_runs_again_and_applies(accounts: Accounts) -> None:
+    """A bulk command that the database ends to break a deadlock with another writer (which
+    holds bob and then wants alice, while the command holds alice and wants bob) runs again
+    once the other is done and applies to all, instead of "user store unavailable"."""
+    accounts.add_user(_agent("alice"))
+    accounts.add_user(_agent("bob"))
+    raised: list[BaseException] = []
+
+    def act() -> None:
+        try:
+            accounts.disable(["alice", "bob"])
+        except BaseException as exc:
+            raised.append(exc)
+
+    with accounts.engine.connect() as conn:
+        tx = conn.begin()
+        q.fetch_user_row(conn, "bob", lock=True)
+        worker = threading.Thread(target=act)
+        worker.start()
+        time.sleep(0.5)  # the command holds alice and waits for bob
+        try:
+            q.fetch_user_row(conn, "alice", lock=True)
+            tx.commit()
+        except OperationalError:  # MariaDB ends the other writer (the smaller) instead
+            tx.rollback()
+    worker.join(30)
+    assert raised == []
+    assert [u.disabled for u in accounts.get_users(["alice", "bob"])] == [True, True]
