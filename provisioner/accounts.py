@@ -23,6 +23,7 @@ from .config import Config
 from .errors import (
     AuthenticationError,
     ConflictError,
+    Contended,
     ForbiddenError,
     InvalidInput,
     NotFoundError,
@@ -128,6 +129,23 @@ def is_key_clash(exc: IntegrityError) -> bool:
     return str(orig).startswith(_CLASH_SQLITE)
 
 
+#: A deadlock's victim (or a serialization failure): PostgreSQL's SQLSTATEs, MariaDB/MySQL's
+#: ER_LOCK_DEADLOCK.  Not a lock wait that timed out (1205), which a rerun would only wait
+#: out again.
+_DEADLOCK_SQLSTATES = frozenset({"40P01", "40001"})
+_DEADLOCK_ERRNO = 1213
+
+
+def _is_deadlock(exc: DBAPIError) -> bool:
+    """True when the database ended the transaction to break a deadlock with another
+    writer: nothing of it remains, and a rerun meets that writer no more."""
+    orig = exc.orig
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int):  # MariaDB/MySQL
+        return args[0] == _DEADLOCK_ERRNO
+    return getattr(orig, "sqlstate", None) in _DEADLOCK_SQLSTATES
+
+
 #: The field a key names, by a part of the key's name (PostgreSQL's and MariaDB's
 #: constraint names, SQLite's ``table.column`` list), and what a concurrent writer did to
 #: it; the first that matches wins.  MariaDB names a primary key only ``PRIMARY``: the one
@@ -184,11 +202,15 @@ def rerun_on_unique_clash(
     clash comes back at each of ``attempts`` runs, a :class:`ConflictError` on the field
     the last clash's key names (:func:`clash_field`: ``username: is already taken (by a
     concurrent writer, at each of 20 tries); try again``), or ``exhausted`` when the
-    database does not name it; any other IntegrityError is raised at once."""
+    database does not name it; any other IntegrityError is raised at once.  A run the
+    database ended as a deadlock's victim (:class:`Contended`) runs again too (``exhausted``
+    when the last one ends so)."""
     clash: tuple[str, str] | None = None
     for _ in range(attempts):
         try:
             return write()
+        except Contended:
+            clash = None
         except IntegrityError as exc:
             if not is_key_clash(exc):
                 raise
@@ -290,6 +312,9 @@ class Accounts:
             with self.engine.begin() as conn:
                 yield conn
         except DBAPIError as exc:
+            if _is_deadlock(exc):
+                # Ended to break a deadlock with another writer: run again where it can be.
+                raise Contended(unavailable(exc).message) from None
             if isinstance(exc, IntegrityError):
                 # A rerun (rerun_on_unique_clash) then gets an id past the rows'.
                 self._catch_up_ids(exc)
@@ -581,7 +606,9 @@ class Accounts:
 
         def write() -> Edited:
             with self.write() as conn:
-                row = q.fetch_user_row(conn, username, lock=attribute_changes is not None)
+                # Locked: the edit is judged on the row as committed now (a user deleted
+                # or purged meanwhile is refused as such, not written or read back gone).
+                row = q.fetch_user_row(conn, username, lock=True)
                 wanted = dict(values)
                 if attribute_changes is not None:
                     # Locked as the row is: the actor check's read may have fixed an
@@ -692,6 +719,8 @@ class Accounts:
         line: int | None,
     ) -> None:
         name = clean.pop("profile", None)
+        if any(p.field == "profile" for p in problems):
+            return  # given, and refused by its own rule: not also "required"
         if not name:
             if role == "user":
                 problems.append(Problem("profile", "is required for role user", line))
@@ -741,19 +770,44 @@ class Accounts:
         once."""
         if not usernames:
             raise InvalidInput.one("username", "name at least one user")
-        with self.write() as conn:
-            rows: dict[int, Any] = {}
-            for name in usernames:
-                with suppress(NotFoundError):
-                    row = q.fetch_user_row(conn, name)
-                    rows.setdefault(row.id, row)
-            all_found(usernames, [row.username for row in rows.values()])
-            now = self.clock()
-            changed = {row.id: change(conn, row, now) for row in rows.values()}
-        return Bulk(
-            done=[r.username for r in rows.values() if changed[r.id]],
-            unchanged=[r.username for r in rows.values() if not changed[r.id]],
+
+        def write() -> Bulk:
+            with self.write() as conn:
+                locked = self._lock_rows(conn, usernames)
+                rows: dict[int, Any] = {}
+                for name in usernames:
+                    if (row := locked.get(q.username_key(name))) is not None:
+                        rows.setdefault(row.id, row)
+                all_found(usernames, [row.username for row in rows.values()])
+                now = self.clock()
+                changed = {row.id: change(conn, row, now) for row in rows.values()}
+            return Bulk(
+                done=[r.username for r in rows.values() if changed[r.id]],
+                unchanged=[r.username for r in rows.values() if not changed[r.id]],
+            )
+
+        # Run again when a deadlock with another writer (a CSV import locking the same
+        # users in its rows' order) ends it.
+        return rerun_on_unique_clash(
+            write,
+            _EDIT_RETRIES,
+            ConflictError.one(
+                "username", "kept being changed by concurrent writers at once; try again"
+            ),
         )
+
+    @staticmethod
+    def _lock_rows(conn: Connection, usernames: Sequence[str]) -> dict[str, Any]:
+        """The rows of the users named (those found), by :func:`q.username_key`, each
+        locked until the transaction ends and read as committed now, not from a snapshot a
+        concurrent writer has moved on from (a purge must not remove a user restored
+        meanwhile).  Locked in key order whatever the names' order, so two bulk actions
+        naming the same users never wait on each other's locks (a deadlock)."""
+        found: dict[str, Any] = {}
+        for key in sorted({q.username_key(name) for name in usernames}):
+            with suppress(NotFoundError):
+                found[key] = q.fetch_user_row(conn, key, lock=True)
+        return found
 
     def _protect_first_admin(self, conn: Connection, row: Any, action: str) -> None:
         if row.id == self.first_admin_id(conn):
@@ -853,7 +907,7 @@ class Accounts:
     def set_password(self, username: str, password: str) -> None:
         clean = validate_fields({"password": password}, password_policy=self.policy.password_policy)
         with self.write() as conn:
-            row = q.fetch_user_row(conn, username)
+            row = q.fetch_user_row(conn, username, lock=True)
             self.guard_first_admin(conn, row)
             self._not_deleted(row)
             now = self.clock()
@@ -873,7 +927,7 @@ class Accounts:
             secret = validate_fields({"sip_secret": secret})["sip_secret"]
         secret = secret or credentials.generate_sip_secret()
         with self.write() as conn:
-            row = q.fetch_user_row(conn, username)
+            row = q.fetch_user_row(conn, username, lock=True)
             self.guard_first_admin(conn, row)
             self._not_deleted(row)
             digests = credentials.sip_digests(row.username, self.policy.realm, secret)
@@ -893,7 +947,7 @@ class Accounts:
         """A new API key (replacing any old one: at most one per user); return it to show once."""
         key = credentials.generate_apikey()
         with self.write() as conn:
-            row = q.fetch_user_row(conn, username)
+            row = q.fetch_user_row(conn, username, lock=True)
             self.guard_first_admin(conn, row)
             self._not_deleted(row)
             now = self.clock()
@@ -912,7 +966,7 @@ class Accounts:
         """Clear the user's API key; a user holding none (a deleted one included) is left
         as it is, ``updated_at`` too."""
         with self.write() as conn:
-            row = q.fetch_user_row(conn, username)
+            row = q.fetch_user_row(conn, username, lock=True)
             self.guard_first_admin(conn, row)
             if row.apikey_hash is not None or row.apikey_created_at is not None:
                 q.update_user(conn, row.id, {**_NO_APIKEY, "updated_at": self.clock()})
@@ -926,7 +980,14 @@ class Accounts:
         refused: str | None = None
         with self.transaction() as conn:
             try:
-                row = q.fetch_user_row(conn, username)
+                # Found first without a lock: a name no user has is then locked nowhere
+                # while its decoy is spent (MariaDB's locking read of a missing key would
+                # lock the index gap, holding up adds of names next to it).
+                q.fetch_user_row(conn, username)
+                # Then locked: logins of one user are judged one after another, each on
+                # the count and lock the one before left (a plain read let concurrent
+                # guesses all pass the lock check before any failure locked the account).
+                row = q.fetch_user_row(conn, username, lock=True)
             except NotFoundError:
                 # As long as a wrong password takes: timing must not tell names apart.
                 credentials.spend_verification(password)

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -701,10 +702,32 @@ def _open_out(path: str) -> Iterator[TextIO]:
             with _utf8_stdout() as out:
                 yield out
             return
-        with open(path, "w", encoding="utf-8", errors=_NOT_UTF8, newline="") as fh:
+        with _whole_file(path) as fh:
             yield fh
     except OSError as exc:
         raise InvalidInput.one("--csv", f"cannot write {path!r}: {exc.strerror or exc}") from None
+
+
+@contextmanager
+def _whole_file(path: str) -> Iterator[TextIO]:
+    """``path`` opened for writing UTF-8 text, which it holds only once all of it is written:
+    the text goes to a file beside it, renamed over it at the end (keeping an existing
+    file's mode), so a write that fails (a full disk) leaves the file as it was, never cut
+    short.  A path that is no regular file (``/dev/stdout``, a FIFO) is written as is."""
+    target = Path(os.path.realpath(path))
+    if target.exists() and not target.is_file():
+        with open(path, "w", encoding="utf-8", errors=_NOT_UTF8, newline="") as fh:
+            yield fh
+        return
+    part = target.with_name(f".{target.name}.{os.getpid()}.part")
+    try:
+        with open(part, "x", encoding="utf-8", errors=_NOT_UTF8, newline="") as fh:
+            yield fh
+        if target.exists():
+            shutil.copymode(target, part)
+        os.replace(part, target)
+    finally:
+        part.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -392,8 +392,33 @@ def _apply_row(
     now: Any,
     result: ImportResult,
 ) -> None:
+    """Add or update the row's user; :class:`InvalidInput` naming every rule the row
+    breaks, its ``disabled`` cell's beside its fields'."""
     values = _values(header, cells)
     disabled = values.pop("disabled", None)
+    problems: list[Problem] = []
+    if disabled not in (None, "") and (rule := check_flag(disabled)[1]) is not None:
+        problems.append(Problem("disabled", rule, line))
+        disabled = None  # the fields are still checked
+    try:
+        _apply_fields(accounts, conn, values, line, allocator, now, result, disabled)
+    except InvalidInput as exc:
+        problems[:0] = exc.problems
+    if problems:
+        raise InvalidInput(problems)
+
+
+def _apply_fields(
+    accounts: Accounts,
+    conn: Any,
+    values: dict[str, Any],
+    line: int,
+    allocator: q.ExtensionAllocator,
+    now: Any,
+    result: ImportResult,
+    disabled: str | None,
+) -> None:
+    """Add or update the row's user from ``values``, then set its ``disabled`` cell."""
     username = values.get("username", "")
     try:
         # Locked, and its attributes read with a locking read (which sees what is

@@ -14,6 +14,7 @@ __all__ = [
     "AuthenticationError",
     "ConfigError",
     "ConflictError",
+    "Contended",
     "ForbiddenError",
     "ForeignTargetFile",
     "InvalidInput",
@@ -119,6 +120,13 @@ class StoreUnavailable(ProvisionerError):
     """The user store cannot be reached or used."""
 
     exit_code = 7
+
+
+class Contended(StoreUnavailable):
+    """The user store ended a change as the victim of a concurrent writer's (a deadlock, a
+    lock wait timed out): nothing of it remains, and running it again is the answer, which
+    the changes that can meet one do (:func:`provisioner.accounts.rerun_on_unique_clash`).
+    Exit code 7, as the store's other failures."""
 
 
 class RealtimeUnavailable(StoreUnavailable):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,6 +16,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Connection, Engine, delete, event, func, insert, select, text, update
+from sqlalchemy.exc import OperationalError
 from structlog.testing import capture_logs
 
 from provisioner import credentials
@@ -1426,3 +1429,161 @@ def test_a_sequence_the_account_may_not_move_is_a_conflict_saying_what_to_run(
         with engine.begin() as conn:
             conn.execute(text(f"DROP OWNED BY {role}"))
             conn.execute(text(f"DROP ROLE {role}"))
+
+
+def test_purge_racing_a_restore_never_removes_the_restored_user(accounts: Accounts) -> None:
+    """A purge that read a user as deleted while another writer restores it is judged on the
+    user as committed: the restored user stays, and the purge is refused as of a live user."""
+    accounts.add_user(_agent("alice"))
+    accounts.delete(["alice"])
+
+    def hold(conn: Connection) -> None:
+        conn.execute(update(users).where(users.c.username == "alice").values(deleted_at=None))
+
+    raised = while_another_writer_holds(accounts, hold, lambda: accounts.purge(["alice"]))
+    assert isinstance(raised, ForbiddenError), repr(raised)
+    assert raised.problems == (
+        Problem("username", "alice is not deleted; only deleted users can be purged"),
+    )
+    assert accounts.get_user("alice").deleted_at is None
+
+
+def test_edit_racing_a_purge_says_the_user_is_not_found(accounts: Accounts) -> None:
+    """An edit of a user another writer purges meanwhile is refused as a user not found
+    (exit 3), never a crash reading back the row it meant to change."""
+    accounts.add_user(_agent("alice"))
+
+    def hold(conn: Connection) -> None:
+        conn.execute(delete(users).where(users.c.username == "alice"))
+
+    raised = while_another_writer_holds(
+        accounts, hold, lambda: accounts.edit_user("alice", {"nat": "yes"})
+    )
+    assert isinstance(raised, NotFoundError), repr(raised)
+    assert str(raised) == "user 'alice' not found"
+
+
+def test_apikey_generated_racing_a_delete_is_refused_and_none_is_kept(
+    accounts: Accounts,
+) -> None:
+    """A key generated for a user another writer deletes meanwhile is refused as for a
+    deleted member, and the deleted user holds no key (delete revokes keys)."""
+    accounts.add_user(_agent("alice"))
+
+    def hold(conn: Connection) -> None:
+        conn.execute(
+            update(users)
+            .where(users.c.username == "alice")
+            .values(deleted_at=datetime(2026, 1, 1), apikey_hash=None, apikey_created_at=None)
+        )
+
+    raised = while_another_writer_holds(accounts, hold, lambda: accounts.generate_apikey("alice"))
+    assert isinstance(raised, ForbiddenError), repr(raised)
+    assert [p.field for p in raised.problems] == ["username"]
+    with accounts.engine.connect() as conn:
+        stored = conn.execute(select(users.c.apikey_hash).where(users.c.username == "alice"))
+        assert stored.scalar_one() is None
+
+
+def test_login_racing_the_failed_login_that_locks_the_account_is_refused(
+    accounts: Accounts, clock: FakeClock
+) -> None:
+    """A login whose check began before another login's failure locked the account, and
+    which gives the right password, is refused as locked: concurrent guesses never get
+    past the lock that an earlier one set."""
+    accounts.add_user(_agent(password=GOOD_PASSWORD))
+
+    def hold(conn: Connection) -> None:
+        # The failure that reaches max_failed_logins, as _count_failure writes it.
+        conn.execute(
+            update(users)
+            .where(users.c.username == "alice")
+            .values(failed_logins=3, failed_login_at=clock.now, locked_at=clock.now)
+        )
+
+    raised = while_another_writer_holds(
+        accounts, hold, lambda: accounts.login("alice", GOOD_PASSWORD)
+    )
+    assert isinstance(raised, AuthenticationError), repr(raised)
+    assert "locked" in str(raised)
+    assert accounts.get_user("alice").locked_at == clock.now
+
+
+def test_a_profile_given_badly_is_refused_once_by_its_rule_not_as_missing(
+    accounts: Accounts,
+) -> None:
+    """A profile name that breaks its text rule is refused by that rule alone, on add and on
+    edit: not also as "is required for role user", which it was given."""
+    accounts.add_user(_agent("alice"))
+    rule = "must not start or end with spaces"
+    with pytest.raises(InvalidInput) as added:
+        accounts.add_user(_agent("bob", profile=" agents"))
+    assert added.value.problems == (Problem("profile", rule),)
+    with pytest.raises(InvalidInput) as edited:
+        accounts.edit_user("alice", {"profile": "agents "})
+    assert edited.value.problems == (Problem("profile", rule),)
+    assert accounts.get_user("alice").profile == "agents"
+
+
+def test_a_login_to_an_unknown_name_keeps_no_lock_while_it_spends_its_decoy(
+    accounts: Accounts, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A login to a name no user has holds no lock while it spends the decoy verification
+    (as long as a wrong password's): an add of a user next to that name in the index is
+    not made to wait for it (MariaDB's locking read of a missing key locks the gap)."""
+    if backend == "sqlite":
+        pytest.skip("SQLite's write transactions hold the whole file (BEGIN IMMEDIATE)")
+    spending = threading.Event()
+
+    def slow_decoy(password: str) -> None:
+        spending.set()
+        time.sleep(3)
+
+    monkeypatch.setattr(credentials, "spend_verification", slow_decoy)
+    raised: list[BaseException] = []
+
+    def login() -> None:
+        try:
+            accounts.login("zed", "wrong")
+        except BaseException as exc:
+            raised.append(exc)
+
+    worker = threading.Thread(target=login)
+    worker.start()
+    assert spending.wait(10)
+    started = time.monotonic()
+    accounts.add_user(_agent("zack"))
+    waited = time.monotonic() - started
+    worker.join(30)
+    assert isinstance(raised[0], AuthenticationError)
+    assert waited < 1.5, f"the add waited {waited:.1f} s for the login's lock"
+
+
+def test_a_bulk_action_ended_by_a_deadlock_runs_again_and_applies(accounts: Accounts) -> None:
+    """A bulk command that the database ends to break a deadlock with another writer (which
+    holds bob and then wants alice, while the command holds alice and wants bob) runs again
+    once the other is done and applies to all, instead of "user store unavailable"."""
+    accounts.add_user(_agent("alice"))
+    accounts.add_user(_agent("bob"))
+    raised: list[BaseException] = []
+
+    def act() -> None:
+        try:
+            accounts.disable(["alice", "bob"])
+        except BaseException as exc:
+            raised.append(exc)
+
+    with accounts.engine.connect() as conn:
+        tx = conn.begin()
+        q.fetch_user_row(conn, "bob", lock=True)
+        worker = threading.Thread(target=act)
+        worker.start()
+        time.sleep(0.5)  # the command holds alice and waits for bob
+        try:
+            q.fetch_user_row(conn, "alice", lock=True)
+            tx.commit()
+        except OperationalError:  # MariaDB ends the other writer (the smaller) instead
+            tx.rollback()
+    worker.join(30)
+    assert raised == []
+    assert [u.disabled for u in accounts.get_users(["alice", "bob"])] == [True, True]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import sqlite3
 import stat
 import subprocess
@@ -1535,3 +1536,34 @@ def test_a_json_list_written_in_chunks_is_the_whole_lists_dump(
     whole = capsys.readouterr().out
     cli_module._echo_json_list(iter(items), chunk=2)
     assert capsys.readouterr().out == whole
+
+
+def test_an_export_cut_short_by_a_write_error_leaves_the_file_as_it_was(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """An export whose file cannot be written to the end (a full disk, a size limit) exits 2
+    naming --csv and leaves no half-written file: the one already there stays whole (a cut
+    file re-imports as a valid, shorter export, a full name cut to its first letters)."""
+    rows = "".join(f"u{n},U {n},u{n}@example.com,agents,{'d' * 1000}\n" for n in range(80))
+    users_csv = tmp_path / "users.csv"
+    users_csv.write_text("username,full_name,email,profile,description\n" + rows)
+    cli.ok("user", "import", "--csv", str(users_csv))
+    out = tmp_path / "export.csv"
+    out.write_text("the previous export\n")
+    limit = 64 * 1024  # above SQLite's 32 KiB shared-memory file, below the export
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    cut = subprocess.run(
+        [PROVISIONER, "--config", str(cli.config), "--store-url", cli.url,
+         "user", "export", "--csv", str(out)],
+        capture_output=True, text=True, env=env(), timeout=60, check=False,
+        preexec_fn=small_files,
+    )  # fmt: skip
+    assert (cut.returncode, cut.stderr) == (
+        2,
+        f"error: invalid input\n  --csv: cannot write {str(out)!r}: File too large\n",
+    )
+    assert out.read_text() == "the previous export\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("export")] == ["export.csv"]

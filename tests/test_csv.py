@@ -230,6 +230,7 @@ def test_import_is_all_or_nothing_and_reports_every_bad_row(accounts: Accounts) 
         (4, "codecs"),
         (4, "email"),
         (4, "username"),
+        (5, "disabled"),
         (5, "extension"),
         (5, "profile"),
         (6, "disabled"),
@@ -496,3 +497,23 @@ def test_an_import_into_a_store_without_users_says_once_that_the_admin_comes_fir
     if admin_row:
         first = "\n".join([text.splitlines()[0], admin_row.strip(), *text.splitlines()[1:3]])
         assert import_users(accounts, first + "\n").added == ["root", "dave", "gina"]
+
+
+def test_a_bad_disabled_cell_is_reported_beside_the_rows_other_problems(
+    accounts: Accounts,
+) -> None:
+    """A row breaking a field's rule and the disabled cell's is refused naming both, for an
+    existing user and a new one alike: every broken rule of a row at once, not one per run."""
+    accounts.add_user(
+        {"username": "alice", "full_name": "Alice", "email": "a@example.com", "profile": "agents"}
+    )
+    text = (
+        "username,full_name,email,profile,disabled\n"
+        "alice,Alice,not-an-email,agents,maybe\n"
+        "bob,Bob,not-an-email,agents,maybe\n"
+    )
+    with pytest.raises(InvalidInput) as info:
+        import_users(accounts, text)
+    found = sorted((p.line, p.field) for p in info.value.problems)
+    assert found == [(2, "disabled"), (2, "email"), (3, "disabled"), (3, "email")]
+    assert "line 2: disabled: must be on or off (true/false, yes/no, 1/0)" in str(info.value)

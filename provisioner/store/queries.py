@@ -131,14 +131,16 @@ def catch_up_id_sequence(conn: Connection, table: Table) -> int | None:
 def fetch_user_row(conn: Connection, username: str, *, lock: bool = False) -> Row[Any]:
     """The user's full row (hashes included), its username ``username`` but for case, or
     NotFoundError (``'alice '`` names no user, on every database).  ``lock``: the row is
-    locked until the transaction ends (``FOR UPDATE``; SQLite's write transactions
-    already hold the whole database), so a read-modify-write of the user cannot
-    interleave with another."""
+    read as committed now and locked until the transaction ends (``FOR UPDATE``; on
+    PostgreSQL ``FOR NO KEY UPDATE``, the lock an update of its other columns takes, which
+    still lets another writer add a row referring to the user, as a plain update would;
+    SQLite's write transactions already hold the whole database), so a read-modify-write
+    of the user cannot interleave with another, nor with its delete."""
     key = username_key(username)
     if not is_sendable(key):
         raise NotFoundError("user", username)
     query = select(users).where(users.c.username_key == key)
-    query = query.with_for_update() if lock else query
+    query = query.with_for_update(key_share=True) if lock else query
     rows: list[Row[Any]] = escaping_bytes_not_utf8(
         conn, lambda: _exact(conn.execute(query), "username_key", {key})
     )
