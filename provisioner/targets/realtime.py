@@ -107,7 +107,7 @@ from ..store.bulk import (
     run_many,
 )
 from ..store.engine import exclusive, open_store_engine, reading
-from . import Change
+from . import Change, collector_paused
 from .asterisk_schema import OWNED_KINDS, add_missing_columns, metadata, provisioner_objects
 
 if TYPE_CHECKING:
@@ -743,11 +743,20 @@ class RealtimeTarget:
                 # Taken for made only once committed: PostgreSQL and SQLite roll DDL back
                 # with a failed apply, and the next one must make them again.
                 _create_tables(conn)
-            if self._narrow is None or self._absent is None or (verify and scope is None):
-                self._narrow, self._absent = _column_facts(conn)
-            computed = self._compute(
-                conn, objects, keep, scope, verify=verify, narrow=self._narrow, absent=self._absent
-            )
+            # The collector paused while the rows are read, made and compared (not while
+            # they are written): its collections walked the users' objects again and again.
+            with collector_paused():
+                if self._narrow is None or self._absent is None or (verify and scope is None):
+                    self._narrow, self._absent = _column_facts(conn)
+                computed = self._compute(
+                    conn,
+                    objects,
+                    keep,
+                    scope,
+                    verify=verify,
+                    narrow=self._narrow,
+                    absent=self._absent,
+                )
             if guard is not None:
                 guard(computed.change)
             wrote = _write(conn, computed)
