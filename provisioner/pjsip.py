@@ -83,6 +83,7 @@ _CONTEXT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,39}")
 # escape Asterisk's realtime drivers (pgsql, mysql, odbc) decode in every value they
 # read (``ast_realtime_decode_chunk``): a row holding ``^3C`` is read as ``<``.
 _UNSAFE = set(';[]\\"<>#^')
+_CONTROL_RULE = "must not contain control characters (newline, NUL, ...)"
 
 
 @dataclass(frozen=True)
@@ -159,10 +160,15 @@ def auth_id(extension: str) -> str:
 def check_value(field: str, value: str) -> Problem | None:
     """The last line of defence: a value that could restructure the output is refused, and
     one holding a byte that was not text where it was read (see :func:`undecoded`)."""
-    if undecoded(value):
+    if value.isascii():
+        # Nearly every value: it holds no escape of a byte, and its control characters
+        # (category Cc, the only C ones in ASCII) are what isprintable refuses, in C.
+        if not value.isprintable():
+            return Problem(field, _CONTROL_RULE)
+    elif undecoded(value):
         return Problem(field, UNDECODED_RULE)
-    if any(unicodedata.category(ch).startswith("C") for ch in value):
-        return Problem(field, "must not contain control characters (newline, NUL, ...)")
+    elif any(unicodedata.category(ch).startswith("C") for ch in value):
+        return Problem(field, _CONTROL_RULE)
     if set(value) & _UNSAFE:
         return Problem(field, "must not contain any of " + " ".join(sorted(_UNSAFE)))
     if value != value.strip():

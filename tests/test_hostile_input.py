@@ -35,8 +35,15 @@ from provisioner.accounts import Accounts, Policy
 from provisioner.ami.actions import BANNER_PREFIX, FrameDecoder, build_action
 from provisioner.asterisk_conf import parse
 from provisioner.errors import InvalidInput, Problem
-from provisioner.model import UNDECODED_RULE, USER_FIELDS, User, Voice, validate_fields
-from provisioner.pjsip import RenderSettings, UserObjects, render_user
+from provisioner.model import (
+    UNDECODED_RULE,
+    USER_FIELDS,
+    User,
+    Voice,
+    undecoded,
+    validate_fields,
+)
+from provisioner.pjsip import RenderSettings, UserObjects, check_value, render_user
 from provisioner.store.engine import open_engine
 from provisioner.targets.asterisk_schema import ps_auths, ps_endpoints
 from provisioner.targets.configfile import ConfigFileTarget, check_rendered
@@ -660,3 +667,25 @@ def _read_pty(fd: int) -> bytes:
         return os.read(fd, 65536)
     except OSError:
         return b""
+
+
+def test_every_character_is_judged_by_its_unicode_category_whatever_the_fast_path() -> None:
+    """A rendered value holding any character of category C (control, format, surrogate,
+    private, unassigned), ASCII or not, is refused as a control character, one holding
+    an undecodable byte's escape as such, and any other character passes: the check that
+    takes an ASCII value in one pass refuses exactly what the per-character one does."""
+    for code in range(0x110000):
+        ch = chr(code)
+        escape = 0xDC80 <= code <= 0xDCFF
+        assert undecoded(f"a{ch}b") is escape
+        problem = check_value("f", f"a{ch}b")
+        if escape:
+            assert problem == Problem("f", UNDECODED_RULE)
+        elif unicodedata.category(ch).startswith("C"):
+            assert problem is not None
+            assert problem.rule.startswith("must not contain control characters")
+        elif ch in ';[]\\"<>#^':
+            assert problem is not None
+            assert problem.rule.startswith("must not contain any of")
+        else:
+            assert problem is None, hex(code)
