@@ -83,6 +83,7 @@ _CONTEXT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,39}")
 # escape Asterisk's realtime drivers (pgsql, mysql, odbc) decode in every value they
 # read (``ast_realtime_decode_chunk``): a row holding ``^3C`` is read as ``<``.
 _UNSAFE = set(';[]\\"<>#^')
+_CONTROL_RULE = "must not contain control characters (newline, NUL, ...)"
 
 
 @dataclass(frozen=True)
@@ -159,10 +160,15 @@ def auth_id(extension: str) -> str:
 def check_value(field: str, value: str) -> Problem | None:
     """The last line of defence: a value that could restructure the output is refused, and
     one holding a byte that was not text where it was read (see :func:`undecoded`)."""
-    if undecoded(value):
+    if value.isascii():
+        # Nearly every value: it holds no escape of a byte, and its control characters
+        # (category Cc, the only C ones in ASCII) are what isprintable refuses, in C.
+        if not value.isprintable():
+            return Problem(field, _CONTROL_RULE)
+    elif undecoded(value):
         return Problem(field, UNDECODED_RULE)
-    if any(unicodedata.category(ch).startswith("C") for ch in value):
-        return Problem(field, "must not contain control characters (newline, NUL, ...)")
+    elif any(unicodedata.category(ch).startswith("C") for ch in value):
+        return Problem(field, _CONTROL_RULE)
     if set(value) & _UNSAFE:
         return Problem(field, "must not contain any of " + " ".join(sorted(_UNSAFE)))
     if value != value.strip():
@@ -315,8 +321,34 @@ def render_user(user: User, settings: RenderSettings) -> UserObjects:
     return rendered
 
 
+def _plain_output(objects: UserObjects) -> bool:
+    """True when :func:`_final_check` finds nothing, told in C for all of a user's ids and
+    values at once: their text ASCII, printable (no control character, see
+    :func:`check_value`) and free of unsafe characters, each one without a blank at
+    either end, and no value longer than :data:`VALUE_MAX`."""
+    options = (*objects.endpoint, *objects.auth, *objects.aor)
+    values = [value for _option, value in options]
+    # The callerid quotes and angle brackets are ours, around a checked name.
+    checked = [
+        value[1 : value.rfind('"')] if option == "callerid" else value for option, value in options
+    ]
+    every = [objects.endpoint_id, objects.auth_id, objects.aor_id, *checked]
+    text = "".join(every)
+    return (
+        text.isascii()
+        and text.isprintable()
+        and _UNSAFE.isdisjoint(text)
+        and list(map(str.strip, every)) == every
+        and max(map(len, values), default=0) <= VALUE_MAX
+    )
+
+
 def _final_check(objects: UserObjects) -> None:
-    """Belt and braces: every id and value of the output is checked once more."""
+    """Belt and braces: every id and value of the output is checked once more (all at
+    once when they are plain, see :func:`_plain_output`; one by one otherwise, to name
+    each problem)."""
+    if _plain_output(objects):
+        return
     problems = []
     for section, _kind, options in objects.sections():
         if (p := check_value("extension", section)) is not None:

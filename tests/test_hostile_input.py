@@ -30,13 +30,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, select
 
-from provisioner import credentials
+from provisioner import credentials, pjsip
 from provisioner.accounts import Accounts, Policy
 from provisioner.ami.actions import BANNER_PREFIX, FrameDecoder, build_action
 from provisioner.asterisk_conf import parse
 from provisioner.errors import InvalidInput, Problem
-from provisioner.model import UNDECODED_RULE, USER_FIELDS, User, Voice, validate_fields
-from provisioner.pjsip import RenderSettings, UserObjects, render_user
+from provisioner.model import (
+    UNDECODED_RULE,
+    USER_FIELDS,
+    User,
+    Voice,
+    undecoded,
+    validate_fields,
+)
+from provisioner.pjsip import RenderSettings, UserObjects, check_value, render_user
 from provisioner.store.engine import open_engine
 from provisioner.targets.asterisk_schema import ps_auths, ps_endpoints
 from provisioner.targets.configfile import ConfigFileTarget, check_rendered
@@ -660,3 +667,70 @@ def _read_pty(fd: int) -> bytes:
         return os.read(fd, 65536)
     except OSError:
         return b""
+
+
+def test_every_character_is_judged_by_its_unicode_category_whatever_the_fast_path() -> None:
+    """A rendered value holding any character of category C (control, format, surrogate,
+    private, unassigned), ASCII or not, is refused as a control character, one holding
+    an undecodable byte's escape as such, and any other character passes: the check that
+    takes an ASCII value in one pass refuses exactly what the per-character one does."""
+    for code in range(0x110000):
+        ch = chr(code)
+        escape = 0xDC80 <= code <= 0xDCFF
+        assert undecoded(f"a{ch}b") is escape
+        problem = check_value("f", f"a{ch}b")
+        if escape:
+            assert problem == Problem("f", UNDECODED_RULE)
+        elif unicodedata.category(ch).startswith("C"):
+            assert problem is not None
+            assert problem.rule.startswith("must not contain control characters")
+        elif ch in ';[]\\"<>#^':
+            assert problem is not None
+            assert problem.rule.startswith("must not contain any of")
+        else:
+            assert problem is None, hex(code)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "rule"),
+    [
+        ("context", "from-sip", None),
+        ("context", "fr\u00e9-sip", None),
+        ("callerid", '"Ren\u00e9 M" <1001>', None),
+        ("context", "a\x07b", "must not contain control characters"),
+        ("context", "a\u200bb", "must not contain control characters"),
+        ("context", "a\udc80b", UNDECODED_RULE),
+        ("context", "a;b", "must not contain any of"),
+        ("callerid", '"a#b" <1001>', "must not contain any of"),
+        ("context", "ab ", "must not start or end with spaces"),
+        ("allow", "u" * (pjsip.VALUE_MAX + 1), f"must be at most {pjsip.VALUE_MAX} characters"),
+    ],
+)
+def test_the_output_s_last_check_refuses_exactly_the_value_that_breaks_a_rule(
+    option: str, value: str, rule: str | None
+) -> None:
+    """The output's last check passes a user whose ids and values are all plain (in one
+    pass) and refuses exactly the one value that breaks a rule, naming its option, as
+    when it checked each value alone."""
+    plain = render_user(
+        User(
+            id=1,
+            role="user",
+            username="u1",
+            full_name="U",
+            email="u@example.com",
+            voice=Voice(),
+            extension="1001",
+            sip_md5="0" * 32,
+            sip_sha256="0" * 64,
+        ),
+        RenderSettings(),
+    )
+    endpoint = tuple((k, value if k == option else v) for k, v in plain.endpoint)
+    assert option in dict(endpoint)
+    if rule is None:
+        pjsip._final_check(replace(plain, endpoint=endpoint))
+        return
+    with pytest.raises(InvalidInput) as refused:
+        pjsip._final_check(replace(plain, endpoint=endpoint))
+    assert [(p.field, p.rule[: len(rule)]) for p in refused.value.problems] == [(option, rule)]

@@ -166,41 +166,43 @@ def extensions_by_username(
     return {r.username_key: (r.id, r.extension) for r in _exact(found, "username_key", keys)}
 
 
-def _user_from_row(row: Any, profile_names: Mapping[int, str], attrs: Mapping[str, str]) -> User:
+def _user_from_row(
+    row: Mapping[str, Any], profile_names: Mapping[int, str], attrs: Mapping[str, str]
+) -> User:
     return User(
-        id=row.id,
-        role=row.role,
-        username=row.username,
-        full_name=row.full_name,
-        email=row.email,
-        extension=row.extension,
+        id=row["id"],
+        role=row["role"],
+        username=row["username"],
+        full_name=row["full_name"],
+        email=row["email"],
+        extension=row["extension"],
         voice=Voice(
-            transport=row.transport,
-            nat=row.nat,
-            codecs=tuple(row.codecs.split(",")) if row.codecs else (),
-            context=row.context,
-            call_group=row.call_group,
-            pickup_group=row.pickup_group,
-            video=row.video,
+            transport=row["transport"],
+            nat=row["nat"],
+            codecs=tuple(row["codecs"].split(",")) if row["codecs"] else (),
+            context=row["context"],
+            call_group=row["call_group"],
+            pickup_group=row["pickup_group"],
+            video=row["video"],
         ),
-        profile=profile_names.get(row.profile_id) if row.profile_id is not None else None,
-        description=row.description,
-        sip_realm=row.sip_realm,
-        sip_md5=row.sip_md5,
-        sip_sha256=row.sip_sha256,
-        disabled=bool(row.disabled),
-        failed_logins=row.failed_logins,
-        locked_at=row.locked_at,
-        deleted_at=row.deleted_at,
-        log_level=row.log_level,
-        messenger_sound=bool(row.messenger_sound),
-        toast_position=row.toast_position,
-        avatar_type=row.avatar_type,
-        has_apikey=bool(row.has_apikey),
+        profile=profile_names.get(row["profile_id"]) if row["profile_id"] is not None else None,
+        description=row["description"],
+        sip_realm=row["sip_realm"],
+        sip_md5=row["sip_md5"],
+        sip_sha256=row["sip_sha256"],
+        disabled=bool(row["disabled"]),
+        failed_logins=row["failed_logins"],
+        locked_at=row["locked_at"],
+        deleted_at=row["deleted_at"],
+        log_level=row["log_level"],
+        messenger_sound=bool(row["messenger_sound"]),
+        toast_position=row["toast_position"],
+        avatar_type=row["avatar_type"],
+        has_apikey=bool(row["has_apikey"]),
         attributes=dict(attrs),
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        last_password_reset_at=row.last_password_reset_at,
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        last_password_reset_at=row["last_password_reset_at"],
     )
 
 
@@ -233,11 +235,16 @@ def load_users(
         rows = _exact(rows, "username_key", keys)
     names = {p.id: p.name for p in select_profiles(conn)}
     wanted = {r.id for r in rows}
+    # Each row as a dict of its columns (made in C): reading thirty columns of a Row by
+    # attribute took three fifths of the users' making (10k users: 92 of 156 ms).
+    columns = [*(c.name for c in cols), "has_apikey"]
     attr_query = select(user_attributes).order_by(user_attributes.c.user_id, user_attributes.c.key)
     if usernames is not None or ids is not None:
         attr_query = attr_query.where(user_attributes.c.user_id.in_(wanted))
     attrs = escaping_bytes_not_utf8(conn, lambda: _attributes_by_user(conn, attr_query, wanted))
-    return [_user_from_row(r, names, attrs.get(r.id, {})) for r in rows]
+    return [
+        _user_from_row(dict(zip(columns, r, strict=True)), names, attrs.get(r.id, {})) for r in rows
+    ]
 
 
 def _attributes_by_user(

@@ -44,10 +44,9 @@ through :meth:`ConfigFileTarget.prepare` and :meth:`ConfigFileTarget.commit`.
 from __future__ import annotations
 
 import contextlib
-import gc
 import re
 from bisect import bisect_left
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import chain, islice
 from operator import attrgetter
@@ -58,7 +57,7 @@ from ..asterisk_conf import Parsed, Section, parse
 from ..errors import AsteriskSyntaxError, RenderCheckFailed
 from ..logs import get_logger
 from ..pjsip import RenderSettings, UserObjects, auth_id, endpoint_order, sample_objects
-from . import Change
+from . import Change, collector_paused
 from .canonical import (
     _LINES,
     _canonical_chunks,
@@ -195,26 +194,6 @@ def check_templates(templates_dir: Path | None, settings: RenderSettings) -> Non
         for shard in (False, True):
             text = env.get_template(MAIN_TEMPLATE).render(users=users, shard=shard)
             check_rendered(text.encode("utf-8"), users)
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Within the block, the cyclic garbage collector does not run (one paused by someone
-    else stays so).
-
-    Rendering and checking a file allocates millions of small objects (each user's chunk,
-    the options gathered for the checks, the change's keys) beside the users themselves:
-    at 100k users the collections they brought on took a third of a full sync's CPU,
-    each one walking the large lists still being built.  None of these objects is in a
-    cycle, so reference counting frees them as before."""
-    paused = gc.isenabled()
-    if paused:
-        gc.disable()
-    try:
-        yield
-    finally:
-        if paused:
-            gc.enable()
 
 
 def _raise_problems(problems: list[str]) -> None:
@@ -576,7 +555,7 @@ class ConfigFileTarget:
         All of it holds the writers' lock (:meth:`_writing`), the guard's look included.
         """
         with self._writing():
-            with _collector_paused():
+            with collector_paused():
                 pending = self._prepare(objects, keep, count=True, stage=True)
             try:
                 if guard is not None:
@@ -601,8 +580,8 @@ class ConfigFileTarget:
     ) -> PendingWrite:
         """:meth:`apply` up to the write: the file rendered and checked, the change counted
         (not ``count``: left empty, for a caller that counts it against other files).
-        Runs with the garbage collector paused (see :func:`_collector_paused`)."""
-        with _collector_paused():
+        Runs with the garbage collector paused (see :func:`.collector_paused`)."""
+        with collector_paused():
             return self._prepare(objects, keep, count=count)
 
     def _prepare(

@@ -107,7 +107,7 @@ from ..store.bulk import (
     run_many,
 )
 from ..store.engine import exclusive, open_store_engine, reading
-from . import Change
+from . import Change, collector_paused
 from .asterisk_schema import OWNED_KINDS, add_missing_columns, metadata, provisioner_objects
 
 if TYPE_CHECKING:
@@ -266,6 +266,23 @@ def _ordered(ids: Iterable[str]) -> list[str]:
     return sorted(sorted(ids), key=len)
 
 
+def _shared_names(options: Sequence[Options]) -> tuple[tuple[str, ...], list[str]] | None:
+    """The option names of every one of ``options`` when all have the same, in the same
+    order (the mapping gives every user's in one order), and all their values, one
+    options tuple after the other; None when they differ, or there are none.  In C."""
+    if not options:
+        return None
+    width = len(options[0])
+    if any(map(width.__ne__, map(len, options))):
+        return None
+    pairs = list(chain.from_iterable(options))
+    names = list(map(_first, pairs))
+    shared = tuple(names[:width])
+    if names != list(shared) * len(options):
+        return None
+    return shared, list(map(_second, pairs))
+
+
 #: The object id and the options of one kind, apart (no pair built per user).
 _IDS_AND_OPTIONS: dict[
     str, tuple[Callable[[UserObjects], str], Callable[[UserObjects], Options]]
@@ -333,6 +350,35 @@ class _Shape:
                 last = names
             out[object_id] = build(object_id, values)
         return out
+
+    def column_rows(
+        self, object_ids: list[str], names: tuple[str, ...], values: list[str]
+    ) -> dict[str, Row] | None:
+        """:meth:`rows` of objects that all have the options ``names``, in that order:
+        ``values`` holds their values, object after object.  Each column is sliced out
+        of ``values`` and the rows zipped from the columns, in C: no Python code runs per
+        object.  None when a value does not convert to its column's number (:meth:`rows`
+        then says which, as it always has)."""
+        if names not in self._builders:
+            # Made now for what it refuses (an option given twice), and kept for reuse.
+            self._builders[names] = self._builder(names)
+        width = len(names)
+        columns: dict[str, Iterable[Value]] = {
+            name: values[at::width] for at, name in enumerate(names)
+        }
+        for name in names:
+            convert = self._convert[name]
+            if convert is not str:
+                try:
+                    columns[name] = list(map(convert, columns[name]))
+                except (TypeError, ValueError):
+                    return None
+        fill = self._fill
+        ordered = [
+            columns[c] if c in columns else repeat(fill.get(c), len(object_ids))
+            for c in self.variable
+        ]
+        return dict(zip(object_ids, zip(object_ids, *ordered, strict=True), strict=True))
 
     def full(self, row: Row) -> Row:
         """Every managed column's value (``columns`` order), without the id."""
@@ -624,11 +670,8 @@ class RealtimeTarget:
         desired: dict[str, dict[str, Row]] = {}
         seen: dict[str, _Seen] = {}
         for kind in _KINDS:
-            id_of, options_of = _IDS_AND_OPTIONS[kind]
-            options = list(map(options_of, objects))
-            signatures = [tuple(map(_first, values)) for values in options]
-            shape = shapes[kind] = self._shape(kind, signatures, absent.get(kind, _NONE))
-            desired[kind] = shape.rows(map(id_of, objects), options, signatures)
+            shape, desired[kind] = self._desired(kind, objects, absent.get(kind, _NONE))
+            shapes[kind] = shape
             if shape.table.name in missing:
                 seen[kind] = _Seen(rows=[], ids=set(), off_constant=set())
             else:
@@ -700,11 +743,20 @@ class RealtimeTarget:
                 # Taken for made only once committed: PostgreSQL and SQLite roll DDL back
                 # with a failed apply, and the next one must make them again.
                 _create_tables(conn)
-            if self._narrow is None or self._absent is None or (verify and scope is None):
-                self._narrow, self._absent = _column_facts(conn)
-            computed = self._compute(
-                conn, objects, keep, scope, verify=verify, narrow=self._narrow, absent=self._absent
-            )
+            # The collector paused while the rows are read, made and compared (not while
+            # they are written): its collections walked the users' objects again and again.
+            with collector_paused():
+                if self._narrow is None or self._absent is None or (verify and scope is None):
+                    self._narrow, self._absent = _column_facts(conn)
+                computed = self._compute(
+                    conn,
+                    objects,
+                    keep,
+                    scope,
+                    verify=verify,
+                    narrow=self._narrow,
+                    absent=self._absent,
+                )
             if guard is not None:
                 guard(computed.change)
             wrote = _write(conn, computed)
@@ -751,12 +803,9 @@ class RealtimeTarget:
         seen: dict[str, _Seen] = {}
         ids = {kind: None if scope is None else _ordered(scope[kind]) for kind in _KINDS}
         for kind in _KINDS:
-            id_of, options_of = _IDS_AND_OPTIONS[kind]
-            options = list(map(options_of, compared))
-            signatures = [tuple(map(_first, values)) for values in options]
             lacks = _NONE if absent is None else absent.get(kind, _NONE)
-            shape = shapes[kind] = self._shape(kind, signatures, lacks)
-            desired[kind] = shape.rows(map(id_of, compared), options, signatures)
+            shape, desired[kind] = self._desired(kind, compared, lacks)
+            shapes[kind] = shape
             if shape.table.name in missing:
                 seen[kind] = _Seen(rows=[], ids=set(), off_constant=set())
             else:
@@ -834,6 +883,26 @@ class RealtimeTarget:
             # Two flat dicts, no tuple per user: fewer objects for the cyclic GC to track.
             self._digest_cache = (kept, found)
         return found
+
+    def _desired(
+        self, kind: str, objects: Sequence[UserObjects], absent: frozenset[str]
+    ) -> tuple[_Shape, dict[str, Row]]:
+        """The shape of ``kind`` for ``objects`` in a table lacking the columns ``absent``,
+        and their desired rows by id (:meth:`_Shape.rows`): made column by column, in C,
+        when every object has the same option names in the same order (the usual case),
+        else object by object."""
+        id_of, options_of = _IDS_AND_OPTIONS[kind]
+        options = list(map(options_of, objects))
+        shared = _shared_names(options)
+        if shared is not None:
+            names, values = shared
+            shape = self._shape(kind, (names,), absent)
+            rows = shape.column_rows(list(map(id_of, objects)), names, values)
+            if rows is not None:
+                return shape, rows
+        signatures = [tuple(map(_first, values)) for values in options]
+        shape = self._shape(kind, signatures, absent)
+        return shape, shape.rows(map(id_of, objects), options, signatures)
 
     def _shape(
         self, kind: str, signatures: Iterable[tuple[str, ...]], absent: frozenset[str]
