@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import threading
 import time
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,3 +186,26 @@ def insert_user_copy(conn: Connection, of: str, username: str, extension: str) -
     row["extension"] = extension
     del row["id"]
     conn.execute(insert(users).values(**row))
+
+
+@contextmanager
+def collections_seen(until: Callable[[], bool] = lambda: False) -> Iterator[list[int]]:
+    """The generation of each cyclic garbage collection that starts within the block,
+    until ``until()`` says so: the collector enabled for the block, after a collection so
+    that nothing allocated before counts, and left as it was found."""
+    generations: list[int] = []
+
+    def seen(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and not until():
+            generations.append(info["generation"])
+
+    was = gc.isenabled()
+    gc.enable()
+    gc.collect()
+    gc.callbacks.append(seen)
+    try:
+        yield generations
+    finally:
+        gc.callbacks.remove(seen)
+        if not was:
+            gc.disable()

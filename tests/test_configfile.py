@@ -53,6 +53,8 @@ from provisioner.targets.holdings import Current, intended
 from provisioner.targets.sharded import ShardedConfigFileTarget
 from provisioner.targets.shards import check_main, shard_of
 
+from .helpers import collections_seen
+
 GOLDEN = Path(__file__).parent / "golden"
 SECRET = "s3cret-Passw0rd"
 
@@ -1774,23 +1776,9 @@ def test_preparing_a_file_of_thousands_of_users_runs_no_garbage_collection(
     was found, resumes."""
     users = [make_user(str(2000 + i), f"user{i}", f"User {i}") for i in range(2000)]
     objects = rendered(users=users)
-    generations: list[int] = []
-
-    def seen(phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            generations.append(info["generation"])
-
-    was = gc.isenabled()
-    gc.enable()
-    gc.collect()  # no allocation counted before the prepare
-    gc.callbacks.append(seen)
-    try:
+    with collections_seen() as generations:
         pending = target.prepare(objects, ())
         enabled_after = gc.isenabled()
-    finally:
-        gc.callbacks.remove(seen)
-        if not was:
-            gc.disable()
     assert generations in ([], [0])
     assert enabled_after
     assert len(pending.change.added) == 2000

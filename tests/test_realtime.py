@@ -45,6 +45,8 @@ from provisioner.targets.asterisk_schema import (
 )
 from provisioner.targets.realtime import RealtimeTarget
 
+from .helpers import collections_seen
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SCHEMA = (
     Path(__file__).resolve().parents[2] / "shared" / "asterisk" / "schema" / "ps_tables.sqlite3.sql"
@@ -301,23 +303,9 @@ def test_working_out_a_full_apply_of_thousands_of_users_runs_no_garbage_collecti
     left enabled as it was found, resumes before anything is written."""
     objects = render(*(make_user(str(10000 + i)) for i in range(2000)))
     target.create_tables()
-    generations: list[int] = []
     at_guard: list[bool] = []
-
-    def seen(phase: str, info: dict[str, int]) -> None:
-        if phase == "start" and not at_guard:
-            generations.append(info["generation"])
-
-    was = gc.isenabled()
-    gc.enable()
-    gc.collect()  # no allocation counted before the apply
-    gc.callbacks.append(seen)
-    try:
+    with collections_seen(until=lambda: bool(at_guard)) as generations:
         change = target.apply(objects, guard=lambda _change: at_guard.append(gc.isenabled()))
-    finally:
-        gc.callbacks.remove(seen)
-        if not was:
-            gc.disable()
     assert generations in ([], [0])
     assert at_guard == [True]
     assert len(change.added) == 2000

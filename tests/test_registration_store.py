@@ -65,6 +65,7 @@ from .amipeer import (
     running,
     server_for,
 )
+from .helpers import collections_seen
 
 NOW = datetime(2026, 5, 1, 12, 0, 0, 123456)
 SEEN = datetime(2026, 5, 1, 11, 59, 58, 654321)
@@ -1156,23 +1157,9 @@ def test_building_a_flusher_batch_runs_no_garbage_collection(engine: Engine) -> 
         for ep in (str(100000 + i) for i in range(5000))
     ]
     link.book.update(apply_events({}, events))
-    generations: list[int] = []
-
-    def seen(phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            generations.append(info["generation"])
-
-    was = gc.isenabled()
-    gc.enable()
-    gc.collect()  # no allocation counted before the batch
-    gc.callbacks.append(seen)
-    try:
+    with collections_seen() as generations:
         writes = pbx._batch_writes(link, {*link.book, "gone"})
         enabled_after = gc.isenabled()
-    finally:
-        gc.callbacks.remove(seen)
-        if not was:
-            gc.disable()
     assert generations in ([], [0])
     assert enabled_after
     assert set().union(*(endpoints for _, endpoints in writes)) == set(link.book)

@@ -46,7 +46,6 @@ blank line, sorts headers and does not check values for CR/LF.
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 import math
 import random
@@ -61,6 +60,7 @@ from typing import Any
 
 from ..aio import sleep_unless, wait_first, wait_task_or_event
 from ..config import AmiSettings, AsteriskServer
+from ..gcpause import collector_paused
 from ..logs import get_logger, worth_repeating
 from .actions import (
     ActionIdGenerator,
@@ -674,18 +674,12 @@ class AmiClient:
         They hold no cycles, so reference counting frees them as before; collections
         resume when the read is handled.  A collector paused by someone else stays so.
         """
-        paused = gc.isenabled()
-        if paused:
-            gc.disable()
-        try:
+        with collector_paused():
             messages = self._feed(session, data)
             if messages:
                 self._see_stamp(messages)
             for message in messages:
                 self._handle(session, message)
-        finally:
-            if paused:
-                gc.enable()
 
     def _see_stamp(self, messages: list[AmiMessage]) -> None:
         """Feed :attr:`clock` the last stamp among the last few ``messages`` of a read,

@@ -23,12 +23,10 @@ runs, per link, the client, the reloads, the change loop, the snapshots and the 
 from __future__ import annotations
 
 import asyncio
-import gc
 import heapq
 import time
 from asyncio import FIRST_COMPLETED
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -42,6 +40,7 @@ from ..accounts import utcnow
 from ..aio import doubling, sleep_unless, wait_first
 from ..config import AmiSettings, AsteriskServer, Config
 from ..errors import ProvisionerError
+from ..gcpause import collector_paused
 from ..logs import get_logger, worth_repeating
 from ..store.engine import STORE_DOWN, reading, transaction
 from ..store.registrations import (
@@ -1048,7 +1047,7 @@ class AmiPbx:
         event, 1.0-1.3 since (a full collection every 20k events or so before, at most
         one a storm since).  The rows hold no cycle: reference counting frees them as
         before."""
-        with _collector_paused():
+        with collector_paused():
             states = _batch_rows(link, dirty)
             now, dialect = utcnow(), self.engine.dialect.name
             writes: list[tuple[Callable[[Connection], object], set[str]]] = [
@@ -1867,20 +1866,6 @@ def _merge(snap: EndpointRegistration, known: EndpointRegistration) -> EndpointR
         tracked=known.tracked,
         last_change=known.last_change,
     )
-
-
-@contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Within the block, the cyclic garbage collector does not run (one paused by someone
-    else stays so): the flusher's batch is built without collections walking it."""
-    paused = gc.isenabled()
-    if paused:
-        gc.disable()
-    try:
-        yield
-    finally:
-        if paused:
-            gc.enable()
 
 
 def _batch_rows(link: Link, dirty: set[str]) -> dict[str, tuple[Any, SummaryRow]]:

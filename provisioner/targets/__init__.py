@@ -7,15 +7,13 @@ Both targets take the full desired set (``Sequence[UserObjects]`` from
 
 from __future__ import annotations
 
-import contextlib
-import gc
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..pjsip import Skipped, UserObjects
 
-__all__ = ["Change", "Target", "collector_paused"]
+__all__ = ["Change", "Target"]
 
 
 @dataclass(frozen=True)
@@ -95,23 +93,3 @@ class Target(Protocol):
         other user's objects staying as they are (the daemon's one-edit path; an id in
         both is upserted).  The change names these users only."""
         ...
-
-
-@contextlib.contextmanager
-def collector_paused() -> Iterator[None]:
-    """Within the block, the cyclic garbage collector does not run (one paused by someone
-    else stays so).
-
-    Working out a full apply allocates millions of small objects (each user's text or
-    rows, the options gathered for the checks, the change's keys) beside the users
-    themselves: at 100k users the collections they brought on took a third of a config
-    file's full sync's CPU, each one walking the large lists still being built.  None of
-    these objects is in a cycle, so reference counting frees them as before."""
-    paused = gc.isenabled()
-    if paused:
-        gc.disable()
-    try:
-        yield
-    finally:
-        if paused:
-            gc.enable()

@@ -55,9 +55,10 @@ from typing import TYPE_CHECKING
 
 from ..asterisk_conf import Parsed, Section, parse
 from ..errors import AsteriskSyntaxError, RenderCheckFailed
+from ..gcpause import collector_paused
 from ..logs import get_logger
 from ..pjsip import RenderSettings, UserObjects, auth_id, endpoint_order, sample_objects
-from . import Change, collector_paused
+from . import Change
 from .canonical import (
     _LINES,
     _canonical_chunks,
@@ -580,7 +581,8 @@ class ConfigFileTarget:
     ) -> PendingWrite:
         """:meth:`apply` up to the write: the file rendered and checked, the change counted
         (not ``count``: left empty, for a caller that counts it against other files).
-        Runs with the garbage collector paused (see :func:`.collector_paused`)."""
+        Runs with the garbage collector paused (see
+        :func:`~provisioner.gcpause.collector_paused`)."""
         with collector_paused():
             return self._prepare(objects, keep, count=count)
 

@@ -85,6 +85,7 @@ from sqlalchemy.sql import ColumnElement, Select
 from sqlalchemy.sql.dml import UpdateBase
 
 from ..errors import InvalidInput, Problem
+from ..gcpause import collector_paused
 from ..logs import get_logger
 from ..pjsip import (
     Options,
@@ -107,7 +108,7 @@ from ..store.bulk import (
     run_many,
 )
 from ..store.engine import exclusive, open_store_engine, reading
-from . import Change, collector_paused
+from . import Change
 from .asterisk_schema import OWNED_KINDS, add_missing_columns, metadata, provisioner_objects
 
 if TYPE_CHECKING:
