@@ -42,13 +42,18 @@ def silent_port() -> Iterator[int]:
 
 
 def _check(
-    tmp_path: Path, port: int, secret: str = "lab-secret", timeout: float = TIMEOUT
+    tmp_path: Path,
+    port: int,
+    secret: str = "lab-secret",
+    timeout: float = TIMEOUT,
+    extra: tuple[str, ...] = (),
 ) -> tuple[str, str, float]:
-    """``provisioner check`` (a real process) with one server pbx1 on ``port`` and login
-    timeout ``timeout``: its stdout, stderr and how long it took."""
+    """``provisioner check`` (a real process) with one server pbx1 on ``port``, login
+    timeout ``timeout`` and the ``extra`` lines of its entry: its stdout, stderr and how
+    long it took (it exits 1: the store it names was never made)."""
     config = write_config(
         tmp_path,
-        extra=[*pbx_entry_lines(port, secret), f"timeout = {timeout}"],
+        extra=[*pbx_entry_lines(port, secret), f"timeout = {timeout}", *extra],
     )
     config.chmod(0o600)
     started = time.monotonic()
@@ -143,21 +148,11 @@ def test_a_short_or_plain_secret_is_noted_on_a_passing_ami_line(tmp_path: Path, 
     """A login that works with a short secret (10 characters), or by ``login = plain``,
     passes its line, which says how the secret is exposed, never the secret itself."""
     with in_a_thread(FakeAsterisk()) as peer:
-        config = write_config(
-            tmp_path, extra=[*pbx_entry_lines(peer.port, "lab-secret"), f'login = "{login}"']
-        )
-        config.chmod(0o600)
-        ran = subprocess.run(
-            [PROVISIONER, "--config", str(config), "check"],
-            capture_output=True,
-            text=True,
-            env=env(),
-            timeout=60,
-        )
-    line = _ami_line(ran.stdout)
+        out, err, _took = _check(tmp_path, peer.port, extra=(f'login = "{login}"',))
+    line = _ami_line(out)
     assert line.startswith(f"ok    asterisk pbx1: 127.0.0.1:{peer.port} login ok; "), line
     if login == "plain":
         assert line.endswith("login = plain: the secret crosses the network as it is")
     else:
         assert "its secret is short (10 characters)" in line
-    assert "lab-secret" not in ran.stdout + ran.stderr
+    assert "lab-secret" not in out + err
