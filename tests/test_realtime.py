@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -204,13 +204,8 @@ def test_create_tables_is_idempotent(rt_engine: Engine) -> None:
 # -- apply -----------------------------------------------------------------------------
 
 
-def test_rows_written_exactly(target: RealtimeTarget, rt_engine: Engine, backend: str) -> None:
-    """Each option lands in its column, ids in ``id``, ownership is recorded, and SQLite rows
-    carry Asterisk's defaults while other databases leave unmapped columns NULL."""
-    objects = render(make_user("1001"), make_user("1002", transport="wss", video="yes"))
-    change = target.apply(objects)
-    assert change.added == ("1001", "1002")
-    assert change.wrote
+def _assert_in_columns(rt_engine: Engine, objects: Sequence[UserObjects]) -> None:
+    """Each option of each object is in its column of the object's row, as text."""
     for obj in objects:
         for table, oid, options in (
             (ps_endpoints, obj.endpoint_id, obj.endpoint),
@@ -219,8 +214,17 @@ def test_rows_written_exactly(target: RealtimeTarget, rt_engine: Engine, backend
         ):
             row = row_of(rt_engine, table, oid)
             assert row is not None
-            for column, value in options:
-                assert str(row[column]) == value, (table.name, column)
+            assert {column: str(row[column]) for column, _ in options} == dict(options), table
+
+
+def test_rows_written_exactly(target: RealtimeTarget, rt_engine: Engine, backend: str) -> None:
+    """Each option lands in its column, ids in ``id``, ownership is recorded, and SQLite rows
+    carry Asterisk's defaults while other databases leave unmapped columns NULL."""
+    objects = render(make_user("1001"), make_user("1002", transport="wss", video="yes"))
+    change = target.apply(objects)
+    assert change.added == ("1001", "1002")
+    assert change.wrote
+    _assert_in_columns(rt_engine, objects)
     endpoint = row_of(rt_engine, ps_endpoints, "1001")
     aor = row_of(rt_engine, ps_aors, "1001")
     auth = row_of(rt_engine, ps_auths, "1001-auth")
@@ -256,15 +260,7 @@ def test_users_sharing_option_names_in_another_order_fill_the_same_columns(
     turned = [replace(obj, endpoint=obj.endpoint[::-1], aor=obj.aor[::-1]) for obj in alike]
     mixed = [*turned, *render(make_user("2010", transport="wss", video="yes"))]
     assert target.apply(mixed).added == ("2000", "2001", "2002", "2010")
-    for obj in mixed:
-        for table, oid, options in (
-            (ps_endpoints, obj.endpoint_id, obj.endpoint),
-            (ps_auths, obj.auth_id, obj.auth),
-            (ps_aors, obj.aor_id, obj.aor),
-        ):
-            row = row_of(rt_engine, table, oid)
-            assert row is not None
-            assert {column: str(row[column]) for column, _ in options} == dict(options)
+    _assert_in_columns(rt_engine, mixed)
     aor = row_of(rt_engine, ps_aors, "2001")
     assert aor is not None
     assert aor["max_contacts"] == 1
