@@ -253,8 +253,8 @@ def _pjsip_conf(config: Config) -> Check | None:
     if not t.pjsip_conf and not conf.exists():
         return None
     site = read_site(conf, target)
-    if site.unread and site.unread[0].startswith(f"{conf}: "):
-        return ("pjsip.conf", False, f"cannot read {site.unread[0]}")
+    if site.root_unread is not None:
+        return ("pjsip.conf", False, f"cannot read {site.root_unread}")
     if not site.reaches_target:
         return (
             "pjsip.conf",

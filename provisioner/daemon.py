@@ -1528,8 +1528,9 @@ class Daemon:
                 **{f"reload:{k}": v for k, v in h["reloads"].items()},
             }
             for key, total in totals.items():
-                # Less than exported: counts from 0 again (a link made anew keeps its
-                # name's totals, so this is a guard, not an expected case).
+                # Less than exported: the name's totals start from 0 again (a SIGHUP took
+                # the server out and a later one put it back before this export saw it
+                # gone; a link made anew for a changed entry keeps its name's totals).
                 previous = self._exported.get((name, key), 0)
                 delta = total - (previous if previous <= total else 0)
                 self._exported[(name, key)] = total

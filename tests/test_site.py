@@ -83,6 +83,7 @@ def test_includes_are_followed_relative_and_by_wildcard_and_their_faults_said(
     assert site.reaches_target
     assert [d.key for d in duplicates(site, target_objects(target))] == [("endpoint", "1002")]
     assert len(site.unread) == 3, site.unread
+    assert site.root_unread is None  # pjsip.conf itself was read
     assert "b.conf: line 2: " in site.unread[0]
     assert site.unread[1] == f"{tmp_path / 'missing.conf'}: No such file or directory"
     assert "line 4: #exec" in site.unread[2]

@@ -63,6 +63,8 @@ class SiteFiles:
     defined: list[Defined] = field(default_factory=list)
     #: Files (or ``#exec`` lines) that could not be read, each with the reason.
     unread: list[str] = field(default_factory=list)
+    #: Why the first file itself could not be read (None: it was read).
+    root_unread: str | None = None
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -92,6 +94,13 @@ def _sections(path: Path, data: bytes) -> Iterator[Defined]:
             yield Defined(kind, section.name, str(path), section.line)
 
 
+def _unread(found: SiteFiles, why: str, depth: int) -> None:
+    """Note a file not read (the first one's reason apart, at depth 0)."""
+    found.unread.append(why)
+    if depth == 0:
+        found.root_unread = why
+
+
 def _walk(path: Path, target: Path | None, found: SiteFiles, depth: int, seen: set[str]) -> None:
     """Read ``path`` into ``found``, then the files it includes (the target, when met,
     only marked as reached)."""
@@ -107,10 +116,10 @@ def _walk(path: Path, target: Path | None, found: SiteFiles, depth: int, seen: s
         parsed = parse(data)
         found.defined.extend(_sections(path, data))
     except OSError as exc:
-        found.unread.append(f"{path}: {exc.strerror or exc}")
+        _unread(found, f"{path}: {exc.strerror or exc}", depth)
         return
     except AsteriskSyntaxError as exc:
-        found.unread.append(f"{path}: line {exc.line}: {exc.plain} (Asterisk refuses the file)")
+        _unread(found, f"{path}: line {exc.line}: {exc.plain} (Asterisk refuses the file)", depth)
         return
     for directive in parsed.directives:
         if directive.name == "exec":
