@@ -1330,3 +1330,27 @@ def test_a_command_warns_of_a_secret_on_its_command_line(tmp_path: Path) -> None
     assert "asterisk.0.secret" in ran.err
     assert "secret_file" in ran.err
     assert "TopSecret99" not in ran.err + ran.out
+
+
+def test_check_names_the_sharded_layout_when_the_one_file_is_large(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``provisioner check`` says, on its passing target line, how large a one-file target
+    is and that target.shards splits it, once the file passes the size where every edit's
+    whole rewrite gets costly; below that size the line is as before."""
+    from provisioner import checks
+
+    conf = tmp_path / "p.conf"
+    cli = make_cli(f"sqlite:///{tmp_path / 'store.db'}", tmp_path, f'[target]\npath = "{conf}"\n')
+    assert cli("db", "upgrade").code == 0
+    assert cli("sync", "--once").code == 0
+    plain = f"ok    target: config file {conf} (directory writable)"
+    assert plain in cli("check").out.splitlines()
+    monkeypatch.setattr(checks, "LARGE_FILE_BYTES", conf.stat().st_size)
+    megabytes = conf.stat().st_size / (1024 * 1024)
+    noted = (
+        f"ok    target: config file {conf} (directory writable; its {megabytes:.1f} MB are "
+        "rewritten whole at each edit: target.shards splits it so that an edit writes one "
+        "shard (README: Sharded layout))"
+    )
+    assert noted in cli("check").out.splitlines()
