@@ -46,7 +46,7 @@ from .model import (
     validate_fields,
 )
 from .store import queries as q
-from .store.engine import blame, store_unreadable, unavailable
+from .store.engine import blame, reading, store_unreadable, unavailable
 from .store.schema import metadata, users
 
 __all__ = [
@@ -284,6 +284,10 @@ class Created:
     sip_secret: str | None
 
 
+#: Why a login to a locked account is refused.
+_LOCKED = "account is locked after too many failed logins; contact an administrator"
+
+
 class Accounts:
     """User and profile administration over one store.
 
@@ -304,12 +308,15 @@ class Accounts:
         self._first_admin: tuple[weakref.ref[RootTransaction], int] | None = None
 
     @contextmanager
-    def transaction(self) -> Iterator[Connection]:
+    def transaction(self, *, read_only: bool = False) -> Iterator[Connection]:
         """One transaction; database outages become :class:`StoreUnavailable`, as does any
         other database error while the store cannot be read at all (a SQLite file that is
-        no database: ``DatabaseError``), told by :func:`store_unreadable`."""
+        no database: ``DatabaseError``), told by :func:`store_unreadable`.  ``read_only``:
+        one that only reads, taking no lock (:func:`reading`: on SQLite it does not hold
+        the file's write lock as every other transaction does)."""
         try:
-            with self.engine.begin() as conn:
+            connection = reading(self.engine) if read_only else self.engine.connect()
+            with connection as conn, conn.begin():
                 yield conn
         except DBAPIError as exc:
             if _is_deadlock(exc):
@@ -975,33 +982,38 @@ class Accounts:
 
     def login(self, username: str, password: str) -> User:
         """Verify a login the way the platform does: count failures, lock at the limit,
-        unlock by itself after ``lock_minutes``.  Raises :class:`AuthenticationError`."""
+        unlock by itself after ``lock_minutes``.  Raises :class:`AuthenticationError`.
+
+        The password is verified (argon2: tens of milliseconds) outside any transaction,
+        against the row as a read that takes no lock found it, so no writer waits on the
+        hash (on SQLite a write transaction holds the whole file: the registration
+        flusher and every other login would).  The login is then judged on the row as
+        locked and read again: an account locked meanwhile (a concurrent guess's failure)
+        refuses it even with the right password, and a password changed meanwhile is
+        verified again, against the new one."""
         now = self.clock()
+        with self.transaction(read_only=True) as conn:
+            try:
+                seen: Any = q.fetch_user_row(conn, username)
+            except NotFoundError:
+                seen = None
+        if seen is None or seen.deleted_at is not None:
+            # As long as a wrong password takes: timing must not tell names apart.
+            credentials.spend_verification(password)
+            raise AuthenticationError("invalid username or password")
+        if is_locked(seen.locked_at, now, self.policy.lock_minutes):
+            raise AuthenticationError(_LOCKED)
+        matched = credentials.verify_password(seen.password_hash, password)
         refused: str | None = None
         with self.transaction() as conn:
-            try:
-                # Found first without a lock: a name no user has is then locked nowhere
-                # while its decoy is spent (MariaDB's locking read of a missing key would
-                # lock the index gap, holding up adds of names next to it).
-                q.fetch_user_row(conn, username)
-                # Then locked: logins of one user are judged one after another, each on
-                # the count and lock the one before left (a plain read let concurrent
-                # guesses all pass the lock check before any failure locked the account).
-                row = q.fetch_user_row(conn, username, lock=True)
-            except NotFoundError:
-                # As long as a wrong password takes: timing must not tell names apart.
-                credentials.spend_verification(password)
-                raise AuthenticationError("invalid username or password") from None
-            if row.deleted_at is not None:
-                credentials.spend_verification(password)
-                raise AuthenticationError("invalid username or password")
+            row = self._login_row(conn, username, seen.id)
             if is_locked(row.locked_at, now, self.policy.lock_minutes):
-                raise AuthenticationError(
-                    "account is locked after too many failed logins; contact an administrator"
-                )
+                raise AuthenticationError(_LOCKED)
             if row.locked_at is not None:  # the lock has expired: start afresh
                 q.update_user(conn, row.id, {"locked_at": None, "failed_logins": 0})
-            if credentials.verify_password(row.password_hash, password):
+            if row.password_hash != seen.password_hash:  # changed while it was verified
+                matched = credentials.verify_password(row.password_hash, password)
+            if matched:
                 if row.disabled:
                     # Said only to whoever knows the password: a guess learns nothing more.
                     refused = "account is disabled; contact an administrator"
@@ -1013,10 +1025,22 @@ class Accounts:
                 failures = self._count_failure(conn, row.id, now)
                 refused = "invalid username or password"
                 if failures >= self.policy.max_failed_logins:
-                    refused = (
-                        "account is locked after too many failed logins; contact an administrator"
-                    )
+                    refused = _LOCKED
         raise AuthenticationError(refused)
+
+    @staticmethod
+    def _login_row(conn: Connection, username: str, seen_id: int) -> Any:
+        """The row of the user ``username`` names, locked: logins of one user are judged
+        one after another, each on the count and lock the one before left.  A user
+        deleted, or a name that passed to another user, since the unlocked read refuses
+        the login as an unknown name does."""
+        try:
+            row = q.fetch_user_row(conn, username, lock=True)
+        except NotFoundError:
+            raise AuthenticationError("invalid username or password") from None
+        if row.id != seen_id or row.deleted_at is not None:
+            raise AuthenticationError("invalid username or password")
+        return row
 
     def authenticate_apikey(self, key: str) -> User:
         """The live, enabled user holding API key ``key``, or :class:`AuthenticationError`.

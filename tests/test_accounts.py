@@ -1526,13 +1526,12 @@ def test_a_profile_given_badly_is_refused_once_by_its_rule_not_as_missing(
 
 
 def test_a_login_to_an_unknown_name_keeps_no_lock_while_it_spends_its_decoy(
-    accounts: Accounts, backend: str, monkeypatch: pytest.MonkeyPatch
+    accounts: Accounts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A login to a name no user has holds no lock while it spends the decoy verification
     (as long as a wrong password's): an add of a user next to that name in the index is
-    not made to wait for it (MariaDB's locking read of a missing key locks the gap)."""
-    if backend == "sqlite":
-        pytest.skip("SQLite's write transactions hold the whole file (BEGIN IMMEDIATE)")
+    not made to wait for it (MariaDB's locking read of a missing key locks the gap; SQLite's
+    write transaction holds the whole file)."""
     spending = threading.Event()
 
     def slow_decoy(password: str) -> None:
@@ -1587,3 +1586,45 @@ def test_a_bulk_action_ended_by_a_deadlock_runs_again_and_applies(accounts: Acco
     worker.join(30)
     assert raised == []
     assert [u.disabled for u in accounts.get_users(["alice", "bob"])] == [True, True]
+
+
+@pytest.mark.parametrize("given", [GOOD_PASSWORD, "wrong"], ids=["right", "wrong"])
+def test_a_login_keeps_no_lock_while_it_verifies_the_password(
+    accounts: Accounts, monkeypatch: pytest.MonkeyPatch, given: str
+) -> None:
+    """A login holds no lock while it verifies the password (argon2's tens of
+    milliseconds; on SQLite a write transaction holds the whole file): an edit of the same
+    user and an add of another go on meanwhile, and the login is judged as before (a right
+    password logs in, a wrong one counts a failure)."""
+    accounts.add_user(_agent(password=GOOD_PASSWORD))
+    verifying = threading.Event()
+    real_verify = credentials.verify_password
+
+    def slow_verify(password_hash: str | None, password: str) -> bool:
+        verifying.set()
+        time.sleep(3)
+        return real_verify(password_hash, password)
+
+    monkeypatch.setattr(credentials, "verify_password", slow_verify)
+    outcome: list[Any] = []
+
+    def login() -> None:
+        try:
+            outcome.append(accounts.login("alice", given))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=login)
+    worker.start()
+    assert verifying.wait(10)
+    started = time.monotonic()
+    accounts.edit_user("alice", {"full_name": "Alice Edited"})
+    accounts.add_user(_agent("bob"))
+    waited = time.monotonic() - started
+    worker.join(30)
+    assert waited < 1.5, f"the writes waited {waited:.1f} s for the login's lock"
+    if given == GOOD_PASSWORD:
+        assert outcome[0].username == "alice", outcome
+    else:
+        assert isinstance(outcome[0], AuthenticationError), outcome
+        assert accounts.get_user("alice").failed_logins == 1
