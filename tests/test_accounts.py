@@ -1558,17 +1558,44 @@ def test_a_login_to_an_unknown_name_keeps_no_lock_while_it_spends_its_decoy(
     assert waited < 1.5, f"the add waited {waited:.1f} s for the login's lock"
 
 
-def test_a_bulk_action_ended_by_a_deadlock_runs_again_and_applies(accounts: Accounts) -> None:
-    """A bulk command that the database ends to break a deadlock with another writer (which
-    holds bob and then wants alice, while the command holds alice and wants bob) runs again
-    once the other is done and applies to all, instead of "user store unavailable"."""
+def _disable_both(accounts: Accounts) -> None:
+    accounts.disable(["alice", "bob"])
+
+
+def _import_both(accounts: Accounts) -> None:
+    import_users(accounts, "username,full_name\nalice,Alice Imported\nbob,Bob Imported\n")
+
+
+def _both_disabled(accounts: Accounts) -> bool:
+    return [u.disabled for u in accounts.get_users(["alice", "bob"])] == [True, True]
+
+
+def _both_imported(accounts: Accounts) -> bool:
+    names = [u.full_name for u in accounts.get_users(["alice", "bob"])]
+    return names == ["Alice Imported", "Bob Imported"]
+
+
+@pytest.mark.parametrize(
+    ("command", "applied"),
+    [(_disable_both, _both_disabled), (_import_both, _both_imported)],
+    ids=["bulk", "import"],
+)
+def test_a_command_ended_by_a_deadlock_runs_again_and_applies(
+    accounts: Accounts,
+    command: Callable[[Accounts], None],
+    applied: Callable[[Accounts], bool],
+) -> None:
+    """A bulk command or a CSV import that the database ends to break a deadlock with
+    another writer (which holds bob and then wants alice, while the command holds alice and
+    wants bob) runs again once the other is done and applies to all, instead of "user
+    store unavailable"."""
     accounts.add_user(_agent("alice"))
     accounts.add_user(_agent("bob"))
     raised: list[BaseException] = []
 
     def act() -> None:
         try:
-            accounts.disable(["alice", "bob"])
+            command(accounts)
         except BaseException as exc:
             raised.append(exc)
 
@@ -1585,7 +1612,7 @@ def test_a_bulk_action_ended_by_a_deadlock_runs_again_and_applies(accounts: Acco
             tx.rollback()
     worker.join(30)
     assert raised == []
-    assert [u.disabled for u in accounts.get_users(["alice", "bob"])] == [True, True]
+    assert applied(accounts)
 
 
 @pytest.mark.parametrize("given", [GOOD_PASSWORD, "wrong"], ids=["right", "wrong"])
