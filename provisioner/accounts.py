@@ -284,6 +284,12 @@ class Created:
     sip_secret: str | None
 
 
+def _renewed_hash(password_hash: str, password: str) -> str | None:
+    """A new hash of ``password`` when ``password_hash`` (which it matched) was made with
+    other costs than new hashes get, else None."""
+    return credentials.hash_password(password) if credentials.needs_rehash(password_hash) else None
+
+
 #: Why a login to a locked account is refused.
 _LOCKED = "account is locked after too many failed logins; contact an administrator"
 
@@ -1004,6 +1010,10 @@ class Accounts:
         if is_locked(seen.locked_at, now, self.policy.lock_minutes):
             raise AuthenticationError(_LOCKED)
         matched = credentials.verify_password(seen.password_hash, password)
+        # A right password whose hash has other costs than new ones get is hashed again
+        # (outside the lock, as the verification), so that over time every stored hash
+        # verifies as long as the decoy an unknown name spends.
+        renewed = _renewed_hash(seen.password_hash, password) if matched else None
         refused: str | None = None
         with self.transaction() as conn:
             row = self._login_row(conn, username, seen.id)
@@ -1018,7 +1028,10 @@ class Accounts:
                     # Said only to whoever knows the password: a guess learns nothing more.
                     refused = "account is disabled; contact an administrator"
                 else:
-                    q.update_user(conn, row.id, {"failed_logins": 0})
+                    good: dict[str, Any] = {"failed_logins": 0}
+                    if renewed is not None and row.password_hash == seen.password_hash:
+                        good["password_hash"] = renewed
+                    q.update_user(conn, row.id, good)
                     return q.load_users(conn, ids=[row.id])[0]
             else:
                 # A disabled account's wrong passwords count too: it is no unlimited oracle.

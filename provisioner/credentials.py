@@ -21,6 +21,7 @@ __all__ = [
     "generate_sip_secret",
     "hash_apikey",
     "hash_password",
+    "needs_rehash",
     "same_digest",
     "sip_digests",
     "spend_verification",
@@ -50,6 +51,16 @@ def _given(password: str) -> bytes:
 def hash_password(password: str) -> str:
     """An argon2id hash with a random salt."""
     return _hasher.hash(password)
+
+
+def needs_rehash(password_hash: str) -> bool:
+    """True when ``password_hash`` was made with other costs than :func:`hash_password`
+    uses now (an older argon2-cffi's defaults, say): its verification then takes another
+    time than the decoy's, and may be weaker."""
+    try:
+        return _hasher.check_needs_rehash(password_hash)
+    except InvalidHashError:  # not argon2 at all: it verifies nothing, so nothing to redo
+        return False
 
 
 #: A hash of a random password per set of cost parameters, made when first needed.

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 import pytest
+from argon2 import PasswordHasher
 from sqlalchemy import Connection, Engine, delete, event, func, insert, select, text, update
 from sqlalchemy.exc import OperationalError
 from structlog.testing import capture_logs
@@ -1655,3 +1656,23 @@ def test_a_login_keeps_no_lock_while_it_verifies_the_password(
     else:
         assert isinstance(outcome[0], AuthenticationError), outcome
         assert accounts.get_user("alice").failed_logins == 1
+
+
+def test_a_right_login_hashes_again_a_password_hashed_with_other_costs(
+    accounts: Accounts,
+) -> None:
+    """A login with the right password whose stored hash was made with other argon2 costs
+    than new hashes get (an older library's defaults) stores a new hash with today's costs,
+    which the same password still verifies; a wrong password changes nothing."""
+    accounts.add_user(_agent(password=GOOD_PASSWORD))
+    older = PasswordHasher(time_cost=2, memory_cost=2048, parallelism=1).hash(GOOD_PASSWORD)
+    with accounts.engine.begin() as conn:
+        conn.execute(update(users).where(users.c.username == "alice").values(password_hash=older))
+    with pytest.raises(AuthenticationError):
+        accounts.login("alice", "wrong")
+    assert user_row(accounts.engine, "alice").password_hash == older
+    accounts.login("alice", GOOD_PASSWORD)
+    stored = user_row(accounts.engine, "alice").password_hash
+    assert stored != older
+    assert not credentials.needs_rehash(stored)
+    assert accounts.login("alice", GOOD_PASSWORD).username == "alice"
