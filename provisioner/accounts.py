@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -490,6 +490,21 @@ class Accounts:
 
     # -- adding and editing -----------------------------------------------------
 
+    def hashes_ahead(self, given: Iterable[object]) -> credentials.HashesAhead:
+        """The hashes of the passwords in ``given`` that the password rule lets through
+        (as it judges them in the change), made now, before the change's transaction
+        (:class:`credentials.HashesAhead`).  Empty and refused ones are skipped: the
+        change reports a refused one with its other problems and stores no hash for it."""
+        clean: list[str] = []
+        for password in given:
+            if not isinstance(password, str) or not password:
+                continue
+            with suppress(InvalidInput):  # said by the change itself, with the rest
+                checked = {"password": password}
+                rule = self.policy.password_policy
+                clean.append(validate_fields(checked, password_policy=rule)["password"])
+        return credentials.HashesAhead.of(clean)
+
     def add_user(self, values: Mapping[str, Any]) -> Created:
         """Create a user; the extension is the lowest free one of the range unless given, and
         an attribute given an empty value is not stored (as an edit's empty value removes one).
@@ -499,10 +514,14 @@ class Accounts:
         fresh checks, so a taken name or given extension is refused naming its field.
         """
 
+        ahead = self.hashes_ahead([values.get("password")])
+
         def write() -> Created:
             with self.write() as conn:
                 allocator = q.ExtensionAllocator(conn, self.policy.ext_first, self.policy.ext_last)
-                user_id, secret = self.add_in(conn, values, allocator, self.clock())
+                user_id, secret = self.add_in(
+                    conn, values, allocator, self.clock(), hashed=ahead.taker()
+                )
                 user = q.load_users(conn, ids=[user_id])[0]
             return Created(user, secret)
 
@@ -520,9 +539,11 @@ class Accounts:
         now: datetime,
         *,
         line: int | None = None,
+        hashed: Callable[[str], str] | None = None,
     ) -> tuple[int, str | None]:
         """Insert one user on ``conn`` (the caller's transaction); return its id and the
-        generated SIP secret, if one was generated."""
+        generated SIP secret, if one was generated.  ``hashed`` gives its password's hash
+        (:meth:`HashesAhead.taker`); without it the hash is made here."""
         values = dict(values)
         values.setdefault("role", "user")
         missing = {name for name in _REQUIRED_ON_ADD if values.get(name) in (None, "")}
@@ -584,7 +605,7 @@ class Accounts:
         )
         row.setdefault("description", "")
         if clean.get("password"):
-            row["password_hash"] = credentials.hash_password(clean["password"])
+            row["password_hash"] = (hashed or credentials.hash_password)(clean["password"])
             row["last_password_reset_at"] = now
         if clean.get("avatar") is not None:
             row["avatar"] = clean["avatar"]
@@ -616,6 +637,7 @@ class Accounts:
 
         if attribute_changes is not None:
             validate_fields({"attributes": attribute_changes})
+        ahead = self.hashes_ahead([values.get("password")])
 
         def write() -> Edited:
             with self.write() as conn:
@@ -628,7 +650,7 @@ class Accounts:
                     # older snapshot (MariaDB), which would lose a concurrent edit.
                     current = q.attributes_of(conn, row.id, lock=True)
                     wanted["attributes"] = merge_attributes(current, attribute_changes)
-                changed = self.edit_in(conn, row, wanted, self.clock())
+                changed = self.edit_in(conn, row, wanted, self.clock(), hashed=ahead.taker())
                 return Edited(q.load_users(conn, ids=[row.id], deleted=None)[0], changed)
 
         return rerun_on_unique_clash(
@@ -647,8 +669,10 @@ class Accounts:
         now: datetime,
         *,
         line: int | None = None,
+        hashed: Callable[[str], str] | None = None,
     ) -> bool:
         """Apply ``values`` to the user ``row`` on the caller's transaction; True if it changed.
+        ``hashed`` gives a new password's hash, as for :meth:`add_in`.
 
         A change to the first admin (or any SIP secret given for it) by another
         :attr:`actor` is refused (:meth:`guard_first_admin`); an edit that changes nothing
@@ -683,7 +707,7 @@ class Accounts:
         if "extension" in clean and clean["extension"] != row.extension:
             self._check_extension_free(conn, clean["extension"], row.id, line)
         if clean.get("password"):
-            update_row["password_hash"] = credentials.hash_password(clean["password"])
+            update_row["password_hash"] = (hashed or credentials.hash_password)(clean["password"])
             update_row["last_password_reset_at"] = now
         if clean.get("sip_secret"):
             digests = credentials.sip_digests(row.username, self.policy.realm, clean["sip_secret"])
@@ -919,6 +943,9 @@ class Accounts:
 
     def set_password(self, username: str, password: str) -> None:
         clean = validate_fields({"password": password}, password_policy=self.policy.password_policy)
+        # Made before the transaction, which would otherwise hold the row's lock (on SQLite
+        # the whole store's) for argon2's 0.1-0.3 s.
+        password_hash = credentials.hash_password(clean["password"])
         with self.write() as conn:
             row = q.fetch_user_row(conn, username, lock=True)
             self.guard_first_admin(conn, row)
@@ -928,7 +955,7 @@ class Accounts:
                 conn,
                 row.id,
                 {
-                    "password_hash": credentials.hash_password(clean["password"]),
+                    "password_hash": password_hash,
                     "last_password_reset_at": now,
                     "updated_at": now,
                 },

@@ -251,8 +251,9 @@ def import_users(
     if isinstance(source, str):
         source = io.StringIO(source)
     header, rows = _read(source)
+    ahead = accounts.hashes_ahead(cells.get("password") for _line, cells in rows)
     return rerun_on_unique_clash(
-        lambda: _import_rows(accounts, header, rows, dry_run, progress),
+        lambda: _import_rows(accounts, header, rows, dry_run, progress, ahead.taker()),
         _IMPORT_ATTEMPTS,
         ConflictError.one("csv", "other writers kept taking the same extensions; try again"),
     )
@@ -264,8 +265,10 @@ def _import_rows(
     rows: Sequence[tuple[int, dict[str, str]]],
     dry_run: bool,
     progress: Callable[[int], None] | None,
+    hashed: Callable[[str], str],
 ) -> ImportResult:
-    """One run of the import in one transaction (see :func:`import_users`)."""
+    """One run of the import in one transaction (see :func:`import_users`); ``hashed``
+    gives the passwords' hashes, made before it (:meth:`Accounts.hashes_ahead`)."""
     result = ImportResult(dry_run=dry_run)
     problems: list[Problem] = []
     seen: dict[str, int] = {}
@@ -297,7 +300,7 @@ def _import_rows(
                     problems.append(repeated[line])
                     continue
                 try:
-                    _apply_row(accounts, conn, header, cells, line, allocator, now, result)
+                    _apply_row(accounts, conn, header, cells, line, allocator, now, result, hashed)
                 except ProvisionerError as exc:
                     problems.extend(_as_problems(exc, line))
                 if progress is not None:
@@ -391,6 +394,7 @@ def _apply_row(
     allocator: q.ExtensionAllocator,
     now: Any,
     result: ImportResult,
+    hashed: Callable[[str], str],
 ) -> None:
     """Add or update the row's user; :class:`InvalidInput` naming every rule the row
     breaks, its ``disabled`` cell's beside its fields'."""
@@ -401,7 +405,7 @@ def _apply_row(
         problems.append(Problem("disabled", rule, line))
         disabled = None  # the fields are still checked
     try:
-        _apply_fields(accounts, conn, values, line, allocator, now, result, disabled)
+        _apply_fields(accounts, conn, values, line, allocator, now, result, disabled, hashed)
     except InvalidInput as exc:
         problems[:0] = exc.problems
     if problems:
@@ -417,6 +421,7 @@ def _apply_fields(
     now: Any,
     result: ImportResult,
     disabled: str | None,
+    hashed: Callable[[str], str],
 ) -> None:
     """Add or update the row's user from ``values``, then set its ``disabled`` cell."""
     username = values.get("username", "")
@@ -431,7 +436,7 @@ def _apply_fields(
         stored = {} if row is None else q.attributes_of(conn, row.id, lock=True)
         values["attributes"] = merge_attributes(stored, values["attributes"])
     if row is None:
-        user_id, secret = accounts.add_in(conn, values, allocator, now, line=line)
+        user_id, secret = accounts.add_in(conn, values, allocator, now, line=line, hashed=hashed)
         if secret:
             result.generated_secrets[username] = secret
         result.added.append(username)
@@ -440,7 +445,7 @@ def _apply_fields(
         return
     if "extension" in values and values["extension"] != row.extension:
         allocator.reserve(values["extension"])
-    changed = accounts.edit_in(conn, row, values, now, line=line)
+    changed = accounts.edit_in(conn, row, values, now, line=line, hashed=hashed)
     if disabled not in (None, ""):
         changed = _set_disabled(accounts, conn, row.id, disabled, line, now, row) or changed
     (result.updated if changed else result.unchanged).append(row.username)

@@ -1676,3 +1676,71 @@ def test_a_right_login_hashes_again_a_password_hashed_with_other_costs(
     assert stored != older
     assert not credentials.needs_rehash(stored)
     assert accounts.login("alice", GOOD_PASSWORD).username == "alice"
+
+
+def _set_alices_password(accounts: Accounts) -> None:
+    accounts.set_password("alice", OTHER_PASSWORD)
+
+
+def _add_bob_with_a_password(accounts: Accounts) -> None:
+    accounts.add_user(_agent("bob", password=OTHER_PASSWORD))
+
+
+def _edit_alices_password(accounts: Accounts) -> None:
+    accounts.edit_user("alice", {"password": OTHER_PASSWORD})
+
+
+def _import_two_passwords(accounts: Accounts) -> None:
+    import_users(
+        accounts,
+        "username,full_name,email,profile,password\n"
+        f"alice,Alice,alice@example.com,agents,{OTHER_PASSWORD}\n"
+        f"bob,Bob,bob@example.com,agents,{OTHER_PASSWORD}\n",
+    )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [_set_alices_password, _add_bob_with_a_password, _edit_alices_password, _import_two_passwords],
+    ids=["password", "add", "edit", "import"],
+)
+def test_a_change_hashes_its_passwords_before_it_locks_anything(
+    accounts: Accounts, monkeypatch: pytest.MonkeyPatch, change: Callable[[Accounts], None]
+) -> None:
+    """A change that stores a password (set, add, edit, a CSV import) hashes it (argon2's
+    0.1-0.3 s) before its transaction: an edit of alice goes on meanwhile, not kept
+    waiting for her row's lock (on SQLite for the whole store's), and each stored hash,
+    with a salt of its own, verifies the password."""
+    accounts.add_user(_agent("alice", password=GOOD_PASSWORD))
+    hashing = threading.Event()
+    real_hash = credentials.hash_password
+
+    def slow_hash(password: str) -> str:
+        hashing.set()
+        time.sleep(1.5)
+        return real_hash(password)
+
+    monkeypatch.setattr(credentials, "hash_password", slow_hash)
+    raised: list[BaseException] = []
+
+    def act() -> None:
+        try:
+            change(accounts)
+        except BaseException as exc:
+            raised.append(exc)
+
+    worker = threading.Thread(target=act)
+    worker.start()
+    assert hashing.wait(10)
+    time.sleep(0.2)  # into the first hash
+    started = time.monotonic()
+    accounts.edit_user("alice", {"description": "edited meanwhile"})
+    waited = time.monotonic() - started
+    worker.join(30)
+    assert raised == [], raised
+    assert waited < 1.0, f"the edit waited {waited:.1f} s for the change's lock"
+    with accounts.engine.connect() as conn:
+        hashes = list(conn.execute(select(users.c.password_hash)).scalars())
+    changed = [h for h in hashes if credentials.verify_password(h, OTHER_PASSWORD)]
+    assert changed, hashes
+    assert len(set(changed)) == len(changed), hashes
