@@ -1744,3 +1744,31 @@ def test_a_change_hashes_its_passwords_before_it_locks_anything(
     changed = [h for h in hashes if credentials.verify_password(h, OTHER_PASSWORD)]
     assert changed, hashes
     assert len(set(changed)) == len(changed), hashes
+
+
+def test_a_dry_run_import_makes_no_password_hash(
+    accounts: Accounts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CSV import's dry run, which keeps nothing, spends no argon2 hash on its password
+    cells (0.1-0.3 s each), still checks them against the password rule, and stores
+    nothing."""
+    accounts.add_user(_agent("alice", password=GOOD_PASSWORD))
+    before = user_row(accounts.engine, "alice")
+
+    def no_hash(password: str) -> str:
+        raise AssertionError("a dry run hashed a password")
+
+    monkeypatch.setattr(credentials, "hash_password", no_hash)
+    text = (
+        "username,full_name,email,profile,password\n"
+        f"alice,Alice,alice@example.com,agents,{OTHER_PASSWORD}\n"
+        f"bob,Bob,bob@example.com,agents,{OTHER_PASSWORD}\n"
+    )
+    result = import_users(accounts, text, dry_run=True)
+    assert (result.updated, result.added) == (["alice"], ["bob"])
+    with pytest.raises(InvalidInput) as refused:
+        import_users(accounts, text.replace(OTHER_PASSWORD, "short"), dry_run=True)
+    assert {p.field for p in refused.value.problems} == {"password"}
+    assert user_row(accounts.engine, "alice") == before
+    with pytest.raises(NotFoundError):
+        accounts.get_user("bob")
