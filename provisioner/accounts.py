@@ -941,6 +941,16 @@ class Accounts:
 
     # -- secrets ----------------------------------------------------------------
 
+    def check_password_settable(self, username: str) -> None:
+        """Raise what :meth:`set_password` would refuse ``username`` for, before a password
+        is asked: no such user, a deleted one, the first admin for another :attr:`actor`,
+        an actor that may not act; in a read that takes no lock."""
+        with self.transaction(read_only=True) as conn:
+            self.actor_id(conn)
+            row = q.fetch_user_row(conn, username)
+            self.guard_first_admin(conn, row)
+            self._not_deleted(row)
+
     def set_password(self, username: str, password: str) -> None:
         clean = validate_fields({"password": password}, password_policy=self.policy.password_policy)
         # Made before the transaction, which would otherwise hold the row's lock (on SQLite

@@ -611,6 +611,8 @@ def _read_new_password() -> str:
 @pass_app
 def user_passwd(app: App, username: str) -> None:
     """Set a user's login password (prompted, or one line on stdin)."""
+    # Refused before the prompt: nobody types a new password twice for a mistyped name.
+    app.accounts.check_password_settable(username)
     app.accounts.set_password(username, _read_new_password())
     log.info("user.password_set", username=username)
     click.echo(f"password set for {username}")

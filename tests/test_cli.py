@@ -322,6 +322,23 @@ def test_error_exit_codes_name_the_problem(cli: Cli) -> None:
     assert not json.loads(cli.ok("user", "show", "alice", "--json"))["disabled"]
 
 
+@pytest.mark.parametrize("name", ["nobody", "gone"])
+def test_passwd_refuses_a_user_it_cannot_set_before_it_reads_a_password(
+    cli: Cli, name: str
+) -> None:
+    """`user passwd` of a name no user has, or of a deleted user, is refused as such (exit
+    3 or 5, naming the user) before it reads a password: given none, it says so, not that
+    the (unread) password breaks the rule."""
+    _add(cli, "gone")
+    cli.ok("user", "delete", "gone")
+    refused = cli("user", "passwd", name, input="")
+    assert "password" not in refused.err.replace(f"user {name!r}", ""), refused.err
+    if name == "nobody":
+        assert (refused.code, "user 'nobody' not found" in refused.err) == (3, True), refused
+    else:
+        assert (refused.code, "gone is in deleted members" in refused.err) == (5, True), refused
+
+
 def test_passwords_from_stdin_policy_and_login_lockout(
     cli: Cli, store: Engine, clock: FakeClock
 ) -> None:
