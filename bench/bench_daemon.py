@@ -378,7 +378,9 @@ async def _settled(s: Setup) -> None:
 
 
 def _cpu_seconds(pid: int) -> float:
-    """CPU seconds (user and system, every thread's) process ``pid`` has used so far."""
+    """CPU seconds (user and system, every thread's, ended ones included) process ``pid``
+    has used so far, in clock ticks (10 ms here: ``reg_cpu_us`` means something from
+    about 10k events on)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
