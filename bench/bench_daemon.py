@@ -20,14 +20,16 @@ it seeds a throwaway store with generated users, starts the real daemon
 * ``burst``: that many edits of distinct users as fast as one connection commits them
   (``burst_s``: how long that took), then how many ``Reload`` actions the peer got
   until everything was applied plus 2 s (target <= 3), and the cache expiries;
-* ``reg``: once the daemon has verified every endpoint it applied (its health record's
-  ``unverified`` is 0: at its start that is a listing of every endpoint, which must not
-  run beside the storm) and the peer has had nothing new for 0.5 s, the peer sends one
-  ``ContactStatus`` event per user (``send_burst``); the rate (events/s) until the
-  store's ``registrations`` table holds them all (target >= 50,000/s), and the daemon's
-  CPU meanwhile per event (``reg_cpu_us``, every thread's, from ``/proc``);
+* ``reg``: the peer sends one ``ContactStatus`` event per user (``send_burst``); the
+  rate (events/s) until the store's ``registrations`` table holds them all (target
+  >= 50,000/s);
 * startup (daemon start to ready), the daemon's peak RSS (``VmHWM``) and this
   process's (``ru_maxrss``).
+
+The storm (``reg``) starts once the daemon has verified every endpoint it applied (its
+health record's ``unverified`` is 0: at its start that is a listing of every endpoint,
+which must not run beside the storm) and the peer has had nothing new for 0.5 s;
+``reg_cpu_us`` is the daemon's CPU per event during it (every thread's, from ``/proc``).
 
 ``--edits 0`` and ``--burst 0`` leave those parts out (``--edits 0 --burst 0
 --baseline-edits 0``: the registration storm alone, after the start).
@@ -118,6 +120,8 @@ class Setup:
     config: Path
     #: ``target.shards`` of the config-file target (0: one file).
     shards: int = 0
+    #: The daemon's process, once started.
+    daemon_pid: int = 0
 
     @property
     def conf_file(self) -> Path:
@@ -385,11 +389,9 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _registrations(s: Setup, daemon_pid: int) -> dict[str, float]:
-    """ContactStatus for every user from the peer; events/s until the store has them all,
-    and the daemon's CPU per event meanwhile (microseconds): a figure the other work of
-    a shared machine moves far less than the rate."""
-    await _settled(s)
+async def _registrations(s: Setup) -> dict[str, float]:
+    """ContactStatus for every user from the peer; events/s until the store has them all."""
+    await _quiet(s.actions, 0.5, 60)
     query = select(func.count()).select_from(registrations).where(registrations.c.server == SERVER)
     # The burst's last event is user ``count``'s (seed_store: ids 1..count, in the burst's
     # order); its batch is written after every earlier one.  Polled by a point query: a
@@ -408,14 +410,16 @@ async def _registrations(s: Setup, daemon_pid: int) -> dict[str, float]:
             return conn.execute(last.limit(1)).first() is not None
 
     before = stored()
-    cpu = _cpu_seconds(daemon_pid)
+    # The daemon's CPU per event meanwhile: a figure the other work of a shared machine
+    # moves far less than the rate.
+    cpu = _cpu_seconds(s.daemon_pid)
     began = time.perf_counter()
     await s.peer.send_burst(s.count)
     done = await _until(
         lambda: last_stored() and stored() >= before + s.count, 600, "registrations", 0.005
     )
     took = done - began
-    used = _cpu_seconds(daemon_pid) - cpu
+    used = _cpu_seconds(s.daemon_pid) - cpu
     return {
         "reg_events": s.count,
         "reg_s": took,
@@ -556,7 +560,9 @@ async def _run(
                 figures["ami_p99_ms"] = percentile(ami_lat, 99) * 1000
             if args.burst:
                 figures.update(await _burst(s, min(args.burst, count)))
-            figures.update(await _registrations(s, daemon.pid))
+            s.daemon_pid = daemon.pid
+            await _settled(s)
+            figures.update(await _registrations(s))
             figures["daemon_rss_mb"] = _daemon_rss_mb(daemon.pid)
         finally:
             await _stop(daemon)
