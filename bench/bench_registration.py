@@ -10,9 +10,13 @@ for the connect snapshot, then has the peer send N recorded ``ContactStatus`` ev
 until the store's ``registrations`` table holds all N contacts (target >= 50,000/s);
 ``restart_rate``: the same burst again after the peer's state is reset as on a
 reconnect to a restarted Asterisk (every summary in the store, set offline; no
-contact), the storm met in production.  The
-peer runs in this process, so its sending counts against the rate; the daemon bench
-(``bench_daemon``) measures the same with the daemon in a process of its own.
+contact), the storm met in production.  ``cpu_us`` and ``restart_cpu_us``: this
+process's CPU per event during each burst, in microseconds (every thread's; on SQLite
+the store's work is in it, on PostgreSQL and MariaDB the server's is not), which the
+other work of a shared machine moves far less than the rates.  The peer runs in this
+process, so its sending counts against the rate and the CPU (about 1.5 µs an event);
+the daemon bench (``bench_daemon``) measures the same with the daemon in a process of
+its own (its ``reg_cpu_us`` is the daemon's alone).
 
 ``--stages`` also times each stage of the path alone on the same N events, in
 microseconds per event (CPU time of this process, the least noisy figure on a shared
@@ -34,7 +38,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Engine, create_engine, func, select
 
@@ -58,8 +62,10 @@ COLUMNS: list[Column] = [
     ("events", "{:>7d}"),
     ("seconds", "{:>7.2f}"),
     ("rate", "{:>8.0f}"),
+    ("cpu_us", "{:>6.1f}"),
     ("restart_s", "{:>9.2f}"),
     ("restart_rate", "{:>12.0f}"),
+    ("restart_cpu_us", "{:>14.1f}"),
 ]
 
 
@@ -98,10 +104,10 @@ def _wait_stored(engine: Engine, server: str, last_user: int, total: int, timeou
             time.sleep(0.002)
 
 
-async def _measure(engine: Engine, count: int) -> tuple[float, float]:
-    """Seconds of a burst into a store with no registration state (the first), and of
-    the same burst after a reconnect to a restarted Asterisk (every summary there, set
-    offline, every contact gone): the storm the daemon meets in production."""
+async def _measure(engine: Engine, count: int) -> tuple[Burst, Burst]:
+    """A burst into a store with no registration state (the first), and the same burst
+    after a reconnect to a restarted Asterisk (every summary there, set offline, every
+    contact gone): the storm the daemon meets in production."""
     peer = FakeAsterisk()
     await peer.start()
     settings = fast_settings(action_timeout=30.0)
@@ -132,9 +138,16 @@ def _restarted(engine: Engine) -> None:
         replace_server_snapshot(conn, "lab", {}, datetime.now())
 
 
-async def _burst(engine: Engine, peer: FakeAsterisk, count: int) -> float:
-    """Seconds from the first byte of a burst of ``count`` events (one per user) until
-    every contact is counted stored."""
+class Burst(NamedTuple):
+    """One burst: seconds from its first byte until every contact was counted stored, and
+    this process's CPU seconds meanwhile (every thread's: the peer's sending included)."""
+
+    seconds: float
+    cpu: float
+
+
+async def _burst(engine: Engine, peer: FakeAsterisk, count: int) -> Burst:
+    """A burst of ``count`` events (one per user) until every contact is counted stored."""
     with reading(engine) as conn:
         before = _stored(conn, "lab")
     # As the daemon does after its full reconcile (daemon._settle_heap): what lives on is
@@ -142,12 +155,13 @@ async def _burst(engine: Engine, peer: FakeAsterisk, count: int) -> float:
     gc.collect()
     gc.freeze()
     try:
-        began = time.perf_counter()
+        cpu, began = time.process_time(), time.perf_counter()
         await peer.send_burst(count)
         done = await asyncio.to_thread(_wait_stored, engine, "lab", count, before + count, 600)
+        used = time.process_time() - cpu
     finally:
         gc.unfreeze()
-    return done - began
+    return Burst(done - began, used)
 
 
 def run_one(backend: str, count: int, scratch: Path) -> dict[str, Any]:
@@ -161,10 +175,12 @@ def run_one(backend: str, count: int, scratch: Path) -> dict[str, Any]:
     return {
         "backend": backend,
         "events": count,
-        "seconds": took,
-        "rate": count / took,
-        "restart_s": again,
-        "restart_rate": count / again,
+        "seconds": took.seconds,
+        "rate": count / took.seconds,
+        "cpu_us": took.cpu / count * 1e6,
+        "restart_s": again.seconds,
+        "restart_rate": count / again.seconds,
+        "restart_cpu_us": again.cpu / count * 1e6,
     }
 
 

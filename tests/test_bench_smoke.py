@@ -46,3 +46,16 @@ def test_bench_daemon_runs(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "realtime on sqlite" in out
     assert "\n    30 " in out  # the figures row, its assertions held
+
+
+def test_bench_daemon_runs_the_storm_alone(capsys: pytest.CaptureFixture[str]) -> None:
+    """bench_daemon with no edits, burst or baseline measures the registration storm alone,
+    with the daemon's CPU per event."""
+    argv = ["--users", "30", "--target", "sqlite", "--edits", "0", "--burst", "0"]
+    assert bench_daemon.main([*argv, "--baseline-edits", "0"]) == 0
+    out = capsys.readouterr().out
+    header, row = out.splitlines()[-2:]
+    figures = dict(zip(header.split(), row.split(), strict=True))
+    assert figures["edits"] == figures["burst"] == figures["base_ms"] == "-"
+    assert figures["reg_events"] == "30"
+    assert float(figures["reg_cpu_us"]) > 0
