@@ -58,4 +58,5 @@ def test_bench_daemon_runs_the_storm_alone(capsys: pytest.CaptureFixture[str]) -
     figures = dict(zip(header.split(), row.split(), strict=True))
     assert figures["edits"] == figures["burst"] == figures["base_ms"] == "-"
     assert figures["reg_events"] == "30"
-    assert float(figures["reg_cpu_us"]) > 0
+    # Counted in 10 ms clock ticks: 30 events may well take less than one.
+    assert float(figures["reg_cpu_us"]) >= 0
