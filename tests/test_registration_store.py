@@ -1589,3 +1589,21 @@ def test_truncating_users_on_postgresql_takes_every_contact(engine: Engine) -> N
         write_endpoint_rows(conn, "pbx1", {"100000": _state("100000", "NonQualified")}, NOW)
         conn.execute(text("TRUNCATE users CASCADE"))
     assert _held(engine) == ([], [])
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+def test_contacts_keep_every_character_in_a_latin1_database_on_mariadb(engine: Engine) -> None:
+    """On MariaDB a contact's texts outside latin1 (an emoji, CJK) are stored whole through
+    the JSON_TABLE documents even when the database's default character set is latin1
+    (the document's nested contacts column takes no character set of its own)."""
+    seed_store(engine, 1)
+    with engine.begin() as conn:
+        name = conn.execute(text("SELECT DATABASE()")).scalar_one()
+        conn.execute(text(f"ALTER DATABASE `{name}` CHARACTER SET latin1"))
+    agent = "Zoë 😀 王 Phone"
+    contact = ("100000;@abc", "sip:100000@10.0.0.1", "Reachable", agent, "", 1, SEEN_TEXT, None)
+    with engine.begin() as conn:
+        assert has_json_table(conn.dialect)
+        write_endpoint_rows(conn, "pbx1", {"100000": ([contact], ("online", "", "", None))}, NOW)
+    with engine.connect() as conn:
+        assert _contacts(conn, "user_agent") == [(agent,)]
