@@ -27,7 +27,6 @@ from .config import (
 from .errors import ConfigError, ForeignTargetFile, InvalidInput, RenderCheckFailed, UrlRefused
 from .health import HealthUnreadable, read_health
 from .store.changefeed import missing_definers, trigger_problems
-from .store.contact_rule import contact_rule_orphans, contact_rule_problems, ddl_family
 from .store.engine import driver_error, open_store_engine, sqlite_file
 from .store.migrate import current_revision, head_revision, known_revision
 from .store.repair import REPAIR_COMMAND
@@ -102,49 +101,14 @@ def _readable_by_others(url: str) -> str | None:
 
 
 def _trigger_losses(conn: Connection) -> list[str]:
-    """What the store's triggers (the change feed's, the contacts' cascade's) need, one
+    """What the store's triggers (the change feed's) need, one
     entry per kind of loss; [] when nothing is lost or it cannot be told."""
     out = []
     if orphans := missing_definers(conn):
         out.append(_orphaned_triggers(orphans))
-    if contact_orphans := contact_rule_orphans(conn):
-        out.append(_orphaned_contact_triggers(contact_orphans))
     if silent := trigger_problems(conn):
         out.append(_silent_triggers(silent))
-    if lost := contact_rule_problems(conn):
-        out.append(_lost_contact_triggers(lost, ddl_family(conn.dialect.name)))
     return out
-
-
-#: What each contact trigger refuses once its definer is gone (MariaDB/MySQL).
-_CONTACT_DELETES = {
-    "trg_registration_summary_contacts": "deleting a registration summary (the daemon "
-    "forgetting a server taken out of the configuration, its registration writes on "
-    "MariaDB before 10.6 or MySQL before 8.0.4, a DBA's DELETE)",
-    "trg_users_contacts": "deleting a user (user purge, another application, a DBA)",
-}
-
-
-def _orphaned_contact_triggers(gone: dict[str, str]) -> str:
-    """What a store whose contact triggers' definers were dropped needs (MariaDB/MySQL)."""
-    named = ", ".join(f"{name} (definer {definer})" for name, definer in gone.items())
-    refused = " and ".join(_CONTACT_DELETES.get(name, name) for name in gone)
-    return (
-        f"contact trigger {named}: that definer is no longer an account, so {refused} is "
-        'refused ("The user specified as a definer does not exist"); create that account '
-        "again (with DELETE on registrations), or re-create the trigger as an existing one: "
-        f"run '{REPAIR_COMMAND}' as that account"
-    )
-
-
-def _lost_contact_triggers(problems: Sequence[str], family: str) -> str:
-    """What a store that lost a trigger of the contacts' cascade (migration 0011) needs."""
-    return (
-        f"contact trigger {', '.join(problems)}: contacts outlive the user or registration "
-        "summary deleted meanwhile (a purge, another application, a DBA), kept in the store "
-        f"for good; run '{REPAIR_COMMAND}' (or re-create or enable it as "
-        f"sql/store/{family}.sql does)"
-    )
 
 
 def _orphaned_triggers(definers: Sequence[str]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import sqlite3
 import threading
 import time
@@ -13,7 +14,7 @@ from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from hypothesis import given, settings
@@ -51,7 +52,7 @@ from provisioner.store.registrations import (
     time_text,
     write_endpoint_rows,
 )
-from provisioner.store.schema import daemon_state, registration_summary, registrations, users
+from provisioner.store.schema import daemon_state, registration_summary, users
 from provisioner.store.state import put_state
 from provisioner.targets import Change
 
@@ -68,6 +69,60 @@ from .amipeer import (
 from .helpers import collections_seen
 
 NOW = datetime(2026, 5, 1, 12, 0, 0, 123456)
+
+
+class _Contact(NamedTuple):
+    """A stored contact as the ``registrations`` table held it before migration 0014."""
+
+    user_id: int
+    server: str
+    contact_id: str
+    uri: str
+    status: str
+    user_agent: str
+    source: str
+    rtt_usec: int | None
+    expires_at: datetime | None
+    changed_at: datetime
+
+
+#: The summary's columns but its contacts (read by :func:`_contacts`).
+_SUMMARY = [c for c in registration_summary.c if c.name != "contacts"]
+
+
+def _contacts(conn: Connection, *fields: str, server: str | None = None) -> list[Any]:
+    """The contacts the summaries hold (of ``server``, or all), by user then contact id:
+    each a :class:`_Contact`, or the tuple of its ``fields``."""
+    summary = registration_summary.c
+    query = select(summary.user_id, summary.server, summary.contacts).where(
+        summary.contacts.is_not(None)
+    )
+    if server is not None:
+        query = query.where(summary.server == server)
+    found = []
+    for uid, name, text_ in conn.execute(query):
+        for values in json.loads(text_):
+            cid, uri, status, agent, source, rtt, expires, changed = values
+            found.append(
+                _Contact(
+                    uid,
+                    name,
+                    cid,
+                    uri,
+                    status,
+                    agent,
+                    source,
+                    rtt,
+                    None if expires is None else datetime.fromisoformat(expires),
+                    datetime.fromisoformat(changed),
+                )
+            )
+    found.sort(key=lambda c: (c.user_id, c.server, c.contact_id))
+    if not fields:
+        return found
+    return [tuple(getattr(c, f) for f in fields) for c in found]
+
+
 SEEN = datetime(2026, 5, 1, 11, 59, 58, 654321)
 #: SEEN as the plain rows carry times: the store's timestamp text.
 SEEN_TEXT = "2026-05-01 11:59:58.654321"
@@ -107,8 +162,8 @@ def test_a_write_replaces_rows_and_round_trips_values(engine: Engine) -> None:
     with engine.begin() as conn:
         assert write_endpoint_rows(conn, "pbx1", states, NOW) == 2
     with engine.connect() as conn:
-        rows = conn.execute(select(registrations).order_by(registrations.c.user_id)).all()
-        sums = conn.execute(select(registration_summary)).all()
+        rows = _contacts(conn)
+        sums = conn.execute(select(*_SUMMARY)).all()
         people = {p["extension"]: p for p in status_rows(conn, now=NOW)}
     assert [(r.user_id, r.status, r.rtt_usec, r.expires_at, r.changed_at) for r in rows] == [
         (1, "NonQualified", 1234, SEEN, SEEN),
@@ -161,7 +216,7 @@ def test_snapshot_replaces_every_contact_and_problems_are_kept(engine: Engine) -
         assert replace_server_snapshot(conn, "pbx1", snapshot, NOW) == 2
         assert set_problems(conn, "pbx1", {"100000": "rejected", "100002": ""}, NOW) == 2
     with engine.connect() as conn:
-        rows = conn.execute(select(registrations.c.user_id, registrations.c.changed_at)).all()
+        rows = _contacts(conn, "user_id", "changed_at")
         summary = registration_summary.c
         sums = conn.execute(select(summary.user_id, summary.state, summary.problem))
         states = sorted(tuple(r) for r in sums)
@@ -191,8 +246,7 @@ def test_a_snapshot_that_finds_a_phone_as_the_last_run_left_it_keeps_its_last_ch
     with engine.connect() as conn:
         summary = registration_summary.c
         sums = sorted(tuple(r) for r in conn.execute(select(summary.user_id, summary.changed_at)))
-        contact = registrations.c
-        cons = sorted(tuple(r) for r in conn.execute(select(contact.user_id, contact.changed_at)))
+        cons = sorted(_contacts(conn, "user_id", "changed_at"))
         people = {r["extension"]: r["last_change"] for r in status_rows(conn)}
     assert sums == [(1, SEEN), (2, NOW)]
     assert cons == [(1, SEEN), (2, NOW)]
@@ -585,13 +639,13 @@ def test_the_state_of_servers_no_longer_configured_is_forgotten(engine: Engine) 
         for server in ("pbx1", "pbx_1", "old"):
             write_endpoint_rows(conn, server, {"100000": _state("100000", "Reachable")}, NOW)
     with engine.begin() as conn:
-        assert forget_other_servers(conn, ["pbx1", "pbx_1"]) == 2
+        assert forget_other_servers(conn, ["pbx1", "pbx_1"]) == 1
     with engine.connect() as conn:
         (person,) = status_rows(conn)
         assert sorted(s["server"] for s in person["servers"]) == ["pbx1", "pbx_1"]
         assert sorted(c["server"] for c in person["contacts"]) == ["pbx1", "pbx_1"]
     with engine.begin() as conn:
-        assert forget_other_servers(conn, []) == 4
+        assert forget_other_servers(conn, []) == 2
     with engine.connect() as conn:
         (person,) = status_rows(conn)
     assert (person["state"], person["servers"], person["contacts"]) == ("offline", [], [])
@@ -755,7 +809,7 @@ def test_an_event_write_keeps_the_problem_the_verifier_recorded(engine: Engine) 
         sums = conn.execute(
             select(registration_summary.c.user_id, registration_summary.c.problem)
         ).all()
-        statuses = conn.execute(select(registrations.c.status)).scalars().all()
+        statuses = [c[0] for c in _contacts(conn, "status")]
     assert sorted(tuple(s) for s in sums) == [(1, "rejected"), (2, "")]
     assert statuses == ["Unreachable", "Unreachable"]
 
@@ -781,10 +835,8 @@ def test_rows_without_times_take_the_writes_time_and_trunks_are_skipped(
         )
         assert matched == 1
     with engine.connect() as conn:
-        rows = conn.execute(select(registrations).order_by(registrations.c.user_id)).all()
-        sums = conn.execute(
-            select(registration_summary).order_by(registration_summary.c.user_id)
-        ).all()
+        rows = _contacts(conn)
+        sums = conn.execute(select(*_SUMMARY).order_by(registration_summary.c.user_id)).all()
     cid, uri = contact[0], contact[1]
     assert [tuple(r)[2:] for r in rows] == [
         (cid, uri, "Reachable", "Phone/1", "", 1234, SEEN, SEEN),
@@ -814,7 +866,7 @@ def test_events_of_one_contact_in_one_flush_window_leave_the_latest_state(
 
     run(scenario())
     with engine.connect() as conn:
-        contacts = conn.execute(select(registrations.c.user_id)).all()
+        contacts = _contacts(conn, "user_id")
         sums = conn.execute(select(registration_summary.c.user_id, registration_summary.c.state))
         states = sorted(tuple(s) for s in sums)
     assert contacts == []
@@ -845,7 +897,7 @@ def test_two_phones_whose_long_uris_differ_only_after_255_characters_are_both_st
     with engine.begin() as conn:
         write_endpoint_rows(conn, "pbx1", {"100000": pbx_module.rows(reg)}, NOW)
     with engine.connect() as conn:
-        stored = sorted(conn.execute(select(registrations.c.uri)).scalars())
+        stored = sorted(c[0] for c in _contacts(conn, "uri"))
     assert stored == uris
 
 
@@ -889,7 +941,7 @@ def test_a_nul_in_an_event_neither_blocks_the_batch_nor_reaches_the_store(engine
 
     run(scenario())
     with engine.connect() as conn:
-        uris = conn.execute(select(registrations.c.user_id, registrations.c.uri)).all()
+        uris = _contacts(conn, "user_id", "uri")
     assert sorted(tuple(u) for u in uris) == [
         (1, "sip:100000@127.0.0.1:5070;o\ufffdb"),
         (2, "sip:100001@127.0.0.1:5070;ob"),
@@ -932,9 +984,9 @@ def test_a_snapshot_lands_after_the_batch_written_before_it(
             await asyncio.sleep(0.6)
             summary = registration_summary.c
             with engine.connect() as conn:
-                query = select(registrations.c.user_id).where(registrations.c.server == "lab")
                 state = select(summary.state).where(summary.server == "lab", summary.user_id == 1)
-                return [row[0] for row in conn.execute(query)], conn.execute(state).scalar_one()
+                found = [row[0] for row in _contacts(conn, "user_id", server="lab")]
+                return found, conn.execute(state).scalar_one()
 
     contacts, state = run(scenario())
     assert 1 not in contacts
@@ -981,10 +1033,8 @@ def test_a_rewrite_replaces_contacts_updates_the_summary_and_cuts_long_values(
     with engine.begin() as conn:
         assert write_endpoint_rows(conn, "pbx1", again, NOW) == 1
     with engine.connect() as conn:
-        rows = conn.execute(select(registrations)).all()
-        sums = conn.execute(
-            select(registration_summary).order_by(registration_summary.c.user_id)
-        ).all()
+        rows = _contacts(conn)
+        sums = conn.execute(select(*_SUMMARY).order_by(registration_summary.c.user_id)).all()
     # The later of two rows of one contact wins; the old contacts are gone.
     assert [tuple(r) for r in rows] == [
         (1, "pbx1", "100000;@c", long_uri[:512], "Reachable", ("Pé" * 150)[:255], "", 77, None, NOW)
@@ -1011,79 +1061,9 @@ def test_a_large_batch_is_written_before_the_flush_delay(
             await eventually(lambda: len(link.dirty) < 3, timeout=3.0)
             await asyncio.sleep(0.2)  # the write itself, in its thread
             with engine.connect() as conn:
-                query = select(registrations.c.user_id).where(registrations.c.server == "lab")
-                return len(conn.execute(query).all())
+                return len(_contacts(conn, "user_id", server="lab"))
 
     assert run(scenario()) >= 3
-
-
-@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
-def test_the_contact_delete_is_planned_for_each_batch_on_postgresql(engine: Engine) -> None:
-    """On PostgreSQL the statement that deletes a batch's contacts is never run from a
-    server-side prepared statement, whose one generic plan, made while the table was
-    empty, scanned the whole table for every batch as it filled; many batches on one
-    connection (psycopg prepares a statement on its fifth run) leave none prepared, and
-    the contacts written are still replaced."""
-    seed_store(engine, 40)
-    contacts = {str(100000 + i): _state(str(100000 + i), "NonQualified") for i in range(0, 40, 2)}
-    with engine.connect() as conn:
-        for i in range(12):
-            # Summaries only: the table of contacts stays empty meanwhile.
-            with conn.begin():
-                ep = str(100001 + 2 * i)
-                write_endpoint_rows(conn, "lab", {ep: ([], ("offline", "", "", None))}, NOW)
-        with conn.begin():
-            assert write_endpoint_rows(conn, "lab", contacts, NOW) == 20
-        with conn.begin():
-            assert write_endpoint_rows(conn, "lab", contacts, NOW) == 20
-        query = text("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE :deletes")
-        prepared = conn.execute(query, {"deletes": "DELETE FROM registrations%"}).scalar_one()
-        conn.rollback()
-    assert prepared == 0
-    with reading(engine) as conn:
-        stored = conn.execute(select(registrations.c.user_id, registrations.c.contact_id)).all()
-    assert len(stored) == 20
-    assert {cid for _, cid in stored} == {f"{ep};@abc" for ep in contacts}
-
-
-def test_the_contact_delete_takes_the_user_ids_the_summaries_upsert_returned(
-    engine: Engine,
-) -> None:
-    """On PostgreSQL a batch's contact delete binds the ids of the users whose summaries
-    the batch's upsert wrote (its RETURNING), not the batch's JSON to parse and match to
-    users again; the old contacts of those users still go and a trunk's none."""
-    if engine.dialect.name != "postgresql":
-        pytest.skip("the id round trip is PostgreSQL's write")
-    seed_store(engine, 4)
-    sent: list[tuple[str, Any]] = []
-
-    def seen(_conn: Any, _cursor: Any, statement: str, params: Any, *_: Any) -> None:
-        if statement.startswith("DELETE FROM registrations"):
-            sent.append((statement, params))
-
-    first = {ep: _state(ep, "NonQualified") for ep in ("100000", "100001", "100002")}
-    with engine.begin() as conn:
-        write_endpoint_rows(conn, "lab", first, NOW)
-    again = {ep: _state(ep, "Reachable") for ep in ("100000", "100001", "trunk")}
-    event.listen(engine, "before_cursor_execute", seen)
-    try:
-        with engine.begin() as conn:
-            assert write_endpoint_rows(conn, "lab", again, NOW) == 2
-    finally:
-        event.remove(engine, "before_cursor_execute", seen)
-    with reading(engine) as conn:
-        ids = dict(conn.execute(select(users.c.extension, users.c.id)).all())
-        stored = conn.execute(select(registrations.c.user_id, registrations.c.status)).all()
-    assert len(sent) == 1
-    assert sorted(sent[0][1]["ids"]) == sorted([ids["100000"], ids["100001"]])
-    assert "jsonb" not in sent[0][0]
-    assert sorted(stored) == sorted(
-        [
-            (ids["100000"], "Reachable"),
-            (ids["100001"], "Reachable"),
-            (ids["100002"], "NonQualified"),
-        ]
-    )
 
 
 def test_an_uncounted_write_stores_the_same_rows_without_a_counting_statement(
@@ -1109,7 +1089,7 @@ def test_an_uncounted_write_stores_the_same_rows_without_a_counting_statement(
     finally:
         event.remove(engine, "before_cursor_execute", seen)
     with reading(engine) as conn:
-        contacts = conn.execute(select(registrations.c.user_id, registrations.c.status)).all()
+        contacts = _contacts(conn, "user_id", "status")
         summaries = conn.execute(select(registration_summary.c.user_id)).all()
     assert sorted(contacts) == [(1, "NonQualified"), (2, "NonQualified")]
     assert sorted(summaries) == [(1,), (2,)]
@@ -1186,9 +1166,9 @@ def test_a_batch_written_in_parts_at_once_stores_every_endpoint(
     def stored() -> tuple[int, int, int]:
         """Contact rows, users with a contact, summary rows."""
         with reading(engine) as conn:
-            contacts = conn.execute(select(registrations.c.user_id)).all()
+            contacts = _contacts(conn, "user_id")
             summaries = conn.execute(select(registration_summary.c.user_id)).all()
-        return len(contacts), len({r.user_id for r in contacts}), len(summaries)
+        return len(contacts), len({r[0] for r in contacts}), len(summaries)
 
     async def scenario() -> tuple[int, int]:
         async with _lab_pbx(engine) as (peer, link, _pbx):
@@ -1240,7 +1220,7 @@ def test_a_batch_put_in_its_turn_is_already_being_written_in_its_threads(
 
     assert run(scenario()) == [True] * len(parts)
     with reading(engine) as conn:
-        assert len(conn.execute(select(registrations.c.user_id)).all()) == 4
+        assert len(_contacts(conn, "user_id")) == 4
 
 
 def test_an_endpoint_asterisk_does_not_hold_after_an_apply_is_recorded_next_to_its_user(
@@ -1298,7 +1278,7 @@ def test_a_write_the_database_refused_is_retried_without_a_new_event(
 
     def stored() -> int:
         with reading(engine) as conn:
-            return len(conn.execute(select(registrations.c.user_id)).all())
+            return len(_contacts(conn, "user_id"))
 
     def unhealthy(pbx: AmiPbx) -> list[str]:
         """What ``provisioner check`` would say of the daemon's health record now."""
@@ -1377,7 +1357,7 @@ def test_a_write_that_waits_in_vain_for_a_pooled_connection_is_retried(
 
     def stored() -> int:
         with reading(engine) as conn:
-            return len(conn.execute(select(registrations.c.user_id)).all())
+            return len(_contacts(conn, "user_id"))
 
     async def scenario() -> tuple[int, int]:
         async with _lab_pbx(pool) as (peer, link, _pbx):
@@ -1398,7 +1378,7 @@ def test_timestamp_text_is_what_sqlites_bind_processor_writes() -> None:
     """The JSON path writes each timestamp as the text SQLAlchemy's SQLite DateTime
     processor would (so both paths store equal values), microseconds or none."""
     dialect = sqlite_dialect.dialect()
-    column_type = registrations.c.changed_at.type.dialect_impl(dialect)
+    column_type = registration_summary.c.changed_at.type.dialect_impl(dialect)
     proc = column_type.bind_processor(dialect)
     assert proc is not None
     for value in (NOW, SEEN, datetime(2026, 1, 2, 3, 4, 5), datetime(2026, 1, 2, 3, 4, 5, 60)):
@@ -1484,12 +1464,8 @@ def test_only_deadlocks_and_serialization_failures_are_conflicts(
 
 def _tables(engine: Engine) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     with engine.connect() as conn:
-        contacts = conn.execute(
-            select(registrations).order_by(registrations.c.user_id, registrations.c.contact_id)
-        ).all()
-        sums = conn.execute(
-            select(registration_summary).order_by(registration_summary.c.user_id)
-        ).all()
+        contacts = _contacts(conn)
+        sums = conn.execute(select(*_SUMMARY).order_by(registration_summary.c.user_id)).all()
     return [tuple(r) for r in contacts], [tuple(s) for s in sums]
 
 
@@ -1515,7 +1491,6 @@ def test_mariadb_writes_as_json_table_documents_what_the_id_lookups_wrote(
 
     def write_all() -> tuple[list[int], tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]]:
         with engine.begin() as conn:
-            conn.execute(registrations.delete())
             conn.execute(registration_summary.delete())
             set_problems(conn, "pbx1", {"100000": "rejected"}, NOW)
         matched = []
@@ -1583,9 +1558,9 @@ def test_a_large_check_clears_recorded_problems_in_bulk(
 def _held(engine: Engine) -> tuple[list[int], list[int]]:
     """The user ids of the stored contacts and of the stored summaries, sorted."""
     with engine.connect() as conn:
-        contacts = conn.execute(select(registrations.c.user_id).order_by("user_id"))
+        contacts = [c[0] for c in _contacts(conn, "user_id")]
         summaries = conn.execute(select(registration_summary.c.user_id).order_by("user_id"))
-        return list(contacts.scalars()), list(summaries.scalars())
+        return contacts, list(summaries.scalars())
 
 
 def test_contacts_go_with_their_user_and_with_their_summary(engine: Engine) -> None:
@@ -1614,3 +1589,21 @@ def test_truncating_users_on_postgresql_takes_every_contact(engine: Engine) -> N
         write_endpoint_rows(conn, "pbx1", {"100000": _state("100000", "NonQualified")}, NOW)
         conn.execute(text("TRUNCATE users CASCADE"))
     assert _held(engine) == ([], [])
+
+
+@pytest.mark.parametrize("backend", ["mariadb"], indirect=True)
+def test_contacts_keep_every_character_in_a_latin1_database_on_mariadb(engine: Engine) -> None:
+    """On MariaDB a contact's texts outside latin1 (an emoji, CJK) are stored whole through
+    the JSON_TABLE documents even when the database's default character set is latin1
+    (the document's nested contacts column takes no character set of its own)."""
+    seed_store(engine, 1)
+    with engine.begin() as conn:
+        name = conn.execute(text("SELECT DATABASE()")).scalar_one()
+        conn.execute(text(f"ALTER DATABASE `{name}` CHARACTER SET latin1"))
+    agent = "Zoë 😀 王 Phone"
+    contact = ("100000;@abc", "sip:100000@10.0.0.1", "Reachable", agent, "", 1, SEEN_TEXT, None)
+    with engine.begin() as conn:
+        assert has_json_table(conn.dialect)
+        write_endpoint_rows(conn, "pbx1", {"100000": ([contact], ("online", "", "", None))}, NOW)
+    with engine.connect() as conn:
+        assert _contacts(conn, "user_agent") == [(agent,)]

@@ -21,23 +21,23 @@ from provisioner.store.schema import changes
 from .dbs import maria_account, run_statement
 from .helpers import Cli, local_daemon, make_cli
 
-#: Per backend: a DBA's statements that lose two triggers (a change trigger and a
-#: contact trigger), and how ``db repair`` names them.
+#: Per backend: a DBA's statements that lose two change triggers, and how ``db repair``
+#: names them.
 _LOSSES = {
     "sqlite": (
-        ["DROP TRIGGER trg_users_update", "DROP TRIGGER trg_registration_summary_contacts"],
-        ["trg_users_update (missing)", "trg_registration_summary_contacts (missing)"],
+        ["DROP TRIGGER trg_users_update", "DROP TRIGGER trg_users_delete"],
+        ["trg_users_update (missing)", "trg_users_delete (missing)"],
     ),
     "postgresql": (
         [
             "ALTER TABLE users DISABLE TRIGGER trg_users_change",
-            "DROP TRIGGER trg_registration_summary_truncate ON registration_summary",
+            "DROP TRIGGER trg_users_truncate ON users",
         ],
-        ["trg_users_change (disabled)", "trg_registration_summary_truncate (missing)"],
+        ["trg_users_change (disabled)", "trg_users_truncate (missing)"],
     ),
     "mariadb": (
-        ["DROP TRIGGER trg_users_update", "DROP TRIGGER trg_users_contacts"],
-        ["trg_users_update (missing)", "trg_users_contacts (missing)"],
+        ["DROP TRIGGER trg_users_update", "DROP TRIGGER trg_users_delete"],
+        ["trg_users_update (missing)", "trg_users_delete (missing)"],
     ),
 }
 
@@ -225,8 +225,7 @@ def test_a_change_trigger_set_back_to_plain_enable_is_lost_and_repaired(
 ) -> None:
     """On PostgreSQL a change trigger set back to plain ``ENABLE`` (it skips replica
     sessions' writes) fails check, is named by the daemon's ``store.triggers_missing``,
-    and ``db repair`` makes it ``ENABLE ALWAYS`` again; the contacts' triggers, plain
-    ``ENABLE`` by design, are not named."""
+    and ``db repair`` makes it ``ENABLE ALWAYS`` again."""
     named = "trg_users_change (not always: writes from replica sessions are missed)"
     assert _store_check(db_url, tmp_path)[1]
     _sql(engine, "ALTER TABLE users ENABLE TRIGGER ALL")

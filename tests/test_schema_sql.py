@@ -139,7 +139,6 @@ def test_summary_table_is_half_filled_on_postgresql(db_url: str, source: str) ->
             assert _fillfactor(engine, "registration_summary") is None
             upgrade(engine)
         assert _fillfactor(engine, "registration_summary") == str(SUMMARY_FILLFACTOR)
-        assert _fillfactor(engine, "registrations") is None
     finally:
         engine.dispose()
 
@@ -302,16 +301,28 @@ def test_a_migration_that_failed_half_way_on_mariadb_runs_again(db_url: str) -> 
             engine.dispose()
 
 
+_SEEN = "2026-05-01 11:59:58.654321"
+
+
+def _has_contact_table(engine: Engine) -> bool:
+    """Whether the store is below migration 0014 (its contacts in ``registrations``)."""
+    from sqlalchemy import inspect
+
+    with engine.connect() as conn:
+        return inspect(conn).has_table("registrations")
+
+
 def _seed_registered(engine: Engine, count: int, *, ids: bool = True) -> None:
     """``count`` users (bench's generated ones) with a contact and a summary each on
-    "pbx1", written as the daemon writes them, into a store at any revision from 0002;
-    without ``ids`` the database gives the users theirs (1, 2, ... in a new store)."""
+    "pbx1", into a store at any revision from 0002: written as the daemon writes them
+    from 0014, in plain SQL into ``registrations`` before; without ``ids`` the database
+    gives the users theirs (1, 2, ... in a new store)."""
     from bench.common import make_users, user_rows
     from provisioner.store.registrations import write_endpoint_rows
     from provisioner.store.schema import users
 
-    seen = "2026-05-01 11:59:58.654321"
     now = datetime(2026, 1, 1)
+    old = _has_contact_table(engine)
     with engine.begin() as conn:
         profile = q.insert_profile(conn, "agents", "", now)
         people = user_rows(make_users(count), profile.id, now)
@@ -319,24 +330,55 @@ def _seed_registered(engine: Engine, count: int, *, ids: bool = True) -> None:
             del row["id"]
         for row in people:  # one by one: a multi-row insert may not give ids in order
             conn.execute(users.insert(), row)
+        extensions = [str(100000 + i) for i in range(count)]
+        if old:
+            for ep in extensions:
+                uid = conn.execute(
+                    text("SELECT id FROM users WHERE extension = :ep"), {"ep": ep}
+                ).scalar_one()
+                seen = datetime.fromisoformat(_SEEN)
+                values = {
+                    "uid": uid,
+                    "cid": f"{ep};@abc",
+                    "uri": f"sip:{ep}@10.0.0.1",
+                    "seen": seen,
+                }
+                conn.execute(
+                    text(
+                        "INSERT INTO registration_summary (user_id, server, state, "
+                        "device_state, problem, changed_at) VALUES (:uid, 'pbx1', 'online', "
+                        "'NOT_INUSE', '', :seen)"
+                    ),
+                    values,
+                )
+                conn.execute(
+                    text(
+                        "INSERT INTO registrations (user_id, server, contact_id, uri, status, "
+                        "user_agent, source, rtt_usec, expires_at, changed_at) VALUES (:uid, "
+                        "'pbx1', :cid, :uri, 'Reachable', '', '', 1, :seen, :seen)"
+                    ),
+                    values,
+                )
+            return
         rows = {
             ep: (
-                ((f"{ep};@abc", f"sip:{ep}@10.0.0.1", "Reachable", "", "", 1, seen, seen),),
-                (
-                    "online",
-                    "NOT_INUSE",
-                    "",
-                    seen,
-                ),
+                ((f"{ep};@abc", f"sip:{ep}@10.0.0.1", "Reachable", "", "", 1, _SEEN, _SEEN),),
+                ("online", "NOT_INUSE", "", _SEEN),
             )
-            for ep in (str(100000 + i) for i in range(count))
+            for ep in extensions
         }
         write_endpoint_rows(conn, "pbx1", rows, now)
 
 
 def _contact_users(engine: Engine) -> list[int]:
+    """The users with a contact on "pbx1", from the contacts' table or summary column."""
+    query = (
+        "SELECT user_id FROM registrations ORDER BY 1"
+        if _has_contact_table(engine)
+        else "SELECT user_id FROM registration_summary WHERE contacts IS NOT NULL ORDER BY 1"
+    )
     with engine.connect() as conn:
-        return list(conn.execute(text("SELECT user_id FROM registrations ORDER BY 1")).scalars())
+        return list(conn.execute(text(query)).scalars())
 
 
 def _contact_foreign_keys(engine: Engine) -> list[Any]:
@@ -346,44 +388,81 @@ def _contact_foreign_keys(engine: Engine) -> list[Any]:
         return inspect(conn).get_foreign_keys("registrations")
 
 
-@pytest.mark.parametrize("source", ["migrations", "file"])
-def test_0011_keeps_contacts_and_deletes_them_with_their_user(
-    db_url: str, backend: str, source: str
-) -> None:
-    """A store upgraded from 0010 with registration state keeps every contact that has its
-    summary (one whose summary was deleted in plain SQL goes), checks no foreign key on
-    them, and still deletes a user's contacts with the user (so does a
-    store made from the DDL file); downgraded to 0010 it has the foreign key back and
-    the contacts kept."""
-    if source == "file":
-        _apply_file(db_url, backend)
+def test_0011_keeps_contacts_and_deletes_them_with_their_user(db_url: str, backend: str) -> None:
+    """A store upgraded from 0010 to 0013 with registration state keeps every contact that
+    has its summary (one whose summary was deleted in plain SQL goes), checks no foreign
+    key on them, and still deletes a user's contacts with the user; downgraded to 0010 it
+    has the foreign key back and the contacts kept."""
     engine = open_engine(db_url)
     try:
-        if source == "migrations":
-            upgrade(engine, "0010")
-            _seed_registered(engine, 4)
-            with engine.begin() as conn:  # a contact whose summary was deleted in plain SQL
-                conn.execute(text("DELETE FROM registration_summary WHERE user_id = 4"))
-            assert _contact_users(engine) == [1, 2, 3, 4]
-            assert len(_contact_foreign_keys(engine)) == 1
-            assert upgrade(engine) == ("0010", head_revision())
-        else:
-            _seed_registered(engine, 3)
-        assert _differences(engine) == []
+        upgrade(engine, "0010")
+        _seed_registered(engine, 4)
+        with engine.begin() as conn:  # a contact whose summary was deleted in plain SQL
+            conn.execute(text("DELETE FROM registration_summary WHERE user_id = 4"))
+        assert _contact_users(engine) == [1, 2, 3, 4]
+        assert len(_contact_foreign_keys(engine)) == 1
+        assert upgrade(engine, "0013") == ("0010", "0013")
         assert _contact_users(engine) == [1, 2, 3]
         assert _contact_foreign_keys(engine) == []
         with engine.begin() as conn:
             conn.execute(text("DELETE FROM users WHERE id = 2"))
         assert _contact_users(engine) == [1, 3]
-        if source == "migrations":
-            downgrade(engine, "0010")
-            assert len(_contact_foreign_keys(engine)) == 1
-            assert _contact_users(engine) == [1, 3]
-            with engine.begin() as conn:
-                conn.execute(text("DELETE FROM users WHERE id = 3"))
-            assert _contact_users(engine) == [1]
-            upgrade(engine)
-            assert _differences(engine) == []
+        downgrade(engine, "0010")
+        assert len(_contact_foreign_keys(engine)) == 1
+        assert _contact_users(engine) == [1, 3]
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM users WHERE id = 3"))
+        assert _contact_users(engine) == [1]
+        upgrade(engine)
+        assert _differences(engine) == []
+    finally:
+        engine.dispose()
+
+
+def test_0014_moves_contacts_into_their_summary_and_back(db_url: str, backend: str) -> None:
+    """A store upgraded from 0013 with registration state holds each user's contacts in its
+    summary row, as ``status`` reads them (fields, times), and no ``registrations`` table
+    or contact trigger; a user deleted takes its contacts with it; downgraded to 0013 it
+    has the table, the contacts and their triggers back."""
+    from provisioner.store.registrations import status_rows
+
+    engine = open_engine(db_url)
+    try:
+        upgrade(engine, "0013")
+        _seed_registered(engine, 3)
+        assert upgrade(engine) == ("0013", head_revision())
+        assert _differences(engine) == []
+        assert not _has_contact_table(engine)
+        with engine.connect() as conn:
+            (row,) = status_rows(conn, ["user1"], now=datetime(2026, 5, 1, 12))
+        (contact,) = row["contacts"]
+        seen = datetime.fromisoformat(_SEEN)
+        assert contact == {
+            "user_id": 2,
+            "server": "pbx1",
+            "contact_id": "100001;@abc",
+            "uri": "sip:100001@10.0.0.1",
+            "status": "Reachable",
+            "user_agent": "",
+            "source": "",
+            "rtt_usec": 1,
+            "expires_at": seen,
+            "changed_at": seen,
+            "expired": False,
+            "stale": False,
+        }
+        assert row["state"] == "online"
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM users WHERE id = 2"))
+        assert _contact_users(engine) == [1, 3]
+        downgrade(engine, "0013")
+        assert _contact_users(engine) == [1, 3]
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM users WHERE id = 3"))
+        assert _contact_users(engine) == [1]
+        upgrade(engine)
+        assert _contact_users(engine) == [1]
+        assert _differences(engine) == []
     finally:
         engine.dispose()
 

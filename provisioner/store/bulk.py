@@ -230,16 +230,24 @@ def json_table_payload(document: str | bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def json_table_source(width: int) -> tuple[TextClause, list[ColumnElement[Any]]]:
+def json_table_source(
+    width: int, nested: frozenset[int] = frozenset()
+) -> tuple[TextClause, list[ColumnElement[Any]]]:
     """The ``rows`` parameter (a :func:`json_table_payload` of an array of arrays) as a
     ``JSON_TABLE`` FROM item ``j``, and its columns ``j.c0`` ... ``j.c<width-1>`` (the
-    values at each position, as text)."""
+    values at each position, as text; at a position in ``nested``, the JSON text of the
+    value there, an array or object, and ``'null'`` for JSON null)."""
     # Only our own names reach the JSON_TABLE clause (c0, c1, ...: JSON paths by position).
     # LONGTEXT: a JSON_TABLE column narrower than a value truncates it without an error,
     # even in strict mode; the table's own column must be the one that refuses it.
     # utf8mb4: a JSON_TABLE column takes the database's default character set, and under a
     # latin1 default each character outside it became "?" with only a warning.
-    spec = ", ".join(f"c{i} LONGTEXT CHARACTER SET utf8mb4 PATH '$[{i}]'" for i in range(width))
+    # JSON: a LONGTEXT column of JSON_TABLE gives NULL for an array; a JSON one gives its
+    # text, in utf8mb4 whatever the database's default (it takes no CHARACTER SET).
+    spec = ", ".join(
+        f"c{i} {'JSON' if i in nested else 'LONGTEXT CHARACTER SET utf8mb4'} PATH '$[{i}]'"
+        for i in range(width)
+    )
     document = "CONVERT(FROM_BASE64(:rows) USING utf8mb4)"
     source = text(f"JSON_TABLE({document}, '$[*]' COLUMNS ({spec})) AS j").bindparams(
         bindparam("rows", type_=String)

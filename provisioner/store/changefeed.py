@@ -423,8 +423,8 @@ def missing_definers(conn: Connection) -> list[str] | None:
 
     ``[]``: every definer exists.  None: it cannot be told (another database; triggers
     hidden from an account without the TRIGGER privilege; ``mysql.user`` not readable).
-    The contacts' cascade's trigger on ``users`` is not one of them: its definer gone
-    refuses only deletes (:func:`.contact_rule.contact_rule_orphans` tells it).
+    The contacts' cascade's trigger on ``users`` (migrations 0011-0013, gone in 0014) is
+    not one of them: its definer gone refused only deletes.
     Read-only (:mod:`.triggers`)."""
     watched = [name for name, _, _ in _WATCHED]
     gone = orphaned(

@@ -1,4 +1,4 @@
-"""A user's contacts go with its registration summary, and with the user (migration 0011).
+"""A user's contacts went with its registration summary, and with the user (migrations 0011-0013).
 
 ``registrations`` (one row per contact) has no foreign key to ``users``: its check ran
 once per inserted contact, and on PostgreSQL it was a fifth of the server's time of a
@@ -17,31 +17,22 @@ finds no user (SQLite writes one at a time).
 
 Per database:
 - PostgreSQL: a row trigger on ``registration_summary`` (a cascade from ``users`` fires
-  it) and a ``TRUNCATE`` trigger (``TRUNCATE users CASCADE`` truncates the summaries,
-  which fires no row trigger); the function runs with its owner's rights, as the
-  foreign key's cascade did, and, like the foreign key's triggers, not in a session
-  whose ``session_replication_role`` is ``replica``;
-- SQLite: a row trigger on ``registration_summary`` (a cascade fires it, a REPLACE's
-  included);
+  it) and a ``TRUNCATE`` trigger; the function runs with its owner's rights;
+- SQLite: a row trigger on ``registration_summary``;
 - MariaDB/MySQL: the same, and one on ``users``: InnoDB's cascades fire no trigger.
 
-The DDL is constant text (no input is ever formatted into it).  A trigger lost (a
-restore that left it out, ``ALTER TABLE … DISABLE TRIGGER``) or, on MariaDB/MySQL, one
-whose definer account was dropped is told by :func:`contact_rule_problems` and
-:func:`contact_rule_orphans` (``provisioner check``).
+Migration 0014 moved each user's contacts into its summary row (``contacts``) and
+dropped ``registrations`` with these triggers: a summary's contacts now go with its row.
+This module is kept for the migrations that make and drop the rule (0011, 0014's
+downgrade); the store at the newest revision has none of it.  The DDL is constant text
+(no input is ever formatted into it).
 """
 
 from __future__ import annotations
 
-from sqlalchemy import Connection
-
-from .triggers import TRIGGERS, absent_or_silent, orphaned
-
 __all__ = [
     "CONTACT_RULE_TRIGGERS",
     "contact_rule_ddl",
-    "contact_rule_orphans",
-    "contact_rule_problems",
     "ddl_family",
     "drop_contact_rule_ddl",
 ]
@@ -113,20 +104,3 @@ def drop_contact_rule_ddl(dialect: str) -> list[str]:
             "DROP FUNCTION IF EXISTS provisioner_forget_contacts()",
         ]
     return [f"DROP TRIGGER IF EXISTS {name}" for name in CONTACT_RULE_TRIGGERS[family]]
-
-
-def contact_rule_problems(conn: Connection) -> list[str] | None:
-    """The contact rule's triggers missing (``"<name> (missing)"``) or, on PostgreSQL,
-    disabled (``"<name> (disabled)"``) in the store ``conn`` reads: a user or summary
-    deleted meanwhile leaves its contacts behind.  ``[]``: all there; None: it cannot be
-    told (MariaDB/MySQL show an account without the TRIGGER privilege no trigger)."""
-    names = CONTACT_RULE_TRIGGERS[ddl_family(conn.dialect.name)]
-    return absent_or_silent(conn, names)
-
-
-def contact_rule_orphans(conn: Connection) -> dict[str, str] | None:
-    """MariaDB/MySQL: the contact rule's triggers whose definer is no longer an account,
-    each to that definer: the deletes that fire them are refused.  ``{}``: none; None:
-    it cannot be told (another database, or see :func:`.triggers.orphaned`)."""
-    names = CONTACT_RULE_TRIGGERS[ddl_family(conn.dialect.name)]
-    return orphaned(conn, TRIGGERS.c.TRIGGER_NAME.in_(names))

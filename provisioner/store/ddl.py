@@ -13,7 +13,6 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.schema import CreateTable
 
 from .changefeed import always_ddl, definer_ddl, replaced_ddl, trigger_ddl, truncate_ddl
-from .contact_rule import contact_rule_ddl
 from .migrate import head_revision
 from .schema import metadata
 
@@ -50,8 +49,6 @@ def store_ddl(dialect: str) -> str:
         *always_ddl(d.name),
     ]
     parts.extend(statement + ";\n" for statement in feed)
-    parts.append("-- A user's contacts go with its registration summary, and with the user.\n")
-    parts.extend(statement + ";\n" for statement in contact_rule_ddl(d.name))
     parts.append(str(CreateTable(_version).compile(dialect=d)).strip() + ";\n")
     parts.append(f"INSERT INTO alembic_version (version_num) VALUES ('{head_revision()}');\n")
     return "\n".join(parts)

@@ -11,7 +11,7 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Connection, Engine, column, func, inspect, select
+from sqlalchemy import Connection, Engine, MetaData, Table, column, func, inspect, select
 from sqlalchemy import table as table_clause
 from sqlalchemy.exc import DBAPIError
 
@@ -157,6 +157,11 @@ def _upgrade_or_undo(engine: Engine, step: str) -> None:
         raise
 
 
+#: Tables the migrations made that the newest one no longer has (``registrations``: its
+#: contacts moved into their summaries in 0014).
+_RETIRED = frozenset({"registrations"})
+
+
 def _undo(engine: Engine, step: str, tables: set[str], triggers: set[str]) -> None:
     """Drop the store's tables and change triggers not in ``tables`` and ``triggers``
     (what the failed migration to ``step`` made before it failed)."""
@@ -168,6 +173,10 @@ def _undo(engine: Engine, step: str, tables: set[str], triggers: set[str]) -> No
         for statement in drop_trigger_ddl(dialect) + drop_replaced_ddl(dialect):
             if statement.rsplit(" ", 1)[-1] in new_triggers:
                 conn.exec_driver_sql(statement)
+        # A table an older migration made and a newer one dropped first: it refers to
+        # the model's tables, not they to it.
+        for name in sorted(new_tables & _RETIRED):
+            Table(name, MetaData()).drop(conn)
         ours = [metadata.tables[name] for name in sorted(new_tables) if name in metadata.tables]
         metadata.drop_all(conn, tables=ours)
     log.warning(

@@ -27,7 +27,7 @@ from sqlalchemy.dialects.postgresql import REGCLASS
 from ..errors import NotFoundError
 from ..model import Profile, User, Voice
 from .engine import escaping_bytes_not_utf8
-from .schema import profiles, registration_summary, registrations, user_attributes, users
+from .schema import profiles, registration_summary, user_attributes, users
 
 __all__ = [
     "ExtensionAllocator",
@@ -267,14 +267,14 @@ def insert_user(conn: Connection, values: Mapping[str, Any]) -> int:
 
 def update_user(conn: Connection, user_id: int, values: Mapping[str, Any]) -> None:
     """Set ``values`` on the user; one that moves it to another extension also drops the
-    registration state filed under it (every server's contacts and summary)."""
+    registration state filed under it (every server's summary, its contacts in it)."""
     conn.execute(update(users).where(users.c.id == user_id).values(**values))
     if "extension" in values:
         # That state is the old extension's endpoint's: registration writes find users by
         # extension, so no later write of that endpoint would reach it, and the user
         # would show the old phone online until a phone registers to the new one.
-        for table in (registrations, registration_summary):
-            conn.execute(delete(table).where(table.c.user_id == user_id))
+        summary = registration_summary
+        conn.execute(delete(summary).where(summary.c.user_id == user_id))
 
 
 def attributes_of(conn: Connection, user_id: int, *, lock: bool = False) -> dict[str, str]:

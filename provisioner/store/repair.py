@@ -1,7 +1,8 @@
 """Mend the store's lost triggers (``provisioner db repair``), and name them for the daemon.
 
-The triggers are the change feed's (:mod:`.changefeed`) and the contacts' cascade's
-(:mod:`.contact_rule`), at the newest migration.  A trigger is lost when it is missing,
+The triggers are the change feed's (:mod:`.changefeed`), at the newest migration (the
+contacts' cascade of migrations 0011-0013, :mod:`.contact_rule`, went with their table
+in 0014).  A trigger is lost when it is missing,
 on PostgreSQL disabled (or firing only in replica sessions, or, for the change feed's,
 left at plain ``ENABLE``: skipping replica sessions' writes), or on MariaDB/MySQL when
 its definer is no longer an account.  :func:`lost_triggers` only reads the catalog (the
@@ -21,7 +22,6 @@ from sqlalchemy import Connection, func, select, text
 from sqlalchemy.dialects import postgresql
 
 from .changefeed import definer_ddl, replaced_ddl, trigger_ddl, truncate_ddl
-from .contact_rule import contact_rule_ddl
 from .triggers import TRIGGERS, absent_or_silent, is_mysql, orphaned
 
 __all__ = ["REPAIR_COMMAND", "Fix", "apply_repair", "lost_triggers", "plan_repair"]
@@ -61,16 +61,15 @@ class _Trigger:
 def _expected(dialect: str) -> list[_Trigger]:
     """Every trigger of the newest migration on ``dialect``, in the order it makes them.
     The change feed's fire in every ``session_replication_role`` on PostgreSQL
-    (migration 0010); the contacts' cascade's, like foreign keys, not in replica ones."""
+    (migration 0010)."""
     feed = trigger_ddl(dialect) + truncate_ddl(dialect) + replaced_ddl(dialect)
     out = []
-    for statements, enable in ((feed, _ALWAYS), (contact_rule_ddl(dialect), "ENABLE")):
-        for statement in statements:
-            if (made := _CREATE_TRIGGER.match(statement)) is None:
-                continue  # a function of PostgreSQL's: see _functions
-            executes = _EXECUTES.search(statement)
-            function = executes.group(1) if executes else ""
-            out.append(_Trigger(made.group(1), made.group(2), statement, function, enable))
+    for statement in feed:
+        if (made := _CREATE_TRIGGER.match(statement)) is None:
+            continue  # a function of PostgreSQL's: see _functions
+        executes = _EXECUTES.search(statement)
+        function = executes.group(1) if executes else ""
+        out.append(_Trigger(made.group(1), made.group(2), statement, function, _ALWAYS))
     return out
 
 
@@ -80,7 +79,7 @@ def _functions(dialect: str) -> dict[str, list[str]]:
     if dialect != postgresql.dialect.name:
         return {}
     out: dict[str, list[str]] = {}
-    for statement in trigger_ddl(dialect) + truncate_ddl(dialect) + contact_rule_ddl(dialect):
+    for statement in trigger_ddl(dialect) + truncate_ddl(dialect):
         if (made := _PG_FUNCTION.match(statement)) is not None:
             out[made.group(1)] = [statement]
     out["provisioner_note_change"] += definer_ddl(dialect)

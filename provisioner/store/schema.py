@@ -25,6 +25,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     func,
 )
 from sqlalchemy.dialects import mysql
@@ -32,13 +33,13 @@ from sqlalchemy.dialects import mysql
 from ..model import LOG_LEVELS, NATS, ROLES, TOAST_POSITIONS, TRANSPORTS, VIDEOS
 
 __all__ = [
+    "CONTACT_LENGTHS",
     "SUMMARY_FILLFACTOR",
     "changes",
     "daemon_state",
     "metadata",
     "profiles",
     "registration_summary",
-    "registrations",
     "user_attributes",
     "users",
 ]
@@ -184,25 +185,9 @@ daemon_state = Table(
 
 # -- registration state, read back from Asterisk over AMI ------------------------
 
-registrations = Table(
-    "registrations",
-    metadata,
-    # No foreign key: its check ran once per inserted contact, a fifth of PostgreSQL's
-    # time for a storm's write.  Triggers delete a user's contacts with its summary
-    # (which keeps its foreign key), so with the user (contact_rule.py, migration 0011).
-    Column("user_id", Integer, primary_key=True),
-    Column("server", String(64), primary_key=True),
-    # AMI's ObjectName "<aor>;@<hash>": unique per contact, and what DBDel needs.
-    Column("contact_id", String(255), primary_key=True),
-    Column("uri", String(512), nullable=False),
-    Column("status", String(32), nullable=False),
-    Column("user_agent", String(255), nullable=False, default=""),
-    Column("source", String(128), nullable=False, default=""),
-    Column("rtt_usec", BigInteger, nullable=True),
-    Column("expires_at", Timestamp, nullable=True),
-    Column("changed_at", Timestamp, nullable=False),
-    mysql_charset=MYSQL_CHARSET,
-)
+#: The size each text of a contact (:data:`registration_summary`'s ``contacts``) is cut to,
+#: as the ``registrations`` table's columns held them until migration 0014.
+CONTACT_LENGTHS = {"contact_id": 255, "uri": 512, "status": 32, "user_agent": 255, "source": 128}
 
 #: PostgreSQL's fill factor of ``registration_summary`` (percent of a page filled by
 #: inserts), set by migration 0003.
@@ -218,6 +203,12 @@ registration_summary = Table(
     # Why Asterisk does not hold the endpoint as rendered (empty when it does).
     Column("problem", String(255), nullable=False, default=""),
     Column("changed_at", Timestamp, nullable=False),
+    # The user's contacts on the server, as JSON text (an array of ``[contact_id, uri,
+    # status, user_agent, source, rtt_usec, expires_at, changed_at]``); NULL: none.  One
+    # row written an event, no contact row, index entry or delete (migration 0014:
+    # measured, a third less server time a storm's event, bench/README).  The whole set
+    # is written each time, so it needs no row of its own.
+    Column("contacts", Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb"), nullable=True),
     # Every registration event rewrites its user's row.  Half of each PostgreSQL page is
     # left free so the new version fits beside the old (a HOT update: no index entry,
     # no new page, no index bloat from a daemon running for months).  Measured: a third

@@ -3,7 +3,7 @@ fires, and on MariaDB/MySQL whether its definer is still an account.
 
 Read-only: a write would tell only by failing, and one rolled back still leaves the
 change ids it took as a gap the daemon waits on.  Shared by the change feed
-(:mod:`.changefeed`) and the contacts' cascade (:mod:`.contact_rule`).
+(:mod:`.changefeed`) and, up to migration 0014, the contacts' cascade (:mod:`.contact_rule`).
 """
 
 from __future__ import annotations

@@ -26,20 +26,6 @@ CREATE TABLE profiles (
 	CONSTRAINT uq_profiles_name UNIQUE (name)
 )CHARSET=utf8mb4;
 
-CREATE TABLE registrations (
-	user_id INTEGER NOT NULL, 
-	server VARCHAR(64) NOT NULL, 
-	contact_id VARCHAR(255) NOT NULL, 
-	uri VARCHAR(512) NOT NULL, 
-	status VARCHAR(32) NOT NULL, 
-	user_agent VARCHAR(255) NOT NULL, 
-	source VARCHAR(128) NOT NULL, 
-	rtt_usec BIGINT, 
-	expires_at DATETIME(6), 
-	changed_at DATETIME(6) NOT NULL, 
-	CONSTRAINT pk_registrations PRIMARY KEY (user_id, server, contact_id)
-)CHARSET=utf8mb4;
-
 CREATE TABLE users (
 	id INTEGER NOT NULL AUTO_INCREMENT, 
 	`role` VARCHAR(8) NOT NULL, 
@@ -97,6 +83,7 @@ CREATE TABLE registration_summary (
 	device_state VARCHAR(32) NOT NULL, 
 	problem VARCHAR(255) NOT NULL, 
 	changed_at DATETIME(6) NOT NULL, 
+	contacts LONGTEXT, 
 	CONSTRAINT pk_registration_summary PRIMARY KEY (user_id, server), 
 	CONSTRAINT fk_registration_summary_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE CASCADE
 )CHARSET=utf8mb4;
@@ -135,15 +122,9 @@ CREATE TRIGGER trg_user_attributes_key_change AFTER UPDATE ON user_attributes FO
 
 CREATE TRIGGER trg_profiles_key_change AFTER UPDATE ON profiles FOR EACH ROW INSERT INTO changes (entity, entity_id, op) SELECT 'profile', OLD.id, 'U' FROM DUAL WHERE OLD.id <> NEW.id;
 
--- A user's contacts go with its registration summary, and with the user.
-
-CREATE TRIGGER trg_registration_summary_contacts AFTER DELETE ON registration_summary FOR EACH ROW DELETE FROM registrations WHERE user_id = OLD.user_id AND server = OLD.server;
-
-CREATE TRIGGER trg_users_contacts AFTER DELETE ON users FOR EACH ROW DELETE FROM registrations WHERE user_id = OLD.id;
-
 CREATE TABLE alembic_version (
 	version_num VARCHAR(32) NOT NULL, 
 	PRIMARY KEY (version_num)
 );
 
-INSERT INTO alembic_version (version_num) VALUES ('0013');
+INSERT INTO alembic_version (version_num) VALUES ('0014');

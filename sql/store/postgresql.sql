@@ -26,20 +26,6 @@ CREATE TABLE profiles (
 	CONSTRAINT uq_profiles_name UNIQUE (name)
 );
 
-CREATE TABLE registrations (
-	user_id INTEGER NOT NULL, 
-	server VARCHAR(64) NOT NULL, 
-	contact_id VARCHAR(255) NOT NULL, 
-	uri VARCHAR(512) NOT NULL, 
-	status VARCHAR(32) NOT NULL, 
-	user_agent VARCHAR(255) NOT NULL, 
-	source VARCHAR(128) NOT NULL, 
-	rtt_usec BIGINT, 
-	expires_at TIMESTAMP WITHOUT TIME ZONE, 
-	changed_at TIMESTAMP WITHOUT TIME ZONE NOT NULL, 
-	CONSTRAINT pk_registrations PRIMARY KEY (user_id, server, contact_id)
-);
-
 CREATE TABLE users (
 	id SERIAL NOT NULL, 
 	role VARCHAR(8) NOT NULL, 
@@ -97,6 +83,7 @@ CREATE TABLE registration_summary (
 	device_state VARCHAR(32) NOT NULL, 
 	problem VARCHAR(255) NOT NULL, 
 	changed_at TIMESTAMP WITHOUT TIME ZONE NOT NULL, 
+	contacts TEXT, 
 	CONSTRAINT pk_registration_summary PRIMARY KEY (user_id, server), 
 	CONSTRAINT fk_registration_summary_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE CASCADE
 )
@@ -181,27 +168,9 @@ ALTER TABLE profiles ENABLE ALWAYS TRIGGER trg_profiles_change;
 
 ALTER TABLE profiles ENABLE ALWAYS TRIGGER trg_profiles_truncate;
 
--- A user's contacts go with its registration summary, and with the user.
-
-CREATE OR REPLACE FUNCTION provisioner_forget_contacts() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
-BEGIN
-    IF TG_OP = 'TRUNCATE' THEN
-        DELETE FROM registrations;
-    ELSE
-        DELETE FROM registrations WHERE user_id = OLD.user_id AND server = OLD.server;
-    END IF;
-    RETURN NULL;
-END
-$$;
-
-CREATE TRIGGER trg_registration_summary_contacts AFTER DELETE ON registration_summary FOR EACH ROW EXECUTE FUNCTION provisioner_forget_contacts();
-
-CREATE TRIGGER trg_registration_summary_truncate AFTER TRUNCATE ON registration_summary FOR EACH STATEMENT EXECUTE FUNCTION provisioner_forget_contacts();
-
 CREATE TABLE alembic_version (
 	version_num VARCHAR(32) NOT NULL, 
 	PRIMARY KEY (version_num)
 );
 
-INSERT INTO alembic_version (version_num) VALUES ('0013');
+INSERT INTO alembic_version (version_num) VALUES ('0014');

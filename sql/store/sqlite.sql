@@ -26,20 +26,6 @@ CREATE TABLE profiles (
 	CONSTRAINT uq_profiles_name UNIQUE (name)
 );
 
-CREATE TABLE registrations (
-	user_id INTEGER NOT NULL, 
-	server VARCHAR(64) NOT NULL, 
-	contact_id VARCHAR(255) NOT NULL, 
-	uri VARCHAR(512) NOT NULL, 
-	status VARCHAR(32) NOT NULL, 
-	user_agent VARCHAR(255) NOT NULL, 
-	source VARCHAR(128) NOT NULL, 
-	rtt_usec BIGINT, 
-	expires_at DATETIME, 
-	changed_at DATETIME NOT NULL, 
-	CONSTRAINT pk_registrations PRIMARY KEY (user_id, server, contact_id)
-);
-
 CREATE TABLE users (
 	id INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT, 
 	role VARCHAR(8) NOT NULL, 
@@ -96,6 +82,7 @@ CREATE TABLE registration_summary (
 	device_state VARCHAR(32) NOT NULL, 
 	problem VARCHAR(255) NOT NULL, 
 	changed_at DATETIME NOT NULL, 
+	contacts TEXT, 
 	CONSTRAINT pk_registration_summary PRIMARY KEY (user_id, server), 
 	CONSTRAINT fk_registration_summary_user_id_users FOREIGN KEY(user_id) REFERENCES users (id) ON DELETE CASCADE
 );
@@ -138,13 +125,9 @@ CREATE TRIGGER trg_users_replace_insert BEFORE INSERT ON users FOR EACH ROW BEGI
 
 CREATE TRIGGER trg_users_replace_update BEFORE UPDATE OF id, username_key, extension, apikey_hash ON users FOR EACH ROW BEGIN INSERT INTO changes (entity, entity_id, op) SELECT 'user', id, 'D' FROM users WHERE (id = NEW.id OR username_key = NEW.username_key OR extension = NEW.extension OR apikey_hash = NEW.apikey_hash) AND id <> OLD.id; END;
 
--- A user's contacts go with its registration summary, and with the user.
-
-CREATE TRIGGER trg_registration_summary_contacts AFTER DELETE ON registration_summary FOR EACH ROW BEGIN DELETE FROM registrations WHERE user_id = OLD.user_id AND server = OLD.server; END;
-
 CREATE TABLE alembic_version (
 	version_num VARCHAR(32) NOT NULL, 
 	PRIMARY KEY (version_num)
 );
 
-INSERT INTO alembic_version (version_num) VALUES ('0013');
+INSERT INTO alembic_version (version_num) VALUES ('0014');
