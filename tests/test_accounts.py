@@ -1526,6 +1526,31 @@ def test_a_profile_given_badly_is_refused_once_by_its_rule_not_as_missing(
     assert accounts.get_user("alice").profile == "agents"
 
 
+def _meanwhile(
+    act: Callable[[], Any], begun: threading.Event, write: Callable[[], Any]
+) -> tuple[Any, float]:
+    """Run ``act`` in a thread; once ``begun`` is set (its slow step started), run
+    ``write`` here; return what ``act`` returned or raised, and the seconds ``write``
+    took."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(act())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    assert begun.wait(10)
+    started = time.monotonic()
+    write()
+    took = time.monotonic() - started
+    worker.join(30)
+    assert not worker.is_alive()
+    return outcome[0], took
+
+
 def test_a_login_to_an_unknown_name_keeps_no_lock_while_it_spends_its_decoy(
     accounts: Accounts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1540,22 +1565,10 @@ def test_a_login_to_an_unknown_name_keeps_no_lock_while_it_spends_its_decoy(
         time.sleep(3)
 
     monkeypatch.setattr(credentials, "spend_verification", slow_decoy)
-    raised: list[BaseException] = []
-
-    def login() -> None:
-        try:
-            accounts.login("zed", "wrong")
-        except BaseException as exc:
-            raised.append(exc)
-
-    worker = threading.Thread(target=login)
-    worker.start()
-    assert spending.wait(10)
-    started = time.monotonic()
-    accounts.add_user(_agent("zack"))
-    waited = time.monotonic() - started
-    worker.join(30)
-    assert isinstance(raised[0], AuthenticationError)
+    outcome, waited = _meanwhile(
+        lambda: accounts.login("zed", "wrong"), spending, lambda: accounts.add_user(_agent("zack"))
+    )
+    assert isinstance(outcome, AuthenticationError)
     assert waited < 1.5, f"the add waited {waited:.1f} s for the login's lock"
 
 
@@ -1634,27 +1647,17 @@ def test_a_login_keeps_no_lock_while_it_verifies_the_password(
         return real_verify(password_hash, password)
 
     monkeypatch.setattr(credentials, "verify_password", slow_verify)
-    outcome: list[Any] = []
 
-    def login() -> None:
-        try:
-            outcome.append(accounts.login("alice", given))
-        except BaseException as exc:
-            outcome.append(exc)
+    def writes() -> None:
+        accounts.edit_user("alice", {"full_name": "Alice Edited"})
+        accounts.add_user(_agent("bob"))
 
-    worker = threading.Thread(target=login)
-    worker.start()
-    assert verifying.wait(10)
-    started = time.monotonic()
-    accounts.edit_user("alice", {"full_name": "Alice Edited"})
-    accounts.add_user(_agent("bob"))
-    waited = time.monotonic() - started
-    worker.join(30)
+    outcome, waited = _meanwhile(lambda: accounts.login("alice", given), verifying, writes)
     assert waited < 1.5, f"the writes waited {waited:.1f} s for the login's lock"
     if given == GOOD_PASSWORD:
-        assert outcome[0].username == "alice", outcome
+        assert outcome.username == "alice", outcome
     else:
-        assert isinstance(outcome[0], AuthenticationError), outcome
+        assert isinstance(outcome, AuthenticationError), outcome
         assert accounts.get_user("alice").failed_logins == 1
 
 
@@ -1721,23 +1724,14 @@ def test_a_change_hashes_its_passwords_before_it_locks_anything(
         return real_hash(password)
 
     monkeypatch.setattr(credentials, "hash_password", slow_hash)
-    raised: list[BaseException] = []
 
-    def act() -> None:
-        try:
-            change(accounts)
-        except BaseException as exc:
-            raised.append(exc)
+    def edit() -> None:
+        time.sleep(0.2)  # into the first hash
+        accounts.edit_user("alice", {"description": "edited meanwhile"})
 
-    worker = threading.Thread(target=act)
-    worker.start()
-    assert hashing.wait(10)
-    time.sleep(0.2)  # into the first hash
-    started = time.monotonic()
-    accounts.edit_user("alice", {"description": "edited meanwhile"})
-    waited = time.monotonic() - started
-    worker.join(30)
-    assert raised == [], raised
+    outcome, waited = _meanwhile(lambda: change(accounts), hashing, edit)
+    waited -= 0.2
+    assert outcome is None, outcome
     assert waited < 1.0, f"the edit waited {waited:.1f} s for the change's lock"
     with accounts.engine.connect() as conn:
         hashes = list(conn.execute(select(users.c.password_hash)).scalars())
