@@ -25,6 +25,7 @@ from provisioner.ami.actions import (
     FrameTooLarge,
     NotAmiPeer,
     build_action,
+    parse_message_lines,
 )
 from provisioner.config import AmiSettings
 from provisioner.errors import InvalidInput
@@ -422,3 +423,44 @@ def test_a_name_in_two_spellings_is_found_by_either_and_first_of_that_spelling()
     assert message.headers == (("event", "A"), ("Event", "B"), ("X", "1"))
     assert (message.get("event"), message.get("Event"), message.get("EVENT")) == ("A", "B", "A")
     assert message.get_all("EVENT") == ["A", "B"]
+
+
+_STATUS_NAMES = [
+    "Privilege",
+    "Timestamp",
+    "URI",
+    "ContactStatus",
+    "AOR",
+    "EndpointName",
+    "RoundtripUsec",
+]
+#: Any value a line can hold: no LF (it ends the line) and no NUL (it becomes U+FFFD).
+_LINE_TEXT = st.text(
+    st.characters(blacklist_categories=["Cs"], blacklist_characters="\n\x00"), max_size=12
+)
+
+
+@settings(max_examples=300)
+@given(
+    values=st.lists(_LINE_TEXT, min_size=7, max_size=7),
+    blanks=st.lists(st.sampled_from(["", " ", "  "]), min_size=7, max_size=7),
+    names=st.just(_STATUS_NAMES) | st.permutations(_STATUS_NAMES),
+    event=st.sampled_from(["ContactStatus", "ContactStatusDetail", "contactstatus"]),
+    extra=st.sampled_from([[], ["Foo: bar"], ["AOR: again"], ["no header"]]),
+)
+def test_a_contact_status_decodes_as_the_general_parser_parses_it(
+    values: list[str], blanks: list[str], names: list[str], event: str, extra: list[str]
+) -> None:
+    """A ContactStatus-like message (the storm's shape matched whole, or any other order,
+    name, spacing or extra line) decodes to the headers, in order, that the line-by-line
+    parser gives its lines."""
+    lines = [f"Event: {event}"]
+    lines += [f"{n}:{b}{v}" for n, b, v in zip(names, blanks, values, strict=True)] + extra
+    (message,) = FrameDecoder().feed(BANNER + "\r\n".join(lines).encode() + b"\r\n\r\n")
+    expected = parse_message_lines(lines)
+    assert expected is not None
+    assert message.headers == expected.headers
+    first: dict[str, str] = {}
+    for name, value in expected.headers:
+        first.setdefault(name, value)
+    assert message.as_dict() == first

@@ -75,6 +75,25 @@ _HEADER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 #: ``Key: Value``: the key up to the first colon, without blanks; blanks after the colon skipped.
 _HEADER_LINE = re.compile(r"^([^:\n ]+):[ ]*(.*)$", re.MULTILINE)
+#: The names of a ``ContactStatus`` event's lines after ``Event``, in the order Asterisk
+#: sends them (the recorded transcripts in ``shared/asterisk/ami``): a registration
+#: storm's message.
+_CONTACT_STATUS_NAMES = (
+    "Privilege",
+    "Timestamp",
+    "URI",
+    "ContactStatus",
+    "AOR",
+    "EndpointName",
+    "RoundtripUsec",
+)
+#: A whole ``ContactStatus`` message of that shape (LF-joined, as the decoder splits it),
+#: each value as :data:`_HEADER_LINE` takes it (blanks after the colon skipped, the rest
+#: of the line): one match where the general path's ``findall`` and ``dict`` took twice
+#: the time.  Any other message does not match it and takes the general path.
+_CONTACT_STATUS = re.compile(
+    "Event: ContactStatus" + "".join(f"\n{name}:[ ]*([^\n]*)" for name in _CONTACT_STATUS_NAMES)
+)
 _RESERVED = frozenset({"action", "actionid"})
 #: Header names whose values never reach a log.
 _SECRET_HEADERS = frozenset({"secret", "key"})
@@ -528,8 +547,10 @@ class FrameDecoder:
         The storm's path, so one loop does it all: each block's ``Key: Value`` lines
         become its dict in one regular expression pass, and a dict of as many names as
         the block has lines (every line a header, no name repeated) is the message as
-        it is; any other block is parsed line by line (:func:`_message_of`)."""
-        findall = _HEADER_LINE.findall
+        it is; any other block is parsed line by line (:func:`_message_of`).  A
+        ``ContactStatus`` of the usual shape (:data:`_CONTACT_STATUS`) is matched whole
+        instead: decode 4.3-4.7 to 2.6 µs an event."""
+        findall, contact_status = _HEADER_LINE.findall, _CONTACT_STATUS.fullmatch
         max_headers, max_bytes = self.max_headers, self.max_message_bytes
         append = out.append
         for block in blocks:
@@ -543,6 +564,22 @@ class FrameDecoder:
             size = (len(whole) if whole.isascii() else len(whole.encode())) + lines + 1
             if size > max_bytes:
                 raise FrameTooLarge("message", f"message over {max_bytes} bytes")
+            match = contact_status(whole)
+            if match is not None:
+                # The same dict as the general path's, names in the same order.
+                privilege, stamp, uri, status, aor, endpoint, rtt = match.groups()
+                exact = {
+                    "Event": "ContactStatus",
+                    "Privilege": privilege,
+                    "Timestamp": stamp,
+                    "URI": uri,
+                    "ContactStatus": status,
+                    "AOR": aor,
+                    "EndpointName": endpoint,
+                    "RoundtripUsec": rtt,
+                }
+                append(_message_of_dict(exact, size))
+                continue
             pairs = findall(whole)
             exact = dict(pairs)
             if len(exact) == lines:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache, lru_cache
+from operator import itemgetter
 from typing import Any, Literal, TypeVar, cast, overload
 
 from sqlalchemy import (
@@ -521,8 +522,19 @@ class RowBatch:
         contacts_of = _fitted_contacts if nested else contacts_text
         # Tuples, not lists: the collector stops tracking them after one pass (a batch of
         # lists alive through the flush was promoted and brought on full collections).
-        summaries = [(ep, *rows[ep][1], contacts_of(rows[ep][0], stamp)) for ep in sorted(rows)]
+        # Made in ``rows``' own order, then sorted: the flusher's rows are in the order
+        # they were made, so this walks them in memory order, where looking each up in
+        # endpoint order jumped about (a 50k batch 4.2-4.6 to 1.6-1.7 µs an endpoint when
+        # its events came in endpoint order, 3.4-3.6 when shuffled).
+        summaries = [
+            (ep, *summary, contacts_of(contacts, stamp)) for ep, (contacts, summary) in rows.items()
+        ]
+        summaries.sort(key=_first)
         return cls(json_text(summaries), stamp)
+
+
+#: The endpoint of a :meth:`RowBatch.of` entry (its sort key: endpoints are unique).
+_first = itemgetter(0)
 
 
 def write_batch(conn: Connection, server: str, batch: RowBatch) -> int:
