@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, create_engine, text
@@ -462,6 +463,42 @@ def test_0014_moves_contacts_into_their_summary_and_back(db_url: str, backend: s
         assert _contact_users(engine) == [1]
         upgrade(engine)
         assert _contact_users(engine) == [1]
+        assert _differences(engine) == []
+    finally:
+        engine.dispose()
+
+
+def test_0014_downgraded_again_after_failing_past_its_insert_keeps_each_contact_once(
+    db_url: str, backend: str
+) -> None:
+    """A downgrade from 0014 run again after one that failed past its insert of the
+    contacts (on MariaDB/MySQL the DDL that follows commits it: the table and its rows
+    stay, the summaries' column too) ends at 0013 with each contact once, not with a
+    duplicate key."""
+    import importlib
+
+    engine = open_engine(db_url)
+    try:
+        upgrade(engine, "0013")
+        _seed_registered(engine, 3)
+        upgrade(engine)
+        step = importlib.import_module(
+            "provisioner.store.migrations.versions.0014_contacts_in_their_summary_row"
+        )
+        with engine.begin() as conn:  # what the failed run left
+            table = step._registrations(sa.MetaData())
+            table.create(conn)
+            rows = [
+                {"user_id": uid, "server": "pbx1", "contact_id": f"{ep};@abc", "uri": "u",
+                 "status": "Reachable", "user_agent": "", "source": "", "rtt_usec": 1,
+                 "expires_at": None, "changed_at": datetime(2026, 1, 1)}
+                for uid, ep in ((1, "100000"), (2, "100001"), (3, "100002"))
+            ]  # fmt: skip
+            conn.execute(table.insert(), rows)
+        downgrade(engine, "0013")
+        assert _contact_users(engine) == [1, 2, 3]
+        upgrade(engine)
+        assert _contact_users(engine) == [1, 2, 3]
         assert _differences(engine) == []
     finally:
         engine.dispose()

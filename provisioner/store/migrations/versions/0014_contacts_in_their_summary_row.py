@@ -145,9 +145,26 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     bind = op.get_bind()
+    if "contacts" in _columns():
+        _contacts_back(bind)
+    there = _triggers_there()
+    for statement in contact_rule_ddl(bind.dialect.name):
+        if not any(f"TRIGGER {name} " in statement for name in there):
+            op.execute(statement)
+
+
+def _contacts_back(bind: sa.Connection) -> None:
+    """The summaries' contacts as rows of ``registrations`` again (made when missing),
+    then the column dropped.  A table already there is a downgrade's that failed after
+    its insert (MariaDB/MySQL's DDL commits it): its rows are the column's, which still
+    holds them all, so they are deleted and inserted anew, not inserted twice (a
+    duplicate key).  Once the column is gone (a failed run's last steps were the
+    triggers), the table holds them and this is not run."""
     meta = sa.MetaData()
     contacts, summary = _registrations(meta), _summary(meta)
-    if not sa.inspect(bind).has_table("registrations"):
+    if sa.inspect(bind).has_table("registrations"):
+        bind.execute(sa.delete(contacts))
+    else:
         contacts.create(bind)
     rows = []
     query = sa.select(summary.c.user_id, summary.c.server, summary.c.contacts).where(
@@ -163,11 +180,6 @@ def downgrade() -> None:
             rows.append({"user_id": uid, "server": server, **row})
     if rows:
         bind.execute(sa.insert(contacts), rows)
-    if "contacts" in _columns():
-        # Before the triggers: SQLite rebuilds the table, which would drop them.
-        with op.batch_alter_table("registration_summary") as batch:
-            batch.drop_column("contacts")
-    there = _triggers_there()
-    for statement in contact_rule_ddl(bind.dialect.name):
-        if not any(f"TRIGGER {name} " in statement for name in there):
-            op.execute(statement)
+    # Before the triggers: SQLite rebuilds the table, which would drop them.
+    with op.batch_alter_table("registration_summary") as batch:
+        batch.drop_column("contacts")
