@@ -2347,14 +2347,15 @@ def test_a_snapshot_refused_on_a_live_session_is_asked_for_again(
     assert listed
 
 
-def test_a_snapshot_failing_again_and_again_is_logged_once_counted_and_its_end_said(
+def test_a_snapshot_failing_again_and_again_is_logged_once_a_reason_counted_and_its_end_said(
     store: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A snapshot Asterisk keeps refusing, then leaves unanswered, on a session that stays
-    up logs one warning (registration.snapshot_failed, with the refusal) for the whole
-    run, the health record counts the failures and shows the last reason, and the
-    answered snapshot that ends the run logs registration.snapshot_recovered once, with
-    the count, the health record's count back to 0."""
+    up logs one warning (registration.snapshot_failed) per reason for the whole run (the
+    refusal's, then the missing answer's), the health record counts the failures and
+    shows the last reason, and the answered snapshot that ends the run logs
+    registration.snapshot_recovered once, with the count, the health record's count back
+    to 0."""
     monkeypatch.setattr(pbx_module, "SNAPSHOT_MIN_GAP", 0.02)
     monkeypatch.setattr(pbx_module, "SNAPSHOT_RETRY_MAX", 0.1)
 
@@ -2385,8 +2386,9 @@ def test_a_snapshot_failing_again_and_again_is_logged_once_counted_and_its_end_s
     assert "PJSIPShowContacts: no answer in 0.2s" in failing["snapshot_error"]
     assert (healthy["snapshot_failures"], healthy["snapshot_error"]) == (0, "")
     loud = [e for e in logs if e["log_level"] in ("warning", "error")]
-    assert [e["event"] for e in loud] == ["registration.snapshot_failed"]
+    assert [e["event"] for e in loud] == ["registration.snapshot_failed"] * 2
     assert "Permission denied" in loud[0]["error"]
+    assert "no answer in 0.2s" in loud[1]["error"]
     (recovered,) = [e for e in logs if e["event"] == "registration.snapshot_recovered"]
     assert recovered["failures"] >= 5
     assert (

@@ -309,7 +309,8 @@ class Link:
     snapshot_took: float = 0.0
     #: Snapshots failed in a row (refused, unanswered, their session lost; 0 once
     #: Asterisk answers one), and why the last one failed ("" then): the health record
-    #: shows both; ``registration.snapshot_failed`` is a warning at the first only.
+    #: shows both; ``registration.snapshot_failed`` is a warning at the first, and when
+    #: the reason changes.
     snapshot_failures: int = 0
     snapshot_error: str = ""
     #: Endpoints applied but not yet verified (see :func:`~.changes.verify_some`), each
@@ -1809,11 +1810,14 @@ def _expired(reg: EndpointRegistration, now: float) -> bool:
 
 def _snapshot_failed(link: Link, error: str) -> None:
     """Count a failed snapshot of ``link``'s server: ``registration.snapshot_failed`` (with
-    ``error``, the reason) is a warning at the first failure of a run, a debug line at
-    the others (a refusal kept up is retried every minute for as long as it lasts)."""
+    ``error``, the reason) is a warning at the first failure of a run and at one whose
+    reason differs from the failure's before it (ops who fixed a refusal learn that the
+    snapshot now fails otherwise), a debug line at the others (a refusal kept up is
+    retried every minute for as long as it lasts)."""
     link.snapshot_failures += 1
+    changed = error != link.snapshot_error
     link.snapshot_error = error
-    say = log.warning if link.snapshot_failures == 1 else log.debug
+    say = log.warning if link.snapshot_failures == 1 or changed else log.debug
     say(
         "registration.snapshot_failed",
         server=link.name,
