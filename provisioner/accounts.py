@@ -859,6 +859,15 @@ class Accounts:
                 "username", f"{row.username} is in deleted members; restore it first"
             )
 
+    def _row_to_change(self, conn: Connection, username: str) -> Any:
+        """``username``'s row, locked, once :attr:`actor` may change it and it is not in
+        deleted members (:class:`ForbiddenError` otherwise, :class:`NotFoundError` when
+        there is no such user)."""
+        row = q.fetch_user_row(conn, username, lock=True)
+        self.guard_first_admin(conn, row)
+        self._not_deleted(row)
+        return row
+
     def disable(self, usernames: Sequence[str]) -> Bulk:
         def change(conn: Connection, row: Any, now: datetime) -> bool:
             self._protect_first_admin(conn, row, "disabled")
@@ -957,9 +966,7 @@ class Accounts:
         # the whole store's) for argon2's 0.1-0.3 s.
         password_hash = credentials.hash_password(clean["password"])
         with self.write() as conn:
-            row = q.fetch_user_row(conn, username, lock=True)
-            self.guard_first_admin(conn, row)
-            self._not_deleted(row)
+            row = self._row_to_change(conn, username)
             now = self.clock()
             q.update_user(
                 conn,
@@ -977,9 +984,7 @@ class Accounts:
             secret = validate_fields({"sip_secret": secret})["sip_secret"]
         secret = secret or credentials.generate_sip_secret()
         with self.write() as conn:
-            row = q.fetch_user_row(conn, username, lock=True)
-            self.guard_first_admin(conn, row)
-            self._not_deleted(row)
+            row = self._row_to_change(conn, username)
             digests = credentials.sip_digests(row.username, self.policy.realm, secret)
             q.update_user(
                 conn,
@@ -997,9 +1002,7 @@ class Accounts:
         """A new API key (replacing any old one: at most one per user); return it to show once."""
         key = credentials.generate_apikey()
         with self.write() as conn:
-            row = q.fetch_user_row(conn, username, lock=True)
-            self.guard_first_admin(conn, row)
-            self._not_deleted(row)
+            row = self._row_to_change(conn, username)
             now = self.clock()
             q.update_user(
                 conn,
