@@ -1101,6 +1101,21 @@ def test_an_uncounted_write_stores_the_same_rows_without_a_counting_statement(
         assert result == 2
 
 
+def test_a_writer_holds_its_batch_as_made_before_it_runs(engine: Engine) -> None:
+    """A writer's batch is made when the writer is (on MariaDB its JSON_TABLE documents
+    too), so the rows it was given may go before it runs and it still writes them all."""
+    seed_store(engine, 2)
+    states = {ep: _state(ep, "NonQualified") for ep in ("100000", "100001")}
+    writer = registrations_module.endpoint_writer(
+        engine.dialect.name, "lab", states, NOW, counted=False
+    )
+    states.clear()
+    with engine.begin() as conn:
+        writer(conn)
+    with reading(engine) as conn:
+        assert _contacts(conn, "user_id", "status") == [(1, "NonQualified"), (2, "NonQualified")]
+
+
 def test_a_postgresql_batch_is_split_into_sorted_disjoint_parts() -> None:
     """A large PostgreSQL batch is cut into runs of sorted endpoints that hold each
     endpoint once; a small batch, or one for another database, stays whole."""

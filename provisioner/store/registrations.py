@@ -305,6 +305,9 @@ def endpoint_writer(
     with.  Where the store takes JSON batches (SQLite, PostgreSQL: :func:`write_batch`) the
     batch is built now, so a caller on the event loop builds it while an earlier write
     still runs in its thread, which then only waits on the database.
+    On MariaDB/MySQL the ``JSON_TABLE`` documents (:func:`_json_table_documents`) are
+    built now too, for a server that has ``JSON_TABLE`` (the writer learns which when
+    it runs; on an older one they go unused).
     ``counted=False``: the caller does not use how many endpoints matched (the
     flusher); where counting them is a statement of its own (MariaDB/MySQL's
     ``JSON_TABLE`` documents: :func:`_write_rows_json_table`) it is not run, and the
@@ -312,7 +315,18 @@ def endpoint_writer(
     if dialect in _ONE_PARAMETER:
         batch = RowBatch.of(rows, now)
         return lambda conn: write_batch(conn, server, batch)
-    return lambda conn: _write_rows_general(conn, server, rows, now, counted=counted)
+    documents = _json_table_documents(rows, now) if dialect in _JSON_TABLE_DIALECTS else None
+    return lambda conn: _write_rows_general(
+        conn, server, rows, now, counted=counted, documents=documents
+    )
+
+
+#: Dialects whose servers may have ``JSON_TABLE`` (:func:`~.bulk.has_json_table` tells,
+#: given a connection's dialect with its server's version).
+_JSON_TABLE_DIALECTS = frozenset({"mysql", "mariadb"})
+#: A part of a batch as :func:`_write_rows_json_table` sends it: the batch's
+#: :func:`time_text` and its document (:func:`~.bulk.json_table_payload`).
+_Document = tuple[str, str]
 
 
 def _write_rows_general(
@@ -322,13 +336,17 @@ def _write_rows_general(
     now: datetime,
     *,
     counted: bool = True,
+    documents: Sequence[_Document] | None = None,
 ) -> int | None:
     """:func:`write_endpoint_rows` on MariaDB/MySQL: as JSON_TABLE documents where the
-    server has them (:func:`_write_rows_json_table`; ``None`` unless ``counted``); else
-    user ids looked up, the endpoints' summaries deleted and inserted again (the problems
-    recorded kept)."""
+    server has them (:func:`_write_rows_json_table`: ``documents``, those of ``rows``
+    built beforehand, or built now; ``None`` unless ``counted``); else user ids looked
+    up, the endpoints' summaries deleted and inserted again (the problems recorded
+    kept)."""
     if has_json_table(conn.dialect):
-        return _write_rows_json_table(conn, server, rows, now, counted=counted)
+        if documents is None:
+            documents = _json_table_documents(rows, now)
+        return _write_rows_json_table(conn, server, documents, counted=counted)
     ids = _user_ids(conn, rows)
     matched = [(ep, ids[ep]) for ep in rows if ep in ids]
     uids = [uid for _, uid in matched]
@@ -363,8 +381,7 @@ def _write_rows_general(
 def _write_rows_json_table(
     conn: Connection,
     server: str,
-    rows: EndpointRows,
-    now: datetime,
+    documents: Sequence[_Document],
     *,
     counted: bool = True,
 ) -> int | None:
@@ -380,19 +397,26 @@ def _write_rows_json_table(
     went from 22-23 to 5.5-6 µs an event and the write's wall time from 57-66 to 33-46
     µs, against user ids looked up and IN lists of them (``bench_registration --backend
     mariadb``: 11-12k events/s to 21k, same hour); the contacts in the summary row
-    (migration 0014) took the server's time of a storm's event from 25-30 to 13-22 µs."""
+    (migration 0014) took the server's time of a storm's event from 25-30 to 13-22 µs.
+    ``documents`` (:func:`_json_table_documents`) are made before, by the caller: the
+    flusher's, on the event loop while the write before runs, so the server is not
+    left waiting between two writes while this thread makes them."""
     count, upsert = _json_table_statements()
     matched = 0
-    for batch in _json_table_parts(rows, now):
-        params = {
-            "server": server,
-            "stamp": batch.stamp,
-            "rows": json_table_payload(batch.summaries),
-        }
+    for stamp, document in documents:
+        params = {"server": server, "stamp": stamp, "rows": document}
         if counted:
             matched += int(conn.execute(count, params).scalar_one())
         conn.execute(upsert, params)
     return matched if counted else None
+
+
+def _json_table_documents(rows: EndpointRows, now: datetime) -> list[_Document]:
+    """``rows`` as the parts :func:`_write_rows_json_table` sends (:func:`_json_table_parts`),
+    each its stamp and its document as it travels."""
+    return [
+        (batch.stamp, json_table_payload(batch.summaries)) for batch in _json_table_parts(rows, now)
+    ]
 
 
 def _json_table_parts(rows: EndpointRows, now: datetime) -> Iterator[RowBatch]:
