@@ -1101,6 +1101,55 @@ def test_an_uncounted_write_stores_the_same_rows_without_a_counting_statement(
         assert result == 2
 
 
+def test_a_writer_holds_its_batch_as_made_before_it_runs(engine: Engine) -> None:
+    """A writer's batch is made when the writer is (on MariaDB its JSON_TABLE documents
+    too), so the rows it was given may go before it runs and it still writes them all."""
+    seed_store(engine, 2)
+    states = {ep: _state(ep, "NonQualified") for ep in ("100000", "100001")}
+    writer = registrations_module.endpoint_writer(
+        engine.dialect.name, "lab", states, NOW, counted=False
+    )
+    states.clear()
+    with engine.begin() as conn:
+        writer(conn)
+    with reading(engine) as conn:
+        assert _contacts(conn, "user_id", "status") == [(1, "NonQualified"), (2, "NonQualified")]
+
+
+def test_a_snapshot_takes_every_contact_and_dates_only_the_summaries_it_turns_offline(
+    engine: Engine,
+) -> None:
+    """An empty snapshot (an Asterisk restarted) leaves every summary of its server
+    offline without contacts: one that was online or unreachable changed as of the
+    snapshot, one already offline keeping its last change; another server's untouched."""
+    seed_store(engine, 4)
+    offline: SummaryRow = ("offline", "UNAVAILABLE", "", SEEN_TEXT)
+    unreachable: SummaryRow = ("unreachable", "UNAVAILABLE", "", SEEN_TEXT)
+    rows = {
+        "100000": _state("100000", "Reachable"),
+        "100001": (_state("100001", "Unreachable")[0], offline),
+        "100002": ([], unreachable),
+        "100003": ([], offline),
+    }
+    with engine.begin() as conn:
+        write_endpoint_rows(conn, "pbx1", rows, SEEN)
+        write_endpoint_rows(conn, "pbx2", {"100000": rows["100000"]}, SEEN)
+        replace_server_snapshot(conn, "pbx1", {}, NOW)
+    summary = registration_summary.c
+    query = select(summary.server, summary.user_id, summary.state, summary.changed_at)
+    with reading(engine) as conn:
+        sums = sorted(tuple(r) for r in conn.execute(query))
+        contacts = _contacts(conn, "server", "user_id")
+    assert sums == [
+        ("pbx1", 1, "offline", NOW),
+        ("pbx1", 2, "offline", SEEN),
+        ("pbx1", 3, "offline", NOW),
+        ("pbx1", 4, "offline", SEEN),
+        ("pbx2", 1, "online", SEEN),
+    ]
+    assert contacts == [("pbx2", 1)]
+
+
 def test_a_postgresql_batch_is_split_into_sorted_disjoint_parts() -> None:
     """A large PostgreSQL batch is cut into runs of sorted endpoints that hold each
     endpoint once; a small batch, or one for another database, stays whole."""

@@ -305,6 +305,9 @@ def endpoint_writer(
     with.  Where the store takes JSON batches (SQLite, PostgreSQL: :func:`write_batch`) the
     batch is built now, so a caller on the event loop builds it while an earlier write
     still runs in its thread, which then only waits on the database.
+    On MariaDB/MySQL the ``JSON_TABLE`` documents (:func:`_json_table_documents`) are
+    built now too, for a server that has ``JSON_TABLE`` (the writer learns which when
+    it runs; on an older one they go unused).
     ``counted=False``: the caller does not use how many endpoints matched (the
     flusher); where counting them is a statement of its own (MariaDB/MySQL's
     ``JSON_TABLE`` documents: :func:`_write_rows_json_table`) it is not run, and the
@@ -312,7 +315,18 @@ def endpoint_writer(
     if dialect in _ONE_PARAMETER:
         batch = RowBatch.of(rows, now)
         return lambda conn: write_batch(conn, server, batch)
-    return lambda conn: _write_rows_general(conn, server, rows, now, counted=counted)
+    documents = _json_table_documents(rows, now) if dialect in _JSON_TABLE_DIALECTS else None
+    return lambda conn: _write_rows_general(
+        conn, server, rows, now, counted=counted, documents=documents
+    )
+
+
+#: Dialects whose servers may have ``JSON_TABLE`` (:func:`~.bulk.has_json_table` tells,
+#: given a connection's dialect with its server's version).
+_JSON_TABLE_DIALECTS = frozenset({"mysql", "mariadb"})
+#: A part of a batch as :func:`_write_rows_json_table` sends it: the batch's
+#: :func:`time_text` and its document (:func:`~.bulk.json_table_payload`).
+_Document = tuple[str, str]
 
 
 def _write_rows_general(
@@ -322,13 +336,17 @@ def _write_rows_general(
     now: datetime,
     *,
     counted: bool = True,
+    documents: Sequence[_Document] | None = None,
 ) -> int | None:
     """:func:`write_endpoint_rows` on MariaDB/MySQL: as JSON_TABLE documents where the
-    server has them (:func:`_write_rows_json_table`; ``None`` unless ``counted``); else
-    user ids looked up, the endpoints' summaries deleted and inserted again (the problems
-    recorded kept)."""
+    server has them (:func:`_write_rows_json_table`: ``documents``, those of ``rows``
+    built beforehand, or built now; ``None`` unless ``counted``); else user ids looked
+    up, the endpoints' summaries deleted and inserted again (the problems recorded
+    kept)."""
     if has_json_table(conn.dialect):
-        return _write_rows_json_table(conn, server, rows, now, counted=counted)
+        if documents is None:
+            documents = _json_table_documents(rows, now)
+        return _write_rows_json_table(conn, server, documents, counted=counted)
     ids = _user_ids(conn, rows)
     matched = [(ep, ids[ep]) for ep in rows if ep in ids]
     uids = [uid for _, uid in matched]
@@ -363,8 +381,7 @@ def _write_rows_general(
 def _write_rows_json_table(
     conn: Connection,
     server: str,
-    rows: EndpointRows,
-    now: datetime,
+    documents: Sequence[_Document],
     *,
     counted: bool = True,
 ) -> int | None:
@@ -380,19 +397,26 @@ def _write_rows_json_table(
     went from 22-23 to 5.5-6 µs an event and the write's wall time from 57-66 to 33-46
     µs, against user ids looked up and IN lists of them (``bench_registration --backend
     mariadb``: 11-12k events/s to 21k, same hour); the contacts in the summary row
-    (migration 0014) took the server's time of a storm's event from 25-30 to 13-22 µs."""
+    (migration 0014) took the server's time of a storm's event from 25-30 to 13-22 µs.
+    ``documents`` (:func:`_json_table_documents`) are made before, by the caller: the
+    flusher's, on the event loop while the write before runs, so the server is not
+    left waiting between two writes while this thread makes them."""
     count, upsert = _json_table_statements()
     matched = 0
-    for batch in _json_table_parts(rows, now):
-        params = {
-            "server": server,
-            "stamp": batch.stamp,
-            "rows": json_table_payload(batch.summaries),
-        }
+    for stamp, document in documents:
+        params = {"server": server, "stamp": stamp, "rows": document}
         if counted:
             matched += int(conn.execute(count, params).scalar_one())
         conn.execute(upsert, params)
     return matched if counted else None
+
+
+def _json_table_documents(rows: EndpointRows, now: datetime) -> list[_Document]:
+    """``rows`` as the parts :func:`_write_rows_json_table` sends (:func:`_json_table_parts`),
+    each its stamp and its document as it travels."""
+    return [
+        (batch.stamp, json_table_payload(batch.summaries)) for batch in _json_table_parts(rows, now)
+    ]
 
 
 def _json_table_parts(rows: EndpointRows, now: datetime) -> Iterator[RowBatch]:
@@ -782,20 +806,32 @@ def replace_server_snapshot(
     is the one the store holds keeps the stored last change (:func:`_unchanged_times`):
     a restart is no change of the phones it finds as they were."""
     rows = _unchanged_times(conn, server, rows)
-    summary = registration_summary.c
-    conn.execute(
-        update(registration_summary)
-        .where(summary.server == server, summary.contacts.is_not(None))
-        .values(contacts=None)
-    )
-    conn.execute(
-        update(registration_summary)
-        .where(summary.server == server, summary.state != "offline")
-        .values(state="offline", changed_at=now)
-    )
+    _all_offline(conn, server, now)
     if not rows:
         return 0
     return endpoint_writer(conn.dialect.name, server, rows, now)(conn)
+
+
+def _all_offline(conn: Connection, server: str, now: datetime) -> None:
+    """Every summary of ``server`` without its contacts and offline, one not offline
+    before changed as of ``now`` (one that was keeps its last change).
+
+    One statement, each row rewritten once: as two (the contacts gone, then the state)
+    the summaries of a server whose phones were online were each updated twice.  An
+    empty snapshot of 50k online summaries (an Asterisk restart), wall a summary: MariaDB
+    10.1 to 6.1 µs (its server's CPU 9.9 to 5.2), PostgreSQL 19.5 to 5.4, SQLite 4.7 to
+    2.6 (bench/README, 2026-12-07 17:48)."""
+    summary = registration_summary.c
+    not_offline = summary.state != "offline"
+    # ``changed_at`` first: MariaDB and MySQL evaluate SET items left to right, each
+    # seeing the ones before it, so after ``state = 'offline'`` the test would be false.
+    changes = update(registration_summary).ordered_values(
+        (summary.changed_at, case((not_offline, now), else_=summary.changed_at)),
+        (summary.state, "offline"),
+        (summary.contacts, None),
+    )
+    touched = or_(summary.contacts.is_not(None), not_offline)
+    conn.execute(changes.where(summary.server == server, touched))
 
 
 def _unchanged_times(conn: Connection, server: str, rows: EndpointRows) -> EndpointRows:
