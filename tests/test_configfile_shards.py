@@ -814,6 +814,74 @@ def test_a_shard_failing_its_check_is_not_written(path: Path, tmp_path: Path) ->
     assert snapshot(path.parent) == after_edit
 
 
+#: A header.j2 that is not plain (it opens a section) in the shard holding user 1003 only.
+BAD_HEADER_FOR_1003 = (
+    "{% if users | selectattr('endpoint_id', 'equalto', '1003') | list %}[evil]\nx=1\n"
+    "{% endif %}; generated\n"
+)
+
+
+def _conf_files(root: Path) -> list[Path]:
+    """Every config file, backup or temporary file under ``root`` (not the writers' lock)."""
+    return sorted(
+        p for p in root.rglob("*") if p.is_file() and ".conf" in p.name and p.suffix != ".lock"
+    )
+
+
+def test_a_first_apply_with_one_shard_header_failing_writes_nothing(
+    path: Path, tmp_path: Path
+) -> None:
+    """A new target's first apply whose header breaks one shard (the others' checked and
+    ready) raises naming that shard and leaves no shard file, main file or temporary."""
+    overrides = write_override(tmp_path / "tpl", "header.j2", BAD_HEADER_FOR_1003)
+    target = ShardedConfigFileTarget(path, overrides, shards=4)
+    bad = shard_name(shard_of("1003", 4), 4)
+    with pytest.raises(RenderCheckFailed, match=rf"^{bad}: .*sections came out"):
+        target.apply(many(30))
+    assert _conf_files(path.parent) == []
+
+
+def test_a_switch_with_one_shard_header_failing_leaves_the_old_set_untouched(
+    path: Path, tmp_path: Path
+) -> None:
+    """A switch to a new shard count whose header breaks one new shard raises and leaves
+    every file of the old set as it was (inodes, mtimes, bytes), and no new file."""
+    users = many(30)
+    ShardedConfigFileTarget(path, shards=2).apply(users)
+    before = snapshot(path.parent)
+    overrides = write_override(tmp_path / "tpl", "header.j2", BAD_HEADER_FOR_1003)
+    target = ShardedConfigFileTarget(path, overrides, shards=4)
+    with pytest.raises(RenderCheckFailed, match=shard_name(shard_of("1003", 4), 4)):
+        target.apply(users)
+    assert snapshot(path.parent) == before
+
+
+def test_a_first_apply_with_a_value_left_to_the_parser_checks_every_shard(path: Path) -> None:
+    """A new target's first apply holding a value the canonical checks leave to the parser
+    writes every shard file parsing back to exactly its users, counts every user added,
+    and leaves no temporary file."""
+    users = many(40)
+    odd = replace(users[3], endpoint=(*users[3].endpoint, ("x", "a=>b")))
+    users[3] = odd
+    target = ShardedConfigFileTarget(path, shards=4)
+    change = target.apply(users)
+    assert change.added == tuple(u.endpoint_id for u in users)
+    assert len(change.changed_objects) == 3 * len(users)
+    check_shards(target, users)
+    assert [p for p in _conf_files(path.parent) if p.name.endswith(".tmp")] == []
+
+
+def test_a_first_apply_counts_every_object_once_in_render_order(path: Path) -> None:
+    """A new target's first apply reports every user added and each of their objects once,
+    in the users' order, as the one-file target does."""
+    users = many(60)
+    sharded = ShardedConfigFileTarget(path, shards=8).apply(users)
+    single = ConfigFileTarget(path.with_name("single.conf")).apply(users)
+    assert sharded.added == single.added
+    assert sharded.changed_objects == single.changed_objects
+    assert len(sharded.changed_objects) == 3 * len(users)
+
+
 def test_a_path_asterisk_cannot_include_is_refused(tmp_path: Path) -> None:
     """A shard directory whose path an #include would not keep literally (a comment mark,
     a quote, a glob character) is a config error naming target.path."""

@@ -615,6 +615,29 @@ class ConfigFileTarget:
             change = compare(current, desired)
         return PendingWrite(change, state, write=old != state.data, backup=old is not None)
 
+    def prepare_chunks(self, users: list[UserObjects], chunks: list[str]) -> PendingWrite | None:
+        """:meth:`prepare` (the change left empty, as with ``count`` false) of ``users``
+        whose canonical chunks are ``chunks``, which the caller made with
+        :func:`.canonical._chunk_text` and found canonical (:func:`.canonical._plain_join`
+        of them, alone or in a batch with other users': the checks hold for a batch
+        exactly when they hold for each text).  Only the header is rendered and checked
+        here (:meth:`.Templates.plain_header`); the file is that header followed by the
+        chunks, exactly what :meth:`_verify` accepts without parsing it.  None when the
+        layout templates are not the shipped ones or the header is not plain: the caller
+        then prepares these users the general way."""
+        if not self._direct:
+            return None
+        with self._templates.templating() as env:
+            header = env.get_template("header.j2").render(users=users, shard=self.shard)
+        if not self._templates.plain_header(header):
+            return None
+        text = "".join(chain((header,), chunks))
+        data = text.encode("utf-8")
+        state = self._verified = _State(data, users, chunks, header, len(text))
+        self._cache = None
+        old = read_file(self.path)
+        return PendingWrite(Change(), state, write=old != data, backup=old is not None)
+
     def _counted(
         self, old: bytes | None, state: _State, ids: Sequence[str] | None = None
     ) -> Change:
