@@ -1135,11 +1135,13 @@ def test_check_fails_its_target_line_for_an_override_template_that_cannot_be_rea
 def test_a_full_apply_of_many_shards_writes_them_at_once_each_whole(
     path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A full apply changing at least PARALLEL_FILES shard files writes them from several
-    threads; each file holds exactly its users and the main file includes them all."""
+    """A full apply changing at least PARALLEL_FILES shard files of the set in place
+    writes them from several threads; each file holds exactly its users and the main
+    file includes them all."""
     shards = 4 * PARALLEL_FILES
-    users = many(600)
     target = ShardedConfigFileTarget(path, shards=shards)
+    target.apply(many(600))
+    users = [replace(u, endpoint=(*u.endpoint, ("language", "fr"))) for u in many(600)]
     write_synced = files_module.write_synced
     writers: set[str] = set()
 
@@ -1148,18 +1150,43 @@ def test_a_full_apply_of_many_shards_writes_them_at_once_each_whole(
         write_synced(temp, data)
 
     monkeypatch.setattr(files_module, "write_synced", recorded)
-    assert target.apply(users).wrote
+    assert len(target.apply(users).updated) == len(users)
     assert len({name for name in writers if name.startswith("shard-write")}) > 1
     check_shards(target, users)
+    assert ShardedConfigFileTarget(path, shards=shards).apply(users).empty
+
+
+def test_a_first_apply_stages_the_shard_files_from_several_threads(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new set's first apply writes and fsyncs its shard files' temporaries from several
+    threads (while the chunks are checked); each file holds exactly its users, no
+    temporary file is left, and the main file includes them all."""
+    shards = 4 * PARALLEL_FILES
+    users = many(600)
+    write_synced = files_module.write_synced
+    writers: set[str] = set()
+
+    def recorded(temp: Path, data: bytes) -> None:
+        writers.add(threading.current_thread().name)
+        write_synced(temp, data)
+
+    monkeypatch.setattr(files_module, "write_synced", recorded)
+    target = ShardedConfigFileTarget(path, shards=shards)
+    assert target.apply(users).wrote
+    assert len({name for name in writers if name.startswith("stage-batch")}) > 1
+    check_shards(target, users)
+    assert not list(target.directory.glob(".*.tmp"))
     assert ShardedConfigFileTarget(path, shards=shards).apply(users).empty
 
 
 def test_a_shard_file_that_cannot_be_written_fails_the_apply_before_the_main_file(
     path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """When one shard file of a parallel full apply cannot be written (here: the disk is
-    full for it), the apply raises TargetWriteFailed naming it, every other shard file is
-    whole, and the main file is not written: Asterisk still reads nothing new."""
+    """When one shard file of a first full apply cannot be written (here: the disk is
+    full for it, in the thread that stages it), the apply raises TargetWriteFailed naming
+    it, every other shard file is whole, no temporary file is left, and the main file is
+    not written: Asterisk still reads nothing new."""
     shards = 4 * PARALLEL_FILES
     users = many(600)
     target = ShardedConfigFileTarget(path, shards=shards)
@@ -1176,9 +1203,37 @@ def test_a_shard_file_that_cannot_be_written_fails_the_apply_before_the_main_fil
         target.apply(users)
     assert not path.exists()
     assert not blocked.exists()
+    assert not list(target.directory.glob(".*.tmp"))
     for index, shard in enumerate(target.files):
         if index != 5:
             check_rendered(shard.read_bytes(), in_shard(users, index, shards))
+
+
+def test_a_shard_file_that_cannot_be_rewritten_fails_the_apply_the_others_whole(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When one shard file of a parallel full apply of the set in place cannot be written
+    (the disk full for it), the apply raises TargetWriteFailed naming it, that file keeps
+    its old users, and every other shard file holds its new ones, whole."""
+    shards = 4 * PARALLEL_FILES
+    target = ShardedConfigFileTarget(path, shards=shards)
+    old = many(600)
+    target.apply(old)
+    users = [replace(u, endpoint=(*u.endpoint, ("language", "fr"))) for u in old]
+    blocked = target.files[5]
+    write_synced = files_module.write_synced
+
+    def full_for_one(temp: Path, data: bytes) -> None:
+        if temp.name.startswith(f".{blocked.name}."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write_synced(temp, data)
+
+    monkeypatch.setattr(files_module, "write_synced", full_for_one)
+    with pytest.raises(TargetWriteFailed, match=blocked.name):
+        target.apply(users)
+    for index, shard in enumerate(target.files):
+        held = old if index == 5 else users
+        check_rendered(shard.read_bytes(), in_shard(held, index, shards))
 
 
 @pytest.mark.parametrize("shards", ["0", "4"])

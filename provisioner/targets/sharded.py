@@ -134,6 +134,33 @@ def _summed(changes: Iterable[Change]) -> Change:
     )
 
 
+def _discard(files: Iterable[tuple[ConfigFileTarget, PendingWrite]]) -> None:
+    """Remove every staged temporary file of ``files``: they will not be committed."""
+    for _, pending in files:
+        pending.discard()
+
+
+def _publish_each(files: list[tuple[ConfigFileTarget, PendingWrite]]) -> list[Change]:
+    """Commit ``files``, each staged (or not to be written), one after the other: each
+    waits only for its own write, done or under way, and is renamed into place.  As
+    with the writer threads, a failure does not stop the others (so none is left
+    staged); the first is raised once all are committed.  An interruption discards
+    what is left."""
+    changes: list[Change] = []
+    failure: Exception | None = None
+    for at, (target, pending) in enumerate(files):
+        try:
+            changes.append(target.commit(pending, sync_directory=False))
+        except Exception as exc:  # raised below, once the others are in place
+            failure = failure or exc
+        except BaseException:
+            _discard(files[at + 1 :])
+            raise
+    if failure is not None:
+        raise failure
+    return changes
+
+
 @contextlib.contextmanager
 def _naming(path: Path) -> Iterator[None]:
     """A :class:`RenderCheckFailed` raised within names the shard file ``path``."""
@@ -299,48 +326,60 @@ class ShardedConfigFileTarget:
         self, desired: list[UserObjects]
     ) -> tuple[list[tuple[ConfigFileTarget, PendingWrite]], list[str] | None]:
         """Every shard file's apply of ``desired`` (each change left empty), and the users'
-        section ids when the check made them (None: it did not).
+        section ids when the check made them (None: it did not).  Whatever it raises, no
+        staged temporary file is left.
 
-        The users' canonical chunks are made and checked in one batch, in ``desired``'s
-        order, exactly as the one-file target makes and checks its file's, and only then
-        split by shard (:meth:`ConfigFileTarget.prepare_chunks`, which renders and checks
-        each shard's header): made shard by shard, every user's objects were read in an
-        order scattered over memory (a shard's users are spread over all of them), and
-        rendering and checking all shards cost more CPU than the one file's.  Users not
-        all canonical (a value left to the parser, an override of the layout) or a
-        shard's header not plain: those shards are prepared the general way (rendered,
-        and parsed back unless canonical, by their own targets)."""
-        batch = self._direct_chunks(desired)
-        if batch is None:
-            groups = enumerate(self._groups(desired))
-            return [self._prepared(i, group, (), count=False) for i, group in groups], None
-        chunks, ids = batch
-        users_by, chunks_by = self._split(desired, chunks)
+        The users' canonical chunks are made in ``desired``'s order and split by shard;
+        each shard's target renders and checks its header and stages its file
+        (:meth:`ConfigFileTarget.prepare_chunks`: written and fsynced by other threads,
+        invisible to Asterisk); then every chunk is checked in one batch, in
+        ``desired``'s order, exactly as the one-file target checks its file, while those
+        writes run.  Made and checked shard by shard, every user's objects were read in
+        an order scattered over memory (a shard's users are spread over all of them), and
+        all shards cost more CPU than the one file.  Chunks the check refuses (a value
+        left to the parser) or a layout override: the staged files are discarded and
+        every shard prepared the general way; a shard whose header is not plain: that
+        shard (rendered, and parsed back unless canonical, by its own target)."""
+        chunks = self._chunks(desired)
+        if chunks is None:
+            return self._general_files(desired), None
         files: list[tuple[ConfigFileTarget, PendingWrite]] = []
-        for index, (group, texts) in enumerate(zip(users_by, chunks_by, strict=True)):
-            target = self._file(index)
-            with _naming(target.path):
-                pending = target.prepare_chunks(group, texts)
-            if pending is None:
-                files.append(self._prepared(index, group, (), count=False))
-            else:
-                files.append((target, pending))
+        try:
+            users_by, chunks_by = self._split(desired, chunks)
+            for index, (group, texts) in enumerate(zip(users_by, chunks_by, strict=True)):
+                target = self._file(index)
+                with _naming(target.path):
+                    pending = target.prepare_chunks(group, texts, background=True)
+                if pending is None:
+                    files.append(self._prepared(index, group, (), count=False))
+                else:
+                    files.append((target, pending))
+            ids = section_ids(desired)
+            if _plain_join(desired, chunks, ids=ids) is None:
+                _discard(files)
+                return self._general_files(desired), None
+        except BaseException:
+            _discard(files)
+            raise
         return files, ids
 
-    def _direct_chunks(self, users: list[UserObjects]) -> tuple[list[str], list[str]] | None:
-        """Each user's canonical chunk and every section id (:func:`.canonical.section_ids`),
-        when the layout templates are the shipped ones and every chunk is canonical
-        (:func:`.canonical._plain_join`); else None."""
+    def _general_files(
+        self, desired: list[UserObjects]
+    ) -> list[tuple[ConfigFileTarget, PendingWrite]]:
+        """Every shard file's apply of ``desired`` by its own target's :meth:`prepare`."""
+        groups = enumerate(self._groups(desired))
+        return [self._prepared(i, group, (), count=False) for i, group in groups]
+
+    def _chunks(self, users: list[UserObjects]) -> list[str] | None:
+        """Each user's text under the shipped layout (:func:`.canonical._chunk_text`, not
+        checked yet); None when the layout templates are overridden or a value is not a
+        str (left to Jinja and the parser)."""
         if not self._templates.direct:
             return None
         try:
-            chunks = list(map(_chunk_text, users))
-        except TypeError:  # a value that is not a str: left to Jinja and the parser
+            return list(map(_chunk_text, users))
+        except TypeError:
             return None
-        ids = section_ids(users)
-        if _plain_join(users, chunks, ids=ids) is None:
-            return None
-        return chunks, ids
 
     def _split(
         self, users: list[UserObjects], chunks: list[str]
@@ -392,8 +431,12 @@ class ShardedConfigFileTarget:
         fsync, and the disk serves several at once (1,024 files of 60 kB: 0.2-0.36 s
         against 0.43-0.63 s one after another).  Each file is its own target's, so the
         threads share nothing; the first failure is raised once every write has ended,
-        and the main file, written after, then names nothing new."""
-        if sum(pending.write for _, pending in files) < PARALLEL_FILES:
+        and the main file, written after, then names nothing new.  Files a first apply
+        staged (:meth:`_fresh_files`) are being written already: each is only renamed,
+        one after the other, once its own write has ended."""
+        if all(pending.staged is not None for _, pending in files if pending.write):
+            changes = _publish_each(files)
+        elif sum(pending.write for _, pending in files) < PARALLEL_FILES:
             changes = [target.commit(pending, sync_directory=False) for target, pending in files]
         else:
             # Leaving the block waits for every write.
@@ -479,8 +522,12 @@ class ShardedConfigFileTarget:
         # chunks and lists being built cost a large part of a full apply's CPU.
         with self._templates.hold(), collector_paused():
             layout = self._prepare(objects, keep)
-        if guard is not None:
-            guard(layout.change)
+        try:
+            if guard is not None:
+                guard(layout.change)
+        except BaseException:
+            _discard(layout.files)
+            raise
         return self._commit(layout)
 
     def apply_partial(self, upserts: Sequence[UserObjects], removed_ids: Sequence[str]) -> Change:
