@@ -22,6 +22,7 @@ from provisioner.errors import ConfigError, RenderCheckFailed, TargetWriteFailed
 from provisioner.pjsip import RenderSettings, UserObjects, render_user
 from provisioner.targets import Change
 from provisioner.targets import files as files_module
+from provisioner.targets import sharded as sharded_module
 from provisioner.targets.configfile import (
     SHIPPED_TEMPLATES,
     ConfigFileTarget,
@@ -853,6 +854,24 @@ def test_a_switch_with_one_shard_header_failing_leaves_the_old_set_untouched(
     target = ShardedConfigFileTarget(path, overrides, shards=4)
     with pytest.raises(RenderCheckFailed, match=shard_name(shard_of("1003", 4), 4)):
         target.apply(users)
+    assert snapshot(path.parent) == before
+
+
+def test_a_switch_failing_after_its_files_were_staged_leaves_no_temporary(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A switch to a new shard count that fails while counting its change, once every new
+    shard file is staged, leaves every file as it was and no temporary file."""
+    users = many(30)
+    ShardedConfigFileTarget(path, shards=2).apply(users)
+    before = snapshot(path.parent)
+
+    def failing(*args: Any) -> Change:
+        raise RuntimeError("counting failed")
+
+    monkeypatch.setattr(sharded_module, "compare", failing)
+    with pytest.raises(RuntimeError, match="counting failed"):
+        ShardedConfigFileTarget(path, shards=4).apply(users)
     assert snapshot(path.parent) == before
 
 

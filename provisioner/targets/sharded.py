@@ -296,8 +296,10 @@ class ShardedConfigFileTarget:
             return target, target.prepare(users, keep, count=count)
 
     def _prepare(self, objects: Sequence[UserObjects], keep: Collection[str]) -> _Layout:
-        """Every shard file rendered and checked, the change counted; nothing written.  A
-        shard that fails its check raises, so nothing at all is written (as for one file)."""
+        """Every shard file rendered and checked, the change counted; nothing put in place
+        (a new set's files are staged, see :meth:`_fresh_files`: the caller commits or
+        discards the layout).  A shard that fails its check raises, no staged file left,
+        so nothing at all is written (as for one file)."""
         main = self._main_data()
         old_main = read_file(self.path)
         if old_main == main:
@@ -312,14 +314,18 @@ class ShardedConfigFileTarget:
         current = self._current(old_main)
         desired = with_kept(objects, kept_objects(current, keep, objects))
         files, ids = self._fresh_files(desired)
-        if old_main is None:
-            # Asterisk holds none of them: every user is added, counted as the one-file
-            # target counts its first apply, with the section ids its check made (a
-            # second pass over 100k users cost 0.2 s: finding them distinct again).
-            named = ids is not None and _named_of(ids) is not None
-            change = all_added(desired, distinct=named, ids=ids)
-        else:
-            change = compare(current, desired)
+        try:
+            if old_main is None:
+                # Asterisk holds none of them: every user is added, counted as the one-file
+                # target counts its first apply, with the section ids its check made (a
+                # second pass over 100k users cost 0.2 s: finding them distinct again).
+                named = ids is not None and _named_of(ids) is not None
+                change = all_added(desired, distinct=named, ids=ids)
+            else:
+                change = compare(current, desired)
+        except BaseException:
+            _discard(files)
+            raise
         return _Layout(change, files, main, old_main)
 
     def _fresh_files(
