@@ -22,6 +22,7 @@ from provisioner.errors import ConfigError, RenderCheckFailed, TargetWriteFailed
 from provisioner.pjsip import RenderSettings, UserObjects, render_user
 from provisioner.targets import Change
 from provisioner.targets import files as files_module
+from provisioner.targets import sharded as sharded_module
 from provisioner.targets.configfile import (
     SHIPPED_TEMPLATES,
     ConfigFileTarget,
@@ -814,6 +815,92 @@ def test_a_shard_failing_its_check_is_not_written(path: Path, tmp_path: Path) ->
     assert snapshot(path.parent) == after_edit
 
 
+#: A header.j2 that is not plain (it opens a section) in the shard holding user 1003 only.
+BAD_HEADER_FOR_1003 = (
+    "{% if users | selectattr('endpoint_id', 'equalto', '1003') | list %}[evil]\nx=1\n"
+    "{% endif %}; generated\n"
+)
+
+
+def _conf_files(root: Path) -> list[Path]:
+    """Every config file, backup or temporary file under ``root`` (not the writers' lock)."""
+    return sorted(
+        p for p in root.rglob("*") if p.is_file() and ".conf" in p.name and p.suffix != ".lock"
+    )
+
+
+def test_a_first_apply_with_one_shard_header_failing_writes_nothing(
+    path: Path, tmp_path: Path
+) -> None:
+    """A new target's first apply whose header breaks one shard (the others' checked and
+    ready) raises naming that shard and leaves no shard file, main file or temporary."""
+    overrides = write_override(tmp_path / "tpl", "header.j2", BAD_HEADER_FOR_1003)
+    target = ShardedConfigFileTarget(path, overrides, shards=4)
+    bad = shard_name(shard_of("1003", 4), 4)
+    with pytest.raises(RenderCheckFailed, match=rf"^{bad}: .*sections came out"):
+        target.apply(many(30))
+    assert _conf_files(path.parent) == []
+
+
+def test_a_switch_with_one_shard_header_failing_leaves_the_old_set_untouched(
+    path: Path, tmp_path: Path
+) -> None:
+    """A switch to a new shard count whose header breaks one new shard raises and leaves
+    every file of the old set as it was (inodes, mtimes, bytes), and no new file."""
+    users = many(30)
+    ShardedConfigFileTarget(path, shards=2).apply(users)
+    before = snapshot(path.parent)
+    overrides = write_override(tmp_path / "tpl", "header.j2", BAD_HEADER_FOR_1003)
+    target = ShardedConfigFileTarget(path, overrides, shards=4)
+    with pytest.raises(RenderCheckFailed, match=shard_name(shard_of("1003", 4), 4)):
+        target.apply(users)
+    assert snapshot(path.parent) == before
+
+
+def test_a_switch_failing_after_its_files_were_staged_leaves_no_temporary(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A switch to a new shard count that fails while counting its change, once every new
+    shard file is staged, leaves every file as it was and no temporary file."""
+    users = many(30)
+    ShardedConfigFileTarget(path, shards=2).apply(users)
+    before = snapshot(path.parent)
+
+    def failing(*args: Any) -> Change:
+        raise RuntimeError("counting failed")
+
+    monkeypatch.setattr(sharded_module, "compare", failing)
+    with pytest.raises(RuntimeError, match="counting failed"):
+        ShardedConfigFileTarget(path, shards=4).apply(users)
+    assert snapshot(path.parent) == before
+
+
+def test_a_first_apply_with_a_value_left_to_the_parser_checks_every_shard(path: Path) -> None:
+    """A new target's first apply holding a value the canonical checks leave to the parser
+    writes every shard file parsing back to exactly its users, counts every user added,
+    and leaves no temporary file."""
+    users = many(40)
+    odd = replace(users[3], endpoint=(*users[3].endpoint, ("x", "a=>b")))
+    users[3] = odd
+    target = ShardedConfigFileTarget(path, shards=4)
+    change = target.apply(users)
+    assert change.added == tuple(u.endpoint_id for u in users)
+    assert len(change.changed_objects) == 3 * len(users)
+    check_shards(target, users)
+    assert [p for p in _conf_files(path.parent) if p.name.endswith(".tmp")] == []
+
+
+def test_a_first_apply_counts_every_object_once_in_render_order(path: Path) -> None:
+    """A new target's first apply reports every user added and each of their objects once,
+    in the users' order, as the one-file target does."""
+    users = many(60)
+    sharded = ShardedConfigFileTarget(path, shards=8).apply(users)
+    single = ConfigFileTarget(path.with_name("single.conf")).apply(users)
+    assert sharded.added == single.added
+    assert sharded.changed_objects == single.changed_objects
+    assert len(sharded.changed_objects) == 3 * len(users)
+
+
 def test_a_path_asterisk_cannot_include_is_refused(tmp_path: Path) -> None:
     """A shard directory whose path an #include would not keep literally (a comment mark,
     a quote, a glob character) is a config error naming target.path."""
@@ -1067,11 +1154,13 @@ def test_check_fails_its_target_line_for_an_override_template_that_cannot_be_rea
 def test_a_full_apply_of_many_shards_writes_them_at_once_each_whole(
     path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A full apply changing at least PARALLEL_FILES shard files writes them from several
-    threads; each file holds exactly its users and the main file includes them all."""
+    """A full apply changing at least PARALLEL_FILES shard files of the set in place
+    writes them from several threads; each file holds exactly its users and the main
+    file includes them all."""
     shards = 4 * PARALLEL_FILES
-    users = many(600)
     target = ShardedConfigFileTarget(path, shards=shards)
+    target.apply(many(600))
+    users = [replace(u, endpoint=(*u.endpoint, ("language", "fr"))) for u in many(600)]
     write_synced = files_module.write_synced
     writers: set[str] = set()
 
@@ -1080,18 +1169,43 @@ def test_a_full_apply_of_many_shards_writes_them_at_once_each_whole(
         write_synced(temp, data)
 
     monkeypatch.setattr(files_module, "write_synced", recorded)
-    assert target.apply(users).wrote
+    assert len(target.apply(users).updated) == len(users)
     assert len({name for name in writers if name.startswith("shard-write")}) > 1
     check_shards(target, users)
+    assert ShardedConfigFileTarget(path, shards=shards).apply(users).empty
+
+
+def test_a_first_apply_stages_the_shard_files_from_several_threads(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new set's first apply writes and fsyncs its shard files' temporaries from several
+    threads (while the chunks are checked); each file holds exactly its users, no
+    temporary file is left, and the main file includes them all."""
+    shards = 4 * PARALLEL_FILES
+    users = many(600)
+    write_synced = files_module.write_synced
+    writers: set[str] = set()
+
+    def recorded(temp: Path, data: bytes) -> None:
+        writers.add(threading.current_thread().name)
+        write_synced(temp, data)
+
+    monkeypatch.setattr(files_module, "write_synced", recorded)
+    target = ShardedConfigFileTarget(path, shards=shards)
+    assert target.apply(users).wrote
+    assert len({name for name in writers if name.startswith("stage-batch")}) > 1
+    check_shards(target, users)
+    assert not list(target.directory.glob(".*.tmp"))
     assert ShardedConfigFileTarget(path, shards=shards).apply(users).empty
 
 
 def test_a_shard_file_that_cannot_be_written_fails_the_apply_before_the_main_file(
     path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """When one shard file of a parallel full apply cannot be written (here: the disk is
-    full for it), the apply raises TargetWriteFailed naming it, every other shard file is
-    whole, and the main file is not written: Asterisk still reads nothing new."""
+    """When one shard file of a first full apply cannot be written (here: the disk is
+    full for it, in the thread that stages it), the apply raises TargetWriteFailed naming
+    it, every other shard file is whole, no temporary file is left, and the main file is
+    not written: Asterisk still reads nothing new."""
     shards = 4 * PARALLEL_FILES
     users = many(600)
     target = ShardedConfigFileTarget(path, shards=shards)
@@ -1108,9 +1222,37 @@ def test_a_shard_file_that_cannot_be_written_fails_the_apply_before_the_main_fil
         target.apply(users)
     assert not path.exists()
     assert not blocked.exists()
+    assert not list(target.directory.glob(".*.tmp"))
     for index, shard in enumerate(target.files):
         if index != 5:
             check_rendered(shard.read_bytes(), in_shard(users, index, shards))
+
+
+def test_a_shard_file_that_cannot_be_rewritten_fails_the_apply_the_others_whole(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When one shard file of a parallel full apply of the set in place cannot be written
+    (the disk full for it), the apply raises TargetWriteFailed naming it, that file keeps
+    its old users, and every other shard file holds its new ones, whole."""
+    shards = 4 * PARALLEL_FILES
+    target = ShardedConfigFileTarget(path, shards=shards)
+    old = many(600)
+    target.apply(old)
+    users = [replace(u, endpoint=(*u.endpoint, ("language", "fr"))) for u in old]
+    blocked = target.files[5]
+    write_synced = files_module.write_synced
+
+    def full_for_one(temp: Path, data: bytes) -> None:
+        if temp.name.startswith(f".{blocked.name}."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write_synced(temp, data)
+
+    monkeypatch.setattr(files_module, "write_synced", full_for_one)
+    with pytest.raises(TargetWriteFailed, match=blocked.name):
+        target.apply(users)
+    for index, shard in enumerate(target.files):
+        held = old if index == 5 else users
+        check_rendered(shard.read_bytes(), in_shard(held, index, shards))
 
 
 @pytest.mark.parametrize("shards", ["0", "4"])

@@ -615,6 +615,38 @@ class ConfigFileTarget:
             change = compare(current, desired)
         return PendingWrite(change, state, write=old != state.data, backup=old is not None)
 
+    def prepare_chunks(
+        self, users: list[UserObjects], chunks: list[str], *, background: bool = False
+    ) -> PendingWrite | None:
+        """:meth:`prepare` (the change left empty, as with ``count`` false) of ``users``
+        whose canonical chunks are ``chunks``, made with :func:`.canonical._chunk_text`:
+        only the header is rendered and checked here (:meth:`.Templates.plain_header`);
+        the file is that header followed by the chunks, exactly what :meth:`_verify`
+        accepts without parsing it once the chunks are found canonical.
+
+        That check is the caller's, and it must pass before :meth:`commit` (it may run
+        after this: :func:`.canonical._plain_join` of these chunks, alone or in a batch
+        with other users': the checks hold for a batch exactly when they hold for each
+        text); until then nothing here counts as verified.  ``background``: bytes that
+        differ from the file's are staged (:func:`.files.stage` with ``batch``), to be
+        committed or discarded by the caller whatever happens.  None when the layout
+        templates are not the shipped ones or the header is not plain: the caller then
+        prepares these users the general way."""
+        if not self._direct:
+            return None
+        with self._templates.templating() as env:
+            header = env.get_template("header.j2").render(users=users, shard=self.shard)
+        if not self._templates.plain_header(header):
+            return None
+        text = "".join(chain((header,), chunks))
+        data = text.encode("utf-8")
+        state = _State(data, users, chunks, header, len(text))
+        old = read_file(self.path)
+        staged = None
+        if background and old != data:
+            staged = stage(self.path, data, new_owner_of=self.new_owner_of, batch=True)
+        return PendingWrite(Change(), state, old != data, old is not None, staged)
+
     def _counted(
         self, old: bytes | None, state: _State, ids: Sequence[str] | None = None
     ) -> Change:
