@@ -173,9 +173,9 @@ class DirectoryWatch:
         """Drain the pending events; ``True`` if one names a watched file (or some were lost)."""
         return bool(self.written_names())
 
-    def written_names(self) -> set[bytes]:
-        """Drain the pending events; the watched names they name (all of them when some
-        events were lost)."""
+    def written_names(self) -> dict[bytes, int]:
+        """Drain the pending events; each watched name they name, with the events' masks
+        or'ed (every name, with every mask, when some events were lost)."""
         data = b""
         while True:
             try:
@@ -185,16 +185,16 @@ class DirectoryWatch:
             data += chunk
             if len(chunk) < 65536:
                 break
-        hits: set[bytes] = set()
+        hits: dict[bytes, int] = {}
         names, offset = self.names, 0
         while offset + _EVENT.size <= len(data):
             _wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
             name = data[offset + _EVENT.size : offset + _EVENT.size + length].rstrip(b"\0")
             offset += _EVENT.size + length
             if mask & _IN_Q_OVERFLOW:
-                return set(names)
+                return dict.fromkeys(names, _IN_MODIFY | _IN_CREATE | _IN_MOVED_TO)
             if name in names:
-                hits.add(name)
+                hits[name] = hits.get(name, 0) | mask
         return hits
 
     def close(self) -> None:
@@ -297,9 +297,9 @@ class _Follower:
         self.loop, self.feed, self.wake = loop, feed, wake
         #: The watch of the store's files, and the file the store's path led to when made.
         self.files, self.real = watch
-        #: The store path's own name: only a write of it (a link made anew, ``ln -sfn``)
-        #: can lead the path elsewhere (resolving it on each write of the WAL took
-        #: 29 µs, half of what a storm's wakes cost).
+        #: The store path's own name: only that name made anew (a link, ``ln -sfn``) can
+        #: lead the path elsewhere (resolving the path on each write of the WAL or the
+        #: database took 29 µs a wake, half of what a storm's wakes cost).
         self.link_name = os.fsencode(feed.path.name)
         self.last_write = loop.time()
         self.step = _FIRST_STEP
@@ -320,7 +320,7 @@ class _Follower:
         self.busy = now - self.last_write < _BUSY_GAP
         self.last_write = now
         self.step = _FIRST_STEP
-        if self.link_name in hits:
+        if hits.get(self.link_name, 0) & (_IN_CREATE | _IN_MOVED_TO):
             self.follow_link()
         due = self.last_read + _BUSY_GAP
         if self.busy and now < due:
