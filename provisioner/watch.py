@@ -308,11 +308,14 @@ class _Follower:
         self.last_read = -_BUSY_GAP
         #: The last write came less than ``_BUSY_GAP`` after the one before.
         self.busy = False
+        #: The watch's fd is off the loop until the next read (the files are busy).
+        self.paused = False
 
     def on_readable(self) -> None:
         """A write to the store's files: read the feed at once; but while the files are
         busy (this write came less than ``_BUSY_GAP`` after the one before), not before
-        ``_BUSY_GAP`` has passed since the last read."""
+        ``_BUSY_GAP`` has passed since the last read, and until then the watch is off
+        the loop (:meth:`resume`)."""
         hits = self.files.written_names()
         if not hits:
             return
@@ -324,6 +327,11 @@ class _Follower:
             self.follow_link()
         due = self.last_read + _BUSY_GAP
         if self.busy and now < due:
+            # The writes until that read need not wake the loop (a storm's commits woke
+            # it on nearly every turn): inotify keeps them queued, and the read's tick
+            # puts the watch back.
+            self.loop.remove_reader(self.files.fd)
+            self.paused = True
             if self.timer is None or self.timer.when() > due:
                 self.cancel()
                 self.timer = self.loop.call_at(due, self.tick)
@@ -350,7 +358,16 @@ class _Follower:
     def tick(self) -> None:
         self.timer = None
         self.step = min(self.step * 2, _MAX_STEP)
+        if self.paused:
+            self.resume()
         self.check()
+
+    def resume(self) -> None:
+        """Put the watch back on the loop after a pause of busy files: writes made during
+        it wake the loop now, and the files count as written now (still busy)."""
+        self.paused = False
+        self.loop.add_reader(self.files.fd, self.on_readable)
+        self.last_write = self.loop.time()
 
     def check(self) -> None:
         """Read the feed now; schedule the next read (none once the files are quiet; no
