@@ -7,9 +7,11 @@ import re
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from provisioner.ami.actions import parse_message_lines
-from provisioner.ami.pbx import rows
+from provisioner.ami.pbx import batch_entry, rows
 from provisioner.ami.registration import (
     ContactState,
     EndpointRegistration,
@@ -18,7 +20,7 @@ from provisioner.ami.registration import (
     endpoint_of,
     snapshot_from_contact_list,
 )
-from provisioner.store.registrations import time_text
+from provisioner.store.registrations import RowBatch, time_text
 
 from .amipeer import AMI_DIR
 
@@ -334,3 +336,53 @@ def test_an_expiry_no_date_can_hold_is_stored_as_unknown(expiry: str) -> None:
     assert contact.expires_at is None
     contact_rows, _summary = rows(reg)
     assert contact_rows[0][6] is None
+
+
+# Texts around the store's sizes (a contact id of 255, a URI of 512, a source of 128):
+# short ones, and long ones that differ only past what the column keeps.
+_TEXTS = st.one_of(
+    st.sampled_from(["", "1001", "sip:1001@10.0.0.1:5060", 'a"b\\c\u00e9\n']),
+    st.builds(
+        lambda n, tail: "x" * n + tail,
+        st.sampled_from([31, 32, 127, 128, 254, 255, 511, 512]),
+        st.sampled_from("ab"),
+    ),
+)
+_CONTACTS = st.builds(
+    ContactState,
+    aor=st.sampled_from(["1001", "1002"]),
+    uri=_TEXTS,
+    status=st.one_of(
+        st.sampled_from(["NonQualified", "Reachable", "Unreachable", "Removed", "Created"]), _TEXTS
+    ),
+    rtt_usec=st.one_of(st.none(), st.integers(0, 2**40)),
+    user_agent=st.one_of(st.none(), _TEXTS),
+    source=st.one_of(st.none(), _TEXTS),
+    expires_at=st.one_of(st.none(), st.integers(0, 253402300799)),
+    object_name=st.one_of(st.none(), _TEXTS),
+)
+_RECORDS = st.builds(
+    EndpointRegistration,
+    endpoint=st.just("1001"),
+    contacts=st.lists(_CONTACTS, max_size=3).map(tuple),
+    peer_status=st.sampled_from([None, "Reachable", "Unreachable"]),
+    device_state=st.sampled_from([None, "NOT_INUSE", "INVALID"]),
+    exists=st.booleans(),
+    tracked=st.booleans(),
+    last_change=st.one_of(st.none(), st.floats(0, 253402300799)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["1001", "1002", "1003", "2001"]), _RECORDS, max_size=4))
+def test_a_batch_made_from_the_records_is_the_one_made_from_their_rows(
+    book: dict[str, EndpointRegistration],
+) -> None:
+    """The flusher's batch made from each record at once (batch_entry, RowBatch.of_entries)
+    is the very batch RowBatch.of makes from the same records' rows."""
+    now = datetime(2026, 12, 7, 17, 40, 1, 250000)
+    stamp = time_text(now)
+    entries = [batch_entry(ep, reg, stamp) for ep, reg in book.items()]
+    assert RowBatch.of_entries(entries, stamp) == RowBatch.of(
+        {ep: rows(reg) for ep, reg in book.items()}, now
+    )

@@ -8,6 +8,7 @@ import contextlib
 import os
 import shutil
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -15,6 +16,7 @@ from typing import Any, NoReturn
 import pytest
 from sqlalchemy import Engine, text
 
+from provisioner import watch as watch_module
 from provisioner.accounts import Accounts, Policy
 from provisioner.store.changefeed import NOTIFY_CHANNEL, save_cursor
 from provisioner.store.engine import open_engine
@@ -164,6 +166,73 @@ def test_sqlite_wakeups_follow_a_symbolic_link_pointed_at_another_store(tmp_path
 def _save_cursor(engine: Engine) -> None:
     with engine.begin() as conn:
         save_cursor(conn, 12345)
+
+
+def test_sqlite_wakeups_read_busy_files_at_most_once_per_gap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the store's files are written again and again (the daemon's own commits, as in
+    a registration storm) the feed is read, and the loop woken by the watch, at most about
+    once per busy gap, not on each write; a change committed among those writes still
+    wakes at once."""
+    path, engine = _store(tmp_path)
+    reads: list[float] = []
+    check = NewestChange.check
+
+    def counted(feed: NewestChange, wake: asyncio.Event) -> bool:
+        reads.append(time.monotonic())
+        return check(feed, wake)
+
+    monkeypatch.setattr(NewestChange, "check", counted)
+    wakes: list[float] = []
+    drain = DirectoryWatch.written_names
+
+    def woken(watch: DirectoryWatch) -> dict[bytes, int]:
+        wakes.append(time.monotonic())
+        return drain(watch)
+
+    monkeypatch.setattr(DirectoryWatch, "written_names", woken)
+
+    def write_for(seconds: float) -> int:
+        """Commit large writes outside the change feed for ``seconds`` (each statement
+        writes the WAL page after page with the GIL released, as the flusher's do); how
+        many."""
+        end, commits = time.monotonic() + seconds, 0
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS scratch (n INTEGER, pad TEXT)")
+            while time.monotonic() < end:
+                conn.execute(
+                    "INSERT INTO scratch WITH RECURSIVE c(n) AS "
+                    "(SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 20000) "
+                    "SELECT n, printf('%0100d', n) FROM c"
+                )
+                conn.execute("DELETE FROM scratch")
+                commits += 2
+        finally:
+            conn.close()
+        return commits
+
+    async def scenario(wake: asyncio.Event, _stop: asyncio.Event) -> None:
+        assert await _set_within(wake, 5), "no wake-up at start"
+        wake.clear()
+        await asyncio.sleep(1.2)  # past the follow-up reads of the start
+        reads.clear()
+        writing = asyncio.ensure_future(asyncio.to_thread(write_for, 1.0))
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(_add_profile, engine, "sales")
+        assert await _set_within(wake, 0.2), "no wake-up for a change among busy writes"
+        commits = await writing
+        busy = [t for t in reads if t <= reads[0] + 1.0]
+        woke = [t for t in wakes if reads[0] <= t <= reads[0] + 1.0]
+        most = 1.0 / watch_module._BUSY_GAP * 1.2 + 10
+        assert len(busy) <= most, (len(busy), commits)
+        assert len(woke) <= most, (len(woke), commits)
+
+    try:
+        _follow(path, scenario)
+    finally:
+        engine.dispose()
 
 
 def test_sqlite_wakeups_by_polling_follow_the_change_feed(tmp_path: Path) -> None:

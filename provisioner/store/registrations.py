@@ -64,15 +64,18 @@ from .schema import CONTACT_LENGTHS, daemon_state, registration_summary, users
 from .state import write_states
 
 __all__ = [
+    "BATCH_DIALECTS",
     "CONTACT_FIELDS",
     "EXPIRED_AFTER",
     "LIVE_BEAT",
     "LIVE_FOR",
+    "BatchEntry",
     "ContactRow",
     "EndpointRows",
     "RowBatch",
     "SummaryRow",
     "clock_key",
+    "contact_text",
     "contacts_text",
     "database_epoch",
     "endpoint_writer",
@@ -118,6 +121,8 @@ def _chunks(conn: Connection, values: Sequence[_T]) -> Iterator[Sequence[_T]]:
 
 #: Dialects where :func:`_member` binds any number of values as one parameter.
 _ONE_PARAMETER = frozenset({"postgresql", "sqlite"})
+#: Dialects whose endpoint writes go as one :class:`RowBatch` (:func:`write_batch`).
+BATCH_DIALECTS = _ONE_PARAMETER
 
 
 def _member(conn: Connection, column: Any, values: Sequence[Any]) -> ColumnElement[bool]:
@@ -170,6 +175,10 @@ ContactRow = tuple[str, str, str, str, str, int | None, str | None, str | None]
 SummaryRow = tuple[str | None, str, str, str | None]
 #: What the writers take: each endpoint's contacts and summary, by endpoint id.
 EndpointRows = Mapping[str, tuple[Sequence[ContactRow], SummaryRow]]
+#: One endpoint of a :class:`RowBatch`: ``(endpoint, state, device_state, problem,
+#: changed_at, contacts)``, its summary as a :data:`SummaryRow` holds it and its contacts
+#: as :func:`contacts_text` makes them.
+BatchEntry = tuple[str, str | None, str, str, str | None, str | None]
 
 
 def time_text(value: datetime) -> str:
@@ -242,6 +251,32 @@ def _fitted_contacts(contacts: Sequence[ContactRow], stamp: str) -> list[Contact
         return [_fitted_contact(contacts[0], stamp)]
     by_id = {c[0][:_ID_LEN]: _fitted_contact(c, stamp) for c in contacts}
     return list(by_id.values())
+
+
+def contact_text(
+    key: str,
+    uri: str,
+    status: str,
+    agent: str,
+    source: str,
+    rtt: int | None,
+    expires_at: str | None,
+    changed_at: str,
+) -> str:
+    """:func:`contacts_text` of an endpoint's one contact, given the values of its
+    :data:`ContactRow` (``changed_at`` already set): the same text, without the row's
+    tuple and its fitted copy (a registration storm's endpoint has one contact)."""
+    fitted = (
+        key[:_ID_LEN],
+        uri[:_URI_LEN],
+        status[:_STATUS_LEN],
+        agent[:_AGENT_LEN],
+        source[:_SOURCE_LEN],
+        rtt,
+        expires_at,
+        changed_at,
+    )
+    return json_text((fitted,))
 
 
 def contacts_text(contacts: Sequence[ContactRow], stamp: str) -> str | None:
@@ -555,6 +590,15 @@ class RowBatch:
         ]
         summaries.sort(key=_first)
         return cls(json_text(summaries), stamp)
+
+    @classmethod
+    def of_entries(cls, entries: list[BatchEntry], stamp: str) -> RowBatch:
+        """The batch of ``entries`` (each endpoint once; sorted here, in place), made
+        with ``stamp`` (:func:`time_text` of the batch's time) for a missing
+        ``changed_at``: what :meth:`of` makes of the same rows, for a caller that builds
+        the entries itself (the registration flusher, without the rows between)."""
+        entries.sort(key=_first)
+        return cls(json_text(entries), stamp)
 
 
 #: The endpoint of a :meth:`RowBatch.of` entry (its sort key: endpoints are unique).
