@@ -220,8 +220,8 @@ def _size_note(path: str) -> str:
         return ""
     megabytes = size / (1024 * 1024)
     return (
-        f"; its {megabytes:.1f} MB are rewritten whole at each edit: target.shards splits "
-        "it so that an edit writes one shard (README: Sharded layout)"
+        f"; its {megabytes:.1f} MB are rewritten whole at each edit: target.shards (64 "
+        "at 100k users) splits it so that an edit writes one shard (README: Sharded layout)"
     )
 
 

@@ -1350,7 +1350,7 @@ def test_check_names_the_sharded_layout_when_the_one_file_is_large(
     megabytes = conf.stat().st_size / (1024 * 1024)
     noted = (
         f"ok    target: config file {conf} (directory writable; its {megabytes:.1f} MB are "
-        "rewritten whole at each edit: target.shards splits it so that an edit writes one "
-        "shard (README: Sharded layout))"
+        "rewritten whole at each edit: target.shards (64 at 100k users) splits it so that an "
+        "edit writes one shard (README: Sharded layout))"
     )
     assert noted in cli("check").out.splitlines()
