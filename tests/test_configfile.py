@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import hashlib
 import os
 import resource
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from itertools import chain
 from pathlib import Path
@@ -928,6 +930,73 @@ def test_a_staged_write_that_cannot_be_written_fails_when_published(tmp_path: Pa
     assert path.read_bytes() == b"old\n"
     assert _temporaries(tmp_path) == []
     assert len(os.listdir("/proc/self/fd")) == open_files  # the temporary file closed
+
+
+@contextlib.contextmanager
+def _interrupted_after(seconds: float) -> Iterator[None]:
+    """KeyboardInterrupt raised in this (the main) thread after ``seconds``, as Ctrl-C
+    raises it in a ``sync --once`` waiting on a staged write."""
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _drain_batch_stagers() -> None:
+    """Return once every batch stage thread has ended what it was given before (each
+    then runs a task of a barrier that needs all of them at once)."""
+    barrier = threading.Barrier(files_module.BATCH_STAGERS)
+    pool = files_module._stage_executor(batch=True)
+    for done in [pool.submit(barrier.wait, 10) for _ in range(files_module.BATCH_STAGERS)]:
+        done.result()
+
+
+@pytest.mark.parametrize("end", ["publish", "discard"])
+def test_a_staged_batch_write_whose_wait_is_interrupted_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, end: str
+) -> None:
+    """A batch-staged write (a shard file's) whose publish or discard is interrupted
+    (Ctrl-C) while it waits, before its thread took it or while the thread writes it,
+    leaves no temporary file once the thread is done, and the old file as it was."""
+    path = tmp_path / "0000-of-0064.conf"
+    path.write_bytes(b"old\n")
+    if end == "publish":  # a discard cancels a write no thread took, without a wait
+        pool = files_module._stage_executor(batch=True)
+        busy = threading.Event()
+        # Every stage thread busy: the write is queued, not taken, when the wait is cut.
+        for _ in range(files_module.BATCH_STAGERS):
+            pool.submit(busy.wait, 10)
+        queued = files_module.stage(path, b"queued\n", batch=True)
+        with pytest.raises(KeyboardInterrupt), _interrupted_after(0.05):
+            queued.publish(backup=True)
+        busy.set()
+        _drain_batch_stagers()
+        assert _temporaries(tmp_path) == []
+    written, writing = threading.Event(), threading.Event()
+    # Taken by its thread, which is still writing it when the wait is cut.
+    real_write = files_module._write_temporary
+
+    def slow_write(temp: Path, like: Path, data: Any) -> None:
+        real_write(temp, like, data)
+        written.set()
+        writing.wait(10)
+
+    monkeypatch.setattr(files_module, "_write_temporary", slow_write)
+    running = files_module.stage(path, b"running\n", batch=True)
+    assert written.wait(10)
+    with pytest.raises(KeyboardInterrupt), _interrupted_after(0.05):
+        getattr(running, end)(**({"backup": True} if end == "publish" else {}))
+    writing.set()
+    _drain_batch_stagers()
+    assert _temporaries(tmp_path) == []
+    assert path.read_bytes() == b"old\n"
 
 
 def test_a_first_full_apply_refused_by_its_guard_leaves_no_temporary_file(tmp_path: Path) -> None:

@@ -322,6 +322,12 @@ class PendingWrite:
         if self.staged is not None:
             self.staged.discard()
 
+    def abandon(self) -> None:
+        """:meth:`discard` without waiting for the staged write (its file removed when it
+        ends): for a caller being interrupted."""
+        if self.staged is not None:
+            self.staged.abandon()
+
 
 class ConfigFileTarget:
     """Writes all users' PJSIP objects to one config file (see the module docstring).

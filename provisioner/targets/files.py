@@ -568,22 +568,42 @@ class StagedWrite:
                 raise FileNotFoundError(f"no temporary file staged for {self._path}")
             _put_in_place(self._temp, self._path, backup=backup, sync_directory=sync_directory)
         finally:
-            self._remove()
+            self.abandon()
 
     def discard(self) -> None:
         """Wait for the temporary file (its error, if any, ignored) and remove it: the file
-        stays as it was.  A batch's file no thread has taken yet is never made."""
-        if self._done.cancel():
-            return
-        with contextlib.suppress(Exception):
-            self._done.result()
-        self._remove()
+        stays as it was.  A batch's file no thread has taken yet is never made.  A wait
+        cut short (Ctrl-C) still leaves no temporary file (see :meth:`abandon`)."""
+        try:
+            if not self._done.cancel():
+                with contextlib.suppress(Exception):
+                    self._done.result()
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Without waiting: the temporary file removed now if its write has ended, else as
+        soon as it ends (by the stage thread); a batch's file no thread has taken yet is
+        never made.  So a caller interrupted while it waited (``sync --once`` stopped by
+        Ctrl-C during a first apply) leaves none behind: the thread would otherwise make
+        or finish it after the caller had looked for it."""
+        if not self._done.cancel():
+            # Run at once, in this thread, when the write has ended already.
+            self._done.add_done_callback(lambda _done: self._remove())
 
     def _remove(self) -> None:
-        """Remove the temporary file, if it was made and is still there."""
-        if self._temp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self._temp.unlink()
+        """Remove the temporary file, if it was made and is still there; one that cannot be
+        removed is logged (``target.temporary_left``), not raised: the files staged
+        beside it are still removed, and the next target built here removes it once old
+        (:func:`remove_stale_in`)."""
+        if self._temp is None:
+            return
+        try:
+            self._temp.unlink()
+        except FileNotFoundError:
+            pass  # put in place, or removed already
+        except OSError as exc:
+            log.warning("target.temporary_left", path=str(self._temp), error=str(exc))
 
 
 def _start_writing(temp: Path, like: Path, data: bytes | Pieces) -> Future[None]:

@@ -135,17 +135,25 @@ def _summed(changes: Iterable[Change]) -> Change:
 
 
 def _discard(files: Iterable[tuple[ConfigFileTarget, PendingWrite]]) -> None:
-    """Remove every staged temporary file of ``files``: they will not be committed."""
-    for _, pending in files:
-        pending.discard()
+    """Remove every staged temporary file of ``files``: they will not be committed.  When
+    a wait is cut short (Ctrl-C), the files not removed yet are removed as their writes
+    end, without waiting."""
+    files = list(files)
+    try:
+        for _, pending in files:
+            pending.discard()
+    except BaseException:
+        for _, pending in files:
+            pending.abandon()
+        raise
 
 
 def _publish_each(files: list[tuple[ConfigFileTarget, PendingWrite]]) -> list[Change]:
     """Commit ``files``, each staged (or not to be written), one after the other: each
     waits only for its own write, done or under way, and is renamed into place.  As
     with the writer threads, a failure does not stop the others (so none is left
-    staged); the first is raised once all are committed.  An interruption discards
-    what is left."""
+    staged); the first is raised once all are committed.  An interruption leaves
+    none staged either: what is left is removed as its write ends."""
     changes: list[Change] = []
     failure: Exception | None = None
     for at, (target, pending) in enumerate(files):
@@ -154,7 +162,8 @@ def _publish_each(files: list[tuple[ConfigFileTarget, PendingWrite]]) -> list[Ch
         except Exception as exc:  # raised below, once the others are in place
             failure = failure or exc
         except BaseException:
-            _discard(files[at + 1 :])
+            for _, left in files[at + 1 :]:
+                left.abandon()
             raise
     if failure is not None:
         raise failure
