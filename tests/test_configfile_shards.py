@@ -18,7 +18,12 @@ from structlog.testing import capture_logs
 
 from provisioner.asterisk_conf import parse
 from provisioner.config import load_config
-from provisioner.errors import ConfigError, RenderCheckFailed, TargetWriteFailed
+from provisioner.errors import (
+    ConfigError,
+    ForeignTargetFile,
+    RenderCheckFailed,
+    TargetWriteFailed,
+)
 from provisioner.pjsip import RenderSettings, UserObjects, render_user
 from provisioner.targets import Change
 from provisioner.targets import files as files_module
@@ -243,6 +248,146 @@ def test_a_full_apply_writes_only_the_changed_shards(path: Path) -> None:
         shard,
         shard.with_name(shard.name + ".bak"),
     }
+
+
+# --- a new target's full apply into shard files found in place -----------------------------
+
+
+def _cold_apply(path: Path, users: list[UserObjects], shards: int = 4) -> Change:
+    """A new sharded target's full apply of ``users`` (a restart, ``sync --once``)."""
+    return ShardedConfigFileTarget(path, shards=shards).apply(users)
+
+
+def test_a_cold_unchanged_apply_parses_no_shard_file_and_edits_next(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new target's apply of the users its shard files hold writes and parses none of
+    them, counts every user unchanged, and its next one-user edit rewrites that user's
+    shard only, counting every other user unchanged."""
+    from provisioner.targets import holdings
+
+    users = many(40)
+    ShardedConfigFileTarget(path, shards=4).apply(users)
+    before = snapshot(path.parent)
+    parsed: list[bytes] = []
+
+    def counted(data: bytes) -> Any:
+        parsed.append(data)
+        return parse(data)
+
+    monkeypatch.setattr(holdings, "parse", counted)
+    target = ShardedConfigFileTarget(path, shards=4)
+    change = target.apply(users)
+    assert (change.empty, change.wrote, change.unchanged) == (True, False, len(users))
+    assert parsed == []
+    assert snapshot(path.parent) == before
+    victim = users[7]
+    moved = replace(victim, endpoint=(*victim.endpoint[:-1], ("webrtc", "yes")))
+    change = target.apply_partial([moved], [])
+    assert (change.updated, change.unchanged) == ((victim.endpoint_id,), len(users) - 1)
+    shard = target.file_of(victim.endpoint_id)
+    assert changed_files(before, snapshot(path.parent)) == {
+        shard,
+        shard.with_name(shard.name + ".bak"),
+    }
+    check_shards(target, [moved if u is victim else u for u in users])
+
+
+def test_a_cold_apply_rewrites_a_shard_file_edited_by_hand(path: Path) -> None:
+    """A new target's apply of unchanged users rewrites exactly the shard file whose value
+    was edited by hand (that user counted updated) and the one given a comment (its users
+    counted unchanged: Asterisk reads the same objects), and no other file."""
+    users = many(40)
+    target = ShardedConfigFileTarget(path, shards=4)
+    target.apply(users)
+    victim = users[5]
+    edited = target.file_of(victim.endpoint_id)
+    commented = next(f for f in target.files if f != edited)
+    text = edited.read_text(encoding="utf-8")
+    marker = f"[{victim.endpoint_id}]\ntype=endpoint\n"
+    assert marker in text
+    edited.write_text(text.replace(marker, marker + "context=hacked\n", 1), encoding="utf-8")
+    commented.write_text(commented.read_text(encoding="utf-8") + "; by hand\n", encoding="utf-8")
+    before = snapshot(path.parent)
+    change = _cold_apply(path, users)
+    assert change.updated == (victim.endpoint_id,)
+    assert change.unchanged == len(users) - 1
+    assert change.wrote
+    changed = changed_files(before, snapshot(path.parent))
+    assert changed == {edited, commented} | {
+        f.with_name(f.name + ".bak") for f in (edited, commented)
+    }
+    check_shards(target, users)
+    assert ShardedConfigFileTarget(path, shards=4).render_files(users) == {
+        p: p.read_text(encoding="utf-8") for p in [path, *target.files]
+    }
+
+
+def test_a_cold_apply_rewrites_a_truncated_shard_file(path: Path) -> None:
+    """A new target's apply of unchanged users rewrites a shard file cut short (its users
+    past the cut counted added) and no other file."""
+    users = many(40)
+    target = ShardedConfigFileTarget(path, shards=4)
+    target.apply(users)
+    shard = target.files[2]
+    data = shard.read_bytes()
+    held = in_shard(users, 2, 4)
+    cut = data.index(f"\n[{held[len(held) // 2].endpoint_id}]".encode())
+    shard.write_bytes(data[:cut])
+    before = snapshot(path.parent)
+    change = _cold_apply(path, users)
+    assert change.added == tuple(u.endpoint_id for u in held[len(held) // 2 :])
+    assert change.unchanged == len(users) - len(change.added)
+    assert changed_files(before, snapshot(path.parent)) == {
+        shard,
+        shard.with_name(shard.name + ".bak"),
+    }
+    assert shard.read_bytes() == data
+    check_shards(target, users)
+
+
+def test_a_cold_apply_with_a_value_left_to_the_parser_writes_nothing(path: Path) -> None:
+    """A new target's apply of unchanged users, one holding a value the canonical checks
+    leave to the parser, checks every shard the general way and writes nothing."""
+    users = many(40)
+    users[3] = replace(users[3], endpoint=(*users[3].endpoint, ("x", "a=>b")))
+    ShardedConfigFileTarget(path, shards=4).apply(users)
+    before = snapshot(path.parent)
+    change = _cold_apply(path, users)
+    assert (change.empty, change.wrote, change.unchanged) == (True, False, len(users))
+    assert snapshot(path.parent) == before
+
+
+def test_a_cold_apply_refuses_a_shard_file_holding_a_foreign_section(path: Path) -> None:
+    """A new target's apply into shard files one of which holds a section provisioner never
+    writes (a transport) raises :class:`ForeignTargetFile` naming that file and writes
+    nothing."""
+    users = many(40)
+    target = ShardedConfigFileTarget(path, shards=4)
+    target.apply(users)
+    shard = target.files[1]
+    shard.write_text(
+        shard.read_text(encoding="utf-8") + "\n[transport-udp]\ntype=transport\nprotocol=udp\n",
+        encoding="utf-8",
+    )
+    before = snapshot(path.parent)
+    with pytest.raises(ForeignTargetFile, match=shard.name):
+        _cold_apply(path, users)
+    assert snapshot(path.parent) == before
+
+
+def test_a_cold_apply_refuses_a_foreign_main_file(path: Path) -> None:
+    """A new sharded target whose main file is Asterisk's own pjsip.conf (a transport and
+    an include) raises :class:`ForeignTargetFile` and writes nothing."""
+    path.parent.mkdir(parents=True)
+    path.write_text(
+        "[transport-udp]\ntype=transport\nprotocol=udp\nbind=0.0.0.0\n\n#include other.conf\n"
+    )
+    before = snapshot(path.parent)
+    with pytest.raises(ForeignTargetFile):
+        _cold_apply(path, many(20))
+    # Only the writers' lock file is new.
+    assert {p: v for p, v in snapshot(path.parent).items() if p.suffix != ".lock"} == before
 
 
 # --- one edit ----------------------------------------------------------------------------

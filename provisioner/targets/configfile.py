@@ -379,6 +379,11 @@ class ConfigFileTarget:
         return 0 if self._state is None else len(self._state.users)
 
     @property
+    def verified(self) -> bool:
+        """This object has verified some bytes for its file (read, written or checked)."""
+        return self._verified is not None
+
+    @property
     def _direct(self) -> bool:
         """The layout templates are the shipped ones: users' text is their canonical chunks."""
         return self._templates.direct
@@ -622,7 +627,13 @@ class ConfigFileTarget:
         return PendingWrite(change, state, write=old != state.data, backup=old is not None)
 
     def prepare_chunks(
-        self, users: list[UserObjects], chunks: list[str], *, background: bool = False
+        self,
+        users: list[UserObjects],
+        chunks: list[str],
+        *,
+        background: bool = False,
+        count: bool = False,
+        distinct: bool = False,
     ) -> PendingWrite | None:
         """:meth:`prepare` (the change left empty, as with ``count`` false) of ``users``
         whose canonical chunks are ``chunks``, made with :func:`.canonical._chunk_text`:
@@ -635,9 +646,13 @@ class ConfigFileTarget:
         with other users': the checks hold for a batch exactly when they hold for each
         text); until then nothing here counts as verified.  ``background``: bytes that
         differ from the file's are staged (:func:`.files.stage` with ``batch``), to be
-        committed or discarded by the caller whatever happens.  None when the layout
-        templates are not the shipped ones or the header is not plain: the caller then
-        prepares these users the general way."""
+        committed or discarded by the caller whatever happens.  ``count``: the change is
+        counted against the file (as :meth:`prepare` counts it; a file holding exactly
+        these bytes is not parsed), for a caller whose check has passed already;
+        ``distinct``: the caller knows no two of these users share a section (see
+        :attr:`_State.distinct`).  None when the layout templates are not the shipped
+        ones or the header is not plain: the caller then prepares these users the
+        general way."""
         if not self._direct:
             return None
         with self._templates.templating() as env:
@@ -646,12 +661,13 @@ class ConfigFileTarget:
             return None
         text = "".join(chain((header,), chunks))
         data = text.encode("utf-8")
-        state = _State(data, users, chunks, header, len(text))
+        state = _State(data, users, chunks, header, len(text), _distinct=distinct or None)
         old = read_file(self.path)
+        change = self._counted(old, state) if count else Change()
         staged = None
         if background and old != data:
             staged = stage(self.path, data, new_owner_of=self.new_owner_of, batch=True)
-        return PendingWrite(Change(), state, old != data, old is not None, staged)
+        return PendingWrite(change, state, old != data, old is not None, staged)
 
     def _counted(
         self, old: bytes | None, state: _State, ids: Sequence[str] | None = None

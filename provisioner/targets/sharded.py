@@ -313,10 +313,11 @@ class ShardedConfigFileTarget:
         old_main = read_file(self.path)
         if old_main == main:
             # Asterisk reads this set: each shard is compared with its own file.
-            keeps = self._kept_by_shard(keep)
-            files = [
-                self._prepared(i, group, keeps[i]) for i, group in enumerate(self._groups(objects))
-            ]
+            files = self._found_files(objects) if self._cold(keep) else None
+            if files is None:
+                keeps = self._kept_by_shard(keep)
+                groups = enumerate(self._groups(objects))
+                files = [self._prepared(i, group, keeps[i]) for i, group in groups]
             return _Layout(_summed(p.change for _, p in files), files, main, old_main)
         # A first apply, a new shard count, or the single-file layout before: the change is
         # counted against what the current main file gives Asterisk.
@@ -377,6 +378,45 @@ class ShardedConfigFileTarget:
             _discard(files)
             raise
         return files, ids
+
+    def _cold(self, keep: Collection[str]) -> bool:
+        """True when no shard's target has verified any bytes yet (a new object: a
+        restart, ``sync --once``) and no user is kept as its file holds it: a full apply
+        then takes :meth:`_found_files`.  A target that has (the daemon's later full
+        applies) finds each shard's users equal to those it verified, with no chunk made
+        (~0.05 s at 100k users, against ~0.7 s for every chunk and check)."""
+        return not keep and not any(target.verified for target in self._targets.values())
+
+    def _found_files(
+        self, users: Sequence[UserObjects]
+    ) -> list[tuple[ConfigFileTarget, PendingWrite]] | None:
+        """Every shard file's apply of ``users`` into the files this set's main file
+        includes, each change counted; None when the chunks are not all canonical (or the
+        layout is overridden): the caller then prepares each shard the general way.
+
+        As :meth:`_fresh_files` does, every user's chunk is made and checked in one batch
+        in the users' order (shard by shard, those reads miss the cache: 1.17-1.19 s of CPU
+        at 100k users and 64 shards, against 0.64 s for the one file); then each shard's
+        target compares its header and chunks with its file's bytes, the one file's
+        shortcut (a file holding exactly the verified bytes is not parsed), and counts
+        its change.  Nothing is staged: a file found unchanged is not written at all."""
+        desired = list(users)
+        chunks = self._chunks(desired)
+        if chunks is None:
+            return None
+        ids = section_ids(desired)
+        if _plain_join(desired, chunks, ids=ids) is None:
+            return None
+        # Distinct as a whole means distinct in each shard: no shard finds it again.
+        distinct = _named_of(ids) is not None
+        files: list[tuple[ConfigFileTarget, PendingWrite]] = []
+        users_by, chunks_by = self._split(desired, chunks)
+        for index, (group, texts) in enumerate(zip(users_by, chunks_by, strict=True)):
+            target = self._file(index)
+            with _naming(target.path):
+                pending = target.prepare_chunks(group, texts, count=True, distinct=distinct)
+            files.append(self._prepared(index, group, ()) if pending is None else (target, pending))
+        return files
 
     def _general_files(
         self, desired: list[UserObjects]
