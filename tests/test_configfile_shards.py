@@ -1344,6 +1344,19 @@ def test_a_first_apply_stages_the_shard_files_from_several_threads(
     assert ShardedConfigFileTarget(path, shards=shards).apply(users).empty
 
 
+def _disk_full_for(monkeypatch: pytest.MonkeyPatch, blocked: Path) -> None:
+    """Every write of a temporary file for ``blocked`` fails as on a full disk (ENOSPC);
+    the other files are written as usual."""
+    write_synced = files_module.write_synced
+
+    def full_for_one(temp: Path, data: bytes) -> None:
+        if temp.name.startswith(f".{blocked.name}."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write_synced(temp, data)
+
+    monkeypatch.setattr(files_module, "write_synced", full_for_one)
+
+
 def test_a_shard_file_that_cannot_be_written_fails_the_apply_before_the_main_file(
     path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1355,14 +1368,7 @@ def test_a_shard_file_that_cannot_be_written_fails_the_apply_before_the_main_fil
     users = many(600)
     target = ShardedConfigFileTarget(path, shards=shards)
     blocked = target.files[5]
-    write_synced = files_module.write_synced
-
-    def full_for_one(temp: Path, data: bytes) -> None:
-        if temp.name.startswith(f".{blocked.name}."):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        write_synced(temp, data)
-
-    monkeypatch.setattr(files_module, "write_synced", full_for_one)
+    _disk_full_for(monkeypatch, blocked)
     with pytest.raises(TargetWriteFailed, match=blocked.name):
         target.apply(users)
     assert not path.exists()
@@ -1385,14 +1391,7 @@ def test_a_shard_file_that_cannot_be_rewritten_fails_the_apply_the_others_whole(
     target.apply(old)
     users = [replace(u, endpoint=(*u.endpoint, ("language", "fr"))) for u in old]
     blocked = target.files[5]
-    write_synced = files_module.write_synced
-
-    def full_for_one(temp: Path, data: bytes) -> None:
-        if temp.name.startswith(f".{blocked.name}."):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        write_synced(temp, data)
-
-    monkeypatch.setattr(files_module, "write_synced", full_for_one)
+    _disk_full_for(monkeypatch, blocked)
     with pytest.raises(TargetWriteFailed, match=blocked.name):
         target.apply(users)
     for index, shard in enumerate(target.files):
