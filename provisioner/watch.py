@@ -169,10 +169,6 @@ class DirectoryWatch:
             err = ctypes.get_errno()
             raise OSError(err, f"inotify_add_watch failed on {str(directory)!r}")
 
-    def written(self) -> bool:
-        """Drain the pending events; ``True`` if one names a watched file (or some were lost)."""
-        return bool(self.written_names())
-
     def written_names(self) -> dict[bytes, int]:
         """Drain the pending events; each watched name they name, with the events' masks
         or'ed (every name, with every mask, when some events were lost)."""

@@ -274,12 +274,12 @@ def test_directory_watch_reports_only_the_named_files(tmp_path: Path) -> None:
     """Writes to the watched names are reported; writes to other files of the directory not."""
     watch = DirectoryWatch(tmp_path, ["store.db", "store.db-wal"])
     try:
-        assert watch.written() is False
+        assert watch.written_names() == {}
         (tmp_path / "other.conf").write_text("x")
-        assert watch.written() is False
+        assert watch.written_names() == {}
         (tmp_path / "store.db-wal").write_bytes(b"frame")
-        assert watch.written() is True
-        assert watch.written() is False  # drained
+        assert list(watch.written_names()) == [b"store.db-wal"]
+        assert watch.written_names() == {}  # drained
     finally:
         watch.close()
 
