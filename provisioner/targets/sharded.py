@@ -361,15 +361,7 @@ class ShardedConfigFileTarget:
             return self._general_files(desired), None
         files: list[tuple[ConfigFileTarget, PendingWrite]] = []
         try:
-            users_by, chunks_by = self._split(desired, chunks)
-            for index, (group, texts) in enumerate(zip(users_by, chunks_by, strict=True)):
-                target = self._file(index)
-                with _naming(target.path):
-                    pending = target.prepare_chunks(group, texts, background=True)
-                if pending is None:
-                    files.append(self._prepared(index, group, (), count=False))
-                else:
-                    files.append((target, pending))
+            self._chunk_files(desired, chunks, files, background=True)
             ids = section_ids(desired)
             if _plain_join(desired, chunks, ids=ids) is None:
                 _discard(files)
@@ -410,13 +402,35 @@ class ShardedConfigFileTarget:
         # Distinct as a whole means distinct in each shard: no shard finds it again.
         distinct = _named_of(ids) is not None
         files: list[tuple[ConfigFileTarget, PendingWrite]] = []
-        users_by, chunks_by = self._split(desired, chunks)
+        self._chunk_files(desired, chunks, files, count=True, distinct=distinct)
+        return files
+
+    def _chunk_files(
+        self,
+        users: list[UserObjects],
+        chunks: list[str],
+        files: list[tuple[ConfigFileTarget, PendingWrite]],
+        *,
+        background: bool = False,
+        count: bool = False,
+        distinct: bool = False,
+    ) -> None:
+        """Append to ``files`` each shard's apply of its share of ``users`` (whose canonical
+        chunks are ``chunks``), in shard order, by :meth:`ConfigFileTarget.prepare_chunks`
+        with ``background``, ``count`` and ``distinct``; a shard whose header is not plain
+        prepared by its own target, the general way.  Appended one by one, so a caller
+        that discards ``files`` when this raises discards what was staged before."""
+        users_by, chunks_by = self._split(users, chunks)
         for index, (group, texts) in enumerate(zip(users_by, chunks_by, strict=True)):
             target = self._file(index)
             with _naming(target.path):
-                pending = target.prepare_chunks(group, texts, count=True, distinct=distinct)
-            files.append(self._prepared(index, group, ()) if pending is None else (target, pending))
-        return files
+                pending = target.prepare_chunks(
+                    group, texts, background=background, count=count, distinct=distinct
+                )
+            if pending is None:
+                files.append(self._prepared(index, group, (), count=count))
+            else:
+                files.append((target, pending))
 
     def _general_files(
         self, desired: list[UserObjects]
