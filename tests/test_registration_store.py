@@ -1079,9 +1079,7 @@ def test_an_uncounted_write_stores_the_same_rows_without_a_counting_statement(
     def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         sent.append(statement)
 
-    writer = registrations_module.endpoint_writer(
-        engine.dialect.name, "lab", states, NOW, counted=False
-    )
+    writer = registrations_module.endpoint_writer(engine.dialect, "lab", states, NOW, counted=False)
     event.listen(engine, "before_cursor_execute", seen)
     try:
         with engine.begin() as conn:
@@ -1106,9 +1104,7 @@ def test_a_writer_holds_its_batch_as_made_before_it_runs(engine: Engine) -> None
     too), so the rows it was given may go before it runs and it still writes them all."""
     seed_store(engine, 2)
     states = {ep: _state(ep, "NonQualified") for ep in ("100000", "100001")}
-    writer = registrations_module.endpoint_writer(
-        engine.dialect.name, "lab", states, NOW, counted=False
-    )
+    writer = registrations_module.endpoint_writer(engine.dialect, "lab", states, NOW, counted=False)
     states.clear()
     with engine.begin() as conn:
         writer(conn)
@@ -1249,7 +1245,7 @@ def test_a_batch_put_in_its_turn_is_already_being_written_in_its_threads(
     started = [threading.Event() for _ in parts]
 
     def writer(part: dict[str, Any], began: threading.Event) -> Any:
-        write = registrations_module.endpoint_writer(engine.dialect.name, "lab", part, NOW)
+        write = registrations_module.endpoint_writer(engine.dialect, "lab", part, NOW)
 
         def run_it(conn: Connection) -> int:
             began.set()

@@ -1100,13 +1100,13 @@ class AmiPbx:
         one a storm since).  The rows hold no cycle: reference counting frees them as
         before."""
         with collector_paused():
-            now, dialect = utcnow(), self.engine.dialect.name
-            if dialect in BATCH_DIALECTS:
-                return _entry_writes(link, dirty, now, dialect)
+            now, dialect = utcnow(), self.engine.dialect
+            if dialect.name in BATCH_DIALECTS:
+                return _entry_writes(link, dirty, now, dialect.name)
             states = _batch_rows(link, dirty)
             writes: list[tuple[Callable[[Connection], object], set[str]]] = [
                 (endpoint_writer(dialect, link.name, part, now, counted=False), set(part))
-                for part in (split_batch(states, dialect) if states else ())
+                for part in (split_batch(states, dialect.name) if states else ())
             ]
             del states  # freed before the collector resumes
         return writes

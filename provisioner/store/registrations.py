@@ -47,6 +47,7 @@ from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Dialect
 
 from .bulk import (
     JSON_TABLE_BYTES,
@@ -303,12 +304,12 @@ def write_endpoint_rows(conn: Connection, server: str, rows: EndpointRows, now: 
     """
     if not rows:
         return 0
-    return endpoint_writer(conn.dialect.name, server, rows, now)(conn)
+    return endpoint_writer(conn.dialect, server, rows, now)(conn)
 
 
 @overload
 def endpoint_writer(
-    dialect: str,
+    dialect: Dialect,
     server: str,
     rows: EndpointRows,
     now: datetime,
@@ -319,7 +320,7 @@ def endpoint_writer(
 
 @overload
 def endpoint_writer(
-    dialect: str,
+    dialect: Dialect,
     server: str,
     rows: EndpointRows,
     now: datetime,
@@ -329,7 +330,7 @@ def endpoint_writer(
 
 
 def endpoint_writer(
-    dialect: str,
+    dialect: Dialect,
     server: str,
     rows: EndpointRows,
     now: datetime,
@@ -341,24 +342,22 @@ def endpoint_writer(
     batch is built now, so a caller on the event loop builds it while an earlier write
     still runs in its thread, which then only waits on the database.
     On MariaDB/MySQL the ``JSON_TABLE`` documents (:func:`_json_table_documents`) are
-    built now too, for a server that has ``JSON_TABLE`` (the writer learns which when
-    it runs; on an older one they go unused).
+    built now too when ``dialect`` tells its server has ``JSON_TABLE`` (an older one's
+    writer takes the general way, which needs none; a server not yet met: the writer
+    builds them when it runs, if they are needed).
     ``counted=False``: the caller does not use how many endpoints matched (the
     flusher); where counting them is a statement of its own (MariaDB/MySQL's
     ``JSON_TABLE`` documents: :func:`_write_rows_json_table`) it is not run, and the
     function returns ``None`` there."""
-    if dialect in _ONE_PARAMETER:
+    if dialect.name in _ONE_PARAMETER:
         batch = RowBatch.of(rows, now)
         return lambda conn: write_batch(conn, server, batch)
-    documents = _json_table_documents(rows, now) if dialect in _JSON_TABLE_DIALECTS else None
+    documents = _json_table_documents(rows, now) if has_json_table(dialect) else None
     return lambda conn: _write_rows_general(
         conn, server, rows, now, counted=counted, documents=documents
     )
 
 
-#: Dialects whose servers may have ``JSON_TABLE`` (:func:`~.bulk.has_json_table` tells,
-#: given a connection's dialect with its server's version).
-_JSON_TABLE_DIALECTS = frozenset({"mysql", "mariadb"})
 #: A part of a batch as :func:`_write_rows_json_table` sends it: the batch's
 #: :func:`time_text` and its document (:func:`~.bulk.json_table_payload`).
 _Document = tuple[str, str]
@@ -853,7 +852,7 @@ def replace_server_snapshot(
     _all_offline(conn, server, now)
     if not rows:
         return 0
-    return endpoint_writer(conn.dialect.name, server, rows, now)(conn)
+    return endpoint_writer(conn.dialect, server, rows, now)(conn)
 
 
 def _all_offline(conn: Connection, server: str, now: datetime) -> None:
