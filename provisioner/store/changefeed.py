@@ -36,7 +36,6 @@ from sqlalchemy import ColumnElement, Connection, delete, func, or_, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
-from .contact_rule import CONTACT_RULE_TRIGGERS
 from .schema import changes
 from .state import load_state, put_state
 from .triggers import TRIGGERS, absent_or_silent, is_mysql, orphaned
@@ -423,15 +422,9 @@ def missing_definers(conn: Connection) -> list[str] | None:
 
     ``[]``: every definer exists.  None: it cannot be told (another database; triggers
     hidden from an account without the TRIGGER privilege; ``mysql.user`` not readable).
-    The contacts' cascade's trigger on ``users`` (migrations 0011-0013, gone in 0014) is
-    not one of them: its definer gone refused only deletes.
     Read-only (:mod:`.triggers`)."""
     watched = [name for name, _, _ in _WATCHED]
-    gone = orphaned(
-        conn,
-        TRIGGERS.c.EVENT_OBJECT_TABLE.in_(watched)
-        & TRIGGERS.c.TRIGGER_NAME.not_in(CONTACT_RULE_TRIGGERS["mysql"]),
-    )
+    gone = orphaned(conn, TRIGGERS.c.EVENT_OBJECT_TABLE.in_(watched))
     return None if gone is None else sorted(set(gone.values()))
 
 

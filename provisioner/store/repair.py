@@ -3,8 +3,8 @@
 The triggers are the change feed's (:mod:`.changefeed`), at the newest migration (the
 contacts' cascade of migrations 0011-0013, :mod:`.contact_rule`, went with their table
 in 0014).  A trigger is lost when it is missing,
-on PostgreSQL disabled (or firing only in replica sessions, or, for the change feed's,
-left at plain ``ENABLE``: skipping replica sessions' writes), or on MariaDB/MySQL when
+on PostgreSQL disabled (or firing only in replica sessions, or left at plain
+``ENABLE``: skipping replica sessions' writes), or on MariaDB/MySQL when
 its definer is no longer an account.  :func:`lost_triggers` only reads the catalog (the
 daemon may lack the right to create triggers); :func:`plan_repair` says, per lost
 trigger, the statements that make it as a fresh ``db upgrade`` would, run as the
@@ -54,8 +54,6 @@ class _Trigger:
     create: str
     #: The function it executes (PostgreSQL), else "".
     function: str
-    #: PostgreSQL's ``ALTER TABLE … <mode> TRIGGER`` mode it is left in.
-    enable: str
 
 
 def _expected(dialect: str) -> list[_Trigger]:
@@ -69,7 +67,7 @@ def _expected(dialect: str) -> list[_Trigger]:
             continue  # a function of PostgreSQL's: see _functions
         executes = _EXECUTES.search(statement)
         function = executes.group(1) if executes else ""
-        out.append(_Trigger(made.group(1), made.group(2), statement, function, _ALWAYS))
+        out.append(_Trigger(made.group(1), made.group(2), statement, function))
     return out
 
 
@@ -96,8 +94,7 @@ def _problems(
     (creating them either mends the store or fails for want of that privilege, which is
     said), else None (it cannot be told)."""
     names = [t.name for t in expected]
-    always = {t.name for t in expected if t.enable == _ALWAYS}
-    lost = absent_or_silent(conn, names, always=always)
+    lost = absent_or_silent(conn, names, always=set(names))
     if lost is None and not unseen_missing:
         return None
     found: dict[str, str] = {}
@@ -142,9 +139,7 @@ def plan_repair(conn: Connection) -> list[Fix]:
                     statements += functions[trigger.function]
                 made.add(trigger.function)
                 statements.append(trigger.create)
-            statements.append(
-                f"ALTER TABLE {trigger.table} {trigger.enable} TRIGGER {trigger.name}"
-            )
+            statements.append(f"ALTER TABLE {trigger.table} {_ALWAYS} TRIGGER {trigger.name}")
         else:
             if problem != "missing":  # a definer gone: made again by this account
                 statements.append(f"DROP TRIGGER IF EXISTS {trigger.name}")
