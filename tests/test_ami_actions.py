@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import threading
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from panoramisk.message import Message
 
 from provisioner.ami import AmiClient
+from provisioner.ami import actions as actions_module
 from provisioner.ami.actions import (
     _CONTACT_STATUS_NAMES,
     MAX_ACTION_LINE_BYTES,
@@ -435,6 +437,19 @@ _LINE_TEXT = st.text(
 )
 
 
+class _WholeMatches:
+    """A stand-in for the decoder's whole-message pattern that counts its matches."""
+
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        self.pattern = pattern
+        self.matched = 0
+
+    def fullmatch(self, text: str) -> re.Match[str] | None:
+        match = self.pattern.fullmatch(text)
+        self.matched += match is not None
+        return match
+
+
 @settings(max_examples=300)
 @given(
     values=st.lists(_LINE_TEXT, min_size=7, max_size=7),
@@ -448,10 +463,18 @@ def test_a_contact_status_decodes_as_the_general_parser_parses_it(
 ) -> None:
     """A ContactStatus-like message (the storm's shape matched whole, or any other order,
     name, spacing or extra line) decodes to the headers, in order, that the line-by-line
-    parser gives its lines."""
+    parser gives its lines; the storm's shape, and only it, takes the whole-message
+    match."""
     lines = [f"Event: {event}"]
     lines += [f"{n}:{b}{v}" for n, b, v in zip(names, blanks, values, strict=True)] + extra
-    (message,) = FrameDecoder().feed(BANNER + "\r\n".join(lines).encode() + b"\r\n\r\n")
+    whole = _WholeMatches(actions_module._CONTACT_STATUS)
+    actions_module._CONTACT_STATUS = whole  # type: ignore[assignment]
+    try:
+        (message,) = FrameDecoder().feed(BANNER + "\r\n".join(lines).encode() + b"\r\n\r\n")
+    finally:
+        actions_module._CONTACT_STATUS = whole.pattern
+    storm = event == "ContactStatus" and names == _STATUS_NAMES and not extra
+    assert whole.matched == storm
     expected = parse_message_lines(lines)
     assert expected is not None
     assert message.headers == expected.headers
