@@ -258,28 +258,39 @@ def _cold_apply(path: Path, users: list[UserObjects], shards: int = 4) -> Change
     return ShardedConfigFileTarget(path, shards=shards).apply(users)
 
 
+def _parsed_texts(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[bytes]]:
+    """Each text the target modules give Asterisk's config parser from now on, by module
+    (``configfile``, ``holdings``, ``shards``, ``site``); each still parsed."""
+    from provisioner.targets import configfile, holdings, shards, site
+
+    texts: dict[str, list[bytes]] = {}
+    for module in (configfile, holdings, shards, site):
+        seen = texts.setdefault(module.__name__.rsplit(".", 1)[1], [])
+
+        def recorded(data: bytes, *args: Any, _seen: list[bytes] = seen, **kw: Any) -> Any:
+            _seen.append(bytes(data))
+            return parse(data, *args, **kw)
+
+        monkeypatch.setattr(module, "parse", recorded)
+    return texts
+
+
 def test_a_cold_unchanged_apply_parses_no_shard_file_and_edits_next(
     path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A new target's apply of the users its shard files hold writes and parses none of
     them, counts every user unchanged, and its next one-user edit rewrites that user's
     shard only, counting every other user unchanged."""
-    from provisioner.targets import holdings
-
     users = many(40)
     ShardedConfigFileTarget(path, shards=4).apply(users)
     before = snapshot(path.parent)
-    parsed: list[bytes] = []
-
-    def counted(data: bytes) -> Any:
-        parsed.append(data)
-        return parse(data)
-
-    monkeypatch.setattr(holdings, "parse", counted)
+    parsed = _parsed_texts(monkeypatch)
     target = ShardedConfigFileTarget(path, shards=4)
     change = target.apply(users)
     assert (change.empty, change.wrote, change.unchanged) == (True, False, len(users))
-    assert parsed == []
+    assert parsed["holdings"] == []
+    shard_texts = {shard.read_bytes() for shard in target.files}
+    assert not shard_texts & {text for texts in parsed.values() for text in texts}
     assert snapshot(path.parent) == before
     victim = users[7]
     moved = replace(victim, endpoint=(*victim.endpoint[:-1], ("webrtc", "yes")))
@@ -346,14 +357,20 @@ def test_a_cold_apply_rewrites_a_truncated_shard_file(path: Path) -> None:
     check_shards(target, users)
 
 
-def test_a_cold_apply_with_a_value_left_to_the_parser_writes_nothing(path: Path) -> None:
+def test_a_cold_apply_with_a_value_left_to_the_parser_writes_nothing(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A new target's apply of unchanged users, one holding a value the canonical checks
-    leave to the parser, checks every shard the general way and writes nothing."""
+    leave to the parser, checks every shard the general way (the shard holding that user
+    parsed back) and writes nothing."""
     users = many(40)
     users[3] = replace(users[3], endpoint=(*users[3].endpoint, ("x", "a=>b")))
-    ShardedConfigFileTarget(path, shards=4).apply(users)
+    target = ShardedConfigFileTarget(path, shards=4)
+    target.apply(users)
     before = snapshot(path.parent)
+    parsed = _parsed_texts(monkeypatch)
     change = _cold_apply(path, users)
+    assert target.file_of(users[3].endpoint_id).read_bytes() in parsed["configfile"]
     assert (change.empty, change.wrote, change.unchanged) == (True, False, len(users))
     assert snapshot(path.parent) == before
 
@@ -1020,15 +1037,20 @@ def test_a_switch_failing_after_its_files_were_staged_leaves_no_temporary(
     assert snapshot(path.parent) == before
 
 
-def test_a_first_apply_with_a_value_left_to_the_parser_checks_every_shard(path: Path) -> None:
+def test_a_first_apply_with_a_value_left_to_the_parser_checks_every_shard(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A new target's first apply holding a value the canonical checks leave to the parser
-    writes every shard file parsing back to exactly its users, counts every user added,
-    and leaves no temporary file."""
+    checks every shard the general way (the shard holding that user parsed back before
+    it is written), writes every shard file parsing back to exactly its users, counts
+    every user added, and leaves no temporary file."""
     users = many(40)
     odd = replace(users[3], endpoint=(*users[3].endpoint, ("x", "a=>b")))
     users[3] = odd
     target = ShardedConfigFileTarget(path, shards=4)
+    parsed = _parsed_texts(monkeypatch)
     change = target.apply(users)
+    assert target.file_of(odd.endpoint_id).read_bytes() in parsed["configfile"]
     assert change.added == tuple(u.endpoint_id for u in users)
     assert len(change.changed_objects) == 3 * len(users)
     check_shards(target, users)
@@ -1384,7 +1406,8 @@ def test_a_shard_file_that_cannot_be_rewritten_fails_the_apply_the_others_whole(
 ) -> None:
     """When one shard file of a parallel full apply of the set in place cannot be written
     (the disk full for it), the apply raises TargetWriteFailed naming it, that file keeps
-    its old users, and every other shard file holds its new ones, whole."""
+    its old users, every other shard file holds its new ones, whole, and no temporary
+    file is left."""
     shards = 4 * PARALLEL_FILES
     target = ShardedConfigFileTarget(path, shards=shards)
     old = many(600)
@@ -1394,6 +1417,7 @@ def test_a_shard_file_that_cannot_be_rewritten_fails_the_apply_the_others_whole(
     _disk_full_for(monkeypatch, blocked)
     with pytest.raises(TargetWriteFailed, match=blocked.name):
         target.apply(users)
+    assert not list(target.directory.glob(".*.tmp"))
     for index, shard in enumerate(target.files):
         held = old if index == 5 else users
         check_rendered(shard.read_bytes(), in_shard(held, index, shards))

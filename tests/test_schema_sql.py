@@ -473,8 +473,9 @@ def test_0014_downgraded_again_after_failing_past_its_insert_keeps_each_contact_
 ) -> None:
     """A downgrade from 0014 run again after one that failed past its insert of the
     contacts (on MariaDB/MySQL the DDL that follows commits it: the table and its rows
-    stay, the summaries' column too) ends at 0013 with each contact once, not with a
-    duplicate key."""
+    stay, the summaries' column too) ends at 0013 with each contact once, as the
+    summaries' column holds it (not as the failed run left it), not with a duplicate
+    key."""
     import importlib
 
     engine = open_engine(db_url)
@@ -497,6 +498,9 @@ def test_0014_downgraded_again_after_failing_past_its_insert_keeps_each_contact_
             conn.execute(table.insert(), rows)
         downgrade(engine, "0013")
         assert _contact_users(engine) == [1, 2, 3]
+        with engine.connect() as conn:
+            uris = conn.execute(text("SELECT uri FROM registrations ORDER BY user_id")).scalars()
+            assert list(uris) == [f"sip:{ep}@10.0.0.1" for ep in ("100000", "100001", "100002")]
         upgrade(engine)
         assert _contact_users(engine) == [1, 2, 3]
         assert _differences(engine) == []

@@ -220,6 +220,7 @@ def test_sqlite_wakeups_read_busy_files_at_most_once_per_gap(
         reads.clear()
         writing = asyncio.ensure_future(asyncio.to_thread(write_for, 1.0))
         await asyncio.sleep(0.5)
+        assert not wake.is_set(), "woken by writes outside the change feed"
         await asyncio.to_thread(_add_profile, engine, "sales")
         assert await _set_within(wake, 0.2), "no wake-up for a change among busy writes"
         commits = await writing
