@@ -997,8 +997,9 @@ def test_a_rewrite_replaces_contacts_updates_the_summary_and_cuts_long_values(
     engine: Engine,
 ) -> None:
     """A second write of an endpoint leaves only its new contacts and one updated summary
-    (problem included), values cut to their column's size, the same on every backend."""
-    seed_store(engine, 2)
+    (problem included), values cut to their column's size, the same on every backend; an
+    endpoint the second write leaves out keeps its contacts."""
+    seed_store(engine, 3)
     first = {
         "100000": (
             [
@@ -1017,6 +1018,10 @@ def test_a_rewrite_replaces_contacts_updates_the_summary_and_cuts_long_values(
             ("online", "NOT_INUSE", "", SEEN_TEXT),
         ),
         "100001": ([], ("offline", "", "", None)),
+        "100002": (
+            [("100002;@d", "sip:d@10.0.0.3", "Reachable", "", "", 5, None, SEEN_TEXT)],
+            ("online", "NOT_INUSE", "", SEEN_TEXT),
+        ),
     }
     long_uri = "sip:" + "x" * 600
     again = {
@@ -1029,7 +1034,7 @@ def test_a_rewrite_replaces_contacts_updates_the_summary_and_cuts_long_values(
         ),
     }
     with engine.begin() as conn:
-        assert write_endpoint_rows(conn, "pbx1", first, NOW) == 2
+        assert write_endpoint_rows(conn, "pbx1", first, NOW) == 3
     with engine.begin() as conn:
         assert write_endpoint_rows(conn, "pbx1", again, NOW) == 1
     with engine.connect() as conn:
@@ -1037,11 +1042,24 @@ def test_a_rewrite_replaces_contacts_updates_the_summary_and_cuts_long_values(
         sums = conn.execute(select(*_SUMMARY).order_by(registration_summary.c.user_id)).all()
     # The later of two rows of one contact wins; the old contacts are gone.
     assert [tuple(r) for r in rows] == [
-        (1, "pbx1", "100000;@c", long_uri[:512], "Reachable", ("Pé" * 150)[:255], "", 77, None, NOW)
+        (
+            1,
+            "pbx1",
+            "100000;@c",
+            long_uri[:512],
+            "Reachable",
+            ("Pé" * 150)[:255],
+            "",
+            77,
+            None,
+            NOW,
+        ),
+        (3, "pbx1", "100002;@d", "sip:d@10.0.0.3", "Reachable", "", "", 5, None, SEEN),
     ]
     assert [tuple(s) for s in sums] == [
         (1, "pbx1", "unreachable", "UNAVAILABLE", "rejected", NOW),
         (2, "pbx1", "offline", "", "", NOW),
+        (3, "pbx1", "online", "NOT_INUSE", "", SEEN),
     ]
 
 
