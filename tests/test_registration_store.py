@@ -38,6 +38,7 @@ from provisioner.store.engine import is_conflict, open_engine, reading, transact
 from provisioner.store.registrations import (
     LIVE_FOR,
     ContactRow,
+    EndpointRows,
     SummaryRow,
     clock_key,
     database_epoch,
@@ -1000,7 +1001,7 @@ def test_a_rewrite_replaces_contacts_updates_the_summary_and_cuts_long_values(
     (problem included), values cut to their column's size, the same on every backend; an
     endpoint the second write leaves out keeps its contacts."""
     seed_store(engine, 3)
-    first = {
+    first: EndpointRows = {
         "100000": (
             [
                 (
