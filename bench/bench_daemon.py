@@ -75,6 +75,7 @@ from tests.amipeer import FakeAsterisk, ReceivedAction
 
 from .common import (
     Column,
+    StoredProbe,
     peak_rss_mb,
     percentile,
     print_header,
@@ -173,13 +174,16 @@ def _write_config(s: Setup, reload_min_gap: float) -> None:
 
 
 async def _until(check: Callable[[], bool], timeout: float, what: str, step: float) -> float:
-    """Poll ``check`` every ``step`` s; the perf_counter time it first held."""
+    """Poll ``check`` every ``step`` s; the perf_counter time the check that first held
+    began (what it saw was so by then; the check's own time is not the daemon's)."""
     deadline = time.perf_counter() + timeout
-    while not check():
-        if time.perf_counter() > deadline:
+    while True:
+        began = time.perf_counter()
+        if check():
+            return began
+        if began > deadline:
             raise AssertionError(f"{what}: not within {timeout} s")
         await asyncio.sleep(step)
-    return time.perf_counter()
 
 
 async def _start_daemon(s: Setup) -> tuple[asyncio.subprocess.Process, float]:
@@ -395,32 +399,19 @@ async def _registrations(s: Setup) -> dict[str, float]:
     query = select(func.count()).where(
         registration_summary.c.server == SERVER, registration_summary.c.contacts.is_not(None)
     )
-    # The burst's last event is user ``count``'s (seed_store: ids 1..count, in the burst's
-    # order); its batch is written after every earlier one.  Polled by a point query: a
-    # count of up to 100k rows every 5 ms kept a core of this 2-core VM busy, away from
-    # the daemon being measured.
-    summary = registration_summary.c
-    last = select(summary.user_id).where(
-        summary.server == SERVER, summary.user_id == s.count, summary.contacts.is_not(None)
-    )
-
-    def stored() -> int:
-        with s.reader.connect() as conn:
-            return int(conn.execute(query).scalar_one())
-
-    def last_stored() -> bool:
-        with s.reader.connect() as conn:
-            return conn.execute(last.limit(1)).first() is not None
-
-    before = stored()
-    # The daemon's CPU per event meanwhile: a figure the other work of a shared machine
-    # moves far less than the rate.
-    cpu = _cpu_seconds(s.daemon_pid)
-    began = time.perf_counter()
-    await s.peer.send_burst(s.count)
-    done = await _until(
-        lambda: last_stored() and stored() >= before + s.count, 600, "registrations", 0.005
-    )
+    with s.reader.connect() as conn:
+        before = int(conn.execute(query).scalar_one())
+    # Polled every 5 ms by StoredProbe: a point query on the burst's last user (seed_store:
+    # ids 1..count, in the burst's order; its batch is written after every earlier one),
+    # and the count only once that holds (a count of up to 100k rows every 5 ms kept a
+    # core of this 2-core VM busy, away from the daemon being measured).
+    with StoredProbe(s.reader, SERVER, s.count, before + s.count) as probe:
+        # The daemon's CPU per event meanwhile: a figure the other work of a shared
+        # machine moves far less than the rate.
+        cpu = _cpu_seconds(s.daemon_pid)
+        began = time.perf_counter()
+        await s.peer.send_burst(s.count)
+        done = await _until(probe.held, 600, "registrations", 0.005)
     took = done - began
     used = _cpu_seconds(s.daemon_pid) - cpu
     return {
