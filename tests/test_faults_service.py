@@ -44,6 +44,22 @@ def test_unit_exposure_is_at_most_2() -> None:
     assert float(found.group(1)) <= 2.0
 
 
+def test_unit_needs_no_directory_but_its_state_directory() -> None:
+    """Every ``ReadWritePaths`` entry of the shipped unit but its state directory is
+    optional (``-``): systemd fails a start (226/NAMESPACE) on one that does not exist,
+    such as a config-file target's directory on a host provisioning realtime rows."""
+    entries = [
+        path
+        for line in UNIT.read_text(encoding="utf-8").splitlines()
+        if line.startswith("ReadWritePaths=")
+        for path in line.removeprefix("ReadWritePaths=").split()
+    ]
+    assert "/var/lib/provisioner" in entries
+    others = [path for path in entries if path != "/var/lib/provisioner"]
+    assert others, "the target file's directory is writable too"
+    assert all(path.startswith("-") for path in others), others
+
+
 class NotifySocket:
     """A datagram socket standing in for systemd's; keeps each message with its arrival time."""
 
