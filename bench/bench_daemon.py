@@ -75,6 +75,7 @@ from tests.amipeer import FakeAsterisk, ReceivedAction
 
 from .common import (
     Column,
+    DirectReader,
     StoredProbe,
     peak_rss_mb,
     percentile,
@@ -249,7 +250,7 @@ def _set_context(engine: Engine, uid: int, context: str) -> float:
     return time.perf_counter()
 
 
-def _applied_check(s: Setup, uid: int, context: str) -> Callable[[], bool]:
+def _applied_check(s: Setup, direct: DirectReader, uid: int, context: str) -> Callable[[], bool]:
     """True once the target holds ``context`` for user ``uid``.
 
     Made before the edit's commit.  For a file that is once a new file took its name (a
@@ -261,13 +262,12 @@ def _applied_check(s: Setup, uid: int, context: str) -> Callable[[], bool]:
         path = s.file_of(uid)
         before = _identity(path)
         return lambda: _identity(path) != before
-    query = select(ps_endpoints.c.context).where(ps_endpoints.c.id == _extension(uid))
-
-    def in_rows() -> bool:
-        with s.reader.connect() as conn:
-            return conn.execute(query).scalar_one_or_none() == context
-
-    return in_rows
+    # Polled every millisecond from the event loop that stamps the fake Asterisk's
+    # actions: a DirectReader's query, not a pooled connection's (see common.DirectReader).
+    query = direct.prepare(
+        select(ps_endpoints.c.context).where(ps_endpoints.c.id == _extension(uid))
+    )
+    return lambda: direct.scalar(query) == context
 
 
 def _identity(path: Path) -> tuple[int, int]:
@@ -295,13 +295,20 @@ def _action_after(actions: TimedActions, start: int, name: str, obj: str | None)
 
 async def _edits(s: Setup, edits: int) -> tuple[list[float], list[float]]:
     """Edit-to-applied and edit-to-AMI latencies (seconds) of ``edits`` single edits."""
+    with DirectReader(s.reader) as direct:
+        return await _timed_edits(s, direct, edits)
+
+
+async def _timed_edits(
+    s: Setup, direct: DirectReader, edits: int
+) -> tuple[list[float], list[float]]:
     apply_lat: list[float] = []
     ami_lat: list[float] = []
     for k in range(edits):
         uid = 1 + (k * 7919) % s.count
         context = f"edit{k}"
         start = len(s.actions)
-        check = _applied_check(s, uid, context)
+        check = _applied_check(s, direct, uid, context)
         committed = _set_context(s.engine, uid, context)
         applied = await _until(check, 120, f"edit {k}", 0.001)
         name, obj = ("Reload", None) if s.target == "config" else (EXPIRE, _extension(uid))

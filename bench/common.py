@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from sqlalchemy import Engine, Select, func, insert, select
 
@@ -28,6 +28,7 @@ from tests.dbs import temp_database
 
 __all__ = [
     "Column",
+    "DirectReader",
     "StoredProbe",
     "make_users",
     "peak_rss_mb",
@@ -81,68 +82,77 @@ def temp_engine(backend: str, scratch: Path) -> Iterator[Engine]:
             engine.dispose()
 
 
-class StoredProbe:
-    """Whether a store holds a registration burst: ``server``'s summary of user ``last``
-    has contacts (a point query; the burst's last event is that user's, and its batch
-    commits after every earlier one), then at least ``total`` of the server's summaries
-    do (a count, run only once the point query holds).
+class DirectReader:
+    """Reads for a bench's polls, as cheap as a query can be: statements compiled once
+    (:meth:`prepare`) and run on a DBAPI connection of the reader's own in autocommit, so
+    each reads what is committed, with no transaction to end.
 
-    The benches poll it every few milliseconds through a storm, beside the daemon they
-    measure (``bench_registration``'s in its own process, taking the GIL from its event
-    loop), so a poll costs what a query must and no more: the two statements compiled
-    once and run on a DBAPI connection of the probe's own in autocommit, so each reads
-    what is committed with no transaction to end.  Through a pooled SQLAlchemy
-    connection with a rollback after each poll, a poll took 0.3-0.7 ms of CPU on this VM
-    and the poller 7-12% of ``bench_registration``'s CPU in a 50k storm; this way
-    0.002-0.13 ms.  Use it as a context manager (the connection is closed on leaving).
+    The benches poll every millisecond or few beside the daemon they measure (in
+    ``bench_registration`` from its very process, taking the GIL from its event loop; in
+    ``bench_daemon`` from the event loop that also stamps the fake Asterisk's actions).
+    Through a pooled SQLAlchemy connection with a rollback after each poll, a poll took
+    0.3-0.7 ms of CPU on this VM, and ``bench_registration``'s poller 7-12% of its
+    process's CPU in a 50k storm; this way 0.002-0.13 ms.  A context manager: the
+    connection is closed on leaving (never put back in the pool in autocommit).
     """
 
-    def __init__(self, engine: Engine, server: str, last: int, total: int) -> None:
-        summary = registration_summary.c
-        held = (summary.server == server, summary.contacts.is_not(None))
-        # No LIMIT: (user_id, server) is the primary key, and a LIMIT is rendered as a
-        # parameter compiled in late on some dialects.
-        self._last = self._compiled(
-            engine, select(summary.user_id).where(*held, summary.user_id == last)
-        )
-        self._count = self._compiled(engine, select(func.count()).where(*held))
-        self.total = total
+    def __init__(self, engine: Engine) -> None:
+        self.dialect = engine.dialect
         fairy = engine.raw_connection()
-        fairy.detach()  # closed on leaving, never back in the pool in autocommit
+        fairy.detach()
         dbapi = fairy.dbapi_connection
         assert dbapi is not None  # a connection just checked out
         self._dbapi = dbapi
-        engine.dialect.set_isolation_level(self._dbapi, "AUTOCOMMIT")
-        self._cursor = self._dbapi.cursor()
+        self.dialect.set_isolation_level(dbapi, "AUTOCOMMIT")
+        self._cursor = dbapi.cursor()
 
-    @staticmethod
-    def _compiled(engine: Engine, query: Select[Any]) -> tuple[str, Any]:
-        """``query``'s SQL text for ``engine``'s driver and its parameters, in the
-        driver's style (a tuple for positional styles, else a dict)."""
-        compiled = query.compile(dialect=engine.dialect)
+    def prepare(self, query: Select[Any]) -> tuple[str, Any]:
+        """``query``'s SQL text for the driver and its parameters in the driver's style (a
+        tuple for positional styles, else a dict).  No LIMIT or IN list: some dialects
+        render those as parameters compiled in late."""
+        compiled = query.compile(dialect=self.dialect)
         params = compiled.construct_params()
         if compiled.positiontup is not None:
             return str(compiled), tuple(params[name] for name in compiled.positiontup)
         return str(compiled), params
 
-    def _fetch(self, statement: tuple[str, Any]) -> Any:
+    def scalar(self, statement: tuple[str, Any]) -> Any:
+        """The first column of the first row ``statement`` (from :meth:`prepare`) reads
+        now; ``None`` when it reads no row."""
         self._cursor.execute(*statement)
         row = self._cursor.fetchone()
         self._cursor.fetchall()  # nothing left unread for the next statement
         return None if row is None else row[0]
 
-    def held(self) -> bool:
-        """Whether the store holds the whole burst now."""
-        if self._fetch(self._last) is None:
-            return False
-        return int(self._fetch(self._count)) >= self.total
-
-    def __enter__(self) -> StoredProbe:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._cursor.close()
         self._dbapi.close()
+
+
+class StoredProbe(DirectReader):
+    """Whether a store holds a registration burst: ``server``'s summary of user ``last``
+    has contacts (a point query; the burst's last event is that user's, and its batch
+    commits after every earlier one), then at least ``total`` of the server's summaries
+    do (a count, run only once the point query holds).  Polled through a storm, so a
+    :class:`DirectReader`."""
+
+    def __init__(self, engine: Engine, server: str, last: int, total: int) -> None:
+        super().__init__(engine)
+        summary = registration_summary.c
+        held = (summary.server == server, summary.contacts.is_not(None))
+        # (user_id, server) is the primary key: at most one row, no LIMIT needed.
+        self._last = self.prepare(select(summary.user_id).where(*held, summary.user_id == last))
+        self._count = self.prepare(select(func.count()).where(*held))
+        self.total = total
+
+    def held(self) -> bool:
+        """Whether the store holds the whole burst now."""
+        if self.scalar(self._last) is None:
+            return False
+        return int(self.scalar(self._count)) >= self.total
 
 
 def timed(fn: Callable[[], T]) -> tuple[T, float]:
