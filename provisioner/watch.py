@@ -5,8 +5,8 @@ until ``stop`` is set; none of them reads the change itself (the change feed
 does), so a spurious wake-up costs one cheap query and a missed one is healed
 by the next wake-up or the periodic reconcile.
 
-- SQLite: inotify on the database files, then a read of the newest change id
-  (see :func:`sqlite_wakeups`);
+- SQLite: inotify on the database files (and on the names on the way to them), then a
+  read of the newest change id (see :func:`sqlite_wakeups`);
 - PostgreSQL: ``LISTEN provisioner_changes`` (the triggers ``NOTIFY``), and a timer
   while that connection is down;
 - MariaDB/MySQL: a timer (the change table is polled).
@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import os
 import random
 import sqlite3
@@ -123,6 +124,11 @@ _IN_MODIFY = 0x2
 _IN_MOVED_TO = 0x80
 _IN_CREATE = 0x100
 _IN_Q_OVERFLOW = 0x4000
+_IN_MASK_ADD = 0x20000000
+#: A store file written or replaced.
+_WRITTEN = _IN_MODIFY | _IN_CREATE | _IN_MOVED_TO
+#: A name made anew: a link (re)made, a directory or file renamed over the name.
+_MADE = _IN_CREATE | _IN_MOVED_TO
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of name
 
 
@@ -141,6 +147,8 @@ class DirectoryWatch:
 
     def __init__(self, directory: Path, names: Iterable[str]) -> None:
         self.names = {os.fsencode(n) for n in names}
+        #: The names on the way to the store (:meth:`add_way`), also in ``names``.
+        self.way: set[bytes] = set()
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             init, add = libc.inotify_init1, libc.inotify_add_watch
@@ -152,7 +160,7 @@ class DirectoryWatch:
         if self.fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1 failed")
         try:
-            self._watch(directory)
+            self._watch(directory, _WRITTEN)
         except OSError:
             os.close(self.fd)
             raise
@@ -160,12 +168,32 @@ class DirectoryWatch:
     def add(self, directory: Path, names: Iterable[str]) -> None:
         """Also tell whether any of ``names`` in ``directory`` was written (a name written
         in either directory counts: at worst a spurious wake-up)."""
-        self._watch(directory)
+        self._watch(directory, _WRITTEN)
         self.names.update(os.fsencode(n) for n in names)
 
-    def _watch(self, directory: Path) -> None:
-        mask = _IN_MODIFY | _IN_CREATE | _IN_MOVED_TO
-        if self._add_watch(self.fd, os.fsencode(directory), mask) < 0:
+    def add_way(self, directory: Path, names: Iterable[str]) -> None:
+        """Also tell when any of ``names`` in ``directory`` is made anew (created or moved
+        to; see :meth:`way_made`).  Unless the directory is watched for writes already,
+        writing to its files raises no event at all."""
+        self._watch(directory, _MADE)
+        way = {os.fsencode(n) for n in names}
+        self.way.update(way)
+        self.names.update(way)
+
+    def way_made(self, hits: dict[bytes, int]) -> bool:
+        """Whether ``hits`` (:meth:`written_names`) hold a name on the way made anew: a
+        set lookup per name created or moved to, none per name only written."""
+        way = self.way
+        # A loop, not any(): a generator made this check nearly 3x dearer on every wake.
+        for name, mask in hits.items():  # noqa: SIM110
+            if mask & _MADE and name in way:
+                return True
+        return False
+
+    def _watch(self, directory: Path, mask: int) -> None:
+        # IN_MASK_ADD: a directory watched already (the store's own directory is often on
+        # the way to it too) keeps the events it was watched for, or it would lose IN_MODIFY.
+        if self._add_watch(self.fd, os.fsencode(directory), mask | _IN_MASK_ADD) < 0:
             err = ctypes.get_errno()
             raise OSError(err, f"inotify_add_watch failed on {str(directory)!r}")
 
@@ -188,7 +216,7 @@ class DirectoryWatch:
             name = data[offset + _EVENT.size : offset + _EVENT.size + length].rstrip(b"\0")
             offset += _EVENT.size + length
             if mask & _IN_Q_OVERFLOW:
-                return dict.fromkeys(names, _IN_MODIFY | _IN_CREATE | _IN_MOVED_TO)
+                return dict.fromkeys(names, _WRITTEN)
             if name in names:
                 hits[name] = hits.get(name, 0) | mask
         return hits
@@ -237,21 +265,93 @@ async def sqlite_wakeups(
         feed.close()
 
 
-def _store_watch(db_path: Path) -> tuple[DirectoryWatch, Path]:
-    """A watch of the store's files, and the file the path leads to now.
+#: Symbolic links followed in resolving a path before it counts as a loop (Linux's limit).
+_MAX_LINKS = 40
 
-    SQLite follows a symbolic link and writes the WAL and journal beside the file it
-    points to, named after that file: those names are watched, and the path's own name
-    in its own directory too, so a link pointed at another database (``ln -sfn``) is
-    noticed (and the watch then moved to that database's files)."""
-    real = db_path.resolve()
-    files = DirectoryWatch(real.parent, [real.name, real.name + "-wal", real.name + "-journal"])
+#: Per directory on the way to the store: its path, identity (device, inode; None when it
+#: cannot be looked at) and the names looked up in it.
+_Way = tuple[tuple[Path, FileIdentity | None, tuple[str, ...]], ...]
+#: What a store watch watches: the file the store's path leads to, and the way to it.
+_StorePlan = tuple[Path, _Way]
+
+
+def _names_on_the_way(path: Path) -> dict[Path, set[str]]:
+    """The names looked up in resolving ``path``, by the (resolved) directory each is
+    looked up in: every component of the path, and of each symbolic link's target met
+    (each link's own name included), as ``Path.resolve`` walks them.  A component that
+    is missing is walked as named; more than ``_MAX_LINKS`` links raise ELOOP."""
+    absolute = path.absolute()
+    pending = list(reversed(absolute.parts[1:]))
+    current, links = Path(absolute.anchor), 0
+    way: dict[Path, set[str]] = {}
+    while pending:
+        name = pending.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            current = current.parent
+            continue
+        way.setdefault(current, set()).add(name)
+        step = current / name
+        try:
+            target = os.readlink(step)
+        except OSError:  # not a link (or missing): a directory or the file itself
+            current = step
+            continue
+        links += 1
+        if links > _MAX_LINKS:
+            raise OSError(errno.ELOOP, "too many levels of symbolic links", str(path))
+        if os.path.isabs(target):
+            current = Path(absolute.anchor)
+        pending.extend(reversed(target.split(os.sep)))
+    return way
+
+
+def _store_plan(db_path: Path) -> _StorePlan:
+    """The file the store's path leads to now, and the way to it
+    (:func:`_names_on_the_way`) with each directory's identity: another plan means the
+    path may lead elsewhere (a link re-pointed, a directory renamed over another)."""
+    way = _names_on_the_way(db_path)
+    return db_path.resolve(), tuple(
+        (directory, _identity(directory), tuple(sorted(names)))
+        for directory, names in sorted(way.items())
+    )
+
+
+def _identity(directory: Path) -> FileIdentity | None:
     try:
-        files.add(db_path.absolute().parent, [db_path.name])
+        info = os.stat(directory)
     except OSError:
-        files.close()
-        raise
-    return files, real
+        return None
+    return (info.st_dev, info.st_ino)
+
+
+def _store_watch(
+    db_path: Path, plan: _StorePlan | None = None
+) -> tuple[DirectoryWatch, _StorePlan]:
+    """A watch of the store's files, and its plan (:func:`_store_plan`, made now unless
+    given).
+
+    SQLite follows symbolic links and writes the WAL and journal beside the file the path
+    leads to, named after that file: those names are watched for writes.  Each name on
+    the way to it is watched for being made anew, in its own directory: so a link of a
+    chain or an ancestor directory re-pointed (``ln -sfn``), or a directory renamed over
+    an ancestor, is noticed (and the watch then moved to that database's files).  A
+    directory on the way that cannot be watched is logged and left out: the store's
+    files are still watched (the safety-net reads follow such a change)."""
+    real, way = plan = plan or _store_plan(db_path)
+    files = DirectoryWatch(real.parent, [real.name, real.name + "-wal", real.name + "-journal"])
+    errors: dict[str, str] = {}
+    for directory, _id, names in way:
+        try:
+            files.add_way(directory, names)
+        except OSError as exc:
+            errors[str(directory)] = str(exc)
+    if errors:
+        log.warning(
+            "store.watch_partial", unwatched=list(errors), error=next(iter(errors.values()))
+        )
+    return files, plan
 
 
 async def _poll_feed(
@@ -263,7 +363,7 @@ async def _poll_feed(
 
 async def _watch_feed(
     feed: NewestChange,
-    watch: tuple[DirectoryWatch, Path],
+    watch: tuple[DirectoryWatch, _StorePlan],
     wake: asyncio.Event,
     stop: asyncio.Event,
 ) -> None:
@@ -287,16 +387,15 @@ class _Follower:
         self,
         loop: asyncio.AbstractEventLoop,
         feed: NewestChange,
-        watch: tuple[DirectoryWatch, Path],
+        watch: tuple[DirectoryWatch, _StorePlan],
         wake: asyncio.Event,
     ) -> None:
         self.loop, self.feed, self.wake = loop, feed, wake
-        #: The watch of the store's files, and the file the store's path led to when made.
-        self.files, self.real = watch
-        #: The store path's own name: only that name made anew (a link, ``ln -sfn``) can
-        #: lead the path elsewhere (resolving the path on each write of the WAL or the
-        #: database took 29 µs a wake, half of what a storm's wakes cost).
-        self.link_name = os.fsencode(feed.path.name)
+        #: The watch of the store's files, and its plan: where the path led when made.
+        #: Only a name on the way made anew can lead the path elsewhere, so the path is
+        #: resolved only then (resolving it on each write of the WAL or the database took
+        #: 29 µs a wake, half of what a storm's wakes cost).
+        self.files, self.plan = watch
         self.last_write = loop.time()
         self.step = _FIRST_STEP
         self.timer: asyncio.TimerHandle | None = None
@@ -319,7 +418,7 @@ class _Follower:
         self.busy = now - self.last_write < _BUSY_GAP
         self.last_write = now
         self.step = _FIRST_STEP
-        if hits.get(self.link_name, 0) & (_IN_CREATE | _IN_MOVED_TO):
+        if self.files.way_made(hits):
             self.follow_link()
         due = self.last_read + _BUSY_GAP
         if self.busy and now < due:
@@ -335,14 +434,15 @@ class _Follower:
         self.check()
 
     def follow_link(self) -> None:
-        """Watch the files of the database the store's path leads to now, when a symbolic
-        link was pointed elsewhere (its own name is watched: such a change wakes this);
-        a watch that cannot be made keeps the old one (logged; the safety-net poll and
-        the engine still follow the new file)."""
-        if self.feed.path.resolve() == self.real:
-            return
+        """A name on the way to the store was made anew: when the store's path now leads
+        elsewhere (another file, another way, a directory on the way replaced), watch the
+        files and the way it leads to now.  A watch that cannot be made keeps the old one
+        (logged; the safety-net poll and the engine still follow the new file)."""
         try:
-            files, self.real = _store_watch(self.feed.path)
+            plan = _store_plan(self.feed.path)
+            if plan == self.plan:
+                return
+            files, self.plan = _store_watch(self.feed.path, plan)
         except OSError as exc:
             log.warning("store.watch_failed", error=str(exc))
             return

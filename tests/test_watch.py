@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import shutil
 import sqlite3
 import time
@@ -161,6 +162,155 @@ def test_sqlite_wakeups_follow_a_symbolic_link_pointed_at_another_store(tmp_path
     finally:
         engine.dispose()
         second_engine.dispose()
+
+
+def _store_at(path: Path) -> Engine:
+    """A migrated SQLite store at ``path`` (its directory made); its engine."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    engine = open_engine(f"sqlite:///{path}")
+    upgrade(engine)
+    return engine
+
+
+def _repoint(link: Path, target: str | Path) -> None:
+    """Point the symbolic link ``link`` at ``target`` as ``ln -sfn`` does: a new link
+    renamed over the old one."""
+    fresh = link.with_name(link.name + ".new")
+    fresh.symlink_to(target)
+    os.replace(fresh, link)
+
+
+def _follow_a_retarget(path: Path, retarget: Callable[[], None], target: Engine) -> None:
+    """Follow ``path``; after ``retarget()`` (made once the start's reads are over) the
+    follower wakes, and wakes within a second for each change then committed in the store
+    of ``target``."""
+
+    async def scenario(wake: asyncio.Event, _stop: asyncio.Event) -> None:
+        assert await _set_within(wake, 5), "no wake-up at start"
+        wake.clear()
+        await asyncio.sleep(1.2)  # past the follow-up reads of the start
+        retarget()
+        assert await _set_within(wake, 5), "no wake-up for the path led elsewhere"
+        for name in ("sales", "support"):
+            wake.clear()
+            await asyncio.sleep(1.2)  # past the follow-up reads: asleep until a write
+            await asyncio.to_thread(_add_profile, target, name)
+            assert await _set_within(wake, 1), f"no wake-up for {name} in the new store"
+
+    _follow(path, scenario)
+
+
+def test_sqlite_wakeups_follow_a_link_of_a_chain_pointed_at_another_store(
+    tmp_path: Path,
+) -> None:
+    """The store reached through a chain of links (store.db -> l1 -> l2 -> a.db, all beside
+    the databases), its last link pointed at another database (``ln -sfn b.db l2``): the
+    follower wakes, and wakes for each change then committed in that database."""
+    first, second = _store_at(tmp_path / "a.db"), _store_at(tmp_path / "b.db")
+    (tmp_path / "l2").symlink_to("a.db")
+    (tmp_path / "l1").symlink_to("l2")
+    (tmp_path / "store.db").symlink_to(tmp_path / "l1")
+    try:
+        _follow_a_retarget(tmp_path / "store.db", lambda: _repoint(tmp_path / "l2", "b.db"), second)
+    finally:
+        first.dispose()
+        second.dispose()
+
+
+def test_sqlite_wakeups_follow_an_ancestor_directory_link_pointed_elsewhere(
+    tmp_path: Path,
+) -> None:
+    """The store's directory reached through a link (srv/cur -> v1, the path
+    srv/cur/store.db), that link pointed at another directory (``ln -sfn v2 srv/cur``):
+    the follower wakes, and wakes for each change then committed in the store there."""
+    srv = tmp_path / "srv"
+    first, second = _store_at(srv / "v1" / "store.db"), _store_at(srv / "v2" / "store.db")
+    (srv / "cur").symlink_to("v1")
+    try:
+        _follow_a_retarget(srv / "cur" / "store.db", lambda: _repoint(srv / "cur", "v2"), second)
+    finally:
+        first.dispose()
+        second.dispose()
+
+
+def test_sqlite_wakeups_follow_an_ancestor_directory_replaced_by_a_rename(
+    tmp_path: Path,
+) -> None:
+    """The store's directory replaced by another renamed over its name (``mv srv/cur
+    srv/old; mv srv/v2 srv/cur``: the same path, another directory): the follower wakes,
+    and wakes for each change then committed in the store of the new directory."""
+    srv = tmp_path / "srv"
+    first, second = _store_at(srv / "cur" / "store.db"), _store_at(srv / "v2" / "store.db")
+
+    def swap() -> None:
+        os.rename(srv / "cur", srv / "old")
+        os.rename(srv / "v2", srv / "cur")
+
+    try:
+        _follow_a_retarget(srv / "cur" / "store.db", swap, second)
+    finally:
+        first.dispose()
+        second.dispose()
+
+
+def test_the_way_to_the_store_names_every_component_and_link_met(tmp_path: Path) -> None:
+    """The way to a store reached through an ancestor link and a chain of links (one
+    relative, one absolute) names each component of the path and of every link's target,
+    each link's own name too, in the resolved directory it is looked up in, and ends at
+    the file ``Path.resolve`` gives."""
+    srv = tmp_path / "srv"
+    (srv / "v1").mkdir(parents=True)
+    (srv / "data").mkdir()
+    (srv / "data" / "a.db").write_bytes(b"")
+    (srv / "cur").symlink_to("v1")
+    (srv / "v1" / "l1").symlink_to(srv / "data" / "a.db")
+    (srv / "v1" / "store.db").symlink_to("l1")
+    path = srv / "cur" / "store.db"
+    way = watch_module._names_on_the_way(path)
+    real, planned = watch_module._store_plan(path)
+    assert real == path.resolve() == srv / "data" / "a.db"
+    assert way[srv] == {"cur", "v1", "data"}
+    assert way[srv / "v1"] == {"store.db", "l1"}
+    assert way[srv / "data"] == {"a.db"}
+    assert way[tmp_path] == {"srv"}
+    assert {directory for directory, _identity, _names in planned} == set(way)
+
+
+def _event_names(fd: int) -> list[bytes]:
+    """The names of the inotify events pending on ``fd`` (waiting up to 0.2 s for one)."""
+    names: list[bytes] = []
+    if select.select([fd], [], [], 0.2)[0]:
+        data, offset = os.read(fd, 65536), 0
+        while offset < len(data):
+            *_head, length = watch_module._EVENT.unpack_from(data, offset)
+            offset += watch_module._EVENT.size
+            names.append(data[offset : offset + length].rstrip(b"\0"))
+            offset += length
+    return names
+
+
+def test_a_write_to_an_unrelated_file_on_the_way_to_the_store_does_not_wake(
+    tmp_path: Path,
+) -> None:
+    """Writes to other files of the directories on the way to the store (not its own
+    directory) raise no inotify event: the watch's fd stays quiet, the loop asleep."""
+    srv = tmp_path / "srv"
+    engine = _store_at(srv / "v1" / "store.db")
+    (srv / "cur").symlink_to("v1")
+    unrelated = [tmp_path / "notes.txt", srv / "notes.txt"]
+    for path in unrelated:
+        path.write_text("")
+    files, _plan = watch_module._store_watch(srv / "cur" / "store.db")
+    try:
+        for path in unrelated:
+            with path.open("a") as out:
+                out.write("written\n")
+        # The raw events, not written_names() (which leaves unwatched names out anyway);
+        # other programs may create files in /tmp meanwhile: only these names count.
+        assert b"notes.txt" not in _event_names(files.fd)
+    finally:
+        files.close()
+        engine.dispose()
 
 
 def _save_cursor(engine: Engine) -> None:
