@@ -72,6 +72,12 @@ class PrivatePostgres(PrivateServer):
     def url(self) -> str:
         return f"postgresql+psycopg://{_SERVER_USER}@127.0.0.1:{self.port}/postgres"
 
+    @property
+    def socket_url(self) -> str:
+        """The URL of the server's Unix-domain socket (in ``base``): it answers there
+        whether or not it listens on TCP (see :meth:`start`)."""
+        return f"postgresql+psycopg://{_SERVER_USER}@/postgres?host={self.base}&port={self.port}"
+
     def _ctl(self, *args: str) -> None:
         subprocess.run(
             [*_as_server_user(), str(self.bin_dir / "pg_ctl"), "-D", str(self.data), *args],
@@ -80,10 +86,13 @@ class PrivatePostgres(PrivateServer):
             timeout=60,
         )
 
-    def start(self) -> None:
-        """Start the server and wait until it accepts connections."""
+    def start(self, *, tcp: bool = True) -> None:
+        """Start the server and wait until it accepts connections: on 127.0.0.1 and its
+        socket, or (``tcp`` False) on its socket only, so a client of :attr:`url` is
+        refused as while the server is down and one of :attr:`socket_url` is served."""
+        listen = "127.0.0.1" if tcp else "''"
         options = (
-            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.base}"
+            f"-p {self.port} -c listen_addresses={listen} -k {self.base}"
             # Throwaway data: no flush to disk, so the test pays no fsync.
             " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         )
