@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import Table, select
 
 from provisioner.ami.changes import loaded_digest_key, reload_owed_key
 from provisioner.store.engine import open_engine, reading
 from provisioner.store.registrations import write_endpoint_rows
 from provisioner.store.schema import users
 from provisioner.store.state import load_state
+from provisioner.targets.asterisk_schema import ps_aors, ps_auths, ps_endpoints
 from provisioner.targets.shards import shard_name, shard_of
 
 from .amipeer import FakeAsterisk, ReceivedAction
@@ -249,19 +250,21 @@ def test_edit_to_live_reload_registration_and_disable(tmp_path: Path) -> None:
 
 
 #: The realtime rows of extension 1001: table and id.
-_ROWS_1001 = (("ps_endpoints", "1001"), ("ps_auths", "1001-auth"), ("ps_aors", "1001"))
+_ROWS_1001 = ((ps_endpoints, "1001"), (ps_auths, "1001-auth"), (ps_aors, "1001"))
 
 
-def _has_rows(store: Path, rows: tuple[tuple[str, str], ...]) -> bool:
+def _has_rows(store: Path, rows: tuple[tuple[Table, str], ...]) -> bool:
     """Whether each (table, id) of ``rows`` is a committed row of the SQLite store at
-    ``store`` now."""
-    db = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
+    ``store`` now (read without the write lock, as Asterisk reads)."""
+    engine = open_engine(f"sqlite:///{store}")
     try:
-        # The table names are the caller's constants, never input.
-        query = "SELECT 1 FROM {} WHERE id = ?"
-        return all(db.execute(query.format(t), (i,)).fetchone() for t, i in rows)
+        with reading(engine) as conn:
+            return all(
+                conn.execute(select(table.c.id).where(table.c.id == key)).first() is not None
+                for table, key in rows
+            )
     finally:
-        db.close()
+        engine.dispose()
 
 
 def _expired_from(peer: FakeAsterisk, since: int, cache: str, object_id: str) -> bool:
