@@ -285,6 +285,9 @@ class FakeAsterisk:
         self.login_delay = 0.0  # Asterisk waits 1 s before refusing a login
         self.reload_busy = 0  # answer "A reload is in progress" this many times
         self.reload_delay = 0.0  # seconds a successful reload takes
+        #: Called with each ``res_pjsip.so`` reload as it ends well, before its answer: the
+        #: moment Asterisk has read its config files (a test records their bytes then).
+        self.on_reload: Callable[[ReceivedAction], None] | None = None
         # Action name (lower case) -> seconds its answer waits: as behind a storm of
         # events sent before it.
         self.delays: dict[str, float] = {}
@@ -576,6 +579,8 @@ class FakeAsterisk:
         for (refused, value), message in self.refuse.items():
             if refused == name and value in values:
                 return self._error(action, message)
+        if name == "reload" and action.get("Module") == "res_pjsip.so" and self.on_reload:
+            self.on_reload(action)
         if name == "dbdel":
             # README: DBDel Family registrar Key contact/<aor>;@<hash> -> Key deleted successfully.
             key = action.get("Key")
