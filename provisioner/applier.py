@@ -189,6 +189,12 @@ class Applier:
     kept: dict[int, str] = field(default_factory=dict)
     #: True once a full apply succeeded: only then does memory mirror the target.
     synced: bool = False
+    #: Called with the endpoint ids an apply is about to remove (not added back), before
+    #: the target is written and after its guard passed: the daemon notes their contact
+    #: removals owed there, so a kill between the write and the AMI side's own note
+    #: cannot leave a disabled or deleted user's phones registered.  Blocking; an error
+    #: aborts the apply before anything is written.
+    before_removing: Callable[[Sequence[str]], None] | None = None
     #: endpoint id -> how many users' entries in ``objects`` or ``kept`` hold it (more
     #: than one only briefly, while an extension moved in the store is not yet re-rendered).
     holders: Counter[str] = field(default_factory=Counter, init=False, repr=False)
@@ -310,7 +316,7 @@ class Applier:
                 change = self.target.apply(
                     _ordered(objects.values()),
                     keep=kept.values(),
-                    guard=self._guard(allow_mass_removal, mark),
+                    guard=self._guard(allow_mass_removal, mark, removing=True),
                     verify=verify,
                 )
             except StaleRead as stale:
@@ -419,11 +425,15 @@ class Applier:
             del self.kept[uid]
             self._index(uid, add=True)
 
-    def _guard(self, allow_mass_removal: bool, mark: int | None = None) -> Callable[[Change], None]:
+    def _guard(
+        self, allow_mass_removal: bool, mark: int | None = None, *, removing: bool = False
+    ) -> Callable[[Change], None]:
         """Refuses a change removing more than ``max_removal_fraction`` of the users;
         with ``mark`` (the feed's newest id before the users were read), raises
         :class:`StaleRead` when the feed has moved on since (the guard runs once the
-        target holds the writers' lock, before it writes)."""
+        target holds the writers' lock, before it writes).  With ``removing`` (a change
+        about to be written), then hands the endpoints it removes to
+        :attr:`before_removing`."""
 
         def guard(change: Change) -> None:
             if mark is not None and (now := self._feed_mark()) != mark:
@@ -431,8 +441,16 @@ class Applier:
             if not allow_mass_removal:
                 existing = change.unchanged + len(change.updated) + len(change.removed)
                 check_removals(change, existing, self.max_removal_fraction)
+            if removing:
+                back = {*change.added, *change.updated}
+                self._removing([e for e in change.removed if e not in back])
 
         return guard
+
+    def _removing(self, endpoints: Sequence[str]) -> None:
+        """Tell :attr:`before_removing`, if any, of ``endpoints`` (when there are some)."""
+        if endpoints and self.before_removing is not None:
+            self.before_removing(endpoints)
 
     def _apply_some(
         self,
@@ -451,6 +469,7 @@ class Applier:
         wanted = {o.endpoint_id for o in upserts}
         wanted |= {k for i in ids if (k := kept[i]) is not None}
         gone = [e for e in sorted(by_these.keys() - wanted) if self.holders[e] <= by_these[e]]
+        self._removing(gone)
         return self.target.apply_partial(upserts, gone)
 
     def _owned(self, change: Change, applied: Iterable[tuple[int, UserObjects]]) -> Change:

@@ -504,6 +504,23 @@ class Daemon:
     #: Counter values last exported per (server, name), to export only the increase.
     _exported: dict[tuple[str, str], int] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.applier.before_removing = self._note_removals_ahead
+
+    def _note_removals_ahead(self, endpoints: Sequence[str]) -> None:
+        """Before an apply writes the target removing ``endpoints`` (a user disabled or
+        deleted), note their contact removals owed to every configured server, in a
+        transaction of their own (blocking, in the apply's worker).  The AMI side notes
+        them again once the change reaches it, and drops the notes once the removals are
+        sent; a kill in between (the flusher's turn can wait behind a registration storm)
+        leaves them noted, and the next run sends them (``ami.owed_resumed``)."""
+        servers = [server.name for server in self.config.asterisk]
+        if not servers:
+            return
+        from .ami.changes import note_removals
+
+        transaction(self.engine, partial(note_removals, servers=servers, endpoints=endpoints))
+
     @classmethod
     def from_config(
         cls,

@@ -76,6 +76,7 @@ __all__ = [
     "final_states",
     "loaded_digest_key",
     "note_owed",
+    "note_removals",
     "note_untold_removals",
     "notes_unsure",
     "owed_expiries_key",
@@ -473,12 +474,29 @@ def note_untold_removals(conn: Connection, servers: Iterable[str], change: Chang
     file's after the reload its ``loaded_digest`` note owes), where its reconcile finds
     the target as desired and would owe nothing."""
     back = {*change.added, *change.updated}
-    endpoints = sorted({*(set(change.removed) - back), *change.reowned})
-    reowned = set(change.reowned)
+    endpoints = {*(set(change.removed) - back), *change.reowned}
+    note_removals(conn, servers, endpoints, reowned=change.reowned)
+
+
+def note_removals(
+    conn: Connection,
+    servers: Iterable[str],
+    endpoints: Iterable[str],
+    *,
+    reowned: Collection[str] = (),
+) -> None:
+    """Note, in the caller's transaction, the contact removals of ``endpoints`` owed to
+    each of ``servers`` (those in ``reowned`` noted as a reowned endpoint's), for the
+    next daemon to send (:func:`resume_owed`).  The daemon calls it before it writes a
+    target removing endpoints (``Applier.before_removing``): a kill between that write and
+    the AMI side's own note (:func:`note_owed`, in the flusher's turn) would otherwise
+    leave the phones of a disabled or deleted user registered for good.  That note then
+    puts the same keys again and drops them once paid."""
+    ordered = sorted(set(endpoints))
     put = {
         owed_removal_key(s, ep): removal_note(ep, reowned=ep in reowned)
         for s in servers
-        for ep in endpoints
+        for ep in ordered
     }
     if put:
         write_states(conn, put)

@@ -1,0 +1,143 @@
+"""The daemon notes a removed endpoint's contact removals before it writes the target.
+
+A kill -9 between the target's write and the AMI side's own note (written in the
+registration flusher's turn, which can wait behind a storm) used to lose the removal
+for good: the disabled user's phone stayed registered (found by the kill -9 end-to-end
+test). These tests run the daemon's real applier on a real SQLite store and config file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from sqlalchemy import update
+
+from provisioner.accounts import Accounts, Policy
+from provisioner.ami.changes import owed_removal_key, owed_removals_prefix
+from provisioner.config import load_config
+from provisioner.daemon import Daemon
+from provisioner.store.engine import reading
+from provisioner.store.migrate import upgrade
+from provisioner.store.schema import users
+from provisioner.store.state import load_states
+
+_SERVERS = [
+    {"name": name, "host": "127.0.0.1", "port": 1, "username": "u", "secret": "s"}
+    for name in ("pbx1", "pbx2")
+]
+
+
+def _daemon_with_two_agents(tmp_path: Path) -> tuple[Daemon, Path]:
+    """A daemon on a config file, two Asterisk servers configured (never connected: only
+    the applier runs), its store holding agents ``a0`` and ``a1`` (1001 and 1002), both
+    applied."""
+    config = load_config(
+        None,
+        env={},
+        overrides={
+            "store": {"url": f"sqlite:///{tmp_path / 'store.db'}"},
+            "target": {"path": str(tmp_path / "pjsip_users.conf")},
+            "daemon": {"state_dir": str(tmp_path / "state")},
+            "asterisk": _SERVERS,
+        },
+    )
+    daemon = Daemon.from_config(config)
+    upgrade(daemon.engine)
+    acc = Accounts(daemon.engine, Policy(password_policy=False))
+    acc.add_profile("agents", "Agents")
+    acc.add_user(
+        {"username": "root", "role": "admin", "full_name": "Root", "email": "root@example.com"}
+    )
+    for i in range(2):
+        acc.add_user(
+            {
+                "username": f"a{i}",
+                "full_name": f"A {i}",
+                "email": f"a{i}@example.com",
+                "profile": "agents",
+                "extension": f"100{i + 1}",
+            }
+        )
+    daemon.applier.full()
+    conf = Path(daemon.config.target.path)
+    assert "[1001]" in conf.read_text()
+    assert "[1002]" in conf.read_text()
+    return daemon, conf
+
+
+def _noted(daemon: Daemon) -> dict[str, dict[str, str]]:
+    """The removal notes of each configured server, by key."""
+    with reading(daemon.engine) as conn:
+        return {s: load_states(conn, owed_removals_prefix(s)) for s in ("pbx1", "pbx2")}
+
+
+def _spy(daemon: Daemon, conf: Path) -> list[tuple[Sequence[str], str, dict[str, dict[str, str]]]]:
+    """Record, at each call of the applier's ``before_removing``, the endpoints, the
+    target's text then and (after the real hook ran) the store's removal notes."""
+    calls: list[tuple[Sequence[str], str, dict[str, dict[str, str]]]] = []
+    hook = daemon.applier.before_removing
+    assert hook is not None
+
+    def spy(endpoints: Sequence[str]) -> None:
+        text = conf.read_text()
+        hook(endpoints)
+        calls.append((list(endpoints), text, _noted(daemon)))
+
+    daemon.applier.before_removing = spy
+    return calls
+
+
+def _disable(daemon: Daemon, username: str) -> int:
+    with daemon.engine.begin() as conn:
+        row = conn.execute(
+            update(users)
+            .where(users.c.username == username)
+            .values(disabled=True)
+            .returning(users.c.id)
+        ).scalar_one()
+    return int(row)
+
+
+def test_a_disable_notes_its_removal_for_every_server_before_the_file_loses_it(
+    tmp_path: Path,
+) -> None:
+    """An edit's apply that removes an endpoint notes its contact removal owed to each
+    configured server while the file still holds the endpoint; nothing for the others."""
+    daemon, conf = _daemon_with_two_agents(tmp_path)
+    try:
+        calls = _spy(daemon, conf)
+        daemon.applier.users_changed([_disable(daemon, "a0")])
+        ((endpoints, text_then, noted),) = calls
+        assert endpoints == ["1001"]
+        assert "[1001]" in text_then  # not written yet
+        assert noted == {s: {owed_removal_key(s, "1001"): "1001"} for s in ("pbx1", "pbx2")}
+        assert "[1001]" not in conf.read_text()
+        assert "[1002]" in conf.read_text()
+    finally:
+        daemon.engine.dispose()
+
+
+def test_a_full_reconcile_notes_its_removals_before_writing_and_an_edit_notes_none(
+    tmp_path: Path,
+) -> None:
+    """A full reconcile that removes an endpoint notes its removal before the file is
+    written; one that only updates (and a plan, a dry run) notes nothing."""
+    daemon, conf = _daemon_with_two_agents(tmp_path)
+    try:
+        calls = _spy(daemon, conf)
+        with daemon.engine.begin() as conn:
+            conn.execute(update(users).where(users.c.username == "a1").values(context="other"))
+        daemon.applier.full()
+        assert calls == []
+        _disable(daemon, "a1")
+        daemon.applier.plan()
+        assert calls == []
+        daemon.applier.full()
+        ((endpoints, text_then, noted),) = calls
+        assert endpoints == ["1002"]
+        assert "[1002]" in text_then
+        assert noted["pbx1"] == {owed_removal_key("pbx1", "1002"): "1002"}
+        assert "[1002]" not in conf.read_text()
+    finally:
+        daemon.engine.dispose()
