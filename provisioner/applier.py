@@ -190,11 +190,13 @@ class Applier:
     #: True once a full apply succeeded: only then does memory mirror the target.
     synced: bool = False
     #: Called with the endpoint ids an apply is about to remove (not added back), before
-    #: the target is written and after its guard passed: the daemon notes their contact
-    #: removals owed there, so a kill between the write and the AMI side's own note
-    #: cannot leave a disabled or deleted user's phones registered.  Blocking; an error
-    #: aborts the apply before anything is written.
-    before_removing: Callable[[Sequence[str]], None] | None = None
+    #: the target is written and after its guard passed, and whether it is called from
+    #: within the target's write (a full apply's guard: a realtime target holds its
+    #: database's writer lock then): the daemon notes their contact removals owed there,
+    #: so a kill between the write and the AMI side's own note cannot leave a disabled or
+    #: deleted user's phones registered.  Blocking; an error aborts the apply before
+    #: anything is written.
+    before_removing: Callable[[Sequence[str], bool], None] | None = None
     #: endpoint id -> how many users' entries in ``objects`` or ``kept`` hold it (more
     #: than one only briefly, while an extension moved in the store is not yet re-rendered).
     holders: Counter[str] = field(default_factory=Counter, init=False, repr=False)
@@ -443,14 +445,14 @@ class Applier:
                 check_removals(change, existing, self.max_removal_fraction)
             if removing:
                 back = {*change.added, *change.updated}
-                self._removing([e for e in change.removed if e not in back])
+                self._removing([e for e in change.removed if e not in back], in_write=True)
 
         return guard
 
-    def _removing(self, endpoints: Sequence[str]) -> None:
+    def _removing(self, endpoints: Sequence[str], *, in_write: bool) -> None:
         """Tell :attr:`before_removing`, if any, of ``endpoints`` (when there are some)."""
         if endpoints and self.before_removing is not None:
-            self.before_removing(endpoints)
+            self.before_removing(endpoints, in_write)
 
     def _apply_some(
         self,
@@ -469,7 +471,7 @@ class Applier:
         wanted = {o.endpoint_id for o in upserts}
         wanted |= {k for i in ids if (k := kept[i]) is not None}
         gone = [e for e in sorted(by_these.keys() - wanted) if self.holders[e] <= by_these[e]]
-        self._removing(gone)
+        self._removing(gone, in_write=False)
         return self.target.apply_partial(upserts, gone)
 
     def _owned(self, change: Change, applied: Iterable[tuple[int, UserObjects]]) -> Change:

@@ -507,19 +507,39 @@ class Daemon:
     def __post_init__(self) -> None:
         self.applier.before_removing = self._note_removals_ahead
 
-    def _note_removals_ahead(self, endpoints: Sequence[str]) -> None:
+    def _note_removals_ahead(self, endpoints: Sequence[str], in_write: bool) -> None:
         """Before an apply writes the target removing ``endpoints`` (a user disabled or
         deleted), note their contact removals owed to every configured server, in a
         transaction of their own (blocking, in the apply's worker).  The AMI side notes
         them again once the change reaches it, and drops the notes once the removals are
         sent; a kill in between (the flusher's turn can wait behind a registration storm)
-        leaves them noted, and the next run sends them (``ami.owed_resumed``)."""
+        leaves them noted, and the next run sends them (``ami.owed_resumed``).
+
+        Not from within the write (``in_write``) of realtime rows in the store's own
+        SQLite file: the target holds that file's write lock then, which the note would
+        wait for in vain.  Such a full apply's removals are noted by the AMI side only,
+        after the write, as before (an edit's apply notes them ahead: it calls this
+        before its write begins)."""
         servers = [server.name for server in self.config.asterisk]
-        if not servers:
+        if not servers or (in_write and self._target_shares_sqlite_file()):
             return
         from .ami.changes import note_removals
 
         transaction(self.engine, partial(note_removals, servers=servers, endpoints=endpoints))
+
+    def _target_shares_sqlite_file(self) -> bool:
+        """Whether the target writes realtime rows into the store's own SQLite file."""
+        target = getattr(self.applier.target, "engine", None)
+        if not isinstance(target, Engine) or self.engine.dialect.name != "sqlite":
+            return False
+        if target is self.engine:
+            return True
+        if target.dialect.name != "sqlite":
+            return False
+        mine, theirs = self.engine.url.database, target.url.database
+        if not mine or not theirs:
+            return False
+        return Path(mine).resolve() == Path(theirs).resolve()
 
     @classmethod
     def from_config(

@@ -79,9 +79,9 @@ def _spy(daemon: Daemon, conf: Path) -> list[tuple[Sequence[str], str, dict[str,
     hook = daemon.applier.before_removing
     assert hook is not None
 
-    def spy(endpoints: Sequence[str]) -> None:
+    def spy(endpoints: Sequence[str], in_write: bool) -> None:
         text = conf.read_text()
-        hook(endpoints)
+        hook(endpoints, in_write)
         calls.append((list(endpoints), text, _noted(daemon)))
 
     daemon.applier.before_removing = spy
