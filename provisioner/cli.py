@@ -900,11 +900,12 @@ def _reconcile_with(
 ) -> SyncReport:
     """:func:`_reconcile` once ``config`` is settled, on the store's ``engine``: the target
     made, a marker noted for realtime rows, the reconcile, and what it owes the daemon."""
-    from .daemon import build_target
+    from .daemon import build_target, removal_noter
     from .pjsip import RenderSettings
     from .sync import reconcile
 
     target = build_target(config, engine, writes=not dry_run)
+    servers = [server.name for server in config.asterisk]
     # Realtime rows this command writes reach Asterisk's caches only when a daemon
     # empties them: a marker kept until then (kept too if the apply fails half-way).
     marker = config.target.kind == "realtime" and not dry_run
@@ -920,6 +921,9 @@ def _reconcile_with(
         dry_run=dry_run,
         max_removal_fraction=config.daemon.max_removal_fraction,
         allow_mass_removal=allow_mass_removal,
+        # The contacts of endpoints it removes: noted owed before it writes (a kill
+        # between its write and a note after it would lose them), and again below.
+        before_removing=removal_noter(engine, lambda: target, lambda: servers),
     )
     if marker and not report.change.wrote:
         transaction(engine, partial(drop_untold, keys=[untold_key(token)]))

@@ -214,6 +214,57 @@ class Pbx(Protocol):
         ...
 
 
+def removal_noter(
+    engine: Engine, target: Callable[[], Target], servers: Callable[[], Sequence[str]]
+) -> Callable[[Sequence[str], bool], None]:
+    """The ``Applier.before_removing`` of a writer on the store at ``engine`` whose target
+    and configured Asterisk servers are ``target()`` and ``servers()`` when called (a
+    SIGHUP may change either): before an apply writes the target removing endpoints (a
+    user disabled or deleted), it notes their contact removals owed to every server
+    (blocking, in the apply's thread).
+
+    The daemon's AMI side notes them again once the change reaches it, and drops the
+    notes once the removals are sent; a kill in between (the flusher's turn can wait
+    behind a registration storm) leaves them noted, and the next run sends them
+    (``ami.owed_resumed``).  ``sync --once`` and ``render`` note them so too (and again
+    once written, with the reowned ones).  In a transaction of their own, but from within
+    the write (``in_write``) of realtime rows into the store's own database: in that
+    write's transaction, so the notes commit with the rows or not at all (a transaction
+    of their own would wait for the write's lock in vain on SQLite)."""
+
+    def note_ahead(endpoints: Sequence[str], in_write: bool) -> None:
+        names = list(servers())
+        if not names:
+            return
+        from .ami.changes import note_removals
+
+        note = partial(note_removals, servers=names, endpoints=endpoints)
+        writing = _store_write_in_progress(engine, target()) if in_write else None
+        if writing is not None:
+            note(writing)
+        else:
+            transaction(engine, note)
+
+    return note_ahead
+
+
+def _store_write_in_progress(store: Engine, target: Target) -> Connection | None:
+    """The connection of the write in progress of ``target``, a realtime target whose
+    database is the store's (the same engine, or the same SQLite file), else None."""
+    writing = getattr(target, "writing", None)
+    engine = getattr(target, "engine", None)
+    if not isinstance(writing, Connection) or not isinstance(engine, Engine):
+        return None
+    if engine is store:
+        return writing
+    if engine.dialect.name != "sqlite" or store.dialect.name != "sqlite":
+        return None
+    mine, theirs = store.url.database, engine.url.database
+    if not mine or not theirs or Path(mine).resolve() != Path(theirs).resolve():
+        return None
+    return writing
+
+
 def build_target(config: Config, store_engine: Engine, *, writes: bool = True) -> Target:
     """The configured target (the one place targets are built from config).  Nothing is
     written here: a realtime target creates its tables at its first write (a dry run
@@ -505,41 +556,11 @@ class Daemon:
     _exported: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.applier.before_removing = self._note_removals_ahead
-
-    def _note_removals_ahead(self, endpoints: Sequence[str], in_write: bool) -> None:
-        """Before an apply writes the target removing ``endpoints`` (a user disabled or
-        deleted), note their contact removals owed to every configured server, in a
-        transaction of their own (blocking, in the apply's worker).  The AMI side notes
-        them again once the change reaches it, and drops the notes once the removals are
-        sent; a kill in between (the flusher's turn can wait behind a registration storm)
-        leaves them noted, and the next run sends them (``ami.owed_resumed``).
-
-        Not from within the write (``in_write``) of realtime rows in the store's own
-        SQLite file: the target holds that file's write lock then, which the note would
-        wait for in vain.  Such a full apply's removals are noted by the AMI side only,
-        after the write, as before (an edit's apply notes them ahead: it calls this
-        before its write begins)."""
-        servers = [server.name for server in self.config.asterisk]
-        if not servers or (in_write and self._target_shares_sqlite_file()):
-            return
-        from .ami.changes import note_removals
-
-        transaction(self.engine, partial(note_removals, servers=servers, endpoints=endpoints))
-
-    def _target_shares_sqlite_file(self) -> bool:
-        """Whether the target writes realtime rows into the store's own SQLite file."""
-        target = getattr(self.applier.target, "engine", None)
-        if not isinstance(target, Engine) or self.engine.dialect.name != "sqlite":
-            return False
-        if target is self.engine:
-            return True
-        if target.dialect.name != "sqlite":
-            return False
-        mine, theirs = self.engine.url.database, target.url.database
-        if not mine or not theirs:
-            return False
-        return Path(mine).resolve() == Path(theirs).resolve()
+        self.applier.before_removing = removal_noter(
+            self.engine,
+            lambda: self.applier.target,
+            lambda: [server.name for server in self.config.asterisk],
+        )
 
     @classmethod
     def from_config(

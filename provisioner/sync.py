@@ -9,6 +9,7 @@ URL, a truncated table) never empties the PBX.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
@@ -41,11 +42,19 @@ def reconcile(
     max_removal_fraction: float = 0.5,
     allow_mass_removal: bool = False,
     verify: bool = True,
+    before_removing: Callable[[Sequence[str], bool], None] | None = None,
 ) -> SyncReport:
     """Render every live user and make ``target`` hold exactly that, changing only what differs
     (with ``dry_run``, only compute the change and its diff); ``verify`` (the default)
-    also undoes hand edits of the target."""
-    applier = Applier(engine, target, settings, max_removal_fraction=max_removal_fraction)
+    also undoes hand edits of the target; ``before_removing`` is the applier's
+    (:attr:`Applier.before_removing`)."""
+    applier = Applier(
+        engine,
+        target,
+        settings,
+        max_removal_fraction=max_removal_fraction,
+        before_removing=before_removing,
+    )
     if dry_run:
         applied = applier.plan(allow_mass_removal=allow_mass_removal, verify=verify)
     else:

@@ -1395,9 +1395,8 @@ def test_kill_9_at_random_moments_converges_and_owes_asterisk(
     """SIGKILL at seeded random moments of a run of edits, each time a restart: after each
     restart Asterisk gets what the killed run may not have told (the file loaded as it
     is; realtime: its caches emptied), the disabled user's contact is deleted (after a
-    reload that dropped its endpoint) wherever the kills fell (realtime: unless one fell
-    between a full apply's write and its removal's note), and the target ends equal to a
-    fresh render."""
+    reload that dropped its endpoint) wherever the kills fell, and the target ends equal
+    to a fresh render."""
 
     async def scenario() -> None:
         rng = random.Random(seed)
@@ -1444,17 +1443,14 @@ def test_kill_9_at_random_moments_converges_and_owes_asterisk(
                     if n == len(mine) - 1:
                         await run.told_after(since, why())
             await _until(partial(_rendered_as_stored, config), 10, f"{why()}: converged")
-            # The removal is noted before the target is written: wherever the kills fell,
-            # but for a full apply of realtime rows into the store's own SQLite file (its
-            # write holds the file's lock, so that one is noted after it, as before: a
-            # kill in between leaves it "untold").
-            if kind == "config" or all(k.left != "untold" for k in kills):
-                await _until(lambda: ALICE_CONTACT not in peer.astdb, 10, f"{why()}: removal")
-                deleted = _index(peer, "DBDel", 0, lambda a: a.get("Key") == ALICE_CONTACT)
-                if kind == "config":  # deleted once a reload dropped her endpoint
-                    dropped = [at for at, text in loaded if b"[1001]" not in text]
-                    assert dropped, why()
-                    assert dropped[0] <= deleted, why()
+            # Wherever the kills fell: the removal is noted before the target is written
+            # (realtime rows in the store: in the same transaction).
+            await _until(lambda: ALICE_CONTACT not in peer.astdb, 10, f"{why()}: removal")
+            deleted = _index(peer, "DBDel", 0, lambda a: a.get("Key") == ALICE_CONTACT)
+            if kind == "config":  # deleted once a reload dropped her endpoint
+                dropped = [at for at, text in loaded if b"[1001]" not in text]
+                assert dropped, why()
+                assert dropped[0] <= deleted, why()
             await run.told_after(since, why())
             assert await _stop(run.daemon) == 0, why()
         finally:

@@ -11,16 +11,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from provisioner.accounts import Accounts, Policy
 from provisioner.ami.changes import owed_removal_key, owed_removals_prefix
 from provisioner.config import load_config
-from provisioner.daemon import Daemon
+from provisioner.daemon import Daemon, build_target, removal_noter
+from provisioner.pjsip import RenderSettings
 from provisioner.store.engine import reading
 from provisioner.store.migrate import upgrade
 from provisioner.store.schema import users
 from provisioner.store.state import load_states
+from provisioner.sync import reconcile
+from provisioner.targets.asterisk_schema import ps_endpoints
 
 _SERVERS = [
     {"name": name, "host": "127.0.0.1", "port": 1, "username": "u", "secret": "s"}
@@ -28,16 +31,16 @@ _SERVERS = [
 ]
 
 
-def _daemon_with_two_agents(tmp_path: Path) -> tuple[Daemon, Path]:
-    """A daemon on a config file, two Asterisk servers configured (never connected: only
-    the applier runs), its store holding agents ``a0`` and ``a1`` (1001 and 1002), both
-    applied."""
+def _daemon_with_two_agents(tmp_path: Path, kind: str = "config") -> tuple[Daemon, Path]:
+    """A daemon on a config file (or ``kind`` ``realtime``: rows in its SQLite store), two
+    Asterisk servers configured (never connected: only the applier runs), its store
+    holding agents ``a0`` and ``a1`` (1001 and 1002), both applied."""
     config = load_config(
         None,
         env={},
         overrides={
             "store": {"url": f"sqlite:///{tmp_path / 'store.db'}"},
-            "target": {"path": str(tmp_path / "pjsip_users.conf")},
+            "target": {"kind": kind, "path": str(tmp_path / "pjsip_users.conf")},
             "daemon": {"state_dir": str(tmp_path / "state")},
             "asterisk": _SERVERS,
         },
@@ -61,8 +64,9 @@ def _daemon_with_two_agents(tmp_path: Path) -> tuple[Daemon, Path]:
         )
     daemon.applier.full()
     conf = Path(daemon.config.target.path)
-    assert "[1001]" in conf.read_text()
-    assert "[1002]" in conf.read_text()
+    if kind == "config":
+        assert "[1001]" in conf.read_text()
+        assert "[1002]" in conf.read_text()
     return daemon, conf
 
 
@@ -139,5 +143,67 @@ def test_a_full_reconcile_notes_its_removals_before_writing_and_an_edit_notes_no
         assert "[1002]" in text_then
         assert noted["pbx1"] == {owed_removal_key("pbx1", "1002"): "1002"}
         assert "[1002]" not in conf.read_text()
+    finally:
+        daemon.engine.dispose()
+
+
+def _endpoint_rows(daemon: Daemon) -> list[str]:
+    with reading(daemon.engine) as conn:
+        return sorted(conn.execute(select(ps_endpoints.c.id)).scalars())
+
+
+def test_a_full_apply_of_realtime_rows_in_the_store_notes_its_removals_in_the_same_write(
+    tmp_path: Path,
+) -> None:
+    """A full apply removing realtime rows from the store's own SQLite database notes the
+    contact removals within that write's transaction (a transaction of its own would
+    wait for the write's lock in vain), committed with the rows."""
+    daemon, _conf = _daemon_with_two_agents(tmp_path, kind="realtime")
+    try:
+        assert _endpoint_rows(daemon) == ["1000", "1001", "1002"]
+        target = daemon.applier.target
+        hook = daemon.applier.before_removing
+        assert hook is not None
+        seen: list[tuple[Sequence[str], bool, bool]] = []
+
+        def spy(endpoints: Sequence[str], in_write: bool) -> None:
+            seen.append((list(endpoints), in_write, getattr(target, "writing", None) is not None))
+            hook(endpoints, in_write)
+
+        daemon.applier.before_removing = spy
+        _disable(daemon, "a1")
+        daemon.applier.full()
+        assert seen == [(["1002"], True, True)]
+        assert _endpoint_rows(daemon) == ["1000", "1001"]
+        assert _noted(daemon)["pbx2"] == {owed_removal_key("pbx2", "1002"): "1002"}
+    finally:
+        daemon.engine.dispose()
+
+
+def test_sync_once_notes_its_removals_before_it_writes(tmp_path: Path) -> None:
+    """``sync --once``'s reconcile, given the CLI's removal noter, notes a removed
+    endpoint's contact removals for every server while the file still holds it."""
+    daemon, conf = _daemon_with_two_agents(tmp_path)
+    try:
+        _disable(daemon, "a0")
+        seen: list[tuple[str, dict[str, dict[str, str]]]] = []
+        noter = removal_noter(
+            daemon.engine, lambda: daemon.applier.target, lambda: ["pbx1", "pbx2"]
+        )
+
+        def spy(endpoints: Sequence[str], in_write: bool) -> None:
+            noter(endpoints, in_write)
+            seen.append((conf.read_text(), _noted(daemon)))
+
+        reconcile(
+            daemon.engine,
+            build_target(daemon.config, daemon.engine),
+            RenderSettings.from_config(daemon.config),
+            before_removing=spy,
+        )
+        ((text_then, noted),) = seen
+        assert "[1001]" in text_then
+        assert noted["pbx1"] == {owed_removal_key("pbx1", "1001"): "1001"}
+        assert "[1001]" not in conf.read_text()
     finally:
         daemon.engine.dispose()

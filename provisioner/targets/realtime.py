@@ -548,6 +548,11 @@ class RealtimeTarget:
         #: hashed again.
         self._digest_cache: tuple[dict[str, UserObjects], dict[str, str]] = ({}, {})
         self._cache_prefix = b""
+        #: The connection of the write in progress while an apply's ``guard`` runs (its
+        #: transaction holds the writer lock): what else a guard writes into this
+        #: database goes in it, committed with the rows or not at all (see
+        #: :func:`provisioner.daemon.removal_noter`); None otherwise.
+        self.writing: Connection | None = None
         #: Shapes by (kind, defaults on, distinct option names), with their row builders.
         self._shape_cache: dict[
             tuple[str, bool, tuple[tuple[str, ...], ...], frozenset[str]], _Shape
@@ -759,7 +764,11 @@ class RealtimeTarget:
                     absent=self._absent,
                 )
             if guard is not None:
-                guard(computed.change)
+                self.writing = conn
+                try:
+                    guard(computed.change)
+                finally:
+                    self.writing = None
             wrote = _write(conn, computed)
         if making:
             self._tables_made()
