@@ -391,7 +391,7 @@ async def _settled(s: Setup) -> None:
     did both, and the storm's rate was the two's (26k and 20k events/s against 53k and
     57k alone); the timed edits, started 1 s after the peer's last action, met it too
     (PostgreSQL, 100k users, a slow VM: the edits' latencies went from 20-60 ms to
-    200-500 ms while it was written, p99 385 ms).  A real Asterisk holds the endpoints,
+    200-500 ms while it was written, apply p99 385 ms).  A real Asterisk holds the endpoints,
     so there it finds nothing to note.  Waited for before the edits and before the storm
     (after the burst's edits, verified too).  The health record says how many are left,
     every 15 s at most."""
