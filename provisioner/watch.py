@@ -313,17 +313,9 @@ def _store_plan(db_path: Path) -> _StorePlan:
     path may lead elsewhere (a link re-pointed, a directory renamed over another)."""
     way = _names_on_the_way(db_path)
     return db_path.resolve(), tuple(
-        (directory, _identity(directory), tuple(sorted(names)))
+        (directory, file_identity(directory), tuple(sorted(names)))
         for directory, names in sorted(way.items())
     )
-
-
-def _identity(directory: Path) -> FileIdentity | None:
-    try:
-        info = os.stat(directory)
-    except OSError:
-        return None
-    return (info.st_dev, info.st_ino)
 
 
 def _store_watch(
