@@ -1318,6 +1318,20 @@ def test_check_fails_its_target_line_for_an_override_template_that_cannot_be_rea
     assert cli(config, *flags, "render", check=False).code == 8  # as check foretold
 
 
+def _shard_writers(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """The names of the threads that write and fsync files from now on (the real
+    ``write_synced`` still does each write), filled in as they do."""
+    write_synced = files_module.write_synced
+    writers: set[str] = set()
+
+    def recorded(temp: Path, data: bytes) -> None:
+        writers.add(threading.current_thread().name)
+        write_synced(temp, data)
+
+    monkeypatch.setattr(files_module, "write_synced", recorded)
+    return writers
+
+
 def test_a_full_apply_of_many_shards_writes_them_at_once_each_whole(
     path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1328,14 +1342,7 @@ def test_a_full_apply_of_many_shards_writes_them_at_once_each_whole(
     target = ShardedConfigFileTarget(path, shards=shards)
     target.apply(many(600))
     users = [replace(u, endpoint=(*u.endpoint, ("language", "fr"))) for u in many(600)]
-    write_synced = files_module.write_synced
-    writers: set[str] = set()
-
-    def recorded(temp: Path, data: bytes) -> None:
-        writers.add(threading.current_thread().name)
-        write_synced(temp, data)
-
-    monkeypatch.setattr(files_module, "write_synced", recorded)
+    writers = _shard_writers(monkeypatch)
     assert len(target.apply(users).updated) == len(users)
     assert len({name for name in writers if name.startswith("shard-write")}) > 1
     check_shards(target, users)
@@ -1350,14 +1357,7 @@ def test_a_first_apply_stages_the_shard_files_from_several_threads(
     temporary file is left, and the main file includes them all."""
     shards = 4 * PARALLEL_FILES
     users = many(600)
-    write_synced = files_module.write_synced
-    writers: set[str] = set()
-
-    def recorded(temp: Path, data: bytes) -> None:
-        writers.add(threading.current_thread().name)
-        write_synced(temp, data)
-
-    monkeypatch.setattr(files_module, "write_synced", recorded)
+    writers = _shard_writers(monkeypatch)
     target = ShardedConfigFileTarget(path, shards=shards)
     assert target.apply(users).wrote
     assert len({name for name in writers if name.startswith("stage-batch")}) > 1
