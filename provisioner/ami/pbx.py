@@ -86,7 +86,14 @@ from .changes import (
 from .client import AmiClient
 from .clock import MOVE as CLOCK_MOVE
 from .clock import AsteriskClock
-from .loaded import OpenedFiles, config_files, files_digest, open_files, owes_reload
+from .loaded import (
+    FileDigests,
+    OpenedFiles,
+    config_files,
+    files_digest,
+    open_files,
+    owes_reload,
+)
 from .registration import (
     ContactState,
     EndpointRegistration,
@@ -718,6 +725,9 @@ class AmiPbx:
     stuck_after: float = 0.0
     #: The files a config-file reload loads (:func:`~provisioner.ami.loaded.config_files`).
     files: tuple[Path, ...] = ()
+    #: Each of :attr:`files`' digest as last read, so a reload reads only those changed
+    #: since (:class:`~provisioner.ami.loaded.FileDigests`).
+    digests: FileDigests = field(default_factory=FileDigests, repr=False)
     #: While :meth:`run` runs: its task group (where a SIGHUP's servers start).
     _group: asyncio.TaskGroup | None = field(default=None, repr=False)
     #: :meth:`run`'s stop was set: a link started from now on starts halted.
@@ -805,6 +815,7 @@ class AmiPbx:
         (:mod:`~provisioner.ami.loaded`)."""
         self.target_kind = config.target.kind
         self.files = config_files(Path(config.target.path), config.target.shards)
+        self.digests.keep_only(self.files)
 
     # -- the daemon's interface ---------------------------------------------------
 
@@ -1481,7 +1492,7 @@ class AmiPbx:
         if noted is None:
             return False
         try:
-            current = await in_worker(files_digest, self.files)
+            current = await in_worker(files_digest, self.files, self.digests)
         except OSError as exc:
             log.warning("ami.file_not_loaded", server=link.name, error=str(exc))
             return True
@@ -1512,7 +1523,7 @@ class AmiPbx:
         if self.target_kind != "config":
             return _ignore_outcome
         try:
-            opened = open_files(self.files)
+            opened = open_files(self.files, self.digests)
         except OSError as exc:
             # Never stops the reload: only its digest goes unnoted (an older one stays).
             log.warning("ami.loaded_not_noted", server=link.name, error=str(exc))
