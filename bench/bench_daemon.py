@@ -138,9 +138,19 @@ class Setup:
         return shard_files(self.conf_file, self.shards)[shard_of(_extension(uid), self.shards)]
 
 
+#: The tree this bench runs from: the daemon it starts runs this tree's code too.
+TREE = Path(__file__).resolve().parents[1]
+
+
 def _env() -> dict[str, str]:
+    """The daemon's environment: no ``PROVISIONER_`` setting of the caller's, JSON logs,
+    and this tree first on the import path.  The ``provisioner`` script imports the
+    package the venv installed (editable: the project it was installed from), so a bench
+    run from another worktree (an older commit, alternated with this one) measured this
+    daemon rather than its own without it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROVISIONER_")}
     env["PROVISIONER_LOG__FORMAT"] = "json"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(TREE), env.get("PYTHONPATH"))))
     return env
 
 
