@@ -8,22 +8,24 @@ test). These tests run the daemon's real applier on a real SQLite store and conf
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+import pytest
 from sqlalchemy import select, update
 
+from provisioner import daemon as daemon_module
 from provisioner.accounts import Accounts, Policy
 from provisioner.ami.changes import owed_removal_key, owed_removals_prefix
 from provisioner.config import load_config
-from provisioner.daemon import Daemon, build_target, removal_noter
-from provisioner.pjsip import RenderSettings
+from provisioner.daemon import Daemon
 from provisioner.store.engine import reading
 from provisioner.store.migrate import upgrade
 from provisioner.store.schema import users
 from provisioner.store.state import load_states
-from provisioner.sync import reconcile
 from provisioner.targets.asterisk_schema import ps_endpoints
+from tests.faultkit import cli
 
 _SERVERS = [
     {"name": name, "host": "127.0.0.1", "port": 1, "username": "u", "secret": "s"}
@@ -122,7 +124,7 @@ def test_a_disable_notes_its_removal_for_every_server_before_the_file_loses_it(
         daemon.engine.dispose()
 
 
-def test_a_full_reconcile_notes_its_removals_before_writing_and_an_edit_notes_none(
+def test_a_full_reconcile_notes_its_removals_before_writing_an_update_or_plan_none(
     tmp_path: Path,
 ) -> None:
     """A full reconcile that removes an endpoint notes its removal before the file is
@@ -180,30 +182,51 @@ def test_a_full_apply_of_realtime_rows_in_the_store_notes_its_removals_in_the_sa
         daemon.engine.dispose()
 
 
-def test_sync_once_notes_its_removals_before_it_writes(tmp_path: Path) -> None:
-    """``sync --once``'s reconcile, given the CLI's removal noter, notes a removed
-    endpoint's contact removals for every server while the file still holds it."""
-    daemon, conf = _daemon_with_two_agents(tmp_path)
-    try:
-        _disable(daemon, "a0")
-        seen: list[tuple[str, dict[str, dict[str, str]]]] = []
-        noter = removal_noter(
-            daemon.engine, lambda: daemon.applier.target, lambda: ["pbx1", "pbx2"]
-        )
+def _config_file(daemon: Daemon, tmp_path: Path) -> Path:
+    """A config file for the CLI: ``daemon``'s store and file, and its two servers."""
+    lines = [
+        "[store]",
+        f'url = "{daemon.config.store.url}"',
+        "[security]",
+        "password_policy = false",
+        "[target]",
+        f'path = "{daemon.config.target.path}"',
+    ]
+    for server in _SERVERS:
+        lines += ["[[asterisk]]", *(f"{k} = {v!r}" for k, v in server.items())]
+    path = tmp_path / "provisioner.toml"
+    path.write_text("\n".join(lines).replace("'", '"') + "\n")
+    return path
 
-        def spy(endpoints: Sequence[str], in_write: bool) -> None:
+
+def test_sync_once_notes_its_removals_before_it_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``provisioner sync --once`` removing a disabled user's endpoint notes its contact
+    removals for every configured server while the file still holds the endpoint (its
+    real noter, seen at each call), and they stay noted for the next daemon."""
+    daemon, conf = _daemon_with_two_agents(tmp_path)
+    config = _config_file(daemon, tmp_path)
+    seen: list[tuple[str, dict[str, dict[str, str]]]] = []
+    real = daemon_module.removal_noter
+
+    def watched(*args: Any) -> Callable[[Sequence[str], bool], None]:
+        noter = real(*args)
+
+        def note(endpoints: Sequence[str], in_write: bool) -> None:
             noter(endpoints, in_write)
             seen.append((conf.read_text(), _noted(daemon)))
 
-        reconcile(
-            daemon.engine,
-            build_target(daemon.config, daemon.engine),
-            RenderSettings.from_config(daemon.config),
-            before_removing=spy,
-        )
+        return note
+
+    monkeypatch.setattr(daemon_module, "removal_noter", watched)
+    try:
+        _disable(daemon, "a0")
+        cli(config, "sync", "--once")
         ((text_then, noted),) = seen
         assert "[1001]" in text_then
-        assert noted["pbx1"] == {owed_removal_key("pbx1", "1001"): "1001"}
+        assert noted == {s: {owed_removal_key(s, "1001"): "1001"} for s in ("pbx1", "pbx2")}
         assert "[1001]" not in conf.read_text()
+        assert _noted(daemon)["pbx2"] == {owed_removal_key("pbx2", "1001"): "1001"}
     finally:
         daemon.engine.dispose()
