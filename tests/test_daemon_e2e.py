@@ -1338,7 +1338,9 @@ class _KillRun:
         sends it a reload (as if the daemon died before sending one).  Returns once the
         file changed; the lock held, the reloads dropped until the kill.  Without
         ``writes`` (an edit removing an endpoint, whose removal must be noted first) the
-        file must not change: returns after 0.5 s of it unchanged."""
+        file must not change: returns after 0.5 s of it unchanged.  Made once the daemon
+        applied every edit before it: a change of the file is then this edit's."""
+        await _until(partial(_rendered_as_stored, self.config), 10, "earlier edits applied")
         before = _bytes(self.conf)
         store = self.tmp / "store.db"
         while True:
