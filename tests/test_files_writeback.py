@@ -18,14 +18,35 @@ def _large() -> Pieces:
     return Pieces.of(base).splice(WRITEBACK_STEP - 5, WRITEBACK_STEP + 5, b"[1001]\n")
 
 
-def test_a_file_of_several_writeback_steps_is_written_whole(tmp_path: Path) -> None:
-    """A file larger than a writeback step, from spliced pieces, reads back as its bytes
-    (and the kernel was asked to write it out as it went, on Linux)."""
+def test_a_file_of_several_writeback_steps_is_written_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file larger than a writeback step, from spliced pieces, reads back as its bytes,
+    and the kernel was asked (libc's own call, each answer 0) to write out each range
+    once it was written: consecutive ranges covering the file, none over a step."""
+    real = files._SYNC_FILE_RANGE
+    if real is None:
+        pytest.skip("no sync_file_range here")
+    asked: list[tuple[int, int, int]] = []
+
+    def recorded(fd: int, offset: int, length: int, flags: int) -> int:
+        written = os.fstat(fd).st_size
+        answer = real(fd, offset, length, flags)
+        asked.append((offset, length, answer))
+        assert offset + length <= written  # asked only for bytes already written
+        return answer
+
+    monkeypatch.setattr(files, "_SYNC_FILE_RANGE", recorded)
     data = _large()
     path = tmp_path / "pjsip_users.conf"
     write_synced(path, data)
     assert path.read_bytes() == data.tobytes()
     assert os.stat(path).st_mode & 0o777 == files.FILE_MODE
+    assert [answer for _offset, _length, answer in asked] == [0] * len(asked)
+    ends = [offset + length for offset, length, _answer in asked]
+    assert [offset for offset, _length, _answer in asked] == [0, *ends[:-1]]
+    assert ends[-1] == len(data)
+    assert all(length <= WRITEBACK_STEP for _offset, length, _answer in asked)
 
 
 def test_a_refused_writeback_request_still_writes_the_file_whole(
