@@ -112,18 +112,17 @@ async def _stop(proc: asyncio.subprocess.Process) -> int:
     return await asyncio.wait_for(proc.wait(), timeout=15)
 
 
-def _text(path: Path) -> str:
-    try:
-        return path.read_text()
-    except FileNotFoundError:
-        return ""
-
-
 def _bytes(path: Path) -> bytes:
+    """The file's bytes, or none while it does not exist (yet)."""
     try:
         return path.read_bytes()
     except FileNotFoundError:
         return b""
+
+
+def _text(path: Path) -> str:
+    """The file's text, or "" while it does not exist (yet)."""
+    return _bytes(path).decode()
 
 
 def _agent_args(username: str, full_name: str) -> list[str]:

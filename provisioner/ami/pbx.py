@@ -1516,10 +1516,11 @@ class AmiPbx:
         return settle
 
     def _opening(self, link: Link) -> Callable[[ReloadOutcome], None]:
-        """Open the config files as a reload of ``link``'s server is about to be sent;
-        what to call with the reload's outcome: one Asterisk accepted has their digest
-        noted (:meth:`_note_loaded`), the latest such reload's only.  Nothing for a
-        realtime target."""
+        """Take the config files' state as a reload of ``link``'s server is about to be
+        sent: a file unchanged since its digest was kept is only ``stat``-ed, a changed
+        one is opened (:func:`open_files`); what to call with the reload's outcome: one
+        Asterisk accepted has their digest noted (:meth:`_note_loaded`), the latest
+        such reload's only.  Nothing for a realtime target."""
         if self.target_kind != "config":
             return _ignore_outcome
         try:
