@@ -247,10 +247,12 @@ def keep_owner(new: Path, old: Path) -> None:
     file to Asterisk (``chown asterisk:asterisk``), which must still read the new one.
 
     A group the writer may not give is logged (``file.group_not_kept``), and the file is
-    written with the writer's group: one it is not in (EPERM), or one its user namespace
-    does not map (EINVAL: under systemd's ``PrivateUsers=`` every group but root's and the
-    service's own; ``stat`` shows such a group as ``nobody``).  Only a setgid directory
-    then gives new files the directory's group: the kernel does that, not the writer."""
+    written with the writer's group: one it is not in, or any at all where a seccomp
+    filter refuses ``chown`` (EPERM: the shipped unit's ``SystemCallFilter=~@privileged``,
+    seen under systemd 252), or one its user namespace does not map (EINVAL: under
+    ``PrivateUsers=`` without that filter, every group but root's and the service's own;
+    ``stat`` shows such a group as ``nobody``).  Only a setgid directory then gives new
+    files the directory's group: the kernel does that, not the writer."""
     try:
         before = old.stat()
     except FileNotFoundError:
@@ -276,9 +278,12 @@ def keep_owner(new: Path, old: Path) -> None:
 
 #: What to do when the writer cannot give a file the group it should have, by errno.
 _GROUP_ADVICE = {
-    errno.EPERM: "add the writer's user to that group, or make the directory setgid (chmod g+s)",
-    errno.EINVAL: "the group is not mapped in the writer's user namespace (systemd "
-    "PrivateUsers=): make the directory setgid (chmod g+s) so new files get its group",
+    # Under the shipped unit the syscall filter refuses every chown: there, putting the
+    # writer in the group mends nothing, and only the setgid directory does.
+    errno.EPERM: "make the directory setgid (chmod g+s) so new files get its group; or, "
+    "where the writer may chown (not under the shipped unit), add its user to that group",
+    errno.EINVAL: "make the directory setgid (chmod g+s) so new files get its group: the "
+    "group is not mapped in the writer's user namespace (systemd PrivateUsers=)",
 }
 
 
