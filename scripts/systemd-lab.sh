@@ -1,0 +1,257 @@
+#!/usr/bin/env bash
+# Run systemd/provisioner.service, exactly as shipped, under a real systemd, and check
+# what the unit promises: READY after the first reconcile, an edit live through the
+# hardening, SIGHUP, the watchdog, Restart=on-failure, exit 2 not restarted, a clean
+# stop, the setgid directory's group, and systemd-analyze security's score.
+#
+# The systemd is a container's PID 1: systemd-nspawn boots an overlay of this host's
+# own root (its writes go to a tmpfs, the host's files are never touched), with the
+# package installed from this tree into /opt/provisioner/.venv by the host's
+# /usr/bin/python3, and the tests' AMI peer (scripts/lab_peer.py) on the host's loopback,
+# shared with the container.
+#
+# Needs: root, systemd-nspawn (Debian: apt-get install systemd-container), overlayfs,
+# python3-venv, PyPI (the container's pip installs the dependencies), and this tree's
+# .venv (scripts/setup.sh). Not run by CI (it needs all that, and takes a minute or two).
+# Prints one line per check; exits 1 if any failed.
+#
+# Usage: sudo bash scripts/systemd-lab.sh [--keep]   (--keep: leave the container running)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TREE=$PWD
+KEEP=${1:-}
+PORT=${LAB_AMI_PORT:-15038}
+LAB=$(mktemp -d /tmp/provisioner-lab.XXXXXX)
+ROOT=$LAB/root
+COMMANDS=$LAB/peer.cmd
+CONFIG=/etc/provisioner/provisioner.toml
+CLI=(runuser -u provisioner -- /opt/provisioner/.venv/bin/provisioner --config "$CONFIG")
+FAILED=0
+PEER_PID=
+NSPAWN_PID=
+INIT=
+
+ok() { echo "ok    $*"; }
+bad() { echo "FAIL  $*"; FAILED=1; }
+in_ct() { nsenter -t "$INIT" -a "$@"; }
+unit() { in_ct systemctl show provisioner -p "$1" --value; }
+reloads() { grep -c "Action=Reload" "$LAB/peer.log" || true; }
+reloaded_since() { (($(reloads) > $1)); }
+restarted_since() { (($(unit NRestarts) > $1)); }
+active() { [[ $(unit ActiveState) == active && $(unit SubState) == running ]]; }
+alice_online() { [[ $(in_ct "${CLI[@]}" status alice) == *online* ]]; }
+# journal_has TEXT: the unit's journal holds TEXT (read whole: grep -q would cut the pipe).
+journal_has() { [[ $(in_ct journalctl -u provisioner -o cat) == *"$1"* ]]; }
+# until_true SECONDS COMMAND...: run COMMAND every 0.1 s until it succeeds, or fail.
+until_true() {
+    local deadline=$((SECONDS + $1)); shift
+    until "$@" >/dev/null 2>&1; do
+        ((SECONDS < deadline)) || return 1
+        sleep 0.1
+    done
+}
+
+cleanup() {
+    if [[ $KEEP == --keep && -n $INIT ]]; then
+        echo "kept: nsenter -t $INIT -a bash; peer log $LAB/peer.log (pid $PEER_PID)"
+        return
+    fi
+    [[ -n $INIT ]] && in_ct systemctl poweroff >/dev/null 2>&1 || true
+    [[ -n $NSPAWN_PID ]] && timeout 20 tail --pid="$NSPAWN_PID" -f /dev/null || true
+    [[ -n $PEER_PID ]] && kill "$PEER_PID" 2>/dev/null || true
+    mountpoint -q "$ROOT" && umount "$ROOT"
+    mountpoint -q "$LAB" && umount "$LAB"
+    rmdir "$LAB"
+}
+trap cleanup EXIT
+
+for tool in systemd-nspawn nsenter /usr/bin/python3 "$TREE/.venv/bin/python"; do
+    command -v "$tool" >/dev/null || { echo "missing: $tool" >&2; exit 2; }
+done
+[[ $(id -u) == 0 ]] || { echo "run as root" >&2; exit 2; }
+
+# -- the container's root: an overlay of / whose upper layer is a tmpfs ----------------
+mount -t tmpfs -o size=4G lab "$LAB"
+mkdir -p "$LAB/upper" "$LAB/work" "$ROOT"
+mount -t overlay overlay -o "lowerdir=/,upperdir=$LAB/upper,workdir=$LAB/work" "$ROOT"
+: >"$ROOT/etc/machine-id" # a machine id of its own, made at boot
+chroot "$ROOT" useradd --system --home /var/lib/provisioner --shell /usr/sbin/nologin provisioner
+chroot "$ROOT" groupadd --system asterisk
+# The deployment README gives: the target's directory setgid with Asterisk's group.
+chroot "$ROOT" install -d -o provisioner -g asterisk -m 2750 /etc/asterisk/provisioner
+chroot "$ROOT" install -d -o provisioner -g provisioner -m 750 /var/lib/provisioner
+mkdir -p "$ROOT/opt/provisioner/src" "$ROOT/etc/provisioner"
+# The tracked files as they are in the work tree (edits not yet committed included).
+git ls-files -z | tar --null -T - -cf - | tar -x -C "$ROOT/opt/provisioner/src"
+chroot "$ROOT" /usr/bin/python3 -m venv /opt/provisioner/.venv
+chroot "$ROOT" /opt/provisioner/.venv/bin/pip install -q /opt/provisioner/src >"$LAB/pip.log" 2>&1 \
+    || { cat "$LAB/pip.log" >&2; exit 2; }
+ok "installed this tree into the container's /opt/provisioner/.venv (/usr/bin/python3)"
+
+cp systemd/provisioner.toml "$ROOT$CONFIG"
+cat >>"$ROOT$CONFIG" <<EOF
+
+[[asterisk]]
+name = "lab"
+host = "127.0.0.1"
+port = $PORT
+username = "provisioner"
+secret_file = "/etc/provisioner/lab.secret"
+EOF
+# An address of this host's that is not loopback: IPAddressAllow=localhost must keep the
+# daemon from it (nothing listens there: refused, unless the firewall stops it first).
+OUTSIDE=$(ip -4 -o addr show scope global | awk '{ sub("/.*", "", $4); print $4; exit }')
+if [[ -n $OUTSIDE ]]; then
+    cat >>"$ROOT$CONFIG" <<EOF
+
+[[asterisk]]
+name = "outside"
+host = "$OUTSIDE"
+port = $PORT
+username = "provisioner"
+secret_file = "/etc/provisioner/lab.secret"
+EOF
+fi
+printf 'lab-secret\n' >"$ROOT/etc/provisioner/lab.secret"
+chroot "$ROOT" chgrp provisioner "$CONFIG" /etc/provisioner/lab.secret
+chmod 640 "$ROOT$CONFIG" "$ROOT/etc/provisioner/lab.secret"
+(cd /tmp && chroot "$ROOT" "${CLI[@]}" quickstart >"$LAB/quickstart.log")
+SECRETS=$(grep -o 'shown once: [A-Za-z0-9]*' "$LAB/quickstart.log" | cut -d' ' -f3)
+cp systemd/provisioner.service "$ROOT/etc/systemd/system/"
+cat >"$ROOT/etc/systemd/system/lab.target" <<'EOF'
+[Unit]
+Description=the lab: a basic system and provisioner, nothing else the host enables
+Requires=basic.target
+After=basic.target
+Wants=provisioner.service
+EOF
+
+# -- boot ------------------------------------------------------------------------------
+"$TREE/.venv/bin/python" scripts/lab_peer.py "$PORT" "$COMMANDS" >"$LAB/peer.log" 2>&1 &
+PEER_PID=$!
+until_true 10 grep -q listening "$LAB/peer.log" || { cat "$LAB/peer.log" >&2; exit 2; }
+systemd-nspawn --quiet --register=no --keep-unit --machine=provisioner-lab -D "$ROOT" \
+    --console=pipe -b -- systemd.unit=lab.target >"$LAB/boot.log" 2>&1 &
+NSPAWN_PID=$!
+until_true 30 pgrep -P "$NSPAWN_PID" -x systemd || { cat "$LAB/boot.log" >&2; exit 2; }
+INIT=$(pgrep -P "$NSPAWN_PID" -x systemd)
+until_true 60 in_ct systemctl show -p Version --value || { cat "$LAB/boot.log" >&2; exit 2; }
+ok "booted systemd $(in_ct systemctl --version | head -1 | cut -d' ' -f2) as the container's PID 1"
+
+if until_true 120 active; then
+    ok "Type=notify: active (running) once READY, status \"$(unit StatusText)\""
+else
+    bad "not active: $(unit ActiveState)/$(unit SubState)"
+fi
+if until_true 10 grep -qE "Action=Reload .*Module=res_pjsip.so" "$LAB/peer.log"; then
+    ok "logged in to the AMI peer and reloaded res_pjsip.so, through the hardening"
+else
+    bad "no reload reached the AMI peer"
+fi
+
+# -- an edit -----------------------------------------------------------------------------
+before=$(reloads)
+in_ct "${CLI[@]}" --as admin user add lab.user --profile agents --full-name "Lab User" \
+    --email lab@example.com >"$LAB/add.log" 2>&1
+SECRETS+=" $(grep -o 'shown once): [A-Za-z0-9]*' "$LAB/add.log" | cut -d' ' -f3)"
+added_at=$SECONDS
+conf=$ROOT/etc/asterisk/provisioner/pjsip_users.conf
+if until_true 1 grep -q "Lab User" "$conf"; then
+    ok "user add: in the file within 1 s"
+else
+    bad "user add: not in the file within 1 s"
+fi
+# Reloads are spaced (daemon reload_min_gap, 5 s), and one was sent at the start.
+if until_true 7 reloaded_since "$before"; then
+    ok "user add: a reload sent $((SECONDS - added_at)) s after (reloads at least 5 s apart)"
+else
+    bad "user add: no reload within 7 s"
+fi
+group=$(in_ct stat -c %G /etc/asterisk/provisioner/pjsip_users.conf)
+[[ $group == asterisk ]] && ok "the file written by the unit has the setgid directory's group (asterisk)" \
+    || bad "the file's group is $group, not asterisk"
+
+echo contact >"$COMMANDS"
+if until_true 5 alice_online; then
+    ok "a ContactStatus event: provisioner status shows alice online"
+else
+    bad "alice not online after a ContactStatus"
+fi
+
+# -- SIGHUP --------------------------------------------------------------------------------
+in_ct systemctl reload provisioner
+if journal_has '"config.reloaded"'; then
+    ok "systemctl reload: the daemon re-read its configuration (config.reloaded)"
+else
+    bad "no config.reloaded after systemctl reload"
+fi
+
+# -- IPAddressDeny=any, IPAddressAllow=localhost ----------------------------------------
+if [[ -z $OUTSIDE ]]; then
+    echo "skip  IPAddressAllow=localhost: this host has no address but loopback"
+elif until_true 5 journal_has '"server": "outside"'; then
+    if journal_has "Errno 1] Operation not permitted"; then
+        ok "IPAddressAllow=localhost: connecting to $OUTSIDE is refused by the unit's firewall"
+    elif [[ $(unit IPIngressBytes) == "[no data]" ]]; then
+        echo "skip  IPAddressAllow=localhost: this systemd applies no BPF firewall here" \
+            "(no IP accounting data; the kernel or container forbids it), so $OUTSIDE was reachable"
+    else
+        bad "IPAddressAllow=localhost: $OUTSIDE was reachable though IP accounting works"
+    fi
+else
+    bad "no connection attempt to $OUTSIDE in the journal"
+fi
+
+# -- the score ------------------------------------------------------------------------------
+score=$(in_ct systemd-analyze security provisioner.service --no-pager | sed -n 's/.*exposure level for provisioner.service: \([0-9.]*\).*/\1/p')
+if awk -v s="$score" 'BEGIN { exit !(s <= 2.0) }'; then
+    ok "systemd-analyze security (the running unit): $score"
+else
+    bad "systemd-analyze security: $score, above 2.0"
+fi
+
+# -- the watchdog, a crash, a bad configuration, a stop -------------------------------------
+main=$(unit MainPID)
+in_ct kill -STOP "$main"
+stopped_at=$SECONDS
+restarts=$(unit NRestarts)
+if until_true 45 restarted_since "$restarts" && until_true 60 active \
+    && journal_has "Failed with result 'watchdog'"; then
+    ok "a daemon that stops feeding the watchdog is killed and restarted ($((SECONDS - stopped_at)) s after it froze)"
+else
+    bad "the watchdog did not restart a frozen daemon: $(unit Result), $(unit NRestarts) restarts"
+fi
+restarts=$(unit NRestarts)
+in_ct kill -9 "$(unit MainPID)"
+if until_true 10 restarted_since "$restarts" && until_true 60 active; then
+    ok "kill -9: restarted (Restart=on-failure)"
+else
+    bad "not restarted after kill -9"
+fi
+cp "$ROOT$CONFIG" "$LAB/good.toml"
+sed -i 's/^quiet = 0.05 /quiet = -1 /' "$ROOT$CONFIG"
+in_ct systemctl restart provisioner >/dev/null 2>&1 || true
+sleep 3
+if [[ $(unit ExecMainStatus) == 2 && $(unit ActiveState) == failed && $(unit NRestarts) == 0 ]]; then
+    ok "an invalid configuration: exit 2, failed, not restarted (RestartPreventExitStatus=2)"
+else
+    bad "invalid configuration: status $(unit ExecMainStatus), $(unit ActiveState), $(unit NRestarts) restarts"
+fi
+cp "$LAB/good.toml" "$ROOT$CONFIG"
+in_ct systemctl reset-failed provisioner
+in_ct systemctl start provisioner
+stop_began=$SECONDS
+in_ct systemctl stop provisioner
+if [[ $(unit Result) == success && $(unit ExecMainStatus) == 0 ]]; then
+    ok "systemctl stop: exit 0 within $((SECONDS - stop_began + 1)) s"
+else
+    bad "systemctl stop: $(unit Result), status $(unit ExecMainStatus)"
+fi
+
+# -- the journal ----------------------------------------------------------------------------
+journal=$(in_ct journalctl -u provisioner -o cat)
+if grep -q Traceback <<<"$journal"; then bad "a traceback in the journal"; else ok "no traceback in the journal"; fi
+leaked=0
+for secret in $SECRETS lab-secret; do grep -qF "$secret" <<<"$journal" && leaked=1; done
+((leaked)) && bad "a secret in the journal" || ok "no SIP or AMI secret in the journal"
+exit "$FAILED"
