@@ -51,7 +51,11 @@ def _write_config(
     max_wait: float = 0.2,
     kind: str = "config",
     caches: tuple[str, ...] = (),
+    default_reload_gaps: bool = False,
 ) -> Path:
+    """A daemon config on ``tmp``'s store and file; reloads ungapped (``reload_min_gap`` and
+    ``reload_gap_factor`` 0) unless ``default_reload_gaps``."""
+    gaps = [] if default_reload_gaps else ["reload_min_gap = 0", "reload_gap_factor = 0"]
     lines = [
         "[store]",
         f'url = "sqlite:///{tmp / "store.db"}"',
@@ -66,8 +70,7 @@ def _write_config(
         f"max_wait = {max_wait}",
         "shutdown_timeout = 5",
         "[ami]",
-        "reload_min_gap = 0",
-        "reload_gap_factor = 0",
+        *gaps,
         "backoff_base = 0.05",
         "backoff_cap = 0.2",
     ]
@@ -182,6 +185,49 @@ async def _live_at(check: Callable[[], bool], timeout: float = 5.0) -> datetime:
     true (a moment after it became so); fails after ``timeout`` seconds."""
     await _until(check, timeout)
     return datetime.now(UTC)
+
+
+def _live_with(conf: Path, text: str, peer: FakeAsterisk, reloads: int) -> bool:
+    """``conf`` holds ``text`` and ``peer`` has had more than ``reloads`` reloads."""
+    return text in _text(conf) and len(peer.actions("Reload")) > reloads
+
+
+def test_edits_in_quick_succession_are_each_live_within_1_s_with_the_default_reload_gaps(
+    tmp_path: Path,
+) -> None:
+    """With the shipped reload spacing (the peer's reloads take no time, as a small site's
+    do), an edit committed right after another's reload is live, in the file with a
+    reload of its own, within 1 s of its commit: the gap between reloads holds it back
+    less than that."""
+
+    async def scenario() -> None:
+        peer = FakeAsterisk()
+        await peer.start()
+        config = _write_config(tmp_path, peer.port, default_reload_gaps=True)
+        conf = tmp_path / "pjsip_users.conf"
+        await _seed_by_console_script(config)
+        daemon = await _start_daemon(config, tmp_path / "daemon.log")
+        try:
+            await _until(lambda: peer.logins_ok >= 1, 10)
+            await _cli(config, *_agent_args("alice", "Alice"))
+            await _until(lambda: "[1001]" in _text(conf), 5)
+            store = sqlite3.connect(tmp_path / "store.db")
+            for context in ("ctx-one", "ctx-two", "ctx-three"):
+                reloads = len(peer.actions("Reload"))
+                with store:  # commits
+                    store.execute(
+                        "UPDATE users SET context = ? WHERE username = 'alice'", (context,)
+                    )
+                committed = time.monotonic()
+                await _until(partial(_live_with, conf, f"context={context}", peer, reloads), 5)
+                took = time.monotonic() - committed
+                assert took < 1.0, f"{context}: commit to live took {took:.3f} s"
+            store.close()
+        finally:
+            assert await _stop(daemon) == 0
+            await peer.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
 
 
 def test_edit_to_live_reload_registration_and_disable(tmp_path: Path) -> None:
