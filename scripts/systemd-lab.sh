@@ -2,7 +2,8 @@
 # Run systemd/provisioner.service, exactly as shipped, under a real systemd, and check
 # what the unit promises: READY after the first reconcile, an edit live through the
 # hardening, SIGHUP, the watchdog, Restart=on-failure, exit 2 not restarted, a clean
-# stop, the setgid directory's group, and systemd-analyze security's score.
+# stop, the setgid directory's group, the metrics endpoint, systemd-analyze security's
+# score, and (when a PostgreSQL answers on 127.0.0.1:5432) realtime rows in a store there.
 #
 # The systemd is a container's PID 1: systemd-nspawn boots an overlay of this host's
 # own root (its writes go to a tmpfs, the host's files are never touched), with the
@@ -21,6 +22,10 @@ cd "$(dirname "$0")/.."
 TREE=$PWD
 KEEP=${1:-}
 PORT=${LAB_AMI_PORT:-15038}
+METRICS=${LAB_METRICS_PORT:-19338}
+PG=postgresql+psycopg://postgres@127.0.0.1:5432
+PG_DB=provisioner_lab_$$
+PG_MADE=
 LAB=$(mktemp -d /tmp/provisioner-lab.XXXXXX)
 ROOT=$LAB/root
 COMMANDS=$LAB/peer.cmd
@@ -59,6 +64,7 @@ cleanup() {
     [[ -n $INIT ]] && in_ct systemctl poweroff >/dev/null 2>&1 || true
     [[ -n $NSPAWN_PID ]] && timeout 20 tail --pid="$NSPAWN_PID" -f /dev/null || true
     [[ -n $PEER_PID ]] && kill "$PEER_PID" 2>/dev/null || true
+    [[ -n $PG_MADE ]] && psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS $PG_DB" || true
     mountpoint -q "$ROOT" && umount "$ROOT"
     mountpoint -q "$LAB" && umount "$LAB"
     rmdir "$LAB"
@@ -88,7 +94,7 @@ chroot "$ROOT" /opt/provisioner/.venv/bin/pip install -q /opt/provisioner/src >"
     || { cat "$LAB/pip.log" >&2; exit 2; }
 ok "installed this tree into the container's /opt/provisioner/.venv (/usr/bin/python3)"
 
-cp systemd/provisioner.toml "$ROOT$CONFIG"
+sed "s/^metrics_port = 0 /metrics_port = $METRICS /" systemd/provisioner.toml >"$ROOT$CONFIG"
 cat >>"$ROOT$CONFIG" <<EOF
 
 [[asterisk]]
@@ -186,6 +192,14 @@ else
     bad "no config.reloaded after systemctl reload"
 fi
 
+# -- the metrics endpoint ---------------------------------------------------------------
+metrics() { curl -sf "http://127.0.0.1:$METRICS/metrics" >"$LAB/metrics.txt"; }
+if until_true 5 metrics && grep -q "^provisioner_" "$LAB/metrics.txt"; then
+    ok "the Prometheus endpoint answers on 127.0.0.1:$METRICS ($(grep -c '^provisioner_' "$LAB/metrics.txt") provisioner_ samples)"
+else
+    bad "no metrics on 127.0.0.1:$METRICS"
+fi
+
 # -- IPAddressDeny=any, IPAddressAllow=localhost ----------------------------------------
 if [[ -z $OUTSIDE ]]; then
     echo "skip  IPAddressAllow=localhost: this host has no address but loopback"
@@ -246,6 +260,49 @@ if [[ $(unit Result) == success && $(unit ExecMainStatus) == 0 ]]; then
     ok "systemctl stop: exit 0 within $((SECONDS - stop_began + 1)) s"
 else
     bad "systemctl stop: $(unit Result), status $(unit ExecMainStatus)"
+fi
+
+# -- realtime rows in PostgreSQL, the store too: LISTEN/NOTIFY over TCP, under the unit --
+pg_rows() { psql -tA -h 127.0.0.1 -U postgres -d "$PG_DB" -c "SELECT count(*) FROM ps_endpoints" 2>/dev/null; }
+has_rows() { [[ $(pg_rows) == "$1" ]]; }
+if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+    echo "skip  realtime on PostgreSQL: no server on 127.0.0.1:5432"
+else
+    psql -q -h 127.0.0.1 -U postgres -c "CREATE DATABASE $PG_DB" && PG_MADE=1
+    sed -i -e "s|^url = \"sqlite:////var/lib/provisioner/provisioner.db\"|url = \"$PG/$PG_DB\"|" \
+        -e 's/^kind = "config" /kind = "realtime" /' "$ROOT$CONFIG"
+    in_ct "${CLI[@]}" quickstart >"$LAB/quickstart-pg.log"
+    before=$(reloads)
+    in_ct systemctl start provisioner
+    if until_true 60 active && has_rows 4; then
+        ok "realtime on PostgreSQL: READY, the 4 users' ps_endpoints rows in the store's database"
+    else
+        bad "realtime on PostgreSQL: $(unit ActiveState)/$(unit SubState), $(pg_rows) rows"
+    fi
+    before=$(reloads)
+    in_ct "${CLI[@]}" --as admin user add pg.user --profile agents --full-name "PG User" \
+        --email pg@example.com >"$LAB/add-pg.log" 2>&1
+    added=$(date +%s%N)
+    SECRETS+=" $(grep -o 'shown once): [A-Za-z0-9]*' "$LAB/add-pg.log" | cut -d' ' -f3)"
+    rows_live() { has_rows 5 && reloaded_since "$before"; }
+    if until_true 2 rows_live; then
+        took_ms=$((($(date +%s%N) - added) / 1000000))
+        if ((took_ms < 1000)); then
+            ok "realtime on PostgreSQL: user add's rows written, and its reload sent, $took_ms ms after the CLI returned"
+        else
+            bad "realtime on PostgreSQL: user add live only $took_ms ms after the CLI returned"
+        fi
+    else
+        bad "realtime on PostgreSQL: user add not live within 2 s ($(pg_rows) rows)"
+    fi
+    if journal_has '"store.listening"'; then
+        ok "realtime on PostgreSQL: the daemon LISTENs for the store's NOTIFY (store.listening)"
+    else
+        bad "realtime on PostgreSQL: no store.listening in the journal"
+    fi
+    in_ct systemctl stop provisioner
+    [[ $(unit Result) == success ]] && ok "realtime on PostgreSQL: systemctl stop, exit 0" \
+        || bad "realtime on PostgreSQL: stop: $(unit Result)"
 fi
 
 # -- the journal ----------------------------------------------------------------------------
