@@ -1071,8 +1071,14 @@ def _contact_note(contact: Mapping[str, Any]) -> str:
 
 
 @cli.command()
+@click.option(
+    "--config-only",
+    is_flag=True,
+    help="Only load and validate the configuration, as a running daemon's SIGHUP would "
+    "(the unit's ExecReload runs this first, so that reloading an invalid file fails).",
+)
 @pass_app
-def check(app: App) -> None:
+def check(app: App, config_only: bool) -> None:
     """Check the config, the store, the target and each AMI login; exit 1 if any fails."""
     from .checks import run_checks
 
@@ -1084,6 +1090,9 @@ def check(app: App) -> None:
         for problem in exc.problems:
             click.echo(_visible(f"FAIL  config: {problem}"))
         raise click.exceptions.Exit(1) from None
+    if config_only:
+        click.echo(_visible(f"ok    config: {config.source or 'embedded defaults'}"))
+        return
     results = run_checks(config)
     for name, ok, detail in results:
         # A detail may quote a health record, a path or an AMI peer's greeting.

@@ -847,10 +847,11 @@ class Daemon:
             if self.reload_requested:
                 self.reload_requested = False
                 # systemd shows the reload until READY=1, sent whether or not the new
-                # configuration was taken (a refused one is logged, the old one runs on).
+                # configuration was taken (a refused one is logged, the old one runs on,
+                # and systemd's STATUS says so until the next change of it).
                 self.notifier.reloading()
-                await self._reload_config()
-                self.notifier.ready(status="provisioning")
+                refused = await self._reload_config()
+                self.notifier.ready(status=self._reloaded_status(refused))
             full = self.templates_changed.is_set() or time.monotonic() >= self._next_reconcile
             if full:
                 self.templates_changed.clear()
@@ -1375,15 +1376,25 @@ class Daemon:
             with self.engine.begin() as conn:
                 save_cursor(conn, after)
 
-    async def _reload_config(self) -> None:
-        """SIGHUP: re-read the configuration; a bad one is logged and the old one kept."""
+    def _reloaded_status(self, refused: str | None) -> str:
+        """systemd's STATUS after a SIGHUP: the refusal when the configuration was refused,
+        else what it is at READY (:meth:`_ready_status`), or the stuck apply's."""
+        if refused is not None:
+            return f"configuration refused, the previous one runs on: {refused}"
+        if self._stuck:
+            return f"apply stuck for more than {self.config.daemon.stuck_after:g} s"
+        return self._ready_status()
+
+    async def _reload_config(self) -> str | None:
+        """SIGHUP: re-read the configuration; a bad one is logged and the old one kept.
+        Returns why it was refused, or None when it was taken."""
         try:
             config = load_config(
                 self.config_path, overrides=self.config_overrides, sets=self.config_sets
             )
         except ProvisionerError as exc:
             log.error("config.reload_failed", error=_describe(exc))
-            return
+            return _describe(exc)
         fixed = _needs_restart(config, self.config)
         if self.pbx is None and config.asterisk != self.config.asterisk:
             # Started without any server: nothing runs the AMI side to take one up.
@@ -1402,7 +1413,7 @@ class Daemon:
                 target = await in_worker(_checked_target, config, self.engine)
             except (ProvisionerError, OSError, DBAPIError) as exc:
                 log.error("config.reload_failed", error=_describe(exc))
-                return
+                return _describe(exc)
             old, self.applier.target = self.applier.target, target
             self.applier.synced = False
             old_engine = getattr(old, "engine", None)
@@ -1437,6 +1448,7 @@ class Daemon:
         _reread_templates(self.applier.target)
         self.templates_changed.set()
         log.info("config.reloaded", file=config.source)  # ``source`` is the logger's name
+        return None
 
     async def _say_what_is_left(self, old: Config, new: Config) -> None:
         """Log ``target.switched`` (a warning) when a SIGHUP moved the target elsewhere

@@ -192,6 +192,18 @@ else
     bad "no config.reloaded after systemctl reload"
 fi
 
+main=$(unit MainPID)
+cp "$ROOT$CONFIG" "$LAB/good.toml"
+sed -i 's/^quiet = 0.05 /quiet = -1 /' "$ROOT$CONFIG"
+if in_ct systemctl reload provisioner >/dev/null 2>&1; then
+    bad "systemctl reload of an invalid file succeeded"
+elif active && [[ $(unit MainPID) == "$main" ]] && journal_has "FAIL  config: daemon.quiet"; then
+    ok "systemctl reload of an invalid file fails (its problem in the journal); the daemon runs on"
+else
+    bad "systemctl reload of an invalid file: $(unit ActiveState)/$(unit SubState), pid $(unit MainPID)"
+fi
+cp "$LAB/good.toml" "$ROOT$CONFIG"
+
 # -- the metrics endpoint ---------------------------------------------------------------
 metrics() { curl -sf "http://127.0.0.1:$METRICS/metrics" >"$LAB/metrics.txt"; }
 if until_true 5 metrics && grep -q "^provisioner_" "$LAB/metrics.txt"; then

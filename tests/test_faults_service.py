@@ -460,6 +460,72 @@ def test_sighup_is_announced_as_a_reload_to_systemd(tmp_path: Path) -> None:
         notify.close()
 
 
+def test_a_configuration_refused_on_sighup_is_said_in_systemds_status(tmp_path: Path) -> None:
+    """A SIGHUP with an invalid file still ends the reload (READY=1), with a STATUS that
+    says the file was refused, why, and that the previous configuration runs on; a SIGHUP
+    once the file is mended sets it back to ``provisioning``."""
+    seed_store(store_url(tmp_path), 3).dispose()
+    notify = NotifySocket(tmp_path / "notify")
+    config = write_config(tmp_path)
+    daemon = _notified_daemon(config, tmp_path, notify)
+
+    def statuses() -> list[str]:
+        return [m["STATUS"] for _t, m in list(notify.messages) if "READY" in m and "STATUS" in m]
+
+    try:
+        daemon.start(wait_ready=False)
+        until(lambda: bool(notify.times("READY")), 20, "READY=1")
+        assert daemon.proc is not None
+        write_config(tmp_path, extra=["poll_interval = -1"])
+        daemon.proc.send_signal(signal.SIGHUP)
+        until(lambda: len(statuses()) == 2, 5, "READY=1 after the refused reload")
+        assert statuses()[1] == (
+            "configuration refused, the previous one runs on: "
+            "daemon.poll_interval: Input should be greater than 0"
+        )
+        write_config(tmp_path)
+        daemon.proc.send_signal(signal.SIGHUP)
+        until(lambda: len(statuses()) == 3, 5, "READY=1 after the mended reload")
+        assert statuses()[2] == "provisioning"
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+        notify.close()
+
+
+def test_the_units_reload_validates_the_file_before_it_signals() -> None:
+    """The unit's ExecReload first runs ``check --config-only`` with ExecStart's program and
+    configuration file (an invalid file fails ``systemctl reload``, and is never sent), then
+    sends SIGHUP."""
+    lines = UNIT.read_text(encoding="utf-8").splitlines()
+    start = next(line for line in lines if line.startswith("ExecStart=")).split()
+    reload = [line.removeprefix("ExecReload=").split() for line in lines if "ExecReload=" in line]
+    assert start[0].removeprefix("ExecStart=") == reload[0][0]
+    assert start[1:3] == reload[0][1:3] == ["--config", "/etc/provisioner/provisioner.toml"]
+    assert reload[0][3:] == ["check", "--config-only"]
+    assert reload[1] == ["/bin/kill", "-HUP", "$MAINPID"]
+    assert len(reload) == 2
+
+
+def test_check_config_only_validates_the_file_and_opens_nothing(tmp_path: Path) -> None:
+    """``check --config-only`` prints one ok line and exits 0 for a valid file, even with its
+    store unreachable (nothing is opened); an invalid one gets a FAIL line per problem, each
+    naming its field, and exit 1."""
+    with socket.socket() as sock:  # a port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = write_config(tmp_path, store_url=f"postgresql+psycopg://u@127.0.0.1:{port}/db")
+    ran = cli(config, "check", "--config-only")
+    assert ran.out.splitlines() == [f"ok    config: {config}"]
+    write_config(tmp_path, extra=["poll_interval = -1", "stuck_after = -2"])
+    ran = cli(config, "check", "--config-only", check=False)
+    assert ran.code == 1
+    assert ran.out.splitlines() == [
+        "FAIL  config: daemon.poll_interval: Input should be greater than 0",
+        "FAIL  config: daemon.stuck_after: Input should be greater than or equal to 0",
+    ]
+
+
 class _TargetBrokenAfterStart:
     """A target whose applies after the first raise an unexpected error (a bug)."""
 
