@@ -56,6 +56,28 @@ until_true() {
     done
 }
 
+# add_and_time WHAT USERNAME FULL_NAME PREDICATE: add a user by the CLI in the container,
+# then say how long after the CLI returned (its transaction committed) PREDICATE held:
+# ok under 1 s. Sets $before, the peer's reloads before the add, for PREDICATE.
+add_and_time() {
+    local what=$1 username=$2 full_name=$3 predicate=$4 added took_ms
+    before=$(reloads)
+    in_ct "${CLI[@]}" --as admin user add "$username" --profile agents \
+        --full-name "$full_name" --email "$username@example.com" >"$LAB/add-$username.log" 2>&1
+    added=$(date +%s%N)
+    SECRETS+=" $(grep -o 'shown once): [A-Za-z0-9]*' "$LAB/add-$username.log" | cut -d' ' -f3)"
+    if ! until_true 2 "$predicate"; then
+        bad "$what: not within 2 s"
+        return
+    fi
+    took_ms=$((($(date +%s%N) - added) / 1000000))
+    if ((took_ms < 1000)); then
+        ok "$what $took_ms ms after the CLI returned"
+    else
+        bad "$what only $took_ms ms after the CLI returned"
+    fi
+}
+
 cleanup() {
     if [[ $KEEP == --keep && -n $INIT ]]; then
         echo "kept: nsenter -t $INIT -a bash; peer log $LAB/peer.log (pid $PEER_PID)"
@@ -95,29 +117,17 @@ chroot "$ROOT" /opt/provisioner/.venv/bin/pip install -q /opt/provisioner/src >"
 ok "installed this tree into the container's /opt/provisioner/.venv (/usr/bin/python3)"
 
 sed "s/^metrics_port = 0 /metrics_port = $METRICS /" systemd/provisioner.toml >"$ROOT$CONFIG"
-cat >>"$ROOT$CONFIG" <<EOF
-
-[[asterisk]]
-name = "lab"
-host = "127.0.0.1"
-port = $PORT
-username = "provisioner"
-secret_file = "/etc/provisioner/lab.secret"
-EOF
+# server NAME HOST: an [[asterisk]] entry for the peer's port at HOST.
+server() {
+    printf '\n[[asterisk]]\nname = "%s"\nhost = "%s"\nport = %s\nusername = "provisioner"\n' \
+        "$1" "$2" "$PORT"
+    printf 'secret_file = "/etc/provisioner/lab.secret"\n'
+}
+server lab 127.0.0.1 >>"$ROOT$CONFIG"
 # An address of this host's that is not loopback: IPAddressAllow=localhost must keep the
 # daemon from it (nothing listens there: refused, unless the firewall stops it first).
 OUTSIDE=$(ip -4 -o addr show scope global | awk '{ sub("/.*", "", $4); print $4; exit }')
-if [[ -n $OUTSIDE ]]; then
-    cat >>"$ROOT$CONFIG" <<EOF
-
-[[asterisk]]
-name = "outside"
-host = "$OUTSIDE"
-port = $PORT
-username = "provisioner"
-secret_file = "/etc/provisioner/lab.secret"
-EOF
-fi
+[[ -z $OUTSIDE ]] || server outside "$OUTSIDE" >>"$ROOT$CONFIG"
 printf 'lab-secret\n' >"$ROOT/etc/provisioner/lab.secret"
 chroot "$ROOT" chgrp provisioner "$CONFIG" /etc/provisioner/lab.secret
 chmod 640 "$ROOT$CONFIG" "$ROOT/etc/provisioner/lab.secret"
@@ -156,23 +166,10 @@ else
 fi
 
 # -- an edit -----------------------------------------------------------------------------
-before=$(reloads)
-in_ct "${CLI[@]}" --as admin user add lab.user --profile agents --full-name "Lab User" \
-    --email lab@example.com >"$LAB/add.log" 2>&1
-added=$(date +%s%N) # the CLI has returned: its transaction is committed
-SECRETS+=" $(grep -o 'shown once): [A-Za-z0-9]*' "$LAB/add.log" | cut -d' ' -f3)"
 conf=$ROOT/etc/asterisk/provisioner/pjsip_users.conf
 live() { grep -q "Lab User" "$conf" && reloaded_since "$before"; }
-if until_true 2 live; then
-    took_ms=$((($(date +%s%N) - added) / 1000000))
-    if ((took_ms < 1000)); then
-        ok "user add: in the file, and its reload sent, $took_ms ms after the CLI returned"
-    else
-        bad "user add: live only $took_ms ms after the CLI returned"
-    fi
-else
-    bad "user add: not in the file with a reload within 2 s"
-fi
+add_and_time "user add: in the file, and its reload sent" lab.user "Lab User" live
+
 group=$(in_ct stat -c %G /etc/asterisk/provisioner/pjsip_users.conf)
 [[ $group == asterisk ]] && ok "the file written by the unit has the setgid directory's group (asterisk)" \
     || bad "the file's group is $group, not asterisk"
@@ -284,29 +281,15 @@ else
     sed -i -e "s|^url = \"sqlite:////var/lib/provisioner/provisioner.db\"|url = \"$PG/$PG_DB\"|" \
         -e 's/^kind = "config" /kind = "realtime" /' "$ROOT$CONFIG"
     in_ct "${CLI[@]}" quickstart >"$LAB/quickstart-pg.log"
-    before=$(reloads)
     in_ct systemctl start provisioner
     if until_true 60 active && has_rows 4; then
         ok "realtime on PostgreSQL: READY, the 4 users' ps_endpoints rows in the store's database"
     else
         bad "realtime on PostgreSQL: $(unit ActiveState)/$(unit SubState), $(pg_rows) rows"
     fi
-    before=$(reloads)
-    in_ct "${CLI[@]}" --as admin user add pg.user --profile agents --full-name "PG User" \
-        --email pg@example.com >"$LAB/add-pg.log" 2>&1
-    added=$(date +%s%N)
-    SECRETS+=" $(grep -o 'shown once): [A-Za-z0-9]*' "$LAB/add-pg.log" | cut -d' ' -f3)"
     rows_live() { has_rows 5 && reloaded_since "$before"; }
-    if until_true 2 rows_live; then
-        took_ms=$((($(date +%s%N) - added) / 1000000))
-        if ((took_ms < 1000)); then
-            ok "realtime on PostgreSQL: user add's rows written, and its reload sent, $took_ms ms after the CLI returned"
-        else
-            bad "realtime on PostgreSQL: user add live only $took_ms ms after the CLI returned"
-        fi
-    else
-        bad "realtime on PostgreSQL: user add not live within 2 s ($(pg_rows) rows)"
-    fi
+    add_and_time "realtime on PostgreSQL: user add's rows written, and its reload sent" \
+        pg.user "PG User" rows_live
     if journal_has '"store.listening"'; then
         ok "realtime on PostgreSQL: the daemon LISTENs for the store's NOTIFY (store.listening)"
     else
