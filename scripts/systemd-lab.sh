@@ -3,7 +3,7 @@
 # what the unit promises: READY after the first reconcile, an edit live through the
 # hardening, SIGHUP, the watchdog, Restart=on-failure, exit 2 not restarted, a clean
 # stop, the setgid directory's group, the metrics endpoint, systemd-analyze security's
-# score, and (when a PostgreSQL answers on 127.0.0.1:5432) realtime rows in a store there.
+# score, and realtime rows in a PostgreSQL or MariaDB store (each that answers locally).
 #
 # The systemd is a container's PID 1: systemd-nspawn boots an overlay of this host's
 # own root (its writes go to a tmpfs, the host's files are never touched), with the
@@ -24,8 +24,9 @@ KEEP=${1:-}
 PORT=${LAB_AMI_PORT:-15038}
 METRICS=${LAB_METRICS_PORT:-19338}
 PG=postgresql+psycopg://postgres@127.0.0.1:5432
-PG_DB=provisioner_lab_$$
+DB=
 PG_MADE=
+MARIA_MADE=
 LAB=$(mktemp -d /tmp/provisioner-lab.XXXXXX)
 ROOT=$LAB/root
 COMMANDS=$LAB/peer.cmd
@@ -86,7 +87,8 @@ cleanup() {
     [[ -n $INIT ]] && in_ct systemctl poweroff >/dev/null 2>&1 || true
     [[ -n $NSPAWN_PID ]] && timeout 20 tail --pid="$NSPAWN_PID" -f /dev/null || true
     [[ -n $PEER_PID ]] && kill "$PEER_PID" 2>/dev/null || true
-    [[ -n $PG_MADE ]] && psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS $PG_DB" || true
+    [[ -n $PG_MADE ]] && psql -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS $DB" || true
+    [[ -n $MARIA_MADE ]] && mariadb -h 127.0.0.1 -u root -e "DROP DATABASE IF EXISTS $DB" || true
     mountpoint -q "$ROOT" && umount "$ROOT"
     mountpoint -q "$LAB" && umount "$LAB"
     rmdir "$LAB"
@@ -128,6 +130,7 @@ server lab 127.0.0.1 >>"$ROOT$CONFIG"
 # daemon from it (nothing listens there: refused, unless the firewall stops it first).
 OUTSIDE=$(ip -4 -o addr show scope global | awk '{ sub("/.*", "", $4); print $4; exit }')
 [[ -z $OUTSIDE ]] || server outside "$OUTSIDE" >>"$ROOT$CONFIG"
+cp "$ROOT$CONFIG" "$LAB/base.toml"
 printf 'lab-secret\n' >"$ROOT/etc/provisioner/lab.secret"
 chroot "$ROOT" chgrp provisioner "$CONFIG" /etc/provisioner/lab.secret
 chmod 640 "$ROOT$CONFIG" "$ROOT/etc/provisioner/lab.secret"
@@ -190,7 +193,6 @@ else
 fi
 
 main=$(unit MainPID)
-cp "$ROOT$CONFIG" "$LAB/good.toml"
 sed -i 's/^quiet = 0.05 /quiet = -1 /' "$ROOT$CONFIG"
 if in_ct systemctl reload provisioner >/dev/null 2>&1; then
     bad "systemctl reload of an invalid file succeeded"
@@ -199,7 +201,7 @@ elif active && [[ $(unit MainPID) == "$main" ]] && journal_has "FAIL  config: da
 else
     bad "systemctl reload of an invalid file: $(unit ActiveState)/$(unit SubState), pid $(unit MainPID)"
 fi
-cp "$LAB/good.toml" "$ROOT$CONFIG"
+cp "$LAB/base.toml" "$ROOT$CONFIG"
 
 # -- the metrics endpoint ---------------------------------------------------------------
 metrics() { curl -sf "http://127.0.0.1:$METRICS/metrics" >"$LAB/metrics.txt"; }
@@ -251,7 +253,6 @@ if until_true 10 restarted_since "$restarts" && until_true 60 active; then
 else
     bad "not restarted after kill -9"
 fi
-cp "$ROOT$CONFIG" "$LAB/good.toml"
 sed -i 's/^quiet = 0.05 /quiet = -1 /' "$ROOT$CONFIG"
 in_ct systemctl restart provisioner >/dev/null 2>&1 || true
 sleep 3
@@ -260,7 +261,7 @@ if [[ $(unit ExecMainStatus) == 2 && $(unit ActiveState) == failed && $(unit NRe
 else
     bad "invalid configuration: status $(unit ExecMainStatus), $(unit ActiveState), $(unit NRestarts) restarts"
 fi
-cp "$LAB/good.toml" "$ROOT$CONFIG"
+cp "$LAB/base.toml" "$ROOT$CONFIG"
 in_ct systemctl reset-failed provisioner
 in_ct systemctl start provisioner
 stop_began=$SECONDS
@@ -271,33 +272,51 @@ else
     bad "systemctl stop: $(unit Result), status $(unit ExecMainStatus)"
 fi
 
-# -- realtime rows in PostgreSQL, the store too: LISTEN/NOTIFY over TCP, under the unit --
-pg_rows() { psql -tA -h 127.0.0.1 -U postgres -d "$PG_DB" -c "SELECT count(*) FROM ps_endpoints" 2>/dev/null; }
-has_rows() { [[ $(pg_rows) == "$1" ]]; }
-if ! pg_isready -q -h 127.0.0.1 -p 5432; then
-    echo "skip  realtime on PostgreSQL: no server on 127.0.0.1:5432"
-else
-    psql -q -h 127.0.0.1 -U postgres -c "CREATE DATABASE $PG_DB" && PG_MADE=1
-    sed -i -e "s|^url = \"sqlite:////var/lib/provisioner/provisioner.db\"|url = \"$PG/$PG_DB\"|" \
-        -e 's/^kind = "config" /kind = "realtime" /' "$ROOT$CONFIG"
-    in_ct "${CLI[@]}" quickstart >"$LAB/quickstart-pg.log"
+# -- realtime rows in PostgreSQL and MariaDB, the store too, under the unit ---------------
+ROWS_OF=
+has_rows() { [[ $("$ROWS_OF" 2>/dev/null) == "$1" ]]; }
+rows_live() { has_rows 5 && reloaded_since "$before"; }
+pg_rows() { psql -tA -h 127.0.0.1 -U postgres -d "$DB" -c "SELECT count(*) FROM ps_endpoints"; }
+maria_rows() { mariadb -N -h 127.0.0.1 -u root "$DB" -e "SELECT count(*) FROM ps_endpoints"; }
+# realtime_on WHAT URL USERNAME ROWS_FUNCTION: the unit on a store at URL (made by
+# quickstart in the container) with realtime rows in it; ROWS_FUNCTION counts them.
+realtime_on() {
+    local what=$1 url=$2 username=$3
+    ROWS_OF=$4
+    sed -e "s|^url = \"sqlite:////var/lib/provisioner/provisioner.db\"|url = \"$url\"|" \
+        -e 's/^kind = "config" /kind = "realtime" /' "$LAB/base.toml" >"$ROOT$CONFIG"
+    in_ct "${CLI[@]}" quickstart >"$LAB/quickstart-$username.log"
     in_ct systemctl start provisioner
     if until_true 60 active && has_rows 4; then
-        ok "realtime on PostgreSQL: READY, the 4 users' ps_endpoints rows in the store's database"
+        ok "$what: READY, the 4 users' ps_endpoints rows in the store's database"
     else
-        bad "realtime on PostgreSQL: $(unit ActiveState)/$(unit SubState), $(pg_rows) rows"
+        bad "$what: $(unit ActiveState)/$(unit SubState), $("$ROWS_OF") rows"
     fi
-    rows_live() { has_rows 5 && reloaded_since "$before"; }
-    add_and_time "realtime on PostgreSQL: user add's rows written, and its reload sent" \
-        pg.user "PG User" rows_live
+    add_and_time "$what: user add's rows written, and its reload sent" \
+        "$username" "Realtime User" rows_live
+}
+DB=provisioner_lab_$$
+if pg_isready -q -h 127.0.0.1 -p 5432; then
+    psql -q -h 127.0.0.1 -U postgres -c "CREATE DATABASE $DB" && PG_MADE=1
+    realtime_on "realtime on PostgreSQL" "$PG/$DB" pg.user pg_rows
     if journal_has '"store.listening"'; then
         ok "realtime on PostgreSQL: the daemon LISTENs for the store's NOTIFY (store.listening)"
     else
         bad "realtime on PostgreSQL: no store.listening in the journal"
     fi
     in_ct systemctl stop provisioner
-    [[ $(unit Result) == success ]] && ok "realtime on PostgreSQL: systemctl stop, exit 0" \
-        || bad "realtime on PostgreSQL: stop: $(unit Result)"
+else
+    echo "skip  realtime on PostgreSQL: no server on 127.0.0.1:5432"
+fi
+if mysqladmin -h 127.0.0.1 -u root ping >/dev/null 2>&1; then
+    mariadb -h 127.0.0.1 -u root -e "CREATE DATABASE $DB" && MARIA_MADE=1
+    realtime_on "realtime on MariaDB" "mysql+pymysql://root@127.0.0.1:3306/$DB" maria.user maria_rows
+    in_ct systemctl stop provisioner
+else
+    echo "skip  realtime on MariaDB: no server on 127.0.0.1:3306"
+fi
+if [[ -n $PG_MADE$MARIA_MADE ]]; then
+    [[ $(unit Result) == success ]] && ok "realtime: systemctl stop, exit 0" || bad "realtime: stop: $(unit Result)"
 fi
 
 # -- the journal ----------------------------------------------------------------------------
