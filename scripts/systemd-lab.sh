@@ -82,6 +82,7 @@ add_and_time() {
 cleanup() {
     if [[ $KEEP == --keep && -n $INIT ]]; then
         echo "kept: nsenter -t $INIT -a bash; peer log $LAB/peer.log (pid $PEER_PID)"
+        [[ -z $PG_MADE$MARIA_MADE ]] || echo "kept: database $DB (PostgreSQL ${PG_MADE:+yes}, MariaDB ${MARIA_MADE:+yes})"
         return
     fi
     [[ -n $INIT ]] && in_ct systemctl poweroff >/dev/null 2>&1 || true
