@@ -14,14 +14,16 @@ in the middle of a JSON log.
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["configure", "drop_secrets", "get_logger", "worth_repeating"]
+__all__ = ["configure", "drop_secrets", "get_logger", "on_journal", "worth_repeating"]
 
 
 def worth_repeating(count: int, since_said: float, every: float) -> bool:
@@ -100,13 +102,45 @@ def _to_json(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> 
     return _JSON(logger, method, escape_not_utf8(logger, method, event_dict))
 
 
+#: syslog's priority of each level, which journald reads off a line's ``<N>`` prefix.
+_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+
+
+def on_journal(stream: TextIO, env: Mapping[str, str] | None = None) -> bool:
+    """Whether ``stream`` is the journal's own stream, as systemd gives a service's stdout
+    and stderr: ``JOURNAL_STREAM`` names its device and inode (systemd.exec(5)), and a
+    stream redirected elsewhere (a file, a pipe to another logger) has others."""
+    env = os.environ if env is None else env
+    device, _, inode = env.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        found = os.fstat(stream.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+    return f"{found.st_dev}:{found.st_ino}" == f"{device}:{inode}"
+
+
+def _with_priority(renderer: Any) -> Any:
+    """``renderer`` whose lines start with their level's syslog priority (``<3>`` for an
+    error): journald takes it off the line and files the line at that priority, so
+    ``journalctl -p warning`` finds warnings, where every line was filed as info."""
+
+    def render(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
+        priority = _PRIORITY.get(str(event_dict.get("level", "info")), 6)
+        return f"<{priority}>{renderer(logger, method, event_dict)}"
+
+    return render
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     """Route structlog events to ``stream`` (stderr) at ``level``, as JSON or console text,
     and the standard library's log records from ``warning`` (or ``level``, if higher) up
-    to the same stream in the same form."""
+    to the same stream in the same form; on the journal (:func:`on_journal`), each line
+    with its priority."""
     stream = stream or sys.stderr
     as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer: Any = _to_json if as_json else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    if on_journal(stream):
+        renderer = _with_priority(renderer)
     shared: list[Any] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -321,6 +321,13 @@ if [[ -n $PG_MADE$MARIA_MADE ]]; then
 fi
 
 # -- the journal ----------------------------------------------------------------------------
+# The fake Asterisk holds none of the added endpoints: each add logged pjsip.not_live.
+warnings=$(in_ct journalctl -u provisioner -p warning -o cat)
+if grep -q '^{.*"event": "pjsip.not_live"' <<<"$warnings"; then
+    ok "journalctl -p warning finds the daemon's warnings, each line its JSON object"
+else
+    bad "no pjsip.not_live at priority warning in the journal"
+fi
 journal=$(in_ct journalctl -u provisioner -o cat)
 if grep -q Traceback <<<"$journal"; then bad "a traceback in the journal"; else ok "no traceback in the journal"; fi
 leaked=0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,42 @@ def test_worth_repeating_says_a_streak_at_powers_of_two_and_at_a_steady_pace() -
     assert said == [1, 2, 4, 8, 16, 32]
     assert worth_repeating(37, 60.0, 60.0)
     assert not worth_repeating(37, 59.9, 60.0)
+
+
+def test_on_the_journal_each_line_starts_with_its_syslog_priority(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where stderr is the journal's stream (JOURNAL_STREAM names its device and inode), each
+    line, a library's too, starts with its level's syslog priority, then the JSON object;
+    any other stream gets the JSON alone."""
+    path = tmp_path / "journal"
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        with path.open("w") as stream:
+            found = os.fstat(stream.fileno())
+            monkeypatch.setenv("JOURNAL_STREAM", f"{found.st_dev}:{found.st_ino}")
+            configure("debug", "auto", stream)
+            log = structlog.get_logger(source="test")
+            log.debug("a.debug")
+            log.info("an.info")
+            log.warning("a.warning")
+            log.error("an.error")
+            logging.getLogger("sqlalchemy.pool").error("a library's error")
+        lines = path.read_text().splitlines()
+        assert [line[:3] for line in lines] == ["<7>", "<6>", "<4>", "<3>", "<3>"]
+        assert [json.loads(line[3:])["level"] for line in lines] == [
+            "debug",
+            "info",
+            "warning",
+            "error",
+            "error",
+        ]
+        other = tmp_path / "other"
+        with other.open("w") as stream:
+            configure("info", "auto", stream)
+            structlog.get_logger(source="test").warning("a.warning")
+        assert json.loads(other.read_text())["event"] == "a.warning"
+    finally:
+        root.handlers[:], root.level = handlers, level
+        structlog.reset_defaults()  # not left writing to the closed files
