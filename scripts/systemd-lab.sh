@@ -96,7 +96,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-for tool in systemd-nspawn nsenter /usr/bin/python3 "$TREE/.venv/bin/python"; do
+for tool in systemd-nspawn nsenter runuser curl ip /usr/bin/python3 "$TREE/.venv/bin/python"; do
     command -v "$tool" >/dev/null || { echo "missing: $tool" >&2; exit 2; }
 done
 [[ $(id -u) == 0 ]] || { echo "run as root" >&2; exit 2; }
