@@ -46,6 +46,8 @@ from .model import CODECS, LOG_LEVELS, NATS, ROLES, TOAST_POSITIONS, TRANSPORTS,
 from .store.engine import driver_error, open_store_engine, store_named, transaction
 from .store.untold import drop_untold, new_token, note_untold, untold_key
 from .sync import SyncReport
+from .visible import visible as _visible
+from .visible import visible_lines as _visible_lines
 
 if TYPE_CHECKING:
     from .importer import FileKind
@@ -235,37 +237,6 @@ def user_view(app: App, user: User) -> dict[str, Any]:
     data["attributes"] = dict(user.attributes)
     data["state"] = app.accounts.state(user)
     return data
-
-
-#: C0 controls, DEL and C1 controls (ESC, BEL, CR, CSI...): what a terminal acts on; and
-#: the invisible characters that change how the rest of a line is shown: bidi marks,
-#: embeddings, overrides and isolates (a bidi terminal would show the rest of a ``status``
-#: row reversed), zero-width characters and the Unicode line and paragraph separators.
-_INVISIBLE = r"\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb"
-_TERMINAL_CONTROL = re.compile(rf"[\x00-\x1f\x7f-\x9f{_INVISIBLE}]")
-#: :data:`_TERMINAL_CONTROL` but the line feed: what a multi-line text may not hold.
-_TERMINAL_CONTROL_BUT_LF = re.compile(rf"[\x00-\x09\x0b-\x1f\x7f-\x9f{_INVISIBLE}]")
-
-
-def _escape(match: re.Match[str]) -> str:
-    """The matched character as ``\\xNN`` (below U+0100) or ``\\uNNNN``."""
-    code = ord(match.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-def _visible(text: str) -> str:
-    """``text`` with every control character as its ``\\xNN`` escape (and each character of
-    :data:`_TERMINAL_CONTROL` above U+00FF as ``\\uNNNN``): text a phone sent (its user
-    agent) or another writer stored reaches the terminal as characters, never as escape
-    sequences it would act on (clear the screen, write the clipboard, hide lines) nor as
-    marks that reorder or hide what follows."""
-    return _TERMINAL_CONTROL.sub(_escape, text)
-
-
-def _visible_lines(text: str) -> str:
-    """``text`` escaped as :func:`_visible` does, but its line feeds kept: a diff quotes
-    rows and files others may have written."""
-    return _TERMINAL_CONTROL_BUT_LF.sub(_escape, text)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> None:

@@ -13,6 +13,8 @@ import socket
 import time
 from collections.abc import Mapping
 
+from .visible import visible
+
 __all__ = ["Notifier", "watchdog_interval"]
 
 
@@ -35,7 +37,9 @@ class Notifier:
         """Send one message; a lost message is not an error (systemd may be restarting)."""
         if self._sock is None:
             return
-        payload = "\n".join(f"{k.upper()}={_one_line(v)}" for k, v in fields.items()).encode()
+        # A STATUS may quote text from outside (a refused file's key): a line break in it
+        # would start another assignment of the message, such as WATCHDOG=trigger.
+        payload = "\n".join(f"{k.upper()}={visible(str(v))}" for k, v in fields.items()).encode()
         # A lost datagram is not an error: systemd may be restarting, and a
         # missed watchdog ping is exactly what it is there to notice.
         with contextlib.suppress(OSError):
@@ -62,17 +66,6 @@ class Notifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-
-
-def _one_line(value: str | int) -> str:
-    """``value`` as one line of printable text: each character that is not printable (a
-    line break above all, which would start another ``KEY=VALUE`` of the message, such as
-    ``WATCHDOG=trigger``) as its escape.  A STATUS may quote text from outside, such as a
-    configuration key a refused file named."""
-    text = str(value)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def watchdog_interval(env: Mapping[str, str] | None = None) -> float | None:

@@ -23,10 +23,11 @@ def _received(tmp_path: Path, **fields: str | int) -> list[str]:
 
 
 def test_a_status_quoting_a_line_break_stays_one_field(tmp_path: Path) -> None:
-    """A STATUS holding a line break (a refused file's key, say) is sent escaped: it can
-    never add another assignment, such as WATCHDOG=trigger, to the message."""
+    """A STATUS holding a line break (a refused file's key, say) is sent escaped as the CLI
+    escapes it (provisioner.visible): it can never add another assignment, such as
+    WATCHDOG=trigger, to the message."""
     lines = _received(tmp_path, ready=1, status="refused: daemon.a\nWATCHDOG=trigger\r\x00x")
-    assert lines == ["READY=1", "STATUS=refused: daemon.a\\nWATCHDOG=trigger\\r\\x00x"]
+    assert lines == ["READY=1", "STATUS=refused: daemon.a\\x0aWATCHDOG=trigger\\x0d\\x00x"]
 
 
 def test_printable_text_is_sent_as_it_is(tmp_path: Path) -> None:
