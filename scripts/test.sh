@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/services.sh
-.venv/bin/ruff check provisioner tests bench
-.venv/bin/ruff format --check provisioner tests bench
+.venv/bin/ruff check provisioner tests bench scripts
+.venv/bin/ruff format --check provisioner tests bench scripts
 .venv/bin/mypy
 exec .venv/bin/pytest -n 2 "$@"

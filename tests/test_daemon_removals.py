@@ -8,6 +8,7 @@ test). These tests run the daemon's real applier on a real SQLite store and conf
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -193,9 +194,10 @@ def _config_file(daemon: Daemon, tmp_path: Path) -> Path:
         f'path = "{daemon.config.target.path}"',
     ]
     for server in _SERVERS:
-        lines += ["[[asterisk]]", *(f"{k} = {v!r}" for k, v in server.items())]
+        # JSON's strings and numbers are TOML's too.
+        lines += ["[[asterisk]]", *(f"{k} = {json.dumps(v)}" for k, v in server.items())]
     path = tmp_path / "provisioner.toml"
-    path.write_text("\n".join(lines).replace("'", '"') + "\n")
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 
